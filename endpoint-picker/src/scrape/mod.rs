@@ -1,0 +1,3 @@
+//! Engine metrics, scraped off the request path.
+
+pub mod prometheus;

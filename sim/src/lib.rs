@@ -1,0 +1,1 @@
+//! A vLLM-compatible model-server simulator (placeholder; see issue 3).
