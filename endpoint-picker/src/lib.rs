@@ -4,4 +4,9 @@
 //! the endpoint datastore, engine-metric scraping, the scheduler framework and its plugins,
 //! the approximate prefix-cache index, saturation detection and `EndpointPickerConfig` loading.
 
+pub mod datastore;
+pub mod prefix;
+pub mod request;
+pub mod saturation;
+pub mod scheduling;
 pub mod scrape;

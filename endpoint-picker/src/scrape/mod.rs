@@ -1,3 +1,8 @@
 //! Engine metrics, scraped off the request path.
 
+pub mod engine;
 pub mod prometheus;
+pub mod scraper;
+
+pub use engine::{EngineMapping, MetricSpec};
+pub use scraper::{ScrapeConfig, ScrapeError, ScrapeObserver};

@@ -31,7 +31,9 @@ pub struct Sample<'a> {
 
 /// Iterates over the samples of an exposition, yielding an error for each malformed line.
 pub fn samples(text: &str) -> Samples<'_> {
-    Samples { lines: text.lines().enumerate() }
+    Samples {
+        lines: text.lines().enumerate(),
+    }
 }
 
 /// Parses a whole exposition, failing on the first malformed line.
@@ -70,7 +72,10 @@ impl<'a> Iterator for Samples<'a> {
 }
 
 fn parse_line(line: &str, line_no: usize) -> Result<Sample<'_>, ParseError> {
-    let err = |reason| ParseError { line: line_no, reason };
+    let err = |reason| ParseError {
+        line: line_no,
+        reason,
+    };
     let name_end = line
         .find(|c: char| c == '{' || c.is_ascii_whitespace())
         .unwrap_or(line.len());
@@ -81,7 +86,8 @@ fn parse_line(line: &str, line_no: usize) -> Result<Sample<'_>, ParseError> {
     let mut rest = &line[name_end..];
     let mut raw_labels = "";
     if let Some(after_brace) = rest.strip_prefix('{') {
-        let close = find_label_block_end(after_brace).ok_or_else(|| err("unterminated label set"))?;
+        let close =
+            find_label_block_end(after_brace).ok_or_else(|| err("unterminated label set"))?;
         raw_labels = &after_brace[..close];
         rest = &after_brace[close + 1..];
     }
@@ -97,7 +103,12 @@ fn parse_line(line: &str, line_no: usize) -> Result<Sample<'_>, ParseError> {
     if fields.next().is_some() {
         return Err(err("trailing garbage"));
     }
-    Ok(Sample { name, raw_labels, value, timestamp_ms })
+    Ok(Sample {
+        name,
+        raw_labels,
+        value,
+        timestamp_ms,
+    })
 }
 
 /// Finds the `}` that closes a label block, skipping quoted values (which may contain `}`).
@@ -141,7 +152,9 @@ fn is_label_name(name: &str) -> bool {
 impl<'a> Sample<'a> {
     /// Decodes the label pairs lazily.
     pub fn labels(&self) -> Labels<'a> {
-        Labels { rest: self.raw_labels }
+        Labels {
+            rest: self.raw_labels,
+        }
     }
 
     /// The value of one label, if present and well formed.
@@ -163,9 +176,7 @@ impl<'a> Iterator for Labels<'a> {
     type Item = Result<(&'a str, Cow<'a, str>), ParseError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let err = |reason| {
-            Some(Err(ParseError { line: 0, reason }))
-        };
+        let err = |reason| Some(Err(ParseError { line: 0, reason }));
         let s = self.rest.trim_start_matches([' ', ',']);
         if s.is_empty() {
             self.rest = s;
@@ -201,7 +212,11 @@ impl<'a> Iterator for Labels<'a> {
         }
         let raw = &body[..i];
         self.rest = &body[i + 1..];
-        let value = if has_escape { Cow::Owned(unescape(raw)) } else { Cow::Borrowed(raw) };
+        let value = if has_escape {
+            Cow::Owned(unescape(raw))
+        } else {
+            Cow::Borrowed(raw)
+        };
         Some(Ok((key, value)))
     }
 }
@@ -246,11 +261,20 @@ weird{msg="a \"quoted\" } brace\n"} NaN
         assert_eq!(samples[0].label("model_name").as_deref(), Some("m"));
         assert_eq!(samples[2].label("num_gpu_blocks").as_deref(), Some("2048"));
         assert_eq!(samples[3].timestamp_ms, Some(1_700_000_000_000));
-        assert_eq!(samples[3].label("running_lora_adapters").as_deref(), Some("a, b"));
-        assert_eq!(samples[3].label("waiting_lora_adapters").as_deref(), Some(""));
+        assert_eq!(
+            samples[3].label("running_lora_adapters").as_deref(),
+            Some("a, b")
+        );
+        assert_eq!(
+            samples[3].label("waiting_lora_adapters").as_deref(),
+            Some("")
+        );
         assert_eq!(samples[4].label("le").as_deref(), Some("+Inf"));
         assert!(samples[5].value.is_nan());
-        assert_eq!(samples[5].label("msg").as_deref(), Some("a \"quoted\" } brace\n"));
+        assert_eq!(
+            samples[5].label("msg").as_deref(),
+            Some("a \"quoted\" } brace\n")
+        );
     }
 
     #[test]
@@ -264,10 +288,16 @@ weird{msg="a \"quoted\" } brace\n"} NaN
     #[test]
     fn rejects_malformed_lines() {
         assert_eq!(parse("9bad 1").unwrap_err().reason, "invalid metric name");
-        assert_eq!(parse("x{a=\"1\" 1").unwrap_err().reason, "unterminated label set");
+        assert_eq!(
+            parse("x{a=\"1\" 1").unwrap_err().reason,
+            "unterminated label set"
+        );
         assert_eq!(parse("x").unwrap_err().reason, "missing value");
         assert_eq!(parse("x abc").unwrap_err().reason, "invalid value");
-        assert_eq!(parse("x{a=1} 1").unwrap_err().reason, "label value not quoted");
+        assert_eq!(
+            parse("x{a=1} 1").unwrap_err().reason,
+            "label value not quoted"
+        );
         assert_eq!(parse("x 1 2 3").unwrap_err().reason, "trailing garbage");
         let e = parse("ok 1\n\nbad{").unwrap_err();
         assert_eq!(e.line, 3);

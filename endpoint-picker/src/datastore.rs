@@ -1,0 +1,367 @@
+//! The endpoint datastore: the pool, its endpoints and their latest engine metrics.
+//!
+//! Discovery (a file or Kubernetes) hands the datastore a complete [`PoolSpec`]; the datastore
+//! publishes it as one immutable [`PoolSnapshot`] that the request path loads without locking.
+//! Engine metrics change far more often than membership, so each endpoint carries its own
+//! `ArcSwap<EngineMetrics>` cell that its scraper replaces wholesale; a snapshot swap keeps the
+//! cells of endpoints that survive, so no metrics are lost across membership updates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Label that selects the engine metric mapping of a pod (`vllm` when absent).
+pub const ENGINE_TYPE_LABEL: &str = "inference.networking.k8s.io/engine-type";
+
+/// A dense, process-stable numeric id for an endpoint, used to index per-endpoint state
+/// (prefix-cache LRUs, in-flight counters) without hashing names on the request path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(pub u32);
+
+/// What discovery knows about one scheduling endpoint (one pod × one target port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// `<pod>-rank-<i>`.
+    pub name: String,
+    /// The pod (or host) name the endpoint belongs to.
+    pub pod_name: String,
+    /// Namespace of the pod.
+    pub namespace: String,
+    /// Where inference requests go.
+    pub address: SocketAddr,
+    /// Where `/metrics` is scraped (usually the same as `address`).
+    pub metrics_address: SocketAddr,
+    /// Index into the pool's target ports (the data-parallel rank).
+    pub rank: usize,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The pool as discovery sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolSpec {
+    /// InferencePool name.
+    pub name: String,
+    /// InferencePool namespace.
+    pub namespace: String,
+    /// `http` or `kubernetes.io/h2c`.
+    pub app_protocol: String,
+    /// The endpoints, in discovery order.
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Engine state as last scraped from an endpoint.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineMetrics {
+    /// Requests waiting in the engine's queue.
+    pub waiting_queue_size: u64,
+    /// Requests currently running (in the batch).
+    pub running_requests: u64,
+    /// KV-cache utilisation in `[0, 1]`.
+    pub kv_cache_usage: f64,
+    /// LoRA adapters currently loaded and running.
+    pub active_models: Vec<String>,
+    /// LoRA adapters requested but waiting for a slot.
+    pub waiting_models: Vec<String>,
+    /// LoRA slots (`max_lora`), 0 when unknown.
+    pub max_active_models: u32,
+    /// Tokens per KV block, when the engine reports it.
+    pub cache_block_size: Option<u32>,
+    /// KV blocks on the device, when the engine reports it.
+    pub cache_num_blocks: Option<u64>,
+    /// When these values were scraped; `None` means never.
+    pub updated_at: Option<Instant>,
+}
+
+impl EngineMetrics {
+    /// True when the metrics are missing or older than `threshold` at `now`.
+    pub fn is_stale(&self, now: Instant, threshold: std::time::Duration) -> bool {
+        match self.updated_at {
+            None => true,
+            Some(at) => now.saturating_duration_since(at) > threshold,
+        }
+    }
+}
+
+/// One endpoint of the current snapshot.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Dense id, stable for as long as the endpoint keeps its name and address.
+    pub id: EndpointId,
+    /// What discovery said.
+    pub spec: EndpointSpec,
+    /// `ip:port` (IPv6 in brackets), precomputed for the wire.
+    pub host_port: Arc<str>,
+    /// The engine mapping name (lower-case), from [`ENGINE_TYPE_LABEL`].
+    pub engine: Arc<str>,
+    metrics: ArcSwap<EngineMetrics>,
+}
+
+impl Endpoint {
+    /// The latest engine metrics.
+    pub fn metrics(&self) -> Arc<EngineMetrics> {
+        self.metrics.load_full()
+    }
+
+    /// Replaces the engine metrics (called by the scraper).
+    pub fn store_metrics(&self, metrics: EngineMetrics) {
+        self.metrics.store(Arc::new(metrics));
+    }
+
+    /// The IP the endpoint listens on.
+    pub fn ip(&self) -> IpAddr {
+        self.spec.address.ip()
+    }
+}
+
+/// Formats an address the way the wire wants it: `ip:port`, IPv6 in brackets.
+pub fn host_port(addr: SocketAddr) -> String {
+    // SocketAddr's Display already brackets IPv6 addresses.
+    addr.to_string()
+}
+
+/// An immutable view of the pool, swapped whole on every membership change.
+#[derive(Debug, Default)]
+pub struct PoolSnapshot {
+    /// Pool name.
+    pub name: String,
+    /// Pool namespace.
+    pub namespace: String,
+    /// Pool app protocol.
+    pub app_protocol: String,
+    /// The endpoints, in discovery order.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    by_address: HashMap<SocketAddr, usize>,
+}
+
+impl PoolSnapshot {
+    /// Looks an endpoint up by its inference address.
+    pub fn by_address(&self, addr: &SocketAddr) -> Option<&Arc<Endpoint>> {
+        self.by_address.get(addr).map(|&i| &self.endpoints[i])
+    }
+
+    /// The highest endpoint id in use plus one (for dense per-endpoint arrays).
+    pub fn id_bound(&self) -> usize {
+        self.endpoints
+            .iter()
+            .map(|e| e.id.0 as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The datastore: the current snapshot plus the bookkeeping needed to build the next one.
+#[derive(Debug)]
+pub struct Datastore {
+    current: ArcSwap<PoolSnapshot>,
+    /// Bumped on every `apply`; 0 means "never synced".
+    version: watch::Sender<u64>,
+    ids: Mutex<IdAllocator>,
+}
+
+#[derive(Debug, Default)]
+struct IdAllocator {
+    by_key: HashMap<(String, SocketAddr), EndpointId>,
+    free: Vec<EndpointId>,
+    next: u32,
+}
+
+impl Default for Datastore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Datastore {
+    /// An empty, unsynced datastore.
+    pub fn new() -> Self {
+        Self {
+            current: ArcSwap::from_pointee(PoolSnapshot::default()),
+            version: watch::channel(0).0,
+            ids: Mutex::new(IdAllocator::default()),
+        }
+    }
+
+    /// The current snapshot (one atomic load; never blocks).
+    pub fn snapshot(&self) -> Arc<PoolSnapshot> {
+        self.current.load_full()
+    }
+
+    /// True once discovery has delivered the pool at least once.
+    pub fn is_synced(&self) -> bool {
+        *self.version.borrow() > 0
+    }
+
+    /// A receiver of the snapshot version: it changes on every `apply`; 0 means unsynced.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Publishes a new pool. Endpoints that keep their name and address keep their id and
+    /// their metrics; the others get fresh ones. Returns the new snapshot.
+    pub fn apply(&self, spec: PoolSpec) -> Arc<PoolSnapshot> {
+        let old = self.snapshot();
+        let mut ids = self.ids.lock();
+        let mut endpoints = Vec::with_capacity(spec.endpoints.len());
+        let mut by_address = HashMap::with_capacity(spec.endpoints.len());
+        let mut kept = HashMap::with_capacity(spec.endpoints.len());
+        for es in spec.endpoints {
+            if by_address.contains_key(&es.address) {
+                tracing::warn!(endpoint = %es.name, address = %es.address, "duplicate endpoint address ignored");
+                continue;
+            }
+            let key = (es.name.clone(), es.address);
+            let previous = old
+                .by_address(&es.address)
+                .filter(|e| e.spec.name == es.name)
+                .cloned();
+            let id = match ids.by_key.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let id = ids.free.pop().unwrap_or_else(|| {
+                        let id = EndpointId(ids.next);
+                        ids.next += 1;
+                        id
+                    });
+                    ids.by_key.insert(key.clone(), id);
+                    id
+                }
+            };
+            kept.insert(key, id);
+            let engine: Arc<str> = es
+                .labels
+                .get(ENGINE_TYPE_LABEL)
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "vllm".to_owned())
+                .into();
+            let metrics = previous.as_ref().map(|p| p.metrics()).unwrap_or_default();
+            by_address.insert(es.address, endpoints.len());
+            endpoints.push(Arc::new(Endpoint {
+                id,
+                host_port: host_port(es.address).into(),
+                engine,
+                metrics: ArcSwap::new(metrics),
+                spec: es,
+            }));
+        }
+        // Release the ids of endpoints that left, so the id space stays dense.
+        let gone: Vec<_> = ids
+            .by_key
+            .iter()
+            .filter(|(k, _)| !kept.contains_key(*k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (k, id) in gone {
+            ids.by_key.remove(&k);
+            ids.free.push(id);
+        }
+        drop(ids);
+        let snapshot = Arc::new(PoolSnapshot {
+            name: spec.name,
+            namespace: spec.namespace,
+            app_protocol: spec.app_protocol,
+            endpoints,
+            by_address,
+        });
+        self.current.store(snapshot.clone());
+        self.version.send_modify(|v| *v += 1);
+        snapshot
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    /// An endpoint spec on 10.0.0.<n>:8000.
+    pub fn spec(n: u8) -> EndpointSpec {
+        let address = SocketAddr::from(([10, 0, 0, n], 8000));
+        EndpointSpec {
+            name: format!("pod-{n}-rank-0"),
+            pod_name: format!("pod-{n}"),
+            namespace: "default".into(),
+            address,
+            metrics_address: address,
+            rank: 0,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// A pool of `n` endpoints.
+    pub fn pool(n: u8) -> PoolSpec {
+        PoolSpec {
+            name: "pool".into(),
+            namespace: "default".into(),
+            app_protocol: "http".into(),
+            endpoints: (1..=n).map(spec).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+
+    #[test]
+    fn apply_publishes_snapshot_and_syncs() {
+        let ds = Datastore::new();
+        assert!(!ds.is_synced());
+        let snap = ds.apply(pool(3));
+        assert!(ds.is_synced());
+        assert_eq!(snap.endpoints.len(), 3);
+        assert_eq!(&*snap.endpoints[0].host_port, "10.0.0.1:8000");
+        assert_eq!(&*snap.endpoints[0].engine, "vllm");
+        let addr = SocketAddr::from(([10, 0, 0, 2], 8000));
+        assert_eq!(snap.by_address(&addr).unwrap().spec.name, "pod-2-rank-0");
+    }
+
+    #[test]
+    fn surviving_endpoints_keep_id_and_metrics() {
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(3));
+        snap.endpoints[1].store_metrics(EngineMetrics {
+            waiting_queue_size: 7,
+            ..Default::default()
+        });
+        let id1 = snap.endpoints[1].id;
+        let mut next = pool(3);
+        next.endpoints.remove(0);
+        let snap2 = ds.apply(next);
+        assert_eq!(snap2.endpoints[0].id, id1);
+        assert_eq!(snap2.endpoints[0].metrics().waiting_queue_size, 7);
+        // The freed id is reused by a newcomer, keeping the id space dense.
+        let mut grown = pool(3);
+        grown.endpoints.remove(0);
+        grown.endpoints.push(spec(9));
+        let snap3 = ds.apply(grown);
+        assert!(snap3.id_bound() <= 3);
+    }
+
+    #[test]
+    fn ipv6_is_bracketed_and_engine_label_read() {
+        let ds = Datastore::new();
+        let mut p = pool(1);
+        p.endpoints[0].address = "[fd00::1]:8000".parse().unwrap();
+        p.endpoints[0]
+            .labels
+            .insert(ENGINE_TYPE_LABEL.into(), "SGLang".into());
+        let snap = ds.apply(p);
+        assert_eq!(&*snap.endpoints[0].host_port, "[fd00::1]:8000");
+        assert_eq!(&*snap.endpoints[0].engine, "sglang");
+    }
+
+    #[test]
+    fn duplicate_addresses_are_dropped() {
+        let ds = Datastore::new();
+        let mut p = pool(2);
+        p.endpoints[1].address = p.endpoints[0].address;
+        assert_eq!(ds.apply(p).endpoints.len(), 1);
+    }
+}

@@ -1,0 +1,121 @@
+//! Approximate prefix hashing: the prompt cut into fixed-size character blocks, each block's
+//! hash chained to the previous one, the chain seeded by the target model (and `cache_salt`).
+//!
+//! Two requests share the first `n` hashes exactly when they share the model, the salt and the
+//! first `n` blocks of text, which is what an engine's prefix cache rewards. The scheme follows
+//! the reference EPP (xxhash64, 4 characters per token, a trailing partial block hashed too), so
+//! that a mixed fleet of EPPs would agree; only hashing costs matter here, and a 220 KB prompt
+//! costs at most `max_blocks × block_chars` bytes of hashing, never a copy.
+
+use xxhash_rust::xxh64::{Xxh64, xxh64};
+
+/// The reference heuristic: one token is about four characters.
+pub const CHARS_PER_TOKEN: usize = 4;
+
+/// How to cut a prompt into blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHasher {
+    /// Characters (bytes) per block.
+    pub block_chars: usize,
+    /// At most this many blocks are hashed.
+    pub max_blocks: usize,
+}
+
+impl BlockHasher {
+    /// A hasher for `block_tokens`-token blocks.
+    pub fn from_tokens(block_tokens: usize, max_blocks: usize) -> Self {
+        Self {
+            block_chars: (block_tokens * CHARS_PER_TOKEN).max(1),
+            max_blocks,
+        }
+    }
+
+    /// Appends the chained block hashes of `prompt` to `out`. A prompt shorter than one block
+    /// yields no hashes (it cannot hit a cached block either).
+    pub fn hash_into(
+        &self,
+        model: &str,
+        cache_salt: Option<&str>,
+        prompt: &[u8],
+        out: &mut Vec<u64>,
+    ) {
+        if prompt.len() < self.block_chars || self.max_blocks == 0 {
+            return;
+        }
+        let limit = prompt
+            .len()
+            .min(self.max_blocks.saturating_mul(self.block_chars));
+        let prompt = &prompt[..limit];
+        out.reserve(prompt.len().div_ceil(self.block_chars));
+        let mut prev = seed(model, cache_salt);
+        for block in prompt.chunks(self.block_chars) {
+            let mut h = Xxh64::new(0);
+            h.update(block);
+            h.update(&prev.to_le_bytes());
+            prev = h.digest();
+            out.push(prev);
+        }
+    }
+
+    /// Convenience wrapper returning a fresh vector.
+    pub fn hash(&self, model: &str, cache_salt: Option<&str>, prompt: &[u8]) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.hash_into(model, cache_salt, prompt, &mut out);
+        out
+    }
+}
+
+fn seed(model: &str, cache_salt: Option<&str>) -> u64 {
+    match cache_salt {
+        None | Some("") => xxh64(model.as_bytes(), 0),
+        Some(salt) => {
+            let mut h = Xxh64::new(0);
+            h.update(model.as_bytes());
+            h.update(salt.as_bytes());
+            h.digest()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h() -> BlockHasher {
+        BlockHasher::from_tokens(16, 256)
+    }
+
+    #[test]
+    fn short_prompts_have_no_blocks() {
+        assert!(h().hash("m", None, &[b'a'; 63]).is_empty());
+        assert_eq!(h().hash("m", None, &[b'a'; 64]).len(), 1);
+        // A trailing partial block is hashed too.
+        assert_eq!(h().hash("m", None, &[b'a'; 65]).len(), 2);
+    }
+
+    #[test]
+    fn shared_prefix_gives_shared_hashes() {
+        let a = [b"x".repeat(128), b"y".repeat(64)].concat();
+        let b = [b"x".repeat(128), b"z".repeat(64)].concat();
+        let (ha, hb) = (h().hash("m", None, &a), h().hash("m", None, &b));
+        assert_eq!(ha[..2], hb[..2]);
+        assert_ne!(ha[2], hb[2]);
+    }
+
+    #[test]
+    fn chain_depends_on_model_salt_and_history() {
+        let p = b"q".repeat(128);
+        assert_ne!(h().hash("a", None, &p), h().hash("b", None, &p));
+        assert_ne!(h().hash("a", None, &p), h().hash("a", Some("s"), &p));
+        assert_eq!(h().hash("a", Some(""), &p), h().hash("a", None, &p));
+        // Identical blocks at different positions hash differently (the chain).
+        let hs = h().hash("a", None, &p);
+        assert_ne!(hs[0], hs[1]);
+    }
+
+    #[test]
+    fn truncates_to_max_blocks() {
+        let hasher = BlockHasher::from_tokens(16, 4);
+        assert_eq!(hasher.hash("m", None, &vec![b'a'; 220 * 1024]).len(), 4);
+    }
+}

@@ -1,0 +1,7 @@
+//! Approximate prefix-cache awareness: block hashing of prompts and the routing-history index.
+
+pub mod hash;
+pub mod index;
+
+pub use hash::BlockHasher;
+pub use index::PrefixIndex;

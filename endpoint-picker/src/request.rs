@@ -1,0 +1,76 @@
+//! The request as the scheduler sees it: parsed once at the edge, read by every plugin.
+
+use bytes::Bytes;
+
+/// The OpenAI-style API a request targets (chosen from the path suffix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Api {
+    /// `/v1/completions` (also the default).
+    #[default]
+    Completions,
+    /// `/v1/chat/completions`.
+    ChatCompletions,
+    /// `/v1/responses`.
+    Responses,
+    /// `/v1/embeddings`.
+    Embeddings,
+    /// `/v1/conversations`.
+    Conversations,
+    /// A request without a body (headers only).
+    HeadersOnly,
+}
+
+impl Api {
+    /// A short label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Completions => "completions",
+            Api::ChatCompletions => "chat-completions",
+            Api::Responses => "responses",
+            Api::Embeddings => "embeddings",
+            Api::Conversations => "conversations",
+            Api::HeadersOnly => "headers-only",
+        }
+    }
+}
+
+/// One inference request.
+#[derive(Debug, Clone, Default)]
+pub struct InferenceRequest {
+    /// `x-request-id` (generated when the client sent none).
+    pub request_id: String,
+    /// The API.
+    pub api: Api,
+    /// The model the client asked for (`model` in the body).
+    pub model: String,
+    /// The model the engine will see, after any rewrite.
+    pub target_model: String,
+    /// The text prefix caching is computed over: the prompt for completions, the raw JSON of
+    /// `messages` / `input` / `items` otherwise. A zero-copy slice of the body when possible.
+    pub prompt: Bytes,
+    /// `cache_salt`, which partitions the prefix cache like vLLM's.
+    pub cache_salt: Option<String>,
+    /// Priority from the InferenceObjective (negative = sheddable).
+    pub priority: i32,
+    /// The InferenceObjective named by `x-gateway-inference-objective`.
+    pub objective: Option<String>,
+    /// Fairness id (`x-gateway-inference-fairness-id`, default `default-flow`).
+    pub fairness_id: String,
+    /// Whether the client asked for a streamed response.
+    pub stream: bool,
+    /// Size of the request body in bytes.
+    pub body_len: usize,
+    /// Request headers a plugin may read (lower-case names), e.g. the conformance
+    /// `test-epp-endpoint-selection` or `x-session-token`.
+    pub headers: Vec<(String, String)>,
+}
+
+impl InferenceRequest {
+    /// The value of a request header (names are compared case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}

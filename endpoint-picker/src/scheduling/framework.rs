@@ -1,0 +1,159 @@
+//! The plugin contracts of the scheduler, with the reference EPP's shape: a profile handler
+//! chooses profiles; a profile runs filters (sequentially), then weighted scorers (each score
+//! in `[0, 1]`), then a picker. Data producers compute per-request data before scheduling and
+//! learn the outcome afterwards (the prefix index is one).
+
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use tokio::time::Instant;
+
+use crate::datastore::{Endpoint, EngineMetrics, PoolSnapshot};
+use crate::request::InferenceRequest;
+
+/// An endpoint as one scheduling cycle sees it: its metrics are loaded once per cycle.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The endpoint.
+    pub endpoint: Arc<Endpoint>,
+    /// Its metrics at the start of the cycle.
+    pub metrics: Arc<EngineMetrics>,
+}
+
+impl Candidate {
+    /// Loads the endpoint's current metrics.
+    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        let metrics = endpoint.metrics();
+        Self { endpoint, metrics }
+    }
+}
+
+/// Per-request data shared by the plugins of one scheduling cycle.
+#[derive(Debug, Clone)]
+pub struct CycleState {
+    /// When the cycle started.
+    pub now: Instant,
+    /// The prefix-cache match, when a prefix producer ran.
+    pub prefix: Option<PrefixMatch>,
+}
+
+impl CycleState {
+    /// A fresh state.
+    pub fn new(now: Instant) -> Self {
+        Self { now, prefix: None }
+    }
+}
+
+/// How much of a request's prefix each endpoint is believed to hold.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixMatch {
+    /// The request's block hashes.
+    pub hashes: Vec<u64>,
+    /// Matched leading blocks, indexed by endpoint id.
+    pub matched: Vec<u32>,
+    /// Tokens per block that the hashes were computed with.
+    pub block_tokens: usize,
+}
+
+impl PrefixMatch {
+    /// Matched fraction for an endpoint, in `[0, 1]`.
+    pub fn score(&self, endpoint: &Endpoint) -> f64 {
+        if self.hashes.is_empty() {
+            return 0.0;
+        }
+        let m = self
+            .matched
+            .get(endpoint.id.0 as usize)
+            .copied()
+            .unwrap_or(0);
+        f64::from(m) / self.hashes.len() as f64
+    }
+
+    /// Matched blocks for an endpoint.
+    pub fn matched_blocks(&self, endpoint: &Endpoint) -> u32 {
+        self.matched
+            .get(endpoint.id.0 as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// What every plugin is.
+pub trait Plugin: Send + Sync + std::fmt::Debug {
+    /// The registered type, e.g. `queue-scorer`.
+    fn type_name(&self) -> &'static str;
+    /// The configured name (defaults to the type).
+    fn name(&self) -> &str;
+}
+
+/// Removes candidates.
+pub trait Filter: Plugin {
+    /// Returns the candidates that pass.
+    fn filter(
+        &self,
+        request: &InferenceRequest,
+        state: &CycleState,
+        candidates: Vec<Candidate>,
+    ) -> Vec<Candidate>;
+}
+
+/// Scores candidates in `[0, 1]`; higher is better.
+pub trait Scorer: Plugin {
+    /// Writes one score per candidate into `scores` (same order, same length).
+    fn score(
+        &self,
+        request: &InferenceRequest,
+        state: &CycleState,
+        candidates: &[Candidate],
+        scores: &mut [f64],
+    );
+}
+
+/// A candidate with its weighted total.
+#[derive(Debug, Clone)]
+pub struct ScoredCandidate {
+    /// The candidate.
+    pub candidate: Candidate,
+    /// Σ weight × score.
+    pub score: f64,
+}
+
+/// Chooses the target endpoints (first = primary, the rest = ordered fallbacks).
+pub trait Picker: Plugin {
+    /// Picks from the scored candidates.
+    fn pick(&self, scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate>;
+}
+
+/// Computes per-request data before scheduling and learns the outcome afterwards.
+pub trait DataProducer: Plugin {
+    /// Fills `state` for this request.
+    fn produce(&self, request: &InferenceRequest, candidates: &[Candidate], state: &mut CycleState);
+
+    /// Called once the request has been routed to `targets` (primary first).
+    fn pre_request(
+        &self,
+        _request: &InferenceRequest,
+        _state: &CycleState,
+        _targets: &[Candidate],
+    ) {
+    }
+
+    /// Called when the pool's membership changed.
+    fn pool_changed(&self, _snapshot: &PoolSnapshot) {}
+}
+
+/// Decides which profiles run, and which result is primary.
+pub trait ProfileHandler: Plugin {
+    /// Given the results so far, the names of the profiles to run next (empty = done).
+    fn next_profiles<'p>(
+        &self,
+        request: &InferenceRequest,
+        profiles: &'p [super::Profile],
+        done: &[super::ProfileResult],
+    ) -> Vec<&'p super::Profile>;
+
+    /// The name of the primary profile among `results`.
+    fn primary<'r>(&self, results: &'r [super::ProfileResult]) -> Option<&'r super::ProfileResult> {
+        results.first()
+    }
+}

@@ -1,0 +1,38 @@
+//! The built-in plugins.
+
+pub mod filters;
+pub mod pickers;
+pub mod prefix;
+pub mod profile;
+pub mod scorers;
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use crate::datastore::{Datastore, EngineMetrics, test_util::pool};
+    use crate::scheduling::Candidate;
+
+    /// Metrics with the given queue, running and KV values.
+    pub fn metrics(waiting: u64, running: u64, kv: f64) -> EngineMetrics {
+        EngineMetrics {
+            waiting_queue_size: waiting,
+            running_requests: running,
+            kv_cache_usage: kv,
+            updated_at: Some(tokio::time::Instant::now()),
+            ..Default::default()
+        }
+    }
+
+    /// Candidates `pod-1…pod-n` carrying the given metrics.
+    pub fn candidates(ms: &[EngineMetrics]) -> Vec<Candidate> {
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(ms.len() as u8));
+        snap.endpoints
+            .iter()
+            .zip(ms)
+            .map(|(e, m)| {
+                e.store_metrics(m.clone());
+                Candidate::new(e.clone())
+            })
+            .collect()
+    }
+}

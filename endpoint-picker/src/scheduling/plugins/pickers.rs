@@ -1,0 +1,168 @@
+//! Pickers: choose the primary endpoint and the ordered fallbacks.
+
+use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+
+use super::scorers::plugin_named;
+use crate::scheduling::framework::{Picker, Plugin, ScoredCandidate};
+
+/// `max-score-picker`: the highest scores win, ties broken at random; the next best become
+/// fallbacks (`maxNumOfEndpoints`, default 1).
+#[derive(Debug)]
+pub struct MaxScorePicker {
+    /// Configured name.
+    pub name: String,
+    /// How many endpoints to return.
+    pub max_endpoints: usize,
+}
+plugin_named!(MaxScorePicker, "max-score-picker");
+
+impl Picker for MaxScorePicker {
+    fn pick(&self, mut scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
+        // Shuffle, then a stable sort: equal scores keep their random order.
+        scored.shuffle(rng);
+        scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+        scored.truncate(self.max_endpoints.max(1));
+        scored
+    }
+}
+
+/// `random-picker`: uniformly random endpoints.
+#[derive(Debug)]
+pub struct RandomPicker {
+    /// Configured name.
+    pub name: String,
+    /// How many endpoints to return.
+    pub max_endpoints: usize,
+}
+plugin_named!(RandomPicker, "random-picker");
+
+impl Picker for RandomPicker {
+    fn pick(&self, mut scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
+        scored.shuffle(rng);
+        scored.truncate(self.max_endpoints.max(1));
+        scored
+    }
+}
+
+/// `weighted-random-picker`: random endpoints with probability proportional to their score
+/// (A-Res weighted sampling without replacement); all-zero scores fall back to uniform.
+#[derive(Debug)]
+pub struct WeightedRandomPicker {
+    /// Configured name.
+    pub name: String,
+    /// How many endpoints to return.
+    pub max_endpoints: usize,
+}
+plugin_named!(WeightedRandomPicker, "weighted-random-picker");
+
+impl Picker for WeightedRandomPicker {
+    fn pick(&self, scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
+        let any_positive = scored.iter().any(|s| s.score > 0.0);
+        let mut keyed: Vec<(f64, ScoredCandidate)> = scored
+            .into_iter()
+            .map(|s| {
+                let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+                let key = if !any_positive {
+                    u
+                } else if s.score > 0.0 {
+                    // A-Res: key = u^(1/w); larger keys win.
+                    u.powf(1.0 / s.score)
+                } else {
+                    // Zero weight: only after every positive-weight endpoint.
+                    -1.0 + u
+                };
+                (key, s)
+            })
+            .collect();
+        keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+        keyed.truncate(self.max_endpoints.max(1));
+        keyed.into_iter().map(|(_, s)| s).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::scheduling::plugins::test_util::{candidates, metrics};
+
+    fn scored(scores: &[f64]) -> Vec<ScoredCandidate> {
+        let ms: Vec<_> = scores.iter().map(|_| metrics(0, 0, 0.0)).collect();
+        candidates(&ms)
+            .into_iter()
+            .zip(scores)
+            .map(|(candidate, &score)| ScoredCandidate { candidate, score })
+            .collect()
+    }
+
+    fn names(v: &[ScoredCandidate]) -> Vec<String> {
+        v.iter()
+            .map(|s| s.candidate.endpoint.spec.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn max_score_orders_and_truncates() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let p = MaxScorePicker {
+            name: "p".into(),
+            max_endpoints: 2,
+        };
+        let got = p.pick(scored(&[0.1, 0.9, 0.5]), &mut rng);
+        assert_eq!(names(&got), vec!["pod-2-rank-0", "pod-3-rank-0"]);
+    }
+
+    #[test]
+    fn max_score_breaks_ties_randomly_but_reproducibly() {
+        let p = MaxScorePicker {
+            name: "p".into(),
+            max_endpoints: 1,
+        };
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            seen.insert(names(&p.pick(scored(&[1.0, 1.0, 1.0]), &mut rng))[0].clone());
+        }
+        assert_eq!(seen.len(), 3, "every tied endpoint gets picked sometimes");
+        let a: Vec<_> = (0..5)
+            .map(|_| names(&p.pick(scored(&[1.0, 1.0]), &mut SmallRng::seed_from_u64(3))))
+            .collect();
+        assert!(a.windows(2).all(|w| w[0] == w[1]), "same seed, same choice");
+    }
+
+    #[test]
+    fn random_picker_returns_distinct() {
+        let p = RandomPicker {
+            name: "r".into(),
+            max_endpoints: 3,
+        };
+        let got = names(&p.pick(
+            scored(&[0.0, 0.0, 0.0, 0.0]),
+            &mut SmallRng::seed_from_u64(2),
+        ));
+        let unique: std::collections::HashSet<_> = got.iter().collect();
+        assert_eq!(unique.len(), 3);
+    }
+
+    #[test]
+    fn weighted_random_follows_weights() {
+        let p = WeightedRandomPicker {
+            name: "w".into(),
+            max_endpoints: 1,
+        };
+        let mut rng = SmallRng::seed_from_u64(42);
+        let mut first = 0;
+        for _ in 0..2000 {
+            if names(&p.pick(scored(&[3.0, 1.0, 0.0]), &mut rng))[0] == "pod-1-rank-0" {
+                first += 1;
+            }
+        }
+        // Expected 75 %; the zero-weight endpoint is never first.
+        assert!((1350..1650).contains(&first), "{first}");
+        let all = p.pick(scored(&[0.0, 0.0]), &mut rng);
+        assert_eq!(all.len(), 1);
+    }
+}

@@ -1,0 +1,218 @@
+//! `approx-prefix-cache-producer`: hashes the request's prefix once, looks up how much of it
+//! each candidate is believed to hold, and records the routing decision in the index.
+
+use std::sync::Arc;
+
+use super::scorers::plugin_named;
+use crate::datastore::PoolSnapshot;
+use crate::prefix::{BlockHasher, PrefixIndex};
+use crate::request::InferenceRequest;
+use crate::scheduling::framework::{Candidate, CycleState, DataProducer, Plugin, PrefixMatch};
+
+/// Parameters, with the reference's names and defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixParams {
+    /// Take block size and per-endpoint capacity from the engines' cache info.
+    pub auto_tune: bool,
+    /// Tokens per block when not auto-tuned (16).
+    pub block_size_tokens: usize,
+    /// Legacy `hashBlockSize`: characters per block, overriding the token-based size.
+    pub block_chars: Option<usize>,
+    /// At most this many blocks are matched (256).
+    pub max_prefix_blocks: usize,
+    /// When > 0, the block limit is `max_prefix_tokens / block_size_tokens`.
+    pub max_prefix_tokens: usize,
+    /// Blocks remembered per endpoint when the engine does not say (31,250).
+    pub lru_capacity_per_server: usize,
+}
+
+impl Default for PrefixParams {
+    fn default() -> Self {
+        Self {
+            auto_tune: true,
+            block_size_tokens: 16,
+            block_chars: None,
+            max_prefix_blocks: 256,
+            max_prefix_tokens: 0,
+            lru_capacity_per_server: 31_250,
+        }
+    }
+}
+
+/// The producer; it owns the index.
+#[derive(Debug)]
+pub struct ApproxPrefixCacheProducer {
+    /// Configured name.
+    pub name: String,
+    /// Parameters.
+    pub params: PrefixParams,
+    index: Arc<PrefixIndex>,
+}
+plugin_named!(ApproxPrefixCacheProducer, "approx-prefix-cache-producer");
+
+impl ApproxPrefixCacheProducer {
+    /// A producer with an empty index.
+    pub fn new(name: impl Into<String>, params: PrefixParams) -> Self {
+        Self {
+            name: name.into(),
+            params,
+            index: Arc::new(PrefixIndex::new()),
+        }
+    }
+
+    /// The index (for metrics).
+    pub fn index(&self) -> &Arc<PrefixIndex> {
+        &self.index
+    }
+
+    fn hasher(&self, candidates: &[Candidate]) -> (BlockHasher, usize) {
+        let p = &self.params;
+        let tokens = if p.auto_tune {
+            candidates
+                .iter()
+                .find_map(|c| c.metrics.cache_block_size)
+                .map(|b| b as usize)
+                .filter(|b| *b > 0)
+                .unwrap_or(p.block_size_tokens)
+        } else {
+            p.block_size_tokens
+        }
+        .max(1);
+        let max_blocks = if p.max_prefix_tokens > 0 {
+            (p.max_prefix_tokens / tokens).max(1)
+        } else {
+            p.max_prefix_blocks
+        };
+        let mut hasher = BlockHasher::from_tokens(tokens, max_blocks);
+        if let Some(chars) = p.block_chars.filter(|c| *c > 0) {
+            hasher.block_chars = chars;
+        }
+        (hasher, tokens)
+    }
+}
+
+impl DataProducer for ApproxPrefixCacheProducer {
+    fn produce(
+        &self,
+        request: &InferenceRequest,
+        candidates: &[Candidate],
+        state: &mut CycleState,
+    ) {
+        let (hasher, block_tokens) = self.hasher(candidates);
+        let hashes = hasher.hash(
+            &request.target_model,
+            request.cache_salt.as_deref(),
+            &request.prompt,
+        );
+        let bound = candidates
+            .iter()
+            .map(|c| c.endpoint.id.0 as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut matched = vec![0u32; bound];
+        if !hashes.is_empty() {
+            self.index.match_lengths(&hashes, &mut matched);
+        }
+        state.prefix = Some(PrefixMatch {
+            hashes,
+            matched,
+            block_tokens,
+        });
+    }
+
+    fn pre_request(&self, _: &InferenceRequest, state: &CycleState, targets: &[Candidate]) {
+        let Some(m) = &state.prefix else { return };
+        for t in targets {
+            let capacity = if self.params.auto_tune {
+                t.metrics
+                    .cache_num_blocks
+                    .map(|n| n as usize)
+                    .filter(|n| *n > 0)
+            } else {
+                None
+            }
+            .unwrap_or(self.params.lru_capacity_per_server);
+            self.index.insert(t.endpoint.id, capacity, &m.hashes);
+        }
+    }
+
+    fn pool_changed(&self, snapshot: &PoolSnapshot) {
+        let live: std::collections::HashSet<_> = snapshot.endpoints.iter().map(|e| e.id).collect();
+        self.index.retain(|id| live.contains(&id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::scheduling::plugins::test_util::{candidates, metrics};
+
+    #[test]
+    fn routing_history_drives_matches() {
+        let p = ApproxPrefixCacheProducer::new("p", PrefixParams::default());
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let req = InferenceRequest {
+            target_model: "m".into(),
+            prompt: Bytes::from("s".repeat(64 * 10)),
+            ..Default::default()
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&req, &c, &mut state);
+        let m = state.prefix.clone().unwrap();
+        assert_eq!(m.hashes.len(), 10);
+        assert_eq!(m.score(&c[0].endpoint), 0.0);
+        p.pre_request(&req, &state, &c[1..]);
+        // Same prefix, longer question: endpoint 2 holds the first 10 of 12 blocks.
+        let req2 = InferenceRequest {
+            prompt: Bytes::from(format!("{}{}", "s".repeat(640), "q".repeat(128))),
+            ..req
+        };
+        let mut state2 = CycleState::new(tokio::time::Instant::now());
+        p.produce(&req2, &c, &mut state2);
+        let m2 = state2.prefix.unwrap();
+        assert_eq!(m2.score(&c[0].endpoint), 0.0);
+        assert!((m2.score(&c[1].endpoint) - 10.0 / 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn auto_tune_reads_block_size_and_capacity() {
+        let p = ApproxPrefixCacheProducer::new("p", PrefixParams::default());
+        let mut m = metrics(0, 0, 0.0);
+        m.cache_block_size = Some(32);
+        m.cache_num_blocks = Some(2);
+        let c = candidates(&[m]);
+        let req = InferenceRequest {
+            target_model: "m".into(),
+            prompt: Bytes::from("a".repeat(128 * 5)),
+            ..Default::default()
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&req, &c, &mut state);
+        let pm = state.prefix.clone().unwrap();
+        assert_eq!(pm.block_tokens, 32);
+        assert_eq!(pm.hashes.len(), 5);
+        p.pre_request(&req, &state, &c);
+        assert_eq!(p.index().len(), 2, "capacity comes from num_gpu_blocks");
+    }
+
+    #[test]
+    fn max_tokens_limits_blocks_and_legacy_chars() {
+        let params = PrefixParams {
+            auto_tune: false,
+            max_prefix_tokens: 64,
+            block_chars: Some(10),
+            ..Default::default()
+        };
+        let p = ApproxPrefixCacheProducer::new("p", params);
+        let c = candidates(&[metrics(0, 0, 0.0)]);
+        let req = InferenceRequest {
+            prompt: Bytes::from("a".repeat(1000)),
+            ..Default::default()
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&req, &c, &mut state);
+        assert_eq!(state.prefix.unwrap().hashes.len(), 4);
+    }
+}
