@@ -4,6 +4,7 @@
 //! the endpoint datastore, engine-metric scraping, the scheduler framework and its plugins,
 //! the approximate prefix-cache index, saturation detection and `EndpointPickerConfig` loading.
 
+pub mod config;
 pub mod datastore;
 pub mod prefix;
 pub mod request;

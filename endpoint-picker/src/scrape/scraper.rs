@@ -19,6 +19,17 @@ use tokio_util::sync::CancellationToken;
 use super::engine::EngineMapping;
 use crate::datastore::{Datastore, Endpoint, EndpointId, EngineMetrics};
 
+/// Labels that name a pod's engine, in order of preference.
+const ENGINE_LABELS: [&str; 2] = [crate::datastore::ENGINE_TYPE_LABEL, "llm-d.ai/engine-type"];
+
+fn canonical_engine(v: &str) -> String {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "triton-tensorrt-llm" => "triton".to_owned(),
+        "trtllm" => "trtllm-serve".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
 /// Largest `/metrics` body we read; an engine exposing more is misbehaving.
 const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
 
@@ -31,6 +42,8 @@ pub struct ScrapeConfig {
     pub timeout: Duration,
     /// URL path of the metrics endpoint.
     pub path: String,
+    /// Pod label naming the engine, checked before the well-known ones.
+    pub engine_label_key: Option<String>,
     /// Engine name used when an endpoint has no engine label, or an unknown one.
     pub default_engine: String,
     /// Mappings by engine name.
@@ -43,6 +56,7 @@ impl Default for ScrapeConfig {
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(1),
             path: "/metrics".into(),
+            engine_label_key: None,
             default_engine: "vllm".into(),
             engines: EngineMapping::builtin(),
         }
@@ -50,10 +64,19 @@ impl Default for ScrapeConfig {
 }
 
 impl ScrapeConfig {
-    fn mapping_for(&self, engine: &str) -> Option<&EngineMapping> {
-        self.engines
+    /// The mapping for an endpoint: its engine label (the configured key, then GIE's and
+    /// llm-d's), else the default engine.
+    pub fn mapping_for(&self, endpoint: &Endpoint) -> Option<&EngineMapping> {
+        let labels = &endpoint.spec.labels;
+        let engine = self
+            .engine_label_key
             .iter()
-            .find(|m| m.name == engine)
+            .map(String::as_str)
+            .chain(ENGINE_LABELS)
+            .find_map(|k| labels.get(k))
+            .map(|v| canonical_engine(v));
+        engine
+            .and_then(|e| self.engines.iter().find(|m| m.name == e))
             .or_else(|| self.engines.iter().find(|m| m.name == self.default_engine))
     }
 }
@@ -198,7 +221,7 @@ pub async fn scrape_once(
     config: &ScrapeConfig,
 ) -> Result<EngineMetrics, ScrapeError> {
     let mapping = config
-        .mapping_for(&endpoint.engine)
+        .mapping_for(endpoint)
         .ok_or_else(|| ScrapeError::UnknownEngine(endpoint.engine.to_string()))?;
     let uri: http::Uri = url
         .parse()
