@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod datastore;
+pub mod director;
+pub mod discovery;
 pub mod prefix;
 pub mod request;
 pub mod saturation;

@@ -1,0 +1,421 @@
+//! Request control: everything between "a parsed request" and "these endpoints, in order".
+//!
+//! For one request the director resolves its objective (priority) and model rewrite, builds
+//! the candidate set (the pool, narrowed by any subset hint), applies admission (sheddable
+//! requests are rejected while the pool is saturated), runs the data producers and the
+//! scheduler, tells the producers the outcome, and counts the request in flight on its primary
+//! endpoint until the returned [`Routed`] is dropped, so a vanished client releases its state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+
+use crate::config::LoadedConfig;
+use crate::datastore::{Datastore, Endpoint, EndpointId};
+use crate::request::InferenceRequest;
+use crate::scheduling::plugins::filters::AddressMatcher;
+use crate::scheduling::{Candidate, CycleState, ScheduleError, SchedulingResult};
+
+/// Why a request was not routed. Each maps to one HTTP status at the edge.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The pool (or the subset hint ∩ pool) has no endpoint: 503.
+    #[error("failed to find endpoint candidates for serving the request")]
+    NoCandidates,
+    /// A sheddable request while the pool is saturated: 429.
+    #[error("request shed: the pool is saturated and the request is sheddable (priority {0})")]
+    Shed(i32),
+    /// The scheduler found no endpoint: 429.
+    #[error("failed to find target endpoint: {0}")]
+    Unschedulable(#[from] ScheduleError),
+}
+
+/// A weighted model rewrite target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewriteTarget {
+    /// The model to send to the engine.
+    pub model: String,
+    /// Relative weight (0 = uniform when all are 0).
+    pub weight: u32,
+}
+
+/// One rule of an `InferenceModelRewrite`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewriteRule {
+    /// Exact model names this rule matches; empty matches every model.
+    pub matches: Vec<String>,
+    /// Where matching requests go.
+    pub targets: Vec<RewriteTarget>,
+}
+
+/// One `InferenceModelRewrite` resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRewrite {
+    /// Resource name.
+    pub name: String,
+    /// Creation time (seconds since the epoch) — older resources win ties.
+    pub created: i64,
+    /// Rules, in order.
+    pub rules: Vec<RewriteRule>,
+}
+
+/// The objectives and rewrites of the pool, replaced wholesale by discovery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policies {
+    /// `InferenceObjective` name → priority.
+    pub objectives: HashMap<String, i32>,
+    /// `InferenceModelRewrite`s.
+    pub rewrites: Vec<ModelRewrite>,
+}
+
+impl Policies {
+    /// The rule that applies to `model`: exact matches beat generic rules; among resources the
+    /// oldest wins; within a resource the first matching rule wins.
+    pub fn rewrite_rule(&self, model: &str) -> Option<(&ModelRewrite, &RewriteRule)> {
+        let mut ordered: Vec<&ModelRewrite> = self.rewrites.iter().collect();
+        ordered.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+        let exact = ordered.iter().find_map(|r| {
+            r.rules.iter().find(|rule| rule.matches.iter().any(|m| m == model)).map(|rule| (*r, rule))
+        });
+        exact.or_else(|| {
+            ordered
+                .iter()
+                .find_map(|r| r.rules.iter().find(|rule| rule.matches.is_empty()).map(|rule| (*r, rule)))
+        })
+    }
+}
+
+/// Per-endpoint in-flight request counts, maintained by the director.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    counts: ArcSwap<Vec<Arc<AtomicU64>>>,
+    grow: Mutex<()>,
+}
+
+impl InFlight {
+    fn counter(&self, id: EndpointId) -> Arc<AtomicU64> {
+        let idx = id.0 as usize;
+        if let Some(c) = self.counts.load().get(idx) {
+            return c.clone();
+        }
+        let _g = self.grow.lock();
+        let cur = self.counts.load_full();
+        if let Some(c) = cur.get(idx) {
+            return c.clone();
+        }
+        let mut next: Vec<Arc<AtomicU64>> = (*cur).clone();
+        next.resize_with(idx + 1, Default::default);
+        let c = next[idx].clone();
+        self.counts.store(Arc::new(next));
+        c
+    }
+
+    /// Requests in flight on an endpoint.
+    pub fn get(&self, id: EndpointId) -> u64 {
+        self.counts.load().get(id.0 as usize).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// Releases the in-flight slot when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    counter: Arc<AtomicU64>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A routed request.
+#[derive(Debug)]
+pub struct Routed {
+    /// Target endpoints, primary first.
+    pub targets: Vec<Arc<Endpoint>>,
+    /// The full scheduling result.
+    pub result: SchedulingResult,
+    /// Whether the model name was rewritten (the response must be rewritten back).
+    pub rewritten: bool,
+    _in_flight: Option<InFlightGuard>,
+}
+
+impl Routed {
+    /// `ip:port[,ip:port…]`, the value of `x-gateway-destination-endpoint`.
+    pub fn destination(&self) -> String {
+        let mut out = String::with_capacity(self.targets.len() * 22);
+        for (i, t) in self.targets.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&t.host_port);
+        }
+        out
+    }
+}
+
+/// The director. One per process, shared by every stream.
+#[derive(Debug)]
+pub struct Director {
+    datastore: Arc<Datastore>,
+    config: Arc<LoadedConfig>,
+    policies: ArcSwap<Policies>,
+    in_flight: InFlight,
+    rng: Mutex<SmallRng>,
+}
+
+impl Director {
+    /// A director over `datastore` with `config`; `seed` seeds weighted rewrite choices.
+    pub fn new(datastore: Arc<Datastore>, config: Arc<LoadedConfig>, seed: u64) -> Self {
+        Self {
+            datastore,
+            config,
+            policies: ArcSwap::from_pointee(Policies::default()),
+            in_flight: InFlight::default(),
+            rng: Mutex::new(SmallRng::seed_from_u64(seed ^ 0x5eed)),
+        }
+    }
+
+    /// The datastore.
+    pub fn datastore(&self) -> &Arc<Datastore> {
+        &self.datastore
+    }
+
+    /// The loaded configuration.
+    pub fn config(&self) -> &Arc<LoadedConfig> {
+        &self.config
+    }
+
+    /// Replaces objectives and rewrites.
+    pub fn set_policies(&self, policies: Policies) {
+        self.policies.store(Arc::new(policies));
+    }
+
+    /// The current objectives and rewrites.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.load_full()
+    }
+
+    /// In-flight counts.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+
+    /// Tells the producers the pool changed (call on every datastore update).
+    pub fn pool_changed(&self) {
+        let snap = self.datastore.snapshot();
+        for p in self.config.scheduler.producers() {
+            p.pool_changed(&snap);
+        }
+    }
+
+    /// Resolves objective priority and model rewrite in place. `forced_target` is the
+    /// `x-gateway-model-name-rewrite` header.
+    pub fn resolve(&self, request: &mut InferenceRequest, forced_target: Option<&str>) {
+        let policies = self.policies.load();
+        request.priority = request
+            .objective
+            .as_deref()
+            .and_then(|o| policies.objectives.get(o).copied())
+            .unwrap_or(0);
+        if request.target_model.is_empty() {
+            request.target_model = request.model.clone();
+        }
+        if let Some(forced) = forced_target.filter(|f| !f.is_empty()) {
+            request.target_model = forced.to_owned();
+            return;
+        }
+        if let Some((_, rule)) = policies.rewrite_rule(&request.model)
+            && !rule.targets.is_empty()
+        {
+            let total: u64 = rule.targets.iter().map(|t| u64::from(t.weight)).sum();
+            let mut rng = self.rng.lock();
+            let chosen = if total == 0 {
+                &rule.targets[rng.random_range(0..rule.targets.len())]
+            } else {
+                let mut pick = rng.random_range(0..total);
+                let mut chosen = &rule.targets[0];
+                for t in &rule.targets {
+                    if pick < u64::from(t.weight) {
+                        chosen = t;
+                        break;
+                    }
+                    pick -= u64::from(t.weight);
+                }
+                chosen
+            };
+            request.target_model = chosen.model.clone();
+        }
+    }
+
+    /// Routes a resolved request. `subset` is the subset hint, already parsed (`None` = the
+    /// whole pool; `Some(empty)` = nothing).
+    pub fn route(
+        &self,
+        request: &InferenceRequest,
+        subset: Option<&[AddressMatcher]>,
+        explain: bool,
+    ) -> Result<Routed, RouteError> {
+        let snapshot = self.datastore.snapshot();
+        let candidates: Vec<Candidate> = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| subset.is_none_or(|s| s.iter().any(|m| m.matches(e.spec.address))))
+            .cloned()
+            .map(Candidate::new)
+            .collect();
+        if candidates.is_empty() {
+            return Err(RouteError::NoCandidates);
+        }
+        let now = Instant::now();
+        if request.priority < 0 && self.config.saturation_detector.is_saturated(&candidates, now) {
+            return Err(RouteError::Shed(request.priority));
+        }
+        let scheduler = &self.config.scheduler;
+        let mut state = CycleState::new(now);
+        scheduler.produce(request, &candidates, &mut state);
+        let result = scheduler.schedule(request, &state, &candidates, explain)?;
+        scheduler.pre_request(request, &state, &result);
+        let targets: Vec<Arc<Endpoint>> =
+            result.primary_targets().iter().map(|t| t.candidate.endpoint.clone()).collect();
+        let guard = targets.first().map(|t| {
+            let counter = self.in_flight.counter(t.id);
+            counter.fetch_add(1, Ordering::Relaxed);
+            InFlightGuard { counter }
+        });
+        Ok(Routed {
+            targets,
+            result,
+            rewritten: request.target_model != request.model && !request.model.is_empty(),
+            _in_flight: guard,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, load_default};
+    use crate::datastore::{EngineMetrics, test_util::pool};
+
+    fn director(n: u8) -> Director {
+        let ds = Arc::new(Datastore::new());
+        ds.apply(pool(n));
+        Director::new(ds, Arc::new(load_default(1).unwrap()), 1)
+    }
+
+    fn req() -> InferenceRequest {
+        InferenceRequest { model: "m".into(), target_model: "m".into(), ..Default::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routes_to_least_loaded_and_counts_in_flight() {
+        let d = director(3);
+        let snap = d.datastore().snapshot();
+        for (i, e) in snap.endpoints.iter().enumerate() {
+            e.store_metrics(EngineMetrics {
+                waiting_queue_size: if i == 1 { 0 } else { 10 },
+                updated_at: Some(Instant::now()),
+                ..Default::default()
+            });
+        }
+        let routed = d.route(&req(), None, false).unwrap();
+        assert_eq!(routed.destination(), "10.0.0.2:8000");
+        assert_eq!(d.in_flight().get(snap.endpoints[1].id), 1);
+        drop(routed);
+        assert_eq!(d.in_flight().get(snap.endpoints[1].id), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subset_hint_restricts_and_empty_subset_is_503() {
+        let d = director(3);
+        let only3 = [AddressMatcher::parse("10.0.0.3").unwrap()];
+        for _ in 0..10 {
+            assert_eq!(d.route(&req(), Some(&only3), false).unwrap().destination(), "10.0.0.3:8000");
+        }
+        assert_eq!(d.route(&req(), Some(&[]), false).unwrap_err(), RouteError::NoCandidates);
+        let outside = [AddressMatcher::parse("192.168.0.1").unwrap()];
+        assert_eq!(d.route(&req(), Some(&outside), false).unwrap_err(), RouteError::NoCandidates);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_pool_is_503() {
+        let d = director(0);
+        assert_eq!(d.route(&req(), None, false).unwrap_err(), RouteError::NoCandidates);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sheddable_requests_are_shed_when_saturated() {
+        let d = director(2);
+        for e in d.datastore().snapshot().endpoints.iter() {
+            e.store_metrics(EngineMetrics { waiting_queue_size: 50, updated_at: Some(Instant::now()), ..Default::default() });
+        }
+        let mut r = req();
+        r.priority = -1;
+        assert_eq!(d.route(&r, None, false).unwrap_err(), RouteError::Shed(-1));
+        r.priority = 0;
+        assert!(d.route(&r, None, false).is_ok(), "non-sheddable requests still go through");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fallbacks_are_ordered() {
+        let cfg = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: 3\n";
+        let ds = Arc::new(Datastore::new());
+        ds.apply(pool(3));
+        for (i, e) in ds.snapshot().endpoints.iter().enumerate() {
+            e.store_metrics(EngineMetrics { waiting_queue_size: 10 - i as u64 * 3, updated_at: Some(Instant::now()), ..Default::default() });
+        }
+        let d = Director::new(ds, Arc::new(load(cfg, 1).unwrap()), 1);
+        assert_eq!(d.route(&req(), None, false).unwrap().destination(), "10.0.0.3:8000,10.0.0.2:8000,10.0.0.1:8000");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prefix_affinity_sticks_to_the_same_endpoint() {
+        let d = director(4);
+        for e in d.datastore().snapshot().endpoints.iter() {
+            e.store_metrics(EngineMetrics { updated_at: Some(Instant::now()), ..Default::default() });
+        }
+        let mut r = req();
+        r.prompt = bytes::Bytes::from("system prompt ".repeat(100));
+        let first = d.route(&r, None, false).unwrap().destination();
+        for _ in 0..20 {
+            assert_eq!(d.route(&r, None, false).unwrap().destination(), first);
+        }
+    }
+
+    #[test]
+    fn objectives_and_rewrites() {
+        let d = director(1);
+        let rule = |matches: &[&str], targets: &[(&str, u32)]| RewriteRule {
+            matches: matches.iter().map(|s| s.to_string()).collect(),
+            targets: targets.iter().map(|(m, w)| RewriteTarget { model: m.to_string(), weight: *w }).collect(),
+        };
+        d.set_policies(Policies {
+            objectives: HashMap::from([("batch".to_string(), -1)]),
+            rewrites: vec![
+                ModelRewrite { name: "newer".into(), created: 20, rules: vec![rule(&["m"], &[("newer-target", 1)])] },
+                ModelRewrite { name: "generic".into(), created: 1, rules: vec![rule(&[], &[("catch-all", 1)])] },
+                ModelRewrite { name: "older".into(), created: 10, rules: vec![rule(&["m"], &[("a", 3), ("b", 0)])] },
+            ],
+        });
+        let mut r = req();
+        r.objective = Some("batch".into());
+        r.target_model.clear();
+        d.resolve(&mut r, None);
+        assert_eq!(r.priority, -1);
+        assert_eq!(r.target_model, "a", "exact beats generic, older beats newer, weight 0 never chosen");
+        let mut other = InferenceRequest { model: "x".into(), ..Default::default() };
+        d.resolve(&mut other, None);
+        assert_eq!(other.target_model, "catch-all");
+        let mut forced = req();
+        d.resolve(&mut forced, Some("forced"));
+        assert_eq!(forced.target_model, "forced");
+        assert_eq!(forced.priority, 0);
+    }
+}
