@@ -1,1 +1,193 @@
-//! A vLLM-compatible model-server simulator (placeholder; see issue 3).
+//! Switchyard's model-server simulator: a stand-in for a pool of vLLM (or SGLang) replicas that
+//! behaves like an engine under load — continuous batching, a waiting queue, chunked prefill, a
+//! paged KV cache with prefix caching and LRU eviction, LoRA slots — behind vLLM's OpenAI API and
+//! metric names. See `sim/README.md` for the latency model and its calibration.
+//!
+//! Start replicas in-process (tests bind `127.0.0.1:0` themselves):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sim::SimError> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let replica = sim::spawn_replica(sim::Config::default(), listener, 0).await?;
+//! println!("serving on http://{}", replica.addr());
+//! replica.pause(); // hangs like a stuck engine
+//! replica.resume();
+//! replica.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod kv_cache;
+pub mod metrics;
+mod server;
+pub mod tokenizer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+pub use config::{Config, EngineKind, FailureInjection, LatencyModel};
+pub use engine::{Engine, EngineEvent, FinishReason, SubmitRequest};
+pub use server::RETURN_ERROR_HEADER;
+
+/// Errors of the simulator library.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// A knob is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A socket operation failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running replica: one engine serving the HTTP API on one listener.
+///
+/// Dropping the handle stops the replica (the listener closes, in-flight requests are cut off).
+#[derive(Debug)]
+pub struct ReplicaHandle {
+    addr: SocketAddr,
+    replica: Arc<server::Replica>,
+    server: JoinHandle<()>,
+}
+
+impl ReplicaHandle {
+    /// The address the replica listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The pod name reported in `x-inference-pod`.
+    pub fn pod_name(&self) -> &str {
+        &self.replica.pod_name
+    }
+
+    /// The replica's engine (for direct inspection: [`Engine::snapshot`], LoRA state, …).
+    pub fn engine(&self) -> &Engine {
+        &self.replica.engine
+    }
+
+    /// Pauses the replica: connections are still accepted but nothing is answered (except
+    /// `/admin/*`) and no engine step runs, like a hung engine.
+    pub fn pause(&self) {
+        self.replica.engine.set_paused(true);
+    }
+
+    /// Resumes a paused replica; held requests proceed.
+    pub fn resume(&self) {
+        self.replica.engine.set_paused(false);
+    }
+
+    /// Whether the replica is paused.
+    pub fn is_paused(&self) -> bool {
+        self.replica.engine.is_paused()
+    }
+
+    /// Sets failure injection: `rate_percent` (0–100) of inference requests fail with a status
+    /// drawn uniformly from `statuses`.
+    pub fn set_failure_injection(&self, rate_percent: f64, statuses: Vec<u16>) {
+        *self.replica.failure.lock() = FailureInjection {
+            rate_percent,
+            statuses,
+        };
+    }
+
+    /// Delays every `/metrics` answer by `delay` (slow-scrape mode); zero turns it off.
+    pub fn set_metrics_delay(&self, delay: Duration) {
+        *self.replica.metrics_delay.lock() = delay;
+    }
+
+    /// Stops the replica and waits for its server task to end.
+    pub async fn shutdown(mut self) {
+        self.server.abort();
+        self.replica.engine.stop();
+        let _ = (&mut self.server).await;
+    }
+}
+
+impl Drop for ReplicaHandle {
+    fn drop(&mut self) {
+        self.server.abort();
+        self.replica.engine.stop();
+    }
+}
+
+/// Starts replica `index` with `config` on `listener` (HTTP/1.1 and h2c on the same port).
+pub async fn spawn_replica(
+    config: Config,
+    listener: TcpListener,
+    index: usize,
+) -> Result<ReplicaHandle, SimError> {
+    config.validate()?;
+    let addr = listener.local_addr()?;
+    let config = Arc::new(config);
+    let engine = Engine::spawn(config.clone(), index);
+    let replica = Arc::new(server::Replica::new(config, engine, index, addr.port()));
+    let app = server::router(replica.clone());
+    let server = tokio::spawn(serve(listener, app));
+    tracing::info!(pod = %replica.pod_name, %addr, "replica listening");
+    Ok(ReplicaHandle {
+        addr,
+        replica,
+        server,
+    })
+}
+
+/// Binds `host:base_port+i` for `i in 0..n` and starts a replica on each.
+pub async fn spawn_replicas(
+    config: &Config,
+    host: &str,
+    base_port: u16,
+    n: usize,
+) -> Result<Vec<ReplicaHandle>, SimError> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let port = u16::try_from(usize::from(base_port) + i)
+            .map_err(|_| SimError::InvalidConfig(format!("port {base_port}+{i} out of range")))?;
+        let listener = TcpListener::bind((host, port)).await?;
+        out.push(spawn_replica(config.clone(), listener, i).await?);
+    }
+    Ok(out)
+}
+
+async fn serve(listener: TcpListener, app: axum::Router) {
+    // Connection tasks live in the set, so aborting this task closes every connection.
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let svc = TowerToHyperService::new(app.clone());
+                    conns.spawn(async move {
+                        let builder =
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        if let Err(e) =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await
+                        {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}

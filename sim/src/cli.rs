@@ -1,0 +1,206 @@
+//! The command line of the `sim` binary; [`Args`] converts into a [`Config`].
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::config::{Config, EngineKind, FailureInjection, LatencyModel};
+
+/// Engine flavour on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// vLLM metric names.
+    Vllm,
+    /// SGLang metric names.
+    Sglang,
+}
+
+/// A vLLM-compatible model-server simulator with a calibrated latency model.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sim", version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0", env = "SIM_HOST")]
+    pub host: String,
+    /// First port; replica i listens on port + i.
+    #[arg(long, default_value_t = 8000, env = "SIM_PORT")]
+    pub port: u16,
+    /// Number of independent replicas served by this process.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Base model name served.
+    #[arg(
+        long,
+        visible_alias = "served-model-name",
+        default_value = "meta-llama/Llama-3.1-8B-Instruct"
+    )]
+    pub model: String,
+    /// Which engine's metric names /metrics exposes.
+    #[arg(long, value_enum, default_value = "vllm")]
+    pub engine: EngineArg,
+    /// Pod name for x-inference-pod (replica i > 0 gets "-i" appended); default sim-<i>.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Namespace for x-inference-namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Maximum number of sequences in the running batch.
+    #[arg(long, default_value_t = 1024)]
+    pub max_num_seqs: usize,
+    /// Token budget per engine step (chunked prefill + decodes).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Number of KV-cache blocks.
+    #[arg(long, default_value_t = 27_000)]
+    pub num_gpu_blocks: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Maximum prompt + completion length.
+    #[arg(long, default_value_t = 131_072)]
+    pub max_model_len: usize,
+    /// Fixed cost of an engine step, microseconds.
+    #[arg(long, default_value_t = 6000.0)]
+    pub step_overhead_us: f64,
+    /// Cost per uncached prompt token computed, microseconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub prefill_per_token_us: f64,
+    /// Cost per sequence in the batch, microseconds.
+    #[arg(long, default_value_t = 40.0)]
+    pub per_seq_us: f64,
+    /// Cost per context (KV) token attended by the batch, nanoseconds.
+    #[arg(long, default_value_t = 50.0)]
+    pub per_kv_token_ns: f64,
+    /// Cost of loading a LoRA adapter into a GPU slot, milliseconds.
+    #[arg(long, default_value_t = 25.0)]
+    pub lora_load_ms: f64,
+    /// Relative jitter of each step time (0 = deterministic), e.g. 0.05 for ±5%.
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter: f64,
+    /// Seed of the replicas' RNGs (replica i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Number of LoRA slots (adapters that can be in the batch at once).
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
+    /// Adapters to preload: `name` or `name=path` (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub lora_modules: Vec<String>,
+    /// Completion tokens per streamed SSE event.
+    #[arg(long, default_value_t = 1)]
+    pub stream_granularity: usize,
+    /// Completion length when a request sets no max_tokens.
+    #[arg(long, default_value_t = 128)]
+    pub default_max_tokens: usize,
+    /// Dimension of /v1/embeddings vectors.
+    #[arg(long, default_value_t = 64)]
+    pub embedding_dim: usize,
+    /// Percentage (0-100) of inference requests answered with an injected error.
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_injection_rate: f64,
+    /// Statuses injected errors use, picked uniformly.
+    #[arg(long, value_delimiter = ',', default_value = "429,500,503")]
+    pub failure_statuses: Vec<u16>,
+    /// Delay before answering /metrics, milliseconds (slow-scrape mode).
+    #[arg(long, default_value_t = 0)]
+    pub metrics_delay_ms: u64,
+}
+
+fn micros(us: f64) -> Duration {
+    nanos(us * 1_000.0)
+}
+
+fn nanos(ns: f64) -> Duration {
+    Duration::from_nanos(ns.max(0.0).round() as u64)
+}
+
+impl From<&Args> for Config {
+    fn from(a: &Args) -> Self {
+        Config {
+            model: a.model.clone(),
+            engine: match a.engine {
+                EngineArg::Vllm => EngineKind::Vllm,
+                EngineArg::Sglang => EngineKind::Sglang,
+            },
+            pod_name: a.pod_name.clone(),
+            namespace: a.namespace.clone(),
+            max_num_seqs: a.max_num_seqs,
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            num_gpu_blocks: a.num_gpu_blocks,
+            block_size: a.block_size,
+            max_model_len: a.max_model_len,
+            latency: LatencyModel {
+                step_overhead: micros(a.step_overhead_us),
+                prefill_per_token: micros(a.prefill_per_token_us),
+                per_seq: micros(a.per_seq_us),
+                per_kv_token: nanos(a.per_kv_token_ns),
+                lora_load: micros(a.lora_load_ms * 1_000.0),
+                jitter: a.jitter,
+            },
+            seed: a.seed,
+            max_loras: a.max_loras,
+            lora_modules: a
+                .lora_modules
+                .iter()
+                .map(|m| {
+                    m.split_once('=')
+                        .map_or(m.as_str(), |(name, _)| name)
+                        .trim()
+                        .to_owned()
+                })
+                .filter(|m| !m.is_empty())
+                .collect(),
+            stream_granularity: a.stream_granularity,
+            default_max_tokens: a.default_max_tokens,
+            embedding_dim: a.embedding_dim,
+            failure: FailureInjection {
+                rate_percent: a.failure_injection_rate,
+                statuses: a.failure_statuses.clone(),
+            },
+            metrics_delay: Duration::from_millis(a.metrics_delay_ms),
+        }
+    }
+}
+
+impl From<Args> for Config {
+    fn from(a: Args) -> Self {
+        Config::from(&a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_defaults_are_the_default_profile() {
+        let args = Args::try_parse_from(["sim"]).unwrap();
+        assert_eq!(Config::from(&args), Config::default());
+    }
+
+    #[test]
+    fn flags_convert() {
+        let args = Args::try_parse_from([
+            "sim",
+            "--engine",
+            "sglang",
+            "--lora-modules",
+            "a=/x,b",
+            "--lora-modules",
+            "c",
+            "--failure-statuses",
+            "503",
+            "--prefill-per-token-us",
+            "12.5",
+            "--max-num-seqs",
+            "4",
+        ])
+        .unwrap();
+        let c = Config::from(args);
+        assert_eq!(c.engine, EngineKind::Sglang);
+        assert_eq!(c.lora_modules, ["a", "b", "c"]);
+        assert_eq!(c.failure.statuses, [503]);
+        assert_eq!(c.latency.prefill_per_token, Duration::from_nanos(12_500));
+        assert_eq!(c.max_num_seqs, 4);
+    }
+}

@@ -1,0 +1,214 @@
+//! Every knob of a simulated replica, with defaults that form the calibrated "Llama-3.1-8B on one
+//! H100 SXM" profile (see the crate README for the sources behind each number).
+
+use std::time::Duration;
+
+/// Which engine the replica pretends to be. Only the `/metrics` names differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineKind {
+    /// vLLM V1 metric names (`vllm:num_requests_waiting`, …).
+    #[default]
+    Vllm,
+    /// SGLang metric names (`sglang:num_queue_reqs`, …).
+    Sglang,
+}
+
+/// The step-time model: one engine step (one forward pass over the scheduled batch) takes
+///
+/// `step = overhead + prefill_per_token·P + per_seq·S + per_kv_token·K (+ lora_load·L)`
+///
+/// where `P` is the number of uncached prompt tokens computed in the step, `S` the number of
+/// sequences in the batch, `K` the total context length (KV tokens) those sequences attend over
+/// and `L` the number of adapters that had to be loaded into a GPU slot for this step. The result
+/// is then scaled by a uniform factor in `[1 - jitter, 1 + jitter]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyModel {
+    /// Fixed cost of a step: reading the weights once (decode is memory-bound) plus scheduling.
+    pub step_overhead: Duration,
+    /// Cost of one prompt token computed in a step (prefill is compute-bound).
+    pub prefill_per_token: Duration,
+    /// Cost of one sequence in the batch (its decode token's FLOPs, sampling, bookkeeping).
+    pub per_seq: Duration,
+    /// Cost of one token of context read by attention (KV-cache bandwidth).
+    pub per_kv_token: Duration,
+    /// Cost of bringing a LoRA adapter into a GPU slot.
+    pub lora_load: Duration,
+    /// Relative jitter applied to each step, `0.0` = none. Drawn from the replica's seeded RNG.
+    pub jitter: f64,
+}
+
+impl Default for LatencyModel {
+    fn default() -> Self {
+        Self {
+            step_overhead: Duration::from_micros(6_000),
+            prefill_per_token: Duration::from_nanos(30_000),
+            per_seq: Duration::from_nanos(40_000),
+            per_kv_token: Duration::from_nanos(50),
+            lora_load: Duration::from_millis(25),
+            jitter: 0.0,
+        }
+    }
+}
+
+impl LatencyModel {
+    /// The modelled duration of a step, before jitter.
+    pub fn step_time(
+        &self,
+        prefill_tokens: usize,
+        seqs: usize,
+        kv_tokens: usize,
+        lora_loads: usize,
+    ) -> Duration {
+        let ns = self.step_overhead.as_nanos()
+            + self.prefill_per_token.as_nanos() * prefill_tokens as u128
+            + self.per_seq.as_nanos() * seqs as u128
+            + self.per_kv_token.as_nanos() * kv_tokens as u128
+            + self.lora_load.as_nanos() * lora_loads as u128;
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+}
+
+/// Failure injection: a share of inference requests answered with an error status instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureInjection {
+    /// Percentage (0–100) of inference requests that fail.
+    pub rate_percent: f64,
+    /// Statuses to pick from, uniformly (e.g. 429, 500, 503).
+    pub statuses: Vec<u16>,
+}
+
+impl Default for FailureInjection {
+    fn default() -> Self {
+        Self {
+            rate_percent: 0.0,
+            statuses: vec![429, 500, 503],
+        }
+    }
+}
+
+/// Every engine and server knob of one replica. `Default` is the calibrated default profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The base model name served (`--served-model-name`).
+    pub model: String,
+    /// Which engine's metric names to expose.
+    pub engine: EngineKind,
+    /// Pod identity for `x-inference-pod`; `None` means `sim-<index>`.
+    pub pod_name: Option<String>,
+    /// Namespace for `x-inference-namespace`, when set.
+    pub namespace: Option<String>,
+    /// At most this many sequences run (are in the batch) at once.
+    pub max_num_seqs: usize,
+    /// Token budget of one step, shared by prefill chunks and decodes.
+    pub max_num_batched_tokens: usize,
+    /// Number of KV-cache blocks.
+    pub num_gpu_blocks: usize,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Longest prompt + completion accepted.
+    pub max_model_len: usize,
+    /// The step-time model.
+    pub latency: LatencyModel,
+    /// Seed of the replica's RNG (jitter, failure injection, generated text); replica `i` uses
+    /// `seed + i`.
+    pub seed: u64,
+    /// Number of LoRA adapters that can be in the batch (GPU slots) at once.
+    pub max_loras: usize,
+    /// Adapters registered at start-up (the first `max_loras` are also resident in a slot).
+    pub lora_modules: Vec<String>,
+    /// Completion tokens per streamed SSE event (1 = every token, like vLLM).
+    pub stream_granularity: usize,
+    /// Completion length when a request gives no `max_tokens`.
+    pub default_max_tokens: usize,
+    /// Dimension of `/v1/embeddings` vectors.
+    pub embedding_dim: usize,
+    /// Failure injection at start-up (changeable at runtime).
+    pub failure: FailureInjection,
+    /// Delay before answering `/metrics` (slow-scrape mode), changeable at runtime.
+    pub metrics_delay: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            model: "meta-llama/Llama-3.1-8B-Instruct".to_owned(),
+            engine: EngineKind::Vllm,
+            pod_name: None,
+            namespace: None,
+            max_num_seqs: 1024,
+            max_num_batched_tokens: 8192,
+            num_gpu_blocks: 27_000,
+            block_size: 16,
+            max_model_len: 131_072,
+            latency: LatencyModel::default(),
+            seed: 0,
+            max_loras: 1,
+            lora_modules: Vec::new(),
+            stream_granularity: 1,
+            default_max_tokens: 128,
+            embedding_dim: 64,
+            failure: FailureInjection::default(),
+            metrics_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Config {
+    /// The pod name replica `index` reports.
+    pub fn pod_name_for(&self, index: usize) -> String {
+        match &self.pod_name {
+            Some(name) if index == 0 => name.clone(),
+            Some(name) => format!("{name}-{index}"),
+            None => format!("sim-{index}"),
+        }
+    }
+
+    /// Checks the knobs that would make the engine unable to run.
+    pub fn validate(&self) -> Result<(), crate::SimError> {
+        let bad = |what: &str| Err(crate::SimError::InvalidConfig(what.to_owned()));
+        if self.max_num_seqs == 0 {
+            return bad("max-num-seqs must be at least 1");
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad("max-num-batched-tokens must be at least 1");
+        }
+        if self.block_size == 0 || self.num_gpu_blocks == 0 {
+            return bad("block-size and num-gpu-blocks must be at least 1");
+        }
+        if self.stream_granularity == 0 {
+            return bad("stream-granularity must be at least 1");
+        }
+        if !(0.0..=100.0).contains(&self.failure.rate_percent) {
+            return bad("failure-injection-rate must be within 0..=100");
+        }
+        if !(0.0..1.0).contains(&self.latency.jitter) {
+            return bad("jitter must be within 0..1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_time_adds_the_terms() {
+        let m = LatencyModel::default();
+        assert_eq!(m.step_time(0, 0, 0, 0), Duration::from_millis(6));
+        // 1000 prefill tokens at 30 µs = 30 ms, one sequence 40 µs, 1000 KV tokens at 50 ns.
+        assert_eq!(
+            m.step_time(1000, 1, 1000, 0),
+            Duration::from_micros(6_000 + 30_000 + 40 + 50)
+        );
+    }
+
+    #[test]
+    fn pod_names() {
+        let mut c = Config::default();
+        assert_eq!(c.pod_name_for(3), "sim-3");
+        c.pod_name = Some("vllm".into());
+        assert_eq!(c.pod_name_for(0), "vllm");
+        assert_eq!(c.pod_name_for(2), "vllm-2");
+    }
+}

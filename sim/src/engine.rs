@@ -1,0 +1,801 @@
+//! The engine model: one scheduler loop per replica doing continuous batching, as vLLM V1 does.
+//!
+//! Each step the scheduler
+//! 1. gives every running sequence its next tokens (a prefill chunk, or one decode token) from a
+//!    shared budget of `max_num_batched_tokens`, allocating KV blocks as needed; when blocks run
+//!    out it *preempts* the most recently admitted running sequence (its blocks are freed, it goes
+//!    back to the head of the waiting queue and will be recomputed, cheaply if its blocks are
+//!    still cached);
+//! 2. if nothing was preempted, admits waiting sequences first-come-first-served while there is
+//!    budget, fewer than `max_num_seqs` are running, a LoRA slot is available for their adapter
+//!    (otherwise they are skipped) and KV blocks are available (otherwise everyone waits). On
+//!    admission the longest cached prefix (whole blocks, leaving at least one token to compute) is
+//!    taken from the prefix cache, so prefill only costs uncached tokens.
+//!
+//! The step then "runs" for the time given by [`LatencyModel::step_time`](crate::LatencyModel),
+//! the loop sleeping on the tokio clock until it ends; at the end every sequence whose known
+//! tokens are all computed samples one token. An idle engine waits on a [`Notify`]: no polling.
+//!
+//! Times are kept on a *logical* clock: a step that follows another starts exactly when the
+//! previous one ended, even though tokio wakes timers at millisecond granularity. This keeps the
+//! modelled latencies exact (and tests on paused time exact) while real wake-ups lag by < 1 ms.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::kv_cache::{BlockId, KvCache, block_hash, chain_root};
+use crate::metrics::{EngineStats, MetricsSnapshot};
+use crate::tokenizer;
+
+/// A step that starts within this long after the previous one ended is treated as back-to-back.
+const BACK_TO_BACK_SLACK: Duration = Duration::from_millis(2);
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitRequest {
+    /// Prompt token ids (already templated).
+    pub prompt: Vec<u32>,
+    /// Number of tokens to generate.
+    pub max_tokens: usize,
+    /// LoRA adapter, if any (must be registered).
+    pub lora: Option<String>,
+    /// Reported finish reason (`length` when the client set `max_tokens`, else `stop`).
+    pub finish_reason: FinishReason,
+}
+
+/// Why a request finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Hit `max_tokens`.
+    Length,
+    /// The model "chose" to stop.
+    Stop,
+}
+
+impl FinishReason {
+    /// The OpenAI string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+/// Logical timestamps of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTiming {
+    /// When the engine received it.
+    pub arrival: Instant,
+    /// When it was first scheduled.
+    pub scheduled: Instant,
+    /// When its first token was produced.
+    pub first_token: Instant,
+    /// When its last token was produced.
+    pub finished: Instant,
+}
+
+impl RequestTiming {
+    /// Time to first token.
+    pub fn ttft(&self) -> Duration {
+        self.first_token.saturating_duration_since(self.arrival)
+    }
+
+    /// Time spent waiting before first being scheduled.
+    pub fn queue_time(&self) -> Duration {
+        self.scheduled.saturating_duration_since(self.arrival)
+    }
+}
+
+/// Summary of a finished request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_tokens: usize,
+    /// Why it finished.
+    pub finish_reason: FinishReason,
+    /// Logical timestamps.
+    pub timing: RequestTiming,
+}
+
+/// What the engine tells a request's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// Newly generated tokens (`stream_granularity` of them, fewer for the first and last).
+    Tokens {
+        /// Token ids, in order.
+        ids: Vec<u32>,
+        /// Logical time the last of them was produced.
+        at: Instant,
+        /// Whether these are the request's last tokens (a `Finished` event follows).
+        last: bool,
+    },
+    /// The request is done; no more events follow.
+    Finished(Completion),
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// Prompt plus completion cannot fit in the whole KV cache.
+    #[error(
+        "the request needs {needed} KV-cache blocks but the cache only has {available}; reduce the prompt or max_tokens"
+    )]
+    ExceedsKvCache {
+        /// Blocks needed.
+        needed: usize,
+        /// Blocks in the cache.
+        available: usize,
+    },
+    /// A LoRA adapter was requested but the replica has no LoRA slots.
+    #[error("LoRA adapters are disabled on this replica (max-loras = 0)")]
+    LoraDisabled,
+    /// The prompt is empty.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+}
+
+/// LoRA registry and GPU slots.
+#[derive(Debug, Default)]
+struct LoraSlots {
+    max: usize,
+    /// Registered adapters, in registration order.
+    registered: Vec<Arc<str>>,
+    /// Adapters occupying a slot, least recently used first.
+    resident: Vec<Arc<str>>,
+    /// Running sequences per adapter.
+    in_use: HashMap<Arc<str>, usize>,
+}
+
+impl LoraSlots {
+    fn used(&self, name: &str) -> usize {
+        self.in_use.get(name).copied().unwrap_or(0)
+    }
+
+    /// `Some(needs_load)` if a sequence for `name` can enter the batch now.
+    fn can_admit(&self, name: &str) -> Option<bool> {
+        if self.resident.iter().any(|r| &**r == name) {
+            Some(false)
+        } else if self.resident.len() < self.max || self.resident.iter().any(|r| self.used(r) == 0)
+        {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
+    fn acquire(&mut self, name: &Arc<str>) {
+        if let Some(pos) = self.resident.iter().position(|r| r == name) {
+            let r = self.resident.remove(pos);
+            self.resident.push(r);
+        } else {
+            if self.resident.len() >= self.max
+                && let Some(pos) = self.resident.iter().position(|r| self.used(r) == 0)
+            {
+                self.resident.remove(pos);
+            }
+            self.resident.push(name.clone());
+        }
+        *self.in_use.entry(name.clone()).or_insert(0) += 1;
+    }
+
+    fn release(&mut self, name: &str) {
+        if let Some(n) = self.in_use.get_mut(name) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// One request inside the engine.
+#[derive(Debug)]
+struct Seq {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    finish_reason: FinishReason,
+    lora: Option<Arc<str>>,
+    root: u64,
+    /// Chained hashes of every full block of `tokens`.
+    hashes: Vec<u64>,
+    /// How many of this sequence's blocks are registered in the prefix cache.
+    registered: usize,
+    num_computed: usize,
+    blocks: Vec<BlockId>,
+    /// Tokens scheduled in the current step.
+    scheduled: usize,
+    arrival: Instant,
+    scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    cached_tokens: usize,
+    pending: Vec<u32>,
+    seed: u64,
+    tx: mpsc::UnboundedSender<EngineEvent>,
+}
+
+impl Seq {
+    fn output_len(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn extend_hashes(&mut self, block_size: usize) {
+        while self.hashes.len() < self.tokens.len() / block_size {
+            let b = self.hashes.len();
+            let parent = if b == 0 {
+                self.root
+            } else {
+                self.hashes[b - 1]
+            };
+            self.hashes.push(block_hash(
+                parent,
+                &self.tokens[b * block_size..(b + 1) * block_size],
+            ));
+        }
+    }
+}
+
+/// The mutable state of one engine, behind the engine's lock.
+#[derive(Debug)]
+struct EngineState {
+    config: Arc<Config>,
+    kv: KvCache,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    lora: LoraSlots,
+    stats: EngineStats,
+    rng: SmallRng,
+    seed: u64,
+    next_id: u64,
+}
+
+impl EngineState {
+    fn new(config: Arc<Config>, index: usize) -> Self {
+        let seed = config.seed.wrapping_add(index as u64);
+        let mut lora = LoraSlots {
+            max: config.max_loras,
+            ..LoraSlots::default()
+        };
+        for name in &config.lora_modules {
+            let name: Arc<str> = Arc::from(name.as_str());
+            if !lora.registered.contains(&name) {
+                lora.registered.push(name.clone());
+                // Preloaded adapters start resident in a slot, as if already used.
+                if lora.resident.len() < lora.max {
+                    lora.resident.push(name);
+                }
+            }
+        }
+        Self {
+            kv: KvCache::new(config.num_gpu_blocks, config.block_size),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            lora,
+            stats: EngineStats::default(),
+            rng: SmallRng::seed_from_u64(seed),
+            seed,
+            next_id: 0,
+            config,
+        }
+    }
+
+    fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.config.block_size)
+    }
+
+    fn release_seq(&mut self, seq: &mut Seq) {
+        self.kv.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.registered = 0;
+        if let Some(l) = &seq.lora {
+            self.lora.release(l);
+        }
+    }
+
+    /// Drops requests whose owner went away (client disconnected), like vLLM's abort.
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|s| !s.tx.is_closed());
+        if self.running.iter().any(|s| s.tx.is_closed()) {
+            let running = std::mem::take(&mut self.running);
+            for mut seq in running {
+                if seq.tx.is_closed() {
+                    self.release_seq(&mut seq);
+                } else {
+                    self.running.push(seq);
+                }
+            }
+        }
+    }
+
+    fn preempt(&mut self, idx: usize) {
+        let mut seq = self.running.remove(idx);
+        self.release_seq(&mut seq);
+        seq.num_computed = 0;
+        seq.scheduled = 0;
+        self.stats.preemptions += 1;
+        self.waiting.push_front(seq);
+    }
+
+    /// Plans one step starting at `now`; returns its duration, or `None` when there is nothing
+    /// to run.
+    fn schedule(&mut self, now: Instant) -> Option<Duration> {
+        self.drop_cancelled();
+        let block_size = self.config.block_size;
+        let mut budget = self.config.max_num_batched_tokens;
+        let (mut prefill_tokens, mut seqs, mut kv_tokens, mut lora_loads) = (0, 0, 0, 0);
+        let mut preempted = false;
+
+        // 1. Running sequences first.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let (num_new, need) = {
+                let seq = &self.running[i];
+                let num_new = (seq.tokens.len() - seq.num_computed).min(budget);
+                let need = self
+                    .blocks_for(seq.num_computed + num_new)
+                    .saturating_sub(seq.blocks.len());
+                (num_new, need)
+            };
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
+            let mut self_preempted = false;
+            while self.kv.num_free() < need {
+                let last = self.running.len() - 1;
+                preempted = true;
+                self.preempt(last);
+                if last == i {
+                    self_preempted = true;
+                    break;
+                }
+            }
+            if self_preempted {
+                break;
+            }
+            let new_blocks = self.kv.allocate(need).unwrap_or_default();
+            let seq = &mut self.running[i];
+            seq.blocks.extend(new_blocks);
+            seq.scheduled = num_new;
+            let is_decode = num_new == 1 && seq.output_len() > 0;
+            if !is_decode {
+                prefill_tokens += num_new;
+            }
+            seqs += 1;
+            kv_tokens += seq.num_computed + num_new;
+            budget -= num_new;
+            i += 1;
+        }
+
+        // 2. Admit waiting sequences (not in a step that had to preempt).
+        if !preempted {
+            let mut skipped = Vec::new();
+            while budget > 0 && self.running.len() < self.config.max_num_seqs {
+                let Some(mut seq) = self.waiting.pop_front() else {
+                    break;
+                };
+                let needs_load = match &seq.lora {
+                    None => false,
+                    Some(l) => match self.lora.can_admit(l) {
+                        Some(load) => load,
+                        None => {
+                            // No slot for this adapter now; later requests may still run.
+                            skipped.push(seq);
+                            continue;
+                        }
+                    },
+                };
+                seq.extend_hashes(block_size);
+                let max_hit_blocks = ((seq.tokens.len() - 1) / block_size).min(seq.hashes.len());
+                let hit = self.kv.longest_hit(&seq.hashes[..max_hit_blocks]);
+                let computed = hit * block_size;
+                let num_new = (seq.tokens.len() - computed).min(budget);
+                let need = self.blocks_for(computed + num_new) - hit;
+                if !self.kv.can_allocate(need, &seq.hashes[..hit]) {
+                    // Out of KV blocks: the head of the queue waits, and everyone behind it.
+                    self.waiting.push_front(seq);
+                    break;
+                }
+                let mut blocks = self.kv.take_hits(&seq.hashes[..hit]);
+                blocks.extend(self.kv.allocate(need).unwrap_or_default());
+                if let Some(l) = &seq.lora {
+                    self.lora.acquire(l);
+                }
+                if needs_load {
+                    lora_loads += 1;
+                }
+                seq.blocks = blocks;
+                seq.registered = hit;
+                seq.num_computed = computed;
+                seq.scheduled = num_new;
+                self.stats.prefix_queries += seq.tokens.len() as u64;
+                self.stats.prefix_hits += computed as u64;
+                if seq.scheduled_at.is_none() {
+                    seq.scheduled_at = Some(now);
+                    seq.cached_tokens = computed;
+                    self.stats
+                        .queue
+                        .observe(now.saturating_duration_since(seq.arrival).as_secs_f64());
+                }
+                prefill_tokens += num_new;
+                seqs += 1;
+                kv_tokens += computed + num_new;
+                budget -= num_new;
+                self.running.push(seq);
+            }
+            for seq in skipped.into_iter().rev() {
+                self.waiting.push_front(seq);
+            }
+        }
+
+        if seqs == 0 {
+            return None;
+        }
+        let latency = &self.config.latency;
+        let mut step = latency.step_time(prefill_tokens, seqs, kv_tokens, lora_loads);
+        if latency.jitter > 0.0 {
+            let factor = 1.0 + latency.jitter * self.rng.random_range(-1.0..=1.0);
+            step = step.mul_f64(factor);
+        }
+        Some(step)
+    }
+
+    /// Completes the step that ends at `end`: advances sequences, samples tokens, finishes
+    /// requests.
+    fn commit(&mut self, end: Instant) {
+        let block_size = self.config.block_size;
+        let granularity = self.config.stream_granularity;
+        let mut done = Vec::new();
+        for (idx, seq) in self.running.iter_mut().enumerate() {
+            if seq.scheduled == 0 {
+                continue;
+            }
+            seq.num_computed += seq.scheduled;
+            seq.scheduled = 0;
+            // Blocks that just became full join the prefix cache.
+            let full = seq.num_computed / block_size;
+            seq.extend_hashes(block_size);
+            while seq.registered < full {
+                self.kv
+                    .commit_full(seq.blocks[seq.registered], seq.hashes[seq.registered]);
+                seq.registered += 1;
+            }
+            if seq.num_computed < seq.tokens.len() {
+                continue; // a prefill chunk that did not reach the end of the prompt
+            }
+            let index = seq.output_len();
+            if index == 0 {
+                seq.first_token_at = Some(end);
+                self.stats.prompt_tokens += seq.prompt_len as u64;
+                self.stats
+                    .ttft
+                    .observe(end.saturating_duration_since(seq.arrival).as_secs_f64());
+            } else if let Some(last) = seq.last_token_at {
+                self.stats
+                    .itl
+                    .observe(end.saturating_duration_since(last).as_secs_f64());
+            }
+            seq.last_token_at = Some(end);
+            let id = tokenizer::sample(seq.seed, index);
+            seq.tokens.push(id);
+            seq.pending.push(id);
+            self.stats.generation_tokens += 1;
+            let finished = seq.output_len() >= seq.max_tokens;
+            if finished || index == 0 || seq.pending.len() >= granularity {
+                let ids = std::mem::take(&mut seq.pending);
+                if seq
+                    .tx
+                    .send(EngineEvent::Tokens {
+                        ids,
+                        at: end,
+                        last: finished,
+                    })
+                    .is_err()
+                {
+                    done.push((idx, false));
+                    continue;
+                }
+            }
+            if finished {
+                done.push((idx, true));
+            }
+        }
+        for &(idx, success) in done.iter().rev() {
+            let mut seq = self.running.remove(idx);
+            self.release_seq(&mut seq);
+            if !success {
+                continue;
+            }
+            self.stats
+                .e2e
+                .observe(end.saturating_duration_since(seq.arrival).as_secs_f64());
+            match seq.finish_reason {
+                FinishReason::Length => self.stats.success_length += 1,
+                FinishReason::Stop => self.stats.success_stop += 1,
+            }
+            let timing = RequestTiming {
+                arrival: seq.arrival,
+                scheduled: seq.scheduled_at.unwrap_or(seq.arrival),
+                first_token: seq.first_token_at.unwrap_or(end),
+                finished: end,
+            };
+            let _ = seq.tx.send(EngineEvent::Finished(Completion {
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: seq.output_len(),
+                cached_tokens: seq.cached_tokens,
+                finish_reason: seq.finish_reason,
+                timing,
+            }));
+        }
+    }
+
+    fn snapshot(&self) -> MetricsSnapshot {
+        let adapters = |seqs: &mut dyn Iterator<Item = &Seq>| {
+            let mut v: Vec<String> = seqs
+                .filter_map(|s| s.lora.as_ref().map(|l| l.to_string()))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        MetricsSnapshot {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_usage: self.kv.usage(),
+            kv_used_blocks: self.kv.num_used(),
+            block_size: self.config.block_size,
+            num_gpu_blocks: self.kv.num_blocks(),
+            max_loras: self.lora.max,
+            running_loras: adapters(&mut self.running.iter()),
+            waiting_loras: adapters(&mut self.waiting.iter()),
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+/// Why a LoRA load/unload failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoraError {
+    /// Loading an adapter that is already registered.
+    #[error("The lora adapter '{0}' has already been loaded.")]
+    AlreadyLoaded(String),
+    /// Unloading an adapter that is not registered.
+    #[error("The lora adapter '{0}' cannot be found.")]
+    NotFound(String),
+    /// The adapter name is the base model's or empty.
+    #[error("Invalid LoRA adapter name '{0}'.")]
+    InvalidName(String),
+}
+
+#[derive(Debug)]
+struct EngineShared {
+    state: Mutex<EngineState>,
+    wake: Notify,
+    paused: watch::Sender<bool>,
+}
+
+/// A running engine (one replica's scheduler loop). Cloning gives another handle to the same
+/// engine; the loop stops when [`Engine::stop`] is called or the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    shared: Arc<EngineShared>,
+    _task: Arc<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Engine {
+    /// Starts the scheduler loop of replica `index` on the current tokio runtime.
+    pub fn spawn(config: Arc<Config>, index: usize) -> Self {
+        let (paused, _) = watch::channel(false);
+        let shared = Arc::new(EngineShared {
+            state: Mutex::new(EngineState::new(config, index)),
+            wake: Notify::new(),
+            paused,
+        });
+        let task = tokio::spawn(run(shared.clone()));
+        Self {
+            shared,
+            _task: Arc::new(AbortOnDrop(task)),
+        }
+    }
+
+    /// Stops the scheduler loop; in-flight requests never complete.
+    pub fn stop(&self) {
+        self._task.0.abort();
+    }
+
+    /// Queues a request; its events arrive on the returned channel. Dropping the receiver aborts
+    /// the request (its KV blocks are freed at the next step).
+    pub fn submit(
+        &self,
+        req: SubmitRequest,
+    ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        if req.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut st = self.shared.state.lock();
+            let needed = st.blocks_for(req.prompt.len() + req.max_tokens.max(1));
+            if needed > st.kv.num_blocks() {
+                return Err(SubmitError::ExceedsKvCache {
+                    needed,
+                    available: st.kv.num_blocks(),
+                });
+            }
+            if req.lora.is_some() && st.lora.max == 0 {
+                return Err(SubmitError::LoraDisabled);
+            }
+            let lora: Option<Arc<str>> = req.lora.map(|l| {
+                st.lora
+                    .registered
+                    .iter()
+                    .find(|r| ***r == *l)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from(l))
+            });
+            let id = st.next_id;
+            st.next_id += 1;
+            let seed = st.seed.rotate_left(32) ^ id;
+            let seq = Seq {
+                prompt_len: req.prompt.len(),
+                max_tokens: req.max_tokens.max(1),
+                finish_reason: req.finish_reason,
+                root: chain_root(lora.as_deref()),
+                lora,
+                hashes: Vec::new(),
+                registered: 0,
+                num_computed: 0,
+                blocks: Vec::new(),
+                scheduled: 0,
+                arrival: Instant::now(),
+                scheduled_at: None,
+                first_token_at: None,
+                last_token_at: None,
+                cached_tokens: 0,
+                pending: Vec::new(),
+                seed,
+                tx,
+                tokens: req.prompt,
+            };
+            st.waiting.push_back(seq);
+        }
+        self.shared.wake.notify_one();
+        Ok(rx)
+    }
+
+    /// The state `/metrics` reports, copied at this instant.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        self.shared.state.lock().snapshot()
+    }
+
+    /// Adapters currently occupying a GPU slot, least recently used first.
+    pub fn resident_loras(&self) -> Vec<String> {
+        self.shared
+            .state
+            .lock()
+            .lora
+            .resident
+            .iter()
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    /// Registered adapters, in registration order.
+    pub fn loras(&self) -> Vec<String> {
+        self.shared
+            .state
+            .lock()
+            .lora
+            .registered
+            .iter()
+            .map(|l| l.to_string())
+            .collect()
+    }
+
+    /// Whether `name` is a registered adapter.
+    pub fn has_lora(&self, name: &str) -> bool {
+        self.shared
+            .state
+            .lock()
+            .lora
+            .registered
+            .iter()
+            .any(|l| &**l == name)
+    }
+
+    /// Registers an adapter (`POST /v1/load_lora_adapter`). It takes a GPU slot on first use.
+    pub fn load_lora(&self, name: &str) -> Result<(), LoraError> {
+        let mut st = self.shared.state.lock();
+        if name.is_empty() || name == st.config.model {
+            return Err(LoraError::InvalidName(name.to_owned()));
+        }
+        if st.lora.registered.iter().any(|l| &**l == name) {
+            return Err(LoraError::AlreadyLoaded(name.to_owned()));
+        }
+        st.lora.registered.push(Arc::from(name));
+        Ok(())
+    }
+
+    /// Unregisters an adapter (`POST /v1/unload_lora_adapter`) and frees its slot if unused.
+    /// Requests already queued for it still run.
+    pub fn unload_lora(&self, name: &str) -> Result<(), LoraError> {
+        let mut st = self.shared.state.lock();
+        let Some(pos) = st.lora.registered.iter().position(|l| &**l == name) else {
+            return Err(LoraError::NotFound(name.to_owned()));
+        };
+        st.lora.registered.remove(pos);
+        if st.lora.used(name) == 0 {
+            st.lora.resident.retain(|l| &**l != name);
+        }
+        Ok(())
+    }
+
+    /// Freezes (or unfreezes) the scheduler loop, like a hung engine: no step starts while paused.
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.paused.send_replace(paused);
+    }
+
+    /// Whether the engine is paused.
+    pub fn is_paused(&self) -> bool {
+        *self.shared.paused.borrow()
+    }
+
+    /// A receiver that observes pause changes.
+    pub fn pause_watch(&self) -> watch::Receiver<bool> {
+        self.shared.paused.subscribe()
+    }
+}
+
+async fn run(shared: Arc<EngineShared>) {
+    let mut paused = shared.paused.subscribe();
+    let mut prev_end: Option<Instant> = None;
+    loop {
+        if *paused.borrow_and_update() {
+            if paused.wait_for(|p| !*p).await.is_err() {
+                return;
+            }
+            prev_end = None;
+        }
+        let now = Instant::now();
+        let start = match prev_end {
+            Some(end) if now.saturating_duration_since(end) <= BACK_TO_BACK_SLACK => end,
+            _ => now,
+        };
+        let step = shared.state.lock().schedule(start);
+        match step {
+            None => {
+                prev_end = None;
+                tokio::select! {
+                    () = shared.wake.notified() => {}
+                    _ = paused.changed() => {}
+                }
+            }
+            Some(duration) => {
+                let end = start + duration;
+                tokio::time::sleep_until(end).await;
+                shared.state.lock().commit(end);
+                prev_end = Some(end);
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The paged KV cache with automatic prefix caching, modelled on vLLM V1's block pool.
+//!
+//! - The cache has `num_blocks` blocks of `block_size` tokens.
+//! - A block that is full is keyed by a chained hash: `h_i = xxh64(tokens of block i, seed =
+//!   h_{i-1})`, with `h_{-1}` derived from the LoRA adapter (or none), so equal prefixes under the
+//!   same adapter share blocks and nothing else does.
+//! - Blocks are reference-counted by the sequences using them. A block whose count drops to zero
+//!   goes to the tail of a free queue *but keeps its hash*: a later request with the same prefix
+//!   can take it back (a prefix-cache hit). Allocation takes blocks from the head of the free
+//!   queue, evicting their cached content — least recently freed first (LRU).
+//! - A sequence releases its blocks last-to-first, so its tail blocks (least likely to be shared)
+//!   are evicted before its head blocks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use xxhash_rust::xxh64::xxh64;
+
+/// Index of a block in the pool.
+pub type BlockId = u32;
+
+#[derive(Debug, Clone)]
+struct Block {
+    /// Hash of the block's content when it is full and registered in the prefix cache.
+    hash: Option<u64>,
+    ref_count: u32,
+    /// Position in the free queue while `ref_count == 0`.
+    free_seq: u64,
+}
+
+/// Free-queue positions start here so that partial blocks can be put *before* the head without
+/// wrapping around.
+const SEQ_BASE: u64 = 1 << 62;
+
+/// The block pool.
+#[derive(Debug)]
+pub struct KvCache {
+    block_size: usize,
+    blocks: Vec<Block>,
+    /// Prefix cache: content hash → block holding it.
+    cached: HashMap<u64, BlockId>,
+    /// Free queue ordered by the time a block became free: the first entry is evicted first.
+    free: BTreeMap<u64, BlockId>,
+    next_seq: u64,
+    evictions: u64,
+}
+
+/// The root of a hash chain: distinct per adapter, so adapters never share KV blocks.
+pub fn chain_root(lora: Option<&str>) -> u64 {
+    match lora {
+        None => 0x5157_4954_4348_5944, // arbitrary non-zero constant for the base model
+        Some(name) => xxh64(name.as_bytes(), 1),
+    }
+}
+
+/// The hash of a full block given its parent's hash.
+pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut buf = Vec::with_capacity(tokens.len() * 4);
+    for t in tokens {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+    xxh64(&buf, parent)
+}
+
+/// The chained hashes of every full block of `tokens`.
+pub fn block_hashes(root: u64, tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut parent = root;
+    tokens
+        .chunks_exact(block_size)
+        .map(|chunk| {
+            parent = block_hash(parent, chunk);
+            parent
+        })
+        .collect()
+}
+
+impl KvCache {
+    /// A pool of `num_blocks` empty blocks of `block_size` tokens.
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        let mut free = BTreeMap::new();
+        let blocks = (0..num_blocks)
+            .map(|i| {
+                let seq = SEQ_BASE + i as u64;
+                free.insert(seq, i as BlockId);
+                Block {
+                    hash: None,
+                    ref_count: 0,
+                    free_seq: seq,
+                }
+            })
+            .collect();
+        Self {
+            block_size,
+            blocks,
+            cached: HashMap::new(),
+            free,
+            next_seq: SEQ_BASE + num_blocks as u64,
+            evictions: 0,
+        }
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Total number of blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks not referenced by any sequence (some of them still hold cached content).
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks referenced by at least one sequence.
+    pub fn num_used(&self) -> usize {
+        self.blocks.len() - self.free.len()
+    }
+
+    /// Fraction of blocks in use, as `vllm:kv_cache_usage_perc` reports it (0–1).
+    pub fn usage(&self) -> f64 {
+        if self.blocks.is_empty() {
+            return 0.0;
+        }
+        self.num_used() as f64 / self.blocks.len() as f64
+    }
+
+    /// How many cached blocks have been evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Whether content with this hash is in the prefix cache.
+    pub fn is_cached(&self, hash: u64) -> bool {
+        self.cached.contains_key(&hash)
+    }
+
+    /// Number of leading `hashes` present in the prefix cache.
+    pub fn longest_hit(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.cached.contains_key(h))
+            .count()
+    }
+
+    /// Of the first `hit` blocks of `hashes` (all cached), how many are currently free, i.e. would
+    /// leave the free queue when taken.
+    pub fn free_among_hits(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .filter_map(|h| self.cached.get(h))
+            .filter(|&&b| self.blocks[b as usize].ref_count == 0)
+            .count()
+    }
+
+    /// Whether `new_blocks` fresh blocks can be allocated after taking `hit_hashes` from the cache.
+    pub fn can_allocate(&self, new_blocks: usize, hit_hashes: &[u64]) -> bool {
+        self.free.len() >= new_blocks + self.free_among_hits(hit_hashes)
+    }
+
+    /// Takes references on the cached blocks of `hashes` (which must all be cached), removing
+    /// free ones from the free queue.
+    pub fn take_hits(&mut self, hashes: &[u64]) -> Vec<BlockId> {
+        let mut out = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            let Some(&id) = self.cached.get(h) else { break };
+            let block = &mut self.blocks[id as usize];
+            if block.ref_count == 0 {
+                self.free.remove(&block.free_seq);
+            }
+            block.ref_count += 1;
+            out.push(id);
+        }
+        out
+    }
+
+    /// Allocates `n` blocks from the head of the free queue (evicting their cached content), or
+    /// nothing when fewer than `n` are free.
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
+        if self.free.len() < n {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (_, id) = self.free.pop_first()?;
+            let block = &mut self.blocks[id as usize];
+            if let Some(h) = block.hash.take() {
+                if self.cached.get(&h) == Some(&id) {
+                    self.cached.remove(&h);
+                }
+                self.evictions += 1;
+            }
+            block.ref_count = 1;
+            out.push(id);
+        }
+        Some(out)
+    }
+
+    /// Registers a block that has just become full under its content hash. If the content is
+    /// already cached in another block, the first copy stays the cached one (as in vLLM).
+    pub fn commit_full(&mut self, id: BlockId, hash: u64) {
+        let block = &mut self.blocks[id as usize];
+        if block.hash.is_some() {
+            return;
+        }
+        block.hash = Some(hash);
+        self.cached.entry(hash).or_insert(id);
+    }
+
+    /// Drops one reference on each of `ids`, last block first; blocks reaching zero go to the tail
+    /// of the free queue with their content still cached.
+    pub fn release(&mut self, ids: &[BlockId]) {
+        for &id in ids.iter().rev() {
+            let block = &mut self.blocks[id as usize];
+            block.ref_count = block.ref_count.saturating_sub(1);
+            if block.ref_count == 0 {
+                block.free_seq = self.next_seq;
+                self.next_seq += 1;
+                self.free.insert(block.free_seq, id);
+                if block.hash.is_none() {
+                    // A partial block holds nothing reusable: hand it out before cached content.
+                    self.free.remove(&block.free_seq);
+                    let front = self.free.first_key_value().map_or(SEQ_BASE, |(&k, _)| k);
+                    block.free_seq = front - 1;
+                    self.free.insert(block.free_seq, id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toks(start: u32, n: usize) -> Vec<u32> {
+        (start..start + n as u32).collect()
+    }
+
+    #[test]
+    fn a_released_sequence_is_a_cache_hit_for_the_next() {
+        let mut kv = KvCache::new(8, 4);
+        let hashes = block_hashes(chain_root(None), &toks(0, 10), 4);
+        assert_eq!(hashes.len(), 2, "only full blocks are hashed");
+        let blocks = kv.allocate(3).unwrap();
+        kv.commit_full(blocks[0], hashes[0]);
+        kv.commit_full(blocks[1], hashes[1]);
+        assert_eq!(kv.num_used(), 3);
+        kv.release(&blocks);
+        assert_eq!(kv.num_used(), 0);
+        assert_eq!(kv.longest_hit(&hashes), 2);
+        let hits = kv.take_hits(&hashes);
+        assert_eq!(hits, blocks[..2]);
+        assert_eq!(kv.num_used(), 2);
+        // A different adapter never hits.
+        let other = block_hashes(chain_root(Some("lora-a")), &toks(0, 10), 4);
+        assert_eq!(kv.longest_hit(&other), 0);
+    }
+
+    #[test]
+    fn eviction_is_lru_over_free_blocks() {
+        let mut kv = KvCache::new(4, 2);
+        let seq = |kv: &mut KvCache, start: u32| {
+            let hashes = block_hashes(chain_root(None), &toks(start, 2), 2);
+            let b = kv.allocate(1).unwrap();
+            kv.commit_full(b[0], hashes[0]);
+            kv.release(&b);
+            hashes[0]
+        };
+        let a = seq(&mut kv, 0);
+        let b = seq(&mut kv, 10);
+        let c = seq(&mut kv, 20);
+        let d = seq(&mut kv, 30);
+        assert!([a, b, c, d].iter().all(|&h| kv.is_cached(h)));
+        // Touch `a` so it becomes most recently used.
+        let hit = kv.take_hits(&[a]);
+        kv.release(&hit);
+        // Two fresh blocks evict the two least recently freed: b then c.
+        kv.allocate(2).unwrap();
+        assert!(kv.is_cached(a));
+        assert!(!kv.is_cached(b));
+        assert!(!kv.is_cached(c));
+        assert!(kv.is_cached(d));
+        assert_eq!(kv.evictions(), 2);
+        assert!(kv.allocate(3).is_none(), "only 2 free blocks left");
+    }
+
+    #[test]
+    fn shared_blocks_are_reference_counted() {
+        let mut kv = KvCache::new(4, 2);
+        let hashes = block_hashes(chain_root(None), &toks(0, 4), 2);
+        let b = kv.allocate(2).unwrap();
+        kv.commit_full(b[0], hashes[0]);
+        kv.commit_full(b[1], hashes[1]);
+        let shared = kv.take_hits(&hashes);
+        assert_eq!(kv.num_used(), 2);
+        kv.release(&b);
+        assert_eq!(kv.num_used(), 2, "still referenced by the second sequence");
+        assert!(kv.can_allocate(2, &[]));
+        assert!(!kv.can_allocate(3, &[]));
+        kv.release(&shared);
+        assert_eq!(kv.num_free(), 4);
+        assert!(
+            kv.can_allocate(2, &hashes),
+            "two hits taken back leave two blocks"
+        );
+        assert!(!kv.can_allocate(3, &hashes));
+    }
+
+    #[test]
+    fn partial_blocks_are_reused_before_cached_ones() {
+        let mut kv = KvCache::new(2, 2);
+        let h = block_hashes(chain_root(None), &toks(0, 2), 2)[0];
+        let b = kv.allocate(2).unwrap();
+        kv.commit_full(b[0], h);
+        kv.release(&b);
+        kv.allocate(1).unwrap();
+        assert!(kv.is_cached(h), "the uncached partial block went first");
+    }
+}

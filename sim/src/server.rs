@@ -1,0 +1,893 @@
+//! The OpenAI-compatible HTTP API of one replica, as vLLM's server exposes it, plus the admin
+//! endpoints for failure injection. HTTP/1.1 and h2c are served on the same port.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, FailureInjection};
+use crate::engine::{Completion, Engine, EngineEvent, FinishReason, SubmitRequest};
+use crate::{metrics, tokenizer};
+
+/// Header that forces an error status on an inference request (llm-d sim: `X-Return-Error`).
+pub const RETURN_ERROR_HEADER: &str = "x-return-error";
+
+/// Everything the handlers of one replica share.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    pub(crate) config: Arc<Config>,
+    pub(crate) engine: Engine,
+    pub(crate) pod_name: String,
+    pub(crate) port: u16,
+    pub(crate) failure: Mutex<FailureInjection>,
+    pub(crate) metrics_delay: Mutex<Duration>,
+    rng: Mutex<SmallRng>,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+impl Replica {
+    pub(crate) fn new(config: Arc<Config>, engine: Engine, index: usize, port: u16) -> Self {
+        Self {
+            pod_name: config.pod_name_for(index),
+            failure: Mutex::new(config.failure.clone()),
+            metrics_delay: Mutex::new(config.metrics_delay),
+            rng: Mutex::new(SmallRng::seed_from_u64(
+                config.seed.wrapping_add(index as u64) ^ 0x0fa1_1ed0,
+            )),
+            created: unix_now(),
+            next_id: AtomicU64::new(0),
+            config,
+            engine,
+            port,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The router of one replica.
+pub(crate) fn router(replica: Arc<Replica>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_handler))
+        .route("/v1/load_lora_adapter", post(load_lora))
+        .route("/v1/unload_lora_adapter", post(unload_lora))
+        .route("/admin/pause", post(admin_pause))
+        .route("/admin/resume", post(admin_resume))
+        .route(
+            "/admin/failure",
+            get(admin_get_failure).post(admin_set_failure),
+        )
+        .route("/admin/metrics_delay", post(admin_metrics_delay))
+        .route("/admin/state", get(admin_state))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found", None) })
+        .layer(middleware::from_fn_with_state(replica.clone(), gate))
+        .with_state(replica)
+}
+
+/// Holds requests while the replica is paused (except `/admin/*`), and stamps the replica's
+/// identity on every response.
+async fn gate(State(r): State<Arc<Replica>>, req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/admin/") {
+        let mut paused = r.engine.pause_watch();
+        // A paused replica accepts the request and then says nothing, like a hung engine.
+        let _ = paused.wait_for(|p| !*p).await;
+    }
+    let mut resp = next.run(req).await;
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&r.pod_name) {
+        headers.insert("x-inference-pod", v);
+    }
+    headers.insert("x-inference-port", HeaderValue::from(r.port));
+    if let Some(ns) = r
+        .config
+        .namespace
+        .as_deref()
+        .and_then(|ns| HeaderValue::from_str(ns).ok())
+    {
+        headers.insert("x-inference-namespace", ns);
+    }
+    resp
+}
+
+/// A vLLM-style error: `{"error": {"message", "type", "param", "code"}}`.
+pub(crate) fn error(
+    status: StatusCode,
+    message: impl Into<String>,
+    param: Option<&str>,
+) -> Response {
+    let kind = match status.as_u16() {
+        400 => "BadRequestError",
+        404 => "NotFoundError",
+        429 => "RateLimitError",
+        500 => "InternalServerError",
+        503 => "ServiceUnavailableError",
+        _ => "Error",
+    };
+    let body = json!({
+        "error": {"message": message.into(), "type": kind, "param": param, "code": status.as_u16()}
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// A request error, rendered by [`error`].
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.status, self.message, self.param)
+    }
+}
+
+fn bad_response(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, message, None)
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, message, None)
+}
+
+/// Failure injection: the forced-error header first, then the random rate.
+fn injected_failure(r: &Replica, headers: &HeaderMap) -> Option<Response> {
+    let forced = headers
+        .get(RETURN_ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u16>().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .filter(|s| s.is_client_error() || s.is_server_error());
+    let status = forced.or_else(|| {
+        let failure = r.failure.lock();
+        if failure.rate_percent <= 0.0 || failure.statuses.is_empty() {
+            return None;
+        }
+        let mut rng = r.rng.lock();
+        if rng.random_range(0.0..100.0) >= failure.rate_percent {
+            return None;
+        }
+        let code = failure.statuses[rng.random_range(0..failure.statuses.len())];
+        StatusCode::from_u16(code).ok()
+    })?;
+    let message = match status.as_u16() {
+        429 => format!(
+            "Rate limit reached for model {} (injected failure)",
+            r.config.model
+        ),
+        503 => "The server is temporarily unable to serve requests (injected failure)".to_owned(),
+        _ => format!("Injected failure with status {}", status.as_u16()),
+    };
+    Some(error(status, message, None))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("Invalid request body: {e}")))
+}
+
+/// Resolves the `model` field to the base model or a registered adapter.
+fn resolve_model(r: &Replica, model: Option<String>) -> Result<(String, Option<String>), ApiError> {
+    match model {
+        None => Ok((r.config.model.clone(), None)),
+        Some(m) if m == r.config.model => Ok((m, None)),
+        Some(m) if r.engine.has_lora(&m) => Ok((m.clone(), Some(m))),
+        Some(m) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("The model `{m}` does not exist."),
+            Some("model"),
+        )),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Option<Value>,
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Option<Value>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Completions,
+    Chat,
+}
+
+/// A validated generation request.
+struct Generation {
+    api: Api,
+    model: String,
+    lora: Option<String>,
+    prompt: Vec<u32>,
+    max_tokens: Option<i64>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
+    v.iter()
+        .map(|t| {
+            t.as_u64()
+                .filter(|&t| t < u64::from(tokenizer::VOCAB_SIZE))
+                .map(|t| t as u32)
+        })
+        .collect()
+}
+
+fn completion_prompt(prompt: Option<Value>) -> Result<Vec<u32>, ApiError> {
+    let unsupported = || {
+        bad_request(
+            "Batched prompts are not supported by the simulator; send one prompt per request.",
+        )
+    };
+    match prompt {
+        None | Some(Value::Null) => Err(bad_request(
+            "Either prompt or prompt_embeds must be provided and non-empty.",
+        )),
+        Some(Value::String(s)) => Ok(tokenizer::encode_prompt(&s)),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [] => Err(bad_request("The prompt must not be an empty list.")),
+            [Value::String(s)] => Ok(tokenizer::encode_prompt(s)),
+            [Value::Array(ids)] => {
+                token_ids(ids).ok_or_else(|| bad_request("Invalid token ids in prompt."))
+            }
+            [Value::Number(_), ..] => {
+                token_ids(&items).ok_or_else(|| bad_request("Invalid token ids in prompt."))
+            }
+            [Value::String(_) | Value::Array(_), _, ..] => Err(unsupported()),
+            _ => Err(bad_request(
+                "The prompt must be a string, a list of strings or a list of token ids.",
+            )),
+        },
+        Some(_) => Err(bad_request(
+            "The prompt must be a string, a list of strings or a list of token ids.",
+        )),
+    }
+}
+
+fn chat_prompt(messages: Option<Value>) -> Result<Vec<u32>, ApiError> {
+    let Some(Value::Array(messages)) = messages else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "messages must be a non-empty list.",
+            Some("messages"),
+        ));
+    };
+    if messages.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "messages must be a non-empty list.",
+            Some("messages"),
+        ));
+    }
+    let mut rendered = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+            bad_request(format!("messages[{i}]: a message needs a string 'role'."))
+        })?;
+        let content = match m.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match p.get("text").and_then(Value::as_str) {
+                        Some(t) => text.push_str(t),
+                        None => {
+                            return Err(bad_request(format!(
+                                "messages[{i}]: only text content parts are supported by the simulator."
+                            )));
+                        }
+                    }
+                }
+                text
+            }
+            Some(_) => {
+                return Err(bad_request(format!(
+                    "messages[{i}]: content must be a string or a list of parts."
+                )));
+            }
+        };
+        rendered.push((role.to_owned(), content));
+    }
+    Ok(tokenizer::encode_chat(
+        rendered.iter().map(|(r, c)| (r.as_str(), c.as_str())),
+    ))
+}
+
+fn check_n(n: Option<i64>) -> Result<(), ApiError> {
+    match n {
+        None | Some(1) => Ok(()),
+        Some(n) if n < 1 => Err(bad_request(format!("n must be at least 1, got {n}."))),
+        Some(_) => Err(bad_request("n > 1 is not supported by the simulator.")),
+    }
+}
+
+async fn completions(State(r): State<Arc<Replica>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(resp) = injected_failure(&r, &headers) {
+        return resp;
+    }
+    let req: CompletionRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let result = (|| -> Result<Generation, ApiError> {
+        check_n(req.n)?;
+        let (model, lora) = resolve_model(&r, req.model)?;
+        let prompt = completion_prompt(req.prompt)?;
+        Ok(Generation {
+            api: Api::Completions,
+            model,
+            lora,
+            prompt,
+            max_tokens: req.max_tokens,
+            stream: req.stream,
+            include_usage: req
+                .stream_options
+                .unwrap_or_default()
+                .include_usage
+                .unwrap_or(false),
+        })
+    })();
+    match result {
+        Ok(g) => generate(r, g).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_completions(
+    State(r): State<Arc<Replica>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(resp) = injected_failure(&r, &headers) {
+        return resp;
+    }
+    let req: ChatRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let result = (|| -> Result<Generation, ApiError> {
+        check_n(req.n)?;
+        let (model, lora) = resolve_model(&r, req.model)?;
+        let prompt = chat_prompt(req.messages)?;
+        Ok(Generation {
+            api: Api::Chat,
+            model,
+            lora,
+            prompt,
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
+            stream: req.stream,
+            include_usage: req
+                .stream_options
+                .unwrap_or_default()
+                .include_usage
+                .unwrap_or(false),
+        })
+    })();
+    match result {
+        Ok(g) => generate(r, g).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn generate(r: Arc<Replica>, g: Generation) -> Response {
+    let max_model_len = r.config.max_model_len;
+    let prompt_len = g.prompt.len();
+    let (max_tokens, finish_reason) = match g.max_tokens {
+        Some(n) if n < 1 => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("max_tokens must be at least 1, got {n}."),
+                Some("max_tokens"),
+            );
+        }
+        Some(n) => (
+            usize::try_from(n).unwrap_or(usize::MAX),
+            FinishReason::Length,
+        ),
+        None => (
+            r.config
+                .default_max_tokens
+                .min(max_model_len.saturating_sub(prompt_len))
+                .max(1),
+            FinishReason::Stop,
+        ),
+    };
+    if prompt_len.saturating_add(max_tokens) > max_model_len {
+        return bad_response(format!(
+            "This model's maximum context length is {max_model_len} tokens. However, you requested \
+             {} tokens ({prompt_len} in the messages, {max_tokens} in the completion). Please \
+             reduce the length of the messages or completion.",
+            prompt_len.saturating_add(max_tokens)
+        ));
+    }
+    let submit = SubmitRequest {
+        prompt: g.prompt,
+        max_tokens,
+        lora: g.lora.clone(),
+        finish_reason,
+    };
+    let rx = match r.engine.submit(submit) {
+        Ok(rx) => rx,
+        Err(e) => return bad_response(e.to_string()),
+    };
+    let n = r.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match g.api {
+        Api::Completions => format!("cmpl-{}-{n}", r.pod_name),
+        Api::Chat => format!("chatcmpl-{}-{n}", r.pod_name),
+    };
+    let ctx = ResponseCtx {
+        api: g.api,
+        id,
+        model: g.model,
+        created: unix_now(),
+    };
+    if g.stream {
+        stream_response(ctx, rx, g.include_usage)
+    } else {
+        full_response(ctx, rx).await
+    }
+}
+
+struct ResponseCtx {
+    api: Api,
+    id: String,
+    model: String,
+    created: u64,
+}
+
+impl ResponseCtx {
+    fn chunk(&self, text: &str, finish: Option<&str>) -> Value {
+        match self.api {
+            Api::Completions => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}],
+            }),
+            Api::Chat => json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": finish}],
+            }),
+        }
+    }
+
+    fn usage_chunk(&self, c: &Completion) -> Value {
+        let object = match self.api {
+            Api::Completions => "text_completion",
+            Api::Chat => "chat.completion.chunk",
+        };
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": [], "usage": usage(c),
+        })
+    }
+}
+
+fn usage(c: &Completion) -> Value {
+    json!({
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+    })
+}
+
+fn engine_stopped() -> Value {
+    json!({"error": {"message": "the engine stopped", "type": "InternalServerError", "param": null, "code": 500}})
+}
+
+fn text_of(ids: &[u32]) -> String {
+    ids.iter().map(|&id| tokenizer::output_text(id)).collect()
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn stream_response(
+    ctx: ResponseCtx,
+    mut rx: mpsc::UnboundedReceiver<EngineEvent>,
+    include_usage: bool,
+) -> Response {
+    let body = async_stream::stream! {
+        if ctx.api == Api::Chat {
+            let mut first = ctx.chunk("", None);
+            first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+            yield Ok::<_, Infallible>(sse(&first));
+        }
+        loop {
+            match rx.recv().await {
+                Some(EngineEvent::Tokens { ids, last: false, .. }) => {
+                    yield Ok(sse(&ctx.chunk(&text_of(&ids), None)));
+                }
+                Some(EngineEvent::Tokens { ids, last: true, .. }) => {
+                    // The request's `Finished` follows in the same engine step; it carries the
+                    // finish reason for this last chunk and the usage.
+                    match rx.recv().await {
+                        Some(EngineEvent::Finished(c)) => {
+                            yield Ok(sse(&ctx.chunk(&text_of(&ids), Some(c.finish_reason.as_str()))));
+                            if include_usage {
+                                yield Ok(sse(&ctx.usage_chunk(&c)));
+                            }
+                        }
+                        _ => yield Ok(sse(&engine_stopped())),
+                    }
+                    break;
+                }
+                Some(EngineEvent::Finished(c)) => {
+                    yield Ok(sse(&ctx.chunk("", Some(c.finish_reason.as_str()))));
+                    if include_usage {
+                        yield Ok(sse(&ctx.usage_chunk(&c)));
+                    }
+                    break;
+                }
+                None => {
+                    yield Ok(sse(&engine_stopped()));
+                    break;
+                }
+            }
+        }
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "response build failed",
+                None,
+            )
+        })
+}
+
+async fn full_response(ctx: ResponseCtx, mut rx: mpsc::UnboundedReceiver<EngineEvent>) -> Response {
+    let mut ids = Vec::new();
+    let completion = loop {
+        match rx.recv().await {
+            Some(EngineEvent::Tokens { ids: chunk, .. }) => ids.extend(chunk),
+            Some(EngineEvent::Finished(c)) => break c,
+            None => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the engine stopped",
+                    None,
+                );
+            }
+        }
+    };
+    let text = text_of(&ids);
+    let reason = completion.finish_reason.as_str();
+    let body = match ctx.api {
+        Api::Completions => json!({
+            "id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": reason, "stop_reason": null}],
+            "usage": usage(&completion),
+        }),
+        Api::Chat => json!({
+            "id": ctx.id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": null, "finish_reason": reason, "stop_reason": null,
+            }],
+            "usage": usage(&completion),
+        }),
+    };
+    axum::Json(body).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingRequest {
+    model: Option<String>,
+    input: Option<Value>,
+}
+
+/// Embeddings are cheap: tokenised and answered at once, without going through the scheduler.
+async fn embeddings(State(r): State<Arc<Replica>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(resp) = injected_failure(&r, &headers) {
+        return resp;
+    }
+    let req: EmbeddingRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let model = match resolve_model(&r, req.model) {
+        Ok((model, _)) => model,
+        Err(e) => return e.into_response(),
+    };
+    let inputs: Vec<Vec<u32>> = match req.input {
+        Some(Value::String(s)) => vec![tokenizer::encode_prompt(&s)],
+        Some(Value::Array(items)) if !items.is_empty() => {
+            if items.iter().all(Value::is_number) {
+                match token_ids(&items) {
+                    Some(ids) => vec![ids],
+                    None => return bad_response("Invalid token ids in input."),
+                }
+            } else {
+                let mut out = Vec::with_capacity(items.len());
+                for item in &items {
+                    match item {
+                        Value::String(s) => out.push(tokenizer::encode_prompt(s)),
+                        Value::Array(ids) => match token_ids(ids) {
+                            Some(ids) => out.push(ids),
+                            None => return bad_response("Invalid token ids in input."),
+                        },
+                        _ => {
+                            return bad_response(
+                                "input must be a string, a list of strings or token ids.",
+                            );
+                        }
+                    }
+                }
+                out
+            }
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "input must be a non-empty string or list.",
+                Some("input"),
+            );
+        }
+    };
+    let dim = r.config.embedding_dim;
+    let mut total = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, ids)| {
+            total += ids.len();
+            json!({"object": "embedding", "index": i, "embedding": embed(ids, dim)})
+        })
+        .collect();
+    axum::Json(json!({
+        "id": format!("embd-{}-{}", r.pod_name, r.next_id.fetch_add(1, Ordering::Relaxed)),
+        "object": "list", "created": unix_now(), "model": model, "data": data,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }))
+    .into_response()
+}
+
+/// A deterministic unit vector derived from the token ids.
+fn embed(ids: &[u32], dim: usize) -> Vec<f32> {
+    let mut v = vec![0f32; dim];
+    if dim == 0 {
+        return v;
+    }
+    for (i, &id) in ids.iter().enumerate() {
+        let h = tokenizer::sample(u64::from(id), i);
+        v[h as usize % dim] += if h & 1 == 0 { 1.0 } else { -1.0 };
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+async fn models(State(r): State<Arc<Replica>>) -> Response {
+    let base = &r.config.model;
+    let mut data = vec![json!({
+        "id": base, "object": "model", "created": r.created, "owned_by": "vllm",
+        "root": base, "parent": null, "max_model_len": r.config.max_model_len, "permission": [],
+    })];
+    for lora in r.engine.loras() {
+        data.push(json!({
+            "id": lora, "object": "model", "created": r.created, "owned_by": "vllm",
+            "root": lora, "parent": base, "max_model_len": r.config.max_model_len, "permission": [],
+        }));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn metrics_handler(State(r): State<Arc<Replica>>) -> Response {
+    let delay = *r.metrics_delay.lock();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let snapshot = r.engine.snapshot();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let text = metrics::render(r.config.engine, &r.config.model, &snapshot, now);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct LoraRequest {
+    lora_name: Option<String>,
+}
+
+async fn load_lora(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
+    let req: LoraRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let Some(name) = req.lora_name.filter(|n| !n.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Both 'lora_name' and 'lora_path' must be provided.",
+            Some("lora_name"),
+        );
+    };
+    match r.engine.load_lora(&name) {
+        Ok(()) => {
+            tracing::info!(pod = %r.pod_name, lora = %name, "LoRA adapter loaded");
+            format!("Success: LoRA adapter '{name}' added successfully.").into_response()
+        }
+        Err(e) => bad_response(e.to_string()),
+    }
+}
+
+async fn unload_lora(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
+    let req: LoraRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let Some(name) = req.lora_name.filter(|n| !n.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "'lora_name' must be provided.",
+            Some("lora_name"),
+        );
+    };
+    match r.engine.unload_lora(&name) {
+        Ok(()) => {
+            tracing::info!(pod = %r.pod_name, lora = %name, "LoRA adapter unloaded");
+            format!("Success: LoRA adapter '{name}' removed successfully.").into_response()
+        }
+        Err(e) => error(StatusCode::NOT_FOUND, e.to_string(), Some("lora_name")),
+    }
+}
+
+async fn admin_pause(State(r): State<Arc<Replica>>) -> Response {
+    r.engine.set_paused(true);
+    tracing::info!(pod = %r.pod_name, "replica paused");
+    axum::Json(json!({"paused": true})).into_response()
+}
+
+async fn admin_resume(State(r): State<Arc<Replica>>) -> Response {
+    r.engine.set_paused(false);
+    tracing::info!(pod = %r.pod_name, "replica resumed");
+    axum::Json(json!({"paused": false})).into_response()
+}
+
+fn failure_json(f: &FailureInjection) -> Value {
+    json!({"rate_percent": f.rate_percent, "statuses": f.statuses})
+}
+
+async fn admin_get_failure(State(r): State<Arc<Replica>>) -> Response {
+    axum::Json(failure_json(&r.failure.lock())).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct FailureRequest {
+    rate_percent: f64,
+    statuses: Option<Vec<u16>>,
+}
+
+async fn admin_set_failure(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
+    let req: FailureRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    if !(0.0..=100.0).contains(&req.rate_percent) {
+        return bad_response("rate_percent must be within 0..=100");
+    }
+    let statuses = req
+        .statuses
+        .unwrap_or_else(|| r.failure.lock().statuses.clone());
+    if statuses.iter().any(|&s| !(400..=599).contains(&s)) {
+        return bad_response("statuses must be within 400..=599");
+    }
+    let mut f = r.failure.lock();
+    *f = FailureInjection {
+        rate_percent: req.rate_percent,
+        statuses,
+    };
+    tracing::info!(pod = %r.pod_name, rate = f.rate_percent, statuses = ?f.statuses, "failure injection set");
+    axum::Json(failure_json(&f)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct DelayRequest {
+    ms: u64,
+}
+
+async fn admin_metrics_delay(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
+    let req: DelayRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    *r.metrics_delay.lock() = Duration::from_millis(req.ms);
+    axum::Json(json!({"metrics_delay_ms": req.ms})).into_response()
+}
+
+async fn admin_state(State(r): State<Arc<Replica>>) -> Response {
+    let s = r.engine.snapshot();
+    axum::Json(json!({
+        "pod": r.pod_name,
+        "paused": r.engine.is_paused(),
+        "running": s.running,
+        "waiting": s.waiting,
+        "kv_cache_usage": s.kv_usage,
+        "kv_used_blocks": s.kv_used_blocks,
+        "num_gpu_blocks": s.num_gpu_blocks,
+        "resident_loras": r.engine.resident_loras(),
+        "loras": r.engine.loras(),
+        "prefix_cache_queries": s.stats.prefix_queries,
+        "prefix_cache_hits": s.stats.prefix_hits,
+        "preemptions": s.stats.preemptions,
+    }))
+    .into_response()
+}

@@ -1,0 +1,412 @@
+//! Tests of the engine model on paused tokio time: every latency below is exact, because the
+//! engine runs on a logical clock and tokio's clock only advances when everything is idle.
+
+// Helpers outside `#[test]` functions may panic too: this is test code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use endpoint_picker::scrape::prometheus::parse;
+use sim::engine::{Completion, EngineEvent, FinishReason, SubmitRequest};
+use sim::{Config, Engine};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant;
+
+fn req(prompt: Vec<u32>, max_tokens: usize) -> SubmitRequest {
+    SubmitRequest {
+        prompt,
+        max_tokens,
+        lora: None,
+        finish_reason: FinishReason::Length,
+    }
+}
+
+fn lora_req(prompt: Vec<u32>, max_tokens: usize, lora: &str) -> SubmitRequest {
+    SubmitRequest {
+        lora: Some(lora.to_owned()),
+        ..req(prompt, max_tokens)
+    }
+}
+
+/// Distinct token ids `start..start+n`.
+fn tokens(start: u32, n: usize) -> Vec<u32> {
+    (start..start + n as u32).collect()
+}
+
+/// Drains a request: the logical time of every token, and its completion.
+async fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<Instant>, Completion) {
+    let mut times = Vec::new();
+    loop {
+        match rx.recv().await.expect("engine dropped the request") {
+            EngineEvent::Tokens { ids, at, .. } => times.extend(std::iter::repeat_n(at, ids.len())),
+            EngineEvent::Finished(c) => return (times, c),
+        }
+    }
+}
+
+fn engine(config: Config) -> Engine {
+    Engine::spawn(Arc::new(config), 0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn second_identical_prompt_hits_the_prefix_cache_and_ttft_drops_by_the_model() {
+    let config = Config::default();
+    let m = config.latency.clone();
+    let e = engine(config);
+    let prompt = tokens(0, 1001);
+
+    let (_, first) = collect(e.submit(req(prompt.clone(), 1)).unwrap()).await;
+    assert_eq!(first.cached_tokens, 0);
+    assert_eq!(first.timing.ttft(), m.step_time(1001, 1, 1001, 0));
+
+    let (_, second) = collect(e.submit(req(prompt, 1)).unwrap()).await;
+    // Whole blocks only, and at least one token is recomputed: 62 blocks × 16 = 992 tokens.
+    assert_eq!(second.cached_tokens, 992);
+    assert_eq!(second.timing.ttft(), m.step_time(9, 1, 1001, 0));
+    assert_eq!(
+        first.timing.ttft() - second.timing.ttft(),
+        m.prefill_per_token * 992
+    );
+
+    let s = e.snapshot();
+    assert_eq!(s.stats.prefix_queries, 2002);
+    assert_eq!(s.stats.prefix_hits, 992);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_prompts_are_prefilled_in_chunks_of_the_token_budget() {
+    let config = Config::default();
+    let m = config.latency.clone();
+    let e = engine(config);
+    let (times, c) = collect(e.submit(req(tokens(0, 10_000), 3)).unwrap()).await;
+    let prefill = m.step_time(8192, 1, 8192, 0) + m.step_time(1808, 1, 10_000, 0);
+    assert_eq!(c.timing.ttft(), prefill);
+    // Then one decode step per token, attending over the growing context.
+    assert_eq!(times[1] - times[0], m.step_time(0, 1, 10_001, 0));
+    assert_eq!(times[2] - times[1], m.step_time(0, 1, 10_002, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_cache_evicts_the_least_recently_used_free_blocks() {
+    // 8 blocks of 4 tokens; every request below needs 2 blocks and finishes after prefill.
+    let e = engine(Config {
+        num_gpu_blocks: 8,
+        block_size: 4,
+        ..Config::default()
+    });
+    let a = tokens(0, 8);
+    let b = tokens(100, 8);
+    let c = tokens(200, 8);
+    let d = tokens(300, 8);
+    let fresh = tokens(400, 8);
+    let cached = |p: &Vec<u32>| {
+        let rx = e.submit(req(p.clone(), 1)).unwrap();
+        async move { collect(rx).await.1.cached_tokens }
+    };
+    for p in [&a, &b, &c, &d] {
+        assert_eq!(cached(p).await, 0);
+    }
+    assert_eq!(
+        e.snapshot().kv_used_blocks,
+        0,
+        "finished requests leave their blocks cached but free"
+    );
+    // Re-using `a` makes it the most recently used; one block of it hits (the last token of a
+    // prompt is always recomputed).
+    assert_eq!(cached(&a).await, 4);
+    // A fresh prompt needs two blocks: the two least recently freed ones are `b`'s.
+    assert_eq!(cached(&fresh).await, 0);
+    assert_eq!(cached(&d).await, 4, "d survived");
+    assert_eq!(cached(&a).await, 4, "a survived");
+    assert_eq!(cached(&b).await, 0, "b was evicted first");
+}
+
+#[tokio::test(start_paused = true)]
+async fn running_never_exceeds_max_num_seqs() {
+    let e = engine(Config {
+        max_num_seqs: 4,
+        ..Config::default()
+    });
+    let tasks: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(collect(e.submit(req(tokens(i * 1000, 100), 20)).unwrap())))
+        .collect();
+    let mut max_running = 0;
+    let mut saw_waiting = false;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let s = e.snapshot();
+        assert!(s.running <= 4, "running {}", s.running);
+        max_running = max_running.max(s.running);
+        saw_waiting |= s.waiting > 0;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(max_running, 4);
+    assert!(saw_waiting);
+    for t in tasks {
+        assert_eq!(t.await.unwrap().1.completion_tokens, 20);
+    }
+}
+
+/// Mean queue time of `n` requests arriving every `interval`.
+async fn mean_queue_time(interval: Duration, n: u32) -> (Duration, Duration, Duration) {
+    let e = engine(Config {
+        max_num_seqs: 16,
+        ..Config::default()
+    });
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tokio::time::sleep_until(start + interval * i).await;
+        tasks.push(tokio::spawn(collect(
+            e.submit(req(tokens(i * 1000, 256), 64)).unwrap(),
+        )));
+    }
+    let mut queue = Vec::new();
+    for t in tasks {
+        queue.push(t.await.unwrap().1.timing.queue_time());
+    }
+    let mean = queue.iter().sum::<Duration>() / n;
+    let half = n as usize / 2;
+    let first_half = queue[..half].iter().sum::<Duration>() / half as u32;
+    let second_half = queue[half..].iter().sum::<Duration>() / (n - half as u32);
+    (mean, first_half, second_half)
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_time_grows_as_load_passes_capacity() {
+    // 16 slots × (256 in, 64 out) serve roughly 35 requests/s with this profile.
+    let (light, ..) = mean_queue_time(Duration::from_millis(200), 60).await;
+    let (medium, ..) = mean_queue_time(Duration::from_millis(40), 60).await;
+    let (heavy, early, late) = mean_queue_time(Duration::from_millis(15), 60).await;
+    assert!(light < Duration::from_millis(15), "light {light:?}");
+    assert!(medium >= light, "light {light:?} medium {medium:?}");
+    assert!(heavy > medium * 10, "medium {medium:?} heavy {heavy:?}");
+    assert!(heavy > Duration::from_millis(200), "heavy {heavy:?}");
+    // Over capacity the queue keeps growing.
+    assert!(late > early * 2, "early {early:?} late {late:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn lora_slots_are_respected_and_loading_costs_time() {
+    let config = Config {
+        max_loras: 1,
+        lora_modules: vec!["a".into(), "b".into()],
+        ..Config::default()
+    };
+    let m = config.latency.clone();
+    let e = engine(config);
+    assert_eq!(e.resident_loras(), ["a"], "preloaded into the single slot");
+    let ra = e.submit(lora_req(tokens(0, 100), 30, "a")).unwrap();
+    let rb = e.submit(lora_req(tokens(500, 100), 5, "b")).unwrap();
+    let rbase = e.submit(req(tokens(900, 100), 5)).unwrap();
+    let ta = tokio::spawn(collect(ra));
+    let tb = tokio::spawn(collect(rb));
+    let tbase = tokio::spawn(collect(rbase));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let s = e.snapshot();
+    assert_eq!(s.running_loras, ["a"]);
+    assert_eq!(s.waiting_loras, ["b"], "b waits for the slot a occupies");
+    assert_eq!(s.running, 2, "the base-model request is not held back by b");
+
+    let (_, a) = ta.await.unwrap();
+    let (_, b) = tb.await.unwrap();
+    tbase.await.unwrap();
+    assert_eq!(
+        a.timing.ttft(),
+        m.step_time(200, 2, 200, 0),
+        "a was resident: no load"
+    );
+    assert!(
+        b.timing.scheduled >= a.timing.finished,
+        "b ran only after a left the slot"
+    );
+    assert_eq!(
+        b.timing.first_token - b.timing.scheduled,
+        m.step_time(100, 1, 100, 1)
+    );
+    assert_eq!(e.resident_loras(), ["b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_slots_run_two_adapters_together() {
+    let config = Config {
+        max_loras: 2,
+        lora_modules: vec!["a".into()],
+        ..Config::default()
+    };
+    let e = engine(config);
+    e.load_lora("b").unwrap();
+    let ta = tokio::spawn(collect(
+        e.submit(lora_req(tokens(0, 100), 30, "a")).unwrap(),
+    ));
+    let tb = tokio::spawn(collect(
+        e.submit(lora_req(tokens(500, 100), 30, "b")).unwrap(),
+    ));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(e.snapshot().running_loras, ["a", "b"]);
+    let (a, b) = (ta.await.unwrap().1, tb.await.unwrap().1);
+    assert_eq!(a.timing.scheduled, b.timing.scheduled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_wait_and_preempt_when_kv_blocks_run_out() {
+    // 40 blocks of 16 tokens = 640 tokens; each request grows to 200 + 150 = 350 tokens.
+    let e = engine(Config {
+        num_gpu_blocks: 40,
+        ..Config::default()
+    });
+    let tasks: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(collect(e.submit(req(tokens(i * 1000, 200), 150)).unwrap())))
+        .collect();
+    let mut max_used = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let s = e.snapshot();
+        max_used = max_used.max(s.kv_used_blocks);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(max_used <= 40);
+    for t in tasks {
+        assert_eq!(t.await.unwrap().1.completion_tokens, 150);
+    }
+    assert!(
+        e.snapshot().stats.preemptions > 0,
+        "the decode phase had to preempt"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_receiver_aborts_the_request_and_frees_its_blocks() {
+    let e = engine(Config::default());
+    let rx = e.submit(req(tokens(0, 100), 1000)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(e.snapshot().running, 1);
+    drop(rx);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = e.snapshot();
+    assert_eq!((s.running, s.waiting, s.kv_used_blocks), (0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_report_exactly_the_engine_state() {
+    let config = Config {
+        max_num_seqs: 2,
+        max_loras: 1,
+        lora_modules: vec!["ad".into()],
+        ..Config::default()
+    };
+    let e = engine(config.clone());
+    let done = collect(e.submit(req(tokens(0, 64), 2)).unwrap()).await;
+    assert_eq!(done.1.completion_tokens, 2);
+    let _busy: Vec<_> = (0..4)
+        .map(|i| {
+            e.submit(lora_req(tokens(1000 + i * 100, 64), 500, "ad"))
+                .unwrap()
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    let s = e.snapshot();
+    assert_eq!((s.running, s.waiting), (2, 2));
+    let text = sim::metrics::render(config.engine, &config.model, &s, 1234.0);
+    let samples = parse(&text).unwrap();
+    let value = |name: &str| {
+        samples
+            .iter()
+            .find(|x| x.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .value
+    };
+    assert_eq!(value("vllm:num_requests_running"), 2.0);
+    assert_eq!(value("vllm:num_requests_waiting"), 2.0);
+    assert_eq!(value("vllm:kv_cache_usage_perc"), s.kv_usage);
+    assert_eq!(
+        s.kv_used_blocks,
+        2 * 5,
+        "two running requests of 64 + a few tokens hold 5 blocks each"
+    );
+    assert_eq!(
+        value("vllm:prefix_cache_queries_total"),
+        s.stats.prefix_queries as f64
+    );
+    assert_eq!(
+        value("vllm:prefix_cache_hits_total"),
+        s.stats.prefix_hits as f64
+    );
+    assert_eq!(value("vllm:prompt_tokens_total"), (64 + 2 * 64) as f64);
+    assert_eq!(
+        value("vllm:generation_tokens_total"),
+        s.stats.generation_tokens as f64
+    );
+    assert_eq!(value("vllm:time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(value("vllm:e2e_request_latency_seconds_count"), 1.0);
+    assert_eq!(value("vllm:request_queue_time_seconds_count"), 3.0);
+
+    let info = samples
+        .iter()
+        .find(|x| x.name == "vllm:cache_config_info")
+        .unwrap();
+    assert_eq!(info.label("block_size").as_deref(), Some("16"));
+    assert_eq!(info.label("num_gpu_blocks").as_deref(), Some("27000"));
+    let lora = samples
+        .iter()
+        .find(|x| x.name == "vllm:lora_requests_info")
+        .unwrap();
+    assert_eq!(lora.label("max_lora").as_deref(), Some("1"));
+    assert_eq!(lora.label("running_lora_adapters").as_deref(), Some("ad"));
+    assert_eq!(lora.label("waiting_lora_adapters").as_deref(), Some("ad"));
+    assert_eq!(lora.value, 1234.0);
+    let success = samples
+        .iter()
+        .find(|x| {
+            x.name == "vllm:request_success_total"
+                && x.label("finished_reason").as_deref() == Some("length")
+        })
+        .unwrap();
+    assert_eq!(success.value, 1.0);
+    for x in &samples {
+        if x.name.starts_with("vllm:")
+            && x.name != "vllm:cache_config_info"
+            && x.name != "vllm:lora_requests_info"
+        {
+            assert_eq!(
+                x.label("model_name").as_deref(),
+                Some(config.model.as_str()),
+                "{}",
+                x.name
+            );
+        }
+    }
+
+    let sg = sim::metrics::render(sim::EngineKind::Sglang, &config.model, &s, 0.0);
+    let sg = parse(&sg).unwrap();
+    let sgv = |name: &str| sg.iter().find(|x| x.name == name).unwrap().value;
+    assert_eq!(sgv("sglang:num_running_reqs"), 2.0);
+    assert_eq!(sgv("sglang:num_queue_reqs"), 2.0);
+    assert_eq!(sgv("sglang:token_usage"), s.kv_usage);
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_is_seeded_and_bounded() {
+    let run = |seed| async move {
+        let mut config = Config {
+            seed,
+            ..Config::default()
+        };
+        config.latency.jitter = 0.1;
+        let e = engine(config);
+        collect(e.submit(req(tokens(0, 500), 20)).unwrap()).await.0
+    };
+    let a = run(7).await;
+    let b = run(7).await;
+    let c = run(8).await;
+    let gaps = |t: &[Instant]| t.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
+    assert_eq!(gaps(&a), gaps(&b), "same seed, same timings");
+    assert_ne!(gaps(&a), gaps(&c));
+    let nominal = Config::default().latency.step_time(0, 1, 510, 0);
+    for g in gaps(&a) {
+        assert!(
+            g >= nominal.mul_f64(0.89) && g <= nominal.mul_f64(1.11),
+            "{g:?}"
+        );
+    }
+}
