@@ -220,7 +220,8 @@ fn render_vllm(out: &mut String, model: &str, s: &MetricsSnapshot, now_unix: f64
     );
 
     let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-        header(out, name, "counter", help);
+        // Python's prometheus_client (which vLLM and SGLang use) names the family `…_total`.
+        header(out, &format!("{name}_total"), "counter", help);
         let _ = writeln!(out, "{name}_total{{{l}}} {v}.0");
     };
     let st = &s.stats;
@@ -349,7 +350,8 @@ fn render_sglang(out: &mut String, model: &str, s: &MetricsSnapshot) {
     );
 
     let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-        header(out, name, "counter", help);
+        // Python's prometheus_client (which vLLM and SGLang use) names the family `…_total`.
+        header(out, &format!("{name}_total"), "counter", help);
         let _ = writeln!(out, "{name}_total{{{l}}} {v}.0");
     };
     counter(
