@@ -1,1 +1,241 @@
-fn main() {}
+//! `epp`: the Switchyard endpoint picker.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use endpoint_picker::config;
+use endpoint_picker::discovery::file;
+use endpoint_picker::scrape::ScrapeConfig;
+use ext_proc::args::Args;
+use ext_proc::server::{self, Listeners, PoolSource, Settings};
+use ext_proc::service::ServiceOptions;
+use ext_proc::tls;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(&args);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("epp: starting the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "epp failed");
+            eprintln!("epp: {e:#}");
+            // EX_USAGE-like code for configuration errors, as linkerd does.
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(args: &Args) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_filter()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.zap_encoder == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Validates everything, binds the ports, and serves until SIGTERM/SIGINT.
+async fn run(args: Args) -> Result<()> {
+    let Args {
+        grpc_port,
+        grpc_health_port,
+        metrics_port,
+        bind_address,
+        secure_serving,
+        cert_path,
+        enable_cert_reload,
+        health_checking,
+        ha_enable_leader_election,
+        pool_name,
+        pool_namespace: _,
+        pool_group: _,
+        endpoint_selector,
+        endpoint_target_ports,
+        pool_file,
+        pool_file_poll_interval,
+        disable_endpoint_subset_filter,
+        refresh_metrics_interval,
+        metrics_scrape_timeout,
+        refresh_prometheus_metrics_interval,
+        metrics_staleness_threshold,
+        model_server_metrics_port,
+        model_server_metrics_path,
+        model_server_metrics_scheme,
+        model_server_metrics_https_insecure_skip_verify: _,
+        config_file,
+        config_text,
+        max_request_body_bytes,
+        seed,
+        debug_decision_header,
+        drain_grace_period,
+        metrics_bearer_token,
+        metrics_endpoint_auth: _,
+        tracing: _,
+        enable_pprof: _,
+        verbosity: _,
+        zap_encoder: _,
+        zap_log_level: _,
+        zap_devel: _,
+    } = args;
+
+    // Everything is validated before any port is bound.
+    let seed = if seed == 0 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    } else {
+        seed
+    };
+    let config_text = match (config_file, config_text) {
+        (Some(path), _) => std::fs::read_to_string(&path)
+            .with_context(|| format!("reading --config-file {}", path.display()))?,
+        (None, Some(text)) => text,
+        (None, None) => config::DEFAULT_CONFIG.to_owned(),
+    };
+    let loaded = config::load(&config_text, seed).context("loading the EndpointPickerConfig")?;
+    if model_server_metrics_scheme != "http" {
+        bail!(
+            "--model-server-metrics-scheme={model_server_metrics_scheme:?}: only http is implemented"
+        );
+    }
+    if ha_enable_leader_election {
+        bail!(
+            "--ha-enable-leader-election needs Kubernetes mode, which this build does not include yet"
+        );
+    }
+    if !endpoint_selector.is_empty() || !endpoint_target_ports.is_empty() {
+        bail!(
+            "--endpoint-selector/--endpoint-target-ports need Kubernetes mode, which this build does not include yet"
+        );
+    }
+    if enable_cert_reload {
+        tracing::warn!(
+            "--enable-cert-reload is accepted but certificates are only read at start-up"
+        );
+    }
+    let Some(path) = pool_file else {
+        bail!(
+            "no pool source: pass --pool-file (local mode); Kubernetes discovery (--pool-name alone) is not in this build yet"
+        );
+    };
+    let metrics_port_override =
+        (model_server_metrics_port != 0).then_some(model_server_metrics_port);
+    let initial = file::read(&path, metrics_port_override).context("reading --pool-file")?;
+    if !pool_name.is_empty() && pool_name != initial.pool.name {
+        bail!(
+            "--pool-name={pool_name:?} does not match the pool file's InferencePool {:?}",
+            initial.pool.name
+        );
+    }
+    let tls = if secure_serving {
+        Some(match cert_path {
+            Some(dir) => tls::from_dir(&dir).context("loading --cert-path")?,
+            None => tls::self_signed().context("generating the self-signed certificate")?,
+        })
+    } else {
+        None
+    };
+    let mut scrape = ScrapeConfig {
+        interval: refresh_metrics_interval,
+        timeout: metrics_scrape_timeout,
+        path: model_server_metrics_path,
+        engine_label_key: loaded.scrape.engine_label_key.clone(),
+        default_engine: loaded.scrape.default_engine.clone(),
+        engines: loaded.scrape.engines.clone(),
+    };
+    if loaded.scrape.path != "/metrics" {
+        scrape.path = loaded.scrape.path.clone();
+    }
+
+    let bind = |port: u16| SocketAddr::new(bind_address, port);
+    let listeners = Listeners {
+        grpc: TcpListener::bind(bind(grpc_port))
+            .await
+            .with_context(|| format!("binding --grpc-port {grpc_port}"))?,
+        health: TcpListener::bind(bind(grpc_health_port))
+            .await
+            .with_context(|| format!("binding --grpc-health-port {grpc_health_port}"))?,
+        metrics: TcpListener::bind(bind(metrics_port))
+            .await
+            .with_context(|| format!("binding --metrics-port {metrics_port}"))?,
+    };
+    tracing::info!(
+        grpc = %listeners.grpc.local_addr()?,
+        health = %listeners.health.local_addr()?,
+        metrics = %listeners.metrics.local_addr()?,
+        tls = secure_serving,
+        pool = %initial.pool.name,
+        endpoints = initial.pool.endpoints.len(),
+        "switchyard epp starting"
+    );
+    let settings = Settings {
+        config: loaded,
+        options: ServiceOptions {
+            max_request_body_bytes,
+            disable_subset_filter: disable_endpoint_subset_filter,
+            decision_header: debug_decision_header,
+        },
+        tls,
+        scrape: Some(scrape),
+        refresh_prometheus_interval: refresh_prometheus_metrics_interval,
+        metrics_staleness: metrics_staleness_threshold,
+        pool: PoolSource::File {
+            path,
+            poll_interval: pool_file_poll_interval,
+            metrics_port: metrics_port_override,
+            initial: Box::new(initial),
+        },
+        seed,
+        metrics_bearer_token: (!metrics_bearer_token.is_empty()).then_some(metrics_bearer_token),
+        health_on_grpc_port: health_checking,
+        drain_grace: drain_grace_period,
+    };
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    let served = server::serve(settings, listeners, shutdown.clone()).await;
+    signals.abort();
+    served.map_err(anyhow::Error::from)?;
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) and SIGINT (a terminal) both start a graceful drain.
+async fn wait_for_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,355 @@
+//! Envoy ext_proc message construction and inspection. Protobuf types stay in this crate.
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+pub use envoy_types::pb::envoy::config::core::v3::{
+    HeaderMap, HeaderValue, HeaderValueOption, Metadata,
+};
+pub use envoy_types::pb::envoy::service::ext_proc::v3 as ext_proc;
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use ext_proc::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
+};
+
+/// The routing header and `envoy.lb` metadata key.
+pub const DESTINATION_ENDPOINT: &str = "x-gateway-destination-endpoint";
+/// Subset hint key under [`SUBSET_HINT_NAMESPACE`].
+pub const DESTINATION_SUBSET: &str = "x-gateway-destination-endpoint-subset";
+/// Served endpoint key under [`LB_NAMESPACE`].
+pub const DESTINATION_SERVED: &str = "x-gateway-destination-endpoint-served";
+/// Envoy's load-balancer metadata namespace.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Subset hint namespace.
+pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Largest streamed body chunk: some Envoy builds limit a streamed chunk to 64 KiB.
+pub const BODY_CHUNK_LIMIT: usize = 62_000;
+
+/// Reads a header map into `(lower-case name, value)` pairs; `raw_value` wins over `value`.
+pub fn headers(map: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let Some(map) = map else { return Vec::new() };
+    map.headers
+        .iter()
+        .map(|h| {
+            let value = if h.raw_value.is_empty() {
+                h.value.clone()
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            };
+            (h.key.to_ascii_lowercase(), value)
+        })
+        .collect()
+}
+
+/// A header that overwrites any existing value.
+pub fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            raw_value: value.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// A string from `filter_metadata[namespace][key]`.
+pub fn metadata_string(md: Option<&Metadata>, namespace: &str, key: &str) -> Option<String> {
+    match md?
+        .filter_metadata
+        .get(namespace)?
+        .fields
+        .get(key)?
+        .kind
+        .as_ref()?
+    {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The subset hint: `None` when absent; a list (or a comma string) when present.
+pub fn subset_hint(md: Option<&Metadata>) -> Option<Vec<String>> {
+    let value = md?
+        .filter_metadata
+        .get(SUBSET_HINT_NAMESPACE)?
+        .fields
+        .get(DESTINATION_SUBSET)?;
+    Some(match value.kind.as_ref() {
+        Some(Kind::ListValue(list)) => list
+            .values
+            .iter()
+            .filter_map(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        Some(Kind::StringValue(s)) => s
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// `{"envoy.lb": {"x-gateway-destination-endpoint": destination}}`.
+pub fn destination_metadata(destination: &str) -> Struct {
+    let inner = Struct {
+        fields: [(DESTINATION_ENDPOINT.to_owned(), string_value(destination))]
+            .into_iter()
+            .collect(),
+    };
+    Struct {
+        fields: [(
+            LB_NAMESPACE.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
+/// A request-headers response carrying routing.
+pub fn request_headers_response(
+    set: Vec<HeaderValueOption>,
+    remove: Vec<String>,
+    metadata: Option<Struct>,
+) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(
+            HeadersResponse {
+                response: Some(CommonResponse {
+                    header_mutation: Some(HeaderMutation {
+                        set_headers: set,
+                        remove_headers: remove,
+                    }),
+                    clear_route_cache: true,
+                    ..Default::default()
+                }),
+            },
+        )),
+        dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}
+
+/// A response-headers response, optionally adding headers.
+pub fn response_headers_response(set: Vec<HeaderValueOption>) -> ProcessingResponse {
+    let header_mutation = (!set.is_empty()).then(|| HeaderMutation {
+        set_headers: set,
+        remove_headers: Vec::new(),
+    });
+    ProcessingResponse {
+        response: Some(processing_response::Response::ResponseHeaders(
+            HeadersResponse {
+                response: Some(CommonResponse {
+                    header_mutation,
+                    ..Default::default()
+                }),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Which direction a body belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → model server.
+    Request,
+    /// Model server → client.
+    Response,
+}
+
+/// One `streamed_response` body message.
+pub fn body_chunk(direction: Direction, chunk: Bytes, end_of_stream: bool) -> ProcessingResponse {
+    let body = BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::StreamedResponse(
+                    StreamedBodyResponse {
+                        body: chunk.into(),
+                        end_of_stream,
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..Default::default()
+        }),
+    };
+    ProcessingResponse {
+        response: Some(match direction {
+            Direction::Request => processing_response::Response::RequestBody(body),
+            Direction::Response => processing_response::Response::ResponseBody(body),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A body re-sent as `streamed_response` chunks of at most [`BODY_CHUNK_LIMIT`] bytes; an
+/// empty body is one empty chunk. `end_of_stream` goes on the last chunk only.
+pub fn body_chunks(
+    direction: Direction,
+    body: Bytes,
+    end_of_stream: bool,
+) -> Vec<ProcessingResponse> {
+    if body.is_empty() {
+        return vec![body_chunk(direction, body, end_of_stream)];
+    }
+    let n = body.len().div_ceil(BODY_CHUNK_LIMIT);
+    (0..n)
+        .map(|i| {
+            let start = i * BODY_CHUNK_LIMIT;
+            let end = (start + BODY_CHUNK_LIMIT).min(body.len());
+            body_chunk(
+                direction,
+                body.slice(start..end),
+                end_of_stream && i + 1 == n,
+            )
+        })
+        .collect()
+}
+
+/// An empty trailers response.
+pub fn trailers_response(direction: Direction) -> ProcessingResponse {
+    let t = TrailersResponse::default();
+    ProcessingResponse {
+        response: Some(match direction {
+            Direction::Request => processing_response::Response::RequestTrailers(t),
+            Direction::Response => processing_response::Response::ResponseTrailers(t),
+        }),
+        ..Default::default()
+    }
+}
+
+/// An immediate (local) reply.
+pub fn immediate_response(status: u16, body: String) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::ImmediateResponse(
+            ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(status),
+                }),
+                headers: Some(HeaderMutation {
+                    set_headers: vec![set_header("content-type", "text/plain; charset=utf-8")],
+                    remove_headers: Vec::new(),
+                }),
+                body: body.into_bytes(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::ListValue;
+
+    fn md(ns: &str, key: &str, v: Value) -> Metadata {
+        let inner = Struct {
+            fields: [(key.to_owned(), v)].into_iter().collect(),
+        };
+        Metadata {
+            filter_metadata: [(ns.to_owned(), inner)].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn subset_hint_list_or_string() {
+        let list = Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: vec![string_value("1.1.1.1:80"), string_value("2.2.2.2:80")],
+            })),
+        };
+        let m = md(SUBSET_HINT_NAMESPACE, DESTINATION_SUBSET, list);
+        assert_eq!(
+            subset_hint(Some(&m)).unwrap(),
+            vec!["1.1.1.1:80", "2.2.2.2:80"]
+        );
+        let m = md(
+            SUBSET_HINT_NAMESPACE,
+            DESTINATION_SUBSET,
+            string_value("1.1.1.1, 2.2.2.2"),
+        );
+        assert_eq!(subset_hint(Some(&m)).unwrap(), vec!["1.1.1.1", "2.2.2.2"]);
+        let empty = md(
+            SUBSET_HINT_NAMESPACE,
+            DESTINATION_SUBSET,
+            Value {
+                kind: Some(Kind::ListValue(ListValue::default())),
+            },
+        );
+        assert_eq!(subset_hint(Some(&empty)), Some(vec![]));
+        assert_eq!(subset_hint(None), None);
+        let other = md("envoy.lb", DESTINATION_SUBSET, string_value("x"));
+        assert_eq!(subset_hint(Some(&other)), None);
+    }
+
+    #[test]
+    fn chunking() {
+        let body = Bytes::from(vec![b'a'; BODY_CHUNK_LIMIT * 2 + 1]);
+        let chunks = body_chunks(Direction::Request, body, true);
+        assert_eq!(chunks.len(), 3);
+        let eos: Vec<bool> = chunks
+            .iter()
+            .map(|c| match &c.response {
+                Some(processing_response::Response::RequestBody(b)) => {
+                    match b
+                        .response
+                        .as_ref()
+                        .unwrap()
+                        .body_mutation
+                        .as_ref()
+                        .unwrap()
+                        .mutation
+                        .as_ref()
+                        .unwrap()
+                    {
+                        body_mutation::Mutation::StreamedResponse(s) => s.end_of_stream,
+                        _ => panic!(),
+                    }
+                }
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(eos, vec![false, false, true]);
+        assert_eq!(
+            body_chunks(Direction::Response, Bytes::new(), true).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn metadata_roundtrip() {
+        let s = destination_metadata("1.2.3.4:80,[::1]:80");
+        let m = Metadata {
+            filter_metadata: s
+                .fields
+                .iter()
+                .map(|(k, v)| match &v.kind {
+                    Some(Kind::StructValue(st)) => (k.clone(), st.clone()),
+                    _ => panic!(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            metadata_string(Some(&m), LB_NAMESPACE, DESTINATION_ENDPOINT).unwrap(),
+            "1.2.3.4:80,[::1]:80"
+        );
+    }
+}

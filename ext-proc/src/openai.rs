@@ -1,0 +1,525 @@
+//! OpenAI-style request and response bodies: parsed once, never re-serialised needlessly.
+//!
+//! The request body is validated by one `serde_json` pass that borrows from the buffer: the
+//! `model` value and the prompt-bearing field are located as byte ranges of the original body,
+//! so the prefix hasher reads a zero-copy slice and a model rewrite is a single splice.
+//! Everything else passes through byte for byte.
+//!
+//! Responses are scanned for `usage`: JSON bodies at the end, SSE streams line by line as the
+//! chunks go by (keeping only the current partial line).
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use endpoint_picker::request::Api;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A request body that is not a valid request of its API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON, or not an object.
+    #[error("invalid JSON body: {0}")]
+    Json(String),
+    /// `model` missing, empty or not a string.
+    #[error("model not found in request body")]
+    MissingModel,
+    /// A field the API requires is missing or empty.
+    #[error("{api} request must contain a non-empty {field:?}")]
+    MissingField {
+        /// The API.
+        api: &'static str,
+        /// The field.
+        field: &'static str,
+    },
+}
+
+/// Chooses the API from a request path (query string ignored). Unknown paths are treated as
+/// completions, as the reference does.
+pub fn api_for_path(path: &str) -> Api {
+    let path = path
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(path)
+        .trim_end_matches('/');
+    if path.ends_with("/conversations") {
+        Api::Conversations
+    } else if path.ends_with("/responses") {
+        Api::Responses
+    } else if path.ends_with("/chat/completions") {
+        Api::ChatCompletions
+    } else if path.ends_with("/embeddings") {
+        Api::Embeddings
+    } else {
+        Api::Completions
+    }
+}
+
+/// What the request path needs from a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedBody {
+    /// The `model`.
+    pub model: String,
+    /// `stream: true`.
+    pub stream: bool,
+    /// The text prefix caching is computed over (zero-copy when possible).
+    pub prompt: Bytes,
+    /// `cache_salt`.
+    pub cache_salt: Option<String>,
+    /// Byte range of the `model` JSON value (including quotes) in the body.
+    pub model_span: Range<usize>,
+}
+
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    stream: Option<bool>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    items: Option<&'a RawValue>,
+    #[serde(borrow)]
+    instructions: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    cache_salt: Option<String>,
+}
+
+/// The byte range of `part` inside `whole` (it must be a sub-slice).
+fn span_of(whole: &[u8], part: &str) -> Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+    start..start + part.len()
+}
+
+fn non_empty(raw: Option<&RawValue>) -> Option<&RawValue> {
+    raw.filter(|r| !matches!(r.get().trim(), "" | "null" | "\"\"" | "[]" | "{}"))
+}
+
+/// Parses and validates a request body of `api`.
+pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
+    let text = std::str::from_utf8(body).map_err(|e| BodyError::Json(e.to_string()))?;
+    let fields: Fields<'_> =
+        serde_json::from_str(text).map_err(|e| BodyError::Json(e.to_string()))?;
+    let model_raw = fields.model.ok_or(BodyError::MissingModel)?;
+    let model: Cow<'_, str> =
+        serde_json::from_str(model_raw.get()).map_err(|_| BodyError::MissingModel)?;
+    if model.is_empty() {
+        return Err(BodyError::MissingModel);
+    }
+    let model_span = span_of(body, model_raw.get());
+    let slice = |raw: &RawValue| body.slice(span_of(body, raw.get()));
+    let missing = |field| BodyError::MissingField {
+        api: api.as_str(),
+        field,
+    };
+    let prompt = match api {
+        Api::Completions | Api::HeadersOnly => {
+            let raw = non_empty(fields.prompt).ok_or_else(|| missing("prompt"))?;
+            if raw.get().starts_with('"') {
+                // A plain string prompt: hash the text itself (borrowed when it has no escapes).
+                // `&str` only deserializes when there is nothing to unescape: then the
+                // prompt is a slice of the body; otherwise it is decoded once.
+                match serde_json::from_str::<&str>(raw.get()) {
+                    Ok(s) => body.slice(span_of(body, s)),
+                    Err(_) => match serde_json::from_str::<String>(raw.get()) {
+                        Ok(s) => Bytes::from(s),
+                        Err(e) => return Err(BodyError::Json(e.to_string())),
+                    },
+                }
+            } else {
+                slice(raw)
+            }
+        }
+        Api::ChatCompletions => {
+            slice(non_empty(fields.messages).ok_or_else(|| missing("messages"))?)
+        }
+        Api::Embeddings => slice(non_empty(fields.input).ok_or_else(|| missing("input"))?),
+        Api::Conversations => slice(non_empty(fields.items).ok_or_else(|| missing("items"))?),
+        Api::Responses => {
+            let input = non_empty(fields.input).ok_or_else(|| missing("input"))?;
+            match (fields.instructions, fields.tools) {
+                (None, None) => slice(input),
+                // Instructions and tools come first in what the engine sees, so they lead the
+                // prefix; this is the one case that copies.
+                (instructions, tools) => {
+                    let mut buf = BytesMut::new();
+                    for part in [instructions, tools, Some(input)].into_iter().flatten() {
+                        buf.extend_from_slice(part.get().as_bytes());
+                    }
+                    buf.freeze()
+                }
+            }
+        }
+    };
+    Ok(ParsedBody {
+        model: model.into_owned(),
+        stream: fields.stream.unwrap_or(false),
+        prompt,
+        cache_salt: fields.cache_salt.filter(|s| !s.is_empty()),
+        model_span,
+    })
+}
+
+/// Replaces the `model` value at `span` with `new_model` (one copy of the body).
+pub fn rewrite_model(body: &[u8], span: Range<usize>, new_model: &str) -> Bytes {
+    let encoded = serde_json::to_string(new_model).unwrap_or_else(|_| format!("\"{new_model}\""));
+    let mut out = BytesMut::with_capacity(body.len() + encoded.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(encoded.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    out.freeze()
+}
+
+/// Rewrites `"model":"<from>"` (or `"model": "<from>"`) back to `<to>` in a response chunk.
+/// Returns `None` when the chunk does not contain the pattern.
+pub fn rewrite_response_model(chunk: &[u8], from: &str, to: &str) -> Option<Vec<u8>> {
+    let from_json = serde_json::to_string(from).ok()?;
+    let to_json = serde_json::to_string(to).ok()?;
+    for sep in [":", ": "] {
+        let pattern = format!("\"model\"{sep}{from_json}");
+        if memchr::memmem::find(chunk, pattern.as_bytes()).is_some() {
+            let replacement = format!("\"model\"{sep}{to_json}");
+            let mut out = Vec::with_capacity(chunk.len() + to_json.len());
+            let mut rest = chunk;
+            while let Some(i) = memchr::memmem::find(rest, pattern.as_bytes()) {
+                out.extend_from_slice(&rest[..i]);
+                out.extend_from_slice(replacement.as_bytes());
+                rest = &rest[i + pattern.len()..];
+            }
+            out.extend_from_slice(rest);
+            return Some(out);
+        }
+    }
+    None
+}
+
+/// Token usage reported by the model server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens.
+    pub completion_tokens: u64,
+    /// Total tokens.
+    pub total_tokens: u64,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u64,
+}
+
+#[derive(Deserialize, Default)]
+struct UsageJson {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    prompt_token_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize, Default)]
+struct Details {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<UsageJson>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    response: Option<Box<WithUsage>>,
+}
+
+impl From<UsageJson> for Usage {
+    fn from(u: UsageJson) -> Self {
+        let prompt = u.prompt_tokens.or(u.input_tokens).unwrap_or(0);
+        let completion = u.completion_tokens.or(u.output_tokens).unwrap_or(0);
+        let cached = [
+            u.prompt_tokens_details,
+            u.prompt_token_details,
+            u.input_tokens_details,
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|d| d.cached_tokens)
+        .unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: u.total_tokens.unwrap_or(prompt + completion),
+            cached_tokens: cached,
+        }
+    }
+}
+
+fn usage_of(json: &[u8]) -> Option<Usage> {
+    let v: WithUsage = serde_json::from_slice(json).ok()?;
+    if v.kind.as_deref() == Some("response.completed")
+        && let Some(r) = v.response
+    {
+        return r.usage.map(Usage::from);
+    }
+    v.usage.map(Usage::from)
+}
+
+/// Usage from a complete (non-streamed) JSON response body.
+pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
+    usage_of(body)
+}
+
+/// Longest SSE line kept while waiting for its end; longer lines are skipped (a usage
+/// event is small).
+const MAX_SSE_LINE: usize = 1 << 20;
+
+/// Scans an SSE stream chunk by chunk for the first event carrying `usage`.
+#[derive(Debug, Default)]
+pub struct SseUsageScanner {
+    partial: Vec<u8>,
+    overflowed: bool,
+    usage: Option<Usage>,
+}
+
+impl SseUsageScanner {
+    /// Feeds one chunk.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        if self.usage.is_some() {
+            return;
+        }
+        while let Some(nl) = memchr::memchr(b'\n', chunk) {
+            let line_end = &chunk[..nl];
+            if self.overflowed {
+                self.overflowed = false;
+                self.partial.clear();
+            } else if self.partial.is_empty() {
+                self.line(line_end);
+            } else {
+                self.partial.extend_from_slice(line_end);
+                let line = std::mem::take(&mut self.partial);
+                self.line(&line);
+            }
+            if self.usage.is_some() {
+                return;
+            }
+            chunk = &chunk[nl + 1..];
+        }
+        if !self.overflowed {
+            if self.partial.len() + chunk.len() > MAX_SSE_LINE {
+                self.overflowed = true;
+                self.partial.clear();
+            } else {
+                self.partial.extend_from_slice(chunk);
+            }
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" || memchr::memmem::find(data, b"\"usage\"").is_none() {
+            return;
+        }
+        if let Some(u) = usage_of(data) {
+            self.usage = Some(u);
+        }
+    }
+
+    /// The usage found so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn api_by_path() {
+        assert_eq!(api_for_path("/v1/chat/completions"), Api::ChatCompletions);
+        assert_eq!(api_for_path("/v1/completions?x=1"), Api::Completions);
+        assert_eq!(api_for_path("/v1/responses"), Api::Responses);
+        assert_eq!(api_for_path("/v1/embeddings/"), Api::Embeddings);
+        assert_eq!(api_for_path("/v1/conversations"), Api::Conversations);
+        assert_eq!(api_for_path("/whatever"), Api::Completions);
+    }
+
+    #[test]
+    fn completions_prompt_is_zero_copy() {
+        let body = b(r#"{"model":"m","prompt":"hello world","stream":true,"max_tokens":5}"#);
+        let p = parse_body(Api::Completions, &body).unwrap();
+        assert_eq!(p.model, "m");
+        assert!(p.stream);
+        assert_eq!(&p.prompt[..], b"hello world");
+        assert_eq!(&body[p.model_span.clone()], b"\"m\"");
+        // Shares the body's allocation.
+        let base = body.as_ptr() as usize;
+        assert!((base..base + body.len()).contains(&(p.prompt.as_ptr() as usize)));
+    }
+
+    #[test]
+    fn escaped_prompt_is_decoded() {
+        let p = parse_body(Api::Completions, &b(r#"{"model":"m","prompt":"a\nb"}"#)).unwrap();
+        assert_eq!(&p.prompt[..], b"a\nb");
+        let arr = parse_body(Api::Completions, &b(r#"{"model":"m","prompt":["x","y"]}"#)).unwrap();
+        assert_eq!(&arr.prompt[..], br#"["x","y"]"#);
+    }
+
+    #[test]
+    fn chat_uses_raw_messages() {
+        let body =
+            b(r#"{"messages":[{"role":"user","content":"hi"}],"model":"llama","cache_salt":"s"}"#);
+        let p = parse_body(Api::ChatCompletions, &body).unwrap();
+        assert_eq!(&p.prompt[..], br#"[{"role":"user","content":"hi"}]"#);
+        assert_eq!(p.cache_salt.as_deref(), Some("s"));
+        assert!(!p.stream);
+    }
+
+    #[test]
+    fn responses_put_instructions_first() {
+        let p = parse_body(
+            Api::Responses,
+            &b(r#"{"model":"m","input":"q","instructions":"be brief"}"#),
+        )
+        .unwrap();
+        assert_eq!(&p.prompt[..], br#""be brief""q""#);
+        let p = parse_body(Api::Embeddings, &b(r#"{"model":"m","input":["a"]}"#)).unwrap();
+        assert_eq!(&p.prompt[..], br#"["a"]"#);
+        let p = parse_body(Api::Conversations, &b(r#"{"model":"m","items":[1]}"#)).unwrap();
+        assert_eq!(&p.prompt[..], b"[1]");
+    }
+
+    #[test]
+    fn invalid_bodies() {
+        let e = |api, s| parse_body(api, &b(s)).unwrap_err();
+        assert!(matches!(e(Api::Completions, "{nope"), BodyError::Json(_)));
+        assert!(matches!(e(Api::Completions, "[1,2]"), BodyError::Json(_)));
+        assert!(matches!(e(Api::Completions, "\u{ff}"), BodyError::Json(_)));
+        assert_eq!(
+            e(Api::Completions, r#"{"prompt":"x"}"#),
+            BodyError::MissingModel
+        );
+        assert_eq!(
+            e(Api::Completions, r#"{"model":"","prompt":"x"}"#),
+            BodyError::MissingModel
+        );
+        assert_eq!(
+            e(Api::Completions, r#"{"model":5,"prompt":"x"}"#),
+            BodyError::MissingModel
+        );
+        assert!(matches!(
+            e(Api::Completions, r#"{"model":"m"}"#),
+            BodyError::MissingField {
+                field: "prompt",
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(Api::Completions, r#"{"model":"m","prompt":""}"#),
+            BodyError::MissingField { .. }
+        ));
+        assert!(matches!(
+            e(Api::ChatCompletions, r#"{"model":"m","messages":[]}"#),
+            BodyError::MissingField { .. }
+        ));
+        assert!(matches!(
+            e(
+                Api::ChatCompletions,
+                r#"{"model":"m","stream":"yes","messages":[1]}"#
+            ),
+            BodyError::Json(_)
+        ));
+        assert!(matches!(
+            e(
+                Api::Completions,
+                r#"{"model":"m","model":"n","prompt":"x"}"#
+            ),
+            BodyError::Json(_)
+        ));
+    }
+
+    #[test]
+    fn model_rewrite_splices_once() {
+        let body = b(r#"{"model": "base", "prompt":"p"}"#);
+        let p = parse_body(Api::Completions, &body).unwrap();
+        let out = rewrite_model(&body, p.model_span, "lora-\"x\"");
+        assert_eq!(&out[..], br#"{"model": "lora-\"x\"", "prompt":"p"}"#);
+        let again = parse_body(Api::Completions, &out).unwrap();
+        assert_eq!(again.model, "lora-\"x\"");
+    }
+
+    #[test]
+    fn response_model_rewrite() {
+        let out = rewrite_response_model(br#"{"id":1,"model":"t","x":{"model":"t"}}"#, "t", "orig")
+            .unwrap();
+        assert_eq!(out, br#"{"id":1,"model":"orig","x":{"model":"orig"}}"#);
+        let spaced = rewrite_response_model(br#"{"model": "t"}"#, "t", "o").unwrap();
+        assert_eq!(spaced, br#"{"model": "o"}"#);
+        assert!(rewrite_response_model(b"{}", "t", "o").is_none());
+    }
+
+    #[test]
+    fn usage_from_bodies() {
+        let u = usage_from_json(
+            br#"{"object":"chat.completion","usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":8}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                total_tokens: 15,
+                cached_tokens: 8
+            }
+        );
+        let r = usage_from_json(
+            br#"{"object":"response","usage":{"input_tokens":3,"output_tokens":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.prompt_tokens, r.completion_tokens, r.total_tokens),
+            (3, 4, 7)
+        );
+        assert!(usage_from_json(b"{}").is_none());
+        assert!(usage_from_json(br#"{"usage":null}"#).is_none());
+    }
+
+    #[test]
+    fn sse_usage_across_chunk_boundaries() {
+        let stream = "data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\n\
+                      data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n\
+                      data: [DONE]\n\n";
+        for split in 1..stream.len() {
+            let mut s = SseUsageScanner::default();
+            s.feed(&stream.as_bytes()[..split]);
+            s.feed(&stream.as_bytes()[split..]);
+            let u = s.usage().unwrap_or_else(|| panic!("split at {split}"));
+            assert_eq!((u.prompt_tokens, u.completion_tokens), (7, 2));
+        }
+        let mut resp = SseUsageScanner::default();
+        resp.feed(b"event: response.completed\r\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}}\r\n");
+        assert_eq!(resp.usage().unwrap().completion_tokens, 2);
+    }
+
+    #[test]
+    fn sse_overlong_line_is_skipped() {
+        let mut s = SseUsageScanner::default();
+        s.feed(&vec![b'x'; MAX_SSE_LINE + 10]);
+        s.feed(b"tail\ndata: {\"usage\":{\"prompt_tokens\":1}}\n");
+        assert_eq!(s.usage().unwrap().prompt_tokens, 1);
+    }
+}

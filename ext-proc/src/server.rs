@@ -1,0 +1,304 @@
+//! Wiring: the datastore, scrapers, discovery, the three servers, and shutdown.
+//!
+//! [`serve`] takes already-bound listeners, so the binary binds its flag ports and tests bind
+//! `127.0.0.1:0`; everything else is the same code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use endpoint_picker::config::LoadedConfig;
+use endpoint_picker::datastore::{Datastore, PoolSpec};
+use endpoint_picker::director::Director;
+use endpoint_picker::discovery::file::{self, LocalPool};
+use endpoint_picker::scrape::{ScrapeConfig, scraper};
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::admin::{self, AdminState};
+use crate::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
+use crate::health;
+use crate::metrics::EppMetrics;
+use crate::service::{ExtProcService, ServiceContext, ServiceOptions};
+use crate::tls::TlsIdentity;
+
+/// Largest ext_proc message accepted (a request body chunk can be large).
+const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Where the pool comes from.
+#[derive(Debug, Clone)]
+pub enum PoolSource {
+    /// A pool file, already read once, then polled for changes.
+    File {
+        /// Path.
+        path: std::path::PathBuf,
+        /// Poll interval.
+        poll_interval: Duration,
+        /// `--model-server-metrics-port`.
+        metrics_port: Option<u16>,
+        /// The first successful read.
+        initial: Box<LocalPool>,
+    },
+    /// A fixed pool (tests).
+    Static(PoolSpec),
+}
+
+/// Everything [`serve`] needs besides listeners.
+#[derive(Debug)]
+pub struct Settings {
+    /// Loaded plugin configuration.
+    pub config: LoadedConfig,
+    /// ext_proc service options.
+    pub options: ServiceOptions,
+    /// TLS identity for the ext_proc port (`None` = plaintext).
+    pub tls: Option<TlsIdentity>,
+    /// Scraper settings (`None` = no scraping; metrics are set by hand, as in tests).
+    pub scrape: Option<ScrapeConfig>,
+    /// Pool gauge refresh interval.
+    pub refresh_prometheus_interval: Duration,
+    /// Staleness threshold for the pool gauges.
+    pub metrics_staleness: Duration,
+    /// The pool.
+    pub pool: PoolSource,
+    /// RNG seed.
+    pub seed: u64,
+    /// Bearer token for `/metrics`.
+    pub metrics_bearer_token: Option<String>,
+    /// Also serve gRPC health on the ext_proc port.
+    pub health_on_grpc_port: bool,
+    /// How long open streams may take to finish after shutdown begins.
+    pub drain_grace: Duration,
+}
+
+/// The three listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// ext_proc.
+    pub grpc: TcpListener,
+    /// gRPC health.
+    pub health: TcpListener,
+    /// Prometheus / admin.
+    pub metrics: TcpListener,
+}
+
+/// Serving failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The admin server failed.
+    #[error("metrics server: {0}")]
+    Admin(#[source] std::io::Error),
+}
+
+/// Handles to a running EPP (for tests and the binary).
+#[derive(Debug, Clone)]
+pub struct Handles {
+    /// The director.
+    pub director: Arc<Director>,
+    /// The datastore.
+    pub datastore: Arc<Datastore>,
+}
+
+/// Runs the EPP until `shutdown` is cancelled, then drains within the grace period.
+pub async fn serve(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    serve_with_handles(settings, listeners, shutdown, |_| {}).await
+}
+
+/// Like [`serve`], calling `on_ready` with handles once everything is wired.
+pub async fn serve_with_handles(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Handles),
+) -> Result<(), ServeError> {
+    let Settings {
+        config,
+        options,
+        tls,
+        scrape,
+        refresh_prometheus_interval,
+        metrics_staleness,
+        pool,
+        seed,
+        metrics_bearer_token,
+        health_on_grpc_port,
+        drain_grace,
+    } = settings;
+    for w in &config.warnings {
+        tracing::warn!(warning = %w, "config");
+    }
+    let datastore = Arc::new(Datastore::new());
+    let director = Arc::new(Director::new(datastore.clone(), Arc::new(config), seed));
+    let mut registry = Registry::default();
+    let metrics = EppMetrics::register(&mut registry);
+    let registry = Arc::new(Mutex::new(registry));
+
+    // Membership changes reach the producers (prefix index purge).
+    {
+        let director = director.clone();
+        let mut changes = datastore.subscribe();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                director.pool_changed();
+            }
+        });
+    }
+
+    match pool {
+        PoolSource::File {
+            path,
+            poll_interval,
+            metrics_port,
+            initial,
+        } => {
+            let last = std::fs::read(&path).unwrap_or_default();
+            file::apply(*initial, &datastore, Some(&director));
+            tokio::spawn(file::watch(
+                path,
+                poll_interval,
+                metrics_port,
+                datastore.clone(),
+                Some(director.clone()),
+                last,
+                shutdown.child_token(),
+            ));
+        }
+        PoolSource::Static(spec) => {
+            datastore.apply(spec);
+        }
+    }
+
+    if let Some(scrape) = scrape {
+        tokio::spawn(scraper::run(
+            datastore.clone(),
+            Arc::new(scrape),
+            Arc::new(()),
+            shutdown.child_token(),
+        ));
+    }
+
+    {
+        let (metrics, datastore, director, token) = (
+            metrics.clone(),
+            datastore.clone(),
+            director.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh_prometheus_interval);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tick.tick() => metrics.refresh_pool(&datastore, &director, metrics_staleness),
+                }
+            }
+        });
+    }
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::init(&reporter).await;
+    {
+        let (reporter, mut synced, token) =
+            (reporter.clone(), datastore.subscribe(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                ok = async { synced.wait_for(|v| *v > 0).await.is_ok() } => if ok {
+                    health::set_ready(&reporter, true).await;
+                    tracing::info!("pool synced; ready");
+                },
+            }
+            token.cancelled().await;
+            health::set_ready(&reporter, false).await;
+        });
+    }
+    let health_server = {
+        let token = shutdown.clone();
+        let svc = health_service.clone();
+        let incoming = TcpListenerStream::new(listeners.health);
+        tokio::spawn(async move {
+            Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, token.cancelled())
+                .await
+        })
+    };
+
+    let admin_server = {
+        let token = shutdown.clone();
+        let state = AdminState {
+            registry: registry.clone(),
+            bearer_token: metrics_bearer_token.map(Into::into),
+        };
+        let listener = listeners.metrics;
+        tokio::spawn(async move {
+            axum::serve(listener, admin::router(state))
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+        })
+    };
+
+    let ctx = Arc::new(ServiceContext {
+        director: director.clone(),
+        metrics,
+        options,
+    });
+    let svc = ExternalProcessorServer::new(ExtProcService::new(ctx))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE);
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(id) = tls {
+        builder = builder.tls_config(
+            ServerTlsConfig::new().identity(Identity::from_pem(id.cert_pem, id.key_pem)),
+        )?;
+    }
+    let mut router = builder.add_service(svc);
+    if health_on_grpc_port {
+        router = router.add_service(health_service);
+    }
+    on_ready(Handles {
+        director,
+        datastore,
+    });
+    let grpc_token = shutdown.clone();
+    let grpc = router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listeners.grpc),
+        grpc_token.cancelled_owned(),
+    );
+    tokio::pin!(grpc);
+    let result = tokio::select! {
+        r = &mut grpc => r.map_err(ServeError::from),
+        _ = shutdown.cancelled() => {
+            tracing::info!(grace = ?drain_grace, "shutting down; draining open streams");
+            match tokio::time::timeout(drain_grace, &mut grpc).await {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!("drain grace period elapsed; closing remaining streams");
+                    Ok(())
+                }
+            }
+        }
+    };
+    shutdown.cancel();
+    let _ = health_server.await;
+    if let Ok(Err(e)) = admin_server.await {
+        return Err(ServeError::Admin(e));
+    }
+    result
+}

@@ -1,0 +1,344 @@
+//! Shared harness: an in-process EPP on loopback ports and an ext_proc client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use endpoint_picker::config;
+use endpoint_picker::datastore::{EndpointSpec, EngineMetrics, PoolSpec};
+use ext_proc::envoy::ext_proc::external_processor_client::ExternalProcessorClient;
+use ext_proc::envoy::ext_proc::{
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
+    processing_response,
+};
+use ext_proc::envoy::{HeaderMap, HeaderValue, Metadata};
+use ext_proc::server::{self, Handles, Listeners, PoolSource, Settings};
+use ext_proc::service::ServiceOptions;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running in-process EPP.
+pub struct Epp {
+    pub grpc: SocketAddr,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+    pub handles: Handles,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Epp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn endpoint(n: u8, port: u16) -> EndpointSpec {
+    let address = SocketAddr::from(([127, 0, 0, n], port));
+    EndpointSpec {
+        name: format!("pod-{n}-rank-0"),
+        pod_name: format!("pod-{n}"),
+        namespace: "default".into(),
+        address,
+        metrics_address: address,
+        rank: 0,
+        labels: BTreeMap::new(),
+    }
+}
+
+pub fn pool(endpoints: Vec<EndpointSpec>) -> PoolSpec {
+    PoolSpec {
+        name: "pool".into(),
+        namespace: "default".into(),
+        app_protocol: "http".into(),
+        endpoints,
+    }
+}
+
+pub struct EppOptions {
+    pub config: String,
+    pub options: ServiceOptions,
+    pub tls: bool,
+}
+
+impl Default for EppOptions {
+    fn default() -> Self {
+        Self {
+            config: config::DEFAULT_CONFIG.to_owned(),
+            options: ServiceOptions::default(),
+            tls: false,
+        }
+    }
+}
+
+pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    let listeners = Listeners {
+        grpc: bind().await.unwrap(),
+        health: bind().await.unwrap(),
+        metrics: bind().await.unwrap(),
+    };
+    let (grpc, health, metrics) = (
+        listeners.grpc.local_addr().unwrap(),
+        listeners.health.local_addr().unwrap(),
+        listeners.metrics.local_addr().unwrap(),
+    );
+    let settings = Settings {
+        config: config::load(&opts.config, 7).unwrap(),
+        options: opts.options,
+        tls: opts.tls.then(|| ext_proc::tls::self_signed().unwrap()),
+        scrape: None,
+        refresh_prometheus_interval: Duration::from_millis(100),
+        metrics_staleness: Duration::from_secs(2),
+        pool: PoolSource::Static(pool),
+        seed: 7,
+        metrics_bearer_token: None,
+        health_on_grpc_port: false,
+        drain_grace: Duration::from_secs(1),
+    };
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        server::serve_with_handles(settings, listeners, token, move |h| {
+            let _ = tx.send(h);
+        })
+        .await
+        .unwrap();
+    });
+    let handles = tokio::time::timeout(TIMEOUT, rx).await.unwrap().unwrap();
+    Epp {
+        grpc,
+        health,
+        metrics,
+        handles,
+        shutdown,
+        task,
+    }
+}
+
+/// Marks every endpoint fresh with the given queue sizes (in pool order).
+pub fn set_queues(epp: &Epp, queues: &[u64]) {
+    let snap = epp.handles.datastore.snapshot();
+    for (e, q) in snap.endpoints.iter().zip(queues) {
+        e.store_metrics(EngineMetrics {
+            waiting_queue_size: *q,
+            updated_at: Some(tokio::time::Instant::now()),
+            ..Default::default()
+        });
+    }
+}
+
+/// One open ext_proc stream.
+pub struct Stream {
+    pub tx: mpsc::Sender<ProcessingRequest>,
+    pub rx: Streaming<ProcessingResponse>,
+}
+
+impl Stream {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ExternalProcessorClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel(64);
+        let rx = client
+            .process(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    pub async fn send(&self, m: ProcessingRequest) {
+        self.tx.send(m).await.unwrap();
+    }
+
+    pub async fn recv(&mut self) -> ProcessingResponse {
+        tokio::time::timeout(TIMEOUT, self.rx.message())
+            .await
+            .expect("response in time")
+            .unwrap()
+            .expect("a response")
+    }
+
+    /// Asserts nothing arrives within a short window (used to check deferral).
+    pub async fn expect_silence(&mut self) {
+        let r = tokio::time::timeout(Duration::from_millis(200), self.rx.message()).await;
+        assert!(r.is_err(), "expected no response yet, got {r:?}");
+    }
+}
+
+pub fn header_map(headers: &[(&str, &str)]) -> HeaderMap {
+    HeaderMap {
+        headers: headers
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+pub fn req_headers(
+    headers: &[(&str, &str)],
+    eos: bool,
+    metadata: Option<Metadata>,
+) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
+            headers: Some(header_map(headers)),
+            end_of_stream: eos,
+            ..Default::default()
+        })),
+        metadata_context: metadata,
+        ..Default::default()
+    }
+}
+
+pub fn req_body(body: &[u8], eos: bool) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::RequestBody(HttpBody {
+            body: body.to_vec(),
+            end_of_stream: eos,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+pub fn resp_headers(
+    headers: &[(&str, &str)],
+    eos: bool,
+    metadata: Option<Metadata>,
+) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::ResponseHeaders(HttpHeaders {
+            headers: Some(header_map(headers)),
+            end_of_stream: eos,
+            ..Default::default()
+        })),
+        metadata_context: metadata,
+        ..Default::default()
+    }
+}
+
+pub fn resp_body(body: &[u8], eos: bool) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::ResponseBody(HttpBody {
+            body: body.to_vec(),
+            end_of_stream: eos,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The set headers, remove list and dynamic destination of a request-headers response.
+pub struct RoutingAnswer {
+    pub set: Vec<(String, String)>,
+    pub remove: Vec<String>,
+    pub metadata_destination: Option<String>,
+    pub clear_route_cache: bool,
+}
+
+impl RoutingAnswer {
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.set
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn destination(&self) -> &str {
+        self.header("x-gateway-destination-endpoint")
+            .expect("destination header")
+    }
+}
+
+pub fn routing_answer(r: &ProcessingResponse) -> RoutingAnswer {
+    let Some(processing_response::Response::RequestHeaders(h)) = &r.response else {
+        panic!("expected a request-headers response, got {r:?}");
+    };
+    let common = h.response.as_ref().unwrap();
+    let mutation = common.header_mutation.clone().unwrap_or_default();
+    let set = mutation
+        .set_headers
+        .iter()
+        .map(|o| {
+            let h = o.header.as_ref().unwrap();
+            (
+                h.key.clone(),
+                String::from_utf8(h.raw_value.clone()).unwrap(),
+            )
+        })
+        .collect();
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let metadata_destination = r.dynamic_metadata.as_ref().and_then(|s| {
+        match s.fields.get("envoy.lb")?.kind.as_ref()? {
+            Kind::StructValue(inner) => match inner
+                .fields
+                .get("x-gateway-destination-endpoint")?
+                .kind
+                .as_ref()?
+            {
+                Kind::StringValue(v) => Some(v.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    });
+    RoutingAnswer {
+        set,
+        remove: mutation.remove_headers,
+        metadata_destination,
+        clear_route_cache: common.clear_route_cache,
+    }
+}
+
+/// `(body, end_of_stream)` of a streamed body response in either direction.
+pub fn streamed_body(r: &ProcessingResponse) -> (Vec<u8>, bool) {
+    use ext_proc::envoy::ext_proc::body_mutation::Mutation;
+    let body = match &r.response {
+        Some(processing_response::Response::RequestBody(b))
+        | Some(processing_response::Response::ResponseBody(b)) => b,
+        other => panic!("expected a body response, got {other:?}"),
+    };
+    match body
+        .response
+        .as_ref()
+        .and_then(|c| c.body_mutation.as_ref())
+        .and_then(|m| m.mutation.as_ref())
+    {
+        Some(Mutation::StreamedResponse(s)) => (s.body.clone(), s.end_of_stream),
+        other => panic!("expected streamed_response, got {other:?}"),
+    }
+}
+
+/// `(status, body)` of an immediate response.
+pub fn immediate(r: &ProcessingResponse) -> (i32, String) {
+    match &r.response {
+        Some(processing_response::Response::ImmediateResponse(i)) => (
+            i.status.as_ref().unwrap().code,
+            String::from_utf8(i.body.clone()).unwrap(),
+        ),
+        other => panic!("expected an immediate response, got {other:?}"),
+    }
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}

@@ -1,0 +1,558 @@
+//! gRPC-level tests: an in-process EPP driven by `ExternalProcessorClient` through every
+//! message sequence Envoy produces.
+
+mod common;
+
+use common::*;
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use ext_proc::envoy::Metadata;
+use ext_proc::envoy::ext_proc::processing_response;
+use ext_proc::service::ServiceOptions;
+
+fn chat(model: &str, content: &str, stream: bool) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+    }))
+    .unwrap()
+}
+
+const CHAT_HEADERS: &[(&str, &str)] = &[
+    (":method", "POST"),
+    (":path", "/v1/chat/completions"),
+    ("content-type", "application/json"),
+];
+
+fn three() -> endpoint_picker::datastore::PoolSpec {
+    pool(vec![
+        endpoint(11, 8000),
+        endpoint(12, 8000),
+        endpoint(13, 8000),
+    ])
+}
+
+fn subset_metadata(value: Value) -> Metadata {
+    let inner = Struct {
+        fields: [("x-gateway-destination-endpoint-subset".to_owned(), value)]
+            .into_iter()
+            .collect(),
+    };
+    Metadata {
+        filter_metadata: [("envoy.lb.subset_hint".to_owned(), inner)]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn served_metadata(v: &str) -> Metadata {
+    let inner = Struct {
+        fields: [(
+            "x-gateway-destination-endpoint-served".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(v.into())),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    Metadata {
+        filter_metadata: [("envoy.lb".to_owned(), inner)].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn headers_only_request_is_routed_immediately() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(
+        &[(":method", "GET"), (":path", "/v1/models")],
+        true,
+        None,
+    ))
+    .await;
+    let a = routing_answer(&s.recv().await);
+    assert!(a.destination().starts_with("127.0.0.1"));
+    assert_eq!(a.metadata_destination.as_deref(), Some(a.destination()));
+    assert!(a.clear_route_cache);
+    assert!(a.header("content-length").is_none());
+    // No x-request-id from the client: one is generated and forwarded.
+    assert_eq!(a.header("x-request-id").map(str::len), Some(36));
+}
+
+#[tokio::test]
+async fn multi_chunk_body_is_deferred_then_answered_in_order() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    set_queues(&epp, &[5, 0, 5]);
+    let mut s = Stream::open(epp.grpc).await;
+    let body = chat("m", &"hello ".repeat(500), false);
+    s.send(req_headers(
+        &[(":path", "/v1/chat/completions"), ("x-request-id", "rid-1")],
+        false,
+        None,
+    ))
+    .await;
+    s.expect_silence().await;
+    let (a, b) = body.split_at(body.len() / 3);
+    let (b, c) = b.split_at(b.len() / 2);
+    s.send(req_body(a, false)).await;
+    s.send(req_body(b, false)).await;
+    s.expect_silence().await;
+    s.send(req_body(c, true)).await;
+    let answer = routing_answer(&s.recv().await);
+    assert_eq!(answer.destination(), "127.0.0.12:8000");
+    assert_eq!(
+        answer.metadata_destination.as_deref(),
+        Some("127.0.0.12:8000")
+    );
+    assert_eq!(
+        answer.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    assert!(
+        answer.header("x-request-id").is_none(),
+        "the client's id is kept"
+    );
+    let (echo, eos) = streamed_body(&s.recv().await);
+    assert!(eos);
+    assert_eq!(echo, body, "the body passes through byte for byte");
+}
+
+#[tokio::test]
+async fn one_mebibyte_body_is_resent_in_62000_byte_chunks() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let mut s = Stream::open(epp.grpc).await;
+    let prompt = "x".repeat(1 << 20);
+    let body = serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": prompt})).unwrap();
+    s.send(req_headers(
+        &[
+            (":path", "/v1/completions"),
+            ("content-length", &body.len().to_string()),
+        ],
+        false,
+        None,
+    ))
+    .await;
+    for chunk in body.chunks(16 * 1024) {
+        s.send(req_body(chunk, false)).await;
+    }
+    s.send(req_body(b"", true)).await;
+    let answer = routing_answer(&s.recv().await);
+    assert_eq!(
+        answer.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    let mut got = Vec::new();
+    loop {
+        let (chunk, eos) = streamed_body(&s.recv().await);
+        assert!(chunk.len() <= 62_000);
+        got.extend_from_slice(&chunk);
+        if eos {
+            break;
+        }
+    }
+    assert_eq!(got.len(), body.len());
+    assert_eq!(got, body);
+}
+
+#[tokio::test]
+async fn sse_response_chunks_are_answered_one_by_one_and_state_released() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&chat("m", "hi", true), true)).await;
+    let dest = routing_answer(&s.recv().await).destination().to_owned();
+    let _ = s.recv().await;
+    let snap = epp.handles.datastore.snapshot();
+    let id = snap
+        .endpoints
+        .iter()
+        .find(|e| &*e.host_port == dest)
+        .unwrap()
+        .id;
+    assert_eq!(epp.handles.director.in_flight().get(id), 1);
+    s.send(resp_headers(
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+        Some(served_metadata(&dest)),
+    ))
+    .await;
+    assert!(matches!(
+        s.recv().await.response,
+        Some(processing_response::Response::ResponseHeaders(_))
+    ));
+    let events = [
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"model\":\"m\"}\n\n".to_string(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"model\":\"m\"}\n\n".to_string(),
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n".to_string(),
+    ];
+    for (i, e) in events.iter().enumerate() {
+        let last = i + 1 == events.len();
+        s.send(resp_body(e.as_bytes(), last)).await;
+        // Each chunk comes back before the next is sent: nothing is buffered.
+        let (echo, eos) = streamed_body(&s.recv().await);
+        assert_eq!(echo, e.as_bytes());
+        assert_eq!(eos, last);
+    }
+    assert_eq!(
+        epp.handles.director.in_flight().get(id),
+        0,
+        "completion releases the in-flight slot"
+    );
+}
+
+#[tokio::test]
+async fn non_sse_response_passes_through() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    let _ = s.recv().await;
+    let _ = s.recv().await;
+    s.send(resp_headers(
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+        None,
+    ))
+    .await;
+    let _ = s.recv().await;
+    let body = br#"{"object":"chat.completion","model":"m","usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+    s.send(resp_body(&body[..10], false)).await;
+    assert_eq!(streamed_body(&s.recv().await), (body[..10].to_vec(), false));
+    s.send(resp_body(&body[10..], true)).await;
+    assert_eq!(streamed_body(&s.recv().await), (body[10..].to_vec(), true));
+}
+
+#[tokio::test]
+async fn client_abort_releases_in_flight_state() {
+    let epp = start_epp(pool(vec![endpoint(11, 8000)]), EppOptions::default()).await;
+    let id = epp.handles.datastore.snapshot().endpoints[0].id;
+    {
+        let mut s = Stream::open(epp.grpc).await;
+        s.send(req_headers(CHAT_HEADERS, false, None)).await;
+        s.send(req_body(&chat("m", "hi", true), true)).await;
+        let _ = s.recv().await;
+        let _ = s.recv().await;
+        assert_eq!(epp.handles.director.in_flight().get(id), 1);
+        // The client goes away mid-response.
+    }
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while epp.handles.director.in_flight().get(id) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "in-flight state not released"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn subset_hint_list_and_string_restrict_candidates() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let list = Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: vec![Value {
+                kind: Some(Kind::StringValue("127.0.0.13:8000".into())),
+            }],
+        })),
+    };
+    for hint in [
+        list,
+        Value {
+            kind: Some(Kind::StringValue("127.0.0.99:1, 127.0.0.13".into())),
+        },
+    ] {
+        for _ in 0..5 {
+            let mut s = Stream::open(epp.grpc).await;
+            s.send(req_headers(
+                CHAT_HEADERS,
+                false,
+                Some(subset_metadata(hint.clone())),
+            ))
+            .await;
+            s.send(req_body(&chat("m", "hi", false), true)).await;
+            assert_eq!(
+                routing_answer(&s.recv().await).destination(),
+                "127.0.0.13:8000"
+            );
+        }
+    }
+    // Empty hint or a hint outside the pool: 503.
+    for hint in [
+        Value {
+            kind: Some(Kind::ListValue(ListValue::default())),
+        },
+        Value {
+            kind: Some(Kind::StringValue("10.9.9.9:80".into())),
+        },
+    ] {
+        let mut s = Stream::open(epp.grpc).await;
+        s.send(req_headers(
+            CHAT_HEADERS,
+            false,
+            Some(subset_metadata(hint)),
+        ))
+        .await;
+        s.send(req_body(&chat("m", "hi", false), true)).await;
+        let (status, body) = immediate(&s.recv().await);
+        assert_eq!(status, 503);
+        assert!(
+            body.starts_with("inference error: ServiceUnavailable - "),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_bodies_get_400_with_the_error_text() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    for (body, needle) in [
+        (&b"{not json"[..], "invalid JSON body"),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}]}"#,
+            "model not found",
+        ),
+        (br#"{"model":"m","messages":[]}"#, "messages"),
+    ] {
+        let mut s = Stream::open(epp.grpc).await;
+        s.send(req_headers(CHAT_HEADERS, false, None)).await;
+        s.send(req_body(body, true)).await;
+        let (status, text) = immediate(&s.recv().await);
+        assert_eq!(status, 400);
+        assert!(
+            text.starts_with("inference error: BadRequest - ") && text.contains(needle),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_body_gets_413() {
+    let opts = EppOptions {
+        options: ServiceOptions {
+            max_request_body_bytes: 1000,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let epp = start_epp(three(), opts).await;
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&[b' '; 600], false)).await;
+    s.send(req_body(&[b' '; 600], false)).await;
+    let (status, text) = immediate(&s.recv().await);
+    assert_eq!(status, 413);
+    assert!(text.contains("exceeds the limit of 1000 bytes"));
+}
+
+#[tokio::test]
+async fn client_routing_headers_have_no_effect() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    set_queues(&epp, &[9, 9, 0]);
+    let mut s = Stream::open(epp.grpc).await;
+    let mut headers = CHAT_HEADERS.to_vec();
+    headers.push(("x-gateway-destination-endpoint", "6.6.6.6:80"));
+    headers.push(("x-gateway-destination-endpoint-fallbacks", "6.6.6.6:81"));
+    s.send(req_headers(&headers, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    let a = routing_answer(&s.recv().await);
+    assert_eq!(a.destination(), "127.0.0.13:8000");
+    assert_eq!(
+        a.remove,
+        vec!["x-gateway-destination-endpoint-fallbacks".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn model_rewrite_header_rewrites_body_and_response_back() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let mut s = Stream::open(epp.grpc).await;
+    let mut headers = CHAT_HEADERS.to_vec();
+    headers.push(("x-gateway-model-name-rewrite", "served-model"));
+    s.send(req_headers(&headers, false, None)).await;
+    s.send(req_body(&chat("asked-model", "hi", false), true))
+        .await;
+    let a = routing_answer(&s.recv().await);
+    let (body, _) = streamed_body(&s.recv().await);
+    assert_eq!(
+        a.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["model"], "served-model");
+    s.send(resp_headers(
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+        None,
+    ))
+    .await;
+    let _ = s.recv().await;
+    s.send(resp_body(br#"{"model":"served-model","choices":[]}"#, true))
+        .await;
+    let (back, eos) = streamed_body(&s.recv().await);
+    assert!(eos);
+    assert_eq!(back, br#"{"model":"asked-model","choices":[]}"#);
+}
+
+#[tokio::test]
+async fn sheddable_request_gets_429_when_saturated() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    epp.handles
+        .director
+        .set_policies(endpoint_picker::director::Policies {
+            objectives: [("batch".to_string(), -1)].into_iter().collect(),
+            rewrites: vec![],
+        });
+    set_queues(&epp, &[50, 50, 50]);
+    let mut s = Stream::open(epp.grpc).await;
+    let mut headers = CHAT_HEADERS.to_vec();
+    headers.push(("x-gateway-inference-objective", "batch"));
+    s.send(req_headers(&headers, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    let (status, text) = immediate(&s.recv().await);
+    assert_eq!(status, 429);
+    assert!(text.contains("sheddable"), "{text}");
+    // The same request without the sheddable objective goes through.
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    routing_answer(&s.recv().await);
+}
+
+#[tokio::test]
+async fn fallbacks_and_conformance_plugins() {
+    let config = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: header-based-testing-filter\n- type: destination-endpoint-served-verifier\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: 3\n";
+    let epp = start_epp(
+        three(),
+        EppOptions {
+            config: config.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut s = Stream::open(epp.grpc).await;
+    let mut headers = CHAT_HEADERS.to_vec();
+    headers.push(("test-epp-endpoint-selection", "127.0.0.12,127.0.0.11"));
+    s.send(req_headers(&headers, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    let a = routing_answer(&s.recv().await);
+    let mut got: Vec<&str> = a.destination().split(',').collect();
+    got.sort();
+    assert_eq!(got, vec!["127.0.0.11:8000", "127.0.0.12:8000"]);
+    let _ = s.recv().await;
+    s.send(resp_headers(
+        &[(":status", "200")],
+        false,
+        Some(served_metadata("127.0.0.12:8000")),
+    ))
+    .await;
+    let r = s.recv().await;
+    let Some(processing_response::Response::ResponseHeaders(h)) = r.response else {
+        panic!()
+    };
+    let set = h.response.unwrap().header_mutation.unwrap().set_headers;
+    let hv = set[0].header.as_ref().unwrap();
+    assert_eq!(hv.key, "x-conformance-test-served-endpoint");
+    assert_eq!(hv.raw_value, b"127.0.0.12:8000");
+}
+
+#[tokio::test]
+async fn empty_pool_gets_503() {
+    let epp = start_epp(pool(vec![]), EppOptions::default()).await;
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    assert_eq!(immediate(&s.recv().await).0, 503);
+}
+
+#[tokio::test]
+async fn health_reports_ready_after_sync_and_metrics_are_served() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", epp.health))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in [
+        "liveness",
+        "readiness",
+        "inference-extension",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+    ] {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let r = client
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{service} never became SERVING"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    // One routed request, then the counter shows it.
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    let _ = s.recv().await;
+    let text = http_get(epp.metrics, "/metrics").await;
+    assert!(text.contains("inference_objective_request_total{model_name=\"m\",target_model_name=\"m\",priority=\"0\"} 1"), "{text}");
+    endpoint_picker::scrape::prometheus::parse(&text).expect("our exposition parses");
+}
+
+#[tokio::test]
+async fn tls_serving_works() {
+    let epp = start_epp(
+        three(),
+        EppOptions {
+            tls: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // A plaintext client cannot talk to the TLS port.
+    let plain = tonic::transport::Channel::from_shared(format!("http://{}", epp.grpc))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let mut c =
+            ext_proc::envoy::ext_proc::external_processor_client::ExternalProcessorClient::new(ch);
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        assert!(
+            c.process(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .is_err()
+        );
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(TIMEOUT, conn.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
