@@ -60,7 +60,7 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 }
 
 async fn run(opts: &Opts, rate: f64) -> Row {
-    let engine = Engine::spawn(Arc::new(Config::default()), 0);
+    let engine = Engine::spawn(Arc::new(Config::default()), 0).unwrap();
     let mut rng = SmallRng::seed_from_u64(42);
     let n = (rate * opts.duration).round().max(1.0) as usize;
     let start = Instant::now();

@@ -604,7 +604,8 @@ impl Drop for AbortOnDrop {
 
 impl Engine {
     /// Starts the scheduler loop of replica `index` on the current tokio runtime.
-    pub fn spawn(config: Arc<Config>, index: usize) -> Self {
+    pub fn spawn(config: Arc<Config>, index: usize) -> Result<Self, crate::SimError> {
+        config.validate()?;
         let (paused, _) = watch::channel(false);
         let shared = Arc::new(EngineShared {
             state: Mutex::new(EngineState::new(config, index)),
@@ -612,10 +613,10 @@ impl Engine {
             paused,
         });
         let task = tokio::spawn(run(shared.clone()));
-        Self {
+        Ok(Self {
             shared,
             _task: Arc::new(AbortOnDrop(task)),
-        }
+        })
     }
 
     /// Stops the scheduler loop; in-flight requests never complete.

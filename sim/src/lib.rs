@@ -130,10 +130,9 @@ pub async fn spawn_replica(
     listener: TcpListener,
     index: usize,
 ) -> Result<ReplicaHandle, SimError> {
-    config.validate()?;
     let addr = listener.local_addr()?;
     let config = Arc::new(config);
-    let engine = Engine::spawn(config.clone(), index);
+    let engine = Engine::spawn(config.clone(), index)?;
     let replica = Arc::new(server::Replica::new(config, engine, index, addr.port()));
     let app = server::router(replica.clone());
     let server = tokio::spawn(serve(listener, app));

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +26,9 @@ use crate::{metrics, tokenizer};
 
 /// Header that forces an error status on an inference request (llm-d sim: `X-Return-Error`).
 pub const RETURN_ERROR_HEADER: &str = "x-return-error";
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// Everything the handlers of one replica share.
 #[derive(Debug)]
@@ -85,6 +88,9 @@ pub(crate) fn router(replica: Arc<Replica>) -> Router {
         .route("/admin/metrics_delay", post(admin_metrics_delay))
         .route("/admin/state", get(admin_state))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found", None) })
+        // Long prompts (a 128k-token context is ~0.5 MB of text) exceed axum's 2 MB default once
+        // wrapped in chat JSON with history; vLLM has no such limit.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(replica.clone(), gate))
         .with_state(replica)
 }

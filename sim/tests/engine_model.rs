@@ -46,7 +46,7 @@ async fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<Instant>, Compl
 }
 
 fn engine(config: Config) -> Engine {
-    Engine::spawn(Arc::new(config), 0)
+    Engine::spawn(Arc::new(config), 0).unwrap()
 }
 
 #[tokio::test(start_paused = true)]

@@ -647,3 +647,36 @@ async fn shutdown_closes_the_port_and_replicas_are_independent() {
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(refused.is_err(), "the listener is closed");
 }
+
+#[tokio::test]
+async fn large_bodies_are_read_and_invalid_configs_refused() {
+    let r = replica(Config::default()).await;
+    let c = client();
+    // 3 MB of prompt: read in full (no 413), then refused for exceeding max-model-len.
+    let (status, v) = post_json(
+        &c,
+        &r,
+        "/v1/completions",
+        json!({"prompt": "ab ".repeat(1_000_000), "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length is 131072")
+    );
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = sim::spawn_replica(
+        Config {
+            block_size: 0,
+            ..Config::default()
+        },
+        listener,
+        0,
+    )
+    .await;
+    assert!(matches!(err, Err(sim::SimError::InvalidConfig(_))));
+}
