@@ -1,6 +1,9 @@
 //! Shared harness: an in-process EPP on loopback ports and an ext_proc client.
 #![allow(dead_code)]
 
+pub mod envoy;
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +70,8 @@ pub struct EppOptions {
     pub config: String,
     pub options: ServiceOptions,
     pub tls: bool,
+    /// Scrape the endpoints' `/metrics` (real model servers) instead of setting metrics by hand.
+    pub scrape: bool,
 }
 
 impl Default for EppOptions {
@@ -75,6 +80,7 @@ impl Default for EppOptions {
             config: config::DEFAULT_CONFIG.to_owned(),
             options: ServiceOptions::default(),
             tls: false,
+            scrape: false,
         }
     }
 }
@@ -95,7 +101,10 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         config: config::load(&opts.config, 7).unwrap(),
         options: opts.options,
         tls: opts.tls.then(|| ext_proc::tls::self_signed().unwrap()),
-        scrape: None,
+        scrape: opts.scrape.then(|| endpoint_picker::scrape::ScrapeConfig {
+            interval: Duration::from_millis(50),
+            ..Default::default()
+        }),
         refresh_prometheus_interval: Duration::from_millis(100),
         metrics_staleness: Duration::from_secs(2),
         pool: PoolSource::Static(pool),

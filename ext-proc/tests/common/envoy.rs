@@ -1,0 +1,242 @@
+//! A real Envoy for end-to-end tests: rendered from `gateway-configs/envoy`, on loopback ports
+//! chosen by the OS, killed on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// Finds the Envoy binary: `$ENVOY`, else the one `make` installs into `.venv`.
+/// Returns `None` when there is none (the tests then skip, unless `SWITCHYARD_REQUIRE_ENVOY`
+/// is set, as `make test` does, in which case they fail).
+pub fn binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ENVOY")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    {
+        return Some(p);
+    }
+    let root = workspace_root();
+    let lib = root.join(".venv/lib");
+    if let Ok(entries) = std::fs::read_dir(&lib) {
+        for e in entries.flatten() {
+            let candidate = e.path().join("site-packages/envoy/_bin/envoy");
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+/// The binary, or a skip (`None`) with a message; panics when Envoy is required.
+pub fn binary_or_skip(test: &str) -> Option<PathBuf> {
+    match binary() {
+        Some(b) => Some(b),
+        None if std::env::var_os("SWITCHYARD_REQUIRE_ENVOY").is_some() => {
+            panic!("{test}: Envoy not found (set ENVOY or run `make envoy`)")
+        }
+        None => {
+            eprintln!("SKIPPED {test}: no Envoy binary (set ENVOY or run `make envoy`)");
+            None
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Which template.
+#[derive(Debug, Clone, Copy)]
+pub enum Variant {
+    /// h2c to the EPP, FailClose.
+    PlaintextFailClose,
+    /// h2c to the EPP, FailOpen.
+    PlaintextFailOpen,
+    /// TLS to the EPP, FailClose.
+    TlsFailClose,
+}
+
+impl Variant {
+    fn file(self) -> &'static str {
+        match self {
+            Variant::PlaintextFailClose => "envoy-plaintext.yaml",
+            Variant::PlaintextFailOpen => "envoy-plaintext-failopen.yaml",
+            Variant::TlsFailClose => "envoy.yaml",
+        }
+    }
+}
+
+/// A running Envoy.
+pub struct Envoy {
+    child: Child,
+    /// The OpenAI listener.
+    pub listener: SocketAddr,
+    /// The admin interface.
+    pub admin: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn render(template: &str, epp: SocketAddr, backends: &[SocketAddr]) -> String {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|b| {
+            format!(
+                "{{endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}}}",
+                b.ip(),
+                b.port()
+            )
+        })
+        .collect();
+    template
+        .replace("${LISTEN_PORT}", "0")
+        .replace("${ADMIN_PORT}", "0")
+        .replace("${EPP_HOST}", &epp.ip().to_string())
+        .replace("${EPP_PORT}", &epp.port().to_string())
+        .replace(
+            "${BACKEND_ENDPOINTS}",
+            &format!("[{}]", endpoints.join(", ")),
+        )
+}
+
+impl Envoy {
+    /// Starts Envoy in front of `backends`, calling the EPP at `epp`, and waits until it is
+    /// ready (listener bound, first EPP health check done).
+    pub async fn start(
+        binary: &Path,
+        variant: Variant,
+        epp: SocketAddr,
+        backends: &[SocketAddr],
+    ) -> Envoy {
+        let template_path = workspace_root()
+            .join("gateway-configs/envoy")
+            .join(variant.file());
+        let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-envoy-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, render(&template, epp, backends)).expect("write config");
+        let admin_path = dir.join("admin-address");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "error",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn envoy");
+        let mut envoy = Envoy {
+            child,
+            listener: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Admin address.
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&admin_path)
+                && let Ok(a) = s.trim().parse()
+            {
+                envoy.admin = a;
+                break;
+            }
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                panic!("envoy exited early: {status}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "envoy admin never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Listener port and readiness.
+        loop {
+            let listeners = super::http::get_text(envoy.admin, "/listeners?format=json")
+                .await
+                .unwrap_or_default();
+            let ready = super::http::get_text(envoy.admin, "/ready")
+                .await
+                .unwrap_or_default();
+            if let Some(port) = listener_port(&listeners)
+                && ready.trim() == "LIVE"
+            {
+                envoy.listener = SocketAddr::from(([127, 0, 0, 1], port));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "envoy never became ready: {ready}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        envoy
+    }
+
+    /// Waits until Envoy's health check sees the EPP as healthy (or not).
+    pub async fn wait_epp_health(&self, healthy: bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let clusters = super::http::get_text(self.admin, "/clusters")
+                .await
+                .unwrap_or_default();
+            let line = clusters
+                .lines()
+                .find(|l| l.starts_with("epp::") && l.contains("::health_flags::"));
+            let is_healthy = line.is_some_and(|l| l.ends_with("::healthy"));
+            if is_healthy == healthy {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "epp health never became {healthy}: {line:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn listener_port(json: &str) -> Option<u16> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["listener_statuses"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == "openai")?
+        .get("local_address")?
+        .get("socket_address")?
+        .get("port_value")?
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,71 @@
+//! A minimal HTTP/1.1 client for the tests (hyper), with frame-by-frame body reading.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GET returning the body as text (None on any failure).
+pub async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
+    let uri: http::Uri = format!("http://{addr}{path}").parse().ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client().get(uri))
+        .await
+        .ok()?
+        .ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8(body.to_vec()).ok()
+}
+
+/// POSTs JSON and returns the response with its body unread.
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> ::http::Response<Incoming> {
+    let mut req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    tokio::time::timeout(Duration::from_secs(30), client().request(req))
+        .await
+        .expect("response in time")
+        .expect("response")
+}
+
+/// Reads a whole body.
+pub async fn body_text(resp: ::http::Response<Incoming>) -> String {
+    let b = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body");
+    String::from_utf8_lossy(&b.to_bytes()).into_owned()
+}
+
+/// Reads a body frame by frame, with the arrival time of each frame.
+pub async fn frames(resp: ::http::Response<Incoming>) -> Vec<(tokio::time::Instant, Bytes)> {
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(30), body.frame())
+        .await
+        .expect("frame in time")
+    {
+        if let Ok(data) = frame.expect("frame").into_data() {
+            out.push((tokio::time::Instant::now(), data));
+        }
+    }
+    out
+}
