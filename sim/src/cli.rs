@@ -65,6 +65,9 @@ pub struct Args {
     /// Cost per uncached prompt token computed, microseconds.
     #[arg(long, default_value_t = 30.0)]
     pub prefill_per_token_us: f64,
+    /// Cost per (prompt token, context token) pair of prefill attention, picoseconds.
+    #[arg(long, default_value_t = 960)]
+    pub attention_per_pair_ps: u64,
     /// Cost per sequence in the batch, microseconds.
     #[arg(long, default_value_t = 40.0)]
     pub per_seq_us: f64,
@@ -132,6 +135,7 @@ impl From<&Args> for Config {
             latency: LatencyModel {
                 step_overhead: micros(a.step_overhead_us),
                 prefill_per_token: micros(a.prefill_per_token_us),
+                attention_per_pair_ps: a.attention_per_pair_ps,
                 per_seq: micros(a.per_seq_us),
                 per_kv_token: nanos(a.per_kv_token_ns),
                 lora_load: micros(a.lora_load_ms * 1_000.0),

@@ -15,18 +15,23 @@ pub enum EngineKind {
 
 /// The step-time model: one engine step (one forward pass over the scheduled batch) takes
 ///
-/// `step = overhead + prefill_per_token·P + per_seq·S + per_kv_token·K (+ lora_load·L)`
+/// `step = overhead + prefill_per_token·P + attention_per_pair·A + per_seq·S + per_kv_token·K
+///         (+ lora_load·L)`
 ///
-/// where `P` is the number of uncached prompt tokens computed in the step, `S` the number of
-/// sequences in the batch, `K` the total context length (KV tokens) those sequences attend over
-/// and `L` the number of adapters that had to be loaded into a GPU slot for this step. The result
-/// is then scaled by a uniform factor in `[1 - jitter, 1 + jitter]`.
+/// where `P` is the number of uncached prompt tokens computed in the step, `A` the (prompt token,
+/// context token) pairs their causal attention covers, `S` the number of sequences in the batch,
+/// `K` the total context length (KV tokens) those sequences attend over and `L` the number of
+/// adapters that had to be loaded into a GPU slot for this step. The result is then scaled by a
+/// uniform factor in `[1 - jitter, 1 + jitter]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatencyModel {
     /// Fixed cost of a step: reading the weights once (decode is memory-bound) plus scheduling.
     pub step_overhead: Duration,
     /// Cost of one prompt token computed in a step (prefill is compute-bound).
     pub prefill_per_token: Duration,
+    /// Cost of one (prompt token, context token) pair of prefill attention, in picoseconds:
+    /// what makes long prompts super-linear.
+    pub attention_per_pair_ps: u64,
     /// Cost of one sequence in the batch (its decode token's FLOPs, sampling, bookkeeping).
     pub per_seq: Duration,
     /// Cost of one token of context read by attention (KV-cache bandwidth).
@@ -42,6 +47,7 @@ impl Default for LatencyModel {
         Self {
             step_overhead: Duration::from_micros(6_000),
             prefill_per_token: Duration::from_nanos(30_000),
+            attention_per_pair_ps: 960,
             per_seq: Duration::from_nanos(40_000),
             per_kv_token: Duration::from_nanos(50),
             lora_load: Duration::from_millis(25),
@@ -50,20 +56,54 @@ impl Default for LatencyModel {
     }
 }
 
+/// The work in one engine step, the input of [`LatencyModel::step_time`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepWork {
+    /// Uncached prompt tokens computed (prefill chunks, recomputation after preemption).
+    pub prefill_tokens: usize,
+    /// (prompt token, context token) pairs of causal attention over those prefill tokens.
+    pub attention_pairs: u64,
+    /// Sequences in the batch.
+    pub seqs: usize,
+    /// Context tokens attended by the batch: Σ over sequences of (computed + new tokens).
+    pub kv_tokens: usize,
+    /// Adapters loaded into a slot for this step.
+    pub lora_loads: usize,
+}
+
+impl StepWork {
+    /// Adds a prefill chunk of `new` tokens to a sequence that already has `computed` in the KV
+    /// cache.
+    pub fn add_prefill(&mut self, computed: usize, new: usize) {
+        self.prefill_tokens += new;
+        self.attention_pairs += attention_pairs(computed, new);
+        self.seqs += 1;
+        self.kv_tokens += computed + new;
+    }
+
+    /// Adds one decode token of a sequence whose context (including that token) is `context`.
+    pub fn add_decode(&mut self, context: usize) {
+        self.seqs += 1;
+        self.kv_tokens += context;
+    }
+}
+
+/// Causal-attention pairs of a chunk of `new` tokens after `computed` ones: token `k` of the
+/// chunk attends to `computed + k + 1` tokens.
+pub fn attention_pairs(computed: usize, new: usize) -> u64 {
+    let (c, n) = (computed as u64, new as u64);
+    n * c + n * (n + 1) / 2
+}
+
 impl LatencyModel {
     /// The modelled duration of a step, before jitter.
-    pub fn step_time(
-        &self,
-        prefill_tokens: usize,
-        seqs: usize,
-        kv_tokens: usize,
-        lora_loads: usize,
-    ) -> Duration {
+    pub fn step_time(&self, w: &StepWork) -> Duration {
         let ns = self.step_overhead.as_nanos()
-            + self.prefill_per_token.as_nanos() * prefill_tokens as u128
-            + self.per_seq.as_nanos() * seqs as u128
-            + self.per_kv_token.as_nanos() * kv_tokens as u128
-            + self.lora_load.as_nanos() * lora_loads as u128;
+            + self.prefill_per_token.as_nanos() * w.prefill_tokens as u128
+            + u128::from(self.attention_per_pair_ps) * u128::from(w.attention_pairs) / 1000
+            + self.per_seq.as_nanos() * w.seqs as u128
+            + self.per_kv_token.as_nanos() * w.kv_tokens as u128
+            + self.lora_load.as_nanos() * w.lora_loads as u128;
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 }
@@ -195,12 +235,19 @@ mod tests {
     #[test]
     fn step_time_adds_the_terms() {
         let m = LatencyModel::default();
-        assert_eq!(m.step_time(0, 0, 0, 0), Duration::from_millis(6));
-        // 1000 prefill tokens at 30 µs = 30 ms, one sequence 40 µs, 1000 KV tokens at 50 ns.
+        assert_eq!(m.step_time(&StepWork::default()), Duration::from_millis(6));
+        let mut w = StepWork::default();
+        w.add_prefill(0, 1000);
+        assert_eq!(w.attention_pairs, 500_500);
+        // 6 ms + 1000 × 30 µs + 500 500 × 0.96 ns + one sequence 40 µs + 1000 KV tokens × 50 ns.
         assert_eq!(
-            m.step_time(1000, 1, 1000, 0),
-            Duration::from_micros(6_000 + 30_000 + 40 + 50)
+            m.step_time(&w),
+            Duration::from_nanos(6_000_000 + 30_000_000 + 480_480 + 40_000 + 50_000)
         );
+        w.add_decode(2000);
+        assert_eq!(w.seqs, 2);
+        assert_eq!(w.kv_tokens, 3000);
+        assert_eq!(attention_pairs(10, 2), 10 * 2 + 3);
     }
 
     #[test]

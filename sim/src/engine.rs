@@ -30,7 +30,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, StepWork};
 use crate::kv_cache::{BlockId, KvCache, block_hash, chain_root};
 use crate::metrics::{EngineStats, MetricsSnapshot};
 use crate::tokenizer;
@@ -333,7 +333,7 @@ impl EngineState {
         self.drop_cancelled();
         let block_size = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
-        let (mut prefill_tokens, mut seqs, mut kv_tokens, mut lora_loads) = (0, 0, 0, 0);
+        let mut work = StepWork::default();
         let mut preempted = false;
 
         // 1. Running sequences first.
@@ -368,12 +368,11 @@ impl EngineState {
             let seq = &mut self.running[i];
             seq.blocks.extend(new_blocks);
             seq.scheduled = num_new;
-            let is_decode = num_new == 1 && seq.output_len() > 0;
-            if !is_decode {
-                prefill_tokens += num_new;
+            if num_new == 1 && seq.output_len() > 0 {
+                work.add_decode(seq.num_computed + 1);
+            } else {
+                work.add_prefill(seq.num_computed, num_new);
             }
-            seqs += 1;
-            kv_tokens += seq.num_computed + num_new;
             budget -= num_new;
             i += 1;
         }
@@ -413,7 +412,7 @@ impl EngineState {
                     self.lora.acquire(l);
                 }
                 if needs_load {
-                    lora_loads += 1;
+                    work.lora_loads += 1;
                 }
                 seq.blocks = blocks;
                 seq.registered = hit;
@@ -428,9 +427,7 @@ impl EngineState {
                         .queue
                         .observe(now.saturating_duration_since(seq.arrival).as_secs_f64());
                 }
-                prefill_tokens += num_new;
-                seqs += 1;
-                kv_tokens += computed + num_new;
+                work.add_prefill(computed, num_new);
                 budget -= num_new;
                 self.running.push(seq);
             }
@@ -439,11 +436,11 @@ impl EngineState {
             }
         }
 
-        if seqs == 0 {
+        if work.seqs == 0 {
             return None;
         }
         let latency = &self.config.latency;
-        let mut step = latency.step_time(prefill_tokens, seqs, kv_tokens, lora_loads);
+        let mut step = latency.step_time(&work);
         if latency.jitter > 0.0 {
             let factor = 1.0 + latency.jitter * self.rng.random_range(-1.0..=1.0);
             step = step.mul_f64(factor);

@@ -33,7 +33,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-pub use config::{Config, EngineKind, FailureInjection, LatencyModel};
+pub use config::{Config, EngineKind, FailureInjection, LatencyModel, StepWork};
 pub use engine::{Engine, EngineEvent, FinishReason, SubmitRequest};
 pub use server::RETURN_ERROR_HEADER;
 

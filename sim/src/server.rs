@@ -75,6 +75,7 @@ pub(crate) fn router(replica: Arc<Replica>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
         .route("/v1/load_lora_adapter", post(load_lora))
@@ -639,6 +640,37 @@ async fn full_response(ctx: ResponseCtx, mut rx: mpsc::UnboundedReceiver<EngineE
         }),
     };
     axum::Json(body).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<Value>,
+    messages: Option<Value>,
+}
+
+/// `POST /tokenize` as vLLM: the ids the engine sees for a prompt or chat messages (with the
+/// template), so routing experiments can hash exactly what the engine caches.
+async fn tokenize(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
+    let req: TokenizeRequest = match parse_json(&body) {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = resolve_model(&r, req.model) {
+        return e.into_response();
+    }
+    let tokens = match (req.messages, req.prompt) {
+        (Some(messages), _) => chat_prompt(Some(messages)),
+        (None, prompt) => completion_prompt(prompt),
+    };
+    match tokens {
+        Ok(tokens) => axum::Json(json!({
+            "count": tokens.len(), "max_model_len": r.config.max_model_len, "tokens": tokens,
+            "token_strs": null,
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize)]

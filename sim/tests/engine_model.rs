@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use endpoint_picker::scrape::prometheus::parse;
 use sim::engine::{Completion, EngineEvent, FinishReason, SubmitRequest};
-use sim::{Config, Engine};
+use sim::{Config, Engine, StepWork};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
@@ -45,6 +45,21 @@ async fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<Instant>, Compl
     }
 }
 
+/// The work of one step: prefill chunks `(computed, new)` and decodes (their context lengths).
+fn work(prefills: &[(usize, usize)], decodes: &[usize], lora_loads: usize) -> StepWork {
+    let mut w = StepWork {
+        lora_loads,
+        ..StepWork::default()
+    };
+    for &(computed, new) in prefills {
+        w.add_prefill(computed, new);
+    }
+    for &context in decodes {
+        w.add_decode(context);
+    }
+    w
+}
+
 fn engine(config: Config) -> Engine {
     Engine::spawn(Arc::new(config), 0).unwrap()
 }
@@ -58,15 +73,25 @@ async fn second_identical_prompt_hits_the_prefix_cache_and_ttft_drops_by_the_mod
 
     let (_, first) = collect(e.submit(req(prompt.clone(), 1)).unwrap()).await;
     assert_eq!(first.cached_tokens, 0);
-    assert_eq!(first.timing.ttft(), m.step_time(1001, 1, 1001, 0));
+    assert_eq!(
+        first.timing.ttft(),
+        m.step_time(&work(&[(0, 1001)], &[], 0))
+    );
 
     let (_, second) = collect(e.submit(req(prompt, 1)).unwrap()).await;
     // Whole blocks only, and at least one token is recomputed: 62 blocks × 16 = 992 tokens.
     assert_eq!(second.cached_tokens, 992);
-    assert_eq!(second.timing.ttft(), m.step_time(9, 1, 1001, 0));
+    assert_eq!(
+        second.timing.ttft(),
+        m.step_time(&work(&[(992, 9)], &[], 0))
+    );
+    // The drop: 992 fewer prompt tokens, and their attention pairs (501 501 → 8 973).
+    let saved_pairs = sim::config::attention_pairs(0, 1001) - sim::config::attention_pairs(992, 9);
+    assert_eq!(saved_pairs, 492_528);
     assert_eq!(
         first.timing.ttft() - second.timing.ttft(),
         m.prefill_per_token * 992
+            + Duration::from_nanos(saved_pairs * m.attention_per_pair_ps / 1000)
     );
 
     let s = e.snapshot();
@@ -80,11 +105,12 @@ async fn long_prompts_are_prefilled_in_chunks_of_the_token_budget() {
     let m = config.latency.clone();
     let e = engine(config);
     let (times, c) = collect(e.submit(req(tokens(0, 10_000), 3)).unwrap()).await;
-    let prefill = m.step_time(8192, 1, 8192, 0) + m.step_time(1808, 1, 10_000, 0);
+    let prefill =
+        m.step_time(&work(&[(0, 8192)], &[], 0)) + m.step_time(&work(&[(8192, 1808)], &[], 0));
     assert_eq!(c.timing.ttft(), prefill);
     // Then one decode step per token, attending over the growing context.
-    assert_eq!(times[1] - times[0], m.step_time(0, 1, 10_001, 0));
-    assert_eq!(times[2] - times[1], m.step_time(0, 1, 10_002, 0));
+    assert_eq!(times[1] - times[0], m.step_time(&work(&[], &[10_001], 0)));
+    assert_eq!(times[2] - times[1], m.step_time(&work(&[], &[10_002], 0)));
 }
 
 #[tokio::test(start_paused = true)]
@@ -213,7 +239,7 @@ async fn lora_slots_are_respected_and_loading_costs_time() {
     tbase.await.unwrap();
     assert_eq!(
         a.timing.ttft(),
-        m.step_time(200, 2, 200, 0),
+        m.step_time(&work(&[(0, 100), (0, 100)], &[], 0)),
         "a was resident: no load"
     );
     assert!(
@@ -222,7 +248,7 @@ async fn lora_slots_are_respected_and_loading_costs_time() {
     );
     assert_eq!(
         b.timing.first_token - b.timing.scheduled,
-        m.step_time(100, 1, 100, 1)
+        m.step_time(&work(&[(0, 100)], &[], 1))
     );
     assert_eq!(e.resident_loras(), ["b"]);
 }
@@ -402,7 +428,7 @@ async fn jitter_is_seeded_and_bounded() {
     let gaps = |t: &[Instant]| t.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
     assert_eq!(gaps(&a), gaps(&b), "same seed, same timings");
     assert_ne!(gaps(&a), gaps(&c));
-    let nominal = Config::default().latency.step_time(0, 1, 510, 0);
+    let nominal = Config::default().latency.step_time(&work(&[], &[510], 0));
     for g in gaps(&a) {
         assert!(
             g >= nominal.mul_f64(0.89) && g <= nominal.mul_f64(1.11),

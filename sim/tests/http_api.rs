@@ -286,6 +286,23 @@ async fn non_streaming_responses_carry_usage() {
     );
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 
+    let (status, v) = post_json(&c, &r, "/tokenize", json!({"prompt": "Hello world"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(ids, sim::tokenizer::encode_prompt("Hello world"));
+    assert_eq!(v["count"], ids.len());
+    let (_, v) = post_json(
+        &c,
+        &r,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(
+        v["count"],
+        sim::tokenizer::encode_chat([("user", "Hi")]).len()
+    );
+
     let (status, v) = post_json(&c, &r, "/v1/embeddings", json!({"input": ["a b c", "d"]})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
