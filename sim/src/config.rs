@@ -194,6 +194,24 @@ impl Default for Config {
 }
 
 impl Config {
+    /// A profile for functional tests where latency does not matter: 1 ms steps, near-free
+    /// prefill, 16-token completions by default. Capacity knobs keep their defaults.
+    pub fn fast() -> Self {
+        Self {
+            latency: LatencyModel {
+                step_overhead: Duration::from_millis(1),
+                prefill_per_token: Duration::from_nanos(100),
+                attention_per_pair_ps: 0,
+                per_seq: Duration::from_micros(1),
+                per_kv_token: Duration::ZERO,
+                lora_load: Duration::from_millis(1),
+                jitter: 0.0,
+            },
+            default_max_tokens: 16,
+            ..Self::default()
+        }
+    }
+
     /// The pod name replica `index` reports.
     pub fn pod_name_for(&self, index: usize) -> String {
         match &self.pod_name {

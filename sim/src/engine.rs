@@ -587,7 +587,7 @@ struct EngineShared {
 #[derive(Debug, Clone)]
 pub struct Engine {
     shared: Arc<EngineShared>,
-    _task: Arc<AbortOnDrop>,
+    task: Arc<AbortOnDrop>,
 }
 
 #[derive(Debug)]
@@ -612,13 +612,13 @@ impl Engine {
         let task = tokio::spawn(run(shared.clone()));
         Ok(Self {
             shared,
-            _task: Arc::new(AbortOnDrop(task)),
+            task: Arc::new(AbortOnDrop(task)),
         })
     }
 
     /// Stops the scheduler loop; in-flight requests never complete.
     pub fn stop(&self) {
-        self._task.0.abort();
+        self.task.0.abort();
     }
 
     /// Queues a request; its events arrive on the returned channel. Dropping the receiver aborts

@@ -10,6 +10,7 @@
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let replica = sim::spawn_replica(sim::Config::default(), listener, 0).await?;
 //! println!("serving on http://{}", replica.addr());
+//! // `Config::fast()` is a profile for functional tests: 1 ms steps, 16-token completions.
 //! replica.pause(); // hangs like a stuck engine
 //! replica.resume();
 //! replica.shutdown().await;

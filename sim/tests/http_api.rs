@@ -697,3 +697,12 @@ async fn large_bodies_are_read_and_invalid_configs_refused() {
     .await;
     assert!(matches!(err, Err(sim::SimError::InvalidConfig(_))));
 }
+
+#[tokio::test]
+async fn the_fast_profile_answers_quickly() {
+    let r = replica(Config::fast()).await;
+    let c = client();
+    let (status, v) = post_json(&c, &r, "/v1/completions", json!({"prompt": "hi"})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+}
