@@ -423,9 +423,6 @@ impl EngineState {
                 if seq.scheduled_at.is_none() {
                     seq.scheduled_at = Some(now);
                     seq.cached_tokens = computed;
-                    self.stats
-                        .queue
-                        .observe(now.saturating_duration_since(seq.arrival).as_secs_f64());
                 }
                 work.add_prefill(computed, num_new);
                 budget -= num_new;
@@ -517,6 +514,13 @@ impl EngineState {
             self.stats
                 .e2e
                 .observe(end.saturating_duration_since(seq.arrival).as_secs_f64());
+            // vLLM records queue time with the finished request's stats, like e2e.
+            let scheduled = seq.scheduled_at.unwrap_or(seq.arrival);
+            self.stats.queue.observe(
+                scheduled
+                    .saturating_duration_since(seq.arrival)
+                    .as_secs_f64(),
+            );
             match seq.finish_reason {
                 FinishReason::Length => self.stats.success_length += 1,
                 FinishReason::Stop => self.stats.success_stop += 1,

@@ -88,9 +88,9 @@ pub struct EngineStats {
     pub ttft: Histogram,
     /// Interval between consecutive tokens of a request.
     pub itl: Histogram,
-    /// Arrival → last token.
+    /// Arrival → last token, recorded when the request finishes.
     pub e2e: Histogram,
-    /// Arrival → first scheduled.
+    /// Arrival → first scheduled, recorded when the request finishes (as vLLM does).
     pub queue: Histogram,
     /// Prompt tokens of requests whose prefill completed.
     pub prompt_tokens: u64,
