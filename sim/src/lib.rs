@@ -145,7 +145,8 @@ pub async fn spawn_replica(
     })
 }
 
-/// Binds `host:base_port+i` for `i in 0..n` and starts a replica on each.
+/// Binds `host:base_port+i` for `i in 0..n` and starts a replica on each. A `base_port` of 0
+/// gives every replica its own ephemeral port.
 pub async fn spawn_replicas(
     config: &Config,
     host: &str,
@@ -154,8 +155,13 @@ pub async fn spawn_replicas(
 ) -> Result<Vec<ReplicaHandle>, SimError> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let port = u16::try_from(usize::from(base_port) + i)
-            .map_err(|_| SimError::InvalidConfig(format!("port {base_port}+{i} out of range")))?;
+        let port = if base_port == 0 {
+            0
+        } else {
+            u16::try_from(usize::from(base_port) + i).map_err(|_| {
+                SimError::InvalidConfig(format!("port {base_port}+{i} out of range"))
+            })?
+        };
         let listener = TcpListener::bind((host, port)).await?;
         out.push(spawn_replica(config.clone(), listener, i).await?);
     }

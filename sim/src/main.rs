@@ -7,8 +7,10 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr; stdout carries only the ready lines below.
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let config = sim::Config::from(&args);
@@ -21,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
                 args.replicas, args.port
             )
         })?;
+    announce(&replicas);
     tracing::info!(
         replicas = replicas.len(),
         first_port = args.port,
@@ -33,6 +36,19 @@ async fn main() -> anyhow::Result<()> {
         r.shutdown().await;
     }
     Ok(())
+}
+
+/// Prints one `<pod> http://<addr>` line per replica on stdout, then a blank line: scripts and
+/// tests wait for it (and learn the ports when `--port 0` asked for ephemeral ones).
+#[allow(clippy::print_stdout)] // stdout is this binary's interface for readiness
+fn announce(replicas: &[sim::ReplicaHandle]) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for r in replicas {
+        let _ = writeln!(out, "{} {}", r.pod_name(), r.url());
+    }
+    let _ = writeln!(out);
+    let _ = out.flush();
 }
 
 async fn shutdown_signal() {
