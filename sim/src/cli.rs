@@ -22,7 +22,7 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0", env = "SIM_HOST")]
     pub host: String,
-    /// First port; replica i listens on port + i.
+    /// First port; replica i listens on port + i (0: an ephemeral port for each).
     #[arg(long, default_value_t = 8000, env = "SIM_PORT")]
     pub port: u16,
     /// Number of independent replicas served by this process.
@@ -38,7 +38,7 @@ pub struct Args {
     /// Which engine's metric names /metrics exposes.
     #[arg(long, value_enum, default_value = "vllm")]
     pub engine: EngineArg,
-    /// Pod name for x-inference-pod (replica i > 0 gets "-i" appended); default sim-<i>.
+    /// Pod name for x-inference-pod (replica i > 0 gets "-i" appended); default `sim-<i>`.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
     /// Namespace for x-inference-namespace.

@@ -377,8 +377,9 @@ impl EngineState {
             i += 1;
         }
 
-        // 2. Admit waiting sequences (not in a step that had to preempt).
-        if !preempted {
+        // 2. Admit waiting sequences — not in a step that had to preempt, unless that left the
+        //    batch empty (then waiting is the only work; never idle with requests queued).
+        if !preempted || work.seqs == 0 {
             let mut skipped = Vec::new();
             while budget > 0 && self.running.len() < self.config.max_num_seqs {
                 let Some(mut seq) = self.waiting.pop_front() else {
