@@ -27,11 +27,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::{Config, StepWork};
-use crate::kv_cache::{BlockId, KvCache, block_hash, chain_root};
+use crate::kv_cache::{BlockId, KvCache, KvEvent, block_hash, chain_root};
 use crate::metrics::{EngineStats, MetricsSnapshot};
 use crate::tokenizer;
 
@@ -258,7 +258,12 @@ struct EngineState {
     rng: SmallRng,
     seed: u64,
     next_id: u64,
+    kv_events: broadcast::Sender<KvEvent>,
 }
+
+/// Events buffered for slow KV-event subscribers before they start missing some (they then see
+/// `Lagged`, as a ZMQ subscriber would drop messages).
+const KV_EVENT_BUFFER: usize = 65_536;
 
 impl EngineState {
     fn new(config: Arc<Config>, index: usize) -> Self {
@@ -286,6 +291,7 @@ impl EngineState {
             rng: SmallRng::seed_from_u64(seed),
             seed,
             next_id: 0,
+            kv_events: broadcast::channel(KV_EVENT_BUFFER).0,
             config,
         }
     }
@@ -434,6 +440,7 @@ impl EngineState {
             }
         }
 
+        self.publish_removed();
         if work.seqs == 0 {
             return None;
         }
@@ -446,9 +453,17 @@ impl EngineState {
         Some(step)
     }
 
+    fn publish_removed(&mut self) {
+        for hash in self.kv.take_removed() {
+            let _ = self.kv_events.send(KvEvent::BlockRemoved { hash });
+        }
+    }
+
     /// Completes the step that ends at `end`: advances sequences, samples tokens, finishes
     /// requests.
     fn commit(&mut self, end: Instant) {
+        let recording = self.kv_events.receiver_count() > 0;
+        self.kv.set_recording(recording);
         let block_size = self.config.block_size;
         let granularity = self.config.stream_granularity;
         let mut done = Vec::new();
@@ -462,8 +477,16 @@ impl EngineState {
             let full = seq.num_computed / block_size;
             seq.extend_hashes(block_size);
             while seq.registered < full {
-                self.kv
-                    .commit_full(seq.blocks[seq.registered], seq.hashes[seq.registered]);
+                let b = seq.registered;
+                let new = self.kv.commit_full(seq.blocks[b], seq.hashes[b]);
+                if new && recording {
+                    let _ = self.kv_events.send(KvEvent::BlockStored {
+                        hash: seq.hashes[b],
+                        parent: b.checked_sub(1).map(|p| seq.hashes[p]),
+                        token_ids: seq.tokens[b * block_size..(b + 1) * block_size].to_vec(),
+                        lora: seq.lora.as_deref().map(str::to_owned),
+                    });
+                }
                 seq.registered += 1;
             }
             if seq.num_computed < seq.tokens.len() {
@@ -713,6 +736,14 @@ impl Engine {
             .iter()
             .map(|l| l.to_string())
             .collect()
+    }
+
+    /// Subscribes to the prefix cache's changes ([`KvEvent`]), like a consumer of vLLM's
+    /// KV-cache events. Recording starts with the first subscriber and costs nothing without one.
+    pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
+        let mut st = self.shared.state.lock();
+        st.kv.set_recording(true);
+        st.kv_events.subscribe()
     }
 
     /// Whether `name` is a registered adapter.

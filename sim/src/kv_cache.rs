@@ -10,6 +10,9 @@
 //!   queue, evicting their cached content — least recently freed first (LRU).
 //! - A sequence releases its blocks last-to-first, so its tail blocks (least likely to be shared)
 //!   are evicted before its head blocks.
+//!
+//! The engine can publish what enters and leaves the cache as [`KvEvent`]s, the shape of vLLM's
+//! KV-cache events (`BlockStored` / `BlockRemoved`): the seam for precise prefix-cache routing.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -17,6 +20,27 @@ use xxhash_rust::xxh64::xxh64;
 
 /// Index of a block in the pool.
 pub type BlockId = u32;
+
+/// A change of the prefix cache, as vLLM's KV-cache events describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvEvent {
+    /// A full block entered the prefix cache.
+    BlockStored {
+        /// The block's chained hash.
+        hash: u64,
+        /// The previous block's hash (`None` for a sequence's first block).
+        parent: Option<u64>,
+        /// The block's token ids.
+        token_ids: Vec<u32>,
+        /// The LoRA adapter the block belongs to.
+        lora: Option<String>,
+    },
+    /// A cached block was evicted (its content is gone).
+    BlockRemoved {
+        /// The block's chained hash.
+        hash: u64,
+    },
+}
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -42,6 +66,8 @@ pub struct KvCache {
     free: BTreeMap<u64, BlockId>,
     next_seq: u64,
     evictions: u64,
+    /// Hashes evicted since the last [`KvCache::take_removed`], when recording.
+    removed: Option<Vec<u64>>,
 }
 
 /// The root of a hash chain: distinct per adapter, so adapters never share KV blocks.
@@ -95,6 +121,7 @@ impl KvCache {
             free,
             next_seq: SEQ_BASE + num_blocks as u64,
             evictions: 0,
+            removed: None,
         }
     }
 
@@ -188,6 +215,9 @@ impl KvCache {
             if let Some(h) = block.hash.take() {
                 if self.cached.get(&h) == Some(&id) {
                     self.cached.remove(&h);
+                    if let Some(removed) = &mut self.removed {
+                        removed.push(h);
+                    }
                 }
                 self.evictions += 1;
             }
@@ -199,13 +229,35 @@ impl KvCache {
 
     /// Registers a block that has just become full under its content hash. If the content is
     /// already cached in another block, the first copy stays the cached one (as in vLLM).
-    pub fn commit_full(&mut self, id: BlockId, hash: u64) {
+    /// Returns whether the content is new to the cache.
+    pub fn commit_full(&mut self, id: BlockId, hash: u64) -> bool {
         let block = &mut self.blocks[id as usize];
         if block.hash.is_some() {
-            return;
+            return false;
         }
         block.hash = Some(hash);
-        self.cached.entry(hash).or_insert(id);
+        match self.cached.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(id);
+                true
+            }
+        }
+    }
+
+    /// Starts or stops recording evicted hashes (only worth it when someone listens).
+    pub fn set_recording(&mut self, on: bool) {
+        if on != self.removed.is_some() {
+            self.removed = on.then(Vec::new);
+        }
+    }
+
+    /// The hashes evicted since the last call, while recording.
+    pub fn take_removed(&mut self) -> Vec<u64> {
+        self.removed
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Drops one reference on each of `ids`, last block first; blocks reaching zero go to the tail
@@ -306,6 +358,19 @@ mod tests {
             "two hits taken back leave two blocks"
         );
         assert!(!kv.can_allocate(3, &hashes));
+    }
+
+    #[test]
+    fn evictions_are_recorded_when_asked() {
+        let mut kv = KvCache::new(1, 2);
+        let h = block_hashes(chain_root(None), &toks(0, 2), 2)[0];
+        let b = kv.allocate(1).unwrap();
+        assert!(kv.commit_full(b[0], h));
+        kv.release(&b);
+        kv.set_recording(true);
+        kv.allocate(1).unwrap();
+        assert_eq!(kv.take_removed(), [h]);
+        assert!(kv.take_removed().is_empty());
     }
 
     #[test]

@@ -520,3 +520,42 @@ async fn random_workloads_keep_the_invariants() {
     );
     assert_eq!(s.stats.success_length, finished);
 }
+
+#[tokio::test(start_paused = true)]
+async fn kv_events_report_stored_and_evicted_blocks() {
+    use sim::kv_cache::{KvEvent, block_hashes, chain_root};
+
+    let e = engine(Config {
+        num_gpu_blocks: 4,
+        ..Config::default()
+    });
+    let mut events = e.subscribe_kv_events();
+    let a = tokens(0, 40);
+    collect(e.submit(req(a.clone(), 1)).unwrap()).await;
+    let hashes = block_hashes(chain_root(None), &a, 16);
+    for (i, &hash) in hashes.iter().enumerate() {
+        let want = KvEvent::BlockStored {
+            hash,
+            parent: i.checked_sub(1).map(|p| hashes[p]),
+            token_ids: a[i * 16..(i + 1) * 16].to_vec(),
+            lora: None,
+        };
+        assert_eq!(events.try_recv().unwrap(), want);
+    }
+    assert!(
+        events.try_recv().is_err(),
+        "the partial third block is not cached"
+    );
+
+    // 48 new tokens need 3 of the 4 blocks: the partial block and the never-used one go first,
+    // then the least recently freed cached block — a's second block (freed before its first).
+    collect(e.submit(req(tokens(1000, 48), 1)).unwrap()).await;
+    assert_eq!(
+        events.try_recv().unwrap(),
+        KvEvent::BlockRemoved { hash: hashes[1] }
+    );
+    assert!(matches!(
+        events.try_recv().unwrap(),
+        KvEvent::BlockStored { parent: None, .. }
+    ));
+}
