@@ -117,7 +117,11 @@ impl SseReader {
 
 #[tokio::test]
 async fn streaming_completion_checked_chunk_by_chunk() {
-    let r = replica(Config::default()).await;
+    // 20 ms steps: the 40 tokens take ~0.8 s, so the first chunk surely arrives mid-generation
+    // even on a busy machine.
+    let mut config = Config::default();
+    config.latency.step_overhead = Duration::from_millis(20);
+    let r = replica(config).await;
     let c = client();
     let resp = start(
         &c,
