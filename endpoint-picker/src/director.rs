@@ -81,12 +81,18 @@ impl Policies {
         let mut ordered: Vec<&ModelRewrite> = self.rewrites.iter().collect();
         ordered.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
         let exact = ordered.iter().find_map(|r| {
-            r.rules.iter().find(|rule| rule.matches.iter().any(|m| m == model)).map(|rule| (*r, rule))
+            r.rules
+                .iter()
+                .find(|rule| rule.matches.iter().any(|m| m == model))
+                .map(|rule| (*r, rule))
         });
         exact.or_else(|| {
-            ordered
-                .iter()
-                .find_map(|r| r.rules.iter().find(|rule| rule.matches.is_empty()).map(|rule| (*r, rule)))
+            ordered.iter().find_map(|r| {
+                r.rules
+                    .iter()
+                    .find(|rule| rule.matches.is_empty())
+                    .map(|rule| (*r, rule))
+            })
         })
     }
 }
@@ -118,7 +124,10 @@ impl InFlight {
 
     /// Requests in flight on an endpoint.
     pub fn get(&self, id: EndpointId) -> u64 {
-        self.counts.load().get(id.0 as usize).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.counts
+            .load()
+            .get(id.0 as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -274,7 +283,12 @@ impl Director {
             return Err(RouteError::NoCandidates);
         }
         let now = Instant::now();
-        if request.priority < 0 && self.config.saturation_detector.is_saturated(&candidates, now) {
+        if request.priority < 0
+            && self
+                .config
+                .saturation_detector
+                .is_saturated(&candidates, now)
+        {
             return Err(RouteError::Shed(request.priority));
         }
         let scheduler = &self.config.scheduler;
@@ -282,8 +296,11 @@ impl Director {
         scheduler.produce(request, &candidates, &mut state);
         let result = scheduler.schedule(request, &state, &candidates, explain)?;
         scheduler.pre_request(request, &state, &result);
-        let targets: Vec<Arc<Endpoint>> =
-            result.primary_targets().iter().map(|t| t.candidate.endpoint.clone()).collect();
+        let targets: Vec<Arc<Endpoint>> = result
+            .primary_targets()
+            .iter()
+            .map(|t| t.candidate.endpoint.clone())
+            .collect();
         let guard = targets.first().map(|t| {
             let counter = self.in_flight.counter(t.id);
             counter.fetch_add(1, Ordering::Relaxed);
@@ -311,7 +328,11 @@ mod tests {
     }
 
     fn req() -> InferenceRequest {
-        InferenceRequest { model: "m".into(), target_model: "m".into(), ..Default::default() }
+        InferenceRequest {
+            model: "m".into(),
+            target_model: "m".into(),
+            ..Default::default()
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -337,30 +358,49 @@ mod tests {
         let d = director(3);
         let only3 = [AddressMatcher::parse("10.0.0.3").unwrap()];
         for _ in 0..10 {
-            assert_eq!(d.route(&req(), Some(&only3), false).unwrap().destination(), "10.0.0.3:8000");
+            assert_eq!(
+                d.route(&req(), Some(&only3), false).unwrap().destination(),
+                "10.0.0.3:8000"
+            );
         }
-        assert_eq!(d.route(&req(), Some(&[]), false).unwrap_err(), RouteError::NoCandidates);
+        assert_eq!(
+            d.route(&req(), Some(&[]), false).unwrap_err(),
+            RouteError::NoCandidates
+        );
         let outside = [AddressMatcher::parse("192.168.0.1").unwrap()];
-        assert_eq!(d.route(&req(), Some(&outside), false).unwrap_err(), RouteError::NoCandidates);
+        assert_eq!(
+            d.route(&req(), Some(&outside), false).unwrap_err(),
+            RouteError::NoCandidates
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn empty_pool_is_503() {
         let d = director(0);
-        assert_eq!(d.route(&req(), None, false).unwrap_err(), RouteError::NoCandidates);
+        assert_eq!(
+            d.route(&req(), None, false).unwrap_err(),
+            RouteError::NoCandidates
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn sheddable_requests_are_shed_when_saturated() {
         let d = director(2);
         for e in d.datastore().snapshot().endpoints.iter() {
-            e.store_metrics(EngineMetrics { waiting_queue_size: 50, updated_at: Some(Instant::now()), ..Default::default() });
+            e.store_metrics(EngineMetrics {
+                waiting_queue_size: 50,
+                updated_at: Some(Instant::now()),
+                ..Default::default()
+            });
         }
         let mut r = req();
         r.priority = -1;
         assert_eq!(d.route(&r, None, false).unwrap_err(), RouteError::Shed(-1));
         r.priority = 0;
-        assert!(d.route(&r, None, false).is_ok(), "non-sheddable requests still go through");
+        assert!(
+            d.route(&r, None, false).is_ok(),
+            "non-sheddable requests still go through"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -369,17 +409,27 @@ mod tests {
         let ds = Arc::new(Datastore::new());
         ds.apply(pool(3));
         for (i, e) in ds.snapshot().endpoints.iter().enumerate() {
-            e.store_metrics(EngineMetrics { waiting_queue_size: 10 - i as u64 * 3, updated_at: Some(Instant::now()), ..Default::default() });
+            e.store_metrics(EngineMetrics {
+                waiting_queue_size: 10 - i as u64 * 3,
+                updated_at: Some(Instant::now()),
+                ..Default::default()
+            });
         }
         let d = Director::new(ds, Arc::new(load(cfg, 1).unwrap()), 1);
-        assert_eq!(d.route(&req(), None, false).unwrap().destination(), "10.0.0.3:8000,10.0.0.2:8000,10.0.0.1:8000");
+        assert_eq!(
+            d.route(&req(), None, false).unwrap().destination(),
+            "10.0.0.3:8000,10.0.0.2:8000,10.0.0.1:8000"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn prefix_affinity_sticks_to_the_same_endpoint() {
         let d = director(4);
         for e in d.datastore().snapshot().endpoints.iter() {
-            e.store_metrics(EngineMetrics { updated_at: Some(Instant::now()), ..Default::default() });
+            e.store_metrics(EngineMetrics {
+                updated_at: Some(Instant::now()),
+                ..Default::default()
+            });
         }
         let mut r = req();
         r.prompt = bytes::Bytes::from("system prompt ".repeat(100));
@@ -394,14 +444,32 @@ mod tests {
         let d = director(1);
         let rule = |matches: &[&str], targets: &[(&str, u32)]| RewriteRule {
             matches: matches.iter().map(|s| s.to_string()).collect(),
-            targets: targets.iter().map(|(m, w)| RewriteTarget { model: m.to_string(), weight: *w }).collect(),
+            targets: targets
+                .iter()
+                .map(|(m, w)| RewriteTarget {
+                    model: m.to_string(),
+                    weight: *w,
+                })
+                .collect(),
         };
         d.set_policies(Policies {
             objectives: HashMap::from([("batch".to_string(), -1)]),
             rewrites: vec![
-                ModelRewrite { name: "newer".into(), created: 20, rules: vec![rule(&["m"], &[("newer-target", 1)])] },
-                ModelRewrite { name: "generic".into(), created: 1, rules: vec![rule(&[], &[("catch-all", 1)])] },
-                ModelRewrite { name: "older".into(), created: 10, rules: vec![rule(&["m"], &[("a", 3), ("b", 0)])] },
+                ModelRewrite {
+                    name: "newer".into(),
+                    created: 20,
+                    rules: vec![rule(&["m"], &[("newer-target", 1)])],
+                },
+                ModelRewrite {
+                    name: "generic".into(),
+                    created: 1,
+                    rules: vec![rule(&[], &[("catch-all", 1)])],
+                },
+                ModelRewrite {
+                    name: "older".into(),
+                    created: 10,
+                    rules: vec![rule(&["m"], &[("a", 3), ("b", 0)])],
+                },
             ],
         });
         let mut r = req();
@@ -409,8 +477,14 @@ mod tests {
         r.target_model.clear();
         d.resolve(&mut r, None);
         assert_eq!(r.priority, -1);
-        assert_eq!(r.target_model, "a", "exact beats generic, older beats newer, weight 0 never chosen");
-        let mut other = InferenceRequest { model: "x".into(), ..Default::default() };
+        assert_eq!(
+            r.target_model, "a",
+            "exact beats generic, older beats newer, weight 0 never chosen"
+        );
+        let mut other = InferenceRequest {
+            model: "x".into(),
+            ..Default::default()
+        };
         d.resolve(&mut other, None);
         assert_eq!(other.target_model, "catch-all");
         let mut forced = req();

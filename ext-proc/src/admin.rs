@@ -17,6 +17,18 @@ pub struct AdminState {
     pub registry: Arc<Mutex<Registry>>,
     /// Optional bearer token required on `/metrics`.
     pub bearer_token: Option<Arc<str>>,
+    /// Run before each exposition (refreshes gauges computed from current state).
+    pub refresh: Option<Refresh>,
+}
+
+/// A callback that refreshes derived gauges.
+#[derive(Clone)]
+pub struct Refresh(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Refresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refresh")
+    }
 }
 
 /// The admin router.
@@ -37,6 +49,9 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
         if !ok {
             return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
         }
+    }
+    if let Some(refresh) = &state.refresh {
+        (refresh.0)();
     }
     let mut out = String::with_capacity(16 * 1024);
     let result = {

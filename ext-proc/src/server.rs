@@ -240,9 +240,13 @@ pub async fn serve_with_handles(
 
     let admin_server = {
         let token = shutdown.clone();
+        let (m, ds, d) = (metrics.clone(), datastore.clone(), director.clone());
         let state = AdminState {
             registry: registry.clone(),
             bearer_token: metrics_bearer_token.map(Into::into),
+            refresh: Some(admin::Refresh(Arc::new(move || {
+                m.refresh_pool(&ds, &d, metrics_staleness)
+            }))),
         };
         let listener = listeners.metrics;
         tokio::spawn(async move {

@@ -2,6 +2,8 @@
 //! vLLM replicas, all on loopback. Skipped when no Envoy binary is found, unless
 //! `SWITCHYARD_REQUIRE_ENVOY` is set (as `make test` does).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::SocketAddr;

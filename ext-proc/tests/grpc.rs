@@ -1,6 +1,8 @@
 //! gRPC-level tests: an in-process EPP driven by `ExternalProcessorClient` through every
 //! message sequence Envoy produces.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -169,7 +171,7 @@ async fn sse_response_chunks_are_answered_one_by_one_and_state_released() {
     let id = snap
         .endpoints
         .iter()
-        .find(|e| &*e.host_port == dest)
+        .find(|e| *e.host_port == dest)
         .unwrap()
         .id;
     assert_eq!(epp.handles.director.in_flight().get(id), 1);

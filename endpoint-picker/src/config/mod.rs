@@ -29,9 +29,7 @@ use crate::scheduling::plugins::scorers::{
     KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer,
     RunningRequestsScorer,
 };
-use crate::scheduling::{
-    DataProducer, Filter, Picker, Profile, ProfileHandler, Scheduler, Scorer,
-};
+use crate::scheduling::{DataProducer, Filter, Picker, Profile, ProfileHandler, Scheduler, Scorer};
 use crate::scrape::{EngineMapping, MetricSpec, engine::CacheInfoSpec};
 pub use types::{API_VERSIONS, EndpointPickerConfig};
 
@@ -263,14 +261,29 @@ struct Instance {
 /// Types accepted and ignored, with the reason logged as a warning.
 const INERT_TYPES: &[(&str, &str)] = &[
     ("openai-parser", "the OpenAI parser is built in"),
-    ("inflight-load-producer", "in-flight counts are always tracked"),
+    (
+        "inflight-load-producer",
+        "in-flight counts are always tracked",
+    ),
     ("k8s-notification-source", "discovery is built in"),
     ("endpoint-notification-source", "discovery is built in"),
-    ("global-strict-fairness-policy", "flow control is not implemented yet"),
-    ("round-robin-fairness-policy", "flow control is not implemented yet"),
-    ("fcfs-ordering-policy", "flow control is not implemented yet"),
+    (
+        "global-strict-fairness-policy",
+        "flow control is not implemented yet",
+    ),
+    (
+        "round-robin-fairness-policy",
+        "flow control is not implemented yet",
+    ),
+    (
+        "fcfs-ordering-policy",
+        "flow control is not implemented yet",
+    ),
     ("edf-ordering-policy", "flow control is not implemented yet"),
-    ("static-usage-limit-policy", "flow control is not implemented yet"),
+    (
+        "static-usage-limit-policy",
+        "flow control is not implemented yet",
+    ),
 ];
 
 const KNOWN_TYPES: &[&str] = &[
@@ -304,17 +317,26 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// Deserializes parameters, warning about (not rejecting) unknown keys.
-    fn params<T: DeserializeOwned + Default>(&mut self, value: Option<&serde_yaml::Value>) -> Result<T, ConfigError> {
-        let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(T::default()) };
+    fn params<T: DeserializeOwned + Default>(
+        &mut self,
+        value: Option<&serde_yaml::Value>,
+    ) -> Result<T, ConfigError> {
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            return Ok(T::default());
+        };
         let mut unknown = Vec::new();
-        let parsed: T = serde_ignored::deserialize(value.clone(), |path| unknown.push(path.to_string()))
-            .map_err(|source| ConfigError::Parameters {
-                name: self.name.to_owned(),
-                type_name: self.type_name.to_owned(),
-                source,
-            })?;
+        let parsed: T =
+            serde_ignored::deserialize(value.clone(), |path| unknown.push(path.to_string()))
+                .map_err(|source| ConfigError::Parameters {
+                    name: self.name.to_owned(),
+                    type_name: self.type_name.to_owned(),
+                    source,
+                })?;
         for p in unknown {
-            self.warnings.push(format!("plugin {:?} ({}): unknown parameter {p:?} ignored", self.name, self.type_name));
+            self.warnings.push(format!(
+                "plugin {:?} ({}): unknown parameter {p:?} ignored",
+                self.name, self.type_name
+            ));
         }
         Ok(parsed)
     }
@@ -400,7 +422,11 @@ struct EngineConfigYaml {
     cache_info_spec: Option<String>,
 }
 
-fn positive(ctx: &Ctx<'_>, parameter: &'static str, v: Option<i64>) -> Result<Option<usize>, ConfigError> {
+fn positive(
+    ctx: &Ctx<'_>,
+    parameter: &'static str,
+    v: Option<i64>,
+) -> Result<Option<usize>, ConfigError> {
     match v {
         None => Ok(None),
         Some(n) if n > 0 => Ok(Some(n as usize)),
@@ -408,7 +434,10 @@ fn positive(ctx: &Ctx<'_>, parameter: &'static str, v: Option<i64>) -> Result<Op
     }
 }
 
-fn prefix_params(ctx: &mut Ctx<'_>, value: Option<&serde_yaml::Value>) -> Result<PrefixParams, ConfigError> {
+fn prefix_params(
+    ctx: &mut Ctx<'_>,
+    value: Option<&serde_yaml::Value>,
+) -> Result<PrefixParams, ConfigError> {
     let y: PrefixYaml = ctx.params(value)?;
     let mut p = PrefixParams::default();
     if let Some(a) = y.auto_tune {
@@ -418,7 +447,10 @@ fn prefix_params(ctx: &mut Ctx<'_>, value: Option<&serde_yaml::Value>) -> Result
         p.block_size_tokens = t;
     }
     if y.block_size.is_some() && y.block_size_tokens.is_none() {
-        return Err(ctx.invalid("blockSize", "deprecated character block size; set blockSizeTokens instead"));
+        return Err(ctx.invalid(
+            "blockSize",
+            "deprecated character block size; set blockSizeTokens instead",
+        ));
     }
     if let Some(c) = positive(ctx, "hashBlockSize", y.hash_block_size)? {
         // The v1.0–v1.3 scorer hashed fixed character blocks and did not auto-tune.
@@ -448,13 +480,17 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     let mut total = 0.0f64;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_end == 0 {
             return None;
         }
         let value: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let factor = match &rest[..unit_end] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -470,20 +506,35 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
-fn instantiate(spec: &types::PluginSpec, warnings: &mut Vec<String>) -> Result<Instance, ConfigError> {
+fn instantiate(
+    spec: &types::PluginSpec,
+    warnings: &mut Vec<String>,
+) -> Result<Instance, ConfigError> {
     let name = spec.effective_name().to_owned();
     let raw_type = spec.type_name.as_str();
     if let Some((t, why)) = INERT_TYPES.iter().find(|(t, _)| *t == raw_type) {
         warnings.push(format!("plugin {name:?} ({t}) accepted but inert: {why}"));
-        return Ok(Instance { name, type_name: t, role: Role::Inert });
+        return Ok(Instance {
+            name,
+            type_name: t,
+            role: Role::Inert,
+        });
     }
     let Some(&type_name) = KNOWN_TYPES.iter().find(|t| **t == raw_type) else {
         let mut known: Vec<&str> = KNOWN_TYPES.to_vec();
         known.extend(INERT_TYPES.iter().map(|(t, _)| *t));
-        return Err(ConfigError::UnknownType { name, type_name: raw_type.to_owned(), known: known.join(", ") });
+        return Err(ConfigError::UnknownType {
+            name,
+            type_name: raw_type.to_owned(),
+            known: known.join(", "),
+        });
     };
     let params = spec.parameters.as_ref();
-    let mut ctx = Ctx { name: &name, type_name, warnings };
+    let mut ctx = Ctx {
+        name: &name,
+        type_name,
+        warnings,
+    };
     let n = name.clone();
     let role = match type_name {
         "single-profile-handler" => {
@@ -508,16 +559,29 @@ fn instantiate(spec: &types::PluginSpec, warnings: &mut Vec<String>) -> Result<I
         }
         "max-score-picker" | "random-picker" | "weighted-random-picker" => {
             let y: PickerParams = ctx.params(params)?;
-            let max_endpoints = positive(&ctx, "maxNumOfEndpoints", y.max_num_of_endpoints)?.unwrap_or(1);
+            let max_endpoints =
+                positive(&ctx, "maxNumOfEndpoints", y.max_num_of_endpoints)?.unwrap_or(1);
             Role::Picker(match type_name {
-                "max-score-picker" => Arc::new(MaxScorePicker { name: n, max_endpoints }),
-                "random-picker" => Arc::new(RandomPicker { name: n, max_endpoints }),
-                _ => Arc::new(WeightedRandomPicker { name: n, max_endpoints }),
+                "max-score-picker" => Arc::new(MaxScorePicker {
+                    name: n,
+                    max_endpoints,
+                }),
+                "random-picker" => Arc::new(RandomPicker {
+                    name: n,
+                    max_endpoints,
+                }),
+                _ => Arc::new(WeightedRandomPicker {
+                    name: n,
+                    max_endpoints,
+                }),
             })
         }
         "utilization-detector" => {
             let y: DetectorYaml = ctx.params(params)?;
-            let mut d = UtilizationDetector { name: n, ..Default::default() };
+            let mut d = UtilizationDetector {
+                name: n,
+                ..Default::default()
+            };
             if let Some(q) = y.queue_depth_threshold {
                 if !(q.is_finite() && q > 0.0) {
                     return Err(ctx.invalid("queueDepthThreshold", "must be > 0"));
@@ -531,8 +595,12 @@ fn instantiate(spec: &types::PluginSpec, warnings: &mut Vec<String>) -> Result<I
                 d.kv_cache_util_threshold = kv;
             }
             if let Some(s) = y.metrics_staleness_threshold {
-                d.metrics_staleness_threshold = parse_duration(&s)
-                    .ok_or_else(|| ctx.invalid("metricsStalenessThreshold", format!("not a duration: {s:?}")))?;
+                d.metrics_staleness_threshold = parse_duration(&s).ok_or_else(|| {
+                    ctx.invalid(
+                        "metricsStalenessThreshold",
+                        format!("not a duration: {s:?}"),
+                    )
+                })?;
             }
             if let Some(h) = y.headroom {
                 if !(h.is_finite() && h >= 0.0) {
@@ -542,30 +610,45 @@ fn instantiate(spec: &types::PluginSpec, warnings: &mut Vec<String>) -> Result<I
             }
             Role::Detector(Arc::new(d))
         }
-        "header-based-testing-filter" => Role::Filter(Arc::new(HeaderBasedTestingFilter { name: n })),
+        "header-based-testing-filter" => {
+            Role::Filter(Arc::new(HeaderBasedTestingFilter { name: n }))
+        }
         "label-selector-filter" | "by-label-selector" | "by-label" => {
             let y: LabelSelectorYaml = ctx.params(params)?;
-            Role::Filter(Arc::new(LabelSelectorFilter { name: n, match_labels: y.match_labels.into_iter().collect() }))
+            Role::Filter(Arc::new(LabelSelectorFilter {
+                name: n,
+                match_labels: y.match_labels.into_iter().collect(),
+            }))
         }
-        "destination-endpoint-served-verifier" => Role::Response(Arc::new(DestinationEndpointServedVerifier)),
+        "destination-endpoint-served-verifier" => {
+            Role::Response(Arc::new(DestinationEndpointServedVerifier))
+        }
         "metrics-data-source" => Role::MetricsSource,
         "core-metrics-extractor" => Role::MetricsExtractor,
         _ => Role::Inert,
     };
-    Ok(Instance { name, type_name, role })
+    Ok(Instance {
+        name,
+        type_name,
+        role,
+    })
 }
 
 fn engine_from_yaml(y: &EngineConfigYaml, ctx: &Ctx<'_>) -> Result<EngineMapping, ConfigError> {
     let spec = |p: &'static str, s: &Option<String>| -> Result<Vec<MetricSpec>, ConfigError> {
         match s {
             None => Ok(Vec::new()),
-            Some(s) => Ok(vec![s.parse().map_err(|e: crate::scrape::engine::SpecError| ctx.invalid(p, e.to_string()))?]),
+            Some(s) => Ok(vec![s.parse().map_err(
+                |e: crate::scrape::engine::SpecError| ctx.invalid(p, e.to_string()),
+            )?]),
         }
     };
     let cache_info = match &y.cache_info_spec {
         None => None,
         Some(s) => Some(CacheInfoSpec::Labels {
-            metric: s.parse().map_err(|e: crate::scrape::engine::SpecError| ctx.invalid("cacheInfoSpec", e.to_string()))?,
+            metric: s.parse().map_err(|e: crate::scrape::engine::SpecError| {
+                ctx.invalid("cacheInfoSpec", e.to_string())
+            })?,
             block_size_label: "block_size".into(),
             num_blocks_label: "num_gpu_blocks".into(),
         }),
@@ -593,7 +676,11 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
     if doc.flow_control.is_some() || doc.feature_gates.iter().any(|g| g == "flowControl") {
         warnings.push("flowControl is accepted but not implemented yet: requests are admitted or shed, never queued".into());
     }
-    if doc.parser.as_ref().is_some_and(|p| p.plugin_ref != "openai-parser") {
+    if doc
+        .parser
+        .as_ref()
+        .is_some_and(|p| p.plugin_ref != "openai-parser")
+    {
         warnings.push("only the OpenAI parser is implemented; parser reference ignored".into());
     }
 
@@ -605,13 +692,19 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
         if by_name.insert(inst.name.clone(), instances.len()).is_some() {
             return Err(ConfigError::DuplicatePlugin(inst.name));
         }
-        let mut ctx = Ctx { name: &inst.name, type_name: inst.type_name, warnings: &mut warnings };
+        let mut ctx = Ctx {
+            name: &inst.name,
+            type_name: inst.type_name,
+            warnings: &mut warnings,
+        };
         match inst.role {
             Role::MetricsSource => {
                 let y: MetricsSourceYaml = ctx.params(spec.parameters.as_ref())?;
                 if let Some(s) = y.scheme {
                     if s != "http" && s != "https" {
-                        return Err(ctx.invalid("scheme", format!("must be http or https, got {s:?}")));
+                        return Err(
+                            ctx.invalid("scheme", format!("must be http or https, got {s:?}"))
+                        );
                     }
                     if s == "https" {
                         ctx.warnings.push("metrics-data-source: https scraping is not implemented yet; using http".into());
@@ -619,7 +712,11 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
                     scrape.scheme = "http".into();
                 }
                 if let Some(p) = y.path {
-                    scrape.path = if p.starts_with('/') { p } else { format!("/{p}") };
+                    scrape.path = if p.starts_with('/') {
+                        p
+                    } else {
+                        format!("/{p}")
+                    };
                 }
                 let _ = y.insecure_skip_verify;
             }
@@ -643,12 +740,21 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
 
     // A prefix scorer needs a producer; create one, configured from the scorer's legacy
     // parameters when it has them (v1.0–v1.3 configs put them there).
-    let has_producer = instances.iter().any(|i| matches!(i.role, Role::Producer(_)));
+    let has_producer = instances
+        .iter()
+        .any(|i| matches!(i.role, Role::Producer(_)));
     if !has_producer
-        && let Some(spec) = doc.plugins.iter().find(|p| p.type_name == "prefix-cache-scorer")
+        && let Some(spec) = doc
+            .plugins
+            .iter()
+            .find(|p| p.type_name == "prefix-cache-scorer")
     {
         let name = "approx-prefix-cache-producer".to_owned();
-        let mut ctx = Ctx { name: spec.effective_name(), type_name: "prefix-cache-scorer", warnings: &mut warnings };
+        let mut ctx = Ctx {
+            name: spec.effective_name(),
+            type_name: "prefix-cache-scorer",
+            warnings: &mut warnings,
+        };
         let params = prefix_params(&mut ctx, spec.parameters.as_ref())?;
         if !by_name.contains_key(&name) {
             by_name.insert(name.clone(), instances.len());
@@ -660,7 +766,11 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
         }
     } else if has_producer {
         // Parameters on the scorer itself are legacy; they only matter without a producer.
-        for spec in doc.plugins.iter().filter(|p| p.type_name == "prefix-cache-scorer") {
+        for spec in doc
+            .plugins
+            .iter()
+            .filter(|p| p.type_name == "prefix-cache-scorer")
+        {
             if spec.parameters.as_ref().is_some_and(|v| !v.is_null()) {
                 warnings.push(format!(
                     "plugin {:?} (prefix-cache-scorer): parameters ignored; configure the approx-prefix-cache-producer instead",
@@ -677,8 +787,16 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
             name: "default".into(),
             plugins: instances
                 .iter()
-                .filter(|i| matches!(i.role, Role::Filter(_) | Role::Scorer(_) | Role::Picker(_) | Role::Detector(_)))
-                .map(|i| types::ProfilePluginRef { plugin_ref: i.name.clone(), weight: None })
+                .filter(|i| {
+                    matches!(
+                        i.role,
+                        Role::Filter(_) | Role::Scorer(_) | Role::Picker(_) | Role::Detector(_)
+                    )
+                })
+                .map(|i| types::ProfilePluginRef {
+                    plugin_ref: i.name.clone(),
+                    weight: None,
+                })
                 .collect(),
         });
     }
@@ -694,7 +812,10 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
         let mut picker: Option<Arc<dyn Picker>> = None;
         for r in &ps.plugins {
             let Some(&idx) = by_name.get(&r.plugin_ref) else {
-                return Err(ConfigError::UnknownRef { context, plugin: r.plugin_ref.clone() });
+                return Err(ConfigError::UnknownRef {
+                    context,
+                    plugin: r.plugin_ref.clone(),
+                });
             };
             let inst = &instances[idx];
             match &inst.role {
@@ -703,7 +824,10 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
                 Role::Scorer(s) => {
                     let w = r.weight.unwrap_or(1.0);
                     if !(w.is_finite() && w >= 0.0) {
-                        return Err(ConfigError::Weight { profile: ps.name.clone(), plugin: r.plugin_ref.clone() });
+                        return Err(ConfigError::Weight {
+                            profile: ps.name.clone(),
+                            plugin: r.plugin_ref.clone(),
+                        });
                     }
                     scorers.push((s.clone(), w));
                 }
@@ -725,8 +849,18 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
                 }
             }
         }
-        let picker = picker.unwrap_or_else(|| Arc::new(MaxScorePicker { name: "max-score-picker".into(), max_endpoints: 1 }));
-        profiles.push(Profile { name: ps.name.clone(), filters, scorers, picker });
+        let picker = picker.unwrap_or_else(|| {
+            Arc::new(MaxScorePicker {
+                name: "max-score-picker".into(),
+                max_endpoints: 1,
+            })
+        });
+        profiles.push(Profile {
+            name: ps.name.clone(),
+            filters,
+            scorers,
+            picker,
+        });
     }
 
     let handlers: Vec<Arc<dyn ProfileHandler>> = instances
@@ -737,7 +871,9 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
         })
         .collect();
     let handler: Arc<dyn ProfileHandler> = match (handlers.len(), profiles.len()) {
-        (0, 1) => Arc::new(SingleProfileHandler { name: "single-profile-handler".into() }),
+        (0, 1) => Arc::new(SingleProfileHandler {
+            name: "single-profile-handler".into(),
+        }),
         (0, n) => {
             return Err(ConfigError::ProfileHandler(format!(
                 "{n} scheduling profiles need a profile handler plugin"
@@ -751,13 +887,20 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
             }
             handlers[0].clone()
         }
-        (n, _) => return Err(ConfigError::ProfileHandler(format!("{n} profile handlers declared; at most one is allowed"))),
+        (n, _) => {
+            return Err(ConfigError::ProfileHandler(format!(
+                "{n} profile handlers declared; at most one is allowed"
+            )));
+        }
     };
 
     let saturation_detector = match &doc.saturation_detector {
         Some(r) => {
             let Some(&idx) = by_name.get(&r.plugin_ref) else {
-                return Err(ConfigError::UnknownRef { context: "saturationDetector".into(), plugin: r.plugin_ref.clone() });
+                return Err(ConfigError::UnknownRef {
+                    context: "saturationDetector".into(),
+                    plugin: r.plugin_ref.clone(),
+                });
             };
             match &instances[idx].role {
                 Role::Detector(d) => d.clone(),
@@ -780,10 +923,19 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
             .unwrap_or_default(),
     };
 
-    for ds in doc.data_layer.iter().chain(doc.data.iter()).flat_map(|d| &d.sources) {
-        for r in std::iter::once(&ds.plugin_ref).chain(ds.extractors.iter().map(|e| &e.plugin_ref)) {
+    for ds in doc
+        .data_layer
+        .iter()
+        .chain(doc.data.iter())
+        .flat_map(|d| &d.sources)
+    {
+        for r in std::iter::once(&ds.plugin_ref).chain(ds.extractors.iter().map(|e| &e.plugin_ref))
+        {
             if !by_name.contains_key(r) {
-                return Err(ConfigError::UnknownRef { context: "dataLayer".into(), plugin: r.clone() });
+                return Err(ConfigError::UnknownRef {
+                    context: "dataLayer".into(),
+                    plugin: r.clone(),
+                });
             }
         }
     }
@@ -795,8 +947,10 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
             _ => None,
         })
         .collect();
-    let producers: Vec<Arc<dyn DataProducer>> =
-        prefix_producers.iter().map(|p| p.clone() as Arc<dyn DataProducer>).collect();
+    let producers: Vec<Arc<dyn DataProducer>> = prefix_producers
+        .iter()
+        .map(|p| p.clone() as Arc<dyn DataProducer>)
+        .collect();
     let response_plugins = instances
         .iter()
         .filter_map(|i| match &i.role {
@@ -804,8 +958,14 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
             _ => None,
         })
         .collect();
-    let plugins = instances.iter().map(|i| (i.name.clone(), i.type_name)).collect();
-    let describe: Vec<_> = instances.iter().map(|i| (i.name.as_str(), i.role.describe())).collect();
+    let plugins = instances
+        .iter()
+        .map(|i| (i.name.clone(), i.type_name))
+        .collect();
+    let describe: Vec<_> = instances
+        .iter()
+        .map(|i| (i.name.as_str(), i.role.describe()))
+        .collect();
     tracing::debug!(?describe, "plugins instantiated");
     Ok(LoadedConfig {
         scheduler: Arc::new(Scheduler::new(handler, profiles, producers, seed)),

@@ -12,7 +12,8 @@ fn err(text: &str) -> String {
     load(text, 1).unwrap_err().to_string()
 }
 
-const HEAD: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+const HEAD: &str =
+    "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
 
 #[test]
 fn builtin_default_is_queue_kv_prefix() {
@@ -22,10 +23,18 @@ fn builtin_default_is_queue_kv_prefix() {
     let weights: Vec<_> = p.scorers.iter().map(|(s, w)| (s.type_name(), *w)).collect();
     assert_eq!(
         weights,
-        vec![("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 2.0), ("prefix-cache-scorer", 3.0)]
+        vec![
+            ("queue-scorer", 2.0),
+            ("kv-cache-utilization-scorer", 2.0),
+            ("prefix-cache-scorer", 3.0)
+        ]
     );
     assert_eq!(p.picker.type_name(), "max-score-picker");
-    assert_eq!(c.prefix_producers.len(), 1, "prefix scorer gets its producer");
+    assert_eq!(
+        c.prefix_producers.len(),
+        1,
+        "prefix scorer gets its producer"
+    );
     assert_eq!(c.saturation_detector.queue_depth_threshold, 5.0);
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
@@ -60,8 +69,19 @@ fn llmd_fixture_loads_legacy_scorer_parameters() {
     let pp = &c.prefix_producers[0].params;
     assert_eq!(pp.block_chars, Some(64));
     assert!(!pp.auto_tune);
-    let names: Vec<_> = c.scheduler.profiles()[0].scorers.iter().map(|(s, _)| s.type_name()).collect();
-    assert_eq!(names, vec!["prefix-cache-scorer", "load-aware-scorer", "kv-cache-utilization-scorer"]);
+    let names: Vec<_> = c.scheduler.profiles()[0]
+        .scorers
+        .iter()
+        .map(|(s, _)| s.type_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "prefix-cache-scorer",
+            "load-aware-scorer",
+            "kv-cache-utilization-scorer"
+        ]
+    );
 }
 
 #[test]
@@ -70,18 +90,28 @@ fn conformance_fixture_routes_by_header() {
     assert_eq!(c.response_plugins.len(), 1);
     assert_eq!(
         c.response_plugins[0].response_headers(Some("10.0.0.1:3000")),
-        vec![(SERVED_ENDPOINT_TEST_HEADER.to_owned(), "10.0.0.1:3000".to_owned())]
+        vec![(
+            SERVED_ENDPOINT_TEST_HEADER.to_owned(),
+            "10.0.0.1:3000".to_owned()
+        )]
     );
     let ds = Datastore::new();
     let snap = ds.apply(pool(3));
     let cands: Vec<_> = snap.endpoints.iter().cloned().map(Candidate::new).collect();
     let req = InferenceRequest {
-        headers: vec![("test-epp-endpoint-selection".into(), "10.0.0.2,10.0.0.3".into())],
+        headers: vec![(
+            "test-epp-endpoint-selection".into(),
+            "10.0.0.2,10.0.0.3".into(),
+        )],
         ..Default::default()
     };
     let state = CycleState::new(tokio::time::Instant::now());
     let r = c.scheduler.schedule(&req, &state, &cands, true).unwrap();
-    let mut got: Vec<_> = r.primary_targets().iter().map(|t| t.candidate.endpoint.spec.name.clone()).collect();
+    let mut got: Vec<_> = r
+        .primary_targets()
+        .iter()
+        .map(|t| t.candidate.endpoint.spec.name.clone())
+        .collect();
     got.sort();
     assert_eq!(got, vec!["pod-2-rank-0", "pod-3-rank-0"]);
     assert!(r.primary_result().unwrap().explanation.is_some());
@@ -89,7 +119,11 @@ fn conformance_fixture_routes_by_header() {
 
 #[test]
 fn empty_profiles_default_to_every_profile_plugin() {
-    let c = load(&format!("{HEAD}plugins:\n- type: queue-scorer\n- type: random-picker\n"), 1).unwrap();
+    let c = load(
+        &format!("{HEAD}plugins:\n- type: queue-scorer\n- type: random-picker\n"),
+        1,
+    )
+    .unwrap();
     let p = &c.scheduler.profiles()[0];
     assert_eq!(p.name, "default");
     assert_eq!(p.scorers[0].1, 1.0);
@@ -100,19 +134,39 @@ fn empty_profiles_default_to_every_profile_plugin() {
 fn errors_name_the_problem() {
     assert!(err("plugins: [").contains("invalid EndpointPickerConfig"));
     assert!(err("kind: EndpointPickerConfig\n").contains("apiVersion"));
-    assert!(err("apiVersion: v1\nkind: EndpointPickerConfig\n").contains("unsupported apiVersion \"v1\""));
+    assert!(
+        err("apiVersion: v1\nkind: EndpointPickerConfig\n")
+            .contains("unsupported apiVersion \"v1\"")
+    );
     assert!(err("apiVersion: llm-d.ai/v1alpha1\nkind: Foo\n").contains("kind"));
-    assert!(err(&format!("{HEAD}plugins:\n- type: no-such-scorer\n")).contains("unknown type \"no-such-scorer\""));
-    assert!(err(&format!("{HEAD}plugins:\n- type: queue-scorer\n- type: queue-scorer\n")).contains("duplicate plugin name"));
-    assert!(err(&format!("{HEAD}schedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: ghost\n")).contains("undeclared plugin \"ghost\""));
-    assert!(err(&format!(
-        "{HEAD}plugins:\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: 0\n"
-    ))
-    .contains("maxNumOfEndpoints"));
-    assert!(err(&format!(
-        "{HEAD}plugins:\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: lots\n"
-    ))
-    .contains("invalid parameters"));
+    assert!(
+        err(&format!("{HEAD}plugins:\n- type: no-such-scorer\n"))
+            .contains("unknown type \"no-such-scorer\"")
+    );
+    assert!(
+        err(&format!(
+            "{HEAD}plugins:\n- type: queue-scorer\n- type: queue-scorer\n"
+        ))
+        .contains("duplicate plugin name")
+    );
+    assert!(
+        err(&format!(
+            "{HEAD}schedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: ghost\n"
+        ))
+        .contains("undeclared plugin \"ghost\"")
+    );
+    assert!(
+        err(&format!(
+            "{HEAD}plugins:\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: 0\n"
+        ))
+        .contains("maxNumOfEndpoints")
+    );
+    assert!(
+        err(&format!(
+            "{HEAD}plugins:\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: lots\n"
+        ))
+        .contains("invalid parameters")
+    );
     assert!(err(&format!(
         "{HEAD}plugins:\n- type: utilization-detector\n  parameters:\n    kvCacheUtilThreshold: 1.5\n"
     ))
@@ -121,25 +175,33 @@ fn errors_name_the_problem() {
         "{HEAD}plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n    weight: -1\n"
     ))
     .contains("weight"));
-    assert!(err(&format!(
-        "{HEAD}plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n- name: b\n"
-    ))
-    .contains("profile handler"));
+    assert!(
+        err(&format!(
+            "{HEAD}plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n- name: b\n"
+        ))
+        .contains("profile handler")
+    );
     assert!(err(&format!("{HEAD}bogusField: 1\n")).contains("bogusField"));
     assert!(err(&format!(
         "{HEAD}plugins:\n- type: max-score-picker\n- name: p2\n  type: random-picker\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: max-score-picker\n  - pluginRef: p2\n"
     ))
     .contains("more than one picker"));
-    assert!(err(&format!(
-        "{HEAD}plugins:\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: queue-scorer\n"
-    ))
-    .contains("saturationDetector"));
+    assert!(
+        err(&format!(
+            "{HEAD}plugins:\n- type: queue-scorer\nsaturationDetector:\n  pluginRef: queue-scorer\n"
+        ))
+        .contains("saturationDetector")
+    );
 }
 
 #[test]
 fn unknown_parameters_warn() {
     let c = load(&format!("{HEAD}plugins:\n- type: load-aware-scorer\n  parameters:\n    threshold: 10\n    typo: 1\n"), 1).unwrap();
-    assert!(c.warnings.iter().any(|w| w.contains("typo")), "{:?}", c.warnings);
+    assert!(
+        c.warnings.iter().any(|w| w.contains("typo")),
+        "{:?}",
+        c.warnings
+    );
 }
 
 #[test]

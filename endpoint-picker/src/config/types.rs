@@ -3,7 +3,10 @@
 use serde::Deserialize;
 
 /// `apiVersion` values accepted (GIE's and llm-d's).
-pub const API_VERSIONS: [&str; 2] = ["inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1"];
+pub const API_VERSIONS: [&str; 2] = [
+    "inference.networking.x-k8s.io/v1alpha1",
+    "llm-d.ai/v1alpha1",
+];
 
 /// The whole document.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -51,7 +54,10 @@ pub struct PluginSpec {
 impl PluginSpec {
     /// The effective name.
     pub fn effective_name(&self) -> &str {
-        self.name.as_deref().filter(|n| !n.is_empty()).unwrap_or(&self.type_name)
+        self.name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.type_name)
     }
 }
 

@@ -200,26 +200,42 @@ pub struct LocalPool {
 
 /// Parses a pool file's contents. `metrics_port` overrides the scrape port when the pool has a
 /// single target port (the reference's `--model-server-metrics-port` rule).
-pub fn parse(path: &Path, text: &str, metrics_port: Option<u16>) -> Result<LocalPool, PoolFileError> {
-    let invalid = |reason: String| PoolFileError::Invalid { path: path.to_owned(), reason };
-    let doc: PoolFile =
-        serde_yaml::from_str(text).map_err(|source| PoolFileError::Parse { path: path.to_owned(), source })?;
+pub fn parse(
+    path: &Path,
+    text: &str,
+    metrics_port: Option<u16>,
+) -> Result<LocalPool, PoolFileError> {
+    let invalid = |reason: String| PoolFileError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let doc: PoolFile = serde_yaml::from_str(text).map_err(|source| PoolFileError::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
     let p = &doc.pool;
     if let Some(v) = &p.api_version
         && v != "inference.networking.k8s.io/v1"
     {
-        return Err(invalid(format!("pool apiVersion must be inference.networking.k8s.io/v1, got {v:?}")));
+        return Err(invalid(format!(
+            "pool apiVersion must be inference.networking.k8s.io/v1, got {v:?}"
+        )));
     }
     if let Some(k) = &p.kind
         && k != "InferencePool"
     {
-        return Err(invalid(format!("pool kind must be InferencePool, got {k:?}")));
+        return Err(invalid(format!(
+            "pool kind must be InferencePool, got {k:?}"
+        )));
     }
     let ports: Vec<u16> = p.spec.target_ports.iter().map(|t| t.number).collect();
     if ports.is_empty() || ports.len() > 8 {
-        return Err(invalid(format!("pool needs 1 to 8 targetPorts, got {}", ports.len())));
+        return Err(invalid(format!(
+            "pool needs 1 to 8 targetPorts, got {}",
+            ports.len()
+        )));
     }
-    if ports.iter().any(|&n| n == 0) {
+    if ports.contains(&0) {
         return Err(invalid("targetPorts must be in 1..65535".into()));
     }
     let mut uniq = ports.clone();
@@ -230,18 +246,34 @@ pub fn parse(path: &Path, text: &str, metrics_port: Option<u16>) -> Result<Local
     }
     let app_protocol = p.spec.app_protocol.clone().unwrap_or_else(|| "http".into());
     if app_protocol != "http" && app_protocol != "kubernetes.io/h2c" {
-        return Err(invalid(format!("appProtocol must be http or kubernetes.io/h2c, got {app_protocol:?}")));
+        return Err(invalid(format!(
+            "appProtocol must be http or kubernetes.io/h2c, got {app_protocol:?}"
+        )));
     }
-    let namespace = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = p
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let mut endpoints = Vec::new();
     for e in &doc.endpoints {
         if !e.ready {
             continue;
         }
-        if !p.spec.selector.match_labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)) {
+        if !p
+            .spec
+            .selector
+            .match_labels
+            .iter()
+            .all(|(k, v)| e.labels.get(k) == Some(v))
+        {
             continue;
         }
-        let own_ports = if e.ports.is_empty() { ports.clone() } else { e.ports.clone() };
+        let own_ports = if e.ports.is_empty() {
+            ports.clone()
+        } else {
+            e.ports.clone()
+        };
         let active: Option<Vec<u16>> = e
             .annotations
             .get(ACTIVE_PORTS_ANNOTATION)
@@ -251,7 +283,14 @@ pub fn parse(path: &Path, text: &str, metrics_port: Option<u16>) -> Result<Local
                 continue;
             }
             let address = SocketAddr::new(e.address, port);
-            let scrape_port = e.metrics_port.or(if own_ports.len() == 1 { metrics_port } else { None }).unwrap_or(port);
+            let scrape_port = e
+                .metrics_port
+                .or(if own_ports.len() == 1 {
+                    metrics_port
+                } else {
+                    None
+                })
+                .unwrap_or(port);
             endpoints.push(EndpointSpec {
                 name: format!("{}-rank-{rank}", e.name),
                 pod_name: e.name.clone(),
@@ -263,7 +302,11 @@ pub fn parse(path: &Path, text: &str, metrics_port: Option<u16>) -> Result<Local
             });
         }
     }
-    let objectives = doc.objectives.iter().map(|o| (o.name.clone(), o.priority.unwrap_or(0))).collect();
+    let objectives = doc
+        .objectives
+        .iter()
+        .map(|o| (o.name.clone(), o.priority.unwrap_or(0)))
+        .collect();
     let rewrites = doc
         .model_rewrites
         .iter()
@@ -280,21 +323,35 @@ pub fn parse(path: &Path, text: &str, metrics_port: Option<u16>) -> Result<Local
                     targets: rule
                         .targets
                         .iter()
-                        .map(|t| RewriteTarget { model: t.model_rewrite.clone(), weight: t.weight.unwrap_or(1) })
+                        .map(|t| RewriteTarget {
+                            model: t.model_rewrite.clone(),
+                            weight: t.weight.unwrap_or(1),
+                        })
                         .collect(),
                 })
                 .collect(),
         })
         .collect();
     Ok(LocalPool {
-        pool: PoolSpec { name: p.metadata.name.clone(), namespace, app_protocol, endpoints },
-        policies: Policies { objectives, rewrites },
+        pool: PoolSpec {
+            name: p.metadata.name.clone(),
+            namespace,
+            app_protocol,
+            endpoints,
+        },
+        policies: Policies {
+            objectives,
+            rewrites,
+        },
     })
 }
 
 /// Reads and parses a pool file.
 pub fn read(path: &Path, metrics_port: Option<u16>) -> Result<LocalPool, PoolFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PoolFileError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| PoolFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     parse(path, &text, metrics_port)
 }
 
@@ -380,10 +437,21 @@ modelRewrites:
     #[test]
     fn parses_pool_endpoints_and_policies() {
         let local = parse(Path::new("f"), FILE, None).unwrap();
-        let names: Vec<_> = local.pool.endpoints.iter().map(|e| e.name.as_str()).collect();
+        let names: Vec<_> = local
+            .pool
+            .endpoints
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
         assert_eq!(names, vec!["a-rank-0", "a-rank-1", "b-rank-1", "e-rank-0"]);
-        assert_eq!(local.pool.endpoints[1].address, "10.0.0.1:8002".parse().unwrap());
-        assert_eq!(local.pool.endpoints[3].address, "[::1]:9001".parse().unwrap());
+        assert_eq!(
+            local.pool.endpoints[1].address,
+            "10.0.0.1:8002".parse().unwrap()
+        );
+        assert_eq!(
+            local.pool.endpoints[3].address,
+            "[::1]:9001".parse().unwrap()
+        );
         assert_eq!(local.pool.namespace, "ns");
         assert_eq!(local.pool.app_protocol, "http");
         assert_eq!(local.policies.objectives.get("batch"), Some(&-5));
@@ -392,17 +460,33 @@ modelRewrites:
 
     #[test]
     fn metrics_port_override_applies_to_single_port_pools() {
-        let text = FILE.replace("targetPorts: [{number: 8000}, {number: 8002}]", "targetPorts: [{number: 8000}]");
+        let text = FILE.replace(
+            "targetPorts: [{number: 8000}, {number: 8002}]",
+            "targetPorts: [{number: 8000}]",
+        );
         let local = parse(Path::new("f"), &text, Some(9090)).unwrap();
         assert_eq!(local.pool.endpoints[0].metrics_address.port(), 9090);
     }
 
     #[test]
     fn invalid_files_are_errors() {
-        let bad_ports = FILE.replace("[{number: 8000}, {number: 8002}]", "[{number: 8000}, {number: 8000}]");
-        assert!(parse(Path::new("f"), &bad_ports, None).unwrap_err().to_string().contains("unique"));
+        let bad_ports = FILE.replace(
+            "[{number: 8000}, {number: 8002}]",
+            "[{number: 8000}, {number: 8000}]",
+        );
+        assert!(
+            parse(Path::new("f"), &bad_ports, None)
+                .unwrap_err()
+                .to_string()
+                .contains("unique")
+        );
         let bad_proto = FILE.replace("targetPorts:", "appProtocol: grpc\n    targetPorts:");
-        assert!(parse(Path::new("f"), &bad_proto, None).unwrap_err().to_string().contains("appProtocol"));
+        assert!(
+            parse(Path::new("f"), &bad_proto, None)
+                .unwrap_err()
+                .to_string()
+                .contains("appProtocol")
+        );
         assert!(parse(Path::new("f"), "pool: [", None).is_err());
         let bad_kind = FILE.replace("kind: InferencePool", "kind: Service");
         assert!(parse(Path::new("f"), &bad_kind, None).is_err());
@@ -429,12 +513,20 @@ modelRewrites:
             token.clone(),
         ));
         let mut versions = ds.subscribe();
-        std::fs::write(&path, FILE.replace("- {name: a, address: 10.0.0.1, labels: {app: sim}}\n", "")).unwrap();
+        std::fs::write(
+            &path,
+            FILE.replace("- {name: a, address: 10.0.0.1, labels: {app: sim}}\n", ""),
+        )
+        .unwrap();
         versions.changed().await.unwrap();
         assert_eq!(ds.snapshot().endpoints.len(), 2);
         std::fs::write(&path, "pool: [").unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(ds.snapshot().endpoints.len(), 2, "a broken file keeps the last good pool");
+        assert_eq!(
+            ds.snapshot().endpoints.len(),
+            2,
+            "a broken file keeps the last good pool"
+        );
         token.cancel();
         task.await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -101,11 +101,12 @@ impl PrefixIndex {
         let Inner { holders, endpoints } = &mut *inner;
         for (slot, lru) in endpoints.iter_mut().enumerate() {
             let id = EndpointId(slot as u32);
-            if lru.is_some() && !live(id) {
-                if let Some(lru) = lru.take() {
-                    for (h, ()) in lru.iter() {
-                        remove_holder(holders, *h, id);
-                    }
+            if lru.is_some()
+                && !live(id)
+                && let Some(lru) = lru.take()
+            {
+                for (h, ()) in lru.iter() {
+                    remove_holder(holders, *h, id);
                 }
             }
         }

@@ -238,15 +238,13 @@ impl EngineMapping {
                     metric,
                     block_size_label,
                     num_blocks_label,
-                }) => {
-                    if metric.matches(&sample) {
-                        best.block_size = sample
-                            .label(block_size_label)
-                            .and_then(|v| v.trim().parse().ok());
-                        best.num_blocks = sample
-                            .label(num_blocks_label)
-                            .and_then(|v| v.trim().parse().ok());
-                    }
+                }) if metric.matches(&sample) => {
+                    best.block_size = sample
+                        .label(block_size_label)
+                        .and_then(|v| v.trim().parse().ok());
+                    best.num_blocks = sample
+                        .label(num_blocks_label)
+                        .and_then(|v| v.trim().parse().ok());
                 }
                 Some(CacheInfoSpec::Gauges {
                     block_size,
@@ -261,7 +259,7 @@ impl EngineMapping {
                         best.num_blocks = Some(sample.value as u64);
                     }
                 }
-                None => {}
+                _ => {}
             }
         }
         let (active, waiting, max) = best.lora.map(|(_, l)| l).unwrap_or_default();

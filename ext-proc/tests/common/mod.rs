@@ -1,5 +1,5 @@
 //! Shared harness: an in-process EPP on loopback ports and an ext_proc client.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod envoy;
 pub mod http;

@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn label_selector() {
         let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
-        let mut labelled = (*c[1].endpoint).spec.clone();
+        let mut labelled = c[1].endpoint.spec.clone();
         labelled
             .labels
             .insert("llm-d.ai/role".into(), "decode".into());
