@@ -1,0 +1,72 @@
+//! Request-path micro-benchmarks: one scheduling decision at 10/100/1,000 endpoints, and
+//! parsing + hashing a 220 KB prompt. Results: bench/RESULTS.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
+use endpoint_picker::prefix::BlockHasher;
+use endpoint_picker::request::{Api, InferenceRequest};
+use ext_proc::openai;
+
+fn request_from(body: &Bytes, api: Api) -> InferenceRequest {
+    let p = openai::parse_body(api, body).unwrap();
+    InferenceRequest {
+        api,
+        model: p.model.clone(),
+        target_model: p.model,
+        prompt: p.prompt,
+        stream: p.stream,
+        body_len: body.len(),
+        ..Default::default()
+    }
+}
+
+fn scheduling_decision(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = rt.enter();
+    let mut group = c.benchmark_group("decision_default_profile_8kb_chat");
+    for n in [10usize, 100, 1000] {
+        let director = bench::director_with_endpoints(n);
+        // Warm the prefix index with routing history: 4 conversations per endpoint.
+        for i in 0..(n * 4).min(2000) {
+            let body = Bytes::from(bench::chat_body(8 * 1024, i));
+            let _ = director.route(&request_from(&body, Api::ChatCompletions), None, false).unwrap();
+        }
+        let body = Bytes::from(bench::chat_body(8 * 1024, 1));
+        let request = request_from(&body, Api::ChatCompletions);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let routed = director.route(black_box(&request), None, false).unwrap();
+                black_box(routed.destination())
+            })
+        });
+    }
+    group.finish();
+}
+
+fn parse_and_hash(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse_and_hash");
+    for kb in [8usize, 220] {
+        let body = Bytes::from(bench::completions_body(kb * 1024));
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("completions_kb", kb), &body, |b, body| {
+            let hasher = BlockHasher::from_tokens(16, 256);
+            b.iter(|| {
+                let p = openai::parse_body(Api::Completions, black_box(body)).unwrap();
+                black_box(hasher.hash(&p.model, p.cache_salt.as_deref(), &p.prompt))
+            })
+        });
+        let chat = Bytes::from(bench::chat_body(kb * 1024, 0));
+        group.bench_with_input(BenchmarkId::new("chat_kb", kb), &chat, |b, body| {
+            let hasher = BlockHasher::from_tokens(16, 256);
+            b.iter(|| {
+                let p = openai::parse_body(Api::ChatCompletions, black_box(body)).unwrap();
+                black_box(hasher.hash(&p.model, p.cache_salt.as_deref(), &p.prompt))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, scheduling_decision, parse_and_hash);
+criterion_main!(benches);
