@@ -4,13 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use testkit as common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::envoy::{Envoy, Variant, binary_or_skip};
-use common::http::{body_text, frames, post};
+use common::http::{body_text, frames, header, post};
 use common::*;
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -98,10 +98,6 @@ fn chat(content: &str, stream: bool, max_tokens: u32) -> Vec<u8> {
         "stream_options": {"include_usage": true},
     }))
     .unwrap()
-}
-
-fn header<'a>(resp: &'a ::http::Response<hyper::body::Incoming>, name: &str) -> Option<&'a str> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

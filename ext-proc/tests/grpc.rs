@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use testkit as common;
 
 use common::*;
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};

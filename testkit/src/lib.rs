@@ -1,8 +1,13 @@
-//! Shared harness: an in-process EPP on loopback ports and an ext_proc client.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Test support shared by the ext-proc tests, the conformance suite and the benchmarks: a real
+//! Envoy rendered from `gateway-configs/envoy` on OS-chosen loopback ports, an in-process EPP,
+//! simulated replicas, an ext_proc stream client and a small HTTP client.
+// Test support: a failed setup step should stop the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod envoy;
 pub mod http;
+
+pub use envoy_types;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

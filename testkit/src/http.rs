@@ -12,6 +12,14 @@ use hyper_util::rt::TokioExecutor;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A response with its body unread.
+pub type Response = ::http::Response<Incoming>;
+
+/// A response header as text.
+pub fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
 pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }

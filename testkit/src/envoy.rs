@@ -178,10 +178,10 @@ impl Envoy {
         }
         // Listener port and readiness.
         loop {
-            let listeners = super::http::get_text(envoy.admin, "/listeners?format=json")
+            let listeners = crate::http::get_text(envoy.admin, "/listeners?format=json")
                 .await
                 .unwrap_or_default();
-            let ready = super::http::get_text(envoy.admin, "/ready")
+            let ready = crate::http::get_text(envoy.admin, "/ready")
                 .await
                 .unwrap_or_default();
             if let Some(port) = listener_port(&listeners)
@@ -203,7 +203,7 @@ impl Envoy {
     pub async fn wait_epp_health(&self, healthy: bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let clusters = super::http::get_text(self.admin, "/clusters")
+            let clusters = crate::http::get_text(self.admin, "/clusters")
                 .await
                 .unwrap_or_default();
             let line = clusters
