@@ -106,6 +106,9 @@ pub struct Args {
     /// Add an x-switchyard-decision response header with the score breakdown (debugging).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub debug_decision_header: bool,
+    /// A deliberate protocol fault, for the conformance suite's self-test only.
+    #[arg(long, hide = true)]
+    pub x_conformance_fault: Option<crate::service::ConformanceFault>,
     /// Grace period for open streams at shutdown.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_grace_period: Duration,

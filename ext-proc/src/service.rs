@@ -54,6 +54,30 @@ pub const DECISION_HEADER: &str = "x-switchyard-decision";
 /// Buffered response bodies (for usage parsing) are capped at this size.
 const MAX_RESPONSE_COPY: usize = 16 * 1024 * 1024;
 
+/// Deliberately wrong behaviours, for proving that the conformance suite catches them.
+/// Never set in production (`--x-conformance-fault` is hidden from `--help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConformanceFault {
+    /// Answer the request headers at once, before the body arrives (routing without the body).
+    HeadersBeforeBody,
+    /// Do not write the `envoy.lb` dynamic metadata (only the header).
+    NoLbMetadata,
+}
+
+impl std::str::FromStr for ConformanceFault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "headers-before-body" => Ok(Self::HeadersBeforeBody),
+            "no-lb-metadata" => Ok(Self::NoLbMetadata),
+            other => Err(format!(
+                "unknown fault {other:?} (headers-before-body, no-lb-metadata)"
+            )),
+        }
+    }
+}
+
 /// Settings of the service.
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
@@ -63,6 +87,8 @@ pub struct ServiceOptions {
     pub disable_subset_filter: bool,
     /// Add [`DECISION_HEADER`] to responses.
     pub decision_header: bool,
+    /// A deliberate protocol fault (conformance self-test only).
+    pub fault: Option<ConformanceFault>,
 }
 
 impl Default for ServiceOptions {
@@ -71,6 +97,7 @@ impl Default for ServiceOptions {
             max_request_body_bytes: 16 * 1024 * 1024,
             disable_subset_filter: false,
             decision_header: false,
+            fault: None,
         }
     }
 }
@@ -304,6 +331,12 @@ impl StreamState {
             .min(self.ctx.options.max_request_body_bytes);
         self.body = BytesMut::with_capacity(expected);
         self.phase = Phase::RequestBody;
+        if self.ctx.options.fault == Some(ConformanceFault::HeadersBeforeBody) {
+            // Deliberately wrong: route on the headers alone; the body then passes through.
+            self.eos_at = Instant::now();
+            let request = self.base_request();
+            return self.route_and_answer(request, None);
+        }
         Vec::new()
     }
 
@@ -458,11 +491,9 @@ impl StreamState {
             }
             (body, eos)
         });
-        out.push(envoy::request_headers_response(
-            set,
-            remove,
-            Some(envoy::destination_metadata(&destination)),
-        ));
+        let metadata = (self.ctx.options.fault != Some(ConformanceFault::NoLbMetadata))
+            .then(|| envoy::destination_metadata(&destination));
+        out.push(envoy::request_headers_response(set, remove, metadata));
         if let Some((body, eos)) = body_out {
             out.extend(envoy::body_chunks(Direction::Request, body, eos));
         }
