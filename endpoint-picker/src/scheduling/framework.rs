@@ -4,6 +4,7 @@
 //! learn the outcome afterwards (the prefix index is one).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use tokio::time::Instant;
@@ -140,6 +141,60 @@ pub trait DataProducer: Plugin {
 
     /// Called when the pool's membership changed.
     fn pool_changed(&self, _snapshot: &PoolSnapshot) {}
+
+    /// Entries held in the producer's index, for producers that keep one (metrics).
+    fn index_entries(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Where in a scheduling cycle a plugin ran: the reference's `extension_point` label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExtensionPoint {
+    /// The profile handler choosing profiles.
+    ProfilePicker,
+    /// A filter.
+    Filter,
+    /// A scorer.
+    Scorer,
+    /// A picker.
+    Picker,
+    /// A data producer computing per-request data.
+    DataProducer,
+    /// A data producer learning where the request went.
+    PreRequest,
+}
+
+impl ExtensionPoint {
+    /// The label value, as the reference spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ProfilePicker => "ProfilePicker",
+            Self::Filter => "Filter",
+            Self::Scorer => "Scorer",
+            Self::Picker => "Picker",
+            Self::DataProducer => "DataProducer",
+            Self::PreRequest => "PreRequest",
+        }
+    }
+}
+
+/// Receives timings and prefix-match outcomes from the scheduler, so that the embedding
+/// binary can export them without this crate knowing about any metrics library. Called on the
+/// request path: implementations must be cheap and must not block.
+pub trait PluginObserver: Send + Sync + std::fmt::Debug {
+    /// One plugin call took `took`.
+    fn plugin_ran(
+        &self,
+        point: ExtensionPoint,
+        plugin_type: &'static str,
+        plugin_name: &str,
+        took: Duration,
+    );
+
+    /// The prefix lookup of one request: the best endpoint holds `matched_blocks` of the
+    /// request's `total_blocks`, about `matched_bytes` bytes of prompt.
+    fn prefix_matched(&self, _matched_blocks: usize, _total_blocks: usize, _matched_bytes: usize) {}
 }
 
 /// Decides which profiles run, and which result is primary.

@@ -8,7 +8,7 @@ pub mod framework;
 pub mod plugins;
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use rand::SeedableRng;
@@ -16,8 +16,8 @@ use rand::rngs::SmallRng;
 
 use crate::request::InferenceRequest;
 pub use framework::{
-    Candidate, CycleState, DataProducer, Filter, Picker, Plugin, PrefixMatch, ProfileHandler,
-    ScoredCandidate, Scorer,
+    Candidate, CycleState, DataProducer, ExtensionPoint, Filter, Picker, Plugin, PluginObserver,
+    PrefixMatch, ProfileHandler, ScoredCandidate, Scorer,
 };
 
 /// One scheduling profile.
@@ -72,7 +72,14 @@ impl Explanation {
     pub fn compact(&self, max_rows: usize) -> String {
         let mut rows: Vec<&ExplanationRow> = self.rows.iter().collect();
         rows.sort_by(|a, b| b.total.total_cmp(&a.total));
-        let mut out = format!("picked={}", self.picked.join(","));
+        let mut out = format!("picked={}; weights[", self.picked.join(","));
+        for (i, (name, weight)) in self.scorers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{name}={weight}");
+        }
+        out.push(']');
         for row in rows.into_iter().take(max_rows) {
             let _ = write!(out, "; {}={:.3}[", row.endpoint, row.total);
             for (i, ((name, _), s)) in self.scorers.iter().zip(&row.scores).enumerate() {
@@ -128,6 +135,9 @@ pub struct Scheduler {
     profiles: Vec<Profile>,
     producers: Vec<Arc<dyn DataProducer>>,
     rng: Mutex<SmallRng>,
+    /// Set at most once, after construction (the binary wires its metrics in); unset, the
+    /// scheduler takes no timings at all.
+    observer: OnceLock<Arc<dyn PluginObserver>>,
 }
 
 impl Scheduler {
@@ -143,6 +153,27 @@ impl Scheduler {
             profiles,
             producers,
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// Installs the observer of plugin timings and prefix matches. Returns false when one was
+    /// already installed (the first one stays).
+    pub fn set_observer(&self, observer: Arc<dyn PluginObserver>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    /// Runs `f`, timing it for the observer when there is one.
+    #[inline]
+    fn timed<R>(&self, point: ExtensionPoint, plugin: &dyn Plugin, f: impl FnOnce() -> R) -> R {
+        match self.observer.get() {
+            None => f(),
+            Some(observer) => {
+                let started = std::time::Instant::now();
+                let r = f();
+                observer.plugin_ran(point, plugin.type_name(), plugin.name(), started.elapsed());
+                r
+            }
         }
     }
 
@@ -164,7 +195,17 @@ impl Scheduler {
         state: &mut CycleState,
     ) {
         for p in &self.producers {
-            p.produce(request, candidates, state);
+            self.timed(ExtensionPoint::DataProducer, p.as_ref(), || {
+                p.produce(request, candidates, state)
+            });
+        }
+        if let (Some(observer), Some(m)) = (self.observer.get(), &state.prefix) {
+            let total = m.hashes.len();
+            let matched = m.matched.iter().copied().max().unwrap_or(0) as usize;
+            // Blocks are hashed over `block_tokens × CHARS_PER_TOKEN` bytes of prompt.
+            let bytes = (matched * m.block_tokens * crate::prefix::hash::CHARS_PER_TOKEN)
+                .min(request.prompt.len());
+            observer.prefix_matched(matched, total, bytes);
         }
     }
 
@@ -183,7 +224,9 @@ impl Scheduler {
                 .map(|t| t.candidate.clone())
                 .collect();
             for p in &self.producers {
-                p.pre_request(request, state, &targets);
+                self.timed(ExtensionPoint::PreRequest, p.as_ref(), || {
+                    p.pre_request(request, state, &targets)
+                });
             }
         }
     }
@@ -198,9 +241,10 @@ impl Scheduler {
     ) -> Result<SchedulingResult, ScheduleError> {
         let mut results: Vec<ProfileResult> = Vec::with_capacity(self.profiles.len());
         loop {
-            let next = self
-                .handler
-                .next_profiles(request, &self.profiles, &results);
+            let next = self.timed(ExtensionPoint::ProfilePicker, self.handler.as_ref(), || {
+                self.handler
+                    .next_profiles(request, &self.profiles, &results)
+            });
             if next.is_empty() {
                 break;
             }
@@ -232,7 +276,9 @@ impl Scheduler {
         explain: bool,
     ) -> Result<ProfileResult, ScheduleError> {
         for filter in &profile.filters {
-            candidates = filter.filter(request, state, candidates);
+            candidates = self.timed(ExtensionPoint::Filter, filter.as_ref(), || {
+                filter.filter(request, state, candidates)
+            });
             if candidates.is_empty() {
                 return Err(ScheduleError::AllFiltered(profile.name.clone()));
             }
@@ -243,7 +289,9 @@ impl Scheduler {
         let mut per_scorer: Vec<Vec<f64>> = Vec::new();
         for (scorer, weight) in &profile.scorers {
             scratch.iter_mut().for_each(|s| *s = 0.0);
-            scorer.score(request, state, &candidates, &mut scratch);
+            self.timed(ExtensionPoint::Scorer, scorer.as_ref(), || {
+                scorer.score(request, state, &candidates, &mut scratch)
+            });
             for (t, s) in totals.iter_mut().zip(&scratch) {
                 // Scores are clamped to [0, 1] (a buggy scorer must not dominate).
                 let s = if s.is_finite() {
@@ -292,7 +340,9 @@ impl Scheduler {
             .collect();
         let targets = {
             let mut rng = self.rng.lock();
-            profile.picker.pick(scored, &mut rng)
+            self.timed(ExtensionPoint::Picker, profile.picker.as_ref(), || {
+                profile.picker.pick(scored, &mut rng)
+            })
         };
         let explanation = explanation.map(|mut e| {
             e.picked = targets
@@ -306,5 +356,76 @@ impl Scheduler {
             targets,
             explanation,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::load_default;
+    use crate::datastore::{Datastore, test_util::pool};
+
+    #[derive(Debug, Default)]
+    struct Recorder {
+        calls: Mutex<Vec<(ExtensionPoint, &'static str, String)>>,
+        prefix: Mutex<Vec<(usize, usize, usize)>>,
+    }
+
+    impl PluginObserver for Recorder {
+        fn plugin_ran(&self, point: ExtensionPoint, ty: &'static str, name: &str, _: Duration) {
+            self.calls.lock().push((point, ty, name.to_owned()));
+        }
+        fn prefix_matched(&self, matched: usize, total: usize, bytes: usize) {
+            self.prefix.lock().push((matched, total, bytes));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn observer_sees_every_plugin_and_the_prefix_match() {
+        let c = load_default(1).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        assert!(c.scheduler.set_observer(recorder.clone()));
+        assert!(!c.scheduler.set_observer(recorder.clone()), "set once");
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(2));
+        let cands: Vec<_> = snap.endpoints.iter().cloned().map(Candidate::new).collect();
+        let req = InferenceRequest {
+            target_model: "m".into(),
+            prompt: bytes::Bytes::from("p".repeat(64 * 4)),
+            ..Default::default()
+        };
+        for round in 0..2 {
+            let mut state = CycleState::new(tokio::time::Instant::now());
+            c.scheduler.produce(&req, &cands, &mut state);
+            let r = c.scheduler.schedule(&req, &state, &cands, false).unwrap();
+            c.scheduler.pre_request(&req, &state, &r);
+            let prefix = recorder.prefix.lock().clone();
+            // First lookup: nothing held; second: all 4 blocks (256 bytes) on the first pick.
+            let want = if round == 0 { (0, 4, 0) } else { (4, 4, 256) };
+            assert_eq!(prefix[round], want);
+        }
+        let calls = recorder.calls.lock().clone();
+        let points: std::collections::HashSet<_> = calls.iter().map(|c| c.0).collect();
+        for p in [
+            ExtensionPoint::ProfilePicker,
+            ExtensionPoint::Scorer,
+            ExtensionPoint::Picker,
+            ExtensionPoint::DataProducer,
+            ExtensionPoint::PreRequest,
+        ] {
+            assert!(points.contains(&p), "{p:?} missing from {calls:?}");
+        }
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.0 == ExtensionPoint::Scorer && c.1 == "queue-scorer")
+        );
+        assert_eq!(
+            c.scheduler.producers()[0].index_entries(),
+            Some(4),
+            "4 blocks recorded once"
+        );
     }
 }

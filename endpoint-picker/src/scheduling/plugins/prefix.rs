@@ -140,6 +140,10 @@ impl DataProducer for ApproxPrefixCacheProducer {
         let live: std::collections::HashSet<_> = snapshot.endpoints.iter().map(|e| e.id).collect();
         self.index.retain(|id| live.contains(&id));
     }
+
+    fn index_entries(&self) -> Option<usize> {
+        Some(self.index.len())
+    }
 }
 
 #[cfg(test)]
