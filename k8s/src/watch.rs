@@ -1,0 +1,1 @@
+//! Watches feeding the index (work in progress).
