@@ -19,6 +19,8 @@ pub mod watch;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod mock;
 
 /// Errors of the Kubernetes layer.
 #[derive(Debug, thiserror::Error)]

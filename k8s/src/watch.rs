@@ -1,1 +1,239 @@
-//! Watches feeding the index (work in progress).
+//! Watches: kube-runtime watchers with the default backoff, each feeding the [`Index`] from its
+//! own task under a tracing span named after the resource.
+//!
+//! The layer is deliberately thin: a watcher's `Init`/`InitApply`/`InitDone` become one
+//! [`IndexResource::reset`] with the complete listing, `Apply`/`Delete` become `apply`/`delete`,
+//! and errors are logged while the watcher's backoff schedules the retry (a `410 Gone` relists).
+//! All decisions live in the index, where they are tested without a client.
+
+use std::fmt::Debug;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::api::{InferenceModelRewrite, InferenceObjective, InferencePool, InferencePoolSpec};
+use crate::index::{Index, IndexResource, PoolRef, Publisher, SharedIndex};
+
+/// What Kubernetes discovery needs to start.
+#[derive(Clone)]
+pub struct Discovery {
+    /// The API client (in-cluster or kubeconfig).
+    pub client: Client,
+    /// The pool to serve.
+    pub pool: PoolRef,
+    /// `--model-server-metrics-port` (single-port pools only).
+    pub metrics_port: Option<u16>,
+    /// Standalone mode (`--endpoint-selector`/`--endpoint-target-ports`): the pool spec is
+    /// given and no InferencePool is watched.
+    pub standalone: Option<InferencePoolSpec>,
+}
+
+impl Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("pool", &self.pool)
+            .field("metrics_port", &self.metrics_port)
+            .field("standalone", &self.standalone)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Discovery {
+    /// Builds the index and starts one watch task per resource kind. The tasks end when
+    /// `shutdown` is cancelled.
+    pub fn start(
+        self,
+        publisher: Publisher,
+        shutdown: &CancellationToken,
+    ) -> (SharedIndex, Vec<JoinHandle<()>>) {
+        let Self {
+            client,
+            pool,
+            metrics_port,
+            standalone,
+        } = self;
+        let ns = pool.namespace.clone();
+        let mut tasks = Vec::with_capacity(4);
+        let index = match standalone {
+            Some(spec) => {
+                // The selector is fixed, so the API server can filter the pods for us.
+                let selector = spec
+                    .selector
+                    .match_labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let index = Index::standalone(pool, spec, metrics_port, publisher).shared();
+                tasks.push(pods(
+                    Api::namespaced(client.clone(), &ns),
+                    watcher::Config::default().labels(&selector),
+                    index.clone(),
+                    shutdown.child_token(),
+                ));
+                index
+            }
+            None => {
+                let name = pool.name.clone();
+                let index = Index::new(pool, metrics_port, publisher).shared();
+                tasks.push(pools(
+                    Api::namespaced(client.clone(), &ns),
+                    &name,
+                    index.clone(),
+                    shutdown.child_token(),
+                ));
+                tasks.push(pods(
+                    Api::namespaced(client.clone(), &ns),
+                    watcher::Config::default(),
+                    index.clone(),
+                    shutdown.child_token(),
+                ));
+                index
+            }
+        };
+        tasks.push(spawn::<InferenceObjective>(
+            "inferenceobjectives",
+            Api::namespaced(client.clone(), &ns),
+            watcher::Config::default(),
+            index.clone(),
+            shutdown.child_token(),
+        ));
+        tasks.push(spawn::<InferenceModelRewrite>(
+            "inferencemodelrewrites",
+            Api::namespaced(client, &ns),
+            watcher::Config::default(),
+            index.clone(),
+            shutdown.child_token(),
+        ));
+        (index, tasks)
+    }
+}
+
+/// Watches the one InferencePool named `name` (a `metadata.name` field selector).
+pub fn pools(
+    api: Api<InferencePool>,
+    name: &str,
+    index: SharedIndex,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    spawn("inferencepools", api, config, index, shutdown)
+}
+
+/// Watches the Pods of the pool's namespace. Pods are trimmed before they reach the index:
+/// managed fields and the spec are never needed.
+pub fn pods(
+    api: Api<Pod>,
+    config: watcher::Config,
+    index: SharedIndex,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let events = watcher::watcher(api, config)
+        .default_backoff()
+        .modify(|pod: &mut Pod| {
+            pod.managed_fields_mut().clear();
+            pod.spec = None;
+        });
+    tokio::spawn(feed(index, events, shutdown).instrument(tracing::info_span!("pods")))
+}
+
+/// Starts a watcher for `K` with the default backoff, feeding `index`.
+pub fn spawn<K>(
+    name: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    index: SharedIndex,
+    shutdown: CancellationToken,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    Index: IndexResource<K>,
+{
+    let events = watcher::watcher(api, config).default_backoff();
+    tokio::spawn(
+        feed(index, events, shutdown).instrument(tracing::info_span!("watch", resource = name)),
+    )
+}
+
+/// Drives one watch stream into the index until the stream ends or `shutdown` fires.
+pub async fn feed<K, S>(index: SharedIndex, events: S, shutdown: CancellationToken)
+where
+    S: Stream<Item = Result<Event<K>, watcher::Error>>,
+    Index: IndexResource<K>,
+{
+    tokio::pin!(events);
+    // Objects of a (re)list, held back until the listing is complete so that the index never
+    // sees half a pod set as if it were the whole.
+    let mut listing: Vec<K> = Vec::new();
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => match e {
+                Some(e) => e,
+                None => return,
+            },
+        };
+        match event {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(obj)) => listing.push(obj),
+            Ok(Event::InitDone) => {
+                let objs = std::mem::take(&mut listing);
+                tracing::debug!(objects = objs.len(), "listed");
+                index.lock().reset(objs);
+            }
+            Ok(Event::Apply(obj)) => index.lock().apply(obj),
+            Ok(Event::Delete(obj)) => index.lock().delete(obj),
+            // The backoff wrapper delays the retry; a 410 Gone makes the watcher relist.
+            Err(error) => tracing::warn!(%error, "watch failed; retrying with backoff"),
+        }
+    }
+}
+
+/// Parses `--endpoint-selector` (`key=value,...`) and `--endpoint-target-ports` into the
+/// pool spec of standalone mode.
+pub fn standalone_spec(selector: &str, ports: &[u16]) -> crate::Result<InferencePoolSpec> {
+    use crate::api::{AppProtocol, LabelSelector, Port};
+    let mut match_labels = std::collections::BTreeMap::new();
+    for pair in selector.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(crate::Error::Invalid(format!(
+                "--endpoint-selector: {pair:?} is not key=value"
+            )));
+        };
+        match_labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    if match_labels.is_empty() {
+        return Err(crate::Error::Invalid(
+            "--endpoint-selector needs at least one key=value".into(),
+        ));
+    }
+    let mut uniq = ports.to_vec();
+    uniq.sort_unstable();
+    uniq.dedup();
+    if ports.is_empty() || ports.len() > 8 || uniq.len() != ports.len() || ports.contains(&0) {
+        return Err(crate::Error::Invalid(
+            "--endpoint-target-ports needs 1 to 8 unique ports in 1..65535".into(),
+        ));
+    }
+    Ok(InferencePoolSpec {
+        selector: LabelSelector { match_labels },
+        target_ports: ports
+            .iter()
+            .map(|&p| Port {
+                number: i32::from(p),
+            })
+            .collect(),
+        app_protocol: AppProtocol::Http,
+        endpoint_picker_ref: None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,265 @@
+//! Watch-level tests against a mocked API server: the real watchers and a real `kube::Client`
+//! talk to a scripted `tower-test` service. Time is paused, so the watchers' backoff elapses
+//! instantly once everything else is idle.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::Value;
+
+use super::*;
+use crate::fixtures::*;
+use crate::mock::{self, respond_json};
+
+const POOLS: &str = "/apis/inference.networking.k8s.io/v1/namespaces/ns-0/inferencepools";
+const PODS: &str = "/api/v1/namespaces/ns-0/pods";
+const OBJECTIVES: &str =
+    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/ns-0/inferenceobjectives";
+const REWRITES: &str =
+    "/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/ns-0/inferencemodelrewrites";
+
+fn v<T: serde::Serialize>(obj: T) -> Value {
+    serde_json::to_value(obj).unwrap()
+}
+
+/// Waits (bounded) for the datastore to publish a new snapshot.
+async fn next_snapshot(rx: &mut tokio::sync::watch::Receiver<u64>) {
+    tokio::time::timeout(Duration::from_secs(60), rx.changed())
+        .await
+        .expect("no new snapshot in time")
+        .unwrap();
+}
+
+async fn join(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("watch task did not stop")
+            .unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn list_watch_error_and_relist_with_readiness_gating() {
+    let publisher = publisher();
+    let index = Index::new(pool_ref(), None, publisher.clone()).shared();
+    let (pool_client, mut pool_server) = mock::client(NS);
+    let (pod_client, mut pod_server) = mock::client(NS);
+    let shutdown = CancellationToken::new();
+    let tasks = vec![
+        pools(
+            Api::namespaced(pool_client, NS),
+            POOL,
+            index.clone(),
+            shutdown.child_token(),
+        ),
+        pods(
+            Api::namespaced(pod_client, NS),
+            watcher::Config::default(),
+            index.clone(),
+            shutdown.child_token(),
+        ),
+    ];
+    let mut versions = publisher.datastore.subscribe();
+
+    // The pool is listed by name.
+    let req = pool_server
+        .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "10")
+        .await;
+    assert!(
+        req.uri()
+            .query()
+            .unwrap()
+            .contains("fieldSelector=metadata.name%3Dpool-0"),
+        "{}",
+        req.uri()
+    );
+    // The watch only starts once the listing has been handed to the index.
+    let (_, pool_watch) = pool_server.expect_watch(POOLS).await;
+    assert!(
+        !publisher.datastore.is_synced(),
+        "not ready: the pods have not been listed yet"
+    );
+
+    pod_server
+        .expect_list(
+            PODS,
+            vec![
+                v(pod("a", "vllm", "10.0.0.1")),
+                v(unready(pod("b", "vllm", "10.0.0.2"))),
+            ],
+            "20",
+        )
+        .await;
+    let (req, pod_watch) = pod_server.expect_watch(PODS).await;
+    assert!(req.uri().query().unwrap().contains("resourceVersion=20"));
+    assert!(publisher.datastore.is_synced(), "both lists done: ready");
+    assert_eq!(
+        endpoints(&publisher),
+        vec![("a-rank-0".into(), "10.0.0.1:8000".into())]
+    );
+    versions.mark_unchanged();
+
+    // Watch events.
+    pod_watch
+        .send("ADDED", v(pod("c", "vllm", "10.0.0.3")))
+        .await;
+    next_snapshot(&mut versions).await;
+    assert_eq!(endpoints(&publisher).len(), 2);
+    pod_watch
+        .send("MODIFIED", v(pod("b", "vllm", "10.0.0.2")))
+        .await;
+    next_snapshot(&mut versions).await;
+    assert_eq!(endpoints(&publisher).len(), 3);
+    pod_watch
+        .send("DELETED", v(pod("a", "vllm", "10.0.0.1")))
+        .await;
+    next_snapshot(&mut versions).await;
+    let names: Vec<String> = endpoints(&publisher).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, vec!["b-rank-0", "c-rank-0"]);
+    pool_watch
+        .send("MODIFIED", v(pool(POOL, "vllm", &[8000, 8001])))
+        .await;
+    next_snapshot(&mut versions).await;
+    assert_eq!(endpoints(&publisher).len(), 4);
+
+    // The watch expires (410 Gone): the watcher relists. The first relist fails with a 500,
+    // the backoff retries, and the second relist replaces the pod set (b vanished meanwhile).
+    pod_watch.send("ERROR", mock::status(410, "Expired")).await;
+    let (_, send) = pod_server.expect_get(PODS, false).await;
+    respond_json(
+        send,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &mock::status(500, "InternalError"),
+    );
+    pod_server
+        .expect_list(PODS, vec![v(pod("c", "vllm", "10.0.0.3"))], "30")
+        .await;
+    let (req, _pod_watch) = pod_server.expect_watch(PODS).await;
+    assert!(req.uri().query().unwrap().contains("resourceVersion=30"));
+    let names: Vec<String> = endpoints(&publisher).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, vec!["c-rank-0", "c-rank-1"]);
+    assert!(publisher.datastore.is_synced());
+
+    shutdown.cancel();
+    join(tasks).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_pool_keeps_readiness_back_until_it_appears() {
+    let publisher = publisher();
+    let index = Index::new(pool_ref(), None, publisher.clone()).shared();
+    let (pool_client, mut pool_server) = mock::client(NS);
+    let (pod_client, mut pod_server) = mock::client(NS);
+    let shutdown = CancellationToken::new();
+    let tasks = vec![
+        pools(
+            Api::namespaced(pool_client, NS),
+            POOL,
+            index.clone(),
+            shutdown.child_token(),
+        ),
+        pods(
+            Api::namespaced(pod_client, NS),
+            watcher::Config::default(),
+            index.clone(),
+            shutdown.child_token(),
+        ),
+    ];
+    pool_server.expect_list(POOLS, vec![], "1").await;
+    let (_, pool_watch) = pool_server.expect_watch(POOLS).await;
+    pod_server
+        .expect_list(PODS, vec![v(pod("a", "vllm", "10.0.0.1"))], "2")
+        .await;
+    let (_, _pod_watch) = pod_server.expect_watch(PODS).await;
+    assert!(!publisher.datastore.is_synced());
+    let mut versions = publisher.datastore.subscribe();
+    pool_watch
+        .send("ADDED", v(pool(POOL, "vllm", &[8000])))
+        .await;
+    next_snapshot(&mut versions).await;
+    assert!(publisher.datastore.is_synced());
+    assert_eq!(endpoints(&publisher).len(), 1);
+    shutdown.cancel();
+    join(tasks).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn objectives_and_rewrites_reach_the_director() {
+    let publisher = publisher();
+    let index = Index::new(pool_ref(), None, publisher.clone()).shared();
+    let (oc, mut objective_server) = mock::client(NS);
+    let (rc, mut rewrite_server) = mock::client(NS);
+    let shutdown = CancellationToken::new();
+    let tasks = vec![
+        spawn::<InferenceObjective>(
+            "inferenceobjectives",
+            Api::namespaced(oc, NS),
+            watcher::Config::default(),
+            index.clone(),
+            shutdown.child_token(),
+        ),
+        spawn::<InferenceModelRewrite>(
+            "inferencemodelrewrites",
+            Api::namespaced(rc, NS),
+            watcher::Config::default(),
+            index.clone(),
+            shutdown.child_token(),
+        ),
+    ];
+    let director = publisher.director.clone().unwrap();
+
+    // The alpha CRDs may not be installed: a 404 is retried with backoff, nothing breaks.
+    let (_, send) = objective_server.expect_get(OBJECTIVES, false).await;
+    respond_json(send, StatusCode::NOT_FOUND, &mock::status(404, "NotFound"));
+    objective_server
+        .expect_list(OBJECTIVES, vec![v(objective("batch", POOL, Some(-1)))], "5")
+        .await;
+    let (_, objective_watch) = objective_server.expect_watch(OBJECTIVES).await;
+    assert_eq!(director.policies().objectives.get("batch"), Some(&-1));
+
+    objective_watch
+        .send("ADDED", v(objective("chat", POOL, Some(7))))
+        .await;
+    // Closing the stream makes the watcher re-watch; that request proves the event before it
+    // was handled.
+    drop(objective_watch);
+    let (_, _objective_watch) = objective_server.expect_watch(OBJECTIVES).await;
+    assert_eq!(director.policies().objectives.get("chat"), Some(&7));
+
+    rewrite_server
+        .expect_list(
+            REWRITES,
+            vec![
+                v(rewrite("b", POOL, 200, &[(&["m"], &[("m-b", 1)])])),
+                v(rewrite("a", POOL, 100, &[(&["m"], &[("m-a", 1)])])),
+            ],
+            "6",
+        )
+        .await;
+    let (_, _rewrite_watch) = rewrite_server.expect_watch(REWRITES).await;
+    let policies = director.policies();
+    let (res, rule) = policies.rewrite_rule("m").unwrap();
+    assert_eq!(
+        (res.name.as_str(), rule.targets[0].model.as_str()),
+        ("a", "m-a")
+    );
+    // Policies do not gate readiness.
+    assert!(!publisher.datastore.is_synced());
+
+    shutdown.cancel();
+    join(tasks).await;
+}
+
+#[test]
+fn standalone_flags_parse() {
+    let spec = standalone_spec("app=vllm, tier = gpu", &[8000, 8001]).unwrap();
+    assert_eq!(spec.selector.match_labels.len(), 2);
+    assert_eq!(spec.selector.match_labels["tier"], "gpu");
+    assert_eq!(spec.target_ports.len(), 2);
+    assert!(standalone_spec("", &[8000]).is_err());
+    assert!(standalone_spec("app", &[8000]).is_err());
+    assert!(standalone_spec("app=x", &[]).is_err());
+    assert!(standalone_spec("app=x", &[8000, 8000]).is_err());
+    assert!(standalone_spec("app=x", &[1, 2, 3, 4, 5, 6, 7, 8, 9]).is_err());
+}
