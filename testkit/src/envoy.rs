@@ -61,6 +61,8 @@ pub enum Variant {
     PlaintextFailOpen,
     /// TLS to the EPP, FailClose.
     TlsFailClose,
+    /// TLS to the EPP, FailOpen.
+    TlsFailOpen,
 }
 
 impl Variant {
@@ -69,6 +71,7 @@ impl Variant {
             Variant::PlaintextFailClose => "envoy-plaintext.yaml",
             Variant::PlaintextFailOpen => "envoy-plaintext-failopen.yaml",
             Variant::TlsFailClose => "envoy.yaml",
+            Variant::TlsFailOpen => "envoy-failopen.yaml",
         }
     }
 }
@@ -90,7 +93,9 @@ impl Drop for Envoy {
     }
 }
 
-fn render(template: &str, epp: SocketAddr, backends: &[SocketAddr]) -> String {
+/// The pool's model servers as the one-line YAML flow sequence of `lb_endpoints` that the
+/// templates' endpoint placeholders take.
+pub fn lb_endpoints(backends: &[SocketAddr]) -> String {
     let endpoints: Vec<String> = backends
         .iter()
         .map(|b| {
@@ -101,15 +106,43 @@ fn render(template: &str, epp: SocketAddr, backends: &[SocketAddr]) -> String {
             )
         })
         .collect();
+    format!("[{}]", endpoints.join(", "))
+}
+
+fn render(template: &str, epp: SocketAddr, backends: &[SocketAddr]) -> String {
     template
         .replace("${LISTEN_PORT}", "0")
         .replace("${ADMIN_PORT}", "0")
         .replace("${EPP_HOST}", &epp.ip().to_string())
         .replace("${EPP_PORT}", &epp.port().to_string())
-        .replace(
-            "${BACKEND_ENDPOINTS}",
-            &format!("[{}]", endpoints.join(", ")),
-        )
+        .replace("${BACKEND_ENDPOINTS}", &lb_endpoints(backends))
+}
+
+/// Substitutes `${NAME}` placeholders; `LISTEN_PORT` and `ADMIN_PORT` default to 0 (the OS
+/// chooses). Panics if a placeholder is left, so a template and its caller cannot drift apart.
+pub fn render_vars(template: &str, vars: &[(&str, String)]) -> String {
+    let mut out = template
+        .replace("${LISTEN_PORT}", "0")
+        .replace("${ADMIN_PORT}", "0");
+    for (name, value) in vars {
+        out = out.replace(&format!("${{{name}}}"), value);
+    }
+    if let Some(at) = out.find("${") {
+        let rest: String = out[at..].chars().take(40).collect();
+        panic!("unsubstituted placeholder in Envoy template: {rest}");
+    }
+    out
+}
+
+/// `envoy --version`, trimmed to the version part (`<sha>/1.40.0/Clean/RELEASE/BoringSSL`).
+pub fn version(binary: &Path) -> Option<String> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("version:"))?;
+    Some(line.split("version:").nth(1)?.trim().to_owned())
 }
 
 impl Envoy {
@@ -125,6 +158,19 @@ impl Envoy {
             .join("gateway-configs/envoy")
             .join(variant.file());
         let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        Self::start_config(binary, &render(&template, epp, backends)).await
+    }
+
+    /// Starts Envoy from any template with `${NAME}` placeholders (see [`render_vars`]). The
+    /// config must have a listener named `openai` and should leave the ports at 0.
+    pub async fn start_template(binary: &Path, template: &Path, vars: &[(&str, String)]) -> Envoy {
+        let text = std::fs::read_to_string(template)
+            .unwrap_or_else(|e| panic!("envoy template {}: {e}", template.display()));
+        Self::start_config(binary, &render_vars(&text, vars)).await
+    }
+
+    /// Starts Envoy from a rendered config and waits until it is ready.
+    pub async fn start_config(binary: &Path, rendered: &str) -> Envoy {
         let dir = std::env::temp_dir().join(format!(
             "switchyard-envoy-{}-{}",
             std::process::id(),
@@ -132,7 +178,7 @@ impl Envoy {
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("envoy.yaml");
-        std::fs::write(&config, render(&template, epp, backends)).expect("write config");
+        std::fs::write(&config, rendered).expect("write config");
         let admin_path = dir.join("admin-address");
         let child = Command::new(binary)
             .arg("-c")
@@ -201,24 +247,43 @@ impl Envoy {
 
     /// Waits until Envoy's health check sees the EPP as healthy (or not).
     pub async fn wait_epp_health(&self, healthy: bool) {
+        self.wait_cluster_health("epp", healthy).await;
+    }
+
+    /// Waits until Envoy's health check sees the (single) host of `cluster` as healthy (or not).
+    pub async fn wait_cluster_health(&self, cluster: &str, healthy: bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let prefix = format!("{cluster}::");
         loop {
             let clusters = crate::http::get_text(self.admin, "/clusters")
                 .await
                 .unwrap_or_default();
             let line = clusters
                 .lines()
-                .find(|l| l.starts_with("epp::") && l.contains("::health_flags::"));
+                .find(|l| l.starts_with(&prefix) && l.contains("::health_flags::"));
             let is_healthy = line.is_some_and(|l| l.ends_with("::healthy"));
             if is_healthy == healthy {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "epp health never became {healthy}: {line:?}"
+                "{cluster} health never became {healthy}: {line:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A counter or gauge from the admin API (`/stats`), 0 when absent.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let text = crate::http::get_text(self.admin, "/stats")
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(": ")?;
+                (k == name).then(|| v.trim().parse().ok()).flatten()
+            })
+            .unwrap_or(0)
     }
 }
 

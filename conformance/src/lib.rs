@@ -1,0 +1,384 @@
+//! Switchyard's EPP conformance suite: the harness.
+//!
+//! Upstream's conformance suite (GIE `conformance/`) tests a gateway with a stand-in EPP on a
+//! real cluster. This suite turns it around: it runs the same EPP-facing scenarios, with
+//! upstream's test names, against *our* EPP behind a real Envoy on loopback, with simulated
+//! model servers as the pods, so it runs on every change. The scenarios live in
+//! `tests/conformance.rs`; this crate holds what they share: "pods" on their own loopback IPs,
+//! the EPPs, the gateways, the traffic method and the report.
+// Test support: a failed setup step should stop the scenario with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod report;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use endpoint_picker::datastore::{EndpointSpec, PoolSpec};
+use ext_proc::service::{ConformanceFault, ServiceOptions};
+use futures::StreamExt as _;
+use testkit::envoy::{Envoy, Variant, lb_endpoints};
+use testkit::{Epp, EppOptions};
+
+/// The model every simulated replica serves.
+pub const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// The header upstream's conformance tests use to tell the EPP which endpoints it may pick.
+pub const SELECTION: &str = "test-epp-endpoint-selection";
+/// The header the `destination-endpoint-served-verifier` plugin echoes the served endpoint in.
+pub const SERVED: &str = "x-conformance-test-served-endpoint";
+/// Chooses a route in `envoy/multi-pool.yaml`.
+pub const ROUTE: &str = "x-conformance-route";
+/// Turned into `envoy.lb.subset_hint` metadata by `envoy/multi-pool.yaml`.
+pub const SUBSET_HINT: &str = "x-conformance-subset-hint";
+
+/// The EPP configuration upstream's suite gives the full EPP (`conformance/resources/base.yaml`
+/// at the last commit with the EPP): the test filter, the served-endpoint verifier and a
+/// picker returning up to three endpoints (primary plus fallbacks).
+pub const CONFORMANCE_CONFIG: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: header-based-testing-filter
+- type: destination-endpoint-served-verifier
+- type: max-score-picker
+  parameters:
+    maxNumOfEndpoints: 3
+schedulingProfiles:
+- name: conformance-profile
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: max-score-picker
+";
+
+/// What every scenario gets.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The Envoy binary.
+    pub envoy: PathBuf,
+    /// A deliberate EPP fault (self-test of the suite), applied to every EPP started.
+    pub fault: Option<ConformanceFault>,
+}
+
+impl Ctx {
+    /// An in-process EPP for `pool` with the given scheduler config.
+    pub async fn epp(&self, pool: PoolSpec, config: &str, tls: bool) -> Epp {
+        testkit::start_epp(
+            pool,
+            EppOptions {
+                config: config.to_owned(),
+                options: ServiceOptions {
+                    fault: self.fault,
+                    ..Default::default()
+                },
+                tls,
+                scrape: false,
+            },
+        )
+        .await
+    }
+
+    /// One of the shipped plain-Envoy templates (`gateway-configs/envoy`) in front of `pods`.
+    pub async fn plain_envoy(&self, variant: Variant, epp: SocketAddr, pods: &[Pod]) -> Envoy {
+        Envoy::start(&self.envoy, variant, epp, &addresses(pods)).await
+    }
+
+    /// The test-only two-pool gateway (`conformance/envoy/multi-pool.yaml`).
+    pub async fn multi_pool_envoy(&self, g: MultiPool<'_>) -> Envoy {
+        let ip = |a: SocketAddr| a.ip().to_string();
+        let port = |a: SocketAddr| a.port().to_string();
+        let vars = [
+            ("EPP_PRIMARY_HOST", ip(g.primary_epp)),
+            ("EPP_PRIMARY_PORT", port(g.primary_epp)),
+            ("EPP_SECONDARY_HOST", ip(g.secondary_epp)),
+            ("EPP_SECONDARY_PORT", port(g.secondary_epp)),
+            ("PRIMARY_ENDPOINTS", lb_endpoints(&addresses(g.primary))),
+            ("SECONDARY_ENDPOINTS", lb_endpoints(&addresses(g.secondary))),
+            ("PRIMARY_WEIGHT", g.weights.0.to_string()),
+            ("SECONDARY_WEIGHT", g.weights.1.to_string()),
+        ];
+        Envoy::start_template(&self.envoy, &multi_pool_template(), &vars).await
+    }
+}
+
+/// Inputs of `envoy/multi-pool.yaml`.
+pub struct MultiPool<'a> {
+    pub primary_epp: SocketAddr,
+    pub secondary_epp: SocketAddr,
+    pub primary: &'a [Pod],
+    pub secondary: &'a [Pod],
+    /// Weights of the weighted route (primary, secondary).
+    pub weights: (u32, u32),
+}
+
+/// Path of the test-only multi-pool Envoy template.
+pub fn multi_pool_template() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/multi-pool.yaml")
+}
+
+/// A "pod": one loopback IP (127.0.0.x) with one simulated model server per data-parallel rank.
+pub struct Pod {
+    pub ip: Ipv4Addr,
+    pub ranks: Vec<sim::ReplicaHandle>,
+}
+
+impl Pod {
+    /// `ip:port` of rank `r`.
+    pub fn rank(&self, r: usize) -> SocketAddr {
+        self.ranks[r].addr()
+    }
+}
+
+/// Starts a pod on 127.0.0.`octet` with `ranks` replicas (each on its own OS-chosen port).
+/// Replica names are `pod-<octet>-rank-<r>`, which the simulator returns in `x-inference-pod`.
+pub async fn pod(octet: u8, ranks: usize, config: &sim::Config) -> Pod {
+    let ip = Ipv4Addr::new(127, 0, 0, octet);
+    let mut out = Vec::with_capacity(ranks);
+    for r in 0..ranks {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let config = sim::Config {
+            pod_name: Some(format!("pod-{octet}-rank-{r}")),
+            ..config.clone()
+        };
+        out.push(sim::spawn_replica(config, listener, 0).await.unwrap());
+    }
+    Pod { ip, ranks: out }
+}
+
+/// Pods on 127.0.0.`first`, `first+1`, ….
+pub async fn pods(first: u8, n: u8, ranks: usize, config: &sim::Config) -> Vec<Pod> {
+    let mut out = Vec::with_capacity(usize::from(n));
+    for i in 0..n {
+        out.push(pod(first + i, ranks, config).await);
+    }
+    out
+}
+
+/// The simulator profile for functional scenarios: fast steps, and a context long enough for
+/// the 1 MiB prompt.
+pub fn sim_config() -> sim::Config {
+    sim::Config {
+        seed: 11,
+        max_model_len: 4 << 20,
+        ..sim::Config::fast()
+    }
+}
+
+/// Every rank of every pod.
+pub fn addresses(pods: &[Pod]) -> Vec<SocketAddr> {
+    pods.iter()
+        .flat_map(|p| p.ranks.iter().map(sim::ReplicaHandle::addr))
+        .collect()
+}
+
+/// The InferencePool over `pods`: one endpoint per (pod, rank), as the EPP derives from a
+/// pod's IP and the pool's target ports.
+pub fn pool_of(name: &str, pods: &[Pod]) -> PoolSpec {
+    let endpoints = pods
+        .iter()
+        .flat_map(|p| {
+            p.ranks.iter().enumerate().map(move |(r, replica)| {
+                let pod_name = format!("pod-{}", p.ip.octets()[3]);
+                EndpointSpec {
+                    name: format!("{pod_name}-rank-{r}"),
+                    pod_name,
+                    namespace: "default".into(),
+                    address: replica.addr(),
+                    metrics_address: replica.addr(),
+                    rank: r,
+                    labels: BTreeMap::new(),
+                }
+            })
+        })
+        .collect();
+    PoolSpec {
+        name: name.into(),
+        namespace: "default".into(),
+        app_protocol: "http".into(),
+        endpoints,
+    }
+}
+
+/// A request of the traffic method.
+#[derive(Clone, Debug)]
+pub struct Req {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Req {
+    /// Upstream's conformance request (`POST` with a fake model and a short prompt), here to
+    /// the model the replicas serve.
+    pub fn completion() -> Self {
+        Self {
+            path: "/v1/completions".into(),
+            headers: Vec::new(),
+            body: serde_json::to_vec(&serde_json::json!({
+                "model": MODEL,
+                "prompt": "Write as if you were a critic: San Francisco",
+                "max_tokens": 4,
+            }))
+            .unwrap(),
+        }
+    }
+
+    /// A chat completion.
+    pub fn chat(model: &str, content: &str, stream: bool, max_tokens: u32) -> Self {
+        Self {
+            path: "/v1/chat/completions".into(),
+            headers: Vec::new(),
+            body: serde_json::to_vec(&serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": content}],
+                "stream": stream,
+                "max_tokens": max_tokens,
+                "stream_options": {"include_usage": true},
+            }))
+            .unwrap(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.headers.push((k.to_owned(), v.into()));
+        self
+    }
+}
+
+/// What the client saw for one request.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub status: u16,
+    /// `x-inference-pod`: the replica that generated the answer (`pod-<octet>-rank-<r>`).
+    pub replica: Option<String>,
+    /// `x-conformance-test-served-endpoint`: what the gateway reported back to the EPP.
+    pub served: Option<String>,
+    pub body: String,
+}
+
+impl Outcome {
+    /// The loopback IP octet of the pod that answered.
+    pub fn pod_octet(&self) -> Option<u8> {
+        self.replica
+            .as_deref()?
+            .strip_prefix("pod-")?
+            .split('-')
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+/// Sends one request through `gateway`.
+pub async fn send(gateway: SocketAddr, req: &Req) -> Outcome {
+    let headers: Vec<(&str, &str)> = req
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let resp = testkit::http::post(gateway, &req.path, &headers, req.body.clone()).await;
+    let status = resp.status().as_u16();
+    let replica = testkit::http::header(&resp, "x-inference-pod").map(str::to_owned);
+    let served = testkit::http::header(&resp, SERVED).map(str::to_owned);
+    let body = testkit::http::body_text(resp).await;
+    Outcome {
+        status,
+        replica,
+        served,
+        body,
+    }
+}
+
+/// Upstream's traffic method: `n` requests with at most `concurrency` in flight; every
+/// outcome is returned so that the caller asserts on each one.
+pub async fn traffic(gateway: SocketAddr, n: usize, concurrency: usize, req: &Req) -> Vec<Outcome> {
+    let req = Arc::new(req.clone());
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let req = req.clone();
+            tokio::spawn(async move { send(gateway, &req).await })
+        })
+        .buffer_unordered(concurrency)
+        .map(|r| r.expect("request task"))
+        .collect()
+        .await
+}
+
+/// Checks that every outcome is a 200 answered by a replica whose address is in `allowed`,
+/// and (when `check_served`) that the gateway reported that same address back to the EPP.
+pub fn all_served_by(
+    outcomes: &[Outcome],
+    allowed: &BTreeSet<SocketAddr>,
+    names: &BTreeMap<String, SocketAddr>,
+    check_served: bool,
+) -> anyhow::Result<BTreeSet<SocketAddr>> {
+    let mut seen = BTreeSet::new();
+    for (i, o) in outcomes.iter().enumerate() {
+        ensure!(
+            o.status == 200,
+            "request {i}: status {} (body {:.200})",
+            o.status,
+            o.body
+        );
+        let replica = o.replica.as_deref().context("no x-inference-pod")?;
+        let addr = *names
+            .get(replica)
+            .with_context(|| format!("unknown replica {replica}"))?;
+        ensure!(
+            allowed.contains(&addr),
+            "request {i}: served by {replica} ({addr}), allowed {allowed:?}"
+        );
+        if check_served {
+            let served = o.served.as_deref().unwrap_or("<missing>");
+            ensure!(
+                served == addr.to_string(),
+                "request {i}: {SERVED} = {served}, but {addr} answered"
+            );
+        }
+        seen.insert(addr);
+    }
+    Ok(seen)
+}
+
+/// Replica name → address, for every rank of `pods`.
+pub fn names(pods: &[&[Pod]]) -> BTreeMap<String, SocketAddr> {
+    pods.iter()
+        .flat_map(|ps| ps.iter())
+        .flat_map(|p| p.ranks.iter())
+        .map(|r| (r.pod_name().to_owned(), r.addr()))
+        .collect()
+}
+
+/// A loopback port nobody listens on.
+pub async fn closed_port() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Stops an in-process EPP and waits until its ports are closed.
+pub async fn stop_epp(epp: Epp) -> anyhow::Result<()> {
+    let grpc = epp.grpc;
+    epp.shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(grpc).await.is_err() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("EPP at {grpc} still accepts connections");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(epp);
+    Ok(())
+}
+
+/// The IP part of an address, as the selection header takes it.
+pub fn ip(a: SocketAddr) -> IpAddr {
+    a.ip()
+}

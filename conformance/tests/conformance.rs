@@ -1,0 +1,903 @@
+//! The conformance suite: upstream GIE's EPP-facing conformance scenarios (same names) and our
+//! own protocol scenarios, each against a real Envoy, in-process EPPs and simulated replicas on
+//! loopback. A custom runner (not libtest) so that one run produces one report:
+//!
+//! ```sh
+//! cargo test -p conformance                         # every scenario; all must pass
+//! cargo test -p conformance -- Weighted Subset      # only scenarios whose name contains a filter
+//! SWITCHYARD_CONFORMANCE_FAULT=no-lb-metadata cargo test -p conformance
+//!                                                   # self-test: a broken EPP must fail scenarios
+//! ```
+//!
+//! Traffic checks follow upstream's method (many requests at some concurrency, an assertion on
+//! every response), scaled down to keep the suite fast: 100 requests at concurrency 10 where
+//! upstream sends 100, 200 for the weighted split as upstream, fewer for our own scenarios.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use conformance::report::{self, Report, ScenarioResult, Status};
+use conformance::*;
+use endpoint_picker::director::{ModelRewrite, Policies, RewriteRule, RewriteTarget};
+use ext_proc::service::ConformanceFault;
+use testkit::envoy::Variant;
+
+type Outcome = anyhow::Result<usize>;
+type ScenarioFn = fn(Ctx) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+struct Scenario {
+    name: &'static str,
+    origin: &'static str,
+    /// `Some(reason)`: not applicable locally, reported as skipped.
+    skip: Option<&'static str>,
+    run: ScenarioFn,
+}
+
+macro_rules! scenario {
+    ($origin:literal, $name:ident) => {
+        Scenario {
+            name: stringify!($name),
+            origin: $origin,
+            skip: None,
+            run: |ctx| Box::pin($name(ctx)),
+        }
+    };
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        scenario!("upstream", GatewayFollowingEPPRouting),
+        scenario!("upstream", GatewayFollowingEPPRoutingWithDataParallelism),
+        scenario!("upstream", GatewayDestinationEndpointServed),
+        scenario!("upstream", GatewayWeightedAcrossTwoInferencePools),
+        scenario!("upstream", EppUnAvailableFailOpen),
+        scenario!("switchyard", EppUnAvailableFailClose),
+        scenario!("upstream", InferencePoolAppProtocol),
+        Scenario {
+            name: "InferencePoolHTTPRoutePortValidation",
+            origin: "upstream",
+            skip: Some(
+                "not applicable locally: it checks that a gateway ignores the port of an \
+                 HTTPRoute backendRef to an InferencePool; a plain Envoy has no backendRef \
+                 (the EPP names ip:targetPort and override_host routes there, which every \
+                 other scenario checks)",
+            ),
+            run: |_| Box::pin(async { Ok(0) }),
+        },
+        scenario!("switchyard", SubsetHintHonouredAndIntersected),
+        scenario!("switchyard", FallbackListWalkedOnBackendFailure),
+        scenario!("switchyard", HeaderSpoofingHasNoEffect),
+        scenario!("switchyard", ModelRewriteRoundTrip),
+        scenario!("switchyard", SheddableRequestGets429WhenSaturated),
+        scenario!("switchyard", OneMebibytePrompt),
+        scenario!("switchyard", SseStreamingIntact),
+        scenario!("switchyard", InvalidBodyRejectedByEpp),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// Traffic goes only to the endpoints the EPP selected: 1, 2 and 3 designated pods out of 3,
+/// through the default shipped config (TLS to the EPP, as upstream's EPP serves TLS).
+#[allow(non_snake_case)]
+async fn GatewayFollowingEPPRouting(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 3, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(pool_of("primary", &pods), CONFORMANCE_CONFIG, true)
+        .await;
+    let envoy = ctx
+        .plain_envoy(Variant::TlsFailClose, epp.grpc, &pods)
+        .await;
+    let names = names(&[&pods]);
+    let mut sent = 0;
+    for k in 1..=3 {
+        let selected: Vec<SocketAddr> = pods[..k].iter().map(|p| p.rank(0)).collect();
+        let header = join(selected.iter().map(|a| ip(*a).to_string()));
+        let req = Req::completion().header(SELECTION, header);
+        let out = traffic(envoy.listener, 100, 10, &req).await;
+        sent += out.len();
+        let seen = all_served_by(&out, &selected.iter().copied().collect(), &names, false)
+            .with_context(|| format!("{k} selected pod(s)"))?;
+        ensure!(!seen.is_empty());
+    }
+    Ok(sent)
+}
+
+/// The same with data-parallel pods: three pods of three ranks (ports). The header names a
+/// pod IP (any of its ranks is allowed) or pins `IP:port` (that rank only).
+#[allow(non_snake_case)]
+async fn GatewayFollowingEPPRoutingWithDataParallelism(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 3, 3, &sim_config()).await;
+    let epp = ctx
+        .epp(pool_of("dp", &pods), CONFORMANCE_CONFIG, false)
+        .await;
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .await;
+    let names = names(&[&pods]);
+    let ranks_of = |p: &Pod| {
+        p.ranks
+            .iter()
+            .map(sim::ReplicaHandle::addr)
+            .collect::<Vec<_>>()
+    };
+    let cases: Vec<(String, BTreeSet<SocketAddr>)> = vec![
+        // A whole pod: every rank of it.
+        (
+            pods[1].ip.to_string(),
+            ranks_of(&pods[1]).into_iter().collect(),
+        ),
+        // Two pinned ranks on two pods.
+        (
+            format!("{},{}", pods[0].rank(1), pods[2].rank(2)),
+            [pods[0].rank(1), pods[2].rank(2)].into_iter().collect(),
+        ),
+        // A pod plus one pinned rank of another.
+        (
+            format!("{},{}", pods[2].ip, pods[0].rank(0)),
+            ranks_of(&pods[2])
+                .into_iter()
+                .chain([pods[0].rank(0)])
+                .collect(),
+        ),
+    ];
+    let mut sent = 0;
+    for (header, allowed) in cases {
+        let req = Req::completion().header(SELECTION, header.clone());
+        let out = traffic(envoy.listener, 100, 10, &req).await;
+        sent += out.len();
+        let seen = all_served_by(&out, &allowed, &names, true)
+            .with_context(|| format!("selection {header}"))?;
+        if allowed.len() > 1 {
+            // Ties are broken at random, so 100 requests reach more than one allowed rank.
+            ensure!(seen.len() > 1, "selection {header}: only {seen:?} served");
+        }
+    }
+    Ok(sent)
+}
+
+/// The gateway reports the endpoint that served the request back to the EPP
+/// (`envoy.lb/x-gateway-destination-endpoint-served`), also after a retry moved the request.
+#[allow(non_snake_case)]
+async fn GatewayDestinationEndpointServed(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 3, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(pool_of("primary", &pods), CONFORMANCE_CONFIG, false)
+        .await;
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .await;
+    let names = names(&[&pods]);
+    let mut sent = 0;
+    for p in &pods {
+        let req = Req::completion().header(SELECTION, p.ip.to_string());
+        let out = traffic(envoy.listener, 34, 10, &req).await;
+        sent += out.len();
+        all_served_by(&out, &[p.rank(0)].into_iter().collect(), &names, true)?;
+    }
+    // After a retry the served endpoint is the one that answered, not the first pick.
+    pods[0].ranks[0].set_failure_injection(100.0, vec![503]);
+    let req = Req::completion().header(SELECTION, format!("{},{}", pods[0].ip, pods[1].ip));
+    let out = traffic(envoy.listener, 30, 10, &req).await;
+    sent += out.len();
+    all_served_by(&out, &[pods[1].rank(0)].into_iter().collect(), &names, true)
+        .context("after retries")?;
+    Ok(sent)
+}
+
+/// An HTTPRoute splitting 70/30 across two InferencePools, each with its own EPP. The header
+/// lists pods of both pools, so each EPP must ignore the other pool's IPs.
+#[allow(non_snake_case)]
+async fn GatewayWeightedAcrossTwoInferencePools(ctx: Ctx) -> Outcome {
+    let primary = pods(2, 2, 1, &sim_config()).await;
+    let secondary = pods(4, 2, 1, &sim_config()).await;
+    let epp_a = ctx
+        .epp(pool_of("primary", &primary), CONFORMANCE_CONFIG, false)
+        .await;
+    let epp_b = ctx
+        .epp(pool_of("secondary", &secondary), CONFORMANCE_CONFIG, false)
+        .await;
+    let envoy = ctx
+        .multi_pool_envoy(MultiPool {
+            primary_epp: epp_a.grpc,
+            secondary_epp: epp_b.grpc,
+            primary: &primary,
+            secondary: &secondary,
+            weights: (70, 30),
+        })
+        .await;
+    envoy.wait_cluster_health("epp_primary", true).await;
+    envoy.wait_cluster_health("epp_secondary", true).await;
+    let names = names(&[&primary, &secondary]);
+    let allowed: BTreeSet<SocketAddr> = [primary[1].rank(0), secondary[0].rank(0)].into();
+    let header = format!("{},{}", primary[1].ip, secondary[0].ip);
+    let req = Req::completion()
+        .header(ROUTE, "weighted")
+        .header(SELECTION, header);
+    let n = 200;
+    let out = traffic(envoy.listener, n, 10, &req).await;
+    all_served_by(&out, &allowed, &names, true)?;
+    let to_primary = out
+        .iter()
+        .filter(|o| o.pod_octet() == Some(primary[1].ip.octets()[3]))
+        .count();
+    // 140 expected; ±35 is more than 5 standard deviations of a 200-draw binomial.
+    ensure!(
+        (105..=175).contains(&to_primary),
+        "{to_primary} of {n} requests went to the primary pool (weight 70 of 100)"
+    );
+    Ok(n)
+}
+
+/// With the EPP unavailable, a FailOpen gateway still serves (the shipped FailOpen config,
+/// whose TCP health check takes the EPP out so that ext_proc fails open before any body byte).
+#[allow(non_snake_case)]
+async fn EppUnAvailableFailOpen(ctx: Ctx) -> Outcome {
+    epp_unavailable(ctx, Variant::PlaintextFailOpen).await
+}
+
+/// The FailClose counterpart: with the EPP unavailable every request fails with a 5xx.
+#[allow(non_snake_case)]
+async fn EppUnAvailableFailClose(ctx: Ctx) -> Outcome {
+    epp_unavailable(ctx, Variant::PlaintextFailClose).await
+}
+
+async fn epp_unavailable(ctx: Ctx, variant: Variant) -> Outcome {
+    let pods = pods(2, 3, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(pool_of("secondary", &pods), CONFORMANCE_CONFIG, false)
+        .await;
+    let envoy = ctx.plain_envoy(variant, epp.grpc, &pods).await;
+    let names = names(&[&pods]);
+    let target = pods[1].rank(0);
+    // Before: the EPP routes.
+    let req = Req::completion().header(SELECTION, target.ip().to_string());
+    let out = traffic(envoy.listener, 20, 10, &req).await;
+    all_served_by(&out, &[target].into(), &names, true).context("with the EPP up")?;
+    // The EPP goes away.
+    stop_epp(epp).await?;
+    envoy.wait_epp_health(false).await;
+    let out = traffic(envoy.listener, 100, 10, &req).await;
+    let fail_open = matches!(variant, Variant::PlaintextFailOpen | Variant::TlsFailOpen);
+    for (i, o) in out.iter().enumerate() {
+        if fail_open {
+            ensure!(o.status == 200, "request {i}: {} {:.200}", o.status, o.body);
+            ensure!(o.replica.is_some(), "request {i}: no replica answered");
+        } else {
+            ensure!(
+                (500..600).contains(&o.status),
+                "request {i}: FailClose answered {}",
+                o.status
+            );
+        }
+    }
+    if fail_open {
+        // No EPP answer: the gateway's fallback policy spreads over the pool.
+        let all: BTreeSet<SocketAddr> = addresses(&pods).into_iter().collect();
+        all_served_by(&out, &all, &names, false)?;
+    }
+    Ok(out.len() + 20)
+}
+
+/// The pool's appProtocol: HTTP/1.1 (`http`, also the default) and `kubernetes.io/h2c` reach
+/// the picked endpoint with that protocol, and the served endpoint is reported either way.
+#[allow(non_snake_case)]
+async fn InferencePoolAppProtocol(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 2, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(pool_of("appprotocol", &pods), CONFORMANCE_CONFIG, false)
+        .await;
+    let unused = closed_port().await;
+    let envoy = ctx
+        .multi_pool_envoy(MultiPool {
+            primary_epp: epp.grpc,
+            secondary_epp: unused,
+            primary: &pods,
+            secondary: &pods,
+            weights: (1, 1),
+        })
+        .await;
+    envoy.wait_cluster_health("epp_primary", true).await;
+    let names = names(&[&pods]);
+    let target = pods[1].rank(0);
+    let base = Req::completion().header(SELECTION, target.ip().to_string());
+    let http = traffic(envoy.listener, 50, 10, &base).await;
+    all_served_by(&http, &[target].into(), &names, true).context("appProtocol http")?;
+    let h2c = traffic(envoy.listener, 50, 10, &base.clone().header(ROUTE, "h2c")).await;
+    all_served_by(&h2c, &[target].into(), &names, true).context("appProtocol h2c")?;
+    let stat = |c: &str, p: &str| format!("cluster.{c}.upstream_cx_{p}_total");
+    let (h1, h1_2) = (
+        envoy.stat(&stat("pool_primary", "http1")).await,
+        envoy.stat(&stat("pool_primary", "http2")).await,
+    );
+    let (h2_1, h2) = (
+        envoy.stat(&stat("pool_primary_h2c", "http1")).await,
+        envoy.stat(&stat("pool_primary_h2c", "http2")).await,
+    );
+    ensure!(
+        h1 > 0 && h1_2 == 0,
+        "http pool: {h1} HTTP/1.1, {h1_2} HTTP/2 connections"
+    );
+    ensure!(
+        h2 > 0 && h2_1 == 0,
+        "h2c pool: {h2_1} HTTP/1.1, {h2} HTTP/2 connections"
+    );
+    Ok(100)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Our protocol scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// `envoy.lb.subset_hint` (here a comma string made by header_to_metadata) restricts the
+/// candidates; it is intersected with the pool; no eligible endpoint means 503.
+#[allow(non_snake_case)]
+async fn SubsetHintHonouredAndIntersected(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 3, 1, &sim_config()).await;
+    // The default profile: no test filter, so the hint alone restricts the candidates.
+    let epp = ctx
+        .epp(
+            pool_of("primary", &pods),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    let unused = closed_port().await;
+    let envoy = ctx
+        .multi_pool_envoy(MultiPool {
+            primary_epp: epp.grpc,
+            secondary_epp: unused,
+            primary: &pods,
+            secondary: &pods,
+            weights: (1, 1),
+        })
+        .await;
+    envoy.wait_cluster_health("epp_primary", true).await;
+    let names = names(&[&pods]);
+    let foreign = "10.255.255.1:8000";
+    let mut sent = 0;
+    let cases: Vec<(String, BTreeSet<SocketAddr>)> = vec![
+        (
+            format!("{},{}", pods[0].rank(0), pods[2].rank(0)),
+            [pods[0].rank(0), pods[2].rank(0)].into(),
+        ),
+        // Intersected with the pool: the foreign entry is never picked.
+        (
+            format!("{foreign}, {}", pods[1].rank(0)),
+            [pods[1].rank(0)].into(),
+        ),
+    ];
+    for (hint, allowed) in cases {
+        let req = Req::completion().header(SUBSET_HINT, hint.clone());
+        let out = traffic(envoy.listener, 40, 10, &req).await;
+        sent += out.len();
+        all_served_by(&out, &allowed, &names, false).with_context(|| format!("hint {hint}"))?;
+    }
+    // Nothing of the hint is in the pool: 503 from the EPP.
+    let req = Req::completion().header(SUBSET_HINT, foreign);
+    let out = traffic(envoy.listener, 20, 10, &req).await;
+    sent += out.len();
+    for (i, o) in out.iter().enumerate() {
+        ensure!(
+            o.status == 503 && o.body.starts_with("inference error:"),
+            "request {i} with a foreign-only hint: {} {:.200}",
+            o.status,
+            o.body
+        );
+    }
+    Ok(sent)
+}
+
+/// The EPP's ordered list is walked when backends fail: a refused connection and a 503 are
+/// both retried onto the next entry.
+#[allow(non_snake_case)]
+async fn FallbackListWalkedOnBackendFailure(ctx: Ctx) -> Outcome {
+    let mut pods = pods(2, 3, 1, &sim_config()).await;
+    // pod-2 is gone (connection refused) but still in the pool; pod-3 answers 503.
+    let dead = pods[0].ranks.remove(0);
+    let dead_addr = dead.addr();
+    dead.shutdown().await;
+    let mut pool = pool_of("primary", &pods);
+    let mut ghost = pool.endpoints[0].clone();
+    ghost.name = "pod-2-rank-0".into();
+    ghost.pod_name = "pod-2".into();
+    ghost.address = dead_addr;
+    ghost.metrics_address = dead_addr;
+    pool.endpoints.push(ghost);
+    pods[1].ranks[0].set_failure_injection(100.0, vec![503]);
+    let epp = ctx.epp(pool, CONFORMANCE_CONFIG, false).await;
+    let mut backends = addresses(&pods);
+    backends.push(dead_addr);
+    let envoy =
+        testkit::envoy::Envoy::start(&ctx.envoy, Variant::PlaintextFailClose, epp.grpc, &backends)
+            .await;
+    let names = names(&[&pods]);
+    let good = pods[2].rank(0);
+    let header = format!("{},{},{}", dead_addr.ip(), pods[1].ip, pods[2].ip);
+    let req = Req::completion().header(SELECTION, header);
+    let out = traffic(envoy.listener, 60, 10, &req).await;
+    all_served_by(&out, &[good].into(), &names, true)?;
+    let retries = envoy.stat("cluster.inference_pool.upstream_rq_retry").await;
+    ensure!(retries > 0, "no retry happened");
+    Ok(out.len())
+}
+
+/// Client-sent routing headers do nothing: not with the EPP up, and not on the fail-open
+/// path with the EPP down.
+#[allow(non_snake_case)]
+async fn HeaderSpoofingHasNoEffect(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 3, 1, &sim_config()).await;
+    let names = names(&[&pods]);
+    let (chosen, spoofed) = (pods[2].rank(0), pods[0].rank(0).to_string());
+    let spoof = |r: Req| {
+        r.header("x-gateway-destination-endpoint", spoofed.clone())
+            .header("x-gateway-destination-endpoint-subset", spoofed.clone())
+            .header("x-gateway-destination-endpoint-served", spoofed.clone())
+            .header("x-gateway-destination-endpoint-fallbacks", spoofed.clone())
+            .header("X-Gateway-Destination-Endpoint-Evil", spoofed.clone())
+    };
+    let epp = ctx
+        .epp(pool_of("primary", &pods), CONFORMANCE_CONFIG, false)
+        .await;
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailOpen, epp.grpc, &pods)
+        .await;
+    let req = spoof(Req::completion().header(SELECTION, chosen.ip().to_string()));
+    let out = traffic(envoy.listener, 50, 10, &req).await;
+    all_served_by(&out, &[chosen].into(), &names, true).context("EPP up")?;
+    // Fail-open: the spoofed header must not pin the request to pods[0].
+    stop_epp(epp).await?;
+    envoy.wait_epp_health(false).await;
+    let out = traffic(envoy.listener, 60, 1, &spoof(Req::completion())).await;
+    let all: BTreeSet<SocketAddr> = addresses(&pods).into_iter().collect();
+    let seen = all_served_by(&out, &all, &names, false).context("EPP down (fail-open)")?;
+    ensure!(seen.len() > 1, "every fail-open request went to {seen:?}");
+    Ok(110)
+}
+
+/// An InferenceModelRewrite sends the engine the target model and the client gets its own
+/// model name back (JSON and every SSE event).
+#[allow(non_snake_case)]
+async fn ModelRewriteRoundTrip(ctx: Ctx) -> Outcome {
+    const ALIAS: &str = "switchyard-conformance-alias";
+    let pods = pods(2, 2, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(
+            pool_of("primary", &pods),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    epp.handles.director.set_policies(Policies {
+        objectives: Default::default(),
+        rewrites: vec![ModelRewrite {
+            name: "alias".into(),
+            created: 0,
+            rules: vec![RewriteRule {
+                matches: vec![ALIAS.into()],
+                targets: vec![RewriteTarget {
+                    model: MODEL.into(),
+                    weight: 1,
+                }],
+            }],
+        }],
+    });
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .await;
+    // The simulator only serves MODEL (404 for anything else), so a 200 proves the rewrite.
+    let out = traffic(envoy.listener, 30, 10, &Req::chat(ALIAS, "hi", false, 4)).await;
+    for (i, o) in out.iter().enumerate() {
+        ensure!(o.status == 200, "request {i}: {} {:.200}", o.status, o.body);
+        let v: serde_json::Value = serde_json::from_str(&o.body).context("JSON body")?;
+        ensure!(
+            v["model"] == ALIAS,
+            "request {i}: model {} in the response",
+            v["model"]
+        );
+    }
+    let out = traffic(envoy.listener, 10, 5, &Req::chat(ALIAS, "hi", true, 8)).await;
+    for (i, o) in out.iter().enumerate() {
+        ensure!(o.status == 200, "stream {i}: {} {:.200}", o.status, o.body);
+        let events: Vec<serde_json::Value> = sse_json(&o.body);
+        ensure!(events.len() >= 8, "stream {i}: {} events", events.len());
+        for e in &events {
+            ensure!(
+                e["model"] == ALIAS,
+                "stream {i}: event model {}",
+                e["model"]
+            );
+        }
+    }
+    Ok(40)
+}
+
+/// A sheddable request (objective with priority < 0) gets 429 from the EPP when every
+/// endpoint is saturated; a critical request still goes through.
+#[allow(non_snake_case)]
+async fn SheddableRequestGets429WhenSaturated(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 2, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(
+            pool_of("primary", &pods),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    epp.handles.director.set_policies(Policies {
+        objectives: [("batch".to_string(), -1)].into_iter().collect(),
+        rewrites: vec![],
+    });
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .await;
+    // Metrics are set by hand (no scraping): deep queues everywhere.
+    testkit::set_queues(&epp, &[500, 500]);
+    let sheddable = Req::completion().header("x-gateway-inference-objective", "batch");
+    let out = traffic(envoy.listener, 30, 10, &sheddable).await;
+    for (i, o) in out.iter().enumerate() {
+        ensure!(
+            o.status == 429 && o.body.starts_with("inference error:"),
+            "sheddable request {i}: {} {:.200}",
+            o.status,
+            o.body
+        );
+    }
+    testkit::set_queues(&epp, &[500, 500]);
+    let out2 = traffic(envoy.listener, 30, 10, &Req::completion()).await;
+    for (i, o) in out2.iter().enumerate() {
+        ensure!(
+            o.status == 200,
+            "critical request {i}: {} {:.200}",
+            o.status,
+            o.body
+        );
+    }
+    Ok(60)
+}
+
+/// A 1 MiB prompt goes through the EPP and reaches the engine whole.
+#[allow(non_snake_case)]
+async fn OneMebibytePrompt(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 2, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(
+            pool_of("primary", &pods),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .await;
+    let small = send(envoy.listener, &Req::completion()).await;
+    ensure!(small.status == 200, "small prompt: {}", small.status);
+    let small_tokens = prompt_tokens(&small.body)?;
+    let prompt = "word ".repeat(210_000);
+    let body = serde_json::to_vec(
+        &serde_json::json!({"model": MODEL, "prompt": prompt, "max_tokens": 2}),
+    )?;
+    ensure!(body.len() > 1 << 20);
+    let req = Req {
+        path: "/v1/completions".into(),
+        headers: Vec::new(),
+        body,
+    };
+    let out = traffic(envoy.listener, 4, 2, &req).await;
+    for (i, o) in out.iter().enumerate() {
+        ensure!(o.status == 200, "request {i}: {} {:.200}", o.status, o.body);
+        let tokens = prompt_tokens(&o.body)?;
+        // The engine counted (roughly) one token per word: the whole prompt arrived.
+        ensure!(
+            tokens > 200_000 && tokens > small_tokens,
+            "request {i}: only {tokens} prompt tokens reached the engine"
+        );
+    }
+    Ok(5)
+}
+
+/// SSE passes through Envoy and the EPP event by event, not buffered, and intact.
+#[allow(non_snake_case)]
+async fn SseStreamingIntact(ctx: Ctx) -> Outcome {
+    // The calibrated latency model (≈6 ms per token), so that a stream takes visible time.
+    let config = sim::Config {
+        seed: 11,
+        ..sim::Config::default()
+    };
+    let pods = pods(2, 2, 1, &config).await;
+    let epp = ctx
+        .epp(
+            pool_of("primary", &pods),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .await;
+    let req = Req::chat(MODEL, "tell me a story", true, 40);
+    let mut sent = 0;
+    for round in 0..3 {
+        let headers: Vec<(&str, &str)> = Vec::new();
+        let resp = testkit::http::post(envoy.listener, &req.path, &headers, req.body.clone()).await;
+        sent += 1;
+        ensure!(resp.status() == 200, "round {round}: {}", resp.status());
+        let ct = testkit::http::header(&resp, "content-type")
+            .unwrap_or("")
+            .to_owned();
+        ensure!(ct.contains("text/event-stream"), "content-type {ct}");
+        let frames = testkit::http::frames(resp).await;
+        let text: String = frames
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        let events = sse_json(&text);
+        let content_events = events
+            .iter()
+            .filter(|e| {
+                e["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            })
+            .count();
+        ensure!(
+            content_events == 40,
+            "round {round}: {content_events} content events"
+        );
+        ensure!(
+            events
+                .last()
+                .is_some_and(|e| e["usage"]["completion_tokens"] == 40),
+            "round {round}: no final usage event"
+        );
+        ensure!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "round {round}: no [DONE]"
+        );
+        ensure!(
+            frames.len() >= 10,
+            "round {round}: only {} frames",
+            frames.len()
+        );
+        let span = frames.last().unwrap().0.duration_since(frames[0].0);
+        ensure!(
+            span > Duration::from_millis(50),
+            "round {round}: frames arrived together"
+        );
+    }
+    Ok(sent)
+}
+
+/// A body that is not JSON is answered by the EPP (400 with its error text), not forwarded:
+/// the EPP must read the body before it answers the headers.
+#[allow(non_snake_case)]
+async fn InvalidBodyRejectedByEpp(ctx: Ctx) -> Outcome {
+    let pods = pods(2, 2, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(
+            pool_of("primary", &pods),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    let envoy = ctx
+        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .await;
+    let req = Req {
+        path: "/v1/chat/completions".into(),
+        headers: Vec::new(),
+        body: b"{\"model\": oops".to_vec(),
+    };
+    let out = traffic(envoy.listener, 20, 10, &req).await;
+    for (i, o) in out.iter().enumerate() {
+        ensure!(
+            o.status == 400 && o.body.starts_with("inference error: BadRequest"),
+            "request {i}: {} {:.200}",
+            o.status,
+            o.body
+        );
+        ensure!(o.replica.is_none(), "request {i} reached {:?}", o.replica);
+    }
+    Ok(out.len())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers and the runner
+// ---------------------------------------------------------------------------------------------
+
+fn join(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(",")
+}
+
+fn sse_json(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
+}
+
+fn prompt_tokens(body: &str) -> anyhow::Result<u64> {
+    let v: serde_json::Value = serde_json::from_str(body).context("JSON response")?;
+    v["usage"]["prompt_tokens"]
+        .as_u64()
+        .context("usage.prompt_tokens")
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // libtest-style flags cargo may pass (`--list`, `--nocapture`, …) are accepted; other
+    // arguments filter scenarios by substring.
+    if args.iter().any(|a| a == "--list") {
+        for s in scenarios() {
+            println!("{}: test", s.name);
+        }
+        return;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let fault_name = std::env::var("SWITCHYARD_CONFORMANCE_FAULT")
+        .ok()
+        .filter(|f| !f.is_empty());
+    let fault: Option<ConformanceFault> = fault_name.as_deref().map(|f| {
+        f.parse()
+            .unwrap_or_else(|e| panic!("SWITCHYARD_CONFORMANCE_FAULT: {e}"))
+    });
+    let Some(envoy) = testkit::envoy::binary_or_skip("conformance") else {
+        return;
+    };
+    let ctx = Ctx {
+        envoy: envoy.clone(),
+        fault,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    let mut results = Vec::new();
+    println!(
+        "\nSwitchyard conformance suite{}",
+        fault_name
+            .as_deref()
+            .map(|f| format!(" (deliberate EPP fault: {f})"))
+            .unwrap_or_default()
+    );
+    for s in scenarios() {
+        if !filters.is_empty() && !filters.iter().any(|f| s.name.contains(f.as_str())) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let (status, requests, detail) = if let Some(reason) = s.skip {
+            (Status::Skipped, 0, reason.to_owned())
+        } else {
+            let run = (s.run)(ctx.clone());
+            let r = runtime.block_on(async {
+                tokio::time::timeout(SCENARIO_TIMEOUT, tokio::spawn(run)).await
+            });
+            match r {
+                Ok(Ok(Ok(n))) => (Status::Pass, n, String::new()),
+                Ok(Ok(Err(e))) => (Status::Fail, 0, format!("{e:#}")),
+                Ok(Err(join)) => (
+                    Status::Fail,
+                    0,
+                    format!("panicked: {}", panic_message(join)),
+                ),
+                Err(_) => (
+                    Status::Fail,
+                    0,
+                    format!("timed out after {SCENARIO_TIMEOUT:?}"),
+                ),
+            }
+        };
+        let ms = t0.elapsed().as_millis();
+        let mark = match status {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::Skipped => "SKIP",
+        };
+        println!(
+            "  {mark} {:<48} {:>6} ms {:>5} req  {}",
+            s.name,
+            ms,
+            requests,
+            first_line(&detail)
+        );
+        results.push(ScenarioResult {
+            name: s.name.to_owned(),
+            origin: s.origin,
+            status,
+            duration_ms: ms,
+            requests,
+            detail,
+        });
+    }
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let count = |st: Status| results.iter().filter(|r| r.status == st).count();
+    let repo = testkit::envoy::workspace_root();
+    let report = Report {
+        schema: "switchyard-conformance/v1",
+        switchyard_version: env!("CARGO_PKG_VERSION").to_owned(),
+        switchyard_commit: report::git_commit(&repo),
+        envoy_version: testkit::envoy::version(&envoy).unwrap_or_default(),
+        fault: fault_name.clone(),
+        finished_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        duration_ms: started.elapsed().as_millis(),
+        passed: count(Status::Pass),
+        failed: count(Status::Fail),
+        skipped: count(Status::Skipped),
+        scenarios: results,
+    };
+    let path = report::default_path(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        fault_name.as_deref(),
+    );
+    if let Err(e) = report.write(&path) {
+        eprintln!("could not write the report to {}: {e}", path.display());
+    }
+    println!(
+        "\n{} passed, {} failed, {} skipped in {:.1} s (Envoy {}, Switchyard {} {}); report: {}",
+        report.passed,
+        report.failed,
+        report.skipped,
+        started.elapsed().as_secs_f64(),
+        report.envoy_version,
+        report.switchyard_version,
+        report.switchyard_commit,
+        path.display()
+    );
+    let failed: BTreeMap<&str, &str> = report
+        .scenarios
+        .iter()
+        .filter(|r| r.status == Status::Fail)
+        .map(|r| (r.name.as_str(), r.detail.as_str()))
+        .collect();
+    match &fault_name {
+        None if !failed.is_empty() => {
+            eprintln!("conformance failures:");
+            for (name, detail) in &failed {
+                eprintln!("  {name}: {detail}");
+            }
+            std::process::exit(1);
+        }
+        // Self-test: the suite must notice a broken EPP.
+        Some(f) if failed.is_empty() => {
+            eprintln!("deliberate fault {f} went unnoticed: no scenario failed");
+            std::process::exit(1);
+        }
+        Some(f) => println!(
+            "deliberate fault {f} caught by: {}",
+            failed.keys().copied().collect::<Vec<_>>().join(", ")
+        ),
+        None => {}
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").chars().take(160).collect()
+}
