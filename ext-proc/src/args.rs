@@ -106,6 +106,10 @@ pub struct Args {
     /// Add an x-switchyard-decision response header with the score breakdown (debugging).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub debug_decision_header: bool,
+    /// Keep the last N scheduling decisions with their score breakdown for the admin
+    /// endpoint `/debug/pool` (0 = off; at most 10000).
+    #[arg(long, default_value_t = 0)]
+    pub debug_decisions: usize,
     /// A deliberate protocol fault, for the conformance suite's self-test only.
     #[arg(long, hide = true)]
     pub x_conformance_fault: Option<crate::service::ConformanceFault>,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod debug;
 pub mod envoy;
 pub mod error;
 pub mod health;

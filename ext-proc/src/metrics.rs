@@ -5,9 +5,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use endpoint_picker::datastore::Datastore;
+use endpoint_picker::datastore::{Datastore, Endpoint};
 use endpoint_picker::director::Director;
+use endpoint_picker::scheduling::{ExtensionPoint, PluginObserver};
+use endpoint_picker::scrape::scraper::{ScrapeError, ScrapeObserver};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -87,6 +90,29 @@ pub struct AttemptLabels {
     pub target_model_name: String,
 }
 
+/// `extension_point, plugin_type, plugin_name`. The first two are static strings, so recording
+/// a plugin timing allocates only the name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// `Filter`, `Scorer`, `Picker`, `ProfilePicker`, `DataProducer` or `PreRequest`.
+    pub extension_point: &'static str,
+    /// Plugin type, e.g. `queue-scorer`.
+    pub plugin_type: &'static str,
+    /// Configured plugin name.
+    pub plugin_name: String,
+}
+
+/// `name, model_server_pod, reason` of a failed scrape.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeErrorLabels {
+    /// Pool name.
+    pub name: String,
+    /// Endpoint name.
+    pub model_server_pod: String,
+    /// `timeout`, `request`, `status`, `body`, `utf8`, `url` or `unknown_engine`.
+    pub reason: &'static str,
+}
+
 /// `outcome` of an ext_proc stream.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
@@ -159,6 +185,60 @@ const TPOT_BUCKETS: &[f64] = &[
     0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
 ];
 
+/// Every family the EPP registers, with its type, named as in the `# TYPE` line (counters
+/// without `_total`). Dashboards and alerts are checked against this list; a unit test checks
+/// the list against the registry. (prometheus-client leaves families without samples out of
+/// the exposition, so a live scrape alone cannot list them.)
+pub const FAMILIES: &[(&str, &str)] = &[
+    ("inference_objective_request", "counter"),
+    ("inference_objective_request_error", "counter"),
+    ("inference_objective_request_duration_seconds", "histogram"),
+    ("inference_objective_request_sizes", "histogram"),
+    ("inference_objective_response_sizes", "histogram"),
+    ("inference_objective_input_tokens", "histogram"),
+    ("inference_objective_output_tokens", "histogram"),
+    ("inference_objective_prompt_cached_tokens", "histogram"),
+    (
+        "inference_objective_normalized_time_per_output_token_seconds",
+        "histogram",
+    ),
+    ("inference_objective_request_ttft_seconds", "histogram"),
+    ("inference_objective_request_tpot_seconds", "histogram"),
+    ("inference_objective_running_requests", "gauge"),
+    ("inference_pool_average_kv_cache_utilization", "gauge"),
+    ("inference_pool_average_queue_size", "gauge"),
+    ("inference_pool_average_running_requests", "gauge"),
+    ("inference_pool_ready_pods", "gauge"),
+    ("inference_pool_per_pod_queue_size", "gauge"),
+    ("inference_pool_per_pod_kv_cache_utilization", "gauge"),
+    ("inference_extension_info", "gauge"),
+    (
+        "inference_extension_scheduler_e2e_duration_seconds",
+        "histogram",
+    ),
+    ("inference_extension_scheduler_attempts", "counter"),
+    ("inference_extension_plugin_duration_seconds", "histogram"),
+    ("inference_extension_prefix_indexer_size", "gauge"),
+    ("inference_extension_prefix_indexer_hit_ratio", "histogram"),
+    ("inference_extension_prefix_indexer_hit_bytes", "histogram"),
+    ("inference_extension_model_rewrite_decisions", "counter"),
+    (
+        "inference_extension_request_path_overhead_seconds",
+        "histogram",
+    ),
+    ("inference_extension_ext_proc_streams", "counter"),
+    ("inference_extension_ext_proc_active_streams", "gauge"),
+    (
+        "inference_extension_model_server_metrics_age_seconds",
+        "gauge",
+    ),
+    ("inference_extension_model_server_scrape_errors", "counter"),
+    (
+        "inference_extension_model_server_scrape_duration_seconds",
+        "histogram",
+    ),
+];
+
 /// Every metric the EPP exports.
 #[derive(Debug)]
 pub struct EppMetrics {
@@ -204,6 +284,28 @@ pub struct EppMetrics {
     pub active_streams: Gauge,
     /// `inference_extension_model_rewrite_decisions_total` is recorded with this.
     pub rewrites: Family<ModelLabels, Counter>,
+    /// `inference_extension_plugin_duration_seconds`.
+    pub plugin_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
+    /// `inference_extension_prefix_indexer_size` (block entries held, refreshed on scrape).
+    pub prefix_indexer_size: Gauge,
+    /// `inference_extension_prefix_indexer_hit_ratio`.
+    pub prefix_hit_ratio: Histogram,
+    /// `inference_extension_prefix_indexer_hit_bytes`.
+    pub prefix_hit_bytes: Histogram,
+    /// `inference_objective_request_ttft_seconds` (streamed responses: first body chunk).
+    pub ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    /// `inference_objective_request_tpot_seconds` (streamed responses: after the first chunk).
+    pub tpot: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    /// `inference_pool_per_pod_kv_cache_utilization` (ours, next to the per-pod queue size).
+    pub per_pod_kv: Family<PodLabels, Gauge<f64, AtomicU64>>,
+    /// `inference_extension_model_server_metrics_age_seconds`: age of each endpoint's metrics.
+    pub scrape_age: Family<PodLabels, Gauge<f64, AtomicU64>>,
+    /// `inference_extension_model_server_scrape_errors_total`.
+    pub scrape_errors: Family<ScrapeErrorLabels, Counter>,
+    /// `inference_extension_model_server_scrape_duration_seconds`.
+    pub scrape_duration: Histogram,
+    /// Pool name for the scrape error labels (set by the first pool refresh).
+    pool_name: parking_lot::RwLock<String>,
 }
 
 impl EppMetrics {
@@ -231,6 +333,21 @@ impl EppMetrics {
             streams: Family::default(),
             active_streams: Gauge::default(),
             rewrites: Family::default(),
+            plugin_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
+            }),
+            prefix_indexer_size: Gauge::default(),
+            prefix_hit_ratio: Histogram::new((0..=10).map(|i| f64::from(i) / 10.0)),
+            prefix_hit_bytes: Histogram::new(
+                std::iter::once(0.0).chain((4..=16).map(|p| f64::from(1u32 << p))),
+            ),
+            ttft: histogram_family(DURATION_BUCKETS),
+            tpot: histogram_family(TPOT_BUCKETS),
+            per_pod_kv: Family::default(),
+            scrape_age: Family::default(),
+            scrape_errors: Family::default(),
+            scrape_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            pool_name: parking_lot::RwLock::new(String::new()),
         };
         let r = registry;
         r.register(
@@ -306,6 +423,56 @@ impl EppMetrics {
             "Model rewrite decisions.",
             m.rewrites.clone(),
         );
+        r.register(
+            "inference_extension_plugin_duration_seconds",
+            "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name.",
+            m.plugin_duration.clone(),
+        );
+        r.register(
+            "inference_extension_prefix_indexer_size",
+            "Size of the prefix indexer (block entries held, summed over endpoints).",
+            m.prefix_indexer_size.clone(),
+        );
+        r.register(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Ratio of prefix length matched to total prefix length in the cache lookup.",
+            m.prefix_hit_ratio.clone(),
+        );
+        r.register(
+            "inference_extension_prefix_indexer_hit_bytes",
+            "Length of the prefix match in number of bytes in the cache lookup.",
+            m.prefix_hit_bytes.clone(),
+        );
+        r.register(
+            "inference_objective_request_ttft_seconds",
+            "Inference objective time to first token (first streamed response chunk) in seconds.",
+            m.ttft.clone(),
+        );
+        r.register(
+            "inference_objective_request_tpot_seconds",
+            "Inference objective time per output token after the first, in seconds (streamed responses).",
+            m.tpot.clone(),
+        );
+        r.register(
+            "inference_pool_per_pod_kv_cache_utilization",
+            "The KV-cache utilization of each pod of the pool, in [0, 1].",
+            m.per_pod_kv.clone(),
+        );
+        r.register(
+            "inference_extension_model_server_metrics_age_seconds",
+            "Age of the latest successful metrics scrape of each pod, in seconds.",
+            m.scrape_age.clone(),
+        );
+        r.register(
+            "inference_extension_model_server_scrape_errors",
+            "Failed metrics scrapes of the model servers, by pod and reason.",
+            m.scrape_errors.clone(),
+        );
+        r.register(
+            "inference_extension_model_server_scrape_duration_seconds",
+            "Duration of model-server metrics scrapes in seconds.",
+            m.scrape_duration.clone(),
+        );
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
             commit: option_env!("SWITCHYARD_COMMIT")
@@ -322,23 +489,21 @@ impl EppMetrics {
         Arc::new(m)
     }
 
-    /// Refreshes the pool-level gauges from the datastore (called periodically).
-    pub fn refresh_pool(
-        &self,
-        datastore: &Datastore,
-        director: &Director,
-        staleness: std::time::Duration,
-    ) {
-        let _ = director;
+    /// Refreshes the gauges computed from current state: pool averages over endpoints with
+    /// fresh metrics, per-pod queue and KV, the age of every endpoint's metrics, and the prefix
+    /// index size. Called on every `/metrics` request and periodically.
+    pub fn refresh_pool(&self, datastore: &Datastore, director: &Director, staleness: Duration) {
         let snap = datastore.snapshot();
+        if *self.pool_name.read() != snap.name {
+            *self.pool_name.write() = snap.name.clone();
+        }
         let pool = PoolLabels {
             name: snap.name.clone(),
         };
         let now = tokio::time::Instant::now();
-        let fresh: Vec<_> = snap
-            .endpoints
+        let all: Vec<_> = snap.endpoints.iter().map(|e| (e, e.metrics())).collect();
+        let fresh: Vec<_> = all
             .iter()
-            .map(|e| (e, e.metrics()))
             .filter(|(_, m)| !m.is_stale(now, staleness))
             .collect();
         let n = fresh.len().max(1) as f64;
@@ -362,14 +527,196 @@ impl EppMetrics {
                 .sum::<f64>()
                 / n,
         );
+        // Departed pods must disappear from the per-pod families.
         self.per_pod_queue.clear();
-        for (e, m) in &fresh {
-            self.per_pod_queue
-                .get_or_create(&PodLabels {
-                    name: snap.name.clone(),
-                    model_server_pod: e.spec.name.clone(),
-                })
-                .set(m.waiting_queue_size as i64);
+        self.per_pod_kv.clear();
+        self.scrape_age.clear();
+        for (e, m) in &all {
+            let labels = PodLabels {
+                name: snap.name.clone(),
+                model_server_pod: e.spec.name.clone(),
+            };
+            if let Some(at) = m.updated_at {
+                self.scrape_age
+                    .get_or_create(&labels)
+                    .set(now.saturating_duration_since(at).as_secs_f64());
+            }
+            if !m.is_stale(now, staleness) {
+                self.per_pod_queue
+                    .get_or_create(&labels)
+                    .set(m.waiting_queue_size as i64);
+                self.per_pod_kv.get_or_create(&labels).set(m.kv_cache_usage);
+            }
         }
+        let entries: usize = director
+            .config()
+            .scheduler
+            .producers()
+            .iter()
+            .filter_map(|p| p.index_entries())
+            .sum();
+        self.prefix_indexer_size.set(entries as i64);
+    }
+}
+
+/// Feeds scheduler and scraper events into [`EppMetrics`].
+#[derive(Debug, Clone)]
+pub struct MetricsObserver(pub Arc<EppMetrics>);
+
+impl PluginObserver for MetricsObserver {
+    fn plugin_ran(
+        &self,
+        point: ExtensionPoint,
+        plugin_type: &'static str,
+        plugin_name: &str,
+        took: Duration,
+    ) {
+        self.0
+            .plugin_duration
+            .get_or_create(&PluginLabels {
+                extension_point: point.as_str(),
+                plugin_type,
+                plugin_name: plugin_name.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    fn prefix_matched(&self, matched_blocks: usize, total_blocks: usize, matched_bytes: usize) {
+        // A prompt too short for one block is not a lookup (the reference records none either).
+        if total_blocks == 0 {
+            return;
+        }
+        self.0
+            .prefix_hit_ratio
+            .observe(matched_blocks as f64 / total_blocks as f64);
+        self.0.prefix_hit_bytes.observe(matched_bytes as f64);
+    }
+}
+
+impl ScrapeObserver for MetricsObserver {
+    fn scraped(&self, endpoint: &Endpoint, result: Result<(), &ScrapeError>, took: Duration) {
+        self.0.scrape_duration.observe(took.as_secs_f64());
+        if let Err(e) = result {
+            let reason = match e {
+                ScrapeError::Timeout(_) => "timeout",
+                ScrapeError::Request(_) => "request",
+                ScrapeError::Status(_) => "status",
+                ScrapeError::Body(_) => "body",
+                ScrapeError::Utf8 => "utf8",
+                ScrapeError::Url(_) => "url",
+                ScrapeError::UnknownEngine(_) => "unknown_engine",
+            };
+            self.0
+                .scrape_errors
+                .get_or_create(&ScrapeErrorLabels {
+                    name: self.0.pool_name.read().clone(),
+                    model_server_pod: endpoint.spec.name.clone(),
+                    reason,
+                })
+                .inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_list_matches_the_registry() {
+        let mut registry = Registry::default();
+        let m = EppMetrics::register(&mut registry);
+        // Families without samples are not encoded: give every one a sample.
+        let model = ModelLabels {
+            model_name: "m".into(),
+            target_model_name: "m".into(),
+        };
+        let pod = PodLabels {
+            name: "p".into(),
+            model_server_pod: "a".into(),
+        };
+        let pool = PoolLabels { name: "p".into() };
+        m.requests
+            .get_or_create(&RequestLabels {
+                model_name: "m".into(),
+                target_model_name: "m".into(),
+                priority: "0".into(),
+            })
+            .inc();
+        m.request_errors
+            .get_or_create(&ErrorLabels {
+                model_name: "m".into(),
+                target_model_name: "m".into(),
+                error_code: "BadRequest".into(),
+            })
+            .inc();
+        for h in [
+            &m.request_duration,
+            &m.request_sizes,
+            &m.response_sizes,
+            &m.input_tokens,
+            &m.output_tokens,
+            &m.cached_tokens,
+            &m.normalized_tpot,
+            &m.ttft,
+            &m.tpot,
+        ] {
+            h.get_or_create(&model).observe(1.0);
+        }
+        m.running_requests
+            .get_or_create(&ModelOnly {
+                model_name: "m".into(),
+            })
+            .set(0);
+        for g in [&m.pool_avg_kv, &m.pool_avg_queue, &m.pool_avg_running] {
+            g.get_or_create(&pool).set(0.0);
+        }
+        m.pool_ready_pods.get_or_create(&pool).set(1);
+        m.per_pod_queue.get_or_create(&pod).set(0);
+        m.per_pod_kv.get_or_create(&pod).set(0.0);
+        m.scrape_age.get_or_create(&pod).set(0.0);
+        m.scheduler_attempts
+            .get_or_create(&AttemptLabels {
+                status: "success".into(),
+                target_model_name: "m".into(),
+            })
+            .inc();
+        m.plugin_duration
+            .get_or_create(&PluginLabels {
+                extension_point: "Scorer",
+                plugin_type: "queue-scorer",
+                plugin_name: "queue-scorer".into(),
+            })
+            .observe(0.0);
+        m.rewrites.get_or_create(&model).inc();
+        m.streams
+            .get_or_create(&StreamLabels {
+                outcome: "ok".into(),
+            })
+            .inc();
+        m.scrape_errors
+            .get_or_create(&ScrapeErrorLabels {
+                name: "p".into(),
+                model_server_pod: "a".into(),
+                reason: "timeout",
+            })
+            .inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let mut registered: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (n, t) = l.split_once(' ').unwrap();
+                (n.to_owned(), t.to_owned())
+            })
+            .collect();
+        registered.sort();
+        let mut listed: Vec<(String, String)> = FAMILIES
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        listed.sort();
+        assert_eq!(registered, listed);
     }
 }

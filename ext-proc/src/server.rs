@@ -18,10 +18,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, DebugState};
+use crate::debug::DecisionLog;
 use crate::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
 use crate::health;
-use crate::metrics::EppMetrics;
+use crate::metrics::{EppMetrics, MetricsObserver};
 use crate::service::{ExtProcService, ServiceContext, ServiceOptions};
 use crate::tls::TlsIdentity;
 
@@ -141,6 +142,9 @@ pub async fn serve_with_handles(
     let mut registry = Registry::default();
     let metrics = EppMetrics::register(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
+    let observer = Arc::new(MetricsObserver(metrics.clone()));
+    director.config().scheduler.set_observer(observer.clone());
+    let decisions = Arc::new(DecisionLog::new(options.debug_decisions));
 
     // Membership changes reach the producers (prefix index purge).
     {
@@ -186,7 +190,7 @@ pub async fn serve_with_handles(
         tokio::spawn(scraper::run(
             datastore.clone(),
             Arc::new(scrape),
-            Arc::new(()),
+            observer.clone(),
             shutdown.child_token(),
         ));
     }
@@ -247,6 +251,11 @@ pub async fn serve_with_handles(
             refresh: Some(admin::Refresh(Arc::new(move || {
                 m.refresh_pool(&ds, &d, metrics_staleness)
             }))),
+            debug: Some(DebugState {
+                datastore: datastore.clone(),
+                director: director.clone(),
+                decisions: decisions.clone(),
+            }),
         };
         let listener = listeners.metrics;
         tokio::spawn(async move {
@@ -260,6 +269,7 @@ pub async fn serve_with_handles(
         director: director.clone(),
         metrics,
         options,
+        decisions,
     });
     let svc = ExternalProcessorServer::new(ExtProcService::new(ctx))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)

@@ -25,6 +25,7 @@ use futures::Stream;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::debug::{DecisionLog, DecisionRecord};
 use crate::envoy::{
     self, DESTINATION_ENDPOINT, DESTINATION_SERVED, Direction, HeaderValueOption, LB_NAMESPACE,
     ext_proc::{
@@ -87,6 +88,8 @@ pub struct ServiceOptions {
     pub disable_subset_filter: bool,
     /// Add [`DECISION_HEADER`] to responses.
     pub decision_header: bool,
+    /// Keep the last N decisions for `/debug/pool` (0 = off; `--debug-decisions`).
+    pub debug_decisions: usize,
     /// A deliberate protocol fault (conformance self-test only).
     pub fault: Option<ConformanceFault>,
 }
@@ -97,6 +100,7 @@ impl Default for ServiceOptions {
             max_request_body_bytes: 16 * 1024 * 1024,
             disable_subset_filter: false,
             decision_header: false,
+            debug_decisions: 0,
             fault: None,
         }
     }
@@ -111,6 +115,8 @@ pub struct ServiceContext {
     pub metrics: Arc<EppMetrics>,
     /// Settings.
     pub options: ServiceOptions,
+    /// Recent decisions for `/debug/pool`.
+    pub decisions: Arc<DecisionLog>,
 }
 
 /// The tonic service.
@@ -141,42 +147,68 @@ impl ExternalProcessor for ExtProcService {
         let output = async_stream::stream! {
             let mut state = StreamState::new(ctx.clone());
             ctx.metrics.active_streams.inc();
-            let _active = scopeguard(ctx.clone());
-            let outcome = loop {
+            // Counts the stream when it ends; a stream dropped by tonic (Envoy reset it) is
+            // counted as `cancelled` by the guard's default.
+            let mut active = scopeguard(ctx.clone());
+            // Every log line of this request carries its id: the span is entered around each
+            // message's (synchronous) handling only, never across an `.await`.
+            let span = tracing::info_span!("request", request_id = tracing::field::Empty);
+            loop {
                 match inbound.message().await {
                     Ok(Some(message)) => {
-                        for response in state.on_message(message) {
+                        let had_id = !state.request_id().is_empty();
+                        let responses = span.in_scope(|| state.on_message(message));
+                        if !had_id && !state.request_id().is_empty() {
+                            span.record("request_id", state.request_id());
+                        }
+                        for response in responses {
                             yield Ok(response);
                         }
                         if state.done {
-                            break "ok";
+                            active.outcome = "ok";
+                            break;
                         }
                     }
-                    Ok(None) => break "ok",
-                    Err(status) if status.code() == tonic::Code::Cancelled => break "cancelled",
+                    Ok(None) => {
+                        active.outcome = "ok";
+                        break;
+                    }
+                    Err(status) if status.code() == tonic::Code::Cancelled => break,
                     Err(status) => {
-                        tracing::debug!(request_id = %state.request_id(), %status, "ext_proc stream error");
-                        break "error";
+                        span.in_scope(|| tracing::info!(%status, "ext_proc stream error"));
+                        active.outcome = "error";
+                        break;
                     }
                 }
-            };
-            ctx.metrics.streams.get_or_create(&StreamLabels { outcome: outcome.to_owned() }).inc();
-            state.finish_metrics();
+            }
+            span.in_scope(|| state.finish_metrics());
         };
         Ok(Response::new(Box::pin(output)))
     }
 }
 
-struct ActiveGuard(Arc<ServiceContext>);
+struct ActiveGuard {
+    ctx: Arc<ServiceContext>,
+    outcome: &'static str,
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.metrics.active_streams.dec();
+        let m = &self.ctx.metrics;
+        m.active_streams.dec();
+        m.streams
+            .get_or_create(&StreamLabels {
+                outcome: self.outcome.to_owned(),
+            })
+            .inc();
     }
 }
 
 fn scopeguard(ctx: Arc<ServiceContext>) -> ActiveGuard {
-    ActiveGuard(ctx)
+    ActiveGuard {
+        ctx,
+        outcome: "cancelled",
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +250,8 @@ struct ResponseState {
     usage: Option<Usage>,
     status: Option<String>,
     complete: bool,
+    /// When the first non-empty streamed body chunk arrived (time to first token).
+    first_chunk_at: Option<Instant>,
 }
 
 impl StreamState {
@@ -419,13 +453,39 @@ impl StreamState {
             .subset
             .as_ref()
             .map(|s| s.iter().filter_map(|e| AddressMatcher::parse(e)).collect());
-        let explain = self.ctx.options.decision_header || tracing::enabled!(tracing::Level::DEBUG);
+        let decisions = &self.ctx.decisions;
+        let explain = self.ctx.options.decision_header
+            || decisions.enabled()
+            || tracing::enabled!(tracing::Level::DEBUG);
         let scheduling_started = Instant::now();
         let routed = director.route(&request, subset.as_deref(), explain);
         let metrics = &self.ctx.metrics;
-        metrics
-            .scheduler_e2e
-            .observe(scheduling_started.elapsed().as_secs_f64());
+        let scheduling = scheduling_started.elapsed();
+        metrics.scheduler_e2e.observe(scheduling.as_secs_f64());
+        if decisions.enabled() {
+            let outcome = match &routed {
+                Ok(_) => "routed",
+                Err(e) => RequestError::Route(e.clone()).code(),
+            };
+            let mut record = DecisionRecord::new(
+                &request.request_id,
+                &request.model,
+                &request.target_model,
+                outcome,
+                scheduling,
+            );
+            if let Ok(r) = &routed {
+                record.destination = Some(r.destination());
+                if let Some(e) = r
+                    .result
+                    .primary_result()
+                    .and_then(|p| p.explanation.as_ref())
+                {
+                    record = record.with_explanation(e);
+                }
+            }
+            decisions.push(record);
+        }
         let routed = match routed {
             Ok(r) => r,
             Err(e) => {
@@ -596,6 +656,9 @@ impl StreamState {
         let chunk = Bytes::from(b.body);
         self.response.bytes += chunk.len();
         if self.response.streaming {
+            if self.response.first_chunk_at.is_none() && !chunk.is_empty() {
+                self.response.first_chunk_at = Some(Instant::now());
+            }
             self.response.sse.feed(&chunk);
             if eos {
                 self.complete_response(&[]);
@@ -673,6 +736,18 @@ impl StreamState {
                     .get_or_create(&labels)
                     .observe(elapsed.as_secs_f64() / u.completion_tokens as f64);
             }
+            if let Some(first) = self.response.first_chunk_at
+                && u.completion_tokens > 1
+            {
+                m.tpot
+                    .get_or_create(&labels)
+                    .observe(first.elapsed().as_secs_f64() / (u.completion_tokens - 1) as f64);
+            }
+        }
+        if let Some(first) = self.response.first_chunk_at {
+            m.ttft
+                .get_or_create(&labels)
+                .observe(first.saturating_duration_since(self.started).as_secs_f64());
         }
         if let Some(status) = &self.response.status
             && !status.starts_with('2')

@@ -1,0 +1,807 @@
+//! Observability: requests driven through the real ext_proc path, then `/metrics` read back —
+//! every reference family present with its type and labels, counters moved by exactly the
+//! requests sent, the exposition accepted by `promtool check metrics`; scrape errors per pod;
+//! `/debug/pool` and the decision header; the bearer token; and the Grafana dashboard checked
+//! against what we export.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use ext_proc::envoy::ext_proc::processing_response;
+use ext_proc::service::ServiceOptions;
+use testkit::http::get_text;
+use testkit::*;
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+const CHAT_HEADERS: &[(&str, &str)] = &[
+    (":method", "POST"),
+    (":path", "/v1/chat/completions"),
+    ("content-type", "application/json"),
+];
+/// Long enough for several prefix blocks (64 bytes each).
+const SYSTEM: &str = "You are a careful assistant. Answer briefly and cite your sources please. ";
+
+fn chat(content: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": MODEL,
+        "stream": true,
+        "messages": [{"role": "system", "content": SYSTEM.repeat(4)}, {"role": "user", "content": content}],
+    }))
+    .unwrap()
+}
+
+/// One parsed exposition: family → type, and every sample as (name, labels, value).
+#[derive(Debug, Default)]
+struct Exposition {
+    types: BTreeMap<String, String>,
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Exposition {
+    fn parse(text: &str) -> Self {
+        let mut e = Exposition::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, ty) = rest.split_once(' ').unwrap();
+                // Text format 0.0.4 names a counter by its `_total` series; keep the family.
+                let name = match ty {
+                    "counter" => name.strip_suffix("_total").unwrap_or(name),
+                    _ => name,
+                };
+                e.types.insert(name.to_owned(), ty.to_owned());
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut map = BTreeMap::new();
+            // Label values here never contain `",`; a tiny parser is enough.
+            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once("=\"").unwrap();
+                map.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
+            }
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap(),
+            };
+            e.samples.push((name.to_owned(), map, value));
+        }
+        e
+    }
+
+    /// Samples of one series name whose labels include `want`.
+    fn values(&self, name: &str, want: &[(&str, &str)]) -> Vec<f64> {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+            })
+            .map(|(_, _, v)| *v)
+            .collect()
+    }
+
+    /// The single value of a series (panics unless exactly one matches).
+    fn value(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        let v = self.values(name, want);
+        assert_eq!(v.len(), 1, "{name}{want:?}: {v:?}");
+        v[0]
+    }
+
+    /// Label names used by the samples of family `family` (suffixes like `_bucket` included;
+    /// `le` left out).
+    fn label_names(&self, family: &str) -> BTreeSet<String> {
+        self.samples
+            .iter()
+            .filter(|(n, _, _)| series_family(n, &self.types) == Some(family))
+            .flat_map(|(_, l, _)| l.keys().cloned())
+            .filter(|k| k != "le")
+            .collect()
+    }
+
+    /// Every name a query may use: families and their sample names.
+    fn names(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self.types.keys().cloned().collect();
+        for (family, ty) in &self.types {
+            let suffixes: &[&str] = match ty.as_str() {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[],
+            };
+            for s in suffixes {
+                out.insert(format!("{family}{s}"));
+            }
+        }
+        out.extend(self.samples.iter().map(|(n, _, _)| n.clone()));
+        out
+    }
+}
+
+fn series_family<'a>(name: &'a str, types: &BTreeMap<String, String>) -> Option<&'a str> {
+    if types.contains_key(name) {
+        return Some(name);
+    }
+    ["_total", "_bucket", "_sum", "_count", "_created"]
+        .iter()
+        .filter_map(|s| name.strip_suffix(s))
+        .find(|base| types.contains_key(*base))
+}
+
+async fn scrape(epp: &Epp) -> Exposition {
+    Exposition::parse(&get_text(epp.metrics, "/metrics").await.expect("/metrics"))
+}
+
+/// Polls `/metrics` until `done` holds (the stream-end counters move after the client is gone).
+async fn scrape_until(epp: &Epp, done: impl Fn(&Exposition) -> bool) -> Exposition {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let e = scrape(epp).await;
+        if done(&e) {
+            return e;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never reached the expected state: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn three() -> endpoint_picker::datastore::PoolSpec {
+    pool(vec![
+        endpoint(21, 8000),
+        endpoint(22, 8000),
+        endpoint(23, 8000),
+    ])
+}
+
+/// Sends one streamed chat completion through a stream and plays the model server's side.
+/// Returns the destination and the decision header.
+async fn complete_one(epp: &Epp, i: usize) -> (String, Option<String>) {
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(
+        &[CHAT_HEADERS, &[("x-request-id", &format!("req-{i}"))]].concat(),
+        false,
+        None,
+    ))
+    .await;
+    s.send(req_body(&chat(&format!("question {i}")), true))
+        .await;
+    let destination = routing_answer(&s.recv().await).destination().to_owned();
+    let (_, eos) = streamed_body(&s.recv().await);
+    assert!(eos);
+    s.send(resp_headers(
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+        None,
+    ))
+    .await;
+    let r = s.recv().await;
+    let Some(processing_response::Response::ResponseHeaders(h)) = r.response else {
+        panic!("expected response headers answer, got {r:?}")
+    };
+    let decision = h
+        .response
+        .and_then(|c| c.header_mutation)
+        .into_iter()
+        .flat_map(|m| m.set_headers)
+        .filter_map(|o| o.header)
+        .find(|h| h.key == "x-switchyard-decision")
+        .map(|h| String::from_utf8(h.raw_value).unwrap());
+    let events = [
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\ndata: [DONE]\n\n",
+    ];
+    for (k, e) in events.iter().enumerate() {
+        s.send(resp_body(e.as_bytes(), k + 1 == events.len())).await;
+        let _ = streamed_body(&s.recv().await);
+    }
+    // Half-close as Envoy does at the end of the exchange; the EPP then ends the stream.
+    let Stream { tx, mut rx } = s;
+    drop(tx);
+    let end = tokio::time::timeout(TIMEOUT, rx.message()).await.unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    (destination, decision)
+}
+
+async fn bad_body(epp: &Epp) {
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(b"{not json", true)).await;
+    assert_eq!(immediate(&s.recv().await).0, 400);
+}
+
+const OK: usize = 5;
+const BAD: usize = 2;
+
+#[tokio::test]
+async fn every_family_is_exported_and_counters_match_the_requests() {
+    let opts = EppOptions {
+        options: ServiceOptions {
+            decision_header: true,
+            debug_decisions: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let epp = start_epp(three(), opts).await;
+    set_queues(&epp, &[0, 0, 0]);
+    let snap = epp.handles.datastore.snapshot();
+    for i in 0..OK {
+        let (destination, decision) = complete_one(&epp, i).await;
+        // The decision header names the endpoint that was chosen.
+        let chosen = snap
+            .endpoints
+            .iter()
+            .find(|e| destination.starts_with(&*e.host_port))
+            .unwrap();
+        let decision = decision.expect("x-switchyard-decision");
+        assert!(
+            decision.starts_with(&format!("picked={}", chosen.spec.name)),
+            "{decision} vs {destination}"
+        );
+    }
+    for _ in 0..BAD {
+        bad_body(&epp).await;
+    }
+    let total = (OK + BAD) as f64;
+    let e = scrape_until(&epp, |e| {
+        e.values("inference_extension_ext_proc_streams_total", &[])
+            .iter()
+            .sum::<f64>()
+            == total
+    })
+    .await;
+
+    // Families, types and label names (gie.md §5.1, then ours).
+    let model = &["model_name", "target_model_name"][..];
+    let expected: &[(&str, &str, &[&str])] = &[
+        (
+            "inference_objective_request",
+            "counter",
+            &["model_name", "target_model_name", "priority"],
+        ),
+        (
+            "inference_objective_request_error",
+            "counter",
+            &["model_name", "target_model_name", "error_code"],
+        ),
+        (
+            "inference_objective_request_duration_seconds",
+            "histogram",
+            model,
+        ),
+        ("inference_objective_request_sizes", "histogram", model),
+        ("inference_objective_response_sizes", "histogram", model),
+        ("inference_objective_input_tokens", "histogram", model),
+        ("inference_objective_output_tokens", "histogram", model),
+        (
+            "inference_objective_prompt_cached_tokens",
+            "histogram",
+            model,
+        ),
+        (
+            "inference_objective_normalized_time_per_output_token_seconds",
+            "histogram",
+            model,
+        ),
+        (
+            "inference_objective_request_ttft_seconds",
+            "histogram",
+            model,
+        ),
+        (
+            "inference_objective_request_tpot_seconds",
+            "histogram",
+            model,
+        ),
+        (
+            "inference_objective_running_requests",
+            "gauge",
+            &["model_name"],
+        ),
+        (
+            "inference_pool_average_kv_cache_utilization",
+            "gauge",
+            &["name"],
+        ),
+        ("inference_pool_average_queue_size", "gauge", &["name"]),
+        (
+            "inference_pool_average_running_requests",
+            "gauge",
+            &["name"],
+        ),
+        ("inference_pool_ready_pods", "gauge", &["name"]),
+        (
+            "inference_pool_per_pod_queue_size",
+            "gauge",
+            &["name", "model_server_pod"],
+        ),
+        (
+            "inference_pool_per_pod_kv_cache_utilization",
+            "gauge",
+            &["name", "model_server_pod"],
+        ),
+        (
+            "inference_extension_info",
+            "gauge",
+            &["commit", "build_ref"],
+        ),
+        (
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "histogram",
+            &[],
+        ),
+        (
+            "inference_extension_scheduler_attempts",
+            "counter",
+            &["status", "target_model_name"],
+        ),
+        (
+            "inference_extension_plugin_duration_seconds",
+            "histogram",
+            &["extension_point", "plugin_type", "plugin_name"],
+        ),
+        ("inference_extension_prefix_indexer_size", "gauge", &[]),
+        (
+            "inference_extension_prefix_indexer_hit_ratio",
+            "histogram",
+            &[],
+        ),
+        (
+            "inference_extension_prefix_indexer_hit_bytes",
+            "histogram",
+            &[],
+        ),
+        (
+            "inference_extension_model_server_metrics_age_seconds",
+            "gauge",
+            &["name", "model_server_pod"],
+        ),
+        (
+            "inference_extension_model_server_scrape_duration_seconds",
+            "histogram",
+            &[],
+        ),
+        (
+            "inference_extension_ext_proc_streams",
+            "counter",
+            &["outcome"],
+        ),
+        ("inference_extension_ext_proc_active_streams", "gauge", &[]),
+        (
+            "inference_extension_request_path_overhead_seconds",
+            "histogram",
+            &[],
+        ),
+    ];
+    for (family, ty, labels) in expected {
+        assert_eq!(
+            e.types.get(*family).map(String::as_str),
+            Some(*ty),
+            "type of {family}"
+        );
+        let want: BTreeSet<String> = labels.iter().map(|s| s.to_string()).collect();
+        assert_eq!(e.label_names(family), want, "labels of {family}");
+    }
+
+    // Counters moved by exactly the requests sent.
+    let m = &[("model_name", MODEL), ("target_model_name", MODEL)][..];
+    assert_eq!(
+        e.value(
+            "inference_objective_request_total",
+            &[m, &[("priority", "0")]].concat()
+        ),
+        OK as f64
+    );
+    assert_eq!(
+        e.value(
+            "inference_objective_request_error_total",
+            &[("error_code", "BadRequest")]
+        ),
+        BAD as f64
+    );
+    assert_eq!(
+        e.values("inference_objective_request_error_total", &[])
+            .iter()
+            .sum::<f64>(),
+        BAD as f64
+    );
+    assert_eq!(
+        e.value(
+            "inference_extension_scheduler_attempts_total",
+            &[("status", "success")]
+        ),
+        OK as f64
+    );
+    assert_eq!(
+        e.value(
+            "inference_extension_ext_proc_streams_total",
+            &[("outcome", "ok")]
+        ),
+        total
+    );
+    assert_eq!(
+        e.value("inference_extension_ext_proc_active_streams", &[]),
+        0.0
+    );
+    for family in [
+        "inference_objective_request_duration_seconds",
+        "inference_objective_request_sizes",
+        "inference_objective_response_sizes",
+        "inference_objective_input_tokens",
+        "inference_objective_output_tokens",
+        "inference_objective_prompt_cached_tokens",
+        "inference_objective_normalized_time_per_output_token_seconds",
+        "inference_objective_request_ttft_seconds",
+        "inference_objective_request_tpot_seconds",
+    ] {
+        assert_eq!(
+            e.value(&format!("{family}_count"), m),
+            OK as f64,
+            "{family}"
+        );
+    }
+    assert_eq!(
+        e.value("inference_objective_input_tokens_sum", m),
+        30.0 * OK as f64
+    );
+    assert_eq!(
+        e.value("inference_objective_output_tokens_sum", m),
+        5.0 * OK as f64
+    );
+    assert_eq!(
+        e.value(
+            "inference_objective_running_requests",
+            &[("model_name", MODEL)]
+        ),
+        0.0
+    );
+    assert_eq!(
+        e.value(
+            "inference_extension_scheduler_e2e_duration_seconds_count",
+            &[]
+        ),
+        OK as f64
+    );
+    assert_eq!(
+        e.value(
+            "inference_extension_request_path_overhead_seconds_count",
+            &[]
+        ),
+        OK as f64
+    );
+    // One prefix lookup per routed request; all but the first find the shared system prompt.
+    assert_eq!(
+        e.value("inference_extension_prefix_indexer_hit_ratio_count", &[]),
+        OK as f64
+    );
+    assert!(e.value("inference_extension_prefix_indexer_hit_bytes_sum", &[]) > 0.0);
+    assert!(e.value("inference_extension_prefix_indexer_size", &[]) > 0.0);
+    // Every plugin of the default profile timed, once per request.
+    for (point, ty) in [
+        ("ProfilePicker", "single-profile-handler"),
+        ("DataProducer", "approx-prefix-cache-producer"),
+        ("PreRequest", "approx-prefix-cache-producer"),
+        ("Scorer", "queue-scorer"),
+        ("Scorer", "kv-cache-utilization-scorer"),
+        ("Scorer", "prefix-cache-scorer"),
+        ("Picker", "max-score-picker"),
+    ] {
+        let count = e.values(
+            "inference_extension_plugin_duration_seconds_count",
+            &[("extension_point", point), ("plugin_type", ty)],
+        );
+        assert!(!count.is_empty(), "{point}/{ty} not timed");
+        // The profile handler runs twice per cycle (pick, then "done").
+        assert!(count.iter().sum::<f64>() >= OK as f64, "{point}/{ty}");
+    }
+    // Pool gauges.
+    let pool_name = &[("name", "pool")][..];
+    assert_eq!(e.value("inference_pool_ready_pods", pool_name), 3.0);
+    assert_eq!(
+        e.values("inference_pool_per_pod_queue_size", pool_name)
+            .len(),
+        3
+    );
+    assert_eq!(
+        e.values(
+            "inference_extension_model_server_metrics_age_seconds",
+            pool_name
+        )
+        .len(),
+        3
+    );
+    assert_eq!(
+        e.value(
+            "inference_extension_info",
+            &[("build_ref", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+
+    // /debug/pool: the endpoints with their metrics, and the last 3 decisions only.
+    let pool: serde_json::Value =
+        serde_json::from_str(&get_text(epp.metrics, "/debug/pool").await.unwrap()).unwrap();
+    assert_eq!(pool["pool"], "pool");
+    assert_eq!(pool["endpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(pool["endpoints"][0]["metrics"]["waiting_queue_size"], 0);
+    assert_eq!(pool["decision_log_capacity"], 3);
+    let decisions = pool["decisions"].as_array().unwrap();
+    let ids: Vec<_> = decisions
+        .iter()
+        .map(|d| d["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["req-2", "req-3", "req-4"]);
+    let last = &decisions[2];
+    assert_eq!(last["outcome"], "routed");
+    assert_eq!(last["model"], MODEL);
+    assert_eq!(last["candidates"].as_array().unwrap().len(), 3);
+    assert_eq!(last["scorers"].as_array().unwrap().len(), 3);
+    let picked = last["picked"][0].as_str().unwrap();
+    assert_eq!(
+        last["candidates"][0]["endpoint"], picked,
+        "best candidate first"
+    );
+
+    // promtool accepts the exposition (required under `make test`).
+    let text = get_text(epp.metrics, "/metrics").await.unwrap();
+    promtool_check(&text);
+}
+
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let required = std::env::var_os("SWITCHYARD_REQUIRE_PROMTOOL").is_some();
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if !required => {
+            eprintln!("skipping promtool check: {e}");
+            return;
+        }
+        Err(e) => panic!("promtool is required (SWITCHYARD_REQUIRE_PROMTOOL): {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn scrape_errors_are_counted_per_pod() {
+    // A port with nothing listening: every scrape fails to connect.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut ep = endpoint(1, closed);
+    ep.name = "dead-rank-0".into();
+    let epp = start_epp(
+        pool(vec![ep]),
+        EppOptions {
+            scrape: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let e = scrape_until(&epp, |e| {
+        e.values(
+            "inference_extension_model_server_scrape_errors_total",
+            &[("model_server_pod", "dead-rank-0"), ("name", "pool")],
+        )
+        .first()
+        .is_some_and(|v| *v >= 2.0)
+    })
+    .await;
+    assert_eq!(
+        e.types
+            .get("inference_extension_model_server_scrape_errors")
+            .map(String::as_str),
+        Some("counter")
+    );
+    assert_eq!(
+        e.label_names("inference_extension_model_server_scrape_errors"),
+        ["model_server_pod", "name", "reason"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    assert!(
+        e.value(
+            "inference_extension_model_server_scrape_duration_seconds_count",
+            &[]
+        ) >= 2.0
+    );
+    // Never scraped successfully: no age, not ready.
+    assert!(
+        e.values("inference_extension_model_server_metrics_age_seconds", &[])
+            .is_empty()
+    );
+    assert_eq!(e.value("inference_pool_ready_pods", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn bearer_token_guards_metrics_and_debug() {
+    use ext_proc::server::{Listeners, PoolSource, Settings};
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let listeners = Listeners {
+        grpc: bind().await.unwrap(),
+        health: bind().await.unwrap(),
+        metrics: bind().await.unwrap(),
+    };
+    let addr = listeners.metrics.local_addr().unwrap();
+    let settings = Settings {
+        config: endpoint_picker::config::load_default(1).unwrap(),
+        options: ServiceOptions::default(),
+        tls: None,
+        scrape: None,
+        refresh_prometheus_interval: Duration::from_secs(1),
+        metrics_staleness: Duration::from_secs(2),
+        pool: PoolSource::Static(three()),
+        seed: 1,
+        metrics_bearer_token: Some("s3cret".into()),
+        health_on_grpc_port: false,
+        drain_grace: Duration::from_secs(1),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(ext_proc::server::serve(
+        settings,
+        listeners,
+        shutdown.clone(),
+    ));
+    // A raw HTTP/1.1 GET: only the status line matters here.
+    let get = |path: &'static str, token: Option<&'static str>| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: epp\r\n{auth}connection: close\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        tokio::time::timeout(TIMEOUT, conn.read_to_end(&mut resp))
+            .await
+            .unwrap()
+            .unwrap();
+        let resp = String::from_utf8_lossy(&resp);
+        resp.split(' ').nth(1).unwrap().parse::<u16>().unwrap()
+    };
+    for path in ["/metrics", "/debug/pool"] {
+        assert_eq!(get(path, None).await, 401, "{path}");
+        assert_eq!(get(path, Some("wrong")).await, 401, "{path}");
+        assert_eq!(get(path, Some("s3cret")).await, 200, "{path}");
+    }
+    assert_eq!(get("/healthz", None).await, 200);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// The dashboard is valid JSON and every query names only metrics the EPP exports.
+#[test]
+fn dashboard_queries_name_exported_metrics() {
+    // Every registered family and its sample names (a live scrape omits empty families; the
+    // list is checked against the registry by a unit test in `metrics.rs`).
+    let exported = Exposition {
+        types: ext_proc::metrics::FAMILIES
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect(),
+        samples: Vec::new(),
+    }
+    .names();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/observability");
+    let text = std::fs::read_to_string(format!("{dir}/grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(dashboard["title"].is_string());
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 10, "{} queries", exprs.len());
+    let mut used = HashMap::new();
+    for expr in &exprs {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "query names no metric: {expr}");
+        for n in names {
+            assert!(
+                exported.contains(&n),
+                "dashboard query uses {n}, which the EPP does not export: {expr}"
+            );
+            *used.entry(n).or_insert(0) += 1;
+        }
+    }
+    // The panels the issue asks for.
+    for must in [
+        "inference_pool_average_queue_size",
+        "inference_pool_average_kv_cache_utilization",
+        "inference_pool_per_pod_queue_size",
+        "inference_pool_per_pod_kv_cache_utilization",
+        "inference_objective_request_total",
+        "inference_objective_request_error_total",
+        "inference_objective_request_ttft_seconds_bucket",
+        "inference_objective_request_tpot_seconds_bucket",
+        "inference_extension_scheduler_e2e_duration_seconds_bucket",
+        "inference_extension_plugin_duration_seconds_bucket",
+        "inference_extension_prefix_indexer_hit_ratio_bucket",
+    ] {
+        assert!(used.contains_key(must), "no panel uses {must}");
+    }
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    // Template-variable queries: `label_values(metric, label)`.
+                    ("query", serde_json::Value::String(s)) if s.contains("label_values") => {
+                        out.push(s.clone())
+                    }
+                    ("query", serde_json::Value::Object(q)) => {
+                        if let Some(serde_json::Value::String(s)) = q.get("query") {
+                            out.push(s.clone());
+                        }
+                    }
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// Identifiers in a PromQL expression that look like metric names (ours all start with
+/// `inference_`), skipping label matchers, strings and `by (...)` lists.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = expr.char_indices().peekable();
+    let mut depth_braces = 0;
+    let mut in_string = false;
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => in_string = !in_string,
+            '{' if !in_string => depth_braces += 1,
+            '}' if !in_string => depth_braces -= 1,
+            c if !in_string && depth_braces == 0 && (c.is_ascii_alphabetic() || c == '_') => {
+                let mut end = i + c.len_utf8();
+                while let Some(&(j, d)) = chars.peek() {
+                    if d.is_ascii_alphanumeric() || d == '_' || d == ':' {
+                        end = j + d.len_utf8();
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                let word = &expr[i..end];
+                if word.starts_with("inference_") {
+                    out.push(word.to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
