@@ -52,6 +52,13 @@ pub fn respond_json(send: SendResponse<Response<MockBody>>, status: StatusCode, 
     );
 }
 
+/// The JSON body of a request.
+pub async fn json_body(req: Request<Body>) -> Value {
+    use http_body_util::BodyExt;
+    let bytes = req.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 /// A Kubernetes `Status` error body.
 pub fn status(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -80,6 +87,18 @@ impl ApiServer {
             .await
             .expect("no request from the client in time")
             .expect("the client went away")
+    }
+
+    /// Expects a `method` request of `path` and returns it with its responder.
+    pub async fn expect(
+        &mut self,
+        method: Method,
+        path: &str,
+    ) -> (Request<Body>, SendResponse<Response<MockBody>>) {
+        let (req, send) = self.next().await;
+        assert_eq!(req.method(), method, "{}", req.uri());
+        assert_eq!(req.uri().path(), path, "{}", req.uri());
+        (req, send)
     }
 
     /// Expects a GET of `path` and returns it with its responder.
