@@ -14,6 +14,7 @@ pub mod report;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -381,4 +382,152 @@ pub async fn stop_epp(epp: Epp) -> anyhow::Result<()> {
 /// The IP part of an address, as the selection header takes it.
 pub fn ip(a: SocketAddr) -> IpAddr {
     a.ip()
+}
+
+/// Runs `envoy --mode validate` on a rendered config; the error is Envoy's output.
+pub fn envoy_validate(binary: &Path, config: &str) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("switchyard-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{:x}.yaml", fxhash(config)));
+    std::fs::write(&file, config)?;
+    let out = std::process::Command::new(binary)
+        .args(["--mode", "validate", "--log-level", "error", "-c"])
+        .arg(&file)
+        .output()?;
+    let _ = std::fs::remove_file(&file);
+    ensure!(
+        out.status.success(),
+        "envoy --mode validate failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A minimal bootstrap around one HTTP filter (e.g. the ext_proc filter an Istio `EnvoyFilter`
+/// patch inserts), with a static HTTP/2 cluster for every `cluster_name` the filter names, so
+/// that Envoy can validate the filter's typed config.
+pub fn bootstrap_around_filter(filter: &serde_json::Value) -> String {
+    let mut clusters = Vec::new();
+    collect_cluster_names(filter, &mut clusters);
+    let clusters: Vec<serde_json::Value> = clusters
+        .into_iter()
+        .map(|name| {
+            serde_json::json!({
+                "name": name,
+                "type": "STATIC",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9004}}}}
+                ]}]},
+                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }}
+            })
+        })
+        .collect();
+    let bootstrap = serde_json::json!({
+        "static_resources": {
+            "listeners": [{
+                "name": "l",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "l",
+                        "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": []}]},
+                        "http_filters": [filter, {
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                        }]
+                    }
+                }]}]
+            }],
+            "clusters": clusters
+        }
+    });
+    serde_json::to_string_pretty(&bootstrap).unwrap()
+}
+
+fn collect_cluster_names(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if k == "cluster_name"
+                    && let Some(s) = x.as_str()
+                {
+                    out.push(s.to_owned());
+                }
+                collect_cluster_names(x, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_cluster_names(x, out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize as _;
+
+    /// The test-only gateway template is valid Envoy config (the suite also runs it live).
+    #[test]
+    fn multi_pool_template_validates() {
+        let Some(envoy) = testkit::envoy::binary_or_skip("multi_pool_template_validates") else {
+            return;
+        };
+        let text = std::fs::read_to_string(multi_pool_template()).unwrap();
+        let a: SocketAddr = "127.0.0.2:8000".parse().unwrap();
+        let b: SocketAddr = "[::1]:8001".parse().unwrap();
+        let vars = [
+            ("EPP_PRIMARY_HOST", "127.0.0.1".to_owned()),
+            ("EPP_PRIMARY_PORT", "9002".to_owned()),
+            ("EPP_SECONDARY_HOST", "epp-secondary.example".to_owned()),
+            ("EPP_SECONDARY_PORT", "9012".to_owned()),
+            ("PRIMARY_ENDPOINTS", lb_endpoints(&[a])),
+            ("SECONDARY_ENDPOINTS", lb_endpoints(&[b])),
+            ("PRIMARY_WEIGHT", "70".to_owned()),
+            ("SECONDARY_WEIGHT", "30".to_owned()),
+        ];
+        let rendered = testkit::envoy::render_vars(&text, &vars);
+        envoy_validate(&envoy, &rendered).unwrap();
+    }
+
+    /// The ext_proc filter that `gateway-configs/body-based-routing/bbr-istio.yaml` inserts is
+    /// valid Envoy config (the schema check cannot see inside an EnvoyFilter patch).
+    #[test]
+    fn istio_envoy_filter_patches_validate() {
+        let Some(envoy) = testkit::envoy::binary_or_skip("istio_envoy_filter_patches_validate")
+        else {
+            return;
+        };
+        let dir = testkit::envoy::workspace_root().join("gateway-configs");
+        let mut checked = 0;
+        for file in ["body-based-routing/bbr-istio.yaml"] {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let doc = serde_json::Value::deserialize(doc).unwrap();
+                if doc["kind"] != "EnvoyFilter" {
+                    continue;
+                }
+                for patch in doc["spec"]["configPatches"].as_array().unwrap() {
+                    if patch["applyTo"] == "HTTP_FILTER" {
+                        let bootstrap = bootstrap_around_filter(&patch["patch"]["value"]);
+                        envoy_validate(&envoy, &bootstrap)
+                            .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 0, "no EnvoyFilter HTTP_FILTER patch found");
+    }
 }

@@ -756,7 +756,23 @@ fn main() {
         }
         return;
     }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    // Positional arguments are filters; libtest flags that take a value skip it.
+    let mut filters: Vec<&String> = Vec::new();
+    let mut skip_value = false;
+    for a in &args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        if a.starts_with('-') {
+            skip_value = !a.contains('=')
+                && matches!(
+                    a.as_str(),
+                    "--test-threads" | "--skip" | "--format" | "--color" | "--logfile" | "-Z"
+                );
+        } else {
+            filters.push(a);
+        }
+    }
     let fault_name = std::env::var("SWITCHYARD_CONFORMANCE_FAULT")
         .ok()
         .filter(|f| !f.is_empty());
