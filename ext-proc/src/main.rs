@@ -14,6 +14,8 @@ use ext_proc::tls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod kubernetes;
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_logging(&args);
@@ -64,8 +66,8 @@ async fn run(args: Args) -> Result<()> {
         health_checking,
         ha_enable_leader_election,
         pool_name,
-        pool_namespace: _,
-        pool_group: _,
+        pool_namespace,
+        pool_group,
         endpoint_selector,
         endpoint_target_ports,
         pool_file,
@@ -118,35 +120,66 @@ async fn run(args: Args) -> Result<()> {
             "--model-server-metrics-scheme={model_server_metrics_scheme:?}: only http is implemented"
         );
     }
-    if ha_enable_leader_election {
-        bail!(
-            "--ha-enable-leader-election needs Kubernetes mode, which this build does not include yet"
-        );
-    }
-    if !endpoint_selector.is_empty() || !endpoint_target_ports.is_empty() {
-        bail!(
-            "--endpoint-selector/--endpoint-target-ports need Kubernetes mode, which this build does not include yet"
-        );
-    }
     if enable_cert_reload {
         tracing::warn!(
             "--enable-cert-reload is accepted but certificates are only read at start-up"
         );
     }
-    let Some(path) = pool_file else {
-        bail!(
-            "no pool source: pass --pool-file (local mode); Kubernetes discovery (--pool-name alone) is not in this build yet"
-        );
-    };
     let metrics_port_override =
         (model_server_metrics_port != 0).then_some(model_server_metrics_port);
-    let initial = file::read(&path, metrics_port_override).context("reading --pool-file")?;
-    if !pool_name.is_empty() && pool_name != initial.pool.name {
-        bail!(
-            "--pool-name={pool_name:?} does not match the pool file's InferencePool {:?}",
-            initial.pool.name
-        );
-    }
+    let shutdown = CancellationToken::new();
+    let mut lease_task = None;
+    let (pool, pool_label) = match pool_file {
+        Some(path) => {
+            if ha_enable_leader_election {
+                bail!(
+                    "--ha-enable-leader-election needs Kubernetes mode (--pool-name without --pool-file)"
+                );
+            }
+            if !endpoint_selector.is_empty() || !endpoint_target_ports.is_empty() {
+                bail!(
+                    "--endpoint-selector/--endpoint-target-ports cannot be combined with --pool-file"
+                );
+            }
+            let initial =
+                file::read(&path, metrics_port_override).context("reading --pool-file")?;
+            if !pool_name.is_empty() && pool_name != initial.pool.name {
+                bail!(
+                    "--pool-name={pool_name:?} does not match the pool file's InferencePool {:?}",
+                    initial.pool.name
+                );
+            }
+            let label = format!(
+                "{} (file, {} endpoints)",
+                initial.pool.name,
+                initial.pool.endpoints.len()
+            );
+            let source = PoolSource::File {
+                path,
+                poll_interval: pool_file_poll_interval,
+                metrics_port: metrics_port_override,
+                initial: Box::new(initial),
+            };
+            (source, label)
+        }
+        None => {
+            let kube = kubernetes::source(
+                kubernetes::Flags {
+                    pool_name,
+                    pool_namespace,
+                    pool_group,
+                    endpoint_selector,
+                    endpoint_target_ports,
+                    metrics_port: metrics_port_override,
+                    leader_election: ha_enable_leader_election,
+                },
+                &shutdown,
+            )
+            .await?;
+            lease_task = kube.lease_task;
+            (kube.source, kube.label)
+        }
+    };
     let tls = if secure_serving {
         Some(match cert_path {
             Some(dir) => tls::from_dir(&dir).context("loading --cert-path")?,
@@ -184,8 +217,7 @@ async fn run(args: Args) -> Result<()> {
         health = %listeners.health.local_addr()?,
         metrics = %listeners.metrics.local_addr()?,
         tls = secure_serving,
-        pool = %initial.pool.name,
-        endpoints = initial.pool.endpoints.len(),
+        pool = %pool_label,
         "switchyard epp starting"
     );
     let settings = Settings {
@@ -201,21 +233,20 @@ async fn run(args: Args) -> Result<()> {
         scrape: Some(scrape),
         refresh_prometheus_interval: refresh_prometheus_metrics_interval,
         metrics_staleness: metrics_staleness_threshold,
-        pool: PoolSource::File {
-            path,
-            poll_interval: pool_file_poll_interval,
-            metrics_port: metrics_port_override,
-            initial: Box::new(initial),
-        },
+        pool,
         seed,
         metrics_bearer_token: (!metrics_bearer_token.is_empty()).then_some(metrics_bearer_token),
         health_on_grpc_port: health_checking,
         drain_grace: drain_grace_period,
     };
-    let shutdown = CancellationToken::new();
     let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
     let served = server::serve(settings, listeners, shutdown.clone()).await;
     signals.abort();
+    if let Some(task) = lease_task {
+        // Let the leader hand its lease back so that a standby takes over without waiting.
+        shutdown.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     served.map_err(anyhow::Error::from)?;
     Ok(())
 }

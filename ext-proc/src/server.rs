@@ -45,6 +45,14 @@ pub enum PoolSource {
     },
     /// A fixed pool (tests).
     Static(PoolSpec),
+    /// Kubernetes mode: the InferencePool (or a standalone selector), its Pods, objectives and
+    /// rewrites are watched; the pool is published once everything has been listed.
+    Kubernetes {
+        /// What to watch.
+        discovery: Box<k8s::watch::Discovery>,
+        /// With leader election: `true` while this replica leads; readiness requires it.
+        leader: Option<tokio::sync::watch::Receiver<bool>>,
+    },
 }
 
 /// Everything [`serve`] needs besides listeners.
@@ -162,6 +170,7 @@ pub async fn serve_with_handles(
         });
     }
 
+    let mut leader = None;
     match pool {
         PoolSource::File {
             path,
@@ -183,6 +192,18 @@ pub async fn serve_with_handles(
         }
         PoolSource::Static(spec) => {
             datastore.apply(spec);
+        }
+        PoolSource::Kubernetes {
+            discovery,
+            leader: is_leader,
+        } => {
+            leader = is_leader;
+            let publisher = k8s::index::Publisher {
+                datastore: datastore.clone(),
+                director: Some(director.clone()),
+            };
+            // The watch tasks stop with the shutdown token.
+            let _ = discovery.start(publisher, &shutdown);
         }
     }
 
@@ -216,19 +237,9 @@ pub async fn serve_with_handles(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::init(&reporter).await;
     {
-        let (reporter, mut synced, token) =
-            (reporter.clone(), datastore.subscribe(), shutdown.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = token.cancelled() => {}
-                ok = async { synced.wait_for(|v| *v > 0).await.is_ok() } => if ok {
-                    health::set_ready(&reporter, true).await;
-                    tracing::info!("pool synced; ready");
-                },
-            }
-            token.cancelled().await;
-            health::set_ready(&reporter, false).await;
-        });
+        // Ready = the pool has synced and, with leader election, this replica leads.
+        let (reporter, synced, token) = (reporter.clone(), datastore.subscribe(), shutdown.clone());
+        tokio::spawn(follow_readiness(reporter, synced, leader, token));
     }
     let health_server = {
         let token = shutdown.clone();
@@ -315,4 +326,45 @@ pub async fn serve_with_handles(
         return Err(ServeError::Admin(e));
     }
     result
+}
+
+/// Keeps the readiness services in step with "synced && leader" until shutdown, then marks
+/// them NOT_SERVING. Losing the lease (or the lease task dying) drops readiness at once.
+async fn follow_readiness(
+    reporter: tonic_health::server::HealthReporter,
+    mut synced: tokio::sync::watch::Receiver<u64>,
+    mut leader: Option<tokio::sync::watch::Receiver<bool>>,
+    token: CancellationToken,
+) {
+    let election = leader.is_some();
+    let mut ready = false;
+    loop {
+        let is_synced = *synced.borrow_and_update() > 0;
+        let leads = !election || leader.as_mut().is_some_and(|l| *l.borrow_and_update());
+        if (is_synced && leads) != ready {
+            ready = is_synced && leads;
+            health::set_ready(&reporter, ready).await;
+            tracing::info!(
+                ready,
+                synced = is_synced,
+                leader = leads,
+                "readiness changed"
+            );
+        }
+        let leader_changed = async {
+            match leader.as_mut() {
+                Some(l) => l.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = token.cancelled() => break,
+            r = synced.changed() => if r.is_err() { break },
+            alive = leader_changed => if !alive {
+                tracing::error!("leader election stopped; no longer ready");
+                leader = None;
+            },
+        }
+    }
+    health::set_ready(&reporter, false).await;
 }

@@ -237,6 +237,16 @@ impl Elector {
     }
 }
 
+/// [`spawn`] on the Leases of `namespace`.
+pub fn start(
+    client: kube::Client,
+    namespace: &str,
+    config: LeaseConfig,
+    shutdown: CancellationToken,
+) -> (watch::Receiver<bool>, JoinHandle<()>) {
+    spawn(Api::namespaced(client, namespace), config, shutdown)
+}
+
 /// Runs leader election until `shutdown`; the receiver is `true` while this replica leads.
 pub fn spawn(
     api: Api<Lease>,

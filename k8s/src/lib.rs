@@ -22,6 +22,14 @@ mod fixtures;
 #[cfg(test)]
 mod mock;
 
+pub use kube::Client;
+
+/// A client from the environment: the in-cluster service account, else `$KUBECONFIG` or
+/// `~/.kube/config`.
+pub async fn client() -> Result<Client> {
+    Client::try_default().await.map_err(Error::Config)
+}
+
 /// Errors of the Kubernetes layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,0 +1,112 @@
+//! Kubernetes-mode wiring of the `epp` binary: flags → client, discovery and leader election.
+
+use anyhow::{Context, Result, bail};
+use ext_proc::server::PoolSource;
+use k8s::index::PoolRef;
+use k8s::lease::{LeaseConfig, lease_name};
+use k8s::watch::{Discovery, standalone_spec};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Name given to the synthetic pool of standalone mode (also names its lease).
+const STANDALONE_POOL: &str = "standalone";
+
+/// The flags Kubernetes mode reads.
+pub struct Flags {
+    pub pool_name: String,
+    pub pool_namespace: String,
+    pub pool_group: String,
+    pub endpoint_selector: String,
+    pub endpoint_target_ports: Vec<u16>,
+    pub metrics_port: Option<u16>,
+    pub leader_election: bool,
+}
+
+/// What `run()` needs: the pool source, a label for the start-up log, and the lease task to
+/// await at shutdown (so that the lease is released).
+pub struct Kube {
+    pub source: PoolSource,
+    pub label: String,
+    pub lease_task: Option<JoinHandle<()>>,
+}
+
+/// Validates the flags, builds the client (in-cluster, else `$KUBECONFIG`/`~/.kube/config`) and
+/// starts leader election when asked. Watches start later, inside `serve`.
+pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> {
+    let Flags {
+        pool_name,
+        pool_namespace,
+        pool_group,
+        endpoint_selector,
+        endpoint_target_ports,
+        metrics_port,
+        leader_election,
+    } = flags;
+    let standalone = !endpoint_selector.is_empty() || !endpoint_target_ports.is_empty();
+    let (name, spec) = match (pool_name.is_empty(), standalone) {
+        (false, true) => bail!("pass exactly one of --pool-name and --endpoint-selector"),
+        (true, false) => bail!(
+            "no pool source: pass --pool-name (Kubernetes), --endpoint-selector with \
+             --endpoint-target-ports (standalone), or --pool-file (local mode)"
+        ),
+        (false, false) => (pool_name, None),
+        (true, true) => (
+            STANDALONE_POOL.to_owned(),
+            Some(standalone_spec(&endpoint_selector, &endpoint_target_ports)?),
+        ),
+    };
+    if pool_group != k8s::api::POOL_GROUP {
+        bail!(
+            "--pool-group={pool_group:?}: only {} (v1) InferencePools are supported",
+            k8s::api::POOL_GROUP
+        );
+    }
+    let client = k8s::client()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
+    let (leader, lease_task) = if leader_election {
+        let identity = std::env::var("POD_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .context(
+                "--ha-enable-leader-election needs $POD_NAME (downward API) as the lease identity",
+            )?;
+        let config = LeaseConfig::new(lease_name(&pool_namespace, &name), identity);
+        tracing::info!(lease = %config.name, identity = %config.identity, "leader election on");
+        let (rx, task) = k8s::lease::start(
+            client.clone(),
+            &pool_namespace,
+            config,
+            shutdown.child_token(),
+        );
+        (Some(rx), Some(task))
+    } else {
+        (None, None)
+    };
+    let label = format!(
+        "{pool_namespace}/{name} ({})",
+        if spec.is_some() {
+            "standalone selector"
+        } else {
+            "InferencePool"
+        }
+    );
+    let discovery = Discovery {
+        client,
+        pool: PoolRef {
+            name,
+            namespace: pool_namespace,
+            group: pool_group,
+        },
+        metrics_port,
+        standalone: spec,
+    };
+    Ok(Kube {
+        source: PoolSource::Kubernetes {
+            discovery: Box::new(discovery),
+            leader,
+        },
+        label,
+        lease_task,
+    })
+}
