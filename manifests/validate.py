@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""Validates every Kubernetes manifest Switchyard ships, offline.
+
+* Core objects (Deployments, Services, RBAC, ConfigMaps, CRDs themselves) against the
+  Kubernetes OpenAPI schemas bundled in the `kubernetes-validate` package, strictly (unknown
+  fields are errors), for the oldest Kubernetes the chart supports and the newest known.
+* InferencePool / InferenceObjective / InferenceModelRewrite objects against the schemas of
+  the CRDs generated from the Rust types (manifests/crds/), plus the two CEL rules of the
+  pool (unique target ports; a Service endpointPickerRef needs a port), which jsonschema
+  cannot evaluate.
+* The Helm chart with `helm lint --strict` and `helm template` (Helm's own Go SDK, embedded in
+  the `helm-python-sdk` wheel; no helm binary, no network) for several value sets, every
+  rendered object validated as above, and invalid value sets that must fail to render.
+* Invariants the EPP relies on: non-root, read-only root filesystem, resource requests,
+  gRPC probes on the health port, the ext_proc Service port speaking http2, least-privilege
+  RBAC (read-only verbs except leases, and leases only with leader election).
+
+Objects of other projects' CRDs (Istio, GKE) have no offline schema; their shape is checked.
+Run from the repository root: `.venv/bin/python manifests/validate.py` (`make validate-manifests`).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import sys
+from typing import Any, Iterable
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CHART = os.path.join(ROOT, "charts", "switchyard-inferencepool")
+# Oldest supported by the chart (Chart.yaml kubeVersion) and the newest schema bundled.
+K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
+# Objects of third-party CRDs rendered by optional chart templates.
+FOREIGN = {
+    ("networking.istio.io/v1", "DestinationRule"),
+    ("networking.gke.io/v1", "HealthCheckPolicy"),
+    ("networking.gke.io/v1", "GCPBackendPolicy"),
+}
+READ_ONLY = {"get", "list", "watch"}
+
+failures: list[str] = []
+checked = 0
+
+
+def fail(where: str, msg: str) -> None:
+    failures.append(f"{where}: {msg}")
+
+
+def docs_of(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def k8s_nullable(schema: Any) -> Any:
+    """A CRD's OpenAPI v3 schema as strict JSON Schema: `nullable: true` becomes
+    `type: [t, "null"]`, and objects reject unknown fields. Recursive."""
+    if isinstance(schema, list):
+        return [k8s_nullable(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: k8s_nullable(v) for k, v in schema.items()}
+    # Strict, like `kubectl apply --validate=strict`: unknown fields are errors, not pruned.
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if out.pop("nullable", False) and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = list(out["enum"]) + [None]
+    return out
+
+
+def load_crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
+    validators = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "crds", "*.yaml"))):
+        with open(path) as f:
+            crd = yaml.safe_load(f)
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            schema = k8s_nullable(v["schema"]["openAPIV3Schema"])
+            # metadata is validated by the API server itself, not by the CRD schema.
+            schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+            schema["properties"]["apiVersion"] = {"type": "string"}
+            schema["properties"]["kind"] = {"type": "string"}
+            schema["additionalProperties"] = False
+            jsonschema.Draft7Validator.check_schema(schema)
+            validators[(f"{group}/{v['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+CRDS = load_crd_validators()
+
+
+def check_pool_cel(where: str, pool: dict[str, Any]) -> None:
+    spec = pool.get("spec", {})
+    numbers = [p.get("number") for p in spec.get("targetPorts", [])]
+    if len(set(numbers)) != len(numbers):
+        fail(where, "targetPorts: port number must be unique")
+    ref = spec.get("endpointPickerRef")
+    if ref and ref.get("kind", "Service") == "Service" and "port" not in ref:
+        fail(where, "endpointPickerRef: port is required when kind is Service")
+
+
+def validate_object(where: str, doc: dict[str, Any]) -> None:
+    global checked
+    api, kind = doc.get("apiVersion"), doc.get("kind")
+    name = (doc.get("metadata") or {}).get("name")
+    where = f"{where} {kind}/{name}"
+    if not api or not kind or not name:
+        fail(where, "needs apiVersion, kind and metadata.name")
+        return
+    checked += 1
+    if (api, kind) in CRDS:
+        for error in CRDS[(api, kind)].iter_errors(doc):
+            path = "/".join(str(p) for p in error.absolute_path)
+            fail(where, f"{path}: {error.message}")
+        if kind == "InferencePool":
+            check_pool_cel(where, doc)
+        return
+    if (api, kind) in FOREIGN:
+        if not isinstance(doc.get("spec"), dict):
+            fail(where, "needs a spec")
+        return
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            fail(where, f"no Kubernetes {version} schema for {api} {kind}")
+        except kubernetes_validate.ValidationError as e:
+            path = "/".join(str(p) for p in e.absolute_path)
+            fail(where, f"Kubernetes {version}: {path}: {e.message}")
+
+
+def check_epp_invariants(where: str, objs: Iterable[dict[str, Any]], ha: bool | None) -> None:
+    """What a platform engineer may rely on in every EPP we ship."""
+    objs = list(objs)
+    deployments = [
+        o for o in objs
+        if o["kind"] == "Deployment"
+        and any(c["name"] == "epp" for c in o["spec"]["template"]["spec"]["containers"])
+    ]
+    if len(deployments) != 1:
+        fail(where, f"expected one EPP Deployment, found {len(deployments)}")
+        return
+    dep = deployments[0]
+    pod = dep["spec"]["template"]["spec"]
+    epp = next(c for c in pod["containers"] if c["name"] == "epp")
+    psc, csc = pod.get("securityContext", {}), epp.get("securityContext", {})
+    if not (psc.get("runAsNonRoot") or csc.get("runAsNonRoot")):
+        fail(where, "EPP must run as non-root")
+    if not csc.get("readOnlyRootFilesystem"):
+        fail(where, "EPP must have a read-only root filesystem")
+    if csc.get("allowPrivilegeEscalation") is not False:
+        fail(where, "EPP must not allow privilege escalation")
+    req = epp.get("resources", {}).get("requests", {})
+    if "cpu" not in req or "memory" not in req:
+        fail(where, "EPP needs cpu and memory requests")
+    ports = {p["name"]: p["containerPort"] for p in epp["ports"]}
+    for probe, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness")):
+        g = epp.get(probe, {}).get("grpc")
+        if not g or g.get("port") != ports.get("grpc-health") or g.get("service") != service:
+            fail(where, f"{probe} must be gRPC on the health port, service {service!r}")
+    args = epp.get("args", [])
+    if not any(a.startswith("--pool-name=") for a in args):
+        fail(where, "EPP needs --pool-name")
+    env = {e["name"] for e in epp.get("env", [])}
+    if not {"NAMESPACE", "POD_NAME"} <= env:
+        fail(where, "EPP needs NAMESPACE and POD_NAME from the downward API")
+    if ha is not None and ("--ha-enable-leader-election" in args) != ha:
+        fail(where, f"--ha-enable-leader-election should be {'on' if ha else 'off'}")
+    if dep["spec"]["replicas"] > 1 and "--ha-enable-leader-election" not in args:
+        fail(where, "more than one EPP replica needs leader election")
+
+    services = [o for o in objs if o["kind"] == "Service"]
+    grpc = [p for s in services for p in s["spec"]["ports"] if p.get("targetPort") == "grpc"]
+    if not grpc or grpc[0].get("appProtocol") != "http2":
+        fail(where, "the ext_proc Service port must declare appProtocol: http2")
+    if not any(p.get("targetPort") == "metrics" for s in services for p in s["spec"]["ports"]):
+        fail(where, "the Service must expose metrics")
+
+    roles = [o for o in objs if o["kind"] == "Role"]
+    if [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]:
+        fail(where, "the EPP needs no cluster-wide permissions")
+    for role in roles:
+        for rule in role["rules"]:
+            verbs = set(rule["verbs"])
+            if rule["resources"] == ["leases"]:
+                if ha is False:
+                    fail(where, "leases granted without leader election")
+                if not verbs <= {"get", "create", "update"}:
+                    fail(where, f"lease verbs too broad: {sorted(verbs)}")
+            elif not verbs <= READ_ONLY:
+                fail(where, f"{rule['resources']}: only get/list/watch, got {sorted(verbs)}")
+    if ha and not any(r["resources"] == ["leases"] for role in roles for r in role["rules"]):
+        fail(where, "leader election needs the leases rule")
+
+
+def validate_files() -> None:
+    plain: list[dict[str, Any]] = []
+    for path in sorted(
+        glob.glob(os.path.join(ROOT, "crds", "*.yaml"))
+        + glob.glob(os.path.join(ROOT, "epp", "*.yaml"))
+        + glob.glob(os.path.join(ROOT, "samples", "*.yaml"))
+    ):
+        rel = os.path.relpath(path, os.path.dirname(ROOT))
+        with open(path) as f:
+            docs = docs_of(f.read())
+        if not docs:
+            fail(rel, "no objects")
+        for doc in docs:
+            validate_object(rel, doc)
+            if "/epp/" in path:
+                plain.append(doc)
+    check_epp_invariants("manifests/epp", plain, ha=None)
+
+
+def chart_value_sets() -> list[tuple[str, dict[str, Any]]]:
+    sets = []
+    for path in sorted(glob.glob(os.path.join(CHART, "ci", "*.yaml"))):
+        with open(path) as f:
+            sets.append((os.path.basename(path), yaml.safe_load(f) or {}))
+    return sets
+
+
+def validate_chart() -> None:
+    chart = helm.Chart.load(CHART)
+    defaults = chart.values
+    sets = chart_value_sets()
+    if len(sets) < 3:
+        fail("chart", "expected several value sets under ci/")
+    for name, values in sets:
+        where = f"chart[{name}]"
+        report = helm.lint(CHART, values, strict=True, namespace="inference")
+        for m in report.get("messages", []):
+            # Severity 1 is informational (e.g. "icon is recommended").
+            if m.get("severity", 0) >= 2:
+                fail(where, f"helm lint: {m.get('path')}: {m.get('error')}")
+        for e in report.get("errors", []):
+            fail(where, f"helm lint: {e}")
+        rendered = chart.render(values, name="my-pool", namespace="inference", is_install=True)
+        objs = []
+        for template, text in sorted(rendered.items()):
+            if not template.endswith((".yaml", ".yml")):
+                continue
+            for doc in docs_of(text):
+                validate_object(f"{where} {os.path.basename(template)}", doc)
+                objs.append(doc)
+        merged = copy.deepcopy(defaults)
+        deep_merge(merged, values)
+        ext = merged["inferenceExtension"]
+        ha = bool(ext["leaderElection"]["enabled"]) or int(ext["replicas"]) > 1
+        check_epp_invariants(where, objs, ha=ha)
+        check_chart_specifics(where, objs, merged)
+
+
+def deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+ENGINES = {"vllm": "vllm", "sglang": "sglang", "triton": "triton", "trtllm": "trtllm-serve"}
+
+
+def check_chart_specifics(where: str, objs: list[dict[str, Any]], values: dict[str, Any]) -> None:
+    pools = [o for o in objs if o["kind"] == "InferencePool"]
+    if len(pools) != 1:
+        fail(where, f"expected one InferencePool, found {len(pools)}")
+        return
+    pool, pv = pools[0], values["inferencePool"]
+    if pool["spec"]["selector"]["matchLabels"] != pv["modelServers"]["matchLabels"]:
+        fail(where, "InferencePool selector differs from inferencePool.modelServers.matchLabels")
+    if [p["number"] for p in pool["spec"]["targetPorts"]] != [p["number"] for p in pv["targetPorts"]]:
+        fail(where, "InferencePool targetPorts differ from the values")
+    ref = pool["spec"]["endpointPickerRef"]
+    if ref["failureMode"] != pv["failureMode"]:
+        fail(where, "failureMode not passed to the InferencePool")
+    services = {o["metadata"]["name"] for o in objs if o["kind"] == "Service"}
+    if ref["name"] not in services:
+        fail(where, f"endpointPickerRef names {ref['name']!r}, which the chart does not create")
+    cms = [o for o in objs if o["kind"] == "ConfigMap"]
+    config_file = values["inferenceExtension"]["pluginsConfigFile"]
+    if not cms or config_file not in cms[0]["data"]:
+        fail(where, f"the ConfigMap lacks the selected plugins config {config_file!r}")
+    else:
+        for key, text in cms[0]["data"].items():
+            cfg = yaml.safe_load(text)
+            if cfg.get("kind") != "EndpointPickerConfig":
+                fail(where, f"ConfigMap {key} is not an EndpointPickerConfig")
+        default = yaml.safe_load(cms[0]["data"]["default-plugins.yaml"])
+        engine = [p for p in default["plugins"] if p["type"] == "core-metrics-extractor"]
+        want = ENGINES[pv["modelServerType"]]
+        if not engine or engine[0]["parameters"]["defaultEngine"] != want:
+            fail(where, f"default engine should be {want!r}")
+    provider = values["provider"]["name"]
+    kinds = {(o["apiVersion"], o["kind"]) for o in objs}
+    if (provider == "istio") != (("networking.istio.io/v1", "DestinationRule") in kinds):
+        fail(where, "the Istio DestinationRule follows provider.name == istio")
+    if (provider == "gke") != (("networking.gke.io/v1", "HealthCheckPolicy") in kinds):
+        fail(where, "the GKE policies follow provider.name == gke")
+
+
+def validate_chart_rejects_bad_values() -> None:
+    chart = helm.Chart.load(CHART)
+    good = {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}}}}
+    bad = {
+        "no selector": {},
+        "unknown engine": {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}},
+                                             "modelServerType": "tgi"}},
+        "nine ports": {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}},
+                                         "targetPorts": [{"number": 8000 + i} for i in range(9)]}},
+    }
+    chart.render(good, name="ok", namespace="inference")
+    for what, values in bad.items():
+        try:
+            chart.render(values, name="bad", namespace="inference")
+        except helm.HelmError:
+            continue
+        fail("chart", f"rendering with {what} should fail")
+
+
+def main() -> int:
+    # The chart's `fail` calls are expected in the negative cases; keep Helm's log quiet.
+    helm.disable_logging()
+    validate_files()
+    validate_chart()
+    validate_chart_rejects_bad_values()
+    if failures:
+        for f in failures:
+            print(f"FAIL {f}", file=sys.stderr)
+        print(f"validate-manifests: {len(failures)} problem(s)", file=sys.stderr)
+        return 1
+    print(
+        f"validate-manifests: {checked} objects OK (Kubernetes {', '.join(K8S_VERSIONS)}; "
+        f"CRD schemas; helm {helm.helm_sdk_version()} lint + template, "
+        f"{len(chart_value_sets())} value sets)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
