@@ -65,6 +65,14 @@ $(MANIFEST_TOOLS): $(VENV)/.envoy-$(ENVOY_VERSION)
 validate-manifests: manifest-tools
 	$(VENV)/bin/python manifests/validate.py
 
+# Self-test of the conformance suite (not part of `test`): each deliberate EPP fault must make
+# scenarios fail; the runner exits non-zero if a fault goes unnoticed. Reports in the target dir.
+conformance-faults: envoy
+	for f in headers-before-body no-lb-metadata; do \
+		SWITCHYARD_CONFORMANCE_FAULT=$$f SWITCHYARD_REQUIRE_ENVOY=1 ENVOY="$(ENVOY)" \
+			$(CARGO) test -p conformance --test conformance || exit 1; \
+	done
+
 fmt:
 	$(CARGO) fmt --all
 
