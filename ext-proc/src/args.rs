@@ -122,7 +122,8 @@ pub struct Args {
     /// Kubernetes TokenReview auth of /metrics (accepted; use --metrics-bearer-token).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub metrics_endpoint_auth: bool,
-    /// OpenTelemetry tracing (accepted; not implemented yet).
+    /// OpenTelemetry tracing: export request spans over OTLP/gRPC when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set; off without an endpoint.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub tracing: bool,
     /// pprof endpoints (accepted; Go-only).
@@ -132,7 +133,7 @@ pub struct Args {
     #[arg(long = "v", short = 'v', default_value_t = 2)]
     pub verbosity: u8,
     /// Log encoding: console or json.
-    #[arg(long, default_value = "console")]
+    #[arg(long, default_value = "console", value_parser = ["console", "json"])]
     pub zap_encoder: String,
     /// Log level (info, debug, error, or a number); overrides --v when set.
     #[arg(long)]

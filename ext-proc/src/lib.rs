@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod openai;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod tls;

@@ -10,6 +10,7 @@ use endpoint_picker::scrape::ScrapeConfig;
 use ext_proc::args::Args;
 use ext_proc::server::{self, Listeners, PoolSource, Settings};
 use ext_proc::service::ServiceOptions;
+use ext_proc::telemetry::{self, TelemetryOptions};
 use ext_proc::tls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +19,6 @@ mod kubernetes;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_logging(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,6 +29,33 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    // Inside the runtime: the OTLP exporter's gRPC channel lives on it. The guard flushes
+    // traces when dropped, before the runtime goes.
+    let _telemetry = {
+        let _entered = runtime.enter();
+        match telemetry::init(&TelemetryOptions {
+            encoder: args.zap_encoder.clone(),
+            filter: args.log_filter(),
+            tracing: args.tracing,
+        }) {
+            Ok(guard) => {
+                tracing::info!(
+                    otlp = guard.exporting(),
+                    "logging initialised; OTLP trace export {}",
+                    if guard.exporting() {
+                        "on"
+                    } else {
+                        "off (set OTEL_EXPORTER_OTLP_ENDPOINT to enable)"
+                    }
+                );
+                guard
+            }
+            Err(e) => {
+                eprintln!("epp: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    };
     match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -37,19 +64,6 @@ fn main() -> std::process::ExitCode {
             // EX_USAGE-like code for configuration errors, as linkerd does.
             std::process::ExitCode::from(2)
         }
-    }
-}
-
-fn init_logging(args: &Args) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_filter()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.zap_encoder == "json" {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
     }
 }
 

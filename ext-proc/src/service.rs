@@ -38,6 +38,7 @@ use crate::metrics::{
     AttemptLabels, EppMetrics, ErrorLabels, ModelLabels, ModelOnly, RequestLabels, StreamLabels,
 };
 use crate::openai::{self, SseUsageScanner, Usage};
+use crate::telemetry;
 
 /// Request headers that carry routing decisions; a client must never set them.
 pub const PROTECTED_HEADER_PREFIX: &str = "x-gateway-destination-endpoint";
@@ -151,16 +152,14 @@ impl ExternalProcessor for ExtProcService {
             // counted as `cancelled` by the guard's default.
             let mut active = scopeguard(ctx.clone());
             // Every log line of this request carries its id: the span is entered around each
-            // message's (synchronous) handling only, never across an `.await`.
-            let span = tracing::info_span!("request", request_id = tracing::field::Empty);
+            // message's (synchronous) handling only, never across an `.await`. It is created
+            // with the first message, so that it can adopt an incoming trace context first.
+            let mut span: Option<tracing::Span> = None;
             loop {
                 match inbound.message().await {
                     Ok(Some(message)) => {
-                        let had_id = !state.request_id().is_empty();
+                        let span = span.get_or_insert_with(|| request_span(&message));
                         let responses = span.in_scope(|| state.on_message(message));
-                        if !had_id && !state.request_id().is_empty() {
-                            span.record("request_id", state.request_id());
-                        }
                         for response in responses {
                             yield Ok(response);
                         }
@@ -175,16 +174,32 @@ impl ExternalProcessor for ExtProcService {
                     }
                     Err(status) if status.code() == tonic::Code::Cancelled => break,
                     Err(status) => {
+                        let span = span.get_or_insert_with(tracing::Span::none);
                         span.in_scope(|| tracing::info!(%status, "ext_proc stream error"));
                         active.outcome = "error";
                         break;
                     }
                 }
             }
-            span.in_scope(|| state.finish_metrics());
+            match span {
+                Some(span) => span.in_scope(|| state.finish_metrics()),
+                None => state.finish_metrics(),
+            }
         };
         Ok(Response::new(Box::pin(output)))
     }
+}
+
+/// The per-request span (`gateway.request`, the reference's span name). When traces are
+/// exported and the first message carries a W3C `traceparent`, the span continues that trace.
+fn request_span(first: &ProcessingRequest) -> tracing::Span {
+    let span = tracing::info_span!("gateway.request", request_id = tracing::field::Empty);
+    if telemetry::otel_active()
+        && let Some(processing_request::Request::RequestHeaders(h)) = &first.request
+    {
+        telemetry::adopt_parent(&span, &envoy::headers(h.headers.as_ref()));
+    }
+    span
 }
 
 struct ActiveGuard {
@@ -348,6 +363,8 @@ impl StreamState {
                 self.generated_request_id = true;
             }
         }
+        // The request's span (entered by the service) carries the id on every log line.
+        tracing::Span::current().record("request_id", self.request_id.as_str());
         if h.end_of_stream {
             self.eos_at = Instant::now();
             self.phase = Phase::RequestBody;
@@ -520,6 +537,12 @@ impl StreamState {
             vec![envoy::set_header(DESTINATION_ENDPOINT, &destination)];
         if self.generated_request_id {
             set.push(envoy::set_header(REQUEST_ID, &self.request_id));
+        }
+        if telemetry::otel_active() {
+            // The model server's spans become children of this request's span.
+            for (k, v) in telemetry::trace_headers(&tracing::Span::current()) {
+                set.push(envoy::set_header(k, &v));
+            }
         }
         // Client-sent routing headers other than the one we just set are removed.
         let remove: Vec<String> = self
