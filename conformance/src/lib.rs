@@ -473,6 +473,184 @@ fn collect_cluster_names(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
+/// The `epp` binary Cargo built next to this test binary, if it is there and newer than every
+/// source file of the crates it is made of (a stale binary would test old code).
+pub fn epp_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // <target>/<profile>/deps/conformance-<hash> → <target>/<profile>/epp
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("epp"))
+        .ok_or("no target directory")?;
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .map_err(|_| {
+            format!(
+                "{} not built (cargo build -p ext-proc --bin epp)",
+                bin.display()
+            )
+        })?;
+    let root = testkit::envoy::workspace_root();
+    let newest = ["ext-proc", "endpoint-picker"]
+        .iter()
+        .filter_map(|c| newest_mtime(&root.join(c).join("src")))
+        .max();
+    match newest {
+        Some(src) if src > built => Err(format!(
+            "{} is older than the sources (cargo build -p ext-proc --bin epp)",
+            bin.display()
+        )),
+        _ => Ok(bin),
+    }
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// A loopback port that is free on every one of `ips` (so that pods on several loopback IPs
+/// can share one target port, as Pods of a real InferencePool do).
+pub fn common_free_port(ips: &[Ipv4Addr]) -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind((ips[0], 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        let all_free = ips[1..]
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok());
+        if all_free {
+            return port;
+        }
+    }
+    panic!("no common free port on {ips:?}");
+}
+
+/// Pods that all listen on the same `port` (one rank each).
+pub async fn pods_on_port(ips: &[Ipv4Addr], port: u16, config: &sim::Config) -> Vec<Pod> {
+    let mut out = Vec::with_capacity(ips.len());
+    for ip in ips {
+        let listener = tokio::net::TcpListener::bind((*ip, port)).await.unwrap();
+        let config = sim::Config {
+            pod_name: Some(format!("pod-{}-rank-0", ip.octets()[3])),
+            ..config.clone()
+        };
+        let replica = sim::spawn_replica(config, listener, 0).await.unwrap();
+        out.push(Pod {
+            ip: *ip,
+            ranks: vec![replica],
+        });
+    }
+    out
+}
+
+/// A running `epp` process, killed on drop.
+pub struct EppProcess {
+    child: tokio::process::Child,
+    pub grpc: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for EppProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl EppProcess {
+    /// Starts `binary` in local mode with a pool file for `pods` (target port `port`) and the
+    /// given scheduler config, with the reference EPP's default transport (TLS, self-signed),
+    /// and waits until the ext_proc port accepts connections.
+    pub async fn start(
+        binary: &Path,
+        pods: &[Pod],
+        port: u16,
+        config: &str,
+        fault: Option<&str>,
+    ) -> anyhow::Result<EppProcess> {
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-conformance-epp-{}-{}",
+            std::process::id(),
+            fxhash(&format!("{:?}", std::time::SystemTime::now()))
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let endpoints: Vec<serde_json::Value> = pods
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": format!("pod-{}", p.ip.octets()[3]),
+                    "address": p.ip.to_string(),
+                    "labels": {"app": "sim"},
+                })
+            })
+            .collect();
+        let pool = serde_json::json!({
+            "pool": {
+                "apiVersion": "inference.networking.k8s.io/v1",
+                "kind": "InferencePool",
+                "metadata": {"name": "primary", "namespace": "default"},
+                "spec": {"selector": {"matchLabels": {"app": "sim"}}, "targetPorts": [{"number": port}]},
+            },
+            "endpoints": endpoints,
+        });
+        let pool_file = dir.join("pool.yaml");
+        std::fs::write(&pool_file, serde_yaml::to_string(&pool)?)?;
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+            })
+            .collect::<Result<_, _>>()?;
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.arg("--pool-file")
+            .arg(&pool_file)
+            .arg(format!("--config-text={config}"))
+            .args(["--bind-address", "127.0.0.1"])
+            .args(["--grpc-port", &ports[0].to_string()])
+            .args(["--grpc-health-port", &ports[1].to_string()])
+            .args(["--metrics-port", &ports[2].to_string()])
+            .args(["--v", "1"]);
+        if let Some(f) = fault {
+            cmd.arg(format!("--x-conformance-fault={f}"));
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut epp = EppProcess {
+            child,
+            grpc: SocketAddr::from(([127, 0, 0, 1], ports[0])),
+            dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(epp.grpc).await.is_err() {
+            if let Some(status) = epp.child.try_wait()? {
+                bail!("epp exited early: {status}");
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "epp never listened on {}",
+                epp.grpc
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(epp)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

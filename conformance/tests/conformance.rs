@@ -79,6 +79,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", OneMebibytePrompt),
         scenario!("switchyard", SseStreamingIntact),
         scenario!("switchyard", InvalidBodyRejectedByEpp),
+        scenario!("switchyard", EppBinaryFollowsEPPRouting),
     ]
 }
 
@@ -710,9 +711,59 @@ async fn InvalidBodyRejectedByEpp(ctx: Ctx) -> Outcome {
     Ok(out.len())
 }
 
+/// The real `epp` process (not the in-process server): local mode with a pool file whose Pods
+/// share one target port, upstream's conformance plugin config, default flags (TLS with a
+/// self-signed certificate), behind the default shipped Envoy config; the same checks as
+/// `GatewayFollowingEPPRouting` and the served-endpoint echo. Skipped when the binary is
+/// missing or older than its sources (`cargo test --workspace` builds it).
+#[allow(non_snake_case)]
+async fn EppBinaryFollowsEPPRouting(ctx: Ctx) -> Outcome {
+    let binary = match epp_binary() {
+        Ok(b) => b,
+        Err(why) => return Err(Skip(why).into()),
+    };
+    let ips: Vec<std::net::Ipv4Addr> = (2..5)
+        .map(|o| std::net::Ipv4Addr::new(127, 0, 0, o))
+        .collect();
+    let port = common_free_port(&ips);
+    let pods = pods_on_port(&ips, port, &sim_config()).await;
+    let fault = std::env::var("SWITCHYARD_CONFORMANCE_FAULT")
+        .ok()
+        .filter(|f| !f.is_empty());
+    let epp = EppProcess::start(&binary, &pods, port, CONFORMANCE_CONFIG, fault.as_deref()).await?;
+    let envoy = ctx
+        .plain_envoy(Variant::TlsFailClose, epp.grpc, &pods)
+        .await;
+    envoy.wait_epp_health(true).await;
+    let names = names(&[&pods]);
+    let mut sent = 0;
+    for k in 1..=2 {
+        let selected: BTreeSet<SocketAddr> = pods[..k].iter().map(|p| p.rank(0)).collect();
+        let header = join(pods[..k].iter().map(|p| p.ip.to_string()));
+        let req = Req::completion().header(SELECTION, header);
+        let out = traffic(envoy.listener, 100, 10, &req).await;
+        sent += out.len();
+        all_served_by(&out, &selected, &names, true)
+            .with_context(|| format!("{k} selected pod(s)"))?;
+    }
+    Ok(sent)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers and the runner
 // ---------------------------------------------------------------------------------------------
+
+/// Returned (as an error) by a scenario that cannot run here; reported as skipped.
+#[derive(Debug)]
+struct Skip(String);
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Skip {}
 
 fn join(items: impl Iterator<Item = String>) -> String {
     items.collect::<Vec<_>>().join(",")
@@ -815,7 +866,10 @@ fn main() {
             });
             match r {
                 Ok(Ok(Ok(n))) => (Status::Pass, n, String::new()),
-                Ok(Ok(Err(e))) => (Status::Fail, 0, format!("{e:#}")),
+                Ok(Ok(Err(e))) => match e.downcast_ref::<Skip>() {
+                    Some(Skip(why)) => (Status::Skipped, 0, why.clone()),
+                    None => (Status::Fail, 0, format!("{e:#}")),
+                },
                 Ok(Err(join)) => (
                     Status::Fail,
                     0,
