@@ -348,9 +348,19 @@ mod tests {
         }
         let routed = d.route(&req(), None, true).unwrap();
         assert_eq!(routed.destination(), "10.0.0.2:8000");
-        let why = routed.result.primary_result().unwrap().explanation.as_ref().unwrap().compact(2);
+        let why = routed
+            .result
+            .primary_result()
+            .unwrap()
+            .explanation
+            .as_ref()
+            .unwrap()
+            .compact(2);
         assert!(why.starts_with("picked=pod-2-rank-0; weights[queue-scorer=2,kv-cache-utilization-scorer=2,prefix-cache-scorer=3]"), "{why}");
-        assert!(why.contains("pod-2-rank-0=") && why.contains("queue-scorer=1.00"), "{why}");
+        assert!(
+            why.contains("pod-2-rank-0=") && why.contains("queue-scorer=1.00"),
+            "{why}"
+        );
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 1);
         drop(routed);
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 0);
