@@ -172,6 +172,9 @@ where
     // Objects of a (re)list, held back until the listing is complete so that the index never
     // sees half a pod set as if it were the whole.
     let mut listing: Vec<K> = Vec::new();
+    // A resource that stays unavailable (an alpha CRD that is not installed) fails on every
+    // retry; say so once per kind of failure, not every backoff period.
+    let mut last_error: Option<String> = None;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -184,6 +187,9 @@ where
             Ok(Event::Init) => listing.clear(),
             Ok(Event::InitApply(obj)) => listing.push(obj),
             Ok(Event::InitDone) => {
+                if last_error.take().is_some() {
+                    tracing::info!("watch recovered");
+                }
                 let objs = std::mem::take(&mut listing);
                 tracing::debug!(objects = objs.len(), "listed");
                 index.lock().reset(objs);
@@ -191,7 +197,15 @@ where
             Ok(Event::Apply(obj)) => index.lock().apply(obj),
             Ok(Event::Delete(obj)) => index.lock().delete(obj),
             // The backoff wrapper delays the retry; a 410 Gone makes the watcher relist.
-            Err(error) => tracing::warn!(%error, "watch failed; retrying with backoff"),
+            Err(error) => {
+                let text = error.to_string();
+                if last_error.as_deref() == Some(text.as_str()) {
+                    tracing::debug!(%error, "watch still failing; retrying with backoff");
+                } else {
+                    tracing::warn!(%error, "watch failed; retrying with backoff");
+                    last_error = Some(text);
+                }
+            }
         }
     }
 }
