@@ -205,3 +205,220 @@ fn kubernetes_flags_are_checked_before_anything_starts() {
         );
     }
 }
+
+/// A fake API server for the real binary: lists for the pool's namespace, watches that stay
+/// open and silent, and an in-memory Lease with resourceVersions.
+mod fake_api {
+    use std::sync::Arc;
+
+    use axum::body::{Body, Bytes};
+    use axum::extract::{Request, State};
+    use axum::http::{Method, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use parking_lot::Mutex;
+    use serde_json::{Value, json};
+
+    /// What the fake has seen of the Lease.
+    #[derive(Default)]
+    pub struct Leases {
+        pub current: Option<Value>,
+        pub version: u64,
+        pub writes: Vec<Value>,
+    }
+
+    pub type Shared = Arc<Mutex<Leases>>;
+
+    fn list(items: Vec<Value>) -> Response {
+        axum::Json(json!({"apiVersion": "v1", "kind": "List",
+                           "metadata": {"resourceVersion": "100"}, "items": items}))
+        .into_response()
+    }
+
+    fn pod(name: &str, ip: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "ns-0", "labels": {"app": "vllm"}},
+               "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+    }
+
+    fn not_found() -> Response {
+        (
+            StatusCode::NOT_FOUND,
+            axum::Json(
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                              "reason": "NotFound", "code": 404}),
+            ),
+        )
+            .into_response()
+    }
+
+    pub async fn handle(State(leases): State<Shared>, req: Request) -> Response {
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let watch = req.uri().query().unwrap_or_default().contains("watch=true");
+        if watch {
+            // Open and silent, like a quiet cluster.
+            let silent = futures::stream::pending::<Result<Bytes, std::io::Error>>();
+            return Response::new(Body::from_stream(silent));
+        }
+        let lease_path = "/apis/coordination.k8s.io/v1/namespaces/ns-0/leases";
+        let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        match (method, path.as_str()) {
+            (
+                Method::GET,
+                "/apis/inference.networking.k8s.io/v1/namespaces/ns-0/inferencepools",
+            ) => list(vec![json!({
+                    "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+                    "metadata": {"name": "pool-0", "namespace": "ns-0"},
+                    "spec": {"selector": {"matchLabels": {"app": "vllm"}},
+                             "targetPorts": [{"number": 8000}, {"number": 8001}]}})]),
+            (Method::GET, "/api/v1/namespaces/ns-0/pods") => {
+                list(vec![pod("pod-a", "127.0.0.2"), pod("pod-b", "127.0.0.3")])
+            }
+            (Method::GET, p) if p.contains("/inferenceobjectives") => list(vec![]),
+            // The alpha rewrite CRD is "not installed": the EPP must not care.
+            (Method::GET, p) if p.contains("/inferencemodelrewrites") => not_found(),
+            (Method::GET, p) if p.starts_with(lease_path) => match leases.lock().current.clone() {
+                Some(l) => axum::Json(l).into_response(),
+                None => not_found(),
+            },
+            (Method::POST | Method::PUT, p) if p.starts_with(lease_path) => {
+                let mut lease: Value = serde_json::from_slice(&body).unwrap();
+                let mut state = leases.lock();
+                state.version += 1;
+                lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                lease["metadata"]["namespace"] = json!("ns-0");
+                state.writes.push(lease.clone());
+                state.current = Some(lease.clone());
+                (StatusCode::OK, axum::Json(lease)).into_response()
+            }
+            (m, p) => panic!("unexpected request {m} {p}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let leases = fake_api::Shared::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .fallback(fake_api::handle)
+        .with_state(leases.clone());
+    let api_server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = std::env::temp_dir().join(format!("switchyard-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{{name: fake, cluster: {{server: \"http://{api}\"}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\n\
+             contexts: [{{name: c, context: {{cluster: fake, user: u, namespace: ns-0}}}}]\n"
+        ),
+    )
+    .unwrap();
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args([
+            "--pool-name=pool-0",
+            "--pool-namespace=ns-0",
+            "--ha-enable-leader-election",
+            "--bind-address=127.0.0.1",
+            "--grpc-port=0",
+            "--grpc-health-port=0",
+            "--metrics-port=0",
+            "--secure-serving=false",
+            "--zap-encoder=json",
+            "--drain-grace-period=1s",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("POD_NAME", "epp-0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("switchyard epp starting") {
+                return line;
+            }
+        }
+        panic!("epp exited before starting");
+    })
+    .await
+    .expect("start-up line");
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let v: serde_json::Value = serde_json::from_str(&started).unwrap();
+    let health: std::net::SocketAddr = v["health"].as_str().unwrap().parse().unwrap();
+    let metrics: std::net::SocketAddr = v["metrics"].as_str().unwrap().parse().unwrap();
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{health}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let mut readiness = client
+        .watch(HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for(&mut readiness, ServingStatus::Serving).await;
+    drop(readiness);
+    drop(client);
+    {
+        let state = leases.lock();
+        let lease = state
+            .current
+            .as_ref()
+            .expect("the lease was taken before readiness");
+        assert_eq!(lease["spec"]["holderIdentity"], "epp-0");
+        assert_eq!(
+            lease["metadata"]["name"],
+            "epp-ns-0-pool-0.gateway-api-inference-extension.sigs.k8s.io"
+        );
+    }
+    // Two ready pods × two target ports, named by rank.
+    let pool = testkit::http::get_text(metrics, "/debug/pool")
+        .await
+        .unwrap();
+    for name in [
+        "pod-a-rank-0",
+        "pod-a-rank-1",
+        "pod-b-rank-0",
+        "pod-b-rank-1",
+    ] {
+        assert!(pool.contains(name), "{name} missing from {pool}");
+    }
+
+    // SIGTERM: the EPP drains and hands the lease back.
+    let status = tokio::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("drains in time")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let state = leases.lock();
+    let last = state.writes.last().unwrap();
+    assert!(last["spec"]["holderIdentity"].is_null(), "released: {last}");
+    drop(state);
+    api_server.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
