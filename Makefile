@@ -42,7 +42,7 @@ SCHEMA_CHECK = gateway-configs/schema-check
 schema-tools: $(SCHEMA_CHECK)/node_modules/.installed
 
 $(SCHEMA_CHECK)/node_modules/.installed: $(SCHEMA_CHECK)/package-lock.json
-	cd $(SCHEMA_CHECK) && npm ci --no-audit --no-fund --loglevel=error
+	cd $(SCHEMA_CHECK) && npm ci --prefer-offline --no-audit --no-fund --loglevel=error
 	@touch $@
 
 # Offline Kubernetes validators from PyPI into the same virtualenv (idempotent, pinned):
