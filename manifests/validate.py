@@ -130,6 +130,12 @@ def validate_object(where: str, doc: dict[str, Any]) -> None:
         if kind == "InferencePool":
             check_pool_cel(where, doc)
         return
+    if kind == "CustomResourceDefinition":
+        group = doc["spec"]["group"]
+        protected = group in ("k8s.io", "kubernetes.io") or group.endswith((".k8s.io", ".kubernetes.io"))
+        annotations = doc["metadata"].get("annotations") or {}
+        if protected and "api-approved.kubernetes.io" not in annotations:
+            fail(where, "a CRD in a protected group needs the api-approved.kubernetes.io annotation")
     if (api, kind) in FOREIGN:
         if not isinstance(doc.get("spec"), dict):
             fail(where, "needs a spec")

@@ -153,6 +153,13 @@ pub struct ParentStatus {
     pub conditions: Vec<Condition>,
     /// The parent.
     pub parent_ref: ParentReference,
+    /// The controller that wrote this entry (`DOMAIN/PATH`, e.g. `example.net/gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\/[A-Za-z0-9\/\-._~%!$&'()*+,;=:]+$"
+    ))]
+    pub controller_name: Option<String>,
 }
 
 /// Identifies a parent (a Gateway by default).
@@ -343,12 +350,25 @@ pub struct TargetModel {
     pub model_rewrite: String,
 }
 
+/// The API-review annotation the API server demands of CRDs in `*.k8s.io` groups (KEP 1111);
+/// the value is the review that approved the InferencePool API.
+pub const API_APPROVED_ANNOTATION: (&str, &str) = (
+    "api-approved.kubernetes.io",
+    "https://github.com/kubernetes-sigs/gateway-api-inference-extension/pull/1173",
+);
+
 /// The generated CRDs, each as one YAML document, with the file name it is checked in under.
 pub fn crd_documents() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
+    let mut pool = InferencePool::crd();
+    // Without it, the API server refuses a CRD in the protected inference.networking.k8s.io group.
+    pool.metadata.annotations.get_or_insert_default().insert(
+        API_APPROVED_ANNOTATION.0.to_owned(),
+        API_APPROVED_ANNOTATION.1.to_owned(),
+    );
     Ok(vec![
         (
             "inference.networking.k8s.io_inferencepools.yaml",
-            serde_yaml::to_string(&InferencePool::crd())?,
+            serde_yaml::to_string(&pool)?,
         ),
         (
             "inference.networking.x-k8s.io_inferenceobjectives.yaml",

@@ -17,3 +17,16 @@ fn checked_in_crds_match_the_types() {
         );
     }
 }
+
+#[test]
+fn the_protected_group_crd_carries_the_api_approval_annotation() {
+    let docs = k8s::api::crd_documents().unwrap();
+    let (_, pool) = docs
+        .iter()
+        .find(|(n, _)| n.contains("inferencepools"))
+        .unwrap();
+    assert!(
+        pool.contains("api-approved.kubernetes.io: https://"),
+        "{pool}"
+    );
+}
