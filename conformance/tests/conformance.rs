@@ -29,8 +29,9 @@ use endpoint_picker::director::{ModelRewrite, Policies, RewriteRule, RewriteTarg
 use ext_proc::service::ConformanceFault;
 use testkit::envoy::Variant;
 
-type Outcome = anyhow::Result<usize>;
-type ScenarioFn = fn(Ctx) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
+/// A scenario's result: the number of requests it sent through the gateway.
+type Verdict = anyhow::Result<usize>;
+type ScenarioFn = fn(Ctx) -> Pin<Box<dyn Future<Output = Verdict> + Send>>;
 
 struct Scenario {
     name: &'static str,
@@ -90,7 +91,7 @@ fn scenarios() -> Vec<Scenario> {
 /// Traffic goes only to the endpoints the EPP selected: 1, 2 and 3 designated pods out of 3,
 /// through the default shipped config (TLS to the EPP, as upstream's EPP serves TLS).
 #[allow(non_snake_case)]
-async fn GatewayFollowingEPPRouting(ctx: Ctx) -> Outcome {
+async fn GatewayFollowingEPPRouting(ctx: Ctx) -> Verdict {
     let pods = pods(2, 3, 1, &sim_config()).await;
     let epp = ctx
         .epp(pool_of("primary", &pods), CONFORMANCE_CONFIG, true)
@@ -116,7 +117,7 @@ async fn GatewayFollowingEPPRouting(ctx: Ctx) -> Outcome {
 /// The same with data-parallel pods: three pods of three ranks (ports). The header names a
 /// pod IP (any of its ranks is allowed) or pins `IP:port` (that rank only).
 #[allow(non_snake_case)]
-async fn GatewayFollowingEPPRoutingWithDataParallelism(ctx: Ctx) -> Outcome {
+async fn GatewayFollowingEPPRoutingWithDataParallelism(ctx: Ctx) -> Verdict {
     let pods = pods(2, 3, 3, &sim_config()).await;
     let epp = ctx
         .epp(pool_of("dp", &pods), CONFORMANCE_CONFIG, false)
@@ -169,7 +170,7 @@ async fn GatewayFollowingEPPRoutingWithDataParallelism(ctx: Ctx) -> Outcome {
 /// The gateway reports the endpoint that served the request back to the EPP
 /// (`envoy.lb/x-gateway-destination-endpoint-served`), also after a retry moved the request.
 #[allow(non_snake_case)]
-async fn GatewayDestinationEndpointServed(ctx: Ctx) -> Outcome {
+async fn GatewayDestinationEndpointServed(ctx: Ctx) -> Verdict {
     let pods = pods(2, 3, 1, &sim_config()).await;
     let epp = ctx
         .epp(pool_of("primary", &pods), CONFORMANCE_CONFIG, false)
@@ -198,7 +199,7 @@ async fn GatewayDestinationEndpointServed(ctx: Ctx) -> Outcome {
 /// An HTTPRoute splitting 70/30 across two InferencePools, each with its own EPP. The header
 /// lists pods of both pools, so each EPP must ignore the other pool's IPs.
 #[allow(non_snake_case)]
-async fn GatewayWeightedAcrossTwoInferencePools(ctx: Ctx) -> Outcome {
+async fn GatewayWeightedAcrossTwoInferencePools(ctx: Ctx) -> Verdict {
     let primary = pods(2, 2, 1, &sim_config()).await;
     let secondary = pods(4, 2, 1, &sim_config()).await;
     let epp_a = ctx
@@ -242,17 +243,17 @@ async fn GatewayWeightedAcrossTwoInferencePools(ctx: Ctx) -> Outcome {
 /// With the EPP unavailable, a FailOpen gateway still serves (the shipped FailOpen config,
 /// whose TCP health check takes the EPP out so that ext_proc fails open before any body byte).
 #[allow(non_snake_case)]
-async fn EppUnAvailableFailOpen(ctx: Ctx) -> Outcome {
+async fn EppUnAvailableFailOpen(ctx: Ctx) -> Verdict {
     epp_unavailable(ctx, Variant::PlaintextFailOpen).await
 }
 
 /// The FailClose counterpart: with the EPP unavailable every request fails with a 5xx.
 #[allow(non_snake_case)]
-async fn EppUnAvailableFailClose(ctx: Ctx) -> Outcome {
+async fn EppUnAvailableFailClose(ctx: Ctx) -> Verdict {
     epp_unavailable(ctx, Variant::PlaintextFailClose).await
 }
 
-async fn epp_unavailable(ctx: Ctx, variant: Variant) -> Outcome {
+async fn epp_unavailable(ctx: Ctx, variant: Variant) -> Verdict {
     let pods = pods(2, 3, 1, &sim_config()).await;
     let epp = ctx
         .epp(pool_of("secondary", &pods), CONFORMANCE_CONFIG, false)
@@ -292,7 +293,7 @@ async fn epp_unavailable(ctx: Ctx, variant: Variant) -> Outcome {
 /// The pool's appProtocol: HTTP/1.1 (`http`, also the default) and `kubernetes.io/h2c` reach
 /// the picked endpoint with that protocol, and the served endpoint is reported either way.
 #[allow(non_snake_case)]
-async fn InferencePoolAppProtocol(ctx: Ctx) -> Outcome {
+async fn InferencePoolAppProtocol(ctx: Ctx) -> Verdict {
     let pods = pods(2, 2, 1, &sim_config()).await;
     let epp = ctx
         .epp(pool_of("appprotocol", &pods), CONFORMANCE_CONFIG, false)
@@ -342,7 +343,7 @@ async fn InferencePoolAppProtocol(ctx: Ctx) -> Outcome {
 /// `envoy.lb.subset_hint` (here a comma string made by header_to_metadata) restricts the
 /// candidates; it is intersected with the pool; no eligible endpoint means 503.
 #[allow(non_snake_case)]
-async fn SubsetHintHonouredAndIntersected(ctx: Ctx) -> Outcome {
+async fn SubsetHintHonouredAndIntersected(ctx: Ctx) -> Verdict {
     let pods = pods(2, 3, 1, &sim_config()).await;
     // The default profile: no test filter, so the hint alone restricts the candidates.
     let epp = ctx
@@ -401,7 +402,7 @@ async fn SubsetHintHonouredAndIntersected(ctx: Ctx) -> Outcome {
 /// The EPP's ordered list is walked when backends fail: a refused connection and a 503 are
 /// both retried onto the next entry.
 #[allow(non_snake_case)]
-async fn FallbackListWalkedOnBackendFailure(ctx: Ctx) -> Outcome {
+async fn FallbackListWalkedOnBackendFailure(ctx: Ctx) -> Verdict {
     let mut pods = pods(2, 3, 1, &sim_config()).await;
     // pod-2 is gone (connection refused) but still in the pool; pod-3 answers 503.
     let dead = pods[0].ranks.remove(0);
@@ -435,7 +436,7 @@ async fn FallbackListWalkedOnBackendFailure(ctx: Ctx) -> Outcome {
 /// Client-sent routing headers do nothing: not with the EPP up, and not on the fail-open
 /// path with the EPP down.
 #[allow(non_snake_case)]
-async fn HeaderSpoofingHasNoEffect(ctx: Ctx) -> Outcome {
+async fn HeaderSpoofingHasNoEffect(ctx: Ctx) -> Verdict {
     let pods = pods(2, 3, 1, &sim_config()).await;
     let names = names(&[&pods]);
     let (chosen, spoofed) = (pods[2].rank(0), pods[0].rank(0).to_string());
@@ -468,7 +469,7 @@ async fn HeaderSpoofingHasNoEffect(ctx: Ctx) -> Outcome {
 /// An InferenceModelRewrite sends the engine the target model and the client gets its own
 /// model name back (JSON and every SSE event).
 #[allow(non_snake_case)]
-async fn ModelRewriteRoundTrip(ctx: Ctx) -> Outcome {
+async fn ModelRewriteRoundTrip(ctx: Ctx) -> Verdict {
     const ALIAS: &str = "switchyard-conformance-alias";
     let pods = pods(2, 2, 1, &sim_config()).await;
     let epp = ctx
@@ -525,7 +526,7 @@ async fn ModelRewriteRoundTrip(ctx: Ctx) -> Outcome {
 /// A sheddable request (objective with priority < 0) gets 429 from the EPP when every
 /// endpoint is saturated; a critical request still goes through.
 #[allow(non_snake_case)]
-async fn SheddableRequestGets429WhenSaturated(ctx: Ctx) -> Outcome {
+async fn SheddableRequestGets429WhenSaturated(ctx: Ctx) -> Verdict {
     let pods = pods(2, 2, 1, &sim_config()).await;
     let epp = ctx
         .epp(
@@ -568,7 +569,7 @@ async fn SheddableRequestGets429WhenSaturated(ctx: Ctx) -> Outcome {
 
 /// A 1 MiB prompt goes through the EPP and reaches the engine whole.
 #[allow(non_snake_case)]
-async fn OneMebibytePrompt(ctx: Ctx) -> Outcome {
+async fn OneMebibytePrompt(ctx: Ctx) -> Verdict {
     let pods = pods(2, 2, 1, &sim_config()).await;
     let epp = ctx
         .epp(
@@ -608,7 +609,7 @@ async fn OneMebibytePrompt(ctx: Ctx) -> Outcome {
 
 /// SSE passes through Envoy and the EPP event by event, not buffered, and intact.
 #[allow(non_snake_case)]
-async fn SseStreamingIntact(ctx: Ctx) -> Outcome {
+async fn SseStreamingIntact(ctx: Ctx) -> Verdict {
     // The calibrated latency model (≈6 ms per token), so that a stream takes visible time.
     let config = sim::Config {
         seed: 11,
@@ -681,7 +682,7 @@ async fn SseStreamingIntact(ctx: Ctx) -> Outcome {
 /// A body that is not JSON is answered by the EPP (400 with its error text), not forwarded:
 /// the EPP must read the body before it answers the headers.
 #[allow(non_snake_case)]
-async fn InvalidBodyRejectedByEpp(ctx: Ctx) -> Outcome {
+async fn InvalidBodyRejectedByEpp(ctx: Ctx) -> Verdict {
     let pods = pods(2, 2, 1, &sim_config()).await;
     let epp = ctx
         .epp(
@@ -717,7 +718,7 @@ async fn InvalidBodyRejectedByEpp(ctx: Ctx) -> Outcome {
 /// `GatewayFollowingEPPRouting` and the served-endpoint echo. Skipped when the binary is
 /// missing or older than its sources (`cargo test --workspace` builds it).
 #[allow(non_snake_case)]
-async fn EppBinaryFollowsEPPRouting(ctx: Ctx) -> Outcome {
+async fn EppBinaryFollowsEPPRouting(ctx: Ctx) -> Verdict {
     let binary = match epp_binary() {
         Ok(b) => b,
         Err(why) => return Err(Skip(why).into()),
