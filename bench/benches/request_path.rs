@@ -22,7 +22,10 @@ fn request_from(body: &Bytes, api: Api) -> InferenceRequest {
 }
 
 fn scheduling_decision(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let mut group = c.benchmark_group("decision_default_profile_8kb_chat");
     for n in [10usize, 100, 1000] {
@@ -30,7 +33,9 @@ fn scheduling_decision(c: &mut Criterion) {
         // Warm the prefix index with routing history: 4 conversations per endpoint.
         for i in 0..(n * 4).min(2000) {
             let body = Bytes::from(bench::chat_body(8 * 1024, i));
-            let _ = director.route(&request_from(&body, Api::ChatCompletions), None, false).unwrap();
+            let _ = director
+                .route(&request_from(&body, Api::ChatCompletions), None, false)
+                .unwrap();
         }
         let body = Bytes::from(bench::chat_body(8 * 1024, 1));
         let request = request_from(&body, Api::ChatCompletions);

@@ -1,4 +1,13 @@
-//! Benchmark support for Switchyard: fixtures shared by the criterion benches.
+//! Benchmark support for Switchyard: the load generator, the workloads, the scenario
+//! harness (processes, metrics, reports) and the fixtures shared by the criterion benches.
+
+pub mod fixed_backend;
+pub mod harness;
+pub mod loadgen;
+pub mod report;
+pub mod scenario;
+pub mod stats;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,7 +34,12 @@ pub fn director_with_endpoints(n: usize) -> Arc<Director> {
         })
         .collect();
     let ds = Arc::new(Datastore::new());
-    let snap = ds.apply(PoolSpec { name: "bench".into(), namespace: "default".into(), app_protocol: "http".into(), endpoints });
+    let snap = ds.apply(PoolSpec {
+        name: "bench".into(),
+        namespace: "default".into(),
+        app_protocol: "http".into(),
+        endpoints,
+    });
     for (i, e) in snap.endpoints.iter().enumerate() {
         e.store_metrics(EngineMetrics {
             waiting_queue_size: (i * 7 % 13) as u64,
@@ -69,5 +83,6 @@ pub fn completions_body(bytes: usize) -> Vec<u8> {
         prompt.push_str("lorem ipsum dolor sit amet consectetur adipiscing elit ");
     }
     prompt.truncate(bytes);
-    serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 16})).unwrap_or_default()
+    serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 16}))
+        .unwrap_or_default()
 }

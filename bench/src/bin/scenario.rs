@@ -1,0 +1,344 @@
+//! `scenario`: the benchmark scenarios, each a single command that starts what it needs
+//! (simulator or fixed backend, `epp`, Envoy, peer routers), measures and tears down.
+//!
+//! ```text
+//! scenario routing  [--quick]   # Envoy RR / LR, Switchyard, sglang-router, vllm-router
+//! scenario overhead [--quick]   # Envoy -> backend vs Envoy -> Switchyard -> backend
+//! scenario scale    [--quick]   # 1,000 endpoints: idle CPU, memory, decision time
+//! scenario all      [--quick]   # all three; rewrites bench/RESULTS.md and the plots
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bench::harness::Tools;
+use bench::report::update_section;
+use bench::scenario::routing::{self, RoutingCfg, Sweep};
+use bench::scenario::{self, Router, overhead, scale};
+use bench::workload::{Kind, WorkloadArgs};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Switchyard benchmark scenarios")]
+struct Opts {
+    /// Smaller sweeps that finish in minutes.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Directory of the `sim` and `epp` release binaries (default: next to this binary).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    /// Envoy binary (default: $ENVOY, then the repository's .venv).
+    #[arg(long, global = true)]
+    envoy: Option<PathBuf>,
+    /// Repository root (RESULTS.md, plots and raw JSON are written under bench/).
+    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.."))]
+    repo: PathBuf,
+    /// Logs and per-run raw reports.
+    #[arg(long, global = true, default_value = ".run/bench")]
+    run_dir: PathBuf,
+    /// Do not touch bench/RESULTS.md (raw JSON is still written to the run directory).
+    #[arg(long, global = true)]
+    no_results: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Routing quality sweep.
+    Routing(RoutingOpts),
+    /// EPP overhead at several body sizes.
+    Overhead,
+    /// 1,000 endpoints.
+    Scale {
+        /// Number of endpoints.
+        #[arg(long, default_value_t = 1000)]
+        endpoints: usize,
+    },
+    /// Everything, in order.
+    All(RoutingOpts),
+    /// (internal) Serve the fixed backend on N ephemeral ports; prints `backend-<i> http://<addr>`
+    /// lines, then an empty line.
+    Backend {
+        /// Number of listeners.
+        #[arg(long, default_value_t = 1)]
+        ports: usize,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RoutingOpts {
+    /// Routers: rr, lr, switchyard, switchyard-prefix, sglang:<policy>, vllm:<policy>.
+    #[arg(long, value_delimiter = ',')]
+    routers: Option<Vec<String>>,
+    /// Workloads to sweep.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Option<Vec<Kind>>,
+    /// Rates (req/s) for every workload (default: per-workload presets).
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<f64>>,
+    /// Seconds of arrivals per run.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Override: shared-prefix groups.
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Override: shared-prefix system-prompt tokens.
+    #[arg(long)]
+    system_tokens: Option<usize>,
+    /// Override: shared-prefix question tokens.
+    #[arg(long)]
+    question_tokens: Option<usize>,
+    /// Override: multi-turn concurrent users.
+    #[arg(long)]
+    users: Option<usize>,
+    /// Override: multi-turn per-user system-prompt tokens.
+    #[arg(long)]
+    user_system_tokens: Option<usize>,
+    /// Override: output tokens.
+    #[arg(long)]
+    output_tokens: Option<u32>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = Opts::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        // Ctrl-C drops the scenario future, whose process guards then stop every child.
+        tokio::select! {
+            r = run(o) => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; children stopped"),
+        }
+    })
+}
+
+async fn run(o: Opts) -> anyhow::Result<()> {
+    if let Cmd::Backend { ports } = o.cmd {
+        let addrs = bench::fixed_backend::serve(ports).await?;
+        let mut lines = String::new();
+        for (i, a) in addrs.iter().enumerate() {
+            lines.push_str(&format!("backend-{i} http://{a}\n"));
+        }
+        lines.push('\n');
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        out.write_all(lines.as_bytes())?;
+        out.flush()?;
+        std::future::pending::<()>().await;
+        return Ok(());
+    }
+    let repo = o.repo.canonicalize().context("repository root")?;
+    let tools = Tools::locate(repo.clone(), o.bin_dir.clone(), o.envoy.clone())?;
+    let run_dir = if o.run_dir.is_absolute() {
+        o.run_dir.clone()
+    } else {
+        repo.join(&o.run_dir)
+    };
+    std::fs::create_dir_all(&run_dir)?;
+    let results = repo.join("bench/RESULTS.md");
+    let raw = repo.join("bench/results");
+    std::fs::create_dir_all(&raw)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let header = format!(
+        "Machine: {}. Date: {} (UTC). Load average before the run: {}.\n\nCommand: `{command}`\n",
+        scenario::machine(),
+        scenario::cmd_out("date", &["-u", "+%Y-%m-%d %H:%M"]),
+        scenario::loadavg(),
+    );
+    let write = !o.no_results;
+    match &o.cmd {
+        Cmd::Routing(r) => do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?,
+        Cmd::Overhead => {
+            let res = overhead::run(&tools, o.quick, &run_dir).await?;
+            std::fs::write(raw.join("overhead.json"), serde_json::to_vec_pretty(&res)?)?;
+            let md = format!("{header}\n{}", overhead::markdown(&res));
+            eprintln!("{md}");
+            if write {
+                update_section(&results, "overhead", &md)?;
+            }
+        }
+        Cmd::Scale { endpoints } => {
+            let res = scale::run(&tools, *endpoints, o.quick, &run_dir).await?;
+            std::fs::write(raw.join("scale.json"), serde_json::to_vec_pretty(&res)?)?;
+            let md = format!("{header}\n{}", scale::markdown(&res));
+            eprintln!("{md}");
+            if write {
+                update_section(&results, "scale", &md)?;
+            }
+        }
+        Cmd::All(r) => {
+            let res = overhead::run(&tools, o.quick, &run_dir).await?;
+            std::fs::write(raw.join("overhead.json"), serde_json::to_vec_pretty(&res)?)?;
+            if write {
+                update_section(
+                    &results,
+                    "overhead",
+                    &format!("{header}\n{}", overhead::markdown(&res)),
+                )?;
+            }
+            let res = scale::run(&tools, 1000, o.quick, &run_dir).await?;
+            std::fs::write(raw.join("scale.json"), serde_json::to_vec_pretty(&res)?)?;
+            if write {
+                update_section(
+                    &results,
+                    "scale",
+                    &format!("{header}\n{}", scale::markdown(&res)),
+                )?;
+            }
+            do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?;
+        }
+        Cmd::Backend { .. } => {}
+    }
+    Ok(())
+}
+
+/// The routing presets: the full sweep, or `--quick`.
+fn routing_cfg(r: &RoutingOpts, quick: bool) -> anyhow::Result<RoutingCfg> {
+    let routers = match &r.routers {
+        Some(list) => list
+            .iter()
+            .map(|s| Router::parse(s))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => {
+            let names: &[&str] = if quick {
+                &[
+                    "rr",
+                    "lr",
+                    "switchyard",
+                    "sglang:cache_aware",
+                    "vllm:cache_aware",
+                ]
+            } else {
+                &[
+                    "rr",
+                    "lr",
+                    "switchyard",
+                    "switchyard-prefix",
+                    "sglang:cache_aware",
+                    "sglang:power_of_two",
+                    "vllm:cache_aware",
+                    "vllm:power_of_two",
+                ]
+            };
+            names
+                .iter()
+                .map(|s| Router::parse(s))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        }
+    };
+    let workloads = r
+        .workloads
+        .clone()
+        .unwrap_or_else(|| vec![Kind::SharedPrefix, Kind::MultiTurn]);
+    let sweeps = workloads
+        .into_iter()
+        .map(|k| {
+            let mut workload = preset_workload(k);
+            if let Some(v) = r.groups {
+                workload.groups = v;
+            }
+            if let Some(v) = r.system_tokens {
+                workload.system_tokens = v;
+            }
+            if let Some(v) = r.question_tokens {
+                workload.question_tokens = v;
+            }
+            if let Some(v) = r.users {
+                workload.users = v;
+            }
+            if let Some(v) = r.user_system_tokens {
+                workload.user_system_tokens = v;
+            }
+            if let Some(v) = r.output_tokens {
+                workload.output_tokens = v;
+            }
+            let preset: Vec<f64> = match (k, quick) {
+                (Kind::SharedPrefix, true) => vec![6.0, 12.0, 18.0],
+                (Kind::SharedPrefix, false) => vec![6.0, 12.0, 18.0, 24.0],
+                (Kind::MultiTurn, true) => vec![20.0, 40.0, 60.0],
+                (Kind::MultiTurn, false) => vec![20.0, 40.0, 60.0, 80.0],
+                (_, true) => vec![10.0, 20.0],
+                (_, false) => vec![10.0, 20.0, 30.0],
+            };
+            Sweep {
+                workload,
+                rates: r.rates.clone().unwrap_or(preset),
+            }
+        })
+        .collect();
+    Ok(RoutingCfg {
+        replicas: 8,
+        stream_granularity: 16,
+        duration_s: r.duration.unwrap_or(if quick { 15.0 } else { 30.0 }),
+        drain_s: 20.0,
+        routers,
+        sweeps,
+    })
+}
+
+/// The routing sweep's workload shapes (see RESULTS.md for why they are scaled as they are).
+fn preset_workload(k: Kind) -> WorkloadArgs {
+    let mut w = WorkloadArgs {
+        workload: k,
+        ..WorkloadArgs::default()
+    };
+    if k == Kind::SharedPrefix {
+        w.groups = 32;
+        w.system_tokens = 16_000;
+        w.question_tokens = 1200;
+    }
+    w
+}
+
+async fn do_routing(
+    tools: &Tools,
+    r: &RoutingOpts,
+    quick: bool,
+    run_dir: &std::path::Path,
+    repo: &std::path::Path,
+    header: &str,
+    write: bool,
+) -> anyhow::Result<()> {
+    let cfg = routing_cfg(r, quick)?;
+    let raw = repo.join("bench/results/routing.json");
+    let mut so_far = Vec::new();
+    let runs = routing::run(tools, &cfg, run_dir, |run| {
+        // Saved after every run, so an interrupted sweep keeps what it measured.
+        so_far.push(run.clone());
+        let _ = std::fs::write(
+            &raw,
+            serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": so_far}))
+                .unwrap_or_default(),
+        );
+    })
+    .await?;
+    let mut md = format!(
+        "{header}\n{} simulated replicas (`sim`, default calibrated profile, `--stream-granularity {}`), \
+         cold caches for every run (simulator and router restarted), Poisson arrivals for {} s per run, \
+         requests still running {} s after the last arrival are cut and counted as errors.\n\n",
+        cfg.replicas, cfg.stream_granularity, cfg.duration_s, cfg.drain_s
+    );
+    let heads = routing::headlines(&runs, &cfg);
+    if !heads.is_empty() {
+        md.push_str("Headline (highest rate of each sweep):\n\n");
+        for h in &heads {
+            md.push_str(&format!("- {h}\n"));
+        }
+        md.push('\n');
+    }
+    for (file, _) in routing::plots(&runs, &cfg) {
+        md.push_str(&format!("![{file}]({file})\n\n"));
+    }
+    md.push_str(&routing::markdown(&runs, &cfg));
+    eprintln!("{md}");
+    if write {
+        for (file, svg) in routing::plots(&runs, &cfg) {
+            std::fs::write(repo.join("bench").join(file), svg)?;
+        }
+        update_section(&repo.join("bench/RESULTS.md"), "routing", &md)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! A fixed, near-free model-server stand-in for the overhead and scale scenarios.
+//!
+//! Every inference POST is read to the end and answered at once with the same short SSE
+//! completion (one text event, usage, `[DONE]`); `/metrics` returns a constant vLLM-named
+//! exposition (idle engine, prefix caching on) so that the EPP scrapes something realistic;
+//! `/health` is 200. With nothing simulated, the latency difference between two gateway paths
+//! in front of it is the cost of the path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+const METRICS: &str = "\
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 0.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 0.0
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"27000\"} 1.0
+";
+
+/// `/metrics` requests answered so far, over all ports (`GET /admin/scrapes` returns it), so
+/// that the scale scenario can report the scrape rate the EPP actually achieves.
+static SCRAPES: AtomicU64 = AtomicU64::new(0);
+
+fn sse(prompt_bytes: usize) -> Bytes {
+    Bytes::from(format!(
+        "data: {{\"choices\":[{{\"index\":0,\"text\":\" ok\",\"finish_reason\":\"length\"}}]}}\n\n\
+         data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{},\"completion_tokens\":1,\
+         \"prompt_tokens_details\":{{\"cached_tokens\":0}}}}}}\n\n\
+         data: [DONE]\n\n",
+        prompt_bytes / 4
+    ))
+}
+
+async fn handle(
+    req: http::Request<Incoming>,
+    pod: std::sync::Arc<str>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let builder = Response::builder().header("x-inference-pod", &*pod);
+    let resp = match (parts.method, parts.uri.path()) {
+        (Method::GET, "/metrics") => {
+            SCRAPES.fetch_add(1, Ordering::Relaxed);
+            builder
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from_static(METRICS.as_bytes())))
+        }
+        (Method::GET, "/admin/scrapes") => builder.body(Full::new(Bytes::from(
+            SCRAPES.load(Ordering::Relaxed).to_string(),
+        ))),
+        (Method::GET, "/health") => builder.body(Full::new(Bytes::new())),
+        (Method::POST, _) => {
+            // Read the whole body, as a real server would before scheduling it.
+            let n = match body.collect().await {
+                Ok(b) => b.to_bytes().len(),
+                Err(_) => 0,
+            };
+            builder
+                .header("content-type", "text/event-stream")
+                .body(Full::new(sse(n)))
+        }
+        _ => builder
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::new())),
+    };
+    Ok(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
+
+/// Binds `n` listeners on 127.0.0.1 (ephemeral ports), serves them until the process ends,
+/// and returns their addresses (after binding, before serving starts).
+pub async fn serve(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut addrs = Vec::with_capacity(n);
+    for i in 0..n {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(listener.local_addr()?);
+        let pod: std::sync::Arc<str> = format!("backend-{i}").into();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let pod = pod.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |r| handle(r, pod.clone()));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    Ok(addrs)
+}

@@ -1,0 +1,424 @@
+//! Scenarios: each starts everything it needs out of process (simulator or fixed backend,
+//! `epp`, Envoy, peer routers), drives load, reads the processes' own metrics and tears
+//! everything down (also on error: [`crate::harness::Proc`] kills its process group on drop).
+
+pub mod overhead;
+pub mod routing;
+pub mod scale;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::harness::{self, Proc, Tools, free_port, wait_http};
+use crate::workload::MODEL;
+
+/// Who routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Router {
+    /// Envoy, `ROUND_ROBIN` over the replicas.
+    EnvoyRoundRobin,
+    /// Envoy, `LEAST_REQUEST` (power of two choices on active requests).
+    EnvoyLeastRequest,
+    /// Envoy + Switchyard; `config` is an EndpointPickerConfig (None = the default profile).
+    Switchyard {
+        /// Short name of the profile.
+        profile: String,
+        /// YAML passed as `--config-text`.
+        config: Option<String>,
+    },
+    /// `sglang-router launch --policy <policy>`.
+    Sglang(String),
+    /// `vllm-router --policy <policy>`.
+    Vllm(String),
+}
+
+impl Router {
+    /// Short label for tables and plots.
+    pub fn label(&self) -> String {
+        match self {
+            Router::EnvoyRoundRobin => "envoy round-robin".into(),
+            Router::EnvoyLeastRequest => "envoy least-request".into(),
+            Router::Switchyard { profile, .. } => format!("switchyard {profile}"),
+            Router::Sglang(p) => format!("sglang-router {p}"),
+            Router::Vllm(p) => format!("vllm-router {p}"),
+        }
+    }
+
+    /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `sglang:<policy>`, `vllm:<policy>`.
+    pub fn parse(s: &str) -> anyhow::Result<Router> {
+        Ok(match s {
+            "rr" | "envoy-rr" => Router::EnvoyRoundRobin,
+            "lr" | "envoy-lr" => Router::EnvoyLeastRequest,
+            "switchyard" => Router::Switchyard {
+                profile: "default".into(),
+                config: None,
+            },
+            "switchyard-prefix" => Router::Switchyard {
+                profile: "prefix-heavy".into(),
+                config: Some(PREFIX_HEAVY.into()),
+            },
+            _ => match s.split_once(':') {
+                Some(("sglang", p)) => Router::Sglang(p.into()),
+                Some(("vllm", p)) => Router::Vllm(p.into()),
+                _ => anyhow::bail!(
+                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, sglang:<policy>, vllm:<policy>)"
+                ),
+            },
+        })
+    }
+}
+
+/// A Switchyard profile that weighs prefix affinity above load, for prefix-heavy traffic.
+/// Same plugins as the default; only the weights differ.
+pub const PREFIX_HEAVY: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 1
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 1
+  - pluginRef: prefix-cache-scorer
+    weight: 5
+";
+
+/// A running router: where to send traffic, and its processes.
+pub struct RouterUp {
+    /// Base URL of the OpenAI API.
+    pub url: String,
+    /// Processes (Envoy, `epp`, or a peer router); dropped = stopped.
+    pub procs: Vec<Proc>,
+    /// Index in `procs` of the `epp`, if any.
+    pub epp: Option<usize>,
+    /// Metrics URL of the `epp`, if any.
+    pub epp_metrics: Option<String>,
+}
+
+impl RouterUp {
+    /// CPU seconds used so far by all of the router's processes.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.procs.iter().filter_map(|p| p.cpu_seconds().ok()).sum()
+    }
+
+    /// The `epp` process, if any.
+    pub fn epp(&self) -> Option<&Proc> {
+        self.epp.and_then(|i| self.procs.get(i))
+    }
+}
+
+/// Starts `router` in front of `backends` and waits until a request goes through.
+pub async fn start_router(
+    tools: &Tools,
+    router: &Router,
+    backends: &[SocketAddr],
+    dir: &Path,
+) -> anyhow::Result<RouterUp> {
+    let up = match router {
+        Router::EnvoyRoundRobin => start_envoy_direct(tools, "ROUND_ROBIN", backends, dir).await?,
+        Router::EnvoyLeastRequest => {
+            start_envoy_direct(tools, "LEAST_REQUEST", backends, dir).await?
+        }
+        Router::Switchyard { config, .. } => {
+            start_switchyard(tools, config.as_deref(), backends, dir, &[]).await?
+        }
+        Router::Sglang(policy) | Router::Vllm(policy) => {
+            let sglang = matches!(router, Router::Sglang(_));
+            let (bin, pre): (&str, &[&str]) = if sglang {
+                ("sglang-router", &["launch"])
+            } else {
+                ("vllm-router", &[])
+            };
+            let exe = tools.peers_venv.join("bin").join(bin);
+            anyhow::ensure!(
+                exe.exists(),
+                "{} not installed: run `make bench-peers` (installs sglang-router and vllm-router into bench/.venv-peers)",
+                exe.display()
+            );
+            let port = free_port()?;
+            let prom = free_port()?;
+            let mut cmd = Command::new(&exe);
+            cmd.args(pre)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--prometheus-host",
+                    "127.0.0.1",
+                    "--prometheus-port",
+                    &prom.to_string(),
+                ])
+                .args(["--policy", policy])
+                .args(["--log-level", if sglang { "warn" } else { "warning" }])
+                .arg("--worker-urls")
+                .args(backends.iter().map(|a| format!("http://{a}")));
+            let p = Proc::spawn(bin, &mut cmd, dir)?;
+            RouterUp {
+                url: format!("http://127.0.0.1:{port}"),
+                procs: vec![p],
+                epp: None,
+                epp_metrics: None,
+            }
+        }
+    };
+    wait_serving(&up.url, Duration::from_secs(60))
+        .await
+        .with_context(|| {
+            let logs: Vec<String> = up
+                .procs
+                .iter()
+                .map(|p| p.log.display().to_string())
+                .collect();
+            format!(
+                "{} never served a request; logs: {}",
+                router.label(),
+                logs.join(", ")
+            )
+        })?;
+    Ok(up)
+}
+
+/// Sends a one-token completion until one succeeds (every router gets the same probe).
+async fn wait_serving(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let until = std::time::Instant::now() + timeout;
+    let body = format!("{{\"model\":\"{MODEL}\",\"prompt\":\"ping\",\"max_tokens\":1}}");
+    loop {
+        let req = http::Request::post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.clone())))?;
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
+        {
+            let ok = resp.status().is_success();
+            let _ = resp.into_body().collect().await;
+            if ok {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(std::time::Instant::now() < until, "timeout");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn start_envoy(
+    tools: &Tools,
+    config: String,
+    admin: u16,
+    listen: u16,
+    dir: &Path,
+    wait_epp: bool,
+) -> anyhow::Result<Proc> {
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, config)?;
+    let mut cmd = Command::new(&tools.envoy);
+    cmd.arg("-c").arg(&path).args([
+        "--disable-hot-restart",
+        "--log-level",
+        "warn",
+        "--concurrency",
+        "2",
+    ]);
+    let envoy = Proc::spawn("envoy", &mut cmd, dir)?;
+    let admin_url = format!("http://127.0.0.1:{admin}");
+    wait_http(
+        &format!("{admin_url}/ready"),
+        Some("LIVE"),
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| format!("Envoy not ready; see {}", envoy.log.display()))?;
+    if wait_epp {
+        // Envoy health-checks the EPP once a second; FailClose answers 500 until it passes.
+        wait_http(
+            &format!("{admin_url}/clusters"),
+            Some("::health_flags::healthy"),
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    let _ = listen;
+    Ok(envoy)
+}
+
+/// Envoy alone: `lb_policy` over `backends`.
+pub async fn start_envoy_direct(
+    tools: &Tools,
+    lb_policy: &str,
+    backends: &[SocketAddr],
+    dir: &Path,
+) -> anyhow::Result<RouterUp> {
+    let template = std::fs::read_to_string(tools.repo.join("bench/envoy/envoy-direct.yaml"))?;
+    let (admin, listen) = (free_port()?, free_port()?);
+    let config = harness::render(
+        &template,
+        &[
+            ("LISTEN_PORT", listen.to_string()),
+            ("ADMIN_PORT", admin.to_string()),
+            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
+            ("LB_POLICY", lb_policy.to_owned()),
+        ],
+    )?;
+    let envoy = start_envoy(tools, config, admin, listen, dir, false).await?;
+    Ok(RouterUp {
+        url: format!("http://127.0.0.1:{listen}"),
+        procs: vec![envoy],
+        epp: None,
+        epp_metrics: None,
+    })
+}
+
+/// `epp` (plaintext ext_proc, pool file of `backends`) + Envoy with the shipped plaintext
+/// template (`gateway-configs/envoy/envoy-plaintext.yaml`).
+pub async fn start_switchyard(
+    tools: &Tools,
+    config: Option<&str>,
+    backends: &[SocketAddr],
+    dir: &Path,
+    extra_args: &[&str],
+) -> anyhow::Result<RouterUp> {
+    let pool = dir.join("pool.yaml");
+    std::fs::write(&pool, harness::pool_yaml(backends))?;
+    let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
+    let mut cmd = Command::new(&tools.epp);
+    cmd.arg("--pool-file")
+        .arg(&pool)
+        .args([
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-serving=false",
+            "--seed",
+            "1",
+        ])
+        .args(["--grpc-port", &grpc.to_string()])
+        .args(["--grpc-health-port", &health.to_string()])
+        .args(["--metrics-port", &metrics.to_string()])
+        .args(extra_args);
+    if let Some(c) = config {
+        cmd.args(["--config-text", c]);
+    }
+    let epp = Proc::spawn("epp", &mut cmd, dir)?;
+    let metrics_url = format!("http://127.0.0.1:{metrics}/metrics");
+    wait_http(&metrics_url, None, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("epp not up; see {}", epp.log.display()))?;
+    let template = std::fs::read_to_string(
+        tools
+            .repo
+            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
+    )?;
+    let (admin, listen) = (free_port()?, free_port()?);
+    let envoy_cfg = harness::render(
+        &template,
+        &[
+            ("LISTEN_PORT", listen.to_string()),
+            ("ADMIN_PORT", admin.to_string()),
+            ("EPP_HOST", "127.0.0.1".into()),
+            ("EPP_PORT", grpc.to_string()),
+            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
+        ],
+    )?;
+    let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
+    Ok(RouterUp {
+        url: format!("http://127.0.0.1:{listen}"),
+        procs: vec![envoy, epp],
+        epp: Some(1),
+        epp_metrics: Some(metrics_url),
+    })
+}
+
+/// Starts `replicas` simulated replicas (default profile plus `extra` flags) on ephemeral
+/// ports; returns the process and the replica addresses.
+pub fn start_sim(
+    tools: &Tools,
+    replicas: usize,
+    extra: &[String],
+    dir: &Path,
+) -> anyhow::Result<(Proc, Vec<SocketAddr>)> {
+    let mut cmd = Command::new(&tools.sim);
+    cmd.args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--replicas",
+        &replicas.to_string(),
+    ])
+    .args(extra)
+    .env("RUST_LOG", "warn");
+    let (p, lines) = Proc::spawn_with_ready_lines("sim", &mut cmd, dir, Duration::from_secs(30))?;
+    let addrs = lines
+        .iter()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(1)?
+                .strip_prefix("http://")?
+                .parse()
+                .ok()
+        })
+        .collect::<Vec<SocketAddr>>();
+    anyhow::ensure!(addrs.len() == replicas, "sim reported {lines:?}");
+    Ok((p, addrs))
+}
+
+/// Machine and run conditions for the results file.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|x| x.1.trim().to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = harness_mem_gib();
+    let kernel = cmd_out("uname", &["-r"]);
+    format!("{cores} vCPU {cpu}, {mem:.0} GiB RAM, Linux {kernel}")
+}
+
+fn harness_mem_gib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0)
+}
+
+/// stdout of a command, trimmed ("" on failure).
+pub fn cmd_out(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The 1/5/15-minute load averages.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
