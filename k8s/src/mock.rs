@@ -59,6 +59,29 @@ pub async fn json_body(req: Request<Body>) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// Answers with a watch stream that stays open.
+pub fn respond_watch(send: SendResponse<Response<MockBody>>) -> WatchStream {
+    let (b, tx) = body(Vec::new());
+    send.send_response(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(b)
+            .unwrap(),
+    );
+    WatchStream(tx)
+}
+
+/// Answers a list request with `items`.
+pub fn respond_list(send: SendResponse<Response<MockBody>>, items: Vec<Value>) {
+    respond_json(
+        send,
+        StatusCode::OK,
+        &json!({"apiVersion": "v1", "kind": "List",
+                "metadata": {"resourceVersion": "1"}, "items": items}),
+    );
+}
+
 /// A Kubernetes `Status` error body.
 pub fn status(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -135,14 +158,6 @@ impl ApiServer {
     /// Expects a watch of `path` and keeps it open.
     pub async fn expect_watch(&mut self, path: &str) -> (Request<Body>, WatchStream) {
         let (req, send) = self.expect_get(path, true).await;
-        let (b, tx) = body(Vec::new());
-        send.send_response(
-            Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/json")
-                .body(b)
-                .unwrap(),
-        );
-        (req, WatchStream(tx))
+        (req, respond_watch(send))
     }
 }

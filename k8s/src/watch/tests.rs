@@ -263,3 +263,53 @@ fn standalone_flags_parse() {
     assert!(standalone_spec("app=x", &[8000, 8000]).is_err());
     assert!(standalone_spec("app=x", &[1, 2, 3, 4, 5, 6, 7, 8, 9]).is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn standalone_discovery_filters_pods_by_label_and_watches_no_pool() {
+    let publisher = publisher();
+    let (client, mut server) = mock::client(NS);
+    let shutdown = CancellationToken::new();
+    let discovery = Discovery {
+        client,
+        pool: PoolRef {
+            name: "standalone".into(),
+            namespace: NS.into(),
+            group: crate::api::POOL_GROUP.into(),
+        },
+        metrics_port: None,
+        standalone: Some(standalone_spec("app=vllm", &[8000, 8001]).unwrap()),
+    };
+    let (_index, tasks) = discovery.start(publisher.clone(), &shutdown);
+    // Three watches share one client, so their requests arrive in any order: answer by path
+    // until each has listed and started watching.
+    let mut open = Vec::new();
+    while open.len() < 3 {
+        let (req, send) = server.next().await;
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        assert!(
+            !path.contains("inferencepools"),
+            "standalone mode watches no pool: {path}"
+        );
+        if query.contains("watch=true") {
+            open.push(mock::respond_watch(send));
+            continue;
+        }
+        let items = if path == PODS {
+            assert!(query.contains("labelSelector=app%3Dvllm"), "{query}");
+            vec![
+                v(pod("a", "vllm", "10.0.0.1")),
+                v(unready(pod("b", "vllm", "10.0.0.2"))),
+            ]
+        } else {
+            assert!(path == OBJECTIVES || path == REWRITES, "{path}");
+            vec![]
+        };
+        mock::respond_list(send, items);
+    }
+    assert!(publisher.datastore.is_synced());
+    let names: Vec<String> = endpoints(&publisher).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, vec!["a-rank-0", "a-rank-1"]);
+    shutdown.cancel();
+    join(tasks).await;
+}
