@@ -82,13 +82,19 @@ pub struct InfoLabels {
     pub build_ref: String,
 }
 
-/// `status, target_model_name`.
+/// `status, target_model_name, pod_name, namespace, port` (the target is empty on failure).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     /// `success` or `failure`.
     pub status: String,
     /// Model served.
     pub target_model_name: String,
+    /// Pod of the primary target.
+    pub pod_name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its target port.
+    pub port: String,
 }
 
 /// `extension_point, plugin_type, plugin_name`. The first two are static strings, so recording
@@ -704,6 +710,9 @@ mod tests {
             .get_or_create(&AttemptLabels {
                 status: "success".into(),
                 target_model_name: "m".into(),
+                pod_name: "a".into(),
+                namespace: "default".into(),
+                port: "8000".into(),
             })
             .inc();
         m.plugin_duration

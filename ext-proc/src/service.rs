@@ -511,6 +511,9 @@ impl StreamState {
                     .get_or_create(&AttemptLabels {
                         status: "failure".into(),
                         target_model_name: request.target_model.clone(),
+                        pod_name: String::new(),
+                        namespace: String::new(),
+                        port: String::new(),
                     })
                     .inc();
                 return self.fail(RequestError::Route(e), Some(&request));
@@ -521,6 +524,21 @@ impl StreamState {
             .get_or_create(&AttemptLabels {
                 status: "success".into(),
                 target_model_name: request.target_model.clone(),
+                pod_name: routed
+                    .targets
+                    .first()
+                    .map(|t| t.spec.pod_name.clone())
+                    .unwrap_or_default(),
+                namespace: routed
+                    .targets
+                    .first()
+                    .map(|t| t.spec.namespace.clone())
+                    .unwrap_or_default(),
+                port: routed
+                    .targets
+                    .first()
+                    .map(|t| t.spec.address.port().to_string())
+                    .unwrap_or_default(),
             })
             .inc();
         let destination = routed.destination();

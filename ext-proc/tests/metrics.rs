@@ -344,7 +344,13 @@ async fn every_family_is_exported_and_counters_match_the_requests() {
         (
             "inference_extension_scheduler_attempts",
             "counter",
-            &["status", "target_model_name"],
+            &[
+                "status",
+                "target_model_name",
+                "pod_name",
+                "namespace",
+                "port",
+            ],
         ),
         (
             "inference_extension_plugin_duration_seconds",
@@ -417,10 +423,16 @@ async fn every_family_is_exported_and_counters_match_the_requests() {
         BAD as f64
     );
     assert_eq!(
-        e.value(
+        e.values(
             "inference_extension_scheduler_attempts_total",
-            &[("status", "success")]
-        ),
+            &[
+                ("status", "success"),
+                ("namespace", "default"),
+                ("port", "8000")
+            ]
+        )
+        .iter()
+        .sum::<f64>(),
         OK as f64
     );
     assert_eq!(
