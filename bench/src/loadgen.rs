@@ -105,7 +105,8 @@ pub struct Summary {
     pub req_per_s: f64,
     /// Output tokens of completed requests per second.
     pub output_tok_per_s: f64,
-    /// Time to first token, ms (every request that got one).
+    /// Time to first token, ms: every request that got one, plus requests cut at the drain
+    /// deadline before their first token, counted with the time they waited (a lower bound).
     pub ttft_ms: Quantiles,
     /// Time per output token after the first, ms: (e2e − TTFT) / (tokens − 1).
     pub tpot_ms: Quantiles,
@@ -432,6 +433,7 @@ async fn one(
         r = client.request(http_req) => r,
         _ = wait_deadline(deadline) => {
             rec.error = Some("cut at the drain deadline before the response".into());
+            rec.ttft_ms = Some(sent.elapsed().as_secs_f64() * 1e3);
             return rec;
         }
     };
@@ -458,6 +460,9 @@ async fn one(
             f = body.frame() => f,
             _ = tokio::time::sleep_until(cut_at()) => {
                 rec.error = Some("cut at the drain deadline mid-stream".into());
+                // Still queued: the wait so far is a lower bound of its TTFT, and leaving it
+                // out would make an overloaded router look better than it is.
+                rec.ttft_ms.get_or_insert(sent.elapsed().as_secs_f64() * 1e3);
                 return rec;
             }
         };

@@ -203,26 +203,16 @@ fn routing_cfg(r: &RoutingOpts, quick: bool) -> anyhow::Result<RoutingCfg> {
             .map(|s| Router::parse(s))
             .collect::<anyhow::Result<Vec<_>>>()?,
         None => {
-            let names: &[&str] = if quick {
-                &[
-                    "rr",
-                    "lr",
-                    "switchyard",
-                    "sglang:cache_aware",
-                    "vllm:cache_aware",
-                ]
-            } else {
-                &[
-                    "rr",
-                    "lr",
-                    "switchyard",
-                    "switchyard-prefix",
-                    "sglang:cache_aware",
-                    "sglang:power_of_two",
-                    "vllm:cache_aware",
-                    "vllm:power_of_two",
-                ]
-            };
+            let names: &[&str] = &[
+                "rr",
+                "lr",
+                "switchyard",
+                "switchyard-prefix",
+                "sglang:cache_aware",
+                "sglang:power_of_two",
+                "vllm:cache_aware",
+                "vllm:power_of_two",
+            ];
             names
                 .iter()
                 .map(|s| Router::parse(s))
@@ -272,8 +262,8 @@ fn routing_cfg(r: &RoutingOpts, quick: bool) -> anyhow::Result<RoutingCfg> {
     Ok(RoutingCfg {
         replicas: 8,
         stream_granularity: 16,
-        duration_s: r.duration.unwrap_or(if quick { 15.0 } else { 30.0 }),
-        drain_s: 20.0,
+        duration_s: r.duration.unwrap_or(if quick { 12.0 } else { 30.0 }),
+        drain_s: if quick { 15.0 } else { 30.0 },
         routers,
         sweeps,
     })

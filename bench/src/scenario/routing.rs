@@ -247,8 +247,11 @@ pub fn describe(w: &WorkloadArgs) -> String {
     }
 }
 
-/// Headline ratios at the highest rate of each sweep: Switchyard (best profile) vs Envoy
-/// round-robin and vs the best peer router, on TTFT p90 and output tokens/s.
+/// Headline ratios at the highest rate of each sweep: Switchyard (default profile, and the
+/// best Switchyard profile if another one did better) vs Envoy round-robin and vs the best
+/// peer router (lowest TTFT p90 among sglang-router and vllm-router policies), on TTFT p90
+/// (other / Switchyard: > 1 means Switchyard is faster) and output tokens/s (Switchyard /
+/// other: > 1 means Switchyard serves more).
 pub fn headlines(runs: &[RoutingRun], cfg: &RoutingCfg) -> Vec<String> {
     let mut out = Vec::new();
     for sweep in &cfg.sweeps {
@@ -260,41 +263,47 @@ pub fn headlines(runs: &[RoutingRun], cfg: &RoutingCfg) -> Vec<String> {
             .iter()
             .filter(|r| r.workload == w && r.rate == rate)
             .collect();
-        let p90 = |r: &&RoutingRun| r.summary.ttft_ms.p90.unwrap_or(f64::INFINITY);
-        let best_of = |prefix: &str| {
+        let p90 = |r: &RoutingRun| r.summary.ttft_ms.p90.unwrap_or(f64::INFINITY);
+        let best = |pred: &dyn Fn(&str) -> bool| {
             at.iter()
-                .filter(|r| r.router.starts_with(prefix))
+                .filter(|r| pred(&r.router))
                 .min_by(|a, b| p90(a).total_cmp(&p90(b)))
                 .copied()
         };
-        let Some(sy) = best_of("switchyard") else {
-            continue;
-        };
         let rr = at.iter().find(|r| r.router == "envoy round-robin").copied();
-        let peer = at
+        let peer = best(&|r: &str| r.starts_with("sglang") || r.starts_with("vllm"));
+        let default = at
             .iter()
-            .filter(|r| r.router.starts_with("sglang") || r.router.starts_with("vllm"))
-            .min_by(|a, b| p90(a).total_cmp(&p90(b)))
+            .find(|r| r.router == "switchyard default")
             .copied();
-        let mut line = format!("`{w}` at {rate} req/s, {}:", sy.router);
-        for (name, other) in [("Envoy round-robin", rr), ("best peer", peer)] {
-            if let Some(o) = other {
-                let _ = std::fmt::Write::write_fmt(
-                    &mut line,
-                    format_args!(
-                        " TTFT p90 {:.2}× lower than {name} ({}: {:.0} → {:.0} ms), output tok/s {:.2}× ({:.0} → {:.0});",
-                        p90(&o) / p90(&sy),
-                        o.router,
-                        p90(&o),
-                        p90(&sy),
-                        sy.summary.output_tok_per_s / o.summary.output_tok_per_s.max(1e-9),
-                        o.summary.output_tok_per_s,
-                        sy.summary.output_tok_per_s,
-                    ),
-                );
-            }
+        let best_sy = best(&|r: &str| r.starts_with("switchyard"));
+        let mut mine: Vec<&RoutingRun> = default.into_iter().collect();
+        if let Some(b) = best_sy
+            && default.is_none_or(|d| d.router != b.router)
+        {
+            mine.push(b);
         }
-        out.push(line.trim_end_matches(';').to_owned() + ".");
+        for sy in mine {
+            let mut line = format!(
+                "`{w}` at {rate} req/s, {} (TTFT p90 {:.0} ms, {:.0} output tok/s):",
+                sy.router,
+                p90(sy),
+                sy.summary.output_tok_per_s
+            );
+            for (name, other) in [("Envoy round-robin", rr), ("best peer", peer)] {
+                if let Some(o) = other {
+                    line.push_str(&format!(
+                        " vs {name} ({}: {:.0} ms, {:.0} tok/s) TTFT p90 ×{:.2}, throughput ×{:.2};",
+                        o.router,
+                        p90(o),
+                        o.summary.output_tok_per_s,
+                        p90(o) / p90(sy),
+                        sy.summary.output_tok_per_s / o.summary.output_tok_per_s.max(1e-9),
+                    ));
+                }
+            }
+            out.push(line.trim_end_matches(';').to_owned() + ".");
+        }
     }
     out
 }
