@@ -363,128 +363,137 @@ impl EppMetrics {
             pool_name: parking_lot::RwLock::new(String::new()),
             plugin_cache: PluginCache::default(),
         };
+        // prometheus-client appends the final period of each help text itself.
         let r = registry;
         r.register(
             "inference_objective_request",
-            "Counter of inference objective requests broken out for each model and target model.",
+            "Counter of inference objective requests broken out for each model and target model",
             m.requests.clone(),
         );
-        r.register("inference_objective_request_error", "Counter of inference objective requests errors broken out for each model and target model.", m.request_errors.clone());
-        r.register("inference_objective_request_duration_seconds", "Inference objective response latency distribution in seconds for each model and target model.", m.request_duration.clone());
-        r.register("inference_objective_request_sizes", "Inference objective requests size distribution in bytes for each model and target model.", m.request_sizes.clone());
-        r.register("inference_objective_response_sizes", "Inference objective responses size distribution in bytes for each model and target model.", m.response_sizes.clone());
+        r.register("inference_objective_request_error", "Counter of inference objective requests errors broken out for each model and target model", m.request_errors.clone());
+        r.register("inference_objective_request_duration_seconds", "Inference objective response latency distribution in seconds for each model and target model", m.request_duration.clone());
+        r.register("inference_objective_request_sizes", "Inference objective requests size distribution in bytes for each model and target model", m.request_sizes.clone());
+        r.register("inference_objective_response_sizes", "Inference objective responses size distribution in bytes for each model and target model", m.response_sizes.clone());
         r.register(
             "inference_objective_input_tokens",
-            "Inference objective input token count distribution for requests in each model.",
+            "Inference objective input token count distribution for requests in each model",
             m.input_tokens.clone(),
         );
         r.register(
             "inference_objective_output_tokens",
-            "Inference objective output token count distribution for requests in each model.",
+            "Inference objective output token count distribution for requests in each model",
             m.output_tokens.clone(),
         );
-        r.register("inference_objective_prompt_cached_tokens", "Inference objective prompt cached token count distribution for requests in each model.", m.cached_tokens.clone());
-        r.register("inference_objective_normalized_time_per_output_token_seconds", "Inference objective latency divided by number of output tokens in seconds for each model and target model.", m.normalized_tpot.clone());
+        r.register(
+            "inference_objective_prompt_cached_tokens",
+            "Inference objective prompt cached token count distribution for requests in each model",
+            m.cached_tokens.clone(),
+        );
+        r.register("inference_objective_normalized_time_per_output_token_seconds", "Inference objective latency divided by number of output tokens in seconds for each model and target model", m.normalized_tpot.clone());
         r.register(
             "inference_objective_running_requests",
-            "Inference objective number of running requests in each model.",
+            "Inference objective number of running requests in each model",
             m.running_requests.clone(),
         );
         r.register(
             "inference_pool_average_kv_cache_utilization",
-            "The average kv cache utilization for an inference server pool.",
+            "The average kv cache utilization for an inference server pool",
             m.pool_avg_kv.clone(),
         );
         r.register(
             "inference_pool_average_queue_size",
-            "The average number of requests pending in the model server queue.",
+            "The average number of requests pending in the model server queue",
             m.pool_avg_queue.clone(),
         );
-        r.register("inference_pool_average_running_requests", "The average number of requests currently being processed by model servers in the pool.", m.pool_avg_running.clone());
+        r.register(
+            "inference_pool_average_running_requests",
+            "The average number of requests currently being processed by model servers in the pool",
+            m.pool_avg_running.clone(),
+        );
         r.register(
             "inference_pool_ready_pods",
-            "The number of ready pods in the inference server pool.",
+            "The number of ready pods in the inference server pool",
             m.pool_ready_pods.clone(),
         );
-        r.register("inference_pool_per_pod_queue_size", "The total number of requests pending in the model server queue for each underlying pod.", m.per_pod_queue.clone());
+        r.register("inference_pool_per_pod_queue_size", "The total number of requests pending in the model server queue for each underlying pod", m.per_pod_queue.clone());
         r.register(
             "inference_extension_scheduler_e2e_duration_seconds",
-            "End-to-end scheduling latency distribution in seconds.",
+            "End-to-end scheduling latency distribution in seconds",
             m.scheduler_e2e.clone(),
         );
         r.register(
             "inference_extension_scheduler_attempts",
-            "Total number of scheduling attempts.",
+            "Total number of scheduling attempts",
             m.scheduler_attempts.clone(),
         );
         r.register(
             "inference_extension_request_path_overhead_seconds",
-            "Time from the end of the request body to the EPP's answer, in seconds.",
+            "Time from the end of the request body to the EPP's answer, in seconds",
             m.request_path_overhead.clone(),
         );
         r.register(
             "inference_extension_ext_proc_streams",
-            "ext_proc streams handled, by outcome.",
+            "ext_proc streams handled, by outcome",
             m.streams.clone(),
         );
         r.register(
             "inference_extension_ext_proc_active_streams",
-            "ext_proc streams currently open.",
+            "ext_proc streams currently open",
             m.active_streams.clone(),
         );
         r.register(
             "inference_extension_model_rewrite_decisions",
-            "Model rewrite decisions.",
+            "Model rewrite decisions",
             m.rewrites.clone(),
         );
         r.register(
             "inference_extension_plugin_duration_seconds",
-            "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name.",
+            "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name",
             m.plugin_duration.clone(),
         );
         r.register(
             "inference_extension_prefix_indexer_size",
-            "Size of the prefix indexer (block entries held, summed over endpoints).",
+            "Size of the prefix indexer (block entries held, summed over endpoints)",
             m.prefix_indexer_size.clone(),
         );
         r.register(
             "inference_extension_prefix_indexer_hit_ratio",
-            "Ratio of prefix length matched to total prefix length in the cache lookup.",
+            "Ratio of prefix length matched to total prefix length in the cache lookup",
             m.prefix_hit_ratio.clone(),
         );
         r.register(
             "inference_extension_prefix_indexer_hit_bytes",
-            "Length of the prefix match in number of bytes in the cache lookup.",
+            "Length of the prefix match in number of bytes in the cache lookup",
             m.prefix_hit_bytes.clone(),
         );
         r.register(
             "inference_objective_request_ttft_seconds",
-            "Inference objective time to first token (first streamed response chunk) in seconds.",
+            "Inference objective time to first token (first streamed response chunk) in seconds",
             m.ttft.clone(),
         );
         r.register(
             "inference_objective_request_tpot_seconds",
-            "Inference objective time per output token after the first, in seconds (streamed responses).",
+            "Inference objective time per output token after the first, in seconds (streamed responses)",
             m.tpot.clone(),
         );
         r.register(
             "inference_pool_per_pod_kv_cache_utilization",
-            "The KV-cache utilization of each pod of the pool, in [0, 1].",
+            "The KV-cache utilization of each pod of the pool, in [0, 1]",
             m.per_pod_kv.clone(),
         );
         r.register(
             "inference_extension_model_server_metrics_age_seconds",
-            "Age of the latest successful metrics scrape of each pod, in seconds.",
+            "Age of the latest successful metrics scrape of each pod, in seconds",
             m.scrape_age.clone(),
         );
         r.register(
             "inference_extension_model_server_scrape_errors",
-            "Failed metrics scrapes of the model servers, by pod and reason.",
+            "Failed metrics scrapes of the model servers, by pod and reason",
             m.scrape_errors.clone(),
         );
         r.register(
             "inference_extension_model_server_scrape_duration_seconds",
-            "Duration of model-server metrics scrapes in seconds.",
+            "Duration of model-server metrics scrapes in seconds",
             m.scrape_duration.clone(),
         );
         let info: Family<InfoLabels, Gauge> = Family::default();
@@ -497,7 +506,7 @@ impl EppMetrics {
         .set(1);
         r.register(
             "inference_extension_info",
-            "General information of the current build of Inference Extension.",
+            "General information of the current build of Inference Extension",
             info,
         );
         Arc::new(m)

@@ -163,6 +163,11 @@ impl ExternalProcessor for ExtProcService {
                         for response in responses {
                             yield Ok(response);
                         }
+                        // Envoy resets the stream once the exchange is over, so an exchange that
+                        // completed counts as `ok` however the stream ends afterwards.
+                        if state.exchange_complete() {
+                            active.outcome = "ok";
+                        }
                         if state.done {
                             active.outcome = "ok";
                             break;
@@ -176,7 +181,9 @@ impl ExternalProcessor for ExtProcService {
                     Err(status) => {
                         let span = span.get_or_insert_with(tracing::Span::none);
                         span.in_scope(|| tracing::info!(%status, "ext_proc stream error"));
-                        active.outcome = "error";
+                        if !state.exchange_complete() {
+                            active.outcome = "error";
+                        }
                         break;
                     }
                 }
@@ -292,6 +299,11 @@ impl StreamState {
     /// The request id (empty before headers).
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// True once the exchange is over: an immediate response was sent, or the response ended.
+    pub fn exchange_complete(&self) -> bool {
+        self.done || self.response.complete
     }
 
     /// Handles one message; returns the answers to send, in order.

@@ -103,7 +103,10 @@ pub fn otlp_endpoint_configured() -> bool {
 pub fn init(options: &TelemetryOptions) -> Result<TelemetryGuard, TelemetryError> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&options.filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: log files and collectors get plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = if options.encoder == "json" {
         fmt.json()
             .flatten_event(true)

@@ -851,3 +851,51 @@ fn metric_names(expr: &str) -> Vec<String> {
     }
     out
 }
+
+/// Envoy resets the ext_proc stream once the exchange is over: that is `ok`; a stream abandoned
+/// before its answer is `cancelled`.
+#[tokio::test]
+async fn stream_outcomes_follow_the_exchange_not_the_reset() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    set_queues(&epp, &[0, 0, 0]);
+    let outcome = |e: &Exposition, o: &str| {
+        e.values(
+            "inference_extension_ext_proc_streams_total",
+            &[("outcome", o)],
+        )
+        .iter()
+        .sum::<f64>()
+    };
+    {
+        let mut s = Stream::open(epp.grpc).await;
+        s.send(req_headers(
+            &[(":method", "GET"), (":path", "/v1/models")],
+            true,
+            None,
+        ))
+        .await;
+        let _ = routing_answer(&s.recv().await);
+        s.send(resp_headers(&[(":status", "200")], true, None))
+            .await;
+        let _ = s.recv().await;
+        drop(s); // both halves: a reset, as Envoy does
+    }
+    scrape_until(&epp, |e| outcome(e, "ok") == 1.0).await;
+    {
+        let s = Stream::open(epp.grpc).await;
+        s.send(req_headers(CHAT_HEADERS, false, None)).await;
+        // Wait until the EPP holds the stream, then go away before the body.
+        scrape_until(&epp, |e| {
+            e.value("inference_extension_ext_proc_active_streams", &[]) == 1.0
+        })
+        .await;
+        drop(s);
+    }
+    let e = scrape_until(&epp, |e| outcome(e, "cancelled") == 1.0).await;
+    assert_eq!(outcome(&e, "ok"), 1.0);
+    assert_eq!(outcome(&e, "error"), 0.0);
+    assert_eq!(
+        e.value("inference_extension_ext_proc_active_streams", &[]),
+        0.0
+    );
+}
