@@ -109,12 +109,16 @@ $(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION):
 		"sglang-router==$(SGLANG_ROUTER_VERSION)" "vllm-router==$(VLLM_ROUTER_VERSION)"
 	@touch $@
 
+# Built together and run directly (not `cargo run -p bench`, whose different feature set would
+# rebuild ext-proc); the scenario finds `sim` and `epp` next to itself.
+BENCH_BIN = $${CARGO_TARGET_DIR:-target}/release
+
 bench-build:
 	$(CARGO) build --release -p ext-proc -p sim -p bench --bins
 
 bench: envoy bench-peers bench-build
-	$(CARGO) run --release -p bench --bin scenario -- --envoy "$(ENVOY)" all $(BENCH_ARGS)
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" all $(BENCH_ARGS)
 	$(CARGO) bench -p bench --bench request_path -- --warm-up-time 1 --measurement-time 3
 
 bench-quick: envoy bench-peers bench-build
-	$(CARGO) run --release -p bench --bin scenario -- --envoy "$(ENVOY)" --quick all $(BENCH_ARGS)
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" --quick all $(BENCH_ARGS)

@@ -50,7 +50,8 @@ impl Router {
         }
     }
 
-    /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `sglang:<policy>`, `vllm:<policy>`.
+    /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `switchyard-running`,
+    /// `sglang:<policy>`, `vllm:<policy>`.
     pub fn parse(s: &str) -> anyhow::Result<Router> {
         Ok(match s {
             "rr" | "envoy-rr" => Router::EnvoyRoundRobin,
@@ -63,11 +64,15 @@ impl Router {
                 profile: "prefix-heavy".into(),
                 config: Some(PREFIX_HEAVY.into()),
             },
+            "switchyard-running" => Router::Switchyard {
+                profile: "running-aware".into(),
+                config: Some(RUNNING_AWARE.into()),
+            },
             _ => match s.split_once(':') {
                 Some(("sglang", p)) => Router::Sglang(p.into()),
                 Some(("vllm", p)) => Router::Vllm(p.into()),
                 _ => anyhow::bail!(
-                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, sglang:<policy>, vllm:<policy>)"
+                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, sglang:<policy>, vllm:<policy>)"
                 ),
             },
         })
@@ -92,6 +97,30 @@ schedulingProfiles:
     weight: 1
   - pluginRef: prefix-cache-scorer
     weight: 5
+";
+
+/// The default profile plus `running-requests-size-scorer`: on engines whose waiting queue
+/// stays empty until they are far past their knee (vLLM admits up to `max-num-seqs` = 1024),
+/// the running count is the load signal the queue scorer does not see.
+pub const RUNNING_AWARE: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: running-requests-size-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: running-requests-size-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 1
+  - pluginRef: prefix-cache-scorer
+    weight: 3
 ";
 
 /// A running router: where to send traffic, and its processes.
