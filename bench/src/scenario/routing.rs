@@ -341,3 +341,83 @@ pub fn plots(runs: &[RoutingRun], cfg: &RoutingCfg) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Quantiles;
+    use crate::workload::Kind;
+
+    fn run(router: &str, rate: f64, p90: f64, tok: f64) -> RoutingRun {
+        RoutingRun {
+            workload: "shared-prefix".into(),
+            router: router.into(),
+            rate,
+            summary: Summary {
+                ttft_ms: Quantiles {
+                    p90: Some(p90),
+                    ..Quantiles::default()
+                },
+                output_tok_per_s: tok,
+                ..Summary::default()
+            },
+            replica_cache_hit: Some(0.5),
+            replica_requests: vec![1.0, 1.0],
+            spread_max_over_mean: Some(1.0),
+            spread_cv: Some(0.0),
+            router_cpu_s: 0.1,
+        }
+    }
+
+    #[test]
+    fn headlines_compare_at_the_highest_rate_with_rr_and_the_best_peer() {
+        let cfg = RoutingCfg {
+            replicas: 8,
+            stream_granularity: 16,
+            duration_s: 1.0,
+            drain_s: 1.0,
+            routers: ["rr", "switchyard", "sglang:cache_aware", "vllm:cache_aware"]
+                .iter()
+                .map(|r| Router::parse(r).unwrap())
+                .collect(),
+            sweeps: vec![Sweep {
+                workload: WorkloadArgs {
+                    workload: Kind::SharedPrefix,
+                    ..WorkloadArgs::default()
+                },
+                rates: vec![5.0, 10.0],
+            }],
+        };
+        let runs = vec![
+            run("envoy round-robin", 5.0, 1.0, 1.0),
+            run("envoy round-robin", 10.0, 400.0, 50.0),
+            run("switchyard default", 10.0, 100.0, 100.0),
+            run("sglang-router cache_aware", 10.0, 200.0, 80.0),
+            run("vllm-router cache_aware", 10.0, 300.0, 90.0),
+        ];
+        let h = headlines(&runs, &cfg);
+        assert_eq!(h.len(), 1);
+        assert!(h[0].contains("at 10 req/s, switchyard default"), "{}", h[0]);
+        assert!(
+            h[0].contains("TTFT p90 ×4.00, throughput ×2.00"),
+            "{}",
+            h[0]
+        );
+        assert!(
+            h[0].contains("sglang-router cache_aware: 200 ms"),
+            "{}",
+            h[0]
+        );
+        assert!(
+            h[0].contains("TTFT p90 ×2.00, throughput ×1.25"),
+            "{}",
+            h[0]
+        );
+        let md = markdown(&runs, &cfg);
+        assert_eq!(md.matches("| switchyard default |").count(), 1);
+        let plots = plots(&runs, &cfg);
+        assert_eq!(plots.len(), 1);
+        assert_eq!(plots[0].0, "routing-shared-prefix.svg");
+        assert_eq!(plots[0].1.matches("<polyline").count(), 4);
+    }
+}
