@@ -57,6 +57,15 @@ enum Cmd {
     },
     /// Everything, in order.
     All(RoutingOpts),
+    /// Redraw the routing plots from a saved `bench/results/routing.json`.
+    Replot {
+        /// The saved sweep.
+        #[arg(long, default_value = "bench/results/routing.json")]
+        input: PathBuf,
+        /// Where the SVGs go.
+        #[arg(long, default_value = "bench")]
+        out_dir: PathBuf,
+    },
     /// (internal) Serve the fixed backend on N ephemeral ports; prints `backend-<i> http://<addr>`
     /// lines, then an empty line.
     Backend {
@@ -130,6 +139,19 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         std::future::pending::<()>().await;
         return Ok(());
     }
+    if let Cmd::Replot { input, out_dir } = &o.cmd {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            cfg: RoutingCfg,
+            runs: Vec<routing::RoutingRun>,
+        }
+        let saved: Saved = serde_json::from_slice(&std::fs::read(input)?)?;
+        for (file, svg) in routing::plots(&saved.runs, &saved.cfg) {
+            std::fs::write(out_dir.join(&file), svg)?;
+            eprintln!("wrote {}", out_dir.join(file).display());
+        }
+        return Ok(());
+    }
     let repo = o.repo.canonicalize().context("repository root")?;
     let tools = Tools::locate(repo.clone(), o.bin_dir.clone(), o.envoy.clone())?;
     let run_dir = if o.run_dir.is_absolute() {
@@ -190,7 +212,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             }
             do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?;
         }
-        Cmd::Backend { .. } => {}
+        Cmd::Backend { .. } | Cmd::Replot { .. } => {}
     }
     Ok(())
 }
