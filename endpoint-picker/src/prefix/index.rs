@@ -6,7 +6,6 @@
 //! makes matching one walk over the request's hashes, whatever the number of endpoints.
 
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 
 use lru::LruCache;
 use parking_lot::RwLock;
@@ -64,33 +63,30 @@ impl PrefixIndex {
         if hashes.is_empty() {
             return;
         }
-        let capacity = NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let capacity = capacity.max(1);
         let mut inner = self.inner.write();
         let Inner { holders, endpoints } = &mut *inner;
         let slot = endpoint.0 as usize;
         if endpoints.len() <= slot {
             endpoints.resize_with(slot + 1, || None);
         }
-        let lru = endpoints[slot].get_or_insert_with(|| LruCache::new(capacity));
-        if lru.cap() != capacity {
-            // Auto-tuning learned the real cache size; shrink or grow in place.
-            while lru.len() > capacity.get() {
-                if let Some((old, ())) = lru.pop_lru() {
-                    remove_holder(holders, old, endpoint);
-                }
+        // Unbounded cache with the capacity enforced here: a bounded `LruCache` pre-allocates
+        // its whole table (tens of thousands of entries per endpoint) on first use, which cost
+        // ~40 µs on the first request to each endpoint and ~1 MB per endpoint up front; the
+        // index should only hold what routing has actually put there. Enforcing it on every
+        // insert also lets auto-tuning change the capacity at any time.
+        let lru = endpoints[slot].get_or_insert_with(LruCache::unbounded);
+        // Deepest block first, so the leading blocks end up most recent: matching stops at the
+        // first miss, so when something must go it should be a request's tail, never its head.
+        for &h in hashes.iter().rev() {
+            if lru.push(h, ()).is_none() {
+                // Newly held (push returns the old entry when the key was already there).
+                holders.entry(h).or_default().push(endpoint);
             }
-            lru.resize(capacity);
         }
-        for &h in hashes {
-            match lru.push(h, ()) {
-                // Already held: refreshed to most recent.
-                Some((k, ())) if k == h => {}
-                // Newly held, and the LRU block of this endpoint made room.
-                Some((evicted, ())) => {
-                    remove_holder(holders, evicted, endpoint);
-                    holders.entry(h).or_default().push(endpoint);
-                }
-                None => holders.entry(h).or_default().push(endpoint),
+        while lru.len() > capacity {
+            if let Some((old, ())) = lru.pop_lru() {
+                remove_holder(holders, old, endpoint);
             }
         }
     }
@@ -161,12 +157,19 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_blocks() {
         let idx = PrefixIndex::new();
-        idx.insert(EndpointId(0), 3, &[1, 2, 3]);
-        idx.insert(EndpointId(0), 3, &[1]); // touch 1
-        idx.insert(EndpointId(0), 3, &[4]); // evicts 2 (least recent)
-        assert_eq!(lengths(&idx, &[1, 2], 1), vec![1]);
+        idx.insert(EndpointId(0), 3, &[1, 2, 3]); // recency, oldest first: 3, 2, 1
+        idx.insert(EndpointId(0), 3, &[2]); // touch 2: 3, 1, 2
+        idx.insert(EndpointId(0), 3, &[4]); // evicts 3, the least recently used
+        assert_eq!(lengths(&idx, &[1, 2, 3], 1), vec![2]);
         assert_eq!(lengths(&idx, &[4], 1), vec![1]);
         assert_eq!(idx.len(), 3);
+    }
+
+    #[test]
+    fn a_request_longer_than_the_capacity_keeps_its_head() {
+        let idx = PrefixIndex::new();
+        idx.insert(EndpointId(0), 2, &[1, 2, 3, 4]);
+        assert_eq!(lengths(&idx, &[1, 2, 3, 4], 1), vec![2]);
     }
 
     #[test]
