@@ -302,10 +302,12 @@ pub async fn serve_with_handles(
         datastore,
     });
     let grpc_token = shutdown.clone();
-    let grpc = router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listeners.grpc),
-        grpc_token.cancelled_owned(),
-    );
+    // `Server::tcp_nodelay` only applies when tonic binds the socket itself; with our own
+    // listener the accepted sockets must be configured here, or Nagle's algorithm meets the
+    // peer's delayed ACK and mid-size ext_proc messages wait ~40 ms (found by bench/overhead).
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let grpc = router.serve_with_incoming_shutdown(incoming, grpc_token.cancelled_owned());
     tokio::pin!(grpc);
     let result = tokio::select! {
         r = &mut grpc => r.map_err(ServeError::from),
