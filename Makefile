@@ -86,7 +86,7 @@ test: envoy prometheus schema-tools
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
 	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
 	$(MAKE) --no-print-directory validate-manifests
-	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace
+	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace --no-fail-fast
 
 demo: envoy prometheus release
 	ENVOY="$(ENVOY)" ./scripts/demo.sh
