@@ -276,8 +276,7 @@ impl Director {
             .endpoints
             .iter()
             .filter(|e| subset.is_none_or(|s| s.iter().any(|m| m.matches(e.spec.address))))
-            .cloned()
-            .map(Candidate::new)
+            .map(|e| Candidate::with_in_flight(e.clone(), self.in_flight.get(e.id)))
             .collect();
         if candidates.is_empty() {
             return Err(RouteError::NoCandidates);
@@ -364,6 +363,45 @@ mod tests {
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 1);
         drop(routed);
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 0);
+    }
+
+    /// The balanced profile: new conversations (no prefix held anywhere) go to the replica
+    /// with the fewest requests in flight from this EPP, even though every scraped metric is
+    /// equal; a conversation's next turn then follows its prefix.
+    #[tokio::test(start_paused = true)]
+    async fn balanced_profile_spreads_new_prefixes_and_keeps_them_sticky() {
+        let ds = Arc::new(Datastore::new());
+        ds.apply(pool(3));
+        let config = load(crate::config::profiles::BALANCED_PREFIX, 1).unwrap();
+        let d = Director::new(ds, Arc::new(config), 1);
+        d.pool_changed();
+        let snap = d.datastore().snapshot();
+        for e in &snap.endpoints {
+            e.store_metrics(EngineMetrics {
+                updated_at: Some(Instant::now()),
+                ..Default::default()
+            });
+        }
+        let conversation = |user: usize, turns: usize| InferenceRequest {
+            prompt: bytes::Bytes::from(
+                (0..turns)
+                    .map(|t| format!("user {user} says {t}: ").repeat(40))
+                    .collect::<String>(),
+            ),
+            ..req()
+        };
+        // Six first turns, each still in flight when the next arrives: two per replica.
+        let first: Vec<Routed> = (0..6)
+            .map(|u| d.route(&conversation(u, 1), None, false).unwrap())
+            .collect();
+        for e in &snap.endpoints {
+            assert_eq!(d.in_flight().get(e.id), 2, "{}", e.spec.name);
+        }
+        // Second turns (first turn + more) go where the first turn went, busy or not.
+        for (u, routed) in first.iter().enumerate() {
+            let next = d.route(&conversation(u, 2), None, false).unwrap();
+            assert_eq!(next.destination(), routed.destination(), "user {u}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -78,6 +78,14 @@ pub(crate) fn router(replica: Arc<Replica>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
+        // What SGLang's own router asks a worker for (load monitor, registration); served in
+        // SGLang's shape whatever `--engine` says, so that router runs against the simulator
+        // with its engine-reported load instead of falling back to its own request counts.
+        .route("/get_load", get(sglang_load))
+        .route("/server_info", get(sglang_server_info))
+        .route("/get_server_info", get(sglang_server_info))
+        .route("/model_info", get(sglang_model_info))
+        .route("/get_model_info", get(sglang_model_info))
         .route("/v1/load_lora_adapter", post(load_lora))
         .route("/v1/unload_lora_adapter", post(unload_lora))
         .route("/admin/pause", post(admin_pause))
@@ -775,6 +783,45 @@ async fn models(State(r): State<Arc<Replica>>) -> Response {
         }));
     }
     axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// SGLang's `/get_load`: one entry per data-parallel rank (one here). `num_tokens` is the KV
+/// held by running requests, in tokens.
+async fn sglang_load(State(r): State<Arc<Replica>>) -> Response {
+    let s = r.engine.snapshot();
+    axum::Json(json!([{
+        "dp_rank": 0,
+        "num_reqs": s.running + s.waiting,
+        "num_waiting_reqs": s.waiting,
+        "num_tokens": s.kv_used_blocks * s.block_size,
+    }]))
+    .into_response()
+}
+
+/// SGLang's `/server_info` (the subset routers read).
+async fn sglang_server_info(State(r): State<Arc<Replica>>) -> Response {
+    axum::Json(json!({
+        "model_path": r.config.model,
+        "served_model_name": r.config.model,
+        "tp_size": 1,
+        "dp_size": 1,
+        "context_length": r.config.max_model_len,
+        "disaggregation_mode": "null",
+        "version": concat!("switchyard-sim ", env!("CARGO_PKG_VERSION")),
+    }))
+    .into_response()
+}
+
+/// SGLang's `/model_info`.
+async fn sglang_model_info(State(r): State<Arc<Replica>>) -> Response {
+    axum::Json(json!({
+        "model_path": r.config.model,
+        "tokenizer_path": r.config.model,
+        "is_generation": true,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+    }))
+    .into_response()
 }
 
 async fn health() -> StatusCode {

@@ -374,6 +374,55 @@ async fn metrics_scrape_parses_with_the_epp_parser_and_matches_the_engine() {
 }
 
 #[tokio::test]
+async fn sglang_router_endpoints_report_load_and_identity() {
+    let r = replica(Config::default()).await;
+    let c = client();
+    let get = |path: &'static str| {
+        let (c, r) = (c.clone(), &r);
+        async move {
+            let (status, _, body) = call(&c, r, Method::GET, path, None, &[]).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            serde_json::from_slice::<Value>(&body).unwrap()
+        }
+    };
+    let idle = get("/get_load").await;
+    assert_eq!(
+        idle,
+        json!([{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}])
+    );
+    // A streamed request that has produced its first token is running and holds KV.
+    let resp = start(
+        &c,
+        &r,
+        Method::POST,
+        "/v1/completions",
+        Some(json!({"prompt": "x ".repeat(100), "max_tokens": 400, "stream": true})),
+        &[],
+    )
+    .await;
+    let mut sse = SseReader {
+        body: resp.into_body(),
+        buf: String::new(),
+    };
+    assert!(sse.next().await.is_some());
+    let busy = get("/get_load").await;
+    assert_eq!(busy[0]["num_reqs"], 1);
+    assert_eq!(busy[0]["num_waiting_reqs"], 0);
+    assert!(busy[0]["num_tokens"].as_u64().unwrap() > 0, "{busy}");
+    while sse.next().await.is_some() {}
+    assert_eq!(get("/get_load").await[0]["num_reqs"], 0);
+    let model = Config::default().model;
+    for path in ["/server_info", "/get_server_info"] {
+        let info = get(path).await;
+        assert_eq!(info["model_path"], model.as_str());
+        assert_eq!(info["dp_size"], 1);
+    }
+    for path in ["/model_info", "/get_model_info"] {
+        assert_eq!(get(path).await["is_generation"], true);
+    }
+}
+
+#[tokio::test]
 async fn invalid_requests_get_vllm_style_errors() {
     let r = replica(Config {
         max_model_len: 1000,

@@ -77,7 +77,8 @@ enum Cmd {
 
 #[derive(Debug, Clone, clap::Args)]
 struct RoutingOpts {
-    /// Routers: rr, lr, switchyard, switchyard-prefix, sglang:<policy>, vllm:<policy>.
+    /// Routers: rr, lr, switchyard, switchyard-balanced, switchyard-prefix, switchyard-running,
+    /// switchyard-lora, sglang:<policy>, vllm:<policy>.
     #[arg(long, value_delimiter = ',')]
     routers: Option<Vec<String>>,
     /// Workloads to sweep.
@@ -219,32 +220,69 @@ async fn run(o: Opts) -> anyhow::Result<()> {
 
 /// The routing presets: the full sweep, or `--quick`.
 fn routing_cfg(r: &RoutingOpts, quick: bool) -> anyhow::Result<RoutingCfg> {
+    let parse = |names: &[&str]| -> anyhow::Result<Vec<Router>> {
+        names.iter().map(|s| Router::parse(s)).collect()
+    };
+    // The quick sweep keeps what the headline needs: round-robin, Switchyard's default and
+    // recommended profiles, and each peer's cache-aware policy (their best).
     let routers = match &r.routers {
         Some(list) => list
             .iter()
             .map(|s| Router::parse(s))
             .collect::<anyhow::Result<Vec<_>>>()?,
-        None => {
-            let names: &[&str] = &[
+        None if quick => parse(&[
+            "rr",
+            "switchyard",
+            "switchyard-balanced",
+            "sglang:cache_aware",
+            "vllm:cache_aware",
+        ])?,
+        None => parse(&[
+            "rr",
+            "lr",
+            "switchyard",
+            "switchyard-balanced",
+            "switchyard-prefix",
+            "sglang:cache_aware",
+            "sglang:power_of_two",
+            "vllm:cache_aware",
+            "vllm:power_of_two",
+        ])?,
+    };
+    // `mixed` has no shared prefixes and `lora` is about adapter placement: the load-only
+    // baselines, Switchyard's profiles that matter there and the peers' cache-aware policy.
+    let short_list = |k: Kind| -> anyhow::Result<Vec<Router>> {
+        if r.routers.is_some() {
+            return Ok(Vec::new());
+        }
+        match k {
+            Kind::Mixed => parse(&[
                 "rr",
                 "lr",
                 "switchyard",
-                "switchyard-prefix",
+                "switchyard-balanced",
                 "sglang:cache_aware",
-                "sglang:power_of_two",
                 "vllm:cache_aware",
-                "vllm:power_of_two",
-            ];
-            names
-                .iter()
-                .map(|s| Router::parse(s))
-                .collect::<anyhow::Result<Vec<_>>>()?
+            ]),
+            Kind::Lora => parse(&[
+                "rr",
+                "lr",
+                "switchyard",
+                "switchyard-balanced",
+                "switchyard-lora",
+                "sglang:cache_aware",
+                "vllm:cache_aware",
+            ]),
+            _ => Ok(Vec::new()),
         }
     };
-    let workloads = r
-        .workloads
-        .clone()
-        .unwrap_or_else(|| vec![Kind::SharedPrefix, Kind::MultiTurn]);
+    let workloads = r.workloads.clone().unwrap_or_else(|| {
+        if quick {
+            vec![Kind::SharedPrefix, Kind::MultiTurn]
+        } else {
+            vec![Kind::SharedPrefix, Kind::MultiTurn, Kind::Mixed, Kind::Lora]
+        }
+    });
     let sweeps = workloads
         .into_iter()
         .map(|k| {
@@ -268,23 +306,24 @@ fn routing_cfg(r: &RoutingOpts, quick: bool) -> anyhow::Result<RoutingCfg> {
                 workload.output_tokens = v;
             }
             let preset: Vec<f64> = match (k, quick) {
-                (Kind::SharedPrefix, true) => vec![6.0, 12.0, 18.0],
+                (Kind::SharedPrefix, true) => vec![12.0, 18.0],
                 (Kind::SharedPrefix, false) => vec![6.0, 12.0, 18.0, 24.0],
-                (Kind::MultiTurn, true) => vec![20.0, 40.0, 60.0],
+                (Kind::MultiTurn, true) => vec![40.0, 60.0],
                 (Kind::MultiTurn, false) => vec![20.0, 40.0, 60.0, 80.0],
                 (_, true) => vec![10.0, 20.0],
                 (_, false) => vec![10.0, 20.0, 30.0],
             };
-            Sweep {
+            Ok(Sweep {
                 workload,
                 rates: r.rates.clone().unwrap_or(preset),
-            }
+                routers: short_list(k)?,
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(RoutingCfg {
         replicas: 8,
         stream_granularity: 16,
-        duration_s: r.duration.unwrap_or(if quick { 12.0 } else { 30.0 }),
+        duration_s: r.duration.unwrap_or(if quick { 10.0 } else { 20.0 }),
         drain_s: if quick { 15.0 } else { 30.0 },
         routers,
         sweeps,

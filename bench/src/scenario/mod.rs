@@ -51,7 +51,7 @@ impl Router {
     }
 
     /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `switchyard-running`,
-    /// `sglang:<policy>`, `vllm:<policy>`.
+    /// `switchyard-balanced`, `switchyard-lora`, `sglang:<policy>`, `vllm:<policy>`.
     pub fn parse(s: &str) -> anyhow::Result<Router> {
         Ok(match s {
             "rr" | "envoy-rr" => Router::EnvoyRoundRobin,
@@ -68,11 +68,19 @@ impl Router {
                 profile: "running-aware".into(),
                 config: Some(RUNNING_AWARE.into()),
             },
+            "switchyard-balanced" => Router::Switchyard {
+                profile: "balanced".into(),
+                config: Some(endpoint_picker::config::profiles::BALANCED_PREFIX.into()),
+            },
+            "switchyard-lora" => Router::Switchyard {
+                profile: "lora".into(),
+                config: Some(LORA_AWARE.into()),
+            },
             _ => match s.split_once(':') {
                 Some(("sglang", p)) => Router::Sglang(p.into()),
                 Some(("vllm", p)) => Router::Vllm(p.into()),
                 _ => anyhow::bail!(
-                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, sglang:<policy>, vllm:<policy>)"
+                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, switchyard-balanced, switchyard-lora, sglang:<policy>, vllm:<policy>)"
                 ),
             },
         })
@@ -121,6 +129,35 @@ schedulingProfiles:
     weight: 1
   - pluginRef: prefix-cache-scorer
     weight: 3
+";
+
+/// The balanced profile plus `lora-affinity-scorer`, for traffic spread over LoRA adapters
+/// on engines with few adapter slots.
+pub const LORA_AWARE: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: active-request-scorer
+- type: no-hit-lru-scorer
+- type: lora-affinity-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 1
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 1
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: active-request-scorer
+    weight: 2
+  - pluginRef: no-hit-lru-scorer
+    weight: 1
+  - pluginRef: lora-affinity-scorer
+    weight: 2
 ";
 
 /// A running router: where to send traffic, and its processes.

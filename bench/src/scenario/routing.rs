@@ -17,6 +17,20 @@ pub struct Sweep {
     pub workload: WorkloadArgs,
     /// Poisson rates, requests per second.
     pub rates: Vec<f64>,
+    /// Routers for this workload only; empty = every router of the configuration.
+    #[serde(default)]
+    pub routers: Vec<Router>,
+}
+
+impl Sweep {
+    /// The routers this sweep runs.
+    pub fn routers<'a>(&'a self, cfg: &'a RoutingCfg) -> &'a [Router] {
+        if self.routers.is_empty() {
+            &cfg.routers
+        } else {
+            &self.routers
+        }
+    }
 }
 
 /// What to run.
@@ -67,10 +81,14 @@ pub async fn run(
     mut on_run: impl FnMut(&RoutingRun),
 ) -> anyhow::Result<Vec<RoutingRun>> {
     let mut out = Vec::new();
-    let total: usize = cfg.sweeps.iter().map(|s| s.rates.len()).sum::<usize>() * cfg.routers.len();
+    let total: usize = cfg
+        .sweeps
+        .iter()
+        .map(|s| s.rates.len() * s.routers(cfg).len())
+        .sum();
     let mut n = 0;
     for sweep in &cfg.sweeps {
-        for router in &cfg.routers {
+        for router in sweep.routers(cfg) {
             for &rate in &sweep.rates {
                 n += 1;
                 eprintln!(
@@ -185,7 +203,7 @@ pub fn markdown(runs: &[RoutingRun], cfg: &RoutingCfg) -> String {
             "| router | rate (req/s) | TTFT p50 (ms) | TTFT p90 (ms) | TPOT p50 (ms) | e2e p90 (ms) | done req/s | output tok/s | prefix-cache hit (replicas) | busiest replica / mean | CV of load | errors | router CPU (s) |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
-        for router in &cfg.routers {
+        for router in sweep.routers(cfg) {
             for r in runs
                 .iter()
                 .filter(|r| r.workload == w && r.router == router.label())
@@ -315,8 +333,8 @@ pub fn plots(runs: &[RoutingRun], cfg: &RoutingCfg) -> Vec<(String, String)> {
         .iter()
         .map(|sweep| {
             let w = sweep.workload.workload.as_str();
-            let series: Vec<Series> = cfg
-                .routers
+            let series: Vec<Series> = sweep
+                .routers(cfg)
                 .iter()
                 .map(|router| Series {
                     label: router.label(),
@@ -386,6 +404,7 @@ mod tests {
                     ..WorkloadArgs::default()
                 },
                 rates: vec![5.0, 10.0],
+                routers: Vec::new(),
             }],
         };
         let runs = vec![

@@ -11,6 +11,7 @@
 //! *parameters* are warnings, not errors: the reference ignores them, and a config that loads
 //! there must load here.
 
+pub mod profiles;
 pub mod types;
 
 use std::collections::{HashMap, HashSet};
@@ -26,8 +27,8 @@ use crate::scheduling::plugins::pickers::{MaxScorePicker, RandomPicker, Weighted
 use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
 use crate::scheduling::plugins::profile::SingleProfileHandler;
 use crate::scheduling::plugins::scorers::{
-    KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer,
-    RunningRequestsScorer,
+    ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
+    NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
 };
 use crate::scheduling::{DataProducer, Filter, Picker, Profile, ProfileHandler, Scheduler, Scorer};
 use crate::scrape::{EngineMapping, MetricSpec, engine::CacheInfoSpec};
@@ -296,6 +297,8 @@ const KNOWN_TYPES: &[&str] = &[
     "approx-prefix-cache-producer",
     "lora-affinity-scorer",
     "load-aware-scorer",
+    "active-request-scorer",
+    "no-hit-lru-scorer",
     "max-score-picker",
     "random-picker",
     "weighted-random-picker",
@@ -384,6 +387,29 @@ struct DetectorYaml {
 #[serde(rename_all = "camelCase")]
 struct LoadAwareYaml {
     threshold: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ActiveRequestYaml {
+    idle_threshold: Option<i64>,
+    max_busy_score: Option<f64>,
+    /// Deprecated upstream and ignored there too (in-flight requests end with their stream).
+    request_timeout: Option<String>,
+    /// Names upstream's in-flight producer; the counts here are always the director's.
+    in_flight_load_producer_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NoHitLruYaml {
+    lru_size: Option<i64>,
+    /// Never used upstream; accepted so that its configs load.
+    prefix_plugin_type: Option<String>,
+    /// Never used upstream; accepted so that its configs load.
+    prefix_plugin_name: Option<String>,
+    /// Names upstream's prefix producer; here the profile's prefix producer is used.
+    prefix_match_info_producer_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -552,6 +578,42 @@ fn instantiate(
             let y: LoadAwareYaml = ctx.params(params)?;
             let threshold = positive(&ctx, "threshold", y.threshold)?.unwrap_or(128) as u64;
             Role::Scorer(Arc::new(LoadAwareScorer { name: n, threshold }))
+        }
+        "active-request-scorer" => {
+            let y: ActiveRequestYaml = ctx.params(params)?;
+            if y.request_timeout.is_some() {
+                ctx.warnings.push(format!(
+                    "plugin {n:?} (active-request-scorer): requestTimeout is deprecated and ignored; a request stops counting when its stream ends"
+                ));
+            }
+            let _ = y.in_flight_load_producer_name;
+            let idle_threshold = match y.idle_threshold {
+                Some(t) if t < 0 => return Err(ctx.invalid("idleThreshold", "must be ≥ 0")),
+                Some(t) => t as u64,
+                None => 0,
+            };
+            let max_busy_score = match y.max_busy_score {
+                Some(m) if !(0.0..=1.0).contains(&m) => {
+                    return Err(ctx.invalid("maxBusyScore", "must be in [0, 1]"));
+                }
+                Some(m) => m,
+                None => 1.0,
+            };
+            Role::Scorer(Arc::new(ActiveRequestScorer {
+                name: n,
+                idle_threshold,
+                max_busy_score,
+            }))
+        }
+        "no-hit-lru-scorer" => {
+            let y: NoHitLruYaml = ctx.params(params)?;
+            let _ = (
+                y.prefix_plugin_type,
+                y.prefix_plugin_name,
+                y.prefix_match_info_producer_name,
+            );
+            let lru_size = positive(&ctx, "lruSize", y.lru_size)?.unwrap_or(1024);
+            Role::Scorer(Arc::new(NoHitLruScorer::new(n, lru_size)))
         }
         "approx-prefix-cache-producer" => {
             let p = prefix_params(&mut ctx, params)?;
@@ -739,23 +801,30 @@ fn build(doc: EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigErr
     }
 
     // A prefix scorer needs a producer; create one, configured from the scorer's legacy
-    // parameters when it has them (v1.0–v1.3 configs put them there).
+    // parameters when it has them (v1.0–v1.3 configs put them there). The no-hit-LRU scorer
+    // tells cold requests by the prefix match, so it needs one too (default parameters).
     let has_producer = instances
         .iter()
         .any(|i| matches!(i.role, Role::Producer(_)));
-    if !has_producer
-        && let Some(spec) = doc
-            .plugins
-            .iter()
-            .find(|p| p.type_name == "prefix-cache-scorer")
-    {
+    let consumer = doc
+        .plugins
+        .iter()
+        .find(|p| p.type_name == "prefix-cache-scorer")
+        .map(|spec| (spec, "prefix-cache-scorer", spec.parameters.as_ref()))
+        .or_else(|| {
+            doc.plugins
+                .iter()
+                .find(|p| p.type_name == "no-hit-lru-scorer")
+                .map(|spec| (spec, "no-hit-lru-scorer", None))
+        });
+    if !has_producer && let Some((spec, type_name, legacy)) = consumer {
         let name = "approx-prefix-cache-producer".to_owned();
         let mut ctx = Ctx {
             name: spec.effective_name(),
-            type_name: "prefix-cache-scorer",
+            type_name,
             warnings: &mut warnings,
         };
-        let params = prefix_params(&mut ctx, spec.parameters.as_ref())?;
+        let params = prefix_params(&mut ctx, legacy)?;
         if !by_name.contains_key(&name) {
             by_name.insert(name.clone(), instances.len());
             instances.push(Instance {

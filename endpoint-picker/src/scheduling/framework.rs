@@ -19,13 +19,26 @@ pub struct Candidate {
     pub endpoint: Arc<Endpoint>,
     /// Its metrics at the start of the cycle.
     pub metrics: Arc<EngineMetrics>,
+    /// Requests this EPP has routed to the endpoint that have not finished yet, at the start
+    /// of the cycle. Unlike the scraped metrics it is never stale: it counts the requests
+    /// sent since the last scrape too.
+    pub in_flight: u64,
 }
 
 impl Candidate {
-    /// Loads the endpoint's current metrics.
+    /// Loads the endpoint's current metrics; no requests in flight.
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        Self::with_in_flight(endpoint, 0)
+    }
+
+    /// Loads the endpoint's current metrics, with `in_flight` requests routed to it.
+    pub fn with_in_flight(endpoint: Arc<Endpoint>, in_flight: u64) -> Self {
         let metrics = endpoint.metrics();
-        Self { endpoint, metrics }
+        Self {
+            endpoint,
+            metrics,
+            in_flight,
+        }
     }
 }
 
@@ -108,6 +121,16 @@ pub trait Scorer: Plugin {
         candidates: &[Candidate],
         scores: &mut [f64],
     );
+
+    /// Called once the request has been routed to `targets` (primary first), for scorers that
+    /// learn from their own decisions.
+    fn pre_request(
+        &self,
+        _request: &InferenceRequest,
+        _state: &CycleState,
+        _targets: &[Candidate],
+    ) {
+    }
 }
 
 /// A candidate with its weighted total.

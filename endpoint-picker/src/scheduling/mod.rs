@@ -228,6 +228,11 @@ impl Scheduler {
                     p.pre_request(request, state, &targets)
                 });
             }
+            if let Some(profile) = self.profiles.iter().find(|p| p.name == r.profile) {
+                for (scorer, _) in &profile.scorers {
+                    scorer.pre_request(request, state, &targets);
+                }
+            }
         }
     }
 

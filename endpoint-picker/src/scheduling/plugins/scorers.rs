@@ -1,5 +1,9 @@
 //! Scorers: each maps candidates to `[0, 1]`, higher is better.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{Candidate, CycleState, Plugin, Scorer};
 
@@ -155,6 +159,120 @@ impl Scorer for LoadAwareScorer {
     }
 }
 
+/// `active-request-scorer` (llm-d): fewer requests in flight from this EPP is better. The
+/// count is the EPP's own, so it is exact and current where scraped queues lag by a scrape
+/// interval and stay at zero until an engine is past its batch limit. Endpoints with at most
+/// `idle_threshold` requests score 1; busier ones `(max − n) / max × max_busy_score`, `max`
+/// being the busiest candidate's count.
+#[derive(Debug)]
+pub struct ActiveRequestScorer {
+    /// Configured name.
+    pub name: String,
+    /// In-flight count up to which an endpoint counts as idle (`idleThreshold`, default 0).
+    pub idle_threshold: u64,
+    /// Best score of a busy endpoint (`maxBusyScore`, default 1), which opens a gap between
+    /// idle and busy endpoints when below 1.
+    pub max_busy_score: f64,
+}
+plugin_named!(ActiveRequestScorer, "active-request-scorer");
+
+impl Scorer for ActiveRequestScorer {
+    fn score(&self, _: &InferenceRequest, _: &CycleState, c: &[Candidate], scores: &mut [f64]) {
+        let max = c.iter().map(|c| c.in_flight).max().unwrap_or(0);
+        for (s, c) in scores.iter_mut().zip(c) {
+            *s = if c.in_flight <= self.idle_threshold {
+                1.0
+            } else {
+                (max - c.in_flight) as f64 / max as f64 * self.max_busy_score
+            };
+        }
+    }
+}
+
+/// `no-hit-lru-scorer` (llm-d): spreads cold requests (no candidate holds any of their prefix)
+/// over the endpoints in least-recently-used order, so that the new prefixes, which later
+/// requests will stick to, grow evenly over the pool. Endpoints that never received a cold
+/// request come first (in pool order), then the least recently used; warm requests score a
+/// neutral 0.5 everywhere. Needs a prefix producer (without one every request is cold).
+#[derive(Debug)]
+pub struct NoHitLruScorer {
+    /// Configured name.
+    pub name: String,
+    /// Endpoints remembered (`lruSize`, default 1024); older ones count as never used again.
+    pub lru_size: usize,
+    /// Per endpoint id: the sequence number of its last cold request (0 = never).
+    last_cold: Mutex<Vec<u64>>,
+    sequence: AtomicU64,
+}
+plugin_named!(NoHitLruScorer, "no-hit-lru-scorer");
+
+impl NoHitLruScorer {
+    /// A scorer remembering at most `lru_size` endpoints.
+    pub fn new(name: String, lru_size: usize) -> Self {
+        Self {
+            name,
+            lru_size: lru_size.max(1),
+            last_cold: Mutex::new(Vec::new()),
+            sequence: AtomicU64::new(0),
+        }
+    }
+
+    /// Cold: no endpoint holds any block of the request's prefix (or nothing was matched).
+    fn is_cold(state: &CycleState) -> bool {
+        state
+            .prefix
+            .as_ref()
+            .is_none_or(|m| m.matched.iter().all(|&b| b == 0))
+    }
+}
+
+impl Scorer for NoHitLruScorer {
+    fn score(&self, _: &InferenceRequest, state: &CycleState, c: &[Candidate], scores: &mut [f64]) {
+        if !Self::is_cold(state) {
+            scores.iter_mut().for_each(|s| *s = 0.5);
+            return;
+        }
+        if c.len() == 1 {
+            scores[0] = 1.0;
+            return;
+        }
+        let last: Vec<u64> = {
+            let seen = self.last_cold.lock();
+            c.iter()
+                .map(|c| seen.get(c.endpoint.id.0 as usize).copied().unwrap_or(0))
+                .collect()
+        };
+        let mut used: Vec<usize> = (0..c.len()).filter(|&i| last[i] > 0).collect();
+        used.sort_by_key(|&i| last[i]);
+        // Beyond `lru_size` remembered endpoints the oldest are forgotten: never used again.
+        let forgotten = used.len().saturating_sub(self.lru_size);
+        let mut order: Vec<usize> = (0..c.len()).filter(|&i| last[i] == 0).collect();
+        order.extend_from_slice(&used[..forgotten]);
+        order.sort_unstable();
+        order.extend_from_slice(&used[forgotten..]);
+        let span = (c.len() - 1) as f64;
+        for (rank, &i) in order.iter().enumerate() {
+            scores[i] = 1.0 - rank as f64 / span;
+        }
+    }
+
+    fn pre_request(&self, _: &InferenceRequest, state: &CycleState, targets: &[Candidate]) {
+        let Some(primary) = targets.first() else {
+            return;
+        };
+        if !Self::is_cold(state) {
+            return;
+        }
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        let idx = primary.endpoint.id.0 as usize;
+        let mut seen = self.last_cold.lock();
+        if seen.len() <= idx {
+            seen.resize(idx + 1, 0);
+        }
+        seen[idx] = seq;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +391,104 @@ mod tests {
             &c,
         );
         assert_eq!(s, vec![0.5, 0.25, 0.0]);
+    }
+
+    #[test]
+    fn active_request_scorer_prefers_fewer_in_flight() {
+        let mut c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        for (c, n) in c.iter_mut().zip([0, 2, 4]) {
+            c.in_flight = n;
+        }
+        let plain = ActiveRequestScorer {
+            name: "a".into(),
+            idle_threshold: 0,
+            max_busy_score: 1.0,
+        };
+        assert_eq!(
+            run(&plain, &InferenceRequest::default(), &c),
+            vec![1.0, 0.5, 0.0]
+        );
+        // An idle threshold of 2 with a gap: ≤ 2 in flight is idle (1.0), busy pods ≤ 0.5.
+        let gapped = ActiveRequestScorer {
+            name: "a".into(),
+            idle_threshold: 2,
+            max_busy_score: 0.5,
+        };
+        assert_eq!(
+            run(&gapped, &InferenceRequest::default(), &c),
+            vec![1.0, 1.0, 0.0]
+        );
+        // Nothing in flight anywhere: every endpoint is idle.
+        let idle = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        assert_eq!(
+            run(&plain, &InferenceRequest::default(), &idle),
+            vec![1.0, 1.0]
+        );
+    }
+
+    fn cold_state(hit: Option<(usize, u32)>) -> CycleState {
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        let mut matched = vec![0; 8];
+        if let Some((i, b)) = hit {
+            matched[i] = b;
+        }
+        state.prefix = Some(crate::scheduling::PrefixMatch {
+            hashes: vec![1, 2, 3, 4],
+            matched,
+            block_tokens: 16,
+        });
+        state
+    }
+
+    /// Scores a cold request and records the best candidate as its destination.
+    fn route_cold(scorer: &NoHitLruScorer, c: &[Candidate]) -> (Vec<f64>, usize) {
+        let state = cold_state(None);
+        let mut s = vec![0.0; c.len()];
+        scorer.score(&InferenceRequest::default(), &state, c, &mut s);
+        let best = (0..c.len())
+            .max_by(|&a, &b| s[a].total_cmp(&s[b]).then(b.cmp(&a)))
+            .unwrap();
+        scorer.pre_request(
+            &InferenceRequest::default(),
+            &state,
+            std::slice::from_ref(&c[best]),
+        );
+        (s, best)
+    }
+
+    #[test]
+    fn no_hit_lru_spreads_cold_requests_in_lru_order() {
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let scorer = NoHitLruScorer::new("lru".into(), 1024);
+        // Never-used endpoints first, in pool order.
+        let (s, best) = route_cold(&scorer, &c);
+        assert_eq!((s, best), (vec![1.0, 0.5, 0.0], 0));
+        let (s, best) = route_cold(&scorer, &c);
+        assert_eq!((s, best), (vec![0.0, 1.0, 0.5], 1));
+        let (s, best) = route_cold(&scorer, &c);
+        assert_eq!((s, best), (vec![0.5, 0.0, 1.0], 2));
+        // All used: the least recently used (endpoint 0) comes first.
+        let (s, best) = route_cold(&scorer, &c);
+        assert_eq!((s, best), (vec![1.0, 0.5, 0.0], 0));
+        // A warm request is neutral and does not move the order.
+        let warm = cold_state(Some((c[2].endpoint.id.0 as usize, 1)));
+        let mut s = vec![0.0; 3];
+        scorer.score(&InferenceRequest::default(), &warm, &c, &mut s);
+        assert_eq!(s, vec![0.5, 0.5, 0.5]);
+        scorer.pre_request(&InferenceRequest::default(), &warm, &c[2..]);
+        let (s, _) = route_cold(&scorer, &c);
+        assert_eq!(s, vec![0.0, 1.0, 0.5]);
+    }
+
+    #[test]
+    fn no_hit_lru_forgets_beyond_its_size() {
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let scorer = NoHitLruScorer::new("lru".into(), 1);
+        route_cold(&scorer, &c);
+        route_cold(&scorer, &c);
+        // Endpoints 0 and 1 were used, but only the newest (1) is remembered: 0 and 2 rank as
+        // never used, in pool order.
+        let (s, best) = route_cold(&scorer, &c);
+        assert_eq!((s, best), (vec![1.0, 0.0, 0.5], 0));
     }
 }
