@@ -36,7 +36,7 @@ struct Opts {
     /// Logs and per-run raw reports.
     #[arg(long, global = true, default_value = ".run/bench")]
     run_dir: PathBuf,
-    /// Do not touch bench/RESULTS.md (raw JSON is still written to the run directory).
+    /// Do not touch bench/RESULTS.md nor bench/results/ (raw JSON goes to the run directory).
     #[arg(long, global = true)]
     no_results: bool,
     #[command(subcommand)]
@@ -162,7 +162,13 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&run_dir)?;
     let results = repo.join("bench/RESULTS.md");
-    let raw = repo.join("bench/results");
+    let write = !o.no_results;
+    // Raw numbers go next to RESULTS.md, or with --no-results into the run directory.
+    let raw = if write {
+        repo.join("bench/results")
+    } else {
+        run_dir.clone()
+    };
     std::fs::create_dir_all(&raw)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let header = format!(
@@ -171,7 +177,6 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         scenario::cmd_out("date", &["-u", "+%Y-%m-%d %H:%M"]),
         scenario::loadavg(),
     );
-    let write = !o.no_results;
     match &o.cmd {
         Cmd::Routing(r) => do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?,
         Cmd::Overhead => {
@@ -354,7 +359,12 @@ async fn do_routing(
     write: bool,
 ) -> anyhow::Result<()> {
     let cfg = routing_cfg(r, quick)?;
-    let raw = repo.join("bench/results/routing.json");
+    // With --no-results the committed raw numbers stay as they are too.
+    let raw = if write {
+        repo.join("bench/results/routing.json")
+    } else {
+        run_dir.join("routing.json")
+    };
     let mut so_far = Vec::new();
     let runs = routing::run(tools, &cfg, run_dir, |run| {
         // Saved after every run, so an interrupted sweep keeps what it measured.
