@@ -1,9 +1,12 @@
-//! Request-path micro-benchmarks: one scheduling decision at 10/100/1,000 endpoints, and
+//! Request-path micro-benchmarks: one scheduling decision at 10/100/1,000 endpoints (the
+//! default profile and the balanced one), and
 //! parsing + hashing a 220 KB prompt. Results: bench/RESULTS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
+use endpoint_picker::config::DEFAULT_CONFIG;
+use endpoint_picker::config::profiles::BALANCED_PREFIX;
 use endpoint_picker::prefix::BlockHasher;
 use endpoint_picker::request::{Api, InferenceRequest};
 use ext_proc::openai;
@@ -27,9 +30,19 @@ fn scheduling_decision(c: &mut Criterion) {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let mut group = c.benchmark_group("decision_default_profile_8kb_chat");
+    let profiles = [
+        ("decision_default_profile_8kb_chat", DEFAULT_CONFIG),
+        ("decision_balanced_profile_8kb_chat", BALANCED_PREFIX),
+    ];
+    for (name, config) in profiles {
+        decisions(c, name, config);
+    }
+}
+
+fn decisions(c: &mut Criterion, name: &str, config: &str) {
+    let mut group = c.benchmark_group(name);
     for n in [10usize, 100, 1000] {
-        let director = bench::director_with_endpoints(n);
+        let director = bench::director_with_config(n, config);
         // Warm the prefix index with routing history: 4 conversations per endpoint.
         for i in 0..(n * 4).min(2000) {
             let body = Bytes::from(bench::chat_body(8 * 1024, i));

@@ -19,6 +19,11 @@ use endpoint_picker::director::Director;
 
 /// A pool of `n` endpoints with varied, fresh metrics, behind the default profile.
 pub fn director_with_endpoints(n: usize) -> Arc<Director> {
+    director_with_config(n, config::DEFAULT_CONFIG)
+}
+
+/// [`director_with_endpoints`] with another `EndpointPickerConfig`.
+pub fn director_with_config(n: usize, config_text: &str) -> Arc<Director> {
     let endpoints = (0..n)
         .map(|i| {
             let address = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000));
@@ -51,9 +56,13 @@ pub fn director_with_endpoints(n: usize) -> Arc<Director> {
             ..Default::default()
         });
     }
-    match config::load_default(42) {
-        Ok(c) => Arc::new(Director::new(ds, Arc::new(c), 42)),
-        Err(e) => panic!("default config must load: {e}"),
+    match config::load(config_text, 42) {
+        Ok(c) => {
+            let director = Arc::new(Director::new(ds, Arc::new(c), 42));
+            director.pool_changed();
+            director
+        }
+        Err(e) => panic!("the benchmark's config must load: {e}"),
     }
 }
 
