@@ -20,7 +20,7 @@ use crate::config::LoadedConfig;
 use crate::datastore::{Datastore, Endpoint, EndpointId};
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
-use crate::scheduling::{Candidate, CycleState, ScheduleError, SchedulingResult};
+use crate::scheduling::{Candidate, CycleState, InFlightCounts, ScheduleError, SchedulingResult};
 
 /// Why a request was not routed. Each maps to one HTTP status at the edge.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,10 +124,12 @@ impl InFlight {
 
     /// Requests in flight on an endpoint.
     pub fn get(&self, id: EndpointId) -> u64 {
-        self.counts
-            .load()
-            .get(id.0 as usize)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+        self.view().get(id)
+    }
+
+    /// A view of every endpoint's count, for the scorers.
+    pub fn view(&self) -> InFlightCounts {
+        InFlightCounts::new(self.counts.load_full())
     }
 }
 
@@ -276,7 +278,8 @@ impl Director {
             .endpoints
             .iter()
             .filter(|e| subset.is_none_or(|s| s.iter().any(|m| m.matches(e.spec.address))))
-            .map(|e| Candidate::with_in_flight(e.clone(), self.in_flight.get(e.id)))
+            .cloned()
+            .map(Candidate::new)
             .collect();
         if candidates.is_empty() {
             return Err(RouteError::NoCandidates);
@@ -292,6 +295,7 @@ impl Director {
         }
         let scheduler = &self.config.scheduler;
         let mut state = CycleState::new(now);
+        state.in_flight = self.in_flight.view();
         scheduler.produce(request, &candidates, &mut state);
         let result = scheduler.schedule(request, &state, &candidates, explain)?;
         scheduler.pre_request(request, &state, &result);

@@ -4,12 +4,13 @@
 //! learn the outcome afterwards (the prefix index is one).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use tokio::time::Instant;
 
-use crate::datastore::{Endpoint, EngineMetrics, PoolSnapshot};
+use crate::datastore::{Endpoint, EndpointId, EngineMetrics, PoolSnapshot};
 use crate::request::InferenceRequest;
 
 /// An endpoint as one scheduling cycle sees it: its metrics are loaded once per cycle.
@@ -19,26 +20,33 @@ pub struct Candidate {
     pub endpoint: Arc<Endpoint>,
     /// Its metrics at the start of the cycle.
     pub metrics: Arc<EngineMetrics>,
-    /// Requests this EPP has routed to the endpoint that have not finished yet, at the start
-    /// of the cycle. Unlike the scraped metrics it is never stale: it counts the requests
-    /// sent since the last scrape too.
-    pub in_flight: u64,
 }
 
 impl Candidate {
-    /// Loads the endpoint's current metrics; no requests in flight.
+    /// Loads the endpoint's current metrics.
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
-        Self::with_in_flight(endpoint, 0)
+        let metrics = endpoint.metrics();
+        Self { endpoint, metrics }
+    }
+}
+
+/// The requests this EPP has routed to each endpoint and that have not finished, by endpoint
+/// id. Unlike scraped metrics it is never stale: it counts the requests sent since the last
+/// scrape too. The counters are live; a scorer reads them when it scores.
+#[derive(Debug, Clone, Default)]
+pub struct InFlightCounts(Arc<Vec<Arc<AtomicU64>>>);
+
+impl InFlightCounts {
+    /// A view over the director's counters.
+    pub fn new(counters: Arc<Vec<Arc<AtomicU64>>>) -> Self {
+        Self(counters)
     }
 
-    /// Loads the endpoint's current metrics, with `in_flight` requests routed to it.
-    pub fn with_in_flight(endpoint: Arc<Endpoint>, in_flight: u64) -> Self {
-        let metrics = endpoint.metrics();
-        Self {
-            endpoint,
-            metrics,
-            in_flight,
-        }
+    /// Requests in flight on an endpoint.
+    pub fn get(&self, id: EndpointId) -> u64 {
+        self.0
+            .get(id.0 as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -49,12 +57,18 @@ pub struct CycleState {
     pub now: Instant,
     /// The prefix-cache match, when a prefix producer ran.
     pub prefix: Option<PrefixMatch>,
+    /// The EPP's in-flight requests per endpoint (empty when the caller tracks none).
+    pub in_flight: InFlightCounts,
 }
 
 impl CycleState {
     /// A fresh state.
     pub fn new(now: Instant) -> Self {
-        Self { now, prefix: None }
+        Self {
+            now,
+            prefix: None,
+            in_flight: InFlightCounts::default(),
+        }
     }
 }
 

@@ -16,8 +16,8 @@ use rand::rngs::SmallRng;
 
 use crate::request::InferenceRequest;
 pub use framework::{
-    Candidate, CycleState, DataProducer, ExtensionPoint, Filter, Picker, Plugin, PluginObserver,
-    PrefixMatch, ProfileHandler, ScoredCandidate, Scorer,
+    Candidate, CycleState, DataProducer, ExtensionPoint, Filter, InFlightCounts, Picker, Plugin,
+    PluginObserver, PrefixMatch, ProfileHandler, ScoredCandidate, Scorer,
 };
 
 /// One scheduling profile.

@@ -177,13 +177,18 @@ pub struct ActiveRequestScorer {
 plugin_named!(ActiveRequestScorer, "active-request-scorer");
 
 impl Scorer for ActiveRequestScorer {
-    fn score(&self, _: &InferenceRequest, _: &CycleState, c: &[Candidate], scores: &mut [f64]) {
-        let max = c.iter().map(|c| c.in_flight).max().unwrap_or(0);
+    fn score(&self, _: &InferenceRequest, state: &CycleState, c: &[Candidate], scores: &mut [f64]) {
+        // Read once: the counters are live and must not change between max and score.
         for (s, c) in scores.iter_mut().zip(c) {
-            *s = if c.in_flight <= self.idle_threshold {
+            *s = state.in_flight.get(c.endpoint.id) as f64;
+        }
+        let max = scores.iter().copied().fold(0.0, f64::max);
+        let idle = self.idle_threshold as f64;
+        for s in scores.iter_mut() {
+            *s = if *s <= idle {
                 1.0
             } else {
-                (max - c.in_flight) as f64 / max as f64 * self.max_busy_score
+                (max - *s) / max * self.max_busy_score
             };
         }
     }
@@ -275,6 +280,8 @@ impl Scorer for NoHitLruScorer {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::scheduling::plugins::test_util::{candidates, metrics};
 
@@ -395,35 +402,35 @@ mod tests {
 
     #[test]
     fn active_request_scorer_prefers_fewer_in_flight() {
-        let mut c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
-        for (c, n) in c.iter_mut().zip([0, 2, 4]) {
-            c.in_flight = n;
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let len = c.iter().map(|c| c.endpoint.id.0 as usize).max().unwrap() + 1;
+        let mut counters: Vec<Arc<AtomicU64>> = (0..len).map(|_| Arc::default()).collect();
+        for (c, n) in c.iter().zip([0, 2, 4]) {
+            counters[c.endpoint.id.0 as usize] = Arc::new(AtomicU64::new(n));
         }
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        state.in_flight = crate::scheduling::InFlightCounts::new(Arc::new(counters));
+        let run = |scorer: &ActiveRequestScorer, c: &[Candidate], state: &CycleState| {
+            let mut s = vec![f64::NAN; c.len()];
+            scorer.score(&InferenceRequest::default(), state, c, &mut s);
+            s
+        };
         let plain = ActiveRequestScorer {
             name: "a".into(),
             idle_threshold: 0,
             max_busy_score: 1.0,
         };
-        assert_eq!(
-            run(&plain, &InferenceRequest::default(), &c),
-            vec![1.0, 0.5, 0.0]
-        );
+        assert_eq!(run(&plain, &c, &state), vec![1.0, 0.5, 0.0]);
         // An idle threshold of 2 with a gap: ≤ 2 in flight is idle (1.0), busy pods ≤ 0.5.
         let gapped = ActiveRequestScorer {
             name: "a".into(),
             idle_threshold: 2,
             max_busy_score: 0.5,
         };
-        assert_eq!(
-            run(&gapped, &InferenceRequest::default(), &c),
-            vec![1.0, 1.0, 0.0]
-        );
-        // Nothing in flight anywhere: every endpoint is idle.
-        let idle = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
-        assert_eq!(
-            run(&plain, &InferenceRequest::default(), &idle),
-            vec![1.0, 1.0]
-        );
+        assert_eq!(run(&gapped, &c, &state), vec![1.0, 1.0, 0.0]);
+        // Nothing in flight anywhere (or no counts at all): every endpoint is idle.
+        let untracked = CycleState::new(tokio::time::Instant::now());
+        assert_eq!(run(&plain, &c, &untracked), vec![1.0, 1.0, 1.0]);
     }
 
     fn cold_state(hit: Option<(usize, u32)>) -> CycleState {
