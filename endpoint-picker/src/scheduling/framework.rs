@@ -137,13 +137,19 @@ pub trait Scorer: Plugin {
     );
 
     /// Called once the request has been routed to `targets` (primary first), for scorers that
-    /// learn from their own decisions.
+    /// learn from their own decisions (those return true from [`Scorer::learns`]).
     fn pre_request(
         &self,
         _request: &InferenceRequest,
         _state: &CycleState,
         _targets: &[Candidate],
     ) {
+    }
+
+    /// Whether [`Scorer::pre_request`] does anything: only those scorers are called (and
+    /// timed as `PreRequest` plugins) after a decision.
+    fn learns(&self) -> bool {
+        false
     }
 }
 

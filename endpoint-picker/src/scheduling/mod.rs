@@ -229,8 +229,10 @@ impl Scheduler {
                 });
             }
             if let Some(profile) = self.profiles.iter().find(|p| p.name == r.profile) {
-                for (scorer, _) in &profile.scorers {
-                    scorer.pre_request(request, state, &targets);
+                for (scorer, _) in profile.scorers.iter().filter(|(s, _)| s.learns()) {
+                    self.timed(ExtensionPoint::PreRequest, scorer.as_ref(), || {
+                        scorer.pre_request(request, state, &targets)
+                    });
                 }
             }
         }
@@ -431,6 +433,36 @@ mod tests {
             c.scheduler.producers()[0].index_entries(),
             Some(4),
             "4 blocks recorded once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learning_scorers_are_called_and_timed_after_the_decision() {
+        let c = crate::config::load(crate::config::profiles::BALANCED_PREFIX, 1).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        assert!(c.scheduler.set_observer(recorder.clone()));
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(2));
+        let cands: Vec<_> = snap.endpoints.iter().cloned().map(Candidate::new).collect();
+        let req = InferenceRequest {
+            target_model: "m".into(),
+            prompt: bytes::Bytes::from("p".repeat(64 * 4)),
+            ..Default::default()
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        c.scheduler.produce(&req, &cands, &mut state);
+        let r = c.scheduler.schedule(&req, &state, &cands, false).unwrap();
+        c.scheduler.pre_request(&req, &state, &r);
+        let pre: Vec<&'static str> = recorder
+            .calls
+            .lock()
+            .iter()
+            .filter(|c| c.0 == ExtensionPoint::PreRequest)
+            .map(|c| c.1)
+            .collect();
+        assert_eq!(
+            pre,
+            vec!["approx-prefix-cache-producer", "no-hit-lru-scorer"]
         );
     }
 }

@@ -261,6 +261,10 @@ impl Scorer for NoHitLruScorer {
         }
     }
 
+    fn learns(&self) -> bool {
+        true
+    }
+
     fn pre_request(&self, _: &InferenceRequest, state: &CycleState, targets: &[Candidate]) {
         let Some(primary) = targets.first() else {
             return;
