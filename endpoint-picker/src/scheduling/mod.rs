@@ -389,12 +389,14 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn observer_sees_every_plugin_and_the_prefix_match() {
-        let c = load_default(1).unwrap();
-        let recorder = Arc::new(Recorder::default());
-        assert!(c.scheduler.set_observer(recorder.clone()));
-        assert!(!c.scheduler.set_observer(recorder.clone()), "set once");
+    /// Runs `rounds` full cycles (produce, schedule, pre-request) of one 4-block request over a
+    /// pool of two, with `recorder` observing `scheduler`; returns the observed prefix matches
+    /// after each round.
+    fn cycles(
+        scheduler: &Scheduler,
+        recorder: &Recorder,
+        rounds: usize,
+    ) -> Vec<Vec<(usize, usize, usize)>> {
         let ds = Datastore::new();
         let snap = ds.apply(pool(2));
         let cands: Vec<_> = snap.endpoints.iter().cloned().map(Candidate::new).collect();
@@ -403,12 +405,24 @@ mod tests {
             prompt: bytes::Bytes::from("p".repeat(64 * 4)),
             ..Default::default()
         };
-        for round in 0..2 {
-            let mut state = CycleState::new(tokio::time::Instant::now());
-            c.scheduler.produce(&req, &cands, &mut state);
-            let r = c.scheduler.schedule(&req, &state, &cands, false).unwrap();
-            c.scheduler.pre_request(&req, &state, &r);
-            let prefix = recorder.prefix.lock().clone();
+        (0..rounds)
+            .map(|_| {
+                let mut state = CycleState::new(tokio::time::Instant::now());
+                scheduler.produce(&req, &cands, &mut state);
+                let r = scheduler.schedule(&req, &state, &cands, false).unwrap();
+                scheduler.pre_request(&req, &state, &r);
+                recorder.prefix.lock().clone()
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn observer_sees_every_plugin_and_the_prefix_match() {
+        let c = load_default(1).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        assert!(c.scheduler.set_observer(recorder.clone()));
+        assert!(!c.scheduler.set_observer(recorder.clone()), "set once");
+        for (round, prefix) in cycles(&c.scheduler, &recorder, 2).into_iter().enumerate() {
             // First lookup: nothing held; second: all 4 blocks (256 bytes) on the first pick.
             let want = if round == 0 { (0, 4, 0) } else { (4, 4, 256) };
             assert_eq!(prefix[round], want);
@@ -441,18 +455,7 @@ mod tests {
         let c = crate::config::load(crate::config::profiles::BALANCED_PREFIX, 1).unwrap();
         let recorder = Arc::new(Recorder::default());
         assert!(c.scheduler.set_observer(recorder.clone()));
-        let ds = Datastore::new();
-        let snap = ds.apply(pool(2));
-        let cands: Vec<_> = snap.endpoints.iter().cloned().map(Candidate::new).collect();
-        let req = InferenceRequest {
-            target_model: "m".into(),
-            prompt: bytes::Bytes::from("p".repeat(64 * 4)),
-            ..Default::default()
-        };
-        let mut state = CycleState::new(tokio::time::Instant::now());
-        c.scheduler.produce(&req, &cands, &mut state);
-        let r = c.scheduler.schedule(&req, &state, &cands, false).unwrap();
-        c.scheduler.pre_request(&req, &state, &r);
+        cycles(&c.scheduler, &recorder, 1);
         let pre: Vec<&'static str> = recorder
             .calls
             .lock()

@@ -1,7 +1,5 @@
 //! Scorers: each maps candidates to `[0, 1]`, higher is better.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use parking_lot::Mutex;
 
 use crate::request::InferenceRequest;
@@ -194,7 +192,7 @@ impl Scorer for ActiveRequestScorer {
     }
 }
 
-/// `no-hit-lru-scorer` (llm-d): spreads cold requests (no candidate holds any of their prefix)
+/// `no-hit-lru-scorer` (llm-d): spreads cold requests (no endpoint holds any of their prefix)
 /// over the endpoints in least-recently-used order, so that the new prefixes, which later
 /// requests will stick to, grow evenly over the pool. Endpoints that never received a cold
 /// request come first (in pool order), then the least recently used; warm requests score a
@@ -205,9 +203,16 @@ pub struct NoHitLruScorer {
     pub name: String,
     /// Endpoints remembered (`lruSize`, default 1024); older ones count as never used again.
     pub lru_size: usize,
+    history: Mutex<ColdHistory>,
+}
+
+/// Which endpoint took a cold request when.
+#[derive(Debug, Default)]
+struct ColdHistory {
+    /// Cold requests routed so far.
+    sequence: u64,
     /// Per endpoint id: the sequence number of its last cold request (0 = never).
-    last_cold: Mutex<Vec<u64>>,
-    sequence: AtomicU64,
+    last: Vec<u64>,
 }
 plugin_named!(NoHitLruScorer, "no-hit-lru-scorer");
 
@@ -217,8 +222,7 @@ impl NoHitLruScorer {
         Self {
             name,
             lru_size: lru_size.max(1),
-            last_cold: Mutex::new(Vec::new()),
-            sequence: AtomicU64::new(0),
+            history: Mutex::default(),
         }
     }
 
@@ -242,9 +246,15 @@ impl Scorer for NoHitLruScorer {
             return;
         }
         let last: Vec<u64> = {
-            let seen = self.last_cold.lock();
+            let history = self.history.lock();
             c.iter()
-                .map(|c| seen.get(c.endpoint.id.0 as usize).copied().unwrap_or(0))
+                .map(|c| {
+                    history
+                        .last
+                        .get(c.endpoint.id.0 as usize)
+                        .copied()
+                        .unwrap_or(0)
+                })
                 .collect()
         };
         let mut used: Vec<usize> = (0..c.len()).filter(|&i| last[i] > 0).collect();
@@ -272,19 +282,21 @@ impl Scorer for NoHitLruScorer {
         if !Self::is_cold(state) {
             return;
         }
-        let seq = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
         let idx = primary.endpoint.id.0 as usize;
-        let mut seen = self.last_cold.lock();
-        if seen.len() <= idx {
-            seen.resize(idx + 1, 0);
+        let mut history = self.history.lock();
+        history.sequence += 1;
+        let sequence = history.sequence;
+        if history.last.len() <= idx {
+            history.last.resize(idx + 1, 0);
         }
-        seen[idx] = seq;
+        history.last[idx] = sequence;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
 
     use super::*;
     use crate::scheduling::plugins::test_util::{candidates, metrics};
