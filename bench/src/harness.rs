@@ -343,7 +343,7 @@ impl Tools {
         for b in [&sim, &epp] {
             if !b.exists() {
                 bail!(
-                    "{} not found: build it with `cargo build --release -p ext-proc -p sim` \
+                    "{} not found: build it with `cargo build --release -p epp -p sim` \
                      (into the same target directory as this binary) or pass --bin-dir",
                     b.display()
                 );

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use endpoint_picker::datastore::{EndpointSpec, PoolSpec};
-use ext_proc::service::{ConformanceFault, ServiceOptions};
+use ext_proc::faults::ConformanceFault;
+use ext_proc::stream::ServiceOptions;
 use futures::StreamExt as _;
 use testkit::envoy::{Envoy, Variant, lb_endpoints};
 use testkit::{Epp, EppOptions};
@@ -77,7 +78,7 @@ impl Ctx {
                     ..Default::default()
                 },
                 tls,
-                scrape: false,
+                ..EppOptions::default()
             },
         )
         .await
@@ -485,20 +486,15 @@ pub fn epp_binary() -> Result<PathBuf, String> {
         .ok_or("no target directory")?;
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
-        .map_err(|_| {
-            format!(
-                "{} not built (cargo build -p ext-proc --bin epp)",
-                bin.display()
-            )
-        })?;
+        .map_err(|_| format!("{} not built (cargo build -p epp --bin epp)", bin.display()))?;
     let root = testkit::envoy::workspace_root();
-    let newest = ["ext-proc", "endpoint-picker"]
+    let newest = ["epp", "ext-proc", "endpoint-picker"]
         .iter()
         .filter_map(|c| newest_mtime(&root.join(c).join("src")))
         .max();
     match newest {
         Some(src) if src > built => Err(format!(
-            "{} is older than the sources (cargo build -p ext-proc --bin epp)",
+            "{} is older than the sources (cargo build -p epp --bin epp)",
             bin.display()
         )),
         _ => Ok(bin),
@@ -576,7 +572,6 @@ impl EppProcess {
         pods: &[Pod],
         port: u16,
         config: &str,
-        fault: Option<&str>,
     ) -> anyhow::Result<EppProcess> {
         let dir = std::env::temp_dir().join(format!(
             "switchyard-conformance-epp-{}-{}",
@@ -621,9 +616,6 @@ impl EppProcess {
             .args(["--grpc-health-port", &ports[1].to_string()])
             .args(["--metrics-port", &ports[2].to_string()])
             .args(["--v", "1"]);
-        if let Some(f) = fault {
-            cmd.arg(format!("--x-conformance-fault={f}"));
-        }
         let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

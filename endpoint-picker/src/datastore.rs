@@ -64,6 +64,9 @@ pub struct EngineMetrics {
     pub running_requests: u64,
     /// KV-cache utilisation in `[0, 1]`.
     pub kv_cache_usage: f64,
+    /// Models the engine says it serves (the `model_name` label of its core series), at most
+    /// [`crate::scrape::engine::MAX_SERVED_MODELS`].
+    pub served_models: Vec<String>,
     /// LoRA adapters currently loaded and running.
     pub active_models: Vec<String>,
     /// LoRA adapters requested but waiting for a slot.
@@ -275,8 +278,9 @@ impl Datastore {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_util {
+/// Pools for tests, here and in the crates above (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util {
     use super::*;
 
     /// An endpoint spec on 10.0.0.<n>:8000.

@@ -227,7 +227,9 @@ impl Director {
     }
 
     /// Resolves objective priority and model rewrite in place. `forced_target` is the
-    /// `x-gateway-model-name-rewrite` header.
+    /// model-rewrite header's value when the operator trusts it; an InferenceModelRewrite that
+    /// matches the request's model wins over it, so that no header can bypass the operator's
+    /// rewrites.
     pub fn resolve(&self, request: &mut InferenceRequest, forced_target: Option<&str>) {
         let policies = self.policies.load();
         request.priority = request
@@ -238,13 +240,17 @@ impl Director {
         if request.target_model.is_empty() {
             request.target_model = request.model.clone();
         }
-        if let Some(forced) = forced_target.filter(|f| !f.is_empty()) {
+        let rule = policies
+            .rewrite_rule(&request.model)
+            .map(|(_, rule)| rule)
+            .filter(|rule| !rule.targets.is_empty());
+        if rule.is_none()
+            && let Some(forced) = forced_target.filter(|f| !f.is_empty())
+        {
             request.target_model = forced.to_owned();
             return;
         }
-        if let Some((_, rule)) = policies.rewrite_rule(&request.model)
-            && !rule.targets.is_empty()
-        {
+        if let Some(rule) = rule {
             let total: u64 = rule.targets.iter().map(|t| u64::from(t.weight)).sum();
             let mut rng = self.rng.lock();
             let chosen = if total == 0 {
@@ -542,9 +548,15 @@ mod tests {
         };
         d.resolve(&mut other, None);
         assert_eq!(other.target_model, "catch-all");
+        // A forced target cannot bypass an operator's rewrite of the model...
         let mut forced = req();
         d.resolve(&mut forced, Some("forced"));
-        assert_eq!(forced.target_model, "forced");
+        assert_eq!(forced.target_model, "a");
         assert_eq!(forced.priority, 0);
+        // ...and applies where no rewrite matches.
+        d.set_policies(Policies::default());
+        let mut free = req();
+        d.resolve(&mut free, Some("forced"));
+        assert_eq!(free.target_model, "forced");
     }
 }

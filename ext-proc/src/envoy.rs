@@ -1,4 +1,5 @@
-//! Envoy ext_proc message construction and inspection. Protobuf types stay in this crate.
+//! Envoy ext_proc message construction and inspection. Protobuf types stay in this crate; the
+//! names these messages carry are in [`crate::protocol`].
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
@@ -13,16 +14,10 @@ use ext_proc::{
     ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
 };
 
-/// The routing header and `envoy.lb` metadata key.
-pub const DESTINATION_ENDPOINT: &str = "x-gateway-destination-endpoint";
-/// Subset hint key under [`SUBSET_HINT_NAMESPACE`].
-pub const DESTINATION_SUBSET: &str = "x-gateway-destination-endpoint-subset";
-/// Served endpoint key under [`LB_NAMESPACE`].
-pub const DESTINATION_SERVED: &str = "x-gateway-destination-endpoint-served";
-/// Envoy's load-balancer metadata namespace.
-pub const LB_NAMESPACE: &str = "envoy.lb";
-/// Subset hint namespace.
-pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
+use crate::protocol::{
+    DESTINATION_ENDPOINT, DESTINATION_SUBSET, LB_NAMESPACE, SUBSET_HINT_NAMESPACE,
+};
+
 /// Largest streamed body chunk: some Envoy builds limit a streamed chunk to 64 KiB.
 pub const BODY_CHUNK_LIMIT: usize = 62_000;
 
@@ -233,8 +228,15 @@ pub fn trailers_response(direction: Direction) -> ProcessingResponse {
     }
 }
 
-/// An immediate (local) reply.
-pub fn immediate_response(status: u16, body: String) -> ProcessingResponse {
+/// An immediate (local) reply with a plain-text body and `headers` besides its content type.
+pub fn immediate_response(
+    status: u16,
+    body: String,
+    headers: &[(&str, &str)],
+) -> ProcessingResponse {
+    let mut set_headers = Vec::with_capacity(1 + headers.len());
+    set_headers.push(set_header("content-type", "text/plain; charset=utf-8"));
+    set_headers.extend(headers.iter().map(|(k, v)| set_header(k, v)));
     ProcessingResponse {
         response: Some(processing_response::Response::ImmediateResponse(
             ImmediateResponse {
@@ -242,7 +244,7 @@ pub fn immediate_response(status: u16, body: String) -> ProcessingResponse {
                     code: i32::from(status),
                 }),
                 headers: Some(HeaderMutation {
-                    set_headers: vec![set_header("content-type", "text/plain; charset=utf-8")],
+                    set_headers,
                     remove_headers: Vec::new(),
                 }),
                 body: body.into_bytes(),

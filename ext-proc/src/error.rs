@@ -4,6 +4,7 @@ use endpoint_picker::director::RouteError;
 
 use crate::envoy::{self, ext_proc::ProcessingResponse};
 use crate::openai::BodyError;
+use crate::protocol::DROPPED_REASON;
 
 /// Why a request is answered by the EPP itself instead of a model server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -11,6 +12,14 @@ pub enum RequestError {
     /// Malformed body: 400.
     #[error(transparent)]
     BadBody(#[from] BodyError),
+    /// A control header with an unusable value: 400.
+    #[error("invalid {header} header: {reason}")]
+    BadHeader {
+        /// The header.
+        header: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Body over `--max-request-body-bytes`: 413.
     #[error("request body exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -20,21 +29,17 @@ pub enum RequestError {
     /// Routing failed: 503 (no candidates) or 429 (shed, unschedulable).
     #[error(transparent)]
     Route(#[from] RouteError),
-    /// A bug or an impossible state: 500.
-    #[error("{0}")]
-    Internal(String),
 }
 
 impl RequestError {
     /// HTTP status and the reference's error-code name.
     pub fn status(&self) -> (u16, &'static str) {
         match self {
-            RequestError::BadBody(_) => (400, "BadRequest"),
+            RequestError::BadBody(_) | RequestError::BadHeader { .. } => (400, "BadRequest"),
             RequestError::TooLarge { .. } => (413, "PayloadTooLarge"),
             RequestError::Route(RouteError::NoCandidates) => (503, "ServiceUnavailable"),
             RequestError::Route(RouteError::Shed(_)) => (429, "ResourceExhausted"),
             RequestError::Route(RouteError::Unschedulable(_)) => (429, "ResourceExhausted"),
-            RequestError::Internal(_) => (500, "Internal"),
         }
     }
 
@@ -43,10 +48,23 @@ impl RequestError {
         self.status().1
     }
 
+    /// The reference's `x-llm-d-request-dropped-reason` for a request the EPP refused to route.
+    pub fn dropped_reason(&self) -> Option<&'static str> {
+        match self {
+            RequestError::Route(RouteError::NoCandidates) => Some("rejected-no-endpoints"),
+            RequestError::Route(RouteError::Shed(_)) => Some("rejected-saturated"),
+            _ => None,
+        }
+    }
+
     /// The `ImmediateResponse` for this error: `inference error: <Code> - <message>`.
     pub fn to_response(&self) -> ProcessingResponse {
         let (status, code) = self.status();
-        envoy::immediate_response(status, format!("inference error: {code} - {self}"))
+        let body = format!("inference error: {code} - {self}");
+        match self.dropped_reason() {
+            Some(reason) => envoy::immediate_response(status, body, &[(DROPPED_REASON, reason)]),
+            None => envoy::immediate_response(status, body, &[]),
+        }
     }
 }
 
@@ -58,6 +76,15 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(RequestError::from(BodyError::MissingModel).status().0, 400);
+        assert_eq!(
+            RequestError::BadHeader {
+                header: "x",
+                reason: "y"
+            }
+            .status()
+            .0,
+            400
+        );
         assert_eq!(RequestError::TooLarge { limit: 1 }.status().0, 413);
         assert_eq!(RequestError::from(RouteError::NoCandidates).status().0, 503);
         assert_eq!(RequestError::from(RouteError::Shed(-1)).status().0, 429);
@@ -67,10 +94,17 @@ mod tests {
                 .0,
             429
         );
-        assert_eq!(RequestError::Internal("x".into()).status().0, 500);
         assert_eq!(
             RequestError::from(BodyError::MissingModel).to_string(),
             "model not found in request body"
+        );
+        assert_eq!(
+            RequestError::from(RouteError::Shed(-1)).dropped_reason(),
+            Some("rejected-saturated")
+        );
+        assert_eq!(
+            RequestError::from(RouteError::NoCandidates).dropped_reason(),
+            Some("rejected-no-endpoints")
         );
     }
 }

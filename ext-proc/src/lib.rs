@@ -1,18 +1,20 @@
 //! Switchyard's Envoy side: the `ExternalProcessor` gRPC service and its per-stream state
-//! machine, OpenAI request/response parsing, gRPC health, TLS, the metrics server, and the
-//! wiring the `epp` binary runs.
+//! machine, OpenAI request/response parsing, the protocol's names, and the one mapping of
+//! request errors to `ImmediateResponse`s. Shared by the `epp` and `bbr` binaries.
 //!
-//! All protobuf types stay here; the decision core (`endpoint-picker`) never sees them.
+//! All protobuf types stay here; the decision core (`endpoint-picker`) never sees them, and
+//! nothing here knows Kubernetes, flags or HTTP servers: what a binary wants recorded about each
+//! request it receives through a [`recorder::Recorder`].
 
-pub mod admin;
-pub mod args;
-pub mod debug;
 pub mod envoy;
 pub mod error;
-pub mod health;
-pub mod metrics;
+#[cfg(feature = "conformance-faults")]
+pub mod faults;
 pub mod openai;
-pub mod server;
+pub mod protocol;
+pub mod recorder;
 pub mod service;
-pub mod telemetry;
-pub mod tls;
+pub mod stream;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+pub mod untrusted;

@@ -16,15 +16,24 @@ use endpoint_picker::request::Api;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// A request body that is not a valid request of its API.
+/// Longest model name accepted, in bytes. Hugging Face repository ids are at most 96
+/// characters and LoRA adapter names are short; a longer name is an attack on every map and
+/// metric label keyed by model, not a model.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+/// A request body that is not a valid request of its API. Messages never carry more than a
+/// few escaped characters of the client's input ([`crate::untrusted`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
     /// Not JSON, or not an object.
     #[error("invalid JSON body: {0}")]
     Json(String),
-    /// `model` missing, empty or not a string.
+    /// `model` missing or empty.
     #[error("model not found in request body")]
     MissingModel,
+    /// `model` present but unusable.
+    #[error("invalid \"model\": {0}")]
+    InvalidModel(&'static str),
     /// A field the API requires is missing or empty.
     #[error("{api} request must contain a non-empty {field:?}")]
     MissingField {
@@ -33,27 +42,99 @@ pub enum BodyError {
         /// The field.
         field: &'static str,
     },
+    /// A field of the wrong JSON type.
+    #[error("{api} request field {field:?} must be {expected}")]
+    WrongType {
+        /// The API.
+        api: &'static str,
+        /// The field.
+        field: &'static str,
+        /// What the API accepts.
+        expected: &'static str,
+    },
+    /// No body where the API needs one.
+    #[error(
+        "{api} request has an empty body; it must be a JSON object with \"model\" and {field:?}"
+    )]
+    EmptyBody {
+        /// The API.
+        api: &'static str,
+        /// Its prompt-bearing field.
+        field: &'static str,
+    },
 }
 
-/// Chooses the API from a request path (query string ignored). Unknown paths are treated as
-/// completions, as the reference does.
-pub fn api_for_path(path: &str) -> Api {
+impl BodyError {
+    fn json(e: impl std::fmt::Display) -> Self {
+        BodyError::Json(crate::untrusted::sanitize(&e.to_string()))
+    }
+}
+
+/// Checks a model name from a client: non-empty, at most [`MAX_MODEL_NAME_BYTES`] bytes, no
+/// control characters.
+pub fn validate_model_name(model: &str) -> Result<(), BodyError> {
+    if model.is_empty() {
+        return Err(BodyError::MissingModel);
+    }
+    if model.len() > MAX_MODEL_NAME_BYTES {
+        return Err(BodyError::InvalidModel("longer than 256 bytes"));
+    }
+    if model.chars().any(char::is_control) {
+        return Err(BodyError::InvalidModel("contains control characters"));
+    }
+    Ok(())
+}
+
+/// The JSON type of a raw value, from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JsonKind {
+    String,
+    Array,
+    Object,
+    Other,
+}
+
+fn kind_of(text: &str) -> JsonKind {
+    match text.trim_start().as_bytes().first() {
+        Some(b'"') => JsonKind::String,
+        Some(b'[') => JsonKind::Array,
+        Some(b'{') => JsonKind::Object,
+        _ => JsonKind::Other,
+    }
+}
+
+/// The kind of an array's first element (`None` for an empty array or a non-array).
+fn first_element_kind(text: &str) -> Option<JsonKind> {
+    let inner = text.trim_start().strip_prefix('[')?.trim_start();
+    (!inner.starts_with(']')).then(|| kind_of(inner))
+}
+
+/// The API of a known OpenAI inference path (query string ignored), `None` for any other.
+pub fn known_api_for_path(path: &str) -> Option<Api> {
     let path = path
         .split(['?', '#'])
         .next()
         .unwrap_or(path)
         .trim_end_matches('/');
     if path.ends_with("/conversations") {
-        Api::Conversations
+        Some(Api::Conversations)
     } else if path.ends_with("/responses") {
-        Api::Responses
+        Some(Api::Responses)
     } else if path.ends_with("/chat/completions") {
-        Api::ChatCompletions
+        Some(Api::ChatCompletions)
     } else if path.ends_with("/embeddings") {
-        Api::Embeddings
+        Some(Api::Embeddings)
+    } else if path.ends_with("/completions") {
+        Some(Api::Completions)
     } else {
-        Api::Completions
+        None
     }
+}
+
+/// Chooses the API from a request path. Unknown paths are treated as completions, as the
+/// reference does.
+pub fn api_for_path(path: &str) -> Api {
+    known_api_for_path(path).unwrap_or(Api::Completions)
 }
 
 /// What the request path needs from a body.
@@ -71,11 +152,14 @@ pub struct ParsedBody {
     pub model_span: Range<usize>,
 }
 
+/// The fields the EPP reads, each kept raw so that a wrong type is reported by name without
+/// echoing the value back, and so that the prompt stays a slice of the body.
 #[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(borrow)]
     model: Option<&'a RawValue>,
-    stream: Option<bool>,
+    #[serde(borrow)]
+    stream: Option<&'a RawValue>,
     #[serde(borrow)]
     prompt: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -88,7 +172,8 @@ struct Fields<'a> {
     instructions: Option<&'a RawValue>,
     #[serde(borrow)]
     tools: Option<&'a RawValue>,
-    cache_salt: Option<String>,
+    #[serde(borrow)]
+    cache_salt: Option<&'a RawValue>,
 }
 
 /// The byte range of `part` inside `whole` (it must be a sub-slice).
@@ -101,17 +186,119 @@ fn non_empty(raw: Option<&RawValue>) -> Option<&RawValue> {
     raw.filter(|r| !matches!(r.get().trim(), "" | "null" | "\"\"" | "[]" | "{}"))
 }
 
+/// The prompt-bearing field of each API (named in errors about an empty body).
+pub fn prompt_field(api: Api) -> &'static str {
+    match api {
+        Api::Completions | Api::HeadersOnly => "prompt",
+        Api::ChatCompletions => "messages",
+        Api::Embeddings | Api::Responses => "input",
+        Api::Conversations => "items",
+    }
+}
+
+/// Checks the shape of the fields the EPP reads against what the API accepts (what vLLM's
+/// request models accept): the top-level JSON type and, for arrays, the first element's type.
+/// Deeper checks are the engine's; these are O(1) and catch the shapes that would otherwise be
+/// routed and rejected by the engine after a scheduling decision was spent on them.
+fn check_shapes(api: Api, f: &Fields<'_>) -> Result<(), BodyError> {
+    let wrong = |field, expected| BodyError::WrongType {
+        api: api.as_str(),
+        field,
+        expected,
+    };
+    let kind = |raw: Option<&RawValue>| raw.map(|r| kind_of(r.get()));
+    let first = |raw: Option<&RawValue>| raw.and_then(|r| first_element_kind(r.get()));
+    if let Some(s) = f.stream
+        && !matches!(s.get().trim(), "true" | "false" | "null")
+    {
+        return Err(wrong("stream", "a boolean"));
+    }
+    if let Some(k) = kind(f.cache_salt)
+        && k != JsonKind::String
+        && f.cache_salt.is_some_and(|r| r.get().trim() != "null")
+    {
+        return Err(wrong("cache_salt", "a string"));
+    }
+    match api {
+        Api::Completions | Api::HeadersOnly => {
+            const PROMPT: &str = "a string, an array of strings, or an array of token ids";
+            match kind(f.prompt) {
+                Some(JsonKind::Object) => return Err(wrong("prompt", PROMPT)),
+                Some(JsonKind::Array) if first(f.prompt) == Some(JsonKind::Object) => {
+                    return Err(wrong("prompt", PROMPT));
+                }
+                Some(JsonKind::Other) if f.prompt.is_some_and(|r| r.get().trim() != "null") => {
+                    return Err(wrong("prompt", PROMPT));
+                }
+                _ => {}
+            }
+        }
+        Api::ChatCompletions => {
+            const MESSAGES: &str = "an array of message objects";
+            match kind(f.messages) {
+                None => {}
+                Some(JsonKind::Array)
+                    if first(f.messages).is_some_and(|k| k != JsonKind::Object) =>
+                {
+                    return Err(wrong("messages", MESSAGES));
+                }
+                Some(JsonKind::Array) => {}
+                Some(_) if f.messages.is_some_and(|r| r.get().trim() == "null") => {}
+                Some(_) => return Err(wrong("messages", MESSAGES)),
+            }
+        }
+        Api::Embeddings | Api::Responses => {
+            const INPUT: &str = "a string or an array";
+            if matches!(kind(f.input), Some(JsonKind::Object))
+                || (matches!(kind(f.input), Some(JsonKind::Other))
+                    && f.input.is_some_and(|r| r.get().trim() != "null"))
+            {
+                return Err(wrong("input", INPUT));
+            }
+            if api == Api::Responses {
+                if kind(f.instructions).is_some_and(|k| k != JsonKind::String)
+                    && f.instructions.is_some_and(|r| r.get().trim() != "null")
+                {
+                    return Err(wrong("instructions", "a string"));
+                }
+                if kind(f.tools).is_some_and(|k| k != JsonKind::Array)
+                    && f.tools.is_some_and(|r| r.get().trim() != "null")
+                {
+                    return Err(wrong("tools", "an array"));
+                }
+            }
+        }
+        Api::Conversations => {
+            if kind(f.items).is_some_and(|k| k != JsonKind::Array)
+                && f.items.is_some_and(|r| r.get().trim() != "null")
+            {
+                return Err(wrong("items", "an array"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses and validates a request body of `api`.
 pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
-    let text = std::str::from_utf8(body).map_err(|e| BodyError::Json(e.to_string()))?;
-    let fields: Fields<'_> =
-        serde_json::from_str(text).map_err(|e| BodyError::Json(e.to_string()))?;
-    let model_raw = fields.model.ok_or(BodyError::MissingModel)?;
-    let model: Cow<'_, str> =
-        serde_json::from_str(model_raw.get()).map_err(|_| BodyError::MissingModel)?;
-    if model.is_empty() {
-        return Err(BodyError::MissingModel);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(BodyError::EmptyBody {
+            api: api.as_str(),
+            field: prompt_field(api),
+        });
     }
+    let text = std::str::from_utf8(body).map_err(BodyError::json)?;
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(BodyError::json)?;
+    let model_raw = fields
+        .model
+        .filter(|m| m.get().trim() != "null")
+        .ok_or(BodyError::MissingModel)?;
+    if kind_of(model_raw.get()) != JsonKind::String {
+        return Err(BodyError::InvalidModel("must be a string"));
+    }
+    let model: Cow<'_, str> = serde_json::from_str(model_raw.get()).map_err(BodyError::json)?;
+    validate_model_name(&model)?;
+    check_shapes(api, &fields)?;
     let model_span = span_of(body, model_raw.get());
     let slice = |raw: &RawValue| body.slice(span_of(body, raw.get()));
     let missing = |field| BodyError::MissingField {
@@ -129,7 +316,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
                     Ok(s) => body.slice(span_of(body, s)),
                     Err(_) => match serde_json::from_str::<String>(raw.get()) {
                         Ok(s) => Bytes::from(s),
-                        Err(e) => return Err(BodyError::Json(e.to_string())),
+                        Err(e) => return Err(BodyError::json(e)),
                     },
                 }
             } else {
@@ -157,11 +344,19 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
             }
         }
     };
+    let stream = fields.stream.is_some_and(|s| s.get().trim() == "true");
+    let cache_salt = match fields.cache_salt {
+        Some(raw) if kind_of(raw.get()) == JsonKind::String => {
+            let salt: String = serde_json::from_str(raw.get()).map_err(BodyError::json)?;
+            (!salt.is_empty()).then_some(salt)
+        }
+        _ => None,
+    };
     Ok(ParsedBody {
         model: model.into_owned(),
-        stream: fields.stream.unwrap_or(false),
+        stream,
         prompt,
-        cache_salt: fields.cache_salt.filter(|s| !s.is_empty()),
+        cache_salt,
         model_span,
     })
 }
@@ -418,7 +613,7 @@ mod tests {
         );
         assert_eq!(
             e(Api::Completions, r#"{"model":5,"prompt":"x"}"#),
-            BodyError::MissingModel
+            BodyError::InvalidModel("must be a string")
         );
         assert!(matches!(
             e(Api::Completions, r#"{"model":"m"}"#),
@@ -438,9 +633,26 @@ mod tests {
         assert!(matches!(
             e(
                 Api::ChatCompletions,
-                r#"{"model":"m","stream":"yes","messages":[1]}"#
+                r#"{"model":"m","stream":"yes","messages":[{}]}"#
             ),
-            BodyError::Json(_)
+            BodyError::WrongType {
+                field: "stream",
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(Api::ChatCompletions, r#"{"model":"m","messages":[1]}"#),
+            BodyError::WrongType {
+                field: "messages",
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(Api::ChatCompletions, "  "),
+            BodyError::EmptyBody {
+                field: "messages",
+                ..
+            }
         ));
         assert!(matches!(
             e(

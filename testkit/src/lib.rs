@@ -16,14 +16,11 @@ use std::time::Duration;
 
 use endpoint_picker::config;
 use endpoint_picker::datastore::{EndpointSpec, EngineMetrics, PoolSpec};
+use epp::server::{self, Handles, Listeners, PoolSource, Settings};
 use ext_proc::envoy::ext_proc::external_processor_client::ExternalProcessorClient;
-use ext_proc::envoy::ext_proc::{
-    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
-    processing_response,
-};
-use ext_proc::envoy::{HeaderMap, HeaderValue, Metadata};
-use ext_proc::server::{self, Handles, Listeners, PoolSource, Settings};
-use ext_proc::service::ServiceOptions;
+use ext_proc::envoy::ext_proc::{ProcessingRequest, ProcessingResponse};
+pub use ext_proc::stream::ServiceOptions;
+pub use ext_proc::test_util::*;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -77,6 +74,8 @@ pub struct EppOptions {
     pub tls: bool,
     /// Scrape the endpoints' `/metrics` (real model servers) instead of setting metrics by hand.
     pub scrape: bool,
+    /// Decisions kept for `/debug/pool`.
+    pub debug_decisions: usize,
 }
 
 impl Default for EppOptions {
@@ -86,6 +85,7 @@ impl Default for EppOptions {
             options: ServiceOptions::default(),
             tls: false,
             scrape: false,
+            debug_decisions: 0,
         }
     }
 }
@@ -105,7 +105,8 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
     let settings = Settings {
         config: config::load(&opts.config, 7).unwrap(),
         options: opts.options,
-        tls: opts.tls.then(|| ext_proc::tls::self_signed().unwrap()),
+        debug_decisions: opts.debug_decisions,
+        tls: opts.tls.then(|| epp::tls::self_signed().unwrap()),
         scrape: opts.scrape.then(|| endpoint_picker::scrape::ScrapeConfig {
             interval: Duration::from_millis(50),
             ..Default::default()
@@ -192,164 +193,6 @@ impl Stream {
     pub async fn expect_silence(&mut self) {
         let r = tokio::time::timeout(Duration::from_millis(200), self.rx.message()).await;
         assert!(r.is_err(), "expected no response yet, got {r:?}");
-    }
-}
-
-pub fn header_map(headers: &[(&str, &str)]) -> HeaderMap {
-    HeaderMap {
-        headers: headers
-            .iter()
-            .map(|(k, v)| HeaderValue {
-                key: k.to_string(),
-                raw_value: v.as_bytes().to_vec(),
-                ..Default::default()
-            })
-            .collect(),
-    }
-}
-
-pub fn req_headers(
-    headers: &[(&str, &str)],
-    eos: bool,
-    metadata: Option<Metadata>,
-) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
-            headers: Some(header_map(headers)),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        metadata_context: metadata,
-        ..Default::default()
-    }
-}
-
-pub fn req_body(body: &[u8], eos: bool) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(processing_request::Request::RequestBody(HttpBody {
-            body: body.to_vec(),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
-
-pub fn resp_headers(
-    headers: &[(&str, &str)],
-    eos: bool,
-    metadata: Option<Metadata>,
-) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(processing_request::Request::ResponseHeaders(HttpHeaders {
-            headers: Some(header_map(headers)),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        metadata_context: metadata,
-        ..Default::default()
-    }
-}
-
-pub fn resp_body(body: &[u8], eos: bool) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(processing_request::Request::ResponseBody(HttpBody {
-            body: body.to_vec(),
-            end_of_stream: eos,
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
-
-/// The set headers, remove list and dynamic destination of a request-headers response.
-pub struct RoutingAnswer {
-    pub set: Vec<(String, String)>,
-    pub remove: Vec<String>,
-    pub metadata_destination: Option<String>,
-    pub clear_route_cache: bool,
-}
-
-impl RoutingAnswer {
-    pub fn header(&self, k: &str) -> Option<&str> {
-        self.set
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-    }
-    pub fn destination(&self) -> &str {
-        self.header("x-gateway-destination-endpoint")
-            .expect("destination header")
-    }
-}
-
-pub fn routing_answer(r: &ProcessingResponse) -> RoutingAnswer {
-    let Some(processing_response::Response::RequestHeaders(h)) = &r.response else {
-        panic!("expected a request-headers response, got {r:?}");
-    };
-    let common = h.response.as_ref().unwrap();
-    let mutation = common.header_mutation.clone().unwrap_or_default();
-    let set = mutation
-        .set_headers
-        .iter()
-        .map(|o| {
-            let h = o.header.as_ref().unwrap();
-            (
-                h.key.clone(),
-                String::from_utf8(h.raw_value.clone()).unwrap(),
-            )
-        })
-        .collect();
-    use envoy_types::pb::google::protobuf::value::Kind;
-    let metadata_destination = r.dynamic_metadata.as_ref().and_then(|s| {
-        match s.fields.get("envoy.lb")?.kind.as_ref()? {
-            Kind::StructValue(inner) => match inner
-                .fields
-                .get("x-gateway-destination-endpoint")?
-                .kind
-                .as_ref()?
-            {
-                Kind::StringValue(v) => Some(v.clone()),
-                _ => None,
-            },
-            _ => None,
-        }
-    });
-    RoutingAnswer {
-        set,
-        remove: mutation.remove_headers,
-        metadata_destination,
-        clear_route_cache: common.clear_route_cache,
-    }
-}
-
-/// `(body, end_of_stream)` of a streamed body response in either direction.
-pub fn streamed_body(r: &ProcessingResponse) -> (Vec<u8>, bool) {
-    use ext_proc::envoy::ext_proc::body_mutation::Mutation;
-    let body = match &r.response {
-        Some(processing_response::Response::RequestBody(b))
-        | Some(processing_response::Response::ResponseBody(b)) => b,
-        other => panic!("expected a body response, got {other:?}"),
-    };
-    match body
-        .response
-        .as_ref()
-        .and_then(|c| c.body_mutation.as_ref())
-        .and_then(|m| m.mutation.as_ref())
-    {
-        Some(Mutation::StreamedResponse(s)) => (s.body.clone(), s.end_of_stream),
-        other => panic!("expected streamed_response, got {other:?}"),
-    }
-}
-
-/// `(status, body)` of an immediate response.
-pub fn immediate(r: &ProcessingResponse) -> (i32, String) {
-    match &r.response {
-        Some(processing_response::Response::ImmediateResponse(i)) => (
-            i.status.as_ref().unwrap().code,
-            String::from_utf8(i.body.clone()).unwrap(),
-        ),
-        other => panic!("expected an immediate response, got {other:?}"),
     }
 }
 

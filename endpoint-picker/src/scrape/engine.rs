@@ -224,6 +224,11 @@ impl EngineMapping {
                 bad_lines += 1;
                 continue;
             };
+            if self.queued.iter().any(|spec| spec.matches(&sample))
+                && let Some(model) = sample.label(MODEL_NAME_LABEL)
+            {
+                best.note_served(&model);
+            }
             best.offer_ranked(&self.queued, &sample, Field::Queued);
             best.offer_ranked(&self.running, &sample, Field::Running);
             best.offer_ranked(&self.kv_usage, &sample, Field::Kv);
@@ -268,6 +273,7 @@ impl EngineMapping {
                 waiting_queue_size: best.queued.map_or(0, |s| non_negative(s.value) as u64),
                 running_requests: best.running.map_or(0, |s| non_negative(s.value) as u64),
                 kv_cache_usage: best.kv.map_or(0.0, |s| non_negative(s.value).min(1.0)),
+                served_models: best.served,
                 active_models: active,
                 waiting_models: waiting,
                 max_active_models: max,
@@ -280,6 +286,13 @@ impl EngineMapping {
         }
     }
 }
+
+/// The label naming the served model on vLLM's, SGLang's and TRT-LLM's series.
+pub const MODEL_NAME_LABEL: &str = "model_name";
+/// Most served model names kept per endpoint.
+pub const MAX_SERVED_MODELS: usize = 16;
+/// Longest served model name kept.
+const MAX_SERVED_MODEL_BYTES: usize = 256;
 
 /// The result of reading one exposition.
 #[derive(Debug, Clone, PartialEq)]
@@ -344,9 +357,23 @@ struct Fields {
     lora: Option<(f64, Lora)>,
     block_size: Option<u32>,
     num_blocks: Option<u64>,
+    served: Vec<String>,
 }
 
 impl Fields {
+    /// Notes a served model name, bounded: an engine is trusted to name its models, not to
+    /// grow the EPP's memory.
+    fn note_served(&mut self, model: &str) {
+        if self.served.len() < MAX_SERVED_MODELS
+            && !model.is_empty()
+            && model.len() <= MAX_SERVED_MODEL_BYTES
+            && !model.chars().any(char::is_control)
+            && !self.served.iter().any(|m| m == model)
+        {
+            self.served.push(model.to_owned());
+        }
+    }
+
     /// Keeps the sample if it matches a more preferred spec, or the same spec with a newer
     /// timestamp (several matching series: the newest wins, as in the reference).
     fn offer_ranked(&mut self, specs: &[MetricSpec], sample: &Sample<'_>, field: Field) {

@@ -18,12 +18,16 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use ext_proc::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
+use ext_proc::service::ExtProcService;
+use ext_proc::stream::{ServiceContext, ServiceOptions};
+
 use crate::admin::{self, AdminState, DebugState};
 use crate::debug::DecisionLog;
-use crate::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
 use crate::health;
+use crate::labels::ModelLabels;
 use crate::metrics::{EppMetrics, MetricsObserver};
-use crate::service::{ExtProcService, ServiceContext, ServiceOptions};
+use crate::recorder::EppRecorder;
 use crate::tls::TlsIdentity;
 
 /// Largest ext_proc message accepted (a request body chunk can be large).
@@ -62,6 +66,8 @@ pub struct Settings {
     pub config: LoadedConfig,
     /// ext_proc service options.
     pub options: ServiceOptions,
+    /// Keep the last N decisions for `/debug/pool` (0 = off; `--debug-decisions`).
+    pub debug_decisions: usize,
     /// TLS identity for the ext_proc port (`None` = plaintext).
     pub tls: Option<TlsIdentity>,
     /// Scraper settings (`None` = no scraping; metrics are set by hand, as in tests).
@@ -132,6 +138,7 @@ pub async fn serve_with_handles(
     let Settings {
         config,
         options,
+        debug_decisions,
         tls,
         scrape,
         refresh_prometheus_interval,
@@ -152,7 +159,8 @@ pub async fn serve_with_handles(
     let registry = Arc::new(Mutex::new(registry));
     let observer = Arc::new(MetricsObserver(metrics.clone()));
     director.config().scheduler.set_observer(observer.clone());
-    let decisions = Arc::new(DecisionLog::new(options.debug_decisions));
+    let decisions = Arc::new(DecisionLog::new(debug_decisions));
+    let labels = Arc::new(ModelLabels::default());
 
     // Membership changes reach the producers (prefix index purge).
     {
@@ -217,10 +225,11 @@ pub async fn serve_with_handles(
     }
 
     {
-        let (metrics, datastore, director, token) = (
+        let (metrics, datastore, director, labels, token) = (
             metrics.clone(),
             datastore.clone(),
             director.clone(),
+            labels.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {
@@ -228,7 +237,10 @@ pub async fn serve_with_handles(
             loop {
                 tokio::select! {
                     _ = token.cancelled() => return,
-                    _ = tick.tick() => metrics.refresh_pool(&datastore, &director, metrics_staleness),
+                    _ = tick.tick() => {
+                        metrics.refresh_pool(&datastore, &director, metrics_staleness);
+                        labels.learn(&datastore.snapshot(), &director.policies());
+                    }
                 }
             }
         });
@@ -278,9 +290,8 @@ pub async fn serve_with_handles(
 
     let ctx = Arc::new(ServiceContext {
         director: director.clone(),
-        metrics,
+        recorder: Arc::new(EppRecorder::new(metrics, decisions, labels)),
         options,
-        decisions,
     });
     let svc = ExternalProcessorServer::new(ExtProcService::new(ctx))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use ext_proc::envoy::ext_proc::processing_response;
-use ext_proc::service::ServiceOptions;
+use ext_proc::stream::ServiceOptions;
 use testkit::http::get_text;
 use testkit::*;
 
@@ -228,9 +228,9 @@ async fn every_family_is_exported_and_counters_match_the_requests() {
     let opts = EppOptions {
         options: ServiceOptions {
             decision_header: true,
-            debug_decisions: 3,
             ..Default::default()
         },
+        debug_decisions: 3,
         ..Default::default()
     };
     let epp = start_epp(three(), opts).await;
@@ -657,7 +657,7 @@ async fn scrape_errors_are_counted_per_pod() {
 
 #[tokio::test]
 async fn bearer_token_guards_metrics_and_debug() {
-    use ext_proc::server::{Listeners, PoolSource, Settings};
+    use epp::server::{Listeners, PoolSource, Settings};
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         grpc: bind().await.unwrap(),
@@ -668,6 +668,7 @@ async fn bearer_token_guards_metrics_and_debug() {
     let settings = Settings {
         config: endpoint_picker::config::load_default(1).unwrap(),
         options: ServiceOptions::default(),
+        debug_decisions: 0,
         tls: None,
         scrape: None,
         refresh_prometheus_interval: Duration::from_secs(1),
@@ -679,11 +680,7 @@ async fn bearer_token_guards_metrics_and_debug() {
         drain_grace: Duration::from_secs(1),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(ext_proc::server::serve(
-        settings,
-        listeners,
-        shutdown.clone(),
-    ));
+    let server = tokio::spawn(epp::server::serve(settings, listeners, shutdown.clone()));
     // A raw HTTP/1.1 GET: only the status line matters here.
     let get = |path: &'static str, token: Option<&'static str>| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -717,7 +714,7 @@ fn dashboard_queries_name_exported_metrics() {
     // Every registered family and its sample names (a live scrape omits empty families; the
     // list is checked against the registry by a unit test in `metrics.rs`).
     let exported = Exposition {
-        types: ext_proc::metrics::FAMILIES
+        types: epp::metrics::FAMILIES
             .iter()
             .map(|(n, t)| (n.to_string(), t.to_string()))
             .collect(),
@@ -765,7 +762,7 @@ fn dashboard_queries_name_exported_metrics() {
 #[test]
 fn manifests_name_exported_metrics() {
     let exported = Exposition {
-        types: ext_proc::metrics::FAMILIES
+        types: epp::metrics::FAMILIES
             .iter()
             .map(|(n, t)| (n.to_string(), t.to_string()))
             .collect(),

@@ -7,15 +7,14 @@ use clap::Parser;
 use endpoint_picker::config;
 use endpoint_picker::discovery::file;
 use endpoint_picker::scrape::ScrapeConfig;
-use ext_proc::args::Args;
-use ext_proc::server::{self, Listeners, PoolSource, Settings};
-use ext_proc::service::ServiceOptions;
-use ext_proc::telemetry::{self, TelemetryOptions};
-use ext_proc::tls;
+use epp::args::Args;
+use epp::kubernetes;
+use epp::server::{self, Listeners, PoolSource, Settings};
+use epp::telemetry::{self, TelemetryOptions};
+use epp::tls;
+use ext_proc::stream::ServiceOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-mod kubernetes;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -101,7 +100,7 @@ async fn run(args: Args) -> Result<()> {
         seed,
         debug_decision_header,
         debug_decisions,
-        x_conformance_fault,
+        trust_model_rewrite_header,
         drain_grace_period,
         metrics_bearer_token,
         metrics_endpoint_auth: _,
@@ -240,9 +239,10 @@ async fn run(args: Args) -> Result<()> {
             max_request_body_bytes,
             disable_subset_filter: disable_endpoint_subset_filter,
             decision_header: debug_decision_header,
-            debug_decisions,
-            fault: x_conformance_fault,
+            trust_model_rewrite_header,
+            ..ServiceOptions::default()
         },
+        debug_decisions,
         tls,
         scrape: Some(scrape),
         refresh_prometheus_interval: refresh_prometheus_metrics_interval,

@@ -9,7 +9,7 @@ use common::*;
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use ext_proc::envoy::Metadata;
 use ext_proc::envoy::ext_proc::processing_response;
-use ext_proc::service::ServiceOptions;
+use ext_proc::stream::ServiceOptions;
 
 fn chat(model: &str, content: &str, stream: bool) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -370,7 +370,15 @@ async fn client_routing_headers_have_no_effect() {
 
 #[tokio::test]
 async fn model_rewrite_header_rewrites_body_and_response_back() {
-    let epp = start_epp(three(), EppOptions::default()).await;
+    // The header is honoured only when the operator says the gateway owns it.
+    let opts = EppOptions {
+        options: ServiceOptions {
+            trust_model_rewrite_header: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let epp = start_epp(three(), opts).await;
     let mut s = Stream::open(epp.grpc).await;
     let mut headers = CHAT_HEADERS.to_vec();
     headers.push(("x-gateway-model-name-rewrite", "served-model"));

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use endpoint_picker::datastore::{EndpointSpec, PoolSpec};
-use ext_proc::server::{Listeners, PoolSource, Settings};
-use ext_proc::service::ServiceOptions;
+use epp::server::{Listeners, PoolSource, Settings};
+use ext_proc::stream::ServiceOptions;
 use tokio_stream::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -74,6 +74,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
     let settings = Settings {
         config: endpoint_picker::config::load_default(1).unwrap(),
         options: ServiceOptions::default(),
+        debug_decisions: 0,
         tls: None,
         scrape: None,
         refresh_prometheus_interval: Duration::from_secs(1),
@@ -89,7 +90,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (handles_tx, handles_rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(ext_proc::server::serve_with_handles(
+    let server = tokio::spawn(epp::server::serve_with_handles(
         settings,
         listeners,
         shutdown.clone(),

@@ -110,9 +110,11 @@ pub struct Args {
     /// endpoint `/debug/pool` (0 = off; at most 10000).
     #[arg(long, default_value_t = 0)]
     pub debug_decisions: usize,
-    /// A deliberate protocol fault, for the conformance suite's self-test only.
-    #[arg(long, hide = true)]
-    pub x_conformance_fault: Option<crate::service::ConformanceFault>,
+    /// Honour the model-rewrite header (x-llm-d-model-name-rewrite, x-gateway-model-name-rewrite).
+    /// Off by default: any client can send it. An InferenceModelRewrite that matches the
+    /// request's model wins either way. Turn on only when the gateway strips client copies.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub trust_model_rewrite_header: bool,
     /// Grace period for open streams at shutdown.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_grace_period: Duration,

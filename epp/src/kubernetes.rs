@@ -1,7 +1,7 @@
 //! Kubernetes-mode wiring of the `epp` binary: flags → client, discovery and leader election.
 
+use crate::server::PoolSource;
 use anyhow::{Context, Result, bail};
-use ext_proc::server::PoolSource;
 use k8s::index::PoolRef;
 use k8s::lease::{LeaseConfig, lease_name};
 use k8s::watch::{Discovery, standalone_spec};

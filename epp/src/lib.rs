@@ -1,0 +1,15 @@
+//! The `epp` binary's library: flags, wiring, the admin and metrics server, the recorder that
+//! turns request events into metrics and decision records, telemetry, TLS, gRPC health and the
+//! Kubernetes glue. The protocol lives in `ext-proc`, the decisions in `endpoint-picker`.
+
+pub mod admin;
+pub mod args;
+pub mod debug;
+pub mod health;
+pub mod kubernetes;
+pub mod labels;
+pub mod metrics;
+pub mod recorder;
+pub mod server;
+pub mod telemetry;
+pub mod tls;

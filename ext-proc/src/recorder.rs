@@ -1,0 +1,139 @@
+//! What the protocol code tells the rest of the process about each request.
+//!
+//! The stream state machine reports events (a stream opened, a request routed or rejected, a
+//! response complete, a request released) and nothing else; the binary's implementation turns
+//! them into metrics, decision records and trace spans. Keeping the bookkeeping behind this
+//! trait keeps metric families, label policies and the OpenTelemetry SDK out of the protocol
+//! code, and lets each binary (`epp`, `bbr`) record what it needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use endpoint_picker::director::{RouteError, Routed};
+use endpoint_picker::request::InferenceRequest;
+
+use crate::envoy::HeaderMap;
+use crate::error::RequestError;
+use crate::openai::Usage;
+
+/// How an ext_proc stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOutcome {
+    /// The exchange completed (however Envoy closed the stream afterwards).
+    Ok,
+    /// The stream failed before the exchange completed.
+    Error,
+    /// Envoy or the client dropped the stream before the exchange completed.
+    Cancelled,
+}
+
+impl StreamOutcome {
+    /// A metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamOutcome::Ok => "ok",
+            StreamOutcome::Error => "error",
+            StreamOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One scheduling attempt: the resolved request and what the director answered.
+#[derive(Debug)]
+pub struct Scheduled<'a> {
+    /// The request, objective and rewrite resolved.
+    pub request: &'a InferenceRequest,
+    /// The director's answer.
+    pub outcome: Result<&'a Routed, &'a RouteError>,
+    /// Time spent in the director.
+    pub took: Duration,
+}
+
+/// The names a recorder files a routed request under, chosen once when it is routed and handed
+/// back with every later event about it: a gauge raised under a name is lowered under the same
+/// one, whatever the recorder's naming policy has learnt in between.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordKey {
+    /// The label value of the model asked for.
+    pub model: Arc<str>,
+    /// The label value of the model served.
+    pub target_model: Arc<str>,
+}
+
+/// A finished response.
+#[derive(Debug)]
+pub struct Completion<'a> {
+    /// The routed request.
+    pub request: &'a InferenceRequest,
+    /// What [`Recorder::on_routed`] filed it under.
+    pub key: &'a RecordKey,
+    /// From the request headers to the end of the response.
+    pub elapsed: Duration,
+    /// Response body bytes.
+    pub response_bytes: usize,
+    /// `usage` reported by the model server.
+    pub usage: Option<Usage>,
+    /// From the request headers to the first non-empty streamed chunk.
+    pub time_to_first_chunk: Option<Duration>,
+    /// From the first streamed chunk to the end of the response.
+    pub after_first_chunk: Option<Duration>,
+    /// The response's `:status`.
+    pub status: Option<&'a str>,
+}
+
+/// The events of the request path. Every method runs on the request path: implementations
+/// must not block and must bound what they keep.
+pub trait Recorder: Send + Sync + std::fmt::Debug {
+    /// Whether scheduling should build a score breakdown (it costs allocations).
+    fn wants_explanation(&self) -> bool {
+        false
+    }
+
+    /// A stream opened.
+    fn stream_opened(&self) {}
+
+    /// A stream ended.
+    fn stream_closed(&self, _outcome: StreamOutcome) {}
+
+    /// The span every log line of this stream is written in. `first_headers` are the request
+    /// headers when the stream's first message carries them (trace context may be adopted).
+    fn request_span(&self, _first_headers: Option<&HeaderMap>) -> tracing::Span {
+        tracing::info_span!("gateway.request", request_id = tracing::field::Empty)
+    }
+
+    /// Headers that carry the request's trace context to the model server.
+    fn trace_headers(&self, _span: &tracing::Span) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// The director answered (routed or refused).
+    fn on_scheduled(&self, _scheduled: &Scheduled<'_>) {}
+
+    /// A request was routed and its headers answered; `overhead` is from the end of the
+    /// request body to that answer, and `rewritten` says whether the body's model changed.
+    /// Returns the names later events about this request are filed under.
+    fn on_routed(
+        &self,
+        _request: &InferenceRequest,
+        _rewritten: bool,
+        _overhead: Duration,
+    ) -> RecordKey {
+        RecordKey::default()
+    }
+
+    /// The EPP answered a request itself. `request` is `None` when it failed before parsing.
+    fn on_rejected(&self, _request: Option<&InferenceRequest>, _error: &RequestError) {}
+
+    /// The response of a routed request ended.
+    fn on_complete(&self, _completion: &Completion<'_>) {}
+
+    /// A routed request left (its response ended or its stream was dropped). Called exactly
+    /// once per [`Recorder::on_routed`], with what it returned.
+    fn on_released(&self, _key: &RecordKey) {}
+}
+
+/// Records nothing (tests, tools).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopRecorder;
+
+impl Recorder for NoopRecorder {}

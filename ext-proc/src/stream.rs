@@ -1,0 +1,700 @@
+//! The per-stream state machine: one ext_proc stream is one HTTP request.
+//!
+//! Envoy runs the filter with FULL_DUPLEX_STREAMED bodies, so:
+//! - request headers are stored and answered later, unless they end the stream (then the
+//!   request is routed at once);
+//! - request body chunks are buffered; at end of stream the body is parsed, the request routed,
+//!   and the EPP answers with one headers response (destination header, `Content-Length`,
+//!   `clear_route_cache`, `envoy.lb` metadata) followed by the body as `streamed_response`
+//!   chunks of at most 62,000 bytes;
+//! - response headers are answered at once; SSE response chunks are answered one by one as they
+//!   arrive; other bodies are passed through too, unless the model name must be rewritten back,
+//!   in which case they are buffered to the end;
+//! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
+//!   reset) releases the in-flight slot of the routed request.
+//!
+//! The state machine does no I/O: [`StreamState::on_message`] takes one message and returns the
+//! answers. The request body goes: [`StreamState::on_message`] → `finish_request` (parse with
+//! [`crate::openai`]) → `route` ([`Director`]) → `answer_routed` ([`crate::envoy`] builders);
+//! every outcome is reported once to the [`Recorder`].
+//!
+//! Control headers and trust: see the README's "Security" section. Client copies of the
+//! routing headers are always removed; the model-rewrite header is ignored unless
+//! [`ServiceOptions::trust_model_rewrite_header`] (and an operator's InferenceModelRewrite that
+//! matches the model wins either way); objective and fairness id are the gateway's to set, and
+//! their values are validated.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use endpoint_picker::director::{Director, Routed};
+use endpoint_picker::request::{Api, InferenceRequest};
+use endpoint_picker::scheduling::plugins::filters::AddressMatcher;
+use tokio::time::Instant;
+
+use crate::envoy::{
+    self, Direction, HeaderValueOption,
+    ext_proc::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request},
+};
+use crate::error::RequestError;
+use crate::openai::{self, SseUsageScanner, Usage};
+use crate::protocol::{
+    self, ControlHeader, DECISION_HEADER, DEFAULT_FAIRNESS_ID, DESTINATION_ENDPOINT,
+    DESTINATION_SERVED, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID,
+};
+use crate::recorder::{Completion, RecordKey, Recorder, Scheduled};
+use crate::untrusted::Untrusted;
+
+/// Buffered response bodies (for usage parsing) are capped at this size.
+const MAX_RESPONSE_COPY: usize = 16 * 1024 * 1024;
+/// Longest `x-request-id` kept from a client; a longer or non-printable one is replaced.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+/// Longest fairness id accepted (it keys per-flow state).
+pub const MAX_FAIRNESS_ID_BYTES: usize = 128;
+/// Longest objective name accepted (a Kubernetes object name).
+const MAX_OBJECTIVE_BYTES: usize = 253;
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// `--max-request-body-bytes`.
+    pub max_request_body_bytes: usize,
+    /// `--disable-endpoint-subset-filter`.
+    pub disable_subset_filter: bool,
+    /// Add [`DECISION_HEADER`] to responses (`--debug-decision-header`).
+    pub decision_header: bool,
+    /// Honour the model-rewrite header (`--trust-model-rewrite-header`). Off by default: any
+    /// client can send it, and it would override the operator's choice of model.
+    pub trust_model_rewrite_header: bool,
+    /// A deliberate protocol fault (conformance self-test only).
+    #[cfg(feature = "conformance-faults")]
+    pub fault: Option<crate::faults::ConformanceFault>,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        Self {
+            max_request_body_bytes: 16 * 1024 * 1024,
+            disable_subset_filter: false,
+            decision_header: false,
+            trust_model_rewrite_header: false,
+            #[cfg(feature = "conformance-faults")]
+            fault: None,
+        }
+    }
+}
+
+/// What every stream shares.
+#[derive(Debug)]
+pub struct ServiceContext {
+    /// Request control.
+    pub director: Arc<Director>,
+    /// Where the events of each request go.
+    pub recorder: Arc<dyn Recorder>,
+    /// Settings.
+    pub options: ServiceOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for request headers.
+    Start,
+    /// Headers seen, body arriving.
+    RequestBody,
+    /// Request answered; waiting for (or inside) the response.
+    Routed,
+}
+
+/// The per-stream state machine. Pure with respect to I/O: each message in, the answers out.
+#[derive(Debug)]
+pub struct StreamState {
+    ctx: Arc<ServiceContext>,
+    phase: Phase,
+    /// Set once an immediate response ended the exchange.
+    done: bool,
+    headers: Vec<(String, String)>,
+    request_id: String,
+    generated_request_id: bool,
+    subset: Option<Vec<String>>,
+    body: BytesMut,
+    request: Option<InferenceRequest>,
+    routed: Option<Routed>,
+    /// What the recorder filed the routed request under.
+    key: RecordKey,
+    started: Instant,
+    eos_at: Instant,
+    response: ResponseState,
+}
+
+#[derive(Debug, Default)]
+struct ResponseState {
+    streaming: bool,
+    rewrite_back: Option<(String, String)>,
+    buffered: BytesMut,
+    copy: BytesMut,
+    sse: SseUsageScanner,
+    bytes: usize,
+    usage: Option<Usage>,
+    status: Option<String>,
+    complete: bool,
+    /// When the first non-empty streamed body chunk arrived (time to first token).
+    first_chunk_at: Option<Instant>,
+}
+
+impl StreamState {
+    /// A fresh stream.
+    pub fn new(ctx: Arc<ServiceContext>) -> Self {
+        Self {
+            ctx,
+            phase: Phase::Start,
+            done: false,
+            headers: Vec::new(),
+            request_id: String::new(),
+            generated_request_id: false,
+            subset: None,
+            body: BytesMut::new(),
+            request: None,
+            routed: None,
+            key: RecordKey::default(),
+            started: Instant::now(),
+            eos_at: Instant::now(),
+            response: ResponseState::default(),
+        }
+    }
+
+    /// The request id (empty before headers).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// True once an immediate response ended the exchange: later messages get no answer.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// True once the exchange is over: an immediate response was sent, or the response ended.
+    pub fn exchange_complete(&self) -> bool {
+        self.done || self.response.complete
+    }
+
+    /// Handles one message; returns the answers to send, in order.
+    pub fn on_message(&mut self, message: ProcessingRequest) -> Vec<ProcessingResponse> {
+        if self.done {
+            return Vec::new();
+        }
+        let metadata = message.metadata_context.as_ref();
+        use processing_request::Request as R;
+        match message.request {
+            Some(R::RequestHeaders(h)) => {
+                self.note_subset_hint(metadata);
+                self.on_request_headers(h)
+            }
+            Some(R::RequestBody(b)) => {
+                self.note_subset_hint(metadata);
+                self.on_request_body(b)
+            }
+            Some(R::RequestTrailers(_)) => {
+                let mut out = Vec::new();
+                if self.phase == Phase::RequestBody {
+                    out = self.finish_request(false);
+                }
+                if !self.done {
+                    out.push(envoy::trailers_response(Direction::Request));
+                }
+                out
+            }
+            Some(R::ResponseHeaders(h)) => {
+                let served = envoy::metadata_string(metadata, LB_NAMESPACE, DESTINATION_SERVED);
+                self.on_response_headers(h, served)
+            }
+            Some(R::ResponseBody(b)) => self.on_response_body(b),
+            Some(R::ResponseTrailers(_)) => {
+                let mut out = Vec::new();
+                let rest = std::mem::take(&mut self.response.buffered);
+                if !rest.is_empty() {
+                    self.complete_response(&rest);
+                    out.extend(envoy::body_chunks(
+                        Direction::Response,
+                        self.rewrite_response(rest.freeze()),
+                        false,
+                    ));
+                } else {
+                    self.complete_response(&[]);
+                }
+                out.push(envoy::trailers_response(Direction::Response));
+                out
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn note_subset_hint(&mut self, metadata: Option<&envoy::Metadata>) {
+        if !self.ctx.options.disable_subset_filter
+            && let Some(hint) = envoy::subset_hint(metadata)
+        {
+            self.subset = Some(hint);
+        }
+    }
+
+    fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        self.started = Instant::now();
+        self.headers = envoy::headers(h.headers.as_ref());
+        match self
+            .header(REQUEST_ID)
+            .filter(|v| is_printable_token(v, MAX_REQUEST_ID_BYTES))
+        {
+            Some(id) => self.request_id = id.to_owned(),
+            None => {
+                // Absent, or unfit to be logged and forwarded: a fresh one replaces it.
+                self.request_id = uuid::Uuid::new_v4().to_string();
+                self.generated_request_id = true;
+            }
+        }
+        // The request's span (entered by the service) carries the id on every log line.
+        tracing::Span::current().record("request_id", self.request_id.as_str());
+        self.phase = Phase::RequestBody;
+        if h.end_of_stream {
+            self.eos_at = Instant::now();
+            if let Some(api) = self.body_api() {
+                // A body-carrying API without a body: what vLLM would refuse, refused here.
+                return self.fail(
+                    openai::BodyError::EmptyBody {
+                        api: api.as_str(),
+                        field: openai::prompt_field(api),
+                    }
+                    .into(),
+                    None,
+                );
+            }
+            let request = match self.base_request(Api::HeadersOnly) {
+                Ok(r) => r,
+                Err(e) => return self.fail(e, None),
+            };
+            return self.route(request, None);
+        }
+        let expected = self
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(self.ctx.options.max_request_body_bytes);
+        self.body = BytesMut::with_capacity(expected);
+        #[cfg(feature = "conformance-faults")]
+        if self.ctx.options.fault == Some(crate::faults::ConformanceFault::HeadersBeforeBody) {
+            // Deliberately wrong: route on the headers alone; the body then passes through.
+            self.eos_at = Instant::now();
+            return match self.base_request(Api::HeadersOnly) {
+                Ok(request) => self.route(request, None),
+                Err(e) => self.fail(e, None),
+            };
+        }
+        Vec::new()
+    }
+
+    /// The API of a request whose method and path say it must carry a JSON body.
+    fn body_api(&self) -> Option<Api> {
+        let post = self.header(":method").is_some_and(|m| m == "POST");
+        let json = self
+            .header("content-type")
+            .is_some_and(|ct| ct.contains("json"));
+        let path = self.header(":path").unwrap_or("");
+        match openai::known_api_for_path(path) {
+            Some(api) if post => Some(api),
+            None if post && json => Some(openai::api_for_path(path)),
+            _ => None,
+        }
+    }
+
+    fn on_request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+        if self.phase != Phase::RequestBody {
+            // A body after the request was answered cannot be routed again; pass it on.
+            return vec![envoy::body_chunk(
+                Direction::Request,
+                Bytes::from(b.body),
+                b.end_of_stream,
+            )];
+        }
+        let limit = self.ctx.options.max_request_body_bytes;
+        if self.body.len() + b.body.len() > limit {
+            return self.fail(RequestError::TooLarge { limit }, None);
+        }
+        if self.body.is_empty() && b.end_of_stream {
+            // The whole body in one message: take it without copying.
+            self.body = BytesMut::new();
+            return self.finish_request_with(Bytes::from(b.body), true);
+        }
+        self.body.extend_from_slice(&b.body);
+        if b.end_of_stream || b.end_of_stream_without_message {
+            return self.finish_request(true);
+        }
+        Vec::new()
+    }
+
+    fn finish_request(&mut self, end_of_stream: bool) -> Vec<ProcessingResponse> {
+        let body = std::mem::take(&mut self.body).freeze();
+        self.finish_request_with(body, end_of_stream)
+    }
+
+    /// A control header's value under any of its spellings (the current name first).
+    fn control(&self, header: ControlHeader) -> Option<&str> {
+        header
+            .spellings()
+            .find_map(|name| self.header(name))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The request as the headers describe it, control headers validated.
+    fn base_request(&self, api: Api) -> Result<InferenceRequest, RequestError> {
+        let objective = match self.control(protocol::OBJECTIVE) {
+            Some(o) if !is_object_name(o) => {
+                return Err(RequestError::BadHeader {
+                    header: protocol::OBJECTIVE.name,
+                    reason: "not a Kubernetes object name",
+                });
+            }
+            o => o.map(str::to_owned),
+        };
+        let fairness_id = match self.control(protocol::FAIRNESS_ID) {
+            None => DEFAULT_FAIRNESS_ID.to_owned(),
+            Some(f) if is_printable_token(f, MAX_FAIRNESS_ID_BYTES) => f.to_owned(),
+            Some(_) => {
+                return Err(RequestError::BadHeader {
+                    header: protocol::FAIRNESS_ID.name,
+                    reason: "longer than 128 bytes or not printable ASCII",
+                });
+            }
+        };
+        Ok(InferenceRequest {
+            request_id: self.request_id.clone(),
+            api,
+            objective,
+            fairness_id,
+            headers: self.headers.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn finish_request_with(&mut self, body: Bytes, end_of_stream: bool) -> Vec<ProcessingResponse> {
+        self.eos_at = Instant::now();
+        let api = openai::api_for_path(self.header(":path").unwrap_or("/v1/completions"));
+        let parsed = match openai::parse_body(api, &body) {
+            Ok(p) => p,
+            Err(e) => return self.fail(RequestError::BadBody(e), None),
+        };
+        let request = match self.base_request(api) {
+            Ok(r) => InferenceRequest {
+                model: parsed.model.clone(),
+                stream: parsed.stream,
+                prompt: parsed.prompt.clone(),
+                cache_salt: parsed.cache_salt.clone(),
+                body_len: body.len(),
+                ..r
+            },
+            Err(e) => return self.fail(e, None),
+        };
+        self.route(request, Some((body, parsed, end_of_stream)))
+    }
+
+    /// The model-rewrite header's value, when the operator trusts it.
+    fn forced_model(&self) -> Result<Option<String>, RequestError> {
+        if !self.ctx.options.trust_model_rewrite_header {
+            return Ok(None);
+        }
+        match self.control(protocol::MODEL_REWRITE) {
+            None => Ok(None),
+            Some(m) => match openai::validate_model_name(m) {
+                Ok(()) => Ok(Some(m.to_owned())),
+                Err(_) => Err(RequestError::BadHeader {
+                    header: protocol::MODEL_REWRITE.name,
+                    reason: "not a valid model name",
+                }),
+            },
+        }
+    }
+
+    fn route(
+        &mut self,
+        mut request: InferenceRequest,
+        body: Option<(Bytes, openai::ParsedBody, bool)>,
+    ) -> Vec<ProcessingResponse> {
+        let forced = match self.forced_model() {
+            Ok(f) => f,
+            Err(e) => return self.fail(e, Some(&request)),
+        };
+        let director = self.ctx.director.clone();
+        director.resolve(&mut request, forced.as_deref());
+        let subset: Option<Vec<AddressMatcher>> = self
+            .subset
+            .as_ref()
+            .map(|s| s.iter().filter_map(|e| AddressMatcher::parse(e)).collect());
+        let recorder = self.ctx.recorder.clone();
+        let explain = self.ctx.options.decision_header
+            || recorder.wants_explanation()
+            || tracing::enabled!(tracing::Level::DEBUG);
+        let scheduling_started = Instant::now();
+        let routed = director.route(&request, subset.as_deref(), explain);
+        recorder.on_scheduled(&Scheduled {
+            request: &request,
+            outcome: routed.as_ref(),
+            took: scheduling_started.elapsed(),
+        });
+        match routed {
+            Ok(routed) => self.answer_routed(request, routed, body),
+            Err(e) => self.fail(RequestError::Route(e), Some(&request)),
+        }
+    }
+
+    /// The headers response (and the body, re-sent) for a routed request.
+    fn answer_routed(
+        &mut self,
+        request: InferenceRequest,
+        routed: Routed,
+        body: Option<(Bytes, openai::ParsedBody, bool)>,
+    ) -> Vec<ProcessingResponse> {
+        let destination = routed.destination();
+        if let Some(e) = routed
+            .result
+            .primary_result()
+            .and_then(|r| r.explanation.as_ref())
+        {
+            tracing::debug!(model = %Untrusted(&request.target_model), decision = %e.compact(8), "scheduled");
+        }
+        tracing::debug!(%destination, "routed");
+
+        let mut set: Vec<HeaderValueOption> =
+            vec![envoy::set_header(DESTINATION_ENDPOINT, &destination)];
+        if self.generated_request_id {
+            set.push(envoy::set_header(REQUEST_ID, &self.request_id));
+        }
+        // The model server's spans become children of this request's span.
+        for (k, v) in self.ctx.recorder.trace_headers(&tracing::Span::current()) {
+            set.push(envoy::set_header(k, &v));
+        }
+        // Client-sent routing headers other than the one set here are removed.
+        let remove: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| {
+                k.starts_with(PROTECTED_HEADER_PREFIX) && k.as_str() != DESTINATION_ENDPOINT
+            })
+            .cloned()
+            .collect();
+        let mut rewritten = false;
+        let body_out = body.map(|(body, parsed, eos)| {
+            let body = if request.target_model != parsed.model {
+                rewritten = true;
+                openai::rewrite_model(&body, parsed.model_span.clone(), &request.target_model)
+            } else {
+                body
+            };
+            if !body.is_empty() {
+                set.push(envoy::set_header("content-length", &body.len().to_string()));
+            }
+            (body, eos)
+        });
+        let metadata = self
+            .lb_metadata_enabled()
+            .then(|| envoy::destination_metadata(&destination));
+        let mut out = Vec::with_capacity(2);
+        out.push(envoy::request_headers_response(set, remove, metadata));
+        if let Some((body, eos)) = body_out {
+            out.extend(envoy::body_chunks(Direction::Request, body, eos));
+        }
+        self.key = self
+            .ctx
+            .recorder
+            .on_routed(&request, rewritten, self.eos_at.elapsed());
+        if routed.rewritten {
+            self.response.rewrite_back =
+                Some((request.target_model.clone(), request.model.clone()));
+        }
+        self.response.streaming = request.stream;
+        self.request = Some(request);
+        self.routed = Some(routed);
+        self.phase = Phase::Routed;
+        out
+    }
+
+    #[cfg(feature = "conformance-faults")]
+    fn lb_metadata_enabled(&self) -> bool {
+        self.ctx.options.fault != Some(crate::faults::ConformanceFault::NoLbMetadata)
+    }
+
+    #[cfg(not(feature = "conformance-faults"))]
+    fn lb_metadata_enabled(&self) -> bool {
+        true
+    }
+
+    fn fail(
+        &mut self,
+        error: RequestError,
+        request: Option<&InferenceRequest>,
+    ) -> Vec<ProcessingResponse> {
+        tracing::info!(
+            model = %Untrusted(request.map_or("", |r| r.model.as_str())),
+            error = %error,
+            code = error.code(),
+            "request rejected"
+        );
+        self.ctx.recorder.on_rejected(request, &error);
+        self.done = true;
+        self.body = BytesMut::new();
+        vec![error.to_response()]
+    }
+
+    fn on_response_headers(
+        &mut self,
+        h: HttpHeaders,
+        served: Option<String>,
+    ) -> Vec<ProcessingResponse> {
+        let headers = envoy::headers(h.headers.as_ref());
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        if get("content-type").is_some_and(|ct| ct.contains("text/event-stream")) {
+            self.response.streaming = true;
+        }
+        self.response.status = get(":status").map(str::to_owned);
+        let mut set = Vec::new();
+        for plugin in &self.ctx.director.config().response_plugins {
+            for (k, v) in plugin.response_headers(served.as_deref()) {
+                set.push(envoy::set_header(&k, &v));
+            }
+        }
+        if self.ctx.options.decision_header
+            && let Some(e) = self
+                .routed
+                .as_ref()
+                .and_then(|r| r.result.primary_result())
+                .and_then(|r| r.explanation.as_ref())
+        {
+            set.push(envoy::set_header(DECISION_HEADER, &e.compact(4)));
+        }
+        if h.end_of_stream {
+            self.complete_response(&[]);
+        }
+        vec![envoy::response_headers_response(set)]
+    }
+
+    fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+        let eos = b.end_of_stream || b.end_of_stream_without_message;
+        let chunk = Bytes::from(b.body);
+        self.response.bytes += chunk.len();
+        if self.response.streaming {
+            if self.response.first_chunk_at.is_none() && !chunk.is_empty() {
+                self.response.first_chunk_at = Some(Instant::now());
+            }
+            self.response.sse.feed(&chunk);
+            if eos {
+                self.complete_response(&[]);
+            }
+            return vec![envoy::body_chunk(
+                Direction::Response,
+                self.rewrite_response(chunk),
+                eos,
+            )];
+        }
+        if self.response.rewrite_back.is_none() {
+            // Pass through at once; keep a bounded copy to read `usage` at the end.
+            if self.response.copy.len() + chunk.len() <= MAX_RESPONSE_COPY {
+                self.response.copy.extend_from_slice(&chunk);
+            }
+            if eos {
+                let copy = std::mem::take(&mut self.response.copy);
+                self.complete_response(&copy);
+            }
+            return vec![envoy::body_chunk(Direction::Response, chunk, eos)];
+        }
+        self.response.buffered.extend_from_slice(&chunk);
+        if !eos {
+            return Vec::new();
+        }
+        let body = std::mem::take(&mut self.response.buffered).freeze();
+        self.complete_response(&body);
+        envoy::body_chunks(Direction::Response, self.rewrite_response(body), true)
+    }
+
+    fn rewrite_response(&self, chunk: Bytes) -> Bytes {
+        match &self.response.rewrite_back {
+            Some((from, to)) => openai::rewrite_response_model(&chunk, from, to)
+                .map(Bytes::from)
+                .unwrap_or(chunk),
+            None => chunk,
+        }
+    }
+
+    fn complete_response(&mut self, json_body: &[u8]) {
+        if self.response.complete {
+            return;
+        }
+        self.response.complete = true;
+        self.response.usage = self
+            .response
+            .sse
+            .usage()
+            .or_else(|| openai::usage_from_json(json_body));
+        let Some(request) = &self.request else { return };
+        let elapsed = self.started.elapsed();
+        self.ctx.recorder.on_complete(&Completion {
+            request,
+            key: &self.key,
+            elapsed,
+            response_bytes: self.response.bytes,
+            usage: self.response.usage,
+            time_to_first_chunk: self
+                .response
+                .first_chunk_at
+                .map(|first| first.saturating_duration_since(self.started)),
+            after_first_chunk: self.response.first_chunk_at.map(|first| first.elapsed()),
+            status: self.response.status.as_deref(),
+        });
+        tracing::debug!(
+            usage = ?self.response.usage,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "response complete"
+        );
+        self.release();
+    }
+
+    /// Releases per-request state: the in-flight slot, and tells the recorder (once).
+    fn release(&mut self) {
+        if let Some(routed) = self.routed.take() {
+            drop(routed);
+            self.ctx.recorder.on_released(&self.key);
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Visible ASCII (no spaces, no control characters), 1 to `max` bytes: safe to log, to
+/// forward, and to key a bounded map with.
+fn is_printable_token(v: &str, max: usize) -> bool {
+    !v.is_empty() && v.len() <= max && v.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A Kubernetes object name (DNS subdomain: lower-case alphanumerics, `-` and `.`).
+fn is_object_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_OBJECTIVE_BYTES
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests;

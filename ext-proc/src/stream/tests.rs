@@ -1,0 +1,431 @@
+//! The state machine driven message by message, with no gRPC and no Envoy: every answer and
+//! every event reported to the recorder is checked directly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use endpoint_picker::config::load_default;
+use endpoint_picker::datastore::{Datastore, EngineMetrics, test_util::pool};
+use endpoint_picker::director::{Director, ModelRewrite, Policies, RewriteRule, RewriteTarget};
+use endpoint_picker::request::InferenceRequest;
+use parking_lot::Mutex;
+
+use super::*;
+use crate::recorder::{RecordKey, Recorder, Scheduled};
+use crate::test_util::*;
+
+/// Records the events the stream reports, as short strings.
+#[derive(Debug, Default)]
+struct Events(Mutex<Vec<String>>);
+
+impl Recorder for Events {
+    fn on_scheduled(&self, s: &Scheduled<'_>) {
+        let outcome = match s.outcome {
+            Ok(r) => r.destination(),
+            Err(e) => e.to_string(),
+        };
+        self.0.lock().push(format!("scheduled {outcome}"));
+    }
+    fn on_routed(&self, r: &InferenceRequest, rewritten: bool, _: Duration) -> RecordKey {
+        self.0.lock().push(format!(
+            "routed {}->{} rewritten={rewritten}",
+            r.model, r.target_model
+        ));
+        RecordKey {
+            model: Arc::from(r.model.as_str()),
+            target_model: Arc::from(r.target_model.as_str()),
+        }
+    }
+    fn on_rejected(&self, _: Option<&InferenceRequest>, e: &RequestError) {
+        self.0.lock().push(format!("rejected {}", e.code()));
+    }
+    fn on_complete(&self, c: &crate::recorder::Completion<'_>) {
+        self.0.lock().push(format!(
+            "complete {:?}",
+            c.usage.map(|u| u.completion_tokens)
+        ));
+    }
+    fn on_released(&self, key: &RecordKey) {
+        self.0.lock().push(format!("released {}", key.model));
+    }
+}
+
+struct Harness {
+    director: Arc<Director>,
+    events: Arc<Events>,
+    options: ServiceOptions,
+}
+
+impl Harness {
+    fn new(endpoints: u8) -> Self {
+        let ds = Arc::new(Datastore::new());
+        for e in ds.apply(pool(endpoints)).endpoints.iter() {
+            e.store_metrics(EngineMetrics {
+                updated_at: Some(tokio::time::Instant::now()),
+                ..Default::default()
+            });
+        }
+        Self {
+            director: Arc::new(Director::new(ds, Arc::new(load_default(1).unwrap()), 1)),
+            events: Arc::new(Events::default()),
+            options: ServiceOptions::default(),
+        }
+    }
+
+    fn stream(&self) -> StreamState {
+        StreamState::new(Arc::new(ServiceContext {
+            director: self.director.clone(),
+            recorder: self.events.clone(),
+            options: self.options.clone(),
+        }))
+    }
+
+    fn events(&self) -> Vec<String> {
+        std::mem::take(&mut *self.events.0.lock())
+    }
+
+    /// The last `routed …` event since the previous call.
+    fn routed(&self) -> String {
+        self.events()
+            .into_iter()
+            .rfind(|e| e.starts_with("routed"))
+            .unwrap_or_default()
+    }
+}
+
+fn post(path: &str, extra: &[(&str, &str)]) -> ProcessingRequest {
+    let mut h = vec![
+        (":method", "POST"),
+        (":path", path),
+        ("content-type", "application/json"),
+    ];
+    h.extend_from_slice(extra);
+    req_headers(&h, false, None)
+}
+
+fn chat(model: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+    }))
+    .unwrap()
+}
+
+/// Sends a chat request (headers, then the body in one message) and returns the answers.
+fn send_chat(s: &mut StreamState, model: &str, extra: &[(&str, &str)]) -> Vec<ProcessingResponse> {
+    assert!(
+        s.on_message(post("/v1/chat/completions", extra)).is_empty(),
+        "headers deferred"
+    );
+    s.on_message(req_body(&chat(model), true))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_is_answered_once_with_headers_then_body_and_released_at_the_end() {
+    let h = Harness::new(2);
+    let mut s = h.stream();
+    assert!(s.on_message(post("/v1/completions", &[])).is_empty());
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    assert!(s.on_message(req_body(&body[..10], false)).is_empty());
+    let out = s.on_message(req_body(&body[10..], true));
+    assert_eq!(out.len(), 2);
+    let a = routing_answer(&out[0]);
+    assert!(a.destination().starts_with("10.0.0."));
+    assert_eq!(a.metadata_destination.as_deref(), Some(a.destination()));
+    assert_eq!(a.header("content-length"), Some("30"));
+    assert_eq!(streamed_body(&out[1]), (body.to_vec(), true));
+    assert_eq!(s.request_id().len(), 36, "generated");
+    let dest = a.destination().to_owned();
+    assert_eq!(
+        h.events(),
+        [
+            format!("scheduled {dest}"),
+            "routed m->m rewritten=false".into()
+        ]
+    );
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    let usage = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+    let out = s.on_message(resp_body(usage, true));
+    assert_eq!(streamed_body(&out[0]), (usage.to_vec(), true));
+    assert!(s.exchange_complete());
+    assert_eq!(h.events(), ["complete Some(3)", "released m"]);
+    drop(s);
+    assert!(h.events().is_empty(), "released exactly once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_stream_releases_its_request() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    drop(s);
+    assert_eq!(h.events(), ["released m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn headers_only_requests_route_at_once_but_empty_bodies_of_body_apis_are_refused() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    let out = s.on_message(req_headers(
+        &[(":method", "GET"), (":path", "/v1/models")],
+        true,
+        None,
+    ));
+    assert!(
+        routing_answer(&out[0])
+            .destination()
+            .starts_with("10.0.0.1")
+    );
+    for (method, path, ct) in [
+        ("POST", "/v1/chat/completions", ""),
+        ("POST", "/v1/completions", "application/json"),
+        ("POST", "/custom/generate", "application/json"),
+    ] {
+        let mut s = h.stream();
+        let mut headers = vec![(":method", method), (":path", path)];
+        if !ct.is_empty() {
+            headers.push(("content-type", ct));
+        }
+        let out = s.on_message(req_headers(&headers, true, None));
+        let (status, body) = immediate(&out[0]);
+        assert_eq!(status, 400, "{path}");
+        assert!(body.contains("empty body"), "{body}");
+        assert!(s.is_done());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hostile_model_names_get_a_short_400_and_reach_no_scheduler() {
+    let h = Harness::new(1);
+    for model in [
+        "x".repeat(4 << 20),
+        "m\n2026 INFO forged\u{1b}[31m".to_owned(),
+    ] {
+        let mut s = h.stream();
+        let out = send_chat(&mut s, &model, &[]);
+        let (status, body) = immediate(&out[0]);
+        assert_eq!(status, 400);
+        assert!(body.len() < 200, "{}", body.len());
+        assert!(!body.contains('\n') && !body.contains('\u{1b}'), "{body:?}");
+        assert_eq!(h.events(), ["rejected BadRequest"]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mebibyte_in_a_wrongly_typed_field_is_not_reflected() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    s.on_message(post("/v1/chat/completions", &[]));
+    let body = format!(
+        r#"{{"model":"m","stream":"{}","messages":[{{"role":"user","content":"x"}}]}}"#,
+        "B".repeat(1 << 20)
+    );
+    let out = s.on_message(req_body(body.as_bytes(), true));
+    let (status, text) = immediate(&out[0]);
+    assert_eq!(status, 400);
+    assert!(text.contains("\"stream\" must be a boolean"), "{text}");
+    assert!(!text.contains("BBBB"));
+    // A top-level string is not an object: the serde message is truncated, not echoed.
+    let mut s = h.stream();
+    s.on_message(post("/v1/chat/completions", &[]));
+    let out = s.on_message(req_body(
+        format!("\"{}\"", "B".repeat(1 << 20)).as_bytes(),
+        true,
+    ));
+    let (status, text) = immediate(&out[0]);
+    assert_eq!(status, 400);
+    assert!(text.len() < 400, "{}", text.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_shapes_name_the_field() {
+    let h = Harness::new(1);
+    for (path, body, field) in [
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":{"a":1}}"#,
+            "prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":"hi"}"#,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":{"role":"user"}}"#,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":["hi"]}"#,
+            "messages",
+        ),
+        (
+            "/v1/embeddings",
+            r#"{"model":"m","input":{"x":1}}"#,
+            "input",
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":"q","instructions":[1]}"#,
+            "instructions",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"p","cache_salt":5}"#,
+            "cache_salt",
+        ),
+    ] {
+        let mut s = h.stream();
+        s.on_message(post(path, &[]));
+        let out = s.on_message(req_body(body.as_bytes(), true));
+        let (status, text) = immediate(&out[0]);
+        assert_eq!(status, 400, "{body}");
+        assert!(text.contains(&format!("{field:?}")), "{text}");
+    }
+}
+
+fn operator_rewrite(h: &Harness) {
+    h.director.set_policies(Policies {
+        rewrites: vec![ModelRewrite {
+            name: "canary".into(),
+            created: 1,
+            rules: vec![RewriteRule {
+                matches: vec!["m".into()],
+                targets: vec![RewriteTarget {
+                    model: "m-canary".into(),
+                    weight: 1,
+                }],
+            }],
+        }],
+        ..Default::default()
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_rewrite_header_is_ignored_unless_trusted_and_never_beats_the_operator() {
+    let mut h = Harness::new(1);
+    for header in ["x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite"] {
+        let mut s = h.stream();
+        send_chat(&mut s, "free", &[(header, "client-choice")]);
+        assert_eq!(h.routed(), "routed free->free rewritten=false", "{header}");
+    }
+    h.options.trust_model_rewrite_header = true;
+    let mut s = h.stream();
+    send_chat(
+        &mut s,
+        "free",
+        &[("x-llm-d-model-name-rewrite", "gateway-choice")],
+    );
+    assert_eq!(h.routed(), "routed free->gateway-choice rewritten=true");
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    let out = send_chat(
+        &mut s,
+        "m",
+        &[("x-llm-d-model-name-rewrite", "client-choice")],
+    );
+    assert_eq!(h.routed(), "routed m->m-canary rewritten=true");
+    let (body, _) = streamed_body(&out[1]);
+    assert!(String::from_utf8(body).unwrap().contains("\"m-canary\""));
+    let mut s = h.stream();
+    let out = send_chat(
+        &mut s,
+        "free",
+        &[("x-llm-d-model-name-rewrite", "bad\nname")],
+    );
+    assert_eq!(immediate(&out[0]).0, 400);
+}
+
+#[tokio::test(start_paused = true)]
+async fn control_headers_are_read_under_both_names_and_validated() {
+    let h = Harness::new(1);
+    h.director.set_policies(Policies {
+        objectives: [("batch".to_string(), -1), ("premium".to_string(), 5)]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    });
+    let priority_of = |headers: &[(&str, &str)]| {
+        let mut s = h.stream();
+        send_chat(&mut s, "m", headers);
+        s.request
+            .as_ref()
+            .map(|r| (r.priority, r.fairness_id.clone()))
+    };
+    assert_eq!(priority_of(&[]), Some((0, "default-flow".into())));
+    assert_eq!(
+        priority_of(&[("x-gateway-inference-objective", "batch")]),
+        Some((-1, "default-flow".into()))
+    );
+    assert_eq!(
+        priority_of(&[
+            ("x-llm-d-inference-objective", "premium"),
+            ("x-gateway-inference-objective", "batch"),
+            ("x-llm-d-inference-fairness-id", "tenant-a"),
+        ]),
+        Some((5, "tenant-a".into())),
+        "the current name wins"
+    );
+    for bad in [
+        ("x-llm-d-inference-objective", "Batch\n"),
+        ("x-llm-d-inference-fairness-id", "tenant a"),
+    ] {
+        let mut s = h.stream();
+        let out = send_chat(&mut s, "m", &[bad]);
+        let (status, body) = immediate(&out[0]);
+        assert_eq!(status, 400, "{bad:?}");
+        assert!(body.contains(bad.0), "{body}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_routing_headers_are_removed_and_unfit_request_ids_replaced() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    let out = send_chat(
+        &mut s,
+        "m",
+        &[
+            ("x-gateway-destination-endpoint-served", "6.6.6.6:80"),
+            ("x-gateway-destination-endpoint", "6.6.6.6:80"),
+            ("x-request-id", "id\u{1b}[2J"),
+        ],
+    );
+    let a = routing_answer(&out[0]);
+    assert!(a.destination().starts_with("10.0.0.1"));
+    assert_eq!(a.remove, ["x-gateway-destination-endpoint-served"]);
+    assert_eq!(a.header("x-request-id").map(str::len), Some(36));
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[("x-request-id", "abc-123")]);
+    assert_eq!(s.request_id(), "abc-123");
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_carry_the_dropped_reason() {
+    let h = Harness::new(0);
+    let mut s = h.stream();
+    let out = send_chat(&mut s, "m", &[]);
+    assert_eq!(immediate(&out[0]).0, 503);
+    assert_eq!(
+        immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-no-endpoints")
+    );
+    assert!(
+        s.on_message(req_body(b"late", true)).is_empty(),
+        "done: no more answers"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_large_bodies_get_413() {
+    let mut h = Harness::new(1);
+    h.options.max_request_body_bytes = 10;
+    let mut s = h.stream();
+    s.on_message(post("/v1/completions", &[]));
+    let out = s.on_message(req_body(&[b' '; 11], false));
+    assert_eq!(immediate(&out[0]).0, 413);
+}
