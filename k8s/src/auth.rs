@@ -5,7 +5,10 @@
 //! For a request carrying `Authorization: Bearer <token>`:
 //!
 //! 1. **Authenticate**: create an `authentication.k8s.io/v1` TokenReview of the token. Not
-//!    authenticated → [`Decision::Unauthenticated`] (401).
+//!    authenticated → [`Decision::Unauthenticated`] (401). One deliberate difference: the
+//!    reference answers 401 only when no bearer token is sent, and 500 when the TokenReview
+//!    rejects the token (its authenticator chain reports "invalid bearer token" as an error).
+//!    A rejected credential is what 401 means, and a scraper fails the scrape either way.
 //! 2. **Authorize**: create an `authorization.k8s.io/v1` SubjectAccessReview for the reviewed
 //!    user (name, uid, groups, extra) with `nonResourceAttributes {path, verb}`: the request's
 //!    path and its lower-cased method, so a scraper needs a ClusterRole with
