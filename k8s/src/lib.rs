@@ -8,11 +8,14 @@
 //! * [`watch`] — thin kube-runtime watchers (with backoff) feeding the index, one task each.
 //! * [`lease`] — leader election on a `coordination.k8s.io/v1` Lease, exposed as a
 //!   `watch::Receiver<bool>` that the health server folds into readiness.
+//! * [`auth`] — `--metrics-endpoint-auth`: bearer tokens of `/metrics` and `/debug/pool`
+//!   checked by TokenReview and SubjectAccessReview, with bounded caches.
 //!
 //! Nothing here runs on the request path: the scheduler only ever reads the datastore's
 //! snapshot.
 
 pub mod api;
+pub mod auth;
 pub mod index;
 pub mod lease;
 pub mod watch;
@@ -42,6 +45,35 @@ pub enum Error {
     /// A flag value is unusable.
     #[error("{0}")]
     Invalid(String),
+    /// A TokenReview or SubjectAccessReview was refused or failed (retries included).
+    #[error("{review} failed: {source}")]
+    Review {
+        /// `TokenReview` or `SubjectAccessReview`.
+        review: &'static str,
+        /// The last attempt's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A TokenReview or SubjectAccessReview had no answer within its time limit.
+    #[error("{review}: no answer within {after:?}")]
+    ReviewTimeout {
+        /// `TokenReview` or `SubjectAccessReview`.
+        review: &'static str,
+        /// The time limit, retries included.
+        after: std::time::Duration,
+        /// The error of the last failed attempt, if any attempt failed before time ran out.
+        #[source]
+        last: Option<kube::Error>,
+    },
+    /// So many reviews were already under way that this one was not started.
+    #[error("{in_flight} authentication reviews already under way")]
+    ReviewsBusy {
+        /// Reviews under way.
+        in_flight: usize,
+    },
+    /// A review's task ended without an answer (it panicked).
+    #[error("authentication review task: {0}")]
+    ReviewTask(#[source] tokio::task::JoinError),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -112,6 +112,15 @@ impl ApiServer {
             .expect("the client went away")
     }
 
+    /// Asserts that the client sends nothing more (within a second, usually of paused time).
+    pub async fn expect_no_request(&mut self) {
+        if let Ok(Some((req, _))) =
+            tokio::time::timeout(Duration::from_secs(1), self.handle.next_request()).await
+        {
+            panic!("unexpected request: {} {}", req.method(), req.uri());
+        }
+    }
+
     /// Expects a `method` request of `path` and returns it with its responder.
     pub async fn expect(
         &mut self,
