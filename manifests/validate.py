@@ -11,6 +11,13 @@
 * The Helm chart with `helm lint --strict` and `helm template` (Helm's own Go SDK, embedded in
   the `helm-python-sdk` wheel; no helm binary, no network) for several value sets, every
   rendered object validated as above, and invalid value sets that must fail to render.
+* Upstream's own chart values (chart_upstream.py): upstream's values.yaml files, unchanged and
+  with overrides, render with upstream's meaning; values the chart cannot honour fail to render
+  with a message naming the key.
+* The EPP's arguments of every rendered value set equal the golden files under the chart's
+  tests/rendered-args/, which a Rust test parses with the EPP's own flag parser
+  (`validate.py --update` rewrites them); files/epp-flags.yaml lists exactly the flags of
+  epp/src/args.rs.
 * Invariants the EPP relies on: non-root, read-only root filesystem, resource requests,
   gRPC probes on the health port, the ext_proc Service port speaking http2, least-privilege
   RBAC (read-only verbs except leases, and leases only with leader election; cluster-wide only
@@ -25,9 +32,10 @@ Run from the repository root: `.venv/bin/python manifests/validate.py` (`make va
 
 from __future__ import annotations
 
-import copy
+import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +46,12 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+import chart_upstream
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHART = os.path.join(ROOT, "charts", "switchyard-inferencepool")
+GOLDEN_ARGS = os.path.join(CHART, "tests", "rendered-args")
+ARGS_RS = os.path.join(os.path.dirname(ROOT), "epp", "src", "args.rs")
 # Oldest supported by the chart (Chart.yaml kubeVersion) and the newest schema bundled.
 K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 # Objects of third-party CRDs rendered by optional chart templates.
@@ -47,6 +59,9 @@ FOREIGN = {
     ("networking.istio.io/v1", "DestinationRule"),
     ("networking.gke.io/v1", "HealthCheckPolicy"),
     ("networking.gke.io/v1", "GCPBackendPolicy"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.googleapis.com/v1", "PodMonitoring"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
 }
 READ_ONLY = {"get", "list", "watch"}
 # --metrics-endpoint-auth: what the EPP may create cluster-wide, and the paths it guards.
@@ -55,6 +70,7 @@ AUTH_REVIEWS = {
     ("authorization.k8s.io", "subjectaccessreviews"),
 }
 EPP_URLS = {"/metrics", "/debug/pool"}
+# The cluster-wide rules --metrics-endpoint-auth needs, as the chart renders them.
 
 failures: list[str] = []
 checked = 0
@@ -191,14 +207,19 @@ def check_epp_invariants(
         if not g or g.get("port") != ports.get("grpc-health") or g.get("service") != service:
             fail(where, f"{probe} must be gRPC on the health port, service {service!r}")
     args = epp.get("args", [])
-    if not any(a.startswith("--pool-name=") for a in args):
+    flags = chart_upstream.flag_values(args)
+    if "pool-name" not in flags:
         fail(where, "EPP needs --pool-name")
+    repeated = sorted(f for f, values in flags.items() if len(values) > 1)
+    if repeated:
+        fail(where, f"flags passed more than once: {repeated}")
+    leader = flags.get("ha-enable-leader-election", ["false"])[-1] == "true"
     env = {e["name"] for e in epp.get("env", [])}
     if not {"NAMESPACE", "POD_NAME"} <= env:
         fail(where, "EPP needs NAMESPACE and POD_NAME from the downward API")
-    if ha is not None and ("--ha-enable-leader-election" in args) != ha:
+    if ha is not None and leader != ha:
         fail(where, f"--ha-enable-leader-election should be {'on' if ha else 'off'}")
-    if dep["spec"]["replicas"] > 1 and "--ha-enable-leader-election" not in args:
+    if dep["spec"]["replicas"] > 1 and not leader:
         fail(where, "more than one EPP replica needs leader election")
 
     services = [o for o in objs if o["kind"] == "Service"]
@@ -208,11 +229,16 @@ def check_epp_invariants(
     if not any(p.get("targetPort") == "metrics" for s in services for p in s["spec"]["ports"]):
         fail(where, "the Service must expose metrics")
 
-    roles = [o for o in objs if o["kind"] == "Role"]
+    auth = flags.get("metrics-endpoint-auth")
+    if auth is not None:
+        metrics_auth = auth[-1] == "true"
     check_cluster_rbac(where, objs, pod.get("serviceAccountName"), metrics_auth)
+    roles = [o for o in objs if o["kind"] == "Role"]
     for role in roles:
         for rule in role["rules"]:
             verbs = set(rule["verbs"])
+            if rule["resources"] == ["secrets"] and not rule.get("resourceNames"):
+                fail(where, f"Role {role['metadata']['name']}: secrets only by name")
             if rule["resources"] == ["leases"]:
                 if ha is False:
                     fail(where, "leases granted without leader election")
@@ -293,43 +319,141 @@ def chart_value_sets() -> list[tuple[str, dict[str, Any]]]:
     return sets
 
 
+def render_checked(
+    chart: helm.Chart, where: str, values: dict[str, Any], golden: str, ha: bool | None = None
+) -> list[dict[str, Any]]:
+    """Lints and renders one value set, validates every object and the EPP invariants, and
+    compares the EPP's arguments with the golden file `golden`. Returns the objects."""
+    report = helm.lint(CHART, values, strict=True, namespace=chart_upstream.NAMESPACE)
+    for m in report.get("messages", []):
+        # Severity 1 is informational (e.g. "icon is recommended").
+        if m.get("severity", 0) >= 2:
+            fail(where, f"helm lint: {m.get('path')}: {m.get('error')}")
+    for e in report.get("errors", []):
+        fail(where, f"helm lint: {e}")
+    rendered = chart.render(values, name=chart_upstream.RELEASE, namespace=chart_upstream.NAMESPACE,
+                            is_install=True)
+    objs = []
+    for template, text in sorted(rendered.items()):
+        if not template.endswith((".yaml", ".yml")):
+            continue
+        for doc in docs_of(text):
+            validate_object(f"{where} {os.path.basename(template)}", doc)
+            objs.append(doc)
+    check_epp_invariants(where, objs, ha=ha)
+    check_golden_args(where, golden, chart_upstream.epp_args(objs))
+    return objs
+
+
+# Golden files written or compared this run; the others are stale.
+goldens_seen: set[str] = set()
+goldens_written: list[str] = []
+UPDATE = False
+
+
+def check_golden_args(where: str, name: str, args: list[str]) -> None:
+    """One argument per line: what the container's args hold, without argv[0]. The chart
+    renders no $(VAR) references, so this is exactly what the EPP receives."""
+    for a in args:
+        if "\n" in a or "$(" in a:
+            fail(where, f"argument {a!r}: no newlines or $(VAR) references in EPP arguments")
+    path = os.path.join(GOLDEN_ARGS, f"{name}.args")
+    goldens_seen.add(os.path.basename(path))
+    text = "".join(f"{a}\n" for a in args)
+    try:
+        with open(path) as f:
+            current = f.read()
+    except FileNotFoundError:
+        current = None
+    if current == text:
+        return
+    if UPDATE:
+        os.makedirs(GOLDEN_ARGS, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        goldens_written.append(os.path.relpath(path, os.path.dirname(ROOT)))
+    else:
+        fail(where, f"EPP arguments differ from {os.path.relpath(path, ROOT)} "
+                    f"(`validate.py --update` rewrites it after review):\n  {args}")
+
+
+def check_stale_goldens() -> None:
+    for path in sorted(glob.glob(os.path.join(GOLDEN_ARGS, "*.args"))):
+        if os.path.basename(path) in goldens_seen:
+            continue
+        if UPDATE:
+            os.remove(path)
+            goldens_written.append(f"removed {os.path.relpath(path, os.path.dirname(ROOT))}")
+        else:
+            fail(os.path.relpath(path, ROOT), "no value set renders it (`validate.py --update` removes it)")
+
+
 def validate_chart() -> None:
     chart = helm.Chart.load(CHART)
-    defaults = chart.values
     sets = chart_value_sets()
     if len(sets) < 3:
         fail("chart", "expected several value sets under ci/")
     for name, values in sets:
         where = f"chart[{name}]"
-        report = helm.lint(CHART, values, strict=True, namespace="inference")
-        for m in report.get("messages", []):
-            # Severity 1 is informational (e.g. "icon is recommended").
-            if m.get("severity", 0) >= 2:
-                fail(where, f"helm lint: {m.get('path')}: {m.get('error')}")
-        for e in report.get("errors", []):
-            fail(where, f"helm lint: {e}")
-        rendered = chart.render(values, name="my-pool", namespace="inference", is_install=True)
-        objs = []
-        for template, text in sorted(rendered.items()):
-            if not template.endswith((".yaml", ".yml")):
-                continue
-            for doc in docs_of(text):
-                validate_object(f"{where} {os.path.basename(template)}", doc)
-                objs.append(doc)
-        merged = copy.deepcopy(defaults)
-        deep_merge(merged, values)
+        merged = chart.merge_values(values)
         ext = merged["inferenceExtension"]
         ha = bool(ext["leaderElection"]["enabled"]) or int(ext["replicas"]) > 1
-        check_epp_invariants(where, objs, ha=ha)
+        objs = render_checked(chart, where, values, f"ci-{os.path.splitext(name)[0]}", ha=ha)
         check_chart_specifics(where, objs, merged)
 
 
-def deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
-    for k, v in other.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            deep_merge(into[k], v)
-        else:
-            into[k] = v
+def validate_chart_upstream() -> None:
+    """Upstream's own values files, unchanged and with overrides, and what must be refused."""
+    chart = helm.Chart.load(CHART)
+    for scenario in chart_upstream.SCENARIOS:
+        where = f"chart[{scenario.name}]"
+        try:
+            objs = render_checked(chart, where, scenario.values, scenario.name)
+        except helm.HelmError as e:
+            fail(where, f"{scenario.doc}: does not render: {e}")
+            continue
+        check = chart_upstream.Check()
+        try:
+            scenario.expect(objs, check)
+        except (AssertionError, KeyError, StopIteration, TypeError) as e:
+            check.problems.append(f"{type(e).__name__}: {e}")
+        for problem in check.problems:
+            fail(where, f"{scenario.doc}: {problem}")
+    for r in chart_upstream.REJECTIONS:
+        try:
+            chart.render(r.values, name=chart_upstream.RELEASE, namespace=chart_upstream.NAMESPACE)
+        except helm.HelmError as e:
+            if r.message not in str(e):
+                fail("chart", f"{r.doc}: fails, but without {r.message!r}: {e}")
+            continue
+        fail("chart", f"{r.doc}: should fail to render with {r.message!r}")
+
+
+def check_flag_list() -> None:
+    """files/epp-flags.yaml names every flag of epp/src/args.rs, and no other: a flag the
+    chart accepts but the EPP lacks would crash-loop the pod; one it does not know would be
+    refused although the EPP has it."""
+    with open(os.path.join(CHART, "files", "epp-flags.yaml")) as f:
+        listed = yaml.safe_load(f)
+    names = list(listed["accepted"]) + list(listed["derived"]) + list(listed["refused"])
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        fail("chart files/epp-flags.yaml", f"listed more than once: {dup}")
+    with open(ARGS_RS) as f:
+        source = f.read()
+    # `#[arg(long ...)]` (optionally `long = "name"`), doc comments, then `pub field:`.
+    flags = set()
+    for attrs, field in re.findall(r"#\[arg\(([^\n]*)\)\]\s*(?:///[^\n]*\s*)*pub (\w+):", source):
+        if not re.search(r"\blong\b", attrs):
+            continue
+        named = re.search(r'\blong\s*=\s*"([^"]+)"', attrs)
+        flags.add(named.group(1) if named else field.replace("_", "-"))
+    if len(flags) < 20:
+        fail("epp/src/args.rs", f"found only {len(flags)} flags; has the Args struct moved?")
+    for missing in sorted(flags - set(names)):
+        fail("chart files/epp-flags.yaml", f"--{missing} is a flag of the EPP (args.rs) but not listed")
+    for extra in sorted(set(names) - flags):
+        fail("chart files/epp-flags.yaml", f"--{extra} is listed but the EPP (args.rs) has no such flag")
 
 
 ENGINES = {"vllm": "vllm", "sglang": "sglang", "triton": "triton", "trtllm": "trtllm-serve"}
@@ -343,10 +467,12 @@ def check_chart_specifics(where: str, objs: list[dict[str, Any]], values: dict[s
     pool, pv = pools[0], values["inferencePool"]
     if pool["spec"]["selector"]["matchLabels"] != pv["modelServers"]["matchLabels"]:
         fail(where, "InferencePool selector differs from inferencePool.modelServers.matchLabels")
-    if [p["number"] for p in pool["spec"]["targetPorts"]] != [p["number"] for p in pv["targetPorts"]]:
+    want_ports = [p["number"] for p in pv.get("targetPorts") or []] or [8000]
+    if [p["number"] for p in pool["spec"]["targetPorts"]] != want_ports:
         fail(where, "InferencePool targetPorts differ from the values")
     ref = pool["spec"]["endpointPickerRef"]
-    if ref["failureMode"] != pv["failureMode"]:
+    want_mode = values["inferenceExtension"].get("failureMode") or pv.get("failureMode") or "FailOpen"
+    if ref["failureMode"] != want_mode:
         fail(where, "failureMode not passed to the InferencePool")
     services = {o["metadata"]["name"] for o in objs if o["kind"] == "Service"}
     if ref["name"] not in services:
@@ -373,25 +499,6 @@ def check_chart_specifics(where: str, objs: list[dict[str, Any]], values: dict[s
         fail(where, "the GKE policies follow provider.name == gke")
 
 
-def validate_chart_rejects_bad_values() -> None:
-    chart = helm.Chart.load(CHART)
-    good = {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}}}}
-    bad = {
-        "no selector": {},
-        "unknown engine": {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}},
-                                             "modelServerType": "tgi"}},
-        "nine ports": {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}},
-                                         "targetPorts": [{"number": 8000 + i} for i in range(9)]}},
-    }
-    chart.render(good, name="ok", namespace="inference")
-    for what, values in bad.items():
-        try:
-            chart.render(values, name="bad", namespace="inference")
-        except helm.HelmError:
-            continue
-        fail("chart", f"rendering with {what} should fail")
-
-
 def lint_dockerfile() -> None:
     hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")
     if not os.path.exists(hadolint):
@@ -408,12 +515,21 @@ def lint_dockerfile() -> None:
 
 
 def main() -> int:
+    global UPDATE
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--update", action="store_true",
+                        help="rewrite the golden EPP arguments (tests/rendered-args) instead of failing on a difference")
+    UPDATE = parser.parse_args().update
     # The chart's `fail` calls are expected in the negative cases; keep Helm's log quiet.
     helm.disable_logging()
     validate_files()
+    check_flag_list()
     validate_chart()
-    validate_chart_rejects_bad_values()
+    validate_chart_upstream()
+    check_stale_goldens()
     lint_dockerfile()
+    for written in goldens_written:
+        print(f"validate-manifests: wrote {written}")
     if failures:
         for f in failures:
             print(f"FAIL {f}", file=sys.stderr)
@@ -422,7 +538,9 @@ def main() -> int:
     print(
         f"validate-manifests: {checked} objects OK (Kubernetes {', '.join(K8S_VERSIONS)}; "
         f"CRD schemas; helm {helm.helm_sdk_version()} lint + template, "
-        f"{len(chart_value_sets())} value sets; Dockerfile hadolint-clean)"
+        f"{len(chart_value_sets())} value sets, {len(chart_upstream.SCENARIOS)} upstream-values "
+        f"scenarios, {len(chart_upstream.REJECTIONS)} refusals, {len(goldens_seen)} golden argument "
+        f"files; Dockerfile hadolint-clean)"
     )
     return 0
 

@@ -63,13 +63,18 @@ YAML
     done
 } >"$RUN/pool.yaml"
 
-echo "==> starting the epp (ext_proc :$EPP_PORT over TLS, health :$EPP_HEALTH_PORT, metrics :$EPP_METRICS_PORT)"
+# /metrics and /debug/pool need a bearer token (--metrics-endpoint-auth is on by default).
+METRICS_TOKEN_FILE="$RUN/metrics-token"
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$METRICS_TOKEN_FILE"
+AUTH="Authorization: Bearer $(cat "$METRICS_TOKEN_FILE")"
+echo "==> starting the epp (ext_proc :$EPP_PORT over TLS, health :$EPP_HEALTH_PORT, metrics :$EPP_METRICS_PORT, token in $METRICS_TOKEN_FILE)"
 "$BIN/epp" --pool-file "$RUN/pool.yaml" --bind-address 127.0.0.1 \
     --grpc-port "$EPP_PORT" --grpc-health-port "$EPP_HEALTH_PORT" --metrics-port "$EPP_METRICS_PORT" \
-    --debug-decision-header --debug-decisions 64 \
+    --metrics-bearer-token-file "$METRICS_TOKEN_FILE" \
+    --debug-decision-header --debug-pool --debug-decisions 64 \
     >"$RUN/epp.log" 2>&1 &
 pids+=($!)
-wait_http "http://127.0.0.1:$EPP_METRICS_PORT/metrics" "epp"
+wait_http "http://127.0.0.1:$EPP_METRICS_PORT/healthz" "epp"
 
 echo "==> starting Envoy ($("$ENVOY" --version | grep -o 'version: [^ ]*' | head -n1)) on 127.0.0.1:$LISTEN_PORT"
 BACKENDS=""
@@ -96,6 +101,7 @@ if command -v prometheus >/dev/null 2>&1; then
 global: {scrape_interval: 1s, evaluation_interval: 5s}
 scrape_configs:
 - job_name: switchyard-epp
+  authorization: {credentials_file: '$METRICS_TOKEN_FILE'}
   static_configs: [{targets: ['127.0.0.1:$EPP_METRICS_PORT']}]
 - job_name: model-servers
   static_configs:
@@ -143,10 +149,10 @@ done
 echo "   (prefix-cache affinity keeps a conversation on the replica that holds its prefix)"
 echo
 echo "==> EPP metrics (http://127.0.0.1:$EPP_METRICS_PORT/metrics):"
-curl -s "http://127.0.0.1:$EPP_METRICS_PORT/metrics" | grep -E '^inference_objective_request_total|^inference_pool_ready_pods' | sed 's/^/   /'
+curl -s -H "$AUTH" "http://127.0.0.1:$EPP_METRICS_PORT/metrics" | grep -E '^inference_objective_request_total|^inference_pool_ready_pods' | sed 's/^/   /'
 echo
 echo "==> the last decision, from http://127.0.0.1:$EPP_METRICS_PORT/debug/pool:"
-curl -s "http://127.0.0.1:$EPP_METRICS_PORT/debug/pool" | python3 -c '
+curl -s -H "$AUTH" "http://127.0.0.1:$EPP_METRICS_PORT/debug/pool" | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
 print("   endpoints: " + ", ".join("%s (queue %d, kv %.2f, in flight %d)" % (e["name"], e["metrics"]["waiting_queue_size"], e["metrics"]["kv_cache_usage"], e["in_flight"]) for e in d["endpoints"]))
@@ -181,7 +187,7 @@ echo "  curl -sN $URL/v1/chat/completions -H 'content-type: application/json' \\
 echo "    -d '{\"model\":\"$MODEL\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"
 if [ -n "$PROM" ]; then
     echo "Prometheus: $PROM (e.g. $PROM/graph?g0.expr=rate(inference_objective_request_total[1m])); the"
-    echo "Grafana dashboard is manifests/observability/grafana-dashboard.json. Decisions: http://127.0.0.1:$EPP_METRICS_PORT/debug/pool"
+    echo "Grafana dashboard is manifests/observability/grafana-dashboard.json. Decisions: curl -H \"Authorization: Bearer $(cat $METRICS_TOKEN_FILE)\" http://127.0.0.1:$EPP_METRICS_PORT/debug/pool"
 fi
 echo "Logs: $RUN/{sim,epp,envoy,prometheus}.log. Ctrl-C stops everything."
 wait

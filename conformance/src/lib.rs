@@ -611,7 +611,11 @@ impl EppProcess {
         cmd.arg("--pool-file")
             .arg(&pool_file)
             .arg(format!("--config-text={config}"))
-            .args(["--bind-address", "127.0.0.1"])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--metrics-endpoint-auth=false",
+            ])
             .args(["--grpc-port", &ports[0].to_string()])
             .args(["--grpc-health-port", &ports[1].to_string()])
             .args(["--metrics-port", &ports[2].to_string()])

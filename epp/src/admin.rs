@@ -1,6 +1,11 @@
-//! The metrics/admin HTTP server: `/metrics` (Prometheus text), `/healthz`, and `/debug/pool`
-//! (current endpoints with their latest metrics and the last decisions, as JSON). The bearer
-//! token, when set, guards `/metrics` and `/debug/pool`.
+//! The metrics/admin HTTP server: `/metrics` (Prometheus text), `/healthz`, and, when enabled,
+//! `/debug/pool` (current endpoints with their latest metrics and the last decisions, as JSON).
+//!
+//! `/metrics` and `/debug/pool` sit behind one [`AdminAuth`]: in Kubernetes mode with
+//! `--metrics-endpoint-auth` (the default, as the reference), the scraper's bearer token is
+//! authenticated by a TokenReview and authorised by a SubjectAccessReview on the request's path
+//! and verb; in local mode a static bearer token guards them; with the flag off they are open.
+//! `/healthz` is always open (it says nothing but "ok").
 
 use std::sync::Arc;
 
@@ -16,16 +21,59 @@ use prometheus_client::registry::Registry;
 
 use crate::debug::{self, DecisionLog};
 
+/// Who may read `/metrics` and `/debug/pool`.
+#[derive(Debug, Clone)]
+pub enum AdminAuth {
+    /// Anyone (`--metrics-endpoint-auth=false`).
+    Open,
+    /// Requests carrying this bearer token (local mode).
+    Token(Arc<str>),
+    /// Kubernetes TokenReview + SubjectAccessReview on the path and verb.
+    Kubernetes(k8s::auth::MetricsAuthorizer),
+}
+
+impl AdminAuth {
+    /// `Some(refusal)` when the request may not read `path`.
+    async fn refuse(&self, headers: &HeaderMap, path: &str) -> Option<Response> {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match self {
+            AdminAuth::Open => None,
+            AdminAuth::Token(token) => {
+                let ok = k8s::auth::bearer_token(authorization)
+                    .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+                (!ok).then(|| (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response())
+            }
+            AdminAuth::Kubernetes(authorizer) => {
+                let token = k8s::auth::bearer_token(authorization).unwrap_or("");
+                let decision = authorizer.authorize(token, path, "get").await;
+                if decision.is_allowed() {
+                    return None;
+                }
+                tracing::info!(path, ?decision, "admin request refused");
+                Some((decision.status(), decision.message()).into_response())
+            }
+        }
+    }
+}
+
+/// Compares without an early exit, so that the time taken does not tell how much of a guessed
+/// token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// What the admin handlers share.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     /// The one registry.
     pub registry: Arc<Mutex<Registry>>,
-    /// Optional bearer token required on `/metrics`.
-    pub bearer_token: Option<Arc<str>>,
+    /// Who may read `/metrics` and `/debug/pool`.
+    pub auth: AdminAuth,
     /// Run before each exposition (refreshes gauges computed from current state).
     pub refresh: Option<Refresh>,
-    /// What `/debug/pool` reads (`None` = 404).
+    /// What `/debug/pool` reads (`None`: not served, `--debug-pool=false`).
     pub debug: Option<DebugState>,
 }
 
@@ -52,36 +100,27 @@ impl std::fmt::Debug for Refresh {
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/debug/pool", get(debug_pool))
-        .with_state(state)
-}
-
-/// `Some(401 response)` when a token is required and the request does not carry it.
-fn unauthorized(state: &AdminState, headers: &HeaderMap) -> Option<Response> {
-    let token = state.bearer_token.as_ref()?;
-    let ok = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == &**token);
-    (!ok).then(|| (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response())
+        .route("/healthz", get(|| async { "ok" }));
+    if state.debug.is_some() {
+        router = router.route("/debug/pool", get(debug_pool));
+    }
+    router.with_state(state)
 }
 
 async fn debug_pool(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Some(denied) = unauthorized(&state, &headers) {
+    if let Some(denied) = state.auth.refuse(&headers, "/debug/pool").await {
         return denied;
     }
     let Some(d) = &state.debug else {
-        return (StatusCode::NOT_FOUND, "no debug state\n").into_response();
+        return (StatusCode::NOT_FOUND, "not enabled (--debug-pool)\n").into_response();
     };
     axum::Json(debug::pool_view(&d.datastore, &d.director, &d.decisions)).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
-    if let Some(denied) = unauthorized(&state, &headers) {
+    if let Some(denied) = state.auth.refuse(&headers, "/metrics").await {
         return denied;
     }
     if let Some(refresh) = &state.refresh {
@@ -157,6 +196,13 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+    }
 
     #[test]
     fn counters_are_renamed_for_the_text_format() {

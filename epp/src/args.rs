@@ -14,7 +14,9 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 /// Switchyard: a Gateway API Inference Extension endpoint picker.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "epp", version, about, long_about = None)]
+// A flag given twice takes its last value, as Go's pflag does: a chart that sets a flag the
+// user sets again must still start.
+#[command(name = "epp", version, about, long_about = None, args_override_self = true)]
 pub struct Args {
     /// gRPC port of the ext_proc service.
     #[arg(long, default_value_t = 9002)]
@@ -106,8 +108,8 @@ pub struct Args {
     /// Add an x-switchyard-decision response header with the score breakdown (debugging).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub debug_decision_header: bool,
-    /// Keep the last N scheduling decisions with their score breakdown for the admin
-    /// endpoint `/debug/pool` (0 = off; at most 10000).
+    /// Keep the last N scheduling decisions with their score breakdown for `/debug/pool`
+    /// (needs --debug-pool; 0 = off; at most 10000).
     #[arg(long, default_value_t = 0)]
     pub debug_decisions: usize,
     /// Honour the model-rewrite header (x-llm-d-model-name-rewrite, x-gateway-model-name-rewrite).
@@ -118,12 +120,27 @@ pub struct Args {
     /// Grace period for open streams at shutdown.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_grace_period: Duration,
-    /// Bearer token required on /metrics (empty = open).
-    #[arg(long, env = "SWITCHYARD_METRICS_TOKEN", default_value = "")]
+    /// A static bearer token required on /metrics and /debug/pool (local mode; in Kubernetes
+    /// mode it replaces the TokenReview check).
+    #[arg(
+        long,
+        env = "SWITCHYARD_METRICS_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub metrics_bearer_token: String,
-    /// Kubernetes TokenReview auth of /metrics (accepted; use --metrics-bearer-token).
+    /// A file holding that token (read once at start-up; surrounding whitespace ignored).
+    #[arg(long, conflicts_with = "metrics_bearer_token")]
+    pub metrics_bearer_token_file: Option<PathBuf>,
+    /// Authenticate and authorise readers of /metrics and /debug/pool: in Kubernetes mode by
+    /// TokenReview and SubjectAccessReview (path, verb get), as the reference; in local mode by
+    /// --metrics-bearer-token(-file), which it then requires. false leaves them open.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub metrics_endpoint_auth: bool,
+    /// Serve /debug/pool (endpoints, their metrics, recent decisions) on the metrics port,
+    /// behind the same auth as /metrics.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub debug_pool: bool,
     /// OpenTelemetry tracing: export request spans over OTLP/gRPC when
     /// OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set; off without an endpoint.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -197,6 +214,10 @@ mod tests {
         );
         assert_eq!(d.refresh_metrics_interval, Duration::from_millis(50));
         assert!(Args::try_parse_from(["epp", "--config-file=a", "--config-text=b"]).is_err());
+        let twice = Args::try_parse_from(["epp", "--v=2", "--v=3", "--tracing=false", "--tracing"])
+            .unwrap();
+        assert_eq!(twice.verbosity, 3, "the last one wins");
+        assert!(twice.tracing);
         assert!(Args::try_parse_from(["epp", "--refresh-metrics-interval=soon"]).is_err());
     }
 }

@@ -22,12 +22,17 @@ pub struct Flags {
     pub leader_election: bool,
 }
 
-/// What `run()` needs: the pool source, a label for the start-up log, and the lease task to
-/// await at shutdown (so that the lease is released).
+/// What `run()` needs: the pool source, a label for the start-up log, the lease task to await
+/// at shutdown (so that the lease is released), and the client (for metrics auth).
 pub struct Kube {
+    /// The pool, its objectives and rewrites, watched.
     pub source: PoolSource,
+    /// `namespace/name (kind)`.
     pub label: String,
+    /// Leader election, when on.
     pub lease_task: Option<JoinHandle<()>>,
+    /// The API client.
+    pub client: k8s::Client,
 }
 
 /// Validates the flags, builds the client (in-cluster, else `$KUBECONFIG`/`~/.kube/config`) and
@@ -92,7 +97,7 @@ pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> 
         }
     );
     let discovery = Discovery {
-        client,
+        client: client.clone(),
         pool: PoolRef {
             name,
             namespace: pool_namespace,
@@ -108,5 +113,6 @@ pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> 
         },
         label,
         lease_task,
+        client,
     })
 }

@@ -7,6 +7,7 @@ use clap::Parser;
 use endpoint_picker::config;
 use endpoint_picker::discovery::file;
 use endpoint_picker::scrape::ScrapeConfig;
+use epp::admin::AdminAuth;
 use epp::args::Args;
 use epp::kubernetes;
 use epp::server::{self, Listeners, PoolSource, Settings};
@@ -103,7 +104,9 @@ async fn run(args: Args) -> Result<()> {
         trust_model_rewrite_header,
         drain_grace_period,
         metrics_bearer_token,
-        metrics_endpoint_auth: _,
+        metrics_bearer_token_file,
+        metrics_endpoint_auth,
+        debug_pool,
         tracing: _,
         enable_pprof: _,
         verbosity: _,
@@ -128,6 +131,28 @@ async fn run(args: Args) -> Result<()> {
         (None, None) => config::DEFAULT_CONFIG.to_owned(),
     };
     let loaded = config::load(&config_text, seed).context("loading the EndpointPickerConfig")?;
+    if debug_decisions > 0 && !debug_pool {
+        bail!(
+            "--debug-decisions={debug_decisions} records decisions for /debug/pool: add --debug-pool"
+        );
+    }
+    let static_token = match metrics_bearer_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading --metrics-bearer-token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => Some(metrics_bearer_token).filter(|t| !t.is_empty()),
+    };
+    if static_token.as_ref().is_some_and(String::is_empty) {
+        bail!("--metrics-bearer-token-file holds no token");
+    }
+    if static_token.is_some() && !metrics_endpoint_auth {
+        bail!(
+            "a metrics bearer token is set but --metrics-endpoint-auth=false leaves /metrics open: drop one"
+        );
+    }
     if model_server_metrics_scheme != "http" {
         bail!(
             "--model-server-metrics-scheme={model_server_metrics_scheme:?}: only http is implemented"
@@ -142,6 +167,7 @@ async fn run(args: Args) -> Result<()> {
         (model_server_metrics_port != 0).then_some(model_server_metrics_port);
     let shutdown = CancellationToken::new();
     let mut lease_task = None;
+    let mut kube_client = None;
     let (pool, pool_label) = match pool_file {
         Some(path) => {
             if ha_enable_leader_election {
@@ -190,8 +216,21 @@ async fn run(args: Args) -> Result<()> {
             )
             .await?;
             lease_task = kube.lease_task;
+            kube_client = Some(kube.client);
             (kube.source, kube.label)
         }
+    };
+    let admin_auth = match (metrics_endpoint_auth, static_token, kube_client) {
+        (false, _, _) => AdminAuth::Open,
+        (true, Some(token), _) => AdminAuth::Token(token.into()),
+        (true, None, Some(client)) => {
+            AdminAuth::Kubernetes(k8s::auth::MetricsAuthorizer::new(client))
+        }
+        (true, None, None) => bail!(
+            "--metrics-endpoint-auth (default true) needs --metrics-bearer-token or \
+             --metrics-bearer-token-file in local mode; or pass --metrics-endpoint-auth=false \
+             to leave /metrics open"
+        ),
     };
     let tls = if secure_serving {
         Some(match cert_path {
@@ -249,7 +288,8 @@ async fn run(args: Args) -> Result<()> {
         metrics_staleness: metrics_staleness_threshold,
         pool,
         seed,
-        metrics_bearer_token: (!metrics_bearer_token.is_empty()).then_some(metrics_bearer_token),
+        admin_auth,
+        debug_pool,
         health_on_grpc_port: health_checking,
         drain_grace: drain_grace_period,
     };

@@ -22,7 +22,7 @@ use ext_proc::envoy::ext_proc::external_processor_server::ExternalProcessorServe
 use ext_proc::service::ExtProcService;
 use ext_proc::stream::{ServiceContext, ServiceOptions};
 
-use crate::admin::{self, AdminState, DebugState};
+use crate::admin::{self, AdminAuth, AdminState, DebugState};
 use crate::debug::DecisionLog;
 use crate::health;
 use crate::labels::ModelLabels;
@@ -80,8 +80,10 @@ pub struct Settings {
     pub pool: PoolSource,
     /// RNG seed.
     pub seed: u64,
-    /// Bearer token for `/metrics`.
-    pub metrics_bearer_token: Option<String>,
+    /// Who may read `/metrics` and `/debug/pool`.
+    pub admin_auth: AdminAuth,
+    /// Serve `/debug/pool` (`--debug-pool`).
+    pub debug_pool: bool,
     /// Also serve gRPC health on the ext_proc port.
     pub health_on_grpc_port: bool,
     /// How long open streams may take to finish after shutdown begins.
@@ -145,7 +147,8 @@ pub async fn serve_with_handles(
         metrics_staleness,
         pool,
         seed,
-        metrics_bearer_token,
+        admin_auth,
+        debug_pool,
         health_on_grpc_port,
         drain_grace,
     } = settings;
@@ -270,11 +273,11 @@ pub async fn serve_with_handles(
         let (m, ds, d) = (metrics.clone(), datastore.clone(), director.clone());
         let state = AdminState {
             registry: registry.clone(),
-            bearer_token: metrics_bearer_token.map(Into::into),
+            auth: admin_auth,
             refresh: Some(admin::Refresh(Arc::new(move || {
                 m.refresh_pool(&ds, &d, metrics_staleness)
             }))),
-            debug: Some(DebugState {
+            debug: debug_pool.then(|| DebugState {
                 datastore: datastore.clone(),
                 director: director.clone(),
                 decisions: decisions.clone(),

@@ -82,6 +82,28 @@ async fn bad_config_fails_before_binding_any_port() {
     .await;
     assert_ne!(code, 0);
     assert!(stderr.contains("pool"), "{stderr}");
+    // Metrics auth: on by default, so local mode needs a token, and a token needs it on.
+    let auth_cases: [(&[&str], &str); 3] = [
+        (
+            &[],
+            "--metrics-endpoint-auth (default true) needs --metrics-bearer-token",
+        ),
+        (
+            &["--metrics-endpoint-auth=false", "--metrics-bearer-token=t"],
+            "leaves /metrics open",
+        ),
+        (
+            &["--metrics-endpoint-auth=false", "--debug-decisions=5"],
+            "add --debug-pool",
+        ),
+    ];
+    for (extra, needle) in auth_cases {
+        let mut args = vec!["--pool-file", pool, "--grpc-port", &port];
+        args.extend_from_slice(extra);
+        let (code, stderr) = run_to_exit(&args).await;
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    }
     let (code, stderr) = run_to_exit(&["--refresh-metrics-interval=sometimes"]).await;
     assert_ne!(code, 0);
     assert!(stderr.contains("invalid duration"), "{stderr}");
@@ -91,11 +113,14 @@ async fn bad_config_fails_before_binding_any_port() {
 #[tokio::test]
 async fn serves_then_drains_on_sigterm() {
     let pool = temp_file("pool2.yaml", POOL);
+    let token = temp_file("token", "s3cret\n");
     let mut child = Command::new(EPP)
         .args([
             "--pool-file",
             pool.to_str().unwrap(),
             "--bind-address=127.0.0.1",
+            "--metrics-bearer-token-file",
+            token.to_str().unwrap(),
         ])
         .args([
             "--grpc-port=0",
@@ -123,11 +148,15 @@ async fn serves_then_drains_on_sigterm() {
     .expect("start-up line");
     let v: serde_json::Value = serde_json::from_str(&started).expect("json log line");
     let metrics: std::net::SocketAddr = v["metrics"].as_str().unwrap().parse().unwrap();
-    // The metrics port answers.
-    let text = testkit::http::get_text(metrics, "/metrics")
-        .await
-        .expect("metrics served");
+    // The metrics port answers a reader with the token (from the file, newline ignored) only;
+    // /debug/pool is not served without --debug-pool.
+    use testkit::http::get_with;
+    assert_eq!(get_with(metrics, "/metrics", &[]).await.0, 401);
+    let bearer = [("authorization", "Bearer s3cret")];
+    let (status, text) = get_with(metrics, "/metrics", &bearer).await;
+    assert_eq!(status, 200);
     assert!(text.contains("inference_extension_info"));
+    assert_eq!(get_with(metrics, "/debug/pool", &bearer).await.0, 404);
     let status = Command::new("kill")
         .args(["-TERM", &child.id().unwrap().to_string()])
         .status()

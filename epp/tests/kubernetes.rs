@@ -84,7 +84,8 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
             leader: Some(is_leader),
         },
         seed: 1,
-        metrics_bearer_token: None,
+        admin_auth: epp::admin::AdminAuth::Open,
+        debug_pool: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
     };
@@ -229,6 +230,11 @@ mod fake_api {
 
     pub type Shared = Arc<Mutex<Leases>>;
 
+    /// The one bearer token the fake's TokenReview authenticates.
+    pub const SCRAPER_TOKEN: &str = "scraper-token";
+    /// Whom it authenticates.
+    pub const SCRAPER: &str = "system:serviceaccount:monitoring:prometheus";
+
     fn list(items: Vec<Value>) -> Response {
         axum::Json(json!({"apiVersion": "v1", "kind": "List",
                            "metadata": {"resourceVersion": "100"}, "items": items}))
@@ -293,6 +299,27 @@ mod fake_api {
                 state.current = Some(lease.clone());
                 (StatusCode::OK, axum::Json(lease)).into_response()
             }
+            // --metrics-endpoint-auth: one scraper token is valid, and its subject may read the
+            // EPP's own URLs.
+            (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
+                let mut review: Value = serde_json::from_slice(&body).unwrap();
+                review["status"] = if review["spec"]["token"] == SCRAPER_TOKEN {
+                    json!({"authenticated": true,
+                           "user": {"username": SCRAPER, "groups": ["system:serviceaccounts"]}})
+                } else {
+                    json!({"authenticated": false, "error": "invalid token"})
+                };
+                axum::Json(review).into_response()
+            }
+            (Method::POST, "/apis/authorization.k8s.io/v1/subjectaccessreviews") => {
+                let mut review: Value = serde_json::from_slice(&body).unwrap();
+                let path = review["spec"]["nonResourceAttributes"]["path"].clone();
+                let allowed = review["spec"]["user"] == SCRAPER
+                    && review["spec"]["nonResourceAttributes"]["verb"] == "get"
+                    && (path == "/metrics" || path == "/debug/pool");
+                review["status"] = json!({"allowed": allowed});
+                axum::Json(review).into_response()
+            }
             (m, p) => panic!("unexpected request {m} {p}"),
         }
     }
@@ -336,6 +363,7 @@ async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
             "--secure-serving=false",
             "--zap-encoder=json",
             "--drain-grace-period=1s",
+            "--debug-pool",
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -391,10 +419,29 @@ async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
             "epp-ns-0-pool-0.gateway-api-inference-extension.sigs.k8s.io"
         );
     }
+    // --metrics-endpoint-auth is on by default: a scraper needs a token that the API server's
+    // TokenReview accepts and whose subject the SubjectAccessReview allows.
+    use testkit::http::get_with;
+    let bearer = format!("Bearer {}", fake_api::SCRAPER_TOKEN);
+    for path in ["/metrics", "/debug/pool"] {
+        assert_eq!(
+            get_with(metrics, path, &[]).await.0,
+            401,
+            "{path} without a token"
+        );
+        let wrong = [("authorization", "Bearer guessed")];
+        assert_eq!(
+            get_with(metrics, path, &wrong).await.0,
+            401,
+            "{path} bad token"
+        );
+    }
+    let (status, text) = get_with(metrics, "/metrics", &[("authorization", &bearer)]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("inference_pool_ready_pods"), "{text}");
     // Two ready pods × two target ports, named by rank.
-    let pool = testkit::http::get_text(metrics, "/debug/pool")
-        .await
-        .unwrap();
+    let (status, pool) = get_with(metrics, "/debug/pool", &[("authorization", &bearer)]).await;
+    assert_eq!(status, 200, "{pool}");
     for name in [
         "pod-a-rank-0",
         "pod-a-rank-1",

@@ -675,7 +675,8 @@ async fn bearer_token_guards_metrics_and_debug() {
         metrics_staleness: Duration::from_secs(2),
         pool: PoolSource::Static(three()),
         seed: 1,
-        metrics_bearer_token: Some("s3cret".into()),
+        admin_auth: epp::admin::AdminAuth::Token("s3cret".into()),
+        debug_pool: true,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
     };

@@ -78,6 +78,7 @@ async fn request_span_is_exported_and_propagated_and_logs_carry_the_request_id()
             "--pool-file",
             pool.to_str().unwrap(),
             "--secure-serving=false",
+            "--metrics-endpoint-auth=false",
             "--bind-address=127.0.0.1",
             "--grpc-port=0",
             "--grpc-health-port=0",

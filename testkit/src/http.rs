@@ -35,6 +35,21 @@ pub async fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
     String::from_utf8(body.to_vec()).ok()
 }
 
+/// GET with `headers`, returning the status and the body as text.
+pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::new())).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(15), client().request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let status = resp.status().as_u16();
+    (status, body_text(resp).await)
+}
+
 /// POSTs JSON and returns the response with its body unread.
 pub async fn post(
     addr: SocketAddr,

@@ -115,7 +115,8 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         metrics_staleness: Duration::from_secs(2),
         pool: PoolSource::Static(pool),
         seed: 7,
-        metrics_bearer_token: None,
+        admin_auth: epp::admin::AdminAuth::Open,
+        debug_pool: true,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
     };

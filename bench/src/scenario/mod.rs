@@ -366,6 +366,7 @@ pub async fn start_switchyard(
             "--bind-address",
             "127.0.0.1",
             "--secure-serving=false",
+            "--metrics-endpoint-auth=false",
             "--seed",
             "1",
         ])
