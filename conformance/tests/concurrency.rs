@@ -19,12 +19,16 @@
 //!   3,976 of the 5,000 requests failed at once with a 500 (FailClose), counted by Envoy as
 //!   `cluster.epp.upstream_rq_active_overflow`; the other 1,024 completed.
 //! - `runtime_overrides_raise_the_epp_circuit_breakers` (ignored): the breakers removed from the
-//!   cluster but raised by runtime keys (`circuit_breakers.<cluster>.default.max_requests`, ...)
-//!   in a static runtime layer, the mechanism the Envoy Gateway config uses for the EPP cluster
-//!   that Envoy AI Gateway generates: all 5,000 succeed.
-//! - The EPP side: with the ext_proc server's `max_concurrent_streams` at hyper's default of 200
-//!   instead of `ext-proc/src/server.rs`'s 100,000, the main test failed 3,501 of 5,000 requests
-//!   (500) although Envoy opened more connections.
+//!   cluster, the cluster renamed as Envoy AI Gateway and kgateway name theirs, and the runtime
+//!   keys (`circuit_breakers.<cluster>.default.max_requests`, ...) that the shipped
+//!   `envoy-gateway/envoy-proxy.yaml` (bootstrap JSON patch) and `kgateway/gateway-parameters.yaml`
+//!   (`--config-yaml` fragment) add, read from those files: 5,000 of 5,000 succeed for each.
+//! - The EPP side (`ext-proc/src/server.rs`): with the ext_proc server's `max_concurrent_streams`
+//!   at hyper's default of 200 instead of 100,000, 4,000 to 4,439 of the 5,000 requests failed
+//!   (500; the EPP refused the streams past 200 on a connection). With hyper's default HTTP/2
+//!   connection window (1 MiB) instead of 64 MiB, 3 of 10 runs lost every request: h2 sent GOAWAY
+//!   `ENHANCE_YOUR_CALM` ("too_many_data_frames") when too many small ext_proc DATA frames were
+//!   buffered unread, and all streams of the connection failed with 500.
 //!
 //! File descriptors: the test process holds ~2 per request (the client's socket and the
 //! simulated replica's end of Envoy's upstream connection), Envoy ~2 per request (downstream
@@ -103,6 +107,9 @@ struct Outcome {
     failed: Vec<(u16, String)>,
     /// Envoy's non-zero `cluster.epp.*overflow*` counters at the end.
     overflows: Vec<String>,
+    /// Envoy's non-zero HTTP/2 and connection-teardown counters of the EPP cluster (a failed run
+    /// says here whether the connection to the EPP was torn down, and why).
+    h2_events: Vec<String>,
     ramp_up: Duration,
     drain: Duration,
 }
@@ -149,6 +156,7 @@ async fn one_request(listener: SocketAddr, i: usize) -> Result<(), (u16, String)
 async fn run(
     binary: &std::path::Path,
     template: &str,
+    epp_cluster: &str,
     in_flight: impl Fn(u64, usize) -> bool,
 ) -> Outcome {
     raise_fd_limit();
@@ -184,7 +192,7 @@ async fn run(
     ];
     let rendered = testkit::envoy::render_vars(template, &vars);
     let envoy = Envoy::start_config(binary, &rendered).await;
-    envoy.wait_epp_health(true).await;
+    envoy.wait_cluster_health(epp_cluster, true).await;
 
     let started = Instant::now();
     let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -214,8 +222,12 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ramp_up = started.elapsed();
-    let envoy_epp_active = envoy.stat("cluster.epp.upstream_rq_active").await;
-    let envoy_epp_connections = envoy.stat("cluster.epp.upstream_cx_active").await;
+    let envoy_epp_active = envoy
+        .stat(&format!("cluster.{epp_cluster}.upstream_rq_active"))
+        .await;
+    let envoy_epp_connections = envoy
+        .stat(&format!("cluster.{epp_cluster}.upstream_cx_active"))
+        .await;
 
     let resumed = Instant::now();
     for r in &replicas {
@@ -238,7 +250,22 @@ async fn run(
     let stats = get_text(envoy.admin, "/stats").await.unwrap_or_default();
     let overflows = stats
         .lines()
-        .filter(|l| l.starts_with("cluster.epp.") && l.contains("overflow") && !l.ends_with(": 0"))
+        .filter(|l| {
+            l.starts_with(&format!("cluster.{epp_cluster}."))
+                && l.contains("overflow")
+                && !l.ends_with(": 0")
+        })
+        .map(str::to_owned)
+        .collect();
+    let h2_events = stats
+        .lines()
+        .filter(|l| {
+            let Some(rest) = l.strip_prefix(&format!("cluster.{epp_cluster}.")) else {
+                return false;
+            };
+            (rest.starts_with("http2.") || rest.starts_with("upstream_cx_destroy"))
+                && !l.ends_with(": 0")
+        })
         .map(str::to_owned)
         .collect();
     Outcome {
@@ -248,6 +275,7 @@ async fn run(
         ok,
         failed,
         overflows,
+        h2_events,
         ramp_up,
         drain,
     }
@@ -256,7 +284,8 @@ async fn run(
 fn report(name: &str, o: &Outcome) {
     eprintln!(
         "{name}: peak ext_proc streams {} (Envoy: {} requests on {} connection(s) to the EPP), \
-         {} ok, {} failed (statuses {:?}), overflow counters {:?}; pile-up {:.1?}, drain {:.1?}",
+         {} ok, {} failed (statuses {:?}), overflow counters {:?}, HTTP/2 and teardown \
+         counters {:?}; pile-up {:.1?}, drain {:.1?}",
         o.peak_streams,
         o.envoy_epp_active,
         o.envoy_epp_connections,
@@ -267,6 +296,7 @@ fn report(name: &str, o: &Outcome) {
             .map(|(s, _)| *s)
             .collect::<std::collections::BTreeSet<_>>(),
         o.overflows,
+        o.h2_events,
         o.ramp_up,
         o.drain
     );
@@ -278,7 +308,7 @@ async fn five_thousand_concurrent_streams_through_the_shipped_envoy_config() {
     let Some(binary) = binary_or_skip(test) else {
         return;
     };
-    let o = run(&binary, &shipped_template(), |active, done| {
+    let o = run(&binary, &shipped_template(), "epp", |active, done| {
         active as usize == CONCURRENT || done > 0
     })
     .await;
@@ -306,7 +336,7 @@ async fn envoy_default_circuit_breakers_fail_requests_past_1024() {
     };
     let template = without_epp_breakers(&shipped_template());
     // Every request either holds a stream or has been answered (failed).
-    let o = run(&binary, &template, |active, done| {
+    let o = run(&binary, &template, "epp", |active, done| {
         active as usize + done == CONCURRENT
     })
     .await;
@@ -317,6 +347,60 @@ async fn envoy_default_circuit_breakers_fail_requests_past_1024() {
     assert_eq!(o.ok + o.failed.len(), CONCURRENT);
 }
 
+/// The template with the EPP cluster renamed to `name` (what a controller calls it).
+fn with_epp_cluster_named(template: &str, name: &str) -> String {
+    let out = template
+        .replace(
+            "envoy_grpc: { cluster_name: epp }",
+            &format!("envoy_grpc: {{ cluster_name: {name} }}"),
+        )
+        .replace("  - name: epp\n", &format!("  - name: {name}\n"))
+        .replace(
+            "      cluster_name: epp\n",
+            &format!("      cluster_name: {name}\n"),
+        );
+    assert_eq!(out.matches(name).count(), 3, "three references renamed");
+    out
+}
+
+/// The runtime keys that `gateway-configs/envoy-gateway/envoy-proxy.yaml` patches into Envoy
+/// Gateway's bootstrap, as a static runtime layer.
+fn envoy_gateway_runtime_layer() -> String {
+    let path = workspace_root().join("gateway-configs/envoy-gateway/envoy-proxy.yaml");
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut layer = String::from("layered_runtime:\n  layers:\n  - name: eg\n    static_layer:\n");
+    for patch in doc["spec"]["bootstrap"]["jsonPatches"]
+        .as_sequence()
+        .unwrap()
+    {
+        let path = patch["path"].as_str().unwrap();
+        let key = path
+            .strip_prefix("/layered_runtime/layers/0/static_layer/")
+            .expect("a key of the static runtime layer");
+        let value = patch["value"].as_u64().unwrap();
+        layer.push_str(&format!("      \"{key}\": {value}\n"));
+    }
+    layer
+}
+
+/// The bootstrap fragment that `gateway-configs/kgateway/gateway-parameters.yaml` passes to
+/// Envoy with `--config-yaml`, as block YAML to append to a bootstrap without a runtime.
+fn kgateway_config_yaml() -> String {
+    let path = workspace_root().join("gateway-configs/kgateway/gateway-parameters.yaml");
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let args = doc["spec"]["kube"]["envoyContainer"]["extraArgs"]
+        .as_sequence()
+        .unwrap();
+    let at = args
+        .iter()
+        .position(|a| a.as_str() == Some("--config-yaml"))
+        .unwrap();
+    let fragment: serde_yaml::Value = serde_yaml::from_str(args[at + 1].as_str().unwrap()).unwrap();
+    serde_yaml::to_string(&fragment).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "demonstration: circuit breakers raised through runtime keys (see module doc)"]
 async fn runtime_overrides_raise_the_epp_circuit_breakers() {
@@ -324,27 +408,34 @@ async fn runtime_overrides_raise_the_epp_circuit_breakers() {
     let Some(binary) = binary_or_skip(test) else {
         return;
     };
-    // What the Envoy Gateway config adds to the bootstrap, keyed by the EPP cluster's name.
-    let layer = "\
-layered_runtime:
-  layers:
-  - name: epp_circuit_breakers
-    static_layer:
-      circuit_breakers.epp.default.max_connections: 100000
-      circuit_breakers.epp.default.max_pending_requests: 100000
-      circuit_breakers.epp.default.max_requests: 100000
-";
-    let template = format!("{}\n{layer}", without_epp_breakers(&shipped_template()));
-    let o = run(&binary, &template, |active, done| {
-        active as usize == CONCURRENT || done > 0
-    })
-    .await;
-    report(test, &o);
-    assert_eq!(o.peak_streams as usize, CONCURRENT);
-    assert_eq!(
-        o.ok,
-        CONCURRENT,
-        "failures: {:?}",
-        &o.failed[..o.failed.len().min(5)]
-    );
+    // The EPP cluster without breakers, named as each controller names it, plus the runtime
+    // keys the shipped config of that gateway adds.
+    let bare = without_epp_breakers(&shipped_template());
+    let cases = [
+        (
+            "envoy-gateway",
+            "envoy.clusters.endpointpicker_vllm-llama3-8b-instruct_default_ext_proc",
+            envoy_gateway_runtime_layer(),
+        ),
+        (
+            "kgateway",
+            "endpointpicker_vllm-llama3-8b-instruct_default_ext_proc",
+            kgateway_config_yaml(),
+        ),
+    ];
+    for (gateway, cluster, layer) in cases {
+        let template = format!("{}\n{layer}", with_epp_cluster_named(&bare, cluster));
+        let o = run(&binary, &template, cluster, |active, done| {
+            active as usize == CONCURRENT || done > 0
+        })
+        .await;
+        report(&format!("{test} ({gateway})"), &o);
+        assert_eq!(o.peak_streams as usize, CONCURRENT, "{gateway}");
+        assert_eq!(
+            o.ok,
+            CONCURRENT,
+            "{gateway} failures: {:?}",
+            &o.failed[..o.failed.len().min(5)]
+        );
+    }
 }
