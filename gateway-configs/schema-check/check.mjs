@@ -12,6 +12,8 @@
 //   core, apps, rbac                kubernetes-models (Kubernetes OpenAPI)
 //   inference.networking.(x-)k8s.io our own CRDs in manifests/crds (openAPIV3Schema, via ajv),
 //                                   with unknown fields rejected as `kubectl --validate=strict`
+//   gateway.kgateway.dev            schemas/gateway.kgateway.dev.json: written here (no published
+//                                   models on npm), only the fields we use, unknown ones rejected
 // plus reference checks: every HTTPRoute backendRef to an InferencePool names a pool defined in
 // its folder or in common/, and every parentRef names a Gateway defined somewhere here.
 // A document whose apiVersion has no schema is an error; Helm values files (no apiVersion,
@@ -39,6 +41,8 @@ const MODEL_PACKAGES = {
   "rbac.authorization.k8s.io": "kubernetes-models",
 };
 const CRD_GROUPS = new Set(["inference.networking.k8s.io", "inference.networking.x-k8s.io"]);
+// Groups without published schemas: a JSON schema per version and kind, kept in schemas/.
+const LOCAL_SCHEMA_GROUPS = new Set(["gateway.kgateway.dev"]);
 
 // --- schema lookup ------------------------------------------------------------------------
 
@@ -113,6 +117,17 @@ function crdValidator(group, version, kind) {
   return null;
 }
 
+function localValidator(group, version, kind) {
+  const file = path.join(here, "schemas", `${group}.json`);
+  if (!fs.existsSync(file)) return null;
+  const schema = JSON.parse(fs.readFileSync(file, "utf8"))[version]?.[kind];
+  if (!schema) return null;
+  const strictSchema = strict(schema);
+  strictSchema.properties = { apiVersion: { type: "string" }, kind: { type: "string" }, metadata: { type: "object" }, ...strictSchema.properties };
+  const validate = ajv.compile(strictSchema);
+  return (doc) => (validate(doc) ? [] : validate.errors.map((e) => `${e.instancePath || "/"} ${e.message} (schemas/${group}.json)`));
+}
+
 const validators = new Map();
 async function validatorFor(apiVersion, kind) {
   const key = `${apiVersion}/${kind}`;
@@ -120,6 +135,7 @@ async function validatorFor(apiVersion, kind) {
     const [group, version] = splitApiVersion(apiVersion);
     let v = null;
     if (CRD_GROUPS.has(group)) v = crdValidator(group, version, kind);
+    else if (LOCAL_SCHEMA_GROUPS.has(group)) v = localValidator(group, version, kind);
     else if (group in MODEL_PACKAGES) v = await modelValidator(group, version, kind);
     validators.set(key, v);
   }
@@ -241,6 +257,11 @@ spec: {host: e, trafficPolicy: {tls: {mode: SIMPLEST}}}
 kind: EnvoyExtensionPolicy
 metadata: {name: x}
 spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: g}], extProc: [{backendRefs: [{name: b, port: 9004}], processingMode: {request: {body: Streaming}}}]}
+`,
+  "kgateway extra Envoy argument over 256 characters": `apiVersion: gateway.kgateway.dev/v1alpha1
+kind: GatewayParameters
+metadata: {name: p}
+spec: {kube: {envoyContainer: {extraArgs: [--config-yaml, "${"x".repeat(257)}"]}}}
 `,
   "Service port as a string": `apiVersion: v1
 kind: Service
