@@ -89,6 +89,17 @@ impl Ctx {
         Envoy::start(&self.envoy, variant, epp, &addresses(pods)).await
     }
 
+    /// A reference-style gateway (`conformance/envoy/reference-style.yaml`): ORIGINAL_DST on
+    /// the destination header and no client header stripped, plaintext EPP, FailClose.
+    pub async fn reference_envoy(&self, epp: SocketAddr) -> Envoy {
+        let vars = [
+            ("EPP_HOST", epp.ip().to_string()),
+            ("EPP_PORT", epp.port().to_string()),
+        ];
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/reference-style.yaml");
+        Envoy::start_template(&self.envoy, &template, &vars).await
+    }
+
     /// The test-only two-pool gateway (`conformance/envoy/multi-pool.yaml`).
     pub async fn multi_pool_envoy(&self, g: MultiPool<'_>) -> Envoy {
         let ip = |a: SocketAddr| a.ip().to_string();

@@ -80,6 +80,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", OneMebibytePrompt),
         scenario!("switchyard", SseStreamingIntact),
         scenario!("switchyard", InvalidBodyRejectedByEpp),
+        scenario!("switchyard", HostileClientsThroughReferenceStyleEnvoy),
         scenario!("switchyard", EppBinaryFollowsEPPRouting),
     ]
 }
@@ -710,6 +711,142 @@ async fn InvalidBodyRejectedByEpp(ctx: Ctx) -> Verdict {
         ensure!(o.replica.is_none(), "request {i} reached {:?}", o.replica);
     }
     Ok(out.len())
+}
+
+/// What a hostile client found on a reference-style gateway (ORIGINAL_DST on the destination
+/// header, no client header stripped before ext_proc), which must all be the EPP's to stop:
+/// a client's model-rewrite header (either spelling) neither overrides the operator's
+/// InferenceModelRewrite nor picks a model by itself; a client's destination headers do not
+/// steer routing; bodies of the wrong shape and hostile model names get a 400 without reaching
+/// a model server; and a 4 MiB model name does not grow `/metrics`.
+#[allow(non_snake_case)]
+async fn HostileClientsThroughReferenceStyleEnvoy(ctx: Ctx) -> Verdict {
+    const ALIAS: &str = "switchyard-conformance-canary";
+    let pods = pods(2, 2, 1, &sim_config()).await;
+    let epp = ctx
+        .epp(
+            pool_of("primary", &pods),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    epp.handles.director.set_policies(Policies {
+        objectives: Default::default(),
+        rewrites: vec![ModelRewrite {
+            name: "canary".into(),
+            created: 0,
+            rules: vec![RewriteRule {
+                matches: vec![ALIAS.into()],
+                targets: vec![RewriteTarget {
+                    model: MODEL.into(),
+                    weight: 1,
+                }],
+            }],
+        }],
+    });
+    let envoy = ctx.reference_envoy(epp.grpc).await;
+    let mut sent = 0;
+    // The simulator serves MODEL only (404 otherwise): a 200 proves which model reached it.
+    for header in ["x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite"] {
+        let overridden = Req::chat(ALIAS, "hi", false, 4).header(header, "not-served");
+        let ignored = Req::chat(MODEL, "hi", false, 4).header(header, "not-served");
+        for req in [overridden, ignored] {
+            let out = traffic(envoy.listener, 10, 5, &req).await;
+            sent += out.len();
+            for (i, o) in out.iter().enumerate() {
+                ensure!(
+                    o.status == 200,
+                    "{header} request {i}: {} {:.200}",
+                    o.status,
+                    o.body
+                );
+            }
+        }
+    }
+    // The destination header itself: routing follows the EPP, not the client.
+    let steer = Req::completion().header("x-gateway-destination-endpoint", "127.0.0.1:9");
+    let out = traffic(envoy.listener, 10, 5, &steer).await;
+    sent += out.len();
+    for (i, o) in out.iter().enumerate() {
+        ensure!(
+            o.status == 200,
+            "steered request {i}: {} {:.200}",
+            o.status,
+            o.body
+        );
+    }
+    let shapes: [(&str, String); 6] = [
+        (
+            "/v1/completions",
+            format!(r#"{{"model":"{MODEL}","prompt":{{"a":1}}}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model":"{MODEL}","messages":"hi"}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model":"{MODEL}","messages":{{"role":"user"}}}}"#),
+        ),
+        ("/v1/chat/completions", String::new()),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m[2J
+forged","messages":[{"role":"user","content":"x"}]}"#
+                .to_owned(),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model":"{MODEL}","stream":"{}","messages":[{{"role":"user","content":"x"}}]}}"#,
+                "B".repeat(1 << 20)
+            ),
+        ),
+    ];
+    for (path, body) in shapes {
+        let req = Req {
+            path: path.into(),
+            headers: Vec::new(),
+            body: body.into_bytes(),
+        };
+        let out = traffic(envoy.listener, 2, 2, &req).await;
+        sent += out.len();
+        for o in &out {
+            ensure!(
+                o.status == 400
+                    && o.body.starts_with("inference error: BadRequest")
+                    && o.body.len() < 300,
+                "{path}: {} {:.300}",
+                o.status,
+                o.body
+            );
+            ensure!(o.replica.is_none(), "{path}: reached {:?}", o.replica);
+        }
+    }
+    // A 4 MiB model name: refused, and the metrics exposition does not grow with it.
+    let metrics_size = || async {
+        testkit::http::get_text(epp.metrics, "/metrics")
+            .await
+            .map_or(0, |t| t.len())
+    };
+    let before = metrics_size().await;
+    let huge = Req::chat(&"x".repeat(4 << 20), "hi", false, 4);
+    let out = traffic(envoy.listener, 3, 3, &huge).await;
+    sent += out.len();
+    for o in &out {
+        ensure!(
+            o.status == 400 && o.body.len() < 300,
+            "4 MiB model: {} {:.200}",
+            o.status,
+            o.body
+        );
+    }
+    let after = metrics_size().await;
+    ensure!(
+        after < before + 4096,
+        "/metrics grew from {before} to {after} bytes"
+    );
+    Ok(sent)
 }
 
 /// The real `epp` process (not the in-process server): local mode with a pool file whose Pods

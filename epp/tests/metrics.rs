@@ -213,6 +213,60 @@ async fn complete_one(epp: &Epp, i: usize) -> (String, Option<String>) {
     (destination, decision)
 }
 
+/// Any client may name any model: 10,000 distinct names (routed and answered) leave every
+/// model label within the budget of `epp::labels`, the rest under one overflow value.
+#[tokio::test]
+async fn ten_thousand_model_names_stay_under_the_label_cap() {
+    use epp::labels::{MAX_UNKNOWN_MODELS, OVERFLOW_LABEL};
+    use futures::StreamExt;
+    let epp = start_epp(three(), EppOptions::default()).await;
+    set_queues(&epp, &[0, 0, 0]);
+    let channel = connect(epp.grpc).await;
+    let exchange = |i: usize| {
+        let channel = channel.clone();
+        async move {
+            let mut s = Stream::on(channel).await;
+            s.send(req_headers(CHAT_HEADERS, false, None)).await;
+            let body = serde_json::json!({"model": format!("model-{i}"), "messages": [{"role": "user", "content": "hi"}]});
+            s.send(req_body(&serde_json::to_vec(&body).unwrap(), true))
+                .await;
+            routing_answer(&s.recv().await);
+            streamed_body(&s.recv().await);
+            s.send(resp_headers(&[(":status", "200")], false, None))
+                .await;
+            s.recv().await;
+            s.send(resp_body(
+                br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+                true,
+            ))
+            .await;
+            s.recv().await;
+        }
+    };
+    futures::stream::iter(0..10_000)
+        .map(exchange)
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    let exposition = scrape(&epp).await;
+    let models: BTreeSet<String> = exposition
+        .samples
+        .iter()
+        .filter_map(|(_, labels, _)| labels.get("model_name").cloned())
+        .collect();
+    assert!(models.contains(OVERFLOW_LABEL), "{models:?}");
+    assert!(
+        models.len() <= MAX_UNKNOWN_MODELS + 1,
+        "{} model label values",
+        models.len()
+    );
+    let routed: f64 = exposition
+        .values("inference_objective_request_total", &[])
+        .iter()
+        .sum();
+    assert_eq!(routed, 10_000.0, "every request counted, under some label");
+}
+
 async fn bad_body(epp: &Epp) {
     let mut s = Stream::open(epp.grpc).await;
     s.send(req_headers(CHAT_HEADERS, false, None)).await;

@@ -153,6 +153,15 @@ pub fn set_queues(epp: &Epp, queues: &[u64]) {
     }
 }
 
+/// A plaintext gRPC connection to an EPP.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// One open ext_proc stream.
 pub struct Stream {
     pub tx: mpsc::Sender<ProcessingRequest>,
@@ -161,11 +170,11 @@ pub struct Stream {
 
 impl Stream {
     pub async fn open(addr: SocketAddr) -> Self {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        Self::on(connect(addr).await).await
+    }
+
+    /// A stream on an existing connection (many streams share one, as from Envoy).
+    pub async fn on(channel: Channel) -> Self {
         let mut client = ExternalProcessorClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);

@@ -429,3 +429,68 @@ async fn too_large_bodies_get_413() {
     let out = s.on_message(req_body(&[b' '; 11], false));
     assert_eq!(immediate(&out[0]).0, 413);
 }
+
+/// A log sink for one test: every line the stream writes, in the console format operators read.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hostile_input_reaches_the_log_escaped_and_short() {
+    let h = Harness::new(1);
+    let logs = Captured::default();
+    for json in [false, true] {
+        let builder = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG);
+        let _guard = if json {
+            tracing::subscriber::set_default(builder.json().finish())
+        } else {
+            tracing::subscriber::set_default(builder.finish())
+        };
+        let forged = "m\n2026-11-29T00:00:00Z  INFO forged line\u{1b}[2J";
+        // Refused: a control character in the model.
+        send_chat(&mut h.stream(), forged, &[("x-request-id", "id\nforged")]);
+        // Refused: a mebibyte in a wrongly typed field, or as the whole body.
+        let mut s = h.stream();
+        s.on_message(post("/v1/chat/completions", &[]));
+        let big = format!(r#"{{"model":"m","stream":"{}"}}"#, "B".repeat(1 << 20));
+        s.on_message(req_body(big.as_bytes(), true));
+        let mut s = h.stream();
+        s.on_message(post("/v1/completions", &[]));
+        s.on_message(req_body(
+            format!("[\"{}\"", "C".repeat(1 << 20)).as_bytes(),
+            true,
+        ));
+        // Routed, with every debug line on: a model name that is valid but odd.
+        send_chat(&mut h.stream(), "odd \"model\" \u{e9}", &[]);
+    }
+    let text = String::from_utf8(logs.0.lock().clone()).unwrap();
+    assert!(text.contains("request rejected"), "{text}");
+    assert!(
+        text.contains("scheduled"),
+        "debug lines were written: {text}"
+    );
+    for line in text.lines() {
+        assert!(!line.contains("forged") || line.contains("\\n"), "{line}");
+        assert!(!line.contains('\u{1b}'), "{line}");
+        assert!(line.len() < 1_000, "a {}-byte line", line.len());
+    }
+}
