@@ -55,6 +55,40 @@ pub struct PoolSpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
+/// Whether an endpoint's engine serves its model, as its scrapes show.
+///
+/// Only [`Readiness::Serving`] endpoints are candidates while any endpoint serves. When none
+/// does, the endpoints the EPP has no evidence against ([`Readiness::Unknown`],
+/// [`Readiness::Unreachable`]) are, as the reference routes to every pod discovery lists
+/// whatever its metrics; [`Readiness::Loading`] endpoints never are (their engine answered and
+/// said it does not serve yet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Readiness {
+    /// Never scraped (no scraper, or not yet).
+    #[default]
+    Unknown,
+    /// Metrics answer with the engine's series and the engine's own readiness signal (its model
+    /// list) says it serves.
+    Serving,
+    /// The engine answers but does not serve yet (no engine series, or an empty or failing
+    /// model list): a model still loading.
+    Loading,
+    /// Scrapes keep failing (past the scraper's threshold): dead, hung or unreachable.
+    Unreachable,
+}
+
+impl Readiness {
+    /// A label for logs, metrics and `/debug/pool`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Readiness::Unknown => "unknown",
+            Readiness::Serving => "serving",
+            Readiness::Loading => "loading",
+            Readiness::Unreachable => "unreachable",
+        }
+    }
+}
+
 /// Engine state as last scraped from an endpoint.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineMetrics {
@@ -79,6 +113,8 @@ pub struct EngineMetrics {
     pub cache_num_blocks: Option<u64>,
     /// When these values were scraped; `None` means never.
     pub updated_at: Option<Instant>,
+    /// Whether the engine serves, as of the latest scrape attempt.
+    pub readiness: Readiness,
 }
 
 impl EngineMetrics {

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 use crate::config::LoadedConfig;
-use crate::datastore::{Datastore, Endpoint, EndpointId};
+use crate::datastore::{Datastore, Endpoint, EndpointId, Readiness};
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
 use crate::scheduling::{Candidate, CycleState, InFlightCounts, ScheduleError, SchedulingResult};
@@ -280,13 +280,15 @@ impl Director {
         explain: bool,
     ) -> Result<Routed, RouteError> {
         let snapshot = self.datastore.snapshot();
-        let candidates: Vec<Candidate> = snapshot
-            .endpoints
-            .iter()
-            .filter(|e| subset.is_none_or(|s| s.iter().any(|m| m.matches(e.spec.address))))
-            .cloned()
-            .map(Candidate::new)
-            .collect();
+        let candidates = ready_candidates(
+            snapshot
+                .endpoints
+                .iter()
+                .filter(|e| subset.is_none_or(|s| s.iter().any(|m| m.matches(e.spec.address))))
+                .cloned()
+                .map(Candidate::new)
+                .collect(),
+        );
         if candidates.is_empty() {
             return Err(RouteError::NoCandidates);
         }
@@ -322,6 +324,21 @@ impl Director {
             _in_flight: guard,
         })
     }
+}
+
+/// The endpoints a request may go to: those serving; when none is, those the EPP has no
+/// evidence against (never scraped, or scrapes failing), as the reference routes to every pod
+/// discovery lists whatever its metrics; never one whose engine said it is still loading.
+fn ready_candidates(mut all: Vec<Candidate>) -> Vec<Candidate> {
+    if all
+        .iter()
+        .any(|c| c.metrics.readiness == Readiness::Serving)
+    {
+        all.retain(|c| c.metrics.readiness == Readiness::Serving);
+    } else {
+        all.retain(|c| c.metrics.readiness != Readiness::Loading);
+    }
+    all
 }
 
 #[cfg(test)]
@@ -433,6 +450,43 @@ mod tests {
             d.route(&req(), Some(&outside), false).unwrap_err(),
             RouteError::NoCandidates
         );
+    }
+
+    /// Serving endpoints only; with none serving, the ones without evidence against them; a
+    /// loading engine never.
+    #[tokio::test(start_paused = true)]
+    async fn only_serving_endpoints_are_candidates() {
+        let d = director(3);
+        let set = |states: [Readiness; 3]| {
+            for (e, readiness) in d.datastore().snapshot().endpoints.iter().zip(states) {
+                e.store_metrics(EngineMetrics {
+                    updated_at: Some(Instant::now()),
+                    readiness,
+                    ..Default::default()
+                });
+            }
+        };
+        let picks = || -> std::collections::BTreeSet<String> {
+            (0..30)
+                .filter_map(|_| d.route(&req(), None, false).ok())
+                .map(|r| r.destination())
+                .collect()
+        };
+        use Readiness::*;
+        set([Loading, Serving, Unreachable]);
+        assert_eq!(picks(), ["10.0.0.2:8000".to_owned()].into());
+        set([Loading, Unknown, Unreachable]);
+        assert_eq!(
+            picks(),
+            ["10.0.0.2:8000".to_owned(), "10.0.0.3:8000".to_owned()].into()
+        );
+        set([Loading, Loading, Loading]);
+        assert_eq!(
+            d.route(&req(), None, false).unwrap_err(),
+            RouteError::NoCandidates
+        );
+        set([Serving, Serving, Serving]);
+        assert_eq!(picks().len(), 3, "every serving endpoint is a candidate");
     }
 
     #[tokio::test(start_paused = true)]

@@ -187,6 +187,8 @@ pub struct EndpointMetricsView {
     pub cache_num_blocks: Option<u64>,
     /// Seconds since the last successful scrape (`None` = never scraped).
     pub age_seconds: Option<f64>,
+    /// `serving`, `loading`, `unreachable` or `unknown` (never scraped).
+    pub readiness: &'static str,
 }
 
 /// One endpoint of `/debug/pool`.
@@ -245,6 +247,7 @@ pub fn pool_view(datastore: &Datastore, director: &Director, log: &DecisionLog) 
                     age_seconds: m
                         .updated_at
                         .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+                    readiness: m.readiness.as_str(),
                 },
             }
         })

@@ -247,6 +247,7 @@ async fn run(args: Args) -> Result<()> {
         engine_label_key: loaded.scrape.engine_label_key.clone(),
         default_engine: loaded.scrape.default_engine.clone(),
         engines: loaded.scrape.engines.clone(),
+        ..ScrapeConfig::default()
     };
     if loaded.scrape.path != "/metrics" {
         scrape.path = loaded.scrape.path.clone();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use endpoint_picker::datastore::{Datastore, Endpoint};
+use endpoint_picker::datastore::{Datastore, Endpoint, Readiness};
 use endpoint_picker::director::Director;
 use endpoint_picker::scheduling::{ExtensionPoint, PluginObserver};
 use endpoint_picker::scrape::scraper::{ScrapeError, ScrapeObserver};
@@ -525,9 +525,14 @@ impl EppMetrics {
         };
         let now = tokio::time::Instant::now();
         let all: Vec<_> = snap.endpoints.iter().map(|e| (e, e.metrics())).collect();
+        // Ready: fresh metrics from an engine that has not said it is loading or stopped
+        // answering.
         let fresh: Vec<_> = all
             .iter()
-            .filter(|(_, m)| !m.is_stale(now, staleness))
+            .filter(|(_, m)| {
+                !m.is_stale(now, staleness)
+                    && !matches!(m.readiness, Readiness::Loading | Readiness::Unreachable)
+            })
             .collect();
         let n = fresh.len().max(1) as f64;
         self.pool_ready_pods

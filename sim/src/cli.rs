@@ -107,6 +107,10 @@ pub struct Args {
     /// Delay before answering /metrics, milliseconds (slow-scrape mode).
     #[arg(long, default_value_t = 0)]
     pub metrics_delay_ms: u64,
+    /// Model loading time at start-up, milliseconds: /health is up at once, but /metrics has
+    /// no engine series and /v1/models and inference answer 503 until then.
+    #[arg(long, default_value_t = 0)]
+    pub model_load_time_ms: u64,
 }
 
 fn micros(us: f64) -> Duration {
@@ -162,6 +166,7 @@ impl From<&Args> for Config {
                 statuses: a.failure_statuses.clone(),
             },
             metrics_delay: Duration::from_millis(a.metrics_delay_ms),
+            model_load_time: Duration::from_millis(a.model_load_time_ms),
         }
     }
 }

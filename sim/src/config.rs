@@ -166,6 +166,10 @@ pub struct Config {
     pub failure: FailureInjection,
     /// Delay before answering `/metrics` (slow-scrape mode), changeable at runtime.
     pub metrics_delay: Duration,
+    /// Time the model takes to "load" after start-up: the port is open and `/health` answers
+    /// 200 at once (as vLLM's does early), but `/metrics` carries no engine series,
+    /// `/v1/models` and inference answer 503 until it has passed.
+    pub model_load_time: Duration,
 }
 
 impl Default for Config {
@@ -189,6 +193,7 @@ impl Default for Config {
             embedding_dim: 64,
             failure: FailureInjection::default(),
             metrics_delay: Duration::ZERO,
+            model_load_time: Duration::ZERO,
         }
     }
 }

@@ -105,6 +105,17 @@ impl ReplicaHandle {
         };
     }
 
+    /// Makes the replica load its model again for `duration`, as at start-up (see
+    /// [`Config::model_load_time`]); zero makes it ready at once.
+    pub fn set_loading(&self, duration: Duration) {
+        *self.replica.loaded_at.lock() = tokio::time::Instant::now() + duration;
+    }
+
+    /// Whether the replica is still loading its model.
+    pub fn is_loading(&self) -> bool {
+        tokio::time::Instant::now() < *self.replica.loaded_at.lock()
+    }
+
     /// Delays every `/metrics` answer by `delay` (slow-scrape mode); zero turns it off.
     pub fn set_metrics_delay(&self, delay: Duration) {
         *self.replica.metrics_delay.lock() = delay;

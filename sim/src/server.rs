@@ -39,6 +39,8 @@ pub(crate) struct Replica {
     pub(crate) port: u16,
     pub(crate) failure: Mutex<FailureInjection>,
     pub(crate) metrics_delay: Mutex<Duration>,
+    /// Until when the model is still "loading" (see `Config::model_load_time`).
+    pub(crate) loaded_at: Mutex<tokio::time::Instant>,
     rng: Mutex<SmallRng>,
     created: u64,
     next_id: AtomicU64,
@@ -50,6 +52,7 @@ impl Replica {
             pod_name: config.pod_name_for(index),
             failure: Mutex::new(config.failure.clone()),
             metrics_delay: Mutex::new(config.metrics_delay),
+            loaded_at: Mutex::new(tokio::time::Instant::now() + config.model_load_time),
             rng: Mutex::new(SmallRng::seed_from_u64(
                 config.seed.wrapping_add(index as u64) ^ 0x0fa1_1ed0,
             )),
@@ -95,6 +98,7 @@ pub(crate) fn router(replica: Arc<Replica>) -> Router {
             get(admin_get_failure).post(admin_set_failure),
         )
         .route("/admin/metrics_delay", post(admin_metrics_delay))
+        .route("/admin/reload", post(admin_reload))
         .route("/admin/state", get(admin_state))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found", None) })
         // Long prompts (a 128k-token context is ~0.5 MB of text) exceed axum's 2 MB default once
@@ -107,12 +111,18 @@ pub(crate) fn router(replica: Arc<Replica>) -> Router {
 /// Holds requests while the replica is paused (except `/admin/*`), and stamps the replica's
 /// identity on every response.
 async fn gate(State(r): State<Arc<Replica>>, req: Request, next: Next) -> Response {
-    if !req.uri().path().starts_with("/admin/") {
+    let path = req.uri().path();
+    if !path.starts_with("/admin/") {
         let mut paused = r.engine.pause_watch();
         // A paused replica accepts the request and then says nothing, like a hung engine.
         let _ = paused.wait_for(|p| !*p).await;
     }
-    let mut resp = next.run(req).await;
+    let loading = tokio::time::Instant::now() < *r.loaded_at.lock();
+    let mut resp = if loading && !path.starts_with("/admin/") && path != "/health" {
+        while_loading(path)
+    } else {
+        next.run(req).await
+    };
     let headers = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&r.pod_name) {
         headers.insert("x-inference-pod", v);
@@ -822,6 +832,35 @@ async fn sglang_model_info(State(r): State<Arc<Replica>>) -> Response {
         "architectures": ["LlamaForCausalLM"],
     }))
     .into_response()
+}
+
+/// What a replica still loading its model answers: process metrics only (no engine series yet),
+/// 503 for the model list and for inference.
+fn while_loading(path: &str) -> Response {
+    if path == "/metrics" {
+        return (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            "# HELP process_start_time_seconds Start time of the process.\n\
+             # TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 0\n",
+        )
+            .into_response();
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The model is still loading",
+        None,
+    )
+}
+
+/// Makes the replica "load its model" again for `seconds` (a restart), as at start-up.
+async fn admin_reload(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
+    let seconds = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["seconds"].as_f64())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(0.0);
+    *r.loaded_at.lock() = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    axum::Json(json!({"loading_seconds": seconds})).into_response()
 }
 
 async fn health() -> StatusCode {

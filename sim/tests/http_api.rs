@@ -759,3 +759,72 @@ async fn the_fast_profile_answers_quickly() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["usage"]["completion_tokens"], 16);
 }
+
+/// A replica still loading its model: `/health` says 200 (as vLLM's does early), `/metrics`
+/// answers without any engine series, the model list and inference answer 503; once loaded,
+/// all of it serves. `/admin/reload` starts another load, as a restart would.
+#[tokio::test]
+async fn a_loading_replica_is_up_but_serves_no_model() {
+    let r = replica(Config {
+        model_load_time: Duration::from_secs(3600),
+        ..Config::fast()
+    })
+    .await;
+    let c = client();
+    let body = |text: &str| Some(json!({"prompt": text, "max_tokens": 2}));
+    assert!(r.is_loading());
+    let status = |resp: &hyper::Response<Incoming>| resp.status();
+    assert_eq!(
+        status(&start(&c, &r, Method::GET, "/health", None, &[]).await),
+        StatusCode::OK
+    );
+    let metrics = start(&c, &r, Method::GET, "/metrics", None, &[]).await;
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        metrics
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(!text.contains("vllm:"), "{text}");
+    for (method, path, b) in [
+        (Method::GET, "/v1/models", None),
+        (Method::POST, "/v1/completions", body("hi")),
+    ] {
+        let resp = start(&c, &r, method, path, b, &[]).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+    }
+    r.set_loading(Duration::ZERO);
+    assert!(!r.is_loading());
+    let resp = start(&c, &r, Method::POST, "/v1/completions", body("hi"), &[]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let metrics = start(&c, &r, Method::GET, "/metrics", None, &[]).await;
+    let text = String::from_utf8(
+        metrics
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("vllm:num_requests_running"), "{text}");
+    let reload = start(
+        &c,
+        &r,
+        Method::POST,
+        "/admin/reload",
+        Some(json!({"seconds": 3600})),
+        &[],
+    )
+    .await;
+    assert_eq!(reload.status(), StatusCode::OK);
+    assert!(r.is_loading());
+    let resp = start(&c, &r, Method::GET, "/v1/models", None, &[]).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -722,6 +722,11 @@ fn engine_from_yaml(y: &EngineConfigYaml, ctx: &Ctx<'_>) -> Result<EngineMapping
         kv_usage: spec("kvUsageSpec", &y.kv_usage_spec)?,
         lora_info: spec("loraSpec", &y.lora_spec)?.into_iter().next(),
         cache_info,
+        // A mapping that replaces a built-in engine's keeps that engine's readiness signal.
+        readiness: EngineMapping::builtin()
+            .into_iter()
+            .find(|m| m.name == y.name)
+            .and_then(|m| m.readiness),
     })
 }
 

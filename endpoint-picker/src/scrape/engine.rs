@@ -9,7 +9,7 @@
 use std::str::FromStr;
 
 use super::prometheus::{self, Sample};
-use crate::datastore::EngineMetrics;
+use crate::datastore::{EngineMetrics, Readiness};
 
 /// A PromQL-style instant selector: `name` or `name{label="value",…}` (quotes optional).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +127,19 @@ pub struct EngineMapping {
     pub lora_info: Option<MetricSpec>,
     /// Cache geometry.
     pub cache_info: Option<CacheInfoSpec>,
+    /// The engine's own signal that it serves its model, checked before an endpoint becomes a
+    /// candidate (`None`: its metrics series are the signal).
+    pub readiness: Option<ReadinessProbe>,
+}
+
+/// How an engine says it serves its model, beyond answering `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadinessProbe {
+    /// `GET <path>` on the inference port answers 200 with an OpenAI model list holding at
+    /// least one model (vLLM's, SGLang's and trtllm-serve's `/v1/models`).
+    ModelList(String),
+    /// `GET <path>` on the inference port answers 2xx (Triton's `/v2/health/ready`).
+    Status(String),
 }
 
 impl EngineMapping {
@@ -146,6 +159,7 @@ impl EngineMapping {
                 block_size_label: "block_size".into(),
                 num_blocks_label: "num_gpu_blocks".into(),
             }),
+            readiness: Some(ReadinessProbe::ModelList("/v1/models".into())),
         }
     }
 
@@ -162,6 +176,7 @@ impl EngineMapping {
                 block_size_label: "page_size".into(),
                 num_blocks_label: "num_pages".into(),
             }),
+            readiness: Some(ReadinessProbe::ModelList("/v1/models".into())),
         }
     }
 
@@ -177,6 +192,7 @@ impl EngineMapping {
                 block_size: MetricSpec::named("trtllm_kv_cache_tokens_per_block"),
                 num_blocks: MetricSpec::named("trtllm_kv_cache_max_blocks"),
             }),
+            readiness: Some(ReadinessProbe::ModelList("/v1/models".into())),
         }
     }
 
@@ -201,6 +217,7 @@ impl EngineMapping {
                 block_size: MetricSpec::with(block, "kv_cache_block_type", "tokens_per"),
                 num_blocks: MetricSpec::with(block, "kv_cache_block_type", "max"),
             }),
+            readiness: Some(ReadinessProbe::Status("/v2/health/ready".into())),
         }
     }
 
@@ -280,8 +297,10 @@ impl EngineMapping {
                 cache_block_size: best.block_size,
                 cache_num_blocks: best.num_blocks,
                 updated_at: None,
+                readiness: Readiness::Unknown,
             },
             found_core: best.queued.is_some() && best.running.is_some() && best.kv.is_some(),
+            found_any_core: best.queued.is_some() || best.running.is_some() || best.kv.is_some(),
             bad_lines,
         }
     }
@@ -301,6 +320,9 @@ pub struct Extracted {
     pub metrics: EngineMetrics,
     /// Whether queue, running and KV series were all present.
     pub found_core: bool,
+    /// Whether any of them was: the engine is up (a process still loading its model exposes
+    /// none of them).
+    pub found_any_core: bool,
     /// Lines that did not parse.
     pub bad_lines: usize,
 }

@@ -4,6 +4,12 @@
 //! endpoint's metrics cell. All tasks share one HTTP client, so connections are pooled and kept
 //! alive. A failing endpoint is logged once when it starts failing and once when it recovers;
 //! its metrics keep their old `updated_at`, so consumers see them go stale.
+//!
+//! Each scrape also decides the endpoint's [`Readiness`]: metrics that carry none of the
+//! engine's core series mean a process still loading its model (`Loading`); before an endpoint
+//! becomes `Serving`, the engine's own readiness signal is checked once (its `/v1/models` must
+//! list a model); [`ScrapeConfig::failure_threshold`] failed scrapes in a row make it
+//! `Unreachable`. The director routes to `Serving` endpoints (see [`Readiness`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +22,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::EngineMapping;
-use crate::datastore::{Datastore, Endpoint, EndpointId, EngineMetrics};
+use super::engine::{EngineMapping, Extracted, ReadinessProbe};
+use crate::datastore::{Datastore, Endpoint, EndpointId, EngineMetrics, Readiness};
 
 /// Labels that name a pod's engine, in order of preference.
 const ENGINE_LABELS: [&str; 2] = [crate::datastore::ENGINE_TYPE_LABEL, "llm-d.ai/engine-type"];
@@ -32,6 +38,8 @@ fn canonical_engine(v: &str) -> String {
 
 /// Largest `/metrics` body we read; an engine exposing more is misbehaving.
 const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
+/// Largest readiness answer (a model list) we read.
+const MAX_PROBE_BODY: usize = 1024 * 1024;
 
 /// Scraper settings.
 #[derive(Debug, Clone)]
@@ -48,6 +56,10 @@ pub struct ScrapeConfig {
     pub default_engine: String,
     /// Mappings by engine name.
     pub engines: Vec<EngineMapping>,
+    /// Failed scrapes in a row after which an endpoint is `Unreachable` and leaves the
+    /// candidates (2: a dead replica is out within two scrape intervals, one lost scrape is
+    /// forgiven).
+    pub failure_threshold: u32,
 }
 
 impl Default for ScrapeConfig {
@@ -59,6 +71,7 @@ impl Default for ScrapeConfig {
             engine_label_key: None,
             default_engine: "vllm".into(),
             engines: EngineMapping::builtin(),
+            failure_threshold: 2,
         }
     }
 }
@@ -105,6 +118,15 @@ pub enum ScrapeError {
     /// No mapping for the engine.
     #[error("no metric mapping for engine {0:?}")]
     UnknownEngine(String),
+}
+
+/// How one readiness check ended, when it did not say "serving".
+#[derive(Debug, thiserror::Error)]
+enum NotServing {
+    #[error("readiness check failed: {0}")]
+    Unanswered(#[source] ScrapeError),
+    #[error("the model list is empty or not a model list")]
+    NoModel,
 }
 
 /// Hooks for observing scrapes (metrics of the scraper itself).
@@ -185,32 +207,130 @@ async fn scrape_loop(
     let mut ticker = tokio::time::interval(config.interval);
     // A slow scrape must not be followed by a burst of catch-up scrapes.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut failing = false;
+    let mut failures = 0u32;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
         let started = Instant::now();
-        let result = scrape_once(&client, &url, &endpoint, &config).await;
+        let result = scrape_extracted(&client, &url, &endpoint, &config).await;
         observer.scraped(&endpoint, result.as_ref().map(|_| ()), started.elapsed());
+        let previous = endpoint.metrics().readiness;
         match result {
-            Ok(mut metrics) => {
-                metrics.updated_at = Some(Instant::now());
-                endpoint.store_metrics(metrics);
-                if failing {
+            Ok(extracted) => {
+                if failures >= config.failure_threshold {
                     tracing::info!(endpoint = %endpoint.spec.name, "metrics scrape recovered");
-                    failing = false;
                 }
+                failures = 0;
+                let readiness =
+                    readiness_after_scrape(&client, &endpoint, &config, &extracted, previous).await;
+                let mut metrics = extracted.metrics;
+                metrics.updated_at = Some(Instant::now());
+                metrics.readiness = readiness;
+                endpoint.store_metrics(metrics);
             }
             Err(error) => {
-                if !failing {
-                    tracing::warn!(endpoint = %endpoint.spec.name, %url, %error, "metrics scrape failing");
-                    failing = true;
+                failures = failures.saturating_add(1);
+                if failures == config.failure_threshold {
+                    tracing::warn!(endpoint = %endpoint.spec.name, %url, %error, failures, "metrics scrape failing");
+                    let mut metrics = (*endpoint.metrics()).clone();
+                    metrics.readiness = Readiness::Unreachable;
+                    endpoint.store_metrics(metrics);
                 }
             }
         }
+        let now = endpoint.metrics().readiness;
+        if now != previous {
+            tracing::info!(endpoint = %endpoint.spec.name, from = previous.as_str(), to = now.as_str(), "endpoint readiness changed");
+        }
     }
+}
+
+/// The readiness a successful scrape shows. An endpoint already serving stays so while its
+/// engine series are there; one that is not is checked with the engine's own signal first.
+async fn readiness_after_scrape(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    endpoint: &Endpoint,
+    config: &ScrapeConfig,
+    extracted: &Extracted,
+    previous: Readiness,
+) -> Readiness {
+    if !extracted.found_any_core {
+        return Readiness::Loading;
+    }
+    if previous == Readiness::Serving {
+        return Readiness::Serving;
+    }
+    let probe = config
+        .mapping_for(endpoint)
+        .and_then(|m| m.readiness.as_ref());
+    match probe {
+        None => Readiness::Serving,
+        Some(probe) => match check_readiness(client, endpoint, probe, config.timeout).await {
+            Ok(()) => Readiness::Serving,
+            Err(why) => {
+                tracing::debug!(endpoint = %endpoint.spec.name, %why, "not serving yet");
+                Readiness::Loading
+            }
+        },
+    }
+}
+
+/// Asks the engine, on its inference port, whether it serves its model.
+async fn check_readiness(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    endpoint: &Endpoint,
+    probe: &ReadinessProbe,
+    timeout: Duration,
+) -> Result<(), NotServing> {
+    let path = match probe {
+        ReadinessProbe::ModelList(p) | ReadinessProbe::Status(p) => p,
+    };
+    let url = format!("http://{}{path}", endpoint.spec.address);
+    let body = get(client, &url, MAX_PROBE_BODY, timeout)
+        .await
+        .map_err(NotServing::Unanswered)?;
+    match probe {
+        ReadinessProbe::Status(_) => Ok(()),
+        ReadinessProbe::ModelList(_) => {
+            #[derive(serde::Deserialize)]
+            struct ModelList {
+                data: Vec<serde::de::IgnoredAny>,
+            }
+            match serde_json::from_slice::<ModelList>(&body) {
+                Ok(list) if !list.data.is_empty() => Ok(()),
+                _ => Err(NotServing::NoModel),
+            }
+        }
+    }
+}
+
+/// A bounded GET: the body of a 2xx answer within `timeout`.
+async fn get(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ScrapeError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ScrapeError::Url(e.to_string()))?;
+    let fetch = async {
+        let response = client.get(uri).await.map_err(ScrapeError::Request)?;
+        if !response.status().is_success() {
+            return Err(ScrapeError::Status(response.status()));
+        }
+        let body = Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| ScrapeError::Body(e.to_string()))?
+            .to_bytes();
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| ScrapeError::Timeout(timeout))?
 }
 
 /// Scrapes one endpoint once.
@@ -220,27 +340,21 @@ pub async fn scrape_once(
     endpoint: &Endpoint,
     config: &ScrapeConfig,
 ) -> Result<EngineMetrics, ScrapeError> {
+    Ok(scrape_extracted(client, url, endpoint, config)
+        .await?
+        .metrics)
+}
+
+async fn scrape_extracted(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+    endpoint: &Endpoint,
+    config: &ScrapeConfig,
+) -> Result<Extracted, ScrapeError> {
     let mapping = config
         .mapping_for(endpoint)
         .ok_or_else(|| ScrapeError::UnknownEngine(endpoint.engine.to_string()))?;
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| ScrapeError::Url(e.to_string()))?;
-    let fetch = async {
-        let response = client.get(uri).await.map_err(ScrapeError::Request)?;
-        if !response.status().is_success() {
-            return Err(ScrapeError::Status(response.status()));
-        }
-        let body = Limited::new(response.into_body(), MAX_METRICS_BODY)
-            .collect()
-            .await
-            .map_err(|e| ScrapeError::Body(e.to_string()))?
-            .to_bytes();
-        Ok(body)
-    };
-    let body = tokio::time::timeout(config.timeout, fetch)
-        .await
-        .map_err(|_| ScrapeError::Timeout(config.timeout))??;
+    let body = get(client, url, MAX_METRICS_BODY, config.timeout).await?;
     let text = std::str::from_utf8(&body).map_err(|_| ScrapeError::Utf8)?;
-    Ok(mapping.extract(text).metrics)
+    Ok(mapping.extract(text))
 }
