@@ -237,3 +237,68 @@ async fn membership_changes_start_new_scrapers() {
     token.cancel();
     task.await.unwrap();
 }
+
+/// An observer whose first report panics, as a bug in metrics code would: the scrape task
+/// that called it dies, and must be started again.
+#[derive(Default)]
+struct PanicsOnce {
+    calls: AtomicU32,
+    deaths: AtomicU32,
+}
+
+impl scraper::ScrapeObserver for PanicsOnce {
+    fn scraped(
+        &self,
+        _: &endpoint_picker::datastore::Endpoint,
+        _: Result<(), &scraper::ScrapeError>,
+        _: Duration,
+    ) {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("observer bug");
+        }
+    }
+
+    fn scrape_task_died(&self, _: &endpoint_picker::datastore::Endpoint) {
+        self.deaths.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_dead_scrape_task_is_restarted_and_reported() {
+    let (mode, queue) = (
+        Arc::new(AtomicU32::new(HEALTHY)),
+        Arc::new(AtomicU32::new(7)),
+    );
+    let addr = fake_engine(mode, queue).await;
+    let ds = Arc::new(Datastore::new());
+    ds.apply(PoolSpec {
+        name: "p".into(),
+        endpoints: vec![spec(addr, 0)],
+        ..Default::default()
+    });
+    let observer = Arc::new(PanicsOnce::default());
+    let token = CancellationToken::new();
+    let task = tokio::spawn(scraper::run(
+        ds.clone(),
+        Arc::new(ScrapeConfig {
+            interval: Duration::from_millis(10),
+            ..Default::default()
+        }),
+        observer.clone(),
+        token.clone(),
+    ));
+    // The first scrape's report kills its task; the restarted one stores metrics.
+    until(
+        || ds.snapshot().endpoints[0].metrics().waiting_queue_size == 7,
+        "metrics after the restart",
+    )
+    .await;
+    assert_eq!(observer.deaths.load(Ordering::SeqCst), 1);
+    token.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        observer.deaths.load(Ordering::SeqCst),
+        1,
+        "shutdown is no death"
+    );
+}

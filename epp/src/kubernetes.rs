@@ -5,7 +5,6 @@ use anyhow::{Context, Result, bail};
 use k8s::index::PoolRef;
 use k8s::lease::{LeaseConfig, lease_name};
 use k8s::watch::{Discovery, standalone_spec};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Name given to the synthetic pool of standalone mode (also names its lease).
@@ -22,15 +21,14 @@ pub struct Flags {
     pub leader_election: bool,
 }
 
-/// What `run()` needs: the pool source, a label for the start-up log, the lease task to await
-/// at shutdown (so that the lease is released), and the client (for metrics auth).
+/// What `run()` needs: the pool source (with the lease task, which the supervisor waits for at
+/// shutdown so that the lease is handed back), a label for the start-up log, and the client
+/// (for metrics auth).
 pub struct Kube {
     /// The pool, its objectives and rewrites, watched.
     pub source: PoolSource,
     /// `namespace/name (kind)`.
     pub label: String,
-    /// Leader election, when on.
-    pub lease_task: Option<JoinHandle<()>>,
     /// The API client.
     pub client: k8s::Client,
 }
@@ -69,7 +67,7 @@ pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> 
     let client = k8s::client()
         .await
         .context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
-    let (leader, lease_task) = if leader_election {
+    let leader = if leader_election {
         let identity = std::env::var("POD_NAME")
             .ok()
             .filter(|s| !s.is_empty())
@@ -84,9 +82,9 @@ pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> 
             config,
             shutdown.child_token(),
         );
-        (Some(rx), Some(task))
+        Some((rx, task))
     } else {
-        (None, None)
+        None
     };
     let label = format!(
         "{pool_namespace}/{name} ({})",
@@ -112,7 +110,6 @@ pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> 
             leader,
         },
         label,
-        lease_task,
         client,
     })
 }

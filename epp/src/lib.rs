@@ -11,5 +11,6 @@ pub mod labels;
 pub mod metrics;
 pub mod recorder;
 pub mod server;
+pub mod supervisor;
 pub mod telemetry;
 pub mod tls;

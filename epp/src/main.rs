@@ -166,7 +166,6 @@ async fn run(args: Args) -> Result<()> {
     let metrics_port_override =
         (model_server_metrics_port != 0).then_some(model_server_metrics_port);
     let shutdown = CancellationToken::new();
-    let mut lease_task = None;
     let mut kube_client = None;
     let (pool, pool_label) = match pool_file {
         Some(path) => {
@@ -180,8 +179,8 @@ async fn run(args: Args) -> Result<()> {
                     "--endpoint-selector/--endpoint-target-ports cannot be combined with --pool-file"
                 );
             }
-            let initial =
-                file::read(&path, metrics_port_override).context("reading --pool-file")?;
+            let (initial, initial_bytes) =
+                file::read_bytes(&path, metrics_port_override).context("reading --pool-file")?;
             if !pool_name.is_empty() && pool_name != initial.pool.name {
                 bail!(
                     "--pool-name={pool_name:?} does not match the pool file's InferencePool {:?}",
@@ -198,6 +197,7 @@ async fn run(args: Args) -> Result<()> {
                 poll_interval: pool_file_poll_interval,
                 metrics_port: metrics_port_override,
                 initial: Box::new(initial),
+                initial_bytes,
             };
             (source, label)
         }
@@ -215,7 +215,6 @@ async fn run(args: Args) -> Result<()> {
                 &shutdown,
             )
             .await?;
-            lease_task = kube.lease_task;
             kube_client = Some(kube.client);
             (kube.source, kube.label)
         }
@@ -295,13 +294,9 @@ async fn run(args: Args) -> Result<()> {
         drain_grace: drain_grace_period,
     };
     let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    // Returns once every supervised task has ended (the lease handed back among them).
     let served = server::serve(settings, listeners, shutdown.clone()).await;
     signals.abort();
-    if let Some(task) = lease_task {
-        // Let the leader hand its lease back so that a standby takes over without waiting.
-        shutdown.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
-    }
     served.map_err(anyhow::Error::from)?;
     Ok(())
 }

@@ -19,6 +19,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::supervisor::TaskExitLabels;
+
 /// `model_name, target_model_name, priority`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -244,6 +246,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "inference_extension_model_server_scrape_duration_seconds",
         "histogram",
     ),
+    ("inference_extension_task_exits", "counter"),
 ];
 
 /// Every metric the EPP exports.
@@ -311,6 +314,8 @@ pub struct EppMetrics {
     pub scrape_errors: Family<ScrapeErrorLabels, Counter>,
     /// `inference_extension_model_server_scrape_duration_seconds`.
     pub scrape_duration: Histogram,
+    /// `inference_extension_task_exits_total`: supervised tasks that ended unexpectedly.
+    pub task_exits: Family<TaskExitLabels, Counter>,
     /// Pool name for the scrape error labels (set by the first pool refresh).
     pool_name: parking_lot::RwLock<String>,
     /// `plugin_duration` handles by (extension point, plugin type), then plugin name: once a
@@ -360,6 +365,7 @@ impl EppMetrics {
             scrape_age: Family::default(),
             scrape_errors: Family::default(),
             scrape_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            task_exits: Family::default(),
             pool_name: parking_lot::RwLock::new(String::new()),
             plugin_cache: PluginCache::default(),
         };
@@ -495,6 +501,11 @@ impl EppMetrics {
             "inference_extension_model_server_scrape_duration_seconds",
             "Duration of model-server metrics scrapes in seconds",
             m.scrape_duration.clone(),
+        );
+        r.register(
+            "inference_extension_task_exits",
+            "Long-lived tasks of the EPP that ended unexpectedly (and were restarted, or took readiness or the process down), by task and reason",
+            m.task_exits.clone(),
         );
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
@@ -639,6 +650,16 @@ impl PluginObserver for MetricsObserver {
 }
 
 impl ScrapeObserver for MetricsObserver {
+    fn scrape_task_died(&self, _endpoint: &Endpoint) {
+        self.0
+            .task_exits
+            .get_or_create(&TaskExitLabels {
+                task: "endpoint-scraper",
+                reason: "panicked",
+            })
+            .inc();
+    }
+
     fn scraped(&self, endpoint: &Endpoint, result: Result<(), &ScrapeError>, took: Duration) {
         self.0.scrape_duration.observe(took.as_secs_f64());
         if let Err(e) = result {
@@ -747,6 +768,12 @@ mod tests {
                 name: "p".into(),
                 model_server_pod: "a".into(),
                 reason: "timeout",
+            })
+            .inc();
+        m.task_exits
+            .get_or_create(&TaskExitLabels {
+                task: "scraper",
+                reason: "panicked",
             })
             .inc();
         let mut text = String::new();

@@ -3,6 +3,7 @@
 //! [`serve`] takes already-bound listeners, so the binary binds its flag ports and tests bind
 //! `127.0.0.1:0`; everything else is the same code.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::health;
 use crate::labels::ModelLabels;
 use crate::metrics::{EppMetrics, MetricsObserver};
 use crate::recorder::EppRecorder;
+use crate::supervisor::{OnExit, Supervisor, factory};
 use crate::tls::TlsIdentity;
 
 /// Largest ext_proc message accepted (a request body chunk can be large).
@@ -58,7 +60,7 @@ const MAX_CONCURRENT_STREAMS_PER_CONNECTION: u32 = 100_000;
 const HTTP2_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
 /// Where the pool comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum PoolSource {
     /// A pool file, already read once, then polled for changes.
     File {
@@ -70,6 +72,8 @@ pub enum PoolSource {
         metrics_port: Option<u16>,
         /// The first successful read.
         initial: Box<LocalPool>,
+        /// The bytes it was parsed from (the file is read once at start-up).
+        initial_bytes: Vec<u8>,
     },
     /// A fixed pool (tests).
     Static(PoolSpec),
@@ -78,8 +82,12 @@ pub enum PoolSource {
     Kubernetes {
         /// What to watch.
         discovery: Box<k8s::watch::Discovery>,
-        /// With leader election: `true` while this replica leads; readiness requires it.
-        leader: Option<tokio::sync::watch::Receiver<bool>>,
+        /// With leader election: `true` while this replica leads (readiness requires it), and
+        /// the lease task, which the supervisor watches.
+        leader: Option<(
+            tokio::sync::watch::Receiver<bool>,
+            tokio::task::JoinHandle<()>,
+        )>,
     },
 }
 
@@ -129,11 +137,8 @@ pub struct Listeners {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
+    #[error("gRPC server")]
     Grpc(#[from] tonic::transport::Error),
-    /// The admin server failed.
-    #[error("metrics server: {0}")]
-    Admin(#[source] std::io::Error),
 }
 
 /// Handles to a running EPP (for tests and the binary).
@@ -189,20 +194,29 @@ pub async fn serve_with_handles(
     let decisions = Arc::new(DecisionLog::new(debug_decisions));
     let labels = Arc::new(ModelLabels::default());
 
+    // Every long-lived task runs under the supervisor (see `supervisor`).
+    let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
+
     // Membership changes reach the producers (prefix index purge).
     {
         let director = director.clone();
-        let mut changes = datastore.subscribe();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    r = changes.changed() => if r.is_err() { return },
+        tasks.spawn(
+            "pool-changes",
+            OnExit::Restart,
+            factory(move |token: CancellationToken| {
+                let director = director.clone();
+                let mut changes = director.datastore().subscribe();
+                async move {
+                    loop {
+                        tokio::select! {
+                            _ = token.cancelled() => return,
+                            r = changes.changed() => if r.is_err() { return },
+                        }
+                        director.pool_changed();
+                    }
                 }
-                director.pool_changed();
-            }
-        });
+            }),
+        );
     }
 
     let mut leader = None;
@@ -212,18 +226,25 @@ pub async fn serve_with_handles(
             poll_interval,
             metrics_port,
             initial,
+            initial_bytes,
         } => {
-            let last = std::fs::read(&path).unwrap_or_default();
             file::apply(*initial, &datastore, Some(&director));
-            tokio::spawn(file::watch(
+            let watcher = Arc::new(file::FileWatcher::new(
                 path,
                 poll_interval,
                 metrics_port,
                 datastore.clone(),
                 Some(director.clone()),
-                last,
-                shutdown.child_token(),
+                initial_bytes,
             ));
+            tasks.spawn(
+                "pool-file",
+                OnExit::Restart,
+                factory(move |token| {
+                    let watcher = watcher.clone();
+                    async move { watcher.run(token).await }
+                }),
+            );
         }
         PoolSource::Static(spec) => {
             datastore.apply(spec);
@@ -232,67 +253,104 @@ pub async fn serve_with_handles(
             discovery,
             leader: is_leader,
         } => {
-            leader = is_leader;
+            leader = is_leader.map(|(rx, lease)| {
+                // The lease cannot be re-run here; its end already drops readiness through
+                // the closed channel, and is counted.
+                tasks.adopt("lease", OnExit::Degrade, lease);
+                rx
+            });
             let publisher = k8s::index::Publisher {
                 datastore: datastore.clone(),
                 director: Some(director.clone()),
             };
-            // The watch tasks stop with the shutdown token.
-            let _ = discovery.start(publisher, &shutdown);
+            let (_index, watches) = discovery.tasks(publisher);
+            for watch in watches {
+                // A watch that ended would leave the pool as it was: not ready until it runs.
+                let run = Arc::new(watch.run);
+                tasks.spawn(
+                    watch.name,
+                    OnExit::Degrade,
+                    factory(move |token| run(token)),
+                );
+            }
         }
     }
 
     if let Some(scrape) = scrape {
-        tokio::spawn(scraper::run(
-            datastore.clone(),
-            Arc::new(scrape),
-            observer.clone(),
-            shutdown.child_token(),
-        ));
+        let (datastore, scrape, observer) = (datastore.clone(), Arc::new(scrape), observer.clone());
+        tasks.spawn(
+            "scraper",
+            OnExit::Restart,
+            factory(move |token| {
+                scraper::run(datastore.clone(), scrape.clone(), observer.clone(), token)
+            }),
+        );
     }
 
     {
-        let (metrics, datastore, director, labels, token) = (
+        let (metrics, datastore, director, labels) = (
             metrics.clone(),
             datastore.clone(),
             director.clone(),
             labels.clone(),
-            shutdown.clone(),
         );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(refresh_prometheus_interval);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tick.tick() => {
-                        metrics.refresh_pool(&datastore, &director, metrics_staleness);
-                        labels.learn(&datastore.snapshot(), &director.policies());
+        tasks.spawn(
+            "pool-gauges",
+            OnExit::Restart,
+            factory(move |token: CancellationToken| {
+                let (metrics, datastore, director, labels) = (
+                    metrics.clone(),
+                    datastore.clone(),
+                    director.clone(),
+                    labels.clone(),
+                );
+                async move {
+                    let mut tick = tokio::time::interval(refresh_prometheus_interval);
+                    loop {
+                        tokio::select! {
+                            _ = token.cancelled() => return,
+                            _ = tick.tick() => {
+                                metrics.refresh_pool(&datastore, &director, metrics_staleness);
+                                labels.learn(&datastore.snapshot(), &director.policies());
+                            }
+                        }
                     }
                 }
-            }
-        });
+            }),
+        );
     }
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::init(&reporter).await;
     {
-        // Ready = the pool has synced and, with leader election, this replica leads.
-        let (reporter, synced, token) = (reporter.clone(), datastore.subscribe(), shutdown.clone());
-        tokio::spawn(follow_readiness(reporter, synced, leader, token));
+        // Ready = the pool has synced, no task that readiness depends on is down and, with
+        // leader election, this replica leads.
+        let readiness = follow_readiness(
+            reporter.clone(),
+            datastore.subscribe(),
+            leader,
+            tasks.down(),
+            shutdown.clone(),
+        );
+        tasks.adopt("readiness", OnExit::Shutdown, tokio::spawn(readiness));
     }
-    let health_server = {
+    {
         let token = shutdown.clone();
         let svc = health_service.clone();
         let incoming = TcpListenerStream::new(listeners.health);
-        tokio::spawn(async move {
-            Server::builder()
+        let server = tokio::spawn(async move {
+            let served = Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, token.cancelled())
-                .await
-        })
-    };
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "health server failed");
+            }
+        });
+        tasks.adopt("health-server", OnExit::Shutdown, server);
+    }
 
-    let admin_server = {
+    {
         let token = shutdown.clone();
         let (m, ds, d) = (metrics.clone(), datastore.clone(), director.clone());
         let state = AdminState {
@@ -308,12 +366,17 @@ pub async fn serve_with_handles(
             }),
         };
         let listener = listeners.metrics;
-        tokio::spawn(async move {
-            axum::serve(listener, admin::router(state))
+        let server = tokio::spawn(async move {
+            let served = axum::serve(listener, admin::router(state))
                 .with_graceful_shutdown(token.cancelled_owned())
-                .await
-        })
-    };
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "metrics server failed");
+            }
+        });
+        tasks.adopt("metrics-server", OnExit::Shutdown, server);
+    }
+    let supervisor = tokio::spawn(tasks.run());
 
     let ctx = Arc::new(ServiceContext {
         director: director.clone(),
@@ -363,19 +426,21 @@ pub async fn serve_with_handles(
         }
     };
     shutdown.cancel();
-    let _ = health_server.await;
-    if let Ok(Err(e)) = admin_server.await {
-        return Err(ServeError::Admin(e));
+    // The supervisor waits for every task to end with the shutdown token.
+    if let Err(error) = supervisor.await {
+        tracing::error!(%error, "the supervisor failed");
     }
     result
 }
 
-/// Keeps the readiness services in step with "synced && leader" until shutdown, then marks
-/// them NOT_SERVING. Losing the lease (or the lease task dying) drops readiness at once.
+/// Keeps the readiness services in step with "synced, no supervised task that readiness
+/// depends on down, and leader" until shutdown, then marks them NOT_SERVING. Losing the lease
+/// (or the lease task dying) drops readiness at once.
 async fn follow_readiness(
     reporter: tonic_health::server::HealthReporter,
     mut synced: tokio::sync::watch::Receiver<u64>,
     mut leader: Option<tokio::sync::watch::Receiver<bool>>,
+    mut down: tokio::sync::watch::Receiver<BTreeSet<&'static str>>,
     token: CancellationToken,
 ) {
     let election = leader.is_some();
@@ -383,13 +448,16 @@ async fn follow_readiness(
     loop {
         let is_synced = *synced.borrow_and_update() > 0;
         let leads = !election || leader.as_mut().is_some_and(|l| *l.borrow_and_update());
-        if (is_synced && leads) != ready {
-            ready = is_synced && leads;
+        let tasks_down: Vec<&'static str> = down.borrow_and_update().iter().copied().collect();
+        let now = is_synced && leads && tasks_down.is_empty();
+        if now != ready {
+            ready = now;
             health::set_ready(&reporter, ready).await;
             tracing::info!(
                 ready,
                 synced = is_synced,
                 leader = leads,
+                ?tasks_down,
                 "readiness changed"
             );
         }
@@ -402,6 +470,7 @@ async fn follow_readiness(
         tokio::select! {
             _ = token.cancelled() => break,
             r = synced.changed() => if r.is_err() { break },
+            r = down.changed() => if r.is_err() { break },
             alive = leader_changed => if !alive {
                 tracing::error!("leader election stopped; no longer ready");
                 leader = None;

@@ -64,6 +64,11 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
         standalone: None,
     };
     let (leader, is_leader) = tokio::sync::watch::channel(false);
+    // Stands in for the lease task: it runs until told to end.
+    let (end_lease, lease_ends) = tokio::sync::oneshot::channel::<()>();
+    let lease_task = tokio::spawn(async move {
+        let _ = lease_ends.await;
+    });
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         grpc: bind().await.unwrap(),
@@ -81,7 +86,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
         metrics_staleness: Duration::from_secs(2),
         pool: PoolSource::Kubernetes {
             discovery: Box::new(discovery),
-            leader: Some(is_leader),
+            leader: Some((is_leader, lease_task)),
         },
         seed: 1,
         admin_auth: epp::admin::AdminAuth::Open,
@@ -133,9 +138,11 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
     wait_for(&mut readiness, ServingStatus::NotServing).await;
     leader.send_replace(true);
     wait_for(&mut readiness, ServingStatus::Serving).await;
-    // Leader election dying is the same as losing the lease.
-    drop(leader);
+    // The lease task ending (a supervised task readiness depends on) drops readiness, even
+    // though the last word on the channel was "leader".
+    end_lease.send(()).unwrap();
     wait_for(&mut readiness, ServingStatus::NotServing).await;
+    drop(leader);
 
     // An open Watch stream would hold the health server's graceful shutdown.
     drop(readiness);

@@ -8,7 +8,8 @@
 
 use std::fmt::Debug;
 
-use futures::{Stream, StreamExt};
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -45,14 +46,27 @@ impl Debug for Discovery {
     }
 }
 
+/// One watch of discovery, restartable: each run starts a fresh watcher, which lists again, so
+/// a supervisor can replace a run that ended.
+pub struct WatchTask {
+    /// What it watches (`inferencepools`, `pods`, …), for logs and metrics.
+    pub name: &'static str,
+    /// Starts one run; it ends when the token is cancelled.
+    pub run: Box<dyn Fn(CancellationToken) -> BoxFuture<'static, ()> + Send + Sync>,
+}
+
+impl Debug for WatchTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchTask")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Discovery {
-    /// Builds the index and starts one watch task per resource kind. The tasks end when
-    /// `shutdown` is cancelled.
-    pub fn start(
-        self,
-        publisher: Publisher,
-        shutdown: &CancellationToken,
-    ) -> (SharedIndex, Vec<JoinHandle<()>>) {
+    /// Builds the index and one restartable watch per resource kind; nothing runs until a
+    /// task's `run` is called.
+    pub fn tasks(self, publisher: Publisher) -> (SharedIndex, Vec<WatchTask>) {
         let Self {
             client,
             pool,
@@ -76,7 +90,6 @@ impl Discovery {
                     Api::namespaced(client.clone(), &ns),
                     watcher::Config::default().labels(&selector),
                     index.clone(),
-                    shutdown.child_token(),
                 ));
                 index
             }
@@ -87,79 +100,91 @@ impl Discovery {
                     Api::namespaced(client.clone(), &ns),
                     &name,
                     index.clone(),
-                    shutdown.child_token(),
                 ));
                 tasks.push(pods(
                     Api::namespaced(client.clone(), &ns),
                     watcher::Config::default(),
                     index.clone(),
-                    shutdown.child_token(),
                 ));
                 index
             }
         };
-        tasks.push(spawn::<InferenceObjective>(
+        tasks.push(task::<InferenceObjective>(
             "inferenceobjectives",
             Api::namespaced(client.clone(), &ns),
             watcher::Config::default(),
             index.clone(),
-            shutdown.child_token(),
         ));
-        tasks.push(spawn::<InferenceModelRewrite>(
+        tasks.push(task::<InferenceModelRewrite>(
             "inferencemodelrewrites",
             Api::namespaced(client, &ns),
             watcher::Config::default(),
             index.clone(),
-            shutdown.child_token(),
         ));
         (index, tasks)
+    }
+
+    /// [`Discovery::tasks`], each run once on its own Tokio task until `shutdown` (for callers
+    /// without a supervisor).
+    pub fn start(
+        self,
+        publisher: Publisher,
+        shutdown: &CancellationToken,
+    ) -> (SharedIndex, Vec<JoinHandle<()>>) {
+        let (index, tasks) = self.tasks(publisher);
+        let handles = tasks
+            .into_iter()
+            .map(|t| tokio::spawn((t.run)(shutdown.child_token())))
+            .collect();
+        (index, handles)
     }
 }
 
 /// Watches the one InferencePool named `name` (a `metadata.name` field selector).
-pub fn pools(
-    api: Api<InferencePool>,
-    name: &str,
-    index: SharedIndex,
-    shutdown: CancellationToken,
-) -> JoinHandle<()> {
+pub fn pools(api: Api<InferencePool>, name: &str, index: SharedIndex) -> WatchTask {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    spawn("inferencepools", api, config, index, shutdown)
+    task("inferencepools", api, config, index)
 }
 
 /// Watches the Pods of the pool's namespace. Pods are trimmed before they reach the index:
 /// managed fields and the spec are never needed.
-pub fn pods(
-    api: Api<Pod>,
-    config: watcher::Config,
-    index: SharedIndex,
-    shutdown: CancellationToken,
-) -> JoinHandle<()> {
-    let events = watcher::watcher(api, config)
-        .default_backoff()
-        .modify(|pod: &mut Pod| {
-            pod.managed_fields_mut().clear();
-            pod.spec = None;
-        });
-    tokio::spawn(feed(index, events, shutdown).instrument(tracing::info_span!("pods")))
+pub fn pods(api: Api<Pod>, config: watcher::Config, index: SharedIndex) -> WatchTask {
+    WatchTask {
+        name: "pods",
+        run: Box::new(move |shutdown| {
+            let events = watcher::watcher(api.clone(), config.clone())
+                .default_backoff()
+                .modify(|pod: &mut Pod| {
+                    pod.managed_fields_mut().clear();
+                    pod.spec = None;
+                });
+            feed(index.clone(), events, shutdown)
+                .instrument(tracing::info_span!("watch", resource = "pods"))
+                .boxed()
+        }),
+    }
 }
 
-/// Starts a watcher for `K` with the default backoff, feeding `index`.
-pub fn spawn<K>(
+/// A watch of `K` with the default backoff, feeding `index`.
+pub fn task<K>(
     name: &'static str,
     api: Api<K>,
     config: watcher::Config,
     index: SharedIndex,
-    shutdown: CancellationToken,
-) -> JoinHandle<()>
+) -> WatchTask
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     Index: IndexResource<K>,
 {
-    let events = watcher::watcher(api, config).default_backoff();
-    tokio::spawn(
-        feed(index, events, shutdown).instrument(tracing::info_span!("watch", resource = name)),
-    )
+    WatchTask {
+        name,
+        run: Box::new(move |shutdown| {
+            let events = watcher::watcher(api.clone(), config.clone()).default_backoff();
+            feed(index.clone(), events, shutdown)
+                .instrument(tracing::info_span!("watch", resource = name))
+                .boxed()
+        }),
+    }
 }
 
 /// Drives one watch stream into the index until the stream ends or `shutdown` fires.

@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -348,11 +349,22 @@ pub fn parse(
 
 /// Reads and parses a pool file.
 pub fn read(path: &Path, metrics_port: Option<u16>) -> Result<LocalPool, PoolFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PoolFileError::Read {
+    read_bytes(path, metrics_port).map(|(pool, _)| pool)
+}
+
+/// Reads and parses a pool file, returning the bytes read too: the watcher compares later
+/// reads against them, so the file is read once at start-up and a change right after it is
+/// not lost.
+pub fn read_bytes(
+    path: &Path,
+    metrics_port: Option<u16>,
+) -> Result<(LocalPool, Vec<u8>), PoolFileError> {
+    let bytes = std::fs::read(path).map_err(|source| PoolFileError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse(path, &text, metrics_port)
+    let pool = parse(path, &String::from_utf8_lossy(&bytes), metrics_port)?;
+    Ok((pool, bytes))
 }
 
 /// Applies a local pool to the datastore and director.
@@ -364,46 +376,76 @@ pub fn apply(local: LocalPool, datastore: &Datastore, director: Option<&Director
     }
 }
 
-/// Re-reads the file every `interval` and applies it when its contents changed. Errors are
-/// logged; the last good pool stays in force.
-pub async fn watch(
+/// Follows a pool file: re-reads it every `interval` and applies it when its bytes changed.
+/// Errors are logged; the last good pool stays in force. The bytes last seen live here, not in
+/// the task, so a supervisor may restart [`FileWatcher::run`] without re-applying an unchanged
+/// file.
+#[derive(Debug)]
+pub struct FileWatcher {
     path: PathBuf,
     interval: Duration,
     metrics_port: Option<u16>,
     datastore: Arc<Datastore>,
     director: Option<Arc<Director>>,
-    mut last: Vec<u8>,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+    last: Mutex<Vec<u8>>,
+}
+
+impl FileWatcher {
+    /// A watcher of `path` whose current contents, `seen`, are already applied.
+    pub fn new(
+        path: PathBuf,
+        interval: Duration,
+        metrics_port: Option<u16>,
+        datastore: Arc<Datastore>,
+        director: Option<Arc<Director>>,
+        seen: Vec<u8>,
+    ) -> Self {
+        Self {
+            path,
+            interval,
+            metrics_port,
+            datastore,
+            director,
+            last: Mutex::new(seen),
         }
-        let bytes = match tokio::fs::read(&path).await {
+    }
+
+    /// Polls until `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            self.poll().await;
+        }
+    }
+
+    async fn poll(&self) {
+        let path = &self.path;
+        let bytes = match tokio::fs::read(path).await {
             Ok(b) => b,
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "pool file unreadable; keeping the current pool");
-                continue;
+                return;
             }
         };
-        if bytes == last {
-            continue;
+        if *self.last.lock() == bytes {
+            return;
         }
-        let text = String::from_utf8_lossy(&bytes);
-        match parse(&path, &text, metrics_port) {
+        match parse(path, &String::from_utf8_lossy(&bytes), self.metrics_port) {
             Ok(local) => {
                 let n = local.pool.endpoints.len();
-                apply(local, &datastore, director.as_deref());
+                apply(local, &self.datastore, self.director.as_deref());
                 tracing::info!(path = %path.display(), endpoints = n, "pool file reloaded");
             }
             Err(error) => {
                 tracing::error!(%error, "pool file invalid; keeping the current pool");
             }
         }
-        last = bytes;
+        *self.last.lock() = bytes;
     }
 }
 
@@ -499,19 +541,22 @@ modelRewrites:
         let path = dir.join("pool.yaml");
         std::fs::write(&path, FILE).unwrap();
         let ds = Arc::new(Datastore::new());
-        let initial = read(&path, None).unwrap();
+        let (initial, seen) = read_bytes(&path, None).unwrap();
         apply(initial, &ds, None);
         assert_eq!(ds.snapshot().endpoints.len(), 4);
         let token = CancellationToken::new();
-        let task = tokio::spawn(watch(
+        let watcher = Arc::new(FileWatcher::new(
             path.clone(),
             Duration::from_millis(100),
             None,
             ds.clone(),
             None,
-            FILE.as_bytes().to_vec(),
-            token.clone(),
+            seen,
         ));
+        let task = tokio::spawn({
+            let (watcher, token) = (watcher.clone(), token.clone());
+            async move { watcher.run(token).await }
+        });
         let mut versions = ds.subscribe();
         std::fs::write(
             &path,
@@ -527,6 +572,10 @@ modelRewrites:
             2,
             "a broken file keeps the last good pool"
         );
+        // ...and the watcher is still alive: a good file applies again.
+        std::fs::write(&path, FILE).unwrap();
+        versions.changed().await.unwrap();
+        assert_eq!(ds.snapshot().endpoints.len(), 4);
         token.cancel();
         task.await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -133,13 +134,23 @@ enum NotServing {
 pub trait ScrapeObserver: Send + Sync + 'static {
     /// Called after each scrape attempt.
     fn scraped(&self, endpoint: &Endpoint, result: Result<(), &ScrapeError>, took: Duration);
+
+    /// An endpoint's scrape task ended before it was told to (it panicked); it is restarted
+    /// after [`RESTART_DELAY`].
+    fn scrape_task_died(&self, _endpoint: &Endpoint) {}
 }
 
 impl ScrapeObserver for () {
     fn scraped(&self, _: &Endpoint, _: Result<(), &ScrapeError>, _: Duration) {}
 }
 
+/// How long a dead per-endpoint scrape task waits before it runs again: long enough that a
+/// task that dies at once does not spin, short next to a staleness threshold's worth of lost
+/// scrapes.
+pub const RESTART_DELAY: Duration = Duration::from_secs(1);
+
 /// Runs scrapers for the datastore's endpoints until `shutdown`, following membership changes.
+/// Each endpoint's task is watched: one that dies (a panic) is reported and started again.
 pub async fn run(
     datastore: Arc<Datastore>,
     config: Arc<ScrapeConfig>,
@@ -154,45 +165,110 @@ pub async fn run(
         .pool_idle_timeout(Duration::from_secs(90))
         .build(connector);
     let mut changes = datastore.subscribe();
-    let mut tasks: HashMap<EndpointId, (Arc<Endpoint>, CancellationToken)> = HashMap::new();
+    let mut scrapers = Scrapers {
+        tasks: HashMap::new(),
+        by_task: HashMap::new(),
+        set: JoinSet::new(),
+        client,
+        config,
+        observer,
+        shutdown: shutdown.clone(),
+    };
     loop {
-        let snapshot = datastore.snapshot();
+        scrapers.follow(&datastore.snapshot());
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = changes.changed() => if changed.is_err() { break },
+            Some(joined) = scrapers.set.join_next_with_id() => scrapers.ended(joined),
+        }
+    }
+    for (_, token) in scrapers.tasks.into_values() {
+        token.cancel();
+    }
+    scrapers.set.shutdown().await;
+}
+
+/// The per-endpoint scrape tasks of [`run`].
+struct Scrapers {
+    tasks: HashMap<EndpointId, (Arc<Endpoint>, CancellationToken)>,
+    /// The endpoint and token of each running task: a task whose own token was cancelled ended
+    /// as told, even if its endpoint has a newer task by now.
+    by_task: HashMap<tokio::task::Id, (EndpointId, CancellationToken)>,
+    set: JoinSet<()>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    config: Arc<ScrapeConfig>,
+    observer: Arc<dyn ScrapeObserver>,
+    shutdown: CancellationToken,
+}
+
+impl Scrapers {
+    /// One task per endpoint of `snapshot`: new endpoints get one, departed ones lose theirs.
+    fn follow(&mut self, snapshot: &crate::datastore::PoolSnapshot) {
         let mut live = HashMap::with_capacity(snapshot.endpoints.len());
         for ep in &snapshot.endpoints {
             live.insert(ep.id, ());
-            let same = tasks
+            let same = self
+                .tasks
                 .get(&ep.id)
                 .is_some_and(|(old, _)| Arc::ptr_eq(old, ep));
-            if same {
-                continue;
+            if !same {
+                self.start(ep.clone(), Duration::ZERO);
             }
-            if let Some((_, token)) = tasks.remove(&ep.id) {
-                token.cancel();
-            }
-            let token = shutdown.child_token();
-            tokio::spawn(scrape_loop(
-                ep.clone(),
-                client.clone(),
-                config.clone(),
-                observer.clone(),
-                token.clone(),
-            ));
-            tasks.insert(ep.id, (ep.clone(), token));
         }
-        tasks.retain(|id, (_, token)| {
+        self.tasks.retain(|id, (_, token)| {
             let keep = live.contains_key(id);
             if !keep {
                 token.cancel();
             }
             keep
         });
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            changed = changes.changed() => if changed.is_err() { break },
-        }
     }
-    for (_, token) in tasks.into_values() {
-        token.cancel();
+
+    fn start(&mut self, endpoint: Arc<Endpoint>, delay: Duration) {
+        if let Some((_, token)) = self.tasks.remove(&endpoint.id) {
+            token.cancel();
+        }
+        let token = self.shutdown.child_token();
+        let (client, config, observer, t) = (
+            self.client.clone(),
+            self.config.clone(),
+            self.observer.clone(),
+            token.clone(),
+        );
+        let ep = endpoint.clone();
+        let handle = self.set.spawn(async move {
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = t.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            scrape_loop(ep, client, config, observer, t).await;
+        });
+        self.by_task
+            .insert(handle.id(), (endpoint.id, token.clone()));
+        self.tasks.insert(endpoint.id, (endpoint, token));
+    }
+
+    /// A task ended: expected if it was cancelled, else it died and is started again.
+    fn ended(&mut self, joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let task = match &joined {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some((endpoint_id, token)) = self.by_task.remove(&task) else {
+            return;
+        };
+        if token.is_cancelled() {
+            return;
+        }
+        let Some((endpoint, _)) = self.tasks.get(&endpoint_id) else {
+            return;
+        };
+        let endpoint = endpoint.clone();
+        tracing::error!(endpoint = %endpoint.spec.name, panicked = joined.is_err(), "scrape task died; restarting");
+        self.observer.scrape_task_died(&endpoint);
+        self.start(endpoint, RESTART_DELAY);
     }
 }
 

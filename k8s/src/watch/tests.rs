@@ -39,6 +39,11 @@ async fn join(tasks: Vec<JoinHandle<()>>) {
     }
 }
 
+/// Runs one watch until the token ends it.
+fn run(task: WatchTask, token: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn((task.run)(token))
+}
+
 #[tokio::test(start_paused = true)]
 async fn list_watch_error_and_relist_with_readiness_gating() {
     let publisher = publisher();
@@ -47,16 +52,16 @@ async fn list_watch_error_and_relist_with_readiness_gating() {
     let (pod_client, mut pod_server) = mock::client(NS);
     let shutdown = CancellationToken::new();
     let tasks = vec![
-        pools(
-            Api::namespaced(pool_client, NS),
-            POOL,
-            index.clone(),
+        run(
+            pools(Api::namespaced(pool_client, NS), POOL, index.clone()),
             shutdown.child_token(),
         ),
-        pods(
-            Api::namespaced(pod_client, NS),
-            watcher::Config::default(),
-            index.clone(),
+        run(
+            pods(
+                Api::namespaced(pod_client, NS),
+                watcher::Config::default(),
+                index.clone(),
+            ),
             shutdown.child_token(),
         ),
     ];
@@ -153,16 +158,16 @@ async fn a_missing_pool_keeps_readiness_back_until_it_appears() {
     let (pod_client, mut pod_server) = mock::client(NS);
     let shutdown = CancellationToken::new();
     let tasks = vec![
-        pools(
-            Api::namespaced(pool_client, NS),
-            POOL,
-            index.clone(),
+        run(
+            pools(Api::namespaced(pool_client, NS), POOL, index.clone()),
             shutdown.child_token(),
         ),
-        pods(
-            Api::namespaced(pod_client, NS),
-            watcher::Config::default(),
-            index.clone(),
+        run(
+            pods(
+                Api::namespaced(pod_client, NS),
+                watcher::Config::default(),
+                index.clone(),
+            ),
             shutdown.child_token(),
         ),
     ];
@@ -192,18 +197,22 @@ async fn objectives_and_rewrites_reach_the_director() {
     let (rc, mut rewrite_server) = mock::client(NS);
     let shutdown = CancellationToken::new();
     let tasks = vec![
-        spawn::<InferenceObjective>(
-            "inferenceobjectives",
-            Api::namespaced(oc, NS),
-            watcher::Config::default(),
-            index.clone(),
+        run(
+            task::<InferenceObjective>(
+                "inferenceobjectives",
+                Api::namespaced(oc, NS),
+                watcher::Config::default(),
+                index.clone(),
+            ),
             shutdown.child_token(),
         ),
-        spawn::<InferenceModelRewrite>(
-            "inferencemodelrewrites",
-            Api::namespaced(rc, NS),
-            watcher::Config::default(),
-            index.clone(),
+        run(
+            task::<InferenceModelRewrite>(
+                "inferencemodelrewrites",
+                Api::namespaced(rc, NS),
+                watcher::Config::default(),
+                index.clone(),
+            ),
             shutdown.child_token(),
         ),
     ];
