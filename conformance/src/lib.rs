@@ -686,8 +686,10 @@ mod tests {
         envoy_validate(&envoy, &rendered).unwrap();
     }
 
-    /// The ext_proc filter that `gateway-configs/body-based-routing/bbr-istio.yaml` inserts is
-    /// valid Envoy config (the schema check cannot see inside an EnvoyFilter patch).
+    /// The HTTP filters that the Istio EnvoyFilters insert (BBR's ext_proc in
+    /// `gateway-configs/body-based-routing/bbr-istio.yaml`, the objective's header_mutation in
+    /// `gateway-configs/istio/fixed-objective.yaml`) are valid Envoy config (the schema check
+    /// cannot see inside an EnvoyFilter patch).
     #[test]
     fn istio_envoy_filter_patches_validate() {
         let Some(envoy) = testkit::envoy::binary_or_skip("istio_envoy_filter_patches_validate")
@@ -696,7 +698,10 @@ mod tests {
         };
         let dir = testkit::envoy::workspace_root().join("gateway-configs");
         let mut checked = 0;
-        for file in ["body-based-routing/bbr-istio.yaml"] {
+        for file in [
+            "body-based-routing/bbr-istio.yaml",
+            "istio/fixed-objective.yaml",
+        ] {
             let text = std::fs::read_to_string(dir.join(file)).unwrap();
             for doc in serde_yaml::Deserializer::from_str(&text) {
                 let doc = serde_json::Value::deserialize(doc).unwrap();

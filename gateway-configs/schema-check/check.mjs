@@ -12,8 +12,8 @@
 //   core, apps, rbac                kubernetes-models (Kubernetes OpenAPI)
 //   inference.networking.(x-)k8s.io our own CRDs in manifests/crds (openAPIV3Schema, via ajv),
 //                                   with unknown fields rejected as `kubectl --validate=strict`
-//   gateway.kgateway.dev            schemas/gateway.kgateway.dev.json: written here (no published
-//                                   models on npm), only the fields we use, unknown ones rejected
+//   gateway.kgateway.dev            schemas/<group>.json: written here (no published models on
+//   agentgateway.dev                npm), only the fields we use, unknown ones rejected
 // plus reference checks: every HTTPRoute backendRef to an InferencePool names a pool defined in
 // its folder or in common/, and every parentRef names a Gateway defined somewhere here.
 // A document whose apiVersion has no schema is an error; Helm values files (no apiVersion,
@@ -42,7 +42,7 @@ const MODEL_PACKAGES = {
 };
 const CRD_GROUPS = new Set(["inference.networking.k8s.io", "inference.networking.x-k8s.io"]);
 // Groups without published schemas: a JSON schema per version and kind, kept in schemas/.
-const LOCAL_SCHEMA_GROUPS = new Set(["gateway.kgateway.dev"]);
+const LOCAL_SCHEMA_GROUPS = new Set(["gateway.kgateway.dev", "agentgateway.dev"]);
 
 // --- schema lookup ------------------------------------------------------------------------
 
@@ -262,6 +262,16 @@ spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: g}],
 kind: GatewayParameters
 metadata: {name: p}
 spec: {kube: {envoyContainer: {extraArgs: [--config-yaml, "${"x".repeat(257)}"]}}}
+`,
+  "ClientTrafficPolicy removeOnMatch type not in the enum": `apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: c}
+spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: g}], headers: {earlyRequestHeaders: {removeOnMatch: [{type: StartsWith, value: x-gateway-destination-endpoint}]}}}
+`,
+  "agentgateway policy phase not in the enum": `apiVersion: agentgateway.dev/v1alpha1
+kind: AgentgatewayPolicy
+metadata: {name: a}
+spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: g}], traffic: {phase: Early, transformation: {request: {remove: [x-a]}}}}
 `,
   "Service port as a string": `apiVersion: v1
 kind: Service
