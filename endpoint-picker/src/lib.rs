@@ -5,6 +5,7 @@
 //! the approximate prefix-cache index, saturation detection and `EndpointPickerConfig` loading.
 
 pub mod config;
+pub mod cost;
 pub mod datastore;
 pub mod director;
 pub mod discovery;

@@ -1,0 +1,289 @@
+//! The cost model: what a request would wait for on each replica, predicted in-process.
+//!
+//! vLLM-style engines run continuous batching: every step carries the decode token of each
+//! running sequence plus as many prompt tokens (prefill chunks) as the step's token budget has
+//! room for, and a step costs a fixed part (reading the weights), a part per prompt token
+//! (compute) and a part per sequence. A new request's first token comes once every prompt token
+//! queued ahead of it and its own uncached ones have been computed:
+//!
+//! ```text
+//! prefill = queued + uncached                       tokens to compute before our first token
+//! steps   = max(1, ⌈prefill / (budget − decoding)⌉) engine steps that takes
+//! ttft    = k · (prefill · t_token + steps · (t_step + decoding · t_seq))
+//! tpot    = k · (t_step + (decoding + 1) · t_seq + chunk · t_token)
+//! ```
+//!
+//! where `queued` are the uncached prompt tokens of requests routed to the replica that have
+//! not produced their first token yet (the EPP's own, exact and current, or the engine's waiting
+//! queue when it reports more), `uncached` is this request's prompt minus what the replica's
+//! prefix cache holds, `decoding` the sequences past their first token, `chunk` the prompt
+//! tokens an average step of that replica carries, and `k` a per-replica correction learnt
+//! online from the TTFTs the EPP observes ([`Calibration`]). The constants are priors close to
+//! an 8B model on one H100 (vLLM figures), so that the ranking is right before any observation.
+//!
+//! A hot prefix held by one replica stops attracting requests once its queue makes it slower
+//! than recomputing the prefix elsewhere: no threshold, the comparison of costs does it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Bytes of prompt per token when no tokenizer is configured (the reference's estimate).
+pub const BYTES_PER_TOKEN: usize = 4;
+
+/// The engine constants of the model (priors; [`Calibration`] corrects them per replica).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineCosts {
+    /// Tokens one step can carry (vLLM's `max_num_batched_tokens`, 8192 by default).
+    pub token_budget: u64,
+    /// Compute time of one prompt token.
+    pub per_token: Duration,
+    /// Fixed time of one step.
+    pub per_step: Duration,
+    /// Time one running sequence adds to a step.
+    pub per_sequence: Duration,
+}
+
+impl Default for EngineCosts {
+    /// Llama-3.1-8B on one H100 SXM, vLLM V1 defaults: ~33k prompt tokens/s, 6 ms steps,
+    /// 40 µs per sequence (what the project's simulator is calibrated to).
+    fn default() -> Self {
+        Self {
+            token_budget: 8192,
+            per_token: Duration::from_micros(30),
+            per_step: Duration::from_millis(6),
+            per_sequence: Duration::from_micros(40),
+        }
+    }
+}
+
+/// What one replica has on its plate, as the EPP knows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Backlog {
+    /// Uncached prompt tokens still to compute before a new request's turn.
+    pub queued_tokens: u64,
+    /// Sequences decoding.
+    pub decoding: u64,
+}
+
+/// The prediction for one request on one replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Prediction {
+    /// Time to first token, seconds.
+    pub ttft: f64,
+    /// Time per output token once decoding, seconds.
+    pub tpot: f64,
+}
+
+impl Prediction {
+    /// The time until `output_tokens` tokens are out, seconds.
+    pub fn e2e(&self, output_tokens: u64) -> f64 {
+        self.ttft + self.tpot * output_tokens.saturating_sub(1) as f64
+    }
+}
+
+impl EngineCosts {
+    /// The uncorrected prediction for a request with `uncached` prompt tokens on a replica
+    /// with `backlog`.
+    pub fn predict(&self, backlog: Backlog, uncached: u64) -> Prediction {
+        let per_token = self.per_token.as_secs_f64();
+        let per_step = self.per_step.as_secs_f64();
+        let per_seq = self.per_sequence.as_secs_f64();
+        // A step always has room for some prefill: at least a sixteenth of the budget, as the
+        // engine caps the running sequences well below its token budget.
+        let room = self
+            .token_budget
+            .saturating_sub(backlog.decoding)
+            .max(self.token_budget / 16)
+            .max(1);
+        let prefill = backlog.queued_tokens + uncached;
+        let steps = prefill.div_ceil(room).max(1);
+        let step = per_step + backlog.decoding as f64 * per_seq;
+        let ttft = prefill as f64 * per_token + steps as f64 * step;
+        // While this request decodes, the queued prefill is spread over the steps ahead.
+        let chunk = (backlog.queued_tokens as f64).min(room as f64);
+        let tpot = per_step + (backlog.decoding + 1) as f64 * per_seq + chunk * per_token;
+        Prediction { ttft, tpot }
+    }
+}
+
+/// Learns, per replica, how far the model's TTFTs are from the observed ones: an exponentially
+/// weighted mean of `ln(observed / predicted)`, each sample clamped to ±ln 4 so that one
+/// outlier (a stalled connection, a preemption) moves the correction by a bounded step, and the
+/// correction itself clamped to [1/8, 8].
+#[derive(Debug)]
+pub struct Calibration {
+    /// `ln k` as f64 bits.
+    log_factor: AtomicU64,
+    /// Observations so far (saturating), for the warm-up weight.
+    samples: AtomicU64,
+}
+
+/// Weight of a new sample once warmed up (~ the last 20 observations matter).
+const CALIBRATION_WEIGHT: f64 = 0.05;
+/// Largest correction of one sample, in `ln` units (a factor of 4).
+const MAX_SAMPLE_LOG: f64 = 1.386_294_361_119_890_6;
+/// Largest correction overall, in `ln` units (a factor of 8).
+const MAX_LOG_FACTOR: f64 = 2.079_441_541_679_835_8;
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Self {
+            log_factor: AtomicU64::new(0f64.to_bits()),
+            samples: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Calibration {
+    /// The current correction factor `k`.
+    pub fn factor(&self) -> f64 {
+        f64::from_bits(self.log_factor.load(Ordering::Relaxed)).exp()
+    }
+
+    /// Learns from one request whose first token took `observed` where the uncorrected model
+    /// said `predicted`. Racing updates may drop a sample; the mean does not care.
+    pub fn observe(&self, predicted: Duration, observed: Duration) {
+        let (p, o) = (predicted.as_secs_f64(), observed.as_secs_f64());
+        if !(p > 0.0 && o > 0.0 && p.is_finite() && o.is_finite()) {
+            return;
+        }
+        let sample = (o / p).ln().clamp(-MAX_SAMPLE_LOG, MAX_SAMPLE_LOG);
+        let n = self.samples.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        // Plain averaging for the first samples, so a handful of observations already count.
+        let weight = (1.0 / n as f64).max(CALIBRATION_WEIGHT);
+        let old = f64::from_bits(self.log_factor.load(Ordering::Relaxed));
+        let new = (old + weight * (sample - old)).clamp(-MAX_LOG_FACTOR, MAX_LOG_FACTOR);
+        self.log_factor.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Observations learnt from.
+    pub fn samples(&self) -> u64 {
+        self.samples.load(Ordering::Relaxed)
+    }
+}
+
+/// Prompt tokens of a prompt of `bytes` bytes, estimated.
+pub fn estimate_tokens(bytes: usize) -> u64 {
+    bytes.div_ceil(BYTES_PER_TOKEN) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(s: f64) -> f64 {
+        s * 1000.0
+    }
+
+    #[test]
+    fn an_idle_replica_costs_one_step_plus_the_prompt() {
+        let c = EngineCosts::default();
+        let p = c.predict(Backlog::default(), 1000);
+        // 1000 × 30 µs + one 6 ms step.
+        assert!((ms(p.ttft) - 36.0).abs() < 1e-6, "{}", ms(p.ttft));
+        assert!((ms(p.tpot) - 6.04).abs() < 1e-6, "{}", ms(p.tpot));
+        assert!((p.e2e(11) - (p.ttft + 10.0 * p.tpot)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn queued_prefill_and_decodes_both_delay_the_first_token() {
+        let c = EngineCosts::default();
+        let idle = c.predict(Backlog::default(), 2000).ttft;
+        let queued = c
+            .predict(
+                Backlog {
+                    queued_tokens: 20_000,
+                    decoding: 0,
+                },
+                2000,
+            )
+            .ttft;
+        let busy = c
+            .predict(
+                Backlog {
+                    queued_tokens: 0,
+                    decoding: 200,
+                },
+                2000,
+            )
+            .ttft;
+        assert!(queued > idle * 10.0, "{queued} vs {idle}");
+        assert!(busy > idle, "{busy} vs {idle}");
+        // 22,000 tokens: three steps of 7,992 tokens of room with 200 decodes.
+        let both = c.predict(
+            Backlog {
+                queued_tokens: 20_000,
+                decoding: 200,
+            },
+            2000,
+        );
+        let want = 22_000.0 * 30e-6 + 3.0 * (6e-3 + 200.0 * 40e-6);
+        assert!((both.ttft - want).abs() < 1e-9, "{} vs {want}", both.ttft);
+        assert!(both.tpot > c.predict(Backlog::default(), 0).tpot);
+    }
+
+    /// The hot-prefix case: the replica holding a 6,000-token prefix is best while its queue is
+    /// short; once the requests piled on it queue more prefill than recomputing the prefix
+    /// costs, a cold replica becomes cheaper, by construction.
+    #[test]
+    fn a_hot_prefix_moves_to_a_second_replica_when_queueing_costs_more_than_recomputing() {
+        let c = EngineCosts::default();
+        let prompt = 6_500;
+        let cached_there = 6_000;
+        let holder = |queued| {
+            c.predict(
+                Backlog {
+                    queued_tokens: queued,
+                    decoding: 32,
+                },
+                prompt - cached_there,
+            )
+            .ttft
+        };
+        let cold = c
+            .predict(
+                Backlog {
+                    queued_tokens: 0,
+                    decoding: 32,
+                },
+                prompt,
+            )
+            .ttft;
+        assert!(holder(0) < cold);
+        // Each request piled on the holder queues its 500 uncached tokens.
+        let piled = (0..40u64)
+            .find(|n| holder(n * 500) > cold)
+            .expect("the holder stops winning");
+        assert!((10..15).contains(&piled), "switches after {piled} queued requests");
+    }
+
+    #[test]
+    fn calibration_learns_a_slower_replica_and_shrugs_off_outliers() {
+        let cal = Calibration::default();
+        assert_eq!(cal.factor(), 1.0);
+        let predicted = Duration::from_millis(100);
+        for _ in 0..200 {
+            cal.observe(predicted, Duration::from_millis(200));
+        }
+        assert!((cal.factor() - 2.0).abs() < 0.01, "{}", cal.factor());
+        // One 100× outlier moves it by at most the clamped sample's weight.
+        cal.observe(predicted, Duration::from_secs(20));
+        assert!(cal.factor() < 2.0 * 1.08, "{}", cal.factor());
+        // Garbage is ignored.
+        cal.observe(Duration::ZERO, Duration::from_millis(5));
+        cal.observe(predicted, Duration::ZERO);
+        assert_eq!(cal.samples(), 201);
+        // Bounded overall.
+        for _ in 0..1000 {
+            cal.observe(predicted, Duration::from_secs(100));
+        }
+        assert!(cal.factor() <= 8.0 + 1e-9, "{}", cal.factor());
+    }
+
+    #[test]
+    fn token_estimate() {
+        assert_eq!(estimate_tokens(0), 0);
+        assert_eq!(estimate_tokens(1), 1);
+        assert_eq!(estimate_tokens(4000), 1000);
+    }
+}
