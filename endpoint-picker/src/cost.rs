@@ -148,7 +148,10 @@ impl Calibration {
             return;
         }
         let sample = (o / p).ln().clamp(-MAX_SAMPLE_LOG, MAX_SAMPLE_LOG);
-        let n = self.samples.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let n = self
+            .samples
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         // Plain averaging for the first samples, so a handful of observations already count.
         let weight = (1.0 / n as f64).max(CALIBRATION_WEIGHT);
         let old = f64::from_bits(self.log_factor.load(Ordering::Relaxed));
@@ -254,7 +257,10 @@ mod tests {
         let piled = (0..40u64)
             .find(|n| holder(n * 500) > cold)
             .expect("the holder stops winning");
-        assert!((10..15).contains(&piled), "switches after {piled} queued requests");
+        assert!(
+            (10..15).contains(&piled),
+            "switches after {piled} queued requests"
+        );
     }
 
     #[test]

@@ -117,6 +117,10 @@ pub struct Args {
     /// request's model wins either way. Turn on only when the gateway strips client copies.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub trust_model_rewrite_header: bool,
+    /// Emit the scheduler's per-endpoint scores of the primary profile in the request-path
+    /// dynamic metadata (`envoy.lb` / `x-gateway-destination-endpoint-scores`: ip:port → score).
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub emit_endpoint_scores: bool,
     /// Grace period for open streams at shutdown.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_grace_period: Duration,

@@ -102,6 +102,7 @@ async fn run(args: Args) -> Result<()> {
         debug_decision_header,
         debug_decisions,
         trust_model_rewrite_header,
+        emit_endpoint_scores,
         drain_grace_period,
         metrics_bearer_token,
         metrics_bearer_token_file,
@@ -279,6 +280,7 @@ async fn run(args: Args) -> Result<()> {
             disable_subset_filter: disable_endpoint_subset_filter,
             decision_header: debug_decision_header,
             trust_model_rewrite_header,
+            emit_endpoint_scores,
             ..ServiceOptions::default()
         },
         debug_decisions,

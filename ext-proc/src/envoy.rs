@@ -15,7 +15,8 @@ use ext_proc::{
 };
 
 use crate::protocol::{
-    DESTINATION_ENDPOINT, DESTINATION_SUBSET, LB_NAMESPACE, SUBSET_HINT_NAMESPACE,
+    DESTINATION_ENDPOINT, DESTINATION_SCORES, DESTINATION_SUBSET, LB_NAMESPACE,
+    SUBSET_HINT_NAMESPACE,
 };
 
 /// Largest streamed body chunk: some Envoy builds limit a streamed chunk to 64 KiB.
@@ -112,6 +113,38 @@ pub fn destination_metadata(destination: &str) -> Struct {
         )]
         .into_iter()
         .collect(),
+    }
+}
+
+/// Adds `x-gateway-destination-endpoint-scores` (endpoint `ip:port` → score) to the `envoy.lb`
+/// struct of [`destination_metadata`] (`--emit-endpoint-scores`, the reference's opt-in).
+pub fn add_endpoint_scores<'a>(
+    metadata: &mut Struct,
+    scores: impl IntoIterator<Item = (&'a str, f64)>,
+) {
+    let scores = Struct {
+        fields: scores
+            .into_iter()
+            .map(|(endpoint, score)| {
+                (
+                    endpoint.to_owned(),
+                    Value {
+                        kind: Some(Kind::NumberValue(score)),
+                    },
+                )
+            })
+            .collect(),
+    };
+    if let Some(Value {
+        kind: Some(Kind::StructValue(lb)),
+    }) = metadata.fields.get_mut(LB_NAMESPACE)
+    {
+        lb.fields.insert(
+            DESTINATION_SCORES.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(scores)),
+            },
+        );
     }
 }
 

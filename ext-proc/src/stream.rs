@@ -66,6 +66,9 @@ pub struct ServiceOptions {
     /// Honour the model-rewrite header (`--trust-model-rewrite-header`). Off by default: any
     /// client can send it, and it would override the operator's choice of model.
     pub trust_model_rewrite_header: bool,
+    /// Put every scored endpoint's score of the primary profile into the `envoy.lb` metadata
+    /// (`--emit-endpoint-scores`).
+    pub emit_endpoint_scores: bool,
     /// A deliberate protocol fault (conformance self-test only).
     #[cfg(feature = "conformance-faults")]
     pub fault: Option<crate::faults::ConformanceFault>,
@@ -78,6 +81,7 @@ impl Default for ServiceOptions {
             disable_subset_filter: false,
             decision_header: false,
             trust_model_rewrite_header: false,
+            emit_endpoint_scores: false,
             #[cfg(feature = "conformance-faults")]
             fault: None,
         }
@@ -429,6 +433,7 @@ impl StreamState {
             .map(|s| s.iter().filter_map(|e| AddressMatcher::parse(e)).collect());
         let recorder = self.ctx.recorder.clone();
         let explain = self.ctx.options.decision_header
+            || self.ctx.options.emit_endpoint_scores
             || recorder.wants_explanation()
             || tracing::enabled!(tracing::Level::DEBUG);
         let scheduling_started = Instant::now();
@@ -493,9 +498,20 @@ impl StreamState {
             }
             (body, eos)
         });
-        let metadata = self
+        let mut metadata = self
             .lb_metadata_enabled()
             .then(|| envoy::destination_metadata(&destination));
+        if self.ctx.options.emit_endpoint_scores
+            && let (Some(metadata), Some(e)) = (
+                metadata.as_mut(),
+                routed
+                    .result
+                    .primary_result()
+                    .and_then(|r| r.explanation.as_ref()),
+            )
+        {
+            envoy::add_endpoint_scores(metadata, e.rows.iter().map(|r| (&*r.address, r.total)));
+        }
         let mut out = Vec::with_capacity(2);
         out.push(envoy::request_headers_response(set, remove, metadata));
         if let Some((body, eos)) = body_out {

@@ -60,6 +60,8 @@ pub struct Explanation {
 pub struct ExplanationRow {
     /// Endpoint name.
     pub endpoint: String,
+    /// `ip:port`, as the routing header names it.
+    pub address: Arc<str>,
     /// Raw scores, aligned with [`Explanation::scorers`].
     pub scores: Vec<f64>,
     /// Weighted total.
@@ -334,6 +336,7 @@ impl Scheduler {
                 .enumerate()
                 .map(|(i, c)| ExplanationRow {
                     endpoint: c.endpoint.spec.name.clone(),
+                    address: c.endpoint.host_port.clone(),
                     scores: per_scorer.iter().map(|v| v[i]).collect(),
                     total: totals[i],
                 })

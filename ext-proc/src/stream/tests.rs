@@ -494,3 +494,55 @@ async fn hostile_input_reaches_the_log_escaped_and_short() {
         assert!(line.len() < 1_000, "a {}-byte line", line.len());
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn endpoint_scores_are_emitted_only_when_asked() {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let scores_of = |r: &ProcessingResponse| -> Option<Vec<(String, f64)>> {
+        let lb = match r
+            .dynamic_metadata
+            .as_ref()?
+            .fields
+            .get("envoy.lb")?
+            .kind
+            .as_ref()?
+        {
+            Kind::StructValue(s) => s.clone(),
+            _ => return None,
+        };
+        match lb
+            .fields
+            .get("x-gateway-destination-endpoint-scores")?
+            .kind
+            .as_ref()?
+        {
+            Kind::StructValue(s) => {
+                let mut v: Vec<(String, f64)> = s
+                    .fields
+                    .iter()
+                    .map(|(k, v)| match v.kind {
+                        Some(Kind::NumberValue(n)) => (k.clone(), n),
+                        _ => panic!("{v:?}"),
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                Some(v)
+            }
+            _ => None,
+        }
+    };
+    let mut h = Harness::new(3);
+    let out = send_chat(&mut h.stream(), "m", &[]);
+    assert_eq!(scores_of(&out[0]), None);
+    h.options.emit_endpoint_scores = true;
+    let out = send_chat(&mut h.stream(), "m", &[]);
+    let scores = scores_of(&out[0]).expect("scores");
+    let names: Vec<&str> = scores.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]);
+    let a = routing_answer(&out[0]);
+    assert_eq!(
+        a.metadata_destination.as_deref(),
+        Some(a.destination()),
+        "unchanged"
+    );
+}
