@@ -443,7 +443,8 @@ def check_flag_list() -> None:
         source = f.read()
     # `#[arg(long ...)]` (optionally `long = "name"`), doc comments, then `pub field:`.
     flags = set()
-    for attrs, field in re.findall(r"#\[arg\(([^\n]*)\)\]\s*(?:///[^\n]*\s*)*pub (\w+):", source):
+    # rustfmt splits long attributes over several lines.
+    for attrs, field in re.findall(r"#\[arg\((.*?)\)\]\s*(?:///[^\n]*\s*)*pub (\w+):", source, re.S):
         if not re.search(r"\blong\b", attrs):
             continue
         named = re.search(r'\blong\s*=\s*"([^"]+)"', attrs)
