@@ -61,7 +61,7 @@ pub const SERVED_ENDPOINT_TEST_HEADER: &str = "x-conformance-test-served-endpoin
 pub enum ConfigError {
     /// Not YAML, or not the shape of an `EndpointPickerConfig`.
     #[error("invalid EndpointPickerConfig: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    Yaml(#[source] yaml_serde::Error),
     /// Wrong or missing `apiVersion`.
     #[error("unsupported apiVersion {0:?}: expected one of {API_VERSIONS:?}")]
     ApiVersion(String),
@@ -87,7 +87,7 @@ pub enum ConfigError {
         type_name: String,
         /// What serde said.
         #[source]
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     /// A parameter with an out-of-range value.
     #[error("plugin {name:?} ({type_name}): parameter {parameter}: {reason}")]
@@ -220,7 +220,7 @@ pub fn load_default(seed: u64) -> Result<LoadedConfig, ConfigError> {
 
 /// Parses and builds a configuration. `seed` seeds the scheduler's RNG.
 pub fn load(text: &str, seed: u64) -> Result<LoadedConfig, ConfigError> {
-    let doc: EndpointPickerConfig = serde_yaml::from_str(text).map_err(ConfigError::Yaml)?;
+    let doc: EndpointPickerConfig = yaml_serde::from_str(text).map_err(ConfigError::Yaml)?;
     build(doc, seed)
 }
 
@@ -322,7 +322,7 @@ impl Ctx<'_> {
     /// Deserializes parameters, warning about (not rejecting) unknown keys.
     fn params<T: DeserializeOwned + Default>(
         &mut self,
-        value: Option<&serde_yaml::Value>,
+        value: Option<&yaml_serde::Value>,
     ) -> Result<T, ConfigError> {
         let Some(value) = value.filter(|v| !v.is_null()) else {
             return Ok(T::default());
@@ -462,7 +462,7 @@ fn positive(
 
 fn prefix_params(
     ctx: &mut Ctx<'_>,
-    value: Option<&serde_yaml::Value>,
+    value: Option<&yaml_serde::Value>,
 ) -> Result<PrefixParams, ConfigError> {
     let y: PrefixYaml = ctx.params(value)?;
     let mut p = PrefixParams::default();
@@ -564,7 +564,7 @@ fn instantiate(
     let n = name.clone();
     let role = match type_name {
         "single-profile-handler" => {
-            let _: serde_yaml::Value = ctx.params(params)?;
+            let _: yaml_serde::Value = ctx.params(params)?;
             Role::Handler(Arc::new(SingleProfileHandler { name: n }))
         }
         "queue-scorer" => Role::Scorer(Arc::new(QueueScorer { name: n })),

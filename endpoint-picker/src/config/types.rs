@@ -32,7 +32,7 @@ pub struct EndpointPickerConfig {
     /// Data layer wiring (v1.4 key).
     pub data: Option<DataLayerSpec>,
     /// Flow control (accepted; queueing is not implemented yet).
-    pub flow_control: Option<serde_yaml::Value>,
+    pub flow_control: Option<yaml_serde::Value>,
     /// The request parser.
     pub parser: Option<PluginRef>,
 }
@@ -48,7 +48,7 @@ pub struct PluginSpec {
     pub type_name: String,
     /// Type-specific parameters.
     #[serde(default)]
-    pub parameters: Option<serde_yaml::Value>,
+    pub parameters: Option<yaml_serde::Value>,
 }
 
 impl PluginSpec {
