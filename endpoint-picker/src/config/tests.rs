@@ -1,6 +1,9 @@
+use std::time::Duration;
+
 use super::*;
 use crate::datastore::{Datastore, test_util::pool};
 use crate::request::InferenceRequest;
+use crate::scheduling::plugins::response::SERVED_ENDPOINT_TEST_HEADER;
 use crate::scheduling::{Candidate, CycleState};
 
 fn fixture(name: &str) -> String {

@@ -1,8 +1,13 @@
 //! Filters: remove candidates.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
+use serde::Deserialize;
+
 use super::scorers::plugin_named;
+use crate::config::ConfigError;
+use crate::config::params::Params;
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{Candidate, CycleState, Filter, Plugin};
 
@@ -89,6 +94,25 @@ pub struct LabelSelectorFilter {
     pub match_labels: Vec<(String, String)>,
 }
 plugin_named!(LabelSelectorFilter, "label-selector-filter");
+
+/// `label-selector-filter` parameters (a Kubernetes label selector).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LabelSelectorYaml {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+impl LabelSelectorFilter {
+    /// The filter its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: LabelSelectorYaml = p.decode()?;
+        Ok(Self {
+            name: p.name(),
+            match_labels: y.match_labels.into_iter().collect(),
+        })
+    }
+}
 
 impl Filter for LabelSelectorFilter {
     fn filter(&self, _: &InferenceRequest, _: &CycleState, c: Vec<Candidate>) -> Vec<Candidate> {

@@ -4,6 +4,7 @@ pub mod filters;
 pub mod pickers;
 pub mod prefix;
 pub mod profile;
+pub mod response;
 pub mod scorers;
 
 #[cfg(test)]
