@@ -13,6 +13,7 @@
 //! errors: GIE's EPP ignored them, and a config that loads there must load here.
 
 pub mod data_layer;
+pub mod gates;
 pub mod params;
 pub mod profiles;
 pub mod types;
@@ -27,9 +28,10 @@ use crate::scheduling::plugins::pickers::MaxScorePicker;
 use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
 use crate::scheduling::plugins::profile::SingleProfileHandler;
 use crate::scheduling::plugins::response::ResponsePlugin;
-use crate::scheduling::registry::{self, Built};
+use crate::scheduling::registry::{self, Built, Role};
 use crate::scheduling::{DataProducer, Filter, Picker, Profile, ProfileHandler, Scheduler, Scorer};
 pub use data_layer::ScrapeSettings;
+use gates::FeatureGates;
 use params::Params;
 pub use params::parse_duration;
 pub use types::{API_VERSIONS, EndpointPickerConfig};
@@ -68,6 +70,14 @@ pub enum ConfigError {
     /// Wrong `kind`.
     #[error("unsupported kind {0:?}: expected \"EndpointPickerConfig\"")]
     Kind(String),
+    /// A feature gate that is unknown, or set to a value not implemented here.
+    #[error("feature gate {gate:?}: {reason}")]
+    FeatureGate {
+        /// The gate as written.
+        gate: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A plugin type nobody registered.
     #[error("plugin {name:?}: unknown type {type_name:?}; known types: {known}")]
     UnknownType {
@@ -193,32 +203,21 @@ pub fn load(text: &str, seed: u64) -> Result<LoadedConfig, ConfigError> {
 fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigError> {
     check_kind(doc)?;
     let mut warnings = Vec::new();
-    warn_unimplemented(doc, &mut warnings);
+    let gates = FeatureGates::parse(&doc.feature_gates, &mut warnings)?;
+    check_flow_control(doc, &gates, &mut warnings);
     let mut plugins = instantiate_plugins(&doc.plugins, &mut warnings)?;
     ensure_prefix_producer(&mut plugins, &mut warnings)?;
     let profiles = build_profiles(&doc.scheduling_profiles, &plugins)?;
     let handler = choose_handler(&plugins, profiles.len())?;
-    let saturation_detector = choose_saturation_detector(doc, &plugins)?;
+    let saturation_detector = choose_saturation_detector(doc, &mut plugins, &mut warnings)?;
     check_data_layer(doc, &plugins)?;
+    check_parser(doc, &plugins)?;
     let scrape = scrape_settings(&plugins);
 
-    let prefix_producers: Vec<Arc<ApproxPrefixCacheProducer>> = plugins
-        .iter()
-        .filter_map(|i| match &i.built {
-            Built::PrefixProducer(p) => Some(p.clone()),
-            _ => None,
-        })
-        .collect();
+    let prefix_producers = plugins.prefix_producers();
     let producers = prefix_producers
         .iter()
         .map(|p| p.clone() as Arc<dyn DataProducer>)
-        .collect();
-    let response_plugins = plugins
-        .iter()
-        .filter_map(|i| match &i.built {
-            Built::Response(r) => Some(r.clone()),
-            _ => None,
-        })
         .collect();
     let roles: Vec<_> = plugins
         .iter()
@@ -228,7 +227,7 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     Ok(LoadedConfig {
         scheduler: Arc::new(Scheduler::new(handler, profiles, producers, seed)),
         saturation_detector,
-        response_plugins,
+        response_plugins: plugins.response_plugins(),
         scrape,
         prefix_producers,
         warnings,
@@ -247,17 +246,27 @@ fn check_kind(doc: &EndpointPickerConfig) -> Result<(), ConfigError> {
     }
 }
 
-/// Sections that are accepted but not acted on yet.
-fn warn_unimplemented(doc: &EndpointPickerConfig, warnings: &mut Vec<String>) {
-    if doc.flow_control.is_some() || doc.feature_gates.iter().any(|g| g == "flowControl") {
-        warnings.push("flowControl is accepted but not implemented yet: requests are admitted or shed, never queued".into());
-    }
-    if doc
-        .parser
-        .as_ref()
-        .is_some_and(|p| p.plugin_ref != "openai-parser")
-    {
-        warnings.push("only the OpenAI parser is implemented; parser reference ignored".into());
+/// Flow control: queueing by priority band and fairness, with TTLs and usage limits,
+/// configured by the `flowControl` section and the flow-control policy plugins, and turned
+/// on by the `flowControl` feature gate. It is not implemented yet, and this phase is where
+/// it will be built. Until then the gate cannot be turned on ([`gates`] refuses it), and
+/// with it off the reference uses only the section's saturation detector (see
+/// [`choose_saturation_detector`]), ignores its other settings with a warning, and builds the
+/// policy plugins without using them (inert registry entries).
+fn check_flow_control(
+    doc: &EndpointPickerConfig,
+    gates: &FeatureGates,
+    warnings: &mut Vec<String>,
+) {
+    let Some(section) = &doc.flow_control else {
+        return;
+    };
+    if !gates.enabled(gates::FLOW_CONTROL) && !section.settings.is_empty() {
+        let keys: Vec<&str> = section.settings.keys().map(String::as_str).collect();
+        warnings.push(format!(
+            "flowControl settings ignored ({}): the flowControl feature gate is off",
+            keys.join(", ")
+        ));
     }
 }
 
@@ -491,13 +500,26 @@ fn choose_handler(
     }
 }
 
-/// The detector admission asks: the one `saturationDetector` names, else the first
-/// declared, else a `utilization-detector` with the reference's defaults.
+/// The detector admission asks: the one `flowControl.saturationDetector` (or the older
+/// top-level `saturationDetector`) names, else the first declared, else a
+/// `utilization-detector` with the reference's defaults. As in the reference, naming an
+/// undeclared plugin after a detector type makes one with default parameters.
 fn choose_saturation_detector(
     doc: &EndpointPickerConfig,
-    plugins: &Plugins<'_>,
+    plugins: &mut Plugins<'_>,
+    warnings: &mut Vec<String>,
 ) -> Result<Arc<UtilizationDetector>, ConfigError> {
-    let Some(r) = &doc.saturation_detector else {
+    let named = doc
+        .flow_control
+        .as_ref()
+        .and_then(|fc| fc.saturation_detector.as_ref())
+        .map(|r| ("flowControl.saturationDetector", r))
+        .or_else(|| {
+            doc.saturation_detector
+                .as_ref()
+                .map(|r| ("saturationDetector", r))
+        });
+    let Some((context, r)) = named else {
         return Ok(plugins
             .iter()
             .find_map(|i| match &i.built {
@@ -506,8 +528,8 @@ fn choose_saturation_detector(
             })
             .unwrap_or_default());
     };
-    let context = "saturationDetector";
-    let inst = plugins.resolve(context, &r.plugin_ref)?;
+    let inst =
+        plugins.resolve_or_default(context, &r.plugin_ref, Role::SaturationDetector, warnings)?;
     match &inst.built {
         Built::SaturationDetector(d) => Ok(d.clone()),
         _ => Err(ConfigError::WrongRole {
@@ -519,20 +541,59 @@ fn choose_saturation_detector(
     }
 }
 
-/// Every plugin the `dataLayer` (or v1.4 `data`) section names is declared.
+/// Every plugin the `dataLayer` (or v1.4 `data`) section names is declared, sources are
+/// data sources and extractors are data extractors.
 fn check_data_layer(doc: &EndpointPickerConfig, plugins: &Plugins<'_>) -> Result<(), ConfigError> {
     let sources = doc
         .data_layer
         .iter()
         .chain(doc.data.iter())
         .flat_map(|d| &d.sources);
+    let context = "dataLayer";
     for source in sources {
-        let extractors = source.extractors.iter().map(|e| &e.plugin_ref);
-        for name in std::iter::once(&source.plugin_ref).chain(extractors) {
-            plugins.resolve("dataLayer", name)?;
+        plugins.expect_role(
+            context,
+            &source.plugin_ref,
+            Role::DataSource,
+            "a data source such as metrics-data-source",
+        )?;
+        for extractor in &source.extractors {
+            plugins.expect_role(
+                context,
+                &extractor.plugin_ref,
+                Role::DataExtractor,
+                "a data extractor such as core-metrics-extractor",
+            )?;
         }
     }
     Ok(())
+}
+
+/// The request parser `parser` names is a parser: a declared one, or, as in the reference,
+/// an undeclared name that is a parser type. The only parser here, `openai-parser`, is built
+/// in and always used.
+fn check_parser(doc: &EndpointPickerConfig, plugins: &Plugins<'_>) -> Result<(), ConfigError> {
+    let Some(r) = &doc.parser else {
+        return Ok(());
+    };
+    let context = "parser";
+    let expected = "a parser such as openai-parser";
+    if plugins.get(&r.plugin_ref).is_some() {
+        return plugins.expect_role(context, &r.plugin_ref, Role::Parser, expected);
+    }
+    match registry::lookup(&r.plugin_ref) {
+        Some(entry) if entry.role == Role::Parser => Ok(()),
+        Some(entry) => Err(ConfigError::WrongRole {
+            context: context.into(),
+            plugin: r.plugin_ref.clone(),
+            type_name: entry.type_name.to_owned(),
+            expected,
+        }),
+        None => Err(ConfigError::UnknownRef {
+            context: context.into(),
+            plugin: r.plugin_ref.clone(),
+        }),
+    }
 }
 
 /// Scrape settings: the defaults, then each data layer plugin in declaration order.
@@ -570,6 +631,69 @@ impl<'a> Plugins<'a> {
             context: context.to_owned(),
             plugin: name.to_owned(),
         })
+    }
+
+    /// The instance `name` refers to from `context`; an undeclared name that is a type of
+    /// `role` gets an instance with default parameters, as the reference makes one.
+    fn resolve_or_default(
+        &mut self,
+        context: &str,
+        name: &str,
+        role: Role,
+        warnings: &mut Vec<String>,
+    ) -> Result<&Instance<'a>, ConfigError> {
+        if self.get(name).is_none()
+            && let Some(entry) = registry::lookup(name).filter(|e| e.role == role)
+        {
+            let built = entry.build(&mut Params::new(name, entry.type_name, None, warnings))?;
+            self.add(Instance {
+                name: name.to_owned(),
+                type_name: entry.type_name,
+                parameters: None,
+                built,
+            })?;
+        }
+        self.resolve(context, name)
+    }
+
+    /// Checks that `name`, referred to from `context`, is declared and of `role`.
+    fn expect_role(
+        &self,
+        context: &str,
+        name: &str,
+        role: Role,
+        expected: &'static str,
+    ) -> Result<(), ConfigError> {
+        let inst = self.resolve(context, name)?;
+        if inst.built.role() == role {
+            return Ok(());
+        }
+        Err(ConfigError::WrongRole {
+            context: context.to_owned(),
+            plugin: name.to_owned(),
+            type_name: inst.type_name.to_owned(),
+            expected,
+        })
+    }
+
+    /// The prefix producers, declared or made.
+    fn prefix_producers(&self) -> Vec<Arc<ApproxPrefixCacheProducer>> {
+        self.iter()
+            .filter_map(|i| match &i.built {
+                Built::PrefixProducer(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The response plugins, in declaration order.
+    fn response_plugins(&self) -> Vec<Arc<dyn ResponsePlugin>> {
+        self.iter()
+            .filter_map(|i| match &i.built {
+                Built::Response(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     fn iter(&self) -> std::slice::Iter<'_, Instance<'a>> {

@@ -13,6 +13,7 @@ use crate::config::ConfigError;
 use crate::config::data_layer::{MetricsExtractor, MetricsSource};
 use crate::config::params::Params;
 use crate::saturation::UtilizationDetector;
+use crate::scheduling::plugins::compat;
 use crate::scheduling::plugins::filters::{HeaderBasedTestingFilter, LabelSelectorFilter};
 use crate::scheduling::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
@@ -113,10 +114,12 @@ pub enum Factory {
 pub static REGISTRY: &[Entry] = &[
     // Profile handlers.
     Entry::new("single-profile-handler", Role::ProfileHandler, |p| {
+        p.none()?;
         handler(SingleProfileHandler { name: p.name() })
     }),
     // Filters.
     Entry::new("header-based-testing-filter", Role::Filter, |p| {
+        p.none()?;
         filter(HeaderBasedTestingFilter { name: p.name() })
     }),
     Entry::new("label-selector-filter", Role::Filter, |p| {
@@ -133,18 +136,24 @@ pub static REGISTRY: &[Entry] = &[
     }),
     // Scorers.
     Entry::new("queue-scorer", Role::Scorer, |p| {
+        p.none()?;
         scorer(QueueScorer { name: p.name() })
     }),
     Entry::new("kv-cache-utilization-scorer", Role::Scorer, |p| {
+        p.none()?;
         scorer(KvCacheUtilizationScorer { name: p.name() })
     }),
     Entry::alias(
         "kv-cache-scorer",
         "kv-cache-utilization-scorer",
         Role::Scorer,
-        |p| scorer(KvCacheUtilizationScorer { name: p.name() }),
+        |p| {
+            p.none()?;
+            scorer(KvCacheUtilizationScorer { name: p.name() })
+        },
     ),
     Entry::new("running-requests-size-scorer", Role::Scorer, |p| {
+        p.none()?;
         scorer(RunningRequestsScorer { name: p.name() })
     }),
     // Its v1.0–v1.3 parameters configure the producer made for it (see
@@ -153,6 +162,7 @@ pub static REGISTRY: &[Entry] = &[
         scorer(PrefixCacheScorer { name: p.name() })
     }),
     Entry::new("lora-affinity-scorer", Role::Scorer, |p| {
+        p.none()?;
         scorer(LoraAffinityScorer { name: p.name() })
     }),
     Entry::new("load-aware-scorer", Role::Scorer, |p| {
@@ -183,7 +193,9 @@ pub static REGISTRY: &[Entry] = &[
     Entry::inert(
         "inflight-load-producer",
         Role::DataProducer,
-        "in-flight counts are always tracked",
+        "the in-flight request counts active-request-scorer reads are always tracked, and \
+         its token counts feed only plugins not implemented here",
+        compat::inflight_load_producer,
     ),
     // Saturation detectors.
     Entry::new("utilization-detector", Role::SaturationDetector, |p| {
@@ -195,7 +207,10 @@ pub static REGISTRY: &[Entry] = &[
     Entry::new(
         "destination-endpoint-served-verifier",
         Role::ResponsePlugin,
-        |_| Ok(Built::Response(Arc::new(DestinationEndpointServedVerifier))),
+        |p| {
+            p.none()?;
+            Ok(Built::Response(Arc::new(DestinationEndpointServedVerifier)))
+        },
     ),
     // The data layer.
     Entry::new("metrics-data-source", Role::DataSource, |p| {
@@ -207,46 +222,65 @@ pub static REGISTRY: &[Entry] = &[
     Entry::inert(
         "k8s-notification-source",
         Role::DataSource,
-        "discovery is built in",
+        NOTIFICATIONS,
+        compat::k8s_notification_source,
     ),
     Entry::inert(
         "endpoint-notification-source",
         Role::DataSource,
-        "discovery is built in",
+        NOTIFICATIONS,
+        no_parameters,
     ),
     // Parsers.
     Entry::inert(
         "openai-parser",
         Role::Parser,
-        "the OpenAI parser is built in",
+        "the OpenAI parser is built in and parses every request",
+        no_parameters,
     ),
-    // Flow control.
+    // Flow control: the seam. Flow control is not implemented yet, so the `flowControl`
+    // feature gate cannot be turned on (see `config::gates`), and with it off the reference
+    // builds these policies and never uses them. Flow control will replace these entries
+    // with real factories, under a role of their own.
     Entry::inert(
         "global-strict-fairness-policy",
         Role::FlowControlPolicy,
-        "flow control is not implemented yet",
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
     ),
     Entry::inert(
         "round-robin-fairness-policy",
         Role::FlowControlPolicy,
-        "flow control is not implemented yet",
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
     ),
     Entry::inert(
         "fcfs-ordering-policy",
         Role::FlowControlPolicy,
-        "flow control is not implemented yet",
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
     ),
     Entry::inert(
         "edf-ordering-policy",
         Role::FlowControlPolicy,
-        "flow control is not implemented yet",
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
     ),
     Entry::inert(
         "static-usage-limit-policy",
         Role::FlowControlPolicy,
-        "flow control is not implemented yet",
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
     ),
 ];
+
+/// Why the notification sources do nothing: they only feed extractors, and no notification
+/// extractor exists here (one would be an unknown type).
+const NOTIFICATIONS: &str = "it only feeds notification extractors, and none is implemented here";
+
+/// Why the flow-control policies do nothing.
+const FLOW_CONTROL_OFF: &str = "flow-control policies are used only with the flowControl \
+     feature gate on, and flow control is not implemented yet";
 
 /// The entry of `type_name`, if it is registered.
 pub fn lookup(type_name: &str) -> Option<&'static Entry> {
@@ -275,7 +309,13 @@ fn handler(h: impl ProfileHandler + 'static) -> Result<Built, ConfigError> {
     Ok(Built::ProfileHandler(Arc::new(h)))
 }
 
-/// For inert types whose parameters have no effect either.
+/// For inert types that take no parameters: unknown keys are warned about.
+fn no_parameters(p: &mut Params<'_>) -> Result<(), ConfigError> {
+    p.none()
+}
+
+/// For inert types whose parameters only matter to a feature that is off; the feature,
+/// once built, will check them.
 fn ignore_parameters(_: &mut Params<'_>) -> Result<(), ConfigError> {
     Ok(())
 }
@@ -351,15 +391,17 @@ impl Entry {
         }
     }
 
-    const fn inert(type_name: &'static str, role: Role, reason: &'static str) -> Self {
+    const fn inert(
+        type_name: &'static str,
+        role: Role,
+        reason: &'static str,
+        parameters: fn(&mut Params<'_>) -> Result<(), ConfigError>,
+    ) -> Self {
         Self {
             type_name,
             role,
             alias_of: None,
-            factory: Factory::Inert {
-                reason,
-                parameters: ignore_parameters,
-            },
+            factory: Factory::Inert { reason, parameters },
         }
     }
 
@@ -383,6 +425,8 @@ impl Entry {
 mod tests {
     use std::collections::HashSet;
 
+    use yaml_serde::Value;
+
     use super::*;
     use crate::scheduling::Plugin;
 
@@ -403,11 +447,21 @@ mod tests {
         Some(plugin.type_name())
     }
 
+    /// The least a type needs: most need nothing.
+    fn required_parameters(type_name: &str) -> Option<Value> {
+        let yaml = match type_name {
+            "k8s-notification-source" => "{version: v1, kind: Pod}",
+            _ => return None,
+        };
+        Some(yaml_serde::from_str(yaml).unwrap())
+    }
+
     #[test]
     fn every_type_builds_what_it_declares() {
         for entry in REGISTRY {
             let mut warnings = Vec::new();
-            let mut params = Params::new("p", entry.type_name, None, &mut warnings);
+            let parameters = required_parameters(entry.type_name);
+            let mut params = Params::new("p", entry.type_name, parameters.as_ref(), &mut warnings);
             let built = entry
                 .build(&mut params)
                 .unwrap_or_else(|e| panic!("{}: {e}", entry.type_name));
@@ -427,6 +481,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn parameters_nobody_reads_are_warned_about() {
+        let extra: Value = yaml_serde::from_str("{typo: 1}").unwrap();
+        for type_name in [
+            "queue-scorer",
+            "openai-parser",
+            "destination-endpoint-served-verifier",
+        ] {
+            let mut warnings = Vec::new();
+            let entry = lookup(type_name).unwrap();
+            entry
+                .build(&mut Params::new(
+                    "p",
+                    type_name,
+                    Some(&extra),
+                    &mut warnings,
+                ))
+                .unwrap();
+            assert!(
+                warnings.iter().any(|w| w.contains("\"typo\"")),
+                "{type_name}: {warnings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inert_types_check_their_parameters_as_the_reference_does() {
+        let cases = [
+            ("inflight-load-producer", "{outputRatio: -1}", "outputRatio"),
+            (
+                "inflight-load-producer",
+                "{maxEstimatedOutputTokens: -1}",
+                "maxEstimatedOutputTokens",
+            ),
+            (
+                "k8s-notification-source",
+                "{group: apps, version: v1}",
+                "kind",
+            ),
+            ("k8s-notification-source", "{kind: Pod}", "version"),
+        ];
+        for (type_name, yaml, parameter) in cases {
+            let value: Value = yaml_serde::from_str(yaml).unwrap();
+            let mut warnings = Vec::new();
+            let err = lookup(type_name)
+                .unwrap()
+                .build(&mut Params::new(
+                    "p",
+                    type_name,
+                    Some(&value),
+                    &mut warnings,
+                ))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(parameter), "{type_name} {yaml}: {err}");
+        }
+        assert!(
+            lookup("k8s-notification-source")
+                .unwrap()
+                .build(&mut Params::new(
+                    "p",
+                    "k8s-notification-source",
+                    None,
+                    &mut Vec::new()
+                ))
+                .is_err()
+        );
     }
 
     #[test]

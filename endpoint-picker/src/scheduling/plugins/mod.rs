@@ -1,5 +1,6 @@
 //! The built-in plugins.
 
+pub mod compat;
 pub mod filters;
 pub mod pickers;
 pub mod prefix;
