@@ -14,7 +14,9 @@ use crate::config::data_layer::{MetricsExtractor, MetricsSource};
 use crate::config::params::Params;
 use crate::saturation::UtilizationDetector;
 use crate::scheduling::plugins::compat;
-use crate::scheduling::plugins::filters::{HeaderBasedTestingFilter, LabelSelectorFilter};
+use crate::scheduling::plugins::filters::{
+    ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter,
+};
 use crate::scheduling::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
 use crate::scheduling::plugins::profile::SingleProfileHandler;
@@ -131,8 +133,8 @@ pub static REGISTRY: &[Entry] = &[
         Role::Filter,
         |p| filter(LabelSelectorFilter::from_params(p)?),
     ),
-    Entry::alias("by-label", "label-selector-filter", Role::Filter, |p| {
-        filter(LabelSelectorFilter::from_params(p)?)
+    Entry::new("by-label", Role::Filter, |p| {
+        filter(ByLabelFilter::from_params(p)?)
     }),
     // Scorers.
     Entry::new("queue-scorer", Role::Scorer, |p| {
@@ -451,6 +453,7 @@ mod tests {
     fn required_parameters(type_name: &str) -> Option<Value> {
         let yaml = match type_name {
             "k8s-notification-source" => "{version: v1, kind: Pod}",
+            "by-label" => "{label: role, validValues: [decode]}",
             _ => return None,
         };
         Some(yaml_serde::from_str(yaml).unwrap())
