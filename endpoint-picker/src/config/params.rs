@@ -48,11 +48,6 @@ impl<'a> Params<'a> {
         self.name.to_owned()
     }
 
-    /// The type as written in the config (an alias stays an alias).
-    pub fn type_name(&self) -> &str {
-        self.type_name
-    }
-
     /// Deserializes the parameters into `T` (its `Default` when there are none), warning
     /// about keys `T` does not know.
     pub fn decode<T: DeserializeOwned + Default>(&mut self) -> Result<T, ConfigError> {
