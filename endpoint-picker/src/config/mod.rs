@@ -14,14 +14,13 @@
 
 pub mod data_layer;
 pub mod gates;
+mod instances;
 pub mod params;
 pub mod profiles;
 pub mod types;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
-
-use yaml_serde::Value;
 
 use crate::saturation::UtilizationDetector;
 use crate::scheduling::plugins::pickers::MaxScorePicker;
@@ -32,6 +31,7 @@ use crate::scheduling::registry::{self, Built, Role};
 use crate::scheduling::{DataProducer, Filter, Picker, Profile, ProfileHandler, Scheduler, Scorer};
 pub use data_layer::ScrapeSettings;
 use gates::FeatureGates;
+use instances::{Instance, Plugins};
 use params::Params;
 pub use params::parse_duration;
 pub use types::{API_VERSIONS, EndpointPickerConfig};
@@ -168,24 +168,6 @@ pub struct LoadedConfig {
     pub prefix_producers: Vec<Arc<ApproxPrefixCacheProducer>>,
     /// Non-fatal remarks (unknown parameters, accepted-but-inert plugins).
     pub warnings: Vec<String>,
-}
-
-/// The declared plugin instances (plus any the phases add), by name.
-#[derive(Debug, Default)]
-struct Plugins<'a> {
-    list: Vec<Instance<'a>>,
-    by_name: HashMap<String, usize>,
-}
-
-/// One plugin instance.
-#[derive(Debug)]
-struct Instance<'a> {
-    name: String,
-    /// The registered type, as written (an alias stays an alias).
-    type_name: &'static str,
-    /// Its parameters as written (`None` for instances the phases add).
-    parameters: Option<&'a Value>,
-    built: Built,
 }
 
 /// Loads the default configuration.
@@ -607,98 +589,6 @@ fn scrape_settings(plugins: &Plugins<'_>) -> ScrapeSettings {
         }
     }
     scrape
-}
-
-// === impl Plugins ===
-
-impl<'a> Plugins<'a> {
-    fn add(&mut self, instance: Instance<'a>) -> Result<(), ConfigError> {
-        if self.by_name.contains_key(&instance.name) {
-            return Err(ConfigError::DuplicatePlugin(instance.name));
-        }
-        self.by_name.insert(instance.name.clone(), self.list.len());
-        self.list.push(instance);
-        Ok(())
-    }
-
-    fn get(&self, name: &str) -> Option<&Instance<'a>> {
-        self.by_name.get(name).and_then(|&i| self.list.get(i))
-    }
-
-    /// The instance `name` refers to from `context`.
-    fn resolve(&self, context: &str, name: &str) -> Result<&Instance<'a>, ConfigError> {
-        self.get(name).ok_or_else(|| ConfigError::UnknownRef {
-            context: context.to_owned(),
-            plugin: name.to_owned(),
-        })
-    }
-
-    /// The instance `name` refers to from `context`; an undeclared name that is a type of
-    /// `role` gets an instance with default parameters, as the reference makes one.
-    fn resolve_or_default(
-        &mut self,
-        context: &str,
-        name: &str,
-        role: Role,
-        warnings: &mut Vec<String>,
-    ) -> Result<&Instance<'a>, ConfigError> {
-        if self.get(name).is_none()
-            && let Some(entry) = registry::lookup(name).filter(|e| e.role == role)
-        {
-            let built = entry.build(&mut Params::new(name, entry.type_name, None, warnings))?;
-            self.add(Instance {
-                name: name.to_owned(),
-                type_name: entry.type_name,
-                parameters: None,
-                built,
-            })?;
-        }
-        self.resolve(context, name)
-    }
-
-    /// Checks that `name`, referred to from `context`, is declared and of `role`.
-    fn expect_role(
-        &self,
-        context: &str,
-        name: &str,
-        role: Role,
-        expected: &'static str,
-    ) -> Result<(), ConfigError> {
-        let inst = self.resolve(context, name)?;
-        if inst.built.role() == role {
-            return Ok(());
-        }
-        Err(ConfigError::WrongRole {
-            context: context.to_owned(),
-            plugin: name.to_owned(),
-            type_name: inst.type_name.to_owned(),
-            expected,
-        })
-    }
-
-    /// The prefix producers, declared or made.
-    fn prefix_producers(&self) -> Vec<Arc<ApproxPrefixCacheProducer>> {
-        self.iter()
-            .filter_map(|i| match &i.built {
-                Built::PrefixProducer(p) => Some(p.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// The response plugins, in declaration order.
-    fn response_plugins(&self) -> Vec<Arc<dyn ResponsePlugin>> {
-        self.iter()
-            .filter_map(|i| match &i.built {
-                Built::Response(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn iter(&self) -> std::slice::Iter<'_, Instance<'a>> {
-        self.list.iter()
-    }
 }
 
 #[cfg(test)]
