@@ -610,7 +610,7 @@ impl EppProcess {
             "endpoints": endpoints,
         });
         let pool_file = dir.join("pool.yaml");
-        std::fs::write(&pool_file, serde_yaml::to_string(&pool)?)?;
+        std::fs::write(&pool_file, yaml_serde::to_string(&pool)?)?;
         let ports: Vec<u16> = (0..3)
             .map(|_| {
                 std::net::TcpListener::bind("127.0.0.1:0")
@@ -703,7 +703,7 @@ mod tests {
             "istio/fixed-objective.yaml",
         ] {
             let text = std::fs::read_to_string(dir.join(file)).unwrap();
-            for doc in serde_yaml::Deserializer::from_str(&text) {
+            for doc in yaml_serde::Deserializer::from_str(&text) {
                 let doc = serde_json::Value::deserialize(doc).unwrap();
                 if doc["kind"] != "EnvoyFilter" {
                     continue;

@@ -367,8 +367,8 @@ fn with_epp_cluster_named(template: &str, name: &str) -> String {
 /// Gateway's bootstrap, as a static runtime layer.
 fn envoy_gateway_runtime_layer() -> String {
     let path = workspace_root().join("gateway-configs/envoy-gateway/envoy-proxy.yaml");
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let doc: yaml_serde::Value =
+        yaml_serde::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut layer = String::from("layered_runtime:\n  layers:\n  - name: eg\n    static_layer:\n");
     for patch in doc["spec"]["bootstrap"]["jsonPatches"]
         .as_sequence()
@@ -388,8 +388,8 @@ fn envoy_gateway_runtime_layer() -> String {
 /// Envoy with `--config-yaml`, as block YAML to append to a bootstrap without a runtime.
 fn kgateway_config_yaml() -> String {
     let path = workspace_root().join("gateway-configs/kgateway/gateway-parameters.yaml");
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let doc: yaml_serde::Value =
+        yaml_serde::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let args = doc["spec"]["kube"]["envoyContainer"]["extraArgs"]
         .as_sequence()
         .unwrap();
@@ -397,8 +397,8 @@ fn kgateway_config_yaml() -> String {
         .iter()
         .position(|a| a.as_str() == Some("--config-yaml"))
         .unwrap();
-    let fragment: serde_yaml::Value = serde_yaml::from_str(args[at + 1].as_str().unwrap()).unwrap();
-    serde_yaml::to_string(&fragment).unwrap()
+    let fragment: yaml_serde::Value = yaml_serde::from_str(args[at + 1].as_str().unwrap()).unwrap();
+    yaml_serde::to_string(&fragment).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,11 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::config::ConfigError;
+use crate::config::params::{Params, parse_duration};
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{Candidate, CycleState, Filter, Plugin};
 use crate::scheduling::plugins::scorers::plugin_named;
@@ -42,7 +45,53 @@ impl Default for UtilizationDetector {
 }
 plugin_named!(UtilizationDetector, "utilization-detector");
 
+/// The detector's parameters as written, with the reference's names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DetectorYaml {
+    queue_depth_threshold: Option<f64>,
+    kv_cache_util_threshold: Option<f64>,
+    metrics_staleness_threshold: Option<String>,
+    headroom: Option<f64>,
+}
+
 impl UtilizationDetector {
+    /// The detector its `parameters` describe, over the reference's defaults.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: DetectorYaml = p.decode()?;
+        let mut d = Self {
+            name: p.name(),
+            ..Default::default()
+        };
+        if let Some(q) = y.queue_depth_threshold {
+            if !(q.is_finite() && q > 0.0) {
+                return Err(p.invalid("queueDepthThreshold", "must be > 0"));
+            }
+            d.queue_depth_threshold = q;
+        }
+        if let Some(kv) = y.kv_cache_util_threshold {
+            if !(kv > 0.0 && kv <= 1.0) {
+                return Err(p.invalid("kvCacheUtilThreshold", "must be in (0, 1]"));
+            }
+            d.kv_cache_util_threshold = kv;
+        }
+        if let Some(s) = y.metrics_staleness_threshold {
+            d.metrics_staleness_threshold = parse_duration(&s).ok_or_else(|| {
+                p.invalid(
+                    "metricsStalenessThreshold",
+                    format!("not a duration: {s:?}"),
+                )
+            })?;
+        }
+        if let Some(h) = y.headroom {
+            if !(h.is_finite() && h >= 0.0) {
+                return Err(p.invalid("headroom", "must be ≥ 0"));
+            }
+            d.headroom = h;
+        }
+        Ok(d)
+    }
+
     /// The pool's saturation over `candidates` (≥ 1 means saturated; empty pool = 1).
     pub fn saturation(&self, candidates: &[Candidate], now: Instant) -> f64 {
         if candidates.is_empty() {

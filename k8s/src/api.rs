@@ -358,7 +358,7 @@ pub const API_APPROVED_ANNOTATION: (&str, &str) = (
 );
 
 /// The generated CRDs, each as one YAML document, with the file name it is checked in under.
-pub fn crd_documents() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
+pub fn crd_documents() -> Result<Vec<(&'static str, String)>, yaml_serde::Error> {
     let mut pool = InferencePool::crd();
     // Without it, the API server refuses a CRD in the protected inference.networking.k8s.io group.
     pool.metadata.annotations.get_or_insert_default().insert(
@@ -368,15 +368,15 @@ pub fn crd_documents() -> Result<Vec<(&'static str, String)>, serde_yaml::Error>
     Ok(vec![
         (
             "inference.networking.k8s.io_inferencepools.yaml",
-            serde_yaml::to_string(&pool)?,
+            yaml_serde::to_string(&pool)?,
         ),
         (
             "inference.networking.x-k8s.io_inferenceobjectives.yaml",
-            serde_yaml::to_string(&InferenceObjective::crd())?,
+            yaml_serde::to_string(&InferenceObjective::crd())?,
         ),
         (
             "inference.networking.x-k8s.io_inferencemodelrewrites.yaml",
-            serde_yaml::to_string(&InferenceModelRewrite::crd())?,
+            yaml_serde::to_string(&InferenceModelRewrite::crd())?,
         ),
     ])
 }

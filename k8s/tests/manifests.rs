@@ -12,10 +12,10 @@ fn manifests() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests")
 }
 
-fn docs(path: &Path) -> Vec<serde_yaml::Value> {
+fn docs(path: &Path) -> Vec<yaml_serde::Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    yaml_serde::Deserializer::from_str(&text)
+        .map(|d| yaml_serde::Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -69,16 +69,16 @@ fn sample_custom_resources_deserialise() {
             let what = format!("{}: {:?}", path.display(), doc["metadata"]["name"]);
             match doc["kind"].as_str() {
                 Some("InferencePool") => {
-                    let pool: InferencePool = serde_yaml::from_value(doc).expect(&what);
+                    let pool: InferencePool = yaml_serde::from_value(doc).expect(&what);
                     assert!(!pool.spec.target_ports.is_empty(), "{what}");
                     seen.0 += 1;
                 }
                 Some("InferenceObjective") => {
-                    let _: InferenceObjective = serde_yaml::from_value(doc).expect(&what);
+                    let _: InferenceObjective = yaml_serde::from_value(doc).expect(&what);
                     seen.1 += 1;
                 }
                 Some("InferenceModelRewrite") => {
-                    let _: InferenceModelRewrite = serde_yaml::from_value(doc).expect(&what);
+                    let _: InferenceModelRewrite = yaml_serde::from_value(doc).expect(&what);
                     seen.2 += 1;
                 }
                 _ => {}

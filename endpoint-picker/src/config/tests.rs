@@ -1,6 +1,9 @@
+use std::time::Duration;
+
 use super::*;
 use crate::datastore::{Datastore, test_util::pool};
 use crate::request::InferenceRequest;
+use crate::scheduling::plugins::response::SERVED_ENDPOINT_TEST_HEADER;
 use crate::scheduling::{Candidate, CycleState};
 
 fn fixture(name: &str) -> String {
@@ -195,10 +198,136 @@ fn errors_name_the_problem() {
 }
 
 #[test]
+fn feature_gates_are_the_references_and_do_what_they_say() {
+    let e = err(&format!("{HEAD}featureGates: [warpDrive]\n"));
+    assert!(e.contains("feature gate \"warpDrive\": unknown"), "{e}");
+    // Flow control cannot be turned on, with or without its section and policies.
+    for config in [
+        format!("{HEAD}featureGates: [flowControl]\n"),
+        format!(
+            "{HEAD}featureGates: [flowControl=true]\nplugins:\n- type: fcfs-ordering-policy\nflowControl:\n  maxRequests: 10\n"
+        ),
+    ] {
+        let e = err(&config);
+        assert!(
+            e.contains("flowControl=true") && e.contains("not implemented"),
+            "{e}"
+        );
+    }
+    let c = load(
+        &format!("{HEAD}featureGates: [flowControl=false, dataLayer]\n"),
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("dataLayer"));
+}
+
+#[test]
+fn flow_control_section_without_the_gate_keeps_only_its_detector() {
+    let c = load(
+        &format!(
+            "{HEAD}plugins:\n- type: utilization-detector\n  parameters: {{queueDepthThreshold: 9}}\n- name: old\n  type: utilization-detector\n- type: fcfs-ordering-policy\n  parameters: {{anything: 1}}\nsaturationDetector:\n  pluginRef: old\nflowControl:\n  saturationDetector:\n    pluginRef: utilization-detector\n  maxRequests: 10\n  defaultRequestTTL: 30s\n"
+        ),
+        1,
+    )
+    .unwrap();
+    // The new field wins over the deprecated one.
+    assert_eq!(c.saturation_detector.queue_depth_threshold, 9.0);
+    let ignored: Vec<_> = c
+        .warnings
+        .iter()
+        .filter(|w| w.contains("flowControl settings ignored"))
+        .collect();
+    assert_eq!(ignored.len(), 1, "{:?}", c.warnings);
+    assert!(
+        ignored[0].contains("defaultRequestTTL, maxRequests"),
+        "{ignored:?}"
+    );
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("fcfs-ordering-policy") && w.contains("inert"))
+    );
+    // Only a detector: nothing ignored, nothing to say.
+    let c = load(
+        &format!(
+            "{HEAD}flowControl:\n  saturationDetector:\n    pluginRef: utilization-detector\n"
+        ),
+        1,
+    )
+    .unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn undeclared_detector_and_parser_types_are_made_as_the_reference_does() {
+    let c = load(
+        &format!("{HEAD}saturationDetector:\n  pluginRef: utilization-detector\nparser:\n  pluginRef: openai-parser\n"),
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.saturation_detector.queue_depth_threshold, 5.0);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let e = err(&format!("{HEAD}parser:\n  pluginRef: anthropic-parser\n"));
+    assert!(
+        e.contains("parser references undeclared plugin \"anthropic-parser\""),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\nparser:\n  pluginRef: queue-scorer\n"
+    ));
+    assert!(e.contains("parser: plugin \"queue-scorer\""), "{e}");
+    let e = err(&format!("{HEAD}parser:\n  pluginRef: queue-scorer\n"));
+    assert!(e.contains("a parser such as openai-parser"), "{e}");
+    let c = load(
+        &format!("{HEAD}plugins:\n- name: p\n  type: openai-parser\nparser:\n  pluginRef: p\n"),
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        c.warnings.len(),
+        1,
+        "only the inert remark: {:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn data_layer_wires_sources_to_extractors() {
+    let e = err(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\ndataLayer:\n  sources:\n  - pluginRef: queue-scorer\n"
+    ));
+    assert!(e.contains("a data source"), "{e}");
+    let e = err(&format!(
+        "{HEAD}plugins:\n- type: metrics-data-source\ndataLayer:\n  sources:\n  - pluginRef: metrics-data-source\n    extractors:\n    - pluginRef: metrics-data-source\n"
+    ));
+    assert!(e.contains("a data extractor"), "{e}");
+    let e = err(&format!("{HEAD}data:\n  sources:\n  - pluginRef: ghost\n"));
+    assert!(
+        e.contains("dataLayer references undeclared plugin \"ghost\""),
+        "{e}"
+    );
+}
+
+#[test]
 fn unknown_parameters_warn() {
     let c = load(&format!("{HEAD}plugins:\n- type: load-aware-scorer\n  parameters:\n    threshold: 10\n    typo: 1\n"), 1).unwrap();
     assert!(
         c.warnings.iter().any(|w| w.contains("typo")),
+        "{:?}",
+        c.warnings
+    );
+    // Plugins without parameters say so too.
+    let c = load(
+        &format!("{HEAD}plugins:\n- type: queue-scorer\n  parameters:\n    threshold: 10\n"),
+        1,
+    )
+    .unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("\"threshold\" ignored")),
         "{:?}",
         c.warnings
     );

@@ -1,6 +1,9 @@
 //! The `EndpointPickerConfig` document as written by users (serde types only).
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use yaml_serde::Value;
 
 /// `apiVersion` values accepted (GIE's and llm-d's).
 pub const API_VERSIONS: [&str; 2] = [
@@ -16,7 +19,7 @@ pub struct EndpointPickerConfig {
     pub api_version: Option<String>,
     /// `EndpointPickerConfig`.
     pub kind: Option<String>,
-    /// Feature gates (`flowControl`, `dataLayer`, `enableLegacyMetrics`, …).
+    /// Feature gates (`flowControl`, `dataLayer`, `enableLegacyMetrics=false`, …).
     #[serde(default)]
     pub feature_gates: Vec<String>,
     /// Plugin instances.
@@ -25,14 +28,15 @@ pub struct EndpointPickerConfig {
     /// Scheduling profiles.
     #[serde(default)]
     pub scheduling_profiles: Vec<ProfileSpec>,
-    /// The saturation detector.
+    /// The saturation detector (deprecated upstream for `flowControl.saturationDetector`,
+    /// which wins when both are set).
     pub saturation_detector: Option<PluginRef>,
     /// Data layer wiring (v1.5+ key).
     pub data_layer: Option<DataLayerSpec>,
     /// Data layer wiring (v1.4 key).
     pub data: Option<DataLayerSpec>,
-    /// Flow control (accepted; queueing is not implemented yet).
-    pub flow_control: Option<serde_yaml::Value>,
+    /// Flow control.
+    pub flow_control: Option<FlowControlSpec>,
     /// The request parser.
     pub parser: Option<PluginRef>,
 }
@@ -48,7 +52,7 @@ pub struct PluginSpec {
     pub type_name: String,
     /// Type-specific parameters.
     #[serde(default)]
-    pub parameters: Option<serde_yaml::Value>,
+    pub parameters: Option<Value>,
 }
 
 impl PluginSpec {
@@ -88,6 +92,19 @@ pub struct ProfilePluginRef {
 pub struct PluginRef {
     /// Name of a plugin instance.
     pub plugin_ref: String,
+}
+
+/// The `flowControl` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowControlSpec {
+    /// The saturation detector; used whether or not flow control is on.
+    pub saturation_detector: Option<PluginRef>,
+    /// Everything else (limits, TTLs, priority bands, policies), kept as written: the
+    /// reference reads it only with the `flowControl` feature gate on, which is not
+    /// implemented here yet.
+    #[serde(flatten)]
+    pub settings: BTreeMap<String, Value>,
 }
 
 /// Data layer wiring.

@@ -63,7 +63,7 @@ pub enum PoolFileError {
         path: PathBuf,
         /// The YAML error.
         #[source]
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     /// The content is inconsistent.
     #[error("{path}: {reason}")]
@@ -210,7 +210,7 @@ pub fn parse(
         path: path.to_owned(),
         reason,
     };
-    let doc: PoolFile = serde_yaml::from_str(text).map_err(|source| PoolFileError::Parse {
+    let doc: PoolFile = yaml_serde::from_str(text).map_err(|source| PoolFileError::Parse {
         path: path.to_owned(),
         source,
     })?;

@@ -6,6 +6,7 @@
 
 pub mod framework;
 pub mod plugins;
+pub mod registry;
 
 use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};

@@ -1,9 +1,11 @@
 //! The built-in plugins.
 
+pub mod compat;
 pub mod filters;
 pub mod pickers;
 pub mod prefix;
 pub mod profile;
+pub mod response;
 pub mod scorers;
 
 #[cfg(test)]

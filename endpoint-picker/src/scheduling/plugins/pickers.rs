@@ -3,9 +3,26 @@
 use rand::Rng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
+use serde::Deserialize;
 
 use super::scorers::plugin_named;
+use crate::config::ConfigError;
+use crate::config::params::Params;
 use crate::scheduling::framework::{Picker, Plugin, ScoredCandidate};
+
+/// The parameters every picker takes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PickerYaml {
+    max_num_of_endpoints: Option<i64>,
+}
+
+/// `maxNumOfEndpoints` (> 0, default 1): the primary endpoint and its fallbacks.
+fn max_endpoints(p: &mut Params<'_>) -> Result<usize, ConfigError> {
+    let y: PickerYaml = p.decode()?;
+    Ok(p.positive("maxNumOfEndpoints", y.max_num_of_endpoints)?
+        .unwrap_or(1))
+}
 
 /// `max-score-picker`: the highest scores win, ties broken at random; the next best become
 /// fallbacks (`maxNumOfEndpoints`, default 1).
@@ -17,6 +34,16 @@ pub struct MaxScorePicker {
     pub max_endpoints: usize,
 }
 plugin_named!(MaxScorePicker, "max-score-picker");
+
+impl MaxScorePicker {
+    /// The picker its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            max_endpoints: max_endpoints(p)?,
+            name: p.name(),
+        })
+    }
+}
 
 impl Picker for MaxScorePicker {
     fn pick(&self, mut scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
@@ -38,6 +65,16 @@ pub struct RandomPicker {
 }
 plugin_named!(RandomPicker, "random-picker");
 
+impl RandomPicker {
+    /// The picker its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            max_endpoints: max_endpoints(p)?,
+            name: p.name(),
+        })
+    }
+}
+
 impl Picker for RandomPicker {
     fn pick(&self, mut scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
         scored.shuffle(rng);
@@ -56,6 +93,16 @@ pub struct WeightedRandomPicker {
     pub max_endpoints: usize,
 }
 plugin_named!(WeightedRandomPicker, "weighted-random-picker");
+
+impl WeightedRandomPicker {
+    /// The picker its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            max_endpoints: max_endpoints(p)?,
+            name: p.name(),
+        })
+    }
+}
 
 impl Picker for WeightedRandomPicker {
     fn pick(&self, scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {

@@ -3,7 +3,11 @@
 
 use std::sync::Arc;
 
+use serde::Deserialize;
+
 use super::scorers::plugin_named;
+use crate::config::ConfigError;
+use crate::config::params::Params;
 use crate::datastore::PoolSnapshot;
 use crate::prefix::{BlockHasher, PrefixIndex};
 use crate::request::InferenceRequest;
@@ -39,6 +43,57 @@ impl Default for PrefixParams {
     }
 }
 
+/// The producer's parameters as written, with the reference's names. The v1.0–v1.3
+/// `prefix-cache-scorer` took the same block (see `hashBlockSize`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PrefixYaml {
+    auto_tune: Option<bool>,
+    block_size_tokens: Option<i64>,
+    /// Deprecated character block size (only with `blockSizeTokens`).
+    block_size: Option<i64>,
+    /// v1.0–v1.3 scorer parameter: characters per block.
+    hash_block_size: Option<i64>,
+    max_prefix_blocks_to_match: Option<i64>,
+    max_prefix_tokens_to_match: Option<i64>,
+    lru_capacity_per_server: Option<i64>,
+}
+
+impl PrefixParams {
+    /// The parameters `p` describes, over the defaults.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: PrefixYaml = p.decode()?;
+        let mut params = Self::default();
+        if let Some(a) = y.auto_tune {
+            params.auto_tune = a;
+        }
+        if let Some(t) = p.positive("blockSizeTokens", y.block_size_tokens)? {
+            params.block_size_tokens = t;
+        }
+        if y.block_size.is_some() && y.block_size_tokens.is_none() {
+            return Err(p.invalid(
+                "blockSize",
+                "deprecated character block size; set blockSizeTokens instead",
+            ));
+        }
+        if let Some(c) = p.positive("hashBlockSize", y.hash_block_size)? {
+            // The v1.0–v1.3 scorer hashed fixed character blocks and did not auto-tune.
+            params.block_chars = Some(c);
+            params.auto_tune = y.auto_tune.unwrap_or(false);
+        }
+        if let Some(b) = p.positive("maxPrefixBlocksToMatch", y.max_prefix_blocks_to_match)? {
+            params.max_prefix_blocks = b;
+        }
+        if let Some(n) = p.non_negative("maxPrefixTokensToMatch", y.max_prefix_tokens_to_match)? {
+            params.max_prefix_tokens = n as usize;
+        }
+        if let Some(c) = p.positive("lruCapacityPerServer", y.lru_capacity_per_server)? {
+            params.lru_capacity_per_server = c;
+        }
+        Ok(params)
+    }
+}
+
 /// The producer; it owns the index.
 #[derive(Debug)]
 pub struct ApproxPrefixCacheProducer {
@@ -58,6 +113,11 @@ impl ApproxPrefixCacheProducer {
             params,
             index: Arc::new(PrefixIndex::new()),
         }
+    }
+
+    /// The producer its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        Ok(Self::new(p.name(), PrefixParams::from_params(p)?))
     }
 
     /// The index (for metrics).

@@ -1,7 +1,10 @@
 //! Scorers: each maps candidates to `[0, 1]`, higher is better.
 
 use parking_lot::Mutex;
+use serde::Deserialize;
 
+use crate::config::ConfigError;
+use crate::config::params::Params;
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{Candidate, CycleState, Plugin, Scorer};
 
@@ -143,6 +146,25 @@ pub struct LoadAwareScorer {
 }
 plugin_named!(LoadAwareScorer, "load-aware-scorer");
 
+/// `load-aware-scorer` parameters, as llm-d names them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LoadAwareYaml {
+    threshold: Option<i64>,
+}
+
+impl LoadAwareScorer {
+    /// The scorer its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: LoadAwareYaml = p.decode()?;
+        let threshold = p.positive("threshold", y.threshold)?.unwrap_or(128) as u64;
+        Ok(Self {
+            name: p.name(),
+            threshold,
+        })
+    }
+}
+
 impl Scorer for LoadAwareScorer {
     fn score(&self, _: &InferenceRequest, _: &CycleState, c: &[Candidate], scores: &mut [f64]) {
         let t = self.threshold.max(1) as f64;
@@ -173,6 +195,44 @@ pub struct ActiveRequestScorer {
     pub max_busy_score: f64,
 }
 plugin_named!(ActiveRequestScorer, "active-request-scorer");
+
+/// `active-request-scorer` parameters, as llm-d names them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ActiveRequestYaml {
+    idle_threshold: Option<i64>,
+    max_busy_score: Option<f64>,
+    /// Deprecated upstream and ignored there too (in-flight requests end with their stream).
+    request_timeout: Option<String>,
+    /// Names upstream's in-flight producer; the counts here are always the director's.
+    #[serde(rename = "inFlightLoadProducerName")]
+    _in_flight_load_producer_name: Option<String>,
+}
+
+impl ActiveRequestScorer {
+    /// The scorer its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: ActiveRequestYaml = p.decode()?;
+        if y.request_timeout.is_some() {
+            p.warn("requestTimeout is deprecated and ignored; a request stops counting when its stream ends");
+        }
+        let idle_threshold = p
+            .non_negative("idleThreshold", y.idle_threshold)?
+            .unwrap_or(0);
+        let max_busy_score = match y.max_busy_score {
+            Some(m) if !(0.0..=1.0).contains(&m) => {
+                return Err(p.invalid("maxBusyScore", "must be in [0, 1]"));
+            }
+            Some(m) => m,
+            None => 1.0,
+        };
+        Ok(Self {
+            name: p.name(),
+            idle_threshold,
+            max_busy_score,
+        })
+    }
+}
 
 impl Scorer for ActiveRequestScorer {
     fn score(&self, _: &InferenceRequest, state: &CycleState, c: &[Candidate], scores: &mut [f64]) {
@@ -216,7 +276,30 @@ struct ColdHistory {
 }
 plugin_named!(NoHitLruScorer, "no-hit-lru-scorer");
 
+/// `no-hit-lru-scorer` parameters, as llm-d names them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NoHitLruYaml {
+    lru_size: Option<i64>,
+    /// Never used upstream; accepted so that its configs load.
+    #[serde(rename = "prefixPluginType")]
+    _prefix_plugin_type: Option<String>,
+    /// Never used upstream; accepted so that its configs load.
+    #[serde(rename = "prefixPluginName")]
+    _prefix_plugin_name: Option<String>,
+    /// Names upstream's prefix producer; here the profile's prefix producer is used.
+    #[serde(rename = "prefixMatchInfoProducerName")]
+    _prefix_match_info_producer_name: Option<String>,
+}
+
 impl NoHitLruScorer {
+    /// The scorer its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: NoHitLruYaml = p.decode()?;
+        let lru_size = p.positive("lruSize", y.lru_size)?.unwrap_or(1024);
+        Ok(Self::new(p.name(), lru_size))
+    }
+
     /// A scorer remembering at most `lru_size` endpoints.
     pub fn new(name: String, lru_size: usize) -> Self {
         Self {

@@ -1,0 +1,205 @@
+//! The data layer plugins: `metrics-data-source` (where engine metrics are scraped) and
+//! `core-metrics-extractor` (how they are read), folded into [`ScrapeSettings`].
+//!
+//! They live here rather than beside the scraper because they only describe its settings;
+//! the scraper itself takes those settings from the binary.
+
+use serde::Deserialize;
+
+use super::ConfigError;
+use super::params::Params;
+use crate::scrape::engine::{CacheInfoSpec, SpecError};
+use crate::scrape::{EngineMapping, MetricSpec};
+
+/// How engine metrics are scraped, as configured by `metrics-data-source` and
+/// `core-metrics-extractor`.
+#[derive(Debug, Clone)]
+pub struct ScrapeSettings {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Metrics path.
+    pub path: String,
+    /// Pod label naming the engine (checked before the well-known ones).
+    pub engine_label_key: Option<String>,
+    /// Engine used without a label.
+    pub default_engine: String,
+    /// Mappings by engine name.
+    pub engines: Vec<EngineMapping>,
+}
+
+/// What one `metrics-data-source` sets.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSource {
+    scheme: Option<String>,
+    path: Option<String>,
+}
+
+/// What one `core-metrics-extractor` sets.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsExtractor {
+    engine_label_key: Option<String>,
+    default_engine: Option<String>,
+    engines: Vec<EngineMapping>,
+}
+
+/// `metrics-data-source` parameters, with the reference's names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MetricsSourceYaml {
+    scheme: Option<String>,
+    path: Option<String>,
+    /// Only meaningful for https, which is not scraped yet (see the scheme warning).
+    #[serde(rename = "insecureSkipVerify")]
+    _insecure_skip_verify: Option<bool>,
+}
+
+/// `core-metrics-extractor` parameters, with the reference's names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExtractorYaml {
+    engine_label_key: Option<String>,
+    default_engine: Option<String>,
+    #[serde(default)]
+    engine_configs: Vec<EngineConfigYaml>,
+}
+
+/// One entry of `engineConfigs`: the metric names of an engine.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EngineConfigYaml {
+    name: String,
+    queued_requests_spec: Option<String>,
+    running_requests_spec: Option<String>,
+    kv_usage_spec: Option<String>,
+    #[serde(alias = "loraRequestInfoSpec")]
+    lora_spec: Option<String>,
+    cache_info_spec: Option<String>,
+}
+
+// === impl ScrapeSettings ===
+
+impl Default for ScrapeSettings {
+    fn default() -> Self {
+        Self {
+            scheme: "http".into(),
+            path: "/metrics".into(),
+            engine_label_key: None,
+            default_engine: "vllm".into(),
+            engines: EngineMapping::builtin(),
+        }
+    }
+}
+
+impl ScrapeSettings {
+    /// Applies a `metrics-data-source`.
+    pub fn apply_source(&mut self, source: &MetricsSource) {
+        if source.scheme.is_some() {
+            // https is not scraped yet; the factory warned about it.
+            self.scheme = "http".into();
+        }
+        if let Some(path) = &source.path {
+            self.path.clone_from(path);
+        }
+    }
+
+    /// Applies a `core-metrics-extractor`: its label key replaces ours, and each of its
+    /// engine configs replaces the built-in mapping of that name wholesale.
+    pub fn apply_extractor(&mut self, extractor: &MetricsExtractor) {
+        self.engine_label_key
+            .clone_from(&extractor.engine_label_key);
+        if let Some(d) = &extractor.default_engine {
+            self.default_engine.clone_from(d);
+        }
+        for mapping in &extractor.engines {
+            self.engines.retain(|m| m.name != mapping.name);
+            self.engines.push(mapping.clone());
+        }
+    }
+}
+
+// === impl MetricsSource ===
+
+impl MetricsSource {
+    /// The source its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: MetricsSourceYaml = p.decode()?;
+        if let Some(s) = &y.scheme {
+            if s != "http" && s != "https" {
+                return Err(p.invalid("scheme", format!("must be http or https, got {s:?}")));
+            }
+            if s == "https" {
+                p.warn("https scraping is not implemented yet; using http");
+            }
+        }
+        Ok(Self {
+            scheme: y.scheme,
+            path: y.path.map(|path| {
+                if path.starts_with('/') {
+                    path
+                } else {
+                    format!("/{path}")
+                }
+            }),
+        })
+    }
+}
+
+// === impl MetricsExtractor ===
+
+impl MetricsExtractor {
+    /// The extractor its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: ExtractorYaml = p.decode()?;
+        let engines = y
+            .engine_configs
+            .iter()
+            .map(|e| e.mapping(p))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            engine_label_key: y.engine_label_key.filter(|k| !k.is_empty()),
+            default_engine: y
+                .default_engine
+                .filter(|d| !d.is_empty())
+                .map(|d| d.to_ascii_lowercase()),
+            engines,
+        })
+    }
+}
+
+// === impl EngineConfigYaml ===
+
+impl EngineConfigYaml {
+    fn mapping(&self, p: &Params<'_>) -> Result<EngineMapping, ConfigError> {
+        let spec = |parameter: &'static str, s: &Option<String>| match s {
+            None => Ok(Vec::new()),
+            Some(s) => {
+                Ok(vec![s.parse::<MetricSpec>().map_err(|e: SpecError| {
+                    p.invalid(parameter, e.to_string())
+                })?])
+            }
+        };
+        let cache_info = match &self.cache_info_spec {
+            None => None,
+            Some(s) => Some(CacheInfoSpec::Labels {
+                metric: s
+                    .parse()
+                    .map_err(|e: SpecError| p.invalid("cacheInfoSpec", e.to_string()))?,
+                block_size_label: "block_size".into(),
+                num_blocks_label: "num_gpu_blocks".into(),
+            }),
+        };
+        Ok(EngineMapping {
+            name: self.name.clone(),
+            queued: spec("queuedRequestsSpec", &self.queued_requests_spec)?,
+            running: spec("runningRequestsSpec", &self.running_requests_spec)?,
+            kv_usage: spec("kvUsageSpec", &self.kv_usage_spec)?,
+            lora_info: spec("loraSpec", &self.lora_spec)?.into_iter().next(),
+            cache_info,
+            // A mapping that replaces a built-in engine's keeps that engine's readiness signal.
+            readiness: EngineMapping::builtin()
+                .into_iter()
+                .find(|m| m.name == self.name)
+                .and_then(|m| m.readiness),
+        })
+    }
+}

@@ -1,0 +1,579 @@
+//! The plugin registry: every plugin `type` an `EndpointPickerConfig` may name, what it is
+//! for, and how its `parameters` become a plugin.
+//!
+//! [`REGISTRY`] is the whole truth. A type is known if and only if it has an entry; an
+//! alias is an entry of its own (naming the type it stands for); a type accepted only so
+//! that reference configs load is an entry too, with the reason it does nothing here. An
+//! unknown type is an error that lists the table. Each entry's factory decodes and checks
+//! that plugin's parameters, which are declared beside the plugin.
+
+use std::sync::Arc;
+
+use crate::config::ConfigError;
+use crate::config::data_layer::{MetricsExtractor, MetricsSource};
+use crate::config::params::Params;
+use crate::saturation::UtilizationDetector;
+use crate::scheduling::plugins::compat;
+use crate::scheduling::plugins::filters::{
+    ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter,
+};
+use crate::scheduling::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
+use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
+use crate::scheduling::plugins::profile::SingleProfileHandler;
+use crate::scheduling::plugins::response::{DestinationEndpointServedVerifier, ResponsePlugin};
+use crate::scheduling::plugins::scorers::{
+    ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
+    NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
+};
+use crate::scheduling::{Filter, Picker, ProfileHandler, Scorer};
+
+/// What a plugin type is for, which decides where a config may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Removes candidates (a profile's filters).
+    Filter,
+    /// Scores candidates (a profile's weighted scorers).
+    Scorer,
+    /// Chooses among scored candidates (a profile's picker).
+    Picker,
+    /// Decides which profiles run.
+    ProfileHandler,
+    /// Computes per-request data that scorers read.
+    DataProducer,
+    /// Decides when the pool is saturated (admission); also usable as a filter.
+    SaturationDetector,
+    /// Adds response headers.
+    ResponsePlugin,
+    /// A `dataLayer` source.
+    DataSource,
+    /// A `dataLayer` extractor.
+    DataExtractor,
+    /// Parses request bodies.
+    Parser,
+    /// A flow-control fairness, ordering or usage-limit policy.
+    FlowControlPolicy,
+}
+
+/// A plugin built from its configuration.
+#[derive(Debug, Clone)]
+pub enum Built {
+    /// A filter.
+    Filter(Arc<dyn Filter>),
+    /// A scorer.
+    Scorer(Arc<dyn Scorer>),
+    /// A picker.
+    Picker(Arc<dyn Picker>),
+    /// A profile handler.
+    ProfileHandler(Arc<dyn ProfileHandler>),
+    /// The approximate prefix-cache producer (kept concrete for the index metrics).
+    PrefixProducer(Arc<ApproxPrefixCacheProducer>),
+    /// A saturation detector (kept concrete: admission asks it more than a filter can say).
+    SaturationDetector(Arc<UtilizationDetector>),
+    /// A response plugin.
+    Response(Arc<dyn ResponsePlugin>),
+    /// Scrape settings of a `metrics-data-source`.
+    MetricsSource(MetricsSource),
+    /// Metric mappings of a `core-metrics-extractor`.
+    MetricsExtractor(MetricsExtractor),
+    /// Accepted so that reference configs load; does nothing here.
+    Inert {
+        /// What the type is for.
+        role: Role,
+        /// Why doing nothing is right here.
+        reason: &'static str,
+    },
+}
+
+/// One registered type.
+#[derive(Debug)]
+pub struct Entry {
+    /// The `type` as written in configs.
+    pub type_name: &'static str,
+    /// What it is for.
+    pub role: Role,
+    /// For an alias, the type it builds (whose name the plugin reports).
+    pub alias_of: Option<&'static str>,
+    /// How it is built.
+    pub factory: Factory,
+}
+
+/// How an entry turns parameters into a plugin.
+#[derive(Debug, Clone, Copy)]
+pub enum Factory {
+    /// Decodes and checks the parameters, and builds the plugin.
+    Build(fn(&mut Params<'_>) -> Result<Built, ConfigError>),
+    /// Accepted for compatibility and doing nothing, for `reason`; `parameters` checks the
+    /// parameters all the same.
+    Inert {
+        /// Why doing nothing is right here.
+        reason: &'static str,
+        /// Checks the parameters.
+        parameters: fn(&mut Params<'_>) -> Result<(), ConfigError>,
+    },
+}
+
+/// Every plugin type, grouped by role.
+pub static REGISTRY: &[Entry] = &[
+    // Profile handlers.
+    Entry::new("single-profile-handler", Role::ProfileHandler, |p| {
+        p.none()?;
+        handler(SingleProfileHandler { name: p.name() })
+    }),
+    // Filters.
+    Entry::new("header-based-testing-filter", Role::Filter, |p| {
+        p.none()?;
+        filter(HeaderBasedTestingFilter { name: p.name() })
+    }),
+    Entry::new("label-selector-filter", Role::Filter, |p| {
+        filter(LabelSelectorFilter::from_params(p)?)
+    }),
+    Entry::alias(
+        "by-label-selector",
+        "label-selector-filter",
+        Role::Filter,
+        |p| filter(LabelSelectorFilter::from_params(p)?),
+    ),
+    Entry::new("by-label", Role::Filter, |p| {
+        filter(ByLabelFilter::from_params(p)?)
+    }),
+    // Scorers.
+    Entry::new("queue-scorer", Role::Scorer, |p| {
+        p.none()?;
+        scorer(QueueScorer { name: p.name() })
+    }),
+    Entry::new("kv-cache-utilization-scorer", Role::Scorer, |p| {
+        p.none()?;
+        scorer(KvCacheUtilizationScorer { name: p.name() })
+    }),
+    Entry::alias(
+        "kv-cache-scorer",
+        "kv-cache-utilization-scorer",
+        Role::Scorer,
+        |p| {
+            p.none()?;
+            scorer(KvCacheUtilizationScorer { name: p.name() })
+        },
+    ),
+    Entry::new("running-requests-size-scorer", Role::Scorer, |p| {
+        p.none()?;
+        scorer(RunningRequestsScorer { name: p.name() })
+    }),
+    // Its v1.0–v1.3 parameters configure the producer made for it (see
+    // `config::ensure_prefix_producer`).
+    Entry::new("prefix-cache-scorer", Role::Scorer, |p| {
+        scorer(PrefixCacheScorer { name: p.name() })
+    }),
+    Entry::new("lora-affinity-scorer", Role::Scorer, |p| {
+        p.none()?;
+        scorer(LoraAffinityScorer { name: p.name() })
+    }),
+    Entry::new("load-aware-scorer", Role::Scorer, |p| {
+        scorer(LoadAwareScorer::from_params(p)?)
+    }),
+    Entry::new("active-request-scorer", Role::Scorer, |p| {
+        scorer(ActiveRequestScorer::from_params(p)?)
+    }),
+    Entry::new("no-hit-lru-scorer", Role::Scorer, |p| {
+        scorer(NoHitLruScorer::from_params(p)?)
+    }),
+    // Pickers.
+    Entry::new("max-score-picker", Role::Picker, |p| {
+        picker(MaxScorePicker::from_params(p)?)
+    }),
+    Entry::new("random-picker", Role::Picker, |p| {
+        picker(RandomPicker::from_params(p)?)
+    }),
+    Entry::new("weighted-random-picker", Role::Picker, |p| {
+        picker(WeightedRandomPicker::from_params(p)?)
+    }),
+    // Data producers.
+    Entry::new("approx-prefix-cache-producer", Role::DataProducer, |p| {
+        Ok(Built::PrefixProducer(Arc::new(
+            ApproxPrefixCacheProducer::from_params(p)?,
+        )))
+    }),
+    Entry::inert(
+        "inflight-load-producer",
+        Role::DataProducer,
+        "the in-flight request counts active-request-scorer reads are always tracked, and \
+         its token counts feed only plugins not implemented here",
+        compat::inflight_load_producer,
+    ),
+    // Saturation detectors.
+    Entry::new("utilization-detector", Role::SaturationDetector, |p| {
+        Ok(Built::SaturationDetector(Arc::new(
+            UtilizationDetector::from_params(p)?,
+        )))
+    }),
+    // Response plugins.
+    Entry::new(
+        "destination-endpoint-served-verifier",
+        Role::ResponsePlugin,
+        |p| {
+            p.none()?;
+            Ok(Built::Response(Arc::new(DestinationEndpointServedVerifier)))
+        },
+    ),
+    // The data layer.
+    Entry::new("metrics-data-source", Role::DataSource, |p| {
+        Ok(Built::MetricsSource(MetricsSource::from_params(p)?))
+    }),
+    Entry::new("core-metrics-extractor", Role::DataExtractor, |p| {
+        Ok(Built::MetricsExtractor(MetricsExtractor::from_params(p)?))
+    }),
+    Entry::inert(
+        "k8s-notification-source",
+        Role::DataSource,
+        NOTIFICATIONS,
+        compat::k8s_notification_source,
+    ),
+    Entry::inert(
+        "endpoint-notification-source",
+        Role::DataSource,
+        NOTIFICATIONS,
+        no_parameters,
+    ),
+    // Parsers.
+    Entry::inert(
+        "openai-parser",
+        Role::Parser,
+        "the OpenAI parser is built in and parses every request",
+        no_parameters,
+    ),
+    // Flow control: the seam. Flow control is not implemented yet, so the `flowControl`
+    // feature gate cannot be turned on (see `config::gates`), and with it off the reference
+    // builds these policies and never uses them. Flow control will replace these entries
+    // with real factories, under a role of their own.
+    Entry::inert(
+        "global-strict-fairness-policy",
+        Role::FlowControlPolicy,
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
+    ),
+    Entry::inert(
+        "round-robin-fairness-policy",
+        Role::FlowControlPolicy,
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
+    ),
+    Entry::inert(
+        "fcfs-ordering-policy",
+        Role::FlowControlPolicy,
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
+    ),
+    Entry::inert(
+        "edf-ordering-policy",
+        Role::FlowControlPolicy,
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
+    ),
+    Entry::inert(
+        "static-usage-limit-policy",
+        Role::FlowControlPolicy,
+        FLOW_CONTROL_OFF,
+        ignore_parameters,
+    ),
+];
+
+/// Why the notification sources do nothing: they only feed extractors, and no notification
+/// extractor exists here (one would be an unknown type).
+const NOTIFICATIONS: &str = "it only feeds notification extractors, and none is implemented here";
+
+/// Why the flow-control policies do nothing.
+const FLOW_CONTROL_OFF: &str = "flow-control policies are used only with the flowControl \
+     feature gate on, and flow control is not implemented yet";
+
+/// The entry of `type_name`, if it is registered.
+pub fn lookup(type_name: &str) -> Option<&'static Entry> {
+    REGISTRY.iter().find(|e| e.type_name == type_name)
+}
+
+/// Every registered type, comma-separated, for errors.
+pub fn known_types() -> String {
+    let names: Vec<&str> = REGISTRY.iter().map(|e| e.type_name).collect();
+    names.join(", ")
+}
+
+fn filter(f: impl Filter + 'static) -> Result<Built, ConfigError> {
+    Ok(Built::Filter(Arc::new(f)))
+}
+
+fn scorer(s: impl Scorer + 'static) -> Result<Built, ConfigError> {
+    Ok(Built::Scorer(Arc::new(s)))
+}
+
+fn picker(p: impl Picker + 'static) -> Result<Built, ConfigError> {
+    Ok(Built::Picker(Arc::new(p)))
+}
+
+fn handler(h: impl ProfileHandler + 'static) -> Result<Built, ConfigError> {
+    Ok(Built::ProfileHandler(Arc::new(h)))
+}
+
+/// For inert types that take no parameters: unknown keys are warned about.
+fn no_parameters(p: &mut Params<'_>) -> Result<(), ConfigError> {
+    p.none()
+}
+
+/// For inert types whose parameters only matter to a feature that is off; the feature,
+/// once built, will check them.
+fn ignore_parameters(_: &mut Params<'_>) -> Result<(), ConfigError> {
+    Ok(())
+}
+
+// === impl Role ===
+
+impl Role {
+    /// How errors name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Role::Filter => "filter",
+            Role::Scorer => "scorer",
+            Role::Picker => "picker",
+            Role::ProfileHandler => "profile handler",
+            Role::DataProducer => "data producer",
+            Role::SaturationDetector => "saturation detector",
+            Role::ResponsePlugin => "response plugin",
+            Role::DataSource => "data source",
+            Role::DataExtractor => "data extractor",
+            Role::Parser => "parser",
+            Role::FlowControlPolicy => "flow-control policy",
+        }
+    }
+}
+
+// === impl Built ===
+
+impl Built {
+    /// What the built plugin is for.
+    pub fn role(&self) -> Role {
+        match self {
+            Built::Filter(_) => Role::Filter,
+            Built::Scorer(_) => Role::Scorer,
+            Built::Picker(_) => Role::Picker,
+            Built::ProfileHandler(_) => Role::ProfileHandler,
+            Built::PrefixProducer(_) => Role::DataProducer,
+            Built::SaturationDetector(_) => Role::SaturationDetector,
+            Built::Response(_) => Role::ResponsePlugin,
+            Built::MetricsSource(_) => Role::DataSource,
+            Built::MetricsExtractor(_) => Role::DataExtractor,
+            Built::Inert { role, .. } => *role,
+        }
+    }
+}
+
+// === impl Entry ===
+
+impl Entry {
+    const fn new(
+        type_name: &'static str,
+        role: Role,
+        build: fn(&mut Params<'_>) -> Result<Built, ConfigError>,
+    ) -> Self {
+        Self {
+            type_name,
+            role,
+            alias_of: None,
+            factory: Factory::Build(build),
+        }
+    }
+
+    const fn alias(
+        type_name: &'static str,
+        alias_of: &'static str,
+        role: Role,
+        build: fn(&mut Params<'_>) -> Result<Built, ConfigError>,
+    ) -> Self {
+        Self {
+            type_name,
+            role,
+            alias_of: Some(alias_of),
+            factory: Factory::Build(build),
+        }
+    }
+
+    const fn inert(
+        type_name: &'static str,
+        role: Role,
+        reason: &'static str,
+        parameters: fn(&mut Params<'_>) -> Result<(), ConfigError>,
+    ) -> Self {
+        Self {
+            type_name,
+            role,
+            alias_of: None,
+            factory: Factory::Inert { reason, parameters },
+        }
+    }
+
+    /// Builds an instance from `params`; an inert type says so in a warning.
+    pub fn build(&self, params: &mut Params<'_>) -> Result<Built, ConfigError> {
+        match self.factory {
+            Factory::Build(build) => build(params),
+            Factory::Inert { reason, parameters } => {
+                parameters(params)?;
+                params.warn(format_args!("accepted but inert: {reason}"));
+                Ok(Built::Inert {
+                    role: self.role,
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use yaml_serde::Value;
+
+    use super::*;
+    use crate::scheduling::Plugin;
+
+    /// The type name a built plugin reports, where it has one.
+    fn reported_type(built: &Built) -> Option<&'static str> {
+        let plugin: &dyn Plugin = match built {
+            Built::Filter(f) => f.as_ref(),
+            Built::Scorer(s) => s.as_ref(),
+            Built::Picker(p) => p.as_ref(),
+            Built::ProfileHandler(h) => h.as_ref(),
+            Built::PrefixProducer(p) => p.as_ref(),
+            Built::SaturationDetector(d) => d.as_ref(),
+            Built::Response(_)
+            | Built::MetricsSource(_)
+            | Built::MetricsExtractor(_)
+            | Built::Inert { .. } => return None,
+        };
+        Some(plugin.type_name())
+    }
+
+    /// The least a type needs: most need nothing.
+    fn required_parameters(type_name: &str) -> Option<Value> {
+        let yaml = match type_name {
+            "k8s-notification-source" => "{version: v1, kind: Pod}",
+            "by-label" => "{label: role, validValues: [decode]}",
+            _ => return None,
+        };
+        Some(yaml_serde::from_str(yaml).unwrap())
+    }
+
+    #[test]
+    fn every_type_builds_what_it_declares() {
+        for entry in REGISTRY {
+            let mut warnings = Vec::new();
+            let parameters = required_parameters(entry.type_name);
+            let mut params = Params::new("p", entry.type_name, parameters.as_ref(), &mut warnings);
+            let built = entry
+                .build(&mut params)
+                .unwrap_or_else(|e| panic!("{}: {e}", entry.type_name));
+            assert_eq!(built.role(), entry.role, "{}", entry.type_name);
+            if let Some(reported) = reported_type(&built) {
+                assert_eq!(
+                    reported,
+                    entry.alias_of.unwrap_or(entry.type_name),
+                    "{} builds a plugin of another type",
+                    entry.type_name
+                );
+            }
+            match entry.factory {
+                Factory::Inert { .. } => assert_eq!(warnings.len(), 1, "{}", entry.type_name),
+                Factory::Build(_) => {
+                    assert!(warnings.is_empty(), "{}: {warnings:?}", entry.type_name)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_nobody_reads_are_warned_about() {
+        let extra: Value = yaml_serde::from_str("{typo: 1}").unwrap();
+        for type_name in [
+            "queue-scorer",
+            "openai-parser",
+            "destination-endpoint-served-verifier",
+        ] {
+            let mut warnings = Vec::new();
+            let entry = lookup(type_name).unwrap();
+            entry
+                .build(&mut Params::new(
+                    "p",
+                    type_name,
+                    Some(&extra),
+                    &mut warnings,
+                ))
+                .unwrap();
+            assert!(
+                warnings.iter().any(|w| w.contains("\"typo\"")),
+                "{type_name}: {warnings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inert_types_check_their_parameters_as_the_reference_does() {
+        let cases = [
+            ("inflight-load-producer", "{outputRatio: -1}", "outputRatio"),
+            (
+                "inflight-load-producer",
+                "{maxEstimatedOutputTokens: -1}",
+                "maxEstimatedOutputTokens",
+            ),
+            (
+                "k8s-notification-source",
+                "{group: apps, version: v1}",
+                "kind",
+            ),
+            ("k8s-notification-source", "{kind: Pod}", "version"),
+        ];
+        for (type_name, yaml, parameter) in cases {
+            let value: Value = yaml_serde::from_str(yaml).unwrap();
+            let mut warnings = Vec::new();
+            let err = lookup(type_name)
+                .unwrap()
+                .build(&mut Params::new(
+                    "p",
+                    type_name,
+                    Some(&value),
+                    &mut warnings,
+                ))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(parameter), "{type_name} {yaml}: {err}");
+        }
+        assert!(
+            lookup("k8s-notification-source")
+                .unwrap()
+                .build(&mut Params::new(
+                    "p",
+                    "k8s-notification-source",
+                    None,
+                    &mut Vec::new()
+                ))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn types_are_unique_and_aliases_point_at_real_types() {
+        let mut seen = HashSet::new();
+        for entry in REGISTRY {
+            assert!(seen.insert(entry.type_name), "{} twice", entry.type_name);
+            assert_eq!(
+                lookup(entry.type_name).map(|e| e.type_name),
+                Some(entry.type_name)
+            );
+            if let Some(target) = entry.alias_of {
+                let target = lookup(target).unwrap_or_else(|| panic!("{target} unknown"));
+                assert_eq!(target.role, entry.role, "{}", entry.type_name);
+                assert!(
+                    target.alias_of.is_none(),
+                    "{} aliases an alias",
+                    entry.type_name
+                );
+            }
+        }
+        assert!(lookup("warp-drive-scorer").is_none());
+    }
+}
