@@ -7,6 +7,7 @@ use yaml_serde::Value;
 
 use super::ConfigError;
 use super::params::Params;
+use crate::scheduling::plugins::cost::TtftCostProducer;
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
 use crate::scheduling::plugins::response::ResponsePlugin;
 use crate::scheduling::registry::{self, Built, Role};
@@ -105,6 +106,16 @@ impl<'a> Plugins<'a> {
         self.iter()
             .filter_map(|i| match &i.built {
                 Built::PrefixProducer(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The cost producers, declared or made.
+    pub(super) fn cost_producers(&self) -> Vec<Arc<TtftCostProducer>> {
+        self.iter()
+            .filter_map(|i| match &i.built {
+                Built::CostProducer(p) => Some(p.clone()),
                 _ => None,
             })
             .collect()

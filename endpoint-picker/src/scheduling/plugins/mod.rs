@@ -1,6 +1,7 @@
 //! The built-in plugins.
 
 pub mod compat;
+pub mod cost;
 pub mod filters;
 pub mod pickers;
 pub mod prefix;
