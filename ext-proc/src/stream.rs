@@ -31,6 +31,7 @@ use bytes::{Bytes, BytesMut};
 use endpoint_picker::director::{Director, Routed};
 use endpoint_picker::request::{Api, InferenceRequest};
 use endpoint_picker::scheduling::plugins::filters::AddressMatcher;
+use endpoint_picker::scheduling::plugins::response::Served;
 use tokio::time::Instant;
 
 use crate::envoy::{
@@ -601,9 +602,27 @@ impl StreamState {
         }
         self.response.status = get(":status").map(str::to_owned);
         let mut set = Vec::new();
-        for plugin in &self.ctx.director.config().response_plugins {
-            for (k, v) in plugin.response_headers(served.as_deref()) {
-                set.push(envoy::set_header(&k, &v));
+        let plugins = &self.ctx.director.config().response_plugins;
+        if !plugins.is_empty() {
+            // The endpoint Envoy says served the response, else the primary target.
+            let snapshot = self.ctx.director.datastore().snapshot();
+            let endpoint = served
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .and_then(|addr| snapshot.by_address(&addr).cloned())
+                .or_else(|| {
+                    self.routed
+                        .as_ref()
+                        .and_then(|r| r.targets.first().cloned())
+                });
+            let served = Served {
+                address: served.as_deref(),
+                endpoint: endpoint.as_deref(),
+            };
+            for plugin in plugins {
+                for (k, v) in plugin.response_headers(&served) {
+                    set.push(envoy::set_header(&k, &v));
+                }
             }
         }
         if self.ctx.options.decision_header

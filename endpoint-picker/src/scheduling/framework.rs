@@ -225,6 +225,12 @@ pub trait Scorer: Plugin {
     fn learns(&self) -> bool {
         false
     }
+
+    /// The scorer's response side, for scorers that write response headers (the session
+    /// token of `session-affinity-scorer`).
+    fn response_plugin(&self) -> Option<&dyn super::plugins::response::ResponsePlugin> {
+        None
+    }
 }
 
 /// A candidate with its weighted total.

@@ -26,6 +26,7 @@ use crate::scheduling::plugins::scorers::{
     ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
     NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
 };
+use crate::scheduling::plugins::session::SessionAffinityScorer;
 use crate::scheduling::{Filter, Picker, ProfileHandler, Scorer};
 
 /// What a plugin type is for, which decides where a config may use it.
@@ -182,6 +183,9 @@ pub static REGISTRY: &[Entry] = &[
     }),
     Entry::new("no-hit-lru-scorer", Role::Scorer, |p| {
         scorer(NoHitLruScorer::from_params(p)?)
+    }),
+    Entry::new("session-affinity-scorer", Role::Scorer, |p| {
+        scorer(SessionAffinityScorer::from_params(p)?)
     }),
     // Reads the `ttft-cost-producer`'s predictions (one is made when none is declared).
     Entry::new("ttft-cost-scorer", Role::Scorer, |p| {

@@ -8,6 +8,7 @@ pub mod prefix;
 pub mod profile;
 pub mod response;
 pub mod scorers;
+pub mod session;
 
 #[cfg(test)]
 pub(crate) mod test_util {
