@@ -34,7 +34,7 @@ fn main() -> std::process::ExitCode {
     let _telemetry = {
         let _entered = runtime.enter();
         match telemetry::init(&TelemetryOptions {
-            encoder: args.zap_encoder.clone(),
+            encoder: args.log_encoder().to_owned(),
             filter: args.log_filter(),
             tracing: args.tracing,
         }) {
@@ -108,12 +108,13 @@ async fn run(args: Args) -> Result<()> {
         metrics_bearer_token_file,
         metrics_endpoint_auth,
         debug_pool,
+        // Read by main() before the runtime starts: logging is set up first.
         tracing: _,
-        enable_pprof: _,
         verbosity: _,
         zap_encoder: _,
         zap_log_level: _,
         zap_devel: _,
+        enable_pprof: _,
     } = args;
 
     // Everything is validated before any port is bound.
