@@ -6,6 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use endpoint_picker::scrape::MetricsScheme;
+
+fn metrics_scheme(s: &str) -> Result<MetricsScheme, String> {
+    s.parse()
+}
 
 fn duration(s: &str) -> Result<Duration, String> {
     endpoint_picker::config::parse_duration(s)
@@ -87,10 +92,12 @@ pub struct Args {
     /// Metrics path on the model servers (deprecated upstream; metrics-data-source wins).
     #[arg(long, default_value = "/metrics")]
     pub model_server_metrics_path: String,
-    /// Metrics scheme (only http is implemented).
-    #[arg(long, default_value = "http")]
-    pub model_server_metrics_scheme: String,
-    /// Skip TLS verification when scraping over https (accepted; https scraping is not implemented).
+    /// Scheme of the model servers' metrics endpoints: http or https (deprecated upstream; the
+    /// metrics-data-source plugin's scheme wins).
+    #[arg(long, default_value = "http", value_parser = metrics_scheme)]
+    pub model_server_metrics_scheme: MetricsScheme,
+    /// With https: accept any certificate (the default, as the reference); false verifies the
+    /// chain and the pod IP against the system roots. The plugin's insecureSkipVerify wins.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub model_server_metrics_https_insecure_skip_verify: bool,
     /// EndpointPickerConfig YAML file.

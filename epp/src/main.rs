@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use endpoint_picker::config;
 use endpoint_picker::discovery::file;
-use endpoint_picker::scrape::ScrapeConfig;
+use endpoint_picker::scrape::{MetricsScheme, ScrapeConfig, ScrapeTls};
 use epp::admin::AdminAuth;
 use epp::args::Args;
 use epp::kubernetes;
@@ -94,7 +94,7 @@ async fn run(args: Args) -> Result<()> {
         model_server_metrics_port,
         model_server_metrics_path,
         model_server_metrics_scheme,
-        model_server_metrics_https_insecure_skip_verify: _,
+        model_server_metrics_https_insecure_skip_verify,
         config_file,
         config_text,
         max_request_body_bytes,
@@ -155,11 +155,21 @@ async fn run(args: Args) -> Result<()> {
             "a metrics bearer token is set but --metrics-endpoint-auth=false leaves /metrics open: drop one"
         );
     }
-    if model_server_metrics_scheme != "http" {
-        bail!(
-            "--model-server-metrics-scheme={model_server_metrics_scheme:?}: only http is implemented"
-        );
-    }
+    // The metrics-data-source plugin's parameters win over the deprecated flags, field by
+    // field, as the reference (defaults < flags < plugin parameters).
+    let scrape_scheme = loaded.scrape.scheme.unwrap_or(model_server_metrics_scheme);
+    let skip_verify = loaded
+        .scrape
+        .insecure_skip_verify
+        .unwrap_or(model_server_metrics_https_insecure_skip_verify);
+    let scrape_tls = if scrape_scheme == MetricsScheme::Https && !skip_verify {
+        ScrapeTls::system_roots().context(
+            "scraping model servers over https with certificate verification \
+             (insecureSkipVerify false)",
+        )?
+    } else {
+        ScrapeTls::SkipVerify
+    };
     if enable_cert_reload {
         tracing::warn!(
             "--enable-cert-reload is accepted but certificates are only read at start-up"
@@ -244,6 +254,8 @@ async fn run(args: Args) -> Result<()> {
     let mut scrape = ScrapeConfig {
         interval: refresh_metrics_interval,
         timeout: metrics_scrape_timeout,
+        scheme: scrape_scheme,
+        tls: scrape_tls,
         path: model_server_metrics_path,
         engine_label_key: loaded.scrape.engine_label_key.clone(),
         default_engine: loaded.scrape.default_engine.clone(),
