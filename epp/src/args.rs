@@ -38,10 +38,12 @@ pub struct Args {
     /// Serve ext_proc over TLS (a self-signed certificate unless --cert-path).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub secure_serving: bool,
-    /// Directory holding tls.crt and tls.key.
+    /// Directory holding tls.crt and tls.key for the ext_proc port (needs --secure-serving).
     #[arg(long)]
     pub cert_path: Option<PathBuf>,
-    /// Reload certificates on change (accepted; certificates are read at start-up).
+    /// Re-read --cert-path every second: a changed pair is served to new connections (open
+    /// ones keep theirs); a pair that does not load is logged and the old one kept. Needs
+    /// --cert-path.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_cert_reload: bool,
     /// Also serve gRPC health on the ext_proc port.

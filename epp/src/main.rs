@@ -12,7 +12,7 @@ use epp::args::Args;
 use epp::kubernetes;
 use epp::server::{self, Listeners, PoolSource, Settings};
 use epp::telemetry::{self, TelemetryOptions};
-use epp::tls;
+use epp::tls::{self, ServerTls};
 use ext_proc::stream::ServiceOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -170,9 +170,17 @@ async fn run(args: Args) -> Result<()> {
     } else {
         ScrapeTls::SkipVerify
     };
-    if enable_cert_reload {
-        tracing::warn!(
-            "--enable-cert-reload is accepted but certificates are only read at start-up"
+    // Reloading needs files to reload, and files need TLS: said at start-up rather than
+    // ignored, as the reference would.
+    if enable_cert_reload && (cert_path.is_none() || !secure_serving) {
+        bail!(
+            "--enable-cert-reload reloads the certificate files of --cert-path: it needs \
+             --cert-path and --secure-serving (the self-signed certificate has no files)"
+        );
+    }
+    if cert_path.is_some() && !secure_serving {
+        bail!(
+            "--cert-path is the ext_proc port's TLS certificate: --secure-serving=false serves no TLS"
         );
     }
     let metrics_port_override =
@@ -245,8 +253,12 @@ async fn run(args: Args) -> Result<()> {
     };
     let tls = if secure_serving {
         Some(match cert_path {
-            Some(dir) => tls::from_dir(&dir).context("loading --cert-path")?,
-            None => tls::self_signed().context("generating the self-signed certificate")?,
+            Some(dir) => ServerTls::from_dir(
+                &dir,
+                enable_cert_reload.then_some(tls::CERT_RELOAD_INTERVAL),
+            )
+            .with_context(|| format!("loading --cert-path {}", dir.display()))?,
+            None => ServerTls::self_signed().context("generating the self-signed certificate")?,
         })
     } else {
         None

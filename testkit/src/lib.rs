@@ -71,7 +71,10 @@ pub fn pool(endpoints: Vec<EndpointSpec>) -> PoolSpec {
 pub struct EppOptions {
     pub config: String,
     pub options: ServiceOptions,
+    /// TLS on the ext_proc port with a self-signed certificate.
     pub tls: bool,
+    /// TLS on the ext_proc port as given (wins over `tls`).
+    pub server_tls: Option<epp::tls::ServerTls>,
     /// Scrape the endpoints' `/metrics` (real model servers) instead of setting metrics by hand.
     pub scrape: bool,
     /// Decisions kept for `/debug/pool`.
@@ -84,6 +87,7 @@ impl Default for EppOptions {
             config: config::DEFAULT_CONFIG.to_owned(),
             options: ServiceOptions::default(),
             tls: false,
+            server_tls: None,
             scrape: false,
             debug_decisions: 0,
         }
@@ -106,7 +110,10 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         config: config::load(&opts.config, 7).unwrap(),
         options: opts.options,
         debug_decisions: opts.debug_decisions,
-        tls: opts.tls.then(|| epp::tls::self_signed().unwrap()),
+        tls: opts.server_tls.or_else(|| {
+            opts.tls
+                .then(|| epp::tls::ServerTls::self_signed().unwrap())
+        }),
         scrape: opts.scrape.then(|| endpoint_picker::scrape::ScrapeConfig {
             interval: Duration::from_millis(50),
             ..Default::default()
