@@ -577,19 +577,7 @@ async fn tls_channel_result(
     addr: std::net::SocketAddr,
     roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<(tonic::transport::Channel, Seen), tonic::transport::Error> {
-    let mut store = rustls::RootCertStore::empty();
-    for root in roots {
-        store.add(root.clone()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connector = tls_connector(roots);
     let seen = Seen::default();
     let record = seen.clone();
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
@@ -608,6 +596,25 @@ async fn tls_channel_result(
         }))
         .await?;
     Ok((channel, seen))
+}
+
+/// A TLS client that verifies against `roots` and offers ALPN h2, as gRPC clients do.
+fn tls_connector(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
 
 async fn tls_channel(
@@ -652,6 +659,32 @@ async fn tls_serving_routes_over_a_verified_handshake() {
         served.borrow().fingerprint,
         epp::tls::fingerprint(der(&a).as_ref())
     );
+    // The server's HTTP/2 settings apply over TLS: its SETTINGS frame carries the stream limit
+    // (100,000, not hyper's 200).
+    let tcp = tokio::net::TcpStream::connect(epp.grpc).await.unwrap();
+    let tls = tls_connector(&[der(&a)])
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (_client, mut connection) = h2::client::handshake(tls).await.unwrap();
+    let limit = tokio::time::timeout(
+        TIMEOUT,
+        std::future::poll_fn(|cx| {
+            let closed = std::pin::Pin::new(&mut connection).poll(cx).is_ready();
+            let limit = connection.max_concurrent_send_streams();
+            if closed || limit != usize::MAX {
+                std::task::Poll::Ready(limit)
+            } else {
+                std::task::Poll::Pending
+            }
+        }),
+    )
+    .await
+    .expect("the server's SETTINGS in time");
+    assert_eq!(limit, 100_000);
     // A client trusting another certificate refuses the handshake.
     let other = epp::tls::self_signed().unwrap();
     assert!(tls_channel_result(epp.grpc, &[der(&other)]).await.is_err());
