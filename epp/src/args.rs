@@ -158,7 +158,9 @@ pub struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set; off without an endpoint.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub tracing: bool,
-    /// pprof endpoints (accepted; Go-only).
+    /// Serve a CPU profile at /debug/pprof/profile?seconds=N (default 30, at most 120) on the
+    /// metrics port, behind the same auth as /metrics, as the reference's pprof handlers (Go's
+    /// other profiles have no counterpart). Sampling runs only while a profile is taken.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_pprof: bool,
     /// Log verbosity, as the reference's `--v` (zap level -N): 0 to 3 = info (2 is the

@@ -114,7 +114,7 @@ async fn run(args: Args) -> Result<()> {
         zap_encoder: _,
         zap_log_level: _,
         zap_devel: _,
-        enable_pprof: _,
+        enable_pprof,
     } = args;
 
     // Everything is validated before any port is bound.
@@ -317,6 +317,7 @@ async fn run(args: Args) -> Result<()> {
         seed,
         admin_auth,
         debug_pool,
+        pprof: enable_pprof,
         health_on_grpc_port: health_checking,
         drain_grace: drain_grace_period,
     };

@@ -117,6 +117,8 @@ pub struct Settings {
     pub admin_auth: AdminAuth,
     /// Serve `/debug/pool` (`--debug-pool`).
     pub debug_pool: bool,
+    /// Serve `/debug/pprof/profile` (`--enable-pprof`).
+    pub pprof: bool,
     /// Also serve gRPC health on the ext_proc port.
     pub health_on_grpc_port: bool,
     /// How long open streams may take to finish after shutdown begins.
@@ -184,6 +186,7 @@ pub async fn serve_with_handles(
         seed,
         admin_auth,
         debug_pool,
+        pprof,
         health_on_grpc_port,
         drain_grace,
     } = settings;
@@ -374,6 +377,9 @@ pub async fn serve_with_handles(
                 datastore: datastore.clone(),
                 director: director.clone(),
                 decisions: decisions.clone(),
+            }),
+            pprof: pprof.then(|| admin::PprofState {
+                shutdown: shutdown.clone(),
             }),
         };
         let listener = listeners.metrics;

@@ -124,6 +124,7 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         seed: 7,
         admin_auth: epp::admin::AdminAuth::Open,
         debug_pool: true,
+        pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
     };
