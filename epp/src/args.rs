@@ -1,6 +1,7 @@
 //! Command-line flags, named as the reference EPP's (Go pflag style: `--flag=value`, booleans
-//! as `--flag` or `--flag=false`). Flags that do not apply to this build are accepted and say
-//! so in `--help`.
+//! as `--flag` or `--flag=false`). Each does what the reference's does; one that cannot apply
+//! to the rest of the command line (`--enable-cert-reload` without `--cert-path`, …) stops
+//! start-up naming it rather than being ignored.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -170,8 +170,8 @@ async fn run(args: Args) -> Result<()> {
     } else {
         ScrapeTls::SkipVerify
     };
-    // Reloading needs files to reload, and files need TLS: said at start-up rather than
-    // ignored, as the reference would.
+    // Reloading needs files to reload, and files need TLS. The reference ignores both flags
+    // then; a flag that silently does nothing hides a mistake, so start-up stops instead.
     if enable_cert_reload && (cert_path.is_none() || !secure_serving) {
         bail!(
             "--enable-cert-reload reloads the certificate files of --cert-path: it needs \
