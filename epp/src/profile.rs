@@ -74,9 +74,15 @@ pub fn seconds(query: Option<&str>) -> Result<u64, String> {
     Ok(seconds)
 }
 
-/// Samples the process's CPU use for `duration` and returns the profile, pprof-encoded.
+/// Samples the process's CPU use for `duration` and returns the profile, pprof-encoded. Ends
+/// early, with [`ProfileError::ShuttingDown`], at shutdown or when the caller stops waiting (a
+/// client that went away does not keep the sampler busy).
 pub async fn cpu(duration: Duration, shutdown: CancellationToken) -> Result<Vec<u8>, ProfileError> {
     let runtime = tokio::runtime::Handle::current();
+    let stop = shutdown.child_token();
+    // Dropped with this future: the blocking task then stops sampling.
+    let _abandoned = stop.clone().drop_guard();
+    let shutdown = stop;
     tokio::task::spawn_blocking(move || {
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(FREQUENCY)
