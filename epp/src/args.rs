@@ -56,10 +56,12 @@ pub struct Args {
     /// InferencePool name (Kubernetes mode; in local mode it must match the pool file if set).
     #[arg(long, default_value = "")]
     pub pool_name: String,
-    /// InferencePool namespace (defaults to $NAMESPACE, then "default").
-    #[arg(long, env = "NAMESPACE", default_value = "default")]
-    pub pool_namespace: String,
-    /// InferencePool API group.
+    /// InferencePool namespace (Kubernetes mode: defaults to $NAMESPACE, then "default"; in
+    /// local mode it must match the pool file if set).
+    #[arg(long)]
+    pub pool_namespace: Option<String>,
+    /// InferencePool API group (only inference.networking.k8s.io, whose v1 pools pool files
+    /// hold too).
     #[arg(long, default_value = "inference.networking.k8s.io")]
     pub pool_group: String,
     /// Standalone selector `key=value,...` (Kubernetes mode; not available in local mode).
@@ -71,9 +73,9 @@ pub struct Args {
     /// Local mode: a YAML file with an InferencePool and its endpoints, reloaded on change.
     #[arg(long)]
     pub pool_file: Option<PathBuf>,
-    /// How often the pool file is checked for changes.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    pub pool_file_poll_interval: Duration,
+    /// How often the pool file is checked for changes (default 1s; needs --pool-file).
+    #[arg(long, value_parser = duration)]
+    pub pool_file_poll_interval: Option<Duration>,
     /// Ignore the subset hint from the gateway.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub disable_endpoint_subset_filter: bool,

@@ -67,6 +67,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--pool-file-poll-interval` when not given.
+const POOL_FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Validates everything, binds the ports, and serves until SIGTERM/SIGINT.
 async fn run(args: Args) -> Result<()> {
     let Args {
@@ -185,6 +188,8 @@ async fn run(args: Args) -> Result<()> {
     }
     let metrics_port_override =
         (model_server_metrics_port != 0).then_some(model_server_metrics_port);
+    // An empty --pool-namespace is no namespace, as in the reference.
+    let pool_namespace = pool_namespace.filter(|ns| !ns.is_empty());
     let shutdown = CancellationToken::new();
     let mut kube_client = None;
     let (pool, pool_label) = match pool_file {
@@ -207,6 +212,18 @@ async fn run(args: Args) -> Result<()> {
                     initial.pool.name
                 );
             }
+            if let Some(ns) = pool_namespace.filter(|ns| *ns != initial.pool.namespace) {
+                bail!(
+                    "--pool-namespace={ns:?} does not match the pool file's namespace {:?}",
+                    initial.pool.namespace
+                );
+            }
+            if pool_group != k8s::api::POOL_GROUP {
+                bail!(
+                    "--pool-group={pool_group:?}: pool files hold {} (v1) InferencePools",
+                    k8s::api::POOL_GROUP
+                );
+            }
             let label = format!(
                 "{} (file, {} endpoints)",
                 initial.pool.name,
@@ -214,7 +231,7 @@ async fn run(args: Args) -> Result<()> {
             );
             let source = PoolSource::File {
                 path,
-                poll_interval: pool_file_poll_interval,
+                poll_interval: pool_file_poll_interval.unwrap_or(POOL_FILE_POLL_INTERVAL),
                 metrics_port: metrics_port_override,
                 initial: Box::new(initial),
                 initial_bytes,
@@ -222,6 +239,16 @@ async fn run(args: Args) -> Result<()> {
             (source, label)
         }
         None => {
+            if pool_file_poll_interval.is_some() {
+                bail!(
+                    "--pool-file-poll-interval is how often --pool-file is read: add --pool-file"
+                );
+            }
+            // As the reference's resolvePoolNamespace: the flag, else $NAMESPACE (the pod's
+            // namespace, from the downward API), else "default".
+            let pool_namespace = pool_namespace
+                .or_else(|| std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty()))
+                .unwrap_or_else(|| "default".to_owned());
             let kube = kubernetes::source(
                 kubernetes::Flags {
                     pool_name,

@@ -110,7 +110,7 @@ async fn bad_config_fails_before_binding_any_port() {
     // Flags that would do nothing fail start-up, naming themselves.
     let cert_dir = temp_file("unused", "").parent().unwrap().to_owned();
     let cert_dir = format!("--cert-path={}", cert_dir.display());
-    let inert_cases: [(&[&str], &str); 3] = [
+    let inert_cases: [(&[&str], &str); 5] = [
         (&["--enable-cert-reload"], "--enable-cert-reload reloads"),
         (
             &["--enable-cert-reload", &cert_dir, "--secure-serving=false"],
@@ -120,6 +120,12 @@ async fn bad_config_fails_before_binding_any_port() {
             &[&cert_dir, "--secure-serving=false"],
             "--cert-path is the ext_proc port's TLS certificate",
         ),
+        // The pool file says where the pool is: flags saying otherwise are refused.
+        (
+            &["--pool-namespace=prod"],
+            "--pool-namespace=\"prod\" does not match the pool file's namespace",
+        ),
+        (&["--pool-group=x-k8s.io"], "--pool-group=\"x-k8s.io\""),
     ];
     for (extra, needle) in inert_cases {
         let mut args = vec![
@@ -138,6 +144,17 @@ async fn bad_config_fails_before_binding_any_port() {
             "validated after binding: {stderr}"
         );
     }
+    let (code, stderr) = run_to_exit(&[
+        "--pool-name=p",
+        "--pool-file-poll-interval=2s",
+        "--metrics-endpoint-auth=false",
+    ])
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--pool-file-poll-interval is how often --pool-file is read"),
+        "{stderr}"
+    );
     let (code, stderr) = run_to_exit(&["--model-server-metrics-scheme=ftp"]).await;
     assert_ne!(code, 0);
     assert!(
