@@ -3,8 +3,9 @@
 //!
 //! The server terminates TLS itself (rustls, ring) rather than through tonic, so that the
 //! certificate can change while it serves: every handshake asks [`ServerCertificate`] for the
-//! current one, and with `--enable-cert-reload` [`watch_certificates`] replaces it when the
-//! files change, as the reference's cert watcher does. New handshakes get the new certificate;
+//! current one, and with `--enable-cert-reload` [`watch_certificates`] (a task under the
+//! supervisor, started in `server.rs`) replaces it when the files change, as the reference's
+//! cert watcher does. New handshakes get the new certificate;
 //! open connections keep the one they were made with. A pair that does not load (unreadable,
 //! malformed, key not matching the certificate) is logged and the old certificate stays.
 
