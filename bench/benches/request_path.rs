@@ -1,12 +1,12 @@
 //! Request-path micro-benchmarks: one scheduling decision at 10/100/1,000 endpoints (the
-//! default profile and the balanced one), and
+//! default profile, the balanced one and the cost model), and
 //! parsing + hashing a 220 KB prompt. Results: bench/RESULTS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use endpoint_picker::config::DEFAULT_CONFIG;
-use endpoint_picker::config::profiles::BALANCED_PREFIX;
+use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL};
 use endpoint_picker::prefix::BlockHasher;
 use endpoint_picker::request::{Api, InferenceRequest};
 use ext_proc::openai;
@@ -33,6 +33,7 @@ fn scheduling_decision(c: &mut Criterion) {
     let profiles = [
         ("decision_default_profile_8kb_chat", DEFAULT_CONFIG),
         ("decision_balanced_profile_8kb_chat", BALANCED_PREFIX),
+        ("decision_cost_model_profile_8kb_chat", COST_MODEL),
     ];
     for (name, config) in profiles {
         decisions(c, name, config);
