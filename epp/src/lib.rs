@@ -1,6 +1,7 @@
 //! The `epp` binary's library: flags, wiring, the admin and metrics server, the recorder that
 //! turns request events into metrics and decision records, telemetry, TLS, gRPC health and the
 //! Kubernetes glue. The protocol lives in `ext-proc`, the decisions in `endpoint-picker`.
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod args;
