@@ -10,14 +10,14 @@
 //! prefill = queued + uncached                       tokens to compute before our first token
 //! steps   = max(1, ⌈prefill / (budget − decoding)⌉) engine steps that takes
 //! ttft    = k · (prefill · t_token + steps · (t_step + decoding · t_seq))
-//! tpot    = k · (t_step + (decoding + 1) · t_seq + chunk · t_token)
+//! tpot    = k · (t_step + (decoding + 1) · t_seq)
 //! ```
 //!
 //! where `queued` are the uncached prompt tokens of requests routed to the replica that have
 //! not produced their first token yet (the EPP's own, exact and current, or the engine's waiting
 //! queue when it reports more), `uncached` is this request's prompt minus what the replica's
-//! prefix cache holds, `decoding` the sequences past their first token, `chunk` the prompt
-//! tokens an average step of that replica carries, and `k` a per-replica correction learnt
+//! prefix cache holds, `decoding` the sequences past their first token, and `k` a per-replica
+//! correction learnt
 //! online from the TTFTs the EPP observes ([`Calibration`]). The constants are priors close to
 //! an 8B model on one H100 (vLLM figures), so that the ranking is right before any observation.
 //!
@@ -99,9 +99,9 @@ impl EngineCosts {
         let steps = prefill.div_ceil(room).max(1);
         let step = per_step + backlog.decoding as f64 * per_seq;
         let ttft = prefill as f64 * per_token + steps as f64 * step;
-        // While this request decodes, the queued prefill is spread over the steps ahead.
-        let chunk = (backlog.queued_tokens as f64).min(room as f64);
-        let tpot = per_step + (backlog.decoding + 1) as f64 * per_seq + chunk * per_token;
+        // The prefill queued ahead is done by our first token; what arrives later is unknown,
+        // so a decode step is the batch's own cost.
+        let tpot = per_step + (backlog.decoding + 1) as f64 * per_seq;
         Prediction { ttft, tpot }
     }
 }

@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -20,7 +21,10 @@ use crate::config::LoadedConfig;
 use crate::datastore::{Datastore, Endpoint, EndpointId, Readiness};
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
-use crate::scheduling::{Candidate, CycleState, InFlightCounts, ScheduleError, SchedulingResult};
+use crate::scheduling::{
+    Candidate, CycleState, EndpointLoad, InFlightCounts, LoadReading, ScheduleError,
+    SchedulingResult,
+};
 
 /// Why a request was not routed. Each maps to one HTTP status at the edge.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,28 +101,28 @@ impl Policies {
     }
 }
 
-/// Per-endpoint in-flight request counts, maintained by the director.
+/// Per-endpoint loads ([`EndpointLoad`]), maintained by the director.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    counts: ArcSwap<Vec<Arc<AtomicU64>>>,
+    loads: ArcSwap<Vec<Arc<EndpointLoad>>>,
     grow: Mutex<()>,
 }
 
 impl InFlight {
-    fn counter(&self, id: EndpointId) -> Arc<AtomicU64> {
+    fn load_of(&self, id: EndpointId) -> Arc<EndpointLoad> {
         let idx = id.0 as usize;
-        if let Some(c) = self.counts.load().get(idx) {
+        if let Some(c) = self.loads.load().get(idx) {
             return c.clone();
         }
         let _g = self.grow.lock();
-        let cur = self.counts.load_full();
+        let cur = self.loads.load_full();
         if let Some(c) = cur.get(idx) {
             return c.clone();
         }
-        let mut next: Vec<Arc<AtomicU64>> = (*cur).clone();
+        let mut next: Vec<Arc<EndpointLoad>> = (*cur).clone();
         next.resize_with(idx + 1, Default::default);
         let c = next[idx].clone();
-        self.counts.store(Arc::new(next));
+        self.loads.store(Arc::new(next));
         c
     }
 
@@ -127,21 +131,71 @@ impl InFlight {
         self.view().get(id)
     }
 
-    /// A view of every endpoint's count, for the scorers.
+    /// An endpoint's load.
+    pub fn reading(&self, id: EndpointId) -> LoadReading {
+        self.view()
+            .load(id)
+            .map(EndpointLoad::read)
+            .unwrap_or_default()
+    }
+
+    /// A view of every endpoint's load, for the plugins.
     pub fn view(&self) -> InFlightCounts {
-        InFlightCounts::new(self.counts.load_full())
+        InFlightCounts::new(self.loads.load_full())
     }
 }
 
-/// Releases the in-flight slot when dropped.
+/// A routed request's share of its primary endpoint's load: counted while in flight, its
+/// uncached prompt tokens counted as queued prefill until its first token, released when
+/// dropped.
 #[derive(Debug)]
 pub struct InFlightGuard {
-    counter: Arc<AtomicU64>,
+    load: Arc<EndpointLoad>,
+    /// Uncached prompt tokens still counted as queued prefill (0 once the first token came).
+    prefill_tokens: u64,
+    prefilling: bool,
+    routed_at: Instant,
+    /// The uncorrected model's TTFT for this request there, seconds, when a cost model ran.
+    raw_ttft: Option<f64>,
+}
+
+impl InFlightGuard {
+    fn new(load: Arc<EndpointLoad>, prefill_tokens: u64, raw_ttft: Option<f64>) -> Self {
+        load.requests.fetch_add(1, Ordering::Relaxed);
+        load.prefilling.fetch_add(1, Ordering::Relaxed);
+        load.prefill_tokens
+            .fetch_add(prefill_tokens, Ordering::Relaxed);
+        Self {
+            load,
+            prefill_tokens,
+            prefilling: true,
+            routed_at: Instant::now(),
+            raw_ttft,
+        }
+    }
+
+    fn first_token(&mut self, observed: bool) {
+        if !self.prefilling {
+            return;
+        }
+        self.prefilling = false;
+        self.load.prefilling.fetch_sub(1, Ordering::Relaxed);
+        self.load
+            .prefill_tokens
+            .fetch_sub(std::mem::take(&mut self.prefill_tokens), Ordering::Relaxed);
+        if observed && let Some(raw) = self.raw_ttft {
+            self.load.calibration.observe(
+                Duration::from_secs_f64(raw.max(0.0)),
+                self.routed_at.elapsed(),
+            );
+        }
+    }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::Relaxed);
+        self.first_token(false);
+        self.load.requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -154,7 +208,7 @@ pub struct Routed {
     pub result: SchedulingResult,
     /// Whether the model name was rewritten (the response must be rewritten back).
     pub rewritten: bool,
-    _in_flight: Option<InFlightGuard>,
+    in_flight: Option<InFlightGuard>,
 }
 
 impl Routed {
@@ -168,6 +222,16 @@ impl Routed {
             out.push_str(&t.host_port);
         }
         out
+    }
+
+    /// The model server produced its first token (the first streamed chunk, or the response
+    /// headers of a non-streamed answer): the request's prompt no longer counts as queued
+    /// prefill. With `observed_ttft` (a streamed answer, so the time is the real time to first
+    /// token) the endpoint's cost calibration learns from it.
+    pub fn first_token(&mut self, observed_ttft: bool) {
+        if let Some(guard) = self.in_flight.as_mut() {
+            guard.first_token(observed_ttft);
+        }
     }
 }
 
@@ -313,17 +377,34 @@ impl Director {
             .map(|t| t.candidate.endpoint.clone())
             .collect();
         let guard = targets.first().map(|t| {
-            let counter = self.in_flight.counter(t.id);
-            counter.fetch_add(1, Ordering::Relaxed);
-            InFlightGuard { counter }
+            let cost = state.costs.as_ref().and_then(|c| c.of(t));
+            let uncached = match cost {
+                Some(c) => c.uncached_tokens,
+                None => uncached_tokens(request, &state, t),
+            };
+            InFlightGuard::new(
+                self.in_flight.load_of(t.id),
+                uncached,
+                cost.map(|c| c.raw_ttft),
+            )
         });
         Ok(Routed {
             targets,
             result,
             rewritten: request.target_model != request.model && !request.model.is_empty(),
-            _in_flight: guard,
+            in_flight: guard,
         })
     }
+}
+
+/// The prompt tokens of `request` that `endpoint` would compute: all of them but the blocks its
+/// prefix cache is believed to hold.
+fn uncached_tokens(request: &InferenceRequest, state: &CycleState, endpoint: &Endpoint) -> u64 {
+    let prompt = crate::cost::estimate_tokens(request.prompt.len());
+    let cached = state.prefix.as_ref().map_or(0, |p| {
+        u64::from(p.matched_blocks(endpoint)) * p.block_tokens as u64
+    });
+    prompt.saturating_sub(cached)
 }
 
 /// The endpoints a request may go to: those serving; when none is, those the EPP has no
@@ -487,6 +568,85 @@ mod tests {
         );
         set([Serving, Serving, Serving]);
         assert_eq!(picks().len(), 3, "every serving endpoint is a candidate");
+    }
+
+    /// The cost model within one scrape interval (no metrics move): a burst of new prompts
+    /// spreads evenly, since each routed request queues its prefill on its replica at once; a
+    /// hot prefix stays on its replica until that queue costs more than recomputing the prefix,
+    /// then takes a second one; as requests get their first token, the first replica is cheap
+    /// again.
+    #[tokio::test(start_paused = true)]
+    async fn the_cost_model_spreads_bursts_and_hands_a_hot_prefix_over() {
+        let ds = Arc::new(Datastore::new());
+        ds.apply(pool(4));
+        let config = load(crate::config::profiles::COST_MODEL, 1).unwrap();
+        let d = Director::new(ds, Arc::new(config), 1);
+        d.pool_changed();
+        let snap = d.datastore().snapshot();
+        for e in &snap.endpoints {
+            e.store_metrics(EngineMetrics {
+                updated_at: Some(Instant::now()),
+                readiness: Readiness::Serving,
+                ..Default::default()
+            });
+        }
+        let prompt = |text: String| InferenceRequest {
+            prompt: bytes::Bytes::from(text),
+            ..req()
+        };
+        let count = |routed: &[Routed]| {
+            let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+            for r in routed {
+                *by.entry(r.destination()).or_default() += 1;
+            }
+            by.into_values().collect::<Vec<_>>()
+        };
+        // 40 distinct 2,000-token prompts at once: 10 per replica.
+        let burst: Vec<Routed> = (0..40)
+            .map(|i| {
+                d.route(&prompt(format!("{i:05} ").repeat(1_300)), None, false)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(count(&burst), [10, 10, 10, 10]);
+        drop(burst);
+        // One hot 3,000-token prefix (+ a 500-token question each). The first request computes
+        // it; then requests pile on its replica, each queueing only its question, until a
+        // second replica (recomputing the prefix: 3,500 tokens) is cheaper, after about six.
+        let system = "You are a helpful assistant. ".repeat(414);
+        let ask = |i: usize| prompt(format!("{system}{}", format!("q{i:04} ").repeat(333)));
+        let mut seed = d.route(&ask(0), None, false).unwrap();
+        seed.first_token(false);
+        let first = seed.destination();
+        let hot: Vec<Routed> = (1..25)
+            .map(|i| d.route(&ask(i), None, false).unwrap())
+            .collect();
+        assert!(
+            hot[..5].iter().all(|r| r.destination() == first),
+            "the holder takes the first ones: {:?}",
+            hot.iter().map(Routed::destination).collect::<Vec<_>>()
+        );
+        let on_first = hot.iter().filter(|r| r.destination() == first).count();
+        assert!(
+            on_first < 24 && count(&hot).len() > 1,
+            "{on_first} of 24 on the holder"
+        );
+        // Their first tokens come back: a replica holding the prefix is cheapest again (the
+        // one with the fewest decodes among them).
+        let mut hot = hot;
+        for r in &mut hot {
+            r.first_token(false);
+        }
+        let holders: std::collections::BTreeSet<String> =
+            hot.iter().map(Routed::destination).collect();
+        let next = d
+            .route(
+                &prompt(format!("{system}{}", "z0000 ".repeat(333))),
+                None,
+                false,
+            )
+            .unwrap();
+        assert!(holders.contains(&next.destination()), "{holders:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -60,6 +60,13 @@ pub struct InferenceRequest {
     pub stream: bool,
     /// Size of the request body in bytes.
     pub body_len: usize,
+    /// The most output tokens the client asked for (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`), when it said.
+    pub max_tokens: Option<u32>,
+    /// Time-to-first-token objective (`x-llm-d-slo-ttft-ms`).
+    pub slo_ttft: Option<std::time::Duration>,
+    /// Time-per-output-token objective (`x-llm-d-slo-tpot-ms`).
+    pub slo_tpot: Option<std::time::Duration>,
     /// Request headers a plugin may read (lower-case names), e.g. the conformance
     /// `test-epp-endpoint-selection` or `x-session-token`.
     pub headers: Vec<(String, String)>,

@@ -36,6 +36,8 @@ pub struct CandidateScores {
     pub total: f64,
     /// Raw scores, aligned with [`DecisionRecord::scorers`].
     pub scores: Vec<f64>,
+    /// The cost model's predicted time to first token, milliseconds (when it ran).
+    pub predicted_ttft_ms: Option<f64>,
 }
 
 /// One scheduling decision (or refusal).
@@ -108,6 +110,7 @@ impl DecisionRecord {
                 endpoint: r.endpoint.clone(),
                 total: r.total,
                 scores: r.scores.clone(),
+                predicted_ttft_ms: r.predicted_ttft_ms,
             })
             .collect();
         self

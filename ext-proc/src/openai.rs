@@ -150,6 +150,9 @@ pub struct ParsedBody {
     pub cache_salt: Option<String>,
     /// Byte range of the `model` JSON value (including quotes) in the body.
     pub model_span: Range<usize>,
+    /// The output-token limit the client set, if it is a plain integer (a hint for the cost
+    /// model; the engine validates it).
+    pub max_tokens: Option<u32>,
 }
 
 /// The fields the EPP reads, each kept raw so that a wrong type is reported by name without
@@ -174,6 +177,12 @@ struct Fields<'a> {
     tools: Option<&'a RawValue>,
     #[serde(borrow)]
     cache_salt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_output_tokens: Option<&'a RawValue>,
 }
 
 /// The byte range of `part` inside `whole` (it must be a sub-slice).
@@ -352,12 +361,21 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
         }
         _ => None,
     };
+    let max_tokens = [
+        fields.max_completion_tokens,
+        fields.max_tokens,
+        fields.max_output_tokens,
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|raw| raw.get().trim().parse::<u32>().ok());
     Ok(ParsedBody {
         model: model.into_owned(),
         stream,
         prompt,
         cache_salt,
         model_span,
+        max_tokens,
     })
 }
 
@@ -557,6 +575,7 @@ mod tests {
         let body = b(r#"{"model":"m","prompt":"hello world","stream":true,"max_tokens":5}"#);
         let p = parse_body(Api::Completions, &body).unwrap();
         assert_eq!(p.model, "m");
+        assert_eq!(p.max_tokens, Some(5));
         assert!(p.stream);
         assert_eq!(&p.prompt[..], b"hello world");
         assert_eq!(&body[p.model_span.clone()], b"\"m\"");

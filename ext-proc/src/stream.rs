@@ -25,11 +25,13 @@
 //! their values are validated.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use endpoint_picker::director::{Director, Routed};
 use endpoint_picker::request::{Api, InferenceRequest};
 use endpoint_picker::scheduling::plugins::filters::AddressMatcher;
+use endpoint_picker::scheduling::plugins::response::Served;
 use tokio::time::Instant;
 
 use crate::envoy::{
@@ -53,6 +55,8 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 pub const MAX_FAIRNESS_ID_BYTES: usize = 128;
 /// Longest objective name accepted (a Kubernetes object name).
 const MAX_OBJECTIVE_BYTES: usize = 253;
+/// Largest latency objective accepted, in milliseconds (an hour).
+const MAX_SLO_MS: f64 = 3_600_000.0;
 
 /// Settings of the service.
 #[derive(Debug, Clone)]
@@ -368,11 +372,25 @@ impl StreamState {
                 });
             }
         };
+        let slo = |header: ControlHeader| match self.control(header) {
+            None => Ok(None),
+            Some(v) => match v.parse::<f64>() {
+                Ok(ms) if ms.is_finite() && ms > 0.0 && ms <= MAX_SLO_MS => {
+                    Ok(Some(Duration::from_secs_f64(ms / 1000.0)))
+                }
+                _ => Err(RequestError::BadHeader {
+                    header: header.name,
+                    reason: "not a number of milliseconds in (0, 3600000]",
+                }),
+            },
+        };
         Ok(InferenceRequest {
             request_id: self.request_id.clone(),
             api,
             objective,
             fairness_id,
+            slo_ttft: slo(protocol::SLO_TTFT_MS)?,
+            slo_tpot: slo(protocol::SLO_TPOT_MS)?,
             headers: self.headers.clone(),
             ..Default::default()
         })
@@ -388,6 +406,7 @@ impl StreamState {
         let request = match self.base_request(api) {
             Ok(r) => InferenceRequest {
                 model: parsed.model.clone(),
+                max_tokens: parsed.max_tokens,
                 stream: parsed.stream,
                 prompt: parsed.prompt.clone(),
                 cache_salt: parsed.cache_salt.clone(),
@@ -574,11 +593,36 @@ impl StreamState {
         if get("content-type").is_some_and(|ct| ct.contains("text/event-stream")) {
             self.response.streaming = true;
         }
+        if !self.response.streaming
+            && let Some(routed) = self.routed.as_mut()
+        {
+            // A whole answer is ready before its headers: the prompt is done, but the time is
+            // not a time to first token.
+            routed.first_token(false);
+        }
         self.response.status = get(":status").map(str::to_owned);
         let mut set = Vec::new();
-        for plugin in &self.ctx.director.config().response_plugins {
-            for (k, v) in plugin.response_headers(served.as_deref()) {
-                set.push(envoy::set_header(&k, &v));
+        let plugins = &self.ctx.director.config().response_plugins;
+        if !plugins.is_empty() {
+            // The endpoint Envoy says served the response, else the primary target.
+            let snapshot = self.ctx.director.datastore().snapshot();
+            let endpoint = served
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .and_then(|addr| snapshot.by_address(&addr).cloned())
+                .or_else(|| {
+                    self.routed
+                        .as_ref()
+                        .and_then(|r| r.targets.first().cloned())
+                });
+            let served = Served {
+                address: served.as_deref(),
+                endpoint: endpoint.as_deref(),
+            };
+            for plugin in plugins {
+                for (k, v) in plugin.response_headers(&served) {
+                    set.push(envoy::set_header(&k, &v));
+                }
             }
         }
         if self.ctx.options.decision_header
@@ -603,6 +647,9 @@ impl StreamState {
         if self.response.streaming {
             if self.response.first_chunk_at.is_none() && !chunk.is_empty() {
                 self.response.first_chunk_at = Some(Instant::now());
+                if let Some(routed) = self.routed.as_mut() {
+                    routed.first_token(true);
+                }
             }
             self.response.sse.feed(&chunk);
             if eos {

@@ -7,8 +7,9 @@ use yaml_serde::Value;
 
 use super::ConfigError;
 use super::params::Params;
+use crate::scheduling::plugins::cost::TtftCostProducer;
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
-use crate::scheduling::plugins::response::ResponsePlugin;
+use crate::scheduling::plugins::response::{ResponsePlugin, ScorerResponse};
 use crate::scheduling::registry::{self, Built, Role};
 
 /// The declared plugin instances (plus any the phases add), by name.
@@ -110,11 +111,25 @@ impl<'a> Plugins<'a> {
             .collect()
     }
 
-    /// The response plugins, in declaration order.
+    /// The cost producers, declared or made.
+    pub(super) fn cost_producers(&self) -> Vec<Arc<TtftCostProducer>> {
+        self.iter()
+            .filter_map(|i| match &i.built {
+                Built::CostProducer(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The response plugins, in declaration order: the declared ones and the response side
+    /// of scorers that have one.
     pub(super) fn response_plugins(&self) -> Vec<Arc<dyn ResponsePlugin>> {
         self.iter()
             .filter_map(|i| match &i.built {
                 Built::Response(r) => Some(r.clone()),
+                Built::Scorer(s) if s.response_plugin().is_some() => {
+                    Some(Arc::new(ScorerResponse(s.clone())) as Arc<dyn ResponsePlugin>)
+                }
                 _ => None,
             })
             .collect()

@@ -23,6 +23,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::saturation::UtilizationDetector;
+use crate::scheduling::plugins::cost::TtftCostProducer;
 use crate::scheduling::plugins::pickers::MaxScorePicker;
 use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
 use crate::scheduling::plugins::profile::SingleProfileHandler;
@@ -57,6 +58,8 @@ schedulingProfiles:
 
 /// The name and type of the prefix producer made for a prefix scorer that has none.
 const PREFIX_PRODUCER: &str = "approx-prefix-cache-producer";
+/// The cost producer made for the cost model's consumers when none is declared.
+const COST_PRODUCER: &str = "ttft-cost-producer";
 
 /// A configuration problem. Each names what is wrong and where.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +191,7 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     let gates = FeatureGates::parse(&doc.feature_gates, &mut warnings)?;
     check_flow_control(doc, &gates, &mut warnings);
     let mut plugins = instantiate_plugins(&doc.plugins, &mut warnings)?;
+    ensure_cost_producer(&mut plugins)?;
     ensure_prefix_producer(&mut plugins, &mut warnings)?;
     let profiles = build_profiles(&doc.scheduling_profiles, &plugins)?;
     let handler = choose_handler(&plugins, profiles.len())?;
@@ -197,9 +201,16 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     let scrape = scrape_settings(&plugins);
 
     let prefix_producers = plugins.prefix_producers();
+    // The prefix match first: the cost model reads it.
     let producers = prefix_producers
         .iter()
         .map(|p| p.clone() as Arc<dyn DataProducer>)
+        .chain(
+            plugins
+                .cost_producers()
+                .into_iter()
+                .map(|p| p as Arc<dyn DataProducer>),
+        )
         .collect();
     let roles: Vec<_> = plugins
         .iter()
@@ -314,7 +325,10 @@ fn ensure_prefix_producer(
         .or_else(|| {
             plugins
                 .iter()
-                .find(|i| i.type_name == "no-hit-lru-scorer")
+                .find(|i| {
+                    matches!(i.type_name, "no-hit-lru-scorer")
+                        || matches!(i.built, Built::CostProducer(_))
+                })
                 .map(|i| (i, None))
         });
     let Some((consumer, legacy)) = consumer else {
@@ -338,6 +352,29 @@ fn ensure_prefix_producer(
         })?;
     }
     Ok(())
+}
+
+/// The cost model's consumers (`ttft-cost-scorer`, `latency-slo-filter`) need its producer;
+/// one with default parameters is made when none is declared.
+fn ensure_cost_producer(plugins: &mut Plugins<'_>) -> Result<(), ConfigError> {
+    let has_producer = plugins
+        .iter()
+        .any(|i| matches!(i.built, Built::CostProducer(_)));
+    let needed = plugins
+        .iter()
+        .any(|i| matches!(i.type_name, "ttft-cost-scorer" | "latency-slo-filter"));
+    if has_producer || !needed || plugins.get(COST_PRODUCER).is_some() {
+        return Ok(());
+    }
+    plugins.add(Instance {
+        name: COST_PRODUCER.to_owned(),
+        type_name: COST_PRODUCER,
+        parameters: None,
+        built: Built::CostProducer(Arc::new(TtftCostProducer {
+            name: COST_PRODUCER.to_owned(),
+            ..TtftCostProducer::default()
+        })),
+    })
 }
 
 /// The scheduling profiles; none declared means one `default` profile holding every
@@ -383,6 +420,7 @@ fn belongs_in_profile(built: &Built) -> bool {
         }
         Built::ProfileHandler(_)
         | Built::PrefixProducer(_)
+        | Built::CostProducer(_)
         | Built::Response(_)
         | Built::MetricsSource(_)
         | Built::MetricsExtractor(_)
@@ -429,6 +467,7 @@ fn build_profile(spec: &types::ProfileSpec, plugins: &Plugins<'_>) -> Result<Pro
             }
             Built::ProfileHandler(_)
             | Built::PrefixProducer(_)
+            | Built::CostProducer(_)
             | Built::Response(_)
             | Built::MetricsSource(_)
             | Built::MetricsExtractor(_) => {

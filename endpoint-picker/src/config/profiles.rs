@@ -6,6 +6,10 @@
 /// of new prefixes (see the file for the reasoning).
 pub const BALANCED_PREFIX: &str = include_str!("../../profiles/balanced-prefix.yaml");
 
+/// `profiles/cost-model.yaml`: the cost model alone (predicted TTFT plus a share of decode
+/// time, per candidate) with the latency-SLO filter.
+pub const COST_MODEL: &str = include_str!("../../profiles/cost-model.yaml");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -30,5 +34,37 @@ mod tests {
             ]
         );
         assert_eq!(c.scheduler.producers().len(), 1, "prefix producer created");
+        let c = crate::config::load(COST_MODEL, 1).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let producers: Vec<&str> = c
+            .scheduler
+            .producers()
+            .iter()
+            .map(|p| p.type_name())
+            .collect();
+        assert_eq!(
+            producers,
+            ["approx-prefix-cache-producer", "ttft-cost-producer"],
+            "the prefix match first: the cost model reads it"
+        );
+    }
+
+    #[test]
+    fn the_cost_scorer_alone_gets_both_producers() {
+        let c = crate::config::load(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: ttft-cost-scorer\n",
+            1,
+        )
+        .unwrap();
+        let producers: Vec<&str> = c
+            .scheduler
+            .producers()
+            .iter()
+            .map(|p| p.type_name())
+            .collect();
+        assert_eq!(
+            producers,
+            ["approx-prefix-cache-producer", "ttft-cost-producer"]
+        );
     }
 }

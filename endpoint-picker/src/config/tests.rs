@@ -92,7 +92,10 @@ fn conformance_fixture_routes_by_header() {
     let c = load(&fixture("conformance.yaml"), 1).unwrap();
     assert_eq!(c.response_plugins.len(), 1);
     assert_eq!(
-        c.response_plugins[0].response_headers(Some("10.0.0.1:3000")),
+        c.response_plugins[0].response_headers(&crate::scheduling::plugins::response::Served {
+            address: Some("10.0.0.1:3000"),
+            endpoint: None,
+        }),
         vec![(
             SERVED_ENDPOINT_TEST_HEADER.to_owned(),
             "10.0.0.1:3000".to_owned()

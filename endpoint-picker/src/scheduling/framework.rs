@@ -10,6 +10,7 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use tokio::time::Instant;
 
+use crate::cost::{Calibration, Prediction};
 use crate::datastore::{Endpoint, EndpointId, EngineMetrics, PoolSnapshot};
 use crate::request::InferenceRequest;
 
@@ -30,23 +31,63 @@ impl Candidate {
     }
 }
 
-/// The requests this EPP has routed to each endpoint and that have not finished, by endpoint
-/// id. Unlike scraped metrics it is never stale: it counts the requests sent since the last
-/// scrape too. The counters are live; a scorer reads them when it scores.
+/// What this EPP has sent one endpoint and not seen finish. Unlike scraped metrics it is never
+/// stale: it counts the requests sent since the last scrape too, the moment they are routed.
+#[derive(Debug, Default)]
+pub struct EndpointLoad {
+    /// Requests in flight.
+    pub requests: AtomicU64,
+    /// Of those, requests that have not produced their first token yet.
+    pub prefilling: AtomicU64,
+    /// Their uncached prompt tokens (estimated when routed).
+    pub prefill_tokens: AtomicU64,
+    /// How far the cost model's TTFTs are from those observed on this endpoint.
+    pub calibration: Calibration,
+}
+
+/// A moment's reading of an [`EndpointLoad`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadReading {
+    /// Requests in flight.
+    pub requests: u64,
+    /// Of those, requests before their first token.
+    pub prefilling: u64,
+    /// Their uncached prompt tokens.
+    pub prefill_tokens: u64,
+}
+
+impl EndpointLoad {
+    /// The current values.
+    pub fn read(&self) -> LoadReading {
+        LoadReading {
+            requests: self.requests.load(Ordering::Relaxed),
+            prefilling: self.prefilling.load(Ordering::Relaxed),
+            prefill_tokens: self.prefill_tokens.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The director's [`EndpointLoad`]s, by endpoint id. The counters are live; a plugin reads
+/// them when it runs.
 #[derive(Debug, Clone, Default)]
-pub struct InFlightCounts(Arc<Vec<Arc<AtomicU64>>>);
+pub struct InFlightCounts(Arc<Vec<Arc<EndpointLoad>>>);
 
 impl InFlightCounts {
-    /// A view over the director's counters.
-    pub fn new(counters: Arc<Vec<Arc<AtomicU64>>>) -> Self {
-        Self(counters)
+    /// A view over the director's loads.
+    pub fn new(loads: Arc<Vec<Arc<EndpointLoad>>>) -> Self {
+        Self(loads)
     }
 
     /// Requests in flight on an endpoint.
     pub fn get(&self, id: EndpointId) -> u64 {
         self.0
             .get(id.0 as usize)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+            .map_or(0, |c| c.requests.load(Ordering::Relaxed))
+    }
+
+    /// The load of an endpoint (`None` before anything was routed to it).
+    pub fn load(&self, id: EndpointId) -> Option<&EndpointLoad> {
+        self.0.get(id.0 as usize).map(|l| &**l)
     }
 }
 
@@ -59,6 +100,38 @@ pub struct CycleState {
     pub prefix: Option<PrefixMatch>,
     /// The EPP's in-flight requests per endpoint (empty when the caller tracks none).
     pub in_flight: InFlightCounts,
+    /// The cost model's predictions, when a cost producer ran.
+    pub costs: Option<Costs>,
+}
+
+/// What the cost model predicts for this request on each candidate, indexed by endpoint id.
+#[derive(Debug, Clone, Default)]
+pub struct Costs {
+    /// Per endpoint id: the prediction, calibrated, and its uncorrected TTFT (what the
+    /// calibration learns against), `None` for endpoints that are not candidates.
+    pub by_endpoint: Vec<Option<Cost>>,
+}
+
+/// One candidate's predicted cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cost {
+    /// The calibrated prediction.
+    pub predicted: Prediction,
+    /// The TTFT the uncorrected model gave, seconds.
+    pub raw_ttft: f64,
+    /// This request's prompt tokens that endpoint would compute (not cached there).
+    pub uncached_tokens: u64,
+    /// What the scorer minimises, seconds (see the cost scorer).
+    pub objective: f64,
+}
+
+impl Costs {
+    /// The cost of an endpoint.
+    pub fn of(&self, endpoint: &Endpoint) -> Option<&Cost> {
+        self.by_endpoint
+            .get(endpoint.id.0 as usize)
+            .and_then(Option::as_ref)
+    }
 }
 
 impl CycleState {
@@ -68,6 +141,7 @@ impl CycleState {
             now,
             prefix: None,
             in_flight: InFlightCounts::default(),
+            costs: None,
         }
     }
 }
@@ -150,6 +224,12 @@ pub trait Scorer: Plugin {
     /// timed as `PreRequest` plugins) after a decision.
     fn learns(&self) -> bool {
         false
+    }
+
+    /// The scorer's response side, for scorers that write response headers (the session
+    /// token of `session-affinity-scorer`).
+    fn response_plugin(&self) -> Option<&dyn super::plugins::response::ResponsePlugin> {
+        None
     }
 }
 

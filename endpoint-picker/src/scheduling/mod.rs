@@ -17,8 +17,9 @@ use rand::rngs::SmallRng;
 
 use crate::request::InferenceRequest;
 pub use framework::{
-    Candidate, CycleState, DataProducer, ExtensionPoint, Filter, InFlightCounts, Picker, Plugin,
-    PluginObserver, PrefixMatch, ProfileHandler, ScoredCandidate, Scorer,
+    Candidate, Cost, Costs, CycleState, DataProducer, EndpointLoad, ExtensionPoint, Filter,
+    InFlightCounts, LoadReading, Picker, Plugin, PluginObserver, PrefixMatch, ProfileHandler,
+    ScoredCandidate, Scorer,
 };
 
 /// One scheduling profile.
@@ -67,6 +68,8 @@ pub struct ExplanationRow {
     pub scores: Vec<f64>,
     /// Weighted total.
     pub total: f64,
+    /// The cost model's predicted time to first token there, milliseconds (when it ran).
+    pub predicted_ttft_ms: Option<f64>,
 }
 
 impl Explanation {
@@ -90,6 +93,9 @@ impl Explanation {
                     out.push(',');
                 }
                 let _ = write!(out, "{name}={s:.2}");
+            }
+            if let Some(ttft) = row.predicted_ttft_ms {
+                let _ = write!(out, ",ttft={ttft:.0}ms");
             }
             out.push(']');
         }
@@ -338,6 +344,11 @@ impl Scheduler {
                 .map(|(i, c)| ExplanationRow {
                     endpoint: c.endpoint.spec.name.clone(),
                     address: c.endpoint.host_port.clone(),
+                    predicted_ttft_ms: state
+                        .costs
+                        .as_ref()
+                        .and_then(|costs| costs.of(&c.endpoint))
+                        .map(|cost| cost.predicted.ttft * 1000.0),
                     scores: per_scorer.iter().map(|v| v[i]).collect(),
                     total: totals[i],
                 })

@@ -14,6 +14,7 @@ use crate::config::data_layer::{MetricsExtractor, MetricsSource};
 use crate::config::params::Params;
 use crate::saturation::UtilizationDetector;
 use crate::scheduling::plugins::compat;
+use crate::scheduling::plugins::cost::{LatencySloFilter, TtftCostProducer, TtftCostScorer};
 use crate::scheduling::plugins::filters::{
     ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter,
 };
@@ -25,6 +26,7 @@ use crate::scheduling::plugins::scorers::{
     ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
     NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
 };
+use crate::scheduling::plugins::session::SessionAffinityScorer;
 use crate::scheduling::{Filter, Picker, ProfileHandler, Scorer};
 
 /// What a plugin type is for, which decides where a config may use it.
@@ -67,6 +69,8 @@ pub enum Built {
     ProfileHandler(Arc<dyn ProfileHandler>),
     /// The approximate prefix-cache producer (kept concrete for the index metrics).
     PrefixProducer(Arc<ApproxPrefixCacheProducer>),
+    /// The cost model's producer (runs after the prefix producers, whose match it reads).
+    CostProducer(Arc<TtftCostProducer>),
     /// A saturation detector (kept concrete: admission asks it more than a filter can say).
     SaturationDetector(Arc<UtilizationDetector>),
     /// A response plugin.
@@ -136,6 +140,10 @@ pub static REGISTRY: &[Entry] = &[
     Entry::new("by-label", Role::Filter, |p| {
         filter(ByLabelFilter::from_params(p)?)
     }),
+    Entry::new("latency-slo-filter", Role::Filter, |p| {
+        p.none()?;
+        filter(LatencySloFilter { name: p.name() })
+    }),
     // Scorers.
     Entry::new("queue-scorer", Role::Scorer, |p| {
         p.none()?;
@@ -176,6 +184,14 @@ pub static REGISTRY: &[Entry] = &[
     Entry::new("no-hit-lru-scorer", Role::Scorer, |p| {
         scorer(NoHitLruScorer::from_params(p)?)
     }),
+    Entry::new("session-affinity-scorer", Role::Scorer, |p| {
+        scorer(SessionAffinityScorer::from_params(p)?)
+    }),
+    // Reads the `ttft-cost-producer`'s predictions (one is made when none is declared).
+    Entry::new("ttft-cost-scorer", Role::Scorer, |p| {
+        p.none()?;
+        scorer(TtftCostScorer { name: p.name() })
+    }),
     // Pickers.
     Entry::new("max-score-picker", Role::Picker, |p| {
         picker(MaxScorePicker::from_params(p)?)
@@ -190,6 +206,11 @@ pub static REGISTRY: &[Entry] = &[
     Entry::new("approx-prefix-cache-producer", Role::DataProducer, |p| {
         Ok(Built::PrefixProducer(Arc::new(
             ApproxPrefixCacheProducer::from_params(p)?,
+        )))
+    }),
+    Entry::new("ttft-cost-producer", Role::DataProducer, |p| {
+        Ok(Built::CostProducer(Arc::new(
+            TtftCostProducer::from_params(p)?,
         )))
     }),
     Entry::inert(
@@ -353,7 +374,7 @@ impl Built {
             Built::Scorer(_) => Role::Scorer,
             Built::Picker(_) => Role::Picker,
             Built::ProfileHandler(_) => Role::ProfileHandler,
-            Built::PrefixProducer(_) => Role::DataProducer,
+            Built::PrefixProducer(_) | Built::CostProducer(_) => Role::DataProducer,
             Built::SaturationDetector(_) => Role::SaturationDetector,
             Built::Response(_) => Role::ResponsePlugin,
             Built::MetricsSource(_) => Role::DataSource,
@@ -440,6 +461,7 @@ mod tests {
             Built::Picker(p) => p.as_ref(),
             Built::ProfileHandler(h) => h.as_ref(),
             Built::PrefixProducer(p) => p.as_ref(),
+            Built::CostProducer(p) => p.as_ref(),
             Built::SaturationDetector(d) => d.as_ref(),
             Built::Response(_)
             | Built::MetricsSource(_)

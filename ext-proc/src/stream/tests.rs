@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use endpoint_picker::config::load_default;
 use endpoint_picker::datastore::{Datastore, EngineMetrics, test_util::pool};
 use endpoint_picker::director::{Director, ModelRewrite, Policies, RewriteRule, RewriteTarget};
 use endpoint_picker::request::InferenceRequest;
@@ -59,6 +58,10 @@ struct Harness {
 
 impl Harness {
     fn new(endpoints: u8) -> Self {
+        Self::with_config(endpoints, endpoint_picker::config::DEFAULT_CONFIG)
+    }
+
+    fn with_config(endpoints: u8, config: &str) -> Self {
         let ds = Arc::new(Datastore::new());
         for e in ds.apply(pool(endpoints)).endpoints.iter() {
             e.store_metrics(EngineMetrics {
@@ -67,7 +70,11 @@ impl Harness {
             });
         }
         Self {
-            director: Arc::new(Director::new(ds, Arc::new(load_default(1).unwrap()), 1)),
+            director: Arc::new(Director::new(
+                ds,
+                Arc::new(endpoint_picker::config::load(config, 1).unwrap()),
+                1,
+            )),
             events: Arc::new(Events::default()),
             options: ServiceOptions::default(),
         }
@@ -545,4 +552,33 @@ async fn endpoint_scores_are_emitted_only_when_asked() {
         Some(a.destination()),
         "unchanged"
     );
+}
+
+/// `session-affinity-scorer` (encoded endpoint token): the response carries the serving
+/// replica's token, and a request echoing it goes back there.
+#[tokio::test(start_paused = true)]
+async fn the_session_token_written_on_the_response_pins_the_next_request() {
+    let config = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: session-affinity-scorer\n- type: max-score-picker\n";
+    let h = Harness::with_config(4, config);
+    let mut s = h.stream();
+    let out = send_chat(&mut s, "m", &[]);
+    let first = routing_answer(&out[0]).destination().to_owned();
+    let out = s.on_message(resp_headers(&[(":status", "200")], false, None));
+    let Some(crate::envoy::ext_proc::processing_response::Response::ResponseHeaders(hr)) =
+        &out[0].response
+    else {
+        panic!("{out:?}")
+    };
+    let token = hr
+        .response
+        .as_ref()
+        .and_then(|c| c.header_mutation.as_ref())
+        .and_then(|m| m.set_headers.iter().find_map(|o| o.header.as_ref()))
+        .filter(|h| h.key == "x-session-token")
+        .map(|h| String::from_utf8(h.raw_value.clone()).unwrap())
+        .expect("session token");
+    for _ in 0..10 {
+        let out = send_chat(&mut h.stream(), "m", &[("x-session-token", &token)]);
+        assert_eq!(routing_answer(&out[0]).destination(), first);
+    }
 }

@@ -1,12 +1,14 @@
 //! The built-in plugins.
 
 pub mod compat;
+pub mod cost;
 pub mod filters;
 pub mod pickers;
 pub mod prefix;
 pub mod profile;
 pub mod response;
 pub mod scorers;
+pub mod session;
 
 #[cfg(test)]
 pub(crate) mod test_util {

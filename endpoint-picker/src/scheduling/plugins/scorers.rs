@@ -379,7 +379,6 @@ impl Scorer for NoHitLruScorer {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicU64;
 
     use super::*;
     use crate::scheduling::plugins::test_util::{candidates, metrics};
@@ -503,9 +502,12 @@ mod tests {
     fn active_request_scorer_prefers_fewer_in_flight() {
         let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
         let len = c.iter().map(|c| c.endpoint.id.0 as usize).max().unwrap() + 1;
-        let mut counters: Vec<Arc<AtomicU64>> = (0..len).map(|_| Arc::default()).collect();
+        let counters: Vec<Arc<crate::scheduling::EndpointLoad>> =
+            (0..len).map(|_| Arc::default()).collect();
         for (c, n) in c.iter().zip([0, 2, 4]) {
-            counters[c.endpoint.id.0 as usize] = Arc::new(AtomicU64::new(n));
+            counters[c.endpoint.id.0 as usize]
+                .requests
+                .store(n, std::sync::atomic::Ordering::Relaxed);
         }
         let mut state = CycleState::new(tokio::time::Instant::now());
         state.in_flight = crate::scheduling::InFlightCounts::new(Arc::new(counters));

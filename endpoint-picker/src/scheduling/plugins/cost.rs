@@ -1,0 +1,415 @@
+//! The cost model as plugins (see [`crate::cost`] for the model itself):
+//!
+//! - `ttft-cost-producer` predicts, for the request on every candidate, its time to first token
+//!   and per output token, from the EPP's own load on that replica (exact and current), the
+//!   engine's reported queue and batch (for traffic other EPPs sent), what the prefix index
+//!   says the replica caches, and the replica's calibration. It runs after the prefix producer.
+//! - `ttft-cost-scorer` scores each candidate by the cheapest objective over its own:
+//!   `min / objective`, so the cheapest replica scores 1.
+//! - `latency-slo-filter` keeps the candidates predicted to meet the request's
+//!   `x-llm-d-slo-ttft-ms` / `x-llm-d-slo-tpot-ms`, when any does; otherwise all of them (the
+//!   scorer then picks the least late).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+use crate::config::params::Params;
+use crate::cost::{Backlog, EngineCosts, estimate_tokens};
+use crate::request::InferenceRequest;
+use crate::scheduling::{Candidate, Cost, Costs, CycleState, DataProducer, Filter, Plugin, Scorer};
+
+/// Output tokens assumed for a request that names no `max_tokens` (the median completion of
+/// chat traffic is a few hundred tokens).
+pub const DEFAULT_OUTPUT_TOKENS: u32 = 256;
+/// Output tokens counted at most in the objective: a request asking for 100k tokens is no more
+/// urgent to place on an idle batch than one asking for a few thousand.
+const MAX_OBJECTIVE_OUTPUT_TOKENS: u32 = 4096;
+
+/// `ttft-cost-producer` parameters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProducerYaml {
+    token_budget: Option<i64>,
+    prefill_micros_per_token: Option<f64>,
+    step_millis: Option<f64>,
+    sequence_micros: Option<f64>,
+    decode_weight: Option<f64>,
+    default_output_tokens: Option<i64>,
+}
+
+/// Predicts each candidate's cost for the request into [`CycleState::costs`].
+#[derive(Debug)]
+pub struct TtftCostProducer {
+    /// Instance name.
+    pub name: String,
+    /// The engine constants (priors).
+    pub engine: EngineCosts,
+    /// How much the decode phase counts in the objective: `objective = ttft + w · (n − 1) ·
+    /// tpot` for `n` output tokens. 0 minimises TTFT alone; 1 the time to the last token.
+    pub decode_weight: f64,
+    /// Output tokens assumed when the request names none.
+    pub default_output_tokens: u32,
+}
+
+impl Default for TtftCostProducer {
+    fn default() -> Self {
+        Self {
+            name: "ttft-cost-producer".into(),
+            engine: EngineCosts::default(),
+            decode_weight: 0.25,
+            default_output_tokens: DEFAULT_OUTPUT_TOKENS,
+        }
+    }
+}
+
+impl TtftCostProducer {
+    /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
+    /// (the engine priors), `decodeWeight` (in [0, 1]) and `defaultOutputTokens`.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: ProducerYaml = p.decode()?;
+        let mut out = Self {
+            name: p.name(),
+            ..Self::default()
+        };
+        if let Some(b) = p.positive("tokenBudget", y.token_budget)? {
+            out.engine.token_budget = b as u64;
+        }
+        let positive_duration = |p: &Params<'_>, name, v: Option<f64>, unit: f64| match v {
+            None => Ok(None),
+            Some(v) if v.is_finite() && v > 0.0 => Ok(Some(Duration::from_secs_f64(v * unit))),
+            Some(_) => Err(p.invalid(name, "must be a number > 0")),
+        };
+        if let Some(d) =
+            positive_duration(p, "prefillMicrosPerToken", y.prefill_micros_per_token, 1e-6)?
+        {
+            out.engine.per_token = d;
+        }
+        if let Some(d) = positive_duration(p, "stepMillis", y.step_millis, 1e-3)? {
+            out.engine.per_step = d;
+        }
+        if let Some(d) = positive_duration(p, "sequenceMicros", y.sequence_micros, 1e-6)? {
+            out.engine.per_sequence = d;
+        }
+        match y.decode_weight {
+            Some(w) if !(0.0..=1.0).contains(&w) => {
+                return Err(p.invalid("decodeWeight", "must be in [0, 1]"));
+            }
+            Some(w) => out.decode_weight = w,
+            None => {}
+        }
+        if let Some(n) = p.positive("defaultOutputTokens", y.default_output_tokens)? {
+            out.default_output_tokens = n.min(u32::MAX as usize) as u32;
+        }
+        Ok(out)
+    }
+
+    /// The cost of `request` on one candidate; `prompt_tokens` estimated once per request.
+    fn cost(
+        &self,
+        request: &InferenceRequest,
+        state: &CycleState,
+        candidate: &Candidate,
+        prompt_tokens: u64,
+    ) -> Cost {
+        let endpoint = &candidate.endpoint;
+        let cached = state.prefix.as_ref().map_or(0, |p| {
+            u64::from(p.matched_blocks(endpoint)) * p.block_tokens as u64
+        });
+        let uncached = prompt_tokens.saturating_sub(cached);
+        let load = state.in_flight.load(endpoint.id);
+        let own = load.map(|l| l.read()).unwrap_or_default();
+        let engine = &candidate.metrics;
+        // Requests the engine holds that this EPP did not send (another EPP replica's): each
+        // counted as one more prompt like this one.
+        let foreign_waiting = engine.waiting_queue_size.saturating_sub(own.prefilling);
+        let backlog = Backlog {
+            queued_tokens: own.prefill_tokens + foreign_waiting * prompt_tokens,
+            decoding: (own.requests - own.prefilling.min(own.requests))
+                .max(engine.running_requests.saturating_sub(own.prefilling)),
+        };
+        let raw = self.engine.predict(backlog, uncached);
+        let k = load.map_or(1.0, |l| l.calibration.factor());
+        let predicted = crate::cost::Prediction {
+            ttft: raw.ttft * k,
+            tpot: raw.tpot * k,
+        };
+        let output = request
+            .max_tokens
+            .unwrap_or(self.default_output_tokens)
+            .min(MAX_OBJECTIVE_OUTPUT_TOKENS);
+        let objective = predicted.ttft
+            + self.decode_weight * f64::from(output.saturating_sub(1)) * predicted.tpot;
+        Cost {
+            predicted,
+            raw_ttft: raw.ttft,
+            uncached_tokens: uncached,
+            objective,
+        }
+    }
+}
+
+impl Plugin for TtftCostProducer {
+    fn type_name(&self) -> &'static str {
+        "ttft-cost-producer"
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl DataProducer for TtftCostProducer {
+    fn produce(
+        &self,
+        request: &InferenceRequest,
+        candidates: &[Candidate],
+        state: &mut CycleState,
+    ) {
+        let prompt_tokens = estimate_tokens(request.prompt.len());
+        let bound = candidates
+            .iter()
+            .map(|c| c.endpoint.id.0 as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut by_endpoint = vec![None; bound];
+        for c in candidates {
+            by_endpoint[c.endpoint.id.0 as usize] =
+                Some(self.cost(request, state, c, prompt_tokens));
+        }
+        state.costs = Some(Costs { by_endpoint });
+    }
+}
+
+/// `ttft-cost-scorer`: the cheapest candidate scores 1, the others `cheapest / theirs`.
+#[derive(Debug)]
+pub struct TtftCostScorer {
+    /// Instance name.
+    pub name: String,
+}
+
+impl Plugin for TtftCostScorer {
+    fn type_name(&self) -> &'static str {
+        "ttft-cost-scorer"
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Scorer for TtftCostScorer {
+    fn score(
+        &self,
+        _request: &InferenceRequest,
+        state: &CycleState,
+        candidates: &[Candidate],
+        scores: &mut [f64],
+    ) {
+        let Some(costs) = &state.costs else {
+            scores.iter_mut().for_each(|s| *s = 0.0);
+            return;
+        };
+        let objective = |c: &Candidate| costs.of(&c.endpoint).map(|c| c.objective);
+        let best = candidates
+            .iter()
+            .filter_map(objective)
+            .fold(f64::INFINITY, f64::min);
+        for (s, c) in scores.iter_mut().zip(candidates) {
+            *s = match objective(c) {
+                Some(o) if o > 0.0 && best.is_finite() => best / o,
+                Some(_) => 1.0,
+                None => 0.0,
+            };
+        }
+    }
+}
+
+/// `latency-slo-filter`: the candidates predicted to meet the request's latency objectives,
+/// when any is; all of them otherwise.
+#[derive(Debug)]
+pub struct LatencySloFilter {
+    /// Instance name.
+    pub name: String,
+}
+
+impl Plugin for LatencySloFilter {
+    fn type_name(&self) -> &'static str {
+        "latency-slo-filter"
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Filter for LatencySloFilter {
+    fn filter(
+        &self,
+        request: &InferenceRequest,
+        state: &CycleState,
+        candidates: Vec<Candidate>,
+    ) -> Vec<Candidate> {
+        let (Some(costs), true) = (
+            &state.costs,
+            request.slo_ttft.is_some() || request.slo_tpot.is_some(),
+        ) else {
+            return candidates;
+        };
+        let meets = |c: &Candidate| {
+            costs.of(&c.endpoint).is_some_and(|cost| {
+                request
+                    .slo_ttft
+                    .is_none_or(|slo| cost.predicted.ttft <= slo.as_secs_f64())
+                    && request
+                        .slo_tpot
+                        .is_none_or(|slo| cost.predicted.tpot <= slo.as_secs_f64())
+            })
+        };
+        if candidates.iter().any(meets) {
+            candidates.into_iter().filter(meets).collect()
+        } else {
+            candidates
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::datastore::{Datastore, EngineMetrics, test_util::pool};
+    use crate::scheduling::{EndpointLoad, InFlightCounts, PrefixMatch};
+
+    struct Setup {
+        candidates: Vec<Candidate>,
+        loads: Vec<Arc<EndpointLoad>>,
+    }
+
+    fn setup(n: u8, running: &[u64]) -> Setup {
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(n));
+        for (e, r) in snap.endpoints.iter().zip(running) {
+            e.store_metrics(EngineMetrics {
+                running_requests: *r,
+                ..Default::default()
+            });
+        }
+        let candidates: Vec<Candidate> =
+            snap.endpoints.iter().cloned().map(Candidate::new).collect();
+        let loads = (0..=n).map(|_| Arc::default()).collect();
+        Setup { candidates, loads }
+    }
+
+    fn state(s: &Setup) -> CycleState {
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        state.in_flight = InFlightCounts::new(Arc::new(s.loads.clone()));
+        state
+    }
+
+    fn request(prompt_tokens: usize) -> InferenceRequest {
+        InferenceRequest {
+            prompt: Bytes::from("x".repeat(prompt_tokens * 4)),
+            max_tokens: Some(1),
+            ..Default::default()
+        }
+    }
+
+    fn run(s: &Setup, state: &mut CycleState, req: &InferenceRequest) -> Vec<f64> {
+        TtftCostProducer::default().produce(req, &s.candidates, state);
+        let mut scores = vec![f64::NAN; s.candidates.len()];
+        TtftCostScorer { name: "s".into() }.score(req, state, &s.candidates, &mut scores);
+        scores
+    }
+
+    #[test]
+    fn scores_are_relative_costs_with_the_cheapest_at_one() {
+        let s = setup(3, &[0, 100, 300]);
+        let mut st = state(&s);
+        let scores = run(&s, &mut st, &request(1000));
+        assert_eq!(scores[0], 1.0);
+        assert!(scores[0] > scores[1] && scores[1] > scores[2], "{scores:?}");
+        assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+    }
+
+    #[test]
+    fn the_epps_own_queued_prefill_counts_at_once() {
+        let s = setup(2, &[0, 0]);
+        // 30,000 tokens already routed to the first endpoint and not started.
+        s.loads[s.candidates[0].endpoint.id.0 as usize]
+            .prefill_tokens
+            .store(30_000, Ordering::Relaxed);
+        let mut st = state(&s);
+        let scores = run(&s, &mut st, &request(1000));
+        assert_eq!(scores[1], 1.0, "{scores:?}");
+        assert!(scores[0] < 0.2, "{scores:?}");
+    }
+
+    #[test]
+    fn a_cached_prefix_wins_until_its_replica_is_loaded() {
+        let s = setup(2, &[0, 0]);
+        let req = request(6_500);
+        let cached_on_first = |st: &mut CycleState| {
+            let mut matched = vec![0; 3];
+            matched[s.candidates[0].endpoint.id.0 as usize] = 375; // 6,000 tokens of 16
+            st.prefix = Some(PrefixMatch {
+                hashes: vec![0; 406],
+                matched,
+                block_tokens: 16,
+            });
+        };
+        let mut st = state(&s);
+        cached_on_first(&mut st);
+        assert_eq!(run(&s, &mut st, &req)[0], 1.0);
+        s.loads[s.candidates[0].endpoint.id.0 as usize]
+            .prefill_tokens
+            .store(20_000, Ordering::Relaxed);
+        let mut st = state(&s);
+        cached_on_first(&mut st);
+        assert_eq!(
+            run(&s, &mut st, &req)[1],
+            1.0,
+            "recomputing elsewhere is cheaper"
+        );
+    }
+
+    #[test]
+    fn the_slo_filter_keeps_who_meets_it_or_everyone() {
+        let s = setup(2, &[0, 2000]);
+        let mut st = state(&s);
+        let mut req = request(1000);
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+        let f = LatencySloFilter { name: "f".into() };
+        let costs = st.costs.clone().unwrap();
+        let ttft = |i: usize| costs.of(&s.candidates[i].endpoint).unwrap().predicted.ttft;
+        assert!(ttft(0) < ttft(1));
+        req.slo_ttft = Some(Duration::from_secs_f64((ttft(0) + ttft(1)) / 2.0));
+        let kept = f.filter(&req, &st, s.candidates.clone());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].endpoint.id, s.candidates[0].endpoint.id);
+        req.slo_ttft = Some(Duration::from_micros(1));
+        assert_eq!(f.filter(&req, &st, s.candidates.clone()).len(), 2);
+        req.slo_ttft = None;
+        assert_eq!(f.filter(&req, &st, s.candidates.clone()).len(), 2);
+    }
+
+    #[test]
+    fn calibration_scales_a_replicas_predictions() {
+        let s = setup(2, &[0, 0]);
+        let slow = &s.loads[s.candidates[1].endpoint.id.0 as usize];
+        for _ in 0..50 {
+            slow.calibration
+                .observe(Duration::from_millis(10), Duration::from_millis(30));
+        }
+        let mut st = state(&s);
+        let req = request(1000);
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+        let costs = st.costs.unwrap();
+        let a = costs.of(&s.candidates[0].endpoint).unwrap();
+        let b = costs.of(&s.candidates[1].endpoint).unwrap();
+        assert!((b.predicted.ttft / a.predicted.ttft - 3.0).abs() < 0.05);
+        assert_eq!(a.raw_ttft, b.raw_ttft, "the raw model is the same");
+    }
+}
