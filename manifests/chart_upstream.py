@@ -202,7 +202,7 @@ OVERRIDES_V150 = {
                        "prometheus": {"enabled": True, "extraLabels": {"release": "kube-prometheus"}}},
         "tracing": {"enabled": True, "otelExporterEndpoint": "http://otel-collector.observability:4317",
                     "sampling": {"samplerArg": "0.5"}},
-        "metricsDataSource": {"path": "/custom/metrics"},
+        "metricsDataSource": {"path": "/custom/metrics", "scheme": "https", "insecureSkipVerify": False},
     },
     "inferencePool": {
         # Upstream's single-port form replaces the list, which is nulled as a user would.
@@ -252,7 +252,8 @@ def expect_overrides_v150(objs: Objs, c: Check) -> None:
     c.eq("OTEL sampler", (e.get("OTEL_TRACES_SAMPLER"), e.get("OTEL_TRACES_SAMPLER_ARG")),
          ("parentbased_traceidratio", "0.5"))
     cfg = plugins_config(objs)
-    c.eq("metrics path", plugin(cfg, "metrics-data-source")["parameters"]["path"], "/custom/metrics")
+    c.eq("metrics-data-source", plugin(cfg, "metrics-data-source")["parameters"],
+         {"scheme": "https", "path": "/custom/metrics", "insecureSkipVerify": False})
     c.eq("engine", plugin(cfg, "core-metrics-extractor")["parameters"]["defaultEngine"], "triton")
     dr = one(objs, "DestinationRule")["spec"]
     c.eq("DestinationRule", dr, {"host": "epp.inference.svc.cluster.local", "trafficPolicy": {
@@ -339,7 +340,7 @@ def expect_legacy_shapes(objs: Objs, c: Check) -> None:
     c.eq("containers", [x["name"] for x in containers], ["proxy", "epp"])
     c.eq("sidecar command", containers[0].get("command"), ["/usr/local/bin/envoy"])
     c.eq("sidecar args", containers[0].get("args"), ["-c", "/etc/proxy/envoy.yaml"])
-    c.eq("volumes", sorted(v["name"] for v in pod(objs)["volumes"]), ["plugins-config", "proxy-config", "scratch"])
+    c.eq("volumes", sorted(v["name"] for v in pod(objs)["volumes"]), ["plugins-config", "proxy-config", "scratch", "tmp"])
     c.eq("templated sidecar volume", next(v for v in pod(objs)["volumes"] if v["name"] == "proxy-config"),
          {"name": "proxy-config", "configMap": {"name": "my-pool-proxy"}})
     c.true("EPP mounts scratch", {"name": "scratch", "mountPath": "/scratch"} in epp(objs)["volumeMounts"])
@@ -409,8 +410,8 @@ REJECTIONS = [
               "inferencePool.targetPorts needs 1 to 8 ports"),
     Rejection("the latency predictor", merged(upstream("v1.5.0"), SELECTOR, _ext(latencyPredictor={"enabled": True})),
               "inferenceExtension.latencyPredictor.enabled"),
-    Rejection("https scraping", _with(_ext(metricsDataSource={"scheme": "https"})),
-              "inferenceExtension.metricsDataSource.scheme \"https\""),
+    Rejection("a scrape scheme other than http or https", _with(_ext(metricsDataSource={"scheme": "ftp"})),
+              "inferenceExtension.metricsDataSource.scheme \"ftp\" must be http or https"),
     Rejection("standalone mode", _with(_ext(endpointsServer={"createInferencePool": False})),
               "inferenceExtension.endpointsServer"),
     Rejection("a sidecar without an image", _with(_ext(sidecar={"enabled": True, "name": "proxy"})),

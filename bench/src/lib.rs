@@ -1,5 +1,6 @@
 //! Benchmark support for Switchyard: the load generator, the workloads, the scenario
 //! harness (processes, metrics, reports) and the fixtures shared by the criterion benches.
+
 #![warn(missing_docs)]
 
 pub mod fixed_backend;

@@ -6,9 +6,9 @@
 //! model servers as the pods, so it runs on every change. The scenarios live in
 //! `tests/conformance.rs`; this crate holds what they share: "pods" on their own loopback IPs,
 //! the EPPs, the gateways, the traffic method and the report.
-#![warn(missing_docs)]
 // Test support: a failed setup step should stop the scenario with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![warn(missing_docs)]
 
 pub mod report;
 

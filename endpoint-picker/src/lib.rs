@@ -3,6 +3,7 @@
 //! Everything that decides where a request goes lives here, free of tonic and Envoy types:
 //! the endpoint datastore, engine-metric scraping, the scheduler framework and its plugins,
 //! the approximate prefix-cache index, saturation detection and `EndpointPickerConfig` loading.
+
 #![warn(missing_docs)]
 
 pub mod config;

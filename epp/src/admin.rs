@@ -1,16 +1,18 @@
 //! The metrics/admin HTTP server: `/metrics` (Prometheus text), `/healthz`, and, when enabled,
-//! `/debug/pool` (current endpoints with their latest metrics and the last decisions, as JSON).
+//! `/debug/pool` (current endpoints with their latest metrics and the last decisions, as JSON),
+//! and `/debug/pprof/profile` (a CPU profile, see [`crate::profile`]).
 //!
-//! `/metrics` and `/debug/pool` sit behind one [`AdminAuth`]: in Kubernetes mode with
+//! `/metrics`, `/debug/pool` and `/debug/pprof/profile` sit behind one [`AdminAuth`]: in Kubernetes mode with
 //! `--metrics-endpoint-auth` (the default, as the reference), the scraper's bearer token is
 //! authenticated by a TokenReview and authorised by a SubjectAccessReview on the request's path
 //! and verb; in local mode a static bearer token guards them; with the flag off they are open.
 //! `/healthz` is always open (it says nothing but "ok").
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,6 +22,7 @@ use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 
 use crate::debug::{self, DecisionLog};
+use crate::profile::ProfileError;
 
 /// Who may read `/metrics` and `/debug/pool`.
 #[derive(Debug, Clone)]
@@ -75,6 +78,15 @@ pub struct AdminState {
     pub refresh: Option<Refresh>,
     /// What `/debug/pool` reads (`None`: not served, `--debug-pool=false`).
     pub debug: Option<DebugState>,
+    /// `/debug/pprof/profile` (`None`: not served, `--enable-pprof=false`).
+    pub pprof: Option<PprofState>,
+}
+
+/// The state behind `/debug/pprof/profile`.
+#[derive(Debug, Clone)]
+pub struct PprofState {
+    /// Ends a profile in progress when the server shuts down.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The state behind `/debug/pool`.
@@ -106,7 +118,59 @@ pub fn router(state: AdminState) -> Router {
     if state.debug.is_some() {
         router = router.route("/debug/pool", get(debug_pool));
     }
+    if state.pprof.is_some() {
+        router = router.route("/debug/pprof/profile", get(pprof_profile));
+    }
     router.with_state(state)
+}
+
+/// `?seconds=N` of `/debug/pprof/profile`.
+#[derive(Debug, serde::Deserialize)]
+struct ProfileQuery {
+    seconds: Option<String>,
+}
+
+async fn pprof_profile(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Query(query): Query<ProfileQuery>,
+) -> Response {
+    if let Some(denied) = state.auth.refuse(&headers, "/debug/pprof/profile").await {
+        return denied;
+    }
+    let Some(p) = &state.pprof else {
+        return (StatusCode::NOT_FOUND, "not enabled (--enable-pprof)\n").into_response();
+    };
+    let seconds = match crate::profile::seconds(query.seconds.as_deref()) {
+        Ok(s) => s,
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
+    tracing::info!(seconds, "CPU profile requested");
+    match crate::profile::cpu(Duration::from_secs(seconds), p.shutdown.clone()).await {
+        Ok(profile) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"profile\"",
+                ),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            profile,
+        )
+            .into_response(),
+        Err(e) => {
+            let status = match e {
+                ProfileError::Busy => StatusCode::CONFLICT,
+                ProfileError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::error!(error = %e, "CPU profile failed");
+            }
+            (status, format!("{e}\n")).into_response()
+        }
+    }
 }
 
 async fn debug_pool(State(state): State<AdminState>, headers: HeaderMap) -> Response {

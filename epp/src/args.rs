@@ -1,11 +1,17 @@
 //! Command-line flags, named as the reference EPP's (Go pflag style: `--flag=value`, booleans
-//! as `--flag` or `--flag=false`). Flags that do not apply to this build are accepted and say
-//! so in `--help`.
+//! as `--flag` or `--flag=false`). Each does what the reference's does; one that cannot apply
+//! to the rest of the command line (`--enable-cert-reload` without `--cert-path`, …) stops
+//! start-up naming it rather than being ignored.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+use endpoint_picker::scrape::MetricsScheme;
+
+fn metrics_scheme(s: &str) -> Result<MetricsScheme, String> {
+    s.parse()
+}
 
 fn duration(s: &str) -> Result<Duration, String> {
     endpoint_picker::config::parse_duration(s)
@@ -33,10 +39,12 @@ pub struct Args {
     /// Serve ext_proc over TLS (a self-signed certificate unless --cert-path).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub secure_serving: bool,
-    /// Directory holding tls.crt and tls.key.
+    /// Directory holding tls.crt and tls.key for the ext_proc port (needs --secure-serving).
     #[arg(long)]
     pub cert_path: Option<PathBuf>,
-    /// Reload certificates on change (accepted; certificates are read at start-up).
+    /// Re-read --cert-path every second: a changed pair is served to new connections (open
+    /// ones keep theirs); a pair that does not load is logged and the old one kept. Needs
+    /// --cert-path.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_cert_reload: bool,
     /// Also serve gRPC health on the ext_proc port.
@@ -48,10 +56,12 @@ pub struct Args {
     /// InferencePool name (Kubernetes mode; in local mode it must match the pool file if set).
     #[arg(long, default_value = "")]
     pub pool_name: String,
-    /// InferencePool namespace (defaults to $NAMESPACE, then "default").
-    #[arg(long, env = "NAMESPACE", default_value = "default")]
-    pub pool_namespace: String,
-    /// InferencePool API group.
+    /// InferencePool namespace (Kubernetes mode: defaults to $NAMESPACE, then "default"; in
+    /// local mode it must match the pool file if set).
+    #[arg(long)]
+    pub pool_namespace: Option<String>,
+    /// InferencePool API group (only inference.networking.k8s.io, whose v1 pools pool files
+    /// hold too).
     #[arg(long, default_value = "inference.networking.k8s.io")]
     pub pool_group: String,
     /// Standalone selector `key=value,...` (Kubernetes mode; not available in local mode).
@@ -63,9 +73,9 @@ pub struct Args {
     /// Local mode: a YAML file with an InferencePool and its endpoints, reloaded on change.
     #[arg(long)]
     pub pool_file: Option<PathBuf>,
-    /// How often the pool file is checked for changes.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    pub pool_file_poll_interval: Duration,
+    /// How often the pool file is checked for changes (default 1s; needs --pool-file).
+    #[arg(long, value_parser = duration)]
+    pub pool_file_poll_interval: Option<Duration>,
     /// Ignore the subset hint from the gateway.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub disable_endpoint_subset_filter: bool,
@@ -87,10 +97,12 @@ pub struct Args {
     /// Metrics path on the model servers (deprecated upstream; metrics-data-source wins).
     #[arg(long, default_value = "/metrics")]
     pub model_server_metrics_path: String,
-    /// Metrics scheme (only http is implemented).
-    #[arg(long, default_value = "http")]
-    pub model_server_metrics_scheme: String,
-    /// Skip TLS verification when scraping over https (accepted; https scraping is not implemented).
+    /// Scheme of the model servers' metrics endpoints: http or https (deprecated upstream; the
+    /// metrics-data-source plugin's scheme wins).
+    #[arg(long, default_value = "http", value_parser = metrics_scheme)]
+    pub model_server_metrics_scheme: MetricsScheme,
+    /// With https: accept any certificate (the default, as the reference); false verifies the
+    /// chain and the pod IP against the system roots. The plugin's insecureSkipVerify wins.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub model_server_metrics_https_insecure_skip_verify: bool,
     /// EndpointPickerConfig YAML file.
@@ -149,40 +161,101 @@ pub struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set; off without an endpoint.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub tracing: bool,
-    /// pprof endpoints (accepted; Go-only).
+    /// Serve a CPU profile at /debug/pprof/profile?seconds=N (default 30, at most 120) on the
+    /// metrics port, behind the same auth as /metrics, as the reference's pprof handlers (Go's
+    /// other profiles have no counterpart). Sampling runs only while a profile is taken.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_pprof: bool,
-    /// Log verbosity: 2 = info (default), 3 = verbose, 4 = debug, 5 = trace.
+    /// Log verbosity, as the reference's `--v` (zap level -N): 0 to 3 = info (2 is the
+    /// default), 4 = debug, 5 and above = trace.
     #[arg(long = "v", short = 'v', default_value_t = 2)]
     pub verbosity: u8,
-    /// Log encoding: console or json.
-    #[arg(long, default_value = "console", value_parser = ["console", "json"])]
-    pub zap_encoder: String,
-    /// Log level (info, debug, error, or a number); overrides --v when set.
-    #[arg(long)]
-    pub zap_log_level: Option<String>,
-    /// Development logging (accepted).
-    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// Log encoding: console or json. Without it, --zap-devel decides: console in development
+    /// mode (the default), json in production mode (--zap-devel=false).
+    #[arg(long, value_parser = ["console", "json"])]
+    pub zap_encoder: Option<String>,
+    /// Log level: debug, info, warn, error, panic (nothing is logged at panic level), or an
+    /// integer N > 0 read as --v=N. Wins over --v when set.
+    #[arg(long, value_parser = zap_level)]
+    pub zap_log_level: Option<LogLevel>,
+    /// Development logging, as controller-runtime's zap: the console encoder unless
+    /// --zap-encoder is given; false (production) makes json the default. Default true, as the
+    /// reference. The level always comes from --zap-log-level or --v, as in the reference,
+    /// whose own --v sets the level in both modes; zap's stack traces on warnings have no
+    /// counterpart here.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub zap_devel: bool,
 }
 
+/// A level from `--zap-log-level` (controller-runtime's names, plus `warn`; integers are
+/// verbosities).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// `debug`.
+    Debug,
+    /// `info`.
+    Info,
+    /// `warn` (not in controller-runtime's list; kept because it is obvious).
+    Warn,
+    /// `error`.
+    Error,
+    /// `panic`: zap then logs panics only, and this program logs none.
+    Panic,
+    /// An integer N > 0: zap level -N, the same as `--v=N`.
+    Verbosity(u8),
+}
+
+fn zap_level(s: &str) -> Result<LogLevel, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "debug" => Ok(LogLevel::Debug),
+        "info" => Ok(LogLevel::Info),
+        "warn" => Ok(LogLevel::Warn),
+        "error" => Ok(LogLevel::Error),
+        "panic" => Ok(LogLevel::Panic),
+        other => match other.parse::<u8>() {
+            Ok(n) if n > 0 => Ok(LogLevel::Verbosity(n)),
+            _ => Err(format!(
+                "invalid log level {s:?}: debug, info, warn, error, panic, or an integer > 0"
+            )),
+        },
+    }
+}
+
+/// The `tracing` level of a zap verbosity: this program's info lines are V(0) to V(3) in the
+/// reference's scheme (`DEFAULT` 2, `VERBOSE` 3), debug lines V(4), trace lines V(5).
+fn verbosity_level(v: u8) -> &'static str {
+    match v {
+        0..=3 => "info",
+        4 => "debug",
+        _ => "trace",
+    }
+}
+
 impl Args {
-    /// The tracing filter the verbosity flags ask for.
+    /// The tracing filter the verbosity flags ask for: `--zap-log-level` if given, else `--v`.
     pub fn log_filter(&self) -> String {
-        let level = match self.zap_log_level.as_deref() {
-            Some("debug") => "debug",
-            Some("error") => "error",
-            Some("warn") => "warn",
-            Some("info") => "info",
-            Some(n) if n.parse::<u8>().is_ok_and(|n| n >= 4) => "debug",
-            _ => match self.verbosity {
-                0 | 1 => "warn",
-                2 | 3 => "info",
-                4 => "debug",
-                _ => "trace",
-            },
+        let level = match self.zap_log_level {
+            Some(LogLevel::Debug) => "debug",
+            Some(LogLevel::Info) => "info",
+            Some(LogLevel::Warn) => "warn",
+            Some(LogLevel::Error) => "error",
+            Some(LogLevel::Panic) => "off",
+            Some(LogLevel::Verbosity(n)) => verbosity_level(n),
+            None => verbosity_level(self.verbosity),
         };
-        format!("{level},h2=warn,hyper=warn,tower=warn,tonic=warn")
+        // The libraries' own debug lines are per frame and per connection: noise even at
+        // trace.
+        format!("{level},h2=warn,hyper=warn,tower=warn,tonic=warn,rustls=warn")
+    }
+
+    /// The log encoder: `--zap-encoder` if given, else `console` in development mode and
+    /// `json` in production mode (`--zap-devel=false`), as controller-runtime's zap.
+    pub fn log_encoder(&self) -> &str {
+        match (&self.zap_encoder, self.zap_devel) {
+            (Some(explicit), _) => explicit,
+            (None, true) => "console",
+            (None, false) => "json",
+        }
     }
 }
 
@@ -223,5 +296,68 @@ mod tests {
         assert_eq!(twice.verbosity, 3, "the last one wins");
         assert!(twice.tracing);
         assert!(Args::try_parse_from(["epp", "--refresh-metrics-interval=soon"]).is_err());
+    }
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("epp").chain(args.iter().copied())).unwrap()
+    }
+
+    fn level(args: &[&str]) -> String {
+        let filter = parse(args).log_filter();
+        filter.split(',').next().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn zap_devel_picks_the_encoder_unless_zap_encoder_is_given() {
+        // Development mode is the default, as the reference's: console.
+        assert_eq!(parse(&[]).log_encoder(), "console");
+        assert_eq!(parse(&["--zap-devel"]).log_encoder(), "console");
+        // Production mode: json, as zap's production defaults.
+        assert_eq!(parse(&["--zap-devel=false"]).log_encoder(), "json");
+        // An explicit encoder wins in either mode.
+        assert_eq!(
+            parse(&["--zap-devel=false", "--zap-encoder=console"]).log_encoder(),
+            "console"
+        );
+        assert_eq!(parse(&["--zap-encoder=json"]).log_encoder(), "json");
+        assert_eq!(
+            parse(&["--zap-devel=true", "--zap-encoder", "json"]).log_encoder(),
+            "json"
+        );
+        assert!(Args::try_parse_from(["epp", "--zap-encoder=logfmt"]).is_err());
+    }
+
+    #[test]
+    fn the_level_comes_from_zap_log_level_then_v_in_either_mode() {
+        // The reference derives the zap level from --v whenever --zap-log-level is not set, so
+        // development mode's debug default never applies; the same here.
+        assert_eq!(level(&[]), "info");
+        assert_eq!(level(&["--zap-devel"]), "info");
+        assert_eq!(level(&["--zap-devel=false"]), "info");
+        // --v: zap level -N; this program's info lines are V(0) to V(3).
+        for (v, want) in [("0", "info"), ("1", "info"), ("3", "info"), ("4", "debug")] {
+            assert_eq!(level(&["--v", v]), want, "--v={v}");
+        }
+        assert_eq!(level(&["-v", "5"]), "trace");
+        assert_eq!(level(&["--v=9"]), "trace");
+        // --zap-log-level wins over --v, names or integers (read as --v).
+        assert_eq!(level(&["--v=5", "--zap-log-level=info"]), "info");
+        assert_eq!(level(&["--v=5", "--zap-log-level=1"]), "info");
+        assert_eq!(level(&["--zap-log-level=4"]), "debug");
+        assert_eq!(level(&["--zap-log-level=5"]), "trace");
+        assert_eq!(level(&["--zap-log-level=DEBUG"]), "debug");
+        assert_eq!(level(&["--zap-log-level=error"]), "error");
+        assert_eq!(level(&["--zap-log-level=warn"]), "warn");
+        // zap's panic level shows panics only; this program logs none.
+        assert_eq!(level(&["--zap-log-level=panic"]), "off");
+        // What zap refuses is refused here, naming the flag.
+        for bad in ["0", "-1", "verbose", ""] {
+            let err = Args::try_parse_from(["epp", &format!("--zap-log-level={bad}")])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("--zap-log-level"), "{err}");
+        }
+        // Libraries stay quiet even at trace.
+        assert!(parse(&["--v=5"]).log_filter().contains("h2=warn"));
     }
 }

@@ -1,6 +1,7 @@
 //! The `epp` binary's library: flags, wiring, the admin and metrics server, the recorder that
-//! turns request events into metrics and decision records, telemetry, TLS, gRPC health and the
-//! Kubernetes glue. The protocol lives in `ext-proc`, the decisions in `endpoint-picker`.
+//! turns request events into metrics and decision records, telemetry, TLS, CPU profiles, gRPC health
+//! and the Kubernetes glue. The protocol lives in `ext-proc`, the decisions in `endpoint-picker`.
+
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -10,6 +11,7 @@ pub mod health;
 pub mod kubernetes;
 pub mod labels;
 pub mod metrics;
+pub mod profile;
 pub mod recorder;
 pub mod server;
 pub mod supervisor;

@@ -6,13 +6,13 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use endpoint_picker::config;
 use endpoint_picker::discovery::file;
-use endpoint_picker::scrape::ScrapeConfig;
+use endpoint_picker::scrape::{MetricsScheme, ScrapeConfig, ScrapeTls};
 use epp::admin::AdminAuth;
 use epp::args::Args;
 use epp::kubernetes;
 use epp::server::{self, Listeners, PoolSource, Settings};
 use epp::telemetry::{self, TelemetryOptions};
-use epp::tls;
+use epp::tls::{self, ServerTls};
 use ext_proc::stream::ServiceOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,7 @@ fn main() -> std::process::ExitCode {
     let _telemetry = {
         let _entered = runtime.enter();
         match telemetry::init(&TelemetryOptions {
-            encoder: args.zap_encoder.clone(),
+            encoder: args.log_encoder().to_owned(),
             filter: args.log_filter(),
             tracing: args.tracing,
         }) {
@@ -67,6 +67,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--pool-file-poll-interval` when not given.
+const POOL_FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Validates everything, binds the ports, and serves until SIGTERM/SIGINT.
 async fn run(args: Args) -> Result<()> {
     let Args {
@@ -94,7 +97,7 @@ async fn run(args: Args) -> Result<()> {
         model_server_metrics_port,
         model_server_metrics_path,
         model_server_metrics_scheme,
-        model_server_metrics_https_insecure_skip_verify: _,
+        model_server_metrics_https_insecure_skip_verify,
         config_file,
         config_text,
         max_request_body_bytes,
@@ -108,12 +111,13 @@ async fn run(args: Args) -> Result<()> {
         metrics_bearer_token_file,
         metrics_endpoint_auth,
         debug_pool,
+        // Read by main() before the runtime starts: logging is set up first.
         tracing: _,
-        enable_pprof: _,
         verbosity: _,
         zap_encoder: _,
         zap_log_level: _,
         zap_devel: _,
+        enable_pprof,
     } = args;
 
     // Everything is validated before any port is bound.
@@ -154,18 +158,38 @@ async fn run(args: Args) -> Result<()> {
             "a metrics bearer token is set but --metrics-endpoint-auth=false leaves /metrics open: drop one"
         );
     }
-    if model_server_metrics_scheme != "http" {
+    // The metrics-data-source plugin's parameters win over the deprecated flags, field by
+    // field, as the reference (defaults < flags < plugin parameters).
+    let scrape_scheme = loaded.scrape.scheme.unwrap_or(model_server_metrics_scheme);
+    let skip_verify = loaded
+        .scrape
+        .insecure_skip_verify
+        .unwrap_or(model_server_metrics_https_insecure_skip_verify);
+    let scrape_tls = if scrape_scheme == MetricsScheme::Https && !skip_verify {
+        ScrapeTls::system_roots().context(
+            "scraping model servers over https with certificate verification \
+             (insecureSkipVerify false)",
+        )?
+    } else {
+        ScrapeTls::SkipVerify
+    };
+    // Reloading needs files to reload, and files need TLS. The reference ignores both flags
+    // then; a flag that silently does nothing hides a mistake, so start-up stops instead.
+    if enable_cert_reload && (cert_path.is_none() || !secure_serving) {
         bail!(
-            "--model-server-metrics-scheme={model_server_metrics_scheme:?}: only http is implemented"
+            "--enable-cert-reload reloads the certificate files of --cert-path: it needs \
+             --cert-path and --secure-serving (the self-signed certificate has no files)"
         );
     }
-    if enable_cert_reload {
-        tracing::warn!(
-            "--enable-cert-reload is accepted but certificates are only read at start-up"
+    if cert_path.is_some() && !secure_serving {
+        bail!(
+            "--cert-path is the ext_proc port's TLS certificate: --secure-serving=false serves no TLS"
         );
     }
     let metrics_port_override =
         (model_server_metrics_port != 0).then_some(model_server_metrics_port);
+    // An empty --pool-namespace is no namespace, as in the reference.
+    let pool_namespace = pool_namespace.filter(|ns| !ns.is_empty());
     let shutdown = CancellationToken::new();
     let mut kube_client = None;
     let (pool, pool_label) = match pool_file {
@@ -188,6 +212,18 @@ async fn run(args: Args) -> Result<()> {
                     initial.pool.name
                 );
             }
+            if let Some(ns) = pool_namespace.filter(|ns| *ns != initial.pool.namespace) {
+                bail!(
+                    "--pool-namespace={ns:?} does not match the pool file's namespace {:?}",
+                    initial.pool.namespace
+                );
+            }
+            if pool_group != k8s::api::POOL_GROUP {
+                bail!(
+                    "--pool-group={pool_group:?}: pool files hold {} (v1) InferencePools",
+                    k8s::api::POOL_GROUP
+                );
+            }
             let label = format!(
                 "{} (file, {} endpoints)",
                 initial.pool.name,
@@ -195,7 +231,7 @@ async fn run(args: Args) -> Result<()> {
             );
             let source = PoolSource::File {
                 path,
-                poll_interval: pool_file_poll_interval,
+                poll_interval: pool_file_poll_interval.unwrap_or(POOL_FILE_POLL_INTERVAL),
                 metrics_port: metrics_port_override,
                 initial: Box::new(initial),
                 initial_bytes,
@@ -203,6 +239,16 @@ async fn run(args: Args) -> Result<()> {
             (source, label)
         }
         None => {
+            if pool_file_poll_interval.is_some() {
+                bail!(
+                    "--pool-file-poll-interval is how often --pool-file is read: add --pool-file"
+                );
+            }
+            // As the reference's resolvePoolNamespace: the flag, else $NAMESPACE (the pod's
+            // namespace, from the downward API), else "default".
+            let pool_namespace = pool_namespace
+                .or_else(|| std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty()))
+                .unwrap_or_else(|| "default".to_owned());
             let kube = kubernetes::source(
                 kubernetes::Flags {
                     pool_name,
@@ -234,8 +280,12 @@ async fn run(args: Args) -> Result<()> {
     };
     let tls = if secure_serving {
         Some(match cert_path {
-            Some(dir) => tls::from_dir(&dir).context("loading --cert-path")?,
-            None => tls::self_signed().context("generating the self-signed certificate")?,
+            Some(dir) => ServerTls::from_dir(
+                &dir,
+                enable_cert_reload.then_some(tls::CERT_RELOAD_INTERVAL),
+            )
+            .with_context(|| format!("loading --cert-path {}", dir.display()))?,
+            None => ServerTls::self_signed().context("generating the self-signed certificate")?,
         })
     } else {
         None
@@ -243,6 +293,8 @@ async fn run(args: Args) -> Result<()> {
     let mut scrape = ScrapeConfig {
         interval: refresh_metrics_interval,
         timeout: metrics_scrape_timeout,
+        scheme: scrape_scheme,
+        tls: scrape_tls,
         path: model_server_metrics_path,
         engine_label_key: loaded.scrape.engine_label_key.clone(),
         default_engine: loaded.scrape.default_engine.clone(),
@@ -292,6 +344,7 @@ async fn run(args: Args) -> Result<()> {
         seed,
         admin_auth,
         debug_pool,
+        pprof: enable_pprof,
         health_on_grpc_port: health_checking,
         drain_grace: drain_grace_period,
     };

@@ -118,7 +118,7 @@ pub struct ScrapeErrorLabels {
     pub name: String,
     /// Endpoint name.
     pub model_server_pod: String,
-    /// `timeout`, `request`, `status`, `body`, `utf8`, `url` or `unknown_engine`.
+    /// `timeout`, `request`, `tls`, `status`, `body`, `utf8`, `url` or `unknown_engine`.
     pub reason: &'static str,
 }
 
@@ -666,6 +666,7 @@ impl ScrapeObserver for MetricsObserver {
             let reason = match e {
                 ScrapeError::Timeout(_) => "timeout",
                 ScrapeError::Request(_) => "request",
+                ScrapeError::Tls(_) => "tls",
                 ScrapeError::Status(_) => "status",
                 ScrapeError::Body(_) => "body",
                 ScrapeError::Utf8 => "utf8",

@@ -17,7 +17,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use ext_proc::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
 use ext_proc::service::ExtProcService;
@@ -30,7 +31,7 @@ use crate::labels::ModelLabels;
 use crate::metrics::{EppMetrics, MetricsObserver};
 use crate::recorder::EppRecorder;
 use crate::supervisor::{OnExit, Supervisor, factory};
-use crate::tls::TlsIdentity;
+use crate::tls::{self, ServerCertificate, ServerTls};
 
 /// Largest ext_proc message accepted (a request body chunk can be large).
 const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
@@ -100,8 +101,8 @@ pub struct Settings {
     pub options: ServiceOptions,
     /// Keep the last N decisions for `/debug/pool` (0 = off; `--debug-decisions`).
     pub debug_decisions: usize,
-    /// TLS identity for the ext_proc port (`None` = plaintext).
-    pub tls: Option<TlsIdentity>,
+    /// TLS for the ext_proc port (`None` = plaintext).
+    pub tls: Option<ServerTls>,
     /// Scraper settings (`None` = no scraping; metrics are set by hand, as in tests).
     pub scrape: Option<ScrapeConfig>,
     /// Pool gauge refresh interval.
@@ -116,6 +117,8 @@ pub struct Settings {
     pub admin_auth: AdminAuth,
     /// Serve `/debug/pool` (`--debug-pool`).
     pub debug_pool: bool,
+    /// Serve `/debug/pprof/profile` (`--enable-pprof`).
+    pub pprof: bool,
     /// Also serve gRPC health on the ext_proc port.
     pub health_on_grpc_port: bool,
     /// How long open streams may take to finish after shutdown begins.
@@ -139,6 +142,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server")]
     Grpc(#[from] tonic::transport::Error),
+    /// The ext_proc port's TLS could not be set up.
+    #[error("ext_proc TLS")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Handles to a running EPP (for tests and the binary).
@@ -148,6 +154,8 @@ pub struct Handles {
     pub director: Arc<Director>,
     /// The datastore.
     pub datastore: Arc<Datastore>,
+    /// The ext_proc port's certificate (`None` without TLS).
+    pub certificate: Option<Arc<ServerCertificate>>,
 }
 
 /// Runs the EPP until `shutdown` is cancelled, then drains within the grace period.
@@ -178,9 +186,15 @@ pub async fn serve_with_handles(
         seed,
         admin_auth,
         debug_pool,
+        pprof,
         health_on_grpc_port,
         drain_grace,
     } = settings;
+    // Before anything starts: a TLS configuration rustls refuses ends here.
+    let tls = match tls {
+        Some(tls) => Some((tokio_rustls::TlsAcceptor::from(tls.server_config()?), tls)),
+        None => None,
+    };
     for w in &config.warnings {
         tracing::warn!(warning = %w, "config");
     }
@@ -364,6 +378,9 @@ pub async fn serve_with_handles(
                 director: director.clone(),
                 decisions: decisions.clone(),
             }),
+            pprof: pprof.then(|| admin::PprofState {
+                shutdown: shutdown.clone(),
+            }),
         };
         let listener = listeners.metrics;
         let server = tokio::spawn(async move {
@@ -376,6 +393,19 @@ pub async fn serve_with_handles(
         });
         tasks.adopt("metrics-server", OnExit::Shutdown, server);
     }
+    if let Some((_, tls)) = &tls
+        && let Some(reload) = tls.reload()
+    {
+        // Re-reads --cert-path until shutdown (--enable-cert-reload).
+        let (certificate, reload) = (tls.certificate().clone(), reload.clone());
+        tasks.spawn(
+            "cert-reload",
+            OnExit::Restart,
+            factory(move |token| {
+                tls::watch_certificates(certificate.clone(), reload.clone(), token)
+            }),
+        );
+    }
     let supervisor = tokio::spawn(tasks.run());
 
     let ctx = Arc::new(ServiceContext {
@@ -386,31 +416,37 @@ pub async fn serve_with_handles(
     let svc = ExternalProcessorServer::new(ExtProcService::new(ctx))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
-    let mut builder = Server::builder()
+    // The HTTP/2 settings are the server's, whatever the transport underneath: TLS is
+    // terminated below, before tonic sees the connection.
+    let mut router = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS_PER_CONNECTION)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
-    if let Some(id) = tls {
-        builder = builder.tls_config(
-            ServerTlsConfig::new().identity(Identity::from_pem(id.cert_pem, id.key_pem)),
-        )?;
-    }
-    let mut router = builder.add_service(svc);
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .add_service(svc);
     if health_on_grpc_port {
         router = router.add_service(health_service);
     }
     on_ready(Handles {
         director,
         datastore,
+        certificate: tls.as_ref().map(|(_, tls)| tls.certificate().clone()),
     });
     let grpc_token = shutdown.clone();
     // `Server::tcp_nodelay` only applies when tonic binds the socket itself; with our own
     // listener the accepted sockets must be configured here, or Nagle's algorithm meets the
     // peer's delayed ACK and mid-size ext_proc messages wait ~40 ms (found by bench/overhead).
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc = router.serve_with_incoming_shutdown(incoming, grpc_token.cancelled_owned());
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls {
+            Some((acceptor, _)) => Box::pin(router.serve_with_incoming_shutdown(
+                tls_incoming(incoming, acceptor),
+                grpc_token.cancelled_owned(),
+            )),
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(incoming, grpc_token.cancelled_owned()),
+            ),
+        };
     tokio::pin!(grpc);
     let result = tokio::select! {
         r = &mut grpc => r.map_err(ServeError::from),
@@ -479,3 +515,71 @@ async fn follow_readiness(
     }
     health::set_ready(&reporter, false).await;
 }
+
+/// How long a client may take to complete its TLS handshake. The handshakes run beside the
+/// accept loop, so a slow one delays no one else; this bounds what a client that connects and
+/// never finishes can hold.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS connections of the ext_proc port: each accepted socket's handshake runs as its own
+/// task (so one slow client does not hold up the others), and the finished ones are handed to
+/// tonic. A failed or timed-out handshake is logged at debug and dropped, as tonic does with
+/// its own TLS. Dropping the stream (at shutdown) aborts the handshakes in progress.
+fn tls_incoming(
+    tcp: TcpIncoming,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl tokio_stream::Stream<Item = Result<TlsConnection, std::io::Error>> {
+    use tokio_stream::StreamExt as _;
+
+    type Handshake = Result<Result<TlsConnection, std::io::Error>, tokio::time::error::Elapsed>;
+    enum Next {
+        Accepted(Option<Result<tokio::net::TcpStream, std::io::Error>>),
+        // Boxed: a TLS stream is large, a socket is not.
+        Handshake(Box<Result<Handshake, tokio::task::JoinError>>),
+    }
+
+    let handshakes = tokio::task::JoinSet::new();
+    futures::stream::unfold(
+        (tcp, handshakes, acceptor),
+        |(mut tcp, mut handshakes, acceptor)| async move {
+            loop {
+                let next = tokio::select! {
+                    accepted = tcp.next() => Next::Accepted(accepted),
+                    Some(done) = handshakes.join_next() => Next::Handshake(Box::new(done)),
+                };
+                match next {
+                    // The listener is gone: the stream ends (tonic stops serving).
+                    Next::Accepted(None) => return None,
+                    // tonic logs accept errors and carries on.
+                    Next::Accepted(Some(Err(e))) => {
+                        return Some((Err(e), (tcp, handshakes, acceptor)));
+                    }
+                    Next::Accepted(Some(Ok(socket))) => {
+                        let acceptor = acceptor.clone();
+                        handshakes.spawn(async move {
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket))
+                                .await
+                        });
+                    }
+                    Next::Handshake(done) => match *done {
+                        Ok(Ok(Ok(stream))) => {
+                            return Some((Ok(stream), (tcp, handshakes, acceptor)));
+                        }
+                        Ok(Ok(Err(error))) => {
+                            tracing::debug!(%error, "ext_proc TLS handshake failed");
+                        }
+                        Ok(Err(_)) => {
+                            tracing::debug!(timeout = ?TLS_HANDSHAKE_TIMEOUT, "ext_proc TLS handshake timed out");
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "ext_proc TLS handshake task ended");
+                        }
+                    },
+                }
+            }
+        },
+    )
+}
+
+/// An ext_proc connection over TLS.
+type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;

@@ -107,6 +107,81 @@ async fn bad_config_fails_before_binding_any_port() {
     let (code, stderr) = run_to_exit(&["--refresh-metrics-interval=sometimes"]).await;
     assert_ne!(code, 0);
     assert!(stderr.contains("invalid duration"), "{stderr}");
+    // Flags that would do nothing fail start-up, naming themselves.
+    let cert_dir = temp_file("unused", "").parent().unwrap().to_owned();
+    let cert_dir = format!("--cert-path={}", cert_dir.display());
+    let inert_cases: [(&[&str], &str); 5] = [
+        (&["--enable-cert-reload"], "--enable-cert-reload reloads"),
+        (
+            &["--enable-cert-reload", &cert_dir, "--secure-serving=false"],
+            "--enable-cert-reload reloads",
+        ),
+        (
+            &[&cert_dir, "--secure-serving=false"],
+            "--cert-path is the ext_proc port's TLS certificate",
+        ),
+        // The pool file says where the pool is: flags saying otherwise are refused.
+        (
+            &["--pool-namespace=prod"],
+            "--pool-namespace=\"prod\" does not match the pool file's namespace",
+        ),
+        (&["--pool-group=x-k8s.io"], "--pool-group=\"x-k8s.io\""),
+    ];
+    for (extra, needle) in inert_cases {
+        let mut args = vec![
+            "--pool-file",
+            pool,
+            "--grpc-port",
+            &port,
+            "--metrics-endpoint-auth=false",
+        ];
+        args.extend_from_slice(extra);
+        let (code, stderr) = run_to_exit(&args).await;
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+        assert!(
+            !stderr.contains("binding"),
+            "validated after binding: {stderr}"
+        );
+    }
+    let (code, stderr) = run_to_exit(&[
+        "--pool-name=p",
+        "--pool-file-poll-interval=2s",
+        "--metrics-endpoint-auth=false",
+    ])
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--pool-file-poll-interval is how often --pool-file is read"),
+        "{stderr}"
+    );
+    let (code, stderr) = run_to_exit(&["--model-server-metrics-scheme=ftp"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--model-server-metrics-scheme") && stderr.contains("http or https"),
+        "{stderr}"
+    );
+    // Verification against a system store that holds nothing usable fails start-up.
+    let empty = temp_file("empty.pem", "");
+    let out = Command::new(EPP)
+        .args(["--pool-file", pool, "--grpc-port", &port])
+        .args([
+            "--metrics-endpoint-auth=false",
+            "--model-server-metrics-scheme=https",
+            "--model-server-metrics-https-insecure-skip-verify=false",
+        ])
+        .env("SSL_CERT_FILE", &empty)
+        .env_remove("SSL_CERT_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("insecureSkipVerify false") && stderr.contains("system trust store"),
+        "{stderr}"
+    );
     drop(held);
 }
 
@@ -168,4 +243,291 @@ async fn serves_then_drains_on_sigterm() {
         .expect("drains in time")
         .unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+/// A TLS server answering every request with vLLM metrics (queue 6), with a self-signed
+/// certificate for 127.0.0.1 (returned as PEM).
+async fn tls_metrics_server() -> (std::net::SocketAddr, String) {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {
+                    let body = "vllm:num_requests_waiting 6\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.25\n";
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tls.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, ck.cert.pem())
+}
+
+/// Starts the EPP on OS-chosen ports with an open metrics port and plaintext ext_proc (unless
+/// `args` say otherwise); returns it with its ext_proc and metrics addresses.
+async fn start_epp_at(
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let mut command = Command::new(EPP);
+    command
+        .args([
+            "--bind-address=127.0.0.1",
+            "--grpc-port=0",
+            "--grpc-health-port=0",
+            "--metrics-port=0",
+            "--secure-serving=false",
+            "--metrics-endpoint-auth=false",
+            "--zap-encoder=json",
+        ])
+        // After the defaults: the last value of a flag wins.
+        .args(args)
+        .env_remove("SSL_CERT_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("switchyard epp starting") {
+                return line;
+            }
+        }
+        panic!("epp exited before starting");
+    })
+    .await
+    .expect("start-up line");
+    // Keep reading stderr so that the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let v: serde_json::Value = serde_json::from_str(&started).expect("json log line");
+    let metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+    let grpc = v["grpc"].as_str().unwrap().parse().unwrap();
+    (child, grpc, metrics)
+}
+
+async fn start_epp(
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    let (child, _, metrics) = start_epp_at(args, env).await;
+    (child, metrics)
+}
+
+/// The certificate a new TLS connection to `addr` is given (not verified: only looked at).
+async fn served_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct Any;
+    impl ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(Any))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn enable_cert_reload_serves_a_replaced_certificate() {
+    use rustls::pki_types::pem::PemObject;
+    let der = |pem: &str| {
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    let (a, b) = (
+        epp::tls::self_signed().unwrap(),
+        epp::tls::self_signed().unwrap(),
+    );
+    let dir = std::env::temp_dir().join(format!("switchyard-cli-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &a.cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), &a.key_pem).unwrap();
+    let pool = temp_file("pool-reload.yaml", POOL);
+    let cert_path = format!("--cert-path={}", dir.display());
+    let (_epp, grpc, _) = start_epp_at(
+        &[
+            "--pool-file",
+            pool.to_str().unwrap(),
+            "--secure-serving",
+            &cert_path,
+            "--enable-cert-reload",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(served_certificate(grpc).await, der(&a.cert_pem));
+    // Key first, then certificate, each replaced by a rename: in between the pair does not
+    // match and is refused; the whole new pair is then taken.
+    for (name, pem) in [("tls.key", &b.key_pem), ("tls.crt", &b.cert_pem)] {
+        std::fs::write(dir.join("next"), pem).unwrap();
+        std::fs::rename(dir.join("next"), dir.join(name)).unwrap();
+    }
+    // The binary re-reads the files every second; new connections must get B within a bound.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while served_certificate(grpc).await != der(&b.cert_pem) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new connections never got the replaced certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls `/metrics` (bounded) until a line satisfies `want`.
+async fn until_metrics(metrics: std::net::SocketAddr, what: &str, want: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = testkit::http::get_with(metrics, "/metrics", &[]).await;
+        if text.lines().any(&want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never showed in /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn https_scraping_follows_the_flags_and_the_metrics_data_source_plugin() {
+    let (server, cert_pem) = tls_metrics_server().await;
+    let pool = temp_file(
+        "pool-https.yaml",
+        &format!(
+            "pool:\n  metadata: {{name: p}}\n  spec:\n    selector: {{matchLabels: {{app: x}}}}\n    targetPorts: [{{number: {}}}]\nendpoints:\n- {{name: a, address: 127.0.0.1, labels: {{app: x}}}}\n",
+            server.port()
+        ),
+    );
+    let pool = pool.to_str().unwrap();
+    let server_cert = temp_file("server-ca.pem", &cert_pem);
+    let other_cert = temp_file(
+        "other-ca.pem",
+        &rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .cert
+            .pem(),
+    );
+    let scraped =
+        |l: &str| l.starts_with("inference_pool_per_pod_queue_size{") && l.ends_with(" 6");
+    let tls_errors = |l: &str| {
+        l.starts_with("inference_extension_model_server_scrape_errors_total{")
+            && l.contains("reason=\"tls\"")
+    };
+    let https = "--model-server-metrics-scheme=https";
+    let verify = "--model-server-metrics-https-insecure-skip-verify=false";
+
+    // https, certificates not checked (the default): the self-signed server is scraped.
+    let (_epp, metrics) = start_epp(&["--pool-file", pool, https], &[]).await;
+    until_metrics(metrics, "a scrape over https", scraped).await;
+
+    // Verified against a trust store without the server's certificate: TLS scrape errors.
+    let (_epp, metrics) = start_epp(
+        &["--pool-file", pool, https, verify],
+        &[("SSL_CERT_FILE", &other_cert)],
+    )
+    .await;
+    until_metrics(metrics, "a tls scrape error", tls_errors).await;
+
+    // Verified against a trust store holding it: scraped.
+    let (_epp, metrics) = start_epp(
+        &["--pool-file", pool, https, verify],
+        &[("SSL_CERT_FILE", &server_cert)],
+    )
+    .await;
+    until_metrics(metrics, "a verified scrape", scraped).await;
+
+    // The plugin's parameters win over the flags: scheme https over the flag's http, and
+    // insecureSkipVerify true over the flag's false.
+    let config = "--config-text=apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: metrics-data-source\n  parameters: {scheme: https, insecureSkipVerify: true}\n";
+    let (_epp, metrics) = start_epp(
+        &[
+            "--pool-file",
+            pool,
+            "--model-server-metrics-scheme=http",
+            verify,
+            config,
+        ],
+        &[("SSL_CERT_FILE", &other_cert)],
+    )
+    .await;
+    until_metrics(metrics, "a scrape configured by the plugin", scraped).await;
 }

@@ -522,16 +522,172 @@ async fn health_reports_ready_after_sync_and_metrics_are_served() {
     endpoint_picker::scrape::prometheus::parse(&text).expect("our exposition parses");
 }
 
+/// A certificate directory laid out as a Kubernetes Secret volume: `tls.crt` and `tls.key` are
+/// symlinks through `..data`, which is swapped atomically to publish a new pair.
+struct CertDir {
+    dir: std::path::PathBuf,
+    generation: u32,
+}
+
+impl CertDir {
+    fn new(name: &str, identity: &epp::tls::TlsIdentity) -> Self {
+        let dir = std::env::temp_dir().join(format!("switchyard-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["tls.crt", "tls.key"] {
+            std::os::unix::fs::symlink(format!("..data/{file}"), dir.join(file)).unwrap();
+        }
+        let mut d = Self { dir, generation: 0 };
+        d.publish(&identity.cert_pem, &identity.key_pem);
+        d
+    }
+
+    /// Writes a new generation and points `..data` at it in one rename, as the kubelet does.
+    fn publish(&mut self, cert_pem: &str, key_pem: &str) {
+        self.generation += 1;
+        let generation = format!("..gen{}", self.generation);
+        let target = self.dir.join(&generation);
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("tls.crt"), cert_pem).unwrap();
+        std::fs::write(target.join("tls.key"), key_pem).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&generation, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+impl Drop for CertDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn der(identity: &epp::tls::TlsIdentity) -> rustls::pki_types::CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap()
+}
+
+type Seen = std::sync::Arc<parking_lot::Mutex<Vec<rustls::pki_types::CertificateDer<'static>>>>;
+
+/// A gRPC channel over TLS that verifies the server's certificate against `roots` for the
+/// name `localhost`, offers ALPN h2 as gRPC clients do, and records the certificate of every
+/// connection it makes.
+async fn tls_channel_result(
+    addr: std::net::SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<(tonic::transport::Channel, Seen), tonic::transport::Error> {
+    let connector = tls_connector(roots);
+    let seen = Seen::default();
+    let record = seen.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let (connector, record) = (connector.clone(), record.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                let (_, session) = tls.get_ref();
+                assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]), "ALPN h2");
+                let cert = session.peer_certificates().unwrap()[0].clone();
+                record.lock().push(cert);
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok((channel, seen))
+}
+
+/// A TLS client that verifies against `roots` and offers ALPN h2, as gRPC clients do.
+fn tls_connector(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> (tonic::transport::Channel, Seen) {
+    tls_channel_result(addr, roots).await.unwrap()
+}
+
+/// One routed request over `channel`: an ext_proc answer naming a pool endpoint.
+async fn routed_over(channel: tonic::transport::Channel) {
+    let mut s = Stream::on(channel).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    let a = routing_answer(&s.recv().await);
+    assert!(
+        a.destination().starts_with("127.0.0.1"),
+        "{}",
+        a.destination()
+    );
+}
+
 #[tokio::test]
-async fn tls_serving_works() {
+async fn tls_serving_routes_over_a_verified_handshake() {
+    let a = epp::tls::self_signed().unwrap();
+    let dir = CertDir::new("tls-serving", &a);
     let epp = start_epp(
         three(),
         EppOptions {
-            tls: true,
+            server_tls: Some(epp::tls::ServerTls::from_dir(&dir.dir, None).unwrap()),
             ..Default::default()
         },
     )
     .await;
+    // A real handshake: the chain verifies against A for the name localhost, ALPN is h2, and
+    // the certificate presented is A, the one the server says it serves.
+    let (channel, seen) = tls_channel(epp.grpc, &[der(&a)]).await;
+    routed_over(channel).await;
+    assert_eq!(seen.lock().as_slice(), &[der(&a)]);
+    let served = epp.handles.certificate.as_ref().unwrap().status();
+    assert_eq!(
+        served.borrow().fingerprint,
+        epp::tls::fingerprint(der(&a).as_ref())
+    );
+    // The server's HTTP/2 settings apply over TLS: its SETTINGS frame carries the stream limit
+    // (100,000, not hyper's 200).
+    let tcp = tokio::net::TcpStream::connect(epp.grpc).await.unwrap();
+    let tls = tls_connector(&[der(&a)])
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (_client, mut connection) = h2::client::handshake(tls).await.unwrap();
+    let limit = tokio::time::timeout(
+        TIMEOUT,
+        std::future::poll_fn(|cx| {
+            let closed = std::pin::Pin::new(&mut connection).poll(cx).is_ready();
+            let limit = connection.max_concurrent_send_streams();
+            if closed || limit != usize::MAX {
+                std::task::Poll::Ready(limit)
+            } else {
+                std::task::Poll::Pending
+            }
+        }),
+    )
+    .await
+    .expect("the server's SETTINGS in time");
+    assert_eq!(limit, 100_000);
+    // A client trusting another certificate refuses the handshake.
+    let other = epp::tls::self_signed().unwrap();
+    assert!(tls_channel_result(epp.grpc, &[der(&other)]).await.is_err());
     // A plaintext client cannot talk to the TLS port.
     let plain = tonic::transport::Channel::from_shared(format!("http://{}", epp.grpc))
         .unwrap()
@@ -547,6 +703,81 @@ async fn tls_serving_works() {
                 .is_err()
         );
     }
+    // The self-signed default serves TLS too, with the certificate it reports.
+    let epp = start_epp(
+        three(),
+        EppOptions {
+            tls: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let status = epp.handles.certificate.as_ref().unwrap().status();
+    let fingerprint = status.borrow().fingerprint;
+    // Trusting A (not the self-signed certificate) the handshake must fail; the failure
+    // proves the port speaks TLS with another certificate.
+    let refused = tls_channel_result(epp.grpc, &[der(&a)]).await;
+    assert!(refused.is_err());
+    assert_ne!(fingerprint, epp::tls::fingerprint(der(&a).as_ref()));
+}
+
+#[tokio::test]
+async fn cert_reload_serves_the_new_certificate_to_new_connections_only() {
+    let (a, b) = (
+        epp::tls::self_signed().unwrap(),
+        epp::tls::self_signed().unwrap(),
+    );
+    let mut dir = CertDir::new("cert-reload", &a);
+    let epp = start_epp(
+        three(),
+        EppOptions {
+            server_tls: Some(
+                epp::tls::ServerTls::from_dir(&dir.dir, Some(std::time::Duration::from_millis(20)))
+                    .unwrap(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let roots = [der(&a), der(&b)];
+    let (old, old_seen) = tls_channel(epp.grpc, &roots).await;
+    routed_over(old.clone()).await;
+    assert_eq!(old_seen.lock().as_slice(), &[der(&a)]);
+
+    // B replaces A: wait until the server says it serves B (bounded), then a new connection
+    // gets B.
+    let mut status = epp.handles.certificate.as_ref().unwrap().status();
+    dir.publish(&b.cert_pem, &b.key_pem);
+    let b_print = epp::tls::fingerprint(der(&b).as_ref());
+    tokio::time::timeout(TIMEOUT, status.wait_for(|s| s.fingerprint == b_print))
+        .await
+        .expect("B served in time")
+        .unwrap();
+    let (new, new_seen) = tls_channel(epp.grpc, &roots).await;
+    routed_over(new.clone()).await;
+    assert_eq!(new_seen.lock().as_slice(), &[der(&b)]);
+    // The open connection keeps A: it still routes, and it was never re-made.
+    routed_over(old.clone()).await;
+    assert_eq!(old_seen.lock().as_slice(), &[der(&a)]);
+
+    // A bad pair (B's certificate with A's key) is refused; B stays.
+    let rejected = status.borrow().rejected;
+    dir.publish(&b.cert_pem, &a.key_pem);
+    tokio::time::timeout(TIMEOUT, status.wait_for(|s| s.rejected > rejected))
+        .await
+        .expect("the bad pair is seen and refused in time")
+        .unwrap();
+    assert_eq!(status.borrow().fingerprint, b_print);
+    let (after, after_seen) = tls_channel(epp.grpc, &roots).await;
+    routed_over(after).await;
+    assert_eq!(after_seen.lock().as_slice(), &[der(&b)]);
+    // And a good pair after it is taken again.
+    dir.publish(&a.cert_pem, &a.key_pem);
+    let a_print = epp::tls::fingerprint(der(&a).as_ref());
+    tokio::time::timeout(TIMEOUT, status.wait_for(|s| s.fingerprint == a_print))
+        .await
+        .expect("A served again in time")
+        .unwrap();
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -91,6 +91,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
         seed: 1,
         admin_auth: epp::admin::AdminAuth::Open,
         debug_pool: false,
+        pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
     };

@@ -731,6 +731,7 @@ async fn bearer_token_guards_metrics_and_debug() {
         seed: 1,
         admin_auth: epp::admin::AdminAuth::Token("s3cret".into()),
         debug_pool: true,
+        pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
     };
@@ -759,6 +760,105 @@ async fn bearer_token_guards_metrics_and_debug() {
         assert_eq!(get(path, Some("s3cret")).await, 200, "{path}");
     }
     assert_eq!(get("/healthz", None).await, 200);
+    // --enable-pprof=false: no profile endpoint.
+    assert_eq!(get("/debug/pprof/profile", Some("s3cret")).await, 404);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// Spins until `stop`, in a function the profile must name.
+#[inline(never)]
+fn burn_cpu_for_the_profile(stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let mut x = 1u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for _ in 0..10_000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
+    x
+}
+
+/// `--enable-pprof`: a CPU profile in pprof's format behind the metrics auth, one at a time,
+/// bounded in length. (The only test in this binary that profiles: the sampler is per process.)
+#[tokio::test]
+async fn pprof_profile_is_a_cpu_profile_behind_the_metrics_auth() {
+    use epp::profile::proto::Profile;
+    use epp::server::{Listeners, PoolSource, Settings};
+    use prost::Message;
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let listeners = Listeners {
+        grpc: bind().await.unwrap(),
+        health: bind().await.unwrap(),
+        metrics: bind().await.unwrap(),
+    };
+    let addr = listeners.metrics.local_addr().unwrap();
+    let settings = Settings {
+        config: endpoint_picker::config::load_default(1).unwrap(),
+        options: ServiceOptions::default(),
+        debug_decisions: 0,
+        tls: None,
+        scrape: None,
+        refresh_prometheus_interval: Duration::from_secs(1),
+        metrics_staleness: Duration::from_secs(2),
+        pool: PoolSource::Static(three()),
+        seed: 1,
+        admin_auth: epp::admin::AdminAuth::Token("s3cret".into()),
+        debug_pool: false,
+        pprof: true,
+        health_on_grpc_port: false,
+        drain_grace: Duration::from_secs(1),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(epp::server::serve(settings, listeners, shutdown.clone()));
+    let bearer = [("authorization", "Bearer s3cret")];
+    let get = |path: &'static str, auth: bool| async move {
+        let headers: &[(&str, &str)] = if auth { &bearer } else { &[] };
+        testkit::http::get_bytes(addr, path, headers).await
+    };
+    assert_eq!(get("/debug/pprof/profile?seconds=1", false).await.0, 401);
+    let (status, body) = get("/debug/pprof/profile?seconds=121", true).await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    // While another profile runs (here the test's own), a request gets 409.
+    {
+        let _running = pprof::ProfilerGuardBuilder::default().build().unwrap();
+        assert_eq!(get("/debug/pprof/profile?seconds=1", true).await.0, 409);
+    }
+    // A one-second profile while a thread burns CPU names that thread's function.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || burn_cpu_for_the_profile(&stop))
+    };
+    let (status, body) = get("/debug/pprof/profile?seconds=1", true).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    burner.join().unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let profile = Profile::decode(body.as_slice()).expect("a pprof protobuf");
+    let s = |i: i64| profile.string_table[i as usize].as_str();
+    let types: Vec<(&str, &str)> = profile
+        .sample_type
+        .iter()
+        .map(|t| (s(t.r#type), s(t.unit)))
+        .collect();
+    assert_eq!(types, [("samples", "count"), ("cpu", "nanoseconds")]);
+    assert_eq!(profile.period, 10_000_000, "100 Hz, as Go");
+    assert!(profile.duration_nanos >= 1_000_000_000);
+    assert!(!profile.sample.is_empty());
+    let named = |f: u64| s(profile.function[f as usize - 1].name);
+    let burned: i64 = profile
+        .sample
+        .iter()
+        .filter(|sample| {
+            sample.location_id.iter().any(|l| {
+                profile.location[*l as usize - 1]
+                    .line
+                    .iter()
+                    .any(|line| named(line.function_id).contains("burn_cpu_for_the_profile"))
+            })
+        })
+        .map(|sample| sample.value[0])
+        .sum();
+    assert!(burned > 0, "no sample in the burning function");
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }

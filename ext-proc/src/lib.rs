@@ -5,6 +5,7 @@
 //! All protobuf types stay here; the decision core (`endpoint-picker`) never sees them, and
 //! nothing here knows Kubernetes, flags or HTTP servers: what a binary wants recorded about each
 //! request it receives through a [`recorder::Recorder`].
+
 #![warn(missing_docs)]
 
 pub mod envoy;

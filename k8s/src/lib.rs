@@ -13,6 +13,7 @@
 //!
 //! Nothing here runs on the request path: the scheduler only ever reads the datastore's
 //! snapshot.
+
 #![warn(missing_docs)]
 
 pub mod api;

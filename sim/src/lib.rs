@@ -16,6 +16,7 @@
 //! replica.shutdown().await;
 //! # Ok(()) }
 //! ```
+
 #![warn(missing_docs)]
 
 pub mod cli;

@@ -1,9 +1,9 @@
 //! Test support shared by the ext-proc tests, the conformance suite and the benchmarks: a real
 //! Envoy rendered from `gateway-configs/envoy` on OS-chosen loopback ports, an in-process EPP,
 //! simulated replicas, an ext_proc stream client and a small HTTP client.
-#![warn(missing_docs)]
 // Test support: a failed setup step should stop the test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![warn(missing_docs)]
 
 pub mod envoy;
 pub mod http;
@@ -87,8 +87,10 @@ pub struct EppOptions {
     pub config: String,
     /// The ext_proc service's options (body limits, header names, ...).
     pub options: ServiceOptions,
-    /// Serve ext_proc over TLS with a self-signed certificate.
+    /// TLS on the ext_proc port with a self-signed certificate.
     pub tls: bool,
+    /// TLS on the ext_proc port as given (wins over `tls`).
+    pub server_tls: Option<epp::tls::ServerTls>,
     /// Scrape the endpoints' `/metrics` (real model servers) instead of setting metrics by hand.
     pub scrape: bool,
     /// Decisions kept for `/debug/pool`.
@@ -101,6 +103,7 @@ impl Default for EppOptions {
             config: config::DEFAULT_CONFIG.to_owned(),
             options: ServiceOptions::default(),
             tls: false,
+            server_tls: None,
             scrape: false,
             debug_decisions: 0,
         }
@@ -125,7 +128,10 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         config: config::load(&opts.config, 7).unwrap(),
         options: opts.options,
         debug_decisions: opts.debug_decisions,
-        tls: opts.tls.then(|| epp::tls::self_signed().unwrap()),
+        tls: opts.server_tls.or_else(|| {
+            opts.tls
+                .then(|| epp::tls::ServerTls::self_signed().unwrap())
+        }),
         scrape: opts.scrape.then(|| endpoint_picker::scrape::ScrapeConfig {
             interval: Duration::from_millis(50),
             ..Default::default()
@@ -136,6 +142,7 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         seed: 7,
         admin_auth: epp::admin::AdminAuth::Open,
         debug_pool: true,
+        pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
     };

@@ -9,14 +9,17 @@ use serde::Deserialize;
 use super::ConfigError;
 use super::params::Params;
 use crate::scrape::engine::{CacheInfoSpec, SpecError};
-use crate::scrape::{EngineMapping, MetricSpec};
+use crate::scrape::{EngineMapping, MetricSpec, MetricsScheme};
 
 /// How engine metrics are scraped, as configured by `metrics-data-source` and
 /// `core-metrics-extractor`.
 #[derive(Debug, Clone)]
 pub struct ScrapeSettings {
-    /// `http` or `https`.
-    pub scheme: String,
+    /// `scheme`, when a plugin sets it (it wins over `--model-server-metrics-scheme`).
+    pub scheme: Option<MetricsScheme>,
+    /// `insecureSkipVerify`, when a plugin sets it (it wins over
+    /// `--model-server-metrics-https-insecure-skip-verify`).
+    pub insecure_skip_verify: Option<bool>,
     /// Metrics path.
     pub path: String,
     /// Pod label naming the engine (checked before the well-known ones).
@@ -30,8 +33,9 @@ pub struct ScrapeSettings {
 /// What one `metrics-data-source` sets.
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSource {
-    scheme: Option<String>,
+    scheme: Option<MetricsScheme>,
     path: Option<String>,
+    insecure_skip_verify: Option<bool>,
 }
 
 /// What one `core-metrics-extractor` sets.
@@ -48,9 +52,8 @@ pub struct MetricsExtractor {
 struct MetricsSourceYaml {
     scheme: Option<String>,
     path: Option<String>,
-    /// Only meaningful for https, which is not scraped yet (see the scheme warning).
-    #[serde(rename = "insecureSkipVerify")]
-    _insecure_skip_verify: Option<bool>,
+    /// With https: skip certificate verification (the reference's default, true).
+    insecure_skip_verify: Option<bool>,
 }
 
 /// `core-metrics-extractor` parameters, with the reference's names.
@@ -81,7 +84,8 @@ struct EngineConfigYaml {
 impl Default for ScrapeSettings {
     fn default() -> Self {
         Self {
-            scheme: "http".into(),
+            scheme: None,
+            insecure_skip_verify: None,
             path: "/metrics".into(),
             engine_label_key: None,
             default_engine: "vllm".into(),
@@ -93,9 +97,11 @@ impl Default for ScrapeSettings {
 impl ScrapeSettings {
     /// Applies a `metrics-data-source`.
     pub fn apply_source(&mut self, source: &MetricsSource) {
-        if source.scheme.is_some() {
-            // https is not scraped yet; the factory warned about it.
-            self.scheme = "http".into();
+        if let Some(scheme) = source.scheme {
+            self.scheme = Some(scheme);
+        }
+        if let Some(skip) = source.insecure_skip_verify {
+            self.insecure_skip_verify = Some(skip);
         }
         if let Some(path) = &source.path {
             self.path.clone_from(path);
@@ -123,16 +129,13 @@ impl MetricsSource {
     /// The source its `parameters` describe.
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
         let y: MetricsSourceYaml = p.decode()?;
-        if let Some(s) = &y.scheme {
-            if s != "http" && s != "https" {
-                return Err(p.invalid("scheme", format!("must be http or https, got {s:?}")));
-            }
-            if s == "https" {
-                p.warn("https scraping is not implemented yet; using http");
-            }
-        }
+        let scheme = match &y.scheme {
+            Some(s) => Some(s.parse().map_err(|e: String| p.invalid("scheme", e))?),
+            None => None,
+        };
         Ok(Self {
-            scheme: y.scheme,
+            scheme,
+            insecure_skip_verify: y.insecure_skip_verify,
             path: y.path.map(|path| {
                 if path.starts_with('/') {
                     path

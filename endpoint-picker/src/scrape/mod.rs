@@ -5,4 +5,6 @@ pub mod prometheus;
 pub mod scraper;
 
 pub use engine::{EngineMapping, MetricSpec};
-pub use scraper::{ScrapeConfig, ScrapeError, ScrapeObserver};
+pub use scraper::{
+    MetricsScheme, ScrapeConfig, ScrapeError, ScrapeObserver, ScrapeTls, ScrapeTlsError,
+};

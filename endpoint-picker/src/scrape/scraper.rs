@@ -10,6 +10,13 @@
 //! becomes `Serving`, the engine's own readiness signal is checked once (its `/v1/models` must
 //! list a model); [`ScrapeConfig::failure_threshold`] failed scrapes in a row make it
 //! `Unreachable`. The director routes to `Serving` endpoints (see [`Readiness`]).
+//!
+//! `https` (the `metrics-data-source` plugin's `scheme`, or `--model-server-metrics-scheme`)
+//! scrapes over TLS (rustls, ring), and the readiness check then uses https too (an engine
+//! serves its metrics and its API on one server). As the reference, certificates are not
+//! checked by default (`insecureSkipVerify: true`: model servers serve self-signed certificates
+//! for pod IPs); with verification on, the chain and the pod IP are checked against the system
+//! roots. TLS sessions are pooled and kept alive like plain connections.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,8 +24,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +54,98 @@ const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
 /// Largest readiness answer (a model list) we read.
 const MAX_PROBE_BODY: usize = 1024 * 1024;
 
+/// How model servers serve their metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MetricsScheme {
+    /// Plain HTTP (the default).
+    #[default]
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl MetricsScheme {
+    /// `http` or `https`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+impl std::str::FromStr for MetricsScheme {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http" => Ok(Self::Http),
+            "https" => Ok(Self::Https),
+            other => Err(format!("must be http or https, got {other:?}")),
+        }
+    }
+}
+
+/// How an https model server's certificate is checked.
+#[derive(Debug, Clone, Default)]
+pub enum ScrapeTls {
+    /// Not at all, as the reference's default (`insecureSkipVerify: true`): model servers
+    /// usually serve self-signed certificates for pod IPs. The handshake's signature is still
+    /// checked against the presented certificate's key, as Go's `InsecureSkipVerify` does.
+    #[default]
+    SkipVerify,
+    /// The chain must lead to one of these roots and name the endpoint's address.
+    Verify(Arc<RootCertStore>),
+}
+
+/// Why the scraper's TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeTlsError {
+    /// The system trust store held no usable certificate.
+    #[error(
+        "no usable root certificate in the system trust store ({errors} errors reading it{first}); \
+         install ca-certificates or set SSL_CERT_FILE"
+    )]
+    NoSystemRoots {
+        /// How many errors reading the store.
+        errors: usize,
+        /// The first of them, formatted (`""` without).
+        first: String,
+    },
+    /// rustls refused the configuration.
+    #[error("building the TLS client configuration")]
+    Config(#[source] rustls::Error),
+}
+
+impl ScrapeTls {
+    /// Verification against the system's trust store (`/etc/ssl/certs`, or `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR`), as the reference's Go client with `insecureSkipVerify: false`. Reads
+    /// the store once, at start-up.
+    pub fn system_roots() -> Result<Self, ScrapeTlsError> {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = RootCertStore::empty();
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            return Err(ScrapeTlsError::NoSystemRoots {
+                errors: found.errors.len(),
+                first: found
+                    .errors
+                    .first()
+                    .map(|e| format!(", first: {e}"))
+                    .unwrap_or_default(),
+            });
+        }
+        if !found.errors.is_empty() {
+            tracing::warn!(
+                added,
+                errors = found.errors.len(),
+                "some system root certificates could not be read"
+            );
+        }
+        Ok(Self::Verify(Arc::new(roots)))
+    }
+}
+
 /// Scraper settings.
 #[derive(Debug, Clone)]
 pub struct ScrapeConfig {
@@ -49,6 +153,10 @@ pub struct ScrapeConfig {
     pub interval: Duration,
     /// Deadline for one scrape.
     pub timeout: Duration,
+    /// `http` or `https` (metrics and the readiness check).
+    pub scheme: MetricsScheme,
+    /// Certificate checks for `https`.
+    pub tls: ScrapeTls,
     /// URL path of the metrics endpoint.
     pub path: String,
     /// Pod label naming the engine, checked before the well-known ones.
@@ -68,6 +176,8 @@ impl Default for ScrapeConfig {
         Self {
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(1),
+            scheme: MetricsScheme::Http,
+            tls: ScrapeTls::SkipVerify,
             path: "/metrics".into(),
             engine_label_key: None,
             default_engine: "vllm".into(),
@@ -104,6 +214,10 @@ pub enum ScrapeError {
     /// Connecting or sending failed.
     #[error("request failed")]
     Request(#[source] hyper_util::client::legacy::Error),
+    /// The TLS handshake failed (a certificate that does not verify, a server that does not
+    /// speak TLS, ...).
+    #[error("TLS handshake failed")]
+    Tls(#[source] hyper_util::client::legacy::Error),
     /// The server answered with a non-success status.
     #[error("HTTP status {0}")]
     Status(http::StatusCode),
@@ -157,13 +271,14 @@ pub async fn run(
     observer: Arc<dyn ScrapeObserver>,
     shutdown: CancellationToken,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.timeout));
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(2)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(connector);
+    let client = match client(&config) {
+        Ok(client) => client,
+        Err(error) => {
+            // Only a provider without TLS versions gets here; ring's has both.
+            tracing::error!(%error, "metrics scraping cannot start");
+            return;
+        }
+    };
     let mut changes = datastore.subscribe();
     let mut scrapers = Scrapers {
         tasks: HashMap::new(),
@@ -195,7 +310,7 @@ struct Scrapers {
     /// as told, even if its endpoint has a newer task by now.
     by_task: HashMap<tokio::task::Id, (EndpointId, CancellationToken)>,
     set: JoinSet<()>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: ScrapeClient,
     config: Arc<ScrapeConfig>,
     observer: Arc<dyn ScrapeObserver>,
     shutdown: CancellationToken,
@@ -274,12 +389,17 @@ impl Scrapers {
 
 async fn scrape_loop(
     endpoint: Arc<Endpoint>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: ScrapeClient,
     config: Arc<ScrapeConfig>,
     observer: Arc<dyn ScrapeObserver>,
     shutdown: CancellationToken,
 ) {
-    let url = format!("http://{}{}", endpoint.spec.metrics_address, config.path);
+    let url = format!(
+        "{}://{}{}",
+        config.scheme.as_str(),
+        endpoint.spec.metrics_address,
+        config.path
+    );
     let mut ticker = tokio::time::interval(config.interval);
     // A slow scrape must not be followed by a burst of catch-up scrapes.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -326,7 +446,7 @@ async fn scrape_loop(
 /// The readiness a successful scrape shows. An endpoint already serving stays so while its
 /// engine series are there; one that is not is checked with the engine's own signal first.
 async fn readiness_after_scrape(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &ScrapeClient,
     endpoint: &Endpoint,
     config: &ScrapeConfig,
     extracted: &Extracted,
@@ -343,7 +463,7 @@ async fn readiness_after_scrape(
         .and_then(|m| m.readiness.as_ref());
     match probe {
         None => Readiness::Serving,
-        Some(probe) => match check_readiness(client, endpoint, probe, config.timeout).await {
+        Some(probe) => match check_readiness(client, endpoint, probe, config).await {
             Ok(()) => Readiness::Serving,
             Err(why) => {
                 tracing::debug!(endpoint = %endpoint.spec.name, %why, "not serving yet");
@@ -355,16 +475,20 @@ async fn readiness_after_scrape(
 
 /// Asks the engine, on its inference port, whether it serves its model.
 async fn check_readiness(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &ScrapeClient,
     endpoint: &Endpoint,
     probe: &ReadinessProbe,
-    timeout: Duration,
+    config: &ScrapeConfig,
 ) -> Result<(), NotServing> {
     let path = match probe {
         ReadinessProbe::ModelList(p) | ReadinessProbe::Status(p) => p,
     };
-    let url = format!("http://{}{path}", endpoint.spec.address);
-    let body = get(client, &url, MAX_PROBE_BODY, timeout)
+    let url = format!(
+        "{}://{}{path}",
+        config.scheme.as_str(),
+        endpoint.spec.address
+    );
+    let body = get(client, &url, MAX_PROBE_BODY, config.timeout)
         .await
         .map_err(NotServing::Unanswered)?;
     match probe {
@@ -384,7 +508,7 @@ async fn check_readiness(
 
 /// A bounded GET: the body of a 2xx answer within `timeout`.
 async fn get(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &ScrapeClient,
     url: &str,
     limit: usize,
     timeout: Duration,
@@ -393,7 +517,7 @@ async fn get(
         .parse()
         .map_err(|e: http::uri::InvalidUri| ScrapeError::Url(e.to_string()))?;
     let fetch = async {
-        let response = client.get(uri).await.map_err(ScrapeError::Request)?;
+        let response = client.get(uri).await.map_err(classify)?;
         if !response.status().is_success() {
             return Err(ScrapeError::Status(response.status()));
         }
@@ -411,7 +535,7 @@ async fn get(
 
 /// Scrapes one endpoint once.
 pub async fn scrape_once(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &ScrapeClient,
     url: &str,
     endpoint: &Endpoint,
     config: &ScrapeConfig,
@@ -422,7 +546,7 @@ pub async fn scrape_once(
 }
 
 async fn scrape_extracted(
-    client: &Client<HttpConnector, Empty<Bytes>>,
+    client: &ScrapeClient,
     url: &str,
     endpoint: &Endpoint,
     config: &ScrapeConfig,
@@ -433,4 +557,111 @@ async fn scrape_extracted(
     let body = get(client, url, MAX_METRICS_BODY, config.timeout).await?;
     let text = std::str::from_utf8(&body).map_err(|_| ScrapeError::Utf8)?;
     Ok(mapping.extract(text))
+}
+
+/// The HTTP(S) client shared by all scrape tasks.
+pub type ScrapeClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// The client for `config`: pooled keep-alive connections, `TCP_NODELAY`, the scrape timeout
+/// as connect timeout, and TLS for `https` URLs as `config.tls` says (plain `http` URLs go
+/// through the same client untouched).
+pub fn client(config: &ScrapeConfig) -> Result<ScrapeClient, ScrapeTlsError> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.timeout));
+    // The TLS layer hands https URLs to this connector; it must not refuse them.
+    http.enforce_http(false);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(ScrapeTlsError::Config)?;
+    let tls = match &config.tls {
+        ScrapeTls::SkipVerify => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SkipServerVerification(provider)))
+            .with_no_client_auth(),
+        ScrapeTls::Verify(roots) => builder
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+    };
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(2)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector))
+}
+
+/// A TLS failure gets its own error (and metric reason): it is a configuration problem (a
+/// certificate that does not verify, a plain-HTTP server), not a server that is down.
+fn classify(error: hyper_util::client::legacy::Error) -> ScrapeError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if e.is::<rustls::Error>() {
+            return ScrapeError::Tls(error);
+        }
+        // tokio-rustls wraps rustls errors in io::Errors (nested, through the connector), and
+        // an io::Error's `source()` skips the error it wraps: step into it instead.
+        source = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    ScrapeError::Request(error)
+}
+
+/// `insecureSkipVerify`: any certificate is accepted, but the handshake must still be signed
+/// by the key of the certificate presented.
+#[derive(Debug)]
+struct SkipServerVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SkipServerVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -270,8 +270,8 @@ Included once, from inferencepool.yaml.
 {{- fail "inferenceExtension.latencyPredictor.enabled: Switchyard has no latency predictor (upstream's SLO-aware routing); set it false" -}}
 {{- end -}}
 {{- $scheme := $e.metricsDataSource.scheme | default "http" | lower -}}
-{{- if ne $scheme "http" -}}
-{{- fail (printf "inferenceExtension.metricsDataSource.scheme %q: the Switchyard EPP scrapes model servers over http only" $scheme) -}}
+{{- if not (has $scheme (list "http" "https")) -}}
+{{- fail (printf "inferenceExtension.metricsDataSource.scheme %q must be http or https" $scheme) -}}
 {{- end -}}
 {{- with $e.endpointsServer -}}
 {{- if not .createInferencePool -}}
