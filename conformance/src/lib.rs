@@ -8,6 +8,7 @@
 //! the EPPs, the gateways, the traffic method and the report.
 // Test support: a failed setup step should stop the scenario with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![warn(missing_docs)]
 
 pub mod report;
 
@@ -120,9 +121,13 @@ impl Ctx {
 
 /// Inputs of `envoy/multi-pool.yaml`.
 pub struct MultiPool<'a> {
+    /// The EPP of the primary pool's route.
     pub primary_epp: SocketAddr,
+    /// The EPP of the secondary pool's route.
     pub secondary_epp: SocketAddr,
+    /// The primary pool's pods (its cluster's endpoints).
     pub primary: &'a [Pod],
+    /// The secondary pool's pods.
     pub secondary: &'a [Pod],
     /// Weights of the weighted route (primary, secondary).
     pub weights: (u32, u32),
@@ -135,7 +140,9 @@ pub fn multi_pool_template() -> PathBuf {
 
 /// A "pod": one loopback IP (127.0.0.x) with one simulated model server per data-parallel rank.
 pub struct Pod {
+    /// The pod's own loopback address.
     pub ip: Ipv4Addr,
+    /// One simulated model server per rank, all on `ip`.
     pub ranks: Vec<sim::ReplicaHandle>,
 }
 
@@ -219,8 +226,11 @@ pub fn pool_of(name: &str, pods: &[Pod]) -> PoolSpec {
 /// A request of the traffic method.
 #[derive(Clone, Debug)]
 pub struct Req {
+    /// The request path (`/v1/completions`, ...); the method is always `POST`.
     pub path: String,
+    /// Extra headers, in order.
     pub headers: Vec<(String, String)>,
+    /// The JSON body.
     pub body: Vec<u8>,
 }
 
@@ -266,11 +276,13 @@ impl Req {
 /// What the client saw for one request.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// The HTTP status.
     pub status: u16,
     /// `x-inference-pod`: the replica that generated the answer (`pod-<octet>-rank-<r>`).
     pub replica: Option<String>,
     /// `x-conformance-test-served-endpoint`: what the gateway reported back to the EPP.
     pub served: Option<String>,
+    /// The whole response body, as text.
     pub body: String,
 }
 
@@ -563,6 +575,7 @@ pub async fn pods_on_port(ips: &[Ipv4Addr], port: u16, config: &sim::Config) -> 
 /// A running `epp` process, killed on drop.
 pub struct EppProcess {
     child: tokio::process::Child,
+    /// Its ext_proc port (TLS) on 127.0.0.1.
     pub grpc: SocketAddr,
     dir: PathBuf,
 }

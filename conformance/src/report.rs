@@ -8,7 +8,9 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Every check of the scenario held.
     Pass,
+    /// A check failed or the scenario timed out; `detail` says which.
     Fail,
     /// Not applicable locally; `detail` says why.
     Skipped,
@@ -21,7 +23,9 @@ pub struct ScenarioResult {
     pub name: String,
     /// `upstream` (GIE conformance `tests/`) or `switchyard`.
     pub origin: &'static str,
+    /// How it ended.
     pub status: Status,
+    /// Wall time of the scenario, set-up included.
     pub duration_ms: u128,
     /// Requests sent through the gateway.
     pub requests: usize,
@@ -34,6 +38,7 @@ pub struct ScenarioResult {
 pub struct Report {
     /// `switchyard-conformance/v1`.
     pub schema: &'static str,
+    /// The workspace's version (`CARGO_PKG_VERSION`).
     pub switchyard_version: String,
     /// `git rev-parse HEAD`, with `-dirty` when the tree has changes; empty outside git.
     pub switchyard_commit: String,
@@ -43,10 +48,15 @@ pub struct Report {
     pub fault: Option<String>,
     /// Seconds since the Unix epoch when the run ended.
     pub finished_at_unix: u64,
+    /// Wall time of the whole run.
     pub duration_ms: u128,
+    /// Scenarios with [`Status::Pass`].
     pub passed: usize,
+    /// Scenarios with [`Status::Fail`].
     pub failed: usize,
+    /// Scenarios with [`Status::Skipped`].
     pub skipped: usize,
+    /// Every scenario, in the order they ran.
     pub scenarios: Vec<ScenarioResult>,
 }
 

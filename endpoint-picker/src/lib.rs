@@ -4,6 +4,8 @@
 //! the endpoint datastore, engine-metric scraping, the scheduler framework and its plugins,
 //! the approximate prefix-cache index, saturation detection and `EndpointPickerConfig` loading.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod cost;
 pub mod datastore;

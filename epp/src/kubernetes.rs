@@ -10,14 +10,23 @@ use tokio_util::sync::CancellationToken;
 /// Name given to the synthetic pool of standalone mode (also names its lease).
 const STANDALONE_POOL: &str = "standalone";
 
-/// The flags Kubernetes mode reads.
+/// The flags Kubernetes mode reads. Exactly one pool source: `pool_name`, or a standalone
+/// `endpoint_selector` with its `endpoint_target_ports`.
 pub struct Flags {
+    /// `--pool-name`: the InferencePool to watch; empty in standalone mode.
     pub pool_name: String,
+    /// `--pool-namespace`: the namespace of the pool (and of the lease and the watched pods).
     pub pool_namespace: String,
+    /// `--pool-group`: must be `inference.networking.k8s.io`, the only InferencePool group served.
     pub pool_group: String,
+    /// `--endpoint-selector`: standalone mode's pod selector, `key=value,...`.
     pub endpoint_selector: String,
+    /// `--endpoint-target-ports`: standalone mode's model-server ports.
     pub endpoint_target_ports: Vec<u16>,
+    /// `--model-server-metrics-port` when non-zero: scrape this port instead of the target port.
     pub metrics_port: Option<u16>,
+    /// `--ha-enable-leader-election`: compete for a Lease (identity `$POD_NAME`); only the
+    /// leader reports ready.
     pub leader_election: bool,
 }
 

@@ -2,6 +2,8 @@
 //! turns request events into metrics and decision records, telemetry, TLS, CPU profiles, gRPC health
 //! and the Kubernetes glue. The protocol lives in `ext-proc`, the decisions in `endpoint-picker`.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod args;
 pub mod debug;

@@ -6,6 +6,8 @@
 //! nothing here knows Kubernetes, flags or HTTP servers: what a binary wants recorded about each
 //! request it receives through a [`recorder::Recorder`].
 
+#![warn(missing_docs)]
+
 pub mod envoy;
 pub mod error;
 #[cfg(feature = "conformance-faults")]

@@ -14,6 +14,8 @@
 //! Nothing here runs on the request path: the scheduler only ever reads the datastore's
 //! snapshot.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod auth;
 pub mod index;

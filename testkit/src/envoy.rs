@@ -45,6 +45,7 @@ pub fn binary_or_skip(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// The repository's root (the directory above this crate), where `gateway-configs/` lives.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -10,6 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+/// A plaintext HTTP/1.1 client whose requests carry a whole body.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A response with its body unread.
@@ -20,6 +21,7 @@ pub fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
     resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A new [`HttpClient`] (its own connection pool).
 pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }

@@ -3,6 +3,7 @@
 //! simulated replicas, an ext_proc stream client and a small HTTP client.
 // Test support: a failed setup step should stop the test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![warn(missing_docs)]
 
 pub mod envoy;
 pub mod http;
@@ -28,15 +29,23 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+/// How long a test waits for anything it expects (an EPP to start, a response): past it, the
+/// test fails instead of hanging.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running in-process EPP.
+/// A running in-process EPP on OS-chosen loopback ports; dropping it cancels `shutdown`.
 pub struct Epp {
+    /// The ext_proc gRPC server.
     pub grpc: SocketAddr,
+    /// The gRPC health server.
     pub health: SocketAddr,
+    /// The metrics and admin (`/debug/pool`) HTTP server.
     pub metrics: SocketAddr,
+    /// The director and datastore, to set metrics or inspect decisions directly.
     pub handles: Handles,
+    /// Cancel to stop (and drain) the EPP.
     pub shutdown: CancellationToken,
+    /// The server task; it panics if serving fails.
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,6 +55,8 @@ impl Drop for Epp {
     }
 }
 
+/// Endpoint `n` of a test pool: pod `pod-{n}` at `127.0.0.{n}:{port}` (rank 0, metrics on the
+/// same address, no labels).
 pub fn endpoint(n: u8, port: u16) -> EndpointSpec {
     let address = SocketAddr::from(([127, 0, 0, n], port));
     EndpointSpec {
@@ -59,6 +70,7 @@ pub fn endpoint(n: u8, port: u16) -> EndpointSpec {
     }
 }
 
+/// The pool `default/pool` (HTTP) of these endpoints.
 pub fn pool(endpoints: Vec<EndpointSpec>) -> PoolSpec {
     PoolSpec {
         name: "pool".into(),
@@ -68,8 +80,12 @@ pub fn pool(endpoints: Vec<EndpointSpec>) -> PoolSpec {
     }
 }
 
+/// How [`start_epp`] configures the EPP; the default is the default profile, plaintext, metrics
+/// set by hand and no decision log.
 pub struct EppOptions {
+    /// The `EndpointPickerConfig` YAML.
     pub config: String,
+    /// The ext_proc service's options (body limits, header names, ...).
     pub options: ServiceOptions,
     /// TLS on the ext_proc port with a self-signed certificate.
     pub tls: bool,
@@ -94,6 +110,8 @@ impl Default for EppOptions {
     }
 }
 
+/// Starts an EPP serving `pool` (a static pool, seed 7, open admin endpoints) and returns once
+/// it is ready; panics if it cannot start within [`TIMEOUT`].
 pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
     let bind = || TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
@@ -170,13 +188,16 @@ pub async fn connect(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
-/// One open ext_proc stream.
+/// One open ext_proc stream, driven message by message as Envoy would.
 pub struct Stream {
+    /// Requests to the EPP; dropping it half-closes the stream.
     pub tx: mpsc::Sender<ProcessingRequest>,
+    /// The EPP's responses.
     pub rx: Streaming<ProcessingResponse>,
 }
 
 impl Stream {
+    /// A stream on a new plaintext connection to the EPP at `addr`.
     pub async fn open(addr: SocketAddr) -> Self {
         Self::on(connect(addr).await).await
     }
@@ -195,10 +216,12 @@ impl Stream {
         Self { tx, rx }
     }
 
+    /// Sends one message; panics if the stream is gone.
     pub async fn send(&self, m: ProcessingRequest) {
         self.tx.send(m).await.unwrap();
     }
 
+    /// The next response; panics on an error, an end of stream or [`TIMEOUT`].
     pub async fn recv(&mut self) -> ProcessingResponse {
         tokio::time::timeout(TIMEOUT, self.rx.message())
             .await
@@ -214,6 +237,7 @@ impl Stream {
     }
 }
 
+/// `Arc::new`, short for test tables.
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
 }

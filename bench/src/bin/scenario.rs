@@ -78,7 +78,7 @@ enum Cmd {
 #[derive(Debug, Clone, clap::Args)]
 struct RoutingOpts {
     /// Routers: rr, lr, switchyard, switchyard-balanced, switchyard-prefix, switchyard-running,
-    /// switchyard-lora, sglang:<policy>, vllm:<policy>.
+    /// switchyard-lora, sglang:POLICY, vllm:POLICY.
     #[arg(long, value_delimiter = ',')]
     routers: Option<Vec<String>>,
     /// Workloads to sweep.

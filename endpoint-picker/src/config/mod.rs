@@ -7,8 +7,8 @@
 //! `default` profile holding every filter, scorer and picker, a `prefix-cache-scorer` gets an
 //! `approx-prefix-cache-producer`, and the saturation detector is a `utilization-detector`.
 //!
-//! [`build`] runs in named phases, each a function below. Plugin types and their parameters
-//! are the [registry](crate::scheduling::registry)'s business. Every mistake is an error that
+//! Loading (the private `build`) runs in named phases, each a function below. Plugin types and
+//! their parameters are the [registry]'s business. Every mistake is an error that
 //! names the plugin, profile or parameter at fault. Unknown *parameters* are warnings, not
 //! errors: GIE's EPP ignored them, and a config that loads there must load here.
 
