@@ -7,6 +7,9 @@ pub mod profile;
 pub mod scorers;
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 pub(crate) mod test_util {
     use crate::datastore::{Datastore, EngineMetrics, test_util::pool};
     use crate::scheduling::Candidate;
