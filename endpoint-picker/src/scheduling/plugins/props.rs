@@ -141,7 +141,7 @@ fn scorers(c: &Cycle) -> Vec<Box<dyn Scorer>> {
 }
 
 proptest! {
-    #![proptest_config(config(0x5c0_7e5))]
+    #![proptest_config(config(0x005c_07e5))]
 
     #[test]
     fn every_scorer_scores_in_the_unit_interval(c in cycle()) {
