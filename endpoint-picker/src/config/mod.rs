@@ -500,8 +500,10 @@ fn prefix_params(
 /// Parses a Go-style duration (`200ms`, `2s`, `1m30s`, `1.5h`) or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
+    // `try_from_secs_f64` refuses negative, NaN and too large values, where `from_secs_f64`
+    // panics on values past `Duration::MAX` (`1e300`).
     if let Ok(secs) = s.parse::<f64>() {
-        return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
+        return Duration::try_from_secs_f64(secs).ok();
     }
     let mut total = 0.0f64;
     let mut rest = s;
@@ -529,7 +531,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         total += value * factor;
         rest = &rest[unit_end..];
     }
-    Some(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).ok()
 }
 
 fn instantiate(
