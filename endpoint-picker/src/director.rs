@@ -402,7 +402,7 @@ impl Director {
 fn uncached_tokens(request: &InferenceRequest, state: &CycleState, endpoint: &Endpoint) -> u64 {
     let prompt = crate::cost::estimate_tokens(request.prompt.len());
     let cached = state.prefix.as_ref().map_or(0, |p| {
-        u64::from(p.matched_blocks(endpoint)) * p.block_tokens as u64
+        u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
     });
     prompt.saturating_sub(cached)
 }

@@ -466,7 +466,8 @@ impl From<UsageJson> for Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: u.total_tokens.unwrap_or(prompt + completion),
+            // Saturating: the counts are the server's, and `u64::MAX + 1` would panic.
+            total_tokens: u.total_tokens.unwrap_or(prompt.saturating_add(completion)),
             cached_tokens: cached,
         }
     }
@@ -727,6 +728,17 @@ mod tests {
         );
         assert!(usage_from_json(b"{}").is_none());
         assert!(usage_from_json(br#"{"usage":null}"#).is_none());
+    }
+
+    #[test]
+    fn usage_total_saturates() {
+        // Found in review of the usage_json fuzz target: the implied total overflowed (a
+        // panic with overflow checks, a wrapped total without).
+        let u = usage_from_json(
+            br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.total_tokens, u64::MAX);
     }
 
     #[test]

@@ -475,6 +475,10 @@ impl StreamState {
         routed: Routed,
         body: Option<(Bytes, openai::ParsedBody, bool)>,
     ) -> Vec<ProcessingResponse> {
+        // A second request on the same stream (Envoy never sends one; any other client of the
+        // port may) replaces the first: release the first before filing the second, so that
+        // every `on_routed` still gets its one `on_released`.
+        self.release();
         let destination = routed.destination();
         if let Some(e) = routed
             .result

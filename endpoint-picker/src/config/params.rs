@@ -125,7 +125,9 @@ impl<'a> Params<'a> {
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
+        // `try_from_secs_f64` refuses negative, NaN and too large values, where
+        // `from_secs_f64` panics past `Duration::MAX` ("1e300", found by fuzzing).
+        return Duration::try_from_secs_f64(secs).ok();
     }
     let mut total = 0.0f64;
     let mut rest = s;
@@ -153,5 +155,5 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         total += value * factor;
         rest = &rest[unit_end..];
     }
-    Some(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).ok()
 }

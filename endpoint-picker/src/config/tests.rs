@@ -345,3 +345,14 @@ fn durations() {
     assert_eq!(parse_duration("5 parsecs"), None);
     assert_eq!(parse_duration("ms"), None);
 }
+
+#[test]
+fn durations_past_the_largest_are_refused_not_a_panic() {
+    // Found by review while fuzzing `epp_config`: `Duration::from_secs_f64` panicked.
+    assert_eq!(parse_duration("1e300"), None);
+    assert_eq!(parse_duration("99999999999999999999h"), None);
+    let e = err(&format!(
+        "{HEAD}plugins:\n- type: utilization-detector\n  parameters: {{metricsStalenessThreshold: \"1e300\"}}\n"
+    ));
+    assert!(e.contains("metricsStalenessThreshold"), "{e}");
+}

@@ -230,21 +230,7 @@ pub fn parse(
         )));
     }
     let ports: Vec<u16> = p.spec.target_ports.iter().map(|t| t.number).collect();
-    if ports.is_empty() || ports.len() > 8 {
-        return Err(invalid(format!(
-            "pool needs 1 to 8 targetPorts, got {}",
-            ports.len()
-        )));
-    }
-    if ports.contains(&0) {
-        return Err(invalid("targetPorts must be in 1..65535".into()));
-    }
-    let mut uniq = ports.clone();
-    uniq.sort_unstable();
-    uniq.dedup();
-    if uniq.len() != ports.len() {
-        return Err(invalid("targetPorts must be unique".into()));
-    }
+    check_ports(&ports, "pool targetPorts").map_err(invalid)?;
     let app_protocol = p.spec.app_protocol.clone().unwrap_or_else(|| "http".into());
     if app_protocol != "http" && app_protocol != "kubernetes.io/h2c" {
         return Err(invalid(format!(
@@ -269,6 +255,16 @@ pub fn parse(
             .all(|(k, v)| e.labels.get(k) == Some(v))
         {
             continue;
+        }
+        // An endpoint's own ports stand in for the pool's and obey the same rules.
+        if !e.ports.is_empty() {
+            check_ports(&e.ports, &format!("endpoint {:?} ports", e.name)).map_err(invalid)?;
+        }
+        if e.metrics_port == Some(0) {
+            return Err(invalid(format!(
+                "endpoint {:?} metricsPort must be in 1..65535",
+                e.name
+            )));
         }
         let own_ports = if e.ports.is_empty() {
             ports.clone()
@@ -345,6 +341,23 @@ pub fn parse(
             rewrites,
         },
     })
+}
+
+/// 1 to 8 ports, each in 1..65535, no two alike.
+fn check_ports(ports: &[u16], what: &str) -> Result<(), String> {
+    if ports.is_empty() || ports.len() > 8 {
+        return Err(format!("{what}: 1 to 8 ports needed, got {}", ports.len()));
+    }
+    if ports.contains(&0) {
+        return Err(format!("{what} must be in 1..65535"));
+    }
+    let mut uniq = ports.to_vec();
+    uniq.sort_unstable();
+    uniq.dedup();
+    if uniq.len() != ports.len() {
+        return Err(format!("{what} must be unique"));
+    }
+    Ok(())
 }
 
 /// Reads and parses a pool file.
@@ -532,6 +545,24 @@ modelRewrites:
         assert!(parse(Path::new("f"), "pool: [", None).is_err());
         let bad_kind = FILE.replace("kind: InferencePool", "kind: Service");
         assert!(parse(Path::new("f"), &bad_kind, None).is_err());
+    }
+
+    #[test]
+    fn endpoint_ports_obey_the_pool_port_rules() {
+        // Found by the pool_file fuzz target: `ports: [0]` made an endpoint on port 0 (and
+        // duplicate ports two endpoints on one address).
+        for (ports, why) in [
+            ("[0]", "1..65535"),
+            ("[9001, 9001]", "unique"),
+            ("[1, 2, 3, 4, 5, 6, 7, 8, 9]", "1 to 8"),
+        ] {
+            let text = FILE.replace("ports: [9001]", &format!("ports: {ports}"));
+            let e = parse(Path::new("f"), &text, None).unwrap_err().to_string();
+            assert!(e.contains("endpoint \"e\" ports") && e.contains(why), "{e}");
+        }
+        let text = FILE.replace("ports: [9001]", "ports: [9001], metricsPort: 0");
+        let e = parse(Path::new("f"), &text, None).unwrap_err().to_string();
+        assert!(e.contains("metricsPort"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

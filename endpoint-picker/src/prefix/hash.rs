@@ -25,7 +25,8 @@ impl BlockHasher {
     /// A hasher for `block_tokens`-token blocks.
     pub fn from_tokens(block_tokens: usize, max_blocks: usize) -> Self {
         Self {
-            block_chars: (block_tokens * CHARS_PER_TOKEN).max(1),
+            // Saturating: `blockSizeTokens` is the operator's, up to `i64::MAX`.
+            block_chars: block_tokens.saturating_mul(CHARS_PER_TOKEN).max(1),
             max_blocks,
         }
     }
@@ -83,6 +84,15 @@ mod tests {
 
     fn h() -> BlockHasher {
         BlockHasher::from_tokens(16, 256)
+    }
+
+    #[test]
+    fn huge_block_sizes_saturate() {
+        // Found by review while fuzzing `epp_config`: `blockSizeTokens: 4611686018427387904`
+        // overflowed `tokens × 4` (a panic with overflow checks, 1-byte blocks without).
+        let h = BlockHasher::from_tokens(1 << 62, 4);
+        assert_eq!(h.block_chars, usize::MAX);
+        assert!(h.hash("m", None, b"short").is_empty());
     }
 
     #[test]

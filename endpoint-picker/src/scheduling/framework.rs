@@ -168,7 +168,8 @@ impl PrefixMatch {
             .get(endpoint.id.0 as usize)
             .copied()
             .unwrap_or(0);
-        f64::from(m) / self.hashes.len() as f64
+        // At most 1 even if `matched` says more blocks than the request has.
+        (f64::from(m) / self.hashes.len() as f64).min(1.0)
     }
 
     /// Matched blocks for an endpoint.

@@ -212,7 +212,9 @@ impl Scheduler {
             let total = m.hashes.len();
             let matched = m.matched.iter().copied().max().unwrap_or(0) as usize;
             // Blocks are hashed over `block_tokens × CHARS_PER_TOKEN` bytes of prompt.
-            let bytes = (matched * m.block_tokens * crate::prefix::hash::CHARS_PER_TOKEN)
+            let bytes = matched
+                .saturating_mul(m.block_tokens)
+                .saturating_mul(crate::prefix::hash::CHARS_PER_TOKEN)
                 .min(request.prompt.len());
             observer.prefix_matched(matched, total, bytes);
         }

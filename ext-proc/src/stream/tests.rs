@@ -171,6 +171,30 @@ async fn a_dropped_stream_releases_its_request() {
     assert_eq!(h.events(), ["released m"]);
 }
 
+/// Found by the `stream` fuzz target: a second request on one stream (not something Envoy
+/// sends, but anything that can reach the port can) replaced the first routed request without
+/// releasing it, so the recorder saw two `on_routed` and one `on_released`.
+#[tokio::test(start_paused = true)]
+async fn a_second_request_on_one_stream_releases_the_first() {
+    let h = Harness::new(2);
+    let mut s = h.stream();
+    send_chat(&mut s, "a", &[]);
+    send_chat(&mut s, "b", &[]);
+    let events = h.events();
+    let routed_a = events
+        .iter()
+        .position(|e| e.starts_with("routed a"))
+        .unwrap();
+    let released_a = events.iter().position(|e| e == "released a").unwrap();
+    let routed_b = events
+        .iter()
+        .position(|e| e.starts_with("routed b"))
+        .unwrap();
+    assert!(routed_a < released_a && released_a < routed_b, "{events:?}");
+    drop(s);
+    assert_eq!(h.events(), ["released b"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn headers_only_requests_route_at_once_but_empty_bodies_of_body_apis_are_refused() {
     let h = Harness::new(1);

@@ -115,7 +115,7 @@ impl TtftCostProducer {
     ) -> Cost {
         let endpoint = &candidate.endpoint;
         let cached = state.prefix.as_ref().map_or(0, |p| {
-            u64::from(p.matched_blocks(endpoint)) * p.block_tokens as u64
+            u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
         });
         let uncached = prompt_tokens.saturating_sub(cached);
         let load = state.in_flight.load(endpoint.id);

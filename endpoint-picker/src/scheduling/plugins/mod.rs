@@ -11,6 +11,9 @@ pub mod scorers;
 pub mod session;
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 pub(crate) mod test_util {
     use crate::datastore::{Datastore, EngineMetrics, test_util::pool};
     use crate::scheduling::Candidate;

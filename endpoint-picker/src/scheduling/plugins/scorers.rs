@@ -67,7 +67,7 @@ impl Scorer for RunningRequestsScorer {
     }
 }
 
-/// `kv-cache-utilization-scorer`: `1 − kv_usage`.
+/// `kv-cache-utilization-scorer`: `1 − kv_usage`; an unknown (NaN) usage scores 0.
 #[derive(Debug)]
 pub struct KvCacheUtilizationScorer {
     /// Configured name.
@@ -78,7 +78,13 @@ plugin_named!(KvCacheUtilizationScorer, "kv-cache-utilization-scorer");
 impl Scorer for KvCacheUtilizationScorer {
     fn score(&self, _: &InferenceRequest, _: &CycleState, c: &[Candidate], scores: &mut [f64]) {
         for (s, c) in scores.iter_mut().zip(c) {
-            *s = 1.0 - c.metrics.kv_cache_usage.clamp(0.0, 1.0);
+            let kv = c.metrics.kv_cache_usage;
+            // `clamp` keeps a NaN, and `1 − NaN` is no score.
+            *s = if kv.is_nan() {
+                0.0
+            } else {
+                1.0 - kv.clamp(0.0, 1.0)
+            };
         }
     }
 }
@@ -324,6 +330,9 @@ impl Scorer for NoHitLruScorer {
             scores.iter_mut().for_each(|s| *s = 0.5);
             return;
         }
+        if c.is_empty() {
+            return;
+        }
         if c.len() == 1 {
             scores[0] = 1.0;
             return;
@@ -427,13 +436,18 @@ mod tests {
 
     #[test]
     fn kv_scorer() {
-        let c = candidates(&[metrics(0, 0, 0.25), metrics(0, 0, 1.5)]);
+        let c = candidates(&[
+            metrics(0, 0, 0.25),
+            metrics(0, 0, 1.5),
+            metrics(0, 0, f64::NAN),
+        ]);
         let s = run(
             &KvCacheUtilizationScorer { name: "kv".into() },
             &InferenceRequest::default(),
             &c,
         );
-        assert_eq!(s, vec![0.75, 0.0]);
+        // Found by the scorer property test: a NaN usage used to score NaN.
+        assert_eq!(s, vec![0.75, 0.0, 0.0]);
     }
 
     #[test]
@@ -586,6 +600,18 @@ mod tests {
         scorer.pre_request(&InferenceRequest::default(), &warm, &c[2..]);
         let (s, _) = route_cold(&scorer, &c);
         assert_eq!(s, vec![0.0, 1.0, 0.5]);
+    }
+
+    #[test]
+    fn no_hit_lru_scores_no_candidates_without_panicking() {
+        // Found by the scorer property test: `c.len() - 1` underflowed for an empty slice.
+        let scorer = NoHitLruScorer::new("lru".into(), 4);
+        scorer.score(
+            &InferenceRequest::default(),
+            &cold_state(None),
+            &[],
+            &mut [],
+        );
     }
 
     #[test]

@@ -1,0 +1,147 @@
+//! Property tests of the OpenAI body code and of client input in logs (proptest, fixed
+//! seeds): a model rewrite changes the model and nothing else (256 cases), and `Untrusted`
+//! renders any string without control characters and bounded (256 cases).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use endpoint_picker::request::Api;
+use ext_proc::openai::{self, MAX_MODEL_NAME_BYTES};
+use ext_proc::untrusted::{MAX_LOGGED_CHARS, Untrusted, sanitize};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+
+fn config(seed: u64) -> Config {
+    Config {
+        cases: 256,
+        rng_seed: RngSeed::Fixed(seed),
+        ..Config::default()
+    }
+}
+
+/// A valid model name: 1–64 characters, no control characters, quotes and backslashes and
+/// non-ASCII included.
+fn model() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z0-9./:_-]{1,40}",
+        "[^\\p{Cc}]{1,64}",
+        Just("lora/\"x\"\\y".to_owned()),
+    ]
+    .prop_filter("a valid model name", |m| {
+        openai::validate_model_name(m).is_ok()
+    })
+}
+
+/// A JSON string value of any text.
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof!["[ -~]{0,30}", ".{0,20}"]
+}
+
+/// A body of `api`: its prompt field, the model, optional fields, in a random order, with
+/// random whitespace.
+fn body() -> impl Strategy<Value = (Api, String)> {
+    let api = prop::sample::select(vec![
+        Api::Completions,
+        Api::ChatCompletions,
+        Api::Responses,
+        Api::Embeddings,
+        Api::Conversations,
+    ]);
+    (
+        api,
+        model(),
+        text(),
+        any::<bool>(),
+        prop::option::of(text()),
+        prop::collection::vec(("[a-z_]{1,8}", text()), 0..3),
+        any::<u64>(),
+        prop::sample::select(vec!["", " ", "\n  ", "\t"]),
+    )
+        .prop_map(|(api, model, prompt, stream, salt, extra, order, ws)| {
+            let s = |v: &str| serde_json::to_string(v).unwrap();
+            let prompt_nonempty = if prompt.is_empty() {
+                "x".to_owned()
+            } else {
+                prompt
+            };
+            let prompt_field = match api {
+                Api::ChatCompletions => format!(
+                    "\"messages\":[{{\"role\":\"user\",\"content\":{}}}]",
+                    s(&prompt_nonempty)
+                ),
+                Api::Embeddings | Api::Responses => {
+                    format!("\"input\":{}", s(&prompt_nonempty))
+                }
+                Api::Conversations => format!("\"items\":[{}]", s(&prompt_nonempty)),
+                _ => format!("\"prompt\":{}", s(&prompt_nonempty)),
+            };
+            let mut fields = vec![
+                format!("\"model\":{ws}{}", s(&model)),
+                prompt_field,
+                format!("\"stream\":{stream}"),
+            ];
+            if let Some(salt) = salt {
+                fields.push(format!("\"cache_salt\":{}", s(&salt)));
+            }
+            for (k, v) in extra {
+                // Field names the parser reads are not repeated.
+                fields.push(format!("\"x_{k}\":{}", s(&v)));
+            }
+            let n = fields.len();
+            fields.rotate_left((order as usize) % n);
+            (
+                api,
+                format!("{{{ws}{}{ws}}}", fields.join(&format!(",{ws}"))),
+            )
+        })
+}
+
+proptest! {
+    #![proptest_config(config(0x00a1_b0d7))]
+
+    #[test]
+    fn a_model_rewrite_changes_the_model_and_nothing_else(
+        (api, body) in body(),
+        new_model in model(),
+    ) {
+        let body = Bytes::from(body);
+        let parsed = openai::parse_body(api, &body).expect("a generated body parses");
+        let span = parsed.model_span.clone();
+        let out = openai::rewrite_model(&body, span.clone(), &new_model);
+        let again = openai::parse_body(api, &out).expect("the rewritten body parses");
+        prop_assert_eq!(&again.model, &new_model);
+        prop_assert_eq!(&out[..span.start], &body[..span.start]);
+        prop_assert_eq!(&out[again.model_span.end..], &body[span.end..]);
+        prop_assert_eq!(again.stream, parsed.stream);
+        prop_assert_eq!(again.cache_salt, parsed.cache_salt);
+        // The prompt is read from the same bytes, so prefix caching is unaffected.
+        prop_assert_eq!(again.prompt, parsed.prompt);
+    }
+
+    #[test]
+    fn untrusted_text_has_no_control_characters_and_is_bounded(s in any::<String>()) {
+        let shown = Untrusted(&s).to_string();
+        prop_assert!(!shown.chars().any(char::is_control), "{:?}", shown);
+        // Every character escapes to at most 10 (`\u{10ffff}`), plus the count of the rest.
+        prop_assert!(shown.chars().count() <= MAX_LOGGED_CHARS * 10 + 32);
+        prop_assert_eq!(sanitize(&s), shown.clone());
+        prop_assert_eq!(format!("{:?}", Untrusted(&s)), format!("\"{shown}\""));
+        if s.chars().count() <= MAX_LOGGED_CHARS && s.chars().all(|c| c.is_ascii_alphanumeric()) {
+            prop_assert_eq!(&shown, &s);
+        }
+    }
+
+    #[test]
+    fn long_untrusted_text_is_cut_and_counted(s in "[^\\p{Cc}]{129,300}") {
+        let shown = sanitize(&s);
+        let kept: usize = s.chars().take(MAX_LOGGED_CHARS).map(char::len_utf8).sum();
+        let suffix = format!("…(+{} bytes)", s.len() - kept);
+        prop_assert!(shown.ends_with(&suffix), "{shown:?} does not end with {suffix:?}");
+    }
+
+    #[test]
+    fn model_names_over_the_limit_are_refused(extra in 1..64usize) {
+        let name = "m".repeat(MAX_MODEL_NAME_BYTES + extra);
+        prop_assert!(openai::validate_model_name(&name).is_err());
+        prop_assert!(openai::validate_model_name(&name[..MAX_MODEL_NAME_BYTES]).is_ok());
+    }
+}

@@ -1,0 +1,10 @@
+//! Fuzz harnesses of Switchyard's parsers of untrusted bytes, one function per fuzz target.
+//! The files are also compiled into the parser crates' `fuzz_regressions` tests (by path), so
+//! that plain `cargo test` replays the seeds and every crash ever found with the same checks.
+// A panic in a harness is the finding.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod openai;
+pub mod prometheus;
+pub mod stream;
+pub mod yaml;
