@@ -265,7 +265,8 @@ pub fn prom_sum(text: &str, name: &str) -> f64 {
             }
             l.rsplit_once(' ')?.1.parse::<f64>().ok()
         })
-        .sum()
+        // Not `sum()`: an empty f64 sum is -0.0.
+        .fold(0.0, |a, b| a + b)
 }
 
 /// Cumulative buckets `(le, count)` of histogram `name`, summed over label sets, sorted by `le`.

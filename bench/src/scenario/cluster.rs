@@ -428,7 +428,7 @@ impl Cluster {
             );
             cfg = cfg.replace(
                 SHIPPED_PER_TRY_IDLE,
-                &format!("per_try_idle_timeout: {}ms", (s * 1e3) as u64),
+                &format!("per_try_idle_timeout: {s:.3}s"),
             );
         }
         Ok(cfg)

@@ -231,7 +231,7 @@ pub async fn run(tools: &Tools, cfg: &SoakCfg, dir: &Path) -> anyhow::Result<Soa
                     .sum()
             });
         }
-        if samples.len() % 6 == 0 {
+        if samples.len().is_multiple_of(6) {
             eprintln!(
                 "soak: t={:.0}s rss={:.1} MiB cpu={:.1}% prefix_index={} streams={} ring={}",
                 t,
