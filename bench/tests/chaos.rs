@@ -1,7 +1,8 @@
 //! The short chaos variants (`scenario chaos --quick`) as a test: real processes (Envoy from
 //! the shipped template, the debug `epp` and `sim` that `cargo test --workspace` builds next to
 //! this test's target directory), one fault at a time, each case's verdict from per-request
-//! records and the EPP's `/debug/pool`. About 1.5 minutes on 2 cores.
+//! records and the EPP's `/debug/pool`; and the soak's short variant. About 2 minutes on 2
+//! cores (the two tests run in parallel).
 //!
 //! Every check gates the test except those marked `known_gap` (a target not met yet, reported
 //! as FAIL in bench/RESULTS.md, e.g. FailOpen's window before Envoy's health check sees the
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 
 use bench::harness::Tools;
 use bench::scenario::chaos::{self, ChaosCfg};
+use bench::scenario::soak::{self, SoakCfg};
 
 /// `sim` and `epp` from this test's profile directory (`target/<profile>/`), Envoy from
 /// `$ENVOY` or the repository's `.venv`.
@@ -83,6 +85,42 @@ fn chaos_short_variants() {
         "chaos cases failed (logs in {}):\n{}",
         dir.display(),
         failed.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The soak's short variant: 15 s at 80 % of the measured capacity. Every verdict but RSS
+/// flatness (meaningless in 15 s) must hold: no failed request, bounded prefix index, decision
+/// ring and ext_proc streams, no task exit.
+#[test]
+fn soak_short_variant() {
+    let Some(tools) = tools() else { return };
+    let dir = std::env::temp_dir().join(format!("switchyard-soak-{}", std::process::id()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let run = rt
+        .block_on(soak::run(&tools, &SoakCfg::short(), &dir))
+        .unwrap_or_else(|e| panic!("soak run: {e:#} (logs in {})", dir.display()));
+    eprintln!("{}", soak::markdown(&run, "soak.svg"));
+    assert!(
+        run.sent > 0 && run.samples.len() >= 10,
+        "sent {}, samples {}",
+        run.sent,
+        run.samples.len()
+    );
+    let failed: Vec<&str> = run
+        .checks
+        .iter()
+        .filter(|(what, pass)| !pass && !what.starts_with("EPP RSS"))
+        .map(|(what, _)| what.as_str())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "soak verdicts failed (logs in {}): {failed:?}",
+        dir.display()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -582,3 +582,62 @@ impl Cluster {
         self.replicas.iter().map(|r| r.name.clone()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(readiness: &[(&str, &str)], decisions: &[(u64, &str, &[&str])]) -> serde_json::Value {
+        serde_json::json!({
+            "endpoints": readiness.iter().map(|(p, r)| serde_json::json!({
+                "name": format!("{p}-rank-0"), "pod_name": p, "metrics": {"readiness": r}
+            })).collect::<Vec<_>>(),
+            "decisions": decisions.iter().map(|(t, id, picked)| serde_json::json!({
+                "unix_ms": t, "request_id": id, "outcome": "routed",
+                "picked": picked.iter().map(|p| format!("{p}-rank-0")).collect::<Vec<_>>()
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    #[test]
+    fn monitor_keeps_changes_and_every_decision_once() {
+        let mut o = Observed::default();
+        o.absorb(
+            1.0,
+            &doc(
+                &[("sim-0", "serving"), ("sim-1", "serving")],
+                &[(10, "a", &["sim-1", "sim-0"])],
+            ),
+        );
+        // The same ring again plus one decision; sim-1 turns unreachable, sim-0 leaves.
+        o.absorb(
+            2.0,
+            &doc(
+                &[("sim-1", "unreachable")],
+                &[(10, "a", &["sim-1", "sim-0"]), (20, "b", &["sim-0"])],
+            ),
+        );
+        assert_eq!(o.decisions.len(), 2, "ring entries are not counted twice");
+        assert_eq!(o.primary_to("sim-1", 0.0, 100.0), vec![10.0]);
+        assert!(o.primary_to("sim-0", 0.0, 15.0).is_empty());
+        assert_eq!(
+            o.listed("sim-0", 0.0, 100.0),
+            2,
+            "fallbacks count as listed"
+        );
+        assert_eq!(o.decisions_between(15.0, 25.0), 1);
+        assert_eq!(o.first_readiness("sim-1", "unreachable", 0.0), Some(2.0));
+        assert_eq!(o.first_readiness("sim-0", "absent", 0.0), Some(2.0));
+        assert_eq!(
+            o.current().get("sim-1").map(String::as_str),
+            Some("unreachable")
+        );
+        assert_eq!(o.readiness.len(), 4);
+    }
+
+    #[test]
+    fn endpoint_names_map_to_pods() {
+        assert_eq!(pod_of("sim-1-rank-0"), "sim-1");
+        assert_eq!(pod_of("plain"), "plain");
+    }
+}

@@ -40,6 +40,19 @@ pub struct SoakCfg {
 }
 
 impl SoakCfg {
+    /// The short variant for `make test` (debug binaries): 5 s of capacity, 15 s of soak,
+    /// a sample a second. Too short for the RSS verdict (warm-up still fills the decision
+    /// ring); the others hold.
+    pub fn short() -> SoakCfg {
+        SoakCfg {
+            minutes: 0.25,
+            capacity_s: 5.0,
+            sample_s: 1.0,
+            warmup_s: 5.0,
+            ..SoakCfg::new(0.25)
+        }
+    }
+
     /// `make soak` (30 minutes unless `minutes` says otherwise).
     pub fn new(minutes: f64) -> SoakCfg {
         SoakCfg {
@@ -484,4 +497,91 @@ pub fn markdown(run: &SoakRun, plot_file: &str) -> String {
         }
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loadgen::{Record, Summary};
+
+    fn report(failed: usize) -> Report {
+        let records: Vec<Record> = (0..10)
+            .map(|i| Record {
+                i,
+                status: if i < failed { 503 } else { 200 },
+                e2e_ms: Some(10.0),
+                ttft_ms: Some(1.0),
+                error: (i < failed).then(|| "x".to_owned()),
+                ..Record::default()
+            })
+            .collect();
+        Report {
+            spec: LoadSpec {
+                url: String::new(),
+                mode: Mode::Rate(1.0),
+                duration_s: Some(1.0),
+                count: None,
+                drain_timeout_s: 1.0,
+                seed: 0,
+                progress: false,
+            },
+            summary: Summary::of(&records, 1.0),
+            records,
+            start_unix_ms: 0.0,
+        }
+    }
+
+    fn samples(rss: impl Fn(usize) -> u64) -> Vec<Sample> {
+        (0..60)
+            .map(|i| Sample {
+                t_s: i as f64 * 10.0,
+                rss_kib: rss(i),
+                prefix_indexer_size: 16_000.0,
+                decision_ring: 1000,
+                active_streams: 10.0,
+                ..Sample::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flat_rss_passes_and_growth_fails() {
+        let cfg = SoakCfg::new(10.0);
+        let flat = judge(
+            &cfg,
+            30.0,
+            24.0,
+            samples(|i| 20_000 + (i as u64 % 3) * 100),
+            &report(0),
+        );
+        assert!(flat.checks.iter().all(|c| c.1), "{:?}", flat.checks);
+        let leak = judge(
+            &cfg,
+            30.0,
+            24.0,
+            samples(|i| 20_000 + i as u64 * 200),
+            &report(0),
+        );
+        assert!(
+            !leak
+                .checks
+                .iter()
+                .find(|c| c.0.starts_with("EPP RSS"))
+                .unwrap()
+                .1
+        );
+        assert!(leak.rss_deviation_pct > 5.0);
+        let failed = judge(&cfg, 30.0, 24.0, samples(|_| 20_000), &report(2));
+        assert!(!failed.checks[0].1);
+        assert_eq!(failed.errors.get(&503), Some(&2));
+    }
+
+    #[test]
+    fn plot_has_both_panels() {
+        let cfg = SoakCfg::new(10.0);
+        let run = judge(&cfg, 30.0, 24.0, samples(|_| 20_000), &report(0));
+        let svg = plot(&run);
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("EPP RSS") && svg.contains("EPP CPU"));
+    }
 }
