@@ -72,6 +72,15 @@ enum Cmd {
         #[arg(long, default_value_t = 30.0)]
         minutes: f64,
     },
+    /// Redraw the soak plot from a saved `bench/results/soak.json`.
+    SoakReplot {
+        /// The saved soak.
+        #[arg(long, default_value = "bench/results/soak.json")]
+        input: PathBuf,
+        /// The SVG to write.
+        #[arg(long, default_value = "bench/soak.svg")]
+        out: PathBuf,
+    },
     /// Redraw the routing plots from a saved `bench/results/routing.json`.
     Replot {
         /// The saved sweep.
@@ -166,6 +175,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             std::fs::write(out_dir.join(&file), svg)?;
             eprintln!("wrote {}", out_dir.join(file).display());
         }
+        return Ok(());
+    }
+    if let Cmd::SoakReplot { input, out } = &o.cmd {
+        let saved: soak::SoakRun = serde_json::from_slice(&std::fs::read(input)?)?;
+        std::fs::write(out, soak::plot(&saved))?;
+        eprintln!("wrote {}", out.display());
         return Ok(());
     }
     let repo = o.repo.canonicalize().context("repository root")?;
@@ -276,7 +291,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 .collect();
             anyhow::ensure!(failed.is_empty(), "soak verdicts failed: {failed:?}");
         }
-        Cmd::Backend { .. } | Cmd::Replot { .. } => {}
+        Cmd::Backend { .. } | Cmd::Replot { .. } | Cmd::SoakReplot { .. } => {}
     }
     Ok(())
 }

@@ -375,6 +375,7 @@ pub fn plot(run: &SoakRun) -> String {
         points: run
             .samples
             .iter()
+            .skip(1)
             .map(|s| (s.t_s / 60.0, s.cpu_pct))
             .collect(),
     };
@@ -399,12 +400,24 @@ pub fn plot(run: &SoakRun) -> String {
         Some(warm),
     );
     let h = 440.0;
+    // Each chart's body (without its own <svg> element) in a translated group: nested <svg>
+    // elements are not drawn by every renderer.
+    let body = |svg: &str| -> String {
+        let inner = svg.split_once('\n').map_or("", |(_, rest)| rest);
+        inner
+            .trim_end()
+            .strip_suffix("</svg>")
+            .unwrap_or(inner)
+            .to_owned()
+    };
     format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"760\" height=\"{}\" viewBox=\"0 0 760 {}\">\n{}{}</svg>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"760\" height=\"{}\" \
+         viewBox=\"0 0 760 {}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <g>\n{}</g>\n<g transform=\"translate(0,{h})\">\n{}</g>\n</svg>\n",
         2.0 * h,
         2.0 * h,
-        top.replacen("<svg ", "<svg x=\"0\" y=\"0\" ", 1),
-        bottom.replacen("<svg ", &format!("<svg x=\"0\" y=\"{h}\" "), 1),
+        body(&top),
+        body(&bottom),
     )
 }
 
@@ -582,6 +595,11 @@ mod tests {
         let run = judge(&cfg, 30.0, 24.0, samples(|_| 20_000), &report(0));
         let svg = plot(&run);
         assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(
+            svg.matches("<svg").count(),
+            1,
+            "one svg element, two groups"
+        );
         assert!(svg.contains("EPP RSS") && svg.contains("EPP CPU"));
     }
 }
