@@ -339,6 +339,34 @@ fn spawn_load(
     tokio::spawn(async move { loadgen::run(spec, w.build()).await })
 }
 
+/// `n` requests of the chaos workload sent at once.
+fn spawn_burst(
+    url: String,
+    n: usize,
+    drain_s: f64,
+    seed: u64,
+) -> tokio::task::JoinHandle<anyhow::Result<Report>> {
+    let w = WorkloadArgs {
+        workload: Kind::Mixed,
+        seed,
+        prompt_median: 200.0,
+        prompt_sigma: 0.5,
+        output_median: 48.0,
+        output_sigma: 0.4,
+        ..WorkloadArgs::default()
+    };
+    let spec = LoadSpec {
+        url,
+        mode: Mode::Concurrency(n),
+        duration_s: None,
+        count: Some(n),
+        drain_timeout_s: drain_s,
+        seed,
+        progress: false,
+    };
+    tokio::spawn(async move { loadgen::run(spec, w.build()).await })
+}
+
 async fn join(h: tokio::task::JoinHandle<anyhow::Result<Report>>) -> anyhow::Result<Report> {
     h.await?
 }
@@ -610,6 +638,10 @@ async fn replica_hung(c: &mut Cluster, cfg: &ChaosCfg, seed: u64) -> anyhow::Res
     if let Some(p) = c.replicas.get(idx).and_then(|r| r.proc.as_ref()) {
         p.signal("STOP")?;
     }
+    // A burst right after the hang, while the EPP still sees the replica serving (its
+    // scrapes have not timed out yet), so that some requests are routed to it and the
+    // idle-timeout retry path is exercised whatever the Poisson arrivals do.
+    let burst = spawn_burst(c.url(), 16, idle + 30.0, seed + 1000);
     until_ms(t_stop + hold * 1e3).await;
     let t_cont = unix_ms();
     if let Some(p) = c.replicas.get(idx).and_then(|r| r.proc.as_ref()) {
@@ -617,10 +649,13 @@ async fn replica_hung(c: &mut Cluster, cfg: &ChaosCfg, seed: u64) -> anyhow::Res
     }
     let t_serving = c.wait_readiness(&[name], "serving", secs(15.0)).await?;
     let rep = join(load).await?;
+    let burst = join(burst).await?;
     let o = c.observed.lock().clone();
     let (s, ct) = (rel(&rep, t_stop), rel(&rep, t_cont));
     let fails = failures(&rep);
-    let after_stop: Vec<&Record> = fails.iter().copied().filter(|r| r.sent_s > s).collect();
+    let burst_fails = failures(&burst);
+    let mut after_stop: Vec<&Record> = fails.iter().copied().filter(|r| r.sent_s > s).collect();
+    after_stop.extend(burst_fails.iter().copied());
     let unclean: Vec<&Record> = fails
         .iter()
         .copied()
@@ -629,11 +664,14 @@ async fn replica_hung(c: &mut Cluster, cfg: &ChaosCfg, seed: u64) -> anyhow::Res
     let routed = o.primary_to(name, t_stop, t_cont);
     let last = routed.iter().copied().fold(t_stop, f64::max) - t_stop;
     let limit = 2.0 * cfg.scrape_timeout_ms + 2.0 * cfg.scrape_interval_ms + cfg.slack_ms + 500.0;
+    let slow = |r: &&Record| r.ok() && r.e2e_ms.is_some_and(|e| e >= idle * 1e3 * 0.95);
     let retried = rep
         .records
         .iter()
-        .filter(|r| r.ok() && r.sent_s > s && r.e2e_ms.is_some_and(|e| e >= idle * 1e3 * 0.95))
-        .count();
+        .filter(|r| r.sent_s > s)
+        .filter(slow)
+        .count()
+        + burst.records.iter().filter(slow).count();
     let unreachable = o.first_readiness(name, "unreachable", t_stop);
     let first_back = rep
         .records
@@ -664,26 +702,36 @@ async fn replica_hung(c: &mut Cluster, cfg: &ChaosCfg, seed: u64) -> anyhow::Res
         retried >= routed.len(),
     );
     res.check("back in service after SIGCONT", first_back.is_finite());
+    let routed_text = if routed.is_empty() {
+        "The EPP routed no request to it after the hang, so the idle-timeout retry was not \
+         exercised in this run"
+            .to_owned()
+    } else {
+        format!(
+            "The EPP routed {} request(s) to it before its scrapes timed out (the last {} after \
+             the hang); Envoy cut each try after {idle:.0} s without a byte and retried it on the \
+             next endpoint ({retried} request(s) succeeded after ≥ {idle:.0} s)",
+            routed.len(),
+            ms(last)
+        )
+    };
     res.happened = format!(
         "{name}'s process was stopped (SIGSTOP: connections accepted, nothing answered) for \
-         {hold:.0} s. The EPP routed {} request(s) to it before its scrapes timed out (last \
-         {} after the hang, `unreachable` at {}); Envoy cut each try after {idle:.0} s without \
-         a byte and retried it on the next endpoint ({} requests succeeded after ≥ {idle:.0} s). \
-         {} request(s) that were already streaming from it failed ({}). After SIGCONT it was \
-         `serving` again {} later.",
-        routed.len(),
-        ms(last),
+         {hold:.0} s, with a burst of 16 requests at once right after. {routed_text}; it was \
+         `unreachable` at {} and got no new request. {} request(s) that were already streaming \
+         from it failed ({}), cut by the same idle timeout. After SIGCONT it was `serving` \
+         again {} later.",
         unreachable.map_or("never".into(), |t| ms(t - t_stop)),
-        retried,
         fails.len(),
         statuses(&fails),
         ms(t_serving - t_cont),
     );
     res.numbers = format!(
-        "{} requests; failed {} (in flight); routed to it after hang {}; retried after idle \
-         timeout {}; last routed +{}; unreachable +{}; back +{:.1} s",
+        "{} + 16 requests; failed {} (in flight), burst failed {}; routed to it after hang {}; \
+         retried after idle timeout {}; last routed +{}; unreachable +{}; back +{:.1} s",
         rep.records.len(),
         fails.len(),
+        burst_fails.len(),
         routed.len(),
         retried,
         ms(last),
