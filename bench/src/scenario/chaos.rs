@@ -10,7 +10,7 @@
 //! | --- | --- |
 //! | `replica-loading` | a replica joins the pool while its model loads; another reloads its model |
 //! | `replica-killed` | SIGKILL of one replica's process mid-run, restarted later on its port |
-//! | `replica-hung` | SIGSTOP of one replica's process (accepts connections, never answers), SIGCONT later |
+//! | `replica-hung` | SIGSTOP of the replica the EPP ranks first (accepts connections, never answers), SIGCONT later |
 //! | `metrics-slow` | `/metrics` answers after 5 s (> the 1 s scrape timeout): one replica, then all |
 //! | `pool-churn` | the pool file rewritten 100 times a second for 10 s, two valid contents |
 //! | `epp-restart-failclose` | SIGKILL of the `epp`, restarted on its ports; Envoy FailClose |
@@ -627,13 +627,25 @@ async fn replica_killed(c: &mut Cluster, cfg: &ChaosCfg, seed: u64) -> anyhow::R
 
 async fn replica_hung(c: &mut Cluster, cfg: &ChaosCfg, seed: u64) -> anyhow::Result<CaseResult> {
     let mut res = CaseResult::new("replica-hung");
-    let idx = 2;
-    let name = "sim-2";
     let idle = cfg.idle_s();
     let hold = idle + if cfg.quick { 2.0 } else { 5.0 };
     let duration = cfg.before_s + hold + cfg.after_s;
     let load = spawn_load(c.url(), cfg.rate, duration, idle + 30.0, seed);
     tokio::time::sleep(secs(cfg.before_s)).await;
+    // The replica the EPP ranks first right now (the primary of its latest decision): its
+    // last scrape, which it keeps until two scrapes have failed, still ranks it first, so
+    // requests do reach it after the hang. A fixed replica is often never picked again.
+    let names = c.names();
+    let name = c
+        .observed
+        .lock()
+        .decisions
+        .last()
+        .and_then(|(_, picked, _)| picked.first().cloned())
+        .filter(|n| names.iter().take(SERVING).any(|x| x == n))
+        .unwrap_or_else(|| "sim-2".to_owned());
+    let name = name.as_str();
+    let idx = names.iter().position(|n| n == name).unwrap_or(2);
     let t_stop = unix_ms();
     if let Some(p) = c.replicas.get(idx).and_then(|r| r.proc.as_ref()) {
         p.signal("STOP")?;
@@ -716,8 +728,8 @@ async fn replica_hung(c: &mut Cluster, cfg: &ChaosCfg, seed: u64) -> anyhow::Res
         )
     };
     res.happened = format!(
-        "{name}'s process was stopped (SIGSTOP: connections accepted, nothing answered) for \
-         {hold:.0} s, with a burst of 16 requests at once right after. {routed_text}; it was \
+        "{name} (the EPP's first choice at that moment) was stopped (SIGSTOP: connections \
+         accepted, nothing answered) for {hold:.0} s, with a burst of 16 requests at once right after. {routed_text}; it was \
          `unreachable` at {} and got no new request. {} request(s) that were already streaming \
          from it failed ({}), cut by the same idle timeout. After SIGCONT it was `serving` \
          again {} later.",
