@@ -41,14 +41,16 @@ pub struct SoakCfg {
 
 impl SoakCfg {
     /// The short variant for `make test` (debug binaries): 5 s of capacity, 15 s of soak,
-    /// a sample a second. Too short for the RSS verdict (warm-up still fills the decision
-    /// ring); the others hold.
+    /// a sample a second, 1,000 KV blocks per replica so that the prefix index (as many
+    /// entries per endpoint) is full before the 6 s warm-up ends and has to evict while it is
+    /// judged. Too short for the RSS verdict (the decision ring still fills); the others hold.
     pub fn short() -> SoakCfg {
         SoakCfg {
             minutes: 0.25,
             capacity_s: 5.0,
             sample_s: 1.0,
-            warmup_s: 5.0,
+            warmup_s: 6.0,
+            num_gpu_blocks: 1000,
             ..SoakCfg::new(0.25)
         }
     }
