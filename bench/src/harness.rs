@@ -98,6 +98,25 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`, `TERM`…) to the process group.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([
+                &format!("-{signal}"),
+                "--",
+                &format!("-{}", self.child.id()),
+            ])
+            .stderr(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {} failed", self.name);
+        Ok(())
+    }
+
+    /// True while the process has not exited.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Fails if the process has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -204,6 +223,21 @@ pub async fn get(url: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// POST `body` (JSON) to `url`; `(status, body)`.
+pub async fn post(url: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::Full;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .context("timeout")??;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// Waits until `url` answers 200 (and, if given, its body contains `needle`).
 pub async fn wait_http(url: &str, needle: Option<&str>, timeout: Duration) -> anyhow::Result<()> {
     let until = Instant::now() + timeout;
@@ -231,7 +265,8 @@ pub fn prom_sum(text: &str, name: &str) -> f64 {
             }
             l.rsplit_once(' ')?.1.parse::<f64>().ok()
         })
-        .sum()
+        // Not `sum()`: an empty f64 sum is -0.0.
+        .fold(0.0, |a, b| a + b)
 }
 
 /// Cumulative buckets `(le, count)` of histogram `name`, summed over label sets, sorted by `le`.
@@ -290,17 +325,27 @@ pub fn lb_endpoints(addrs: &[SocketAddr]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-/// The pool file the `epp` reads in local mode: one endpoint per address.
+/// The pool file the `epp` reads in local mode: one endpoint per address, named `sim-<i>`.
 pub fn pool_yaml(addrs: &[SocketAddr]) -> String {
+    let named: Vec<(String, SocketAddr)> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("sim-{i}"), *a))
+        .collect();
+    pool_yaml_named(&named)
+}
+
+/// The pool file with the given endpoint names, in this order.
+pub fn pool_yaml_named(endpoints: &[(String, SocketAddr)]) -> String {
     let mut s = String::from(
         "pool:\n  apiVersion: inference.networking.k8s.io/v1\n  kind: InferencePool\n  \
          metadata: {name: bench-pool, namespace: default}\n  spec:\n    \
          selector: {matchLabels: {app: sim}}\n    targetPorts: [{number: 8000}]\n    \
          appProtocol: http\nendpoints:\n",
     );
-    for (i, a) in addrs.iter().enumerate() {
+    for (name, a) in endpoints {
         s.push_str(&format!(
-            "- {{name: sim-{i}, address: {}, ports: [{}], labels: {{app: sim, \
+            "- {{name: {name}, address: {}, ports: [{}], labels: {{app: sim, \
              inference.networking.k8s.io/engine-type: vllm}}}}\n",
             a.ip(),
             a.port()

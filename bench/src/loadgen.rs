@@ -81,6 +81,9 @@ pub struct Record {
     pub replica: Option<String>,
     /// What went wrong.
     pub error: Option<String>,
+    /// Seconds from the start of the run to the end of the request (success or error).
+    #[serde(default)]
+    pub done_s: f64,
 }
 
 impl Record {
@@ -129,6 +132,9 @@ pub struct Report {
     pub summary: Summary,
     /// Per request.
     pub records: Vec<Record>,
+    /// Wall-clock start of the run (`sent_s` and `done_s` count from it), ms since the epoch.
+    #[serde(default)]
+    pub start_unix_ms: f64,
 }
 
 impl Summary {
@@ -251,6 +257,7 @@ pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<
         .pool_max_idle_per_host(4096)
         .build(connector);
     let base = spec.url.trim_end_matches('/').to_owned();
+    let start_unix_ms = unix_ms();
     let start = Instant::now();
     let stop_at = spec.duration_s.map(|d| start + Duration::from_secs_f64(d));
     let count = spec.count.unwrap_or(usize::MAX);
@@ -283,7 +290,7 @@ pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<
                     deadline.clone(),
                 );
                 handles.push(tokio::spawn(async move {
-                    let r = one(&client, &base, i, req, start, &deadline).await;
+                    let r = one_timed(&client, &base, i, req, start, &deadline).await;
                     count_done(&progress, &r);
                     vec![r]
                 }));
@@ -313,7 +320,7 @@ pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<
                         }
                         let req = workload.lock().next_request();
                         progress.sent.fetch_add(1, Ordering::Relaxed);
-                        let r = one(&client, &base, i, req, start, &deadline).await;
+                        let r = one_timed(&client, &base, i, req, start, &deadline).await;
                         count_done(&progress, &r);
                         mine.push(r);
                     }
@@ -354,7 +361,15 @@ pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<
         summary: Summary::of(&records, wall_s),
         spec,
         records,
+        start_unix_ms,
     })
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 fn count_done(p: &Progress, r: &Record) {
@@ -396,6 +411,20 @@ async fn draw_progress(p: Arc<Progress>, start: Instant, spec: LoadSpec) {
         );
         let _ = err.flush();
     }
+}
+
+/// [`one`], stamped with the time it ended.
+async fn one_timed(
+    client: &HttpClient,
+    base: &str,
+    i: usize,
+    req: Request,
+    start: Instant,
+    deadline: &Mutex<Option<Instant>>,
+) -> Record {
+    let mut r = one(client, base, i, req, start, deadline).await;
+    r.done_s = start.elapsed().as_secs_f64();
+    r
 }
 
 /// Sends one request and follows its stream.

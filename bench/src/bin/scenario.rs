@@ -6,6 +6,9 @@
 //! scenario overhead [--quick]   # Envoy -> backend vs Envoy -> Switchyard -> backend
 //! scenario scale    [--quick]   # 1,000 endpoints: idle CPU, memory, decision time
 //! scenario all      [--quick]   # all three; rewrites bench/RESULTS.md and the plots
+//! scenario chaos    [--quick]   # faults one at a time (replica killed/hung/loading, EPP and
+//!                               # Envoy restarted, pool-file churn, slow /metrics)
+//! scenario soak [--minutes 30]  # 80 % of capacity; EPP RSS/CPU every 10 s, bench/soak.svg
 //! ```
 
 use std::path::PathBuf;
@@ -14,7 +17,7 @@ use anyhow::Context;
 use bench::harness::Tools;
 use bench::report::update_section;
 use bench::scenario::routing::{self, RoutingCfg, Sweep};
-use bench::scenario::{self, Router, overhead, scale};
+use bench::scenario::{self, Router, chaos, overhead, scale, soak};
 use bench::workload::{Kind, WorkloadArgs};
 use clap::{Parser, Subcommand};
 
@@ -57,6 +60,27 @@ enum Cmd {
     },
     /// Everything, in order.
     All(RoutingOpts),
+    /// Chaos cases against real processes, one fault at a time.
+    Chaos {
+        /// Only these cases (default: all).
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+    },
+    /// Long run at 80 % of the cluster's capacity, sampling the EPP.
+    Soak {
+        /// Minutes of soak.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+    },
+    /// Redraw the soak plot from a saved `bench/results/soak.json`.
+    SoakReplot {
+        /// The saved soak.
+        #[arg(long, default_value = "bench/results/soak.json")]
+        input: PathBuf,
+        /// The SVG to write.
+        #[arg(long, default_value = "bench/soak.svg")]
+        out: PathBuf,
+    },
     /// Redraw the routing plots from a saved `bench/results/routing.json`.
     Replot {
         /// The saved sweep.
@@ -153,6 +177,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Cmd::SoakReplot { input, out } = &o.cmd {
+        let saved: soak::SoakRun = serde_json::from_slice(&std::fs::read(input)?)?;
+        std::fs::write(out, soak::plot(&saved))?;
+        eprintln!("wrote {}", out.display());
+        return Ok(());
+    }
     let repo = o.repo.canonicalize().context("repository root")?;
     let tools = Tools::locate(repo.clone(), o.bin_dir.clone(), o.envoy.clone())?;
     let run_dir = if o.run_dir.is_absolute() {
@@ -218,7 +248,50 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             }
             do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?;
         }
-        Cmd::Backend { .. } | Cmd::Replot { .. } => {}
+        Cmd::Chaos { only } => {
+            let mut cfg = if o.quick {
+                chaos::ChaosCfg::quick()
+            } else {
+                chaos::ChaosCfg::full()
+            };
+            cfg.only = only.clone().unwrap_or_default();
+            let res = chaos::run(&tools, &cfg, &run_dir, |_| {}).await?;
+            std::fs::write(raw.join("chaos.json"), serde_json::to_vec_pretty(&res)?)?;
+            let md = format!("{header}\n{}", chaos::markdown(&res));
+            eprintln!("{md}");
+            if write {
+                update_section(&results, "chaos", &md)?;
+            }
+            let failed: Vec<&str> = res
+                .cases
+                .iter()
+                .filter(|c| !c.pass)
+                .map(|c| c.name.as_str())
+                .collect();
+            anyhow::ensure!(failed.is_empty(), "chaos cases failed: {failed:?}");
+        }
+        Cmd::Soak { minutes } => {
+            let cfg = soak::SoakCfg::new(*minutes);
+            let res = soak::run(&tools, &cfg, &run_dir).await?;
+            std::fs::write(raw.join("soak.json"), serde_json::to_vec_pretty(&res)?)?;
+            let plot = "soak.svg";
+            let md = format!("{header}\n{}", soak::markdown(&res, plot));
+            eprintln!("{md}");
+            if write {
+                std::fs::write(repo.join("bench").join(plot), soak::plot(&res))?;
+                update_section(&results, "soak", &md)?;
+            } else {
+                std::fs::write(run_dir.join(plot), soak::plot(&res))?;
+            }
+            let failed: Vec<&str> = res
+                .checks
+                .iter()
+                .filter(|c| !c.1)
+                .map(|c| c.0.as_str())
+                .collect();
+            anyhow::ensure!(failed.is_empty(), "soak verdicts failed: {failed:?}");
+        }
+        Cmd::Backend { .. } | Cmd::Replot { .. } | Cmd::SoakReplot { .. } => {}
     }
     Ok(())
 }

@@ -2,9 +2,12 @@
 //! `epp`, Envoy, peer routers), drives load, reads the processes' own metrics and tears
 //! everything down (also on error: [`crate::harness::Proc`] kills its process group on drop).
 
+pub mod chaos;
+pub mod cluster;
 pub mod overhead;
 pub mod routing;
 pub mod scale;
+pub mod soak;
 
 use std::net::SocketAddr;
 use std::path::Path;
