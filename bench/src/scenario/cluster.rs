@@ -3,7 +3,7 @@
 //! it can come back), the `epp` (local mode, pool file, `/debug/pool`) and Envoy rendered from
 //! the shipped `gateway-configs/envoy/envoy-plaintext*.yaml` templates.
 //!
-//! A background [`Monitor`] polls the EPP's `/debug/pool` and keeps every readiness change and
+//! A background monitor task polls the EPP's `/debug/pool` and keeps every readiness change and
 //! every scheduling decision it sees (the ring is read often enough that none is missed), with
 //! the EPP's own wall-clock timestamps.
 
