@@ -71,6 +71,16 @@ enum Cmd {
         #[arg(long, default_value = "bench")]
         out_dir: PathBuf,
     },
+    /// Write the goodput section from saved runs (several `goodput.json` merged: ladders and
+    /// routers in order of appearance; a (workload, router) measured twice keeps the later).
+    GoodputReport {
+        /// Saved runs (`{"cfg": …, "runs": […]}`).
+        #[arg(long, required = true)]
+        input: Vec<PathBuf>,
+        /// Markdown put before the tables (how and when it was run).
+        #[arg(long)]
+        header_file: Option<PathBuf>,
+    },
     /// (internal) Serve the fixed backend on N ephemeral ports; prints `backend-<i> http://<addr>`
     /// lines, then an empty line.
     Backend {
@@ -180,6 +190,58 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         std::future::pending::<()>().await;
         return Ok(());
     }
+    if let Cmd::GoodputReport { input, header_file } = &o.cmd {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            cfg: GoodputCfg,
+            runs: Vec<goodput::LadderRun>,
+        }
+        let mut merged: Option<GoodputCfg> = None;
+        let mut runs: Vec<goodput::LadderRun> = Vec::new();
+        for path in input {
+            let saved: Saved = serde_json::from_slice(&std::fs::read(path)?)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let cfg = merged.get_or_insert_with(|| GoodputCfg {
+                routers: Vec::new(),
+                ladders: Vec::new(),
+                ..saved.cfg.clone()
+            });
+            for r in saved.cfg.routers {
+                if !cfg.routers.contains(&r) {
+                    cfg.routers.push(r);
+                }
+            }
+            for l in saved.cfg.ladders {
+                if !cfg
+                    .ladders
+                    .iter()
+                    .any(|m| m.workload.workload == l.workload.workload)
+                {
+                    cfg.ladders.push(l);
+                }
+            }
+            for run in saved.runs {
+                runs.retain(|r| !(r.workload == run.workload && r.router == run.router));
+                runs.push(run);
+            }
+        }
+        let cfg = merged.context("no input")?;
+        let head = match header_file {
+            Some(p) => std::fs::read_to_string(p)?,
+            None => String::new(),
+        };
+        let md = format!("{head}\n{}", goodput::markdown(&runs, &cfg));
+        println!("{md}");
+        if !o.no_results {
+            let repo = o.repo.canonicalize().context("repository root")?;
+            update_section(&repo.join("bench/RESULTS.md"), "goodput", &md)?;
+            std::fs::write(
+                repo.join("bench/results/goodput.json"),
+                serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": runs}))?,
+            )?;
+        }
+        return Ok(());
+    }
     if let Cmd::Replot { input, out_dir } = &o.cmd {
         #[derive(serde::Deserialize)]
         struct Saved {
@@ -259,7 +321,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             }
             do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?;
         }
-        Cmd::Backend { .. } | Cmd::Replot { .. } => {}
+        Cmd::Backend { .. } | Cmd::Replot { .. } | Cmd::GoodputReport { .. } => {}
     }
     Ok(())
 }

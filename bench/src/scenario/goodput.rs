@@ -504,6 +504,9 @@ pub fn markdown(runs: &[LadderRun], cfg: &GoodputCfg) -> String {
     let _ = writeln!(s, "{head}\n{sep}");
     for ladder in &cfg.ladders {
         let w = ladder.workload.workload.as_str();
+        if !runs.iter().any(|r| r.workload == w) {
+            continue;
+        }
         let mut row = format!("| `{w}` |");
         for r in &cfg.routers {
             let _ = write!(row, " {} |", goodput_cell(find(w, &r.label()), ladder));
@@ -532,11 +535,11 @@ pub fn markdown(runs: &[LadderRun], cfg: &GoodputCfg) -> String {
     // 2. At the best peer's goodput rate.
     let _ = writeln!(
         s,
-        "**At the best peer's goodput rate** (per workload; `fresh` = a separate run at that rate, warm-up then one step, because the router's ladder had stopped below it or the rate was a bisection point): TTFT, E2E, output tokens/s, errors, prefix-cache hit (usage), burst herding (mean largest share of a 50 ms window to one replica; 0.25 = spread over 4, 1.0 = all to one), and the cost model's median prediction error.\n"
+        "**At the best peer's goodput rate** (per workload; `fresh` = a separate run at that rate, warm-up then one step, because the router's ladder had stopped below it or the rate was a bisection point): TTFT, E2E, output tokens/s (of the rung's completed requests per second of rung: the offered load unless requests fail), errors, prefix-cache hit (usage), burst herding (mean largest share of a 50 ms window to one replica; 0.25 = spread over 4, 1.0 = all to one), and the cost model's median prediction error.\n"
     );
     let _ = writeln!(
         s,
-        "| workload | rate (req/s) | router | TTFT p50 (ms) | TTFT p90 (ms) | E2E p90 (ms) | output tok/s | errors | cache hit | burst herding | pred. error p50 (ms / rel.) |\n\
+        "| workload | rate (req/s) | router | TTFT p50 (ms) | TTFT p90 (ms) | E2E p90 (ms) | output tok/s (completed) | errors | cache hit | burst herding | pred. error p50 (ms / rel.) |\n\
          | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for ladder in &cfg.ladders {
@@ -585,6 +588,9 @@ pub fn markdown(runs: &[LadderRun], cfg: &GoodputCfg) -> String {
     );
     for ladder in &cfg.ladders {
         let w = ladder.workload.workload.as_str();
+        if !runs.iter().any(|r| r.workload == w) {
+            continue;
+        }
         let _ = writeln!(s, "#### `{w}`\n");
         let _ = writeln!(s, "{}\n", describe(ladder, cfg.replicas));
         let _ = writeln!(
