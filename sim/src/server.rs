@@ -571,13 +571,18 @@ fn stream_response(
     include_usage: bool,
 ) -> Response {
     let body = async_stream::stream! {
-        if ctx.api == Api::Chat {
-            let mut first = ctx.chunk("", None);
-            first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
-            yield Ok::<_, Infallible>(sse(&first));
-        }
+        // vLLM sends the chat role chunk in the same iteration as the first token (its stream
+        // generator yields nothing before the engine's first output), so nothing reaches the
+        // client, or a gateway watching for the first body chunk, before the prefill is done.
+        let mut role_pending = ctx.api == Api::Chat;
         loop {
-            match rx.recv().await {
+            let event = rx.recv().await;
+            if std::mem::take(&mut role_pending) {
+                let mut first = ctx.chunk("", None);
+                first["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+                yield Ok::<_, Infallible>(sse(&first));
+            }
+            match event {
                 Some(EngineEvent::Tokens { ids, last: false, .. }) => {
                     yield Ok(sse(&ctx.chunk(&text_of(&ids), None)));
                 }

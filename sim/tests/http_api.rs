@@ -194,6 +194,42 @@ async fn streaming_completion_checked_chunk_by_chunk() {
     assert!(!text.is_empty());
 }
 
+/// As vLLM: the role chunk comes with the first token, not before the prefill (a gateway takes
+/// the first body chunk for the first token).
+#[tokio::test]
+async fn streaming_chat_sends_nothing_before_the_first_token() {
+    let r = replica(Config::default()).await;
+    let c = client();
+    // 20,000 prompt tokens: ≈ 0.6 s of prefill at the calibrated 30 µs per token.
+    let body = json!({
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "messages": [{"role": "user", "content": "word ".repeat(20_000)}],
+        "max_tokens": 2,
+        "stream": true,
+    });
+    let sent = std::time::Instant::now();
+    let resp = start(
+        &c,
+        &r,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(body),
+        &[],
+    )
+    .await;
+    let mut sse = SseReader {
+        body: resp.into_body(),
+        buf: String::new(),
+    };
+    let first: Value = serde_json::from_str(&sse.next().await.unwrap()).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        sent.elapsed() >= std::time::Duration::from_millis(400),
+        "the role chunk came after {:?}, before the prefill was done",
+        sent.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn streaming_chat_starts_with_the_role_and_reports_cached_tokens() {
     let r = replica(Config {

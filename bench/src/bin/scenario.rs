@@ -9,6 +9,7 @@
 //! scenario chaos    [--quick]   # faults one at a time (replica killed/hung/loading, EPP and
 //!                               # Envoy restarted, pool-file churn, slow /metrics)
 //! scenario soak [--minutes 30]  # 80 % of capacity; EPP RSS/CPU every 10 s, bench/soak.svg
+//! scenario goodput  [--quick]   # highest rate within TTFT p90 ≤ 1 s, per workload and router
 //! ```
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bench::harness::Tools;
 use bench::report::update_section;
+use bench::scenario::goodput::{self, GoodputCfg, Ladder};
 use bench::scenario::routing::{self, RoutingCfg, Sweep};
 use bench::scenario::{self, Router, chaos, overhead, scale, soak};
 use bench::workload::{Kind, WorkloadArgs};
@@ -58,7 +60,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         endpoints: usize,
     },
-    /// Everything, in order.
+    /// Everything, in order (not goodput).
     All(RoutingOpts),
     /// Chaos cases against real processes, one fault at a time.
     Chaos {
@@ -81,6 +83,9 @@ enum Cmd {
         #[arg(long, default_value = "bench/soak.svg")]
         out: PathBuf,
     },
+    /// Goodput: per workload and router, the highest rate with TTFT p90 ≤ 1 s and no errors,
+    /// by a rate ladder (long: see `--estimate`).
+    Goodput(GoodputOpts),
     /// Redraw the routing plots from a saved `bench/results/routing.json`.
     Replot {
         /// The saved sweep.
@@ -89,6 +94,16 @@ enum Cmd {
         /// Where the SVGs go.
         #[arg(long, default_value = "bench")]
         out_dir: PathBuf,
+    },
+    /// Write the goodput section from saved runs (several `goodput.json` merged: ladders and
+    /// routers in order of appearance; a (workload, router) measured twice keeps the later).
+    GoodputReport {
+        /// Saved runs (`{"cfg": …, "runs": […]}`).
+        #[arg(long, required = true)]
+        input: Vec<PathBuf>,
+        /// Markdown put before the tables (how and when it was run).
+        #[arg(long)]
+        header_file: Option<PathBuf>,
     },
     /// (internal) Serve the fixed backend on N ephemeral ports; prints `backend-<i> http://<addr>`
     /// lines, then an empty line.
@@ -134,6 +149,41 @@ struct RoutingOpts {
     output_tokens: Option<u32>,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+struct GoodputOpts {
+    /// Routers (default: switchyard, switchyard-cost, switchyard-balanced, sglang:cache_aware,
+    /// vllm:cache_aware, smg).
+    #[arg(long, value_delimiter = ',')]
+    routers: Option<Vec<String>>,
+    /// Workloads (default: shared-prefix, multi-turn, hot-spot, cache-pressure, mixed).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Option<Vec<Kind>>,
+    /// Rungs (req/s) for every workload (default: per-workload presets).
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<f64>>,
+    /// Rungs of one workload, `<workload>=<r1>,<r2>,…` (repeatable; over the presets).
+    #[arg(long, value_parser = parse_ladder)]
+    ladder: Vec<(Kind, Vec<f64>)>,
+    /// Keep only the rungs of index ≥ this in the presets (a shorter climb from higher up).
+    #[arg(long, default_value_t = 0)]
+    skip_rungs: usize,
+    /// Keep at most this many rungs of the presets.
+    #[arg(long)]
+    max_rungs: Option<usize>,
+    /// Seconds of warm-up before the first rung.
+    #[arg(long, default_value_t = 20.0)]
+    warmup: f64,
+    /// Seconds measured per rung.
+    #[arg(long, default_value_t = 60.0)]
+    step: f64,
+    /// One fresh bisection run between the last passing and the first failing rung.
+    #[arg(long)]
+    bisect: bool,
+    /// Print the plan and the time estimate, run nothing.
+    #[arg(long)]
+    estimate: bool,
+}
+
 fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -162,6 +212,58 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         out.write_all(lines.as_bytes())?;
         out.flush()?;
         std::future::pending::<()>().await;
+        return Ok(());
+    }
+    if let Cmd::GoodputReport { input, header_file } = &o.cmd {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            cfg: GoodputCfg,
+            runs: Vec<goodput::LadderRun>,
+        }
+        let mut merged: Option<GoodputCfg> = None;
+        let mut runs: Vec<goodput::LadderRun> = Vec::new();
+        for path in input {
+            let saved: Saved = serde_json::from_slice(&std::fs::read(path)?)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let cfg = merged.get_or_insert_with(|| GoodputCfg {
+                routers: Vec::new(),
+                ladders: Vec::new(),
+                ..saved.cfg.clone()
+            });
+            for r in saved.cfg.routers {
+                if !cfg.routers.contains(&r) {
+                    cfg.routers.push(r);
+                }
+            }
+            for l in saved.cfg.ladders {
+                if !cfg
+                    .ladders
+                    .iter()
+                    .any(|m| m.workload.workload == l.workload.workload)
+                {
+                    cfg.ladders.push(l);
+                }
+            }
+            for run in saved.runs {
+                runs.retain(|r| !(r.workload == run.workload && r.router == run.router));
+                runs.push(run);
+            }
+        }
+        let cfg = merged.context("no input")?;
+        let head = match header_file {
+            Some(p) => std::fs::read_to_string(p)?,
+            None => String::new(),
+        };
+        let md = format!("{head}\n{}", goodput::markdown(&runs, &cfg));
+        eprintln!("{md}");
+        if !o.no_results {
+            let repo = o.repo.canonicalize().context("repository root")?;
+            update_section(&repo.join("bench/RESULTS.md"), "goodput", &md)?;
+            std::fs::write(
+                repo.join("bench/results/goodput.json"),
+                serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": runs}))?,
+            )?;
+        }
         return Ok(());
     }
     if let Cmd::Replot { input, out_dir } = &o.cmd {
@@ -209,6 +311,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     );
     match &o.cmd {
         Cmd::Routing(r) => do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?,
+        Cmd::Goodput(g) => do_goodput(&tools, g, o.quick, &run_dir, &repo, &header, write).await?,
         Cmd::Overhead => {
             let res = overhead::run(&tools, o.quick, &run_dir).await?;
             std::fs::write(raw.join("overhead.json"), serde_json::to_vec_pretty(&res)?)?;
@@ -291,7 +394,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 .collect();
             anyhow::ensure!(failed.is_empty(), "soak verdicts failed: {failed:?}");
         }
-        Cmd::Backend { .. } | Cmd::Replot { .. } | Cmd::SoakReplot { .. } => {}
+        Cmd::Backend { .. }
+        | Cmd::Replot { .. }
+        | Cmd::SoakReplot { .. }
+        | Cmd::GoodputReport { .. } => {}
     }
     Ok(())
 }
@@ -473,6 +579,206 @@ async fn do_routing(
             std::fs::write(repo.join("bench").join(file), svg)?;
         }
         update_section(&repo.join("bench/RESULTS.md"), "routing", &md)?;
+    }
+    Ok(())
+}
+
+/// The goodput presets: the five workloads, each with rungs ×1.25 apart around where the
+/// routers' knees were found (see RESULTS.md), and the six routers of issue 13.
+fn goodput_cfg(g: &GoodputOpts, quick: bool) -> anyhow::Result<GoodputCfg> {
+    let names = [
+        "switchyard",
+        "switchyard-cost",
+        "switchyard-balanced",
+        "sglang:cache_aware",
+        "vllm:cache_aware",
+        "smg",
+    ];
+    let routers = match &g.routers {
+        Some(list) => list
+            .iter()
+            .map(|s| Router::parse(s))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => names
+            .iter()
+            .map(|s| Router::parse(s))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    };
+    let workloads = g.workloads.clone().unwrap_or_else(|| {
+        vec![
+            Kind::SharedPrefix,
+            Kind::MultiTurn,
+            Kind::HotSpot,
+            Kind::CachePressure,
+            Kind::Mixed,
+        ]
+    });
+    let ladders = workloads
+        .into_iter()
+        .map(|k| {
+            let (workload, gpu_blocks, preset) = goodput_preset(k);
+            let given = g
+                .ladder
+                .iter()
+                .find(|(w, _)| *w == k)
+                .map(|(_, r)| r.clone());
+            let mut rates = given.clone().or(g.rates.clone()).unwrap_or(preset);
+            if g.rates.is_none() && given.is_none() {
+                rates = rates.into_iter().skip(g.skip_rungs).collect();
+                if let Some(m) = g.max_rungs {
+                    rates.truncate(m);
+                }
+            }
+            anyhow::ensure!(!rates.is_empty(), "no rungs left for {}", k.as_str());
+            Ok(Ladder {
+                workload,
+                gpu_blocks,
+                rates,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(GoodputCfg {
+        replicas: 8,
+        stream_granularity: 16,
+        warmup_s: if quick { 5.0 } else { g.warmup },
+        step_s: if quick { 15.0 } else { g.step },
+        grace_s: 2.0,
+        drain_s: 20.0,
+        ttft_slo_ms: 1000.0,
+        bisect: g.bisect,
+        routers,
+        ladders,
+    })
+}
+
+/// `hot-spot=31,39,49` → (HotSpot, [31, 39, 49]).
+fn parse_ladder(s: &str) -> Result<(Kind, Vec<f64>), String> {
+    use clap::ValueEnum;
+    let (w, rates) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected <workload>=<rate>,<rate>,…"))?;
+    let kind = Kind::from_str(w, false)?;
+    let rates = rates
+        .split(',')
+        .map(|r| r.trim().parse::<f64>().map_err(|e| format!("{r:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if rates.is_empty() || rates.windows(2).any(|w| w[0] >= w[1]) || rates[0] <= 0.0 {
+        return Err(format!("{s:?}: rates must be positive and increasing"));
+    }
+    Ok((kind, rates))
+}
+
+/// Per workload: its shape, the simulator's KV blocks (None: sim's default) and the rungs.
+/// The shapes are heavier than the routing sweep's, whose knees (in steady state, caches warm)
+/// lie past what this 2-core machine can drive: here every workload's knee falls between
+/// 20 and 60 req/s (see RESULTS.md).
+fn goodput_preset(k: Kind) -> (WorkloadArgs, Option<usize>, Vec<f64>) {
+    let mut w = preset_workload(k);
+    // Rungs 1.25× apart from 16 req/s: 16, 20, 25, 31, 39, 49, 61.
+    let ladder: Vec<f64> = (0..7).map(|i| (16.0 * 1.25f64.powi(i)).round()).collect();
+    match k {
+        Kind::SharedPrefix => {
+            // 32 groups × 16,000-token system prompts, 3,000-token questions.
+            w.question_tokens = 3000;
+            (w, None, ladder)
+        }
+        Kind::MultiTurn => {
+            // 8,000-token system prompts, 1,000-token turns and replies.
+            w.user_system_tokens = 8000;
+            w.turn_tokens = 1000;
+            w.reply_tokens = 1000;
+            (w, None, ladder)
+        }
+        Kind::HotSpot => {
+            // 64 groups, Zipf(1.5): the top group takes ≈ 42 % of requests, the top 3 ≈ 65 %.
+            w.groups = 64;
+            w.prefix_zipf = 1.5;
+            w.system_tokens = 8000;
+            w.question_tokens = 3000;
+            (w, None, ladder)
+        }
+        Kind::CachePressure => {
+            // 224 × 8,000 = 1.79M prefix tokens against 8 × 8,192 × 16 = 1.05M of KV (1.71×).
+            w.groups = 224;
+            w.system_tokens = 8000;
+            w.question_tokens = 400;
+            (w, Some(8192), ladder)
+        }
+        Kind::Mixed => {
+            // Prompts of median 3,000 tokens (σ 0.9), outputs of median 128.
+            w.prompt_median = 3000.0;
+            (w, None, ladder)
+        }
+        _ => (w, None, ladder),
+    }
+}
+
+async fn do_goodput(
+    tools: &Tools,
+    g: &GoodputOpts,
+    quick: bool,
+    run_dir: &std::path::Path,
+    repo: &std::path::Path,
+    header: &str,
+    write: bool,
+) -> anyhow::Result<()> {
+    let cfg = goodput_cfg(g, quick)?;
+    let (max, typical) = cfg.estimate_s();
+    eprintln!(
+        "goodput: {} workloads × {} routers, warm-up {} s, {} s per rung{}; estimate ≈ {:.0} min (at most {:.0} min)",
+        cfg.ladders.len(),
+        cfg.routers.len(),
+        cfg.warmup_s,
+        cfg.step_s,
+        if cfg.bisect {
+            ", one bisection point"
+        } else {
+            ""
+        },
+        typical / 60.0,
+        max / 60.0
+    );
+    for l in &cfg.ladders {
+        eprintln!("  {}", goodput::describe(l, cfg.replicas));
+    }
+    if g.estimate {
+        return Ok(());
+    }
+    let raw = if write {
+        repo.join("bench/results/goodput.json")
+    } else {
+        run_dir.join("goodput.json")
+    };
+    let began = std::time::Instant::now();
+    let mut so_far = Vec::new();
+    let runs = goodput::run(tools, &cfg, run_dir, |run| {
+        so_far.push(run.clone());
+        let _ = std::fs::write(
+            &raw,
+            serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": so_far}))
+                .unwrap_or_default(),
+        );
+    })
+    .await?;
+    let md = format!(
+        "{header}\n{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`); per (workload, router) one cold start, {} s of warm-up at the first rung's rate, then {} s measured per rung, rungs climbed without a restart until one fails (TTFT p90 > {:.0} ms or any error){}; requests still running {} s after the last arrival are cut and counted as errors. Took {:.0} min.\n\n{}",
+        cfg.replicas,
+        cfg.stream_granularity,
+        cfg.warmup_s,
+        cfg.step_s,
+        cfg.ttft_slo_ms,
+        if cfg.bisect {
+            ", then one fresh bisection run"
+        } else {
+            ""
+        },
+        cfg.drain_s,
+        began.elapsed().as_secs_f64() / 60.0,
+        goodput::markdown(&runs, &cfg)
+    );
+    eprintln!("{md}");
+    if write {
+        update_section(&repo.join("bench/RESULTS.md"), "goodput", &md)?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod chaos;
 pub mod cluster;
+pub mod goodput;
 pub mod overhead;
 pub mod routing;
 pub mod scale;
@@ -39,6 +40,8 @@ pub enum Router {
     Sglang(String),
     /// `vllm-router --policy <policy>`.
     Vllm(String),
+    /// `smg launch --policy <policy>` (Shepherd Model Gateway, PyPI `smg`).
+    Smg(String),
 }
 
 impl Router {
@@ -50,11 +53,23 @@ impl Router {
             Router::Switchyard { profile, .. } => format!("switchyard {profile}"),
             Router::Sglang(p) => format!("sglang-router {p}"),
             Router::Vllm(p) => format!("vllm-router {p}"),
+            Router::Smg(p) => format!("smg {p}"),
         }
     }
 
+    /// A peer router (not Envoy alone, not Switchyard).
+    pub fn is_peer(&self) -> bool {
+        matches!(self, Router::Sglang(_) | Router::Vllm(_) | Router::Smg(_))
+    }
+
+    /// Switchyard with the cost-model profile (whose decisions carry a predicted TTFT).
+    pub fn is_cost_model(&self) -> bool {
+        matches!(self, Router::Switchyard { profile, .. } if profile.starts_with("cost"))
+    }
+
     /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `switchyard-running`,
-    /// `switchyard-balanced`, `switchyard-lora`, `sglang:<policy>`, `vllm:<policy>`.
+    /// `switchyard-balanced`, `switchyard-lora`, `switchyard-cost`, `sglang:<policy>`,
+    /// `vllm:<policy>`, `smg:<policy>` (`smg` alone: `cache_aware`), `switchyard-file:<path>`.
     pub fn parse(s: &str) -> anyhow::Result<Router> {
         Ok(match s {
             "rr" | "envoy-rr" => Router::EnvoyRoundRobin,
@@ -79,11 +94,28 @@ impl Router {
                 profile: "lora".into(),
                 config: Some(LORA_AWARE.into()),
             },
+            "switchyard-cost" => Router::Switchyard {
+                profile: "cost".into(),
+                config: Some(endpoint_picker::config::profiles::COST_MODEL.into()),
+            },
+            "smg" => Router::Smg("cache_aware".into()),
             _ => match s.split_once(':') {
+                // Any EndpointPickerConfig file, e.g. a profile being tuned; named by its stem
+                // (`cost*` stems get the decision header, as the cost profile does).
+                Some(("switchyard-file", path)) => Router::Switchyard {
+                    profile: Path::new(path)
+                        .file_stem()
+                        .map_or_else(|| path.to_owned(), |s| s.to_string_lossy().into_owned()),
+                    config: Some(
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("reading the profile {path}"))?,
+                    ),
+                },
                 Some(("sglang", p)) => Router::Sglang(p.into()),
                 Some(("vllm", p)) => Router::Vllm(p.into()),
+                Some(("smg", p)) => Router::Smg(p.into()),
                 _ => anyhow::bail!(
-                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, switchyard-balanced, switchyard-lora, sglang:<policy>, vllm:<policy>)"
+                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, switchyard-balanced, switchyard-lora, switchyard-cost, sglang:<policy>, vllm:<policy>, smg[:<policy>])"
                 ),
             },
         })
@@ -200,7 +232,46 @@ pub async fn start_router(
             start_envoy_direct(tools, "LEAST_REQUEST", backends, dir).await?
         }
         Router::Switchyard { config, .. } => {
-            start_switchyard(tools, config.as_deref(), backends, dir, &[]).await?
+            // The cost model's predicted TTFT reaches the client in the decision header, so
+            // that the bench can compare it with the observed one.
+            let extra: &[&str] = if router.is_cost_model() {
+                &["--debug-decision-header"]
+            } else {
+                &[]
+            };
+            start_switchyard(tools, config.as_deref(), backends, dir, extra).await?
+        }
+        Router::Smg(policy) => {
+            // `python -m smg`, not the `smg` console script: sglang-router 0.3.2 installs a
+            // script of the same name into the same venv (its own CLI under another name).
+            let python = tools.peers_venv.join("bin").join("python");
+            anyhow::ensure!(
+                python.exists(),
+                "{} not installed: run `make bench-peers` (installs smg into bench/.venv-peers)",
+                python.display()
+            );
+            let port = free_port()?;
+            let prom = free_port()?;
+            let mut cmd = Command::new(&python);
+            cmd.args(["-m", "smg", "launch"])
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--prometheus-host",
+                    "127.0.0.1",
+                    "--prometheus-port",
+                    &prom.to_string(),
+                ])
+                .args(["--policy", policy])
+                .args(["--log-level", "warn"])
+                .arg("--worker-urls")
+                .args(backends.iter().map(|a| format!("http://{a}")));
+            let p = Proc::spawn("smg", &mut cmd, dir)?;
+            RouterUp {
+                url: format!("http://127.0.0.1:{port}"),
+                procs: vec![p],
+                epp: None,
+                epp_metrics: None,
+            }
         }
         Router::Sglang(policy) | Router::Vllm(policy) => {
             let sglang = matches!(router, Router::Sglang(_));

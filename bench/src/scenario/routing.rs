@@ -239,9 +239,13 @@ pub fn markdown(runs: &[RoutingRun], cfg: &RoutingCfg) -> String {
 pub fn describe(w: &WorkloadArgs) -> String {
     use crate::workload::Kind;
     match w.workload {
-        Kind::SharedPrefix => format!(
+        Kind::SharedPrefix | Kind::CachePressure => format!(
             "{} groups, {}-token system prompt per group, {}-token question per request, {} output tokens; group drawn uniformly (seed {}).",
             w.groups, w.system_tokens, w.question_tokens, w.output_tokens, w.seed
+        ),
+        Kind::HotSpot => format!(
+            "{} groups, {}-token system prompt per group, {}-token question per request, {} output tokens; group k drawn ∝ 1/(k+1)^{} (Zipf; seed {}).",
+            w.groups, w.system_tokens, w.question_tokens, w.output_tokens, w.prefix_zipf, w.seed
         ),
         Kind::MultiTurn => format!(
             "{} conversations open at once, {}-token system prompt per user, +{}-token user message and +{}-token reply per round, {} rounds per user, {} output tokens (seed {}).",
@@ -289,7 +293,9 @@ pub fn headlines(runs: &[RoutingRun], cfg: &RoutingCfg) -> Vec<String> {
                 .copied()
         };
         let rr = at.iter().find(|r| r.router == "envoy round-robin").copied();
-        let peer = best(&|r: &str| r.starts_with("sglang") || r.starts_with("vllm"));
+        let peer = best(&|r: &str| {
+            r.starts_with("sglang") || r.starts_with("vllm") || r.starts_with("smg")
+        });
         let default = at
             .iter()
             .find(|r| r.router == "switchyard default")

@@ -45,9 +45,12 @@ fn lognormal(rng: &mut SmallRng, median: f64, sigma: f64) -> f64 {
 }
 
 /// `shared-prefix`: `groups` long system prompts; each request picks a group uniformly and
-/// adds a unique question (the layout of upstream's prefix-cache benchmarks).
+/// adds a unique question (the layout of upstream's prefix-cache benchmarks). `hot-spot` is the
+/// same with Zipf-skewed group popularity ([`SharedPrefix::with_zipf`]).
 pub struct SharedPrefix {
     rng: SmallRng,
+    /// Cumulative group weights when popularity is skewed (uniform when empty).
+    cumulative: Vec<f64>,
     seed: u64,
     systems: Vec<Option<String>>,
     system_tokens: usize,
@@ -66,11 +69,36 @@ impl SharedPrefix {
     ) -> Self {
         SharedPrefix {
             rng: SmallRng::seed_from_u64(seed),
+            cumulative: Vec::new(),
             seed,
             systems: vec![None; groups.max(1)],
             system_tokens,
             question_tokens,
             output_tokens,
+        }
+    }
+
+    /// Group `k` (0-based) drawn with probability ∝ 1 / (k + 1)^s instead of uniformly.
+    pub fn with_zipf(mut self, s: f64) -> Self {
+        let mut acc = 0.0;
+        self.cumulative = (0..self.systems.len())
+            .map(|k| {
+                acc += 1.0 / ((k + 1) as f64).powf(s);
+                acc
+            })
+            .collect();
+        self
+    }
+
+    fn pick(&mut self) -> usize {
+        match self.cumulative.last() {
+            None => self.rng.random_range(0..self.systems.len()),
+            Some(&total) => {
+                let x = self.rng.random::<f64>() * total;
+                self.cumulative
+                    .partition_point(|&c| c <= x)
+                    .min(self.systems.len() - 1)
+            }
         }
     }
 
@@ -89,7 +117,7 @@ impl SharedPrefix {
 
 impl Workload for SharedPrefix {
     fn next_request(&mut self) -> Request {
-        let g = self.rng.random_range(0..self.systems.len());
+        let g = self.pick();
         let question = words(&mut self.rng, self.question_tokens);
         let (out, sys_tokens) = (self.output_tokens, self.system_tokens);
         let system = self.system(g);
@@ -398,6 +426,8 @@ mod tests {
             Kind::Mixed,
             Kind::Lora,
             Kind::LongPrompt,
+            Kind::HotSpot,
+            Kind::CachePressure,
         ] {
             let mut a = WorkloadArgs {
                 workload: kind,
@@ -449,6 +479,31 @@ mod tests {
             counts.values().all(|&c| (20..=60).contains(&c)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn hot_spot_popularity_is_zipf_and_groups_keep_their_prompt() {
+        let mut w = SharedPrefix::new(4, 64, 50, 10, 8).with_zipf(1.5);
+        let reqs = take(&mut w, 4000);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut systems: HashMap<String, String> = HashMap::new();
+        for r in &reqs {
+            *counts.entry(r.key.clone()).or_default() += 1;
+            let sys = messages(r)[0].1.clone();
+            assert_eq!(
+                systems.entry(r.key.clone()).or_insert_with(|| sys.clone()),
+                &sys
+            );
+        }
+        // P(0) = 1 / H(64, 1.5) ≈ 0.42 (≈ 1,690 of 4,000); the top 3 ≈ 65 %.
+        let c = |g: usize| counts.get(&format!("group-{g}")).copied().unwrap_or(0);
+        assert!((1550..1850).contains(&c(0)), "{counts:?}");
+        let top3 = c(0) + c(1) + c(2);
+        assert!((2450..2750).contains(&top3), "{top3}");
+        assert!(c(0) > 2 * c(1) && c(1) > c(3) && counts.len() > 30);
+        // The same seed without skew draws the same prompts for the same groups.
+        let mut u = SharedPrefix::new(4, 64, 50, 10, 8);
+        assert_eq!(u.system(0), w.system(0));
     }
 
     #[test]

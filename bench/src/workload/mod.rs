@@ -11,6 +11,8 @@
 //! | `mixed` | lognormal prompt/output lengths, like chat traffic; no sharing |
 //! | `lora` | `mixed` spread over LoRA adapters with Zipf-skewed popularity |
 //! | `long-prompt` | fixed-size prompts of N bytes (220 KB by default), unique per request |
+//! | `hot-spot` | `shared-prefix` with Zipf-skewed group popularity: a few prefixes far more popular than the rest |
+//! | `cache-pressure` | `shared-prefix` whose prefixes together exceed the cluster's KV cache (uniform popularity) |
 
 mod generators;
 pub mod text;
@@ -59,6 +61,10 @@ pub enum Kind {
     Lora,
     /// Fixed-size long prompts.
     LongPrompt,
+    /// Groups sharing a long system prompt, Zipf-skewed popularity.
+    HotSpot,
+    /// Groups sharing a long system prompt, more of them than the KV caches hold.
+    CachePressure,
 }
 
 impl Kind {
@@ -70,6 +76,8 @@ impl Kind {
             Kind::Mixed => "mixed",
             Kind::Lora => "lora",
             Kind::LongPrompt => "long-prompt",
+            Kind::HotSpot => "hot-spot",
+            Kind::CachePressure => "cache-pressure",
         }
     }
 }
@@ -86,13 +94,13 @@ pub struct WorkloadArgs {
     /// Completion tokens per request (shared-prefix, multi-turn, long-prompt).
     #[arg(long, default_value_t = 64)]
     pub output_tokens: u32,
-    /// shared-prefix: number of groups.
+    /// shared-prefix, hot-spot, cache-pressure: number of groups.
     #[arg(long, default_value_t = 150)]
     pub groups: usize,
-    /// shared-prefix: system-prompt tokens per group.
+    /// shared-prefix, hot-spot, cache-pressure: system-prompt tokens per group.
     #[arg(long, default_value_t = 6000)]
     pub system_tokens: usize,
-    /// shared-prefix: question tokens per request.
+    /// shared-prefix, hot-spot, cache-pressure: question tokens per request.
     #[arg(long, default_value_t = 1200)]
     pub question_tokens: usize,
     /// multi-turn: conversations open at once.
@@ -131,6 +139,9 @@ pub struct WorkloadArgs {
     /// long-prompt: body size in bytes.
     #[arg(long, default_value_t = 220 * 1024)]
     pub prompt_bytes: usize,
+    /// hot-spot: Zipf exponent of group popularity (group k drawn ∝ 1 / (k + 1)^s).
+    #[arg(long, default_value_t = 1.5)]
+    pub prefix_zipf: f64,
 }
 
 impl Default for WorkloadArgs {
@@ -154,6 +165,7 @@ impl Default for WorkloadArgs {
             adapters: 8,
             zipf: 1.2,
             prompt_bytes: 220 * 1024,
+            prefix_zipf: 1.5,
         }
     }
 }
@@ -162,13 +174,23 @@ impl WorkloadArgs {
     /// Builds the workload these arguments describe.
     pub fn build(&self) -> Box<dyn Workload> {
         match self.workload {
-            Kind::SharedPrefix => Box::new(SharedPrefix::new(
+            Kind::SharedPrefix | Kind::CachePressure => Box::new(SharedPrefix::new(
                 self.seed,
                 self.groups,
                 self.system_tokens,
                 self.question_tokens,
                 self.output_tokens,
             )),
+            Kind::HotSpot => Box::new(
+                SharedPrefix::new(
+                    self.seed,
+                    self.groups,
+                    self.system_tokens,
+                    self.question_tokens,
+                    self.output_tokens,
+                )
+                .with_zipf(self.prefix_zipf),
+            ),
             Kind::MultiTurn => Box::new(MultiTurn::new(
                 self.seed,
                 self.users,
@@ -203,6 +225,15 @@ impl WorkloadArgs {
                 self.output_tokens,
             )),
         }
+    }
+
+    /// Tokens of distinct shared prefixes (the reusable working set) of the prefix workloads.
+    pub fn prefix_working_set_tokens(&self) -> Option<u64> {
+        matches!(
+            self.workload,
+            Kind::SharedPrefix | Kind::HotSpot | Kind::CachePressure
+        )
+        .then(|| self.groups as u64 * self.system_tokens as u64)
     }
 
     /// The adapter names the `lora` workload uses (the simulator must register them).
