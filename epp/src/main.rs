@@ -133,7 +133,13 @@ async fn run(args: Args) -> Result<()> {
         (Some(path), _) => std::fs::read_to_string(&path)
             .with_context(|| format!("reading --config-file {}", path.display()))?,
         (None, Some(text)) => text,
-        (None, None) => config::DEFAULT_CONFIG.to_owned(),
+        (None, None) => {
+            tracing::info!(
+                "no --config-file or --config-text: running the balanced-prefix profile \
+                 (pass the reference's default as a file to run that instead)"
+            );
+            config::UNCONFIGURED_PROFILE.to_owned()
+        }
     };
     let loaded = config::load(&config_text, seed).context("loading the EndpointPickerConfig")?;
     if debug_decisions > 0 && !debug_pool {

@@ -140,7 +140,7 @@ async fn default_profile_serves_and_spreads_load() {
     let Some(c) = cluster(
         "default_profile_serves_and_spreads_load",
         3,
-        endpoint_picker::config::DEFAULT_CONFIG,
+        endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
         Variant::PlaintextFailClose,
     )
     .await
@@ -223,7 +223,7 @@ async fn sse_tokens_arrive_chunk_by_chunk() {
     let Some(c) = cluster(
         "sse_tokens_arrive_chunk_by_chunk",
         2,
-        endpoint_picker::config::DEFAULT_CONFIG,
+        endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
         Variant::PlaintextFailClose,
     )
     .await
@@ -272,7 +272,7 @@ async fn invalid_json_gets_400_with_the_error_text() {
     let Some(c) = cluster(
         "invalid_json_gets_400_with_the_error_text",
         1,
-        endpoint_picker::config::DEFAULT_CONFIG,
+        endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
         Variant::PlaintextFailClose,
     )
     .await
@@ -334,7 +334,7 @@ async fn one_mebibyte_prompt_through_envoy() {
     let Some(c) = cluster(
         "one_mebibyte_prompt_through_envoy",
         2,
-        endpoint_picker::config::DEFAULT_CONFIG,
+        endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
         Variant::PlaintextFailClose,
     )
     .await

@@ -100,7 +100,7 @@ pub struct EppOptions {
 impl Default for EppOptions {
     fn default() -> Self {
         Self {
-            config: config::DEFAULT_CONFIG.to_owned(),
+            config: config::REFERENCE_DEFAULT_CONFIG.to_owned(),
             options: ServiceOptions::default(),
             tls: false,
             server_tls: None,

@@ -8,8 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bench::workload::WorkloadArgs;
 use clap::Parser;
-use endpoint_picker::config::DEFAULT_CONFIG;
-use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL};
+use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL, REFERENCE_DEFAULT};
 use whatif::replay::{self, ReplayCfg};
 use whatif::report::{self, Slo};
 use whatif::trace;
@@ -20,9 +19,10 @@ use whatif::trace;
     about = "Replay traffic against routing configs in virtual time"
 )]
 struct Args {
-    /// A routing config to compare: `default`, `balanced`, `cost-model` (the shipped
-    /// profiles) or `NAME=PATH` (an EndpointPickerConfig file). Repeat to compare several.
-    #[arg(long = "config", default_values_t = ["default".to_owned()])]
+    /// A routing config to compare: `balanced` (what `epp` runs given no config),
+    /// `reference-default`, `cost-model` (the shipped profiles) or `NAME=PATH` (an
+    /// EndpointPickerConfig file). Repeat to compare several.
+    #[arg(long = "config", default_values_t = ["balanced".to_owned()])]
     configs: Vec<String>,
     /// Replicas in the pool.
     #[arg(long, default_value_t = 8)]
@@ -36,9 +36,15 @@ struct Args {
     /// A Mooncake trace JSONL.
     #[arg(long)]
     mooncake: Option<PathBuf>,
-    /// Workload rate, requests per second (when no trace is given).
-    #[arg(long, default_value_t = 20.0)]
-    rate: f64,
+    /// Workload rates, requests per second (when no trace is given): each config runs at each
+    /// rate, and the report ends with each config's goodput (the highest rate, climbing, before
+    /// the first whose TTFT p90 exceeds the TTFT objective or that has errors).
+    #[arg(long, value_delimiter = ',', default_values_t = [20.0])]
+    rates: Vec<f64>,
+    /// Scales the offered load: arrivals come this many times faster (1.2 = 20 % more traffic
+    /// over the same trace).
+    #[arg(long, default_value_t = 1.0)]
+    load_factor: f64,
     /// Workload duration, seconds (when no trace is given).
     #[arg(long, default_value_t = 120.0)]
     duration: f64,
@@ -81,12 +87,14 @@ struct Args {
 
 fn config_text(spec: &str) -> anyhow::Result<(String, String)> {
     Ok(match spec {
-        "default" => ("default".into(), DEFAULT_CONFIG.into()),
+        "reference-default" => ("reference-default".into(), REFERENCE_DEFAULT.into()),
         "balanced" => ("balanced".into(), BALANCED_PREFIX.into()),
         "cost-model" => ("cost-model".into(), COST_MODEL.into()),
         other => {
             let (name, path) = other.split_once('=').with_context(|| {
-                format!("--config {other}: expected default, balanced, cost-model or NAME=PATH")
+                format!(
+                    "--config {other}: expected balanced, reference-default, cost-model or NAME=PATH"
+                )
             })?;
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("--config {name}: reading {path}"))?;
@@ -102,7 +110,8 @@ fn main() -> anyhow::Result<()> {
         trace: trace_file,
         azure,
         mooncake,
-        rate,
+        rates,
+        load_factor,
         duration,
         warmup,
         scrape_interval_ms,
@@ -128,13 +137,19 @@ fn main() -> anyhow::Result<()> {
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
-    let requests = match (&trace_file, &azure, &mooncake) {
-        (Some(p), _, _) => trace::from_jsonl(&read(p)?)?,
-        (_, Some(p), _) => trace::from_azure_csv(&read(p)?)?,
-        (_, _, Some(p)) => trace::from_mooncake(&read(p)?)?,
-        _ => trace::from_workload(&workload, rate, duration)?,
-    };
-    eprintln!("whatif: {}", trace::describe(&requests));
+    anyhow::ensure!(
+        load_factor.is_finite() && load_factor > 0.0,
+        "--load-factor must be positive"
+    );
+    anyhow::ensure!(
+        rates.windows(2).all(|w| w[0] < w[1]),
+        "--rates must be increasing"
+    );
+    let from_file = trace_file.is_some() || azure.is_some() || mooncake.is_some();
+    anyhow::ensure!(
+        !from_file || rates.len() == 1,
+        "--rates is for workloads; scale a trace with --load-factor"
+    );
     let engine = sim::Config {
         num_gpu_blocks: kv_blocks,
         max_num_seqs,
@@ -147,33 +162,76 @@ fn main() -> anyhow::Result<()> {
         ttft: slo_ttft_ms / 1e3,
         tpot: slo_tpot_ms.map(|t| t / 1e3),
     };
+    let configs = configs
+        .iter()
+        .map(|spec| config_text(spec))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut stdout = std::io::stdout().lock();
     let mut runs = Vec::new();
     let mut summaries = Vec::new();
-    for spec in &configs {
-        let (name, config) = config_text(spec)?;
-        let cfg = ReplayCfg {
-            name,
-            config,
-            replicas,
-            engine: engine.clone(),
-            scrape_interval: Duration::from_millis(scrape_interval_ms),
-            scrape_latency: Duration::from_millis(scrape_latency_ms),
-            seed: replay_seed,
+    // Per config: the goodput so far and whether a rate has failed.
+    let mut goodput: Vec<(Option<f64>, bool)> = vec![(None, false); configs.len()];
+    for &rate in &rates {
+        let mut requests = match (&trace_file, &azure, &mooncake) {
+            (Some(p), _, _) => trace::from_jsonl(&read(p)?)?,
+            (_, Some(p), _) => trace::from_azure_csv(&read(p)?)?,
+            (_, _, Some(p)) => trace::from_mooncake(&read(p)?)?,
+            _ => trace::from_workload(&workload, rate, duration)?,
         };
-        let wall = std::time::Instant::now();
-        let run = replay::run(&cfg, &requests)?;
-        eprintln!(
-            "whatif: {} replayed {:.0} virtual s in {:.1} s",
-            cfg.name,
-            run.virtual_seconds,
-            wall.elapsed().as_secs_f64()
-        );
-        summaries.push(report::summarise(&run, warmup, slo));
-        runs.push(run);
+        for r in &mut requests {
+            r.at /= load_factor;
+        }
+        eprintln!("whatif: {}", trace::describe(&requests));
+        let mut at_rate = Vec::new();
+        for (k, (name, config)) in configs.iter().enumerate() {
+            let cfg = ReplayCfg {
+                name: name.clone(),
+                config: config.clone(),
+                replicas,
+                engine: engine.clone(),
+                scrape_interval: Duration::from_millis(scrape_interval_ms),
+                scrape_latency: Duration::from_millis(scrape_latency_ms),
+                seed: replay_seed,
+            };
+            let wall = std::time::Instant::now();
+            let run = replay::run(&cfg, &requests)?;
+            eprintln!(
+                "whatif: {} replayed {:.0} virtual s in {:.1} s",
+                cfg.name,
+                run.virtual_seconds,
+                wall.elapsed().as_secs_f64()
+            );
+            let summary = report::summarise(&run, warmup / load_factor, slo);
+            let (best, failed) = &mut goodput[k];
+            let ok =
+                summary.errors == 0 && summary.ttft_ms.p90.is_some_and(|p| p <= slo.ttft * 1e3);
+            if ok && !*failed {
+                *best = Some(rate * load_factor);
+            } else {
+                *failed = true;
+            }
+            at_rate.push(summary);
+            runs.push(run);
+        }
+        if !from_file {
+            writeln!(stdout, "### {rate} req/s\n")?;
+        }
+        writeln!(stdout, "{}", report::markdown(&at_rate, slo))?;
+        summaries.extend(at_rate);
     }
-    // The table is the command's output (stdout); progress went to stderr.
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{}", report::markdown(&summaries, slo))?;
+    if rates.len() > 1 {
+        writeln!(
+            stdout,
+            "Goodput (highest rate, climbing, with TTFT p90 ≤ {:.0} ms and no errors):\n",
+            slo.ttft * 1e3
+        )?;
+        for ((name, _), (best, _)) in configs.iter().zip(&goodput) {
+            match best {
+                Some(r) => writeln!(stdout, "- `{name}`: {r} req/s")?,
+                None => writeln!(stdout, "- `{name}`: below {} req/s", rates[0])?,
+            }
+        }
+    }
     if let Some(path) = json {
         let doc = serde_json::json!({"summaries": summaries, "runs": runs});
         std::fs::write(&path, serde_json::to_vec(&doc)?)

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bench::workload::{Kind, WorkloadArgs};
-use endpoint_picker::config::DEFAULT_CONFIG;
+use endpoint_picker::config::REFERENCE_DEFAULT_CONFIG;
 use endpoint_picker::config::profiles::COST_MODEL;
 use whatif::replay::{self, ReplayCfg};
 use whatif::report::{self, Slo};
@@ -40,8 +40,8 @@ fn shared_prefix() -> Vec<trace::TraceRequest> {
 #[test]
 fn a_replay_is_exact_and_repeatable() {
     let requests = shared_prefix();
-    let a = replay::run(&cfg("default", DEFAULT_CONFIG, 4), &requests).unwrap();
-    let b = replay::run(&cfg("default", DEFAULT_CONFIG, 4), &requests).unwrap();
+    let a = replay::run(&cfg("default", REFERENCE_DEFAULT_CONFIG, 4), &requests).unwrap();
+    let b = replay::run(&cfg("default", REFERENCE_DEFAULT_CONFIG, 4), &requests).unwrap();
     assert_eq!(a.outcomes.len(), requests.len());
     let key = |r: &replay::RunResult| {
         r.outcomes
@@ -93,10 +93,13 @@ fn a_replay_is_exact_and_repeatable() {
 #[test]
 fn configs_compare_on_the_same_trace() {
     let requests = shared_prefix();
-    let runs: Vec<_> = [("default", DEFAULT_CONFIG), ("cost-model", COST_MODEL)]
-        .into_iter()
-        .map(|(n, c)| replay::run(&cfg(n, c, 4), &requests).unwrap())
-        .collect();
+    let runs: Vec<_> = [
+        ("default", REFERENCE_DEFAULT_CONFIG),
+        ("cost-model", COST_MODEL),
+    ]
+    .into_iter()
+    .map(|(n, c)| replay::run(&cfg(n, c, 4), &requests).unwrap())
+    .collect();
     let slo = Slo {
         ttft: 1.0,
         tpot: None,
@@ -125,7 +128,7 @@ fn requests_name_their_own_slo() {
     let text = r#"{"t": 0, "prompt": "hello there", "output_tokens": 4, "headers": [["x-llm-d-slo-ttft-ms", "0.001"]]}
 {"t": 0.1, "prompt": "hello again", "output_tokens": 4}"#;
     let requests = trace::from_jsonl(text).unwrap();
-    let run = replay::run(&cfg("default", DEFAULT_CONFIG, 2), &requests).unwrap();
+    let run = replay::run(&cfg("default", REFERENCE_DEFAULT_CONFIG, 2), &requests).unwrap();
     assert_eq!(run.outcomes[0].slo_ttft, Some(0.000_001));
     let s = report::summarise(
         &run,

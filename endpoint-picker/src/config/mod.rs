@@ -37,24 +37,16 @@ use params::Params;
 pub use params::parse_duration;
 pub use types::{API_VERSIONS, EndpointPickerConfig};
 
-/// The configuration used when none is given: queue ×2, KV ×2, prefix ×3, max-score picker.
-pub const DEFAULT_CONFIG: &str = "\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-";
+/// The reference's default configuration: queue ×2, KV ×2, prefix ×3, max-score picker. A
+/// reference EPP given no config runs this; `epp` runs [`UNCONFIGURED_PROFILE`] instead.
+/// Tests that compare with the reference use it, as does anyone who passes it as a file.
+pub const REFERENCE_DEFAULT_CONFIG: &str = profiles::REFERENCE_DEFAULT;
+
+/// What `epp` runs when given no config: the profile that measured best across the workloads
+/// (`balanced-prefix.yaml`; README, "Scheduling": it is at least level with the reference's
+/// default on every workload of bench/ and of the what-if sweep, and well ahead where a few
+/// prefixes are hot or conversations start cold).
+pub const UNCONFIGURED_PROFILE: &str = profiles::BALANCED_PREFIX;
 
 /// The name and type of the prefix producer made for a prefix scorer that has none.
 const PREFIX_PRODUCER: &str = "approx-prefix-cache-producer";
@@ -173,9 +165,9 @@ pub struct LoadedConfig {
     pub warnings: Vec<String>,
 }
 
-/// Loads the default configuration.
+/// Loads the reference's default configuration ([`REFERENCE_DEFAULT_CONFIG`]).
 pub fn load_default(seed: u64) -> Result<LoadedConfig, ConfigError> {
-    load(DEFAULT_CONFIG, seed)
+    load(REFERENCE_DEFAULT_CONFIG, seed)
 }
 
 /// Parses and builds a configuration. `seed` seeds the scheduler's RNG.

@@ -1,6 +1,9 @@
-//! Scheduling profiles shipped with Switchyard, beyond the reference default. Each is an
+//! Scheduling profiles shipped with Switchyard, the reference's default among them. Each is an
 //! ordinary `EndpointPickerConfig` file under `endpoint-picker/profiles/`, to be passed with
 //! `--config-file`; they are compiled in here so that tests and benchmarks use the same text.
+
+/// `profiles/reference-default.yaml`: the reference EPP's default (queue ×2, KV ×2, prefix ×3).
+pub const REFERENCE_DEFAULT: &str = include_str!("../../profiles/reference-default.yaml");
 
 /// `profiles/balanced-prefix.yaml`: prefix affinity with EPP-counted load and even placement
 /// of new prefixes (see the file for the reasoning).

@@ -58,7 +58,7 @@ struct Harness {
 
 impl Harness {
     fn new(endpoints: u8) -> Self {
-        Self::with_config(endpoints, endpoint_picker::config::DEFAULT_CONFIG)
+        Self::with_config(endpoints, endpoint_picker::config::REFERENCE_DEFAULT_CONFIG)
     }
 
     fn with_config(endpoints: u8, config: &str) -> Self {
