@@ -9,7 +9,7 @@ use anyhow::Context;
 use bench::workload::WorkloadArgs;
 use clap::Parser;
 use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL, REFERENCE_DEFAULT};
-use whatif::replay::{self, ReplayCfg};
+use whatif::replay::{self, Autoscale, ReplayCfg, ScaleMetric};
 use whatif::report::{self, Slo};
 use whatif::trace;
 
@@ -75,6 +75,28 @@ struct Args {
     /// TPOT objective for requests that name none, ms (not checked when absent).
     #[arg(long)]
     slo_tpot_ms: Option<f64>,
+    /// A scaling policy to compare: `static` (keep `--replicas`) or `METRIC:TARGET` with METRIC
+    /// `kv` (average KV-cache utilization, 0–1), `queue` (average waiting requests) or
+    /// `inflight` (the EPP's requests in flight per replica). Repeat to compare several; each
+    /// runs with every config. `--replicas` is where an autoscaled pool starts.
+    #[arg(long = "policy", default_values_t = ["static".to_owned()])]
+    policies: Vec<String>,
+    /// Autoscaling: fewest replicas.
+    #[arg(long, default_value_t = 1)]
+    min_replicas: usize,
+    /// Autoscaling: most replicas.
+    #[arg(long, default_value_t = 64)]
+    max_replicas: usize,
+    /// Autoscaling: seconds from the decision to a new replica serving (image pull, model load).
+    #[arg(long, default_value_t = 60.0)]
+    cold_start_s: f64,
+    /// Autoscaling: seconds between decisions (the HPA's sync period).
+    #[arg(long, default_value_t = 15.0)]
+    scale_period_s: f64,
+    /// Autoscaling: seconds a lower recommendation must hold before replicas are removed (the
+    /// HPA's scale-down stabilization window).
+    #[arg(long, default_value_t = 300.0)]
+    scale_down_window_s: f64,
     /// Write every summary and outcome as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -122,10 +144,66 @@ fn main() -> anyhow::Result<()> {
         replay_seed,
         slo_ttft_ms,
         slo_tpot_ms,
+        policies,
+        min_replicas,
+        max_replicas,
+        cold_start_s,
+        scale_period_s,
+        scale_down_window_s,
         json,
         svg,
         workload,
     } = Args::parse();
+    let seconds = |name: &str, v: f64| {
+        anyhow::ensure!(v.is_finite() && v >= 0.0, "--{name} must be ≥ 0");
+        Ok(Duration::from_secs_f64(v))
+    };
+    let (cold_start, period, window) = (
+        seconds("cold-start-s", cold_start_s)?,
+        seconds("scale-period-s", scale_period_s)?,
+        seconds("scale-down-window-s", scale_down_window_s)?,
+    );
+    let policies = policies
+        .iter()
+        .map(|p| -> anyhow::Result<(String, Option<Autoscale>)> {
+            if p == "static" {
+                return Ok((p.clone(), None));
+            }
+            let (metric, target) = p
+                .split_once(':')
+                .with_context(|| format!("--policy {p}: expected static or METRIC:TARGET"))?;
+            let metric = match metric {
+                "kv" => ScaleMetric::KvCache,
+                "queue" => ScaleMetric::Queue,
+                "inflight" => ScaleMetric::InFlight,
+                other => {
+                    anyhow::bail!("--policy {p}: unknown metric {other} (kv, queue, inflight)")
+                }
+            };
+            let target: f64 = target
+                .parse()
+                .ok()
+                .filter(|t: &f64| t.is_finite() && *t > 0.0)
+                .with_context(|| format!("--policy {p}: the target must be a positive number"))?;
+            anyhow::ensure!(
+                min_replicas >= 1 && min_replicas <= max_replicas,
+                "--min-replicas must be ≥ 1 and ≤ --max-replicas"
+            );
+            anyhow::ensure!(!period.is_zero(), "--scale-period-s must be positive");
+            Ok((
+                p.clone(),
+                Some(Autoscale {
+                    metric,
+                    target,
+                    min: min_replicas,
+                    max: max_replicas,
+                    period,
+                    cold_start,
+                    scale_down_window: window,
+                }),
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(
         scrape_interval_ms > 0,
         "--scrape-interval-ms must be positive"
@@ -162,10 +240,23 @@ fn main() -> anyhow::Result<()> {
         ttft: slo_ttft_ms / 1e3,
         tpot: slo_tpot_ms.map(|t| t / 1e3),
     };
-    let configs = configs
+    let one_policy = policies.len() == 1;
+    let mut configs_by_policy = Vec::new();
+    for (name, config) in configs
         .iter()
         .map(|spec| config_text(spec))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?
+    {
+        for (policy, autoscale) in &policies {
+            let label = if one_policy && autoscale.is_none() {
+                name.clone()
+            } else {
+                format!("{name} · {policy}")
+            };
+            configs_by_policy.push((label, config.clone(), *autoscale));
+        }
+    }
+    let configs = configs_by_policy;
     let mut stdout = std::io::stdout().lock();
     let mut runs = Vec::new();
     let mut summaries = Vec::new();
@@ -183,7 +274,7 @@ fn main() -> anyhow::Result<()> {
         }
         eprintln!("whatif: {}", trace::describe(&requests));
         let mut at_rate = Vec::new();
-        for (k, (name, config)) in configs.iter().enumerate() {
+        for (k, (name, config, autoscale)) in configs.iter().enumerate() {
             let cfg = ReplayCfg {
                 name: name.clone(),
                 config: config.clone(),
@@ -192,6 +283,7 @@ fn main() -> anyhow::Result<()> {
                 scrape_interval: Duration::from_millis(scrape_interval_ms),
                 scrape_latency: Duration::from_millis(scrape_latency_ms),
                 seed: replay_seed,
+                autoscale: *autoscale,
             };
             let wall = std::time::Instant::now();
             let run = replay::run(&cfg, &requests)?;
@@ -225,7 +317,7 @@ fn main() -> anyhow::Result<()> {
             "Goodput (highest rate, climbing, with TTFT p90 ≤ {:.0} ms and no errors):\n",
             slo.ttft * 1e3
         )?;
-        for ((name, _), (best, _)) in configs.iter().zip(&goodput) {
+        for ((name, _, _), (best, _)) in configs.iter().zip(&goodput) {
             match best {
                 Some(r) => writeln!(stdout, "- `{name}`: {r} req/s")?,
                 None => writeln!(stdout, "- `{name}`: below {} req/s", rates[0])?,

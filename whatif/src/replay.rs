@@ -47,6 +47,42 @@ pub struct ReplayCfg {
     pub scrape_latency: Duration,
     /// Seeds the scheduler's tie-breaking (and, with `engine.seed`, the engines).
     pub seed: u64,
+    /// Adds and removes replicas during the replay; `None` keeps `replicas` throughout.
+    pub autoscale: Option<Autoscale>,
+}
+
+/// What an autoscaling policy watches, averaged over the replicas in the pool (the EPP's view).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum ScaleMetric {
+    /// KV-cache utilization (0–1), the pool gauge `inference_pool_average_kv_cache_utilization`.
+    KvCache,
+    /// Requests in engines' waiting queues, `inference_pool_average_queue_size`.
+    Queue,
+    /// Requests the EPP has in flight per replica: demand, counted the moment it is routed.
+    InFlight,
+}
+
+/// An HPA-like policy: every `period`, `desired = ceil(replicas × average / target)`, clamped
+/// to `[min, max]`; scaling down takes the highest recommendation of the last
+/// `scale_down_window` (the HPA's stabilization window); a new replica joins the pool after
+/// `cold_start` (image pull, model load) and costs replica-seconds from the moment it is asked
+/// for; a removed one leaves the pool at once and finishes what it holds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Autoscale {
+    /// The signal.
+    pub metric: ScaleMetric,
+    /// Its target per replica.
+    pub target: f64,
+    /// Fewest replicas.
+    pub min: usize,
+    /// Most replicas.
+    pub max: usize,
+    /// How often the policy decides.
+    pub period: Duration,
+    /// From the decision to serving.
+    pub cold_start: Duration,
+    /// How long a lower recommendation must persist before replicas are removed.
+    pub scale_down_window: Duration,
 }
 
 /// What happened to one request.
@@ -93,6 +129,11 @@ pub struct RunResult {
     pub outcomes: Vec<Outcome>,
     /// Virtual seconds from the first arrival to the last completion.
     pub virtual_seconds: f64,
+    /// Replica-seconds paid for: every replica from the moment it is asked for (cold start
+    /// included) until it leaves the pool and has drained.
+    pub replica_seconds: f64,
+    /// (virtual second, replicas in the pool, replicas starting) at every change.
+    pub timeline: Vec<(f64, usize, usize)>,
 }
 
 /// Replays `trace` under `cfg` on a fresh virtual-time runtime.
@@ -107,9 +148,82 @@ pub fn run(cfg: &ReplayCfg, trace: &[TraceRequest]) -> Result<RunResult, WhatIfE
 
 struct Pool {
     director: Arc<Director>,
+    engine_cfg: Arc<sim::Config>,
+    base_model: String,
+    replicas: std::sync::Mutex<Replicas>,
+}
+
+/// Every replica ever started, which are in the pool, and what they cost. Locked briefly,
+/// never across an await.
+#[derive(Default)]
+struct Replicas {
     engines: Vec<Engine>,
     by_address: HashMap<SocketAddr, usize>,
-    base_model: String,
+    in_pool: Vec<usize>,
+    starting: usize,
+    /// Per replica: asked for at, left the pool at.
+    paid: Vec<(Instant, Option<Instant>)>,
+    timeline: Vec<(f64, usize, usize)>,
+}
+
+fn address_of(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8000))
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Replicas> {
+        // A poisoned lock means a replay task panicked; the replay reports that task's panic.
+        self.replicas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts replica `i`'s engine (paid from now).
+    fn start(&self, r: &mut Replicas) -> Result<usize, WhatIfError> {
+        let i = r.engines.len();
+        r.engines.push(
+            Engine::spawn(self.engine_cfg.clone(), i)
+                .map_err(|e| WhatIfError::Config(e.to_string()))?,
+        );
+        r.by_address.insert(address_of(i), i);
+        r.paid.push((Instant::now(), None));
+        Ok(i)
+    }
+
+    /// Publishes the pool's membership to the datastore, as discovery would.
+    fn publish(&self, r: &mut Replicas, start: Instant) {
+        let endpoints = r
+            .in_pool
+            .iter()
+            .map(|&i| EndpointSpec {
+                name: format!("sim-{i}-rank-0"),
+                pod_name: format!("sim-{i}"),
+                namespace: "whatif".into(),
+                address: address_of(i),
+                metrics_address: address_of(i),
+                rank: 0,
+                labels: BTreeMap::new(),
+            })
+            .collect();
+        self.director.datastore().apply(PoolSpec {
+            name: "whatif".into(),
+            namespace: "whatif".into(),
+            app_protocol: "http".into(),
+            endpoints,
+        });
+        self.director.pool_changed();
+        let t = start.elapsed().as_secs_f64();
+        let entry = (t, r.in_pool.len(), r.starting);
+        r.timeline.push(entry);
+    }
+
+    fn engine(&self, i: usize) -> Option<Engine> {
+        self.lock().engines.get(i).cloned()
+    }
+
+    fn index_of(&self, address: &SocketAddr) -> Option<usize> {
+        self.lock().by_address.get(address).copied()
+    }
 }
 
 async fn replay(cfg: &ReplayCfg, trace: &[TraceRequest]) -> Result<RunResult, WhatIfError> {
@@ -121,41 +235,35 @@ async fn replay(cfg: &ReplayCfg, trace: &[TraceRequest]) -> Result<RunResult, Wh
     }
     let loaded = config::load(&cfg.config, cfg.seed)
         .map_err(|e| WhatIfError::Config(format!("{}: {e}", cfg.name)))?;
-    let engine_cfg = Arc::new(cfg.engine.clone());
-    let mut engines = Vec::with_capacity(cfg.replicas);
-    let mut endpoints = Vec::with_capacity(cfg.replicas);
-    let mut by_address = HashMap::with_capacity(cfg.replicas);
-    for i in 0..cfg.replicas {
-        engines.push(
-            Engine::spawn(engine_cfg.clone(), i).map_err(|e| WhatIfError::Config(e.to_string()))?,
-        );
-        let address = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 8000));
-        by_address.insert(address, i);
-        endpoints.push(EndpointSpec {
-            name: format!("sim-{i}-rank-0"),
-            pod_name: format!("sim-{i}"),
-            namespace: "whatif".into(),
-            address,
-            metrics_address: address,
-            rank: 0,
-            labels: BTreeMap::new(),
-        });
+    if let Some(a) = &cfg.autoscale
+        && !(a.min >= 1
+            && a.min <= a.max
+            && a.max <= 65_536
+            && a.target.is_finite()
+            && a.target > 0.0
+            && !a.period.is_zero())
+    {
+        return Err(WhatIfError::Config(format!(
+            "autoscaling needs 1 ≤ min ≤ max ≤ 65536, a positive target and period: {a:?}"
+        )));
     }
     let datastore = Arc::new(Datastore::new());
-    datastore.apply(PoolSpec {
-        name: "whatif".into(),
-        namespace: "whatif".into(),
-        app_protocol: "http".into(),
-        endpoints,
-    });
     let director = Arc::new(Director::new(datastore, Arc::new(loaded), cfg.seed));
-    director.pool_changed();
     let pool = Arc::new(Pool {
         director,
-        engines,
-        by_address,
+        engine_cfg: Arc::new(cfg.engine.clone()),
         base_model: cfg.engine.model.clone(),
+        replicas: std::sync::Mutex::new(Replicas::default()),
     });
+    let start = Instant::now();
+    {
+        let mut r = pool.lock();
+        for _ in 0..cfg.replicas {
+            let i = pool.start(&mut r)?;
+            r.in_pool.push(i);
+        }
+        pool.publish(&mut r, start);
+    }
 
     // The EPP learns every engine's state before the first request, as a pod becomes a
     // candidate only after a scrape.
@@ -174,7 +282,10 @@ async fn replay(cfg: &ReplayCfg, trace: &[TraceRequest]) -> Result<RunResult, Wh
         })
     };
 
-    let start = Instant::now();
+    let autoscaler = cfg.autoscale.map(|policy| {
+        let pool = pool.clone();
+        tokio::spawn(async move { autoscale(&pool, policy, start).await })
+    });
     let mut running = JoinSet::new();
     for (index, req) in trace.iter().enumerate() {
         tokio::time::sleep_until(start + Duration::from_secs_f64(req.at)).await;
@@ -187,12 +298,28 @@ async fn replay(cfg: &ReplayCfg, trace: &[TraceRequest]) -> Result<RunResult, Wh
         outcomes.push(done.map_err(|e| WhatIfError::Task(e.to_string()))?);
     }
     scraper.abort();
+    if let Some(task) = autoscaler {
+        task.abort();
+        // A policy that failed (it cannot start an engine) is the replay's error.
+        if let Ok(Err(e)) = task.await {
+            return Err(e);
+        }
+    }
     outcomes.sort_by_key(|o| o.index);
+    let end = Instant::now();
+    let r = pool.lock();
+    let replica_seconds = r
+        .paid
+        .iter()
+        .map(|(from, to)| to.unwrap_or(end).duration_since(*from).as_secs_f64())
+        .sum();
     Ok(RunResult {
         name: cfg.name.clone(),
-        replicas: cfg.replicas,
+        replicas: r.engines.len(),
         outcomes,
         virtual_seconds: start.elapsed().as_secs_f64(),
+        replica_seconds,
+        timeline: r.timeline.clone(),
     })
 }
 
@@ -202,13 +329,16 @@ fn scrape_all(pool: &Arc<Pool>, cfg: &ReplayCfg, latency: Duration) {
     let mapping = EngineMapping::vllm();
     let snapshot = pool.director.datastore().snapshot();
     for endpoint in snapshot.endpoints.iter() {
-        let Some(&i) = pool.by_address.get(&endpoint.spec.address) else {
+        let Some(engine) = pool
+            .index_of(&endpoint.spec.address)
+            .and_then(|i| pool.engine(i))
+        else {
             continue;
         };
         let text = sim::metrics::render(
             cfg.engine.engine,
             &cfg.engine.model,
-            &pool.engines[i].snapshot(),
+            &engine.snapshot(),
             0.0,
         );
         let mut metrics = mapping.extract(&text).metrics;
@@ -223,6 +353,74 @@ fn scrape_all(pool: &Arc<Pool>, cfg: &ReplayCfg, latency: Duration) {
                 metrics.updated_at = Some(Instant::now());
                 endpoint.store_metrics(metrics);
             });
+        }
+    }
+}
+
+/// The policy loop: decide every period; start replicas that join after their cold start;
+/// remove the newest ones when the stabilized recommendation is lower.
+async fn autoscale(pool: &Arc<Pool>, policy: Autoscale, start: Instant) -> Result<(), WhatIfError> {
+    let mut tick = tokio::time::interval(policy.period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    // (when, recommendation) of the last scale_down_window.
+    let mut recent: std::collections::VecDeque<(Instant, usize)> = Default::default();
+    loop {
+        tick.tick().await;
+        let snapshot = pool.director.datastore().snapshot();
+        let in_pool = snapshot.endpoints.len();
+        if in_pool == 0 {
+            continue;
+        }
+        let in_flight = pool.director.in_flight().view();
+        let total: f64 = snapshot
+            .endpoints
+            .iter()
+            .map(|e| match policy.metric {
+                ScaleMetric::KvCache => e.metrics().kv_cache_usage,
+                ScaleMetric::Queue => e.metrics().waiting_queue_size as f64,
+                ScaleMetric::InFlight => in_flight.get(e.id) as f64,
+            })
+            .sum();
+        let average = total / in_pool as f64;
+        let now = Instant::now();
+        let mut r = pool.lock();
+        let current = r.in_pool.len() + r.starting;
+        let wanted = ((in_pool as f64 * average / policy.target).ceil() as usize)
+            .clamp(policy.min, policy.max);
+        recent.push_back((now, wanted));
+        while recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > policy.scale_down_window)
+        {
+            recent.pop_front();
+        }
+        let stabilized = recent.iter().map(|(_, w)| *w).max().unwrap_or(wanted);
+        if wanted > current {
+            for _ in current..wanted {
+                let i = pool.start(&mut r)?;
+                r.starting += 1;
+                let pool = pool.clone();
+                let cold_start = policy.cold_start;
+                tokio::spawn(async move {
+                    tokio::time::sleep(cold_start).await;
+                    let mut r = pool.lock();
+                    r.starting -= 1;
+                    r.in_pool.push(i);
+                    pool.publish(&mut r, start);
+                });
+            }
+            pool.publish(&mut r, start);
+        } else if stabilized < current && r.in_pool.len() > policy.min {
+            let remove = (current - stabilized).min(r.in_pool.len() - policy.min);
+            for _ in 0..remove {
+                if let Some(i) = r.in_pool.pop() {
+                    // Paid until it leaves; what it holds still completes (not counted: a
+                    // drained pod is gone within seconds).
+                    r.paid[i].1 = Some(now);
+                }
+            }
+            pool.publish(&mut r, start);
         }
     }
 }
@@ -300,7 +498,7 @@ async fn one(pool: &Pool, index: usize, req: &TraceRequest, start: Instant) -> O
     let Some(replica) = routed
         .targets
         .first()
-        .and_then(|t| pool.by_address.get(&t.spec.address).copied())
+        .and_then(|t| pool.index_of(&t.spec.address))
     else {
         out.error = Some("routed outside the pool".into());
         return out;
@@ -318,7 +516,11 @@ async fn one(pool: &Pool, index: usize, req: &TraceRequest, start: Instant) -> O
     };
     out.prompt_tokens = prompt.len();
     let lora = (request.target_model != pool.base_model).then(|| request.target_model.clone());
-    let mut events = match pool.engines[replica].submit(SubmitRequest {
+    let Some(engine) = pool.engine(replica) else {
+        out.error = Some("no such replica".into());
+        return out;
+    };
+    let mut events = match engine.submit(SubmitRequest {
         prompt,
         max_tokens: req.output_tokens,
         lora,

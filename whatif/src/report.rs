@@ -45,6 +45,10 @@ pub struct Summary {
     pub slo_attainment: f64,
     /// Output tokens per second of the measured span.
     pub output_tokens_per_s: f64,
+    /// Replica-seconds paid over the whole replay (warm-up included).
+    pub replica_seconds: f64,
+    /// Most replicas paid for at once (in the pool or starting).
+    pub peak_replicas: usize,
 }
 
 /// Summarises `run`, counting requests that arrived at or after `warmup` seconds.
@@ -107,6 +111,13 @@ pub fn summarise(run: &RunResult, warmup: f64, slo: Slo) -> Summary {
         } else {
             0.0
         },
+        replica_seconds: run.replica_seconds,
+        peak_replicas: run
+            .timeline
+            .iter()
+            .map(|(_, in_pool, starting)| in_pool + starting)
+            .max()
+            .unwrap_or(run.replicas),
     }
 }
 
@@ -119,19 +130,19 @@ pub fn markdown(summaries: &[Summary], slo: Slo) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| config | requests | errors | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | E2E p50 | E2E p90 | queued p90 | hit rate | busiest / mean | SLO met (TTFT ≤ {:.0} ms{}) | output tok/s |",
+        "| config | requests | errors | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | E2E p50 | E2E p90 | queued p90 | hit rate | busiest / mean | SLO met (TTFT ≤ {:.0} ms{}) | output tok/s | replica-s | peak replicas |",
         slo.ttft * 1e3,
         slo.tpot
             .map_or_else(String::new, |t| format!(", TPOT ≤ {:.0} ms", t * 1e3))
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for x in summaries {
         let _ = writeln!(
             s,
-            "| `{}` | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1}% | {:.2} | {:.1}% | {:.0} |",
+            "| `{}` | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1}% | {:.2} | {:.1}% | {:.0} | {:.0} | {} |",
             x.name,
             x.requests,
             x.errors,
@@ -147,6 +158,8 @@ pub fn markdown(summaries: &[Summary], slo: Slo) -> String {
             x.max_over_mean,
             x.slo_attainment * 100.0,
             x.output_tokens_per_s,
+            x.replica_seconds,
+            x.peak_replicas,
         );
     }
     s.push_str("\nTimes in ms (virtual time).\n");

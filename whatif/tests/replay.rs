@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bench::workload::{Kind, WorkloadArgs};
 use endpoint_picker::config::REFERENCE_DEFAULT_CONFIG;
+const DEFAULT: &str = REFERENCE_DEFAULT_CONFIG;
 use endpoint_picker::config::profiles::COST_MODEL;
 use whatif::replay::{self, ReplayCfg};
 use whatif::report::{self, Slo};
@@ -22,6 +23,7 @@ fn cfg(name: &str, config: &str, replicas: usize) -> ReplayCfg {
         scrape_interval: Duration::from_millis(50),
         scrape_latency: Duration::ZERO,
         seed: 1,
+        autoscale: None,
     }
 }
 
@@ -144,4 +146,79 @@ fn requests_name_their_own_slo() {
         "{}",
         s.slo_attainment
     );
+}
+
+/// Demand that doubles half-way: a policy on the EPP's in-flight count adds replicas after
+/// their cold start and pays for them; the static pool pays for its size and nothing more.
+#[test]
+fn an_autoscaled_pool_grows_with_demand_and_pays_for_it() {
+    use whatif::replay::{Autoscale, ScaleMetric};
+    let args = WorkloadArgs {
+        workload: Kind::Mixed,
+        prompt_median: 1500.0,
+        output_median: 200.0,
+        ..WorkloadArgs::default()
+    };
+    let mut requests = trace::from_workload(&args, 6.0, 60.0).unwrap();
+    let more = trace::from_workload(&WorkloadArgs { seed: 7, ..args }, 18.0, 60.0).unwrap();
+    requests.extend(more.into_iter().map(|mut r| {
+        r.at += 60.0;
+        r
+    }));
+    let fixed = replay::run(&cfg("default", DEFAULT, 2), &requests).unwrap();
+    assert_eq!(fixed.replicas, 2);
+    assert!((fixed.replica_seconds - 2.0 * fixed.virtual_seconds).abs() < 1e-6);
+    let mut scaled = cfg("default", DEFAULT, 2);
+    scaled.autoscale = Some(Autoscale {
+        metric: ScaleMetric::InFlight,
+        target: 4.0,
+        min: 1,
+        max: 12,
+        period: Duration::from_secs(5),
+        cold_start: Duration::from_secs(20),
+        scale_down_window: Duration::from_secs(30),
+    });
+    let run = replay::run(&scaled, &requests).unwrap();
+    assert!(run.outcomes.iter().all(|o| o.error.is_none()));
+    assert!(run.replicas > 2, "replicas were added: {:?}", run.timeline);
+    // Nothing joins before its cold start: the first new replica enters the pool ≥ 20 s after
+    // the first decision that asked for it.
+    let asked = run
+        .timeline
+        .iter()
+        .find(|(_, _, starting)| *starting > 0)
+        .unwrap()
+        .0;
+    let joined = run
+        .timeline
+        .iter()
+        .find(|(_, in_pool, _)| *in_pool > 2)
+        .unwrap()
+        .0;
+    assert!(joined - asked >= 20.0 - 1e-9, "{:?}", run.timeline);
+    let peak = run.timeline.iter().map(|(_, p, s)| p + s).max().unwrap();
+    assert!(peak <= 12);
+    let s_fixed = report::summarise(
+        &fixed,
+        0.0,
+        Slo {
+            ttft: 1.0,
+            tpot: None,
+        },
+    );
+    let s_scaled = report::summarise(
+        &run,
+        0.0,
+        Slo {
+            ttft: 1.0,
+            tpot: None,
+        },
+    );
+    assert!(
+        s_scaled.ttft_ms.p90.unwrap() < s_fixed.ttft_ms.p90.unwrap(),
+        "more replicas under the doubled load: {:?} vs {:?}",
+        s_scaled.ttft_ms,
+        s_fixed.ttft_ms
+    );
+    assert!(s_scaled.replica_seconds > s_fixed.replica_seconds);
 }
