@@ -24,6 +24,7 @@ use ext_proc::openai;
 use ext_proc::protocol::{FAIRNESS_ID, OBJECTIVE, SLO_TPOT_MS, SLO_TTFT_MS};
 use serde::Serialize;
 use sim::{Engine, EngineEvent, FinishReason, SubmitRequest};
+use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -150,7 +151,7 @@ struct Pool {
     director: Arc<Director>,
     engine_cfg: Arc<sim::Config>,
     base_model: String,
-    replicas: std::sync::Mutex<Replicas>,
+    replicas: Mutex<Replicas>,
 }
 
 /// Every replica ever started, which are in the pool, and what they cost. Locked briefly,
@@ -171,11 +172,8 @@ fn address_of(i: usize) -> SocketAddr {
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Replicas> {
-        // A poisoned lock means a replay task panicked; the replay reports that task's panic.
-        self.replicas
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Replicas> {
+        self.replicas.lock()
     }
 
     /// Starts replica `i`'s engine (paid from now).
@@ -253,7 +251,7 @@ async fn replay(cfg: &ReplayCfg, trace: &[TraceRequest]) -> Result<RunResult, Wh
         director,
         engine_cfg: Arc::new(cfg.engine.clone()),
         base_model: cfg.engine.model.clone(),
-        replicas: std::sync::Mutex::new(Replicas::default()),
+        replicas: Mutex::new(Replicas::default()),
     });
     let start = Instant::now();
     {
