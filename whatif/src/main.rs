@@ -41,6 +41,10 @@ struct Args {
     /// the first whose TTFT p90 exceeds the TTFT objective or that has errors).
     #[arg(long, value_delimiter = ',', default_values_t = [20.0])]
     rates: Vec<f64>,
+    /// A workload whose rate changes: `SECOND:RATE,SECOND:RATE,…` from 0 (e.g. `0:8,300:24,900:8`
+    /// for a surge), instead of `--rates`.
+    #[arg(long, conflicts_with = "rates")]
+    rate_schedule: Option<String>,
     /// Scales the offered load: arrivals come this many times faster (1.2 = 20 % more traffic
     /// over the same trace).
     #[arg(long, default_value_t = 1.0)]
@@ -133,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         azure,
         mooncake,
         rates,
+        rate_schedule,
         load_factor,
         duration,
         warmup,
@@ -223,6 +228,18 @@ fn main() -> anyhow::Result<()> {
         rates.windows(2).all(|w| w[0] < w[1]),
         "--rates must be increasing"
     );
+    let schedule = rate_schedule
+        .map(|text| {
+            text.split(',')
+                .map(|part| {
+                    let (t, r) = part
+                        .split_once(':')
+                        .with_context(|| format!("--rate-schedule {part}: expected SECOND:RATE"))?;
+                    Ok((t.trim().parse::<f64>()?, r.trim().parse::<f64>()?))
+                })
+                .collect::<anyhow::Result<Vec<(f64, f64)>>>()
+        })
+        .transpose()?;
     let from_file = trace_file.is_some() || azure.is_some() || mooncake.is_some();
     anyhow::ensure!(
         !from_file || rates.len() == 1,
@@ -267,7 +284,10 @@ fn main() -> anyhow::Result<()> {
             (Some(p), _, _) => trace::from_jsonl(&read(p)?)?,
             (_, Some(p), _) => trace::from_azure_csv(&read(p)?)?,
             (_, _, Some(p)) => trace::from_mooncake(&read(p)?)?,
-            _ => trace::from_workload(&workload, rate, duration)?,
+            _ => match &schedule {
+                Some(schedule) => trace::from_schedule(&workload, schedule, duration)?,
+                None => trace::from_workload(&workload, rate, duration)?,
+            },
         };
         for r in &mut requests {
             r.at /= load_factor;

@@ -22,9 +22,9 @@ use endpoint_picker::request::{Api, InferenceRequest};
 use endpoint_picker::scrape::engine::EngineMapping;
 use ext_proc::openai;
 use ext_proc::protocol::{FAIRNESS_ID, OBJECTIVE, SLO_TPOT_MS, SLO_TTFT_MS};
+use parking_lot::Mutex;
 use serde::Serialize;
 use sim::{Engine, EngineEvent, FinishReason, SubmitRequest};
-use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 

@@ -48,12 +48,33 @@ pub fn from_workload(
     rate: f64,
     seconds: f64,
 ) -> Result<Vec<TraceRequest>, WhatIfError> {
-    if !(rate.is_finite() && rate > 0.0 && seconds.is_finite() && seconds > 0.0) {
+    from_schedule(args, &[(0.0, rate)], seconds)
+}
+
+/// Poisson arrivals of `workload` whose rate changes over time: `schedule` lists
+/// `(from second, requests per second)`, in order, the first from 0.
+pub fn from_schedule(
+    args: &WorkloadArgs,
+    schedule: &[(f64, f64)],
+    seconds: f64,
+) -> Result<Vec<TraceRequest>, WhatIfError> {
+    let valid = schedule.first().is_some_and(|s| s.0 == 0.0)
+        && schedule.windows(2).all(|w| w[0].0 < w[1].0)
+        && schedule.iter().all(|(_, r)| r.is_finite() && *r > 0.0);
+    if !(valid && seconds.is_finite() && seconds > 0.0) {
         return Err(WhatIfError::Trace(format!(
-            "rate ({rate}) and duration ({seconds} s) must be positive"
+            "the rate schedule {schedule:?} must start at 0 s with increasing times and positive \
+             rates, and the duration ({seconds} s) must be positive"
         )));
     }
-    let expected = rate * seconds;
+    let expected: f64 = schedule
+        .iter()
+        .enumerate()
+        .map(|(k, &(from, rate))| {
+            let to = schedule.get(k + 1).map_or(seconds, |n| n.0).min(seconds);
+            (to - from).max(0.0) * rate
+        })
+        .sum();
     if expected > MAX_REQUESTS as f64 {
         return Err(WhatIfError::Trace(format!(
             "{expected:.0} requests expected; at most {MAX_REQUESTS}"
@@ -64,9 +85,20 @@ pub fn from_workload(
     let mut rng = SmallRng::seed_from_u64(args.seed ^ 0xa771_7a15);
     let mut out = Vec::with_capacity(expected as usize + 16);
     let mut t = 0.0;
+    let mut segment = 0;
     loop {
         let u: f64 = rng.random_range(f64::EPSILON..1.0);
-        t += -u.ln() / rate;
+        let rate = schedule[segment].1;
+        let next = t + -u.ln() / rate;
+        // Memoryless arrivals: at a rate change, restart the draw from the boundary.
+        if let Some(&(boundary, _)) = schedule.get(segment + 1)
+            && next >= boundary
+        {
+            t = boundary;
+            segment += 1;
+            continue;
+        }
+        t = next;
         if t >= seconds {
             break;
         }
@@ -453,6 +485,18 @@ mod tests {
             (1024..=1025).contains(&common),
             "two shared blocks: {common}"
         );
+    }
+
+    #[test]
+    fn a_rate_schedule_changes_the_rate_at_its_boundaries() {
+        let args = WorkloadArgs::default();
+        let t = from_schedule(&args, &[(0.0, 5.0), (100.0, 20.0)], 200.0).unwrap();
+        let early = t.iter().filter(|r| r.at < 100.0).count();
+        let late = t.len() - early;
+        assert!((400..600).contains(&early), "{early}");
+        assert!((1800..2200).contains(&late), "{late}");
+        assert!(from_schedule(&args, &[(1.0, 5.0)], 10.0).is_err());
+        assert!(from_schedule(&args, &[(0.0, 5.0), (0.0, 6.0)], 10.0).is_err());
     }
 
     #[test]
