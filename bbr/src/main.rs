@@ -143,7 +143,7 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("Kubernetes mode (no --mapping-file): connecting to the API server")?;
             client = Some(c.clone());
-            MappingSource::Kubernetes(bbr::kube::api(c, namespace.as_deref()))
+            MappingSource::Kubernetes(Box::new(bbr::kube::api(c, namespace.as_deref())))
         }
     };
     let admin_auth = match (metrics_endpoint_auth, token, client) {

@@ -35,7 +35,7 @@ use crate::stream::{Context, Options};
 /// Where the mapping comes from.
 pub enum MappingSource {
     /// Watch the managed ConfigMaps.
-    Kubernetes(kube::Api<ConfigMap>),
+    Kubernetes(Box<kube::Api<ConfigMap>>),
     /// Poll a file (read once at start-up, before the ports are bound).
     File {
         /// The file.
@@ -129,7 +129,7 @@ pub async fn serve(
                 "watch-configmaps",
                 OnExit::Degrade,
                 factory(move |token| {
-                    crate::kube::watch(api.clone(), mapping.clone(), metrics.clone(), token)
+                    crate::kube::watch((*api).clone(), mapping.clone(), metrics.clone(), token)
                 }),
             );
         }
