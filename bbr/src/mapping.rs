@@ -467,3 +467,40 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    /// The mapping ConfigMaps the gateway configs ship parse as the router reads them.
+    #[test]
+    fn shipped_model_mapping_parses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../gateway-configs/body-based-routing/model-mapping.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let mapping = Mapping::new();
+        let mut n = 0;
+        for doc in text.split("\n---") {
+            #[derive(Deserialize)]
+            struct Cm {
+                data: BTreeMap<String, String>,
+            }
+            let cm: Cm = yaml_serde::from_str(doc).unwrap();
+            let entry = Entry::from_config_map_data(&cm.data).unwrap();
+            mapping.apply(&format!("default/{n}"), entry).unwrap();
+            n += 1;
+        }
+        assert_eq!(n, 2);
+        let l = mapping.lookup();
+        assert_eq!(
+            l.base_model("food-review-1"),
+            Some("meta-llama/Llama-3.1-8B-Instruct")
+        );
+        assert_eq!(
+            l.base_model("legal-summaries"),
+            Some("Qwen/Qwen2.5-7B-Instruct")
+        );
+    }
+}

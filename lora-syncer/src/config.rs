@@ -281,3 +281,21 @@ vLLMLoRAConfig:
         assert_eq!(c.conflicts, BTreeSet::from(["a".to_owned()]));
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    /// The syncer's shipped ConfigMap holds a config the syncer accepts with validation on.
+    #[test]
+    fn shipped_configmap_parses() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/lora-syncer/configmap.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let doc: serde_json::Value = yaml_serde::from_str(&text).unwrap();
+        let inner = doc["data"]["configmap.yaml"].as_str().unwrap();
+        let c = super::parse(inner, true).unwrap();
+        assert_eq!(c.ensure_exist.len(), 2);
+        assert_eq!(c.ensure_not_exist.len(), 1);
+    }
+}

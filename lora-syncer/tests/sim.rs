@@ -4,6 +4,9 @@
 //! Each test drives reconcile passes one by one with an explicit `now` (no timers, no sleeps
 //! as synchronisation): backoff is tested by moving `now`, not by waiting.
 
+// Test support: a failed setup step should stop the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
