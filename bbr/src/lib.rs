@@ -11,7 +11,7 @@
 //! * [`stream`] — the per-stream state machine (no I/O).
 //! * [`service`] — the tonic service around it.
 //! * [`kube`] — Kubernetes mode: the watch of the managed ConfigMaps.
-//! * [`file`] — file mode: the mapping file, reloaded on change.
+//! * [`file`](mod@file) — file mode: the mapping file, reloaded on change.
 //! * [`metrics`] — `bbr_*` metrics with bounded labels.
 //! * [`server`] — wiring under the EPP's supervisor, gRPC health, `/metrics`.
 //! * [`args`] — the flags.

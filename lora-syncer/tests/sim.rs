@@ -243,3 +243,49 @@ async fn conflicts_are_left_alone() {
     assert_eq!(r.state("a"), Some(AdapterState::Conflict));
     assert!(!sim.engine().has_lora("a"));
 }
+
+/// The loop itself: a pass at start, one at once on a config change, and the repair after a
+/// restart within `--reconcile-trigger`. Waits are on the engine's state, bounded.
+#[tokio::test]
+async fn the_loop_follows_config_changes_and_restarts() {
+    use lora_syncer::run::{Pacing, reconcile_loop};
+    let sim = engine(sim::Config::fast()).await;
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = tokio::sync::watch::channel(config_for(&sim, &[("a", "org/a")], &[]));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(reconcile_loop(
+        rx,
+        Pacing {
+            reconcile_every: Duration::from_millis(50),
+            health_check_interval: Duration::from_millis(10),
+            health_check_timeout: Duration::from_secs(10),
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    until("a loaded", || sim.engine().has_lora("a")).await;
+    tx.send(config_for(&sim, &[("b", "org/b")], &[("a", "org/a")]))
+        .unwrap();
+    until("a unloaded, b loaded", || {
+        !sim.engine().has_lora("a") && sim.engine().has_lora("b")
+    })
+    .await;
+    assert_eq!(
+        post(&format!("{}/admin/reload", sim.url()), r#"{"seconds": 0}"#).await,
+        200
+    );
+    until("b loaded again after the restart", || {
+        sim.engine().has_lora("b")
+    })
+    .await;
+    until("the restart counted", || metrics.engine_restarts.get() == 1).await;
+    shutdown.cancel();
+    task.await.unwrap();
+}
