@@ -185,13 +185,16 @@ impl Reconciler {
                 .status
                 .remove(&AdapterLabels { adapter_name: id });
         }
-        for (id, adapter) in config.ensure_exist.iter().chain(&config.ensure_not_exist) {
-            let changed = self
-                .config
-                .ensure_exist
-                .get(id)
-                .or_else(|| self.config.ensure_not_exist.get(id))
-                != Some(adapter);
+        let exist = config.ensure_exist.iter().map(|e| (e, true));
+        let absent = config.ensure_not_exist.iter().map(|e| (e, false));
+        for ((id, adapter), wanted) in exist.chain(absent) {
+            // Moving between the lists is a change too: an unload must not wait out the
+            // backoff of a failed load.
+            let before = match self.config.ensure_exist.get(id) {
+                Some(a) => Some((a, true)),
+                None => self.config.ensure_not_exist.get(id).map(|a| (a, false)),
+            };
+            let changed = before != Some((adapter, wanted));
             let track = self.tracks.entry(id.clone()).or_default();
             if changed {
                 // A new or edited declaration is tried at once, whatever failed before.
