@@ -76,11 +76,16 @@ async fn run(args: Args) -> Result<()> {
         verbosity: _,
         zap_encoder: _,
     } = args;
-    if [grpc_port, grpc_health_port, metrics_port]
+    // Port 0 (the OS chooses) may repeat; a fixed port may not.
+    let fixed: Vec<u16> = [grpc_port, grpc_health_port, metrics_port]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect();
+    if fixed
         .iter()
         .collect::<std::collections::BTreeSet<_>>()
         .len()
-        < 3
+        < fixed.len()
     {
         bail!(
             "--grpc-port ({grpc_port}), --grpc-health-port ({grpc_health_port}) and \
