@@ -38,7 +38,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use config::{Config, EngineKind, FailureInjection, LatencyModel, StepWork};
 pub use engine::{Engine, EngineEvent, FinishReason, SubmitRequest};
-pub use server::RETURN_ERROR_HEADER;
+pub use server::{RETURN_ERROR_HEADER, prompt_ids};
 
 /// Errors of the simulator library.
 #[derive(Debug, thiserror::Error)]

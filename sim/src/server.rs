@@ -672,6 +672,18 @@ struct TokenizeRequest {
     messages: Option<Value>,
 }
 
+/// The prompt token ids the simulator would compute for a request body: `messages` through
+/// the chat template when present, else `prompt` (what `/tokenize` answers). The error is the
+/// 400 message the server would send. For callers that drive [`crate::Engine`] without HTTP,
+/// such as the what-if replay.
+pub fn prompt_ids(body: &Value) -> Result<Vec<u32>, String> {
+    let tokens = match (body.get("messages"), body.get("prompt")) {
+        (Some(messages), _) => chat_prompt(Some(messages.clone())),
+        (None, prompt) => completion_prompt(prompt.cloned()),
+    };
+    tokens.map_err(|e| e.message)
+}
+
 /// `POST /tokenize` as vLLM: the ids the engine sees for a prompt or chat messages (with the
 /// template), so routing experiments can hash exactly what the engine caches.
 async fn tokenize(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
