@@ -51,6 +51,9 @@ import chart_upstream
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHART = os.path.join(ROOT, "charts", "switchyard-inferencepool")
 GOLDEN_ARGS = os.path.join(CHART, "tests", "rendered-args")
+BBR_CHART = os.path.join(ROOT, "charts", "switchyard-bbr")
+BBR_ARGS_RS = os.path.join(os.path.dirname(ROOT), "bbr", "src", "args.rs")
+SYNCER_MAIN_RS = os.path.join(os.path.dirname(ROOT), "lora-syncer", "src", "main.rs")
 ARGS_RS = os.path.join(os.path.dirname(ROOT), "epp", "src", "args.rs")
 # Oldest supported by the chart (Chart.yaml kubeVersion) and the newest schema bundled.
 K8S_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
@@ -292,11 +295,15 @@ def check_cluster_rbac(
 
 def validate_files() -> None:
     plain: list[dict[str, Any]] = []
+    bbr_plain: list[dict[str, Any]] = []
+    syncer_plain: list[dict[str, Any]] = []
     for path in sorted(
         glob.glob(os.path.join(ROOT, "crds", "*.yaml"))
         + glob.glob(os.path.join(ROOT, "epp", "*.yaml"))
         + glob.glob(os.path.join(ROOT, "epp", "ha", "*.yaml"))
         + glob.glob(os.path.join(ROOT, "samples", "*.yaml"))
+        + glob.glob(os.path.join(ROOT, "bbr", "*.yaml"))
+        + glob.glob(os.path.join(ROOT, "lora-syncer", "*.yaml"))
     ):
         rel = os.path.relpath(path, os.path.dirname(ROOT))
         with open(path) as f:
@@ -307,8 +314,187 @@ def validate_files() -> None:
             validate_object(rel, doc)
             if os.path.dirname(path) == os.path.join(ROOT, "epp"):
                 plain.append(doc)
+            if os.path.dirname(path) == os.path.join(ROOT, "bbr"):
+                bbr_plain.append(doc)
+            if os.path.dirname(path) == os.path.join(ROOT, "lora-syncer"):
+                syncer_plain.append(doc)
     # The plain manifests run one replica without leader election: no lease permissions.
     check_epp_invariants("manifests/epp", plain, ha=False, metrics_auth=True)
+    check_bbr_invariants("manifests/bbr", bbr_plain)
+    check_syncer_manifests("manifests/lora-syncer", syncer_plain)
+
+
+def rust_flags(path: str) -> set[str]:
+    """The long flags of a clap `Args` struct (fields with `#[arg(long ...)]`)."""
+    with open(path) as f:
+        source = f.read()
+    flags = set()
+    for attrs, field in re.findall(r"#\[arg\((.*?)\)\]\s*(?:///[^\n]*\s*)*(?:pub )?(\w+):", source, re.S):
+        if not re.search(r"\blong\b", attrs):
+            continue
+        named = re.search(r'\blong\s*=\s*"([^"]+)"', attrs)
+        flags.add(named.group(1) if named else field.replace("_", "-"))
+    return flags
+
+
+def check_args_known(where: str, args: list[str], known: set[str], binary: str) -> None:
+    """Every flag a manifest passes exists: an unknown one makes the binary refuse to start."""
+    for a in args:
+        if not a.startswith("--"):
+            fail(where, f"{binary} argument {a!r} is not a --flag")
+            continue
+        name = a[2:].split("=", 1)[0]
+        if name not in known:
+            fail(where, f"--{name} is not a flag of {binary}")
+
+
+def check_bbr_invariants(where: str, objs: Iterable[dict[str, Any]]) -> None:
+    """What a platform engineer may rely on in every body-based router we ship: the EPP's
+    pod hardening, gRPC probes on the health port, an http2 ext_proc Service port, streaming
+    bodies, read-only RBAC on ConfigMaps, and only flags the binary has."""
+    objs = list(objs)
+    deps = [
+        o for o in objs
+        if o["kind"] == "Deployment"
+        and any(c["name"] == "bbr" for c in o["spec"]["template"]["spec"]["containers"])
+    ]
+    if len(deps) != 1:
+        fail(where, f"expected one BBR Deployment, found {len(deps)}")
+        return
+    pod = deps[0]["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "bbr")
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    if not (psc.get("runAsNonRoot") or csc.get("runAsNonRoot")):
+        fail(where, "BBR must run as non-root")
+    if not csc.get("readOnlyRootFilesystem") or csc.get("allowPrivilegeEscalation") is not False:
+        fail(where, "BBR needs a read-only root filesystem and no privilege escalation")
+    req = c.get("resources", {}).get("requests", {})
+    if "cpu" not in req or "memory" not in req:
+        fail(where, "BBR needs cpu and memory requests")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    if ports.get("grpc") != 9004 or ports.get("grpc-health") != 9005:
+        fail(where, "BBR serves ext_proc on 9004 and health on 9005 (upstream's ports)")
+    for probe, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness")):
+        g = c.get(probe, {}).get("grpc")
+        if not g or g.get("port") != ports.get("grpc-health") or g.get("service") != service:
+            fail(where, f"{probe} must be gRPC on the health port, service {service!r}")
+    args = c.get("args", [])
+    check_args_known(where, args, rust_flags(BBR_ARGS_RS), "bbr")
+    flags = chart_upstream.flag_values(args)
+    if flags.get("streaming", ["false"])[-1] not in ("true", ""):
+        fail(where, "BBR must run with --streaming (FULL_DUPLEX_STREAMED, as the gateway configs)")
+    if "NAMESPACE" not in {e["name"] for e in c.get("env", [])}:
+        fail(where, "BBR needs NAMESPACE from the downward API (the ConfigMaps it watches)")
+    services = [o for o in objs if o["kind"] == "Service"]
+    grpc = [p for s in services for p in s["spec"]["ports"] if p.get("targetPort") == "grpc"]
+    if not grpc or grpc[0].get("appProtocol") != "http2":
+        fail(where, "the ext_proc Service port must declare appProtocol: http2")
+    for role in (o for o in objs if o["kind"] == "Role"):
+        for rule in role["rules"]:
+            if rule["resources"] != ["configmaps"] or not set(rule["verbs"]) <= READ_ONLY:
+                fail(where, f"Role {role['metadata']['name']}: only get/list/watch on configmaps")
+    auth = flags.get("metrics-endpoint-auth", ["true"])[-1] in ("true", "")
+    cluster_roles = [o for o in objs if o["kind"] == "ClusterRole"]
+    if auth and not cluster_roles:
+        fail(where, "--metrics-endpoint-auth needs the TokenReview/SubjectAccessReview ClusterRole")
+    for role in cluster_roles:
+        for rule in role["rules"]:
+            if rule.get("resources") not in (["tokenreviews"], ["subjectaccessreviews"]) or rule["verbs"] != ["create"]:
+                fail(where, f"ClusterRole {role['metadata']['name']}: only the auth reviews")
+
+
+def check_syncer_config(where: str, text: str) -> None:
+    """A vLLMLoRAConfig in upstream's sidecar schema."""
+    doc = yaml.safe_load(text)
+    cfg = doc.get("vLLMLoRAConfig") if isinstance(doc, dict) else None
+    if not isinstance(cfg, dict):
+        fail(where, "needs a vLLMLoRAConfig mapping")
+        return
+    allowed = {"name", "host", "port", "defaultBaseModel", "ensureExist", "ensureNotExist"}
+    for extra in sorted(set(cfg) - allowed):
+        fail(where, f"vLLMLoRAConfig.{extra} is not in upstream's schema")
+    for key in ("ensureExist", "ensureNotExist"):
+        if key not in cfg:
+            continue
+        for m in cfg[key].get("models", []):
+            if not m.get("id") or not m.get("source") or set(m) - {"id", "source", "base-model"}:
+                fail(where, f"{key} entry {m!r}: id and source required, base-model optional")
+
+
+def check_syncer_manifests(where: str, objs: list[dict[str, Any]]) -> None:
+    known = rust_flags(SYNCER_MAIN_RS)
+    for o in objs:
+        if o["kind"] == "ConfigMap" and "configmap.yaml" in o.get("data", {}):
+            check_syncer_config(f"{where} ConfigMap/{o['metadata']['name']}", o["data"]["configmap.yaml"])
+        if o["kind"] != "Deployment":
+            continue
+        pod = o["spec"]["template"]["spec"]
+        sidecars = [c for c in pod.get("initContainers", []) if c["name"] == "lora-syncer"]
+        if len(sidecars) != 1 or sidecars[0].get("restartPolicy") != "Always":
+            fail(where, "the syncer runs as a native sidecar (init container, restartPolicy Always)")
+            continue
+        c = sidecars[0]
+        check_args_known(where, c.get("args", []), known, "lora-syncer")
+        csc = c.get("securityContext", {})
+        if not csc.get("readOnlyRootFilesystem") or csc.get("allowPrivilegeEscalation") is not False:
+            fail(where, "the syncer needs a read-only root filesystem and no privilege escalation")
+        if any(m.get("subPath") for m in c.get("volumeMounts", [])):
+            fail(where, "the syncer's config must not be a subPath mount (updates never arrive)")
+
+
+def validate_bbr_chart() -> None:
+    chart = helm.Chart.load(BBR_CHART)
+    sets = []
+    for path in sorted(glob.glob(os.path.join(BBR_CHART, "ci", "*.yaml"))):
+        with open(path) as f:
+            sets.append((os.path.basename(path), yaml.safe_load(f) or {}))
+    if len(sets) < 2:
+        fail("bbr chart", "expected several value sets under ci/")
+    for name, values in sets:
+        where = f"bbr chart[{name}]"
+        report = helm.lint(BBR_CHART, values, strict=True, namespace=chart_upstream.NAMESPACE)
+        for m in report.get("messages", []):
+            if m.get("severity", 0) >= 2:
+                fail(where, f"helm lint: {m.get('path')}: {m.get('error')}")
+        for e in report.get("errors", []):
+            fail(where, f"helm lint: {e}")
+        rendered = chart.render(values, name="models", namespace=chart_upstream.NAMESPACE,
+                                is_install=True)
+        objs = []
+        for template, text in sorted(rendered.items()):
+            if not template.endswith((".yaml", ".yml")):
+                continue
+            for doc in docs_of(text):
+                validate_object(f"{where} {os.path.basename(template)}", doc)
+                objs.append(doc)
+        check_bbr_invariants(where, objs)
+        merged = chart.merge_values(values)
+        mapped = [o for o in objs if o["kind"] == "ConfigMap"
+                  and (o["metadata"].get("labels") or {}).get("inference.networking.k8s.io/bbr-managed") == "true"]
+        if len(mapped) != len(merged["models"]):
+            fail(where, f"expected one bbr-managed ConfigMap per model, found {len(mapped)}")
+        for cm in mapped:
+            adapters = yaml.safe_load(cm["data"]["adapters"])
+            if not isinstance(adapters, list) or not cm["data"].get("baseModel"):
+                fail(where, f"ConfigMap {cm['metadata']['name']}: baseModel and a YAML list of adapters")
+        syncer = [o for o in objs if o["kind"] == "ConfigMap" and "configmap.yaml" in o.get("data", {})]
+        want = len(merged["models"]) if merged["loraSyncer"]["enabled"] else 0
+        if len(syncer) != want:
+            fail(where, f"expected {want} vLLMLoRAConfig ConfigMaps, found {len(syncer)}")
+        for cm in syncer:
+            check_syncer_config(f"{where} ConfigMap/{cm['metadata']['name']}", cm["data"]["configmap.yaml"])
+    for values, why in (
+        ({"models": [{"name": "a", "baseModel": "m"}, {"name": "a", "baseModel": "n"}]}, "listed twice"),
+        ({"models": [{"name": "a"}]}, "baseModel is required"),
+        ({"models": [{"name": "Bad_Name", "baseModel": "m"}]}, "DNS label"),
+        ({"models": [{"name": "a", "baseModel": "m", "adapters": [{"id": "x"}]}]}, "id and a source"),
+    ):
+        try:
+            chart.render(values, name="models", namespace=chart_upstream.NAMESPACE, is_install=True)
+            fail("bbr chart", f"values {values!r} rendered; expected a failure ({why})")
+        except helm.HelmError as e:
+            if why not in str(e):
+                fail("bbr chart", f"values {values!r} failed without naming the problem: {e}")
 
 
 def chart_value_sets() -> list[tuple[str, dict[str, Any]]]:
@@ -527,6 +713,7 @@ def main() -> int:
     check_flag_list()
     validate_chart()
     validate_chart_upstream()
+    validate_bbr_chart()
     check_stale_goldens()
     lint_dockerfile()
     for written in goldens_written:
@@ -541,7 +728,7 @@ def main() -> int:
         f"CRD schemas; helm {helm.helm_sdk_version()} lint + template, "
         f"{len(chart_value_sets())} value sets, {len(chart_upstream.SCENARIOS)} upstream-values "
         f"scenarios, {len(chart_upstream.REJECTIONS)} refusals, {len(goldens_seen)} golden argument "
-        f"files; Dockerfile hadolint-clean)"
+        f"files; switchyard-bbr chart; bbr and lora-syncer manifests; Dockerfile hadolint-clean)"
     )
     return 0
 

@@ -119,6 +119,101 @@ impl Ctx {
     }
 }
 
+/// The second base model of the body-based-routing scenarios (`envoy/bbr.yaml`).
+pub const MODEL_B: &str = "Qwen/Qwen2.5-7B-Instruct";
+/// A LoRA adapter of [`MODEL`] in the body-based-routing scenarios.
+pub const ADAPTER: &str = "food-review-1";
+
+/// An in-process body-based router (`bbr`), plaintext, FULL_DUPLEX_STREAMED, stopped on drop.
+pub struct Bbr {
+    /// Its ext_proc port.
+    pub grpc: SocketAddr,
+    /// Its `/metrics` port.
+    pub metrics: SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Bbr {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Starts a router whose mapping is `entries` (base model, adapters).
+pub async fn start_bbr(entries: &[(&str, &[&str])]) -> Bbr {
+    use bbr::mapping::{Entry, Mapping};
+    let mapping = Mapping::new();
+    mapping.reset(entries.iter().enumerate().map(|(i, (base, adapters))| {
+        (
+            format!("test/{i}"),
+            Entry::new(Some(base), adapters.iter().copied()).unwrap(),
+        )
+    }));
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let listeners = bbr::server::Listeners {
+        grpc: bind().await.unwrap(),
+        health: bind().await.unwrap(),
+        metrics: bind().await.unwrap(),
+    };
+    let grpc = listeners.grpc.local_addr().unwrap();
+    let metrics = listeners.metrics.local_addr().unwrap();
+    let settings = bbr::server::Settings {
+        options: bbr::stream::Options {
+            streaming: true,
+            ..Default::default()
+        },
+        mapping,
+        source: bbr::server::MappingSource::Static,
+        tls: None,
+        admin_auth: epp::admin::AdminAuth::Open,
+        drain_grace: Duration::from_secs(1),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move { bbr::server::serve(settings, listeners, token).await });
+    Bbr {
+        grpc,
+        metrics,
+        shutdown,
+    }
+}
+
+/// Inputs of `envoy/bbr.yaml`.
+pub struct BbrGateway<'a> {
+    /// The router.
+    pub bbr: SocketAddr,
+    /// The EPP of [`MODEL`]'s pool.
+    pub epp_a: SocketAddr,
+    /// The EPP of [`MODEL_B`]'s pool.
+    pub epp_b: SocketAddr,
+    /// [`MODEL`]'s pods.
+    pub a: &'a [Pod],
+    /// [`MODEL_B`]'s pods.
+    pub b: &'a [Pod],
+}
+
+impl Ctx {
+    /// The test-only gateway with the body-based router (`envoy/bbr.yaml`).
+    pub async fn bbr_envoy(&self, g: BbrGateway<'_>) -> Envoy {
+        let ip = |a: SocketAddr| a.ip().to_string();
+        let port = |a: SocketAddr| a.port().to_string();
+        let vars = [
+            ("BBR_HOST", ip(g.bbr)),
+            ("BBR_PORT", port(g.bbr)),
+            ("EPP_A_HOST", ip(g.epp_a)),
+            ("EPP_A_PORT", port(g.epp_a)),
+            ("EPP_B_HOST", ip(g.epp_b)),
+            ("EPP_B_PORT", port(g.epp_b)),
+            ("MODEL_A", MODEL.to_owned()),
+            ("MODEL_B", MODEL_B.to_owned()),
+            ("A_ENDPOINTS", lb_endpoints(&addresses(g.a))),
+            ("B_ENDPOINTS", lb_endpoints(&addresses(g.b))),
+        ];
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/bbr.yaml");
+        Envoy::start_template(&self.envoy, &template, &vars).await
+    }
+}
+
 /// Inputs of `envoy/multi-pool.yaml`.
 pub struct MultiPool<'a> {
     /// The EPP of the primary pool's route.

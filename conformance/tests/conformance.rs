@@ -82,6 +82,10 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", InvalidBodyRejectedByEpp),
         scenario!("switchyard", HostileClientsThroughReferenceStyleEnvoy),
         scenario!("switchyard", EppBinaryFollowsEPPRouting),
+        scenario!("switchyard", BbrEachModelReachesOnlyItsPool),
+        scenario!("switchyard", BbrUnknownModelGets404),
+        scenario!("switchyard", BbrOneMebibyteBodyThroughBothExtProcs),
+        scenario!("switchyard", BbrSpoofedModelHeadersIgnored),
     ]
 }
 
@@ -1109,4 +1113,243 @@ fn main() {
 
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").chars().take(160).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Body-based routing (issue 17): the `bbr` router before route matching, one pool and one EPP
+// per base model, through `envoy/bbr.yaml`.
+// ---------------------------------------------------------------------------------------------
+
+/// Two pools of two pods: [`MODEL`] (with the adapter [`ADAPTER`] registered on its replicas)
+/// and [`MODEL_B`]; an EPP each; the router mapping the adapter to its base model.
+struct BbrSetup {
+    a: Vec<Pod>,
+    b: Vec<Pod>,
+    names: BTreeMap<String, SocketAddr>,
+    envoy: testkit::envoy::Envoy,
+    bbr: Bbr,
+    // Kept alive for the scenario.
+    _epps: (testkit::Epp, testkit::Epp),
+}
+
+impl BbrSetup {
+    fn pool_a(&self) -> BTreeSet<SocketAddr> {
+        addresses(&self.a).into_iter().collect()
+    }
+    fn pool_b(&self) -> BTreeSet<SocketAddr> {
+        addresses(&self.b).into_iter().collect()
+    }
+}
+
+async fn bbr_setup(ctx: &Ctx) -> BbrSetup {
+    let a_config = sim::Config {
+        lora_modules: vec![ADAPTER.to_owned()],
+        max_loras: 2,
+        ..sim_config()
+    };
+    let b_config = sim::Config {
+        model: MODEL_B.to_owned(),
+        ..sim_config()
+    };
+    let a = pods(2, 2, 1, &a_config).await;
+    let b = pods(4, 2, 1, &b_config).await;
+    let epp_a = ctx
+        .epp(
+            pool_of("llama", &a),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    let epp_b = ctx
+        .epp(
+            pool_of("qwen", &b),
+            endpoint_picker::config::DEFAULT_CONFIG,
+            false,
+        )
+        .await;
+    let bbr = start_bbr(&[(MODEL, &[ADAPTER]), (MODEL_B, &[])]).await;
+    let envoy = ctx
+        .bbr_envoy(BbrGateway {
+            bbr: bbr.grpc,
+            epp_a: epp_a.grpc,
+            epp_b: epp_b.grpc,
+            a: &a,
+            b: &b,
+        })
+        .await;
+    let names = names(&[&a, &b]);
+    BbrSetup {
+        a,
+        b,
+        names,
+        envoy,
+        bbr,
+        _epps: (epp_a, epp_b),
+    }
+}
+
+/// Each base model's requests reach only its own pool, and an adapter reaches its base
+/// model's pool, for chat and completions; the engine answers under the requested name.
+#[allow(non_snake_case)]
+async fn BbrEachModelReachesOnlyItsPool(ctx: Ctx) -> Verdict {
+    let s = bbr_setup(&ctx).await;
+    let mut sent = 0;
+    for (model, pool, what) in [
+        (MODEL, s.pool_a(), "base model A"),
+        (MODEL_B, s.pool_b(), "base model B"),
+        (ADAPTER, s.pool_a(), "adapter of A"),
+    ] {
+        let req = Req::chat(model, "Name a colour.", false, 4);
+        let out = traffic(s.envoy.listener, 30, 5, &req).await;
+        sent += out.len();
+        let seen = all_served_by(&out, &pool, &s.names, false).context(what)?;
+        ensure!(!seen.is_empty(), "{what}: no replica answered");
+        for o in &out {
+            let v: serde_json::Value = serde_json::from_str(&o.body).context("JSON answer")?;
+            ensure!(v["model"] == model, "{what}: answered as {}", v["model"]);
+        }
+        let mut completion = Req::completion();
+        completion.body = serde_json::to_vec(&serde_json::json!({
+            "model": model, "prompt": "San Francisco is", "max_tokens": 2,
+        }))?;
+        let out = traffic(s.envoy.listener, 10, 5, &completion).await;
+        sent += out.len();
+        all_served_by(&out, &pool, &s.names, false)
+            .with_context(|| format!("{what}, completions"))?;
+    }
+    let metrics = testkit::http::get_text(s.bbr.metrics, "/metrics")
+        .await
+        .context("bbr /metrics")?;
+    ensure!(
+        metrics.contains(&format!(
+            "bbr_requests_by_model_total{{model=\"{ADAPTER}\",base_model=\"{MODEL}\"}} 40"
+        )),
+        "bbr metrics: {metrics}"
+    );
+    Ok(sent)
+}
+
+/// A model no pool serves gets the gateway's clear 404 (no EPP is asked); a body without a
+/// model too; a body that is not JSON gets the router's own 400 with an escaped excerpt.
+#[allow(non_snake_case)]
+async fn BbrUnknownModelGets404(ctx: Ctx) -> Verdict {
+    let s = bbr_setup(&ctx).await;
+    let out = traffic(
+        s.envoy.listener,
+        20,
+        5,
+        &Req::chat("gpt-4o-unknown", "hello", false, 4),
+    )
+    .await;
+    for o in &out {
+        ensure!(
+            o.status == 404,
+            "unknown model: {} {:.200}",
+            o.status,
+            o.body
+        );
+        ensure!(o.replica.is_none(), "unknown model reached {:?}", o.replica);
+        ensure!(
+            o.body
+                .contains("no InferencePool serves the requested model"),
+            "404 body: {:.200}",
+            o.body
+        );
+    }
+    let mut no_model = Req::chat(MODEL, "x", false, 4);
+    no_model.body = br#"{"messages": [{"role": "user", "content": "x"}]}"#.to_vec();
+    let o = send(s.envoy.listener, &no_model).await;
+    ensure!(o.status == 404, "no model: {} {:.200}", o.status, o.body);
+    let mut garbage = Req::chat(MODEL, "x", false, 4);
+    garbage.body = b"{\"model\": \"\x1b[31mred\n".to_vec();
+    let o = send(s.envoy.listener, &garbage).await;
+    ensure!(o.status == 400, "bad JSON: {} {:.200}", o.status, o.body);
+    ensure!(
+        o.body
+            .starts_with("inference error: BadRequest - invalid JSON body"),
+        "bad JSON body: {:.200}",
+        o.body
+    );
+    ensure!(
+        !o.body.chars().any(|c| c.is_control()),
+        "unescaped: {:?}",
+        o.body
+    );
+    Ok(out.len() + 2)
+}
+
+/// A prompt over 1 MiB streams through the router and the EPP (both FULL_DUPLEX_STREAMED),
+/// reaches its pool whole (the engine counts the same tokens as for the same prompt without
+/// the gateway's help, i.e. no byte lost), for the base model and for its adapter.
+#[allow(non_snake_case)]
+async fn BbrOneMebibyteBodyThroughBothExtProcs(ctx: Ctx) -> Verdict {
+    let s = bbr_setup(&ctx).await;
+    let prompt = "word ".repeat(210_000);
+    let mut sent = 0;
+    let mut tokens = Vec::new();
+    for model in [MODEL, ADAPTER, MODEL_B] {
+        let body = serde_json::to_vec(
+            &serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 2}),
+        )?;
+        ensure!(body.len() > 1 << 20);
+        let req = Req {
+            path: "/v1/completions".into(),
+            headers: Vec::new(),
+            body,
+        };
+        let out = send(s.envoy.listener, &req).await;
+        sent += 1;
+        let pool = if model == MODEL_B {
+            s.pool_b()
+        } else {
+            s.pool_a()
+        };
+        all_served_by(std::slice::from_ref(&out), &pool, &s.names, false)
+            .with_context(|| format!("1 MiB prompt for {model}"))?;
+        tokens.push(prompt_tokens(&out.body)?);
+    }
+    ensure!(
+        tokens.iter().all(|t| *t == tokens[0]) && tokens[0] > 200_000,
+        "prompt tokens differ or are short: {tokens:?}"
+    );
+    Ok(sent)
+}
+
+/// A client's own `X-Gateway-Model-Name` / `X-Gateway-Base-Model-Name` never choose the pool:
+/// the body's model does, and a body without a model matches no pool despite the headers.
+#[allow(non_snake_case)]
+async fn BbrSpoofedModelHeadersIgnored(ctx: Ctx) -> Verdict {
+    let s = bbr_setup(&ctx).await;
+    let spoof = |r: Req| {
+        r.header("x-gateway-base-model-name", MODEL_B)
+            .header("X-Gateway-Model-Name", MODEL_B)
+            .header("x-gateway-base-model-name", MODEL_B)
+    };
+    let out = traffic(
+        s.envoy.listener,
+        30,
+        5,
+        &spoof(Req::chat(ADAPTER, "hi", false, 2)),
+    )
+    .await;
+    all_served_by(&out, &s.pool_a(), &s.names, false).context("spoofed towards pool B")?;
+    let mut no_model = spoof(Req::chat(MODEL, "x", false, 4));
+    no_model.body = br#"{"messages": [{"role": "user", "content": "x"}]}"#.to_vec();
+    let o = send(s.envoy.listener, &no_model).await;
+    ensure!(
+        o.status == 404 && o.replica.is_none(),
+        "no model but spoofed headers: {} via {:?}",
+        o.status,
+        o.replica
+    );
+    let mut headers_only = spoof(Req::completion());
+    headers_only.body = Vec::new();
+    let o = send(s.envoy.listener, &headers_only).await;
+    ensure!(
+        o.status == 404 && o.replica.is_none(),
+        "no body but spoofed headers: {} via {:?}",
+        o.status,
+        o.replica
+    );
+    Ok(out.len() + 2)
 }

@@ -34,7 +34,7 @@ use crate::supervisor::{OnExit, Supervisor, factory};
 use crate::tls::{self, ServerCertificate, ServerTls};
 
 /// Largest ext_proc message accepted (a request body chunk can be large).
-const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
+pub const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` of the ext_proc port: how many ext_proc streams one
 /// gateway connection may carry at once. Every in-flight HTTP request holds one stream for its
@@ -48,7 +48,7 @@ const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
 /// There is no limit across connections (no `concurrency_limit_per_connection`, no load
 /// shedding): the gateway's circuit breakers are the admission control. Tested by
 /// `conformance/tests/concurrency.rs` (5,000 concurrent streams).
-const MAX_CONCURRENT_STREAMS_PER_CONNECTION: u32 = 100_000;
+pub const MAX_CONCURRENT_STREAMS_PER_CONNECTION: u32 = 100_000;
 
 /// HTTP/2 connection flow-control window of the ext_proc port (hyper's default is 1 MiB). With
 /// thousands of streams on one connection, each ext_proc message is a small DATA frame, and h2
@@ -58,7 +58,7 @@ const MAX_CONCURRENT_STREAMS_PER_CONNECTION: u32 = 100_000;
 /// frames at 1 MiB; 5,000 concurrent requests through the shipped Envoy config lost the whole
 /// connection in 3 of 10 runs on 2 cores. 64 MiB allows some 200,000 unread small frames and
 /// bounds what one gateway connection can make the EPP buffer to 64 MiB.
-const HTTP2_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
 /// Where the pool comes from.
 #[derive(Debug)]
@@ -524,8 +524,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The TLS connections of the ext_proc port: each accepted socket's handshake runs as its own
 /// task (so one slow client does not hold up the others), and the finished ones are handed to
 /// tonic. A failed or timed-out handshake is logged at debug and dropped, as tonic does with
-/// its own TLS. Dropping the stream (at shutdown) aborts the handshakes in progress.
-fn tls_incoming(
+/// its own TLS. Dropping the stream (at shutdown) aborts the handshakes in progress. Shared
+/// with the `bbr` binary, whose ext_proc port serves TLS the same way.
+pub fn tls_incoming(
     tcp: TcpIncoming,
     acceptor: tokio_rustls::TlsAcceptor,
 ) -> impl tokio_stream::Stream<Item = Result<TlsConnection, std::io::Error>> {
@@ -582,4 +583,4 @@ fn tls_incoming(
 }
 
 /// An ext_proc connection over TLS.
-type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+pub type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;

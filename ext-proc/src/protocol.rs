@@ -83,3 +83,11 @@ pub const DROPPED_REASON: &str = "x-llm-d-request-dropped-reason";
 
 /// Opt-in decision trace header on the response (`--debug-decision-header`).
 pub const DECISION_HEADER: &str = "x-switchyard-decision";
+
+/// Set by the body-based router (`bbr`): the body's `model`, for route matching.
+pub const MODEL_NAME: &str = "x-gateway-model-name";
+/// Set by the body-based router: the base model of the body's `model` (itself for a base
+/// model, its base for a LoRA adapter, empty for an unknown name), for route matching.
+pub const BASE_MODEL_NAME: &str = "x-gateway-base-model-name";
+/// The label that marks the ConfigMaps the body-based router reads (upstream's name).
+pub const BBR_MANAGED_LABEL: &str = "inference.networking.k8s.io/bbr-managed";

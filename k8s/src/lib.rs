@@ -24,8 +24,8 @@ pub mod watch;
 
 #[cfg(test)]
 mod fixtures;
-#[cfg(test)]
-mod mock;
+#[cfg(any(test, feature = "test-util"))]
+pub mod mock;
 
 pub use kube::Client;
 

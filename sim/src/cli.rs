@@ -89,6 +89,10 @@ pub struct Args {
     /// Adapters to preload: `name` or `name=path` (repeatable or comma-separated).
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub lora_modules: Vec<String>,
+    /// How fast a local LoRA adapter loads, bytes per second (its size on disk / this; 0 = at
+    /// once).
+    #[arg(long, default_value_t = 2_000_000_000)]
+    pub lora_load_bytes_per_second: u64,
     /// Completion tokens per streamed SSE event.
     #[arg(long, default_value_t = 1)]
     pub stream_granularity: usize,
@@ -158,6 +162,7 @@ impl From<&Args> for Config {
                 })
                 .filter(|m| !m.is_empty())
                 .collect(),
+            lora_load_bytes_per_second: a.lora_load_bytes_per_second,
             stream_granularity: a.stream_granularity,
             default_max_tokens: a.default_max_tokens,
             embedding_dim: a.embedding_dim,

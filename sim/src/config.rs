@@ -156,6 +156,10 @@ pub struct Config {
     pub max_loras: usize,
     /// Adapters registered at start-up (the first `max_loras` are also resident in a slot).
     pub lora_modules: Vec<String>,
+    /// How fast `POST /v1/load_lora_adapter` reads a local adapter, in bytes per second: the
+    /// load answers after the adapter's size on disk divided by this (0 = at once). A Hugging
+    /// Face id has no size here and loads at once.
+    pub lora_load_bytes_per_second: u64,
     /// Completion tokens per streamed SSE event (1 = every token, like vLLM).
     pub stream_granularity: usize,
     /// Completion length when a request gives no `max_tokens`.
@@ -188,6 +192,8 @@ impl Default for Config {
             seed: 0,
             max_loras: 1,
             lora_modules: Vec::new(),
+            // Local NVMe into host memory, about what vLLM's adapter loading reaches.
+            lora_load_bytes_per_second: 2_000_000_000,
             stream_granularity: 1,
             default_max_tokens: 128,
             embedding_dim: 64,

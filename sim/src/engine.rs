@@ -770,6 +770,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Forgets every adapter loaded at run time, keeping those of `keep` (the start-up
+    /// `--lora-modules`): what a restarted engine has.
+    pub fn reset_loras(&self, keep: &[String]) {
+        let mut st = self.shared.state.lock();
+        st.lora
+            .registered
+            .retain(|l| keep.iter().any(|k| **k == **l));
+        let registered = st.lora.registered.clone();
+        st.lora
+            .resident
+            .retain(|l| registered.iter().any(|r| r == l));
+    }
+
     /// Unregisters an adapter (`POST /v1/unload_lora_adapter`) and frees its slot if unused.
     /// Requests already queued for it still run.
     pub fn unload_lora(&self, name: &str) -> Result<(), LoraError> {

@@ -869,7 +869,8 @@ fn while_loading(path: &str) -> Response {
     )
 }
 
-/// Makes the replica "load its model" again for `seconds` (a restart), as at start-up.
+/// Makes the replica "load its model" again for `seconds` (a restart), as at start-up, and
+/// forgets the adapters loaded at run time.
 async fn admin_reload(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
     let seconds = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
@@ -877,6 +878,9 @@ async fn admin_reload(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
         .filter(|s| s.is_finite() && *s >= 0.0)
         .unwrap_or(0.0);
     *r.loaded_at.lock() = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    // A restarted engine keeps only its start-up adapters (`--lora-modules`); those loaded at
+    // run time must be loaded again (what the LoRA syncer re-does).
+    r.engine.reset_loras(&r.config.lora_modules);
     axum::Json(json!({"loading_seconds": seconds})).into_response()
 }
 
@@ -907,6 +911,121 @@ async fn metrics_handler(State(r): State<Arc<Replica>>) -> Response {
 #[derive(Debug, Deserialize)]
 struct LoraRequest {
     lora_name: Option<String>,
+    lora_path: Option<String>,
+}
+
+/// Most directory entries walked to size a local adapter (an adapter is a few files).
+const MAX_ADAPTER_FILES: usize = 10_000;
+
+/// Where an adapter comes from, as vLLM reads `lora_path`: a local path (which must exist), or
+/// a Hugging Face repository id (`owner/name`), which vLLM would download and the simulator
+/// accepts as is.
+#[derive(Debug, PartialEq, Eq)]
+enum AdapterSource {
+    /// A local file or directory and its size in bytes.
+    Local(u64),
+    /// A repository id.
+    Hub,
+}
+
+/// Checks `lora_path` as vLLM would (`Err` is the message of a 404 or 400).
+fn adapter_source(path: &str) -> Result<AdapterSource, (StatusCode, String)> {
+    let local = path.strip_prefix("file://").unwrap_or(path);
+    let is_local = path.starts_with("file://")
+        || local.starts_with('/')
+        || local.starts_with("./")
+        || local.starts_with("../");
+    if is_local {
+        let meta = std::fs::metadata(local).map_err(|_| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("No adapter found for {}", escape(path)),
+            )
+        })?;
+        if meta.is_file() {
+            return Ok(AdapterSource::Local(meta.len()));
+        }
+        // A directory: the sum of its files (bounded walk).
+        let mut total = 0u64;
+        let mut stack = vec![std::path::PathBuf::from(local)];
+        let mut seen = 0usize;
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                seen += 1;
+                if seen > MAX_ADAPTER_FILES {
+                    return Ok(AdapterSource::Local(total));
+                }
+                match e.metadata() {
+                    Ok(m) if m.is_dir() => stack.push(e.path()),
+                    Ok(m) => total = total.saturating_add(m.len()),
+                    Err(_) => {}
+                }
+            }
+        }
+        return Ok(AdapterSource::Local(total));
+    }
+    let valid_id = {
+        let mut parts = path.split('/');
+        let ok = |p: Option<&str>| {
+            p.is_some_and(|p| {
+                !p.is_empty()
+                    && p.len() <= 96
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            })
+        };
+        ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+    };
+    if valid_id {
+        Ok(AdapterSource::Hub)
+    } else {
+        Err((
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Invalid lora_path {}: neither a local path nor a repository id",
+                escape(path)
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod adapter_source_tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_checked_as_vllm_reads_them() {
+        assert_eq!(adapter_source("org/food-review"), Ok(AdapterSource::Hub));
+        assert_eq!(
+            adapter_source("/definitely/missing/adapter").map_err(|e| e.0),
+            Err(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            adapter_source("not a\nrepo").map_err(|e| e.0),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        let dir = std::env::temp_dir().join(format!("sim-adapter-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("adapter_model.safetensors"), vec![0u8; 1000]).unwrap();
+        std::fs::write(dir.join("sub/adapter_config.json"), b"{}").unwrap();
+        assert_eq!(
+            adapter_source(dir.to_str().unwrap()),
+            Ok(AdapterSource::Local(1002))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// A client's string in an error message: escaped, at most 128 characters.
+fn escape(s: &str) -> String {
+    let mut out: String = s.chars().take(128).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 128 {
+        out.push('…');
+    }
+    out
 }
 
 async fn load_lora(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
@@ -914,13 +1033,36 @@ async fn load_lora(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
         Ok(req) => req,
         Err(e) => return e.into_response(),
     };
-    let Some(name) = req.lora_name.filter(|n| !n.is_empty()) else {
+    let (Some(name), Some(path)) = (
+        req.lora_name.filter(|n| !n.is_empty()),
+        req.lora_path.filter(|p| !p.is_empty()),
+    ) else {
         return error(
             StatusCode::BAD_REQUEST,
             "Both 'lora_name' and 'lora_path' must be provided.",
             Some("lora_name"),
         );
     };
+    if r.engine.has_lora(&name) {
+        return bad_response(crate::engine::LoraError::AlreadyLoaded(name).to_string());
+    }
+    // File-system calls run off the async workers.
+    let checked = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || adapter_source(&path)).await
+    };
+    let source = match checked {
+        Ok(Ok(s)) => s,
+        Ok(Err((status, message))) => return error(status, message, Some("lora_path")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+    };
+    // Reading the adapter takes time by its size, as in vLLM (the request waits).
+    if let AdapterSource::Local(bytes) = source
+        && r.config.lora_load_bytes_per_second > 0
+    {
+        let secs = bytes as f64 / r.config.lora_load_bytes_per_second as f64;
+        tokio::time::sleep(Duration::from_secs_f64(secs.min(600.0))).await;
+    }
     match r.engine.load_lora(&name) {
         Ok(()) => {
             tracing::info!(pod = %r.pod_name, lora = %name, "LoRA adapter loaded");

@@ -635,7 +635,7 @@ async fn lora_adapters_load_unload_and_list() {
         &r,
         Method::POST,
         "/v1/load_lora_adapter",
-        Some(json!({"lora_name": "chat", "lora_path": "/x"})),
+        Some(json!({"lora_name": "chat", "lora_path": "org/chat-lora"})),
         &[],
     )
     .await;
@@ -644,7 +644,7 @@ async fn lora_adapters_load_unload_and_list() {
         &c,
         &r,
         "/v1/load_lora_adapter",
-        json!({"lora_name": "chat", "lora_path": "/x"}),
+        json!({"lora_name": "chat", "lora_path": "org/chat-lora"}),
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "already loaded");

@@ -1,0 +1,133 @@
+//! The flags: upstream BBR's names and defaults (`--grpc-port` 9004, `--grpc-health-port` 9005,
+//! `--metrics-port` 9090, `--streaming`, `--secure-serving`, `--metrics-endpoint-auth`, `--v`),
+//! plus file mode and the body limit.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    // The same units as the EPP's flags (50ms, 2s, 1m).
+    let parsed = match s.strip_suffix("ms") {
+        Some(ms) => ms.parse::<u64>().ok().map(Duration::from_millis),
+        None => match s.strip_suffix('s') {
+            Some(secs) => secs.parse::<u64>().ok().map(Duration::from_secs),
+            None => s
+                .strip_suffix('m')
+                .and_then(|m| m.parse::<u64>().ok())
+                .map(|m| Duration::from_secs(m * 60)),
+        },
+    };
+    parsed
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m)"))
+}
+
+/// Switchyard's body-based router: the request body's model into headers, before route
+/// matching.
+#[derive(Debug, Clone, Parser)]
+// A flag given twice takes its last value, as Go's pflag does.
+#[command(name = "bbr", version, about, long_about = None, args_override_self = true)]
+pub struct Args {
+    /// gRPC port of the ext_proc service.
+    #[arg(long, default_value_t = 9004)]
+    pub grpc_port: u16,
+    /// gRPC health port (liveness and readiness).
+    #[arg(long, default_value_t = 9005)]
+    pub grpc_health_port: u16,
+    /// Prometheus metrics port.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Address every port binds to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: std::net::IpAddr,
+    /// FULL_DUPLEX_STREAMED bodies (as the EPP); without it, Envoy's BUFFERED mode.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub streaming: bool,
+    /// TLS on the ext_proc port (a self-signed certificate unless --cert-path).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub secure_serving: bool,
+    /// Directory with tls.crt and tls.key for the ext_proc port.
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
+    /// File mode: the adapter mapping from this YAML/JSON file instead of ConfigMaps.
+    #[arg(long)]
+    pub mapping_file: Option<PathBuf>,
+    /// How often --mapping-file is read for changes.
+    #[arg(long, value_parser = duration)]
+    pub mapping_file_poll_interval: Option<Duration>,
+    /// Kubernetes mode: the namespace whose ConfigMaps are watched (default $NAMESPACE, as
+    /// upstream; "" or unset watches every namespace).
+    #[arg(long)]
+    pub configmap_namespace: Option<String>,
+    /// Largest request body read; a larger one gets 413.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+    /// Authenticate and authorize /metrics (TokenReview + SubjectAccessReview in Kubernetes
+    /// mode, --metrics-bearer-token-file in file mode).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub metrics_endpoint_auth: bool,
+    /// A file holding the bearer token /metrics requires (surrounding whitespace ignored).
+    #[arg(long)]
+    pub metrics_bearer_token_file: Option<PathBuf>,
+    /// Grace period for open streams at shutdown.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub drain_grace_period: Duration,
+    /// Log verbosity as the reference's `--v`: 0 to 3 info, 4 debug, 5 and above trace.
+    #[arg(long = "v", short = 'v', default_value_t = 2)]
+    pub verbosity: u8,
+    /// Log encoding: console or json.
+    #[arg(long, default_value = "console", value_parser = ["console", "json"])]
+    pub zap_encoder: String,
+}
+
+impl Args {
+    /// The tracing filter of `--v`.
+    pub fn log_filter(&self) -> String {
+        match self.verbosity {
+            0..=3 => "info",
+            4 => "debug",
+            _ => "trace",
+        }
+        .to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn upstream_defaults_and_flags() {
+        let a = Args::try_parse_from(["bbr"]).unwrap();
+        assert_eq!(
+            (a.grpc_port, a.grpc_health_port, a.metrics_port),
+            (9004, 9005, 9090)
+        );
+        assert!(!a.streaming && a.secure_serving && a.metrics_endpoint_auth);
+        let a = Args::try_parse_from([
+            "bbr",
+            "--streaming",
+            "--secure-serving=false",
+            "--mapping-file",
+            "/m.yaml",
+            "--mapping-file-poll-interval",
+            "500ms",
+            "--v",
+            "4",
+        ])
+        .unwrap();
+        assert!(a.streaming && !a.secure_serving);
+        assert_eq!(
+            a.mapping_file_poll_interval,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(a.log_filter(), "debug");
+        // Upstream's plugin framework is not here: start-up fails naming the flag.
+        let e = Args::try_parse_from(["bbr", "--plugin", "x:y"]).unwrap_err();
+        assert!(e.to_string().contains("--plugin"), "{e}");
+        assert!(Args::try_parse_from(["bbr", "--mapping-file-poll-interval", "0s"]).is_err());
+    }
+}

@@ -1,0 +1,206 @@
+//! Kubernetes mode: a watch of the ConfigMaps labelled
+//! `inference.networking.k8s.io/bbr-managed=true` feeding the [`Mapping`].
+//!
+//! Thin on purpose, as `k8s::watch`: the API server filters by label (a ConfigMap whose label
+//! is removed arrives as a deletion), a (re)listing becomes one [`Mapping::reset`], additions
+//! and changes one [`Mapping::apply`], deletions one [`Mapping::delete`]; the watcher's backoff
+//! schedules retries. Everything else is decided in [`crate::mapping`], tested without a
+//! client.
+
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::mapping::{Entry, Mapping};
+use crate::metrics::Metrics;
+
+/// The label selector of managed ConfigMaps.
+pub fn selector() -> String {
+    format!("{}=true", ext_proc::protocol::BBR_MANAGED_LABEL)
+}
+
+/// The mapping key of a ConfigMap.
+fn key(cm: &ConfigMap) -> String {
+    format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any())
+}
+
+/// The entry of a ConfigMap, or `None` (logged, counted) when it is invalid.
+fn entry(cm: &ConfigMap, metrics: &Metrics) -> Option<Entry> {
+    let data = cm.data.clone().unwrap_or_default();
+    match Entry::from_config_map_data(&data) {
+        Ok(e) => Some(e),
+        Err(error) => {
+            metrics.sources_rejected.inc();
+            tracing::warn!(configmap = %key(cm), %error, "mapping ConfigMap ignored");
+            None
+        }
+    }
+}
+
+/// The ConfigMaps API: one namespace (`$NAMESPACE`, as upstream limits its cache) or all.
+pub fn api(client: Client, namespace: Option<&str>) -> Api<ConfigMap> {
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
+/// One run of the watch, until the stream ends or `shutdown` fires.
+pub async fn watch(
+    api: Api<ConfigMap>,
+    mapping: Arc<Mapping>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let config = watcher::Config::default().labels(&selector());
+    let events = watcher::watcher(api, config)
+        .default_backoff()
+        .modify(|cm: &mut ConfigMap| cm.managed_fields_mut().clear());
+    feed(events, &mapping, &metrics, shutdown).await;
+}
+
+/// Drives one watch stream into the mapping.
+pub async fn feed<S>(events: S, mapping: &Mapping, metrics: &Metrics, shutdown: CancellationToken)
+where
+    S: Stream<Item = Result<Event<ConfigMap>, watcher::Error>>,
+{
+    tokio::pin!(events);
+    let mut listing = Vec::new();
+    let mut last_error: Option<String> = None;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => match e {
+                Some(e) => e,
+                None => return,
+            },
+        };
+        match event {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(cm)) => {
+                if let Some(e) = entry(&cm, metrics) {
+                    listing.push((key(&cm), e));
+                }
+            }
+            Ok(Event::InitDone) => {
+                if last_error.take().is_some() {
+                    tracing::info!("ConfigMap watch recovered");
+                }
+                let n = listing.len();
+                let dropped = mapping.reset(std::mem::take(&mut listing));
+                if dropped > 0 {
+                    tracing::warn!(dropped, "mapping ConfigMaps over the limit ignored");
+                }
+                tracing::info!(configmaps = n, "mapping ConfigMaps listed");
+            }
+            Ok(Event::Apply(cm)) => {
+                let k = key(&cm);
+                match entry(&cm, metrics) {
+                    Some(e) => {
+                        if let Err(error) = mapping.apply(&k, e) {
+                            metrics.sources_rejected.inc();
+                            tracing::warn!(configmap = %k, %error, "mapping ConfigMap ignored");
+                        }
+                    }
+                    // An invalid update keeps nothing of the ConfigMap: its old claims would
+                    // otherwise outlive what the operator now says.
+                    None => mapping.delete(&k),
+                }
+            }
+            Ok(Event::Delete(cm)) => mapping.delete(&key(&cm)),
+            Err(error) => {
+                let text = error.to_string();
+                if last_error.as_deref() == Some(text.as_str()) {
+                    tracing::debug!(%error, "ConfigMap watch still failing");
+                } else {
+                    tracing::warn!(%error, "ConfigMap watch failed; retrying with backoff");
+                    last_error = Some(text);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use k8s::mock;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn cm(ns: &str, name: &str, base: &str, adapters: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": "1",
+                         "labels": {"inference.networking.k8s.io/bbr-managed": "true"}},
+            "data": {"baseModel": base, "adapters": adapters}
+        })
+    }
+
+    async fn until(mapping: &Mapping, model: &str, want: Option<&str>) {
+        for _ in 0..1_000 {
+            if mapping.lookup().base_model(model) == want {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{model} never mapped to {want:?}");
+    }
+
+    /// The real watcher against a scripted API server: the label selector is sent, the
+    /// listing syncs the mapping, then events change it.
+    #[tokio::test(start_paused = true)]
+    async fn watch_lists_then_follows_events() {
+        let (client, mut server) = mock::client("default");
+        let mapping = Mapping::new();
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(watch(
+            api(client, Some("default")),
+            mapping.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let path = "/api/v1/namespaces/default/configmaps";
+        let (req, send) = server.expect_get(path, false).await;
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        assert!(
+            query.contains("labelSelector=inference.networking.k8s.io%2Fbbr-managed%3Dtrue"),
+            "{query}"
+        );
+        mock::respond_list(
+            send,
+            vec![
+                cm("default", "llama", "llama", "- food-review\n"),
+                cm("default", "broken", "", "- x\n"),
+            ],
+        );
+        let (_, watch) = server.expect_watch(path).await;
+        let mut synced = mapping.synced();
+        synced.wait_for(|s| *s).await.unwrap();
+        assert_eq!(mapping.lookup().base_model("food-review"), Some("llama"));
+        assert_eq!(metrics.sources_rejected.get(), 1);
+
+        watch
+            .send("ADDED", cm("default", "qwen", "qwen", "[sql-lora]"))
+            .await;
+        until(&mapping, "sql-lora", Some("qwen")).await;
+        watch
+            .send("MODIFIED", cm("default", "llama", "llama", "[]"))
+            .await;
+        until(&mapping, "food-review", None).await;
+        assert_eq!(mapping.lookup().base_model("llama"), Some("llama"));
+        watch
+            .send("DELETED", cm("default", "qwen", "qwen", "[sql-lora]"))
+            .await;
+        until(&mapping, "qwen", None).await;
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,229 @@
+//! `bbr`: Switchyard's body-based router.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result, bail};
+use bbr::args::Args;
+use bbr::file::MappingFileSource;
+use bbr::mapping::Mapping;
+use bbr::server::{self, Listeners, MappingSource, Settings};
+use bbr::stream::Options;
+use clap::Parser;
+use epp::admin::AdminAuth;
+use epp::telemetry::{self, TelemetryOptions};
+use epp::tls::ServerTls;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bbr: starting the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let _telemetry = {
+        let _entered = runtime.enter();
+        match telemetry::init(&TelemetryOptions {
+            encoder: args.zap_encoder.clone(),
+            filter: args.log_filter(),
+            // Request spans are the EPP's; the router exports none.
+            tracing: false,
+        }) {
+            Ok(guard) => guard,
+            Err(e) => {
+                eprintln!("bbr: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "bbr failed");
+            eprintln!("bbr: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// `--mapping-file-poll-interval` when not given.
+const MAPPING_FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Validates everything, binds the ports, and serves until SIGTERM/SIGINT.
+async fn run(args: Args) -> Result<()> {
+    let Args {
+        grpc_port,
+        grpc_health_port,
+        metrics_port,
+        bind_address,
+        streaming,
+        secure_serving,
+        cert_path,
+        mapping_file,
+        mapping_file_poll_interval,
+        configmap_namespace,
+        max_request_body_bytes,
+        metrics_endpoint_auth,
+        metrics_bearer_token_file,
+        drain_grace_period,
+        // Read by main() before the runtime starts.
+        verbosity: _,
+        zap_encoder: _,
+    } = args;
+    // Port 0 (the OS chooses) may repeat; a fixed port may not.
+    let fixed: Vec<u16> = [grpc_port, grpc_health_port, metrics_port]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect();
+    if fixed
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        < fixed.len()
+    {
+        bail!(
+            "--grpc-port ({grpc_port}), --grpc-health-port ({grpc_health_port}) and \
+             --metrics-port ({metrics_port}) must all differ"
+        );
+    }
+    if cert_path.is_some() && !secure_serving {
+        bail!(
+            "--cert-path is the ext_proc port's TLS certificate: --secure-serving=false serves no TLS"
+        );
+    }
+    let token = match &metrics_bearer_token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --metrics-bearer-token-file {}", path.display()))?
+                .trim()
+                .to_owned();
+            if t.is_empty() {
+                bail!("--metrics-bearer-token-file holds no token");
+            }
+            if !metrics_endpoint_auth {
+                bail!(
+                    "a metrics bearer token is set but --metrics-endpoint-auth=false leaves /metrics open: drop one"
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let mapping = Mapping::new();
+    let mut client = None;
+    let source = match mapping_file {
+        Some(path) => {
+            if configmap_namespace.is_some() {
+                bail!(
+                    "--configmap-namespace is Kubernetes mode: it cannot be combined with --mapping-file"
+                );
+            }
+            // The first read must succeed: a router that starts without its mapping would
+            // send every adapter to no route.
+            MappingFileSource::new(&path)
+                .poll(&mapping)
+                .await
+                .context("reading --mapping-file")?;
+            MappingSource::File {
+                path,
+                poll_interval: mapping_file_poll_interval.unwrap_or(MAPPING_FILE_POLL_INTERVAL),
+            }
+        }
+        None => {
+            if mapping_file_poll_interval.is_some() {
+                bail!(
+                    "--mapping-file-poll-interval is how often --mapping-file is read: add --mapping-file"
+                );
+            }
+            let namespace = configmap_namespace
+                .or_else(|| std::env::var("NAMESPACE").ok())
+                .filter(|ns| !ns.is_empty());
+            let c = k8s::client()
+                .await
+                .context("Kubernetes mode (no --mapping-file): connecting to the API server")?;
+            client = Some(c.clone());
+            MappingSource::Kubernetes(Box::new(bbr::kube::api(c, namespace.as_deref())))
+        }
+    };
+    let admin_auth = match (metrics_endpoint_auth, token, client) {
+        (false, _, _) => AdminAuth::Open,
+        (true, Some(token), _) => AdminAuth::Token(token.into()),
+        (true, None, Some(client)) => {
+            AdminAuth::Kubernetes(k8s::auth::MetricsAuthorizer::new(client))
+        }
+        (true, None, None) => bail!(
+            "--metrics-endpoint-auth (default true) needs --metrics-bearer-token-file in file \
+             mode; or pass --metrics-endpoint-auth=false to leave /metrics open"
+        ),
+    };
+    let tls = if secure_serving {
+        Some(match cert_path {
+            Some(dir) => ServerTls::from_dir(&dir, None)
+                .with_context(|| format!("loading --cert-path {}", dir.display()))?,
+            None => ServerTls::self_signed().context("generating the self-signed certificate")?,
+        })
+    } else {
+        None
+    };
+    let bind = |port: u16| SocketAddr::new(bind_address, port);
+    let listeners = Listeners {
+        grpc: TcpListener::bind(bind(grpc_port))
+            .await
+            .with_context(|| format!("binding --grpc-port {grpc_port}"))?,
+        health: TcpListener::bind(bind(grpc_health_port))
+            .await
+            .with_context(|| format!("binding --grpc-health-port {grpc_health_port}"))?,
+        metrics: TcpListener::bind(bind(metrics_port))
+            .await
+            .with_context(|| format!("binding --metrics-port {metrics_port}"))?,
+    };
+    tracing::info!(
+        grpc = %listeners.grpc.local_addr()?,
+        health = %listeners.health.local_addr()?,
+        metrics = %listeners.metrics.local_addr()?,
+        tls = secure_serving,
+        streaming,
+        source = ?source,
+        "switchyard bbr starting"
+    );
+    let settings = Settings {
+        options: Options {
+            streaming,
+            max_request_body_bytes,
+        },
+        mapping,
+        source,
+        tls,
+        admin_auth,
+        drain_grace: drain_grace_period,
+    };
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    let served = server::serve(settings, listeners, shutdown).await;
+    signals.abort();
+    served.map_err(anyhow::Error::from)?;
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) and SIGINT (a terminal) both start a graceful drain.
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,314 @@
+//! The router's Prometheus metrics: upstream BBR's names (`bbr_*`), plus per-model counts and
+//! the mapping's size.
+//!
+//! Model names come from request bodies: a label per distinct name would let a client grow
+//! `/metrics` without limit. The `model` label therefore takes a name of its own only when the
+//! mapping knows it (up to [`MAX_KNOWN_MODELS`]) or, for other names, for the first
+//! [`MAX_UNKNOWN_MODELS`] seen; every other name is counted as [`OVERFLOW_LABEL`], as the
+//! EPP's labels do (`epp::labels`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use epp::supervisor::TaskExitLabels;
+
+use crate::mapping::Lookup;
+
+/// The label value of every model name past the budget.
+pub const OVERFLOW_LABEL: &str = "other";
+/// Most names the mapping knows that get a label of their own.
+pub const MAX_KNOWN_MODELS: usize = 1_000;
+/// Most names the mapping does not know that get a label of their own.
+pub const MAX_UNKNOWN_MODELS: usize = 20;
+/// The `base_model` label of a model the mapping does not know.
+pub const UNKNOWN_BASE: &str = "";
+
+/// `field` of the body-field counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FieldLabels {
+    /// The body field (always `model`).
+    pub field: &'static str,
+}
+
+/// `model, base_model` of the per-model counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// The requested model (bounded, see the module's documentation).
+    pub model: Arc<str>,
+    /// Its base model from the mapping (empty when unknown).
+    pub base_model: Arc<str>,
+}
+
+/// `code` of refused requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    /// The HTTP status.
+    pub code: u16,
+}
+
+/// `extension_point, plugin_type, plugin_name` of the processing histogram (upstream's
+/// labels; the router's one step is reported as upstream's two default plugins would be).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// `request`.
+    pub extension_point: &'static str,
+    /// The plugin type.
+    pub plugin_type: &'static str,
+    /// The plugin name.
+    pub plugin_name: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct Budget {
+    names: HashMap<String, Arc<str>>,
+    known: usize,
+    unknown: usize,
+}
+
+/// Every metric of the router.
+#[derive(Debug)]
+pub struct Metrics {
+    success: Counter,
+    not_found: Family<FieldLabels, Counter>,
+    by_model: Family<ModelLabels, Counter>,
+    refused: Family<CodeLabels, Counter>,
+    duration: Family<PluginLabels, Histogram>,
+    /// Base models in the mapping.
+    pub base_models: Gauge,
+    /// Adapters in the mapping.
+    pub adapters: Gauge,
+    /// Mapping sources (ConfigMaps, file reads) rejected as invalid.
+    pub sources_rejected: Counter,
+    /// Open ext_proc streams.
+    pub streams_inflight: Gauge,
+    /// Supervised tasks that ended unexpectedly.
+    pub task_exits: Family<TaskExitLabels, Counter>,
+    budget: Mutex<Budget>,
+    overflow: Arc<str>,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            success: Counter::default(),
+            not_found: Family::default(),
+            by_model: Family::default(),
+            refused: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            base_models: Gauge::default(),
+            adapters: Gauge::default(),
+            sources_rejected: Counter::default(),
+            streams_inflight: Gauge::default(),
+            task_exits: Family::default(),
+            budget: Mutex::new(Budget::default()),
+            overflow: Arc::from(OVERFLOW_LABEL),
+        }
+    }
+}
+
+/// Every family this module registers (names as exposed, without `_total`), checked against
+/// the registry by a test.
+pub const FAMILIES: [&str; 10] = [
+    "bbr_success",
+    "bbr_body_field_not_found",
+    "bbr_requests_by_model",
+    "bbr_requests_refused",
+    "bbr_plugin_duration_seconds",
+    "bbr_mapping_base_models",
+    "bbr_mapping_adapters",
+    "bbr_mapping_sources_rejected",
+    "bbr_extproc_streams_inflight",
+    "bbr_task_exits",
+];
+
+impl Metrics {
+    /// Registers every family under `bbr_` in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("bbr");
+        r.register(
+            "success",
+            "Requests whose body was read and whose model headers were set",
+            self.success.clone(),
+        );
+        r.register(
+            "body_field_not_found",
+            "Request bodies without the field (no model headers set)",
+            self.not_found.clone(),
+        );
+        r.register(
+            "requests_by_model",
+            "Requests by model and the base model it mapped to (bounded labels)",
+            self.by_model.clone(),
+        );
+        r.register(
+            "requests_refused",
+            "Requests refused by the router (400 bad body, 413 too large)",
+            self.refused.clone(),
+        );
+        r.register(
+            "plugin_duration_seconds",
+            "Time to read the model from the body and map it, in seconds",
+            self.duration.clone(),
+        );
+        r.register(
+            "mapping_base_models",
+            "Base models in the adapter mapping",
+            self.base_models.clone(),
+        );
+        r.register(
+            "mapping_adapters",
+            "LoRA adapters in the adapter mapping",
+            self.adapters.clone(),
+        );
+        r.register(
+            "mapping_sources_rejected",
+            "Mapping ConfigMaps or file reads rejected as invalid",
+            self.sources_rejected.clone(),
+        );
+        r.register(
+            "extproc_streams_inflight",
+            "Open ext_proc streams",
+            self.streams_inflight.clone(),
+        );
+        r.register(
+            "task_exits",
+            "Supervised tasks that ended unexpectedly, by task and reason",
+            self.task_exits.clone(),
+        );
+    }
+
+    /// Requests whose model headers were set.
+    pub fn success_total(&self) -> u64 {
+        self.success.get()
+    }
+
+    /// The bounded label of `model`.
+    pub fn model_label(&self, lookup: &Lookup, model: &str) -> Arc<str> {
+        let mut budget = self.budget.lock();
+        if let Some(l) = budget.names.get(model) {
+            return l.clone();
+        }
+        let known = lookup.is_known(model);
+        let room = if known {
+            budget.known < MAX_KNOWN_MODELS
+        } else {
+            budget.unknown < MAX_UNKNOWN_MODELS
+        };
+        if !room {
+            return self.overflow.clone();
+        }
+        if known {
+            budget.known += 1;
+        } else {
+            budget.unknown += 1;
+        }
+        let label: Arc<str> = Arc::from(model);
+        budget.names.insert(model.to_owned(), label.clone());
+        label
+    }
+
+    /// A request whose model headers were set.
+    pub fn routed(&self, lookup: &Lookup, model: &str, base: Option<&str>) {
+        self.success.inc();
+        let model = self.model_label(lookup, model);
+        // A base model comes from the mapping, which is bounded; an unknown one is empty.
+        let base_model = Arc::from(base.unwrap_or(UNKNOWN_BASE));
+        self.by_model
+            .get_or_create(&ModelLabels { model, base_model })
+            .inc();
+    }
+
+    /// A request without a model.
+    pub fn no_model(&self) {
+        self.not_found
+            .get_or_create(&FieldLabels { field: "model" })
+            .inc();
+    }
+
+    /// A request refused with `code`.
+    pub fn refused(&self, code: u16) {
+        self.refused.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    /// The time spent reading and mapping one body.
+    pub fn observe_processing(&self, d: Duration) {
+        self.duration
+            .get_or_create(&PluginLabels {
+                extension_point: "request",
+                plugin_type: "base-model-to-header",
+                plugin_name: "base-model-to-header",
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    /// Publishes the mapping's size.
+    pub fn mapping_size(&self, lookup: &Lookup) {
+        self.base_models
+            .set(i64::try_from(lookup.base_models()).unwrap_or(i64::MAX));
+        self.adapters
+            .set(i64::try_from(lookup.adapters()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::mapping::{Entry, Mapping};
+
+    #[test]
+    fn client_model_names_cannot_grow_the_label_set() {
+        let m = Metrics::default();
+        let mapping = Mapping::new();
+        mapping
+            .apply("a", Entry::new(Some("llama"), ["food"]).unwrap())
+            .unwrap();
+        let lookup = mapping.lookup();
+        for i in 0..10_000 {
+            m.routed(&lookup, &format!("random-{i}"), None);
+        }
+        m.routed(&lookup, "food", Some("llama"));
+        // Families without a series are not exposed; give each one.
+        m.no_model();
+        m.refused(400);
+        m.observe_processing(Duration::from_micros(10));
+        m.task_exits
+            .get_or_create(&TaskExitLabels {
+                task: "watch-configmaps",
+                reason: "returned",
+            })
+            .inc();
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("bbr_requests_by_model_total{"))
+            .count();
+        assert_eq!(series, MAX_UNKNOWN_MODELS + 2, "{text}");
+        assert!(text.contains(r#"model="other""#));
+        assert!(text.contains(r#"model="food",base_model="llama""#));
+        for family in FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family} missing"
+            );
+        }
+    }
+}

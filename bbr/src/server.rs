@@ -1,0 +1,280 @@
+//! Wiring: the mapping's source, the ext_proc server, gRPC health, `/metrics`, all under one
+//! supervisor (shared with the EPP, `epp::supervisor`).
+//!
+//! Readiness: SERVING once the mapping has synced (the first listing of the ConfigMaps, or the
+//! first read of the file) and while no task readiness depends on is down: a dead ConfigMap
+//! watch would leave the router answering from a mapping nobody updates.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use epp::admin::{self, AdminAuth, AdminState};
+use epp::health;
+use epp::server::{
+    HTTP2_CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS_PER_CONNECTION, MAX_GRPC_MESSAGE, tls_incoming,
+};
+use epp::supervisor::{OnExit, Supervisor, factory};
+use epp::tls::ServerTls;
+use ext_proc::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
+use k8s_openapi::api::core::v1::ConfigMap;
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::file::MappingFileSource;
+use crate::mapping::Mapping;
+use crate::metrics::Metrics;
+use crate::service::BbrService;
+use crate::stream::{Context, Options};
+
+/// Where the mapping comes from.
+pub enum MappingSource {
+    /// Watch the managed ConfigMaps.
+    Kubernetes(Box<kube::Api<ConfigMap>>),
+    /// Poll a file (read once at start-up, before the ports are bound).
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// How often it is read.
+        poll_interval: Duration,
+    },
+    /// Nothing updates the mapping (tests; it must be synced already).
+    Static,
+}
+
+impl std::fmt::Debug for MappingSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MappingSource::Kubernetes(_) => f.write_str("Kubernetes"),
+            MappingSource::File { path, .. } => f.debug_tuple("File").field(path).finish(),
+            MappingSource::Static => f.write_str("Static"),
+        }
+    }
+}
+
+/// Everything [`serve`] needs besides its listeners.
+#[derive(Debug)]
+pub struct Settings {
+    /// The ext_proc options.
+    pub options: Options,
+    /// The mapping (shared with its source).
+    pub mapping: Arc<Mapping>,
+    /// What keeps it current.
+    pub source: MappingSource,
+    /// TLS on the ext_proc port (`None`: plaintext h2c).
+    pub tls: Option<ServerTls>,
+    /// Who may read `/metrics`.
+    pub admin_auth: AdminAuth,
+    /// How long open streams get to finish after SIGTERM.
+    pub drain_grace: Duration,
+}
+
+/// The bound ports.
+#[derive(Debug)]
+pub struct Listeners {
+    /// ext_proc.
+    pub grpc: TcpListener,
+    /// gRPC health.
+    pub health: TcpListener,
+    /// `/metrics`.
+    pub metrics: TcpListener,
+}
+
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("gRPC server")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The ext_proc port's TLS could not be set up.
+    #[error("ext_proc TLS")]
+    Tls(#[from] epp::tls::TlsError),
+}
+
+/// Serves until `shutdown`, then drains.
+pub async fn serve(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let Settings {
+        options,
+        mapping,
+        source,
+        tls,
+        admin_auth,
+        drain_grace,
+    } = settings;
+    let acceptor = match &tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.server_config()?)),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let registry = {
+        let mut r = Registry::default();
+        metrics.register(&mut r);
+        Arc::new(Mutex::new(r))
+    };
+    let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
+    match source {
+        MappingSource::Kubernetes(api) => {
+            let (mapping, metrics) = (mapping.clone(), metrics.clone());
+            // A dead watch leaves the mapping stale: not ready until it runs again.
+            tasks.spawn(
+                "watch-configmaps",
+                OnExit::Degrade,
+                factory(move |token| {
+                    crate::kube::watch((*api).clone(), mapping.clone(), metrics.clone(), token)
+                }),
+            );
+        }
+        MappingSource::File {
+            path,
+            poll_interval,
+        } => {
+            let (mapping, metrics) = (mapping.clone(), metrics.clone());
+            // Each run reads the file afresh; applying unchanged contents changes nothing.
+            tasks.spawn(
+                "mapping-file",
+                OnExit::Degrade,
+                factory(move |token| {
+                    MappingFileSource::new(&path).run(
+                        poll_interval,
+                        mapping.clone(),
+                        metrics.clone(),
+                        token,
+                    )
+                }),
+            );
+        }
+        MappingSource::Static => {}
+    }
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::init(&reporter).await;
+    tasks.adopt(
+        "readiness",
+        OnExit::Shutdown,
+        tokio::spawn(follow_readiness(
+            reporter.clone(),
+            mapping.synced(),
+            tasks.down(),
+            shutdown.clone(),
+        )),
+    );
+    {
+        let token = shutdown.clone();
+        let incoming = TcpListenerStream::new(listeners.health);
+        let svc = health_service.clone();
+        let server = tokio::spawn(async move {
+            let served = Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, token.cancelled())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "health server failed");
+            }
+        });
+        tasks.adopt("health-server", OnExit::Shutdown, server);
+    }
+    {
+        let token = shutdown.clone();
+        let (m, map) = (metrics.clone(), mapping.clone());
+        let state = AdminState {
+            registry,
+            auth: admin_auth,
+            refresh: Some(admin::Refresh(Arc::new(move || {
+                m.mapping_size(&map.lookup())
+            }))),
+            debug: None,
+            pprof: None,
+        };
+        let listener = listeners.metrics;
+        let server = tokio::spawn(async move {
+            let served = axum::serve(listener, admin::router(state))
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "metrics server failed");
+            }
+        });
+        tasks.adopt("metrics-server", OnExit::Shutdown, server);
+    }
+    let supervisor = tokio::spawn(tasks.run());
+
+    let ctx = Arc::new(Context {
+        mapping,
+        metrics,
+        options,
+    });
+    let svc = ExternalProcessorServer::new(BbrService::new(ctx))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE);
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS_PER_CONNECTION)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .add_service(svc);
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let token = shutdown.clone();
+    let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match acceptor {
+            Some(acceptor) => Box::pin(router.serve_with_incoming_shutdown(
+                tls_incoming(incoming, acceptor),
+                token.cancelled_owned(),
+            )),
+            None => {
+                Box::pin(router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()))
+            }
+        };
+    tokio::pin!(grpc);
+    let result = tokio::select! {
+        r = &mut grpc => r.map_err(ServeError::from),
+        _ = shutdown.cancelled() => {
+            match tokio::time::timeout(drain_grace, &mut grpc).await {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!("drain grace period elapsed; closing remaining streams");
+                    Ok(())
+                }
+            }
+        }
+    };
+    shutdown.cancel();
+    if let Err(error) = supervisor.await {
+        tracing::error!(%error, "the supervisor failed");
+    }
+    result
+}
+
+/// Keeps readiness at "mapping synced and no degrading task down" until shutdown.
+async fn follow_readiness(
+    reporter: tonic_health::server::HealthReporter,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    mut down: tokio::sync::watch::Receiver<BTreeSet<&'static str>>,
+    token: CancellationToken,
+) {
+    let mut ready = false;
+    loop {
+        let is_synced = *synced.borrow_and_update();
+        let tasks_down: Vec<&'static str> = down.borrow_and_update().iter().copied().collect();
+        let now = is_synced && tasks_down.is_empty();
+        if now != ready {
+            ready = now;
+            health::set_ready(&reporter, ready).await;
+            tracing::info!(ready, synced = is_synced, ?tasks_down, "readiness changed");
+        }
+        tokio::select! {
+            _ = token.cancelled() => break,
+            r = synced.changed() => if r.is_err() { break },
+            r = down.changed() => if r.is_err() { break },
+        }
+    }
+    health::set_ready(&reporter, false).await;
+}

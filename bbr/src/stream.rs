@@ -1,0 +1,556 @@
+//! One ext_proc stream of the body-based router: one HTTP request.
+//!
+//! With `--streaming` (FULL_DUPLEX_STREAMED, what the shipped configs use) the request
+//! headers are held until the body has arrived; at its end the router answers with one headers
+//! response (the model headers set, client copies removed, `Content-Length`,
+//! `clear_route_cache` so that Envoy matches the route again on the new headers) followed by
+//! the body, byte for byte, as `streamed_response` chunks of at most 62,000 bytes. Without it
+//! (BUFFERED), the headers are answered at once and the buffered body's answer carries the
+//! header mutation. A request without a body is answered at once, its client copies of the
+//! model headers removed. The response passes through untouched.
+//!
+//! Bad bodies get an `ImmediateResponse` in the EPP's format (`inference error: BadRequest -
+//! …`), their client input escaped and truncated by `ext_proc::untrusted`. A body without a
+//! `model` passes through without model headers, as upstream's: such a request matches no
+//! model's route.
+//!
+//! Pure with respect to I/O: [`BbrStream::on_message`] takes one message and returns the
+//! answers, so every case is tested without a server.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use ext_proc::envoy::ext_proc::{
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody, HttpHeaders,
+    ProcessingRequest, ProcessingResponse, processing_request, processing_response,
+};
+use ext_proc::envoy::{self, Direction};
+use ext_proc::openai::{self, BodyError};
+use ext_proc::protocol::{BASE_MODEL_NAME, MODEL_NAME};
+use ext_proc::untrusted::Untrusted;
+use tokio::time::Instant;
+
+use crate::mapping::Mapping;
+use crate::metrics::Metrics;
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `--streaming`: FULL_DUPLEX_STREAMED bodies (else BUFFERED).
+    pub streaming: bool,
+    /// `--max-request-body-bytes`: a larger body is refused with 413.
+    pub max_request_body_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            streaming: true,
+            max_request_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// What every stream shares.
+#[derive(Debug)]
+pub struct Context {
+    /// Adapter → base model.
+    pub mapping: Arc<Mapping>,
+    /// Where outcomes are counted.
+    pub metrics: Arc<Metrics>,
+    /// Settings.
+    pub options: Options,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for request headers.
+    Start,
+    /// Headers seen, body arriving.
+    Body,
+    /// The request was answered; the response passes through.
+    Answered,
+}
+
+/// Why the router answered a request itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A body that is not a valid request: 400.
+    #[error(transparent)]
+    BadBody(#[from] BodyError),
+    /// A body over `--max-request-body-bytes`: 413.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl Refusal {
+    /// HTTP status and the error-code name of the EPP's error bodies.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            Refusal::BadBody(_) => (400, "BadRequest"),
+            Refusal::TooLarge { .. } => (413, "PayloadTooLarge"),
+        }
+    }
+
+    fn to_response(&self) -> ProcessingResponse {
+        let (status, code) = self.status();
+        envoy::immediate_response(status, format!("inference error: {code} - {self}"), &[])
+    }
+}
+
+/// The per-stream state machine.
+#[derive(Debug)]
+pub struct BbrStream {
+    ctx: Arc<Context>,
+    phase: Phase,
+    done: bool,
+    headers: Vec<(String, String)>,
+    body: BytesMut,
+}
+
+impl BbrStream {
+    /// A fresh stream.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            phase: Phase::Start,
+            done: false,
+            headers: Vec::new(),
+            body: BytesMut::new(),
+        }
+    }
+
+    /// True once an immediate response ended the exchange: later messages get no answer.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The client's copies of the model headers: always removed, whatever the body says.
+    fn client_copies(&self) -> Vec<String> {
+        let mut remove: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| *k == MODEL_NAME || *k == BASE_MODEL_NAME)
+            .cloned()
+            .collect();
+        remove.dedup();
+        remove
+    }
+
+    /// Handles one message; returns the answers to send, in order.
+    pub fn on_message(&mut self, message: ProcessingRequest) -> Vec<ProcessingResponse> {
+        if self.done {
+            return Vec::new();
+        }
+        use processing_request::Request as R;
+        match message.request {
+            Some(R::RequestHeaders(h)) => self.on_request_headers(h),
+            Some(R::RequestBody(b)) => self.on_request_body(b),
+            Some(R::RequestTrailers(_)) => {
+                let mut out = Vec::new();
+                if self.phase == Phase::Body {
+                    // Trailers end the body: it is answered before them.
+                    let body = std::mem::take(&mut self.body).freeze();
+                    out = self.finish(body, false);
+                }
+                if !self.done {
+                    out.push(envoy::trailers_response(Direction::Request));
+                }
+                out
+            }
+            Some(R::ResponseHeaders(_)) => vec![envoy::response_headers_response(Vec::new())],
+            Some(R::ResponseBody(b)) => vec![self.pass_body(Direction::Response, b)],
+            Some(R::ResponseTrailers(_)) => vec![envoy::trailers_response(Direction::Response)],
+            None => Vec::new(),
+        }
+    }
+
+    fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+        self.headers = envoy::headers(h.headers.as_ref());
+        if h.end_of_stream {
+            // No body, no model: nothing to set, but a client's copies must not reach route
+            // matching.
+            self.phase = Phase::Answered;
+            self.ctx.metrics.no_model();
+            return vec![headers_answer(Vec::new(), self.client_copies())];
+        }
+        self.phase = Phase::Body;
+        let expected = self
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(self.ctx.options.max_request_body_bytes);
+        self.body = BytesMut::with_capacity(expected);
+        if self.ctx.options.streaming {
+            // Answered with the body, when the model is known.
+            return Vec::new();
+        }
+        // BUFFERED: the headers go on now; the body's answer carries the mutation.
+        vec![headers_answer(Vec::new(), self.client_copies())]
+    }
+
+    fn pass_body(&self, direction: Direction, b: HttpBody) -> ProcessingResponse {
+        if self.ctx.options.streaming {
+            envoy::body_chunk(direction, Bytes::from(b.body), b.end_of_stream)
+        } else {
+            let body = BodyResponse::default();
+            ProcessingResponse {
+                response: Some(match direction {
+                    Direction::Request => processing_response::Response::RequestBody(body),
+                    Direction::Response => processing_response::Response::ResponseBody(body),
+                }),
+                ..Default::default()
+            }
+        }
+    }
+
+    fn on_request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+        if self.phase != Phase::Body {
+            // After the answer (or before any headers, which Envoy never does): pass it on.
+            return vec![self.pass_body(Direction::Request, b)];
+        }
+        let limit = self.ctx.options.max_request_body_bytes;
+        if self.body.len() + b.body.len() > limit {
+            return self.refuse(Refusal::TooLarge { limit });
+        }
+        let end = b.end_of_stream || b.end_of_stream_without_message;
+        if self.body.is_empty() && end {
+            // The whole body in one message: no copy.
+            return self.finish(Bytes::from(b.body), true);
+        }
+        self.body.extend_from_slice(&b.body);
+        if end {
+            let body = std::mem::take(&mut self.body).freeze();
+            return self.finish(body, true);
+        }
+        if !self.ctx.options.streaming {
+            // BUFFERED sends one message with the whole body; anything else is answered as it
+            // comes so that Envoy is never left waiting.
+            return vec![self.pass_body(Direction::Request, HttpBody::default())];
+        }
+        Vec::new()
+    }
+
+    fn refuse(&mut self, refusal: Refusal) -> Vec<ProcessingResponse> {
+        self.done = true;
+        self.phase = Phase::Answered;
+        self.body = BytesMut::new();
+        tracing::info!(error = %refusal, "request refused");
+        self.ctx.metrics.refused(refusal.status().0);
+        vec![refusal.to_response()]
+    }
+
+    fn finish(&mut self, body: Bytes, end_of_stream: bool) -> Vec<ProcessingResponse> {
+        self.phase = Phase::Answered;
+        let started = Instant::now();
+        let api = openai::api_for_path(self.header(":path").unwrap_or("/v1/completions"));
+        let mut set = Vec::new();
+        match openai::parse_body(api, &body) {
+            Ok(parsed) => {
+                let lookup = self.ctx.mapping.lookup();
+                let base = lookup.base_model(&parsed.model);
+                tracing::debug!(
+                    model = %Untrusted(&parsed.model),
+                    base_model = ?base.map(Untrusted),
+                    "model headers set"
+                );
+                set.push(envoy::set_header(MODEL_NAME, &parsed.model));
+                // An unknown model gets no base-model header: no route matches it, and the
+                // gateway answers 404 (upstream sets it empty, which matches nothing either).
+                if let Some(base) = base {
+                    set.push(envoy::set_header(BASE_MODEL_NAME, base));
+                }
+                self.ctx.metrics.routed(&lookup, &parsed.model, base);
+            }
+            Err(BodyError::MissingModel) => {
+                tracing::debug!("no model in the body; no model headers");
+                self.ctx.metrics.no_model();
+            }
+            Err(e) => return self.refuse(Refusal::BadBody(e)),
+        }
+        self.ctx.metrics.observe_processing(started.elapsed());
+        let remove = self.client_copies();
+        if !self.ctx.options.streaming {
+            let mutation = HeaderMutation {
+                set_headers: set,
+                remove_headers: remove,
+            };
+            return vec![ProcessingResponse {
+                response: Some(processing_response::Response::RequestBody(BodyResponse {
+                    response: Some(CommonResponse {
+                        header_mutation: Some(mutation),
+                        clear_route_cache: true,
+                        ..Default::default()
+                    }),
+                })),
+                ..Default::default()
+            }];
+        }
+        if !body.is_empty() {
+            set.push(envoy::set_header("content-length", &body.len().to_string()));
+        }
+        let mut out = vec![headers_answer(set, remove)];
+        out.extend(envoy::body_chunks(Direction::Request, body, end_of_stream));
+        out
+    }
+}
+
+/// A request-headers answer that sets and removes headers and clears the route cache.
+fn headers_answer(set: Vec<envoy::HeaderValueOption>, remove: Vec<String>) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(
+            HeadersResponse {
+                response: Some(CommonResponse {
+                    header_mutation: Some(HeaderMutation {
+                        set_headers: set,
+                        remove_headers: remove,
+                    }),
+                    clear_route_cache: true,
+                    ..Default::default()
+                }),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use ext_proc::test_util::{
+        immediate, req_body, req_headers, resp_body, resp_headers, routing_answer, streamed_body,
+    };
+
+    use super::*;
+    use crate::mapping::Entry;
+
+    fn ctx(streaming: bool) -> Arc<Context> {
+        let mapping = Mapping::new();
+        mapping.reset([
+            (
+                "ns/llama".to_owned(),
+                Entry::new(Some("llama"), ["food-review"]).unwrap(),
+            ),
+            ("ns/qwen".to_owned(), Entry::new(Some("qwen"), []).unwrap()),
+        ]);
+        Arc::new(Context {
+            mapping,
+            metrics: Arc::new(Metrics::default()),
+            options: Options {
+                streaming,
+                max_request_body_bytes: 1 << 20,
+            },
+        })
+    }
+
+    const CHAT: &str = "/v1/chat/completions";
+
+    fn headers(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut h = vec![
+            (":method", "POST"),
+            (":path", CHAT),
+            ("content-type", "application/json"),
+        ];
+        h.extend_from_slice(extra);
+        h
+    }
+
+    fn chat(model: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "model": model, "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn adapter_gets_both_headers_body_untouched_route_cache_cleared() {
+        let c = ctx(true);
+        let mut s = BbrStream::new(c.clone());
+        assert!(
+            s.on_message(req_headers(
+                &headers(&[
+                    ("x-gateway-model-name", "spoofed"),
+                    ("x-gateway-base-model-name", "qwen")
+                ]),
+                false,
+                None
+            ))
+            .is_empty(),
+            "headers wait for the body"
+        );
+        let body = chat("food-review");
+        let (a, b) = body.split_at(10);
+        assert!(s.on_message(req_body(a, false)).is_empty());
+        let out = s.on_message(req_body(b, true));
+        assert_eq!(out.len(), 2);
+        let answer = routing_answer(&out[0]);
+        assert!(answer.clear_route_cache);
+        assert_eq!(answer.header(MODEL_NAME), Some("food-review"));
+        assert_eq!(answer.header(BASE_MODEL_NAME), Some("llama"));
+        assert_eq!(
+            answer.header("content-length"),
+            Some(body.len().to_string().as_str())
+        );
+        assert_eq!(answer.remove, [MODEL_NAME, BASE_MODEL_NAME]);
+        assert_eq!(streamed_body(&out[1]), (body, true));
+        // The response passes through.
+        let out = s.on_message(resp_headers(&[(":status", "200")], false, None));
+        assert_eq!(out.len(), 1);
+        let out = s.on_message(resp_body(b"data: x\n\n", true));
+        assert_eq!(streamed_body(&out[0]), (b"data: x\n\n".to_vec(), true));
+        assert_eq!(c.metrics.success_total(), 1);
+    }
+
+    #[test]
+    fn base_model_maps_to_itself_and_unknown_gets_no_base_header() {
+        let mut s = BbrStream::new(ctx(true));
+        s.on_message(req_headers(&headers(&[]), false, None));
+        let out = s.on_message(req_body(&chat("qwen"), true));
+        assert_eq!(
+            routing_answer(&out[0]).header(BASE_MODEL_NAME),
+            Some("qwen")
+        );
+        let mut s = BbrStream::new(ctx(true));
+        s.on_message(req_headers(
+            &headers(&[("x-gateway-base-model-name", "llama")]),
+            false,
+            None,
+        ));
+        let out = s.on_message(req_body(&chat("gpt-5"), true));
+        let answer = routing_answer(&out[0]);
+        assert_eq!(answer.header(MODEL_NAME), Some("gpt-5"));
+        assert_eq!(answer.header(BASE_MODEL_NAME), None);
+        assert_eq!(answer.remove, [BASE_MODEL_NAME]);
+    }
+
+    #[test]
+    fn large_bodies_are_rechunked_and_over_the_limit_refused() {
+        let mut s = BbrStream::new(ctx(true));
+        s.on_message(req_headers(&headers(&[]), false, None));
+        let prompt = "a".repeat(200_000);
+        let big = serde_json::to_vec(&serde_json::json!({
+            "model": "food-review", "messages": [{"role": "user", "content": prompt}]
+        }))
+        .unwrap();
+        for chunk in big.chunks(30_000) {
+            assert!(s.on_message(req_body(chunk, false)).is_empty());
+        }
+        let out = s.on_message(req_body(b"", true));
+        let echoed: Vec<u8> = out[1..].iter().flat_map(|r| streamed_body(r).0).collect();
+        assert_eq!(echoed, big);
+        assert!(out[1..].iter().all(|r| streamed_body(r).0.len() <= 62_000));
+        assert!(streamed_body(out.last().unwrap()).1);
+
+        let mut s = BbrStream::new(ctx(true));
+        s.on_message(req_headers(&headers(&[]), false, None));
+        let out = s.on_message(req_body(&vec![b' '; (1 << 20) + 1], false));
+        assert_eq!(immediate(&out[0]).0, 413);
+        assert!(s.is_done());
+        assert!(s.on_message(req_body(b"x", true)).is_empty());
+    }
+
+    #[test]
+    fn bad_bodies_get_a_clear_escaped_400() {
+        for (body, needle) in [
+            (&b"{not json"[..], "invalid JSON body"),
+            (br#"{"model": 7, "messages": [{}]}"#, "must be a string"),
+            (
+                br#"{"model": "m\u001b[31m", "messages": [{}]}"#,
+                "control characters",
+            ),
+            (br#"{"model": "llama", "messages": "hi"}"#, "messages"),
+        ] {
+            let mut s = BbrStream::new(ctx(true));
+            s.on_message(req_headers(&headers(&[]), false, None));
+            let out = s.on_message(req_body(body, true));
+            let (status, text) = immediate(&out[0]);
+            assert_eq!(status, 400, "{text}");
+            assert!(text.starts_with("inference error: BadRequest - "), "{text}");
+            assert!(text.contains(needle), "{text}");
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+        }
+        // A megabyte of garbage comes back as at most a short excerpt.
+        let mut s = BbrStream::new(ctx(true));
+        s.on_message(req_headers(&headers(&[]), false, None));
+        let garbage = format!("{{\"model\": \"{}", "\n".repeat(100_000));
+        let (_, text) = immediate(&s.on_message(req_body(garbage.as_bytes(), true))[0]);
+        assert!(text.len() < 1_000, "{}", text.len());
+    }
+
+    #[test]
+    fn no_model_and_no_body_pass_without_model_headers() {
+        let mut s = BbrStream::new(ctx(true));
+        s.on_message(req_headers(
+            &headers(&[("x-gateway-model-name", "llama")]),
+            false,
+            None,
+        ));
+        let out = s.on_message(req_body(br#"{"messages": [{"role": "user"}]}"#, true));
+        let answer = routing_answer(&out[0]);
+        assert_eq!(answer.header(MODEL_NAME), None);
+        assert_eq!(answer.remove, [MODEL_NAME]);
+        let mut s = BbrStream::new(ctx(true));
+        let out = s.on_message(req_headers(
+            &[
+                (":method", "GET"),
+                (":path", "/v1/models"),
+                ("x-gateway-base-model-name", "q"),
+            ],
+            true,
+            None,
+        ));
+        let answer = routing_answer(&out[0]);
+        assert!(answer.set.is_empty());
+        assert_eq!(answer.remove, [BASE_MODEL_NAME]);
+    }
+
+    #[test]
+    fn trailers_end_the_body() {
+        let mut s = BbrStream::new(ctx(true));
+        s.on_message(req_headers(&headers(&[]), false, None));
+        s.on_message(req_body(&chat("llama"), false));
+        let out = s.on_message(ProcessingRequest {
+            request: Some(processing_request::Request::RequestTrailers(
+                Default::default(),
+            )),
+            ..Default::default()
+        });
+        assert_eq!(out.len(), 3);
+        assert_eq!(
+            routing_answer(&out[0]).header(BASE_MODEL_NAME),
+            Some("llama")
+        );
+        assert!(!streamed_body(&out[1]).1);
+    }
+
+    #[test]
+    fn buffered_mode_answers_headers_then_mutates_on_the_body() {
+        let mut s = BbrStream::new(ctx(false));
+        let out = s.on_message(req_headers(
+            &headers(&[("x-gateway-model-name", "x")]),
+            false,
+            None,
+        ));
+        assert_eq!(routing_answer(&out[0]).remove, [MODEL_NAME]);
+        let out = s.on_message(req_body(&chat("food-review"), true));
+        let Some(processing_response::Response::RequestBody(b)) = &out[0].response else {
+            panic!("{out:?}");
+        };
+        let common = b.response.as_ref().unwrap();
+        assert!(common.clear_route_cache);
+        assert!(common.body_mutation.is_none(), "the body is not touched");
+        let set = &common.header_mutation.as_ref().unwrap().set_headers;
+        assert_eq!(set.len(), 2);
+    }
+}

@@ -1,0 +1,53 @@
+//! The `bbr` binary refuses bad start-up input with exit code 2 and a message naming it,
+//! before binding any port.
+
+// Test support: a failed setup step should stop the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bbr"))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_start_up_input_is_refused_by_name() {
+    let (code, err) = run(&["--plugin", "body-field-to-header:x"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--plugin"), "{err}");
+
+    let (code, err) = run(&[
+        "--mapping-file",
+        "/nonexistent/mapping.yaml",
+        "--metrics-endpoint-auth=false",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("reading --mapping-file"), "{err}");
+
+    let (code, err) = run(&["--grpc-port", "9100", "--metrics-port", "9100"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("must all differ"), "{err}");
+
+    let (code, err) = run(&["--mapping-file-poll-interval", "2s"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("add --mapping-file"), "{err}");
+
+    // File mode with /metrics auth on needs a token.
+    let dir = std::env::temp_dir().join(format!("bbr-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("m.yaml");
+    std::fs::write(&path, "mappings: []\n").unwrap();
+    let (code, err) = run(&["--mapping-file", path.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--metrics-bearer-token-file"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,188 @@
+//! The engine's adapter API, as vLLM serves it: `GET /v1/models` (what is loaded),
+//! `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`, `GET /health`.
+//!
+//! Every call has a deadline and every body read is bounded: the engine is a neighbour, not
+//! trusted to answer well (a hung or restarting engine must not stall the syncer forever).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+
+use crate::config::Adapter;
+
+/// Deadline of one call (a load reads the adapter, which may take a while).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest response body read.
+const MAX_BODY: usize = 4 << 20;
+/// Most characters of an engine's error message kept for logs and metrics.
+const MAX_MESSAGE: usize = 200;
+
+/// A failed call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// No answer: refused, reset, timed out, unreadable.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// An answer with an error status.
+    #[error("engine answered {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The start of its body, escaped.
+        message: String,
+    },
+}
+
+impl EngineError {
+    /// True for an answer that says the request itself is wrong (4xx): retrying the same
+    /// request soon will not help, so it backs off to the longest delay sooner.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, EngineError::Status { status, .. } if (400..500).contains(status))
+    }
+}
+
+/// A vLLM-compatible engine at `host:port`.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+#[derive(Deserialize)]
+struct Models {
+    data: Vec<Model>,
+}
+
+#[derive(Deserialize)]
+struct Model {
+    id: String,
+}
+
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(body)
+        .chars()
+        .take(MAX_MESSAGE)
+        .flat_map(char::escape_debug)
+        .collect()
+}
+
+impl Engine {
+    /// The engine at `host:port` (plain HTTP, as the sidecar talks to its own pod).
+    pub fn new(host: &str, port: u16) -> Self {
+        // An IPv6 literal needs brackets in a URL.
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        Self {
+            base: format!("http://{host}:{port}"),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// The engine's base URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, Bytes), EngineError> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        let payload = match body {
+            Some(v) => {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let call = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let body = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| EngineError::Unavailable(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| EngineError::Unavailable(format!("no answer within {CALL_TIMEOUT:?}")))?
+    }
+
+    /// `GET /health` answers 200.
+    pub async fn healthy(&self) -> bool {
+        matches!(
+            self.call(http::Method::GET, "/health", None).await,
+            Ok((200, _))
+        )
+    }
+
+    /// The ids `GET /v1/models` lists (the base model and every loaded adapter).
+    pub async fn models(&self) -> Result<BTreeSet<String>, EngineError> {
+        let (status, body) = self.call(http::Method::GET, "/v1/models", None).await?;
+        if status != 200 {
+            return Err(EngineError::Status {
+                status,
+                message: excerpt(&body),
+            });
+        }
+        let models: Models = serde_json::from_slice(&body).map_err(|e| EngineError::Status {
+            status,
+            message: format!("not a model list: {e}"),
+        })?;
+        Ok(models.data.into_iter().map(|m| m.id).collect())
+    }
+
+    /// Loads `adapter`. An engine that says it has it already counts as success.
+    pub async fn load(&self, adapter: &Adapter) -> Result<(), EngineError> {
+        let mut body = serde_json::json!({"lora_name": adapter.id, "lora_path": adapter.source});
+        if let Some(base) = &adapter.base_model {
+            body["base_model_name"] = serde_json::Value::String(base.clone());
+        }
+        let (status, answer) = self
+            .call(http::Method::POST, "/v1/load_lora_adapter", Some(body))
+            .await?;
+        let message = excerpt(&answer);
+        match status {
+            200 => Ok(()),
+            400 if message.contains("already been loaded") => Ok(()),
+            _ => Err(EngineError::Status { status, message }),
+        }
+    }
+
+    /// Unloads adapter `id`. An engine that does not have it counts as success.
+    pub async fn unload(&self, id: &str) -> Result<(), EngineError> {
+        let body = serde_json::json!({"lora_name": id});
+        let (status, answer) = self
+            .call(http::Method::POST, "/v1/unload_lora_adapter", Some(body))
+            .await?;
+        match status {
+            200 | 404 => Ok(()),
+            _ => Err(EngineError::Status {
+                status,
+                message: excerpt(&answer),
+            }),
+        }
+    }
+}

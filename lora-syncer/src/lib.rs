@@ -1,0 +1,18 @@
+//! The `lora-syncer` binary's library: a sidecar next to each engine that keeps the LoRA
+//! adapters declared in upstream's sidecar format (`vLLMLoRAConfig`, gateway-api-inference-
+//! extension `tools/dynamic-lora-sidecar`) loaded, and those it must not have unloaded, through
+//! vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+//!
+//! * [`config`] — the file format, checked.
+//! * [`engine`] — the engine's adapter API, with deadlines and bounded reads.
+//! * [`reconcile`] — one pass (no timers inside: tests drive it), backoff, restart detection.
+//! * [`metrics`] — per-adapter state and call counts.
+//! * [`run`] — the config poller and the reconcile loop, as supervised tasks.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod reconcile;
+pub mod run;

@@ -1,0 +1,214 @@
+//! `lora-syncer`: keeps its engine's LoRA adapters as a `vLLMLoRAConfig` file declares.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{ArgAction, Parser};
+use epp::admin::{self, AdminAuth, AdminState};
+use epp::supervisor::{OnExit, Supervisor, factory};
+use epp::telemetry::{self, TelemetryOptions};
+use lora_syncer::metrics::Metrics;
+use lora_syncer::run::{self, ConfigFile, Pacing};
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0 && *v <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds in (0, 86400]"))
+}
+
+/// Upstream's sidecar flags (seconds as plain numbers), plus the bind address and log level.
+#[derive(Debug, Parser)]
+#[command(name = "lora-syncer", version, about, long_about = None, args_override_self = true)]
+struct Args {
+    /// The vLLMLoRAConfig file (a mounted ConfigMap: mount the directory, not a subPath, or
+    /// updates never arrive).
+    #[arg(
+        long,
+        env = "DYNAMIC_LORA_ROLLOUT_CONFIG",
+        default_value = "/config/configmap.yaml"
+    )]
+    config: PathBuf,
+    /// Reject config keys upstream's schema does not have.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    config_validation: bool,
+    /// Seconds the engine may take to answer /health 200 before the syncer gives up a run.
+    #[arg(long, default_value = "300", value_parser = seconds)]
+    health_check_timeout: Duration,
+    /// Seconds between /health checks while waiting.
+    #[arg(long, default_value = "2", value_parser = seconds)]
+    health_check_interval: Duration,
+    /// Seconds between forced reconcile passes.
+    #[arg(long, default_value = "5", value_parser = seconds)]
+    reconcile_trigger: Duration,
+    /// Seconds between reads of the config file.
+    #[arg(long, default_value = "1", value_parser = seconds)]
+    config_poll_interval: Duration,
+    /// Port of /metrics (upstream's 8080).
+    #[arg(long, default_value_t = 8080)]
+    metrics_port: u16,
+    /// Address /metrics binds to.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_address: std::net::IpAddr,
+    /// Log verbosity: 0 to 3 info, 4 debug, 5 and above trace.
+    #[arg(long = "v", short = 'v', default_value_t = 2)]
+    verbosity: u8,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lora-syncer: starting the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let filter = match args.verbosity {
+        0..=3 => "info",
+        4 => "debug",
+        _ => "trace",
+    };
+    let _telemetry = {
+        let _entered = runtime.enter();
+        match telemetry::init(&TelemetryOptions {
+            encoder: "json".to_owned(),
+            filter: filter.to_owned(),
+            tracing: false,
+        }) {
+            Ok(guard) => guard,
+            Err(e) => {
+                eprintln!("lora-syncer: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "lora-syncer failed");
+            eprintln!("lora-syncer: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let Args {
+        config,
+        config_validation,
+        health_check_timeout,
+        health_check_interval,
+        reconcile_trigger,
+        config_poll_interval,
+        metrics_port,
+        bind_address,
+        verbosity: _,
+    } = args;
+    // The first read must succeed: a syncer without a config would do nothing, silently.
+    let initial = ConfigFile::new(&config, config_validation)
+        .poll()
+        .await
+        .context("reading --config")?
+        .context("reading --config: empty")?;
+    tracing::info!(
+        config = %config.display(),
+        engine = format!("{}:{}", initial.host, initial.port),
+        ensure_exist = initial.ensure_exist.len(),
+        ensure_not_exist = initial.ensure_not_exist.len(),
+        "switchyard lora-syncer starting"
+    );
+    let metrics = Arc::new(Metrics::default());
+    let registry = {
+        let mut r = Registry::default();
+        metrics.register(&mut r);
+        Arc::new(Mutex::new(r))
+    };
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind_address, metrics_port))
+        .await
+        .with_context(|| format!("binding --metrics-port {metrics_port}"))?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
+    let configs = Arc::new(tokio::sync::watch::channel(initial).0);
+    {
+        let (configs, metrics, path) = (configs.clone(), metrics.clone(), config.clone());
+        tasks.spawn(
+            "config-file",
+            OnExit::Restart,
+            factory(move |token| {
+                ConfigFile::new(&path, config_validation).run(
+                    config_poll_interval,
+                    configs.clone(),
+                    metrics.clone(),
+                    token,
+                )
+            }),
+        );
+    }
+    {
+        let (configs, metrics) = (configs.clone(), metrics.clone());
+        let pacing = Pacing {
+            reconcile_every: reconcile_trigger,
+            health_check_interval,
+            health_check_timeout,
+        };
+        tasks.spawn(
+            "reconcile",
+            OnExit::Restart,
+            factory(move |token| {
+                run::reconcile_loop(configs.subscribe(), pacing, metrics.clone(), token)
+            }),
+        );
+    }
+    {
+        // A sidecar's /metrics is scraped inside the pod's network: no auth, as upstream's.
+        let state = AdminState {
+            registry,
+            auth: AdminAuth::Open,
+            refresh: None,
+            debug: None,
+            pprof: None,
+        };
+        let token = shutdown.clone();
+        let server = tokio::spawn(async move {
+            let served = axum::serve(listener, admin::router(state))
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "metrics server failed");
+            }
+        });
+        tasks.adopt("metrics-server", OnExit::Shutdown, server);
+    }
+    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    tasks.run().await;
+    signals.abort();
+    Ok(())
+}
+
+/// SIGTERM and SIGINT stop the syncer.
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,384 @@
+//! One reconcile pass: what the engine lists (`GET /v1/models`) against what the config
+//! declares; load what is missing, unload what must not be there, remember failures and retry
+//! them with backoff.
+//!
+//! A pass takes `now` as an argument and does no sleeping, so that tests drive passes one by
+//! one (and backoff by moving `now`) with no timers. The loop that calls it lives in
+//! [`crate::run`].
+//!
+//! An adapter this syncer had loaded that the engine no longer lists means the engine lost it
+//! (a restart; vLLM keeps adapters loaded at run time in memory only): it is logged, counted in
+//! `lora_syncer_engine_restarts_total` and loaded again at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{Adapter, LoraConfig};
+use crate::engine::{Engine, EngineError};
+use crate::metrics::{AdapterLabels, Metrics, StateLabels};
+
+/// First retry delay after a failed call.
+pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// First retry delay after the engine refused the request (4xx: a missing source, a bad
+/// name), which a quick retry will not fix.
+pub const PERMANENT_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Where an adapter stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterState {
+    /// Declared, not yet acted on.
+    Pending,
+    /// Listed by the engine (and declared in `ensureExist`).
+    Loaded,
+    /// Not listed by the engine (and declared in `ensureNotExist`).
+    Unloaded,
+    /// The last call failed; retried after the backoff.
+    Failed,
+    /// In both lists: left alone, as upstream does.
+    Conflict,
+}
+
+impl AdapterState {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterState::Pending => "pending",
+            AdapterState::Loaded => "loaded",
+            AdapterState::Unloaded => "unloaded",
+            AdapterState::Failed => "failed",
+            AdapterState::Conflict => "conflict",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Track {
+    state: AdapterState,
+    failures: u32,
+    next_try: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Default for Track {
+    fn default() -> Self {
+        Self {
+            state: AdapterState::Pending,
+            failures: 0,
+            next_try: None,
+            last_error: None,
+        }
+    }
+}
+
+/// What one pass saw and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    /// `GET /v1/models` answered.
+    pub engine_available: bool,
+    /// Adapters loaded by this pass.
+    pub loaded: Vec<String>,
+    /// Adapters unloaded by this pass.
+    pub unloaded: Vec<String>,
+    /// Adapters whose call failed in this pass.
+    pub failed: Vec<String>,
+    /// Adapters found missing after they had been loaded (loaded again in this pass, or
+    /// failed).
+    pub lost: Vec<String>,
+    /// Adapters waiting for their backoff.
+    pub waiting: Vec<String>,
+}
+
+/// The reconciler of one engine.
+#[derive(Debug)]
+pub struct Reconciler {
+    engine: Engine,
+    config: LoraConfig,
+    tracks: BTreeMap<String, Track>,
+    metrics: Arc<Metrics>,
+}
+
+fn backoff(failures: u32, permanent: bool) -> Duration {
+    let base = if permanent {
+        PERMANENT_BACKOFF
+    } else {
+        INITIAL_BACKOFF
+    };
+    let doublings = failures.saturating_sub(1).min(20);
+    base.saturating_mul(1 << doublings).min(MAX_BACKOFF)
+}
+
+impl Reconciler {
+    /// A reconciler for `config`'s engine.
+    pub fn new(config: LoraConfig, metrics: Arc<Metrics>) -> Self {
+        let engine = Engine::new(&config.host, config.port);
+        let mut r = Self {
+            engine,
+            config: LoraConfig {
+                name: None,
+                host: String::new(),
+                port: 0,
+                ensure_exist: BTreeMap::new(),
+                ensure_not_exist: BTreeMap::new(),
+                conflicts: BTreeSet::new(),
+            },
+            tracks: BTreeMap::new(),
+            metrics,
+        };
+        r.set_config(config);
+        r
+    }
+
+    /// The engine this reconciler talks to.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The state of adapter `id`, if declared.
+    pub fn state(&self, id: &str) -> Option<AdapterState> {
+        self.tracks.get(id).map(|t| t.state)
+    }
+
+    /// The last error of adapter `id`, if its last call failed.
+    pub fn last_error(&self, id: &str) -> Option<&str> {
+        self.tracks.get(id).and_then(|t| t.last_error.as_deref())
+    }
+
+    /// The earliest time a failed adapter may be retried.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.tracks.values().filter_map(|t| t.next_try).min()
+    }
+
+    /// Replaces the declared set: new adapters start pending (a changed source is tried again
+    /// at once), dropped ones lose their state and metrics.
+    pub fn set_config(&mut self, config: LoraConfig) {
+        if config.host != self.config.host || config.port != self.config.port {
+            self.engine = Engine::new(&config.host, config.port);
+            // Another engine: nothing known about it.
+            for id in self.tracks.keys().cloned().collect::<Vec<_>>() {
+                self.set_state(&id, AdapterState::Pending);
+            }
+        }
+        let declared: BTreeSet<&String> = config
+            .ensure_exist
+            .keys()
+            .chain(config.ensure_not_exist.keys())
+            .collect();
+        let dropped: Vec<String> = self
+            .tracks
+            .keys()
+            .filter(|id| !declared.contains(id))
+            .cloned()
+            .collect();
+        for id in dropped {
+            if let Some(t) = self.tracks.remove(&id) {
+                self.metrics.state.remove(&StateLabels {
+                    adapter_name: id.clone(),
+                    state: t.state.as_str(),
+                });
+            }
+            self.metrics
+                .status
+                .remove(&AdapterLabels { adapter_name: id });
+        }
+        let exist = config.ensure_exist.iter().map(|e| (e, true));
+        let absent = config.ensure_not_exist.iter().map(|e| (e, false));
+        for ((id, adapter), wanted) in exist.chain(absent) {
+            // Moving between the lists is a change too: an unload must not wait out the
+            // backoff of a failed load.
+            let before = match self.config.ensure_exist.get(id) {
+                Some(a) => Some((a, true)),
+                None => self.config.ensure_not_exist.get(id).map(|a| (a, false)),
+            };
+            let changed = before != Some((adapter, wanted));
+            let track = self.tracks.entry(id.clone()).or_default();
+            if changed {
+                // A new or edited declaration is tried at once, whatever failed before.
+                track.failures = 0;
+                track.next_try = None;
+            }
+        }
+        for id in &config.conflicts {
+            tracing::warn!(adapter = %id, "adapter in both ensureExist and ensureNotExist: skipped");
+        }
+        let conflicts = config.conflicts.clone();
+        self.config = config;
+        let ids: Vec<String> = self.tracks.keys().cloned().collect();
+        for id in ids {
+            let state = match self.tracks.get(&id).map(|t| t.state) {
+                _ if conflicts.contains(&id) => AdapterState::Conflict,
+                Some(AdapterState::Conflict) => AdapterState::Pending,
+                Some(s) => s,
+                None => AdapterState::Pending,
+            };
+            self.set_state(&id, state);
+        }
+    }
+
+    fn set_state(&mut self, id: &str, state: AdapterState) {
+        let Some(track) = self.tracks.get_mut(id) else {
+            return;
+        };
+        let old = track.state;
+        track.state = state;
+        if old != state {
+            self.metrics.state.remove(&StateLabels {
+                adapter_name: id.to_owned(),
+                state: old.as_str(),
+            });
+        }
+        self.metrics
+            .state
+            .get_or_create(&StateLabels {
+                adapter_name: id.to_owned(),
+                state: state.as_str(),
+            })
+            .set(1);
+        self.metrics
+            .status
+            .get_or_create(&AdapterLabels {
+                adapter_name: id.to_owned(),
+            })
+            .set(i64::from(state == AdapterState::Loaded));
+    }
+
+    fn failed(&mut self, id: &str, now: Instant, error: &EngineError, report: &mut PassReport) {
+        let Some(track) = self.tracks.get_mut(id) else {
+            return;
+        };
+        track.failures = track.failures.saturating_add(1);
+        let delay = backoff(track.failures, error.is_permanent());
+        track.next_try = Some(now + delay);
+        track.last_error = Some(error.to_string());
+        tracing::warn!(adapter = %id, %error, retry_in = ?delay, failures = track.failures, "adapter call failed");
+        report.failed.push(id.to_owned());
+        self.set_state(id, AdapterState::Failed);
+    }
+
+    fn succeeded(&mut self, id: &str, state: AdapterState) {
+        if let Some(track) = self.tracks.get_mut(id) {
+            track.failures = 0;
+            track.next_try = None;
+            track.last_error = None;
+        }
+        self.set_state(id, state);
+    }
+
+    fn may_try(&self, id: &str, now: Instant) -> bool {
+        self.tracks
+            .get(id)
+            .and_then(|t| t.next_try)
+            .is_none_or(|at| at <= now)
+    }
+
+    /// One pass at time `now`.
+    pub async fn pass(&mut self, now: Instant) -> PassReport {
+        let mut report = PassReport::default();
+        let listed = match self.engine.models().await {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::info!(%error, engine = %self.engine.url(), "engine not answering /v1/models; nothing reconciled");
+                Metrics::result(&self.metrics.reconciles, "engine_unavailable");
+                return report;
+            }
+        };
+        report.engine_available = true;
+        let wanted: Vec<Adapter> = self
+            .config
+            .ensure_exist
+            .values()
+            .filter(|a| !self.config.conflicts.contains(&a.id))
+            .cloned()
+            .collect();
+        let mut lost_any = false;
+        for adapter in wanted {
+            let id = adapter.id.as_str();
+            if listed.contains(id) {
+                if self.state(id) != Some(AdapterState::Loaded) {
+                    tracing::info!(adapter = %id, "adapter loaded on the engine");
+                }
+                self.succeeded(id, AdapterState::Loaded);
+                continue;
+            }
+            if self.state(id) == Some(AdapterState::Loaded) {
+                lost_any = true;
+                report.lost.push(id.to_owned());
+                tracing::warn!(adapter = %id, "loaded adapter missing from the engine (restarted?); loading it again");
+                if let Some(t) = self.tracks.get_mut(id) {
+                    t.next_try = None;
+                    t.failures = 0;
+                }
+                self.set_state(id, AdapterState::Pending);
+            }
+            if !self.may_try(id, now) {
+                report.waiting.push(id.to_owned());
+                continue;
+            }
+            match self.engine.load(&adapter).await {
+                Ok(()) => {
+                    self.metrics.operation("load", true);
+                    tracing::info!(adapter = %id, source = %adapter.source, "adapter loaded");
+                    report.loaded.push(id.to_owned());
+                    self.succeeded(id, AdapterState::Loaded);
+                }
+                Err(error) => {
+                    self.metrics.operation("load", false);
+                    self.failed(id, now, &error, &mut report);
+                }
+            }
+        }
+        if lost_any {
+            self.metrics.engine_restarts.inc();
+        }
+        let unwanted: Vec<String> = self
+            .config
+            .ensure_not_exist
+            .keys()
+            .filter(|id| !self.config.conflicts.contains(*id))
+            .cloned()
+            .collect();
+        for id in unwanted {
+            if !listed.contains(&id) {
+                self.succeeded(&id, AdapterState::Unloaded);
+                continue;
+            }
+            if !self.may_try(&id, now) {
+                report.waiting.push(id);
+                continue;
+            }
+            match self.engine.unload(&id).await {
+                Ok(()) => {
+                    self.metrics.operation("unload", true);
+                    tracing::info!(adapter = %id, "adapter unloaded");
+                    report.unloaded.push(id.clone());
+                    self.succeeded(&id, AdapterState::Unloaded);
+                }
+                Err(error) => {
+                    self.metrics.operation("unload", false);
+                    self.failed(&id, now, &error, &mut report);
+                }
+            }
+        }
+        Metrics::result(&self.metrics.reconciles, "ok");
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_starts_later_for_refusals() {
+        assert_eq!(backoff(1, false), Duration::from_secs(1));
+        assert_eq!(backoff(2, false), Duration::from_secs(2));
+        assert_eq!(backoff(5, false), Duration::from_secs(16));
+        assert_eq!(backoff(30, false), MAX_BACKOFF);
+        assert_eq!(backoff(1, true), Duration::from_secs(30));
+        assert_eq!(backoff(u32::MAX, true), MAX_BACKOFF);
+    }
+}

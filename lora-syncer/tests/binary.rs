@@ -1,0 +1,44 @@
+//! The `lora-syncer` binary refuses a missing or invalid config at start-up (exit code 2, the
+//! reason named) rather than running with nothing to do.
+
+// Test support: a failed setup step should stop the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lora-syncer"))
+        .args(args)
+        .env_remove("DYNAMIC_LORA_ROLLOUT_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_missing_or_invalid_config_stops_start_up() {
+    let (code, err) = run(&[
+        "--config",
+        "/nonexistent/configmap.yaml",
+        "--metrics-port",
+        "0",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("reading --config"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("lora-syncer-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("configmap.yaml");
+    std::fs::write(&path, "vLLMLoRAConfig:\n  ensureExst: {}\n").unwrap();
+    let (code, err) = run(&["--config", path.to_str().unwrap(), "--metrics-port", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown key"), "{err}");
+
+    let (code, err) = run(&["--reconcile-trigger=0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--reconcile-trigger"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,291 @@
+//! The syncer against the simulator (a vLLM-compatible engine on loopback): adapters added,
+//! removed, a missing source retried with backoff, an engine restart detected and repaired.
+//!
+//! Each test drives reconcile passes one by one with an explicit `now` (no timers, no sleeps
+//! as synchronisation): backoff is tested by moving `now`, not by waiting.
+
+// Test support: a failed setup step should stop the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use lora_syncer::config::{self, LoraConfig};
+use lora_syncer::metrics::Metrics;
+use lora_syncer::reconcile::{AdapterState, Reconciler};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+const BASE: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+async fn engine(config: sim::Config) -> sim::ReplicaHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    sim::spawn_replica(config, listener, 0).await.unwrap()
+}
+
+fn config_for(
+    engine: &sim::ReplicaHandle,
+    exist: &[(&str, &str)],
+    not_exist: &[(&str, &str)],
+) -> LoraConfig {
+    let list = |items: &[(&str, &str)]| -> String {
+        items
+            .iter()
+            .map(|(id, source)| format!("    - id: {id}\n      source: {source}\n"))
+            .collect()
+    };
+    let mut text = format!(
+        "vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: {}\n  defaultBaseModel: {BASE}\n",
+        engine.addr().port()
+    );
+    if !exist.is_empty() {
+        text += &format!("  ensureExist:\n    models:\n{}", list(exist));
+    }
+    if !not_exist.is_empty() {
+        text += &format!("  ensureNotExist:\n    models:\n{}", list(not_exist));
+    }
+    config::parse(&text, true).unwrap()
+}
+
+fn exposition(metrics: &Metrics) -> String {
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
+}
+
+#[tokio::test]
+async fn adds_then_removes_adapters() {
+    let sim = engine(sim::Config::fast()).await;
+    let metrics = Arc::new(Metrics::default());
+    let mut r = Reconciler::new(
+        config_for(
+            &sim,
+            &[("food-review", "org/food-review"), ("sql", "org/sql")],
+            &[],
+        ),
+        metrics.clone(),
+    );
+    let now = Instant::now();
+    let report = r.pass(now).await;
+    assert!(report.engine_available);
+    assert_eq!(report.loaded, ["food-review", "sql"]);
+    assert!(sim.engine().has_lora("food-review") && sim.engine().has_lora("sql"));
+    assert_eq!(r.state("sql"), Some(AdapterState::Loaded));
+    // A second pass has nothing to do.
+    let report = r.pass(now).await;
+    assert!(report.loaded.is_empty() && report.failed.is_empty());
+
+    // "sql" moves to ensureNotExist; "food-review" is dropped from the file (left alone).
+    r.set_config(config_for(&sim, &[], &[("sql", "org/sql")]));
+    let report = r.pass(now).await;
+    assert_eq!(report.unloaded, ["sql"]);
+    assert!(!sim.engine().has_lora("sql"));
+    assert!(
+        sim.engine().has_lora("food-review"),
+        "undeclared adapters are not touched"
+    );
+    assert_eq!(r.state("sql"), Some(AdapterState::Unloaded));
+    assert_eq!(r.state("food-review"), None);
+    let text = exposition(&metrics);
+    assert!(
+        text.contains(r#"lora_syncer_adapter_status{adapter_name="sql"} 0"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"adapter_name="food-review""#), "{text}");
+    assert!(text.contains(r#"lora_syncer_operations_total{operation="load",result="ok"} 2"#));
+    assert!(text.contains(r#"lora_syncer_operations_total{operation="unload",result="ok"} 1"#));
+}
+
+#[tokio::test]
+async fn a_missing_source_fails_backs_off_and_loads_once_it_exists() {
+    let sim = engine(sim::Config {
+        // 1,000 bytes at 10,000 bytes/s: the load takes at least 100 ms.
+        lora_load_bytes_per_second: 10_000,
+        ..sim::Config::fast()
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("lora-syncer-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let source = dir.join("ski-resorts");
+    let metrics = Arc::new(Metrics::default());
+    let mut r = Reconciler::new(
+        config_for(&sim, &[("ski-resorts", source.to_str().unwrap())], &[]),
+        metrics.clone(),
+    );
+    let t0 = Instant::now();
+    let report = r.pass(t0).await;
+    assert_eq!(report.failed, ["ski-resorts"]);
+    assert_eq!(r.state("ski-resorts"), Some(AdapterState::Failed));
+    let error = r.last_error("ski-resorts").unwrap();
+    assert!(
+        error.contains("404") && error.contains("No adapter found"),
+        "{error}"
+    );
+    // The engine refused the request: the first retry waits 30 s.
+    assert_eq!(r.next_retry(), Some(t0 + Duration::from_secs(30)));
+    let report = r.pass(t0 + Duration::from_secs(29)).await;
+    assert_eq!(report.waiting, ["ski-resorts"]);
+    assert!(report.failed.is_empty(), "no call during the backoff");
+
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("adapter_model.safetensors"), vec![0u8; 1_000]).unwrap();
+    let began = std::time::Instant::now();
+    let report = r.pass(t0 + Duration::from_secs(30)).await;
+    assert_eq!(report.loaded, ["ski-resorts"]);
+    assert!(
+        began.elapsed() >= Duration::from_millis(100),
+        "the simulator charges the load by size: {:?}",
+        began.elapsed()
+    );
+    assert!(sim.engine().has_lora("ski-resorts"));
+    assert_eq!(r.next_retry(), None);
+    let text = exposition(&metrics);
+    assert!(
+        text.contains(r#"lora_syncer_adapter_state{adapter_name="ski-resorts",state="loaded"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"lora_syncer_operations_total{operation="load",result="error"} 1"#));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+async fn post(url: &str, body: &str) -> u16 {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    client.request(req).await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn an_engine_restart_is_detected_and_adapters_are_loaded_again() {
+    let sim = engine(sim::Config {
+        lora_modules: vec!["preloaded".into()],
+        ..sim::Config::fast()
+    })
+    .await;
+    let metrics = Arc::new(Metrics::default());
+    let mut r = Reconciler::new(
+        config_for(
+            &sim,
+            &[("food-review", "org/food-review"), ("preloaded", "org/p")],
+            &[],
+        ),
+        metrics.clone(),
+    );
+    let now = Instant::now();
+    let report = r.pass(now).await;
+    assert_eq!(
+        report.loaded,
+        ["food-review"],
+        "the preloaded adapter is found, not loaded"
+    );
+    assert_eq!(r.state("preloaded"), Some(AdapterState::Loaded));
+
+    // The engine restarts and is still loading: /v1/models answers 503; nothing is done.
+    assert_eq!(
+        post(
+            &format!("{}/admin/reload", sim.url()),
+            r#"{"seconds": 3600}"#
+        )
+        .await,
+        200
+    );
+    assert!(
+        !sim.engine().has_lora("food-review"),
+        "a restart forgets run-time adapters"
+    );
+    let report = r.pass(now).await;
+    assert!(!report.engine_available);
+    assert_eq!(
+        r.state("food-review"),
+        Some(AdapterState::Loaded),
+        "unknown until it answers"
+    );
+
+    // Loaded: the syncer sees the adapter gone and loads it again.
+    sim.set_loading(Duration::ZERO);
+    let report = r.pass(now).await;
+    assert!(report.engine_available);
+    assert_eq!(report.lost, ["food-review"]);
+    assert_eq!(report.loaded, ["food-review"]);
+    assert!(sim.engine().has_lora("food-review"));
+    let text = exposition(&metrics);
+    assert!(
+        text.contains("lora_syncer_engine_restarts_total 1"),
+        "{text}"
+    );
+    assert!(text.contains(r#"lora_syncer_reconciles_total{result="engine_unavailable"} 1"#));
+}
+
+#[tokio::test]
+async fn conflicts_are_left_alone() {
+    let sim = engine(sim::Config::fast()).await;
+    let mut cfg = config_for(&sim, &[("a", "org/a")], &[("a", "org/a")]);
+    assert_eq!(cfg.conflicts.len(), 1);
+    cfg.ensure_exist.insert(
+        "b".into(),
+        config::Adapter {
+            id: "b".into(),
+            source: "org/b".into(),
+            base_model: None,
+        },
+    );
+    let mut r = Reconciler::new(cfg, Arc::new(Metrics::default()));
+    let report = r.pass(Instant::now()).await;
+    assert_eq!(report.loaded, ["b"]);
+    assert_eq!(r.state("a"), Some(AdapterState::Conflict));
+    assert!(!sim.engine().has_lora("a"));
+}
+
+/// The loop itself: a pass at start, one at once on a config change, and the repair after a
+/// restart within `--reconcile-trigger`. Waits are on the engine's state, bounded.
+#[tokio::test]
+async fn the_loop_follows_config_changes_and_restarts() {
+    use lora_syncer::run::{Pacing, reconcile_loop};
+    let sim = engine(sim::Config::fast()).await;
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = tokio::sync::watch::channel(config_for(&sim, &[("a", "org/a")], &[]));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(reconcile_loop(
+        rx,
+        Pacing {
+            reconcile_every: Duration::from_millis(50),
+            health_check_interval: Duration::from_millis(10),
+            health_check_timeout: Duration::from_secs(10),
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    until("a loaded", || sim.engine().has_lora("a")).await;
+    tx.send(config_for(&sim, &[("b", "org/b")], &[("a", "org/a")]))
+        .unwrap();
+    until("a unloaded, b loaded", || {
+        !sim.engine().has_lora("a") && sim.engine().has_lora("b")
+    })
+    .await;
+    assert_eq!(
+        post(&format!("{}/admin/reload", sim.url()), r#"{"seconds": 0}"#).await,
+        200
+    );
+    until("b loaded again after the restart", || {
+        sim.engine().has_lora("b")
+    })
+    .await;
+    until("the restart counted", || metrics.engine_restarts.get() == 1).await;
+    shutdown.cancel();
+    task.await.unwrap();
+}
