@@ -1156,14 +1156,14 @@ async fn bbr_setup(ctx: &Ctx) -> BbrSetup {
     let epp_a = ctx
         .epp(
             pool_of("llama", &a),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
     let epp_b = ctx
         .epp(
             pool_of("qwen", &b),
-            endpoint_picker::config::DEFAULT_CONFIG,
+            endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
             false,
         )
         .await;
