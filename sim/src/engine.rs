@@ -258,7 +258,10 @@ struct EngineState {
     rng: SmallRng,
     seed: u64,
     next_id: u64,
-    kv_events: broadcast::Sender<KvEvent>,
+    /// Made by the first subscriber: tokio's broadcast channel allocates its whole ring
+    /// (65,536 events, ~6 MiB) up front, which a replica nobody listens to should not pay
+    /// (the what-if replays hundreds of engines in one process).
+    kv_events: Option<broadcast::Sender<KvEvent>>,
 }
 
 /// Events buffered for slow KV-event subscribers before they start missing some (they then see
@@ -291,7 +294,7 @@ impl EngineState {
             rng: SmallRng::seed_from_u64(seed),
             seed,
             next_id: 0,
-            kv_events: broadcast::channel(KV_EVENT_BUFFER).0,
+            kv_events: None,
             config,
         }
     }
@@ -454,15 +457,21 @@ impl EngineState {
     }
 
     fn publish_removed(&mut self) {
-        for hash in self.kv.take_removed() {
-            let _ = self.kv_events.send(KvEvent::BlockRemoved { hash });
+        let removed = self.kv.take_removed();
+        if let Some(tx) = &self.kv_events {
+            for hash in removed {
+                let _ = tx.send(KvEvent::BlockRemoved { hash });
+            }
         }
     }
 
     /// Completes the step that ends at `end`: advances sequences, samples tokens, finishes
     /// requests.
     fn commit(&mut self, end: Instant) {
-        let recording = self.kv_events.receiver_count() > 0;
+        let recording = self
+            .kv_events
+            .as_ref()
+            .is_some_and(|tx| tx.receiver_count() > 0);
         self.kv.set_recording(recording);
         let block_size = self.config.block_size;
         let granularity = self.config.stream_granularity;
@@ -479,8 +488,11 @@ impl EngineState {
             while seq.registered < full {
                 let b = seq.registered;
                 let new = self.kv.commit_full(seq.blocks[b], seq.hashes[b]);
-                if new && recording {
-                    let _ = self.kv_events.send(KvEvent::BlockStored {
+                if new
+                    && recording
+                    && let Some(tx) = &self.kv_events
+                {
+                    let _ = tx.send(KvEvent::BlockStored {
                         hash: seq.hashes[b],
                         parent: b.checked_sub(1).map(|p| seq.hashes[p]),
                         token_ids: seq.tokens[b * block_size..(b + 1) * block_size].to_vec(),
@@ -743,7 +755,9 @@ impl Engine {
     pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
         let mut st = self.shared.state.lock();
         st.kv.set_recording(true);
-        st.kv_events.subscribe()
+        st.kv_events
+            .get_or_insert_with(|| broadcast::channel(KV_EVENT_BUFFER).0)
+            .subscribe()
     }
 
     /// Whether `name` is a registered adapter.
