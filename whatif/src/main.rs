@@ -9,7 +9,7 @@ use anyhow::Context;
 use bench::workload::WorkloadArgs;
 use clap::Parser;
 use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL, REFERENCE_DEFAULT};
-use whatif::replay::{self, Autoscale, ReplayCfg, ScaleMetric};
+use whatif::replay::{self, Autoscale, ReplayCfg, ScaleMetric, ScrapePath};
 use whatif::report::{self, Slo};
 use whatif::trace;
 
@@ -58,6 +58,10 @@ struct Args {
     /// The EPP's scrape interval, ms.
     #[arg(long, default_value_t = 50)]
     scrape_interval_ms: u64,
+    /// How the EPP reads engines: `text` (their Prometheus text through the EPP's mapping, as
+    /// in production) or `direct` (the same values without the text: for hundreds of replicas).
+    #[arg(long, default_value = "text", value_parser = ["text", "direct"])]
+    scrape_path: String,
     /// How old a scrape is when the EPP reads it, ms.
     #[arg(long, default_value_t = 0)]
     scrape_latency_ms: u64,
@@ -143,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         warmup,
         scrape_interval_ms,
         scrape_latency_ms,
+        scrape_path,
         kv_blocks,
         max_num_seqs,
         max_loras,
@@ -251,6 +256,9 @@ fn main() -> anyhow::Result<()> {
         max_loras,
         lora_modules: workload.adapter_names(),
         seed: replay_seed,
+        // Only the first token's time and the end are read: one event per 64 tokens instead of
+        // one per token (a fifth of a replay's CPU at hundreds of replicas; same timings).
+        stream_granularity: 64,
         ..sim::Config::default()
     };
     let slo = Slo {
@@ -280,19 +288,33 @@ fn main() -> anyhow::Result<()> {
     // Per config: the goodput so far and whether a rate has failed.
     let mut goodput: Vec<(Option<f64>, bool)> = vec![(None, false); configs.len()];
     for &rate in &rates {
-        let mut requests = match (&trace_file, &azure, &mooncake) {
-            (Some(p), _, _) => trace::from_jsonl(&read(p)?)?,
-            (_, Some(p), _) => trace::from_azure_csv(&read(p)?)?,
-            (_, _, Some(p)) => trace::from_mooncake(&read(p)?)?,
-            _ => match &schedule {
-                Some(schedule) => trace::from_schedule(&workload, schedule, duration)?,
-                None => trace::from_workload(&workload, rate, duration)?,
-            },
+        // A file is read once and held; a workload is made as each replay reaches it, so a
+        // replay of any length holds only what is in flight.
+        let file = match (&trace_file, &azure, &mooncake) {
+            (Some(p), _, _) => Some(trace::from_jsonl(&read(p)?)?),
+            (_, Some(p), _) => Some(trace::from_azure_csv(&read(p)?)?),
+            (_, _, Some(p)) => Some(trace::from_mooncake(&read(p)?)?),
+            _ => None,
         };
-        for r in &mut requests {
-            r.at /= load_factor;
+        let rate_schedule = schedule.clone().unwrap_or_else(|| vec![(0.0, rate)]);
+        let requests = || -> anyhow::Result<Box<dyn Iterator<Item = trace::TraceRequest> + '_>> {
+            let scaled = move |mut r: trace::TraceRequest| {
+                r.at /= load_factor;
+                r
+            };
+            Ok(match &file {
+                Some(f) => Box::new(f.iter().cloned().map(scaled)),
+                None => Box::new(trace::arrivals(&workload, &rate_schedule, duration)?.map(scaled)),
+            })
+        };
+        match &file {
+            Some(f) => eprintln!("whatif: {}", trace::describe(f)),
+            None => eprintln!(
+                "whatif: about {:.0} requests over {:.0} s",
+                trace::arrivals(&workload, &rate_schedule, duration)?.expected,
+                duration / load_factor
+            ),
         }
-        eprintln!("whatif: {}", trace::describe(&requests));
         let mut at_rate = Vec::new();
         for (k, (name, config, autoscale)) in configs.iter().enumerate() {
             let cfg = ReplayCfg {
@@ -304,9 +326,14 @@ fn main() -> anyhow::Result<()> {
                 scrape_latency: Duration::from_millis(scrape_latency_ms),
                 seed: replay_seed,
                 autoscale: *autoscale,
+                scrape_path: if scrape_path == "direct" {
+                    ScrapePath::Direct
+                } else {
+                    ScrapePath::Text
+                },
             };
             let wall = std::time::Instant::now();
-            let run = replay::run(&cfg, &requests)?;
+            let run = replay::run_stream(&cfg, requests()?)?;
             eprintln!(
                 "whatif: {} replayed {:.0} virtual s in {:.1} s",
                 cfg.name,

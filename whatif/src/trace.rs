@@ -52,12 +52,31 @@ pub fn from_workload(
 }
 
 /// Poisson arrivals of `workload` whose rate changes over time: `schedule` lists
-/// `(from second, requests per second)`, in order, the first from 0.
+/// `(from second, requests per second)`, in order, the first from 0. Collected; see
+/// [`arrivals`] for the same requests made one at a time.
 pub fn from_schedule(
     args: &WorkloadArgs,
     schedule: &[(f64, f64)],
     seconds: f64,
 ) -> Result<Vec<TraceRequest>, WhatIfError> {
+    let stream = arrivals(args, schedule, seconds)?;
+    if stream.expected > MAX_REQUESTS as f64 {
+        return Err(WhatIfError::Trace(format!(
+            "{:.0} requests expected; at most {MAX_REQUESTS} are held at once (a workload \
+             replays any number when streamed)",
+            stream.expected
+        )));
+    }
+    Ok(stream.collect())
+}
+
+/// The requests of [`from_schedule`], made as the replay reaches them: a replay of any length
+/// holds only the requests in flight.
+pub fn arrivals(
+    args: &WorkloadArgs,
+    schedule: &[(f64, f64)],
+    seconds: f64,
+) -> Result<Arrivals, WhatIfError> {
     let valid = schedule.first().is_some_and(|s| s.0 == 0.0)
         && schedule.windows(2).all(|w| w[0].0 < w[1].0)
         && schedule.iter().all(|(_, r)| r.is_finite() && *r > 0.0);
@@ -75,44 +94,63 @@ pub fn from_schedule(
             (to - from).max(0.0) * rate
         })
         .sum();
-    if expected > MAX_REQUESTS as f64 {
-        return Err(WhatIfError::Trace(format!(
-            "{expected:.0} requests expected; at most {MAX_REQUESTS}"
-        )));
-    }
-    let mut workload = args.build();
-    // Arrivals get their own stream so that the requests do not depend on the rate.
-    let mut rng = SmallRng::seed_from_u64(args.seed ^ 0xa771_7a15);
-    let mut out = Vec::with_capacity(expected as usize + 16);
-    let mut t = 0.0;
-    let mut segment = 0;
-    loop {
-        let u: f64 = rng.random_range(f64::EPSILON..1.0);
-        let rate = schedule[segment].1;
-        let next = t + -u.ln() / rate;
-        // Memoryless arrivals: at a rate change, restart the draw from the boundary.
-        if let Some(&(boundary, _)) = schedule.get(segment + 1)
-            && next >= boundary
-        {
-            t = boundary;
-            segment += 1;
-            continue;
+    Ok(Arrivals {
+        workload: args.build(),
+        // Arrivals get their own stream so that the requests do not depend on the rate.
+        rng: SmallRng::seed_from_u64(args.seed ^ 0xa771_7a15),
+        schedule: schedule.to_vec(),
+        segment: 0,
+        t: 0.0,
+        seconds,
+        expected,
+    })
+}
+
+/// Poisson arrivals of a workload, one request at a time ([`arrivals`]).
+pub struct Arrivals {
+    workload: Box<dyn bench::workload::Workload>,
+    rng: SmallRng,
+    schedule: Vec<(f64, f64)>,
+    segment: usize,
+    t: f64,
+    seconds: f64,
+    /// Requests expected over the whole schedule.
+    pub expected: f64,
+}
+
+impl Iterator for Arrivals {
+    type Item = TraceRequest;
+
+    fn next(&mut self) -> Option<TraceRequest> {
+        loop {
+            let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+            let rate = self.schedule.get(self.segment)?.1;
+            let next = self.t + -u.ln() / rate;
+            // Memoryless arrivals: at a rate change, restart the draw from the boundary.
+            if let Some(&(boundary, _)) = self.schedule.get(self.segment + 1)
+                && next >= boundary
+            {
+                self.t = boundary;
+                self.segment += 1;
+                continue;
+            }
+            self.t = next;
+            if self.t >= self.seconds {
+                // Ended for good: later calls see no segment.
+                self.segment = self.schedule.len();
+                return None;
+            }
+            let r = self.workload.next_request();
+            return Some(TraceRequest {
+                at: self.t,
+                path: r.path,
+                body: r.body,
+                output_tokens: r.max_tokens as usize,
+                headers: Vec::new(),
+                key: r.key,
+            });
         }
-        t = next;
-        if t >= seconds {
-            break;
-        }
-        let r = workload.next_request();
-        out.push(TraceRequest {
-            at: t,
-            path: r.path,
-            body: r.body,
-            output_tokens: r.max_tokens as usize,
-            headers: Vec::new(),
-            key: r.key,
-        });
     }
-    Ok(out)
 }
 
 /// One line of the project's JSONL trace format (README, "What-if").

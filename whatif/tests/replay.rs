@@ -24,6 +24,7 @@ fn cfg(name: &str, config: &str, replicas: usize) -> ReplayCfg {
         scrape_latency: Duration::ZERO,
         seed: 1,
         autoscale: None,
+        scrape_path: whatif::replay::ScrapePath::Text,
     }
 }
 
@@ -221,4 +222,46 @@ fn an_autoscaled_pool_grows_with_demand_and_pays_for_it() {
         s_fixed.ttft_ms
     );
     assert!(s_scaled.replica_seconds > s_fixed.replica_seconds);
+}
+
+/// The direct scrape path reads exactly what the EPP's mapping reads from the engine's text,
+/// for engine states met in a replay (idle, busy, queueing, with adapters).
+#[test]
+fn the_direct_scrape_equals_the_text_scrape() {
+    use endpoint_picker::scrape::engine::EngineMapping;
+    use sim::metrics::MetricsSnapshot;
+    let engine = sim::Config::default();
+    let mapping = EngineMapping::vllm();
+    let states = [
+        MetricsSnapshot {
+            running: 0,
+            waiting: 0,
+            kv_usage: 0.0,
+            kv_used_blocks: 0,
+            block_size: 16,
+            num_gpu_blocks: 27_000,
+            max_loras: 0,
+            running_loras: vec![],
+            waiting_loras: vec![],
+            stats: Default::default(),
+        },
+        MetricsSnapshot {
+            running: 37,
+            waiting: 5,
+            kv_usage: 0.4375,
+            kv_used_blocks: 11_812,
+            block_size: 16,
+            num_gpu_blocks: 27_000,
+            max_loras: 4,
+            running_loras: vec!["lora-0".into(), "lora-3".into()],
+            waiting_loras: vec!["lora-7".into()],
+            stats: Default::default(),
+        },
+    ];
+    for s in &states {
+        let text = sim::metrics::render(engine.engine, &engine.model, s, 0.0);
+        let via_text = mapping.extract(&text).metrics;
+        let direct = whatif::replay::direct_metrics(&engine, s);
+        assert_eq!(via_text, direct, "{text}");
+    }
 }
