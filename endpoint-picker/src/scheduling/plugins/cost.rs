@@ -23,6 +23,9 @@ use crate::scheduling::{Candidate, Cost, Costs, CycleState, DataProducer, Filter
 /// Output tokens assumed for a request that names no `max_tokens` (the median completion of
 /// chat traffic is a few hundred tokens).
 pub const DEFAULT_OUTPUT_TOKENS: u32 = 256;
+/// The eviction weight measured best in the what-if sweep (bench/RESULTS.md, "What-if": 0.5–5
+/// tried; 2 gave the highest hit rate under cache pressure without costing TTFT elsewhere).
+pub const DEFAULT_EVICTION_WEIGHT: f64 = 2.0;
 /// Output tokens counted at most in the objective: a request asking for 100k tokens is no more
 /// urgent to place on an idle batch than one asking for a few thousand.
 const MAX_OBJECTIVE_OUTPUT_TOKENS: u32 = 4096;
@@ -36,6 +39,7 @@ struct ProducerYaml {
     step_millis: Option<f64>,
     sequence_micros: Option<f64>,
     decode_weight: Option<f64>,
+    eviction_weight: Option<f64>,
     default_output_tokens: Option<i64>,
 }
 
@@ -49,6 +53,9 @@ pub struct TtftCostProducer {
     /// How much the decode phase counts in the objective: `objective = ttft + w · (n − 1) ·
     /// tpot` for `n` output tokens. 0 minimises TTFT alone; 1 the time to the last token.
     pub decode_weight: f64,
+    /// How much evicting the replica's cached prefixes counts: the objective adds
+    /// `w · kv_usage · uncached tokens · prefill time per token`.
+    pub eviction_weight: f64,
     /// Output tokens assumed when the request names none.
     pub default_output_tokens: u32,
 }
@@ -59,6 +66,7 @@ impl Default for TtftCostProducer {
             name: "ttft-cost-producer".into(),
             engine: EngineCosts::default(),
             decode_weight: 0.25,
+            eviction_weight: DEFAULT_EVICTION_WEIGHT,
             default_output_tokens: DEFAULT_OUTPUT_TOKENS,
         }
     }
@@ -66,7 +74,8 @@ impl Default for TtftCostProducer {
 
 impl TtftCostProducer {
     /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
-    /// (the engine priors), `decodeWeight` (in [0, 1]) and `defaultOutputTokens`.
+    /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]) and
+    /// `defaultOutputTokens`.
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
         let y: ProducerYaml = p.decode()?;
         let mut out = Self {
@@ -97,6 +106,13 @@ impl TtftCostProducer {
                 return Err(p.invalid("decodeWeight", "must be in [0, 1]"));
             }
             Some(w) => out.decode_weight = w,
+            None => {}
+        }
+        match y.eviction_weight {
+            Some(w) if !(w.is_finite() && (0.0..=100.0).contains(&w)) => {
+                return Err(p.invalid("evictionWeight", "must be in [0, 100]"));
+            }
+            Some(w) => out.eviction_weight = w,
             None => {}
         }
         if let Some(n) = p.positive("defaultOutputTokens", y.default_output_tokens)? {
@@ -139,8 +155,18 @@ impl TtftCostProducer {
             .max_tokens
             .unwrap_or(self.default_output_tokens)
             .min(MAX_OBJECTIVE_OUTPUT_TOKENS);
+        // The blocks this prompt computes evict what the replica caches for others, about as
+        // many as it is full: their recomputation later is a cost of placing it here. Without
+        // it, a cold prefix goes wherever the queue is shortest and copies of every prefix
+        // crowd each other out under cache pressure (whatif: hit rate 36 % instead of 50 %).
+        let eviction = self.eviction_weight
+            * engine.kv_cache_usage.clamp(0.0, 1.0)
+            * uncached as f64
+            * self.engine.per_token.as_secs_f64()
+            * k;
         let objective = predicted.ttft
-            + self.decode_weight * f64::from(output.saturating_sub(1)) * predicted.tpot;
+            + self.decode_weight * f64::from(output.saturating_sub(1)) * predicted.tpot
+            + eviction;
         Cost {
             predicted,
             raw_ttft: raw.ttft,
@@ -411,5 +437,44 @@ mod tests {
         let b = costs.of(&s.candidates[1].endpoint).unwrap();
         assert!((b.predicted.ttft / a.predicted.ttft - 3.0).abs() < 0.05);
         assert_eq!(a.raw_ttft, b.raw_ttft, "the raw model is the same");
+    }
+
+    /// Two cold replicas with the same queue: the one whose cache is fuller loses more to the
+    /// new prompt's blocks, so it costs more; without the term they tie.
+    #[test]
+    fn a_fuller_cache_costs_the_evictions_a_new_prompt_causes() {
+        let s = setup(2, &[4, 4]);
+        for (e, kv) in s.candidates.iter().zip([0.2, 0.9]) {
+            e.endpoint.store_metrics(EngineMetrics {
+                running_requests: 4,
+                kv_cache_usage: kv,
+                ..Default::default()
+            });
+        }
+        let s = Setup {
+            candidates: s
+                .candidates
+                .iter()
+                .map(|c| Candidate::new(c.endpoint.clone()))
+                .collect(),
+            loads: s.loads,
+        };
+        let req = request(4000);
+        let mut st = state(&s);
+        let scores = run(&s, &mut st, &req);
+        assert_eq!(scores[0], 1.0);
+        assert!(scores[1] < 1.0, "{scores:?}");
+        let mut st = state(&s);
+        let without = TtftCostProducer {
+            eviction_weight: 0.0,
+            ..TtftCostProducer::default()
+        };
+        without.produce(&req, &s.candidates, &mut st);
+        let costs = st.costs.as_ref().unwrap();
+        let (a, b) = (
+            costs.of(&s.candidates[0].endpoint).unwrap().objective,
+            costs.of(&s.candidates[1].endpoint).unwrap().objective,
+        );
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
 }
