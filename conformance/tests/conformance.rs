@@ -27,7 +27,7 @@ use conformance::report::{self, Report, ScenarioResult, Status};
 use conformance::*;
 use endpoint_picker::director::{ModelRewrite, Policies, RewriteRule, RewriteTarget};
 use ext_proc::faults::ConformanceFault;
-use testkit::envoy::Variant;
+use testkit::envoy::{ResponsePath, Variant};
 
 /// A scenario's result: the number of requests it sent through the gateway.
 type Verdict = anyhow::Result<usize>;
@@ -79,6 +79,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", SheddableRequestGets429WhenSaturated),
         scenario!("switchyard", OneMebibytePrompt),
         scenario!("switchyard", SseStreamingIntact),
+        scenario!("switchyard", LeanResponsePathKeepsUsageWithFewerMessages),
         scenario!("switchyard", InvalidBodyRejectedByEpp),
         scenario!("switchyard", HostileClientsThroughReferenceStyleEnvoy),
         scenario!("switchyard", EppBinaryFollowsEPPRouting),
@@ -494,8 +495,14 @@ async fn ModelRewriteRoundTrip(ctx: Ctx) -> Verdict {
             }],
         }],
     });
+    // Rewriting the model back in the answer needs the answer's body: the full response path.
     let envoy = ctx
-        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .plain_envoy_with(
+            Variant::PlaintextFailClose,
+            ResponsePath::Full,
+            epp.grpc,
+            &pods,
+        )
         .await;
     // The simulator only serves MODEL (404 for anything else), so a 200 proves the rewrite.
     let out = traffic(envoy.listener, 30, 10, &Req::chat(ALIAS, "hi", false, 4)).await;
@@ -678,6 +685,110 @@ async fn SseStreamingIntact(ctx: Ctx) -> Verdict {
         );
     }
     Ok(sent)
+}
+
+/// The shipped (lean) response path against the full one (the configuration shipped before),
+/// same EPP, same streamed requests: the token metrics are the same, and the EPP exchanges a
+/// constant number of messages per request instead of one round trip per SSE chunk (counted by
+/// Envoy's own ext_proc statistics). TTFT/TPOT are measured on the full path only.
+#[allow(non_snake_case)]
+async fn LeanResponsePathKeepsUsageWithFewerMessages(ctx: Ctx) -> Verdict {
+    const N: usize = 10;
+    const TOKENS: u32 = 40;
+    let pods = pods(2, 2, 1, &sim_config()).await;
+    let mut seen = Vec::new();
+    for path in [ResponsePath::Full, ResponsePath::Lean] {
+        let epp = ctx
+            .epp(
+                pool_of("primary", &pods),
+                endpoint_picker::config::DEFAULT_CONFIG,
+                false,
+            )
+            .await;
+        let envoy = ctx
+            .plain_envoy_with(Variant::PlaintextFailClose, path, epp.grpc, &pods)
+            .await;
+        let req = Req::chat(MODEL, "tell me a story", true, TOKENS);
+        let out = traffic(envoy.listener, N, 5, &req).await;
+        for (i, o) in out.iter().enumerate() {
+            ensure!(o.status == 200, "{path:?} {i}: {} {:.200}", o.status, o.body);
+            let events = sse_json(&o.body);
+            ensure!(
+                events
+                    .last()
+                    .is_some_and(|e| e["usage"]["completion_tokens"] == TOKENS),
+                "{path:?} {i}: the client lost the usage event"
+            );
+            ensure!(o.body.trim_end().ends_with("data: [DONE]"), "{path:?} {i}: no [DONE]");
+        }
+        let sent = envoy.stat("http.openai.ext_proc.stream_msgs_sent").await;
+        let received = envoy.stat("http.openai.ext_proc.stream_msgs_received").await;
+        let text = testkit::http::get_text(epp.metrics, "/metrics")
+            .await
+            .context("EPP /metrics")?;
+        let m = |name: &str| metric_total(&text, name);
+        println!(
+            "    {path:?}: ext_proc messages to the EPP {sent}, from the EPP {received} ({} per request)",
+            (sent + received) as f64 / N as f64
+        );
+        ensure!(
+            m("inference_objective_output_tokens_count") == N as f64
+                && m("inference_objective_output_tokens_sum") == (N as u32 * TOKENS) as f64,
+            "{path:?}: output tokens count {} sum {}",
+            m("inference_objective_output_tokens_count"),
+            m("inference_objective_output_tokens_sum")
+        );
+        ensure!(
+            m("inference_objective_input_tokens_count") == N as f64
+                && m("inference_objective_input_tokens_sum") > 0.0,
+            "{path:?}: input tokens"
+        );
+        ensure!(
+            m("inference_objective_request_duration_seconds_count") == N as f64,
+            "{path:?}: durations recorded {}",
+            m("inference_objective_request_duration_seconds_count")
+        );
+        ensure!(
+            m("inference_objective_normalized_time_per_output_token_seconds_count") == N as f64,
+            "{path:?}: normalized TPOT"
+        );
+        let ttft = m("inference_objective_request_ttft_seconds_count");
+        match path {
+            ResponsePath::Full => ensure!(ttft == N as f64, "full: TTFT recorded {ttft}"),
+            ResponsePath::Lean => ensure!(ttft == 0.0, "lean: no TTFT to measure, {ttft}"),
+        }
+        ensure!(
+            m("inference_objective_running_requests") == 0.0,
+            "{path:?}: requests still running"
+        );
+        seen.push((
+            path,
+            sent + received,
+            m("inference_objective_input_tokens_sum"),
+        ));
+    }
+    let (full, lean) = (&seen[0], &seen[1]);
+    ensure!(full.2 == lean.2, "input tokens differ: {} vs {}", full.2, lean.2);
+    // Full: request headers, body, response headers, ≥ 40 chunks, answered one by one. Lean:
+    // request headers, body, response headers, trailers, each answered: 8 per request.
+    ensure!(
+        lean.1 <= 8 * N as u64 && lean.1 * 5 < full.1,
+        "messages: lean {} full {}",
+        lean.1,
+        full.1
+    );
+    Ok(2 * N)
+}
+
+/// The sum of every series of a metric in a Prometheus exposition (0 when absent).
+fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A body that is not JSON is answered by the EPP (400 with its error text), not forwarded:

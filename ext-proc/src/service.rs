@@ -74,6 +74,9 @@ impl ExternalProcessor for ExtProcService {
                         }
                     }
                     Ok(None) => {
+                        // The lean response path may end here, with no trailers message.
+                        let span = span.get_or_insert_with(tracing::Span::none);
+                        span.in_scope(|| state.on_stream_end());
                         open.outcome = StreamOutcome::Ok;
                         break;
                     }

@@ -10,6 +10,12 @@
 //! - response headers are answered at once; SSE response chunks are answered one by one as they
 //!   arrive; other bodies are passed through too, unless the model name must be rewritten back,
 //!   in which case they are buffered to the end;
+//! - the lean response path (the shipped Envoy configs: `response_body_mode: NONE`,
+//!   `response_trailer_mode: SEND`) sends no body at all: the response ends with a trailers
+//!   message (Envoy adds empty trailers when the answer has none) that carries the `usage`
+//!   Envoy's `sse_to_metadata` filter read from the stream ([`protocol::USAGE_NAMESPACE`]), or,
+//!   failing that, with the stream's end ([`StreamState::on_stream_end`]). The state machine
+//!   does not need to be told which path Envoy runs: it completes on whichever end it sees;
 //! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
 //!   reset) releases the in-flight slot of the routed request.
 //!
@@ -42,7 +48,8 @@ use crate::error::RequestError;
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::protocol::{
     self, ControlHeader, DECISION_HEADER, DEFAULT_FAIRNESS_ID, DESTINATION_ENDPOINT,
-    DESTINATION_SERVED, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID,
+    DESTINATION_SERVED, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID, USAGE_CACHED,
+    USAGE_COMPLETION, USAGE_NAMESPACE, USAGE_PROMPT,
 };
 use crate::recorder::{Completion, RecordKey, Recorder, Scheduled};
 use crate::untrusted::Untrusted;
@@ -144,6 +151,14 @@ struct ResponseState {
     bytes: usize,
     usage: Option<Usage>,
     status: Option<String>,
+    /// Response headers arrived (the response began).
+    headers_seen: bool,
+    /// The response headers ended the response (no body at all).
+    headers_ended: bool,
+    /// Response body messages received: none on the lean path, where the size is unknown.
+    body_messages: usize,
+    /// `usage` from Envoy's metadata (the lean path), used when no body was scanned.
+    metadata_usage: Option<Usage>,
     complete: bool,
     /// When the first non-empty streamed body chunk arrived (time to first token).
     first_chunk_at: Option<Instant>,
@@ -217,6 +232,7 @@ impl StreamState {
             }
             Some(R::ResponseBody(b)) => self.on_response_body(b),
             Some(R::ResponseTrailers(_)) => {
+                self.response.metadata_usage = usage_from_metadata(metadata);
                 let mut out = Vec::new();
                 let rest = std::mem::take(&mut self.response.buffered);
                 if !rest.is_empty() {
@@ -233,6 +249,16 @@ impl StreamState {
                 out
             }
             None => Vec::new(),
+        }
+    }
+
+    /// The ext_proc stream ended (Envoy half-closed it). On the lean response path without
+    /// trailers this is the only sign that the response is over: a response whose headers were
+    /// seen completes here, so that its duration and status are still recorded. A stream that
+    /// ends before response headers completes nothing (the request is only released).
+    pub fn on_stream_end(&mut self) {
+        if self.phase == Phase::Routed && self.response.headers_seen && !self.done {
+            self.complete_response(&[]);
         }
     }
 
@@ -588,6 +614,7 @@ impl StreamState {
         served: Option<String>,
     ) -> Vec<ProcessingResponse> {
         let headers = envoy::headers(h.headers.as_ref());
+        self.response.headers_seen = true;
         let get = |name: &str| {
             headers
                 .iter()
@@ -639,6 +666,7 @@ impl StreamState {
             set.push(envoy::set_header(DECISION_HEADER, &e.compact(4)));
         }
         if h.end_of_stream {
+            self.response.headers_ended = true;
             self.complete_response(&[]);
         }
         vec![envoy::response_headers_response(set)]
@@ -648,6 +676,7 @@ impl StreamState {
         let eos = b.end_of_stream || b.end_of_stream_without_message;
         let chunk = Bytes::from(b.body);
         self.response.bytes += chunk.len();
+        self.response.body_messages += 1;
         if self.response.streaming {
             if self.response.first_chunk_at.is_none() && !chunk.is_empty() {
                 self.response.first_chunk_at = Some(Instant::now());
@@ -703,14 +732,18 @@ impl StreamState {
             .response
             .sse
             .usage()
-            .or_else(|| openai::usage_from_json(json_body));
+            .or_else(|| openai::usage_from_json(json_body))
+            .or(self.response.metadata_usage);
+        // Neither a body message nor an end of stream on the headers: the lean path, where
+        // Envoy streamed the body past the EPP, so its size is not known here.
+        let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;
         let Some(request) = &self.request else { return };
         let elapsed = self.started.elapsed();
         self.ctx.recorder.on_complete(&Completion {
             request,
             key: &self.key,
             elapsed,
-            response_bytes: self.response.bytes,
+            response_bytes: bytes_known.then_some(self.response.bytes),
             usage: self.response.usage,
             time_to_first_chunk: self
                 .response
@@ -747,6 +780,20 @@ impl Drop for StreamState {
     fn drop(&mut self) {
         self.release();
     }
+}
+
+/// `usage` as Envoy's `sse_to_metadata` filter wrote it (the lean response path): present when
+/// at least the completion tokens are.
+fn usage_from_metadata(md: Option<&envoy::Metadata>) -> Option<Usage> {
+    let count = |key| envoy::metadata_count(md, USAGE_NAMESPACE, key);
+    let completion_tokens = count(USAGE_COMPLETION)?;
+    let prompt_tokens = count(USAGE_PROMPT).unwrap_or(0);
+    Some(Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        cached_tokens: count(USAGE_CACHED).unwrap_or(0),
+    })
 }
 
 /// Visible ASCII (no spaces, no control characters), 1 to `max` bytes: safe to log, to

@@ -77,6 +77,46 @@ impl Variant {
     }
 }
 
+/// Which response path a shipped template runs (README "Response path").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponsePath {
+    /// As shipped: response bodies stream past the EPP; usage reaches it through
+    /// `sse_to_metadata` and the trailers message.
+    Lean,
+    /// Every response body chunk goes through the EPP (`FULL_DUPLEX_STREAMED`), as before:
+    /// model names rewritten back, TTFT/TPOT measured.
+    Full,
+}
+
+/// A rendered shipped template switched to `path`: for [`ResponsePath::Full`], the response
+/// body mode marked `RESPONSE-PATH` becomes `FULL_DUPLEX_STREAMED` and the block between
+/// `RESPONSE-PATH lean begin` and `end` (the `sse_to_metadata` filter) is dropped, which is
+/// exactly the configuration shipped before the lean path.
+pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
+    if path == ResponsePath::Lean {
+        return rendered.to_owned();
+    }
+    let mut out = String::with_capacity(rendered.len());
+    let mut skipping = false;
+    for line in rendered.lines() {
+        if line.contains("RESPONSE-PATH lean begin") {
+            skipping = true;
+        }
+        if !skipping {
+            if line.contains("# RESPONSE-PATH") && line.contains("response_body_mode: NONE") {
+                out.push_str(&line.replace("NONE", "FULL_DUPLEX_STREAMED"));
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        if line.contains("RESPONSE-PATH lean end") {
+            skipping = false;
+        }
+    }
+    out
+}
+
 /// A running Envoy.
 pub struct Envoy {
     child: Child,
@@ -160,6 +200,22 @@ impl Envoy {
             .join(variant.file());
         let template = std::fs::read_to_string(&template_path).expect("envoy template");
         Self::start_config(binary, &render(&template, epp, backends)).await
+    }
+
+    /// [`Envoy::start`] with the template switched to `path` (see [`with_response_path`]).
+    pub async fn start_with_response_path(
+        binary: &Path,
+        variant: Variant,
+        path: ResponsePath,
+        epp: SocketAddr,
+        backends: &[SocketAddr],
+    ) -> Envoy {
+        let template_path = workspace_root()
+            .join("gateway-configs/envoy")
+            .join(variant.file());
+        let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        let rendered = with_response_path(&render(&template, epp, backends), path);
+        Self::start_config(binary, &rendered).await
     }
 
     /// Starts Envoy from any template with `${NAME}` placeholders (see [`render_vars`]). The
