@@ -1,7 +1,9 @@
 //! A fixed, near-free model-server stand-in for the overhead and scale scenarios.
 //!
-//! Every inference POST is read to the end and answered at once with the same short SSE
-//! completion (one text event, usage, `[DONE]`); `/metrics` returns a constant vLLM-named
+//! Every inference POST is read to the end and answered at once with an SSE completion: one
+//! text event per output token (`max_tokens` of the request, 1 when absent), each its own
+//! write 1 ms apart past the first (the simulator's granularity: one event per token), then
+//! usage and `[DONE]`; `/metrics` returns a constant vLLM-named
 //! exposition (idle engine, prefix caching on) so that the EPP scrapes something realistic;
 //! `/health` is 200. With nothing simulated, the latency difference between two gateway paths
 //! in front of it is the cost of the path.
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -34,6 +36,61 @@ vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",engine=\
 /// that the scale scenario can report the scrape rate the EPP actually achieves.
 static SCRAPES: AtomicU64 = AtomicU64::new(0);
 
+/// Most output tokens one answer streams.
+const MAX_OUTPUT_TOKENS: usize = 4096;
+
+/// `max_tokens` of a request body (1 when absent), read without parsing the whole body.
+fn max_tokens(body: &[u8]) -> usize {
+    let key = b"\"max_tokens\":";
+    let Some(at) = body.windows(key.len()).position(|w| w == key) else {
+        return 1;
+    };
+    let digits: String = body[at + key.len()..]
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| b.is_ascii_digit())
+        .map(|&b| b as char)
+        .collect();
+    digits.parse().unwrap_or(1).clamp(1, MAX_OUTPUT_TOKENS)
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).boxed()
+}
+
+/// An SSE answer of `tokens` text events (1 ms apart), usage and `[DONE]`.
+fn sse_stream(prompt_bytes: usize, tokens: usize) -> Body {
+    if tokens <= 1 {
+        return full(sse(prompt_bytes));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(1));
+        for _ in 0..tokens {
+            tick.tick().await;
+            let event = Bytes::from_static(
+                b"data: {\"choices\":[{\"index\":0,\"text\":\" ok\",\"finish_reason\":null}]}\n\n",
+            );
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+        let tail = format!(
+            "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{},\"completion_tokens\":{tokens},\
+             \"prompt_tokens_details\":{{\"cached_tokens\":0}}}}}}\n\ndata: [DONE]\n\n",
+            prompt_bytes / 4
+        );
+        let _ = tx.send(Bytes::from(tail)).await;
+    });
+    let frames = futures::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, Infallible>(hyper::body::Frame::data(chunk)), rx))
+    });
+    BodyExt::boxed(StreamBody::new(frames))
+}
+
 fn sse(prompt_bytes: usize) -> Bytes {
     Bytes::from(format!(
         "data: {{\"choices\":[{{\"index\":0,\"text\":\" ok\",\"finish_reason\":\"length\"}}]}}\n\n\
@@ -47,7 +104,7 @@ fn sse(prompt_bytes: usize) -> Bytes {
 async fn handle(
     req: http::Request<Incoming>,
     pod: std::sync::Arc<str>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let builder = Response::builder().header("x-inference-pod", &*pod);
     let resp = match (parts.method, parts.uri.path()) {
@@ -55,27 +112,30 @@ async fn handle(
             SCRAPES.fetch_add(1, Ordering::Relaxed);
             builder
                 .header("content-type", "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from_static(METRICS.as_bytes())))
+                .body(full(Bytes::from_static(METRICS.as_bytes())))
         }
-        (Method::GET, "/admin/scrapes") => builder.body(Full::new(Bytes::from(
+        (Method::GET, "/admin/scrapes") => builder.body(full(Bytes::from(
             SCRAPES.load(Ordering::Relaxed).to_string(),
         ))),
-        (Method::GET, "/health") => builder.body(Full::new(Bytes::new())),
+        (Method::GET, "/health") => builder.body(full(Bytes::new())),
         (Method::POST, _) => {
             // Read the whole body, as a real server would before scheduling it.
-            let n = match body.collect().await {
-                Ok(b) => b.to_bytes().len(),
-                Err(_) => 0,
+            let (n, tokens) = match body.collect().await {
+                Ok(b) => {
+                    let b = b.to_bytes();
+                    (b.len(), max_tokens(&b))
+                }
+                Err(_) => (0, 1),
             };
             builder
                 .header("content-type", "text/event-stream")
-                .body(Full::new(sse(n)))
+                .body(sse_stream(n, tokens))
         }
         _ => builder
             .status(StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::new())),
+            .body(full(Bytes::new())),
     };
-    Ok(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+    Ok(resp.unwrap_or_else(|_| Response::new(full(Bytes::new()))))
 }
 
 /// Binds `n` listeners on 127.0.0.1 (ephemeral ports), serves them until the process ends,

@@ -198,7 +198,9 @@ impl Recorder for EppRecorder {
         let elapsed = c.elapsed.as_secs_f64();
         m.request_duration.get_or_create(&labels).observe(elapsed);
         if let Some(bytes) = c.response_bytes {
-            m.response_sizes.get_or_create(&labels).observe(bytes as f64);
+            m.response_sizes
+                .get_or_create(&labels)
+                .observe(bytes as f64);
         }
         if let Some(u) = c.usage {
             m.input_tokens

@@ -10,12 +10,12 @@
 //! - response headers are answered at once; SSE response chunks are answered one by one as they
 //!   arrive; other bodies are passed through too, unless the model name must be rewritten back,
 //!   in which case they are buffered to the end;
-//! - the lean response path (the shipped Envoy configs: `response_body_mode: NONE`,
-//!   `response_trailer_mode: SEND`) sends no body at all: the response ends with a trailers
-//!   message (Envoy adds empty trailers when the answer has none) that carries the `usage`
-//!   Envoy's `sse_to_metadata` filter read from the stream ([`protocol::USAGE_NAMESPACE`]), or,
-//!   failing that, with the stream's end ([`StreamState::on_stream_end`]). The state machine
-//!   does not need to be told which path Envoy runs: it completes on whichever end it sees;
+//! - the lean response path (`response_body_mode: NONE`, an operator's choice; the shipped
+//!   Envoy configs run the full path) sends no body at all: the response completes with the
+//!   stream's end ([`StreamState::on_stream_end`]), or with a trailers message, whose metadata
+//!   may carry `usage` ([`protocol::USAGE_NAMESPACE`], as Envoy's `sse_to_metadata` filter
+//!   writes it). The state machine is not told which path Envoy runs: it completes on whichever
+//!   end it sees;
 //! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
 //!   reset) releases the in-flight slot of the routed request.
 //!
@@ -252,12 +252,18 @@ impl StreamState {
         }
     }
 
-    /// The ext_proc stream ended (Envoy half-closed it). On the lean response path without
+    /// The ext_proc stream ended (Envoy closed or reset it). On the lean response path without
     /// trailers this is the only sign that the response is over: a response whose headers were
     /// seen completes here, so that its duration and status are still recorded. A stream that
     /// ends before response headers completes nothing (the request is only released).
     pub fn on_stream_end(&mut self) {
-        if self.phase == Phase::Routed && self.response.headers_seen && !self.done {
+        // Only when no body went through the EPP: on the full path a stream that ends before
+        // the body's end is a response cut short, not a complete one.
+        if self.phase == Phase::Routed
+            && self.response.headers_seen
+            && self.response.body_messages == 0
+            && !self.done
+        {
             self.complete_response(&[]);
         }
     }
@@ -778,6 +784,9 @@ impl StreamState {
 
 impl Drop for StreamState {
     fn drop(&mut self) {
+        // Envoy resets the ext_proc stream when the HTTP exchange ends and tonic then drops
+        // the stream's state without another message: on the lean path, the response's end.
+        self.on_stream_end();
         self.release();
     }
 }

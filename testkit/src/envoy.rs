@@ -80,39 +80,28 @@ impl Variant {
 /// Which response path a shipped template runs (README "Response path").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponsePath {
-    /// As shipped: response bodies stream past the EPP; usage reaches it through
-    /// `sse_to_metadata` and the trailers message.
-    Lean,
-    /// Every response body chunk goes through the EPP (`FULL_DUPLEX_STREAMED`), as before:
-    /// model names rewritten back, TTFT/TPOT measured.
+    /// As shipped: every response body chunk goes through the EPP (`FULL_DUPLEX_STREAMED`):
+    /// usage, TTFT/TPOT, model names rewritten back.
     Full,
+    /// `response_body_mode: NONE`: response bodies stream past the EPP, which sees the
+    /// response headers and the response's end only.
+    Lean,
 }
 
-/// A rendered shipped template switched to `path`: for [`ResponsePath::Full`], the response
-/// body mode marked `RESPONSE-PATH` becomes `FULL_DUPLEX_STREAMED` and the block between
-/// `RESPONSE-PATH lean begin` and `end` (the `sse_to_metadata` filter) is dropped, which is
-/// exactly the configuration shipped before the lean path.
+/// A rendered shipped template switched to `path`: for [`ResponsePath::Lean`], the response
+/// body mode on the line marked `RESPONSE-PATH` becomes `NONE`.
 pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
-    if path == ResponsePath::Lean {
+    if path == ResponsePath::Full {
         return rendered.to_owned();
     }
     let mut out = String::with_capacity(rendered.len());
-    let mut skipping = false;
     for line in rendered.lines() {
-        if line.contains("RESPONSE-PATH lean begin") {
-            skipping = true;
+        if line.contains("# RESPONSE-PATH") {
+            out.push_str(&line.replace("FULL_DUPLEX_STREAMED", "NONE"));
+        } else {
+            out.push_str(line);
         }
-        if !skipping {
-            if line.contains("# RESPONSE-PATH") && line.contains("response_body_mode: NONE") {
-                out.push_str(&line.replace("NONE", "FULL_DUPLEX_STREAMED"));
-            } else {
-                out.push_str(line);
-            }
-            out.push('\n');
-        }
-        if line.contains("RESPONSE-PATH lean end") {
-            skipping = false;
-        }
+        out.push('\n');
     }
     out
 }

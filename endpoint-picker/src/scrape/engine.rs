@@ -456,12 +456,21 @@ mod tests {
     /// metrics, and a malformed line in a family nobody reads.
     fn noise() -> String {
         let mut out = String::new();
-        for family in ["vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds"] {
-            out.push_str(&format!("# HELP {family} latency\n# TYPE {family} histogram\n"));
+        for family in [
+            "vllm:e2e_request_latency_seconds",
+            "vllm:time_to_first_token_seconds",
+        ] {
+            out.push_str(&format!(
+                "# HELP {family} latency\n# TYPE {family} histogram\n"
+            ));
             for le in ["0.1", "0.5", "1.0", "+Inf"] {
-                out.push_str(&format!("{family}_bucket{{model_name=\"m\",le=\"{le}\"}} 7\n"));
+                out.push_str(&format!(
+                    "{family}_bucket{{model_name=\"m\",le=\"{le}\"}} 7\n"
+                ));
             }
-            out.push_str(&format!("{family}_sum{{model_name=\"m\"}} 3.5\n{family}_count 7\n"));
+            out.push_str(&format!(
+                "{family}_sum{{model_name=\"m\"}} 3.5\n{family}_count 7\n"
+            ));
         }
         out.push_str("process_cpu_seconds_total 12.5\npython_gc_objects_collected_total{generation=\"0\"} 9\n");
         out.push_str("vllm:num_requests_waiting_not_this_one 99\n");
@@ -482,7 +491,10 @@ mod tests {
         let alone = mapping.extract(core);
         let noise = noise();
         let mixed = mapping.extract(&format!("{noise}{core}{noise}"));
-        assert_eq!(alone, mixed, "same values, and the broken unread line is not counted");
+        assert_eq!(
+            alone, mixed,
+            "same values, and the broken unread line is not counted"
+        );
         assert_eq!(mixed.metrics.waiting_queue_size, 3);
         assert_eq!(mixed.metrics.running_requests, 5);
         assert_eq!(mixed.metrics.cache_block_size, Some(16));
