@@ -32,6 +32,52 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instr
 vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"27000\"} 1.0
 ";
 
+/// The families a vLLM exposition carries besides the four the EPP reads: latency and token
+/// histograms (about 300 lines, 30 KB, as vLLM 0.11 exposes for one model).
+fn extra_metrics() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let model = "model_name=\"meta-llama/Llama-3.1-8B-Instruct\",engine=\"0\"";
+        for family in [
+            "vllm:time_to_first_token_seconds",
+            "vllm:inter_token_latency_seconds",
+            "vllm:e2e_request_latency_seconds",
+            "vllm:request_queue_time_seconds",
+            "vllm:request_prefill_time_seconds",
+            "vllm:request_decode_time_seconds",
+            "vllm:request_prompt_tokens",
+            "vllm:request_generation_tokens",
+            "vllm:iteration_tokens_total",
+            "vllm:request_params_max_tokens",
+        ] {
+            let _ = writeln!(s, "# HELP {family} Histogram.\n# TYPE {family} histogram");
+            for le in [
+                "0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5",
+                "0.75", "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "160.0",
+                "640.0", "2560.0", "+Inf",
+            ] {
+                let _ = writeln!(s, "{family}_bucket{{{model},le=\"{le}\"}} 0.0");
+            }
+            let _ = writeln!(
+                s,
+                "{family}_sum{{{model}}} 0.0\n{family}_count{{{model}}} 0.0"
+            );
+        }
+        for counter in [
+            "vllm:num_preemptions_total",
+            "vllm:prompt_tokens_total",
+            "vllm:generation_tokens_total",
+            "vllm:prefix_cache_queries_total",
+            "vllm:prefix_cache_hits_total",
+        ] {
+            let _ = writeln!(s, "# TYPE {counter} counter\n{counter}{{{model}}} 0.0");
+        }
+        s
+    })
+}
+
 /// `/metrics` requests answered so far, over all ports (`GET /admin/scrapes` returns it), so
 /// that the scale scenario can report the scrape rate the EPP actually achieves.
 static SCRAPES: AtomicU64 = AtomicU64::new(0);
@@ -109,10 +155,20 @@ async fn handle(
     let builder = Response::builder().header("x-inference-pod", &*pod);
     let resp = match (parts.method, parts.uri.path()) {
         (Method::GET, "/metrics") => {
-            SCRAPES.fetch_add(1, Ordering::Relaxed);
+            let n = SCRAPES.fetch_add(1, Ordering::Relaxed);
+            // As a real engine's: the series the EPP reads, histograms it does not, and a
+            // process counter that moves with every scrape (so no two bodies are identical).
+            let mut text = String::with_capacity(METRICS.len() + extra_metrics().len() + 64);
+            text.push_str(METRICS);
+            text.push_str(extra_metrics());
+            text.push_str(&format!(
+                "process_cpu_seconds_total {}.{:03}\n",
+                n / 1000,
+                n % 1000
+            ));
             builder
                 .header("content-type", "text/plain; version=0.0.4")
-                .body(full(Bytes::from_static(METRICS.as_bytes())))
+                .body(full(Bytes::from(text)))
         }
         (Method::GET, "/admin/scrapes") => builder.body(full(Bytes::from(
             SCRAPES.load(Ordering::Relaxed).to_string(),

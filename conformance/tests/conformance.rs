@@ -79,7 +79,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", SheddableRequestGets429WhenSaturated),
         scenario!("switchyard", OneMebibytePrompt),
         scenario!("switchyard", SseStreamingIntact),
-        scenario!("switchyard", LeanResponsePathKeepsUsageWithFewerMessages),
+        scenario!("switchyard", ResponsePathsLeanAndFull),
         scenario!("switchyard", InvalidBodyRejectedByEpp),
         scenario!("switchyard", HostileClientsThroughReferenceStyleEnvoy),
         scenario!("switchyard", EppBinaryFollowsEPPRouting),
@@ -693,10 +693,16 @@ async fn SseStreamingIntact(ctx: Ctx) -> Verdict {
 /// every request's duration and releases it at the response's end; token metrics and
 /// TTFT/TPOT need the full path, which records them exactly.
 #[allow(non_snake_case)]
-async fn LeanResponsePathKeepsUsageWithFewerMessages(ctx: Ctx) -> Verdict {
+async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
     const N: usize = 10;
     const TOKENS: u32 = 40;
-    let pods = pods(2, 2, 1, &sim_config()).await;
+    // The calibrated latency model (≈6 ms per token): a stream lasts long enough that a request
+    // released at its response headers instead of its end would show.
+    let config = sim::Config {
+        seed: 11,
+        ..sim::Config::default()
+    };
+    let pods = pods(2, 2, 1, &config).await;
     let mut seen = Vec::new();
     for path in [ResponsePath::Full, ResponsePath::Lean] {
         let epp = ctx
@@ -786,9 +792,18 @@ async fn LeanResponsePathKeepsUsageWithFewerMessages(ctx: Ctx) -> Verdict {
             m("inference_objective_running_requests") == 0.0,
             "{path:?}: requests still running"
         );
-        seen.push((path, sent + received));
+        let mean = m("inference_objective_request_duration_seconds_sum") / N as f64;
+        seen.push((path, sent + received, mean));
     }
     let (full, lean) = (&seen[0], &seen[1]);
+    // The lean path still holds each request until its response ends (load accounting, the
+    // duration metric): not released at the response headers.
+    ensure!(
+        lean.2 > 0.1 && lean.2 > 0.7 * full.2,
+        "mean duration: lean {:.3} s, full {:.3} s",
+        lean.2,
+        full.2
+    );
     // Full: request headers, body, response headers, ≥ 40 chunks, answered one by one. Lean:
     // request headers, body, response headers (and a trailers message), each answered.
     ensure!(

@@ -66,26 +66,6 @@ pub fn metadata_string(md: Option<&Metadata>, namespace: &str, key: &str) -> Opt
     }
 }
 
-/// A non-negative whole number from `filter_metadata[namespace][key]` (a number, or a string
-/// of digits), as Envoy's metadata filters write counts.
-pub fn metadata_count(md: Option<&Metadata>, namespace: &str, key: &str) -> Option<u64> {
-    match md?
-        .filter_metadata
-        .get(namespace)?
-        .fields
-        .get(key)?
-        .kind
-        .as_ref()?
-    {
-        Kind::NumberValue(n) if n.is_finite() && *n >= 0.0 && n.fract() == 0.0 => {
-            // Exact below 2^53, which no token count reaches.
-            Some(*n as u64)
-        }
-        Kind::StringValue(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 /// The subset hint: `None` when absent; a list (or a comma string) when present.
 pub fn subset_hint(md: Option<&Metadata>) -> Option<Vec<String>> {
     let value = md?

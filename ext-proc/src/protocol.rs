@@ -23,16 +23,6 @@ pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
 
 /// `x-request-id` (generated when absent).
 pub const REQUEST_ID: &str = "x-request-id";
-/// Where the lean response path's usage arrives: the dynamic-metadata namespace that Envoy's
-/// `sse_to_metadata` filter writes a streamed answer's `usage` into (keys [`USAGE_PROMPT`],
-/// [`USAGE_COMPLETION`], [`USAGE_CACHED`]) and ext_proc forwards with the response trailers.
-pub const USAGE_NAMESPACE: &str = "switchyard.usage";
-/// `usage.prompt_tokens` under [`USAGE_NAMESPACE`].
-pub const USAGE_PROMPT: &str = "prompt_tokens";
-/// `usage.completion_tokens` under [`USAGE_NAMESPACE`].
-pub const USAGE_COMPLETION: &str = "completion_tokens";
-/// `usage.prompt_tokens_details.cached_tokens` under [`USAGE_NAMESPACE`].
-pub const USAGE_CACHED: &str = "cached_tokens";
 
 /// A control header with its current and legacy spellings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,10 +12,8 @@
 //!   in which case they are buffered to the end;
 //! - the lean response path (`response_body_mode: NONE`, an operator's choice; the shipped
 //!   Envoy configs run the full path) sends no body at all: the response completes with the
-//!   stream's end ([`StreamState::on_stream_end`]), or with a trailers message, whose metadata
-//!   may carry `usage` ([`protocol::USAGE_NAMESPACE`], as Envoy's `sse_to_metadata` filter
-//!   writes it). The state machine is not told which path Envoy runs: it completes on whichever
-//!   end it sees;
+//!   ext_proc stream's end ([`StreamState::on_stream_end`]). The state machine is not told
+//!   which path Envoy runs: it completes on whichever end it sees;
 //! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
 //!   reset) releases the in-flight slot of the routed request.
 //!
@@ -48,8 +46,7 @@ use crate::error::RequestError;
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::protocol::{
     self, ControlHeader, DECISION_HEADER, DEFAULT_FAIRNESS_ID, DESTINATION_ENDPOINT,
-    DESTINATION_SERVED, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID, USAGE_CACHED,
-    USAGE_COMPLETION, USAGE_NAMESPACE, USAGE_PROMPT,
+    DESTINATION_SERVED, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID,
 };
 use crate::recorder::{Completion, RecordKey, Recorder, Scheduled};
 use crate::untrusted::Untrusted;
@@ -157,8 +154,6 @@ struct ResponseState {
     headers_ended: bool,
     /// Response body messages received: none on the lean path, where the size is unknown.
     body_messages: usize,
-    /// `usage` from Envoy's metadata (the lean path), used when no body was scanned.
-    metadata_usage: Option<Usage>,
     complete: bool,
     /// When the first non-empty streamed body chunk arrived (time to first token).
     first_chunk_at: Option<Instant>,
@@ -232,7 +227,6 @@ impl StreamState {
             }
             Some(R::ResponseBody(b)) => self.on_response_body(b),
             Some(R::ResponseTrailers(_)) => {
-                self.response.metadata_usage = usage_from_metadata(metadata);
                 let mut out = Vec::new();
                 let rest = std::mem::take(&mut self.response.buffered);
                 if !rest.is_empty() {
@@ -738,8 +732,7 @@ impl StreamState {
             .response
             .sse
             .usage()
-            .or_else(|| openai::usage_from_json(json_body))
-            .or(self.response.metadata_usage);
+            .or_else(|| openai::usage_from_json(json_body));
         // Neither a body message nor an end of stream on the headers: the lean path, where
         // Envoy streamed the body past the EPP, so its size is not known here.
         let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;
@@ -789,20 +782,6 @@ impl Drop for StreamState {
         self.on_stream_end();
         self.release();
     }
-}
-
-/// `usage` as Envoy's `sse_to_metadata` filter wrote it (the lean response path): present when
-/// at least the completion tokens are.
-fn usage_from_metadata(md: Option<&envoy::Metadata>) -> Option<Usage> {
-    let count = |key| envoy::metadata_count(md, USAGE_NAMESPACE, key);
-    let completion_tokens = count(USAGE_COMPLETION)?;
-    let prompt_tokens = count(USAGE_PROMPT).unwrap_or(0);
-    Some(Usage {
-        prompt_tokens,
-        completion_tokens,
-        total_tokens: prompt_tokens.saturating_add(completion_tokens),
-        cached_tokens: count(USAGE_CACHED).unwrap_or(0),
-    })
 }
 
 /// Visible ASCII (no spaces, no control characters), 1 to `max` bytes: safe to log, to

@@ -504,7 +504,7 @@ mod tests {
         let wanted = |n: &str| n.starts_with("vllm:num_requests");
         let filtered: Vec<_> = prometheus::samples_named(&text, &wanted).collect();
         let full: Vec<_> = prometheus::samples(&text)
-            .filter(|s| s.as_ref().map_or(false, |s| wanted(s.name)))
+            .filter(|s| s.as_ref().is_ok_and(|s| wanted(s.name)))
             .collect();
         assert_eq!(filtered, full);
         assert_eq!(filtered.len(), 3);

@@ -607,40 +607,18 @@ async fn the_session_token_written_on_the_response_pins_the_next_request() {
     }
 }
 
-/// Response trailers carrying `metadata` (as Envoy sends them on the lean path).
-fn resp_trailers(metadata: Option<envoy::Metadata>) -> ProcessingRequest {
+/// Response trailers (a gateway that sends them at the end of a body-less response).
+fn resp_trailers() -> ProcessingRequest {
     ProcessingRequest {
         request: Some(processing_request::Request::ResponseTrailers(
             crate::envoy::ext_proc::HttpTrailers::default(),
         )),
-        metadata_context: metadata,
         ..Default::default()
     }
 }
 
-fn usage_metadata(prompt: f64, completion: f64, cached: f64) -> envoy::Metadata {
-    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-    let n = |v: f64| Value {
-        kind: Some(Kind::NumberValue(v)),
-    };
-    let mut md = envoy::Metadata::default();
-    md.filter_metadata.insert(
-        USAGE_NAMESPACE.into(),
-        Struct {
-            fields: [
-                (USAGE_PROMPT.to_owned(), n(prompt)),
-                (USAGE_COMPLETION.to_owned(), n(completion)),
-                (USAGE_CACHED.to_owned(), n(cached)),
-            ]
-            .into_iter()
-            .collect(),
-        },
-    );
-    md
-}
-
 #[tokio::test(start_paused = true)]
-async fn the_lean_path_completes_on_trailers_with_usage_from_metadata() {
+async fn a_body_less_response_completes_on_trailers_once() {
     let h = Harness::new(2);
     let mut s = h.stream();
     send_chat(&mut s, "m", &[]);
@@ -648,10 +626,13 @@ async fn the_lean_path_completes_on_trailers_with_usage_from_metadata() {
     let sse = [(":status", "200"), ("content-type", "text/event-stream")];
     assert_eq!(s.on_message(resp_headers(&sse, false, None)).len(), 1);
     assert!(!s.exchange_complete(), "the body streams past the EPP");
-    let out = s.on_message(resp_trailers(Some(usage_metadata(7.0, 40.0, 3.0))));
-    assert_eq!(out.len(), 1, "the trailers are answered");
+    assert_eq!(
+        s.on_message(resp_trailers()).len(),
+        1,
+        "the trailers are answered"
+    );
     assert!(s.exchange_complete());
-    assert_eq!(h.events(), ["complete Some(40)", "released m"]);
+    assert_eq!(h.events(), ["complete None", "released m"]);
     // A stream end after that completes nothing twice.
     s.on_stream_end();
     drop(s);
@@ -659,11 +640,8 @@ async fn the_lean_path_completes_on_trailers_with_usage_from_metadata() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_lean_path_without_trailers_completes_when_the_stream_ends() {
+async fn the_lean_path_completes_when_the_stream_ends_or_is_dropped() {
     let h = Harness::new(2);
-    let mut s = h.stream();
-    send_chat(&mut s, "m", &[]);
-    h.events();
     // Before response headers, a stream end releases but completes nothing.
     let mut early = h.stream();
     send_chat(&mut early, "m", &[]);
@@ -675,22 +653,35 @@ async fn the_lean_path_without_trailers_completes_when_the_stream_ends() {
         !events.iter().any(|e| e.starts_with("complete")),
         "{events:?}"
     );
+    // After response headers and no body: the response's end.
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
     s.on_message(resp_headers(&[(":status", "200")], false, None));
     s.on_stream_end();
+    assert_eq!(h.events(), ["complete None", "released m"]);
+    // Dropped (Envoy reset the stream; tonic drops it without a message): the same.
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    drop(s);
     assert_eq!(h.events(), ["complete None", "released m"]);
 }
 
 #[tokio::test(start_paused = true)]
-async fn usage_scanned_from_the_body_wins_over_metadata() {
+async fn a_full_path_stream_cut_after_its_first_chunk_is_not_complete() {
     let h = Harness::new(2);
     let mut s = h.stream();
     send_chat(&mut s, "m", &[]);
     h.events();
     let sse = [(":status", "200"), ("content-type", "text/event-stream")];
     s.on_message(resp_headers(&sse, false, None));
-    let chunk =
-        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":5}}\n\n";
-    s.on_message(resp_body(chunk, false));
-    s.on_message(resp_trailers(Some(usage_metadata(7.0, 40.0, 0.0))));
-    assert_eq!(h.events(), ["complete Some(5)", "released m"]);
+    s.on_message(resp_body(b"data: {\"choices\":[]}\n\n", false));
+    drop(s);
+    assert_eq!(
+        h.events(),
+        ["released m"],
+        "released, not recorded as complete"
+    );
 }
