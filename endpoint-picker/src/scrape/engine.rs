@@ -595,7 +595,10 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="c",waiting_lora_adap
 
     #[test]
     fn garbage_is_counted_not_fatal() {
-        let m = EngineMapping::vllm().extract("vllm:num_requests_waiting 2\n%%%\n");
+        // A malformed line of a family the mapping reads is counted; garbage elsewhere is
+        // skipped unread, like every family the mapping does not read.
+        let m = EngineMapping::vllm()
+            .extract("vllm:num_requests_waiting 2\n%%%\nvllm:num_requests_running{broken 1\n");
         assert_eq!(m.bad_lines, 1);
         assert_eq!(m.metrics.waiting_queue_size, 2);
     }
