@@ -437,9 +437,9 @@ impl Scrapers {
     }
 }
 
-async fn scrape_loop(
+async fn scrape_loop<S: Source>(
     endpoint: Arc<Endpoint>,
-    client: ScrapeClient,
+    client: S,
     config: Arc<ScrapeConfig>,
     observer: Arc<dyn ScrapeObserver>,
     shutdown: CancellationToken,
@@ -504,8 +504,8 @@ async fn scrape_loop(
 
 /// The readiness a successful scrape shows. An endpoint already serving stays so while its
 /// engine series are there; one that is not is checked with the engine's own signal first.
-async fn readiness_after_scrape(
-    client: &ScrapeClient,
+async fn readiness_after_scrape<S: Source>(
+    client: &S,
     endpoint: &Endpoint,
     config: &ScrapeConfig,
     extracted: &Extracted,
@@ -533,8 +533,8 @@ async fn readiness_after_scrape(
 }
 
 /// Asks the engine, on its inference port, whether it serves its model.
-async fn check_readiness(
-    client: &ScrapeClient,
+async fn check_readiness<S: Source>(
+    client: &S,
     endpoint: &Endpoint,
     probe: &ReadinessProbe,
     config: &ScrapeConfig,
@@ -547,7 +547,9 @@ async fn check_readiness(
         config.scheme.as_str(),
         endpoint.spec.address
     );
-    let body = get(client, &url, MAX_PROBE_BODY, config.timeout)
+    let mut body = Vec::new();
+    client
+        .fetch(&url, MAX_PROBE_BODY, config.timeout, &mut body)
         .await
         .map_err(NotServing::Unanswered)?;
     match probe {
@@ -592,10 +594,36 @@ async fn get(
         .map_err(|_| ScrapeError::Timeout(timeout))?
 }
 
+/// Where a scrape task's bytes come from: the engine over HTTP(S) (the shared client), or a
+/// script in tests, so that the task's timing can be checked in virtual time.
+trait Source: Send + Sync {
+    /// A bounded GET of `url` into `buf` (cleared first, its capacity kept): the body of a 2xx
+    /// answer within `timeout`.
+    fn fetch(
+        &self,
+        url: &str,
+        limit: usize,
+        timeout: Duration,
+        buf: &mut Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), ScrapeError>> + Send;
+}
+
+impl Source for ScrapeClient {
+    async fn fetch(
+        &self,
+        url: &str,
+        limit: usize,
+        timeout: Duration,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ScrapeError> {
+        get_into(self, url, limit, timeout, buf).await
+    }
+}
+
 /// One scrape into the task's `body` buffer: the extracted values and whether they differ from
 /// the previous scrape's. A body identical to the previous one is not parsed.
-async fn scrape_reusing(
-    client: &ScrapeClient,
+async fn scrape_reusing<S: Source>(
+    client: &S,
     url: &str,
     endpoint: &Endpoint,
     config: &ScrapeConfig,
@@ -605,7 +633,9 @@ async fn scrape_reusing(
     let mapping = config
         .mapping_for(endpoint)
         .ok_or_else(|| ScrapeError::UnknownEngine(endpoint.engine.to_string()))?;
-    get_into(client, url, MAX_METRICS_BODY, config.timeout, body).await?;
+    client
+        .fetch(url, MAX_METRICS_BODY, config.timeout, body)
+        .await?;
     let hash = xxhash_rust::xxh64::xxh64(body, 0);
     if let Some((h, extracted)) = last.as_ref()
         && *h == hash
@@ -789,7 +819,90 @@ impl ServerCertVerifier for SkipServerVerification {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
     use super::*;
+
+    /// An engine in a script: `/metrics` with a queue that stays put, or moves with every
+    /// scrape, plus a process counter that always moves (no two bodies alike, as vLLM's); its
+    /// model list for the readiness check. Counts the metrics scrapes.
+    #[derive(Default)]
+    struct Scripted {
+        scrapes: AtomicU64,
+        busy: AtomicBool,
+    }
+
+    impl Source for Arc<Scripted> {
+        async fn fetch(
+            &self,
+            url: &str,
+            _limit: usize,
+            _timeout: Duration,
+            buf: &mut Vec<u8>,
+        ) -> Result<(), ScrapeError> {
+            buf.clear();
+            if url.ends_with("/v1/models") {
+                buf.extend_from_slice(br#"{"data":[{"id":"m"}]}"#);
+                return Ok(());
+            }
+            let n = self.scrapes.fetch_add(1, Ordering::Relaxed);
+            // Busy: a queue that is never the idle 0 and differs from one scrape to the next.
+            let queue = if self.busy.load(Ordering::Relaxed) {
+                n + 1
+            } else {
+                0
+            };
+            buf.extend_from_slice(
+                format!(
+                    "vllm:num_requests_waiting {queue}\nvllm:num_requests_running 0\n\
+                     vllm:kv_cache_usage_perc 0.5\nprocess_cpu_seconds_total {n}\n"
+                )
+                .as_bytes(),
+            );
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_endpoint_is_scraped_less_and_a_busy_one_at_the_interval() {
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let engine = Arc::new(Scripted::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(scrape_loop(
+            endpoint.clone(),
+            engine.clone(),
+            Arc::new(ScrapeConfig::default()),
+            Arc::new(()),
+            shutdown.clone(),
+        ));
+        let window = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        // Idle for 3 s: at 0, 50, 150, then every 150 ms (the bound) up to 3,000: 22 scrapes
+        // where a fixed 50 ms interval makes 61.
+        window(3_010).await;
+        let idle = engine.scrapes.swap(0, Ordering::Relaxed);
+        assert_eq!(idle, 22, "scrapes in 3 s while nothing changes");
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        // Busy: the queue changes with every scrape, so the interval snaps back to 50 ms
+        // at the first change (within the 150 ms the idle interval had reached).
+        engine.busy.store(true, Ordering::Relaxed);
+        window(3_000).await;
+        let busy = engine.scrapes.swap(0, Ordering::Relaxed);
+        assert!(
+            (58..=61).contains(&busy),
+            "scrapes in 3 s while busy: {busy}"
+        );
+        // Idle again: backs off again.
+        engine.busy.store(false, Ordering::Relaxed);
+        window(3_000).await;
+        let again = engine.scrapes.swap(0, Ordering::Relaxed);
+        assert!(
+            (20..=23).contains(&again),
+            "scrapes in 3 s idle again: {again}"
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+    }
 
     #[test]
     fn the_idle_backoff_doubles_to_its_bound_and_snaps_back_on_change() {
