@@ -450,6 +450,8 @@ async fn scrape_loop<S: Source>(
         endpoint.spec.metrics_address,
         config.path
     );
+    // Parsed once: every scrape of this endpoint asks for the same URL.
+    let uri = parse_url(&url).map_err(|e| e.to_string());
     let mut backoff = IdleBackoff::new(config.interval, config.max_idle_interval);
     let mut failures = 0u32;
     // Kept across scrapes: the body buffer (no allocation per scrape once grown), and the last
@@ -463,7 +465,7 @@ async fn scrape_loop<S: Source>(
             _ = tokio::time::sleep_until(next_at) => {}
         }
         let started = Instant::now();
-        let result = scrape_reusing(&client, &url, &endpoint, &config, &mut body, &mut last).await;
+        let result = scrape_reusing(&client, &uri, &endpoint, &config, &mut body, &mut last).await;
         observer.scraped(&endpoint, result.as_ref().map(|_| ()), started.elapsed());
         let previous = endpoint.metrics().readiness;
         let changed = match &result {
@@ -549,7 +551,12 @@ async fn check_readiness<S: Source>(
     );
     let mut body = Vec::new();
     client
-        .fetch(&url, MAX_PROBE_BODY, config.timeout, &mut body)
+        .fetch(
+            &parse_url(&url).map_err(NotServing::Unanswered)?,
+            MAX_PROBE_BODY,
+            config.timeout,
+            &mut body,
+        )
         .await
         .map_err(NotServing::Unanswered)?;
     match probe {
@@ -601,7 +608,7 @@ trait Source: Send + Sync {
     /// answer within `timeout`.
     fn fetch(
         &self,
-        url: &str,
+        url: &http::Uri,
         limit: usize,
         timeout: Duration,
         buf: &mut Vec<u8>,
@@ -611,20 +618,25 @@ trait Source: Send + Sync {
 impl Source for ScrapeClient {
     async fn fetch(
         &self,
-        url: &str,
+        url: &http::Uri,
         limit: usize,
         timeout: Duration,
         buf: &mut Vec<u8>,
     ) -> Result<(), ScrapeError> {
-        get_into(self, url, limit, timeout, buf).await
+        get_into(self, url.clone(), limit, timeout, buf).await
     }
+}
+
+fn parse_url(url: &str) -> Result<http::Uri, ScrapeError> {
+    url.parse()
+        .map_err(|e: http::uri::InvalidUri| ScrapeError::Url(e.to_string()))
 }
 
 /// One scrape into the task's `body` buffer: the extracted values and whether they differ from
 /// the previous scrape's. A body identical to the previous one is not parsed.
 async fn scrape_reusing<S: Source>(
     client: &S,
-    url: &str,
+    url: &Result<http::Uri, String>,
     endpoint: &Endpoint,
     config: &ScrapeConfig,
     body: &mut Vec<u8>,
@@ -633,6 +645,7 @@ async fn scrape_reusing<S: Source>(
     let mapping = config
         .mapping_for(endpoint)
         .ok_or_else(|| ScrapeError::UnknownEngine(endpoint.engine.to_string()))?;
+    let url = url.as_ref().map_err(|e| ScrapeError::Url(e.clone()))?;
     client
         .fetch(url, MAX_METRICS_BODY, config.timeout, body)
         .await?;
@@ -653,14 +666,11 @@ async fn scrape_reusing<S: Source>(
 /// within `timeout`.
 async fn get_into(
     client: &ScrapeClient,
-    url: &str,
+    uri: http::Uri,
     limit: usize,
     timeout: Duration,
     buf: &mut Vec<u8>,
 ) -> Result<(), ScrapeError> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| ScrapeError::Url(e.to_string()))?;
     buf.clear();
     let fetch = async {
         let response = client.get(uri).await.map_err(classify)?;
@@ -835,13 +845,13 @@ mod tests {
     impl Source for Arc<Scripted> {
         async fn fetch(
             &self,
-            url: &str,
+            url: &http::Uri,
             _limit: usize,
             _timeout: Duration,
             buf: &mut Vec<u8>,
         ) -> Result<(), ScrapeError> {
             buf.clear();
-            if url.ends_with("/v1/models") {
+            if url.path() == "/v1/models" {
                 buf.extend_from_slice(br#"{"data":[{"id":"m"}]}"#);
                 return Ok(());
             }
