@@ -3,10 +3,11 @@
 //! Every inference POST is read to the end and answered at once with an SSE completion: one
 //! text event per output token (`max_tokens` of the request, 1 when absent), each its own
 //! write 1 ms apart past the first (the simulator's granularity: one event per token), then
-//! usage and `[DONE]`; `/metrics` returns a constant vLLM-named
-//! exposition (idle engine, prefix caching on) so that the EPP scrapes something realistic;
-//! `/health` is 200. With nothing simulated, the latency difference between two gateway paths
-//! in front of it is the cost of the path.
+//! usage and `[DONE]`. `/metrics` returns a vLLM-sized exposition (idle engine, prefix caching
+//! on, histograms, a process counter that moves) so that the EPP scrapes something realistic;
+//! `/health` is 200 and `/v1/models` lists the model (the EPP's readiness check). With nothing
+//! simulated, the latency difference between two gateway paths in front of it is the cost of
+//! the path.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -174,6 +175,13 @@ async fn handle(
             SCRAPES.load(Ordering::Relaxed).to_string(),
         ))),
         (Method::GET, "/health") => builder.body(full(Bytes::new())),
+        // The EPP's readiness check (an endpoint becomes a candidate once its engine lists a
+        // model): without it every endpoint stays `loading` and every request gets a 503.
+        (Method::GET, "/v1/models") => builder
+            .header("content-type", "application/json")
+            .body(full(Bytes::from_static(
+                br#"{"object":"list","data":[{"id":"meta-llama/Llama-3.1-8B-Instruct","object":"model"}]}"#,
+            ))),
         (Method::POST, _) => {
             // Read the whole body, as a real server would before scheduling it.
             let (n, tokens) = match body.collect().await {
