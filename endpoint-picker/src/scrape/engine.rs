@@ -239,7 +239,8 @@ impl EngineMapping {
         // Only the families this mapping reads are parsed (an engine exposes hundreds of
         // series, histograms mostly, and reads a handful): the same values, a fraction of the
         // work. `bad_lines` therefore counts malformed lines of those families only.
-        let wanted = |name: &str| self.metric_specs().any(|spec| spec.name == name);
+        let names: Vec<&str> = self.metric_specs().map(|spec| spec.name.as_str()).collect();
+        let wanted = |name: &str| names.contains(&name);
         for sample in prometheus::samples_named(text, &wanted) {
             let Ok(sample) = sample else {
                 bad_lines += 1;
