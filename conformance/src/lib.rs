@@ -90,6 +90,18 @@ impl Ctx {
         Envoy::start(&self.envoy, variant, epp, &addresses(pods)).await
     }
 
+    /// A shipped plain-Envoy template switched to a response path (`Full`: the configuration
+    /// shipped before the lean path).
+    pub async fn plain_envoy_with(
+        &self,
+        variant: Variant,
+        path: testkit::envoy::ResponsePath,
+        epp: SocketAddr,
+        pods: &[Pod],
+    ) -> Envoy {
+        Envoy::start_with_response_path(&self.envoy, variant, path, epp, &addresses(pods)).await
+    }
+
     /// A reference-style gateway (`conformance/envoy/reference-style.yaml`): ORIGINAL_DST on
     /// the destination header and no client header stripped, plaintext EPP, FailClose.
     pub async fn reference_envoy(&self, epp: SocketAddr) -> Envoy {

@@ -27,7 +27,7 @@ use conformance::report::{self, Report, ScenarioResult, Status};
 use conformance::*;
 use endpoint_picker::director::{ModelRewrite, Policies, RewriteRule, RewriteTarget};
 use ext_proc::faults::ConformanceFault;
-use testkit::envoy::Variant;
+use testkit::envoy::{ResponsePath, Variant};
 
 /// A scenario's result: the number of requests it sent through the gateway.
 type Verdict = anyhow::Result<usize>;
@@ -79,6 +79,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", SheddableRequestGets429WhenSaturated),
         scenario!("switchyard", OneMebibytePrompt),
         scenario!("switchyard", SseStreamingIntact),
+        scenario!("switchyard", ResponsePathsLeanAndFull),
         scenario!("switchyard", InvalidBodyRejectedByEpp),
         scenario!("switchyard", HostileClientsThroughReferenceStyleEnvoy),
         scenario!("switchyard", EppBinaryFollowsEPPRouting),
@@ -498,8 +499,14 @@ async fn ModelRewriteRoundTrip(ctx: Ctx) -> Verdict {
             }],
         }],
     });
+    // Rewriting the model back in the answer needs the answer's body: the full response path.
     let envoy = ctx
-        .plain_envoy(Variant::PlaintextFailClose, epp.grpc, &pods)
+        .plain_envoy_with(
+            Variant::PlaintextFailClose,
+            ResponsePath::Full,
+            epp.grpc,
+            &pods,
+        )
         .await;
     // The simulator only serves MODEL (404 for anything else), so a 200 proves the rewrite.
     let out = traffic(envoy.listener, 30, 10, &Req::chat(ALIAS, "hi", false, 4)).await;
@@ -682,6 +689,145 @@ async fn SseStreamingIntact(ctx: Ctx) -> Verdict {
         );
     }
     Ok(sent)
+}
+
+/// The lean response path (`response_body_mode: NONE`) against the shipped full one, same EPP,
+/// same streamed requests: the EPP exchanges a constant number of messages per request instead
+/// of one round trip per SSE chunk (counted by Envoy's own ext_proc statistics), still records
+/// every request's duration and releases it at the response's end; token metrics and
+/// TTFT/TPOT need the full path, which records them exactly.
+#[allow(non_snake_case)]
+async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
+    const N: usize = 10;
+    const TOKENS: u32 = 40;
+    // The calibrated latency model (≈6 ms per token): a stream lasts long enough that a request
+    // released at its response headers instead of its end would show.
+    let config = sim::Config {
+        seed: 11,
+        ..sim::Config::default()
+    };
+    let pods = pods(2, 2, 1, &config).await;
+    let mut seen = Vec::new();
+    for path in [ResponsePath::Full, ResponsePath::Lean] {
+        let epp = ctx
+            .epp(
+                pool_of("primary", &pods),
+                endpoint_picker::config::DEFAULT_CONFIG,
+                false,
+            )
+            .await;
+        let envoy = ctx
+            .plain_envoy_with(Variant::PlaintextFailClose, path, epp.grpc, &pods)
+            .await;
+        let req = Req::chat(MODEL, "tell me a story", true, TOKENS);
+        let out = traffic(envoy.listener, N, 5, &req).await;
+        for (i, o) in out.iter().enumerate() {
+            ensure!(
+                o.status == 200,
+                "{path:?} {i}: {} {:.200}",
+                o.status,
+                o.body
+            );
+            let events = sse_json(&o.body);
+            ensure!(
+                events
+                    .last()
+                    .is_some_and(|e| e["usage"]["completion_tokens"] == TOKENS),
+                "{path:?} {i}: the client lost the usage event"
+            );
+            ensure!(
+                o.body.trim_end().ends_with("data: [DONE]"),
+                "{path:?} {i}: no [DONE]"
+            );
+        }
+        let sent = envoy.stat("http.openai.ext_proc.stream_msgs_sent").await;
+        let received = envoy
+            .stat("http.openai.ext_proc.stream_msgs_received")
+            .await;
+        // On the lean path the EPP learns of a response's end when Envoy closes the ext_proc
+        // stream, just after the client has its answer: wait (bounded) until every request
+        // has completed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let text = testkit::http::get_text(epp.metrics, "/metrics")
+                .await
+                .context("EPP /metrics")?;
+            let done = metric_total(&text, "inference_objective_request_duration_seconds_count");
+            if done >= N as f64 || Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let m = |name: &str| metric_total(&text, name);
+        println!(
+            "    {path:?}: ext_proc messages to the EPP {sent}, from the EPP {received} ({} per request)",
+            (sent + received) as f64 / N as f64
+        );
+        let tokens = match path {
+            ResponsePath::Full => N as f64,
+            ResponsePath::Lean => 0.0,
+        };
+        ensure!(
+            m("inference_objective_output_tokens_count") == tokens
+                && m("inference_objective_output_tokens_sum") == tokens * f64::from(TOKENS),
+            "{path:?}: output tokens count {} sum {}",
+            m("inference_objective_output_tokens_count"),
+            m("inference_objective_output_tokens_sum")
+        );
+        ensure!(
+            m("inference_objective_input_tokens_count") == tokens,
+            "{path:?}: input tokens"
+        );
+        ensure!(
+            m("inference_objective_request_duration_seconds_count") == N as f64,
+            "{path:?}: durations recorded {}",
+            m("inference_objective_request_duration_seconds_count")
+        );
+        ensure!(
+            m("inference_objective_normalized_time_per_output_token_seconds_count") == tokens,
+            "{path:?}: normalized TPOT"
+        );
+        let ttft = m("inference_objective_request_ttft_seconds_count");
+        match path {
+            ResponsePath::Full => ensure!(ttft == N as f64, "full: TTFT recorded {ttft}"),
+            ResponsePath::Lean => ensure!(ttft == 0.0, "lean: no TTFT to measure, {ttft}"),
+        }
+        ensure!(
+            m("inference_objective_running_requests") == 0.0,
+            "{path:?}: requests still running"
+        );
+        let mean = m("inference_objective_request_duration_seconds_sum") / N as f64;
+        seen.push((path, sent + received, mean));
+    }
+    let (full, lean) = (&seen[0], &seen[1]);
+    // The lean path still holds each request until its response ends (load accounting, the
+    // duration metric): not released at the response headers.
+    ensure!(
+        lean.2 > 0.1 && lean.2 > 0.7 * full.2,
+        "mean duration: lean {:.3} s, full {:.3} s",
+        lean.2,
+        full.2
+    );
+    // Full: request headers, body, response headers, ≥ 40 chunks, answered one by one. Lean:
+    // request headers, body, response headers (and a trailers message), each answered.
+    ensure!(
+        lean.1 <= 8 * N as u64 && lean.1 * 5 < full.1,
+        "messages: lean {} full {}",
+        lean.1,
+        full.1
+    );
+    Ok(2 * N)
+}
+
+/// The sum of every series of a metric in a Prometheus exposition (0 when absent).
+fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A body that is not JSON is answered by the EPP (400 with its error text), not forwarded:

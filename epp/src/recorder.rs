@@ -197,9 +197,11 @@ impl Recorder for EppRecorder {
         let labels = self.pair(c.key);
         let elapsed = c.elapsed.as_secs_f64();
         m.request_duration.get_or_create(&labels).observe(elapsed);
-        m.response_sizes
-            .get_or_create(&labels)
-            .observe(c.response_bytes as f64);
+        if let Some(bytes) = c.response_bytes {
+            m.response_sizes
+                .get_or_create(&labels)
+                .observe(bytes as f64);
+        }
         if let Some(u) = c.usage {
             m.input_tokens
                 .get_or_create(&labels)

@@ -69,8 +69,9 @@ pub struct Completion<'a> {
     pub key: &'a RecordKey,
     /// From the request headers to the end of the response.
     pub elapsed: Duration,
-    /// Response body bytes.
-    pub response_bytes: usize,
+    /// Response body bytes; `None` on the lean response path, where Envoy streams the body
+    /// past the EPP.
+    pub response_bytes: Option<usize>,
     /// `usage` reported by the model server.
     pub usage: Option<Usage>,
     /// From the request headers to the first non-empty streamed chunk.

@@ -74,13 +74,26 @@ impl ExternalProcessor for ExtProcService {
                         }
                     }
                     Ok(None) => {
+                        // The lean response path may end here, with no trailers message.
+                        let span = span.get_or_insert_with(tracing::Span::none);
+                        span.in_scope(|| state.on_stream_end());
                         open.outcome = StreamOutcome::Ok;
                         break;
                     }
-                    Err(status) if status.code() == tonic::Code::Cancelled => break,
+                    Err(status) if status.code() == tonic::Code::Cancelled => {
+                        // Envoy resets the stream when the HTTP exchange ends; on the lean
+                        // response path that is the response's only end the EPP sees.
+                        let span = span.get_or_insert_with(tracing::Span::none);
+                        span.in_scope(|| state.on_stream_end());
+                        break;
+                    }
                     Err(status) => {
                         let span = span.get_or_insert_with(tracing::Span::none);
-                        span.in_scope(|| tracing::info!(%status, "ext_proc stream error"));
+                        span.in_scope(|| {
+                            tracing::info!(%status, "ext_proc stream error");
+                            // A reset after the response began is the lean path's end too.
+                            state.on_stream_end();
+                        });
                         if !state.exchange_complete() {
                             open.outcome = StreamOutcome::Error;
                         }

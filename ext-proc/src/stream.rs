@@ -10,6 +10,10 @@
 //! - response headers are answered at once; SSE response chunks are answered one by one as they
 //!   arrive; other bodies are passed through too, unless the model name must be rewritten back,
 //!   in which case they are buffered to the end;
+//! - the lean response path (`response_body_mode: NONE`, an operator's choice; the shipped
+//!   Envoy configs run the full path) sends no body at all: the response completes with the
+//!   ext_proc stream's end ([`StreamState::on_stream_end`]). The state machine is not told
+//!   which path Envoy runs: it completes on whichever end it sees;
 //! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
 //!   reset) releases the in-flight slot of the routed request.
 //!
@@ -144,6 +148,12 @@ struct ResponseState {
     bytes: usize,
     usage: Option<Usage>,
     status: Option<String>,
+    /// Response headers arrived (the response began).
+    headers_seen: bool,
+    /// The response headers ended the response (no body at all).
+    headers_ended: bool,
+    /// Response body messages received: none on the lean path, where the size is unknown.
+    body_messages: usize,
     complete: bool,
     /// When the first non-empty streamed body chunk arrived (time to first token).
     first_chunk_at: Option<Instant>,
@@ -233,6 +243,22 @@ impl StreamState {
                 out
             }
             None => Vec::new(),
+        }
+    }
+
+    /// The ext_proc stream ended (Envoy closed or reset it). On the lean response path without
+    /// trailers this is the only sign that the response is over: a response whose headers were
+    /// seen completes here, so that its duration and status are still recorded. A stream that
+    /// ends before response headers completes nothing (the request is only released).
+    pub fn on_stream_end(&mut self) {
+        // Only when no body went through the EPP: on the full path a stream that ends before
+        // the body's end is a response cut short, not a complete one.
+        if self.phase == Phase::Routed
+            && self.response.headers_seen
+            && self.response.body_messages == 0
+            && !self.done
+        {
+            self.complete_response(&[]);
         }
     }
 
@@ -588,6 +614,7 @@ impl StreamState {
         served: Option<String>,
     ) -> Vec<ProcessingResponse> {
         let headers = envoy::headers(h.headers.as_ref());
+        self.response.headers_seen = true;
         let get = |name: &str| {
             headers
                 .iter()
@@ -639,6 +666,7 @@ impl StreamState {
             set.push(envoy::set_header(DECISION_HEADER, &e.compact(4)));
         }
         if h.end_of_stream {
+            self.response.headers_ended = true;
             self.complete_response(&[]);
         }
         vec![envoy::response_headers_response(set)]
@@ -648,6 +676,7 @@ impl StreamState {
         let eos = b.end_of_stream || b.end_of_stream_without_message;
         let chunk = Bytes::from(b.body);
         self.response.bytes += chunk.len();
+        self.response.body_messages += 1;
         if self.response.streaming {
             if self.response.first_chunk_at.is_none() && !chunk.is_empty() {
                 self.response.first_chunk_at = Some(Instant::now());
@@ -704,13 +733,16 @@ impl StreamState {
             .sse
             .usage()
             .or_else(|| openai::usage_from_json(json_body));
+        // Neither a body message nor an end of stream on the headers: the lean path, where
+        // Envoy streamed the body past the EPP, so its size is not known here.
+        let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;
         let Some(request) = &self.request else { return };
         let elapsed = self.started.elapsed();
         self.ctx.recorder.on_complete(&Completion {
             request,
             key: &self.key,
             elapsed,
-            response_bytes: self.response.bytes,
+            response_bytes: bytes_known.then_some(self.response.bytes),
             usage: self.response.usage,
             time_to_first_chunk: self
                 .response
@@ -745,6 +777,9 @@ impl StreamState {
 
 impl Drop for StreamState {
     fn drop(&mut self) {
+        // Envoy resets the ext_proc stream when the HTTP exchange ends and tonic then drops
+        // the stream's state without another message: on the lean path, the response's end.
+        self.on_stream_end();
         self.release();
     }
 }

@@ -41,7 +41,12 @@ pub fn run(data: &[u8]) {
     assert_eq!(strict.is_ok(), all_valid, "{strict:?}");
     for mapping in EngineMapping::builtin() {
         let got = mapping.extract(text);
-        assert_eq!(got.bad_lines, bad_samples);
+        // Only the families a mapping reads are parsed, so only their malformed lines count.
+        assert!(
+            got.bad_lines <= bad_samples,
+            "{} > {bad_samples}",
+            got.bad_lines
+        );
         let m = &got.metrics;
         assert!(
             (0.0..=1.0).contains(&m.kv_cache_usage),

@@ -77,6 +77,35 @@ impl Variant {
     }
 }
 
+/// Which response path a shipped template runs (README "Response path").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponsePath {
+    /// As shipped: every response body chunk goes through the EPP (`FULL_DUPLEX_STREAMED`):
+    /// usage, TTFT/TPOT, model names rewritten back.
+    Full,
+    /// `response_body_mode: NONE`: response bodies stream past the EPP, which sees the
+    /// response headers and the response's end only.
+    Lean,
+}
+
+/// A rendered shipped template switched to `path`: for [`ResponsePath::Lean`], the response
+/// body mode on the line marked `RESPONSE-PATH` becomes `NONE`.
+pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
+    if path == ResponsePath::Full {
+        return rendered.to_owned();
+    }
+    let mut out = String::with_capacity(rendered.len());
+    for line in rendered.lines() {
+        if line.contains("# RESPONSE-PATH") {
+            out.push_str(&line.replace("FULL_DUPLEX_STREAMED", "NONE"));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// A running Envoy.
 pub struct Envoy {
     child: Child,
@@ -160,6 +189,22 @@ impl Envoy {
             .join(variant.file());
         let template = std::fs::read_to_string(&template_path).expect("envoy template");
         Self::start_config(binary, &render(&template, epp, backends)).await
+    }
+
+    /// [`Envoy::start`] with the template switched to `path` (see [`with_response_path`]).
+    pub async fn start_with_response_path(
+        binary: &Path,
+        variant: Variant,
+        path: ResponsePath,
+        epp: SocketAddr,
+        backends: &[SocketAddr],
+    ) -> Envoy {
+        let template_path = workspace_root()
+            .join("gateway-configs/envoy")
+            .join(variant.file());
+        let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        let rendered = with_response_path(&render(&template, epp, backends), path);
+        Self::start_config(binary, &rendered).await
     }
 
     /// Starts Envoy from any template with `${NAME}` placeholders (see [`render_vars`]). The

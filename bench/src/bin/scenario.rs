@@ -52,13 +52,13 @@ struct Opts {
 enum Cmd {
     /// Routing quality sweep.
     Routing(RoutingOpts),
-    /// EPP overhead at several body sizes.
+    /// EPP overhead at several body sizes and answer lengths, on both response paths.
     Overhead,
-    /// 1,000 endpoints.
+    /// Idle cost and decision time at 100 and 1,000 endpoints.
     Scale {
-        /// Number of endpoints.
-        #[arg(long, default_value_t = 1000)]
-        endpoints: usize,
+        /// Pool sizes, each measured in turn (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        endpoints: Vec<usize>,
     },
     /// Everything, in order (not goodput).
     All(RoutingOpts),
@@ -322,9 +322,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             }
         }
         Cmd::Scale { endpoints } => {
-            let res = scale::run(&tools, *endpoints, o.quick, &run_dir).await?;
+            let mut res = Vec::new();
+            for &n in endpoints {
+                res.push(scale::run(&tools, n, o.quick, &run_dir).await?);
+            }
             std::fs::write(raw.join("scale.json"), serde_json::to_vec_pretty(&res)?)?;
-            let md = format!("{header}\n{}", scale::markdown(&res));
+            let md = format!("{header}\n{}", scale::markdown_all(&res));
             eprintln!("{md}");
             if write {
                 update_section(&results, "scale", &md)?;
@@ -340,13 +343,16 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                     &format!("{header}\n{}", overhead::markdown(&res)),
                 )?;
             }
-            let res = scale::run(&tools, 1000, o.quick, &run_dir).await?;
+            let mut res = Vec::new();
+            for n in [100, 1000] {
+                res.push(scale::run(&tools, n, o.quick, &run_dir).await?);
+            }
             std::fs::write(raw.join("scale.json"), serde_json::to_vec_pretty(&res)?)?;
             if write {
                 update_section(
                     &results,
                     "scale",
-                    &format!("{header}\n{}", scale::markdown(&res)),
+                    &format!("{header}\n{}", scale::markdown_all(&res)),
                 )?;
             }
             do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?;

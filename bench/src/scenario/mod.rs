@@ -430,6 +430,47 @@ pub async fn start_switchyard(
     dir: &Path,
     extra_args: &[&str],
 ) -> anyhow::Result<RouterUp> {
+    start_switchyard_on(tools, config, backends, dir, extra_args, ResponsePath::Full).await
+}
+
+/// The response path of the shipped Envoy template (README "Response path").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponsePath {
+    /// As shipped: every response chunk through the EPP (`FULL_DUPLEX_STREAMED`).
+    Full,
+    /// `response_body_mode: NONE`: response bodies stream past the EPP.
+    Lean,
+}
+
+impl ResponsePath {
+    /// The shipped template's text switched to this path: for `Lean`, the response body mode
+    /// on the line marked `RESPONSE-PATH` becomes `NONE`.
+    pub fn apply(self, template: &str) -> String {
+        if self == ResponsePath::Full {
+            return template.to_owned();
+        }
+        let mut out = String::with_capacity(template.len());
+        for line in template.lines() {
+            if line.contains("# RESPONSE-PATH") {
+                out.push_str(&line.replace("FULL_DUPLEX_STREAMED", "NONE"));
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// [`start_switchyard`] with the Envoy template on a given response path.
+pub async fn start_switchyard_on(
+    tools: &Tools,
+    config: Option<&str>,
+    backends: &[SocketAddr],
+    dir: &Path,
+    extra_args: &[&str],
+    response_path: ResponsePath,
+) -> anyhow::Result<RouterUp> {
     let pool = dir.join("pool.yaml");
     std::fs::write(&pool, harness::pool_yaml(backends))?;
     let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
@@ -456,11 +497,11 @@ pub async fn start_switchyard(
     wait_http(&metrics_url, None, Duration::from_secs(30))
         .await
         .with_context(|| format!("epp not up; see {}", epp.log.display()))?;
-    let template = std::fs::read_to_string(
+    let template = response_path.apply(&std::fs::read_to_string(
         tools
             .repo
             .join("gateway-configs/envoy/envoy-plaintext.yaml"),
-    )?;
+    )?);
     let (admin, listen) = (free_port()?, free_port()?);
     let envoy_cfg = harness::render(
         &template,

@@ -236,7 +236,12 @@ impl EngineMapping {
     pub fn extract(&self, text: &str) -> Extracted {
         let mut best = Fields::default();
         let mut bad_lines = 0usize;
-        for sample in prometheus::samples(text) {
+        // Only the families this mapping reads are parsed (an engine exposes hundreds of
+        // series, histograms mostly, and reads a handful): the same values, a fraction of the
+        // work. `bad_lines` therefore counts malformed lines of those families only.
+        let names: Vec<&str> = self.metric_specs().map(|spec| spec.name.as_str()).collect();
+        let wanted = |name: &str| names.contains(&name);
+        for sample in prometheus::samples_named(text, &wanted) {
             let Ok(sample) = sample else {
                 bad_lines += 1;
                 continue;
@@ -303,6 +308,26 @@ impl EngineMapping {
             found_any_core: best.queued.is_some() || best.running.is_some() || best.kv.is_some(),
             bad_lines,
         }
+    }
+}
+
+impl EngineMapping {
+    /// Every metric this mapping reads.
+    fn metric_specs(&self) -> impl Iterator<Item = &MetricSpec> {
+        let cache: [Option<&MetricSpec>; 2] = match &self.cache_info {
+            Some(CacheInfoSpec::Labels { metric, .. }) => [Some(metric), None],
+            Some(CacheInfoSpec::Gauges {
+                block_size,
+                num_blocks,
+            }) => [Some(block_size), Some(num_blocks)],
+            None => [None, None],
+        };
+        self.queued
+            .iter()
+            .chain(&self.running)
+            .chain(&self.kv_usage)
+            .chain(self.lora_info.as_ref())
+            .chain(cache.into_iter().flatten())
     }
 }
 
@@ -428,6 +453,64 @@ impl Fields {
 mod tests {
     use super::*;
 
+    /// What a vLLM exposition holds besides the few series read: histograms, counters, process
+    /// metrics, and a malformed line in a family nobody reads.
+    fn noise() -> String {
+        let mut out = String::new();
+        for family in [
+            "vllm:e2e_request_latency_seconds",
+            "vllm:time_to_first_token_seconds",
+        ] {
+            out.push_str(&format!(
+                "# HELP {family} latency\n# TYPE {family} histogram\n"
+            ));
+            for le in ["0.1", "0.5", "1.0", "+Inf"] {
+                out.push_str(&format!(
+                    "{family}_bucket{{model_name=\"m\",le=\"{le}\"}} 7\n"
+                ));
+            }
+            out.push_str(&format!(
+                "{family}_sum{{model_name=\"m\"}} 3.5\n{family}_count 7\n"
+            ));
+        }
+        out.push_str("process_cpu_seconds_total 12.5\npython_gc_objects_collected_total{generation=\"0\"} 9\n");
+        out.push_str("vllm:num_requests_waiting_not_this_one 99\n");
+        out.push_str("unread_family{broken 1\n");
+        out
+    }
+
+    #[test]
+    fn unread_families_are_skipped_yet_the_values_are_identical() {
+        let core = "vllm:num_requests_waiting{model_name=\"m\"} 3\n\
+                    vllm:num_requests_running{model_name=\"m\"} 5\n\
+                    vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n\
+                    vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"1000\"} 1\n";
+        let mapping = EngineMapping::builtin()
+            .into_iter()
+            .find(|m| m.name == "vllm")
+            .unwrap();
+        let alone = mapping.extract(core);
+        let noise = noise();
+        let mixed = mapping.extract(&format!("{noise}{core}{noise}"));
+        assert_eq!(
+            alone, mixed,
+            "same values, and the broken unread line is not counted"
+        );
+        assert_eq!(mixed.metrics.waiting_queue_size, 3);
+        assert_eq!(mixed.metrics.running_requests, 5);
+        assert_eq!(mixed.metrics.cache_block_size, Some(16));
+        assert!(mixed.found_core);
+        // The filtered iterator yields exactly the wanted subset of the full one.
+        let text = format!("{noise}{core}");
+        let wanted = |n: &str| n.starts_with("vllm:num_requests");
+        let filtered: Vec<_> = prometheus::samples_named(&text, &wanted).collect();
+        let full: Vec<_> = prometheus::samples(&text)
+            .filter(|s| s.as_ref().is_ok_and(|s| wanted(s.name)))
+            .collect();
+        assert_eq!(filtered, full);
+        assert_eq!(filtered.len(), 3);
+    }
+
     #[test]
     fn spec_parsing() {
         let s: MetricSpec = "nv_trt_llm_request_metrics{request_type=waiting}"
@@ -513,7 +596,10 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="c",waiting_lora_adap
 
     #[test]
     fn garbage_is_counted_not_fatal() {
-        let m = EngineMapping::vllm().extract("vllm:num_requests_waiting 2\n%%%\n");
+        // A malformed line of a family the mapping reads is counted; garbage elsewhere is
+        // skipped unread, like every family the mapping does not read.
+        let m = EngineMapping::vllm()
+            .extract("vllm:num_requests_waiting 2\n%%%\nvllm:num_requests_running{broken 1\n");
         assert_eq!(m.bad_lines, 1);
         assert_eq!(m.metrics.waiting_queue_size, 2);
     }

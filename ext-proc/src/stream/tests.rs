@@ -606,3 +606,82 @@ async fn the_session_token_written_on_the_response_pins_the_next_request() {
         assert_eq!(routing_answer(&out[0]).destination(), first);
     }
 }
+
+/// Response trailers (a gateway that sends them at the end of a body-less response).
+fn resp_trailers() -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::ResponseTrailers(
+            crate::envoy::ext_proc::HttpTrailers::default(),
+        )),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_less_response_completes_on_trailers_once() {
+    let h = Harness::new(2);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    assert_eq!(s.on_message(resp_headers(&sse, false, None)).len(), 1);
+    assert!(!s.exchange_complete(), "the body streams past the EPP");
+    assert_eq!(
+        s.on_message(resp_trailers()).len(),
+        1,
+        "the trailers are answered"
+    );
+    assert!(s.exchange_complete());
+    assert_eq!(h.events(), ["complete None", "released m"]);
+    // A stream end after that completes nothing twice.
+    s.on_stream_end();
+    drop(s);
+    assert!(h.events().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lean_path_completes_when_the_stream_ends_or_is_dropped() {
+    let h = Harness::new(2);
+    // Before response headers, a stream end releases but completes nothing.
+    let mut early = h.stream();
+    send_chat(&mut early, "m", &[]);
+    early.on_stream_end();
+    drop(early);
+    let events = h.events();
+    assert_eq!(events.last().map(String::as_str), Some("released m"));
+    assert!(
+        !events.iter().any(|e| e.starts_with("complete")),
+        "{events:?}"
+    );
+    // After response headers and no body: the response's end.
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    s.on_stream_end();
+    assert_eq!(h.events(), ["complete None", "released m"]);
+    // Dropped (Envoy reset the stream; tonic drops it without a message): the same.
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    drop(s);
+    assert_eq!(h.events(), ["complete None", "released m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_path_stream_cut_after_its_first_chunk_is_not_complete() {
+    let h = Harness::new(2);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    s.on_message(resp_headers(&sse, false, None));
+    s.on_message(resp_body(b"data: {\"choices\":[]}\n\n", false));
+    drop(s);
+    assert_eq!(
+        h.events(),
+        ["released m"],
+        "released, not recorded as complete"
+    );
+}
