@@ -712,7 +712,7 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
         let epp = ctx
             .epp(
                 pool_of("primary", &pods),
-                endpoint_picker::config::DEFAULT_CONFIG,
+                endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
                 false,
             )
             .await;
