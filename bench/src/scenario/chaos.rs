@@ -1168,7 +1168,7 @@ pub fn markdown(run: &ChaosRun) -> String {
              processor). Requests sent after the kill are not: the templates' outlier detection \
              ejects the EPP at its first refused connection (without it, Envoy kept opening \
              streams to the dead EPP until its 1 s health check failed, and those requests got \
-             500: 21 in the run of 2026-11-29). Once ejected, opening the stream fails at once \
+             500: 21 in the run of 2026-11-30 00:43 UTC). Once ejected, opening the stream fails at once \
              (`no healthy upstream`) and the fallback policy serves the request.\n",
         );
     }
