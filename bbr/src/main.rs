@@ -204,26 +204,9 @@ async fn run(args: Args) -> Result<()> {
         drain_grace: drain_grace_period,
     };
     let shutdown = CancellationToken::new();
-    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    let signals = tokio::spawn(epp::signals::cancel_on_signal(shutdown.clone()));
     let served = server::serve(settings, listeners, shutdown).await;
     signals.abort();
     served.map_err(anyhow::Error::from)?;
     Ok(())
-}
-
-/// SIGTERM (Kubernetes) and SIGINT (a terminal) both start a graceful drain.
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod profile;
 pub mod recorder;
 pub mod server;
+pub mod signals;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tls;

@@ -354,34 +354,10 @@ async fn run(args: Args) -> Result<()> {
         health_on_grpc_port: health_checking,
         drain_grace: drain_grace_period,
     };
-    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    let signals = tokio::spawn(epp::signals::cancel_on_signal(shutdown.clone()));
     // Returns once every supervised task has ended (the lease handed back among them).
     let served = server::serve(settings, listeners, shutdown.clone()).await;
     signals.abort();
     served.map_err(anyhow::Error::from)?;
     Ok(())
-}
-
-/// SIGTERM (Kubernetes) and SIGINT (a terminal) both start a graceful drain.
-async fn wait_for_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    shutdown.cancel();
 }

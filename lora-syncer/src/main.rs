@@ -190,25 +190,8 @@ async fn run(args: Args) -> Result<()> {
         });
         tasks.adopt("metrics-server", OnExit::Shutdown, server);
     }
-    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    let signals = tokio::spawn(epp::signals::cancel_on_signal(shutdown.clone()));
     tasks.run().await;
     signals.abort();
     Ok(())
-}
-
-/// SIGTERM and SIGINT stop the syncer.
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }

@@ -1,0 +1,28 @@
+//! Process signals, shared by the workspace's binaries (`epp`, `bbr`, `lora-syncer`).
+
+use tokio_util::sync::CancellationToken;
+
+/// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (a terminal): both start a graceful
+/// drain.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}
