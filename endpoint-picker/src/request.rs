@@ -67,6 +67,9 @@ pub struct InferenceRequest {
     pub slo_ttft: Option<std::time::Duration>,
     /// Time-per-output-token objective (`x-llm-d-slo-tpot-ms`).
     pub slo_tpot: Option<std::time::Duration>,
+    /// The prompt's token ids as the engine will see them (chat template applied), when a
+    /// tokenizer is configured and produced them; `None` otherwise. Shared, never copied.
+    pub token_ids: Option<std::sync::Arc<[u32]>>,
     /// Request headers a plugin may read (lower-case names), e.g. the conformance
     /// `test-epp-endpoint-selection` or `x-session-token`.
     pub headers: Vec<(String, String)>,

@@ -1,0 +1,115 @@
+//! vLLM's KV-cache events, as the engines publish them (`--kv-events-config`).
+//!
+//! An engine reports every block that enters or leaves its prefix cache: `BlockStored` (the
+//! block's hash, its parent's, its token ids, the tier it lives in), `BlockRemoved` and
+//! `AllBlocksCleared`, in batches (`KVEventBatch`) sent as msgpack over ZMQ PUB. This crate holds
+//! the types both sides share: the simulator publishes them, the EPP's precise prefix index
+//! applies them. They are the decoded, bounded form of the wire format, not the format itself:
+//! block hashes are folded to 64 bits as llm-d folds them (the low 8 bytes, big-endian, of a
+//! byte digest), and the medium is one of a closed set.
+//!
+//! Wire format reference: `../shared/reference/llmd.md` §2 (vLLM `vllm/distributed/kv_events.py`).
+
+#![warn(missing_docs)]
+
+/// A block's hash as the engine computed it, folded to 64 bits.
+pub type EngineBlockHash = u64;
+
+/// One message's payload: the events of one or more engine steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventBatch {
+    /// When the batch was made (seconds since the Unix epoch, as the engine's clock says).
+    pub ts: f64,
+    /// The events, in the order the engine made them.
+    pub events: Vec<Event>,
+    /// The data-parallel rank that produced the batch, when the engine runs several.
+    pub data_parallel_rank: Option<i64>,
+}
+
+/// A change of an engine's prefix cache.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Full blocks entered a tier of the cache.
+    BlockStored(BlockStored),
+    /// Blocks left a tier of the cache.
+    BlockRemoved(BlockRemoved),
+    /// The engine dropped everything it had cached (e.g. on a reset or a weight reload).
+    AllBlocksCleared,
+}
+
+/// `BlockStored`: a run of consecutive full blocks of one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStored {
+    /// The blocks' hashes, first to last.
+    pub block_hashes: Vec<EngineBlockHash>,
+    /// The hash of the block before the first one (`None` at the start of a sequence).
+    pub parent_block_hash: Option<EngineBlockHash>,
+    /// The tokens of all the blocks, `block_size` per block. vLLM's CPU offloading stores
+    /// blocks it already announced for the GPU with no tokens.
+    pub token_ids: Vec<u32>,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// The LoRA adapter's integer id, when the blocks belong to one.
+    pub lora_id: Option<i64>,
+    /// The LoRA adapter's name (newer vLLM), when the blocks belong to one.
+    pub lora_name: Option<String>,
+    /// Where the blocks live.
+    pub medium: Medium,
+}
+
+/// `BlockRemoved`: blocks evicted from a tier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockRemoved {
+    /// The evicted blocks' hashes.
+    pub block_hashes: Vec<EngineBlockHash>,
+    /// The tier they left.
+    pub medium: Medium,
+}
+
+/// The tier of a cached block. vLLM says `GPU` (the default when absent) or `CPU` (its CPU
+/// offloading); LMCache-style stores add local disk and a remote, shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum Medium {
+    /// The engine's GPU memory: a hit costs nothing.
+    #[default]
+    Gpu,
+    /// The replica's CPU memory: a hit costs a host-to-device copy.
+    Cpu,
+    /// The replica's local disk.
+    Disk,
+    /// A store shared by the replicas (or a peer's memory), reached over the network.
+    Remote,
+}
+
+impl Medium {
+    /// The wire name (as vLLM writes `GPU` and `CPU`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Medium::Gpu => "GPU",
+            Medium::Cpu => "CPU",
+            Medium::Disk => "DISK",
+            Medium::Remote => "REMOTE",
+        }
+    }
+
+    /// Parses a wire name, case-insensitively; `None` for a name this crate does not know.
+    pub fn parse(name: &str) -> Option<Medium> {
+        [Medium::Gpu, Medium::Cpu, Medium::Disk, Medium::Remote]
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_parse_case_insensitively_and_round_trip() {
+        for m in [Medium::Gpu, Medium::Cpu, Medium::Disk, Medium::Remote] {
+            assert_eq!(Medium::parse(m.as_str()), Some(m));
+            assert_eq!(Medium::parse(&m.as_str().to_lowercase()), Some(m));
+        }
+        assert_eq!(Medium::parse("tape"), None);
+    }
+}
