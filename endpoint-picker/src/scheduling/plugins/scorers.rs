@@ -349,14 +349,22 @@ impl Scorer for NoHitLruScorer {
                 })
                 .collect()
         };
-        let mut used: Vec<usize> = (0..c.len()).filter(|&i| last[i] > 0).collect();
-        used.sort_by_key(|&i| last[i]);
+        // (last use, index) of the used ones, oldest first. Uses are distinct ticks, so an
+        // unstable sort of the pairs orders them exactly, without chasing `last[i]`.
+        let mut used: Vec<(u64, usize)> = (0..c.len())
+            .filter(|&i| last[i] > 0)
+            .map(|i| (last[i], i))
+            .collect();
+        used.sort_unstable();
         // Beyond `lru_size` remembered endpoints the oldest are forgotten: never used again.
         let forgotten = used.len().saturating_sub(self.lru_size);
+        // Never used first, in candidate order (already ascending unless some were forgotten).
         let mut order: Vec<usize> = (0..c.len()).filter(|&i| last[i] == 0).collect();
-        order.extend_from_slice(&used[..forgotten]);
-        order.sort_unstable();
-        order.extend_from_slice(&used[forgotten..]);
+        if forgotten > 0 {
+            order.extend(used[..forgotten].iter().map(|&(_, i)| i));
+            order.sort_unstable();
+        }
+        order.extend(used[forgotten..].iter().map(|&(_, i)| i));
         let span = (c.len() - 1) as f64;
         for (rank, &i) in order.iter().enumerate() {
             scores[i] = 1.0 - rank as f64 / span;
