@@ -14,7 +14,7 @@
 //! The engine can publish what enters and leaves the cache as [`KvEvent`]s, the shape of vLLM's
 //! KV-cache events (`BlockStored` / `BlockRemoved`): the seam for precise prefix-cache routing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use xxhash_rust::xxh64::xxh64;
 
@@ -47,24 +47,80 @@ struct Block {
     /// Hash of the block's content when it is full and registered in the prefix cache.
     hash: Option<u64>,
     ref_count: u32,
-    /// Position in the free queue while `ref_count == 0`.
-    free_seq: u64,
+    /// Free-queue links, meaningful while `ref_count == 0` (the block is then in the queue).
+    prev: BlockId,
+    next: BlockId,
 }
 
-/// Free-queue positions start here so that partial blocks can be put *before* the head without
-/// wrapping around.
-const SEQ_BASE: u64 = 1 << 62;
+/// End of the free queue's links.
+const NIL: BlockId = BlockId::MAX;
+
+/// The free queue, as vLLM's `FreeKVCacheBlockQueue`: a doubly linked list threaded through the
+/// blocks, ordered by the time a block became free (the head is evicted first). Taking a cached
+/// block back out of the middle, freeing to the tail and evicting from the head are all O(1).
+#[derive(Debug)]
+struct FreeQueue {
+    head: BlockId,
+    tail: BlockId,
+    len: usize,
+}
+
+impl FreeQueue {
+    fn push_back(&mut self, blocks: &mut [Block], id: BlockId) {
+        blocks[id as usize].prev = self.tail;
+        blocks[id as usize].next = NIL;
+        match self.tail {
+            NIL => self.head = id,
+            t => blocks[t as usize].next = id,
+        }
+        self.tail = id;
+        self.len += 1;
+    }
+
+    fn push_front(&mut self, blocks: &mut [Block], id: BlockId) {
+        blocks[id as usize].prev = NIL;
+        blocks[id as usize].next = self.head;
+        match self.head {
+            NIL => self.tail = id,
+            h => blocks[h as usize].prev = id,
+        }
+        self.head = id;
+        self.len += 1;
+    }
+
+    fn remove(&mut self, blocks: &mut [Block], id: BlockId) {
+        let (prev, next) = (blocks[id as usize].prev, blocks[id as usize].next);
+        match prev {
+            NIL => self.head = next,
+            p => blocks[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => blocks[n as usize].prev = prev,
+        }
+        self.len -= 1;
+    }
+
+    fn pop_front(&mut self, blocks: &mut [Block]) -> Option<BlockId> {
+        let id = self.head;
+        if id == NIL {
+            return None;
+        }
+        self.remove(blocks, id);
+        Some(id)
+    }
+}
 
 /// The block pool.
 #[derive(Debug)]
 pub struct KvCache {
     block_size: usize,
     blocks: Vec<Block>,
-    /// Prefix cache: content hash → block holding it.
-    cached: HashMap<u64, BlockId>,
-    /// Free queue ordered by the time a block became free: the first entry is evicted first.
-    free: BTreeMap<u64, BlockId>,
-    next_seq: u64,
+    /// Prefix cache: content hash → block holding it (foldhash: the hash map is most of the
+    /// cost of a step's bookkeeping, and SipHash's DoS resistance buys nothing in a simulator).
+    cached: HashMap<u64, BlockId, foldhash::fast::RandomState>,
+    /// Blocks no sequence references, least recently freed first.
+    free: FreeQueue,
     evictions: u64,
     /// Hashes evicted since the last [`KvCache::take_removed`], when recording.
     removed: Option<Vec<u64>>,
@@ -78,13 +134,18 @@ pub fn chain_root(lora: Option<&str>) -> u64 {
     }
 }
 
-/// The hash of a full block given its parent's hash.
+/// The hash of a full block given its parent's hash: xxh64 of the tokens' little-endian bytes,
+/// seeded with the parent (streamed through a stack buffer: no allocation per block).
 pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut buf = Vec::with_capacity(tokens.len() * 4);
-    for t in tokens {
-        buf.extend_from_slice(&t.to_le_bytes());
+    let mut hasher = xxhash_rust::xxh64::Xxh64::new(parent);
+    let mut buf = [0u8; 256];
+    for chunk in tokens.chunks(buf.len() / 4) {
+        for (dst, t) in buf.chunks_exact_mut(4).zip(chunk) {
+            dst.copy_from_slice(&t.to_le_bytes());
+        }
+        hasher.update(&buf[..chunk.len() * 4]);
     }
-    xxh64(&buf, parent)
+    hasher.digest()
 }
 
 /// The chained hashes of every full block of `tokens`.
@@ -102,24 +163,29 @@ pub fn block_hashes(root: u64, tokens: &[u32], block_size: usize) -> Vec<u64> {
 impl KvCache {
     /// A pool of `num_blocks` empty blocks of `block_size` tokens.
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        let mut free = BTreeMap::new();
-        let blocks = (0..num_blocks)
-            .map(|i| {
-                let seq = SEQ_BASE + i as u64;
-                free.insert(seq, i as BlockId);
-                Block {
-                    hash: None,
-                    ref_count: 0,
-                    free_seq: seq,
-                }
+        // Block ids are u32 and `NIL` is reserved: a pool is far smaller than 4 billion blocks.
+        let num_blocks = num_blocks.min(NIL as usize);
+        let mut blocks: Vec<Block> = (0..num_blocks)
+            .map(|_| Block {
+                hash: None,
+                ref_count: 0,
+                prev: NIL,
+                next: NIL,
             })
             .collect();
+        let mut free = FreeQueue {
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        };
+        for id in 0..num_blocks {
+            free.push_back(&mut blocks, id as BlockId);
+        }
         Self {
             block_size,
             blocks,
-            cached: HashMap::new(),
+            cached: HashMap::default(),
             free,
-            next_seq: SEQ_BASE + num_blocks as u64,
             evictions: 0,
             removed: None,
         }
@@ -137,12 +203,12 @@ impl KvCache {
 
     /// Blocks not referenced by any sequence (some of them still hold cached content).
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.free.len
     }
 
     /// Blocks referenced by at least one sequence.
     pub fn num_used(&self) -> usize {
-        self.blocks.len() - self.free.len()
+        self.blocks.len() - self.free.len
     }
 
     /// Fraction of blocks in use, as `vllm:kv_cache_usage_perc` reports it (0–1).
@@ -183,7 +249,7 @@ impl KvCache {
 
     /// Whether `new_blocks` fresh blocks can be allocated after taking `hit_hashes` from the cache.
     pub fn can_allocate(&self, new_blocks: usize, hit_hashes: &[u64]) -> bool {
-        self.free.len() >= new_blocks + self.free_among_hits(hit_hashes)
+        self.free.len >= new_blocks + self.free_among_hits(hit_hashes)
     }
 
     /// Takes references on the cached blocks of `hashes` (which must all be cached), removing
@@ -192,11 +258,10 @@ impl KvCache {
         let mut out = Vec::with_capacity(hashes.len());
         for h in hashes {
             let Some(&id) = self.cached.get(h) else { break };
-            let block = &mut self.blocks[id as usize];
-            if block.ref_count == 0 {
-                self.free.remove(&block.free_seq);
+            if self.blocks[id as usize].ref_count == 0 {
+                self.free.remove(&mut self.blocks, id);
             }
-            block.ref_count += 1;
+            self.blocks[id as usize].ref_count += 1;
             out.push(id);
         }
         out
@@ -205,12 +270,12 @@ impl KvCache {
     /// Allocates `n` blocks from the head of the free queue (evicting their cached content), or
     /// nothing when fewer than `n` are free.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
-        if self.free.len() < n {
+        if self.free.len < n {
             return None;
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let (_, id) = self.free.pop_first()?;
+            let id = self.free.pop_front(&mut self.blocks)?;
             let block = &mut self.blocks[id as usize];
             if let Some(h) = block.hash.take() {
                 if self.cached.get(&h) == Some(&id) {
@@ -265,17 +330,16 @@ impl KvCache {
     pub fn release(&mut self, ids: &[BlockId]) {
         for &id in ids.iter().rev() {
             let block = &mut self.blocks[id as usize];
-            block.ref_count = block.ref_count.saturating_sub(1);
             if block.ref_count == 0 {
-                block.free_seq = self.next_seq;
-                self.next_seq += 1;
-                self.free.insert(block.free_seq, id);
+                continue; // already free: releasing twice must not link it twice
+            }
+            block.ref_count -= 1;
+            if block.ref_count == 0 {
                 if block.hash.is_none() {
                     // A partial block holds nothing reusable: hand it out before cached content.
-                    self.free.remove(&block.free_seq);
-                    let front = self.free.first_key_value().map_or(SEQ_BASE, |(&k, _)| k);
-                    block.free_seq = front - 1;
-                    self.free.insert(block.free_seq, id);
+                    self.free.push_front(&mut self.blocks, id);
+                } else {
+                    self.free.push_back(&mut self.blocks, id);
                 }
             }
         }
@@ -382,5 +446,60 @@ mod tests {
         kv.release(&b);
         kv.allocate(1).unwrap();
         assert!(kv.is_cached(h), "the uncached partial block went first");
+    }
+
+    /// The queue's links agree with the reference counts: walking it from the head visits
+    /// exactly the free blocks, once each, and the backward links mirror the forward ones.
+    fn assert_queue_consistent(kv: &KvCache) {
+        let mut seen = vec![false; kv.blocks.len()];
+        let (mut id, mut prev, mut n) = (kv.free.head, NIL, 0);
+        while id != NIL {
+            assert!(!seen[id as usize], "block {id} linked twice");
+            seen[id as usize] = true;
+            assert_eq!(kv.blocks[id as usize].prev, prev);
+            assert_eq!(kv.blocks[id as usize].ref_count, 0);
+            (prev, id) = (id, kv.blocks[id as usize].next);
+            n += 1;
+        }
+        assert_eq!(kv.free.tail, prev);
+        assert_eq!(n, kv.free.len);
+        let free = kv.blocks.iter().filter(|b| b.ref_count == 0).count();
+        assert_eq!(free, kv.free.len);
+    }
+
+    #[test]
+    fn the_free_queue_stays_consistent_under_random_use() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let mut kv = KvCache::new(32, 2);
+        let mut held: Vec<Vec<BlockId>> = Vec::new();
+        for step in 0..5_000u32 {
+            match rng.random_range(0..4) {
+                0 | 1 => {
+                    let n = rng.random_range(1..4);
+                    if let Some(ids) = kv.allocate(n) {
+                        // Fill some blocks: full ones keep cached content when freed.
+                        for (i, &id) in ids.iter().enumerate() {
+                            if rng.random_bool(0.5) {
+                                kv.commit_full(id, u64::from(step) * 8 + i as u64);
+                            }
+                        }
+                        held.push(ids);
+                    }
+                }
+                2 if !held.is_empty() => {
+                    let ids = held.swap_remove(rng.random_range(0..held.len()));
+                    kv.release(&ids);
+                }
+                _ => {
+                    let hashes: Vec<u64> = (0..3).map(|_| rng.random_range(0..40_000)).collect();
+                    let hit = kv.longest_hit(&hashes);
+                    if hit > 0 {
+                        held.push(kv.take_hits(&hashes[..hit]));
+                    }
+                }
+            }
+            assert_queue_consistent(&kv);
+        }
     }
 }

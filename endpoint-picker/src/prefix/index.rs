@@ -7,10 +7,10 @@
 
 use std::collections::HashMap;
 
-use lru::LruCache;
 use parking_lot::RwLock;
 use smallvec::SmallVec;
 
+use super::block_lru::BlockLru;
 use crate::datastore::EndpointId;
 
 type Holders = SmallVec<[EndpointId; 4]>;
@@ -23,9 +23,10 @@ pub struct PrefixIndex {
 
 #[derive(Debug, Default)]
 struct Inner {
-    holders: HashMap<u64, Holders>,
+    /// Block hash → the endpoints holding it (foldhash, randomly seeded: see [`BlockLru`]).
+    holders: HashMap<u64, Holders, foldhash::fast::RandomState>,
     /// Per endpoint id: its LRU of block hashes.
-    endpoints: Vec<Option<LruCache<u64, ()>>>,
+    endpoints: Vec<Option<BlockLru>>,
 }
 
 impl PrefixIndex {
@@ -70,22 +71,19 @@ impl PrefixIndex {
         if endpoints.len() <= slot {
             endpoints.resize_with(slot + 1, || None);
         }
-        // Unbounded cache with the capacity enforced here: a bounded `LruCache` pre-allocates
-        // its whole table (tens of thousands of entries per endpoint) on first use, which cost
-        // ~40 µs on the first request to each endpoint and ~1 MB per endpoint up front; the
-        // index should only hold what routing has actually put there. Enforcing it on every
-        // insert also lets auto-tuning change the capacity at any time.
-        let lru = endpoints[slot].get_or_insert_with(LruCache::unbounded);
+        // The capacity is enforced here rather than by the LRU: the index should only hold
+        // what routing has actually put there (no table sized for the capacity up front), and
+        // auto-tuning can change the capacity at any time.
+        let lru = endpoints[slot].get_or_insert_with(BlockLru::new);
         // Deepest block first, so the leading blocks end up most recent: matching stops at the
         // first miss, so when something must go it should be a request's tail, never its head.
         for &h in hashes.iter().rev() {
-            if lru.push(h, ()).is_none() {
-                // Newly held (push returns the old entry when the key was already there).
+            if lru.touch(h) {
                 holders.entry(h).or_default().push(endpoint);
             }
         }
         while lru.len() > capacity {
-            if let Some((old, ())) = lru.pop_lru() {
+            if let Some(old) = lru.pop_oldest() {
                 remove_holder(holders, old, endpoint);
             }
         }
@@ -101,8 +99,8 @@ impl PrefixIndex {
                 && !live(id)
                 && let Some(lru) = lru.take()
             {
-                for (h, ()) in lru.iter() {
-                    remove_holder(holders, *h, id);
+                for h in lru.hashes() {
+                    remove_holder(holders, h, id);
                 }
             }
         }
@@ -115,7 +113,7 @@ impl PrefixIndex {
             .endpoints
             .iter()
             .flatten()
-            .map(LruCache::len)
+            .map(BlockLru::len)
             .sum()
     }
 
@@ -125,7 +123,11 @@ impl PrefixIndex {
     }
 }
 
-fn remove_holder(holders: &mut HashMap<u64, Holders>, hash: u64, endpoint: EndpointId) {
+fn remove_holder(
+    holders: &mut HashMap<u64, Holders, foldhash::fast::RandomState>,
+    hash: u64,
+    endpoint: EndpointId,
+) {
     if let Some(set) = holders.get_mut(&hash) {
         set.retain(|id| *id != endpoint);
         if set.is_empty() {

@@ -1,5 +1,6 @@
 //! Approximate prefix-cache awareness: block hashing of prompts and the routing-history index.
 
+mod block_lru;
 pub mod hash;
 pub mod index;
 
