@@ -6,6 +6,7 @@ use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendA
 pub use envoy_types::pb::envoy::config::core::v3::{
     HeaderMap, HeaderValue, HeaderValueOption, Metadata,
 };
+pub use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 pub use envoy_types::pb::envoy::service::ext_proc::v3 as ext_proc;
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -168,6 +169,59 @@ pub fn request_headers_response(
             },
         )),
         dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}
+
+/// A request-headers response that changes nothing: on the BUFFERED request path the headers
+/// are answered at once, and Envoy holds them (still mutable) until the body's answer.
+pub fn continue_request_headers() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(
+            HeadersResponse {
+                response: Some(CommonResponse::default()),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// The routing answer of the BUFFERED request path: one request-body response carrying what
+/// [`request_headers_response`] carries on the streamed path (header mutations apply to the
+/// request headers Envoy still holds; `clear_route_cache`; `dynamic_metadata`) and, when the
+/// body changed, the whole new body. The caller sets `content-length` to the new body's length
+/// in `set`: Envoy refuses a body mutation whose length differs from the held header.
+pub fn request_body_response(
+    set: Vec<HeaderValueOption>,
+    remove: Vec<String>,
+    metadata: Option<Struct>,
+    new_body: Option<Bytes>,
+) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestBody(BodyResponse {
+            response: Some(CommonResponse {
+                header_mutation: Some(HeaderMutation {
+                    set_headers: set,
+                    remove_headers: remove,
+                }),
+                body_mutation: new_body.map(|body| BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(body.into())),
+                }),
+                clear_route_cache: true,
+                ..Default::default()
+            }),
+        })),
+        dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}
+
+/// A request-body response that changes nothing (BUFFERED path: the body goes on as it is).
+pub fn continue_request_body() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestBody(BodyResponse {
+            response: Some(CommonResponse::default()),
+        })),
         ..Default::default()
     }
 }

@@ -29,6 +29,15 @@ pub enum RequestError {
     /// Routing failed: 503 (no candidates) or 429 (shed, unschedulable).
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// Envoy announced a request body mode the EPP cannot route with (the gateway's ext_proc
+    /// filter is misconfigured): 500, on every request, rather than a stream Envoy rejects.
+    #[error(
+        "the gateway sends request bodies as {mode}; the EPP needs FULL_DUPLEX_STREAMED or BUFFERED"
+    )]
+    UnsupportedBodyMode {
+        /// The mode's protobuf name.
+        mode: &'static str,
+    },
 }
 
 impl RequestError {
@@ -40,6 +49,7 @@ impl RequestError {
             RequestError::Route(RouteError::NoCandidates) => (503, "ServiceUnavailable"),
             RequestError::Route(RouteError::Shed(_)) => (429, "ResourceExhausted"),
             RequestError::Route(RouteError::Unschedulable(_)) => (429, "ResourceExhausted"),
+            RequestError::UnsupportedBodyMode { .. } => (500, "Internal"),
         }
     }
 
@@ -86,6 +96,10 @@ mod tests {
             400
         );
         assert_eq!(RequestError::TooLarge { limit: 1 }.status().0, 413);
+        assert_eq!(
+            RequestError::UnsupportedBodyMode { mode: "STREAMED" }.status(),
+            (500, "Internal")
+        );
         assert_eq!(RequestError::from(RouteError::NoCandidates).status().0, 503);
         assert_eq!(RequestError::from(RouteError::Shed(-1)).status().0, 429);
         assert_eq!(

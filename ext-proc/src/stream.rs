@@ -1,12 +1,21 @@
 //! The per-stream state machine: one ext_proc stream is one HTTP request.
 //!
-//! Envoy runs the filter with FULL_DUPLEX_STREAMED bodies, so:
-//! - request headers are stored and answered later, unless they end the stream (then the
-//!   request is routed at once);
-//! - request body chunks are buffered; at end of stream the body is parsed, the request routed,
-//!   and the EPP answers with one headers response (destination header, `Content-Length`,
-//!   `clear_route_cache`, `envoy.lb` metadata) followed by the body as `streamed_response`
-//!   chunks of at most 62,000 bytes;
+//! The request body comes in one of two modes, which Envoy announces in the first message
+//! (`protocol_config.request_body_mode`; without it, FULL_DUPLEX_STREAMED):
+//! - FULL_DUPLEX_STREAMED (the FailClose templates, the reference's mode): request headers are
+//!   stored and answered later, unless they end the stream (then the request is routed at
+//!   once); body chunks are buffered here; at end of stream the body is parsed, the request
+//!   routed, and the EPP answers with one headers response (destination header,
+//!   `Content-Length`, `clear_route_cache`, `envoy.lb` metadata) followed by the body as
+//!   `streamed_response` chunks of at most 62,000 bytes;
+//! - BUFFERED (the FailOpen templates): Envoy keeps the body itself and sends it whole, after
+//!   the headers' answer, so it can still fail open after the EPP saw the body (Envoy drops
+//!   fail-open for good once a FULL_DUPLEX_STREAMED body chunk went out, in either direction,
+//!   `Filter::failureModeAllow` in ext_proc.cc, envoyproxy/envoy#41276). The headers get an
+//!   empty answer at once; the body's answer carries the routing (header mutations apply to
+//!   the headers Envoy holds) and, only if the model was rewritten, the new body with its
+//!   `Content-Length` (Envoy refuses a body whose length differs from the held header);
+//!   other modes get a 500 at once ([`RequestError::UnsupportedBodyMode`]);
 //! - response headers are answered at once; SSE response chunks are answered one by one as they
 //!   arrive; other bodies are passed through too, unless the model name must be rewritten back,
 //!   in which case they are buffered to the end;
@@ -107,6 +116,16 @@ pub struct ServiceContext {
     pub options: ServiceOptions,
 }
 
+/// How Envoy sends the request body (`protocol_config.request_body_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestBodyMode {
+    /// FULL_DUPLEX_STREAMED: chunks as they arrive; the EPP answers the headers once it has
+    /// routed and sends the body back itself.
+    Streamed,
+    /// BUFFERED: the whole body in one message after the headers' answer; Envoy keeps it.
+    Buffered,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Waiting for request headers.
@@ -122,6 +141,7 @@ enum Phase {
 pub struct StreamState {
     ctx: Arc<ServiceContext>,
     phase: Phase,
+    request_body_mode: RequestBodyMode,
     /// Set once an immediate response ended the exchange.
     done: bool,
     headers: Vec<(String, String)>,
@@ -165,6 +185,7 @@ impl StreamState {
         Self {
             ctx,
             phase: Phase::Start,
+            request_body_mode: RequestBodyMode::Streamed,
             done: false,
             headers: Vec::new(),
             request_id: String::new(),
@@ -200,6 +221,12 @@ impl StreamState {
         if self.done {
             return Vec::new();
         }
+        if self.phase == Phase::Start
+            && let Some(config) = message.protocol_config
+            && let Err(e) = self.note_protocol(config)
+        {
+            return self.fail(e, None);
+        }
         let metadata = message.metadata_context.as_ref();
         use processing_request::Request as R;
         match message.request {
@@ -214,6 +241,9 @@ impl StreamState {
             Some(R::RequestTrailers(_)) => {
                 let mut out = Vec::new();
                 if self.phase == Phase::RequestBody {
+                    // BUFFERED: trailers here mean a request without body (Envoy sends the
+                    // body, if any, before them), which parsing refuses: no body answer then
+                    // precedes the trailers' answer.
                     out = self.finish_request(false);
                 }
                 if !self.done {
@@ -262,6 +292,29 @@ impl StreamState {
         }
     }
 
+    /// Reads the body mode Envoy announces with the stream's first message.
+    fn note_protocol(
+        &mut self,
+        config: envoy::ext_proc::ProtocolConfiguration,
+    ) -> Result<(), RequestError> {
+        use envoy::BodySendMode as M;
+        self.request_body_mode = match M::try_from(config.request_body_mode) {
+            Ok(M::FullDuplexStreamed) => RequestBodyMode::Streamed,
+            Ok(M::Buffered) => RequestBodyMode::Buffered,
+            Ok(other) => {
+                return Err(RequestError::UnsupportedBodyMode {
+                    mode: other.as_str_name(),
+                });
+            }
+            Err(_) => {
+                return Err(RequestError::UnsupportedBodyMode {
+                    mode: "an unknown mode",
+                });
+            }
+        };
+        Ok(())
+    }
+
     fn note_subset_hint(&mut self, metadata: Option<&envoy::Metadata>) {
         if !self.ctx.options.disable_subset_filter
             && let Some(hint) = envoy::subset_hint(metadata)
@@ -306,12 +359,6 @@ impl StreamState {
             };
             return self.route(request, None);
         }
-        let expected = self
-            .header("content-length")
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0)
-            .min(self.ctx.options.max_request_body_bytes);
-        self.body = BytesMut::with_capacity(expected);
         #[cfg(feature = "conformance-faults")]
         if self.ctx.options.fault == Some(crate::faults::ConformanceFault::HeadersBeforeBody) {
             // Deliberately wrong: route on the headers alone; the body then passes through.
@@ -321,6 +368,17 @@ impl StreamState {
                 Err(e) => self.fail(e, None),
             };
         }
+        if self.request_body_mode == RequestBodyMode::Buffered {
+            // Envoy sends the body only after this answer, and keeps the headers (still
+            // mutable) until the body's answer, which carries the routing.
+            return vec![envoy::continue_request_headers()];
+        }
+        let expected = self
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(self.ctx.options.max_request_body_bytes);
+        self.body = BytesMut::with_capacity(expected);
         Vec::new()
     }
 
@@ -339,8 +397,12 @@ impl StreamState {
     }
 
     fn on_request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+        let buffered = self.request_body_mode == RequestBodyMode::Buffered;
         if self.phase != Phase::RequestBody {
             // A body after the request was answered cannot be routed again; pass it on.
+            if buffered {
+                return vec![envoy::continue_request_body()];
+            }
             return vec![envoy::body_chunk(
                 Direction::Request,
                 Bytes::from(b.body),
@@ -350,6 +412,10 @@ impl StreamState {
         let limit = self.ctx.options.max_request_body_bytes;
         if self.body.len() + b.body.len() > limit {
             return self.fail(RequestError::TooLarge { limit }, None);
+        }
+        if buffered {
+            // The whole body, even without `end_of_stream` (trailers follow it then).
+            return self.finish_request_with(Bytes::from(b.body), b.end_of_stream);
         }
         if self.body.is_empty() && b.end_of_stream {
             // The whole body in one message: take it without copying.
@@ -542,7 +608,11 @@ impl StreamState {
             } else {
                 body
             };
-            if !body.is_empty() {
+            // Streamed: Envoy drops the client's length and takes the EPP's body. Buffered:
+            // Envoy keeps its own body and length unless the body is replaced.
+            if !body.is_empty()
+                && (self.request_body_mode == RequestBodyMode::Streamed || rewritten)
+            {
                 set.push(envoy::set_header("content-length", &body.len().to_string()));
             }
             (body, eos)
@@ -561,11 +631,22 @@ impl StreamState {
         {
             envoy::add_endpoint_scores(metadata, e.rows.iter().map(|r| (&*r.address, r.total)));
         }
-        let mut out = Vec::with_capacity(2);
-        out.push(envoy::request_headers_response(set, remove, metadata));
-        if let Some((body, eos)) = body_out {
-            out.extend(envoy::body_chunks(Direction::Request, body, eos));
-        }
+        let out = match (self.request_body_mode, body_out) {
+            (RequestBodyMode::Streamed, Some((body, eos))) => {
+                let mut out = Vec::with_capacity(2);
+                out.push(envoy::request_headers_response(set, remove, metadata));
+                out.extend(envoy::body_chunks(Direction::Request, body, eos));
+                out
+            }
+            // Headers that end the request: routed by their answer, in either mode.
+            (_, None) => vec![envoy::request_headers_response(set, remove, metadata)],
+            (RequestBodyMode::Buffered, Some((body, _))) => {
+                let new_body = rewritten.then_some(body);
+                vec![envoy::request_body_response(
+                    set, remove, metadata, new_body,
+                )]
+            }
+        };
         self.key = self
             .ctx
             .recorder

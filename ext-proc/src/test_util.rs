@@ -5,10 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use crate::envoy::ext_proc::{
-    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
-    processing_response,
+    CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    ProtocolConfiguration, processing_request, processing_response,
 };
-use crate::envoy::{HeaderMap, HeaderValue, Metadata};
+use crate::envoy::{BodySendMode, HeaderMap, HeaderValue, Metadata};
 
 pub fn header_map(headers: &[(&str, &str)]) -> HeaderMap {
     HeaderMap {
@@ -37,6 +37,20 @@ pub fn req_headers(
         metadata_context: metadata,
         ..Default::default()
     }
+}
+
+/// `message` (a stream's first) announcing Envoy's request body mode, as Envoy does, with the
+/// response body mode of the lean path.
+pub fn with_request_body_mode(
+    mut message: ProcessingRequest,
+    mode: BodySendMode,
+) -> ProcessingRequest {
+    message.protocol_config = Some(ProtocolConfiguration {
+        request_body_mode: mode as i32,
+        response_body_mode: BodySendMode::None as i32,
+        ..Default::default()
+    });
+    message
 }
 
 pub fn req_body(body: &[u8], eos: bool) -> ProcessingRequest {
@@ -102,7 +116,39 @@ pub fn routing_answer(r: &ProcessingResponse) -> RoutingAnswer {
     let Some(processing_response::Response::RequestHeaders(h)) = &r.response else {
         panic!("expected a request-headers response, got {r:?}");
     };
-    let common = h.response.as_ref().unwrap();
+    routing_of(h.response.as_ref().unwrap(), r)
+}
+
+/// The routing (as [`routing_answer`]) and the replacement body, if any, of the BUFFERED
+/// path's request-body response.
+pub fn buffered_routing_answer(r: &ProcessingResponse) -> (RoutingAnswer, Option<Vec<u8>>) {
+    use crate::envoy::ext_proc::body_mutation::Mutation;
+    let Some(processing_response::Response::RequestBody(b)) = &r.response else {
+        panic!("expected a request-body response, got {r:?}");
+    };
+    let common = b.response.as_ref().unwrap();
+    let body = match common
+        .body_mutation
+        .as_ref()
+        .and_then(|m| m.mutation.as_ref())
+    {
+        None => None,
+        Some(Mutation::Body(body)) => Some(body.clone()),
+        other => panic!("expected a whole-body mutation, got {other:?}"),
+    };
+    (routing_of(common, r), body)
+}
+
+/// True for a request-headers response that changes nothing (the BUFFERED path's first answer).
+pub fn is_plain_request_headers_answer(r: &ProcessingResponse) -> bool {
+    matches!(
+        &r.response,
+        Some(processing_response::Response::RequestHeaders(h))
+            if h.response.as_ref() == Some(&CommonResponse::default())
+    ) && r.dynamic_metadata.is_none()
+}
+
+fn routing_of(common: &CommonResponse, r: &ProcessingResponse) -> RoutingAnswer {
     let mutation = common.header_mutation.clone().unwrap_or_default();
     let set = mutation
         .set_headers

@@ -11,6 +11,8 @@ use endpoint_picker::request::InferenceRequest;
 use parking_lot::Mutex;
 
 use super::*;
+use crate::envoy::BodySendMode;
+use crate::envoy::ext_proc::processing_response;
 use crate::recorder::{RecordKey, Recorder, Scheduled};
 use crate::test_util::*;
 
@@ -684,4 +686,150 @@ async fn a_full_path_stream_cut_after_its_first_chunk_is_not_complete() {
         ["released m"],
         "released, not recorded as complete"
     );
+}
+
+/// The first message of a BUFFERED stream: a chat request's headers, announcing the mode.
+fn buffered_post(extra: &[(&str, &str)]) -> ProcessingRequest {
+    with_request_body_mode(post("/v1/chat/completions", extra), BodySendMode::Buffered)
+}
+
+#[tokio::test(start_paused = true)]
+async fn buffered_headers_are_answered_at_once_and_the_body_answer_routes() {
+    let h = Harness::new(2);
+    let mut s = h.stream();
+    let spoofed = ("x-gateway-destination-endpoint-subset", "6.6.6.6:80");
+    let out = s.on_message(buffered_post(&[("content-length", "61"), spoofed]));
+    assert_eq!(out.len(), 1);
+    assert!(
+        is_plain_request_headers_answer(&out[0]),
+        "no routing before the body: {out:?}"
+    );
+    assert!(h.events().is_empty(), "nothing scheduled yet");
+    let out = s.on_message(req_body(&chat("m"), true));
+    assert_eq!(out.len(), 1, "one answer: the body's");
+    let (a, new_body) = buffered_routing_answer(&out[0]);
+    assert!(a.destination().starts_with("10.0.0."));
+    assert_eq!(a.metadata_destination.as_deref(), Some(a.destination()));
+    assert!(a.clear_route_cache);
+    assert_eq!(a.remove, [spoofed.0], "client routing headers removed");
+    assert_eq!(new_body, None, "the body Envoy holds goes on unchanged");
+    assert_eq!(
+        a.header("content-length"),
+        None,
+        "Envoy's own length stands"
+    );
+    assert_eq!(h.routed(), "routed m->m rewritten=false");
+    // The lean response path FailOpen runs: headers, then the stream's end.
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    s.on_stream_end();
+    assert_eq!(h.events(), ["complete None", "released m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_buffered_rewrite_replaces_the_body_with_its_length() {
+    let h = Harness::new(1);
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    assert!(is_plain_request_headers_answer(
+        &s.on_message(buffered_post(&[]))[0]
+    ));
+    let out = s.on_message(req_body(&chat("m"), true));
+    assert_eq!(h.routed(), "routed m->m-canary rewritten=true");
+    let (a, new_body) = buffered_routing_answer(&out[0]);
+    let new_body = String::from_utf8(new_body.expect("the rewritten body")).unwrap();
+    assert!(new_body.contains("\"m-canary\""), "{new_body}");
+    // Envoy refuses a body mutation whose length differs from the held Content-Length.
+    assert_eq!(
+        a.header("content-length"),
+        Some(new_body.len().to_string().as_str())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_buffered_body_followed_by_trailers_is_routed_on_the_body() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    s.on_message(buffered_post(&[]));
+    // With request trailers Envoy sends the whole body without `end_of_stream`.
+    let out = s.on_message(req_body(&chat("m"), false));
+    buffered_routing_answer(&out[0]).0.destination();
+    let trailers = ProcessingRequest {
+        request: Some(processing_request::Request::RequestTrailers(
+            crate::envoy::ext_proc::HttpTrailers::default(),
+        )),
+        ..Default::default()
+    };
+    let out = s.on_message(trailers.clone());
+    assert_eq!(out.len(), 1);
+    assert!(matches!(
+        out[0].response,
+        Some(processing_response::Response::RequestTrailers(_))
+    ));
+    // Trailers and no body: parsing refuses the empty body, and nothing else is answered.
+    let mut s = h.stream();
+    s.on_message(buffered_post(&[]));
+    let out = s.on_message(trailers);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(immediate(&out[0]).0, 400);
+}
+
+#[tokio::test(start_paused = true)]
+async fn buffered_bounds_and_headers_only_requests() {
+    let mut h = Harness::new(1);
+    // A request without body is routed by the headers' answer, as on the streamed path.
+    let mut s = h.stream();
+    let get = req_headers(&[(":method", "GET"), (":path", "/v1/models")], true, None);
+    let out = s.on_message(with_request_body_mode(get, BodySendMode::Buffered));
+    routing_answer(&out[0]).destination();
+    // The EPP's own cap applies to the one body message (Envoy's buffer limit comes first).
+    h.options.max_request_body_bytes = 10;
+    let mut s = h.stream();
+    s.on_message(buffered_post(&[]));
+    assert_eq!(
+        immediate(&s.on_message(req_body(&chat("m"), true))[0]).0,
+        413
+    );
+    // A body after the routing answer (no Envoy sends one) goes on unchanged.
+    h.options.max_request_body_bytes = 1 << 20;
+    let mut s = h.stream();
+    s.on_message(buffered_post(&[]));
+    s.on_message(req_body(&chat("m"), true));
+    let out = s.on_message(req_body(b"more", true));
+    assert!(matches!(
+        &out[0].response,
+        Some(processing_response::Response::RequestBody(b))
+            if b.response.as_ref() == Some(&Default::default())
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_body_modes_the_epp_cannot_route_with_get_a_500_at_once() {
+    let h = Harness::new(1);
+    for mode in [
+        BodySendMode::None,
+        BodySendMode::Streamed,
+        BodySendMode::BufferedPartial,
+    ] {
+        let mut s = h.stream();
+        let out = s.on_message(with_request_body_mode(post("/v1/completions", &[]), mode));
+        let (status, body) = immediate(&out[0]);
+        assert_eq!(status, 500, "{mode:?}");
+        assert!(body.contains(mode.as_str_name()), "{body}");
+        assert!(s.is_done());
+    }
+    // FULL_DUPLEX_STREAMED announced is today's behaviour: headers deferred to the body.
+    let mut s = h.stream();
+    let first = with_request_body_mode(
+        post("/v1/completions", &[]),
+        BodySendMode::FullDuplexStreamed,
+    );
+    assert!(s.on_message(first).is_empty());
+    // A protocol_config after the first message changes nothing.
+    let late = with_request_body_mode(
+        req_body(br#"{"model":"m","prompt":"x"}"#, true),
+        BodySendMode::Streamed,
+    );
+    let out = s.on_message(late);
+    routing_answer(&out[0]).destination();
+    assert!(streamed_body(&out[1]).1, "the body re-sent whole");
 }
