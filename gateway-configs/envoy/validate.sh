@@ -68,6 +68,14 @@ check_has envoy-failopen.yaml 'failure_mode_allow: true'
 check_has envoy-failopen.yaml 'UpstreamTlsContext'
 check_has envoy-plaintext.yaml 'failure_mode_allow: false'
 check_has envoy-plaintext-failopen.yaml 'failure_mode_allow: true'
+# FailOpen needs a request body Envoy keeps and no response body through the EPP (README "FailOpen").
+for f in envoy-failopen.yaml envoy-plaintext-failopen.yaml; do
+    check_has "$f" 'request_body_mode: BUFFERED'
+    check_has "$f" 'response_body_mode: NONE'
+done
+for f in envoy.yaml envoy-plaintext.yaml; do
+    check_has "$f" 'request_body_mode: FULL_DUPLEX_STREAMED'
+done
 for f in envoy-plaintext.yaml envoy-plaintext-failopen.yaml; do
     if grep -q 'UpstreamTlsContext' "$here/$f"; then
         echo "FAIL $f: plaintext variant has a TLS transport socket" >&2
