@@ -695,6 +695,13 @@ impl Drop for EppProcess {
 }
 
 impl EppProcess {
+    /// Kills the process with SIGKILL, as a crash would, and waits until it is gone: its
+    /// connections are reset, streams in flight included.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
     /// Starts `binary` in local mode with a pool file for `pods` (target port `port`) and the
     /// given scheduler config, with the reference EPP's default transport (TLS, self-signed),
     /// and waits until the ext_proc port accepts connections.

@@ -60,6 +60,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("upstream", GatewayWeightedAcrossTwoInferencePools),
         scenario!("upstream", EppUnAvailableFailOpen),
         scenario!("switchyard", EppUnAvailableFailClose),
+        scenario!("switchyard", EppKilledMidStreamFailOpen),
         scenario!("upstream", InferencePoolAppProtocol),
         Scenario {
             name: "InferencePoolHTTPRoutePortValidation",
@@ -294,6 +295,135 @@ async fn epp_unavailable(ctx: Ctx, variant: Variant) -> Verdict {
         all_served_by(&out, &all, &names, false)?;
     }
     Ok(out.len() + 20)
+}
+
+/// The `epp` process killed (SIGKILL) while streamed responses it routed are in flight through
+/// the shipped FailOpen gateway: every one of them completes, whole, and requests sent while it
+/// is down are served by the fallback policy. Envoy fails open only while it holds what it gave
+/// the EPP: the FailOpen templates send the request body BUFFERED and no response body to the
+/// EPP (with FULL_DUPLEX_STREAMED the same streams were reset: bench/RESULTS.md, chaos).
+#[allow(non_snake_case)]
+async fn EppKilledMidStreamFailOpen(ctx: Ctx) -> Verdict {
+    const STREAMS: usize = 4;
+    const TOKENS: u32 = 200;
+    const WHILE_DOWN: usize = 20;
+    let binary = match epp_binary() {
+        Ok(b) => b,
+        Err(why) => return Err(Skip(why).into()),
+    };
+    let ips: Vec<std::net::Ipv4Addr> = (2..5)
+        .map(|o| std::net::Ipv4Addr::new(127, 0, 0, o))
+        .collect();
+    let port = common_free_port(&ips);
+    // The calibrated latency model (≈6 ms per token): a 200-token stream lasts over a second,
+    // so the streams are still running when the EPP dies (checked below, not assumed).
+    let config = sim::Config {
+        seed: 11,
+        ..sim::Config::default()
+    };
+    let pods = pods_on_port(&ips, port, &config).await;
+    let epp = EppProcess::start(&binary, &pods, port, CONFORMANCE_CONFIG).await?;
+    let envoy = ctx.plain_envoy(Variant::TlsFailOpen, epp.grpc, &pods).await;
+    envoy.wait_epp_health(true).await;
+    let names = names(&[&pods]);
+    let target = pods[1].rank(0);
+    let req = Req::chat(MODEL, "tell me a story", true, TOKENS)
+        .header(SELECTION, target.ip().to_string());
+    let mut firsts = Vec::with_capacity(STREAMS);
+    let mut streams = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        firsts.push(first_rx);
+        let (listener, req) = (envoy.listener, req.clone());
+        streams.push(tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = req
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let resp = testkit::http::post(listener, &req.path, &headers, req.body).await;
+            let status = resp.status().as_u16();
+            let replica = testkit::http::header(&resp, "x-inference-pod").map(str::to_owned);
+            let (frames, error) = testkit::http::frames_signalling_first(resp, first_tx).await;
+            (status, replica, frames, error)
+        }));
+    }
+    // Every stream has its first chunk (routed by the EPP, streaming through ext_proc): kill.
+    for (i, first) in firsts.into_iter().enumerate() {
+        tokio::time::timeout(Duration::from_secs(20), first)
+            .await
+            .with_context(|| format!("stream {i}: no first chunk in 20 s"))?
+            .with_context(|| format!("stream {i} ended before its first chunk"))?;
+    }
+    let killed_at = tokio::time::Instant::now();
+    epp.kill().await?;
+    // Sent at once, before Envoy's health check has seen the EPP go.
+    let down = traffic(envoy.listener, WHILE_DOWN, 5, &Req::completion()).await;
+    for (i, stream) in streams.into_iter().enumerate() {
+        let (status, replica, frames, error) = stream.await.context("stream task")?;
+        ensure!(status == 200, "stream {i}: {status}");
+        ensure!(error.is_none(), "stream {i} was cut: {error:?}");
+        let expected = names.iter().find(|(_, a)| **a == target).map(|(n, _)| n);
+        ensure!(
+            replica.as_ref() == expected,
+            "stream {i}: answered by {replica:?}, the EPP chose {expected:?}"
+        );
+        let last = frames.last().map(|(t, _)| *t);
+        ensure!(
+            last.is_some_and(|t| t > killed_at),
+            "stream {i} had ended before the kill: the test proved nothing"
+        );
+        let text: String = frames
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        let events = sse_json(&text);
+        let content = events
+            .iter()
+            .filter(|e| {
+                e["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            })
+            .count();
+        ensure!(
+            content == TOKENS as usize,
+            "stream {i}: {content} content events"
+        );
+        ensure!(
+            events
+                .last()
+                .is_some_and(|e| e["usage"]["completion_tokens"] == TOKENS),
+            "stream {i}: no final usage event"
+        );
+        ensure!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "stream {i}: no [DONE]"
+        );
+    }
+    for (i, o) in down.iter().enumerate() {
+        ensure!(
+            o.status == 200,
+            "request {i} sent while the EPP was down: {} {:.200}",
+            o.status,
+            o.body
+        );
+    }
+    let all: BTreeSet<SocketAddr> = addresses(&pods).into_iter().collect();
+    all_served_by(&down, &all, &names, false).context("sent while the EPP was down")?;
+    // Envoy's own count: each stream in flight failed open at the kill.
+    let allowed = envoy
+        .stat("http.openai.ext_proc.failure_mode_allowed")
+        .await;
+    ensure!(
+        allowed >= STREAMS as u64,
+        "Envoy failed open {allowed} times for {STREAMS} streams in flight"
+    );
+    println!(
+        "    {STREAMS} streams in flight at the kill completed; {WHILE_DOWN} sent while down \
+         served; Envoy failure_mode_allowed {allowed}"
+    );
+    Ok(STREAMS + WHILE_DOWN)
 }
 
 /// The pool's appProtocol: HTTP/1.1 (`http`, also the default) and `kubernetes.io/h2c` reach

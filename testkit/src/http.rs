@@ -114,3 +114,31 @@ pub async fn frames(resp: ::http::Response<Incoming>) -> Vec<(tokio::time::Insta
     }
     out
 }
+
+/// Reads a body frame by frame (each with its arrival time), sending on `first` when the first
+/// non-empty data frame arrives, so that a test can act while the rest is still streaming. A
+/// body cut short (reset, error) ends with what arrived and the error's text.
+pub async fn frames_signalling_first(
+    resp: ::http::Response<Incoming>,
+    first: tokio::sync::oneshot::Sender<()>,
+) -> (Vec<(tokio::time::Instant, Bytes)>, Option<String>) {
+    let mut first = Some(first);
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(Duration::from_secs(30), body.frame()).await {
+            Err(_) => return (out, Some("no frame for 30 s".to_owned())),
+            Ok(None) => return (out, None),
+            Ok(Some(Err(e))) => return (out, Some(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data()
+            && !data.is_empty()
+        {
+            out.push((tokio::time::Instant::now(), data));
+            if let Some(first) = first.take() {
+                let _ = first.send(());
+            }
+        }
+    }
+}
