@@ -15,6 +15,7 @@
 //! | `d` / `D` / `F` | response body chunk (`D`: end_of_stream, `F`: without message) |
 //! | `T` | response trailers |
 //! | `m` | metadata for the next message: the payload is the subset hint and the served endpoint |
+//! | `p` | `protocol_config` on the next message: the payload's first byte is the request body mode (`0`–`9` as a digit, else its value) |
 //! | `n` | a message without a request |
 //!
 //! Options bits: 0–1 pool size − 1 (1–4 endpoints); 2 trust the model-rewrite header; 3 the
@@ -30,6 +31,14 @@
 //! with end of stream, or a request body with end of stream, is answered at once; response
 //! bodies pass through unchanged unless the model is rewritten back; and every request the
 //! recorder saw routed is released exactly once (`Recorder::on_released`'s contract).
+//!
+//! Once a BUFFERED request body mode is announced before the first request headers (Envoy
+//! announces it on the first message): headers without end of stream get one answer that
+//! changes nothing; the body message that follows is answered at once with the routing
+//! (destination header and `envoy.lb` metadata naming pool endpoints), and with a new body
+//! only if the model was rewritten, then with only the model's value changed and its
+//! `content-length`; any later body message gets an answer that changes nothing. A mode the
+//! EPP cannot route with gets an immediate response.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -45,10 +54,11 @@ use endpoint_picker::request::{Api, InferenceRequest};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use ext_proc::envoy::ext_proc::body_mutation::Mutation;
 use ext_proc::envoy::ext_proc::{
-    HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
-    processing_request::Request as Req, processing_response::Response as Resp,
+    CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
+    ProtocolConfiguration, processing_request::Request as Req,
+    processing_response::Response as Resp,
 };
-use ext_proc::envoy::{HeaderMap, HeaderValue, Metadata};
+use ext_proc::envoy::{BodySendMode, HeaderMap, HeaderValue, Metadata};
 use ext_proc::error::RequestError;
 use ext_proc::openai;
 use ext_proc::recorder::{RecordKey, Recorder};
@@ -214,9 +224,46 @@ fn routing(r: &ProcessingResponse) -> (String, Option<String>, Option<String>) {
     let Some(Resp::RequestHeaders(h)) = &r.response else {
         panic!("not a routing answer: {r:?}");
     };
-    let mutation = h
+    routing_of(h.response.as_ref(), r)
+}
+
+/// The BUFFERED path's routing answer (a request-body response): as [`routing`], and the new
+/// body if it carries one.
+fn buffered_routing(
+    r: &ProcessingResponse,
+) -> (String, Option<String>, Option<String>, Option<Vec<u8>>) {
+    let Some(Resp::RequestBody(b)) = &r.response else {
+        panic!("not a BUFFERED routing answer: {r:?}");
+    };
+    let new_body = match b
         .response
         .as_ref()
+        .and_then(|c| c.body_mutation.as_ref())
+        .and_then(|m| m.mutation.as_ref())
+    {
+        None => None,
+        Some(Mutation::Body(body)) => Some(body.clone()),
+        Some(other) => panic!("a BUFFERED body answer with {other:?}"),
+    };
+    let (destination, content_length, meta) = routing_of(b.response.as_ref(), r);
+    (destination, content_length, meta, new_body)
+}
+
+/// An answer that changes nothing (the BUFFERED path's headers answer, or a body after routing).
+fn is_plain(r: &ProcessingResponse) -> bool {
+    let common = match &r.response {
+        Some(Resp::RequestHeaders(h)) => h.response.as_ref(),
+        Some(Resp::RequestBody(b)) => b.response.as_ref(),
+        _ => return false,
+    };
+    common == Some(&CommonResponse::default()) && r.dynamic_metadata.is_none()
+}
+
+fn routing_of(
+    common: Option<&CommonResponse>,
+    r: &ProcessingResponse,
+) -> (String, Option<String>, Option<String>) {
+    let mutation = common
         .and_then(|c| c.header_mutation.as_ref())
         .expect("a routing answer mutates headers");
     let get = |name: &str| {
@@ -248,6 +295,24 @@ fn routing(r: &ProcessingResponse) -> (String, Option<String>, Option<String>) {
         get("content-length"),
         meta,
     )
+}
+
+/// A headers message as `(lower-case name, value)` pairs.
+fn header_pairs(h: &HttpHeaders) -> Vec<(String, String)> {
+    h.headers
+        .as_ref()
+        .map(|m| {
+            m.headers
+                .iter()
+                .map(|v| {
+                    (
+                        v.key.to_ascii_lowercase(),
+                        String::from_utf8_lossy(&v.raw_value).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The path's API, as the stream chooses it.
@@ -345,6 +410,10 @@ pub fn run(data: &[u8]) {
     let mut pending_metadata = None;
     let mut response_in = Vec::new();
     let mut response_out = Vec::new();
+    let mut pending_protocol = None;
+    // The stream takes a body mode until its first request headers.
+    let mut request_headers_seen = false;
+    let mut buffered = false;
 
     for (kind, payload) in records(rest) {
         let request = match kind {
@@ -358,16 +427,50 @@ pub fn run(data: &[u8]) {
                 pending_metadata = Some(metadata(payload));
                 continue;
             }
+            b'p' => {
+                let mode = match payload.first() {
+                    Some(d @ b'0'..=b'9') => i32::from(d - b'0'),
+                    Some(&v) => i32::from(v),
+                    None => 0,
+                };
+                pending_protocol = Some(ProtocolConfiguration {
+                    request_body_mode: mode,
+                    ..Default::default()
+                });
+                continue;
+            }
             b'n' => {
-                let out = stream.on_message(ProcessingRequest::default());
+                let protocol_config = pending_protocol.take();
+                let announced = protocol_config.is_some() && !request_headers_seen;
+                if announced {
+                    buffered = protocol_config
+                        .is_some_and(|p| p.request_body_mode == BodySendMode::Buffered as i32);
+                }
+                let out = stream.on_message(ProcessingRequest {
+                    protocol_config,
+                    ..Default::default()
+                });
+                if announced && stream.is_done() && !immediate_seen {
+                    // A mode the EPP cannot route with: refused at once.
+                    assert_eq!(out.len(), 1, "{out:?}");
+                    assert!(matches!(out[0].response, Some(Resp::ImmediateResponse(_))));
+                    immediate_seen = true;
+                    continue;
+                }
                 assert!(out.is_empty(), "a message without a request gets no answer");
                 continue;
             }
             _ => continue,
         };
+        let protocol_config = pending_protocol.take();
+        if !request_headers_seen && let Some(p) = protocol_config {
+            buffered = p.request_body_mode == BodySendMode::Buffered as i32;
+        }
+        request_headers_seen |= matches!(request, Req::RequestHeaders(_));
         let message = ProcessingRequest {
             request: Some(request.clone()),
             metadata_context: pending_metadata.take(),
+            protocol_config,
             ..Default::default()
         };
         let out = stream.on_message(message);
@@ -399,6 +502,68 @@ pub fn run(data: &[u8]) {
             assert!(out.iter().all(is_request_side), "{out:?}");
         } else {
             assert!(out.iter().all(is_response_side), "{out:?}");
+        }
+
+        if buffered && request_side {
+            match &request {
+                Req::RequestHeaders(h) if h.end_of_stream => {
+                    // No body: routed by the headers' answer, as on the streamed path.
+                    assert_eq!(out.len(), 1, "{out:?}");
+                    let (destination, _, meta) = routing(&out[0]);
+                    assert!(destination.split(',').all(|d| addresses.contains(d)));
+                    assert_eq!(meta.as_deref(), Some(destination.as_str()));
+                    routing_answers += 1;
+                    awaiting_body = false;
+                }
+                Req::RequestHeaders(h) => {
+                    assert_eq!(out.len(), 1, "{out:?}");
+                    assert!(is_plain(&out[0]), "BUFFERED headers answered with {out:?}");
+                    request_headers = header_pairs(h);
+                    awaiting_body = true;
+                }
+                Req::RequestBody(b) if awaiting_body => {
+                    // The whole body, with or without end of stream: answered at once.
+                    assert_eq!(out.len(), 1, "{out:?}");
+                    let (destination, content_length, meta, new_body) = buffered_routing(&out[0]);
+                    assert!(
+                        destination.split(',').all(|d| addresses.contains(d)),
+                        "{destination} is not in the pool"
+                    );
+                    assert_eq!(meta.as_deref(), Some(destination.as_str()));
+                    routing_answers += 1;
+                    awaiting_body = false;
+                    match new_body {
+                        None => assert_eq!(content_length, None, "Envoy's own length stands"),
+                        Some(new_body) => {
+                            assert_eq!(content_length, Some(new_body.len().to_string()));
+                            let api = api_of(&request_headers);
+                            let before = openai::parse_body(api, &Bytes::from(b.body.clone()))
+                                .expect("a routed body parses");
+                            let after = openai::parse_body(api, &Bytes::from(new_body.clone()))
+                                .expect("the new body parses");
+                            assert_eq!(
+                                b.body[..before.model_span.start],
+                                new_body[..after.model_span.start]
+                            );
+                            assert_eq!(
+                                b.body[before.model_span.end..],
+                                new_body[after.model_span.end..]
+                            );
+                            assert_ne!(before.model, after.model);
+                        }
+                    }
+                }
+                Req::RequestBody(_) => {
+                    assert_eq!(out.len(), 1, "{out:?}");
+                    assert!(is_plain(&out[0]), "a late body answered with {out:?}");
+                }
+                _ => {
+                    assert!(!awaiting_body, "trailers without a body routed: {out:?}");
+                    assert_eq!(out.len(), 1);
+                    assert!(matches!(out[0].response, Some(Resp::RequestTrailers(_))));
+                }
+            }
+            continue;
         }
 
         // Routing answers: at most one per stream, first, to pool endpoints only.
@@ -488,21 +653,7 @@ pub fn run(data: &[u8]) {
 
         match &request {
             Req::RequestHeaders(h) => {
-                request_headers = h
-                    .headers
-                    .as_ref()
-                    .map(|m| {
-                        m.headers
-                            .iter()
-                            .map(|v| {
-                                (
-                                    v.key.to_ascii_lowercase(),
-                                    String::from_utf8_lossy(&v.raw_value).into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                request_headers = header_pairs(h);
                 assert!(!h.end_of_stream, "headers with end of stream unanswered");
                 assert!(out.is_empty(), "{out:?}");
                 awaiting_body = true;
