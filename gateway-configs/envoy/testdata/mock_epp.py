@@ -9,7 +9,9 @@ Behaviour follows the EPP wire contract in reference/gie.md section 1.3, reduced
 Envoy configuration needs: the request headers answer is deferred to request-body
 end-of-stream, then carries x-gateway-destination-endpoint (header and envoy.lb dynamic
 metadata, same value) followed by the body as 62,000-byte streamed_response chunks; response headers and
-body chunks are answered one by one. Every message received is logged as a JSON line.
+body chunks are answered one by one. When Envoy announces a BUFFERED request body (the FailOpen
+templates; protocol_config in the first message), the headers get an empty answer at once and the
+body's answer carries the routing instead. Every message received is logged as a JSON line.
 """
 import argparse
 import json
@@ -165,8 +167,12 @@ def main():
 
     def process(request_iterator, context):
         body = bytearray()
+        buffered = False
         for raw in request_iterator:
             msg = parse(raw)
+            protocol = one(raw, 11)
+            if protocol is not None:
+                buffered = one(protocol, 1, 0) == 2  # request_body_mode BUFFERED
             kind = next((REQ[f] for f, _, _ in msg if f in REQ), None)
             payload = next((v for f, _, v in msg if f in REQ), b"")
             meta = one(raw, 8)
@@ -184,6 +190,14 @@ def main():
             if kind == "request_headers":
                 if rec["end_of_stream"]:
                     yield picked_headers_response(b"")
+                elif buffered:
+                    yield ld(1, ld(1, b""))  # no change; routed with the body
+            elif kind == "request_body" and buffered:
+                # The whole body, kept by Envoy: routing only (header mutation, clear_route_cache,
+                # metadata) in a BodyResponse.
+                common = ld(2, header_mutation([("x-gateway-destination-endpoint", args.pick)])) + vi(5, 1)
+                md = struct({"envoy.lb": {"x-gateway-destination-endpoint": args.pick}})
+                yield ld(3, ld(1, common)) + ld(8, md)
             elif kind == "request_body":
                 body += one(payload, 1, b"")
                 if rec["end_of_stream"]:
