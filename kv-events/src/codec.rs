@@ -5,8 +5,10 @@
 //!
 //! - **arrays** (vLLM up to 0.23, `array_like=True`): every event is a positional array,
 //!   `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
-//!   lora_name, …]`. `omit_defaults` drops trailing fields that equal their default, and older
-//!   releases had fewer fields, so every field after `block_size` is optional (length guards).
+//!   lora_name, …]`. msgspec writes every field of an `array_like` struct (`omit_defaults` does
+//!   not apply: a `None` is a nil), but older releases had fewer fields (0.9: up to
+//!   `block_size`) and other encoders stop early, so every field after `block_size` is
+//!   optional (length guards).
 //! - **maps** (vLLM 0.24 and later, PR #42892 dropped `array_like`): every event is a map keyed
 //!   by field name, the tag under `"type"`.
 //!
@@ -212,20 +214,23 @@ impl Encoder {
     }
 
     /// The msgpack payload of `batch`, byte for byte what `msgspec` writes for vLLM's structs
-    /// holding the same values (fields in declaration order; `omit_defaults` drops
-    /// `data_parallel_rank` when `None`; the fields this crate does not model are `None`, so
-    /// omitted).
+    /// holding the same values, the fields this crate does not model (`extra_keys`,
+    /// `group_idx`, `kv_cache_spec_*`) being `None`: fields in declaration order; positional
+    /// structs write every field (msgspec's `omit_defaults` does not apply to `array_like`
+    /// structs: a `None` is a nil), maps leave out the fields at their default.
     pub fn encode(&self, batch: &EventBatch) -> Result<Vec<u8>, EncodeError> {
         check_caps(batch)?;
         let mut w = Writer(ByteBuf::with_capacity(encoded_size_hint(batch)));
-        w.array_len(2 + usize::from(batch.data_parallel_rank.is_some()));
+        // The batch is positional in both encodings: [ts, events, data_parallel_rank].
+        w.array_len(3);
         w.f64(batch.ts);
         w.array_len(batch.events.len());
         for event in &batch.events {
             self.event(&mut w, event);
         }
-        if let Some(rank) = batch.data_parallel_rank {
-            w.sint(rank);
+        match batch.data_parallel_rank {
+            Some(rank) => w.sint(rank),
+            None => w.nil(),
         }
         Ok(w.0.into_vec())
     }
@@ -235,8 +240,10 @@ impl Encoder {
         match event {
             Event::BlockStored(b) => {
                 // type, block_hashes, parent_block_hash, token_ids, block_size, lora_id,
-                // medium, lora_name: the fields without a default, always written.
-                w.container(map, 8);
+                // medium, lora_name: the fields without a default, always written; then
+                // extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window,
+                // None here: nils in an array, left out of a map.
+                w.container(map, if map { 8 } else { 12 });
                 w.field(map, "type");
                 w.str("BlockStored");
                 w.field(map, "block_hashes");
@@ -265,15 +272,22 @@ impl Encoder {
                     Some(name) => w.str(name),
                     None => w.nil(),
                 }
+                if !map {
+                    (0..4).for_each(|_| w.nil());
+                }
             }
             Event::BlockRemoved(b) => {
-                w.container(map, 3);
+                // type, block_hashes, medium; then group_idx (None).
+                w.container(map, if map { 3 } else { 4 });
                 w.field(map, "type");
                 w.str("BlockRemoved");
                 w.field(map, "block_hashes");
                 self.hashes(w, &b.block_hashes);
                 w.field(map, "medium");
                 w.str(b.medium.as_str());
+                if !map {
+                    w.nil();
+                }
             }
             Event::AllBlocksCleared => {
                 w.container(map, 1);

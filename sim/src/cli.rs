@@ -115,6 +115,40 @@ pub struct Args {
     /// no engine series and /v1/models and inference answer 503 until then.
     #[arg(long, default_value_t = 0)]
     pub model_load_time_ms: u64,
+    /// vLLM's `--kv-events-config` JSON, e.g. `{"enable_kv_cache_events": true,
+    /// "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}`: publish KV-cache
+    /// events over ZMQ. Replica i offsets both ports by i (vLLM offsets them by data-parallel
+    /// rank). An empty `topic` becomes `kv@<pod-ip>:<port>@<model>` (llm-d's convention).
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
+    /// The events' msgpack shape: `map` (vLLM 0.24 and later) or `array` (vLLM 0.23 and
+    /// earlier).
+    #[arg(long, default_value = "map")]
+    pub kv_events_encoding: kv_events::Encoding,
+    /// The pod IP in the default KV-event topic (default: the listen address, 127.0.0.1 for a
+    /// wildcard).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<String>,
+}
+
+impl Args {
+    /// The KV-event publishing settings, `None` unless `--kv-events-config` enables the ZMQ
+    /// publisher.
+    pub fn kv_events(
+        &self,
+    ) -> Result<Option<crate::kv_publish::KvEventsSettings>, kv_events::ConfigError> {
+        let Some(json) = &self.kv_events_config else {
+            return Ok(None);
+        };
+        let config = kv_events::KvEventsConfig::from_json(json)?;
+        Ok(config
+            .publishes()
+            .then(|| crate::kv_publish::KvEventsSettings {
+                config,
+                encoding: self.kv_events_encoding,
+                pod_ip: self.pod_ip.clone(),
+            }))
+    }
 }
 
 fn micros(us: f64) -> Duration {

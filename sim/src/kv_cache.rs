@@ -40,6 +40,8 @@ pub enum KvEvent {
         /// The block's chained hash.
         hash: u64,
     },
+    /// The whole prefix cache was dropped ([`crate::Engine::reset_prefix_cache`]).
+    AllBlocksCleared,
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +310,19 @@ impl KvCache {
                 true
             }
         }
+    }
+
+    /// Forgets every cached block's content (vLLM's `reset_prefix_cache`). Only when no
+    /// sequence holds a block (`num_used() == 0`), as vLLM refuses it otherwise; `false` then.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.num_used() > 0 {
+            return false;
+        }
+        self.cached.clear();
+        for block in &mut self.blocks {
+            block.hash = None;
+        }
+        true
     }
 
     /// Starts or stops recording evicted hashes (only worth it when someone listens).

@@ -81,8 +81,8 @@ fn both_encodings_round_trip() {
 
 #[test]
 fn the_array_encoding_is_msgspecs_bytes() {
-    // [ts, [["AllBlocksCleared"], ["BlockRemoved", [1, -1 as u64], "GPU"]], 0]: a uint for
-    // u64::MAX (0xcf), fixstr tags, float64 ts.
+    // [ts, [["AllBlocksCleared"], ["BlockRemoved", [1, u64::MAX], "GPU", nil]], 0]: a uint for
+    // u64::MAX (0xcf), fixstr tags, float64 ts, every field written (group_idx nil).
     let batch = EventBatch {
         ts: 1.5,
         events: vec![
@@ -100,13 +100,14 @@ fn the_array_encoding_is_msgspecs_bytes() {
         .arr(2)
         .arr(1)
         .s("AllBlocksCleared")
-        .arr(3)
+        .arr(4)
         .s("BlockRemoved")
         .arr(2)
         .u(1)
         .raw(&[0xcf])
         .raw(&u64::MAX.to_be_bytes())
         .s("GPU")
+        .nil()
         .u(0)
         .0;
     assert_eq!(Encoder::new(Encoding::Array).encode(&batch).unwrap(), want);
@@ -115,10 +116,10 @@ fn the_array_encoding_is_msgspecs_bytes() {
         events: vec![],
         ..batch
     };
-    // omit_defaults: a None rank is not written.
+    // The batch is positional in both encodings: a None rank is a nil.
     assert_eq!(
         Encoder::new(Encoding::Map).encode(&no_rank).unwrap(),
-        W::default().arr(2).f(1.5).arr(0).0
+        W::default().arr(3).f(1.5).arr(0).nil().0
     );
 }
 

@@ -85,6 +85,9 @@ pub struct ReceivedBatch {
     pub seq: u64,
     /// The events.
     pub batch: EventBatch,
+    /// The payload as received (msgpack), for archiving or another decoder; shares the
+    /// frame's memory.
+    pub payload: Bytes,
     /// Whether it came from a replay (after a gap).
     pub replayed: bool,
     /// Batches of this topic lost for good just before this one (not replayed, undecodable,
@@ -161,13 +164,24 @@ fn inc(c: &AtomicU64, by: u64) {
 
 /// A KV-event subscriber, for a supervised task: build it from a config, keep its
 /// [`stats`](Subscriber::stats), [`run`](Subscriber::run) it.
-#[derive(Debug)]
 pub struct Subscriber {
     config: SubscriberConfig,
     endpoint: Arc<str>,
     stats: Arc<SubscriberStats>,
     /// Per topic: its name and the next sequence number expected.
     topics: HashMap<Bytes, TopicState>,
+    /// A socket bound by [`Subscriber::bind`], for the first run.
+    bound: Option<(SubSocket, String)>,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("config", &self.config)
+            .field("topics", &self.topics.len())
+            .field("bound", &self.local_endpoint())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -196,7 +210,26 @@ impl Subscriber {
             config,
             stats: Arc::new(SubscriberStats::default()),
             topics: HashMap::new(),
+            bound: None,
         }
+    }
+
+    /// A central-mode subscriber whose socket is bound now: a bad endpoint fails here, and
+    /// [`Subscriber::local_endpoint`] tells the port the OS picked for port 0.
+    pub async fn bind(config: SubscriberConfig) -> Result<Self, TransportError> {
+        let config = SubscriberConfig {
+            mode: SubscribeMode::Bind,
+            ..config
+        };
+        let mut sub = Self::new(config);
+        let (socket, endpoint) = sub.open().await?;
+        sub.bound = Some((socket, endpoint));
+        Ok(sub)
+    }
+
+    /// The endpoint bound by [`Subscriber::bind`] (port resolved).
+    pub fn local_endpoint(&self) -> Option<&str> {
+        self.bound.as_ref().map(|(_, e)| e.as_str())
     }
 
     /// Its counters (shared: read them while it runs).
@@ -214,12 +247,15 @@ impl Subscriber {
     ) -> Result<(), TransportError> {
         let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max);
         loop {
-            let opened = tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                s = self.open() => s,
+            let opened = match self.bound.take() {
+                Some(bound) => Ok(bound),
+                None => tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    s = self.open() => s,
+                },
             };
             let ended = match opened {
-                Ok(socket) => {
+                Ok((socket, _)) => {
                     inc(&self.stats.connects, 1);
                     backoff.reset();
                     self.receive(socket, &out, &cancel).await
@@ -242,20 +278,26 @@ impl Subscriber {
         }
     }
 
-    async fn open(&self) -> Result<SubSocket, TransportError> {
+    /// A subscribed socket, and its endpoint (resolved when bound).
+    async fn open(&self) -> Result<(SubSocket, String), TransportError> {
         let mut socket = SubSocket::new();
         let e = &self.config.endpoint;
-        match self.config.mode {
-            SubscribeMode::Connect => socket.connect(e).await.map_err(zmq_error("connect", e))?,
-            SubscribeMode::Bind => {
-                socket.bind(e).await.map_err(zmq_error("bind", e))?;
+        let endpoint = match self.config.mode {
+            SubscribeMode::Connect => {
+                socket.connect(e).await.map_err(zmq_error("connect", e))?;
+                e.clone()
             }
-        }
+            SubscribeMode::Bind => socket
+                .bind(e)
+                .await
+                .map_err(zmq_error("bind", e))?
+                .to_string(),
+        };
         socket
             .subscribe(&self.config.topic_filter)
             .await
             .map_err(zmq_error("subscribe", e))?;
-        Ok(socket)
+        Ok((socket, endpoint))
     }
 
     async fn receive(
@@ -313,7 +355,7 @@ impl Subscriber {
             }
             _ => {}
         }
-        self.deliver(&topic, seq, &payload, false, restarted, out)
+        self.deliver(&topic, seq, payload, false, restarted, out)
     }
 
     /// The state of `topic`, made on first sight; `None` for a topic that is not text or
@@ -341,7 +383,7 @@ impl Subscriber {
         &mut self,
         topic: &Bytes,
         seq: u64,
-        payload: &[u8],
+        payload: Bytes,
         replayed: bool,
         restarted: bool,
         out: &mpsc::Sender<ReceivedBatch>,
@@ -350,7 +392,7 @@ impl Subscriber {
             return true;
         };
         state.next = Some(seq.saturating_add(1));
-        let batch = match decode_batch(payload) {
+        let batch = match decode_batch(&payload) {
             Ok(b) => b,
             Err(e) => {
                 inc(&self.stats.decode_errors, 1);
@@ -365,6 +407,7 @@ impl Subscriber {
             topic: state.name.clone(),
             seq,
             batch,
+            payload,
             replayed,
             missed_before: state.missed,
             publisher_restarted: restarted,
@@ -416,7 +459,7 @@ impl Subscriber {
                         inc(&self.stats.received, 1);
                         inc(&self.stats.replayed, 1);
                         recovered += 1;
-                        if !self.deliver(topic, seq, &payload, true, false, out) {
+                        if !self.deliver(topic, seq, payload, true, false, out) {
                             return None;
                         }
                     }
