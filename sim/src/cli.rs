@@ -251,4 +251,32 @@ mod tests {
         assert_eq!(c.latency.prefill_per_token, Duration::from_nanos(12_500));
         assert_eq!(c.max_num_seqs, 4);
     }
+
+    #[test]
+    fn kv_event_flags_parse() {
+        let args = Args::try_parse_from(["sim"]).unwrap();
+        assert_eq!(args.kv_events().unwrap(), None);
+        assert_eq!(args.kv_events_encoding, kv_events::Encoding::Map);
+        // Present but not enabled: vLLM publishes nothing either.
+        let args = Args::try_parse_from(["sim", "--kv-events-config", "{}"]).unwrap();
+        assert_eq!(args.kv_events().unwrap(), None);
+        let args = Args::try_parse_from([
+            "sim",
+            "--kv-events-config",
+            r#"{"enable_kv_cache_events": true, "replay_endpoint": "tcp://*:5558"}"#,
+            "--kv-events-encoding",
+            "array",
+            "--pod-ip",
+            "10.1.2.3",
+        ])
+        .unwrap();
+        let s = args.kv_events().unwrap().unwrap();
+        assert_eq!(s.encoding, kv_events::Encoding::Array);
+        assert_eq!(s.config.endpoint, "tcp://*:5557");
+        assert_eq!(s.pod_ip.as_deref(), Some("10.1.2.3"));
+        let args =
+            Args::try_parse_from(["sim", "--kv-events-config", r#"{"enable": true}"#]).unwrap();
+        assert!(args.kv_events().is_err());
+        assert!(Args::try_parse_from(["sim", "--kv-events-encoding", "json"]).is_err());
+    }
 }

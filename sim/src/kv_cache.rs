@@ -453,6 +453,24 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_cache_reset_waits_for_free_blocks_then_forgets_everything() {
+        let mut kv = KvCache::new(2, 2);
+        let h = block_hashes(chain_root(None), &toks(0, 2), 2)[0];
+        let b = kv.allocate(1).unwrap();
+        assert!(kv.commit_full(b[0], h));
+        assert!(!kv.reset_prefix_cache(), "a sequence holds a block");
+        assert!(kv.is_cached(h));
+        kv.release(&b);
+        assert!(kv.reset_prefix_cache());
+        assert!(!kv.is_cached(h));
+        assert_eq!(kv.num_free(), 2);
+        // The forgotten block is not "evicted" again later.
+        kv.set_recording(true);
+        kv.allocate(2).unwrap();
+        assert!(kv.take_removed().is_empty());
+    }
+
+    #[test]
     fn partial_blocks_are_reused_before_cached_ones() {
         let mut kv = KvCache::new(2, 2);
         let h = block_hashes(chain_root(None), &toks(0, 2), 2)[0];

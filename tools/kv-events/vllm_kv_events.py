@@ -17,6 +17,21 @@ Commands (all output on stdout):
   decode ENCODING FILE...   decodes payloads with the structs of ENCODING; prints the neutral
                             JSON form of each (a list)
 
+With pyzmq (libzmq, what vLLM publishes with), for the transport's interoperability test
+(kv-events/tests/libzmq_interop.rs):
+
+  zmq-sub ENDPOINT ENCODING COUNT
+                            SUB connects to ENDPOINT (filter "kv@"), takes COUNT messages
+                            (10 s at most); prints [{"topic", "seq", "batch"}] (neutral form)
+  zmq-replay ENDPOINT START  asks a replay ROUTER for START.. on a DEALER (vLLM's example
+                            subscriber uses REQ, which libzmq lets take only the first of
+                            the replies); prints [{"seq", "batch"}] up to the end marker
+  zmq-pub ENCODING          vLLM's ZmqEventPublisher in miniature: PUB and replay ROUTER bound
+                            on 127.0.0.1; prints {"endpoint", "replay_endpoint"}, then reads
+                            commands on stdin: "warm" (one message on topic kv@warm-up@m),
+                            "pub SEQ" (publish batch SEQ on kv@py@m and keep it), "keep SEQ"
+                            (keep it for replay only: a message the subscriber missed)
+
 The neutral form: {"ts_bits": <IEEE bits of ts>, "data_parallel_rank": int|null, "events": [...]}
 with block hashes folded to unsigned 64 bits as llm-d folds them (an int modulo 2^64; bytes:
 the last 8, big-endian) and the medium upper-cased, "GPU" when absent.
@@ -228,12 +243,124 @@ def decode(encoding: str, files: list[str]) -> None:
     print(json.dumps(out))
 
 
+def batch_n(s: dict[str, type], n: int) -> Any:
+    """The batch the interoperability tests send as number n."""
+    return s["KVEventBatch"](
+        ts=float(n),
+        events=[s["BlockRemoved"](block_hashes=[n], medium="GPU")],
+        data_parallel_rank=0,
+    )
+
+
+def zmq_sub(endpoint: str, encoding: str, count: int) -> None:
+    import zmq
+
+    decoder = msgspec.msgpack.Decoder(ENCODINGS[encoding]["KVEventBatch"])
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"kv@")
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(endpoint)
+    out = []
+    while len(out) < count:
+        topic, seq, payload = sock.recv_multipart()
+        out.append(
+            {
+                "topic": topic.decode(),
+                "seq": int.from_bytes(seq, "big"),
+                "batch": neutral(decoder.decode(payload)),
+            }
+        )
+    sock.close(linger=0)
+    print(json.dumps(out))
+
+
+def zmq_replay(endpoint: str, start: int) -> None:
+    import zmq
+
+    decoder = msgspec.msgpack.Decoder(ENCODINGS["map"]["KVEventBatch"])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(endpoint)
+    sock.send_multipart((b"", start.to_bytes(8, "big")))
+    out = []
+    while True:
+        _, seq, payload = sock.recv_multipart()
+        if int.from_bytes(seq, "big", signed=True) == -1:
+            break
+        out.append({"seq": int.from_bytes(seq, "big"), "batch": neutral(decoder.decode(payload))})
+    sock.close(linger=0)
+    print(json.dumps(out))
+
+
+def zmq_pub(encoding: str) -> None:
+    import threading
+
+    import zmq
+
+    s = ENCODINGS[encoding]
+    encoder = msgspec.msgpack.Encoder()
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind("tcp://127.0.0.1:*")
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:*")
+    kept: dict[int, bytes] = {}
+    lock = threading.Lock()
+
+    def serve_replays() -> None:
+        # What vLLM's _service_replay does.
+        while True:
+            frames = router.recv_multipart()
+            if len(frames) != 3:
+                continue
+            client, _, start = frames
+            start_seq = int.from_bytes(start, "big")
+            with lock:
+                items = sorted(kept.items())
+            for seq, payload in items:
+                if seq >= start_seq:
+                    router.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
+            router.send_multipart((client, b"", (-1).to_bytes(8, "big", signed=True), b""))
+
+    threading.Thread(target=serve_replays, daemon=True).start()
+    print(
+        json.dumps(
+            {
+                "endpoint": pub.getsockopt_string(zmq.LAST_ENDPOINT),
+                "replay_endpoint": router.getsockopt_string(zmq.LAST_ENDPOINT),
+            }
+        ),
+        flush=True,
+    )
+    for line in sys.stdin:
+        words = line.split()
+        if words == ["warm"]:
+            pub.send_multipart((b"kv@warm-up@m", (0).to_bytes(8, "big"), encoder.encode(batch_n(s, 0))))
+        elif len(words) == 2 and words[0] in ("pub", "keep"):
+            seq = int(words[1])
+            payload = encoder.encode(batch_n(s, seq))
+            with lock:
+                kept[seq] = payload
+            if words[0] == "pub":
+                pub.send_multipart((b"kv@py@m", seq.to_bytes(8, "big"), payload))
+        print("ok", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "write":
         write(argv[1])
         return 0
     if len(argv) >= 3 and argv[0] == "decode" and argv[1] in ENCODINGS:
         decode(argv[1], argv[2:])
+        return 0
+    if len(argv) == 4 and argv[0] == "zmq-sub" and argv[2] in ENCODINGS:
+        zmq_sub(argv[1], argv[2], int(argv[3]))
+        return 0
+    if len(argv) == 3 and argv[0] == "zmq-replay":
+        zmq_replay(argv[1], int(argv[2]))
+        return 0
+    if len(argv) == 2 and argv[0] == "zmq-pub" and argv[1] in ENCODINGS:
+        zmq_pub(argv[1])
         return 0
     print(__doc__, file=sys.stderr)
     return 2

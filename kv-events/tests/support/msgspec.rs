@@ -17,17 +17,27 @@ pub fn repo_root() -> PathBuf {
 /// repository's virtualenv has no msgspec. `SWITCHYARD_REQUIRE_MSGSPEC=1` (set by `make test`,
 /// which installs it: `make kv-events-tools`) makes that a failure instead.
 pub fn script() -> Option<Script> {
+    script_importing("msgspec")
+}
+
+/// The script runner when the virtualenv also has pyzmq (libzmq), for the interoperability
+/// tests; skipped or failed as [`script`] says.
+pub fn script_with_pyzmq() -> Option<Script> {
+    script_importing("msgspec, zmq")
+}
+
+fn script_importing(modules: &str) -> Option<Script> {
     let python = repo_root().join(".venv/bin/python");
     let ok = python.exists()
         && Command::new(&python)
-            .args(["-c", "import msgspec"])
+            .args(["-c", &format!("import {modules}")])
             .status()
             .is_ok_and(|s| s.success());
     if ok {
         return Some(Script { python });
     }
     let why = format!(
-        "{} with msgspec is missing (make kv-events-tools installs it)",
+        "{} with {modules} is missing (make kv-events-tools installs it)",
         python.display()
     );
     if std::env::var("SWITCHYARD_REQUIRE_MSGSPEC").is_ok_and(|v| v == "1") {
@@ -43,6 +53,14 @@ pub struct Script {
 }
 
 impl Script {
+    /// The command that runs the script with `args`.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.python);
+        c.arg(repo_root().join("tools/kv-events/vllm_kv_events.py"))
+            .args(args);
+        c
+    }
+
     /// Runs the script with `args`; its stdout as JSON.
     pub fn run(&self, args: &[&str]) -> Value {
         let out = Command::new(&self.python)
