@@ -19,8 +19,8 @@ mod subscriber;
 
 pub use publisher::{Publisher, PublisherConfig, PublisherHandle, PublisherStats};
 pub use subscriber::{
-    ReceivedBatch, SubscribeMode, Subscriber, SubscriberConfig, SubscriberStats,
-    SubscriberStatsSnapshot,
+    MAX_REPLAY_BATCHES, MAX_TOPICS, ReceivedBatch, SubscribeMode, Subscriber, SubscriberConfig,
+    SubscriberStats, SubscriberStatsSnapshot,
 };
 
 use std::time::Duration;
