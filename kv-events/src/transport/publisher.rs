@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt as _;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use zeromq::{PubSocket, RouterSocket, Socket as _, SocketRecv as _, SocketSend as _, ZmqMessage};
+use zeromq::{
+    PubSocket, RouterSocket, Socket as _, SocketEvent, SocketRecv as _, SocketSend as _, ZmqMessage,
+};
 
 use super::{Backoff, END_OF_REPLAY, TransportError, parse_seq, seq_frame, zmq_error};
 use crate::EventBatch;
@@ -64,6 +67,8 @@ pub struct PublisherStats {
     pub replay_requests: AtomicU64,
     /// Batches re-sent by replays.
     pub replayed: AtomicU64,
+    /// Times a connecting PUB socket lost its subscriber and dialled again.
+    pub reconnects: AtomicU64,
 }
 
 /// The engine's side of a publisher: hands batches over without ever waiting.
@@ -201,9 +206,6 @@ impl Publisher {
     /// Publishes queued batches until `cancel` fires or every handle is dropped, serving
     /// replays beside. Sequence numbers start at 0 with each run.
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), TransportError> {
-        if !self.bound && !self.connect(&cancel).await {
-            return Ok(());
-        }
         let ring: Ring = Arc::new(Mutex::new(VecDeque::with_capacity(
             self.config.buffer_steps.min(1024),
         )));
@@ -216,14 +218,42 @@ impl Publisher {
                 cancel.child_token(),
             ))
         });
+        let result = self.publish(&ring, &cancel).await;
+        if let Some(task) = replay_task {
+            task.abort();
+            let _ = task.await;
+        }
+        result
+    }
+
+    async fn publish(
+        &mut self,
+        ring: &Ring,
+        cancel: &CancellationToken,
+    ) -> Result<(), TransportError> {
+        // zmq.rs reconnects SUB sockets by itself, not PUB ones: a connecting publisher watches
+        // its socket and dials again when the subscriber goes (a central EPP restarting).
+        let mut monitor = (!self.bound).then(|| self.socket.monitor());
+        if !self.bound && !self.connect(cancel).await {
+            return Ok(());
+        }
         let topic = Bytes::from(self.config.topic.clone().into_bytes());
         let mut seq: u64 = 0;
-        let result = loop {
+        loop {
             let batch = tokio::select! {
-                () = cancel.cancelled() => break Ok(()),
+                () = cancel.cancelled() => return Ok(()),
+                event = next_event(&mut monitor) => {
+                    if matches!(event, SocketEvent::Disconnected(_)) {
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        if !self.connect(cancel).await {
+                            return Ok(());
+                        }
+                    }
+                    continue;
+                }
                 batch = self.rx.recv() => match batch {
                     Some(b) => b,
-                    None => break Ok(()),
+                    None => return Ok(()),
                 },
             };
             let payload = match self.config.encoder.encode(&batch) {
@@ -237,9 +267,10 @@ impl Publisher {
             let message = three_frames(topic.clone(), seq_frame(seq), payload.clone());
             // A PUB socket drops for slow subscribers rather than wait; an error here is the
             // socket's end.
-            if let Err(e) = self.socket.send(message).await {
-                break Err(zmq_error("send", &self.endpoint)(e));
-            }
+            self.socket
+                .send(message)
+                .await
+                .map_err(zmq_error("send", &self.endpoint))?;
             self.stats.published.fetch_add(1, Ordering::Relaxed);
             if self.config.buffer_steps > 0 {
                 let mut ring = ring.lock();
@@ -249,12 +280,7 @@ impl Publisher {
                 ring.push_back((seq, payload));
             }
             seq += 1;
-        };
-        if let Some(task) = replay_task {
-            task.abort();
-            let _ = task.await;
         }
-        result
     }
 
     /// Connects the PUB socket (vLLM's "connect" endpoints: a central subscriber binds),
@@ -279,6 +305,19 @@ impl Publisher {
             }
         }
     }
+}
+
+/// The socket's next event; never, without a monitor (or once it is gone).
+async fn next_event(
+    monitor: &mut Option<futures::channel::mpsc::Receiver<SocketEvent>>,
+) -> SocketEvent {
+    if let Some(m) = monitor
+        && let Some(event) = m.next().await
+    {
+        return event;
+    }
+    *monitor = None;
+    std::future::pending().await
 }
 
 fn three_frames(a: Bytes, b: Bytes, c: Bytes) -> ZmqMessage {

@@ -205,10 +205,16 @@ enum Ended {
 impl Subscriber {
     /// A subscriber for `config`.
     pub fn new(config: SubscriberConfig) -> Self {
+        Self::with_stats(config, Arc::default())
+    }
+
+    /// A subscriber that counts into `stats`: a supervisor's factory makes a new subscriber
+    /// per run and keeps the counters across restarts.
+    pub fn with_stats(config: SubscriberConfig, stats: Arc<SubscriberStats>) -> Self {
         Self {
             endpoint: Arc::from(config.endpoint.as_str()),
             config,
-            stats: Arc::new(SubscriberStats::default()),
+            stats,
             topics: HashMap::new(),
             bound: None,
         }

@@ -404,3 +404,69 @@ fn backoff_doubles_to_its_cap_and_resets() {
     b.reset();
     assert_eq!(b.next_delay().as_millis(), 100);
 }
+
+/// Publishes until `rx` delivers a batch from the publisher (bounded by [`WAIT`]).
+async fn publish_until_received(
+    handle: &PublisherHandle,
+    rx: &mut mpsc::Receiver<ReceivedBatch>,
+) -> ReceivedBatch {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(handle.publish(batch(1)));
+        if let Ok(Some(r)) = timeout(Duration::from_millis(20), rx.recv()).await {
+            return r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing arrived");
+    }
+}
+
+#[tokio::test]
+async fn a_connecting_publisher_dials_a_restarted_central_subscriber_again() {
+    let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    let central = sub.local_endpoint().unwrap().to_owned();
+    let (tx, mut rx) = mpsc::channel(64);
+    let sub_cancel = CancellationToken::new();
+    let sub_task = tokio::spawn(sub.run(tx, sub_cancel.clone()));
+
+    // No `*`: by vLLM's rule the PUB socket connects.
+    let (publisher, handle) = Publisher::start(PublisherConfig {
+        endpoint: central.clone(),
+        replay_endpoint: None,
+        buffer_steps: 0,
+        max_queue_size: 16,
+        topic: "kv@p@m".to_owned(),
+        encoder: Encoder::default(),
+    })
+    .await
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let pub_task = tokio::spawn(publisher.run(cancel.clone()));
+    publish_until_received(&handle, &mut rx).await;
+
+    // The central subscriber restarts on the same port.
+    sub_cancel.cancel();
+    sub_task.await.unwrap().unwrap();
+    drop(rx);
+    let sub = Subscriber::bind(SubscriberConfig::bind(central.clone()))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let sub_cancel = CancellationToken::new();
+    let sub_task = tokio::spawn(sub.run(tx, sub_cancel.clone()));
+    let r = publish_until_received(&handle, &mut rx).await;
+    assert_eq!(&*r.topic, "kv@p@m");
+    assert!(
+        handle
+            .stats()
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+
+    sub_cancel.cancel();
+    sub_task.await.unwrap().unwrap();
+    cancel.cancel();
+    pub_task.await.unwrap().unwrap();
+}
