@@ -45,6 +45,10 @@ pub struct SubscriberConfig {
     pub replay_endpoint: Option<String>,
     /// How long a replay may take before the rest counts as missed.
     pub replay_timeout: Duration,
+    /// Replay what the publisher kept from before a topic's first message (an EPP that
+    /// starts, or restarts, next to a running engine learns its cache); batches older than the
+    /// publisher's ring count as missed. Needs `replay_endpoint`.
+    pub replay_history: bool,
     /// The first reconnection delay; it doubles up to `reconnect_max`.
     pub reconnect_initial: Duration,
     /// The longest reconnection delay.
@@ -60,6 +64,7 @@ impl SubscriberConfig {
             topic_filter: TOPIC_PREFIX.to_owned(),
             replay_endpoint: None,
             replay_timeout: Duration::from_secs(2),
+            replay_history: false,
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
         }
@@ -341,6 +346,10 @@ impl Subscriber {
             inc(&self.stats.bad_messages, 1);
             return true;
         };
+        // A topic's first message: with `replay_history`, what came before it is a gap too,
+        // so the publisher's ring (its last `buffer_steps` batches) is replayed first.
+        let next = next
+            .or((self.config.replay_history && self.config.replay_endpoint.is_some()).then_some(0));
         let mut restarted = false;
         match next {
             Some(expected) if seq > expected => {

@@ -470,3 +470,49 @@ async fn a_connecting_publisher_dials_a_restarted_central_subscriber_again() {
     cancel.cancel();
     pub_task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn replay_history_brings_what_came_before_the_first_message() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let mut router = RouterSocket::new();
+    let replay = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    // The publisher kept 3 and 4 (0..2 fell out of its ring).
+    let server = tokio::spawn(serve_one_replay(router, vec![(3, 3), (4, 4)]));
+    let config = SubscriberConfig {
+        replay_endpoint: Some(replay),
+        replay_history: true,
+        ..SubscriberConfig::connect(endpoint)
+    };
+    let (mut rx, stats, cancel, task) = spawn_subscriber(config, 64);
+    // Publish from 5 until one arrives (the subscription's arrival): that first message asks
+    // for the history, served with 3 and 4.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seq = 5;
+    let first = loop {
+        pub_socket.send(live("kv@p@m", seq, seq)).await.unwrap();
+        if let Ok(Some(r)) = timeout(Duration::from_millis(20), rx.recv()).await {
+            break r;
+        }
+        seq += 1;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscription never arrived"
+        );
+    };
+    assert_eq!(
+        timeout(WAIT, server).await.unwrap().unwrap(),
+        0,
+        "asked from 0"
+    );
+    assert_eq!((first.seq, first.replayed), (3, true));
+    let second = next(&mut rx).await;
+    assert_eq!((second.seq, second.replayed), (4, true));
+    let live_one = next(&mut rx).await;
+    assert!(!live_one.replayed);
+    // Gone for good: 0, 1, 2, and the live ones published before the subscription arrived.
+    assert_eq!(live_one.missed_before, 3 + (live_one.seq - 5));
+    let s = stats.snapshot();
+    assert_eq!((s.gaps, s.replayed), (1, 2));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
