@@ -96,7 +96,7 @@ async fn our_publisher_and_replay_serve_libzmq_clients() {
         tokio::task::yield_now().await;
     }
     // (Not `script.run`: that blocks this runtime's only thread, which serves the replay.)
-    let out = tokio::process::Command::from(script.command(&["zmq-replay", &replay, "0"]))
+    let out = tokio::process::Command::from(script.command(&["zmq-replay", &replay, "map", "0"]))
         .kill_on_drop(true)
         .output();
     let out = timeout(WAIT, out).await.unwrap().unwrap();

@@ -23,7 +23,8 @@ With pyzmq (libzmq, what vLLM publishes with), for the transport's interoperabil
   zmq-sub ENDPOINT ENCODING COUNT
                             SUB connects to ENDPOINT (filter "kv@"), takes COUNT messages
                             (10 s at most); prints [{"topic", "seq", "batch"}] (neutral form)
-  zmq-replay ENDPOINT START  asks a replay ROUTER for START.. on a DEALER (vLLM's example
+  zmq-replay ENDPOINT ENCODING START
+                            asks a replay ROUTER for START.. on a DEALER (vLLM's example
                             subscriber uses REQ, which libzmq lets take only the first of
                             the replies); prints [{"seq", "batch"}] up to the end marker
   zmq-pub ENCODING          vLLM's ZmqEventPublisher in miniature: PUB and replay ROUTER bound
@@ -274,10 +275,10 @@ def zmq_sub(endpoint: str, encoding: str, count: int) -> None:
     print(json.dumps(out))
 
 
-def zmq_replay(endpoint: str, start: int) -> None:
+def zmq_replay(endpoint: str, encoding: str, start: int) -> None:
     import zmq
 
-    decoder = msgspec.msgpack.Decoder(ENCODINGS["map"]["KVEventBatch"])
+    decoder = msgspec.msgpack.Decoder(ENCODINGS[encoding]["KVEventBatch"])
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
     sock.connect(endpoint)
@@ -356,8 +357,8 @@ def main(argv: list[str]) -> int:
     if len(argv) == 4 and argv[0] == "zmq-sub" and argv[2] in ENCODINGS:
         zmq_sub(argv[1], argv[2], int(argv[3]))
         return 0
-    if len(argv) == 3 and argv[0] == "zmq-replay":
-        zmq_replay(argv[1], int(argv[2]))
+    if len(argv) == 4 and argv[0] == "zmq-replay" and argv[2] in ENCODINGS:
+        zmq_replay(argv[1], argv[2], int(argv[3]))
         return 0
     if len(argv) == 2 and argv[0] == "zmq-pub" and argv[1] in ENCODINGS:
         zmq_pub(argv[1])

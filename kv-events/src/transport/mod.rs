@@ -59,6 +59,15 @@ fn zmq_error(
     }
 }
 
+/// The endpoint zmq.rs can bind: libzmq's wildcard host `*` (vLLM's default `tcp://*:5557`)
+/// is `0.0.0.0` there.
+fn bindable(endpoint: &str) -> String {
+    match endpoint.strip_prefix("tcp://*:") {
+        Some(port) => format!("tcp://0.0.0.0:{port}"),
+        None => endpoint.to_owned(),
+    }
+}
+
 /// A sequence number frame.
 fn seq_frame(seq: u64) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(&seq.to_be_bytes())

@@ -14,7 +14,7 @@ use zeromq::{
     PubSocket, RouterSocket, Socket as _, SocketEvent, SocketRecv as _, SocketSend as _, ZmqMessage,
 };
 
-use super::{Backoff, END_OF_REPLAY, TransportError, parse_seq, seq_frame, zmq_error};
+use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::EventBatch;
 use crate::codec::Encoder;
 use crate::config::{KvEventsConfig, MAX_BUFFER_STEPS, MAX_QUEUE_SIZE, endpoint_binds};
@@ -158,7 +158,7 @@ impl Publisher {
         let mut socket = PubSocket::new();
         let endpoint = if bound {
             socket
-                .bind(&config.endpoint)
+                .bind(&bindable(&config.endpoint))
                 .await
                 .map_err(zmq_error("bind", &config.endpoint))?
                 .to_string()
@@ -168,7 +168,10 @@ impl Publisher {
         let replay = match &config.replay_endpoint {
             Some(e) => {
                 let mut router = RouterSocket::new();
-                let resolved = router.bind(e).await.map_err(zmq_error("bind", e))?;
+                let resolved = router
+                    .bind(&bindable(e))
+                    .await
+                    .map_err(zmq_error("bind", e))?;
                 Some((router, resolved.to_string()))
             }
             None => None,

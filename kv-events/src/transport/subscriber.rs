@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
-use super::{Backoff, END_OF_REPLAY, TransportError, parse_seq, seq_frame, zmq_error};
+use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::EventBatch;
 use crate::codec::decode_batch;
 use crate::topic::{MAX_TOPIC_BYTES, TOPIC_PREFIX};
@@ -299,7 +299,7 @@ impl Subscriber {
                 e.clone()
             }
             SubscribeMode::Bind => socket
-                .bind(e)
+                .bind(&bindable(e))
                 .await
                 .map_err(zmq_error("bind", e))?
                 .to_string(),

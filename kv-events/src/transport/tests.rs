@@ -397,6 +397,13 @@ async fn a_central_subscriber_that_cannot_bind_fails() {
 }
 
 #[test]
+fn the_wildcard_host_binds_every_interface() {
+    assert_eq!(bindable("tcp://*:5557"), "tcp://0.0.0.0:5557");
+    assert_eq!(bindable("tcp://[::]:5557"), "tcp://[::]:5557");
+    assert_eq!(bindable("tcp://127.0.0.1:0"), "tcp://127.0.0.1:0");
+}
+
+#[test]
 fn backoff_doubles_to_its_cap_and_resets() {
     let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
     let d: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
