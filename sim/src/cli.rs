@@ -115,6 +115,40 @@ pub struct Args {
     /// no engine series and /v1/models and inference answer 503 until then.
     #[arg(long, default_value_t = 0)]
     pub model_load_time_ms: u64,
+    /// vLLM's `--kv-events-config` JSON, e.g. `{"enable_kv_cache_events": true,
+    /// "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}`: publish KV-cache
+    /// events over ZMQ. Replica i offsets both ports by i (vLLM offsets them by data-parallel
+    /// rank). An empty `topic` becomes `kv@<pod-ip>:<port>@<model>` (llm-d's convention).
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
+    /// The events' msgpack shape: `map` (vLLM 0.24 and later) or `array` (vLLM 0.23 and
+    /// earlier).
+    #[arg(long, default_value = "map")]
+    pub kv_events_encoding: kv_events::Encoding,
+    /// The pod IP in the default KV-event topic (default: the listen address, 127.0.0.1 for a
+    /// wildcard).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<String>,
+}
+
+impl Args {
+    /// The KV-event publishing settings, `None` unless `--kv-events-config` enables the ZMQ
+    /// publisher.
+    pub fn kv_events(
+        &self,
+    ) -> Result<Option<crate::kv_publish::KvEventsSettings>, kv_events::ConfigError> {
+        let Some(json) = &self.kv_events_config else {
+            return Ok(None);
+        };
+        let config = kv_events::KvEventsConfig::from_json(json)?;
+        Ok(config
+            .publishes()
+            .then(|| crate::kv_publish::KvEventsSettings {
+                config,
+                encoding: self.kv_events_encoding,
+                pod_ip: self.pod_ip.clone(),
+            }))
+    }
 }
 
 fn micros(us: f64) -> Duration {
@@ -216,5 +250,33 @@ mod tests {
         assert_eq!(c.failure.statuses, [503]);
         assert_eq!(c.latency.prefill_per_token, Duration::from_nanos(12_500));
         assert_eq!(c.max_num_seqs, 4);
+    }
+
+    #[test]
+    fn kv_event_flags_parse() {
+        let args = Args::try_parse_from(["sim"]).unwrap();
+        assert_eq!(args.kv_events().unwrap(), None);
+        assert_eq!(args.kv_events_encoding, kv_events::Encoding::Map);
+        // Present but not enabled: vLLM publishes nothing either.
+        let args = Args::try_parse_from(["sim", "--kv-events-config", "{}"]).unwrap();
+        assert_eq!(args.kv_events().unwrap(), None);
+        let args = Args::try_parse_from([
+            "sim",
+            "--kv-events-config",
+            r#"{"enable_kv_cache_events": true, "replay_endpoint": "tcp://*:5558"}"#,
+            "--kv-events-encoding",
+            "array",
+            "--pod-ip",
+            "10.1.2.3",
+        ])
+        .unwrap();
+        let s = args.kv_events().unwrap().unwrap();
+        assert_eq!(s.encoding, kv_events::Encoding::Array);
+        assert_eq!(s.config.endpoint, "tcp://*:5557");
+        assert_eq!(s.pod_ip.as_deref(), Some("10.1.2.3"));
+        let args =
+            Args::try_parse_from(["sim", "--kv-events-config", r#"{"enable": true}"#]).unwrap();
+        assert!(args.kv_events().is_err());
+        assert!(Args::try_parse_from(["sim", "--kv-events-encoding", "json"]).is_err());
     }
 }

@@ -760,6 +760,21 @@ impl Engine {
             .subscribe()
     }
 
+    /// Drops the whole prefix cache, like vLLM's `POST /reset_prefix_cache`, and publishes
+    /// `AllBlocksCleared`. Refused (`false`) while a request holds blocks, as vLLM refuses it.
+    pub fn reset_prefix_cache(&self) -> bool {
+        let mut st = self.shared.state.lock();
+        // Evictions recorded before the reset go out first, in order.
+        st.publish_removed();
+        if !st.kv.reset_prefix_cache() {
+            return false;
+        }
+        if let Some(tx) = &st.kv_events {
+            let _ = tx.send(KvEvent::AllBlocksCleared);
+        }
+        true
+    }
+
     /// Whether `name` is a registered adapter.
     pub fn has_lora(&self, name: &str) -> bool {
         self.shared

@@ -40,6 +40,8 @@ pub enum KvEvent {
         /// The block's chained hash.
         hash: u64,
     },
+    /// The whole prefix cache was dropped ([`crate::Engine::reset_prefix_cache`]).
+    AllBlocksCleared,
 }
 
 #[derive(Debug, Clone)]
@@ -310,6 +312,19 @@ impl KvCache {
         }
     }
 
+    /// Forgets every cached block's content (vLLM's `reset_prefix_cache`). Only when no
+    /// sequence holds a block (`num_used() == 0`), as vLLM refuses it otherwise; `false` then.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if self.num_used() > 0 {
+            return false;
+        }
+        self.cached.clear();
+        for block in &mut self.blocks {
+            block.hash = None;
+        }
+        true
+    }
+
     /// Starts or stops recording evicted hashes (only worth it when someone listens).
     pub fn set_recording(&mut self, on: bool) {
         if on != self.removed.is_some() {
@@ -434,6 +449,24 @@ mod tests {
         kv.set_recording(true);
         kv.allocate(1).unwrap();
         assert_eq!(kv.take_removed(), [h]);
+        assert!(kv.take_removed().is_empty());
+    }
+
+    #[test]
+    fn a_prefix_cache_reset_waits_for_free_blocks_then_forgets_everything() {
+        let mut kv = KvCache::new(2, 2);
+        let h = block_hashes(chain_root(None), &toks(0, 2), 2)[0];
+        let b = kv.allocate(1).unwrap();
+        assert!(kv.commit_full(b[0], h));
+        assert!(!kv.reset_prefix_cache(), "a sequence holds a block");
+        assert!(kv.is_cached(h));
+        kv.release(&b);
+        assert!(kv.reset_prefix_cache());
+        assert!(!kv.is_cached(h));
+        assert_eq!(kv.num_free(), 2);
+        // The forgotten block is not "evicted" again later.
+        kv.set_recording(true);
+        kv.allocate(2).unwrap();
         assert!(kv.take_removed().is_empty());
     }
 

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod kv_cache;
+pub mod kv_publish;
 pub mod metrics;
 mod server;
 pub mod tokenizer;
@@ -59,6 +60,7 @@ pub struct ReplicaHandle {
     addr: SocketAddr,
     replica: Arc<server::Replica>,
     server: JoinHandle<()>,
+    kv_events: Option<kv_publish::KvPublishing>,
 }
 
 impl ReplicaHandle {
@@ -123,8 +125,35 @@ impl ReplicaHandle {
         *self.replica.metrics_delay.lock() = delay;
     }
 
+    /// Starts publishing the replica's KV-cache events (vLLM's `--kv-events-config`; see
+    /// [`kv_publish`]) as replica `index` of its process.
+    pub async fn start_kv_events(
+        &mut self,
+        settings: &kv_publish::KvEventsSettings,
+        index: usize,
+    ) -> Result<&kv_publish::KvPublishing, SimError> {
+        let publishing = kv_publish::KvPublishing::start(
+            &self.replica.engine,
+            settings,
+            index,
+            self.addr,
+            &self.replica.config.model,
+            self.replica.config.block_size,
+        )
+        .await?;
+        Ok(self.kv_events.insert(publishing))
+    }
+
+    /// The replica's KV-event publisher, when started.
+    pub fn kv_events(&self) -> Option<&kv_publish::KvPublishing> {
+        self.kv_events.as_ref()
+    }
+
     /// Stops the replica and waits for its server task to end.
     pub async fn shutdown(mut self) {
+        if let Some(k) = self.kv_events.take() {
+            k.shutdown().await;
+        }
         self.server.abort();
         self.replica.engine.stop();
         let _ = (&mut self.server).await;
@@ -155,6 +184,7 @@ pub async fn spawn_replica(
         addr,
         replica,
         server,
+        kv_events: None,
     })
 }
 

@@ -15,7 +15,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = sim::Config::from(&args);
     config.validate()?;
-    let replicas = sim::spawn_replicas(&config, &args.host, args.port, args.replicas)
+    let kv_events = args.kv_events()?;
+    let mut replicas = sim::spawn_replicas(&config, &args.host, args.port, args.replicas)
         .await
         .with_context(|| {
             format!(
@@ -23,6 +24,13 @@ async fn main() -> anyhow::Result<()> {
                 args.replicas, args.port
             )
         })?;
+    if let Some(settings) = &kv_events {
+        for (i, r) in replicas.iter_mut().enumerate() {
+            r.start_kv_events(settings, i)
+                .await
+                .with_context(|| format!("publishing KV events of replica {i}"))?;
+        }
+    }
     announce(&replicas);
     tracing::info!(
         replicas = replicas.len(),

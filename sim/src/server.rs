@@ -100,6 +100,7 @@ pub(crate) fn router(replica: Arc<Replica>) -> Router {
         .route("/admin/metrics_delay", post(admin_metrics_delay))
         .route("/admin/reload", post(admin_reload))
         .route("/admin/state", get(admin_state))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found", None) })
         // Long prompts (a 128k-token context is ~0.5 MB of text) exceed axum's 2 MB default once
         // wrapped in chat JSON with history; vLLM has no such limit.
@@ -882,6 +883,20 @@ async fn admin_reload(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
     // run time must be loaded again (what the LoRA syncer re-does).
     r.engine.reset_loras(&r.config.lora_modules);
     axum::Json(json!({"loading_seconds": seconds})).into_response()
+}
+
+/// vLLM's `POST /reset_prefix_cache` (a development endpoint there): drops the prefix cache
+/// and publishes `AllBlocksCleared`; 400 while requests hold blocks.
+async fn reset_prefix_cache(State(r): State<Arc<Replica>>) -> Response {
+    if r.engine.reset_prefix_cache() {
+        StatusCode::OK.into_response()
+    } else {
+        error(
+            StatusCode::BAD_REQUEST,
+            "the prefix cache cannot be reset while requests hold blocks",
+            None,
+        )
+    }
 }
 
 async fn health() -> StatusCode {

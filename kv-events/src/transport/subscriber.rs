@@ -1,0 +1,540 @@
+//! The subscribing side: what the EPP runs per engine (pod mode) or once (central mode).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
+
+use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
+use crate::EventBatch;
+use crate::codec::decode_batch;
+use crate::topic::{MAX_TOPIC_BYTES, TOPIC_PREFIX};
+
+/// Publishers (topics) one subscriber tracks sequence numbers for, at most: messages on
+/// further topics are counted as bad and dropped (central mode with more engines than this
+/// needs a second subscriber).
+pub const MAX_TOPICS: usize = 4_096;
+/// Batches one replay may deliver, at most.
+pub const MAX_REPLAY_BATCHES: u64 = 100_000;
+
+/// Whether the subscriber dials the engine or the engines dial it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeMode {
+    /// Pod mode: SUB connects to one engine's PUB endpoint (which binds, vLLM's default).
+    Connect,
+    /// Central mode: SUB binds; the engines' PUB sockets connect to it.
+    Bind,
+}
+
+/// What a [`Subscriber`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberConfig {
+    /// The endpoint to connect to or bind (`tcp://10.0.0.7:5557`, `tcp://*:5557`).
+    pub endpoint: String,
+    /// Connect (pod mode) or bind (central mode).
+    pub mode: SubscribeMode,
+    /// The SUB socket's prefix filter (llm-d's default `kv@`; empty takes every topic, e.g.
+    /// vLLM's default empty topic).
+    pub topic_filter: String,
+    /// The engine's replay ROUTER endpoint: a sequence gap asks it for the missed batches.
+    pub replay_endpoint: Option<String>,
+    /// How long a replay may take before the rest counts as missed.
+    pub replay_timeout: Duration,
+    /// Replay what the publisher kept from before a topic's first message (an EPP that
+    /// starts, or restarts, next to a running engine learns its cache); batches older than the
+    /// publisher's ring count as missed. Needs `replay_endpoint`.
+    pub replay_history: bool,
+    /// The first reconnection delay; it doubles up to `reconnect_max`.
+    pub reconnect_initial: Duration,
+    /// The longest reconnection delay.
+    pub reconnect_max: Duration,
+}
+
+impl SubscriberConfig {
+    /// Pod mode: connect to one engine's endpoint, llm-d's filter `kv@`, no replay.
+    pub fn connect(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            mode: SubscribeMode::Connect,
+            topic_filter: TOPIC_PREFIX.to_owned(),
+            replay_endpoint: None,
+            replay_timeout: Duration::from_secs(2),
+            replay_history: false,
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+
+    /// Central mode: bind `endpoint` for every engine to connect to.
+    pub fn bind(endpoint: impl Into<String>) -> Self {
+        Self {
+            mode: SubscribeMode::Bind,
+            ..Self::connect(endpoint)
+        }
+    }
+}
+
+/// One decoded batch, in publishing order per topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedBatch {
+    /// The subscriber's endpoint (pod mode: identifies the engine).
+    pub endpoint: Arc<str>,
+    /// The message's topic (central mode: identifies the engine, `kv@<pod-id>@<model>`).
+    pub topic: Arc<str>,
+    /// The publisher's sequence number.
+    pub seq: u64,
+    /// The events.
+    pub batch: EventBatch,
+    /// The payload as received (msgpack), for archiving or another decoder; shares the
+    /// frame's memory.
+    pub payload: Bytes,
+    /// Whether it came from a replay (after a gap).
+    pub replayed: bool,
+    /// Batches of this topic lost for good just before this one (not replayed, undecodable,
+    /// or dropped on a full channel): the index may hold stale blocks of this engine.
+    pub missed_before: u64,
+    /// The sequence number went backwards: the publisher restarted, and the engine's cache
+    /// with it (what the index held for it is gone).
+    pub publisher_restarted: bool,
+}
+
+/// Counters of a subscriber (monotonic).
+#[derive(Debug, Default)]
+pub struct SubscriberStats {
+    /// Messages received (live and replayed).
+    pub received: AtomicU64,
+    /// Batches decoded.
+    pub decoded: AtomicU64,
+    /// Payloads that did not decode.
+    pub decode_errors: AtomicU64,
+    /// Messages that were not `[topic, seq, payload]` (or a topic past [`MAX_TOPICS`]).
+    pub bad_messages: AtomicU64,
+    /// Decoded batches dropped because the output channel was full.
+    pub dropped: AtomicU64,
+    /// Sequence gaps seen.
+    pub gaps: AtomicU64,
+    /// Batches lost for good in gaps (not recovered by a replay).
+    pub missed: AtomicU64,
+    /// Batches recovered by replays.
+    pub replayed: AtomicU64,
+    /// Sequence resets (publisher restarts).
+    pub restarts: AtomicU64,
+    /// Successful connects or binds.
+    pub connects: AtomicU64,
+}
+
+/// A point-in-time copy of [`SubscriberStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct SubscriberStatsSnapshot {
+    pub received: u64,
+    pub decoded: u64,
+    pub decode_errors: u64,
+    pub bad_messages: u64,
+    pub dropped: u64,
+    pub gaps: u64,
+    pub missed: u64,
+    pub replayed: u64,
+    pub restarts: u64,
+    pub connects: u64,
+}
+
+impl SubscriberStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> SubscriberStatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SubscriberStatsSnapshot {
+            received: l(&self.received),
+            decoded: l(&self.decoded),
+            decode_errors: l(&self.decode_errors),
+            bad_messages: l(&self.bad_messages),
+            dropped: l(&self.dropped),
+            gaps: l(&self.gaps),
+            missed: l(&self.missed),
+            replayed: l(&self.replayed),
+            restarts: l(&self.restarts),
+            connects: l(&self.connects),
+        }
+    }
+}
+
+fn inc(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+/// A KV-event subscriber, for a supervised task: build it from a config, keep its
+/// [`stats`](Subscriber::stats), [`run`](Subscriber::run) it.
+pub struct Subscriber {
+    config: SubscriberConfig,
+    endpoint: Arc<str>,
+    stats: Arc<SubscriberStats>,
+    /// Per topic: its name and the next sequence number expected.
+    topics: HashMap<Bytes, TopicState>,
+    /// A socket bound by [`Subscriber::bind`], for the first run.
+    bound: Option<(SubSocket, String)>,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("config", &self.config)
+            .field("topics", &self.topics.len())
+            .field("bound", &self.local_endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct TopicState {
+    name: Arc<str>,
+    next: Option<u64>,
+    /// Batches lost since the last delivered one.
+    missed: u64,
+}
+
+/// How the receive loop ended.
+enum Ended {
+    /// Cancelled, or nobody reads the batches any more.
+    Done,
+    /// The socket failed: reconnect.
+    SocketError(zeromq::ZmqError),
+}
+
+// === impl Subscriber ===
+
+impl Subscriber {
+    /// A subscriber for `config`.
+    pub fn new(config: SubscriberConfig) -> Self {
+        Self::with_stats(config, Arc::default())
+    }
+
+    /// A subscriber that counts into `stats`: a supervisor's factory makes a new subscriber
+    /// per run and keeps the counters across restarts.
+    pub fn with_stats(config: SubscriberConfig, stats: Arc<SubscriberStats>) -> Self {
+        Self {
+            endpoint: Arc::from(config.endpoint.as_str()),
+            config,
+            stats,
+            topics: HashMap::new(),
+            bound: None,
+        }
+    }
+
+    /// A central-mode subscriber whose socket is bound now: a bad endpoint fails here, and
+    /// [`Subscriber::local_endpoint`] tells the port the OS picked for port 0.
+    pub async fn bind(config: SubscriberConfig) -> Result<Self, TransportError> {
+        let config = SubscriberConfig {
+            mode: SubscribeMode::Bind,
+            ..config
+        };
+        let mut sub = Self::new(config);
+        let (socket, endpoint) = sub.open().await?;
+        sub.bound = Some((socket, endpoint));
+        Ok(sub)
+    }
+
+    /// The endpoint bound by [`Subscriber::bind`] (port resolved).
+    pub fn local_endpoint(&self) -> Option<&str> {
+        self.bound.as_ref().map(|(_, e)| e.as_str())
+    }
+
+    /// Its counters (shared: read them while it runs).
+    pub fn stats(&self) -> Arc<SubscriberStats> {
+        self.stats.clone()
+    }
+
+    /// Receives, orders and decodes batches into `out` until `cancel` fires or `out` closes
+    /// (`Ok`). In pod mode a lost connection is retried with backoff forever; in central mode
+    /// a failed bind is an `Err` (the supervisor restarts the task).
+    pub async fn run(
+        mut self,
+        out: mpsc::Sender<ReceivedBatch>,
+        cancel: CancellationToken,
+    ) -> Result<(), TransportError> {
+        let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max);
+        loop {
+            let opened = match self.bound.take() {
+                Some(bound) => Ok(bound),
+                None => tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    s = self.open() => s,
+                },
+            };
+            let ended = match opened {
+                Ok((socket, _)) => {
+                    inc(&self.stats.connects, 1);
+                    backoff.reset();
+                    self.receive(socket, &out, &cancel).await
+                }
+                Err(e) if self.config.mode == SubscribeMode::Bind => return Err(e),
+                Err(TransportError::Zmq { source, .. }) => Ended::SocketError(source),
+                Err(e) => return Err(e),
+            };
+            match ended {
+                Ended::Done => return Ok(()),
+                Ended::SocketError(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(endpoint = %self.endpoint, error = %e, ?delay, "KV-event subscriber disconnected; reconnecting");
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// A subscribed socket, and its endpoint (resolved when bound).
+    async fn open(&self) -> Result<(SubSocket, String), TransportError> {
+        let mut socket = SubSocket::new();
+        let e = &self.config.endpoint;
+        let endpoint = match self.config.mode {
+            SubscribeMode::Connect => {
+                socket.connect(e).await.map_err(zmq_error("connect", e))?;
+                e.clone()
+            }
+            SubscribeMode::Bind => socket
+                .bind(&bindable(e))
+                .await
+                .map_err(zmq_error("bind", e))?
+                .to_string(),
+        };
+        socket
+            .subscribe(&self.config.topic_filter)
+            .await
+            .map_err(zmq_error("subscribe", e))?;
+        Ok((socket, endpoint))
+    }
+
+    async fn receive(
+        &mut self,
+        mut socket: SubSocket,
+        out: &mpsc::Sender<ReceivedBatch>,
+        cancel: &CancellationToken,
+    ) -> Ended {
+        loop {
+            let message = tokio::select! {
+                () = cancel.cancelled() => return Ended::Done,
+                m = socket.recv() => m,
+            };
+            let frames = match message {
+                Ok(m) => m.into_vec(),
+                Err(e) => return Ended::SocketError(e),
+            };
+            inc(&self.stats.received, 1);
+            if !self.on_message(frames, out).await {
+                return Ended::Done;
+            }
+        }
+    }
+
+    /// Orders one live message; `false` when `out` is closed.
+    async fn on_message(&mut self, frames: Vec<Bytes>, out: &mpsc::Sender<ReceivedBatch>) -> bool {
+        let [topic, seq, payload] = <[Bytes; 3]>::try_from(frames).unwrap_or_else(|_| {
+            [Bytes::new(), Bytes::new(), Bytes::new()] // fails parse_seq below
+        });
+        let Some(seq) = parse_seq(&seq) else {
+            inc(&self.stats.bad_messages, 1);
+            return true;
+        };
+        let Some(next) = self.topic_state(&topic).map(|t| t.next) else {
+            inc(&self.stats.bad_messages, 1);
+            return true;
+        };
+        // A topic's first message: with `replay_history`, what came before it is a gap too,
+        // so the publisher's ring (its last `buffer_steps` batches) is replayed first.
+        let next = next
+            .or((self.config.replay_history && self.config.replay_endpoint.is_some()).then_some(0));
+        let mut restarted = false;
+        match next {
+            Some(expected) if seq > expected => {
+                inc(&self.stats.gaps, 1);
+                let recovered = self.replay(&topic, expected, seq, out).await;
+                let Some(recovered) = recovered else {
+                    return false;
+                };
+                let missed = (seq - expected).saturating_sub(recovered);
+                inc(&self.stats.missed, missed);
+                if let Some(t) = self.topics.get_mut(&topic) {
+                    t.missed += missed;
+                }
+            }
+            Some(expected) if seq < expected => {
+                inc(&self.stats.restarts, 1);
+                restarted = true;
+            }
+            _ => {}
+        }
+        self.deliver(&topic, seq, payload, false, restarted, out)
+    }
+
+    /// The state of `topic`, made on first sight; `None` for a topic that is not text or
+    /// when [`MAX_TOPICS`] are tracked already.
+    fn topic_state(&mut self, topic: &Bytes) -> Option<&mut TopicState> {
+        if !self.topics.contains_key(topic) {
+            if self.topics.len() >= MAX_TOPICS || topic.len() > MAX_TOPIC_BYTES {
+                return None;
+            }
+            let name = std::str::from_utf8(topic).ok()?;
+            self.topics.insert(
+                topic.clone(),
+                TopicState {
+                    name: Arc::from(name),
+                    next: None,
+                    missed: 0,
+                },
+            );
+        }
+        self.topics.get_mut(topic)
+    }
+
+    /// Decodes and hands over one batch; `false` when `out` is closed.
+    fn deliver(
+        &mut self,
+        topic: &Bytes,
+        seq: u64,
+        payload: Bytes,
+        replayed: bool,
+        restarted: bool,
+        out: &mpsc::Sender<ReceivedBatch>,
+    ) -> bool {
+        let Some(state) = self.topics.get_mut(topic) else {
+            return true;
+        };
+        state.next = Some(seq.saturating_add(1));
+        let batch = match decode_batch(&payload) {
+            Ok(b) => b,
+            Err(e) => {
+                inc(&self.stats.decode_errors, 1);
+                state.missed += 1;
+                tracing::debug!(topic = %state.name, seq, error = %e, "KV-event batch does not decode");
+                return true;
+            }
+        };
+        inc(&self.stats.decoded, 1);
+        let received = ReceivedBatch {
+            endpoint: self.endpoint.clone(),
+            topic: state.name.clone(),
+            seq,
+            batch,
+            payload,
+            replayed,
+            missed_before: state.missed,
+            publisher_restarted: restarted,
+        };
+        match out.try_send(received) {
+            Ok(()) => {
+                state.missed = 0;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                inc(&self.stats.dropped, 1);
+                state.missed += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the replay endpoint for `from..until` and delivers what comes back in order.
+    /// Returns how many were recovered (`None` when `out` closed). No replay endpoint, a
+    /// timeout or an error recover what arrived so far.
+    async fn replay(
+        &mut self,
+        topic: &Bytes,
+        from: u64,
+        until: u64,
+        out: &mpsc::Sender<ReceivedBatch>,
+    ) -> Option<u64> {
+        let Some(endpoint) = self.config.replay_endpoint.clone() else {
+            return Some(0);
+        };
+        let want = (until - from).min(MAX_REPLAY_BATCHES);
+        let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(64);
+        let fetch = fetch_replay(endpoint.clone(), from, until, want, tx);
+        let timeout = tokio::time::sleep(self.config.replay_timeout);
+        tokio::pin!(fetch, timeout);
+        let mut recovered = 0;
+        let mut fetch_done = false;
+        loop {
+            tokio::select! {
+                r = &mut fetch, if !fetch_done => {
+                    fetch_done = true;
+                    if let Err(e) = r {
+                        tracing::debug!(%endpoint, error = %e, "KV-event replay failed");
+                    }
+                }
+                item = rx.recv() => match item {
+                    Some((seq, payload)) => {
+                        inc(&self.stats.received, 1);
+                        inc(&self.stats.replayed, 1);
+                        recovered += 1;
+                        if !self.deliver(topic, seq, payload, true, false, out) {
+                            return None;
+                        }
+                    }
+                    None => break,
+                },
+                () = &mut timeout => {
+                    tracing::debug!(%endpoint, from, until, recovered, "KV-event replay timed out");
+                    break;
+                }
+            }
+        }
+        Some(recovered)
+    }
+}
+
+/// One replay exchange on a fresh DEALER: `["", from]` out, `["", seq, payload]` back until
+/// the end marker; forwards the batches in `from..until`, increasing, `want` at most.
+async fn fetch_replay(
+    endpoint: String,
+    from: u64,
+    until: u64,
+    want: u64,
+    tx: mpsc::Sender<(u64, Bytes)>,
+) -> Result<(), TransportError> {
+    let mut dealer = DealerSocket::new();
+    dealer
+        .connect(&endpoint)
+        .await
+        .map_err(zmq_error("connect", &endpoint))?;
+    let mut request = ZmqMessage::from(Bytes::new());
+    request.push_back(seq_frame(from));
+    dealer
+        .send(request)
+        .await
+        .map_err(zmq_error("send", &endpoint))?;
+    let mut last: Option<u64> = None;
+    let mut forwarded = 0;
+    loop {
+        let reply = dealer
+            .recv()
+            .await
+            .map_err(zmq_error("recv", &endpoint))?
+            .into_vec();
+        let [_, seq, payload] = reply.as_slice() else {
+            continue;
+        };
+        if seq.as_ref() == END_OF_REPLAY {
+            return Ok(());
+        }
+        let Some(seq) = parse_seq(seq) else { continue };
+        if seq < from || seq >= until || last.is_some_and(|l| seq <= l) {
+            continue;
+        }
+        last = Some(seq);
+        if tx.send((seq, payload.clone())).await.is_err() {
+            return Ok(());
+        }
+        forwarded += 1;
+        if forwarded >= want {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! Loopback tests of the transport: publisher to subscriber, the replay server, gap
+//! detection and replay, publisher restarts. Every wait is bounded by [`WAIT`]; ports come
+//! from the OS.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use zeromq::{DealerSocket, PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use super::*;
+use crate::codec::{Encoder, Encoding};
+use crate::{BlockRemoved, Event, EventBatch, Medium};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn batch(n: u64) -> EventBatch {
+    EventBatch {
+        ts: n as f64,
+        events: vec![Event::BlockRemoved(BlockRemoved {
+            block_hashes: vec![n],
+            medium: Medium::Gpu,
+        })],
+        data_parallel_rank: Some(0),
+    }
+}
+
+fn payload(n: u64) -> Bytes {
+    Bytes::from(Encoder::new(Encoding::Array).encode(&batch(n)).unwrap())
+}
+
+fn message(frames: Vec<Bytes>) -> ZmqMessage {
+    ZmqMessage::try_from(frames).unwrap()
+}
+
+fn live(topic: &str, seq: u64, n: u64) -> ZmqMessage {
+    message(vec![
+        Bytes::from(topic.to_owned()),
+        seq_frame(seq),
+        payload(n),
+    ])
+}
+
+async fn next(rx: &mut mpsc::Receiver<ReceivedBatch>) -> ReceivedBatch {
+    timeout(WAIT, rx.recv()).await.unwrap().unwrap()
+}
+
+/// A PUB socket on a loopback port, and its endpoint.
+async fn bound_pub() -> (PubSocket, String) {
+    let mut s = PubSocket::new();
+    let e = s.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    (s, e)
+}
+
+/// Sends warm-up messages on a topic of their own until the subscriber delivers one: the
+/// subscription has then reached the PUB socket (ZMQ drops what is published before).
+async fn warm_up(pub_socket: &mut PubSocket, rx: &mut mpsc::Receiver<ReceivedBatch>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seq = 0;
+    loop {
+        pub_socket.send(live("kv@warm-up@m", seq, 0)).await.unwrap();
+        seq += 1;
+        if let Ok(Some(r)) = timeout(Duration::from_millis(20), rx.recv()).await {
+            assert_eq!(&*r.topic, "kv@warm-up@m");
+            // Drain the other warm-ups already on their way.
+            while let Ok(Some(_)) = timeout(Duration::from_millis(20), rx.recv()).await {}
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscription never arrived"
+        );
+    }
+}
+
+/// A running subscriber: its batches, counters, token and task.
+type Running = (
+    mpsc::Receiver<ReceivedBatch>,
+    std::sync::Arc<SubscriberStats>,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), TransportError>>,
+);
+
+fn spawn_subscriber(config: SubscriberConfig, capacity: usize) -> Running {
+    let (tx, rx) = mpsc::channel(capacity);
+    let sub = Subscriber::new(config);
+    let stats = sub.stats();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sub.run(tx, cancel.clone()));
+    (rx, stats, cancel, task)
+}
+
+#[tokio::test]
+async fn the_publisher_sends_three_frames_and_the_subscriber_decodes_them() {
+    let config = PublisherConfig {
+        endpoint: "tcp://127.0.0.1:0".to_owned(),
+        replay_endpoint: None,
+        buffer_steps: 4,
+        max_queue_size: 16,
+        topic: "kv@10.0.0.1:8000@m".to_owned(),
+        encoder: Encoder::default(),
+    };
+    let (publisher, handle) = start_bound(config).await;
+    let endpoint = publisher.endpoint().to_owned();
+    let cancel = CancellationToken::new();
+    let pub_task = tokio::spawn(publisher.run(cancel.clone()));
+
+    let (mut rx, stats, sub_cancel, sub_task) =
+        spawn_subscriber(SubscriberConfig::connect(endpoint.clone()), 64);
+    // Publish until the first batch arrives (the subscription's arrival), then five more.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first = loop {
+        assert!(handle.publish(batch(100)));
+        if let Ok(Some(r)) = timeout(Duration::from_millis(20), rx.recv()).await {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing arrived");
+    };
+    while let Ok(Some(_)) = timeout(Duration::from_millis(20), rx.recv()).await {}
+    assert_eq!(&*first.topic, "kv@10.0.0.1:8000@m");
+    assert_eq!(&*first.endpoint, endpoint.as_str());
+    assert_eq!(first.batch, batch(100));
+    let before = stats.snapshot();
+    for n in 0..5 {
+        assert!(handle.publish(batch(n)));
+    }
+    let mut last_seq = None;
+    for n in 0..5 {
+        let r = next(&mut rx).await;
+        assert_eq!(r.batch, batch(n));
+        assert!(!r.replayed && !r.publisher_restarted);
+        assert_eq!(r.missed_before, 0);
+        if let Some(l) = last_seq {
+            assert_eq!(r.seq, l + 1);
+        }
+        last_seq = Some(r.seq);
+    }
+    let after = stats.snapshot();
+    assert_eq!(after.decoded - before.decoded, 5);
+    assert_eq!((after.gaps, after.decode_errors, after.dropped), (0, 0, 0));
+    assert!(
+        handle
+            .stats()
+            .published
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 6
+    );
+
+    sub_cancel.cancel();
+    sub_task.await.unwrap().unwrap();
+    cancel.cancel();
+    pub_task.await.unwrap().unwrap();
+}
+
+/// Starts a publisher whose PUB socket binds `config.endpoint` even without a wildcard (so
+/// tests listen on loopback only).
+async fn start_bound(config: PublisherConfig) -> (Publisher, PublisherHandle) {
+    Publisher::start_binding(config).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_replay_server_answers_from_its_ring_then_the_end_marker() {
+    let config = PublisherConfig {
+        endpoint: "tcp://127.0.0.1:0".to_owned(),
+        replay_endpoint: Some("tcp://127.0.0.1:0".to_owned()),
+        buffer_steps: 3,
+        max_queue_size: 16,
+        topic: "kv@p@m".to_owned(),
+        encoder: Encoder::new(Encoding::Array),
+    };
+    let (publisher, handle) = start_bound(config).await;
+    let replay = publisher.replay_endpoint().unwrap().to_owned();
+    let stats = handle.stats().clone();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(publisher.run(cancel.clone()));
+    for n in 0..5 {
+        assert!(handle.publish(batch(n)));
+    }
+    // Published without subscribers: dropped by PUB, kept in the ring (the last 3).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.published.load(std::sync::atomic::Ordering::Relaxed) < 5 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+
+    let mut dealer = DealerSocket::new();
+    dealer.connect(&replay).await.unwrap();
+    ask(&mut dealer, 3).await;
+    let mut got = Vec::new();
+    loop {
+        let frames = timeout(WAIT, dealer.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .into_vec();
+        assert_eq!(frames.len(), 3);
+        assert!(frames[0].is_empty());
+        if frames[1].as_ref() == END_OF_REPLAY {
+            assert!(frames[2].is_empty());
+            break;
+        }
+        got.push((parse_seq(&frames[1]).unwrap(), frames[2].clone()));
+    }
+    assert_eq!(got, vec![(3, payload(3)), (4, payload(4))]);
+
+    // From 0: only what the ring kept (2, 3, 4).
+    ask(&mut dealer, 0).await;
+    let mut seqs = Vec::new();
+    loop {
+        let frames = timeout(WAIT, dealer.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .into_vec();
+        if frames[1].as_ref() == END_OF_REPLAY {
+            break;
+        }
+        seqs.push(parse_seq(&frames[1]).unwrap());
+    }
+    assert_eq!(seqs, vec![2, 3, 4]);
+
+    // A malformed request (no delimiter) is ignored; the next good one is served.
+    dealer.send(message(vec![seq_frame(4)])).await.unwrap();
+    ask(&mut dealer, 4).await;
+    let frames = timeout(WAIT, dealer.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_vec();
+    assert_eq!(parse_seq(&frames[1]), Some(4));
+    assert_eq!(
+        stats
+            .replay_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+async fn ask(dealer: &mut DealerSocket, start: u64) {
+    let m = message(vec![Bytes::new(), seq_frame(start)]);
+    dealer.send(m).await.unwrap();
+}
+
+/// Serves one replay request on `router` with `batches`, then the end marker.
+async fn serve_one_replay(mut router: RouterSocket, batches: Vec<(u64, u64)>) -> u64 {
+    let frames = router.recv().await.unwrap().into_vec();
+    assert_eq!(frames.len(), 3, "[identity, \"\", start]");
+    assert!(frames[1].is_empty());
+    let start = parse_seq(&frames[2]).unwrap();
+    for (seq, n) in batches {
+        router
+            .send(message(vec![
+                frames[0].clone(),
+                Bytes::new(),
+                seq_frame(seq),
+                payload(n),
+            ]))
+            .await
+            .unwrap();
+    }
+    router
+        .send(message(vec![
+            frames[0].clone(),
+            Bytes::new(),
+            Bytes::from_static(&END_OF_REPLAY),
+            Bytes::new(),
+        ]))
+        .await
+        .unwrap();
+    start
+}
+
+#[tokio::test]
+async fn a_gap_is_replayed_in_order_before_the_batch_that_revealed_it() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let mut router = RouterSocket::new();
+    let replay = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    // The replay answers 11 and 12 (and a stray 20, outside the gap, which is ignored).
+    let server = tokio::spawn(serve_one_replay(router, vec![(11, 11), (12, 12), (20, 99)]));
+
+    let config = SubscriberConfig {
+        replay_endpoint: Some(replay),
+        ..SubscriberConfig::connect(endpoint)
+    };
+    let (mut rx, stats, cancel, task) = spawn_subscriber(config, 64);
+    warm_up(&mut pub_socket, &mut rx).await;
+
+    pub_socket.send(live("kv@p@m", 10, 10)).await.unwrap();
+    pub_socket.send(live("kv@p@m", 13, 13)).await.unwrap(); // 11 and 12 are missing
+    let got: Vec<_> = [
+        next(&mut rx).await,
+        next(&mut rx).await,
+        next(&mut rx).await,
+        next(&mut rx).await,
+    ]
+    .into_iter()
+    .map(|r| (r.seq, r.replayed, r.missed_before, r.batch))
+    .collect();
+    assert_eq!(
+        got,
+        vec![
+            (10, false, 0, batch(10)),
+            (11, true, 0, batch(11)),
+            (12, true, 0, batch(12)),
+            (13, false, 0, batch(13)),
+        ]
+    );
+    assert_eq!(timeout(WAIT, server).await.unwrap().unwrap(), 11);
+    let s = stats.snapshot();
+    assert_eq!((s.gaps, s.replayed, s.missed), (1, 2, 0));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_gap_without_replay_is_counted_and_reported_with_the_next_batch() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let (mut rx, stats, cancel, task) = spawn_subscriber(SubscriberConfig::connect(endpoint), 64);
+    warm_up(&mut pub_socket, &mut rx).await;
+
+    pub_socket.send(live("kv@p@m", 0, 0)).await.unwrap();
+    pub_socket.send(live("kv@p@m", 4, 4)).await.unwrap();
+    // The publisher restarted: its sequence starts again at 0.
+    pub_socket.send(live("kv@p@m", 0, 7)).await.unwrap();
+    // Garbage: not decodable; then the next batch reports one missed.
+    pub_socket
+        .send(message(vec![
+            Bytes::from_static(b"kv@p@m"),
+            seq_frame(1),
+            Bytes::from_static(b"\xc1"),
+        ]))
+        .await
+        .unwrap();
+    // Not three frames: counted, ignored.
+    pub_socket
+        .send(message(vec![Bytes::from_static(b"kv@p@m"), seq_frame(2)]))
+        .await
+        .unwrap();
+    pub_socket.send(live("kv@p@m", 2, 8)).await.unwrap();
+
+    let a = next(&mut rx).await;
+    assert_eq!((a.seq, a.missed_before), (0, 0));
+    let b = next(&mut rx).await;
+    assert_eq!(
+        (b.seq, b.missed_before, b.publisher_restarted),
+        (4, 3, false)
+    );
+    let c = next(&mut rx).await;
+    assert_eq!(
+        (c.seq, c.publisher_restarted, c.batch.clone()),
+        (0, true, batch(7))
+    );
+    let d = next(&mut rx).await;
+    assert_eq!((d.seq, d.missed_before, d.batch), (2, 1, batch(8)));
+    let s = stats.snapshot();
+    assert_eq!((s.gaps, s.missed, s.restarts), (1, 3, 1));
+    assert_eq!((s.decode_errors, s.bad_messages), (1, 1));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_full_channel_drops_and_counts() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let (mut rx, stats, cancel, task) = spawn_subscriber(SubscriberConfig::connect(endpoint), 1);
+    warm_up(&mut pub_socket, &mut rx).await;
+    for seq in 0..3 {
+        pub_socket.send(live("kv@p@m", seq, seq)).await.unwrap();
+    }
+    // The channel holds one; wait until the other two were dropped.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.snapshot().dropped < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(next(&mut rx).await.seq, 0);
+    pub_socket.send(live("kv@p@m", 3, 3)).await.unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!((r.seq, r.missed_before), (3, 2));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_central_subscriber_that_cannot_bind_fails() {
+    let (_pub_socket, endpoint) = bound_pub().await; // the port is taken
+    let (_rx, _stats, _cancel, task) = spawn_subscriber(SubscriberConfig::bind(endpoint), 4);
+    assert!(matches!(
+        timeout(WAIT, task).await.unwrap().unwrap(),
+        Err(TransportError::Zmq { what: "bind", .. })
+    ));
+}
+
+#[test]
+fn the_wildcard_host_binds_every_interface() {
+    assert_eq!(bindable("tcp://*:5557"), "tcp://0.0.0.0:5557");
+    assert_eq!(bindable("tcp://[::]:5557"), "tcp://[::]:5557");
+    assert_eq!(bindable("tcp://127.0.0.1:0"), "tcp://127.0.0.1:0");
+}
+
+#[test]
+fn backoff_doubles_to_its_cap_and_resets() {
+    let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+    let d: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+    assert_eq!(d, vec![100, 200, 350, 350]);
+    b.reset();
+    assert_eq!(b.next_delay().as_millis(), 100);
+}
+
+/// Publishes until `rx` delivers a batch from the publisher (bounded by [`WAIT`]).
+async fn publish_until_received(
+    handle: &PublisherHandle,
+    rx: &mut mpsc::Receiver<ReceivedBatch>,
+) -> ReceivedBatch {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(handle.publish(batch(1)));
+        if let Ok(Some(r)) = timeout(Duration::from_millis(20), rx.recv()).await {
+            return r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing arrived");
+    }
+}
+
+#[tokio::test]
+async fn a_connecting_publisher_dials_a_restarted_central_subscriber_again() {
+    let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    let central = sub.local_endpoint().unwrap().to_owned();
+    let (tx, mut rx) = mpsc::channel(64);
+    let sub_cancel = CancellationToken::new();
+    let sub_task = tokio::spawn(sub.run(tx, sub_cancel.clone()));
+
+    // No `*`: by vLLM's rule the PUB socket connects.
+    let (publisher, handle) = Publisher::start(PublisherConfig {
+        endpoint: central.clone(),
+        replay_endpoint: None,
+        buffer_steps: 0,
+        max_queue_size: 16,
+        topic: "kv@p@m".to_owned(),
+        encoder: Encoder::default(),
+    })
+    .await
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let pub_task = tokio::spawn(publisher.run(cancel.clone()));
+    publish_until_received(&handle, &mut rx).await;
+
+    // The central subscriber restarts on the same port.
+    sub_cancel.cancel();
+    sub_task.await.unwrap().unwrap();
+    drop(rx);
+    let sub = Subscriber::bind(SubscriberConfig::bind(central.clone()))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let sub_cancel = CancellationToken::new();
+    let sub_task = tokio::spawn(sub.run(tx, sub_cancel.clone()));
+    let r = publish_until_received(&handle, &mut rx).await;
+    assert_eq!(&*r.topic, "kv@p@m");
+    assert!(
+        handle
+            .stats()
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+
+    sub_cancel.cancel();
+    sub_task.await.unwrap().unwrap();
+    cancel.cancel();
+    pub_task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn replay_history_brings_what_came_before_the_first_message() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let mut router = RouterSocket::new();
+    let replay = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    // The publisher kept 3 and 4 (0..2 fell out of its ring).
+    let server = tokio::spawn(serve_one_replay(router, vec![(3, 3), (4, 4)]));
+    let config = SubscriberConfig {
+        replay_endpoint: Some(replay),
+        replay_history: true,
+        ..SubscriberConfig::connect(endpoint)
+    };
+    let (mut rx, stats, cancel, task) = spawn_subscriber(config, 64);
+    // Publish from 5 until one arrives (the subscription's arrival): that first message asks
+    // for the history, served with 3 and 4.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seq = 5;
+    let first = loop {
+        pub_socket.send(live("kv@p@m", seq, seq)).await.unwrap();
+        if let Ok(Some(r)) = timeout(Duration::from_millis(20), rx.recv()).await {
+            break r;
+        }
+        seq += 1;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscription never arrived"
+        );
+    };
+    assert_eq!(
+        timeout(WAIT, server).await.unwrap().unwrap(),
+        0,
+        "asked from 0"
+    );
+    assert_eq!((first.seq, first.replayed), (3, true));
+    let second = next(&mut rx).await;
+    assert_eq!((second.seq, second.replayed), (4, true));
+    let live_one = next(&mut rx).await;
+    assert!(!live_one.replayed);
+    // Gone for good: 0, 1, 2, and the live ones published before the subscription arrived.
+    assert_eq!(live_one.missed_before, 3 + (live_one.seq - 5));
+    let s = stats.snapshot();
+    assert_eq!((s.gaps, s.replayed), (1, 2));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}

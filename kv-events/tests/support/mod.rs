@@ -1,0 +1,2 @@
+//! Shared by the integration tests (and, by path, the simulator's wire test).
+pub mod msgspec;
