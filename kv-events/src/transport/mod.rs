@@ -11,9 +11,10 @@
 //!
 //! The ZMQ implementation is `zeromq` (zmq.rs), pure Rust on tokio: nothing to build or ship
 //! beside the binary, async sockets that a supervised task can own. It interoperates with
-//! libzmq (vLLM's pyzmq) over ZMTP 3; see the crate README for what it lacks (no
-//! `ZMQ_MAXMSGSIZE`) and what that means for a bound subscriber.
+//! libzmq (vLLM's pyzmq) over ZMTP 3. It has no message-size limit, so its sockets never face
+//! the network: TCP goes through a [`guard`] that bounds frames (see the crate README).
 
+pub mod guard;
 mod publisher;
 mod subscriber;
 
@@ -41,6 +42,15 @@ pub enum TransportError {
         /// The socket's error.
         #[source]
         source: zeromq::ZmqError,
+    },
+    /// The frame guard in front of a subscriber's socket could not listen or connect.
+    #[error("zmq guard for {endpoint}: {source}")]
+    Guard {
+        /// The endpoint guarded.
+        endpoint: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
     },
     /// A configuration value that cannot work.
     #[error("invalid transport configuration: {0}")]

@@ -14,6 +14,7 @@ use zeromq::{
     PubSocket, RouterSocket, Socket as _, SocketEvent, SocketRecv as _, SocketSend as _, ZmqMessage,
 };
 
+use super::guard::{self, Guard};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::EventBatch;
 use crate::codec::Encoder;
@@ -107,7 +108,10 @@ pub struct Publisher {
     socket: PubSocket,
     /// The PUB endpoint as bound (port 0 resolved); the configured one when connecting.
     endpoint: String,
-    bound: bool,
+    /// Where a connecting PUB socket dials (its guard's loopback port); `None` when it binds.
+    connect_to: Option<String>,
+    /// The guards in front of the sockets, alive as long as they are.
+    _guards: Vec<Guard>,
     replay: Option<(RouterSocket, String)>,
     rx: mpsc::Receiver<EventBatch>,
     stats: Arc<PublisherStats>,
@@ -155,24 +159,25 @@ impl Publisher {
                 config.buffer_steps, config.max_queue_size
             )));
         }
+        // Every socket faces the network through a guard (see `guard`): a subscriber could
+        // otherwise make the publishing process abort with one frame header.
+        let mut guards = Vec::new();
         let mut socket = PubSocket::new();
-        let endpoint = if bound {
-            socket
-                .bind(&bindable(&config.endpoint))
-                .await
-                .map_err(zmq_error("bind", &config.endpoint))?
-                .to_string()
+        let (endpoint, connect_to) = if bound {
+            let (endpoint, guard) = guard::bind(&mut socket, &bindable(&config.endpoint)).await?;
+            guards.extend(guard);
+            (endpoint, None)
         } else {
-            config.endpoint.clone()
+            let (target, guard) = guard::connect_target(&config.endpoint).await?;
+            guards.extend(guard);
+            (config.endpoint.clone(), Some(target))
         };
         let replay = match &config.replay_endpoint {
             Some(e) => {
                 let mut router = RouterSocket::new();
-                let resolved = router
-                    .bind(&bindable(e))
-                    .await
-                    .map_err(zmq_error("bind", e))?;
-                Some((router, resolved.to_string()))
+                let (resolved, guard) = guard::bind(&mut router, &bindable(e)).await?;
+                guards.extend(guard);
+                Some((router, resolved))
             }
             None => None,
         };
@@ -187,7 +192,8 @@ impl Publisher {
                 config,
                 socket,
                 endpoint,
-                bound,
+                connect_to,
+                _guards: guards,
                 replay,
                 rx,
                 stats,
@@ -236,8 +242,8 @@ impl Publisher {
     ) -> Result<(), TransportError> {
         // zmq.rs reconnects SUB sockets by itself, not PUB ones: a connecting publisher watches
         // its socket and dials again when the subscriber goes (a central EPP restarting).
-        let mut monitor = (!self.bound).then(|| self.socket.monitor());
-        if !self.bound && !self.connect(cancel).await {
+        let mut monitor = self.connect_to.is_some().then(|| self.socket.monitor());
+        if self.connect_to.is_some() && !self.connect(cancel).await {
             return Ok(());
         }
         let topic = Bytes::from(self.config.topic.clone().into_bytes());
@@ -291,9 +297,12 @@ impl Publisher {
     async fn connect(&mut self, cancel: &CancellationToken) -> bool {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
+            let Some(target) = &self.connect_to else {
+                return true;
+            };
             let attempt = tokio::select! {
                 () = cancel.cancelled() => return false,
-                r = self.socket.connect(&self.config.endpoint) => r,
+                r = self.socket.connect(target) => r,
             };
             match attempt {
                 Ok(()) => return true,

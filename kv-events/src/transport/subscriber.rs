@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
+use super::guard::{self, Guard};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::EventBatch;
 use crate::codec::decode_batch;
@@ -176,7 +177,14 @@ pub struct Subscriber {
     /// Per topic: its name and the next sequence number expected.
     topics: HashMap<Bytes, TopicState>,
     /// A socket bound by [`Subscriber::bind`], for the first run.
-    bound: Option<(SubSocket, String)>,
+    bound: Option<Opened>,
+}
+
+/// A subscribed socket, its endpoint (resolved when bound) and the guard in front of it.
+struct Opened {
+    socket: SubSocket,
+    endpoint: String,
+    _guard: Option<Guard>,
 }
 
 impl std::fmt::Debug for Subscriber {
@@ -233,14 +241,13 @@ impl Subscriber {
             ..config
         };
         let mut sub = Self::new(config);
-        let (socket, endpoint) = sub.open().await?;
-        sub.bound = Some((socket, endpoint));
+        sub.bound = Some(sub.open().await?);
         Ok(sub)
     }
 
     /// The endpoint bound by [`Subscriber::bind`] (port resolved).
     pub fn local_endpoint(&self) -> Option<&str> {
-        self.bound.as_ref().map(|(_, e)| e.as_str())
+        self.bound.as_ref().map(|o| o.endpoint.as_str())
     }
 
     /// Its counters (shared: read them while it runs).
@@ -266,10 +273,14 @@ impl Subscriber {
                 },
             };
             let ended = match opened {
-                Ok((socket, _)) => {
+                Ok(opened) => {
                     inc(&self.stats.connects, 1);
                     backoff.reset();
-                    self.receive(socket, &out, &cancel).await
+                    // The guard lives as long as the socket it protects.
+                    let Opened { socket, _guard, .. } = opened;
+                    let ended = self.receive(socket, &out, &cancel).await;
+                    drop(_guard);
+                    ended
                 }
                 Err(e) if self.config.mode == SubscribeMode::Bind => return Err(e),
                 Err(TransportError::Zmq { source, .. }) => Ended::SocketError(source),
@@ -289,26 +300,31 @@ impl Subscriber {
         }
     }
 
-    /// A subscribed socket, and its endpoint (resolved when bound).
-    async fn open(&self) -> Result<(SubSocket, String), TransportError> {
+    /// A subscribed socket. TCP goes through a [`guard`](super::guard) (zmq.rs must not read
+    /// the network itself); `ipc://` endpoints, local to the host, do not.
+    async fn open(&self) -> Result<Opened, TransportError> {
         let mut socket = SubSocket::new();
         let e = &self.config.endpoint;
-        let endpoint = match self.config.mode {
+        let (endpoint, guard) = match self.config.mode {
             SubscribeMode::Connect => {
-                socket.connect(e).await.map_err(zmq_error("connect", e))?;
-                e.clone()
+                let (target, guard) = guard::connect_target(e).await?;
+                socket
+                    .connect(&target)
+                    .await
+                    .map_err(zmq_error("connect", e))?;
+                (e.clone(), guard)
             }
-            SubscribeMode::Bind => socket
-                .bind(&bindable(e))
-                .await
-                .map_err(zmq_error("bind", e))?
-                .to_string(),
+            SubscribeMode::Bind => guard::bind(&mut socket, &bindable(e)).await?,
         };
         socket
             .subscribe(&self.config.topic_filter)
             .await
             .map_err(zmq_error("subscribe", e))?;
-        Ok((socket, endpoint))
+        Ok(Opened {
+            socket,
+            endpoint,
+            _guard: guard,
+        })
     }
 
     async fn receive(
@@ -500,8 +516,24 @@ async fn fetch_replay(
     tx: mpsc::Sender<(u64, Bytes)>,
 ) -> Result<(), TransportError> {
     let mut dealer = DealerSocket::new();
+    // Through a guard, as the SUB socket (the replay endpoint is the network too).
+    let guard = if endpoint.starts_with("tcp://") {
+        Some(
+            guard::connecting(&endpoint)
+                .await
+                .map_err(|source| TransportError::Guard {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?,
+        )
+    } else {
+        None
+    };
+    let target = guard
+        .as_ref()
+        .map_or(endpoint.as_str(), |g| g.local_endpoint.as_str());
     dealer
-        .connect(&endpoint)
+        .connect(target)
         .await
         .map_err(zmq_error("connect", &endpoint))?;
     let mut request = ZmqMessage::from(Bytes::new());

@@ -392,7 +392,7 @@ async fn a_central_subscriber_that_cannot_bind_fails() {
     let (_rx, _stats, _cancel, task) = spawn_subscriber(SubscriberConfig::bind(endpoint), 4);
     assert!(matches!(
         timeout(WAIT, task).await.unwrap().unwrap(),
-        Err(TransportError::Zmq { what: "bind", .. })
+        Err(TransportError::Guard { .. })
     ));
 }
 
@@ -520,6 +520,63 @@ async fn replay_history_brings_what_came_before_the_first_message() {
     assert_eq!(live_one.missed_before, 3 + (live_one.seq - 5));
     let s = stats.snapshot();
     assert_eq!((s.gaps, s.replayed), (1, 2));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_announcing_a_huge_frame_is_cut_off_and_the_subscriber_lives_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    let central = sub.local_endpoint().unwrap().to_owned();
+    let (tx, mut rx) = mpsc::channel(64);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sub.run(tx, cancel.clone()));
+
+    // A ZMTP 3 greeting, then a frame header announcing 2^50 bytes: without the guard, zmq.rs
+    // reserves that and the process aborts.
+    let mut hostile = tokio::net::TcpStream::connect(central.strip_prefix("tcp://").unwrap())
+        .await
+        .unwrap();
+    let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
+    greeting.extend_from_slice(b"NULL");
+    greeting.resize(64, 0);
+    hostile.write_all(&greeting).await.unwrap();
+    let mut theirs = [0u8; 64];
+    timeout(WAIT, hostile.read_exact(&mut theirs))
+        .await
+        .unwrap()
+        .unwrap();
+    hostile.write_all(&[0x06]).await.unwrap();
+    hostile
+        .write_all(&(1u64 << 50).to_be_bytes())
+        .await
+        .unwrap();
+    // The guard closes the connection (an EOF or a reset, within WAIT).
+    let mut rest = Vec::new();
+    let _ = timeout(WAIT, hostile.read_to_end(&mut rest)).await.unwrap();
+
+    // And the subscriber still takes a real publisher's batches.
+    let (publisher, handle) = Publisher::start(PublisherConfig {
+        endpoint: central,
+        replay_endpoint: None,
+        buffer_steps: 0,
+        max_queue_size: 16,
+        topic: "kv@p@m".to_owned(),
+        encoder: Encoder::default(),
+    })
+    .await
+    .unwrap();
+    let pub_cancel = CancellationToken::new();
+    let pub_task = tokio::spawn(publisher.run(pub_cancel.clone()));
+    publish_until_received(&handle, &mut rx).await;
+    assert!(!task.is_finished());
+
+    pub_cancel.cancel();
+    pub_task.await.unwrap().unwrap();
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
