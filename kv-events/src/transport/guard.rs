@@ -26,6 +26,10 @@ pub const MAX_FRAME_BYTES: u64 = 64 * 1024 * 1024;
 /// envelope).
 pub const MAX_FRAMES_PER_MESSAGE: usize = 8;
 
+/// Connections one guard relays at once, at most (a central subscriber's engines; more are
+/// closed on accept).
+pub const MAX_CONNECTIONS: usize = 4_096;
+
 const GREETING_BYTES: usize = 64;
 const MORE: u8 = 0x01;
 const LONG: u8 = 0x02;
@@ -57,6 +61,9 @@ pub(crate) async fn connecting(remote: &str) -> io::Result<Guard> {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((local, _)) = accepted else { continue };
+                    if relays.len() >= MAX_CONNECTIONS {
+                        continue;
+                    }
                     let target = target.clone();
                     relays.spawn(async move {
                         // The peer unreachable: drop the local side, which then retries.
@@ -87,6 +94,10 @@ pub(crate) async fn binding(public: &str, local: SocketAddr) -> io::Result<(Guar
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((remote, _)) = accepted else { continue };
+                    if relays.len() >= MAX_CONNECTIONS {
+                        tracing::warn!(limit = MAX_CONNECTIONS, "KV-event connection refused: too many");
+                        continue;
+                    }
                     relays.spawn(async move {
                         if let Ok(local) = TcpStream::connect(local).await {
                             relay(local, remote).await;
