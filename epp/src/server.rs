@@ -198,6 +198,13 @@ pub async fn serve_with_handles(
     for w in &config.warnings {
         tracing::warn!(warning = %w, "config");
     }
+    if !config.precise_producers.is_empty() {
+        // The index, the scorer and the subscribers (`kv_events::run`) are here; the ZMQ
+        // transport that implements `kv_events::Connector` comes with kv-events' `zmq` feature.
+        tracing::warn!(
+            "precise-prefix-cache-scorer: no KV-event transport is built in yet; every endpoint is scored from the approximate index"
+        );
+    }
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore.clone(), Arc::new(config), seed));
     let mut registry = Registry::default();
