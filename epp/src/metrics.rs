@@ -788,6 +788,12 @@ mod tests {
                 reason: "panicked",
             })
             .inc();
+        let kv_pod = crate::kv_events::PodLabels {
+            name: "p".into(),
+            model_server_pod: "a".into(),
+        };
+        m.kv_events.record(&kv_pod, 1, &Default::default(), 0.5);
+        m.kv_events.count_dropped(&kv_pod, "gap", 1);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let mut registered: Vec<(String, String)> = text
