@@ -170,7 +170,13 @@ fn decision(c: &mut Criterion) {
         // The precise scorer sees endpoint 42 hold 192 of the 256 blocks (the decision itself
         // also weighs its queue and KV use).
         let routed = director.route(&request, None, true).unwrap();
-        let explained = routed.result.primary_result().unwrap().explanation.clone().unwrap();
+        let explained = routed
+            .result
+            .primary_result()
+            .unwrap()
+            .explanation
+            .clone()
+            .unwrap();
         let row = explained
             .rows
             .iter()

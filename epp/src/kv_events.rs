@@ -584,5 +584,89 @@ async fn subscribe_bound<C: Connector>(
     }
 }
 
+/// The ZMQ transport of crate `kv-events`: each source runs one `kv_events::transport::
+/// Subscriber` (which reconnects, detects gaps and asks the engine's replay socket itself) and
+/// hands its batches over a bounded channel. A gap the transport could not fill shows here as a
+/// jump of the sequence number, which [`handle`] turns into a cleared endpoint.
+#[derive(Debug, Default)]
+pub struct ZmqConnector;
+
+/// Batches a subscriber may have decoded ahead of the index (the transport counts what a full
+/// channel drops as missed).
+const ZMQ_CHANNEL: usize = 1024;
+
+/// A running `kv-events` subscriber.
+#[derive(Debug)]
+pub struct ZmqSource {
+    rx: tokio::sync::mpsc::Receiver<kv_events::transport::ReceivedBatch>,
+    stop: CancellationToken,
+}
+
+impl Drop for ZmqSource {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl KvEventSource for ZmqSource {
+    async fn recv(&mut self) -> Result<KvMessage, SourceError> {
+        let b = self
+            .rx
+            .recv()
+            .await
+            .ok_or_else(|| SourceError::Connection("subscriber ended".into()))?;
+        Ok(KvMessage {
+            topic: b.topic.to_string(),
+            seq: b.seq,
+            batch: b.batch,
+        })
+    }
+
+    async fn replay(&mut self, _from: u64) -> Result<Vec<KvMessage>, SourceError> {
+        // The transport already replayed what the engine still had.
+        Err(SourceError::Replay("not replayed by the transport".into()))
+    }
+}
+
+impl Connector for ZmqConnector {
+    type Source = ZmqSource;
+
+    async fn connect(
+        &self,
+        endpoint: String,
+        replay: Option<String>,
+        topic_filter: String,
+        bind: bool,
+    ) -> Result<ZmqSource, SourceError> {
+        use kv_events::transport::{Subscriber, SubscriberConfig};
+        let config = SubscriberConfig {
+            topic_filter,
+            replay_history: replay.is_some(),
+            replay_endpoint: replay,
+            ..if bind {
+                SubscriberConfig::bind(endpoint)
+            } else {
+                SubscriberConfig::connect(endpoint)
+            }
+        };
+        let subscriber = if bind {
+            Subscriber::bind(config)
+                .await
+                .map_err(|e| SourceError::Connection(e.to_string()))?
+        } else {
+            Subscriber::new(config)
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(ZMQ_CHANNEL);
+        let stop = CancellationToken::new();
+        let run = subscriber.run(tx, stop.clone());
+        tokio::spawn(async move {
+            if let Err(error) = run.await {
+                tracing::warn!(%error, "KV-event subscriber ended");
+            }
+        });
+        Ok(ZmqSource { rx, stop })
+    }
+}
+
 #[cfg(test)]
 mod tests;
