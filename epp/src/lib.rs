@@ -9,6 +9,7 @@ pub mod args;
 pub mod debug;
 pub mod health;
 pub mod kubernetes;
+pub mod kv_events;
 pub mod labels;
 pub mod metrics;
 pub mod profile;

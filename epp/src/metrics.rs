@@ -247,6 +247,13 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "histogram",
     ),
     ("inference_extension_task_exits", "counter"),
+    // The KV-event subscribers' (`kv_events::FAMILIES`).
+    ("inference_extension_kv_events_received", "counter"),
+    ("inference_extension_kv_events_applied", "counter"),
+    ("inference_extension_kv_events_dropped", "counter"),
+    ("inference_extension_kv_events_lag_seconds", "gauge"),
+    ("inference_extension_kv_index_blocks", "gauge"),
+    ("inference_extension_kv_index_entries", "gauge"),
 ];
 
 /// Every metric the EPP exports.
@@ -296,6 +303,8 @@ pub struct EppMetrics {
     pub rewrites: Family<ModelLabels, Counter>,
     /// `inference_extension_plugin_duration_seconds`.
     pub plugin_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
+    /// The KV-event subscribers' metrics.
+    pub kv_events: Arc<crate::kv_events::KvEventMetrics>,
     /// `inference_extension_prefix_indexer_size` (block entries held, refreshed on scrape).
     pub prefix_indexer_size: Gauge,
     /// `inference_extension_prefix_indexer_hit_ratio`.
@@ -354,6 +363,7 @@ impl EppMetrics {
             plugin_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
             }),
+            kv_events: Arc::default(),
             prefix_indexer_size: Gauge::default(),
             prefix_hit_ratio: Histogram::new((0..=10).map(|i| f64::from(i) / 10.0)),
             prefix_hit_bytes: Histogram::new(
@@ -457,6 +467,7 @@ impl EppMetrics {
             "Plugin processing latency distribution in seconds for each extension point, plugin type and plugin name",
             m.plugin_duration.clone(),
         );
+        m.kv_events.register(r);
         r.register(
             "inference_extension_prefix_indexer_size",
             "Size of the prefix indexer (block entries held, summed over endpoints)",
@@ -777,6 +788,12 @@ mod tests {
                 reason: "panicked",
             })
             .inc();
+        let kv_pod = crate::kv_events::PodLabels {
+            name: "p".into(),
+            model_server_pod: "a".into(),
+        };
+        m.kv_events.record(&kv_pod, 1, &Default::default(), 0.5);
+        m.kv_events.count_dropped(&kv_pod, "gap", 1);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let mut registered: Vec<(String, String)> = text

@@ -198,6 +198,11 @@ pub async fn serve_with_handles(
     for w in &config.warnings {
         tracing::warn!(warning = %w, "config");
     }
+    let precise: Vec<_> = config
+        .precise_producers
+        .iter()
+        .map(|p| (p.index().clone(), p.params.events.clone()))
+        .collect();
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore.clone(), Arc::new(config), seed));
     let mut registry = Registry::default();
@@ -229,6 +234,25 @@ pub async fn serve_with_handles(
                         director.pool_changed();
                     }
                 }
+            }),
+        );
+    }
+
+    // The KV-event subscribers of each precise-prefix-cache-scorer (`kv_events`).
+    for (index, settings) in precise {
+        let (datastore, metrics) = (datastore.clone(), metrics.kv_events.clone());
+        tasks.spawn(
+            "kv-events",
+            OnExit::Restart,
+            factory(move |token| {
+                crate::kv_events::run(
+                    Arc::new(crate::kv_events::ZmqConnector),
+                    datastore.clone(),
+                    index.clone(),
+                    metrics.clone(),
+                    settings.clone(),
+                    token,
+                )
             }),
         );
     }

@@ -8,6 +8,7 @@ use yaml_serde::Value;
 use super::ConfigError;
 use super::params::Params;
 use crate::scheduling::plugins::cost::TtftCostProducer;
+use crate::scheduling::plugins::precise::PrecisePrefixCacheProducer;
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
 use crate::scheduling::plugins::response::{ResponsePlugin, ScorerResponse};
 use crate::scheduling::registry::{self, Built, Role};
@@ -106,6 +107,16 @@ impl<'a> Plugins<'a> {
         self.iter()
             .filter_map(|i| match &i.built {
                 Built::PrefixProducer(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The precise prefix-cache producers (one per `precise-prefix-cache-scorer`).
+    pub(super) fn precise_producers(&self) -> Vec<Arc<PrecisePrefixCacheProducer>> {
+        self.iter()
+            .filter_map(|i| match &i.built {
+                Built::PreciseScorer(s) => Some(s.producer.clone()),
                 _ => None,
             })
             .collect()

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use crate::saturation::UtilizationDetector;
 use crate::scheduling::plugins::cost::TtftCostProducer;
 use crate::scheduling::plugins::pickers::MaxScorePicker;
+use crate::scheduling::plugins::precise::PrecisePrefixCacheProducer;
 use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
 use crate::scheduling::plugins::profile::SingleProfileHandler;
 use crate::scheduling::plugins::response::ResponsePlugin;
@@ -161,6 +162,9 @@ pub struct LoadedConfig {
     pub scrape: ScrapeSettings,
     /// The prefix producers (for metrics of the index).
     pub prefix_producers: Vec<Arc<ApproxPrefixCacheProducer>>,
+    /// The precise prefix-cache producers: their indexes are what the KV-event subscribers
+    /// feed, with the `kvEventsConfig` each asks for.
+    pub precise_producers: Vec<Arc<PrecisePrefixCacheProducer>>,
     /// Non-fatal remarks (unknown parameters, accepted-but-inert plugins).
     pub warnings: Vec<String>,
 }
@@ -193,10 +197,17 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     let scrape = scrape_settings(&plugins);
 
     let prefix_producers = plugins.prefix_producers();
-    // The prefix match first: the cost model reads it.
+    let precise_producers = plugins.precise_producers();
+    // The prefix matches first (the approximate one, then the precise one that falls back on
+    // it): the cost model reads them.
     let producers = prefix_producers
         .iter()
         .map(|p| p.clone() as Arc<dyn DataProducer>)
+        .chain(
+            precise_producers
+                .iter()
+                .map(|p| p.clone() as Arc<dyn DataProducer>),
+        )
         .chain(
             plugins
                 .cost_producers()
@@ -215,6 +226,7 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
         response_plugins: plugins.response_plugins(),
         scrape,
         prefix_producers,
+        precise_producers,
         warnings,
     })
 }
@@ -288,8 +300,8 @@ fn instantiate_plugins<'a>(
 }
 
 /// A `prefix-cache-scorer` reads the prefix match an `approx-prefix-cache-producer`
-/// computes, and a `no-hit-lru-scorer` tells cold requests by it, so either needs a
-/// producer. Without one declared, one is made, configured from the prefix scorer's own
+/// computes, a `no-hit-lru-scorer` tells cold requests by it, and a
+/// `precise-prefix-cache-scorer` falls back on it per endpoint, so each needs a producer. Without one declared, one is made, configured from the prefix scorer's own
 /// parameters when it has them (v1.0–v1.3 configs put them there). With one declared,
 /// parameters on the scorer are legacy and ignored, with a warning.
 fn ensure_prefix_producer(
@@ -319,7 +331,7 @@ fn ensure_prefix_producer(
                 .iter()
                 .find(|i| {
                     matches!(i.type_name, "no-hit-lru-scorer")
-                        || matches!(i.built, Built::CostProducer(_))
+                        || matches!(i.built, Built::CostProducer(_) | Built::PreciseScorer(_))
                 })
                 .map(|i| (i, None))
         });
@@ -407,9 +419,11 @@ fn build_profiles(
 /// Whether a profile may hold the plugin (and the default profile does).
 fn belongs_in_profile(built: &Built) -> bool {
     match built {
-        Built::Filter(_) | Built::SaturationDetector(_) | Built::Scorer(_) | Built::Picker(_) => {
-            true
-        }
+        Built::Filter(_)
+        | Built::SaturationDetector(_)
+        | Built::Scorer(_)
+        | Built::PreciseScorer(_)
+        | Built::Picker(_) => true,
         Built::ProfileHandler(_)
         | Built::PrefixProducer(_)
         | Built::CostProducer(_)
@@ -448,6 +462,16 @@ fn build_profile(spec: &types::ProfileSpec, plugins: &Plugins<'_>) -> Result<Pro
                     });
                 }
                 scorers.push((s.clone(), w));
+            }
+            Built::PreciseScorer(s) => {
+                let w = r.weight.unwrap_or(1.0);
+                if !(w.is_finite() && w >= 0.0) {
+                    return Err(ConfigError::Weight {
+                        profile: spec.name.clone(),
+                        plugin: r.plugin_ref.clone(),
+                    });
+                }
+                scorers.push((s.clone() as Arc<dyn Scorer>, w));
             }
             Built::Picker(p) => {
                 if picker.replace(p.clone()).is_some() {

@@ -98,6 +98,9 @@ pub struct CycleState {
     pub now: Instant,
     /// The prefix-cache match, when a prefix producer ran.
     pub prefix: Option<PrefixMatch>,
+    /// The precise prefix-cache match (KV-cache events), when its producer ran and the request
+    /// carried token ids.
+    pub precise: Option<super::plugins::precise::PreciseMatch>,
     /// The EPP's in-flight requests per endpoint (empty when the caller tracks none).
     pub in_flight: InFlightCounts,
     /// The cost model's predictions, when a cost producer ran.
@@ -135,11 +138,23 @@ impl Costs {
 }
 
 impl CycleState {
+    /// Prompt tokens `endpoint` is believed to cache: the precise index's count where it
+    /// trusts the endpoint's events, else the approximate index's.
+    pub fn cached_tokens(&self, endpoint: &Endpoint) -> u64 {
+        match &self.precise {
+            Some(m) => m.cached_tokens(endpoint, self.prefix.as_ref()),
+            None => self.prefix.as_ref().map_or(0, |p| {
+                u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
+            }),
+        }
+    }
+
     /// A fresh state.
     pub fn new(now: Instant) -> Self {
         Self {
             now,
             prefix: None,
+            precise: None,
             in_flight: InFlightCounts::default(),
             costs: None,
         }

@@ -19,6 +19,7 @@ use crate::scheduling::plugins::filters::{
     ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter,
 };
 use crate::scheduling::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
+use crate::scheduling::plugins::precise::PrecisePrefixCacheScorer;
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
 use crate::scheduling::plugins::profile::SingleProfileHandler;
 use crate::scheduling::plugins::response::{DestinationEndpointServedVerifier, ResponsePlugin};
@@ -69,6 +70,9 @@ pub enum Built {
     ProfileHandler(Arc<dyn ProfileHandler>),
     /// The approximate prefix-cache producer (kept concrete for the index metrics).
     PrefixProducer(Arc<ApproxPrefixCacheProducer>),
+    /// `precise-prefix-cache-scorer`: a scorer with its producer, which owns the index the
+    /// KV-event subscribers feed (kept concrete for the wiring and the metrics).
+    PreciseScorer(Arc<PrecisePrefixCacheScorer>),
     /// The cost model's producer (runs after the prefix producers, whose match it reads).
     CostProducer(Arc<TtftCostProducer>),
     /// A saturation detector (kept concrete: admission asks it more than a filter can say).
@@ -170,6 +174,13 @@ pub static REGISTRY: &[Entry] = &[
     // `config::ensure_prefix_producer`).
     Entry::new("prefix-cache-scorer", Role::Scorer, |p| {
         scorer(PrefixCacheScorer { name: p.name() })
+    }),
+    // Owns the KV-events index; falls back per endpoint to the approximate producer (made
+    // for it when none is declared, see `config::ensure_prefix_producer`).
+    Entry::new("precise-prefix-cache-scorer", Role::Scorer, |p| {
+        Ok(Built::PreciseScorer(Arc::new(
+            PrecisePrefixCacheScorer::from_params(p)?,
+        )))
     }),
     Entry::new("lora-affinity-scorer", Role::Scorer, |p| {
         p.none()?;
@@ -371,7 +382,7 @@ impl Built {
     pub fn role(&self) -> Role {
         match self {
             Built::Filter(_) => Role::Filter,
-            Built::Scorer(_) => Role::Scorer,
+            Built::Scorer(_) | Built::PreciseScorer(_) => Role::Scorer,
             Built::Picker(_) => Role::Picker,
             Built::ProfileHandler(_) => Role::ProfileHandler,
             Built::PrefixProducer(_) | Built::CostProducer(_) => Role::DataProducer,
@@ -458,6 +469,7 @@ mod tests {
         let plugin: &dyn Plugin = match built {
             Built::Filter(f) => f.as_ref(),
             Built::Scorer(s) => s.as_ref(),
+            Built::PreciseScorer(s) => s.as_ref(),
             Built::Picker(p) => p.as_ref(),
             Built::ProfileHandler(h) => h.as_ref(),
             Built::PrefixProducer(p) => p.as_ref(),

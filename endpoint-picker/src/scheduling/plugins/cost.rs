@@ -130,9 +130,7 @@ impl TtftCostProducer {
         prompt_tokens: u64,
     ) -> Cost {
         let endpoint = &candidate.endpoint;
-        let cached = state.prefix.as_ref().map_or(0, |p| {
-            u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
-        });
+        let cached = state.cached_tokens(endpoint);
         let uncached = prompt_tokens.saturating_sub(cached);
         let load = state.in_flight.load(endpoint.id);
         let own = load.map(|l| l.read()).unwrap_or_default();

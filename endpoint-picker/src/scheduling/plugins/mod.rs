@@ -4,6 +4,7 @@ pub mod compat;
 pub mod cost;
 pub mod filters;
 pub mod pickers;
+pub mod precise;
 pub mod prefix;
 pub mod profile;
 pub mod response;

@@ -1,0 +1,786 @@
+//! The precise prefix-cache index: which endpoint holds which block, in which tier, as the
+//! engines' KV-cache events say.
+//!
+//! Blocks are known by their *request key* ([`super::keys`]): computed from the tokens, so the
+//! request path and the event path agree without knowing the engine's hash function. Events
+//! name blocks by the engine's own hash, so the index also keeps a map engine hash → request
+//! keys (one or several, when the engine's block size differs from the index's) to resolve a
+//! `BlockStored`'s parent and a `BlockRemoved`'s blocks. This is llm-d's dual-key design
+//! (`llm-d/llm-d-router@ebab6879:pkg/kvevents/pool.go`, `pkg/kvcache/kvblock/in_memory.go`).
+//!
+//! Three structures, all bounded:
+//! - `keys`: request key → up to `max_endpoints_per_key` entries `{endpoint, medium,
+//!   speculative}`, an LRU capped at `max_keys` keys (recency: the last store or speculation);
+//!   each key's entries are themselves in recency order, the oldest dropped past the cap;
+//! - `engine`: engine hash → request keys, an LRU capped at `max_engine_keys`;
+//! - `by_endpoint`: per endpoint, the slots of the keys it holds (the reverse index), so that
+//!   clearing an endpoint costs its own entries, never a scan of the index.
+//!
+//! Speculative entries (a just-routed request's blocks on the chosen endpoint) live until
+//! `speculative_ttl` after they were made, or until a real event for the same block and
+//! endpoint replaces them. Their expiry queue is capped too (`max_speculative_keys`).
+//!
+//! The struct is plain data, tested without I/O; [`super::SharedKvIndex`] puts it behind a lock.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use kv_events::{BlockRemoved, BlockStored, Event, EventBatch, Medium};
+use smallvec::SmallVec;
+use tokio::time::Instant;
+
+use super::keys::KeyHasher;
+use super::slab::{KeyHashState, SlabLru, Slot};
+use crate::datastore::EndpointId;
+
+/// llm-d's default `inMemoryConfig.size`: request keys held at most.
+pub const DEFAULT_MAX_KEYS: usize = 100_000_000;
+/// llm-d's default `inMemoryConfig.podCacheSize`: entries per key at most.
+pub const DEFAULT_MAX_ENDPOINTS_PER_KEY: usize = 10;
+/// llm-d's default `speculativeTTL`.
+pub const DEFAULT_SPECULATIVE_TTL: Duration = Duration::from_secs(2);
+/// Speculative entries pending expiry at most (keys, summed over routed requests): about 2 s
+/// of 1,000 requests a second with 250 blocks each. Past it the oldest expire early.
+pub const DEFAULT_MAX_SPECULATIVE_KEYS: usize = 500_000;
+/// Routed requests with pending speculative entries at most. Below 2^16 so that the 16-bit
+/// generation of an entry names one pending request.
+const MAX_SPECULATIVE_REQUESTS: usize = 65_000;
+
+/// The index's bounds and the speculative TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexLimits {
+    /// Request keys held at most (`inMemoryConfig.size`).
+    pub max_keys: usize,
+    /// Entries per key at most (`inMemoryConfig.podCacheSize`).
+    pub max_endpoints_per_key: usize,
+    /// Engine hashes remembered at most (the same as `max_keys`, as llm-d sizes its map).
+    pub max_engine_keys: usize,
+    /// Speculative entries pending expiry at most.
+    pub max_speculative_keys: usize,
+    /// How long a speculative entry lives.
+    pub speculative_ttl: Duration,
+}
+
+impl Default for IndexLimits {
+    fn default() -> Self {
+        Self {
+            max_keys: DEFAULT_MAX_KEYS,
+            max_endpoints_per_key: DEFAULT_MAX_ENDPOINTS_PER_KEY,
+            max_engine_keys: DEFAULT_MAX_KEYS,
+            max_speculative_keys: DEFAULT_MAX_SPECULATIVE_KEYS,
+            speculative_ttl: DEFAULT_SPECULATIVE_TTL,
+        }
+    }
+}
+
+/// How much a hit in each tier counts (llm-d's `kvCacheBackendConfigs`; a tier it does not
+/// name counts 1.0, as there).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TierWeights(pub [f64; 4]);
+
+impl Default for TierWeights {
+    /// llm-d's defaults: gpu 1.0, cpu 0.8 (disk and remote unnamed: 1.0).
+    fn default() -> Self {
+        let mut w = [1.0; 4];
+        w[tier(Medium::Cpu)] = 0.8;
+        Self(w)
+    }
+}
+
+impl TierWeights {
+    /// The weight of a tier.
+    #[inline]
+    pub fn of(&self, medium: Medium) -> f64 {
+        self.0[tier(medium)]
+    }
+}
+
+/// The dense index of a medium.
+#[inline]
+pub fn tier(medium: Medium) -> usize {
+    match medium {
+        Medium::Gpu => 0,
+        Medium::Cpu => 1,
+        Medium::Disk => 2,
+        Medium::Remote => 3,
+    }
+}
+
+/// Every medium, in [`tier`] order.
+pub const MEDIA: [Medium; 4] = [Medium::Gpu, Medium::Cpu, Medium::Disk, Medium::Remote];
+
+/// One endpoint's copy of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    endpoint: u32,
+    medium: Medium,
+    speculative: bool,
+    /// For speculative entries: the routed request that made it (see `Speculation`).
+    generation: u16,
+}
+
+type Entries = SmallVec<[Entry; 2]>;
+type RequestKeys = SmallVec<[u64; 1]>;
+
+/// A routed request's speculative entries, pending expiry.
+#[derive(Debug)]
+struct Speculation {
+    deadline: Instant,
+    endpoint: EndpointId,
+    generation: u16,
+    keys: Box<[u64]>,
+}
+
+/// Why an event changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// `BlockStored` whose parent block the index does not know (missed events, or the EPP
+    /// started after the engine): its keys cannot be computed.
+    UnknownParent,
+    /// `BlockStored` with tokens but not one full block of the index's block size.
+    NoFullBlock,
+    /// `BlockStored` without tokens (a tier copy) or `BlockRemoved` naming no known block.
+    UnknownBlocks,
+}
+
+impl Dropped {
+    /// A metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::UnknownParent => "unknown_parent",
+            Dropped::NoFullBlock => "no_full_block",
+            Dropped::UnknownBlocks => "unknown_blocks",
+        }
+    }
+}
+
+/// What applying a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Events that changed the index.
+    pub applied: u32,
+    /// Events dropped, by reason: unknown parent, no full block, unknown blocks.
+    pub dropped: [u32; 3],
+    /// Blocks stored or removed by the applied events.
+    pub blocks: u32,
+}
+
+impl Applied {
+    /// Events dropped, whatever the reason.
+    pub fn dropped_total(&self) -> u32 {
+        self.dropped.iter().sum()
+    }
+
+    fn drop(&mut self, reason: Dropped) {
+        let i = match reason {
+            Dropped::UnknownParent => 0,
+            Dropped::NoFullBlock => 1,
+            Dropped::UnknownBlocks => 2,
+        };
+        self.dropped[i] += 1;
+    }
+}
+
+/// One endpoint's match of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EndpointMatch {
+    /// Leading blocks of the request the endpoint holds, in any tier.
+    pub blocks: u32,
+    /// Those blocks weighted by their best tier's weight.
+    pub weighted: f64,
+    /// Of those blocks, how many are best held in each tier ([`tier`] order).
+    pub by_tier: [u32; 4],
+    candidate: bool,
+    last_tier: u8,
+}
+
+/// The result of a lookup, by endpoint id. Reusable across lookups.
+#[derive(Debug, Clone, Default)]
+pub struct Lookup {
+    /// The request's blocks.
+    pub total_blocks: usize,
+    /// By endpoint id; endpoints that were not candidates match nothing.
+    pub by_endpoint: Vec<EndpointMatch>,
+}
+
+impl Lookup {
+    /// The match of an endpoint (zero when it was not a candidate).
+    pub fn of(&self, id: EndpointId) -> EndpointMatch {
+        self.by_endpoint
+            .get(id.0 as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Whether `id` was a candidate of the lookup.
+    pub fn is_candidate(&self, id: EndpointId) -> bool {
+        self.by_endpoint
+            .get(id.0 as usize)
+            .is_some_and(|m| m.candidate)
+    }
+
+    /// The weighted match as a fraction of the request's blocks, in `[0, 1]` (llm-d HEAD's
+    /// `prefix-cache-scorer`: matched / total).
+    pub fn score(&self, id: EndpointId) -> f64 {
+        if self.total_blocks == 0 {
+            return 0.0;
+        }
+        (self.of(id).weighted / self.total_blocks as f64).clamp(0.0, 1.0)
+    }
+}
+
+/// The index.
+#[derive(Debug)]
+pub struct KvIndex {
+    hasher: KeyHasher,
+    limits: IndexLimits,
+    keys: SlabLru<Entries>,
+    engine: SlabLru<RequestKeys>,
+    by_endpoint: Vec<Option<HashSet<Slot, KeyHashState>>>,
+    entries: usize,
+    speculations: VecDeque<Speculation>,
+    speculative_keys: usize,
+    next_generation: u16,
+    scratch: Vec<u64>,
+}
+
+impl KvIndex {
+    /// An empty index computing keys with `hasher`, within `limits`.
+    pub fn new(hasher: KeyHasher, limits: IndexLimits) -> Self {
+        Self {
+            hasher,
+            limits: IndexLimits {
+                max_keys: limits.max_keys.max(1),
+                max_endpoints_per_key: limits.max_endpoints_per_key.max(1),
+                max_engine_keys: limits.max_engine_keys.max(1),
+                ..limits
+            },
+            keys: SlabLru::default(),
+            engine: SlabLru::default(),
+            by_endpoint: Vec::new(),
+            entries: 0,
+            speculations: VecDeque::new(),
+            speculative_keys: 0,
+            next_generation: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The key hasher (the request path computes its keys with it).
+    pub fn hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &IndexLimits {
+        &self.limits
+    }
+
+    /// Request keys held.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// (key, endpoint, tier) entries held, speculative ones included.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Engine hashes remembered.
+    pub fn engine_keys(&self) -> usize {
+        self.engine.len()
+    }
+
+    /// Keys an endpoint holds an entry for.
+    pub fn endpoint_keys(&self, id: EndpointId) -> usize {
+        self.by_endpoint
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, HashSet::len)
+    }
+
+    /// Bytes the index's tables take (the allocations, not counting allocator overhead): the
+    /// key and engine slabs with their hash tables, the reverse sets, and entries spilled out
+    /// of line (more than two on one key).
+    pub fn heap_bytes(&self) -> usize {
+        let reverse: usize = self
+            .by_endpoint
+            .iter()
+            .flatten()
+            .map(|s| s.capacity() * (std::mem::size_of::<Slot>() + 1))
+            .sum();
+        self.keys.heap_bytes() + self.engine.heap_bytes() + reverse
+    }
+
+    /// The earliest moment a speculative entry expires, if any is pending.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.speculations.front().map(|s| s.deadline)
+    }
+
+    // === ingest ===
+
+    /// Applies one batch of `endpoint`'s events. `model` is the model the engine serves (from
+    /// the event topic); blocks of a LoRA adapter chain from the adapter's name instead.
+    pub fn apply(
+        &mut self,
+        endpoint: EndpointId,
+        model: &str,
+        batch: &EventBatch,
+        now: Instant,
+    ) -> Applied {
+        self.expire(now);
+        let mut out = Applied::default();
+        for event in &batch.events {
+            let result = match event {
+                Event::BlockStored(ev) => self.store(endpoint, model, ev),
+                Event::BlockRemoved(ev) => self.remove(endpoint, ev),
+                Event::AllBlocksCleared => {
+                    self.clear_endpoint(endpoint);
+                    Ok(0)
+                }
+            };
+            match result {
+                Ok(blocks) => {
+                    out.applied += 1;
+                    out.blocks = out.blocks.saturating_add(blocks);
+                }
+                Err(reason) => out.drop(reason),
+            }
+        }
+        out
+    }
+
+    /// `BlockStored`: the blocks' request keys from their tokens, chained from the parent's
+    /// (or the model's root); or, for a tier copy without tokens, the keys the engine hashes
+    /// already map to. Returns the blocks stored.
+    fn store(
+        &mut self,
+        endpoint: EndpointId,
+        model: &str,
+        ev: &BlockStored,
+    ) -> Result<u32, Dropped> {
+        let medium = ev.medium;
+        if ev.token_ids.is_empty() {
+            // vLLM's CPU offloading announces copies of blocks it stored before, by hash only.
+            let mut stored = 0u32;
+            for &hash in &ev.block_hashes {
+                let Some(keys) = self.engine.get(hash).cloned() else {
+                    continue;
+                };
+                for key in keys {
+                    self.add(key, endpoint, medium, None);
+                }
+                stored += 1;
+            }
+            return if stored > 0 {
+                Ok(stored)
+            } else {
+                Err(Dropped::UnknownBlocks)
+            };
+        }
+        let parent = match ev.parent_block_hash {
+            // vLLM's simulators sent 0 for "no parent" (llm-d reads 0 that way too).
+            Some(hash) if hash != 0 => match self.engine.get(hash).and_then(|k| k.last()) {
+                Some(&key) => key,
+                None => return Err(Dropped::UnknownParent),
+            },
+            _ => {
+                let name = ev
+                    .lora_name
+                    .as_deref()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or(model);
+                self.hasher.root(name)
+            }
+        };
+        let mut keys = std::mem::take(&mut self.scratch);
+        keys.clear();
+        self.hasher
+            .keys_into(parent, &ev.token_ids, None, usize::MAX, &mut keys);
+        if keys.is_empty() {
+            self.scratch = keys;
+            return Err(Dropped::NoFullBlock);
+        }
+        self.map_engine_keys(&ev.block_hashes, &keys);
+        // Deepest block first, so that the leading blocks are the most recent: a lookup stops
+        // at its first miss, so when the cap takes something it should be a chain's tail.
+        for &key in keys.iter().rev() {
+            self.add(key, endpoint, medium, None);
+        }
+        let stored = keys.len() as u32;
+        self.scratch = keys;
+        Ok(stored)
+    }
+
+    /// Engine hash → request keys, spread in proportion as llm-d does (`engineToRequestMapping`):
+    /// with 4 engine hashes and 4 keys one each; 16 hashes for 4 keys, four hashes per key; 2
+    /// hashes for 4 keys, two keys per hash.
+    fn map_engine_keys(&mut self, hashes: &[u64], keys: &[u64]) {
+        let (ne, nr) = (hashes.len(), keys.len());
+        if ne == 0 || nr == 0 {
+            return;
+        }
+        let n = ne.max(nr);
+        let mut current: Option<(u64, RequestKeys)> = None;
+        for i in 0..n {
+            let hash = hashes[i * ne / n];
+            let key = keys[i * nr / n];
+            match &mut current {
+                Some((h, ks)) if *h == hash => {
+                    if ks.last() != Some(&key) {
+                        ks.push(key);
+                    }
+                }
+                _ => {
+                    if let Some((h, ks)) = current.take() {
+                        self.set_engine(h, ks);
+                    }
+                    current = Some((hash, smallvec::smallvec![key]));
+                }
+            }
+        }
+        if let Some((h, ks)) = current {
+            self.set_engine(h, ks);
+        }
+    }
+
+    fn set_engine(&mut self, hash: u64, keys: RequestKeys) {
+        let (slot, _) = self.engine.insert_with(hash, RequestKeys::new);
+        if let Some(v) = self.engine.at_mut(slot) {
+            *v = keys;
+        }
+        while self.engine.len() > self.limits.max_engine_keys {
+            match self.engine.oldest() {
+                Some(oldest) => {
+                    self.engine.remove(oldest);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// `BlockRemoved`: the endpoint's entries in that tier for the keys the hashes map to.
+    /// Returns the blocks that were known.
+    fn remove(&mut self, endpoint: EndpointId, ev: &BlockRemoved) -> Result<u32, Dropped> {
+        let mut removed = 0u32;
+        for &hash in &ev.block_hashes {
+            let Some(engine_slot) = self.engine.slot(hash) else {
+                continue;
+            };
+            removed += 1;
+            let keys = self.engine.at(engine_slot).cloned().unwrap_or_default();
+            let mut all_gone = true;
+            for key in keys {
+                let Some(slot) = self.keys.slot(key) else {
+                    continue;
+                };
+                self.retain_entries(slot, |e| {
+                    !(e.endpoint == endpoint.0 && e.medium == ev.medium && !e.speculative)
+                });
+                if self.keys.at(slot).is_some() {
+                    all_gone = false;
+                }
+            }
+            // Another endpoint may still hold the blocks: keep the mapping for its events.
+            if all_gone {
+                self.engine.remove(engine_slot);
+            }
+        }
+        if removed > 0 {
+            Ok(removed)
+        } else {
+            Err(Dropped::UnknownBlocks)
+        }
+    }
+
+    /// Forgets everything an endpoint holds (`AllBlocksCleared`, a sequence gap that replay did
+    /// not fill, the endpoint leaving the pool). Costs the endpoint's own entries.
+    pub fn clear_endpoint(&mut self, endpoint: EndpointId) {
+        let Some(slots) = self
+            .by_endpoint
+            .get_mut(endpoint.0 as usize)
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        for slot in slots {
+            let Some(entries) = self.keys.at_mut(slot) else {
+                continue;
+            };
+            let before = entries.len();
+            entries.retain(|e| e.endpoint != endpoint.0);
+            self.entries -= before - entries.len();
+            if entries.is_empty() {
+                self.keys.remove(slot);
+            }
+        }
+    }
+
+    /// Forgets every endpoint whose id `live` refuses (pool membership changed).
+    pub fn retain_endpoints(&mut self, live: impl Fn(EndpointId) -> bool) {
+        let held: Vec<EndpointId> = self
+            .by_endpoint
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .map(|(i, _)| EndpointId(i as u32))
+            .collect();
+        for id in held {
+            if !live(id) {
+                self.clear_endpoint(id);
+            }
+        }
+    }
+
+    // === speculation ===
+
+    /// Records that `endpoint` will soon hold `keys` (it was just routed a request with these
+    /// blocks), until `now + speculative_ttl` or until its events say so.
+    pub fn speculate(&mut self, endpoint: EndpointId, keys: &[u64], now: Instant) {
+        self.expire(now);
+        if keys.is_empty() || self.limits.speculative_ttl.is_zero() {
+            return;
+        }
+        let keys = &keys[..keys.len().min(self.limits.max_speculative_keys)];
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        for &key in keys.iter().rev() {
+            self.add(key, endpoint, Medium::Gpu, Some(generation));
+        }
+        self.speculations.push_back(Speculation {
+            deadline: now + self.limits.speculative_ttl,
+            endpoint,
+            generation,
+            keys: keys.into(),
+        });
+        self.speculative_keys += keys.len();
+        while self.speculations.len() > MAX_SPECULATIVE_REQUESTS
+            || self.speculative_keys > self.limits.max_speculative_keys
+        {
+            self.expire_front();
+        }
+    }
+
+    /// Drops the speculative entries whose time is up.
+    pub fn expire(&mut self, now: Instant) {
+        while self.speculations.front().is_some_and(|s| s.deadline <= now) {
+            self.expire_front();
+        }
+    }
+
+    fn expire_front(&mut self) {
+        let Some(spec) = self.speculations.pop_front() else {
+            return;
+        };
+        self.speculative_keys -= spec.keys.len();
+        for &key in spec.keys.iter() {
+            if let Some(slot) = self.keys.slot(key) {
+                self.retain_entries(slot, |e| {
+                    !(e.speculative
+                        && e.endpoint == spec.endpoint.0
+                        && e.generation == spec.generation)
+                });
+            }
+        }
+    }
+
+    // === entries ===
+
+    /// Adds (or refreshes) an entry; `speculative` carries the generation of a speculative one.
+    fn add(&mut self, key: u64, endpoint: EndpointId, medium: Medium, speculative: Option<u16>) {
+        let (slot, _) = self.keys.insert_with(key, Entries::new);
+        let cap = self.limits.max_endpoints_per_key;
+        let Some(entries) = self.keys.at_mut(slot) else {
+            return;
+        };
+        let mut evicted = None;
+        let mut delta: isize = 0;
+        match speculative {
+            None => {
+                // A real entry replaces the endpoint's speculative one.
+                let before = entries.len();
+                entries.retain(|e| !(e.endpoint == endpoint.0 && e.speculative));
+                delta -= (before - entries.len()) as isize;
+                if let Some(i) = entries
+                    .iter()
+                    .position(|e| e.endpoint == endpoint.0 && e.medium == medium)
+                {
+                    // Most recent last.
+                    let e = entries.remove(i);
+                    entries.push(e);
+                } else {
+                    if entries.len() >= cap {
+                        evicted = Some(entries.remove(0));
+                        delta -= 1;
+                    }
+                    entries.push(Entry {
+                        endpoint: endpoint.0,
+                        medium,
+                        speculative: false,
+                        generation: 0,
+                    });
+                    delta += 1;
+                }
+            }
+            Some(generation) => {
+                if let Some(e) = entries.iter_mut().find(|e| e.endpoint == endpoint.0) {
+                    // Real entries win; a pending speculative one is taken over by this request.
+                    if e.speculative {
+                        e.generation = generation;
+                    }
+                } else {
+                    if entries.len() >= cap {
+                        evicted = Some(entries.remove(0));
+                        delta -= 1;
+                    }
+                    entries.push(Entry {
+                        endpoint: endpoint.0,
+                        medium,
+                        speculative: true,
+                        generation,
+                    });
+                    delta += 1;
+                }
+            }
+        }
+        self.entries = self.entries.saturating_add_signed(delta);
+        if let Some(e) = evicted
+            && !self.holds(slot, e.endpoint)
+        {
+            self.forget_slot(EndpointId(e.endpoint), slot);
+        }
+        self.remember_slot(endpoint, slot);
+        while self.keys.len() > self.limits.max_keys {
+            let Some(oldest) = self.keys.oldest() else {
+                break;
+            };
+            self.evict_key(oldest);
+        }
+    }
+
+    /// Removes the entries of a key `keep` refuses; the key goes when none is left.
+    fn retain_entries(&mut self, slot: Slot, keep: impl Fn(&Entry) -> bool) {
+        let Some(entries) = self.keys.at_mut(slot) else {
+            return;
+        };
+        let mut gone: SmallVec<[u32; 4]> = SmallVec::new();
+        entries.retain(|e| {
+            let k = keep(e);
+            if !k {
+                gone.push(e.endpoint);
+            }
+            k
+        });
+        if gone.is_empty() {
+            return;
+        }
+        self.entries -= gone.len();
+        let now_empty = entries.is_empty();
+        for endpoint in gone {
+            if now_empty || !self.holds(slot, endpoint) {
+                self.forget_slot(EndpointId(endpoint), slot);
+            }
+        }
+        if now_empty {
+            self.keys.remove(slot);
+        }
+    }
+
+    fn evict_key(&mut self, slot: Slot) {
+        if let Some((_, entries)) = self.keys.remove(slot) {
+            self.entries -= entries.len();
+            for e in entries {
+                self.forget_slot(EndpointId(e.endpoint), slot);
+            }
+        }
+    }
+
+    fn holds(&self, slot: Slot, endpoint: u32) -> bool {
+        self.keys
+            .at(slot)
+            .is_some_and(|es| es.iter().any(|e| e.endpoint == endpoint))
+    }
+
+    fn remember_slot(&mut self, endpoint: EndpointId, slot: Slot) {
+        let i = endpoint.0 as usize;
+        if self.by_endpoint.len() <= i {
+            self.by_endpoint.resize_with(i + 1, || None);
+        }
+        self.by_endpoint[i]
+            .get_or_insert_with(|| HashSet::with_hasher(KeyHashState::random()))
+            .insert(slot);
+    }
+
+    fn forget_slot(&mut self, endpoint: EndpointId, slot: Slot) {
+        if let Some(Some(set)) = self.by_endpoint.get_mut(endpoint.0 as usize) {
+            set.remove(&slot);
+        }
+    }
+
+    // === lookup ===
+
+    /// For each candidate, the longest run of `keys` from the first that it holds (any tier),
+    /// weighted by each block's best tier. Endpoints not among `candidates` match nothing.
+    /// Speculative entries count as GPU hits. Takes `&self`: recency is not changed by lookups.
+    pub fn lookup(
+        &self,
+        keys: &[u64],
+        candidates: impl IntoIterator<Item = EndpointId>,
+        weights: &TierWeights,
+        out: &mut Lookup,
+    ) {
+        out.total_blocks = keys.len();
+        out.by_endpoint.clear();
+        for id in candidates {
+            let i = id.0 as usize;
+            if out.by_endpoint.len() <= i {
+                out.by_endpoint.resize(i + 1, EndpointMatch::default());
+            }
+            out.by_endpoint[i].candidate = true;
+        }
+        for (i, &key) in keys.iter().enumerate() {
+            let Some(entries) = self.keys.get(key) else {
+                break;
+            };
+            let i = i as u32;
+            let mut advanced = false;
+            for e in entries {
+                let Some(m) = out.by_endpoint.get_mut(e.endpoint as usize) else {
+                    continue;
+                };
+                if !m.candidate {
+                    continue;
+                }
+                let t = tier(e.medium);
+                let w = weights.0[t];
+                if m.blocks == i {
+                    m.blocks += 1;
+                    m.weighted += w;
+                    m.by_tier[t] += 1;
+                    m.last_tier = t as u8;
+                    advanced = true;
+                } else if m.blocks == i + 1 {
+                    // A second copy of this block on the endpoint: count its best tier.
+                    let lt = m.last_tier as usize;
+                    if w > weights.0[lt] {
+                        m.weighted += w - weights.0[lt];
+                        m.by_tier[lt] -= 1;
+                        m.by_tier[t] += 1;
+                        m.last_tier = t as u8;
+                    }
+                }
+            }
+            if !advanced {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

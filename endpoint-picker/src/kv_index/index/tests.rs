@@ -1,0 +1,623 @@
+//! Unit and property tests of the index.
+
+use std::time::Duration;
+
+use kv_events::{BlockRemoved, BlockStored, Event, EventBatch, Medium};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use tokio::time::Instant;
+
+use super::*;
+use crate::kv_index::keys::{HashAlgorithm, KeyHasher};
+
+const BS: usize = 4;
+const MODEL: &str = "m";
+
+fn hasher() -> KeyHasher {
+    KeyHasher::new(BS, "", HashAlgorithm::CborFnv)
+}
+
+fn index(limits: IndexLimits) -> KvIndex {
+    KvIndex::new(hasher(), limits)
+}
+
+fn ep(i: u32) -> EndpointId {
+    EndpointId(i)
+}
+
+/// Tokens of `blocks` blocks; block `b` of sequence `seq` is `[seq*1000 + b*10 .. +BS]`.
+fn tokens(seq: u32, blocks: std::ops::Range<u32>) -> Vec<u32> {
+    blocks
+        .flat_map(|b| (0..BS as u32).map(move |t| seq * 1000 + b * 10 + t))
+        .collect()
+}
+
+/// The engine's hash of block `b` of sequence `seq` (any injective naming will do).
+fn engine_hash(seq: u32, b: u32) -> u64 {
+    (u64::from(seq) << 32) | u64::from(b + 1)
+}
+
+fn stored(seq: u32, blocks: std::ops::Range<u32>, medium: Medium) -> Event {
+    let parent = (blocks.start > 0).then(|| engine_hash(seq, blocks.start - 1));
+    Event::BlockStored(BlockStored {
+        block_hashes: blocks.clone().map(|b| engine_hash(seq, b)).collect(),
+        parent_block_hash: parent,
+        token_ids: tokens(seq, blocks),
+        block_size: BS as u32,
+        lora_id: None,
+        lora_name: None,
+        medium,
+    })
+}
+
+fn removed(seq: u32, blocks: std::ops::Range<u32>, medium: Medium) -> Event {
+    Event::BlockRemoved(BlockRemoved {
+        block_hashes: blocks.map(|b| engine_hash(seq, b)).collect(),
+        medium,
+    })
+}
+
+fn batch(events: Vec<Event>) -> EventBatch {
+    EventBatch {
+        ts: 0.0,
+        events,
+        data_parallel_rank: None,
+    }
+}
+
+/// The request keys of sequence `seq`'s first `blocks` blocks.
+fn request(seq: u32, blocks: u32) -> Vec<u64> {
+    hasher().prompt_keys(MODEL, None, &tokens(seq, 0..blocks), usize::MAX)
+}
+
+fn lookup(index: &KvIndex, keys: &[u64], candidates: &[u32]) -> Lookup {
+    let mut out = Lookup::default();
+    index.lookup(
+        keys,
+        candidates.iter().map(|&i| ep(i)),
+        &TierWeights::default(),
+        &mut out,
+    );
+    out
+}
+
+fn blocks(l: &Lookup, i: u32) -> u32 {
+    l.of(ep(i)).blocks
+}
+
+impl KvIndex {
+    /// Every structure agrees with every other, and the caps hold.
+    fn check_invariants(&self) {
+        assert!(self.keys.len() <= self.limits.max_keys);
+        assert!(self.engine.len() <= self.limits.max_engine_keys);
+        let mut entries = 0;
+        let mut held = vec![std::collections::HashSet::new(); self.by_endpoint.len()];
+        let mut slot = 0u32;
+        let mut seen_keys = 0;
+        while seen_keys < self.keys.len() {
+            if let Some(es) = self.keys.at(slot) {
+                seen_keys += 1;
+                assert!(!es.is_empty(), "an empty key is held");
+                assert!(es.len() <= self.limits.max_endpoints_per_key);
+                entries += es.len();
+                for e in es {
+                    held[e.endpoint as usize].insert(slot);
+                    let dup = es
+                        .iter()
+                        .filter(|o| o.endpoint == e.endpoint && o.medium == e.medium)
+                        .filter(|o| o.speculative == e.speculative)
+                        .count();
+                    assert_eq!(dup, 1, "duplicate entry {e:?}");
+                }
+            }
+            slot += 1;
+        }
+        assert_eq!(entries, self.entries, "entry count");
+        for (i, set) in self.by_endpoint.iter().enumerate() {
+            let set: std::collections::HashSet<Slot> =
+                set.iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(set, held[i], "reverse index of endpoint {i}");
+        }
+        let pending: usize = self.speculations.iter().map(|s| s.keys.len()).sum();
+        assert_eq!(pending, self.speculative_keys);
+        assert!(self.speculative_keys <= self.limits.max_speculative_keys);
+    }
+}
+
+#[test]
+fn stored_blocks_match_the_longest_prefix_per_endpoint() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+        now,
+    );
+    // Endpoint 1 gets the same sequence in two events: the second chains on the first's
+    // last block through the engine hash.
+    let a = idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![stored(1, 0..2, Medium::Gpu)]),
+        now,
+    );
+    let b = idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![stored(1, 2..3, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!((a.applied, a.blocks, b.applied, b.blocks), (1, 2, 1, 1));
+    // Endpoint 2 holds another sequence.
+    idx.apply(
+        ep(2),
+        MODEL,
+        &batch(vec![stored(2, 0..4, Medium::Gpu)]),
+        now,
+    );
+    let l = lookup(&idx, &request(1, 5), &[0, 1, 2]);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1), blocks(&l, 2)), (4, 3, 0));
+    assert_eq!(l.total_blocks, 5);
+    assert!((l.score(ep(0)) - 0.8).abs() < 1e-12);
+    assert_eq!(idx.len(), 8);
+    assert_eq!(idx.entries(), 11);
+    idx.check_invariants();
+}
+
+#[test]
+fn the_request_path_and_the_event_path_compute_the_same_keys() {
+    // A chain stored in one event and the same tokens hashed from the root agree block by
+    // block; a partial trailing block has no key on either side.
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    let mut ev = stored(3, 0..3, Medium::Gpu);
+    if let Event::BlockStored(s) = &mut ev {
+        s.token_ids.extend([1, 2]); // a partial block the engine would not announce
+    }
+    idx.apply(ep(0), MODEL, &batch(vec![ev]), now);
+    let mut prompt = tokens(3, 0..3);
+    prompt.extend([7, 7, 7]);
+    let keys = hasher().prompt_keys(MODEL, None, &prompt, usize::MAX);
+    assert_eq!(keys.len(), 3);
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 3);
+}
+
+#[test]
+fn unknown_parents_and_partial_blocks_are_dropped() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    let out = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 2..4, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(out.applied, 0);
+    assert_eq!(out.dropped, [1, 0, 0]);
+    let short = Event::BlockStored(BlockStored {
+        block_hashes: vec![9],
+        parent_block_hash: None,
+        token_ids: vec![1, 2],
+        block_size: 2,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Gpu,
+    });
+    let out = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![short, removed(5, 0..2, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(out.dropped, [0, 1, 1]);
+    assert!(idx.is_empty());
+}
+
+#[test]
+fn removals_go_by_engine_hash_and_medium() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+        now,
+    );
+    idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+        now,
+    );
+    // A CPU copy of endpoint 0's blocks, announced by hash only (vLLM's offloading).
+    let cpu = Event::BlockStored(BlockStored {
+        block_hashes: (0..4).map(|b| engine_hash(1, b)).collect(),
+        parent_block_hash: None,
+        token_ids: vec![],
+        block_size: BS as u32,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Cpu,
+    });
+    assert_eq!(idx.apply(ep(0), MODEL, &batch(vec![cpu]), now).blocks, 4);
+    // Endpoint 0 evicts block 2 from the GPU: it still has it in CPU memory.
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![removed(1, 2..3, Medium::Gpu)]),
+        now,
+    );
+    let l = lookup(&idx, &request(1, 4), &[0, 1]);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1)), (4, 4));
+    assert_eq!(l.of(ep(0)).by_tier, [3, 1, 0, 0]);
+    assert!((l.of(ep(0)).weighted - 3.8).abs() < 1e-12);
+    // Then from the CPU: the chain breaks there for endpoint 0 only.
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![removed(1, 2..3, Medium::Cpu)]),
+        now,
+    );
+    let l = lookup(&idx, &request(1, 4), &[0, 1]);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1)), (2, 4));
+    // Endpoint 1 removes it too: the key goes, the engine mapping with it.
+    let engine_before = idx.engine_keys();
+    idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![removed(1, 2..3, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(idx.engine_keys(), engine_before - 1);
+    assert_eq!(idx.len(), 3);
+    idx.check_invariants();
+}
+
+#[test]
+fn all_blocks_cleared_and_gaps_clear_one_endpoint() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    for i in 0..3 {
+        idx.apply(
+            ep(i),
+            MODEL,
+            &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+            now,
+        );
+    }
+    idx.apply(ep(1), MODEL, &batch(vec![Event::AllBlocksCleared]), now);
+    let l = lookup(&idx, &request(1, 4), &[0, 1, 2]);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1), blocks(&l, 2)), (4, 0, 4));
+    assert_eq!(idx.endpoint_keys(ep(1)), 0);
+    // The gap hook is the same clear.
+    idx.clear_endpoint(ep(2));
+    assert_eq!(blocks(&lookup(&idx, &request(1, 4), &[2]), 2), 0);
+    assert_eq!(idx.entries(), 4);
+    idx.check_invariants();
+    // Clearing a departed endpoint removes keys nobody else holds.
+    idx.retain_endpoints(|id| id != ep(0));
+    assert!(idx.is_empty());
+    idx.check_invariants();
+}
+
+#[test]
+fn endpoint_removal_then_id_reuse_starts_clean() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+        now,
+    );
+    idx.retain_endpoints(|_| false);
+    // A new endpoint reuses id 0: it holds nothing of its predecessor's.
+    assert_eq!(blocks(&lookup(&idx, &request(1, 4), &[0]), 0), 0);
+    idx.check_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn speculative_entries_expire_after_their_ttl() {
+    let mut idx = index(IndexLimits {
+        speculative_ttl: Duration::from_secs(2),
+        ..IndexLimits::default()
+    });
+    let keys = request(1, 3);
+    idx.speculate(ep(0), &keys, Instant::now());
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 3);
+    tokio::time::advance(Duration::from_millis(1_999)).await;
+    idx.expire(Instant::now());
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 3);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    idx.expire(Instant::now());
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 0);
+    assert!(idx.is_empty());
+    idx.check_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn real_events_replace_speculative_entries() {
+    let mut idx = index(IndexLimits::default());
+    let keys = request(1, 4);
+    idx.speculate(ep(0), &keys, Instant::now());
+    // The engine confirms the first two blocks (and was not sent the rest after all).
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..2, Medium::Gpu)]),
+        Instant::now(),
+    );
+    assert_eq!(idx.entries(), 4);
+    tokio::time::advance(Duration::from_secs(3)).await;
+    idx.expire(Instant::now());
+    // The confirmed blocks stay; the unconfirmed ones expired.
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 2);
+    assert_eq!(idx.entries(), 2);
+    idx.check_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_request_extends_a_speculative_entry() {
+    let mut idx = index(IndexLimits::default());
+    let keys = request(1, 2);
+    idx.speculate(ep(0), &keys, Instant::now());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    idx.speculate(ep(0), &keys, Instant::now());
+    tokio::time::advance(Duration::from_millis(1_500)).await;
+    idx.expire(Instant::now());
+    // The first request's TTL is over, the second's is not.
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 2);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    idx.expire(Instant::now());
+    assert!(idx.is_empty());
+    idx.check_invariants();
+}
+
+#[tokio::test(start_paused = true)]
+async fn speculation_beyond_its_cap_expires_the_oldest_early() {
+    let mut idx = index(IndexLimits {
+        max_speculative_keys: 4,
+        ..IndexLimits::default()
+    });
+    idx.speculate(ep(0), &request(1, 2), Instant::now());
+    idx.speculate(ep(1), &request(2, 3), Instant::now());
+    assert_eq!(blocks(&lookup(&idx, &request(1, 2), &[0]), 0), 0);
+    assert_eq!(blocks(&lookup(&idx, &request(2, 3), &[1]), 1), 3);
+    idx.check_invariants();
+}
+
+#[test]
+fn the_key_cap_evicts_the_least_recently_stored_keeping_chain_heads() {
+    let mut idx = index(IndexLimits {
+        max_keys: 6,
+        ..IndexLimits::default()
+    });
+    let now = Instant::now();
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+        now,
+    );
+    idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![stored(2, 0..4, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(idx.len(), 6);
+    // Sequence 1's deepest blocks went first: its head still matches.
+    assert_eq!(blocks(&lookup(&idx, &request(1, 4), &[0]), 0), 2);
+    assert_eq!(blocks(&lookup(&idx, &request(2, 4), &[1]), 1), 4);
+    assert_eq!(idx.endpoint_keys(ep(0)), 2);
+    idx.check_invariants();
+}
+
+#[test]
+fn the_endpoints_per_key_cap_drops_the_oldest_holder() {
+    let mut idx = index(IndexLimits {
+        max_endpoints_per_key: 2,
+        ..IndexLimits::default()
+    });
+    let now = Instant::now();
+    for i in 0..3 {
+        idx.apply(
+            ep(i),
+            MODEL,
+            &batch(vec![stored(1, 0..2, Medium::Gpu)]),
+            now,
+        );
+    }
+    let l = lookup(&idx, &request(1, 2), &[0, 1, 2]);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1), blocks(&l, 2)), (0, 2, 2));
+    assert_eq!(idx.endpoint_keys(ep(0)), 0);
+    idx.check_invariants();
+}
+
+#[test]
+fn lookups_name_only_candidates() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    for i in 0..3 {
+        idx.apply(
+            ep(i),
+            MODEL,
+            &batch(vec![stored(1, 0..2, Medium::Gpu)]),
+            now,
+        );
+    }
+    let l = lookup(&idx, &request(1, 2), &[1]);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1), blocks(&l, 2)), (0, 2, 0));
+    assert!(!l.is_candidate(ep(0)) && l.is_candidate(ep(1)));
+}
+
+#[test]
+fn lora_blocks_chain_from_the_adapter_name() {
+    let mut idx = index(IndexLimits::default());
+    let mut ev = stored(1, 0..2, Medium::Gpu);
+    if let Event::BlockStored(s) = &mut ev {
+        s.lora_name = Some("sql".into());
+    }
+    idx.apply(ep(0), MODEL, &batch(vec![ev]), Instant::now());
+    assert_eq!(blocks(&lookup(&idx, &request(1, 2), &[0]), 0), 0);
+    let keys = hasher().prompt_keys("sql", None, &tokens(1, 0..2), usize::MAX);
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 2);
+}
+
+#[test]
+fn engine_blocks_larger_than_index_blocks_map_to_several_keys() {
+    // The engine's 8-token blocks are two of the index's 4-token blocks each.
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    let first = Event::BlockStored(BlockStored {
+        block_hashes: vec![100, 200],
+        parent_block_hash: None,
+        token_ids: tokens(1, 0..4),
+        block_size: 8,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Gpu,
+    });
+    let next = Event::BlockStored(BlockStored {
+        block_hashes: vec![300],
+        parent_block_hash: Some(200),
+        token_ids: tokens(1, 4..6),
+        block_size: 8,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Gpu,
+    });
+    idx.apply(ep(0), MODEL, &batch(vec![first, next]), now);
+    assert_eq!(blocks(&lookup(&idx, &request(1, 6), &[0]), 0), 6);
+    // Removing engine block 200 removes index blocks 2 and 3.
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![Event::BlockRemoved(BlockRemoved {
+            block_hashes: vec![200],
+            medium: Medium::Gpu,
+        })]),
+        now,
+    );
+    assert_eq!(blocks(&lookup(&idx, &request(1, 6), &[0]), 0), 2);
+    idx.check_invariants();
+}
+
+// === properties ===
+
+fn config(seed: u64) -> Config {
+    Config {
+        cases: 64,
+        rng_seed: RngSeed::Fixed(seed),
+        ..Config::default()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Store {
+        endpoint: u32,
+        seq: u32,
+        from: u32,
+        len: u32,
+        cpu: bool,
+    },
+    Remove {
+        endpoint: u32,
+        seq: u32,
+        from: u32,
+        len: u32,
+        cpu: bool,
+    },
+    Clear {
+        endpoint: u32,
+    },
+    Speculate {
+        endpoint: u32,
+        seq: u32,
+        len: u32,
+    },
+    Advance {
+        millis: u64,
+    },
+    Retain {
+        keep_below: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let endpoint = 0..6u32;
+    let seq = 0..4u32;
+    prop_oneof![
+        4 => (endpoint.clone(), seq.clone(), 0..6u32, 1..6u32, any::<bool>())
+            .prop_map(|(endpoint, seq, from, len, cpu)| Op::Store { endpoint, seq, from, len, cpu }),
+        2 => (endpoint.clone(), seq.clone(), 0..8u32, 1..4u32, any::<bool>())
+            .prop_map(|(endpoint, seq, from, len, cpu)| Op::Remove { endpoint, seq, from, len, cpu }),
+        1 => endpoint.clone().prop_map(|endpoint| Op::Clear { endpoint }),
+        2 => (endpoint, seq, 1..8u32).prop_map(|(endpoint, seq, len)| Op::Speculate { endpoint, seq, len }),
+        1 => (0..3_000u64).prop_map(|millis| Op::Advance { millis }),
+        1 => (0..6u32).prop_map(|keep_below| Op::Retain { keep_below }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(0x6b76_1dec))]
+
+    /// Whatever the events, the caps hold, the structures agree, scores stay in [0, 1] and a
+    /// lookup never names an endpoint that was not a candidate.
+    #[test]
+    fn the_index_stays_bounded_and_consistent(
+        ops in prop::collection::vec(op(), 1..80),
+        max_keys in 1..40usize,
+        max_endpoints_per_key in 1..4usize,
+        candidates in prop::collection::vec(0..8u32, 0..6),
+        seq in 0..4u32,
+    ) {
+        let limits = IndexLimits {
+            max_keys,
+            max_endpoints_per_key,
+            max_engine_keys: max_keys,
+            max_speculative_keys: 12,
+            speculative_ttl: Duration::from_secs(2),
+        };
+        let mut idx = index(limits);
+        let start = Instant::now();
+        let mut now = start;
+        for op in ops {
+            match op {
+                Op::Store { endpoint, seq, from, len, cpu } => {
+                    let m = if cpu { Medium::Cpu } else { Medium::Gpu };
+                    idx.apply(ep(endpoint), MODEL, &batch(vec![stored(seq, from..from + len, m)]), now);
+                }
+                Op::Remove { endpoint, seq, from, len, cpu } => {
+                    let m = if cpu { Medium::Cpu } else { Medium::Gpu };
+                    idx.apply(ep(endpoint), MODEL, &batch(vec![removed(seq, from..from + len, m)]), now);
+                }
+                Op::Clear { endpoint } => {
+                    idx.apply(ep(endpoint), MODEL, &batch(vec![Event::AllBlocksCleared]), now);
+                }
+                Op::Speculate { endpoint, seq, len } => idx.speculate(ep(endpoint), &request(seq, len), now),
+                Op::Advance { millis } => {
+                    now += Duration::from_millis(millis);
+                    idx.expire(now);
+                }
+                Op::Retain { keep_below } => idx.retain_endpoints(|id| id.0 < keep_below),
+            }
+            idx.check_invariants();
+        }
+        let keys = request(seq, 8);
+        let l = lookup(&idx, &keys, &candidates);
+        for (i, m) in l.by_endpoint.iter().enumerate() {
+            let id = ep(i as u32);
+            if !candidates.contains(&id.0) {
+                prop_assert_eq!(m.blocks, 0);
+                prop_assert!(!l.is_candidate(id));
+            }
+            let s = l.score(id);
+            prop_assert!((0.0..=1.0).contains(&s), "score {}", s);
+            prop_assert!(m.blocks as usize <= keys.len());
+            prop_assert_eq!(m.by_tier.iter().sum::<u32>(), m.blocks);
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! A least-recently-used map from 64-bit keys to values, in one slab.
+//!
+//! Nodes live in a `Vec` and link to each other by `u32` slot, so an entry costs its key, two
+//! links and its value, plus one hash-table slot; there is no allocation per entry and slots
+//! are reused. A slot is a stable handle to an entry until the entry is removed, which lets the
+//! index keep reverse maps of slots (an endpoint's blocks) instead of keys.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+
+/// No slot: the end of the recency list.
+const NIL: u32 = u32::MAX;
+/// Marks a free node (in `newer`, which a live node sets to `NIL` or a slot).
+const FREE: u32 = u32::MAX - 1;
+
+/// A slot handle.
+pub type Slot = u32;
+
+#[derive(Debug)]
+struct Node<V> {
+    key: u64,
+    /// Towards the most recently used end.
+    newer: u32,
+    /// Towards the least recently used end.
+    older: u32,
+    /// `V::default()` while the node is free.
+    value: V,
+}
+
+impl<V> Node<V> {
+    #[inline]
+    fn live(&self) -> bool {
+        self.newer != FREE
+    }
+}
+
+/// The map. Recency changes only on [`SlabLru::insert`] and [`SlabLru::touch`].
+#[derive(Debug)]
+pub struct SlabLru<V> {
+    by_key: HashMap<u64, Slot, KeyHashState>,
+    nodes: Vec<Node<V>>,
+    free: Vec<Slot>,
+    newest: u32,
+    oldest: u32,
+}
+
+impl<V: Default> Default for SlabLru<V> {
+    fn default() -> Self {
+        Self {
+            by_key: HashMap::with_hasher(KeyHashState::random()),
+            nodes: Vec::new(),
+            free: Vec::new(),
+            newest: NIL,
+            oldest: NIL,
+        }
+    }
+}
+
+impl<V: Default> SlabLru<V> {
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The slot of `key`, without touching its recency.
+    #[inline]
+    pub fn slot(&self, key: u64) -> Option<Slot> {
+        self.by_key.get(&key).copied()
+    }
+
+    /// The value of `key`, without touching its recency.
+    #[inline]
+    pub fn get(&self, key: u64) -> Option<&V> {
+        self.slot(key).and_then(|s| self.at(s))
+    }
+
+    /// The value at a live slot.
+    #[inline]
+    pub fn at(&self, slot: Slot) -> Option<&V> {
+        self.nodes
+            .get(slot as usize)
+            .filter(|n| n.live())
+            .map(|n| &n.value)
+    }
+
+    /// The value at a live slot, mutably.
+    #[inline]
+    pub fn at_mut(&mut self, slot: Slot) -> Option<&mut V> {
+        self.nodes
+            .get_mut(slot as usize)
+            .filter(|n| n.live())
+            .map(|n| &mut n.value)
+    }
+
+    /// The key at a live slot.
+    #[cfg(test)]
+    pub fn key_at(&self, slot: Slot) -> Option<u64> {
+        self.nodes
+            .get(slot as usize)
+            .filter(|n| n.live())
+            .map(|n| n.key)
+    }
+
+    /// The slot of `key`, inserting `make()` if absent; either way `key` becomes the most
+    /// recently used. Returns the slot and whether it was inserted.
+    pub fn insert_with(&mut self, key: u64, make: impl FnOnce() -> V) -> (Slot, bool) {
+        if let Some(slot) = self.slot(key) {
+            self.touch(slot);
+            return (slot, false);
+        }
+        let node = Node {
+            key,
+            newer: NIL,
+            older: NIL,
+            value: make(),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.nodes[slot as usize] = node;
+                slot
+            }
+            None => {
+                // Slots are u32; the caps keep the count far below that.
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as Slot
+            }
+        };
+        self.by_key.insert(key, slot);
+        self.link_newest(slot);
+        (slot, true)
+    }
+
+    /// Makes a live slot the most recently used.
+    pub fn touch(&mut self, slot: Slot) {
+        let live = self.nodes.get(slot as usize).is_some_and(Node::live);
+        if !live || self.newest == slot {
+            return;
+        }
+        self.unlink(slot);
+        self.link_newest(slot);
+    }
+
+    /// Removes a live slot, returning its key and value.
+    pub fn remove(&mut self, slot: Slot) -> Option<(u64, V)> {
+        let node = self.nodes.get(slot as usize).filter(|n| n.live())?;
+        let key = node.key;
+        self.unlink(slot);
+        let node = &mut self.nodes[slot as usize];
+        let value = std::mem::take(&mut node.value);
+        node.newer = FREE;
+        self.by_key.remove(&key);
+        self.free.push(slot);
+        Some((key, value))
+    }
+
+    /// The least recently used slot.
+    pub fn oldest(&self) -> Option<Slot> {
+        (self.oldest != NIL).then_some(self.oldest)
+    }
+
+    /// Bytes held by the map's own storage (not by what values point to).
+    pub fn heap_bytes(&self) -> usize {
+        // hashbrown: one (key, slot) pair and one control byte per bucket.
+        let bucket = std::mem::size_of::<(u64, Slot)>() + 1;
+        self.by_key.capacity() * bucket
+            + self.nodes.capacity() * std::mem::size_of::<Node<V>>()
+            + self.free.capacity() * std::mem::size_of::<Slot>()
+    }
+
+    fn link_newest(&mut self, slot: Slot) {
+        let old_newest = self.newest;
+        {
+            let n = &mut self.nodes[slot as usize];
+            n.newer = NIL;
+            n.older = old_newest;
+        }
+        if old_newest != NIL {
+            self.nodes[old_newest as usize].newer = slot;
+        } else {
+            self.oldest = slot;
+        }
+        self.newest = slot;
+    }
+
+    fn unlink(&mut self, slot: Slot) {
+        let (newer, older) = {
+            let n = &self.nodes[slot as usize];
+            (n.newer, n.older)
+        };
+        if newer != NIL {
+            self.nodes[newer as usize].older = older;
+        } else {
+            self.newest = older;
+        }
+        if older != NIL {
+            self.nodes[older as usize].newer = newer;
+        } else {
+            self.oldest = newer;
+        }
+    }
+}
+
+/// Hashes 64-bit keys with a per-process random seed. Keys are already hashes, but of content a
+/// client chooses: a keyed mix keeps crafted prompts from piling into one bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyHashState {
+    seed: u64,
+}
+
+impl KeyHashState {
+    /// A random seed.
+    pub fn random() -> Self {
+        Self {
+            seed: rand::random::<u64>() | 1,
+        }
+    }
+}
+
+impl BuildHasher for KeyHashState {
+    type Hasher = KeyHasher64;
+
+    fn build_hasher(&self) -> KeyHasher64 {
+        KeyHasher64 {
+            seed: self.seed,
+            state: 0,
+        }
+    }
+}
+
+/// The hasher of [`KeyHashState`]: a folded 128-bit multiply of the key with the seed.
+#[derive(Debug)]
+pub struct KeyHasher64 {
+    seed: u64,
+    state: u64,
+}
+
+impl Hasher for KeyHasher64 {
+    fn finish(&self) -> u64 {
+        let m =
+            u128::from(self.state ^ self.seed) * u128::from(0x9e37_79b9_7f4a_7c15u64 ^ self.seed);
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; other input still hashes, slowly.
+        for &b in bytes {
+            self.state = (self.state.rotate_left(8)) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.state ^= v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_in_least_recently_used_order() {
+        let mut lru = SlabLru::default();
+        let (a, _) = lru.insert_with(1, || 'a');
+        lru.insert_with(2, || 'b');
+        lru.insert_with(3, || 'c');
+        lru.touch(a);
+        let order: Vec<u64> = std::iter::from_fn(|| {
+            let s = lru.oldest()?;
+            lru.remove(s).map(|(k, _)| k)
+        })
+        .collect();
+        assert_eq!(order, vec![2, 3, 1]);
+        assert!(lru.is_empty());
+    }
+
+    #[test]
+    fn slots_are_reused_and_stale_slots_read_nothing() {
+        let mut lru = SlabLru::default();
+        let (s, inserted) = lru.insert_with(7, || 1);
+        assert!(inserted);
+        assert_eq!(lru.insert_with(7, || 2), (s, false));
+        assert_eq!(lru.remove(s), Some((7, 1)));
+        assert_eq!(lru.at(s), None);
+        assert_eq!(lru.remove(s), None);
+        let (s2, _) = lru.insert_with(8, || 3);
+        assert_eq!(s2, s);
+        assert_eq!(lru.get(8), Some(&3));
+        assert_eq!(lru.key_at(s2), Some(8));
+        assert_eq!(lru.len(), 1);
+    }
+}

@@ -1,0 +1,293 @@
+//! Tests of `precise-prefix-cache-scorer`: its parameters, its scores, its fallback.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kv_events::{BlockStored, Event, EventBatch, Medium};
+use tokio::time::Instant;
+
+use super::*;
+use crate::config::load;
+use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
+use crate::scheduling::plugins::test_util::{candidates, metrics};
+
+fn params(yaml: &str) -> Result<(PreciseParams, Vec<String>), ConfigError> {
+    let value: yaml_serde::Value = yaml_serde::from_str(yaml).unwrap();
+    let mut warnings = Vec::new();
+    let params = PreciseParams::from_params(&mut Params::new(
+        "p",
+        "precise-prefix-cache-scorer",
+        Some(&value),
+        &mut warnings,
+    ))?;
+    Ok((params, warnings))
+}
+
+#[test]
+fn llm_d_parameters_are_read() {
+    let (p, warnings) = params(
+        r#"
+tokenProcessorConfig: {blockSizeTokens: 64, hashSeed: "42", hashAlgorithm: xxh64}
+indexerConfig:
+  kvBlockIndexConfig: {enableMetrics: true, inMemoryConfig: {size: 1000, podCacheSize: 3}}
+  kvCacheBackendConfigs: [{name: gpu, weight: 1.0}, {name: cpu, weight: 0.5}]
+kvEventsConfig:
+  zmqEndpoint: "tcp://*:5557"
+  topicFilter: "kv@"
+  engineType: vllm
+  discoverPods: false
+  podDiscoveryConfig: {socketPort: 6000, replaySocketPort: 6001}
+speculativeIndexing: true
+speculativeTTL: 500ms
+"#,
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(p.block_size, 64);
+    assert_eq!(p.hash_seed, "42");
+    assert_eq!(p.hash_algorithm, HashAlgorithm::Xxh64);
+    assert_eq!(
+        (p.limits.max_keys, p.limits.max_endpoints_per_key),
+        (1000, 3)
+    );
+    assert_eq!(p.weights.0, [1.0, 0.5, 1.0, 1.0]);
+    assert!(p.speculative_indexing);
+    assert_eq!(p.limits.speculative_ttl, Duration::from_millis(500));
+    assert_eq!(
+        p.events,
+        KvEventsSettings {
+            bind_endpoint: Some("tcp://*:5557".into()),
+            per_endpoint: false,
+            socket_port: 6000,
+            replay_port: Some(6001),
+            topic_filter: "kv@".into(),
+        }
+    );
+    // The defaults are llm-d's.
+    let (d, _) = params("{}").unwrap();
+    assert_eq!(d, PreciseParams::default());
+    assert_eq!(d.block_size, 16);
+    assert_eq!(d.limits.speculative_ttl, Duration::from_secs(2));
+    assert_eq!(d.weights.0[..2], [1.0, 0.8]);
+    // v0.3 configs nest the token processor in the indexer, and say `blockSize`.
+    let (v03, _) =
+        params("indexerConfig: {tokenProcessorConfig: {blockSize: 32, hashSeed: '7'}}").unwrap();
+    assert_eq!((v03.block_size, v03.hash_seed.as_str()), (32, "7"));
+}
+
+#[test]
+fn what_cannot_be_honoured_is_an_error_naming_it() {
+    for (yaml, parameter) in [
+        (
+            "tokenProcessorConfig: {blockSizeTokens: 0}",
+            "blockSizeTokens",
+        ),
+        (
+            "tokenProcessorConfig: {hashAlgorithm: sha256}",
+            "hashAlgorithm",
+        ),
+        (
+            "indexerConfig: {tokenizersPoolConfig: {modelName: x}}",
+            "tokenizersPoolConfig",
+        ),
+        (
+            "indexerConfig: {kvBlockIndexConfig: {redisConfig: {address: x}}}",
+            "kvBlockIndexConfig",
+        ),
+        (
+            "indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: 10s}}",
+            "metricsLoggingInterval",
+        ),
+        (
+            "indexerConfig: {kvBlockIndexConfig: {inMemoryConfig: {size: -1}}}",
+            "size",
+        ),
+        (
+            "indexerConfig: {kvCacheBackendConfigs: [{name: tape, weight: 1}]}",
+            "kvCacheBackendConfigs",
+        ),
+        (
+            "indexerConfig: {kvCacheBackendConfigs: [{name: cpu, weight: 2}]}",
+            "kvCacheBackendConfigs",
+        ),
+        ("kvEventsConfig: {engineType: trtllm}", "engineType"),
+        (
+            "kvEventsConfig: {podDiscoveryConfig: {socketPort: 70000}}",
+            "socketPort",
+        ),
+        ("speculativeTTL: soon", "speculativeTTL"),
+    ] {
+        let err = params(yaml).unwrap_err().to_string();
+        assert!(err.contains(parameter), "{yaml}: {err}");
+    }
+    // What llm-d itself ignores, or this EPP does otherwise, is a warning.
+    let (_, warnings) = params(
+        "{kvEventsConfig: {concurrency: 8, podDiscoveryConfig: {podLabelSelector: a=b}}, typo: 1}",
+    )
+    .unwrap();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+}
+
+const BS: usize = 4;
+
+fn stored(seq: u32, blocks: u32) -> EventBatch {
+    let tokens: Vec<u32> = (0..blocks * BS as u32).map(|t| seq * 1000 + t).collect();
+    EventBatch {
+        ts: 0.0,
+        events: vec![Event::BlockStored(BlockStored {
+            block_hashes: (0..blocks)
+                .map(|b| u64::from(seq) * 100 + u64::from(b))
+                .collect(),
+            parent_block_hash: None,
+            token_ids: tokens,
+            block_size: BS as u32,
+            lora_id: None,
+            lora_name: None,
+            medium: Medium::Gpu,
+        })],
+        data_parallel_rank: None,
+    }
+}
+
+fn request(seq: u32, blocks: u32, prompt: &str) -> InferenceRequest {
+    let tokens: Vec<u32> = (0..blocks * BS as u32).map(|t| seq * 1000 + t).collect();
+    InferenceRequest {
+        target_model: "m".into(),
+        prompt: Bytes::from(prompt.to_owned()),
+        token_ids: Some(Arc::from(tokens)),
+        ..Default::default()
+    }
+}
+
+fn scorer(speculative: bool) -> PrecisePrefixCacheScorer {
+    let params = PreciseParams {
+        block_size: BS,
+        speculative_indexing: speculative,
+        ..PreciseParams::default()
+    };
+    PrecisePrefixCacheScorer {
+        name: "p".into(),
+        producer: Arc::new(PrecisePrefixCacheProducer::new("p", params)),
+    }
+}
+
+fn scores(
+    s: &PrecisePrefixCacheScorer,
+    approx: &ApproxPrefixCacheProducer,
+    req: &InferenceRequest,
+    c: &[Candidate],
+) -> (Vec<f64>, CycleState) {
+    let mut state = CycleState::new(Instant::now());
+    approx.produce(req, c, &mut state);
+    s.producer.produce(req, c, &mut state);
+    let mut out = vec![0.0; c.len()];
+    s.score(req, &state, c, &mut out);
+    (out, state)
+}
+
+#[test]
+fn healthy_endpoints_are_scored_from_events_the_others_from_routing_history() {
+    let s = scorer(false);
+    let approx = ApproxPrefixCacheProducer::new("a", PrefixParams::default());
+    let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+    let index = s.producer.index();
+    let now = Instant::now();
+    // Endpoint 0's events say it holds 3 of the request's 4 blocks; endpoint 1 holds them all
+    // but its stream is down; endpoint 2 never connected.
+    index.set_stream(c[0].endpoint.id, StreamState::Live);
+    index.apply(c[0].endpoint.id, "m", &stored(1, 3), now);
+    index.set_stream(c[1].endpoint.id, StreamState::Down { since: now });
+    index.apply(c[1].endpoint.id, "m", &stored(1, 4), now);
+    // The approximate index was told endpoint 2 got this prompt.
+    let prompt = "x".repeat(64 * 4);
+    let req = request(1, 4, &prompt);
+    let mut state = CycleState::new(now);
+    approx.produce(&req, &c, &mut state);
+    approx.pre_request(&req, &state, &c[2..]);
+
+    let (s1, state) = scores(&s, &approx, &req, &c);
+    assert_eq!(s1, vec![0.75, 0.0, 1.0]);
+    assert_eq!(state.cached_tokens(&c[0].endpoint), 12);
+    // Four 16-token blocks of the approximate index.
+    assert_eq!(state.cached_tokens(&c[2].endpoint), 64);
+    let m = state.precise.as_ref().unwrap();
+    assert_eq!(m.cached_tokens_by_tier(&c[0].endpoint), Some([12, 0, 0, 0]));
+    assert_eq!(m.cached_tokens_by_tier(&c[1].endpoint), None);
+
+    // Once endpoint 1's stream is live again its events count.
+    index.set_stream(c[1].endpoint.id, StreamState::Live);
+    let (s2, _) = scores(&s, &approx, &req, &c);
+    assert_eq!(s2, vec![0.75, 1.0, 1.0]);
+
+    // Without token ids nothing can be looked up: every endpoint falls back.
+    let no_tokens = InferenceRequest {
+        token_ids: None,
+        ..req
+    };
+    let (s3, state) = scores(&s, &approx, &no_tokens, &c);
+    assert_eq!(s3, vec![0.0, 0.0, 1.0]);
+    assert!(state.precise.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn speculative_indexing_covers_the_event_lag() {
+    for speculative in [false, true] {
+        let s = scorer(speculative);
+        let approx = ApproxPrefixCacheProducer::new("a", PrefixParams::default());
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        for e in &c {
+            s.producer
+                .index()
+                .set_stream(e.endpoint.id, StreamState::Live);
+        }
+        let req = request(1, 4, "");
+        let (_, state) = scores(&s, &approx, &req, &c);
+        s.producer.pre_request(&req, &state, &c[1..]);
+        let (after, _) = scores(&s, &approx, &req, &c);
+        let expected = if speculative { 1.0 } else { 0.0 };
+        assert_eq!(after, vec![0.0, expected], "speculative {speculative}");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (expired, _) = scores(&s, &approx, &req, &c);
+        assert_eq!(expired, vec![0.0, 0.0]);
+    }
+}
+
+#[test]
+fn the_loader_builds_the_scorer_with_its_fallback_and_the_cost_model_reads_it() {
+    let c = load(
+        r#"
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters: {speculativeIndexing: true, kvEventsConfig: {zmqEndpoint: "tcp://*:5557"}}
+- type: ttft-cost-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: precise-prefix-cache-scorer, weight: 3}, {pluginRef: ttft-cost-scorer}]
+"#,
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.precise_producers.len(), 1);
+    assert_eq!(
+        c.prefix_producers.len(),
+        1,
+        "the approximate fallback is made"
+    );
+    let order: Vec<&str> = c
+        .scheduler
+        .producers()
+        .iter()
+        .map(|p| p.type_name())
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            "approx-prefix-cache-producer",
+            "precise-prefix-cache-scorer",
+            "ttft-cost-producer"
+        ]
+    );
+    assert!(c.precise_producers[0].params.speculative_indexing);
+}
