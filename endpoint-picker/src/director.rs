@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::LoadedConfig;
 use crate::datastore::{Datastore, Endpoint, EndpointId, Readiness};
+use crate::flow::{FlowControl, FlowRejection, FlowRequest, MAX_AGENT_ID_BYTES, PoolProbe, PoolReading};
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
 use crate::scheduling::{
@@ -38,6 +39,9 @@ pub enum RouteError {
     /// The scheduler found no endpoint: 429.
     #[error("failed to find target endpoint: {0}")]
     Unschedulable(#[from] ScheduleError),
+    /// Flow control refused or dropped the request: 429 or 503, with its dropped reason.
+    #[error("{0}")]
+    FlowControl(FlowRejection),
 }
 
 /// A weighted model rewrite target.
@@ -157,10 +161,17 @@ pub struct InFlightGuard {
     routed_at: Instant,
     /// The uncorrected model's TTFT for this request there, seconds, when a cost model ran.
     raw_ttft: Option<f64>,
+    /// Flow control, told when the request leaves (its slot is free for a queued one).
+    flow: Option<Arc<FlowControl>>,
 }
 
 impl InFlightGuard {
-    fn new(load: Arc<EndpointLoad>, prefill_tokens: u64, raw_ttft: Option<f64>) -> Self {
+    fn new(
+        load: Arc<EndpointLoad>,
+        prefill_tokens: u64,
+        raw_ttft: Option<f64>,
+        flow: Option<Arc<FlowControl>>,
+    ) -> Self {
         load.requests.fetch_add(1, Ordering::Relaxed);
         load.prefilling.fetch_add(1, Ordering::Relaxed);
         load.prefill_tokens
@@ -171,6 +182,7 @@ impl InFlightGuard {
             prefilling: true,
             routed_at: Instant::now(),
             raw_ttft,
+            flow,
         }
     }
 
@@ -196,6 +208,9 @@ impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.first_token(false);
         self.load.requests.fetch_sub(1, Ordering::Relaxed);
+        if let Some(flow) = &self.flow {
+            flow.wake();
+        }
     }
 }
 
@@ -243,17 +258,73 @@ pub struct Director {
     policies: ArcSwap<Policies>,
     in_flight: InFlight,
     rng: Mutex<SmallRng>,
+    /// Flow control, with the `flowControl` feature gate on.
+    flow: Option<Arc<FlowControl>>,
 }
 
 impl Director {
     /// A director over `datastore` with `config`; `seed` seeds weighted rewrite choices.
+    /// With flow control configured, its dispatcher must be run: [`Director::run_flow_control`].
     pub fn new(datastore: Arc<Datastore>, config: Arc<LoadedConfig>, seed: u64) -> Self {
+        let flow = config.flow_control.clone().map(FlowControl::new);
         Self {
             datastore,
             config,
             policies: ArcSwap::from_pointee(Policies::default()),
             in_flight: InFlight::default(),
             rng: Mutex::new(SmallRng::seed_from_u64(seed ^ 0x5eed)),
+            flow,
+        }
+    }
+
+    /// Flow control, when on.
+    pub fn flow_control(&self) -> Option<&Arc<FlowControl>> {
+        self.flow.as_ref()
+    }
+
+    /// Runs flow control's dispatcher until `token` is cancelled (returns at once when flow
+    /// control is off). A long-lived task: run it under the supervisor.
+    pub async fn run_flow_control(self: Arc<Self>, token: tokio_util::sync::CancellationToken) {
+        let Some(flow) = self.flow.clone() else {
+            return;
+        };
+        flow.run(self, token).await;
+    }
+
+    /// What flow control needs of a resolved request.
+    pub fn flow_request(&self, request: &InferenceRequest) -> FlowRequest {
+        FlowRequest {
+            fairness_id: Arc::from(request.fairness_id.as_str()),
+            priority: request.priority,
+            bytes: request.body_len as u64,
+            slo_ttft: request.slo_ttft,
+            model: request.model.clone(),
+            target_model: request.target_model.clone(),
+        }
+    }
+
+    /// The whole pool's routable endpoints and its saturation (flow control's view: the
+    /// subset hint does not narrow it, as in the reference). `dispatched` requests let go by
+    /// flow control and not routed yet count as load.
+    pub fn pool_reading(&self, dispatched: u64) -> PoolReading {
+        let snapshot = self.datastore.snapshot();
+        let candidates = ready_candidates(
+            snapshot
+                .endpoints
+                .iter()
+                .cloned()
+                .map(Candidate::new)
+                .collect(),
+        );
+        let saturation = self.config.saturation_detector.saturation(
+            &candidates,
+            &self.in_flight.view(),
+            dispatched,
+            Instant::now(),
+        );
+        PoolReading {
+            endpoints: candidates.len(),
+            saturation,
         }
     }
 
@@ -295,6 +366,17 @@ impl Director {
     /// matches the request's model wins over it, so that no header can bypass the operator's
     /// rewrites.
     pub fn resolve(&self, request: &mut InferenceRequest, forced_target: Option<&str>) {
+        if let Some(headers) = &self.config.agent_identity
+            && request.fairness_id == crate::flow::DEFAULT_FAIRNESS_ID
+            && let Some(agent) = headers.iter().find_map(|h| {
+                request
+                    .header(h)
+                    .map(str::trim)
+                    .filter(|v| is_flow_id(v))
+            })
+        {
+            request.fairness_id = agent.to_owned();
+        }
         let policies = self.policies.load();
         request.priority = request
             .objective
@@ -357,11 +439,15 @@ impl Director {
             return Err(RouteError::NoCandidates);
         }
         let now = Instant::now();
-        if request.priority < 0
-            && self
-                .config
-                .saturation_detector
-                .is_saturated(&candidates, now)
+        // Flow control, when on, replaces the shedding of sheddable requests: they waited
+        // their turn in its queues before coming here.
+        if self.flow.is_none()
+            && request.priority < 0
+            && self.config.saturation_detector.is_saturated(
+                &candidates,
+                &self.in_flight.view(),
+                now,
+            )
         {
             return Err(RouteError::Shed(request.priority));
         }
@@ -386,6 +472,7 @@ impl Director {
                 self.in_flight.load_of(t.id),
                 uncached,
                 cost.map(|c| c.raw_ttft),
+                self.flow.clone(),
             )
         });
         Ok(Routed {
@@ -395,6 +482,18 @@ impl Director {
             in_flight: guard,
         })
     }
+}
+
+impl PoolProbe for Director {
+    fn read(&self, dispatched: u64) -> PoolReading {
+        self.pool_reading(dispatched)
+    }
+}
+
+/// A header value fit to be a flow id (`agent-identity`): visible ASCII, at most
+/// [`MAX_AGENT_ID_BYTES`].
+fn is_flow_id(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_AGENT_ID_BYTES && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The prompt tokens of `request` that `endpoint` would compute: all of them but the blocks its

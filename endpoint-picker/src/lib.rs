@@ -2,7 +2,8 @@
 //!
 //! Everything that decides where a request goes lives here, free of tonic and Envoy types:
 //! the endpoint datastore, engine-metric scraping, the scheduler framework and its plugins,
-//! the approximate prefix-cache index, the precise one fed by the engines' KV-cache events, saturation detection and `EndpointPickerConfig` loading.
+//! the approximate prefix-cache index, the precise one fed by the engines' KV-cache events, saturation
+//! detection, flow control and `EndpointPickerConfig` loading.
 
 #![warn(missing_docs)]
 
@@ -11,6 +12,7 @@ pub mod cost;
 pub mod datastore;
 pub mod director;
 pub mod discovery;
+pub mod flow;
 pub mod kv_index;
 pub mod prefix;
 pub mod request;

@@ -1,6 +1,11 @@
-//! Saturation detection (`utilization-detector`): is the pool too busy for sheddable work?
+//! Saturation detection: how busy is the pool? Admission sheds sheddable work at saturation 1
+//! (flow control off), and flow control dispatches a band only below its ceiling.
 //!
-//! Each endpoint scores `max(waiting / queueDepthThreshold, kv / kvCacheUtilThreshold)`; an
+//! Two detectors, with the reference's types and parameters: `utilization-detector` (the
+//! default; from scraped engine metrics) and `concurrency-detector` (from the requests and
+//! prompt tokens this EPP has in flight on each endpoint; see [`ConcurrencyDetector`]).
+//!
+//! `utilization-detector`: each endpoint scores `max(waiting / queueDepthThreshold, kv / kvCacheUtilThreshold)`; an
 //! endpoint with stale or missing metrics scores 1. The pool's saturation is the mean; at or
 //! above 1 the pool is saturated and requests with a negative priority are shed (429). As a
 //! filter it keeps endpoints with fresh metrics under both thresholds (scaled by
@@ -14,7 +19,7 @@ use tokio::time::Instant;
 use crate::config::ConfigError;
 use crate::config::params::{Params, parse_duration};
 use crate::request::InferenceRequest;
-use crate::scheduling::framework::{Candidate, CycleState, Filter, Plugin};
+use crate::scheduling::framework::{Candidate, CycleState, Filter, InFlightCounts, Plugin};
 use crate::scheduling::plugins::scorers::plugin_named;
 
 /// The detector with the reference's parameters.
@@ -136,6 +141,244 @@ impl Filter for UtilizationDetector {
             .cloned()
             .collect();
         if keep.is_empty() { c } else { keep }
+    }
+}
+
+/// A saturation detector, as configured.
+#[derive(Debug, Clone)]
+pub enum SaturationDetector {
+    /// `utilization-detector`.
+    Utilization(UtilizationDetector),
+    /// `concurrency-detector`.
+    Concurrency(ConcurrencyDetector),
+}
+
+impl Default for SaturationDetector {
+    fn default() -> Self {
+        SaturationDetector::Utilization(UtilizationDetector::default())
+    }
+}
+
+impl SaturationDetector {
+    /// The pool's saturation over `candidates` (≥ 1 = saturated; no candidates = 1).
+    /// `dispatched` counts requests flow control has let go that are not routed yet (and so
+    /// not in `in_flight`): the concurrency detector counts them as load.
+    pub fn saturation(
+        &self,
+        candidates: &[Candidate],
+        in_flight: &InFlightCounts,
+        dispatched: u64,
+        now: Instant,
+    ) -> f64 {
+        match self {
+            SaturationDetector::Utilization(d) => d.saturation(candidates, now),
+            SaturationDetector::Concurrency(d) => d.saturation(candidates, in_flight, dispatched),
+        }
+    }
+
+    /// True when sheddable requests should be rejected (flow control off).
+    pub fn is_saturated(
+        &self,
+        candidates: &[Candidate],
+        in_flight: &InFlightCounts,
+        now: Instant,
+    ) -> bool {
+        self.saturation(candidates, in_flight, 0, now) >= 1.0
+    }
+
+    /// The utilization detector, if that is what this is.
+    pub fn utilization(&self) -> Option<&UtilizationDetector> {
+        match self {
+            SaturationDetector::Utilization(d) => Some(d),
+            SaturationDetector::Concurrency(_) => None,
+        }
+    }
+
+    /// Requests one endpoint is meant to hold at once: the concurrency detector's
+    /// `maxConcurrency`, or that parameter's default (100) for the utilization detector, which
+    /// has no request limit. The autoscaling gauge's capacity is this × ready endpoints.
+    pub fn requests_per_endpoint(&self) -> u64 {
+        match self {
+            SaturationDetector::Concurrency(d) => d.max_concurrency,
+            SaturationDetector::Utilization(_) => ConcurrencyDetector::default().max_concurrency,
+        }
+    }
+}
+
+impl Plugin for SaturationDetector {
+    fn type_name(&self) -> &'static str {
+        match self {
+            SaturationDetector::Utilization(d) => d.type_name(),
+            SaturationDetector::Concurrency(d) => d.type_name(),
+        }
+    }
+    fn name(&self) -> &str {
+        match self {
+            SaturationDetector::Utilization(d) => d.name(),
+            SaturationDetector::Concurrency(d) => d.name(),
+        }
+    }
+}
+
+impl Filter for SaturationDetector {
+    fn filter(
+        &self,
+        request: &InferenceRequest,
+        state: &CycleState,
+        c: Vec<Candidate>,
+    ) -> Vec<Candidate> {
+        match self {
+            SaturationDetector::Utilization(d) => d.filter(request, state, c),
+            SaturationDetector::Concurrency(d) => d.filter(request, state, c),
+        }
+    }
+}
+
+/// What the concurrency detector counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConcurrencyMode {
+    /// Requests in flight against `maxConcurrency`.
+    Requests,
+    /// Prompt tokens in flight against `maxTokenConcurrency`.
+    Tokens,
+    /// Both; an endpoint's load is the larger ratio.
+    Hybrid,
+}
+
+/// `concurrency-detector`: the load this EPP itself has put on each endpoint. Requests count
+/// from routing to the end of their response; tokens are the uncached prompt tokens of the
+/// requests not past their first token (the reference counts the whole prompt until the first
+/// chunk; the uncached part is what the engine computes). Pool saturation: requests
+/// `Σ requests / (N · maxConcurrency)`, tokens `Σ tokens / (N · maxTokenConcurrency)`, hybrid
+/// the mean over endpoints of the larger ratio. As a filter it keeps an endpoint while its
+/// load is under `max · (1 + headroom)` (hybrid: both).
+#[derive(Debug, Clone)]
+pub struct ConcurrencyDetector {
+    /// Configured name.
+    pub name: String,
+    /// `concurrencyMode` (`requests`).
+    pub mode: ConcurrencyMode,
+    /// `maxConcurrency` (100).
+    pub max_concurrency: u64,
+    /// `maxTokenConcurrency` (1,000,000).
+    pub max_token_concurrency: u64,
+    /// `headroom` (0.0) for the filter.
+    pub headroom: f64,
+}
+plugin_named!(ConcurrencyDetector, "concurrency-detector");
+
+impl Default for ConcurrencyDetector {
+    fn default() -> Self {
+        Self {
+            name: "concurrency-detector".into(),
+            mode: ConcurrencyMode::Requests,
+            max_concurrency: 100,
+            max_token_concurrency: 1_000_000,
+            headroom: 0.0,
+        }
+    }
+}
+
+impl ConcurrencyDetector {
+    /// The detector its `parameters` describe, over the reference's defaults.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Yaml {
+            concurrency_mode: Option<String>,
+            max_concurrency: Option<i64>,
+            max_token_concurrency: Option<i64>,
+            headroom: Option<f64>,
+            #[serde(rename = "inFlightLoadProducerName")]
+            _in_flight_load_producer_name: Option<String>,
+        }
+        let y: Yaml = p.decode()?;
+        let mut d = Self {
+            name: p.name(),
+            ..Default::default()
+        };
+        d.mode = match y.concurrency_mode.as_deref() {
+            None | Some("requests") => ConcurrencyMode::Requests,
+            Some("tokens") => ConcurrencyMode::Tokens,
+            Some("hybrid") => ConcurrencyMode::Hybrid,
+            Some(m) => {
+                return Err(p.invalid(
+                    "concurrencyMode",
+                    format!("unknown mode {m:?}; known: requests, tokens, hybrid"),
+                ));
+            }
+        };
+        if let Some(n) = p.positive("maxConcurrency", y.max_concurrency)? {
+            d.max_concurrency = n as u64;
+        }
+        if let Some(n) = p.positive("maxTokenConcurrency", y.max_token_concurrency)? {
+            d.max_token_concurrency = n as u64;
+        }
+        if let Some(h) = y.headroom {
+            if !(h.is_finite() && h >= 0.0) {
+                return Err(p.invalid("headroom", "must be ≥ 0"));
+            }
+            if h > 1.0 {
+                p.warn(format_args!("headroom {h} lets endpoints take more than twice maxConcurrency"));
+            }
+            d.headroom = h;
+        }
+        Ok(d)
+    }
+
+    /// The pool's saturation; `dispatched` requests not routed yet count as request load.
+    pub fn saturation(&self, candidates: &[Candidate], in_flight: &InFlightCounts, dispatched: u64) -> f64 {
+        if candidates.is_empty() {
+            return 1.0;
+        }
+        let n = candidates.len() as f64;
+        let max_req = self.max_concurrency.max(1) as f64;
+        let max_tok = self.max_token_concurrency.max(1) as f64;
+        let reading = |c: &Candidate| in_flight.load(c.endpoint.id).map(|l| l.read()).unwrap_or_default();
+        let extra = dispatched as f64;
+        match self.mode {
+            ConcurrencyMode::Requests => {
+                let sum: u64 = candidates.iter().map(|c| reading(c).requests).sum();
+                (sum as f64 + extra) / (n * max_req)
+            }
+            ConcurrencyMode::Tokens => {
+                let sum: u64 = candidates.iter().map(|c| reading(c).prefill_tokens).sum();
+                sum as f64 / (n * max_tok)
+            }
+            ConcurrencyMode::Hybrid => {
+                let sum: f64 = candidates
+                    .iter()
+                    .map(|c| {
+                        let r = reading(c);
+                        (r.requests as f64 / max_req).max(r.prefill_tokens as f64 / max_tok)
+                    })
+                    .sum();
+                sum / n + extra / (n * max_req)
+            }
+        }
+    }
+}
+
+impl Filter for ConcurrencyDetector {
+    fn filter(
+        &self,
+        _: &InferenceRequest,
+        state: &CycleState,
+        c: Vec<Candidate>,
+    ) -> Vec<Candidate> {
+        let scale = 1.0 + self.headroom;
+        let max_req = (self.max_concurrency as f64 * scale) as u64;
+        let max_tok = (self.max_token_concurrency as f64 * scale) as u64;
+        c.into_iter()
+            .filter(|c| {
+                let r = state.in_flight.load(c.endpoint.id).map(|l| l.read()).unwrap_or_default();
+                match self.mode {
+                    ConcurrencyMode::Requests => r.requests < max_req,
+                    ConcurrencyMode::Tokens => r.prefill_tokens < max_tok,
+                    ConcurrencyMode::Hybrid => r.requests < max_req && r.prefill_tokens < max_tok,
+                }
+            })
+            .collect()
     }
 }
 

@@ -290,7 +290,7 @@ proptest! {
             );
         }
         if let Some((q, kv, ms, h)) = g.detector {
-            let d = &c.saturation_detector;
+            let d = c.saturation_detector.utilization().unwrap();
             prop_assert_eq!(d.queue_depth_threshold, q);
             prop_assert_eq!(d.kv_cache_util_threshold, kv);
             prop_assert_eq!(d.metrics_staleness_threshold.as_millis(), u128::from(ms));

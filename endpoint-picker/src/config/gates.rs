@@ -3,9 +3,10 @@
 //! As in the reference, a gate nobody registered fails the load. The known gates are those of
 //! llm-d-router (`flowControl`, `haPopulateNonLeaderDatastore`) and of the GIE v1.2–v1.5
 //! releases whose configs load here (`dataLayer`, `prepareDataPlugins`,
-//! `enableLegacyMetrics`). Each is either one whose two values behave alike here (setting it
-//! is a warning saying so) or one of which only the reference's default is implemented
-//! (asking for the other value fails the load, naming what is missing).
+//! `enableLegacyMetrics`). Each is one whose two values are both implemented (`flowControl`),
+//! one whose two values behave alike here (setting it is a warning saying so) or one of which
+//! only the reference's default is implemented (asking for the other value fails the load,
+//! naming what is missing).
 
 use super::ConfigError;
 
@@ -30,6 +31,8 @@ struct Gate {
 /// What a gate does here.
 #[derive(Debug)]
 enum Here {
+    /// Both values are implemented, as in the reference.
+    Both,
     /// Only the default is implemented; the other value fails the load, for this reason.
     DefaultOnly(&'static str),
     /// Both values behave alike here, for this reason.
@@ -40,10 +43,7 @@ const GATES: &[Gate] = &[
     Gate {
         name: FLOW_CONTROL,
         default: false,
-        here: Here::DefaultOnly(
-            "flow control (queueing by priority band and fairness, with its policies and \
-             limits) is not implemented yet",
-        ),
+        here: Here::Both,
     },
     Gate {
         name: "haPopulateNonLeaderDatastore",
@@ -111,7 +111,7 @@ impl FeatureGates {
                         reason: missing.to_owned(),
                     });
                 }
-                Here::DefaultOnly(_) => {}
+                Here::DefaultOnly(_) | Here::Both => {}
                 Here::NoEffect(why) => {
                     warnings.push(format!("feature gate {name:?} has no effect here: {why}"));
                 }
@@ -175,12 +175,11 @@ mod tests {
     #[test]
     fn only_implemented_values_load() {
         for on in ["flowControl", "flowControl=true", "flowControl= True "] {
-            let e = parse(&[on]).unwrap_err();
-            assert!(
-                e.contains("flowControl=true") && e.contains("flow control"),
-                "{e}"
-            );
+            let (gates, warnings) = parse(&[on]).unwrap();
+            assert!(gates.enabled(FLOW_CONTROL) && warnings.is_empty(), "{on}");
         }
+        let e = parse(&["flowControl=qwerty"]).unwrap_err();
+        assert!(e.contains("\"qwerty\" is not a boolean"), "{e}");
         let (gates, warnings) =
             parse(&["flowControl=false", "haPopulateNonLeaderDatastore=1"]).unwrap();
         assert!(!gates.enabled(FLOW_CONTROL));

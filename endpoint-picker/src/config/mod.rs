@@ -13,6 +13,7 @@
 //! errors: GIE's EPP ignored them, and a config that loads there must load here.
 
 pub mod data_layer;
+mod flow_control;
 pub mod gates;
 mod instances;
 pub mod params;
@@ -22,7 +23,8 @@ pub mod types;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::saturation::UtilizationDetector;
+use crate::flow::FlowConfig;
+use crate::saturation::SaturationDetector;
 use crate::scheduling::plugins::cost::TtftCostProducer;
 use crate::scheduling::plugins::pickers::MaxScorePicker;
 use crate::scheduling::plugins::precise::PrecisePrefixCacheProducer;
@@ -147,6 +149,9 @@ pub enum ConfigError {
     /// Several profiles and no handler, or several handlers.
     #[error("{0}")]
     ProfileHandler(String),
+    /// The `flowControl` section or a policy it names (the reference's messages).
+    #[error("flowControl: {0}")]
+    FlowControl(String),
 }
 
 /// A loaded configuration, ready to serve.
@@ -155,7 +160,12 @@ pub struct LoadedConfig {
     /// The scheduler.
     pub scheduler: Arc<Scheduler>,
     /// The saturation detector used for admission.
-    pub saturation_detector: Arc<UtilizationDetector>,
+    pub saturation_detector: Arc<SaturationDetector>,
+    /// Flow control's settings, with the `flowControl` feature gate on.
+    pub flow_control: Option<FlowConfig>,
+    /// The headers that name a request's flow when it carries no fairness id
+    /// (`agent-identity`), when that plugin is declared.
+    pub agent_identity: Option<Arc<[String]>>,
     /// Response-path plugins.
     pub response_plugins: Vec<Arc<dyn ResponsePlugin>>,
     /// Scrape settings.
@@ -185,8 +195,9 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     check_kind(doc)?;
     let mut warnings = Vec::new();
     let gates = FeatureGates::parse(&doc.feature_gates, &mut warnings)?;
-    check_flow_control(doc, &gates, &mut warnings);
     let mut plugins = instantiate_plugins(&doc.plugins, &mut warnings)?;
+    let flow_control = flow_control::build(doc, &gates, &mut plugins, &mut warnings)?;
+    let agent_identity = flow_control::agent_identity(&plugins);
     ensure_cost_producer(&mut plugins)?;
     ensure_prefix_producer(&mut plugins, &mut warnings)?;
     let profiles = build_profiles(&doc.scheduling_profiles, &plugins)?;
@@ -223,6 +234,8 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     Ok(LoadedConfig {
         scheduler: Arc::new(Scheduler::new(handler, profiles, producers, seed)),
         saturation_detector,
+        flow_control,
+        agent_identity,
         response_plugins: plugins.response_plugins(),
         scrape,
         prefix_producers,
@@ -240,30 +253,6 @@ fn check_kind(doc: &EndpointPickerConfig) -> Result<(), ConfigError> {
     match doc.kind.as_deref() {
         Some("EndpointPickerConfig") => Ok(()),
         other => Err(ConfigError::Kind(other.unwrap_or("").to_owned())),
-    }
-}
-
-/// Flow control: queueing by priority band and fairness, with TTLs and usage limits,
-/// configured by the `flowControl` section and the flow-control policy plugins, and turned
-/// on by the `flowControl` feature gate. It is not implemented yet, and this phase is where
-/// it will be built. Until then the gate cannot be turned on ([`gates`] refuses it), and
-/// with it off the reference uses only the section's saturation detector (see
-/// [`choose_saturation_detector`]), ignores its other settings with a warning, and builds the
-/// policy plugins without using them (inert registry entries).
-fn check_flow_control(
-    doc: &EndpointPickerConfig,
-    gates: &FeatureGates,
-    warnings: &mut Vec<String>,
-) {
-    let Some(section) = &doc.flow_control else {
-        return;
-    };
-    if !gates.enabled(gates::FLOW_CONTROL) && !section.settings.is_empty() {
-        let keys: Vec<&str> = section.settings.keys().map(String::as_str).collect();
-        warnings.push(format!(
-            "flowControl settings ignored ({}): the flowControl feature gate is off",
-            keys.join(", ")
-        ));
     }
 }
 
@@ -430,6 +419,10 @@ fn belongs_in_profile(built: &Built) -> bool {
         | Built::Response(_)
         | Built::MetricsSource(_)
         | Built::MetricsExtractor(_)
+        | Built::Fairness(_)
+        | Built::Ordering(_)
+        | Built::UsageLimit(_)
+        | Built::AgentIdentity(_)
         | Built::Inert { .. } => false,
     }
 }
@@ -486,7 +479,11 @@ fn build_profile(spec: &types::ProfileSpec, plugins: &Plugins<'_>) -> Result<Pro
             | Built::CostProducer(_)
             | Built::Response(_)
             | Built::MetricsSource(_)
-            | Built::MetricsExtractor(_) => {
+            | Built::MetricsExtractor(_)
+            | Built::Fairness(_)
+            | Built::Ordering(_)
+            | Built::UsageLimit(_)
+            | Built::AgentIdentity(_) => {
                 return Err(wrong("a profile holds filters, scorers and one picker"));
             }
         }
@@ -545,7 +542,7 @@ fn choose_saturation_detector(
     doc: &EndpointPickerConfig,
     plugins: &mut Plugins<'_>,
     warnings: &mut Vec<String>,
-) -> Result<Arc<UtilizationDetector>, ConfigError> {
+) -> Result<Arc<SaturationDetector>, ConfigError> {
     let named = doc
         .flow_control
         .as_ref()
@@ -573,7 +570,7 @@ fn choose_saturation_detector(
             context: context.into(),
             plugin: r.plugin_ref.clone(),
             type_name: inst.type_name.to_owned(),
-            expected: "a saturation detector such as utilization-detector",
+            expected: "a saturation detector such as utilization-detector or concurrency-detector",
         }),
     }
 }

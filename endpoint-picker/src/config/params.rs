@@ -68,6 +68,15 @@ impl<'a> Params<'a> {
         Ok(parsed)
     }
 
+    /// Whether any parameters were given (an empty map or null counts as none).
+    pub fn has_parameters(&self) -> bool {
+        match self.value {
+            None | Some(Value::Null) => false,
+            Some(Value::Mapping(m)) => !m.is_empty(),
+            Some(_) => true,
+        }
+    }
+
     /// For plugins without parameters: warns about every key given.
     pub fn none(&mut self) -> Result<(), ConfigError> {
         self.decode::<NoParameters>().map(drop)

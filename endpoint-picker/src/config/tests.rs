@@ -38,7 +38,7 @@ fn builtin_default_is_queue_kv_prefix() {
         1,
         "prefix scorer gets its producer"
     );
-    assert_eq!(c.saturation_detector.queue_depth_threshold, 5.0);
+    assert_eq!(c.saturation_detector.utilization().unwrap().queue_depth_threshold, 5.0);
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
@@ -58,7 +58,7 @@ fn prefix_lora_fixture_loads_with_parameters() {
     assert!(!pp.auto_tune);
     assert_eq!(pp.max_prefix_blocks, 128);
     assert_eq!(pp.lru_capacity_per_server, 20000);
-    let d = &c.saturation_detector;
+    let d = c.saturation_detector.utilization().unwrap();
     assert_eq!(d.queue_depth_threshold, 8.0);
     assert_eq!(d.metrics_staleness_threshold, Duration::from_millis(250));
     assert!(c.scrape.engines.iter().any(|e| e.name == "my-engine"));
@@ -204,19 +204,6 @@ fn errors_name_the_problem() {
 fn feature_gates_are_the_references_and_do_what_they_say() {
     let e = err(&format!("{HEAD}featureGates: [warpDrive]\n"));
     assert!(e.contains("feature gate \"warpDrive\": unknown"), "{e}");
-    // Flow control cannot be turned on, with or without its section and policies.
-    for config in [
-        format!("{HEAD}featureGates: [flowControl]\n"),
-        format!(
-            "{HEAD}featureGates: [flowControl=true]\nplugins:\n- type: fcfs-ordering-policy\nflowControl:\n  maxRequests: 10\n"
-        ),
-    ] {
-        let e = err(&config);
-        assert!(
-            e.contains("flowControl=true") && e.contains("not implemented"),
-            "{e}"
-        );
-    }
     let c = load(
         &format!("{HEAD}featureGates: [flowControl=false, dataLayer]\n"),
         1,
@@ -236,22 +223,18 @@ fn flow_control_section_without_the_gate_keeps_only_its_detector() {
     )
     .unwrap();
     // The new field wins over the deprecated one.
-    assert_eq!(c.saturation_detector.queue_depth_threshold, 9.0);
+    assert_eq!(c.saturation_detector.utilization().unwrap().queue_depth_threshold, 9.0);
     let ignored: Vec<_> = c
         .warnings
         .iter()
-        .filter(|w| w.contains("flowControl settings ignored"))
+        .filter(|w| w.contains("the flowControl feature gate is disabled"))
         .collect();
     assert_eq!(ignored.len(), 1, "{:?}", c.warnings);
     assert!(
         ignored[0].contains("defaultRequestTTL, maxRequests"),
         "{ignored:?}"
     );
-    assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.contains("fcfs-ordering-policy") && w.contains("inert"))
-    );
+    assert!(c.flow_control.is_none());
     // Only a detector: nothing ignored, nothing to say.
     let c = load(
         &format!(
@@ -270,7 +253,7 @@ fn undeclared_detector_and_parser_types_are_made_as_the_reference_does() {
         1,
     )
     .unwrap();
-    assert_eq!(c.saturation_detector.queue_depth_threshold, 5.0);
+    assert_eq!(c.saturation_detector.utilization().unwrap().queue_depth_threshold, 5.0);
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let e = err(&format!("{HEAD}parser:\n  pluginRef: anthropic-parser\n"));
     assert!(
@@ -355,4 +338,146 @@ fn durations_past_the_largest_are_refused_not_a_panic() {
         "{HEAD}plugins:\n- type: utilization-detector\n  parameters: {{metricsStalenessThreshold: \"1e300\"}}\n"
     ));
     assert!(e.contains("metricsStalenessThreshold"), "{e}");
+}
+
+/// The reference's flow-control configs (testdata/config/flow-control, each with its source
+/// commit) load, and mean what they say.
+#[test]
+fn reference_flow_control_configs_load() {
+    use crate::flow::policy::{FairnessPolicy, UsageLimitPolicy};
+    use crate::scheduling::Plugin;
+    let fc = |name: &str| {
+        let c = load(&fixture(&format!("flow-control/{name}")), 1)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        (c.flow_control.clone(), c)
+    };
+    // The well-known integration config: three bands, global caps, the concurrency detector.
+    let (f, c) = fc("wellknown-flow-control.yaml");
+    let f = f.unwrap();
+    assert_eq!((f.max_bytes, f.max_requests), (10 * (1 << 30), 1_000));
+    assert_eq!(f.request_ttl, Some(Duration::from_secs(60)));
+    assert_eq!(f.no_endpoint_ttl, Some(Duration::from_secs(60)));
+    let bands: Vec<_> = f
+        .bands
+        .iter()
+        .map(|b| (b.priority, b.max_requests, b.max_bytes, b.fairness.1.type_name()))
+        .collect();
+    assert_eq!(
+        bands,
+        [
+            (100, 500, 1_000_000_000, "round-robin-fairness-policy"),
+            (0, 200, 1_000_000_000, "round-robin-fairness-policy"),
+            (-10, 50, 1_000_000_000, "round-robin-fairness-policy"),
+        ]
+    );
+    assert_eq!(c.saturation_detector.type_name(), "concurrency-detector");
+    assert_eq!(c.saturation_detector.requests_per_endpoint(), 132);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // Program-aware (LAS) fairness as the default band's policy.
+    let (f, _) = fc("sim-program-aware-config.yaml");
+    let f = f.unwrap();
+    assert!(matches!(
+        f.bands[0].fairness.1,
+        FairnessPolicy::LeastAttainedService(_)
+    ));
+    assert_eq!(f.bands.len(), 1, "band 0 from the default template");
+    // The soft reflective ceiling.
+    let (f, _) = fc("soft-reflective-ceiling-epp-config.yaml");
+    assert_eq!(f.unwrap().usage_limit.type_name(), "soft-reflective-ceiling-policy");
+    // The loader's own cases: regime-split TTLs, an inherited 0s TTL, custom plugins.
+    let (f, _) = fc("loader-success.yaml");
+    let f = f.unwrap();
+    assert_eq!(f.max_bytes, 1024);
+    assert_eq!(f.request_ttl, Some(Duration::from_secs(60)));
+    assert_eq!(f.no_endpoint_ttl, Some(Duration::from_secs(300)));
+    let (f, _) = fc("loader-inherited-ttl.yaml");
+    let f = f.unwrap();
+    assert_eq!((f.request_ttl, f.no_endpoint_ttl), (None, None));
+    let (f, _) = fc("loader-complex.yaml");
+    let f = f.unwrap();
+    assert_eq!(
+        f.bands.iter().map(|b| (b.priority, &*b.ordering.0, &*b.fairness.0)).collect::<Vec<_>>(),
+        [
+            (100, "customFCFS", "customFairness"),
+            (0, "fcfs-ordering-policy", "global-strict-fairness-policy")
+        ]
+    );
+    assert!(matches!(*f.usage_limit, UsageLimitPolicy::Static { threshold } if threshold == 1.0));
+    // Gate off (explicitly, or by default): the section is ignored, with the warning.
+    for name in ["loader-disabled.yaml", "loader-no-gates.yaml"] {
+        let (f, c) = fc(name);
+        assert!(f.is_none(), "{name}");
+        assert!(
+            c.warnings.iter().any(|w| w.contains("(maxBytes)")),
+            "{name}: {:?}",
+            c.warnings
+        );
+    }
+    let e = load(&fixture("flow-control/loader-error-missing-plugin.yaml"), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("plugin \"non-existent-policy\" not found"), "{e}");
+}
+
+#[test]
+fn flow_control_validation_uses_the_references_messages() {
+    let gate = "featureGates: [flowControl]\n";
+    for (section, message) in [
+        ("flowControl:\n  maxBytes: \"-1\"\n", "global MaxBytes must be non-negative"),
+        ("flowControl:\n  maxRequests: -5\n", "global MaxRequests must be non-negative"),
+        ("flowControl:\n  defaultRequestTTL: -1s\n", "defaultRequestTTL must be non-negative"),
+        (
+            "flowControl:\n  priorityBands:\n  - priority: 5\n  - priority: 5\n",
+            "duplicate priority level 5",
+        ),
+        (
+            "flowControl:\n  priorityBands:\n  - priority: 5\n    maxRequests: \"-1\"\n",
+            "priority band 5: maxRequests must be non-negative",
+        ),
+        ("flowControl:\n  maxBytes: lots\n", "not a quantity"),
+        ("flowControl:\n  maxQueue: 5\n", "unknown field `maxQueue`"),
+        (
+            "plugins:\n- type: queue-scorer\nflowControl:\n  priorityBands:\n  - priority: 1\n    orderingPolicyRef: queue-scorer\n",
+            "plugin \"queue-scorer\" does not implement OrderingPolicy (actual type: scorer)",
+        ),
+        (
+            "flowControl:\n  usageLimitPolicyPluginRef: fcfs-ordering-policy\n",
+            "plugin \"fcfs-ordering-policy\" does not implement UsageLimitPolicy",
+        ),
+        (
+            "plugins:\n- type: priority-holdback-policy\n  parameters: {maxCeiling: 0.9}\n",
+            "minCeiling",
+        ),
+        (
+            "plugins:\n- type: soft-reflective-ceiling-policy\n  parameters: {x: 1}\n",
+            "takes none",
+        ),
+        (
+            "plugins:\n- type: concurrency-detector\n  parameters: {concurrencyMode: bytes}\n",
+            "concurrencyMode",
+        ),
+        (
+            "plugins:\n- type: program-aware-fairness\n  parameters: {lasWeightService: -1}\n",
+            "lasWeightService",
+        ),
+    ] {
+        let e = err(&format!("{HEAD}{gate}{section}"));
+        assert!(e.contains(message), "{section}: {e}");
+    }
+    // Policies and templates: a priority-holdback limit over dynamic bands, an agent identity.
+    let c = load(
+        &format!(
+            "{HEAD}{gate}plugins:\n- type: priority-holdback-policy\n  parameters: {{minCeiling: 0.4, maxCeiling: 0.9}}\n- type: round-robin-fairness-policy\n- type: agent-identity\n  parameters: {{additionalSessionHeaders: [X-Tenant]}}\nflowControl:\n  usageLimitPolicyPluginRef: priority-holdback-policy\n  noEndpointRequestTTL: 10m\n  enableEviction: true\n  defaultNegativePriorityBand:\n    maxRequests: 10\n    fairnessPolicyRef: round-robin-fairness-policy\n"
+        ),
+        1,
+    )
+    .unwrap();
+    let f = c.flow_control.unwrap();
+    assert!(f.eviction);
+    assert_eq!(f.no_endpoint_ttl, Some(Duration::from_secs(600)));
+    assert_eq!(f.template(-3).max_requests, 10);
+    assert_eq!(f.template(-3).fairness.1.type_name(), "round-robin-fairness-policy");
+    assert_eq!(f.template(3).max_requests, 5_000);
+    assert_eq!(f.usage_limit.type_name(), "priority-holdback-policy");
+    assert_eq!(c.agent_identity.as_deref().unwrap()[..2], ["x-tenant".to_owned(), "x-claude-code-session-id".to_owned()]);
 }

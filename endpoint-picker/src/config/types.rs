@@ -1,7 +1,5 @@
 //! The `EndpointPickerConfig` document as written by users (serde types only).
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 use yaml_serde::Value;
 
@@ -94,17 +92,80 @@ pub struct PluginRef {
     pub plugin_ref: String,
 }
 
-/// The `flowControl` section.
+/// The `flowControl` section (llm-d-router `FlowControlConfig`), decoded strictly as the
+/// reference does (an unknown field is an error). Quantities and durations stay as written
+/// here; [`crate::flow::config`] reads and validates them.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FlowControlSpec {
     /// The saturation detector; used whether or not flow control is on.
     pub saturation_detector: Option<PluginRef>,
-    /// Everything else (limits, TTLs, priority bands, policies), kept as written: the
-    /// reference reads it only with the `flowControl` feature gate on, which is not
-    /// implemented here yet.
-    #[serde(flatten)]
-    pub settings: BTreeMap<String, Value>,
+    /// Global cap on the summed body bytes queued (a Kubernetes quantity; 0 = unlimited).
+    pub max_bytes: Option<Value>,
+    /// Global cap on the requests queued (a Kubernetes quantity; 0 = unlimited).
+    pub max_requests: Option<Value>,
+    /// Queue-wait budget while the pool has endpoints (a Go duration; default 60s).
+    #[serde(rename = "defaultRequestTTL")]
+    pub default_request_ttl: Option<String>,
+    /// Queue-wait budget while the pool has none (default: `defaultRequestTTL`).
+    #[serde(rename = "noEndpointRequestTTL")]
+    pub no_endpoint_request_ttl: Option<String>,
+    /// Template of bands made for priorities not listed.
+    pub default_priority_band: Option<PriorityBandSpec>,
+    /// Template of bands made for negative priorities not listed.
+    pub default_negative_priority_band: Option<PriorityBandSpec>,
+    /// Bands provisioned up front.
+    #[serde(default)]
+    pub priority_bands: Vec<PriorityBandSpec>,
+    /// The usage-limit policy plugin (default `static-usage-limit-policy`).
+    pub usage_limit_policy_plugin_ref: Option<String>,
+    /// Make room for higher-priority requests by evicting sheddable ones.
+    pub enable_eviction: Option<bool>,
+}
+
+impl FlowControlSpec {
+    /// The names of the fields set besides `saturationDetector` (what the gate governs).
+    pub fn settings(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        let mut note = |on: bool, name: &'static str| {
+            if on {
+                set.push(name);
+            }
+        };
+        note(self.default_priority_band.is_some(), "defaultPriorityBand");
+        note(
+            self.default_negative_priority_band.is_some(),
+            "defaultNegativePriorityBand",
+        );
+        note(self.default_request_ttl.is_some(), "defaultRequestTTL");
+        note(self.enable_eviction.is_some(), "enableEviction");
+        note(self.max_bytes.is_some(), "maxBytes");
+        note(self.max_requests.is_some(), "maxRequests");
+        note(self.no_endpoint_request_ttl.is_some(), "noEndpointRequestTTL");
+        note(!self.priority_bands.is_empty(), "priorityBands");
+        note(
+            self.usage_limit_policy_plugin_ref.is_some(),
+            "usageLimitPolicyPluginRef",
+        );
+        set
+    }
+}
+
+/// One priority band (llm-d-router `PriorityBandConfig`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PriorityBandSpec {
+    /// The band's priority (higher is more important); ignored in the templates.
+    #[serde(default)]
+    pub priority: i32,
+    /// Cap on the band's queued body bytes (omitted or 0 = 1,000,000,000).
+    pub max_bytes: Option<Value>,
+    /// Cap on the band's queued requests (omitted or 0 = 5000).
+    pub max_requests: Option<Value>,
+    /// The fairness policy plugin (default `global-strict-fairness-policy`).
+    pub fairness_policy_ref: Option<String>,
+    /// The ordering policy plugin (default `fcfs-ordering-policy`).
+    pub ordering_policy_ref: Option<String>,
 }
 
 /// Data layer wiring.

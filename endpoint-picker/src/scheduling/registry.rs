@@ -12,7 +12,8 @@ use std::sync::Arc;
 use crate::config::ConfigError;
 use crate::config::data_layer::{MetricsExtractor, MetricsSource};
 use crate::config::params::Params;
-use crate::saturation::UtilizationDetector;
+use crate::flow::policy::{FairnessPolicy, OrderingPolicy, UsageLimitPolicy};
+use crate::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::scheduling::plugins::compat;
 use crate::scheduling::plugins::cost::{LatencySloFilter, TtftCostProducer, TtftCostScorer};
 use crate::scheduling::plugins::filters::{
@@ -53,8 +54,14 @@ pub enum Role {
     DataExtractor,
     /// Parses request bodies.
     Parser,
-    /// A flow-control fairness, ordering or usage-limit policy.
-    FlowControlPolicy,
+    /// Flow control: which flow of a band goes next.
+    FairnessPolicy,
+    /// Flow control: which request of a flow goes next.
+    OrderingPolicy,
+    /// Flow control: up to which saturation each band dispatches.
+    UsageLimitPolicy,
+    /// Derives request attributes from headers (`agent-identity`).
+    RequestHeaderProcessor,
 }
 
 /// A plugin built from its configuration.
@@ -76,7 +83,16 @@ pub enum Built {
     /// The cost model's producer (runs after the prefix producers, whose match it reads).
     CostProducer(Arc<TtftCostProducer>),
     /// A saturation detector (kept concrete: admission asks it more than a filter can say).
-    SaturationDetector(Arc<UtilizationDetector>),
+    SaturationDetector(Arc<SaturationDetector>),
+    /// A flow-control fairness policy.
+    Fairness(FairnessPolicy),
+    /// A flow-control ordering policy.
+    Ordering(OrderingPolicy),
+    /// A flow-control usage-limit policy.
+    UsageLimit(Arc<UsageLimitPolicy>),
+    /// `agent-identity`: the headers whose first non-empty value is a request's flow when it
+    /// names no fairness id, in order.
+    AgentIdentity(Arc<[String]>),
     /// A response plugin.
     Response(Arc<dyn ResponsePlugin>),
     /// Scrape settings of a `metrics-data-source`.
@@ -234,7 +250,12 @@ pub static REGISTRY: &[Entry] = &[
     // Saturation detectors.
     Entry::new("utilization-detector", Role::SaturationDetector, |p| {
         Ok(Built::SaturationDetector(Arc::new(
-            UtilizationDetector::from_params(p)?,
+            SaturationDetector::Utilization(UtilizationDetector::from_params(p)?),
+        )))
+    }),
+    Entry::new("concurrency-detector", Role::SaturationDetector, |p| {
+        Ok(Built::SaturationDetector(Arc::new(
+            SaturationDetector::Concurrency(ConcurrencyDetector::from_params(p)?),
         )))
     }),
     // Response plugins.
@@ -272,49 +293,53 @@ pub static REGISTRY: &[Entry] = &[
         "the OpenAI parser is built in and parses every request",
         no_parameters,
     ),
-    // Flow control: the seam. Flow control is not implemented yet, so the `flowControl`
-    // feature gate cannot be turned on (see `config::gates`), and with it off the reference
-    // builds these policies and never uses them. Flow control will replace these entries
-    // with real factories, under a role of their own.
-    Entry::inert(
-        "global-strict-fairness-policy",
-        Role::FlowControlPolicy,
-        FLOW_CONTROL_OFF,
-        ignore_parameters,
-    ),
-    Entry::inert(
-        "round-robin-fairness-policy",
-        Role::FlowControlPolicy,
-        FLOW_CONTROL_OFF,
-        ignore_parameters,
-    ),
-    Entry::inert(
-        "fcfs-ordering-policy",
-        Role::FlowControlPolicy,
-        FLOW_CONTROL_OFF,
-        ignore_parameters,
-    ),
-    Entry::inert(
-        "edf-ordering-policy",
-        Role::FlowControlPolicy,
-        FLOW_CONTROL_OFF,
-        ignore_parameters,
-    ),
-    Entry::inert(
-        "static-usage-limit-policy",
-        Role::FlowControlPolicy,
-        FLOW_CONTROL_OFF,
-        ignore_parameters,
-    ),
+    // Flow control (used with the `flowControl` feature gate on; see `crate::flow`).
+    Entry::new("global-strict-fairness-policy", Role::FairnessPolicy, |p| {
+        p.none()?;
+        Ok(Built::Fairness(FairnessPolicy::GlobalStrict))
+    }),
+    Entry::new("round-robin-fairness-policy", Role::FairnessPolicy, |p| {
+        p.none()?;
+        Ok(Built::Fairness(FairnessPolicy::RoundRobin))
+    }),
+    Entry::new("program-aware-fairness", Role::FairnessPolicy, |p| {
+        Ok(Built::Fairness(FairnessPolicy::las_from_params(p)?))
+    }),
+    Entry::new("fcfs-ordering-policy", Role::OrderingPolicy, |p| {
+        p.none()?;
+        Ok(Built::Ordering(OrderingPolicy::Fcfs))
+    }),
+    Entry::new("edf-ordering-policy", Role::OrderingPolicy, |p| {
+        p.none()?;
+        Ok(Built::Ordering(OrderingPolicy::Edf))
+    }),
+    Entry::new("slo-deadline-ordering-policy", Role::OrderingPolicy, |p| {
+        p.none()?;
+        Ok(Built::Ordering(OrderingPolicy::SloDeadline))
+    }),
+    Entry::new("static-usage-limit-policy", Role::UsageLimitPolicy, |p| {
+        Ok(Built::UsageLimit(Arc::new(
+            UsageLimitPolicy::static_from_params(p)?,
+        )))
+    }),
+    Entry::new("priority-holdback-policy", Role::UsageLimitPolicy, |p| {
+        Ok(Built::UsageLimit(Arc::new(
+            UsageLimitPolicy::holdback_from_params(p)?,
+        )))
+    }),
+    Entry::new("soft-reflective-ceiling-policy", Role::UsageLimitPolicy, |p| {
+        Ok(Built::UsageLimit(Arc::new(
+            UsageLimitPolicy::soft_reflective_from_params(p)?,
+        )))
+    }),
+    Entry::new("agent-identity", Role::RequestHeaderProcessor, |p| {
+        Ok(Built::AgentIdentity(crate::flow::agent_identity_headers(p)?))
+    }),
 ];
 
 /// Why the notification sources do nothing: they only feed extractors, and no notification
 /// extractor exists here (one would be an unknown type).
 const NOTIFICATIONS: &str = "it only feeds notification extractors, and none is implemented here";
-
-/// Why the flow-control policies do nothing.
-const FLOW_CONTROL_OFF: &str = "flow-control policies are used only with the flowControl \
-     feature gate on, and flow control is not implemented yet";
 
 /// The entry of `type_name`, if it is registered.
 pub fn lookup(type_name: &str) -> Option<&'static Entry> {
@@ -348,12 +373,6 @@ fn no_parameters(p: &mut Params<'_>) -> Result<(), ConfigError> {
     p.none()
 }
 
-/// For inert types whose parameters only matter to a feature that is off; the feature,
-/// once built, will check them.
-fn ignore_parameters(_: &mut Params<'_>) -> Result<(), ConfigError> {
-    Ok(())
-}
-
 // === impl Role ===
 
 impl Role {
@@ -370,7 +389,10 @@ impl Role {
             Role::DataSource => "data source",
             Role::DataExtractor => "data extractor",
             Role::Parser => "parser",
-            Role::FlowControlPolicy => "flow-control policy",
+            Role::FairnessPolicy => "fairness policy",
+            Role::OrderingPolicy => "ordering policy",
+            Role::UsageLimitPolicy => "usage limit policy",
+            Role::RequestHeaderProcessor => "request header processor",
         }
     }
 }
@@ -387,6 +409,10 @@ impl Built {
             Built::ProfileHandler(_) => Role::ProfileHandler,
             Built::PrefixProducer(_) | Built::CostProducer(_) => Role::DataProducer,
             Built::SaturationDetector(_) => Role::SaturationDetector,
+            Built::Fairness(_) => Role::FairnessPolicy,
+            Built::Ordering(_) => Role::OrderingPolicy,
+            Built::UsageLimit(_) => Role::UsageLimitPolicy,
+            Built::AgentIdentity(_) => Role::RequestHeaderProcessor,
             Built::Response(_) => Role::ResponsePlugin,
             Built::MetricsSource(_) => Role::DataSource,
             Built::MetricsExtractor(_) => Role::DataExtractor,
@@ -475,9 +501,13 @@ mod tests {
             Built::PrefixProducer(p) => p.as_ref(),
             Built::CostProducer(p) => p.as_ref(),
             Built::SaturationDetector(d) => d.as_ref(),
+            Built::Fairness(f) => return Some(f.type_name()),
+            Built::Ordering(o) => return Some(o.type_name()),
+            Built::UsageLimit(u) => return Some(u.type_name()),
             Built::Response(_)
             | Built::MetricsSource(_)
             | Built::MetricsExtractor(_)
+            | Built::AgentIdentity(_)
             | Built::Inert { .. } => return None,
         };
         Some(plugin.type_name())
@@ -488,6 +518,7 @@ mod tests {
         let yaml = match type_name {
             "k8s-notification-source" => "{version: v1, kind: Pod}",
             "by-label" => "{label: role, validValues: [decode]}",
+            "priority-holdback-policy" => "{minCeiling: 0.4}",
             _ => return None,
         };
         Some(yaml_serde::from_str(yaml).unwrap())

@@ -1,0 +1,1069 @@
+//! Flow control: admission and queueing between parsing and scheduling, with the reference's
+//! (llm-d-router) configuration names and semantics, on with the `flowControl` feature gate.
+//!
+//! A request enters [`FlowControl::enqueue`] and waits on its [`Ticket`] until the dispatcher
+//! lets it go ([`Admitted`], then it is scheduled) or drops it ([`FlowRejection`], answered
+//! with the reference's status and `x-llm-d-request-dropped-reason`). In between it sits in a
+//! queue:
+//!
+//! - **bands** by priority (the InferenceObjective's), highest served first; bands listed in
+//!   `priorityBands` exist from the start, others are made from the default templates when a
+//!   priority is first seen and dropped after 10 idle minutes;
+//! - within a band, **one queue per flow** (the fairness id, `default-flow` when none); the
+//!   band's fairness policy picks the flow, its ordering policy the request ([`policy`]);
+//! - **dispatch** happens in cycles (after each enqueue, each release and every 1 ms while
+//!   anything waits): the cycle asks the pool's saturation (the configured detector, counting
+//!   requests dispatched but not yet routed) and the usage-limit policy's ceilings; from the
+//!   highest band down, a band at or over its ceiling stops the cycle (head-of-line, as in the
+//!   reference), otherwise it gives up one request. Nothing is dispatched while the pool has
+//!   no endpoint: that is the **waiting room** of scale-from-zero;
+//! - **TTL**: a request waits at most `defaultRequestTTL` while the pool has endpoints and
+//!   `noEndpointRequestTTL` while it has none, each budget restarting when the pool changes
+//!   between empty and not (the reference's regime split);
+//! - **capacity**: per band (`maxRequests`, `maxBytes`) and global; a request that does not fit
+//!   is rejected at once. With `enableEviction`, one that does not fit the *global* caps first
+//!   evicts queued sheddable requests (priority < 0) of lower priority: lowest priority first,
+//!   newest first within it, and only if that makes room;
+//! - a client that goes away drops its [`Ticket`]: the request leaves its queue at once and its
+//!   capacity is free for the next.
+//!
+//! Memory: a queued request costs its queue entry ([`QUEUED_ENTRY_BYTES`]) plus a one-shot
+//! channel allocation here; the body is not copied (the stream keeps its one buffer).
+//!
+//! Locking: one mutex over the queues, held for short non-blocking sections only (no `.await`,
+//! no observer call under it). The dispatcher is a supervised task ([`FlowControl::run`]).
+
+pub mod config;
+pub mod policy;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+use crate::config::params::Params;
+pub use config::{BandConfig, FlowConfig};
+use policy::{Contender, FairnessPolicy, Las, OrderingPolicy};
+
+/// The size of one queue entry (the request's bookkeeping while it waits; the one-shot
+/// channel it is answered on is one more small allocation, about 80 bytes).
+pub const QUEUED_ENTRY_BYTES: usize = std::mem::size_of::<Item>();
+/// Most flows per band listed by [`FlowControl::snapshot`] (`/debug/pool`).
+pub const MAX_DEBUG_FLOWS: usize = 100;
+/// The flow of a request that names none (the reference's default flow).
+pub const DEFAULT_FAIRNESS_ID: &str = "default-flow";
+/// Longest header value `agent-identity` takes as a flow id (the fairness header's cap).
+pub const MAX_AGENT_ID_BYTES: usize = 128;
+/// The headers `agent-identity` reads after its `additionalSessionHeaders`, in order.
+pub const AGENT_IDENTITY_HEADERS: [&str; 4] = [
+    "x-claude-code-session-id",
+    "x-session-affinity",
+    "session-id",
+    "session_id",
+];
+
+/// What became of a request that entered flow control (the reference's outcome names, plus
+/// `EvictedPriority` for the displacement `enableEviction` does here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Let go to the scheduler.
+    Dispatched,
+    /// Did not fit a band's or the global caps.
+    RejectedCapacity,
+    /// Did not fit while the pool had no endpoint.
+    RejectedNoEndpoints,
+    /// Refused for another reason (shutdown).
+    RejectedOther,
+    /// Waited its TTL while the pool had endpoints.
+    EvictedTtl,
+    /// Waited `noEndpointRequestTTL` while the pool had none.
+    EvictedNoEndpoints,
+    /// Its client went away while it waited.
+    EvictedContextCancelled,
+    /// Dropped for another reason (shutdown).
+    EvictedOther,
+    /// Displaced by a higher-priority request (`enableEviction`).
+    EvictedPriority,
+}
+
+impl Outcome {
+    /// Every outcome, for metric and debug listings.
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Dispatched,
+        Outcome::RejectedCapacity,
+        Outcome::RejectedNoEndpoints,
+        Outcome::RejectedOther,
+        Outcome::EvictedTtl,
+        Outcome::EvictedNoEndpoints,
+        Outcome::EvictedContextCancelled,
+        Outcome::EvictedOther,
+        Outcome::EvictedPriority,
+    ];
+
+    /// The reference's label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Dispatched => "Dispatched",
+            Outcome::RejectedCapacity => "RejectedCapacity",
+            Outcome::RejectedNoEndpoints => "RejectedNoEndpoints",
+            Outcome::RejectedOther => "RejectedOther",
+            Outcome::EvictedTtl => "EvictedTTL",
+            Outcome::EvictedNoEndpoints => "EvictedNoEndpoints",
+            Outcome::EvictedContextCancelled => "EvictedContextCancelled",
+            Outcome::EvictedOther => "EvictedOther",
+            Outcome::EvictedPriority => "EvictedPriority",
+        }
+    }
+
+    fn index(self) -> usize {
+        Outcome::ALL.iter().position(|&o| o == self).unwrap_or(0)
+    }
+}
+
+/// A request flow control did not let through, and how its client is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowRejection {
+    /// What happened.
+    pub outcome: Outcome,
+    /// Whether the pool had no endpoint when it happened.
+    pub pool_empty: bool,
+}
+
+impl std::fmt::Display for FlowRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let why = match self.outcome {
+            Outcome::Dispatched => "dispatched",
+            Outcome::RejectedCapacity => "flow control queue capacity exceeded",
+            Outcome::RejectedNoEndpoints | Outcome::EvictedNoEndpoints => {
+                "no endpoints available to serve the request"
+            }
+            Outcome::RejectedOther | Outcome::EvictedOther => "flow controller is shutting down",
+            Outcome::EvictedTtl if self.pool_empty => "no endpoints available to serve the request",
+            Outcome::EvictedTtl => "request timed out in the flow control queue",
+            Outcome::EvictedContextCancelled => "request cancelled while queued",
+            Outcome::EvictedPriority => "request evicted by a higher-priority request",
+        };
+        f.write_str(why)
+    }
+}
+
+impl std::error::Error for FlowRejection {}
+
+impl FlowRejection {
+    /// The HTTP status and the reference's error-code name.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self.outcome {
+            Outcome::RejectedCapacity | Outcome::EvictedPriority => (429, "ResourceExhausted"),
+            Outcome::EvictedTtl if !self.pool_empty => (429, "ResourceExhausted"),
+            Outcome::Dispatched => (500, "Internal"),
+            _ => (503, "ServiceUnavailable"),
+        }
+    }
+
+    /// The reference's `x-llm-d-request-dropped-reason`.
+    pub fn dropped_reason(&self) -> Option<&'static str> {
+        Some(match self.outcome {
+            Outcome::RejectedCapacity => "rejected-saturated",
+            Outcome::RejectedNoEndpoints | Outcome::EvictedNoEndpoints => "rejected-no-endpoints",
+            Outcome::EvictedTtl if self.pool_empty => "rejected-no-endpoints",
+            Outcome::EvictedTtl => "rejected-ttl-expired",
+            Outcome::EvictedContextCancelled => "rejected-context-cancelled",
+            Outcome::RejectedOther | Outcome::EvictedOther => "rejected-shutting-down",
+            Outcome::EvictedPriority => "evicted-priority",
+            Outcome::Dispatched => return None,
+        })
+    }
+}
+
+/// What flow control needs to know of a request.
+#[derive(Debug, Clone)]
+pub struct FlowRequest {
+    /// Its flow (fairness id).
+    pub fairness_id: Arc<str>,
+    /// Its priority (band).
+    pub priority: i32,
+    /// Its body size, counted against the byte caps.
+    pub bytes: u64,
+    /// Its TTFT objective (the SLO-deadline ordering's deadline).
+    pub slo_ttft: Option<Duration>,
+    /// The model asked for (metric labels).
+    pub model: String,
+    /// The model to be served (metric labels).
+    pub target_model: String,
+}
+
+/// The names an observer files a request's flow-control events under, chosen on entry and
+/// handed back on exit (a gauge raised under a name is lowered under the same one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowRecordKey {
+    /// The flow's label value.
+    pub fairness_id: Arc<str>,
+    /// The model's label value.
+    pub model: Arc<str>,
+    /// The served model's label value.
+    pub target_model: Arc<str>,
+}
+
+/// Hears every request enter and leave flow control (metrics). Called outside flow control's
+/// lock, on the request path: must not block.
+pub trait FlowObserver: Send + Sync + std::fmt::Debug {
+    /// A request entered (it is counted queued until [`FlowObserver::left`]).
+    fn entered(&self, request: &FlowRequest) -> FlowRecordKey;
+    /// It left, after `waited`, with `outcome`.
+    fn left(&self, request: &FlowRequest, key: &FlowRecordKey, outcome: Outcome, waited: Duration);
+}
+
+/// The pool as the dispatcher sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolReading {
+    /// Endpoints a request could be routed to now.
+    pub endpoints: usize,
+    /// The saturation detector's value over them (1 or more = saturated; 1 when empty).
+    pub saturation: f64,
+}
+
+/// Reads the pool for the dispatcher (the director, or a test's stand-in).
+pub trait PoolProbe: Send + Sync {
+    /// The pool now; `dispatched` requests have been let go and are not routed yet.
+    fn read(&self, dispatched: u64) -> PoolReading;
+}
+
+/// A request let go by flow control. Held until it is routed: until then it counts as load
+/// for the saturation detector, so that one cycle's dispatches see the previous ones.
+#[derive(Debug)]
+pub struct Admitted {
+    fc: Arc<FlowControl>,
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.fc.dispatched.fetch_sub(1, Ordering::Relaxed);
+        self.fc.wake();
+    }
+}
+
+type Decision = Result<Admitted, FlowRejection>;
+
+/// A queued request.
+#[derive(Debug)]
+struct Item {
+    id: u64,
+    enqueued: Instant,
+    /// The SLO-deadline ordering's deadline.
+    deadline: Option<Instant>,
+    bytes: u64,
+    tx: oneshot::Sender<Decision>,
+}
+
+impl Item {
+    /// The ordering key (smaller goes first): FCFS/EDF by arrival; SLO deadline by deadline,
+    /// requests without one after all those with one.
+    fn key(&self, ordering: OrderingPolicy) -> (bool, Instant, u64) {
+        match (ordering, self.deadline) {
+            (OrderingPolicy::SloDeadline, Some(d)) => (false, d, self.id),
+            (OrderingPolicy::SloDeadline, None) => (true, self.enqueued, self.id),
+            _ => (false, self.enqueued, self.id),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Band {
+    cfg: BandConfig,
+    /// Flow id → its queue, in arrival order (empty flows are removed).
+    flows: BTreeMap<Arc<str>, VecDeque<Item>>,
+    len: u64,
+    bytes: u64,
+    /// The flow served last (round-robin's cursor).
+    last_served: Option<Arc<str>>,
+    /// Listed in `priorityBands` (never dropped).
+    provisioned: bool,
+    /// Last enqueue or dispatch.
+    active: Instant,
+}
+
+impl Band {
+    fn new(cfg: BandConfig, provisioned: bool, now: Instant) -> Self {
+        Self {
+            cfg,
+            flows: BTreeMap::new(),
+            len: 0,
+            bytes: 0,
+            last_served: None,
+            provisioned,
+            active: now,
+        }
+    }
+
+    /// Removes the request at `index` of `flow`.
+    fn take(&mut self, flow: &Arc<str>, index: usize) -> Option<Item> {
+        let queue = self.flows.get_mut(flow)?;
+        let item = queue.remove(index)?;
+        if queue.is_empty() {
+            self.flows.remove(flow);
+        }
+        self.len -= 1;
+        self.bytes -= item.bytes;
+        Some(item)
+    }
+
+    /// The next request by the band's policies: (flow, index in its queue).
+    fn pick(&self, now: Instant) -> Option<(Arc<str>, usize)> {
+        let ordering = self.cfg.ordering.1;
+        let mut flows: Vec<(&Arc<str>, usize)> = Vec::with_capacity(self.flows.len());
+        let mut contenders: Vec<Contender<'_>> = Vec::with_capacity(self.flows.len());
+        for (id, queue) in &self.flows {
+            let best = match ordering {
+                OrderingPolicy::SloDeadline => queue
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, i)| i.key(ordering))
+                    .map(|(n, _)| n),
+                OrderingPolicy::Fcfs | OrderingPolicy::Edf => Some(0),
+            };
+            let Some(best) = best else { continue };
+            let item = &queue[best];
+            flows.push((id, best));
+            contenders.push(Contender {
+                id,
+                head_enqueued: item.enqueued,
+                head_key: item.key(ordering),
+            });
+        }
+        if flows.is_empty() {
+            return None;
+        }
+        let chosen = self
+            .cfg
+            .fairness
+            .1
+            .pick(&contenders, self.last_served.as_deref(), now)
+            .min(flows.len() - 1);
+        let (id, index) = flows[chosen];
+        Some((id.clone(), index))
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Highest priority first.
+    bands: Vec<Band>,
+    len: u64,
+    bytes: u64,
+    pool_empty: bool,
+    /// Whether a cycle has read the pool yet (the first reading sets the regime, it does not
+    /// change it).
+    pool_read: bool,
+    /// When the pool last changed between empty and not (TTL budgets restart then).
+    regime_since: Instant,
+    next_id: u64,
+    saturation: f64,
+    ceilings: Vec<f64>,
+    priorities: Vec<i32>,
+    last_housekeeping: Instant,
+}
+
+impl State {
+    fn band_index(&mut self, priority: i32, config: &FlowConfig, now: Instant) -> usize {
+        match self
+            .bands
+            .binary_search_by(|b| priority.cmp(&b.cfg.priority))
+        {
+            Ok(i) => i,
+            Err(i) => {
+                self.bands
+                    .insert(i, Band::new(config.template(priority), false, now));
+                i
+            }
+        }
+    }
+
+    /// Pops every request whose wait budget is spent. Each queue is in arrival order and the
+    /// budget is the same for all, so only queue heads need looking at.
+    fn expire(&mut self, budget: Option<Duration>, now: Instant, out: &mut Vec<(Item, Outcome)>) {
+        let Some(budget) = budget else { return };
+        let outcome = if self.pool_empty {
+            Outcome::EvictedNoEndpoints
+        } else {
+            Outcome::EvictedTtl
+        };
+        let since = self.regime_since;
+        for band in &mut self.bands {
+            let mut emptied = Vec::new();
+            for (id, queue) in band.flows.iter_mut() {
+                while let Some(head) = queue.front() {
+                    if now < head.enqueued.max(since) + budget {
+                        break;
+                    }
+                    if let Some(item) = queue.pop_front() {
+                        band.len -= 1;
+                        band.bytes -= item.bytes;
+                        self.len -= 1;
+                        self.bytes -= item.bytes;
+                        out.push((item, outcome));
+                    }
+                }
+                if queue.is_empty() {
+                    emptied.push(id.clone());
+                }
+            }
+            for id in emptied {
+                band.flows.remove(&id);
+            }
+        }
+    }
+
+    /// Takes the newest request of the lowest-priority band below `priority` that holds
+    /// sheddable requests.
+    fn displace_one(&mut self, priority: i32) -> Option<Item> {
+        let band = self
+            .bands
+            .iter_mut()
+            .rev()
+            .find(|b| b.cfg.priority < priority.min(0) && b.len > 0)?;
+        let flow = band
+            .flows
+            .iter()
+            .filter_map(|(id, q)| q.back().map(|i| (id, i.id)))
+            .max_by_key(|&(_, id)| id)
+            .map(|(id, _)| id.clone())?;
+        let index = band.flows.get(&flow).map_or(0, |q| q.len().saturating_sub(1));
+        let item = band.take(&flow, index)?;
+        self.len -= 1;
+        self.bytes -= item.bytes;
+        Some(item)
+    }
+}
+
+/// Counters of outcomes, for `/debug/pool`.
+#[derive(Debug, Default)]
+struct Counters([AtomicU64; Outcome::ALL.len()]);
+
+/// The flow controller: the queues and the dispatcher's decisions. One per EPP.
+#[derive(Debug)]
+pub struct FlowControl {
+    config: FlowConfig,
+    state: Mutex<State>,
+    wake: Notify,
+    /// Wake-ups since the last cycle: a cycle dispatches up to this many (at least one), so
+    /// that, as in the reference, every enqueue and release is worth a dispatch attempt.
+    wakes: AtomicU64,
+    /// Requests let go and not yet routed.
+    dispatched: AtomicU64,
+    observer: OnceLock<Arc<dyn FlowObserver>>,
+    counters: Counters,
+    /// The least-attained-service policies in use, which hear of completed responses.
+    las: Vec<Arc<Las>>,
+}
+
+impl FlowControl {
+    /// A controller with `config`; the pool is taken as having endpoints until the first
+    /// cycle reads it.
+    pub fn new(config: FlowConfig) -> Arc<Self> {
+        let now = Instant::now();
+        let mut bands: Vec<Band> = config
+            .bands
+            .iter()
+            .map(|b| Band::new(b.clone(), true, now))
+            .collect();
+        bands.sort_by(|a, b| b.cfg.priority.cmp(&a.cfg.priority));
+        let mut las: Vec<Arc<Las>> = Vec::new();
+        for b in config
+            .bands
+            .iter()
+            .chain([&config.default_band, &config.default_negative_band])
+        {
+            if let FairnessPolicy::LeastAttainedService(l) = &b.fairness.1
+                && !las.iter().any(|x| Arc::ptr_eq(x, l))
+            {
+                las.push(l.clone());
+            }
+        }
+        Arc::new(Self {
+            state: Mutex::new(State {
+                bands,
+                len: 0,
+                bytes: 0,
+                pool_empty: false,
+                pool_read: false,
+                regime_since: now,
+                next_id: 0,
+                saturation: 1.0,
+                ceilings: Vec::new(),
+                priorities: Vec::new(),
+                last_housekeeping: now,
+            }),
+            config,
+            wake: Notify::new(),
+            wakes: AtomicU64::new(0),
+            dispatched: AtomicU64::new(0),
+            observer: OnceLock::new(),
+            counters: Counters::default(),
+            las,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FlowConfig {
+        &self.config
+    }
+
+    /// Sets the observer (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn FlowObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Requests queued now.
+    pub fn queued(&self) -> u64 {
+        self.state.lock().len
+    }
+
+    /// Requests let go and not yet routed.
+    pub fn dispatched_unrouted(&self) -> u64 {
+        self.dispatched.load(Ordering::Relaxed)
+    }
+
+    /// Asks for a dispatch cycle soon (a request finished, the pool changed).
+    pub fn wake(&self) {
+        self.wakes.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// A response of `fairness_id` ended: the least-attained-service policies count it.
+    pub fn record_usage(&self, fairness_id: &str, prompt_tokens: u64, completion_tokens: u64) {
+        let now = Instant::now();
+        for las in &self.las {
+            las.record(fairness_id, prompt_tokens, completion_tokens, now);
+        }
+    }
+
+    /// Queues `request`, or decides at once that it cannot be (capacity); either way the
+    /// answer comes from [`Ticket::wait`].
+    pub fn enqueue(self: &Arc<Self>, request: FlowRequest, now: Instant) -> Ticket {
+        let key = self
+            .observer
+            .get()
+            .map(|o| o.entered(&request))
+            .unwrap_or_default();
+        let (tx, rx) = oneshot::channel();
+        let mut displaced = Vec::new();
+        let queued = {
+            let mut st = self.state.lock();
+            let cfg = &self.config;
+            let bi = st.band_index(request.priority, cfg, now);
+            let fits_band = {
+                let b = &st.bands[bi];
+                b.len < b.cfg.max_requests
+                    && b.bytes.saturating_add(request.bytes) <= b.cfg.max_bytes
+            };
+            let fits_global = |st: &State| {
+                (cfg.max_requests == 0 || st.len < cfg.max_requests)
+                    && (cfg.max_bytes == 0
+                        || st.bytes.saturating_add(request.bytes) <= cfg.max_bytes)
+            };
+            if fits_band && !fits_global(&st) && cfg.eviction {
+                self.make_room(&mut st, &request, &mut displaced);
+            }
+            if fits_band && fits_global(&st) {
+                let id = st.next_id;
+                st.next_id += 1;
+                let band = &mut st.bands[bi];
+                band.active = now;
+                band.len += 1;
+                band.bytes += request.bytes;
+                band.flows
+                    .entry(request.fairness_id.clone())
+                    .or_default()
+                    .push_back(Item {
+                        id,
+                        enqueued: now,
+                        deadline: request.slo_ttft.map(|d| now + d),
+                        bytes: request.bytes,
+                        tx,
+                    });
+                st.len += 1;
+                st.bytes += request.bytes;
+                Ok(id)
+            } else {
+                Err(FlowRejection {
+                    outcome: if st.pool_empty {
+                        Outcome::RejectedNoEndpoints
+                    } else {
+                        Outcome::RejectedCapacity
+                    },
+                    pool_empty: st.pool_empty,
+                })
+            }
+        };
+        let pool_empty = self.state.lock().pool_empty;
+        for item in displaced {
+            let _ = item.tx.send(Err(FlowRejection {
+                outcome: Outcome::EvictedPriority,
+                pool_empty,
+            }));
+        }
+        let state = match queued {
+            Ok(id) => {
+                self.wake();
+                TicketState::Queued { id, rx }
+            }
+            Err(rejection) => TicketState::Decided(Some(Err(rejection))),
+        };
+        Ticket {
+            fc: self.clone(),
+            request,
+            key,
+            entered: now,
+            state,
+        }
+    }
+
+    /// `enableEviction`: evicts queued sheddable requests below `request`'s priority until it
+    /// fits the global caps, or none if that cannot make room.
+    fn make_room(&self, st: &mut State, request: &FlowRequest, out: &mut Vec<Item>) {
+        let cfg = &self.config;
+        // Room needed, and whether the evictable requests hold enough of it.
+        let need_requests = (cfg.max_requests > 0)
+            .then(|| (st.len + 1).saturating_sub(cfg.max_requests))
+            .unwrap_or(0);
+        let need_bytes = (cfg.max_bytes > 0)
+            .then(|| (st.bytes + request.bytes).saturating_sub(cfg.max_bytes))
+            .unwrap_or(0);
+        let (mut have_requests, mut have_bytes) = (0, 0);
+        for b in st
+            .bands
+            .iter()
+            .filter(|b| b.cfg.priority < request.priority.min(0))
+        {
+            have_requests += b.len;
+            have_bytes += b.bytes;
+        }
+        if have_requests < need_requests || have_bytes < need_bytes {
+            return;
+        }
+        let (mut freed_requests, mut freed_bytes) = (0, 0);
+        while freed_requests < need_requests || freed_bytes < need_bytes {
+            let Some(item) = st.displace_one(request.priority) else {
+                break;
+            };
+            freed_requests += 1;
+            freed_bytes += item.bytes;
+            out.push(item);
+        }
+    }
+
+    /// Removes a request whose client went away; `false` if it had already left the queue.
+    fn cancel(&self, priority: i32, flow: &Arc<str>, id: u64) -> bool {
+        let mut st = self.state.lock();
+        let Ok(bi) = st
+            .bands
+            .binary_search_by(|b| priority.cmp(&b.cfg.priority))
+        else {
+            return false;
+        };
+        let band = &mut st.bands[bi];
+        let Some(index) = band
+            .flows
+            .get(flow)
+            .and_then(|q| q.binary_search_by_key(&id, |i| i.id).ok())
+        else {
+            return false;
+        };
+        let Some(item) = band.take(flow, index) else {
+            return false;
+        };
+        st.len -= 1;
+        st.bytes -= item.bytes;
+        true
+    }
+
+    /// One dispatch cycle at `now`: reads the pool, expires what waited too long, and lets go
+    /// up to one request per wake-up since the last cycle (at least one), re-reading the pool
+    /// between them. Returns how many it let go.
+    pub fn dispatch_cycle(self: &Arc<Self>, now: Instant, pool: &dyn PoolProbe) -> usize {
+        let budget = self.wakes.swap(0, Ordering::Relaxed).max(1);
+        let mut sent = 0;
+        let mut expired = Vec::new();
+        for round in 0..budget {
+            let reading = pool.read(self.dispatched.load(Ordering::Relaxed));
+            let empty = reading.endpoints == 0;
+            let mut st = self.state.lock();
+            if empty != st.pool_empty {
+                st.pool_empty = empty;
+                if st.pool_read {
+                    st.regime_since = now;
+                }
+            }
+            st.pool_read = true;
+            if round == 0 {
+                let ttl = if empty {
+                    self.config.no_endpoint_ttl
+                } else {
+                    self.config.request_ttl
+                };
+                st.expire(ttl, now, &mut expired);
+                self.housekeeping(&mut st, now);
+            }
+            st.saturation = reading.saturation;
+            let chosen = if empty { None } else { self.choose(&mut st, now) };
+            drop(st);
+            for (item, outcome) in expired.drain(..) {
+                let _ = item.tx.send(Err(FlowRejection {
+                    outcome,
+                    pool_empty: empty,
+                }));
+            }
+            let Some(item) = chosen else { break };
+            self.dispatched.fetch_add(1, Ordering::Relaxed);
+            let admitted = Admitted {
+                fc: self.clone(),
+                waited: now.saturating_duration_since(item.enqueued),
+            };
+            // A receiver gone since (its client left) drops the `Admitted` with the error.
+            let _ = item.tx.send(Ok(admitted));
+            sent += 1;
+        }
+        sent
+    }
+
+    /// The cycle's choice: from the highest band down, stop at a band at or over its
+    /// ceiling; otherwise the first band with a request gives it up.
+    fn choose(&self, st: &mut State, now: Instant) -> Option<Item> {
+        let State {
+            bands,
+            ceilings,
+            priorities,
+            saturation,
+            ..
+        } = st;
+        priorities.clear();
+        priorities.extend(bands.iter().map(|b| b.cfg.priority));
+        self.config
+            .usage_limit
+            .ceilings(*saturation, priorities, ceilings);
+        let mut chosen = None;
+        for (i, band) in bands.iter_mut().enumerate() {
+            // Not under the ceiling (a NaN reading included): the band, and every band
+            // below it, waits.
+            if !(*saturation < ceilings.get(i).copied().unwrap_or(1.0)) {
+                break;
+            }
+            let Some((flow, index)) = band.pick(now) else {
+                continue;
+            };
+            chosen = band.take(&flow, index);
+            band.last_served = Some(flow);
+            band.active = now;
+            break;
+        }
+        let item = chosen?;
+        st.len -= 1;
+        st.bytes -= item.bytes;
+        Some(item)
+    }
+
+    /// Once a second: drops bands made on demand that stayed empty for 10 minutes, and lets
+    /// the least-attained-service policies forget idle programs.
+    fn housekeeping(&self, st: &mut State, now: Instant) {
+        if now.saturating_duration_since(st.last_housekeeping) < Duration::from_secs(1) {
+            return;
+        }
+        st.last_housekeeping = now;
+        st.bands.retain(|b| {
+            b.provisioned
+                || b.len > 0
+                || now.saturating_duration_since(b.active) < config::DYNAMIC_BAND_IDLE
+        });
+        for las in &self.las {
+            las.sweep(now);
+        }
+    }
+
+    /// Drops every queued request (shutdown): they are answered `rejected-shutting-down`.
+    pub fn shutdown(&self) {
+        let mut items = Vec::new();
+        {
+            let mut st = self.state.lock();
+            for band in &mut st.bands {
+                for (_, queue) in std::mem::take(&mut band.flows) {
+                    items.extend(queue);
+                }
+                band.len = 0;
+                band.bytes = 0;
+            }
+            st.len = 0;
+            st.bytes = 0;
+        }
+        for item in items {
+            let _ = item.tx.send(Err(FlowRejection {
+                outcome: Outcome::EvictedOther,
+                pool_empty: false,
+            }));
+        }
+    }
+
+    /// The dispatcher: a cycle after every wake-up, and every [`config::DISPATCH_TICK`] while
+    /// anything is queued (saturation moves with scrapes, which wake no one). Queued requests
+    /// are dropped (`rejected-shutting-down`) when `token` is cancelled.
+    pub async fn run(self: Arc<Self>, pool: Arc<dyn PoolProbe>, token: CancellationToken) {
+        loop {
+            self.dispatch_cycle(Instant::now(), pool.as_ref());
+            let waiting = self.queued() > 0;
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(config::DISPATCH_TICK), if waiting => {}
+            }
+        }
+        self.shutdown();
+    }
+
+    /// What is queued, for `/debug/pool` and the gauges.
+    pub fn snapshot(&self, now: Instant) -> FlowSnapshot {
+        let st = self.state.lock();
+        let bands = st
+            .bands
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BandSnapshot {
+                priority: b.cfg.priority,
+                queued: b.len,
+                bytes: b.bytes,
+                max_requests: b.cfg.max_requests,
+                max_bytes: b.cfg.max_bytes,
+                ceiling: st.ceilings.get(i).copied(),
+                fairness: b.cfg.fairness.0.clone(),
+                ordering: b.cfg.ordering.0.clone(),
+                flow_count: b.flows.len(),
+                flows: b
+                    .flows
+                    .iter()
+                    .take(MAX_DEBUG_FLOWS)
+                    .map(|(id, q)| FlowQueueSnapshot {
+                        fairness_id: id.clone(),
+                        queued: q.len(),
+                        bytes: q.iter().map(|i| i.bytes).sum(),
+                        oldest_wait: q
+                            .front()
+                            .map(|i| now.saturating_duration_since(i.enqueued))
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        FlowSnapshot {
+            queued: st.len,
+            bytes: st.bytes,
+            dispatched_unrouted: self.dispatched.load(Ordering::Relaxed),
+            pool_empty: st.pool_empty,
+            saturation: st.saturation,
+            max_requests: self.config.max_requests,
+            max_bytes: self.config.max_bytes,
+            bands,
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|&o| (o, self.counters.0[o.index()].load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
+    fn count(&self, outcome: Outcome) {
+        self.counters.0[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What is queued at one moment.
+#[derive(Debug, Clone)]
+pub struct FlowSnapshot {
+    /// Requests queued.
+    pub queued: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Requests let go and not yet routed.
+    pub dispatched_unrouted: u64,
+    /// Whether the pool had no endpoint at the last cycle.
+    pub pool_empty: bool,
+    /// The saturation at the last cycle.
+    pub saturation: f64,
+    /// Global request cap (0 = none).
+    pub max_requests: u64,
+    /// Global byte cap (0 = none).
+    pub max_bytes: u64,
+    /// Bands, highest first.
+    pub bands: Vec<BandSnapshot>,
+    /// Requests per outcome since start.
+    pub outcomes: Vec<(Outcome, u64)>,
+}
+
+/// One band at one moment.
+#[derive(Debug, Clone)]
+pub struct BandSnapshot {
+    /// Priority.
+    pub priority: i32,
+    /// Requests queued.
+    pub queued: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Request cap.
+    pub max_requests: u64,
+    /// Byte cap.
+    pub max_bytes: u64,
+    /// Its ceiling at the last cycle.
+    pub ceiling: Option<f64>,
+    /// Fairness policy plugin name.
+    pub fairness: Arc<str>,
+    /// Ordering policy plugin name.
+    pub ordering: Arc<str>,
+    /// Flows with requests queued.
+    pub flow_count: usize,
+    /// The first [`MAX_DEBUG_FLOWS`] of them, by id.
+    pub flows: Vec<FlowQueueSnapshot>,
+}
+
+/// One flow's queue at one moment.
+#[derive(Debug, Clone)]
+pub struct FlowQueueSnapshot {
+    /// The fairness id.
+    pub fairness_id: Arc<str>,
+    /// Requests queued.
+    pub queued: usize,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// How long its oldest request has waited.
+    pub oldest_wait: Duration,
+}
+
+#[derive(Debug)]
+enum TicketState {
+    Queued {
+        id: u64,
+        rx: oneshot::Receiver<Decision>,
+    },
+    Decided(Option<Decision>),
+    Done,
+}
+
+/// A request's place in flow control. [`Ticket::wait`] gives the decision; dropping the ticket
+/// before it (the client went away) takes the request out of its queue at once.
+#[derive(Debug)]
+pub struct Ticket {
+    fc: Arc<FlowControl>,
+    request: FlowRequest,
+    key: FlowRecordKey,
+    entered: Instant,
+    state: TicketState,
+}
+
+impl Ticket {
+    /// Waits for the decision: the request is let go, or refused. Cancel-safe: dropping the
+    /// future keeps the ticket's place.
+    pub async fn wait(&mut self) -> Result<Admitted, FlowRejection> {
+        let decision = match &mut self.state {
+            TicketState::Queued { rx, .. } => rx.await.unwrap_or(Err(FlowRejection {
+                outcome: Outcome::EvictedOther,
+                pool_empty: false,
+            })),
+            TicketState::Decided(d) => d.take().unwrap_or(Err(FlowRejection {
+                outcome: Outcome::RejectedOther,
+                pool_empty: false,
+            })),
+            TicketState::Done => Err(FlowRejection {
+                outcome: Outcome::RejectedOther,
+                pool_empty: false,
+            }),
+        };
+        self.state = TicketState::Done;
+        let outcome = match &decision {
+            Ok(_) => Outcome::Dispatched,
+            Err(r) => r.outcome,
+        };
+        self.finish(outcome);
+        decision
+    }
+
+    /// Whether the request is still waiting in a queue.
+    pub fn is_queued(&self) -> bool {
+        matches!(self.state, TicketState::Queued { .. })
+    }
+
+    /// The request's flow-control view.
+    pub fn request(&self) -> &FlowRequest {
+        &self.request
+    }
+
+    fn finish(&self, outcome: Outcome) {
+        self.fc.count(outcome);
+        if let Some(o) = self.fc.observer.get() {
+            o.left(
+                &self.request,
+                &self.key,
+                outcome,
+                self.entered.elapsed(),
+            );
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, TicketState::Done) {
+            TicketState::Queued { id, mut rx } => {
+                if self
+                    .fc
+                    .cancel(self.request.priority, &self.request.fairness_id, id)
+                {
+                    self.fc.wake();
+                } else {
+                    // Decided in the meantime: an `Admitted` in the channel is released here.
+                    rx.close();
+                    drop(rx.try_recv());
+                }
+                self.finish(Outcome::EvictedContextCancelled);
+            }
+            TicketState::Decided(Some(d)) => {
+                self.finish(match &d {
+                    Ok(_) => Outcome::Dispatched,
+                    Err(r) => r.outcome,
+                });
+            }
+            TicketState::Decided(None) | TicketState::Done => {}
+        }
+    }
+}
+
+/// `agent-identity` parameters: `additionalSessionHeaders`, read before the built-in ones.
+pub fn agent_identity_headers(p: &mut Params<'_>) -> Result<Arc<[String]>, ConfigError> {
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Yaml {
+        #[serde(default)]
+        additional_session_headers: Vec<String>,
+    }
+    let y: Yaml = p.decode()?;
+    let mut headers: Vec<String> = Vec::new();
+    for h in y
+        .additional_session_headers
+        .iter()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .chain(AGENT_IDENTITY_HEADERS.iter().map(|h| (*h).to_owned()))
+    {
+        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(p.invalid("additionalSessionHeaders", format!("not a header name: {h:?}")));
+        }
+        if !headers.contains(&h) {
+            headers.push(h);
+        }
+    }
+    Ok(headers.into())
+}
+
+#[cfg(test)]
+mod tests;

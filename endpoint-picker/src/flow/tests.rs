@@ -1,0 +1,449 @@
+//! The controller as a plain struct: policies, capacity, eviction, TTL (paused time),
+//! disconnects, and the waiting room.
+
+use std::sync::atomic::AtomicUsize;
+
+use super::policy::{Las, LasParams, UsageLimitPolicy};
+use super::*;
+
+/// A pool of `endpoints` replicas holding `slots` requests in all: saturation is
+/// `(in flight + dispatched) / slots`, 1 when empty.
+#[derive(Debug)]
+struct FakePool {
+    endpoints: AtomicUsize,
+    in_flight: AtomicU64,
+    slots: u64,
+}
+
+impl FakePool {
+    fn new(endpoints: usize, slots: u64) -> Arc<Self> {
+        Arc::new(Self {
+            endpoints: AtomicUsize::new(endpoints),
+            in_flight: AtomicU64::new(0),
+            slots,
+        })
+    }
+}
+
+impl PoolProbe for FakePool {
+    fn read(&self, dispatched: u64) -> PoolReading {
+        let endpoints = self.endpoints.load(Ordering::Relaxed);
+        let load = self.in_flight.load(Ordering::Relaxed) + dispatched;
+        PoolReading {
+            endpoints,
+            saturation: if endpoints == 0 || self.slots == 0 {
+                1.0
+            } else {
+                load as f64 / self.slots as f64
+            },
+        }
+    }
+}
+
+/// Records every exit.
+#[derive(Debug, Default)]
+struct Log(Mutex<Vec<(String, Outcome)>>, AtomicU64);
+
+impl FlowObserver for Log {
+    fn entered(&self, _: &FlowRequest) -> FlowRecordKey {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        FlowRecordKey::default()
+    }
+    fn left(&self, request: &FlowRequest, _: &FlowRecordKey, outcome: Outcome, _: Duration) {
+        self.1.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .lock()
+            .push((request.fairness_id.to_string(), outcome));
+    }
+}
+
+fn req(flow: &str, priority: i32) -> FlowRequest {
+    FlowRequest {
+        fairness_id: Arc::from(flow),
+        priority,
+        bytes: 100,
+        slo_ttft: None,
+        model: "m".into(),
+        target_model: "m".into(),
+    }
+}
+
+fn band(priority: i32, fairness: FairnessPolicy, ordering: OrderingPolicy) -> BandConfig {
+    BandConfig {
+        priority,
+        fairness: (Arc::from(fairness.type_name()), fairness),
+        ordering: (Arc::from(ordering.type_name()), ordering),
+        ..BandConfig::default()
+    }
+}
+
+/// Lets go everything the pool takes, one cycle at a time, with every dispatched request
+/// routed at once (it becomes in-flight load). Returns the flows in dispatch order.
+async fn drain(fc: &Arc<FlowControl>, pool: &FakePool, tickets: &mut Vec<Ticket>) -> Vec<String> {
+    let mut order = Vec::new();
+    loop {
+        // One request per cycle, so that the order seen is the dispatch order.
+        fc.wakes.store(0, Ordering::Relaxed);
+        if fc.dispatch_cycle(Instant::now(), pool) == 0 {
+            return order;
+        }
+        let mut rest = Vec::new();
+        for mut t in tickets.drain(..) {
+            // A decided ticket answers at once; a queued one would block.
+            if let Ok(Ok(_admitted)) =
+                tokio::time::timeout(Duration::ZERO, t.wait()).await
+            {
+                pool.in_flight.fetch_add(1, Ordering::Relaxed);
+                order.push(t.request().fairness_id.to_string());
+            } else {
+                rest.push(t);
+            }
+        }
+        *tickets = rest;
+    }
+}
+
+fn enqueue_all(fc: &Arc<FlowControl>, items: &[(&str, i32)]) -> Vec<Ticket> {
+    items
+        .iter()
+        .map(|&(f, p)| fc.enqueue(req(f, p), Instant::now()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn higher_bands_go_first_and_lower_ones_wait_for_room() {
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![
+            band(0, FairnessPolicy::GlobalStrict, OrderingPolicy::Fcfs),
+            band(10, FairnessPolicy::GlobalStrict, OrderingPolicy::Fcfs),
+        ],
+        ..FlowConfig::default()
+    });
+    let pool = FakePool::new(1, 3);
+    let mut tickets = enqueue_all(&fc, &[("low-1", 0), ("low-2", 0), ("high-1", 10), ("high-2", 10)]);
+    // Three slots: both high ones, then the oldest low one; the pool is then saturated.
+    assert_eq!(drain(&fc, &pool, &mut tickets).await, ["high-1", "high-2", "low-1"]);
+    assert_eq!(fc.queued(), 1);
+    pool.in_flight.fetch_sub(1, Ordering::Relaxed);
+    assert_eq!(drain(&fc, &pool, &mut tickets).await, ["low-2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_alternates_flows_and_global_strict_keeps_arrival_order() {
+    let arrivals = [("a", 0), ("a", 0), ("a", 0), ("b", 0), ("b", 0), ("c", 0)];
+    let run = |fairness| async move {
+        let fc = FlowControl::new(FlowConfig {
+            bands: vec![band(0, fairness, OrderingPolicy::Fcfs)],
+            ..FlowConfig::default()
+        });
+        let pool = FakePool::new(1, 100);
+        let mut tickets = enqueue_all(&fc, &arrivals);
+        drain(&fc, &pool, &mut tickets).await
+    };
+    assert_eq!(
+        run(FairnessPolicy::RoundRobin).await,
+        ["a", "b", "c", "a", "b", "a"]
+    );
+    assert_eq!(
+        run(FairnessPolicy::GlobalStrict).await,
+        ["a", "a", "a", "b", "b", "c"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn least_attained_service_serves_the_light_tenant_first() {
+    let las = Arc::new(Las::new(LasParams::default()));
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![band(
+            0,
+            FairnessPolicy::LeastAttainedService(las.clone()),
+            OrderingPolicy::Fcfs,
+        )],
+        ..FlowConfig::default()
+    });
+    // The heavy tenant generated many output tokens (weighted twice).
+    fc.record_usage("heavy", 100, 5_000);
+    fc.record_usage("light", 2_000, 100);
+    let pool = FakePool::new(1, 100);
+    let mut tickets = enqueue_all(&fc, &[("heavy", 0), ("heavy", 0), ("light", 0)]);
+    assert_eq!(
+        drain(&fc, &pool, &mut tickets).await,
+        ["light", "heavy", "heavy"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn slo_deadline_ordering_serves_the_tightest_objective_first() {
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![band(0, FairnessPolicy::GlobalStrict, OrderingPolicy::SloDeadline)],
+        ..FlowConfig::default()
+    });
+    let with_slo = |flow: &str, ms: Option<u64>| FlowRequest {
+        slo_ttft: ms.map(Duration::from_millis),
+        ..req(flow, 0)
+    };
+    let mut tickets = vec![
+        fc.enqueue(with_slo("none", None), Instant::now()),
+        fc.enqueue(with_slo("loose", Some(5_000)), Instant::now()),
+        fc.enqueue(with_slo("tight", Some(200)), Instant::now()),
+    ];
+    let pool = FakePool::new(1, 100);
+    assert_eq!(
+        drain(&fc, &pool, &mut tickets).await,
+        ["tight", "loose", "none"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn usage_limits_hold_lower_bands_back_first() {
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![
+            band(10, FairnessPolicy::GlobalStrict, OrderingPolicy::Fcfs),
+            band(0, FairnessPolicy::GlobalStrict, OrderingPolicy::Fcfs),
+        ],
+        usage_limit: Arc::new(UsageLimitPolicy::PriorityHoldback {
+            min: 0.4,
+            max: 0.9,
+            by_value: false,
+        }),
+        ..FlowConfig::default()
+    });
+    // Ten slots, five busy: saturation 0.5 is under band 10's ceiling (0.9), over band 0's
+    // (0.4). With band 10 empty, band 0 is still held.
+    let pool = FakePool::new(1, 10);
+    pool.in_flight.store(5, Ordering::Relaxed);
+    let mut tickets = enqueue_all(&fc, &[("low", 0)]);
+    assert!(drain(&fc, &pool, &mut tickets).await.is_empty());
+    tickets.extend(enqueue_all(&fc, &[("high", 10)]));
+    assert_eq!(drain(&fc, &pool, &mut tickets).await, ["high"]);
+    pool.in_flight.store(3, Ordering::Relaxed);
+    assert_eq!(drain(&fc, &pool, &mut tickets).await, ["low"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn capacity_per_band_and_global_rejects_with_the_references_answers() {
+    let fc = FlowControl::new(FlowConfig {
+        max_bytes: 1_000,
+        bands: vec![BandConfig {
+            max_requests: 2,
+            ..band(0, FairnessPolicy::GlobalStrict, OrderingPolicy::Fcfs)
+        }],
+        ..FlowConfig::default()
+    });
+    let log = Arc::new(Log::default());
+    fc.set_observer(log.clone());
+    let pool = FakePool::new(1, 0);
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let _held = enqueue_all(&fc, &[("a", 0), ("a", 0)]);
+    // The band is full: 429 rejected-saturated.
+    let err = fc.enqueue(req("b", 0), Instant::now()).wait().await.unwrap_err();
+    assert_eq!(err.outcome, Outcome::RejectedCapacity);
+    assert_eq!(err.status(), (429, "ResourceExhausted"));
+    assert_eq!(err.dropped_reason(), Some("rejected-saturated"));
+    // Another band (made on demand), but the global byte cap: 200 + 801 > 1000.
+    let big = FlowRequest {
+        bytes: 801,
+        ..req("c", 5)
+    };
+    let err = fc.enqueue(big, Instant::now()).wait().await.unwrap_err();
+    assert_eq!(err.outcome, Outcome::RejectedCapacity);
+    let fits = FlowRequest {
+        bytes: 800,
+        ..req("c", 5)
+    };
+    let mut fits = fc.enqueue(fits, Instant::now());
+    assert!(fits.is_queued());
+    drop(fits.wait());
+    // While the pool is empty, overflow is 503 rejected-no-endpoints.
+    pool.endpoints.store(0, Ordering::Relaxed);
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let err = fc.enqueue(req("a", 0), Instant::now()).wait().await.unwrap_err();
+    assert_eq!(err.outcome, Outcome::RejectedNoEndpoints);
+    assert_eq!(err.status(), (503, "ServiceUnavailable"));
+    assert_eq!(err.dropped_reason(), Some("rejected-no-endpoints"));
+    let rejected = log.0.lock().len();
+    assert_eq!(rejected, 3, "every rejection is recorded once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn eviction_displaces_sheddable_requests_lowest_priority_then_newest() {
+    let fc = FlowControl::new(FlowConfig {
+        max_requests: 4,
+        eviction: true,
+        ..FlowConfig::default()
+    });
+    let pool = FakePool::new(1, 0);
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let mut queued = enqueue_all(
+        &fc,
+        &[("batch-old", -1), ("batch-new", -1), ("scrap", -5), ("chat", 0)],
+    );
+    // Full. An interactive request evicts the lowest band's request first...
+    let _first = fc.enqueue(req("chat", 0), Instant::now());
+    // ...then the newest of the next band up.
+    let _second = fc.enqueue(req("chat", 0), Instant::now());
+    let mut evicted = Vec::new();
+    for t in &mut queued {
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::ZERO, t.wait()).await {
+            assert_eq!(e.status(), (429, "ResourceExhausted"));
+            assert_eq!(e.dropped_reason(), Some("evicted-priority"));
+            evicted.push(t.request().fairness_id.to_string());
+        }
+    }
+    assert_eq!(evicted, ["batch-new", "scrap"]);
+    assert_eq!(fc.queued(), 4);
+    // A sheddable arrival displaces nothing of equal priority, and nothing ≥ 0 ever.
+    let err = fc.enqueue(req("batch", -1), Instant::now()).wait().await.unwrap_err();
+    assert_eq!(err.outcome, Outcome::RejectedCapacity);
+    let _third = fc.enqueue(req("chat", 0), Instant::now());
+    let err = fc.enqueue(req("chat", 0), Instant::now()).wait().await.unwrap_err();
+    assert_eq!(err.outcome, Outcome::RejectedCapacity, "only chat requests are left");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_expires_in_paused_time_with_the_regime_split() {
+    let fc = FlowControl::new(FlowConfig {
+        request_ttl: Some(Duration::from_secs(10)),
+        no_endpoint_ttl: Some(Duration::from_secs(30)),
+        ..FlowConfig::default()
+    });
+    // A saturated pool: requests wait and expire after 10 s (429 rejected-ttl-expired).
+    let pool = FakePool::new(1, 0);
+    let start = Instant::now();
+    let mut t = fc.enqueue(req("a", 0), start);
+    fc.dispatch_cycle(start + Duration::from_millis(9_999), pool.as_ref());
+    assert!(t.is_queued() && fc.queued() == 1);
+    fc.dispatch_cycle(start + Duration::from_secs(10), pool.as_ref());
+    let e = t.wait().await.unwrap_err();
+    assert_eq!(e.outcome, Outcome::EvictedTtl);
+    assert_eq!((e.status().0, e.dropped_reason()), (429, Some("rejected-ttl-expired")));
+    // The pool empties at 20 s: a request enqueued at 15 s gets 30 s from then (not 10 from
+    // its arrival), and goes out 503 rejected-no-endpoints.
+    let mut u = fc.enqueue(req("b", 0), start + Duration::from_secs(15));
+    pool.endpoints.store(0, Ordering::Relaxed);
+    fc.dispatch_cycle(start + Duration::from_secs(20), pool.as_ref());
+    fc.dispatch_cycle(start + Duration::from_secs(49), pool.as_ref());
+    assert_eq!(fc.queued(), 1);
+    fc.dispatch_cycle(start + Duration::from_secs(50), pool.as_ref());
+    let e = u.wait().await.unwrap_err();
+    assert_eq!(e.outcome, Outcome::EvictedNoEndpoints);
+    assert_eq!((e.status().0, e.dropped_reason()), (503, Some("rejected-no-endpoints")));
+    // No TTL at all: waits forever.
+    let fc = FlowControl::new(FlowConfig {
+        request_ttl: None,
+        no_endpoint_ttl: None,
+        ..FlowConfig::default()
+    });
+    let _w = fc.enqueue(req("c", 0), start);
+    fc.dispatch_cycle(start + Duration::from_secs(86_400), pool.as_ref());
+    assert_eq!(fc.queued(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_leaves_frees_its_place_at_once() {
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![BandConfig {
+            max_requests: 1,
+            ..BandConfig::default()
+        }],
+        ..FlowConfig::default()
+    });
+    let log = Arc::new(Log::default());
+    fc.set_observer(log.clone());
+    let pool = FakePool::new(1, 0);
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let mut gone = fc.enqueue(req("gone", 0), Instant::now());
+    // The client's future is dropped mid-wait (the ext_proc stream ended).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(5), gone.wait())
+            .await
+            .is_err()
+    );
+    assert!(gone.is_queued());
+    drop(gone);
+    assert_eq!(fc.queued(), 0);
+    assert_eq!(log.1.load(Ordering::Relaxed), 0, "it left the queue gauge too");
+    assert_eq!(
+        log.0.lock().as_slice(),
+        [("gone".to_owned(), Outcome::EvictedContextCancelled)]
+    );
+    // Its place is free at once.
+    assert!(fc.enqueue(req("next", 0), Instant::now()).is_queued());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dispatched_request_whose_client_left_releases_its_load() {
+    let fc = FlowControl::new(FlowConfig::default());
+    let pool = FakePool::new(1, 10);
+    let t = fc.enqueue(req("a", 0), Instant::now());
+    assert_eq!(fc.dispatch_cycle(Instant::now(), pool.as_ref()), 1);
+    assert_eq!(fc.dispatched_unrouted(), 1);
+    drop(t);
+    assert_eq!(fc.dispatched_unrouted(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dispatched_requests_count_as_load_until_routed() {
+    let fc = FlowControl::new(FlowConfig::default());
+    let pool = FakePool::new(1, 2);
+    let mut tickets = enqueue_all(&fc, &[("a", 0), ("a", 0), ("a", 0), ("a", 0)]);
+    // Four wake-ups are worth four attempts, but two slots stop them at two.
+    assert_eq!(fc.dispatch_cycle(Instant::now(), pool.as_ref()), 2);
+    let admitted: Vec<Admitted> = {
+        let mut out = Vec::new();
+        for t in &mut tickets[..2] {
+            out.push(t.wait().await.unwrap());
+        }
+        out
+    };
+    assert_eq!(fc.dispatch_cycle(Instant::now(), pool.as_ref()), 0);
+    drop(admitted);
+    assert_eq!(fc.dispatch_cycle(Instant::now(), pool.as_ref()), 2);
+}
+
+/// The waiting room: requests sent to an empty pool wait; an endpoint comes 5 s later and
+/// every one of them is served, none lost. The dispatcher runs as in production (its own
+/// task, 1 ms ticks), in paused time.
+#[tokio::test(start_paused = true)]
+async fn scale_from_zero_serves_every_waiting_request() {
+    let fc = FlowControl::new(FlowConfig::default());
+    let pool = FakePool::new(0, 1_000);
+    let token = CancellationToken::new();
+    let dispatcher = tokio::spawn(fc.clone().run(pool.clone(), token.clone()));
+    let waiters: Vec<_> = (0..50)
+        .map(|i| {
+            let mut t = fc.enqueue(req(&format!("tenant-{}", i % 3), 0), Instant::now());
+            tokio::spawn(async move { t.wait().await.map(|a| a.waited) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(fc.queued(), 50, "nothing goes out to an empty pool");
+    pool.endpoints.store(1, Ordering::Relaxed);
+    for w in waiters {
+        let waited = w.await.unwrap().expect("served");
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
+    }
+    assert_eq!(fc.queued(), 0);
+    token.cancel();
+    dispatcher.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_answers_every_queued_request() {
+    let fc = FlowControl::new(FlowConfig::default());
+    let pool = FakePool::new(0, 1);
+    let token = CancellationToken::new();
+    let dispatcher = tokio::spawn(fc.clone().run(pool, token.clone()));
+    let mut t = fc.enqueue(req("a", 0), Instant::now());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    token.cancel();
+    dispatcher.await.unwrap();
+    let e = t.wait().await.unwrap_err();
+    assert_eq!((e.status().0, e.dropped_reason()), (503, Some("rejected-shutting-down")));
+}
+
+#[test]
+fn a_queued_request_costs_little() {
+    // The entry (ids, times, size, channel handle); the body stays with the stream.
+    assert!(QUEUED_ENTRY_BYTES <= 64, "{QUEUED_ENTRY_BYTES}");
+}
