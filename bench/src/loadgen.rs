@@ -88,6 +88,9 @@ pub struct Record {
     pub decision: Option<String>,
     /// What went wrong.
     pub error: Option<String>,
+    /// `x-llm-d-request-dropped-reason` of a request the EPP answered itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_reason: Option<String>,
     /// Seconds from the start of the run to the end of the request (success or error).
     #[serde(default)]
     pub done_s: f64,
@@ -263,6 +266,8 @@ pub struct Control {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// Every issued request as it goes.
     pub live: Arc<LiveLog>,
+    /// Headers sent with every request (a tenant's fairness id and objective).
+    pub headers: Vec<(String, String)>,
 }
 
 /// What the caller of [`run_with`] can see of the requests while the run goes on.
@@ -390,7 +395,7 @@ pub async fn run_with(
                 );
                 ctl.live.push(i, (Instant::now() - start).as_secs_f64());
                 handles.push(tokio::spawn(async move {
-                    let r = one_timed(&client, &base, i, req, start, &deadline, &ctl.live).await;
+                    let r = one_timed(&client, &base, i, req, start, &deadline, &ctl).await;
                     count_done(&progress, &r);
                     vec![r]
                 }));
@@ -423,7 +428,7 @@ pub async fn run_with(
                         progress.sent.fetch_add(1, Ordering::Relaxed);
                         ctl.live.push(i, (Instant::now() - start).as_secs_f64());
                         let r =
-                            one_timed(&client, &base, i, req, start, &deadline, &ctl.live).await;
+                            one_timed(&client, &base, i, req, start, &deadline, &ctl).await;
                         count_done(&progress, &r);
                         mine.push(r);
                     }
@@ -524,9 +529,9 @@ async fn one_timed(
     req: Request,
     start: Instant,
     deadline: &Mutex<Option<Instant>>,
-    live: &LiveLog,
+    ctl: &Control,
 ) -> Record {
-    let mut r = one(client, base, i, req, start, deadline, live).await;
+    let mut r = one(client, base, i, req, start, deadline, ctl).await;
     r.done_s = start.elapsed().as_secs_f64();
     r
 }
@@ -539,11 +544,11 @@ async fn one(
     req: Request,
     start: Instant,
     deadline: &Mutex<Option<Instant>>,
-    live: &LiveLog,
+    ctl: &Control,
 ) -> Record {
-    let rec = one_inner(client, base, i, req, start, deadline, live).await;
+    let rec = one_inner(client, base, i, req, start, deadline, ctl).await;
     if !rec.ok() {
-        live.update(i, |e| e.failed = true);
+        ctl.live.update(i, |e| e.failed = true);
     }
     rec
 }
@@ -555,8 +560,9 @@ async fn one_inner(
     req: Request,
     start: Instant,
     deadline: &Mutex<Option<Instant>>,
-    live: &LiveLog,
+    ctl: &Control,
 ) -> Record {
+    let live = &ctl.live;
     let sent = Instant::now();
     let mut rec = Record {
         i,
@@ -566,9 +572,12 @@ async fn one_inner(
         prompt_tokens: req.prompt_tokens,
         ..Record::default()
     };
-    let http_req = match http::Request::post(format!("{base}{}", req.path))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(req.body))
+    let mut builder = http::Request::post(format!("{base}{}", req.path))
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (k, v) in &ctl.headers {
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    let http_req = match builder.body(Full::new(req.body))
     {
         Ok(r) => r,
         Err(e) => {
@@ -595,6 +604,11 @@ async fn one_inner(
         }
     };
     rec.status = resp.status().as_u16();
+    rec.dropped_reason = resp
+        .headers()
+        .get("x-llm-d-request-dropped-reason")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     rec.replica = resp
         .headers()
         .get("x-inference-pod")

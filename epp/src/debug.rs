@@ -218,10 +218,112 @@ pub struct PoolView {
     pub namespace: String,
     /// Endpoints, in discovery order.
     pub endpoints: Vec<EndpointView>,
+    /// Flow control's queues (`None`: the flowControl feature gate is off).
+    pub flow_control: Option<FlowView>,
     /// Ring capacity (0 = decisions are not recorded; see `--debug-decisions`).
     pub decision_log_capacity: usize,
     /// The last decisions, oldest first.
     pub decisions: Vec<DecisionRecord>,
+}
+
+/// Flow control's queues as `/debug/pool` shows them.
+#[derive(Debug, Serialize)]
+pub struct FlowView {
+    /// Requests queued.
+    pub queued: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Requests let go and not yet routed.
+    pub dispatched_unrouted: u64,
+    /// Whether the pool had no endpoint at the last dispatch cycle (the waiting room).
+    pub pool_empty: bool,
+    /// The saturation at the last cycle.
+    pub saturation: f64,
+    /// Global request cap (0 = none).
+    pub max_requests: u64,
+    /// Global byte cap (0 = none).
+    pub max_bytes: u64,
+    /// Bands, highest priority first.
+    pub bands: Vec<BandView>,
+    /// Requests per outcome since start.
+    pub outcomes: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// One band of [`FlowView`].
+#[derive(Debug, Serialize)]
+pub struct BandView {
+    /// Priority.
+    pub priority: i32,
+    /// Requests queued.
+    pub queued: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Request cap.
+    pub max_requests: u64,
+    /// Byte cap.
+    pub max_bytes: u64,
+    /// Its ceiling at the last cycle.
+    pub ceiling: Option<f64>,
+    /// Fairness policy (plugin name).
+    pub fairness: String,
+    /// Ordering policy (plugin name).
+    pub ordering: String,
+    /// Flows with requests queued.
+    pub flow_count: usize,
+    /// The first 100 of them, by fairness id.
+    pub flows: Vec<FlowQueueView>,
+}
+
+/// One flow's queue of [`BandView`].
+#[derive(Debug, Serialize)]
+pub struct FlowQueueView {
+    /// Fairness id.
+    pub fairness_id: String,
+    /// Requests queued.
+    pub queued: usize,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// Seconds its oldest request has waited.
+    pub oldest_wait_seconds: f64,
+}
+
+fn flow_view(director: &Director, now: tokio::time::Instant) -> Option<FlowView> {
+    let s = director.flow_control()?.snapshot(now);
+    Some(FlowView {
+        queued: s.queued,
+        bytes: s.bytes,
+        dispatched_unrouted: s.dispatched_unrouted,
+        pool_empty: s.pool_empty,
+        saturation: s.saturation,
+        max_requests: s.max_requests,
+        max_bytes: s.max_bytes,
+        bands: s
+            .bands
+            .into_iter()
+            .map(|b| BandView {
+                priority: b.priority,
+                queued: b.queued,
+                bytes: b.bytes,
+                max_requests: b.max_requests,
+                max_bytes: b.max_bytes,
+                ceiling: b.ceiling,
+                fairness: b.fairness.to_string(),
+                ordering: b.ordering.to_string(),
+                flow_count: b.flow_count,
+                flows: b
+                    .flows
+                    .into_iter()
+                    .map(|f| FlowQueueView {
+                        fairness_id: f.fairness_id.to_string(),
+                        queued: f.queued,
+                        bytes: f.bytes,
+                        oldest_wait_seconds: f.oldest_wait.as_secs_f64(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        outcomes: s.outcomes.into_iter().map(|(o, n)| (o.as_str(), n)).collect(),
+    })
 }
 
 /// Builds the `/debug/pool` document from current state.
@@ -259,6 +361,7 @@ pub fn pool_view(datastore: &Datastore, director: &Director, log: &DecisionLog) 
         pool: snap.name.clone(),
         namespace: snap.namespace.clone(),
         endpoints,
+        flow_control: flow_view(director, now),
         decision_log_capacity: log.capacity(),
         decisions: log.recent(),
     }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod args;
 pub mod debug;
+pub mod flow_metrics;
 pub mod health;
 pub mod kubernetes;
 pub mod kv_events;

@@ -27,6 +27,7 @@ use ext_proc::stream::{ServiceContext, ServiceOptions};
 use crate::admin::{self, AdminAuth, AdminState, DebugState};
 use crate::debug::DecisionLog;
 use crate::health;
+use crate::flow_metrics::FlowMetrics;
 use crate::labels::ModelLabels;
 use crate::metrics::{EppMetrics, MetricsObserver};
 use crate::recorder::EppRecorder;
@@ -205,13 +206,17 @@ pub async fn serve_with_handles(
         .collect();
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore.clone(), Arc::new(config), seed));
+    let labels = Arc::new(ModelLabels::default());
     let mut registry = Registry::default();
     let metrics = EppMetrics::register(&mut registry);
+    let flow_metrics = FlowMetrics::register(&mut registry, labels.clone());
     let registry = Arc::new(Mutex::new(registry));
     let observer = Arc::new(MetricsObserver(metrics.clone()));
     director.config().scheduler.set_observer(observer.clone());
+    if let Some(flow) = director.flow_control() {
+        flow.set_observer(flow_metrics.clone());
+    }
     let decisions = Arc::new(DecisionLog::new(debug_decisions));
-    let labels = Arc::new(ModelLabels::default());
 
     // Every long-lived task runs under the supervisor (see `supervisor`).
     let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
@@ -232,6 +237,10 @@ pub async fn serve_with_handles(
                             r = changes.changed() => if r.is_err() { return },
                         }
                         director.pool_changed();
+                        if let Some(flow) = director.flow_control() {
+                            // An endpoint came (or went): the waiting room may open.
+                            flow.wake();
+                        }
                     }
                 }
             }),
@@ -254,6 +263,17 @@ pub async fn serve_with_handles(
                     token,
                 )
             }),
+        );
+    }
+
+    // Flow control's dispatcher (with the flowControl feature gate on). Restarted if it ever
+    // ends early: queued requests keep their places, and its next cycle picks them up.
+    if director.flow_control().is_some() {
+        let director = director.clone();
+        tasks.spawn(
+            "flow-control",
+            OnExit::Restart,
+            factory(move |token: CancellationToken| director.clone().run_flow_control(token)),
         );
     }
 
@@ -326,8 +346,9 @@ pub async fn serve_with_handles(
     }
 
     {
-        let (metrics, datastore, director, labels) = (
+        let (metrics, flow_metrics, datastore, director, labels) = (
             metrics.clone(),
+            flow_metrics.clone(),
             datastore.clone(),
             director.clone(),
             labels.clone(),
@@ -336,8 +357,9 @@ pub async fn serve_with_handles(
             "pool-gauges",
             OnExit::Restart,
             factory(move |token: CancellationToken| {
-                let (metrics, datastore, director, labels) = (
+                let (metrics, flow_metrics, datastore, director, labels) = (
                     metrics.clone(),
+                    flow_metrics.clone(),
                     datastore.clone(),
                     director.clone(),
                     labels.clone(),
@@ -349,6 +371,7 @@ pub async fn serve_with_handles(
                             _ = token.cancelled() => return,
                             _ = tick.tick() => {
                                 metrics.refresh_pool(&datastore, &director, metrics_staleness);
+                                flow_metrics.refresh(&director);
                                 labels.learn(&datastore.snapshot(), &director.policies());
                             }
                         }
@@ -390,12 +413,18 @@ pub async fn serve_with_handles(
 
     {
         let token = shutdown.clone();
-        let (m, ds, d) = (metrics.clone(), datastore.clone(), director.clone());
+        let (m, fm, ds, d) = (
+            metrics.clone(),
+            flow_metrics.clone(),
+            datastore.clone(),
+            director.clone(),
+        );
         let state = AdminState {
             registry: registry.clone(),
             auth: admin_auth,
             refresh: Some(admin::Refresh(Arc::new(move || {
-                m.refresh_pool(&ds, &d, metrics_staleness)
+                m.refresh_pool(&ds, &d, metrics_staleness);
+                fm.refresh(&d);
             }))),
             debug: debug_pool.then(|| DebugState {
                 datastore: datastore.clone(),

@@ -871,6 +871,7 @@ fn dashboard_queries_name_exported_metrics() {
     let exported = Exposition {
         types: epp::metrics::FAMILIES
             .iter()
+            .chain(epp::flow_metrics::FLOW_FAMILIES)
             .map(|(n, t)| (n.to_string(), t.to_string()))
             .collect(),
         samples: Vec::new(),
@@ -919,6 +920,7 @@ fn manifests_name_exported_metrics() {
     let exported = Exposition {
         types: epp::metrics::FAMILIES
             .iter()
+            .chain(epp::flow_metrics::FLOW_FAMILIES)
             .map(|(n, t)| (n.to_string(), t.to_string()))
             .collect(),
         samples: Vec::new(),

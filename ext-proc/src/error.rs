@@ -50,6 +50,7 @@ impl RequestError {
             RequestError::Route(RouteError::Shed(_)) => (429, "ResourceExhausted"),
             RequestError::Route(RouteError::Unschedulable(_)) => (429, "ResourceExhausted"),
             RequestError::UnsupportedBodyMode { .. } => (500, "Internal"),
+            RequestError::Route(RouteError::FlowControl(r)) => r.status(),
         }
     }
 
@@ -63,6 +64,7 @@ impl RequestError {
         match self {
             RequestError::Route(RouteError::NoCandidates) => Some("rejected-no-endpoints"),
             RequestError::Route(RouteError::Shed(_)) => Some("rejected-saturated"),
+            RequestError::Route(RouteError::FlowControl(r)) => r.dropped_reason(),
             _ => None,
         }
     }

@@ -1,6 +1,7 @@
 //! The `ExternalProcessor` gRPC service: reads a stream's messages, hands each to the stream's
 //! [`StreamState`] inside the request's span, and sends the answers back in order.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -13,6 +14,16 @@ use crate::envoy::ext_proc::{
 };
 use crate::recorder::StreamOutcome;
 use crate::stream::{ServiceContext, StreamState};
+
+/// Most messages held while a request waits in flow control (Envoy sends at most the request
+/// trailers then; a client of the port that sends more is cut off).
+const MAX_HELD_MESSAGES: usize = 8;
+
+/// What ended a wait in flow control.
+enum Woken {
+    Decided(Result<endpoint_picker::flow::Admitted, endpoint_picker::flow::FlowRejection>),
+    Message(Result<Option<ProcessingRequest>, Status>),
+}
 
 /// The tonic service.
 #[derive(Debug, Clone)]
@@ -48,8 +59,43 @@ impl ExternalProcessor for ExtProcService {
             // message's (synchronous) handling only, never across an `.await`. It is created
             // with the first message, so that it can adopt an incoming trace context first.
             let mut span: Option<tracing::Span> = None;
+            // Messages that came while the request waited in flow control, answered after it.
+            let mut held: VecDeque<ProcessingRequest> = VecDeque::new();
             loop {
-                match inbound.message().await {
+                if let Some(ticket) = state.admission() {
+                    // Waiting in flow control: the decision, or the stream's end (the client
+                    // went away: the state is dropped below, which leaves the queue).
+                    let woken = tokio::select! {
+                        decision = ticket.wait() => Woken::Decided(decision),
+                        message = inbound.message() => Woken::Message(message),
+                    };
+                    match woken {
+                        Woken::Decided(decision) => {
+                            let span = span.get_or_insert_with(tracing::Span::none);
+                            let responses = span.in_scope(|| state.on_admission(decision));
+                            for response in responses {
+                                yield Ok(response);
+                            }
+                            if state.is_done() {
+                                break;
+                            }
+                        }
+                        Woken::Message(Ok(Some(message))) if held.len() < MAX_HELD_MESSAGES => {
+                            held.push_back(message);
+                        }
+                        Woken::Message(Ok(Some(_))) => {
+                            open.outcome = StreamOutcome::Error;
+                            break;
+                        }
+                        Woken::Message(_) => break,
+                    }
+                    continue;
+                }
+                let next = match held.pop_front() {
+                    Some(message) => Ok(Some(message)),
+                    None => inbound.message().await,
+                };
+                match next {
                     Ok(Some(message)) => {
                         let span = span.get_or_insert_with(|| {
                             let headers = match &message.request {

@@ -31,6 +31,12 @@
 //! [`crate::openai`]) → `route` ([`Director`]) → `answer_routed` ([`crate::envoy`] builders);
 //! every outcome is reported once to the [`Recorder`].
 //!
+//! With flow control on, `route` does not answer at once: the request takes a place in flow
+//! control's queues ([`StreamState::admission`] is then the ticket to wait on, which the
+//! service awaits) and is scheduled when [`StreamState::on_admission`] hears it was let go, or
+//! answered with flow control's refusal. The body waits with it, in its one buffer. Dropping
+//! the state while it waits (the client went away) takes it out of the queue.
+//!
 //! Control headers and trust: see the README's "Security" section. Client copies of the
 //! routing headers are always removed; the model-rewrite header is ignored unless
 //! [`ServiceOptions::trust_model_rewrite_header`] (and an operator's InferenceModelRewrite that
@@ -41,7 +47,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use endpoint_picker::director::{Director, Routed};
+use endpoint_picker::director::{Director, RouteError, Routed};
+use endpoint_picker::flow::{Admitted, FlowRejection, Ticket};
 use endpoint_picker::request::{Api, InferenceRequest};
 use endpoint_picker::scheduling::plugins::filters::AddressMatcher;
 use endpoint_picker::scheduling::plugins::response::Served;
@@ -153,9 +160,21 @@ pub struct StreamState {
     routed: Option<Routed>,
     /// What the recorder filed the routed request under.
     key: RecordKey,
+    /// A request waiting in flow control, with its body.
+    queued: Option<Queued>,
     started: Instant,
     eos_at: Instant,
     response: ResponseState,
+}
+
+/// A request waiting in flow control: its ticket, and what scheduling will need.
+#[derive(Debug)]
+struct Queued {
+    ticket: Ticket,
+    request: InferenceRequest,
+    body: Option<(Bytes, openai::ParsedBody, bool)>,
+    /// The request trailers came with the end of the body: their answer follows.
+    trailers: bool,
 }
 
 #[derive(Debug, Default)]
@@ -195,6 +214,7 @@ impl StreamState {
             request: None,
             routed: None,
             key: RecordKey::default(),
+            queued: None,
             started: Instant::now(),
             eos_at: Instant::now(),
             response: ResponseState::default(),
@@ -209,6 +229,46 @@ impl StreamState {
     /// True once an immediate response ended the exchange: later messages get no answer.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// The flow-control ticket of a request waiting to be scheduled: the caller awaits
+    /// [`Ticket::wait`] (cancel-safe) and hands the decision to [`StreamState::on_admission`].
+    /// No other message is answered meanwhile.
+    pub fn admission(&mut self) -> Option<&mut Ticket> {
+        self.queued.as_mut().map(|q| &mut q.ticket)
+    }
+
+    /// Flow control decided on the waiting request: schedule it, or answer the refusal.
+    pub fn on_admission(
+        &mut self,
+        decision: Result<Admitted, FlowRejection>,
+    ) -> Vec<ProcessingResponse> {
+        let Some(Queued {
+            request,
+            body,
+            trailers,
+            ..
+        }) = self.queued.take()
+        else {
+            return Vec::new();
+        };
+        let mut out = match decision {
+            Ok(admitted) => {
+                let out = self.schedule(request, body);
+                // Routed (its in-flight slot counts now) or refused: either way no longer a
+                // dispatched-but-unrouted request.
+                drop(admitted);
+                out
+            }
+            Err(rejection) => self.fail(
+                RequestError::Route(RouteError::FlowControl(rejection)),
+                Some(&request),
+            ),
+        };
+        if trailers && !self.done {
+            out.push(envoy::trailers_response(Direction::Request));
+        }
+        out
     }
 
     /// True once the exchange is over: an immediate response was sent, or the response ended.
@@ -245,6 +305,11 @@ impl StreamState {
                     // body, if any, before them), which parsing refuses: no body answer then
                     // precedes the trailers' answer.
                     out = self.finish_request(false);
+                }
+                if let Some(q) = self.queued.as_mut() {
+                    // Answered after the request is, once flow control lets it go.
+                    q.trailers = true;
+                    return out;
                 }
                 if !self.done {
                     out.push(envoy::trailers_response(Direction::Request));
@@ -538,6 +603,26 @@ impl StreamState {
         };
         let director = self.ctx.director.clone();
         director.resolve(&mut request, forced.as_deref());
+        if let Some(flow) = director.flow_control() {
+            let ticket = flow.enqueue(director.flow_request(&request), Instant::now());
+            self.queued = Some(Queued {
+                ticket,
+                request,
+                body,
+                trailers: false,
+            });
+            return Vec::new();
+        }
+        self.schedule(request, body)
+    }
+
+    /// Schedules a resolved (and, with flow control, admitted) request and answers it.
+    fn schedule(
+        &mut self,
+        request: InferenceRequest,
+        body: Option<(Bytes, openai::ParsedBody, bool)>,
+    ) -> Vec<ProcessingResponse> {
+        let director = self.ctx.director.clone();
         let subset: Option<Vec<AddressMatcher>> = self
             .subset
             .as_ref()
@@ -818,6 +903,12 @@ impl StreamState {
         // Envoy streamed the body past the EPP, so its size is not known here.
         let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;
         let Some(request) = &self.request else { return };
+        if let (Some(flow), Some(usage)) =
+            (self.ctx.director.flow_control(), self.response.usage)
+        {
+            // The least-attained-service policy learns what each flow consumed.
+            flow.record_usage(&request.fairness_id, usage.prompt_tokens, usage.completion_tokens);
+        }
         let elapsed = self.started.elapsed();
         self.ctx.recorder.on_complete(&Completion {
             request,

@@ -10,6 +10,8 @@
 //!                               # Envoy restarted, pool-file churn, slow /metrics)
 //! scenario soak [--minutes 30]  # 80 % of capacity; EPP RSS/CPU every 10 s, bench/soak.svg
 //! scenario goodput  [--quick]   # highest rate within TTFT p90 ≤ 1 s, per workload and router
+//! scenario tenants  [--quick]   # a batch flood (3× capacity) beside interactive traffic (20 %),
+//!                               # flow control on and off
 //! ```
 
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use bench::harness::Tools;
 use bench::report::update_section;
 use bench::scenario::goodput::{self, GoodputCfg, Ladder};
 use bench::scenario::routing::{self, RoutingCfg, Sweep};
-use bench::scenario::{self, Router, chaos, overhead, scale, soak};
+use bench::scenario::{self, Router, chaos, overhead, scale, soak, tenants};
 use bench::workload::{Kind, WorkloadArgs};
 use clap::{Parser, Subcommand};
 
@@ -74,6 +76,9 @@ enum Cmd {
         #[arg(long, default_value_t = 30.0)]
         minutes: f64,
     },
+    /// Two tenants on one pool: A floods batch traffic at 3× capacity, B sends interactive
+    /// traffic at 20 %; B's TTFT and A's throughput with flow control on and off.
+    Tenants,
     /// Redraw the soak plot from a saved `bench/results/soak.json`.
     SoakReplot {
         /// The saved soak.
@@ -399,6 +404,27 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 .map(|c| c.0.as_str())
                 .collect();
             anyhow::ensure!(failed.is_empty(), "soak verdicts failed: {failed:?}");
+        }
+        Cmd::Tenants => {
+            let cfg = if o.quick {
+                tenants::TenantsCfg::quick()
+            } else {
+                tenants::TenantsCfg::full()
+            };
+            let res = tenants::run(&tools, &cfg, &run_dir).await?;
+            std::fs::write(raw.join("tenants.json"), serde_json::to_vec_pretty(&res)?)?;
+            let md = format!("{header}\n{}", tenants::markdown(&res));
+            eprintln!("{md}");
+            if write {
+                update_section(&results, "tenants", &md)?;
+            }
+            let failed: Vec<&str> = res
+                .checks
+                .iter()
+                .filter(|c| !c.1)
+                .map(|c| c.0.as_str())
+                .collect();
+            anyhow::ensure!(failed.is_empty(), "tenants verdicts failed: {failed:?}");
         }
         Cmd::Backend { .. }
         | Cmd::Replot { .. }

@@ -9,6 +9,7 @@ pub mod overhead;
 pub mod routing;
 pub mod scale;
 pub mod soak;
+pub mod tenants;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -471,8 +472,30 @@ pub async fn start_switchyard_on(
     extra_args: &[&str],
     response_path: ResponsePath,
 ) -> anyhow::Result<RouterUp> {
+    start_switchyard_pool(
+        tools,
+        config,
+        harness::pool_yaml(backends),
+        backends,
+        dir,
+        extra_args,
+        response_path,
+    )
+    .await
+}
+
+/// [`start_switchyard_on`] with the pool file's text given (e.g. with InferenceObjectives).
+pub async fn start_switchyard_pool(
+    tools: &Tools,
+    config: Option<&str>,
+    pool_file: String,
+    backends: &[SocketAddr],
+    dir: &Path,
+    extra_args: &[&str],
+    response_path: ResponsePath,
+) -> anyhow::Result<RouterUp> {
     let pool = dir.join("pool.yaml");
-    std::fs::write(&pool, harness::pool_yaml(backends))?;
+    std::fs::write(&pool, pool_file)?;
     let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
     let mut cmd = Command::new(&tools.epp);
     cmd.arg("--pool-file")

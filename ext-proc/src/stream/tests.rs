@@ -832,4 +832,88 @@ async fn request_body_modes_the_epp_cannot_route_with_get_a_500_at_once() {
     let out = s.on_message(late);
     routing_answer(&out[0]).destination();
     assert!(streamed_body(&out[1]).1, "the body re-sent whole");
+/// Flow control on: a concurrency detector of one request per endpoint; a batch band of one.
+const FLOW_CONTROL: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: concurrency-detector\n  parameters: {maxConcurrency: 1}\nflowControl:\n  saturationDetector: {pluginRef: concurrency-detector}\n  defaultRequestTTL: 10s\n  noEndpointRequestTTL: 60s\n  priorityBands:\n  - priority: 0\n    maxRequests: 1\n";
+
+/// Runs the dispatcher until `token` is cancelled.
+fn dispatcher(h: &Harness) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>) {
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(h.director.clone().run_flow_control(token.clone()));
+    (token, task)
+}
+
+/// The waiting room through the stream: requests sent to an empty pool are answered nothing
+/// until an endpoint is added 5 s later, then every one is routed; none is lost.
+#[tokio::test(start_paused = true)]
+async fn flow_control_scale_from_zero_routes_every_waiting_request() {
+    let h = Harness::with_config(0, &FLOW_CONTROL.replace("maxRequests: 1", "maxRequests: 50"));
+    let (token, task) = dispatcher(&h);
+    let mut streams: Vec<StreamState> = (0..8).map(|_| h.stream()).collect();
+    for s in &mut streams {
+        assert!(send_chat(s, "m", &[]).is_empty(), "queued, not answered");
+        assert!(s.admission().is_some());
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let fc = h.director.flow_control().unwrap().clone();
+    assert_eq!(fc.queued(), 8);
+    // An endpoint comes; each routed request finishes in turn (one at a time fits).
+    let ds = h.director.datastore().clone();
+    ds.apply(pool(1));
+    let mut routed = 0;
+    for s in &mut streams {
+        let decision = s.admission().unwrap().wait().await;
+        let out = s.on_admission(decision);
+        assert_eq!(routing_answer(&out[0]).destination(), "10.0.0.1:8000");
+        assert!(s.admission().is_none());
+        routed += 1;
+        // The response ends: its slot is free for the next.
+        s.on_message(resp_headers(&[(":status", "200")], true, None));
+    }
+    assert_eq!(routed, 8);
+    token.cancel();
+    task.await.unwrap();
+}
+
+/// A client that goes away while queued leaves the queue at once, and the next request takes
+/// its place; a request that does not fit is refused with the reference's answer.
+#[tokio::test(start_paused = true)]
+async fn flow_control_disconnect_frees_the_place_and_overflow_is_refused() {
+    let h = Harness::with_config(1, FLOW_CONTROL);
+    let (token, task) = dispatcher(&h);
+    let fc = h.director.flow_control().unwrap().clone();
+    // The first is routed (one slot); the second waits (the band holds one).
+    let mut first = h.stream();
+    send_chat(&mut first, "m", &[]);
+    let d = first.admission().unwrap().wait().await;
+    assert_eq!(first.on_admission(d).len(), 2);
+    let mut waiting = h.stream();
+    assert!(send_chat(&mut waiting, "m", &[]).is_empty());
+    assert_eq!(fc.queued(), 1);
+    // Full: the third is refused at once, 429 rejected-saturated.
+    let mut third = h.stream();
+    send_chat(&mut third, "m", &[]);
+    let d = third.admission().unwrap().wait().await;
+    let out = third.on_admission(d);
+    assert_eq!(immediate(&out[0]).0, 429);
+    assert_eq!(
+        immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-saturated")
+    );
+    // The waiting client goes away (the ext_proc stream ends): its place is free at once.
+    drop(waiting);
+    assert_eq!(fc.queued(), 0);
+    let mut next = h.stream();
+    assert!(send_chat(&mut next, "m", &[]).is_empty());
+    assert_eq!(fc.queued(), 1);
+    // Nothing frees the slot: after its TTL, 429 rejected-ttl-expired.
+    let d = next.admission().unwrap().wait().await;
+    let out = next.on_admission(d);
+    assert_eq!(immediate(&out[0]).0, 429);
+    assert_eq!(
+        immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-ttl-expired")
+    );
+    drop(first);
+    token.cancel();
+    task.await.unwrap();
 }

@@ -1,0 +1,461 @@
+//! Flow control's metrics, with the reference's names (`llm_d_epp_flow_control_*`, and the
+//! deprecated `inference_extension_flow_control_*` twins of the queue and saturation families,
+//! which the workload-variant-autoscaler's scale-from-zero still reads), and the pool's demand
+//! gauges the autoscaling examples scale on.
+//!
+//! Labels a client could choose are bounded: the fairness id through [`FairnessLabels`] (1,000
+//! values, then `other`, as the reference caps it), models through [`ModelLabels`]; priorities
+//! come from the operator's InferenceObjectives and outcomes from a fixed set.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use endpoint_picker::director::Director;
+use endpoint_picker::flow::{FlowObserver, FlowRecordKey, FlowRequest, Outcome};
+use parking_lot::RwLock;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::labels::{ModelLabels, OVERFLOW_LABEL};
+
+/// Most fairness ids with a label of their own (the reference's cap).
+pub const MAX_FAIRNESS_LABELS: usize = 1_000;
+
+/// The families registered here, as in [`crate::metrics::FAMILIES`].
+pub const FLOW_FAMILIES: &[(&str, &str)] = &[
+    ("llm_d_epp_flow_control_queue_size", "gauge"),
+    ("inference_extension_flow_control_queue_size", "gauge"),
+    ("llm_d_epp_flow_control_queue_bytes", "gauge"),
+    ("inference_extension_flow_control_queue_bytes", "gauge"),
+    (
+        "llm_d_epp_flow_control_request_queue_duration_seconds",
+        "histogram",
+    ),
+    (
+        "inference_extension_flow_control_request_queue_duration_seconds",
+        "histogram",
+    ),
+    ("llm_d_epp_flow_control_requests", "counter"),
+    ("llm_d_epp_flow_control_pool_saturation", "gauge"),
+    ("inference_extension_flow_control_pool_saturation", "gauge"),
+    (
+        "llm_d_epp_flow_control_capacity_utilization_requests",
+        "gauge",
+    ),
+    ("llm_d_epp_flow_control_capacity_utilization_bytes", "gauge"),
+    ("switchyard_pool_demand_requests", "gauge"),
+    ("switchyard_pool_capacity_requests", "gauge"),
+    ("switchyard_pool_demand_ratio", "gauge"),
+];
+
+/// The reference's queue-duration buckets.
+const QUEUE_BUCKETS: [f64; 16] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// `fairness_id, priority, inference_pool, model_name, target_model_name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// The flow.
+    pub fairness_id: String,
+    /// The band.
+    pub priority: String,
+    /// The pool.
+    pub inference_pool: String,
+    /// Model asked for.
+    pub model_name: String,
+    /// Model served.
+    pub target_model_name: String,
+}
+
+/// `fairness_id, priority, outcome, inference_pool, model_name, target_model_name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaitLabels {
+    /// The flow.
+    pub fairness_id: String,
+    /// The band.
+    pub priority: String,
+    /// How it left.
+    pub outcome: &'static str,
+    /// The pool.
+    pub inference_pool: String,
+    /// Model asked for.
+    pub model_name: String,
+    /// Model served.
+    pub target_model_name: String,
+}
+
+/// `outcome, priority, inference_pool`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// How it left.
+    pub outcome: &'static str,
+    /// The band.
+    pub priority: String,
+    /// The pool.
+    pub inference_pool: String,
+}
+
+/// `inference_pool, stage`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SaturationLabels {
+    /// The pool.
+    pub inference_pool: String,
+    /// `effective` (no prefill/decode split here).
+    pub stage: &'static str,
+}
+
+/// `priority, inference_pool`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BandLabels {
+    /// The band.
+    pub priority: String,
+    /// The pool.
+    pub inference_pool: String,
+}
+
+/// `name` (the pool; as the other pool gauges).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolName {
+    /// The pool.
+    pub name: String,
+}
+
+type GaugeF = Gauge<f64, AtomicU64>;
+
+/// Flow control's metrics and the demand gauges.
+#[derive(Debug)]
+pub struct FlowMetrics {
+    queue_size: [Family<QueueLabels, Gauge>; 2],
+    queue_bytes: [Family<QueueLabels, Gauge>; 2],
+    queue_duration: [Family<WaitLabels, Histogram, fn() -> Histogram>; 2],
+    requests: Family<OutcomeLabels, Counter>,
+    saturation: [Family<SaturationLabels, GaugeF>; 2],
+    band_requests: Family<BandLabels, GaugeF>,
+    band_bytes: Family<BandLabels, GaugeF>,
+    demand: Family<PoolName, Gauge>,
+    capacity: Family<PoolName, Gauge>,
+    demand_ratio: Family<PoolName, GaugeF>,
+    models: Arc<ModelLabels>,
+    fairness: FairnessLabels,
+    pool: RwLock<String>,
+}
+
+impl FlowMetrics {
+    /// Creates the families and registers them.
+    pub fn register(registry: &mut Registry, models: Arc<ModelLabels>) -> Arc<Self> {
+        fn queue_histogram() -> Histogram {
+            Histogram::new(QUEUE_BUCKETS.iter().copied())
+        }
+        let hist = || Family::new_with_constructor(queue_histogram as fn() -> Histogram);
+        let m = Self {
+            queue_size: Default::default(),
+            queue_bytes: Default::default(),
+            queue_duration: [hist(), hist()],
+            requests: Family::default(),
+            saturation: Default::default(),
+            band_requests: Family::default(),
+            band_bytes: Family::default(),
+            demand: Family::default(),
+            capacity: Family::default(),
+            demand_ratio: Family::default(),
+            models,
+            fairness: FairnessLabels::default(),
+            pool: RwLock::new(String::new()),
+        };
+        for (i, prefix) in ["llm_d_epp", "inference_extension"].iter().enumerate() {
+            registry.register(
+                format!("{prefix}_flow_control_queue_size"),
+                "Requests currently held by flow control, per flow and priority",
+                m.queue_size[i].clone(),
+            );
+            registry.register(
+                format!("{prefix}_flow_control_queue_bytes"),
+                "Request body bytes currently held by flow control, per flow and priority",
+                m.queue_bytes[i].clone(),
+            );
+            registry.register(
+                format!("{prefix}_flow_control_request_queue_duration_seconds"),
+                "Time requests spent in flow control, per flow, priority and outcome",
+                m.queue_duration[i].clone(),
+            );
+            registry.register(
+                format!("{prefix}_flow_control_pool_saturation"),
+                "Pool saturation as flow control's detector sees it (1 = saturated)",
+                m.saturation[i].clone(),
+            );
+        }
+        registry.register(
+            "llm_d_epp_flow_control_requests",
+            "Requests that went through flow control, by outcome and priority",
+            m.requests.clone(),
+        );
+        registry.register(
+            "llm_d_epp_flow_control_capacity_utilization_requests",
+            "Requests queued in a priority band over the band's request capacity",
+            m.band_requests.clone(),
+        );
+        registry.register(
+            "llm_d_epp_flow_control_capacity_utilization_bytes",
+            "Bytes queued in a priority band over the band's byte capacity",
+            m.band_bytes.clone(),
+        );
+        registry.register(
+            "switchyard_pool_demand_requests",
+            "Requests the pool is asked to serve now: queued in flow control, dispatched, and in flight on the endpoints",
+            m.demand.clone(),
+        );
+        registry.register(
+            "switchyard_pool_capacity_requests",
+            "Requests the pool's ready endpoints are meant to hold at once (ready endpoints times the saturation detector's per-endpoint concurrency)",
+            m.capacity.clone(),
+        );
+        registry.register(
+            "switchyard_pool_demand_ratio",
+            "Demand over capacity (above 1: more replicas wanted; with no ready endpoint, the demand itself)",
+            m.demand_ratio.clone(),
+        );
+        Arc::new(m)
+    }
+
+    fn queue_labels(&self, request: &FlowRequest, key: &FlowRecordKey) -> QueueLabels {
+        QueueLabels {
+            fairness_id: key.fairness_id.to_string(),
+            priority: request.priority.to_string(),
+            inference_pool: self.pool.read().clone(),
+            model_name: key.model.to_string(),
+            target_model_name: key.target_model.to_string(),
+        }
+    }
+
+    /// Refreshes the gauges read from current state: saturation, band utilisation, demand
+    /// and capacity. Called with the other pool gauges.
+    pub fn refresh(&self, director: &Director) {
+        let pool = director.datastore().snapshot().name.clone();
+        if *self.pool.read() != pool {
+            *self.pool.write() = pool.clone();
+        }
+        let in_flight: u64 = {
+            let snap = director.datastore().snapshot();
+            snap.endpoints
+                .iter()
+                .map(|e| director.in_flight().get(e.id))
+                .sum()
+        };
+        let (queued, dispatched) = match director.flow_control() {
+            Some(fc) => {
+                let s = fc.snapshot(tokio::time::Instant::now());
+                for (i, _) in self.saturation.iter().enumerate() {
+                    self.saturation[i]
+                        .get_or_create(&SaturationLabels {
+                            inference_pool: pool.clone(),
+                            stage: "effective",
+                        })
+                        .set(s.saturation);
+                }
+                self.band_requests.clear();
+                self.band_bytes.clear();
+                for b in &s.bands {
+                    let labels = BandLabels {
+                        priority: b.priority.to_string(),
+                        inference_pool: pool.clone(),
+                    };
+                    self.band_requests
+                        .get_or_create(&labels)
+                        .set(b.queued as f64 / b.max_requests.max(1) as f64);
+                    self.band_bytes
+                        .get_or_create(&labels)
+                        .set(b.bytes as f64 / b.max_bytes.max(1) as f64);
+                }
+                (s.queued, s.dispatched_unrouted)
+            }
+            None => (0, 0),
+        };
+        let reading = director.pool_reading(0);
+        let demand = queued + dispatched + in_flight;
+        let capacity = reading.endpoints as u64
+            * director.config().saturation_detector.requests_per_endpoint();
+        let labels = PoolName { name: pool };
+        self.demand
+            .get_or_create(&labels)
+            .set(i64::try_from(demand).unwrap_or(i64::MAX));
+        self.capacity
+            .get_or_create(&labels)
+            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
+        self.demand_ratio.get_or_create(&labels).set(if capacity == 0 {
+            demand as f64
+        } else {
+            demand as f64 / capacity as f64
+        });
+    }
+}
+
+impl FlowObserver for FlowMetrics {
+    fn entered(&self, request: &FlowRequest) -> FlowRecordKey {
+        let key = FlowRecordKey {
+            fairness_id: self.fairness.label(&request.fairness_id),
+            model: self.models.label(&request.model),
+            target_model: self.models.label(&request.target_model),
+        };
+        let labels = self.queue_labels(request, &key);
+        for i in 0..2 {
+            self.queue_size[i].get_or_create(&labels).inc();
+            self.queue_bytes[i]
+                .get_or_create(&labels)
+                .inc_by(i64::try_from(request.bytes).unwrap_or(i64::MAX));
+        }
+        key
+    }
+
+    fn left(&self, request: &FlowRequest, key: &FlowRecordKey, outcome: Outcome, waited: Duration) {
+        let labels = self.queue_labels(request, key);
+        for i in 0..2 {
+            self.queue_size[i].get_or_create(&labels).dec();
+            self.queue_bytes[i]
+                .get_or_create(&labels)
+                .dec_by(i64::try_from(request.bytes).unwrap_or(i64::MAX));
+        }
+        let wait = WaitLabels {
+            fairness_id: labels.fairness_id,
+            priority: labels.priority,
+            outcome: outcome.as_str(),
+            inference_pool: labels.inference_pool,
+            model_name: labels.model_name,
+            target_model_name: labels.target_model_name,
+        };
+        for h in &self.queue_duration {
+            h.get_or_create(&wait).observe(waited.as_secs_f64());
+        }
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+                priority: wait.priority,
+                inference_pool: wait.inference_pool,
+            })
+            .inc();
+    }
+}
+
+/// Fairness ids as label values: the first [`MAX_FAIRNESS_LABELS`] distinct ids keep their
+/// own (for the life of the process), every later one is `other`.
+#[derive(Debug)]
+pub struct FairnessLabels {
+    names: RwLock<HashMap<Arc<str>, Arc<str>>>,
+    overflow: Arc<str>,
+}
+
+impl Default for FairnessLabels {
+    fn default() -> Self {
+        Self {
+            names: RwLock::new(HashMap::new()),
+            overflow: Arc::from(OVERFLOW_LABEL),
+        }
+    }
+}
+
+impl FairnessLabels {
+    /// The label value of `id`.
+    pub fn label(&self, id: &Arc<str>) -> Arc<str> {
+        if let Some(l) = self.names.read().get(id) {
+            return l.clone();
+        }
+        let mut names = self.names.write();
+        if let Some(l) = names.get(id) {
+            return l.clone();
+        }
+        if names.len() >= MAX_FAIRNESS_LABELS {
+            return self.overflow.clone();
+        }
+        names.insert(id.clone(), id.clone());
+        id.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fairness_labels_are_bounded() {
+        let labels = FairnessLabels::default();
+        for i in 0..(MAX_FAIRNESS_LABELS + 50) {
+            let id: Arc<str> = Arc::from(format!("tenant-{i}").as_str());
+            let l = labels.label(&id);
+            if i < MAX_FAIRNESS_LABELS {
+                assert_eq!(l, id);
+            } else {
+                assert_eq!(&*l, OVERFLOW_LABEL);
+            }
+        }
+        assert_eq!(&*labels.label(&Arc::from("tenant-0")), "tenant-0");
+    }
+
+    #[test]
+    fn queue_gauges_rise_and_fall_under_the_same_labels() {
+        let mut registry = Registry::default();
+        let m = FlowMetrics::register(&mut registry, Arc::new(ModelLabels::default()));
+        let request = FlowRequest {
+            fairness_id: Arc::from("tenant-a"),
+            priority: -1,
+            bytes: 300,
+            slo_ttft: None,
+            model: "m".into(),
+            target_model: "m".into(),
+        };
+        let key = m.entered(&request);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("llm_d_epp_flow_control_queue_size{fairness_id=\"tenant-a\",priority=\"-1\""),
+            "{text}"
+        );
+        m.left(&request, &key, Outcome::EvictedTtl, Duration::from_secs(2));
+        // Families without samples are left out of the exposition: give each one.
+        let pool = PoolName { name: "p".into() };
+        let band = BandLabels {
+            priority: "0".into(),
+            inference_pool: "p".into(),
+        };
+        for f in &m.saturation {
+            f.get_or_create(&SaturationLabels {
+                inference_pool: "p".into(),
+                stage: "effective",
+            })
+            .set(0.5);
+        }
+        m.band_requests.get_or_create(&band).set(0.1);
+        m.band_bytes.get_or_create(&band).set(0.1);
+        m.demand.get_or_create(&pool).set(1);
+        m.capacity.get_or_create(&pool).set(1);
+        m.demand_ratio.get_or_create(&pool).set(1.0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("inference_extension_flow_control_queue_size{fairness_id=\"tenant-a\",priority=\"-1\",inference_pool=\"\",model_name=\"m\",target_model_name=\"m\"} 0"), "{text}");
+        assert!(
+            text.contains("llm_d_epp_flow_control_requests_total{outcome=\"EvictedTTL\",priority=\"-1\",inference_pool=\"\"} 1"),
+            "{text}"
+        );
+        let mut registered: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (n, t) = l.split_once(' ').unwrap();
+                (n.to_owned(), t.to_owned())
+            })
+            .collect();
+        registered.sort();
+        let mut listed: Vec<(String, String)> = FLOW_FAMILIES
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        listed.sort();
+        assert_eq!(registered, listed);
+    }
+}
