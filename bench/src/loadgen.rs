@@ -427,8 +427,7 @@ pub async fn run_with(
                         let req = workload.lock().next_request();
                         progress.sent.fetch_add(1, Ordering::Relaxed);
                         ctl.live.push(i, (Instant::now() - start).as_secs_f64());
-                        let r =
-                            one_timed(&client, &base, i, req, start, &deadline, &ctl).await;
+                        let r = one_timed(&client, &base, i, req, start, &deadline, &ctl).await;
                         count_done(&progress, &r);
                         mine.push(r);
                     }
@@ -577,8 +576,7 @@ async fn one_inner(
     for (k, v) in &ctl.headers {
         builder = builder.header(k.as_str(), v.as_str());
     }
-    let http_req = match builder.body(Full::new(req.body))
-    {
+    let http_req = match builder.body(Full::new(req.body)) {
         Ok(r) => r,
         Err(e) => {
             rec.error = Some(e.to_string());

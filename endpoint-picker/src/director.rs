@@ -19,7 +19,9 @@ use tokio::time::Instant;
 
 use crate::config::LoadedConfig;
 use crate::datastore::{Datastore, Endpoint, EndpointId, Readiness};
-use crate::flow::{FlowControl, FlowRejection, FlowRequest, MAX_AGENT_ID_BYTES, PoolProbe, PoolReading};
+use crate::flow::{
+    FlowControl, FlowRejection, FlowRequest, MAX_AGENT_ID_BYTES, PoolProbe, PoolReading,
+};
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
 use crate::scheduling::{
@@ -368,12 +370,9 @@ impl Director {
     pub fn resolve(&self, request: &mut InferenceRequest, forced_target: Option<&str>) {
         if let Some(headers) = &self.config.agent_identity
             && request.fairness_id == crate::flow::DEFAULT_FAIRNESS_ID
-            && let Some(agent) = headers.iter().find_map(|h| {
-                request
-                    .header(h)
-                    .map(str::trim)
-                    .filter(|v| is_flow_id(v))
-            })
+            && let Some(agent) = headers
+                .iter()
+                .find_map(|h| request.header(h).map(str::trim).filter(|v| is_flow_id(v)))
         {
             request.fairness_id = agent.to_owned();
         }

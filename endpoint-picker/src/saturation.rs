@@ -319,7 +319,9 @@ impl ConcurrencyDetector {
                 return Err(p.invalid("headroom", "must be ≥ 0"));
             }
             if h > 1.0 {
-                p.warn(format_args!("headroom {h} lets endpoints take more than twice maxConcurrency"));
+                p.warn(format_args!(
+                    "headroom {h} lets endpoints take more than twice maxConcurrency"
+                ));
             }
             d.headroom = h;
         }
@@ -327,14 +329,24 @@ impl ConcurrencyDetector {
     }
 
     /// The pool's saturation; `dispatched` requests not routed yet count as request load.
-    pub fn saturation(&self, candidates: &[Candidate], in_flight: &InFlightCounts, dispatched: u64) -> f64 {
+    pub fn saturation(
+        &self,
+        candidates: &[Candidate],
+        in_flight: &InFlightCounts,
+        dispatched: u64,
+    ) -> f64 {
         if candidates.is_empty() {
             return 1.0;
         }
         let n = candidates.len() as f64;
         let max_req = self.max_concurrency.max(1) as f64;
         let max_tok = self.max_token_concurrency.max(1) as f64;
-        let reading = |c: &Candidate| in_flight.load(c.endpoint.id).map(|l| l.read()).unwrap_or_default();
+        let reading = |c: &Candidate| {
+            in_flight
+                .load(c.endpoint.id)
+                .map(|l| l.read())
+                .unwrap_or_default()
+        };
         let extra = dispatched as f64;
         match self.mode {
             ConcurrencyMode::Requests => {
@@ -371,7 +383,11 @@ impl Filter for ConcurrencyDetector {
         let max_tok = (self.max_token_concurrency as f64 * scale) as u64;
         c.into_iter()
             .filter(|c| {
-                let r = state.in_flight.load(c.endpoint.id).map(|l| l.read()).unwrap_or_default();
+                let r = state
+                    .in_flight
+                    .load(c.endpoint.id)
+                    .map(|l| l.read())
+                    .unwrap_or_default();
                 match self.mode {
                     ConcurrencyMode::Requests => r.requests < max_req,
                     ConcurrencyMode::Tokens => r.prefill_tokens < max_tok,

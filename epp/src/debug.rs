@@ -322,7 +322,11 @@ fn flow_view(director: &Director, now: tokio::time::Instant) -> Option<FlowView>
                     .collect(),
             })
             .collect(),
-        outcomes: s.outcomes.into_iter().map(|(o, n)| (o.as_str(), n)).collect(),
+        outcomes: s
+            .outcomes
+            .into_iter()
+            .map(|(o, n)| (o.as_str(), n))
+            .collect(),
     })
 }
 

@@ -281,7 +281,10 @@ impl FlowMetrics {
         let reading = director.pool_reading(0);
         let demand = queued + dispatched + in_flight;
         let capacity = reading.endpoints as u64
-            * director.config().saturation_detector.requests_per_endpoint();
+            * director
+                .config()
+                .saturation_detector
+                .requests_per_endpoint();
         let labels = PoolName { name: pool };
         self.demand
             .get_or_create(&labels)
@@ -289,11 +292,13 @@ impl FlowMetrics {
         self.capacity
             .get_or_create(&labels)
             .set(i64::try_from(capacity).unwrap_or(i64::MAX));
-        self.demand_ratio.get_or_create(&labels).set(if capacity == 0 {
-            demand as f64
-        } else {
-            demand as f64 / capacity as f64
-        });
+        self.demand_ratio
+            .get_or_create(&labels)
+            .set(if capacity == 0 {
+                demand as f64
+            } else {
+                demand as f64 / capacity as f64
+            });
     }
 }
 
@@ -413,7 +418,9 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
-            text.contains("llm_d_epp_flow_control_queue_size{fairness_id=\"tenant-a\",priority=\"-1\""),
+            text.contains(
+                "llm_d_epp_flow_control_queue_size{fairness_id=\"tenant-a\",priority=\"-1\""
+            ),
             "{text}"
         );
         m.left(&request, &key, Outcome::EvictedTtl, Duration::from_secs(2));

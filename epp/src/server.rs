@@ -26,8 +26,8 @@ use ext_proc::stream::{ServiceContext, ServiceOptions};
 
 use crate::admin::{self, AdminAuth, AdminState, DebugState};
 use crate::debug::DecisionLog;
-use crate::health;
 use crate::flow_metrics::FlowMetrics;
+use crate::health;
 use crate::labels::ModelLabels;
 use crate::metrics::{EppMetrics, MetricsObserver};
 use crate::recorder::EppRecorder;

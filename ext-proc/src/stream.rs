@@ -903,11 +903,13 @@ impl StreamState {
         // Envoy streamed the body past the EPP, so its size is not known here.
         let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;
         let Some(request) = &self.request else { return };
-        if let (Some(flow), Some(usage)) =
-            (self.ctx.director.flow_control(), self.response.usage)
-        {
+        if let (Some(flow), Some(usage)) = (self.ctx.director.flow_control(), self.response.usage) {
             // The least-attained-service policy learns what each flow consumed.
-            flow.record_usage(&request.fairness_id, usage.prompt_tokens, usage.completion_tokens);
+            flow.record_usage(
+                &request.fairness_id,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            );
         }
         let elapsed = self.started.elapsed();
         self.ctx.recorder.on_complete(&Completion {

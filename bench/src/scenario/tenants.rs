@@ -215,7 +215,10 @@ pub async fn run(tools: &Tools, cfg: &TenantsCfg, dir: &Path) -> anyhow::Result<
     let (_sim, backends) = scenario::start_sim(tools, cfg.replicas, &sim_args, &dir)?;
     let pool = format!("{}{OBJECTIVES}", harness::pool_yaml(&backends));
     let start = |flow_control: bool| {
-        let (pool, dir) = (pool.clone(), dir.join(if flow_control { "on" } else { "off" }));
+        let (pool, dir) = (
+            pool.clone(),
+            dir.join(if flow_control { "on" } else { "off" }),
+        );
         let config = epp_config(flow_control, cfg);
         let backends = backends.clone();
         async move {
@@ -353,7 +356,10 @@ pub fn markdown(r: &TenantsRun) -> String {
     md.push_str(&row("A, flow control off", &r.off.a));
     md.push_str("\nVerdicts (flow control on):\n\n");
     for (what, pass) in &r.checks {
-        md.push_str(&format!("- {} {what}\n", if *pass { "PASS" } else { "FAIL" }));
+        md.push_str(&format!(
+            "- {} {what}\n",
+            if *pass { "PASS" } else { "FAIL" }
+        ));
     }
     md
 }
@@ -371,7 +377,10 @@ mod tests {
         }
         let c = endpoint_picker::config::load(&epp_config(true, &cfg), 1).unwrap();
         let f = c.flow_control.unwrap();
-        assert_eq!(f.bands.iter().map(|b| b.priority).collect::<Vec<_>>(), [10, 0, -1]);
+        assert_eq!(
+            f.bands.iter().map(|b| b.priority).collect::<Vec<_>>(),
+            [10, 0, -1]
+        );
         assert_eq!(f.bands[2].max_requests, 32);
     }
 

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use yaml_serde::Value;
 
+use super::ConfigError;
 use super::gates::{self, FeatureGates};
 use super::instances::{Instance, Plugins};
 use super::params::{Params, parse_duration};
 use super::types::{EndpointPickerConfig, FlowControlSpec, PriorityBandSpec};
-use super::ConfigError;
 use crate::flow::config::{
-    BandConfig, DEFAULT_BAND_MAX_BYTES, DEFAULT_BAND_MAX_REQUESTS, DEFAULT_REQUEST_TTL,
-    FlowConfig, parse_quantity,
+    BandConfig, DEFAULT_BAND_MAX_BYTES, DEFAULT_BAND_MAX_REQUESTS, DEFAULT_REQUEST_TTL, FlowConfig,
+    parse_quantity,
 };
 use crate::scheduling::registry::{self, Built};
 
@@ -115,9 +115,16 @@ fn global_cap(value: Option<&Value>, name: &str) -> Result<u64, ConfigError> {
 }
 
 /// A band cap: omitted or 0 = `default`; negative is an error.
-fn band_cap(value: Option<&Value>, context: &str, name: &str, default: u64) -> Result<u64, ConfigError> {
+fn band_cap(
+    value: Option<&Value>,
+    context: &str,
+    name: &str,
+    default: u64,
+) -> Result<u64, ConfigError> {
     match quantity(value, &format!("{context} {name}"))? {
-        Some(n) if n < 0 => Err(flow_error(format!("{context}: {name} must be non-negative"))),
+        Some(n) if n < 0 => Err(flow_error(format!(
+            "{context}: {name} must be non-negative"
+        ))),
         Some(0) | None => Ok(default),
         Some(n) => u64::try_from(n).map_err(|_| flow_error(format!("{context}: {name} too large"))),
     }
@@ -145,7 +152,9 @@ fn duration(text: Option<&str>, name: &str) -> Result<Option<Duration>, ConfigEr
     if let Some(rest) = t.strip_prefix('-')
         && parse_duration(rest).is_some_and(|d| !d.is_zero())
     {
-        return Err(flow_error(format!("{name} must be non-negative, got {t:?}")));
+        return Err(flow_error(format!(
+            "{name} must be non-negative, got {t:?}"
+        )));
     }
     parse_duration(t)
         .map(Some)
@@ -179,12 +188,18 @@ fn band(
 ) -> Result<BandConfig, ConfigError> {
     let default = PriorityBandSpec::default();
     let spec = spec.unwrap_or(&default);
-    let fairness_ref = spec.fairness_policy_ref.as_deref().unwrap_or(DEFAULT_FAIRNESS);
+    let fairness_ref = spec
+        .fairness_policy_ref
+        .as_deref()
+        .unwrap_or(DEFAULT_FAIRNESS);
     let fairness = match resolve(plugins, fairness_ref, warnings)? {
         Built::Fairness(f) => f.clone(),
         other => return Err(wrong_type(fairness_ref, "FairnessPolicy", other)),
     };
-    let ordering_ref = spec.ordering_policy_ref.as_deref().unwrap_or(DEFAULT_ORDERING);
+    let ordering_ref = spec
+        .ordering_policy_ref
+        .as_deref()
+        .unwrap_or(DEFAULT_ORDERING);
     let ordering = match resolve(plugins, ordering_ref, warnings)? {
         Built::Ordering(o) => *o,
         other => return Err(wrong_type(ordering_ref, "OrderingPolicy", other)),
@@ -197,7 +212,12 @@ fn band(
             "maxRequests",
             DEFAULT_BAND_MAX_REQUESTS,
         )?,
-        max_bytes: band_cap(spec.max_bytes.as_ref(), context, "maxBytes", DEFAULT_BAND_MAX_BYTES)?,
+        max_bytes: band_cap(
+            spec.max_bytes.as_ref(),
+            context,
+            "maxBytes",
+            DEFAULT_BAND_MAX_BYTES,
+        )?,
         fairness: (Arc::from(fairness_ref), fairness),
         ordering: (Arc::from(ordering_ref), ordering),
     })
@@ -211,7 +231,10 @@ fn resolve<'p>(
     warnings: &mut Vec<String>,
 ) -> Result<&'p Built, ConfigError> {
     if plugins.get(name).is_none()
-        && matches!(name, DEFAULT_FAIRNESS | DEFAULT_ORDERING | DEFAULT_USAGE_LIMIT)
+        && matches!(
+            name,
+            DEFAULT_FAIRNESS | DEFAULT_ORDERING | DEFAULT_USAGE_LIMIT
+        )
         && let Some(entry) = registry::lookup(name)
     {
         let built = entry.build(&mut Params::new(name, entry.type_name, None, warnings))?;
@@ -248,7 +271,10 @@ mod tests {
         };
         let s = |secs| Some(Duration::from_secs(secs));
         assert_eq!(ttls(&spec(None, None)).unwrap(), (s(60), s(60)));
-        assert_eq!(ttls(&spec(Some("1m"), Some("5m"))).unwrap(), (s(60), s(300)));
+        assert_eq!(
+            ttls(&spec(Some("1m"), Some("5m"))).unwrap(),
+            (s(60), s(300))
+        );
         assert_eq!(ttls(&spec(Some("30s"), None)).unwrap(), (s(30), s(30)));
         assert_eq!(ttls(&spec(Some("0s"), None)).unwrap(), (None, None));
         assert_eq!(ttls(&spec(None, Some("0s"))).unwrap(), (s(60), None));

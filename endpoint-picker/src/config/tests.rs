@@ -38,7 +38,13 @@ fn builtin_default_is_queue_kv_prefix() {
         1,
         "prefix scorer gets its producer"
     );
-    assert_eq!(c.saturation_detector.utilization().unwrap().queue_depth_threshold, 5.0);
+    assert_eq!(
+        c.saturation_detector
+            .utilization()
+            .unwrap()
+            .queue_depth_threshold,
+        5.0
+    );
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
@@ -223,7 +229,13 @@ fn flow_control_section_without_the_gate_keeps_only_its_detector() {
     )
     .unwrap();
     // The new field wins over the deprecated one.
-    assert_eq!(c.saturation_detector.utilization().unwrap().queue_depth_threshold, 9.0);
+    assert_eq!(
+        c.saturation_detector
+            .utilization()
+            .unwrap()
+            .queue_depth_threshold,
+        9.0
+    );
     let ignored: Vec<_> = c
         .warnings
         .iter()
@@ -253,7 +265,13 @@ fn undeclared_detector_and_parser_types_are_made_as_the_reference_does() {
         1,
     )
     .unwrap();
-    assert_eq!(c.saturation_detector.utilization().unwrap().queue_depth_threshold, 5.0);
+    assert_eq!(
+        c.saturation_detector
+            .utilization()
+            .unwrap()
+            .queue_depth_threshold,
+        5.0
+    );
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let e = err(&format!("{HEAD}parser:\n  pluginRef: anthropic-parser\n"));
     assert!(
@@ -360,7 +378,14 @@ fn reference_flow_control_configs_load() {
     let bands: Vec<_> = f
         .bands
         .iter()
-        .map(|b| (b.priority, b.max_requests, b.max_bytes, b.fairness.1.type_name()))
+        .map(|b| {
+            (
+                b.priority,
+                b.max_requests,
+                b.max_bytes,
+                b.fairness.1.type_name(),
+            )
+        })
         .collect();
     assert_eq!(
         bands,
@@ -383,7 +408,10 @@ fn reference_flow_control_configs_load() {
     assert_eq!(f.bands.len(), 1, "band 0 from the default template");
     // The soft reflective ceiling.
     let (f, _) = fc("soft-reflective-ceiling-epp-config.yaml");
-    assert_eq!(f.unwrap().usage_limit.type_name(), "soft-reflective-ceiling-policy");
+    assert_eq!(
+        f.unwrap().usage_limit.type_name(),
+        "soft-reflective-ceiling-policy"
+    );
     // The loader's own cases: regime-split TTLs, an inherited 0s TTL, custom plugins.
     let (f, _) = fc("loader-success.yaml");
     let f = f.unwrap();
@@ -396,7 +424,10 @@ fn reference_flow_control_configs_load() {
     let (f, _) = fc("loader-complex.yaml");
     let f = f.unwrap();
     assert_eq!(
-        f.bands.iter().map(|b| (b.priority, &*b.ordering.0, &*b.fairness.0)).collect::<Vec<_>>(),
+        f.bands
+            .iter()
+            .map(|b| (b.priority, &*b.ordering.0, &*b.fairness.0))
+            .collect::<Vec<_>>(),
         [
             (100, "customFCFS", "customFairness"),
             (0, "fcfs-ordering-policy", "global-strict-fairness-policy")
@@ -416,16 +447,28 @@ fn reference_flow_control_configs_load() {
     let e = load(&fixture("flow-control/loader-error-missing-plugin.yaml"), 1)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("plugin \"non-existent-policy\" not found"), "{e}");
+    assert!(
+        e.contains("plugin \"non-existent-policy\" not found"),
+        "{e}"
+    );
 }
 
 #[test]
 fn flow_control_validation_uses_the_references_messages() {
     let gate = "featureGates: [flowControl]\n";
     for (section, message) in [
-        ("flowControl:\n  maxBytes: \"-1\"\n", "global MaxBytes must be non-negative"),
-        ("flowControl:\n  maxRequests: -5\n", "global MaxRequests must be non-negative"),
-        ("flowControl:\n  defaultRequestTTL: -1s\n", "defaultRequestTTL must be non-negative"),
+        (
+            "flowControl:\n  maxBytes: \"-1\"\n",
+            "global MaxBytes must be non-negative",
+        ),
+        (
+            "flowControl:\n  maxRequests: -5\n",
+            "global MaxRequests must be non-negative",
+        ),
+        (
+            "flowControl:\n  defaultRequestTTL: -1s\n",
+            "defaultRequestTTL must be non-negative",
+        ),
         (
             "flowControl:\n  priorityBands:\n  - priority: 5\n  - priority: 5\n",
             "duplicate priority level 5",
@@ -476,8 +519,14 @@ fn flow_control_validation_uses_the_references_messages() {
     assert!(f.eviction);
     assert_eq!(f.no_endpoint_ttl, Some(Duration::from_secs(600)));
     assert_eq!(f.template(-3).max_requests, 10);
-    assert_eq!(f.template(-3).fairness.1.type_name(), "round-robin-fairness-policy");
+    assert_eq!(
+        f.template(-3).fairness.1.type_name(),
+        "round-robin-fairness-policy"
+    );
     assert_eq!(f.template(3).max_requests, 5_000);
     assert_eq!(f.usage_limit.type_name(), "priority-holdback-policy");
-    assert_eq!(c.agent_identity.as_deref().unwrap()[..2], ["x-tenant".to_owned(), "x-claude-code-session-id".to_owned()]);
+    assert_eq!(
+        c.agent_identity.as_deref().unwrap()[..2],
+        ["x-tenant".to_owned(), "x-claude-code-session-id".to_owned()]
+    );
 }

@@ -141,7 +141,10 @@ impl FlowControlSpec {
         note(self.enable_eviction.is_some(), "enableEviction");
         note(self.max_bytes.is_some(), "maxBytes");
         note(self.max_requests.is_some(), "maxRequests");
-        note(self.no_endpoint_request_ttl.is_some(), "noEndpointRequestTTL");
+        note(
+            self.no_endpoint_request_ttl.is_some(),
+            "noEndpointRequestTTL",
+        );
         note(!self.priority_bands.is_empty(), "priorityBands");
         note(
             self.usage_limit_policy_plugin_ref.is_some(),

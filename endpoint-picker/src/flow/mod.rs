@@ -435,7 +435,10 @@ impl State {
             .filter_map(|(id, q)| q.back().map(|i| (id, i.id)))
             .max_by_key(|&(_, id)| id)
             .map(|(id, _)| id.clone())?;
-        let index = band.flows.get(&flow).map_or(0, |q| q.len().saturating_sub(1));
+        let index = band
+            .flows
+            .get(&flow)
+            .map_or(0, |q| q.len().saturating_sub(1));
         let item = band.take(&flow, index)?;
         self.len -= 1;
         self.bytes -= item.bytes;
@@ -663,10 +666,7 @@ impl FlowControl {
     /// Removes a request whose client went away; `false` if it had already left the queue.
     fn cancel(&self, priority: i32, flow: &Arc<str>, id: u64) -> bool {
         let mut st = self.state.lock();
-        let Ok(bi) = st
-            .bands
-            .binary_search_by(|b| priority.cmp(&b.cfg.priority))
-        else {
+        let Ok(bi) = st.bands.binary_search_by(|b| priority.cmp(&b.cfg.priority)) else {
             return false;
         };
         let band = &mut st.bands[bi];
@@ -713,7 +713,11 @@ impl FlowControl {
                 self.housekeeping(&mut st, now);
             }
             st.saturation = reading.saturation;
-            let chosen = if empty { None } else { self.choose(&mut st, now) };
+            let chosen = if empty {
+                None
+            } else {
+                self.choose(&mut st, now)
+            };
             drop(st);
             for (item, outcome) in expired.drain(..) {
                 let _ = item.tx.send(Err(FlowRejection {
@@ -1002,12 +1006,7 @@ impl Ticket {
     fn finish(&self, outcome: Outcome) {
         self.fc.count(outcome);
         if let Some(o) = self.fc.observer.get() {
-            o.left(
-                &self.request,
-                &self.key,
-                outcome,
-                self.entered.elapsed(),
-            );
+            o.left(&self.request, &self.key, outcome, self.entered.elapsed());
         }
     }
 }
@@ -1056,7 +1055,10 @@ pub fn agent_identity_headers(p: &mut Params<'_>) -> Result<Arc<[String]>, Confi
         .chain(AGENT_IDENTITY_HEADERS.iter().map(|h| (*h).to_owned()))
     {
         if h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(p.invalid("additionalSessionHeaders", format!("not a header name: {h:?}")));
+            return Err(p.invalid(
+                "additionalSessionHeaders",
+                format!("not a header name: {h:?}"),
+            ));
         }
         if !headers.contains(&h) {
             headers.push(h);

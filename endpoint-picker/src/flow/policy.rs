@@ -146,10 +146,7 @@ impl FairnessPolicy {
                 .map_or(0, |(i, _)| i),
             FairnessPolicy::RoundRobin => match last {
                 // The first flow after the last one served, wrapping around.
-                Some(last) => contenders
-                    .iter()
-                    .position(|c| c.id > last)
-                    .unwrap_or(0),
+                Some(last) => contenders.iter().position(|c| c.id > last).unwrap_or(0),
                 None => 0,
             },
             FairnessPolicy::LeastAttainedService(las) => las.pick(contenders, now),
@@ -406,7 +403,10 @@ impl UsageLimitPolicy {
             None | Some("rank") => false,
             Some("value") => true,
             Some(d) => {
-                return Err(p.invalid("domain", format!("unknown domain {d:?}; known: rank, value")));
+                return Err(p.invalid(
+                    "domain",
+                    format!("unknown domain {d:?}; known: rank, value"),
+                ));
             }
         };
         Ok(UsageLimitPolicy::PriorityHoldback { min, max, by_value })
@@ -560,7 +560,12 @@ mod tests {
         let now = Instant::now();
         let las = Las::new(LasParams::default());
         for i in 0..MAX_PROGRAMS + 5 {
-            las.record(&format!("p{i}"), 1, 1, now + Duration::from_millis(i as u64));
+            las.record(
+                &format!("p{i}"),
+                1,
+                1,
+                now + Duration::from_millis(i as u64),
+            );
         }
         assert_eq!(las.len(), MAX_PROGRAMS);
         assert_eq!(las.attained("p0", now), 0.0, "the idlest was forgotten");

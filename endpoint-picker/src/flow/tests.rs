@@ -90,9 +90,7 @@ async fn drain(fc: &Arc<FlowControl>, pool: &FakePool, tickets: &mut Vec<Ticket>
         let mut rest = Vec::new();
         for mut t in tickets.drain(..) {
             // A decided ticket answers at once; a queued one would block.
-            if let Ok(Ok(_admitted)) =
-                tokio::time::timeout(Duration::ZERO, t.wait()).await
-            {
+            if let Ok(Ok(_admitted)) = tokio::time::timeout(Duration::ZERO, t.wait()).await {
                 pool.in_flight.fetch_add(1, Ordering::Relaxed);
                 order.push(t.request().fairness_id.to_string());
             } else {
@@ -120,9 +118,15 @@ async fn higher_bands_go_first_and_lower_ones_wait_for_room() {
         ..FlowConfig::default()
     });
     let pool = FakePool::new(1, 3);
-    let mut tickets = enqueue_all(&fc, &[("low-1", 0), ("low-2", 0), ("high-1", 10), ("high-2", 10)]);
+    let mut tickets = enqueue_all(
+        &fc,
+        &[("low-1", 0), ("low-2", 0), ("high-1", 10), ("high-2", 10)],
+    );
     // Three slots: both high ones, then the oldest low one; the pool is then saturated.
-    assert_eq!(drain(&fc, &pool, &mut tickets).await, ["high-1", "high-2", "low-1"]);
+    assert_eq!(
+        drain(&fc, &pool, &mut tickets).await,
+        ["high-1", "high-2", "low-1"]
+    );
     assert_eq!(fc.queued(), 1);
     pool.in_flight.fetch_sub(1, Ordering::Relaxed);
     assert_eq!(drain(&fc, &pool, &mut tickets).await, ["low-2"]);
@@ -175,7 +179,11 @@ async fn least_attained_service_serves_the_light_tenant_first() {
 #[tokio::test(start_paused = true)]
 async fn slo_deadline_ordering_serves_the_tightest_objective_first() {
     let fc = FlowControl::new(FlowConfig {
-        bands: vec![band(0, FairnessPolicy::GlobalStrict, OrderingPolicy::SloDeadline)],
+        bands: vec![band(
+            0,
+            FairnessPolicy::GlobalStrict,
+            OrderingPolicy::SloDeadline,
+        )],
         ..FlowConfig::default()
     });
     let with_slo = |flow: &str, ms: Option<u64>| FlowRequest {
@@ -236,7 +244,11 @@ async fn capacity_per_band_and_global_rejects_with_the_references_answers() {
     fc.dispatch_cycle(Instant::now(), pool.as_ref());
     let _held = enqueue_all(&fc, &[("a", 0), ("a", 0)]);
     // The band is full: 429 rejected-saturated.
-    let err = fc.enqueue(req("b", 0), Instant::now()).wait().await.unwrap_err();
+    let err = fc
+        .enqueue(req("b", 0), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
     assert_eq!(err.outcome, Outcome::RejectedCapacity);
     assert_eq!(err.status(), (429, "ResourceExhausted"));
     assert_eq!(err.dropped_reason(), Some("rejected-saturated"));
@@ -257,7 +269,11 @@ async fn capacity_per_band_and_global_rejects_with_the_references_answers() {
     // While the pool is empty, overflow is 503 rejected-no-endpoints.
     pool.endpoints.store(0, Ordering::Relaxed);
     fc.dispatch_cycle(Instant::now(), pool.as_ref());
-    let err = fc.enqueue(req("a", 0), Instant::now()).wait().await.unwrap_err();
+    let err = fc
+        .enqueue(req("a", 0), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
     assert_eq!(err.outcome, Outcome::RejectedNoEndpoints);
     assert_eq!(err.status(), (503, "ServiceUnavailable"));
     assert_eq!(err.dropped_reason(), Some("rejected-no-endpoints"));
@@ -276,7 +292,12 @@ async fn eviction_displaces_sheddable_requests_lowest_priority_then_newest() {
     fc.dispatch_cycle(Instant::now(), pool.as_ref());
     let mut queued = enqueue_all(
         &fc,
-        &[("batch-old", -1), ("batch-new", -1), ("scrap", -5), ("chat", 0)],
+        &[
+            ("batch-old", -1),
+            ("batch-new", -1),
+            ("scrap", -5),
+            ("chat", 0),
+        ],
     );
     // Full. An interactive request evicts the lowest band's request first...
     let _first = fc.enqueue(req("chat", 0), Instant::now());
@@ -293,11 +314,23 @@ async fn eviction_displaces_sheddable_requests_lowest_priority_then_newest() {
     assert_eq!(evicted, ["batch-new", "scrap"]);
     assert_eq!(fc.queued(), 4);
     // A sheddable arrival displaces nothing of equal priority, and nothing ≥ 0 ever.
-    let err = fc.enqueue(req("batch", -1), Instant::now()).wait().await.unwrap_err();
+    let err = fc
+        .enqueue(req("batch", -1), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
     assert_eq!(err.outcome, Outcome::RejectedCapacity);
     let _third = fc.enqueue(req("chat", 0), Instant::now());
-    let err = fc.enqueue(req("chat", 0), Instant::now()).wait().await.unwrap_err();
-    assert_eq!(err.outcome, Outcome::RejectedCapacity, "only chat requests are left");
+    let err = fc
+        .enqueue(req("chat", 0), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.outcome,
+        Outcome::RejectedCapacity,
+        "only chat requests are left"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -316,7 +349,10 @@ async fn ttl_expires_in_paused_time_with_the_regime_split() {
     fc.dispatch_cycle(start + Duration::from_secs(10), pool.as_ref());
     let e = t.wait().await.unwrap_err();
     assert_eq!(e.outcome, Outcome::EvictedTtl);
-    assert_eq!((e.status().0, e.dropped_reason()), (429, Some("rejected-ttl-expired")));
+    assert_eq!(
+        (e.status().0, e.dropped_reason()),
+        (429, Some("rejected-ttl-expired"))
+    );
     // The pool empties at 20 s: a request enqueued at 15 s gets 30 s from then (not 10 from
     // its arrival), and goes out 503 rejected-no-endpoints.
     let mut u = fc.enqueue(req("b", 0), start + Duration::from_secs(15));
@@ -327,7 +363,10 @@ async fn ttl_expires_in_paused_time_with_the_regime_split() {
     fc.dispatch_cycle(start + Duration::from_secs(50), pool.as_ref());
     let e = u.wait().await.unwrap_err();
     assert_eq!(e.outcome, Outcome::EvictedNoEndpoints);
-    assert_eq!((e.status().0, e.dropped_reason()), (503, Some("rejected-no-endpoints")));
+    assert_eq!(
+        (e.status().0, e.dropped_reason()),
+        (503, Some("rejected-no-endpoints"))
+    );
     // No TTL at all: waits forever.
     let fc = FlowControl::new(FlowConfig {
         request_ttl: None,
@@ -362,7 +401,11 @@ async fn a_client_that_leaves_frees_its_place_at_once() {
     assert!(gone.is_queued());
     drop(gone);
     assert_eq!(fc.queued(), 0);
-    assert_eq!(log.1.load(Ordering::Relaxed), 0, "it left the queue gauge too");
+    assert_eq!(
+        log.1.load(Ordering::Relaxed),
+        0,
+        "it left the queue gauge too"
+    );
     assert_eq!(
         log.0.lock().as_slice(),
         [("gone".to_owned(), Outcome::EvictedContextCancelled)]
@@ -421,7 +464,10 @@ async fn scale_from_zero_serves_every_waiting_request() {
     pool.endpoints.store(1, Ordering::Relaxed);
     for w in waiters {
         let waited = w.await.unwrap().expect("served");
-        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+            "{waited:?}"
+        );
     }
     assert_eq!(fc.queued(), 0);
     token.cancel();
@@ -439,7 +485,10 @@ async fn shutdown_answers_every_queued_request() {
     token.cancel();
     dispatcher.await.unwrap();
     let e = t.wait().await.unwrap_err();
-    assert_eq!((e.status().0, e.dropped_reason()), (503, Some("rejected-shutting-down")));
+    assert_eq!(
+        (e.status().0, e.dropped_reason()),
+        (503, Some("rejected-shutting-down"))
+    );
 }
 
 #[test]

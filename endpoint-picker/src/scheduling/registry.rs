@@ -327,13 +327,19 @@ pub static REGISTRY: &[Entry] = &[
             UsageLimitPolicy::holdback_from_params(p)?,
         )))
     }),
-    Entry::new("soft-reflective-ceiling-policy", Role::UsageLimitPolicy, |p| {
-        Ok(Built::UsageLimit(Arc::new(
-            UsageLimitPolicy::soft_reflective_from_params(p)?,
-        )))
-    }),
+    Entry::new(
+        "soft-reflective-ceiling-policy",
+        Role::UsageLimitPolicy,
+        |p| {
+            Ok(Built::UsageLimit(Arc::new(
+                UsageLimitPolicy::soft_reflective_from_params(p)?,
+            )))
+        },
+    ),
     Entry::new("agent-identity", Role::RequestHeaderProcessor, |p| {
-        Ok(Built::AgentIdentity(crate::flow::agent_identity_headers(p)?))
+        Ok(Built::AgentIdentity(crate::flow::agent_identity_headers(
+            p,
+        )?))
     }),
 ];
 

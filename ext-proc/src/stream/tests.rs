@@ -836,7 +836,12 @@ async fn request_body_modes_the_epp_cannot_route_with_get_a_500_at_once() {
 const FLOW_CONTROL: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: concurrency-detector\n  parameters: {maxConcurrency: 1}\nflowControl:\n  saturationDetector: {pluginRef: concurrency-detector}\n  defaultRequestTTL: 10s\n  noEndpointRequestTTL: 60s\n  priorityBands:\n  - priority: 0\n    maxRequests: 1\n";
 
 /// Runs the dispatcher until `token` is cancelled.
-fn dispatcher(h: &Harness) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>) {
+fn dispatcher(
+    h: &Harness,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let token = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(h.director.clone().run_flow_control(token.clone()));
     (token, task)
@@ -846,7 +851,10 @@ fn dispatcher(h: &Harness) -> (tokio_util::sync::CancellationToken, tokio::task:
 /// until an endpoint is added 5 s later, then every one is routed; none is lost.
 #[tokio::test(start_paused = true)]
 async fn flow_control_scale_from_zero_routes_every_waiting_request() {
-    let h = Harness::with_config(0, &FLOW_CONTROL.replace("maxRequests: 1", "maxRequests: 50"));
+    let h = Harness::with_config(
+        0,
+        &FLOW_CONTROL.replace("maxRequests: 1", "maxRequests: 50"),
+    );
     let (token, task) = dispatcher(&h);
     let mut streams: Vec<StreamState> = (0..8).map(|_| h.stream()).collect();
     for s in &mut streams {
