@@ -129,13 +129,14 @@ pub struct PoolName {
 }
 
 type GaugeF = Gauge<f64, AtomicU64>;
+type WaitHistograms = Family<WaitLabels, Histogram, fn() -> Histogram>;
 
 /// Flow control's metrics and the demand gauges.
 #[derive(Debug)]
 pub struct FlowMetrics {
     queue_size: [Family<QueueLabels, Gauge>; 2],
     queue_bytes: [Family<QueueLabels, Gauge>; 2],
-    queue_duration: [Family<WaitLabels, Histogram, fn() -> Histogram>; 2],
+    queue_duration: [WaitHistograms; 2],
     requests: Family<OutcomeLabels, Counter>,
     saturation: [Family<SaturationLabels, GaugeF>; 2],
     band_requests: Family<BandLabels, GaugeF>,

@@ -22,7 +22,8 @@ const MAX_HELD_MESSAGES: usize = 8;
 /// What ended a wait in flow control.
 enum Woken {
     Decided(Result<endpoint_picker::flow::Admitted, endpoint_picker::flow::FlowRejection>),
-    Message(Result<Option<ProcessingRequest>, Status>),
+    // Boxed: a message is large, a decision is not.
+    Message(Box<Result<Option<ProcessingRequest>, Status>>),
 }
 
 /// The tonic service.
@@ -67,7 +68,7 @@ impl ExternalProcessor for ExtProcService {
                     // went away: the state is dropped below, which leaves the queue).
                     let woken = tokio::select! {
                         decision = ticket.wait() => Woken::Decided(decision),
-                        message = inbound.message() => Woken::Message(message),
+                        message = inbound.message() => Woken::Message(Box::new(message)),
                     };
                     match woken {
                         Woken::Decided(decision) => {
@@ -80,14 +81,16 @@ impl ExternalProcessor for ExtProcService {
                                 break;
                             }
                         }
-                        Woken::Message(Ok(Some(message))) if held.len() < MAX_HELD_MESSAGES => {
-                            held.push_back(message);
-                        }
-                        Woken::Message(Ok(Some(_))) => {
-                            open.outcome = StreamOutcome::Error;
-                            break;
-                        }
-                        Woken::Message(_) => break,
+                        Woken::Message(message) => match *message {
+                            Ok(Some(message)) if held.len() < MAX_HELD_MESSAGES => {
+                                held.push_back(message);
+                            }
+                            Ok(Some(_)) => {
+                                open.outcome = StreamOutcome::Error;
+                                break;
+                            }
+                            _ => break,
+                        },
                     }
                     continue;
                 }

@@ -80,7 +80,7 @@ pub(super) fn build(
     if !bands.iter().any(|b| b.priority == 0) {
         bands.push(config.template(0));
     }
-    bands.sort_by(|a, b| b.priority.cmp(&a.priority));
+    bands.sort_by_key(|b| std::cmp::Reverse(b.priority));
     config.bands = bands;
     let usage = section
         .usage_limit_policy_plugin_ref

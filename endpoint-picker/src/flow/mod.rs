@@ -477,7 +477,7 @@ impl FlowControl {
             .iter()
             .map(|b| Band::new(b.clone(), true, now))
             .collect();
-        bands.sort_by(|a, b| b.cfg.priority.cmp(&a.cfg.priority));
+        bands.sort_by_key(|b| std::cmp::Reverse(b.cfg.priority));
         let mut las: Vec<Arc<Las>> = Vec::new();
         for b in config
             .bands
@@ -634,12 +634,16 @@ impl FlowControl {
     fn make_room(&self, st: &mut State, request: &FlowRequest, out: &mut Vec<Item>) {
         let cfg = &self.config;
         // Room needed, and whether the evictable requests hold enough of it.
-        let need_requests = (cfg.max_requests > 0)
-            .then(|| (st.len + 1).saturating_sub(cfg.max_requests))
-            .unwrap_or(0);
-        let need_bytes = (cfg.max_bytes > 0)
-            .then(|| (st.bytes + request.bytes).saturating_sub(cfg.max_bytes))
-            .unwrap_or(0);
+        let need_requests = if cfg.max_requests > 0 {
+            (st.len + 1).saturating_sub(cfg.max_requests)
+        } else {
+            0
+        };
+        let need_bytes = if cfg.max_bytes > 0 {
+            (st.bytes + request.bytes).saturating_sub(cfg.max_bytes)
+        } else {
+            0
+        };
         let (mut have_requests, mut have_bytes) = (0, 0);
         for b in st
             .bands
@@ -757,7 +761,8 @@ impl FlowControl {
         for (i, band) in bands.iter_mut().enumerate() {
             // Not under the ceiling (a NaN reading included): the band, and every band
             // below it, waits.
-            if !(*saturation < ceilings.get(i).copied().unwrap_or(1.0)) {
+            let ceiling = ceilings.get(i).copied().unwrap_or(1.0);
+            if (*saturation).partial_cmp(&ceiling) != Some(std::cmp::Ordering::Less) {
                 break;
             }
             let Some((flow, index)) = band.pick(now) else {
