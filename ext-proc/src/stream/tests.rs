@@ -832,6 +832,8 @@ async fn request_body_modes_the_epp_cannot_route_with_get_a_500_at_once() {
     let out = s.on_message(late);
     routing_answer(&out[0]).destination();
     assert!(streamed_body(&out[1]).1, "the body re-sent whole");
+}
+
 /// Flow control on: a concurrency detector of one request per endpoint; a batch band of one.
 const FLOW_CONTROL: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: concurrency-detector\n  parameters: {maxConcurrency: 1}\nflowControl:\n  saturationDetector: {pluginRef: concurrency-detector}\n  defaultRequestTTL: 10s\n  noEndpointRequestTTL: 60s\n  priorityBands:\n  - priority: 0\n    maxRequests: 1\n";
 
