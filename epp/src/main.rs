@@ -135,7 +135,7 @@ async fn run(args: Args) -> Result<()> {
         (None, Some(text)) => text,
         (None, None) => {
             tracing::info!(
-                "no --config-file or --config-text: running the balanced-prefix profile \
+                "no --config-file or --config-text: running the cost-model profile \
                  (pass the reference's default as a file to run that instead)"
             );
             config::UNCONFIGURED_PROFILE.to_owned()

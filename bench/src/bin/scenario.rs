@@ -156,7 +156,7 @@ struct RoutingOpts {
 
 #[derive(Debug, Clone, clap::Args)]
 struct GoodputOpts {
-    /// Routers (default: switchyard, switchyard-cost, sglang:cache_aware,
+    /// Routers (default: switchyard, switchyard-balanced, sglang:cache_aware,
     /// vllm:cache_aware, smg).
     #[arg(long, value_delimiter = ',')]
     routers: Option<Vec<String>>,
@@ -617,11 +617,11 @@ async fn do_routing(
 
 /// The goodput presets: the five workloads, each with rungs ×1.25 apart around where the
 /// routers' knees were found (see RESULTS.md), and the routers of issue 13 (`switchyard` is the
-/// unconfigured default, `balanced-prefix.yaml`, so `switchyard-balanced` would run it twice).
+/// unconfigured default, `cost-model.yaml`, so `switchyard-cost` would run it twice).
 fn goodput_cfg(g: &GoodputOpts, quick: bool) -> anyhow::Result<GoodputCfg> {
     let names = [
         "switchyard",
-        "switchyard-cost",
+        "switchyard-balanced",
         "sglang:cache_aware",
         "vllm:cache_aware",
         "smg",

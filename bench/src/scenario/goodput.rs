@@ -499,8 +499,17 @@ pub fn markdown(runs: &[LadderRun], cfg: &GoodputCfg) -> String {
         let _ = write!(head, " {} |", r.label());
         sep.push_str(" ---: |");
     }
-    head.push_str(" default / best peer | cost / best peer |");
-    sep.push_str(" ---: | ---: |");
+    // One ratio column per Switchyard router run (the default, the profiles compared with it).
+    let ours: Vec<String> = cfg
+        .routers
+        .iter()
+        .filter(|r| matches!(r, Router::Switchyard { .. }))
+        .map(Router::label)
+        .collect();
+    for label in &ours {
+        let _ = write!(head, " {} / best peer |", label.trim_start_matches("switchyard "));
+        sep.push_str(" ---: |");
+    }
     let _ = writeln!(s, "{head}\n{sep}");
     for ladder in &cfg.ladders {
         let w = ladder.workload.workload.as_str();
@@ -521,7 +530,7 @@ pub fn markdown(runs: &[LadderRun], cfg: &GoodputCfg) -> String {
             .filter(|r| r.workload == w && peers.contains(&r.router))
             .map(lower)
             .reduce(f64::max);
-        for label in ["switchyard default", "switchyard cost"] {
+        for label in &ours {
             let cell = match (find(w, label), best_peer) {
                 (Some(r), Some(b)) if b > 0.0 => format!("×{:.2}", lower(r) / b),
                 _ => "-".into(),

@@ -63,9 +63,11 @@ impl Router {
         matches!(self, Router::Sglang(_) | Router::Vllm(_) | Router::Smg(_))
     }
 
-    /// Switchyard with the cost-model profile (whose decisions carry a predicted TTFT).
+    /// Switchyard with the cost-model profile (whose decisions carry a predicted TTFT): the
+    /// `cost*` profiles and the unconfigured default, which is the cost model.
     pub fn is_cost_model(&self) -> bool {
-        matches!(self, Router::Switchyard { profile, .. } if profile.starts_with("cost"))
+        matches!(self, Router::Switchyard { profile, config }
+            if profile.starts_with("cost") || (profile == "default" && config.is_none()))
     }
 
     /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `switchyard-running`,

@@ -46,10 +46,11 @@ pub use types::{API_VERSIONS, EndpointPickerConfig};
 pub const REFERENCE_DEFAULT_CONFIG: &str = profiles::REFERENCE_DEFAULT;
 
 /// What `epp` runs when given no config: the profile that measured best across the workloads
-/// (`balanced-prefix.yaml`; README, "Scheduling": it is at least level with the reference's
-/// default on every workload of bench/ and of the what-if sweep, and well ahead where a few
-/// prefixes are hot or conversations start cold).
-pub const UNCONFIGURED_PROFILE: &str = profiles::BALANCED_PREFIX;
+/// (`cost-model.yaml`; README, "Scheduling" and bench/RESULTS.md "Goodput": in the real-time
+/// goodput benchmark of 2026-11-30 it sustained at least the balanced profile's rate on every
+/// workload and more on hot-spot and cache-pressure, and at least the best peer router's on
+/// every workload).
+pub const UNCONFIGURED_PROFILE: &str = profiles::COST_MODEL;
 
 /// The name and type of the prefix producer made for a prefix scorer that has none.
 const PREFIX_PRODUCER: &str = "approx-prefix-cache-producer";
