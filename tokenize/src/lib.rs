@@ -1,0 +1,547 @@
+//! Token ids exactly as the engine makes them.
+//!
+//! The precise prefix index keys KV blocks by the token ids the engine publishes; to look a
+//! request up, the EPP must compute the same ids. This crate loads a model's own
+//! `tokenizer.json` (Hugging Face `tokenizers`, no hub download) and chat template (MiniJinja,
+//! set up as transformers renders templates: [`template`]), and tokenises a request body as
+//! vLLM does:
+//!
+//! - `/v1/completions`: a string prompt (or a list of one) is encoded with the tokenizer's
+//!   special tokens (`add_special_tokens=True`: Llama's `<|begin_of_text|>`); a prompt of token
+//!   ids passes through unchanged;
+//! - `/v1/chat/completions`: `messages` (with `tools`, `documents`, `add_generation_prompt`,
+//!   `continue_final_message`, `chat_template_kwargs`) go through the chat template, and the
+//!   text is encoded without adding special tokens (the template wrote them).
+//!
+//! Bounds ([`Limits`]): the text tokenised is capped ([`Limits::max_prompt_bytes`], also the cap
+//! on the rendered chat and on a prompt's id count), templates run on fuel, and every failure is
+//! an error value, never a panic: the caller routes without ids.
+//!
+//! The simulator (`sim --tokenizer --chat-template`) uses this crate too, so that its KV blocks
+//! and events carry the ids the EPP computes.
+
+pub mod template;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+pub use template::{ChatInput, ChatTemplate};
+
+/// Why a tokenizer could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `tokenizer.json` is not a tokenizer `tokenizers` can load.
+    #[error("loading {path}: {reason}")]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What `tokenizers` said.
+        reason: String,
+    },
+    /// `tokenizer_config.json` is not JSON of the expected shape.
+    #[error("parsing {path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The chat template does not compile.
+    #[error("compiling the chat template from {path}: {source}")]
+    Template {
+        /// Where it came from.
+        path: PathBuf,
+        /// What MiniJinja said.
+        #[source]
+        source: minijinja::Error,
+    },
+    /// A limit of zero.
+    #[error("invalid limit: {0}")]
+    Limit(&'static str),
+}
+
+/// Why a request was not tokenised. The caller routes without ids.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenizeError {
+    /// The text (prompt, messages or rendered chat) is over the cap.
+    #[error("over the tokenization cap of {limit} bytes")]
+    TooLarge {
+        /// The cap.
+        limit: usize,
+    },
+    /// Not a request this tokenizer handles (a batch of prompts, no chat template, …).
+    #[error("not tokenised: {0}")]
+    Unsupported(&'static str),
+    /// The body is not the JSON the API expects.
+    #[error("invalid request body: {0}")]
+    Invalid(String),
+    /// The chat template refused the conversation, failed, or ran out of fuel.
+    #[error("chat template: {reason}")]
+    Template {
+        /// MiniJinja's error, shortened.
+        reason: String,
+    },
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Encode(String),
+}
+
+/// The bounds of one tokenization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most bytes tokenised for one request: the completions prompt, the request's
+    /// `messages` JSON, and the rendered chat text are each refused above it; a token-id
+    /// prompt may hold at most this many ids. Default 512 KiB, about 128k tokens at 4 bytes a
+    /// token (a long-context model's whole window); tokenising that much takes tens of
+    /// milliseconds (see the criterion bench).
+    pub max_prompt_bytes: usize,
+    /// The fuel of one chat-template render (MiniJinja's unit: about one instruction, or 64
+    /// bytes allocated). Default 4,000,000: a 512 KiB conversation of many messages renders
+    /// with room to spare; a runaway loop stops after a few tens of milliseconds.
+    pub template_fuel: u64,
+}
+
+impl Limits {
+    /// Default [`Limits::max_prompt_bytes`].
+    pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 * 1024;
+    /// Default [`Limits::template_fuel`].
+    pub const DEFAULT_TEMPLATE_FUEL: u64 = 4_000_000;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_prompt_bytes: Self::DEFAULT_MAX_PROMPT_BYTES,
+            template_fuel: Self::DEFAULT_TEMPLATE_FUEL,
+        }
+    }
+}
+
+/// The API of a body to tokenise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    ChatCompletions,
+}
+
+/// A model's tokenizer and chat template.
+#[derive(Debug)]
+pub struct Tokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    chat: Option<ChatTemplate>,
+    limits: Limits,
+    vocab_size: u32,
+}
+
+/// The fields of `tokenizer_config.json` used here.
+#[derive(Debug, Default, Deserialize)]
+struct TokenizerConfig {
+    #[serde(default)]
+    chat_template: Option<TemplateField>,
+    #[serde(default)]
+    bos_token: Option<TokenField>,
+    #[serde(default)]
+    eos_token: Option<TokenField>,
+}
+
+/// `chat_template`: one template, or named ones (the `default` is used).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TemplateField {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+/// A special token: a string, or an `AddedToken` object.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenField {
+    Text(String),
+    Added { content: String },
+    Other(serde::de::IgnoredAny),
+}
+
+impl TokenField {
+    fn text(self) -> Option<String> {
+        match self {
+            Self::Text(s) | Self::Added { content: s } => Some(s),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Tokenizer {
+    /// Loads a tokenizer. `tokenizer` is a model directory (holding `tokenizer.json`, and
+    /// usually `tokenizer_config.json`) or the `tokenizer.json` file itself (its
+    /// `tokenizer_config.json` is then looked for beside it). The chat template is `chat_template`
+    /// when given (a `.jinja` file, as vLLM's `--chat-template`), else `tokenizer_config.json`'s
+    /// `chat_template`, else a `chat_template.jinja` beside the tokenizer; without any, chat
+    /// requests are not tokenised.
+    pub fn load(
+        tokenizer: &Path,
+        chat_template: Option<&Path>,
+        limits: Limits,
+    ) -> Result<Self, LoadError> {
+        let (dir, json_path) = if tokenizer.is_dir() {
+            (tokenizer.to_owned(), tokenizer.join("tokenizer.json"))
+        } else {
+            let dir = tokenizer.parent().map(Path::to_owned).unwrap_or_default();
+            (dir, tokenizer.to_owned())
+        };
+        let json = read(&json_path)?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = match std::fs::read(&config_path) {
+            Ok(bytes) => serde_json::from_slice::<TokenizerConfig>(&bytes).map_err(|source| {
+                LoadError::Config {
+                    path: config_path.clone(),
+                    source,
+                }
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokenizerConfig::default(),
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: config_path,
+                    source,
+                });
+            }
+        };
+        let beside = dir.join("chat_template.jinja");
+        let template = match chat_template {
+            Some(path) => Some((path.to_owned(), text(read(path)?, path)?)),
+            None => match config.chat_template {
+                Some(TemplateField::One(t)) => Some((config_path.clone(), t)),
+                Some(TemplateField::Named(named)) => named
+                    .into_iter()
+                    .find(|n| n.name == "default")
+                    .map(|n| (config_path.clone(), n.template)),
+                None if beside.is_file() => Some((beside.clone(), text(read(&beside)?, &beside)?)),
+                None => None,
+            },
+        };
+        let bos = config.bos_token.and_then(TokenField::text);
+        let eos = config.eos_token.and_then(TokenField::text);
+        Self::from_parts(&json, &json_path, template, bos, eos, limits)
+    }
+
+    /// Builds a tokenizer from the bytes of a `tokenizer.json` (`origin` names it in errors)
+    /// and an optional `(origin, source)` chat template with its special-token strings.
+    pub fn from_parts(
+        tokenizer_json: &[u8],
+        origin: &Path,
+        template: Option<(PathBuf, String)>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        limits: Limits,
+    ) -> Result<Self, LoadError> {
+        if limits.max_prompt_bytes == 0 {
+            return Err(LoadError::Limit("max_prompt_bytes must be > 0"));
+        }
+        if limits.template_fuel == 0 {
+            return Err(LoadError::Limit("template_fuel must be > 0"));
+        }
+        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| {
+            LoadError::Tokenizer {
+                path: origin.to_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+        let chat = template
+            .map(|(path, source)| {
+                ChatTemplate::new(
+                    source,
+                    bos_token.unwrap_or_default(),
+                    eos_token.unwrap_or_default(),
+                    limits.template_fuel,
+                    limits.max_prompt_bytes,
+                )
+                .map_err(|source| LoadError::Template { path, source })
+            })
+            .transpose()?;
+        let vocab_size = u32::try_from(tokenizer.get_vocab_size(true)).unwrap_or(u32::MAX);
+        Ok(Self {
+            tokenizer,
+            chat,
+            limits,
+            vocab_size,
+        })
+    }
+
+    /// The number of ids, special tokens included: valid ids are below it.
+    pub fn vocab_size(&self) -> u32 {
+        self.vocab_size
+    }
+
+    /// Whether a chat template is loaded.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat.is_some()
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The ids of a completions prompt, with the tokenizer's special tokens (BOS).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        self.encode(text, true)
+    }
+
+    /// The ids of text a chat template rendered (no special tokens added).
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        self.encode(text, false)
+    }
+
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
+        if text.len() > self.limits.max_prompt_bytes {
+            return Err(TokenizeError::TooLarge {
+                limit: self.limits.max_prompt_bytes,
+            });
+        }
+        self.tokenizer
+            .encode_fast(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizeError::Encode(e.to_string()))
+    }
+
+    /// Renders a conversation with the chat template.
+    pub fn render_chat(&self, input: &ChatInput) -> Result<String, TokenizeError> {
+        let chat = self
+            .chat
+            .as_ref()
+            .ok_or(TokenizeError::Unsupported("no chat template loaded"))?;
+        chat.render(input)
+    }
+
+    /// The ids of a conversation: rendered, then encoded.
+    pub fn encode_chat(&self, input: &ChatInput) -> Result<Vec<u32>, TokenizeError> {
+        let rendered = self.render_chat(input)?;
+        self.encode_rendered(&rendered)
+    }
+
+    /// The ids the engine computes for a request body of `api`.
+    pub fn encode_body(&self, api: Api, body: &[u8]) -> Result<Vec<u32>, TokenizeError> {
+        match api {
+            Api::Completions => {
+                let prompt = completion_prompt(body)?;
+                self.encode_completion_prompt(prompt)
+            }
+            Api::ChatCompletions => {
+                let input = self.chat_input(body)?;
+                self.encode_chat(&input)
+            }
+        }
+    }
+
+    /// The ids of a completions `prompt` value.
+    pub fn encode_completion_prompt(&self, prompt: Prompt<'_>) -> Result<Vec<u32>, TokenizeError> {
+        match prompt {
+            Prompt::Text(text) => self.encode_prompt(&text),
+            Prompt::Ids(ids) => {
+                if ids.len() > self.limits.max_prompt_bytes {
+                    return Err(TokenizeError::TooLarge {
+                        limit: self.limits.max_prompt_bytes,
+                    });
+                }
+                if ids.iter().any(|&id| id >= self.vocab_size) {
+                    return Err(TokenizeError::Invalid(
+                        "a token id is out of the vocabulary".into(),
+                    ));
+                }
+                Ok(ids)
+            }
+        }
+    }
+
+    /// The template input of a chat-completions body, bounded.
+    pub fn chat_input(&self, body: &[u8]) -> Result<ChatInput, TokenizeError> {
+        #[derive(Deserialize)]
+        struct ChatBody<'a> {
+            #[serde(borrow)]
+            messages: Option<&'a RawValue>,
+            #[serde(borrow)]
+            tools: Option<&'a RawValue>,
+            #[serde(borrow)]
+            documents: Option<&'a RawValue>,
+            add_generation_prompt: Option<bool>,
+            continue_final_message: Option<bool>,
+            #[serde(borrow)]
+            chat_template_kwargs: Option<&'a RawValue>,
+            #[serde(borrow)]
+            chat_template: Option<&'a RawValue>,
+        }
+        let invalid = |e: serde_json::Error| TokenizeError::Invalid(e.to_string());
+        let b: ChatBody<'_> = serde_json::from_slice(body).map_err(invalid)?;
+        if b.chat_template.is_some_and(|t| t.get() != "null") {
+            // vLLM refuses a request-supplied template unless trusted; routing never runs one.
+            return Err(TokenizeError::Unsupported(
+                "a request-supplied chat_template",
+            ));
+        }
+        let messages = b
+            .messages
+            .ok_or_else(|| TokenizeError::Invalid("no messages".into()))?;
+        let limit = self.limits.max_prompt_bytes;
+        if messages.get().len() > limit {
+            return Err(TokenizeError::TooLarge { limit });
+        }
+        let value = |raw: Option<&RawValue>| -> Result<Option<minijinja::Value>, TokenizeError> {
+            raw.filter(|r| r.get() != "null")
+                .map(|r| serde_json::from_str::<minijinja::Value>(r.get()).map_err(invalid))
+                .transpose()
+        };
+        let kwargs = match value(b.chat_template_kwargs)? {
+            None => Vec::new(),
+            Some(map) => {
+                let keys: Vec<minijinja::Value> = map
+                    .try_iter()
+                    .map_err(|e| TokenizeError::Invalid(e.to_string()))?
+                    .collect();
+                keys.into_iter()
+                    .filter_map(|k| {
+                        let v = map.get_item(&k).ok()?;
+                        Some((k.as_str()?.to_owned(), v))
+                    })
+                    .collect()
+            }
+        };
+        Ok(ChatInput {
+            messages: value(Some(messages))?.unwrap_or_default(),
+            tools: value(b.tools)?,
+            documents: value(b.documents)?,
+            add_generation_prompt: b.add_generation_prompt.unwrap_or(true),
+            continue_final_message: b.continue_final_message.unwrap_or(false),
+            kwargs,
+        })
+    }
+}
+
+/// A completions prompt: text to encode, or ids to pass through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt<'a> {
+    /// A string (or a list of one string).
+    Text(std::borrow::Cow<'a, str>),
+    /// Token ids (or a list of one list of ids).
+    Ids(Vec<u32>),
+}
+
+/// The `prompt` of a completions body. A batch of several prompts is not tokenised (one
+/// request, one engine sequence is what routing reasons about; vLLM would run several).
+pub fn completion_prompt(body: &[u8]) -> Result<Prompt<'_>, TokenizeError> {
+    #[derive(Deserialize)]
+    struct CompletionBody<'a> {
+        #[serde(borrow)]
+        prompt: Option<&'a RawValue>,
+    }
+    let invalid = |e: serde_json::Error| TokenizeError::Invalid(e.to_string());
+    let b: CompletionBody<'_> = serde_json::from_slice(body).map_err(invalid)?;
+    let raw = b
+        .prompt
+        .ok_or_else(|| TokenizeError::Invalid("no prompt".into()))?;
+    prompt_value(raw.get()).map_err(|e| match e {
+        PromptShape::Batch => TokenizeError::Unsupported("a batch of prompts"),
+        PromptShape::Invalid(m) => TokenizeError::Invalid(m),
+    })
+}
+
+enum PromptShape {
+    Batch,
+    Invalid(String),
+}
+
+fn prompt_value(raw: &str) -> Result<Prompt<'_>, PromptShape> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Shape<'a> {
+        #[serde(borrow)]
+        Text(std::borrow::Cow<'a, str>),
+        Ids(Vec<u32>),
+        #[serde(borrow)]
+        Texts(Vec<std::borrow::Cow<'a, str>>),
+        IdLists(Vec<Vec<u32>>),
+    }
+    let shape: Shape<'_> = serde_json::from_str(raw).map_err(|_| {
+        PromptShape::Invalid("prompt must be a string, a list of strings or token ids".into())
+    })?;
+    match shape {
+        Shape::Text(t) => Ok(Prompt::Text(t)),
+        Shape::Ids(ids) if !ids.is_empty() => Ok(Prompt::Ids(ids)),
+        Shape::Texts(mut t) if t.len() == 1 => Ok(Prompt::Text(t.remove(0))),
+        Shape::IdLists(mut l) if l.len() == 1 => Ok(Prompt::Ids(l.remove(0))),
+        Shape::Ids(_) => Err(PromptShape::Invalid("empty prompt".into())),
+        Shape::Texts(_) | Shape::IdLists(_) => Err(PromptShape::Batch),
+    }
+}
+
+fn text(bytes: Vec<u8>, path: &Path) -> Result<String, LoadError> {
+    String::from_utf8(bytes).map_err(|e| LoadError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_shapes() {
+        fn p(s: &str) -> Result<Prompt<'_>, TokenizeError> {
+            completion_prompt(s.as_bytes())
+        }
+        assert_eq!(
+            p(r#"{"prompt":"a\nb"}"#).unwrap(),
+            Prompt::Text("a\nb".into())
+        );
+        assert_eq!(p(r#"{"prompt":["x"]}"#).unwrap(), Prompt::Text("x".into()));
+        assert_eq!(p(r#"{"prompt":[1,2]}"#).unwrap(), Prompt::Ids(vec![1, 2]));
+        assert_eq!(p(r#"{"prompt":[[3]]}"#).unwrap(), Prompt::Ids(vec![3]));
+        // A string that looks like ids is text.
+        assert_eq!(
+            p(r#"{"prompt":"[1, 2]"}"#).unwrap(),
+            Prompt::Text("[1, 2]".into())
+        );
+        assert_eq!(
+            p(r#"{"prompt":["x","y"]}"#).unwrap_err(),
+            TokenizeError::Unsupported("a batch of prompts")
+        );
+        assert!(matches!(
+            p(r#"{"prompt":[-1]}"#),
+            Err(TokenizeError::Invalid(_))
+        ));
+        assert!(matches!(
+            p(r#"{"prompt":{}}"#),
+            Err(TokenizeError::Invalid(_))
+        ));
+        assert!(matches!(
+            p(r#"{"model":"m"}"#),
+            Err(TokenizeError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,504 @@
+//! A model's chat template, rendered as Hugging Face's `apply_chat_template` renders it.
+//!
+//! transformers compiles a template in a sandboxed Jinja2 environment with `trim_blocks` and
+//! `lstrip_blocks`, the loop-controls extension, a `tojson` filter that is Python's
+//! `json.dumps(ensure_ascii=False)` (not Jinja's HTML-safe one), and the globals
+//! `raise_exception` and `strftime_now`. Templates also call Python's `str` methods
+//! (`.strip()`, `.startswith()`, `.split()`, `dict.items()`), which `minijinja-contrib`'s
+//! pycompat layer provides. This module sets MiniJinja up the same way.
+//!
+//! Bounds, so that a template (or a request driving it) that loops or explodes cannot hold a
+//! worker: MiniJinja's fuel (instructions and allocated data), its recursion limit, and a cap
+//! on the rendered text; each stops the render with an error.
+
+use std::io::Write;
+
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, State};
+
+use crate::TokenizeError;
+
+/// The name the template is registered under.
+const TEMPLATE: &str = "chat";
+
+/// A compiled chat template with its special-token strings.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    max_rendered_bytes: usize,
+}
+
+/// What one chat request gives the template.
+#[derive(Debug, Clone, Default)]
+pub struct ChatInput {
+    /// `messages`, as the request sent them.
+    pub messages: Value,
+    /// `tools`, when given.
+    pub tools: Option<Value>,
+    /// `documents`, when given (RAG templates read them).
+    pub documents: Option<Value>,
+    /// Whether to open the assistant's turn (vLLM's default: true).
+    pub add_generation_prompt: bool,
+    /// Leave the last message open (vLLM's `continue_final_message`).
+    pub continue_final_message: bool,
+    /// `chat_template_kwargs`: extra template variables.
+    pub kwargs: Vec<(String, Value)>,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`. `fuel` bounds the work of one render (MiniJinja's unit: about one
+    /// instruction, or 64 bytes of data allocated); `max_rendered_bytes` caps its output.
+    pub fn new(
+        source: String,
+        bos_token: String,
+        eos_token: String,
+        fuel: u64,
+        max_rendered_bytes: usize,
+    ) -> Result<Self, minijinja::Error> {
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()?,
+        );
+        env.set_fuel(Some(fuel));
+        // Jinja2's default: undefined values print as nothing and iterate as empty.
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(TEMPLATE, source)?;
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+            max_rendered_bytes,
+        })
+    }
+
+    /// Renders one conversation.
+    pub fn render(&self, input: &ChatInput) -> Result<String, TokenizeError> {
+        let template = self.env.get_template(TEMPLATE).map_err(template_error)?;
+        let mut ctx: Vec<(String, Value)> = Vec::with_capacity(8 + input.kwargs.len());
+        // `chat_template_kwargs` first, so that the request's own fields win over them, as in
+        // transformers (it passes the kwargs, then its own named arguments override them).
+        ctx.extend(input.kwargs.iter().cloned());
+        ctx.push(("messages".into(), input.messages.clone()));
+        ctx.push((
+            "tools".into(),
+            input.tools.clone().unwrap_or(Value::from(())),
+        ));
+        ctx.push((
+            "documents".into(),
+            input.documents.clone().unwrap_or(Value::from(())),
+        ));
+        ctx.push((
+            "add_generation_prompt".into(),
+            Value::from(input.add_generation_prompt && !input.continue_final_message),
+        ));
+        ctx.push(("bos_token".into(), Value::from(self.bos_token.as_str())));
+        ctx.push(("eos_token".into(), Value::from(self.eos_token.as_str())));
+        // A map, later entries winning.
+        let ctx: std::collections::BTreeMap<String, Value> = ctx.into_iter().collect();
+        let ctx = Value::from(ctx);
+        let mut out = CappedWriter {
+            buf: Vec::new(),
+            cap: self.max_rendered_bytes,
+        };
+        template
+            .render_captured_to(ctx, &mut out)
+            .map(drop)
+            .map_err(|e| match out.buf.len() > self.max_rendered_bytes {
+                true => TokenizeError::TooLarge {
+                    limit: self.max_rendered_bytes,
+                },
+                false => template_error(e),
+            })?;
+        let mut rendered = String::from_utf8(out.buf).map_err(|_| TokenizeError::Template {
+            reason: "rendered text is not UTF-8".into(),
+        })?;
+        if input.continue_final_message {
+            continue_final_message(&mut rendered, &input.messages)?;
+        }
+        Ok(rendered)
+    }
+}
+
+/// transformers' `continue_final_message`: the text is cut right after the last message's
+/// content (its last text part when it has parts), stripped, so the model continues it.
+fn continue_final_message(rendered: &mut String, messages: &Value) -> Result<(), TokenizeError> {
+    let no_content = || TokenizeError::Template {
+        reason: "continue_final_message: the final message has no text content".into(),
+    };
+    let len = messages.len().ok_or_else(no_content)?;
+    let last = messages
+        .get_item_by_index(len.checked_sub(1).ok_or_else(no_content)?)
+        .map_err(|_| no_content())?;
+    let content = last.get_attr("content").map_err(|_| no_content())?;
+    let text = match content.kind() {
+        ValueKind::String => content.as_str().map(str::to_owned),
+        ValueKind::Seq => content
+            .try_iter()
+            .map_err(|_| no_content())?
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .find_map(|part| {
+                part.get_attr("text")
+                    .ok()
+                    .and_then(|t| t.as_str().map(str::to_owned))
+            }),
+        _ => None,
+    }
+    .ok_or_else(no_content)?;
+    let text = text.trim();
+    let at = rendered
+        .rfind(text)
+        .ok_or_else(|| TokenizeError::Template {
+            reason: "continue_final_message: the final message is not in the rendered text".into(),
+        })?;
+    rendered.truncate(at + text.len());
+    Ok(())
+}
+
+fn template_error(e: minijinja::Error) -> TokenizeError {
+    let mut reason = e.to_string();
+    // MiniJinja's messages can quote template source; keep the error short for logs.
+    reason.truncate(reason.floor_char_boundary(200));
+    TokenizeError::Template { reason }
+}
+
+/// Collects the rendered text, failing the render once it passes the cap.
+struct CappedWriter {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.cap {
+            // Marks the overflow for `render`'s error mapping.
+            self.buf.resize(self.cap + 1, 0);
+            return Err(std::io::Error::other("rendered chat exceeds the cap"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `raise_exception(message)`: the template refuses the conversation.
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `strftime_now(format)`: today's date in the template (Llama 3.1's system header).
+fn strftime_now(format: String) -> Result<Value, Error> {
+    let now = jiff::Zoned::now();
+    let mut out = String::new();
+    jiff::fmt::strtime::format(format.as_bytes(), &now)
+        .map(|s| out.push_str(&s))
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(Value::from(out))
+}
+
+/// `tojson` as transformers defines it: Python's `json.dumps(x, ensure_ascii=False,
+/// indent=None, separators=None, sort_keys=False)`, whose default separators are `", "` and
+/// `": "` (`","` between items once indented).
+fn tojson(state: &State<'_, '_>, value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<Value> = kwargs.get("indent")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => match v.as_str() {
+            Some(s) => Some(s.to_owned()),
+            None => {
+                let n = usize::try_from(v)?;
+                Some(" ".repeat(n.min(64)))
+            }
+        },
+    };
+    let (item_sep, key_sep) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair",
+            ));
+        }
+        None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
+        None => (", ".to_owned(), ": ".to_owned()),
+    };
+    let mut w = PyJson {
+        out: String::new(),
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: sort_keys.unwrap_or(false),
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+    };
+    w.value(value, 0)?;
+    // The output is data the template allocates: charge it like MiniJinja's own tojson does.
+    let cost = (w.out.len() / 64) as u64;
+    if let Some((_, remaining)) = state.fuel_levels()
+        && cost > remaining
+    {
+        return Err(Error::new(ErrorKind::OutOfFuel, "tojson output"));
+    }
+    Ok(Value::from_safe_string(w.out))
+}
+
+/// A writer of Python's `json.dumps` format.
+struct PyJson {
+    out: String,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+/// Values nested deeper than this are refused (a template cannot build deeper ones cheaply,
+/// but a request's JSON could).
+const MAX_JSON_DEPTH: usize = 128;
+
+impl PyJson {
+    fn newline(&mut self, depth: usize) {
+        if let Some(indent) = &self.indent {
+            self.out.push('\n');
+            for _ in 0..depth {
+                self.out.push_str(indent);
+            }
+        }
+    }
+
+    fn value(&mut self, v: &Value, depth: usize) -> Result<(), Error> {
+        if depth > MAX_JSON_DEPTH {
+            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: too deep"));
+        }
+        match v.kind() {
+            ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
+            ValueKind::Bool => self
+                .out
+                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number => match (i64::try_from(v.clone()), f64::try_from(v.clone())) {
+                (Ok(i), _) if !v.to_string().contains(['.', 'e', 'E']) => {
+                    self.out.push_str(&i.to_string());
+                }
+                (_, Ok(f)) => self.out.push_str(&py_float(f)),
+                _ => self.out.push_str(&v.to_string()),
+            },
+            ValueKind::String => self.string(v.as_str().unwrap_or_default()),
+            ValueKind::Bytes => self.string(&String::from_utf8_lossy(v.as_bytes().unwrap_or(&[]))),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = v.try_iter()?.collect();
+                self.open_close('[', ']', items.len(), depth, |w, i, d| {
+                    w.value(&items[i], d)
+                })?;
+            }
+            ValueKind::Map | ValueKind::Plain => {
+                let mut keys: Vec<Value> = v.try_iter()?.collect();
+                if self.sort_keys {
+                    keys.sort_by_key(|k| k.to_string());
+                }
+                self.open_close('{', '}', keys.len(), depth, |w, i, d| {
+                    let key = &keys[i];
+                    match key.as_str() {
+                        Some(s) => w.string(s),
+                        None => w.string(&key.to_string()),
+                    }
+                    let sep = w.key_sep.clone();
+                    w.out.push_str(&sep);
+                    w.value(&v.get_item(key)?, d)
+                })?;
+            }
+            // Unreachable for request data; Python would refuse what JSON cannot carry.
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: value not serialisable",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn open_close(
+        &mut self,
+        open: char,
+        close: char,
+        n: usize,
+        depth: usize,
+        mut item: impl FnMut(&mut Self, usize, usize) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        self.out.push(open);
+        if n == 0 {
+            self.out.push(close);
+            return Ok(());
+        }
+        for i in 0..n {
+            if i > 0 {
+                let sep = self.item_sep.clone();
+                self.out.push_str(&sep);
+            }
+            self.newline(depth + 1);
+            item(self, i, depth + 1)?;
+        }
+        self.newline(depth);
+        self.out.push(close);
+        Ok(())
+    }
+
+    fn string(&mut self, s: &str) {
+        self.out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => self.out.push_str("\\\""),
+                '\\' => self.out.push_str("\\\\"),
+                '\n' => self.out.push_str("\\n"),
+                '\r' => self.out.push_str("\\r"),
+                '\t' => self.out.push_str("\\t"),
+                '\u{08}' => self.out.push_str("\\b"),
+                '\u{0c}' => self.out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && (c as u32) > 0x7e) => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        self.out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => self.out.push(c),
+            }
+        }
+        self.out.push('"');
+    }
+}
+
+/// Python's `repr` of a float, as `json.dumps` writes it.
+fn py_float(f: f64) -> String {
+    if f.is_nan() {
+        "NaN".into()
+    } else if f.is_infinite() {
+        if f > 0.0 { "Infinity" } else { "-Infinity" }.into()
+    } else if f == f.trunc() && f.abs() < 1e16 {
+        format!("{f:.1}")
+    } else {
+        // Rust's shortest round-trip form, as Python's repr (exponent notation aside).
+        format!("{f}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template(src: &str) -> ChatTemplate {
+        ChatTemplate::new(src.to_owned(), "<s>".into(), "</s>".into(), 100_000, 10_000).unwrap()
+    }
+
+    /// `messages` is JSON text, as requests arrive: keys keep their order.
+    fn render(src: &str, messages: &str) -> Result<String, TokenizeError> {
+        let messages: Value = serde_json::from_str(messages).unwrap();
+        template(src).render(&ChatInput {
+            messages,
+            add_generation_prompt: true,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let out = render(
+            "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}",
+            r#"[{"b": 1, "a": [1.5, true, null, "é\"\n"], "c": {}}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "[{\"b\": 1, \"a\": [1.5, true, null, \"é\\\"\\n\"], \"c\": {}}]|{\n  \"b\": 1,\n  \"a\": [\n    1.5,\n    true,\n    null,\n    \"é\\\"\\n\"\n  ],\n  \"c\": {}\n}"
+        );
+        let ascii = render(
+            "{{ messages | tojson(ensure_ascii=true, separators=[',', ':'], sort_keys=true) }}",
+            &serde_json::json!({"z": "é🚀", "a": 2.0}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(ascii, "{\"a\":2.0,\"z\":\"\\u00e9\\ud83d\\ude80\"}");
+    }
+
+    #[test]
+    fn python_string_methods_and_globals() {
+        let out = render(
+            "{{ bos_token }}{% for m in messages %}{{ m.content.strip().upper() }}{% if m.content.startswith(' h') %}!{% endif %}{% endfor %}{{ eos_token }}",
+            &serde_json::json!([{"content": " hi "}]).to_string(),
+        )
+        .unwrap();
+        assert_eq!(out, "<s>HI!</s>");
+        let err = render(
+            "{{ raise_exception('no system role') }}",
+            &serde_json::json!([]).to_string(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, TokenizeError::Template { ref reason } if reason.contains("no system role")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn runaway_templates_are_stopped() {
+        // An endless-looking loop runs out of fuel.
+        let err = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            &serde_json::json!([]).to_string(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TokenizeError::Template { .. }), "{err:?}");
+        // Output past the cap.
+        let err = render("{{ 'x' * 20000 }}", &serde_json::json!([]).to_string()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TokenizeError::TooLarge { limit: 10_000 } | TokenizeError::Template { .. }
+            ),
+            "{err:?}"
+        );
+        // Unbounded recursion hits the recursion limit.
+        let err = render(
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            &serde_json::json!([]).to_string(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TokenizeError::Template { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn continue_final_message_cuts_after_the_last_content() {
+        let t = template(
+            "{% for m in messages %}[{{ m.role }}]{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
+        );
+        let messages: Value = serde_json::from_value(serde_json::json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Once upon "},
+        ]))
+        .unwrap();
+        let out = t
+            .render(&ChatInput {
+                messages,
+                add_generation_prompt: true,
+                continue_final_message: true,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(out, "[user]hi<end>[assistant]Once upon");
+    }
+}

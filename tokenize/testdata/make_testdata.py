@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Makes the token producer's test data: a small Llama-3-style BPE tokenizer trained on the
+project's own docs, its tokenizer_config.json (with the chat template of chat_template.jinja),
+and expected.json, the ids Hugging Face's Python stack gives for a set of requests.
+
+Run it with `make tokenizer-testdata` (installs the pinned `tokenizers` and `jinja2` into .venv).
+The outputs are checked in; the Rust tests only read them, so they need no Python.
+
+How the expected ids are made is how vLLM makes them:
+- completions: `tokenizer.encode(prompt, add_special_tokens=True)` (the post-processor adds
+  <|begin_of_text|>);
+- chat: the template rendered as transformers' `apply_chat_template` renders it (jinja2's
+  ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, the loopcontrols extension, its
+  `tojson`, `raise_exception`), with `messages`, `tools`, `add_generation_prompt` (vLLM's
+  default: true), `bos_token`, `eos_token`; then encoded with `add_special_tokens=False`.
+"""
+
+import json
+import pathlib
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+# Llama 3's pre-tokenizer split (the regex of its tokenizer.json): contractions, letter runs
+# with one leading non-letter, numbers in groups of 3, punctuation runs, newlines, spaces.
+SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+VOCAB_SIZE = 640  # 256 bytes + 384 merges: a few KB, not a real model's vocabulary
+
+
+def train() -> Tokenizer:
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [(ROOT / name).read_text(encoding="utf-8") for name in ("README.md", "ARCHITECTURE.md")]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # The special tokens after the vocabulary, as Llama 3's (128000 onwards).
+    tok.add_special_tokens(SPECIALS)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+                special_tokens=[("<|begin_of_text|>", bos)],
+            ),
+        ]
+    )
+    return tok
+
+
+def hf_environment() -> jinja2.Environment:
+    """The environment transformers compiles chat templates in."""
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather — in °C — for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+
+COMPLETIONS = [
+    "Hello, world!",
+    "The EPP routes each request to the replica whose KV cache holds its prefix.",
+    "Numbers: 1 12 123 1234 12345 3.14159; dates 2026-11-30.",
+    "Contractions: it's, we're, they've, I'm, you'll, he'd. SHOUTING IT'S LOUD.",
+    "  leading spaces,\ttabs\tand\n\nnewlines\r\n  and trailing spaces   ",
+    "Unicode: émigré naïve café, Ελληνικά, 日本語のテキスト, emoji 🚀🦀, ‘quotes’ — dashes.",
+    "A special token written in a prompt, <|eot_id|>, is that special token.",
+    "",
+]
+
+CHATS = [
+    {"messages": [{"role": "user", "content": "Hi there"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "  Be brief.  "},
+            {"role": "user", "content": "What is a KV cache?"},
+            {"role": "assistant", "content": "Stored attention keys and values."},
+            {"role": "user", "content": "And prefix caching?"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Describe "},
+                {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}},
+                {"type": "text", "text": "this, please."},
+            ]},
+        ],
+        "add_generation_prompt": False,
+    },
+    {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "You route requests."}]},
+            {"role": "user", "content": "Weather in Zürich for 3 days?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Zürich\", \"days\": 3}"}},
+            ]},
+            {"role": "tool", "content": "{\"temp\": 4}"},
+        ],
+        "tools": [WEATHER_TOOL],
+    },
+]
+
+
+def main() -> None:
+    tok = train()
+    tok.save(str(HERE / "tokenizer.json"), pretty=False)
+    template = (HERE / "chat_template.jinja").read_text(encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "model_max_length": 131072,
+        "chat_template": template,
+    }
+    (HERE / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+    compiled = hf_environment().from_string(template)
+    expected = {"completions": [], "chat": []}
+    for prompt in COMPLETIONS:
+        ids = tok.encode(prompt, add_special_tokens=True).ids
+        expected["completions"].append({"prompt": prompt, "ids": ids})
+    for case in CHATS:
+        rendered = compiled.render(
+            messages=case["messages"],
+            tools=case.get("tools"),
+            add_generation_prompt=case.get("add_generation_prompt", True),
+            bos_token=config["bos_token"],
+            eos_token=config["eos_token"],
+        )
+        ids = tok.encode(rendered, add_special_tokens=False).ids
+        expected["chat"].append({"request": case, "rendered": rendered, "ids": ids})
+    # One case per line: small diffs when the data is regenerated.
+    lines = ["{"]
+    for i, (key, cases) in enumerate(expected.items()):
+        lines.append(f' "{key}": [')
+        lines.extend(
+            "  " + json.dumps(c, ensure_ascii=False) + ("," if j + 1 < len(cases) else "")
+            for j, c in enumerate(cases)
+        )
+        lines.append(" ]" + ("," if i + 1 < len(expected) else ""))
+    lines.append("}")
+    (HERE / "expected.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
