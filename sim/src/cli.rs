@@ -1,10 +1,12 @@
 //! The command line of the `sim` binary; [`Args`] converts into a [`Config`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::config::{Config, EngineKind, FailureInjection, LatencyModel};
+use crate::tokenizer::Tokenizer;
 
 /// Engine flavour on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -129,6 +131,15 @@ pub struct Args {
     /// wildcard).
     #[arg(long, env = "POD_IP")]
     pub pod_ip: Option<String>,
+    /// The model's tokenizer, as vLLM's `--tokenizer` (but a local path only: a directory
+    /// holding `tokenizer.json` and `tokenizer_config.json`, or the `tokenizer.json` file).
+    /// Default: the built-in stand-in tokenizer and template.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A chat template file (Jinja) replacing the tokenizer's own, as vLLM's `--chat-template`;
+    /// needs `--tokenizer`.
+    #[arg(long, requires = "tokenizer")]
+    pub chat_template: Option<PathBuf>,
 }
 
 impl Args {
@@ -148,6 +159,14 @@ impl Args {
                 encoding: self.kv_events_encoding,
                 pod_ip: self.pod_ip.clone(),
             }))
+    }
+
+    /// The tokenizer the flags name (the built-in one without `--tokenizer`).
+    pub fn load_tokenizer(&self) -> Result<Tokenizer, tokenize::LoadError> {
+        match &self.tokenizer {
+            None => Ok(Tokenizer::BuiltIn),
+            Some(path) => Tokenizer::load(path, self.chat_template.as_deref()),
+        }
     }
 }
 
@@ -206,6 +225,8 @@ impl From<&Args> for Config {
             },
             metrics_delay: Duration::from_millis(a.metrics_delay_ms),
             model_load_time: Duration::from_millis(a.model_load_time_ms),
+            // Loading can fail: `Args::load_tokenizer` does it.
+            tokenizer: Tokenizer::BuiltIn,
         }
     }
 }
@@ -278,5 +299,27 @@ mod tests {
             Args::try_parse_from(["sim", "--kv-events-config", r#"{"enable": true}"#]).unwrap();
         assert!(args.kv_events().is_err());
         assert!(Args::try_parse_from(["sim", "--kv-events-encoding", "json"]).is_err());
+    }
+
+    #[test]
+    fn tokenizer_flags() {
+        let builtin = Args::try_parse_from(["sim"]).unwrap();
+        assert_eq!(builtin.load_tokenizer().unwrap(), Tokenizer::BuiltIn);
+        // A chat template alone means nothing: it needs the tokenizer it belongs to.
+        assert!(Args::try_parse_from(["sim", "--chat-template", "t.jinja"]).is_err());
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tokenize/testdata");
+        let args = Args::try_parse_from([
+            "sim",
+            "--tokenizer",
+            dir,
+            "--chat-template",
+            &format!("{dir}/chat_template.jinja"),
+        ])
+        .unwrap();
+        let t = args.load_tokenizer().unwrap();
+        assert!(matches!(t, Tokenizer::Loaded(ref l) if l.has_chat_template()));
+        let missing = Args::try_parse_from(["sim", "--tokenizer", "/nonexistent/tokenizer.json"])
+            .unwrap();
+        assert!(missing.load_tokenizer().is_err());
     }
 }

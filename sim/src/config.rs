@@ -174,6 +174,8 @@ pub struct Config {
     /// 200 at once (as vLLM's does early), but `/metrics` carries no engine series,
     /// `/v1/models` and inference answer 503 until it has passed.
     pub model_load_time: Duration,
+    /// The tokenizer: the built-in stand-in, or a model's own (`--tokenizer`).
+    pub tokenizer: crate::tokenizer::Tokenizer,
 }
 
 impl Default for Config {
@@ -200,6 +202,7 @@ impl Default for Config {
             failure: FailureInjection::default(),
             metrics_delay: Duration::ZERO,
             model_load_time: Duration::ZERO,
+            tokenizer: crate::tokenizer::Tokenizer::BuiltIn,
         }
     }
 }

@@ -13,7 +13,8 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let config = sim::Config::from(&args);
+    let mut config = sim::Config::from(&args);
+    config.tokenizer = args.load_tokenizer().context("loading --tokenizer")?;
     config.validate()?;
     let kv_events = args.kv_events()?;
     let mut replicas = sim::spawn_replicas(&config, &args.host, args.port, args.replicas)

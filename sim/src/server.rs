@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, FailureInjection};
 use crate::engine::{Completion, Engine, EngineEvent, FinishReason, SubmitRequest};
+use crate::tokenizer::Tokenizer;
 use crate::{metrics, tokenizer};
 
 /// Header that forces an error status on an inference request (llm-d sim: `X-Return-Error`).
@@ -286,17 +287,15 @@ struct Generation {
     include_usage: bool,
 }
 
-fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
+fn token_ids(tok: &Tokenizer, v: &[Value]) -> Option<Vec<u32>> {
+    let vocab = u64::from(tok.vocab_size());
     v.iter()
-        .map(|t| {
-            t.as_u64()
-                .filter(|&t| t < u64::from(tokenizer::VOCAB_SIZE))
-                .map(|t| t as u32)
-        })
+        .map(|t| t.as_u64().filter(|&t| t < vocab).map(|t| t as u32))
         .collect()
 }
 
-fn completion_prompt(prompt: Option<Value>) -> Result<Vec<u32>, ApiError> {
+fn completion_prompt(tok: &Tokenizer, prompt: Option<Value>) -> Result<Vec<u32>, ApiError> {
+    let text = |s: &str| tok.encode_prompt(s).map_err(bad_request);
     let unsupported = || {
         bad_request(
             "Batched prompts are not supported by the simulator; send one prompt per request.",
@@ -306,15 +305,15 @@ fn completion_prompt(prompt: Option<Value>) -> Result<Vec<u32>, ApiError> {
         None | Some(Value::Null) => Err(bad_request(
             "Either prompt or prompt_embeds must be provided and non-empty.",
         )),
-        Some(Value::String(s)) => Ok(tokenizer::encode_prompt(&s)),
+        Some(Value::String(s)) => text(&s),
         Some(Value::Array(items)) => match items.as_slice() {
             [] => Err(bad_request("The prompt must not be an empty list.")),
-            [Value::String(s)] => Ok(tokenizer::encode_prompt(s)),
+            [Value::String(s)] => text(s),
             [Value::Array(ids)] => {
-                token_ids(ids).ok_or_else(|| bad_request("Invalid token ids in prompt."))
+                token_ids(tok, ids).ok_or_else(|| bad_request("Invalid token ids in prompt."))
             }
             [Value::Number(_), ..] => {
-                token_ids(&items).ok_or_else(|| bad_request("Invalid token ids in prompt."))
+                token_ids(tok, &items).ok_or_else(|| bad_request("Invalid token ids in prompt."))
             }
             [Value::String(_) | Value::Array(_), _, ..] => Err(unsupported()),
             _ => Err(bad_request(
@@ -324,6 +323,16 @@ fn completion_prompt(prompt: Option<Value>) -> Result<Vec<u32>, ApiError> {
         Some(_) => Err(bad_request(
             "The prompt must be a string, a list of strings or a list of token ids.",
         )),
+    }
+}
+
+/// The ids of a chat request: through the model's chat template when a tokenizer is loaded
+/// (from the body as sent, so that its keys keep their order, as they do in vLLM), else the
+/// built-in template over the parsed messages.
+fn chat_ids(tok: &Tokenizer, messages: Option<Value>, body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    match tok.encode_chat_body(body) {
+        Some(ids) => ids.map_err(bad_request),
+        None => chat_prompt(messages),
     }
 }
 
@@ -396,7 +405,7 @@ async fn completions(State(r): State<Arc<Replica>>, headers: HeaderMap, body: By
     let result = (|| -> Result<Generation, ApiError> {
         check_n(req.n)?;
         let (model, lora) = resolve_model(&r, req.model)?;
-        let prompt = completion_prompt(req.prompt)?;
+        let prompt = completion_prompt(&r.config.tokenizer, req.prompt)?;
         Ok(Generation {
             api: Api::Completions,
             model,
@@ -432,7 +441,7 @@ async fn chat_completions(
     let result = (|| -> Result<Generation, ApiError> {
         check_n(req.n)?;
         let (model, lora) = resolve_model(&r, req.model)?;
-        let prompt = chat_prompt(req.messages)?;
+        let prompt = chat_ids(&r.config.tokenizer, req.messages, &body)?;
         Ok(Generation {
             api: Api::Chat,
             model,
@@ -680,7 +689,7 @@ struct TokenizeRequest {
 pub fn prompt_ids(body: &Value) -> Result<Vec<u32>, String> {
     let tokens = match (body.get("messages"), body.get("prompt")) {
         (Some(messages), _) => chat_prompt(Some(messages.clone())),
-        (None, prompt) => completion_prompt(prompt.cloned()),
+        (None, prompt) => completion_prompt(&Tokenizer::BuiltIn, prompt.cloned()),
     };
     tokens.map_err(|e| e.message)
 }
@@ -695,9 +704,10 @@ async fn tokenize(State(r): State<Arc<Replica>>, body: Bytes) -> Response {
     if let Err(e) = resolve_model(&r, req.model) {
         return e.into_response();
     }
+    let tok = &r.config.tokenizer;
     let tokens = match (req.messages, req.prompt) {
-        (Some(messages), _) => chat_prompt(Some(messages)),
-        (None, prompt) => completion_prompt(prompt),
+        (Some(messages), _) => chat_ids(tok, Some(messages), &body),
+        (None, prompt) => completion_prompt(tok, prompt),
     };
     match tokens {
         Ok(tokens) => axum::Json(json!({
@@ -728,11 +738,16 @@ async fn embeddings(State(r): State<Arc<Replica>>, headers: HeaderMap, body: Byt
         Ok((model, _)) => model,
         Err(e) => return e.into_response(),
     };
+    let tok = &r.config.tokenizer;
+    let text = |s: &str| tok.encode_prompt(s);
     let inputs: Vec<Vec<u32>> = match req.input {
-        Some(Value::String(s)) => vec![tokenizer::encode_prompt(&s)],
+        Some(Value::String(s)) => match text(&s) {
+            Ok(ids) => vec![ids],
+            Err(e) => return bad_response(e),
+        },
         Some(Value::Array(items)) if !items.is_empty() => {
             if items.iter().all(Value::is_number) {
-                match token_ids(&items) {
+                match token_ids(tok, &items) {
                     Some(ids) => vec![ids],
                     None => return bad_response("Invalid token ids in input."),
                 }
@@ -740,8 +755,11 @@ async fn embeddings(State(r): State<Arc<Replica>>, headers: HeaderMap, body: Byt
                 let mut out = Vec::with_capacity(items.len());
                 for item in &items {
                     match item {
-                        Value::String(s) => out.push(tokenizer::encode_prompt(s)),
-                        Value::Array(ids) => match token_ids(ids) {
+                        Value::String(s) => match text(s) {
+                            Ok(ids) => out.push(ids),
+                            Err(e) => return bad_response(e),
+                        },
+                        Value::Array(ids) => match token_ids(tok, ids) {
                             Some(ids) => out.push(ids),
                             None => return bad_response("Invalid token ids in input."),
                         },

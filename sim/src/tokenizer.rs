@@ -15,6 +15,14 @@
 //! Each piece depends only on the text up to its end plus one character of look-ahead, so the
 //! ids of any prefix of a text are a prefix of the ids of the text, except possibly the last one
 //! (exactly like BPE, whose last token can change when the text grows).
+//!
+//! [`Tokenizer`] chooses between this built-in stand-in (the default) and a real model's
+//! `tokenizer.json` and chat template (`--tokenizer`, `--chat-template`, as vLLM's flags), loaded
+//! with the `tokenize` crate the EPP's token producer uses, so that the simulator's KV blocks and
+//! events carry the ids the EPP computes.
+
+use std::path::Path;
+use std::sync::Arc;
 
 use xxhash_rust::xxh64::xxh64;
 
@@ -153,6 +161,72 @@ pub fn output_text(id: u32) -> &'static str {
 pub fn sample(seed: u64, index: usize) -> u32 {
     let h = xxh64(&(index as u64).to_le_bytes(), seed);
     (h % u64::from(FIRST_SPECIAL)) as u32
+}
+
+/// The tokenizer a replica runs: the built-in stand-in, or a model's own.
+#[derive(Debug, Clone, Default)]
+pub enum Tokenizer {
+    /// The deterministic stand-in of this module with its Llama-3-like template.
+    #[default]
+    BuiltIn,
+    /// A model's `tokenizer.json` and chat template.
+    Loaded(Arc<tokenize::Tokenizer>),
+}
+
+impl PartialEq for Tokenizer {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::BuiltIn, Self::BuiltIn) => true,
+            (Self::Loaded(a), Self::Loaded(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// The simulator tokenises what an engine would accept: far more than the EPP's routing cap.
+const ENGINE_LIMITS: tokenize::Limits = tokenize::Limits {
+    max_prompt_bytes: 64 * 1024 * 1024,
+    template_fuel: 64 * tokenize::Limits::DEFAULT_TEMPLATE_FUEL,
+};
+
+impl Tokenizer {
+    /// Loads a model's tokenizer (a directory or its `tokenizer.json`) and, optionally, a chat
+    /// template file that replaces the one in `tokenizer_config.json`.
+    pub fn load(
+        tokenizer: &Path,
+        chat_template: Option<&Path>,
+    ) -> Result<Self, tokenize::LoadError> {
+        tokenize::Tokenizer::load(tokenizer, chat_template, ENGINE_LIMITS)
+            .map(|t| Self::Loaded(Arc::new(t)))
+    }
+
+    /// Valid ids are below this.
+    pub fn vocab_size(&self) -> u32 {
+        match self {
+            Self::BuiltIn => VOCAB_SIZE,
+            Self::Loaded(t) => t.vocab_size(),
+        }
+    }
+
+    /// The ids of a completions prompt (with BOS).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
+        match self {
+            Self::BuiltIn => Ok(encode_prompt(text)),
+            Self::Loaded(t) => t.encode_prompt(text).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The ids of a chat body through the model's template, or `None` for the built-in (whose
+    /// template reads parsed messages: see [`encode_chat`]).
+    pub fn encode_chat_body(&self, body: &[u8]) -> Option<Result<Vec<u32>, String>> {
+        match self {
+            Self::BuiltIn => None,
+            Self::Loaded(t) => Some(
+                t.encode_body(tokenize::Api::ChatCompletions, body)
+                    .map_err(|e| e.to_string()),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
