@@ -7,8 +7,8 @@
 //! endpoint until the returned [`Routed`] is dropped, so a vanished client releases its state.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,6 +24,7 @@ use crate::flow::{
 };
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
+use crate::tokens::TokenProducer;
 use crate::scheduling::{
     Candidate, CycleState, EndpointLoad, InFlightCounts, LoadReading, ScheduleError,
     SchedulingResult,
@@ -262,6 +263,8 @@ pub struct Director {
     rng: Mutex<SmallRng>,
     /// Flow control, with the `flowControl` feature gate on.
     flow: Option<Arc<FlowControl>>,
+    /// Set at most once by the binary, which builds the tokenizer the config names.
+    token_producer: OnceLock<Arc<TokenProducer>>,
 }
 
 impl Director {
@@ -276,6 +279,7 @@ impl Director {
             in_flight: InFlight::default(),
             rng: Mutex::new(SmallRng::seed_from_u64(seed ^ 0x5eed)),
             flow,
+            token_producer: OnceLock::new(),
         }
     }
 
@@ -348,6 +352,18 @@ impl Director {
     /// The current objectives and rewrites.
     pub fn policies(&self) -> Arc<Policies> {
         self.policies.load_full()
+    }
+
+    /// Installs the token producer that fills [`InferenceRequest::token_ids`] before
+    /// [`Director::route`] (the caller awaits [`TokenProducer::token_ids`] first). Returns false
+    /// when one was already installed (the first one stays).
+    pub fn set_token_producer(&self, producer: Arc<TokenProducer>) -> bool {
+        self.token_producer.set(producer).is_ok()
+    }
+
+    /// The token producer, when one is installed.
+    pub fn token_producer(&self) -> Option<&Arc<TokenProducer>> {
+        self.token_producer.get()
     }
 
     /// In-flight counts.
@@ -498,7 +514,7 @@ fn is_flow_id(v: &str) -> bool {
 /// The prompt tokens of `request` that `endpoint` would compute: all of them but the blocks its
 /// prefix cache is believed to hold.
 fn uncached_tokens(request: &InferenceRequest, state: &CycleState, endpoint: &Endpoint) -> u64 {
-    let prompt = crate::cost::estimate_tokens(request.prompt.len());
+    let prompt = request.prompt_tokens();
     let cached = state.prefix.as_ref().map_or(0, |p| {
         u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
     });

@@ -19,3 +19,4 @@ pub mod request;
 pub mod saturation;
 pub mod scheduling;
 pub mod scrape;
+pub mod tokens;

@@ -76,6 +76,15 @@ pub struct InferenceRequest {
 }
 
 impl InferenceRequest {
+    /// The prompt's length in tokens: exact when the token producer gave ids, else estimated
+    /// from its bytes (≈ 4 bytes a token, the `estimate` backend's rule).
+    pub fn prompt_tokens(&self) -> u64 {
+        match &self.token_ids {
+            Some(ids) => ids.len() as u64,
+            None => crate::cost::estimate_tokens(self.prompt.len()),
+        }
+    }
+
     /// The value of a request header (names are compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers

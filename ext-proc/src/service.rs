@@ -109,7 +109,13 @@ impl ExternalProcessor for ExtProcService {
                             };
                             ctx.recorder.request_span(headers)
                         });
-                        let responses = span.in_scope(|| state.on_message(message));
+                        let mut responses = span.in_scope(|| state.on_message(message));
+                        if let Some(tokenization) = state.pending_tokenization() {
+                            // Awaited here, outside the state machine and the span: the work
+                            // runs on the token producer's bounded blocking pool.
+                            let ids = tokenization.run().await;
+                            responses.extend(span.in_scope(|| state.on_token_ids(ids)));
+                        }
                         for response in responses {
                             yield Ok(response);
                         }

@@ -52,6 +52,7 @@ use endpoint_picker::flow::{Admitted, FlowRejection, Ticket};
 use endpoint_picker::request::{Api, InferenceRequest};
 use endpoint_picker::scheduling::plugins::filters::AddressMatcher;
 use endpoint_picker::scheduling::plugins::response::Served;
+use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
 use crate::envoy::{
@@ -165,6 +166,34 @@ pub struct StreamState {
     started: Instant,
     eos_at: Instant,
     response: ResponseState,
+    /// A parsed request waiting for its token ids (see [`StreamState::pending_tokenization`]).
+    awaiting_tokens: Option<AwaitingTokens>,
+}
+
+/// A request held between the end of its body and its routing while the token producer runs.
+#[derive(Debug)]
+struct AwaitingTokens {
+    request: InferenceRequest,
+    body: (Bytes, openai::ParsedBody, bool),
+}
+
+/// What the service awaits, off the state machine, before [`StreamState::on_token_ids`]: the
+/// token producer runs on its bounded blocking pool, never on the async threads.
+#[derive(Debug)]
+pub struct Tokenization {
+    /// The producer.
+    pub producer: Arc<TokenProducer>,
+    /// The request's API.
+    pub api: Api,
+    /// Its body.
+    pub body: Bytes,
+}
+
+impl Tokenization {
+    /// The ids, or `None` when the request proceeds without them.
+    pub async fn run(self) -> Option<Arc<[u32]>> {
+        self.producer.token_ids(self.api, self.body).await
+    }
 }
 
 /// A request waiting in flow control: its ticket, and what scheduling will need.
@@ -218,7 +247,28 @@ impl StreamState {
             started: Instant::now(),
             eos_at: Instant::now(),
             response: ResponseState::default(),
+            awaiting_tokens: None,
         }
+    }
+
+    /// The tokenization the last message left waiting, if any: the caller runs it and hands
+    /// the ids to [`StreamState::on_token_ids`], which routes the request.
+    pub fn pending_tokenization(&self) -> Option<Tokenization> {
+        let waiting = self.awaiting_tokens.as_ref()?;
+        Some(Tokenization {
+            producer: self.ctx.director.token_producer()?.clone(),
+            api: waiting.request.api,
+            body: waiting.body.0.clone(),
+        })
+    }
+
+    /// Routes the request that waited for its token ids (`None`: without them).
+    pub fn on_token_ids(&mut self, ids: Option<Arc<[u32]>>) -> Vec<ProcessingResponse> {
+        let Some(AwaitingTokens { mut request, body }) = self.awaiting_tokens.take() else {
+            return Vec::new();
+        };
+        request.token_ids = ids;
+        self.route(request, Some(body))
     }
 
     /// The request id (empty before headers).
@@ -572,6 +622,14 @@ impl StreamState {
             },
             Err(e) => return self.fail(e, None),
         };
+        if TokenProducer::handles(api) && self.ctx.director.token_producer().is_some() {
+            // Answered once the ids are in: `pending_tokenization`, then `on_token_ids`.
+            self.awaiting_tokens = Some(AwaitingTokens {
+                request,
+                body: (body, parsed, end_of_stream),
+            });
+            return Vec::new();
+        }
         self.route(request, Some((body, parsed, end_of_stream)))
     }
 

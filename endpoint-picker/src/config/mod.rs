@@ -33,6 +33,7 @@ use crate::scheduling::plugins::profile::SingleProfileHandler;
 use crate::scheduling::plugins::response::ResponsePlugin;
 use crate::scheduling::registry::{self, Built, Role};
 use crate::scheduling::{DataProducer, Filter, Picker, Profile, ProfileHandler, Scheduler, Scorer};
+use crate::tokens::TokenProducerConfig;
 pub use data_layer::ScrapeSettings;
 use gates::FeatureGates;
 use instances::{Instance, Plugins};
@@ -176,6 +177,9 @@ pub struct LoadedConfig {
     /// The precise prefix-cache producers: their indexes are what the KV-event subscribers
     /// feed, with the `kvEventsConfig` each asks for.
     pub precise_producers: Vec<Arc<PrecisePrefixCacheProducer>>,
+    /// The declared `token-producer`, for the binary to build (`None`: no ids, as with the
+    /// `estimate` backend).
+    pub token_producer: Option<TokenProducerConfig>,
     /// Non-fatal remarks (unknown parameters, accepted-but-inert plugins).
     pub warnings: Vec<String>,
 }
@@ -232,6 +236,7 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
         .map(|i| (i.name.as_str(), i.built.role().describe()))
         .collect();
     tracing::debug!(?roles, "plugins instantiated");
+    let token_producer = token_producer(&plugins)?;
     Ok(LoadedConfig {
         scheduler: Arc::new(Scheduler::new(handler, profiles, producers, seed)),
         saturation_detector,
@@ -241,8 +246,27 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
         scrape,
         prefix_producers,
         precise_producers,
+        token_producer,
         warnings,
     })
+}
+
+/// The `token-producer`, at most one (a request has one set of ids).
+fn token_producer(plugins: &Plugins<'_>) -> Result<Option<TokenProducerConfig>, ConfigError> {
+    let mut found = plugins.iter().filter_map(|i| match &i.built {
+        Built::TokenProducer(c) => Some(c),
+        _ => None,
+    });
+    let first = found.next().cloned();
+    if let Some(second) = found.next() {
+        return Err(ConfigError::InvalidParameter {
+            name: second.name.clone(),
+            type_name: "token-producer".into(),
+            parameter: "type",
+            reason: "only one token-producer may be declared".into(),
+        });
+    }
+    Ok(first)
 }
 
 /// `apiVersion` and `kind` are the reference's.
@@ -417,6 +441,7 @@ fn belongs_in_profile(built: &Built) -> bool {
         Built::ProfileHandler(_)
         | Built::PrefixProducer(_)
         | Built::CostProducer(_)
+        | Built::TokenProducer(_)
         | Built::Response(_)
         | Built::MetricsSource(_)
         | Built::MetricsExtractor(_)
@@ -478,6 +503,7 @@ fn build_profile(spec: &types::ProfileSpec, plugins: &Plugins<'_>) -> Result<Pro
             Built::ProfileHandler(_)
             | Built::PrefixProducer(_)
             | Built::CostProducer(_)
+            | Built::TokenProducer(_)
             | Built::Response(_)
             | Built::MetricsSource(_)
             | Built::MetricsExtractor(_)

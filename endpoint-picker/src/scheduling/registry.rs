@@ -30,6 +30,7 @@ use crate::scheduling::plugins::scorers::{
 };
 use crate::scheduling::plugins::session::SessionAffinityScorer;
 use crate::scheduling::{Filter, Picker, ProfileHandler, Scorer};
+use crate::tokens::TokenProducerConfig;
 
 /// What a plugin type is for, which decides where a config may use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +83,9 @@ pub enum Built {
     PreciseScorer(Arc<PrecisePrefixCacheScorer>),
     /// The cost model's producer (runs after the prefix producers, whose match it reads).
     CostProducer(Arc<TtftCostProducer>),
+    /// A `token-producer`'s settings: the binary builds its tokenizer (the heavy dependencies
+    /// stay out of this crate) and runs it before scheduling, off the async threads.
+    TokenProducer(TokenProducerConfig),
     /// A saturation detector (kept concrete: admission asks it more than a filter can say).
     SaturationDetector(Arc<SaturationDetector>),
     /// A flow-control fairness policy.
@@ -239,6 +243,14 @@ pub static REGISTRY: &[Entry] = &[
         Ok(Built::CostProducer(Arc::new(
             TtftCostProducer::from_params(p)?,
         )))
+    }),
+    // llm-d's `token-producer` (backends `estimate`, llm-d's default, and our `local`).
+    Entry::new("token-producer", Role::DataProducer, |p| {
+        Ok(Built::TokenProducer(TokenProducerConfig::from_params(p)?))
+    }),
+    // llm-d's deprecated name of the same plugin.
+    Entry::alias("tokenizer", "token-producer", Role::DataProducer, |p| {
+        Ok(Built::TokenProducer(TokenProducerConfig::from_params(p)?))
     }),
     Entry::inert(
         "inflight-load-producer",
@@ -413,7 +425,9 @@ impl Built {
             Built::Scorer(_) | Built::PreciseScorer(_) => Role::Scorer,
             Built::Picker(_) => Role::Picker,
             Built::ProfileHandler(_) => Role::ProfileHandler,
-            Built::PrefixProducer(_) | Built::CostProducer(_) => Role::DataProducer,
+            Built::PrefixProducer(_) | Built::CostProducer(_) | Built::TokenProducer(_) => {
+                Role::DataProducer
+            }
             Built::SaturationDetector(_) => Role::SaturationDetector,
             Built::Fairness(_) => Role::FairnessPolicy,
             Built::Ordering(_) => Role::OrderingPolicy,
@@ -511,6 +525,7 @@ mod tests {
             Built::Ordering(o) => return Some(o.type_name()),
             Built::UsageLimit(u) => return Some(u.type_name()),
             Built::Response(_)
+            | Built::TokenProducer(_)
             | Built::MetricsSource(_)
             | Built::MetricsExtractor(_)
             | Built::AgentIdentity(_)

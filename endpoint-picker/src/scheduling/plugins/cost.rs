@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::config::ConfigError;
 use crate::config::params::Params;
-use crate::cost::{Backlog, EngineCosts, estimate_tokens};
+use crate::cost::{Backlog, EngineCosts};
 use crate::request::InferenceRequest;
 use crate::scheduling::{Candidate, Cost, Costs, CycleState, DataProducer, Filter, Plugin, Scorer};
 
@@ -190,7 +190,7 @@ impl DataProducer for TtftCostProducer {
         candidates: &[Candidate],
         state: &mut CycleState,
     ) {
-        let prompt_tokens = estimate_tokens(request.prompt.len());
+        let prompt_tokens = request.prompt_tokens();
         let bound = candidates
             .iter()
             .map(|c| c.endpoint.id.0 as usize + 1)

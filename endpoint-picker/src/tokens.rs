@@ -1,0 +1,515 @@
+//! The token producer: the prompt's token ids as the engine will compute them, before
+//! scheduling, so that the precise prefix index can look the request up by the ids the engines
+//! publish in their KV events.
+//!
+//! Tokenising is CPU work (milliseconds for long prompts), so it never runs on the async
+//! threads: [`TokenProducer`] runs a [`PromptTokenizer`] on tokio's blocking pool under a
+//! semaphore of `workers` permits, with at most `maxQueued` requests waiting for one and a
+//! deadline (`timeout`) covering the wait and the work. A request that finds the queue full or
+//! misses its deadline proceeds without ids ([`InferenceRequest::token_ids`] stays `None` and
+//! routing falls back to its text-based paths); each such outcome is counted. Work that missed
+//! its deadline still holds its permit until it ends, so the pool never grows past `workers`.
+//!
+//! The tokenizer itself (a model's `tokenizer.json` and chat template) lives in the `tokenize`
+//! crate, outside this one, to keep its dependencies out of the decision core; the binary
+//! builds it from [`TokenProducerConfig`] and installs it with
+//! [`crate::director::Director::set_token_producer`].
+//!
+//! [`InferenceRequest::token_ids`]: crate::request::InferenceRequest::token_ids
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::ConfigError;
+use crate::config::params::{Params, parse_duration};
+use crate::request::Api;
+
+/// Why a tokenizer gave no ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Over the configured cap on bytes tokenised.
+    TooLarge,
+    /// Not a request it tokenises (a batch of prompts, no chat template, an API without a
+    /// prompt).
+    Unsupported,
+    /// Invalid body, a template error or refusal, a tokenizer error.
+    Failed,
+}
+
+/// A tokenizer the producer can run: CPU-bound, called on a blocking thread.
+pub trait PromptTokenizer: Send + Sync + std::fmt::Debug + 'static {
+    /// The ids the engine will compute for a request `body` of `api`.
+    fn token_ids(&self, api: Api, body: &[u8]) -> Result<Vec<u32>, Skip>;
+}
+
+/// What became of one request's tokenization: the `outcome` label of the metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Ids produced.
+    Tokenized,
+    /// Over the cap on bytes tokenised.
+    TooLarge,
+    /// Not a request the tokenizer handles.
+    Unsupported,
+    /// The tokenizer or template failed.
+    Failed,
+    /// Every worker busy and `maxQueued` requests already waiting.
+    QueueFull,
+    /// The deadline passed while waiting for a worker or tokenising.
+    TimedOut,
+}
+
+impl Outcome {
+    /// Every outcome, in label order.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Tokenized,
+        Outcome::TooLarge,
+        Outcome::Unsupported,
+        Outcome::Failed,
+        Outcome::QueueFull,
+        Outcome::TimedOut,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Tokenized => "tokenized",
+            Outcome::TooLarge => "too_large",
+            Outcome::Unsupported => "unsupported",
+            Outcome::Failed => "failed",
+            Outcome::QueueFull => "queue_full",
+            Outcome::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Receives each tokenization's outcome (the binary's metrics). Called on the request path:
+/// must be cheap.
+pub trait TokenObserver: Send + Sync + std::fmt::Debug {
+    /// One request's tokenization ended with `outcome` after `took` (queue wait included).
+    fn tokenized(&self, outcome: Outcome, took: Duration);
+}
+
+/// The bounds of the blocking pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Tokenizations running at once (blocking threads used).
+    pub workers: usize,
+    /// Requests waiting for a worker; more proceed at once without ids.
+    pub max_queued: usize,
+    /// Deadline of one request's tokenization, wait included.
+    pub timeout: Duration,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            workers: DEFAULT_WORKERS,
+            max_queued: DEFAULT_MAX_QUEUED,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Default `workers`: two threads tokenise about 30 MB/s of prompt (see the tokenize bench),
+/// beyond what one EPP replica is sent; more would take cores from the ext_proc threads.
+pub const DEFAULT_WORKERS: usize = 2;
+/// Default `maxQueued`.
+pub const DEFAULT_MAX_QUEUED: usize = 256;
+/// Default `timeout`: a 220 KB prompt tokenises in about 10 ms (see the tokenize bench); past
+/// 100 ms, routing without ids costs less than waiting.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Runs a [`PromptTokenizer`] off the async threads, bounded.
+#[derive(Debug)]
+pub struct TokenProducer {
+    name: String,
+    tokenizer: Arc<dyn PromptTokenizer>,
+    workers: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    limits: PoolLimits,
+    counts: [AtomicU64; 6],
+    observer: OnceLock<Arc<dyn TokenObserver>>,
+}
+
+/// Decrements the waiting count when the wait ends, however it ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl TokenProducer {
+    /// A producer named `name` running `tokenizer` within `limits` (`workers` ≥ 1).
+    pub fn new(name: String, tokenizer: Arc<dyn PromptTokenizer>, limits: PoolLimits) -> Self {
+        Self {
+            name,
+            tokenizer,
+            workers: Arc::new(Semaphore::new(limits.workers.max(1))),
+            waiting: AtomicUsize::new(0),
+            limits,
+            counts: Default::default(),
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pool's bounds.
+    pub fn limits(&self) -> PoolLimits {
+        self.limits
+    }
+
+    /// Installs the observer of outcomes; false when one was already installed.
+    pub fn set_observer(&self, observer: Arc<dyn TokenObserver>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    /// How many tokenizations ended with `outcome` so far.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.counts[outcome as usize].load(Ordering::Relaxed)
+    }
+
+    /// Whether requests of `api` are tokenised (those whose body carries a prompt).
+    pub fn handles(api: Api) -> bool {
+        matches!(api, Api::Completions | Api::ChatCompletions)
+    }
+
+    /// The ids of `body`, or `None` (counted) when the request must proceed without them.
+    pub async fn token_ids(&self, api: Api, body: Bytes) -> Option<Arc<[u32]>> {
+        let started = Instant::now();
+        let result = if Self::handles(api) {
+            self.run(api, body, started + self.limits.timeout).await
+        } else {
+            Err(Outcome::Unsupported)
+        };
+        let outcome = match &result {
+            Ok(_) => Outcome::Tokenized,
+            Err(o) => *o,
+        };
+        self.counts[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(observer) = self.observer.get() {
+            observer.tokenized(outcome, started.elapsed());
+        }
+        if let Err(outcome) = result {
+            tracing::debug!(producer = %self.name, outcome = outcome.as_str(), "no token ids");
+        }
+        result.ok().map(Arc::from)
+    }
+
+    async fn run(&self, api: Api, body: Bytes, deadline: Instant) -> Result<Vec<u32>, Outcome> {
+        let permit = match self.workers.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.limits.max_queued {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Outcome::QueueFull);
+                }
+                let _waiting = Waiting(&self.waiting);
+                match tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    // The semaphore is never closed; treat it as a full queue if it were.
+                    Ok(Err(_)) => return Err(Outcome::QueueFull),
+                    Err(_) => return Err(Outcome::TimedOut),
+                }
+            }
+        };
+        let tokenizer = self.tokenizer.clone();
+        // The permit moves into the work: released when the work ends, not when the caller
+        // stops waiting for it.
+        let work = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            tokenizer.token_ids(api, &body)
+        });
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(Ok(ids))) => Ok(ids),
+            Ok(Ok(Err(Skip::TooLarge))) => Err(Outcome::TooLarge),
+            Ok(Ok(Err(Skip::Unsupported))) => Err(Outcome::Unsupported),
+            // A panic in the tokenizer is caught by the blocking pool: a failure, not a crash.
+            Ok(Ok(Err(Skip::Failed))) | Ok(Err(_)) => Err(Outcome::Failed),
+            Err(_) => Err(Outcome::TimedOut),
+        }
+    }
+}
+
+/// Where a `token-producer` gets its ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// llm-d's default: no tokenizer, no ids; prompt sizes are estimated at about 4 bytes per
+    /// token where they are needed (the cost model, in-flight prefill tokens), which is what
+    /// happens without a token producer.
+    Estimate,
+    /// A model's `tokenizer.json` and chat template from local paths (Switchyard's).
+    Local(LocalBackend),
+}
+
+/// The `local` backend's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBackend {
+    /// `tokenizerPath`: a model directory (`tokenizer.json`, `tokenizer_config.json`) or the
+    /// `tokenizer.json` file.
+    pub tokenizer_path: PathBuf,
+    /// `chatTemplatePath`: a Jinja file replacing the tokenizer's own chat template.
+    pub chat_template_path: Option<PathBuf>,
+    /// `maxPromptBytes`: the most bytes tokenised for one request (prompt, messages JSON,
+    /// rendered chat); larger requests route without ids.
+    pub max_prompt_bytes: usize,
+    /// `templateFuel`: the work one chat-template render may do (MiniJinja fuel).
+    pub template_fuel: u64,
+    /// `workers`, `maxQueued`, `timeout`: the blocking pool.
+    pub pool: PoolLimits,
+}
+
+/// Default `maxPromptBytes` (512 KiB), as the `tokenize` crate's.
+pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 * 1024;
+/// Default `templateFuel`, as the `tokenize` crate's.
+pub const DEFAULT_TEMPLATE_FUEL: u64 = 4_000_000;
+/// The largest accepted `maxPromptBytes` (64 MiB): above the largest request body the EPP
+/// buffers by default.
+const MAX_PROMPT_BYTES_CAP: usize = 64 * 1024 * 1024;
+
+/// A configured `token-producer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenProducerConfig {
+    /// The instance name.
+    pub name: String,
+    /// Its backend.
+    pub backend: Backend,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenProducerYaml {
+    estimate: Option<EstimateYaml>,
+    local: Option<LocalYaml>,
+    vllm: Option<yaml_serde::Value>,
+    model_name: Option<String>,
+    uds_tokenizer_config: Option<yaml_serde::Value>,
+}
+
+/// llm-d's `estimate` tunes multimodal placeholder counts; no multimodal input is estimated
+/// here, so it takes no parameters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EstimateYaml {}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalYaml {
+    tokenizer_path: Option<String>,
+    chat_template_path: Option<String>,
+    max_prompt_bytes: Option<i64>,
+    template_fuel: Option<i64>,
+    workers: Option<i64>,
+    max_queued: Option<i64>,
+    timeout: Option<String>,
+}
+
+impl TokenProducerConfig {
+    /// Decodes `token-producer` parameters. Unlike most plugins', unknown keys are errors:
+    /// a misspelt path would otherwise leave routing silently without ids.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: TokenProducerYaml = p.decode()?;
+        if y.vllm.is_some() || y.model_name.is_some() {
+            return Err(p.invalid(
+                "vllm",
+                "the vllm /render backend (and its modelName) is not implemented here; use \
+                 `local` with the model's tokenizer.json, or `estimate`",
+            ));
+        }
+        if y.uds_tokenizer_config.is_some() {
+            return Err(p.invalid(
+                "udsTokenizerConfig",
+                "the UDS tokenizer backend (deprecated in llm-d) is not implemented here; use `local`",
+            ));
+        }
+        let backend = match (y.estimate, y.local) {
+            (Some(_), Some(_)) => {
+                return Err(p.invalid("local", "only one of `estimate` and `local` may be set"));
+            }
+            (_, None) => Backend::Estimate,
+            (None, Some(l)) => Backend::Local(LocalBackend::from_yaml(p, l)?),
+        };
+        Ok(Self {
+            name: p.name(),
+            backend,
+        })
+    }
+}
+
+impl LocalBackend {
+    fn from_yaml(p: &Params<'_>, l: LocalYaml) -> Result<Self, ConfigError> {
+        let tokenizer_path = l
+            .tokenizer_path
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| p.invalid("local.tokenizerPath", "required"))?;
+        let max_prompt_bytes = p
+            .positive("local.maxPromptBytes", l.max_prompt_bytes)?
+            .unwrap_or(DEFAULT_MAX_PROMPT_BYTES);
+        if max_prompt_bytes > MAX_PROMPT_BYTES_CAP {
+            return Err(p.invalid("local.maxPromptBytes", "at most 67108864 (64 MiB)"));
+        }
+        let template_fuel = p
+            .positive("local.templateFuel", l.template_fuel)?
+            .map_or(DEFAULT_TEMPLATE_FUEL, |f| f as u64);
+        let workers = p
+            .positive("local.workers", l.workers)?
+            .unwrap_or(DEFAULT_WORKERS);
+        if workers > 64 {
+            return Err(p.invalid("local.workers", "at most 64"));
+        }
+        let max_queued = p
+            .non_negative("local.maxQueued", l.max_queued)?
+            .map_or(DEFAULT_MAX_QUEUED, |q| q as usize);
+        let timeout = match l.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(t) => match parse_duration(&t) {
+                Some(d) if !d.is_zero() && d <= Duration::from_secs(60) => d,
+                _ => {
+                    return Err(p.invalid(
+                        "local.timeout",
+                        format!("{t:?}: a duration in (0, 60s], e.g. 100ms"),
+                    ));
+                }
+            },
+        };
+        Ok(Self {
+            tokenizer_path: PathBuf::from(tokenizer_path),
+            chat_template_path: l
+                .chat_template_path
+                .filter(|s| !s.trim().is_empty())
+                .map(PathBuf::from),
+            max_prompt_bytes,
+            template_fuel,
+            pool: PoolLimits {
+                workers,
+                max_queued,
+                timeout,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    /// A tokenizer that returns the body's length as one id, after its gate opens.
+    #[derive(Debug)]
+    struct Gated {
+        started: Mutex<mpsc::Sender<()>>,
+        open: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl PromptTokenizer for Gated {
+        fn token_ids(&self, _api: Api, body: &[u8]) -> Result<Vec<u32>, Skip> {
+            let _ = self.started.lock().send(());
+            // Blocks this blocking thread until the test opens the gate.
+            let _ = self.open.lock().recv();
+            Ok(vec![body.len() as u32])
+        }
+    }
+
+    fn gated(limits: PoolLimits) -> (Arc<TokenProducer>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (started_tx, started_rx) = mpsc::channel();
+        let (open_tx, open_rx) = mpsc::channel();
+        let tok = Gated {
+            started: Mutex::new(started_tx),
+            open: Mutex::new(open_rx),
+        };
+        let producer = TokenProducer::new("tp".into(), Arc::new(tok), limits);
+        (Arc::new(producer), started_rx, open_tx)
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_full_queue_proceeds_at_once_without_ids() {
+        let (tp, started, open) = gated(PoolLimits {
+            workers: 1,
+            max_queued: 1,
+            timeout: Duration::from_secs(3600),
+        });
+        // One running (holding the only worker), one waiting.
+        let running = tokio::spawn({
+            let tp = tp.clone();
+            async move { tp.token_ids(Api::Completions, Bytes::from_static(b"abc")).await }
+        });
+        tokio::task::yield_now().await;
+        started.recv().unwrap();
+        let waiting = tokio::spawn({
+            let tp = tp.clone();
+            async move { tp.token_ids(Api::Completions, Bytes::from_static(b"ab")).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(tp.waiting.load(Ordering::Relaxed), 1);
+        // The third finds the queue full.
+        assert_eq!(tp.token_ids(Api::Completions, Bytes::new()).await, None);
+        assert_eq!(tp.count(Outcome::QueueFull), 1);
+        // Opening the gate twice lets both finish, in order.
+        open.send(()).unwrap();
+        open.send(()).unwrap();
+        assert_eq!(running.await.unwrap().as_deref(), Some(&[3][..]));
+        assert_eq!(waiting.await.unwrap().as_deref(), Some(&[2][..]));
+        assert_eq!(tp.count(Outcome::Tokenized), 2);
+        assert_eq!(tp.waiting.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_deadline_bounds_the_wait_and_the_work_keeps_its_worker() {
+        // Paused time does not advance by itself while blocking work runs: the test moves it.
+        let (tp, started, open) = gated(PoolLimits {
+            workers: 1,
+            max_queued: 8,
+            timeout: Duration::from_millis(100),
+        });
+        let call = |api| {
+            let tp = tp.clone();
+            tokio::spawn(async move { tp.token_ids(api, Bytes::new()).await })
+        };
+        // The work does not finish before the deadline.
+        let stuck = call(Api::ChatCompletions);
+        tokio::task::yield_now().await;
+        started.recv().unwrap();
+        tokio::time::advance(Duration::from_millis(101)).await;
+        assert_eq!(stuck.await.unwrap(), None);
+        assert_eq!(tp.count(Outcome::TimedOut), 1);
+        // Its worker is still held: the next request waits for it, then times out too.
+        assert_eq!(tp.workers.available_permits(), 0);
+        let queued = call(Api::Completions);
+        tokio::task::yield_now().await;
+        assert_eq!(tp.waiting.load(Ordering::Relaxed), 1);
+        tokio::time::advance(Duration::from_millis(101)).await;
+        assert_eq!(queued.await.unwrap(), None);
+        assert_eq!(tp.count(Outcome::TimedOut), 2);
+        assert_eq!(tp.waiting.load(Ordering::Relaxed), 0);
+        // Once the stuck work ends, its worker is free again.
+        open.send(()).unwrap();
+        drop(tp.workers.acquire().await.unwrap());
+        open.send(()).unwrap();
+        assert!(
+            tp.token_ids(Api::Completions, Bytes::from_static(b"x"))
+                .await
+                .is_some()
+        );
+        // APIs without a prompt are not tokenised at all.
+        assert_eq!(tp.token_ids(Api::Embeddings, Bytes::new()).await, None);
+        assert_eq!(tp.count(Outcome::Unsupported), 1);
+    }
+}
