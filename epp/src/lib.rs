@@ -20,3 +20,4 @@ pub mod signals;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tls;
+pub mod tokens;

@@ -12,6 +12,7 @@ use endpoint_picker::datastore::{Datastore, Endpoint, Readiness};
 use endpoint_picker::director::Director;
 use endpoint_picker::scheduling::{ExtensionPoint, PluginObserver};
 use endpoint_picker::scrape::scraper::{ScrapeError, ScrapeObserver};
+use endpoint_picker::tokens::{Outcome, TokenObserver};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -254,6 +255,11 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_kv_events_lag_seconds", "gauge"),
     ("inference_extension_kv_index_blocks", "gauge"),
     ("inference_extension_kv_index_entries", "gauge"),
+    ("inference_extension_token_producer_requests", "counter"),
+    (
+        "inference_extension_token_producer_duration_seconds",
+        "histogram",
+    ),
 ];
 
 /// Every metric the EPP exports.
@@ -325,6 +331,11 @@ pub struct EppMetrics {
     pub scrape_duration: Histogram,
     /// `inference_extension_task_exits_total`: supervised tasks that ended unexpectedly.
     pub task_exits: Family<TaskExitLabels, Counter>,
+    /// `inference_extension_token_producer_requests_total{outcome}`: tokenizations by
+    /// outcome; every outcome but `tokenized` routed without token ids.
+    pub token_outcomes: Family<TokenOutcomeLabels, Counter>,
+    /// `inference_extension_token_producer_duration_seconds`: queue wait plus tokenization.
+    pub token_duration: Histogram,
     /// Pool name for the scrape error labels (set by the first pool refresh).
     pool_name: parking_lot::RwLock<String>,
     /// `plugin_duration` handles by (extension point, plugin type), then plugin name: once a
@@ -376,6 +387,8 @@ impl EppMetrics {
             scrape_errors: Family::default(),
             scrape_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             task_exits: Family::default(),
+            token_outcomes: Family::default(),
+            token_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             pool_name: parking_lot::RwLock::new(String::new()),
             plugin_cache: PluginCache::default(),
         };
@@ -518,6 +531,16 @@ impl EppMetrics {
             "Long-lived tasks of the EPP that ended unexpectedly (and were restarted, or took readiness or the process down), by task and reason",
             m.task_exits.clone(),
         );
+        r.register(
+            "inference_extension_token_producer_requests",
+            "Token producer runs by outcome; all but tokenized routed without token ids",
+            m.token_outcomes.clone(),
+        );
+        r.register(
+            "inference_extension_token_producer_duration_seconds",
+            "Time from the end of the request body to its token ids (queue wait included)",
+            m.token_duration.clone(),
+        );
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
             commit: option_env!("SWITCHYARD_COMMIT")
@@ -606,6 +629,26 @@ impl EppMetrics {
             .filter_map(|p| p.index_entries())
             .sum();
         self.prefix_indexer_size.set(entries as i64);
+    }
+}
+
+/// `outcome` of a token producer run: `tokenized`, `too_large`, `unsupported`, `failed`,
+/// `queue_full`, `timed_out`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenOutcomeLabels {
+    /// The outcome.
+    pub outcome: &'static str,
+}
+
+impl TokenObserver for MetricsObserver {
+    fn tokenized(&self, outcome: Outcome, took: Duration) {
+        self.0
+            .token_outcomes
+            .get_or_create(&TokenOutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        self.0.token_duration.observe(took.as_secs_f64());
     }
 }
 

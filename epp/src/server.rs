@@ -146,6 +146,9 @@ pub enum ServeError {
     /// The ext_proc port's TLS could not be set up.
     #[error("ext_proc TLS")]
     Tls(#[from] tls::TlsError),
+    /// The token producer's tokenizer could not be loaded.
+    #[error("token-producer")]
+    Tokenizer(#[from] tokenize::LoadError),
 }
 
 /// Handles to a running EPP (for tests and the binary).
@@ -204,6 +207,8 @@ pub async fn serve_with_handles(
         .iter()
         .map(|p| (p.index().clone(), p.params.events.clone()))
         .collect();
+    // Before anything starts too: a tokenizer that does not load.
+    let token_producer = crate::tokens::build(config.token_producer.as_ref())?;
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore.clone(), Arc::new(config), seed));
     let labels = Arc::new(ModelLabels::default());
@@ -215,6 +220,10 @@ pub async fn serve_with_handles(
     director.config().scheduler.set_observer(observer.clone());
     if let Some(flow) = director.flow_control() {
         flow.set_observer(flow_metrics.clone());
+    }
+    if let Some(producer) = token_producer {
+        producer.set_observer(observer.clone());
+        director.set_token_producer(producer);
     }
     let decisions = Arc::new(DecisionLog::new(debug_decisions));
 

@@ -8,4 +8,5 @@ pub mod kv_events;
 pub mod openai;
 pub mod prometheus;
 pub mod stream;
+pub mod tokenize;
 pub mod yaml;
