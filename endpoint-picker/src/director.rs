@@ -24,11 +24,11 @@ use crate::flow::{
 };
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
-use crate::tokens::TokenProducer;
 use crate::scheduling::{
     Candidate, CycleState, EndpointLoad, InFlightCounts, LoadReading, ScheduleError,
     SchedulingResult,
 };
+use crate::tokens::TokenProducer;
 
 /// Why a request was not routed. Each maps to one HTTP status at the edge.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

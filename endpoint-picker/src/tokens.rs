@@ -218,8 +218,7 @@ impl TokenProducer {
                     return Err(Outcome::QueueFull);
                 }
                 let _waiting = Waiting(&self.waiting);
-                match tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned())
-                    .await
+                match tokio::time::timeout_at(deadline, self.workers.clone().acquire_owned()).await
                 {
                     Ok(Ok(permit)) => permit,
                     // The semaphore is never closed; treat it as a full queue if it were.
@@ -449,13 +448,19 @@ mod tests {
         // One running (holding the only worker), one waiting.
         let running = tokio::spawn({
             let tp = tp.clone();
-            async move { tp.token_ids(Api::Completions, Bytes::from_static(b"abc")).await }
+            async move {
+                tp.token_ids(Api::Completions, Bytes::from_static(b"abc"))
+                    .await
+            }
         });
         tokio::task::yield_now().await;
         started.recv().unwrap();
         let waiting = tokio::spawn({
             let tp = tp.clone();
-            async move { tp.token_ids(Api::Completions, Bytes::from_static(b"ab")).await }
+            async move {
+                tp.token_ids(Api::Completions, Bytes::from_static(b"ab"))
+                    .await
+            }
         });
         tokio::task::yield_now().await;
         assert_eq!(tp.waiting.load(Ordering::Relaxed), 1);

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use endpoint_picker::request::Api;
-use endpoint_picker::tokens::{
-    Backend, PromptTokenizer, Skip, TokenProducer, TokenProducerConfig,
-};
+use endpoint_picker::tokens::{Backend, PromptTokenizer, Skip, TokenProducer, TokenProducerConfig};
 use tokenize::{Limits, LoadError, TokenizeError, Tokenizer};
 
 /// A loaded model tokenizer, as the token producer runs it.
@@ -24,15 +22,17 @@ impl PromptTokenizer for HfTokenizer {
         self.0.encode_body(api, body).map_err(|e| match e {
             TokenizeError::TooLarge { .. } => Skip::TooLarge,
             TokenizeError::Unsupported(_) => Skip::Unsupported,
-            TokenizeError::Invalid(_) | TokenizeError::Template { .. } | TokenizeError::Encode(_) => {
-                Skip::Failed
-            }
+            TokenizeError::Invalid(_)
+            | TokenizeError::Template { .. }
+            | TokenizeError::Encode(_) => Skip::Failed,
         })
     }
 }
 
 /// The producer a config declares: `None` for none or the `estimate` backend (no ids).
-pub fn build(config: Option<&TokenProducerConfig>) -> Result<Option<Arc<TokenProducer>>, LoadError> {
+pub fn build(
+    config: Option<&TokenProducerConfig>,
+) -> Result<Option<Arc<TokenProducer>>, LoadError> {
     let Some(config) = config else {
         return Ok(None);
     };

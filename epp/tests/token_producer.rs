@@ -85,10 +85,9 @@ fn requests() -> Vec<(Api, String)> {
         ),
     ];
     // The Python-made cases too.
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(testdata().join("expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(testdata().join("expected.json")).unwrap())
+            .unwrap();
     for case in expected["completions"].as_array().unwrap() {
         let body = serde_json::json!({"model": "m", "prompt": case["prompt"]});
         if case["prompt"] != "" {
@@ -116,8 +115,10 @@ async fn the_epp_computes_the_ids_the_simulator_computes() {
             .token_ids(api, Bytes::from(body.clone()))
             .await
             .unwrap_or_else(|| panic!("no ids for {body}"));
-        let resp = common::http::post(replica.addr(), "/tokenize", &[], body.clone().into_bytes()).await;
-        let sim: serde_json::Value = serde_json::from_str(&common::http::body_text(resp).await).unwrap();
+        let resp =
+            common::http::post(replica.addr(), "/tokenize", &[], body.clone().into_bytes()).await;
+        let sim: serde_json::Value =
+            serde_json::from_str(&common::http::body_text(resp).await).unwrap();
         let sim_ids: Vec<u32> = sim["tokens"]
             .as_array()
             .unwrap_or_else(|| panic!("sim /tokenize: {sim} for {body}"))
@@ -131,7 +132,8 @@ async fn the_epp_computes_the_ids_the_simulator_computes() {
             _ => "/v1/completions",
         };
         let resp = common::http::post(replica.addr(), path, &[], body.clone().into_bytes()).await;
-        let out: serde_json::Value = serde_json::from_str(&common::http::body_text(resp).await).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_str(&common::http::body_text(resp).await).unwrap();
         assert_eq!(out["usage"]["prompt_tokens"], sim_ids.len(), "{body}");
     }
     assert_eq!(producer.count(Outcome::Tokenized), requests().len() as u64);
@@ -148,24 +150,47 @@ async fn the_producer_runs_before_scheduling_on_the_request_path() {
         },
     )
     .await;
-    let producer = epp.handles.director.token_producer().expect("installed").clone();
+    let producer = epp
+        .handles
+        .director
+        .token_producer()
+        .expect("installed")
+        .clone();
     let mut s = Stream::open(epp.grpc).await;
     let body = br#"{"model":"m","messages":[{"role":"user","content":"Hi"}]}"#;
-    s.send(req_headers(&[(":path", "/v1/chat/completions"), (":method", "POST")], false, None))
-        .await;
+    s.send(req_headers(
+        &[(":path", "/v1/chat/completions"), (":method", "POST")],
+        false,
+        None,
+    ))
+    .await;
     s.send(req_body(body, true)).await;
     let answer = routing_answer(&s.recv().await);
     assert!(answer.destination().starts_with("127.0.0."));
     assert_eq!(producer.count(Outcome::Tokenized), 1);
     // Too large for the cap, not JSON the tokenizer takes: routed all the same, without ids.
     let mut s = Stream::open(epp.grpc).await;
-    s.send(req_headers(&[(":path", "/v1/completions"), (":method", "POST")], false, None)).await;
-    s.send(req_body(br#"{"model":"m","prompt":["a","b"]}"#, true)).await;
-    assert!(routing_answer(&s.recv().await).destination().starts_with("127.0.0."));
-    assert_eq!(producer.count(Outcome::Unsupported), 1);
-    let metrics = common::http::get_text(epp.metrics, "/metrics").await.unwrap();
+    s.send(req_headers(
+        &[(":path", "/v1/completions"), (":method", "POST")],
+        false,
+        None,
+    ))
+    .await;
+    s.send(req_body(br#"{"model":"m","prompt":["a","b"]}"#, true))
+        .await;
     assert!(
-        metrics.contains(r#"inference_extension_token_producer_requests_total{outcome="tokenized"} 1"#),
+        routing_answer(&s.recv().await)
+            .destination()
+            .starts_with("127.0.0.")
+    );
+    assert_eq!(producer.count(Outcome::Unsupported), 1);
+    let metrics = common::http::get_text(epp.metrics, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"inference_extension_token_producer_requests_total{outcome="tokenized"} 1"#
+        ),
         "{metrics}"
     );
 }
@@ -186,7 +211,11 @@ fn config_names_and_bounds() {
     };
     // llm-d's default backend: no ids, nothing built.
     let estimate = cfg("    estimate: {}\n").unwrap();
-    assert!(epp::tokens::build(estimate.token_producer.as_ref()).unwrap().is_none());
+    assert!(
+        epp::tokens::build(estimate.token_producer.as_ref())
+            .unwrap()
+            .is_none()
+    );
     // Unknown parameters, the vllm backend, a missing path: refused.
     for bad in [
         "    locl: {}\n",
@@ -210,7 +239,9 @@ fn config_names_and_bounds() {
         1,
     )
     .unwrap();
-    let p = epp::tokens::build(legacy.token_producer.as_ref()).unwrap().unwrap();
+    let p = epp::tokens::build(legacy.token_producer.as_ref())
+        .unwrap()
+        .unwrap();
     assert_eq!(p.limits().workers, 1);
     assert_eq!(p.limits().max_queued, 0);
 }

@@ -23,7 +23,10 @@ fn tokenizer() -> &'static Tokenizer {
         Tokenizer::from_parts(
             TOKENIZER_JSON,
             &PathBuf::from("tokenizer.json"),
-            Some((PathBuf::from("chat_template.jinja"), CHAT_TEMPLATE.to_owned())),
+            Some((
+                PathBuf::from("chat_template.jinja"),
+                CHAT_TEMPLATE.to_owned(),
+            )),
             Some("<|begin_of_text|>".into()),
             Some("<|eot_id|>".into()),
             LIMITS,
@@ -52,7 +55,10 @@ pub fn body(data: &[u8]) {
             && let Ok(tokenize::Prompt::Text(text)) = tokenize::completion_prompt(body)
         {
             assert!(text.len() <= LIMITS.max_prompt_bytes);
-            assert_eq!(ids.first().copied(), tok.encode_prompt("").unwrap().first().copied());
+            assert_eq!(
+                ids.first().copied(),
+                tok.encode_prompt("").unwrap().first().copied()
+            );
         }
     }
     if let Err(TokenizeError::TooLarge { limit }) = &result {

@@ -318,8 +318,8 @@ mod tests {
         .unwrap();
         let t = args.load_tokenizer().unwrap();
         assert!(matches!(t, Tokenizer::Loaded(ref l) if l.has_chat_template()));
-        let missing = Args::try_parse_from(["sim", "--tokenizer", "/nonexistent/tokenizer.json"])
-            .unwrap();
+        let missing =
+            Args::try_parse_from(["sim", "--tokenizer", "/nonexistent/tokenizer.json"]).unwrap();
         assert!(missing.load_tokenizer().is_err());
     }
 }

@@ -2,6 +2,8 @@
 //! stack gives (`testdata/expected.json`, made by `testdata/make_testdata.py`: `tokenizers` for
 //! the BPE, jinja2 set up as transformers' `apply_chat_template`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use tokenize::{Api, Limits, TokenizeError, Tokenizer};
