@@ -292,13 +292,16 @@ impl PyJson {
             ValueKind::Bool => self
                 .out
                 .push_str(if v.is_true() { "true" } else { "false" }),
-            ValueKind::Number => match (i64::try_from(v.clone()), f64::try_from(v.clone())) {
-                (Ok(i), _) if !v.to_string().contains(['.', 'e', 'E']) => {
-                    self.out.push_str(&i.to_string());
+            ValueKind::Number => {
+                // Integers (any width) print as MiniJinja shows them; floats as Python does.
+                let shown = v.to_string();
+                match f64::try_from(v.clone()) {
+                    Ok(f) if shown.contains(['.', 'e', 'E', 'i', 'n']) => {
+                        self.out.push_str(&py_float(f));
+                    }
+                    _ => self.out.push_str(&shown),
                 }
-                (_, Ok(f)) => self.out.push_str(&py_float(f)),
-                _ => self.out.push_str(&v.to_string()),
-            },
+            }
             ValueKind::String => self.string(v.as_str().unwrap_or_default()),
             ValueKind::Bytes => self.string(&String::from_utf8_lossy(v.as_bytes().unwrap_or(&[]))),
             ValueKind::Seq | ValueKind::Iterable => {
@@ -384,17 +387,29 @@ impl PyJson {
     }
 }
 
-/// Python's `repr` of a float, as `json.dumps` writes it.
+/// Python's `repr` of a float, as `json.dumps` writes it: the shortest digits that round-trip,
+/// positional for exponents in [-4, 16), else `d.ddde±XX`.
 fn py_float(f: f64) -> String {
     if f.is_nan() {
-        "NaN".into()
-    } else if f.is_infinite() {
-        if f > 0.0 { "Infinity" } else { "-Infinity" }.into()
-    } else if f == f.trunc() && f.abs() < 1e16 {
-        format!("{f:.1}")
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    // `{:e}` is the shortest round-trip digits with an exponent: "1.5e-5", "1e16".
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..16).contains(&exp) {
+        let positional = format!("{f}");
+        if positional.contains('.') {
+            positional
+        } else {
+            format!("{positional}.0")
+        }
     } else {
-        // Rust's shortest round-trip form, as Python's repr (exponent notation aside).
-        format!("{f}")
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.unsigned_abs())
     }
 }
 
@@ -433,6 +448,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ascii, "{\"a\":2.0,\"z\":\"\\u00e9\\ud83d\\ude80\"}");
+    }
+
+    #[test]
+    fn floats_print_as_pythons_repr() {
+        for (f, py) in [
+            (2.0, "2.0"),
+            (1.5, "1.5"),
+            (0.1, "0.1"),
+            (-0.0001, "-0.0001"),
+            (1e-5, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (1e16, "1e+16"),
+            (123456789012345.6, "123456789012345.6"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+        ] {
+            assert_eq!(py_float(f), py, "{f}");
+        }
+        let out = render(
+            "{{ messages | tojson }}",
+            "[18446744073709551615, -3, 1e-05, 2.5]",
+        )
+        .unwrap();
+        assert_eq!(out, "[18446744073709551615, -3, 1e-05, 2.5]");
     }
 
     #[test]
