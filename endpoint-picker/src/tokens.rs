@@ -118,14 +118,16 @@ impl Default for PoolLimits {
     }
 }
 
-/// Default `workers`: two threads tokenise about 30 MB/s of prompt (see the tokenize bench),
-/// beyond what one EPP replica is sent; more would take cores from the ext_proc threads.
+/// Default `workers`: one thread tokenises a few MB of prompt a second (3–4 MB/s measured with
+/// the test tokenizer on a loaded 2-core machine: the tokenize bench), so two keep up with
+/// hundreds of 8 KB requests a second; more would take cores from the ext_proc threads.
 pub const DEFAULT_WORKERS: usize = 2;
 /// Default `maxQueued`.
 pub const DEFAULT_MAX_QUEUED: usize = 256;
-/// Default `timeout`: a 220 KB prompt tokenises in about 10 ms (see the tokenize bench); past
-/// 100 ms, routing without ids costs less than waiting.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default `timeout`: an 8 KB prompt tokenises in about 2 ms and a 220 KB one in about 70 ms
+/// (the tokenize bench, loaded machine), so the default cap (512 KiB) fits; past 250 ms routing
+/// without ids costs less than waiting longer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Runs a [`PromptTokenizer`] off the async threads, bounded.
 #[derive(Debug)]
