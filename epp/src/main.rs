@@ -331,6 +331,9 @@ async fn run(args: Args) -> Result<()> {
         pool = %pool_label,
         "switchyard epp starting"
     );
+    // `..ServiceOptions::default()` fills the conformance-fault field, which exists only when a
+    // test build of the workspace enables that feature; built alone, every field is named.
+    #[allow(clippy::needless_update)]
     let settings = Settings {
         config: loaded,
         options: ServiceOptions {

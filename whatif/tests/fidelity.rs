@@ -10,8 +10,9 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// The points replayed here: the cheapest of the table (the rest is in RESULTS.md).
-const CASES: &[(&str, &str)] = &[("multi-turn", "balanced"), ("shared-prefix", "balanced")];
+/// The points replayed here: two of the default profile's, cheap to replay (the whole table is
+/// in RESULTS.md, "What-if fidelity").
+const CASES: &[(&str, &str)] = &[("mixed", "cost-model"), ("multi-turn", "cost-model")];
 
 fn fixture() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results/fidelity.json");
