@@ -507,7 +507,11 @@ pub fn markdown(runs: &[LadderRun], cfg: &GoodputCfg) -> String {
         .map(Router::label)
         .collect();
     for label in &ours {
-        let _ = write!(head, " {} / best peer |", label.trim_start_matches("switchyard "));
+        let _ = write!(
+            head,
+            " {} / best peer |",
+            label.trim_start_matches("switchyard ")
+        );
         sep.push_str(" ---: |");
     }
     let _ = writeln!(s, "{head}\n{sep}");
