@@ -36,6 +36,10 @@ pub struct TenantsCfg {
     pub a_factor: f64,
     /// B's rate over capacity.
     pub b_share: f64,
+    /// The batch band's saturation ceiling (`priority-holdback-policy` `minCeiling`; the
+    /// interactive band's is 1.0): the share of slots batch work may fill, so that an
+    /// interactive request finds a free slot instead of waiting for a batch request to end.
+    pub batch_ceiling: f64,
 }
 
 impl TenantsCfg {
@@ -48,6 +52,7 @@ impl TenantsCfg {
             phase_s: 120.0,
             a_factor: 3.0,
             b_share: 0.2,
+            batch_ceiling: 0.7,
         }
     }
 
@@ -149,8 +154,8 @@ fn epp_config(flow_control: bool, cfg: &TenantsCfg) -> String {
     );
     if flow_control {
         s.push_str(&format!(
-            "- type: concurrency-detector\n  parameters: {{maxConcurrency: {}}}\n- type: round-robin-fairness-policy\n",
-            cfg.max_num_seqs
+            "- type: concurrency-detector\n  parameters: {{maxConcurrency: {}}}\n- type: round-robin-fairness-policy\n- type: priority-holdback-policy\n  parameters: {{minCeiling: {}}}\n",
+            cfg.max_num_seqs, cfg.batch_ceiling
         ));
     }
     s.push_str(
@@ -160,7 +165,7 @@ fn epp_config(flow_control: bool, cfg: &TenantsCfg) -> String {
         // The batch band holds at most two pools' worth of requests: a bounded wait; the
         // rest of the flood is refused at once (rejected-saturated).
         s.push_str(&format!(
-            "flowControl:\n  saturationDetector: {{pluginRef: concurrency-detector}}\n  defaultRequestTTL: 30s\n  priorityBands:\n  - priority: 10\n    fairnessPolicyRef: round-robin-fairness-policy\n  - priority: -1\n    maxRequests: \"{}\"\n    fairnessPolicyRef: round-robin-fairness-policy\n",
+            "flowControl:\n  saturationDetector: {{pluginRef: concurrency-detector}}\n  usageLimitPolicyPluginRef: priority-holdback-policy\n  defaultRequestTTL: 30s\n  priorityBands:\n  - priority: 10\n    fairnessPolicyRef: round-robin-fairness-policy\n  - priority: -1\n    maxRequests: \"{}\"\n    fairnessPolicyRef: round-robin-fairness-policy\n",
             2 * slots
         ));
     }

@@ -32,6 +32,8 @@ use crate::scheduling::{Candidate, CycleState, Plugin, Scorer};
 
 /// The default session header (llm-d's).
 pub const DEFAULT_HEADER: &str = "x-session-token";
+/// The session header of `strategy: session_id`.
+pub const SESSION_ID_STRATEGY_HEADER: &str = "x-session-id";
 /// Agent identity headers read as a session id when the session header is absent
 /// (`session_id_header` only), in this order.
 pub const AGENT_IDENTITY_HEADERS: [&str; 4] = [
@@ -58,6 +60,9 @@ pub enum Algorithm {
 #[serde(rename_all = "camelCase")]
 struct SessionYaml {
     algorithm: Option<String>,
+    /// The 2026 reference's spelling: `strategy: session_id` is `session_id_header` with the
+    /// header `x-session-id` and a 300 s TTL unless `headerName` / `evictionTtlSeconds` say.
+    strategy: Option<String>,
     header_name: Option<String>,
     profile_name: Option<String>,
     eviction_ttl_seconds: Option<f64>,
@@ -99,7 +104,25 @@ impl SessionAffinityScorer {
     /// eviction happens as bindings are touched) and `missThreshold` (3).
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
         let y: SessionYaml = p.decode()?;
+        let session_id_strategy = match y.strategy.as_deref() {
+            None => false,
+            Some("session_id") => true,
+            Some(other) => {
+                return Err(p.invalid("strategy", format!("{other:?}: expected session_id")));
+            }
+        };
+        if session_id_strategy
+            && y.algorithm
+                .as_deref()
+                .is_some_and(|a| a != "session_id_header")
+        {
+            return Err(p.invalid(
+                "strategy",
+                "strategy session_id contradicts the algorithm given",
+            ));
+        }
         let algorithm = match y.algorithm.as_deref() {
+            None if session_id_strategy => Algorithm::SessionIdHeader,
             None | Some("encoded_endpoint_header") => Algorithm::EncodedEndpointHeader,
             Some("session_id_header") => Algorithm::SessionIdHeader,
             Some(other) => {
@@ -120,13 +143,21 @@ impl SessionAffinityScorer {
             Some(s) if s.is_finite() && s > 0.0 => Ok(s),
             Some(_) => Err(p.invalid(name, "must be a number of seconds > 0")),
         };
-        let ttl = seconds(p, "evictionTtlSeconds", y.eviction_ttl_seconds, 600.0)?;
+        let default_ttl = if session_id_strategy { 300.0 } else { 600.0 };
+        let ttl = seconds(p, "evictionTtlSeconds", y.eviction_ttl_seconds, default_ttl)?;
         seconds(p, "evictionSweepSeconds", y.eviction_sweep_seconds, 30.0)?;
         let miss_threshold = p.positive("missThreshold", y.miss_threshold)?.unwrap_or(3);
-        let header = y
-            .header_name
-            .filter(|h| !h.trim().is_empty())
-            .map_or(DEFAULT_HEADER.to_owned(), |h| h.trim().to_ascii_lowercase());
+        let header = y.header_name.filter(|h| !h.trim().is_empty()).map_or_else(
+            || {
+                if session_id_strategy {
+                    SESSION_ID_STRATEGY_HEADER
+                } else {
+                    DEFAULT_HEADER
+                }
+                .to_owned()
+            },
+            |h| h.trim().to_ascii_lowercase(),
+        );
         Ok(Self::new(
             p.name(),
             algorithm,
@@ -326,6 +357,36 @@ impl ResponsePlugin for SessionAffinityScorer {
 mod tests {
     use super::*;
     use crate::datastore::{Datastore, test_util::pool};
+
+    fn config_with(parameters: &str) -> Result<crate::config::LoadedConfig, ConfigError> {
+        let yaml = [
+            "apiVersion: llm-d.ai/v1alpha1",
+            "kind: EndpointPickerConfig",
+            "plugins:",
+            "- type: session-affinity-scorer",
+            &format!("  parameters: {parameters}"),
+            "schedulingProfiles:",
+            "- name: default",
+            "  plugins:",
+            "  - pluginRef: session-affinity-scorer",
+        ]
+        .join("\n");
+        crate::config::load(&yaml, 1)
+    }
+
+    #[test]
+    fn the_session_id_strategy_loads_and_contradictions_fail() {
+        if let Err(e) = config_with("{strategy: session_id}") {
+            panic!("{e}");
+        }
+        assert!(config_with("{strategy: session_id, algorithm: session_id_header}").is_ok());
+        let e = config_with("{strategy: session_id, algorithm: encoded_endpoint_header}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("strategy"), "{e}");
+        let e = config_with("{strategy: cookie}").unwrap_err().to_string();
+        assert!(e.contains("cookie"), "{e}");
+    }
 
     fn candidates(n: u8) -> Vec<Candidate> {
         let ds = Datastore::new();
