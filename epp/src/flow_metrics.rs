@@ -450,20 +450,6 @@ mod tests {
             text.contains("llm_d_epp_flow_control_requests_total{outcome=\"EvictedTTL\",priority=\"-1\",inference_pool=\"\"} 1"),
             "{text}"
         );
-        let mut registered: Vec<(String, String)> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .map(|l| {
-                let (n, t) = l.split_once(' ').unwrap();
-                (n.to_owned(), t.to_owned())
-            })
-            .collect();
-        registered.sort();
-        let mut listed: Vec<(String, String)> = FLOW_FAMILIES
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.to_string()))
-            .collect();
-        listed.sort();
-        assert_eq!(registered, listed);
+        crate::metrics::tests::assert_registered_families_are(&text, FLOW_FAMILIES);
     }
 }

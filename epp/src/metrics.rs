@@ -740,7 +740,7 @@ impl ScrapeObserver for MetricsObserver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -840,6 +840,11 @@ mod tests {
         MetricsObserver(m.clone()).tokenized(Outcome::TimedOut, Duration::from_millis(1));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert_registered_families_are(&text, FAMILIES);
+    }
+
+    /// The `# TYPE` lines of an encoded registry are exactly `families` (name, type).
+    pub(crate) fn assert_registered_families_are(text: &str, families: &[(&str, &str)]) {
         let mut registered: Vec<(String, String)> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -849,7 +854,7 @@ mod tests {
             })
             .collect();
         registered.sort();
-        let mut listed: Vec<(String, String)> = FAMILIES
+        let mut listed: Vec<(String, String)> = families
             .iter()
             .map(|(n, t)| (n.to_string(), t.to_string()))
             .collect();
