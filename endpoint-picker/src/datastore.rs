@@ -9,10 +9,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 /// Label that selects the engine metric mapping of a pod (`vllm` when absent).
@@ -113,16 +115,25 @@ pub struct EngineMetrics {
     pub cache_num_blocks: Option<u64>,
     /// When these values were scraped; `None` means never.
     pub updated_at: Option<Instant>,
+    /// Set while the scraper treats the engine as quiet (nothing running or waiting, values
+    /// unchanged over consecutive scrapes) and scrapes it less often than the staleness
+    /// threshold: the values stand until this instant, unless this EPP routes to the engine,
+    /// which wakes its scraper ([`Endpoint::mark_routed`]). `None` otherwise.
+    pub quiet_until: Option<Instant>,
     /// Whether the engine serves, as of the latest scrape attempt.
     pub readiness: Readiness,
 }
 
 impl EngineMetrics {
-    /// True when the metrics are missing or older than `threshold` at `now`.
+    /// True when the metrics are missing, or older than `threshold` at `now` and not vouched
+    /// for by a quiet engine's [`quiet_until`](Self::quiet_until).
     pub fn is_stale(&self, now: Instant, threshold: std::time::Duration) -> bool {
         match self.updated_at {
             None => true,
-            Some(at) => now.saturating_duration_since(at) > threshold,
+            Some(at) => {
+                now.saturating_duration_since(at) > threshold
+                    && self.quiet_until.is_none_or(|until| now > until)
+            }
         }
     }
 }
@@ -139,6 +150,11 @@ pub struct Endpoint {
     /// The engine mapping name (lower-case), from [`ENGINE_TYPE_LABEL`].
     pub engine: Arc<str>,
     metrics: ArcSwap<EngineMetrics>,
+    /// The scraper is waiting out a quiet engine's long interval (see
+    /// [`EngineMetrics::quiet_until`]); routing here must wake it.
+    quiet: AtomicBool,
+    /// Wakes the quiet scraper.
+    wake: Notify,
 }
 
 impl Endpoint {
@@ -155,6 +171,30 @@ impl Endpoint {
     /// The IP the endpoint listens on.
     pub fn ip(&self) -> IpAddr {
         self.spec.address.ip()
+    }
+
+    /// This EPP just sent the endpoint a request: a quiet engine is quiet no more, so its
+    /// scraper is woken to follow it closely again. One relaxed load when not quiet.
+    pub fn mark_routed(&self) {
+        if self.quiet.load(Ordering::Relaxed) && self.quiet.swap(false, Ordering::AcqRel) {
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Whether the scraper waits out a quiet engine's long interval.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Relaxed)
+    }
+
+    /// The scraper: the engine is quiet (or not). Waiting on [`Self::routed`] must be enabled
+    /// before this is set, so that no wake-up falls in between.
+    pub(crate) fn set_quiet(&self, quiet: bool) {
+        self.quiet.store(quiet, Ordering::Release);
+    }
+
+    /// Completes when [`Self::mark_routed`] wakes a quiet endpoint's scraper.
+    pub(crate) fn routed(&self) -> Notified<'_> {
+        self.wake.notified()
     }
 }
 
@@ -286,6 +326,8 @@ impl Datastore {
                 host_port: host_port(es.address).into(),
                 engine,
                 metrics: ArcSwap::new(metrics),
+                quiet: AtomicBool::new(false),
+                wake: Notify::new(),
                 spec: es,
             }));
         }

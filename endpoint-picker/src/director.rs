@@ -477,6 +477,9 @@ impl Director {
             .iter()
             .map(|t| t.candidate.endpoint.clone())
             .collect();
+        for t in &targets {
+            t.mark_routed();
+        }
         let guard = targets.first().map(|t| {
             let cost = state.costs.as_ref().and_then(|c| c.of(t));
             let uncached = match cost {
@@ -585,6 +588,32 @@ mod tests {
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 1);
         drop(routed);
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 0);
+    }
+
+    /// Routing to a quiet endpoint (its scraper waiting out the long interval) wakes its
+    /// scraper; the others stay quiet.
+    #[tokio::test(start_paused = true)]
+    async fn routing_wakes_a_quiet_endpoints_scraper() {
+        let d = director(2);
+        let snap = d.datastore().snapshot();
+        for (i, e) in snap.endpoints.iter().enumerate() {
+            e.store_metrics(EngineMetrics {
+                waiting_queue_size: if i == 0 { 0 } else { 10 },
+                updated_at: Some(Instant::now()),
+                ..Default::default()
+            });
+            e.set_quiet(true);
+        }
+        let woken = snap.endpoints[0].routed();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let routed = d.route(&req(), None, false).unwrap();
+        assert_eq!(routed.destination(), "10.0.0.1:8000");
+        assert!(!snap.endpoints[0].is_quiet());
+        assert!(snap.endpoints[1].is_quiet(), "not routed to: still quiet");
+        tokio::time::timeout(Duration::from_millis(1), woken)
+            .await
+            .expect("the scraper is woken");
     }
 
     /// The balanced profile: new conversations (no prefix held anywhere) go to the replica

@@ -85,6 +85,12 @@ pub struct Args {
     /// Deadline of one metric scrape.
     #[arg(long, default_value = "1s", value_parser = duration)]
     pub metrics_scrape_timeout: Duration,
+    /// Longest interval between two scrapes of a quiet model server (nothing running or
+    /// waiting, values unchanged); its values stand until then, and routing to it wakes its
+    /// scraper. At most 150ms turns quiet back-off off (e.g. several EPP replicas routing to
+    /// one pool, where another replica's requests do not wake this one's scrapers).
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub idle_scrape_interval: Duration,
     /// Interval between refreshes of the pool-level Prometheus gauges.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub refresh_prometheus_metrics_interval: Duration,

@@ -190,6 +190,10 @@ pub struct EndpointMetricsView {
     pub cache_num_blocks: Option<u64>,
     /// Seconds since the last successful scrape (`None` = never scraped).
     pub age_seconds: Option<f64>,
+    /// Seconds the values still stand while the engine is quiet and scraped rarely (see
+    /// `--idle-scrape-interval`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quiet_for_seconds: Option<f64>,
     /// `serving`, `loading`, `unreachable` or `unknown` (never scraped).
     pub readiness: &'static str,
 }
@@ -356,6 +360,9 @@ pub fn pool_view(datastore: &Datastore, director: &Director, log: &DecisionLog) 
                     age_seconds: m
                         .updated_at
                         .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+                    quiet_for_seconds: m
+                        .quiet_until
+                        .map(|until| until.saturating_duration_since(now).as_secs_f64()),
                     readiness: m.readiness.as_str(),
                 },
             }

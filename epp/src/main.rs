@@ -92,6 +92,7 @@ async fn run(args: Args) -> Result<()> {
         disable_endpoint_subset_filter,
         refresh_metrics_interval,
         metrics_scrape_timeout,
+        idle_scrape_interval,
         refresh_prometheus_metrics_interval,
         metrics_staleness_threshold,
         model_server_metrics_port,
@@ -305,6 +306,7 @@ async fn run(args: Args) -> Result<()> {
         engine_label_key: loaded.scrape.engine_label_key.clone(),
         default_engine: loaded.scrape.default_engine.clone(),
         engines: loaded.scrape.engines.clone(),
+        max_quiet_interval: idle_scrape_interval,
         ..ScrapeConfig::default()
     };
     if loaded.scrape.path != "/metrics" {

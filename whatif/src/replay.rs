@@ -82,6 +82,7 @@ pub fn direct_metrics(
         cache_block_size: u32::try_from(snapshot.block_size).ok(),
         cache_num_blocks: Some(snapshot.num_gpu_blocks as u64),
         updated_at: None,
+        quiet_until: None,
         readiness: Readiness::Unknown,
     }
 }

@@ -302,6 +302,7 @@ impl EngineMapping {
                 cache_block_size: best.block_size,
                 cache_num_blocks: best.num_blocks,
                 updated_at: None,
+                quiet_until: None,
                 readiness: Readiness::Unknown,
             },
             found_core: best.queued.is_some() && best.running.is_some() && best.kv.is_some(),

@@ -21,13 +21,22 @@
 //! Idle cost (a pool of 1,000 endpoints is 20,000 scrapes a second at the default interval):
 //! each task reads into one body buffer it keeps; a body identical to the previous one (by
 //! hash) is not parsed again; only the metric families the engine's mapping reads are parsed
-//! ([`EngineMapping::extract`]); and the interval adapts ([`IdleBackoff`]): after a scrape whose
-//! values equal the previous one the next waits twice as long, up to
-//! [`ScrapeConfig::max_idle_interval`] (150 ms by default, below the saturation detector's
-//! 200 ms staleness threshold so that an idle endpoint never looks stale); any change, a failed
-//! scrape or an endpoint not yet serving snaps it back to [`ScrapeConfig::interval`]. So a
-//! change on an idle endpoint is seen at most 150 ms late, on a busy one (values change every
-//! scrape) at the interval, as before.
+//! ([`EngineMapping::extract`]); and the interval adapts ([`IdleBackoff`]):
+//! - after a scrape whose values equal the previous one the next waits twice as long, up to
+//!   [`ScrapeConfig::max_idle_interval`] (150 ms by default, below the saturation detector's
+//!   200 ms staleness threshold, so that such an endpoint never looks stale);
+//! - an engine that is also *quiet* (nothing running, nothing waiting) keeps doubling up to
+//!   [`ScrapeConfig::max_quiet_interval`] (1 s by default, `--idle-scrape-interval`). Its
+//!   values stand until the next scrape ([`EngineMetrics::quiet_until`]), because what changes a
+//!   quiet engine is a request, and this EPP sends the requests: routing to it
+//!   ([`Endpoint::mark_routed`]) wakes its scraper at once and restarts the back-off. A request
+//!   that reaches it by another way (another EPP replica, a client going around the gateway)
+//!   is seen at most that interval late, and so is a quiet engine that dies;
+//! - any change, a failed scrape or an endpoint not yet serving snaps it back to
+//!   [`ScrapeConfig::interval`].
+//!
+//! So a busy endpoint (values change every scrape) is scraped at the interval, as before; an
+//! idle pool of 1,000 costs about 1,000 scrapes a second instead of 20,000.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,34 +73,65 @@ fn canonical_engine(v: &str) -> String {
 /// (200 ms), so that backing off never makes an endpoint look stale.
 pub const DEFAULT_MAX_IDLE_INTERVAL: Duration = Duration::from_millis(150);
 
+/// The quiet back-off's bound (`--idle-scrape-interval`): an engine with nothing running or
+/// waiting whose values do not change is scraped at least this often.
+pub const DEFAULT_MAX_QUIET_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one scrape showed, for the wait that follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// Values changed, the scrape failed, or the endpoint does not serve yet: follow closely.
+    Changed,
+    /// The same values as before, with work running or waiting.
+    Unchanged,
+    /// The same values as before, nothing running, nothing waiting.
+    Quiet,
+}
+
 /// The per-endpoint scrape interval: the base interval while values change, doubling after
-/// each scrape that changed nothing, up to a bound.
+/// each scrape that changed nothing, up to one bound, or a longer one while the engine is
+/// quiet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdleBackoff {
     base: Duration,
     max: Duration,
+    max_quiet: Duration,
     current: Duration,
 }
 
 impl IdleBackoff {
-    /// Starts at `base`; backs off to at most `max` (raised to `base` if lower).
-    pub fn new(base: Duration, max: Duration) -> Self {
+    /// Starts at `base`; backs off to at most `max` (raised to `base` if lower), or `max_quiet`
+    /// (raised to `max` if lower) while quiet.
+    pub fn new(base: Duration, max: Duration, max_quiet: Duration) -> Self {
+        let max = max.max(base);
         Self {
             base,
-            max: max.max(base),
+            max,
+            max_quiet: max_quiet.max(max),
             current: base,
         }
     }
 
-    /// The wait before the next scrape, after one that `changed` the values or not (a failure
-    /// or a not-serving endpoint counts as changed: those must be followed closely).
-    pub fn next(&mut self, changed: bool) -> Duration {
-        self.current = if changed {
-            self.base
-        } else {
-            self.current.saturating_mul(2).min(self.max)
+    /// The wait before the next scrape, after one that showed `observed`.
+    pub fn next(&mut self, observed: Observed) -> Duration {
+        let doubled = self.current.saturating_mul(2);
+        self.current = match observed {
+            Observed::Changed => self.base,
+            Observed::Unchanged => doubled.min(self.max),
+            Observed::Quiet => doubled.min(self.max_quiet),
         };
         self.current
+    }
+
+    /// Whether the current wait is past the ordinary bound, which only a quiet engine's is:
+    /// its values must be vouched for until the next scrape.
+    pub fn is_quiet(&self) -> bool {
+        self.current > self.max
+    }
+
+    /// Back to the base interval (the engine was just sent a request).
+    pub fn reset(&mut self) {
+        self.current = self.base;
     }
 }
 
@@ -218,6 +258,9 @@ pub struct ScrapeConfig {
     /// Longest interval an endpoint whose values do not change backs off to (never below
     /// `interval`; see [`IdleBackoff`]).
     pub max_idle_interval: Duration,
+    /// Longest interval a quiet endpoint (nothing running or waiting, values unchanged) backs
+    /// off to (never below `max_idle_interval`; see the module's documentation).
+    pub max_quiet_interval: Duration,
 }
 
 impl Default for ScrapeConfig {
@@ -233,6 +276,7 @@ impl Default for ScrapeConfig {
             engines: EngineMapping::builtin(),
             failure_threshold: 2,
             max_idle_interval: DEFAULT_MAX_IDLE_INTERVAL,
+            max_quiet_interval: DEFAULT_MAX_QUIET_INTERVAL,
         }
     }
 }
@@ -452,7 +496,11 @@ async fn scrape_loop<S: Source>(
     );
     // Parsed once: every scrape of this endpoint asks for the same URL.
     let uri = parse_url(&url).map_err(|e| e.to_string());
-    let mut backoff = IdleBackoff::new(config.interval, config.max_idle_interval);
+    let mut backoff = IdleBackoff::new(
+        config.interval,
+        config.max_idle_interval,
+        config.max_quiet_interval,
+    );
     let mut failures = 0u32;
     // Kept across scrapes: the body buffer (no allocation per scrape once grown), and the last
     // body's hash with what it gave (an identical body is not parsed again).
@@ -460,20 +508,34 @@ async fn scrape_loop<S: Source>(
     let mut last: Option<(u64, Extracted)> = None;
     let mut next_at = Instant::now();
     loop {
+        let routed = endpoint.routed();
+        tokio::pin!(routed);
+        let quiet = backoff.is_quiet();
+        if quiet {
+            // Registered before the flag is up: a request routed in between still wakes us.
+            routed.as_mut().enable();
+            endpoint.set_quiet(true);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(next_at) => {}
+            _ = &mut routed, if quiet => backoff.reset(),
         }
+        endpoint.set_quiet(false);
         let started = Instant::now();
         let result = scrape_reusing(&client, &uri, &endpoint, &config, &mut body, &mut last).await;
         observer.scraped(&endpoint, result.as_ref().map(|_| ()), started.elapsed());
         let previous = endpoint.metrics().readiness;
-        let changed = match &result {
-            Ok((_, changed)) => *changed || previous != Readiness::Serving,
-            Err(_) => true,
+        let observed = match &result {
+            Ok((_, changed)) if *changed || previous != Readiness::Serving => Observed::Changed,
+            Ok((x, _)) if x.metrics.running_requests == 0 && x.metrics.waiting_queue_size == 0 => {
+                Observed::Quiet
+            }
+            Ok(_) => Observed::Unchanged,
+            Err(_) => Observed::Changed,
         };
         // From the end of this scrape: a slow scrape is not followed by a catch-up burst.
-        next_at = Instant::now() + backoff.next(changed);
+        next_at = Instant::now() + backoff.next(observed);
         match result {
             Ok((extracted, _)) => {
                 if failures >= config.failure_threshold {
@@ -484,15 +546,23 @@ async fn scrape_loop<S: Source>(
                     readiness_after_scrape(&client, &endpoint, &config, &extracted, previous).await;
                 let mut metrics = extracted.metrics;
                 metrics.updated_at = Some(Instant::now());
+                // Vouched for until the next scrape has had its time to answer.
+                metrics.quiet_until = backoff.is_quiet().then(|| next_at + config.timeout);
                 metrics.readiness = readiness;
                 endpoint.store_metrics(metrics);
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                if failures == config.failure_threshold {
-                    tracing::warn!(endpoint = %endpoint.spec.name, %url, %error, failures, "metrics scrape failing");
-                    let mut metrics = (*endpoint.metrics()).clone();
-                    metrics.readiness = Readiness::Unreachable;
+                let reached = failures == config.failure_threshold;
+                let old = endpoint.metrics();
+                if reached || old.quiet_until.is_some() {
+                    // A failed scrape vouches for nothing.
+                    let mut metrics = (*old).clone();
+                    metrics.quiet_until = None;
+                    if reached {
+                        tracing::warn!(endpoint = %endpoint.spec.name, %url, %error, failures, "metrics scrape failing");
+                        metrics.readiness = Readiness::Unreachable;
+                    }
                     endpoint.store_metrics(metrics);
                 }
             }
@@ -833,13 +903,15 @@ mod tests {
 
     use super::*;
 
-    /// An engine in a script: `/metrics` with a queue that stays put, or moves with every
-    /// scrape, plus a process counter that always moves (no two bodies alike, as vLLM's); its
-    /// model list for the readiness check. Counts the metrics scrapes.
+    /// An engine in a script: `/metrics` with a queue that is empty (idle), stays put
+    /// (`steady`), or moves with every scrape (`busy`), plus a process counter that always
+    /// moves (no two bodies alike, as vLLM's); its model list for the readiness check. Counts
+    /// the metrics scrapes.
     #[derive(Default)]
     struct Scripted {
         scrapes: AtomicU64,
         busy: AtomicBool,
+        steady: AtomicBool,
     }
 
     impl Source for Arc<Scripted> {
@@ -856,9 +928,10 @@ mod tests {
                 return Ok(());
             }
             let n = self.scrapes.fetch_add(1, Ordering::Relaxed);
-            // Busy: a queue that is never the idle 0 and differs from one scrape to the next.
             let queue = if self.busy.load(Ordering::Relaxed) {
                 n + 1
+            } else if self.steady.load(Ordering::Relaxed) {
+                3
             } else {
                 0
             };
@@ -873,28 +946,65 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_endpoint_is_scraped_less_and_a_busy_one_at_the_interval() {
-        let ds = crate::datastore::Datastore::new();
-        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
-        let engine = Arc::new(Scripted::default());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(scrape_loop(
+    fn spawn_loop(
+        endpoint: &Arc<Endpoint>,
+        engine: &Arc<Scripted>,
+        shutdown: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(scrape_loop(
             endpoint.clone(),
             engine.clone(),
             Arc::new(ScrapeConfig::default()),
             Arc::new(()),
             shutdown.clone(),
-        ));
-        let window = |ms| tokio::time::sleep(Duration::from_millis(ms));
-        // Idle for 3 s: at 0, 50, 150, then every 150 ms (the bound) up to 3,000: 22 scrapes
-        // where a fixed 50 ms interval makes 61.
+        ))
+    }
+
+    async fn window(ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_endpoint_is_scraped_rarely_until_it_is_routed_to() {
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let engine = Arc::new(Scripted::default());
+        let shutdown = CancellationToken::new();
+        let task = spawn_loop(&endpoint, &engine, &shutdown);
+        // Quiet for 3 s: at 0, 50, 150, 350, 750, 1,550 and 2,550 ms (doubling to the 1 s
+        // bound): 7 scrapes where a fixed 50 ms interval makes 61.
         window(3_010).await;
-        let idle = engine.scrapes.swap(0, Ordering::Relaxed);
-        assert_eq!(idle, 22, "scrapes in 3 s while nothing changes");
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-        // Busy: the queue changes with every scrape, so the interval snaps back to 50 ms
-        // at the first change (within the 150 ms the idle interval had reached).
+        assert_eq!(
+            engine.scrapes.swap(0, Ordering::Relaxed),
+            7,
+            "quiet scrapes in 3 s"
+        );
+        assert!(endpoint.is_quiet());
+        let m = endpoint.metrics();
+        assert_eq!(m.readiness, Readiness::Serving);
+        // 460 ms since the last scrape, past the saturation detector's 200 ms, yet fresh: the
+        // quiet engine's values stand until its next scrape (3,550) has had its timeout.
+        let now = Instant::now();
+        assert!(!m.is_stale(now, Duration::from_millis(200)));
+        assert!(
+            m.quiet_until
+                .is_some_and(|q| q > now + Duration::from_millis(500))
+        );
+        // Routed to: the scraper wakes at once, and follows closely again.
+        endpoint.mark_routed();
+        assert!(!endpoint.is_quiet());
+        window(1).await;
+        assert_eq!(
+            engine.scrapes.swap(0, Ordering::Relaxed),
+            1,
+            "woken by routing"
+        );
+        assert_eq!(
+            endpoint.metrics().quiet_until,
+            None,
+            "not vouched for right after"
+        );
+        // The request shows up: values change at every scrape, 50 ms apart.
         engine.busy.store(true, Ordering::Relaxed);
         window(3_000).await;
         let busy = engine.scrapes.swap(0, Ordering::Relaxed);
@@ -902,31 +1012,127 @@ mod tests {
             (58..=61).contains(&busy),
             "scrapes in 3 s while busy: {busy}"
         );
-        // Idle again: backs off again.
+        assert!(!endpoint.is_quiet());
+        // Work that stays put (a steady queue) is not quiet: bounded at 150 ms, never stale.
         engine.busy.store(false, Ordering::Relaxed);
+        engine.steady.store(true, Ordering::Relaxed);
+        window(3_000).await;
+        let steady = engine.scrapes.swap(0, Ordering::Relaxed);
+        assert!(
+            (19..=23).contains(&steady),
+            "scrapes in 3 s steady: {steady}"
+        );
+        assert_eq!(endpoint.metrics().quiet_until, None);
+        // Quiet again: backs off again, and a change it did not cause is seen within 1 s.
+        engine.steady.store(false, Ordering::Relaxed);
         window(3_000).await;
         let again = engine.scrapes.swap(0, Ordering::Relaxed);
         assert!(
-            (20..=23).contains(&again),
-            "scrapes in 3 s idle again: {again}"
+            (6..=8).contains(&again),
+            "scrapes in 3 s quiet again: {again}"
         );
+        engine.busy.store(true, Ordering::Relaxed);
+        window(1_001).await;
+        assert!(engine.scrapes.load(Ordering::Relaxed) >= 1);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_endpoint_that_fails_is_vouched_for_no_longer() {
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let shutdown = CancellationToken::new();
+
+        /// Answers like [`Scripted`]'s quiet engine until `dead`, then refuses.
+        #[derive(Default)]
+        struct Dying {
+            inner: Arc<Scripted>,
+            dead: AtomicBool,
+        }
+        impl Source for Arc<Dying> {
+            async fn fetch(
+                &self,
+                url: &http::Uri,
+                limit: usize,
+                timeout: Duration,
+                buf: &mut Vec<u8>,
+            ) -> Result<(), ScrapeError> {
+                if self.dead.load(Ordering::Relaxed) {
+                    return Err(ScrapeError::Status(http::StatusCode::SERVICE_UNAVAILABLE));
+                }
+                self.inner.fetch(url, limit, timeout, buf).await
+            }
+        }
+        let engine = Arc::new(Dying::default());
+        let task = tokio::spawn(scrape_loop(
+            endpoint.clone(),
+            engine.clone(),
+            Arc::new(ScrapeConfig::default()),
+            Arc::new(()),
+            shutdown.clone(),
+        ));
+        window(3_010).await;
+        assert!(endpoint.metrics().quiet_until.is_some());
+        engine.dead.store(true, Ordering::Relaxed);
+        // The next quiet scrape (3,550) fails: no longer vouched for, stale at once; the
+        // second failure, 50 ms later, makes it unreachable.
+        window(560).await;
+        let m = endpoint.metrics();
+        assert_eq!(m.quiet_until, None);
+        assert!(m.is_stale(Instant::now(), Duration::from_millis(200)));
+        window(60).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
         shutdown.cancel();
         task.await.unwrap();
     }
 
     #[test]
-    fn the_idle_backoff_doubles_to_its_bound_and_snaps_back_on_change() {
+    fn the_idle_backoff_doubles_to_its_bounds_and_snaps_back_on_change() {
         let ms = Duration::from_millis;
-        let mut b = IdleBackoff::new(ms(50), DEFAULT_MAX_IDLE_INTERVAL);
-        assert_eq!(b.next(true), ms(50), "changing values: the interval");
-        assert_eq!(b.next(false), ms(100));
-        assert_eq!(b.next(false), ms(150), "bounded");
-        assert_eq!(b.next(false), ms(150));
-        assert_eq!(b.next(true), ms(50), "a change snaps back at once");
-        assert_eq!(b.next(false), ms(100));
-        // A bound below the interval never speeds scraping up.
-        let mut slow = IdleBackoff::new(ms(500), DEFAULT_MAX_IDLE_INTERVAL);
-        assert_eq!(slow.next(false), ms(500));
-        assert_eq!(slow.next(true), ms(500));
+        let mut b = IdleBackoff::new(
+            ms(50),
+            DEFAULT_MAX_IDLE_INTERVAL,
+            DEFAULT_MAX_QUIET_INTERVAL,
+        );
+        assert_eq!(
+            b.next(Observed::Changed),
+            ms(50),
+            "changing values: the interval"
+        );
+        assert_eq!(b.next(Observed::Unchanged), ms(100));
+        assert_eq!(b.next(Observed::Unchanged), ms(150), "bounded");
+        assert_eq!(b.next(Observed::Unchanged), ms(150));
+        assert!(!b.is_quiet());
+        assert_eq!(
+            b.next(Observed::Quiet),
+            ms(300),
+            "quiet: past the ordinary bound"
+        );
+        assert!(b.is_quiet());
+        assert_eq!(b.next(Observed::Quiet), ms(600));
+        assert_eq!(b.next(Observed::Quiet), ms(1_000), "bounded too");
+        assert_eq!(
+            b.next(Observed::Unchanged),
+            ms(150),
+            "work again: the ordinary bound"
+        );
+        assert_eq!(
+            b.next(Observed::Changed),
+            ms(50),
+            "a change snaps back at once"
+        );
+        b.next(Observed::Quiet);
+        b.reset();
+        assert_eq!(
+            b.next(Observed::Quiet),
+            ms(100),
+            "routed to: from the interval again"
+        );
+        // Bounds below the interval never speed scraping up.
+        let mut slow = IdleBackoff::new(ms(500), DEFAULT_MAX_IDLE_INTERVAL, ms(100));
+        assert_eq!(slow.next(Observed::Quiet), ms(500));
+        assert_eq!(slow.next(Observed::Changed), ms(500));
+        assert!(!slow.is_quiet());
     }
 }
