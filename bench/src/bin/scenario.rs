@@ -78,7 +78,15 @@ enum Cmd {
     },
     /// Two tenants on one pool: A floods batch traffic at 3× capacity, B sends interactive
     /// traffic at 20 %; B's TTFT and A's throughput with flow control on and off.
-    Tenants,
+    Tenants {
+        /// The batch band's ceiling (`priority-holdback-policy` `minCeiling`), instead of the
+        /// scenario's.
+        #[arg(long)]
+        batch_ceiling: Option<f64>,
+        /// Route without `priority-packing-scorer` (batch work spread over every replica).
+        #[arg(long)]
+        no_packing: bool,
+    },
     /// Redraw the soak plot from a saved `bench/results/soak.json`.
     SoakReplot {
         /// The saved soak.
@@ -405,12 +413,23 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 .collect();
             anyhow::ensure!(failed.is_empty(), "soak verdicts failed: {failed:?}");
         }
-        Cmd::Tenants => {
-            let cfg = if o.quick {
+        Cmd::Tenants {
+            batch_ceiling,
+            no_packing,
+        } => {
+            let mut cfg = if o.quick {
                 tenants::TenantsCfg::quick()
             } else {
                 tenants::TenantsCfg::full()
             };
+            if let Some(c) = *batch_ceiling {
+                anyhow::ensure!(
+                    c > 0.0 && c <= 1.0,
+                    "--batch-ceiling must be in (0, 1], got {c}"
+                );
+                cfg.batch_ceiling = c;
+            }
+            cfg.packing = !*no_packing;
             let res = tenants::run(&tools, &cfg, &run_dir).await?;
             std::fs::write(raw.join("tenants.json"), serde_json::to_vec_pretty(&res)?)?;
             let md = format!("{header}\n{}", tenants::markdown(&res));

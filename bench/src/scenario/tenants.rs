@@ -40,6 +40,10 @@ pub struct TenantsCfg {
     /// interactive band's is 1.0): the share of slots batch work may fill, so that an
     /// interactive request finds a free slot instead of waiting for a batch request to end.
     pub batch_ceiling: f64,
+    /// Route with `priority-packing-scorer`: batch work packed onto the busiest replicas
+    /// with room, interactive work to the least busy.
+    #[serde(default)]
+    pub packing: bool,
 }
 
 impl TenantsCfg {
@@ -53,6 +57,7 @@ impl TenantsCfg {
             a_factor: 3.0,
             b_share: 0.2,
             batch_ceiling: 0.7,
+            packing: true,
         }
     }
 
@@ -157,10 +162,19 @@ fn epp_config(flow_control: bool, cfg: &TenantsCfg) -> String {
             "- type: concurrency-detector\n  parameters: {{maxConcurrency: {}}}\n- type: round-robin-fairness-policy\n- type: priority-holdback-policy\n  parameters: {{minCeiling: {}}}\n",
             cfg.max_num_seqs, cfg.batch_ceiling
         ));
+        if cfg.packing {
+            s.push_str(&format!(
+                "- type: priority-packing-scorer\n  parameters: {{endpointCapacity: {}}}\n",
+                cfg.max_num_seqs
+            ));
+        }
     }
     s.push_str(
         "schedulingProfiles:\n- name: default\n  plugins:\n  - {pluginRef: queue-scorer, weight: 2}\n  - {pluginRef: kv-cache-utilization-scorer, weight: 2}\n  - {pluginRef: prefix-cache-scorer, weight: 3}\n",
     );
+    if flow_control && cfg.packing {
+        s.push_str("  - {pluginRef: priority-packing-scorer, weight: 10}\n");
+    }
     if flow_control {
         // The batch band holds at most two pools' worth of requests: a bounded wait; the
         // rest of the flood is refused at once (rejected-saturated).
@@ -349,10 +363,22 @@ pub fn markdown(r: &TenantsRun) -> String {
     let mut md = format!(
         "{} replicas × {} slots; capacity {:.1} req/s (closed loop, flow control off). Tenant A \
          (objective `batch`, priority −1) at {:.1} req/s, tenant B (`interactive`, priority 10) at \
-         {:.1} req/s, {:.0} s of arrivals each.\n\n\
+         {:.1} req/s, {:.0} s of arrivals each. Flow control on: the batch band's ceiling \
+         {:.2} (`priority-holdback-policy`), {}.\n\n\
          | run | sent | ok | ok/s | TTFT p50 ms | TTFT p90 ms | refused (status reason: n) |\n\
          |---|---|---|---|---|---|---|\n",
-        r.cfg.replicas, r.cfg.max_num_seqs, r.capacity_rps, r.a_rate, r.b_rate, r.cfg.phase_s
+        r.cfg.replicas,
+        r.cfg.max_num_seqs,
+        r.capacity_rps,
+        r.a_rate,
+        r.b_rate,
+        r.cfg.phase_s,
+        r.cfg.batch_ceiling,
+        if r.cfg.packing {
+            "`priority-packing-scorer` ×10 (batch packed, interactive to the least busy)"
+        } else {
+            "no packing"
+        }
     );
     md.push_str(&row("B alone (flow control on)", &r.b_alone));
     md.push_str(&row("B, A flooding, flow control on", &r.on.b));

@@ -26,7 +26,7 @@ use crate::scheduling::plugins::profile::SingleProfileHandler;
 use crate::scheduling::plugins::response::{DestinationEndpointServedVerifier, ResponsePlugin};
 use crate::scheduling::plugins::scorers::{
     ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, LoraAffinityScorer,
-    NoHitLruScorer, PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
+    NoHitLruScorer, PrefixCacheScorer, PriorityPackingScorer, QueueScorer, RunningRequestsScorer,
 };
 use crate::scheduling::plugins::session::SessionAffinityScorer;
 use crate::scheduling::{Filter, Picker, ProfileHandler, Scorer};
@@ -211,6 +211,9 @@ pub static REGISTRY: &[Entry] = &[
     }),
     Entry::new("active-request-scorer", Role::Scorer, |p| {
         scorer(ActiveRequestScorer::from_params(p)?)
+    }),
+    Entry::new("priority-packing-scorer", Role::Scorer, |p| {
+        scorer(PriorityPackingScorer::from_params(p)?)
     }),
     Entry::new("no-hit-lru-scorer", Role::Scorer, |p| {
         scorer(NoHitLruScorer::from_params(p)?)

@@ -258,6 +258,70 @@ impl Scorer for ActiveRequestScorer {
     }
 }
 
+/// `priority-packing-scorer` (Switchyard's own; llm-d has none): packs low-priority work onto
+/// the busiest endpoints that still have room and sends everything else to the least busy.
+/// Under a flood of batch work that flow control holds below a ceiling, the free capacity then
+/// sits on a few endpoints, where interactive requests find few batch requests (and so few
+/// batch prefills sharing their steps), instead of being spread thinly over every endpoint.
+/// The counts are the EPP's own in-flight requests (exact, current).
+///
+/// A request with a priority below `packBelowPriority` (default 0: sheddable work) scores
+/// `(n + 1) / endpointCapacity` on an endpoint with `n < endpointCapacity` requests in flight
+/// and 0 on a full one; any other request scores `1 − min(n, endpointCapacity) / endpointCapacity`.
+/// `endpointCapacity` (required) is what an endpoint holds at once: the engine's
+/// `max-num-seqs`, as the `concurrency-detector`'s `maxConcurrency`.
+#[derive(Debug)]
+pub struct PriorityPackingScorer {
+    /// Configured name.
+    pub name: String,
+    /// In-flight requests at which an endpoint counts as full (`endpointCapacity`).
+    pub endpoint_capacity: u64,
+    /// Requests with a priority below this are packed (`packBelowPriority`, default 0).
+    pub pack_below_priority: i32,
+}
+plugin_named!(PriorityPackingScorer, "priority-packing-scorer");
+
+/// `priority-packing-scorer` parameters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PriorityPackingYaml {
+    endpoint_capacity: Option<i64>,
+    pack_below_priority: Option<i32>,
+}
+
+impl PriorityPackingScorer {
+    /// The scorer its `parameters` describe.
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: PriorityPackingYaml = p.decode()?;
+        let Some(capacity) = p.positive("endpointCapacity", y.endpoint_capacity)? else {
+            return Err(p.invalid(
+                "endpointCapacity",
+                "required: the requests one endpoint holds at once (the engine's max-num-seqs)",
+            ));
+        };
+        Ok(Self {
+            name: p.name(),
+            endpoint_capacity: capacity as u64,
+            pack_below_priority: y.pack_below_priority.unwrap_or(0),
+        })
+    }
+}
+
+impl Scorer for PriorityPackingScorer {
+    fn score(&self, r: &InferenceRequest, state: &CycleState, c: &[Candidate], scores: &mut [f64]) {
+        let cap = self.endpoint_capacity;
+        let pack = r.priority < self.pack_below_priority;
+        for (s, c) in scores.iter_mut().zip(c) {
+            let n = state.in_flight.get(c.endpoint.id);
+            *s = match (pack, n < cap) {
+                (true, true) => (n + 1) as f64 / cap as f64,
+                (true, false) => 0.0,
+                (false, _) => 1.0 - n.min(cap) as f64 / cap as f64,
+            };
+        }
+    }
+}
+
 /// `no-hit-lru-scorer` (llm-d): spreads cold requests (no endpoint holds any of their prefix)
 /// over the endpoints in least-recently-used order, so that the new prefixes, which later
 /// requests will stick to, grow evenly over the pool. Endpoints that never received a cold
@@ -554,6 +618,61 @@ mod tests {
         // Nothing in flight anywhere (or no counts at all): every endpoint is idle.
         let untracked = CycleState::new(tokio::time::Instant::now());
         assert_eq!(run(&plain, &c, &untracked), vec![1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn priority_packing_packs_sheddable_work_and_spreads_the_rest() {
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let len = c.iter().map(|c| c.endpoint.id.0 as usize).max().unwrap() + 1;
+        let counters: Vec<Arc<crate::scheduling::EndpointLoad>> =
+            (0..len).map(|_| Arc::default()).collect();
+        for (c, n) in c.iter().zip([1, 3, 4]) {
+            counters[c.endpoint.id.0 as usize]
+                .requests
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        state.in_flight = crate::scheduling::InFlightCounts::new(Arc::new(counters));
+        let scorer = PriorityPackingScorer {
+            name: "p".into(),
+            endpoint_capacity: 4,
+            pack_below_priority: 0,
+        };
+        let run = |priority: i32| {
+            let mut s = vec![f64::NAN; c.len()];
+            let r = InferenceRequest {
+                priority,
+                ..Default::default()
+            };
+            scorer.score(&r, &state, &c, &mut s);
+            s
+        };
+        // Sheddable: the busiest endpoint with room wins; a full one scores nothing.
+        assert_eq!(run(-1), vec![0.5, 1.0, 0.0]);
+        // Anything else: the least busy wins.
+        assert_eq!(run(0), vec![0.75, 0.25, 0.0]);
+        assert_eq!(run(10), run(0));
+        // The parameters: capacity required and positive, unknown keys refused.
+        let load = |params: &str| {
+            crate::config::load(
+                &format!(
+                    "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: priority-packing-scorer\n  parameters: {params}\n- type: max-score-picker\n"
+                ),
+                1,
+            )
+        };
+        assert!(load("{endpointCapacity: 16, packBelowPriority: 5}").is_ok());
+        for bad in [
+            "{}",
+            "{endpointCapacity: 0}",
+            "{endpointCapacity: 16, pack: 1}",
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("priority-packing-scorer") || err.contains("endpointCapacity"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     fn cold_state(hit: Option<(usize, u32)>) -> CycleState {
