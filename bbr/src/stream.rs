@@ -345,7 +345,8 @@ fn headers_answer(set: Vec<envoy::HeaderValueOption>, remove: Vec<String>) -> Pr
 mod tests {
     #![allow(clippy::unwrap_used)]
     use ext_proc::test_util::{
-        immediate, req_body, req_headers, resp_body, resp_headers, routing_answer, streamed_body,
+        immediate, immediate_header, req_body, req_headers, resp_body, resp_headers,
+        routing_answer, streamed_body,
     };
 
     use super::*;
@@ -547,6 +548,10 @@ mod tests {
             ));
             let (status, text) = immediate(&out[0]);
             assert_eq!(status, 200);
+            assert_eq!(
+                immediate_header(&out[0], "content-type").as_deref(),
+                Some("application/json")
+            );
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             let ids: Vec<&str> = v["data"]
                 .as_array()

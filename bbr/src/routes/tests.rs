@@ -306,3 +306,60 @@ fn unmatchable_gauge(metrics: &Metrics, reason: &str) -> i64 {
         .find_map(|l| l.strip_prefix(&prefix))
         .map_or(-1, |v| v.parse().unwrap())
 }
+
+/// The body-based-routing gateway config ships an HTTPRoute, InferencePools and mapping
+/// ConfigMaps that agree: every rule can match, both base models and their adapters route.
+#[test]
+fn shipped_gateway_config_has_no_unmatchable_route() {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../gateway-configs/body-based-routing/"
+    );
+    let docs = |file: &str| -> Vec<Value> {
+        let text = std::fs::read_to_string(format!("{dir}{file}")).unwrap();
+        text.split("\n---")
+            .map(|d| yaml_serde::from_str::<Value>(d).unwrap())
+            .collect()
+    };
+    let mapping = Mapping::new();
+    for (i, cm) in docs("model-mapping.yaml").into_iter().enumerate() {
+        let data: BTreeMap<String, String> = serde_json::from_value(cm["data"].clone()).unwrap();
+        mapping
+            .apply(
+                &format!("cm/{i}"),
+                Entry::from_config_map_data(&data).unwrap(),
+            )
+            .unwrap();
+    }
+    let pools: BTreeMap<String, BTreeSet<i32>> = docs("inferencepools.yaml")
+        .into_iter()
+        .map(|v| {
+            let mut v = v;
+            v["metadata"]["namespace"] = json!("default");
+            let p: InferencePool = serde_json::from_value(v).unwrap();
+            let Item::Pool(ports) = p.item() else {
+                unreachable!()
+            };
+            (key(&p), ports)
+        })
+        .collect();
+    let routes: BTreeMap<String, Vec<ModelRule>> = docs("httproute.yaml")
+        .into_iter()
+        .map(|mut v| {
+            v["metadata"]["namespace"] = json!("default");
+            rules_of(v)
+        })
+        .collect();
+    let index = RouteIndex::build(&routes, &pools, &mapping.lookup());
+    assert!(index.unmatchable.is_empty(), "{:?}", index.unmatchable);
+    let lookup = mapping.lookup();
+    let mut served = 0;
+    for (base, adapters) in lookup.by_base() {
+        assert!(index.serves(base, base), "{base}");
+        for a in adapters {
+            assert!(index.serves(a, base), "{a}");
+        }
+        served += 1;
+    }
+    assert_eq!(served, 2);
+}
