@@ -389,10 +389,25 @@ def check_bbr_invariants(where: str, objs: Iterable[dict[str, Any]]) -> None:
     grpc = [p for s in services for p in s["spec"]["ports"] if p.get("targetPort") == "grpc"]
     if not grpc or grpc[0].get("appProtocol") != "http2":
         fail(where, "the ext_proc Service port must declare appProtocol: http2")
+    # Read-only on what it watches: the mapping ConfigMaps, and the HTTPRoutes and
+    # InferencePools it learns model -> pool from (bbr/README.md); every one of them granted.
+    bbr_reads = {
+        ("", "configmaps"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("inference.networking.k8s.io", "inferencepools"),
+    }
     for role in (o for o in objs if o["kind"] == "Role"):
+        granted = set()
         for rule in role["rules"]:
-            if rule["resources"] != ["configmaps"] or not set(rule["verbs"]) <= READ_ONLY:
-                fail(where, f"Role {role['metadata']['name']}: only get/list/watch on configmaps")
+            pairs = {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+            if not pairs <= bbr_reads or not set(rule["verbs"]) <= READ_ONLY:
+                fail(where, f"Role {role['metadata']['name']}: only get/list/watch on "
+                     "configmaps, httproutes and inferencepools")
+            if {"get", "list", "watch"} <= set(rule["verbs"]):
+                granted |= pairs
+        if granted != bbr_reads:
+            fail(where, f"Role {role['metadata']['name']}: BBR must read "
+                 f"{sorted(r for _, r in bbr_reads - granted)}")
     auth = flags.get("metrics-endpoint-auth", ["true"])[-1] in ("true", "")
     cluster_roles = [o for o in objs if o["kind"] == "ClusterRole"]
     if auth and not cluster_roles:

@@ -61,6 +61,10 @@ pub struct Args {
     /// upstream; "" or unset watches every namespace).
     #[arg(long)]
     pub configmap_namespace: Option<String>,
+    /// Answer `GET /v1/models` with the models served behind the gateway (false: the request
+    /// passes through like any other).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub list_models: bool,
     /// Largest request body read; a larger one gets 413.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
@@ -106,7 +110,12 @@ mod tests {
             (a.grpc_port, a.grpc_health_port, a.metrics_port),
             (9004, 9005, 9090)
         );
-        assert!(!a.streaming && a.secure_serving && a.metrics_endpoint_auth);
+        assert!(!a.streaming && a.secure_serving && a.metrics_endpoint_auth && a.list_models);
+        assert!(
+            !Args::try_parse_from(["bbr", "--list-models=false"])
+                .unwrap()
+                .list_models
+        );
         let a = Args::try_parse_from([
             "bbr",
             "--streaming",

@@ -12,6 +12,8 @@
 //! * [`service`] — the tonic service around it.
 //! * [`kube`] — Kubernetes mode: the watch of the managed ConfigMaps.
 //! * [`file`](mod@file) — file mode: the mapping file, reloaded on change.
+//! * [`models`] — `GET /v1/models`, answered by the router.
+//! * [`routes`] — Kubernetes mode: model → pool from the HTTPRoutes, unmatchable routes.
 //! * [`metrics`] — `bbr_*` metrics with bounded labels.
 //! * [`server`] — wiring under the EPP's supervisor, gRPC health, `/metrics`.
 //! * [`args`] — the flags.
@@ -23,6 +25,8 @@ pub mod file;
 pub mod kube;
 pub mod mapping;
 pub mod metrics;
+pub mod models;
+pub mod routes;
 pub mod server;
 pub mod service;
 pub mod stream;

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use bbr::args::Args;
 use bbr::file::MappingFileSource;
 use bbr::mapping::Mapping;
-use bbr::server::{self, Listeners, MappingSource, Settings};
+use bbr::server::{self, KubeSource, Listeners, MappingSource, Settings};
 use bbr::stream::Options;
 use clap::Parser;
 use epp::admin::AdminAuth;
@@ -69,6 +69,7 @@ async fn run(args: Args) -> Result<()> {
         mapping_file_poll_interval,
         configmap_namespace,
         max_request_body_bytes,
+        list_models,
         metrics_endpoint_auth,
         metrics_bearer_token_file,
         drain_grace_period,
@@ -148,7 +149,12 @@ async fn run(args: Args) -> Result<()> {
                 .await
                 .context("Kubernetes mode (no --mapping-file): connecting to the API server")?;
             client = Some(c.clone());
-            MappingSource::Kubernetes(Box::new(bbr::kube::api(c, namespace.as_deref())))
+            let ns = namespace.as_deref();
+            MappingSource::Kubernetes(Box::new(KubeSource {
+                configmaps: bbr::kube::api(c.clone(), ns),
+                httproutes: bbr::routes::api(c.clone(), ns),
+                pools: bbr::routes::api(c, ns),
+            }))
         }
     };
     let admin_auth = match (metrics_endpoint_auth, token, client) {
@@ -196,6 +202,7 @@ async fn run(args: Args) -> Result<()> {
         options: Options {
             streaming,
             max_request_body_bytes,
+            list_models,
         },
         mapping,
         source,

@@ -127,6 +127,9 @@ impl Entry {
 pub struct Lookup {
     adapters: HashMap<String, String>,
     base_models: HashMap<String, usize>,
+    /// Base model → its adapters, both in name order: the `/v1/models` listing's order, built
+    /// here so that listing never sorts.
+    by_base: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Lookup {
@@ -148,6 +151,17 @@ impl Lookup {
     /// Base models known.
     pub fn base_models(&self) -> usize {
         self.base_models.len()
+    }
+
+    /// True when some source has `name` as its base model.
+    pub fn is_base_model(&self, name: &str) -> bool {
+        self.base_models.contains_key(name.trim())
+    }
+
+    /// Every base model with its adapters, in name order (an adapter under the base model whose
+    /// claim on it won).
+    pub fn by_base(&self) -> impl Iterator<Item = (&str, &BTreeSet<String>)> {
+        self.by_base.iter().map(|(b, a)| (b.as_str(), a))
     }
 
     /// True when `model` is named by some source (a bounded metric label may be given to it).
@@ -178,6 +192,14 @@ impl Sources {
                 lookup.adapters.insert(a.clone(), entry.base_model.clone());
             }
         }
+        for base in lookup.base_models.keys() {
+            lookup.by_base.insert(base.clone(), BTreeSet::new());
+        }
+        for (adapter, base) in &lookup.adapters {
+            if let Some(set) = lookup.by_base.get_mut(base) {
+                set.insert(adapter.clone());
+            }
+        }
         lookup
     }
 }
@@ -188,6 +210,9 @@ pub struct Mapping {
     sources: Mutex<Sources>,
     lookup: ArcSwap<Lookup>,
     synced: tokio::sync::watch::Sender<bool>,
+    /// Bumped on every new [`Lookup`]: what depends on the mapping (the `/v1/models` listing,
+    /// the route index) rebuilds on it.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Mapping {
@@ -196,6 +221,7 @@ impl Default for Mapping {
             sources: Mutex::new(Sources::default()),
             lookup: ArcSwap::from_pointee(Lookup::default()),
             synced: tokio::sync::watch::channel(false).0,
+            version: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -216,6 +242,11 @@ impl Mapping {
         self.synced.subscribe()
     }
 
+    /// Changes whenever the lookup is replaced.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
     fn publish(&self, sources: &Sources) {
         let lookup = sources.build();
         tracing::debug!(
@@ -225,6 +256,7 @@ impl Mapping {
             "mapping updated"
         );
         self.lookup.store(Arc::new(lookup));
+        self.version.send_modify(|v| *v += 1);
     }
 
     /// Adds or replaces one source; `Err` leaves the mapping as it was for that source.

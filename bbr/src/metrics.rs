@@ -48,6 +48,13 @@ pub struct ModelLabels {
     pub base_model: Arc<str>,
 }
 
+/// `reason` of unmatchable routes (`crate::routes::Reason`: three values).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `unknown_model`, `missing_pool` or `port_mismatch`.
+    pub reason: &'static str,
+}
+
 /// `code` of refused requests.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
@@ -92,6 +99,13 @@ pub struct Metrics {
     pub streams_inflight: Gauge,
     /// Supervised tasks that ended unexpectedly.
     pub task_exits: Family<TaskExitLabels, Counter>,
+    /// `GET /v1/models` answered by the router.
+    pub models_requests: Counter,
+    /// Entries in the current `/v1/models` list.
+    pub models_listed: Gauge,
+    /// Entries left out of the `/v1/models` list by its cap.
+    pub models_list_truncated: Gauge,
+    unmatchable_routes: Family<ReasonLabels, Gauge>,
     budget: Mutex<Budget>,
     overflow: Arc<str>,
 }
@@ -115,6 +129,10 @@ impl Default for Metrics {
             sources_rejected: Counter::default(),
             streams_inflight: Gauge::default(),
             task_exits: Family::default(),
+            models_requests: Counter::default(),
+            models_listed: Gauge::default(),
+            models_list_truncated: Gauge::default(),
+            unmatchable_routes: Family::default(),
             budget: Mutex::new(Budget::default()),
             overflow: Arc::from(OVERFLOW_LABEL),
         }
@@ -123,7 +141,7 @@ impl Default for Metrics {
 
 /// Every family this module registers (names as exposed, without `_total`), checked against
 /// the registry by a test.
-pub const FAMILIES: [&str; 10] = [
+pub const FAMILIES: [&str; 14] = [
     "bbr_success",
     "bbr_body_field_not_found",
     "bbr_requests_by_model",
@@ -134,6 +152,10 @@ pub const FAMILIES: [&str; 10] = [
     "bbr_mapping_sources_rejected",
     "bbr_extproc_streams_inflight",
     "bbr_task_exits",
+    "bbr_models_requests",
+    "bbr_models_listed",
+    "bbr_models_list_truncated",
+    "bbr_unmatchable_routes",
 ];
 
 impl Metrics {
@@ -190,6 +212,33 @@ impl Metrics {
             "Supervised tasks that ended unexpectedly, by task and reason",
             self.task_exits.clone(),
         );
+        r.register(
+            "models_requests",
+            "GET /v1/models requests answered by the router",
+            self.models_requests.clone(),
+        );
+        r.register(
+            "models_listed",
+            "Entries in the /v1/models list",
+            self.models_listed.clone(),
+        );
+        r.register(
+            "models_list_truncated",
+            "Models left out of the /v1/models list by its cap",
+            self.models_list_truncated.clone(),
+        );
+        r.register(
+            "unmatchable_routes",
+            "HTTPRoute rules (per rule, reason and detail) that can never match, by reason (Kubernetes mode)",
+            self.unmatchable_routes.clone(),
+        );
+    }
+
+    /// Sets the number of unmatchable route rules for `reason`.
+    pub fn unmatchable(&self, reason: &'static str, n: usize) {
+        self.unmatchable_routes
+            .get_or_create(&ReasonLabels { reason })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Requests whose model headers were set.
@@ -293,6 +342,7 @@ mod tests {
                 reason: "returned",
             })
             .inc();
+        m.unmatchable("missing_pool", 1);
         let mut registry = Registry::default();
         m.register(&mut registry);
         let mut text = String::new();

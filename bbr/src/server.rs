@@ -17,6 +17,8 @@ use epp::server::{
 use epp::supervisor::{OnExit, Supervisor, factory};
 use epp::tls::ServerTls;
 use ext_proc::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
+use gateway_api::httproutes::HttpRoute;
+use k8s::api::InferencePool;
 use k8s_openapi::api::core::v1::ConfigMap;
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
@@ -29,13 +31,26 @@ use tonic::transport::server::TcpIncoming;
 use crate::file::MappingFileSource;
 use crate::mapping::Mapping;
 use crate::metrics::Metrics;
+use crate::models::ModelList;
+use crate::routes::{RouteIndex, RouteStore};
 use crate::service::BbrService;
 use crate::stream::{Context, Options};
 
+/// Kubernetes mode's APIs, each in the namespace(s) the router watches.
+#[derive(Clone)]
+pub struct KubeSource {
+    /// The managed ConfigMaps (the mapping).
+    pub configmaps: kube::Api<ConfigMap>,
+    /// HTTPRoutes (which model routes to which pool, [`crate::routes`]).
+    pub httproutes: kube::Api<HttpRoute>,
+    /// InferencePools (their target ports).
+    pub pools: kube::Api<InferencePool>,
+}
+
 /// Where the mapping comes from.
 pub enum MappingSource {
-    /// Watch the managed ConfigMaps.
-    Kubernetes(Box<kube::Api<ConfigMap>>),
+    /// Watch the managed ConfigMaps, and the HTTPRoutes and InferencePools.
+    Kubernetes(Box<KubeSource>),
     /// Poll a file (read once at start-up, before the ports are bound).
     File {
         /// The file.
@@ -121,17 +136,69 @@ pub async fn serve(
         Arc::new(Mutex::new(r))
     };
     let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
+    let mut route_index = None;
     match source {
-        MappingSource::Kubernetes(api) => {
-            let (mapping, metrics) = (mapping.clone(), metrics.clone());
-            // A dead watch leaves the mapping stale: not ready until it runs again.
-            tasks.spawn(
-                "watch-configmaps",
-                OnExit::Degrade,
-                factory(move |token| {
-                    crate::kube::watch((*api).clone(), mapping.clone(), metrics.clone(), token)
-                }),
-            );
+        MappingSource::Kubernetes(apis) => {
+            let KubeSource {
+                configmaps,
+                httproutes,
+                pools,
+            } = *apis;
+            {
+                let (mapping, metrics) = (mapping.clone(), metrics.clone());
+                // A dead watch leaves the mapping stale: not ready until it runs again.
+                tasks.spawn(
+                    "watch-configmaps",
+                    OnExit::Degrade,
+                    factory(move |token| {
+                        crate::kube::watch(
+                            configmaps.clone(),
+                            mapping.clone(),
+                            metrics.clone(),
+                            token,
+                        )
+                    }),
+                );
+            }
+            // The routes only narrow /v1/models and report unmatchable routes: routing does
+            // not depend on them, so their watches restart without touching readiness.
+            let store = RouteStore::new();
+            let (index_tx, index_rx) = tokio::sync::watch::channel::<Option<Arc<RouteIndex>>>(None);
+            route_index = Some(index_rx);
+            {
+                let store = store.clone();
+                tasks.spawn(
+                    "watch-httproutes",
+                    OnExit::Restart,
+                    factory(move |token| {
+                        crate::routes::watch(httproutes.clone(), store.clone(), token)
+                    }),
+                );
+            }
+            {
+                let store = store.clone();
+                tasks.spawn(
+                    "watch-inferencepools",
+                    OnExit::Restart,
+                    factory(move |token| crate::routes::watch(pools.clone(), store.clone(), token)),
+                );
+            }
+            {
+                let (mapping, metrics) = (mapping.clone(), metrics.clone());
+                tasks.spawn(
+                    "route-index",
+                    OnExit::Restart,
+                    factory(move |token| {
+                        crate::routes::run_index(
+                            mapping.clone(),
+                            store.clone(),
+                            index_tx.clone(),
+                            metrics.clone(),
+                            token,
+                        )
+                    }),
+                );
+            }
         }
         MappingSource::File {
             path,
@@ -153,6 +220,24 @@ pub async fn serve(
             );
         }
         MappingSource::Static => {}
+    }
+
+    let models = ModelList::new();
+    {
+        let (mapping, metrics, models) = (mapping.clone(), metrics.clone(), models.clone());
+        tasks.spawn(
+            "model-list",
+            OnExit::Restart,
+            factory(move |token| {
+                crate::models::run(
+                    mapping.clone(),
+                    route_index.clone(),
+                    models.clone(),
+                    metrics.clone(),
+                    token,
+                )
+            }),
+        );
     }
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -210,6 +295,7 @@ pub async fn serve(
     let ctx = Arc::new(Context {
         mapping,
         metrics,
+        models,
         options,
     });
     let svc = ExternalProcessorServer::new(BbrService::new(ctx))

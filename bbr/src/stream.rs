@@ -7,7 +7,8 @@
 //! the body, byte for byte, as `streamed_response` chunks of at most 62,000 bytes. Without it
 //! (BUFFERED), the headers are answered at once and the buffered body's answer carries the
 //! header mutation. A request without a body is answered at once, its client copies of the
-//! model headers removed. The response passes through untouched.
+//! model headers removed. The response passes through untouched. `GET /v1/models` is answered
+//! at its headers with the list of models ([`crate::models`]).
 //!
 //! Bad bodies get an `ImmediateResponse` in the EPP's format (`inference error: BadRequest -
 //! …`), their client input escaped and truncated by `ext_proc::untrusted`. A body without a
@@ -32,6 +33,7 @@ use tokio::time::Instant;
 
 use crate::mapping::Mapping;
 use crate::metrics::Metrics;
+use crate::models::{self, ModelList};
 
 /// Settings of the service.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ pub struct Options {
     pub streaming: bool,
     /// `--max-request-body-bytes`: a larger body is refused with 413.
     pub max_request_body_bytes: usize,
+    /// `--list-models`: `GET /v1/models` answered by the router ([`crate::models`]).
+    pub list_models: bool,
 }
 
 impl Default for Options {
@@ -47,6 +51,7 @@ impl Default for Options {
         Self {
             streaming: true,
             max_request_body_bytes: 16 * 1024 * 1024,
+            list_models: true,
         }
     }
 }
@@ -58,6 +63,8 @@ pub struct Context {
     pub mapping: Arc<Mapping>,
     /// Where outcomes are counted.
     pub metrics: Arc<Metrics>,
+    /// The rendered `/v1/models` list (answered when `options.list_models`).
+    pub models: Arc<ModelList>,
     /// Settings.
     pub options: Options,
 }
@@ -178,6 +185,15 @@ impl BbrStream {
 
     fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
         self.headers = envoy::headers(h.headers.as_ref());
+        if self.ctx.options.list_models
+            && models::is_list_request(self.header(":method"), self.header(":path"))
+        {
+            // Answered here, before route matching: no pool is asked (crate::models says why).
+            self.done = true;
+            self.phase = Phase::Answered;
+            self.ctx.metrics.models_requests.inc();
+            return vec![self.ctx.models.response()];
+        }
         if h.end_of_stream {
             // No body, no model: nothing to set, but a client's copies must not reach route
             // matching.
@@ -329,7 +345,8 @@ fn headers_answer(set: Vec<envoy::HeaderValueOption>, remove: Vec<String>) -> Pr
 mod tests {
     #![allow(clippy::unwrap_used)]
     use ext_proc::test_util::{
-        immediate, req_body, req_headers, resp_body, resp_headers, routing_answer, streamed_body,
+        immediate, immediate_header, req_body, req_headers, resp_body, resp_headers,
+        routing_answer, streamed_body,
     };
 
     use super::*;
@@ -344,12 +361,16 @@ mod tests {
             ),
             ("ns/qwen".to_owned(), Entry::new(Some("qwen"), []).unwrap()),
         ]);
+        let list = ModelList::new();
+        list.store(models::render(&mapping.lookup(), None, 0, models::MAX_LISTED_MODELS).body);
         Arc::new(Context {
             mapping,
             metrics: Arc::new(Metrics::default()),
+            models: list,
             options: Options {
                 streaming,
                 max_request_body_bytes: 1 << 20,
+                list_models: true,
             },
         })
     }
@@ -504,7 +525,7 @@ mod tests {
         let out = s.on_message(req_headers(
             &[
                 (":method", "GET"),
-                (":path", "/v1/models"),
+                (":path", "/v1/models/llama"),
                 ("x-gateway-base-model-name", "q"),
             ],
             true,
@@ -513,6 +534,61 @@ mod tests {
         let answer = routing_answer(&out[0]);
         assert!(answer.set.is_empty());
         assert_eq!(answer.remove, [BASE_MODEL_NAME]);
+    }
+
+    #[test]
+    fn get_v1_models_is_answered_with_the_list_and_nothing_else_is() {
+        for streaming in [true, false] {
+            let c = ctx(streaming);
+            let mut s = BbrStream::new(c.clone());
+            let out = s.on_message(req_headers(
+                &[(":method", "GET"), (":path", "/v1/models?limit=1")],
+                true,
+                None,
+            ));
+            let (status, text) = immediate(&out[0]);
+            assert_eq!(status, 200);
+            assert_eq!(
+                immediate_header(&out[0], "content-type").as_deref(),
+                Some("application/json")
+            );
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let ids: Vec<&str> = v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["id"].as_str().unwrap())
+                .collect();
+            assert_eq!(ids, ["llama", "qwen", "food-review"]);
+            assert!(s.is_done());
+            assert_eq!(c.metrics.models_requests.get(), 1);
+        }
+        // A POST to the same path is an ordinary request (no model in its body: no headers).
+        let mut s = BbrStream::new(ctx(true));
+        let out = s.on_message(req_headers(
+            &[(":method", "POST"), (":path", "/v1/models")],
+            false,
+            None,
+        ));
+        assert!(out.is_empty());
+        let out = s.on_message(req_body(b"{}", true));
+        assert_eq!(routing_answer(&out[0]).header(MODEL_NAME), None);
+        // Turned off: the GET passes through as before.
+        let c = ctx(true);
+        let mut off = Context {
+            mapping: c.mapping.clone(),
+            metrics: c.metrics.clone(),
+            models: c.models.clone(),
+            options: c.options.clone(),
+        };
+        off.options.list_models = false;
+        let mut s = BbrStream::new(Arc::new(off));
+        let out = s.on_message(req_headers(
+            &[(":method", "GET"), (":path", "/v1/models")],
+            true,
+            None,
+        ));
+        assert!(routing_answer(&out[0]).set.is_empty());
     }
 
     #[test]

@@ -89,6 +89,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", BbrUnknownModelGets404),
         scenario!("switchyard", BbrOneMebibyteBodyThroughBothExtProcs),
         scenario!("switchyard", BbrSpoofedModelHeadersIgnored),
+        scenario!("switchyard", BbrListsModels),
     ]
 }
 
@@ -1734,4 +1735,64 @@ async fn BbrSpoofedModelHeadersIgnored(ctx: Ctx) -> Verdict {
         o.replica
     );
     Ok(out.len() + 2)
+}
+
+/// `GET /v1/models` through Envoy is answered by the router itself (bbr/src/models.rs): OpenAI's
+/// list with both base models (name order) and then the adapter under its base model, every
+/// entry `owned_by: switchyard` (an engine's own list would say `vllm` and not know the other
+/// pool's model), so no replica answered; a query string changes nothing. What the router does
+/// not answer passes through as any request: a `POST` to `/v1/models` without a model in its
+/// body, and `GET /v1/models/{id}`, get the gateway's 404 and reach no replica.
+#[allow(non_snake_case)]
+async fn BbrListsModels(ctx: Ctx) -> Verdict {
+    let s = bbr_setup(&ctx).await;
+    let mut bases = [MODEL, MODEL_B];
+    bases.sort_unstable();
+    let want = [bases[0], bases[1], ADAPTER];
+    for path in ["/v1/models", "/v1/models?x=1"] {
+        let (status, body) = testkit::http::get_with(s.envoy.listener, path, &[]).await;
+        ensure!(status == 200, "GET {path}: {status} {body:.200}");
+        let v: serde_json::Value = serde_json::from_str(&body).context("JSON list")?;
+        ensure!(v["object"] == "list", "GET {path}: {body:.300}");
+        let data = v["data"].as_array().context("data")?;
+        let ids: Vec<&str> = data.iter().filter_map(|e| e["id"].as_str()).collect();
+        ensure!(ids == want, "GET {path}: ids {ids:?}, want {want:?}");
+        for e in data {
+            ensure!(
+                e["object"] == "model" && e["owned_by"] == "switchyard" && e["created"].is_u64(),
+                "GET {path}: entry {e}"
+            );
+            let parent = if e["id"] == ADAPTER {
+                serde_json::json!(MODEL)
+            } else {
+                serde_json::Value::Null
+            };
+            ensure!(e["parent"] == parent, "GET {path}: parent of {e}");
+        }
+    }
+    let mut post = Req::completion();
+    post.path = "/v1/models".into();
+    post.body = b"{}".to_vec();
+    let o = send(s.envoy.listener, &post).await;
+    ensure!(
+        o.status == 404 && o.replica.is_none(),
+        "POST /v1/models: {} via {:?} {:.200}",
+        o.status,
+        o.replica,
+        o.body
+    );
+    let (status, body) =
+        testkit::http::get_with(s.envoy.listener, &format!("/v1/models/{ADAPTER}"), &[]).await;
+    ensure!(
+        status == 404 && body.contains("no InferencePool serves the requested model"),
+        "GET /v1/models/{{id}}: {status} {body:.200}"
+    );
+    let metrics = testkit::http::get_text(s.bbr.metrics, "/metrics")
+        .await
+        .context("bbr /metrics")?;
+    ensure!(
+        metrics.contains("bbr_models_requests_total 2"),
+        "bbr metrics: {metrics}"
+    );
+    Ok(4)
 }
