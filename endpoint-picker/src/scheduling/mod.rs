@@ -19,7 +19,7 @@ use crate::request::InferenceRequest;
 pub use framework::{
     Candidate, Cost, Costs, CycleState, DataProducer, EndpointLoad, ExtensionPoint, Filter,
     InFlightCounts, LoadReading, Picker, Plugin, PluginObserver, PrefixMatch, ProfileHandler,
-    ScoredCandidate, Scorer,
+    Scored, ScoredCandidate, Scorer,
 };
 
 /// One scheduling profile.
@@ -267,13 +267,7 @@ impl Scheduler {
                 break;
             }
             for profile in next {
-                results.push(self.run_profile(
-                    profile,
-                    request,
-                    state,
-                    candidates.to_vec(),
-                    explain,
-                )?);
+                results.push(self.run_profile(profile, request, state, candidates, explain)?);
             }
         }
         let primary = self
@@ -290,17 +284,27 @@ impl Scheduler {
         profile: &Profile,
         request: &InferenceRequest,
         state: &CycleState,
-        mut candidates: Vec<Candidate>,
+        all: &[Candidate],
         explain: bool,
     ) -> Result<ProfileResult, ScheduleError> {
-        for filter in &profile.filters {
-            candidates = self.timed(ExtensionPoint::Filter, filter.as_ref(), || {
-                filter.filter(request, state, candidates)
-            });
-            if candidates.is_empty() {
-                return Err(ScheduleError::AllFiltered(profile.name.clone()));
+        // Filters take and return owned lists; a profile without filters scores the shared
+        // list as it is, without cloning every candidate.
+        let filtered: Vec<Candidate>;
+        let candidates: &[Candidate] = if profile.filters.is_empty() {
+            all
+        } else {
+            let mut kept = all.to_vec();
+            for filter in &profile.filters {
+                kept = self.timed(ExtensionPoint::Filter, filter.as_ref(), || {
+                    filter.filter(request, state, kept)
+                });
+                if kept.is_empty() {
+                    return Err(ScheduleError::AllFiltered(profile.name.clone()));
+                }
             }
-        }
+            filtered = kept;
+            &filtered
+        };
         let n = candidates.len();
         let mut totals = vec![0.0f64; n];
         let mut scratch = vec![0.0f64; n];
@@ -308,7 +312,7 @@ impl Scheduler {
         for (scorer, weight) in &profile.scorers {
             scratch.iter_mut().for_each(|s| *s = 0.0);
             self.timed(ExtensionPoint::Scorer, scorer.as_ref(), || {
-                scorer.score(request, state, &candidates, &mut scratch)
+                scorer.score(request, state, candidates, &mut scratch)
             });
             for (t, s) in totals.iter_mut().zip(&scratch) {
                 // Scores are clamped to [0, 1] (a buggy scorer must not dominate).
@@ -357,17 +361,26 @@ impl Scheduler {
                 .collect(),
             picked: Vec::new(),
         });
-        let scored: Vec<ScoredCandidate> = candidates
+        let scored: Vec<Scored> = totals
             .into_iter()
-            .zip(totals)
-            .map(|(candidate, score)| ScoredCandidate { candidate, score })
+            .enumerate()
+            .map(|(index, score)| Scored { index, score })
             .collect();
-        let targets = {
+        let picked = {
             let mut rng = self.rng.lock();
             self.timed(ExtensionPoint::Picker, profile.picker.as_ref(), || {
                 profile.picker.pick(scored, &mut rng)
             })
         };
+        let targets: Vec<ScoredCandidate> = picked
+            .into_iter()
+            .filter_map(|p| {
+                candidates.get(p.index).map(|c| ScoredCandidate {
+                    candidate: c.clone(),
+                    score: p.score,
+                })
+            })
+            .collect();
         let explanation = explanation.map(|mut e| {
             e.picked = targets
                 .iter()

@@ -543,6 +543,7 @@ mod tests {
             "k8s-notification-source" => "{version: v1, kind: Pod}",
             "by-label" => "{label: role, validValues: [decode]}",
             "priority-holdback-policy" => "{minCeiling: 0.4}",
+            "priority-packing-scorer" => "{endpointCapacity: 16}",
             _ => return None,
         };
         Some(yaml_serde::from_str(yaml).unwrap())

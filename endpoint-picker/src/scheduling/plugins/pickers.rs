@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::scorers::plugin_named;
 use crate::config::ConfigError;
 use crate::config::params::Params;
-use crate::scheduling::framework::{Picker, Plugin, ScoredCandidate};
+use crate::scheduling::framework::{Picker, Plugin, Scored};
 
 /// The parameters every picker takes.
 #[derive(Debug, Default, Deserialize)]
@@ -46,13 +46,13 @@ impl MaxScorePicker {
 }
 
 impl Picker for MaxScorePicker {
-    fn pick(&self, mut scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
+    fn pick(&self, mut scored: Vec<Scored>, rng: &mut SmallRng) -> Vec<Scored> {
         // Shuffle so that ties lie in a random order. The selection and the stable sort below
         // compare scores only, so which tied endpoints they keep, and in what order, is as
         // random as the shuffle. Selecting the best k and sorting those is O(n + k log k); the
         // full sort it replaces was the largest single cost of a decision at 100 endpoints.
         let k = self.max_endpoints.max(1);
-        let best_first = |a: &ScoredCandidate, b: &ScoredCandidate| b.score.total_cmp(&a.score);
+        let best_first = |a: &Scored, b: &Scored| b.score.total_cmp(&a.score);
         scored.shuffle(rng);
         if k < scored.len() {
             scored.select_nth_unstable_by(k - 1, best_first);
@@ -84,7 +84,7 @@ impl RandomPicker {
 }
 
 impl Picker for RandomPicker {
-    fn pick(&self, mut scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
+    fn pick(&self, mut scored: Vec<Scored>, rng: &mut SmallRng) -> Vec<Scored> {
         scored.shuffle(rng);
         scored.truncate(self.max_endpoints.max(1));
         scored
@@ -113,9 +113,9 @@ impl WeightedRandomPicker {
 }
 
 impl Picker for WeightedRandomPicker {
-    fn pick(&self, scored: Vec<ScoredCandidate>, rng: &mut SmallRng) -> Vec<ScoredCandidate> {
+    fn pick(&self, scored: Vec<Scored>, rng: &mut SmallRng) -> Vec<Scored> {
         let any_positive = scored.iter().any(|s| s.score > 0.0);
-        let mut keyed: Vec<(f64, ScoredCandidate)> = scored
+        let mut keyed: Vec<(f64, Scored)> = scored
             .into_iter()
             .map(|s| {
                 let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
@@ -144,18 +144,22 @@ mod tests {
     use super::*;
     use crate::scheduling::plugins::test_util::{candidates, metrics};
 
-    fn scored(scores: &[f64]) -> Vec<ScoredCandidate> {
-        let ms: Vec<_> = scores.iter().map(|_| metrics(0, 0, 0.0)).collect();
-        candidates(&ms)
-            .into_iter()
-            .zip(scores)
-            .map(|(candidate, &score)| ScoredCandidate { candidate, score })
+    fn scored(scores: &[f64]) -> Vec<Scored> {
+        scores
+            .iter()
+            .enumerate()
+            .map(|(index, &score)| Scored { index, score })
             .collect()
     }
 
-    fn names(v: &[ScoredCandidate]) -> Vec<String> {
+    /// The test pool's names of the picked (`candidates` names index i `pod-{i+1}-rank-0`).
+    fn names(v: &[Scored]) -> Vec<String> {
+        let ms: Vec<_> = (0..=v.iter().map(|s| s.index).max().unwrap_or(0))
+            .map(|_| metrics(0, 0, 0.0))
+            .collect();
+        let all = candidates(&ms);
         v.iter()
-            .map(|s| s.candidate.endpoint.spec.name.clone())
+            .map(|s| all[s.index].endpoint.spec.name.clone())
             .collect()
     }
 

@@ -25,8 +25,7 @@ use super::test_util::candidates;
 use crate::datastore::EngineMetrics;
 use crate::request::InferenceRequest;
 use crate::scheduling::{
-    CycleState, DataProducer, EndpointLoad, InFlightCounts, Picker, PrefixMatch, ScoredCandidate,
-    Scorer,
+    CycleState, DataProducer, EndpointLoad, InFlightCounts, Picker, PrefixMatch, Scored, Scorer,
 };
 
 fn config(seed: u64) -> Config {
@@ -232,10 +231,10 @@ proptest! {
         let ms: Vec<_> = scores.iter().map(|_| EngineMetrics::default()).collect();
         let cands = candidates(&ms);
         let given: HashSet<u32> = cands.iter().map(|c| c.endpoint.id.0).collect();
-        let scored: Vec<ScoredCandidate> = cands
-            .into_iter()
-            .zip(&scores)
-            .map(|(candidate, &score)| ScoredCandidate { candidate, score })
+        let scored: Vec<Scored> = scores
+            .iter()
+            .enumerate()
+            .map(|(index, &score)| Scored { index, score })
             .collect();
         let pickers: Vec<Box<dyn Picker>> = vec![
             Box::new(MaxScorePicker { name: "m".into(), max_endpoints: max }),
@@ -245,7 +244,7 @@ proptest! {
         for picker in pickers {
             let mut rng = SmallRng::seed_from_u64(seed);
             let picked = picker.pick(scored.clone(), &mut rng);
-            let ids: Vec<u32> = picked.iter().map(|p| p.candidate.endpoint.id.0).collect();
+            let ids: Vec<u32> = picked.iter().map(|p| cands[p.index].endpoint.id.0).collect();
             let unique: HashSet<u32> = ids.iter().copied().collect();
             prop_assert_eq!(unique.len(), ids.len(), "{} picked one twice", picker.type_name());
             prop_assert!(unique.is_subset(&given));
