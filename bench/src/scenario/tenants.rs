@@ -56,7 +56,7 @@ impl TenantsCfg {
             phase_s: 120.0,
             a_factor: 3.0,
             b_share: 0.2,
-            batch_ceiling: 0.7,
+            batch_ceiling: 0.9,
             packing: true,
         }
     }
