@@ -206,7 +206,9 @@ pub fn markdown_all(runs: &[ScaleResult]) -> String {
     }
     s.push_str(
         "\nThe scrape rate is below endpoints / 50 ms when the values do not change: each \
-         endpoint's interval backs off to at most 150 ms while its values stay the same \
+         endpoint's interval backs off to at most 150 ms while its values stay the same, and \
+         to `--idle-scrape-interval` (1 s) while its engine is also quiet, nothing running or \
+         waiting, as here; routing to a quiet engine wakes its scraper \
          (`endpoint-picker/src/scrape/scraper.rs`, `IdleBackoff`).\n",
     );
     for r in runs {
