@@ -63,6 +63,9 @@ struct Models {
 #[derive(Deserialize)]
 struct Model {
     id: String,
+    /// The base model of an adapter; absent (or null) for a base model.
+    #[serde(default)]
+    parent: Option<String>,
 }
 
 fn excerpt(body: &[u8]) -> String {
@@ -149,6 +152,10 @@ impl Engine {
 
     /// The ids `GET /v1/models` lists (the base model and every loaded adapter).
     pub async fn models(&self) -> Result<BTreeSet<String>, EngineError> {
+        Ok(self.list().await?.into_iter().map(|m| m.id).collect())
+    }
+
+    async fn list(&self) -> Result<Vec<Model>, EngineError> {
         let (status, body) = self.call(http::Method::GET, "/v1/models", None).await?;
         if status != 200 {
             return Err(EngineError::Status {
@@ -160,7 +167,19 @@ impl Engine {
             status,
             message: format!("not a model list: {e}"),
         })?;
-        Ok(models.data.into_iter().map(|m| m.id).collect())
+        Ok(models.data)
+    }
+
+    /// The adapters `GET /v1/models` lists: the entries with a `parent` (vLLM lists each
+    /// registered adapter with its base model as parent, and base models without one).
+    pub async fn adapters(&self) -> Result<BTreeSet<String>, EngineError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|m| m.parent.is_some())
+            .map(|m| m.id)
+            .collect())
     }
 
     /// Loads `adapter`. An engine that says it has it already counts as success.
