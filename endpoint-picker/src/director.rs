@@ -19,10 +19,10 @@ use tokio::time::Instant;
 
 use crate::config::LoadedConfig;
 use crate::datastore::{Datastore, Endpoint, EndpointId, Readiness};
-use crate::lora::demand::{DemandGuard, LoraDemand};
 use crate::flow::{
     FlowControl, FlowRejection, FlowRequest, MAX_AGENT_ID_BYTES, PoolProbe, PoolReading,
 };
+use crate::lora::demand::{DemandGuard, LoraDemand};
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
 use crate::scheduling::{

@@ -21,11 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, Readiness};
+use endpoint_picker::lora::LoadedAdapters;
 use endpoint_picker::lora::config::{self as catalogue, Adapter, ConfigError, LoraConfig};
 use endpoint_picker::lora::demand::{LoraDemand, RateMeter};
 use endpoint_picker::lora::engine::Engine;
 use endpoint_picker::lora::plan::{self, Action, AdapterDemand, EndpointState, PlanConfig};
-use endpoint_picker::lora::LoadedAdapters;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -213,8 +213,14 @@ pub struct AdapterLabels {
 pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_lora_placement_passes", "counter"),
     ("inference_extension_lora_placement_actions", "counter"),
-    ("inference_extension_lora_placement_engine_errors", "counter"),
-    ("inference_extension_lora_placement_desired_replicas", "gauge"),
+    (
+        "inference_extension_lora_placement_engine_errors",
+        "counter",
+    ),
+    (
+        "inference_extension_lora_placement_desired_replicas",
+        "gauge",
+    ),
     ("inference_extension_lora_placement_replicas", "gauge"),
 ];
 
@@ -431,7 +437,8 @@ impl Placement {
         }
         listed.sort_by_key(|(e, _)| e.id);
         for (e, names) in &listed {
-            st.since.retain(|(id, a), _| *id != e.id || names.contains(a));
+            st.since
+                .retain(|(id, a), _| *id != e.id || names.contains(a));
             for a in names {
                 st.since.entry((e.id, a.clone())).or_insert(now);
             }
@@ -505,7 +512,10 @@ impl Placement {
             let labels = AdapterLabels {
                 adapter: adapter.clone(),
             };
-            self.metrics.desired.get_or_create(&labels).set(*want as i64);
+            self.metrics
+                .desired
+                .get_or_create(&labels)
+                .set(*want as i64);
             self.metrics.actual.get_or_create(&labels).set(on as i64);
         }
 
@@ -600,7 +610,10 @@ impl EndpointJob {
     }
 
     /// Returns the endpoint, what was done (with results) and whether a call failed.
-    async fn run(mut self, actions: Vec<Action>) -> (EndpointId, Vec<(Action, &'static str)>, bool) {
+    async fn run(
+        mut self,
+        actions: Vec<Action>,
+    ) -> (EndpointId, Vec<(Action, &'static str)>, bool) {
         let name = self.endpoint.spec.name.clone();
         let mut done = Vec::new();
         for action in actions {

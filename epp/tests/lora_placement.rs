@@ -178,7 +178,10 @@ async fn adapters_follow_demand_without_flapping_or_unloading_running_ones() {
     }
     assert_eq!(rig.holders("a2"), 3);
     assert_eq!(rig.holders("a1"), 1);
-    assert!(rig.sims[0].engine().has_lora("a0"), "a0 has a request running there");
+    assert!(
+        rig.sims[0].engine().has_lora("a0"),
+        "a0 has a request running there"
+    );
     drop(held);
 
     // Steady demand: passes change nothing (no flapping).
@@ -201,7 +204,9 @@ async fn adapters_follow_demand_without_flapping_or_unloading_running_ones() {
             .map(str::to_owned)
     };
     assert_eq!(loads(&before), loads(&after));
-    assert!(after.contains("inference_extension_lora_placement_desired_replicas{adapter=\"a2\"} 3"));
+    assert!(
+        after.contains("inference_extension_lora_placement_desired_replicas{adapter=\"a2\"} 3")
+    );
     assert!(after.contains("inference_extension_lora_placement_replicas{adapter=\"a2\"} 3"));
 }
 

@@ -281,7 +281,10 @@ async fn an_adapter_out_of_the_cpu_cache_is_read_from_disk_again() {
     let b = run("b", 2000).await;
     let mut disk = work(&[(0, 100)], &[], 1);
     disk.lora_disk_loads = 1;
-    assert_eq!(b.timing.first_token - b.timing.scheduled, m.step_time(&disk));
+    assert_eq!(
+        b.timing.first_token - b.timing.scheduled,
+        m.step_time(&disk)
+    );
     assert_eq!(
         m.step_time(&disk),
         m.step_time(&work(&[(0, 100)], &[], 1)) + m.lora_disk_load

@@ -78,7 +78,11 @@ impl LoraDemand {
     pub fn routed(self: &Arc<Self>, model: &str, endpoint: EndpointId) -> Option<DemandGuard> {
         let &adapter = self.index.get(model)?;
         self.routed[adapter].fetch_add(1, Ordering::Relaxed);
-        *self.in_flight.lock().entry((adapter, endpoint)).or_insert(0) += 1;
+        *self
+            .in_flight
+            .lock()
+            .entry((adapter, endpoint))
+            .or_insert(0) += 1;
         Some(DemandGuard {
             demand: self.clone(),
             adapter,

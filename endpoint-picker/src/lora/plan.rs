@@ -214,12 +214,16 @@ pub fn plan(
                     .filter(|a| catalogue.contains(a.as_str()))
                     .filter(|a| !e.busy.contains(*a))
                     .filter(|a| {
-                        e.loaded
-                            .get(*a)
-                            .is_none_or(|since| now.saturating_duration_since(*since) >= cfg.min_dwell)
+                        e.loaded.get(*a).is_none_or(|since| {
+                            now.saturating_duration_since(*since) >= cfg.min_dwell
+                        })
                     })
                     .filter(|a| holders(&state, a) > desired.get(*a).copied().unwrap_or(0))
-                    .min_by(|a, b| rate_of(&rate, a).total_cmp(&rate_of(&rate, b)).then(a.cmp(b)))
+                    .min_by(|a, b| {
+                        rate_of(&rate, a)
+                            .total_cmp(&rate_of(&rate, b))
+                            .then(a.cmp(b))
+                    })
                     .map(|a| (i, a.clone()))
             })
             .min_by(|(i, a), (j, b)| {
@@ -301,9 +305,7 @@ fn desired_replicas(
         };
         let fresh = (x.ceil() as usize).clamp(1, replicas);
         let r = match previous.get(&d.name).copied().filter(|&p| p > 0) {
-            Some(p) if x > p as f64 - 1.0 - cfg.band && x <= p as f64 + cfg.band => {
-                p.min(replicas)
-            }
+            Some(p) if x > p as f64 - 1.0 - cfg.band && x <= p as f64 + cfg.band => p.min(replicas),
             _ => fresh,
         };
         out.insert(d.name.clone(), r);

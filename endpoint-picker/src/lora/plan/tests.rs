@@ -40,7 +40,10 @@ fn apply(endpoints: &[EndpointState], actions: &[Action]) -> Vec<BTreeSet<String
     for a in actions {
         match a {
             Action::Load { endpoint, adapter } => {
-                assert!(out[endpoint.0 as usize].insert(adapter.clone()), "{a:?} twice");
+                assert!(
+                    out[endpoint.0 as usize].insert(adapter.clone()),
+                    "{a:?} twice"
+                );
             }
             Action::Unload { endpoint, adapter } => {
                 assert!(out[endpoint.0 as usize].remove(adapter), "{a:?} not loaded");
@@ -62,7 +65,10 @@ fn a_cold_pool_gets_every_demanded_adapter_and_the_hot_one_spread() {
     let p = plan(&cfg(), now, &d, &BTreeSet::new(), &eps, &BTreeMap::new());
     // 10/12 of 4 replicas rounds up to 4; the others 1; idle 0.
     assert_eq!(p.desired["hot"], 4);
-    assert_eq!((p.desired["warm"], p.desired["cool"], p.desired["idle"]), (1, 1, 0));
+    assert_eq!(
+        (p.desired["warm"], p.desired["cool"], p.desired["idle"]),
+        (1, 1, 0)
+    );
     // Adapters on no replica come first: each gets one before the hot one gets more.
     let first: Vec<_> = p.actions[..3]
         .iter()
@@ -77,7 +83,11 @@ fn a_cold_pool_gets_every_demanded_adapter_and_the_hot_one_spread() {
     assert_eq!((holders(&after, "warm"), holders(&after, "cool")), (1, 1));
     assert!(after.iter().all(|l| l.len() <= SLOTS));
     // warm and cool spread to different replicas (the coolest free ones).
-    assert!(!after.iter().any(|l| l.contains("warm") && l.contains("cool")));
+    assert!(
+        !after
+            .iter()
+            .any(|l| l.contains("warm") && l.contains("cool"))
+    );
 }
 
 #[test]
@@ -102,10 +112,26 @@ fn full_replicas_evict_only_idle_surplus_adapters_past_their_dwell() {
     let t0 = Instant::now();
     let later = t0 + Duration::from_secs(60);
     // Every slot taken by old adapters with no demand; "new" is wanted.
-    let eps = vec![ep(0, &["old-a", "old-b"], t0), ep(1, &["old-c", "old-d"], t0)];
-    let d = demand(&[("new", 5.0), ("old-a", 0.0), ("old-b", 0.0), ("old-c", 0.0), ("old-d", 0.0)]);
+    let eps = vec![
+        ep(0, &["old-a", "old-b"], t0),
+        ep(1, &["old-c", "old-d"], t0),
+    ];
+    let d = demand(&[
+        ("new", 5.0),
+        ("old-a", 0.0),
+        ("old-b", 0.0),
+        ("old-c", 0.0),
+        ("old-d", 0.0),
+    ]);
     // Within the dwell time nothing moves.
-    let p = plan(&cfg(), t0 + Duration::from_secs(10), &d, &BTreeSet::new(), &eps, &BTreeMap::new());
+    let p = plan(
+        &cfg(),
+        t0 + Duration::from_secs(10),
+        &d,
+        &BTreeSet::new(),
+        &eps,
+        &BTreeMap::new(),
+    );
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     // Past it, the room is made first, on the same replica.
     let p = plan(&cfg(), later, &d, &BTreeSet::new(), &eps, &BTreeMap::new());
@@ -168,12 +194,23 @@ fn forbidden_adapters_go_when_idle_and_foreign_ones_stay() {
     e0.busy.insert("banned".into());
     let d = demand(&[("a", 1.0)]);
     let forbidden = BTreeSet::from(["banned".to_owned()]);
-    let p = plan(&cfg(), now, &d, &forbidden, &[e0.clone(), e1.clone()], &BTreeMap::new());
+    let p = plan(
+        &cfg(),
+        now,
+        &d,
+        &forbidden,
+        &[e0.clone(), e1.clone()],
+        &BTreeMap::new(),
+    );
     assert!(p.actions.contains(&Action::Unload {
         endpoint: EndpointId(1),
         adapter: "banned".into()
     }));
-    assert!(!p.actions.iter().any(|a| matches!(a, Action::Unload { endpoint, .. } if *endpoint == EndpointId(0))));
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Unload { endpoint, .. } if *endpoint == EndpointId(0)))
+    );
     // "theirs" (not in the catalogue) keeps its slot: e0 has none left for "a".
     let after = apply(&[e0, e1], &p.actions);
     assert!(after[0].contains("theirs"));

@@ -137,9 +137,7 @@ impl Scorer for LoraAffinityScorer {
                 1.0
             } else if registered == Some(false) {
                 0.0
-            } else if registered == Some(true)
-                || (used as u64) < u64::from(m.max_active_models)
-            {
+            } else if registered == Some(true) || (used as u64) < u64::from(m.max_active_models) {
                 0.8
             } else if waiting {
                 0.6
