@@ -12,8 +12,8 @@
 //!   upstream's sidecar does with one ConfigMap for the pool); with more adapters than the CPU
 //!   cache holds, requests spread over replicas pay disk reads. Switchyard's `lora` profile
 //!   (`lora-affinity-scorer`) routes.
-//! * **placement**: each replica starts with `max_cpu_loras` adapters (round-robin, so every
-//!   adapter is somewhere and no cache ever overflows); the EPP's placement
+//! * **placement**: adapter k starts on replica k mod R (every adapter somewhere, no cache
+//!   overflowing); the EPP's placement
 //!   (`--lora-placement-config`, at most `max_cpu_loras` adapters per replica) moves them with
 //!   the demand; the `lora-placement` profile (`lora-adapter-filter` + the `lora` profile)
 //!   routes to the replicas that hold the adapter.
@@ -138,13 +138,15 @@ pub struct LoraCfg {
 }
 
 impl LoraCfg {
-    /// The full comparison: 4 replicas × 2 slots, 16 adapters, a new hot adapter every 20 s,
+    /// The full comparison: 4 replicas × 2 slots and a CPU cache of 6 (24 places for 16
+    /// adapters: every adapter keeps one and the hot one gets up to 3), 16 adapters, a new hot
+    /// adapter every 20 s,
     /// 120 s of arrivals at two rates, every peer's best policy.
     pub fn full() -> anyhow::Result<Self> {
         Ok(Self {
             replicas: 4,
             max_loras: 2,
-            max_cpu_loras: 4,
+            max_cpu_loras: 6,
             adapters: 16,
             lora_load_ms: 25.0,
             lora_disk_load_ms: 100.0,
