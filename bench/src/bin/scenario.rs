@@ -445,10 +445,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?;
             }
             if let Some(r) = rates {
-                cfg.rates = r;
+                cfg.rates = r.clone();
             }
             if let Some(d) = duration {
-                cfg.duration_s = d;
+                cfg.duration_s = *d;
             }
             let runs = lora::run(&tools, &cfg, &run_dir).await?;
             std::fs::write(
