@@ -364,7 +364,7 @@ async fn one(
                         && l.contains("result=\"success\"")
                 })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
+                .fold(0.0, |a, b| a + b)
         };
         loads = Some(actions("load"));
         unloads = Some(actions("unload"));
