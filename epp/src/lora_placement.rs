@@ -192,6 +192,34 @@ impl PlacementSettingsArgs {
     }
 }
 
+/// Placement and `lora-adapter-filter` go together: the filter reads the lists only the
+/// placement loop makes, and requests must reach the replicas placement loaded. `Err` names
+/// what is missing.
+pub fn check_profiles(
+    config: &endpoint_picker::config::LoadedConfig,
+    placement: bool,
+) -> Result<(), String> {
+    let filter = config.scheduler.profiles().iter().any(|p| {
+        p.filters
+            .iter()
+            .any(|f| f.type_name() == "lora-adapter-filter")
+    });
+    match (placement, filter) {
+        (true, false) => Err(
+            "--lora-placement-config needs a scheduling profile with lora-adapter-filter \
+             (README \"LoRA placement\"): without it requests for an adapter go to replicas \
+             that do not have it"
+                .into(),
+        ),
+        (false, true) => Err(
+            "lora-adapter-filter needs --lora-placement-config (only the placement loop lists \
+             the engines' adapters; without it the filter would do nothing)"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `action, result` of an engine call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {

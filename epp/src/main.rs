@@ -179,6 +179,8 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let loaded = config::load(&config_text, seed).context("loading the EndpointPickerConfig")?;
+    epp::lora_placement::check_profiles(&loaded, lora_placement.is_some())
+        .map_err(|e| anyhow::anyhow!("LoRA placement: {e}"))?;
     if debug_decisions > 0 && !debug_pool {
         bail!(
             "--debug-decisions={debug_decisions} records decisions for /debug/pool: add --debug-pool"

@@ -200,31 +200,8 @@ pub async fn serve_with_handles(
         drain_grace,
         lora_placement,
     } = settings;
-    // Placement and `lora-adapter-filter` go together: the filter reads the lists only the
-    // placement loop makes, and requests must reach the replicas placement loaded.
-    let adapter_filter = config.scheduler.profiles().iter().any(|p| {
-        p.filters
-            .iter()
-            .any(|f| f.type_name() == "lora-adapter-filter")
-    });
-    match (&lora_placement, adapter_filter) {
-        (Some(_), false) => {
-            return Err(ServeError::LoraPlacement(
-                "--lora-placement-config needs a scheduling profile with lora-adapter-filter \
-                 (README \"LoRA placement\"): without it requests for an adapter go to \
-                 replicas that do not have it"
-                    .into(),
-            ));
-        }
-        (None, true) => {
-            return Err(ServeError::LoraPlacement(
-                "lora-adapter-filter needs --lora-placement-config (only the placement loop \
-                 lists the engines' adapters; without it the filter would do nothing)"
-                    .into(),
-            ));
-        }
-        _ => {}
-    }
+    crate::lora_placement::check_profiles(&config, lora_placement.is_some())
+        .map_err(ServeError::LoraPlacement)?;
     // Before anything starts: a TLS configuration rustls refuses ends here.
     let tls = match tls {
         Some(tls) => Some((tokio_rustls::TlsAcceptor::from(tls.server_config()?), tls)),
