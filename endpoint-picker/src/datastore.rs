@@ -11,11 +11,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+
+use crate::lora::LoadedAdapters;
 
 /// Label that selects the engine metric mapping of a pod (`vllm` when absent).
 pub const ENGINE_TYPE_LABEL: &str = "inference.networking.k8s.io/engine-type";
@@ -155,6 +157,9 @@ pub struct Endpoint {
     quiet: AtomicBool,
     /// Wakes the quiet scraper.
     wake: Notify,
+    /// The adapters the engine has registered, as the LoRA placement loop last listed them;
+    /// `None` when nothing lists them (placement off, or not listed yet).
+    adapters: ArcSwapOption<LoadedAdapters>,
 }
 
 impl Endpoint {
@@ -166,6 +171,16 @@ impl Endpoint {
     /// Replaces the engine metrics (called by the scraper).
     pub fn store_metrics(&self, metrics: EngineMetrics) {
         self.metrics.store(Arc::new(metrics));
+    }
+
+    /// The adapters its engine has registered, when the LoRA placement loop lists them.
+    pub fn adapters(&self) -> Option<Arc<LoadedAdapters>> {
+        self.adapters.load_full()
+    }
+
+    /// Replaces the registered adapters (called by the LoRA placement loop).
+    pub fn store_adapters(&self, adapters: Option<LoadedAdapters>) {
+        self.adapters.store(adapters.map(Arc::new));
     }
 
     /// The IP the endpoint listens on.
@@ -320,6 +335,7 @@ impl Datastore {
                 .unwrap_or_else(|| "vllm".to_owned())
                 .into();
             let metrics = previous.as_ref().map(|p| p.metrics()).unwrap_or_default();
+            let adapters = previous.as_ref().and_then(|p| p.adapters());
             by_address.insert(es.address, endpoints.len());
             endpoints.push(Arc::new(Endpoint {
                 id,
@@ -328,6 +344,7 @@ impl Datastore {
                 metrics: ArcSwap::new(metrics),
                 quiet: AtomicBool::new(false),
                 wake: Notify::new(),
+                adapters: ArcSwapOption::new(adapters),
                 spec: es,
             }));
         }

@@ -22,6 +22,7 @@ use crate::datastore::{Datastore, Endpoint, EndpointId, Readiness};
 use crate::flow::{
     FlowControl, FlowRejection, FlowRequest, MAX_AGENT_ID_BYTES, PoolProbe, PoolReading,
 };
+use crate::lora::demand::{DemandGuard, LoraDemand};
 use crate::request::InferenceRequest;
 use crate::scheduling::plugins::filters::AddressMatcher;
 use crate::scheduling::{
@@ -227,6 +228,9 @@ pub struct Routed {
     /// Whether the model name was rewritten (the response must be rewritten back).
     pub rewritten: bool,
     in_flight: Option<InFlightGuard>,
+    /// The request's count in its adapter's demand (LoRA placement): held, never read, so
+    /// that dropping the request releases it.
+    _lora_demand: Option<DemandGuard>,
 }
 
 impl Routed {
@@ -265,6 +269,9 @@ pub struct Director {
     flow: Option<Arc<FlowControl>>,
     /// Set at most once by the binary, which builds the tokenizer the config names.
     token_producer: OnceLock<Arc<TokenProducer>>,
+    /// Set at most once by the binary when LoRA placement is on: routed requests for the
+    /// catalogue's adapters are counted there.
+    lora_demand: OnceLock<Arc<LoraDemand>>,
 }
 
 impl Director {
@@ -280,6 +287,7 @@ impl Director {
             rng: Mutex::new(SmallRng::seed_from_u64(seed ^ 0x5eed)),
             flow,
             token_producer: OnceLock::new(),
+            lora_demand: OnceLock::new(),
         }
     }
 
@@ -359,6 +367,11 @@ impl Director {
     /// when one was already installed (the first one stays).
     pub fn set_token_producer(&self, producer: Arc<TokenProducer>) -> bool {
         self.token_producer.set(producer).is_ok()
+    }
+
+    /// Installs the LoRA placement's demand counters (once; `false` if already set).
+    pub fn set_lora_demand(&self, demand: Arc<LoraDemand>) -> bool {
+        self.lora_demand.set(demand).is_ok()
     }
 
     /// The token producer, when one is installed.
@@ -493,11 +506,16 @@ impl Director {
                 self.flow.clone(),
             )
         });
+        let lora_demand = self.lora_demand.get().and_then(|d| {
+            let primary = targets.first()?;
+            d.routed(&request.target_model, primary.id)
+        });
         Ok(Routed {
             targets,
             result,
             rewritten: request.target_model != request.model && !request.model.is_empty(),
             in_flight: guard,
+            _lora_demand: lora_demand,
         })
     }
 }

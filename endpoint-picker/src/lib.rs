@@ -14,6 +14,7 @@ pub mod director;
 pub mod discovery;
 pub mod flow;
 pub mod kv_index;
+pub mod lora;
 pub mod prefix;
 pub mod request;
 pub mod saturation;

@@ -172,6 +172,39 @@ pub struct Args {
     /// other profiles have no counterpart). Sampling runs only while a profile is taken.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_pprof: bool,
+    /// Demand-driven LoRA adapter placement (README "LoRA placement"): the adapter catalogue,
+    /// a file in upstream's sidecar format (`vLLMLoRAConfig`: `ensureExist` adapters are
+    /// placed by demand, `ensureNotExist` ones unloaded wherever idle; `host`/`port` are the
+    /// sidecar's and not used: each endpoint is called at its own address). Read once at
+    /// start-up. Needs a profile with `lora-adapter-filter`.
+    #[arg(long)]
+    pub lora_placement_config: Option<PathBuf>,
+    /// Time between two placement passes.
+    #[arg(long, default_value = "2s", value_parser = duration, requires = "lora_placement_config")]
+    pub lora_placement_interval: Duration,
+    /// An adapter placed (or first seen) on a replica stays at least this long.
+    #[arg(long, default_value = "30s", value_parser = duration, requires = "lora_placement_config")]
+    pub lora_placement_min_dwell: Duration,
+    /// Most loads plus unloads per pass (1 to 1000).
+    #[arg(long, default_value_t = 4, requires = "lora_placement_config")]
+    pub lora_placement_max_changes: usize,
+    /// Hysteresis of the replica counts, in replicas (0 to 1): an adapter keeps its count `r`
+    /// while its demand share × replicas stays in (r − 1 − band, r + band].
+    #[arg(long, default_value_t = 0.25, requires = "lora_placement_config")]
+    pub lora_placement_band: f64,
+    /// Average requests/s from which an adapter has recent demand (and wants a replica).
+    #[arg(long, default_value_t = 0.01, requires = "lora_placement_config")]
+    pub lora_placement_min_rate: f64,
+    /// Half-life of the per-adapter demand average.
+    #[arg(long, default_value = "10s", value_parser = duration, requires = "lora_placement_config")]
+    pub lora_placement_demand_half_life: Duration,
+    /// Adapters one replica may hold (vLLM's --max-cpu-loras, the adapters it keeps without
+    /// reading them again); 0 = the engine's max_lora as scraped.
+    #[arg(long, default_value_t = 0, requires = "lora_placement_config")]
+    pub lora_placement_max_adapters_per_endpoint: usize,
+    /// Deadline of one engine call of the placement (list, load, unload).
+    #[arg(long, default_value = "30s", value_parser = duration, requires = "lora_placement_config")]
+    pub lora_placement_call_timeout: Duration,
     /// Log verbosity, as the reference's `--v` (zap level -N): 0 to 3 = info (2 is the
     /// default), 4 = debug, 5 and above = trace.
     #[arg(long = "v", short = 'v', default_value_t = 2)]

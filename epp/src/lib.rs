@@ -12,6 +12,7 @@ pub mod health;
 pub mod kubernetes;
 pub mod kv_events;
 pub mod labels;
+pub mod lora_placement;
 pub mod metrics;
 pub mod profile;
 pub mod recorder;

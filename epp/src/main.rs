@@ -119,6 +119,15 @@ async fn run(args: Args) -> Result<()> {
         zap_log_level: _,
         zap_devel: _,
         enable_pprof,
+        lora_placement_config,
+        lora_placement_interval,
+        lora_placement_min_dwell,
+        lora_placement_max_changes,
+        lora_placement_band,
+        lora_placement_min_rate,
+        lora_placement_demand_half_life,
+        lora_placement_max_adapters_per_endpoint,
+        lora_placement_call_timeout,
     } = args;
 
     // Everything is validated before any port is bound.
@@ -129,6 +138,33 @@ async fn run(args: Args) -> Result<()> {
             .unwrap_or(1)
     } else {
         seed
+    };
+    let lora_placement = match lora_placement_config {
+        Some(path) => {
+            anyhow::ensure!(
+                !ha_enable_leader_election,
+                "--lora-placement-config with --ha-enable-leader-election: every EPP replica \
+                 would place adapters on its own; run one replica with placement"
+            );
+            let knobs = epp::lora_placement::PlacementSettingsArgs {
+                catalogue: None,
+                interval: lora_placement_interval,
+                min_dwell: lora_placement_min_dwell,
+                max_changes: lora_placement_max_changes,
+                band: lora_placement_band,
+                min_rate: lora_placement_min_rate,
+                demand_half_life: lora_placement_demand_half_life,
+                max_adapters_per_endpoint: lora_placement_max_adapters_per_endpoint,
+                call_timeout: lora_placement_call_timeout,
+            };
+            let settings = epp::lora_placement::PlacementSettings::load(&path, knobs)?;
+            let c = &settings.catalogue;
+            if c.host != "localhost" || c.port != 8000 {
+                tracing::warn!(host = %c.host, port = c.port, "--lora-placement-config: host and port are the sidecar's; placement calls each endpoint at its own address");
+            }
+            Some(settings)
+        }
+        None => None,
     };
     let config_text = match (config_file, config_text) {
         (Some(path), _) => std::fs::read_to_string(&path)
@@ -143,6 +179,8 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let loaded = config::load(&config_text, seed).context("loading the EndpointPickerConfig")?;
+    epp::lora_placement::check_profiles(&loaded, lora_placement.is_some())
+        .map_err(|e| anyhow::anyhow!("LoRA placement: {e}"))?;
     if debug_decisions > 0 && !debug_pool {
         bail!(
             "--debug-decisions={debug_decisions} records decisions for /debug/pool: add --debug-pool"
@@ -358,6 +396,7 @@ async fn run(args: Args) -> Result<()> {
         pprof: enable_pprof,
         health_on_grpc_port: health_checking,
         drain_grace: drain_grace_period,
+        lora_placement,
     };
     let signals = tokio::spawn(epp::signals::cancel_on_signal(shutdown.clone()));
     // Returns once every supervised task has ended (the lease handed back among them).

@@ -124,6 +124,8 @@ pub struct Settings {
     pub health_on_grpc_port: bool,
     /// How long open streams may take to finish after shutdown begins.
     pub drain_grace: Duration,
+    /// Demand-driven LoRA adapter placement (`--lora-placement-config`; `None` = off).
+    pub lora_placement: Option<crate::lora_placement::PlacementSettings>,
 }
 
 /// The three listeners.
@@ -149,6 +151,9 @@ pub enum ServeError {
     /// The token producer's tokenizer could not be loaded.
     #[error("token-producer")]
     Tokenizer(#[from] tokenize::LoadError),
+    /// LoRA placement and the scheduling profiles do not fit together.
+    #[error("LoRA placement: {0}")]
+    LoraPlacement(String),
 }
 
 /// Handles to a running EPP (for tests and the binary).
@@ -193,7 +198,10 @@ pub async fn serve_with_handles(
         pprof,
         health_on_grpc_port,
         drain_grace,
+        lora_placement,
     } = settings;
+    crate::lora_placement::check_profiles(&config, lora_placement.is_some())
+        .map_err(ServeError::LoraPlacement)?;
     // Before anything starts: a TLS configuration rustls refuses ends here.
     let tls = match tls {
         Some(tls) => Some((tokio_rustls::TlsAcceptor::from(tls.server_config()?), tls)),
@@ -226,6 +234,17 @@ pub async fn serve_with_handles(
         director.set_token_producer(producer);
     }
     let decisions = Arc::new(DecisionLog::new(debug_decisions));
+    let placement = lora_placement.map(|settings| {
+        let m = crate::lora_placement::PlacementMetrics::default();
+        m.register(&mut registry.lock());
+        let placement = Arc::new(crate::lora_placement::Placement::new(
+            settings,
+            datastore.clone(),
+            m,
+        ));
+        director.set_lora_demand(placement.demand());
+        placement
+    });
 
     // Every long-lived task runs under the supervisor (see `supervisor`).
     let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
@@ -272,6 +291,16 @@ pub async fn serve_with_handles(
                     token,
                 )
             }),
+        );
+    }
+
+    // LoRA placement: a failed pass changes nothing; a restarted loop starts its dwell times
+    // afresh.
+    if let Some(placement) = placement {
+        tasks.spawn(
+            "lora-placement",
+            OnExit::Restart,
+            factory(move |token: CancellationToken| placement.clone().run(token)),
         );
     }
 

@@ -35,6 +35,42 @@ async fn run_to_exit(args: &[&str]) -> (i32, String) {
 }
 
 #[tokio::test]
+async fn lora_placement_and_its_filter_go_together() {
+    let pool = temp_file("pool-lora.yaml", POOL);
+    let catalogue = temp_file(
+        "catalogue.yaml",
+        "vLLMLoRAConfig:\n  ensureExist:\n    models:\n    - {id: a, source: org/a}\n",
+    );
+    let filter = "--config-text=apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: lora-adapter-filter\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: lora-adapter-filter\n  - pluginRef: queue-scorer\n";
+    let placement = format!("--lora-placement-config={}", catalogue.display());
+    let pool = format!("--pool-file={}", pool.display());
+    for (args, needle) in [
+        (
+            vec![placement.as_str()],
+            "needs a scheduling profile with lora-adapter-filter",
+        ),
+        (
+            vec![filter],
+            "lora-adapter-filter needs --lora-placement-config",
+        ),
+        (
+            vec!["--lora-placement-interval=1s"],
+            "--lora-placement-config",
+        ),
+        (
+            vec![placement.as_str(), filter, "--lora-placement-band=3"],
+            "--lora-placement-band",
+        ),
+    ] {
+        let mut argv = vec![pool.as_str(), "--secure-serving=false"];
+        argv.extend(args);
+        let (code, stderr) = run_to_exit(&argv).await;
+        assert_eq!(code, 2, "{argv:?}: {stderr}");
+        assert!(stderr.contains(needle), "{argv:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
 async fn bad_config_fails_before_binding_any_port() {
     // Hold the port the EPP would bind: if it bound before validating, it would report a bind
     // error instead of the configuration problem.

@@ -94,6 +94,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
         pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        lora_placement: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (handles_tx, handles_rx) = tokio::sync::oneshot::channel();

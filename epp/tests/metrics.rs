@@ -734,6 +734,7 @@ async fn bearer_token_guards_metrics_and_debug() {
         pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        lora_placement: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(epp::server::serve(settings, listeners, shutdown.clone()));
@@ -807,6 +808,7 @@ async fn pprof_profile_is_a_cpu_profile_behind_the_metrics_auth() {
         pprof: true,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        lora_placement: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(epp::server::serve(settings, listeners, shutdown.clone()));

@@ -3,16 +3,19 @@
 //! extension `tools/dynamic-lora-sidecar`) loaded, and those it must not have unloaded, through
 //! vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
 //!
-//! * [`config`] — the file format, checked.
-//! * [`engine`] — the engine's adapter API, with deadlines and bounded reads.
+//! * [`config`] — the file format, checked (`endpoint_picker::lora::config`).
+//! * [`engine`] — the engine's adapter API, with deadlines and bounded reads
+//!   (`endpoint_picker::lora::engine`).
 //! * [`reconcile`] — one pass (no timers inside: tests drive it), backoff, restart detection.
 //! * [`metrics`] — per-adapter state and call counts.
 //! * [`run`] — the config poller and the reconcile loop, as supervised tasks.
 
 #![warn(missing_docs)]
 
-pub mod config;
-pub mod engine;
 pub mod metrics;
 pub mod reconcile;
 pub mod run;
+
+// The file format and the engine client live in the decision core, which the EPP's adapter
+// placement shares; the syncer's paths stay as they were.
+pub use endpoint_picker::lora::{config, engine};

@@ -79,6 +79,10 @@ pub struct Args {
     /// Cost of loading a LoRA adapter into a GPU slot, milliseconds.
     #[arg(long, default_value_t = 25.0)]
     pub lora_load_ms: f64,
+    /// Cost of reading a LoRA adapter from disk again after it fell out of the CPU cache
+    /// (--max-cpu-loras), milliseconds.
+    #[arg(long, default_value_t = 100.0)]
+    pub lora_disk_load_ms: f64,
     /// Relative jitter of each step time (0 = deterministic), e.g. 0.05 for ±5%.
     #[arg(long, default_value_t = 0.0)]
     pub jitter: f64,
@@ -88,6 +92,10 @@ pub struct Args {
     /// Number of LoRA slots (adapters that can be in the batch at once).
     #[arg(long, default_value_t = 1)]
     pub max_loras: usize,
+    /// vLLM's --max-cpu-loras: adapters kept in the CPU cache (an adapter used after it fell
+    /// out is read from disk again, --lora-disk-load-ms); 0 = every registered adapter.
+    #[arg(long, default_value_t = 0)]
+    pub max_cpu_loras: usize,
     /// Adapters to preload: `name` or `name=path` (repeatable or comma-separated).
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub lora_modules: Vec<String>,
@@ -200,10 +208,12 @@ impl From<&Args> for Config {
                 per_seq: micros(a.per_seq_us),
                 per_kv_token: nanos(a.per_kv_token_ns),
                 lora_load: micros(a.lora_load_ms * 1_000.0),
+                lora_disk_load: micros(a.lora_disk_load_ms * 1_000.0),
                 jitter: a.jitter,
             },
             seed: a.seed,
             max_loras: a.max_loras,
+            max_cpu_loras: a.max_cpu_loras,
             lora_modules: a
                 .lora_modules
                 .iter()

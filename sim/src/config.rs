@@ -38,6 +38,9 @@ pub struct LatencyModel {
     pub per_kv_token: Duration,
     /// Cost of bringing a LoRA adapter into a GPU slot.
     pub lora_load: Duration,
+    /// Cost of reading an adapter from disk again when it has fallen out of the CPU cache
+    /// (`max_cpu_loras`), charged in the step that brings it into a slot.
+    pub lora_disk_load: Duration,
     /// Relative jitter applied to each step, `0.0` = none. Drawn from the replica's seeded RNG.
     pub jitter: f64,
 }
@@ -51,6 +54,7 @@ impl Default for LatencyModel {
             per_seq: Duration::from_nanos(40_000),
             per_kv_token: Duration::from_nanos(50),
             lora_load: Duration::from_millis(25),
+            lora_disk_load: Duration::from_millis(100),
             jitter: 0.0,
         }
     }
@@ -69,6 +73,8 @@ pub struct StepWork {
     pub kv_tokens: usize,
     /// Adapters loaded into a slot for this step.
     pub lora_loads: usize,
+    /// Of those, adapters read from disk first (not in the CPU cache, `max_cpu_loras`).
+    pub lora_disk_loads: usize,
 }
 
 impl StepWork {
@@ -103,7 +109,8 @@ impl LatencyModel {
             + u128::from(self.attention_per_pair_ps) * u128::from(w.attention_pairs) / 1000
             + self.per_seq.as_nanos() * w.seqs as u128
             + self.per_kv_token.as_nanos() * w.kv_tokens as u128
-            + self.lora_load.as_nanos() * w.lora_loads as u128;
+            + self.lora_load.as_nanos() * w.lora_loads as u128
+            + self.lora_disk_load.as_nanos() * w.lora_disk_loads as u128;
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 }
@@ -156,6 +163,10 @@ pub struct Config {
     pub max_loras: usize,
     /// Adapters registered at start-up (the first `max_loras` are also resident in a slot).
     pub lora_modules: Vec<String>,
+    /// vLLM's `--max-cpu-loras`: adapters kept in the CPU cache; one used after it fell out is
+    /// read from disk again ([`LatencyModel::lora_disk_load`]). 0 = unbounded (vLLM's
+    /// default is `max_loras`; the simulator keeps every registered adapter unless told).
+    pub max_cpu_loras: usize,
     /// How fast `POST /v1/load_lora_adapter` reads a local adapter, in bytes per second: the
     /// load answers after the adapter's size on disk divided by this (0 = at once). A Hugging
     /// Face id has no size here and loads at once.
@@ -194,6 +205,7 @@ impl Default for Config {
             seed: 0,
             max_loras: 1,
             lora_modules: Vec::new(),
+            max_cpu_loras: 0,
             // Local NVMe into host memory, about what vLLM's adapter loading reaches.
             lora_load_bytes_per_second: 2_000_000_000,
             stream_granularity: 1,
@@ -219,6 +231,7 @@ impl Config {
                 per_seq: Duration::from_micros(1),
                 per_kv_token: Duration::ZERO,
                 lora_load: Duration::from_millis(1),
+                lora_disk_load: Duration::from_millis(1),
                 jitter: 0.0,
             },
             default_max_tokens: 16,

@@ -157,6 +157,10 @@ struct LoraSlots {
     resident: Vec<Arc<str>>,
     /// Running sequences per adapter.
     in_use: HashMap<Arc<str>, usize>,
+    /// CPU-cache size (`max_cpu_loras`; 0 = unbounded).
+    cpu_max: usize,
+    /// Adapters in the CPU cache, least recently used first (only kept when bounded).
+    cpu: Vec<Arc<str>>,
 }
 
 impl LoraSlots {
@@ -176,11 +180,45 @@ impl LoraSlots {
         }
     }
 
-    fn acquire(&mut self, name: &Arc<str>) {
+    /// Marks `name` used in the CPU cache; `true` if it was not there (read from disk). With
+    /// the cache full, the least recently used adapter not in a GPU slot leaves it.
+    fn touch_cpu(&mut self, name: &Arc<str>) -> bool {
+        if self.cpu_max == 0 {
+            return false;
+        }
+        let miss = match self.cpu.iter().position(|r| r == name) {
+            Some(pos) => {
+                let r = self.cpu.remove(pos);
+                self.cpu.push(r);
+                false
+            }
+            None => {
+                self.cpu.push(name.clone());
+                true
+            }
+        };
+        while self.cpu.len() > self.cpu_max {
+            let Some(pos) = self
+                .cpu
+                .iter()
+                .position(|c| c != name && !self.resident.contains(c))
+            else {
+                break;
+            };
+            self.cpu.remove(pos);
+        }
+        miss
+    }
+
+    /// Takes a slot for `name`; `true` if the adapter had to be read from disk first.
+    fn acquire(&mut self, name: &Arc<str>) -> bool {
+        let mut disk = false;
         if let Some(pos) = self.resident.iter().position(|r| r == name) {
             let r = self.resident.remove(pos);
             self.resident.push(r);
+            self.touch_cpu(name);
         } else {
+            disk = self.touch_cpu(name);
             if self.resident.len() >= self.max
                 && let Some(pos) = self.resident.iter().position(|r| self.used(r) == 0)
             {
@@ -189,6 +227,7 @@ impl LoraSlots {
             self.resident.push(name.clone());
         }
         *self.in_use.entry(name.clone()).or_insert(0) += 1;
+        disk
     }
 
     fn release(&mut self, name: &str) {
@@ -273,6 +312,7 @@ impl EngineState {
         let seed = config.seed.wrapping_add(index as u64);
         let mut lora = LoraSlots {
             max: config.max_loras,
+            cpu_max: config.max_cpu_loras,
             ..LoraSlots::default()
         };
         for name in &config.lora_modules {
@@ -281,8 +321,10 @@ impl EngineState {
                 lora.registered.push(name.clone());
                 // Preloaded adapters start resident in a slot, as if already used.
                 if lora.resident.len() < lora.max {
-                    lora.resident.push(name);
+                    lora.resident.push(name.clone());
                 }
+                // Registered at start-up is read at start-up (vLLM loads `--lora-modules`).
+                lora.touch_cpu(&name);
             }
         }
         Self {
@@ -418,8 +460,10 @@ impl EngineState {
                 }
                 let mut blocks = self.kv.take_hits(&seq.hashes[..hit]);
                 blocks.extend(self.kv.allocate(need).unwrap_or_default());
-                if let Some(l) = &seq.lora {
-                    self.lora.acquire(l);
+                if let Some(l) = &seq.lora
+                    && self.lora.acquire(l)
+                {
+                    work.lora_disk_loads += 1;
                 }
                 if needs_load {
                     work.lora_loads += 1;
@@ -795,7 +839,10 @@ impl Engine {
         if st.lora.registered.iter().any(|l| &**l == name) {
             return Err(LoraError::AlreadyLoaded(name.to_owned()));
         }
-        st.lora.registered.push(Arc::from(name));
+        let name: Arc<str> = Arc::from(name);
+        // vLLM reads a registered adapter into its CPU cache at once.
+        st.lora.touch_cpu(&name);
+        st.lora.registered.push(name);
         Ok(())
     }
 
@@ -820,6 +867,7 @@ impl Engine {
             return Err(LoraError::NotFound(name.to_owned()));
         };
         st.lora.registered.remove(pos);
+        st.lora.cpu.retain(|c| &**c != name);
         if st.lora.used(name) == 0 {
             st.lora.resident.retain(|l| &**l != name);
         }

@@ -254,6 +254,44 @@ async fn lora_slots_are_respected_and_loading_costs_time() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_adapter_out_of_the_cpu_cache_is_read_from_disk_again() {
+    // One slot, a CPU cache of two: a, b, c registered in that order; a holds the slot, so b
+    // is the one that fell out of the cache.
+    let config = Config {
+        max_loras: 1,
+        max_cpu_loras: 2,
+        lora_modules: vec!["a".into(), "b".into(), "c".into()],
+        ..Config::default()
+    };
+    let m = config.latency.clone();
+    let e = engine(config);
+    let run = |lora: &'static str, start: u32| {
+        let rx = e.submit(lora_req(tokens(start, 100), 1, lora)).unwrap();
+        async move { collect(rx).await.1 }
+    };
+    let a = run("a", 0).await;
+    assert_eq!(a.timing.ttft(), m.step_time(&work(&[(0, 100)], &[], 0)));
+    // c is in the cache: a slot swap only.
+    let c = run("c", 1000).await;
+    assert_eq!(
+        c.timing.first_token - c.timing.scheduled,
+        m.step_time(&work(&[(0, 100)], &[], 1))
+    );
+    // b is not: a swap and a read from disk.
+    let b = run("b", 2000).await;
+    let mut disk = work(&[(0, 100)], &[], 1);
+    disk.lora_disk_loads = 1;
+    assert_eq!(
+        b.timing.first_token - b.timing.scheduled,
+        m.step_time(&disk)
+    );
+    assert_eq!(
+        m.step_time(&disk),
+        m.step_time(&work(&[(0, 100)], &[], 1)) + m.lora_disk_load
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn two_slots_run_two_adapters_together() {
     let config = Config {
         max_loras: 2,

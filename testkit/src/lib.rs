@@ -145,6 +145,7 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        lora_placement: None,
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -10,6 +10,8 @@
 //!                               # Envoy restarted, pool-file churn, slow /metrics)
 //! scenario soak [--minutes 30]  # 80 % of capacity; EPP RSS/CPU every 10 s, bench/soak.svg
 //! scenario goodput  [--quick]   # highest rate within TTFT p90 ≤ 1 s, per workload and router
+//! scenario lora     [--quick]   # LoRA adapters, popularity shifting every 20 s: demand-driven
+//!                               # placement vs static placement vs the peers
 //! scenario tenants  [--quick]   # a batch flood (3× capacity) beside interactive traffic (20 %),
 //!                               # flow control on and off
 //! ```
@@ -21,7 +23,7 @@ use bench::harness::Tools;
 use bench::report::update_section;
 use bench::scenario::goodput::{self, GoodputCfg, Ladder};
 use bench::scenario::routing::{self, RoutingCfg, Sweep};
-use bench::scenario::{self, Router, chaos, overhead, scale, soak, tenants};
+use bench::scenario::{self, Router, chaos, lora, overhead, scale, soak, tenants};
 use bench::workload::{Kind, WorkloadArgs};
 use clap::{Parser, Subcommand};
 
@@ -75,6 +77,19 @@ enum Cmd {
         /// Minutes of soak.
         #[arg(long, default_value_t = 30.0)]
         minutes: f64,
+    },
+    /// LoRA adapters with shifting popularity (more adapters than slots, a new hot adapter
+    /// every 20 s): demand-driven placement vs static placement vs the peer routers.
+    Lora {
+        /// Setups: placement, static, and peers (sglang:POLICY, vllm:POLICY, smg:POLICY).
+        #[arg(long, value_delimiter = ',')]
+        setups: Option<Vec<String>>,
+        /// Rates (req/s).
+        #[arg(long, value_delimiter = ',')]
+        rates: Option<Vec<f64>>,
+        /// Seconds of arrivals per run.
+        #[arg(long)]
+        duration: Option<f64>,
     },
     /// Two tenants on one pool: A floods batch traffic at 3× capacity, B sends interactive
     /// traffic at 20 %; B's TTFT and A's throughput with flow control on and off.
@@ -412,6 +427,39 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 .map(|c| c.0.as_str())
                 .collect();
             anyhow::ensure!(failed.is_empty(), "soak verdicts failed: {failed:?}");
+        }
+        Cmd::Lora {
+            setups,
+            rates,
+            duration,
+        } => {
+            let mut cfg = if o.quick {
+                lora::LoraCfg::quick()?
+            } else {
+                lora::LoraCfg::full()?
+            };
+            if let Some(list) = setups {
+                cfg.setups = list
+                    .iter()
+                    .map(|s| lora::Setup::parse(s))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            if let Some(r) = rates {
+                cfg.rates = r.clone();
+            }
+            if let Some(d) = duration {
+                cfg.duration_s = *d;
+            }
+            let runs = lora::run(&tools, &cfg, &run_dir).await?;
+            std::fs::write(
+                raw.join("lora-shift.json"),
+                serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": runs}))?,
+            )?;
+            let md = format!("{header}\n{}", lora::markdown(&runs, &cfg));
+            eprintln!("{md}");
+            if write {
+                update_section(&results, "lora-shift", &md)?;
+            }
         }
         Cmd::Tenants {
             batch_ceiling,

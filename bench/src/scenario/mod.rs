@@ -5,6 +5,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod goodput;
+pub mod lora;
 pub mod overhead;
 pub mod routing;
 pub mod scale;

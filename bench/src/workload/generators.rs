@@ -338,6 +338,61 @@ impl Workload for Lora {
     }
 }
 
+/// `lora` with shifting popularity (`scenario lora`): [`Mixed`] traffic over `lora-0` …
+/// `lora-{N-1}` where a share `hot_share` of the requests goes to one hot adapter and the rest
+/// spreads uniformly over all of them; the hot adapter changes every `per_epoch` requests (at a
+/// Poisson rate λ, every `per_epoch / λ` seconds on average), stepping by `stride` so that
+/// consecutive hot adapters are not neighbours.
+pub struct ShiftingLora {
+    rng: SmallRng,
+    adapters: usize,
+    per_epoch: u64,
+    hot_share: f64,
+    stride: usize,
+    inner: Mixed,
+    n: u64,
+}
+
+impl ShiftingLora {
+    /// `adapters` adapters (at least 1), a new hot one every `per_epoch` requests.
+    pub fn new(
+        seed: u64,
+        adapters: usize,
+        per_epoch: u64,
+        hot_share: f64,
+        stride: usize,
+        inner: Mixed,
+    ) -> Self {
+        ShiftingLora {
+            rng: SmallRng::seed_from_u64(seed),
+            adapters: adapters.max(1),
+            per_epoch: per_epoch.max(1),
+            hot_share: hot_share.clamp(0.0, 1.0),
+            stride: stride.max(1),
+            inner,
+            n: 0,
+        }
+    }
+
+    /// The hot adapter of request number `n`.
+    pub fn hot(&self, n: u64) -> usize {
+        ((n / self.per_epoch) as usize * self.stride) % self.adapters
+    }
+}
+
+impl Workload for ShiftingLora {
+    fn next_request(&mut self) -> Request {
+        let k = if self.rng.random::<f64>() < self.hot_share {
+            self.hot(self.n)
+        } else {
+            self.rng.random_range(0..self.adapters)
+        };
+        self.n += 1;
+        let name = format!("lora-{k}");
+        self.inner.next_for(&name, name.clone())
+    }
+}
+
 /// `long-prompt`: streaming completions whose body is `bytes` long, unique per request (the
 /// prompt starts with the request number, so no two share even a first block).
 pub struct LongPrompt {
@@ -576,6 +631,20 @@ mod tests {
         for r in reqs.iter().take(20) {
             assert_eq!(count_tokens(&messages(r)[0].1), r.prompt_tokens as usize);
         }
+    }
+
+    #[test]
+    fn shifting_lora_moves_its_hot_adapter() {
+        let mut w = ShiftingLora::new(3, 16, 100, 0.5, 5, Mixed::new(3, 100.0, 0.5, 16.0, 0.3));
+        assert_eq!((w.hot(0), w.hot(99), w.hot(100), w.hot(200)), (0, 0, 5, 10));
+        let mut hits = [0usize; 2];
+        for i in 0..200 {
+            let r = w.next_request();
+            let hot = format!("lora-{}", if i < 100 { 0 } else { 5 });
+            hits[i / 100] += usize::from(r.key == hot);
+        }
+        // Half the requests plus the uniform share (1/16 of the rest) go to the hot one.
+        assert!(hits.iter().all(|&h| (40..=70).contains(&h)), "{hits:?}");
     }
 
     #[test]

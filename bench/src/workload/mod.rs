@@ -21,7 +21,7 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-pub use generators::{LongPrompt, Lora, Mixed, MultiTurn, SharedPrefix};
+pub use generators::{LongPrompt, Lora, Mixed, MultiTurn, SharedPrefix, ShiftingLora};
 
 /// The model every workload asks for (the simulator's default served name).
 pub const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";

@@ -17,7 +17,7 @@ use crate::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDete
 use crate::scheduling::plugins::compat;
 use crate::scheduling::plugins::cost::{LatencySloFilter, TtftCostProducer, TtftCostScorer};
 use crate::scheduling::plugins::filters::{
-    ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter,
+    ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, LoraAdapterFilter,
 };
 use crate::scheduling::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::scheduling::plugins::precise::PrecisePrefixCacheScorer;
@@ -161,6 +161,10 @@ pub static REGISTRY: &[Entry] = &[
         Role::Filter,
         |p| filter(LabelSelectorFilter::from_params(p)?),
     ),
+    Entry::new("lora-adapter-filter", Role::Filter, |p| {
+        p.none()?;
+        filter(LoraAdapterFilter { name: p.name() })
+    }),
     Entry::new("by-label", Role::Filter, |p| {
         filter(ByLabelFilter::from_params(p)?)
     }),

@@ -51,6 +51,29 @@ impl AddressMatcher {
     }
 }
 
+/// `lora-adapter-filter`: keeps the endpoints whose engine has the request's adapter
+/// registered, as the LoRA placement loop last listed them
+/// ([`crate::datastore::Endpoint::adapters`]); when no candidate has it (a base-model request,
+/// or an adapter not placed yet) every candidate passes. It needs the placement loop (the
+/// binary refuses it otherwise: without the lists it would do nothing).
+#[derive(Debug)]
+pub struct LoraAdapterFilter {
+    /// Configured name.
+    pub name: String,
+}
+plugin_named!(LoraAdapterFilter, "lora-adapter-filter");
+
+impl Filter for LoraAdapterFilter {
+    fn filter(&self, r: &InferenceRequest, _: &CycleState, c: Vec<Candidate>) -> Vec<Candidate> {
+        let target = r.target_model.as_str();
+        let holds = |cand: &Candidate| cand.endpoint.adapters().is_some_and(|a| a.contains(target));
+        if !c.iter().any(holds) {
+            return c;
+        }
+        c.into_iter().filter(holds).collect()
+    }
+}
+
 /// `header-based-testing-filter` (conformance only): keeps the endpoints named by the request
 /// header `test-epp-endpoint-selection`; without the header, nothing passes.
 #[derive(Debug)]
@@ -298,6 +321,35 @@ mod tests {
             AddressMatcher::parse_list("10.0.0.1, nonsense ,,10.0.0.2").len(),
             2
         );
+    }
+
+    #[test]
+    fn lora_adapter_filter_keeps_the_holders_or_everyone() {
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let f = LoraAdapterFilter { name: "l".into() };
+        let state = CycleState::new(tokio::time::Instant::now());
+        let req = InferenceRequest {
+            target_model: "ad".into(),
+            ..Default::default()
+        };
+        // Nothing listed (placement off): everyone.
+        assert_eq!(f.filter(&req, &state, c.clone()).len(), 3);
+        let listed = |names: &[&str]| {
+            Some(crate::lora::LoadedAdapters {
+                names: names.iter().map(|n| (*n).to_owned()).collect(),
+            })
+        };
+        c[0].endpoint.store_adapters(listed(&["other"]));
+        c[2].endpoint.store_adapters(listed(&["ad", "other"]));
+        let kept = f.filter(&req, &state, c.clone());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].endpoint.id, c[2].endpoint.id);
+        // An adapter nobody holds (or the base model): everyone.
+        let base = InferenceRequest {
+            target_model: "base".into(),
+            ..Default::default()
+        };
+        assert_eq!(f.filter(&base, &state, c).len(), 3);
     }
 
     #[test]

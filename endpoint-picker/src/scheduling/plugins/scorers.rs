@@ -113,7 +113,10 @@ impl Scorer for PrefixCacheScorer {
 
 /// `lora-affinity-scorer`: prefer endpoints where the target adapter is already loaded
 /// (1.0), then endpoints with a free adapter slot (0.8), then endpoints where it is queued for
-/// loading (0.6); 0 otherwise.
+/// loading (0.6); 0 otherwise. Where the LoRA placement loop lists the engine's registered
+/// adapters ([`crate::datastore::Endpoint::adapters`]), an endpoint that does not have the
+/// adapter scores 0 (vLLM answers 404 for an adapter it has not registered) and one that has
+/// it but runs none of its requests scores 0.8 (it may need a slot swap).
 #[derive(Debug)]
 pub struct LoraAffinityScorer {
     /// Configured name.
@@ -129,9 +132,12 @@ impl Scorer for LoraAffinityScorer {
             let active = m.active_models.iter().any(|a| a == target);
             let waiting = m.waiting_models.iter().any(|a| a == target);
             let used = m.active_models.len() + m.waiting_models.len();
+            let registered = c.endpoint.adapters().map(|a| a.contains(target));
             *s = if active {
                 1.0
-            } else if (used as u64) < u64::from(m.max_active_models) {
+            } else if registered == Some(false) {
+                0.0
+            } else if registered == Some(true) || (used as u64) < u64::from(m.max_active_models) {
                 0.8
             } else if waiting {
                 0.6
@@ -564,6 +570,17 @@ mod tests {
         };
         let s = run(&LoraAffinityScorer { name: "l".into() }, &req, &c);
         assert_eq!(s, vec![1.0, 0.8, 0.6, 0.0]);
+        // With the placement loop's lists: not registered is 0 whatever the free slots,
+        // registered and idle is 0.8 even without one.
+        let listed = |names: &[&str]| {
+            Some(crate::lora::LoadedAdapters {
+                names: names.iter().map(|n| (*n).to_owned()).collect(),
+            })
+        };
+        c[1].endpoint.store_adapters(listed(&["other"]));
+        c[3].endpoint.store_adapters(listed(&["x", "ad"]));
+        let s = run(&LoraAffinityScorer { name: "l".into() }, &req, &c);
+        assert_eq!(s, vec![1.0, 0.0, 0.6, 0.8]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use crate::config::Adapter;
+use super::config::Adapter;
 
 /// Deadline of one call (a load reads the adapter, which may take a while).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -51,6 +51,7 @@ impl EngineError {
 #[derive(Debug, Clone)]
 pub struct Engine {
     base: String,
+    timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -62,6 +63,9 @@ struct Models {
 #[derive(Deserialize)]
 struct Model {
     id: String,
+    /// The base model of an adapter; absent (or null) for a base model.
+    #[serde(default)]
+    parent: Option<String>,
 }
 
 fn excerpt(body: &[u8]) -> String {
@@ -75,6 +79,12 @@ fn excerpt(body: &[u8]) -> String {
 impl Engine {
     /// The engine at `host:port` (plain HTTP, as the sidecar talks to its own pod).
     pub fn new(host: &str, port: u16) -> Self {
+        Self::with_timeout(host, port, CALL_TIMEOUT)
+    }
+
+    /// The engine at `host:port`, each call bounded by `timeout` (the EPP's placement loop
+    /// must not wait on one engine for long).
+    pub fn with_timeout(host: &str, port: u16, timeout: Duration) -> Self {
         // An IPv6 literal needs brackets in a URL.
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
@@ -83,6 +93,7 @@ impl Engine {
         };
         Self {
             base: format!("http://{host}:{port}"),
+            timeout,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -125,9 +136,10 @@ impl Engine {
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(CALL_TIMEOUT, call)
+        let limit = self.timeout;
+        tokio::time::timeout(limit, call)
             .await
-            .map_err(|_| EngineError::Unavailable(format!("no answer within {CALL_TIMEOUT:?}")))?
+            .map_err(|_| EngineError::Unavailable(format!("no answer within {limit:?}")))?
     }
 
     /// `GET /health` answers 200.
@@ -140,6 +152,10 @@ impl Engine {
 
     /// The ids `GET /v1/models` lists (the base model and every loaded adapter).
     pub async fn models(&self) -> Result<BTreeSet<String>, EngineError> {
+        Ok(self.list().await?.into_iter().map(|m| m.id).collect())
+    }
+
+    async fn list(&self) -> Result<Vec<Model>, EngineError> {
         let (status, body) = self.call(http::Method::GET, "/v1/models", None).await?;
         if status != 200 {
             return Err(EngineError::Status {
@@ -151,7 +167,19 @@ impl Engine {
             status,
             message: format!("not a model list: {e}"),
         })?;
-        Ok(models.data.into_iter().map(|m| m.id).collect())
+        Ok(models.data)
+    }
+
+    /// The adapters `GET /v1/models` lists: the entries with a `parent` (vLLM lists each
+    /// registered adapter with its base model as parent, and base models without one).
+    pub async fn adapters(&self) -> Result<BTreeSet<String>, EngineError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|m| m.parent.is_some())
+            .map(|m| m.id)
+            .collect())
     }
 
     /// Loads `adapter`. An engine that says it has it already counts as success.

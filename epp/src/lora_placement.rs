@@ -1,0 +1,787 @@
+//! Demand-driven LoRA adapter placement (opt-in, `--lora-placement-config`; README "LoRA
+//! placement").
+//!
+//! A supervised loop. Every `--lora-placement-interval` it lists each serving endpoint's
+//! registered adapters (`GET /v1/models`, bounded), publishes the lists on the endpoints (the
+//! request path reads them: `lora-adapter-filter`, `lora-affinity-scorer`), folds the demand
+//! the director counted (requests routed per catalogue adapter, in flight per endpoint) into
+//! average rates, asks the pure plan (`endpoint_picker::lora::plan`) what to change, and calls
+//! the engines directly: `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` at the
+//! endpoint's own address.
+//!
+//! An unload is first taken out of the published list (new requests stop going there), then
+//! made only if, a moment later ([`UNLOAD_GRACE`]), no request of the EPP for that adapter is in
+//! flight there and the engine's scraped running and waiting lists do not name it; otherwise
+//! it is put back and retried on a later pass. An endpoint whose call fails is skipped, with a
+//! backoff doubling from the interval to [`MAX_BACKOFF`]. Nothing runs on the request path.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, Readiness};
+use endpoint_picker::lora::LoadedAdapters;
+use endpoint_picker::lora::config::{self as catalogue, Adapter, ConfigError, LoraConfig};
+use endpoint_picker::lora::demand::{LoraDemand, RateMeter};
+use endpoint_picker::lora::engine::Engine;
+use endpoint_picker::lora::plan::{self, Action, AdapterDemand, EndpointState, PlanConfig};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long an adapter is out of the published lists before it is unloaded: covers a request
+/// routed from the list read just before (routing and counting happen in one synchronous call,
+/// so microseconds would do; this is generous).
+pub const UNLOAD_GRACE: Duration = Duration::from_millis(200);
+/// Longest wait before an endpoint whose call failed is tried again.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Why placement could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    /// The catalogue file could not be read.
+    #[error("--lora-placement-config {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The catalogue is not a valid `vLLMLoRAConfig`.
+    #[error("--lora-placement-config {path}: {source}")]
+    Catalogue {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: ConfigError,
+    },
+    /// A setting is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the loop needs, checked at start-up.
+#[derive(Debug, Clone)]
+pub struct PlacementSettings {
+    /// The catalogue: adapters placed (`ensureExist`) and adapters unloaded wherever seen
+    /// (`ensureNotExist`); ids in both are neither.
+    pub catalogue: LoraConfig,
+    /// The decision's knobs.
+    pub plan: PlanConfig,
+    /// Time between passes.
+    pub interval: Duration,
+    /// Half-life of the demand average.
+    pub demand_half_life: Duration,
+    /// Adapters one endpoint may hold; `None`: the engine's `max_lora` as scraped.
+    pub max_adapters_per_endpoint: Option<usize>,
+    /// Deadline of one engine call (listing, loading, unloading).
+    pub call_timeout: Duration,
+}
+
+impl PlacementSettings {
+    /// Reads and checks the catalogue at `path` and the knobs.
+    pub fn load(path: &Path, mut settings: PlacementSettingsArgs) -> Result<Self, PlacementError> {
+        let shown = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|source| PlacementError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        if meta.len() > catalogue::MAX_FILE_BYTES as u64 {
+            return Err(PlacementError::Invalid(format!(
+                "--lora-placement-config {shown}: larger than {} bytes",
+                catalogue::MAX_FILE_BYTES
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| PlacementError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let parsed = catalogue::parse(&text, true).map_err(|source| PlacementError::Catalogue {
+            path: shown.clone(),
+            source,
+        })?;
+        if parsed.ensure_exist.is_empty() {
+            return Err(PlacementError::Invalid(format!(
+                "--lora-placement-config {shown}: ensureExist declares no adapter to place"
+            )));
+        }
+        settings.catalogue = Some(parsed);
+        settings.check()
+    }
+}
+
+/// The knobs as given (flags), before [`PlacementSettings::load`] checks them.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementSettingsArgs {
+    /// Filled by [`PlacementSettings::load`] (or by tests).
+    pub catalogue: Option<LoraConfig>,
+    /// `--lora-placement-interval`.
+    pub interval: Duration,
+    /// `--lora-placement-min-dwell`.
+    pub min_dwell: Duration,
+    /// `--lora-placement-max-changes`.
+    pub max_changes: usize,
+    /// `--lora-placement-band`.
+    pub band: f64,
+    /// `--lora-placement-min-rate`.
+    pub min_rate: f64,
+    /// `--lora-placement-demand-half-life`.
+    pub demand_half_life: Duration,
+    /// `--lora-placement-max-adapters-per-endpoint` (0: the scraped `max_lora`).
+    pub max_adapters_per_endpoint: usize,
+    /// `--lora-placement-call-timeout`.
+    pub call_timeout: Duration,
+}
+
+impl PlacementSettingsArgs {
+    /// Range checks; the catalogue must be set.
+    pub fn check(self) -> Result<PlacementSettings, PlacementError> {
+        let bad = |m: String| Err(PlacementError::Invalid(m));
+        let Some(catalogue) = self.catalogue else {
+            return bad("no LoRA catalogue".into());
+        };
+        if self.interval < Duration::from_millis(100) {
+            return bad("--lora-placement-interval must be at least 100ms".into());
+        }
+        if self.call_timeout.is_zero() {
+            return bad("--lora-placement-call-timeout must be positive".into());
+        }
+        if self.demand_half_life.is_zero() {
+            return bad("--lora-placement-demand-half-life must be positive".into());
+        }
+        if self.max_changes == 0 || self.max_changes > 1_000 {
+            return bad("--lora-placement-max-changes must be in 1..=1000".into());
+        }
+        if !(0.0..=1.0).contains(&self.band) {
+            return bad(format!(
+                "--lora-placement-band {} must be in [0, 1] (replicas)",
+                self.band
+            ));
+        }
+        if !(self.min_rate.is_finite() && self.min_rate > 0.0) {
+            return bad("--lora-placement-min-rate must be positive".into());
+        }
+        if self.max_adapters_per_endpoint > catalogue::MAX_ADAPTERS {
+            return bad(format!(
+                "--lora-placement-max-adapters-per-endpoint must be at most {}",
+                catalogue::MAX_ADAPTERS
+            ));
+        }
+        Ok(PlacementSettings {
+            catalogue,
+            plan: PlanConfig {
+                min_dwell: self.min_dwell,
+                max_changes: self.max_changes,
+                band: self.band,
+                min_rate: self.min_rate,
+            },
+            interval: self.interval,
+            demand_half_life: self.demand_half_life,
+            max_adapters_per_endpoint: (self.max_adapters_per_endpoint > 0)
+                .then_some(self.max_adapters_per_endpoint),
+            call_timeout: self.call_timeout,
+        })
+    }
+}
+
+/// Placement and `lora-adapter-filter` go together: the filter reads the lists only the
+/// placement loop makes, and requests must reach the replicas placement loaded. `Err` names
+/// what is missing.
+pub fn check_profiles(
+    config: &endpoint_picker::config::LoadedConfig,
+    placement: bool,
+) -> Result<(), String> {
+    let filter = config.scheduler.profiles().iter().any(|p| {
+        p.filters
+            .iter()
+            .any(|f| f.type_name() == "lora-adapter-filter")
+    });
+    match (placement, filter) {
+        (true, false) => Err(
+            "--lora-placement-config needs a scheduling profile with lora-adapter-filter \
+             (README \"LoRA placement\"): without it requests for an adapter go to replicas \
+             that do not have it"
+                .into(),
+        ),
+        (false, true) => Err(
+            "lora-adapter-filter needs --lora-placement-config (only the placement loop lists \
+             the engines' adapters; without it the filter would do nothing)"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `action, result` of an engine call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `load` or `unload`.
+    pub action: &'static str,
+    /// `success`, `error`, or (unloads) `busy`: requests came, the adapter stayed.
+    pub result: &'static str,
+}
+
+/// `adapter`: a catalogue adapter (the label set is the catalogue, at most
+/// [`catalogue::MAX_ADAPTERS`] names the operator wrote).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdapterLabels {
+    /// The adapter.
+    pub adapter: String,
+}
+
+/// The families [`PlacementMetrics::register`] adds, with their types.
+pub const FAMILIES: &[(&str, &str)] = &[
+    ("inference_extension_lora_placement_passes", "counter"),
+    ("inference_extension_lora_placement_actions", "counter"),
+    (
+        "inference_extension_lora_placement_engine_errors",
+        "counter",
+    ),
+    (
+        "inference_extension_lora_placement_desired_replicas",
+        "gauge",
+    ),
+    ("inference_extension_lora_placement_replicas", "gauge"),
+];
+
+/// The placement's metrics.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementMetrics {
+    /// Passes run.
+    pub passes: Counter,
+    /// Engine calls that load or unload, by result.
+    pub actions: Family<ActionLabels, Counter>,
+    /// Adapter listings that failed (the endpoint is skipped for a while).
+    pub engine_errors: Counter,
+    /// Replicas each adapter should be on.
+    pub desired: Family<AdapterLabels, Gauge>,
+    /// Replicas each adapter is on, as listed.
+    pub actual: Family<AdapterLabels, Gauge>,
+}
+
+impl PlacementMetrics {
+    /// Registers the families of [`FAMILIES`].
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "inference_extension_lora_placement_passes",
+            "LoRA placement passes run",
+            self.passes.clone(),
+        );
+        r.register(
+            "inference_extension_lora_placement_actions",
+            "LoRA adapter loads and unloads asked of engines, by result",
+            self.actions.clone(),
+        );
+        r.register(
+            "inference_extension_lora_placement_engine_errors",
+            "Engine adapter listings that failed (the endpoint is skipped with a backoff)",
+            self.engine_errors.clone(),
+        );
+        r.register(
+            "inference_extension_lora_placement_desired_replicas",
+            "Replicas each catalogue adapter should be loaded on, from its demand",
+            self.desired.clone(),
+        );
+        r.register(
+            "inference_extension_lora_placement_replicas",
+            "Replicas each catalogue adapter is loaded on, as the engines list them",
+            self.actual.clone(),
+        );
+    }
+
+    fn action(&self, action: &'static str, result: &'static str) {
+        self.actions
+            .get_or_create(&ActionLabels { action, result })
+            .inc();
+    }
+}
+
+/// What one pass did (for tests and logs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PassReport {
+    /// Endpoints whose adapters were listed.
+    pub listed: usize,
+    /// Replicas wanted per adapter.
+    pub desired: BTreeMap<String, usize>,
+    /// Actions carried out, with their result.
+    pub done: Vec<(Action, &'static str)>,
+}
+
+/// The placement loop's state across passes (a restarted task starts afresh: dwell times
+/// start again, which only delays changes).
+#[derive(Debug)]
+pub struct LoopState {
+    meter: RateMeter,
+    previous: BTreeMap<String, usize>,
+    /// When each (endpoint, adapter) was first listed or loaded.
+    since: HashMap<(EndpointId, String), Instant>,
+    /// Failed endpoints: consecutive failures and when to try again.
+    backoff: HashMap<EndpointId, (u32, Instant)>,
+}
+
+/// The placement: catalogue, demand counters, and the loop.
+#[derive(Debug)]
+pub struct Placement {
+    settings: PlacementSettings,
+    adapters: BTreeMap<String, Adapter>,
+    forbidden: BTreeSet<String>,
+    demand: Arc<LoraDemand>,
+    datastore: Arc<Datastore>,
+    metrics: PlacementMetrics,
+}
+
+impl Placement {
+    /// The placement over `datastore`'s endpoints.
+    pub fn new(
+        settings: PlacementSettings,
+        datastore: Arc<Datastore>,
+        metrics: PlacementMetrics,
+    ) -> Self {
+        let c = &settings.catalogue;
+        let adapters: BTreeMap<String, Adapter> = c
+            .ensure_exist
+            .iter()
+            .filter(|(id, _)| !c.conflicts.contains(*id))
+            .map(|(id, a)| (id.clone(), a.clone()))
+            .collect();
+        let forbidden = c
+            .ensure_not_exist
+            .keys()
+            .filter(|id| !c.conflicts.contains(*id))
+            .cloned()
+            .collect();
+        for id in &c.conflicts {
+            tracing::warn!(adapter = %id, "in both ensureExist and ensureNotExist: neither placed nor removed");
+        }
+        let demand = Arc::new(LoraDemand::new(adapters.keys().cloned()));
+        Self {
+            settings,
+            adapters,
+            forbidden,
+            demand,
+            datastore,
+            metrics,
+        }
+    }
+
+    /// The demand counters, for the director ([`endpoint_picker::director::Director::set_lora_demand`]).
+    pub fn demand(&self) -> Arc<LoraDemand> {
+        self.demand.clone()
+    }
+
+    /// A fresh loop state.
+    pub fn state(&self) -> LoopState {
+        LoopState {
+            meter: RateMeter::new(self.settings.demand_half_life),
+            previous: BTreeMap::new(),
+            since: HashMap::new(),
+            backoff: HashMap::new(),
+        }
+    }
+
+    /// Runs passes every interval until `token` is cancelled. A long-lived task: run it under
+    /// the supervisor.
+    pub async fn run(self: Arc<Self>, token: CancellationToken) {
+        let mut state = self.state();
+        let mut tick = tokio::time::interval(self.settings.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = token.cancelled() => return,
+                report = self.pass(&mut state) => {
+                    if !report.done.is_empty() {
+                        tracing::debug!(?report.done, "LoRA placement pass");
+                    }
+                }
+            }
+        }
+    }
+
+    fn engine(&self, e: &Endpoint) -> Engine {
+        let addr = e.spec.address;
+        Engine::with_timeout(
+            &addr.ip().to_string(),
+            addr.port(),
+            self.settings.call_timeout,
+        )
+    }
+
+    /// One pass: list, plan, act.
+    pub async fn pass(&self, st: &mut LoopState) -> PassReport {
+        self.metrics.passes.inc();
+        let now = Instant::now();
+        let snapshot = self.datastore.snapshot();
+        let live: BTreeSet<EndpointId> = snapshot.endpoints.iter().map(|e| e.id).collect();
+        st.backoff.retain(|id, _| live.contains(id));
+        st.since.retain(|(id, _), _| live.contains(id));
+
+        // 1. What each usable endpoint holds.
+        let mut listing = JoinSet::new();
+        for e in &snapshot.endpoints {
+            let usable = matches!(
+                e.metrics().readiness,
+                Readiness::Serving | Readiness::Unknown
+            ) && st.backoff.get(&e.id).is_none_or(|(_, at)| *at <= now);
+            if !usable {
+                e.store_adapters(None);
+                continue;
+            }
+            let (e, engine) = (e.clone(), self.engine(e));
+            listing.spawn(async move {
+                let r = engine.adapters().await;
+                (e, r)
+            });
+        }
+        let mut listed: Vec<(Arc<Endpoint>, BTreeSet<String>)> = Vec::new();
+        while let Some(joined) = listing.join_next().await {
+            let Ok((e, r)) = joined else { continue };
+            match r {
+                Ok(names) => {
+                    st.backoff.remove(&e.id);
+                    e.store_adapters(Some(LoadedAdapters {
+                        names: names.clone(),
+                    }));
+                    listed.push((e, names));
+                }
+                Err(err) => {
+                    self.metrics.engine_errors.inc();
+                    let delay = self.failed(st, e.id, now);
+                    tracing::warn!(endpoint = %e.spec.name, error = %err, retry_in = ?delay, "LoRA placement: listing adapters failed; endpoint skipped");
+                    e.store_adapters(None);
+                }
+            }
+        }
+        listed.sort_by_key(|(e, _)| e.id);
+        for (e, names) in &listed {
+            st.since
+                .retain(|(id, a), _| *id != e.id || names.contains(a));
+            for a in names {
+                st.since.entry((e.id, a.clone())).or_insert(now);
+            }
+        }
+
+        // 2. Demand.
+        let totals = self.demand.totals();
+        let rates = st.meter.update(now, &totals).to_vec();
+        let in_flight = self.demand.in_flight_all();
+        let demand: Vec<AdapterDemand> = self
+            .demand
+            .names()
+            .iter()
+            .zip(&rates)
+            .map(|(name, &rate)| AdapterDemand {
+                name: name.clone(),
+                rate,
+                in_flight: in_flight
+                    .iter()
+                    .filter(|(a, _, _)| a == name)
+                    .map(|(_, _, n)| u64::from(*n))
+                    .sum(),
+            })
+            .collect();
+
+        // 3. The plan.
+        let endpoints: Vec<EndpointState> = listed
+            .iter()
+            .map(|(e, names)| {
+                let m = e.metrics();
+                let mut busy: BTreeSet<String> = m
+                    .active_models
+                    .iter()
+                    .chain(&m.waiting_models)
+                    .cloned()
+                    .collect();
+                busy.extend(
+                    in_flight
+                        .iter()
+                        .filter(|(_, id, _)| *id == e.id)
+                        .map(|(a, _, _)| a.clone()),
+                );
+                EndpointState {
+                    id: e.id,
+                    capacity: self
+                        .settings
+                        .max_adapters_per_endpoint
+                        .unwrap_or(m.max_active_models as usize),
+                    loaded: names
+                        .iter()
+                        .map(|a| {
+                            let since = st.since.get(&(e.id, a.clone())).copied().unwrap_or(now);
+                            (a.clone(), since)
+                        })
+                        .collect(),
+                    busy,
+                }
+            })
+            .collect();
+        let decided = plan::plan(
+            &self.settings.plan,
+            now,
+            &demand,
+            &self.forbidden,
+            &endpoints,
+            &st.previous,
+        );
+        st.previous = decided.desired.clone();
+        for (adapter, want) in &decided.desired {
+            let on = listed.iter().filter(|(_, n)| n.contains(adapter)).count();
+            let labels = AdapterLabels {
+                adapter: adapter.clone(),
+            };
+            self.metrics
+                .desired
+                .get_or_create(&labels)
+                .set(*want as i64);
+            self.metrics.actual.get_or_create(&labels).set(on as i64);
+        }
+
+        // 4. The changes: endpoints in parallel, each one's actions in order (an unload makes
+        //    the room its load needs).
+        let mut per_endpoint: BTreeMap<EndpointId, Vec<Action>> = BTreeMap::new();
+        for a in decided.actions {
+            let id = match &a {
+                Action::Load { endpoint, .. } | Action::Unload { endpoint, .. } => *endpoint,
+            };
+            per_endpoint.entry(id).or_default().push(a);
+        }
+        let mut work = JoinSet::new();
+        for (id, actions) in per_endpoint {
+            let Some((e, names)) = listed.iter().find(|(e, _)| e.id == id).cloned() else {
+                continue;
+            };
+            let job = EndpointJob {
+                engine: self.engine(&e),
+                endpoint: e,
+                names,
+                adapters: self.adapters.clone(),
+                demand: self.demand.clone(),
+                metrics: self.metrics.clone(),
+            };
+            work.spawn(job.run(actions));
+        }
+        let mut report = PassReport {
+            listed: listed.len(),
+            desired: decided.desired,
+            done: Vec::new(),
+        };
+        while let Some(joined) = work.join_next().await {
+            let Ok((id, done, failed)) = joined else {
+                continue;
+            };
+            for (action, result) in &done {
+                match (action, *result) {
+                    (Action::Load { adapter, .. }, "success") => {
+                        st.since.insert((id, adapter.clone()), now);
+                    }
+                    (Action::Unload { adapter, .. }, "success") => {
+                        st.since.remove(&(id, adapter.clone()));
+                    }
+                    _ => {}
+                }
+            }
+            if failed {
+                self.failed(st, id, now);
+            }
+            report.done.extend(done);
+        }
+        report.done.sort();
+        report
+    }
+
+    /// Counts a failure of `id`; returns the delay before it is tried again.
+    fn failed(&self, st: &mut LoopState, id: EndpointId, now: Instant) -> Duration {
+        let failures = st.backoff.get(&id).map_or(0, |(n, _)| *n) + 1;
+        let delay = self
+            .settings
+            .interval
+            .saturating_mul(1u32 << failures.min(16))
+            .min(MAX_BACKOFF);
+        st.backoff.insert(id, (failures, now + delay));
+        delay
+    }
+}
+
+/// One endpoint's share of a pass: its actions, in order, stopping at the first that fails.
+struct EndpointJob {
+    endpoint: Arc<Endpoint>,
+    engine: Engine,
+    names: BTreeSet<String>,
+    adapters: BTreeMap<String, Adapter>,
+    demand: Arc<LoraDemand>,
+    metrics: PlacementMetrics,
+}
+
+impl EndpointJob {
+    fn publish(&self) {
+        self.endpoint.store_adapters(Some(LoadedAdapters {
+            names: self.names.clone(),
+        }));
+    }
+
+    fn busy(&self, adapter: &str) -> bool {
+        let m = self.endpoint.metrics();
+        self.demand.in_flight(adapter, self.endpoint.id) > 0
+            || m.active_models.iter().any(|a| a == adapter)
+            || m.waiting_models.iter().any(|a| a == adapter)
+    }
+
+    /// Returns the endpoint, what was done (with results) and whether a call failed.
+    async fn run(
+        mut self,
+        actions: Vec<Action>,
+    ) -> (EndpointId, Vec<(Action, &'static str)>, bool) {
+        let name = self.endpoint.spec.name.clone();
+        let mut done = Vec::new();
+        for action in actions {
+            match &action {
+                Action::Unload { adapter, .. } => {
+                    // Out of the list first: new requests go elsewhere.
+                    self.names.remove(adapter);
+                    self.publish();
+                    tokio::time::sleep(UNLOAD_GRACE).await;
+                    if self.busy(adapter) {
+                        self.names.insert(adapter.clone());
+                        self.publish();
+                        self.metrics.action("unload", "busy");
+                        tracing::info!(endpoint = %name, %adapter, "LoRA placement: unload put off, requests are running");
+                        done.push((action, "busy"));
+                        break;
+                    }
+                    match self.engine.unload(adapter).await {
+                        Ok(()) => {
+                            self.metrics.action("unload", "success");
+                            tracing::info!(endpoint = %name, %adapter, "LoRA placement: adapter unloaded");
+                            done.push((action, "success"));
+                        }
+                        Err(err) => {
+                            self.names.insert(adapter.clone());
+                            self.publish();
+                            self.metrics.action("unload", "error");
+                            tracing::warn!(endpoint = %name, %adapter, error = %err, "LoRA placement: unload failed");
+                            done.push((action, "error"));
+                            return (self.endpoint.id, done, true);
+                        }
+                    }
+                }
+                Action::Load { adapter, .. } => {
+                    let Some(spec) = self.adapters.get(adapter) else {
+                        break;
+                    };
+                    match self.engine.load(spec).await {
+                        Ok(()) => {
+                            self.names.insert(adapter.clone());
+                            self.publish();
+                            self.metrics.action("load", "success");
+                            tracing::info!(endpoint = %name, %adapter, "LoRA placement: adapter loaded");
+                            done.push((action, "success"));
+                        }
+                        Err(err) => {
+                            self.metrics.action("load", "error");
+                            tracing::warn!(endpoint = %name, %adapter, error = %err, "LoRA placement: load failed");
+                            done.push((action, "error"));
+                            return (self.endpoint.id, done, true);
+                        }
+                    }
+                }
+            }
+        }
+        (self.endpoint.id, done, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_list_matches_the_registry() {
+        let mut registry = Registry::default();
+        let m = PlacementMetrics::default();
+        m.register(&mut registry);
+        m.passes.inc();
+        m.engine_errors.inc();
+        m.action("load", "success");
+        let labels = AdapterLabels {
+            adapter: "a".into(),
+        };
+        m.desired.get_or_create(&labels).set(1);
+        m.actual.get_or_create(&labels).set(1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        crate::metrics::tests::assert_registered_families_are(&text, FAMILIES);
+    }
+
+    fn args() -> PlacementSettingsArgs {
+        PlacementSettingsArgs {
+            catalogue: Some(
+                catalogue::parse(
+                    "vLLMLoRAConfig:\n  ensureExist:\n    models:\n    - {id: a, source: org/a}\n",
+                    true,
+                )
+                .unwrap(),
+            ),
+            interval: Duration::from_secs(1),
+            min_dwell: Duration::from_secs(10),
+            max_changes: 4,
+            band: 0.25,
+            min_rate: 0.01,
+            demand_half_life: Duration::from_secs(10),
+            max_adapters_per_endpoint: 0,
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(args().check().is_ok());
+        for broken in [
+            PlacementSettingsArgs {
+                interval: Duration::from_millis(10),
+                ..args()
+            },
+            PlacementSettingsArgs {
+                max_changes: 0,
+                ..args()
+            },
+            PlacementSettingsArgs {
+                band: 2.0,
+                ..args()
+            },
+            PlacementSettingsArgs {
+                min_rate: 0.0,
+                ..args()
+            },
+            PlacementSettingsArgs {
+                catalogue: None,
+                ..args()
+            },
+        ] {
+            assert!(broken.check().is_err());
+        }
+        let dir = std::env::temp_dir().join(format!("lora-placement-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.yaml");
+        std::fs::write(&empty, "vLLMLoRAConfig:\n  name: x\n").unwrap();
+        assert!(matches!(
+            PlacementSettings::load(&empty, args()),
+            Err(PlacementError::Invalid(_))
+        ));
+        assert!(matches!(
+            PlacementSettings::load(&dir.join("missing.yaml"), args()),
+            Err(PlacementError::Read { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
