@@ -239,8 +239,10 @@ fn note_lag(lagged: &AtomicU64, n: u64) {
     );
 }
 
-/// Appends `e`, extending the last event when `e` continues it.
-fn push(events: &mut Vec<Event>, e: KvEvent, block_size: u32) {
+/// Appends `e` to a batch being built, extending the last event when `e` continues it (a run
+/// of one sequence's stored blocks, a run of evictions), as the publisher batches an engine
+/// step. Public for the what-if, which feeds the EPP's index the batches a publisher would send.
+pub fn push(events: &mut Vec<Event>, e: KvEvent, block_size: u32) {
     match e {
         KvEvent::BlockStored {
             hash,

@@ -12,6 +12,10 @@ pub mod replay;
 pub mod report;
 pub mod trace;
 
+/// `--config precise`: the `balanced` profile with `precise-prefix-cache-scorer` (fed by the
+/// engines' KV events) in place of the approximate prefix scorer, and a token producer.
+pub const PRECISE_PROFILE: &str = include_str!("precise.yaml");
+
 /// What can go wrong before or during a replay.
 #[derive(Debug, thiserror::Error)]
 pub enum WhatIfError {

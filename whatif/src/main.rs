@@ -9,7 +9,7 @@ use anyhow::Context;
 use bench::workload::WorkloadArgs;
 use clap::Parser;
 use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL, REFERENCE_DEFAULT};
-use whatif::replay::{self, Autoscale, ReplayCfg, ScaleMetric, ScrapePath};
+use whatif::replay::{self, Autoscale, KvEventFeed, ReplayCfg, ScaleMetric, ScrapePath};
 use whatif::report::{self, Slo};
 use whatif::trace;
 
@@ -20,7 +20,8 @@ use whatif::trace;
 )]
 struct Args {
     /// A routing config to compare: `balanced` (what `epp` runs given no config),
-    /// `reference-default`, `cost-model` (the shipped profiles) or `NAME=PATH` (an
+    /// `reference-default`, `cost-model` (the shipped profiles), `precise` (`balanced` with
+    /// `precise-prefix-cache-scorer` fed by the engines' KV events) or `NAME=PATH` (an
     /// EndpointPickerConfig file). Repeat to compare several.
     #[arg(long = "config", default_values_t = ["balanced".to_owned()])]
     configs: Vec<String>,
@@ -65,6 +66,15 @@ struct Args {
     /// How old a scrape is when the EPP reads it, ms.
     #[arg(long, default_value_t = 0)]
     scrape_latency_ms: u64,
+    /// For configs with `precise-prefix-cache-scorer`: from the end of the engine step that made
+    /// a batch of KV events to the EPP's index applying it, ms.
+    #[arg(long, default_value_t = 5.0)]
+    kv_event_lag_ms: f64,
+    /// Share of KV-event batches lost on the way (0–1; a ZMQ subscriber past its high-water
+    /// mark): the EPP sees a gap, clears the endpoint and scores it from the approximate index
+    /// for 30 s. Seeded by `--replay-seed`.
+    #[arg(long, default_value_t = 0.0)]
+    kv_event_drop: f64,
     /// KV-cache blocks per replica (16 tokens each).
     #[arg(long, default_value_t = 27_000)]
     kv_blocks: usize,
@@ -120,10 +130,12 @@ fn config_text(spec: &str) -> anyhow::Result<(String, String)> {
         "reference-default" => ("reference-default".into(), REFERENCE_DEFAULT.into()),
         "balanced" => ("balanced".into(), BALANCED_PREFIX.into()),
         "cost-model" => ("cost-model".into(), COST_MODEL.into()),
+        "precise" => ("precise".into(), whatif::PRECISE_PROFILE.into()),
         other => {
             let (name, path) = other.split_once('=').with_context(|| {
                 format!(
-                    "--config {other}: expected balanced, reference-default, cost-model or NAME=PATH"
+                    "--config {other}: expected balanced, reference-default, cost-model, precise \
+                     or NAME=PATH"
                 )
             })?;
             let text = std::fs::read_to_string(path)
@@ -148,6 +160,8 @@ fn main() -> anyhow::Result<()> {
         scrape_interval_ms,
         scrape_latency_ms,
         scrape_path,
+        kv_event_lag_ms,
+        kv_event_drop,
         kv_blocks,
         max_num_seqs,
         max_loras,
@@ -215,6 +229,18 @@ fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(
+        kv_event_lag_ms.is_finite() && kv_event_lag_ms >= 0.0,
+        "--kv-event-lag-ms must be ≥ 0"
+    );
+    anyhow::ensure!(
+        kv_event_drop.is_finite() && (0.0..=1.0).contains(&kv_event_drop),
+        "--kv-event-drop must be 0 to 1"
+    );
+    let kv_events = KvEventFeed {
+        lag: Duration::from_secs_f64(kv_event_lag_ms / 1e3),
+        drop_rate: kv_event_drop,
+    };
+    anyhow::ensure!(
         scrape_interval_ms > 0,
         "--scrape-interval-ms must be positive"
     );
@@ -272,6 +298,19 @@ fn main() -> anyhow::Result<()> {
         .map(|spec| config_text(spec))
         .collect::<anyhow::Result<Vec<_>>>()?
     {
+        if let Ok(loaded) = endpoint_picker::config::load(&config, replay_seed)
+            && !loaded.precise_producers.is_empty()
+            && !matches!(
+                loaded.token_producer.as_ref().map(|t| &t.backend),
+                Some(endpoint_picker::tokens::Backend::Local(_))
+            )
+        {
+            eprintln!(
+                "whatif: {name}: precise-prefix-cache-scorer without a `local` token-producer: \
+                 as in the EPP, requests carry no token ids and every endpoint is scored from \
+                 the approximate index"
+            );
+        }
         for (policy, autoscale) in &policies {
             let label = if one_policy && autoscale.is_none() {
                 name.clone()
@@ -297,16 +336,19 @@ fn main() -> anyhow::Result<()> {
             _ => None,
         };
         let rate_schedule = schedule.clone().unwrap_or_else(|| vec![(0.0, rate)]);
-        let requests = || -> anyhow::Result<Box<dyn Iterator<Item = trace::TraceRequest> + '_>> {
-            let scaled = move |mut r: trace::TraceRequest| {
-                r.at /= load_factor;
-                r
+        let requests =
+            || -> anyhow::Result<Box<dyn Iterator<Item = trace::TraceRequest> + Send + '_>> {
+                let scaled = move |mut r: trace::TraceRequest| {
+                    r.at /= load_factor;
+                    r
+                };
+                Ok(match &file {
+                    Some(f) => Box::new(f.iter().cloned().map(scaled)),
+                    None => {
+                        Box::new(trace::arrivals(&workload, &rate_schedule, duration)?.map(scaled))
+                    }
+                })
             };
-            Ok(match &file {
-                Some(f) => Box::new(f.iter().cloned().map(scaled)),
-                None => Box::new(trace::arrivals(&workload, &rate_schedule, duration)?.map(scaled)),
-            })
-        };
         match &file {
             Some(f) => eprintln!("whatif: {}", trace::describe(f)),
             None => eprintln!(
@@ -331,6 +373,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     ScrapePath::Text
                 },
+                kv_events,
             };
             let wall = std::time::Instant::now();
             let run = replay::run_stream(&cfg, requests()?)?;

@@ -8,7 +8,14 @@
 //! The EPP's view is modelled as in production: engine state as of its last scrape (the
 //! engine's Prometheus text, rendered by the simulator and read by the EPP's own mapping),
 //! optionally delayed by a scrape latency; its own in-flight counts and prefix index, exact
-//! and current, as the director keeps them.
+//! and current, as the director keeps them; and, for `precise-prefix-cache-scorer`, the
+//! engines' own KV-cache events, delivered to its index after a lag ([`KvEventFeed`]).
+//!
+//! Token ids: with a `token-producer` of the `local` backend declared (as the EPP needs one to
+//! give the precise scorer ids), each request carries the ids the simulated engine computes
+//! for it (the simulator's built-in tokenizer, the same function on both sides; the tokenizer
+//! path of the config is not loaded). Tokenizing takes no virtual time and never misses its
+//! deadline; a prompt over the producer's `maxPromptBytes` routes without ids, as in the EPP.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,13 +25,21 @@ use std::time::Duration;
 use endpoint_picker::config;
 use endpoint_picker::datastore::{Datastore, EndpointSpec, EngineMetrics, PoolSpec, Readiness};
 use endpoint_picker::director::Director;
+use endpoint_picker::kv_index::{SharedKvIndex, StreamState};
 use endpoint_picker::request::{Api, InferenceRequest};
 use endpoint_picker::scrape::engine::EngineMapping;
+use endpoint_picker::tokens::Backend;
 use ext_proc::openai;
 use ext_proc::protocol::{FAIRNESS_ID, OBJECTIVE, SLO_TPOT_MS, SLO_TTFT_MS};
+use kv_events::EventBatch;
+use kv_events::codec::MAX_EVENTS_PER_BATCH;
 use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use sim::kv_cache::KvEvent;
 use sim::{Engine, EngineEvent, FinishReason, SubmitRequest};
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -52,6 +67,35 @@ pub struct ReplayCfg {
     pub autoscale: Option<Autoscale>,
     /// How the EPP reads an engine's state.
     pub scrape_path: ScrapePath,
+    /// How the engines' KV-cache events reach the EPP's precise index (only read when the
+    /// config has a `precise-prefix-cache-scorer`).
+    pub kv_events: KvEventFeed,
+}
+
+/// How the engines' KV-cache events reach the EPP's precise index. Each engine's events of one
+/// step form a batch, as the simulator's publisher makes them (`sim::kv_publish`); a batch is
+/// applied `lag` after its step, in order per engine. A share `drop_rate` of batches is lost on
+/// the way (a ZMQ subscriber past its high-water mark), drawn from the replay's seed. The EPP
+/// sees a loss as a sequence gap at the engine's next batch and, without a replay socket,
+/// answers it as in production: it clears the endpoint's entries and scores that endpoint from
+/// the approximate index for `kv_index::GAP_FALLBACK` (30 s).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct KvEventFeed {
+    /// From the end of the engine step that made a batch to the EPP applying it.
+    pub lag: Duration,
+    /// Share of batches lost, 0 to 1.
+    pub drop_rate: f64,
+}
+
+impl Default for KvEventFeed {
+    /// 5 ms: vLLM publishes a step's events from a background thread at the step's end, and
+    /// the EPP's subscriber applies them on arrival; a few milliseconds on a pod network.
+    fn default() -> Self {
+        Self {
+            lag: Duration::from_millis(5),
+            drop_rate: 0.0,
+        }
+    }
 }
 
 /// How a scrape turns an engine's state into what the EPP sees.
@@ -170,6 +214,24 @@ pub struct RunResult {
     pub replica_seconds: f64,
     /// (virtual second, replicas in the pool, replicas starting) at every change.
     pub timeline: Vec<(f64, usize, usize)>,
+    /// What the engines' KV events did to the EPP's precise index (zero without one).
+    pub kv_events: KvEventCounts,
+}
+
+/// The KV-event path's work over a replay, summed over engines (and precise indexes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KvEventCounts {
+    /// Batches applied.
+    pub batches: u64,
+    /// Batches lost (`drop_rate`, or a collector behind its engine's ring).
+    pub lost: u64,
+    /// Events that changed the index.
+    pub applied: u64,
+    /// Events the index could not use (unknown parent or block, e.g. after a gap cleared the
+    /// endpoint); none in a replay without losses.
+    pub unusable: u64,
+    /// Gaps the EPP answered by clearing an endpoint.
+    pub gaps: u64,
 }
 
 /// Replays `trace` under `cfg` on a fresh virtual-time runtime.
@@ -177,18 +239,81 @@ pub fn run(cfg: &ReplayCfg, trace: &[TraceRequest]) -> Result<RunResult, WhatIfE
     run_stream(cfg, trace.iter().cloned())
 }
 
+/// Requests handed from the preparing thread to the replay at once: one wake-up of the other
+/// thread per chunk, not per request (a futex call per request was 4 % of the replay).
+const PREPARED_CHUNK: usize = 64;
+/// Chunks prepared ahead of the replay, at most: with [`PREPARED_CHUNK`], bounds the preparing
+/// thread's lead to 1,024 requests (a few MB of bodies and token ids).
+const PREPARED_AHEAD: usize = 16;
+
 /// [`run`] over requests made as the replay reaches them (in arrival order): memory holds the
 /// requests in flight and one outcome per request, whatever the trace's length.
+///
+/// A second thread makes the requests and does the work that depends on nothing but each
+/// request (making the workload's text, parsing the body as the EPP and the engine do, the
+/// engine's tokenizing), a bounded number of requests ahead, while the replay runs on this one:
+/// the same work in the same order, so the result is the same as on one thread.
 pub fn run_stream(
     cfg: &ReplayCfg,
-    trace: impl Iterator<Item = TraceRequest>,
+    trace: impl Iterator<Item = TraceRequest> + Send,
 ) -> Result<RunResult, WhatIfError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .map_err(WhatIfError::Runtime)?;
-    rt.block_on(replay(cfg, trace))
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(PREPARED_AHEAD);
+        scope.spawn(move || {
+            let mut trace = trace.peekable();
+            while trace.peek().is_some() {
+                let chunk: Vec<Prepared> = trace
+                    .by_ref()
+                    .take(PREPARED_CHUNK)
+                    .map(Prepared::new)
+                    .collect();
+                // The replay stopped early (an error): so does the preparing.
+                if tx.send(chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        rt.block_on(replay(cfg, rx.into_iter().flatten()))
+    })
+}
+
+/// A trace request with what depends only on it done ahead of time.
+struct Prepared {
+    req: TraceRequest,
+    api: Api,
+    /// The body as the EPP parses it.
+    parsed: Result<openai::ParsedBody, String>,
+    /// The prompt's ids as the engine computes them.
+    prompt: Result<Vec<u32>, String>,
+}
+
+impl Prepared {
+    fn new(req: TraceRequest) -> Self {
+        let api = if req.path.ends_with("chat/completions") {
+            Api::ChatCompletions
+        } else {
+            Api::Completions
+        };
+        let parsed = openai::parse_body(api, &req.body).map_err(|e| e.to_string());
+        // Only a body the EPP accepts reaches the engine.
+        let prompt = match &parsed {
+            Ok(_) => serde_json::from_slice(&req.body)
+                .map_err(|e| e.to_string())
+                .and_then(|v| sim::prompt_ids(&v)),
+            Err(e) => Err(e.clone()),
+        };
+        Self {
+            req,
+            api,
+            parsed,
+            prompt,
+        }
+    }
 }
 
 struct Pool {
@@ -196,6 +321,13 @@ struct Pool {
     engine_cfg: Arc<sim::Config>,
     base_model: String,
     replicas: Mutex<Replicas>,
+    /// The precise indexes the engines' KV events feed (empty: no engine publishes).
+    kv_indexes: Arc<[Arc<SharedKvIndex>]>,
+    kv_feed: KvEventFeed,
+    /// `Some(maxPromptBytes)` when requests carry token ids (a `local` token producer).
+    token_ids: Option<usize>,
+    seed: u64,
+    kv_counts: Arc<Mutex<KvEventCounts>>,
 }
 
 /// Every replica ever started, which are in the pool, and what they cost. Locked briefly,
@@ -223,10 +355,12 @@ impl Pool {
     /// Starts replica `i`'s engine (paid from now).
     fn start(&self, r: &mut Replicas) -> Result<usize, WhatIfError> {
         let i = r.engines.len();
-        r.engines.push(
-            Engine::spawn(self.engine_cfg.clone(), i)
-                .map_err(|e| WhatIfError::Config(e.to_string()))?,
-        );
+        let engine = Engine::spawn(self.engine_cfg.clone(), i)
+            .map_err(|e| WhatIfError::Config(e.to_string()))?;
+        if !self.kv_indexes.is_empty() {
+            feed_kv_events(self, i, engine.subscribe_kv_events());
+        }
+        r.engines.push(engine);
         r.by_address.insert(address_of(i), i);
         r.paid.push((Instant::now(), None));
         Ok(i)
@@ -254,6 +388,17 @@ impl Pool {
             endpoints,
         });
         self.director.pool_changed();
+        if !self.kv_indexes.is_empty() {
+            // Each endpoint's subscriber connects as discovery lists it.
+            let snapshot = self.director.datastore().snapshot();
+            for index in self.kv_indexes.iter() {
+                for e in &snapshot.endpoints {
+                    if index.stream(e.id) == StreamState::Unknown {
+                        index.set_stream(e.id, StreamState::Live);
+                    }
+                }
+            }
+        }
         let t = start.elapsed().as_secs_f64();
         let entry = (t, r.in_pool.len(), r.starting);
         r.timeline.push(entry);
@@ -270,7 +415,7 @@ impl Pool {
 
 async fn replay(
     cfg: &ReplayCfg,
-    trace: impl Iterator<Item = TraceRequest>,
+    trace: impl Iterator<Item = Prepared>,
 ) -> Result<RunResult, WhatIfError> {
     if cfg.replicas == 0 || cfg.replicas > 65_536 {
         return Err(WhatIfError::Config(format!(
@@ -292,6 +437,22 @@ async fn replay(
             "autoscaling needs 1 ≤ min ≤ max ≤ 65536, a positive target and period: {a:?}"
         )));
     }
+    let feed = cfg.kv_events;
+    if !(feed.drop_rate.is_finite() && (0.0..=1.0).contains(&feed.drop_rate)) {
+        return Err(WhatIfError::Config(format!(
+            "the KV-event drop rate must be 0 to 1, not {}",
+            feed.drop_rate
+        )));
+    }
+    let kv_indexes: Arc<[Arc<SharedKvIndex>]> = loaded
+        .precise_producers
+        .iter()
+        .map(|p| p.index().clone())
+        .collect();
+    let token_ids = match loaded.token_producer.as_ref().map(|t| &t.backend) {
+        Some(Backend::Local(local)) => Some(local.max_prompt_bytes),
+        Some(Backend::Estimate) | None => None,
+    };
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore, Arc::new(loaded), cfg.seed));
     let pool = Arc::new(Pool {
@@ -299,6 +460,11 @@ async fn replay(
         engine_cfg: Arc::new(cfg.engine.clone()),
         base_model: cfg.engine.model.clone(),
         replicas: Mutex::new(Replicas::default()),
+        kv_indexes,
+        kv_feed: feed,
+        token_ids,
+        seed: cfg.seed,
+        kv_counts: Arc::default(),
     });
     let start = Instant::now();
     {
@@ -334,21 +500,21 @@ async fn replay(
     let mut running = JoinSet::new();
     let mut outcomes = Vec::new();
     let mut last = 0.0f64;
-    for (index, req) in trace.enumerate() {
-        if req.at.is_nan() || req.at < last {
+    for (index, prepared) in trace.enumerate() {
+        let at = prepared.req.at;
+        if at.is_nan() || at < last {
             return Err(WhatIfError::Trace(format!(
-                "request {index} arrives at {} s, before the previous one ({last} s)",
-                req.at
+                "request {index} arrives at {at} s, before the previous one ({last} s)"
             )));
         }
-        last = req.at;
+        last = at;
         // Collect what has finished, so that a long replay holds only what is in flight.
         while let Some(done) = running.try_join_next() {
             outcomes.push(done.map_err(|e| WhatIfError::Task(e.to_string()))?);
         }
-        tokio::time::sleep_until(start + Duration::from_secs_f64(req.at)).await;
+        tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
         let pool = pool.clone();
-        running.spawn(async move { one(&pool, index, &req, start).await });
+        running.spawn(async move { one(&pool, index, prepared, start).await });
     }
     while let Some(done) = running.join_next().await {
         outcomes.push(done.map_err(|e| WhatIfError::Task(e.to_string()))?);
@@ -376,7 +542,110 @@ async fn replay(
         virtual_seconds: start.elapsed().as_secs_f64(),
         replica_seconds,
         timeline: r.timeline.clone(),
+        kv_events: *pool.kv_counts.lock(),
     })
+}
+
+/// What travels from an engine's event collector to its subscriber.
+enum Feed {
+    /// Events were lost before this point (a dropped batch, or the collector fell behind the
+    /// engine's ring): the next batch shows a sequence gap.
+    Lost,
+    /// A batch, made at this instant.
+    Batch(Instant, EventBatch),
+}
+
+/// Starts replica `i`'s KV-event path: a collector that turns each engine step's events into
+/// one batch (as the simulator's publisher does) and drops a share of them, and a subscriber
+/// that applies each batch to every precise index `lag` after it was made, in order. Both end
+/// with the engine (its event channel closes).
+fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEvent>) {
+    let (tx, mut batches) = mpsc::unbounded_channel::<Feed>();
+    let block_size = u32::try_from(pool.engine_cfg.block_size).unwrap_or(u32::MAX);
+    let drop_rate = pool.kv_feed.drop_rate;
+    let mut rng = SmallRng::seed_from_u64(
+        pool.seed ^ 0x6b76_6576_656e_7473 ^ (replica as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    tokio::spawn(async move {
+        loop {
+            let mut events = Vec::new();
+            let mut lost = false;
+            match rx.recv().await {
+                Ok(e) => sim::kv_publish::push(&mut events, e, block_size),
+                Err(broadcast::error::RecvError::Lagged(_)) => lost = true,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+            // What is queued already: the rest of the step.
+            while events.len() < MAX_EVENTS_PER_BATCH {
+                match rx.try_recv() {
+                    Ok(e) => sim::kv_publish::push(&mut events, e, block_size),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => lost = true,
+                    Err(_) => break,
+                }
+            }
+            if lost && tx.send(Feed::Lost).is_err() {
+                return;
+            }
+            if events.is_empty() {
+                continue;
+            }
+            let msg = if drop_rate > 0.0 && rng.random_bool(drop_rate) {
+                Feed::Lost
+            } else {
+                Feed::Batch(
+                    Instant::now(),
+                    EventBatch {
+                        ts: 0.0,
+                        events,
+                        data_parallel_rank: Some(0),
+                    },
+                )
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    });
+    let datastore = pool.director.datastore().clone();
+    let indexes = pool.kv_indexes.clone();
+    let model = pool.base_model.clone();
+    let lag = pool.kv_feed.lag;
+    let address = address_of(replica);
+    let counts = pool.kv_counts.clone();
+    tokio::spawn(async move {
+        let mut gap = false;
+        while let Some(msg) = batches.recv().await {
+            let (made, batch) = match msg {
+                Feed::Lost => {
+                    counts.lock().lost += 1;
+                    gap = true;
+                    continue;
+                }
+                Feed::Batch(made, batch) => (made, batch),
+            };
+            let due = made + lag;
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
+            // Outside the pool (removed by the autoscaler), no subscriber listens.
+            let Some(id) = datastore.snapshot().by_address(&address).map(|e| e.id) else {
+                continue;
+            };
+            let now = Instant::now();
+            let mut c = counts.lock();
+            c.batches += 1;
+            c.gaps += u64::from(gap);
+            for index in indexes.iter() {
+                if gap {
+                    index.gap(id, now);
+                }
+                let applied = index.apply(id, &model, &batch, now);
+                c.applied += u64::from(applied.applied);
+                c.unusable += u64::from(applied.dropped_total());
+            }
+            gap = false;
+        }
+    });
 }
 
 /// Scrapes every engine: its Prometheus text through the EPP's vLLM mapping, stored after
@@ -482,7 +751,13 @@ async fn autoscale(pool: &Arc<Pool>, policy: Autoscale, start: Instant) -> Resul
     }
 }
 
-async fn one(pool: &Pool, index: usize, req: &TraceRequest, start: Instant) -> Outcome {
+async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> Outcome {
+    let Prepared {
+        req,
+        api,
+        parsed,
+        prompt,
+    } = prepared;
     let arrival = Instant::now();
     let header = |names: &[&str]| {
         req.headers
@@ -514,12 +789,7 @@ async fn one(pool: &Pool, index: usize, req: &TraceRequest, start: Instant) -> O
         error: None,
         key: req.key.clone(),
     };
-    let api = if req.path.ends_with("chat/completions") {
-        Api::ChatCompletions
-    } else {
-        Api::Completions
-    };
-    let parsed = match openai::parse_body(api, &req.body) {
+    let parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
             out.error = Some(format!("400: {e}"));
@@ -541,9 +811,15 @@ async fn one(pool: &Pool, index: usize, req: &TraceRequest, start: Instant) -> O
         max_tokens: parsed.max_tokens,
         slo_ttft: slo_ttft.map(Duration::from_secs_f64),
         slo_tpot: slo_tpot.map(Duration::from_secs_f64),
-        headers: req.headers.clone(),
+        headers: req.headers,
         ..Default::default()
     };
+    // The engine's ids go to the scheduler too when the token producer would hand them over.
+    if let (Some(max_bytes), Ok(ids)) = (pool.token_ids, &prompt)
+        && request.prompt.len() <= max_bytes
+    {
+        request.token_ids = Some(Arc::from(ids.as_slice()));
+    }
     pool.director.resolve(&mut request, None);
     let mut routed = match pool.director.route(&request, None, false) {
         Ok(r) => r,
@@ -561,10 +837,7 @@ async fn one(pool: &Pool, index: usize, req: &TraceRequest, start: Instant) -> O
         return out;
     };
     out.replica = Some(replica);
-    let prompt = match serde_json::from_slice(&req.body)
-        .map_err(|e| e.to_string())
-        .and_then(|v| sim::prompt_ids(&v))
-    {
+    let prompt = match prompt {
         Ok(p) => p,
         Err(e) => {
             out.error = Some(format!("engine 400: {e}"));

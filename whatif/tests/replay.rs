@@ -25,6 +25,7 @@ fn cfg(name: &str, config: &str, replicas: usize) -> ReplayCfg {
         seed: 1,
         autoscale: None,
         scrape_path: whatif::replay::ScrapePath::Text,
+        kv_events: Default::default(),
     }
 }
 
@@ -264,4 +265,61 @@ fn the_direct_scrape_equals_the_text_scrape() {
         let direct = whatif::replay::direct_metrics(&engine, s);
         assert_eq!(via_text, direct, "{text}");
     }
+}
+
+/// The precise scorer, fed by the engines' own KV events: with a short lag it places requests
+/// as well as the EPP's approximate index (the hit rate is within 3 points); with a lag as long
+/// as the replay its index is empty when it matters, and the hit rate falls.
+#[test]
+fn precise_routing_from_kv_events_matches_the_approximate_index_and_suffers_from_lag() {
+    use endpoint_picker::config::profiles::BALANCED_PREFIX;
+    use whatif::replay::KvEventFeed;
+    // 16 system prompts over 4 replicas: routing that ignores prefixes pays a cold prefill
+    // for most (prompt, replica) pairs; affinity pays one per prompt.
+    let args = WorkloadArgs {
+        workload: Kind::SharedPrefix,
+        groups: 16,
+        system_tokens: 2000,
+        question_tokens: 200,
+        output_tokens: 16,
+        ..WorkloadArgs::default()
+    };
+    let requests = trace::from_workload(&args, 8.0, 20.0).unwrap();
+    let slo = Slo {
+        ttft: 1.0,
+        tpot: None,
+    };
+    let hit = |name: &str, config: &str, lag_ms: u64, drop_rate: f64| {
+        let mut c = cfg(name, config, 4);
+        c.kv_events = KvEventFeed {
+            lag: Duration::from_millis(lag_ms),
+            drop_rate,
+        };
+        let run = replay::run(&c, &requests).unwrap();
+        assert!(run.outcomes.iter().all(|o| o.error.is_none()), "{name}");
+        (report::summarise(&run, 0.0, slo).hit_rate, run.kv_events)
+    };
+    let (approx, none) = hit("balanced", BALANCED_PREFIX, 5, 0.0);
+    assert_eq!(none, Default::default(), "no precise scorer, no events");
+    let (precise, counts) = hit("precise", whatif::PRECISE_PROFILE, 5, 0.0);
+    assert!(counts.batches > 0 && counts.applied > 0, "{counts:?}");
+    assert_eq!(
+        (counts.lost, counts.unusable, counts.gaps),
+        (0, 0, 0),
+        "every event of every engine is usable: {counts:?}"
+    );
+    assert!(
+        (precise - approx).abs() <= 0.03,
+        "precise {precise:.3} vs approximate {approx:.3}"
+    );
+    let (late, _) = hit("precise", whatif::PRECISE_PROFILE, 30_000, 0.0);
+    assert!(
+        late < precise - 0.05,
+        "a 30 s lag: {late:.3} vs {precise:.3} at 5 ms"
+    );
+    // Lost batches are gaps: the endpoint is cleared and scored from the approximate index.
+    let (_, lossy) = hit("precise", whatif::PRECISE_PROFILE, 5, 0.2);
+    assert!(lossy.lost > 0 && lossy.gaps > 0, "{lossy:?}");
+    // Same seed, same losses.
+    assert_eq!(hit("precise", whatif::PRECISE_PROFILE, 5, 0.2).1, lossy);
 }
