@@ -653,10 +653,13 @@ fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEve
 fn scrape_all(pool: &Arc<Pool>, cfg: &ReplayCfg, latency: Duration) {
     let mapping = EngineMapping::vllm();
     let snapshot = pool.director.datastore().snapshot();
+    // One lock for the whole pass (nothing else runs meanwhile: one thread, no await).
+    let replicas = pool.lock();
     for endpoint in snapshot.endpoints.iter() {
-        let Some(engine) = pool
-            .index_of(&endpoint.spec.address)
-            .and_then(|i| pool.engine(i))
+        let Some(engine) = replicas
+            .by_address
+            .get(&endpoint.spec.address)
+            .and_then(|&i| replicas.engines.get(i))
         else {
             continue;
         };

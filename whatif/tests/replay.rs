@@ -323,3 +323,17 @@ fn precise_routing_from_kv_events_matches_the_approximate_index_and_suffers_from
     // Same seed, same losses.
     assert_eq!(hit("precise", whatif::PRECISE_PROFILE, 5, 0.2).1, lossy);
 }
+
+/// A replay's whole result, serialized, is the same run to run, whether the trace is handed
+/// over as a slice or streamed (the requests are prepared on a second thread either way), with
+/// the KV-event path and its seeded losses on.
+#[test]
+fn a_replay_is_byte_identical_run_to_run() {
+    let requests = shared_prefix();
+    let mut c = cfg("precise", whatif::PRECISE_PROFILE, 4);
+    c.kv_events.drop_rate = 0.05;
+    let a = serde_json::to_string(&replay::run(&c, &requests).unwrap()).unwrap();
+    let b = serde_json::to_string(&replay::run_stream(&c, requests.into_iter()).unwrap()).unwrap();
+    assert_eq!(a, b);
+    assert!(a.contains("\"lost\":"), "the KV-event counts are part of the result");
+}
