@@ -335,5 +335,8 @@ fn a_replay_is_byte_identical_run_to_run() {
     let a = serde_json::to_string(&replay::run(&c, &requests).unwrap()).unwrap();
     let b = serde_json::to_string(&replay::run_stream(&c, requests.into_iter()).unwrap()).unwrap();
     assert_eq!(a, b);
-    assert!(a.contains("\"lost\":"), "the KV-event counts are part of the result");
+    assert!(
+        a.contains("\"lost\":"),
+        "the KV-event counts are part of the result"
+    );
 }
