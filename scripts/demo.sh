@@ -286,15 +286,25 @@ route "$MODEL_B *" "$MODEL_B" "$POOL_B" 200 -H "x-gateway-base-model-name: $MODE
 
 echo
 # ---- GET /v1/models (issue 17 item 2) -------------------------------------------------------
-# Every model and adapter behind the gateway. Until bbr answers GET /v1/models itself, the
-# request has no body, so no model header, and Envoy's last route answers 404; the call is
-# tolerant and shows whatever came back.
-echo "==> GET $URL/v1/models (the models behind the gateway):"
+# Every model and adapter behind the gateway, answered by bbr itself at the request headers
+# (bbr/README.md: a GET has no body to route on, and only the router knows every pool's
+# models). Checked: both base models and both adapters are listed.
+echo "==> GET $URL/v1/models (answered by bbr: every model behind the gateway):"
 status=$(curl -s -o "$RUN/models.json" -w '%{http_code}' "$URL/v1/models")
-if [ "$status" = "200" ] && ids=$(python3 -c 'import json,sys; print(", ".join(m["id"] for m in json.load(open(sys.argv[1]))["data"]))' "$RUN/models.json" 2>/dev/null); then
-    echo "   200: $ids"
+if [ "$status" = "200" ] && ids=$(python3 -c '
+import json, sys
+for m in json.load(open(sys.argv[1]))["data"]:
+    print("%-34s %s" % (m["id"], "adapter of " + m["parent"] if m.get("parent") else "base model"))' "$RUN/models.json" 2>/dev/null); then
+    echo "$ids" | sed 's/^/   /'
+    for m in "$MODEL" "$MODEL_B" $ADAPTERS; do
+        if ! awk -v m="$m" '$1 == m { found = 1 } END { exit !found }' <<<"$ids"; then
+            echo "   ^ $m is not listed" >&2
+            failures=$((failures + 1))
+        fi
+    done
 else
-    echo "   $status: $(head -c 160 "$RUN/models.json") (not answered by the gateway yet)"
+    echo "   $status: $(head -c 160 "$RUN/models.json")" >&2
+    failures=$((failures + 1))
 fi
 # ---- end of GET /v1/models -----------------------------------------------------------------
 
