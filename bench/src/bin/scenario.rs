@@ -4,6 +4,8 @@
 //! ```text
 //! scenario routing  [--quick]   # Envoy RR / LR, Switchyard, sglang-router, vllm-router
 //! scenario overhead [--quick]   # Envoy -> backend vs Envoy -> Switchyard -> backend
+//! scenario overhead --bbr       # only the body-based router's hop: Envoy -> Switchyard vs
+//!                               # Envoy -> bbr -> Switchyard (a few minutes)
 //! scenario scale    [--quick]   # 1,000 endpoints: idle CPU, memory, decision time
 //! scenario all      [--quick]   # all three; rewrites bench/RESULTS.md and the plots
 //! scenario chaos    [--quick]   # faults one at a time (replica killed/hung/loading, EPP and
@@ -57,7 +59,12 @@ enum Cmd {
     /// Routing quality sweep.
     Routing(RoutingOpts),
     /// EPP overhead at several body sizes and answer lengths, on both response paths.
-    Overhead,
+    Overhead {
+        /// Only the body-based router's hop: Envoy + EPP vs Envoy + BBR + EPP (RESULTS.md
+        /// section `overhead-bbr`; a few minutes).
+        #[arg(long)]
+        bbr: bool,
+    },
     /// Idle cost and decision time at 100 and 1,000 endpoints.
     Scale {
         /// Pool sizes, each measured in turn (comma-separated).
@@ -340,7 +347,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     match &o.cmd {
         Cmd::Routing(r) => do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?,
         Cmd::Goodput(g) => do_goodput(&tools, g, o.quick, &run_dir, &repo, &header, write).await?,
-        Cmd::Overhead => {
+        Cmd::Overhead { bbr: true } => {
+            do_overhead_bbr(&tools, o.quick, &run_dir, &raw, &results, &header, write).await?;
+        }
+        Cmd::Overhead { bbr: false } => {
             let res = overhead::run(&tools, o.quick, &run_dir).await?;
             std::fs::write(raw.join("overhead.json"), serde_json::to_vec_pretty(&res)?)?;
             let md = format!("{header}\n{}", overhead::markdown(&res));
@@ -371,6 +381,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                     &format!("{header}\n{}", overhead::markdown(&res)),
                 )?;
             }
+            do_overhead_bbr(&tools, o.quick, &run_dir, &raw, &results, &header, write).await?;
             let mut res = Vec::new();
             for n in [100, 1000] {
                 res.push(scale::run(&tools, n, o.quick, &run_dir).await?);
@@ -678,6 +689,29 @@ async fn do_routing(
             std::fs::write(repo.join("bench").join(file), svg)?;
         }
         update_section(&repo.join("bench/RESULTS.md"), "routing", &md)?;
+    }
+    Ok(())
+}
+
+/// `overhead --bbr`: the body-based router's hop, into RESULTS.md's `overhead-bbr` section.
+async fn do_overhead_bbr(
+    tools: &Tools,
+    quick: bool,
+    run_dir: &std::path::Path,
+    raw: &std::path::Path,
+    results: &std::path::Path,
+    header: &str,
+    write: bool,
+) -> anyhow::Result<()> {
+    let res = overhead::run_bbr(tools, quick, run_dir).await?;
+    std::fs::write(
+        raw.join("overhead-bbr.json"),
+        serde_json::to_vec_pretty(&res)?,
+    )?;
+    let md = format!("{header}\n{}", overhead::markdown_bbr(&res));
+    eprintln!("{md}");
+    if write {
+        update_section(results, "overhead-bbr", &md)?;
     }
     Ok(())
 }

@@ -497,6 +497,54 @@ pub async fn start_switchyard_pool(
     extra_args: &[&str],
     response_path: ResponsePath,
 ) -> anyhow::Result<RouterUp> {
+    let EppUp {
+        proc: epp,
+        grpc,
+        metrics_url,
+    } = start_epp(tools, config, pool_file, dir, extra_args).await?;
+    let template = response_path.apply(&std::fs::read_to_string(
+        tools
+            .repo
+            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
+    )?);
+    let (admin, listen) = (free_port()?, free_port()?);
+    let envoy_cfg = harness::render(
+        &template,
+        &[
+            ("LISTEN_PORT", listen.to_string()),
+            ("ADMIN_PORT", admin.to_string()),
+            ("EPP_HOST", "127.0.0.1".into()),
+            ("EPP_PORT", grpc.to_string()),
+            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
+        ],
+    )?;
+    let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
+    Ok(RouterUp {
+        url: format!("http://127.0.0.1:{listen}"),
+        procs: vec![envoy, epp],
+        epp: Some(1),
+        epp_metrics: Some(metrics_url),
+    })
+}
+
+/// A running `epp` (plaintext ext_proc, no metrics auth).
+pub struct EppUp {
+    /// The process.
+    pub proc: Proc,
+    /// Its ext_proc port on 127.0.0.1.
+    pub grpc: u16,
+    /// Its `/metrics` URL.
+    pub metrics_url: String,
+}
+
+/// Starts an `epp` on the pool file's text and waits for its metrics endpoint.
+pub async fn start_epp(
+    tools: &Tools,
+    config: Option<&str>,
+    pool_file: String,
+    dir: &Path,
+    extra_args: &[&str],
+) -> anyhow::Result<EppUp> {
     let pool = dir.join("pool.yaml");
     std::fs::write(&pool, pool_file)?;
     let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
@@ -523,28 +571,10 @@ pub async fn start_switchyard_pool(
     wait_http(&metrics_url, None, Duration::from_secs(30))
         .await
         .with_context(|| format!("epp not up; see {}", epp.log.display()))?;
-    let template = response_path.apply(&std::fs::read_to_string(
-        tools
-            .repo
-            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
-    )?);
-    let (admin, listen) = (free_port()?, free_port()?);
-    let envoy_cfg = harness::render(
-        &template,
-        &[
-            ("LISTEN_PORT", listen.to_string()),
-            ("ADMIN_PORT", admin.to_string()),
-            ("EPP_HOST", "127.0.0.1".into()),
-            ("EPP_PORT", grpc.to_string()),
-            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
-        ],
-    )?;
-    let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
-    Ok(RouterUp {
-        url: format!("http://127.0.0.1:{listen}"),
-        procs: vec![envoy, epp],
-        epp: Some(1),
-        epp_metrics: Some(metrics_url),
+    Ok(EppUp {
+        proc: epp,
+        grpc,
+        metrics_url,
     })
 }
 
