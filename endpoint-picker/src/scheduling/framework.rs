@@ -213,6 +213,13 @@ pub trait Filter: Plugin {
         state: &CycleState,
         candidates: Vec<Candidate>,
     ) -> Vec<Candidate>;
+
+    /// Whether the filter can remove anything for this request (by default it can). One that
+    /// cannot is not run, and a profile none of whose filters apply scores the shared
+    /// candidate list instead of a copy of it.
+    fn applies_to(&self, _request: &InferenceRequest, _state: &CycleState) -> bool {
+        true
+    }
 }
 
 /// Scores candidates in `[0, 1]`; higher is better.

@@ -287,24 +287,28 @@ impl Scheduler {
         all: &[Candidate],
         explain: bool,
     ) -> Result<ProfileResult, ScheduleError> {
-        // Filters take and return owned lists; a profile without filters scores the shared
-        // list as it is, without cloning every candidate.
+        // Filters take and return owned lists; a profile without a filter that applies to
+        // this request scores the shared list as it is, without cloning every candidate.
         let filtered: Vec<Candidate>;
-        let candidates: &[Candidate] = if profile.filters.is_empty() {
-            all
-        } else {
-            let mut kept = all.to_vec();
-            for filter in &profile.filters {
-                kept = self.timed(ExtensionPoint::Filter, filter.as_ref(), || {
-                    filter.filter(request, state, kept)
-                });
-                if kept.is_empty() {
-                    return Err(ScheduleError::AllFiltered(profile.name.clone()));
+        let candidates: &[Candidate] =
+            if !profile.filters.iter().any(|f| f.applies_to(request, state)) {
+                all
+            } else {
+                let mut kept = all.to_vec();
+                for filter in &profile.filters {
+                    if !filter.applies_to(request, state) {
+                        continue;
+                    }
+                    kept = self.timed(ExtensionPoint::Filter, filter.as_ref(), || {
+                        filter.filter(request, state, kept)
+                    });
+                    if kept.is_empty() {
+                        return Err(ScheduleError::AllFiltered(profile.name.clone()));
+                    }
                 }
-            }
-            filtered = kept;
-            &filtered
-        };
+                filtered = kept;
+                &filtered
+            };
         let n = candidates.len();
         let mut totals = vec![0.0f64; n];
         let mut scratch = vec![0.0f64; n];
@@ -478,6 +482,43 @@ mod tests {
             Some(4),
             "4 blocks recorded once"
         );
+    }
+
+    /// The cost model's `latency-slo-filter` runs only for requests with a latency objective:
+    /// without one it could not remove anything, and skipping it spares a copy of every
+    /// candidate.
+    #[tokio::test(start_paused = true)]
+    async fn a_filter_that_cannot_apply_is_not_run() {
+        let c = crate::config::load(crate::config::profiles::COST_MODEL, 1).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        assert!(c.scheduler.set_observer(recorder.clone()));
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(2));
+        let cands: Vec<_> = snap.endpoints.iter().cloned().map(Candidate::new).collect();
+        let filtered = |req: &InferenceRequest| {
+            recorder.calls.lock().clear();
+            let mut state = CycleState::new(tokio::time::Instant::now());
+            c.scheduler.produce(req, &cands, &mut state);
+            let r = c.scheduler.schedule(req, &state, &cands, false).unwrap();
+            assert_eq!(r.primary_targets().len(), 1);
+            recorder
+                .calls
+                .lock()
+                .iter()
+                .filter(|c| c.0 == ExtensionPoint::Filter)
+                .count()
+        };
+        let plain = InferenceRequest {
+            target_model: "m".into(),
+            prompt: bytes::Bytes::from("p".repeat(256)),
+            ..Default::default()
+        };
+        assert_eq!(filtered(&plain), 0);
+        let with_slo = InferenceRequest {
+            slo_ttft: Some(Duration::from_millis(500)),
+            ..plain.clone()
+        };
+        assert_eq!(filtered(&with_slo), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -266,6 +266,10 @@ impl Plugin for LatencySloFilter {
 }
 
 impl Filter for LatencySloFilter {
+    fn applies_to(&self, request: &InferenceRequest, state: &CycleState) -> bool {
+        state.costs.is_some() && (request.slo_ttft.is_some() || request.slo_tpot.is_some())
+    }
+
     fn filter(
         &self,
         request: &InferenceRequest,
