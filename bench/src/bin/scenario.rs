@@ -431,13 +431,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             } else {
                 std::fs::write(run_dir.join(plot), soak::plot(&res))?;
             }
-            let failed: Vec<&str> = res
-                .checks
-                .iter()
-                .filter(|c| !c.1)
-                .map(|c| c.0.as_str())
-                .collect();
-            anyhow::ensure!(failed.is_empty(), "soak verdicts failed: {failed:?}");
+            ensure_verdicts("soak", &res.checks)?;
         }
         Cmd::Lora {
             setups,
@@ -496,13 +490,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             if write {
                 update_section(&results, "tenants", &md)?;
             }
-            let failed: Vec<&str> = res
-                .checks
-                .iter()
-                .filter(|c| !c.1)
-                .map(|c| c.0.as_str())
-                .collect();
-            anyhow::ensure!(failed.is_empty(), "tenants verdicts failed: {failed:?}");
+            ensure_verdicts("tenants", &res.checks)?;
         }
         Cmd::Backend { .. }
         | Cmd::Replot { .. }
@@ -513,6 +501,17 @@ async fn run(o: Opts) -> anyhow::Result<()> {
 }
 
 /// The routing presets: the full sweep, or `--quick`.
+/// Fails naming every verdict of `scenario` that did not pass.
+fn ensure_verdicts(scenario: &str, checks: &[(String, bool)]) -> anyhow::Result<()> {
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.1)
+        .map(|c| c.0.as_str())
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "{scenario} verdicts failed: {failed:?}");
+    Ok(())
+}
+
 fn routing_cfg(r: &RoutingOpts, quick: bool) -> anyhow::Result<RoutingCfg> {
     let parse = |names: &[&str]| -> anyhow::Result<Vec<Router>> {
         names.iter().map(|s| Router::parse(s)).collect()

@@ -185,12 +185,9 @@ async fn measure(
     ))
 }
 
-/// Runs the scenario.
-pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<OverheadResult> {
-    let dir = dir.join("overhead");
-    std::fs::create_dir_all(&dir)?;
-    let (_backend, addrs) = start_backend(1, &dir)?;
-    let sizes: [(usize, usize); 4] = if quick {
+/// The body sizes measured and the requests sent at each: 1 KB, 16 KB, 220 KB, 1 MiB.
+fn body_sizes(quick: bool) -> [(usize, usize); 4] {
+    if quick {
         [
             (1024, 1000),
             (16 * 1024, 1000),
@@ -204,7 +201,15 @@ pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<Overh
             (220 * 1024, 1000),
             (1024 * 1024, 300),
         ]
-    };
+    }
+}
+
+/// Runs the scenario.
+pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<OverheadResult> {
+    let dir = dir.join("overhead");
+    std::fs::create_dir_all(&dir)?;
+    let (_backend, addrs) = start_backend(1, &dir)?;
+    let sizes = body_sizes(quick);
     let mut rows = Vec::new();
     let mut throughput = Vec::new();
     let mut epp_peak_rss_mib = 0.0;
@@ -496,21 +501,7 @@ pub async fn run_bbr(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<B
     let dir = dir.join("overhead-bbr");
     std::fs::create_dir_all(&dir)?;
     let (_backend, addrs) = start_backend(1, &dir)?;
-    let sizes: [(usize, usize); 4] = if quick {
-        [
-            (1024, 1000),
-            (16 * 1024, 1000),
-            (220 * 1024, 300),
-            (1024 * 1024, 100),
-        ]
-    } else {
-        [
-            (1024, 3000),
-            (16 * 1024, 3000),
-            (220 * 1024, 1000),
-            (1024 * 1024, 300),
-        ]
-    };
+    let sizes = body_sizes(quick);
     let mut ups = Vec::new();
     for path in BBR_PATHS {
         let sub = dir.join(path.replace('+', "-"));
