@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::config::{Config, EngineKind, FailureInjection, LatencyModel};
+use crate::config::{Config, EngineKind, FailureInjection, KvTiers, LatencyModel};
 use crate::tokenizer::Tokenizer;
 
 /// Engine flavour on the command line.
@@ -148,6 +148,28 @@ pub struct Args {
     /// needs `--tokenizer`.
     #[arg(long, requires = "tokenizer")]
     pub chat_template: Option<PathBuf>,
+    /// KV-cache bytes per token, for the load times of the KV tiers (Llama-3.1-8B fp16:
+    /// 2 × 32 layers × 8 KV heads × 128 dims × 2 bytes).
+    #[arg(long, default_value_t = 131_072)]
+    pub kv_bytes_per_token: u64,
+    /// Blocks of each replica's CPU tier (vLLM CPU offloading / LMCache local CPU): every
+    /// computed block is written through, LRU; 0 = no CPU tier.
+    #[arg(long, default_value_t = 0)]
+    pub cpu_kv_blocks: usize,
+    /// CPU → GPU load bandwidth of the CPU tier, GB/s.
+    #[arg(long, default_value_t = 25.0)]
+    pub cpu_load_gbps: f64,
+    /// Blocks of the store shared by every replica of this process (LMCache remote backend);
+    /// 0 = none.
+    #[arg(long, default_value_t = 0)]
+    pub shared_kv_blocks: usize,
+    /// Load bandwidth from the shared store, GB/s.
+    #[arg(long, default_value_t = 10.0)]
+    pub shared_load_gbps: f64,
+    /// Load bandwidth of a pull from the peer named by `x-kv-cache-source-host-port`, GB/s;
+    /// 0 = the header is ignored.
+    #[arg(long, default_value_t = 10.0)]
+    pub p2p_load_gbps: f64,
 }
 
 impl Args {
@@ -237,6 +259,14 @@ impl From<&Args> for Config {
             model_load_time: Duration::from_millis(a.model_load_time_ms),
             // Loading can fail: `Args::load_tokenizer` does it.
             tokenizer: Tokenizer::BuiltIn,
+            kv_tiers: KvTiers {
+                kv_bytes_per_token: a.kv_bytes_per_token,
+                cpu_blocks: a.cpu_kv_blocks,
+                cpu_load_gbps: a.cpu_load_gbps,
+                shared_blocks: a.shared_kv_blocks,
+                shared_load_gbps: a.shared_load_gbps,
+                p2p_load_gbps: a.p2p_load_gbps,
+            },
         }
     }
 }

@@ -73,6 +73,10 @@ pub struct StepWork {
     pub kv_tokens: usize,
     /// Adapters loaded into a slot for this step.
     pub lora_loads: usize,
+    /// Transfer time of the KV blocks loaded from the CPU tier, the shared store or a peer for
+    /// the sequences admitted in this step, summed: the loads share the replica's link and the
+    /// sequences' prefill starts after them (see [`KvTiers::load_time`]).
+    pub kv_load: Duration,
     /// Of those, adapters read from disk first (not in the CPU cache, `max_cpu_loras`).
     pub lora_disk_loads: usize,
 }
@@ -110,8 +114,125 @@ impl LatencyModel {
             + self.per_seq.as_nanos() * w.seqs as u128
             + self.per_kv_token.as_nanos() * w.kv_tokens as u128
             + self.lora_load.as_nanos() * w.lora_loads as u128
-            + self.lora_disk_load.as_nanos() * w.lora_disk_loads as u128;
+            + self.lora_disk_load.as_nanos() * w.lora_disk_loads as u128
+            + w.kv_load.as_nanos();
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+}
+
+/// The KV tiers below the GPU cache and their load bandwidths (the contract shared with the
+/// EPP's cost model and the bench: `sim/README.md`, "KV tiers and sharing").
+///
+/// Loading `n` tokens from a tier costs `n × kv_bytes_per_token / bandwidth`; every tier is off
+/// by default except peer pulls, which only happen when a request names a peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvTiers {
+    /// Bytes of KV cache per token (Llama-3.1-8B fp16: 2 × 32 layers × 8 heads × 128 × 2 B).
+    pub kv_bytes_per_token: u64,
+    /// Blocks of this replica's CPU tier (vLLM CPU offloading / LMCache local CPU); 0 = none.
+    pub cpu_blocks: usize,
+    /// CPU → GPU load bandwidth, GB/s (10⁹ bytes per second).
+    pub cpu_load_gbps: f64,
+    /// Blocks of the store shared by every replica of the process (LMCache remote); 0 = none.
+    pub shared_blocks: usize,
+    /// Shared store → GPU load bandwidth, GB/s.
+    pub shared_load_gbps: f64,
+    /// Peer → GPU load bandwidth, GB/s; 0 = peer pulls ignored.
+    pub p2p_load_gbps: f64,
+}
+
+impl Default for KvTiers {
+    fn default() -> Self {
+        Self {
+            kv_bytes_per_token: 131_072,
+            cpu_blocks: 0,
+            cpu_load_gbps: 25.0,
+            shared_blocks: 0,
+            shared_load_gbps: 10.0,
+            p2p_load_gbps: 10.0,
+        }
+    }
+}
+
+/// A tier a prompt block can be found in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The engine's own paged cache.
+    Gpu,
+    /// The replica's CPU tier.
+    Cpu,
+    /// The process's shared store (`REMOTE` in the KV events).
+    Remote,
+    /// Another replica's GPU or CPU tier, named by the request.
+    Peer,
+}
+
+impl Tier {
+    /// Every tier, in lookup order (the order of [`crate::metrics::TierStats`]' arrays).
+    pub const ALL: [Tier; 4] = [Tier::Gpu, Tier::Cpu, Tier::Remote, Tier::Peer];
+
+    /// The `tier` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Gpu => "gpu",
+            Tier::Cpu => "cpu",
+            Tier::Remote => "remote",
+            Tier::Peer => "peer",
+        }
+    }
+
+    /// Index into per-tier arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl KvTiers {
+    /// Whether the replica has anything like vLLM's KV connector: a CPU tier, the shared store
+    /// or peer pulls. Without one, the engine and its `/metrics` are exactly as before tiers.
+    pub fn connector(&self) -> bool {
+        self.cpu_blocks > 0 || self.shared_blocks > 0 || self.p2p_load_gbps > 0.0
+    }
+
+    /// The bandwidth of `tier`, GB/s (the GPU has no load).
+    pub fn load_gbps(&self, tier: Tier) -> f64 {
+        match tier {
+            Tier::Gpu => f64::INFINITY,
+            Tier::Cpu => self.cpu_load_gbps,
+            Tier::Remote => self.shared_load_gbps,
+            Tier::Peer => self.p2p_load_gbps,
+        }
+    }
+
+    /// `tokens × kv_bytes_per_token / bandwidth`: the time to load `tokens` from `tier`.
+    pub fn load_time(&self, tier: Tier, tokens: usize) -> Duration {
+        let gbps = self.load_gbps(tier);
+        if tokens == 0 || !(gbps > 0.0) || gbps.is_infinite() {
+            return Duration::ZERO;
+        }
+        let bytes = tokens as f64 * self.kv_bytes_per_token as f64;
+        let ns = (bytes / gbps).round(); // bytes / (GB/s) = ns
+        Duration::from_nanos(if ns >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            ns as u64
+        })
+    }
+
+    fn validate(&self) -> Result<(), &'static str> {
+        let ok = |g: f64| g.is_finite() && g >= 0.0;
+        if !ok(self.cpu_load_gbps) || !ok(self.shared_load_gbps) || !ok(self.p2p_load_gbps) {
+            return Err("KV tier load bandwidths must be finite and ≥ 0");
+        }
+        if (self.cpu_blocks > 0 && self.cpu_load_gbps == 0.0)
+            || (self.shared_blocks > 0 && self.shared_load_gbps == 0.0)
+        {
+            return Err("a CPU tier or shared store needs a load bandwidth > 0");
+        }
+        if self.connector() && self.kv_bytes_per_token == 0 {
+            return Err("kv-bytes-per-token must be at least 1");
+        }
+        Ok(())
     }
 }
 
@@ -187,6 +308,8 @@ pub struct Config {
     pub model_load_time: Duration,
     /// The tokenizer: the built-in stand-in, or a model's own (`--tokenizer`).
     pub tokenizer: crate::tokenizer::Tokenizer,
+    /// KV tiers below the GPU cache (CPU, shared store, peers) and their load costs.
+    pub kv_tiers: KvTiers,
 }
 
 impl Default for Config {
@@ -215,6 +338,7 @@ impl Default for Config {
             metrics_delay: Duration::ZERO,
             model_load_time: Duration::ZERO,
             tokenizer: crate::tokenizer::Tokenizer::BuiltIn,
+            kv_tiers: KvTiers::default(),
         }
     }
 }
@@ -269,7 +393,7 @@ impl Config {
         if !(0.0..1.0).contains(&self.latency.jitter) {
             return bad("jitter must be within 0..1");
         }
-        Ok(())
+        self.kv_tiers.validate().or_else(|e| bad(e))
     }
 }
 

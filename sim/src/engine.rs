@@ -30,9 +30,10 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::{Config, StepWork};
-use crate::kv_cache::{BlockId, KvCache, KvEvent, block_hash, chain_root};
-use crate::metrics::{EngineStats, MetricsSnapshot};
+use crate::config::{Config, StepWork, Tier};
+use crate::kv_cache::{BlockId, KvCache, KvEvent, block_hash, block_hashes, chain_root};
+use crate::metrics::{EngineStats, MetricsSnapshot, TierStats};
+use crate::tiers::{EventSink, LruBlocks, PeerIgnored, TierPool};
 use crate::tokenizer;
 
 /// A step that starts within this long after the previous one ended is treated as back-to-back.
@@ -262,6 +263,9 @@ struct Seq {
     pending: Vec<u32>,
     seed: u64,
     tx: mpsc::UnboundedSender<EngineEvent>,
+    /// Leading prompt blocks the peer named by the request held (GPU or CPU) when it arrived:
+    /// what a peer pull can bring (see `crate::tiers`).
+    peer_blocks: usize,
 }
 
 impl Seq {
@@ -297,10 +301,15 @@ struct EngineState {
     rng: SmallRng,
     seed: u64,
     next_id: u64,
-    /// Made by the first subscriber: tokio's broadcast channel allocates its whole ring
-    /// (65,536 events, ~6 MiB) up front, which a replica nobody listens to should not pay
-    /// (the what-if replays hundreds of engines in one process).
-    kv_events: Option<broadcast::Sender<KvEvent>>,
+    /// The channel is made by the first subscriber: tokio's broadcast channel allocates its
+    /// whole ring (65,536 events, ~6 MiB) up front, which a replica nobody listens to should
+    /// not pay (the what-if replays hundreds of engines in one process). Shared with the
+    /// process's shared store, which announces evictions in the writer's name.
+    sink: Arc<EventSink>,
+    /// The replica's CPU tier (`--cpu-kv-blocks`), `None` without one.
+    cpu: Option<LruBlocks<()>>,
+    /// What the process shares: the shared store and the peer registry.
+    pool: Arc<TierPool>,
 }
 
 /// Events buffered for slow KV-event subscribers before they start missing some (they then see
@@ -308,7 +317,7 @@ struct EngineState {
 const KV_EVENT_BUFFER: usize = 65_536;
 
 impl EngineState {
-    fn new(config: Arc<Config>, index: usize) -> Self {
+    fn new(config: Arc<Config>, index: usize, pool: Arc<TierPool>) -> Self {
         let seed = config.seed.wrapping_add(index as u64);
         let mut lora = LoraSlots {
             max: config.max_loras,
@@ -327,16 +336,23 @@ impl EngineState {
                 lora.touch_cpu(&name);
             }
         }
+        let mut stats = EngineStats::default();
+        if config.kv_tiers.connector() {
+            stats.tiers = Some(TierStats::default());
+        }
         Self {
             kv: KvCache::new(config.num_gpu_blocks, config.block_size),
             waiting: VecDeque::new(),
             running: Vec::new(),
             lora,
-            stats: EngineStats::default(),
+            stats,
             rng: SmallRng::seed_from_u64(seed),
             seed,
             next_id: 0,
-            kv_events: None,
+            sink: Arc::new(EventSink::default()),
+            cpu: (config.kv_tiers.cpu_blocks > 0)
+                .then(|| LruBlocks::new(config.kv_tiers.cpu_blocks)),
+            pool,
             config,
         }
     }
@@ -450,7 +466,11 @@ impl EngineState {
                 seq.extend_hashes(block_size);
                 let max_hit_blocks = ((seq.tokens.len() - 1) / block_size).min(seq.hashes.len());
                 let hit = self.kv.longest_hit(&seq.hashes[..max_hit_blocks]);
-                let computed = hit * block_size;
+                // Below the GPU: the continuation, block by block, from the fastest tier that
+                // holds it (all zero without tiers).
+                let loads = self.tier_continuation(&seq, hit, max_hit_blocks);
+                let loaded: usize = loads.iter().sum();
+                let computed = (hit + loaded) * block_size;
                 let num_new = (seq.tokens.len() - computed).min(budget);
                 let need = self.blocks_for(computed + num_new) - hit;
                 if !self.kv.can_allocate(need, &seq.hashes[..hit]) {
@@ -473,7 +493,15 @@ impl EngineState {
                 seq.num_computed = computed;
                 seq.scheduled = num_new;
                 self.stats.prefix_queries += seq.tokens.len() as u64;
-                self.stats.prefix_hits += computed as u64;
+                self.stats.prefix_hits += (hit * block_size) as u64;
+                if loaded > 0 {
+                    self.take_loads(&seq, hit, &loads);
+                    work.kv_load += self.charge_loads(&loads);
+                }
+                if let Some(t) = &mut self.stats.tiers {
+                    t.external_queries += seq.tokens.len() as u64;
+                    t.hit_tokens[Tier::Gpu.index()] += (hit * block_size) as u64;
+                }
                 if seq.scheduled_at.is_none() {
                     seq.scheduled_at = Some(now);
                     seq.cached_tokens = computed;
@@ -502,46 +530,152 @@ impl EngineState {
 
     fn publish_removed(&mut self) {
         let removed = self.kv.take_removed();
-        if let Some(tx) = &self.kv_events {
+        if let Some(tx) = self.sink.get() {
             for hash in removed {
                 let _ = tx.send(KvEvent::BlockRemoved { hash });
             }
         }
     }
 
+    /// How many blocks after the `hit` GPU blocks (up to `max` in all) each lower tier can
+    /// give, in [`Tier`] order: block by block, the CPU tier if it holds the block, else the
+    /// shared store, else the peer (which held the first `peer_blocks` when the request
+    /// arrived); the first block none of them holds ends the run.
+    fn tier_continuation(&self, seq: &Seq, hit: usize, max: usize) -> [usize; 4] {
+        let mut loads = [0usize; 4];
+        let shared = self.pool.shared().map(|s| s.lock());
+        let peer_ok = self.config.kv_tiers.p2p_load_gbps > 0.0;
+        for (b, &h) in seq.hashes[..max].iter().enumerate().skip(hit) {
+            let tier = if self.cpu.as_ref().is_some_and(|c| c.contains(h)) {
+                Tier::Cpu
+            } else if shared.as_ref().is_some_and(|s| s.contains(h)) {
+                Tier::Remote
+            } else if peer_ok && b < seq.peer_blocks {
+                Tier::Peer
+            } else {
+                break;
+            };
+            loads[tier.index()] += 1;
+        }
+        loads
+    }
+
+    /// Marks the blocks a sequence loads as used in their tiers (LRU).
+    fn take_loads(&mut self, seq: &Seq, hit: usize, loads: &[usize; 4]) {
+        let total: usize = loads.iter().sum();
+        let run = &seq.hashes[hit..hit + total];
+        if let Some(cpu) = &mut self.cpu {
+            for &h in run {
+                cpu.touch(h);
+            }
+        }
+        if loads[Tier::Remote.index()] > 0
+            && let Some(shared) = self.pool.shared()
+        {
+            let mut shared = shared.lock();
+            for &h in run {
+                shared.touch(h);
+            }
+        }
+    }
+
+    /// The transfer time of `loads` (blocks per tier), serialised on the replica's link, and
+    /// the tier counters.
+    fn charge_loads(&mut self, loads: &[usize; 4]) -> Duration {
+        let tiers = &self.config.kv_tiers;
+        let mut total = Duration::ZERO;
+        for tier in Tier::ALL {
+            let tokens = loads[tier.index()] * self.config.block_size;
+            if tokens == 0 {
+                continue;
+            }
+            let t = tiers.load_time(tier, tokens);
+            total += t;
+            if let Some(s) = &mut self.stats.tiers {
+                s.hit_tokens[tier.index()] += tokens as u64;
+                s.load_seconds[tier.index()] += t.as_secs_f64();
+            }
+        }
+        total
+    }
+
+    /// Writes a block that just entered the GPU cache through to the CPU tier and the shared
+    /// store (asynchronous in the real systems: not charged), announcing what enters and
+    /// leaves them.
+    fn write_through(&mut self, hash: u64, parent: Option<u64>, lora: Option<&str>) {
+        if let Some(cpu) = &mut self.cpu {
+            let mut evicted = Vec::new();
+            let new = cpu.insert(hash, (), &mut evicted);
+            if self.sink.active() {
+                if new {
+                    self.sink.send(KvEvent::OffloadStored {
+                        medium: kv_events::Medium::Cpu,
+                        hash,
+                        parent,
+                        lora: lora.map(str::to_owned),
+                    });
+                }
+                for (hash, ()) in evicted {
+                    self.sink.send(KvEvent::OffloadRemoved {
+                        medium: kv_events::Medium::Cpu,
+                        hash,
+                    });
+                }
+            }
+        }
+        if let Some(shared) = self.pool.shared() {
+            shared.lock().write(&self.sink, hash, parent, lora);
+        }
+    }
+
+    /// Leading blocks of `hashes` this replica holds in its GPU cache or CPU tier: what a peer
+    /// pull from it can bring.
+    fn held_prefix(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .take_while(|&&h| {
+                self.kv.is_cached(h) || self.cpu.as_ref().is_some_and(|c| c.contains(h))
+            })
+            .count()
+    }
+
     /// Completes the step that ends at `end`: advances sequences, samples tokens, finishes
     /// requests.
     fn commit(&mut self, end: Instant) {
-        let recording = self
-            .kv_events
-            .as_ref()
-            .is_some_and(|tx| tx.receiver_count() > 0);
+        let recording = self.sink.active();
         self.kv.set_recording(recording);
+        let tiered = self.cpu.is_some() || self.pool.shared().is_some();
         let block_size = self.config.block_size;
         let granularity = self.config.stream_granularity;
         let mut done = Vec::new();
+        let mut written = Vec::new();
         for (idx, seq) in self.running.iter_mut().enumerate() {
             if seq.scheduled == 0 {
                 continue;
             }
             seq.num_computed += seq.scheduled;
             seq.scheduled = 0;
-            // Blocks that just became full join the prefix cache.
+            // Blocks that just became full join the prefix cache (and blocks loaded from a
+            // lower tier at admission, which count as computed).
             let full = seq.num_computed / block_size;
             seq.extend_hashes(block_size);
             while seq.registered < full {
                 let b = seq.registered;
                 let new = self.kv.commit_full(seq.blocks[b], seq.hashes[b]);
+                let parent = b.checked_sub(1).map(|p| seq.hashes[p]);
                 if new
                     && recording
-                    && let Some(tx) = &self.kv_events
+                    && let Some(tx) = self.sink.get()
                 {
                     let _ = tx.send(KvEvent::BlockStored {
                         hash: seq.hashes[b],
-                        parent: b.checked_sub(1).map(|p| seq.hashes[p]),
+                        parent,
                         token_ids: seq.tokens[b * block_size..(b + 1) * block_size].to_vec(),
                         lora: seq.lora.as_deref().map(str::to_owned),
                     });
+                }
+                if tiered {
+                    written.push((seq.hashes[b], parent, seq.lora.clone()));
                 }
                 seq.registered += 1;
             }
@@ -584,6 +718,9 @@ impl EngineState {
             if finished {
                 done.push((idx, true));
             }
+        }
+        for (hash, parent, lora) in written {
+            self.write_through(hash, parent, lora.as_deref());
         }
         for &(idx, success) in done.iter().rev() {
             let mut seq = self.running.remove(idx);
@@ -674,6 +811,28 @@ pub struct Engine {
     task: Arc<AbortOnDrop>,
 }
 
+/// A handle on an engine that does not keep it running ([`Engine::downgrade`]).
+#[derive(Debug, Clone)]
+pub struct WeakEngine {
+    shared: std::sync::Weak<EngineShared>,
+    task: std::sync::Weak<AbortOnDrop>,
+}
+
+impl WeakEngine {
+    /// The engine, while some [`Engine`] handle keeps it running.
+    pub fn upgrade(&self) -> Option<Engine> {
+        Some(Engine {
+            shared: self.shared.upgrade()?,
+            task: self.task.upgrade()?,
+        })
+    }
+
+    /// Whether the engine still runs.
+    pub fn is_alive(&self) -> bool {
+        self.task.strong_count() > 0
+    }
+}
+
 #[derive(Debug)]
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -684,12 +843,24 @@ impl Drop for AbortOnDrop {
 }
 
 impl Engine {
-    /// Starts the scheduler loop of replica `index` on the current tokio runtime.
+    /// Starts the scheduler loop of replica `index` on the current tokio runtime, with a
+    /// shared store of its own (shared with nobody) and no peers.
     pub fn spawn(config: Arc<Config>, index: usize) -> Result<Self, crate::SimError> {
+        let pool = TierPool::for_config(&config);
+        Self::spawn_in(config, index, pool)
+    }
+
+    /// Like [`Engine::spawn`], sharing `pool`'s store with the other replicas of the pool.
+    /// Register the engine in the pool ([`TierPool::register`]) to make it a peer.
+    pub fn spawn_in(
+        config: Arc<Config>,
+        index: usize,
+        pool: Arc<TierPool>,
+    ) -> Result<Self, crate::SimError> {
         config.validate()?;
         let (paused, _) = watch::channel(false);
         let shared = Arc::new(EngineShared {
-            state: Mutex::new(EngineState::new(config, index)),
+            state: Mutex::new(EngineState::new(config, index, pool)),
             wake: Notify::new(),
             paused,
         });
@@ -705,18 +876,51 @@ impl Engine {
         self.task.0.abort();
     }
 
+    /// A handle that does not keep the engine running (the peer registry holds these).
+    pub fn downgrade(&self) -> WeakEngine {
+        WeakEngine {
+            shared: Arc::downgrade(&self.shared),
+            task: Arc::downgrade(&self.task),
+        }
+    }
+
     /// Queues a request; its events arrive on the returned channel. Dropping the receiver aborts
     /// the request (its KV blocks are freed at the next step).
     pub fn submit(
         &self,
         req: SubmitRequest,
     ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        self.submit_with_peer(req, None)
+    }
+
+    /// Like [`Engine::submit`], for a request that names a peer to pull KV blocks from (the
+    /// parsed `x-kv-cache-source-host-port`, or why it could not be parsed). The peer is looked
+    /// up among the replicas of this engine's [`TierPool`] and read once, now: how many leading
+    /// blocks of the prompt it holds in its GPU cache or CPU tier. A peer that is unknown, this
+    /// replica itself, or any peer while `p2p_load_gbps` is 0, is ignored and counted.
+    pub fn submit_with_peer(
+        &self,
+        req: SubmitRequest,
+        peer: Option<Result<std::net::SocketAddr, PeerIgnored>>,
+    ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
+        let (peer_blocks, ignored) = match peer {
+            None => (0, None),
+            Some(peer) => match self.peer_snapshot(&req, peer) {
+                Ok(n) => (n, None),
+                Err(why) => (0, Some(why)),
+            },
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut st = self.shared.state.lock();
+            if let Some(why) = ignored
+                && let Some(t) = &mut st.stats.tiers
+            {
+                t.peer_ignored[why.index()] += 1;
+            }
             let needed = st.blocks_for(req.prompt.len() + req.max_tokens.max(1));
             if needed > st.kv.num_blocks() {
                 return Err(SubmitError::ExceedsKvCache {
@@ -758,11 +962,40 @@ impl Engine {
                 seed,
                 tx,
                 tokens: req.prompt,
+                peer_blocks,
             };
             st.waiting.push_back(seq);
         }
         self.shared.wake.notify_one();
         Ok(rx)
+    }
+
+    /// Resolves and reads the peer a request names: the leading blocks of its prompt the peer
+    /// holds. Locks only the peer's state (this engine's lock is not held here), once.
+    fn peer_snapshot(
+        &self,
+        req: &SubmitRequest,
+        peer: Result<std::net::SocketAddr, PeerIgnored>,
+    ) -> Result<usize, PeerIgnored> {
+        let (pool, block_size, enabled) = {
+            let st = self.shared.state.lock();
+            (
+                st.pool.clone(),
+                st.config.block_size,
+                st.config.kv_tiers.p2p_load_gbps > 0.0,
+            )
+        };
+        let addr = peer?;
+        if !enabled {
+            return Err(PeerIgnored::Disabled);
+        }
+        let engine = pool.lookup(addr).ok_or(PeerIgnored::Unknown)?;
+        if Arc::ptr_eq(&engine.shared, &self.shared) {
+            return Err(PeerIgnored::Own);
+        }
+        let hashes = block_hashes(chain_root(req.lora.as_deref()), &req.prompt, block_size);
+        let held = engine.shared.state.lock().held_prefix(&hashes);
+        Ok(held)
     }
 
     /// The state `/metrics` reports, copied at this instant.
@@ -799,9 +1032,7 @@ impl Engine {
     pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
         let mut st = self.shared.state.lock();
         st.kv.set_recording(true);
-        st.kv_events
-            .get_or_insert_with(|| broadcast::channel(KV_EVENT_BUFFER).0)
-            .subscribe()
+        st.sink.sender(KV_EVENT_BUFFER).subscribe()
     }
 
     /// Drops the whole prefix cache, like vLLM's `POST /reset_prefix_cache`, and publishes
@@ -813,9 +1044,12 @@ impl Engine {
         if !st.kv.reset_prefix_cache() {
             return false;
         }
-        if let Some(tx) = &st.kv_events {
-            let _ = tx.send(KvEvent::AllBlocksCleared);
+        // `AllBlocksCleared` clears every tier of the replica for a consumer: the CPU tier goes
+        // too. (The shared store is not the replica's to clear.)
+        if let Some(cpu) = &mut st.cpu {
+            cpu.clear();
         }
+        st.sink.send(KvEvent::AllBlocksCleared);
         true
     }
 

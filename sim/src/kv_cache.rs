@@ -42,6 +42,26 @@ pub enum KvEvent {
     },
     /// The whole prefix cache was dropped ([`crate::Engine::reset_prefix_cache`]).
     AllBlocksCleared,
+    /// A full block entered a tier below the GPU ([`crate::tiers`]): the replica's CPU tier
+    /// (`Cpu`) or the shared store (`Remote`). No token ids, as vLLM's offloading announces
+    /// blocks it already announced for the GPU.
+    OffloadStored {
+        /// The tier.
+        medium: kv_events::Medium,
+        /// The block's chained hash.
+        hash: u64,
+        /// The previous block's hash (`None` for a sequence's first block).
+        parent: Option<u64>,
+        /// The LoRA adapter the block belongs to.
+        lora: Option<String>,
+    },
+    /// A block left a tier below the GPU.
+    OffloadRemoved {
+        /// The tier.
+        medium: kv_events::Medium,
+        /// The block's chained hash.
+        hash: u64,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -5,8 +5,9 @@
 //! - A batch is what the engine emitted since the last one: the bridge task takes the first
 //!   event, then everything already queued (the rest of that engine step), up to the codec's
 //!   cap. Consecutive stored blocks of one sequence become one `BlockStored` (as vLLM sends a
-//!   run of blocks), consecutive evictions one `BlockRemoved`. `medium` is always `GPU` (the
-//!   simulator has no other tier yet), `data_parallel_rank` the replica's index.
+//!   run of blocks), consecutive evictions one `BlockRemoved`. `medium` is `GPU` for the
+//!   engine's cache, `CPU` and `REMOTE` for the tiers below it (`crate::tiers`; no token ids);
+//!   `data_parallel_rank` is the replica's index.
 //! - The engine never waits: its events go through a broadcast ring (a lagging bridge loses
 //!   events and counts them) and batches through the publisher's bounded queue
 //!   (`max_queue_size`; a full queue drops and counts).
@@ -249,42 +250,71 @@ pub fn push(events: &mut Vec<Event>, e: KvEvent, block_size: u32) {
             parent,
             token_ids,
             lora,
-        } => {
-            if let Some(Event::BlockStored(prev)) = events.last_mut()
-                && parent.is_some()
-                && prev.block_hashes.last() == parent.as_ref()
-                && prev.lora_name == lora
-                && prev.block_hashes.len() < MAX_HASHES_PER_EVENT
-                && prev.token_ids.len() + token_ids.len() <= MAX_TOKEN_IDS_PER_EVENT
-            {
-                prev.block_hashes.push(hash);
-                prev.token_ids.extend(token_ids);
-                return;
-            }
-            events.push(Event::BlockStored(BlockStored {
-                block_hashes: vec![hash],
-                parent_block_hash: parent,
-                token_ids,
-                block_size,
-                lora_id: None,
-                lora_name: lora,
-                medium: Medium::Gpu,
-            }));
-        }
-        KvEvent::BlockRemoved { hash } => {
-            if let Some(Event::BlockRemoved(prev)) = events.last_mut()
-                && prev.block_hashes.len() < MAX_HASHES_PER_EVENT
-            {
-                prev.block_hashes.push(hash);
-                return;
-            }
-            events.push(Event::BlockRemoved(BlockRemoved {
-                block_hashes: vec![hash],
-                medium: Medium::Gpu,
-            }));
-        }
+        } => push_stored(
+            events,
+            Medium::Gpu,
+            hash,
+            parent,
+            token_ids,
+            lora,
+            block_size,
+        ),
+        KvEvent::OffloadStored {
+            medium,
+            hash,
+            parent,
+            lora,
+        } => push_stored(events, medium, hash, parent, Vec::new(), lora, block_size),
+        KvEvent::BlockRemoved { hash } => push_removed(events, Medium::Gpu, hash),
+        KvEvent::OffloadRemoved { medium, hash } => push_removed(events, medium, hash),
         KvEvent::AllBlocksCleared => events.push(Event::AllBlocksCleared),
     }
+}
+
+fn push_stored(
+    events: &mut Vec<Event>,
+    medium: Medium,
+    hash: u64,
+    parent: Option<u64>,
+    token_ids: Vec<u32>,
+    lora: Option<String>,
+    block_size: u32,
+) {
+    if let Some(Event::BlockStored(prev)) = events.last_mut()
+        && parent.is_some()
+        && prev.medium == medium
+        && prev.block_hashes.last() == parent.as_ref()
+        && prev.lora_name == lora
+        && prev.block_hashes.len() < MAX_HASHES_PER_EVENT
+        && prev.token_ids.len() + token_ids.len() <= MAX_TOKEN_IDS_PER_EVENT
+    {
+        prev.block_hashes.push(hash);
+        prev.token_ids.extend(token_ids);
+        return;
+    }
+    events.push(Event::BlockStored(BlockStored {
+        block_hashes: vec![hash],
+        parent_block_hash: parent,
+        token_ids,
+        block_size,
+        lora_id: None,
+        lora_name: lora,
+        medium,
+    }));
+}
+
+fn push_removed(events: &mut Vec<Event>, medium: Medium, hash: u64) {
+    if let Some(Event::BlockRemoved(prev)) = events.last_mut()
+        && prev.medium == medium
+        && prev.block_hashes.len() < MAX_HASHES_PER_EVENT
+    {
+        prev.block_hashes.push(hash);
+        return;
+    }
+    events.push(Event::BlockRemoved(BlockRemoved {
+        block_hashes: vec![hash],
+        medium,
+    }));
 }
 
 #[cfg(test)]
@@ -338,5 +368,54 @@ mod tests {
         assert!(matches!(&events[1], Event::BlockStored(b) if b.parent_block_hash == Some(7)));
         assert!(matches!(&events[2], Event::BlockRemoved(b) if b.block_hashes == [4, 5]));
         assert_eq!(events[3], Event::AllBlocksCleared);
+    }
+
+    #[test]
+    fn tier_events_carry_their_medium_and_no_tokens() {
+        let mut events = Vec::new();
+        let cpu = |hash, parent| KvEvent::OffloadStored {
+            medium: Medium::Cpu,
+            hash,
+            parent,
+            lora: None,
+        };
+        push(&mut events, cpu(1, None), 16);
+        push(&mut events, cpu(2, Some(1)), 16);
+        // The same run in another tier is another event.
+        push(
+            &mut events,
+            KvEvent::OffloadStored {
+                medium: Medium::Remote,
+                hash: 3,
+                parent: Some(2),
+                lora: None,
+            },
+            16,
+        );
+        push(&mut events, KvEvent::BlockRemoved { hash: 7 }, 16);
+        push(
+            &mut events,
+            KvEvent::OffloadRemoved {
+                medium: Medium::Cpu,
+                hash: 8,
+            },
+            16,
+        );
+        assert_eq!(events.len(), 4);
+        let Event::BlockStored(run) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(
+            (run.block_hashes.as_slice(), run.medium),
+            (&[1, 2][..], Medium::Cpu)
+        );
+        assert!(run.token_ids.is_empty());
+        assert!(matches!(&events[1], Event::BlockStored(b) if b.medium == Medium::Remote));
+        assert!(
+            matches!(&events[2], Event::BlockRemoved(b) if b.medium == Medium::Gpu && b.block_hashes == [7])
+        );
+        assert!(
+            matches!(&events[3], Event::BlockRemoved(b) if b.medium == Medium::Cpu && b.block_hashes == [8])
+        );
     }
 }

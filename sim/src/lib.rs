@@ -26,6 +26,7 @@ pub mod kv_cache;
 pub mod kv_publish;
 pub mod metrics;
 mod server;
+pub mod tiers;
 pub mod tokenizer;
 
 use std::net::SocketAddr;
@@ -37,7 +38,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-pub use config::{Config, EngineKind, FailureInjection, LatencyModel, StepWork};
+pub use config::{Config, EngineKind, FailureInjection, KvTiers, LatencyModel, StepWork, Tier};
 pub use engine::{Engine, EngineEvent, FinishReason, SubmitRequest};
 pub use server::{RETURN_ERROR_HEADER, prompt_ids};
 
@@ -167,15 +168,30 @@ impl Drop for ReplicaHandle {
     }
 }
 
-/// Starts replica `index` with `config` on `listener` (HTTP/1.1 and h2c on the same port).
+/// Starts replica `index` with `config` on `listener` (HTTP/1.1 and h2c on the same port), alone
+/// in its [`tiers::TierPool`] (no shared store beyond its own, no peers).
 pub async fn spawn_replica(
     config: Config,
     listener: TcpListener,
     index: usize,
 ) -> Result<ReplicaHandle, SimError> {
+    let pool = tiers::TierPool::for_config(&config);
+    spawn_replica_in(config, listener, index, &pool).await
+}
+
+/// Starts replica `index` in `pool`: it shares the pool's store (`kv_tiers.shared_blocks` of
+/// the pool's first config) and is a peer of the pool's other replicas, found by the address
+/// of `listener`.
+pub async fn spawn_replica_in(
+    config: Config,
+    listener: TcpListener,
+    index: usize,
+    pool: &Arc<tiers::TierPool>,
+) -> Result<ReplicaHandle, SimError> {
     let addr = listener.local_addr()?;
     let config = Arc::new(config);
-    let engine = Engine::spawn(config.clone(), index)?;
+    let engine = Engine::spawn_in(config.clone(), index, pool.clone())?;
+    pool.register(addr, &engine);
     let replica = Arc::new(server::Replica::new(config, engine, index, addr.port()));
     let app = server::router(replica.clone());
     let server = tokio::spawn(serve(listener, app));
@@ -188,14 +204,16 @@ pub async fn spawn_replica(
     })
 }
 
-/// Binds `host:base_port+i` for `i in 0..n` and starts a replica on each. A `base_port` of 0
-/// gives every replica its own ephemeral port.
+/// Binds `host:base_port+i` for `i in 0..n` and starts a replica on each, all in one
+/// [`tiers::TierPool`] (one shared store, peers of each other). A `base_port` of 0 gives every
+/// replica its own ephemeral port.
 pub async fn spawn_replicas(
     config: &Config,
     host: &str,
     base_port: u16,
     n: usize,
 ) -> Result<Vec<ReplicaHandle>, SimError> {
+    let pool = tiers::TierPool::for_config(config);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let port = if base_port == 0 {
@@ -206,7 +224,7 @@ pub async fn spawn_replicas(
             })?
         };
         let listener = TcpListener::bind((host, port)).await?;
-        out.push(spawn_replica(config.clone(), listener, i).await?);
+        out.push(spawn_replica_in(config.clone(), listener, i, &pool).await?);
     }
     Ok(out)
 }

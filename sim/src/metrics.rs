@@ -106,6 +106,29 @@ pub struct EngineStats {
     pub prefix_hits: u64,
     /// Requests pushed back to the waiting queue to free KV blocks.
     pub preemptions: u64,
+    /// KV-tier counters, when the replica has tiers or peer pulls (`None`: none, and
+    /// `/metrics` is what it was before tiers).
+    pub tiers: Option<TierStats>,
+}
+
+/// Counters of the KV tiers ([`crate::tiers`]), indexed by [`crate::config::Tier::index`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TierStats {
+    /// Prompt tokens served from each tier at admission (GPU = `prefix_hits`).
+    pub hit_tokens: [u64; 4],
+    /// Seconds spent loading from each tier (GPU: 0).
+    pub load_seconds: [f64; 4],
+    /// Prompt tokens looked up in the tiers (every admission, as `prefix_queries`).
+    pub external_queries: u64,
+    /// Requests whose peer header was ignored, by [`crate::tiers::PeerIgnored::index`].
+    pub peer_ignored: [u64; 4],
+}
+
+impl TierStats {
+    /// Tokens loaded from below the GPU (CPU, shared store, peer): vLLM's connector hits.
+    pub fn external_hits(&self) -> u64 {
+        self.hit_tokens[1..].iter().sum()
+    }
 }
 
 impl Default for EngineStats {
@@ -122,6 +145,7 @@ impl Default for EngineStats {
             prefix_queries: 0,
             prefix_hits: 0,
             preemptions: 0,
+            tiers: None,
         }
     }
 }
@@ -237,6 +261,22 @@ fn render_vllm(out: &mut String, model: &str, s: &MetricsSnapshot, now_unix: f64
         "Prefix cache hits, in terms of number of cached tokens.",
         st.prefix_hits,
     );
+    if let Some(t) = &st.tiers {
+        // vLLM ≥ 0.10 with a KV connector (LMCache, CPU offloading): tokens the connector
+        // loaded, beyond the local prefix cache's hits.
+        counter(
+            out,
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
+            t.external_queries,
+        );
+        counter(
+            out,
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
+            t.external_hits(),
+        );
+    }
     counter(
         out,
         "vllm:num_preemptions",
@@ -297,6 +337,58 @@ fn render_vllm(out: &mut String, model: &str, s: &MetricsSnapshot, now_unix: f64
         "Histogram of time spent in WAITING phase for request.",
         &st.queue,
     );
+    if let Some(t) = &st.tiers {
+        render_tiers(out, &l, t);
+    }
+}
+
+/// The simulator's own per-tier series (the tiers contract): tokens served from each tier and
+/// the seconds spent loading them, and the peer headers ignored.
+fn render_tiers(out: &mut String, labels: &str, t: &TierStats) {
+    use crate::config::Tier;
+    use crate::tiers::PeerIgnored;
+    header(
+        out,
+        "sim_kv_tier_hit_tokens_total",
+        "counter",
+        "Prompt tokens served from each KV tier at admission (gpu = the prefix cache).",
+    );
+    for tier in Tier::ALL {
+        let _ = writeln!(
+            out,
+            "sim_kv_tier_hit_tokens_total{{{labels},tier=\"{}\"}} {}.0",
+            tier.as_str(),
+            t.hit_tokens[tier.index()]
+        );
+    }
+    header(
+        out,
+        "sim_kv_tier_load_seconds_total",
+        "counter",
+        "Seconds of KV transfer charged to engine steps, per tier.",
+    );
+    for tier in Tier::ALL {
+        let _ = writeln!(
+            out,
+            "sim_kv_tier_load_seconds_total{{{labels},tier=\"{}\"}} {:?}",
+            tier.as_str(),
+            t.load_seconds[tier.index()]
+        );
+    }
+    header(
+        out,
+        "sim_kv_peer_header_ignored_total",
+        "counter",
+        "Requests whose x-kv-cache-source-host-port was ignored, by reason.",
+    );
+    for reason in PeerIgnored::ALL {
+        let _ = writeln!(
+            out,
+            "sim_kv_peer_header_ignored_total{{{labels},reason=\"{}\"}} {}.0",
+            reason.as_str(),
+            t.peer_ignored[reason.index()]
+        );
+    }
 }
 
 fn render_sglang(out: &mut String, model: &str, s: &MetricsSnapshot) {
@@ -407,6 +499,9 @@ fn render_sglang(out: &mut String, model: &str, s: &MetricsSnapshot) {
         "Histogram of queueing time in seconds.",
         &st.queue,
     );
+    if let Some(t) = &st.tiers {
+        render_tiers(out, &l, t);
+    }
 }
 
 /// Escapes a label value (`\`, `"` and newlines).

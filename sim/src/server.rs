@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, FailureInjection};
 use crate::engine::{Completion, Engine, EngineEvent, FinishReason, SubmitRequest};
+use crate::tiers::{self, PeerIgnored};
 use crate::tokenizer::Tokenizer;
 use crate::{metrics, tokenizer};
 
@@ -285,6 +286,15 @@ struct Generation {
     max_tokens: Option<i64>,
     stream: bool,
     include_usage: bool,
+    /// The peer named by `x-kv-cache-source-host-port`, parsed (or why not), when present.
+    peer: Option<Result<std::net::SocketAddr, PeerIgnored>>,
+}
+
+/// The request's `x-kv-cache-source-host-port`, parsed and bounded (`tiers::parse_peer`).
+fn kv_source(headers: &HeaderMap) -> Option<Result<std::net::SocketAddr, PeerIgnored>> {
+    headers
+        .get(tiers::KV_SOURCE_HEADER)
+        .map(|v| tiers::parse_peer(v.as_bytes()))
 }
 
 fn token_ids(tok: &Tokenizer, v: &[Value]) -> Option<Vec<u32>> {
@@ -418,6 +428,7 @@ async fn completions(State(r): State<Arc<Replica>>, headers: HeaderMap, body: By
                 .unwrap_or_default()
                 .include_usage
                 .unwrap_or(false),
+            peer: kv_source(&headers),
         })
     })();
     match result {
@@ -454,6 +465,7 @@ async fn chat_completions(
                 .unwrap_or_default()
                 .include_usage
                 .unwrap_or(false),
+            peer: kv_source(&headers),
         })
     })();
     match result {
@@ -499,7 +511,7 @@ async fn generate(r: Arc<Replica>, g: Generation) -> Response {
         lora: g.lora.clone(),
         finish_reason,
     };
-    let rx = match r.engine.submit(submit) {
+    let rx = match r.engine.submit_with_peer(submit, g.peer) {
         Ok(rx) => rx,
         Err(e) => return bad_response(e.to_string()),
     };
