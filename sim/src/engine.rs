@@ -312,6 +312,9 @@ struct EngineState {
     pool: Arc<TierPool>,
 }
 
+/// A block written through to the lower tiers: its hash, its parent's, its adapter.
+pub(crate) type WrittenBlock = (u64, Option<u64>, Option<Arc<str>>);
+
 /// Events buffered for slow KV-event subscribers before they start missing some (they then see
 /// `Lagged`, as a ZMQ subscriber would drop messages).
 const KV_EVENT_BUFFER: usize = 65_536;
@@ -599,22 +602,27 @@ impl EngineState {
         total
     }
 
-    /// Writes a block that just entered the GPU cache through to the CPU tier and the shared
+    /// Writes blocks that just entered the GPU cache through to the CPU tier and the shared
     /// store (asynchronous in the real systems: not charged), announcing what enters and
-    /// leaves them.
-    fn write_through(&mut self, hash: u64, parent: Option<u64>, lora: Option<&str>) {
+    /// leaves them: per tier the stored runs first, then the evictions.
+    fn write_through(&mut self, blocks: &[WrittenBlock]) {
+        if blocks.is_empty() {
+            return;
+        }
         if let Some(cpu) = &mut self.cpu {
+            let announce = self.sink.active();
             let mut evicted = Vec::new();
-            let new = cpu.insert(hash, (), &mut evicted);
-            if self.sink.active() {
-                if new {
+            for (hash, parent, lora) in blocks {
+                if cpu.insert(*hash, (), &mut evicted) && announce {
                     self.sink.send(KvEvent::OffloadStored {
                         medium: kv_events::Medium::Cpu,
-                        hash,
-                        parent,
-                        lora: lora.map(str::to_owned),
+                        hash: *hash,
+                        parent: *parent,
+                        lora: lora.as_deref().map(str::to_owned),
                     });
                 }
+            }
+            if announce {
                 for (hash, ()) in evicted {
                     self.sink.send(KvEvent::OffloadRemoved {
                         medium: kv_events::Medium::Cpu,
@@ -624,7 +632,7 @@ impl EngineState {
             }
         }
         if let Some(shared) = self.pool.shared() {
-            shared.lock().write(&self.sink, hash, parent, lora);
+            shared.lock().write(&self.sink, blocks);
         }
     }
 
@@ -648,7 +656,7 @@ impl EngineState {
         let block_size = self.config.block_size;
         let granularity = self.config.stream_granularity;
         let mut done = Vec::new();
-        let mut written = Vec::new();
+        let mut written: Vec<WrittenBlock> = Vec::new();
         for (idx, seq) in self.running.iter_mut().enumerate() {
             if seq.scheduled == 0 {
                 continue;
@@ -719,9 +727,7 @@ impl EngineState {
                 done.push((idx, true));
             }
         }
-        for (hash, parent, lora) in written {
-            self.write_through(hash, parent, lora.as_deref());
-        }
+        self.write_through(&written);
         for &(idx, success) in done.iter().rev() {
             let mut seq = self.running.remove(idx);
             self.release_seq(&mut seq);

@@ -29,6 +29,7 @@ use kv_events::Medium;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
+use crate::engine::WrittenBlock;
 use crate::kv_cache::KvEvent;
 
 /// The request header naming the peer to pull KV blocks from (llm-d's name).
@@ -166,23 +167,20 @@ impl SharedStore {
         self.blocks.touch(hash);
     }
 
-    /// Writes a block through from `writer`; announces it (`REMOTE`) in the writer's name when
-    /// new, and every block it pushed out in the name of that block's writer.
-    pub(crate) fn write(
-        &mut self,
-        writer: &Arc<EventSink>,
-        hash: u64,
-        parent: Option<u64>,
-        lora: Option<&str>,
-    ) {
+    /// Writes blocks through from `writer`; announces the new ones (`REMOTE`) in the writer's
+    /// name, then every block they pushed out in the name of that block's writer.
+    pub(crate) fn write(&mut self, writer: &Arc<EventSink>, blocks: &[WrittenBlock]) {
+        let announce = writer.active();
         let mut evicted = Vec::new();
-        if self.blocks.insert(hash, writer.clone(), &mut evicted) && writer.active() {
-            writer.send(KvEvent::OffloadStored {
-                medium: Medium::Remote,
-                hash,
-                parent,
-                lora: lora.map(str::to_owned),
-            });
+        for (hash, parent, lora) in blocks {
+            if self.blocks.insert(*hash, writer.clone(), &mut evicted) && announce {
+                writer.send(KvEvent::OffloadStored {
+                    medium: Medium::Remote,
+                    hash: *hash,
+                    parent: *parent,
+                    lora: lora.as_deref().map(str::to_owned),
+                });
+            }
         }
         for (hash, owner) in evicted {
             if owner.active() {
