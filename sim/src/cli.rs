@@ -342,6 +342,42 @@ mod tests {
     }
 
     #[test]
+    fn kv_tier_flags() {
+        let args = Args::try_parse_from([
+            "sim",
+            "--cpu-kv-blocks",
+            "4096",
+            "--cpu-load-gbps",
+            "50",
+            "--shared-kv-blocks",
+            "100000",
+            "--shared-load-gbps",
+            "5",
+            "--p2p-load-gbps",
+            "0",
+            "--kv-bytes-per-token",
+            "65536",
+        ])
+        .unwrap();
+        let t = Config::from(&args).kv_tiers;
+        assert_eq!(
+            t,
+            KvTiers {
+                kv_bytes_per_token: 65_536,
+                cpu_blocks: 4096,
+                cpu_load_gbps: 50.0,
+                shared_blocks: 100_000,
+                shared_load_gbps: 5.0,
+                p2p_load_gbps: 0.0,
+            }
+        );
+        let bad =
+            Args::try_parse_from(["sim", "--shared-kv-blocks", "9", "--shared-load-gbps", "0"])
+                .unwrap();
+        assert!(Config::from(&bad).validate().is_err());
+    }
+
+    #[test]
     fn tokenizer_flags() {
         let builtin = Args::try_parse_from(["sim"]).unwrap();
         assert_eq!(builtin.load_tokenizer().unwrap(), Tokenizer::BuiltIn);

@@ -207,7 +207,7 @@ impl KvTiers {
     /// `tokens × kv_bytes_per_token / bandwidth`: the time to load `tokens` from `tier`.
     pub fn load_time(&self, tier: Tier, tokens: usize) -> Duration {
         let gbps = self.load_gbps(tier);
-        if tokens == 0 || !(gbps > 0.0) || gbps.is_infinite() {
+        if tokens == 0 || gbps.is_nan() || gbps <= 0.0 || gbps.is_infinite() {
             return Duration::ZERO;
         }
         let bytes = tokens as f64 * self.kv_bytes_per_token as f64;
@@ -393,7 +393,7 @@ impl Config {
         if !(0.0..1.0).contains(&self.latency.jitter) {
             return bad("jitter must be within 0..1");
         }
-        self.kv_tiers.validate().or_else(|e| bad(e))
+        self.kv_tiers.validate().or_else(bad)
     }
 }
 

@@ -364,4 +364,40 @@ mod tests {
         let long = format!("{}1.2.3.4:5", " ".repeat(MAX_KV_SOURCE_LEN));
         assert_eq!(parse_peer(long.as_bytes()), Err(PeerIgnored::Unparseable));
     }
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
+
+    fn config(cases: u32, seed: u64) -> Config {
+        Config {
+            cases,
+            rng_seed: RngSeed::Fixed(seed),
+            ..Config::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(1024, 0x7065_6572_0001))]
+
+        /// Any bytes: an answer, never a panic; an address only from a short value, and then
+        /// the address the value spells.
+        #[test]
+        fn any_header_value_parses_or_is_refused(value in proptest::collection::vec(any::<u8>(), 0..128)) {
+            if let Ok(addr) = parse_peer(&value) {
+                prop_assert!(value.len() <= MAX_KV_SOURCE_LEN);
+                let text = std::str::from_utf8(&value).unwrap_or_default();
+                prop_assert_eq!(text.trim().parse::<SocketAddr>().ok(), Some(addr));
+            }
+        }
+
+        /// Every address round-trips through its display form.
+        #[test]
+        fn every_socket_address_round_trips(ip in any::<std::net::IpAddr>(), port in any::<u16>()) {
+            let addr = SocketAddr::new(ip, port);
+            let shown = addr.to_string();
+            if shown.len() <= MAX_KV_SOURCE_LEN {
+                prop_assert_eq!(parse_peer(shown.as_bytes()), Ok(addr));
+            }
+        }
+    }
 }

@@ -864,3 +864,78 @@ async fn a_loading_replica_is_up_but_serves_no_model() {
     let resp = start(&c, &r, Method::GET, "/v1/models", None, &[]).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn the_kv_source_header_pulls_from_a_peer_replica_and_hostile_values_are_ignored() {
+    let c = &client();
+    let replicas = sim::spawn_replicas(&Config::fast(), "127.0.0.1", 0, 2)
+        .await
+        .unwrap();
+    let (a, b) = (&replicas[0], &replicas[1]);
+    // A prompt of 100 token ids (6 full blocks) that only `a` has seen.
+    let seen_by_a = |i: u32| async move {
+        let body =
+            json!({"prompt": (i * 1000..i * 1000 + 100).collect::<Vec<u32>>(), "max_tokens": 1});
+        let (status, _) = post_json(c, a, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        body
+    };
+    let on_b = |body: Value, source: String| async move {
+        let (status, _, bytes) = call(
+            c,
+            b,
+            Method::POST,
+            "/v1/completions",
+            Some(body),
+            &[("x-kv-cache-source-host-port", &source)],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{source}");
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        v["usage"]["prompt_tokens_details"]["cached_tokens"].clone()
+    };
+    let hostile = [
+        "nonsense".to_owned(),
+        "[::1".to_owned(),
+        "1".repeat(300),
+        "127.0.0.1:1".to_owned(),
+        b.addr().to_string(),
+    ];
+    for (i, value) in (1..).zip(hostile) {
+        let body = seen_by_a(i).await;
+        assert_eq!(
+            on_b(body, value.clone()).await,
+            json!(0),
+            "{value}: nothing pulled"
+        );
+    }
+    let body = seen_by_a(9).await;
+    assert_eq!(
+        on_b(body, a.addr().to_string()).await,
+        json!(96),
+        "pulled from a"
+    );
+
+    let (_, _, text) = call(c, b, Method::GET, "/metrics", None, &[]).await;
+    let samples = parse(std::str::from_utf8(&text).unwrap()).unwrap();
+    let value = |name: &str, key: &str, label: &str| {
+        samples
+            .iter()
+            .find(|x| x.name == name && x.label(key).as_deref() == Some(label))
+            .unwrap_or_else(|| panic!("{name}{{{key}={label}}} missing"))
+            .value
+    };
+    assert_eq!(value("sim_kv_tier_hit_tokens_total", "tier", "peer"), 96.0);
+    assert_eq!(
+        value("sim_kv_peer_header_ignored_total", "reason", "unparseable"),
+        3.0
+    );
+    assert_eq!(
+        value("sim_kv_peer_header_ignored_total", "reason", "unknown"),
+        1.0
+    );
+    assert_eq!(
+        value("sim_kv_peer_header_ignored_total", "reason", "self"),
+        1.0
+    );
+}
