@@ -63,6 +63,10 @@ struct Setup {
 }
 
 async fn setup(encoding: Encoding) -> Setup {
+    setup_with(encoding, Config::fast()).await
+}
+
+async fn setup_with(encoding: Encoding, sim_config: Config) -> Setup {
     let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
         .await
         .unwrap();
@@ -72,9 +76,7 @@ async fn setup(encoding: Encoding) -> Setup {
     tokio::spawn(sub.run(tx, cancel.clone()));
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut replica = sim::spawn_replica(Config::fast(), listener, 0)
-        .await
-        .unwrap();
+    let mut replica = sim::spawn_replica(sim_config, listener, 0).await.unwrap();
     // No `*`: the PUB socket connects to the central subscriber, as vLLM's would.
     let config = KvEventsConfig::from_json(
         &json!({
@@ -177,4 +179,54 @@ async fn simulator_batches_decode_in_rust_and_with_vllms_structs() {
         s.cancel.cancel();
         s.replica.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn tier_events_cross_the_wire_with_their_medium() {
+    let script = script();
+    let mut config = Config::fast();
+    config.kv_tiers.cpu_blocks = 1000;
+    config.kv_tiers.shared_blocks = 1000;
+    let mut s = setup_with(Encoding::Map, config).await;
+    let mut r = first_batch(&mut s).await;
+    // The first step's batch may have been published before the socket connected: wait for
+    // one that carries the write-through.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let media = |r: &ReceivedBatch| {
+        r.batch
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::BlockStored(b) => {
+                    Some((b.medium, b.token_ids.len(), b.block_hashes.clone()))
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut n = 1000;
+    while !media(&r).iter().any(|m| m.0 == Medium::Cpu) {
+        n += 1;
+        let body = json!({"model": Config::fast().model, "prompt": prompt(n), "max_tokens": 2});
+        post(&s.client, &s.replica, "/v1/completions", body).await;
+        r = timeout(WAIT, s.rx.recv()).await.unwrap().unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "no CPU-tier event");
+    }
+    let stored = media(&r);
+    let gpu = stored.iter().find(|m| m.0 == Medium::Gpu).expect("GPU run");
+    for medium in [Medium::Cpu, Medium::Remote] {
+        let run = stored.iter().find(|m| m.0 == medium).expect("tier run");
+        assert_eq!(run.1, 0, "{medium:?}: no token ids");
+        assert_eq!(run.2, gpu.2, "{medium:?}: the GPU run's hashes");
+    }
+    if let Some(script) = &script {
+        let dir = temp_dir("sim-kv-wire-tiers");
+        let file = dir.join("tiers.msgpack");
+        std::fs::write(&file, &r.payload).unwrap();
+        let decoded = script.decode("map", &[file]);
+        assert_eq!(decoded[0], neutral(&r.batch));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    s.cancel.cancel();
+    s.replica.shutdown().await;
 }
