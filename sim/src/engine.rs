@@ -1009,6 +1009,22 @@ impl Engine {
         self.shared.state.lock().snapshot()
     }
 
+    /// Blocks held by the replica's CPU tier (0 without one).
+    pub fn cpu_tier_len(&self) -> usize {
+        self.shared
+            .state
+            .lock()
+            .cpu
+            .as_ref()
+            .map_or(0, LruBlocks::len)
+    }
+
+    /// Blocks held by the store this replica shares with its pool (0 without one).
+    pub fn shared_store_len(&self) -> usize {
+        let pool = self.shared.state.lock().pool.clone();
+        pool.shared_len()
+    }
+
     /// Adapters currently occupying a GPU slot, least recently used first.
     pub fn resident_loras(&self) -> Vec<String> {
         self.shared

@@ -1216,6 +1216,8 @@ async fn admin_state(State(r): State<Arc<Replica>>) -> Response {
         "prefix_cache_queries": s.stats.prefix_queries,
         "prefix_cache_hits": s.stats.prefix_hits,
         "preemptions": s.stats.preemptions,
+        "cpu_kv_blocks_held": r.engine.cpu_tier_len(),
+        "shared_kv_blocks_held": r.engine.shared_store_len(),
     }))
     .into_response()
 }

@@ -135,6 +135,8 @@ async fn a_prefix_evicted_from_the_gpu_is_loaded_from_the_cpu_tier_not_recompute
     assert_eq!(again.timing.ttft(), prefill_step(&config, 64, 1, load));
     assert!(again.timing.ttft() < first.timing.ttft());
 
+    assert_eq!(e.cpu_tier_len(), 4 + 7);
+    assert_eq!(e.shared_store_len(), 0);
     let t = tier_stats(&e);
     assert_eq!(t.hit_tokens, [0, 64, 0, 0]);
     assert_eq!(t.load_seconds[Tier::Cpu.index()], load.as_secs_f64());
