@@ -125,7 +125,14 @@ async fn a_prefix_evicted_from_the_gpu_is_loaded_from_the_cpu_tier_not_recompute
     // 113 other tokens take all 8 GPU blocks: a's blocks leave the GPU (not the CPU tier).
     collect(e.submit(req(tokens(1000, 113), 1)).unwrap()).await;
 
-    let (_, again) = collect(e.submit(req(a, 1)).unwrap()).await;
+    let mut events = e.subscribe_kv_events();
+    let (_, again) = collect(e.submit(req(a.clone(), 1)).unwrap()).await;
+    // The loaded blocks are GPU blocks again, announced with their tokens as vLLM does after a
+    // load; the CPU tier already had them (nothing new there).
+    let decoded = drain_decoded(&mut events);
+    let ha = block_hashes(chain_root(None), &a, 16);
+    assert_eq!(stored(&decoded, Medium::Gpu), [(ha, 64)]);
+    assert!(stored(&decoded, Medium::Cpu).is_empty());
     let load = config.kv_tiers.load_time(Tier::Cpu, 64);
     assert_eq!(load, Duration::from_nanos(335_544));
     assert_eq!(
