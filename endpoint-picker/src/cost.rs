@@ -23,6 +23,33 @@
 //!
 //! A hot prefix held by one replica stops attracting requests once its queue makes it slower
 //! than recomputing the prefix elsewhere: no threshold, the comparison of costs does it.
+//!
+//! ## Tiers
+//!
+//! With KV-cache tiers (vLLM CPU offloading, LMCache's CPU, disk and shared backends, a peer
+//! pulled point to point), the prompt splits into what the GPU cache holds (free), what is
+//! loaded from a tier and what is recomputed ([`TierCosts::place`]):
+//!
+//! ```text
+//! load      = Σ_tier tokens_tier × kv_bytes_per_token / bandwidth_tier
+//! uncached  = prompt − gpu − Σ_tier tokens_tier     tokens recomputed
+//! ttft      = k · (prefill · t_token + steps · (t_step + decoding · t_seq) + load)
+//! ```
+//!
+//! with `prefill = queued + uncached` as above: loading precedes the sequence's prefill, in
+//! the engine step that schedules it (the tiers contract). Defaults (Llama-3.1-8B fp16: 2 × 32
+//! layers × 8 KV heads × 128 × 2 bytes = 131,072 bytes per token): CPU 25 GB/s (≈ 5.2 µs per
+//! token), shared store 10 GB/s and peer 10 GB/s (≈ 13 µs), against ≈ 30 µs to recompute. A
+//! bandwidth of 0 ignores the tier (its tokens are recomputed).
+//!
+//! The engine decides what it loads from its own tiers: LMCache's connector loads every hit
+//! beyond vLLM's GPU hit (`get_num_new_matched_tokens`, the only gate being its
+//! `min_retrieve_tokens`), and vLLM's offloading connector loads every hit too; neither
+//! compares with recomputing. So the CPU, disk and shared tiers are charged whenever they hold
+//! blocks, as the engine will load them. A peer pull happens only when the EPP names the peer
+//! (`x-kv-cache-source-host-port`), so the EPP decides it: the peer is counted only when its
+//! per-token load is cheaper than recomputing, and the header follows the prediction
+//! (`Cost::peer`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -103,6 +130,101 @@ impl EngineCosts {
         // so a decode step is the batch's own cost.
         let tpot = per_step + (backlog.decoding + 1) as f64 * per_seq;
         Prediction { ttft, tpot }
+    }
+}
+
+/// Bytes of KV cache per token of Llama-3.1-8B in fp16 (the tiers contract).
+pub const DEFAULT_KV_BYTES_PER_TOKEN: u64 = 131_072;
+
+/// What loading KV blocks from each tier costs. Bandwidths in GB/s (10⁹ bytes per second);
+/// 0 ignores the tier.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TierCosts {
+    /// Bytes of KV cache per token (all layers, K and V).
+    pub kv_bytes_per_token: u64,
+    /// Host memory → GPU (vLLM CPU offloading, LMCache's local CPU backend).
+    pub cpu_gbps: f64,
+    /// Local disk → GPU (LMCache's local disk backend). No default figure: ignored.
+    pub disk_gbps: f64,
+    /// The store shared by the pool → GPU (LMCache's remote backend).
+    pub shared_gbps: f64,
+    /// Another replica → GPU (LMCache P2P, NIXL), when the EPP names the peer.
+    pub peer_gbps: f64,
+}
+
+impl Default for TierCosts {
+    /// The tiers contract's figures.
+    fn default() -> Self {
+        Self {
+            kv_bytes_per_token: DEFAULT_KV_BYTES_PER_TOKEN,
+            cpu_gbps: 25.0,
+            disk_gbps: 0.0,
+            shared_gbps: 10.0,
+            peer_gbps: 10.0,
+        }
+    }
+}
+
+/// How one request's prompt would be served on one replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Placement {
+    /// Prompt tokens recomputed.
+    pub recompute: u64,
+    /// Prompt tokens read from the replica's GPU cache.
+    pub gpu: u64,
+    /// Seconds spent loading the tiers' tokens.
+    pub load_seconds: f64,
+    /// Whether the peer's tokens are pulled.
+    pub peer: bool,
+}
+
+impl TierCosts {
+    /// Seconds to load one token at `gbps` (`None` for an ignored tier).
+    pub fn seconds_per_token(&self, gbps: f64) -> Option<f64> {
+        (gbps.is_finite() && gbps > 0.0).then(|| self.kv_bytes_per_token as f64 / (gbps * 1e9))
+    }
+
+    /// Splits a `prompt`-token request over the tiers `hits` describes. `recompute_per_token`
+    /// (seconds) decides the one tier the EPP chooses, the peer. Counts beyond the prompt are
+    /// cut, in tier order (GPU, CPU, disk, shared, peer).
+    pub fn place(
+        &self,
+        prompt: u64,
+        hits: &crate::scheduling::TierTokens,
+        recompute_per_token: f64,
+    ) -> Placement {
+        let mut left = prompt;
+        let mut take = |n: u64| {
+            let n = n.min(left);
+            left -= n;
+            n
+        };
+        let gpu = take(hits.gpu);
+        let mut load = 0.0;
+        for (tokens, gbps) in [
+            (hits.cpu, self.cpu_gbps),
+            (hits.disk, self.disk_gbps),
+            (hits.shared, self.shared_gbps),
+        ] {
+            if let Some(per_token) = self.seconds_per_token(gbps) {
+                load += take(tokens) as f64 * per_token;
+            }
+        }
+        let mut peer = false;
+        if let Some(per_token) = self.seconds_per_token(self.peer_gbps)
+            && per_token < recompute_per_token
+            && hits.peer > 0
+        {
+            let n = take(hits.peer);
+            load += n as f64 * per_token;
+            peer = n > 0;
+        }
+        Placement {
+            recompute: left,
+            gpu,
+            load_seconds: load,
+            peer,
+        }
     }
 }
 
@@ -284,6 +406,51 @@ mod tests {
             cal.observe(predicted, Duration::from_secs(100));
         }
         assert!(cal.factor() <= 8.0 + 1e-9, "{}", cal.factor());
+    }
+
+    fn hits(gpu: u64, cpu: u64, shared: u64, peer: u64) -> crate::scheduling::TierTokens {
+        crate::scheduling::TierTokens {
+            gpu,
+            cpu,
+            shared,
+            peer,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tier_loads_follow_the_contract_figures() {
+        let t = TierCosts::default();
+        let us = |gbps| t.seconds_per_token(gbps).unwrap() * 1e6;
+        assert!((us(25.0) - 5.243).abs() < 1e-3, "{}", us(25.0));
+        assert!((us(10.0) - 13.107).abs() < 1e-3, "{}", us(10.0));
+        assert_eq!(t.seconds_per_token(0.0), None);
+        // 1,000 prompt tokens: 400 on the GPU, 300 in CPU memory, 200 in the store, 100
+        // recomputed; the counts past the prompt are cut.
+        let p = t.place(1000, &hits(400, 300, 200, 0), 30e-6);
+        assert_eq!((p.gpu, p.recompute, p.peer), (400, 100, false));
+        let want = 300.0 * 131_072.0 / 25e9 + 200.0 * 131_072.0 / 10e9;
+        assert!((p.load_seconds - want).abs() < 1e-12);
+        let p = t.place(500, &hits(400, 300, 200, 0), 30e-6);
+        assert_eq!((p.gpu, p.recompute), (400, 0));
+        // An ignored tier is recomputed.
+        let no_cpu = TierCosts {
+            cpu_gbps: 0.0,
+            ..t
+        };
+        assert_eq!(no_cpu.place(1000, &hits(400, 300, 0, 0), 30e-6).recompute, 600);
+    }
+
+    #[test]
+    fn a_peer_is_pulled_only_when_loading_beats_recomputing() {
+        let t = TierCosts::default();
+        let p = t.place(1000, &hits(0, 0, 0, 800), 30e-6);
+        assert!(p.peer);
+        assert_eq!(p.recompute, 200);
+        // Recomputing at 10 µs a token beats a 13 µs pull.
+        let p = t.place(1000, &hits(0, 0, 0, 800), 10e-6);
+        assert!(!p.peer);
+        assert_eq!((p.recompute, p.load_seconds), (1000, 0.0));
     }
 
     #[test]

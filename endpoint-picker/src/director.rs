@@ -227,6 +227,9 @@ pub struct Routed {
     pub result: SchedulingResult,
     /// Whether the model name was rewritten (the response must be rewritten back).
     pub rewritten: bool,
+    /// Upstream request headers the plugins set (lowercase names, each one of
+    /// [`crate::scheduling::INTERNAL_REQUEST_HEADERS`]), e.g. `x-kv-cache-source-host-port`.
+    pub headers: Vec<(&'static str, String)>,
     in_flight: Option<InFlightGuard>,
     /// The request's count in its adapter's demand (LoRA placement): held, never read, so
     /// that dropping the request releases it.
@@ -485,6 +488,7 @@ impl Director {
         scheduler.produce(request, &candidates, &mut state);
         let result = scheduler.schedule(request, &state, &candidates, explain)?;
         scheduler.pre_request(request, &state, &result);
+        let headers = scheduler.request_headers(request, &state, &result);
         let targets: Vec<Arc<Endpoint>> = result
             .primary_targets()
             .iter()
@@ -514,6 +518,7 @@ impl Director {
             targets,
             result,
             rewritten: request.target_model != request.model && !request.model.is_empty(),
+            headers,
             in_flight: guard,
             _lora_demand: lora_demand,
         })

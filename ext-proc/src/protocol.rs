@@ -21,6 +21,10 @@ pub const LB_NAMESPACE: &str = "envoy.lb";
 /// Subset hint namespace.
 pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
 
+/// Upstream request headers only the EPP's plugins set (a client's copy is always removed),
+/// e.g. `x-kv-cache-source-host-port` (`p2p-source-producer`).
+pub use endpoint_picker::scheduling::{INTERNAL_REQUEST_HEADERS, KV_CACHE_SOURCE_HEADER};
+
 /// `x-request-id` (generated when absent).
 pub const REQUEST_ID: &str = "x-request-id";
 

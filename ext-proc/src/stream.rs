@@ -63,7 +63,7 @@ use crate::error::RequestError;
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::protocol::{
     self, ControlHeader, DECISION_HEADER, DEFAULT_FAIRNESS_ID, DESTINATION_ENDPOINT,
-    DESTINATION_SERVED, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID,
+    DESTINATION_SERVED, INTERNAL_REQUEST_HEADERS, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID,
 };
 use crate::recorder::{Completion, RecordKey, Recorder, Scheduled};
 use crate::untrusted::Untrusted;
@@ -733,13 +733,23 @@ impl StreamState {
         for (k, v) in self.ctx.recorder.trace_headers(&tracing::Span::current()) {
             set.push(envoy::set_header(k, &v));
         }
-        // Client-sent routing headers other than the one set here are removed.
+        // Headers the plugins set for the model server (`x-kv-cache-source-host-port`).
+        for (k, v) in &routed.headers {
+            set.push(envoy::set_header(k, v));
+        }
+        // Client-sent routing headers other than those set here are removed: the EPP's own
+        // (`x-gateway-destination-endpoint*`) and those a model server or its sidecar acts on.
         let remove: Vec<String> = self
             .headers
             .iter()
             .map(|(k, _)| k)
             .filter(|k| {
-                k.starts_with(PROTECTED_HEADER_PREFIX) && k.as_str() != DESTINATION_ENDPOINT
+                let internal = (k.starts_with(PROTECTED_HEADER_PREFIX)
+                    && k.as_str() != DESTINATION_ENDPOINT)
+                    || INTERNAL_REQUEST_HEADERS
+                        .iter()
+                        .any(|h| k.eq_ignore_ascii_case(h));
+                internal && !routed.headers.iter().any(|(h, _)| k.eq_ignore_ascii_case(h))
             })
             .cloned()
             .collect();

@@ -8,6 +8,7 @@ use yaml_serde::Value;
 use super::ConfigError;
 use super::params::Params;
 use crate::scheduling::plugins::cost::TtftCostProducer;
+use crate::scheduling::plugins::p2p::P2pSourceProducer;
 use crate::scheduling::plugins::precise::PrecisePrefixCacheProducer;
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;
 use crate::scheduling::plugins::response::{ResponsePlugin, ScorerResponse};
@@ -127,6 +128,16 @@ impl<'a> Plugins<'a> {
         self.iter()
             .filter_map(|i| match &i.built {
                 Built::CostProducer(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The `p2p-source-producer`s.
+    pub(super) fn p2p_producers(&self) -> Vec<Arc<P2pSourceProducer>> {
+        self.iter()
+            .filter_map(|i| match &i.built {
+                Built::P2pSource(p) => Some(p.clone()),
                 _ => None,
             })
             .collect()

@@ -215,7 +215,7 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     let prefix_producers = plugins.prefix_producers();
     let precise_producers = plugins.precise_producers();
     // The prefix matches first (the approximate one, then the precise one that falls back on
-    // it): the cost model reads them.
+    // it), then the peer sources: the cost model reads them all.
     let producers = prefix_producers
         .iter()
         .map(|p| p.clone() as Arc<dyn DataProducer>)
@@ -223,6 +223,12 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
             precise_producers
                 .iter()
                 .map(|p| p.clone() as Arc<dyn DataProducer>),
+        )
+        .chain(
+            plugins
+                .p2p_producers()
+                .into_iter()
+                .map(|p| p as Arc<dyn DataProducer>),
         )
         .chain(
             plugins
@@ -345,7 +351,10 @@ fn ensure_prefix_producer(
                 .iter()
                 .find(|i| {
                     matches!(i.type_name, "no-hit-lru-scorer")
-                        || matches!(i.built, Built::CostProducer(_) | Built::PreciseScorer(_))
+                        || matches!(
+                            i.built,
+                            Built::CostProducer(_) | Built::PreciseScorer(_) | Built::P2pSource(_)
+                        )
                 })
                 .map(|i| (i, None))
         });
@@ -441,6 +450,7 @@ fn belongs_in_profile(built: &Built) -> bool {
         Built::ProfileHandler(_)
         | Built::PrefixProducer(_)
         | Built::CostProducer(_)
+        | Built::P2pSource(_)
         | Built::TokenProducer(_)
         | Built::Response(_)
         | Built::MetricsSource(_)
@@ -503,6 +513,7 @@ fn build_profile(spec: &types::ProfileSpec, plugins: &Plugins<'_>) -> Result<Pro
             Built::ProfileHandler(_)
             | Built::PrefixProducer(_)
             | Built::CostProducer(_)
+            | Built::P2pSource(_)
             | Built::TokenProducer(_)
             | Built::Response(_)
             | Built::MetricsSource(_)

@@ -184,14 +184,24 @@ impl Applied {
 /// One endpoint's match of a request.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EndpointMatch {
-    /// Leading blocks of the request the endpoint holds, in any tier.
+    /// Leading blocks of the request the endpoint can use: held in one of its own tiers, or
+    /// in the shared store ([`SharedMedia`]).
     pub blocks: u32,
     /// Those blocks weighted by their best tier's weight.
     pub weighted: f64,
-    /// Of those blocks, how many are best held in each tier ([`tier`] order).
+    /// Of those blocks, how many the endpoint holds itself, by the tier it would read them
+    /// from ([`tier`] order; the fastest: GPU, then CPU, then disk, then a medium that is not
+    /// shared). Blocks in a shared medium are never counted here.
     pub by_tier: [u32; 4],
+    /// Of those blocks, how many only the shared store provides (the endpoint holds no copy).
+    /// `blocks = Σ by_tier + shared`.
+    pub shared: u32,
+    /// Leading blocks the endpoint holds in its own tiers, without the shared store: what a
+    /// peer could pull from it.
+    pub local_run: u32,
     candidate: bool,
     last_tier: u8,
+    last_weight: f64,
 }
 
 /// The result of a lookup, by endpoint id. Reusable across lookups.
@@ -201,6 +211,53 @@ pub struct Lookup {
     pub total_blocks: usize,
     /// By endpoint id; endpoints that were not candidates match nothing.
     pub by_endpoint: Vec<EndpointMatch>,
+    /// Leading blocks of the request the shared store holds (what any endpoint can load).
+    pub shared_run: u32,
+    /// Scratch: shared blocks among the first `i` keys, at `i`.
+    shared_before: Vec<u32>,
+}
+
+/// Which media are one store shared by every endpoint of the pool (LMCache's remote backend):
+/// a block one endpoint announces in such a medium counts for all of them. A bit set over
+/// [`tier`] indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedMedia(u8);
+
+impl Default for SharedMedia {
+    /// `REMOTE` only (the tiers contract: one store shared by every replica).
+    fn default() -> Self {
+        Self::NONE.with(Medium::Remote)
+    }
+}
+
+impl SharedMedia {
+    /// No medium is shared: every entry counts only for its endpoint.
+    pub const NONE: Self = Self(0);
+
+    /// This set and `medium`.
+    pub const fn with(self, medium: Medium) -> Self {
+        Self(self.0 | 1 << tier_const(medium))
+    }
+
+    /// Whether `medium` is shared.
+    #[inline]
+    pub fn contains(self, medium: Medium) -> bool {
+        self.0 & (1 << tier(medium)) != 0
+    }
+
+    /// The shared media, in [`tier`] order.
+    pub fn iter(self) -> impl Iterator<Item = Medium> {
+        MEDIA.into_iter().filter(move |m| self.contains(*m))
+    }
+}
+
+const fn tier_const(medium: Medium) -> usize {
+    match medium {
+        Medium::Gpu => 0,
+        Medium::Cpu => 1,
+        Medium::Disk => 2,
+        Medium::Remote => 3,
+    }
 }
 
 impl Lookup {
@@ -724,18 +781,28 @@ impl KvIndex {
 
     // === lookup ===
 
-    /// For each candidate, the longest run of `keys` from the first that it holds (any tier),
-    /// weighted by each block's best tier. Endpoints not among `candidates` match nothing.
-    /// Speculative entries count as GPU hits. Takes `&self`: recency is not changed by lookups.
+    /// For each candidate, the longest run of `keys` from the first that it can use: blocks it
+    /// holds in any of its tiers, or that the shared store holds (a block in a medium of
+    /// `shared`, announced by any endpoint, candidate or not). Each block counts in the tier
+    /// the endpoint would read it from and is weighted by the best weight among the copies it
+    /// can use. Endpoints not among `candidates` match nothing. Speculative entries count as
+    /// GPU hits. Takes `&self`: recency is not changed by lookups.
+    ///
+    /// Costs one pass over the request's entries plus one over the candidates; a shared block
+    /// is never visited per endpoint (an endpoint's run bridges shared gaps when its next own
+    /// block comes, and extends over a trailing shared run at the end).
     pub fn lookup(
         &self,
         keys: &[u64],
         candidates: impl IntoIterator<Item = EndpointId>,
         weights: &TierWeights,
+        shared: SharedMedia,
         out: &mut Lookup,
     ) {
         out.total_blocks = keys.len();
         out.by_endpoint.clear();
+        out.shared_before.clear();
+        out.shared_before.push(0);
         for id in candidates {
             let i = id.0 as usize;
             if out.by_endpoint.len() <= i {
@@ -743,13 +810,28 @@ impl KvIndex {
             }
             out.by_endpoint[i].candidate = true;
         }
+        let shared_weight = shared
+            .iter()
+            .map(|m| weights.of(m))
+            .fold(0.0f64, f64::max);
+        // Shared blocks among keys[a..b].
+        let shared_between =
+            |before: &[u32], a: u32, b: u32| before[b as usize] - before[a as usize];
         for (i, &key) in keys.iter().enumerate() {
             let Some(entries) = self.keys.get(key) else {
                 break;
             };
             let i = i as u32;
+            let shared_here = entries
+                .iter()
+                .any(|e| !e.speculative && shared.contains(e.medium));
+            let before = out.shared_before[i as usize];
+            out.shared_before.push(before + u32::from(shared_here));
             let mut advanced = false;
             for e in entries {
+                if shared.contains(e.medium) {
+                    continue;
+                }
                 let Some(m) = out.by_endpoint.get_mut(e.endpoint as usize) else {
                     continue;
                 };
@@ -758,26 +840,66 @@ impl KvIndex {
                 }
                 let t = tier(e.medium);
                 let w = weights.0[t];
-                if m.blocks == i {
-                    m.blocks += 1;
-                    m.weighted += w;
-                    m.by_tier[t] += 1;
-                    m.last_tier = t as u8;
-                    advanced = true;
-                } else if m.blocks == i + 1 {
-                    // A second copy of this block on the endpoint: count its best tier.
+                if m.local_run == i {
+                    m.local_run += 1;
+                }
+                // A copy of a block the store also holds weighs at least the store's.
+                let w = if shared_here { w.max(shared_weight) } else { w };
+                if m.blocks == i + 1 {
+                    // A second copy of this block on the endpoint: read from the faster tier,
+                    // weighted by the better one.
                     let lt = m.last_tier as usize;
-                    if w > weights.0[lt] {
-                        m.weighted += w - weights.0[lt];
+                    if t < lt {
                         m.by_tier[lt] -= 1;
                         m.by_tier[t] += 1;
                         m.last_tier = t as u8;
                     }
+                    if w > m.last_weight {
+                        m.weighted += w - m.last_weight;
+                        m.last_weight = w;
+                    }
+                    continue;
                 }
+                // Blocks between the endpoint's run and this one: usable if the store has
+                // them all.
+                let gap = i - m.blocks;
+                if gap > 0 && shared_between(&out.shared_before, m.blocks, i) != gap {
+                    continue;
+                }
+                m.shared += gap;
+                m.weighted += f64::from(gap) * shared_weight;
+                m.blocks = i + 1;
+                m.by_tier[t] += 1;
+                m.last_tier = t as u8;
+                m.weighted += w;
+                m.last_weight = w;
+                advanced = true;
             }
-            if !advanced {
+            if !advanced && !shared_here {
                 break;
             }
+        }
+        // Turn the counts into the length of the shared run from each block on (in place,
+        // from the end), then extend every endpoint's run over the shared blocks after it.
+        let runs = &mut out.shared_before;
+        let seen = runs.len() - 1;
+        let any_shared = runs[seen] > 0;
+        let mut after = runs[seen];
+        runs[seen] = 0;
+        for j in (0..seen).rev() {
+            let here = runs[j];
+            runs[j] = if after - here == 1 { runs[j + 1] + 1 } else { 0 };
+            after = here;
+        }
+        out.shared_run = runs[0];
+        if !any_shared {
+            return;
+        }
+        for m in out.by_endpoint.iter_mut().filter(|m| m.candidate) {
+            let extra = runs.get(m.blocks as usize).copied().unwrap_or(0);
+            m.shared += extra;
+            m.blocks += extra;
+            m.weighted += f64::from(extra) * shared_weight;
         }
     }
 }

@@ -16,7 +16,9 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
-pub use index::{Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, TierWeights};
+pub use index::{
+    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, SharedMedia, TierWeights,
+};
 pub use keys::{HashAlgorithm, KeyHasher};
 
 use crate::datastore::EndpointId;

@@ -105,6 +105,69 @@ pub struct CycleState {
     pub in_flight: InFlightCounts,
     /// The cost model's predictions, when a cost producer ran.
     pub costs: Option<Costs>,
+    /// The peers a chosen endpoint may pull KV blocks from, when `p2p-source-producer` ran
+    /// (it runs before the cost producer, which charges the pull).
+    pub p2p: Option<PeerSources>,
+}
+
+/// Where an endpoint would get the prompt tokens it does not compute, by tier (the tiers
+/// contract: its GPU cache, its CPU and disk tiers, the store shared by the pool, a peer).
+/// Each count is a leading run of the prompt, the next tier's after the previous one's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierTokens {
+    /// In its GPU prefix cache: free.
+    pub gpu: u64,
+    /// In its own CPU tier (vLLM CPU offloading, LMCache's local CPU backend).
+    pub cpu: u64,
+    /// In its own disk tier.
+    pub disk: u64,
+    /// In the store every endpoint shares (LMCache's remote backend), not held locally.
+    pub shared: u64,
+    /// What a peer holds beyond all of the above, when `p2p-source-producer` ran and the peer
+    /// holds at least its `minCachedTokenDelta` more.
+    pub peer: u64,
+    /// That peer.
+    pub peer_endpoint: Option<EndpointId>,
+}
+
+impl TierTokens {
+    /// Tokens the endpoint can use without a peer: its own tiers and the shared store.
+    pub fn own(&self) -> u64 {
+        self.gpu + self.cpu + self.disk + self.shared
+    }
+}
+
+/// The peers of one request that hold its prefix, for `p2p-source-producer` and the cost
+/// model. Only endpoints whose blocks can be pulled count (their own tiers, never the shared
+/// store, which every endpoint reads itself).
+#[derive(Debug, Clone, Default)]
+pub struct PeerSources {
+    /// A peer pull is worth naming only past this many more cached tokens than the target's
+    /// own (llm-d's `minCachedTokenDelta`).
+    pub min_delta_tokens: u64,
+    /// The source chosen for this request and the prompt tokens it can serve.
+    pub best: Option<(Arc<Endpoint>, u64)>,
+    /// The best source other than `best` (for when `best` is the target itself).
+    pub second: Option<(Arc<Endpoint>, u64)>,
+}
+
+impl PeerSources {
+    /// The peer `target` would pull from and the tokens it holds, whatever the delta.
+    pub fn source_for(&self, target: EndpointId) -> Option<(&Arc<Endpoint>, u64)> {
+        let pick = match &self.best {
+            Some((e, _)) if e.id == target => self.second.as_ref(),
+            other => other.as_ref(),
+        };
+        pick.map(|(e, t)| (e, *t)).filter(|(e, _)| e.id != target)
+    }
+
+    /// The peer worth pulling from for a target that has `own` tokens already, with the
+    /// extra tokens it brings: `None` below the minimum delta.
+    pub fn extra_for(&self, target: EndpointId, own: u64) -> Option<(&Arc<Endpoint>, u64)> {
+        let (peer, held) = self.source_for(target)?;
+        let extra = held.saturating_sub(own);
+        (extra > 0 && extra >= self.min_delta_tokens).then_some((peer, extra))
+    }
 }
 
 /// What the cost model predicts for this request on each candidate, indexed by endpoint id.
@@ -122,8 +185,14 @@ pub struct Cost {
     pub predicted: Prediction,
     /// The TTFT the uncorrected model gave, seconds.
     pub raw_ttft: f64,
-    /// This request's prompt tokens that endpoint would compute (not cached there).
+    /// What this request adds to that endpoint's prefill queue, in prompt tokens: those it
+    /// would compute (cached in no tier it loads from) plus its tier loads expressed as the
+    /// tokens computing takes as long.
     pub uncached_tokens: u64,
+    /// Seconds of KV loading from the CPU, disk, shared and peer tiers in the prediction.
+    pub load_seconds: f64,
+    /// The peer the prediction pulls from (the `x-kv-cache-source-host-port` to send).
+    pub peer: Option<EndpointId>,
     /// What the scorer minimises, seconds (see the cost scorer).
     pub objective: f64,
 }
@@ -138,8 +207,32 @@ impl Costs {
 }
 
 impl CycleState {
-    /// Prompt tokens `endpoint` is believed to cache: the precise index's count where it
-    /// trusts the endpoint's events, else the approximate index's.
+    /// Where `endpoint` would get this request's cached prompt tokens, by tier: the precise
+    /// index's tiers where it trusts the endpoint's events (plus a peer when
+    /// `p2p-source-producer` ran), else the approximate index's count as GPU tokens (and the
+    /// shared store's run beyond it).
+    pub fn tier_tokens(&self, endpoint: &Endpoint) -> TierTokens {
+        let mut t = match &self.precise {
+            Some(m) => m.tier_tokens(endpoint, self.prefix.as_ref()),
+            None => TierTokens {
+                gpu: self.cached_tokens(endpoint),
+                ..TierTokens::default()
+            },
+        };
+        if let Some((peer, extra)) = self
+            .p2p
+            .as_ref()
+            .and_then(|p| p.extra_for(endpoint.id, t.own()))
+        {
+            t.peer = extra;
+            t.peer_endpoint = Some(peer.id);
+        }
+        t
+    }
+
+    /// Prompt tokens `endpoint` is believed to cache (in any tier it reads itself, the shared
+    /// store included): the precise index's count where it trusts the endpoint's events, else
+    /// the approximate index's.
     pub fn cached_tokens(&self, endpoint: &Endpoint) -> u64 {
         match &self.precise {
             Some(m) => m.cached_tokens(endpoint, self.prefix.as_ref()),
@@ -157,6 +250,7 @@ impl CycleState {
             precise: None,
             in_flight: InFlightCounts::default(),
             costs: None,
+            p2p: None,
         }
     }
 }
@@ -297,6 +391,19 @@ pub trait DataProducer: Plugin {
     ) {
     }
 
+    /// Called once the request has been scheduled: the headers this producer sets on the
+    /// upstream request (llm-d's `PreRequest` header mutations, e.g. `p2p-source-producer`).
+    /// Names must be lowercase and listed in [`INTERNAL_REQUEST_HEADERS`] so that a client's
+    /// copy is always removed.
+    fn request_headers(
+        &self,
+        _request: &InferenceRequest,
+        _state: &CycleState,
+        _result: &super::SchedulingResult,
+        _headers: &mut Vec<(&'static str, String)>,
+    ) {
+    }
+
     /// Called when the pool's membership changed.
     fn pool_changed(&self, _snapshot: &PoolSnapshot) {}
 
@@ -305,6 +412,22 @@ pub trait DataProducer: Plugin {
         None
     }
 }
+
+/// The upstream request headers only the EPP sets: a client's copy is removed from every
+/// request, whether or not a plugin sets the header (llm-d's `InternalRoutingHeaders`, which
+/// its request handler drops from the client's headers and removes unless a plugin set them:
+/// `llm-d/llm-d-router@02405f3:pkg/epp/handlers/request.go`). A model server or its sidecar
+/// acts on these (pulls KV from the named peer), so a client must never choose them.
+pub const INTERNAL_REQUEST_HEADERS: [&str; 4] = [
+    KV_CACHE_SOURCE_HEADER,
+    "x-prefiller-host-port",
+    "x-encoder-hosts-ports",
+    "x-data-parallel-host-port",
+];
+
+/// llm-d's header naming the peer (`ip:port`, as the pool lists it) the target pulls the
+/// request's KV blocks from instead of recomputing them (`p2p-source-producer`).
+pub const KV_CACHE_SOURCE_HEADER: &str = "x-kv-cache-source-host-port";
 
 /// Where in a scheduling cycle a plugin ran: the reference's `extension_point` label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,8 +18,9 @@ use rand::rngs::SmallRng;
 use crate::request::InferenceRequest;
 pub use framework::{
     Candidate, Cost, Costs, CycleState, DataProducer, EndpointLoad, ExtensionPoint, Filter,
-    InFlightCounts, LoadReading, Picker, Plugin, PluginObserver, PrefixMatch, ProfileHandler,
-    Scored, ScoredCandidate, Scorer,
+    INTERNAL_REQUEST_HEADERS, InFlightCounts, KV_CACHE_SOURCE_HEADER, LoadReading, PeerSources,
+    Picker, Plugin, PluginObserver, PrefixMatch, ProfileHandler, Scored, ScoredCandidate, Scorer,
+    TierTokens,
 };
 
 /// One scheduling profile.
@@ -247,6 +248,21 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// The upstream request headers the producers set once `result` is decided (empty for
+    /// most configs: no allocation then).
+    pub fn request_headers(
+        &self,
+        request: &InferenceRequest,
+        state: &CycleState,
+        result: &SchedulingResult,
+    ) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        for p in &self.producers {
+            p.request_headers(request, state, result, &mut headers);
+        }
+        headers
     }
 
     /// Schedules one request over `candidates`.

@@ -16,6 +16,7 @@ use crate::flow::policy::{FairnessPolicy, OrderingPolicy, UsageLimitPolicy};
 use crate::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::scheduling::plugins::compat;
 use crate::scheduling::plugins::cost::{LatencySloFilter, TtftCostProducer, TtftCostScorer};
+use crate::scheduling::plugins::p2p::P2pSourceProducer;
 use crate::scheduling::plugins::filters::{
     ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, LoraAdapterFilter,
 };
@@ -83,6 +84,9 @@ pub enum Built {
     PreciseScorer(Arc<PrecisePrefixCacheScorer>),
     /// The cost model's producer (runs after the prefix producers, whose match it reads).
     CostProducer(Arc<TtftCostProducer>),
+    /// `p2p-source-producer` (runs after the prefix producers and before the cost producer,
+    /// which charges the pulls it proposes).
+    P2pSource(Arc<P2pSourceProducer>),
     /// A `token-producer`'s settings: the binary builds its tokenizer (the heavy dependencies
     /// stay out of this crate) and runs it before scheduling, off the async threads.
     TokenProducer(TokenProducerConfig),
@@ -250,6 +254,12 @@ pub static REGISTRY: &[Entry] = &[
         Ok(Built::CostProducer(Arc::new(
             TtftCostProducer::from_params(p)?,
         )))
+    }),
+    // llm-d's: names the peer to pull KV blocks from (`x-kv-cache-source-host-port`).
+    Entry::new("p2p-source-producer", Role::DataProducer, |p| {
+        Ok(Built::P2pSource(Arc::new(P2pSourceProducer::from_params(
+            p,
+        )?)))
     }),
     // llm-d's `token-producer` (backends `estimate`, llm-d's default, and our `local`).
     Entry::new("token-producer", Role::DataProducer, |p| {
@@ -432,9 +442,10 @@ impl Built {
             Built::Scorer(_) | Built::PreciseScorer(_) => Role::Scorer,
             Built::Picker(_) => Role::Picker,
             Built::ProfileHandler(_) => Role::ProfileHandler,
-            Built::PrefixProducer(_) | Built::CostProducer(_) | Built::TokenProducer(_) => {
-                Role::DataProducer
-            }
+            Built::PrefixProducer(_)
+            | Built::CostProducer(_)
+            | Built::P2pSource(_)
+            | Built::TokenProducer(_) => Role::DataProducer,
             Built::SaturationDetector(_) => Role::SaturationDetector,
             Built::Fairness(_) => Role::FairnessPolicy,
             Built::Ordering(_) => Role::OrderingPolicy,
@@ -527,6 +538,7 @@ mod tests {
             Built::ProfileHandler(h) => h.as_ref(),
             Built::PrefixProducer(p) => p.as_ref(),
             Built::CostProducer(p) => p.as_ref(),
+            Built::P2pSource(p) => p.as_ref(),
             Built::SaturationDetector(d) => d.as_ref(),
             Built::Fairness(f) => return Some(f.type_name()),
             Built::Ordering(o) => return Some(o.type_name()),

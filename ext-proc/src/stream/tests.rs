@@ -426,11 +426,20 @@ async fn client_routing_headers_are_removed_and_unfit_request_ids_replaced() {
             ("x-gateway-destination-endpoint-served", "6.6.6.6:80"),
             ("x-gateway-destination-endpoint", "6.6.6.6:80"),
             ("x-request-id", "id\u{1b}[2J"),
+            // A peer for the model server to pull KV blocks from: the EPP's to name.
+            ("x-kv-cache-source-host-port", "6.6.6.6:80"),
         ],
     );
     let a = routing_answer(&out[0]);
     assert!(a.destination().starts_with("10.0.0.1"));
-    assert_eq!(a.remove, ["x-gateway-destination-endpoint-served"]);
+    assert_eq!(
+        a.remove,
+        [
+            "x-gateway-destination-endpoint-served",
+            "x-kv-cache-source-host-port"
+        ]
+    );
+    assert_eq!(a.header("x-kv-cache-source-host-port"), None);
     assert_eq!(a.header("x-request-id").map(str::len), Some(36));
     let mut s = h.stream();
     send_chat(&mut s, "m", &[("x-request-id", "abc-123")]);

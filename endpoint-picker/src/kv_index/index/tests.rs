@@ -76,9 +76,83 @@ fn lookup(index: &KvIndex, keys: &[u64], candidates: &[u32]) -> Lookup {
         keys,
         candidates.iter().map(|&i| ep(i)),
         &TierWeights::default(),
+        SharedMedia::default(),
         &mut out,
     );
     out
+}
+
+fn lookup_shared(index: &KvIndex, keys: &[u64], candidates: &[u32], shared: SharedMedia) -> Lookup {
+    let mut out = Lookup::default();
+    index.lookup(
+        keys,
+        candidates.iter().map(|&i| ep(i)),
+        &TierWeights::default(),
+        shared,
+        &mut out,
+    );
+    out
+}
+
+/// A copy of blocks `blocks` of `seq` in `medium`, announced by hash only (vLLM's offloading,
+/// LMCache's backends).
+fn copied(seq: u32, blocks: std::ops::Range<u32>, medium: Medium) -> Event {
+    Event::BlockStored(BlockStored {
+        block_hashes: blocks.map(|b| engine_hash(seq, b)).collect(),
+        parent_block_hash: None,
+        token_ids: vec![],
+        block_size: BS as u32,
+        lora_id: None,
+        lora_name: None,
+        medium,
+    })
+}
+
+/// The tiers contract: a block in the shared store counts for every endpoint, whoever wrote
+/// it; a CPU copy only for its own; a peer's run is its own tiers' only.
+#[test]
+fn the_shared_store_counts_for_every_endpoint_and_bridges_their_runs() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    // Endpoint 0 computed blocks 0..6 of sequence 1 and wrote 0..4 to the store and 0..6 to
+    // its CPU tier; then its GPU evicted 2..6.
+    idx.apply(ep(0), MODEL, &batch(vec![stored(1, 0..6, Medium::Gpu)]), now);
+    idx.apply(ep(0), MODEL, &batch(vec![copied(1, 0..4, Medium::Remote)]), now);
+    idx.apply(ep(0), MODEL, &batch(vec![copied(1, 0..6, Medium::Cpu)]), now);
+    idx.apply(ep(0), MODEL, &batch(vec![removed(1, 2..6, Medium::Gpu)]), now);
+    // Endpoint 1 holds block 0 and, beyond the store's run, blocks 4..5 on its GPU (it
+    // computed the whole prompt once; its GPU evicted 1..4 and 5..).
+    idx.apply(ep(1), MODEL, &batch(vec![stored(1, 0..6, Medium::Gpu)]), now);
+    idx.apply(ep(1), MODEL, &batch(vec![removed(1, 1..4, Medium::Gpu)]), now);
+    idx.apply(ep(1), MODEL, &batch(vec![removed(1, 5..6, Medium::Gpu)]), now);
+    let keys = request(1, 8);
+
+    let l = lookup_shared(&idx, &keys, &[0, 1, 2], SharedMedia::default());
+    assert_eq!(l.shared_run, 4);
+    let (m0, m1, m2) = (l.of(ep(0)), l.of(ep(1)), l.of(ep(2)));
+    // Endpoint 0: 2 on the GPU, 4 in its CPU tier (its own store copies need no load).
+    assert_eq!((m0.blocks, m0.by_tier, m0.shared, m0.local_run), (6, [2, 4, 0, 0], 0, 6));
+    // Endpoint 1: block 0 on its GPU, 1..4 from the store, then its own block 4.
+    assert_eq!((m1.blocks, m1.by_tier, m1.shared, m1.local_run), (5, [2, 0, 0, 0], 3, 1));
+    // Endpoint 2 holds nothing: the store's run.
+    assert_eq!((m2.blocks, m2.by_tier, m2.shared, m2.local_run), (4, [0; 4], 4, 0));
+    // A shared block weighs the remote weight (1.0 by default), a CPU one 0.8 unless shared.
+    assert!((m2.weighted - 4.0).abs() < 1e-12, "{}", m2.weighted);
+    assert!((m0.weighted - (4.0 + 2.0 * 0.8)).abs() < 1e-12, "{}", m0.weighted);
+    // The writer need not be a candidate for its store blocks to count.
+    let l = lookup_shared(&idx, &keys, &[2], SharedMedia::default());
+    assert_eq!(l.of(ep(2)).blocks, 4);
+
+    // With nothing shared (llm-d's behaviour) a REMOTE copy is its writer's own.
+    let l = lookup_shared(&idx, &keys, &[0, 1, 2], SharedMedia::NONE);
+    assert_eq!((l.shared_run, blocks(&l, 1), blocks(&l, 2)), (0, 1, 0));
+    assert_eq!(l.of(ep(0)).by_tier, [2, 4, 0, 0]);
+
+    // The store evicts block 1 (its writer says so): the runs that went through it stop.
+    idx.apply(ep(0), MODEL, &batch(vec![removed(1, 1..2, Medium::Remote)]), now);
+    let l = lookup_shared(&idx, &keys, &[0, 1, 2], SharedMedia::default());
+    assert_eq!(l.shared_run, 1);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1), blocks(&l, 2)), (6, 1, 1));
 }
 
 fn blocks(l: &Lookup, i: u32) -> u32 {
@@ -617,7 +691,8 @@ proptest! {
             let s = l.score(id);
             prop_assert!((0.0..=1.0).contains(&s), "score {}", s);
             prop_assert!(m.blocks as usize <= keys.len());
-            prop_assert_eq!(m.by_tier.iter().sum::<u32>(), m.blocks);
+            prop_assert_eq!(m.by_tier.iter().sum::<u32>() + m.shared, m.blocks);
+            prop_assert!(m.local_run <= m.blocks);
         }
     }
 }

@@ -3,7 +3,10 @@
 //! - `ttft-cost-producer` predicts, for the request on every candidate, its time to first token
 //!   and per output token, from the EPP's own load on that replica (exact and current), the
 //!   engine's reported queue and batch (for traffic other EPPs sent), what the prefix index
-//!   says the replica caches, and the replica's calibration. It runs after the prefix producer.
+//!   says the replica caches and in which tier (GPU, CPU, disk, the shared store, a peer named
+//!   by `p2p-source-producer`: each tier's tokens cost their load time instead of their
+//!   prefill, [`crate::cost::TierCosts`]), and the replica's calibration. It runs after the
+//!   prefix producers and `p2p-source-producer`.
 //! - `ttft-cost-scorer` scores each candidate by the cheapest objective over its own:
 //!   `min / objective`, so the cheapest replica scores 1.
 //! - `latency-slo-filter` keeps the candidates predicted to meet the request's
@@ -16,7 +19,7 @@ use serde::Deserialize;
 
 use crate::config::ConfigError;
 use crate::config::params::Params;
-use crate::cost::{Backlog, EngineCosts};
+use crate::cost::{Backlog, EngineCosts, TierCosts};
 use crate::request::InferenceRequest;
 use crate::scheduling::{Candidate, Cost, Costs, CycleState, DataProducer, Filter, Plugin, Scorer};
 
@@ -41,7 +44,21 @@ struct ProducerYaml {
     decode_weight: Option<f64>,
     eviction_weight: Option<f64>,
     default_output_tokens: Option<i64>,
+    kv_bytes_per_token: Option<i64>,
+    #[serde(rename = "cpuLoadGBps")]
+    cpu_load_gbps: Option<f64>,
+    #[serde(rename = "diskLoadGBps")]
+    disk_load_gbps: Option<f64>,
+    #[serde(rename = "sharedLoadGBps")]
+    shared_load_gbps: Option<f64>,
+    #[serde(rename = "peerLoadGBps")]
+    peer_load_gbps: Option<f64>,
 }
+
+/// The fastest link a load bandwidth may claim, GB/s (beyond any NVLink or PCIe there is).
+const MAX_LOAD_GBPS: f64 = 10_000.0;
+/// The most KV bytes per token a model may claim (a 1 GiB token is no model's).
+const MAX_KV_BYTES_PER_TOKEN: usize = 1 << 30;
 
 /// Predicts each candidate's cost for the request into [`CycleState::costs`].
 #[derive(Debug)]
@@ -58,6 +75,8 @@ pub struct TtftCostProducer {
     pub eviction_weight: f64,
     /// Output tokens assumed when the request names none.
     pub default_output_tokens: u32,
+    /// What loading from each KV tier costs.
+    pub tiers: TierCosts,
 }
 
 impl Default for TtftCostProducer {
@@ -68,14 +87,17 @@ impl Default for TtftCostProducer {
             decode_weight: 0.25,
             eviction_weight: DEFAULT_EVICTION_WEIGHT,
             default_output_tokens: DEFAULT_OUTPUT_TOKENS,
+            tiers: TierCosts::default(),
         }
     }
 }
 
 impl TtftCostProducer {
     /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
-    /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]) and
-    /// `defaultOutputTokens`.
+    /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]),
+    /// `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
+    /// `cpuLoadGBps` (25), `diskLoadGBps` (0), `sharedLoadGBps` (10), `peerLoadGBps` (10), each
+    /// in [0, 10000] GB/s, 0 ignoring the tier.
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
         let y: ProducerYaml = p.decode()?;
         let mut out = Self {
@@ -118,6 +140,26 @@ impl TtftCostProducer {
         if let Some(n) = p.positive("defaultOutputTokens", y.default_output_tokens)? {
             out.default_output_tokens = n.min(u32::MAX as usize) as u32;
         }
+        if let Some(n) = p.positive("kvBytesPerToken", y.kv_bytes_per_token)? {
+            if n > MAX_KV_BYTES_PER_TOKEN {
+                return Err(p.invalid("kvBytesPerToken", "at most 1073741824"));
+            }
+            out.tiers.kv_bytes_per_token = n as u64;
+        }
+        for (name, value, slot) in [
+            ("cpuLoadGBps", y.cpu_load_gbps, &mut out.tiers.cpu_gbps),
+            ("diskLoadGBps", y.disk_load_gbps, &mut out.tiers.disk_gbps),
+            ("sharedLoadGBps", y.shared_load_gbps, &mut out.tiers.shared_gbps),
+            ("peerLoadGBps", y.peer_load_gbps, &mut out.tiers.peer_gbps),
+        ] {
+            match value {
+                Some(v) if !(v.is_finite() && (0.0..=MAX_LOAD_GBPS).contains(&v)) => {
+                    return Err(p.invalid(name, "must be in [0, 10000] GB/s (0 ignores the tier)"));
+                }
+                Some(v) => *slot = v,
+                None => {}
+            }
+        }
         Ok(out)
     }
 
@@ -130,8 +172,10 @@ impl TtftCostProducer {
         prompt_tokens: u64,
     ) -> Cost {
         let endpoint = &candidate.endpoint;
-        let cached = state.cached_tokens(endpoint);
-        let uncached = prompt_tokens.saturating_sub(cached);
+        let per_token = self.engine.per_token.as_secs_f64();
+        let hits = state.tier_tokens(endpoint);
+        let placed = self.tiers.place(prompt_tokens, &hits, per_token);
+        let uncached = placed.recompute;
         let load = state.in_flight.load(endpoint.id);
         let own = load.map(|l| l.read()).unwrap_or_default();
         let engine = &candidate.metrics;
@@ -143,7 +187,8 @@ impl TtftCostProducer {
             decoding: (own.requests - own.prefilling.min(own.requests))
                 .max(engine.running_requests.saturating_sub(own.prefilling)),
         };
-        let raw = self.engine.predict(backlog, uncached);
+        let mut raw = self.engine.predict(backlog, uncached);
+        raw.ttft += placed.load_seconds;
         let k = load.map_or(1.0, |l| l.calibration.factor());
         let predicted = crate::cost::Prediction {
             ttft: raw.ttft * k,
@@ -153,22 +198,32 @@ impl TtftCostProducer {
             .max_tokens
             .unwrap_or(self.default_output_tokens)
             .min(MAX_OBJECTIVE_OUTPUT_TOKENS);
-        // The blocks this prompt computes evict what the replica caches for others, about as
-        // many as it is full: their recomputation later is a cost of placing it here. Without
-        // it, a cold prefix goes wherever the queue is shortest and copies of every prefix
-        // crowd each other out under cache pressure (whatif: hit rate 36 % instead of 50 %).
+        // The blocks this prompt brings into the GPU cache (computed or loaded) evict what the
+        // replica caches for others, about as many as it is full: their recomputation later is
+        // a cost of placing it here. Without it, a cold prefix goes wherever the queue is
+        // shortest and copies of every prefix crowd each other out under cache pressure
+        // (whatif: hit rate 36 % instead of 50 %).
+        let placed_on_gpu = prompt_tokens.saturating_sub(placed.gpu);
         let eviction = self.eviction_weight
             * engine.kv_cache_usage.clamp(0.0, 1.0)
-            * uncached as f64
-            * self.engine.per_token.as_secs_f64()
+            * placed_on_gpu as f64
+            * per_token
             * k;
         let objective = predicted.ttft
             + self.decode_weight * f64::from(output.saturating_sub(1)) * predicted.tpot
             + eviction;
+        // The load delays the prefill queue as computing this many tokens would.
+        let load_as_tokens = if per_token > 0.0 {
+            (placed.load_seconds / per_token).ceil() as u64
+        } else {
+            0
+        };
         Cost {
             predicted,
             raw_ttft: raw.ttft,
-            uncached_tokens: uncached,
+            uncached_tokens: uncached.saturating_add(load_as_tokens),
+            load_seconds: placed.load_seconds,
+            peer: hits.peer_endpoint.filter(|_| placed.peer),
             objective,
         }
     }

@@ -3,6 +3,7 @@
 pub mod compat;
 pub mod cost;
 pub mod filters;
+pub mod p2p;
 pub mod pickers;
 pub mod precise;
 pub mod prefix;

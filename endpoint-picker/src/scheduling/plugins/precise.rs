@@ -19,7 +19,16 @@
 //!       podDiscoveryConfig: {socketPort: 5557, replaySocketPort: 0}
 //!     speculativeIndexing: false
 //!     speculativeTTL: 2s
+//!     sharedMedia: [remote]        # Switchyard's: media that are one store for the pool
 //! ```
+//!
+//! `sharedMedia` (this EPP's own parameter, default `[remote]`, the tiers contract) names the
+//! media that are one store shared by every endpoint of the pool, as LMCache's remote backend
+//! is: a block an endpoint announces there (`BlockStored` with `medium: "REMOTE"`) counts for
+//! every endpoint, since each can load it. `[]` makes every medium per endpoint (llm-d's
+//! behaviour). The lookup reports, per endpoint, the blocks it holds by tier, those only the
+//! store provides, and its own run (what a peer could pull from it): the cost model and
+//! `p2p-source-producer` read them ([`PreciseMatch::tier_tokens`]).
 //!
 //! The producer half computes the request's keys from its token ids (`InferenceRequest::
 //! token_ids`, filled by the token producer) and looks them up once per request; the scorer half
@@ -33,6 +42,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kv_events::Medium;
 use serde::Deserialize;
 
 use super::scorers::plugin_named;
@@ -42,11 +52,12 @@ use crate::datastore::{Endpoint, PoolSnapshot};
 use crate::kv_index::index::{DEFAULT_MAX_ENDPOINTS_PER_KEY, DEFAULT_MAX_KEYS, MEDIA, tier};
 use crate::kv_index::keys::DEFAULT_BLOCK_SIZE;
 use crate::kv_index::{
-    HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedKvIndex, StreamState, TierWeights,
+    HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedKvIndex, SharedMedia, StreamState,
+    TierWeights,
 };
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{
-    Candidate, CycleState, DataProducer, Plugin, PrefixMatch, Scorer,
+    Candidate, CycleState, DataProducer, Plugin, PrefixMatch, Scorer, TierTokens,
 };
 
 /// The most blocks of one request that are hashed and looked up: 256 Ki tokens at the default
@@ -101,6 +112,8 @@ pub struct PreciseParams {
     pub speculative_indexing: bool,
     /// `kvEventsConfig`.
     pub events: KvEventsSettings,
+    /// `sharedMedia`: the media that are one store for the whole pool.
+    pub shared: SharedMedia,
 }
 
 impl Default for PreciseParams {
@@ -113,6 +126,7 @@ impl Default for PreciseParams {
             weights: TierWeights::default(),
             speculative_indexing: false,
             events: KvEventsSettings::default(),
+            shared: SharedMedia::default(),
         }
     }
 }
@@ -128,6 +142,7 @@ struct PreciseYaml {
     speculative_indexing: Option<bool>,
     #[serde(rename = "speculativeTTL")]
     speculative_ttl: Option<String>,
+    shared_media: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -311,6 +326,26 @@ impl PreciseParams {
             }
         }
 
+        if let Some(media) = y.shared_media {
+            let mut shared = SharedMedia::NONE;
+            for name in media {
+                let medium = kv_events::Medium::parse(&name).ok_or_else(|| {
+                    p.invalid(
+                        "sharedMedia",
+                        format!("unknown tier {name:?} (gpu, cpu, disk, remote)"),
+                    )
+                })?;
+                if medium == kv_events::Medium::Gpu {
+                    return Err(p.invalid(
+                        "sharedMedia",
+                        "gpu is each engine's own cache, never shared",
+                    ));
+                }
+                shared = shared.with(medium);
+            }
+            out.shared = shared;
+        }
+
         let ev = y.kv_events_config.unwrap_or_default();
         if let Some(engine) = ev.engine_type.filter(|e| !e.is_empty() && e != "vllm") {
             return Err(p.invalid(
@@ -425,8 +460,51 @@ impl PreciseMatch {
         }
     }
 
-    /// Cached prompt tokens per tier (GPU, CPU, disk, remote) on a trusted endpoint; `None`
-    /// for an endpoint scored from the approximate index (which knows no tiers).
+    /// Where the endpoint would get its cached prompt tokens, by tier. A trusted endpoint: its
+    /// own tiers (a medium that is not shared but not GPU, CPU or disk either, i.e. `REMOTE`
+    /// with `sharedMedia: []`, is read like the store) and the store's blocks it holds no
+    /// copy of. Any other: the approximate index's tokens as GPU ones, and the store's run
+    /// beyond them. No peer (the caller adds it).
+    pub fn tier_tokens(&self, endpoint: &Endpoint, approx: Option<&PrefixMatch>) -> TierTokens {
+        let bt = self.block_tokens as u64;
+        let tokens = |blocks: u32| u64::from(blocks).saturating_mul(bt);
+        if self.is_trusted(endpoint) {
+            let m = self.lookup.of(endpoint.id);
+            TierTokens {
+                gpu: tokens(m.by_tier[tier(Medium::Gpu)]),
+                cpu: tokens(m.by_tier[tier(Medium::Cpu)]),
+                disk: tokens(m.by_tier[tier(Medium::Disk)]),
+                shared: tokens(m.shared + m.by_tier[tier(Medium::Remote)]),
+                ..TierTokens::default()
+            }
+        } else {
+            let gpu = approx.map_or(0, |m| {
+                u64::from(m.matched_blocks(endpoint)).saturating_mul(m.block_tokens as u64)
+            });
+            TierTokens {
+                gpu,
+                shared: tokens(self.lookup.shared_run).saturating_sub(gpu),
+                ..TierTokens::default()
+            }
+        }
+    }
+
+    /// Prompt tokens a peer could pull from the endpoint: the leading run it holds in its own
+    /// tiers (never the shared store); the approximate index's count when not trusted.
+    pub fn source_tokens(&self, endpoint: &Endpoint, approx: Option<&PrefixMatch>) -> u64 {
+        if self.is_trusted(endpoint) {
+            u64::from(self.lookup.of(endpoint.id).local_run)
+                .saturating_mul(self.block_tokens as u64)
+        } else {
+            approx.map_or(0, |m| {
+                u64::from(m.matched_blocks(endpoint)).saturating_mul(m.block_tokens as u64)
+            })
+        }
+    }
+
+    /// Cached prompt tokens per tier (GPU, CPU, disk, remote) on a trusted endpoint, the
+    /// shared store's blocks it holds no copy of counted as remote; `None` for an endpoint
+    /// scored from the approximate index (which knows no tiers).
     pub fn cached_tokens_by_tier(&self, endpoint: &Endpoint) -> Option<[u64; 4]> {
         self.is_trusted(endpoint).then(|| {
             let m = self.lookup.of(endpoint.id);
@@ -435,6 +513,7 @@ impl PreciseMatch {
                 let t = tier(medium);
                 out[t] = u64::from(m.by_tier[t]).saturating_mul(self.block_tokens as u64);
             }
+            out[tier(Medium::Remote)] += u64::from(m.shared) * self.block_tokens as u64;
             out
         })
     }
@@ -495,6 +574,7 @@ impl DataProducer for PrecisePrefixCacheProducer {
                 &keys,
                 candidates.iter().map(|c| c.endpoint.id),
                 &self.params.weights,
+                self.params.shared,
                 &mut lookup,
             )
         });
