@@ -534,4 +534,94 @@ mod tests {
         );
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
+
+    /// Tier tokens for the first candidate only, through a precise match built by hand.
+    fn with_tiers(s: &Setup, st: &mut CycleState, by_endpoint: &[(usize, [u32; 4], u32)]) {
+        use crate::kv_index::{EndpointMatch, Lookup};
+        use crate::scheduling::plugins::precise::PreciseMatch;
+        let bound = s.candidates.iter().map(|c| c.endpoint.id.0 as usize + 1).max().unwrap();
+        let mut lookup = Lookup::default();
+        lookup.total_blocks = 400;
+        lookup.by_endpoint = vec![EndpointMatch::default(); bound];
+        for &(i, by_tier, shared) in by_endpoint {
+            let m = &mut lookup.by_endpoint[s.candidates[i].endpoint.id.0 as usize];
+            m.by_tier = by_tier;
+            m.shared = shared;
+            m.blocks = by_tier.iter().sum::<u32>() + shared;
+            m.local_run = by_tier.iter().sum::<u32>();
+        }
+        st.precise = Some(PreciseMatch {
+            keys: vec![0; 400],
+            lookup,
+            trusted: vec![true; bound],
+            block_tokens: 16,
+        });
+    }
+
+    fn ttft(s: &Setup, st: &mut CycleState, req: &InferenceRequest, i: usize) -> f64 {
+        TtftCostProducer::default().produce(req, &s.candidates, st);
+        st.costs.as_ref().unwrap().of(&s.candidates[i].endpoint).unwrap().predicted.ttft
+    }
+
+    /// 6,400 prompt tokens, 6,000 of them held: on the GPU, in CPU memory, nowhere.
+    #[test]
+    fn a_cpu_hit_is_faster_than_recomputing_and_slower_than_a_gpu_hit() {
+        let s = setup(1, &[0]);
+        let req = request(6_400);
+        let mut st = state(&s);
+        with_tiers(&s, &mut st, &[(0, [375, 0, 0, 0], 0)]);
+        let gpu = ttft(&s, &mut st, &req, 0);
+        let mut st = state(&s);
+        with_tiers(&s, &mut st, &[(0, [0, 375, 0, 0], 0)]);
+        let cpu = ttft(&s, &mut st, &req, 0);
+        let cost = *st.costs.as_ref().unwrap().of(&s.candidates[0].endpoint).unwrap();
+        let mut st = state(&s);
+        let cold = ttft(&s, &mut st, &req, 0);
+        assert!(gpu < cpu && cpu < cold, "{gpu} {cpu} {cold}");
+        // The load: 6,000 tokens × 131,072 bytes at 25 GB/s.
+        let load = 6_000.0 * 131_072.0 / 25e9;
+        assert!((cost.load_seconds - load).abs() < 1e-12);
+        assert!((cpu - gpu - load).abs() < 1e-9, "{cpu} {gpu} {load}");
+        // It queues as the 400 computed tokens plus the load as prefill-equivalent tokens.
+        assert_eq!(cost.uncached_tokens, 400 + (load / 30e-6).ceil() as u64);
+        // A CPU tier the config ignores is recomputed.
+        let mut st = state(&s);
+        with_tiers(&s, &mut st, &[(0, [0, 375, 0, 0], 0)]);
+        let ignoring = TtftCostProducer {
+            tiers: crate::cost::TierCosts {
+                cpu_gbps: 0.0,
+                ..Default::default()
+            },
+            ..TtftCostProducer::default()
+        };
+        ignoring.produce(&req, &s.candidates, &mut st);
+        let c = st.costs.as_ref().unwrap().of(&s.candidates[0].endpoint).unwrap();
+        assert!((c.predicted.ttft - cold).abs() < 1e-12);
+    }
+
+    /// The store's blocks count for every endpoint: each gets cheaper, none is preferred.
+    #[test]
+    fn a_shared_store_hit_makes_every_endpoint_cheaper() {
+        let s = setup(3, &[0, 0, 0]);
+        let req = request(6_400);
+        let mut st = state(&s);
+        let cold: Vec<f64> = (0..3).map(|i| ttft(&s, &mut st, &req, i)).collect();
+        let mut st = state(&s);
+        with_tiers(&s, &mut st, &[(0, [0; 4], 375), (1, [0; 4], 375), (2, [0; 4], 375)]);
+        let warm: Vec<f64> = (0..3).map(|i| ttft(&s, &mut st, &req, i)).collect();
+        for i in 0..3 {
+            assert!(warm[i] < cold[i], "{warm:?} {cold:?}");
+            assert!((warm[i] - warm[0]).abs() < 1e-12);
+        }
+        // Through the state's own rule: an endpoint the precise index does not trust still
+        // gets the store's run beyond its approximate match.
+        let mut st = state(&s);
+        with_tiers(&s, &mut st, &[]);
+        if let Some(m) = st.precise.as_mut() {
+            m.trusted = vec![false; m.trusted.len()];
+            m.lookup.shared_run = 375;
+        }
+        let t = st.tier_tokens(&s.candidates[1].endpoint);
+        assert_eq!((t.gpu, t.shared), (0, 6_000));
+    }
 }
