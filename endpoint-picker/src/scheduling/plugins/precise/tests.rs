@@ -291,3 +291,51 @@ schedulingProfiles:
     );
     assert!(c.precise_producers[0].params.speculative_indexing);
 }
+
+#[test]
+fn shared_media_are_a_parameter_with_remote_by_default() {
+    use crate::kv_index::SharedMedia;
+    let (d, _) = params("{}").unwrap();
+    assert_eq!(d.shared, SharedMedia::default());
+    assert!(d.shared.contains(Medium::Remote) && !d.shared.contains(Medium::Cpu));
+    let (p, _) = params("{sharedMedia: [remote, disk]}").unwrap();
+    assert!(p.shared.contains(Medium::Disk) && p.shared.contains(Medium::Remote));
+    let (none, _) = params("{sharedMedia: []}").unwrap();
+    assert_eq!(none.shared, SharedMedia::NONE);
+    for bad in ["{sharedMedia: [gpu]}", "{sharedMedia: [tape]}"] {
+        let err = params(bad).unwrap_err().to_string();
+        assert!(err.contains("sharedMedia"), "{bad}: {err}");
+    }
+}
+
+/// A block one endpoint wrote to the shared store is a hit for every endpoint, in the tier
+/// the cost model charges the store's bandwidth for.
+#[test]
+fn the_store_written_by_one_endpoint_serves_all_of_them() {
+    let s = scorer(false);
+    let approx = ApproxPrefixCacheProducer::new("a", PrefixParams::default());
+    let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+    let index = s.producer.index();
+    let now = Instant::now();
+    for e in &c {
+        index.set_stream(e.endpoint.id, StreamState::Live);
+    }
+    index.apply(c[0].endpoint.id, "m", &stored(1, 4), now);
+    let mut remote = stored(1, 4);
+    if let Event::BlockStored(b) = &mut remote.events[0] {
+        b.token_ids.clear();
+        b.medium = Medium::Remote;
+    }
+    index.apply(c[0].endpoint.id, "m", &remote, now);
+    let req = request(1, 4, "");
+    let (scores, state) = scores(&s, &approx, &req, &c);
+    assert_eq!(scores, vec![1.0, 1.0]);
+    let t0 = state.tier_tokens(&c[0].endpoint);
+    let t1 = state.tier_tokens(&c[1].endpoint);
+    assert_eq!((t0.gpu, t0.shared), (16, 0));
+    assert_eq!((t1.gpu, t1.shared), (0, 16));
+    let m = state.precise.as_ref().unwrap();
+    assert_eq!(m.cached_tokens_by_tier(&c[1].endpoint), Some([0, 0, 0, 16]));
+    assert_eq!(m.source_tokens(&c[1].endpoint, None), 0, "the store is no peer");
+    assert_eq!(m.source_tokens(&c[0].endpoint, None), 16);
+}
