@@ -32,6 +32,25 @@ fn plain_configmap_plugin_config_loads() {
     load("manifests/epp/configmap.yaml", text);
 }
 
+/// The LMCache sample's config: precise index with tiers, the tier-aware cost model and
+/// `p2p-source-producer`.
+#[test]
+fn lmcache_sample_plugin_config_loads() {
+    let path = manifests().join("samples/vllm-lmcache-llama3-8b-epp.yaml");
+    let cm = &docs(&path)[0];
+    let text = cm["data"]["default-plugins.yaml"].as_str().unwrap();
+    load("manifests/samples/vllm-lmcache-llama3-8b-epp.yaml", text);
+    let loaded = endpoint_picker::config::load(text, 1).unwrap();
+    let producers: Vec<&str> = loaded
+        .scheduler
+        .producers()
+        .iter()
+        .map(|p| p.type_name())
+        .collect();
+    assert!(producers.contains(&"p2p-source-producer"), "{producers:?}");
+    assert_eq!(loaded.precise_producers.len(), 1);
+}
+
 #[test]
 fn chart_plugin_configs_load_for_every_engine_and_value_set() {
     let chart = manifests().join("charts/switchyard-inferencepool");
