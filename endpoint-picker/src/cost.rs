@@ -434,11 +434,11 @@ mod tests {
         let p = t.place(500, &hits(400, 300, 200, 0), 30e-6);
         assert_eq!((p.gpu, p.recompute), (400, 0));
         // An ignored tier is recomputed.
-        let no_cpu = TierCosts {
-            cpu_gbps: 0.0,
-            ..t
-        };
-        assert_eq!(no_cpu.place(1000, &hits(400, 300, 0, 0), 30e-6).recompute, 600);
+        let no_cpu = TierCosts { cpu_gbps: 0.0, ..t };
+        assert_eq!(
+            no_cpu.place(1000, &hits(400, 300, 0, 0), 30e-6).recompute,
+            600
+        );
     }
 
     #[test]

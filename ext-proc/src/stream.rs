@@ -63,7 +63,8 @@ use crate::error::RequestError;
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::protocol::{
     self, ControlHeader, DECISION_HEADER, DEFAULT_FAIRNESS_ID, DESTINATION_ENDPOINT,
-    DESTINATION_SERVED, INTERNAL_REQUEST_HEADERS, LB_NAMESPACE, PROTECTED_HEADER_PREFIX, REQUEST_ID,
+    DESTINATION_SERVED, INTERNAL_REQUEST_HEADERS, LB_NAMESPACE, PROTECTED_HEADER_PREFIX,
+    REQUEST_ID,
 };
 use crate::recorder::{Completion, RecordKey, Recorder, Scheduled};
 use crate::untrusted::Untrusted;
@@ -749,7 +750,11 @@ impl StreamState {
                     || INTERNAL_REQUEST_HEADERS
                         .iter()
                         .any(|h| k.eq_ignore_ascii_case(h));
-                internal && !routed.headers.iter().any(|(h, _)| k.eq_ignore_ascii_case(h))
+                internal
+                    && !routed
+                        .headers
+                        .iter()
+                        .any(|(h, _)| k.eq_ignore_ascii_case(h))
             })
             .cloned()
             .collect();

@@ -810,10 +810,7 @@ impl KvIndex {
             }
             out.by_endpoint[i].candidate = true;
         }
-        let shared_weight = shared
-            .iter()
-            .map(|m| weights.of(m))
-            .fold(0.0f64, f64::max);
+        let shared_weight = shared.iter().map(|m| weights.of(m)).fold(0.0f64, f64::max);
         // Shared blocks among keys[a..b].
         let shared_between =
             |before: &[u32], a: u32, b: u32| before[b as usize] - before[a as usize];
@@ -888,7 +885,11 @@ impl KvIndex {
         runs[seen] = 0;
         for j in (0..seen).rev() {
             let here = runs[j];
-            runs[j] = if after - here == 1 { runs[j + 1] + 1 } else { 0 };
+            runs[j] = if after - here == 1 {
+                runs[j + 1] + 1
+            } else {
+                0
+            };
             after = here;
         }
         out.shared_run = runs[0];

@@ -16,10 +16,10 @@ use crate::flow::policy::{FairnessPolicy, OrderingPolicy, UsageLimitPolicy};
 use crate::saturation::{ConcurrencyDetector, SaturationDetector, UtilizationDetector};
 use crate::scheduling::plugins::compat;
 use crate::scheduling::plugins::cost::{LatencySloFilter, TtftCostProducer, TtftCostScorer};
-use crate::scheduling::plugins::p2p::P2pSourceProducer;
 use crate::scheduling::plugins::filters::{
     ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, LoraAdapterFilter,
 };
+use crate::scheduling::plugins::p2p::P2pSourceProducer;
 use crate::scheduling::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::scheduling::plugins::precise::PrecisePrefixCacheScorer;
 use crate::scheduling::plugins::prefix::ApproxPrefixCacheProducer;

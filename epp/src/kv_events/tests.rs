@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 use endpoint_picker::datastore::{EndpointSpec, PoolSpec};
-use endpoint_picker::kv_index::{HashAlgorithm, IndexLimits, KeyHasher, Lookup, TierWeights};
+use endpoint_picker::kv_index::{
+    HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedMedia, TierWeights,
+};
 use kv_events::{BlockStored, Event, Medium};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -140,7 +142,13 @@ fn held(index: &SharedKvIndex, id: EndpointId, content: u32) -> u32 {
         .prompt_keys("m", None, &tokens(content), usize::MAX);
     let mut out = Lookup::default();
     index.read(Instant::now(), |i| {
-        i.lookup(&keys, [id], &TierWeights::default(), &mut out)
+        i.lookup(
+            &keys,
+            [id],
+            &TierWeights::default(),
+            SharedMedia::default(),
+            &mut out,
+        )
     });
     out.of(id).blocks
 }

@@ -116,29 +116,77 @@ fn the_shared_store_counts_for_every_endpoint_and_bridges_their_runs() {
     let now = Instant::now();
     // Endpoint 0 computed blocks 0..6 of sequence 1 and wrote 0..4 to the store and 0..6 to
     // its CPU tier; then its GPU evicted 2..6.
-    idx.apply(ep(0), MODEL, &batch(vec![stored(1, 0..6, Medium::Gpu)]), now);
-    idx.apply(ep(0), MODEL, &batch(vec![copied(1, 0..4, Medium::Remote)]), now);
-    idx.apply(ep(0), MODEL, &batch(vec![copied(1, 0..6, Medium::Cpu)]), now);
-    idx.apply(ep(0), MODEL, &batch(vec![removed(1, 2..6, Medium::Gpu)]), now);
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..6, Medium::Gpu)]),
+        now,
+    );
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![copied(1, 0..4, Medium::Remote)]),
+        now,
+    );
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![copied(1, 0..6, Medium::Cpu)]),
+        now,
+    );
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![removed(1, 2..6, Medium::Gpu)]),
+        now,
+    );
     // Endpoint 1 holds block 0 and, beyond the store's run, blocks 4..5 on its GPU (it
     // computed the whole prompt once; its GPU evicted 1..4 and 5..).
-    idx.apply(ep(1), MODEL, &batch(vec![stored(1, 0..6, Medium::Gpu)]), now);
-    idx.apply(ep(1), MODEL, &batch(vec![removed(1, 1..4, Medium::Gpu)]), now);
-    idx.apply(ep(1), MODEL, &batch(vec![removed(1, 5..6, Medium::Gpu)]), now);
+    idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![stored(1, 0..6, Medium::Gpu)]),
+        now,
+    );
+    idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![removed(1, 1..4, Medium::Gpu)]),
+        now,
+    );
+    idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![removed(1, 5..6, Medium::Gpu)]),
+        now,
+    );
     let keys = request(1, 8);
 
     let l = lookup_shared(&idx, &keys, &[0, 1, 2], SharedMedia::default());
     assert_eq!(l.shared_run, 4);
     let (m0, m1, m2) = (l.of(ep(0)), l.of(ep(1)), l.of(ep(2)));
     // Endpoint 0: 2 on the GPU, 4 in its CPU tier (its own store copies need no load).
-    assert_eq!((m0.blocks, m0.by_tier, m0.shared, m0.local_run), (6, [2, 4, 0, 0], 0, 6));
+    assert_eq!(
+        (m0.blocks, m0.by_tier, m0.shared, m0.local_run),
+        (6, [2, 4, 0, 0], 0, 6)
+    );
     // Endpoint 1: block 0 on its GPU, 1..4 from the store, then its own block 4.
-    assert_eq!((m1.blocks, m1.by_tier, m1.shared, m1.local_run), (5, [2, 0, 0, 0], 3, 1));
+    assert_eq!(
+        (m1.blocks, m1.by_tier, m1.shared, m1.local_run),
+        (5, [2, 0, 0, 0], 3, 1)
+    );
     // Endpoint 2 holds nothing: the store's run.
-    assert_eq!((m2.blocks, m2.by_tier, m2.shared, m2.local_run), (4, [0; 4], 4, 0));
+    assert_eq!(
+        (m2.blocks, m2.by_tier, m2.shared, m2.local_run),
+        (4, [0; 4], 4, 0)
+    );
     // A shared block weighs the remote weight (1.0 by default), a CPU one 0.8 unless shared.
     assert!((m2.weighted - 4.0).abs() < 1e-12, "{}", m2.weighted);
-    assert!((m0.weighted - (4.0 + 2.0 * 0.8)).abs() < 1e-12, "{}", m0.weighted);
+    assert!(
+        (m0.weighted - (4.0 + 2.0 * 0.8)).abs() < 1e-12,
+        "{}",
+        m0.weighted
+    );
     // The writer need not be a candidate for its store blocks to count.
     let l = lookup_shared(&idx, &keys, &[2], SharedMedia::default());
     assert_eq!(l.of(ep(2)).blocks, 4);
@@ -149,7 +197,12 @@ fn the_shared_store_counts_for_every_endpoint_and_bridges_their_runs() {
     assert_eq!(l.of(ep(0)).by_tier, [2, 4, 0, 0]);
 
     // The store evicts block 1 (its writer says so): the runs that went through it stop.
-    idx.apply(ep(0), MODEL, &batch(vec![removed(1, 1..2, Medium::Remote)]), now);
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![removed(1, 1..2, Medium::Remote)]),
+        now,
+    );
     let l = lookup_shared(&idx, &keys, &[0, 1, 2], SharedMedia::default());
     assert_eq!(l.shared_run, 1);
     assert_eq!((blocks(&l, 0), blocks(&l, 1), blocks(&l, 2)), (6, 1, 1));
@@ -607,6 +660,13 @@ enum Op {
     Clear {
         endpoint: u32,
     },
+    /// A tier copy announced by hash only: to the shared store (`remote`) or the CPU tier.
+    Copy {
+        endpoint: u32,
+        seq: u32,
+        len: u32,
+        remote: bool,
+    },
     Speculate {
         endpoint: u32,
         seq: u32,
@@ -629,6 +689,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (endpoint.clone(), seq.clone(), 0..8u32, 1..4u32, any::<bool>())
             .prop_map(|(endpoint, seq, from, len, cpu)| Op::Remove { endpoint, seq, from, len, cpu }),
         1 => endpoint.clone().prop_map(|endpoint| Op::Clear { endpoint }),
+        2 => (endpoint.clone(), seq.clone(), 1..6u32, any::<bool>())
+            .prop_map(|(endpoint, seq, len, remote)| Op::Copy { endpoint, seq, len, remote }),
         2 => (endpoint, seq, 1..8u32).prop_map(|(endpoint, seq, len)| Op::Speculate { endpoint, seq, len }),
         1 => (0..3_000u64).prop_map(|millis| Op::Advance { millis }),
         1 => (0..6u32).prop_map(|keep_below| Op::Retain { keep_below }),
@@ -671,6 +733,10 @@ proptest! {
                 Op::Clear { endpoint } => {
                     idx.apply(ep(endpoint), MODEL, &batch(vec![Event::AllBlocksCleared]), now);
                 }
+                Op::Copy { endpoint, seq, len, remote } => {
+                    let m = if remote { Medium::Remote } else { Medium::Cpu };
+                    idx.apply(ep(endpoint), MODEL, &batch(vec![copied(seq, 0..len, m)]), now);
+                }
                 Op::Speculate { endpoint, seq, len } => idx.speculate(ep(endpoint), &request(seq, len), now),
                 Op::Advance { millis } => {
                     now += Duration::from_millis(millis);
@@ -693,6 +759,16 @@ proptest! {
             prop_assert!(m.blocks as usize <= keys.len());
             prop_assert_eq!(m.by_tier.iter().sum::<u32>() + m.shared, m.blocks);
             prop_assert!(m.local_run <= m.blocks);
+            if l.is_candidate(id) {
+                prop_assert!(m.blocks >= l.shared_run, "the store's run counts for everyone");
+            }
+        }
+        // Sharing nothing, no endpoint matches more than when the store is shared.
+        let own = lookup_shared(&idx, &keys, &candidates, SharedMedia::NONE);
+        prop_assert_eq!(own.shared_run, 0);
+        for (mine, shared) in own.by_endpoint.iter().zip(&l.by_endpoint) {
+            prop_assert_eq!(mine.shared, 0);
+            prop_assert!(mine.blocks <= shared.blocks);
         }
     }
 }

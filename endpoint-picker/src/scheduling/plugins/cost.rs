@@ -149,7 +149,11 @@ impl TtftCostProducer {
         for (name, value, slot) in [
             ("cpuLoadGBps", y.cpu_load_gbps, &mut out.tiers.cpu_gbps),
             ("diskLoadGBps", y.disk_load_gbps, &mut out.tiers.disk_gbps),
-            ("sharedLoadGBps", y.shared_load_gbps, &mut out.tiers.shared_gbps),
+            (
+                "sharedLoadGBps",
+                y.shared_load_gbps,
+                &mut out.tiers.shared_gbps,
+            ),
             ("peerLoadGBps", y.peer_load_gbps, &mut out.tiers.peer_gbps),
         ] {
             match value {
@@ -539,7 +543,12 @@ mod tests {
     fn with_tiers(s: &Setup, st: &mut CycleState, by_endpoint: &[(usize, [u32; 4], u32)]) {
         use crate::kv_index::{EndpointMatch, Lookup};
         use crate::scheduling::plugins::precise::PreciseMatch;
-        let bound = s.candidates.iter().map(|c| c.endpoint.id.0 as usize + 1).max().unwrap();
+        let bound = s
+            .candidates
+            .iter()
+            .map(|c| c.endpoint.id.0 as usize + 1)
+            .max()
+            .unwrap();
         let mut lookup = Lookup::default();
         lookup.total_blocks = 400;
         lookup.by_endpoint = vec![EndpointMatch::default(); bound];
@@ -560,7 +569,13 @@ mod tests {
 
     fn ttft(s: &Setup, st: &mut CycleState, req: &InferenceRequest, i: usize) -> f64 {
         TtftCostProducer::default().produce(req, &s.candidates, st);
-        st.costs.as_ref().unwrap().of(&s.candidates[i].endpoint).unwrap().predicted.ttft
+        st.costs
+            .as_ref()
+            .unwrap()
+            .of(&s.candidates[i].endpoint)
+            .unwrap()
+            .predicted
+            .ttft
     }
 
     /// 6,400 prompt tokens, 6,000 of them held: on the GPU, in CPU memory, nowhere.
@@ -574,7 +589,12 @@ mod tests {
         let mut st = state(&s);
         with_tiers(&s, &mut st, &[(0, [0, 375, 0, 0], 0)]);
         let cpu = ttft(&s, &mut st, &req, 0);
-        let cost = *st.costs.as_ref().unwrap().of(&s.candidates[0].endpoint).unwrap();
+        let cost = *st
+            .costs
+            .as_ref()
+            .unwrap()
+            .of(&s.candidates[0].endpoint)
+            .unwrap();
         let mut st = state(&s);
         let cold = ttft(&s, &mut st, &req, 0);
         assert!(gpu < cpu && cpu < cold, "{gpu} {cpu} {cold}");
@@ -595,7 +615,12 @@ mod tests {
             ..TtftCostProducer::default()
         };
         ignoring.produce(&req, &s.candidates, &mut st);
-        let c = st.costs.as_ref().unwrap().of(&s.candidates[0].endpoint).unwrap();
+        let c = st
+            .costs
+            .as_ref()
+            .unwrap()
+            .of(&s.candidates[0].endpoint)
+            .unwrap();
         assert!((c.predicted.ttft - cold).abs() < 1e-12);
     }
 
@@ -607,7 +632,11 @@ mod tests {
         let mut st = state(&s);
         let cold: Vec<f64> = (0..3).map(|i| ttft(&s, &mut st, &req, i)).collect();
         let mut st = state(&s);
-        with_tiers(&s, &mut st, &[(0, [0; 4], 375), (1, [0; 4], 375), (2, [0; 4], 375)]);
+        with_tiers(
+            &s,
+            &mut st,
+            &[(0, [0; 4], 375), (1, [0; 4], 375), (2, [0; 4], 375)],
+        );
         let warm: Vec<f64> = (0..3).map(|i| ttft(&s, &mut st, &req, i)).collect();
         for i in 0..3 {
             assert!(warm[i] < cold[i], "{warm:?} {cold:?}");

@@ -95,8 +95,7 @@ impl P2pSourceProducer {
         if let Some(name) = y.prefill_profile_name.filter(|n| !n.is_empty()) {
             out.prefill_profile = name;
         }
-        if y
-            .prefix_match_info_producer_name
+        if y.prefix_match_info_producer_name
             .is_some_and(|n| !n.is_empty())
         {
             p.warn(

@@ -31,11 +31,17 @@ fn llm_d_parameters_are_read() {
         "{minCachedTokenDelta: 2048, prefillProfileName: pre, prefixMatchInfoProducerName: x}",
     )
     .unwrap();
-    assert_eq!((p.min_delta_tokens, p.prefill_profile.as_str()), (2048, "pre"));
+    assert_eq!(
+        (p.min_delta_tokens, p.prefill_profile.as_str()),
+        (2048, "pre")
+    );
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     let (d, warnings) = params("{}").unwrap();
     assert!(warnings.is_empty());
-    assert_eq!((d.min_delta_tokens, d.prefill_profile.as_str()), (1, "prefill"));
+    assert_eq!(
+        (d.min_delta_tokens, d.prefill_profile.as_str()),
+        (1, "prefill")
+    );
     for bad in ["{minCachedTokenDelta: 0}", "{minCachedTokenDelta: -5}"] {
         let err = params(bad).unwrap_err().to_string();
         assert!(err.contains("minCachedTokenDelta"), "{bad}: {err}");
@@ -223,12 +229,18 @@ fn without_a_cost_model_the_delta_decides() {
     // Endpoint 2 holds nothing: 160 tokens to pull from 0 or 1 (both in the one-block band).
     let h = headers(&result("decode", 2));
     assert_eq!(h.len(), 1);
-    assert!(["10.0.0.1:8000", "10.0.0.2:8000"].contains(&h[0].1.as_str()), "{h:?}");
+    assert!(
+        ["10.0.0.1:8000", "10.0.0.2:8000"].contains(&h[0].1.as_str()),
+        "{h:?}"
+    );
     // Endpoint 0 holds the most: no other source has more, and never the target itself.
     assert!(headers(&result("decode", 0)).is_empty());
     // Endpoint 1 holds 144 tokens: 16 more at endpoint 0 is exactly the delta.
     let h = headers(&result("decode", 1));
-    assert_eq!(h, vec![(KV_CACHE_SOURCE_HEADER, "10.0.0.1:8000".to_owned())]);
+    assert_eq!(
+        h,
+        vec![(KV_CACHE_SOURCE_HEADER, "10.0.0.1:8000".to_owned())]
+    );
     // Under P/D the prefill target computes the prefix.
     let mut pd = result("decode", 0);
     pd.results.push(result("prefill", 2).results.remove(0));
@@ -263,7 +275,11 @@ fn sources_in_the_one_block_band_share_the_pulls_by_queue() {
         let mut again = CycleState::new(Instant::now());
         again.prefix = Some(prefix.clone());
         p.produce(&req, &cands, &mut again);
-        assert_eq!(again.p2p.unwrap().best.unwrap().0.id, best.id, "deterministic");
+        assert_eq!(
+            again.p2p.unwrap().best.unwrap().0.id,
+            best.id,
+            "deterministic"
+        );
     }
     // Weights 1 and 1/4: about 800 and 200; endpoint 2 is out of the band.
     assert_eq!(picks[2], 0);
