@@ -40,7 +40,10 @@
 //! the engine step that schedules it (the tiers contract). Defaults (Llama-3.1-8B fp16: 2 × 32
 //! layers × 8 KV heads × 128 × 2 bytes = 131,072 bytes per token): CPU 25 GB/s (≈ 5.2 µs per
 //! token), shared store 10 GB/s and peer 10 GB/s (≈ 13 µs), against ≈ 30 µs to recompute. A
-//! bandwidth of 0 ignores the tier (its tokens are recomputed).
+//! bandwidth of 0 ignores the tier (its tokens are recomputed). The figures are the tiers
+//! contract's, the simulator's defaults; their public sources (vLLM's offloading-connector post:
+//! ≈ 50 GB/s one-way DMA on an H100, halved for sharing PCIe; a 100 Gb/s NIC at ≈ 80 % for the
+//! store and peers) are in `sim/README.md`, "KV tiers and sharing".
 //!
 //! The engine decides what it loads from its own tiers: LMCache's connector loads every hit
 //! beyond vLLM's GPU hit (`get_num_new_matched_tokens`, the only gate being its
