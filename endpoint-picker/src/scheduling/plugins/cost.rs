@@ -653,4 +653,40 @@ mod tests {
         let t = st.tier_tokens(&s.candidates[1].endpoint);
         assert_eq!((t.gpu, t.shared), (0, 6_000));
     }
+
+    /// Without tier data (the approximate index, or the precise one with GPU blocks only) the
+    /// prediction is the model's without tiers: no load, the uncached tokens queued as before.
+    #[test]
+    fn no_tier_data_predicts_as_without_tiers() {
+        let s = setup(2, &[0, 0]);
+        let req = request(6_500);
+        let check = |st: &CycleState| {
+            let cost = st
+                .costs
+                .as_ref()
+                .unwrap()
+                .of(&s.candidates[0].endpoint)
+                .unwrap();
+            let want = EngineCosts::default().predict(Backlog::default(), 500);
+            assert_eq!(cost.raw_ttft, want.ttft);
+            assert_eq!(
+                (cost.uncached_tokens, cost.load_seconds, cost.peer),
+                (500, 0.0, None)
+            );
+        };
+        let mut st = state(&s);
+        let mut matched = vec![0; 3];
+        matched[s.candidates[0].endpoint.id.0 as usize] = 375;
+        st.prefix = Some(PrefixMatch {
+            hashes: vec![0; 406],
+            matched,
+            block_tokens: 16,
+        });
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+        check(&st);
+        let mut st = state(&s);
+        with_tiers(&s, &mut st, &[(0, [375, 0, 0, 0], 0)]);
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+        check(&st);
+    }
 }
