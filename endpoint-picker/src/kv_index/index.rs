@@ -191,7 +191,10 @@ pub struct EndpointMatch {
     pub weighted: f64,
     /// Of those blocks, how many the endpoint holds itself, by the tier it would read them
     /// from ([`tier`] order; the fastest: GPU, then CPU, then disk, then a medium that is not
-    /// shared). Blocks in a shared medium are never counted here.
+    /// shared). Blocks in a shared medium are never counted here. Only the leading run of GPU
+    /// blocks is read from the GPU, as the engine's prefix cache does: past it, a block is
+    /// loaded from the endpoint's other copy when it has one (an engine's connector loads what
+    /// follows its GPU prefix).
     pub by_tier: [u32; 4],
     /// Of those blocks, how many only the shared store provides (the endpoint holds no copy).
     /// `blocks = Σ by_tier + shared`.
@@ -202,6 +205,21 @@ pub struct EndpointMatch {
     candidate: bool,
     last_tier: u8,
     last_weight: f64,
+    /// The run has left the GPU (a block read from elsewhere came first).
+    gpu_closed: bool,
+}
+
+/// Which of an endpoint's copies of a block it reads (lower first): the GPU while its GPU
+/// prefix lasts, then CPU, disk, the GPU past its prefix, and a medium that is not shared.
+#[inline]
+fn read_rank(t: usize, gpu_closed: bool) -> u8 {
+    match t {
+        0 if gpu_closed => 5,
+        0 => 0,
+        1 => 2,
+        2 => 4,
+        _ => 6,
+    }
 }
 
 /// The result of a lookup, by endpoint id. Reusable across lookups.
@@ -846,7 +864,7 @@ impl KvIndex {
                     // A second copy of this block on the endpoint: read from the faster tier,
                     // weighted by the better one.
                     let lt = m.last_tier as usize;
-                    if t < lt {
+                    if read_rank(t, m.gpu_closed) < read_rank(lt, m.gpu_closed) {
                         m.by_tier[lt] -= 1;
                         m.by_tier[t] += 1;
                         m.last_tier = t as u8;
@@ -865,12 +883,22 @@ impl KvIndex {
                 }
                 m.shared += gap;
                 m.weighted += f64::from(gap) * shared_weight;
+                m.gpu_closed |= gap > 0;
                 m.blocks = i + 1;
                 m.by_tier[t] += 1;
                 m.last_tier = t as u8;
                 m.weighted += w;
                 m.last_weight = w;
                 advanced = true;
+            }
+            // A block read from elsewhere than the GPU ends the endpoint's GPU prefix.
+            for e in entries {
+                if let Some(m) = out.by_endpoint.get_mut(e.endpoint as usize)
+                    && m.blocks == i + 1
+                    && m.last_tier != 0
+                {
+                    m.gpu_closed = true;
+                }
             }
             if !advanced && !shared_here {
                 break;

@@ -208,6 +208,38 @@ fn the_shared_store_counts_for_every_endpoint_and_bridges_their_runs() {
     assert_eq!((blocks(&l, 0), blocks(&l, 1), blocks(&l, 2)), (6, 1, 1));
 }
 
+/// Past the GPU prefix, a block is read from the endpoint's other copy (the engine's
+/// connector loads what follows its prefix cache's hit).
+#[test]
+fn only_the_leading_gpu_run_is_read_from_the_gpu() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    // Endpoint 0: blocks 0..4 on its GPU and in its CPU tier; its GPU evicts block 1; block 4
+    // is on its GPU only.
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..5, Medium::Gpu)]),
+        now,
+    );
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![copied(1, 0..4, Medium::Cpu)]),
+        now,
+    );
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![removed(1, 1..2, Medium::Gpu)]),
+        now,
+    );
+    let l = lookup(&idx, &request(1, 5), &[0]);
+    let m = l.of(ep(0));
+    // Block 0 from the GPU; 1..4 from the CPU; block 4, GPU only, still counts there.
+    assert_eq!((m.blocks, m.by_tier), (5, [2, 3, 0, 0]));
+}
+
 fn blocks(l: &Lookup, i: u32) -> u32 {
     l.of(ep(i)).blocks
 }
@@ -377,7 +409,9 @@ fn removals_go_by_engine_hash_and_medium() {
     );
     let l = lookup(&idx, &request(1, 4), &[0, 1]);
     assert_eq!((blocks(&l, 0), blocks(&l, 1)), (4, 4));
-    assert_eq!(l.of(ep(0)).by_tier, [3, 1, 0, 0]);
+    // Read: blocks 0 and 1 from the GPU, 2 from the CPU, and 3 from the CPU too (past the GPU
+    // prefix); weighted by each block's best copy all the same.
+    assert_eq!(l.of(ep(0)).by_tier, [2, 2, 0, 0]);
     assert!((l.of(ep(0)).weighted - 3.8).abs() < 1e-12);
     // Then from the CPU: the chain breaks there for endpoint 0 only.
     idx.apply(
