@@ -33,6 +33,12 @@ pub struct Args {
     /// Prometheus metrics port.
     #[arg(long, default_value_t = 9090)]
     pub metrics_port: u16,
+    /// Also serve ext_proc on this Unix socket, alongside --grpc-port: for a gateway on the same
+    /// host or in the same pod (Envoy: a `pipe` address on the ext_proc cluster). Always
+    /// plaintext, whatever --secure-serving says (the socket file's permissions guard it); a
+    /// socket file already there is replaced. At most 107 bytes (the kernel's limit).
+    #[arg(long)]
+    pub grpc_uds_path: Option<PathBuf>,
     /// Address the servers bind to.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: std::net::IpAddr,

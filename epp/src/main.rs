@@ -74,6 +74,7 @@ const POOL_FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_s
 async fn run(args: Args) -> Result<()> {
     let Args {
         grpc_port,
+        grpc_uds_path,
         grpc_health_port,
         metrics_port,
         bind_address,
@@ -356,6 +357,13 @@ async fn run(args: Args) -> Result<()> {
         grpc: TcpListener::bind(bind(grpc_port))
             .await
             .with_context(|| format!("binding --grpc-port {grpc_port}"))?,
+        grpc_uds: match &grpc_uds_path {
+            Some(path) => Some(
+                server::bind_grpc_uds(path)
+                    .with_context(|| format!("binding --grpc-uds-path {}", path.display()))?,
+            ),
+            None => None,
+        },
         health: TcpListener::bind(bind(grpc_health_port))
             .await
             .with_context(|| format!("binding --grpc-health-port {grpc_health_port}"))?,
@@ -365,6 +373,7 @@ async fn run(args: Args) -> Result<()> {
     };
     tracing::info!(
         grpc = %listeners.grpc.local_addr()?,
+        grpc_uds = grpc_uds_path.as_ref().map(|p| p.display().to_string()),
         health = %listeners.health.local_addr()?,
         metrics = %listeners.metrics.local_addr()?,
         tls = secure_serving,

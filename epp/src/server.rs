@@ -14,8 +14,8 @@ use endpoint_picker::discovery::file::{self, LocalPool};
 use endpoint_picker::scrape::{ScrapeConfig, scraper};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -128,15 +128,41 @@ pub struct Settings {
     pub lora_placement: Option<crate::lora_placement::PlacementSettings>,
 }
 
-/// The three listeners.
+/// The three listeners, and the optional Unix socket of the ext_proc service.
 #[derive(Debug)]
 pub struct Listeners {
     /// ext_proc.
     pub grpc: TcpListener,
+    /// ext_proc also on a Unix socket (`--grpc-uds-path`), for a gateway on the same host or
+    /// in the same pod: the same service and HTTP/2 settings as `grpc`, always plaintext (the
+    /// socket file's permissions are its access control; TLS between two processes that share
+    /// a file system protects nothing), served alongside the TCP port.
+    pub grpc_uds: Option<UnixListener>,
     /// gRPC health.
     pub health: TcpListener,
     /// Prometheus / admin.
     pub metrics: TcpListener,
+}
+
+/// Binds the ext_proc Unix socket at `path` (`--grpc-uds-path`). A socket file left there by
+/// an earlier run is replaced (a Unix socket cannot be bound over an existing file, and a pod
+/// restart leaves one behind in a shared `emptyDir`); any other kind of file is an error, never
+/// removed. The socket is created with the process's umask (the chart's volume and security
+/// context decide who may connect).
+pub fn bind_grpc_uds(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
 }
 
 /// Serving failures.
@@ -528,16 +554,27 @@ pub async fn serve_with_handles(
     // listener the accepted sockets must be configured here, or Nagle's algorithm meets the
     // peer's delayed ACK and mid-size ext_proc messages wait ~40 ms (found by bench/overhead).
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match tls {
-            Some((acceptor, _)) => Box::pin(router.serve_with_incoming_shutdown(
-                tls_incoming(incoming, acceptor),
-                grpc_token.cancelled_owned(),
-            )),
-            None => Box::pin(
-                router.serve_with_incoming_shutdown(incoming, grpc_token.cancelled_owned()),
-            ),
-        };
+    type Serving =
+        std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    // The Unix socket first: it takes a clone of the router, the TCP port the router itself.
+    let uds: Serving = match listeners.grpc_uds {
+        Some(listener) => Box::pin(router.clone().serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            grpc_token.clone().cancelled_owned(),
+        )),
+        None => Box::pin(std::future::ready(Ok(()))),
+    };
+    let tcp: Serving = match tls {
+        Some((acceptor, _)) => Box::pin(router.serve_with_incoming_shutdown(
+            tls_incoming(incoming, acceptor),
+            grpc_token.cancelled_owned(),
+        )),
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(incoming, grpc_token.cancelled_owned()))
+        }
+    };
+    // Either listener failing ends serving; both end together at shutdown.
+    let grpc = async move { futures::try_join!(tcp, uds).map(|_| ()) };
     tokio::pin!(grpc);
     let result = tokio::select! {
         r = &mut grpc => r.map_err(ServeError::from),
@@ -675,3 +712,36 @@ pub fn tls_incoming(
 
 /// An ext_proc connection over TLS.
 pub type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::bind_grpc_uds;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sy-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_another_file_is_left_alone() {
+        let dir = dir("bind-uds");
+        let socket = dir.join("epp.sock");
+        // Left behind by an earlier process (bound, then dropped without removing the file).
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        let listener = bind_grpc_uds(&socket).unwrap();
+        let client = tokio::net::UnixStream::connect(&socket);
+        let (accepted, connected) = tokio::join!(listener.accept(), client);
+        accepted.unwrap();
+        connected.unwrap();
+
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"keep me").unwrap();
+        let error = bind_grpc_uds(&file).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

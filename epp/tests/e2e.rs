@@ -422,3 +422,78 @@ async fn epp_down_fail_close_answers_5xx_and_fail_open_serves() {
         let _ = body_text(resp).await;
     }
 }
+
+/// A unique directory for a Unix socket (a socket path is at most 107 bytes, so not under a
+/// long target directory).
+fn socket_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sy-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `--grpc-uds-path` through real Envoy: the shipped plaintext template with its `epp` cluster
+/// switched to a `pipe` address (gateway-configs/envoy/README.md, "Unix socket"). The TCP
+/// address Envoy was rendered with is a closed port, so every answer proves the socket carried
+/// the exchange: the picked replica served it, Envoy reported the served endpoint back on the
+/// response path, and the streamed body went through the EPP to the end (usage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_over_a_unix_socket() {
+    let Some(binary) = binary_or_skip("ext_proc_over_a_unix_socket") else {
+        return;
+    };
+    let replicas = replicas(2).await;
+    let dir = socket_dir("uds");
+    let socket = dir.join("epp.sock");
+    // A socket file left by an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let epp = start_epp(
+        pool_of(&replicas),
+        EppOptions {
+            config: CONFORMANCE_CONFIG.to_owned(),
+            grpc_uds: Some(socket.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let backends: Vec<SocketAddr> = replicas.iter().map(|r| r.addr()).collect();
+    let template = std::fs::read_to_string(
+        common::envoy::workspace_root().join("gateway-configs/envoy/envoy-plaintext.yaml"),
+    )
+    .unwrap();
+    let closed = closed_port().await;
+    let rendered = common::envoy::render_vars(
+        &template,
+        &[
+            ("EPP_HOST", closed.ip().to_string()),
+            ("EPP_PORT", closed.port().to_string()),
+            ("BACKEND_ENDPOINTS", common::envoy::lb_endpoints(&backends)),
+        ],
+    );
+    let envoy =
+        Envoy::start_config(&binary, &common::envoy::with_epp_pipe(&rendered, &socket)).await;
+    envoy.wait_epp_health(true).await;
+    for target in [&replicas[1], &replicas[0]] {
+        let pick = target.addr().to_string();
+        let resp = post(
+            envoy.listener,
+            "/v1/chat/completions",
+            &[("test-epp-endpoint-selection", &pick)],
+            chat("over the socket", true, 8),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "x-inference-pod"), Some(target.pod_name()));
+        assert_eq!(
+            header(&resp, "x-conformance-test-served-endpoint"),
+            Some(pick.as_str())
+        );
+        let body = body_text(resp).await;
+        assert!(
+            body.contains("\"usage\"") && body.contains("[DONE]"),
+            "{body}"
+        );
+    }
+    drop(envoy);
+    drop(epp);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -72,6 +72,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         grpc: bind().await.unwrap(),
+        grpc_uds: None,
         health: bind().await.unwrap(),
         metrics: bind().await.unwrap(),
     };

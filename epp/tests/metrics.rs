@@ -715,6 +715,7 @@ async fn bearer_token_guards_metrics_and_debug() {
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         grpc: bind().await.unwrap(),
+        grpc_uds: None,
         health: bind().await.unwrap(),
         metrics: bind().await.unwrap(),
     };
@@ -789,6 +790,7 @@ async fn pprof_profile_is_a_cpu_profile_behind_the_metrics_auth() {
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         grpc: bind().await.unwrap(),
+        grpc_uds: None,
         health: bind().await.unwrap(),
         metrics: bind().await.unwrap(),
     };

@@ -106,6 +106,40 @@ pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
     out
 }
 
+/// A rendered shipped template whose `epp` cluster reaches the EPP over the Unix socket at
+/// `socket` (`epp --grpc-uds-path`) instead of TCP: the cluster becomes `STATIC` (Envoy resolves
+/// no name for a pipe) and its address a `pipe` (gateway-configs/envoy/README.md, "Unix
+/// socket"). Panics if the template's `epp` cluster is not where it is expected.
+pub fn with_epp_pipe(rendered: &str, socket: &Path) -> String {
+    let at = rendered
+        .find("\n  - name: epp\n")
+        .expect("the template has an epp cluster");
+    let (head, cluster) = rendered.split_at(at);
+    assert!(
+        cluster.contains("type: STRICT_DNS") && cluster.contains("socket_address:"),
+        "the epp cluster is not a STRICT_DNS socket address"
+    );
+    let mut out = String::with_capacity(rendered.len());
+    out.push_str(head);
+    let (mut typed, mut addressed) = (false, false);
+    for line in cluster.split_inclusive('\n') {
+        if !typed && line.trim() == "type: STRICT_DNS" {
+            out.push_str(&line.replace("STRICT_DNS", "STATIC"));
+            typed = true;
+        } else if !addressed && line.trim_start().starts_with("socket_address:") {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!(
+                "{indent}pipe: {{ path: \"{}\" }}\n",
+                socket.display()
+            ));
+            addressed = true;
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
 /// A running Envoy.
 pub struct Envoy {
     child: Child,

@@ -95,6 +95,8 @@ pub struct EppOptions {
     pub scrape: bool,
     /// Decisions kept for `/debug/pool`.
     pub debug_decisions: usize,
+    /// Also serve ext_proc on this Unix socket (`--grpc-uds-path`).
+    pub grpc_uds: Option<std::path::PathBuf>,
 }
 
 impl Default for EppOptions {
@@ -106,6 +108,7 @@ impl Default for EppOptions {
             server_tls: None,
             scrape: false,
             debug_decisions: 0,
+            grpc_uds: None,
         }
     }
 }
@@ -116,6 +119,10 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
     let bind = || TcpListener::bind("127.0.0.1:0");
     let listeners = Listeners {
         grpc: bind().await.unwrap(),
+        grpc_uds: opts
+            .grpc_uds
+            .as_deref()
+            .map(|path| epp::server::bind_grpc_uds(path).unwrap()),
         health: bind().await.unwrap(),
         metrics: bind().await.unwrap(),
     };
