@@ -1,6 +1,7 @@
 //! Out-of-process plumbing for the scenarios: child processes torn down on drop, free ports,
 //! readiness waits, `/proc` CPU and memory readings, Prometheus text parsing, Envoy configs.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -323,6 +324,69 @@ pub fn lb_endpoints(addrs: &[SocketAddr]) -> String {
         })
         .collect();
     format!("[{}]", items.join(", "))
+}
+
+/// A rendered shipped Envoy template whose `epp` cluster reaches the EPP over the Unix socket
+/// at `socket` (`epp --grpc-uds-path`): the cluster becomes `STATIC` (Envoy resolves no name for
+/// a pipe) and its address a `pipe` (gateway-configs/envoy/README.md, "Unix socket"; the same
+/// edit as `testkit::envoy::with_epp_pipe`, which the e2e test runs through real Envoy).
+pub fn epp_over_pipe(rendered: &str, socket: &Path) -> anyhow::Result<String> {
+    let at = rendered
+        .find("\n  - name: epp\n")
+        .context("the Envoy template has no epp cluster")?;
+    let (head, cluster) = rendered.split_at(at);
+    let mut out = String::with_capacity(rendered.len());
+    out.push_str(head);
+    let (mut typed, mut addressed) = (false, false);
+    for line in cluster.split_inclusive('\n') {
+        if !typed && line.trim() == "type: STRICT_DNS" {
+            out.push_str(&line.replace("STRICT_DNS", "STATIC"));
+            typed = true;
+        } else if !addressed && line.trim_start().starts_with("socket_address:") {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!(
+                "{indent}pipe: {{ path: \"{}\" }}\n",
+                socket.display()
+            ));
+            addressed = true;
+        } else {
+            out.push_str(line);
+        }
+    }
+    anyhow::ensure!(
+        typed && addressed,
+        "the epp cluster is not a STRICT_DNS socket address"
+    );
+    Ok(out)
+}
+
+/// CPU nanoseconds of each live thread of `pid` (`/proc/<pid>/task/*/schedstat`): finer than
+/// the 10 ms ticks of `/proc/<pid>/stat`, for short or quiet measurements.
+pub fn thread_cpu_ns(pid: u32) -> anyhow::Result<HashMap<u32, u64>> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread that ended since the listing has no file any more: skipped.
+        if let Ok(stat) = std::fs::read_to_string(entry.path().join("schedstat"))
+            && let Some(ns) = stat.split_whitespace().next().and_then(|v| v.parse().ok())
+        {
+            out.insert(tid, ns);
+        }
+    }
+    Ok(out)
+}
+
+/// CPU seconds the threads of `after` used since `before` (threads born in between count
+/// whole; a thread that ended in between is lost, which the callers' windows make rare).
+pub fn thread_cpu_delta(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> f64 {
+    let ns: u64 = after
+        .iter()
+        .map(|(tid, &t)| t.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    ns as f64 / 1e9
 }
 
 /// The pool file the `epp` reads in local mode: one endpoint per address, named `sim-<i>`.

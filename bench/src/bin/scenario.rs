@@ -4,6 +4,7 @@
 //! ```text
 //! scenario routing  [--quick]   # Envoy RR / LR, Switchyard, sglang-router, vllm-router
 //! scenario overhead [--quick]   # Envoy -> backend vs Envoy -> Switchyard -> backend
+//! scenario overhead --uds       # the EPP paths over TCP and over the EPP's Unix socket
 //! scenario overhead --bbr       # only the body-based router's hop: Envoy -> Switchyard vs
 //!                               # Envoy -> bbr -> Switchyard (a few minutes)
 //! scenario scale    [--quick]   # 1,000 endpoints: idle CPU, memory, decision time
@@ -64,6 +65,10 @@ enum Cmd {
         /// section `overhead-bbr`; a few minutes).
         #[arg(long)]
         bbr: bool,
+        /// Each EPP path over TCP and over the EPP's Unix socket (`--grpc-uds-path`; RESULTS.md
+        /// section `overhead-uds`).
+        #[arg(long, conflicts_with = "bbr")]
+        uds: bool,
     },
     /// Idle cost and decision time at 100 and 1,000 endpoints.
     Scale {
@@ -347,16 +352,20 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     match &o.cmd {
         Cmd::Routing(r) => do_routing(&tools, r, o.quick, &run_dir, &repo, &header, write).await?,
         Cmd::Goodput(g) => do_goodput(&tools, g, o.quick, &run_dir, &repo, &header, write).await?,
-        Cmd::Overhead { bbr: true } => {
+        Cmd::Overhead { bbr: true, .. } => {
             do_overhead_bbr(&tools, o.quick, &run_dir, &raw, &results, &header, write).await?;
         }
-        Cmd::Overhead { bbr: false } => {
-            let res = overhead::run(&tools, o.quick, &run_dir).await?;
-            std::fs::write(raw.join("overhead.json"), serde_json::to_vec_pretty(&res)?)?;
+        Cmd::Overhead { bbr: false, uds } => {
+            let res = overhead::run(&tools, o.quick, *uds, &run_dir).await?;
+            let section = if *uds { "overhead-uds" } else { "overhead" };
+            std::fs::write(
+                raw.join(format!("{section}.json")),
+                serde_json::to_vec_pretty(&res)?,
+            )?;
             let md = format!("{header}\n{}", overhead::markdown(&res));
             eprintln!("{md}");
             if write {
-                update_section(&results, "overhead", &md)?;
+                update_section(&results, section, &md)?;
             }
         }
         Cmd::Scale { endpoints } => {
@@ -372,7 +381,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             }
         }
         Cmd::All(r) => {
-            let res = overhead::run(&tools, o.quick, &run_dir).await?;
+            let res = overhead::run(&tools, o.quick, false, &run_dir).await?;
             std::fs::write(raw.join("overhead.json"), serde_json::to_vec_pretty(&res)?)?;
             if write {
                 update_section(

@@ -43,6 +43,16 @@ pub struct Row {
     /// `bbr` CPU per request, µs (paths with the body-based router only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bbr_cpu_us_per_req: Option<f64>,
+    /// Scrapes of the backend's `/metrics` per request during the measurement (the EPP's, as
+    /// the backend counted them): while a request is in flight the endpoint is scraped at the
+    /// refresh interval, so a long stream carries several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrapes_per_req: Option<f64>,
+    /// The EPP's CPU at rest ([`OverheadResult::epp_rest_us_per_s`], Envoy attached, no
+    /// traffic) times the measurement's length, per request, µs: what the process spends by
+    /// the clock (health checks, timers, the pool file) whatever the requests do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epp_clock_us_per_req: Option<f64>,
 }
 
 /// Throughput with long prompts at a fixed concurrency (the GIE #2928 shape).
@@ -77,6 +87,10 @@ pub struct OverheadResult {
     pub throughput: Vec<Throughput>,
     /// `epp` VmHWM at the end, MiB.
     pub epp_peak_rss_mib: f64,
+    /// Per EPP path: its CPU at rest, µs per second (Envoy attached and health-checking, no
+    /// traffic, the endpoint quiet).
+    #[serde(default)]
+    pub epp_rest_us_per_s: std::collections::BTreeMap<String, f64>,
 }
 
 /// Starts the fixed backend (this binary's `backend` subcommand) on `ports` ports.
@@ -123,6 +137,90 @@ fn workload(bytes: usize, output_tokens: u32) -> WorkloadArgs {
 /// The paths measured, in order: the baseline first.
 const PATHS: [&str; 3] = ["envoy", "envoy+switchyard", "envoy+switchyard-lean"];
 
+/// The paths of `--uds`: each EPP path over TCP and over the EPP's Unix socket.
+pub const UDS_PATHS: [&str; 5] = [
+    "envoy",
+    "envoy+switchyard",
+    "envoy+switchyard-uds",
+    "envoy+switchyard-lean",
+    "envoy+switchyard-lean-uds",
+];
+
+/// `epp --grpc-uds-path` + the shipped plaintext template with its `epp` cluster on that socket
+/// ([`harness::epp_over_pipe`]), on `response_path`.
+pub async fn start_switchyard_uds(
+    tools: &Tools,
+    backends: &[std::net::SocketAddr],
+    dir: &Path,
+    response_path: ResponsePath,
+) -> anyhow::Result<RouterUp> {
+    let socket = dir.join("epp.sock");
+    let socket_arg = socket.to_string_lossy().into_owned();
+    let epp = start_epp(
+        tools,
+        None,
+        harness::pool_yaml(backends),
+        dir,
+        &["--grpc-uds-path", &socket_arg],
+    )
+    .await?;
+    let template = response_path.apply(&std::fs::read_to_string(
+        tools
+            .repo
+            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
+    )?);
+    let (admin, listen) = (free_port()?, free_port()?);
+    let rendered = harness::render(
+        &template,
+        &[
+            ("LISTEN_PORT", listen.to_string()),
+            ("ADMIN_PORT", admin.to_string()),
+            ("EPP_HOST", "127.0.0.1".into()),
+            ("EPP_PORT", epp.grpc.to_string()),
+            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
+        ],
+    )?;
+    let envoy_cfg = harness::epp_over_pipe(&rendered, &socket)?;
+    let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
+    let up = RouterUp {
+        url: format!("http://127.0.0.1:{listen}"),
+        procs: vec![envoy, epp.proc],
+        epp: Some(1),
+        epp_metrics: Some(epp.metrics_url),
+    };
+    super::wait_serving(&up.url, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("Envoy + epp over {socket_arg} never served a request"))?;
+    Ok(up)
+}
+
+/// The EPP's CPU at rest, µs per second: Envoy attached and health-checking, no traffic,
+/// after the endpoint's scrapes have backed off (`window` long).
+async fn epp_at_rest(up: &RouterUp, window: Duration) -> anyhow::Result<Option<f64>> {
+    let Some(epp) = up.epp() else {
+        return Ok(None);
+    };
+    // The scraper backs off to its quiet interval within about two seconds of the last request.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = harness::thread_cpu_ns(epp.pid())?;
+    tokio::time::sleep(window).await;
+    let after = harness::thread_cpu_ns(epp.pid())?;
+    Ok(Some(
+        harness::thread_cpu_delta(&before, &after) / window.as_secs_f64() * 1e6,
+    ))
+}
+
+/// Scrapes the fixed backend has answered so far (its `/admin/scrapes` counter).
+async fn scrapes(backend: std::net::SocketAddr) -> Option<f64> {
+    let (status, body) = harness::get(&format!("http://{backend}/admin/scrapes"))
+        .await
+        .ok()?;
+    if status != 200 {
+        return None;
+    }
+    body.trim().parse().ok()
+}
+
 /// CPU of a gateway's processes over one measurement.
 struct Cpu {
     /// Envoy, µs per request.
@@ -135,6 +233,10 @@ struct Cpu {
     bbr_us: Option<f64>,
     /// `bbr`, cores over the run.
     bbr_cores: Option<f64>,
+    /// Backend scrapes per request.
+    scrapes_per_req: Option<f64>,
+    /// Seconds per request.
+    secs_per_req: f64,
 }
 
 /// The body-based router among a gateway's processes.
@@ -144,6 +246,7 @@ fn bbr_proc(up: &RouterUp) -> Option<&Proc> {
 
 async fn measure(
     up: &RouterUp,
+    backend: Option<std::net::SocketAddr>,
     mode: Mode,
     count: Option<usize>,
     duration_s: Option<f64>,
@@ -151,8 +254,14 @@ async fn measure(
     output_tokens: u32,
 ) -> anyhow::Result<(Summary, Cpu)> {
     let envoy = &up.procs[0];
-    let cpu = |p: Option<&Proc>| p.and_then(|p| p.cpu_seconds().ok());
-    let (e0, b0, p0) = (cpu(up.epp()), cpu(bbr_proc(up)), envoy.cpu_seconds()?);
+    // Per-thread nanoseconds rather than the 10 ms ticks of `/proc/<pid>/stat`: a short run of
+    // long streams uses a few ticks of EPP CPU in all.
+    let cpu = |p: Option<&Proc>| p.and_then(|p| harness::thread_cpu_ns(p.pid()).ok());
+    let (e0, b0, p0) = (cpu(up.epp()), cpu(bbr_proc(up)), cpu(Some(envoy)));
+    let s0 = match backend {
+        Some(b) => scrapes(b).await,
+        None => None,
+    };
     let t0 = std::time::Instant::now();
     let spec = LoadSpec {
         url: up.url.clone(),
@@ -166,13 +275,18 @@ async fn measure(
     let rep = loadgen::run(spec, workload(bytes, output_tokens).build()).await?;
     let secs = t0.elapsed().as_secs_f64();
     let n = rep.summary.sent.max(1) as f64;
-    let used = |before: Option<f64>, after: Option<f64>| match (before, after) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
+    let s1 = match backend {
+        Some(b) => scrapes(b).await,
+        None => None,
     };
-    let epp = used(e0, cpu(up.epp()));
-    let bbr = used(b0, cpu(bbr_proc(up)));
-    let envoy_us = (envoy.cpu_seconds()? - p0) / n * 1e6;
+    let used = |before: Option<std::collections::HashMap<u32, u64>>, p: Option<&Proc>| {
+        before
+            .zip(cpu(p))
+            .map(|(a, b)| harness::thread_cpu_delta(&a, &b))
+    };
+    let epp = used(e0, up.epp());
+    let bbr = used(b0, bbr_proc(up));
+    let envoy_us = used(p0, Some(envoy)).context("Envoy's CPU")? / n * 1e6;
     Ok((
         rep.summary,
         Cpu {
@@ -181,6 +295,8 @@ async fn measure(
             epp_cores: epp.map(|c| c / secs),
             bbr_us: bbr.map(|c| c / n * 1e6),
             bbr_cores: bbr.map(|c| c / secs),
+            scrapes_per_req: s0.zip(s1).map(|(a, b)| (b - a) / n),
+            secs_per_req: secs / n,
         },
     ))
 }
@@ -204,25 +320,60 @@ fn body_sizes(quick: bool) -> [(usize, usize); 4] {
     }
 }
 
-/// Runs the scenario.
-pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<OverheadResult> {
-    let dir = dir.join("overhead");
+/// The body sizes of `--uds` and the requests sent at each: 1 KB (the latency goal), 220 KB
+/// and 400 KB (a 100,000-token prompt, the EPP CPU goal of 1 ms).
+fn uds_body_sizes(quick: bool) -> [(usize, usize); 3] {
+    let n = if quick { 1 } else { 3 };
+    [
+        (1024, 1000 * n),
+        (220 * 1024, 300 * n),
+        (400 * 1024, 200 * n),
+    ]
+}
+
+/// Runs the scenario; with `uds`, the EPP paths over TCP and over the EPP's Unix socket
+/// ([`UDS_PATHS`]).
+pub async fn run(
+    tools: &Tools,
+    quick: bool,
+    uds: bool,
+    dir: &Path,
+) -> anyhow::Result<OverheadResult> {
+    let dir = dir.join(if uds { "overhead-uds" } else { "overhead" });
     std::fs::create_dir_all(&dir)?;
     let (_backend, addrs) = start_backend(1, &dir)?;
-    let sizes = body_sizes(quick);
+    let backend = addrs.first().copied();
+    let sizes: Vec<(usize, usize)> = if uds {
+        uds_body_sizes(quick).to_vec()
+    } else {
+        body_sizes(quick).to_vec()
+    };
     let mut rows = Vec::new();
     let mut throughput = Vec::new();
     let mut epp_peak_rss_mib = 0.0;
-    for path in PATHS {
+    let mut epp_rest_us_per_s = std::collections::BTreeMap::new();
+    let paths: &[&str] = if uds { &UDS_PATHS } else { &PATHS };
+    for &path in paths {
         let sub = dir.join(path.replace('+', "-"));
         std::fs::create_dir_all(&sub)?;
+        let response_path = if path.contains("-lean") {
+            ResponsePath::Lean
+        } else {
+            ResponsePath::Full
+        };
         let up = match path {
             "envoy" => start_envoy_direct(tools, "LEAST_REQUEST", &addrs, &sub).await?,
-            "envoy+switchyard" => {
-                start_switchyard_on(tools, None, &addrs, &sub, &[], ResponsePath::Full).await?
+            _ if path.ends_with("-uds") => {
+                start_switchyard_uds(tools, &addrs, &sub, response_path).await?
             }
-            _ => start_switchyard_on(tools, None, &addrs, &sub, &[], ResponsePath::Lean).await?,
+            _ => start_switchyard_on(tools, None, &addrs, &sub, &[], response_path).await?,
         };
+        let rest_window = Duration::from_secs(if quick { 3 } else { 6 });
+        if let Some(rest) = epp_at_rest(&up, rest_window).await? {
+            eprintln!("overhead: {path}, epp at rest: {rest:.0} µs/s");
+            epp_rest_us_per_s.insert(path.to_owned(), rest);
+        }
+        let rest = epp_rest_us_per_s.get(path).copied();
         for output_tokens in [1u32, 64, 512] {
             for &(bytes, count) in &sizes {
                 // Streams take about a millisecond per token: fewer of the long ones.
@@ -240,6 +391,7 @@ pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<Overh
                 // Warm connections and caches first.
                 measure(
                     &up,
+                    None,
                     Mode::Concurrency(1),
                     Some(10),
                     None,
@@ -249,6 +401,7 @@ pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<Overh
                 .await?;
                 let (summary, cpu) = measure(
                     &up,
+                    backend,
                     Mode::Concurrency(1),
                     Some(count),
                     None,
@@ -264,14 +417,24 @@ pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<Overh
                     epp_cpu_us_per_req: cpu.epp_us,
                     envoy_cpu_us_per_req: cpu.envoy_us,
                     bbr_cpu_us_per_req: None,
+                    scrapes_per_req: cpu.scrapes_per_req.filter(|_| up.epp().is_some()),
+                    epp_clock_us_per_req: rest.map(|r| r * cpu.secs_per_req),
                 });
             }
         }
         let (bytes, conc) = (220 * 1024, 16);
         eprintln!("overhead: {path}, {bytes}-byte bodies at concurrency {conc}");
         let secs = if quick { 5.0 } else { 15.0 };
-        let (summary, cpu) =
-            measure(&up, Mode::Concurrency(conc), None, Some(secs), bytes, 1).await?;
+        let (summary, cpu) = measure(
+            &up,
+            None,
+            Mode::Concurrency(conc),
+            None,
+            Some(secs),
+            bytes,
+            1,
+        )
+        .await?;
         throughput.push(Throughput {
             path: path.into(),
             body_bytes: bytes,
@@ -290,6 +453,7 @@ pub async fn run(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<Overh
         rows,
         throughput,
         epp_peak_rss_mib,
+        epp_rest_us_per_s,
     })
 }
 
@@ -519,9 +683,9 @@ pub async fn run_bbr(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<B
             eprintln!(
                 "overhead --bbr: {path}, {bytes}-byte bodies, {count} requests one at a time"
             );
-            measure(up, Mode::Concurrency(1), Some(10), None, bytes, 1).await?;
+            measure(up, None, Mode::Concurrency(1), Some(10), None, bytes, 1).await?;
             let (summary, cpu) =
-                measure(up, Mode::Concurrency(1), Some(count), None, bytes, 1).await?;
+                measure(up, None, Mode::Concurrency(1), Some(count), None, bytes, 1).await?;
             rows.push(Row {
                 path: (*path).into(),
                 body_bytes: bytes,
@@ -530,6 +694,8 @@ pub async fn run_bbr(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<B
                 epp_cpu_us_per_req: cpu.epp_us,
                 envoy_cpu_us_per_req: cpu.envoy_us,
                 bbr_cpu_us_per_req: cpu.bbr_us,
+                scrapes_per_req: None,
+                epp_clock_us_per_req: None,
             });
         }
     }
@@ -538,8 +704,16 @@ pub async fn run_bbr(tools: &Tools, quick: bool, dir: &Path) -> anyhow::Result<B
     let secs = if quick { 5.0 } else { 15.0 };
     for (path, up) in BBR_PATHS.iter().zip(&ups) {
         eprintln!("overhead --bbr: {path}, {bytes}-byte bodies at concurrency {conc}");
-        let (summary, cpu) =
-            measure(up, Mode::Concurrency(conc), None, Some(secs), bytes, 1).await?;
+        let (summary, cpu) = measure(
+            up,
+            None,
+            Mode::Concurrency(conc),
+            None,
+            Some(secs),
+            bytes,
+            1,
+        )
+        .await?;
         throughput.push(Throughput {
             path: (*path).into(),
             body_bytes: bytes,
@@ -781,11 +955,20 @@ pub fn split_table(res: &OverheadResult) -> String {
     let mut s = String::from(
         "CPU per request, Envoy and EPP apart (Envoy alone vs Envoy + EPP, same backend; \
          `full` = the shipped response path, every response chunk through the EPP; `lean` = \
-         `response_body_mode: NONE`, the body past the EPP):\n\n\
-         | body | output tokens | path | Envoy CPU / req (µs) | epp CPU / req (µs) | total (µs) | \
+         `response_body_mode: NONE`, the body past the EPP; `UDS` = Envoy reaches the EPP on \
+         its Unix socket, `--grpc-uds-path`, instead of TCP). `epp by the clock` is the EPP's \
+         CPU at rest (Envoy attached, no traffic: health checks, timers) times the request's \
+         length, a part of `epp CPU / req` that does not depend on the request; `scrapes / req` \
+         counts the EPP's scrapes of the backend during the measurement (≈ 250 µs of EPP CPU \
+         each for this backend's 30 KB exposition; an endpoint with a request in flight is \
+         scraped at the refresh interval, so at one request at a time a long stream carries \
+         them all):\n\n\
+         | body | output tokens | path | Envoy CPU / req (µs) | epp CPU / req (µs) | \
+         epp by the clock (µs) | scrapes / req | total (µs) | \
          added p50 (ms) | added p99 (ms) | TTFT added p50 (ms) |\n\
-         | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
+    let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |c| format!("{c:.digits$}"));
     for d in res.rows.iter().filter(|r| r.path == "envoy") {
         for r in res
             .rows
@@ -800,28 +983,44 @@ pub fn split_table(res: &OverheadResult) -> String {
                 )
             };
             let (a, b) = (q(d), q(r));
-            let label = match r.path.as_str() {
-                "envoy" => "Envoy alone",
-                "envoy+switchyard" => "+ epp, full",
-                _ => "+ epp, lean",
-            };
-            let epp = r.epp_cpu_us_per_req.unwrap_or(0.0);
             let _ = writeln!(
                 s,
-                "| {} | {} | {label} | {:.0} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
                 size_label(r.body_bytes),
                 r.output_tokens,
+                path_label(&r.path),
                 r.envoy_cpu_us_per_req,
-                r.epp_cpu_us_per_req
-                    .map_or("-".into(), |c| format!("{c:.0}")),
-                r.envoy_cpu_us_per_req + epp,
+                opt(r.epp_cpu_us_per_req, 0),
+                opt(r.epp_clock_us_per_req, 0),
+                opt(r.scrapes_per_req, 1),
+                r.envoy_cpu_us_per_req + r.epp_cpu_us_per_req.unwrap_or(0.0),
                 b.0 - a.0,
                 b.1 - a.1,
                 b.2 - a.2,
             );
         }
     }
+    if !res.epp_rest_us_per_s.is_empty() {
+        let rest: Vec<String> = res
+            .epp_rest_us_per_s
+            .iter()
+            .map(|(path, us)| format!("{} {us:.0} µs/s", path_label(path)))
+            .collect();
+        let _ = writeln!(s, "\nThe EPP at rest: {}.", rest.join(", "));
+    }
     s
+}
+
+/// A path's name in the tables.
+fn path_label(path: &str) -> &'static str {
+    match path {
+        "envoy" => "Envoy alone",
+        "envoy+switchyard" => "+ epp, full",
+        "envoy+switchyard-uds" => "+ epp, full, UDS",
+        "envoy+switchyard-lean" => "+ epp, lean",
+        "envoy+switchyard-lean-uds" => "+ epp, lean, UDS",
+        _ => "+ epp",
+    }
 }
 
 #[cfg(test)]
@@ -855,6 +1054,40 @@ mod tests {
     }
 
     const HCM: &str = "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config";
+
+    #[test]
+    fn the_uds_gateway_reaches_the_epp_on_its_socket_and_nothing_else_changes() {
+        let rendered = shipped();
+        let socket = Path::new("/tmp/x/epp.sock");
+        let piped = harness::epp_over_pipe(&rendered, socket).unwrap();
+        let cfg: Value = yaml_serde::from_str(&piped).unwrap();
+        let clusters = cfg["static_resources"]["clusters"].as_array().unwrap();
+        let epp = clusters.iter().find(|c| c["name"] == "epp").unwrap();
+        assert_eq!(epp["type"], "STATIC");
+        assert_eq!(
+            epp.pointer("/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/pipe/path"),
+            Some(&json!("/tmp/x/epp.sock"))
+        );
+        // Only the epp cluster's two lines differ.
+        let before: Value = yaml_serde::from_str(&rendered).unwrap();
+        let others = |v: &Value| -> Vec<Value> {
+            v["static_resources"]["clusters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["name"] != "epp")
+                .cloned()
+                .collect()
+        };
+        assert_eq!(others(&before), others(&cfg));
+        assert_eq!(
+            before["static_resources"]["listeners"],
+            cfg["static_resources"]["listeners"]
+        );
+        assert_eq!(piped.lines().count(), rendered.lines().count());
+        // A template without the cluster is refused, not silently left on TCP.
+        assert!(harness::epp_over_pipe("static_resources: {}\n", socket).is_err());
+    }
 
     #[test]
     fn bbr_goes_first_and_the_route_matches_the_base_model() {
@@ -1006,6 +1239,8 @@ mod tests {
             epp_cpu_us_per_req: Some(250.0),
             envoy_cpu_us_per_req: envoy,
             bbr_cpu_us_per_req: bbr,
+            scrapes_per_req: None,
+            epp_clock_us_per_req: None,
         }
     }
 
