@@ -148,6 +148,61 @@ pub enum SubmitError {
     EmptyPrompt,
 }
 
+/// A [`Engine::stepped`] engine's events for its requests, kept instead of sent, so that the
+/// caller delivers those of many engines in an order of its choosing (the what-if steps
+/// engines in parallel and delivers in (time, replica) order).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    events: Vec<OutboxEvent>,
+}
+
+/// One kept event: for one request, made by the step that ended at `at`.
+#[derive(Debug)]
+pub struct OutboxEvent {
+    /// The end of the step that made it.
+    pub at: Instant,
+    tx: mpsc::UnboundedSender<EngineEvent>,
+    event: EngineEvent,
+}
+
+impl OutboxEvent {
+    /// Sends it to its request; `false` if the request's owner has gone.
+    pub fn deliver(self) -> bool {
+        self.tx.send(self.event).is_ok()
+    }
+}
+
+impl Outbox {
+    /// Keeps `event` for `tx`; `false` (and nothing kept) if the request's owner has gone,
+    /// as a failed send tells the loop.
+    fn push(
+        &mut self,
+        at: Instant,
+        tx: &mpsc::UnboundedSender<EngineEvent>,
+        event: EngineEvent,
+    ) -> bool {
+        if tx.is_closed() {
+            return false;
+        }
+        self.events.push(OutboxEvent {
+            at,
+            tx: tx.clone(),
+            event,
+        });
+        true
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The kept events, in the order they were made.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, OutboxEvent> {
+        self.events.drain(..)
+    }
+}
+
 /// LoRA registry and GPU slots.
 #[derive(Debug, Default)]
 struct LoraSlots {
@@ -310,6 +365,9 @@ struct EngineState {
     cpu: Option<LruBlocks<()>>,
     /// What the process shares: the shared store and the peer registry.
     pool: Arc<TierPool>,
+    /// Whether a request whose receiver was dropped is aborted at the next step (`false` for
+    /// a [`Engine::stepped`] engine, whose owner keeps every receiver until `Finished`).
+    aborts_dropped: bool,
 }
 
 /// A block written through to the lower tiers: its hash, its parent's, its adapter.
@@ -356,6 +414,7 @@ impl EngineState {
             cpu: (config.kv_tiers.cpu_blocks > 0)
                 .then(|| LruBlocks::new(config.kv_tiers.cpu_blocks)),
             pool,
+            aborts_dropped: true,
             config,
         }
     }
@@ -400,7 +459,9 @@ impl EngineState {
     /// Plans one step starting at `now`; returns its duration, or `None` when there is nothing
     /// to run.
     fn schedule(&mut self, now: Instant) -> Option<Duration> {
-        self.drop_cancelled();
+        if self.aborts_dropped {
+            self.drop_cancelled();
+        }
         let block_size = self.config.block_size;
         let mut budget = self.config.max_num_batched_tokens;
         let mut work = StepWork::default();
@@ -650,6 +711,12 @@ impl EngineState {
     /// Completes the step that ends at `end`: advances sequences, samples tokens, finishes
     /// requests.
     fn commit(&mut self, end: Instant) {
+        self.commit_into(end, None);
+    }
+
+    /// [`EngineState::commit`], with the requests' events kept in `outbox` (when given)
+    /// instead of sent.
+    fn commit_into(&mut self, end: Instant, mut outbox: Option<&mut Outbox>) {
         let recording = self.sink.active();
         self.kv.set_recording(recording);
         let tiered = self.cpu.is_some() || self.pool.shared().is_some();
@@ -710,15 +777,16 @@ impl EngineState {
             let finished = seq.output_len() >= seq.max_tokens;
             if finished || index == 0 || seq.pending.len() >= granularity {
                 let ids = std::mem::take(&mut seq.pending);
-                if seq
-                    .tx
-                    .send(EngineEvent::Tokens {
-                        ids,
-                        at: end,
-                        last: finished,
-                    })
-                    .is_err()
-                {
+                let event = EngineEvent::Tokens {
+                    ids,
+                    at: end,
+                    last: finished,
+                };
+                let sent = match outbox.as_deref_mut() {
+                    None => seq.tx.send(event).is_ok(),
+                    Some(outbox) => outbox.push(end, &seq.tx, event),
+                };
+                if !sent {
                     done.push((idx, false));
                     continue;
                 }
@@ -754,13 +822,21 @@ impl EngineState {
                 first_token: seq.first_token_at.unwrap_or(end),
                 finished: end,
             };
-            let _ = seq.tx.send(EngineEvent::Finished(Completion {
+            let event = EngineEvent::Finished(Completion {
                 prompt_tokens: seq.prompt_len,
                 completion_tokens: seq.output_len(),
                 cached_tokens: seq.cached_tokens,
                 finish_reason: seq.finish_reason,
                 timing,
-            }));
+            });
+            match outbox.as_deref_mut() {
+                None => {
+                    let _ = seq.tx.send(event);
+                }
+                Some(outbox) => {
+                    outbox.push(end, &seq.tx, event);
+                }
+            }
         }
     }
 
@@ -814,28 +890,37 @@ struct EngineShared {
 #[derive(Debug, Clone)]
 pub struct Engine {
     shared: Arc<EngineShared>,
-    task: Arc<AbortOnDrop>,
+    /// The scheduler loop; `None` for an engine its owner steps ([`Engine::stepped`]).
+    task: Option<Arc<AbortOnDrop>>,
 }
 
 /// A handle on an engine that does not keep it running ([`Engine::downgrade`]).
 #[derive(Debug, Clone)]
 pub struct WeakEngine {
     shared: std::sync::Weak<EngineShared>,
-    task: std::sync::Weak<AbortOnDrop>,
+    task: Option<std::sync::Weak<AbortOnDrop>>,
 }
 
 impl WeakEngine {
     /// The engine, while some [`Engine`] handle keeps it running.
     pub fn upgrade(&self) -> Option<Engine> {
+        let task = match &self.task {
+            Some(task) => Some(task.upgrade()?),
+            None => None,
+        };
         Some(Engine {
             shared: self.shared.upgrade()?,
-            task: self.task.upgrade()?,
+            task,
         })
     }
 
     /// Whether the engine still runs.
     pub fn is_alive(&self) -> bool {
-        self.task.strong_count() > 0
+        match &self.task {
+            Some(task) => task.strong_count() > 0,
+            // A stepped engine runs while its owner holds it.
+            None => self.shared.strong_count() > 0,
+        }
     }
 }
 
@@ -873,20 +958,77 @@ impl Engine {
         let task = tokio::spawn(run(shared.clone()));
         Ok(Self {
             shared,
-            task: Arc::new(AbortOnDrop(task)),
+            task: Some(Arc::new(AbortOnDrop(task))),
         })
+    }
+
+    /// Replica `index` without a scheduler loop: its owner runs the loop's steps with
+    /// [`Engine::advance`], which is how one driver steps hundreds of engines (the what-if)
+    /// without a task and a timer per engine. Two things differ from [`Engine::spawn`]:
+    /// pausing has no effect, and dropping a request's receiver does not abort the request
+    /// (the owner keeps every receiver until `Finished`; checking every request at every
+    /// step is a cache miss per request that hundreds of engines in one process notice).
+    pub fn stepped(config: Arc<Config>, index: usize) -> Result<Self, crate::SimError> {
+        config.validate()?;
+        let (paused, _) = watch::channel(false);
+        let pool = TierPool::for_config(&config);
+        let mut state = EngineState::new(config, index, pool);
+        state.aborts_dropped = false;
+        let shared = Arc::new(EngineShared {
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            paused,
+        });
+        Ok(Self { shared, task: None })
+    }
+
+    /// What [`Engine::spawn`]'s loop does up to `now`, for a [`Engine::stepped`] engine:
+    /// completes the step in progress (`step_end`, which must not be after `now`; `None` for
+    /// an idle engine that was given a request), then plans the next steps, completing those
+    /// that end by `now` too. Returns when the step now in progress ends, or `None` when the
+    /// engine is idle (call again, with `None`, after the next [`Engine::submit`]). The
+    /// requests' events go to `outbox`, in order, for the caller to deliver; the KV-cache
+    /// events are sent at once, as by the loop.
+    pub fn advance(
+        &self,
+        step_end: Option<Instant>,
+        now: Instant,
+        outbox: &mut Outbox,
+    ) -> Option<Instant> {
+        let mut st = self.shared.state.lock();
+        let mut prev_end = step_end;
+        loop {
+            let start = match prev_end {
+                Some(end) => {
+                    st.commit_into(end, Some(outbox));
+                    if now.saturating_duration_since(end) <= BACK_TO_BACK_SLACK {
+                        end
+                    } else {
+                        now
+                    }
+                }
+                None => now,
+            };
+            let end = start + st.schedule(start)?;
+            if end > now {
+                return Some(end);
+            }
+            prev_end = Some(end);
+        }
     }
 
     /// Stops the scheduler loop; in-flight requests never complete.
     pub fn stop(&self) {
-        self.task.0.abort();
+        if let Some(task) = &self.task {
+            task.0.abort();
+        }
     }
 
     /// A handle that does not keep the engine running (the peer registry holds these).
     pub fn downgrade(&self) -> WeakEngine {
         WeakEngine {
             shared: Arc::downgrade(&self.shared),
-            task: Arc::downgrade(&self.task),
+            task: self.task.as_ref().map(Arc::downgrade),
         }
     }
 

@@ -75,6 +75,10 @@ struct Args {
     /// for 30 s. Seeded by `--replay-seed`.
     #[arg(long, default_value_t = 0.0)]
     kv_event_drop: f64,
+    /// Threads stepping the engines, the replay's own included (the result is the same for
+    /// any number; more than the cores only costs).
+    #[arg(long, default_value_t = 2)]
+    step_threads: usize,
     /// KV-cache blocks per replica (16 tokens each).
     #[arg(long, default_value_t = 27_000)]
     kv_blocks: usize,
@@ -162,6 +166,7 @@ fn main() -> anyhow::Result<()> {
         scrape_path,
         kv_event_lag_ms,
         kv_event_drop,
+        step_threads,
         kv_blocks,
         max_num_seqs,
         max_loras,
@@ -374,6 +379,7 @@ fn main() -> anyhow::Result<()> {
                     ScrapePath::Text
                 },
                 kv_events,
+                step_threads,
             };
             let wall = std::time::Instant::now();
             let run = replay::run_stream(&cfg, requests()?)?;

@@ -17,7 +17,8 @@
 //! path of the config is not loaded). Tokenizing takes no virtual time and never misses its
 //! deadline; a prompt over the producer's `maxPromptBytes` routes without ids, as in the EPP.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +39,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use sim::kv_cache::KvEvent;
-use sim::{Engine, EngineEvent, FinishReason, SubmitRequest};
-use tokio::sync::{broadcast, mpsc};
+use sim::{Engine, EngineEvent, FinishReason, Outbox, SubmitRequest};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -70,6 +71,11 @@ pub struct ReplayCfg {
     /// How the engines' KV-cache events reach the EPP's precise index (only read when the
     /// config has a `precise-prefix-cache-scorer`).
     pub kv_events: KvEventFeed,
+    /// Threads stepping the engines (1: the replay's own thread only). The result is the
+    /// same for any number: engines due at one instant are stepped apart and their events
+    /// delivered in (time, replica) order. With KV events fed to a precise index the engines
+    /// are stepped on the replay's thread (their events go out as they are made).
+    pub step_threads: usize,
 }
 
 /// How the engines' KV-cache events reach the EPP's precise index. Each engine's events of one
@@ -262,24 +268,316 @@ pub fn run_stream(
         .start_paused(true)
         .build()
         .map_err(WhatIfError::Runtime)?;
+    let helpers = Arc::new(StepHelpers::default());
     std::thread::scope(|scope| {
+        let result = replay_on(scope, cfg, trace, &rt, &helpers);
+        // The helpers end with the replay, however it ended.
+        helpers.stop();
+        result
+    })
+}
+
+/// [`run_stream`] once its runtime and helpers are made: starts the helper and preparing
+/// threads in `scope`, then replays on this thread.
+fn replay_on<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    cfg: &'scope ReplayCfg,
+    trace: impl Iterator<Item = TraceRequest> + Send + 'scope,
+    rt: &tokio::runtime::Runtime,
+    helpers: &Arc<StepHelpers>,
+) -> Result<RunResult, WhatIfError> {
+    {
+        for i in 1..cfg.step_threads.clamp(1, MAX_STEP_THREADS) {
+            let helpers = helpers.clone();
+            std::thread::Builder::new()
+                .name(format!("whatif-step-{i}"))
+                .spawn_scoped(scope, move || helpers.serve())
+                .map_err(WhatIfError::Runtime)?;
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(PREPARED_AHEAD);
-        scope.spawn(move || {
-            let mut trace = trace.peekable();
-            while trace.peek().is_some() {
-                let chunk: Vec<Prepared> = trace
-                    .by_ref()
-                    .take(PREPARED_CHUNK)
-                    .map(Prepared::new)
-                    .collect();
-                // The replay stopped early (an error): so does the preparing.
-                if tx.send(chunk).is_err() {
-                    return;
+        let preparing = std::thread::Builder::new().name("whatif-prepare".into());
+        preparing
+            .spawn_scoped(scope, move || {
+                let mut trace = trace.peekable();
+                while trace.peek().is_some() {
+                    let chunk: Vec<Prepared> = trace
+                        .by_ref()
+                        .take(PREPARED_CHUNK)
+                        .map(Prepared::new)
+                        .collect();
+                    // The replay stopped early (an error): so does the preparing.
+                    if tx.send(chunk).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(WhatIfError::Runtime)?;
+        rt.block_on(replay(cfg, rx.into_iter().flatten(), helpers))
+    }
+}
+
+/// Most threads stepping engines ([`ReplayCfg::step_threads`]).
+const MAX_STEP_THREADS: usize = 64;
+
+/// Engines due at one instant below which they are stepped on the replay's thread alone:
+/// handing a few to another thread costs more than it saves.
+const PARALLEL_MIN_ENGINES: usize = 4;
+
+/// How long a helper waits for the next batch, spinning, before it sleeps: longer than the
+/// replay takes between two instants at hundreds of replicas (a few hundred µs), so that a
+/// busy replay never waits for a helper to wake up.
+const HELPER_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Engines to step at one instant, shared by the replay's thread and the helpers: each takes
+/// the next engine until none is left; results are kept in the engines' order.
+struct Batch {
+    jobs: Vec<(usize, Option<Instant>, Engine)>,
+    now: Instant,
+    next: std::sync::atomic::AtomicUsize,
+    results: Vec<Mutex<Option<(Option<Instant>, Outbox)>>>,
+    done: std::sync::atomic::AtomicUsize,
+}
+
+impl Batch {
+    /// Steps engines of the batch until none is left to take.
+    fn work(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let k = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some((_, end, engine)) = self.jobs.get(k) else {
+                return;
+            };
+            let mut outbox = Outbox::default();
+            let next = engine.advance(*end, self.now, &mut outbox);
+            *self.results[k].lock() = Some((next, outbox));
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// The threads that step engines beside the replay's ([`ReplayCfg::step_threads`]): they
+/// spin between batches (a batch comes every few hundred µs of a busy replay) and sleep when
+/// none has come for [`HELPER_SPIN`].
+#[derive(Default)]
+struct StepHelpers {
+    batch: Mutex<Option<Arc<Batch>>>,
+    generation: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+    sleeping: Mutex<Vec<std::thread::Thread>>,
+}
+
+impl StepHelpers {
+    /// A helper thread's loop, until [`StepHelpers::stop`].
+    fn serve(&self) {
+        use std::sync::atomic::Ordering;
+        let mut seen = 0;
+        let mut idle_since = std::time::Instant::now();
+        let mut spins = 0u32;
+        while !self.stop.load(Ordering::Acquire) {
+            let generation = self.generation.load(Ordering::Acquire);
+            if generation != seen {
+                seen = generation;
+                let batch = self.batch.lock().clone();
+                if let Some(batch) = batch {
+                    batch.work();
+                }
+                idle_since = std::time::Instant::now();
+                continue;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 1024 != 0 || idle_since.elapsed() < HELPER_SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Asleep from here: the replay wakes sleepers with each batch.
+            self.sleeping.lock().push(std::thread::current());
+            if self.generation.load(Ordering::SeqCst) == seen && !self.stop.load(Ordering::SeqCst) {
+                std::thread::park_timeout(std::time::Duration::from_millis(50));
+            }
+            let me = std::thread::current().id();
+            self.sleeping.lock().retain(|t| t.id() != me);
+            idle_since = std::time::Instant::now();
+        }
+    }
+
+    /// Whether a helper thread serves batches.
+    fn wake_sleepers(&self) {
+        for t in self.sleeping.lock().drain(..) {
+            t.unpark();
+        }
+    }
+
+    /// Steps `jobs` at `now` on this thread and the helpers; results in the jobs' order.
+    fn step(
+        &self,
+        jobs: Vec<(usize, Option<Instant>, Engine)>,
+        now: Instant,
+    ) -> Vec<(usize, Option<Instant>, Outbox)> {
+        use std::sync::atomic::Ordering;
+        let n = jobs.len();
+        let batch = Arc::new(Batch {
+            results: (0..n).map(|_| Mutex::new(None)).collect(),
+            jobs,
+            now,
+            next: Default::default(),
+            done: Default::default(),
+        });
+        *self.batch.lock() = Some(batch.clone());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.wake_sleepers();
+        batch.work();
+        // The last engines a helper took: a few µs each (unless its thread lost its core).
+        let mut spins = 0u32;
+        while batch.done.load(Ordering::Acquire) < n {
+            spins = spins.wrapping_add(1);
+            if spins % 1024 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        *self.batch.lock() = None;
+        batch
+            .jobs
+            .iter()
+            .zip(&batch.results)
+            .map(|((i, _, _), r)| {
+                // Every job is done: each result is there.
+                let (next, outbox) = r.lock().take().unwrap_or_default();
+                (*i, next, outbox)
+            })
+            .collect()
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake_sleepers();
+    }
+}
+
+/// Steps every engine from one task ([`drive_engines`]) instead of a task and a timer per
+/// engine: a heap of the instants at which engines' steps end, and the idle engines that
+/// were just given a request.
+struct Stepper {
+    state: Mutex<StepperState>,
+    /// Tells the driver that an idle engine was given a request.
+    wake: Notify,
+    /// Whether engines due together may be stepped on several threads.
+    parallel: bool,
+}
+
+#[derive(Default)]
+struct StepperState {
+    /// Per replica: when the step it is running ends (`None`: idle).
+    ends: Vec<Option<Instant>>,
+    /// (end, replica) of every running step.
+    due: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Idle replicas given a request since the driver last ran, each once.
+    woken: Vec<usize>,
+    is_woken: Vec<bool>,
+}
+
+impl Stepper {
+    fn new(parallel: bool) -> Self {
+        Self {
+            state: Mutex::default(),
+            wake: Notify::new(),
+            parallel,
+        }
+    }
+
+    fn add(&self) {
+        let mut s = self.state.lock();
+        s.ends.push(None);
+        s.is_woken.push(false);
+    }
+
+    /// Replica `i` was given a request: an idle engine plans a step at once (in this
+    /// instant, after the caller yields), as its own loop would on being notified.
+    fn wake(&self, i: usize) {
+        let mut s = self.state.lock();
+        if s.ends.get(i).is_some_and(Option::is_none) && !s.is_woken[i] {
+            s.is_woken[i] = true;
+            s.woken.push(i);
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The engines' loop: at each instant, every engine whose step ended completes it and plans
+/// its next one, and every engine woken by a request plans one; they are independent of one
+/// another, so they are stepped on the pool's threads, and their requests' events are then
+/// delivered in (step end, replica) order, whatever thread stepped them.
+async fn drive_engines(pool: Arc<Pool>, helpers: Arc<StepHelpers>) {
+    let stepper = &pool.stepper;
+    let mut jobs: Vec<(usize, Option<Instant>, Engine)> = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        let now = Instant::now();
+        {
+            let r = pool.lock();
+            let mut s = stepper.state.lock();
+            while let Some(&Reverse((end, i))) = s.due.peek() {
+                if end > now {
+                    break;
+                }
+                s.due.pop();
+                s.ends[i] = None;
+                jobs.push((i, Some(end), r.engines[i].clone()));
+            }
+            let woken = std::mem::take(&mut s.woken);
+            for i in woken {
+                s.is_woken[i] = false;
+                if s.ends[i].is_none() && !jobs.iter().any(|j| j.0 == i) {
+                    jobs.push((i, None, r.engines[i].clone()));
                 }
             }
-        });
-        rt.block_on(replay(cfg, rx.into_iter().flatten()))
-    })
+        }
+        if jobs.is_empty() {
+            let next = stepper.state.lock().due.peek().map(|r| r.0.0);
+            match next {
+                Some(end) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(end) => {}
+                        () = stepper.wake.notified() => {}
+                    }
+                }
+                None => stepper.wake.notified().await,
+            }
+            continue;
+        }
+        let stepped: Vec<(usize, Option<Instant>, Outbox)> =
+            if stepper.parallel && jobs.len() >= PARALLEL_MIN_ENGINES {
+                helpers.step(std::mem::take(&mut jobs), now)
+            } else {
+                jobs.drain(..)
+                    .map(|(i, end, engine)| {
+                        let mut outbox = Outbox::default();
+                        let next = engine.advance(end, now, &mut outbox);
+                        (i, next, outbox)
+                    })
+                    .collect()
+            };
+        {
+            let mut s = stepper.state.lock();
+            for (i, next, mut outbox) in stepped {
+                if let Some(end) = next {
+                    s.ends[i] = Some(end);
+                    s.due.push(Reverse((end, i)));
+                }
+                if !outbox.is_empty() {
+                    events.extend(outbox.drain().map(|e| (e.at, i, e)));
+                }
+            }
+        }
+        // Stable: one engine's events keep their order.
+        events.sort_by_key(|&(at, i, _)| (at, i));
+        for (_, _, event) in events.drain(..) {
+            // A request whose owner has gone is dropped at the engine's next step.
+            event.deliver();
+        }
+    }
 }
 
 /// A trace request with what depends only on it done ahead of time.
@@ -328,6 +626,7 @@ struct Pool {
     token_ids: Option<usize>,
     seed: u64,
     kv_counts: Arc<Mutex<KvEventCounts>>,
+    stepper: Stepper,
 }
 
 /// Every replica ever started, which are in the pool, and what they cost. Locked briefly,
@@ -355,8 +654,9 @@ impl Pool {
     /// Starts replica `i`'s engine (paid from now).
     fn start(&self, r: &mut Replicas) -> Result<usize, WhatIfError> {
         let i = r.engines.len();
-        let engine = Engine::spawn(self.engine_cfg.clone(), i)
+        let engine = Engine::stepped(self.engine_cfg.clone(), i)
             .map_err(|e| WhatIfError::Config(e.to_string()))?;
+        self.stepper.add();
         if !self.kv_indexes.is_empty() {
             feed_kv_events(self, i, engine.subscribe_kv_events());
         }
@@ -416,6 +716,7 @@ impl Pool {
 async fn replay(
     cfg: &ReplayCfg,
     trace: impl Iterator<Item = Prepared>,
+    helpers: &Arc<StepHelpers>,
 ) -> Result<RunResult, WhatIfError> {
     if cfg.replicas == 0 || cfg.replicas > 65_536 {
         return Err(WhatIfError::Config(format!(
@@ -455,6 +756,7 @@ async fn replay(
     };
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore, Arc::new(loaded), cfg.seed));
+    let parallel = kv_indexes.is_empty() && cfg.step_threads > 1;
     let pool = Arc::new(Pool {
         director,
         engine_cfg: Arc::new(cfg.engine.clone()),
@@ -465,6 +767,7 @@ async fn replay(
         token_ids,
         seed: cfg.seed,
         kv_counts: Arc::default(),
+        stepper: Stepper::new(parallel),
     });
     let start = Instant::now();
     {
@@ -476,6 +779,7 @@ async fn replay(
         pool.publish(&mut r, start);
     }
 
+    let engines = tokio::spawn(drive_engines(pool.clone(), helpers.clone()));
     // The EPP learns every engine's state before the first request, as a pod becomes a
     // candidate only after a scrape.
     scrape_all(&pool, cfg, Duration::ZERO);
@@ -520,6 +824,7 @@ async fn replay(
         outcomes.push(done.map_err(|e| WhatIfError::Task(e.to_string()))?);
     }
     scraper.abort();
+    engines.abort();
     if let Some(task) = autoscaler {
         task.abort();
         // A policy that failed (it cannot start an engine) is the replay's error.
@@ -865,6 +1170,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
             return out;
         }
     };
+    pool.stepper.wake(replica);
     let mut first = None;
     while let Some(event) = events.recv().await {
         match event {

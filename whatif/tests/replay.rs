@@ -6,7 +6,7 @@ use std::time::Duration;
 use bench::workload::{Kind, WorkloadArgs};
 use endpoint_picker::config::REFERENCE_DEFAULT_CONFIG;
 const DEFAULT: &str = REFERENCE_DEFAULT_CONFIG;
-use endpoint_picker::config::profiles::COST_MODEL;
+use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL};
 use whatif::replay::{self, ReplayCfg};
 use whatif::report::{self, Slo};
 use whatif::trace;
@@ -26,6 +26,7 @@ fn cfg(name: &str, config: &str, replicas: usize) -> ReplayCfg {
         autoscale: None,
         scrape_path: whatif::replay::ScrapePath::Text,
         kv_events: Default::default(),
+        step_threads: 2,
     }
 }
 
@@ -339,4 +340,26 @@ fn a_replay_is_byte_identical_run_to_run() {
         a.contains("\"lost\":"),
         "the KV-event counts are part of the result"
     );
+}
+
+#[test]
+fn stepping_engines_on_two_threads_gives_the_same_replay() {
+    // Enough replicas under enough load that several engines end a step at the same instant
+    // (those are stepped on both threads).
+    let args = WorkloadArgs {
+        workload: Kind::SharedPrefix,
+        groups: 16,
+        system_tokens: 1000,
+        question_tokens: 200,
+        output_tokens: 64,
+        ..WorkloadArgs::default()
+    };
+    let requests = trace::from_workload(&args, 60.0, 6.0).unwrap();
+    let mut one = cfg("balanced", BALANCED_PREFIX, 48);
+    one.step_threads = 1;
+    let mut two = one.clone();
+    two.step_threads = 2;
+    let a = serde_json::to_string(&replay::run(&one, &requests).unwrap()).unwrap();
+    let b = serde_json::to_string(&replay::run(&two, &requests).unwrap()).unwrap();
+    assert_eq!(a, b);
 }
