@@ -75,9 +75,10 @@ struct Args {
     /// for 30 s. Seeded by `--replay-seed`.
     #[arg(long, default_value_t = 0.0)]
     kv_event_drop: f64,
-    /// Threads stepping the engines, the replay's own included (the result is the same for
-    /// any number; more than the cores only costs).
-    #[arg(long, default_value_t = 2)]
+    /// Threads stepping the engines, the replay's own included. The result is the same for
+    /// any number. A helper spins between instants: worth it only with a core to spare (on a
+    /// shared machine 2 threads were 1.7× slower than 1).
+    #[arg(long, default_value_t = 1)]
     step_threads: usize,
     /// KV-cache blocks per replica (16 tokens each).
     #[arg(long, default_value_t = 27_000)]

@@ -324,10 +324,12 @@ const MAX_STEP_THREADS: usize = 64;
 const PARALLEL_MIN_ENGINES: usize = 4;
 
 /// How long a helper waits for the next batch, spinning, before it sleeps (the replay wakes
-/// it with the next batch, and steps engines itself meanwhile). Short: spinning through the
-/// few hundred µs between two instants of a busy replay doubled its CPU and, on a machine
-/// short of cores, slowed the replay's own thread by 1.7×.
-const HELPER_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+/// it with the next batch). Longer than a busy replay takes between two instants (a few
+/// hundred µs): a helper that sleeps wakes after the replay's thread has stepped the whole
+/// batch itself (measured: with 50 µs the helper stepped next to nothing). The price is a
+/// core spent spinning, free on a machine with a core to spare, and a loss where there is
+/// none (measured on a shared VM: 1.7× the wall time of one thread).
+const HELPER_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Engines to step at one instant, shared by the replay's thread and the helpers: each takes
 /// the next engine until none is left; results are kept in the engines' order.
@@ -400,7 +402,7 @@ impl StepHelpers {
         }
     }
 
-    /// Whether a helper thread serves batches.
+    /// Wakes the sleeping helpers (a new batch, or the end).
     fn wake_sleepers(&self) {
         for t in self.sleeping.lock().drain(..) {
             t.unpark();
