@@ -331,13 +331,16 @@ const PARALLEL_MIN_ENGINES: usize = 4;
 /// none (measured on a shared VM: 1.7× the wall time of one thread).
 const HELPER_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// What stepping one engine gave: when its next step ends (`None`: idle), and its events.
+type Stepped = (Option<Instant>, Outbox);
+
 /// Engines to step at one instant, shared by the replay's thread and the helpers: each takes
 /// the next engine until none is left; results are kept in the engines' order.
 struct Batch {
     jobs: Vec<(usize, Option<Instant>, Engine)>,
     now: Instant,
     next: std::sync::atomic::AtomicUsize,
-    results: Vec<Mutex<Option<(Option<Instant>, Outbox)>>>,
+    results: Vec<Mutex<Option<Stepped>>>,
     done: std::sync::atomic::AtomicUsize,
 }
 
@@ -387,7 +390,7 @@ impl StepHelpers {
                 continue;
             }
             spins = spins.wrapping_add(1);
-            if spins % 1024 != 0 || idle_since.elapsed() < HELPER_SPIN {
+            if !spins.is_multiple_of(1024) || idle_since.elapsed() < HELPER_SPIN {
                 std::hint::spin_loop();
                 continue;
             }
@@ -432,7 +435,7 @@ impl StepHelpers {
         let mut spins = 0u32;
         while batch.done.load(Ordering::Acquire) < n {
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
