@@ -239,7 +239,7 @@ pub fn markdown(runs: &[RoutingRun], cfg: &RoutingCfg) -> String {
 pub fn describe(w: &WorkloadArgs) -> String {
     use crate::workload::Kind;
     match w.workload {
-        Kind::SharedPrefix | Kind::CachePressure => format!(
+        Kind::SharedPrefix | Kind::CachePressure | Kind::KvSharing => format!(
             "{} groups, {}-token system prompt per group, {}-token question per request, {} output tokens; group drawn uniformly (seed {}).",
             w.groups, w.system_tokens, w.question_tokens, w.output_tokens, w.seed
         ),
