@@ -552,10 +552,11 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             let heads = active_active::headlines(&runs, &cfg);
             let mut md = format!(
                 "{header}
-{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`, test tokenizer, KV events on `tcp://127.0.0.(2+i):<port>`), {}; {} req/s Poisson, {} s of warm-up then {} s measured, cold cluster per run, {} round(s). Every EPP runs the precise profile (cost model + `precise-prefix-cache-scorer`, `discoverPods`, speculative entries) on the same pool file; Envoy balances the ext_proc streams `LEAST_REQUEST`. Hit rate: the engines' `vllm:prefix_cache_hits_total` / `queries_total` over the measured window. Took {:.0} min.\n\n",
+{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`, test tokenizer, KV events on `tcp://127.0.0.(2+i):<port>`), {} (token counts are the goodput preset's divided by {:.2}, the test tokenizer's tokens per workload token, so the engines see the preset's prompt lengths); {} req/s Poisson, {} s of warm-up then {} s measured, cold cluster per run, {} round(s). Every EPP runs the precise profile (cost model + `precise-prefix-cache-scorer`, `discoverPods`, speculative entries) on the same pool file; Envoy balances the ext_proc streams `LEAST_REQUEST`. Hit rate: the engines' `vllm:prefix_cache_hits_total` / `queries_total` over the measured window. Took {:.0} min.\n\n",
                 cfg.replicas,
                 cfg.stream_granularity,
                 scenario::routing::describe(&cfg.workload),
+                scenario::precise::TEST_TOKENIZER_TOKENS_PER_TOKEN,
                 cfg.rate,
                 cfg.warmup_s,
                 cfg.duration_s,
@@ -835,6 +836,8 @@ fn goodput_cfg(g: &GoodputOpts, quick: bool) -> anyhow::Result<GoodputCfg> {
             } else {
                 1.0
             };
+            // The engines' prompt lengths as in the preset, whatever their tokenizer.
+            workload = workload.scaled_prompts(1.0 / ratio);
             let given = g
                 .ladder
                 .iter()
@@ -899,6 +902,9 @@ fn active_active_cfg(
         "--epps: 1 to 16 each"
     );
     let (workload, gpu_blocks, _) = goodput_preset(a.workload);
+    // The preset's prompt lengths in engine tokens (the engines use the test tokenizer).
+    let workload =
+        workload.scaled_prompts(1.0 / scenario::precise::TEST_TOKENIZER_TOKENS_PER_TOKEN);
     Ok(active_active::ActiveActiveCfg {
         replicas: REPLICAS,
         stream_granularity: 16,

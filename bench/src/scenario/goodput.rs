@@ -764,7 +764,7 @@ pub fn describe(l: &Ladder, replicas: usize) -> String {
         let _ = std::fmt::Write::write_fmt(
             &mut s,
             format_args!(
-                "; shared prefixes {ws} engine tokens = {:.2}× the cluster's GPU KV capacity",
+                "; shared prefixes {ws} tokens = {:.2}× the cluster's KV capacity",
                 ws as f64 / kv as f64
             ),
         );
@@ -772,7 +772,7 @@ pub fn describe(l: &Ladder, replicas: usize) -> String {
             let _ = std::fmt::Write::write_fmt(
                 &mut s,
                 format_args!(
-                    ", {:.2}× every tier's",
+                    " (GPU), {:.2}× every tier's",
                     ws as f64 / l.cluster_all_tiers_tokens(replicas) as f64
                 ),
             );
@@ -782,7 +782,7 @@ pub fn describe(l: &Ladder, replicas: usize) -> String {
         let _ = std::fmt::Write::write_fmt(
             &mut s,
             format_args!(
-                " (engines tokenize with the test tokenizer: {:.2} engine tokens per workload token)",
+                " (engine tokens: the engines tokenize with the test tokenizer, {:.2} tokens per workload token, and the workload's token counts are divided by that)",
                 l.engine_tokens_per_token
             ),
         );

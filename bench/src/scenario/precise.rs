@@ -45,9 +45,12 @@ pub const TOKENIZER_DIR: &str = "tokenize/testdata";
 
 /// Engine tokens per workload token: the workloads count tokens of the simulator's built-in
 /// tokenizer (`workload::text`); precise runs tokenize with the test tokenizer, a 640-token BPE
-/// vocabulary that cuts the workloads' pseudo-words finer (measured by
-/// `the_test_tokenizer_ratio_is_as_stated`).
-pub const TEST_TOKENIZER_TOKENS_PER_TOKEN: f64 = 1.0;
+/// vocabulary trained on the project's docs, which cuts the workloads' random pseudo-words
+/// about three times finer (measured by `the_test_tokenizer_ratio_is_as_stated`). Scenarios
+/// with precise routing divide the workload's token counts by it
+/// ([`crate::workload::WorkloadArgs::scaled_prompts`]), so that the engines see the prompt
+/// lengths of the presets.
+pub const TEST_TOKENIZER_TOKENS_PER_TOKEN: f64 = 2.94;
 
 /// How the engines publish their KV events for a run.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -243,6 +243,23 @@ impl WorkloadArgs {
         .then(|| self.groups as u64 * self.system_tokens as u64)
     }
 
+    /// The same workload with every prompt-length knob multiplied by `factor` (rounded, at
+    /// least 1); output lengths stay (the engine generates exactly `max_tokens`, whatever its
+    /// tokenizer). Used to keep the engines' prompt lengths when they tokenize finer.
+    pub fn scaled_prompts(&self, factor: f64) -> WorkloadArgs {
+        let n = |x: usize| ((x as f64 * factor).round() as usize).max(1);
+        WorkloadArgs {
+            system_tokens: n(self.system_tokens),
+            question_tokens: n(self.question_tokens),
+            user_system_tokens: n(self.user_system_tokens),
+            turn_tokens: n(self.turn_tokens),
+            reply_tokens: n(self.reply_tokens),
+            prompt_median: (self.prompt_median * factor).max(1.0),
+            prompt_bytes: n(self.prompt_bytes),
+            ..self.clone()
+        }
+    }
+
     /// The adapter names the `lora` workload uses (the simulator must register them).
     pub fn adapter_names(&self) -> Vec<String> {
         (0..self.adapters).map(|i| format!("lora-{i}")).collect()
