@@ -110,6 +110,13 @@ pub fn precise_config(events: &EngineEvents) -> String {
 - type: precise-prefix-cache-scorer
   parameters:
     tokenProcessorConfig: {{blockSizeTokens: 16}}
+    # The tiers contract's media: a CPU copy counts for its endpoint, the shared store for all.
+    indexerConfig:
+      kvCacheBackendConfigs:
+      - {{name: gpu, weight: 1.0}}
+      - {{name: cpu, weight: 0.8}}
+      - {{name: remote, weight: 0.6}}
+    sharedMedia: [remote]
     # Until the engine's events arrive (a long prefill takes a second), the EPP's own choice is
     # the best guess of where the prefix will be; each EPP knows only its own.
     speculativeIndexing: true
@@ -121,7 +128,13 @@ pub fn precise_config(events: &EngineEvents) -> String {
         tok = events.tokenizer.display(),
         port = events.socket_port
     );
-    cost.replacen("plugins:\n", &head, 1)
+    // The cost model charges the tiers' load times (the contract's bandwidths) instead of
+    // prefill; without tiers on the engines no CPU or shared block is ever reported.
+    cost.replacen("plugins:\n", &head, 1).replacen(
+        "- type: ttft-cost-producer\n  parameters:\n",
+        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n",
+        1,
+    )
 }
 
 /// The shipped Envoy template with `ports.len()` EPP endpoints (all on 127.0.0.1) in its `epp`
@@ -369,6 +382,7 @@ mod tests {
         let cfg = precise_config(&ev);
         assert!(cfg.contains("socketPort: 5601"), "{cfg}");
         assert!(cfg.contains("tokenizerPath: /repo/tokenize/testdata"));
+        assert!(cfg.contains("    cpuLoadGBps: 25\n"), "{cfg}");
         // The profile loads (the tokenizer is not read at load time) with no warnings.
         let loaded = endpoint_picker::config::load(&cfg, 1);
         match loaded {
