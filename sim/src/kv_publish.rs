@@ -71,6 +71,40 @@ impl KvPublishing {
         model: &str,
         block_size: usize,
     ) -> Result<Self, SimError> {
+        Self::start_with(engine, settings, index, addr, model, block_size, false).await
+    }
+
+    /// [`KvPublishing::start`] for a replica that has an address of its own (`sim
+    /// --ip-per-replica`): the endpoints' hosts become `addr`'s IP, their ports stay as given
+    /// (rank 0 of its own pod), and the PUB socket binds there even though the host is not
+    /// vLLM's wildcard (by vLLM's rule a named host would make it connect).
+    pub async fn start_on_own_ip(
+        engine: &Engine,
+        settings: &KvEventsSettings,
+        addr: SocketAddr,
+        model: &str,
+        block_size: usize,
+    ) -> Result<Self, SimError> {
+        let mut own = settings.clone();
+        own.config.endpoint = endpoint_on_ip(&own.config.endpoint, addr.ip())?;
+        own.config.replay_endpoint = own
+            .config
+            .replay_endpoint
+            .as_deref()
+            .map(|e| endpoint_on_ip(e, addr.ip()))
+            .transpose()?;
+        Self::start_with(engine, &own, 0, addr, model, block_size, true).await
+    }
+
+    async fn start_with(
+        engine: &Engine,
+        settings: &KvEventsSettings,
+        index: usize,
+        addr: SocketAddr,
+        model: &str,
+        block_size: usize,
+        force_bind: bool,
+    ) -> Result<Self, SimError> {
         let c = &settings.config;
         let pod_ip = settings.pod_ip.clone().unwrap_or_else(|| {
             if addr.ip().is_unspecified() {
@@ -91,9 +125,13 @@ impl KvPublishing {
             .map(|e| offset_endpoint(e, index))
             .transpose()?;
         let topic = config.topic.clone();
-        let (publisher, handle) = Publisher::start(config)
-            .await
-            .map_err(|e| SimError::InvalidConfig(format!("--kv-events-config: {e}")))?;
+        let started = if force_bind {
+            Publisher::start_binding(config).await
+        } else {
+            Publisher::start(config).await
+        };
+        let (publisher, handle) =
+            started.map_err(|e| SimError::InvalidConfig(format!("--kv-events-config: {e}")))?;
         let endpoint = publisher.endpoint().to_owned();
         let replay_endpoint = publisher.replay_endpoint().map(str::to_owned);
         let stats = handle.stats().clone();
@@ -166,6 +204,23 @@ impl Drop for KvPublishing {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// `tcp://<any host>:<port>` with the host replaced by `ip` (`sim --ip-per-replica`: replica i
+/// binds its KV-event sockets on its own address, so every replica keeps the same port).
+/// Endpoints that are not TCP are returned as they are.
+pub fn endpoint_on_ip(endpoint: &str, ip: std::net::IpAddr) -> Result<String, SimError> {
+    let Some(rest) = endpoint.strip_prefix("tcp://") else {
+        return Ok(endpoint.to_owned());
+    };
+    let (_, port) = rest.rsplit_once(':').ok_or_else(|| {
+        SimError::InvalidConfig(format!("KV-event endpoint {endpoint:?}: no port"))
+    })?;
+    let host = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    Ok(format!("tcp://{host}:{port}"))
 }
 
 /// vLLM's `offset_endpoint_port`: `inproc://x` becomes `inproc://x_dp<i>`, a TCP endpoint's
@@ -320,6 +375,21 @@ fn push_removed(events: &mut Vec<Event>, medium: Medium, hash: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_endpoints_move_to_the_replica_ip() {
+        let ip: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        assert_eq!(
+            endpoint_on_ip("tcp://*:5557", ip).unwrap(),
+            "tcp://127.0.0.3:5557"
+        );
+        assert_eq!(
+            endpoint_on_ip("tcp://[::]:5558", ip).unwrap(),
+            "tcp://127.0.0.3:5558"
+        );
+        assert_eq!(endpoint_on_ip("inproc://kv", ip).unwrap(), "inproc://kv");
+        assert!(endpoint_on_ip("tcp://host", ip).is_err());
+    }
 
     #[test]
     fn endpoints_offset_like_vllm() {

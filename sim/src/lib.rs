@@ -145,6 +145,23 @@ impl ReplicaHandle {
         Ok(self.kv_events.insert(publishing))
     }
 
+    /// Starts publishing KV events on the replica's own IP (`sim --ip-per-replica`; see
+    /// [`kv_publish::KvPublishing::start_on_own_ip`]).
+    pub async fn start_kv_events_on_own_ip(
+        &mut self,
+        settings: &kv_publish::KvEventsSettings,
+    ) -> Result<&kv_publish::KvPublishing, SimError> {
+        let publishing = kv_publish::KvPublishing::start_on_own_ip(
+            &self.replica.engine,
+            settings,
+            self.addr,
+            &self.replica.config.model,
+            self.replica.config.block_size,
+        )
+        .await?;
+        Ok(self.kv_events.insert(publishing))
+    }
+
     /// The replica's KV-event publisher, when started.
     pub fn kv_events(&self) -> Option<&kv_publish::KvPublishing> {
         self.kv_events.as_ref()
@@ -225,6 +242,21 @@ pub async fn spawn_replicas(
         };
         let listener = TcpListener::bind((host, port)).await?;
         out.push(spawn_replica_in(config.clone(), listener, i, &pool).await?);
+    }
+    Ok(out)
+}
+
+/// Binds `ips[i]:port` and starts replica `i` on it, for every address (`sim --ip-per-replica`:
+/// one address per replica, the same port on each; 0 gives each an ephemeral port).
+pub async fn spawn_replicas_on_ips(
+    config: &Config,
+    ips: &[std::net::IpAddr],
+    port: u16,
+) -> Result<Vec<ReplicaHandle>, SimError> {
+    let mut out = Vec::with_capacity(ips.len());
+    for (i, ip) in ips.iter().enumerate() {
+        let listener = TcpListener::bind((*ip, port)).await?;
+        out.push(spawn_replica(config.clone(), listener, i).await?);
     }
     Ok(out)
 }

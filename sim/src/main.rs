@@ -17,19 +17,29 @@ async fn main() -> anyhow::Result<()> {
     config.tokenizer = args.load_tokenizer().context("loading --tokenizer")?;
     config.validate()?;
     let kv_events = args.kv_events()?;
-    let mut replicas = sim::spawn_replicas(&config, &args.host, args.port, args.replicas)
-        .await
-        .with_context(|| {
-            format!(
-                "starting {} replicas from port {}",
-                args.replicas, args.port
-            )
-        })?;
+    let mut replicas = if args.ip_per_replica {
+        let ips = args.replica_ips()?;
+        sim::spawn_replicas_on_ips(&config, &ips, args.port)
+            .await
+            .with_context(|| format!("starting {} replicas from {}", args.replicas, args.host))?
+    } else {
+        sim::spawn_replicas(&config, &args.host, args.port, args.replicas)
+            .await
+            .with_context(|| {
+                format!(
+                    "starting {} replicas from port {}",
+                    args.replicas, args.port
+                )
+            })?
+    };
     if let Some(settings) = &kv_events {
         for (i, r) in replicas.iter_mut().enumerate() {
-            r.start_kv_events(settings, i)
-                .await
-                .with_context(|| format!("publishing KV events of replica {i}"))?;
+            if args.ip_per_replica {
+                r.start_kv_events_on_own_ip(settings).await
+            } else {
+                r.start_kv_events(settings, i).await
+            }
+            .with_context(|| format!("publishing KV events of replica {i}"))?;
         }
     }
     announce(&replicas);

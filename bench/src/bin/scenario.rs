@@ -17,6 +17,7 @@
 //!                               # placement vs static placement vs the peers
 //! scenario tenants  [--quick]   # a batch flood (3× capacity) beside interactive traffic (20 %),
 //!                               # flow control on and off
+//! scenario active-active [--quick] # 1 vs 2 vs 3 precise EPPs behind one Envoy, same workload
 //! ```
 
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ use bench::harness::Tools;
 use bench::report::update_section;
 use bench::scenario::goodput::{self, GoodputCfg, Ladder};
 use bench::scenario::routing::{self, RoutingCfg, Sweep};
-use bench::scenario::{self, Router, chaos, lora, overhead, scale, soak, tenants};
+use bench::scenario::{self, Router, active_active, chaos, lora, overhead, scale, soak, tenants};
 use bench::workload::{Kind, WorkloadArgs};
 use clap::{Parser, Subcommand};
 
@@ -114,6 +115,9 @@ enum Cmd {
         #[arg(long)]
         no_packing: bool,
     },
+    /// Several EPPs behind one Envoy (precise profile, every EPP hearing every engine's KV
+    /// events): 1 vs 2 vs 3 EPPs on the same workload, seed and cluster.
+    ActiveActive(ActiveActiveOpts),
     /// Redraw the soak plot from a saved `bench/results/soak.json`.
     SoakReplot {
         /// The saved soak.
@@ -190,6 +194,29 @@ struct RoutingOpts {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+struct ActiveActiveOpts {
+    /// EPP counts, the first one the baseline.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    epps: Vec<usize>,
+    /// Workload (its goodput preset shape).
+    #[arg(long, value_enum, default_value_t = Kind::SharedPrefix)]
+    workload: Kind,
+    /// Poisson rate, requests per second (default: ≈ 75 % of the precise router's capacity on
+    /// the preset).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of measured arrivals.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds of warm-up arrivals before them.
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Runs of every EPP count.
+    #[arg(long)]
+    repeats: Option<usize>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
 struct GoodputOpts {
     /// Routers (default: switchyard, switchyard-balanced, sglang:cache_aware,
     /// vllm:cache_aware, smg).
@@ -222,6 +249,13 @@ struct GoodputOpts {
     /// Print the plan and the time estimate, run nothing.
     #[arg(long)]
     estimate: bool,
+    /// A `sim` flag for every ladder, passed as it is (repeatable; e.g. `--sim-arg=--cpu-load-gbps
+    /// --sim-arg=25`).
+    #[arg(long = "sim-arg", allow_hyphen_values = true)]
+    sim_args: Vec<String>,
+    /// `kv-sharing` without its CPU and shared tiers (a simulator without the tier flags).
+    #[arg(long)]
+    no_tiers: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -501,6 +535,44 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             }
             ensure_verdicts("tenants", &res.checks)?;
         }
+        Cmd::ActiveActive(a) => {
+            let cfg = active_active_cfg(a, o.quick)?;
+            let json = raw.join("active-active.json");
+            let mut so_far = Vec::new();
+            let began = std::time::Instant::now();
+            let runs = active_active::run(&tools, &cfg, &run_dir, |r| {
+                so_far.push(r.clone());
+                let _ = std::fs::write(
+                    &json,
+                    serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": so_far}))
+                        .unwrap_or_default(),
+                );
+            })
+            .await?;
+            let heads = active_active::headlines(&runs, &cfg);
+            let mut md = format!(
+                "{header}
+{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`, test tokenizer, KV events on `tcp://127.0.0.(2+i):<port>`), {} (token counts are the goodput preset's divided by {:.2}, the test tokenizer's tokens per workload token, so the engines see the preset's prompt lengths); {} req/s Poisson, {} s of warm-up then {} s measured, cold cluster per run, {} round(s). Every EPP runs the precise profile (cost model + `precise-prefix-cache-scorer`, `discoverPods`, speculative entries) on the same pool file; Envoy balances the ext_proc streams `LEAST_REQUEST`. Hit rate: the engines' `vllm:prefix_cache_hits_total` / `queries_total` over the measured window. Took {:.0} min.\n\n",
+                cfg.replicas,
+                cfg.stream_granularity,
+                scenario::routing::describe(&cfg.workload),
+                scenario::precise::TEST_TOKENIZER_TOKENS_PER_TOKEN,
+                cfg.rate,
+                cfg.warmup_s,
+                cfg.duration_s,
+                cfg.repeats,
+                began.elapsed().as_secs_f64() / 60.0,
+            );
+            for h in &heads {
+                md.push_str(&format!("- {h}\n"));
+            }
+            md.push('\n');
+            md.push_str(&active_active::markdown(&runs, &cfg));
+            eprintln!("{md}");
+            if write {
+                update_section(&results, "active-active", &md)?;
+            }
+        }
         Cmd::Backend { .. }
         | Cmd::Replot { .. }
         | Cmd::SoakReplot { .. }
@@ -757,7 +829,15 @@ fn goodput_cfg(g: &GoodputOpts, quick: bool) -> anyhow::Result<GoodputCfg> {
     let ladders = workloads
         .into_iter()
         .map(|k| {
-            let (workload, gpu_blocks, preset) = goodput_preset(k);
+            let (mut workload, gpu_blocks, preset) = goodput_preset(k);
+            let tiers = (k == Kind::KvSharing && !g.no_tiers).then_some(KV_SHARING_TIERS);
+            let ratio = if routers.iter().any(Router::needs_engine_events) {
+                scenario::precise::TEST_TOKENIZER_TOKENS_PER_TOKEN
+            } else {
+                1.0
+            };
+            // The engines' prompt lengths as in the preset, whatever their tokenizer.
+            workload = workload.scaled_prompts(1.0 / ratio);
             let given = g
                 .ladder
                 .iter()
@@ -771,15 +851,34 @@ fn goodput_cfg(g: &GoodputOpts, quick: bool) -> anyhow::Result<GoodputCfg> {
                 }
             }
             anyhow::ensure!(!rates.is_empty(), "no rungs left for {}", k.as_str());
-            Ok(Ladder {
-                workload,
+            let mut ladder = Ladder {
+                workload: workload.clone(),
                 gpu_blocks,
                 rates,
-            })
+                tiers,
+                sim_args: g.sim_args.clone(),
+                engine_tokens_per_token: ratio,
+            };
+            if k == Kind::KvSharing {
+                // Sized from the tiers as configured (with them off, still from the contract's
+                // tiers: the same prefixes, now past what the cluster holds).
+                let sized = Ladder {
+                    tiers: Some(KV_SHARING_TIERS),
+                    ..ladder.clone()
+                };
+                workload.groups = goodput::kv_sharing_groups(
+                    sized.cluster_kv_tokens(REPLICAS),
+                    sized.cluster_all_tiers_tokens(REPLICAS),
+                    workload.system_tokens,
+                    ratio,
+                );
+                ladder.workload = workload;
+            }
+            Ok(ladder)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(GoodputCfg {
-        replicas: 8,
+        replicas: REPLICAS,
         stream_granularity: 16,
         warmup_s: if quick { 5.0 } else { g.warmup },
         step_s: if quick { 15.0 } else { g.step },
@@ -791,6 +890,48 @@ fn goodput_cfg(g: &GoodputOpts, quick: bool) -> anyhow::Result<GoodputCfg> {
         ladders,
     })
 }
+
+/// The active-active preset: the goodput preset of the workload, at ≈ 75 % of the precise
+/// router's capacity on it; `--quick`: shorter.
+fn active_active_cfg(
+    a: &ActiveActiveOpts,
+    quick: bool,
+) -> anyhow::Result<active_active::ActiveActiveCfg> {
+    anyhow::ensure!(
+        !a.epps.is_empty() && a.epps.iter().all(|n| (1..=16).contains(n)),
+        "--epps: 1 to 16 each"
+    );
+    let (workload, gpu_blocks, _) = goodput_preset(a.workload);
+    // The preset's prompt lengths in engine tokens (the engines use the test tokenizer).
+    let workload =
+        workload.scaled_prompts(1.0 / scenario::precise::TEST_TOKENIZER_TOKENS_PER_TOKEN);
+    Ok(active_active::ActiveActiveCfg {
+        replicas: REPLICAS,
+        stream_granularity: 16,
+        gpu_blocks,
+        workload,
+        rate: a.rate.unwrap_or(ACTIVE_ACTIVE_RATE),
+        warmup_s: a.warmup.unwrap_or(if quick { 10.0 } else { 20.0 }),
+        duration_s: a.duration.unwrap_or(if quick { 30.0 } else { 90.0 }),
+        drain_s: 20.0,
+        epps: a.epps.clone(),
+        repeats: a.repeats.unwrap_or(1).max(1),
+    })
+}
+
+/// ≈ 75 % of the precise router's capacity on the `shared-prefix` goodput preset with the test
+/// tokenizer (see RESULTS.md, active-active).
+const ACTIVE_ACTIVE_RATE: f64 = 20.0;
+
+/// Simulated replicas of the goodput runs.
+const REPLICAS: usize = 8;
+
+/// `kv-sharing`'s tiers: per replica a CPU tier twice its GPU tier (8,192 blocks, below), one
+/// shared store of 65,536 blocks (1 M tokens; 137 GB at the contract's 131,072 bytes a token).
+const KV_SHARING_TIERS: goodput::Tiers = goodput::Tiers {
+    cpu_kv_blocks: 16_384,
+    shared_kv_blocks: 65_536,
+};
 
 /// `hot-spot=31,39,49` → (HotSpot, [31, 39, 49]).
 fn parse_ladder(s: &str) -> Result<(Kind, Vec<f64>), String> {
@@ -841,6 +982,13 @@ fn goodput_preset(k: Kind) -> (WorkloadArgs, Option<usize>, Vec<f64>) {
         Kind::CachePressure => {
             // 224 × 8,000 = 1.79M prefix tokens against 8 × 8,192 × 16 = 1.05M of KV (1.71×).
             w.groups = 224;
+            w.system_tokens = 8000;
+            w.question_tokens = 400;
+            (w, Some(8192), ladder)
+        }
+        Kind::KvSharing => {
+            // 8,000-token prefixes (the group count is sized from the tiers), 400-token
+            // questions; the cache-pressure cluster's GPU tier (8 × 8,192 blocks).
             w.system_tokens = 8000;
             w.question_tokens = 400;
             (w, Some(8192), ladder)

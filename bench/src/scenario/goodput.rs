@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Router, start_router, start_sim};
+use super::{Router, start_router_with, start_sim_with};
 use crate::harness::Tools;
 use crate::loadgen::{self, Control, LoadSpec, Mode, Record, Summary};
 use crate::stats::quantile_sorted;
@@ -42,6 +42,28 @@ pub const BURST_WINDOW_S: f64 = 0.05;
 /// Windows with fewer arrivals say nothing about herding.
 pub const BURST_MIN_ARRIVALS: usize = 4;
 
+/// The KV tiers below the GPU (the tiers contract's `sim` flags; the load bandwidths are the
+/// simulator's defaults, the contract's: CPU 25 GB/s, shared store 10 GB/s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tiers {
+    /// `sim --cpu-kv-blocks`: per replica.
+    pub cpu_kv_blocks: usize,
+    /// `sim --shared-kv-blocks`: one store for every replica of the `sim` process.
+    pub shared_kv_blocks: usize,
+}
+
+impl Tiers {
+    /// The `sim` flags.
+    pub fn sim_args(&self) -> Vec<String> {
+        vec![
+            "--cpu-kv-blocks".into(),
+            self.cpu_kv_blocks.to_string(),
+            "--shared-kv-blocks".into(),
+            self.shared_kv_blocks.to_string(),
+        ]
+    }
+}
+
 /// One workload's ladder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ladder {
@@ -51,6 +73,20 @@ pub struct Ladder {
     pub gpu_blocks: Option<usize>,
     /// The rungs, requests per second, increasing.
     pub rates: Vec<f64>,
+    /// CPU and shared KV tiers on the simulator (None: the GPU tier only).
+    #[serde(default)]
+    pub tiers: Option<Tiers>,
+    /// More `sim` flags, passed as they are (`scenario goodput --sim-arg`).
+    #[serde(default)]
+    pub sim_args: Vec<String>,
+    /// Engine tokens per workload token: 1 with the simulator's built-in tokenizer, more with
+    /// the test tokenizer that precise routing needs (engines and EPPs must share one).
+    #[serde(default = "one")]
+    pub engine_tokens_per_token: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Ladder {
@@ -58,6 +94,50 @@ impl Ladder {
     pub fn cluster_kv_tokens(&self, replicas: usize) -> u64 {
         (self.gpu_blocks.unwrap_or(SIM_DEFAULT_GPU_BLOCKS) * SIM_BLOCK_SIZE * replicas) as u64
     }
+
+    /// Tokens the cluster holds in every tier: GPU, CPU (per replica) and the shared store.
+    pub fn cluster_all_tiers_tokens(&self, replicas: usize) -> u64 {
+        let below = self.tiers.map_or(0, |t| {
+            (t.cpu_kv_blocks * replicas + t.shared_kv_blocks) * SIM_BLOCK_SIZE
+        });
+        self.cluster_kv_tokens(replicas) + below as u64
+    }
+
+    /// The shared prefixes in engine tokens (the workload's count × the tokenizer ratio).
+    pub fn engine_working_set_tokens(&self) -> Option<u64> {
+        self.workload
+            .prefix_working_set_tokens()
+            .map(|t| (t as f64 * self.engine_tokens_per_token).round() as u64)
+    }
+
+    /// The `sim` flags of this ladder (KV blocks, tiers, pass-through).
+    pub fn sim_flags(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(b) = self.gpu_blocks {
+            out.push("--num-gpu-blocks".into());
+            out.push(b.to_string());
+        }
+        if let Some(t) = self.tiers {
+            out.extend(t.sim_args());
+        }
+        out.extend(self.sim_args.iter().cloned());
+        out
+    }
+}
+
+/// `kv-sharing`'s group count: shared prefixes of `system_tokens` workload tokens each, whose
+/// total in engine tokens sits at the geometric middle of the GPU tier (`gpu_tokens`, the whole
+/// cluster's) and every tier together (`all_tokens`): larger than what the GPUs hold, smaller
+/// than what the tiers hold, as far from either bound in ratio.
+pub fn kv_sharing_groups(
+    gpu_tokens: u64,
+    all_tokens: u64,
+    system_tokens: usize,
+    engine_tokens_per_token: f64,
+) -> usize {
+    let target = (gpu_tokens as f64 * all_tokens as f64).sqrt();
+    let per_group = system_tokens as f64 * engine_tokens_per_token;
+    (target / per_group.max(1.0)).round().max(1.0) as usize
 }
 
 /// What to run.
@@ -301,16 +381,21 @@ async fn climb(
         "--seed".into(),
         "1".into(),
     ];
-    if let Some(b) = ladder.gpu_blocks {
-        extra.push("--num-gpu-blocks".into());
-        extra.push(b.to_string());
-    }
+    extra.extend(ladder.sim_flags());
     if ladder.workload.workload == Kind::Lora {
         extra.push("--lora-modules".into());
         extra.push(ladder.workload.adapter_names().join(","));
     }
-    let (mut sim, replicas) = start_sim(tools, cfg.replicas, &extra, dir)?;
-    let up = start_router(tools, router, &replicas, dir).await?;
+    // Every router of a comparison with a precise one gets the same engines (tokenizer, one
+    // address per replica, events published), so that they serve the same token counts.
+    let events = cfg
+        .routers
+        .iter()
+        .any(Router::needs_engine_events)
+        .then(|| super::precise::EngineEvents::new(&tools.repo))
+        .transpose()?;
+    let (mut sim, replicas) = start_sim_with(tools, cfg.replicas, &extra, dir, events.as_ref())?;
+    let up = start_router_with(tools, router, &replicas, dir, events.as_ref()).await?;
     let cpu0 = up.cpu_seconds();
     let mut schedule = vec![(cfg.warmup_s, rates[0])];
     for (k, &r) in rates.iter().enumerate() {
@@ -503,7 +588,12 @@ pub fn markdown(runs: &[LadderRun], cfg: &GoodputCfg) -> String {
     let ours: Vec<String> = cfg
         .routers
         .iter()
-        .filter(|r| matches!(r, Router::Switchyard { .. }))
+        .filter(|r| {
+            matches!(
+                r,
+                Router::Switchyard { .. } | Router::SwitchyardPrecise { .. }
+            )
+        })
         .map(Router::label)
         .collect();
     for label in &ours {
@@ -659,13 +749,48 @@ pub fn describe(l: &Ladder, replicas: usize) -> String {
             l.gpu_blocks.unwrap_or(SIM_DEFAULT_GPU_BLOCKS)
         ),
     );
-    if let Some(ws) = l.workload.prefix_working_set_tokens() {
+    if let Some(t) = l.tiers {
+        let _ = std::fmt::Write::write_fmt(
+            &mut s,
+            format_args!(
+                "; tiers: CPU {replicas} × {} blocks, shared store {} blocks: {} tokens in all",
+                t.cpu_kv_blocks,
+                t.shared_kv_blocks,
+                l.cluster_all_tiers_tokens(replicas)
+            ),
+        );
+    }
+    if let Some(ws) = l.engine_working_set_tokens() {
         let _ = std::fmt::Write::write_fmt(
             &mut s,
             format_args!(
                 "; shared prefixes {ws} tokens = {:.2}× the cluster's KV capacity",
                 ws as f64 / kv as f64
             ),
+        );
+        if l.tiers.is_some() {
+            let _ = std::fmt::Write::write_fmt(
+                &mut s,
+                format_args!(
+                    " (GPU), {:.2}× every tier's",
+                    ws as f64 / l.cluster_all_tiers_tokens(replicas) as f64
+                ),
+            );
+        }
+    }
+    if l.engine_tokens_per_token != 1.0 {
+        let _ = std::fmt::Write::write_fmt(
+            &mut s,
+            format_args!(
+                " (engine tokens: the engines tokenize with the test tokenizer, {:.2} tokens per workload token, and the workload's token counts are divided by that)",
+                l.engine_tokens_per_token
+            ),
+        );
+    }
+    if !l.sim_args.is_empty() {
+        let _ = std::fmt::Write::write_fmt(
+            &mut s,
+            format_args!("; sim flags `{}`", l.sim_args.join(" ")),
         );
     }
     s.push_str(&format!(". Rungs: {:?} req/s.", l.rates));
@@ -775,6 +900,55 @@ mod tests {
     }
 
     #[test]
+    fn kv_sharing_sits_between_the_gpu_tier_and_every_tier() {
+        let tiers = Tiers {
+            cpu_kv_blocks: 16_384,
+            shared_kv_blocks: 65_536,
+        };
+        for ratio in [1.0, 1.3, 1.8] {
+            let mut l = Ladder {
+                workload: WorkloadArgs {
+                    workload: Kind::KvSharing,
+                    system_tokens: 8000,
+                    ..WorkloadArgs::default()
+                },
+                gpu_blocks: Some(8192),
+                rates: vec![10.0],
+                tiers: Some(tiers),
+                sim_args: vec!["--jitter".into(), "0.05".into()],
+                engine_tokens_per_token: ratio,
+            };
+            let (gpu, all) = (l.cluster_kv_tokens(8), l.cluster_all_tiers_tokens(8));
+            assert_eq!(gpu, 8 * 8192 * 16);
+            assert_eq!(all, gpu + (8 * 16_384 + 65_536) * 16);
+            l.workload.groups = kv_sharing_groups(gpu, all, 8000, ratio);
+            let ws = l.engine_working_set_tokens().unwrap();
+            assert!(
+                ws > gpu && ws < all,
+                "ratio {ratio}: {ws} not in ({gpu}, {all})"
+            );
+            // The geometric middle: as many times the GPU tier as every tier is times it.
+            let (lo, hi) = (ws as f64 / gpu as f64, all as f64 / ws as f64);
+            assert!((lo / hi - 1.0).abs() < 0.05, "{lo} vs {hi}");
+            assert_eq!(
+                l.sim_flags(),
+                [
+                    "--num-gpu-blocks",
+                    "8192",
+                    "--cpu-kv-blocks",
+                    "16384",
+                    "--shared-kv-blocks",
+                    "65536",
+                    "--jitter",
+                    "0.05"
+                ]
+            );
+            let d = describe(&l, 8);
+            assert!(d.contains("tiers: CPU 8 × 16384 blocks"), "{d}");
+        }
+    }
+
+    #[test]
     fn tables_name_the_comparison_rate_and_the_ratios() {
         let routers: Vec<Router> = ["switchyard", "switchyard-cost", "sglang:cache_aware", "smg"]
             .iter()
@@ -789,6 +963,9 @@ mod tests {
             },
             gpu_blocks: Some(100),
             rates: vec![10.0, 20.0, 40.0],
+            tiers: None,
+            sim_args: Vec::new(),
+            engine_tokens_per_token: 1.0,
         };
         let cfg = GoodputCfg {
             replicas: 2,

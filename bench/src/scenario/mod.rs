@@ -2,11 +2,13 @@
 //! `epp`, Envoy, peer routers), drives load, reads the processes' own metrics and tears
 //! everything down (also on error: [`crate::harness::Proc`] kills its process group on drop).
 
+pub mod active_active;
 pub mod chaos;
 pub mod cluster;
 pub mod goodput;
 pub mod lora;
 pub mod overhead;
+pub mod precise;
 pub mod routing;
 pub mod scale;
 pub mod soak;
@@ -38,6 +40,13 @@ pub enum Router {
         /// YAML passed as `--config-text`.
         config: Option<String>,
     },
+    /// Envoy + `epps` Switchyard EPPs routing from the engines' KV-cache events (the cost
+    /// model with `precise-prefix-cache-scorer`, [`precise::precise_config`]); the engines
+    /// publish events ([`precise::EngineEvents`]).
+    SwitchyardPrecise {
+        /// EPP processes behind the one Envoy.
+        epps: usize,
+    },
     /// `sglang-router launch --policy <policy>`.
     Sglang(String),
     /// `vllm-router --policy <policy>`.
@@ -53,6 +62,8 @@ impl Router {
             Router::EnvoyRoundRobin => "envoy round-robin".into(),
             Router::EnvoyLeastRequest => "envoy least-request".into(),
             Router::Switchyard { profile, .. } => format!("switchyard {profile}"),
+            Router::SwitchyardPrecise { epps: 1 } => "switchyard precise".into(),
+            Router::SwitchyardPrecise { epps } => format!("switchyard precise ×{epps} EPPs"),
             Router::Sglang(p) => format!("sglang-router {p}"),
             Router::Vllm(p) => format!("vllm-router {p}"),
             Router::Smg(p) => format!("smg {p}"),
@@ -69,11 +80,19 @@ impl Router {
     pub fn is_cost_model(&self) -> bool {
         matches!(self, Router::Switchyard { profile, config }
             if profile.starts_with("cost") || (profile == "default" && config.is_none()))
+            || matches!(self, Router::SwitchyardPrecise { .. })
+    }
+
+    /// Routes from the engines' KV-cache events: its engines must publish them
+    /// ([`precise::EngineEvents`]), and the comparison's other routers get the same engines.
+    pub fn needs_engine_events(&self) -> bool {
+        matches!(self, Router::SwitchyardPrecise { .. })
     }
 
     /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `switchyard-running`,
     /// `switchyard-balanced`, `switchyard-lora`, `switchyard-cost`, `sglang:<policy>`,
-    /// `vllm:<policy>`, `smg:<policy>` (`smg` alone: `cache_aware`), `switchyard-file:<path>`.
+    /// `vllm:<policy>`, `smg:<policy>` (`smg` alone: `cache_aware`), `switchyard-file:<path>`,
+    /// `switchyard-precise` (one EPP) and `switchyard-precise:<n>` (n EPPs behind one Envoy).
     pub fn parse(s: &str) -> anyhow::Result<Router> {
         Ok(match s {
             "rr" | "envoy-rr" => Router::EnvoyRoundRobin,
@@ -102,6 +121,7 @@ impl Router {
                 profile: "cost".into(),
                 config: Some(endpoint_picker::config::profiles::COST_MODEL.into()),
             },
+            "switchyard-precise" => Router::SwitchyardPrecise { epps: 1 },
             "smg" => Router::Smg("cache_aware".into()),
             _ => match s.split_once(':') {
                 // Any EndpointPickerConfig file, e.g. a profile being tuned; named by its stem
@@ -115,11 +135,19 @@ impl Router {
                             .with_context(|| format!("reading the profile {path}"))?,
                     ),
                 },
+                Some(("switchyard-precise", n)) => {
+                    let epps: usize = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=16).contains(n))
+                        .with_context(|| format!("{s:?}: 1 to 16 EPPs"))?;
+                    Router::SwitchyardPrecise { epps }
+                }
                 Some(("sglang", p)) => Router::Sglang(p.into()),
                 Some(("vllm", p)) => Router::Vllm(p.into()),
                 Some(("smg", p)) => Router::Smg(p.into()),
                 _ => anyhow::bail!(
-                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, switchyard-balanced, switchyard-lora, switchyard-cost, sglang:<policy>, vllm:<policy>, smg[:<policy>])"
+                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, switchyard-balanced, switchyard-lora, switchyard-cost, switchyard-precise[:<epps>], sglang:<policy>, vllm:<policy>, smg[:<policy>])"
                 ),
             },
         })
@@ -230,7 +258,33 @@ pub async fn start_router(
     backends: &[SocketAddr],
     dir: &Path,
 ) -> anyhow::Result<RouterUp> {
+    start_router_with(tools, router, backends, dir, None).await
+}
+
+/// [`start_router`] on engines that publish KV events as `events` says (needed by
+/// [`Router::SwitchyardPrecise`], ignored by the others).
+pub async fn start_router_with(
+    tools: &Tools,
+    router: &Router,
+    backends: &[SocketAddr],
+    dir: &Path,
+    events: Option<&precise::EngineEvents>,
+) -> anyhow::Result<RouterUp> {
     let up = match router {
+        Router::SwitchyardPrecise { epps } => {
+            let events = events.context("the precise router needs engines publishing KV events")?;
+            let config = precise::precise_config(events);
+            precise::start_multi_epp(
+                tools,
+                &config,
+                *epps,
+                backends,
+                dir,
+                &["--debug-decision-header"],
+            )
+            .await?
+            .up
+        }
         Router::EnvoyRoundRobin => start_envoy_direct(tools, "ROUND_ROBIN", backends, dir).await?,
         Router::EnvoyLeastRequest => {
             start_envoy_direct(tools, "LEAST_REQUEST", backends, dir).await?
@@ -586,17 +640,33 @@ pub fn start_sim(
     extra: &[String],
     dir: &Path,
 ) -> anyhow::Result<(Proc, Vec<SocketAddr>)> {
+    start_sim_with(tools, replicas, extra, dir, None)
+}
+
+/// [`start_sim`], publishing KV events as `events` says (one loopback address per replica).
+pub fn start_sim_with(
+    tools: &Tools,
+    replicas: usize,
+    extra: &[String],
+    dir: &Path,
+    events: Option<&precise::EngineEvents>,
+) -> anyhow::Result<(Proc, Vec<SocketAddr>)> {
+    let (host, event_args) = match events {
+        Some(e) => e.sim_args(),
+        None => ("127.0.0.1".to_owned(), Vec::new()),
+    };
     let mut cmd = Command::new(&tools.sim);
-    cmd.args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--replicas",
-        &replicas.to_string(),
-    ])
-    .args(extra)
-    .env("RUST_LOG", "warn");
+    cmd.args(&event_args)
+        .args([
+            "--host",
+            &host,
+            "--port",
+            "0",
+            "--replicas",
+            &replicas.to_string(),
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn");
     let (p, lines) = Proc::spawn_with_ready_lines("sim", &mut cmd, dir, Duration::from_secs(30))?;
     let addrs = lines
         .iter()

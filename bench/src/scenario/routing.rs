@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Router, start_router, start_sim};
+use super::{Router, start_router_with, start_sim_with};
 use crate::harness::{Tools, get, prom_sum};
 use crate::loadgen::{self, LoadSpec, Mode, Summary};
 use crate::workload::WorkloadArgs;
@@ -143,8 +143,17 @@ async fn one(
         extra.push("--lora-modules".into());
         extra.push(workload.adapter_names().join(","));
     }
-    let (mut sim, replicas) = start_sim(tools, cfg.replicas, &extra, dir)?;
-    let up = start_router(tools, router, &replicas, dir).await?;
+    // With a precise router in the comparison, every router gets the same engines (test
+    // tokenizer, one address per replica, KV events published).
+    let events = cfg
+        .sweeps
+        .iter()
+        .flat_map(|s| s.routers(cfg))
+        .any(Router::needs_engine_events)
+        .then(|| super::precise::EngineEvents::new(&tools.repo))
+        .transpose()?;
+    let (mut sim, replicas) = start_sim_with(tools, cfg.replicas, &extra, dir, events.as_ref())?;
+    let up = start_router_with(tools, router, &replicas, dir, events.as_ref()).await?;
     let cpu0 = up.cpu_seconds();
     let spec = LoadSpec {
         url: up.url.clone(),
@@ -239,7 +248,7 @@ pub fn markdown(runs: &[RoutingRun], cfg: &RoutingCfg) -> String {
 pub fn describe(w: &WorkloadArgs) -> String {
     use crate::workload::Kind;
     match w.workload {
-        Kind::SharedPrefix | Kind::CachePressure => format!(
+        Kind::SharedPrefix | Kind::CachePressure | Kind::KvSharing => format!(
             "{} groups, {}-token system prompt per group, {}-token question per request, {} output tokens; group drawn uniformly (seed {}).",
             w.groups, w.system_tokens, w.question_tokens, w.output_tokens, w.seed
         ),

@@ -483,6 +483,7 @@ mod tests {
             Kind::LongPrompt,
             Kind::HotSpot,
             Kind::CachePressure,
+            Kind::KvSharing,
         ] {
             let mut a = WorkloadArgs {
                 workload: kind,

@@ -13,6 +13,7 @@
 //! | `long-prompt` | fixed-size prompts of N bytes (220 KB by default), unique per request |
 //! | `hot-spot` | `shared-prefix` with Zipf-skewed group popularity: a few prefixes far more popular than the rest |
 //! | `cache-pressure` | `shared-prefix` whose prefixes together exceed the cluster's KV cache (uniform popularity) |
+//! | `kv-sharing` | `shared-prefix` whose prefixes exceed the cluster's GPU KV tier but fit GPU + CPU + shared tiers (uniform popularity) |
 
 mod generators;
 pub mod text;
@@ -65,6 +66,9 @@ pub enum Kind {
     HotSpot,
     /// Groups sharing a long system prompt, more of them than the KV caches hold.
     CachePressure,
+    /// Groups sharing a long system prompt, more than the GPU KV tier holds but fewer than the
+    /// GPU, CPU and shared tiers together (sized by the scenario from the tier flags).
+    KvSharing,
 }
 
 impl Kind {
@@ -78,6 +82,7 @@ impl Kind {
             Kind::LongPrompt => "long-prompt",
             Kind::HotSpot => "hot-spot",
             Kind::CachePressure => "cache-pressure",
+            Kind::KvSharing => "kv-sharing",
         }
     }
 }
@@ -174,13 +179,15 @@ impl WorkloadArgs {
     /// Builds the workload these arguments describe.
     pub fn build(&self) -> Box<dyn Workload> {
         match self.workload {
-            Kind::SharedPrefix | Kind::CachePressure => Box::new(SharedPrefix::new(
-                self.seed,
-                self.groups,
-                self.system_tokens,
-                self.question_tokens,
-                self.output_tokens,
-            )),
+            Kind::SharedPrefix | Kind::CachePressure | Kind::KvSharing => {
+                Box::new(SharedPrefix::new(
+                    self.seed,
+                    self.groups,
+                    self.system_tokens,
+                    self.question_tokens,
+                    self.output_tokens,
+                ))
+            }
             Kind::HotSpot => Box::new(
                 SharedPrefix::new(
                     self.seed,
@@ -231,9 +238,26 @@ impl WorkloadArgs {
     pub fn prefix_working_set_tokens(&self) -> Option<u64> {
         matches!(
             self.workload,
-            Kind::SharedPrefix | Kind::HotSpot | Kind::CachePressure
+            Kind::SharedPrefix | Kind::HotSpot | Kind::CachePressure | Kind::KvSharing
         )
         .then(|| self.groups as u64 * self.system_tokens as u64)
+    }
+
+    /// The same workload with every prompt-length knob multiplied by `factor` (rounded, at
+    /// least 1); output lengths stay (the engine generates exactly `max_tokens`, whatever its
+    /// tokenizer). Used to keep the engines' prompt lengths when they tokenize finer.
+    pub fn scaled_prompts(&self, factor: f64) -> WorkloadArgs {
+        let n = |x: usize| ((x as f64 * factor).round() as usize).max(1);
+        WorkloadArgs {
+            system_tokens: n(self.system_tokens),
+            question_tokens: n(self.question_tokens),
+            user_system_tokens: n(self.user_system_tokens),
+            turn_tokens: n(self.turn_tokens),
+            reply_tokens: n(self.reply_tokens),
+            prompt_median: (self.prompt_median * factor).max(1.0),
+            prompt_bytes: n(self.prompt_bytes),
+            ..self.clone()
+        }
     }
 
     /// The adapter names the `lora` workload uses (the simulator must register them).

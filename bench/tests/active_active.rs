@@ -1,0 +1,117 @@
+//! Two EPPs behind one Envoy, for real: the `sim` publishing KV events on one loopback address
+//! per replica, two `epp` processes with the precise profile dialing every replica, Envoy
+//! balancing the ext_proc streams over both. Both EPPs must route requests and both must apply
+//! events from every engine. Bounded (about 10 s on 2 cores).
+//!
+//! Skipped when Envoy or the binaries are missing, unless `SWITCHYARD_REQUIRE_ENVOY` is set
+//! (as `make test` does), in which case that is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bench::harness::{Tools, get, prom_sum};
+use bench::scenario::active_active::engines_heard;
+use bench::scenario::precise::{self, EngineEvents};
+use bench::scenario::start_sim_with;
+use bench::workload::{Kind, WorkloadArgs};
+
+/// `sim` and `epp` from this test's profile directory, Envoy from `$ENVOY` or the `.venv`.
+fn tools() -> Option<Tools> {
+    let required = std::env::var_os("SWITCHYARD_REQUIRE_ENVOY").is_some();
+    let exe = std::env::current_exe().ok()?;
+    let bin_dir = exe.parent()?.parent()?.to_path_buf();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .ok()?;
+    match Tools::locate(repo, Some(bin_dir), None) {
+        Ok(t) => Some(t),
+        Err(e) if required => panic!("{e:#} (SWITCHYARD_REQUIRE_ENVOY is set)"),
+        Err(e) => {
+            eprintln!("skipping the active-active test: {e:#}");
+            None
+        }
+    }
+}
+
+#[test]
+fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
+    let Some(tools) = tools() else { return };
+    let dir = std::env::temp_dir().join(format!("switchyard-aa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let events = EngineEvents::new(&tools.repo).unwrap();
+        let (_sim, replicas) = start_sim_with(
+            &tools,
+            2,
+            &["--seed".into(), "1".into()],
+            &dir,
+            Some(&events),
+        )
+        .unwrap();
+        assert_eq!(replicas[0].ip().to_string(), "127.0.0.2");
+        assert_eq!(replicas[1].ip().to_string(), "127.0.0.3");
+        let multi = precise::start_multi_epp(
+            &tools,
+            &precise::precise_config(&events),
+            2,
+            &replicas,
+            &dir,
+            &[],
+        )
+        .await
+        .unwrap();
+        let client = bench::loadgen::LoadSpec {
+            url: multi.up.url.clone(),
+            mode: bench::loadgen::Mode::Concurrency(2),
+            duration_s: None,
+            count: Some(20),
+            drain_timeout_s: 10.0,
+            seed: 1,
+            progress: false,
+        };
+        let workload = WorkloadArgs {
+            workload: Kind::SharedPrefix,
+            groups: 4,
+            system_tokens: 300,
+            question_tokens: 50,
+            output_tokens: 4,
+            ..WorkloadArgs::default()
+        };
+        // Rounds of 20 requests until both EPPs routed some and both applied events from both
+        // engines (a PUB socket drops what it publishes before a subscriber has connected).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let report = bench::loadgen::run(client.clone(), workload.build())
+                .await
+                .unwrap();
+            assert_eq!(
+                report.summary.ok, report.summary.sent,
+                "every request served"
+            );
+            let mut state = Vec::new();
+            for url in &multi.metrics_urls {
+                let (_, text) = get(url).await.unwrap();
+                state.push((
+                    prom_sum(&text, "inference_objective_request_total"),
+                    engines_heard(&text),
+                ));
+            }
+            if state.iter().all(|(d, heard)| *d > 0.0 && *heard == 2) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "per EPP (decisions, engines heard): {state:?}; logs in {}",
+                dir.display()
+            );
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
