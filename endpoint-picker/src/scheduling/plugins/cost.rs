@@ -183,11 +183,19 @@ impl TtftCostProducer {
         let load = state.in_flight.load(endpoint.id);
         let own = load.map(|l| l.read()).unwrap_or_default();
         let engine = &candidate.metrics;
-        // Requests the engine holds that this EPP did not send (another EPP replica's): each
-        // counted as one more prompt like this one.
+        // Requests the engine holds that this EPP did not send (another EPP replica's, when
+        // several route one pool). Their prompts are unknown here: each is counted at the mean
+        // uncached size of this EPP's own requests still prefilling there, or else at what this
+        // request would compute there. Counting each as this whole prompt (as before) made a
+        // replica busy with the other EPPs' cached-prefix requests look many times costlier than
+        // it was, and two EPPs at 30 req/s lost their prefix affinity (bench `active-active`).
         let foreign_waiting = engine.waiting_queue_size.saturating_sub(own.prefilling);
+        let foreign_tokens = own
+            .prefill_tokens
+            .checked_div(own.prefilling)
+            .unwrap_or(uncached);
         let backlog = Backlog {
-            queued_tokens: own.prefill_tokens + foreign_waiting * prompt_tokens,
+            queued_tokens: own.prefill_tokens + foreign_waiting.saturating_mul(foreign_tokens),
             decoding: (own.requests - own.prefilling.min(own.requests))
                 .max(engine.running_requests.saturating_sub(own.prefilling)),
         };
@@ -409,6 +417,63 @@ mod tests {
         let mut scores = vec![f64::NAN; s.candidates.len()];
         TtftCostScorer { name: "s".into() }.score(req, state, &s.candidates, &mut scores);
         scores
+    }
+
+    #[test]
+    fn another_epps_waiting_requests_count_at_their_uncached_size_not_this_prompt() {
+        // Endpoint 0 caches 3,840 of this 4,000-token prompt; both engines report 4 waiting
+        // requests this EPP did not send.
+        let mut s = setup(2, &[0, 0]);
+        for c in &s.candidates {
+            c.endpoint.store_metrics(EngineMetrics {
+                waiting_queue_size: 4,
+                ..Default::default()
+            });
+        }
+        s.candidates = s
+            .candidates
+            .iter()
+            .map(|c| Candidate::new(c.endpoint.clone()))
+            .collect();
+        let mut st = state(&s);
+        st.prefix = Some(PrefixMatch {
+            hashes: vec![0; 250],
+            matched: vec![240, 0],
+            block_tokens: 16,
+        });
+        let req = request(4000);
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+        let costs = st.costs.as_ref().unwrap();
+        let cached = costs.of(&s.candidates[0].endpoint).unwrap();
+        let cold = costs.of(&s.candidates[1].endpoint).unwrap();
+        // Where the prefix is cached, the foreign requests are counted as cached-prefix ones too
+        // (5 × 160 tokens to compute); where it is not, as full prompts (5 × 4,000).
+        assert_eq!(cached.uncached_tokens, 160);
+        assert!(
+            cached.predicted.ttft * 10.0 < cold.predicted.ttft,
+            "{cached:?} vs {cold:?}"
+        );
+        // With requests of its own prefilling there, the EPP counts the foreign ones at their
+        // mean size: 2 own requests of 100 uncached tokens each, 4 − 2 foreign.
+        s.loads[s.candidates[1].endpoint.id.0 as usize]
+            .prefilling
+            .store(2, Ordering::Relaxed);
+        s.loads[s.candidates[1].endpoint.id.0 as usize]
+            .prefill_tokens
+            .store(200, Ordering::Relaxed);
+        let mut st2 = state(&s);
+        st2.prefix = st.prefix.clone();
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st2);
+        let cold_now = st2
+            .costs
+            .as_ref()
+            .unwrap()
+            .of(&s.candidates[1].endpoint)
+            .unwrap();
+        assert!(
+            cold_now.predicted.ttft < cold.predicted.ttft,
+            "{cold_now:?} vs {cold:?}"
+        );
     }
 
     #[test]
