@@ -124,15 +124,21 @@ pub fn precise_config(events: &EngineEvents) -> String {
     kvEventsConfig:
       discoverPods: true
       podDiscoveryConfig: {{socketPort: {port}}}
+# When another replica holds a longer prefix (by 256 tokens or more), name it in
+# `x-kv-cache-source-host-port`: the simulated engine pulls the blocks from it (`--p2p-load-gbps`).
+- type: p2p-source-producer
+  parameters:
+    minCachedTokenDelta: 256
 ",
         tok = events.tokenizer.display(),
         port = events.socket_port
     );
     // The cost model charges the tiers' load times (the contract's bandwidths) instead of
-    // prefill; without tiers on the engines no CPU or shared block is ever reported.
+    // prefill, and a peer pull when `p2p-source-producer` names a source; without tiers on the
+    // engines no CPU or shared block is ever reported.
     cost.replacen("plugins:\n", &head, 1).replacen(
         "- type: ttft-cost-producer\n  parameters:\n",
-        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n",
+        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n",
         1,
     )
 }
