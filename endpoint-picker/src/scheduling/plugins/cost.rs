@@ -195,7 +195,9 @@ impl TtftCostProducer {
             .checked_div(own.prefilling)
             .unwrap_or(uncached);
         let backlog = Backlog {
-            queued_tokens: own.prefill_tokens + foreign_waiting.saturating_mul(foreign_tokens),
+            queued_tokens: own
+                .prefill_tokens
+                .saturating_add(foreign_waiting.saturating_mul(foreign_tokens)),
             decoding: (own.requests - own.prefilling.min(own.requests))
                 .max(engine.running_requests.saturating_sub(own.prefilling)),
         };
