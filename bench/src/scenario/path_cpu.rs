@@ -146,6 +146,11 @@ pub struct PathCpuRun {
     pub epp_cpu_s: Option<f64>,
     /// A peer router's CPU seconds over the window.
     pub peer_cpu_s: Option<f64>,
+    /// The EPP's scrapes of the model servers over the window (its scrape-duration histogram's
+    /// count): while requests run, each endpoint is scraped every refresh interval whatever
+    /// the requests carry, a cost by the clock.
+    #[serde(default)]
+    pub epp_scrapes: Option<f64>,
 }
 
 impl PathCpuRun {
@@ -172,6 +177,12 @@ impl PathCpuRun {
     /// The EPP's CPU per completed request, ms.
     pub fn epp_ms(&self) -> Option<f64> {
         self.per_request_ms(self.epp_cpu_s)
+    }
+
+    /// The EPP's scrapes per completed request.
+    pub fn scrapes_per_req(&self) -> Option<f64> {
+        let n = self.completed();
+        (n > 0).then_some(self.epp_scrapes? / n as f64)
     }
 
     /// All of the setup's processes per completed request, ms.
@@ -275,17 +286,19 @@ pub async fn run(tools: &Tools, cfg: &PathCpuCfg, dir: &Path) -> anyhow::Result<
                     envoy_cpu_s: None,
                     epp_cpu_s: None,
                     peer_cpu_s: None,
+                    epp_scrapes: None,
                 }
             }
         };
         let f3 = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3}"));
         eprintln!(
-            "  {} ok, {} errors; CPU/req ms: envoy {}, epp {}, total {}",
+            "  {} ok, {} errors; CPU/req ms: envoy {}, epp {}, total {}; scrapes/req {}",
             r.completed(),
             r.errors(),
             f3(r.envoy_ms()),
             f3(r.epp_ms()),
-            f3(r.total_ms())
+            f3(r.total_ms()),
+            f3(r.scrapes_per_req())
         );
         out.push(r);
     }
@@ -321,6 +334,7 @@ async fn one(
     // Process groups: procs[0] is Envoy or the peer; the EPP is `up.epp`.
     let pgids: Vec<u32> = up.procs.iter().map(|p| p.pid()).collect();
     let epp_pgid = up.epp().map(|p| p.pid());
+    let scrapes0 = epp_scrapes(up.epp_metrics.as_deref()).await;
     let cpu0: Vec<f64> = pgids.iter().map(|&g| group_cpu_seconds(g)).collect();
     let began = std::time::Instant::now();
     let spec = LoadSpec {
@@ -335,6 +349,7 @@ async fn one(
     let report = loadgen::run(spec, cfg.workload.build()).await?;
     let cpu1: Vec<f64> = pgids.iter().map(|&g| group_cpu_seconds(g)).collect();
     let window_s = began.elapsed().as_secs_f64();
+    let scrapes1 = epp_scrapes(up.epp_metrics.as_deref()).await;
     sim.check_alive()?;
     drop(up);
     drop(sim);
@@ -347,6 +362,7 @@ async fn one(
         envoy_cpu_s: None,
         epp_cpu_s: None,
         peer_cpu_s: None,
+        epp_scrapes: scrapes0.zip(scrapes1).map(|(a, b)| b - a),
     };
     for ((&g, a), b) in pgids.iter().zip(&cpu0).zip(&cpu1) {
         let used = Some(b - a);
@@ -359,6 +375,17 @@ async fn one(
         }
     }
     Ok(run)
+}
+
+/// Scrapes the EPP has made so far (None: no EPP, or its metrics did not answer).
+async fn epp_scrapes(metrics_url: Option<&str>) -> Option<f64> {
+    let (status, text) = crate::harness::get(metrics_url?).await.ok()?;
+    (status == 200).then(|| {
+        crate::harness::prom_sum(
+            &text,
+            "inference_extension_model_server_scrape_duration_seconds_count",
+        )
+    })
 }
 
 /// User + system CPU seconds of every live process in process group `pgid` (a router that
@@ -414,11 +441,11 @@ pub fn markdown(runs: &[PathCpuRun], cfg: &PathCpuCfg) -> String {
     );
     let _ = writeln!(
         s,
-        "| router | completed | errors | TTFT p50 (ms) | TTFT p90 (ms) | Envoy CPU / req (ms) | EPP CPU / req (ms) | total CPU / req (ms) | CPU-seconds (window s) |"
+        "| router | completed | errors | TTFT p50 (ms) | TTFT p90 (ms) | Envoy CPU / req (ms) | EPP CPU / req (ms) | total CPU / req (ms) | CPU-seconds (window s) | EPP scrapes / req |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let f3 = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3}"));
     let f0 = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
@@ -428,7 +455,7 @@ pub fn markdown(runs: &[PathCpuRun], cfg: &PathCpuCfg) -> String {
             let why: String = why.chars().take(160).collect();
             let _ = writeln!(
                 s,
-                "| {} | did not run: {} | | | | | | | |",
+                "| {} | did not run: {} | | | | | | | | |",
                 r.setup.label(),
                 why.replace('|', "/").replace('\n', " ")
             );
@@ -441,7 +468,7 @@ pub fn markdown(runs: &[PathCpuRun], cfg: &PathCpuCfg) -> String {
             .sum::<f64>();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {cpu_total:.1} ({:.0}) |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {cpu_total:.1} ({:.0}) | {} |",
             r.setup.label(),
             sum.ok,
             if errors > 0 {
@@ -455,12 +482,17 @@ pub fn markdown(runs: &[PathCpuRun], cfg: &PathCpuCfg) -> String {
             f3(r.epp_ms()),
             f3(r.total_ms()),
             r.window_s,
+            r.scrapes_per_req()
+                .map_or("-".into(), |v| format!("{v:.1}")),
         );
     }
     let _ = writeln!(
         s,
-        "\nA peer's CPU is its whole process (proxy and router) in the total column. Goals (issue 16), \
-         the best peer being the lowest total among the peers without errors:\n"
+        "\nA peer's CPU is its whole process (proxy and router) in the total column. `EPP scrapes / \
+         req`: the EPP's scrapes of the replicas during the window per request (every busy \
+         replica every 50 ms whatever the requests carry; ≈ 250 µs of EPP CPU each, see the \
+         overhead section's `epp by the clock`). Goals (issue 16), the best peer being the \
+         lowest total among the peers without errors:\n"
     );
     let vs = verdicts(runs);
     if vs.is_empty() {
@@ -505,6 +537,7 @@ mod tests {
             envoy_cpu_s: cpu[0],
             epp_cpu_s: cpu[1],
             peer_cpu_s: cpu[2],
+            epp_scrapes: cpu[1].map(|_| 5.0 * ok as f64),
         }
     }
 
@@ -547,6 +580,7 @@ mod tests {
                 envoy_cpu_s: None,
                 epp_cpu_s: None,
                 peer_cpu_s: None,
+                epp_scrapes: None,
             },
         ]
     }
@@ -593,6 +627,7 @@ mod tests {
         assert!(md.contains("did not run: vllm-router never served a request"));
         assert!(md.contains("(a) ext_proc path ≤ 25 % of Envoy alone — Envoy + Switchyard lean"));
         assert!(md.contains("**not met**") && md.contains("**met**"));
+        assert!(md.contains("| 3.5 (70) | 5.0 |"), "{md}");
         assert!(
             md.contains("| Envoy alone (round robin) | 1000 | 0 | 100 | 300 | 1.000 | - | 1.000 |")
         );
