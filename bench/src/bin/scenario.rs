@@ -18,6 +18,8 @@
 //! scenario tenants  [--quick]   # a batch flood (3× capacity) beside interactive traffic (20 %),
 //!                               # flow control on and off
 //! scenario active-active [--quick] # 1 vs 2 vs 3 precise EPPs behind one Envoy, same workload
+//! scenario path-cpu [--quick]   # CPU per streamed request: Envoy alone, Envoy + Switchyard
+//!                               # (full and lean response path), the peers (issue 16)
 //! ```
 
 use std::path::PathBuf;
@@ -118,6 +120,9 @@ enum Cmd {
     /// Several EPPs behind one Envoy (precise profile, every EPP hearing every engine's KV
     /// events): 1 vs 2 vs 3 EPPs on the same workload, seed and cluster.
     ActiveActive(ActiveActiveOpts),
+    /// CPU per streamed request at 80 % of capacity: Envoy alone, Envoy + Switchyard (full and
+    /// lean response path), the peer routers (RESULTS.md section `path-cpu`).
+    PathCpu,
     /// Redraw the soak plot from a saved `bench/results/soak.json`.
     SoakReplot {
         /// The saved soak.
@@ -571,6 +576,24 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             eprintln!("{md}");
             if write {
                 update_section(&results, "active-active", &md)?;
+            }
+        }
+        Cmd::PathCpu => {
+            use scenario::path_cpu::{self, PathCpuCfg};
+            let cfg = if o.quick {
+                PathCpuCfg::quick()
+            } else {
+                PathCpuCfg::full()
+            };
+            let runs = path_cpu::run(&tools, &cfg, &run_dir).await?;
+            std::fs::write(
+                raw.join("path-cpu.json"),
+                serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": runs}))?,
+            )?;
+            let md = format!("{header}\n{}", path_cpu::markdown(&runs, &cfg));
+            eprintln!("{md}");
+            if write {
+                update_section(&results, "path-cpu", &md)?;
             }
         }
         Cmd::Backend { .. }

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod goodput;
 pub mod lora;
 pub mod overhead;
+pub mod path_cpu;
 pub mod precise;
 pub mod routing;
 pub mod scale;

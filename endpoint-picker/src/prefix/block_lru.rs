@@ -1,13 +1,14 @@
-//! A least-recently-used set of block hashes, kept in one slab.
+//! A least-recently-used list of block hashes, kept in one slab.
 //!
-//! The prefix index holds tens of thousands of blocks per endpoint and touches a few hundred per
-//! routed request. A general LRU map allocates a node per entry and frees it on eviction; here
-//! the nodes live in one `Vec`, linked by index, and an evicted node's slot is reused by the
-//! next insert, so a steady-state insert allocates nothing. The hash map from block hash to
-//! slot uses foldhash with a per-map random seed: block hashes come from client text, so the
-//! map must not let a client choose collisions, and SipHash cost a tenth of a decision.
-
-use std::collections::HashMap;
+//! The prefix index holds tens of thousands of blocks per endpoint and touches up to a few
+//! thousand per routed request. A general LRU map allocates a node per entry and frees it on
+//! eviction; here the nodes live in one `Vec`, linked by index, and an evicted node's slot is
+//! reused by the next insert, so a steady-state insert allocates nothing. The list has no map of
+//! its own: the index's `hash → holders` map keeps each holder's slot, so a block costs one
+//! hash-map operation to add or promote and one to evict (a 400 KB prompt inserts 4,096 blocks
+//! with the default profile, and four map operations per block on tables far larger than the
+//! cache were half of the EPP's CPU for it: bench/RESULTS.md, "Where a 400 KB prompt's EPP CPU
+//! goes").
 
 /// Marks the end of the recency list.
 const NIL: u32 = u32::MAX;
@@ -21,41 +22,38 @@ struct Node {
     older: u32,
 }
 
-/// The set. Capacity is enforced by the caller ([`BlockLru::pop_oldest`]), so it can change.
+/// The list. Capacity is enforced by the caller ([`BlockLru::pop_oldest`]), so it can change.
+/// Slots are only valid while their block is held: the caller forgets a slot when
+/// [`BlockLru::pop_oldest`] returns its hash.
 #[derive(Debug, Default)]
 pub(crate) struct BlockLru {
-    slots: HashMap<u64, u32, foldhash::fast::RandomState>,
     nodes: Vec<Node>,
     /// Slots of evicted nodes, reused before the slab grows.
     free: Vec<u32>,
     newest: u32,
     oldest: u32,
+    len: usize,
 }
 
 impl BlockLru {
-    /// An empty set.
+    /// An empty list.
     pub(crate) fn new() -> Self {
         Self {
-            slots: HashMap::default(),
             nodes: Vec::new(),
             free: Vec::new(),
             newest: NIL,
             oldest: NIL,
+            len: 0,
         }
     }
 
     /// Number of blocks held.
     pub(crate) fn len(&self) -> usize {
-        self.slots.len()
+        self.len
     }
 
-    /// Makes `hash` the most recent block; true when it was not held before.
-    pub(crate) fn touch(&mut self, hash: u64) -> bool {
-        if let Some(&slot) = self.slots.get(&hash) {
-            self.unlink(slot);
-            self.link_newest(slot);
-            return false;
-        }
+    /// Adds `hash` (not held) as the most recent block; returns its slot.
+    pub(crate) fn push_newest(&mut self, hash: u64) -> u32 {
         let node = Node {
             hash,
             newer: NIL,
@@ -73,9 +71,18 @@ impl BlockLru {
                 slot
             }
         };
-        self.slots.insert(hash, slot);
+        self.len += 1;
         self.link_newest(slot);
-        true
+        slot
+    }
+
+    /// Makes the block held in `slot` the most recent.
+    pub(crate) fn promote(&mut self, slot: u32) {
+        if self.newest == slot {
+            return;
+        }
+        self.unlink(slot);
+        self.link_newest(slot);
     }
 
     /// Removes and returns the least recently used block.
@@ -85,15 +92,19 @@ impl BlockLru {
         }
         let slot = self.oldest;
         self.unlink(slot);
-        let hash = self.nodes[slot as usize].hash;
-        self.slots.remove(&hash);
         self.free.push(slot);
-        Some(hash)
+        self.len -= 1;
+        Some(self.nodes[slot as usize].hash)
     }
 
-    /// The blocks held, in no particular order.
+    /// The blocks held, least recent first.
     pub(crate) fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.slots.keys().copied()
+        let mut at = self.oldest;
+        std::iter::from_fn(move || {
+            let node = self.nodes.get(at as usize)?;
+            at = node.newer;
+            Some(node.hash)
+        })
     }
 
     fn unlink(&mut self, slot: u32) {
@@ -125,25 +136,53 @@ impl BlockLru {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
+    use std::collections::{HashMap, VecDeque};
 
     use super::*;
 
+    /// The index's side of the contract: hash → slot while held.
+    #[derive(Default)]
+    struct Slots(HashMap<u64, u32>);
+
+    impl Slots {
+        /// Adds or promotes `h`; true when it was not held.
+        fn touch(&mut self, lru: &mut BlockLru, h: u64) -> bool {
+            match self.0.get(&h) {
+                Some(&slot) => {
+                    lru.promote(slot);
+                    false
+                }
+                None => {
+                    self.0.insert(h, lru.push_newest(h));
+                    true
+                }
+            }
+        }
+
+        fn pop(&mut self, lru: &mut BlockLru) -> Option<u64> {
+            let h = lru.pop_oldest()?;
+            self.0.remove(&h);
+            Some(h)
+        }
+    }
+
     #[test]
     fn evicts_in_recency_order_and_reuses_slots() {
-        let mut lru = BlockLru::new();
-        assert!(lru.touch(1));
-        assert!(lru.touch(2));
-        assert!(lru.touch(3));
-        assert!(!lru.touch(1), "already held: promoted, not added");
-        assert_eq!(lru.pop_oldest(), Some(2));
-        assert!(lru.touch(4));
+        let (mut lru, mut s) = (BlockLru::new(), Slots::default());
+        assert!(s.touch(&mut lru, 1));
+        assert!(s.touch(&mut lru, 2));
+        assert!(s.touch(&mut lru, 3));
+        assert!(!s.touch(&mut lru, 1), "already held: promoted, not added");
+        assert_eq!(s.pop(&mut lru), Some(2));
+        assert!(s.touch(&mut lru, 4));
         assert_eq!(lru.nodes.len(), 3, "the evicted slot was reused");
-        assert_eq!(lru.pop_oldest(), Some(3));
-        assert_eq!(lru.pop_oldest(), Some(1));
-        assert_eq!(lru.pop_oldest(), Some(4));
-        assert_eq!(lru.pop_oldest(), None);
+        assert_eq!(lru.hashes().collect::<Vec<_>>(), vec![3, 1, 4]);
+        assert_eq!(s.pop(&mut lru), Some(3));
+        assert_eq!(s.pop(&mut lru), Some(1));
+        assert_eq!(s.pop(&mut lru), Some(4));
+        assert_eq!(s.pop(&mut lru), None);
         assert_eq!(lru.len(), 0);
+        assert_eq!(lru.hashes().count(), 0);
     }
 
     proptest::proptest! {
@@ -159,7 +198,7 @@ mod tests {
         fn behaves_like_a_recency_ordered_list(
             ops in proptest::collection::vec(proptest::option::weighted(0.8, 0u64..24), 0..300),
         ) {
-            let mut lru = BlockLru::new();
+            let (mut lru, mut s) = (BlockLru::new(), Slots::default());
             let mut model: VecDeque<u64> = VecDeque::new();
             for op in ops {
                 match op {
@@ -167,19 +206,17 @@ mod tests {
                         let was_new = !model.contains(&h);
                         model.retain(|&x| x != h);
                         model.push_back(h);
-                        proptest::prop_assert_eq!(lru.touch(h), was_new);
+                        proptest::prop_assert_eq!(s.touch(&mut lru, h), was_new);
                     }
-                    None => proptest::prop_assert_eq!(lru.pop_oldest(), model.pop_front()),
+                    None => proptest::prop_assert_eq!(s.pop(&mut lru), model.pop_front()),
                 }
                 proptest::prop_assert_eq!(lru.len(), model.len());
             }
-            let mut held: Vec<u64> = lru.hashes().collect();
-            held.sort_unstable();
-            let mut want: Vec<u64> = model.iter().copied().collect();
-            want.sort_unstable();
+            let held: Vec<u64> = lru.hashes().collect();
+            let want: Vec<u64> = model.iter().copied().collect();
             proptest::prop_assert_eq!(held, want);
             while let Some(h) = model.pop_front() {
-                proptest::prop_assert_eq!(lru.pop_oldest(), Some(h));
+                proptest::prop_assert_eq!(s.pop(&mut lru), Some(h));
             }
         }
     }

@@ -6,6 +6,7 @@
 //! makes matching one walk over the request's hashes, whatever the number of endpoints.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use parking_lot::RwLock;
 use smallvec::SmallVec;
@@ -13,7 +14,8 @@ use smallvec::SmallVec;
 use super::block_lru::BlockLru;
 use crate::datastore::EndpointId;
 
-type Holders = SmallVec<[EndpointId; 4]>;
+/// The endpoints holding a block, each with the block's slot in that endpoint's LRU list.
+type Holders = SmallVec<[(EndpointId, u32); 4]>;
 
 /// The index. Cheap to share behind an `Arc`; reads take a read lock for one walk.
 #[derive(Debug, Default)]
@@ -23,9 +25,11 @@ pub struct PrefixIndex {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Block hash → the endpoints holding it (foldhash, randomly seeded: see [`BlockLru`]).
+    /// Block hash → the endpoints holding it and where (foldhash, randomly seeded: block hashes
+    /// come from client text, so the map must not let a client choose collisions; SipHash cost
+    /// a tenth of a decision).
     holders: HashMap<u64, Holders, foldhash::fast::RandomState>,
-    /// Per endpoint id: its LRU of block hashes.
+    /// Per endpoint id: its recency list of block hashes.
     endpoints: Vec<Option<BlockLru>>,
 }
 
@@ -44,7 +48,7 @@ impl PrefixIndex {
                 break;
             };
             let mut advanced = false;
-            for id in holders {
+            for (id, _) in holders {
                 if let Some(m) = matches.get_mut(id.0 as usize)
                     && *m as usize == i
                 {
@@ -77,15 +81,20 @@ impl PrefixIndex {
         let lru = endpoints[slot].get_or_insert_with(BlockLru::new);
         // Deepest block first, so the leading blocks end up most recent: matching stops at the
         // first miss, so when something must go it should be a request's tail, never its head.
+        // One map operation per block: the holder entry carries the block's slot in the list.
         for &h in hashes.iter().rev() {
-            if lru.touch(h) {
-                holders.entry(h).or_default().push(endpoint);
+            let set = holders.entry(h).or_default();
+            match set.iter().find(|(id, _)| *id == endpoint) {
+                Some(&(_, slot)) => lru.promote(slot),
+                None => {
+                    let slot = lru.push_newest(h);
+                    set.push((endpoint, slot));
+                }
             }
         }
         while lru.len() > capacity {
-            if let Some(old) = lru.pop_oldest() {
-                remove_holder(holders, old, endpoint);
-            }
+            let Some(old) = lru.pop_oldest() else { break };
+            remove_holder(holders, old, endpoint);
         }
     }
 
@@ -128,10 +137,10 @@ fn remove_holder(
     hash: u64,
     endpoint: EndpointId,
 ) {
-    if let Some(set) = holders.get_mut(&hash) {
-        set.retain(|id| *id != endpoint);
-        if set.is_empty() {
-            holders.remove(&hash);
+    if let Entry::Occupied(mut set) = holders.entry(hash) {
+        set.get_mut().retain(|(id, _)| *id != endpoint);
+        if set.get().is_empty() {
+            set.remove();
         }
     }
 }
