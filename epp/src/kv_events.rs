@@ -349,7 +349,14 @@ fn apply(
     model: &str,
     batch: &EventBatch,
 ) {
-    let applied = index.apply(endpoint, model, batch, Instant::now());
+    // The size gauges move with every batch (read under the same lock: both are counters the
+    // index keeps); refreshing them only on pool changes left them at their start-up value.
+    let (applied, blocks, entries) = index.write(|i| {
+        let applied = i.apply(endpoint, model, batch, Instant::now());
+        (applied, i.len(), i.entries())
+    });
+    metrics.index_blocks.set(blocks as i64);
+    metrics.index_entries.set(entries as i64);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

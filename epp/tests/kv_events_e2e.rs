@@ -195,6 +195,18 @@ async fn engine_events_route_a_prefix_to_the_engine_that_holds_it() {
     until_applied(&epp, &a, "engine-a", seen_a, false).await;
     seen_b = until_applied(&epp, &b, "engine-b", seen_b, false).await;
 
+    // The index's size gauges follow the events (they were refreshed only on pool changes).
+    let text = common::http::get_text(epp.metrics, "/metrics")
+        .await
+        .unwrap();
+    let gauge = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(gauge("inference_extension_kv_index_blocks") > 0, "{text}");
+    assert!(gauge("inference_extension_kv_index_entries") > 0, "{text}");
+
     // The same prompts, extended, through the EPP: each goes where its prefix is, every time
     // (with no hit the picker would choose at random between two).
     let (addr_a, addr_b) = (a.addr().to_string(), b.addr().to_string());

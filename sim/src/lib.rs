@@ -247,16 +247,18 @@ pub async fn spawn_replicas(
 }
 
 /// Binds `ips[i]:port` and starts replica `i` on it, for every address (`sim --ip-per-replica`:
-/// one address per replica, the same port on each; 0 gives each an ephemeral port).
+/// one address per replica, the same port on each; 0 gives each an ephemeral port), all in one
+/// [`tiers::TierPool`] as [`spawn_replicas`] does (one shared store, peers of each other).
 pub async fn spawn_replicas_on_ips(
     config: &Config,
     ips: &[std::net::IpAddr],
     port: u16,
 ) -> Result<Vec<ReplicaHandle>, SimError> {
+    let pool = tiers::TierPool::for_config(config);
     let mut out = Vec::with_capacity(ips.len());
     for (i, ip) in ips.iter().enumerate() {
         let listener = TcpListener::bind((*ip, port)).await?;
-        out.push(spawn_replica(config.clone(), listener, i).await?);
+        out.push(spawn_replica_in(config.clone(), listener, i, &pool).await?);
     }
     Ok(out)
 }

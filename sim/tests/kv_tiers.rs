@@ -204,6 +204,34 @@ async fn the_shared_store_serves_a_replica_that_never_saw_the_prefix() {
     assert_eq!(cold.cached_tokens, 0);
 }
 
+/// `sim --ip-per-replica` (the bench's precise runs) puts every replica in one pool, as
+/// `--replicas` does: one store, peers of each other. (Each had a pool of its own, so the "shared"
+/// store was private and no peer could be named; the EPP, told the store is shared, routed to
+/// replicas that then recomputed.)
+#[tokio::test]
+async fn replicas_on_their_own_addresses_share_one_store() {
+    let config = Config {
+        kv_tiers: KvTiers {
+            shared_blocks: 100,
+            ..no_tiers()
+        },
+        ..Config::default()
+    };
+    let ips = ["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+    let replicas = sim::spawn_replicas_on_ips(&config, &ips, 0).await.unwrap();
+    let (a, b) = (replicas[0].engine(), replicas[1].engine());
+    collect(a.submit(req(tokens(0, 100), 1)).unwrap()).await;
+    assert_eq!(a.shared_store_len(), 6);
+    assert_eq!(
+        b.shared_store_len(),
+        6,
+        "the store is the pool's, not the replica's"
+    );
+    let (_, on_b) = collect(b.submit(req(tokens(0, 100), 1)).unwrap()).await;
+    assert_eq!(on_b.cached_tokens, 96);
+    assert_eq!(tier_stats(b).hit_tokens, [0, 0, 96, 0]);
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, 1], port))
 }
