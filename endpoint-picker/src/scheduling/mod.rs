@@ -71,6 +71,8 @@ pub struct ExplanationRow {
     pub total: f64,
     /// The cost model's predicted time to first token there, milliseconds (when it ran).
     pub predicted_ttft_ms: Option<f64>,
+    /// Of which loading KV blocks from the tiers, milliseconds (when the cost model ran).
+    pub predicted_load_ms: Option<f64>,
 }
 
 impl Explanation {
@@ -97,6 +99,9 @@ impl Explanation {
             }
             if let Some(ttft) = row.predicted_ttft_ms {
                 let _ = write!(out, ",ttft={ttft:.0}ms");
+            }
+            if let Some(load) = row.predicted_load_ms.filter(|l| *l > 0.0) {
+                let _ = write!(out, ",load={load:.0}ms");
             }
             out.push(']');
         }
@@ -375,6 +380,11 @@ impl Scheduler {
                         .as_ref()
                         .and_then(|costs| costs.of(&c.endpoint))
                         .map(|cost| cost.predicted.ttft * 1000.0),
+                    predicted_load_ms: state
+                        .costs
+                        .as_ref()
+                        .and_then(|costs| costs.of(&c.endpoint))
+                        .map(|cost| cost.load_seconds * 1000.0),
                     scores: per_scorer.iter().map(|v| v[i]).collect(),
                     total: totals[i],
                 })

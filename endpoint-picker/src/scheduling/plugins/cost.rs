@@ -218,11 +218,26 @@ impl TtftCostProducer {
         // shortest and copies of every prefix crowd each other out under cache pressure
         // (whatif: hit rate 36 % instead of 50 %).
         let placed_on_gpu = prompt_tokens.saturating_sub(placed.gpu);
-        let eviction = self.eviction_weight
-            * engine.kv_cache_usage.clamp(0.0, 1.0)
-            * placed_on_gpu as f64
-            * per_token
-            * k;
+        let fullness = engine.kv_cache_usage.clamp(0.0, 1.0);
+        let mut evicted_seconds = placed_on_gpu as f64 * per_token;
+        // Those blocks are also written through to the replica's CPU tier (vLLM's offloading
+        // connector and LMCache's local backend store every block the GPU computes or loads),
+        // evicting copies kept there for others, each worth what recomputing it costs beyond
+        // loading it back. Charged only when the engines' events show the tier (a precise
+        // match): without them a CPU copy cannot be told from none. Without this term a prefix
+        // that left the GPU for the CPU tier of its replica looked almost as cheap elsewhere
+        // (load ≈ recompute − 80 %, the same GPU evictions on both), so a third of the
+        // requests went to replicas that held nothing and recomputed it, crowding every CPU
+        // tier with copies (bench `kv-sharing`: hit rate 69 % against 95 % for the
+        // approximate index, which believes the prefix is still on the GPU).
+        if state.precise.is_some()
+            && let Some(load) = self.tiers.seconds_per_token(self.tiers.cpu_gbps)
+        {
+            let held = hits.gpu.saturating_add(hits.cpu).min(prompt_tokens);
+            let written = prompt_tokens - held;
+            evicted_seconds += written as f64 * (per_token - load).max(0.0);
+        }
+        let eviction = self.eviction_weight * fullness * evicted_seconds * k;
         let objective = predicted.ttft
             + self.decode_weight * f64::from(output.saturating_sub(1)) * predicted.tpot
             + eviction;
@@ -689,6 +704,49 @@ mod tests {
             .of(&s.candidates[0].endpoint)
             .unwrap();
         assert!((c.predicted.ttft - cold).abs() < 1e-12);
+    }
+
+    /// Two replicas at the same fullness and queue, a 6,400-token prompt: one holds 6,000 of
+    /// its tokens in its CPU tier, the other nothing but the shared store's copy. Both evict
+    /// the same GPU blocks to take the prompt; only the second also writes 6,000 tokens into
+    /// its CPU tier, evicting copies kept there, so the holder's lead is its cheaper load plus
+    /// those evictions (each token worth recomputing it less loading it back).
+    #[test]
+    fn placing_a_prefix_elsewhere_costs_the_cpu_tier_it_writes_through() {
+        let s = setup(2, &[0, 0]);
+        for c in &s.candidates {
+            c.endpoint.store_metrics(EngineMetrics {
+                kv_cache_usage: 0.5,
+                ..Default::default()
+            });
+        }
+        let s = Setup {
+            candidates: s
+                .candidates
+                .iter()
+                .map(|c| Candidate::new(c.endpoint.clone()))
+                .collect(),
+            loads: s.loads,
+        };
+        let req = request(6_400);
+        let mut st = state(&s);
+        with_tiers(&s, &mut st, &[(0, [0, 375, 0, 0], 0), (1, [0; 4], 375)]);
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+        let costs = st.costs.as_ref().unwrap();
+        let (holder, other) = (
+            costs.of(&s.candidates[0].endpoint).unwrap(),
+            costs.of(&s.candidates[1].endpoint).unwrap(),
+        );
+        let per_token = 30e-6;
+        let (cpu, shared) = (131_072.0 / 25e9, 131_072.0 / 10e9);
+        let loads = 6_000.0 * (shared - cpu);
+        let written = 2.0 * 0.5 * 6_000.0 * (per_token - cpu);
+        let lead = other.objective - holder.objective;
+        assert!(
+            (lead - loads - written).abs() < 1e-9,
+            "{lead} vs {}",
+            loads + written
+        );
     }
 
     /// The store's blocks count for every endpoint: each gets cheaper, none is preferred.
