@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Router, start_router_with, start_sim_with};
+use super::{Router, RouterUp, start_router_with, start_sim_with};
 use crate::harness::Tools;
 use crate::loadgen::{self, Control, LoadSpec, Mode, Record, Summary};
 use crate::stats::quantile_sorted;
@@ -448,6 +448,7 @@ async fn climb(
     let report = load.await??;
     let cpu = up.cpu_seconds() - cpu0;
     sim.check_alive()?;
+    save_metrics(&up, &replicas, dir).await;
     drop(up);
     drop(sim);
     std::fs::write(dir.join("loadgen.json"), serde_json::to_vec(&report)?)?;
@@ -465,6 +466,25 @@ async fn climb(
         })
         .collect();
     Ok((points, cpu))
+}
+
+/// Keeps the engines' and the EPP's `/metrics` at the end of a climb in the run directory
+/// (`sim-<i>.metrics`, `epp.metrics`): where the tables raise a question (a hit rate, an index
+/// that dropped events), the counters answer it. Best effort: a failed scrape is skipped.
+async fn save_metrics(up: &RouterUp, replicas: &[std::net::SocketAddr], dir: &Path) {
+    let mut targets: Vec<(String, String)> = replicas
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("sim-{i}.metrics"), format!("http://{a}/metrics")))
+        .collect();
+    if let Some(url) = &up.epp_metrics {
+        targets.push(("epp.metrics".into(), url.clone()));
+    }
+    for (file, url) in targets {
+        if let Ok((200, body)) = crate::harness::get(&url).await {
+            let _ = std::fs::write(dir.join(file), body);
+        }
+    }
 }
 
 /// Send-time window of rung `k`, seconds from the start of the run.

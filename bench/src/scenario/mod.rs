@@ -47,6 +47,10 @@ pub enum Router {
     SwitchyardPrecise {
         /// EPP processes behind the one Envoy.
         epps: usize,
+        /// A variant of the precise profile being tuned: `(name, template)`, the template an
+        /// EndpointPickerConfig with `${TOKENIZER}` and `${KV_EVENTS_PORT}` placeholders
+        /// (None: [`precise::precise_config`]).
+        variant: Option<(String, String)>,
     },
     /// `sglang-router launch --policy <policy>`.
     Sglang(String),
@@ -63,8 +67,18 @@ impl Router {
             Router::EnvoyRoundRobin => "envoy round-robin".into(),
             Router::EnvoyLeastRequest => "envoy least-request".into(),
             Router::Switchyard { profile, .. } => format!("switchyard {profile}"),
-            Router::SwitchyardPrecise { epps: 1 } => "switchyard precise".into(),
-            Router::SwitchyardPrecise { epps } => format!("switchyard precise ×{epps} EPPs"),
+            Router::SwitchyardPrecise {
+                epps: 1,
+                variant: None,
+            } => "switchyard precise".into(),
+            Router::SwitchyardPrecise {
+                epps,
+                variant: None,
+            } => format!("switchyard precise ×{epps} EPPs"),
+            Router::SwitchyardPrecise {
+                variant: Some((name, _)),
+                ..
+            } => format!("switchyard precise {name}"),
             Router::Sglang(p) => format!("sglang-router {p}"),
             Router::Vllm(p) => format!("vllm-router {p}"),
             Router::Smg(p) => format!("smg {p}"),
@@ -93,7 +107,8 @@ impl Router {
     /// Parses `rr`, `lr`, `switchyard`, `switchyard-prefix`, `switchyard-running`,
     /// `switchyard-balanced`, `switchyard-lora`, `switchyard-cost`, `sglang:<policy>`,
     /// `vllm:<policy>`, `smg:<policy>` (`smg` alone: `cache_aware`), `switchyard-file:<path>`,
-    /// `switchyard-precise` (one EPP) and `switchyard-precise:<n>` (n EPPs behind one Envoy).
+    /// `switchyard-precise` (one EPP), `switchyard-precise:<n>` (n EPPs behind one Envoy) and
+    /// `switchyard-precise-file:<path>` (a variant of the precise profile, one EPP).
     pub fn parse(s: &str) -> anyhow::Result<Router> {
         Ok(match s {
             "rr" | "envoy-rr" => Router::EnvoyRoundRobin,
@@ -122,7 +137,10 @@ impl Router {
                 profile: "cost".into(),
                 config: Some(endpoint_picker::config::profiles::COST_MODEL.into()),
             },
-            "switchyard-precise" => Router::SwitchyardPrecise { epps: 1 },
+            "switchyard-precise" => Router::SwitchyardPrecise {
+                epps: 1,
+                variant: None,
+            },
             "smg" => Router::Smg("cache_aware".into()),
             _ => match s.split_once(':') {
                 // Any EndpointPickerConfig file, e.g. a profile being tuned; named by its stem
@@ -142,13 +160,27 @@ impl Router {
                         .ok()
                         .filter(|n| (1..=16).contains(n))
                         .with_context(|| format!("{s:?}: 1 to 16 EPPs"))?;
-                    Router::SwitchyardPrecise { epps }
+                    Router::SwitchyardPrecise {
+                        epps,
+                        variant: None,
+                    }
                 }
+                // A precise profile being tuned (one EPP), named by its stem.
+                Some(("switchyard-precise-file", path)) => Router::SwitchyardPrecise {
+                    epps: 1,
+                    variant: Some((
+                        Path::new(path)
+                            .file_stem()
+                            .map_or_else(|| path.to_owned(), |s| s.to_string_lossy().into_owned()),
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("reading the profile {path}"))?,
+                    )),
+                },
                 Some(("sglang", p)) => Router::Sglang(p.into()),
                 Some(("vllm", p)) => Router::Vllm(p.into()),
                 Some(("smg", p)) => Router::Smg(p.into()),
                 _ => anyhow::bail!(
-                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, switchyard-balanced, switchyard-lora, switchyard-cost, switchyard-precise[:<epps>], sglang:<policy>, vllm:<policy>, smg[:<policy>])"
+                    "unknown router {s:?} (rr, lr, switchyard, switchyard-prefix, switchyard-running, switchyard-balanced, switchyard-lora, switchyard-cost, switchyard-precise[:<epps>], switchyard-precise-file:<path>, sglang:<policy>, vllm:<policy>, smg[:<policy>])"
                 ),
             },
         })
@@ -272,9 +304,18 @@ pub async fn start_router_with(
     events: Option<&precise::EngineEvents>,
 ) -> anyhow::Result<RouterUp> {
     let up = match router {
-        Router::SwitchyardPrecise { epps } => {
+        Router::SwitchyardPrecise { epps, variant } => {
             let events = events.context("the precise router needs engines publishing KV events")?;
-            let config = precise::precise_config(events);
+            let config = match variant {
+                None => precise::precise_config(events),
+                Some((_, template)) => harness::render(
+                    template,
+                    &[
+                        ("TOKENIZER", events.tokenizer.display().to_string()),
+                        ("KV_EVENTS_PORT", events.socket_port.to_string()),
+                    ],
+                )?,
+            };
             precise::start_multi_epp(
                 tools,
                 &config,
