@@ -135,10 +135,12 @@ pub fn precise_config(events: &EngineEvents) -> String {
     );
     // The cost model charges the tiers' load times (the contract's bandwidths) instead of
     // prefill, and a peer pull when `p2p-source-producer` names a source; without tiers on the
-    // engines no CPU or shared block is ever reported.
+    // engines no CPU or shared block is ever reported. A new prefix goes to its home replica
+    // (`prefixHomeWeight`) unless that one's queue is a prefill longer: several EPPs, none of
+    // which sees the others' just-routed requests, then compute it once rather than once each.
     cost.replacen("plugins:\n", &head, 1).replacen(
         "- type: ttft-cost-producer\n  parameters:\n",
-        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n",
+        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n    prefixHomeWeight: 1\n",
         1,
     )
 }

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::config::ConfigError;
 use crate::config::params::Params;
 use crate::cost::{Backlog, EngineCosts, TierCosts};
+use crate::datastore::EndpointId;
 use crate::request::InferenceRequest;
 use crate::scheduling::{Candidate, Cost, Costs, CycleState, DataProducer, Filter, Plugin, Scorer};
 
@@ -43,6 +44,7 @@ struct ProducerYaml {
     sequence_micros: Option<f64>,
     decode_weight: Option<f64>,
     eviction_weight: Option<f64>,
+    prefix_home_weight: Option<f64>,
     default_output_tokens: Option<i64>,
     kv_bytes_per_token: Option<i64>,
     #[serde(rename = "cpuLoadGBps")]
@@ -54,6 +56,12 @@ struct ProducerYaml {
     #[serde(rename = "peerLoadGBps")]
     peer_load_gbps: Option<f64>,
 }
+
+/// Blocks that name a prefix for [`TtftCostProducer::prefix_home_weight`]: its first 512 tokens
+/// at 16-token blocks, deep enough to be past a chat template's common header and into the
+/// system prompt or conversation that makes the prefix, shallow enough to be shared by every
+/// request that starts the same way.
+const HOME_BLOCKS: usize = 32;
 
 /// The fastest link a load bandwidth may claim, GB/s (beyond any NVLink or PCIe there is).
 const MAX_LOAD_GBPS: f64 = 10_000.0;
@@ -73,6 +81,15 @@ pub struct TtftCostProducer {
     /// How much evicting the replica's cached prefixes counts: the objective adds
     /// `w · kv_usage · uncached tokens · prefill time per token`.
     pub eviction_weight: f64,
+    /// How much a new prefix is drawn to its home: when no candidate holds the prompt's first
+    /// [`HOME_BLOCKS`] blocks in its own tiers, every candidate but the one the prefix hashes to
+    /// (rendezvous hashing of those blocks' key and the endpoint's address) is charged `w ×` its
+    /// prefill time of the prompt. Several EPPs, each blind to the others' just-routed requests
+    /// until the engine announces the blocks, then send a new prefix to the same replica unless
+    /// its queue is longer by that much, instead of computing it on several (bench
+    /// `active-active`). 0 (the default) turns it off. Needs keys that every EPP computes alike:
+    /// the precise index's (token ids); the approximate index's hashes serve one EPP.
+    pub prefix_home_weight: f64,
     /// Output tokens assumed when the request names none.
     pub default_output_tokens: u32,
     /// What loading from each KV tier costs.
@@ -86,6 +103,7 @@ impl Default for TtftCostProducer {
             engine: EngineCosts::default(),
             decode_weight: 0.25,
             eviction_weight: DEFAULT_EVICTION_WEIGHT,
+            prefix_home_weight: 0.0,
             default_output_tokens: DEFAULT_OUTPUT_TOKENS,
             tiers: TierCosts::default(),
         }
@@ -95,7 +113,7 @@ impl Default for TtftCostProducer {
 impl TtftCostProducer {
     /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
     /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]),
-    /// `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
+    /// `prefixHomeWeight` (in [0, 10]), `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
     /// `cpuLoadGBps` (25), `diskLoadGBps` (0), `sharedLoadGBps` (10), `peerLoadGBps` (10), each
     /// in [0, 10000] GB/s, 0 ignoring the tier.
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
@@ -135,6 +153,13 @@ impl TtftCostProducer {
                 return Err(p.invalid("evictionWeight", "must be in [0, 100]"));
             }
             Some(w) => out.eviction_weight = w,
+            None => {}
+        }
+        match y.prefix_home_weight {
+            Some(w) if !(w.is_finite() && (0.0..=10.0).contains(&w)) => {
+                return Err(p.invalid("prefixHomeWeight", "must be in [0, 10]"));
+            }
+            Some(w) => out.prefix_home_weight = w,
             None => {}
         }
         if let Some(n) = p.positive("defaultOutputTokens", y.default_output_tokens)? {
@@ -258,6 +283,35 @@ impl TtftCostProducer {
     }
 }
 
+impl TtftCostProducer {
+    /// The home of a new prefix (see [`TtftCostProducer::prefix_home_weight`]): `None` when the
+    /// weight is 0, the request has no keys, or a candidate holds its first blocks already.
+    fn prefix_home(&self, state: &CycleState, candidates: &[Candidate]) -> Option<EndpointId> {
+        if self.prefix_home_weight <= 0.0 {
+            return None;
+        }
+        let (keys, block_tokens) = match (&state.precise, &state.prefix) {
+            (Some(m), _) if !m.keys.is_empty() => (m.keys.as_slice(), m.block_tokens),
+            (_, Some(p)) => (p.hashes.as_slice(), p.block_tokens),
+            _ => return None,
+        };
+        let depth = keys.len().min(HOME_BLOCKS);
+        let key = *keys.get(depth.checked_sub(1)?)?;
+        let depth_tokens = (depth * block_tokens) as u64;
+        let held = candidates.iter().any(|c| {
+            let t = state.tier_tokens(&c.endpoint);
+            t.gpu + t.cpu + t.disk >= depth_tokens
+        });
+        if held {
+            return None;
+        }
+        candidates
+            .iter()
+            .max_by_key(|c| xxhash_rust::xxh64::xxh64(c.endpoint.host_port.as_bytes(), key))
+            .map(|c| c.endpoint.id)
+    }
+}
+
 impl Plugin for TtftCostProducer {
     fn type_name(&self) -> &'static str {
         "ttft-cost-producer"
@@ -281,9 +335,20 @@ impl DataProducer for TtftCostProducer {
             .max()
             .unwrap_or(0);
         let mut by_endpoint = vec![None; bound];
+        let home = self.prefix_home(state, candidates);
         for c in candidates {
-            by_endpoint[c.endpoint.id.0 as usize] =
-                Some(self.cost(request, state, c, prompt_tokens));
+            let mut cost = self.cost(request, state, c, prompt_tokens);
+            if home.is_some_and(|h| h != c.endpoint.id) {
+                let k = state
+                    .in_flight
+                    .load(c.endpoint.id)
+                    .map_or(1.0, |l| l.calibration.factor());
+                cost.objective += self.prefix_home_weight
+                    * prompt_tokens as f64
+                    * self.engine.per_token.as_secs_f64()
+                    * k;
+            }
+            by_endpoint[c.endpoint.id.0 as usize] = Some(cost);
         }
         state.costs = Some(Costs { by_endpoint });
     }
@@ -747,6 +812,67 @@ mod tests {
             "{lead} vs {}",
             loads + written
         );
+    }
+
+    /// The winner's index under `producer` for a 4,000-token request whose approximate hashes
+    /// are `hashes` (250 blocks), with `matched` blocks held per candidate.
+    fn home_pick(producer: &TtftCostProducer, s: &Setup, hashes: &[u64], matched: &[u32]) -> usize {
+        let mut st = state(s);
+        let mut m = vec![0; s.candidates.len() + 1];
+        for (c, n) in s.candidates.iter().zip(matched) {
+            m[c.endpoint.id.0 as usize] = *n;
+        }
+        st.prefix = Some(crate::scheduling::PrefixMatch {
+            hashes: hashes.to_vec(),
+            matched: m,
+            block_tokens: 16,
+        });
+        let req = request(4_000);
+        producer.produce(&req, &s.candidates, &mut st);
+        let mut scores = vec![f64::NAN; s.candidates.len()];
+        TtftCostScorer { name: "s".into() }.score(&req, &st, &s.candidates, &mut scores);
+        (0..scores.len())
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap()
+    }
+
+    /// A new prefix goes to the replica its first blocks hash to, whichever EPP routes it (the
+    /// choice depends on the keys and the endpoints' addresses only), unless that replica's
+    /// queue is longer by more than the weight's share of a prefill; new prefixes spread over
+    /// the replicas; a prefix someone holds is placed by cost alone.
+    #[test]
+    fn a_new_prefix_goes_to_its_home_from_every_epp() {
+        let s = setup(4, &[0, 0, 0, 0]);
+        let homing = TtftCostProducer {
+            prefix_home_weight: 1.0,
+            ..TtftCostProducer::default()
+        };
+        let hashes = |g: u64| (0..250).map(|i| g * 1_000 + i).collect::<Vec<u64>>();
+        let mut homes = std::collections::BTreeSet::new();
+        for g in 0..32 {
+            let home = home_pick(&homing, &s, &hashes(g), &[0; 4]);
+            // A second EPP (its own state, same pool) agrees.
+            assert_eq!(home_pick(&homing, &s, &hashes(g), &[0; 4]), home);
+            homes.insert(home);
+        }
+        assert_eq!(homes.len(), 4, "new prefixes spread: {homes:?}");
+        // The home of prefix 0, made busier by one EPP's own queued prefill (2,000 tokens, half
+        // a prefill of this prompt): still the home with the weight, not without it.
+        let g0 = home_pick(&homing, &s, &hashes(0), &[0; 4]);
+        let load = &s.loads[s.candidates[g0].endpoint.id.0 as usize];
+        load.requests.store(1, Ordering::Relaxed);
+        load.prefilling.store(1, Ordering::Relaxed);
+        load.prefill_tokens.store(2_000, Ordering::Relaxed);
+        assert_eq!(home_pick(&homing, &s, &hashes(0), &[0; 4]), g0);
+        assert_ne!(
+            home_pick(&TtftCostProducer::default(), &s, &hashes(0), &[0; 4]),
+            g0
+        );
+        // Someone holds the first 32 blocks: the cost alone decides, the holder wins.
+        let other = (g0 + 1) % 4;
+        let mut held = [0; 4];
+        held[other] = 32;
+        assert_eq!(home_pick(&homing, &s, &hashes(0), &held), other);
     }
 
     /// The store's blocks count for every endpoint: each gets cheaper, none is preferred.
