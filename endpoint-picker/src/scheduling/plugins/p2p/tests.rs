@@ -10,19 +10,11 @@ use tokio::time::Instant;
 use super::*;
 use crate::config::load;
 use crate::kv_index::StreamState;
-use crate::scheduling::plugins::test_util::{candidates, metrics};
+use crate::scheduling::plugins::test_util::{build_from_yaml, candidates, metrics};
 use crate::scheduling::{INTERNAL_REQUEST_HEADERS, ScoredCandidate};
 
 fn params(yaml: &str) -> Result<(P2pSourceProducer, Vec<String>), ConfigError> {
-    let value: yaml_serde::Value = yaml_serde::from_str(yaml).unwrap();
-    let mut warnings = Vec::new();
-    let p = P2pSourceProducer::from_params(&mut Params::new(
-        "p",
-        "p2p-source-producer",
-        Some(&value),
-        &mut warnings,
-    ))?;
-    Ok((p, warnings))
+    build_from_yaml("p2p-source-producer", yaml, P2pSourceProducer::from_params)
 }
 
 #[test]
