@@ -98,12 +98,7 @@ schedulingProfiles:
 #[test]
 fn the_loader_runs_it_between_the_prefix_match_and_the_cost_model() {
     let c = load(CONFIG, 1).unwrap();
-    let order: Vec<&str> = c
-        .scheduler
-        .producers()
-        .iter()
-        .map(|p| p.type_name())
-        .collect();
+    let order = c.scheduler.producer_types();
     assert_eq!(
         order,
         vec![

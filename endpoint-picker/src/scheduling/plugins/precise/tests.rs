@@ -271,12 +271,7 @@ schedulingProfiles:
         1,
         "the approximate fallback is made"
     );
-    let order: Vec<&str> = c
-        .scheduler
-        .producers()
-        .iter()
-        .map(|p| p.type_name())
-        .collect();
+    let order = c.scheduler.producer_types();
     assert_eq!(
         order,
         vec![
