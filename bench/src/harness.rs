@@ -311,54 +311,7 @@ pub fn render(template: &str, vars: &[(&str, String)]) -> anyhow::Result<String>
     Ok(s)
 }
 
-/// `lb_endpoints` flow sequence for Envoy's templates.
-pub fn lb_endpoints(addrs: &[SocketAddr]) -> String {
-    let items: Vec<String> = addrs
-        .iter()
-        .map(|a| {
-            format!(
-                "{{endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}}}",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect();
-    format!("[{}]", items.join(", "))
-}
-
-/// A rendered shipped Envoy template whose `epp` cluster reaches the EPP over the Unix socket
-/// at `socket` (`epp --grpc-uds-path`): the cluster becomes `STATIC` (Envoy resolves no name for
-/// a pipe) and its address a `pipe` (gateway-configs/envoy/README.md, "Unix socket"; the same
-/// edit as `testkit::envoy::with_epp_pipe`, which the e2e test runs through real Envoy).
-pub fn epp_over_pipe(rendered: &str, socket: &Path) -> anyhow::Result<String> {
-    let at = rendered
-        .find("\n  - name: epp\n")
-        .context("the Envoy template has no epp cluster")?;
-    let (head, cluster) = rendered.split_at(at);
-    let mut out = String::with_capacity(rendered.len());
-    out.push_str(head);
-    let (mut typed, mut addressed) = (false, false);
-    for line in cluster.split_inclusive('\n') {
-        if !typed && line.trim() == "type: STRICT_DNS" {
-            out.push_str(&line.replace("STRICT_DNS", "STATIC"));
-            typed = true;
-        } else if !addressed && line.trim_start().starts_with("socket_address:") {
-            let indent = &line[..line.len() - line.trim_start().len()];
-            out.push_str(&format!(
-                "{indent}pipe: {{ path: \"{}\" }}\n",
-                socket.display()
-            ));
-            addressed = true;
-        } else {
-            out.push_str(line);
-        }
-    }
-    anyhow::ensure!(
-        typed && addressed,
-        "the epp cluster is not a STRICT_DNS socket address"
-    );
-    Ok(out)
-}
+pub use testkit::envoy::lb_endpoints;
 
 /// CPU nanoseconds of each live thread of `pid` (`/proc/<pid>/task/*/schedstat`): finer than
 /// the 10 ms ticks of `/proc/<pid>/stat`, for short or quiet measurements.

@@ -7,44 +7,26 @@
 //! (as `make test` does), in which case that is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::Duration;
 
-use bench::harness::{Tools, get, prom_sum};
+use bench::harness::{get, prom_sum};
 use bench::scenario::active_active::engines_heard;
 use bench::scenario::precise::{self, EngineEvents};
 use bench::scenario::start_sim_with;
 use bench::workload::{Kind, WorkloadArgs};
-
-/// `sim` and `epp` from this test's profile directory, Envoy from `$ENVOY` or the `.venv`.
-fn tools() -> Option<Tools> {
-    let required = std::env::var_os("SWITCHYARD_REQUIRE_ENVOY").is_some();
-    let exe = std::env::current_exe().ok()?;
-    let bin_dir = exe.parent()?.parent()?.to_path_buf();
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .ok()?;
-    match Tools::locate(repo, Some(bin_dir), None) {
-        Ok(t) => Some(t),
-        Err(e) if required => panic!("{e:#} (SWITCHYARD_REQUIRE_ENVOY is set)"),
-        Err(e) => {
-            eprintln!("skipping the active-active test: {e:#}");
-            None
-        }
-    }
-}
+use support::{runtime, scratch_dir, tools_or_skip};
 
 #[test]
 fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
-    let Some(tools) = tools() else { return };
-    let dir = std::env::temp_dir().join(format!("switchyard-aa-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let Some(tools) =
+        tools_or_skip("two_epps_behind_one_envoy_both_route_and_both_hear_every_engine")
+    else {
+        return;
+    };
+    let dir = scratch_dir("aa");
+    let rt = runtime();
     rt.block_on(async {
         let events = EngineEvents::new(&tools.repo).unwrap();
         let (_sim, replicas) = start_sim_with(

@@ -11,44 +11,19 @@
 //! Skipped when Envoy or the binaries are missing, unless `SWITCHYARD_REQUIRE_ENVOY` is set
 //! (as `make test` does), in which case that is a failure.
 
-use std::path::PathBuf;
+mod support;
 
-use bench::harness::Tools;
 use bench::scenario::chaos::{self, ChaosCfg};
 use bench::scenario::soak::{self, SoakCfg};
-
-/// `sim` and `epp` from this test's profile directory (`target/<profile>/`), Envoy from
-/// `$ENVOY` or the repository's `.venv`.
-fn tools() -> Option<Tools> {
-    let required = std::env::var_os("SWITCHYARD_REQUIRE_ENVOY").is_some();
-    let exe = std::env::current_exe().ok()?;
-    // <target>/<profile>/deps/chaos-<hash> → <target>/<profile>
-    let bin_dir = exe.parent()?.parent()?.to_path_buf();
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .ok()?;
-    match Tools::locate(repo, Some(bin_dir), None) {
-        Ok(t) => Some(t),
-        Err(e) if required => panic!(
-            "{e:#} (SWITCHYARD_REQUIRE_ENVOY is set; `cargo test --workspace` builds epp and sim)"
-        ),
-        Err(e) => {
-            eprintln!("skipping the chaos cases: {e:#}");
-            None
-        }
-    }
-}
+use support::{runtime, scratch_dir, tools_or_skip};
 
 #[test]
 fn chaos_short_variants() {
-    let Some(tools) = tools() else { return };
-    let dir = std::env::temp_dir().join(format!("switchyard-chaos-{}", std::process::id()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let Some(tools) = tools_or_skip("chaos_short_variants") else {
+        return;
+    };
+    let dir = scratch_dir("chaos");
+    let rt = runtime();
     let started = std::time::Instant::now();
     let run = rt
         .block_on(chaos::run(&tools, &ChaosCfg::quick(), &dir, |r| {
@@ -94,13 +69,11 @@ fn chaos_short_variants() {
 /// ring and ext_proc streams, no task exit.
 #[test]
 fn soak_short_variant() {
-    let Some(tools) = tools() else { return };
-    let dir = std::env::temp_dir().join(format!("switchyard-soak-{}", std::process::id()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let Some(tools) = tools_or_skip("soak_short_variant") else {
+        return;
+    };
+    let dir = scratch_dir("soak");
+    let rt = runtime();
     let run = rt
         .block_on(soak::run(&tools, &SoakCfg::short(), &dir))
         .unwrap_or_else(|e| panic!("soak run: {e:#} (logs in {})", dir.display()));

@@ -469,8 +469,8 @@ async fn ext_proc_over_a_unix_socket() {
             ("BACKEND_ENDPOINTS", common::envoy::lb_endpoints(&backends)),
         ],
     );
-    let envoy =
-        Envoy::start_config(&binary, &common::envoy::with_epp_pipe(&rendered, &socket)).await;
+    let piped = common::envoy::with_epp_pipe(&rendered, &socket).unwrap();
+    let envoy = Envoy::start_config(&binary, &piped).await;
     envoy.wait_epp_health(true).await;
     for target in [&replicas[1], &replicas[0]] {
         let pick = target.addr().to_string();

@@ -4,44 +4,21 @@
 // Helpers outside `#[test]` functions may panic too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use endpoint_picker::scrape::prometheus::parse;
-use sim::engine::{Completion, EngineEvent, FinishReason, SubmitRequest};
+use sim::engine::SubmitRequest;
 use sim::{Config, Engine, StepWork};
-use tokio::sync::mpsc::UnboundedReceiver;
+use support::{collect, req, tokens};
 use tokio::time::Instant;
-
-fn req(prompt: Vec<u32>, max_tokens: usize) -> SubmitRequest {
-    SubmitRequest {
-        prompt,
-        max_tokens,
-        lora: None,
-        finish_reason: FinishReason::Length,
-    }
-}
 
 fn lora_req(prompt: Vec<u32>, max_tokens: usize, lora: &str) -> SubmitRequest {
     SubmitRequest {
         lora: Some(lora.to_owned()),
         ..req(prompt, max_tokens)
-    }
-}
-
-/// Distinct token ids `start..start+n`.
-fn tokens(start: u32, n: usize) -> Vec<u32> {
-    (start..start + n as u32).collect()
-}
-
-/// Drains a request: the logical time of every token, and its completion.
-async fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<Instant>, Completion) {
-    let mut times = Vec::new();
-    loop {
-        match rx.recv().await.expect("engine dropped the request") {
-            EngineEvent::Tokens { ids, at, .. } => times.extend(std::iter::repeat_n(at, ids.len())),
-            EngineEvent::Finished(c) => return (times, c),
-        }
     }
 }
 

@@ -7,41 +7,18 @@
 // Helpers outside `#[test]` functions may panic too: this is test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kv_events::{Encoder, Encoding, Event, EventBatch, Medium, decode_batch};
-use sim::engine::{Completion, EngineEvent, FinishReason, SubmitRequest};
 use sim::kv_cache::{KvEvent, block_hashes, chain_root};
 use sim::tiers::{PeerIgnored, TierPool};
 use sim::{Config, Engine, KvTiers, StepWork, Tier};
+use support::{collect, req, tokens};
 use tokio::sync::broadcast;
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::time::Instant;
-
-fn req(prompt: Vec<u32>, max_tokens: usize) -> SubmitRequest {
-    SubmitRequest {
-        prompt,
-        max_tokens,
-        lora: None,
-        finish_reason: FinishReason::Length,
-    }
-}
-
-fn tokens(start: u32, n: usize) -> Vec<u32> {
-    (start..start + n as u32).collect()
-}
-
-async fn collect(mut rx: UnboundedReceiver<EngineEvent>) -> (Vec<Instant>, Completion) {
-    let mut times = Vec::new();
-    loop {
-        match rx.recv().await.expect("engine dropped the request") {
-            EngineEvent::Tokens { ids, at, .. } => times.extend(std::iter::repeat_n(at, ids.len())),
-            EngineEvent::Finished(c) => return (times, c),
-        }
-    }
-}
 
 /// The step of one lone prefill chunk `(computed, new)` after loading `load`.
 fn prefill_step(config: &Config, computed: usize, new: usize, load: Duration) -> Duration {

@@ -106,27 +106,37 @@ pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
     out
 }
 
+/// Why [`with_epp_pipe`] refused a rendered template.
+#[derive(Debug, thiserror::Error)]
+pub enum EppPipeError {
+    /// No `  - name: epp` entry in the clusters.
+    #[error("the Envoy template has no epp cluster")]
+    NoEppCluster,
+    /// The `epp` cluster has no `type: STRICT_DNS` or no `socket_address:` line to replace.
+    #[error("the epp cluster is not a STRICT_DNS socket address")]
+    NotSocketAddress,
+}
+
 /// A rendered shipped template whose `epp` cluster reaches the EPP over the Unix socket at
 /// `socket` (`epp --grpc-uds-path`) instead of TCP: the cluster becomes `STATIC` (Envoy resolves
 /// no name for a pipe) and its address a `pipe` (gateway-configs/envoy/README.md, "Unix
-/// socket"). Panics if the template's `epp` cluster is not where it is expected.
-pub fn with_epp_pipe(rendered: &str, socket: &Path) -> String {
-    let at = rendered
-        .find("\n  - name: epp\n")
-        .expect("the template has an epp cluster");
-    let (head, cluster) = rendered.split_at(at);
-    assert!(
-        cluster.contains("type: STRICT_DNS") && cluster.contains("socket_address:"),
-        "the epp cluster is not a STRICT_DNS socket address"
-    );
-    let mut out = String::with_capacity(rendered.len());
-    out.push_str(head);
-    let (mut typed, mut addressed) = (false, false);
-    for line in cluster.split_inclusive('\n') {
-        if !typed && line.trim() == "type: STRICT_DNS" {
+/// socket"). Only lines of the `epp` cluster change (it ends at the next line indented two
+/// spaces or less), so a template that moves it is refused instead of silently left on TCP.
+/// Used by the e2e test through real Envoy and by the bench's `overhead --uds`.
+pub fn with_epp_pipe(rendered: &str, socket: &Path) -> Result<String, EppPipeError> {
+    let mut out = String::with_capacity(rendered.len() + socket.as_os_str().len());
+    let (mut found, mut in_epp, mut typed, mut addressed) = (false, false, false, false);
+    for line in rendered.split_inclusive('\n') {
+        let text = line.trim_end();
+        if text == "  - name: epp" {
+            (found, in_epp) = (true, true);
+        } else if in_epp && !text.is_empty() && !text.starts_with("   ") {
+            in_epp = false;
+        }
+        if in_epp && !typed && text.trim() == "type: STRICT_DNS" {
             out.push_str(&line.replace("STRICT_DNS", "STATIC"));
             typed = true;
-        } else if !addressed && line.trim_start().starts_with("socket_address:") {
+        } else if in_epp && !addressed && text.trim_start().starts_with("socket_address:") {
             let indent = &line[..line.len() - line.trim_start().len()];
             out.push_str(&format!(
                 "{indent}pipe: {{ path: \"{}\" }}\n",
@@ -137,7 +147,11 @@ pub fn with_epp_pipe(rendered: &str, socket: &Path) -> String {
             out.push_str(line);
         }
     }
-    out
+    match (found, typed && addressed) {
+        (false, _) => Err(EppPipeError::NoEppCluster),
+        (true, false) => Err(EppPipeError::NotSocketAddress),
+        (true, true) => Ok(out),
+    }
 }
 
 /// A running Envoy.
@@ -384,4 +398,49 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two clusters laid out as in the shipped templates: `epp`, then `after`.
+    fn clusters() -> String {
+        let mut out = String::from("static_resources:\n  clusters:\n");
+        for (name, port) in [("epp", 9002), ("after", 9003)] {
+            out.push_str(&format!(
+                "  - name: {name}\n    type: STRICT_DNS\n    load_assignment:\n      \
+                 endpoints:\n      - lb_endpoints:\n        - endpoint:\n            \
+                 address:\n              \
+                 socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn only_the_epp_cluster_moves_to_the_pipe() {
+        let clusters = clusters();
+        let piped = with_epp_pipe(&clusters, Path::new("/tmp/x/epp.sock")).unwrap();
+        let (epp, after) = piped.split_once("  - name: after\n").unwrap();
+        assert!(epp.contains("    type: STATIC\n"));
+        assert!(epp.contains("              pipe: { path: \"/tmp/x/epp.sock\" }\n"));
+        assert!(!epp.contains("socket_address"));
+        assert_eq!(after, clusters.split_once("  - name: after\n").unwrap().1);
+        assert!(after.contains("socket_address"));
+        assert_eq!(piped.lines().count(), clusters.lines().count());
+    }
+
+    #[test]
+    fn a_template_it_cannot_edit_is_refused() {
+        // The epp cluster already STATIC: the next cluster's STRICT_DNS is not taken for it.
+        let static_epp = clusters().replacen("STRICT_DNS", "STATIC", 1);
+        for (template, refusal) in [
+            ("static_resources: {}\n", "no epp cluster"),
+            (static_epp.as_str(), "not a STRICT_DNS socket address"),
+        ] {
+            let error = with_epp_pipe(template, Path::new("/tmp/x/epp.sock")).unwrap_err();
+            assert!(error.to_string().contains(refusal), "{error}");
+        }
+    }
 }

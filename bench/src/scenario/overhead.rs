@@ -147,7 +147,7 @@ pub const UDS_PATHS: [&str; 5] = [
 ];
 
 /// `epp --grpc-uds-path` + the shipped plaintext template with its `epp` cluster on that socket
-/// ([`harness::epp_over_pipe`]), on `response_path`.
+/// ([`testkit::envoy::with_epp_pipe`]), on `response_path`.
 pub async fn start_switchyard_uds(
     tools: &Tools,
     backends: &[std::net::SocketAddr],
@@ -180,7 +180,7 @@ pub async fn start_switchyard_uds(
             ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
         ],
     )?;
-    let envoy_cfg = harness::epp_over_pipe(&rendered, &socket)?;
+    let envoy_cfg = testkit::envoy::with_epp_pipe(&rendered, &socket)?;
     let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
     let up = RouterUp {
         url: format!("http://127.0.0.1:{listen}"),
@@ -1059,7 +1059,7 @@ mod tests {
     fn the_uds_gateway_reaches_the_epp_on_its_socket_and_nothing_else_changes() {
         let rendered = shipped();
         let socket = Path::new("/tmp/x/epp.sock");
-        let piped = harness::epp_over_pipe(&rendered, socket).unwrap();
+        let piped = testkit::envoy::with_epp_pipe(&rendered, socket).unwrap();
         let cfg: Value = yaml_serde::from_str(&piped).unwrap();
         let clusters = cfg["static_resources"]["clusters"].as_array().unwrap();
         let epp = clusters.iter().find(|c| c["name"] == "epp").unwrap();
@@ -1086,7 +1086,7 @@ mod tests {
         );
         assert_eq!(piped.lines().count(), rendered.lines().count());
         // A template without the cluster is refused, not silently left on TCP.
-        assert!(harness::epp_over_pipe("static_resources: {}\n", socket).is_err());
+        assert!(testkit::envoy::with_epp_pipe("static_resources: {}\n", socket).is_err());
     }
 
     #[test]

@@ -39,12 +39,7 @@ mod tests {
         assert_eq!(c.scheduler.producers().len(), 1, "prefix producer created");
         let c = crate::config::load(COST_MODEL, 1).unwrap();
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
-        let producers: Vec<&str> = c
-            .scheduler
-            .producers()
-            .iter()
-            .map(|p| p.type_name())
-            .collect();
+        let producers = c.scheduler.producer_types();
         assert_eq!(
             producers,
             ["approx-prefix-cache-producer", "ttft-cost-producer"],
@@ -59,12 +54,7 @@ mod tests {
             1,
         )
         .unwrap();
-        let producers: Vec<&str> = c
-            .scheduler
-            .producers()
-            .iter()
-            .map(|p| p.type_name())
-            .collect();
+        let producers = c.scheduler.producer_types();
         assert_eq!(
             producers,
             ["approx-prefix-cache-producer", "ttft-cost-producer"]

@@ -202,6 +202,12 @@ impl Scheduler {
         &self.producers
     }
 
+    /// The data producers' type names, in the order they run.
+    #[cfg(test)]
+    pub(crate) fn producer_types(&self) -> Vec<&'static str> {
+        self.producers.iter().map(|p| p.type_name()).collect()
+    }
+
     /// Runs the data producers for a request.
     pub fn produce(
         &self,

@@ -305,7 +305,7 @@ impl Filter for ByLabelFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduling::plugins::test_util::{candidates, metrics};
+    use crate::scheduling::plugins::test_util::{build_from_yaml, candidates, metrics};
 
     #[test]
     fn address_matchers() {
@@ -438,11 +438,9 @@ mod tests {
         yaml: &str,
         build: fn(&mut Params<'_>) -> Result<T, ConfigError>,
     ) -> Result<T, String> {
-        let value: yaml_serde::Value = yaml_serde::from_str(yaml).unwrap();
-        let mut warnings = Vec::new();
-        let built = build(&mut Params::new("f", "test", Some(&value), &mut warnings));
+        let (built, warnings) = build_from_yaml("test", yaml, build).map_err(|e| e.to_string())?;
         assert!(warnings.is_empty(), "{warnings:?}");
-        built.map_err(|e| e.to_string())
+        Ok(built)
     }
 
     #[test]

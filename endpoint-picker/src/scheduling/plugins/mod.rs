@@ -17,8 +17,28 @@ mod props;
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    use crate::config::ConfigError;
+    use crate::config::params::Params;
     use crate::datastore::{Datastore, EngineMetrics, test_util::pool};
     use crate::scheduling::Candidate;
+
+    /// What `build` makes of the YAML `parameters` of a plugin of type `type_name`, and the
+    /// warnings it gave.
+    pub fn build_from_yaml<T>(
+        type_name: &str,
+        parameters: &str,
+        build: impl FnOnce(&mut Params<'_>) -> Result<T, ConfigError>,
+    ) -> Result<(T, Vec<String>), ConfigError> {
+        let value: yaml_serde::Value = yaml_serde::from_str(parameters).unwrap();
+        let mut warnings = Vec::new();
+        let built = build(&mut Params::new(
+            "p",
+            type_name,
+            Some(&value),
+            &mut warnings,
+        ))?;
+        Ok((built, warnings))
+    }
 
     /// Metrics with the given queue, running and KV values.
     pub fn metrics(waiting: u64, running: u64, kv: f64) -> EngineMetrics {

@@ -10,19 +10,11 @@ use tokio::time::Instant;
 use super::*;
 use crate::config::load;
 use crate::kv_index::StreamState;
-use crate::scheduling::plugins::test_util::{candidates, metrics};
+use crate::scheduling::plugins::test_util::{build_from_yaml, candidates, metrics};
 use crate::scheduling::{INTERNAL_REQUEST_HEADERS, ScoredCandidate};
 
 fn params(yaml: &str) -> Result<(P2pSourceProducer, Vec<String>), ConfigError> {
-    let value: yaml_serde::Value = yaml_serde::from_str(yaml).unwrap();
-    let mut warnings = Vec::new();
-    let p = P2pSourceProducer::from_params(&mut Params::new(
-        "p",
-        "p2p-source-producer",
-        Some(&value),
-        &mut warnings,
-    ))?;
-    Ok((p, warnings))
+    build_from_yaml("p2p-source-producer", yaml, P2pSourceProducer::from_params)
 }
 
 #[test]
@@ -106,12 +98,7 @@ schedulingProfiles:
 #[test]
 fn the_loader_runs_it_between_the_prefix_match_and_the_cost_model() {
     let c = load(CONFIG, 1).unwrap();
-    let order: Vec<&str> = c
-        .scheduler
-        .producers()
-        .iter()
-        .map(|p| p.type_name())
-        .collect();
+    let order = c.scheduler.producer_types();
     assert_eq!(
         order,
         vec![

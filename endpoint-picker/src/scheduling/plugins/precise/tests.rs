@@ -9,18 +9,14 @@ use tokio::time::Instant;
 use super::*;
 use crate::config::load;
 use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
-use crate::scheduling::plugins::test_util::{candidates, metrics};
+use crate::scheduling::plugins::test_util::{build_from_yaml, candidates, metrics};
 
 fn params(yaml: &str) -> Result<(PreciseParams, Vec<String>), ConfigError> {
-    let value: yaml_serde::Value = yaml_serde::from_str(yaml).unwrap();
-    let mut warnings = Vec::new();
-    let params = PreciseParams::from_params(&mut Params::new(
-        "p",
+    build_from_yaml(
         "precise-prefix-cache-scorer",
-        Some(&value),
-        &mut warnings,
-    ))?;
-    Ok((params, warnings))
+        yaml,
+        PreciseParams::from_params,
+    )
 }
 
 #[test]
@@ -275,12 +271,7 @@ schedulingProfiles:
         1,
         "the approximate fallback is made"
     );
-    let order: Vec<&str> = c
-        .scheduler
-        .producers()
-        .iter()
-        .map(|p| p.type_name())
-        .collect();
+    let order = c.scheduler.producer_types();
     assert_eq!(
         order,
         vec![
