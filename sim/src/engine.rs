@@ -203,6 +203,18 @@ impl Outbox {
     }
 }
 
+/// The step a [`Engine::stepped`] engine is running ([`Engine::advance_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepPlan {
+    /// When it ends.
+    pub step_end: Instant,
+    /// No step that ends before this instant gives a request its first token or its last
+    /// (`step_end` at the earliest), unless a request is submitted meanwhile: a lower bound
+    /// from the steps each request still needs and the shortest step the latency model makes.
+    /// Until then the owner may leave the steps uncompleted, unless it reads the engine's state.
+    pub quiet_until: Instant,
+}
+
 /// LoRA registry and GPU slots.
 #[derive(Debug, Default)]
 struct LoraSlots {
@@ -590,6 +602,45 @@ impl EngineState {
             step = step.mul_f64(factor);
         }
         Some(step)
+    }
+
+    /// [`StepPlan::quiet_until`] for the step planned to end at `end`: counts the steps after
+    /// it before a request can see its first or last token (a sequence in this step sees
+    /// one token at its end; one not in it, or still prefilling, or waiting, needs at least
+    /// one more step; preemption only delays), times the shortest possible step.
+    fn quiet_until(&self, end: Instant) -> Instant {
+        let mut steps = if self.waiting.is_empty() {
+            usize::MAX
+        } else {
+            1
+        };
+        for seq in &self.running {
+            let output = seq.output_len();
+            let after = if seq.scheduled == 0 || seq.num_computed + seq.scheduled < seq.tokens.len()
+            {
+                1
+            } else if output == 0 {
+                0
+            } else {
+                seq.max_tokens.saturating_sub(output + 1)
+            };
+            steps = steps.min(after);
+            if steps == 0 {
+                return end;
+            }
+        }
+        // No step is shorter than its overhead, less the jitter (a microsecond off for the
+        // rounding of the jitter's product); capped at a day, far beyond any request.
+        let latency = &self.config.latency;
+        let shortest = latency
+            .step_overhead
+            .mul_f64(1.0 - latency.jitter)
+            .saturating_sub(Duration::from_micros(1));
+        let steps = u32::try_from(steps).unwrap_or(u32::MAX).min(1_000_000);
+        let quiet = shortest
+            .saturating_mul(steps)
+            .min(Duration::from_secs(86_400));
+        end + quiet
     }
 
     fn publish_removed(&mut self) {
@@ -983,38 +1034,38 @@ impl Engine {
     }
 
     /// What [`Engine::spawn`]'s loop does up to `now`, for a [`Engine::stepped`] engine:
-    /// completes the step in progress (`step_end`, which must not be after `now`; `None` for
-    /// an idle engine that was given a request), then plans the next steps, completing those
-    /// that end by `now` too. Returns when the step now in progress ends, or `None` when the
-    /// engine is idle (call again, with `None`, after the next [`Engine::submit`]). The
-    /// requests' events go to `outbox`, in order, for the caller to deliver; the KV-cache
-    /// events are sent at once, as by the loop.
-    pub fn advance(
+    /// completes the step in progress if it ends by `now` (`step_end`; `None` for an idle
+    /// engine, which plans a step starting `now` if it was given a request), then every step
+    /// that follows it back to back and ends by `now` too. Returns the step now in progress
+    /// (`None`: the engine is idle; call again, with `None`, after the next
+    /// [`Engine::submit`]). The requests' events go to `outbox`, in order, for the caller to
+    /// deliver; the KV-cache events are sent at once, as by the loop.
+    ///
+    /// The owner may call it late: with no request submitted in between, completing at `now`
+    /// the steps that ended before gives the state, events and timings that completing each
+    /// at its end would have (a step's plan reads nothing but the engine; its start is the
+    /// previous step's end, which the loop keeps too, its wake-ups lagging by < 1 ms). What it
+    /// cannot do late is deliver an event in time: [`StepPlan::quiet_until`] says until when
+    /// that is safe.
+    pub fn advance_to(
         &self,
         step_end: Option<Instant>,
         now: Instant,
         outbox: &mut Outbox,
-    ) -> Option<Instant> {
+    ) -> Option<StepPlan> {
         let mut st = self.shared.state.lock();
-        let mut prev_end = step_end;
-        loop {
-            let start = match prev_end {
-                Some(end) => {
-                    st.commit_into(end, Some(outbox));
-                    if now.saturating_duration_since(end) <= BACK_TO_BACK_SLACK {
-                        end
-                    } else {
-                        now
-                    }
-                }
-                None => now,
-            };
-            let end = start + st.schedule(start)?;
-            if end > now {
-                return Some(end);
-            }
-            prev_end = Some(end);
+        let mut end = match step_end {
+            Some(end) => end,
+            None => now + st.schedule(now)?,
+        };
+        while end <= now {
+            st.commit_into(end, Some(outbox));
+            end += st.schedule(end)?;
         }
+        Some(StepPlan {
+            step_end: end,
+            quiet_until: st.quiet_until(end),
+        })
     }
 
     /// Stops the scheduler loop; in-flight requests never complete.
