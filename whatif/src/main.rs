@@ -13,6 +13,11 @@ use whatif::replay::{self, Autoscale, KvEventFeed, ReplayCfg, ScaleMetric, Scrap
 use whatif::report::{self, Slo};
 use whatif::trace;
 
+/// mimalloc rather than glibc's malloc: a tenth less CPU for a replay at hundreds of replicas,
+/// which allocates and frees millions of small objects (candidates, events, tasks).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "whatif",
