@@ -215,6 +215,28 @@ pub struct StepPlan {
     pub quiet_until: Instant,
 }
 
+/// A prompt's chained block hashes ([`block_hashes`]), computed ahead of
+/// [`Engine::submit_hashed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptHashes {
+    root: u64,
+    block_size: usize,
+    hashes: Vec<u64>,
+}
+
+impl PromptHashes {
+    /// The hashes of `prompt`'s full blocks of `block_size` tokens under `lora` (the engine's
+    /// block size and the request's adapter, or they are not used).
+    pub fn new(lora: Option<&str>, prompt: &[u32], block_size: usize) -> Self {
+        let root = chain_root(lora);
+        Self {
+            root,
+            block_size,
+            hashes: block_hashes(root, prompt, block_size.max(1)),
+        }
+    }
+}
+
 /// LoRA registry and GPU slots.
 #[derive(Debug, Default)]
 struct LoraSlots {
@@ -1102,6 +1124,26 @@ impl Engine {
         req: SubmitRequest,
         peer: Option<Result<std::net::SocketAddr, PeerIgnored>>,
     ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        self.submit_inner(req, peer, None)
+    }
+
+    /// Like [`Engine::submit`], with the prompt's block hashes computed ahead (the what-if
+    /// computes them on another thread than the one stepping the engines). Hashes made for
+    /// another adapter or block size than the request's and the engine's are not used.
+    pub fn submit_hashed(
+        &self,
+        req: SubmitRequest,
+        hashes: PromptHashes,
+    ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        self.submit_inner(req, None, Some(hashes))
+    }
+
+    fn submit_inner(
+        &self,
+        req: SubmitRequest,
+        peer: Option<Result<std::net::SocketAddr, PeerIgnored>>,
+        hashes: Option<PromptHashes>,
+    ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
@@ -1141,13 +1183,22 @@ impl Engine {
             let id = st.next_id;
             st.next_id += 1;
             let seed = st.seed.rotate_left(32) ^ id;
+            let root = chain_root(lora.as_deref());
+            let hashes = hashes
+                .filter(|h| {
+                    h.root == root
+                        && h.block_size == st.config.block_size
+                        && h.hashes.len() == req.prompt.len() / h.block_size
+                })
+                .map(|h| h.hashes)
+                .unwrap_or_default();
             let seq = Seq {
                 prompt_len: req.prompt.len(),
                 max_tokens: req.max_tokens.max(1),
                 finish_reason: req.finish_reason,
-                root: chain_root(lora.as_deref()),
+                root,
                 lora,
-                hashes: Vec::new(),
+                hashes,
                 registered: 0,
                 num_computed: 0,
                 blocks: Vec::new(),

@@ -40,7 +40,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use config::{Config, EngineKind, FailureInjection, KvTiers, LatencyModel, StepWork, Tier};
 pub use engine::{
-    Engine, EngineEvent, FinishReason, Outbox, OutboxEvent, StepPlan, SubmitRequest,
+    Engine, EngineEvent, FinishReason, Outbox, OutboxEvent, PromptHashes, StepPlan, SubmitRequest,
 };
 pub use server::{RETURN_ERROR_HEADER, prompt_ids};
 

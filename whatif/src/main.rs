@@ -386,6 +386,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 kv_events,
                 step_threads,
+                lazy_steps: true,
             };
             let wall = std::time::Instant::now();
             let run = replay::run_stream(&cfg, requests()?)?;

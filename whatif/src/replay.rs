@@ -39,7 +39,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use sim::kv_cache::KvEvent;
-use sim::{Engine, EngineEvent, FinishReason, Outbox, StepPlan, SubmitRequest};
+use sim::{Engine, EngineEvent, FinishReason, Outbox, PromptHashes, StepPlan, SubmitRequest};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -76,6 +76,10 @@ pub struct ReplayCfg {
     /// delivered in (time, replica) order. With KV events fed to a precise index the engines
     /// are stepped on the replay's thread (their events go out as they are made).
     pub step_threads: usize,
+    /// Whether the engines' steps are completed when something needs them rather than each
+    /// at its end ([`Stepper`]): the same result for less CPU (a test checks it). Off with
+    /// KV events fed to a precise index (they go out as steps complete).
+    pub lazy_steps: bool,
 }
 
 /// How the engines' KV-cache events reach the EPP's precise index. Each engine's events of one
@@ -303,7 +307,7 @@ fn replay_on<'scope>(
                     let chunk: Vec<Prepared> = trace
                         .by_ref()
                         .take(PREPARED_CHUNK)
-                        .map(Prepared::new)
+                        .map(|req| Prepared::new(req, &cfg.engine))
                         .collect();
                     // The replay stopped early (an error): so does the preparing.
                     if tx.send(chunk).is_err() {
@@ -644,10 +648,13 @@ struct Prepared {
     parsed: Result<openai::ParsedBody, String>,
     /// The prompt's ids as the engine computes them.
     prompt: Result<Vec<u32>, String>,
+    /// The prompt's block hashes as the engine computes them, for the adapter the request
+    /// names (the engine computes them itself if the EPP sends it elsewhere).
+    hashes: Option<PromptHashes>,
 }
 
 impl Prepared {
-    fn new(req: TraceRequest) -> Self {
+    fn new(req: TraceRequest, engine: &sim::Config) -> Self {
         let api = if req.path.ends_with("chat/completions") {
             Api::ChatCompletions
         } else {
@@ -661,11 +668,19 @@ impl Prepared {
                 .and_then(|v| sim::prompt_ids(&v)),
             Err(e) => Err(e.clone()),
         };
+        let hashes = match (&parsed, &prompt) {
+            (Ok(parsed), Ok(prompt)) => {
+                let lora = (parsed.model != engine.model).then_some(parsed.model.as_str());
+                Some(PromptHashes::new(lora, prompt, engine.block_size))
+            }
+            _ => None,
+        };
         Self {
             req,
             api,
             parsed,
             prompt,
+            hashes,
         }
     }
 }
@@ -825,7 +840,7 @@ async fn replay(
         seed: cfg.seed,
         kv_counts: Arc::default(),
         // Late steps would send the engines' KV events late.
-        stepper: Stepper::new(parallel, kv_indexes_empty, helpers.clone()),
+        stepper: Stepper::new(parallel, kv_indexes_empty && cfg.lazy_steps, helpers.clone()),
     });
     let start = Instant::now();
     {
@@ -1137,6 +1152,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         api,
         parsed,
         prompt,
+        hashes,
     } = prepared;
     let arrival = Instant::now();
     let header = |names: &[&str]| {
@@ -1232,12 +1248,17 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
     };
     // The engine as of now (its steps may lag, [`Stepper`]), then with the request.
     pool.stepper.touch(replica, &engine);
-    let mut events = match engine.submit(SubmitRequest {
+    let submit = SubmitRequest {
         prompt,
         max_tokens: req.output_tokens,
         lora,
         finish_reason: FinishReason::Length,
-    }) {
+    };
+    let submitted = match hashes {
+        Some(hashes) => engine.submit_hashed(submit, hashes),
+        None => engine.submit(submit),
+    };
+    let mut events = match submitted {
         Ok(rx) => rx,
         Err(e) => {
             out.error = Some(format!("engine refused: {e}"));
