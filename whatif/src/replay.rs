@@ -488,7 +488,11 @@ struct StepperState {
     ends: Vec<Option<Instant>>,
     /// Per replica: when the driver must look at it next (`None`: idle).
     wakes: Vec<Option<Instant>>,
-    /// (wake, replica); an entry whose wake is no longer the replica's is stale and skipped.
+    /// Per replica: the instant of its entry in `due` (`None`: none). A wake that moves later
+    /// (each scrape moves most) keeps the entry, which puts the replica back at its new wake
+    /// when it comes: one heap entry per replica, not one per change.
+    queued: Vec<Option<Instant>>,
+    /// (instant, replica); an entry that is no longer the replica's `queued` is skipped.
     due: BinaryHeap<Reverse<(Instant, usize)>>,
     /// The instant the driver sleeps until (`None`: it is running, and looks at `due` again
     /// before it sleeps).
@@ -513,6 +517,7 @@ impl Stepper {
         let mut s = self.state.lock();
         s.ends.push(None);
         s.wakes.push(None);
+        s.queued.push(None);
     }
 
     /// Records replica `i`'s plan; `true` if the driver must be told (it sleeps past the
@@ -520,11 +525,12 @@ impl Stepper {
     fn set(&self, s: &mut StepperState, i: usize, plan: Option<StepPlan>) -> bool {
         s.ends[i] = plan.map(|p| p.step_end);
         let wake = plan.map(|p| if self.lazy { p.quiet_until } else { p.step_end });
-        if s.wakes[i] == wake {
-            return false;
-        }
         s.wakes[i] = wake;
         let Some(wake) = wake else { return false };
+        if s.queued[i].is_some_and(|queued| queued <= wake) {
+            return false;
+        }
+        s.queued[i] = Some(wake);
         s.due.push(Reverse((wake, i)));
         s.sleeping_until.is_some_and(|until| wake < until)
     }
@@ -601,20 +607,32 @@ async fn drive_engines(pool: Arc<Pool>) {
             let r = pool.lock();
             let mut s = stepper.state.lock();
             s.sleeping_until = None;
-            while let Some(&Reverse((wake, i))) = s.due.peek() {
-                if wake > now {
+            while let Some(&Reverse((at, i))) = s.due.peek() {
+                if at > now {
                     break;
                 }
                 s.due.pop();
-                if s.wakes[i] == Some(wake) {
-                    s.wakes[i] = None;
-                    jobs.push((i, s.ends[i], r.engines[i].clone()));
+                if s.queued[i] != Some(at) {
+                    continue;
+                }
+                s.queued[i] = None;
+                match s.wakes[i] {
+                    None => {}
+                    // Its wake moved later since it was queued.
+                    Some(wake) if wake > now => {
+                        s.queued[i] = Some(wake);
+                        s.due.push(Reverse((wake, i)));
+                    }
+                    Some(_) => {
+                        s.wakes[i] = None;
+                        jobs.push((i, s.ends[i], r.engines[i].clone()));
+                    }
                 }
             }
             if jobs.is_empty() {
                 // Stale entries would wake the driver for nothing.
-                while let Some(&Reverse((wake, i))) = s.due.peek() {
-                    if s.wakes[i] == Some(wake) {
+                while let Some(&Reverse((at, i))) = s.due.peek() {
+                    if s.queued[i] == Some(at) {
                         break;
                     }
                     s.due.pop();
