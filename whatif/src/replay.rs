@@ -535,14 +535,14 @@ impl Stepper {
         s.sleeping_until.is_some_and(|until| wake < until)
     }
 
-    /// Completes replica `i`'s steps that ended by `upto` (at most now) and plans the next
-    /// (an idle engine given a request starts one now), before and after a request is
-    /// submitted to it; its events are delivered at once.
-    fn touch(&self, i: usize, engine: &Engine, upto: Instant) {
+    /// Completes replica `i`'s steps that ended by now and plans the next (an idle engine
+    /// given a request starts one now), before and after a request is submitted to it; its
+    /// events are delivered at once.
+    fn touch(&self, i: usize, engine: &Engine) {
         let now = Instant::now();
         let end = self.state.lock().ends[i];
         let mut outbox = Outbox::default();
-        let plan = engine.advance_to(end, upto.min(now), &mut outbox);
+        let plan = engine.advance_to(end, now, &mut outbox);
         let tell = {
             let mut s = self.state.lock();
             self.set(&mut s, i, plan)
@@ -858,11 +858,7 @@ async fn replay(
         seed: cfg.seed,
         kv_counts: Arc::default(),
         // Late steps would send the engines' KV events late.
-        stepper: Stepper::new(
-            parallel,
-            kv_indexes_empty && cfg.lazy_steps,
-            helpers.clone(),
-        ),
+        stepper: Stepper::new(parallel, kv_indexes_empty && cfg.lazy_steps, helpers.clone()),
     });
     let start = Instant::now();
     {
@@ -1268,11 +1264,8 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         out.error = Some("no such replica".into());
         return out;
     };
-    // The engine as of the request's arrival (its steps may lag, [`Stepper`]; tokio's clock
-    // has reached the next millisecond, and a step that ends in between takes the request),
-    // then with the request.
-    let exact_arrival = start + Duration::from_secs_f64(req.at);
-    pool.stepper.touch(replica, &engine, exact_arrival);
+    // The engine as of now (its steps may lag, [`Stepper`]), then with the request.
+    pool.stepper.touch(replica, &engine);
     let submit = SubmitRequest {
         prompt,
         max_tokens: req.output_tokens,
@@ -1290,7 +1283,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
             return out;
         }
     };
-    pool.stepper.touch(replica, &engine, Instant::now());
+    pool.stepper.touch(replica, &engine);
     let mut first = None;
     while let Some(event) = events.recv().await {
         match event {
