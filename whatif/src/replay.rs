@@ -858,7 +858,11 @@ async fn replay(
         seed: cfg.seed,
         kv_counts: Arc::default(),
         // Late steps would send the engines' KV events late.
-        stepper: Stepper::new(parallel, kv_indexes_empty && cfg.lazy_steps, helpers.clone()),
+        stepper: Stepper::new(
+            parallel,
+            kv_indexes_empty && cfg.lazy_steps,
+            helpers.clone(),
+        ),
     });
     let start = Instant::now();
     {
