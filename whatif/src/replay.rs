@@ -1,9 +1,10 @@
 //! One replay: the real scheduler in front of N simulated engines, in virtual time.
 //!
-//! Everything runs on a current-thread tokio runtime with paused time: the engines' step loops
-//! sleep for their modelled step times, the scraper sleeps for its interval, the trace driver
-//! sleeps until each arrival, and tokio moves the clock straight to the next timer whenever
-//! every task waits. Nothing touches a socket; a run is exact and repeatable for a seed.
+//! Everything runs on a current-thread tokio runtime with paused time: one driver completes
+//! the engines' modelled steps when they are needed ([`Stepper`]), the scraper sleeps for its
+//! interval, the trace driver sleeps until each arrival, and tokio moves the clock straight to
+//! the next timer whenever every task waits. Nothing touches a socket; a run is exact and
+//! repeatable for a seed.
 //!
 //! The EPP's view is modelled as in production: engine state as of its last scrape (the
 //! engine's Prometheus text, rendered by the simulator and read by the EPP's own mapping),
