@@ -1036,7 +1036,7 @@ impl Engine {
     }
 
     /// Replica `index` without a scheduler loop: its owner runs the loop's steps with
-    /// [`Engine::advance`], which is how one driver steps hundreds of engines (the what-if)
+    /// [`Engine::advance_to`], which is how one driver steps hundreds of engines (the what-if)
     /// without a task and a timer per engine. Two things differ from [`Engine::spawn`]:
     /// pausing has no effect, and dropping a request's receiver does not abort the request
     /// (the owner keeps every receiver until `Finished`; checking every request at every

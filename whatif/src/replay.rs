@@ -1,7 +1,7 @@
 //! One replay: the real scheduler in front of N simulated engines, in virtual time.
 //!
 //! Everything runs on a current-thread tokio runtime with paused time: one driver completes
-//! the engines' modelled steps when they are needed ([`Stepper`]), the scraper sleeps for its
+//! the engines' modelled steps when they are needed (`Stepper`), the scraper sleeps for its
 //! interval, the trace driver sleeps until each arrival, and tokio moves the clock straight to
 //! the next timer whenever every task waits. Nothing touches a socket; a run is exact and
 //! repeatable for a seed.
@@ -78,7 +78,7 @@ pub struct ReplayCfg {
     /// are stepped on the replay's thread (their events go out as they are made).
     pub step_threads: usize,
     /// Whether the engines' steps are completed when something needs them rather than each
-    /// at its end ([`Stepper`]): the same result for less CPU (a test checks it). Off with
+    /// at its end (`Stepper`): the same result for less CPU (a test checks it). Off with
     /// KV events fed to a precise index (they go out as steps complete).
     pub lazy_steps: bool,
 }
@@ -1269,7 +1269,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         out.error = Some("no such replica".into());
         return out;
     };
-    // The engine as of now (its steps may lag, [`Stepper`]), then with the request.
+    // The engine as of now (its steps may lag, `Stepper`), then with the request.
     pool.stepper.touch(replica, &engine);
     let submit = SubmitRequest {
         prompt,
