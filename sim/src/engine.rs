@@ -203,6 +203,40 @@ impl Outbox {
     }
 }
 
+/// The step a [`Engine::stepped`] engine is running ([`Engine::advance_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepPlan {
+    /// When it ends.
+    pub step_end: Instant,
+    /// No step that ends before this instant gives a request its first token or its last
+    /// (`step_end` at the earliest), unless a request is submitted meanwhile: a lower bound
+    /// from the steps each request still needs and the shortest step the latency model makes.
+    /// Until then the owner may leave the steps uncompleted, unless it reads the engine's state.
+    pub quiet_until: Instant,
+}
+
+/// A prompt's chained block hashes ([`block_hashes`]), computed ahead of
+/// [`Engine::submit_hashed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptHashes {
+    root: u64,
+    block_size: usize,
+    hashes: Vec<u64>,
+}
+
+impl PromptHashes {
+    /// The hashes of `prompt`'s full blocks of `block_size` tokens under `lora` (the engine's
+    /// block size and the request's adapter, or they are not used).
+    pub fn new(lora: Option<&str>, prompt: &[u32], block_size: usize) -> Self {
+        let root = chain_root(lora);
+        Self {
+            root,
+            block_size,
+            hashes: block_hashes(root, prompt, block_size.max(1)),
+        }
+    }
+}
+
 /// LoRA registry and GPU slots.
 #[derive(Debug, Default)]
 struct LoraSlots {
@@ -592,6 +626,45 @@ impl EngineState {
         Some(step)
     }
 
+    /// [`StepPlan::quiet_until`] for the step planned to end at `end`: counts the steps after
+    /// it before a request can see its first or last token (a sequence in this step sees
+    /// one token at its end; one not in it, or still prefilling, or waiting, needs at least
+    /// one more step; preemption only delays), times the shortest possible step.
+    fn quiet_until(&self, end: Instant) -> Instant {
+        let mut steps = if self.waiting.is_empty() {
+            usize::MAX
+        } else {
+            1
+        };
+        for seq in &self.running {
+            let output = seq.output_len();
+            let after = if seq.scheduled == 0 || seq.num_computed + seq.scheduled < seq.tokens.len()
+            {
+                1
+            } else if output == 0 {
+                0
+            } else {
+                seq.max_tokens.saturating_sub(output + 1)
+            };
+            steps = steps.min(after);
+            if steps == 0 {
+                return end;
+            }
+        }
+        // No step is shorter than its overhead, less the jitter (a microsecond off for the
+        // rounding of the jitter's product); capped at a day, far beyond any request.
+        let latency = &self.config.latency;
+        let shortest = latency
+            .step_overhead
+            .mul_f64(1.0 - latency.jitter)
+            .saturating_sub(Duration::from_micros(1));
+        let steps = u32::try_from(steps).unwrap_or(u32::MAX).min(1_000_000);
+        let quiet = shortest
+            .saturating_mul(steps)
+            .min(Duration::from_secs(86_400));
+        end + quiet
+    }
+
     fn publish_removed(&mut self) {
         let removed = self.kv.take_removed();
         if let Some(tx) = self.sink.get() {
@@ -963,7 +1036,7 @@ impl Engine {
     }
 
     /// Replica `index` without a scheduler loop: its owner runs the loop's steps with
-    /// [`Engine::advance`], which is how one driver steps hundreds of engines (the what-if)
+    /// [`Engine::advance_to`], which is how one driver steps hundreds of engines (the what-if)
     /// without a task and a timer per engine. Two things differ from [`Engine::spawn`]:
     /// pausing has no effect, and dropping a request's receiver does not abort the request
     /// (the owner keeps every receiver until `Finished`; checking every request at every
@@ -983,38 +1056,38 @@ impl Engine {
     }
 
     /// What [`Engine::spawn`]'s loop does up to `now`, for a [`Engine::stepped`] engine:
-    /// completes the step in progress (`step_end`, which must not be after `now`; `None` for
-    /// an idle engine that was given a request), then plans the next steps, completing those
-    /// that end by `now` too. Returns when the step now in progress ends, or `None` when the
-    /// engine is idle (call again, with `None`, after the next [`Engine::submit`]). The
-    /// requests' events go to `outbox`, in order, for the caller to deliver; the KV-cache
-    /// events are sent at once, as by the loop.
-    pub fn advance(
+    /// completes the step in progress if it ends by `now` (`step_end`; `None` for an idle
+    /// engine, which plans a step starting `now` if it was given a request), then every step
+    /// that follows it back to back and ends by `now` too. Returns the step now in progress
+    /// (`None`: the engine is idle; call again, with `None`, after the next
+    /// [`Engine::submit`]). The requests' events go to `outbox`, in order, for the caller to
+    /// deliver; the KV-cache events are sent at once, as by the loop.
+    ///
+    /// The owner may call it late: with no request submitted in between, completing at `now`
+    /// the steps that ended before gives the state, events and timings that completing each
+    /// at its end would have (a step's plan reads nothing but the engine; its start is the
+    /// previous step's end, which the loop keeps too, its wake-ups lagging by < 1 ms). What it
+    /// cannot do late is deliver an event in time: [`StepPlan::quiet_until`] says until when
+    /// that is safe.
+    pub fn advance_to(
         &self,
         step_end: Option<Instant>,
         now: Instant,
         outbox: &mut Outbox,
-    ) -> Option<Instant> {
+    ) -> Option<StepPlan> {
         let mut st = self.shared.state.lock();
-        let mut prev_end = step_end;
-        loop {
-            let start = match prev_end {
-                Some(end) => {
-                    st.commit_into(end, Some(outbox));
-                    if now.saturating_duration_since(end) <= BACK_TO_BACK_SLACK {
-                        end
-                    } else {
-                        now
-                    }
-                }
-                None => now,
-            };
-            let end = start + st.schedule(start)?;
-            if end > now {
-                return Some(end);
-            }
-            prev_end = Some(end);
+        let mut end = match step_end {
+            Some(end) => end,
+            None => now + st.schedule(now)?,
+        };
+        while end <= now {
+            st.commit_into(end, Some(outbox));
+            end += st.schedule(end)?;
         }
+        Some(StepPlan {
+            step_end: end,
+            quiet_until: st.quiet_until(end),
+        })
     }
 
     /// Stops the scheduler loop; in-flight requests never complete.
@@ -1050,6 +1123,26 @@ impl Engine {
         &self,
         req: SubmitRequest,
         peer: Option<Result<std::net::SocketAddr, PeerIgnored>>,
+    ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        self.submit_inner(req, peer, None)
+    }
+
+    /// Like [`Engine::submit`], with the prompt's block hashes computed ahead (the what-if
+    /// computes them on another thread than the one stepping the engines). Hashes made for
+    /// another adapter or block size than the request's and the engine's are not used.
+    pub fn submit_hashed(
+        &self,
+        req: SubmitRequest,
+        hashes: PromptHashes,
+    ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        self.submit_inner(req, None, Some(hashes))
+    }
+
+    fn submit_inner(
+        &self,
+        req: SubmitRequest,
+        peer: Option<Result<std::net::SocketAddr, PeerIgnored>>,
+        hashes: Option<PromptHashes>,
     ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
@@ -1090,13 +1183,22 @@ impl Engine {
             let id = st.next_id;
             st.next_id += 1;
             let seed = st.seed.rotate_left(32) ^ id;
+            let root = chain_root(lora.as_deref());
+            let hashes = hashes
+                .filter(|h| {
+                    h.root == root
+                        && h.block_size == st.config.block_size
+                        && h.hashes.len() == req.prompt.len() / h.block_size
+                })
+                .map(|h| h.hashes)
+                .unwrap_or_default();
             let seq = Seq {
                 prompt_len: req.prompt.len(),
                 max_tokens: req.max_tokens.max(1),
                 finish_reason: req.finish_reason,
-                root: chain_root(lora.as_deref()),
+                root,
                 lora,
-                hashes: Vec::new(),
+                hashes,
                 registered: 0,
                 num_computed: 0,
                 blocks: Vec::new(),

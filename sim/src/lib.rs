@@ -39,7 +39,9 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use config::{Config, EngineKind, FailureInjection, KvTiers, LatencyModel, StepWork, Tier};
-pub use engine::{Engine, EngineEvent, FinishReason, Outbox, OutboxEvent, SubmitRequest};
+pub use engine::{
+    Engine, EngineEvent, FinishReason, Outbox, OutboxEvent, PromptHashes, StepPlan, SubmitRequest,
+};
 pub use server::{RETURN_ERROR_HEADER, prompt_ids};
 
 /// Errors of the simulator library.

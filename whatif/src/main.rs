@@ -13,6 +13,11 @@ use whatif::replay::{self, Autoscale, KvEventFeed, ReplayCfg, ScaleMetric, Scrap
 use whatif::report::{self, Slo};
 use whatif::trace;
 
+/// mimalloc rather than glibc's malloc: a tenth less CPU for a replay at hundreds of replicas,
+/// which allocates and frees millions of small objects (candidates, events, tasks).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "whatif",
@@ -381,6 +386,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 kv_events,
                 step_threads,
+                lazy_steps: true,
             };
             let wall = std::time::Instant::now();
             let run = replay::run_stream(&cfg, requests()?)?;

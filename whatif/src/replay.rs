@@ -1,9 +1,10 @@
 //! One replay: the real scheduler in front of N simulated engines, in virtual time.
 //!
-//! Everything runs on a current-thread tokio runtime with paused time: the engines' step loops
-//! sleep for their modelled step times, the scraper sleeps for its interval, the trace driver
-//! sleeps until each arrival, and tokio moves the clock straight to the next timer whenever
-//! every task waits. Nothing touches a socket; a run is exact and repeatable for a seed.
+//! Everything runs on a current-thread tokio runtime with paused time: one driver completes
+//! the engines' modelled steps when they are needed (`Stepper`), the scraper sleeps for its
+//! interval, the trace driver sleeps until each arrival, and tokio moves the clock straight to
+//! the next timer whenever every task waits. Nothing touches a socket; a run is exact and
+//! repeatable for a seed.
 //!
 //! The EPP's view is modelled as in production: engine state as of its last scrape (the
 //! engine's Prometheus text, rendered by the simulator and read by the EPP's own mapping),
@@ -39,7 +40,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use sim::kv_cache::KvEvent;
-use sim::{Engine, EngineEvent, FinishReason, Outbox, SubmitRequest};
+use sim::{Engine, EngineEvent, FinishReason, Outbox, PromptHashes, StepPlan, SubmitRequest};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -76,6 +77,10 @@ pub struct ReplayCfg {
     /// delivered in (time, replica) order. With KV events fed to a precise index the engines
     /// are stepped on the replay's thread (their events go out as they are made).
     pub step_threads: usize,
+    /// Whether the engines' steps are completed when something needs them rather than each
+    /// at its end (`Stepper`): the same result for less CPU (a test checks it). Off with
+    /// KV events fed to a precise index (they go out as steps complete).
+    pub lazy_steps: bool,
 }
 
 /// How the engines' KV-cache events reach the EPP's precise index. Each engine's events of one
@@ -303,7 +308,7 @@ fn replay_on<'scope>(
                     let chunk: Vec<Prepared> = trace
                         .by_ref()
                         .take(PREPARED_CHUNK)
-                        .map(Prepared::new)
+                        .map(|req| Prepared::new(req, &cfg.engine))
                         .collect();
                     // The replay stopped early (an error): so does the preparing.
                     if tx.send(chunk).is_err() {
@@ -331,8 +336,8 @@ const PARALLEL_MIN_ENGINES: usize = 4;
 /// none (measured on a shared VM: 1.7× the wall time of one thread).
 const HELPER_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// What stepping one engine gave: when its next step ends (`None`: idle), and its events.
-type Stepped = (Option<Instant>, Outbox);
+/// What stepping one engine gave: the step it now runs (`None`: idle), and its events.
+type Stepped = (Option<StepPlan>, Outbox);
 
 /// Engines to step at one instant, shared by the replay's thread and the helpers: each takes
 /// the next engine until none is left; results are kept in the engines' order.
@@ -354,8 +359,8 @@ impl Batch {
                 return;
             };
             let mut outbox = Outbox::default();
-            let next = engine.advance(*end, self.now, &mut outbox);
-            *self.results[k].lock() = Some((next, outbox));
+            let plan = engine.advance_to(*end, self.now, &mut outbox);
+            *self.results[k].lock() = Some((plan, outbox));
             self.done.fetch_add(1, Ordering::Release);
         }
     }
@@ -417,7 +422,7 @@ impl StepHelpers {
         &self,
         jobs: Vec<(usize, Option<Instant>, Engine)>,
         now: Instant,
-    ) -> Vec<(usize, Option<Instant>, Outbox)> {
+    ) -> Vec<(usize, Option<StepPlan>, Outbox)> {
         use std::sync::atomic::Ordering;
         let n = jobs.len();
         let batch = Arc::new(Batch {
@@ -448,8 +453,8 @@ impl StepHelpers {
             .zip(&batch.results)
             .map(|((i, _, _), r)| {
                 // Every job is done: each result is there.
-                let (next, outbox) = r.lock().take().unwrap_or_default();
-                (*i, next, outbox)
+                let (plan, outbox) = r.lock().take().unwrap_or_default();
+                (*i, plan, outbox)
             })
             .collect()
     }
@@ -461,126 +466,195 @@ impl StepHelpers {
 }
 
 /// Steps every engine from one task ([`drive_engines`]) instead of a task and a timer per
-/// engine: a heap of the instants at which engines' steps end, and the idle engines that
-/// were just given a request.
+/// engine, and lazily: an engine's steps are completed when something needs them (a request
+/// submitted to it, a scrape reading it, or the first instant at which one of its requests
+/// may see its first or last token, [`StepPlan::quiet_until`]), several at once
+/// ([`Engine::advance_to`]), not one at a time at each step's end. The result is that of
+/// completing each step at its end: nothing looks at an engine in between.
 struct Stepper {
     state: Mutex<StepperState>,
-    /// Tells the driver that an idle engine was given a request.
+    /// Tells the driver that an engine must be looked at earlier than it sleeps until.
     wake: Notify,
     /// Whether engines due together may be stepped on several threads.
     parallel: bool,
+    /// Whether steps may be left uncompleted until they are needed (`false`: every step is
+    /// completed at its end, as the engines' KV events, sent when a step completes, need).
+    lazy: bool,
+    helpers: Arc<StepHelpers>,
 }
 
 #[derive(Default)]
 struct StepperState {
     /// Per replica: when the step it is running ends (`None`: idle).
     ends: Vec<Option<Instant>>,
-    /// (end, replica) of every running step.
+    /// Per replica: when the driver must look at it next (`None`: idle).
+    wakes: Vec<Option<Instant>>,
+    /// Per replica: the instant of its entry in `due` (`None`: none). A wake that moves later
+    /// (each scrape moves most) keeps the entry, which puts the replica back at its new wake
+    /// when it comes: one heap entry per replica, not one per change.
+    queued: Vec<Option<Instant>>,
+    /// (instant, replica); an entry that is no longer the replica's `queued` is skipped.
     due: BinaryHeap<Reverse<(Instant, usize)>>,
-    /// Idle replicas given a request since the driver last ran, each once.
-    woken: Vec<usize>,
-    is_woken: Vec<bool>,
+    /// The instant the driver sleeps until (`None`: it is running, and looks at `due` again
+    /// before it sleeps).
+    sleeping_until: Option<Instant>,
 }
 
+/// A request's event for delivery: (the end of the step that made it, replica, event).
+type Pending = (Instant, usize, sim::OutboxEvent);
+
 impl Stepper {
-    fn new(parallel: bool) -> Self {
+    fn new(parallel: bool, lazy: bool, helpers: Arc<StepHelpers>) -> Self {
         Self {
             state: Mutex::default(),
             wake: Notify::new(),
             parallel,
+            lazy,
+            helpers,
         }
     }
 
     fn add(&self) {
         let mut s = self.state.lock();
         s.ends.push(None);
-        s.is_woken.push(false);
+        s.wakes.push(None);
+        s.queued.push(None);
     }
 
-    /// Replica `i` was given a request: an idle engine plans a step at once (in this
-    /// instant, after the caller yields), as its own loop would on being notified.
-    fn wake(&self, i: usize) {
-        let mut s = self.state.lock();
-        if s.ends.get(i).is_some_and(Option::is_none) && !s.is_woken[i] {
-            s.is_woken[i] = true;
-            s.woken.push(i);
-            drop(s);
+    /// Records replica `i`'s plan; `true` if the driver must be told (it sleeps past the
+    /// replica's new wake).
+    fn set(&self, s: &mut StepperState, i: usize, plan: Option<StepPlan>) -> bool {
+        s.ends[i] = plan.map(|p| p.step_end);
+        let wake = plan.map(|p| if self.lazy { p.quiet_until } else { p.step_end });
+        s.wakes[i] = wake;
+        let Some(wake) = wake else { return false };
+        if s.queued[i].is_some_and(|queued| queued <= wake) {
+            return false;
+        }
+        s.queued[i] = Some(wake);
+        s.due.push(Reverse((wake, i)));
+        s.sleeping_until.is_some_and(|until| wake < until)
+    }
+
+    /// Completes replica `i`'s steps that ended by now and plans the next (an idle engine
+    /// given a request starts one now), before and after a request is submitted to it; its
+    /// events are delivered at once.
+    fn touch(&self, i: usize, engine: &Engine) {
+        let now = Instant::now();
+        let end = self.state.lock().ends[i];
+        let mut outbox = Outbox::default();
+        let plan = engine.advance_to(end, now, &mut outbox);
+        let tell = {
+            let mut s = self.state.lock();
+            self.set(&mut s, i, plan)
+        };
+        if tell {
             self.wake.notify_one();
         }
+        for event in outbox.drain() {
+            event.deliver();
+        }
     }
-}
 
-/// The engines' loop: at each instant, every engine whose step ended completes it and plans
-/// its next one, and every engine woken by a request plans one; they are independent of one
-/// another, so they are stepped on the pool's threads, and their requests' events are then
-/// delivered in (step end, replica) order, whatever thread stepped them.
-async fn drive_engines(pool: Arc<Pool>, helpers: Arc<StepHelpers>) {
-    let stepper = &pool.stepper;
-    let mut jobs: Vec<(usize, Option<Instant>, Engine)> = Vec::new();
-    let mut events = Vec::new();
-    loop {
+    /// Completes the steps of `engines` (replica, engine) that ended by now, on the pool's
+    /// threads when there are enough, and delivers their events in (step end, replica) order.
+    fn complete(&self, engines: Vec<(usize, Option<Instant>, Engine)>, events: &mut Vec<Pending>) {
         let now = Instant::now();
-        {
-            let r = pool.lock();
-            let mut s = stepper.state.lock();
-            while let Some(&Reverse((end, i))) = s.due.peek() {
-                if end > now {
-                    break;
-                }
-                s.due.pop();
-                s.ends[i] = None;
-                jobs.push((i, Some(end), r.engines[i].clone()));
-            }
-            let woken = std::mem::take(&mut s.woken);
-            for i in woken {
-                s.is_woken[i] = false;
-                if s.ends[i].is_none() && !jobs.iter().any(|j| j.0 == i) {
-                    jobs.push((i, None, r.engines[i].clone()));
-                }
-            }
-        }
-        if jobs.is_empty() {
-            let next = stepper.state.lock().due.peek().map(|r| r.0.0);
-            match next {
-                Some(end) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(end) => {}
-                        () = stepper.wake.notified() => {}
-                    }
-                }
-                None => stepper.wake.notified().await,
-            }
-            continue;
-        }
-        let stepped: Vec<(usize, Option<Instant>, Outbox)> =
-            if stepper.parallel && jobs.len() >= PARALLEL_MIN_ENGINES {
-                helpers.step(std::mem::take(&mut jobs), now)
+        let stepped: Vec<(usize, Option<StepPlan>, Outbox)> =
+            if self.parallel && engines.len() >= PARALLEL_MIN_ENGINES {
+                self.helpers.step(engines, now)
             } else {
-                jobs.drain(..)
+                engines
+                    .into_iter()
                     .map(|(i, end, engine)| {
                         let mut outbox = Outbox::default();
-                        let next = engine.advance(end, now, &mut outbox);
-                        (i, next, outbox)
+                        let plan = engine.advance_to(end, now, &mut outbox);
+                        (i, plan, outbox)
                     })
                     .collect()
             };
+        let mut tell = false;
         {
-            let mut s = stepper.state.lock();
-            for (i, next, mut outbox) in stepped {
-                if let Some(end) = next {
-                    s.ends[i] = Some(end);
-                    s.due.push(Reverse((end, i)));
-                }
+            let mut s = self.state.lock();
+            for (i, plan, mut outbox) in stepped {
+                tell |= self.set(&mut s, i, plan);
                 if !outbox.is_empty() {
                     events.extend(outbox.drain().map(|e| (e.at, i, e)));
                 }
             }
         }
+        if tell {
+            self.wake.notify_one();
+        }
         // Stable: one engine's events keep their order.
         events.sort_by_key(|&(at, i, _)| (at, i));
         for (_, _, event) in events.drain(..) {
-            // A request whose owner has gone is dropped at the engine's next step.
             event.deliver();
+        }
+    }
+}
+
+/// The engines' loop: at each instant at which an engine must be looked at, its steps that
+/// ended are completed and the next planned; engines looked at together are independent of
+/// one another, so they are stepped on the pool's threads, and their requests' events are
+/// then delivered in (step end, replica) order, whatever thread stepped them.
+async fn drive_engines(pool: Arc<Pool>) {
+    let stepper = &pool.stepper;
+    let mut jobs: Vec<(usize, Option<Instant>, Engine)> = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        let now = Instant::now();
+        let next = {
+            let r = pool.lock();
+            let mut s = stepper.state.lock();
+            s.sleeping_until = None;
+            while let Some(&Reverse((at, i))) = s.due.peek() {
+                if at > now {
+                    break;
+                }
+                s.due.pop();
+                if s.queued[i] != Some(at) {
+                    continue;
+                }
+                s.queued[i] = None;
+                match s.wakes[i] {
+                    None => {}
+                    // Its wake moved later since it was queued.
+                    Some(wake) if wake > now => {
+                        s.queued[i] = Some(wake);
+                        s.due.push(Reverse((wake, i)));
+                    }
+                    Some(_) => {
+                        s.wakes[i] = None;
+                        jobs.push((i, s.ends[i], r.engines[i].clone()));
+                    }
+                }
+            }
+            if jobs.is_empty() {
+                // Stale entries would wake the driver for nothing.
+                while let Some(&Reverse((at, i))) = s.due.peek() {
+                    if s.queued[i] == Some(at) {
+                        break;
+                    }
+                    s.due.pop();
+                }
+                let next = s.due.peek().map(|r| r.0.0);
+                // Without a wake, until notified: any wake is earlier than a year.
+                s.sleeping_until = Some(next.unwrap_or(now + Duration::from_secs(365 * 86_400)));
+                Some(next)
+            } else {
+                None
+            }
+        };
+        match next {
+            Some(Some(wake)) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake) => {}
+                    () = stepper.wake.notified() => {}
+                }
+            }
+            Some(None) => stepper.wake.notified().await,
+            None => stepper.complete(std::mem::take(&mut jobs), &mut events),
         }
     }
 }
@@ -593,10 +667,13 @@ struct Prepared {
     parsed: Result<openai::ParsedBody, String>,
     /// The prompt's ids as the engine computes them.
     prompt: Result<Vec<u32>, String>,
+    /// The prompt's block hashes as the engine computes them, for the adapter the request
+    /// names (the engine computes them itself if the EPP sends it elsewhere).
+    hashes: Option<PromptHashes>,
 }
 
 impl Prepared {
-    fn new(req: TraceRequest) -> Self {
+    fn new(req: TraceRequest, engine: &sim::Config) -> Self {
         let api = if req.path.ends_with("chat/completions") {
             Api::ChatCompletions
         } else {
@@ -610,11 +687,19 @@ impl Prepared {
                 .and_then(|v| sim::prompt_ids(&v)),
             Err(e) => Err(e.clone()),
         };
+        let hashes = match (&parsed, &prompt) {
+            (Ok(parsed), Ok(prompt)) => {
+                let lora = (parsed.model != engine.model).then_some(parsed.model.as_str());
+                Some(PromptHashes::new(lora, prompt, engine.block_size))
+            }
+            _ => None,
+        };
         Self {
             req,
             api,
             parsed,
             prompt,
+            hashes,
         }
     }
 }
@@ -761,7 +846,8 @@ async fn replay(
     };
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore, Arc::new(loaded), cfg.seed));
-    let parallel = kv_indexes.is_empty() && cfg.step_threads > 1;
+    let kv_indexes_empty = kv_indexes.is_empty();
+    let parallel = kv_indexes_empty && cfg.step_threads > 1;
     let pool = Arc::new(Pool {
         director,
         engine_cfg: Arc::new(cfg.engine.clone()),
@@ -772,7 +858,12 @@ async fn replay(
         token_ids,
         seed: cfg.seed,
         kv_counts: Arc::default(),
-        stepper: Stepper::new(parallel),
+        // Late steps would send the engines' KV events late.
+        stepper: Stepper::new(
+            parallel,
+            kv_indexes_empty && cfg.lazy_steps,
+            helpers.clone(),
+        ),
     });
     let start = Instant::now();
     {
@@ -784,7 +875,7 @@ async fn replay(
         pool.publish(&mut r, start);
     }
 
-    let engines = tokio::spawn(drive_engines(pool.clone(), helpers.clone()));
+    let engines = tokio::spawn(drive_engines(pool.clone()));
     // The EPP learns every engine's state before the first request, as a pod becomes a
     // candidate only after a scrape.
     scrape_all(&pool, cfg, Duration::ZERO);
@@ -963,6 +1054,20 @@ fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEve
 fn scrape_all(pool: &Arc<Pool>, cfg: &ReplayCfg, latency: Duration) {
     let mapping = EngineMapping::vllm();
     let snapshot = pool.director.datastore().snapshot();
+    // The engines' steps that ended by now are completed first: their state as of now.
+    let now = Instant::now();
+    let jobs = {
+        let replicas = pool.lock();
+        let s = pool.stepper.state.lock();
+        snapshot
+            .endpoints
+            .iter()
+            .filter_map(|e| replicas.by_address.get(&e.spec.address))
+            .filter(|&&i| s.ends[i].is_some_and(|end| end <= now))
+            .map(|&i| (i, s.ends[i], replicas.engines[i].clone()))
+            .collect()
+    };
+    pool.stepper.complete(jobs, &mut Vec::new());
     // One lock for the whole pass (nothing else runs meanwhile: one thread, no await).
     let replicas = pool.lock();
     for endpoint in snapshot.endpoints.iter() {
@@ -1070,6 +1175,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         api,
         parsed,
         prompt,
+        hashes,
     } = prepared;
     let arrival = Instant::now();
     let header = |names: &[&str]| {
@@ -1163,19 +1269,26 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         out.error = Some("no such replica".into());
         return out;
     };
-    let mut events = match engine.submit(SubmitRequest {
+    // The engine as of now (its steps may lag, `Stepper`), then with the request.
+    pool.stepper.touch(replica, &engine);
+    let submit = SubmitRequest {
         prompt,
         max_tokens: req.output_tokens,
         lora,
         finish_reason: FinishReason::Length,
-    }) {
+    };
+    let submitted = match hashes {
+        Some(hashes) => engine.submit_hashed(submit, hashes),
+        None => engine.submit(submit),
+    };
+    let mut events = match submitted {
         Ok(rx) => rx,
         Err(e) => {
             out.error = Some(format!("engine refused: {e}"));
             return out;
         }
     };
-    pool.stepper.wake(replica);
+    pool.stepper.touch(replica, &engine);
     let mut first = None;
     while let Some(event) = events.recv().await {
         match event {

@@ -27,6 +27,7 @@ fn cfg(name: &str, config: &str, replicas: usize) -> ReplayCfg {
         scrape_path: whatif::replay::ScrapePath::Text,
         kv_events: Default::default(),
         step_threads: 2,
+        lazy_steps: true,
     }
 }
 
@@ -362,4 +363,34 @@ fn stepping_engines_on_two_threads_gives_the_same_replay() {
     let a = serde_json::to_string(&replay::run(&one, &requests).unwrap()).unwrap();
     let b = serde_json::to_string(&replay::run(&two, &requests).unwrap()).unwrap();
     assert_eq!(a, b);
+}
+
+/// Completing the engines' steps late, when a request, a scrape or a request's first or last
+/// token needs them, gives the replay that completing each at its end gives: with jitter
+/// (steps of varying length) and chunked prefills, on one thread and two.
+#[test]
+fn completing_steps_late_gives_the_same_replay_as_at_their_ends() {
+    let args = WorkloadArgs {
+        workload: Kind::SharedPrefix,
+        groups: 8,
+        system_tokens: 3000,
+        question_tokens: 200,
+        output_tokens: 48,
+        ..WorkloadArgs::default()
+    };
+    let requests = trace::from_workload(&args, 40.0, 6.0).unwrap();
+    let mut eager = cfg("balanced", BALANCED_PREFIX, 12);
+    eager.engine.latency.jitter = 0.2;
+    eager.engine.max_num_batched_tokens = 1024;
+    eager.step_threads = 1;
+    eager.lazy_steps = false;
+    let mut lazy = eager.clone();
+    lazy.lazy_steps = true;
+    let mut lazy_two = lazy.clone();
+    lazy_two.step_threads = 2;
+    let a = serde_json::to_string(&replay::run(&eager, &requests).unwrap()).unwrap();
+    let b = serde_json::to_string(&replay::run(&lazy, &requests).unwrap()).unwrap();
+    let c = serde_json::to_string(&replay::run(&lazy_two, &requests).unwrap()).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(b, c);
 }
