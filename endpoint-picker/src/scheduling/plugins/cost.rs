@@ -82,7 +82,7 @@ pub struct TtftCostProducer {
     /// `w · kv_usage · uncached tokens · prefill time per token`.
     pub eviction_weight: f64,
     /// How much a new prefix is drawn to its home: when no candidate holds the prompt's first
-    /// [`HOME_BLOCKS`] blocks in its own tiers, every candidate but the one the prefix hashes to
+    /// 32 blocks (512 tokens) in its own tiers, every candidate but the one the prefix hashes to
     /// (rendezvous hashing of those blocks' key and the endpoint's address) is charged `w ×` its
     /// prefill time of the prompt. Several EPPs, each blind to the others' just-routed requests
     /// until the engine announces the blocks, then send a new prefix to the same replica unless
