@@ -598,28 +598,58 @@ pub async fn start_switchyard_pool(
         grpc,
         metrics_url,
     } = start_epp(tools, config, pool_file, dir, extra_args).await?;
-    let template = response_path.apply(&std::fs::read_to_string(
-        tools
-            .repo
-            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
-    )?);
-    let (admin, listen) = (free_port()?, free_port()?);
-    let envoy_cfg = harness::render(
-        &template,
-        &[
-            ("LISTEN_PORT", listen.to_string()),
-            ("ADMIN_PORT", admin.to_string()),
-            ("EPP_HOST", "127.0.0.1".into()),
-            ("EPP_PORT", grpc.to_string()),
-            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
-        ],
-    )?;
+    let PlaintextEnvoy {
+        config: envoy_cfg,
+        admin,
+        listen,
+    } = plaintext_envoy(tools, response_path, grpc, backends)?;
     let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
     Ok(RouterUp {
         url: format!("http://127.0.0.1:{listen}"),
         procs: vec![envoy, epp],
         epp: Some(1),
         epp_metrics: Some(metrics_url),
+    })
+}
+
+/// The shipped plaintext Envoy template on `response_path`, rendered for one EPP at
+/// `127.0.0.1:epp_grpc` in front of `backends`, with free admin and listener ports.
+pub struct PlaintextEnvoy {
+    /// The rendered configuration.
+    pub config: String,
+    /// Its admin port.
+    pub admin: u16,
+    /// Its listener port.
+    pub listen: u16,
+}
+
+/// Renders [`PlaintextEnvoy`].
+pub fn plaintext_envoy(
+    tools: &Tools,
+    response_path: ResponsePath,
+    epp_grpc: u16,
+    backends: &[SocketAddr],
+) -> anyhow::Result<PlaintextEnvoy> {
+    let template = response_path.apply(&std::fs::read_to_string(
+        tools
+            .repo
+            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
+    )?);
+    let (admin, listen) = (free_port()?, free_port()?);
+    let config = harness::render(
+        &template,
+        &[
+            ("LISTEN_PORT", listen.to_string()),
+            ("ADMIN_PORT", admin.to_string()),
+            ("EPP_HOST", "127.0.0.1".into()),
+            ("EPP_PORT", epp_grpc.to_string()),
+            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
+        ],
+    )?;
+    Ok(PlaintextEnvoy {
+        config,
+        admin,
+        listen,
     })
 }
 
@@ -643,18 +673,35 @@ pub async fn start_epp(
 ) -> anyhow::Result<EppUp> {
     let pool = dir.join("pool.yaml");
     std::fs::write(&pool, pool_file)?;
+    let up = spawn_epp(tools, "epp", 1, config, &pool, dir, extra_args)?;
+    wait_http(&up.metrics_url, None, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("epp not up; see {}", up.proc.log.display()))?;
+    Ok(up)
+}
+
+/// Spawns an `epp` named `name` (its log file) on the pool file at `pool`, plaintext, no
+/// metrics auth, on free loopback ports, with `seed`; does not wait for it.
+pub fn spawn_epp(
+    tools: &Tools,
+    name: &str,
+    seed: usize,
+    config: Option<&str>,
+    pool: &Path,
+    dir: &Path,
+    extra_args: &[&str],
+) -> anyhow::Result<EppUp> {
     let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
     let mut cmd = Command::new(&tools.epp);
     cmd.arg("--pool-file")
-        .arg(&pool)
+        .arg(pool)
         .args([
             "--bind-address",
             "127.0.0.1",
             "--secure-serving=false",
             "--metrics-endpoint-auth=false",
-            "--seed",
-            "1",
         ])
+        .args(["--seed", &seed.to_string()])
         .args(["--grpc-port", &grpc.to_string()])
         .args(["--grpc-health-port", &health.to_string()])
         .args(["--metrics-port", &metrics.to_string()])
@@ -662,15 +709,10 @@ pub async fn start_epp(
     if let Some(c) = config {
         cmd.args(["--config-text", c]);
     }
-    let epp = Proc::spawn("epp", &mut cmd, dir)?;
-    let metrics_url = format!("http://127.0.0.1:{metrics}/metrics");
-    wait_http(&metrics_url, None, Duration::from_secs(30))
-        .await
-        .with_context(|| format!("epp not up; see {}", epp.log.display()))?;
     Ok(EppUp {
-        proc: epp,
+        proc: Proc::spawn(name, &mut cmd, dir)?,
         grpc,
-        metrics_url,
+        metrics_url: format!("http://127.0.0.1:{metrics}/metrics"),
     })
 }
 

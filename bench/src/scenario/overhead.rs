@@ -18,7 +18,8 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use super::{
-    ResponsePath, RouterUp, start_envoy, start_envoy_direct, start_epp, start_switchyard_on,
+    PlaintextEnvoy, ResponsePath, RouterUp, plaintext_envoy, start_envoy, start_envoy_direct,
+    start_epp, start_switchyard_on,
 };
 use crate::harness::{self, Proc, Tools, free_port, wait_http};
 use crate::loadgen::{self, LoadSpec, Mode, Summary};
@@ -164,22 +165,11 @@ pub async fn start_switchyard_uds(
         &["--grpc-uds-path", &socket_arg],
     )
     .await?;
-    let template = response_path.apply(&std::fs::read_to_string(
-        tools
-            .repo
-            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
-    )?);
-    let (admin, listen) = (free_port()?, free_port()?);
-    let rendered = harness::render(
-        &template,
-        &[
-            ("LISTEN_PORT", listen.to_string()),
-            ("ADMIN_PORT", admin.to_string()),
-            ("EPP_HOST", "127.0.0.1".into()),
-            ("EPP_PORT", epp.grpc.to_string()),
-            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
-        ],
-    )?;
+    let PlaintextEnvoy {
+        config: rendered,
+        admin,
+        listen,
+    } = plaintext_envoy(tools, response_path, epp.grpc, backends)?;
     let envoy_cfg = testkit::envoy::with_epp_pipe(&rendered, &socket)?;
     let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
     let up = RouterUp {
@@ -623,22 +613,11 @@ pub async fn start_bbr_switchyard(
     )
     .await
     .with_context(|| format!("bbr not up; see {}", bbr.log.display()))?;
-    let template = std::fs::read_to_string(
-        tools
-            .repo
-            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
-    )?;
-    let (admin, listen) = (free_port()?, free_port()?);
-    let rendered = harness::render(
-        &template,
-        &[
-            ("LISTEN_PORT", listen.to_string()),
-            ("ADMIN_PORT", admin.to_string()),
-            ("EPP_HOST", "127.0.0.1".into()),
-            ("EPP_PORT", epp.grpc.to_string()),
-            ("BACKEND_ENDPOINTS", harness::lb_endpoints(backends)),
-        ],
-    )?;
+    let PlaintextEnvoy {
+        config: rendered,
+        admin,
+        listen,
+    } = plaintext_envoy(tools, ResponsePath::Full, epp.grpc, backends)?;
     let envoy_cfg = bbr_gateway(&rendered, model, grpc)?;
     let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
     let up = RouterUp {

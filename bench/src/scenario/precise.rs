@@ -29,13 +29,12 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
 use super::{RouterUp, start_envoy};
-use crate::harness::{self, Proc, Tools, free_port, get, wait_http};
+use crate::harness::{self, Tools, free_port, get, wait_http};
 
 /// The first replica's address; replica i gets this + i.
 pub const FIRST_REPLICA_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -218,26 +217,19 @@ pub async fn start_multi_epp(
     let mut grpc_ports = Vec::with_capacity(n);
     let mut metrics_urls = Vec::with_capacity(n);
     for i in 0..n {
-        let (grpc, health, metrics) = (free_port()?, free_port()?, free_port()?);
-        let mut cmd = Command::new(&tools.epp);
-        cmd.arg("--pool-file")
-            .arg(&pool)
-            .args([
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-serving=false",
-                "--metrics-endpoint-auth=false",
-            ])
-            // Distinct seeds: replicas tied on score are not broken the same way by every EPP.
-            .args(["--seed", &(i + 1).to_string()])
-            .args(["--grpc-port", &grpc.to_string()])
-            .args(["--grpc-health-port", &health.to_string()])
-            .args(["--metrics-port", &metrics.to_string()])
-            .args(["--config-text", config])
-            .args(extra_args);
-        epps.push(Proc::spawn(&format!("epp-{i}"), &mut cmd, dir)?);
-        grpc_ports.push(grpc);
-        metrics_urls.push(format!("http://127.0.0.1:{metrics}/metrics"));
+        // Distinct seeds: replicas tied on score are not broken the same way by every EPP.
+        let up = super::spawn_epp(
+            tools,
+            &format!("epp-{i}"),
+            i + 1,
+            Some(config),
+            &pool,
+            dir,
+            extra_args,
+        )?;
+        epps.push(up.proc);
+        grpc_ports.push(up.grpc);
+        metrics_urls.push(up.metrics_url);
     }
     for (url, p) in metrics_urls.iter().zip(&epps) {
         wait_http(url, None, Duration::from_secs(30))

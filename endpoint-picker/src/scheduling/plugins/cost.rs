@@ -647,26 +647,31 @@ mod tests {
         assert_eq!(a.raw_ttft, b.raw_ttft, "the raw model is the same");
     }
 
-    /// Two cold replicas with the same queue: the one whose cache is fuller loses more to the
-    /// new prompt's blocks, so it costs more; without the term they tie.
-    #[test]
-    fn a_fuller_cache_costs_the_evictions_a_new_prompt_causes() {
-        let s = setup(2, &[4, 4]);
-        for (e, kv) in s.candidates.iter().zip([0.2, 0.9]) {
-            e.endpoint.store_metrics(EngineMetrics {
-                running_requests: 4,
-                kv_cache_usage: kv,
+    /// `s` with its engines reporting these KV utilizations and `running` requests each (the
+    /// candidates rebuilt: a candidate holds the metrics read when it was made).
+    fn reporting(s: Setup, kv_usage: &[f64], running: u64) -> Setup {
+        for (c, kv) in s.candidates.iter().zip(kv_usage) {
+            c.endpoint.store_metrics(EngineMetrics {
+                running_requests: running,
+                kv_cache_usage: *kv,
                 ..Default::default()
             });
         }
-        let s = Setup {
+        Setup {
             candidates: s
                 .candidates
                 .iter()
                 .map(|c| Candidate::new(c.endpoint.clone()))
                 .collect(),
             loads: s.loads,
-        };
+        }
+    }
+
+    /// Two cold replicas with the same queue: the one whose cache is fuller loses more to the
+    /// new prompt's blocks, so it costs more; without the term they tie.
+    #[test]
+    fn a_fuller_cache_costs_the_evictions_a_new_prompt_causes() {
+        let s = reporting(setup(2, &[4, 4]), &[0.2, 0.9], 4);
         let req = request(4000);
         let mut st = state(&s);
         let scores = run(&s, &mut st, &req);
@@ -778,21 +783,7 @@ mod tests {
     /// those evictions (each token worth recomputing it less loading it back).
     #[test]
     fn placing_a_prefix_elsewhere_costs_the_cpu_tier_it_writes_through() {
-        let s = setup(2, &[0, 0]);
-        for c in &s.candidates {
-            c.endpoint.store_metrics(EngineMetrics {
-                kv_cache_usage: 0.5,
-                ..Default::default()
-            });
-        }
-        let s = Setup {
-            candidates: s
-                .candidates
-                .iter()
-                .map(|c| Candidate::new(c.endpoint.clone()))
-                .collect(),
-            loads: s.loads,
-        };
+        let s = reporting(setup(2, &[0, 0]), &[0.5, 0.5], 0);
         let req = request(6_400);
         let mut st = state(&s);
         with_tiers(&s, &mut st, &[(0, [0, 375, 0, 0], 0), (1, [0; 4], 375)]);
