@@ -1,6 +1,7 @@
 //! Request-path micro-benchmarks: one scheduling decision at 10/100/1,000 endpoints (the
-//! default profile, the balanced one and the cost model), and
-//! parsing + hashing a 220 KB prompt. Results: bench/RESULTS.md.
+//! default profile, the balanced one and the cost model), one decision for a long prompt seen
+//! for the first time (the cost model at 8 endpoints, whose prefix index is full, so recording
+//! the prompt also evicts), and parsing + hashing a 220 KB prompt. Results: bench/RESULTS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -90,5 +91,50 @@ fn parse_and_hash(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, scheduling_decision, parse_and_hash);
+/// The cost model's decision for a prompt no endpoint has seen, at 8 endpoints whose prefix
+/// indexes are full: matching finds nothing, and recording the prompt (up to the profile's
+/// 4,096 blocks) evicts as much. Building the request is not timed.
+fn unseen_long_prompt(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut group = c.benchmark_group("decision_cost_model_unseen_chat");
+    for kb in [16usize, 220, 400] {
+        let director = bench::director_with_config(8, COST_MODEL);
+        let mut salt = 0usize;
+        let mut next = || {
+            salt += 1;
+            request_from(
+                &Bytes::from(bench::chat_body(kb * 1024, salt)),
+                Api::ChatCompletions,
+            )
+        };
+        // Fill every endpoint's index (27,000 blocks each) before measuring.
+        let warm = (8 * 27_000 * 64 / (kb * 1024)).max(8) * 2;
+        for _ in 0..warm {
+            let _ = director.route(&next(), None, false).unwrap();
+        }
+        group.throughput(Throughput::Bytes((kb * 1024) as u64));
+        group.bench_function(BenchmarkId::from_parameter(format!("{kb}kb")), |b| {
+            b.iter_batched(
+                &mut next,
+                |request| {
+                    let routed = director.route(black_box(&request), None, false).unwrap();
+                    black_box(routed.destination())
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    scheduling_decision,
+    unseen_long_prompt,
+    parse_and_hash
+);
 criterion_main!(benches);

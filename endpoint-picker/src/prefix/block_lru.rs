@@ -16,6 +16,8 @@ const NIL: u32 = u32::MAX;
 #[derive(Debug, Clone, Copy)]
 struct Node {
     hash: u64,
+    /// The blocks this entry stands for (the index records long prompts sparsely).
+    weight: u32,
     /// Towards the most recent end.
     newer: u32,
     /// Towards the least recent end.
@@ -32,6 +34,7 @@ pub(crate) struct BlockLru {
     free: Vec<u32>,
     newest: u32,
     oldest: u32,
+    /// Sum of the entries' weights.
     len: usize,
 }
 
@@ -47,15 +50,17 @@ impl BlockLru {
         }
     }
 
-    /// Number of blocks held.
+    /// Number of blocks held: the entries' weights summed.
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Adds `hash` (not held) as the most recent block; returns its slot.
-    pub(crate) fn push_newest(&mut self, hash: u64) -> u32 {
+    /// Adds `hash` (not held), standing for `weight` blocks, as the most recent entry; returns
+    /// its slot.
+    pub(crate) fn push_newest(&mut self, hash: u64, weight: u32) -> u32 {
         let node = Node {
             hash,
+            weight,
             newer: NIL,
             older: NIL,
         };
@@ -71,7 +76,7 @@ impl BlockLru {
                 slot
             }
         };
-        self.len += 1;
+        self.len += weight as usize;
         self.link_newest(slot);
         slot
     }
@@ -93,8 +98,9 @@ impl BlockLru {
         let slot = self.oldest;
         self.unlink(slot);
         self.free.push(slot);
-        self.len -= 1;
-        Some(self.nodes[slot as usize].hash)
+        let node = self.nodes[slot as usize];
+        self.len -= node.weight as usize;
+        Some(node.hash)
     }
 
     /// The blocks held, least recent first.
@@ -153,7 +159,7 @@ mod tests {
                     false
                 }
                 None => {
-                    self.0.insert(h, lru.push_newest(h));
+                    self.0.insert(h, lru.push_newest(h, 1));
                     true
                 }
             }
@@ -183,6 +189,18 @@ mod tests {
         assert_eq!(s.pop(&mut lru), None);
         assert_eq!(lru.len(), 0);
         assert_eq!(lru.hashes().count(), 0);
+    }
+
+    #[test]
+    fn len_counts_weights() {
+        let mut lru = BlockLru::new();
+        lru.push_newest(1, 1);
+        lru.push_newest(2, 8);
+        assert_eq!(lru.len(), 9);
+        assert_eq!(lru.pop_oldest(), Some(1));
+        assert_eq!(lru.len(), 8);
+        assert_eq!(lru.pop_oldest(), Some(2));
+        assert_eq!(lru.len(), 0);
     }
 
     proptest::proptest! {

@@ -4,6 +4,17 @@
 //! its block hashes are recorded for the chosen endpoint; each endpoint keeps at most
 //! `capacity` blocks, evicting the least recently used. A reverse map `hash → endpoints`
 //! makes matching one walk over the request's hashes, whatever the number of endpoints.
+//!
+//! Long prompts are indexed sparsely. The first [`DENSE_BLOCKS`] blocks are indexed one by one;
+//! past them only every [`SPARSE_STRIDE`]-th block is, plus the prompt's last block. Block hashes
+//! are chained, so holding a block's hash means holding the whole prefix up to it, and a match
+//! past the dense head is rounded down to the last indexed block: at most
+//! `SPARSE_STRIDE - 1` blocks (112 tokens at 16 per block) short on a prompt of more than
+//! 4,096 tokens. What it buys: a 400 KB prompt (4,096 blocks with the cost model's cap) costs
+//! 736 map operations to record instead of 4,096, and as many to evict; recording was most of
+//! the EPP's CPU for such a request (bench/RESULTS.md, "Where a 400 KB prompt's EPP CPU goes").
+//! Each indexed block weighs the blocks it stands for, so an endpoint's capacity is still
+//! counted in blocks.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -13,6 +24,30 @@ use smallvec::SmallVec;
 
 use super::block_lru::BlockLru;
 use crate::datastore::EndpointId;
+
+/// Leading blocks indexed one by one (the reference's whole match depth: 4,096 tokens).
+pub const DENSE_BLOCKS: usize = 256;
+/// Past [`DENSE_BLOCKS`], one block in this many is indexed.
+pub const SPARSE_STRIDE: usize = 8;
+
+/// Whether the block at `position` of a prompt of `len` blocks is indexed.
+fn indexed(position: usize, len: usize) -> bool {
+    position < DENSE_BLOCKS
+        || (position + 1 - DENSE_BLOCKS).is_multiple_of(SPARSE_STRIDE)
+        || position + 1 == len
+}
+
+/// The blocks the indexed block at `position` stands for: itself and the unindexed ones
+/// before it.
+fn weight(position: usize) -> u32 {
+    if position < DENSE_BLOCKS {
+        1
+    } else {
+        // Blocks since the previous stride point (the last block of a prompt may fall
+        // between two); at most SPARSE_STRIDE.
+        ((position + 1 - DENSE_BLOCKS - 1) % SPARSE_STRIDE + 1) as u32
+    }
+}
 
 /// The endpoints holding a block, each with the block's slot in that endpoint's LRU list.
 type Holders = SmallVec<[(EndpointId, u32); 4]>;
@@ -40,17 +75,24 @@ impl PrefixIndex {
     }
 
     /// For each endpoint id, the number of leading `hashes` it holds, written into `matches`
-    /// (indexed by id; the slice must cover every id of interest and start zeroed).
+    /// (indexed by id; the slice must cover every id of interest and start zeroed). Past the
+    /// dense head the count is rounded down to the last indexed block held.
     pub fn match_lengths(&self, hashes: &[u64], matches: &mut [u32]) {
         let inner = self.inner.read();
-        for (i, h) in hashes.iter().enumerate() {
+        // `matches` counts indexed blocks during the walk: an endpoint continues its run
+        // when it holds the next indexed block.
+        let mut walked = 0u32;
+        for (position, h) in hashes.iter().enumerate() {
+            if !indexed(position, hashes.len()) {
+                continue;
+            }
             let Some(holders) = inner.holders.get(h) else {
                 break;
             };
             let mut advanced = false;
             for (id, _) in holders {
                 if let Some(m) = matches.get_mut(id.0 as usize)
-                    && *m as usize == i
+                    && *m == walked
                 {
                     *m += 1;
                     advanced = true;
@@ -59,6 +101,13 @@ impl PrefixIndex {
             if !advanced {
                 break;
             }
+            walked += 1;
+        }
+        if walked as usize <= DENSE_BLOCKS {
+            return; // all in the dense head: indexed blocks are blocks
+        }
+        for m in matches.iter_mut().filter(|m| **m as usize > DENSE_BLOCKS) {
+            *m = blocks_of_indexed(*m as usize, hashes.len()) as u32;
         }
     }
 
@@ -81,13 +130,16 @@ impl PrefixIndex {
         let lru = endpoints[slot].get_or_insert_with(BlockLru::new);
         // Deepest block first, so the leading blocks end up most recent: matching stops at the
         // first miss, so when something must go it should be a request's tail, never its head.
-        // One map operation per block: the holder entry carries the block's slot in the list.
-        for &h in hashes.iter().rev() {
+        // One map operation per indexed block: the holder entry carries its slot in the list.
+        for (position, &h) in hashes.iter().enumerate().rev() {
+            if !indexed(position, hashes.len()) {
+                continue;
+            }
             let set = holders.entry(h).or_default();
             match set.iter().find(|(id, _)| *id == endpoint) {
                 Some(&(_, slot)) => lru.promote(slot),
                 None => {
-                    let slot = lru.push_newest(h);
+                    let slot = lru.push_newest(h, weight(position));
                     set.push((endpoint, slot));
                 }
             }
@@ -115,7 +167,7 @@ impl PrefixIndex {
         }
     }
 
-    /// Number of (block, endpoint) entries held.
+    /// Number of (block, endpoint) pairs held, counting the blocks an indexed block stands for.
     pub fn len(&self) -> usize {
         self.inner
             .read()
@@ -130,6 +182,15 @@ impl PrefixIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The blocks `walked` indexed blocks of a prompt of `len` blocks cover (`walked` ≥ 1).
+fn blocks_of_indexed(walked: usize, len: usize) -> usize {
+    if walked <= DENSE_BLOCKS {
+        return walked;
+    }
+    // The last indexed block is a stride point, or the prompt's last block.
+    (DENSE_BLOCKS + (walked - DENSE_BLOCKS) * SPARSE_STRIDE).min(len)
 }
 
 fn remove_holder(
@@ -199,6 +260,83 @@ mod tests {
         idx.retain(|id| id == EndpointId(1));
         assert_eq!(lengths(&idx, &[1, 2], 2), vec![0, 2]);
         assert_eq!(idx.len(), 2);
+    }
+
+    /// Chained-hash stand-ins: `n` blocks sharing the first `shared` with `base`'s chain.
+    fn chain(base: u64, n: usize, shared: usize) -> Vec<u64> {
+        (0..n as u64)
+            .map(|i| {
+                if (i as usize) < shared {
+                    i + 1
+                } else {
+                    base * 1_000_000 + i + 1
+                }
+            })
+            .collect()
+    }
+
+    fn entries(index: &PrefixIndex) -> usize {
+        index.inner.read().holders.len()
+    }
+
+    #[test]
+    fn a_long_prompt_is_indexed_sparsely_past_the_dense_head() {
+        let idx = PrefixIndex::new();
+        let prompt = chain(1, 4096, 4096);
+        idx.insert(EndpointId(0), 100_000, &prompt);
+        assert_eq!(
+            entries(&idx),
+            DENSE_BLOCKS + (4096 - DENSE_BLOCKS) / SPARSE_STRIDE
+        );
+        assert_eq!(idx.len(), 4096, "capacity is counted in blocks");
+        assert_eq!(lengths(&idx, &prompt, 1), vec![4096]);
+        // A prompt sharing 1,003 blocks: matched to the last indexed block at or before them.
+        assert_eq!(lengths(&idx, &chain(2, 2000, 1003), 1), vec![1000]);
+        // Within the dense head, exact.
+        assert_eq!(lengths(&idx, &chain(3, 2000, 201), 1), vec![201]);
+        // A prompt ending between two indexed blocks matches whole where it was recorded
+        // itself; endpoint 0 recorded it only as part of a longer prompt.
+        idx.insert(EndpointId(1), 100_000, &chain(1, 1003, 1003));
+        assert_eq!(lengths(&idx, &chain(1, 1003, 1003), 2), vec![1000, 1003]);
+    }
+
+    #[test]
+    fn eviction_counts_the_blocks_an_indexed_block_stands_for() {
+        let idx = PrefixIndex::new();
+        let prompt = chain(1, 4096, 4096);
+        idx.insert(EndpointId(0), 1000, &prompt);
+        assert!(idx.len() <= 1000, "{}", idx.len());
+        let m = lengths(&idx, &prompt, 1)[0] as usize;
+        assert!((1000 - SPARSE_STRIDE..=1000).contains(&m), "{m}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 64,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(29),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+        /// Against exact matching: never more than the blocks held, at most a stride short,
+        /// exact in the dense head and for a repeated prompt.
+        #[test]
+        fn sparse_matching_is_at_most_a_stride_short(
+            stored in 1usize..700,
+            query in 1usize..700,
+            shared in 0usize..700,
+        ) {
+            let idx = PrefixIndex::new();
+            let held = chain(1, stored, stored);
+            idx.insert(EndpointId(0), 100_000, &held);
+            let q = chain(2, query, shared);
+            let exact = q.iter().zip(&held).take_while(|(a, b)| a == b).count();
+            let got = lengths(&idx, &q, 1)[0] as usize;
+            proptest::prop_assert!(got <= exact, "{} > {}", got, exact);
+            proptest::prop_assert!(got + SPARSE_STRIDE > exact, "{} vs {}", got, exact);
+            if exact <= DENSE_BLOCKS || q == held {
+                proptest::prop_assert_eq!(got, exact);
+            }
+        }
     }
 
     #[test]
