@@ -106,6 +106,36 @@ pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
     out
 }
 
+/// How Envoy hands the request body to the EPP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody {
+    /// As shipped in the FailClose templates (`FULL_DUPLEX_STREAMED`, the reference's mode):
+    /// the body streams to the EPP, which sends it back.
+    Streamed,
+    /// `request_body_mode: BUFFERED`, as in the FailOpen templates: Envoy keeps the body and
+    /// sends it once; the EPP sends a body back only when it rewrites the model.
+    Buffered,
+}
+
+/// Why [`with_request_body`] refused a template.
+#[derive(Debug, thiserror::Error)]
+#[error("the Envoy template has no `request_body_mode: FULL_DUPLEX_STREAMED` line")]
+pub struct NotStreamed;
+
+/// A shipped FailClose template switched to `mode`: for [`RequestBody::Buffered`], its one
+/// `request_body_mode: FULL_DUPLEX_STREAMED` becomes `BUFFERED`. A template without that line
+/// is refused rather than left as it was.
+pub fn with_request_body(rendered: &str, mode: RequestBody) -> Result<String, NotStreamed> {
+    const STREAMED: &str = "request_body_mode: FULL_DUPLEX_STREAMED";
+    match mode {
+        RequestBody::Streamed => Ok(rendered.to_owned()),
+        RequestBody::Buffered if rendered.matches(STREAMED).count() == 1 => {
+            Ok(rendered.replacen(STREAMED, "request_body_mode: BUFFERED", 1))
+        }
+        RequestBody::Buffered => Err(NotStreamed),
+    }
+}
+
 /// Why [`with_epp_pipe`] refused a rendered template.
 #[derive(Debug, thiserror::Error)]
 pub enum EppPipeError {
@@ -122,7 +152,7 @@ pub enum EppPipeError {
 /// no name for a pipe) and its address a `pipe` (gateway-configs/envoy/README.md, "Unix
 /// socket"). Only lines of the `epp` cluster change (it ends at the next line indented two
 /// spaces or less), so a template that moves it is refused instead of silently left on TCP.
-/// Used by the e2e test through real Envoy and by the bench's `overhead --uds`.
+/// Used by the e2e test through real Envoy and by the bench's `overhead --variants`.
 pub fn with_epp_pipe(rendered: &str, socket: &Path) -> Result<String, EppPipeError> {
     let mut out = String::with_capacity(rendered.len() + socket.as_os_str().len());
     let (mut found, mut in_epp, mut typed, mut addressed) = (false, false, false, false);
@@ -429,6 +459,25 @@ mod tests {
         assert_eq!(after, clusters.split_once("  - name: after\n").unwrap().1);
         assert!(after.contains("socket_address"));
         assert_eq!(piped.lines().count(), clusters.lines().count());
+    }
+
+    #[test]
+    fn the_shipped_failclose_template_switches_to_a_buffered_request_body() {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../gateway-configs/envoy/envoy-plaintext.yaml"),
+        )
+        .unwrap();
+        let buffered = with_request_body(&template, RequestBody::Buffered).unwrap();
+        assert_eq!(buffered.matches("request_body_mode: BUFFERED").count(), 1);
+        assert!(!buffered.contains("request_body_mode: FULL_DUPLEX_STREAMED"));
+        assert_eq!(buffered.lines().count(), template.lines().count());
+        assert_eq!(
+            with_request_body(&template, RequestBody::Streamed).unwrap(),
+            template
+        );
+        // Already buffered (a FailOpen template): refused, not silently kept.
+        assert!(with_request_body(&buffered, RequestBody::Buffered).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! ```text
 //! scenario routing  [--quick]   # Envoy RR / LR, Switchyard, sglang-router, vllm-router
 //! scenario overhead [--quick]   # Envoy -> backend vs Envoy -> Switchyard -> backend
-//! scenario overhead --uds       # the EPP paths over TCP and over the EPP's Unix socket
+//! scenario overhead --variants  # the EPP over TCP and its Unix socket, body streamed and buffered
 //! scenario overhead --bbr       # only the body-based router's hop: Envoy -> Switchyard vs
 //!                               # Envoy -> bbr -> Switchyard (a few minutes)
 //! scenario scale    [--quick]   # 1,000 endpoints: idle CPU, memory, decision time
@@ -68,10 +68,10 @@ enum Cmd {
         /// section `overhead-bbr`; a few minutes).
         #[arg(long)]
         bbr: bool,
-        /// Each EPP path over TCP and over the EPP's Unix socket (`--grpc-uds-path`; RESULTS.md
-        /// section `overhead-uds`).
-        #[arg(long, conflicts_with = "bbr")]
-        uds: bool,
+        /// Each EPP path over TCP, over the EPP's Unix socket (`--grpc-uds-path`) and with the
+        /// request body buffered, at 1, 220 and 400 KB (RESULTS.md section `overhead-variants`).
+        #[arg(long, alias = "uds", conflicts_with = "bbr")]
+        variants: bool,
     },
     /// Idle cost and decision time at 100 and 1,000 endpoints.
     Scale {
@@ -394,9 +394,16 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         Cmd::Overhead { bbr: true, .. } => {
             do_overhead_bbr(&tools, o.quick, &run_dir, &raw, &results, &header, write).await?;
         }
-        Cmd::Overhead { bbr: false, uds } => {
-            let res = overhead::run(&tools, o.quick, *uds, &run_dir).await?;
-            let section = if *uds { "overhead-uds" } else { "overhead" };
+        Cmd::Overhead {
+            bbr: false,
+            variants,
+        } => {
+            let res = overhead::run(&tools, o.quick, *variants, &run_dir).await?;
+            let section = if *variants {
+                "overhead-variants"
+            } else {
+                "overhead"
+            };
             std::fs::write(
                 raw.join(format!("{section}.json")),
                 serde_json::to_vec_pretty(&res)?,

@@ -534,33 +534,7 @@ pub async fn start_switchyard(
 }
 
 /// The response path of the shipped Envoy template (README "Response path").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponsePath {
-    /// As shipped: every response chunk through the EPP (`FULL_DUPLEX_STREAMED`).
-    Full,
-    /// `response_body_mode: NONE`: response bodies stream past the EPP.
-    Lean,
-}
-
-impl ResponsePath {
-    /// The shipped template's text switched to this path: for `Lean`, the response body mode
-    /// on the line marked `RESPONSE-PATH` becomes `NONE`.
-    pub fn apply(self, template: &str) -> String {
-        if self == ResponsePath::Full {
-            return template.to_owned();
-        }
-        let mut out = String::with_capacity(template.len());
-        for line in template.lines() {
-            if line.contains("# RESPONSE-PATH") {
-                out.push_str(&line.replace("FULL_DUPLEX_STREAMED", "NONE"));
-            } else {
-                out.push_str(line);
-            }
-            out.push('\n');
-        }
-        out
-    }
-}
+pub use testkit::envoy::ResponsePath;
 
 /// [`start_switchyard`] with the Envoy template on a given response path.
 pub async fn start_switchyard_on(
@@ -630,11 +604,14 @@ pub fn plaintext_envoy(
     epp_grpc: u16,
     backends: &[SocketAddr],
 ) -> anyhow::Result<PlaintextEnvoy> {
-    let template = response_path.apply(&std::fs::read_to_string(
-        tools
-            .repo
-            .join("gateway-configs/envoy/envoy-plaintext.yaml"),
-    )?);
+    let template = testkit::envoy::with_response_path(
+        &std::fs::read_to_string(
+            tools
+                .repo
+                .join("gateway-configs/envoy/envoy-plaintext.yaml"),
+        )?,
+        response_path,
+    );
     let (admin, listen) = (free_port()?, free_port()?);
     let config = harness::render(
         &template,

@@ -4,6 +4,10 @@
 //! difference is what the ext_proc hop adds. Envoy's CPU and the EPP's CPU per request are
 //! reported apart (`/proc/<pid>/stat` of each), with added latency p50/p99 and added TTFT.
 //!
+//! `--variants` measures how the gateway reaches the EPP instead, at the sizes of the EPP CPU
+//! and latency goals: over TCP or the EPP's Unix socket, the request body streamed (as shipped)
+//! or buffered ([`VARIANT_PATHS`]).
+//!
 //! `--bbr` ([`run_bbr`]) measures the body-based router's hop instead: the shipped Envoy + EPP
 //! against the same template with `bbr` in front ([`bbr_gateway`]), both up at once and
 //! measured in turn per body size, with `bbr`'s own CPU and Envoy's extra per request.
@@ -24,6 +28,7 @@ use super::{
 use crate::harness::{self, Proc, Tools, free_port, wait_http};
 use crate::loadgen::{self, LoadSpec, Mode, Summary};
 use crate::workload::{Kind, WorkloadArgs};
+use testkit::envoy::RequestBody;
 
 /// One (path, body size) measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,31 +143,38 @@ fn workload(bytes: usize, output_tokens: u32) -> WorkloadArgs {
 /// The paths measured, in order: the baseline first.
 const PATHS: [&str; 3] = ["envoy", "envoy+switchyard", "envoy+switchyard-lean"];
 
-/// The paths of `--uds`: each EPP path over TCP and over the EPP's Unix socket.
-pub const UDS_PATHS: [&str; 5] = [
+/// The paths of `--variants`: each EPP response path over TCP (as shipped), over the EPP's
+/// Unix socket, and with the request body buffered instead of streamed.
+pub const VARIANT_PATHS: [&str; 7] = [
     "envoy",
     "envoy+switchyard",
     "envoy+switchyard-uds",
+    "envoy+switchyard-buffered",
     "envoy+switchyard-lean",
     "envoy+switchyard-lean-uds",
+    "envoy+switchyard-lean-buffered",
 ];
 
-/// `epp --grpc-uds-path` + the shipped plaintext template with its `epp` cluster on that socket
-/// ([`testkit::envoy::with_epp_pipe`]), on `response_path`.
-pub async fn start_switchyard_uds(
+/// `epp` + the shipped plaintext template on `response_path`, switched to `request_body`,
+/// with its `epp` cluster on the EPP's Unix socket when `uds` (`epp --grpc-uds-path`,
+/// [`testkit::envoy::with_epp_pipe`]).
+pub async fn start_switchyard_variant(
     tools: &Tools,
     backends: &[std::net::SocketAddr],
     dir: &Path,
     response_path: ResponsePath,
+    request_body: RequestBody,
+    uds: bool,
 ) -> anyhow::Result<RouterUp> {
     let socket = dir.join("epp.sock");
     let socket_arg = socket.to_string_lossy().into_owned();
+    let uds_args = ["--grpc-uds-path", socket_arg.as_str()];
     let epp = start_epp(
         tools,
         None,
         harness::pool_yaml(backends),
         dir,
-        &["--grpc-uds-path", &socket_arg],
+        if uds { &uds_args } else { &[] },
     )
     .await?;
     let PlaintextEnvoy {
@@ -170,7 +182,10 @@ pub async fn start_switchyard_uds(
         admin,
         listen,
     } = plaintext_envoy(tools, response_path, epp.grpc, backends)?;
-    let envoy_cfg = testkit::envoy::with_epp_pipe(&rendered, &socket)?;
+    let mut envoy_cfg = testkit::envoy::with_request_body(&rendered, request_body)?;
+    if uds {
+        envoy_cfg = testkit::envoy::with_epp_pipe(&envoy_cfg, &socket)?;
+    }
     let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, true).await?;
     let up = RouterUp {
         url: format!("http://127.0.0.1:{listen}"),
@@ -180,7 +195,7 @@ pub async fn start_switchyard_uds(
     };
     super::wait_serving(&up.url, Duration::from_secs(60))
         .await
-        .with_context(|| format!("Envoy + epp over {socket_arg} never served a request"))?;
+        .with_context(|| format!("Envoy + epp ({dir:?}) never served a request"))?;
     Ok(up)
 }
 
@@ -310,9 +325,9 @@ fn body_sizes(quick: bool) -> [(usize, usize); 4] {
     }
 }
 
-/// The body sizes of `--uds` and the requests sent at each: 1 KB (the latency goal), 220 KB
+/// The body sizes of `--variants` and the requests sent at each: 1 KB (the latency goal), 220 KB
 /// and 400 KB (a 100,000-token prompt, the EPP CPU goal of 1 ms).
-fn uds_body_sizes(quick: bool) -> [(usize, usize); 3] {
+fn variant_body_sizes(quick: bool) -> [(usize, usize); 3] {
     let n = if quick { 1 } else { 3 };
     [
         (1024, 1000 * n),
@@ -321,20 +336,24 @@ fn uds_body_sizes(quick: bool) -> [(usize, usize); 3] {
     ]
 }
 
-/// Runs the scenario; with `uds`, the EPP paths over TCP and over the EPP's Unix socket
-/// ([`UDS_PATHS`]).
+/// Runs the scenario; with `variants`, the EPP paths over TCP and over the EPP's Unix socket,
+/// with the request body streamed and buffered ([`VARIANT_PATHS`]).
 pub async fn run(
     tools: &Tools,
     quick: bool,
-    uds: bool,
+    variants: bool,
     dir: &Path,
 ) -> anyhow::Result<OverheadResult> {
-    let dir = dir.join(if uds { "overhead-uds" } else { "overhead" });
+    let dir = dir.join(if variants {
+        "overhead-variants"
+    } else {
+        "overhead"
+    });
     std::fs::create_dir_all(&dir)?;
     let (_backend, addrs) = start_backend(1, &dir)?;
     let backend = addrs.first().copied();
-    let sizes: Vec<(usize, usize)> = if uds {
-        uds_body_sizes(quick).to_vec()
+    let sizes: Vec<(usize, usize)> = if variants {
+        variant_body_sizes(quick).to_vec()
     } else {
         body_sizes(quick).to_vec()
     };
@@ -342,7 +361,7 @@ pub async fn run(
     let mut throughput = Vec::new();
     let mut epp_peak_rss_mib = 0.0;
     let mut epp_rest_us_per_s = std::collections::BTreeMap::new();
-    let paths: &[&str] = if uds { &UDS_PATHS } else { &PATHS };
+    let paths: &[&str] = if variants { &VARIANT_PATHS } else { &PATHS };
     for &path in paths {
         let sub = dir.join(path.replace('+', "-"));
         std::fs::create_dir_all(&sub)?;
@@ -354,7 +373,26 @@ pub async fn run(
         let up = match path {
             "envoy" => start_envoy_direct(tools, "LEAST_REQUEST", &addrs, &sub).await?,
             _ if path.ends_with("-uds") => {
-                start_switchyard_uds(tools, &addrs, &sub, response_path).await?
+                start_switchyard_variant(
+                    tools,
+                    &addrs,
+                    &sub,
+                    response_path,
+                    RequestBody::Streamed,
+                    true,
+                )
+                .await?
+            }
+            _ if path.ends_with("-buffered") => {
+                start_switchyard_variant(
+                    tools,
+                    &addrs,
+                    &sub,
+                    response_path,
+                    RequestBody::Buffered,
+                    false,
+                )
+                .await?
             }
             _ => start_switchyard_on(tools, None, &addrs, &sub, &[], response_path).await?,
         };
@@ -935,7 +973,9 @@ pub fn split_table(res: &OverheadResult) -> String {
         "CPU per request, Envoy and EPP apart (Envoy alone vs Envoy + EPP, same backend; \
          `full` = the shipped response path, every response chunk through the EPP; `lean` = \
          `response_body_mode: NONE`, the body past the EPP; `UDS` = Envoy reaches the EPP on \
-         its Unix socket, `--grpc-uds-path`, instead of TCP). `epp by the clock` is the EPP's \
+         its Unix socket, `--grpc-uds-path`, instead of TCP; `buffered body` = \
+         `request_body_mode: BUFFERED` instead of the shipped `FULL_DUPLEX_STREAMED`: Envoy \
+         keeps the body and sends it once, after the headers' answer). `epp by the clock` is the EPP's \
          CPU at rest (Envoy attached, no traffic: health checks, timers) times the request's \
          length, a part of `epp CPU / req` that does not depend on the request; `scrapes / req` \
          counts the EPP's scrapes of the backend during the measurement (≈ 250 µs of EPP CPU \
@@ -996,8 +1036,10 @@ fn path_label(path: &str) -> &'static str {
         "envoy" => "Envoy alone",
         "envoy+switchyard" => "+ epp, full",
         "envoy+switchyard-uds" => "+ epp, full, UDS",
+        "envoy+switchyard-buffered" => "+ epp, full, buffered body",
         "envoy+switchyard-lean" => "+ epp, lean",
         "envoy+switchyard-lean-uds" => "+ epp, lean, UDS",
+        "envoy+switchyard-lean-buffered" => "+ epp, lean, buffered body",
         _ => "+ epp",
     }
 }
