@@ -305,13 +305,17 @@ whatif-sweep:
 bench-goodput: envoy bench-peers bench-build
 	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput $(GOODPUT_ARGS)
 
-# KV sharing (issue 15 "Must show"): cache-pressure and kv-sharing (prefixes larger than the
-# cluster's GPU KV tier, smaller than GPU + CPU + shared), tiers on the simulator for every
-# router, precise + tiers vs the approximate cost model vs the three peers.
+# KV sharing (issue 15 "Must show"): kv-sharing (prefixes larger than the cluster's GPU KV
+# tier, smaller than GPU + CPU + shared) and cache-pressure, the tiers on the simulator for
+# every router, precise + tiers vs the approximate cost model vs the three peers. Each writes
+# its own RESULTS.md section (`kv-sharing`, `cache-pressure-tiers`), not the goodput table.
 KV_SHARING_ARGS ?= --bisect
+KV_SHARING_ROUTERS := switchyard-precise,switchyard,sglang:cache_aware,vllm:cache_aware,smg
 bench-kv-sharing: envoy bench-peers bench-build
-	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput --workloads cache-pressure,kv-sharing \
-	  --routers switchyard-precise,switchyard,sglang:cache_aware,vllm:cache_aware,smg $(KV_SHARING_ARGS)
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput --workloads kv-sharing \
+	  --routers $(KV_SHARING_ROUTERS) --section kv-sharing $(KV_SHARING_ARGS)
+	$(BENCH_BIN)/scenario --envoy "$(ENVOY)" goodput --workloads cache-pressure --tiers \
+	  --routers $(KV_SHARING_ROUTERS) --section cache-pressure-tiers $(KV_SHARING_ARGS)
 
 # Active-active (issue 15 item 6, bench/RESULTS.md "Active-active"): 1 vs 2 vs 3 precise EPPs
 # behind one Envoy on the same workload and cluster; ≈ 8 min (`-quick`: ≈ 3 min, not written).

@@ -153,6 +153,9 @@ enum Cmd {
         /// Markdown put before the tables (how and when it was run).
         #[arg(long)]
         header_file: Option<PathBuf>,
+        /// The RESULTS.md section written, and its raw JSON as for `goodput --section`.
+        #[arg(long, default_value = "goodput", value_parser = parse_section)]
+        section: String,
     },
     /// (internal) Serve the fixed backend on N ephemeral ports; prints `backend-<i> http://<addr>`
     /// lines, then an empty line.
@@ -259,8 +262,37 @@ struct GoodputOpts {
     #[arg(long = "sim-arg", allow_hyphen_values = true)]
     sim_args: Vec<String>,
     /// `kv-sharing` without its CPU and shared tiers (a simulator without the tier flags).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tiers")]
     no_tiers: bool,
+    /// Every workload with `kv-sharing`'s CPU and shared tiers (it has them by default).
+    #[arg(long)]
+    tiers: bool,
+    /// The RESULTS.md section written (`<!-- BEGIN <section> -->`); its raw JSON goes to
+    /// `bench/results/goodput.json` for `goodput`, else `bench/results/goodput-<section>.json`.
+    #[arg(long, default_value = "goodput", value_parser = parse_section)]
+    section: String,
+}
+
+/// The raw JSON file of a goodput section, under `bench/results/`.
+fn goodput_raw_name(section: &str) -> String {
+    if section == "goodput" {
+        "goodput.json".to_owned()
+    } else {
+        format!("goodput-{section}.json")
+    }
+}
+
+/// A RESULTS.md section name: lowercase letters, digits and dashes (it names a file too).
+fn parse_section(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: a section is 1 to 64 of a-z, 0-9 and -"))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -293,7 +325,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         std::future::pending::<()>().await;
         return Ok(());
     }
-    if let Cmd::GoodputReport { input, header_file } = &o.cmd {
+    if let Cmd::GoodputReport {
+        input,
+        header_file,
+        section,
+    } = &o.cmd
+    {
         #[derive(serde::Deserialize)]
         struct Saved {
             cfg: GoodputCfg,
@@ -337,9 +374,9 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         eprintln!("{md}");
         if !o.no_results {
             let repo = o.repo.canonicalize().context("repository root")?;
-            update_section(&repo.join("bench/RESULTS.md"), "goodput", &md)?;
+            update_section(&repo.join("bench/RESULTS.md"), section, &md)?;
             std::fs::write(
-                repo.join("bench/results/goodput.json"),
+                repo.join("bench/results").join(goodput_raw_name(section)),
                 serde_json::to_vec_pretty(&serde_json::json!({"cfg": cfg, "runs": runs}))?,
             )?;
         }
@@ -860,7 +897,8 @@ fn goodput_cfg(g: &GoodputOpts, quick: bool) -> anyhow::Result<GoodputCfg> {
         .into_iter()
         .map(|k| {
             let (mut workload, gpu_blocks, preset) = goodput_preset(k);
-            let tiers = (k == Kind::KvSharing && !g.no_tiers).then_some(KV_SHARING_TIERS);
+            let tiers =
+                ((k == Kind::KvSharing && !g.no_tiers) || g.tiers).then_some(KV_SHARING_TIERS);
             let ratio = if routers.iter().any(Router::needs_engine_events) {
                 scenario::precise::TEST_TOKENIZER_TOKENS_PER_TOKEN
             } else {
@@ -1064,7 +1102,8 @@ async fn do_goodput(
         return Ok(());
     }
     let raw = if write {
-        repo.join("bench/results/goodput.json")
+        repo.join("bench/results")
+            .join(goodput_raw_name(&g.section))
     } else {
         run_dir.join("goodput.json")
     };
@@ -1097,7 +1136,48 @@ async fn do_goodput(
     );
     eprintln!("{md}");
     if write {
-        update_section(&repo.join("bench/RESULTS.md"), "goodput", &md)?;
+        update_section(&repo.join("bench/RESULTS.md"), &g.section, &md)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_goodput_section_names_a_results_section_and_its_raw_file() {
+        assert_eq!(
+            parse_section("cache-pressure-tiers").as_deref(),
+            Ok("cache-pressure-tiers")
+        );
+        for bad in ["", "Goodput", "../x", "a b", &"x".repeat(65)] {
+            assert!(parse_section(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(goodput_raw_name("goodput"), "goodput.json");
+        assert_eq!(goodput_raw_name("kv-sharing"), "goodput-kv-sharing.json");
+    }
+
+    #[test]
+    fn goodput_takes_the_tiers_and_a_section() {
+        let o = Opts::try_parse_from([
+            "scenario",
+            "goodput",
+            "--workloads",
+            "cache-pressure",
+            "--tiers",
+            "--section",
+            "cache-pressure-tiers",
+        ])
+        .expect("parses");
+        let Cmd::Goodput(g) = o.cmd else {
+            panic!("not goodput")
+        };
+        assert!(g.tiers && !g.no_tiers);
+        assert_eq!(g.section, "cache-pressure-tiers");
+        assert!(
+            Opts::try_parse_from(["scenario", "goodput", "--tiers", "--no-tiers"]).is_err(),
+            "contradictory"
+        );
+    }
 }

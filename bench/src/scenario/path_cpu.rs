@@ -39,6 +39,10 @@ pub enum Setup {
     /// Envoy + Switchyard default profile, `response_body_mode: NONE` (response bodies stream
     /// past the EPP).
     SwitchyardLean,
+    /// The lean path with the request body buffered (`request_body_mode: BUFFERED`): the
+    /// processing modes of the shipped FailOpen templates; the body crosses the gRPC stream
+    /// once instead of twice, for one more round trip before it.
+    SwitchyardLeanBuffered,
     /// A peer router (a complete proxy and router).
     Peer(Router),
 }
@@ -50,13 +54,19 @@ impl Setup {
             Setup::EnvoyAlone => "Envoy alone (round robin)".into(),
             Setup::SwitchyardFull => "Envoy + Switchyard default (full response path)".into(),
             Setup::SwitchyardLean => "Envoy + Switchyard lean (`response_body_mode: NONE`)".into(),
+            Setup::SwitchyardLeanBuffered => {
+                "Envoy + Switchyard lean, buffered body (+ `request_body_mode: BUFFERED`)".into()
+            }
             Setup::Peer(r) => r.label(),
         }
     }
 
-    /// Envoy + Switchyard (either response path).
+    /// Envoy + Switchyard (any response path or body mode).
     pub fn is_switchyard(&self) -> bool {
-        matches!(self, Setup::SwitchyardFull | Setup::SwitchyardLean)
+        matches!(
+            self,
+            Setup::SwitchyardFull | Setup::SwitchyardLean | Setup::SwitchyardLeanBuffered
+        )
     }
 }
 
@@ -112,6 +122,7 @@ impl PathCpuCfg {
                 Setup::EnvoyAlone,
                 Setup::SwitchyardFull,
                 Setup::SwitchyardLean,
+                Setup::SwitchyardLeanBuffered,
                 Setup::Peer(Router::Sglang("cache_aware".into())),
                 Setup::Peer(Router::Vllm("cache_aware".into())),
                 Setup::Peer(Router::Smg("cache_aware".into())),
@@ -328,6 +339,17 @@ async fn one(
                 ResponsePath::Lean
             };
             start_switchyard_on(tools, None, &replicas, dir, &[], path).await?
+        }
+        Setup::SwitchyardLeanBuffered => {
+            super::overhead::start_switchyard_variant(
+                tools,
+                &replicas,
+                dir,
+                ResponsePath::Lean,
+                testkit::envoy::RequestBody::Buffered,
+                false,
+            )
+            .await?
         }
         Setup::Peer(r) => start_router(tools, r, &replicas, dir).await?,
     };
