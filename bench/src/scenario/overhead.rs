@@ -1212,7 +1212,7 @@ mod tests {
         let envoy = std::env::var_os("ENVOY")
             .filter(|e| !e.is_empty())
             .map(std::path::PathBuf::from)
-            .or_else(|| harness::find_venv_envoy(&repo()));
+            .or_else(|| testkit::envoy::venv_binary(&repo()));
         let Some(envoy) = envoy else {
             assert!(
                 std::env::var_os("SWITCHYARD_REQUIRE_ENVOY").is_none(),
