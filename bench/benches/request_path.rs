@@ -131,10 +131,24 @@ fn unseen_long_prompt(c: &mut Criterion) {
     group.finish();
 }
 
+/// Reading one scrape of a busy vLLM engine (every body differs, so none is skipped): the
+/// families the vLLM mapping reads, out of the fixed backend's 30 KB exposition.
+fn scrape_extract(c: &mut Criterion) {
+    let text = bench::fixed_backend::exposition(1);
+    let mapping = endpoint_picker::scrape::engine::EngineMapping::vllm();
+    let mut group = c.benchmark_group("scrape_extract");
+    group.throughput(Throughput::Bytes(text.len() as u64));
+    group.bench_function("vllm_30kb", |b| {
+        b.iter(|| black_box(mapping.extract(black_box(&text))))
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     scheduling_decision,
     unseen_long_prompt,
-    parse_and_hash
+    parse_and_hash,
+    scrape_extract
 );
 criterion_main!(benches);

@@ -35,6 +35,21 @@ vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",engine=\
 
 /// The families a vLLM exposition carries besides the four the EPP reads: latency and token
 /// histograms (about 300 lines, 30 KB, as vLLM 0.11 exposes for one model).
+/// The `n`-th scrape's `/metrics`, about 30 KB. As a real engine's: the series the EPP reads,
+/// histograms it does not, and a process counter that moves with every scrape (so no two
+/// bodies are identical and the EPP parses every one).
+pub fn exposition(n: u64) -> String {
+    let mut text = String::with_capacity(METRICS.len() + extra_metrics().len() + 64);
+    text.push_str(METRICS);
+    text.push_str(extra_metrics());
+    text.push_str(&format!(
+        "process_cpu_seconds_total {}.{:03}\n",
+        n / 1000,
+        n % 1000
+    ));
+    text
+}
+
 fn extra_metrics() -> &'static str {
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TEXT.get_or_init(|| {
@@ -156,17 +171,7 @@ async fn handle(
     let builder = Response::builder().header("x-inference-pod", &*pod);
     let resp = match (parts.method, parts.uri.path()) {
         (Method::GET, "/metrics") => {
-            let n = SCRAPES.fetch_add(1, Ordering::Relaxed);
-            // As a real engine's: the series the EPP reads, histograms it does not, and a
-            // process counter that moves with every scrape (so no two bodies are identical).
-            let mut text = String::with_capacity(METRICS.len() + extra_metrics().len() + 64);
-            text.push_str(METRICS);
-            text.push_str(extra_metrics());
-            text.push_str(&format!(
-                "process_cpu_seconds_total {}.{:03}\n",
-                n / 1000,
-                n % 1000
-            ));
+            let text = exposition(SCRAPES.fetch_add(1, Ordering::Relaxed));
             builder
                 .header("content-type", "text/plain; version=0.0.4")
                 .body(full(Bytes::from(text)))
