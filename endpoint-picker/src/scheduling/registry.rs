@@ -231,8 +231,7 @@ pub static REGISTRY: &[Entry] = &[
     }),
     // Reads the `ttft-cost-producer`'s predictions (one is made when none is declared).
     Entry::new("ttft-cost-scorer", Role::Scorer, |p| {
-        p.none()?;
-        scorer(TtftCostScorer { name: p.name() })
+        scorer(TtftCostScorer::from_params(p)?)
     }),
     // Pickers.
     Entry::new("max-score-picker", Role::Picker, |p| {

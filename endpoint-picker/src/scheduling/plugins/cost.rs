@@ -8,7 +8,9 @@
 //!   prefill, [`crate::cost::TierCosts`]), and the replica's calibration. It runs after the
 //!   prefix producers and `p2p-source-producer`.
 //! - `ttft-cost-scorer` scores each candidate by the cheapest objective over its own:
-//!   `min / objective`, so the cheapest replica scores 1.
+//!   `min / objective`, so the cheapest replica scores 1. With a tie band (`tieWithinMillis`,
+//!   `tieWithinFraction`) every candidate that close to the cheapest scores 1 too, and the
+//!   picker's seeded tie-break spreads the requests over them.
 //! - `latency-slo-filter` keeps the candidates predicted to meet the request's
 //!   `x-llm-d-slo-ttft-ms` / `x-llm-d-slo-tpot-ms`, when any does; otherwise all of them (the
 //!   scorer then picks the least late).
@@ -354,11 +356,78 @@ impl DataProducer for TtftCostProducer {
     }
 }
 
-/// `ttft-cost-scorer`: the cheapest candidate scores 1, the others `cheapest / theirs`.
+/// `ttft-cost-scorer` parameters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ScorerYaml {
+    tie_within_millis: Option<f64>,
+    tie_within_fraction: Option<f64>,
+}
+
+/// The widest absolute tie band, ms: ten seconds is beyond any prediction worth ranking.
+const MAX_TIE_WITHIN_MILLIS: f64 = 10_000.0;
+
+/// `ttft-cost-scorer`: the cheapest candidate scores 1, the others `cheapest / theirs`; with a
+/// tie band, every candidate whose objective is within the band of the cheapest scores 1.
 #[derive(Debug)]
 pub struct TtftCostScorer {
     /// Instance name.
     pub name: String,
+    /// The absolute part of the tie band, seconds of objective (0: none).
+    pub tie_within_seconds: f64,
+    /// The relative part of the tie band, a share of the cheapest objective (0: none).
+    ///
+    /// The band is `max(tie_within_seconds, tie_within_fraction × cheapest)`. Candidates in it
+    /// tie at 1, so `max-score-picker` chooses among them at random with its seeded RNG
+    /// (AIBrix's least-request top-k, the power of two choices). Several EPP replicas each see
+    /// the others' just-routed requests only at the next scrape, so with the same snapshot they
+    /// all pick the same cheapest replica and pile prefills on it (bench `active-active`, burst
+    /// herding); costs closer than what that blind spot hides are no real preference, and a
+    /// random choice among them spreads the EPPs. Both 0 (the default) is the plain ranking.
+    pub tie_within_fraction: f64,
+}
+
+impl Default for TtftCostScorer {
+    fn default() -> Self {
+        Self {
+            name: "ttft-cost-scorer".into(),
+            tie_within_seconds: 0.0,
+            tie_within_fraction: 0.0,
+        }
+    }
+}
+
+impl TtftCostScorer {
+    /// Builds from `tieWithinMillis` (in [0, 10000]) and `tieWithinFraction` (in [0, 1]),
+    /// both 0 by default (no tie band).
+    pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
+        let y: ScorerYaml = p.decode()?;
+        let mut out = Self {
+            name: p.name(),
+            ..Self::default()
+        };
+        match y.tie_within_millis {
+            Some(ms) if !(ms.is_finite() && (0.0..=MAX_TIE_WITHIN_MILLIS).contains(&ms)) => {
+                return Err(p.invalid("tieWithinMillis", "must be in [0, 10000] ms"));
+            }
+            Some(ms) => out.tie_within_seconds = ms / 1e3,
+            None => {}
+        }
+        match y.tie_within_fraction {
+            Some(f) if !(f.is_finite() && (0.0..=1.0).contains(&f)) => {
+                return Err(p.invalid("tieWithinFraction", "must be in [0, 1]"));
+            }
+            Some(f) => out.tie_within_fraction = f,
+            None => {}
+        }
+        Ok(out)
+    }
+
+    /// How far above the `cheapest` objective a candidate still ties with it (0: no band).
+    fn tie_band(&self, cheapest: f64) -> f64 {
+        self.tie_within_seconds
+            .max(self.tie_within_fraction * cheapest)
+    }
 }
 
 impl Plugin for TtftCostScorer {
@@ -387,8 +456,14 @@ impl Scorer for TtftCostScorer {
             .iter()
             .filter_map(objective)
             .fold(f64::INFINITY, f64::min);
+        let band = if best.is_finite() {
+            self.tie_band(best)
+        } else {
+            0.0
+        };
         for (s, c) in scores.iter_mut().zip(candidates) {
             *s = match objective(c) {
+                Some(o) if band > 0.0 && o <= best + band => 1.0,
                 Some(o) if o > 0.0 && best.is_finite() => best / o,
                 Some(_) => 1.0,
                 None => 0.0,
@@ -497,7 +572,7 @@ mod tests {
     fn run(s: &Setup, state: &mut CycleState, req: &InferenceRequest) -> Vec<f64> {
         TtftCostProducer::default().produce(req, &s.candidates, state);
         let mut scores = vec![f64::NAN; s.candidates.len()];
-        TtftCostScorer { name: "s".into() }.score(req, state, &s.candidates, &mut scores);
+        TtftCostScorer::default().score(req, state, &s.candidates, &mut scores);
         scores
     }
 
@@ -566,6 +641,144 @@ mod tests {
         assert_eq!(scores[0], 1.0);
         assert!(scores[0] > scores[1] && scores[1] > scores[2], "{scores:?}");
         assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+    }
+
+    /// `s` with this EPP's own queued prefill tokens on each candidate.
+    fn queued(s: &Setup, tokens: &[u64]) {
+        for (c, &t) in s.candidates.iter().zip(tokens) {
+            s.loads[c.endpoint.id.0 as usize]
+                .prefill_tokens
+                .store(t, Ordering::Relaxed);
+        }
+    }
+
+    /// How often each candidate is picked first in `draws` decisions of `scorer` and
+    /// `max-score-picker` (one RNG seeded `seed` across them, as one EPP's).
+    fn pick_counts(s: &Setup, scorer: &TtftCostScorer, seed: u64, draws: usize) -> Vec<usize> {
+        use rand::SeedableRng;
+
+        use crate::scheduling::Picker;
+        use crate::scheduling::plugins::pickers::MaxScorePicker;
+        let picker = MaxScorePicker {
+            name: "p".into(),
+            max_endpoints: 1,
+        };
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let req = request(1000);
+        let mut st = state(s);
+        TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+        let mut scores = vec![f64::NAN; s.candidates.len()];
+        scorer.score(&req, &st, &s.candidates, &mut scores);
+        let mut counts = vec![0; s.candidates.len()];
+        for _ in 0..draws {
+            let scored = scores
+                .iter()
+                .enumerate()
+                .map(|(index, &score)| crate::scheduling::Scored { index, score })
+                .collect();
+            counts[picker.pick(scored, &mut rng)[0].index] += 1;
+        }
+        counts
+    }
+
+    /// Candidates within the band of the cheapest (here 9 ms apart, a band of 20 ms) share
+    /// the picks about evenly; one beyond it (300 ms) is never picked; a winner cheaper by more
+    /// than the band (60 ms) is never displaced; the same seed makes the same picks.
+    #[test]
+    fn a_tie_band_spreads_near_equal_costs_and_keeps_a_clear_winner() {
+        let banded = TtftCostScorer {
+            tie_within_seconds: 0.020,
+            ..TtftCostScorer::default()
+        };
+        let s = setup(3, &[0, 0, 0]);
+        queued(&s, &[0, 300, 10_000]);
+        let counts = pick_counts(&s, &banded, 5, 1_000);
+        assert_eq!(counts[2], 0, "{counts:?}");
+        assert!((400..600).contains(&counts[0]), "{counts:?}");
+        assert_eq!(counts, pick_counts(&s, &banded, 5, 1_000), "same seed");
+        // Without the band the cheapest takes every pick.
+        assert_eq!(
+            pick_counts(&s, &TtftCostScorer::default(), 5, 1_000),
+            [1_000, 0, 0]
+        );
+        // A relative band: 9 ms is within 30 % of the cheapest's 36 ms, not within 10 %.
+        let relative = |f| TtftCostScorer {
+            tie_within_fraction: f,
+            ..TtftCostScorer::default()
+        };
+        assert!(pick_counts(&s, &relative(0.3), 5, 1_000)[1] > 400);
+        assert_eq!(pick_counts(&s, &relative(0.1), 5, 1_000)[1], 0);
+        queued(&s, &[0, 2_000, 10_000]);
+        assert_eq!(pick_counts(&s, &banded, 5, 1_000), [1_000, 0, 0]);
+    }
+
+    #[test]
+    fn the_tie_band_parameters_are_read_and_checked() {
+        use crate::scheduling::plugins::test_util::build_from_yaml;
+        let build = |yaml| build_from_yaml("ttft-cost-scorer", yaml, TtftCostScorer::from_params);
+        let (s, warnings) = build("{tieWithinMillis: 25, tieWithinFraction: 0.1}").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!((s.tie_within_seconds, s.tie_within_fraction), (0.025, 0.1));
+        let (s, _) = build("{}").unwrap();
+        assert_eq!((s.tie_within_seconds, s.tie_within_fraction), (0.0, 0.0));
+        for (bad, name) in [
+            ("{tieWithinMillis: -1}", "tieWithinMillis"),
+            ("{tieWithinMillis: 10001}", "tieWithinMillis"),
+            ("{tieWithinMillis: .nan}", "tieWithinMillis"),
+            ("{tieWithinFraction: 1.5}", "tieWithinFraction"),
+            ("{tieWithinFraction: -0.1}", "tieWithinFraction"),
+        ] {
+            let err = build(bad).unwrap_err().to_string();
+            assert!(err.contains(name), "{bad}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 256,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x7_1e5),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+        /// Without a band every score is `cheapest / objective` exactly (the scorer as it was
+        /// before the band); with one, a candidate in the band scores 1 and every other keeps
+        /// that score, so the band only ever makes near-equal candidates tie.
+        #[test]
+        fn the_tie_band_only_raises_candidates_within_it_to_one(
+            tokens in proptest::collection::vec(0u64..40_000, 1..8),
+            millis in 0.0f64..200.0,
+            fraction in 0.0f64..0.5,
+        ) {
+            let s = setup(tokens.len() as u8, &vec![0; tokens.len()]);
+            queued(&s, &tokens);
+            let req = request(1000);
+            let mut st = state(&s);
+            TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
+            let costs = st.costs.as_ref().unwrap();
+            let objectives: Vec<f64> = s
+                .candidates
+                .iter()
+                .map(|c| costs.of(&c.endpoint).unwrap().objective)
+                .collect();
+            let best = objectives.iter().copied().fold(f64::INFINITY, f64::min);
+            let mut plain = vec![f64::NAN; tokens.len()];
+            TtftCostScorer::default().score(&req, &st, &s.candidates, &mut plain);
+            for (p, o) in plain.iter().zip(&objectives) {
+                proptest::prop_assert_eq!(*p, best / o);
+            }
+            let banded = TtftCostScorer {
+                tie_within_seconds: millis / 1e3,
+                tie_within_fraction: fraction,
+                ..TtftCostScorer::default()
+            };
+            let mut scores = vec![f64::NAN; tokens.len()];
+            banded.score(&req, &st, &s.candidates, &mut scores);
+            let band = (millis / 1e3).max(fraction * best);
+            for ((sc, p), o) in scores.iter().zip(&plain).zip(&objectives) {
+                let want = if band > 0.0 && *o <= best + band { 1.0 } else { *p };
+                proptest::prop_assert_eq!(*sc, want);
+            }
+        }
     }
 
     #[test]
@@ -821,7 +1034,7 @@ mod tests {
         let req = request(4_000);
         producer.produce(&req, &s.candidates, &mut st);
         let mut scores = vec![f64::NAN; s.candidates.len()];
-        TtftCostScorer { name: "s".into() }.score(&req, &st, &s.candidates, &mut scores);
+        TtftCostScorer::default().score(&req, &st, &s.candidates, &mut scores);
         (0..scores.len())
             .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
             .unwrap()

@@ -141,7 +141,7 @@ fn scorers(c: &Cycle) -> Vec<Box<dyn Scorer>> {
             max_busy_score: c.max_busy,
         }),
         Box::new(NoHitLruScorer::new("lru".into(), c.lru_size)),
-        Box::new(TtftCostScorer { name: "c".into() }),
+        Box::new(TtftCostScorer::default()),
         Box::new(SessionAffinityScorer::new(
             "s".into(),
             Algorithm::SessionIdHeader,
