@@ -199,8 +199,10 @@ pub struct EndpointMatch {
     /// Of those blocks, how many only the shared store provides (the endpoint holds no copy).
     /// `blocks = Σ by_tier + shared`.
     pub shared: u32,
-    /// Leading blocks the endpoint holds in its own tiers, without the shared store: what a
-    /// peer could pull from it.
+    /// Leading blocks the endpoint's engine has announced in its own tiers, without the shared
+    /// store: what a peer could pull from it. Speculative entries do not count: they stand for
+    /// blocks of a request routed there that the engine may not have computed yet (at a cold
+    /// start, seconds in its queue), and a pull of them loads nothing.
     pub local_run: u32,
     candidate: bool,
     last_tier: u8,
@@ -855,7 +857,7 @@ impl KvIndex {
                 }
                 let t = tier(e.medium);
                 let w = weights.0[t];
-                if m.local_run == i {
+                if !e.speculative && m.local_run == i {
                     m.local_run += 1;
                 }
                 // A copy of a block the store also holds weighs at least the store's.

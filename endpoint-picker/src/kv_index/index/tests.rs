@@ -518,6 +518,27 @@ async fn real_events_replace_speculative_entries() {
     idx.check_invariants();
 }
 
+/// A speculative entry is a GPU hit for its endpoint (the request routed there will find its
+/// blocks), but nothing a peer can pull: the engine may not have computed them yet. The run
+/// a peer can pull is what the engine announced.
+#[tokio::test(start_paused = true)]
+async fn speculative_blocks_are_hits_but_not_a_peers_source() {
+    let mut idx = index(IndexLimits::default());
+    let keys = request(1, 4);
+    idx.speculate(ep(0), &keys, Instant::now());
+    let m = lookup(&idx, &keys, &[0]).of(ep(0));
+    assert_eq!((m.blocks, m.by_tier[0], m.local_run), (4, 4, 0));
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..2, Medium::Gpu)]),
+        Instant::now(),
+    );
+    let m = lookup(&idx, &keys, &[0]).of(ep(0));
+    assert_eq!((m.blocks, m.by_tier[0], m.local_run), (4, 4, 2));
+    idx.check_invariants();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_later_request_extends_a_speculative_entry() {
     let mut idx = index(IndexLimits::default());

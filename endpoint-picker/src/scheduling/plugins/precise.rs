@@ -489,8 +489,9 @@ impl PreciseMatch {
         }
     }
 
-    /// Prompt tokens a peer could pull from the endpoint: the leading run it holds in its own
-    /// tiers (never the shared store); the approximate index's count when not trusted.
+    /// Prompt tokens a peer could pull from the endpoint: the leading run its engine has
+    /// announced in its own tiers (never the shared store nor speculative entries); the
+    /// approximate index's count when not trusted.
     pub fn source_tokens(&self, endpoint: &Endpoint, approx: Option<&PrefixMatch>) -> u64 {
         if self.is_trusted(endpoint) {
             u64::from(self.lookup.of(endpoint.id).local_run)
