@@ -97,6 +97,11 @@ struct Args {
     /// Seed of the scheduler and the engines.
     #[arg(long, default_value_t = 1)]
     replay_seed: u64,
+    /// EPP replicas routing the pool (active-active): each its own in-flight counts, index,
+    /// seed and scrape clock (staggered), all hearing every engine's KV events; requests go to
+    /// the one with fewer active requests of two drawn at random (Envoy's `LEAST_REQUEST`).
+    #[arg(long, default_value_t = 1)]
+    epps: usize,
     /// TTFT objective for requests that name none, ms.
     #[arg(long, default_value_t = 1000.0)]
     slo_ttft_ms: f64,
@@ -177,6 +182,7 @@ fn main() -> anyhow::Result<()> {
         max_num_seqs,
         max_loras,
         replay_seed,
+        epps,
         slo_ttft_ms,
         slo_tpot_ms,
         policies,
@@ -387,6 +393,7 @@ fn main() -> anyhow::Result<()> {
                 kv_events,
                 step_threads,
                 lazy_steps: true,
+                epps,
             };
             let wall = std::time::Instant::now();
             let run = replay::run_stream(&cfg, requests()?)?;

@@ -81,7 +81,16 @@ pub struct ReplayCfg {
     /// at its end (`Stepper`): the same result for less CPU (a test checks it). Off with
     /// KV events fed to a precise index (they go out as steps complete).
     pub lazy_steps: bool,
+    /// EPP replicas routing the pool (active-active, issue 15): each its own director
+    /// (in-flight counts, prefix index, speculative entries, RNG seeded `seed + i`), its own
+    /// scrape of every engine (the scrapes staggered by `scrape_interval / epps`), and every
+    /// engine's KV events. Each request goes to one of them as Envoy's `LEAST_REQUEST` sends an
+    /// ext_proc stream: the fewer active requests of two drawn at random. 1 is a single EPP.
+    pub epps: usize,
 }
+
+/// The most EPP replicas a replay runs.
+pub const MAX_EPPS: usize = 16;
 
 /// How the engines' KV-cache events reach the EPP's precise index. Each engine's events of one
 /// step form a batch, as the simulator's publisher makes them (`sim::kv_publish`); a batch is
@@ -185,6 +194,8 @@ pub struct Outcome {
     pub at: f64,
     /// Replica that served it.
     pub replica: Option<usize>,
+    /// The EPP replica that routed it (0 with one EPP).
+    pub epp: usize,
     /// Time to first token, seconds.
     pub ttft: Option<f64>,
     /// Mean time between output tokens after the first, seconds.
@@ -704,13 +715,25 @@ impl Prepared {
     }
 }
 
-struct Pool {
+/// One EPP replica: its director and what it sees.
+struct Epp {
     director: Arc<Director>,
+    /// The precise indexes the engines' KV events feed (empty: no engine publishes).
+    kv_indexes: Vec<Arc<SharedKvIndex>>,
+    /// Requests routed through it whose response has not ended (Envoy's active streams).
+    active: std::sync::atomic::AtomicUsize,
+}
+
+struct Pool {
+    /// The EPP replicas; the first one's view serves the autoscaler.
+    epps: Arc<[Epp]>,
+    /// Draws the two EPPs `LEAST_REQUEST` compares.
+    balancer: Mutex<SmallRng>,
     engine_cfg: Arc<sim::Config>,
     base_model: String,
     replicas: Mutex<Replicas>,
-    /// The precise indexes the engines' KV events feed (empty: no engine publishes).
-    kv_indexes: Arc<[Arc<SharedKvIndex>]>,
+    /// Whether any EPP has a precise index the engines' KV events feed.
+    kv_events: bool,
     kv_feed: KvEventFeed,
     /// `Some(maxPromptBytes)` when requests carry token ids (a `local` token producer).
     token_ids: Option<usize>,
@@ -747,7 +770,7 @@ impl Pool {
         let engine = Engine::stepped(self.engine_cfg.clone(), i)
             .map_err(|e| WhatIfError::Config(e.to_string()))?;
         self.stepper.add();
-        if !self.kv_indexes.is_empty() {
+        if self.kv_events {
             feed_kv_events(self, i, engine.subscribe_kv_events());
         }
         r.engines.push(engine);
@@ -771,17 +794,18 @@ impl Pool {
                 labels: BTreeMap::new(),
             })
             .collect();
-        self.director.datastore().apply(PoolSpec {
+        let spec = PoolSpec {
             name: "whatif".into(),
             namespace: "whatif".into(),
             app_protocol: "http".into(),
             endpoints,
-        });
-        self.director.pool_changed();
-        if !self.kv_indexes.is_empty() {
+        };
+        for epp in self.epps.iter() {
+            epp.director.datastore().apply(spec.clone());
+            epp.director.pool_changed();
             // Each endpoint's subscriber connects as discovery lists it.
-            let snapshot = self.director.datastore().snapshot();
-            for index in self.kv_indexes.iter() {
+            let snapshot = epp.director.datastore().snapshot();
+            for index in &epp.kv_indexes {
                 for e in &snapshot.endpoints {
                     if index.stream(e.id) == StreamState::Unknown {
                         index.set_stream(e.id, StreamState::Live);
@@ -801,6 +825,46 @@ impl Pool {
     fn index_of(&self, address: &SocketAddr) -> Option<usize> {
         self.lock().by_address.get(address).copied()
     }
+
+    /// The EPP a new request goes to, as Envoy's `LEAST_REQUEST` picks an ext_proc stream's
+    /// host: of two drawn at random, the one with fewer active requests (the first on a tie).
+    fn balance(&self) -> usize {
+        let n = self.epps.len();
+        if n == 1 {
+            return 0;
+        }
+        let (a, b) = {
+            let mut rng = self.balancer.lock();
+            let a = rng.random_range(0..n);
+            let b = (a + rng.random_range(1..n)) % n;
+            (a, b)
+        };
+        let active = |i: usize| {
+            self.epps[i]
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        if active(b) < active(a) { b } else { a }
+    }
+}
+
+/// One request's ext_proc stream on its EPP: counted active until the response ends.
+struct ActiveStream<'a>(&'a Epp);
+
+impl<'a> ActiveStream<'a> {
+    fn open(epp: &'a Epp) -> Self {
+        epp.active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(epp)
+    }
+}
+
+impl Drop for ActiveStream<'_> {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn replay(
@@ -814,8 +878,17 @@ async fn replay(
             cfg.replicas
         )));
     }
-    let loaded = config::load(&cfg.config, cfg.seed)
-        .map_err(|e| WhatIfError::Config(format!("{}: {e}", cfg.name)))?;
+    if cfg.epps == 0 || cfg.epps > MAX_EPPS {
+        return Err(WhatIfError::Config(format!(
+            "EPP replicas must be 1 to {MAX_EPPS}, not {}",
+            cfg.epps
+        )));
+    }
+    if cfg.epps > 1 && cfg.autoscale.is_some() {
+        return Err(WhatIfError::Config(
+            "autoscaling reads one EPP's view: it runs with one EPP replica".into(),
+        ));
+    }
     if let Some(a) = &cfg.autoscale
         && !(a.min >= 1
             && a.min <= a.max
@@ -835,25 +908,38 @@ async fn replay(
             feed.drop_rate
         )));
     }
-    let kv_indexes: Arc<[Arc<SharedKvIndex>]> = loaded
-        .precise_producers
-        .iter()
-        .map(|p| p.index().clone())
-        .collect();
-    let token_ids = match loaded.token_producer.as_ref().map(|t| &t.backend) {
-        Some(Backend::Local(local)) => Some(local.max_prompt_bytes),
-        Some(Backend::Estimate) | None => None,
-    };
-    let datastore = Arc::new(Datastore::new());
-    let director = Arc::new(Director::new(datastore, Arc::new(loaded), cfg.seed));
-    let kv_indexes_empty = kv_indexes.is_empty();
+    let mut epps = Vec::with_capacity(cfg.epps);
+    let mut token_ids = None;
+    for i in 0..cfg.epps as u64 {
+        // Each EPP replica its own seed, as the bench starts them: ties break differently.
+        let seed = cfg.seed.wrapping_add(i);
+        let loaded = config::load(&cfg.config, seed)
+            .map_err(|e| WhatIfError::Config(format!("{}: {e}", cfg.name)))?;
+        let kv_indexes = loaded
+            .precise_producers
+            .iter()
+            .map(|p| p.index().clone())
+            .collect();
+        token_ids = match loaded.token_producer.as_ref().map(|t| &t.backend) {
+            Some(Backend::Local(local)) => Some(local.max_prompt_bytes),
+            Some(Backend::Estimate) | None => None,
+        };
+        let datastore = Arc::new(Datastore::new());
+        epps.push(Epp {
+            director: Arc::new(Director::new(datastore, Arc::new(loaded), seed)),
+            kv_indexes,
+            active: Default::default(),
+        });
+    }
+    let kv_indexes_empty = epps.iter().all(|e| e.kv_indexes.is_empty());
     let parallel = kv_indexes_empty && cfg.step_threads > 1;
     let pool = Arc::new(Pool {
-        director,
+        epps: epps.into(),
+        balancer: Mutex::new(SmallRng::seed_from_u64(cfg.seed ^ 0x656e_766f_795f_6c62)),
         engine_cfg: Arc::new(cfg.engine.clone()),
         base_model: cfg.engine.model.clone(),
         replicas: Mutex::new(Replicas::default()),
-        kv_indexes,
+        kv_events: !kv_indexes_empty,
         kv_feed: feed,
         token_ids,
         seed: cfg.seed,
@@ -876,22 +962,34 @@ async fn replay(
     }
 
     let engines = tokio::spawn(drive_engines(pool.clone()));
-    // The EPP learns every engine's state before the first request, as a pod becomes a
+    // Every EPP learns every engine's state before the first request, as a pod becomes a
     // candidate only after a scrape.
-    scrape_all(&pool, cfg, Duration::ZERO);
-    let scraper = {
-        let pool = pool.clone();
-        let cfg = cfg.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(cfg.scrape_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                scrape_all(&pool, &cfg, cfg.scrape_latency);
-            }
+    for epp in 0..pool.epps.len() {
+        scrape_all(&pool, epp, cfg, Duration::ZERO);
+    }
+    // Each EPP scrapes on its own clock; EPP i's ticks come `i / epps` of an interval after
+    // the first's, so between them the EPPs' views are as far apart as independent clocks make
+    // them on average.
+    let scrapers: Vec<_> = (0..pool.epps.len())
+        .map(|epp| {
+            let pool = pool.clone();
+            let cfg = cfg.clone();
+            let phase = cfg
+                .scrape_interval
+                .mul_f64(epp as f64 / pool.epps.len() as f64);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(
+                    start + phase + cfg.scrape_interval,
+                    cfg.scrape_interval,
+                );
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    scrape_all(&pool, epp, &cfg, cfg.scrape_latency);
+                }
+            })
         })
-    };
+        .collect();
 
     let autoscaler = cfg.autoscale.map(|policy| {
         let pool = pool.clone();
@@ -919,7 +1017,9 @@ async fn replay(
     while let Some(done) = running.join_next().await {
         outcomes.push(done.map_err(|e| WhatIfError::Task(e.to_string()))?);
     }
-    scraper.abort();
+    for scraper in scrapers {
+        scraper.abort();
+    }
     engines.abort();
     if let Some(task) = autoscaler {
         task.abort();
@@ -1007,8 +1107,7 @@ fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEve
             }
         }
     });
-    let datastore = pool.director.datastore().clone();
-    let indexes = pool.kv_indexes.clone();
+    let epps = pool.epps.clone();
     let model = pool.base_model.clone();
     let lag = pool.kv_feed.lag;
     let address = address_of(replica);
@@ -1028,32 +1127,46 @@ fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEve
             if due > Instant::now() {
                 tokio::time::sleep_until(due).await;
             }
-            // Outside the pool (removed by the autoscaler), no subscriber listens.
-            let Some(id) = datastore.snapshot().by_address(&address).map(|e| e.id) else {
-                continue;
-            };
             let now = Instant::now();
             let mut c = counts.lock();
             c.batches += 1;
             c.gaps += u64::from(gap);
-            for index in indexes.iter() {
-                if gap {
-                    index.gap(id, now);
+            // Every EPP's subscriber hears the engine; the counts are the first EPP's.
+            for (i, epp) in epps.iter().enumerate() {
+                // Outside the pool (removed by the autoscaler), no subscriber listens.
+                let Some(id) = epp
+                    .director
+                    .datastore()
+                    .snapshot()
+                    .by_address(&address)
+                    .map(|e| e.id)
+                else {
+                    continue;
+                };
+                for index in &epp.kv_indexes {
+                    if gap {
+                        index.gap(id, now);
+                    }
+                    let applied = index.apply(id, &model, &batch, now);
+                    if i == 0 {
+                        c.applied += u64::from(applied.applied);
+                        c.unusable += u64::from(applied.dropped_total());
+                    }
                 }
-                let applied = index.apply(id, &model, &batch, now);
-                c.applied += u64::from(applied.applied);
-                c.unusable += u64::from(applied.dropped_total());
             }
             gap = false;
         }
     });
 }
 
-/// Scrapes every engine: its Prometheus text through the EPP's vLLM mapping, stored after
-/// `latency` (the values are those of the scrape's start).
-fn scrape_all(pool: &Arc<Pool>, cfg: &ReplayCfg, latency: Duration) {
+/// EPP `epp` scrapes every engine: its Prometheus text through the EPP's vLLM mapping, stored
+/// after `latency` (the values are those of the scrape's start).
+fn scrape_all(pool: &Arc<Pool>, epp: usize, cfg: &ReplayCfg, latency: Duration) {
     let mapping = EngineMapping::vllm();
-    let snapshot = pool.director.datastore().snapshot();
+    let Some(epp) = pool.epps.get(epp) else {
+        return;
+    };
+    let snapshot = epp.director.datastore().snapshot();
     // The engines' steps that ended by now are completed first: their state as of now.
     let now = Instant::now();
     let jobs = {
@@ -1111,12 +1224,12 @@ async fn autoscale(pool: &Arc<Pool>, policy: Autoscale, start: Instant) -> Resul
     let mut recent: std::collections::VecDeque<(Instant, usize)> = Default::default();
     loop {
         tick.tick().await;
-        let snapshot = pool.director.datastore().snapshot();
+        let snapshot = pool.epps[0].director.datastore().snapshot();
         let in_pool = snapshot.endpoints.len();
         if in_pool == 0 {
             continue;
         }
-        let in_flight = pool.director.in_flight().view();
+        let in_flight = pool.epps[0].director.in_flight().view();
         let total: f64 = snapshot
             .endpoints
             .iter()
@@ -1196,6 +1309,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         index,
         at: arrival.duration_since(start).as_secs_f64(),
         replica: None,
+        epp: 0,
         ttft: None,
         itl: None,
         e2e: None,
@@ -1239,8 +1353,11 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
     {
         request.token_ids = Some(Arc::from(ids.as_slice()));
     }
-    pool.director.resolve(&mut request, None);
-    let mut routed = match pool.director.route(&request, None, false) {
+    out.epp = pool.balance();
+    let epp = &pool.epps[out.epp];
+    let _stream = ActiveStream::open(epp);
+    epp.director.resolve(&mut request, None);
+    let mut routed = match epp.director.route(&request, None, false) {
         Ok(r) => r,
         Err(e) => {
             out.error = Some(format!("not routed: {e}"));

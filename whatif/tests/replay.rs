@@ -28,6 +28,7 @@ fn cfg(name: &str, config: &str, replicas: usize) -> ReplayCfg {
         kv_events: Default::default(),
         step_threads: 2,
         lazy_steps: true,
+        epps: 1,
     }
 }
 
@@ -340,6 +341,64 @@ fn a_replay_is_byte_identical_run_to_run() {
     assert!(
         a.contains("\"lost\":"),
         "the KV-event counts are part of the result"
+    );
+}
+
+/// Three EPP replicas route one pool: Envoy's balancing gives each a share, every request is
+/// served, the replay is as exact as with one, and one EPP replays as before the option (the
+/// same result as a config run with the default). Out-of-range counts, or several EPPs with
+/// autoscaling, are refused.
+#[test]
+fn several_epps_route_one_pool_exactly() {
+    let requests = shared_prefix();
+    let mut c = cfg("precise", whatif::PRECISE_PROFILE, 4);
+    c.epps = 3;
+    let a = replay::run(&c, &requests).unwrap();
+    let b = replay::run(&c, &requests).unwrap();
+    assert_eq!(
+        serde_json::to_string(&a).unwrap(),
+        serde_json::to_string(&b).unwrap()
+    );
+    assert!(
+        a.outcomes
+            .iter()
+            .all(|o| o.error.is_none() && o.ttft.is_some())
+    );
+    let mut per_epp = [0usize; 3];
+    for o in &a.outcomes {
+        per_epp[o.epp] += 1;
+    }
+    let n = requests.len();
+    assert!(per_epp.iter().all(|&k| k * 5 > n), "{per_epp:?} of {n}");
+    // The EPPs all heard the engines: the shared prompts are mostly hits.
+    let s = report::summarise(
+        &a,
+        5.0,
+        Slo {
+            ttft: 1.0,
+            tpot: None,
+        },
+    );
+    assert!(s.hit_rate > 0.5, "{}", s.hit_rate);
+    let one = replay::run(&cfg("precise", whatif::PRECISE_PROFILE, 4), &requests).unwrap();
+    assert!(one.outcomes.iter().all(|o| o.epp == 0));
+    for bad in [0, replay::MAX_EPPS + 1] {
+        c.epps = bad;
+        assert!(replay::run(&c, &requests).is_err(), "{bad} EPPs");
+    }
+    c.epps = 2;
+    c.autoscale = Some(replay::Autoscale {
+        metric: replay::ScaleMetric::InFlight,
+        target: 4.0,
+        min: 1,
+        max: 4,
+        cold_start: Duration::from_secs(10),
+        period: Duration::from_secs(5),
+        scale_down_window: Duration::from_secs(30),
+    });
+    assert!(
+        replay::run(&c, &requests).is_err(),
+        "several EPPs, autoscaled"
     );
 }
 
