@@ -47,6 +47,9 @@ pub struct ActiveActiveCfg {
     pub epps: Vec<usize>,
     /// Runs of each EPP count (in rounds: 1, 2, 3, 1, 2, 3, …).
     pub repeats: usize,
+    /// More `epp` flags for every EPP (`scenario active-active --epp-arg`).
+    #[serde(default)]
+    pub epp_args: Vec<String>,
 }
 
 /// One EPP's share of a run.
@@ -140,13 +143,15 @@ async fn one(
         extra.push(b.to_string());
     }
     let (mut sim, replicas) = start_sim_with(tools, cfg.replicas, &extra, dir, Some(&events))?;
+    let mut epp_args = vec!["--debug-decision-header"];
+    epp_args.extend(cfg.epp_args.iter().map(String::as_str));
     let multi = precise::start_multi_epp(
         tools,
         &precise::precise_config(&events),
         n,
         &replicas,
         dir,
-        &["--debug-decision-header"],
+        &epp_args,
     )
     .await?;
     super::wait_serving(&multi.up.url, Duration::from_secs(60)).await?;
@@ -402,6 +407,7 @@ mod tests {
             drain_s: 1.0,
             epps: vec![1, 2, 3],
             repeats: 1,
+            epp_args: Vec::new(),
         };
         let runs = [
             run(1, 400.0, 0.80),
