@@ -25,11 +25,16 @@ fn request_from(body: &Bytes, api: Api) -> InferenceRequest {
     }
 }
 
-fn scheduling_decision(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// The director's timers need a runtime to be entered; the benchmarks drive it synchronously.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn scheduling_decision(c: &mut Criterion) {
+    let rt = runtime();
     let _guard = rt.enter();
     let profiles = [
         (
@@ -95,10 +100,7 @@ fn parse_and_hash(c: &mut Criterion) {
 /// indexes are full: matching finds nothing, and recording the prompt (up to the profile's
 /// 4,096 blocks) evicts as much. Building the request is not timed.
 fn unseen_long_prompt(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let _guard = rt.enter();
     let mut group = c.benchmark_group("decision_cost_model_unseen_chat");
     for kb in [16usize, 220, 400] {

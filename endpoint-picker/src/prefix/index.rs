@@ -45,7 +45,7 @@ fn weight(position: usize) -> u32 {
     } else {
         // Blocks since the previous stride point (the last block of a prompt may fall
         // between two); at most SPARSE_STRIDE.
-        ((position + 1 - DENSE_BLOCKS - 1) % SPARSE_STRIDE + 1) as u32
+        ((position - DENSE_BLOCKS) % SPARSE_STRIDE + 1) as u32
     }
 }
 
