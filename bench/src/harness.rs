@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -208,10 +208,8 @@ pub fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{key} not in /proc/{pid}/status"))
 }
 
-/// A port that was free a moment ago on 127.0.0.1 (the OS picks it).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+/// A port free on 127.0.0.1 now, for a child process that binds it later.
+pub use testkit::ports::free_port;
 
 /// GET `url`; `(status, body)`.
 pub async fn get(url: &str) -> anyhow::Result<(u16, String)> {

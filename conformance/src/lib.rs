@@ -648,17 +648,8 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
 /// A loopback port that is free on every one of `ips` (so that pods on several loopback IPs
 /// can share one target port, as Pods of a real InferencePool do).
 pub fn common_free_port(ips: &[Ipv4Addr]) -> u16 {
-    for _ in 0..50 {
-        let first = std::net::TcpListener::bind((ips[0], 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        let all_free = ips[1..]
-            .iter()
-            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok());
-        if all_free {
-            return port;
-        }
-    }
-    panic!("no common free port on {ips:?}");
+    let ips: Vec<IpAddr> = ips.iter().copied().map(IpAddr::V4).collect();
+    testkit::ports::free_port_on(&ips).unwrap()
 }
 
 /// Pods that all listen on the same `port` (one rank each).
@@ -739,11 +730,7 @@ impl EppProcess {
         let pool_file = dir.join("pool.yaml");
         std::fs::write(&pool_file, yaml_serde::to_string(&pool)?)?;
         let ports: Vec<u16> = (0..3)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map(|a| a.port())
-            })
+            .map(|_| testkit::ports::free_port())
             .collect::<Result<_, _>>()?;
         let mut cmd = tokio::process::Command::new(binary);
         cmd.arg("--pool-file")

@@ -7,6 +7,7 @@
 
 pub mod envoy;
 pub mod http;
+pub mod ports;
 
 pub use envoy_types;
 
