@@ -1,5 +1,6 @@
 //! Property tests of the OpenAI body code and of client input in logs (proptest, fixed
-//! seeds): a model rewrite changes the model and nothing else (256 cases), and `Untrusted`
+//! seeds): a model rewrite changes the model and nothing else (256 cases), a string prompt is
+//! its decoded text and a slice of the body when it has no escapes (256 cases), and `Untrusted`
 //! renders any string without control characters and bounded (256 cases).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -115,6 +116,24 @@ proptest! {
         prop_assert_eq!(again.cache_salt, parsed.cache_salt);
         // The prompt is read from the same bytes, so prefix caching is unaffected.
         prop_assert_eq!(again.prompt, parsed.prompt);
+    }
+
+    #[test]
+    fn a_string_prompt_is_its_decoded_text(
+        prompt in prop_oneof!["[ -~]{1,40}", ".{1,20}", "[a\\\\\"/]{1,8}"],
+        ws in prop::sample::select(vec!["", " ", "\n  ", "\t"]),
+    ) {
+        let json = serde_json::to_string(&prompt).unwrap();
+        let body = Bytes::from(format!(
+            "{{\"model\":\"m\",{ws}\"prompt\"{ws}:{ws}{json}{ws},\"max_tokens\":1}}"
+        ));
+        let parsed = openai::parse_body(Api::Completions, &body).expect("a valid body parses");
+        prop_assert_eq!(&parsed.prompt[..], prompt.as_bytes());
+        if !json.contains('\\') {
+            // Without escapes the prompt is a slice of the body, not a copy.
+            let base = body.as_ptr() as usize;
+            prop_assert!((base..base + body.len()).contains(&(parsed.prompt.as_ptr() as usize)));
+        }
     }
 
     #[test]
