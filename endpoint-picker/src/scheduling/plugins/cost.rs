@@ -132,7 +132,8 @@ impl Default for TtftCostProducer {
 impl TtftCostProducer {
     /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
     /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]),
-    /// `prefixHomeWeight` (in [0, 10]), `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
+    /// `prefixHomeWeight` (in [0, 10]), `queueExternalityWeight` (in [0, 10]),
+    /// `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
     /// `cpuLoadGBps` (25), `diskLoadGBps` (0), `sharedLoadGBps` (10), `peerLoadGBps` (10), each
     /// in [0, 10000] GB/s, 0 ignoring the tier.
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
