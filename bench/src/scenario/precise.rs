@@ -139,7 +139,7 @@ pub fn precise_config(events: &EngineEvents) -> String {
     // which sees the others' just-routed requests, then compute it once rather than once each.
     cost.replacen("plugins:\n", &head, 1).replacen(
         "- type: ttft-cost-producer\n  parameters:\n",
-        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n    prefixHomeWeight: 1\n    queueExternalityWeight: 1\n",
+        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n    prefixHomeWeight: 1\n",
         1,
     )
 }
