@@ -47,6 +47,7 @@ struct ProducerYaml {
     decode_weight: Option<f64>,
     eviction_weight: Option<f64>,
     prefix_home_weight: Option<f64>,
+    queue_externality_weight: Option<f64>,
     default_output_tokens: Option<i64>,
     kv_bytes_per_token: Option<i64>,
     #[serde(rename = "cpuLoadGBps")]
@@ -64,6 +65,10 @@ struct ProducerYaml {
 /// system prompt or conversation that makes the prefix, shallow enough to be shared by every
 /// request that starts the same way.
 const HOME_BLOCKS: usize = 32;
+
+/// The largest `queueExternalityWeight`: at 10 a miss with ten requests queued per replica
+/// already costs a hundred times its own prefill.
+const MAX_QUEUE_EXTERNALITY_WEIGHT: f64 = 10.0;
 
 /// The fastest link a load bandwidth may claim, GB/s (beyond any NVLink or PCIe there is).
 const MAX_LOAD_GBPS: f64 = 10_000.0;
@@ -92,6 +97,20 @@ pub struct TtftCostProducer {
     /// `active-active`). 0 (the default) turns it off. Needs keys that every EPP computes alike:
     /// the precise index's (token ids); the approximate index's hashes serve one EPP.
     pub prefix_home_weight: f64,
+    /// How much a placement's cost to the requests that will wait behind it counts, as the
+    /// cluster's queues grow. The prefill a request adds to a replica (its recomputed tokens
+    /// and its tier loads) and the recomputation its evictions will cause there (the eviction
+    /// term) delay every request queued after them; its own predicted TTFT does not see that.
+    /// The objective adds `w × queued × (added engine time + eviction term)`, where `queued` is
+    /// the mean number of requests waiting for their first token per candidate (the EPP's own
+    /// prefilling ones, or the engine's waiting queue when it reports more). At an idle cluster
+    /// the term is 0; near saturation a miss elsewhere must beat the holder's queue by more, so
+    /// prefixes are not traded for queue length just when every recomputation tips the cluster
+    /// further into overload. 0 (the default) turns it off. Measured on the bench's
+    /// `kv-sharing` (precise index, tiers): at 1 the hit rate rose 2 points and TTFT p90 rose at
+    /// every rate, the goodput unchanged; at 3 the first rung failed (bench/RESULTS.md), so the
+    /// precise router's trades of hits for queue length were worth their cost there.
+    pub queue_externality_weight: f64,
     /// Output tokens assumed when the request names none.
     pub default_output_tokens: u32,
     /// What loading from each KV tier costs.
@@ -106,6 +125,7 @@ impl Default for TtftCostProducer {
             decode_weight: 0.25,
             eviction_weight: DEFAULT_EVICTION_WEIGHT,
             prefix_home_weight: 0.0,
+            queue_externality_weight: 0.0,
             default_output_tokens: DEFAULT_OUTPUT_TOKENS,
             tiers: TierCosts::default(),
         }
@@ -115,7 +135,8 @@ impl Default for TtftCostProducer {
 impl TtftCostProducer {
     /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
     /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]),
-    /// `prefixHomeWeight` (in [0, 10]), `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
+    /// `prefixHomeWeight` (in [0, 10]), `queueExternalityWeight` (in [0, 10]),
+    /// `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
     /// `cpuLoadGBps` (25), `diskLoadGBps` (0), `sharedLoadGBps` (10), `peerLoadGBps` (10), each
     /// in [0, 10000] GB/s, 0 ignoring the tier.
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
@@ -164,6 +185,13 @@ impl TtftCostProducer {
             Some(w) => out.prefix_home_weight = w,
             None => {}
         }
+        match y.queue_externality_weight {
+            Some(w) if !(w.is_finite() && (0.0..=MAX_QUEUE_EXTERNALITY_WEIGHT).contains(&w)) => {
+                return Err(p.invalid("queueExternalityWeight", "must be in [0, 10]"));
+            }
+            Some(w) => out.queue_externality_weight = w,
+            None => {}
+        }
         if let Some(n) = p.positive("defaultOutputTokens", y.default_output_tokens)? {
             out.default_output_tokens = n.min(u32::MAX as usize) as u32;
         }
@@ -201,6 +229,7 @@ impl TtftCostProducer {
         state: &CycleState,
         candidate: &Candidate,
         prompt_tokens: u64,
+        queued_per_candidate: f64,
     ) -> Cost {
         let endpoint = &candidate.endpoint;
         let per_token = self.engine.per_token.as_secs_f64();
@@ -265,9 +294,16 @@ impl TtftCostProducer {
             evicted_seconds += written as f64 * (per_token - load).max(0.0);
         }
         let eviction = self.eviction_weight * fullness * evicted_seconds * k;
+        // What this placement costs the requests waiting behind it there (see
+        // `queue_externality_weight`): its own engine time, and the recomputation its
+        // evictions will cause, once more for each request waiting per replica.
+        let added_seconds = (uncached as f64 * per_token + placed.load_seconds) * k;
+        let externality =
+            self.queue_externality_weight * queued_per_candidate * (added_seconds + eviction);
         let objective = predicted.ttft
             + self.decode_weight * f64::from(output.saturating_sub(1)) * predicted.tpot
-            + eviction;
+            + eviction
+            + externality;
         // The load delays the prefill queue as computing this many tokens would.
         let load_as_tokens = if per_token > 0.0 {
             (placed.load_seconds / per_token).ceil() as u64
@@ -314,6 +350,31 @@ impl TtftCostProducer {
     }
 }
 
+/// Requests waiting for their first token on a replica: the EPP's own prefilling ones, or the
+/// engine's waiting queue when it reports more (other EPPs' requests).
+fn backlog_requests(own_prefilling: u64, engine_waiting: u64) -> u64 {
+    own_prefilling.max(engine_waiting)
+}
+
+/// The mean of [`backlog_requests`] over the candidates (0 without candidates).
+fn queued_per_candidate(state: &CycleState, candidates: &[Candidate]) -> f64 {
+    if candidates.is_empty() {
+        return 0.0;
+    }
+    let total: u64 = candidates
+        .iter()
+        .map(|c| {
+            let own = state
+                .in_flight
+                .load(c.endpoint.id)
+                .map(|l| l.read().prefilling)
+                .unwrap_or_default();
+            backlog_requests(own, c.metrics.waiting_queue_size)
+        })
+        .sum();
+    total as f64 / candidates.len() as f64
+}
+
 impl Plugin for TtftCostProducer {
     fn type_name(&self) -> &'static str {
         "ttft-cost-producer"
@@ -338,8 +399,13 @@ impl DataProducer for TtftCostProducer {
             .unwrap_or(0);
         let mut by_endpoint = vec![None; bound];
         let home = self.prefix_home(state, candidates);
+        let queued = if self.queue_externality_weight > 0.0 {
+            queued_per_candidate(state, candidates)
+        } else {
+            0.0
+        };
         for c in candidates {
-            let mut cost = self.cost(request, state, c, prompt_tokens);
+            let mut cost = self.cost(request, state, c, prompt_tokens, queued);
             if home.is_some_and(|h| h != c.endpoint.id) {
                 let k = state
                     .in_flight
@@ -1143,5 +1209,134 @@ mod tests {
         with_tiers(&s, &mut st, &[(0, [375, 0, 0, 0], 0)]);
         TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
         check(&st);
+    }
+
+    /// `s` with this EPP's own requests waiting for their first token on each candidate: `n`
+    /// requests of `tokens` uncached tokens each.
+    fn prefilling(s: &Setup, per_candidate: &[(u64, u64)]) {
+        for (c, &(n, tokens)) in s.candidates.iter().zip(per_candidate) {
+            let load = &s.loads[c.endpoint.id.0 as usize];
+            load.requests.store(n, Ordering::Relaxed);
+            load.prefilling.store(n, Ordering::Relaxed);
+            load.prefill_tokens.store(n * tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// The winner's index for a 6,500-token request of which the first candidate caches 6,000
+    /// tokens (GPU, approximate index), under `producer`.
+    fn holder_or_cold(producer: &TtftCostProducer, s: &Setup) -> usize {
+        let req = request(6_500);
+        let mut st = state(s);
+        let mut matched = vec![0; s.candidates.len() + 1];
+        matched[s.candidates[0].endpoint.id.0 as usize] = 375;
+        st.prefix = Some(PrefixMatch {
+            hashes: vec![0; 406],
+            matched,
+            block_tokens: 16,
+        });
+        producer.produce(&req, &s.candidates, &mut st);
+        let mut scores = vec![f64::NAN; s.candidates.len()];
+        TtftCostScorer::default().score(&req, &st, &s.candidates, &mut scores);
+        (0..scores.len())
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap()
+    }
+
+    /// The holder of a prefix has 20 requests of 1,000 uncached tokens waiting, the cold
+    /// replica none: by its own TTFT the request is better off recomputing the prefix on the
+    /// cold one, and so it goes there without the externality. With it, the 6,000 tokens it
+    /// would recompute are charged for the 10 requests per replica waiting (the mean over the
+    /// two), and it stays with the holder. At an idle cluster the term is 0.
+    #[test]
+    fn a_miss_is_charged_for_the_requests_that_will_queue_behind_it() {
+        let s = setup(2, &[0, 0]);
+        prefilling(&s, &[(20, 1_000), (0, 0)]);
+        let charging = TtftCostProducer {
+            queue_externality_weight: 0.5,
+            ..TtftCostProducer::default()
+        };
+        assert_eq!(holder_or_cold(&TtftCostProducer::default(), &s), 1);
+        assert_eq!(holder_or_cold(&charging, &s), 0);
+        // The charge itself, with the caches half full: 0.5 × 10 requests waiting per replica
+        // × (the engine time added + the eviction term), on each candidate.
+        let s = reporting(s, &[0.5, 0.5], 0);
+        let req = request(6_500);
+        let objectives = |p: &TtftCostProducer| {
+            let mut st = state(&s);
+            let mut matched = vec![0; 3];
+            matched[s.candidates[0].endpoint.id.0 as usize] = 375;
+            st.prefix = Some(PrefixMatch {
+                hashes: vec![0; 406],
+                matched,
+                block_tokens: 16,
+            });
+            p.produce(&req, &s.candidates, &mut st);
+            let costs = st.costs.unwrap();
+            [0, 1].map(|i| costs.of(&s.candidates[i].endpoint).unwrap().objective)
+        };
+        let (with, without) = (
+            objectives(&charging),
+            objectives(&TtftCostProducer::default()),
+        );
+        for (i, computed) in [(0, 500.0), (1, 6_500.0)] {
+            let added = computed * 30e-6;
+            let eviction = 2.0 * 0.5 * computed * 30e-6;
+            let want = 0.5 * 10.0 * (added + eviction);
+            assert!(
+                (with[i] - without[i] - want).abs() < 1e-9,
+                "{i}: {with:?} {without:?} {want}"
+            );
+        }
+        // Nothing waiting anywhere: no charge.
+        prefilling(&s, &[(0, 0), (0, 0)]);
+        assert_eq!(
+            objectives(&charging),
+            objectives(&TtftCostProducer::default())
+        );
+    }
+
+    /// Another EPP's requests in an engine's waiting queue count as waiting too.
+    #[test]
+    fn the_requests_waiting_count_the_engines_queue_beyond_the_epps_own() {
+        let s = reporting(setup(2, &[0, 0]), &[0.0, 0.0], 0);
+        for c in &s.candidates {
+            c.endpoint.store_metrics(EngineMetrics {
+                waiting_queue_size: 6,
+                ..Default::default()
+            });
+        }
+        let s = Setup {
+            candidates: s
+                .candidates
+                .iter()
+                .map(|c| Candidate::new(c.endpoint.clone()))
+                .collect(),
+            loads: s.loads,
+        };
+        prefilling(&s, &[(2, 100), (9, 100)]);
+        let st = state(&s);
+        // max(2, 6) and max(9, 6): 7.5 per candidate.
+        assert_eq!(queued_per_candidate(&st, &s.candidates), 7.5);
+        assert_eq!(queued_per_candidate(&st, &[]), 0.0);
+    }
+
+    #[test]
+    fn the_externality_weight_is_read_and_checked() {
+        use crate::scheduling::plugins::test_util::build_from_yaml;
+        let build =
+            |yaml| build_from_yaml("ttft-cost-producer", yaml, TtftCostProducer::from_params);
+        let (p, warnings) = build("{queueExternalityWeight: 0.5}").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.queue_externality_weight, 0.5);
+        assert_eq!(build("{}").unwrap().0.queue_externality_weight, 0.0);
+        for bad in [
+            "{queueExternalityWeight: -0.1}",
+            "{queueExternalityWeight: 10.5}",
+            "{queueExternalityWeight: .nan}",
+            "{queueExternalityWeight: .inf}",
+        ] {
+            let err = build(bad).unwrap_err().to_string();
+            assert!(err.contains("queueExternalityWeight"), "{bad}: {err}");
+        }
     }
 }
