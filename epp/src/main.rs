@@ -17,14 +17,6 @@ use ext_proc::stream::ServiceOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc rather than glibc's malloc. A long prompt's body is one allocation of hundreds of
-/// kilobytes per request (grown chunk by chunk on the streamed path), past glibc's mmap
-/// threshold: glibc maps, faults in and unmaps it every time. With mimalloc the EPP's CPU for a
-/// 400 KB prompt fell 27 % on the shipped streamed path and 6 % on the buffered one; 1 KB
-/// requests are unchanged (bench/RESULTS.md, "EPP overhead").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
