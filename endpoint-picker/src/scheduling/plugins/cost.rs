@@ -1084,6 +1084,21 @@ mod tests {
         );
     }
 
+    /// The index of the candidate `producer`'s costs make `ttft-cost-scorer` score highest.
+    fn winner(
+        producer: &TtftCostProducer,
+        req: &InferenceRequest,
+        s: &Setup,
+        st: &mut CycleState,
+    ) -> usize {
+        producer.produce(req, &s.candidates, st);
+        let mut scores = vec![f64::NAN; s.candidates.len()];
+        TtftCostScorer::default().score(req, st, &s.candidates, &mut scores);
+        (0..scores.len())
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap()
+    }
+
     /// The winner's index under `producer` for a 4,000-token request whose approximate hashes
     /// are `hashes` (250 blocks), with `matched` blocks held per candidate.
     fn home_pick(producer: &TtftCostProducer, s: &Setup, hashes: &[u64], matched: &[u32]) -> usize {
@@ -1098,12 +1113,7 @@ mod tests {
             block_tokens: 16,
         });
         let req = request(4_000);
-        producer.produce(&req, &s.candidates, &mut st);
-        let mut scores = vec![f64::NAN; s.candidates.len()];
-        TtftCostScorer::default().score(&req, &st, &s.candidates, &mut scores);
-        (0..scores.len())
-            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
-            .unwrap()
+        winner(producer, &req, s, &mut st)
     }
 
     /// A new prefix goes to the replica its first blocks hash to, whichever EPP routes it (the
@@ -1234,12 +1244,7 @@ mod tests {
             matched,
             block_tokens: 16,
         });
-        producer.produce(&req, &s.candidates, &mut st);
-        let mut scores = vec![f64::NAN; s.candidates.len()];
-        TtftCostScorer::default().score(&req, &st, &s.candidates, &mut scores);
-        (0..scores.len())
-            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
-            .unwrap()
+        winner(producer, &req, s, &mut st)
     }
 
     /// The holder of a prefix has 20 requests of 1,000 uncached tokens waiting, the cold
