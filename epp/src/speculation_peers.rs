@@ -58,8 +58,12 @@ pub async fn publish(
         endpoint = socket.endpoint(),
         "speculative peers: publishing"
     );
-    let mut dropped = outbox.dropped.load(Ordering::Relaxed);
-    count(&metrics, "queue_full", dropped);
+    // What the request path dropped so far (taken, so that a restart does not count it twice).
+    count(
+        &metrics,
+        "queue_full",
+        outbox.dropped.swap(0, Ordering::Relaxed),
+    );
     loop {
         let msg = tokio::select! {
             () = token.cancelled() => return,
@@ -68,9 +72,11 @@ pub async fn publish(
                 None => return,
             },
         };
-        let now = outbox.dropped.load(Ordering::Relaxed);
-        count(&metrics, "queue_full", now.saturating_sub(dropped));
-        dropped = now;
+        count(
+            &metrics,
+            "queue_full",
+            outbox.dropped.swap(0, Ordering::Relaxed),
+        );
         match socket.send(encode(&msg)).await {
             Ok(()) => count(&metrics, "sent", 1),
             Err(error) => {

@@ -122,7 +122,8 @@ pub struct PeerOutbox {
     tx: ArcSwapOption<mpsc::Sender<PeerSpeculation>>,
     /// Messages queued for the publisher.
     pub queued: AtomicU64,
-    /// Messages dropped: the queue was full or no publisher ran.
+    /// Messages dropped since the publisher last took the count: the queue was full or no
+    /// publisher ran.
     pub dropped: AtomicU64,
 }
 
