@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use bench::harness::{get, prom_sum};
-use bench::scenario::active_active::engines_heard;
+use bench::scenario::active_active::{engines_heard, peer_applied};
 use bench::scenario::precise::{self, EngineEvents};
 use bench::scenario::start_sim_with;
 use bench::workload::{Kind, WorkloadArgs};
@@ -46,6 +46,7 @@ fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
             &replicas,
             &dir,
             &[],
+            true,
         )
         .await
         .unwrap();
@@ -83,14 +84,19 @@ fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
                 state.push((
                     prom_sum(&text, "inference_objective_request_total"),
                     engines_heard(&text),
+                    peer_applied(&text),
                 ));
             }
-            if state.iter().all(|(d, heard)| *d > 0.0 && *heard == 2) {
+            // Each EPP also made speculative entries from the other's messages.
+            if state
+                .iter()
+                .all(|(d, heard, peer)| *d > 0.0 && *heard == 2 && *peer > 0.0)
+            {
                 break;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "per EPP (decisions, engines heard): {state:?}; logs in {}",
+                "per EPP (decisions, engines heard, peer entries): {state:?}; logs in {}",
                 dir.display()
             );
         }

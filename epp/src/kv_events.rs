@@ -126,6 +126,17 @@ pub struct KvEventMetrics {
     pub index_blocks: Gauge,
     /// `inference_extension_kv_index_entries`: (block, endpoint, tier) entries it holds.
     pub index_entries: Gauge,
+    /// `inference_extension_speculation_peer_messages_total`: speculative entries shared with
+    /// peer EPPs, by outcome ([`crate::speculation_peers`]).
+    pub peer_messages: Family<PeerOutcome, Counter>,
+}
+
+/// `outcome` of a peer message: `sent`, `applied`, or why it was dropped: `queue_full` (the
+/// publisher's queue, or no publisher), `send_error`, `decode`, `unknown_endpoint`, `rate`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerOutcome {
+    /// What happened.
+    pub outcome: &'static str,
 }
 
 /// The families [`KvEventMetrics::register`] adds, with their types (see `metrics::FAMILIES`).
@@ -136,6 +147,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_kv_events_lag_seconds", "gauge"),
     ("inference_extension_kv_index_blocks", "gauge"),
     ("inference_extension_kv_index_entries", "gauge"),
+    ("inference_extension_speculation_peer_messages", "counter"),
 ];
 
 impl KvEventMetrics {
@@ -170,6 +182,11 @@ impl KvEventMetrics {
             "inference_extension_kv_index_entries",
             "Block copies (block, endpoint, tier) held by the precise prefix index",
             self.index_entries.clone(),
+        );
+        r.register(
+            "inference_extension_speculation_peer_messages",
+            "Speculative entries shared with peer EPPs (speculativePeers), by outcome",
+            self.peer_messages.clone(),
         );
     }
 

@@ -18,6 +18,7 @@ pub mod profile;
 pub mod recorder;
 pub mod server;
 pub mod signals;
+pub mod speculation_peers;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tls;

@@ -255,6 +255,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_kv_events_lag_seconds", "gauge"),
     ("inference_extension_kv_index_blocks", "gauge"),
     ("inference_extension_kv_index_entries", "gauge"),
+    ("inference_extension_speculation_peer_messages", "counter"),
     ("inference_extension_token_producer_requests", "counter"),
     (
         "inference_extension_token_producer_duration_seconds",
@@ -837,6 +838,10 @@ pub(crate) mod tests {
         };
         m.kv_events.record(&kv_pod, 1, &Default::default(), 0.5);
         m.kv_events.count_dropped(&kv_pod, "gap", 1);
+        m.kv_events
+            .peer_messages
+            .get_or_create(&crate::kv_events::PeerOutcome { outcome: "sent" })
+            .inc();
         MetricsObserver(m.clone()).tokenized(Outcome::TimedOut, Duration::from_millis(1));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();

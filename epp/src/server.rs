@@ -241,6 +241,19 @@ pub async fn serve_with_handles(
         .iter()
         .map(|p| (p.index().clone(), p.params.events.clone()))
         .collect();
+    // Speculative entries shared with peer EPPs: (index, outbox, publish endpoint, peers).
+    let peers: Vec<_> = config
+        .precise_producers
+        .iter()
+        .map(|p| {
+            (
+                p.index().clone(),
+                p.peer_outbox().clone(),
+                p.params.publish_endpoint.clone(),
+                p.params.peers.clone(),
+            )
+        })
+        .collect();
     // Before anything starts too: a tokenizer that does not load.
     let token_producer = crate::tokens::build(config.token_producer.as_ref())?;
     let datastore = Arc::new(Datastore::new());
@@ -318,6 +331,41 @@ pub async fn serve_with_handles(
                 )
             }),
         );
+    }
+
+    // Speculative entries shared with peer EPPs (`speculation_peers`).
+    for (index, outbox, publish, peer_endpoints) in peers {
+        if let Some(endpoint) = publish {
+            let metrics = metrics.kv_events.clone();
+            tasks.spawn(
+                "speculation-publisher",
+                OnExit::Restart,
+                factory(move |token| {
+                    crate::speculation_peers::publish(
+                        endpoint.clone(),
+                        outbox.clone(),
+                        metrics.clone(),
+                        token,
+                    )
+                }),
+            );
+        }
+        if !peer_endpoints.is_empty() {
+            let (datastore, metrics) = (datastore.clone(), metrics.kv_events.clone());
+            tasks.spawn(
+                "speculation-peers",
+                OnExit::Restart,
+                factory(move |token| {
+                    crate::speculation_peers::subscribe_all(
+                        peer_endpoints.clone(),
+                        datastore.clone(),
+                        index.clone(),
+                        metrics.clone(),
+                        token,
+                    )
+                }),
+            );
+        }
     }
 
     // LoRA placement: a failed pass changes nothing; a restarted loop starts its dwell times

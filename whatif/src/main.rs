@@ -102,6 +102,11 @@ struct Args {
     /// the one with fewer active requests of two drawn at random (Envoy's `LEAST_REQUEST`).
     #[arg(long, default_value_t = 1)]
     epps: usize,
+    /// With several EPPs: share each EPP's speculative entries with the others, made in their
+    /// indexes this many ms after the decision (the network between EPPs). Not given: each
+    /// EPP's own.
+    #[arg(long)]
+    share_speculation_ms: Option<f64>,
     /// TTFT objective for requests that name none, ms.
     #[arg(long, default_value_t = 1000.0)]
     slo_ttft_ms: f64,
@@ -183,6 +188,7 @@ fn main() -> anyhow::Result<()> {
         max_loras,
         replay_seed,
         epps,
+        share_speculation_ms,
         slo_ttft_ms,
         slo_tpot_ms,
         policies,
@@ -253,6 +259,15 @@ fn main() -> anyhow::Result<()> {
         kv_event_drop.is_finite() && (0.0..=1.0).contains(&kv_event_drop),
         "--kv-event-drop must be 0 to 1"
     );
+    let share_speculation = share_speculation_ms
+        .map(|ms| {
+            anyhow::ensure!(
+                ms.is_finite() && ms >= 0.0,
+                "--share-speculation-ms must be ≥ 0"
+            );
+            Ok(Duration::from_secs_f64(ms / 1e3))
+        })
+        .transpose()?;
     let kv_events = KvEventFeed {
         lag: Duration::from_secs_f64(kv_event_lag_ms / 1e3),
         drop_rate: kv_event_drop,
@@ -394,6 +409,7 @@ fn main() -> anyhow::Result<()> {
                 step_threads,
                 lazy_steps: true,
                 epps,
+                share_speculation,
             };
             let wall = std::time::Instant::now();
             let run = replay::run_stream(&cfg, requests()?)?;

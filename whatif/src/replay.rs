@@ -87,6 +87,10 @@ pub struct ReplayCfg {
     /// engine's KV events. Each request goes to one of them as Envoy's `LEAST_REQUEST` sends an
     /// ext_proc stream: the fewer active requests of two drawn at random. 1 is a single EPP.
     pub epps: usize,
+    /// With several EPPs: each EPP's speculative entries (the blocks of a request it just
+    /// routed, on the chosen replica) are also made in every other EPP's precise index, this
+    /// long after the decision (the network between EPPs); `None` keeps them each EPP's own.
+    pub share_speculation: Option<Duration>,
 }
 
 /// The most EPP replicas a replay runs.
@@ -720,6 +724,8 @@ struct Epp {
     director: Arc<Director>,
     /// The precise indexes the engines' KV events feed (empty: no engine publishes).
     kv_indexes: Vec<Arc<SharedKvIndex>>,
+    /// Per precise index: whether its producer makes speculative entries.
+    speculates: Vec<bool>,
     /// Requests routed through it whose response has not ended (Envoy's active streams).
     active: std::sync::atomic::AtomicUsize,
 }
@@ -740,6 +746,7 @@ struct Pool {
     seed: u64,
     kv_counts: Arc<Mutex<KvEventCounts>>,
     stepper: Stepper,
+    share_speculation: Option<Duration>,
 }
 
 /// Every replica ever started, which are in the pool, and what they cost. Locked briefly,
@@ -920,6 +927,11 @@ async fn replay(
             .iter()
             .map(|p| p.index().clone())
             .collect();
+        let speculates = loaded
+            .precise_producers
+            .iter()
+            .map(|p| p.params.speculative_indexing)
+            .collect();
         token_ids = match loaded.token_producer.as_ref().map(|t| &t.backend) {
             Some(Backend::Local(local)) => Some(local.max_prompt_bytes),
             Some(Backend::Estimate) | None => None,
@@ -928,6 +940,7 @@ async fn replay(
         epps.push(Epp {
             director: Arc::new(Director::new(datastore, Arc::new(loaded), seed)),
             kv_indexes,
+            speculates,
             active: Default::default(),
         });
     }
@@ -944,6 +957,7 @@ async fn replay(
         token_ids,
         seed: cfg.seed,
         kv_counts: Arc::default(),
+        share_speculation: cfg.share_speculation.filter(|_| cfg.epps > 1),
         // Late steps would send the engines' KV events late.
         stepper: Stepper::new(
             parallel,
@@ -1157,6 +1171,56 @@ fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEve
             gap = false;
         }
     });
+}
+
+/// The routing EPP's speculative entries for `request` on `replica`, made in every other EPP's
+/// precise indexes `delay` later (as the routing EPP's own producer makes them: only where
+/// `speculativeIndexing` is on, for the request's keys).
+fn share_speculation(
+    pool: &Pool,
+    from: usize,
+    request: &InferenceRequest,
+    replica: usize,
+    delay: Duration,
+) {
+    let Some(tokens) = request.token_ids.clone() else {
+        return;
+    };
+    let address = address_of(replica);
+    for (i, epp) in pool.epps.iter().enumerate() {
+        if i == from {
+            continue;
+        }
+        let Some(id) = epp
+            .director
+            .datastore()
+            .snapshot()
+            .by_address(&address)
+            .map(|e| e.id)
+        else {
+            continue;
+        };
+        for (index, &on) in epp.kv_indexes.iter().zip(&epp.speculates) {
+            if !on {
+                continue;
+            }
+            let keys = index.hasher().prompt_keys(
+                &request.target_model,
+                request.cache_salt.as_deref(),
+                &tokens,
+                endpoint_picker::scheduling::plugins::precise::MAX_LOOKUP_BLOCKS,
+            );
+            let index = index.clone();
+            if delay.is_zero() {
+                index.speculate(id, &keys, Instant::now());
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    index.speculate(id, &keys, Instant::now());
+                });
+            }
+        }
+    }
 }
 
 /// EPP `epp` scrapes every engine: its Prometheus text through the EPP's vLLM mapping, stored
@@ -1373,6 +1437,9 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         return out;
     };
     out.replica = Some(replica);
+    if let Some(delay) = pool.share_speculation {
+        share_speculation(pool, out.epp, &request, replica, delay);
+    }
     let prompt = match prompt {
         Ok(p) => p,
         Err(e) => {

@@ -29,6 +29,7 @@ fn cfg(name: &str, config: &str, replicas: usize) -> ReplayCfg {
         step_threads: 2,
         lazy_steps: true,
         epps: 1,
+        share_speculation: None,
     }
 }
 

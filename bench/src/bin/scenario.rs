@@ -226,6 +226,10 @@ struct ActiveActiveOpts {
     /// `--epp-arg=--refresh-metrics-interval=20ms`).
     #[arg(long = "epp-arg", allow_hyphen_values = true)]
     epp_args: Vec<String>,
+    /// Each EPP keeps its speculative entries to itself (by default several EPPs share them:
+    /// `speculativePublishEndpoint` and `speculativePeers`).
+    #[arg(long)]
+    no_speculative_peers: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -605,7 +609,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             let heads = active_active::headlines(&runs, &cfg);
             let mut md = format!(
                 "{header}
-{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`, test tokenizer, KV events on `tcp://127.0.0.(2+i):<port>`), {} (token counts are the goodput preset's divided by {:.2}, the test tokenizer's tokens per workload token, so the engines see the preset's prompt lengths); {} req/s Poisson, {} s of warm-up then {} s measured, cold cluster per run, {} round(s). Every EPP runs the precise profile (cost model + `precise-prefix-cache-scorer`, `discoverPods`, speculative entries){} on the same pool file; Envoy balances the ext_proc streams `LEAST_REQUEST`. Hit rate: the engines' `vllm:prefix_cache_hits_total` / `queries_total` over the measured window. Took {:.0} min.\n\n",
+{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`, test tokenizer, KV events on `tcp://127.0.0.(2+i):<port>`), {} (token counts are the goodput preset's divided by {:.2}, the test tokenizer's tokens per workload token, so the engines see the preset's prompt lengths); {} req/s Poisson, {} s of warm-up then {} s measured, cold cluster per run, {} round(s). Every EPP runs the precise profile (cost model + `precise-prefix-cache-scorer`, `discoverPods`, speculative entries{}){} on the same pool file; Envoy balances the ext_proc streams `LEAST_REQUEST`. Hit rate: the engines' `vllm:prefix_cache_hits_total` / `queries_total` over the measured window. Took {:.0} min.\n\n",
                 cfg.replicas,
                 cfg.stream_granularity,
                 scenario::routing::describe(&cfg.workload),
@@ -614,6 +618,11 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 cfg.warmup_s,
                 cfg.duration_s,
                 cfg.repeats,
+                if cfg.speculative_peers {
+                    ", shared between the EPPs: `speculativePeers`"
+                } else {
+                    ", each EPP's own"
+                },
                 if cfg.epp_args.is_empty() {
                     String::new()
                 } else {
@@ -994,6 +1003,7 @@ fn active_active_cfg(
         epps: a.epps.clone(),
         repeats: a.repeats.unwrap_or(1).max(1),
         epp_args: a.epp_args.clone(),
+        speculative_peers: !a.no_speculative_peers,
     })
 }
 

@@ -50,6 +50,14 @@ pub struct ActiveActiveCfg {
     /// More `epp` flags for every EPP (`scenario active-active --epp-arg`).
     #[serde(default)]
     pub epp_args: Vec<String>,
+    /// Whether the EPPs share their speculative entries (`speculativePeers`); off:
+    /// `scenario active-active --no-speculative-peers`.
+    #[serde(default = "yes")]
+    pub speculative_peers: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One EPP's share of a run.
@@ -61,6 +69,10 @@ pub struct EppShare {
     pub kv_events_applied: f64,
     /// Engines it applied events from.
     pub engines_heard: usize,
+    /// Peer EPPs' messages it made speculative entries from
+    /// (`inference_extension_speculation_peer_messages_total{outcome="applied"}`).
+    #[serde(default)]
+    pub peer_applied: f64,
 }
 
 /// One run: a number of EPPs.
@@ -152,6 +164,7 @@ async fn one(
         &replicas,
         dir,
         &epp_args,
+        cfg.speculative_peers,
     )
     .await?;
     super::wait_serving(&multi.up.url, Duration::from_secs(60)).await?;
@@ -184,6 +197,7 @@ async fn one(
             decisions: prom_sum(&text, "inference_objective_request_total"),
             kv_events_applied: prom_sum(&text, "inference_extension_kv_events_applied_total"),
             engines_heard: engines_heard(&text),
+            peer_applied: peer_applied(&text),
         });
     }
     sim.check_alive()?;
@@ -242,6 +256,19 @@ fn cv(xs: &[usize]) -> Option<f64> {
         let var = xs.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n;
         var.sqrt() / mean
     })
+}
+
+/// Peer messages applied, from an EPP's `/metrics`.
+pub fn peer_applied(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix(
+                "inference_extension_speculation_peer_messages_total{outcome=\"applied\"} ",
+            )
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
 }
 
 /// Engines (`model_server_pod`) with at least one applied KV event in an EPP's `/metrics`.
@@ -319,8 +346,8 @@ pub fn markdown(runs: &[ActiveActiveRun], cfg: &ActiveActiveCfg) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| EPPs | round | TTFT p50 (ms) | TTFT p90 (ms) | E2E p90 (ms) | prefix-cache hit (engines) | cache hit (usage) | burst herding | CV of load | decisions per EPP | KV events applied per EPP | engines heard per EPP | pred. error p50 (ms) | errors | router CPU (s) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"
+        "| EPPs | round | TTFT p50 (ms) | TTFT p90 (ms) | E2E p90 (ms) | prefix-cache hit (engines) | cache hit (usage) | burst herding | CV of load | decisions per EPP | KV events applied per EPP | peer entries applied per EPP | engines heard per EPP | pred. error p50 (ms) | errors | router CPU (s) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: |"
     );
     let f0 = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.0}"));
     for r in runs {
@@ -330,7 +357,7 @@ pub fn markdown(runs: &[ActiveActiveRun], cfg: &ActiveActiveCfg) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
             r.epps,
             r.round + 1,
             f0(m.ttft_ms.p50),
@@ -345,6 +372,7 @@ pub fn markdown(runs: &[ActiveActiveRun], cfg: &ActiveActiveCfg) -> String {
             r.spread_cv.map_or("-".into(), |x| format!("{x:.2}")),
             join(&|e| format!("{:.0}", e.decisions)),
             join(&|e| format!("{:.0}", e.kv_events_applied)),
+            join(&|e| format!("{:.0}", e.peer_applied)),
             join(&|e| format!("{}/{}", e.engines_heard, cfg.replicas)),
             f0(r.point.pred_abs_err_p50_ms),
             m.sent - m.ok,
@@ -383,6 +411,7 @@ mod tests {
                     decisions: 10.0,
                     kv_events_applied: 5.0,
                     engines_heard: 2,
+                    peer_applied: 0.0,
                 })
                 .collect(),
             replica_requests: vec![5, 5],
@@ -408,6 +437,7 @@ mod tests {
             epps: vec![1, 2, 3],
             repeats: 1,
             epp_args: Vec::new(),
+            speculative_peers: true,
         };
         let runs = [
             run(1, 400.0, 0.80),

@@ -323,6 +323,7 @@ pub async fn start_router_with(
                 backends,
                 dir,
                 &["--debug-decision-header"],
+                variant.is_none(),
             )
             .await?
             .up

@@ -144,6 +144,28 @@ pub fn precise_config(events: &EngineEvents) -> String {
     )
 }
 
+/// `config` (a profile with `speculativeIndexing: true`) for one of several EPPs that share
+/// their speculative entries: it publishes them on `publish` and hears each of `peers`.
+pub fn with_speculative_peers(config: &str, publish: u16, peers: &[u16]) -> anyhow::Result<String> {
+    let line = "    speculativeIndexing: true\n";
+    anyhow::ensure!(
+        config.contains(line),
+        "the profile has no `speculativeIndexing: true` to share"
+    );
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("\"tcp://127.0.0.1:{p}\""))
+        .collect();
+    Ok(config.replacen(
+        line,
+        &format!(
+            "{line}    speculativePublishEndpoint: tcp://127.0.0.1:{publish}\n    speculativePeers: [{}]\n",
+            peers.join(", ")
+        ),
+        1,
+    ))
+}
+
 /// The shipped Envoy template with `ports.len()` EPP endpoints (all on 127.0.0.1) in its `epp`
 /// cluster instead of `${EPP_HOST}:${EPP_PORT}`; the template's `LEAST_REQUEST` balances the
 /// ext_proc streams over them.
@@ -209,20 +231,35 @@ pub async fn start_multi_epp(
     backends: &[SocketAddr],
     dir: &Path,
     extra_args: &[&str],
+    speculative_peers: bool,
 ) -> anyhow::Result<MultiEppUp> {
     anyhow::ensure!(n > 0, "no EPP");
+    // With several EPPs sharing speculative entries, each its own publish port and the
+    // others' as peers.
+    let publish: Vec<u16> = if speculative_peers && n > 1 {
+        (0..n).map(|_| free_port()).collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let pool = dir.join("pool.yaml");
     std::fs::write(&pool, harness::pool_yaml(backends))?;
     let mut epps = Vec::with_capacity(n);
     let mut grpc_ports = Vec::with_capacity(n);
     let mut metrics_urls = Vec::with_capacity(n);
     for i in 0..n {
+        let config = match publish.get(i) {
+            Some(&port) => {
+                let peers: Vec<u16> = publish.iter().copied().filter(|&p| p != port).collect();
+                with_speculative_peers(config, port, &peers)?
+            }
+            None => config.to_owned(),
+        };
         // Distinct seeds: replicas tied on score are not broken the same way by every EPP.
         let up = super::spawn_epp(
             tools,
             &format!("epp-{i}"),
             i + 1,
-            Some(config),
+            Some(&config),
             &pool,
             dir,
             extra_args,
@@ -406,6 +443,28 @@ mod tests {
             (ratio / TEST_TOKENIZER_TOKENS_PER_TOKEN - 1.0).abs() < 0.03,
             "measured {ratio:.3}"
         );
+    }
+
+    #[test]
+    fn each_epp_publishes_on_its_port_and_hears_the_others() {
+        let ev = EngineEvents {
+            tokenizer: PathBuf::from("/repo/tokenize/testdata"),
+            socket_port: 5601,
+            first_ip: FIRST_REPLICA_IP,
+        };
+        let cfg = with_speculative_peers(&precise_config(&ev), 7001, &[7002, 7003]).unwrap();
+        assert!(
+            cfg.contains("speculativePublishEndpoint: tcp://127.0.0.1:7001\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains(r#"speculativePeers: ["tcp://127.0.0.1:7002", "tcp://127.0.0.1:7003"]"#)
+        );
+        let loaded = endpoint_picker::config::load(&cfg, 1).unwrap();
+        let p = &loaded.precise_producers[0].params;
+        assert_eq!(p.publish_endpoint.as_deref(), Some("tcp://127.0.0.1:7001"));
+        assert_eq!(p.peers.len(), 2);
+        assert!(with_speculative_peers("plugins: []", 1, &[2]).is_err());
     }
 
     #[test]

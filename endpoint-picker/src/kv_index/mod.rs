@@ -9,6 +9,7 @@
 
 pub mod index;
 pub mod keys;
+pub mod peers;
 mod slab;
 
 use std::time::Duration;

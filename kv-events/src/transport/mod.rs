@@ -14,10 +14,12 @@
 //! libzmq (vLLM's pyzmq) over ZMTP 3. It has no message-size limit, so its sockets never face
 //! the network: TCP goes through a [`guard`] that bounds frames (see the crate README).
 
+mod frames;
 pub mod guard;
 mod publisher;
 mod subscriber;
 
+pub use frames::{FramePub, FrameSub};
 pub use publisher::{Publisher, PublisherConfig, PublisherHandle, PublisherStats};
 pub use subscriber::{
     MAX_REPLAY_BATCHES, MAX_TOPICS, ReceivedBatch, SubscribeMode, Subscriber, SubscriberConfig,

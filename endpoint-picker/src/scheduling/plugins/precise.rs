@@ -20,7 +20,20 @@
 //!     speculativeIndexing: false
 //!     speculativeTTL: 2s
 //!     sharedMedia: [remote]        # Switchyard's: media that are one store for the pool
+//!     speculativePublishEndpoint: tcp://*:5570          # Switchyard's: active-active EPPs
+//!     speculativePeers: [tcp://epp-1:5570, tcp://epp-2:5570]
 //! ```
+//!
+//! `speculativePublishEndpoint` and `speculativePeers` (this EPP's own, both off by default,
+//! both need `speculativeIndexing: true`) share speculative entries between EPP replicas that
+//! route one pool side by side: this EPP publishes, on a PUB socket bound at the endpoint,
+//! each routed request's block keys and chosen endpoint, and subscribes to each peer's
+//! endpoint; a peer's message makes the same speculative entries in this EPP's index (same
+//! `speculativeTTL`, replaced by the engine's own events). Until an engine has computed a
+//! request's prefix, seconds after the decision when queues are long, only the EPP that routed
+//! it knows where it goes; this tells the others (bench/RESULTS.md, "Active-active"). The
+//! message and its caps: [`crate::kv_index::peers`]. Peers must hash alike (the same
+//! `tokenProcessorConfig`) and see the pool's endpoints at the same addresses.
 //!
 //! `sharedMedia` (this EPP's own parameter, default `[remote]`, the tiers contract) names the
 //! media that are one store shared by every endpoint of the pool, as LMCache's remote backend
@@ -51,6 +64,7 @@ use crate::config::params::{Params, parse_duration};
 use crate::datastore::{Endpoint, PoolSnapshot};
 use crate::kv_index::index::{DEFAULT_MAX_ENDPOINTS_PER_KEY, DEFAULT_MAX_KEYS, MEDIA, tier};
 use crate::kv_index::keys::DEFAULT_BLOCK_SIZE;
+use crate::kv_index::peers::PeerOutbox;
 use crate::kv_index::{
     HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedKvIndex, SharedMedia, StreamState,
     TierWeights,
@@ -114,7 +128,14 @@ pub struct PreciseParams {
     pub events: KvEventsSettings,
     /// `sharedMedia`: the media that are one store for the whole pool.
     pub shared: SharedMedia,
+    /// `speculativePublishEndpoint`: where this EPP publishes its speculative entries.
+    pub publish_endpoint: Option<String>,
+    /// `speculativePeers`: the other EPPs' publish endpoints.
+    pub peers: Vec<String>,
 }
+
+/// Peers in `speculativePeers`, at most.
+pub const MAX_SPECULATIVE_PEERS: usize = 64;
 
 impl Default for PreciseParams {
     fn default() -> Self {
@@ -127,6 +148,8 @@ impl Default for PreciseParams {
             speculative_indexing: false,
             events: KvEventsSettings::default(),
             shared: SharedMedia::default(),
+            publish_endpoint: None,
+            peers: Vec::new(),
         }
     }
 }
@@ -143,6 +166,8 @@ struct PreciseYaml {
     #[serde(rename = "speculativeTTL")]
     speculative_ttl: Option<String>,
     shared_media: Option<Vec<String>>,
+    speculative_publish_endpoint: Option<String>,
+    speculative_peers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,6 +371,42 @@ impl PreciseParams {
             out.shared = shared;
         }
 
+        if let Some(e) = y.speculative_publish_endpoint.filter(|e| !e.is_empty()) {
+            if !peer_endpoint_ok(&e, true) {
+                return Err(p.invalid(
+                    "speculativePublishEndpoint",
+                    format!("{e:?}: expected tcp://<host or *>:<port>"),
+                ));
+            }
+            out.publish_endpoint = Some(e);
+        }
+        if let Some(peers) = y.speculative_peers {
+            if peers.len() > MAX_SPECULATIVE_PEERS {
+                return Err(p.invalid(
+                    "speculativePeers",
+                    format!("at most {MAX_SPECULATIVE_PEERS} peers"),
+                ));
+            }
+            for e in &peers {
+                if !peer_endpoint_ok(e, false) {
+                    return Err(p.invalid(
+                        "speculativePeers",
+                        format!("{e:?}: expected tcp://<host>:<port>"),
+                    ));
+                }
+                if peers.iter().filter(|o| *o == e).count() > 1 {
+                    return Err(p.invalid("speculativePeers", format!("{e:?} twice")));
+                }
+            }
+            out.peers = peers;
+        }
+        if (out.publish_endpoint.is_some() || !out.peers.is_empty()) && !out.speculative_indexing {
+            return Err(p.invalid(
+                "speculativePeers",
+                "sharing speculative entries needs speculativeIndexing: true",
+            ));
+        }
+
         let ev = y.kv_events_config.unwrap_or_default();
         if let Some(engine) = ev.engine_type.filter(|e| !e.is_empty() && e != "vllm") {
             return Err(p.invalid(
@@ -397,6 +458,20 @@ impl PreciseParams {
     pub fn hasher(&self) -> KeyHasher {
         KeyHasher::new(self.block_size, &self.hash_seed, self.hash_algorithm)
     }
+}
+
+/// `tcp://host:port` with a non-zero port (`*` as the host only where it binds).
+fn peer_endpoint_ok(e: &str, bind: bool) -> bool {
+    let Some((host, port)) = e.strip_prefix("tcp://").and_then(|r| r.rsplit_once(':')) else {
+        return false;
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && (bind || host != "*")
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*' | '[' | ']' | ':'));
+    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 fn port_param(p: &Params<'_>, name: &'static str, port: i64) -> Result<u16, ConfigError> {
@@ -529,6 +604,7 @@ pub struct PrecisePrefixCacheProducer {
     /// Parameters.
     pub params: PreciseParams,
     index: Arc<SharedKvIndex>,
+    peers: Arc<PeerOutbox>,
 }
 plugin_named!(PrecisePrefixCacheProducer, "precise-prefix-cache-scorer");
 
@@ -540,12 +616,18 @@ impl PrecisePrefixCacheProducer {
             name: name.into(),
             params,
             index,
+            peers: Arc::default(),
         }
     }
 
     /// The index the event subscribers feed.
     pub fn index(&self) -> &Arc<SharedKvIndex> {
         &self.index
+    }
+
+    /// Where routed requests go for the peers (`speculativePublishEndpoint`).
+    pub fn peer_outbox(&self) -> &Arc<PeerOutbox> {
+        &self.peers
     }
 }
 
@@ -607,8 +689,12 @@ impl DataProducer for PrecisePrefixCacheProducer {
             return;
         }
         let Some(m) = &state.precise else { return };
+        let publish = self.params.publish_endpoint.is_some();
         for t in targets {
             self.index.speculate(t.endpoint.id, &m.keys, state.now);
+            if publish {
+                self.peers.offer(t.endpoint.spec.address, &m.keys);
+            }
         }
     }
 

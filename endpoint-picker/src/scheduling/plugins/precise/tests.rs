@@ -112,6 +112,27 @@ fn what_cannot_be_honoured_is_an_error_naming_it() {
             "socketPort",
         ),
         ("speculativeTTL: soon", "speculativeTTL"),
+        (
+            "{speculativeIndexing: true, speculativePeers: [\"10.0.0.1:5570\"]}",
+            "speculativePeers",
+        ),
+        (
+            "{speculativeIndexing: true, speculativePeers: [\"tcp://*:5570\"]}",
+            "speculativePeers",
+        ),
+        (
+            "{speculativeIndexing: true, speculativePeers: [\"tcp://a:1\", \"tcp://a:1\"]}",
+            "speculativePeers",
+        ),
+        (
+            "{speculativeIndexing: true, speculativePublishEndpoint: \"tcp://*:0\"}",
+            "speculativePublishEndpoint",
+        ),
+        // Sharing speculative entries needs them.
+        (
+            "{speculativePeers: [\"tcp://epp-1:5570\"]}",
+            "speculativeIndexing",
+        ),
     ] {
         let err = params(yaml).unwrap_err().to_string();
         assert!(err.contains(parameter), "{yaml}: {err}");
@@ -223,6 +244,39 @@ fn healthy_endpoints_are_scored_from_events_the_others_from_routing_history() {
     let (s3, state) = scores(&s, &approx, &no_tokens, &c);
     assert_eq!(s3, vec![0.0, 0.0, 1.0]);
     assert!(state.precise.is_none());
+}
+
+#[test]
+fn peers_are_read() {
+    let (p, warnings) = params(
+        r#"{speculativeIndexing: true, speculativePublishEndpoint: "tcp://*:5570",
+            speculativePeers: ["tcp://epp-1.epp:5570", "tcp://10.0.0.3:5570"]}"#,
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(p.publish_endpoint.as_deref(), Some("tcp://*:5570"));
+    assert_eq!(p.peers, vec!["tcp://epp-1.epp:5570", "tcp://10.0.0.3:5570"]);
+    let (d, _) = params("{}").unwrap();
+    assert!(d.publish_endpoint.is_none() && d.peers.is_empty());
+}
+
+/// With a publish endpoint, each routed request's keys and endpoint go to the outbox too.
+#[tokio::test(start_paused = true)]
+async fn a_routed_request_is_offered_to_the_peers() {
+    let mut s = scorer(true);
+    let mut params = s.producer.params.clone();
+    params.publish_endpoint = Some("tcp://*:5570".into());
+    s.producer = Arc::new(PrecisePrefixCacheProducer::new("p", params));
+    let approx = ApproxPrefixCacheProducer::new("a", PrefixParams::default());
+    let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+    let mut rx = s.producer.peer_outbox().attach();
+    let req = request(1, 4, "");
+    let (_, state) = scores(&s, &approx, &req, &c);
+    s.producer.pre_request(&req, &state, &c[1..]);
+    let m = rx.try_recv().unwrap();
+    assert_eq!(m.endpoint, c[1].endpoint.spec.address);
+    assert_eq!(m.keys, state.precise.as_ref().unwrap().keys);
+    assert!(rx.try_recv().is_err());
 }
 
 #[tokio::test(start_paused = true)]
