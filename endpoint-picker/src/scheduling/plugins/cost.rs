@@ -127,8 +127,9 @@ pub struct TtftCostProducer {
     /// gets a second copy only where its holders are overloaded, not whenever a shorter queue
     /// elsewhere pays for recomputing it. 0 (the default) turns it off; otherwise in [1, 10].
     /// Measured on the bench's `kv-sharing` (precise index, tiers): the precise router's
-    /// goodput rose from 49 to 58 req/s at 1, 1.5 and 2.5, its hit rate by 2–5 points, its peer
-    /// pulls almost vanished (bench/RESULTS.md, "Bounded loads for prefix holders").
+    /// goodput rose from 49 to 55 req/s at 1, 1.5 and 2.5 (58 on one climb, not confirmed by a
+    /// fresh bisection), its recomputed share fell from 26 % to 22–23 % and its peer pulls
+    /// almost vanished (bench/RESULTS.md, "Bounded loads for prefix holders").
     pub holder_load_factor: f64,
     /// Output tokens assumed when the request names none.
     pub default_output_tokens: u32,
