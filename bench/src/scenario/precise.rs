@@ -137,9 +137,12 @@ pub fn precise_config(events: &EngineEvents) -> String {
     // engines no CPU or shared block is ever reported. A new prefix goes to its home replica
     // (`prefixHomeWeight`) unless that one's queue is a prefill longer: several EPPs, none of
     // which sees the others' just-routed requests, then compute it once rather than once each.
+    // A prefix someone holds stays with its holders until the least-queued one's prefill queue is
+    // 2.5 × the mean plus one prefill (`holderLoadFactor`): fewer second copies crowding the
+    // tiers (bench/RESULTS.md, "Bounded loads for prefix holders": `kv-sharing` 49 → 55 req/s).
     cost.replacen("plugins:\n", &head, 1).replacen(
         "- type: ttft-cost-producer\n  parameters:\n",
-        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n    prefixHomeWeight: 1\n",
+        "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n    prefixHomeWeight: 1\n    holderLoadFactor: 2.5\n",
         1,
     )
 }

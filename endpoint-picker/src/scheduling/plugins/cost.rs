@@ -48,6 +48,7 @@ struct ProducerYaml {
     eviction_weight: Option<f64>,
     prefix_home_weight: Option<f64>,
     queue_externality_weight: Option<f64>,
+    holder_load_factor: Option<f64>,
     default_output_tokens: Option<i64>,
     kv_bytes_per_token: Option<i64>,
     #[serde(rename = "cpuLoadGBps")]
@@ -69,6 +70,13 @@ const HOME_BLOCKS: usize = 32;
 /// The largest `queueExternalityWeight`: at 10 a miss with ten requests queued per replica
 /// already costs a hundred times its own prefill.
 const MAX_QUEUE_EXTERNALITY_WEIGHT: f64 = 10.0;
+
+/// The largest `holderLoadFactor`: past ten times the mean queue a holder is no longer a
+/// place to keep anything.
+const MAX_HOLDER_LOAD_FACTOR: f64 = 10.0;
+/// What a non-holder is charged while `holderLoadFactor` keeps a prefix on its holders, seconds:
+/// beyond any prediction, so that it loses to every holder and still ranks among the others.
+const HOLDER_RULE_CHARGE: f64 = 3_600.0;
 
 /// The fastest link a load bandwidth may claim, GB/s (beyond any NVLink or PCIe there is).
 const MAX_LOAD_GBPS: f64 = 10_000.0;
@@ -111,6 +119,18 @@ pub struct TtftCostProducer {
     /// every rate, the goodput unchanged; at 3 the first rung failed (bench/RESULTS.md), so the
     /// precise router's trades of hits for queue length were worth their cost there.
     pub queue_externality_weight: f64,
+    /// Consistent placement with bounded loads for prefixes someone holds: when some candidates
+    /// hold the prompt's first 32 blocks (512 tokens) in their own tiers (GPU, CPU, disk) and
+    /// others do not, the others are ruled out (charged an hour) unless every holder's prefill
+    /// queue (the tokens queued ahead of this request there, as prefill time) exceeds this
+    /// factor × the mean over all candidates plus one prefill of this prompt. A prefix then
+    /// gets a second copy only where its holders are overloaded, not whenever a shorter queue
+    /// elsewhere pays for recomputing it. 0 (the default) turns it off; otherwise in [1, 10].
+    /// Measured on the bench's `kv-sharing` (precise index, tiers): the precise router's
+    /// goodput rose from 49 to 55 req/s at 1, 1.5 and 2.5 (58 on one climb, not confirmed by a
+    /// fresh bisection), its recomputed share fell from 26 % to 22–23 % and its peer pulls
+    /// almost vanished (bench/RESULTS.md, "Bounded loads for prefix holders").
+    pub holder_load_factor: f64,
     /// Output tokens assumed when the request names none.
     pub default_output_tokens: u32,
     /// What loading from each KV tier costs.
@@ -126,6 +146,7 @@ impl Default for TtftCostProducer {
             eviction_weight: DEFAULT_EVICTION_WEIGHT,
             prefix_home_weight: 0.0,
             queue_externality_weight: 0.0,
+            holder_load_factor: 0.0,
             default_output_tokens: DEFAULT_OUTPUT_TOKENS,
             tiers: TierCosts::default(),
         }
@@ -136,6 +157,7 @@ impl TtftCostProducer {
     /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
     /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]),
     /// `prefixHomeWeight` (in [0, 10]), `queueExternalityWeight` (in [0, 10]),
+    /// `holderLoadFactor` (0, or in [1, 10]),
     /// `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
     /// `cpuLoadGBps` (25), `diskLoadGBps` (0), `sharedLoadGBps` (10), `peerLoadGBps` (10), each
     /// in [0, 10000] GB/s, 0 ignoring the tier.
@@ -192,6 +214,16 @@ impl TtftCostProducer {
             Some(w) => out.queue_externality_weight = w,
             None => {}
         }
+        match y.holder_load_factor {
+            Some(f)
+                if !(f.is_finite()
+                    && (f == 0.0 || (1.0..=MAX_HOLDER_LOAD_FACTOR).contains(&f))) =>
+            {
+                return Err(p.invalid("holderLoadFactor", "must be 0 (off) or in [1, 10]"));
+            }
+            Some(f) => out.holder_load_factor = f,
+            None => {}
+        }
         if let Some(n) = p.positive("defaultOutputTokens", y.default_output_tokens)? {
             out.default_output_tokens = n.min(u32::MAX as usize) as u32;
         }
@@ -230,7 +262,7 @@ impl TtftCostProducer {
         candidate: &Candidate,
         prompt_tokens: u64,
         queued_per_candidate: f64,
-    ) -> Cost {
+    ) -> (Cost, f64) {
         let endpoint = &candidate.endpoint;
         let per_token = self.engine.per_token.as_secs_f64();
         let hits = state.tier_tokens(endpoint);
@@ -260,6 +292,7 @@ impl TtftCostProducer {
         let mut raw = self.engine.predict(backlog, uncached);
         raw.ttft += placed.load_seconds;
         let k = load.map_or(1.0, |l| l.calibration.factor());
+        let queue_seconds = backlog.queued_tokens as f64 * per_token * k;
         let predicted = crate::cost::Prediction {
             ttft: raw.ttft * k,
             tpot: raw.tpot * k,
@@ -310,14 +343,15 @@ impl TtftCostProducer {
         } else {
             0
         };
-        Cost {
+        let cost = Cost {
             predicted,
             raw_ttft: raw.ttft,
             uncached_tokens: uncached.saturating_add(load_as_tokens),
             load_seconds: placed.load_seconds,
             peer: hits.peer_endpoint.filter(|_| placed.peer),
             objective,
-        }
+        };
+        (cost, queue_seconds)
     }
 }
 
@@ -328,25 +362,55 @@ impl TtftCostProducer {
         if self.prefix_home_weight <= 0.0 {
             return None;
         }
-        let (keys, block_tokens) = match (&state.precise, &state.prefix) {
-            (Some(m), _) if !m.keys.is_empty() => (m.keys.as_slice(), m.block_tokens),
-            (_, Some(p)) => (p.hashes.as_slice(), p.block_tokens),
-            _ => return None,
-        };
-        let depth = keys.len().min(HOME_BLOCKS);
-        let key = *keys.get(depth.checked_sub(1)?)?;
-        let depth_tokens = (depth * block_tokens) as u64;
-        let held = candidates.iter().any(|c| {
-            let t = state.tier_tokens(&c.endpoint);
-            t.gpu + t.cpu + t.disk >= depth_tokens
-        });
-        if held {
+        let (key, depth_tokens) = prefix_key(state)?;
+        if candidates.iter().any(|c| holds(state, c, depth_tokens)) {
             return None;
         }
         candidates
             .iter()
             .max_by_key(|c| xxhash_rust::xxh64::xxh64(c.endpoint.host_port.as_bytes(), key))
             .map(|c| c.endpoint.id)
+    }
+}
+
+/// The key naming the request's prefix (its block key at [`HOME_BLOCKS`], or its last block's
+/// when shorter) and that depth in tokens; `None` without keys.
+fn prefix_key(state: &CycleState) -> Option<(u64, u64)> {
+    let (keys, block_tokens) = match (&state.precise, &state.prefix) {
+        (Some(m), _) if !m.keys.is_empty() => (m.keys.as_slice(), m.block_tokens),
+        (_, Some(p)) => (p.hashes.as_slice(), p.block_tokens),
+        _ => return None,
+    };
+    let depth = keys.len().min(HOME_BLOCKS);
+    let key = *keys.get(depth.checked_sub(1)?)?;
+    Some((key, (depth * block_tokens) as u64))
+}
+
+/// Whether `candidate` holds the prefix's first `depth_tokens` in its own tiers.
+fn holds(state: &CycleState, candidate: &Candidate, depth_tokens: u64) -> bool {
+    let t = state.tier_tokens(&candidate.endpoint);
+    t.gpu + t.cpu + t.disk >= depth_tokens
+}
+
+impl TtftCostProducer {
+    /// Whether `holder_load_factor` rules the non-holders out: some candidates hold the prefix
+    /// and some do not, and the least-queued holder's queue is within the factor × the mean
+    /// queue plus one prefill of the prompt. `queues`: (endpoint, holds, queue seconds).
+    fn keeps_on_holders(&self, queues: &[(EndpointId, bool, f64)], prompt_tokens: u64) -> bool {
+        if queues.is_empty() || queues.iter().all(|q| q.1) {
+            return false;
+        }
+        let Some(best_holder) = queues
+            .iter()
+            .filter(|q| q.1)
+            .map(|q| q.2)
+            .min_by(f64::total_cmp)
+        else {
+            return false;
+        };
+        let mean = queues.iter().map(|q| q.2).sum::<f64>() / queues.len() as f64;
+        let slack = prompt_tokens as f64 * self.engine.per_token.as_secs_f64();
+        best_holder <= self.holder_load_factor * mean + slack
     }
 }
 
@@ -404,8 +468,18 @@ impl DataProducer for TtftCostProducer {
         } else {
             0.0
         };
+        let depth = if self.holder_load_factor > 0.0 {
+            prefix_key(state).map(|(_, d)| d)
+        } else {
+            None
+        };
+        // (holds the prefix, its queue in seconds) per candidate, for `holder_load_factor`.
+        let mut queues = Vec::with_capacity(if depth.is_some() { candidates.len() } else { 0 });
         for c in candidates {
-            let mut cost = self.cost(request, state, c, prompt_tokens, queued);
+            let (mut cost, queue) = self.cost(request, state, c, prompt_tokens, queued);
+            if let Some(d) = depth {
+                queues.push((c.endpoint.id, holds(state, c, d), queue));
+            }
             if home.is_some_and(|h| h != c.endpoint.id) {
                 let k = state
                     .in_flight
@@ -417,6 +491,13 @@ impl DataProducer for TtftCostProducer {
                     * k;
             }
             by_endpoint[c.endpoint.id.0 as usize] = Some(cost);
+        }
+        if self.keeps_on_holders(&queues, prompt_tokens) {
+            for &(id, held, _) in &queues {
+                if !held && let Some(Some(cost)) = by_endpoint.get_mut(id.0 as usize) {
+                    cost.objective += HOLDER_RULE_CHARGE;
+                }
+            }
         }
         state.costs = Some(Costs { by_endpoint });
     }
@@ -1323,6 +1404,82 @@ mod tests {
         // max(2, 6) and max(9, 6): 7.5 per candidate.
         assert_eq!(queued_per_candidate(&st, &s.candidates), 7.5);
         assert_eq!(queued_per_candidate(&st, &[]), 0.0);
+    }
+
+    /// The holder of a 6,500-token request's prefix has 10 requests of 1,000 uncached tokens
+    /// waiting (0.3 s of prefill), the other replica none: by cost the request recomputes the
+    /// prefix on the idle one. With `holderLoadFactor` 1 it stays, since 0.3 s is within the
+    /// mean queue (0.15 s) plus one prefill of the prompt (0.195 s); at 20 waiting (0.6 s against
+    /// 0.3 + 0.195) the holder counts as overloaded and cost decides again. Nobody holding the
+    /// prefix, or everybody, leaves the costs as they are.
+    #[test]
+    fn a_prefix_stays_with_its_holders_until_they_are_overloaded() {
+        let s = setup(2, &[0, 0]);
+        let bounded = TtftCostProducer {
+            holder_load_factor: 1.0,
+            ..TtftCostProducer::default()
+        };
+        prefilling(&s, &[(10, 1_000), (0, 0)]);
+        assert_eq!(holder_or_cold(&TtftCostProducer::default(), &s), 1);
+        assert_eq!(holder_or_cold(&bounded, &s), 0);
+        prefilling(&s, &[(20, 1_000), (0, 0)]);
+        assert_eq!(holder_or_cold(&bounded, &s), 1);
+        // The rule compares queues only: no holder, or every candidate a holder, no charge.
+        prefilling(&s, &[(10, 1_000), (0, 0)]);
+        let req = request(6_500);
+        let objectives = |p: &TtftCostProducer, held: [u32; 2]| {
+            let mut st = state(&s);
+            let mut matched = vec![0; 3];
+            for (c, n) in s.candidates.iter().zip(held) {
+                matched[c.endpoint.id.0 as usize] = n;
+            }
+            st.prefix = Some(PrefixMatch {
+                hashes: vec![0; 406],
+                matched,
+                block_tokens: 16,
+            });
+            p.produce(&req, &s.candidates, &mut st);
+            let costs = st.costs.unwrap();
+            [0, 1].map(|i| costs.of(&s.candidates[i].endpoint).unwrap().objective)
+        };
+        for held in [[0, 0], [375, 375], [31, 0]] {
+            assert_eq!(
+                objectives(&bounded, held),
+                objectives(&TtftCostProducer::default(), held),
+                "{held:?}"
+            );
+        }
+        let (with, without) = (
+            objectives(&bounded, [375, 0]),
+            objectives(&TtftCostProducer::default(), [375, 0]),
+        );
+        assert_eq!(with[0], without[0]);
+        assert!((with[1] - without[1] - HOLDER_RULE_CHARGE).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_holder_load_factor_is_read_and_checked() {
+        use crate::scheduling::plugins::test_util::build_from_yaml;
+        let build =
+            |yaml| build_from_yaml("ttft-cost-producer", yaml, TtftCostProducer::from_params);
+        let (p, warnings) = build("{holderLoadFactor: 1.5}").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.holder_load_factor, 1.5);
+        assert_eq!(
+            build("{holderLoadFactor: 0}").unwrap().0.holder_load_factor,
+            0.0
+        );
+        assert_eq!(build("{}").unwrap().0.holder_load_factor, 0.0);
+        for bad in [
+            "{holderLoadFactor: 0.5}",
+            "{holderLoadFactor: -1}",
+            "{holderLoadFactor: 10.5}",
+            "{holderLoadFactor: .nan}",
+            "{holderLoadFactor: .inf}",
+        ] {
+            let err = build(bad).unwrap_err().to_string();
+            assert!(err.contains("holderLoadFactor"), "{bad}: {err}");
+        }
     }
 
     #[test]
