@@ -21,5 +21,7 @@ pub mod signals;
 pub mod speculation_peers;
 pub mod supervisor;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod tokens;

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use endpoint_picker::config;
-use endpoint_picker::datastore::{Datastore, EndpointSpec, EngineMetrics, PoolSpec, Readiness};
+use endpoint_picker::datastore::{
+    Datastore, EndpointId, EndpointSpec, EngineMetrics, PoolSpec, Readiness,
+};
 use endpoint_picker::director::Director;
 use endpoint_picker::kv_index::{SharedKvIndex, StreamState};
 use endpoint_picker::request::{Api, InferenceRequest};
@@ -730,6 +732,18 @@ struct Epp {
     active: std::sync::atomic::AtomicUsize,
 }
 
+impl Epp {
+    /// The id this EPP's datastore gives the endpoint at `address`; `None` outside its pool
+    /// (e.g. a replica the autoscaler removed).
+    fn endpoint_at(&self, address: &SocketAddr) -> Option<EndpointId> {
+        self.director
+            .datastore()
+            .snapshot()
+            .by_address(address)
+            .map(|e| e.id)
+    }
+}
+
 struct Pool {
     /// The EPP replicas; the first one's view serves the autoscaler.
     epps: Arc<[Epp]>,
@@ -1148,13 +1162,7 @@ fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEve
             // Every EPP's subscriber hears the engine; the counts are the first EPP's.
             for (i, epp) in epps.iter().enumerate() {
                 // Outside the pool (removed by the autoscaler), no subscriber listens.
-                let Some(id) = epp
-                    .director
-                    .datastore()
-                    .snapshot()
-                    .by_address(&address)
-                    .map(|e| e.id)
-                else {
+                let Some(id) = epp.endpoint_at(&address) else {
                     continue;
                 };
                 for index in &epp.kv_indexes {
@@ -1191,13 +1199,7 @@ fn share_speculation(
         if i == from {
             continue;
         }
-        let Some(id) = epp
-            .director
-            .datastore()
-            .snapshot()
-            .by_address(&address)
-            .map(|e| e.id)
-        else {
+        let Some(id) = epp.endpoint_at(&address) else {
             continue;
         };
         for (index, &on) in epp.kv_indexes.iter().zip(&epp.speculates) {

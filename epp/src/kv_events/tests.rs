@@ -1,9 +1,8 @@
 //! The subscribers against an in-memory transport: membership, gaps, replay, removal.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::HashMap;
 
-use endpoint_picker::datastore::{EndpointSpec, PoolSpec};
+use endpoint_picker::datastore::PoolSpec;
 use endpoint_picker::kv_index::{
     HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedMedia, TierWeights,
 };
@@ -12,6 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::test_support::spec;
 
 struct FakeSource {
     rx: mpsc::UnboundedReceiver<KvMessage>,
@@ -86,19 +86,6 @@ fn plug(connector: &FakeConnector, address: &str, replay: Vec<KvMessage>) -> Wir
         },
     );
     Wire { tx, polled: prx }
-}
-
-fn spec(i: u8) -> EndpointSpec {
-    let address = SocketAddr::from(([127, 0, 0, i], 8000));
-    EndpointSpec {
-        name: format!("pod-{i}"),
-        pod_name: format!("pod-{i}"),
-        namespace: "ns".into(),
-        address,
-        metrics_address: address,
-        rank: 0,
-        labels: BTreeMap::new(),
-    }
 }
 
 fn pool(ids: &[u8]) -> PoolSpec {

@@ -1,9 +1,6 @@
 //! Peer messages into the index, and one loopback exchange over real sockets.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-
-use endpoint_picker::datastore::{EndpointId, EndpointSpec, PoolSpec};
+use endpoint_picker::datastore::{EndpointId, PoolSpec};
 use endpoint_picker::kv_index::peers::PeerSpeculation;
 use endpoint_picker::kv_index::{
     HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedMedia, TierWeights,
@@ -11,21 +8,9 @@ use endpoint_picker::kv_index::{
 use kv_events::{BlockStored, Event, EventBatch, Medium};
 
 use super::*;
+use crate::test_support::spec;
 
 const BS: usize = 4;
-
-fn spec(i: u8) -> EndpointSpec {
-    let address = SocketAddr::from(([127, 0, 0, i], 8000));
-    EndpointSpec {
-        name: format!("pod-{i}"),
-        pod_name: format!("pod-{i}"),
-        namespace: "ns".into(),
-        address,
-        metrics_address: address,
-        rank: 0,
-        labels: BTreeMap::new(),
-    }
-}
 
 fn setup() -> (Arc<Datastore>, Arc<SharedKvIndex>, Arc<KvEventMetrics>) {
     let datastore = Arc::new(Datastore::new());
