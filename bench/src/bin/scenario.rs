@@ -230,6 +230,11 @@ struct ActiveActiveOpts {
     /// `speculativePublishEndpoint` and `speculativePeers`).
     #[arg(long)]
     no_speculative_peers: bool,
+    /// Also run, for every count n > 1, one routing EPP beside n − 1 that do everything but
+    /// route: the same processes on the same machine, so that what n EPPs cost the machine
+    /// the engines run on is told apart from how they route.
+    #[arg(long)]
+    controls: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -609,7 +614,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             let heads = active_active::headlines(&runs, &cfg);
             let mut md = format!(
                 "{header}
-{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`, test tokenizer, KV events on `tcp://127.0.0.(2+i):<port>`), {} (token counts are the goodput preset's divided by {:.2}, the test tokenizer's tokens per workload token, so the engines see the preset's prompt lengths); {} req/s Poisson, {} s of warm-up then {} s measured, cold cluster per run, {} round(s). Every EPP runs the precise profile (cost model + `precise-prefix-cache-scorer`, `discoverPods`, speculative entries{}){} on the same pool file; Envoy balances the ext_proc streams `LEAST_REQUEST`. Hit rate: the engines' `vllm:prefix_cache_hits_total` / `queries_total` over the measured window. Took {:.0} min.\n\n",
+{} simulated replicas (`sim`, calibrated profile, `--stream-granularity {}`, test tokenizer, KV events on `tcp://127.0.0.(2+i):<port>`), {} (token counts are the goodput preset's divided by {:.2}, the test tokenizer's tokens per workload token, so the engines see the preset's prompt lengths); {} req/s Poisson, {} s of warm-up then {} s measured, cold cluster per run, {} round(s). Every EPP runs the precise profile (cost model + `precise-prefix-cache-scorer`, `discoverPods`, speculative entries{}){} on the same pool file; Envoy balances the ext_proc streams `LEAST_REQUEST`.{} Hit rate: the engines' `vllm:prefix_cache_hits_total` / `queries_total` over the measured window. Took {:.0} min.\n\n",
                 cfg.replicas,
                 cfg.stream_granularity,
                 scenario::routing::describe(&cfg.workload),
@@ -627,6 +632,11 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                     String::new()
                 } else {
                     format!(" with `{}`", cfg.epp_args.join(" "))
+                },
+                if cfg.watching_controls {
+                    " `1 + k watching`: one EPP routes while k more run beside it doing everything but route (scrape every engine, apply every KV event and peer message), i.e. the processes of k + 1 EPPs on this shared machine with the routing of one."
+                } else {
+                    ""
                 },
                 began.elapsed().as_secs_f64() / 60.0,
             );
@@ -1004,6 +1014,7 @@ fn active_active_cfg(
         repeats: a.repeats.unwrap_or(1).max(1),
         epp_args: a.epp_args.clone(),
         speculative_peers: !a.no_speculative_peers,
+        watching_controls: a.controls,
     })
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::goodput::{self, Point};
-use super::precise::{self, EngineEvents};
+use super::precise::{self, EngineEvents, EppSet};
 use super::start_sim_with;
 use crate::harness::{Tools, get, prom_sum};
 use crate::loadgen::{self, Control, LoadSpec, Mode, Record};
@@ -54,6 +54,11 @@ pub struct ActiveActiveCfg {
     /// `scenario active-active --no-speculative-peers`.
     #[serde(default = "yes")]
     pub speculative_peers: bool,
+    /// Also run, for every count n > 1, one routing EPP with n − 1 watching ones (every
+    /// process, one route): what n EPP processes cost the machine they share with the engines,
+    /// apart from how n EPPs route (`scenario active-active --controls`).
+    #[serde(default)]
+    pub watching_controls: bool,
 }
 
 fn yes() -> bool {
@@ -80,6 +85,9 @@ pub struct EppShare {
 pub struct ActiveActiveRun {
     /// EPPs behind Envoy.
     pub epps: usize,
+    /// EPPs beside them that route nothing ([`EppSet::watching`]).
+    #[serde(default)]
+    pub watching: usize,
     /// Which repetition.
     pub round: usize,
     /// The measured window: client summary, burst herding, prediction error, usage hit rate.
@@ -105,20 +113,24 @@ pub async fn run(
     mut on_run: impl FnMut(&ActiveActiveRun),
 ) -> anyhow::Result<Vec<ActiveActiveRun>> {
     let mut out = Vec::new();
-    let total = cfg.epps.len() * cfg.repeats;
+    let sets = sets(cfg);
+    let total = sets.len() * cfg.repeats;
     let mut k = 0;
     for round in 0..cfg.repeats {
-        for &n in &cfg.epps {
+        for &set in &sets {
             k += 1;
             eprintln!(
-                "active-active [{k}/{total}] {} EPP(s), {} at {} req/s",
-                n,
+                "active-active [{k}/{total}] {}, {} at {} req/s",
+                set_label(set),
                 cfg.workload.workload.as_str(),
                 cfg.rate
             );
-            let run_dir = dir.join(format!("active-active-{n}-{round}"));
+            let run_dir = dir.join(format!(
+                "active-active-{}-{}-{round}",
+                set.routed, set.watching
+            ));
             std::fs::create_dir_all(&run_dir)?;
-            let r = one(tools, cfg, n, round, &run_dir).await?;
+            let r = one(tools, cfg, set, round, &run_dir).await?;
             eprintln!(
                 "  TTFT p50 {:.0} ms p90 {:.0} ms, hit {}, herding {}, decisions {:?}, errors {}",
                 r.point.summary.ttft_ms.p50.unwrap_or(f64::NAN),
@@ -136,10 +148,40 @@ pub async fn run(
     Ok(out)
 }
 
+/// The EPP sets of one round, in order: each count, and after each count n > 1 its control
+/// (one routing, n − 1 watching) when asked.
+fn sets(cfg: &ActiveActiveCfg) -> Vec<EppSet> {
+    let mut sets = Vec::new();
+    for &n in &cfg.epps {
+        sets.push(EppSet::routing(n));
+        if cfg.watching_controls && n > 1 {
+            sets.push(EppSet {
+                routed: 1,
+                watching: n - 1,
+            });
+        }
+    }
+    sets
+}
+
+/// `3 EPPs`, `1 EPP + 2 watching`.
+fn set_label(set: EppSet) -> String {
+    let routed = format!(
+        "{} EPP{}",
+        set.routed,
+        if set.routed == 1 { "" } else { "s" }
+    );
+    if set.watching == 0 {
+        routed
+    } else {
+        format!("{routed} + {} watching", set.watching)
+    }
+}
+
 async fn one(
     tools: &Tools,
     cfg: &ActiveActiveCfg,
-    n: usize,
+    set: EppSet,
     round: usize,
     dir: &Path,
 ) -> anyhow::Result<ActiveActiveRun> {
@@ -160,7 +202,7 @@ async fn one(
     let multi = precise::start_multi_epp(
         tools,
         &precise::precise_config(&events),
-        n,
+        set,
         &replicas,
         dir,
         &epp_args,
@@ -190,7 +232,7 @@ async fn one(
     let report = load.await??;
     let after = replica_counters(&replicas).await?;
     let router_cpu_s = multi.up.cpu_seconds() - cpu0;
-    let mut per_epp = Vec::with_capacity(n);
+    let mut per_epp = Vec::with_capacity(set.total());
     for url in &multi.metrics_urls {
         let (_, text) = get(url).await?;
         per_epp.push(EppShare {
@@ -226,7 +268,8 @@ async fn one(
         }
     }
     Ok(ActiveActiveRun {
-        epps: n,
+        epps: set.routed,
+        watching: set.watching,
         round,
         point,
         replica_cache_hit: (queries > 0.0).then(|| hits / queries),
@@ -297,9 +340,12 @@ pub fn engines_heard(metrics: &str) -> usize {
     pods.len()
 }
 
-/// Per EPP count: the mean over its rounds of TTFT p50 and p90 and of the hit rate.
-fn means(runs: &[ActiveActiveRun], n: usize) -> Option<(f64, f64, f64)> {
-    let rs: Vec<&ActiveActiveRun> = runs.iter().filter(|r| r.epps == n).collect();
+/// Per EPP set: the mean over its rounds of TTFT p50 and p90 and of the hit rate.
+fn means(runs: &[ActiveActiveRun], set: EppSet) -> Option<(f64, f64, f64)> {
+    let rs: Vec<&ActiveActiveRun> = runs
+        .iter()
+        .filter(|r| r.epps == set.routed && r.watching == set.watching)
+        .collect();
     let k = rs.len() as f64;
     let p50: Option<Vec<f64>> = rs.iter().map(|r| r.point.summary.ttft_ms.p50).collect();
     let p90: Option<Vec<f64>> = rs.iter().map(|r| r.point.summary.ttft_ms.p90).collect();
@@ -314,30 +360,43 @@ fn means(runs: &[ActiveActiveRun], n: usize) -> Option<(f64, f64, f64)> {
     })
 }
 
-/// The verdict lines: each EPP count against the first (means over the rounds).
+/// The verdict lines: each EPP count against the first (means over the rounds), and with
+/// the controls, against one routing EPP among as many processes.
 pub fn headlines(runs: &[ActiveActiveRun], cfg: &ActiveActiveCfg) -> Vec<String> {
     let Some(&base_n) = cfg.epps.first() else {
         return Vec::new();
     };
-    let Some((_, base_p90, base_hit)) = means(runs, base_n) else {
-        return Vec::new();
-    };
-    cfg.epps
-        .iter()
-        .skip(1)
-        .filter_map(|&n| {
-            let (_, p90, hit) = means(runs, n)?;
-            let ratio = p90 / base_p90;
-            let points = (hit - base_hit) * 100.0;
-            let ok = ratio <= 1.05 && points.abs() <= 2.0;
-            Some(format!(
-                "{n} EPPs vs {base_n}: TTFT p90 {p90:.0} ms vs {base_p90:.0} ms (×{ratio:.3}, goal ≤ ×1.05), hit rate {:.1} % vs {:.1} % ({points:+.1} points, goal within ±2): **{}**.",
-                hit * 100.0,
-                base_hit * 100.0,
-                if ok { "met" } else { "not met" }
-            ))
-        })
-        .collect()
+    let base = EppSet::routing(base_n);
+    let mut lines = Vec::new();
+    for &n in cfg.epps.iter().skip(1) {
+        let set = EppSet::routing(n);
+        lines.extend(verdict(runs, set, base));
+        if cfg.watching_controls && n > 1 {
+            let control = EppSet {
+                routed: 1,
+                watching: n - 1,
+            };
+            lines.extend(verdict(runs, set, control));
+        }
+    }
+    lines
+}
+
+/// `set` against `base` on the goals: TTFT p90 within 5 %, hit rate within 2 points.
+fn verdict(runs: &[ActiveActiveRun], set: EppSet, base: EppSet) -> Option<String> {
+    let (_, base_p90, base_hit) = means(runs, base)?;
+    let (_, p90, hit) = means(runs, set)?;
+    let ratio = p90 / base_p90;
+    let points = (hit - base_hit) * 100.0;
+    let ok = ratio <= 1.05 && points.abs() <= 2.0;
+    Some(format!(
+        "{} vs {}: TTFT p90 {p90:.0} ms vs {base_p90:.0} ms (×{ratio:.3}, goal ≤ ×1.05), hit rate {:.1} % vs {:.1} % ({points:+.1} points, goal within ±2): **{}**.",
+        set_label(set),
+        set_label(base),
+        hit * 100.0,
+        base_hit * 100.0,
+        if ok { "met" } else { "not met" }
+    ))
 }
 
 /// The markdown table.
@@ -358,7 +417,11 @@ pub fn markdown(runs: &[ActiveActiveRun], cfg: &ActiveActiveCfg) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
-            r.epps,
+            if r.watching == 0 {
+                r.epps.to_string()
+            } else {
+                format!("{} + {} watching", r.epps, r.watching)
+            },
             r.round + 1,
             f0(m.ttft_ms.p50),
             f0(m.ttft_ms.p90),
@@ -390,8 +453,13 @@ mod tests {
     use crate::workload::Kind;
 
     fn run(epps: usize, p90: f64, hit: f64) -> ActiveActiveRun {
+        watched(epps, 0, p90, hit)
+    }
+
+    fn watched(epps: usize, watching: usize, p90: f64, hit: f64) -> ActiveActiveRun {
         ActiveActiveRun {
             epps,
+            watching,
             round: 0,
             point: Point {
                 rate: 10.0,
@@ -406,7 +474,7 @@ mod tests {
                 ..Point::default()
             },
             replica_cache_hit: Some(hit),
-            per_epp: (0..epps)
+            per_epp: (0..epps + watching)
                 .map(|_| EppShare {
                     decisions: 10.0,
                     kv_events_applied: 5.0,
@@ -420,9 +488,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn headlines_hold_each_count_to_the_goal_against_one_epp() {
-        let cfg = ActiveActiveCfg {
+    fn cfg(watching_controls: bool) -> ActiveActiveCfg {
+        ActiveActiveCfg {
             replicas: 2,
             stream_granularity: 16,
             gpu_blocks: None,
@@ -438,7 +505,13 @@ mod tests {
             repeats: 1,
             epp_args: Vec::new(),
             speculative_peers: true,
-        };
+            watching_controls,
+        }
+    }
+
+    #[test]
+    fn headlines_hold_each_count_to_the_goal_against_one_epp() {
+        let cfg = cfg(false);
         let runs = [
             run(1, 400.0, 0.80),
             run(2, 416.0, 0.79),
@@ -460,6 +533,56 @@ mod tests {
         assert_eq!(md.lines().count(), 5);
         assert!(md.contains("| 10 / 10 / 10 |"), "{md}");
         assert!(md.contains("| 2/2 / 2/2 |"), "{md}");
+    }
+
+    #[test]
+    fn controls_hold_each_count_against_one_routing_epp_among_as_many() {
+        let cfg = cfg(true);
+        assert_eq!(
+            sets(&cfg),
+            [
+                EppSet::routing(1),
+                EppSet::routing(2),
+                EppSet {
+                    routed: 1,
+                    watching: 1
+                },
+                EppSet::routing(3),
+                EppSet {
+                    routed: 1,
+                    watching: 2
+                },
+            ]
+        );
+        let runs = [
+            run(1, 400.0, 0.80),
+            run(2, 416.0, 0.79),
+            watched(1, 1, 410.0, 0.80),
+            run(3, 440.0, 0.80),
+            watched(1, 2, 430.0, 0.80),
+        ];
+        let h = headlines(&runs, &cfg);
+        assert_eq!(h.len(), 4, "{h:?}");
+        assert!(
+            h[1].starts_with("2 EPPs vs 1 EPP + 1 watching: TTFT p90 416 ms vs 410 ms (×1.015")
+                && h[1].ends_with("**met**."),
+            "{}",
+            h[1]
+        );
+        assert!(
+            h[2].starts_with("3 EPPs vs 1 EPP:") && h[2].ends_with("**not met**."),
+            "{}",
+            h[2]
+        );
+        assert!(
+            h[3].starts_with("3 EPPs vs 1 EPP + 2 watching: TTFT p90 440 ms vs 430 ms (×1.023")
+                && h[3].ends_with("**met**."),
+            "{}",
+            h[3]
+        );
+        let md = markdown(&runs, &cfg);
+        assert!(md.contains("| 1 + 2 watching | 1 |"), "{md}");
+        assert!(md.contains("| 10 / 10 / 10 |"), "{md}");
     }
 
     #[test]

@@ -319,7 +319,7 @@ pub async fn start_router_with(
             precise::start_multi_epp(
                 tools,
                 &config,
-                *epps,
+                precise::EppSet::routing(*epps),
                 backends,
                 dir,
                 &["--debug-decision-header"],

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::{Deserialize, Serialize};
 
 use super::{RouterUp, start_envoy};
 use crate::harness::{self, Tools, free_port, get, wait_http};
@@ -225,18 +226,45 @@ pub struct MultiEppUp {
     pub metrics_urls: Vec<String>,
 }
 
-/// Starts `n` EPPs on `config` (each its own ports and seed, one shared pool file of
-/// `backends`) and Envoy in front of them; waits until Envoy sees every EPP healthy.
+/// EPP processes of an active-active setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EppSet {
+    /// EPPs Envoy balances ext_proc streams over.
+    pub routed: usize,
+    /// More EPPs that do everything but route (scrape every engine, apply every KV event and
+    /// peer message): a control for what more EPP processes cost a machine they share with
+    /// the engines.
+    pub watching: usize,
+}
+
+impl EppSet {
+    /// `n` EPPs, all routing.
+    pub fn routing(n: usize) -> Self {
+        Self {
+            routed: n,
+            watching: 0,
+        }
+    }
+
+    /// Every EPP process.
+    pub fn total(self) -> usize {
+        self.routed + self.watching
+    }
+}
+
+/// Starts the EPPs of `set` on `config` (each its own ports and seed, one shared pool file of
+/// `backends`) and Envoy in front of the routed ones; waits until Envoy sees those healthy.
 pub async fn start_multi_epp(
     tools: &Tools,
     config: &str,
-    n: usize,
+    set: EppSet,
     backends: &[SocketAddr],
     dir: &Path,
     extra_args: &[&str],
     speculative_peers: bool,
 ) -> anyhow::Result<MultiEppUp> {
-    anyhow::ensure!(n > 0, "no EPP");
+    let (routed, n) = (set.routed, set.total());
+    anyhow::ensure!(routed > 0, "no EPP to route");
     // With several EPPs sharing speculative entries, each its own publish port and the
     // others' as peers.
     let publish: Vec<u16> = if speculative_peers && n > 1 {
@@ -282,11 +310,12 @@ pub async fn start_multi_epp(
             .join("gateway-configs/envoy/envoy-plaintext.yaml"),
     )?;
     let (admin, listen) = (free_port()?, free_port()?);
-    let envoy_cfg = envoy_config_multi_epp(&template, &grpc_ports, listen, admin, backends)?;
+    let envoy_cfg =
+        envoy_config_multi_epp(&template, &grpc_ports[..routed], listen, admin, backends)?;
     let envoy = start_envoy(tools, envoy_cfg, admin, listen, dir, false).await?;
-    wait_epps_healthy(admin, n, Duration::from_secs(30))
+    wait_epps_healthy(admin, routed, Duration::from_secs(30))
         .await
-        .with_context(|| format!("Envoy never saw {n} EPPs healthy"))?;
+        .with_context(|| format!("Envoy never saw {routed} EPPs healthy"))?;
     let mut procs = vec![envoy];
     procs.extend(epps);
     Ok(MultiEppUp {
