@@ -318,9 +318,10 @@ bench-kv-sharing: envoy bench-peers bench-build
 	  --routers $(KV_SHARING_ROUTERS) --section cache-pressure-tiers $(KV_SHARING_ARGS)
 
 # Active-active (issue 15 item 6, bench/RESULTS.md "Active-active"): 1 vs 2 vs 3 precise EPPs
-# behind one Envoy on the same workload and cluster; ≈ 8 min (`-quick`: ≈ 3 min, not written).
+# behind one Envoy on the same workload and cluster, three rounds, with the controls (one routing
+# EPP beside n - 1 watching ones); ≈ 30 min (`-quick`: ≈ 3 min, not written).
 bench-active-active: envoy bench-build
-	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" active-active $(BENCH_ARGS)
+	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" active-active --rate 30 --repeats 3 --controls $(BENCH_ARGS)
 
 bench-active-active-quick: envoy bench-build
 	$(NICE) $(BENCH_BIN)/scenario --envoy "$(ENVOY)" --quick --no-results active-active $(BENCH_ARGS)

@@ -338,7 +338,7 @@ mod tests {
         m.observe_processing(Duration::from_micros(10));
         m.task_exits
             .get_or_create(&TaskExitLabels {
-                task: "watch-configmaps",
+                task: "watch-configmaps".into(),
                 reason: "returned",
             })
             .inc();

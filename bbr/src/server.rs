@@ -343,13 +343,17 @@ pub async fn serve(
 async fn follow_readiness(
     reporter: tonic_health::server::HealthReporter,
     mut synced: tokio::sync::watch::Receiver<bool>,
-    mut down: tokio::sync::watch::Receiver<BTreeSet<&'static str>>,
+    mut down: tokio::sync::watch::Receiver<BTreeSet<epp::supervisor::TaskName>>,
     token: CancellationToken,
 ) {
     let mut ready = false;
     loop {
         let is_synced = *synced.borrow_and_update();
-        let tasks_down: Vec<&'static str> = down.borrow_and_update().iter().copied().collect();
+        let tasks_down: Vec<String> = down
+            .borrow_and_update()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
         let now = is_synced && tasks_down.is_empty();
         if now != ready {
             ready = now;

@@ -1,7 +1,9 @@
 //! Two EPPs behind one Envoy, for real: the `sim` publishing KV events on one loopback address
 //! per replica, two `epp` processes with the precise profile dialing every replica, Envoy
-//! balancing the ext_proc streams over both. Both EPPs must route requests and both must apply
-//! events from every engine. Bounded (about 10 s on 2 cores).
+//! balancing the ext_proc streams over both, and a third EPP beside them that Envoy does not
+//! know (the scenario's `--controls`). Both routing EPPs must route requests, the third none, and
+//! all three must apply events from every engine and the others' speculative entries. Bounded
+//! (about 10 s on 2 cores).
 //!
 //! Skipped when Envoy or the binaries are missing, unless `SWITCHYARD_REQUIRE_ENVOY` is set
 //! (as `make test` does), in which case that is a failure.
@@ -19,10 +21,10 @@ use bench::workload::{Kind, WorkloadArgs};
 use support::{runtime, scratch_dir, tools_or_skip};
 
 #[test]
-fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
-    let Some(tools) =
-        tools_or_skip("two_epps_behind_one_envoy_both_route_and_both_hear_every_engine")
-    else {
+fn two_epps_behind_one_envoy_both_route_and_a_watching_one_hears_all_but_routes_nothing() {
+    let Some(tools) = tools_or_skip(
+        "two_epps_behind_one_envoy_both_route_and_a_watching_one_hears_all_but_routes_nothing",
+    ) else {
         return;
     };
     let dir = scratch_dir("aa");
@@ -42,7 +44,10 @@ fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
         let multi = precise::start_multi_epp(
             &tools,
             &precise::precise_config(&events),
-            2,
+            precise::EppSet {
+                routed: 2,
+                watching: 1,
+            },
             &replicas,
             &dir,
             &[],
@@ -67,8 +72,9 @@ fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
             output_tokens: 4,
             ..WorkloadArgs::default()
         };
-        // Rounds of 20 requests until both EPPs routed some and both applied events from both
-        // engines (a PUB socket drops what it publishes before a subscriber has connected).
+        // Rounds of 20 requests until both routing EPPs routed some and every EPP applied events
+        // from both engines (a PUB socket drops what it publishes before a subscriber has
+        // connected) and peer entries.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let report = bench::loadgen::run(client.clone(), workload.build())
@@ -87,10 +93,13 @@ fn two_epps_behind_one_envoy_both_route_and_both_hear_every_engine() {
                     peer_applied(&text),
                 ));
             }
-            // Each EPP also made speculative entries from the other's messages.
-            if state
-                .iter()
-                .all(|(d, heard, peer)| *d > 0.0 && *heard == 2 && *peer > 0.0)
+            // Each EPP also made speculative entries from the others' messages.
+            let (routing, watching) = state.split_at(2);
+            assert_eq!(watching[0].0, 0.0, "the watching EPP routes nothing");
+            if routing.iter().all(|(d, _, _)| *d > 0.0)
+                && state
+                    .iter()
+                    .all(|(_, heard, peer)| *heard == 2 && *peer > 0.0)
             {
                 break;
             }

@@ -709,7 +709,7 @@ impl ScrapeObserver for MetricsObserver {
         self.0
             .task_exits
             .get_or_create(&TaskExitLabels {
-                task: "endpoint-scraper",
+                task: "endpoint-scraper".into(),
                 reason: "panicked",
             })
             .inc();
@@ -828,7 +828,7 @@ pub(crate) mod tests {
             .inc();
         m.task_exits
             .get_or_create(&TaskExitLabels {
-                task: "scraper",
+                task: "scraper".into(),
                 reason: "panicked",
             })
             .inc();

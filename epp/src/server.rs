@@ -236,17 +236,20 @@ pub async fn serve_with_handles(
     for w in &config.warnings {
         tracing::warn!(warning = %w, "config");
     }
+    // Each scorer's tasks are named after it: two precise scorers must not share a task name.
     let precise: Vec<_> = config
         .precise_producers
         .iter()
-        .map(|p| (p.index().clone(), p.params.events.clone()))
+        .map(|p| (p.name.clone(), p.index().clone(), p.params.events.clone()))
         .collect();
-    // Speculative entries shared with peer EPPs: (index, outbox, publish endpoint, peers).
+    // Speculative entries shared with peer EPPs: (scorer, index, outbox, publish endpoint,
+    // peers).
     let peers: Vec<_> = config
         .precise_producers
         .iter()
         .map(|p| {
             (
+                p.name.clone(),
                 p.index().clone(),
                 p.peer_outbox().clone(),
                 p.params.publish_endpoint.clone(),
@@ -315,10 +318,10 @@ pub async fn serve_with_handles(
     }
 
     // The KV-event subscribers of each precise-prefix-cache-scorer (`kv_events`).
-    for (index, settings) in precise {
+    for (scorer, index, settings) in precise {
         let (datastore, metrics) = (datastore.clone(), metrics.kv_events.clone());
         tasks.spawn(
-            "kv-events",
+            format!("kv-events:{scorer}"),
             OnExit::Restart,
             factory(move |token| {
                 crate::kv_events::run(
@@ -334,11 +337,11 @@ pub async fn serve_with_handles(
     }
 
     // Speculative entries shared with peer EPPs (`speculation_peers`).
-    for (index, outbox, publish, peer_endpoints) in peers {
+    for (scorer, index, outbox, publish, peer_endpoints) in peers {
         if let Some(endpoint) = publish {
             let metrics = metrics.kv_events.clone();
             tasks.spawn(
-                "speculation-publisher",
+                format!("speculation-publisher:{scorer}"),
                 OnExit::Restart,
                 factory(move |token| {
                     crate::speculation_peers::publish(
@@ -353,7 +356,7 @@ pub async fn serve_with_handles(
         if !peer_endpoints.is_empty() {
             let (datastore, metrics) = (datastore.clone(), metrics.kv_events.clone());
             tasks.spawn(
-                "speculation-peers",
+                format!("speculation-peers:{scorer}"),
                 OnExit::Restart,
                 factory(move |token| {
                     crate::speculation_peers::subscribe_all(
@@ -652,7 +655,7 @@ async fn follow_readiness(
     reporter: tonic_health::server::HealthReporter,
     mut synced: tokio::sync::watch::Receiver<u64>,
     mut leader: Option<tokio::sync::watch::Receiver<bool>>,
-    mut down: tokio::sync::watch::Receiver<BTreeSet<&'static str>>,
+    mut down: tokio::sync::watch::Receiver<BTreeSet<crate::supervisor::TaskName>>,
     token: CancellationToken,
 ) {
     let election = leader.is_some();
@@ -660,7 +663,11 @@ async fn follow_readiness(
     loop {
         let is_synced = *synced.borrow_and_update() > 0;
         let leads = !election || leader.as_mut().is_some_and(|l| *l.borrow_and_update());
-        let tasks_down: Vec<&'static str> = down.borrow_and_update().iter().copied().collect();
+        let tasks_down: Vec<String> = down
+            .borrow_and_update()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
         let now = is_synced && leads && tasks_down.is_empty();
         if now != ready {
             ready = now;

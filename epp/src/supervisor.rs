@@ -13,6 +13,7 @@
 //! Every task runs in a span named after it. At shutdown the supervisor stops restarting and
 //! waits for the tasks, which end with the shutdown token they were given.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -39,11 +40,16 @@ pub enum OnExit {
     Shutdown,
 }
 
+/// A task's name: fixed for the process's own tasks, made from the plugin instance's name for
+/// a task each instance of a plugin needs (`kv-events:<scorer>`), so that two instances never
+/// share one.
+pub type TaskName = Cow<'static, str>;
+
 /// `task, reason` of an unexpected task end.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskExitLabels {
     /// The task's name.
-    pub task: &'static str,
+    pub task: TaskName,
     /// `returned`, `panicked` or `aborted`.
     pub reason: &'static str,
 }
@@ -76,18 +82,18 @@ struct Spec {
 }
 
 struct Ended {
-    task: &'static str,
+    task: TaskName,
     started: Instant,
 }
 
 /// The supervisor. Register tasks, then [`Supervisor::run`] it until shutdown.
 pub struct Supervisor {
     set: JoinSet<Ended>,
-    ids: HashMap<tokio::task::Id, (&'static str, Instant)>,
-    specs: HashMap<&'static str, Spec>,
+    ids: HashMap<tokio::task::Id, (TaskName, Instant)>,
+    specs: HashMap<TaskName, Spec>,
     shutdown: CancellationToken,
     exits: Family<TaskExitLabels, Counter>,
-    down: watch::Sender<BTreeSet<&'static str>>,
+    down: watch::Sender<BTreeSet<TaskName>>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -114,14 +120,16 @@ impl Supervisor {
 
     /// The tasks whose absence takes readiness down, currently down (empty = ready as far as
     /// tasks go).
-    pub fn down(&self) -> watch::Receiver<BTreeSet<&'static str>> {
+    pub fn down(&self) -> watch::Receiver<BTreeSet<TaskName>> {
         self.down.subscribe()
     }
 
-    /// Starts a task that can be restarted. Names must be unique.
-    pub fn spawn(&mut self, task: &'static str, on_exit: OnExit, factory: Factory) {
+    /// Starts a task that can be restarted. A name already taken gets a suffix (`#2`, `#3`, …)
+    /// and a warning: two tasks under one name would be restarted with one factory.
+    pub fn spawn(&mut self, task: impl Into<TaskName>, on_exit: OnExit, factory: Factory) {
+        let task = self.unique(task.into());
         self.specs.insert(
-            task,
+            task.clone(),
             Spec {
                 on_exit,
                 factory: Some(factory.clone()),
@@ -136,16 +144,17 @@ impl Supervisor {
     /// [`OnExit::Degrade`]: there is nothing to restart).
     pub fn adopt<T: Send + 'static>(
         &mut self,
-        task: &'static str,
+        task: impl Into<TaskName>,
         on_exit: OnExit,
         handle: tokio::task::JoinHandle<T>,
     ) {
+        let task = self.unique(task.into());
         let on_exit = match on_exit {
             OnExit::Restart => OnExit::Degrade,
             other => other,
         };
         self.specs.insert(
-            task,
+            task.clone(),
             Spec {
                 on_exit,
                 factory: None,
@@ -153,6 +162,7 @@ impl Supervisor {
             },
         );
         let started = Instant::now();
+        let ended = task.clone();
         let abort = self.set.spawn(async move {
             // A panic inside the adopted task surfaces here as one in this wrapper.
             if let Err(e) = handle.await
@@ -160,17 +170,35 @@ impl Supervisor {
             {
                 std::panic::resume_unwind(panic);
             }
-            Ended { task, started }
+            Ended {
+                task: ended,
+                started,
+            }
         });
         self.ids.insert(abort.id(), (task, started));
     }
 
-    fn start(&mut self, task: &'static str, factory: Factory, delay: Duration) {
+    /// `task`, or the first of `task#2`, `task#3`, … not taken yet.
+    fn unique(&self, task: TaskName) -> TaskName {
+        if !self.specs.contains_key(&task) {
+            return task;
+        }
+        let renamed = (2..)
+            .map(|n| TaskName::Owned(format!("{task}#{n}")))
+            .find(|name| !self.specs.contains_key(name))
+            .unwrap_or_else(|| task.clone());
+        tracing::warn!(%task, %renamed, "two supervised tasks share a name");
+        renamed
+    }
+
+    fn start(&mut self, task: TaskName, factory: Factory, delay: Duration) {
         let token = self.shutdown.child_token();
         let started = Instant::now() + delay;
-        let span = tracing::info_span!("task", name = task);
+        let span = tracing::info_span!("task", name = %task);
+        let ended = task.clone();
         let abort = self.set.spawn(
             async move {
+                let task = ended;
                 if !delay.is_zero() {
                     tokio::select! {
                         _ = token.cancelled() => return Ended { task, started },
@@ -209,7 +237,7 @@ impl Supervisor {
                     let (task, started) = self
                         .ids
                         .remove(&error.id())
-                        .unwrap_or(("unknown", Instant::now()));
+                        .unwrap_or((Cow::Borrowed("unknown"), Instant::now()));
                     (task, started, failure_reason(&error))
                 }
             };
@@ -228,11 +256,14 @@ impl Supervisor {
         self.set.shutdown().await;
     }
 
-    fn exited(&mut self, task: &'static str, started: Instant, reason: &'static str) {
+    fn exited(&mut self, task: TaskName, started: Instant, reason: &'static str) {
         self.exits
-            .get_or_create(&TaskExitLabels { task, reason })
+            .get_or_create(&TaskExitLabels {
+                task: task.clone(),
+                reason,
+            })
             .inc();
-        let Some(spec) = self.specs.get_mut(task) else {
+        let Some(spec) = self.specs.get_mut(&task) else {
             return;
         };
         let ran = started.elapsed();
@@ -246,7 +277,7 @@ impl Supervisor {
         match on_exit {
             OnExit::Shutdown => {
                 tracing::error!(
-                    task,
+                    %task,
                     reason,
                     "a task the process cannot run without ended; shutting down"
                 );
@@ -255,24 +286,25 @@ impl Supervisor {
             }
             OnExit::Degrade => {
                 tracing::error!(
-                    task,
+                    %task,
                     reason,
                     ?delay,
                     "task ended; not ready until it runs again"
                 );
                 self.down.send_modify(|down| {
-                    down.insert(task);
+                    down.insert(task.clone());
                 });
             }
             OnExit::Restart => {
-                tracing::error!(task, reason, ?delay, "task ended; restarting");
+                tracing::error!(%task, reason, ?delay, "task ended; restarting");
             }
         }
         if let Some(make) = make {
             // Readiness comes back when the new run starts, not before.
             let down = self.down.clone();
+            let name = task.clone();
             let restart = factory(move |token| {
-                down.send_if_modified(|d| d.remove(task));
+                down.send_if_modified(|d| d.remove(&name));
                 make(token)
             });
             self.start(task, restart, delay);
@@ -299,7 +331,12 @@ mod tests {
         task: &'static str,
         reason: &'static str,
     ) -> u64 {
-        family.get_or_create(&TaskExitLabels { task, reason }).get()
+        family
+            .get_or_create(&TaskExitLabels {
+                task: task.into(),
+                reason,
+            })
+            .get()
     }
 
     /// A task that panics on its first `failures` runs and then runs until cancelled,
@@ -356,6 +393,32 @@ mod tests {
         running.await.unwrap();
         assert_eq!(exits(&family, "scraper", "panicked"), 3);
         assert_eq!(exits(&family, "scraper", "returned"), 0);
+    }
+
+    /// Two instances of a plugin whose tasks were given one name (the clash two
+    /// `precise-prefix-cache-scorer`s had with one `kv-events` name): each is restarted with its
+    /// own factory, under its own name.
+    #[tokio::test(start_paused = true)]
+    async fn tasks_given_one_name_are_restarted_each_with_its_own_factory() {
+        let shutdown = CancellationToken::new();
+        let family = Family::default();
+        let mut sup = Supervisor::new(shutdown.clone(), family.clone());
+        let (first, second) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        sup.spawn("kv-events", OnExit::Restart, flaky(2, first.clone()));
+        sup.spawn("kv-events", OnExit::Restart, flaky(0, second.clone()));
+        let running = tokio::spawn(sup.run());
+        until("the first restarted twice", || {
+            first.load(Ordering::SeqCst) == 3
+        })
+        .await;
+        assert_eq!(exits(&family, "kv-events", "panicked"), 2);
+        assert_eq!(exits(&family, "kv-events#2", "panicked"), 0);
+        // Alive: the second ran once and still runs; neither is started again.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(second.load(Ordering::SeqCst), 1);
+        assert_eq!(first.load(Ordering::SeqCst), 3);
+        shutdown.cancel();
+        running.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

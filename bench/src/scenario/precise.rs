@@ -140,7 +140,9 @@ pub fn precise_config(events: &EngineEvents) -> String {
     // which sees the others' just-routed requests, then compute it once rather than once each.
     // A prefix someone holds stays with its holders until the least-queued one's prefill queue is
     // 2.5 × the mean plus one prefill (`holderLoadFactor`): fewer second copies crowding the
-    // tiers (bench/RESULTS.md, "Bounded loads for prefix holders": `kv-sharing` 49 → 55 req/s).
+    // tiers (bench/RESULTS.md, "Bounded loads for prefix holders": `kv-sharing` 49 → 55 req/s),
+    // at a price on workloads whose caches have room (`shared-prefix` at 30 req/s: TTFT p90
+    // ≈ 700 ms against 410 without it; the active-active section runs with it).
     cost.replacen("plugins:\n", &head, 1).replacen(
         "- type: ttft-cost-producer\n  parameters:\n",
         "- type: ttft-cost-producer\n  parameters:\n    kvBytesPerToken: 131072\n    cpuLoadGBps: 25\n    sharedLoadGBps: 10\n    peerLoadGBps: 10\n    prefixHomeWeight: 1\n    holderLoadFactor: 2.5\n",
