@@ -49,6 +49,7 @@ struct ProducerYaml {
     prefix_home_weight: Option<f64>,
     queue_externality_weight: Option<f64>,
     holder_load_factor: Option<f64>,
+    holder_min_kv_usage: Option<f64>,
     default_output_tokens: Option<i64>,
     kv_bytes_per_token: Option<i64>,
     #[serde(rename = "cpuLoadGBps")]
@@ -131,6 +132,13 @@ pub struct TtftCostProducer {
     /// fresh bisection), its recomputed share fell from 26 % to 22–23 % and its peer pulls
     /// almost vanished (bench/RESULTS.md, "Bounded loads for prefix holders").
     pub holder_load_factor: f64,
+    /// The rule of `holder_load_factor` rules out only the non-holders whose KV cache is at
+    /// least this full (`kv_cache_usage`, 0–1): there a copy's blocks evict what the replica
+    /// caches for others; a replica with room competes on cost as without the rule. 0 (the
+    /// default) rules out every non-holder. On `shared-prefix` (caches a fifth full) the rule
+    /// alone cost 66–80 % of TTFT p90 for no hit gained (bench/RESULTS.md, "What
+    /// `holderLoadFactor` costs where caches have room").
+    pub holder_min_kv_usage: f64,
     /// Output tokens assumed when the request names none.
     pub default_output_tokens: u32,
     /// What loading from each KV tier costs.
@@ -147,6 +155,7 @@ impl Default for TtftCostProducer {
             prefix_home_weight: 0.0,
             queue_externality_weight: 0.0,
             holder_load_factor: 0.0,
+            holder_min_kv_usage: 0.0,
             default_output_tokens: DEFAULT_OUTPUT_TOKENS,
             tiers: TierCosts::default(),
         }
@@ -157,7 +166,8 @@ impl TtftCostProducer {
     /// Builds from `tokenBudget`, `prefillMicrosPerToken`, `stepMillis`, `sequenceMicros`
     /// (the engine priors), `decodeWeight` (in [0, 1]), `evictionWeight` (in [0, 100]),
     /// `prefixHomeWeight` (in [0, 10]), `queueExternalityWeight` (in [0, 10]),
-    /// `holderLoadFactor` (0, or in [1, 10]),
+    /// `holderLoadFactor` (0, or in [1, 10]), `holderMinKvUsage` (in [0, 1]; only with a
+    /// `holderLoadFactor`),
     /// `defaultOutputTokens`, and the tiers: `kvBytesPerToken` (131072, in [1, 2³⁰]),
     /// `cpuLoadGBps` (25), `diskLoadGBps` (0), `sharedLoadGBps` (10), `peerLoadGBps` (10), each
     /// in [0, 10000] GB/s, 0 ignoring the tier.
@@ -222,6 +232,19 @@ impl TtftCostProducer {
                 return Err(p.invalid("holderLoadFactor", "must be 0 (off) or in [1, 10]"));
             }
             Some(f) => out.holder_load_factor = f,
+            None => {}
+        }
+        match y.holder_min_kv_usage {
+            Some(u) if !(u.is_finite() && (0.0..=1.0).contains(&u)) => {
+                return Err(p.invalid("holderMinKvUsage", "must be in [0, 1]"));
+            }
+            Some(_) if out.holder_load_factor == 0.0 => {
+                return Err(p.invalid(
+                    "holderMinKvUsage",
+                    "applies to the rule of holderLoadFactor, which is off",
+                ));
+            }
+            Some(u) => out.holder_min_kv_usage = u,
             None => {}
         }
         if let Some(n) = p.positive("defaultOutputTokens", y.default_output_tokens)? {
@@ -493,8 +516,12 @@ impl DataProducer for TtftCostProducer {
             by_endpoint[c.endpoint.id.0 as usize] = Some(cost);
         }
         if self.keeps_on_holders(&queues, prompt_tokens) {
-            for &(id, held, _) in &queues {
-                if !held && let Some(Some(cost)) = by_endpoint.get_mut(id.0 as usize) {
+            for (c, &(id, held, _)) in candidates.iter().zip(&queues) {
+                let full = c.metrics.kv_cache_usage >= self.holder_min_kv_usage;
+                if !held
+                    && full
+                    && let Some(Some(cost)) = by_endpoint.get_mut(id.0 as usize)
+                {
                     cost.objective += HOLDER_RULE_CHARGE;
                 }
             }
@@ -1455,6 +1482,76 @@ mod tests {
         );
         assert_eq!(with[0], without[0]);
         assert!((with[1] - without[1] - HOLDER_RULE_CHARGE).abs() < 1e-6);
+    }
+
+    /// With `holderMinKvUsage`, the rule rules out only a non-holder whose cache is that full:
+    /// the cold replica at 20 % competes on cost as without the rule (a copy there evicts
+    /// little), at 90 % it is charged out.
+    #[test]
+    fn a_non_holder_with_room_is_not_ruled_out_when_the_rule_asks_for_fullness() {
+        let gated = TtftCostProducer {
+            holder_load_factor: 1.0,
+            holder_min_kv_usage: 0.5,
+            ..TtftCostProducer::default()
+        };
+        let ungated = TtftCostProducer {
+            holder_load_factor: 1.0,
+            ..TtftCostProducer::default()
+        };
+        let objectives = |p: &TtftCostProducer, cold_usage: f64| {
+            let s = reporting(setup(2, &[0, 0]), &[0.9, cold_usage], 0);
+            prefilling(&s, &[(10, 1_000), (0, 0)]);
+            let req = request(6_500);
+            let mut st = state(&s);
+            let mut matched = vec![0; 3];
+            matched[s.candidates[0].endpoint.id.0 as usize] = 375;
+            st.prefix = Some(PrefixMatch {
+                hashes: vec![0; 406],
+                matched,
+                block_tokens: 16,
+            });
+            p.produce(&req, &s.candidates, &mut st);
+            let costs = st.costs.unwrap();
+            [0, 1].map(|i| costs.of(&s.candidates[i].endpoint).unwrap().objective)
+        };
+        let off = TtftCostProducer::default();
+        let with_room = (objectives(&gated, 0.2), objectives(&off, 0.2));
+        assert_eq!(
+            with_room.0, with_room.1,
+            "a cold replica with room competes"
+        );
+        let full = (objectives(&gated, 0.9), objectives(&off, 0.9));
+        assert_eq!(full.0[0], full.1[0]);
+        assert!((full.0[1] - full.1[1] - HOLDER_RULE_CHARGE).abs() < 1e-6);
+        // Without the gate the cold replica is charged out either way.
+        let ungated = objectives(&ungated, 0.2);
+        assert!((ungated[1] - with_room.1[1] - HOLDER_RULE_CHARGE).abs() < 1e-6);
+    }
+
+    #[test]
+    fn holder_min_kv_usage_is_read_and_checked() {
+        use crate::scheduling::plugins::test_util::build_from_yaml;
+        let build =
+            |yaml| build_from_yaml("ttft-cost-producer", yaml, TtftCostProducer::from_params);
+        let (p, warnings) = build("{holderLoadFactor: 2.5, holderMinKvUsage: 0.5}").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.holder_min_kv_usage, 0.5);
+        assert_eq!(
+            build("{holderLoadFactor: 2.5}")
+                .unwrap()
+                .0
+                .holder_min_kv_usage,
+            0.0
+        );
+        for bad in [
+            "{holderLoadFactor: 2.5, holderMinKvUsage: -0.1}",
+            "{holderLoadFactor: 2.5, holderMinKvUsage: 1.5}",
+            "{holderLoadFactor: 2.5, holderMinKvUsage: .nan}",
+            "{holderMinKvUsage: 0.5}",
+        ] {
+            let err = build(bad).unwrap_err().to_string();
+            assert!(err.contains("holderMinKvUsage"), "{bad}: {err}");
+        }
     }
 
     #[test]
