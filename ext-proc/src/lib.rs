@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod envoy;
 pub mod error;
 #[cfg(feature = "conformance-faults")]
