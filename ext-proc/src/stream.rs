@@ -26,8 +26,9 @@
 //! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
 //!   reset) releases the in-flight slot of the routed request.
 //!
-//! The state machine does no I/O: [`StreamState::on_message`] takes one message and returns the
-//! answers. The request body goes: [`StreamState::on_message`] → `finish_request` (parse with
+//! The state machine does no I/O: [`StreamState::on_inbound`] takes one message (its body as
+//! `Bytes`, a slice of what the codec received) and returns the answers (a re-sent body chunk
+//! stays `Bytes` until the codec writes it). The request body goes: [`StreamState::on_inbound`] → `finish_request` (parse with
 //! [`crate::openai`]) → `route` ([`Director`]) → `answer_routed` ([`crate::envoy`] builders);
 //! every outcome is reported once to the [`Recorder`].
 //!
