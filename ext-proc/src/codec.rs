@@ -132,12 +132,21 @@ fn next_field(buf: &[u8], pos: &mut usize) -> Option<Field> {
     })
 }
 
+/// A top-level body message holding body fields.
+struct Cut {
+    /// Its key (the length prefix after it is rewritten).
+    key: Range<usize>,
+    /// Its payload.
+    payload: Range<usize>,
+    /// The body fields inside the payload, whole (key, length and bytes).
+    bodies: Vec<Range<usize>>,
+}
+
 /// What the scan of a message found: the body fields to cut out, and the body that prost would
 /// keep.
 struct Scan {
-    /// Each top-level body message holding body fields: its key's range, its payload's range,
-    /// and the whole ranges of the body fields inside it.
-    cuts: Vec<(Range<usize>, Range<usize>, Vec<Range<usize>>)>,
+    /// The body messages with body fields, in order.
+    cuts: Vec<Cut>,
     /// The payload of the body field that wins (the last one of the oneof's last run).
     body: Option<Range<usize>>,
 }
@@ -185,21 +194,30 @@ fn scan(buf: &[u8]) -> Option<Scan> {
             let before = key_only.len();
             decode_varint(&mut key_only).ok()?;
             let key_end = field.whole.start + (before - key_only.len());
-            cuts.push((field.whole.start..key_end, payload, bodies));
+            cuts.push(Cut {
+                key: field.whole.start..key_end,
+                payload,
+                bodies,
+            });
         }
     }
     Some(Scan { cuts, body })
 }
 
 /// The message with the body fields of `cuts` left out (their enclosing lengths adjusted).
-fn without_bodies(buf: &[u8], cuts: &[(Range<usize>, Range<usize>, Vec<Range<usize>>)]) -> Bytes {
+fn without_bodies(buf: &[u8], cuts: &[Cut]) -> Bytes {
     let removed: usize = cuts
         .iter()
-        .flat_map(|(_, _, bodies)| bodies.iter().map(|b| b.len()))
+        .flat_map(|cut| cut.bodies.iter().map(|b| b.len()))
         .sum();
     let mut out = BytesMut::with_capacity(buf.len() - removed);
     let mut copied = 0;
-    for (key, payload, bodies) in cuts {
+    for Cut {
+        key,
+        payload,
+        bodies,
+    } in cuts
+    {
         out.put_slice(&buf[copied..key.end]);
         let kept = payload.len() - bodies.iter().map(|b| b.len()).sum::<usize>();
         encode_varint(kept as u64, &mut out);
