@@ -160,11 +160,18 @@ fn scan(buf: &[u8]) -> Option<Scan> {
     let mut body: Option<Range<usize>> = None;
     while pos < buf.len() {
         let field = next_field(buf, &mut pos)?;
+        // A known field with another wire type: prost refuses it, or (a map, field 9) reads it
+        // as length-delimited anyway, framing the rest differently. Left to prost.
+        let expected = match field.number {
+            10 => Some(0),
+            2..=9 | 11..=13 => Some(LENGTH_DELIMITED),
+            _ => None,
+        };
+        if expected.is_some_and(|w| w != field.wire_type) {
+            return None;
+        }
         if !ONEOF_FIELDS.contains(&field.number) {
             continue;
-        }
-        if field.wire_type != LENGTH_DELIMITED {
-            return None;
         }
         if oneof != Some(field.number) {
             oneof = Some(field.number);
@@ -179,10 +186,16 @@ fn scan(buf: &[u8]) -> Option<Scan> {
         let mut bodies = Vec::new();
         while inner < inner_buf.len() {
             let f = next_field(inner_buf, &mut inner)?;
+            // HttpBody: bytes `body` = 1, bools 2 to 5.
+            let expected = match f.number {
+                BODY_FIELD => Some(LENGTH_DELIMITED),
+                2..=5 => Some(0),
+                _ => None,
+            };
+            if expected.is_some_and(|w| w != f.wire_type) {
+                return None;
+            }
             if f.number == BODY_FIELD {
-                if f.wire_type != LENGTH_DELIMITED {
-                    return None;
-                }
                 let offset = payload.start;
                 bodies.push(f.whole.start + offset..f.whole.end + offset);
                 body = Some(f.payload_start + offset..f.whole.end + offset);

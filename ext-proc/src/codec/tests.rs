@@ -248,3 +248,17 @@ fn a_body_after_other_oneof_fields_is_the_last_runs() {
     let inbound = decode_request(Bytes::from(bytes)).unwrap();
     assert_eq!(&inbound.body[..], b"b");
 }
+
+/// Found by the `ext_proc_codec` fuzz target: prost reads the map `attributes` (field 9) as
+/// length-delimited whatever its wire type, so a field 9 with wire type 5 frames the rest of
+/// the message differently; the hand decoder must leave such a message to prost.
+#[test]
+fn a_map_field_with_another_wire_type_is_read_as_prost_reads_it() {
+    // prost: one map entry of 8 bytes (an unknown varint, then an unknown field 4 holding
+    // "\n\x01x"). Read with wire type 5 instead, the same bytes would end in a request_body
+    // whose body is "x".
+    let input: &[u8] = &[0x4d, 0x08, 0x18, 0x80, 0x00, 0x22, 0x03, 0x0a, 0x01, b'x'];
+    let prost = ProcessingRequest::decode(input);
+    let ours = decode_request(Bytes::copy_from_slice(input));
+    assert_eq!(ours.unwrap().into_message(), prost.unwrap());
+}
