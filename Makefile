@@ -147,7 +147,7 @@ conformance-faults: envoy
 # (`-s none`: no sanitizer, which would need nightly). The fuzz crate is its own workspace in
 # fuzz/; its build goes to fuzz/target, its working corpus to fuzz/corpus (both git-ignored).
 CARGO_FUZZ_VERSION ?= 0.13.2
-FUZZ_TARGETS ?= openai_body response_rewrite usage_json sse_usage prometheus stream pool_file epp_config kv_events tokenize_body
+FUZZ_TARGETS ?= openai_body response_rewrite usage_json sse_usage prometheus stream ext_proc_codec pool_file epp_config kv_events tokenize_body
 FUZZ_BIN = fuzz/target/x86_64-unknown-linux-gnu/release
 # Per target: its dictionary, inputs up to 8 KiB, a hang or 2 GiB is a finding too.
 FUZZ_FLAGS = -dict=fuzz/dict/$$t.dict -max_len=8192 -timeout=10 -rss_limit_mb=2048 \

@@ -218,7 +218,7 @@ impl BbrStream {
 
     fn pass_body(&self, direction: Direction, b: HttpBody) -> ProcessingResponse {
         if self.ctx.options.streaming {
-            envoy::body_chunk(direction, Bytes::from(b.body), b.end_of_stream)
+            envoy::body_chunk(direction, Bytes::from(b.body), b.end_of_stream).into()
         } else {
             let body = BodyResponse::default();
             ProcessingResponse {
@@ -317,7 +317,11 @@ impl BbrStream {
             set.push(envoy::set_header("content-length", &body.len().to_string()));
         }
         let mut out = vec![headers_answer(set, remove)];
-        out.extend(envoy::body_chunks(Direction::Request, body, end_of_stream));
+        out.extend(
+            envoy::body_chunks(Direction::Request, body, end_of_stream)
+                .into_iter()
+                .map(envoy::BodyChunk::into_message),
+        );
         out
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use ext_proc::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
+use ext_proc::codec::ExtProcServer;
 use ext_proc::service::ExtProcService;
 use ext_proc::stream::{ServiceContext, ServiceOptions};
 
@@ -581,7 +581,7 @@ pub async fn serve_with_handles(
         recorder: Arc::new(EppRecorder::new(metrics, decisions, labels)),
         options,
     });
-    let svc = ExternalProcessorServer::new(ExtProcService::new(ctx))
+    let svc = ExtProcServer::new(ExtProcService::new(ctx))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
     // The HTTP/2 settings are the server's, whatever the transport underneath: TLS is

@@ -254,38 +254,98 @@ pub enum Direction {
     Response,
 }
 
-/// One `streamed_response` body message.
-pub fn body_chunk(direction: Direction, chunk: Bytes, end_of_stream: bool) -> ProcessingResponse {
-    let body = BodyResponse {
-        response: Some(CommonResponse {
-            body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::StreamedResponse(
-                    StreamedBodyResponse {
-                        body: chunk.into(),
-                        end_of_stream,
-                        ..Default::default()
-                    },
-                )),
+/// One streamed body chunk to send back (a `streamed_response` body message), kept as `Bytes`:
+/// the codec (`crate::codec`) writes it into the output buffer itself, so the chunk is not
+/// copied into a protobuf `Vec<u8>` first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyChunk {
+    /// The body's direction.
+    pub direction: Direction,
+    /// The chunk's bytes.
+    pub body: Bytes,
+    /// Whether it ends the body.
+    pub end_of_stream: bool,
+}
+
+impl BodyChunk {
+    /// The chunk as a prost message (copies the bytes unless they are a whole, unshared
+    /// buffer).
+    pub fn into_message(self) -> ProcessingResponse {
+        let body = BodyResponse {
+            response: Some(CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::StreamedResponse(
+                        StreamedBodyResponse {
+                            body: Vec::from(self.body),
+                            end_of_stream: self.end_of_stream,
+                            ..Default::default()
+                        },
+                    )),
+                }),
+                ..Default::default()
+            }),
+        };
+        ProcessingResponse {
+            response: Some(match self.direction {
+                Direction::Request => processing_response::Response::RequestBody(body),
+                Direction::Response => processing_response::Response::ResponseBody(body),
             }),
             ..Default::default()
-        }),
-    };
-    ProcessingResponse {
-        response: Some(match direction {
-            Direction::Request => processing_response::Response::RequestBody(body),
-            Direction::Response => processing_response::Response::ResponseBody(body),
-        }),
-        ..Default::default()
+        }
+    }
+}
+
+impl From<BodyChunk> for ProcessingResponse {
+    fn from(chunk: BodyChunk) -> Self {
+        chunk.into_message()
+    }
+}
+
+/// One answer to Envoy: a prost message, or a body chunk the codec writes by hand.
+// Boxing the message would cost an allocation per answer; a few answers live at a time.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Any answer but a streamed body chunk.
+    Message(ProcessingResponse),
+    /// A streamed body chunk.
+    Chunk(BodyChunk),
+}
+
+impl Answer {
+    /// The answer as a prost message (a chunk's bytes are copied).
+    pub fn into_message(self) -> ProcessingResponse {
+        match self {
+            Answer::Message(message) => message,
+            Answer::Chunk(chunk) => chunk.into_message(),
+        }
+    }
+}
+
+impl From<ProcessingResponse> for Answer {
+    fn from(message: ProcessingResponse) -> Self {
+        Answer::Message(message)
+    }
+}
+
+impl From<BodyChunk> for Answer {
+    fn from(chunk: BodyChunk) -> Self {
+        Answer::Chunk(chunk)
+    }
+}
+
+/// One `streamed_response` body message.
+pub fn body_chunk(direction: Direction, chunk: Bytes, end_of_stream: bool) -> BodyChunk {
+    BodyChunk {
+        direction,
+        body: chunk,
+        end_of_stream,
     }
 }
 
 /// A body re-sent as `streamed_response` chunks of at most [`BODY_CHUNK_LIMIT`] bytes; an
 /// empty body is one empty chunk. `end_of_stream` goes on the last chunk only.
-pub fn body_chunks(
-    direction: Direction,
-    body: Bytes,
-    end_of_stream: bool,
-) -> Vec<ProcessingResponse> {
+pub fn body_chunks(direction: Direction, body: Bytes, end_of_stream: bool) -> Vec<BodyChunk> {
     if body.is_empty() {
         return vec![body_chunk(direction, body, end_of_stream)];
     }
@@ -394,10 +454,11 @@ mod tests {
         let chunks = body_chunks(Direction::Request, body, true);
         assert_eq!(chunks.len(), 3);
         let eos: Vec<bool> = chunks
-            .iter()
-            .map(|c| match &c.response {
+            .into_iter()
+            .map(BodyChunk::into_message)
+            .map(|c| match c.response {
                 Some(processing_response::Response::RequestBody(b)) => {
-                    match b
+                    match &b
                         .response
                         .as_ref()
                         .unwrap()

@@ -2,12 +2,15 @@
 //! machine, OpenAI request/response parsing, the protocol's names, and the one mapping of
 //! request errors to `ImmediateResponse`s. Shared by the `epp` and `bbr` binaries.
 //!
-//! All protobuf types stay here; the decision core (`endpoint-picker`) never sees them, and
+//! The port's wire format is read and written in [`codec`]: bodies stay `Bytes` from tonic's
+//! receive buffer to its send buffer (envoy-types' generated server would copy each body into
+//! and out of a protobuf `Vec<u8>`). All protobuf types stay here; the decision core (`endpoint-picker`) never sees them, and
 //! nothing here knows Kubernetes, flags or HTTP servers: what a binary wants recorded about each
 //! request it receives through a [`recorder::Recorder`].
 
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod envoy;
 pub mod error;
 #[cfg(feature = "conformance-faults")]

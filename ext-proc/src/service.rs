@@ -6,12 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
-use crate::envoy::ext_proc::{
-    ProcessingRequest, ProcessingResponse, external_processor_server::ExternalProcessor,
-    processing_request,
-};
+use crate::codec::Inbound;
+use crate::envoy::Answer;
+use crate::envoy::ext_proc::processing_request;
 use crate::recorder::StreamOutcome;
 use crate::stream::{ServiceContext, StreamState};
 
@@ -23,10 +22,10 @@ const MAX_HELD_MESSAGES: usize = 8;
 enum Woken {
     Decided(Result<endpoint_picker::flow::Admitted, endpoint_picker::flow::FlowRejection>),
     // Boxed: a message is large, a decision is not.
-    Message(Box<Result<Option<ProcessingRequest>, Status>>),
+    Message(Box<Result<Option<Inbound>, Status>>),
 }
 
-/// The tonic service.
+/// The ext_proc service: what one `Process` stream does. Served by [`crate::codec::ExtProcServer`].
 #[derive(Debug, Clone)]
 pub struct ExtProcService {
     ctx: Arc<ServiceContext>,
@@ -39,17 +38,12 @@ impl ExtProcService {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+/// The answers of one `Process` stream.
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<Answer, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ResponseStream;
-
-    async fn process(
-        &self,
-        request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
+impl ExtProcService {
+    /// Serves one `Process` stream: its messages in, its answers out.
+    pub fn process(&self, mut inbound: Streaming<Inbound>) -> ResponseStream {
         let ctx = self.ctx.clone();
         let output = async_stream::stream! {
             let mut state = StreamState::new(ctx.clone());
@@ -61,7 +55,7 @@ impl ExternalProcessor for ExtProcService {
             // with the first message, so that it can adopt an incoming trace context first.
             let mut span: Option<tracing::Span> = None;
             // Messages that came while the request waited in flow control, answered after it.
-            let mut held: VecDeque<ProcessingRequest> = VecDeque::new();
+            let mut held: VecDeque<Inbound> = VecDeque::new();
             loop {
                 if let Some(ticket) = state.admission() {
                     // Waiting in flow control: the decision, or the stream's end (the client
@@ -101,7 +95,7 @@ impl ExternalProcessor for ExtProcService {
                 match next {
                     Ok(Some(message)) => {
                         let span = span.get_or_insert_with(|| {
-                            let headers = match &message.request {
+                            let headers = match &message.message.request {
                                 Some(processing_request::Request::RequestHeaders(h)) => {
                                     h.headers.as_ref()
                                 }
@@ -109,7 +103,7 @@ impl ExternalProcessor for ExtProcService {
                             };
                             ctx.recorder.request_span(headers)
                         });
-                        let mut responses = span.in_scope(|| state.on_message(message));
+                        let mut responses = span.in_scope(|| state.on_inbound(message));
                         if let Some(tokenization) = state.pending_tokenization() {
                             // Awaited here, outside the state machine and the span: the work
                             // runs on the token producer's bounded blocking pool.
@@ -162,7 +156,7 @@ impl ExternalProcessor for ExtProcService {
                 None => drop(state),
             }
         };
-        Ok(Response::new(Box::pin(output)))
+        Box::pin(output)
     }
 }
 

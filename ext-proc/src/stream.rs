@@ -26,8 +26,9 @@
 //! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
 //!   reset) releases the in-flight slot of the routed request.
 //!
-//! The state machine does no I/O: [`StreamState::on_message`] takes one message and returns the
-//! answers. The request body goes: [`StreamState::on_message`] → `finish_request` (parse with
+//! The state machine does no I/O: [`StreamState::on_inbound`] takes one message (its body as
+//! `Bytes`, a slice of what the codec received) and returns the answers (a re-sent body chunk
+//! stays `Bytes` until the codec writes it). The request body goes: [`StreamState::on_inbound`] → `finish_request` (parse with
 //! [`crate::openai`]) → `route` ([`Director`]) → `answer_routed` ([`crate::envoy`] builders);
 //! every outcome is reported once to the [`Recorder`].
 //!
@@ -55,8 +56,9 @@ use endpoint_picker::scheduling::plugins::response::Served;
 use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
+use crate::codec::Inbound;
 use crate::envoy::{
-    self, Direction, HeaderValueOption,
+    self, Answer, Direction, HeaderValueOption,
     ext_proc::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request},
 };
 use crate::error::RequestError;
@@ -264,7 +266,7 @@ impl StreamState {
     }
 
     /// Routes the request that waited for its token ids (`None`: without them).
-    pub fn on_token_ids(&mut self, ids: Option<Arc<[u32]>>) -> Vec<ProcessingResponse> {
+    pub fn on_token_ids(&mut self, ids: Option<Arc<[u32]>>) -> Vec<Answer> {
         let Some(AwaitingTokens { mut request, body }) = self.awaiting_tokens.take() else {
             return Vec::new();
         };
@@ -290,10 +292,7 @@ impl StreamState {
     }
 
     /// Flow control decided on the waiting request: schedule it, or answer the refusal.
-    pub fn on_admission(
-        &mut self,
-        decision: Result<Admitted, FlowRejection>,
-    ) -> Vec<ProcessingResponse> {
+    pub fn on_admission(&mut self, decision: Result<Admitted, FlowRejection>) -> Vec<Answer> {
         let Some(Queued {
             request,
             body,
@@ -317,7 +316,7 @@ impl StreamState {
             ),
         };
         if trailers && !self.done {
-            out.push(envoy::trailers_response(Direction::Request));
+            out.push(envoy::trailers_response(Direction::Request).into());
         }
         out
     }
@@ -327,8 +326,22 @@ impl StreamState {
         self.done || self.response.complete
     }
 
-    /// Handles one message; returns the answers to send, in order.
+    /// [`StreamState::on_inbound`] for a prost-decoded message, answering prost messages (the
+    /// form the tests and the fuzz harness use; the service uses `on_inbound`).
     pub fn on_message(&mut self, message: ProcessingRequest) -> Vec<ProcessingResponse> {
+        self.on_inbound(Inbound::from_message(message))
+            .into_iter()
+            .map(Answer::into_message)
+            .collect()
+    }
+
+    /// Handles one message (its body, if any, beside it as `Bytes`); returns the answers to
+    /// send, in order.
+    pub fn on_inbound(&mut self, inbound: Inbound) -> Vec<Answer> {
+        let Inbound {
+            message,
+            body: body_bytes,
+        } = inbound;
         if self.done {
             return Vec::new();
         }
@@ -347,7 +360,7 @@ impl StreamState {
             }
             Some(R::RequestBody(b)) => {
                 self.note_subset_hint(metadata);
-                self.on_request_body(b)
+                self.on_request_body(b, body_bytes)
             }
             Some(R::RequestTrailers(_)) => {
                 let mut out = Vec::new();
@@ -363,7 +376,7 @@ impl StreamState {
                     return out;
                 }
                 if !self.done {
-                    out.push(envoy::trailers_response(Direction::Request));
+                    out.push(envoy::trailers_response(Direction::Request).into());
                 }
                 out
             }
@@ -371,21 +384,25 @@ impl StreamState {
                 let served = envoy::metadata_string(metadata, LB_NAMESPACE, DESTINATION_SERVED);
                 self.on_response_headers(h, served)
             }
-            Some(R::ResponseBody(b)) => self.on_response_body(b),
+            Some(R::ResponseBody(b)) => self.on_response_body(b, body_bytes),
             Some(R::ResponseTrailers(_)) => {
                 let mut out = Vec::new();
                 let rest = std::mem::take(&mut self.response.buffered);
                 if !rest.is_empty() {
                     self.complete_response(&rest);
-                    out.extend(envoy::body_chunks(
-                        Direction::Response,
-                        self.rewrite_response(rest.freeze()),
-                        false,
-                    ));
+                    out.extend(
+                        envoy::body_chunks(
+                            Direction::Response,
+                            self.rewrite_response(rest.freeze()),
+                            false,
+                        )
+                        .into_iter()
+                        .map(Answer::from),
+                    );
                 } else {
                     self.complete_response(&[]);
                 }
-                out.push(envoy::trailers_response(Direction::Response));
+                out.push(envoy::trailers_response(Direction::Response).into());
                 out
             }
             None => Vec::new(),
@@ -439,7 +456,7 @@ impl StreamState {
         }
     }
 
-    fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+    fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<Answer> {
         self.started = Instant::now();
         self.headers = envoy::headers(h.headers.as_ref());
         match self
@@ -487,7 +504,7 @@ impl StreamState {
         if self.request_body_mode == RequestBodyMode::Buffered {
             // Envoy sends the body only after this answer, and keeps the headers (still
             // mutable) until the body's answer, which carries the routing.
-            return vec![envoy::continue_request_headers()];
+            return vec![envoy::continue_request_headers().into()];
         }
         let expected = self
             .header("content-length")
@@ -512,40 +529,36 @@ impl StreamState {
         }
     }
 
-    fn on_request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+    fn on_request_body(&mut self, b: HttpBody, body: Bytes) -> Vec<Answer> {
         let buffered = self.request_body_mode == RequestBodyMode::Buffered;
         if self.phase != Phase::RequestBody {
             // A body after the request was answered cannot be routed again; pass it on.
             if buffered {
-                return vec![envoy::continue_request_body()];
+                return vec![envoy::continue_request_body().into()];
             }
-            return vec![envoy::body_chunk(
-                Direction::Request,
-                Bytes::from(b.body),
-                b.end_of_stream,
-            )];
+            return vec![envoy::body_chunk(Direction::Request, body, b.end_of_stream).into()];
         }
         let limit = self.ctx.options.max_request_body_bytes;
-        if self.body.len() + b.body.len() > limit {
+        if self.body.len() + body.len() > limit {
             return self.fail(RequestError::TooLarge { limit }, None);
         }
         if buffered {
             // The whole body, even without `end_of_stream` (trailers follow it then).
-            return self.finish_request_with(Bytes::from(b.body), b.end_of_stream);
+            return self.finish_request_with(body, b.end_of_stream);
         }
         if self.body.is_empty() && b.end_of_stream {
             // The whole body in one message: take it without copying.
             self.body = BytesMut::new();
-            return self.finish_request_with(Bytes::from(b.body), true);
+            return self.finish_request_with(body, true);
         }
-        self.body.extend_from_slice(&b.body);
+        self.body.extend_from_slice(&body);
         if b.end_of_stream || b.end_of_stream_without_message {
             return self.finish_request(true);
         }
         Vec::new()
     }
 
-    fn finish_request(&mut self, end_of_stream: bool) -> Vec<ProcessingResponse> {
+    fn finish_request(&mut self, end_of_stream: bool) -> Vec<Answer> {
         let body = std::mem::take(&mut self.body).freeze();
         self.finish_request_with(body, end_of_stream)
     }
@@ -604,7 +617,7 @@ impl StreamState {
         })
     }
 
-    fn finish_request_with(&mut self, body: Bytes, end_of_stream: bool) -> Vec<ProcessingResponse> {
+    fn finish_request_with(&mut self, body: Bytes, end_of_stream: bool) -> Vec<Answer> {
         self.eos_at = Instant::now();
         let api = openai::api_for_path(self.header(":path").unwrap_or("/v1/completions"));
         let parsed = match openai::parse_body(api, &body) {
@@ -655,7 +668,7 @@ impl StreamState {
         &mut self,
         mut request: InferenceRequest,
         body: Option<(Bytes, openai::ParsedBody, bool)>,
-    ) -> Vec<ProcessingResponse> {
+    ) -> Vec<Answer> {
         let forced = match self.forced_model() {
             Ok(f) => f,
             Err(e) => return self.fail(e, Some(&request)),
@@ -680,7 +693,7 @@ impl StreamState {
         &mut self,
         request: InferenceRequest,
         body: Option<(Bytes, openai::ParsedBody, bool)>,
-    ) -> Vec<ProcessingResponse> {
+    ) -> Vec<Answer> {
         let director = self.ctx.director.clone();
         let subset: Option<Vec<AddressMatcher>> = self
             .subset
@@ -710,7 +723,7 @@ impl StreamState {
         request: InferenceRequest,
         routed: Routed,
         body: Option<(Bytes, openai::ParsedBody, bool)>,
-    ) -> Vec<ProcessingResponse> {
+    ) -> Vec<Answer> {
         // A second request on the same stream (Envoy never sends one; any other client of the
         // port may) replaces the first: release the first before filing the second, so that
         // every `on_routed` still gets its one `on_released`.
@@ -792,17 +805,19 @@ impl StreamState {
         let out = match (self.request_body_mode, body_out) {
             (RequestBodyMode::Streamed, Some((body, eos))) => {
                 let mut out = Vec::with_capacity(2);
-                out.push(envoy::request_headers_response(set, remove, metadata));
-                out.extend(envoy::body_chunks(Direction::Request, body, eos));
+                out.push(envoy::request_headers_response(set, remove, metadata).into());
+                out.extend(
+                    envoy::body_chunks(Direction::Request, body, eos)
+                        .into_iter()
+                        .map(Answer::from),
+                );
                 out
             }
             // Headers that end the request: routed by their answer, in either mode.
-            (_, None) => vec![envoy::request_headers_response(set, remove, metadata)],
+            (_, None) => vec![envoy::request_headers_response(set, remove, metadata).into()],
             (RequestBodyMode::Buffered, Some((body, _))) => {
                 let new_body = rewritten.then_some(body);
-                vec![envoy::request_body_response(
-                    set, remove, metadata, new_body,
-                )]
+                vec![envoy::request_body_response(set, remove, metadata, new_body).into()]
             }
         };
         self.key = self
@@ -830,11 +845,7 @@ impl StreamState {
         true
     }
 
-    fn fail(
-        &mut self,
-        error: RequestError,
-        request: Option<&InferenceRequest>,
-    ) -> Vec<ProcessingResponse> {
+    fn fail(&mut self, error: RequestError, request: Option<&InferenceRequest>) -> Vec<Answer> {
         tracing::info!(
             model = %Untrusted(request.map_or("", |r| r.model.as_str())),
             error = %error,
@@ -844,14 +855,10 @@ impl StreamState {
         self.ctx.recorder.on_rejected(request, &error);
         self.done = true;
         self.body = BytesMut::new();
-        vec![error.to_response()]
+        vec![error.to_response().into()]
     }
 
-    fn on_response_headers(
-        &mut self,
-        h: HttpHeaders,
-        served: Option<String>,
-    ) -> Vec<ProcessingResponse> {
+    fn on_response_headers(&mut self, h: HttpHeaders, served: Option<String>) -> Vec<Answer> {
         let headers = envoy::headers(h.headers.as_ref());
         self.response.headers_seen = true;
         let get = |name: &str| {
@@ -908,12 +915,11 @@ impl StreamState {
             self.response.headers_ended = true;
             self.complete_response(&[]);
         }
-        vec![envoy::response_headers_response(set)]
+        vec![envoy::response_headers_response(set).into()]
     }
 
-    fn on_response_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+    fn on_response_body(&mut self, b: HttpBody, chunk: Bytes) -> Vec<Answer> {
         let eos = b.end_of_stream || b.end_of_stream_without_message;
-        let chunk = Bytes::from(b.body);
         self.response.bytes += chunk.len();
         self.response.body_messages += 1;
         if self.response.streaming {
@@ -927,11 +933,9 @@ impl StreamState {
             if eos {
                 self.complete_response(&[]);
             }
-            return vec![envoy::body_chunk(
-                Direction::Response,
-                self.rewrite_response(chunk),
-                eos,
-            )];
+            return vec![
+                envoy::body_chunk(Direction::Response, self.rewrite_response(chunk), eos).into(),
+            ];
         }
         if self.response.rewrite_back.is_none() {
             // Pass through at once; keep a bounded copy to read `usage` at the end.
@@ -942,7 +946,7 @@ impl StreamState {
                 let copy = std::mem::take(&mut self.response.copy);
                 self.complete_response(&copy);
             }
-            return vec![envoy::body_chunk(Direction::Response, chunk, eos)];
+            return vec![envoy::body_chunk(Direction::Response, chunk, eos).into()];
         }
         self.response.buffered.extend_from_slice(&chunk);
         if !eos {
@@ -951,6 +955,9 @@ impl StreamState {
         let body = std::mem::take(&mut self.response.buffered).freeze();
         self.complete_response(&body);
         envoy::body_chunks(Direction::Response, self.rewrite_response(body), true)
+            .into_iter()
+            .map(Answer::from)
+            .collect()
     }
 
     fn rewrite_response(&self, chunk: Bytes) -> Bytes {

@@ -4,6 +4,8 @@
 // A harness panics on a finding.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../fuzz/src/ext_proc_codec.rs"]
+mod ext_proc_codec;
 #[path = "../../fuzz/src/openai.rs"]
 mod openai;
 #[path = "../../fuzz/src/replay.rs"]
@@ -12,6 +14,11 @@ mod replay;
 mod stream;
 
 use replay::replay;
+
+#[test]
+fn ext_proc_codec() {
+    replay("ext_proc_codec", ext_proc_codec::run);
+}
 
 #[test]
 fn openai_body() {

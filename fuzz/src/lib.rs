@@ -4,6 +4,7 @@
 // A panic in a harness is the finding.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ext_proc_codec;
 pub mod kv_events;
 pub mod openai;
 pub mod prometheus;

@@ -881,7 +881,7 @@ async fn flow_control_scale_from_zero_routes_every_waiting_request() {
     let mut routed = 0;
     for s in &mut streams {
         let decision = s.admission().unwrap().wait().await;
-        let out = s.on_admission(decision);
+        let out = prost_answers(s.on_admission(decision));
         assert_eq!(routing_answer(&out[0]).destination(), "10.0.0.1:8000");
         assert!(s.admission().is_none());
         routed += 1;
@@ -904,7 +904,7 @@ async fn flow_control_disconnect_frees_the_place_and_overflow_is_refused() {
     let mut first = h.stream();
     send_chat(&mut first, "m", &[]);
     let d = first.admission().unwrap().wait().await;
-    assert_eq!(first.on_admission(d).len(), 2);
+    assert_eq!(prost_answers(first.on_admission(d)).len(), 2);
     let mut waiting = h.stream();
     assert!(send_chat(&mut waiting, "m", &[]).is_empty());
     assert_eq!(fc.queued(), 1);
@@ -912,7 +912,7 @@ async fn flow_control_disconnect_frees_the_place_and_overflow_is_refused() {
     let mut third = h.stream();
     send_chat(&mut third, "m", &[]);
     let d = third.admission().unwrap().wait().await;
-    let out = third.on_admission(d);
+    let out = prost_answers(third.on_admission(d));
     assert_eq!(immediate(&out[0]).0, 429);
     assert_eq!(
         immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
@@ -926,7 +926,7 @@ async fn flow_control_disconnect_frees_the_place_and_overflow_is_refused() {
     assert_eq!(fc.queued(), 1);
     // Nothing frees the slot: after its TTL, 429 rejected-ttl-expired.
     let d = next.admission().unwrap().wait().await;
-    let out = next.on_admission(d);
+    let out = prost_answers(next.on_admission(d));
     assert_eq!(immediate(&out[0]).0, 429);
     assert_eq!(
         immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
@@ -935,4 +935,11 @@ async fn flow_control_disconnect_frees_the_place_and_overflow_is_refused() {
     drop(first);
     token.cancel();
     task.await.unwrap();
+}
+
+/// Answers as prost messages, as the tests read them.
+fn prost_answers(out: Vec<crate::envoy::Answer>) -> Vec<ProcessingResponse> {
+    out.into_iter()
+        .map(crate::envoy::Answer::into_message)
+        .collect()
 }
