@@ -1355,6 +1355,25 @@ mod tests {
         winner(producer, &req, s, &mut st)
     }
 
+    /// The two candidates' objectives for a 6,500-token request of which each holds `held`
+    /// blocks (GPU, approximate index), under `producer`.
+    fn objectives(producer: &TtftCostProducer, s: &Setup, held: [u32; 2]) -> [f64; 2] {
+        let req = request(6_500);
+        let mut st = state(s);
+        let mut matched = vec![0; 3];
+        for (c, n) in s.candidates.iter().zip(held) {
+            matched[c.endpoint.id.0 as usize] = n;
+        }
+        st.prefix = Some(PrefixMatch {
+            hashes: vec![0; 406],
+            matched,
+            block_tokens: 16,
+        });
+        producer.produce(&req, &s.candidates, &mut st);
+        let costs = st.costs.unwrap();
+        [0, 1].map(|i| costs.of(&s.candidates[i].endpoint).unwrap().objective)
+    }
+
     /// The holder of a prefix has 20 requests of 1,000 uncached tokens waiting, the cold
     /// replica none: by its own TTFT the request is better off recomputing the prefix on the
     /// cold one, and so it goes there without the externality. With it, the 6,000 tokens it
@@ -1373,23 +1392,9 @@ mod tests {
         // The charge itself, with the caches half full: 0.5 × 10 requests waiting per replica
         // × (the engine time added + the eviction term), on each candidate.
         let s = reporting(s, &[0.5, 0.5], 0);
-        let req = request(6_500);
-        let objectives = |p: &TtftCostProducer| {
-            let mut st = state(&s);
-            let mut matched = vec![0; 3];
-            matched[s.candidates[0].endpoint.id.0 as usize] = 375;
-            st.prefix = Some(PrefixMatch {
-                hashes: vec![0; 406],
-                matched,
-                block_tokens: 16,
-            });
-            p.produce(&req, &s.candidates, &mut st);
-            let costs = st.costs.unwrap();
-            [0, 1].map(|i| costs.of(&s.candidates[i].endpoint).unwrap().objective)
-        };
         let (with, without) = (
-            objectives(&charging),
-            objectives(&TtftCostProducer::default()),
+            objectives(&charging, &s, [375, 0]),
+            objectives(&TtftCostProducer::default(), &s, [375, 0]),
         );
         for (i, computed) in [(0, 500.0), (1, 6_500.0)] {
             let added = computed * 30e-6;
@@ -1403,8 +1408,8 @@ mod tests {
         // Nothing waiting anywhere: no charge.
         prefilling(&s, &[(0, 0), (0, 0)]);
         assert_eq!(
-            objectives(&charging),
-            objectives(&TtftCostProducer::default())
+            objectives(&charging, &s, [375, 0]),
+            objectives(&TtftCostProducer::default(), &s, [375, 0])
         );
     }
 
@@ -1453,22 +1458,7 @@ mod tests {
         assert_eq!(holder_or_cold(&bounded, &s), 1);
         // The rule compares queues only: no holder, or every candidate a holder, no charge.
         prefilling(&s, &[(10, 1_000), (0, 0)]);
-        let req = request(6_500);
-        let objectives = |p: &TtftCostProducer, held: [u32; 2]| {
-            let mut st = state(&s);
-            let mut matched = vec![0; 3];
-            for (c, n) in s.candidates.iter().zip(held) {
-                matched[c.endpoint.id.0 as usize] = n;
-            }
-            st.prefix = Some(PrefixMatch {
-                hashes: vec![0; 406],
-                matched,
-                block_tokens: 16,
-            });
-            p.produce(&req, &s.candidates, &mut st);
-            let costs = st.costs.unwrap();
-            [0, 1].map(|i| costs.of(&s.candidates[i].endpoint).unwrap().objective)
-        };
+        let objectives = |p: &TtftCostProducer, held: [u32; 2]| objectives(p, &s, held);
         for held in [[0, 0], [375, 375], [31, 0]] {
             assert_eq!(
                 objectives(&bounded, held),
@@ -1501,18 +1491,7 @@ mod tests {
         let objectives = |p: &TtftCostProducer, cold_usage: f64| {
             let s = reporting(setup(2, &[0, 0]), &[0.9, cold_usage], 0);
             prefilling(&s, &[(10, 1_000), (0, 0)]);
-            let req = request(6_500);
-            let mut st = state(&s);
-            let mut matched = vec![0; 3];
-            matched[s.candidates[0].endpoint.id.0 as usize] = 375;
-            st.prefix = Some(PrefixMatch {
-                hashes: vec![0; 406],
-                matched,
-                block_tokens: 16,
-            });
-            p.produce(&req, &s.candidates, &mut st);
-            let costs = st.costs.unwrap();
-            [0, 1].map(|i| costs.of(&s.candidates[i].endpoint).unwrap().objective)
+            objectives(p, &s, [375, 0])
         };
         let off = TtftCostProducer::default();
         let with_room = (objectives(&gated, 0.2), objectives(&off, 0.2));
