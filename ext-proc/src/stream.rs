@@ -56,6 +56,7 @@ use endpoint_picker::scheduling::plugins::response::Served;
 use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
+use crate::body_pool::{BodyBuffer, REQUEST_BODIES};
 use crate::codec::Inbound;
 use crate::envoy::{
     self, Answer, Direction, HeaderValueOption,
@@ -159,7 +160,7 @@ pub struct StreamState {
     request_id: String,
     generated_request_id: bool,
     subset: Option<Vec<String>>,
-    body: BytesMut,
+    body: BodyBuffer,
     request: Option<InferenceRequest>,
     routed: Option<Routed>,
     /// What the recorder filed the routed request under.
@@ -242,7 +243,7 @@ impl StreamState {
             request_id: String::new(),
             generated_request_id: false,
             subset: None,
-            body: BytesMut::new(),
+            body: BodyBuffer::empty(),
             request: None,
             routed: None,
             key: RecordKey::default(),
@@ -511,7 +512,7 @@ impl StreamState {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(0)
             .min(self.ctx.options.max_request_body_bytes);
-        self.body = BytesMut::with_capacity(expected);
+        self.body = REQUEST_BODIES.take(expected);
         Vec::new()
     }
 
@@ -548,7 +549,7 @@ impl StreamState {
         }
         if self.body.is_empty() && b.end_of_stream {
             // The whole body in one message: take it without copying.
-            self.body = BytesMut::new();
+            self.body = BodyBuffer::empty();
             return self.finish_request_with(body, true);
         }
         self.body.extend_from_slice(&body);
@@ -559,7 +560,7 @@ impl StreamState {
     }
 
     fn finish_request(&mut self, end_of_stream: bool) -> Vec<Answer> {
-        let body = std::mem::take(&mut self.body).freeze();
+        let body = std::mem::replace(&mut self.body, BodyBuffer::empty()).freeze();
         self.finish_request_with(body, end_of_stream)
     }
 
@@ -854,7 +855,7 @@ impl StreamState {
         );
         self.ctx.recorder.on_rejected(request, &error);
         self.done = true;
-        self.body = BytesMut::new();
+        self.body = BodyBuffer::empty();
         vec![error.to_response().into()]
     }
 
