@@ -5,16 +5,18 @@
 //! `capacity` blocks, evicting the least recently used. A reverse map `hash → endpoints`
 //! makes matching one walk over the request's hashes, whatever the number of endpoints.
 //!
-//! Long prompts are indexed sparsely. The first [`DENSE_BLOCKS`] blocks are indexed one by one;
-//! past them only every [`SPARSE_STRIDE`]-th block is, plus the prompt's last block. Block hashes
-//! are chained, so holding a block's hash means holding the whole prefix up to it, and a match
-//! past the dense head is rounded down to the last indexed block: at most
+//! Long prompts are indexed sparsely, more sparsely the deeper they go. The first
+//! [`DENSE_BLOCKS`] blocks are indexed one by one; up to [`FAR_BLOCKS`] every
+//! [`SPARSE_STRIDE`]-th block is; past that every [`FAR_STRIDE`]-th; and always the prompt's
+//! last block. Block hashes are chained, so holding a block's hash means holding the whole
+//! prefix up to it, and a match is rounded down to the last indexed block: at most
 //! `SPARSE_STRIDE - 1` blocks (112 tokens at 16 per block) short on a prompt of more than
-//! 4,096 tokens. What it buys: a 400 KB prompt (4,096 blocks with the cost model's cap) costs
-//! 736 map operations to record instead of 4,096, and as many to evict; recording was most of
-//! the EPP's CPU for such a request (bench/RESULTS.md, "Where a 400 KB prompt's EPP CPU goes").
-//! Each indexed block weighs the blocks it stands for, so an endpoint's capacity is still
-//! counted in blocks.
+//! 4,096 tokens, at most `FAR_STRIDE - 1` (496 tokens, under 3 % of the prefix) past 16,384.
+//! What it buys: a 400 KB prompt (4,096 blocks with the cost model's cap) costs 448 map
+//! operations to record instead of 4,096 (736 with one stride), and as many to evict; recording
+//! was most of the EPP's CPU for such a request (bench/RESULTS.md, "Where a 400 KB prompt's EPP
+//! CPU goes"). Each indexed block weighs the blocks it stands for, so an endpoint's capacity is
+//! still counted in blocks.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -27,26 +29,46 @@ use crate::datastore::EndpointId;
 
 /// Leading blocks indexed one by one (the reference's whole match depth: 4,096 tokens).
 pub const DENSE_BLOCKS: usize = 256;
-/// Past [`DENSE_BLOCKS`], one block in this many is indexed.
+/// Past [`DENSE_BLOCKS`], one block in this many is indexed, up to [`FAR_BLOCKS`].
 pub const SPARSE_STRIDE: usize = 8;
+/// Where the far stride begins (16,384 tokens at 16 per block).
+pub const FAR_BLOCKS: usize = 1024;
+/// Past [`FAR_BLOCKS`], one block in this many is indexed.
+pub const FAR_STRIDE: usize = 32;
+
+/// The tiers of the index: (first block, stride, indexed blocks before the tier).
+const TIERS: [(usize, usize, usize); 3] = [
+    (0, 1, 0),
+    (DENSE_BLOCKS, SPARSE_STRIDE, DENSE_BLOCKS),
+    (
+        FAR_BLOCKS,
+        FAR_STRIDE,
+        DENSE_BLOCKS + (FAR_BLOCKS - DENSE_BLOCKS) / SPARSE_STRIDE,
+    ),
+];
+
+/// The tier of the block at `position`: its first block and stride.
+fn tier(position: usize) -> (usize, usize) {
+    let &(start, stride, _) = TIERS
+        .iter()
+        .rev()
+        .find(|(start, _, _)| position >= *start)
+        .unwrap_or(&TIERS[0]);
+    (start, stride)
+}
 
 /// Whether the block at `position` of a prompt of `len` blocks is indexed.
 fn indexed(position: usize, len: usize) -> bool {
-    position < DENSE_BLOCKS
-        || (position + 1 - DENSE_BLOCKS).is_multiple_of(SPARSE_STRIDE)
-        || position + 1 == len
+    let (start, stride) = tier(position);
+    (position + 1 - start).is_multiple_of(stride) || position + 1 == len
 }
 
 /// The blocks the indexed block at `position` stands for: itself and the unindexed ones
-/// before it.
+/// before it (the last block of a prompt may fall between two stride points; at most a
+/// stride).
 fn weight(position: usize) -> u32 {
-    if position < DENSE_BLOCKS {
-        1
-    } else {
-        // Blocks since the previous stride point (the last block of a prompt may fall
-        // between two); at most SPARSE_STRIDE.
-        ((position - DENSE_BLOCKS) % SPARSE_STRIDE + 1) as u32
-    }
+    let (start, stride) = tier(position);
+    ((position - start) % stride + 1) as u32
 }
 
 /// The endpoints holding a block, each with the block's slot in that endpoint's LRU list.
@@ -186,11 +208,13 @@ impl PrefixIndex {
 
 /// The blocks `walked` indexed blocks of a prompt of `len` blocks cover (`walked` ≥ 1).
 fn blocks_of_indexed(walked: usize, len: usize) -> usize {
-    if walked <= DENSE_BLOCKS {
-        return walked;
-    }
-    // The last indexed block is a stride point, or the prompt's last block.
-    (DENSE_BLOCKS + (walked - DENSE_BLOCKS) * SPARSE_STRIDE).min(len)
+    // The last indexed block is a stride point of its tier, or the prompt's last block.
+    let &(start, stride, before) = TIERS
+        .iter()
+        .rev()
+        .find(|(_, _, before)| walked > *before)
+        .unwrap_or(&TIERS[0]);
+    (start + (walked - before) * stride).min(len)
 }
 
 fn remove_holder(
@@ -286,12 +310,17 @@ mod tests {
         idx.insert(EndpointId(0), 100_000, &prompt);
         assert_eq!(
             entries(&idx),
-            DENSE_BLOCKS + (4096 - DENSE_BLOCKS) / SPARSE_STRIDE
+            DENSE_BLOCKS
+                + (FAR_BLOCKS - DENSE_BLOCKS) / SPARSE_STRIDE
+                + (4096 - FAR_BLOCKS) / FAR_STRIDE
         );
         assert_eq!(idx.len(), 4096, "capacity is counted in blocks");
         assert_eq!(lengths(&idx, &prompt, 1), vec![4096]);
         // A prompt sharing 1,003 blocks: matched to the last indexed block at or before them.
         assert_eq!(lengths(&idx, &chain(2, 2000, 1003), 1), vec![1000]);
+        // Past the far stride's start, to its last point.
+        assert_eq!(lengths(&idx, &chain(2, 4000, 3000), 1), vec![2976]);
+        assert_eq!(lengths(&idx, &chain(2, 4000, 1024), 1), vec![1024]);
         // Within the dense head, exact.
         assert_eq!(lengths(&idx, &chain(3, 2000, 201), 1), vec![201]);
         // A prompt ending between two indexed blocks matches whole where it was recorded
@@ -307,7 +336,7 @@ mod tests {
         idx.insert(EndpointId(0), 1000, &prompt);
         assert!(idx.len() <= 1000, "{}", idx.len());
         let m = lengths(&idx, &prompt, 1)[0] as usize;
-        assert!((1000 - SPARSE_STRIDE..=1000).contains(&m), "{m}");
+        assert!((1000 - FAR_STRIDE..=1000).contains(&m), "{m}");
     }
 
     proptest::proptest! {
@@ -317,13 +346,13 @@ mod tests {
             failure_persistence: None,
             ..Default::default()
         })]
-        /// Against exact matching: never more than the blocks held, at most a stride short,
-        /// exact in the dense head and for a repeated prompt.
+        /// Against exact matching: never more than the blocks held, at most a stride of the
+        /// tier short, exact in the dense head and for a repeated prompt.
         #[test]
         fn sparse_matching_is_at_most_a_stride_short(
-            stored in 1usize..700,
-            query in 1usize..700,
-            shared in 0usize..700,
+            stored in 1usize..2500,
+            query in 1usize..2500,
+            shared in 0usize..2500,
         ) {
             let idx = PrefixIndex::new();
             let held = chain(1, stored, stored);
@@ -332,7 +361,8 @@ mod tests {
             let exact = q.iter().zip(&held).take_while(|(a, b)| a == b).count();
             let got = lengths(&idx, &q, 1)[0] as usize;
             proptest::prop_assert!(got <= exact, "{} > {}", got, exact);
-            proptest::prop_assert!(got + SPARSE_STRIDE > exact, "{} vs {}", got, exact);
+            let stride = if exact <= FAR_BLOCKS { SPARSE_STRIDE } else { FAR_STRIDE };
+            proptest::prop_assert!(got + stride > exact, "{} vs {}", got, exact);
             if exact <= DENSE_BLOCKS || q == held {
                 proptest::prop_assert_eq!(got, exact);
             }
