@@ -16,7 +16,7 @@ use epp::server::{
 };
 use epp::supervisor::{OnExit, Supervisor, factory};
 use epp::tls::ServerTls;
-use ext_proc::envoy::ext_proc::external_processor_server::ExternalProcessorServer;
+use ext_proc::codec::ExtProcServer;
 use gateway_api::httproutes::HttpRoute;
 use k8s::api::InferencePool;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -298,7 +298,7 @@ pub async fn serve(
         models,
         options,
     });
-    let svc = ExternalProcessorServer::new(BbrService::new(ctx))
+    let svc = ExtProcServer::new(BbrService::new(ctx))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
     let router = Server::builder()

@@ -1,14 +1,13 @@
 //! The `ExternalProcessor` gRPC service: reads a stream's messages, hands each to its
-//! [`BbrStream`], and sends the answers back in order.
+//! [`BbrStream`], and sends the answers back in order. Served over the EPP's codec
+//! ([`ext_proc::codec::ExtProcServer`]): bodies stay `Bytes` from tonic's receive buffer to its
+//! send buffer, as in the EPP.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use ext_proc::envoy::ext_proc::{
-    ProcessingRequest, ProcessingResponse, external_processor_server::ExternalProcessor,
-};
-use futures::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use ext_proc::codec::{Inbound, Processor};
+use ext_proc::service::ResponseStream;
+use tonic::Streaming;
 
 use crate::stream::{BbrStream, Context};
 
@@ -24,8 +23,6 @@ impl BbrService {
         Self { ctx }
     }
 }
-
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
 /// Counts a stream as open until dropped (also when tonic drops it on a reset).
 struct Open(Arc<Context>);
@@ -43,15 +40,8 @@ impl Drop for Open {
     }
 }
 
-#[tonic::async_trait]
-impl ExternalProcessor for BbrService {
-    type ProcessStream = ResponseStream;
-
-    async fn process(
-        &self,
-        request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
+impl Processor for BbrService {
+    fn process(&self, mut inbound: Streaming<Inbound>) -> ResponseStream {
         let ctx = self.ctx.clone();
         let output = async_stream::stream! {
             let _open = Open::new(ctx.clone());
@@ -59,7 +49,7 @@ impl ExternalProcessor for BbrService {
             loop {
                 match inbound.message().await {
                     Ok(Some(message)) => {
-                        for response in state.on_message(message) {
+                        for response in state.on_inbound(message) {
                             yield Ok(response);
                         }
                         if state.is_done() {
@@ -75,6 +65,6 @@ impl ExternalProcessor for BbrService {
                 }
             }
         };
-        Ok(Response::new(Box::pin(output)))
+        Box::pin(output)
     }
 }

@@ -20,12 +20,16 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use ext_proc::body_pool::{BodyBuffer, REQUEST_BODIES};
+use ext_proc::codec::Inbound;
+#[cfg(test)]
+use ext_proc::envoy::ext_proc::ProcessingRequest;
 use ext_proc::envoy::ext_proc::{
     BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody, HttpHeaders,
-    ProcessingRequest, ProcessingResponse, processing_request, processing_response,
+    ProcessingResponse, processing_request, processing_response,
 };
-use ext_proc::envoy::{self, Direction};
+use ext_proc::envoy::{self, Answer, Direction};
 use ext_proc::openai::{self, BodyError};
 use ext_proc::protocol::{BASE_MODEL_NAME, MODEL_NAME};
 use ext_proc::untrusted::Untrusted;
@@ -115,7 +119,7 @@ pub struct BbrStream {
     phase: Phase,
     done: bool,
     headers: Vec<(String, String)>,
-    body: BytesMut,
+    body: BodyBuffer,
 }
 
 impl BbrStream {
@@ -126,7 +130,7 @@ impl BbrStream {
             phase: Phase::Start,
             done: false,
             headers: Vec::new(),
-            body: BytesMut::new(),
+            body: BodyBuffer::empty(),
         }
     }
 
@@ -155,35 +159,55 @@ impl BbrStream {
         remove
     }
 
-    /// Handles one message; returns the answers to send, in order.
-    pub fn on_message(&mut self, message: ProcessingRequest) -> Vec<ProcessingResponse> {
+    /// Handles one message (its body beside it, see [`Inbound`]); returns the answers to
+    /// send, in order.
+    pub fn on_inbound(&mut self, inbound: Inbound) -> Vec<Answer> {
         if self.done {
             return Vec::new();
         }
         use processing_request::Request as R;
-        match message.request {
+        match inbound.message.request {
             Some(R::RequestHeaders(h)) => self.on_request_headers(h),
-            Some(R::RequestBody(b)) => self.on_request_body(b),
+            Some(R::RequestBody(b)) => self.on_request_body(b, inbound.body),
             Some(R::RequestTrailers(_)) => {
                 let mut out = Vec::new();
                 if self.phase == Phase::Body {
                     // Trailers end the body: it is answered before them.
-                    let body = std::mem::take(&mut self.body).freeze();
+                    let body = self.take_body().freeze();
                     out = self.finish(body, false);
                 }
                 if !self.done {
-                    out.push(envoy::trailers_response(Direction::Request));
+                    out.push(envoy::trailers_response(Direction::Request).into());
                 }
                 out
             }
-            Some(R::ResponseHeaders(_)) => vec![envoy::response_headers_response(Vec::new())],
-            Some(R::ResponseBody(b)) => vec![self.pass_body(Direction::Response, b)],
-            Some(R::ResponseTrailers(_)) => vec![envoy::trailers_response(Direction::Response)],
+            Some(R::ResponseHeaders(_)) => {
+                vec![envoy::response_headers_response(Vec::new()).into()]
+            }
+            Some(R::ResponseBody(b)) => {
+                vec![self.pass_body(Direction::Response, inbound.body, b.end_of_stream)]
+            }
+            Some(R::ResponseTrailers(_)) => {
+                vec![envoy::trailers_response(Direction::Response).into()]
+            }
             None => Vec::new(),
         }
     }
 
-    fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<ProcessingResponse> {
+    /// [`BbrStream::on_inbound`] with prost messages in and out (bodies copied): for tests.
+    #[cfg(test)]
+    pub fn on_message(&mut self, message: ProcessingRequest) -> Vec<ProcessingResponse> {
+        self.on_inbound(Inbound::from_message(message))
+            .into_iter()
+            .map(Answer::into_message)
+            .collect()
+    }
+
+    fn take_body(&mut self) -> BodyBuffer {
+        std::mem::replace(&mut self.body, BodyBuffer::empty())
+    }
+
+    fn on_request_headers(&mut self, h: HttpHeaders) -> Vec<Answer> {
         self.headers = envoy::headers(h.headers.as_ref());
         if self.ctx.options.list_models
             && models::is_list_request(self.header(":method"), self.header(":path"))
@@ -192,14 +216,14 @@ impl BbrStream {
             self.done = true;
             self.phase = Phase::Answered;
             self.ctx.metrics.models_requests.inc();
-            return vec![self.ctx.models.response()];
+            return vec![self.ctx.models.response().into()];
         }
         if h.end_of_stream {
             // No body, no model: nothing to set, but a client's copies must not reach route
             // matching.
             self.phase = Phase::Answered;
             self.ctx.metrics.no_model();
-            return vec![headers_answer(Vec::new(), self.client_copies())];
+            return vec![headers_answer(Vec::new(), self.client_copies()).into()];
         }
         self.phase = Phase::Body;
         let expected = self
@@ -207,18 +231,18 @@ impl BbrStream {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(0)
             .min(self.ctx.options.max_request_body_bytes);
-        self.body = BytesMut::with_capacity(expected);
+        self.body = REQUEST_BODIES.take(expected);
         if self.ctx.options.streaming {
             // Answered with the body, when the model is known.
             return Vec::new();
         }
         // BUFFERED: the headers go on now; the body's answer carries the mutation.
-        vec![headers_answer(Vec::new(), self.client_copies())]
+        vec![headers_answer(Vec::new(), self.client_copies()).into()]
     }
 
-    fn pass_body(&self, direction: Direction, b: HttpBody) -> ProcessingResponse {
+    fn pass_body(&self, direction: Direction, body: Bytes, end_of_stream: bool) -> Answer {
         if self.ctx.options.streaming {
-            envoy::body_chunk(direction, Bytes::from(b.body), b.end_of_stream).into()
+            envoy::body_chunk(direction, body, end_of_stream).into()
         } else {
             let body = BodyResponse::default();
             ProcessingResponse {
@@ -228,46 +252,48 @@ impl BbrStream {
                 }),
                 ..Default::default()
             }
+            .into()
         }
     }
 
-    fn on_request_body(&mut self, b: HttpBody) -> Vec<ProcessingResponse> {
+    fn on_request_body(&mut self, b: HttpBody, body: Bytes) -> Vec<Answer> {
         if self.phase != Phase::Body {
             // After the answer (or before any headers, which Envoy never does): pass it on.
-            return vec![self.pass_body(Direction::Request, b)];
+            return vec![self.pass_body(Direction::Request, body, b.end_of_stream)];
         }
         let limit = self.ctx.options.max_request_body_bytes;
-        if self.body.len() + b.body.len() > limit {
+        if self.body.len() + body.len() > limit {
             return self.refuse(Refusal::TooLarge { limit });
         }
         let end = b.end_of_stream || b.end_of_stream_without_message;
         if self.body.is_empty() && end {
             // The whole body in one message: no copy.
-            return self.finish(Bytes::from(b.body), true);
+            self.body = BodyBuffer::empty();
+            return self.finish(body, true);
         }
-        self.body.extend_from_slice(&b.body);
+        self.body.extend_from_slice(&body);
         if end {
-            let body = std::mem::take(&mut self.body).freeze();
+            let body = self.take_body().freeze();
             return self.finish(body, true);
         }
         if !self.ctx.options.streaming {
             // BUFFERED sends one message with the whole body; anything else is answered as it
             // comes so that Envoy is never left waiting.
-            return vec![self.pass_body(Direction::Request, HttpBody::default())];
+            return vec![self.pass_body(Direction::Request, Bytes::new(), false)];
         }
         Vec::new()
     }
 
-    fn refuse(&mut self, refusal: Refusal) -> Vec<ProcessingResponse> {
+    fn refuse(&mut self, refusal: Refusal) -> Vec<Answer> {
         self.done = true;
         self.phase = Phase::Answered;
-        self.body = BytesMut::new();
+        self.body = BodyBuffer::empty();
         tracing::info!(error = %refusal, "request refused");
         self.ctx.metrics.refused(refusal.status().0);
-        vec![refusal.to_response()]
+        vec![refusal.to_response().into()]
     }
 
-    fn finish(&mut self, body: Bytes, end_of_stream: bool) -> Vec<ProcessingResponse> {
+    fn finish(&mut self, body: Bytes, end_of_stream: bool) -> Vec<Answer> {
         self.phase = Phase::Answered;
         let started = Instant::now();
         let api = openai::api_for_path(self.header(":path").unwrap_or("/v1/completions"));
@@ -302,25 +328,28 @@ impl BbrStream {
                 set_headers: set,
                 remove_headers: remove,
             };
-            return vec![ProcessingResponse {
-                response: Some(processing_response::Response::RequestBody(BodyResponse {
-                    response: Some(CommonResponse {
-                        header_mutation: Some(mutation),
-                        clear_route_cache: true,
-                        ..Default::default()
-                    }),
-                })),
-                ..Default::default()
-            }];
+            return vec![
+                ProcessingResponse {
+                    response: Some(processing_response::Response::RequestBody(BodyResponse {
+                        response: Some(CommonResponse {
+                            header_mutation: Some(mutation),
+                            clear_route_cache: true,
+                            ..Default::default()
+                        }),
+                    })),
+                    ..Default::default()
+                }
+                .into(),
+            ];
         }
         if !body.is_empty() {
             set.push(envoy::set_header("content-length", &body.len().to_string()));
         }
-        let mut out = vec![headers_answer(set, remove)];
+        let mut out = vec![headers_answer(set, remove).into()];
         out.extend(
             envoy::body_chunks(Direction::Request, body, end_of_stream)
                 .into_iter()
-                .map(envoy::BodyChunk::into_message),
+                .map(Answer::from),
         );
         out
     }

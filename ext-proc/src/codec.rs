@@ -389,18 +389,37 @@ impl Encoder for AnswerEncoder {
     }
 }
 
-/// The ext_proc gRPC service over [`ExtProcCodec`]: serves `ExternalProcessor/Process` with an
-/// [`ExtProcService`]; any other path is answered `UNIMPLEMENTED`.
-#[derive(Debug, Clone)]
-pub struct ExtProcServer {
-    service: Arc<ExtProcService>,
+/// What serves one `Process` stream over [`ExtProcCodec`]: its messages in, its answers out.
+/// The EPP's [`ExtProcService`] and the body-based router's service both do.
+pub trait Processor: Send + Sync + 'static {
+    /// Serves one stream.
+    fn process(&self, inbound: Streaming<Inbound>) -> ResponseStream;
+}
+
+/// The ext_proc gRPC service over [`ExtProcCodec`]: serves `ExternalProcessor/Process` with a
+/// [`Processor`] (the EPP's [`ExtProcService`] unless said otherwise); any other path is
+/// answered `UNIMPLEMENTED`.
+#[derive(Debug)]
+pub struct ExtProcServer<P = ExtProcService> {
+    service: Arc<P>,
     max_decoding_message_size: Option<usize>,
     max_encoding_message_size: Option<usize>,
 }
 
-impl ExtProcServer {
+// By hand: a derive would ask `P: Clone`, and only the `Arc` is cloned.
+impl<P> Clone for ExtProcServer<P> {
+    fn clone(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            max_decoding_message_size: self.max_decoding_message_size,
+            max_encoding_message_size: self.max_encoding_message_size,
+        }
+    }
+}
+
+impl<P: Processor> ExtProcServer<P> {
     /// A server for `service`, with tonic's default message size limits.
-    pub fn new(service: ExtProcService) -> Self {
+    pub fn new(service: P) -> Self {
         Self {
             service: Arc::new(service),
             max_decoding_message_size: None,
@@ -424,9 +443,9 @@ impl ExtProcServer {
 }
 
 /// The `Process` method as tonic's streaming service.
-struct Process(Arc<ExtProcService>);
+struct Process<P>(Arc<P>);
 
-impl tonic::server::StreamingService<Inbound> for Process {
+impl<P: Processor> tonic::server::StreamingService<Inbound> for Process<P> {
     type Response = Answer;
     type ResponseStream = ResponseStream;
     type Future = BoxFuture<tonic::Response<ResponseStream>, Status>;
@@ -437,8 +456,9 @@ impl tonic::server::StreamingService<Inbound> for Process {
     }
 }
 
-impl<B> tonic::codegen::Service<http::Request<B>> for ExtProcServer
+impl<P, B> tonic::codegen::Service<http::Request<B>> for ExtProcServer<P>
 where
+    P: Processor,
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
@@ -465,7 +485,7 @@ where
     }
 }
 
-impl tonic::server::NamedService for ExtProcServer {
+impl<P> tonic::server::NamedService for ExtProcServer<P> {
     const NAME: &'static str = "envoy.service.ext_proc.v3.ExternalProcessor";
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Status, Streaming};
 
-use crate::codec::Inbound;
+use crate::codec::{Inbound, Processor};
 use crate::envoy::Answer;
 use crate::envoy::ext_proc::processing_request;
 use crate::recorder::StreamOutcome;
@@ -41,9 +41,8 @@ impl ExtProcService {
 /// The answers of one `Process` stream.
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<Answer, Status>> + Send>>;
 
-impl ExtProcService {
-    /// Serves one `Process` stream: its messages in, its answers out.
-    pub fn process(&self, mut inbound: Streaming<Inbound>) -> ResponseStream {
+impl Processor for ExtProcService {
+    fn process(&self, mut inbound: Streaming<Inbound>) -> ResponseStream {
         let ctx = self.ctx.clone();
         let output = async_stream::stream! {
             let mut state = StreamState::new(ctx.clone());
