@@ -45,20 +45,26 @@ sed -e "s/\${LISTEN_PORT}/$LISTEN/; s/\${ADMIN_PORT}/$ADMIN/; s/\${EPP_HOST}/127
     "$TEMPLATE" > "$DIR/envoy.yaml"
 "$ENVOY" -c "$DIR/envoy.yaml" --concurrency 2 -l error > "$DIR/envoy.log" 2>&1 &
 PIDS+=($!)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/ready" > /dev/null && break; sleep 0.1; done
 
-send() { # send COUNT: COUNT completions, one at a time
-  python3 - "http://127.0.0.1:$LISTEN" "$1" "$SIZE" <<'PY'
-import http.client, json, sys, urllib.parse
-url, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+send() { # send COUNT [RETRIES]: COUNT completions, one at a time; a failure is retried
+  # RETRIES times, 0.1 s apart (the warm-up's, while Envoy first health-checks a new epp)
+  python3 - "http://127.0.0.1:$LISTEN" "$1" "$SIZE" "${2:-0}" <<'PY'
+import http.client, json, sys, time, urllib.parse
+url, n, size, retries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 u = urllib.parse.urlparse(url)
 text = ("lorem ipsum dolor sit amet consectetur " * (size // 38 + 1))[:size]
 c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
 for i in range(n):
     body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": f"{i} {text}", "max_tokens": 1})
-    c.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
-    r = c.getresponse(); r.read()
-    if r.status != 200:
-        sys.exit(f"request {i}: status {r.status}: {r.getheaders()}")
+    for attempt in range(retries + 1):
+        c.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+        r = c.getresponse(); r.read()
+        if r.status == 200:
+            break
+        if attempt == retries:
+            sys.exit(f"request {i}: status {r.status}: {r.getheaders()}")
+        c.close(); time.sleep(0.1)
 PY
 }
 usage() { # usage PID: "<cpu ns of all threads> <minor faults>"
@@ -78,7 +84,7 @@ for r in $(seq "$ROUNDS"); do
     pid=$!
     PIDS+=("$pid")
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$METRICS/metrics" > /dev/null && break; sleep 0.1; done
-    send 20
+    send 20 50
     read -r t0 f0 < <(usage "$pid"); s0=$(date +%s%N)
     send "$N"
     read -r t1 f1 < <(usage "$pid"); s1=$(date +%s%N)
