@@ -13,7 +13,8 @@
 //!
 //! Bounded: only buffers of [`MIN_POOLED`] to [`MAX_POOLED`] bytes of capacity are kept, at
 //! most [`MAX_IDLE_BUFFERS`] of them and [`MAX_IDLE_BYTES`] in total; anything else is freed as
-//! before. Short bodies never come here: small allocations are what malloc reuses well.
+//! before. Bodies declared short never come here: small allocations are what malloc reuses
+//! well. A body of unknown length takes an idle buffer if there is one, since it may be long.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -54,9 +55,10 @@ impl BodyPool {
     }
 
     /// An empty buffer with room for at least `capacity` bytes: an idle one when one is large
-    /// enough (the smallest such), a new one otherwise.
+    /// enough (the smallest such), a new one otherwise. A `capacity` of 0 is a body of unknown
+    /// length (no `content-length`), which may be long: it takes the smallest idle buffer.
     pub fn take(&'static self, capacity: usize) -> BodyBuffer {
-        let reused = if (MIN_POOLED..=MAX_POOLED).contains(&capacity) {
+        let reused = if capacity == 0 || (MIN_POOLED..=MAX_POOLED).contains(&capacity) {
             let mut idle = self.idle.lock();
             let best = idle
                 .buffers
@@ -208,6 +210,23 @@ mod tests {
         // Proof that the pool keeps what it should, in the same pool.
         drop(pool.take(MIN_POOLED));
         assert_eq!(pool.idle().0, 1);
+    }
+
+    #[test]
+    fn a_body_of_unknown_length_takes_an_idle_buffer() {
+        let pool = pool();
+        let mut chunked = pool.take(0);
+        assert_eq!(
+            chunked.buf.capacity(),
+            0,
+            "nothing idle yet: nothing allocated up front"
+        );
+        chunked.extend_from_slice(&[1; 300_000]);
+        drop(chunked.freeze());
+        assert_eq!(pool.idle().0, 1, "the grown buffer is kept");
+        let again = pool.take(0);
+        assert!(again.buf.capacity() >= 300_000);
+        assert_eq!(pool.idle(), (0, 0));
     }
 
     #[test]
