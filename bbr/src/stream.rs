@@ -15,7 +15,7 @@
 //! `model` passes through without model headers, as upstream's: such a request matches no
 //! model's route.
 //!
-//! Pure with respect to I/O: [`BbrStream::on_message`] takes one message and returns the
+//! Pure with respect to I/O: [`BbrStream::on_inbound`] takes one message and returns the
 //! answers, so every case is tested without a server.
 
 use std::sync::Arc;
