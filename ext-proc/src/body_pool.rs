@@ -7,9 +7,10 @@
 //! faulted in and zeroed again on the next one. The `epp` took 100–260 minor faults per 400 KB
 //! request that way, about a fifth of its CPU for such a request (bench/RESULTS.md, "EPP
 //! overhead"), and whether it did depended on the order of allocations, not on anything an
-//! operator can see. Keeping a few such buffers here makes the cost of a long body independent
-//! of the allocator's heuristics, without tuning it (`mallopt` would need `unsafe`, and
-//! raising glibc's thresholds for the whole process made the soak's memory drift).
+//! operator can see. Keeping a few such buffers here takes most of that out of the allocator's
+//! hands (tonic's receive buffer stays tonic's, and still faults now and then), without tuning
+//! the allocator (`mallopt` would need `unsafe`, and raising glibc's thresholds for the whole
+//! process made the soak's memory drift).
 //!
 //! Bounded: only buffers of [`MIN_POOLED`] to [`MAX_POOLED`] bytes of capacity are kept, at
 //! most [`MAX_IDLE_BUFFERS`] of them and [`MAX_IDLE_BYTES`] in total; anything else is freed as
