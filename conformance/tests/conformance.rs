@@ -928,11 +928,13 @@ async fn SseStreamingIntact(ctx: Ctx) -> Verdict {
     Ok(sent)
 }
 
-/// The lean response path (`response_body_mode: NONE`) against the shipped full one, same EPP,
-/// same streamed requests: the EPP exchanges a constant number of messages per request instead
-/// of one round trip per SSE chunk (counted by Envoy's own ext_proc statistics), still records
-/// every request's duration and releases it at the response's end; token metrics and
-/// TTFT/TPOT need the full path, which records them exactly.
+/// The three response paths (README "Response path"), same EPP, same streamed requests: the
+/// shipped full one; lean (`response_body_mode: NONE`), where the EPP exchanges a constant
+/// number of messages per request instead of one round trip per SSE chunk (counted by Envoy's
+/// own ext_proc statistics), still records every request's duration and releases it at the
+/// response's end; and minimal (response headers skipped too), fewer messages still, which
+/// records no duration but still holds each request until its response ends. Token metrics
+/// and TTFT/TPOT need the full path, which records them exactly.
 #[allow(non_snake_case)]
 async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
     const N: usize = 10;
@@ -945,7 +947,11 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
     };
     let pods = pods(2, 2, 1, &config).await;
     let mut seen = Vec::new();
-    for path in [ResponsePath::Full, ResponsePath::Lean] {
+    for path in [
+        ResponsePath::Full,
+        ResponsePath::Lean,
+        ResponsePath::Minimal,
+    ] {
         let epp = ctx
             .epp(
                 pool_of("primary", &pods),
@@ -981,28 +987,27 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
         let received = envoy
             .stat("http.openai.ext_proc.stream_msgs_received")
             .await;
-        // On the lean path the EPP learns of a response's end when Envoy closes the ext_proc
-        // stream, just after the client has its answer: wait (bounded) until every request
-        // has completed.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let text = loop {
-            let text = testkit::http::get_text(epp.metrics, "/metrics")
-                .await
-                .context("EPP /metrics")?;
-            let done = metric_total(&text, "inference_objective_request_duration_seconds_count");
-            if done >= N as f64 || Instant::now() > deadline {
-                break text;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        // Without the response body the EPP learns of a response's end when Envoy closes the
+        // ext_proc stream, just after the client has its answer: wait (bounded) until every
+        // request is released and, where they are recorded, every duration is.
+        let durations = match path {
+            ResponsePath::Minimal => 0.0,
+            ResponsePath::Full | ResponsePath::Lean => N as f64,
         };
+        let text = settled_metrics(epp.metrics, durations).await?;
         let m = |name: &str| metric_total(&text, name);
         println!(
             "    {path:?}: ext_proc messages to the EPP {sent}, from the EPP {received} ({} per request)",
             (sent + received) as f64 / N as f64
         );
+        ensure!(
+            m("inference_objective_request_total") == N as f64,
+            "{path:?}: requests counted {}",
+            m("inference_objective_request_total")
+        );
         let tokens = match path {
             ResponsePath::Full => N as f64,
-            ResponsePath::Lean => 0.0,
+            ResponsePath::Lean | ResponsePath::Minimal => 0.0,
         };
         ensure!(
             m("inference_objective_output_tokens_count") == tokens
@@ -1016,7 +1021,7 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
             "{path:?}: input tokens"
         );
         ensure!(
-            m("inference_objective_request_duration_seconds_count") == N as f64,
+            m("inference_objective_request_duration_seconds_count") == durations,
             "{path:?}: durations recorded {}",
             m("inference_objective_request_duration_seconds_count")
         );
@@ -1024,19 +1029,22 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
             m("inference_objective_normalized_time_per_output_token_seconds_count") == tokens,
             "{path:?}: normalized TPOT"
         );
-        let ttft = m("inference_objective_request_ttft_seconds_count");
-        match path {
-            ResponsePath::Full => ensure!(ttft == N as f64, "full: TTFT recorded {ttft}"),
-            ResponsePath::Lean => ensure!(ttft == 0.0, "lean: no TTFT to measure, {ttft}"),
-        }
+        ensure!(
+            m("inference_objective_request_ttft_seconds_count") == tokens,
+            "{path:?}: TTFT recorded {} (only the full path sees the first chunk)",
+            m("inference_objective_request_ttft_seconds_count")
+        );
         ensure!(
             m("inference_objective_running_requests") == 0.0,
             "{path:?}: requests still running"
         );
+        if path == ResponsePath::Minimal {
+            held_until_the_response_ends(&envoy, epp.metrics).await?;
+        }
         let mean = m("inference_objective_request_duration_seconds_sum") / N as f64;
         seen.push((path, sent + received, mean));
     }
-    let (full, lean) = (&seen[0], &seen[1]);
+    let (full, lean, minimal) = (&seen[0], &seen[1], &seen[2]);
     // The lean path still holds each request until its response ends (load accounting, the
     // duration metric): not released at the response headers.
     ensure!(
@@ -1047,13 +1055,81 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
     );
     // Full: request headers, body, response headers, ≥ 40 chunks, answered one by one. Lean:
     // request headers, body, response headers (and a trailers message), each answered.
+    // Minimal: the response headers' round trip fewer.
     ensure!(
-        lean.1 <= 8 * N as u64 && lean.1 * 5 < full.1,
-        "messages: lean {} full {}",
+        lean.1 <= 8 * N as u64 && lean.1 * 5 < full.1 && minimal.1 + N as u64 <= lean.1,
+        "messages: minimal {} lean {} full {}",
+        minimal.1,
         lean.1,
         full.1
     );
-    Ok(2 * N)
+    Ok(3 * N)
+}
+
+/// The EPP's metrics once no request runs and `durations` requests have recorded their
+/// duration (bounded: after 10 s, whatever they are then).
+async fn settled_metrics(metrics: SocketAddr, durations: f64) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = testkit::http::get_text(metrics, "/metrics")
+            .await
+            .context("EPP /metrics")?;
+        let settled = metric_total(&text, "inference_objective_running_requests") == 0.0
+            && metric_total(&text, "inference_objective_request_duration_seconds_count")
+                >= durations;
+        if settled || Instant::now() > deadline {
+            return Ok(text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A long streamed answer through `envoy`: once its first chunk has reached the client, the
+/// EPP still counts it running (it sees no response headers on the minimal path, and must not
+/// release the request before the stream's end); once the client has it all, no longer.
+async fn held_until_the_response_ends(
+    envoy: &testkit::envoy::Envoy,
+    metrics: SocketAddr,
+) -> anyhow::Result<()> {
+    // ≈ 6 ms per token: the answer streams for over a second after its first chunk.
+    let req = Req::chat(MODEL, "tell me a long story", true, 200);
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let listener = envoy.listener;
+    let stream = tokio::spawn(async move {
+        let headers: Vec<(&str, &str)> = req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let resp = testkit::http::post(listener, &req.path, &headers, req.body).await;
+        let status = resp.status().as_u16();
+        let (frames, error) = testkit::http::frames_signalling_first(resp, first_tx).await;
+        (status, frames, error)
+    });
+    tokio::time::timeout(Duration::from_secs(20), first_rx)
+        .await
+        .context("no first chunk in 20 s")?
+        .context("the stream ended before its first chunk")?;
+    let during = testkit::http::get_text(metrics, "/metrics")
+        .await
+        .context("EPP /metrics")?;
+    let (status, frames, error) = stream.await.context("stream task")?;
+    ensure!(
+        status == 200 && error.is_none(),
+        "stream: {status} {error:?}"
+    );
+    let running = metric_total(&during, "inference_objective_running_requests");
+    ensure!(
+        running == 1.0,
+        "{running} running while the answer streamed ({} frames in all)",
+        frames.len()
+    );
+    let after = settled_metrics(metrics, 0.0).await?;
+    ensure!(
+        metric_total(&after, "inference_objective_running_requests") == 0.0,
+        "not released at the response's end"
+    );
+    Ok(())
 }
 
 /// The sum of every series of a metric in a Prometheus exposition (0 when absent).

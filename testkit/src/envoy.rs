@@ -85,10 +85,16 @@ pub enum ResponsePath {
     /// `response_body_mode: NONE`: response bodies stream past the EPP, which sees the
     /// response headers and the response's end only.
     Lean,
+    /// Lean, and `response_header_mode: SKIP` as well: the EPP sees the request and the
+    /// response's end only (the ext_proc stream's end; the response trailer mode stays `SEND`,
+    /// which keeps the stream open until then).
+    Minimal,
 }
 
-/// A rendered shipped template switched to `path`: for [`ResponsePath::Lean`], the response
-/// body mode on the line marked `RESPONSE-PATH` becomes `NONE`.
+/// A rendered shipped template switched to `path`: for [`ResponsePath::Lean`] and
+/// [`ResponsePath::Minimal`], the response body mode on the line marked `RESPONSE-PATH`
+/// becomes `NONE`; for [`ResponsePath::Minimal`], the response header mode on the line marked
+/// `RESPONSE-HEADERS` becomes `SKIP` too.
 pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
     if path == ResponsePath::Full {
         return rendered.to_owned();
@@ -97,6 +103,8 @@ pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
     for line in rendered.lines() {
         if line.contains("# RESPONSE-PATH") {
             out.push_str(&line.replace("FULL_DUPLEX_STREAMED", "NONE"));
+        } else if path == ResponsePath::Minimal && line.contains("# RESPONSE-HEADERS") {
+            out.push_str(&line.replace("SEND", "SKIP"));
         } else {
             out.push_str(line);
         }
@@ -477,6 +485,32 @@ mod tests {
         );
         // Already buffered (a FailOpen template): refused, not silently kept.
         assert!(with_request_body(&buffered, RequestBody::Buffered).is_err());
+    }
+
+    #[test]
+    fn every_shipped_template_switches_to_each_response_path() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway-configs/envoy");
+        for name in [
+            "envoy.yaml",
+            "envoy-plaintext.yaml",
+            "envoy-failopen.yaml",
+            "envoy-plaintext-failopen.yaml",
+        ] {
+            let template = std::fs::read_to_string(dir.join(name)).unwrap();
+            let modes = |path| {
+                let t = with_response_path(&template, path);
+                assert_eq!(t.lines().count(), template.lines().count(), "{name}");
+                (
+                    t.matches("response_header_mode: SKIP").count(),
+                    t.matches("response_body_mode: NONE").count(),
+                    // The trailer mode keeps the ext_proc stream open to the response's end.
+                    t.matches("response_trailer_mode: SEND").count(),
+                )
+            };
+            assert_eq!(modes(ResponsePath::Lean), (0, 1, 1), "{name}");
+            assert_eq!(modes(ResponsePath::Minimal), (1, 1, 1), "{name}");
+            assert_eq!(with_response_path(&template, ResponsePath::Full), template);
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! EPP overhead: the same fixed backend behind Envoy alone and behind Envoy + Switchyard on
-//! both response paths (the shipped full one and the lean one, side by side in one run), at body sizes 1 KB, 16 KB, 220 KB and 1 MiB and streamed answers of 1, 64 and
+//! each response path (the shipped full one, the lean one and the minimal one, side by side in one run), at body sizes 1 KB, 16 KB, 220 KB and 1 MiB and streamed answers of 1, 64 and
 //! 512 output tokens (SSE, one event per token); one request at a time, so the latency
 //! difference is what the ext_proc hop adds. Envoy's CPU and the EPP's CPU per request are
 //! reported apart (`/proc/<pid>/stat` of each), with added latency p50/p99 and added TTFT.
@@ -33,7 +33,8 @@ use testkit::envoy::RequestBody;
 /// One (path, body size) measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
-    /// `envoy`, `envoy+switchyard` (the shipped, full response path) or `envoy+switchyard-lean`.
+    /// `envoy`, `envoy+switchyard` (the shipped, full response path), `envoy+switchyard-lean`
+    /// or `envoy+switchyard-minimal`.
     pub path: String,
     /// Request body bytes.
     pub body_bytes: usize,
@@ -141,11 +142,16 @@ fn workload(bytes: usize, output_tokens: u32) -> WorkloadArgs {
 }
 
 /// The paths measured, in order: the baseline first.
-const PATHS: [&str; 3] = ["envoy", "envoy+switchyard", "envoy+switchyard-lean"];
+const PATHS: [&str; 4] = [
+    "envoy",
+    "envoy+switchyard",
+    "envoy+switchyard-lean",
+    "envoy+switchyard-minimal",
+];
 
 /// The paths of `--variants`: each EPP response path over TCP (as shipped), over the EPP's
 /// Unix socket, and with the request body buffered instead of streamed.
-pub const VARIANT_PATHS: [&str; 7] = [
+pub const VARIANT_PATHS: [&str; 8] = [
     "envoy",
     "envoy+switchyard",
     "envoy+switchyard-uds",
@@ -153,6 +159,7 @@ pub const VARIANT_PATHS: [&str; 7] = [
     "envoy+switchyard-lean",
     "envoy+switchyard-lean-uds",
     "envoy+switchyard-lean-buffered",
+    "envoy+switchyard-minimal",
 ];
 
 /// `epp` + the shipped plaintext template on `response_path`, switched to `request_body`,
@@ -367,6 +374,8 @@ pub async fn run(
         std::fs::create_dir_all(&sub)?;
         let response_path = if path.contains("-lean") {
             ResponsePath::Lean
+        } else if path.contains("-minimal") {
+            ResponsePath::Minimal
         } else {
             ResponsePath::Full
         };
@@ -892,7 +901,8 @@ pub fn markdown(res: &OverheadResult) -> String {
          `max_tokens` events, one per token 1 ms apart), Envoy 1.40 (`--concurrency 2`) with \
          `bench/envoy/envoy-direct.yaml` (no ext_proc) vs the shipped \
          `gateway-configs/envoy/envoy-plaintext.yaml` + `epp` (default profile, h2c; full \
-         response path, and the lean one with `response_body_mode: NONE`). One request at a \
+         response path, the lean one with `response_body_mode: NONE` and the minimal one with \
+         `response_header_mode: SKIP` as well). One request at a \
          time, after 10 warm-up requests; latency is client-side end to end. The first table is \
          one-token answers on the shipped path.\n"
     );
@@ -972,7 +982,8 @@ pub fn split_table(res: &OverheadResult) -> String {
     let mut s = String::from(
         "CPU per request, Envoy and EPP apart (Envoy alone vs Envoy + EPP, same backend; \
          `full` = the shipped response path, every response chunk through the EPP; `lean` = \
-         `response_body_mode: NONE`, the body past the EPP; `UDS` = Envoy reaches the EPP on \
+         `response_body_mode: NONE`, the body past the EPP; `minimal` = lean and \
+         `response_header_mode: SKIP`, the EPP sees the request and the response's end only; `UDS` = Envoy reaches the EPP on \
          its Unix socket, `--grpc-uds-path`, instead of TCP; `buffered body` = \
          `request_body_mode: BUFFERED` instead of the shipped `FULL_DUPLEX_STREAMED`: Envoy \
          keeps the body and sends it once, after the headers' answer). `epp by the clock` is the EPP's \
@@ -1040,6 +1051,7 @@ fn path_label(path: &str) -> &'static str {
         "envoy+switchyard-lean" => "+ epp, lean",
         "envoy+switchyard-lean-uds" => "+ epp, lean, UDS",
         "envoy+switchyard-lean-buffered" => "+ epp, lean, buffered body",
+        "envoy+switchyard-minimal" => "+ epp, minimal",
         _ => "+ epp",
     }
 }

@@ -43,6 +43,9 @@ pub enum Setup {
     /// processing modes of the shipped FailOpen templates; the body crosses the gRPC stream
     /// once instead of twice, for one more round trip before it.
     SwitchyardLeanBuffered,
+    /// The lean path with the response headers skipped too (`response_header_mode: SKIP`):
+    /// the EPP sees the request and the ext_proc stream's end only.
+    SwitchyardMinimal,
     /// A peer router (a complete proxy and router).
     Peer(Router),
 }
@@ -57,6 +60,9 @@ impl Setup {
             Setup::SwitchyardLeanBuffered => {
                 "Envoy + Switchyard lean, buffered body (+ `request_body_mode: BUFFERED`)".into()
             }
+            Setup::SwitchyardMinimal => {
+                "Envoy + Switchyard minimal (lean + `response_header_mode: SKIP`)".into()
+            }
             Setup::Peer(r) => r.label(),
         }
     }
@@ -65,7 +71,10 @@ impl Setup {
     pub fn is_switchyard(&self) -> bool {
         matches!(
             self,
-            Setup::SwitchyardFull | Setup::SwitchyardLean | Setup::SwitchyardLeanBuffered
+            Setup::SwitchyardFull
+                | Setup::SwitchyardLean
+                | Setup::SwitchyardLeanBuffered
+                | Setup::SwitchyardMinimal
         )
     }
 }
@@ -123,6 +132,7 @@ impl PathCpuCfg {
                 Setup::SwitchyardFull,
                 Setup::SwitchyardLean,
                 Setup::SwitchyardLeanBuffered,
+                Setup::SwitchyardMinimal,
                 Setup::Peer(Router::Sglang("cache_aware".into())),
                 Setup::Peer(Router::Vllm("cache_aware".into())),
                 Setup::Peer(Router::Smg("cache_aware".into())),
@@ -332,11 +342,11 @@ async fn one(
     let up = match setup {
         Setup::EnvoyAlone => start_router(tools, &Router::EnvoyRoundRobin, &replicas, dir).await?,
         // Envoy waits until its health check of the EPP passes before this returns.
-        Setup::SwitchyardFull | Setup::SwitchyardLean => {
-            let path = if *setup == Setup::SwitchyardFull {
-                ResponsePath::Full
-            } else {
-                ResponsePath::Lean
+        Setup::SwitchyardFull | Setup::SwitchyardLean | Setup::SwitchyardMinimal => {
+            let path = match setup {
+                Setup::SwitchyardFull => ResponsePath::Full,
+                Setup::SwitchyardMinimal => ResponsePath::Minimal,
+                _ => ResponsePath::Lean,
             };
             start_switchyard_on(tools, None, &replicas, dir, &[], path).await?
         }
