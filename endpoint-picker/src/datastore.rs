@@ -327,6 +327,15 @@ impl Datastore {
                 }
             };
             kept.insert(key, id);
+            by_address.insert(es.address, endpoints.len());
+            if let Some(same) = previous.as_ref().filter(|p| p.id == id && p.spec == es) {
+                // Unchanged: the same endpoint, so whatever follows it by identity (its scrape
+                // task, with its failure count and place on the grid) carries on. A pool that
+                // changes elsewhere must not restart every scraper, or an engine that hangs
+                // never stays unanswered long enough to be marked unreachable.
+                endpoints.push(same.clone());
+                continue;
+            }
             let engine: Arc<str> = es
                 .labels
                 .get(ENGINE_TYPE_LABEL)
@@ -336,7 +345,6 @@ impl Datastore {
                 .into();
             let metrics = previous.as_ref().map(|p| p.metrics()).unwrap_or_default();
             let adapters = previous.as_ref().and_then(|p| p.adapters());
-            by_address.insert(es.address, endpoints.len());
             endpoints.push(Arc::new(Endpoint {
                 id,
                 host_port: host_port(es.address).into(),
@@ -441,6 +449,29 @@ mod tests {
         grown.endpoints.push(spec(9));
         let snap3 = ds.apply(grown);
         assert!(snap3.id_bound() <= 3);
+    }
+
+    /// A pool change elsewhere (a pod leaving, another's labels) leaves an unchanged endpoint
+    /// the very same object, so its scrape task is not restarted; a changed one is new.
+    #[test]
+    fn an_unchanged_endpoint_stays_the_same_object_across_applies() {
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(3));
+        let mut next = pool(3);
+        next.endpoints.remove(0);
+        next.endpoints[1].labels.insert("rev".into(), "2".into());
+        let snap2 = ds.apply(next);
+        assert!(Arc::ptr_eq(&snap.endpoints[1], &snap2.endpoints[0]));
+        assert!(!Arc::ptr_eq(&snap.endpoints[2], &snap2.endpoints[1]));
+        assert_eq!(
+            snap2.endpoints[1]
+                .spec
+                .labels
+                .get("rev")
+                .map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(snap2.endpoints[1].id, snap.endpoints[2].id);
     }
 
     #[test]

@@ -112,6 +112,18 @@ pub struct PluginLabels {
     pub plugin_name: String,
 }
 
+/// Every `reason` of [`ScrapeErrorLabels`].
+const SCRAPE_ERROR_REASONS: [&str; 8] = [
+    "timeout",
+    "request",
+    "tls",
+    "status",
+    "body",
+    "utf8",
+    "url",
+    "unknown_engine",
+];
+
 /// `name, model_server_pod, reason` of a failed scrape.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScrapeErrorLabels {
@@ -339,6 +351,9 @@ pub struct EppMetrics {
     pub token_duration: Histogram,
     /// Pool name for the scrape error labels (set by the first pool refresh).
     pool_name: parking_lot::RwLock<String>,
+    /// The (pool, pod) pairs with `scrape_errors` series, so that a departed pod's series go
+    /// with it (a counter family cannot list its own labels). At most the pool's size.
+    scrape_error_pods: parking_lot::Mutex<std::collections::BTreeSet<(String, String)>>,
     /// `plugin_duration` handles by (extension point, plugin type), then plugin name: once a
     /// plugin has been seen, timing it on the request path allocates nothing.
     plugin_cache: PluginCache,
@@ -391,6 +406,7 @@ impl EppMetrics {
             token_outcomes: Family::default(),
             token_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             pool_name: parking_lot::RwLock::new(String::new()),
+            scrape_error_pods: parking_lot::Mutex::default(),
             plugin_cache: PluginCache::default(),
         };
         // prometheus-client appends the final period of each help text itself.
@@ -622,6 +638,19 @@ impl EppMetrics {
                 self.per_pod_kv.get_or_create(&labels).set(m.kv_cache_usage);
             }
         }
+        self.scrape_error_pods.lock().retain(|(pool, pod)| {
+            let live = *pool == snap.name && snap.endpoints.iter().any(|e| e.spec.name == *pod);
+            if !live {
+                for reason in SCRAPE_ERROR_REASONS {
+                    self.scrape_errors.remove(&ScrapeErrorLabels {
+                        name: pool.clone(),
+                        model_server_pod: pod.clone(),
+                        reason,
+                    });
+                }
+            }
+            live
+        });
         let entries: usize = director
             .config()
             .scheduler
@@ -728,14 +757,16 @@ impl ScrapeObserver for MetricsObserver {
                 ScrapeError::Url(_) => "url",
                 ScrapeError::UnknownEngine(_) => "unknown_engine",
             };
+            let (pool, pod) = (self.0.pool_name.read().clone(), endpoint.spec.name.clone());
             self.0
                 .scrape_errors
                 .get_or_create(&ScrapeErrorLabels {
-                    name: self.0.pool_name.read().clone(),
-                    model_server_pod: endpoint.spec.name.clone(),
+                    name: pool.clone(),
+                    model_server_pod: pod.clone(),
                     reason,
                 })
                 .inc();
+            self.0.scrape_error_pods.lock().insert((pool, pod));
         }
     }
 }
@@ -743,6 +774,56 @@ impl ScrapeObserver for MetricsObserver {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A departed pod's scrape-error series go with it; a live pod's stay, and keep counting.
+    #[test]
+    fn scrape_errors_of_departed_pods_are_removed() {
+        let mut registry = Registry::default();
+        let m = EppMetrics::register(&mut registry);
+        let datastore = Arc::new(Datastore::new());
+        let snap = datastore.apply(endpoint_picker::datastore::test_util::pool(2));
+        let director = Director::new(
+            datastore.clone(),
+            Arc::new(endpoint_picker::config::load_default(1).unwrap()),
+            1,
+        );
+        m.refresh_pool(&datastore, &director, Duration::from_secs(1));
+        let observer = MetricsObserver(m.clone());
+        for e in &snap.endpoints {
+            observer.scraped(e, Err(&ScrapeError::Utf8), Duration::ZERO);
+        }
+        let text = || {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+            out
+        };
+        let series = |text: &str, pod: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("inference_extension_model_server_scrape_errors_total{"))
+                .filter(|l| l.contains(&format!("model_server_pod=\"{pod}\"")))
+                .count()
+        };
+        let before = text();
+        assert_eq!(
+            (
+                series(&before, "pod-1-rank-0"),
+                series(&before, "pod-2-rank-0")
+            ),
+            (1, 1)
+        );
+        let mut next = endpoint_picker::datastore::test_util::pool(2);
+        next.endpoints.remove(0);
+        datastore.apply(next);
+        m.refresh_pool(&datastore, &director, Duration::from_secs(1));
+        let after = text();
+        assert_eq!(
+            (
+                series(&after, "pod-1-rank-0"),
+                series(&after, "pod-2-rank-0")
+            ),
+            (0, 1)
+        );
+    }
 
     #[test]
     fn families_list_matches_the_registry() {

@@ -288,8 +288,13 @@ pub async fn serve_with_handles(
         placement
     });
 
-    // Every long-lived task runs under the supervisor (see `supervisor`).
-    let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
+    // Every long-lived task runs under the supervisor (see `supervisor`). Its restartable
+    // tasks (scrapers, watches, the flow dispatcher, KV events) outlive `shutdown` until the
+    // gRPC drain is over: streams still open are routed on live state, and a request that
+    // flow control queued is still let go.
+    let tasks_stop = CancellationToken::new();
+    let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone())
+        .run_tasks_until(tasks_stop.clone());
 
     // Membership changes reach the producers (prefix index purge).
     {
@@ -641,7 +646,8 @@ pub async fn serve_with_handles(
         }
     };
     shutdown.cancel();
-    // The supervisor waits for every task to end with the shutdown token.
+    tasks_stop.cancel();
+    // The supervisor waits for every task to end with its token.
     if let Err(error) = supervisor.await {
         tracing::error!(%error, "the supervisor failed");
     }

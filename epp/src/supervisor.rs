@@ -11,7 +11,11 @@
 //! stops the process, and Kubernetes restarts the pod.
 //!
 //! Every task runs in a span named after it. At shutdown the supervisor stops restarting and
-//! waits for the tasks, which end with the shutdown token they were given.
+//! waits for the tasks, which end with the shutdown token they were given. A process that
+//! drains after shutdown begins can keep its restartable tasks (scrapers, watches, the flow
+//! dispatcher) running through the drain with [`Supervisor::run_tasks_until`]: streams still
+//! open are then routed on live state, and a request still queued by flow control is let go
+//! rather than left waiting for a dispatcher that has stopped.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -92,6 +96,9 @@ pub struct Supervisor {
     ids: HashMap<tokio::task::Id, (TaskName, Instant)>,
     specs: HashMap<TaskName, Spec>,
     shutdown: CancellationToken,
+    /// Ends the restartable tasks: `shutdown` unless [`Supervisor::run_tasks_until`] says
+    /// later.
+    tasks_stop: CancellationToken,
     exits: Family<TaskExitLabels, Counter>,
     down: watch::Sender<BTreeSet<TaskName>>,
 }
@@ -112,10 +119,19 @@ impl Supervisor {
             set: JoinSet::new(),
             ids: HashMap::new(),
             specs: HashMap::new(),
+            tasks_stop: shutdown.clone(),
             shutdown,
             exits,
             down: watch::channel(BTreeSet::new()).0,
         }
+    }
+
+    /// Keeps the restartable tasks running after `shutdown` until `stop` is cancelled (the
+    /// caller cancels it once its drain is over). Tasks that end between the two are not
+    /// restarted, and not counted: the process is on its way out.
+    pub fn run_tasks_until(mut self, stop: CancellationToken) -> Self {
+        self.tasks_stop = stop;
+        self
     }
 
     /// The tasks whose absence takes readiness down, currently down (empty = ready as far as
@@ -192,7 +208,7 @@ impl Supervisor {
     }
 
     fn start(&mut self, task: TaskName, factory: Factory, delay: Duration) {
-        let token = self.shutdown.child_token();
+        let token = self.tasks_stop.child_token();
         let started = Instant::now() + delay;
         let span = tracing::info_span!("task", name = %task);
         let ended = task.clone();
@@ -213,20 +229,31 @@ impl Supervisor {
         self.ids.insert(abort.id(), (task, started));
     }
 
-    /// Supervises until `shutdown`, then waits for every task to end.
+    /// Supervises until `shutdown` (and the tasks' stop, when later), then waits for every
+    /// task to end.
     pub async fn run(mut self) {
+        let stop = self.tasks_stop.clone();
         loop {
             let joined = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
                 joined = self.set.join_next_with_id() => joined,
             };
             let Some(joined) = joined else {
-                // Nothing left to supervise: wait for shutdown.
-                self.shutdown.cancelled().await;
+                // Nothing left to supervise: wait for the end.
+                stop.cancelled().await;
                 break;
             };
-            if self.shutdown.is_cancelled() {
+            if stop.is_cancelled() {
                 break;
+            }
+            if self.shutdown.is_cancelled() {
+                // Draining: a task that ends now (an adopted server on the shutdown token)
+                // ended on purpose.
+                match joined {
+                    Ok((id, _)) => self.ids.remove(&id),
+                    Err(error) => self.ids.remove(&error.id()),
+                };
+                continue;
             }
             let (task, started, reason) = match joined {
                 Ok((id, ended)) => {
@@ -449,6 +476,53 @@ mod tests {
         assert_eq!(starts.load(Ordering::SeqCst), 2);
         shutdown.cancel();
         running.await.unwrap();
+    }
+
+    /// SIGTERM begins the drain: adopted servers end with the shutdown token, but restartable
+    /// tasks keep running (and are not counted as exits) until the drain's end stops them.
+    #[tokio::test(start_paused = true)]
+    async fn restartable_tasks_run_through_the_drain_until_told_to_stop() {
+        let shutdown = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let family = Family::default();
+        let mut sup =
+            Supervisor::new(shutdown.clone(), family.clone()).run_tasks_until(stop.clone());
+        let starts = Arc::new(AtomicUsize::new(0));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (s, e) = (starts.clone(), ended.clone());
+        sup.spawn(
+            "flow-control",
+            OnExit::Restart,
+            factory(move |token: CancellationToken| {
+                s.fetch_add(1, Ordering::SeqCst);
+                let e = e.clone();
+                async move {
+                    token.cancelled().await;
+                    e.fetch_add(1, Ordering::SeqCst);
+                }
+            }),
+        );
+        let server_token = shutdown.clone();
+        sup.adopt(
+            "metrics-server",
+            OnExit::Shutdown,
+            tokio::spawn(async move { server_token.cancelled().await }),
+        );
+        let running = tokio::spawn(sup.run());
+        until("started", || starts.load(Ordering::SeqCst) == 1).await;
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(
+            ended.load(Ordering::SeqCst),
+            0,
+            "still running while draining"
+        );
+        assert!(!running.is_finished());
+        assert_eq!(exits(&family, "metrics-server", "returned"), 0);
+        stop.cancel();
+        running.await.unwrap();
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

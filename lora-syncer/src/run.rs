@@ -162,10 +162,12 @@ pub async fn reconcile_loop(
     loop {
         let report = reconciler.pass(Instant::now()).await;
         tracing::debug!(?report, "reconciled");
-        let mut wake = Instant::now() + pacing.reconcile_every;
-        if let Some(retry) = reconciler.next_retry() {
-            wake = wake.min(retry.max(Instant::now()));
-        }
+        let wake = next_wake(
+            Instant::now(),
+            pacing.reconcile_every,
+            report.engine_available,
+            reconciler.next_retry(),
+        );
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = configs.changed() => {
@@ -179,9 +181,43 @@ pub async fn reconcile_loop(
     }
 }
 
+/// When the loop wakes after a pass at `now`. An adapter's retry may bring the next pass
+/// forward, but only while the engine answers: with the engine down (restarting, refusing
+/// connections) an overdue retry would otherwise make every pass start at once, a busy loop of
+/// failed connects beside the engine's own pod.
+fn next_wake(
+    now: Instant,
+    reconcile_every: Duration,
+    engine_available: bool,
+    next_retry: Option<Instant>,
+) -> Instant {
+    let regular = now + reconcile_every;
+    match next_retry {
+        Some(retry) if engine_available => regular.min(retry.max(now)),
+        _ => regular,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overdue_retry_waits_for_the_regular_pass_while_the_engine_is_down() {
+        let now = Instant::now();
+        let every = Duration::from_secs(10);
+        let overdue = Some(now - Duration::from_secs(1));
+        assert_eq!(next_wake(now, every, false, overdue), now + every);
+        // The same retry brings the pass forward once the engine answers again …
+        assert_eq!(next_wake(now, every, true, overdue), now);
+        let soon = Some(now + Duration::from_secs(2));
+        assert_eq!(
+            next_wake(now, every, true, soon),
+            now + Duration::from_secs(2)
+        );
+        // … and nothing to retry keeps the regular interval.
+        assert_eq!(next_wake(now, every, true, None), now + every);
+    }
 
     #[tokio::test]
     async fn the_config_file_is_read_again_on_change_and_a_bad_one_is_refused() {

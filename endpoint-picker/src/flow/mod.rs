@@ -369,6 +369,8 @@ struct State {
     ceilings: Vec<f64>,
     priorities: Vec<i32>,
     last_housekeeping: Instant,
+    /// The dispatcher has stopped (shutdown): nothing queued now would ever be let go.
+    stopped: bool,
 }
 
 impl State {
@@ -503,6 +505,7 @@ impl FlowControl {
                 ceilings: Vec::new(),
                 priorities: Vec::new(),
                 last_housekeeping: now,
+                stopped: false,
             }),
             config,
             wake: Notify::new(),
@@ -560,6 +563,20 @@ impl FlowControl {
         let mut displaced = Vec::new();
         let queued = {
             let mut st = self.state.lock();
+            if st.stopped {
+                // After shutdown no dispatcher runs: answer now instead of holding the stream
+                // until its TTL (or the end of the drain).
+                return Ticket {
+                    fc: self.clone(),
+                    request,
+                    key,
+                    entered: now,
+                    state: TicketState::Decided(Some(Err(FlowRejection {
+                        outcome: Outcome::RejectedOther,
+                        pool_empty: st.pool_empty,
+                    }))),
+                };
+            }
             let cfg = &self.config;
             let bi = st.band_index(request.priority, cfg, now);
             let fits_band = {
@@ -801,6 +818,7 @@ impl FlowControl {
         let mut items = Vec::new();
         {
             let mut st = self.state.lock();
+            st.stopped = true;
             for band in &mut st.bands {
                 for (_, queue) in std::mem::take(&mut band.flows) {
                     items.extend(queue);
@@ -823,6 +841,7 @@ impl FlowControl {
     /// anything is queued (saturation moves with scrapes, which wake no one). Queued requests
     /// are dropped (`rejected-shutting-down`) when `token` is cancelled.
     pub async fn run(self: Arc<Self>, pool: Arc<dyn PoolProbe>, token: CancellationToken) {
+        self.state.lock().stopped = false;
         loop {
             self.dispatch_cycle(Instant::now(), pool.as_ref());
             let waiting = self.queued() > 0;

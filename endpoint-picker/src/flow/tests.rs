@@ -489,6 +489,15 @@ async fn shutdown_answers_every_queued_request() {
         (e.status().0, e.dropped_reason()),
         (503, Some("rejected-shutting-down"))
     );
+    // A request that arrives after the dispatcher stopped is answered at once, not held until
+    // its TTL with no one left to let it go.
+    let mut late = fc.enqueue(req("b", 0), Instant::now());
+    let e = tokio::time::timeout(Duration::from_millis(1), late.wait())
+        .await
+        .expect("answered at once")
+        .unwrap_err();
+    assert_eq!(e.dropped_reason(), Some("rejected-shutting-down"));
+    assert_eq!(fc.queued(), 0);
 }
 
 #[test]

@@ -299,8 +299,10 @@ impl EngineMapping {
                 active_models: active,
                 waiting_models: waiting,
                 max_active_models: max,
-                cache_block_size: best.block_size,
-                cache_num_blocks: best.num_blocks,
+                // Sizes an engine reports that no engine has are dropped: the prefix index
+                // sizes itself from them.
+                cache_block_size: best.block_size.filter(|b| (1..=MAX_BLOCK_SIZE).contains(b)),
+                cache_num_blocks: best.num_blocks.filter(|n| (1..=MAX_NUM_BLOCKS).contains(n)),
                 updated_at: None,
                 quiet_until: None,
                 readiness: Readiness::Unknown,
@@ -331,6 +333,12 @@ impl EngineMapping {
             .chain(cache.into_iter().flatten())
     }
 }
+
+/// The largest KV block an engine may report, in tokens (vLLM's are 16 to 256).
+const MAX_BLOCK_SIZE: u32 = 1 << 16;
+/// The most KV blocks an engine may report (SGLang counts pages of one token: 16 million
+/// tokens of cache).
+const MAX_NUM_BLOCKS: u64 = 1 << 24;
 
 /// The label naming the served model on vLLM's, SGLang's and TRT-LLM's series.
 pub const MODEL_NAME_LABEL: &str = "model_name";
@@ -568,6 +576,23 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="c",waiting_lora_adap
                 .waiting_queue_size,
             3
         );
+    }
+
+    #[test]
+    fn cache_sizes_no_engine_has_are_dropped() {
+        let page = |size: &str, blocks: &str| {
+            format!(
+                "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0\n\
+                 vllm:cache_config_info{{block_size=\"{size}\",num_gpu_blocks=\"{blocks}\"}} 1\n"
+            )
+        };
+        let read = |text: &str| {
+            let m = EngineMapping::vllm().extract(text).metrics;
+            (m.cache_block_size, m.cache_num_blocks)
+        };
+        assert_eq!(read(&page("16", "4096")), (Some(16), Some(4096)));
+        assert_eq!(read(&page("0", "18446744073709551615")), (None, None));
+        assert_eq!(read(&page("4294967295", "0")), (None, None));
     }
 
     #[test]

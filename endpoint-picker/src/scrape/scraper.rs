@@ -9,7 +9,9 @@
 //! engine's core series mean a process still loading its model (`Loading`); before an endpoint
 //! becomes `Serving`, the engine's own readiness signal is checked once (its `/v1/models` must
 //! list a model); [`ScrapeConfig::failure_threshold`] failed scrapes in a row make it
-//! `Unreachable`. The director routes to `Serving` endpoints (see [`Readiness`]).
+//! `Unreachable`, and an unreachable endpoint is scraped less and less often (the interval
+//! doubled per failure, up to [`ScrapeConfig::max_quiet_interval`]) until it answers. The
+//! director routes to `Serving` endpoints (see [`Readiness`]).
 //!
 //! `https` (the `metrics-data-source` plugin's `scheme`, or `--model-server-metrics-scheme`)
 //! scrapes over TLS (rustls, ring), and the readiness check then uses https too (an engine
@@ -628,11 +630,35 @@ async fn scrape_loop<S: Source>(
                 }
             }
         }
+        if failures >= config.failure_threshold {
+            // Unreachable: knocked on less and less often, up to the quiet interval, so a
+            // partition of many endpoints is not a storm of connects (20 a second each at the
+            // default interval). The first answer puts it back on the regular interval.
+            next_at = grid.align(
+                phase,
+                (started + unreachable_wait(&config, failures)).max(Instant::now()),
+            );
+        }
         let now = endpoint.metrics().readiness;
         if now != previous {
             tracing::info!(endpoint = %endpoint.spec.name, from = previous.as_str(), to = now.as_str(), "endpoint readiness changed");
         }
     }
+}
+
+/// How long after a failed scrape's start the next one comes, `failures` in a row, at least
+/// [`ScrapeConfig::failure_threshold`]: the interval doubled per failure past the threshold,
+/// at most [`ScrapeConfig::max_quiet_interval`] (and never below the interval).
+fn unreachable_wait(config: &ScrapeConfig, failures: u32) -> Duration {
+    let doublings = failures
+        .saturating_sub(config.failure_threshold)
+        .saturating_add(1)
+        .min(16);
+    config
+        .interval
+        .saturating_mul(1 << doublings)
+        .min(config.max_quiet_interval)
+        .max(config.interval)
 }
 
 /// The readiness a successful scrape shows. An endpoint already serving stays so while its
@@ -1222,6 +1248,7 @@ mod tests {
         struct Dying {
             inner: Arc<Scripted>,
             dead: AtomicBool,
+            refused: AtomicU64,
         }
         impl Source for Arc<Dying> {
             async fn fetch(
@@ -1232,6 +1259,7 @@ mod tests {
                 buf: &mut Vec<u8>,
             ) -> Result<(), ScrapeError> {
                 if self.dead.load(Ordering::Relaxed) {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
                     return Err(ScrapeError::Status(http::StatusCode::SERVICE_UNAVAILABLE));
                 }
                 self.inner.fetch(url, limit, timeout, buf).await
@@ -1257,8 +1285,38 @@ mod tests {
         assert!(m.is_stale(Instant::now(), Duration::from_millis(200)));
         window(60).await;
         assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
+        // Unreachable, it is knocked on less and less often: 100, 200, 400, 800 ms, then every
+        // second (the quiet interval), not every 50 ms.
+        let before = engine.refused.load(Ordering::Relaxed);
+        window(10_000).await;
+        let knocks = engine.refused.load(Ordering::Relaxed) - before;
+        assert!((10..=14).contains(&knocks), "{knocks} scrapes in 10 s");
+        // It answers again: back on the regular interval within a second.
+        engine.dead.store(false, Ordering::Relaxed);
+        window(1_100).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_backs_off_to_the_quiet_interval() {
+        let config = ScrapeConfig::default();
+        let ms = Duration::from_millis;
+        let waits: Vec<_> = (2..9).map(|f| unreachable_wait(&config, f)).collect();
+        assert_eq!(
+            waits,
+            [
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1_000),
+                ms(1_000),
+                ms(1_000)
+            ]
+        );
+        assert_eq!(unreachable_wait(&config, u32::MAX), ms(1_000));
     }
 
     #[test]

@@ -13,10 +13,17 @@ use crate::prefix::{BlockHasher, PrefixIndex};
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{Candidate, CycleState, DataProducer, Plugin, PrefixMatch};
 
+/// The most blocks one endpoint may hold in the index when its engine sets the capacity
+/// (`autoTune`): about 16 million tokens at 16 tokens a block, past any single replica's KV
+/// cache today. An engine is not trusted to size this process's memory (one that reported
+/// `num_gpu_blocks` of 2^64 would never see its entries evicted).
+pub const MAX_AUTO_TUNED_CAPACITY: usize = 1 << 20;
+
 /// Parameters, with the reference's names and defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefixParams {
-    /// Take block size and per-endpoint capacity from the engines' cache info.
+    /// Take block size and per-endpoint capacity from the engines' cache info (the capacity at
+    /// most [`MAX_AUTO_TUNED_CAPACITY`]).
     pub auto_tune: bool,
     /// Tokens per block when not auto-tuned (16).
     pub block_size_tokens: usize,
@@ -184,10 +191,10 @@ impl DataProducer for ApproxPrefixCacheProducer {
         let Some(m) = &state.prefix else { return };
         for t in targets {
             let capacity = if self.params.auto_tune {
-                t.metrics
-                    .cache_num_blocks
-                    .map(|n| n as usize)
-                    .filter(|n| *n > 0)
+                t.metrics.cache_num_blocks.filter(|n| *n > 0).map(|n| {
+                    usize::try_from(n)
+                        .map_or(MAX_AUTO_TUNED_CAPACITY, |n| n.min(MAX_AUTO_TUNED_CAPACITY))
+                })
             } else {
                 None
             }
@@ -259,6 +266,30 @@ mod tests {
         assert_eq!(pm.hashes.len(), 5);
         p.pre_request(&req, &state, &c);
         assert_eq!(p.index().len(), 2, "capacity comes from num_gpu_blocks");
+    }
+
+    #[test]
+    fn an_engine_cannot_lift_the_capacity_past_its_bound() {
+        let p = ApproxPrefixCacheProducer::new("p", PrefixParams::default());
+        let mut m = metrics(0, 0, 0.0);
+        m.cache_block_size = Some(1);
+        m.cache_num_blocks = Some(u64::MAX);
+        let c = candidates(&[m]);
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        let mut inserted = 0;
+        // Distinct prompts of 256 blocks each: more than the bound in total.
+        for i in 0..(MAX_AUTO_TUNED_CAPACITY / 256 + 8) {
+            let req = InferenceRequest {
+                target_model: "m".into(),
+                prompt: Bytes::from(format!("{i:08}").repeat(256)),
+                ..Default::default()
+            };
+            p.produce(&req, &c, &mut state);
+            inserted += state.prefix.as_ref().map_or(0, |m| m.hashes.len());
+            p.pre_request(&req, &state, &c);
+        }
+        assert!(inserted > MAX_AUTO_TUNED_CAPACITY, "{inserted}");
+        assert!(p.index().len() <= MAX_AUTO_TUNED_CAPACITY);
     }
 
     #[test]
