@@ -261,8 +261,33 @@ pub struct Datastore {
 #[derive(Debug, Default)]
 struct IdAllocator {
     by_key: HashMap<(String, SocketAddr), EndpointId>,
-    free: Vec<EndpointId>,
+    /// Released ids with when, oldest first.
+    free: std::collections::VecDeque<(EndpointId, Instant)>,
     next: u32,
+}
+
+/// How long a released endpoint id rests before a newcomer may take it. What is keyed by id
+/// elsewhere (prefix and KV index entries, in-flight counts) is purged when the pool-change
+/// watchers wake; they see only the latest snapshot, so an id handed on before they ran would
+/// pass the departed pod's state to the newcomer. Between two applies a watcher is woken at
+/// once; this leaves it seconds.
+const ID_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl IdAllocator {
+    /// The oldest id that has rested long enough, or a new one.
+    fn take(&mut self, now: Instant) -> EndpointId {
+        if self
+            .free
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= ID_QUARANTINE)
+            && let Some((id, _)) = self.free.pop_front()
+        {
+            return id;
+        }
+        let id = EndpointId(self.next);
+        self.next += 1;
+        id
+    }
 }
 
 impl Default for Datastore {
@@ -299,6 +324,7 @@ impl Datastore {
     /// Publishes a new pool. Endpoints that keep their name and address keep their id and
     /// their metrics; the others get fresh ones. Returns the new snapshot.
     pub fn apply(&self, spec: PoolSpec) -> Arc<PoolSnapshot> {
+        let now = Instant::now();
         let old = self.snapshot();
         let mut ids = self.ids.lock();
         let mut endpoints = Vec::with_capacity(spec.endpoints.len());
@@ -317,11 +343,7 @@ impl Datastore {
             let id = match ids.by_key.get(&key) {
                 Some(id) => *id,
                 None => {
-                    let id = ids.free.pop().unwrap_or_else(|| {
-                        let id = EndpointId(ids.next);
-                        ids.next += 1;
-                        id
-                    });
+                    let id = ids.take(now);
                     ids.by_key.insert(key.clone(), id);
                     id
                 }
@@ -365,7 +387,7 @@ impl Datastore {
             .collect();
         for (k, id) in gone {
             ids.by_key.remove(&k);
-            ids.free.push(id);
+            ids.free.push_back((id, now));
         }
         drop(ids);
         let snapshot = Arc::new(PoolSnapshot {
@@ -429,8 +451,8 @@ mod tests {
         assert_eq!(snap.by_address(&addr).unwrap().spec.name, "pod-2-rank-0");
     }
 
-    #[test]
-    fn surviving_endpoints_keep_id_and_metrics() {
+    #[tokio::test(start_paused = true)]
+    async fn surviving_endpoints_keep_id_and_metrics() {
         let ds = Datastore::new();
         let snap = ds.apply(pool(3));
         snap.endpoints[1].store_metrics(EngineMetrics {
@@ -443,12 +465,23 @@ mod tests {
         let snap2 = ds.apply(next);
         assert_eq!(snap2.endpoints[0].id, id1);
         assert_eq!(snap2.endpoints[0].metrics().waiting_queue_size, 7);
-        // The freed id is reused by a newcomer, keeping the id space dense.
+        // The freed id rests first: a newcomer right after gets a fresh one, so nothing keyed
+        // by the departed pod's id (prefix entries, in-flight counts) passes to it before the
+        // pool-change watchers purge it …
+        let freed = snap.endpoints[0].id;
         let mut grown = pool(3);
         grown.endpoints.remove(0);
         grown.endpoints.push(spec(9));
-        let snap3 = ds.apply(grown);
-        assert!(snap3.id_bound() <= 3);
+        let snap3 = ds.apply(grown.clone());
+        assert_ne!(snap3.endpoints[2].id, freed);
+        // … and is reused once rested, keeping the id space dense.
+        grown.endpoints.remove(2);
+        ds.apply(grown.clone());
+        tokio::time::advance(ID_QUARANTINE).await;
+        grown.endpoints.push(spec(10));
+        let snap4 = ds.apply(grown);
+        assert_eq!(snap4.endpoints[2].id, freed);
+        assert!(snap4.id_bound() <= 4);
     }
 
     /// A pool change elsewhere (a pod leaving, another's labels) leaves an unchanged endpoint

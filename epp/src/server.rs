@@ -432,9 +432,11 @@ pub async fn serve_with_handles(
             leader: is_leader,
         } => {
             leader = is_leader.map(|(rx, lease)| {
-                // The lease cannot be re-run here; its end already drops readiness through
-                // the closed channel, and is counted.
-                tasks.adopt("lease", OnExit::Degrade, lease);
+                // The lease only ends at shutdown; an end before (a panic) cannot be re-run
+                // here, and would leave this replica unready for good while its liveness
+                // stays up. So it ends the process, and Kubernetes starts it again (as
+                // controller-runtime exits when its elector stops).
+                tasks.adopt("lease", OnExit::Shutdown, lease);
                 rx
             });
             let publisher = k8s::index::Publisher {

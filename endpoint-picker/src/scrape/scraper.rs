@@ -806,6 +806,26 @@ async fn scrape_reusing<S: Source>(
     client
         .fetch(url, MAX_METRICS_BODY, config.timeout, body)
         .await?;
+    let read = read_body(mapping, body, last);
+    // One page far larger than usual (up to the 8 MiB limit) must not stay held by every
+    // endpoint's task for good.
+    if body.capacity() > MAX_KEPT_BODY_CAPACITY {
+        *body = Vec::new();
+    }
+    read
+}
+
+/// The buffer a scrape task keeps between scrapes, at most: a vLLM page is tens to a few
+/// hundred KB.
+const MAX_KEPT_BODY_CAPACITY: usize = 1 << 20;
+
+/// What `body` says, and whether that changed since `last` (an identical body is not parsed
+/// again).
+fn read_body(
+    mapping: &EngineMapping,
+    body: &[u8],
+    last: &mut Option<(u64, Extracted)>,
+) -> Result<(Extracted, bool), ScrapeError> {
     let hash = xxhash_rust::xxh64::xxh64(body, 0);
     if let Some((h, extracted)) = last.as_ref()
         && *h == hash
@@ -1297,6 +1317,39 @@ mod tests {
         assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    /// One huge page is read, then its buffer let go; a usual page's buffer is kept.
+    #[tokio::test]
+    async fn a_huge_page_does_not_stay_held_between_scrapes() {
+        struct Paged(usize);
+        impl Source for Paged {
+            async fn fetch(
+                &self,
+                _url: &http::Uri,
+                _limit: usize,
+                _timeout: Duration,
+                buf: &mut Vec<u8>,
+            ) -> Result<(), ScrapeError> {
+                buf.clear();
+                buf.extend_from_slice(b"vllm:num_requests_waiting 4\n");
+                buf.resize(self.0, b'\n');
+                Ok(())
+            }
+        }
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let config = ScrapeConfig::default();
+        let url = Ok("http://10.0.0.1:8000/metrics".parse().unwrap());
+        let (mut body, mut last) = (Vec::new(), None);
+        for (size, kept) in [(4 << 20, false), (64 << 10, true)] {
+            let (read, _) =
+                scrape_reusing(&Paged(size), &url, &endpoint, &config, &mut body, &mut last)
+                    .await
+                    .unwrap();
+            assert_eq!(read.metrics.waiting_queue_size, 4);
+            assert_eq!(body.capacity() >= size, kept, "{size}");
+        }
     }
 
     #[test]
