@@ -498,7 +498,9 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
 /// event is small).
 const MAX_SSE_LINE: usize = 1 << 20;
 
-/// Scans an SSE stream chunk by chunk for the first event carrying `usage`.
+/// Scans an SSE stream chunk by chunk for `usage`, keeping the last non-null one: with
+/// `stream_options.continuous_usage_stats` vLLM puts a running usage in every chunk, and only
+/// the last counts every completion token (the first says about none).
 #[derive(Debug, Default)]
 pub struct SseUsageScanner {
     partial: Vec<u8>,
@@ -509,14 +511,13 @@ pub struct SseUsageScanner {
 impl SseUsageScanner {
     /// Feeds one chunk.
     pub fn feed(&mut self, mut chunk: &[u8]) {
-        if self.usage.is_some() {
-            return;
-        }
         while let Some(nl) = memchr::memchr(b'\n', chunk) {
             let line_end = &chunk[..nl];
-            if self.overflowed {
+            if self.overflowed || self.partial.len() + line_end.len() > MAX_SSE_LINE {
+                // A line over the limit is skipped however the stream was cut (the usage kept
+                // is the last one, so a line read in one cut and not another would differ).
                 self.overflowed = false;
-                self.partial.clear();
+                self.partial = Vec::new();
             } else if self.partial.is_empty() {
                 self.line(line_end);
             } else {
@@ -524,15 +525,13 @@ impl SseUsageScanner {
                 let line = std::mem::take(&mut self.partial);
                 self.line(&line);
             }
-            if self.usage.is_some() {
-                return;
-            }
             chunk = &chunk[nl + 1..];
         }
         if !self.overflowed {
             if self.partial.len() + chunk.len() > MAX_SSE_LINE {
                 self.overflowed = true;
-                self.partial.clear();
+                // Frees the long line's allocation too.
+                self.partial = Vec::new();
             } else {
                 self.partial.extend_from_slice(chunk);
             }
@@ -553,7 +552,7 @@ impl SseUsageScanner {
         }
     }
 
-    /// The usage found so far.
+    /// The last usage found so far.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
     }
@@ -765,10 +764,59 @@ mod tests {
     }
 
     #[test]
+    fn sse_usage_is_the_last_non_null_one() {
+        // `continuous_usage_stats`: a running count in every chunk; the last is the total.
+        let mut s = SseUsageScanner::default();
+        s.feed(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":0}}\n\n",
+        );
+        assert_eq!(s.usage().unwrap().completion_tokens, 0);
+        s.feed(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1}}\n\n",
+        );
+        s.feed(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":5}}\n\n",
+        );
+        // A null usage or an event without one does not erase it.
+        s.feed(b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"x\":1}\n\ndata: [DONE]\n\n");
+        let u = s.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (7, 5, 12)
+        );
+    }
+
+    #[test]
     fn sse_overlong_line_is_skipped() {
         let mut s = SseUsageScanner::default();
         s.feed(&vec![b'x'; MAX_SSE_LINE + 10]);
         s.feed(b"tail\ndata: {\"usage\":{\"prompt_tokens\":1}}\n");
         assert_eq!(s.usage().unwrap().prompt_tokens, 1);
+        // A usage line over the limit is skipped whether it comes whole, in pieces, or with
+        // its end pushing it over.
+        let mut long = b"data: {\"usage\":{\"prompt_tokens\":2},\"x\":\"".to_vec();
+        long.resize(MAX_SSE_LINE - 1, b'x');
+        long.extend_from_slice(b"\"}\n");
+        // The line (without its newline) is one byte over.
+        assert_eq!(long.len(), MAX_SSE_LINE + 2);
+        for cut in [
+            0,
+            10,
+            MAX_SSE_LINE - 10,
+            MAX_SSE_LINE,
+            MAX_SSE_LINE + 1,
+            long.len(),
+        ] {
+            let mut s = SseUsageScanner::default();
+            s.feed(b"data: {\"usage\":{\"prompt_tokens\":1}}\n");
+            s.feed(&long[..cut]);
+            s.feed(&long[cut..]);
+            assert_eq!(s.usage().unwrap().prompt_tokens, 1, "cut at {cut}");
+        }
+        // One byte shorter, it is read.
+        let mut s = SseUsageScanner::default();
+        s.feed(&long[..MAX_SSE_LINE - 2]);
+        s.feed(b"\"}\n");
+        assert_eq!(s.usage().unwrap().prompt_tokens, 2);
     }
 }

@@ -72,7 +72,10 @@ use crate::protocol::{
 use crate::recorder::{Completion, RecordKey, Recorder, Scheduled};
 use crate::untrusted::Untrusted;
 
-/// Buffered response bodies (for usage parsing) are capped at this size.
+/// The most of a non-streamed response body held: the copy kept to read `usage` at the end,
+/// and the body held whole to rewrite its model back. Past it, the copy is dropped (usage
+/// unknown) and a held body is let go: what is held goes out (rewritten), the rest passes
+/// through as it comes.
 const MAX_RESPONSE_COPY: usize = 16 * 1024 * 1024;
 /// Longest `x-request-id` kept from a client; a longer or non-printable one is replaced.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
@@ -216,6 +219,9 @@ struct ResponseState {
     rewrite_back: Option<(String, String)>,
     buffered: BytesMut,
     copy: BytesMut,
+    /// The body passed [`MAX_RESPONSE_COPY`]: no copy is kept and nothing is held any more;
+    /// its usage is unknown (a copy with a gap is not read).
+    overflowed: bool,
     sse: SseUsageScanner,
     bytes: usize,
     usage: Option<Usage>,
@@ -401,7 +407,9 @@ impl StreamState {
                         .map(Answer::from),
                     );
                 } else {
-                    self.complete_response(&[]);
+                    // A passed-through body ended by trailers: its copy (empty if it overflowed).
+                    let copy = std::mem::take(&mut self.response.copy);
+                    self.complete_response(&copy);
                 }
                 out.push(envoy::trailers_response(Direction::Response).into());
                 out
@@ -938,16 +946,34 @@ impl StreamState {
                 envoy::body_chunk(Direction::Response, self.rewrite_response(chunk), eos).into(),
             ];
         }
-        if self.response.rewrite_back.is_none() {
+        if self.response.rewrite_back.is_none() || self.response.overflowed {
             // Pass through at once; keep a bounded copy to read `usage` at the end.
-            if self.response.copy.len() + chunk.len() <= MAX_RESPONSE_COPY {
-                self.response.copy.extend_from_slice(&chunk);
-            }
+            self.copy_response(&chunk);
             if eos {
                 let copy = std::mem::take(&mut self.response.copy);
                 self.complete_response(&copy);
             }
             return vec![envoy::body_chunk(Direction::Response, chunk, eos).into()];
+        }
+        if self.response.buffered.len() + chunk.len() > MAX_RESPONSE_COPY {
+            // Too big to hold for the rewrite: what is held goes out now, rewritten (the model
+            // field of a JSON response is near its start), then this chunk and the rest as they
+            // come, unmodified. The client gets every byte once, in order.
+            self.overflow_response();
+            let held = std::mem::take(&mut self.response.buffered).freeze();
+            let mut out: Vec<Answer> = Vec::new();
+            if !held.is_empty() {
+                out.extend(
+                    envoy::body_chunks(Direction::Response, self.rewrite_response(held), false)
+                        .into_iter()
+                        .map(Answer::from),
+                );
+            }
+            if eos {
+                self.complete_response(&[]);
+            }
+            out.push(envoy::body_chunk(Direction::Response, chunk, eos).into());
+            return out;
         }
         self.response.buffered.extend_from_slice(&chunk);
         if !eos {
@@ -959,6 +985,30 @@ impl StreamState {
             .into_iter()
             .map(Answer::from)
             .collect()
+    }
+
+    /// Adds a passed-through chunk to the copy read for `usage`, unless that would pass
+    /// [`MAX_RESPONSE_COPY`]: then the copy is dropped for good.
+    fn copy_response(&mut self, chunk: &[u8]) {
+        if self.response.overflowed {
+            return;
+        }
+        if self.response.copy.len() + chunk.len() > MAX_RESPONSE_COPY {
+            self.overflow_response();
+            return;
+        }
+        self.response.copy.extend_from_slice(chunk);
+    }
+
+    /// The response body passed [`MAX_RESPONSE_COPY`]: keep nothing more of it.
+    fn overflow_response(&mut self) {
+        self.response.overflowed = true;
+        self.response.copy = BytesMut::new();
+        tracing::warn!(
+            limit = MAX_RESPONSE_COPY,
+            rewrite = self.response.rewrite_back.is_some(),
+            "response body over the buffering cap: passed through as it comes, usage unknown"
+        );
     }
 
     fn rewrite_response(&self, chunk: Bytes) -> Bytes {

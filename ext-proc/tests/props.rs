@@ -1,7 +1,9 @@
 //! Property tests of the OpenAI body code and of client input in logs (proptest, fixed
 //! seeds): a model rewrite changes the model and nothing else (256 cases), a string prompt is
 //! its decoded text and a slice of the body when it has no escapes (256 cases), and `Untrusted`
-//! renders any string without control characters and bounded (256 cases).
+//! renders any string without control characters and bounded (256 cases), and the SSE usage
+//! scanner reports the last non-null usage of a stream however it is cut into chunks (256
+//! cases).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -155,6 +157,44 @@ proptest! {
         let kept: usize = s.chars().take(MAX_LOGGED_CHARS).map(char::len_utf8).sum();
         let suffix = format!("…(+{} bytes)", s.len() - kept);
         prop_assert!(shown.ends_with(&suffix), "{shown:?} does not end with {suffix:?}");
+    }
+
+    #[test]
+    fn the_sse_scanner_keeps_the_last_usage_across_any_chunking(
+        events in prop::collection::vec(
+            (prop::option::of((0..1_000_000u64, 0..100_000u64)), any::<bool>(), any::<bool>()),
+            0..12,
+        ),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..16),
+    ) {
+        let mut stream = String::new();
+        let mut want = None;
+        for (usage, spaced, crlf) in &events {
+            let usage_json = match usage {
+                Some((p, c)) => format!("{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}"),
+                None => "null".to_owned(),
+            };
+            let nl = if *crlf { "\r\n" } else { "\n" };
+            let sp = if *spaced { " " } else { "" };
+            stream.push_str(&format!(
+                "data:{sp}{{\"choices\":[{{\"delta\":{{\"content\":\"x\\n\"}}}}],\"usage\":{usage_json}}}{nl}{nl}"
+            ));
+            if let Some((p, c)) = usage {
+                want = Some((*p, *c));
+            }
+        }
+        stream.push_str("data: [DONE]\n\n");
+        let bytes = stream.as_bytes();
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        at.sort_unstable();
+        let mut scanner = openai::SseUsageScanner::default();
+        let mut from = 0;
+        for cut in at.into_iter().chain([bytes.len()]) {
+            scanner.feed(&bytes[from..cut]);
+            from = cut;
+        }
+        let got = scanner.usage().map(|u| (u.prompt_tokens, u.completion_tokens));
+        prop_assert_eq!(got, want);
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //!   text is encoded without adding special tokens (the template wrote them).
 //!
 //! Bounds ([`Limits`]): the text tokenised is capped ([`Limits::max_prompt_bytes`], also the cap
-//! on the rendered chat and on a prompt's id count), templates run on fuel, and every failure is
-//! an error value, never a panic: the caller routes without ids.
+//! on the chat template's input fields together, on the rendered chat, and on a prompt's id
+//! count), templates run on fuel, and every failure is an error value, never a panic: the
+//! caller routes without ids.
 //!
 //! The simulator (`sim --tokenizer --chat-template`) uses this crate too, so that its KV blocks
 //! and events carry the ids the EPP computes.
@@ -101,11 +102,13 @@ pub enum TokenizeError {
 /// The bounds of one tokenization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// The most bytes tokenised for one request: the completions prompt, the request's
-    /// `messages` JSON, and the rendered chat text are each refused above it; a token-id
-    /// prompt may hold at most this many ids. Default 512 KiB, about 128k tokens at 4 bytes a
-    /// token (a long-context model's whole window); tokenising that much takes about 150 ms
-    /// with the test tokenizer on a loaded machine (see the criterion bench).
+    /// The most bytes tokenised for one request: the completions prompt, the chat template's
+    /// input (the request's `messages`, `tools`, `documents` and `chat_template_kwargs` JSON,
+    /// together), the rendered chat text and any one `tojson` output in it are each refused
+    /// above it; a token-id prompt may hold at most this many ids. Default 512 KiB, about 128k
+    /// tokens at 4 bytes a token (a long-context model's whole window); tokenising that much
+    /// takes about 150 ms with the test tokenizer on a loaded machine (see the criterion
+    /// bench).
     pub max_prompt_bytes: usize,
     /// The fuel of one chat-template render (MiniJinja's unit: about one instruction, or 64
     /// bytes allocated). Default 4,000,000: a 512 KiB conversation of many messages renders
@@ -407,8 +410,14 @@ impl Tokenizer {
         let messages = b
             .messages
             .ok_or_else(|| TokenizeError::Invalid("no messages".into()))?;
+        // Everything the template is given counts against the cap, not only `messages`: the
+        // other fields are template input too, and a template may expand them (`tojson`).
         let limit = self.limits.max_prompt_bytes;
-        if messages.get().len() > limit {
+        let given = [Some(messages), b.tools, b.documents, b.chat_template_kwargs]
+            .into_iter()
+            .flatten()
+            .fold(0usize, |sum, raw| sum.saturating_add(raw.get().len()));
+        if given > limit {
             return Err(TokenizeError::TooLarge { limit });
         }
         let value = |raw: Option<&RawValue>| -> Result<Option<minijinja::Value>, TokenizeError> {

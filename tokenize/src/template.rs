@@ -9,7 +9,8 @@
 //!
 //! Bounds, so that a template (or a request driving it) that loops or explodes cannot hold a
 //! worker: MiniJinja's fuel (instructions and allocated data), its recursion limit, and a cap
-//! on the rendered text; each stops the render with an error.
+//! on the rendered text, which also caps each `tojson` output as it is written (with a depth
+//! limit); each stops the render with an error.
 
 use std::io::Write;
 
@@ -68,7 +69,14 @@ impl ChatTemplate {
         // Jinja2's default: undefined values print as nothing and iterate as empty.
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_filter("tojson", tojson);
+        // A rendered chat is refused past `max_rendered_bytes`, so no one `tojson` call needs
+        // more.
+        env.add_filter(
+            "tojson",
+            move |state: &State<'_, '_>, value: &Value, kwargs: Kwargs| {
+                tojson(state, value, kwargs, max_rendered_bytes)
+            },
+        );
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE, source)?;
@@ -112,12 +120,14 @@ impl ChatTemplate {
         template
             .render_captured_to(ctx, &mut out)
             .map(drop)
-            .map_err(|e| match out.buf.len() > self.max_rendered_bytes {
-                true => TokenizeError::TooLarge {
-                    limit: self.max_rendered_bytes,
+            .map_err(
+                |e| match out.buf.len() > self.max_rendered_bytes || is_output_cap(&e) {
+                    true => TokenizeError::TooLarge {
+                        limit: self.max_rendered_bytes,
+                    },
+                    false => template_error(e),
                 },
-                false => template_error(e),
-            })?;
+            )?;
         let mut rendered = String::from_utf8(out.buf).map_err(|_| TokenizeError::Template {
             reason: "rendered text is not UTF-8".into(),
         })?;
@@ -212,7 +222,19 @@ fn strftime_now(format: String) -> Result<Value, Error> {
 /// `tojson` as transformers defines it: Python's `json.dumps(x, ensure_ascii=False,
 /// indent=None, separators=None, sort_keys=False)`, whose default separators are `", "` and
 /// `": "` (`","` between items once indented).
-fn tojson(state: &State<'_, '_>, value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+///
+/// Bounded as it writes, never after: the output stops with an error as soon as it passes
+/// `max_bytes` (the template's rendered-size cap: the call's text could never fit in the
+/// rendered chat anyway; a [`TooLarge`] error) or what the remaining fuel pays for (an
+/// out-of-fuel error), and values nested deeper than [`MAX_JSON_DEPTH`] are refused. A nested
+/// `tools` value of a few bytes per level indented at every level grows quadratically, so
+/// checking only the finished text would let one call allocate gigabytes.
+fn tojson(
+    state: &State<'_, '_>,
+    value: &Value,
+    kwargs: Kwargs,
+    max_bytes: usize,
+) -> Result<Value, Error> {
     let indent: Option<Value> = kwargs.get("indent")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
@@ -225,7 +247,7 @@ fn tojson(state: &State<'_, '_>, value: &Value, kwargs: Kwargs) -> Result<Value,
             Some(s) => Some(s.to_owned()),
             None => {
                 let n = usize::try_from(v)?;
-                Some(" ".repeat(n.min(64)))
+                Some(" ".repeat(n.min(MAX_INDENT)))
             }
         },
     };
@@ -240,8 +262,14 @@ fn tojson(state: &State<'_, '_>, value: &Value, kwargs: Kwargs) -> Result<Value,
         None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
         None => (", ".to_owned(), ": ".to_owned()),
     };
+    // What the remaining fuel pays for, at MiniJinja's own `tojson` price per byte.
+    let fuel_bytes = state.fuel_levels().map_or(usize::MAX, |(_, remaining)| {
+        usize::try_from(remaining.saturating_mul(FUEL_BYTES_PER_UNIT)).unwrap_or(usize::MAX)
+    });
     let mut w = PyJson {
         out: String::new(),
+        limit: max_bytes.min(fuel_bytes),
+        out_of_fuel: fuel_bytes < max_bytes,
         indent,
         item_sep,
         key_sep,
@@ -249,19 +277,54 @@ fn tojson(state: &State<'_, '_>, value: &Value, kwargs: Kwargs) -> Result<Value,
         ensure_ascii: ensure_ascii.unwrap_or(false),
     };
     w.value(value, 0)?;
-    // The output is data the template allocates: charge it like MiniJinja's own tojson does.
-    let cost = (w.out.len() / 64) as u64;
-    if let Some((_, remaining)) = state.fuel_levels()
-        && cost > remaining
-    {
-        return Err(Error::new(ErrorKind::OutOfFuel, "tojson output"));
-    }
+    // Serialising is work the engine does not see: charge it as MiniJinja charges its own
+    // `tojson` (the engine charges the returned string's bytes itself).
+    state.consume_fuel((w.out.len() as u64).div_ceil(FUEL_BYTES_PER_UNIT))?;
     Ok(Value::from_safe_string(w.out))
 }
 
-/// A writer of Python's `json.dumps` format.
+/// Bytes of `tojson` output one fuel pays for: a quarter of a fuel a byte, what MiniJinja's own
+/// `tojson` charges for serialising (its unit is 1/64 of a fuel; 16 units a byte).
+const FUEL_BYTES_PER_UNIT: u64 = 4;
+
+/// Widest numeric `tojson` indent; a larger number is cut to it. (A string indent is taken as
+/// is: every copy of it is written against the output limit.)
+const MAX_INDENT: usize = 64;
+
+/// The source of the error `tojson` stops with once its output passes the rendered-size cap:
+/// [`ChatTemplate::render`] finds it and reports the render as [`TooLarge`].
+///
+/// [`TooLarge`]: TokenizeError::TooLarge
+#[derive(Debug)]
+struct OutputCap;
+
+impl std::fmt::Display for OutputCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("tojson output exceeds the rendered-size cap")
+    }
+}
+
+impl std::error::Error for OutputCap {}
+
+/// Whether `e` (or an error it wraps) is `tojson` stopping at the rendered-size cap.
+fn is_output_cap(e: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<OutputCap>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A writer of Python's `json.dumps` format into a string of at most `limit` bytes.
 struct PyJson {
     out: String,
+    /// The most bytes written; the write that would pass it fails instead.
+    limit: usize,
+    /// The limit is the fuel's, not the rendered-size cap's.
+    out_of_fuel: bool,
     indent: Option<String>,
     item_sep: String,
     key_sep: String,
@@ -270,17 +333,50 @@ struct PyJson {
 }
 
 /// Values nested deeper than this are refused (a template cannot build deeper ones cheaply,
-/// but a request's JSON could).
+/// but a request's JSON could). The writer recurses once per level, so this also bounds its
+/// stack.
 const MAX_JSON_DEPTH: usize = 128;
 
 impl PyJson {
-    fn newline(&mut self, depth: usize) {
-        if let Some(indent) = &self.indent {
+    /// Appends `s`, or fails if the output would pass the limit (nothing is appended then).
+    fn put(&mut self, s: &str) -> Result<(), Error> {
+        if s.len() > self.limit.saturating_sub(self.out.len()) {
+            return Err(self.over_limit());
+        }
+        self.out.push_str(s);
+        Ok(())
+    }
+
+    fn put_char(&mut self, c: char) -> Result<(), Error> {
+        self.put(c.encode_utf8(&mut [0; 4]))
+    }
+
+    fn over_limit(&self) -> Error {
+        if self.out_of_fuel {
+            Error::new(ErrorKind::OutOfFuel, "tojson output")
+        } else {
+            Error::new(ErrorKind::InvalidOperation, "tojson: output too large")
+                .with_source(OutputCap)
+        }
+    }
+
+    fn newline(&mut self, depth: usize) -> Result<(), Error> {
+        let Some(indent) = self.indent.take() else {
+            return Ok(());
+        };
+        // Checked whole before writing: `depth` copies of the indent.
+        let need = indent.len().saturating_mul(depth).saturating_add(1);
+        let result = if need > self.limit.saturating_sub(self.out.len()) {
+            Err(self.over_limit())
+        } else {
             self.out.push('\n');
             for _ in 0..depth {
-                self.out.push_str(indent);
+                self.out.push_str(&indent);
             }
-        }
+            Ok(())
+        };
+        self.indent = Some(indent);
+        result
     }
 
     fn value(&mut self, v: &Value, depth: usize) -> Result<(), Error> {
@@ -288,22 +384,22 @@ impl PyJson {
             return Err(Error::new(ErrorKind::InvalidOperation, "tojson: too deep"));
         }
         match v.kind() {
-            ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
-            ValueKind::Bool => self
-                .out
-                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Undefined | ValueKind::None => self.put("null")?,
+            ValueKind::Bool => self.put(if v.is_true() { "true" } else { "false" })?,
             ValueKind::Number => {
                 // Integers (any width) print as MiniJinja shows them; floats as Python does.
                 let shown = v.to_string();
                 match f64::try_from(v.clone()) {
                     Ok(f) if shown.contains(['.', 'e', 'E', 'i', 'n']) => {
-                        self.out.push_str(&py_float(f));
+                        self.put(&py_float(f))?;
                     }
-                    _ => self.out.push_str(&shown),
+                    _ => self.put(&shown)?,
                 }
             }
-            ValueKind::String => self.string(v.as_str().unwrap_or_default()),
-            ValueKind::Bytes => self.string(&String::from_utf8_lossy(v.as_bytes().unwrap_or(&[]))),
+            ValueKind::String => self.string(v.as_str().unwrap_or_default())?,
+            ValueKind::Bytes => {
+                self.string(&String::from_utf8_lossy(v.as_bytes().unwrap_or(&[])))?;
+            }
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = v.try_iter()?.collect();
                 self.open_close('[', ']', items.len(), depth, |w, i, d| {
@@ -318,11 +414,13 @@ impl PyJson {
                 self.open_close('{', '}', keys.len(), depth, |w, i, d| {
                     let key = &keys[i];
                     match key.as_str() {
-                        Some(s) => w.string(s),
-                        None => w.string(&key.to_string()),
+                        Some(s) => w.string(s)?,
+                        None => w.string(&key.to_string())?,
                     }
-                    let sep = w.key_sep.clone();
-                    w.out.push_str(&sep);
+                    let sep = std::mem::take(&mut w.key_sep);
+                    let result = w.put(&sep);
+                    w.key_sep = sep;
+                    result?;
                     w.value(&v.get_item(key)?, d)
                 })?;
             }
@@ -345,45 +443,45 @@ impl PyJson {
         depth: usize,
         mut item: impl FnMut(&mut Self, usize, usize) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        self.out.push(open);
+        self.put_char(open)?;
         if n == 0 {
-            self.out.push(close);
-            return Ok(());
+            return self.put_char(close);
         }
         for i in 0..n {
             if i > 0 {
-                let sep = self.item_sep.clone();
-                self.out.push_str(&sep);
+                let sep = std::mem::take(&mut self.item_sep);
+                let result = self.put(&sep);
+                self.item_sep = sep;
+                result?;
             }
-            self.newline(depth + 1);
+            self.newline(depth + 1)?;
             item(self, i, depth + 1)?;
         }
-        self.newline(depth);
-        self.out.push(close);
-        Ok(())
+        self.newline(depth)?;
+        self.put_char(close)
     }
 
-    fn string(&mut self, s: &str) {
-        self.out.push('"');
+    fn string(&mut self, s: &str) -> Result<(), Error> {
+        self.put_char('"')?;
         for c in s.chars() {
             match c {
-                '"' => self.out.push_str("\\\""),
-                '\\' => self.out.push_str("\\\\"),
-                '\n' => self.out.push_str("\\n"),
-                '\r' => self.out.push_str("\\r"),
-                '\t' => self.out.push_str("\\t"),
-                '\u{08}' => self.out.push_str("\\b"),
-                '\u{0c}' => self.out.push_str("\\f"),
+                '"' => self.put("\\\"")?,
+                '\\' => self.put("\\\\")?,
+                '\n' => self.put("\\n")?,
+                '\r' => self.put("\\r")?,
+                '\t' => self.put("\\t")?,
+                '\u{08}' => self.put("\\b")?,
+                '\u{0c}' => self.put("\\f")?,
                 c if (c as u32) < 0x20 || (self.ensure_ascii && (c as u32) > 0x7e) => {
                     let mut units = [0u16; 2];
                     for unit in c.encode_utf16(&mut units) {
-                        self.out.push_str(&format!("\\u{unit:04x}"));
+                        self.put(&format!("\\u{unit:04x}"))?;
                     }
                 }
-                c => self.out.push(c),
+                c => self.put_char(c)?,
             }
         }
-        self.out.push('"');
+        self.put_char('"')
     }
 }
 
@@ -517,6 +615,119 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, TokenizeError::Template { .. }), "{err:?}");
+    }
+
+    fn template_with(src: &str, fuel: u64, cap: usize) -> ChatTemplate {
+        ChatTemplate::new(src.to_owned(), String::new(), String::new(), fuel, cap).unwrap()
+    }
+
+    fn input(messages: Value) -> ChatInput {
+        ChatInput {
+            messages,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tojson_stops_at_the_rendered_size_cap_while_writing() {
+        // The output is never written: only `tojson`'s own bound can stop it.
+        let src = "{% set x = messages | tojson(indent=2) %}{{ x | length }}";
+        let messages: Value = serde_json::from_str(
+            r#"[{"role": "user", "content": "h\u00e9\"llo", "n": [1, 2.5, null, true, {}], "e": []}]"#,
+        )
+        .unwrap();
+        let full = template_with("{{ messages | tojson(indent=2) }}", 100_000, 10_000)
+            .render(&input(messages.clone()))
+            .unwrap();
+        let len = full.len();
+        assert!(len > 50, "{full}");
+        // Every cap: the call fits and is whole, or it is refused as too large.
+        for cap in 0..len + 3 {
+            let out = template_with(src, 100_000, cap.max(8)).render(&input(messages.clone()));
+            match out {
+                Ok(n) => {
+                    assert!(len <= cap.max(8), "cap {cap}");
+                    // `length` counts characters.
+                    assert_eq!(n, full.chars().count().to_string());
+                }
+                Err(e) => {
+                    assert!(len > cap.max(8), "cap {cap}: {e:?}");
+                    assert_eq!(e, TokenizeError::TooLarge { limit: cap.max(8) });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_deep_indented_value_is_refused_without_building_its_expansion() {
+        // ~125 levels, each with a few zeros: indent=4 writes 4 bytes a level before every
+        // zero, hundreds of times the input. The cap stops it at 64 KiB.
+        let mut v = String::from("0");
+        for _ in 0..125 {
+            v = format!("[{v},0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]");
+        }
+        let cap = 64 * 1024;
+        let tools: Value = serde_json::from_str(&format!("[{v}]")).unwrap();
+        let t = template_with(
+            "{% for t in tools %}{% set x = t | tojson(indent=4) %}{% endfor %}ok",
+            4_000_000,
+            cap,
+        );
+        let err = t
+            .render(&ChatInput {
+                tools: Some(tools),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(err, TokenizeError::TooLarge { limit: cap });
+    }
+
+    #[test]
+    fn tojson_refuses_values_nested_past_its_depth_limit() {
+        let mut deep = Value::from(0);
+        for _ in 0..MAX_JSON_DEPTH + 1 {
+            deep = Value::from(vec![deep]);
+        }
+        let t = template_with("{{ messages | tojson }}", 100_000, 10_000);
+        let err = t.render(&input(deep.clone())).unwrap_err();
+        assert!(
+            matches!(err, TokenizeError::Template { ref reason } if reason.contains("too deep")),
+            "{err:?}"
+        );
+        // One level less is written.
+        let ok = t
+            .render(&input(deep.get_item_by_index(0).unwrap()))
+            .unwrap();
+        assert_eq!(ok.len(), 2 * MAX_JSON_DEPTH + 1);
+    }
+
+    #[test]
+    fn tojson_is_paid_for_in_fuel() {
+        // 200 serialisations of ~5 KB, never written: the instructions alone cost little, the
+        // serialising runs the fuel out.
+        let messages = serde_json::json!([{"content": "x".repeat(5000)}]).to_string();
+        let messages: Value = serde_json::from_str(&messages).unwrap();
+        let src = "{% for i in range(200) %}{% set x = messages | tojson %}{% endfor %}ok";
+        let err = template_with(src, 100_000, 10_000)
+            .render(&input(messages.clone()))
+            .unwrap_err();
+        assert!(matches!(err, TokenizeError::Template { .. }), "{err:?}");
+        // Once is fine.
+        let once = "{% set x = messages | tojson %}ok";
+        assert_eq!(
+            template_with(once, 100_000, 10_000)
+                .render(&input(messages.clone()))
+                .unwrap(),
+            "ok"
+        );
+        // A call bigger than the remaining fuel pays for stops as it writes, out of fuel.
+        let err = template_with(once, 500, 1_000_000)
+            .render(&input(messages))
+            .unwrap_err();
+        assert!(
+            matches!(err, TokenizeError::Template { ref reason } if reason.contains("fuel")),
+            "{err:?}"
+        );
     }
 
     #[test]

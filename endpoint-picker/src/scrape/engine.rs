@@ -344,7 +344,9 @@ const MAX_NUM_BLOCKS: u64 = 1 << 24;
 pub const MODEL_NAME_LABEL: &str = "model_name";
 /// Most served model names kept per endpoint.
 pub const MAX_SERVED_MODELS: usize = 16;
-/// Longest served model name kept.
+/// Most adapters kept per list (running, waiting) of an endpoint's LoRA series.
+pub const MAX_LORA_ADAPTERS: usize = 256;
+/// Longest served model name (or adapter name) kept.
 const MAX_SERVED_MODEL_BYTES: usize = 256;
 
 /// The result of reading one exposition.
@@ -372,9 +374,12 @@ fn lora_from(sample: &Sample<'_>) -> Lora {
         sample
             .label(key)
             .map(|v| {
+                // Bounded as the served models are: the LoRA filters and scorers walk these
+                // lists for every candidate of every request.
                 v.split(',')
                     .map(str::trim)
-                    .filter(|s| !s.is_empty())
+                    .filter(|s| !s.is_empty() && s.len() <= MAX_SERVED_MODEL_BYTES)
+                    .take(MAX_LORA_ADAPTERS)
                     .map(str::to_owned)
                     .collect()
             })
@@ -576,6 +581,22 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="c",waiting_lora_adap
                 .waiting_queue_size,
             3
         );
+    }
+
+    #[test]
+    fn an_engines_adapter_lists_are_bounded() {
+        let names: Vec<String> = (0..MAX_LORA_ADAPTERS + 50)
+            .map(|i| format!("a{i}"))
+            .collect();
+        let long = "x".repeat(MAX_SERVED_MODEL_BYTES + 1);
+        let text = format!(
+            "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0\n\
+             vllm:lora_requests_info{{running_lora_adapters=\"{long},{}\",waiting_lora_adapters=\"\",max_lora=\"4\"}} 1\n",
+            names.join(",")
+        );
+        let m = EngineMapping::vllm().extract(&text).metrics;
+        assert_eq!(m.active_models.len(), MAX_LORA_ADAPTERS);
+        assert_eq!(m.active_models[0], "a0");
     }
 
     #[test]

@@ -943,3 +943,170 @@ fn prost_answers(out: Vec<crate::envoy::Answer>) -> Vec<ProcessingResponse> {
         .map(crate::envoy::Answer::into_message)
         .collect()
 }
+
+/// The body of the streamed answers, concatenated, and whether only the last one ends it.
+fn concat_bodies(out: &[ProcessingResponse]) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    let mut eos_last_only = true;
+    for (i, r) in out.iter().enumerate() {
+        let (chunk, eos) = streamed_body(r);
+        body.extend_from_slice(&chunk);
+        eos_last_only &= eos == (i + 1 == out.len());
+    }
+    (body, eos_last_only)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rewritten_response_over_the_cap_is_let_go_whole_and_in_order() {
+    let h = Harness::new(1);
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    assert_eq!(h.routed(), "routed m->m-canary rewritten=true");
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    // A JSON body with the served model near its start, then more than the cap of content.
+    let head = br#"{"id":"x","model":"m-canary","choices":[{"text":""#.to_vec();
+    let filler = vec![b'a'; 4 * 1024 * 1024];
+    let tail = br#""}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec();
+    let mut sent = Vec::new();
+    let mut received = Vec::new();
+    let mut answers = 0;
+    let mut send = |s: &mut StreamState, chunk: &[u8], eos: bool| {
+        sent.extend_from_slice(chunk);
+        let out = s.on_message(resp_body(chunk, eos));
+        answers += out.len();
+        let (body, ordered) = concat_bodies(&out);
+        assert!(
+            ordered || out.iter().all(|r| !streamed_body(r).1),
+            "eos on the last answer only"
+        );
+        received.extend_from_slice(&body);
+        out
+    };
+    // Held while under the cap: nothing goes out.
+    assert!(send(&mut s, &head, false).is_empty());
+    for _ in 0..3 {
+        assert!(send(&mut s, &filler, false).is_empty());
+    }
+    // The chunk that would pass the cap lets go of what is held (rewritten), then itself.
+    let out = send(&mut s, &filler, false);
+    assert!(out.len() > 1);
+    assert_eq!(streamed_body(out.last().unwrap()).0, filler);
+    // Later chunks pass through as they come, unmodified.
+    let later = br#"{"model":"m-canary"}"#;
+    let out = send(&mut s, later, false);
+    assert_eq!(out.len(), 1);
+    assert_eq!(streamed_body(&out[0]), (later.to_vec(), false));
+    let out = send(&mut s, &tail, true);
+    assert_eq!(out.len(), 1);
+    assert_eq!(streamed_body(&out[0]), (tail.to_vec(), true));
+    assert!(s.exchange_complete());
+    // The client got every byte once, in order: the held part with its model rewritten.
+    let expected = {
+        let held = sent.len() - 2 * filler.len() - later.len() - tail.len();
+        let mut e = openai::rewrite_response_model(&sent[..held], "m-canary", "m").unwrap();
+        e.extend_from_slice(&sent[held..]);
+        e
+    };
+    assert_eq!(received.len(), expected.len());
+    assert!(received == expected, "the body differs");
+    assert!(received.starts_with(br#"{"id":"x","model":"m","#));
+    assert!(answers > 4);
+    // Usage is unknown: the body was not all held.
+    assert_eq!(h.events(), ["complete None", "released m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rewritten_response_under_the_cap_is_held_and_rewritten_whole() {
+    let h = Harness::new(1);
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    assert!(
+        s.on_message(resp_body(br#"{"model":"m-canary","usage":"#, false))
+            .is_empty()
+    );
+    let out = s.on_message(resp_body(
+        br#"{"prompt_tokens":1,"completion_tokens":2}}"#,
+        true,
+    ));
+    assert_eq!(
+        concat_bodies(&out),
+        (
+            br#"{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec(),
+            true
+        )
+    );
+    assert_eq!(h.events(), ["complete Some(2)", "released m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_copy_over_the_cap_is_dropped_not_read_with_a_gap() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    // Without the middle chunk, the first and last make a JSON body with usage: a copy that
+    // skipped the chunk over the cap would read it.
+    let first = br#"{"usage":{"prompt_tokens":1,"completion_tokens":9},"x":""#;
+    let middle = vec![b'a'; MAX_RESPONSE_COPY];
+    let last = br#""}"#;
+    for (chunk, eos) in [(&first[..], false), (&middle[..], false), (&last[..], true)] {
+        let out = s.on_message(resp_body(chunk, eos));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            streamed_body(&out[0]),
+            (chunk.to_vec(), eos),
+            "passed through"
+        );
+    }
+    assert_eq!(h.events(), ["complete None", "released m"]);
+    // Under the cap the copy is read.
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    s.on_message(resp_body(first, false));
+    s.on_message(resp_body(b"aaa", false));
+    s.on_message(resp_body(last, true));
+    assert_eq!(h.events(), ["complete Some(9)", "released m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passed_through_body_ended_by_trailers_is_read_for_usage() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    s.on_message(resp_body(
+        br#"{"usage":{"prompt_tokens":1,"completion_tokens":4}}"#,
+        false,
+    ));
+    assert_eq!(s.on_message(resp_trailers()).len(), 1);
+    assert_eq!(h.events(), ["complete Some(4)", "released m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn continuous_usage_stats_are_charged_at_their_last_count() {
+    let h = Harness::new(1);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    s.on_message(resp_headers(&sse, false, None));
+    for n in 0..5 {
+        let event = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"t\"}}}}],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":{n}}}}}\n\n"
+        );
+        s.on_message(resp_body(event.as_bytes(), false));
+    }
+    s.on_message(resp_body(
+        b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n",
+        true,
+    ));
+    assert_eq!(h.events(), ["complete Some(4)", "released m"]);
+}
