@@ -10,14 +10,25 @@
 //! asks the engine's replay socket for the missing batches (when `replaySocketPort` is set) and
 //! applies them; if that fails the endpoint's entries are cleared and its stream is marked
 //! [`StreamState::Gap`], so that the precise scorer scores it from the approximate index for a
-//! while. A jump backwards is a restarted engine: its entries are cleared too.
+//! while. A restarted engine (the transport saw its sequence go backwards, or it jumped far
+//! back) has its entries cleared too.
+//!
+//! A stream is [`StreamState::Live`] from the first batch received on it, not from the
+//! connection: a subscriber that dials a publisher which is not there (zmq.rs dials again
+//! silently, forever) must not make the precise scorer trust an index that nothing feeds. It
+//! stops being live when the publisher's connection closes, as the transport's frame guard sees
+//! it ([`KvEventSource::connected`]). Not on silence: vLLM publishes nothing while an engine is
+//! idle, so a timeout would drop the healthy idle engines (and a bound socket cannot tell one
+//! engine's silence from another's). An endpoint whose subscriber task ends unexpectedly (a
+//! panic) is cleared, marked down, and its subscriber started again after
+//! [`RECONNECT_INTERVAL`].
 //!
 //! The transport is behind [`Connector`] so that this logic is tested without sockets; the
 //! ZMQ implementation (crate `kv-events`, feature `zmq`) plugs in there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +60,18 @@ pub struct KvMessage {
     pub seq: u64,
     /// The events.
     pub batch: EventBatch,
+    /// The transport saw the publisher's sequence go backwards: it restarted, and its cache
+    /// with it.
+    pub publisher_restarted: bool,
+}
+
+/// What a source hands over.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// A message.
+    Message(KvMessage),
+    /// A publisher connected or went: see [`KvEventSource::connected`].
+    PeersChanged,
 }
 
 /// Why a source failed.
@@ -64,8 +87,14 @@ pub enum SourceError {
 
 /// A connected stream of one publisher's messages (or, bound, of every engine's).
 pub trait KvEventSource: Send {
-    /// The next message.
-    fn recv(&mut self) -> impl Future<Output = Result<KvMessage, SourceError>> + Send;
+    /// The next message, or a change of the connected publishers.
+    fn recv(&mut self) -> impl Future<Output = Result<SourceEvent, SourceError>> + Send;
+    /// Whether the publisher at `ip` is connected now; `None` when the source cannot tell (or
+    /// never saw it).
+    fn connected(&self, ip: IpAddr) -> Option<bool> {
+        let _ = ip;
+        None
+    }
     /// The batches from `from` on, as the publisher's replay socket returns them (at most
     /// [`MAX_REPLAY_BATCHES`]).
     fn replay(
@@ -242,7 +271,7 @@ impl KvEventMetrics {
 
     /// Refreshes the index gauges.
     pub fn refresh(&self, index: &SharedKvIndex) {
-        let (blocks, entries) = index.write(|i| (i.len(), i.entries()));
+        let (blocks, entries) = index.sizes();
         self.index_blocks.set(blocks as i64);
         self.index_entries.set(entries as i64);
     }
@@ -282,6 +311,14 @@ pub struct SequenceTracker {
 }
 
 impl SequenceTracker {
+    /// The transport saw the publisher restart: `seq` starts its new sequence, whatever came
+    /// before (a restarted engine's first numbers may lie just below the old ones, which
+    /// [`SequenceTracker::observe`] would take for duplicates).
+    pub fn restart(&mut self, seq: u64) -> SeqCheck {
+        self.last = Some(seq);
+        SeqCheck::Reset
+    }
+
     /// Checks `seq` and, unless it is a duplicate, records it.
     pub fn observe(&mut self, seq: u64) -> SeqCheck {
         let check = match self.last {
@@ -319,7 +356,12 @@ pub async fn handle<S: KvEventSource>(
         return;
     };
     let model = model.to_owned();
-    match tracker.observe(msg.seq) {
+    let check = if msg.publisher_restarted {
+        tracker.restart(msg.seq)
+    } else {
+        tracker.observe(msg.seq)
+    };
+    match check {
         SeqCheck::Duplicate => return,
         SeqCheck::InOrder => {}
         SeqCheck::Reset => {
@@ -366,12 +408,11 @@ fn apply(
     model: &str,
     batch: &EventBatch,
 ) {
-    // The size gauges move with every batch (read under the same lock: both are counters the
-    // index keeps); refreshing them only on pool changes left them at their start-up value.
-    let (applied, blocks, entries) = index.write(|i| {
-        let applied = i.apply(endpoint, model, batch, Instant::now());
-        (applied, i.len(), i.entries())
-    });
+    // Keys hashed off the lock, written in bounded slices (`SharedKvIndex::apply`).
+    let applied = index.apply(endpoint, model, batch, Instant::now());
+    // The size gauges move with every batch; refreshing them only on pool changes left them at
+    // their start-up value.
+    let (blocks, entries) = index.sizes();
     metrics.index_blocks.set(blocks as i64);
     metrics.index_entries.set(entries as i64);
     let now = std::time::SystemTime::now()
@@ -381,8 +422,38 @@ fn apply(
     metrics.record(pod, batch.events.len(), &applied, now - batch.ts);
 }
 
+/// A batch arrived on `endpoint`'s stream: the stream is live, unless it is in a gap (which
+/// keeps its own state until it has passed) or the publisher's connection is known to be gone
+/// (a batch that was on its way when it went).
+fn batch_arrived(index: &SharedKvIndex, endpoint: EndpointId, connected: Option<bool>) {
+    if connected != Some(false)
+        && matches!(
+            index.stream(endpoint),
+            StreamState::Unknown | StreamState::Down { .. }
+        )
+    {
+        index.set_stream(endpoint, StreamState::Live);
+    }
+}
+
+/// `endpoint`'s publisher is no longer connected: its stream is down until its next batch.
+fn publisher_gone(index: &SharedKvIndex, endpoint: EndpointId) {
+    if matches!(
+        index.stream(endpoint),
+        StreamState::Live | StreamState::Gap { .. }
+    ) {
+        index.set_stream(
+            endpoint,
+            StreamState::Down {
+                since: Instant::now(),
+            },
+        );
+    }
+}
+
 /// One endpoint's subscriber, until `token` ends it: dial, read, and on failure dial again
-/// after [`RECONNECT_INTERVAL`].
+/// after [`RECONNECT_INTERVAL`]. The stream is live from its first batch until the engine's
+/// connection goes (see the module's documentation).
 pub async fn subscribe_endpoint<C: Connector>(
     connector: Arc<C>,
     index: Arc<SharedKvIndex>,
@@ -409,33 +480,37 @@ pub async fn subscribe_endpoint<C: Connector>(
             c = connector.connect(format!("tcp://{address}"), replay.clone(), settings.topic_filter.clone(), false) => c,
         };
         match connected {
-            Ok(mut source) => {
-                index.set_stream(endpoint.id, StreamState::Live);
-                loop {
-                    let msg = tokio::select! {
-                        _ = token.cancelled() => return,
-                        m = source.recv() => m,
-                    };
-                    match msg {
-                        Ok(msg) => {
-                            handle(
-                                &index,
-                                &metrics,
-                                &pod,
-                                endpoint.id,
-                                &mut tracker,
-                                &mut source,
-                                msg,
-                            )
-                            .await
-                        }
-                        Err(error) => {
-                            tracing::debug!(endpoint = %pod.model_server_pod, %error, "kv events: connection lost");
-                            break;
+            Ok(mut source) => loop {
+                let event = tokio::select! {
+                    _ = token.cancelled() => return,
+                    e = source.recv() => e,
+                };
+                match event {
+                    Ok(SourceEvent::Message(msg)) => {
+                        batch_arrived(&index, endpoint.id, source.connected(ip));
+                        handle(
+                            &index,
+                            &metrics,
+                            &pod,
+                            endpoint.id,
+                            &mut tracker,
+                            &mut source,
+                            msg,
+                        )
+                        .await
+                    }
+                    Ok(SourceEvent::PeersChanged) => {
+                        if source.connected(ip) == Some(false) {
+                            tracing::debug!(endpoint = %pod.model_server_pod, "kv events: the engine's connection closed");
+                            publisher_gone(&index, endpoint.id);
                         }
                     }
+                    Err(error) => {
+                        tracing::debug!(endpoint = %pod.model_server_pod, %error, "kv events: connection lost");
+                        break;
+                    }
                 }
-            }
+            },
             Err(error) => {
                 tracing::debug!(endpoint = %pod.model_server_pod, %error, "kv events: cannot connect");
             }
@@ -453,8 +528,36 @@ pub async fn subscribe_endpoint<C: Connector>(
     }
 }
 
+/// Whose a subscriber task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Endpoint(EndpointId),
+    Bound,
+}
+
+/// A running per-endpoint subscriber.
+struct Running {
+    address: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::Id,
+}
+
+/// `fut` after `delay` (none for a first start), unless `token` ends first.
+async fn after(delay: Duration, token: CancellationToken, fut: impl Future<Output = ()>) {
+    if !delay.is_zero() {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    fut.await
+}
+
 /// The subscriber manager, as one supervised task: per-endpoint subscribers following the
 /// pool's membership (`discoverPods`), and the bound one (`zmqEndpoint`), until `token` ends.
+/// A subscriber that ends on its own (a panic: they return only when stopped) is reaped, its
+/// endpoints cleared and marked down, and it is started again after [`RECONNECT_INTERVAL`]. A
+/// departed endpoint's series go in either mode.
 pub async fn run<C: Connector>(
     connector: Arc<C>,
     datastore: Arc<Datastore>,
@@ -464,64 +567,147 @@ pub async fn run<C: Connector>(
     token: CancellationToken,
 ) {
     let mut tasks = JoinSet::new();
+    let mut owners: HashMap<tokio::task::Id, Owner> = HashMap::new();
     let run_token = token.child_token();
-    if let Some(bind) = settings.bind_endpoint.clone() {
-        tasks.spawn(subscribe_bound(
-            connector.clone(),
-            datastore.clone(),
-            index.clone(),
-            metrics.clone(),
-            settings.clone(),
-            bind,
-            run_token.clone(),
-        ));
+    let spawn_bound = |tasks: &mut JoinSet<()>, delay: Duration| {
+        settings.bind_endpoint.clone().map(|bind| {
+            tasks
+                .spawn(after(
+                    delay,
+                    run_token.clone(),
+                    subscribe_bound(
+                        connector.clone(),
+                        datastore.clone(),
+                        index.clone(),
+                        metrics.clone(),
+                        settings.clone(),
+                        bind,
+                        run_token.clone(),
+                    ),
+                ))
+                .id()
+        })
+    };
+    if let Some(id) = spawn_bound(&mut tasks, Duration::ZERO) {
+        owners.insert(id, Owner::Bound);
     }
-    let mut running: HashMap<EndpointId, (SocketAddr, CancellationToken, PodLabels)> =
-        HashMap::new();
+    let mut running: HashMap<EndpointId, Running> = HashMap::new();
+    // Endpoints whose subscriber failed: started again after a delay.
+    let mut failed: HashSet<EndpointId> = HashSet::new();
+    // Every endpoint of the pool, with its labels: its series go when it leaves.
+    let mut known: HashMap<EndpointId, (SocketAddr, PodLabels)> = HashMap::new();
     let mut changes = datastore.subscribe();
     loop {
+        let snapshot = datastore.snapshot();
+        let pool = snapshot.name.clone();
+        let present = |id: EndpointId, address: SocketAddr| {
+            snapshot
+                .endpoints
+                .iter()
+                .any(|e| e.id == id && e.spec.address == address)
+        };
+        known.retain(|id, (address, pod)| {
+            let present = present(*id, *address);
+            if !present {
+                metrics.forget(pod);
+            }
+            present
+        });
+        for e in &snapshot.endpoints {
+            known.entry(e.id).or_insert_with(|| {
+                (
+                    e.spec.address,
+                    PodLabels {
+                        name: pool.clone(),
+                        model_server_pod: e.spec.name.clone(),
+                    },
+                )
+            });
+        }
+        failed.retain(|id| known.contains_key(id));
         if settings.per_endpoint {
-            let snapshot = datastore.snapshot();
-            let pool = snapshot.name.clone();
-            running.retain(|id, (address, stop, pod)| {
-                let live = snapshot
-                    .endpoints
-                    .iter()
-                    .any(|e| e.id == *id && e.spec.address == *address);
-                if !live {
-                    stop.cancel();
+            running.retain(|id, r| {
+                let present = present(*id, r.address);
+                if !present {
+                    r.stop.cancel();
                     index.remove_endpoint(*id);
-                    metrics.forget(pod);
                 }
-                live
+                present
             });
             for e in &snapshot.endpoints {
                 if running.contains_key(&e.id) {
                     continue;
                 }
-                let stop = run_token.child_token();
-                let pod = PodLabels {
-                    name: pool.clone(),
-                    model_server_pod: e.spec.name.clone(),
+                let delay = if failed.remove(&e.id) {
+                    RECONNECT_INTERVAL
+                } else {
+                    Duration::ZERO
                 };
-                running.insert(e.id, (e.spec.address, stop.clone(), pod));
-                tasks.spawn(subscribe_endpoint(
-                    connector.clone(),
-                    index.clone(),
-                    metrics.clone(),
-                    settings.clone(),
-                    e.clone(),
-                    pool.clone(),
-                    stop,
-                ));
+                let stop = run_token.child_token();
+                let task = tasks
+                    .spawn(after(
+                        delay,
+                        stop.clone(),
+                        subscribe_endpoint(
+                            connector.clone(),
+                            index.clone(),
+                            metrics.clone(),
+                            settings.clone(),
+                            e.clone(),
+                            pool.clone(),
+                            stop.clone(),
+                        ),
+                    ))
+                    .id();
+                owners.insert(task, Owner::Endpoint(e.id));
+                running.insert(
+                    e.id,
+                    Running {
+                        address: e.spec.address,
+                        stop,
+                        task,
+                    },
+                );
             }
         }
         metrics.refresh(&index);
-        tokio::select! {
+        let joined = tokio::select! {
             _ = token.cancelled() => break,
-            r = changes.changed() => if r.is_err() { break },
-            // Reap finished subscribers so the set does not grow with churn.
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            r = changes.changed() => if r.is_err() { break } else { continue },
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => joined,
+        };
+        let (task, error) = match joined {
+            Ok((task, ())) => (task, None),
+            Err(e) => (e.id(), Some(e)),
+        };
+        let unexpected = !run_token.is_cancelled();
+        match owners.remove(&task) {
+            // Stopped because the endpoint left (or moved): nothing more to do.
+            Some(Owner::Endpoint(id)) if running.get(&id).is_some_and(|r| r.task == task) => {
+                running.remove(&id);
+                if unexpected {
+                    tracing::warn!(endpoint = ?id, error = ?error, "kv events: subscriber ended; clearing the endpoint and starting it again");
+                    index.clear_endpoint(id);
+                    index.set_stream(
+                        id,
+                        StreamState::Down {
+                            since: Instant::now(),
+                        },
+                    );
+                    failed.insert(id);
+                }
+            }
+            Some(Owner::Bound) if unexpected => {
+                tracing::warn!(error = ?error, "kv events: bound subscriber ended; clearing its endpoints and starting it again");
+                for id in known.keys().filter(|id| !running.contains_key(id)) {
+                    index.clear_endpoint(*id);
+                    publisher_gone(&index, *id);
+                }
+                if let Some(id) = spawn_bound(&mut tasks, RECONNECT_INTERVAL) {
+                    owners.insert(id, Owner::Bound);
+                }
+            }
+            _ => {}
         }
     }
     run_token.cancel();
@@ -547,11 +733,27 @@ async fn subscribe_bound<C: Connector>(
         };
         if let Ok(mut source) = connected {
             loop {
-                let msg = tokio::select! {
+                let event = tokio::select! {
                     _ = token.cancelled() => return,
                     m = source.recv() => m,
                 };
-                let Ok(msg) = msg else { break };
+                let msg = match event {
+                    Ok(SourceEvent::Message(msg)) => msg,
+                    Ok(SourceEvent::PeersChanged) => {
+                        // The engines heard from whose connection is gone (by their IP; one
+                        // behind a proxy is never seen by its own and stays live).
+                        let snapshot = datastore.snapshot();
+                        for e in &snapshot.endpoints {
+                            if trackers.contains_key(&e.id)
+                                && source.connected(e.ip()) == Some(false)
+                            {
+                                publisher_gone(&index, e.id);
+                            }
+                        }
+                        continue;
+                    }
+                    Err(_) => break,
+                };
                 let snapshot = datastore.snapshot();
                 let endpoint = parse_topic(&msg.topic)
                     .and_then(|(pod, _)| pod.parse::<SocketAddr>().ok())
@@ -577,14 +779,8 @@ async fn subscribe_bound<C: Connector>(
                 let (_, tracker) = trackers
                     .entry(endpoint.id)
                     .or_insert((endpoint.spec.address, SequenceTracker::default()));
-                // A bound socket hears engines that are up: their stream is live (a gap keeps
-                // its own state until it has passed).
-                if matches!(
-                    index.stream(endpoint.id),
-                    StreamState::Unknown | StreamState::Down { .. }
-                ) {
-                    index.set_stream(endpoint.id, StreamState::Live);
-                }
+                // A bound socket hears engines that are up: their stream is live.
+                batch_arrived(&index, endpoint.id, source.connected(endpoint.ip()));
                 let pod = PodLabels {
                     name: snapshot.name.clone(),
                     model_server_pod: endpoint.spec.name.clone(),
@@ -601,6 +797,10 @@ async fn subscribe_bound<C: Connector>(
                 .await;
             }
         }
+        // The socket is gone, and every engine's connection with it.
+        for id in trackers.keys() {
+            publisher_gone(&index, *id);
+        }
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
@@ -611,7 +811,9 @@ async fn subscribe_bound<C: Connector>(
 /// The ZMQ transport of crate `kv-events`: each source runs one `kv_events::transport::
 /// Subscriber` (which reconnects, detects gaps and asks the engine's replay socket itself) and
 /// hands its batches over a bounded channel. A gap the transport could not fill shows here as a
-/// jump of the sequence number, which [`handle`] turns into a cleared endpoint.
+/// jump of the sequence number, which [`handle`] turns into a cleared endpoint; a publisher
+/// restart it saw comes as [`KvMessage::publisher_restarted`]. Its frame guard tells which
+/// engines are connected ([`KvEventSource::connected`]).
 #[derive(Debug, Default)]
 pub struct ZmqConnector;
 
@@ -623,6 +825,9 @@ const ZMQ_CHANNEL: usize = 1024;
 #[derive(Debug)]
 pub struct ZmqSource {
     rx: tokio::sync::mpsc::Receiver<kv_events::transport::ReceivedBatch>,
+    peers: tokio::sync::watch::Receiver<kv_events::transport::Peers>,
+    /// Whether `peers` still has a sender (the subscriber runs).
+    peers_open: bool,
     stop: CancellationToken,
 }
 
@@ -633,17 +838,30 @@ impl Drop for ZmqSource {
 }
 
 impl KvEventSource for ZmqSource {
-    async fn recv(&mut self) -> Result<KvMessage, SourceError> {
-        let b = self
-            .rx
-            .recv()
-            .await
-            .ok_or_else(|| SourceError::Connection("subscriber ended".into()))?;
-        Ok(KvMessage {
-            topic: b.topic.to_string(),
-            seq: b.seq,
-            batch: b.batch,
-        })
+    async fn recv(&mut self) -> Result<SourceEvent, SourceError> {
+        loop {
+            tokio::select! {
+                biased;
+                changed = self.peers.changed(), if self.peers_open => match changed {
+                    Ok(()) => return Ok(SourceEvent::PeersChanged),
+                    // The subscriber ended: its channel closes too.
+                    Err(_) => self.peers_open = false,
+                },
+                b = self.rx.recv() => {
+                    let b = b.ok_or_else(|| SourceError::Connection("subscriber ended".into()))?;
+                    return Ok(SourceEvent::Message(KvMessage {
+                        topic: b.topic.to_string(),
+                        seq: b.seq,
+                        batch: b.batch,
+                        publisher_restarted: b.publisher_restarted,
+                    }));
+                }
+            }
+        }
+    }
+
+    fn connected(&self, ip: IpAddr) -> Option<bool> {
+        self.peers.borrow().connected(ip)
     }
 
     async fn replay(&mut self, _from: u64) -> Result<Vec<KvMessage>, SourceError> {
@@ -655,6 +873,8 @@ impl KvEventSource for ZmqSource {
 impl Connector for ZmqConnector {
     type Source = ZmqSource;
 
+    /// Starts a subscriber. Dialing cannot fail here (zmq.rs dials in the background, again
+    /// and again): the stream is not live until a batch comes.
     async fn connect(
         &self,
         endpoint: String,
@@ -680,6 +900,7 @@ impl Connector for ZmqConnector {
         } else {
             Subscriber::new(config)
         };
+        let peers = subscriber.peers();
         let (tx, rx) = tokio::sync::mpsc::channel(ZMQ_CHANNEL);
         let stop = CancellationToken::new();
         let run = subscriber.run(tx, stop.clone());
@@ -688,7 +909,12 @@ impl Connector for ZmqConnector {
                 tracing::warn!(%error, "KV-event subscriber ended");
             }
         });
-        Ok(ZmqSource { rx, stop })
+        Ok(ZmqSource {
+            rx,
+            peers,
+            peers_open: true,
+            stop,
+        })
     }
 }
 

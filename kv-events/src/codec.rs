@@ -122,11 +122,12 @@ pub enum DecodeError {
         /// The field.
         what: &'static str,
     },
-    /// An event tag this crate does not know (at most 64 characters of it).
-    #[error("unknown event type {0:?}")]
+    /// An event tag this crate does not know (escaped, at most
+    /// [`MAX_LOGGED_CHARS`](crate::MAX_LOGGED_CHARS) characters of it: [`crate::Untrusted`]).
+    #[error("unknown event type \"{0}\"")]
     UnknownEventType(String),
-    /// A medium this crate does not know (at most 64 characters of it).
-    #[error("unknown medium {0:?}")]
+    /// A medium this crate does not know (escaped and truncated as an event tag).
+    #[error("unknown medium \"{0}\"")]
     UnknownMedium(String),
 }
 
@@ -637,9 +638,10 @@ fn read_field(r: &mut Reader<'_>, fields: &mut Fields, name: &str) -> Result<(),
     }
 }
 
-/// At most 64 characters of an unexpected name, for an error message.
+/// An unexpected name for an error message (which is logged): escaped and truncated, as
+/// [`crate::Untrusted`] shows it.
 fn excerpt(s: &str) -> String {
-    s.chars().take(64).collect()
+    crate::Untrusted(s).to_string()
 }
 
 enum Container {

@@ -22,6 +22,36 @@ pub use codec::{DecodeError, EncodeError, Encoder, Encoding, HashEncoding, decod
 pub use config::{ConfigError, KvEventsConfig, PublisherKind};
 pub use topic::{Topic, TopicError};
 
+/// Most characters of one peer-supplied string (a topic, an event tag) written to a log line or
+/// an error message.
+pub const MAX_LOGGED_CHARS: usize = 128;
+
+/// A string an engine sent (a topic, an unknown event tag or medium), displayed as the EPP
+/// displays a client's (`ext-proc`'s `untrusted::Untrusted`): every control character, quote
+/// and backslash escaped (`char::escape_debug`, the same in every log format), at most
+/// [`MAX_LOGGED_CHARS`] characters, then how much was left out. A topic holding a newline and
+/// ESC bytes would otherwise write a forged line into a console log.
+#[derive(Clone, Copy)]
+pub struct Untrusted<'a>(pub &'a str);
+
+impl std::fmt::Display for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (shown, (i, c)) in self.0.char_indices().enumerate() {
+            if shown == MAX_LOGGED_CHARS {
+                return write!(f, "…(+{} bytes)", self.0.len() - i);
+            }
+            write!(f, "{}", c.escape_debug())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
 /// A block's hash as the engine computed it, folded to 64 bits.
 pub type EngineBlockHash = u64;
 
@@ -121,5 +151,28 @@ mod tests {
             assert_eq!(Medium::parse(&m.as_str().to_lowercase()), Some(m));
         }
         assert_eq!(Medium::parse("tape"), None);
+    }
+}
+
+#[cfg(test)]
+mod untrusted_tests {
+    use super::*;
+
+    #[test]
+    fn peer_strings_are_escaped_and_truncated() {
+        let forged = "kv@p@m\n2026-01-01T00:00:00Z  INFO forged\x1b[31m\\";
+        let shown = Untrusted(forged).to_string();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(
+            shown,
+            "kv@p@m\\n2026-01-01T00:00:00Z  INFO forged\\u{1b}[31m\\\\"
+        );
+        assert_eq!(format!("{:?}", Untrusted("a\"b")), "\"a\\\"b\"");
+        let long = "\r".repeat(300);
+        let shown = Untrusted(&long).to_string();
+        assert_eq!(
+            shown,
+            format!("{}…(+172 bytes)", "\\r".repeat(MAX_LOGGED_CHARS))
+        );
     }
 }

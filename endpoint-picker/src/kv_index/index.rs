@@ -22,7 +22,7 @@
 //!
 //! The struct is plain data, tested without I/O; [`super::SharedKvIndex`] puts it behind a lock.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use kv_events::{BlockRemoved, BlockStored, Event, EventBatch, Medium};
@@ -33,8 +33,15 @@ use super::keys::KeyHasher;
 use super::slab::{KeyHashState, SlabLru, Slot};
 use crate::datastore::EndpointId;
 
-/// llm-d's default `inMemoryConfig.size`: request keys held at most.
-pub const DEFAULT_MAX_KEYS: usize = 100_000_000;
+/// The default `inMemoryConfig.size`: request keys held at most. llm-d's is 100,000,000, which
+/// here is some 19 GB of tables: 191 bytes a key, measured with its engine-hash mapping and one
+/// holder (`bench/benches/kv_index.rs`'s `memory`, bench/RESULTS.md: 10,000,384 keys in 1,824
+/// MiB of tables; a second holder fits inline, more spill). 10,000,000 keys is about 1.8 GiB,
+/// within the EPP pod's 4 GiB memory limit (`manifests/epp/deployment.yaml`) with room for the
+/// rest; at 16 tokens a block it indexes 160 M tokens of the pool's caches, some 300 engines'
+/// GPU caches of 500k tokens (Llama-3.1-8B, 128 KiB a token, on an 80 GB GPU). Raise it with
+/// the pod's memory limit (`inMemoryConfig.size`, at most 1,000,000,000).
+pub const DEFAULT_MAX_KEYS: usize = 10_000_000;
 /// llm-d's default `inMemoryConfig.podCacheSize`: entries per key at most.
 pub const DEFAULT_MAX_ENDPOINTS_PER_KEY: usize = 10;
 /// llm-d's default `speculativeTTL`.
@@ -306,6 +313,186 @@ impl Lookup {
     }
 }
 
+/// Counts a copy or removal event: applied when one of its hashes was known.
+fn settle(out: &mut Applied, known: u32) {
+    if known > 0 {
+        out.applied += 1;
+        out.blocks = out.blocks.saturating_add(known);
+    } else {
+        out.drop(Dropped::UnknownBlocks);
+    }
+}
+
+/// A batch with its request keys computed, ready to apply. The hashing (most of a batch's cost:
+/// one hash per block, over its tokens) is done without the index's lock, from the parents' keys
+/// looked up before ([`KvIndex::parent_keys`], under a read lock); a parent announced earlier in
+/// the same batch chains from that announcement, as when the events are applied one by one.
+/// [`KvIndex::apply_prepared`] then applies it, in slices.
+#[derive(Debug, Default)]
+pub struct PreparedBatch<'a> {
+    ops: Vec<Op<'a>>,
+    /// The op being applied, and how far into it.
+    next: usize,
+    pos: usize,
+    /// Hashes of the current copy or removal that were known.
+    partial: u32,
+    started: bool,
+    out: Applied,
+}
+
+/// One event, prepared.
+#[derive(Debug)]
+enum Op<'a> {
+    /// `BlockStored` with tokens: the engine hashes' keys ([`engine_pairs`]), then the keys,
+    /// stored deepest first.
+    Store {
+        medium: Medium,
+        engine: Vec<(u64, RequestKeys)>,
+        keys: Vec<u64>,
+    },
+    /// `BlockStored` without tokens: copies of blocks the engine hashes map to.
+    Copies(&'a BlockStored),
+    /// `BlockRemoved`.
+    Remove(&'a BlockRemoved),
+    /// `AllBlocksCleared`.
+    Clear,
+}
+
+impl Op<'_> {
+    /// Units of work ([`KvIndex::apply_prepared`]).
+    fn units(&self) -> usize {
+        match self {
+            Op::Store { engine, keys, .. } => engine.len() + keys.len(),
+            Op::Copies(ev) => ev.block_hashes.len(),
+            Op::Remove(ev) => ev.block_hashes.len(),
+            Op::Clear => 0,
+        }
+    }
+}
+
+impl<'a> PreparedBatch<'a> {
+    /// The parent hashes `batch`'s stores chain from (distinct, in order): what
+    /// [`KvIndex::parent_keys`] looks up before [`PreparedBatch::new`].
+    pub fn parents(batch: &EventBatch) -> Vec<u64> {
+        let mut seen = HashSet::new();
+        batch
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::BlockStored(ev) if !ev.token_ids.is_empty() => ev.parent_block_hash,
+                _ => None,
+            })
+            // vLLM's simulators sent 0 for "no parent" (llm-d reads 0 that way too).
+            .filter(|&h| h != 0 && seen.insert(h))
+            .collect()
+    }
+
+    /// Computes `batch`'s keys with `hasher` (no lock held): `parents` maps the parent hashes
+    /// the index knew to their keys. Events that cannot apply are counted dropped here.
+    pub fn new(
+        hasher: &KeyHasher,
+        model: &str,
+        batch: &'a EventBatch,
+        parents: &HashMap<u64, u64>,
+    ) -> Self {
+        let mut out = Applied::default();
+        let mut ops = Vec::with_capacity(batch.events.len());
+        // Engine hash → the last key it maps to, as this batch's own stores announce them.
+        let mut own: HashMap<u64, u64> = HashMap::new();
+        for event in &batch.events {
+            let ev = match event {
+                Event::BlockStored(ev) if ev.token_ids.is_empty() => {
+                    ops.push(Op::Copies(ev));
+                    continue;
+                }
+                Event::BlockStored(ev) => ev,
+                Event::BlockRemoved(ev) => {
+                    ops.push(Op::Remove(ev));
+                    continue;
+                }
+                Event::AllBlocksCleared => {
+                    ops.push(Op::Clear);
+                    continue;
+                }
+            };
+            let parent = match ev.parent_block_hash {
+                Some(hash) if hash != 0 => match own.get(&hash).or_else(|| parents.get(&hash)) {
+                    Some(&key) => key,
+                    None => {
+                        out.drop(Dropped::UnknownParent);
+                        continue;
+                    }
+                },
+                _ => {
+                    let name = ev
+                        .lora_name
+                        .as_deref()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or(model);
+                    hasher.root(name)
+                }
+            };
+            let mut keys = Vec::new();
+            hasher.keys_into(parent, &ev.token_ids, None, usize::MAX, &mut keys);
+            if keys.is_empty() {
+                out.drop(Dropped::NoFullBlock);
+                continue;
+            }
+            let engine = engine_pairs(&ev.block_hashes, &keys);
+            for (hash, ks) in &engine {
+                if let Some(&last) = ks.last() {
+                    own.insert(*hash, last);
+                }
+            }
+            ops.push(Op::Store {
+                medium: ev.medium,
+                engine,
+                keys,
+            });
+        }
+        Self {
+            ops,
+            out,
+            ..Self::default()
+        }
+    }
+
+    /// What applying the batch did (all of it once [`KvIndex::apply_prepared`] returned true).
+    pub fn applied(&self) -> Applied {
+        self.out
+    }
+
+    /// Whether every event has been applied.
+    pub fn is_done(&self) -> bool {
+        self.next >= self.ops.len()
+    }
+}
+
+/// Engine hash → request keys, spread in proportion as llm-d does (`engineToRequestMapping`):
+/// with 4 engine hashes and 4 keys one each; 16 hashes for 4 keys, four hashes per key; 2
+/// hashes for 4 keys, two keys per hash.
+fn engine_pairs(hashes: &[u64], keys: &[u64]) -> Vec<(u64, RequestKeys)> {
+    let (ne, nr) = (hashes.len(), keys.len());
+    let mut out: Vec<(u64, RequestKeys)> = Vec::with_capacity(ne.min(nr));
+    if ne == 0 || nr == 0 {
+        return out;
+    }
+    let n = ne.max(nr);
+    for i in 0..n {
+        let hash = hashes[i * ne / n];
+        let key = keys[i * nr / n];
+        match out.last_mut() {
+            Some((h, ks)) if *h == hash => {
+                if ks.last() != Some(&key) {
+                    ks.push(key);
+                }
+            }
+            _ => out.push((hash, smallvec::smallvec![key])),
+        }
+    }
+    out
+}
+
 /// The index.
 #[derive(Debug)]
 pub struct KvIndex {
@@ -318,7 +505,6 @@ pub struct KvIndex {
     speculations: VecDeque<Speculation>,
     speculative_keys: usize,
     next_generation: u16,
-    scratch: Vec<u64>,
 }
 
 impl KvIndex {
@@ -339,7 +525,6 @@ impl KvIndex {
             speculations: VecDeque::new(),
             speculative_keys: 0,
             next_generation: 0,
-            scratch: Vec::new(),
         }
     }
 
@@ -403,6 +588,9 @@ impl KvIndex {
 
     /// Applies one batch of `endpoint`'s events. `model` is the model the engine serves (from
     /// the event topic); blocks of a LoRA adapter chain from the adapter's name instead.
+    ///
+    /// The same steps as [`super::SharedKvIndex::apply`], all at once: the batch's parents are
+    /// looked up, its keys computed ([`PreparedBatch`]), then the whole batch applied.
     pub fn apply(
         &mut self,
         endpoint: EndpointId,
@@ -410,120 +598,121 @@ impl KvIndex {
         batch: &EventBatch,
         now: Instant,
     ) -> Applied {
-        self.expire(now);
-        let mut out = Applied::default();
-        for event in &batch.events {
-            let result = match event {
-                Event::BlockStored(ev) => self.store(endpoint, model, ev),
-                Event::BlockRemoved(ev) => self.remove(endpoint, ev),
-                Event::AllBlocksCleared => {
-                    self.clear_endpoint(endpoint);
-                    Ok(0)
-                }
-            };
-            match result {
-                Ok(blocks) => {
-                    out.applied += 1;
-                    out.blocks = out.blocks.saturating_add(blocks);
-                }
-                Err(reason) => out.drop(reason),
-            }
-        }
-        out
+        let mut parents = HashMap::new();
+        self.parent_keys(&PreparedBatch::parents(batch), &mut parents);
+        let mut prepared = PreparedBatch::new(&self.hasher, model, batch, &parents);
+        self.apply_prepared(endpoint, &mut prepared, usize::MAX, now);
+        prepared.applied()
     }
 
-    /// `BlockStored`: the blocks' request keys from their tokens, chained from the parent's
-    /// (or the model's root); or, for a tier copy without tokens, the keys the engine hashes
-    /// already map to. Returns the blocks stored.
-    fn store(
+    /// The request key each of `hashes` (a batch's parents, [`PreparedBatch::parents`])
+    /// chains from, for those the index maps, into `out`. Reads only.
+    pub fn parent_keys(&self, hashes: &[u64], out: &mut HashMap<u64, u64>) {
+        for &hash in hashes {
+            if let Some(&key) = self.engine.get(hash).and_then(|k| k.last()) {
+                out.insert(hash, key);
+            }
+        }
+    }
+
+    /// Applies what is left of a prepared batch of `endpoint`'s events, `budget` units of work
+    /// at most (a unit: one engine hash mapped, one key stored, one hash of a copy or a
+    /// removal, one event with nothing to map; an event that needs more is continued on the
+    /// next call). Returns whether the batch is done. The first call also drops the expired
+    /// speculative entries.
+    pub fn apply_prepared(
         &mut self,
         endpoint: EndpointId,
-        model: &str,
-        ev: &BlockStored,
-    ) -> Result<u32, Dropped> {
-        let medium = ev.medium;
-        if ev.token_ids.is_empty() {
-            // vLLM's CPU offloading announces copies of blocks it stored before, by hash only.
-            let mut stored = 0u32;
-            for &hash in &ev.block_hashes {
-                let Some(keys) = self.engine.get(hash).cloned() else {
-                    continue;
-                };
-                for key in keys {
-                    self.add(key, endpoint, medium, None);
-                }
-                stored += 1;
+        prepared: &mut PreparedBatch<'_>,
+        budget: usize,
+        now: Instant,
+    ) -> bool {
+        if !prepared.started {
+            prepared.started = true;
+            self.expire(now);
+        }
+        let mut left = budget.max(1);
+        let PreparedBatch {
+            ops,
+            next,
+            pos,
+            partial,
+            out,
+            ..
+        } = prepared;
+        while let Some(op) = ops.get_mut(*next) {
+            if left == 0 {
+                return false;
             }
-            return if stored > 0 {
-                Ok(stored)
+            let total = op.units();
+            let end = total.min(pos.saturating_add(left));
+            match op {
+                Op::Store {
+                    medium,
+                    engine,
+                    keys,
+                } => {
+                    for i in *pos..end {
+                        if let Some((hash, ks)) = engine.get_mut(i) {
+                            self.set_engine(*hash, std::mem::take(ks));
+                            continue;
+                        }
+                        // Deepest block first, so that the leading blocks are the most recent:
+                        // a lookup stops at its first miss, so when the cap takes something it
+                        // should be a chain's tail (and a reader between two slices sees a
+                        // chain's tail before its head, which matches nothing yet).
+                        let j = keys.len() + engine.len() - 1 - i;
+                        if let Some(&key) = keys.get(j) {
+                            self.add(key, endpoint, *medium, None);
+                        }
+                    }
+                    if end == total {
+                        out.applied += 1;
+                        out.blocks = out.blocks.saturating_add(keys.len() as u32);
+                    }
+                }
+                Op::Copies(ev) => {
+                    // vLLM's CPU offloading announces copies of blocks it stored before, by
+                    // hash only.
+                    for &hash in &ev.block_hashes[*pos..end] {
+                        let Some(keys) = self.engine.get(hash).cloned() else {
+                            continue;
+                        };
+                        for key in keys {
+                            self.add(key, endpoint, ev.medium, None);
+                        }
+                        *partial += 1;
+                    }
+                    if end == total {
+                        settle(out, *partial);
+                    }
+                }
+                Op::Remove(ev) => {
+                    for &hash in &ev.block_hashes[*pos..end] {
+                        if self.remove_hash(endpoint, ev.medium, hash) {
+                            *partial += 1;
+                        }
+                    }
+                    if end == total {
+                        settle(out, *partial);
+                    }
+                }
+                Op::Clear => {
+                    self.clear_endpoint(endpoint);
+                    out.applied += 1;
+                }
+            }
+            // An event with nothing to map still costs a unit, so a slice stays bounded.
+            left = left.saturating_sub((end - *pos).max(1));
+            if end == total {
+                *next += 1;
+                *pos = 0;
+                *partial = 0;
             } else {
-                Err(Dropped::UnknownBlocks)
-            };
-        }
-        let parent = match ev.parent_block_hash {
-            // vLLM's simulators sent 0 for "no parent" (llm-d reads 0 that way too).
-            Some(hash) if hash != 0 => match self.engine.get(hash).and_then(|k| k.last()) {
-                Some(&key) => key,
-                None => return Err(Dropped::UnknownParent),
-            },
-            _ => {
-                let name = ev
-                    .lora_name
-                    .as_deref()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or(model);
-                self.hasher.root(name)
-            }
-        };
-        let mut keys = std::mem::take(&mut self.scratch);
-        keys.clear();
-        self.hasher
-            .keys_into(parent, &ev.token_ids, None, usize::MAX, &mut keys);
-        if keys.is_empty() {
-            self.scratch = keys;
-            return Err(Dropped::NoFullBlock);
-        }
-        self.map_engine_keys(&ev.block_hashes, &keys);
-        // Deepest block first, so that the leading blocks are the most recent: a lookup stops
-        // at its first miss, so when the cap takes something it should be a chain's tail.
-        for &key in keys.iter().rev() {
-            self.add(key, endpoint, medium, None);
-        }
-        let stored = keys.len() as u32;
-        self.scratch = keys;
-        Ok(stored)
-    }
-
-    /// Engine hash → request keys, spread in proportion as llm-d does (`engineToRequestMapping`):
-    /// with 4 engine hashes and 4 keys one each; 16 hashes for 4 keys, four hashes per key; 2
-    /// hashes for 4 keys, two keys per hash.
-    fn map_engine_keys(&mut self, hashes: &[u64], keys: &[u64]) {
-        let (ne, nr) = (hashes.len(), keys.len());
-        if ne == 0 || nr == 0 {
-            return;
-        }
-        let n = ne.max(nr);
-        let mut current: Option<(u64, RequestKeys)> = None;
-        for i in 0..n {
-            let hash = hashes[i * ne / n];
-            let key = keys[i * nr / n];
-            match &mut current {
-                Some((h, ks)) if *h == hash => {
-                    if ks.last() != Some(&key) {
-                        ks.push(key);
-                    }
-                }
-                _ => {
-                    if let Some((h, ks)) = current.take() {
-                        self.set_engine(h, ks);
-                    }
-                    current = Some((hash, smallvec::smallvec![key]));
-                }
+                *pos = end;
             }
         }
-        if let Some((h, ks)) = current {
-            self.set_engine(h, ks);
-        }
+        true
     }
 
     fn set_engine(&mut self, hash: u64, keys: RequestKeys) {
@@ -541,38 +730,30 @@ impl KvIndex {
         }
     }
 
-    /// `BlockRemoved`: the endpoint's entries in that tier for the keys the hashes map to.
-    /// Returns the blocks that were known.
-    fn remove(&mut self, endpoint: EndpointId, ev: &BlockRemoved) -> Result<u32, Dropped> {
-        let mut removed = 0u32;
-        for &hash in &ev.block_hashes {
-            let Some(engine_slot) = self.engine.slot(hash) else {
+    /// One hash of a `BlockRemoved`: the endpoint's entries in that tier for the keys the hash
+    /// maps to. Returns whether the hash was known.
+    fn remove_hash(&mut self, endpoint: EndpointId, medium: Medium, hash: u64) -> bool {
+        let Some(engine_slot) = self.engine.slot(hash) else {
+            return false;
+        };
+        let keys = self.engine.at(engine_slot).cloned().unwrap_or_default();
+        let mut all_gone = true;
+        for key in keys {
+            let Some(slot) = self.keys.slot(key) else {
                 continue;
             };
-            removed += 1;
-            let keys = self.engine.at(engine_slot).cloned().unwrap_or_default();
-            let mut all_gone = true;
-            for key in keys {
-                let Some(slot) = self.keys.slot(key) else {
-                    continue;
-                };
-                self.retain_entries(slot, |e| {
-                    !(e.endpoint == endpoint.0 && e.medium == ev.medium && !e.speculative)
-                });
-                if self.keys.at(slot).is_some() {
-                    all_gone = false;
-                }
-            }
-            // Another endpoint may still hold the blocks: keep the mapping for its events.
-            if all_gone {
-                self.engine.remove(engine_slot);
+            self.retain_entries(slot, |e| {
+                !(e.endpoint == endpoint.0 && e.medium == medium && !e.speculative)
+            });
+            if self.keys.at(slot).is_some() {
+                all_gone = false;
             }
         }
-        if removed > 0 {
-            Ok(removed)
-        } else {
-            Err(Dropped::UnknownBlocks)
+        // Another endpoint may still hold the blocks: keep the mapping for its events.
+        if all_gone {
+            self.engine.remove(engine_slot);
         }
+        true
     }
 
     /// Forgets everything an endpoint holds (`AllBlocksCleared`, a sequence gap that replay did

@@ -12,13 +12,15 @@ pub mod keys;
 pub mod peers;
 mod slab;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
 pub use index::{
-    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, SharedMedia, TierWeights,
+    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, PreparedBatch, SharedMedia,
+    TierWeights,
 };
 pub use keys::{HashAlgorithm, KeyHasher};
 
@@ -29,6 +31,13 @@ use kv_events::EventBatch;
 /// approximate index. The gap cleared its entries; by then its events have re-announced what
 /// it caches recently (the blocks older than that are the first its engine evicts anyway).
 pub const GAP_FALLBACK: Duration = Duration::from_secs(30);
+
+/// Units of work (keys stored, hashes mapped, removed or looked up) one hold of the index's
+/// lock does at most while a batch is applied: a batch of a long prefill (8,192 blocks for 128k
+/// tokens, 16,384 units with their engine hashes) is applied in slices, and the request path
+/// waits for one slice at most (some 4,096 map operations, a few milliseconds), not for the
+/// batch.
+pub const APPLY_SLICE: usize = 4_096;
 
 /// The state of one endpoint's event stream, as its subscriber reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,7 +104,11 @@ impl SharedKvIndex {
         &self.hasher
     }
 
-    /// Applies a batch of an endpoint's events (one write lock for the batch).
+    /// Applies a batch of an endpoint's events. The parents' keys are read first (read locks,
+    /// [`APPLY_SLICE`] lookups each), the batch's keys are hashed with no lock held, and the
+    /// result is written in slices of [`APPLY_SLICE`] units, each under its own write lock: a
+    /// large batch never holds the lock for long, and readers between two slices see part of
+    /// it (a chain's deepest blocks first, which match nothing until its head is in).
     pub fn apply(
         &self,
         endpoint: EndpointId,
@@ -103,7 +116,24 @@ impl SharedKvIndex {
         batch: &EventBatch,
         now: Instant,
     ) -> Applied {
-        self.index.write().apply(endpoint, model, batch, now)
+        let needed = PreparedBatch::parents(batch);
+        let mut parents = HashMap::with_capacity(needed.len());
+        for chunk in needed.chunks(APPLY_SLICE) {
+            self.index.read().parent_keys(chunk, &mut parents);
+        }
+        let mut prepared = PreparedBatch::new(&self.hasher, model, batch, &parents);
+        while !self
+            .index
+            .write()
+            .apply_prepared(endpoint, &mut prepared, APPLY_SLICE, now)
+        {}
+        prepared.applied()
+    }
+
+    /// Request keys and (key, endpoint, tier) entries held, read together.
+    pub fn sizes(&self) -> (usize, usize) {
+        let index = self.index.read();
+        (index.len(), index.entries())
     }
 
     /// Runs `f` on the index for reading, after dropping expired speculative entries.

@@ -1,6 +1,7 @@
-//! The subscribers against an in-memory transport: membership, gaps, replay, removal.
+//! The subscribers against an in-memory transport: membership, gaps, replay, removal,
+//! liveness, restarts, failures.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use endpoint_picker::datastore::PoolSpec;
 use endpoint_picker::kv_index::{
@@ -10,23 +11,42 @@ use kv_events::{BlockStored, Event, Medium};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+use std::net::IpAddr;
+
 use super::*;
 use crate::test_support::spec;
 
+/// Which publishers a fake source has connected, by IP (absent: never seen).
+type Connections = Arc<Mutex<HashMap<IpAddr, bool>>>;
+
 struct FakeSource {
-    rx: mpsc::UnboundedReceiver<KvMessage>,
+    rx: mpsc::UnboundedReceiver<SourceEvent>,
     /// Signalled at each `recv`: the previous message has been handled.
     polled: mpsc::UnboundedSender<()>,
     replay: Vec<KvMessage>,
+    connections: Connections,
 }
 
+/// A message on this topic makes the subscriber panic (a bug in it, as far as the manager can
+/// tell).
+const PANIC_TOPIC: &str = "panic";
+
 impl KvEventSource for FakeSource {
-    async fn recv(&mut self) -> Result<KvMessage, SourceError> {
+    async fn recv(&mut self) -> Result<SourceEvent, SourceError> {
         let _ = self.polled.send(());
-        self.rx
+        let event = self
+            .rx
             .recv()
             .await
-            .ok_or_else(|| SourceError::Connection("closed".into()))
+            .ok_or_else(|| SourceError::Connection("closed".into()))?;
+        if let SourceEvent::Message(m) = &event {
+            assert_ne!(m.topic, PANIC_TOPIC, "a subscriber bug");
+        }
+        Ok(event)
+    }
+
+    fn connected(&self, ip: IpAddr) -> Option<bool> {
+        self.connections.lock().get(&ip).copied()
     }
 
     async fn replay(&mut self, from: u64) -> Result<Vec<KvMessage>, SourceError> {
@@ -41,7 +61,8 @@ impl KvEventSource for FakeSource {
 
 #[derive(Default)]
 struct FakeConnector {
-    sources: Mutex<HashMap<String, FakeSource>>,
+    /// Per endpoint, the sources its next connections get, in order.
+    sources: Mutex<HashMap<String, VecDeque<FakeSource>>>,
 }
 
 impl Connector for FakeConnector {
@@ -56,36 +77,60 @@ impl Connector for FakeConnector {
     ) -> Result<FakeSource, SourceError> {
         self.sources
             .lock()
-            .remove(&endpoint)
+            .get_mut(&endpoint)
+            .and_then(VecDeque::pop_front)
             .ok_or_else(|| SourceError::Connection(format!("refused: {endpoint}")))
     }
 }
 
 struct Wire {
-    tx: mpsc::UnboundedSender<KvMessage>,
+    tx: mpsc::UnboundedSender<SourceEvent>,
     polled: mpsc::UnboundedReceiver<()>,
+    connections: Connections,
 }
 
 impl Wire {
     /// Sends a message and waits until it has been handled.
     async fn send(&mut self, msg: KvMessage) {
-        self.tx.send(msg).unwrap();
+        self.tx.send(SourceEvent::Message(msg)).unwrap();
+        self.polled.recv().await.unwrap();
+    }
+
+    /// The publisher at `ip` connects or goes; waits until the subscriber has seen it.
+    async fn set_connected(&mut self, ip: [u8; 4], connected: bool) {
+        self.connections.lock().insert(IpAddr::from(ip), connected);
+        self.tx.send(SourceEvent::PeersChanged).unwrap();
         self.polled.recv().await.unwrap();
     }
 }
 
+/// Queues a source for the next connection to `address` (`tcp://` added unless it has a
+/// scheme).
 fn plug(connector: &FakeConnector, address: &str, replay: Vec<KvMessage>) -> Wire {
     let (tx, rx) = mpsc::unbounded_channel();
     let (ptx, prx) = mpsc::unbounded_channel();
-    connector.sources.lock().insert(
-        format!("tcp://{address}"),
-        FakeSource {
+    let connections = Connections::default();
+    let endpoint = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("tcp://{address}")
+    };
+    connector
+        .sources
+        .lock()
+        .entry(endpoint)
+        .or_default()
+        .push_back(FakeSource {
             rx,
             polled: ptx,
             replay,
-        },
-    );
-    Wire { tx, polled: prx }
+            connections: connections.clone(),
+        });
+    Wire {
+        tx,
+        polled: prx,
+        connections,
+    }
 }
 
 fn pool(ids: &[u8]) -> PoolSpec {
@@ -120,6 +165,7 @@ fn message(seq: u64, content: u32) -> KvMessage {
             })],
             data_parallel_rank: None,
         },
+        publisher_restarted: false,
     }
 }
 
@@ -185,9 +231,11 @@ async fn subscribers_follow_the_pool_and_feed_the_index() {
         token.clone(),
     ));
     wire.polled.recv().await.unwrap();
-    assert_eq!(index.stream(e1), StreamState::Live);
+    // Connected is not live: nothing has come yet.
+    assert_eq!(index.stream(e1), StreamState::Unknown);
 
     wire.send(message(0, 1)).await;
+    assert_eq!(index.stream(e1), StreamState::Live);
     assert_eq!(held(&index, e1, 1), 2);
     let pod = PodLabels {
         name: "pool".into(),
@@ -220,6 +268,226 @@ async fn subscribers_follow_the_pool_and_feed_the_index() {
     assert!(wire.polled.recv().await.is_none());
     assert_eq!(held(&index, e1, 4), 0);
     assert_eq!(index.stream(e1), StreamState::Unknown);
+
+    token.cancel();
+    manager.await.unwrap();
+}
+
+fn new_index() -> Arc<SharedKvIndex> {
+    Arc::new(SharedKvIndex::new(
+        KeyHasher::new(BS, "", HashAlgorithm::CborFnv),
+        IndexLimits::default(),
+    ))
+}
+
+/// Yields until `f` holds: on the tests' one-thread runtime the other tasks run in between,
+/// so this waits for them to get there without relying on time.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if f() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never: {what}");
+}
+
+fn pod(i: u8) -> PodLabels {
+    PodLabels {
+        name: "pool".into(),
+        model_server_pod: format!("pod-{i}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_is_live_from_its_first_batch_until_its_engine_goes() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut wire = plug(&connector, "127.0.0.1:5557", vec![]);
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let token = CancellationToken::new();
+    let manager = tokio::spawn(run(
+        connector.clone(),
+        datastore.clone(),
+        index.clone(),
+        Arc::new(KvEventMetrics::default()),
+        KvEventsSettings::default(),
+        token.clone(),
+    ));
+    // Dialing an engine that never answers (or answers nothing) is not live, however long.
+    wire.polled.recv().await.unwrap();
+    wire.set_connected([127, 0, 0, 1], true).await;
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(index.stream(e1), StreamState::Unknown);
+
+    wire.send(message(0, 1)).await;
+    assert_eq!(index.stream(e1), StreamState::Live);
+    // An idle engine sends nothing and stays live: no silence timeout.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(index.stream(e1), StreamState::Live);
+
+    // Its connection closes: down (the precise scorer falls back), entries kept.
+    wire.set_connected([127, 0, 0, 1], false).await;
+    assert!(matches!(index.stream(e1), StreamState::Down { .. }));
+    assert_eq!(held(&index, e1, 1), 2);
+    // A batch that was on its way does not make it live again.
+    wire.send(message(1, 2)).await;
+    assert!(matches!(index.stream(e1), StreamState::Down { .. }));
+
+    // Back, and its next batch makes it live.
+    wire.set_connected([127, 0, 0, 1], true).await;
+    assert!(matches!(index.stream(e1), StreamState::Down { .. }));
+    wire.send(message(2, 3)).await;
+    assert_eq!(index.stream(e1), StreamState::Live);
+
+    token.cancel();
+    manager.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_publisher_clears_its_endpoint() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut wire = plug(&connector, "127.0.0.1:5557", vec![]);
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let token = CancellationToken::new();
+    let manager = tokio::spawn(run(
+        connector.clone(),
+        datastore.clone(),
+        index.clone(),
+        Arc::new(KvEventMetrics::default()),
+        KvEventsSettings::default(),
+        token.clone(),
+    ));
+    wire.polled.recv().await.unwrap();
+    for seq in 0..6 {
+        wire.send(message(seq, 1)).await;
+    }
+    assert_eq!(held(&index, e1, 1), 2);
+    // The engine restarted and its third batch is the first to arrive: by the numbers alone
+    // it is an old duplicate (5 - 3 is no big drop), but the transport saw the sequence go
+    // back.
+    let mut t = SequenceTracker::default();
+    t.observe(5);
+    assert_eq!(t.observe(3), SeqCheck::Duplicate);
+    let mut restarted = message(3, 2);
+    restarted.publisher_restarted = true;
+    wire.send(restarted).await;
+    assert_eq!((held(&index, e1, 1), held(&index, e1, 2)), (0, 2));
+    // And the new sequence goes on from there.
+    wire.send(message(4, 3)).await;
+    assert_eq!(held(&index, e1, 3), 2);
+    assert_eq!(index.stream(e1), StreamState::Live);
+
+    token.cancel();
+    manager.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicked_subscriber_is_reaped_its_endpoint_cleared_and_started_again() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut first = plug(&connector, "127.0.0.1:5557", vec![]);
+    let mut second = plug(&connector, "127.0.0.1:5557", vec![]);
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let token = CancellationToken::new();
+    let manager = tokio::spawn(run(
+        connector.clone(),
+        datastore.clone(),
+        index.clone(),
+        Arc::new(KvEventMetrics::default()),
+        KvEventsSettings::default(),
+        token.clone(),
+    ));
+    first.polled.recv().await.unwrap();
+    first.send(message(0, 1)).await;
+    assert_eq!(
+        (index.stream(e1), held(&index, e1, 1)),
+        (StreamState::Live, 2)
+    );
+
+    let mut bug = message(1, 2);
+    bug.topic = PANIC_TOPIC.into();
+    first.tx.send(SourceEvent::Message(bug)).unwrap();
+    // The manager reaps it: the endpoint is cleared and down...
+    until("the endpoint is down", || {
+        matches!(index.stream(e1), StreamState::Down { .. })
+    })
+    .await;
+    assert_eq!(held(&index, e1, 1), 0);
+    // ...and a new subscriber dials after the reconnect interval, not at once.
+    let reaped = Instant::now();
+    second.polled.recv().await.unwrap();
+    assert!(Instant::now() - reaped >= RECONNECT_INTERVAL);
+    second.send(message(0, 3)).await;
+    assert_eq!(
+        (index.stream(e1), held(&index, e1, 3)),
+        (StreamState::Live, 2)
+    );
+
+    token.cancel();
+    manager.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bound_subscriber_follows_its_engines_and_forgets_departed_series() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut wire = plug(&connector, "tcp://*:5557", vec![]);
+    let datastore = Arc::new(Datastore::new());
+    let snap = datastore.apply(pool(&[1, 2]));
+    let (e1, e2) = (snap.endpoints[0].id, snap.endpoints[1].id);
+    let index = new_index();
+    let metrics = Arc::new(KvEventMetrics::default());
+    let token = CancellationToken::new();
+    let manager = tokio::spawn(run(
+        connector.clone(),
+        datastore.clone(),
+        index.clone(),
+        metrics.clone(),
+        KvEventsSettings {
+            bind_endpoint: Some("tcp://*:5557".into()),
+            per_endpoint: false,
+            ..KvEventsSettings::default()
+        },
+        token.clone(),
+    ));
+    wire.polled.recv().await.unwrap();
+    let mut from_2 = message(0, 2);
+    from_2.topic = "kv@127.0.0.2:8000@m".into();
+    wire.set_connected([127, 0, 0, 1], true).await;
+    wire.set_connected([127, 0, 0, 2], true).await;
+    wire.send(message(0, 1)).await;
+    wire.send(from_2).await;
+    assert_eq!(
+        (index.stream(e1), index.stream(e2)),
+        (StreamState::Live, StreamState::Live)
+    );
+    assert_eq!(metrics.received.get(&pod(1)).map(|c| c.get()), Some(1));
+
+    // Engine 2's connection goes: its stream is down, engine 1's stays live.
+    wire.set_connected([127, 0, 0, 2], false).await;
+    assert!(matches!(index.stream(e2), StreamState::Down { .. }));
+    assert_eq!(index.stream(e1), StreamState::Live);
+
+    // Endpoint 1 leaves the pool: its series go, though no subscriber of its own ran.
+    metrics.count_dropped(&pod(1), "gap", 1);
+    datastore.apply(pool(&[2]));
+    until("endpoint 1's series are gone", || {
+        metrics.received.get(&pod(1)).is_none()
+    })
+    .await;
+    assert!(metrics.applied.get(&pod(1)).is_none());
+    assert!(metrics.lag.get(&pod(1)).is_none());
+    let gap = DropLabels {
+        name: "pool".into(),
+        model_server_pod: "pod-1".into(),
+        reason: "gap",
+    };
+    assert!(metrics.dropped.get(&gap).is_none());
+    assert!(metrics.received.get(&pod(2)).is_some());
 
     token.cancel();
     manager.await.unwrap();

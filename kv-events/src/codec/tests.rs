@@ -331,6 +331,25 @@ fn bad_payloads_are_errors() {
         decode_batch(&unknown),
         Err(DecodeError::UnknownEventType("BlockMoved".to_owned()))
     );
+    // A tag or medium holding control characters is escaped before it reaches an error (which
+    // is logged; `Untrusted`'s own tests cover the truncation).
+    let forged = W::default()
+        .arr(2)
+        .f(0.0)
+        .arr(1)
+        .arr(1)
+        .s("X\nINFO forged\x1b[31m")
+        .0;
+    let Err(e) = decode_batch(&forged) else {
+        panic!("an unknown tag decodes");
+    };
+    let shown = e.to_string();
+    assert!(!shown.chars().any(char::is_control), "{shown:?}");
+    assert_eq!(shown, "unknown event type \"X\\nINFO forged\\u{1b}[31m\"");
+    assert_eq!(
+        decode_batch(&removed_with(&[1], "\r\"")),
+        Err(DecodeError::UnknownMedium("\\r\\\"".to_owned()))
+    );
     let missing = W::default()
         .arr(2)
         .f(0.0)

@@ -28,7 +28,7 @@ impl FramePub {
     /// Binds `endpoint` (`tcp://host:port`, `tcp://*:port`, `ipc://…`; port 0 picks one).
     pub async fn bind(endpoint: &str) -> Result<Self, TransportError> {
         let mut socket = PubSocket::new();
-        let (endpoint, guard) = guard::bind(&mut socket, &bindable(endpoint)).await?;
+        let (endpoint, guard) = guard::bind(&mut socket, &bindable(endpoint), None).await?;
         Ok(Self {
             socket,
             endpoint,
@@ -69,7 +69,7 @@ impl FrameSub {
     /// Dials `endpoint`.
     pub async fn connect(endpoint: &str) -> Result<Self, TransportError> {
         let mut socket = SubSocket::new();
-        let (target, guard) = guard::connect_target(endpoint).await?;
+        let (target, guard) = guard::connect_target(endpoint, None).await?;
         socket
             .connect(&target)
             .await

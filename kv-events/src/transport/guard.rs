@@ -10,18 +10,34 @@
 //! more than [`MAX_FRAMES_PER_MESSAGE`] frames, or reserved flag bits. What the local socket
 //! sends goes out unchanged. zmq.rs then reconnects (SUB) or the exchange fails (replay), as
 //! for any lost peer.
+//!
+//! A guard also knows what zmq.rs hides: which peers are connected. zmq.rs's SUB socket dials
+//! again by itself, forever and silently, and its socket monitor would only see the loopback
+//! connection to the guard; the guard sees the peer's own TCP connection open and close, and
+//! reports it in [`Peers`] (see [`super::Subscriber::peers`]).
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{TransportError, zmq_error};
 
-/// Bytes in one frame from a peer, at most (a payload of [`crate::codec`]'s caps is far less).
-pub const MAX_FRAME_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes in one frame from a peer, at most. A frame is a batch's payload (or a topic, a
+/// sequence number, a replay request). vLLM sends one batch per engine step, and the largest
+/// legitimate one is a long prefill's: each full block stored in the step is announced with its
+/// tokens, at most 5 bytes each in msgpack (ids up to 2^32; 3 bytes below 65,536), and its hash,
+/// 34 bytes (a 32-byte sha256 as msgpack bin; an integer hash is 9 at most): with 16-token
+/// blocks 16 × 5 + 34 = 114 bytes a block, 7.1 bytes a token. A 128k-token prefill stored in
+/// one step is 131,072 × 7.1 ≈ 0.9 MiB; the same step's evictions (`BlockRemoved`, 34 bytes a
+/// block) and CPU-offload copies (hash-only `BlockStored`) add 0.27 MiB each: about 1.5 MiB.
+/// 8 MiB leaves five times that (some 700k tokens stored in one step), and bounds what one
+/// peer makes the subscriber hold per frame to an eighth of the former 64 MiB.
+pub const MAX_FRAME_BYTES: u64 = 8 * 1024 * 1024;
 /// Frames in one message from a peer, at most (vLLM's have 3; a replay answer 3 after the
 /// envelope).
 pub const MAX_FRAMES_PER_MESSAGE: usize = 8;
@@ -30,10 +46,94 @@ pub const MAX_FRAMES_PER_MESSAGE: usize = 8;
 /// closed on accept).
 pub const MAX_CONNECTIONS: usize = 4_096;
 
+/// IPs [`Peers`] remembers with no connection open, at most (past it, they are forgotten).
+pub const MAX_REMEMBERED_PEERS: usize = 16_384;
+
 const GREETING_BYTES: usize = 64;
 const MORE: u8 = 0x01;
 const LONG: u8 = 0x02;
 const COMMAND: u8 = 0x04;
+
+/// The peers a guarded socket is connected with, by IP: how many connections each has open now.
+/// An IP once seen stays listed (at 0) after its last connection closed, so that "connected
+/// once and gone" differs from "never seen" (a peer behind a proxy shows under the proxy's IP,
+/// and the engine's own IP is then never seen).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peers {
+    tracked: bool,
+    open: HashMap<IpAddr, u32>,
+}
+
+impl Peers {
+    /// Whether connections are tracked at all (a TCP endpoint; `ipc://` is not guarded).
+    pub fn is_tracked(&self) -> bool {
+        self.tracked
+    }
+
+    /// Whether `ip` has a connection open now; `None` when connections are not tracked or `ip`
+    /// never connected.
+    pub fn connected(&self, ip: IpAddr) -> Option<bool> {
+        if !self.tracked {
+            return None;
+        }
+        self.open.get(&ip.to_canonical()).map(|&n| n > 0)
+    }
+
+    /// Connections open now, over every peer.
+    pub fn open_connections(&self) -> u64 {
+        self.open.values().map(|&n| u64::from(n)).sum()
+    }
+
+    fn opened(&mut self, ip: IpAddr) {
+        if self.open.len() >= MAX_REMEMBERED_PEERS {
+            self.open.retain(|_, n| *n > 0);
+        }
+        *self.open.entry(ip).or_insert(0) += 1;
+    }
+
+    fn closed(&mut self, ip: IpAddr) {
+        if let Some(n) = self.open.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Where a guard reports its peers, if anywhere.
+pub(crate) type PeerReport = Option<watch::Sender<Peers>>;
+
+/// One relayed connection, counted in [`Peers`] while it lives (dropping it, also when the
+/// guard's task is aborted, counts it closed).
+struct Counted {
+    report: PeerReport,
+    ip: IpAddr,
+}
+
+impl Counted {
+    fn open(report: &PeerReport, ip: IpAddr) -> Self {
+        let ip = ip.to_canonical();
+        if let Some(r) = report {
+            r.send_modify(|p| p.opened(ip));
+        }
+        Self {
+            report: report.clone(),
+            ip,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(r) = &self.report {
+            r.send_modify(|p| p.closed(self.ip));
+        }
+    }
+}
+
+fn track(report: &PeerReport) {
+    if let Some(r) = report {
+        r.send_if_modified(|p| !std::mem::replace(&mut p.tracked, true));
+    }
+}
 
 /// A running guard; dropping it stops the relays.
 #[derive(Debug)]
@@ -50,9 +150,11 @@ impl Drop for Guard {
 }
 
 /// A guard for a socket that connects: the local socket connects to the guard's loopback
-/// port, and each of its connections is relayed to `remote` (`tcp://host:port`).
-pub(crate) async fn connecting(remote: &str) -> io::Result<Guard> {
+/// port, and each of its connections is relayed to `remote` (`tcp://host:port`), counted in
+/// `report` while the remote end is connected.
+pub(crate) async fn connecting(remote: &str, report: PeerReport) -> io::Result<Guard> {
     let target = tcp_address(remote)?;
+    track(&report);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let local_endpoint = format!("tcp://{}", listener.local_addr()?);
     let task = tokio::spawn(async move {
@@ -65,9 +167,14 @@ pub(crate) async fn connecting(remote: &str) -> io::Result<Guard> {
                         continue;
                     }
                     let target = target.clone();
+                    let report = report.clone();
                     relays.spawn(async move {
                         // The peer unreachable: drop the local side, which then retries.
                         if let Ok(remote) = TcpStream::connect(&target).await {
+                            let _counted = remote
+                                .peer_addr()
+                                .ok()
+                                .map(|a| Counted::open(&report, a.ip()));
                             relay(local, remote).await;
                         }
                     });
@@ -83,23 +190,30 @@ pub(crate) async fn connecting(remote: &str) -> io::Result<Guard> {
 }
 
 /// A guard for a socket that binds: the guard listens on `public` (`tcp://host:port`) and
-/// relays each connection to the local socket bound at `local` (loopback). Returns the guard
-/// and the public address as bound (port 0 resolved).
-pub(crate) async fn binding(public: &str, local: SocketAddr) -> io::Result<(Guard, SocketAddr)> {
+/// relays each connection to the local socket bound at `local` (loopback), counted in `report`
+/// while it lasts. Returns the guard and the public address as bound (port 0 resolved).
+pub(crate) async fn binding(
+    public: &str,
+    local: SocketAddr,
+    report: PeerReport,
+) -> io::Result<(Guard, SocketAddr)> {
     let listener = TcpListener::bind(tcp_address(public)?).await?;
+    track(&report);
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
         let mut relays = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((remote, _)) = accepted else { continue };
+                    let Ok((remote, peer)) = accepted else { continue };
                     if relays.len() >= MAX_CONNECTIONS {
                         tracing::warn!(limit = MAX_CONNECTIONS, "KV-event connection refused: too many");
                         continue;
                     }
+                    let report = report.clone();
                     relays.spawn(async move {
                         if let Ok(local) = TcpStream::connect(local).await {
+                            let _counted = Counted::open(&report, peer.ip());
                             relay(local, remote).await;
                         }
                     });
@@ -119,10 +233,12 @@ pub(crate) async fn binding(public: &str, local: SocketAddr) -> io::Result<(Guar
 
 /// Binds `socket` at `endpoint` behind a guard when it is TCP (the socket itself on an
 /// ephemeral loopback port); other transports (`ipc://`, local to the host) bind directly.
-/// Returns the endpoint as bound (port 0 resolved) and the guard to keep alive.
+/// Returns the endpoint as bound (port 0 resolved) and the guard to keep alive. The guard
+/// counts its peers in `report`.
 pub(crate) async fn bind<S: zeromq::Socket>(
     socket: &mut S,
     endpoint: &str,
+    report: PeerReport,
 ) -> Result<(String, Option<Guard>), TransportError> {
     if !endpoint.starts_with("tcp://") {
         let bound = socket
@@ -140,21 +256,25 @@ pub(crate) async fn bind<S: zeromq::Socket>(
         .strip_prefix("tcp://")
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| TransportError::Config(format!("unexpected local endpoint {local}")))?;
-    let (guard, public) = binding(endpoint, local)
+    let (guard, public) = binding(endpoint, local, report)
         .await
         .map_err(guard_error(endpoint))?;
     Ok((format!("tcp://{public}"), Some(guard)))
 }
 
 /// The endpoint a socket connects to instead of `endpoint`, and the guard to keep alive:
-/// TCP goes through a guard, other transports connect directly.
+/// TCP goes through a guard, other transports connect directly. The guard counts its peer in
+/// `report`.
 pub(crate) async fn connect_target(
     endpoint: &str,
+    report: PeerReport,
 ) -> Result<(String, Option<Guard>), TransportError> {
     if !endpoint.starts_with("tcp://") {
         return Ok((endpoint.to_owned(), None));
     }
-    let guard = connecting(endpoint).await.map_err(guard_error(endpoint))?;
+    let guard = connecting(endpoint, report)
+        .await
+        .map_err(guard_error(endpoint))?;
     Ok((guard.local_endpoint.clone(), Some(guard)))
 }
 

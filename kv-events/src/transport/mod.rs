@@ -20,6 +20,7 @@ mod publisher;
 mod subscriber;
 
 pub use frames::{FramePub, FrameSub};
+pub use guard::Peers;
 pub use publisher::{Publisher, PublisherConfig, PublisherHandle, PublisherStats};
 pub use subscriber::{
     MAX_REPLAY_BATCHES, MAX_TOPICS, ReceivedBatch, SubscribeMode, Subscriber, SubscriberConfig,

@@ -164,18 +164,19 @@ impl Publisher {
         let mut guards = Vec::new();
         let mut socket = PubSocket::new();
         let (endpoint, connect_to) = if bound {
-            let (endpoint, guard) = guard::bind(&mut socket, &bindable(&config.endpoint)).await?;
+            let (endpoint, guard) =
+                guard::bind(&mut socket, &bindable(&config.endpoint), None).await?;
             guards.extend(guard);
             (endpoint, None)
         } else {
-            let (target, guard) = guard::connect_target(&config.endpoint).await?;
+            let (target, guard) = guard::connect_target(&config.endpoint, None).await?;
             guards.extend(guard);
             (config.endpoint.clone(), Some(target))
         };
         let replay = match &config.replay_endpoint {
             Some(e) => {
                 let mut router = RouterSocket::new();
-                let (resolved, guard) = guard::bind(&mut router, &bindable(e)).await?;
+                let (resolved, guard) = guard::bind(&mut router, &bindable(e), None).await?;
                 guards.extend(guard);
                 Some((router, resolved))
             }

@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
-use super::guard::{self, Guard};
+use super::guard::{self, Guard, Peers};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
-use crate::EventBatch;
 use crate::codec::decode_batch;
 use crate::topic::{MAX_TOPIC_BYTES, TOPIC_PREFIX};
+use crate::{EventBatch, Untrusted};
 
 /// Publishers (topics) one subscriber tracks sequence numbers for, at most: messages on
 /// further topics are counted as bad and dropped (central mode with more engines than this
@@ -178,6 +178,8 @@ pub struct Subscriber {
     topics: HashMap<Bytes, TopicState>,
     /// A socket bound by [`Subscriber::bind`], for the first run.
     bound: Option<Opened>,
+    /// The peers connected now, as the guard sees them.
+    peers: watch::Sender<Peers>,
 }
 
 /// A subscribed socket, its endpoint (resolved when bound) and the guard in front of it.
@@ -230,6 +232,7 @@ impl Subscriber {
             stats,
             topics: HashMap::new(),
             bound: None,
+            peers: watch::Sender::new(Peers::default()),
         }
     }
 
@@ -253,6 +256,14 @@ impl Subscriber {
     /// Its counters (shared: read them while it runs).
     pub fn stats(&self) -> Arc<SubscriberStats> {
         self.stats.clone()
+    }
+
+    /// The publishers connected now, by IP, as the frame guard sees their TCP connections
+    /// (pod mode: the engine; central mode: every engine that dialed in). It changes when one
+    /// connects or goes, which zmq.rs does not tell: its SUB socket dials again silently. Not
+    /// tracked for `ipc://` endpoints.
+    pub fn peers(&self) -> watch::Receiver<Peers> {
+        self.peers.subscribe()
     }
 
     /// Receives, orders and decodes batches into `out` until `cancel` fires or `out` closes
@@ -307,14 +318,16 @@ impl Subscriber {
         let e = &self.config.endpoint;
         let (endpoint, guard) = match self.config.mode {
             SubscribeMode::Connect => {
-                let (target, guard) = guard::connect_target(e).await?;
+                let (target, guard) = guard::connect_target(e, Some(self.peers.clone())).await?;
                 socket
                     .connect(&target)
                     .await
                     .map_err(zmq_error("connect", e))?;
                 (e.clone(), guard)
             }
-            SubscribeMode::Bind => guard::bind(&mut socket, &bindable(e)).await?,
+            SubscribeMode::Bind => {
+                guard::bind(&mut socket, &bindable(e), Some(self.peers.clone())).await?
+            }
         };
         socket
             .subscribe(&self.config.topic_filter)
@@ -428,7 +441,7 @@ impl Subscriber {
             Err(e) => {
                 inc(&self.stats.decode_errors, 1);
                 state.missed += 1;
-                tracing::debug!(topic = %state.name, seq, error = %e, "KV-event batch does not decode");
+                tracing::debug!(topic = %Untrusted(&state.name), seq, error = %e, "KV-event batch does not decode");
                 return true;
             }
         };
@@ -517,18 +530,17 @@ async fn fetch_replay(
 ) -> Result<(), TransportError> {
     let mut dealer = DealerSocket::new();
     // Through a guard, as the SUB socket (the replay endpoint is the network too).
-    let guard = if endpoint.starts_with("tcp://") {
-        Some(
-            guard::connecting(&endpoint)
-                .await
-                .map_err(|source| TransportError::Guard {
+    let guard =
+        if endpoint.starts_with("tcp://") {
+            Some(guard::connecting(&endpoint, None).await.map_err(|source| {
+                TransportError::Guard {
                     endpoint: endpoint.clone(),
                     source,
-                })?,
-        )
-    } else {
-        None
-    };
+                }
+            })?)
+        } else {
+            None
+        };
     let target = guard
         .as_ref()
         .map_or(endpoint.as_str(), |g| g.local_endpoint.as_str());

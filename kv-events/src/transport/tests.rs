@@ -580,3 +580,76 @@ async fn a_peer_announcing_a_huge_frame_is_cut_off_and_the_subscriber_lives_on()
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Waits until `peers` satisfies `f` (each change is awaited, bounded by [`WAIT`]).
+async fn peers_until(
+    peers: &mut tokio::sync::watch::Receiver<Peers>,
+    f: impl Fn(&Peers) -> bool,
+) -> Peers {
+    timeout(WAIT, peers.wait_for(|p| f(p)))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn the_subscriber_tells_when_its_publisher_connects_and_goes() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let (tx, mut rx) = mpsc::channel(64);
+    let sub = Subscriber::new(SubscriberConfig::connect(endpoint));
+    let mut peers = sub.peers();
+    let local = std::net::IpAddr::from([127, 0, 0, 1]);
+    assert_eq!(peers.borrow().connected(local), None, "nothing tracked yet");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sub.run(tx, cancel.clone()));
+
+    // zmq.rs dials the guard, the guard the publisher: the publisher is connected.
+    let up = peers_until(&mut peers, |p| p.connected(local) == Some(true)).await;
+    assert!(up.is_tracked());
+    assert_eq!(up.open_connections(), 1);
+    warm_up(&mut pub_socket, &mut rx).await;
+
+    // The publisher goes: its connection closes, which the socket itself never says.
+    drop(pub_socket);
+    let gone = peers_until(&mut peers, |p| p.connected(local) == Some(false)).await;
+    assert_eq!(gone.open_connections(), 0);
+    assert!(!task.is_finished(), "the subscriber keeps dialing");
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_central_subscriber_counts_the_engines_that_dial_it() {
+    let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    let central = sub.local_endpoint().unwrap().to_owned();
+    let mut peers = sub.peers();
+    let (tx, mut rx) = mpsc::channel(64);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sub.run(tx, cancel.clone()));
+    let local = std::net::IpAddr::from([127, 0, 0, 1]);
+
+    let (publisher, handle) = Publisher::start(PublisherConfig {
+        endpoint: central,
+        replay_endpoint: None,
+        buffer_steps: 0,
+        max_queue_size: 16,
+        topic: "kv@p@m".to_owned(),
+        encoder: Encoder::default(),
+    })
+    .await
+    .unwrap();
+    let pub_cancel = CancellationToken::new();
+    let pub_task = tokio::spawn(publisher.run(pub_cancel.clone()));
+    publish_until_received(&handle, &mut rx).await;
+    assert_eq!(peers.borrow().connected(local), Some(true));
+
+    pub_cancel.cancel();
+    pub_task.await.unwrap().unwrap();
+    drop(handle);
+    peers_until(&mut peers, |p| p.connected(local) == Some(false)).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}

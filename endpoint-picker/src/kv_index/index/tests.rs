@@ -827,3 +827,142 @@ proptest! {
         }
     }
 }
+
+// === slices ===
+
+/// An event of one endpoint's batch (for [`a_batch_applied_in_slices_ends_as_applied_whole`]).
+fn batch_event() -> impl Strategy<Value = Event> {
+    let seq = 0..4u32;
+    prop_oneof![
+        4 => (seq.clone(), 0..6u32, 1..6u32, any::<bool>()).prop_map(|(seq, from, len, cpu)| {
+            stored(seq, from..from + len, if cpu { Medium::Cpu } else { Medium::Gpu })
+        }),
+        2 => (seq.clone(), 0..8u32, 1..4u32).prop_map(|(seq, from, len)| removed(seq, from..from + len, Medium::Gpu)),
+        2 => (seq, 1..6u32).prop_map(|(seq, len)| copied(seq, 0..len, Medium::Cpu)),
+        1 => Just(Event::AllBlocksCleared),
+    ]
+}
+
+/// Every endpoint's match of every sequence, and the sizes: what two indexes must agree on.
+fn state(idx: &KvIndex) -> (Vec<Vec<u32>>, usize, usize, usize) {
+    let matches = (0..4)
+        .map(|seq| {
+            let l = lookup(idx, &request(seq, 12), &[0, 1, 2]);
+            (0..3).map(|e| blocks(&l, e)).collect()
+        })
+        .collect();
+    (matches, idx.len(), idx.entries(), idx.engine_keys())
+}
+
+proptest! {
+    #![proptest_config(config(0x5_11ce))]
+
+    /// Hashing before the lock and applying in slices changes nothing: a batch applied a few
+    /// units at a time leaves the index as applied at once, with the same counts.
+    #[test]
+    fn a_batch_applied_in_slices_ends_as_applied_whole(
+        history in prop::collection::vec((0..3u32, batch_event()), 0..12),
+        events in prop::collection::vec(batch_event(), 1..12),
+        endpoint in 0..3u32,
+        budget in 1..6usize,
+    ) {
+        let limits = IndexLimits { max_keys: 64, max_engine_keys: 64, ..IndexLimits::default() };
+        let mut whole = index(limits);
+        let mut sliced = index(limits);
+        let now = Instant::now();
+        for (e, ev) in &history {
+            whole.apply(ep(*e), MODEL, &batch(vec![ev.clone()]), now);
+            sliced.apply(ep(*e), MODEL, &batch(vec![ev.clone()]), now);
+        }
+        let b = batch(events);
+        let applied = whole.apply(ep(endpoint), MODEL, &b, now);
+
+        let mut parents = HashMap::new();
+        sliced.parent_keys(&PreparedBatch::parents(&b), &mut parents);
+        let mut prepared = PreparedBatch::new(sliced.hasher(), MODEL, &b, &parents);
+        let mut slices = 1;
+        while !sliced.apply_prepared(ep(endpoint), &mut prepared, budget, now) {
+            slices += 1;
+            prop_assert!(slices <= 1_000);
+        }
+        prop_assert!(prepared.is_done());
+        prop_assert_eq!(prepared.applied(), applied);
+        prop_assert_eq!(state(&sliced), state(&whole));
+        sliced.check_invariants();
+    }
+}
+
+/// A batch's own stores are parents of its later ones, as vLLM chains a request's blocks over
+/// the events of one step.
+#[test]
+fn a_parent_stored_earlier_in_the_batch_chains_the_next_store() {
+    let mut idx = index(IndexLimits::default());
+    let applied = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![
+            stored(1, 0..2, Medium::Gpu),
+            stored(1, 2..5, Medium::Gpu),
+            stored(2, 3..4, Medium::Gpu), // its parent was never stored
+        ]),
+        Instant::now(),
+    );
+    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0]));
+    assert_eq!(blocks(&lookup(&idx, &request(1, 5), &[0]), 0), 5);
+}
+
+/// A long prefill's batch is hashed off the lock and written in slices of at most
+/// [`APPLY_SLICE`](crate::kv_index::APPLY_SLICE) units, and all of it lands.
+#[test]
+fn a_long_prefill_is_applied_in_bounded_slices() {
+    use crate::kv_index::{APPLY_SLICE, SharedKvIndex};
+
+    // 128k tokens of 16-token blocks, as one event: 8,192 keys and 8,192 engine hashes.
+    let hasher = KeyHasher::new(16, "", HashAlgorithm::CborFnv);
+    let blocks = 8_192u32;
+    let tokens: Vec<u32> = (0..blocks * 16).collect();
+    let b = batch(vec![Event::BlockStored(BlockStored {
+        block_hashes: (1..=u64::from(blocks)).collect(),
+        parent_block_hash: None,
+        token_ids: tokens.clone(),
+        block_size: 16,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Gpu,
+    })]);
+    let now = Instant::now();
+
+    // Directly: three holds of the lock, each within the slice.
+    let mut idx = KvIndex::new(hasher, IndexLimits::default());
+    let mut prepared = PreparedBatch::new(&hasher, MODEL, &b, &HashMap::new());
+    let mut holds = 0;
+    loop {
+        holds += 1;
+        let before = idx.len() + idx.engine_keys();
+        let done = idx.apply_prepared(ep(0), &mut prepared, APPLY_SLICE, now);
+        assert!(idx.len() + idx.engine_keys() - before <= APPLY_SLICE);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(holds, 2 * blocks as usize / APPLY_SLICE);
+    assert_eq!(idx.len(), blocks as usize);
+
+    // Through the shared index, as the subscribers apply it.
+    let shared = SharedKvIndex::new(hasher, IndexLimits::default());
+    let applied = shared.apply(ep(0), MODEL, &b, now);
+    assert_eq!((applied.applied, applied.blocks), (1, blocks));
+    assert_eq!(shared.sizes(), (blocks as usize, blocks as usize));
+    let keys = hasher.prompt_keys(MODEL, None, &tokens, usize::MAX);
+    let mut out = Lookup::default();
+    shared.read(now, |i| {
+        i.lookup(
+            &keys,
+            [ep(0)],
+            &TierWeights::default(),
+            SharedMedia::default(),
+            &mut out,
+        )
+    });
+    assert_eq!(out.of(ep(0)).blocks, blocks);
+}

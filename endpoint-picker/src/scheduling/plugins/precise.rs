@@ -10,7 +10,7 @@
 //!   parameters:
 //!     tokenProcessorConfig: {blockSizeTokens: 16, hashSeed: "", hashAlgorithm: cbor-fnv}
 //!     indexerConfig:
-//!       kvBlockIndexConfig: {inMemoryConfig: {size: 100000000, podCacheSize: 10}}
+//!       kvBlockIndexConfig: {inMemoryConfig: {size: 10000000, podCacheSize: 10}}  # llm-d: 1e8
 //!       kvCacheBackendConfigs: [{name: gpu, weight: 1.0}, {name: cpu, weight: 0.8}]
 //!     kvEventsConfig:
 //!       zmqEndpoint: ""            # e.g. tcp://*:5557: one SUB socket bound here for every engine
