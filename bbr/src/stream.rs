@@ -296,24 +296,30 @@ impl BbrStream {
     fn finish(&mut self, body: Bytes, end_of_stream: bool) -> Vec<Answer> {
         self.phase = Phase::Answered;
         let started = Instant::now();
-        let api = openai::api_for_path(self.header(":path").unwrap_or("/v1/completions"));
         let mut set = Vec::new();
-        match openai::parse_body(api, &body) {
-            Ok(parsed) => {
+        // The OpenAI APIs are validated as the EPP validates them; any other path (this router
+        // sits in front of every route) only gives its model, if its body names one.
+        let model =
+            match openai::known_api_for_path(self.header(":path").unwrap_or("/v1/completions")) {
+                Some(api) => openai::parse_body(api, &body).map(|parsed| parsed.model),
+                None => openai::model_of(&body).ok_or(BodyError::MissingModel),
+            };
+        match model {
+            Ok(model) => {
                 let lookup = self.ctx.mapping.lookup();
-                let base = lookup.base_model(&parsed.model);
+                let base = lookup.base_model(&model);
                 tracing::debug!(
-                    model = %Untrusted(&parsed.model),
+                    model = %Untrusted(&model),
                     base_model = ?base.map(Untrusted),
                     "model headers set"
                 );
-                set.push(envoy::set_header(MODEL_NAME, &parsed.model));
+                set.push(envoy::set_header(MODEL_NAME, &model));
                 // An unknown model gets no base-model header: no route matches it, and the
                 // gateway answers 404 (upstream sets it empty, which matches nothing either).
                 if let Some(base) = base {
                     set.push(envoy::set_header(BASE_MODEL_NAME, base));
                 }
-                self.ctx.metrics.routed(&lookup, &parsed.model, base);
+                self.ctx.metrics.routed(&lookup, &model, base);
             }
             Err(BodyError::MissingModel) => {
                 tracing::debug!("no model in the body; no model headers");
@@ -540,6 +546,40 @@ mod tests {
         let garbage = format!("{{\"model\": \"{}", "\n".repeat(100_000));
         let (_, text) = immediate(&s.on_message(req_body(garbage.as_bytes(), true))[0]);
         assert!(text.len() < 1_000, "{}", text.len());
+    }
+
+    /// In front of every route: another API's body needs only its model, and a body that is
+    /// not JSON passes without model headers; the OpenAI paths keep the EPP's validation.
+    #[test]
+    fn other_paths_need_only_a_model_and_never_get_a_400() {
+        let on = |path: &'static str, body: &[u8]| {
+            let mut s = BbrStream::new(ctx(true));
+            s.on_message(req_headers(
+                &[(":method", "POST"), (":path", path)],
+                false,
+                None,
+            ));
+            s.on_message(req_body(body, true))
+        };
+        let out = on(
+            "/v1/audio/speech",
+            br#"{"model": "food-review", "input": "hi"}"#,
+        );
+        let answer = routing_answer(&out[0]);
+        assert_eq!(answer.header(MODEL_NAME), Some("food-review"));
+        assert_eq!(answer.header(BASE_MODEL_NAME), Some("llama"));
+        for body in [
+            &b"--boundary\r\nContent-Disposition: form-data; name=\"file\""[..],
+            br#"{"model": 7}"#,
+        ] {
+            let answer = routing_answer(&on("/v1/audio/transcriptions", body)[0]);
+            assert_eq!(answer.header(MODEL_NAME), None);
+        }
+        let (status, _) = immediate(&on("/v1/completions", br#"{"model": "llama"}"#)[0]);
+        assert_eq!(
+            status, 400,
+            "a completion without a prompt is still refused"
+        );
     }
 
     #[test]

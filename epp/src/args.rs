@@ -18,6 +18,15 @@ fn duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid duration {s:?} (e.g. 50ms, 2s, 1m)"))
 }
 
+/// An interval, deadline or half-life: zero would mean a timer that fires without end, a
+/// deadline nothing meets, or a division by zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be above zero")),
+        d => Ok(d),
+    }
+}
+
 /// Switchyard: a Gateway API Inference Extension endpoint picker.
 #[derive(Debug, Clone, Parser)]
 // A flag given twice takes its last value, as Go's pflag does: a chart that sets a flag the
@@ -80,28 +89,28 @@ pub struct Args {
     #[arg(long)]
     pub pool_file: Option<PathBuf>,
     /// How often the pool file is checked for changes (default 1s; needs --pool-file).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = positive_duration)]
     pub pool_file_poll_interval: Option<Duration>,
     /// Ignore the subset hint from the gateway.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub disable_endpoint_subset_filter: bool,
     /// Interval between two metric scrapes of one model server.
-    #[arg(long, default_value = "50ms", value_parser = duration)]
+    #[arg(long, default_value = "50ms", value_parser = positive_duration)]
     pub refresh_metrics_interval: Duration,
     /// Deadline of one metric scrape.
-    #[arg(long, default_value = "1s", value_parser = duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     pub metrics_scrape_timeout: Duration,
     /// Longest interval between two scrapes of a quiet model server (nothing running or
     /// waiting, values unchanged); its values stand until then, and routing to it wakes its
     /// scraper. At most 150ms turns quiet back-off off (e.g. several EPP replicas routing to
     /// one pool, where another replica's requests do not wake this one's scrapers).
-    #[arg(long, default_value = "1s", value_parser = duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     pub idle_scrape_interval: Duration,
     /// Interval between refreshes of the pool-level Prometheus gauges.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    #[arg(long, default_value = "5s", value_parser = positive_duration)]
     pub refresh_prometheus_metrics_interval: Duration,
     /// Metrics older than this do not count a pod as ready in the pool gauges.
-    #[arg(long, default_value = "2s", value_parser = duration)]
+    #[arg(long, default_value = "2s", value_parser = positive_duration)]
     pub metrics_staleness_threshold: Duration,
     /// Scrape this port instead of the target port (single-port pools only; deprecated upstream).
     #[arg(long, default_value_t = 0)]
@@ -186,7 +195,7 @@ pub struct Args {
     #[arg(long)]
     pub lora_placement_config: Option<PathBuf>,
     /// Time between two placement passes.
-    #[arg(long, default_value = "2s", value_parser = duration, requires = "lora_placement_config")]
+    #[arg(long, default_value = "2s", value_parser = positive_duration, requires = "lora_placement_config")]
     pub lora_placement_interval: Duration,
     /// An adapter placed (or first seen) on a replica stays at least this long.
     #[arg(long, default_value = "30s", value_parser = duration, requires = "lora_placement_config")]
@@ -202,14 +211,14 @@ pub struct Args {
     #[arg(long, default_value_t = 0.01, requires = "lora_placement_config")]
     pub lora_placement_min_rate: f64,
     /// Half-life of the per-adapter demand average.
-    #[arg(long, default_value = "10s", value_parser = duration, requires = "lora_placement_config")]
+    #[arg(long, default_value = "10s", value_parser = positive_duration, requires = "lora_placement_config")]
     pub lora_placement_demand_half_life: Duration,
     /// Adapters one replica may hold (vLLM's --max-cpu-loras, the adapters it keeps without
     /// reading them again); 0 = the engine's max_lora as scraped.
     #[arg(long, default_value_t = 0, requires = "lora_placement_config")]
     pub lora_placement_max_adapters_per_endpoint: usize,
     /// Deadline of one engine call of the placement (list, load, unload).
-    #[arg(long, default_value = "30s", value_parser = duration, requires = "lora_placement_config")]
+    #[arg(long, default_value = "30s", value_parser = positive_duration, requires = "lora_placement_config")]
     pub lora_placement_call_timeout: Duration,
     /// Log verbosity, as the reference's `--v` (zap level -N): 0 to 3 = info (2 is the
     /// default), 4 = debug, 5 and above = trace.
@@ -341,6 +350,25 @@ mod tests {
         assert_eq!(twice.verbosity, 3, "the last one wins");
         assert!(twice.tracing);
         assert!(Args::try_parse_from(["epp", "--refresh-metrics-interval=soon"]).is_err());
+    }
+
+    /// A zero interval or deadline is refused, naming the flag: accepted, it panicked a timer
+    /// (`--refresh-prometheus-metrics-interval`), scraped without pause, or failed every scrape.
+    #[test]
+    fn zero_intervals_and_deadlines_are_refused() {
+        for flag in [
+            "--pool-file-poll-interval",
+            "--refresh-metrics-interval",
+            "--metrics-scrape-timeout",
+            "--idle-scrape-interval",
+            "--refresh-prometheus-metrics-interval",
+            "--metrics-staleness-threshold",
+        ] {
+            let error = Args::try_parse_from(["epp", &format!("{flag}=0s")]).unwrap_err();
+            assert!(error.to_string().contains(flag), "{flag}: {error}");
+            assert!(Args::try_parse_from(["epp", &format!("{flag}=1ms")]).is_ok());
+        }
+        assert!(Args::try_parse_from(["epp", "--drain-grace-period=0s"]).is_ok());
     }
 
     fn parse(args: &[&str]) -> Args {

@@ -288,6 +288,30 @@ fn check_shapes(api: Api, f: &Fields<'_>) -> Result<(), BodyError> {
     Ok(())
 }
 
+/// The `model` of a body on a path that is none of the APIs the EPP knows (a router in front
+/// of every route, as the body-based router, sees `/v1/audio/…`, `/v1/rerank`, or another
+/// service's uploads): a JSON object's valid string `model`, or nothing. Nothing else of the
+/// body is required, and a body that is not JSON is not an error here.
+pub fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ModelOnly<'a> {
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    // serde reads a struct from an array too, by position: only an object names a model.
+    if kind_of(text) != JsonKind::Object {
+        return None;
+    }
+    let raw = serde_json::from_str::<ModelOnly<'_>>(text).ok()?.model?;
+    if kind_of(raw.get()) != JsonKind::String {
+        return None;
+    }
+    let model: String = serde_json::from_str(raw.get()).ok()?;
+    validate_model_name(&model).ok()?;
+    Some(model)
+}
+
 /// Parses and validates a request body of `api`.
 pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -297,6 +321,10 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
         });
     }
     let text = std::str::from_utf8(body).map_err(BodyError::json)?;
+    // serde reads a struct from an array too, by position (`["m", …]` would name model "m").
+    if kind_of(text) != JsonKind::Object {
+        return Err(BodyError::Json("the body must be a JSON object".into()));
+    }
     let fields: Fields<'_> = serde_json::from_str(text).map_err(BodyError::json)?;
     let model_raw = fields
         .model
@@ -761,6 +789,33 @@ mod tests {
         let mut resp = SseUsageScanner::default();
         resp.feed(b"event: response.completed\r\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}}\r\n");
         assert_eq!(resp.usage().unwrap().completion_tokens, 2);
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_refused() {
+        for body in [&br#"["llama", false, "prompt"]"#[..], b"\"llama\"", b"7"] {
+            let e = parse_body(Api::Completions, &Bytes::from_static(body)).unwrap_err();
+            assert!(matches!(e, BodyError::Json(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_model_of_a_body_on_an_unknown_path() {
+        assert_eq!(
+            model_of(br#"{"model":"m","input":"say it"}"#).as_deref(),
+            Some("m")
+        );
+        // No prompt needed; not JSON, no model, a model that is not a valid name: nothing.
+        for body in [
+            &b"--boundary\r\nContent-Disposition: form-data"[..],
+            br#"{"input":"x"}"#,
+            br#"{"model":7}"#,
+            b"{\"model\":\"a\\r\\nx-evil: 1\"}",
+            br#"["model"]"#,
+            b"",
+        ] {
+            assert_eq!(model_of(body), None, "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]

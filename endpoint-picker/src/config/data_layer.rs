@@ -153,17 +153,37 @@ impl MetricsExtractor {
     /// The extractor its `parameters` describe.
     pub fn from_params(p: &mut Params<'_>) -> Result<Self, ConfigError> {
         let y: ExtractorYaml = p.decode()?;
-        let engines = y
+        let engines: Vec<EngineMapping> = y
             .engine_configs
             .iter()
             .map(|e| e.mapping(p))
             .collect::<Result<_, _>>()?;
+        // Spelled as the engine label is read (upstream's `triton-tensorrt-llm` is our
+        // `triton`), and naming a mapping that exists: a typo here would leave every
+        // unlabelled endpoint unscraped and the pool never ready.
+        let default_engine = y
+            .default_engine
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| crate::scrape::scraper::canonical_engine(&d));
+        if let Some(d) = &default_engine {
+            let builtin = EngineMapping::builtin();
+            let known: Vec<&str> = builtin
+                .iter()
+                .chain(&engines)
+                .map(|m| m.name.as_str())
+                .collect();
+            if !known.contains(&d.as_str()) {
+                return Err(p.invalid(
+                    "defaultEngine",
+                    format!(
+                        "{d:?} is neither a built-in engine nor one of engineConfigs: {known:?}"
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             engine_label_key: y.engine_label_key.filter(|k| !k.is_empty()),
-            default_engine: y
-                .default_engine
-                .filter(|d| !d.is_empty())
-                .map(|d| d.to_ascii_lowercase()),
+            default_engine,
             engines,
         })
     }

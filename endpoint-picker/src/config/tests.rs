@@ -173,6 +173,23 @@ fn errors_name_the_problem() {
         ))
         .contains("maxNumOfEndpoints")
     );
+    // A default engine that names no mapping would leave every unlabelled endpoint unscraped.
+    assert!(
+        err(&format!(
+            "{HEAD}plugins:\n- type: core-metrics-extractor\n  parameters:\n    defaultEngine: vlm\n"
+        ))
+        .contains("defaultEngine")
+    );
+    // Upstream's spelling is ours under another name; a declared mapping counts.
+    for engine in ["triton-tensorrt-llm", "SGLang", "mine"] {
+        load(
+            &format!(
+                "{HEAD}plugins:\n- type: core-metrics-extractor\n  parameters:\n    defaultEngine: {engine}\n    engineConfigs:\n    - name: mine\n      queuedRequestsSpec: q\n"
+            ),
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{engine}: {e}"));
+    }
     assert!(
         err(&format!(
             "{HEAD}plugins:\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: lots\n"

@@ -70,7 +70,7 @@ use crate::datastore::{Datastore, Endpoint, EndpointId, EngineMetrics, Readiness
 /// Labels that name a pod's engine, in order of preference.
 const ENGINE_LABELS: [&str; 2] = [crate::datastore::ENGINE_TYPE_LABEL, "llm-d.ai/engine-type"];
 
-fn canonical_engine(v: &str) -> String {
+pub fn canonical_engine(v: &str) -> String {
     match v.trim().to_ascii_lowercase().as_str() {
         "triton-tensorrt-llm" => "triton".to_owned(),
         "trtllm" => "trtllm-serve".to_owned(),
