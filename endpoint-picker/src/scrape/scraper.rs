@@ -70,6 +70,8 @@ use crate::datastore::{Datastore, Endpoint, EndpointId, EngineMetrics, Readiness
 /// Labels that name a pod's engine, in order of preference.
 const ENGINE_LABELS: [&str; 2] = [crate::datastore::ENGINE_TYPE_LABEL, "llm-d.ai/engine-type"];
 
+/// An engine's name as the mappings spell it: the label's value (or a configured default)
+/// lower-cased, with upstream's other spellings of ours.
 pub fn canonical_engine(v: &str) -> String {
     match v.trim().to_ascii_lowercase().as_str() {
         "triton-tensorrt-llm" => "triton".to_owned(),
