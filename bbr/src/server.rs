@@ -281,12 +281,7 @@ pub async fn serve(
         };
         let listener = listeners.metrics;
         let server = tokio::spawn(async move {
-            let served = axum::serve(listener, admin::router(state))
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "metrics server failed");
-            }
+            admin::serve(listener, admin::router(state), token).await;
         });
         tasks.adopt("metrics-server", OnExit::Shutdown, server);
     }

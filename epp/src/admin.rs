@@ -7,6 +7,12 @@
 //! authenticated by a TokenReview and authorised by a SubjectAccessReview on the request's path
 //! and verb; in local mode a static bearer token guards them; with the flag off they are open.
 //! `/healthz` is always open (it says nothing but "ok").
+//!
+//! [`serve`] runs it (and `bbr`'s and `lora-syncer`'s) with bounds that come before any
+//! authentication: at most [`MAX_ADMIN_CONNECTIONS`] connections, and a client that does not
+//! send a request's headers within [`ADMIN_HEADER_READ_TIMEOUT`] (an idle kept-alive connection
+//! included) is disconnected. Without them anyone who reaches the port could hold connections,
+//! and file descriptors the ext_proc listener and the scrapers need, for free.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +29,94 @@ use prometheus_client::registry::Registry;
 
 use crate::debug::{self, DecisionLog};
 use crate::profile::ProfileError;
+
+/// Most connections the admin server holds at once: Prometheus, probes and an operator need a
+/// handful; past it, new connections wait in the listen backlog.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers, counted from the connection or from
+/// the previous response (so an idle kept-alive connection ends too).
+pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open admin connections get to finish at shutdown.
+const ADMIN_DRAIN: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` until `shutdown`, bounded (see the module's documentation).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    serve_bounded(
+        listener,
+        router,
+        shutdown,
+        MAX_ADMIN_CONNECTIONS,
+        ADMIN_HEADER_READ_TIMEOUT,
+    )
+    .await;
+}
+
+async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+    max_connections: usize,
+    header_read_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    // HTTP/1.1 only (Prometheus, probes and curl speak it): a server that also detects HTTP/2
+    // waits for a client's first bytes before any timeout applies, so a silent client would
+    // hold its connection for good.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let mut connections = tokio::task::JoinSet::new();
+    let accept = || async {
+        // The permit first: at the cap, connections wait in the backlog, not in memory.
+        let permit = permits.clone().acquire_owned().await;
+        (permit, listener.accept().await)
+    };
+    loop {
+        let (permit, accepted) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = connections.join_next() => continue,
+            next = accept() => next,
+        };
+        let accepted = accepted.inspect_err(|error| {
+            tracing::warn!(%error, "admin server: accept failed");
+        });
+        let (Ok(permit), Ok((stream, _))) = (permit, accepted) else {
+            // Out of file descriptors, say: the next try after a pause, not at once.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let token = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = token.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    if tokio::time::timeout(ADMIN_DRAIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        connections.shutdown().await;
+    }
+}
 
 /// Who may read `/metrics` and `/debug/pool`.
 #[derive(Debug, Clone)]
@@ -260,6 +354,52 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bounds before authentication: a client that sends nothing is disconnected after the
+    /// header timeout, and past the connection cap a new client waits until one leaves.
+    #[tokio::test]
+    async fn the_admin_server_drops_silent_clients_and_caps_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let router = Router::new().route("/healthz", get(|| async { "ok" }));
+        let server = tokio::spawn(serve_bounded(
+            listener,
+            router,
+            shutdown.clone(),
+            1,
+            Duration::from_millis(300),
+        ));
+        let get = |mut c: tokio::net::TcpStream| async move {
+            c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        // Alive: a request is answered.
+        let answer = get(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // A silent client holds the one slot; a second one waits …
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::spawn(get(tokio::net::TcpStream::connect(addr).await.unwrap()));
+        // … until the silent one is disconnected by the header timeout.
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+            .await
+            .expect("disconnected in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{:?}", &buf[..n]);
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("served once the slot freed")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        shutdown.cancel();
+        server.await.unwrap();
+    }
 
     #[test]
     fn token_comparison() {

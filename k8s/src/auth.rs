@@ -36,7 +36,10 @@
 //!   other bogus tokens, never Prometheus' entry;
 //! * identical lookups under way at once share one review (single flight), and at most
 //!   [`MAX_REVIEWS_IN_FLIGHT`] distinct ones run at a time: past that the request is refused
-//!   with 503 rather than passed on to the API server.
+//!   with 503 rather than passed on to the API server. A token that was authenticated before
+//!   (its cached answer expired since) may still start one of [`RESERVED_FOR_KNOWN_TOKENS`]
+//!   more: bogus tokens that keep every slot busy cannot lock Prometheus out when its entry
+//!   comes up for review.
 //!
 //! Each review is retried on transient errors with the reference's webhook backoff (500 ms,
 //! ×1.5, 20 % jitter, 5 attempts) within [`REVIEW_TIMEOUT`].
@@ -89,6 +92,8 @@ pub const DECISIONS: NonZeroUsize = nonzero(1024);
 /// refused (503) instead of adding load to the API server: a client sending many bogus tokens
 /// at once cannot turn the EPP into an amplifier, while cached scrapers are still answered.
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 64;
+/// Reviews beyond [`MAX_REVIEWS_IN_FLIGHT`] that only tokens authenticated before may start.
+pub const RESERVED_FOR_KNOWN_TOKENS: usize = 8;
 /// Longer bearer tokens are refused without review. Real ones (service-account JWTs, OIDC ID
 /// tokens) are a few KiB; this only stops us relaying junk to the API server.
 pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
@@ -317,6 +322,7 @@ impl MetricsAuthorizer {
         let key = hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>());
         let state = State {
             authenticated: LruCache::new(config.authenticated_tokens),
+            known: LruCache::new(config.authenticated_tokens),
             rejected: LruCache::new(config.rejected_tokens),
             decisions: LruCache::new(config.decisions),
             in_flight: HashMap::new(),
@@ -362,7 +368,14 @@ impl MetricsAuthorizer {
             }
             if let Some(pending) = state.in_flight.get(&flight) {
                 pending.clone()
-            } else if state.in_flight.len() >= self.inner.config.max_in_flight {
+            } else if state.in_flight.len()
+                >= self.inner.config.max_in_flight
+                    + if state.known.contains(&flight.token) {
+                        RESERVED_FOR_KNOWN_TOKENS
+                    } else {
+                        0
+                    }
+            {
                 tracing::debug!(
                     in_flight = state.in_flight.len(),
                     "metrics endpoint auth: too many reviews under way, refusing"
@@ -448,6 +461,9 @@ struct Expiring<V> {
 
 struct State {
     authenticated: LruCache<TokenKey, Expiring<Arc<Subject>>>,
+    /// Tokens authenticated before, whether or not their answer is still fresh (as many as
+    /// `authenticated` holds): they keep a few review slots of their own.
+    known: LruCache<TokenKey, ()>,
     rejected: LruCache<TokenKey, Expiring<String>>,
     decisions: LruCache<DecisionKey, Expiring<Access>>,
     in_flight: HashMap<FlightKey, Pending>,
@@ -552,6 +568,7 @@ impl Inner {
                     let expires = Instant::now() + self.config.token_ttl;
                     let mut state = self.state.lock();
                     state.rejected.pop(&flight.token);
+                    state.known.put(flight.token, ());
                     state.authenticated.put(
                         flight.token,
                         Expiring {
@@ -566,6 +583,7 @@ impl Inner {
                     let expires = Instant::now() + self.config.token_ttl;
                     let mut state = self.state.lock();
                     state.authenticated.pop(&flight.token);
+                    state.known.pop(&flight.token);
                     state.rejected.put(
                         flight.token,
                         Expiring {

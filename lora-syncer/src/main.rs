@@ -181,12 +181,7 @@ async fn run(args: Args) -> Result<()> {
         };
         let token = shutdown.clone();
         let server = tokio::spawn(async move {
-            let served = axum::serve(listener, admin::router(state))
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "metrics server failed");
-            }
+            admin::serve(listener, admin::router(state), token).await;
         });
         tasks.adopt("metrics-server", OnExit::Shutdown, server);
     }

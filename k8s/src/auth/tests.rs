@@ -533,6 +533,43 @@ async fn reviews_in_flight_are_capped_and_the_excess_refused_503() {
     assert_eq!(auth.sizes().3, 0);
 }
 
+/// Bogus tokens hold every review slot when Prometheus' cached answer expires: its token,
+/// authenticated before, still gets a review of its own.
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_bogus_reviews_cannot_lock_out_a_known_scraper() {
+    let config = AuthorizerConfig {
+        max_in_flight: 1,
+        ..AuthorizerConfig::default()
+    };
+    let ttl = config.token_ttl.max(config.allowed_ttl);
+    let (auth, mut server) = start(config);
+    let scrape = ask(&auth, "prom-token", "/metrics", "GET");
+    let (req, send) = server.expect(Method::POST, TOKEN_REVIEWS).await;
+    let mut answer = json_body(req).await;
+    answer["status"] = json!({"authenticated": true, "user": prometheus()});
+    respond_json(send, StatusCode::CREATED, &answer);
+    access_review(&mut server, true).await;
+    assert!(done(scrape).await.is_allowed());
+    tokio::time::sleep(ttl + Duration::from_secs(1)).await;
+    // The one slot is taken by a bogus token's review; another stranger is refused …
+    let bogus = ask(&auth, "bogus-1", "/metrics", "GET");
+    let (r1, s1) = server.expect(Method::POST, TOKEN_REVIEWS).await;
+    let refused = auth.authorize("bogus-2", "/metrics", "GET").await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // … but the scraper's token is reviewed again, and allowed.
+    let scrape = ask(&auth, "prom-token", "/metrics", "GET");
+    let (req, send) = server.expect(Method::POST, TOKEN_REVIEWS).await;
+    let mut answer = json_body(req).await;
+    answer["status"] = json!({"authenticated": true, "user": prometheus()});
+    respond_json(send, StatusCode::CREATED, &answer);
+    access_review(&mut server, true).await;
+    assert!(done(scrape).await.is_allowed());
+    let mut answer = json_body(r1).await;
+    answer["status"] = json!({"authenticated": false});
+    respond_json(s1, StatusCode::CREATED, &answer);
+    assert!(!done(bogus).await.is_allowed());
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_caches_stay_bounded_and_a_flood_of_bogus_tokens_cannot_evict_the_scraper() {
     let config = AuthorizerConfig {
