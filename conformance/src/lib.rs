@@ -378,6 +378,16 @@ impl Req {
         self.headers.push((k.to_owned(), v.into()));
         self
     }
+
+    /// Posts it through `gateway`; the response, its body unread.
+    pub async fn post(&self, gateway: SocketAddr) -> testkit::http::Response {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        testkit::http::post(gateway, &self.path, &headers, self.body.clone()).await
+    }
 }
 
 /// What the client saw for one request.
@@ -408,12 +418,7 @@ impl Outcome {
 
 /// Sends one request through `gateway`.
 pub async fn send(gateway: SocketAddr, req: &Req) -> Outcome {
-    let headers: Vec<(&str, &str)> = req
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let resp = testkit::http::post(gateway, &req.path, &headers, req.body.clone()).await;
+    let resp = req.post(gateway).await;
     let status = resp.status().as_u16();
     let replica = testkit::http::header(&resp, "x-inference-pod").map(str::to_owned);
     let served = testkit::http::header(&resp, SERVED).map(str::to_owned);

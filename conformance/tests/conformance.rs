@@ -342,12 +342,7 @@ async fn EppKilledMidStreamFailOpen(ctx: Ctx) -> Verdict {
         firsts.push(first_rx);
         let (listener, req) = (envoy.listener, req.clone());
         streams.push(tokio::spawn(async move {
-            let headers: Vec<(&str, &str)> = req
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            let resp = testkit::http::post(listener, &req.path, &headers, req.body).await;
+            let resp = req.post(listener).await;
             let status = resp.status().as_u16();
             let replica = testkit::http::header(&resp, "x-inference-pod").map(str::to_owned);
             let (frames, error) = testkit::http::frames_signalling_first(resp, first_tx).await;
@@ -1096,12 +1091,7 @@ async fn held_until_the_response_ends(
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let listener = envoy.listener;
     let stream = tokio::spawn(async move {
-        let headers: Vec<(&str, &str)> = req
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let resp = testkit::http::post(listener, &req.path, &headers, req.body).await;
+        let resp = req.post(listener).await;
         let status = resp.status().as_u16();
         let (frames, error) = testkit::http::frames_signalling_first(resp, first_tx).await;
         (status, frames, error)

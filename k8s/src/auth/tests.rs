@@ -543,13 +543,7 @@ async fn a_flood_of_bogus_reviews_cannot_lock_out_a_known_scraper() {
     };
     let ttl = config.token_ttl.max(config.allowed_ttl);
     let (auth, mut server) = start(config);
-    let scrape = ask(&auth, "prom-token", "/metrics", "GET");
-    let (req, send) = server.expect(Method::POST, TOKEN_REVIEWS).await;
-    let mut answer = json_body(req).await;
-    answer["status"] = json!({"authenticated": true, "user": prometheus()});
-    respond_json(send, StatusCode::CREATED, &answer);
-    access_review(&mut server, true).await;
-    assert!(done(scrape).await.is_allowed());
+    admit(&auth, &mut server, "prom-token").await;
     tokio::time::sleep(ttl + Duration::from_secs(1)).await;
     // The one slot is taken by a bogus token's review; another stranger is refused …
     let bogus = ask(&auth, "bogus-1", "/metrics", "GET");
@@ -557,13 +551,7 @@ async fn a_flood_of_bogus_reviews_cannot_lock_out_a_known_scraper() {
     let refused = auth.authorize("bogus-2", "/metrics", "GET").await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     // … but the scraper's token is reviewed again, and allowed.
-    let scrape = ask(&auth, "prom-token", "/metrics", "GET");
-    let (req, send) = server.expect(Method::POST, TOKEN_REVIEWS).await;
-    let mut answer = json_body(req).await;
-    answer["status"] = json!({"authenticated": true, "user": prometheus()});
-    respond_json(send, StatusCode::CREATED, &answer);
-    access_review(&mut server, true).await;
-    assert!(done(scrape).await.is_allowed());
+    admit(&auth, &mut server, "prom-token").await;
     let mut answer = json_body(r1).await;
     answer["status"] = json!({"authenticated": false});
     respond_json(s1, StatusCode::CREATED, &answer);
