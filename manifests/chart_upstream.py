@@ -386,6 +386,8 @@ REJECTIONS = [
     Rejection("a flag that cannot apply here", _with(_ext(flags={"pool-file": "/pool.yaml"})),
               "inferenceExtension.flags.pool-file is refused: local mode"),
     Rejection("a flag written with dashes", _with(_ext(flags={"--v": 3})), "without dashes"),
+    Rejection("a drain grace period the chart cannot read", _with(_ext(flags={"drain-grace-period": "1m30s"})),
+              "inferenceExtension.flags.drain-grace-period \"1m30s\": write it in one unit"),
     Rejection("a boolean flag that is not a boolean", _with(_ext(flags={"secure-serving": "yes"})),
               "inferenceExtension.flags.secure-serving must be true or false"),
     Rejection("leader election off with two replicas",

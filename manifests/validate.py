@@ -630,6 +630,25 @@ def validate_chart_upstream() -> None:
         fail("chart", f"{r.doc}: should fail to render with {r.message!r}")
 
 
+def check_drain_grace() -> None:
+    """The pod's termination grace period covers --drain-grace-period (the kubelet would cut
+    a longer drain short), and is the reference's 130 s otherwise."""
+    chart = helm.Chart.load(CHART)
+    for flag, want in [(None, 130), ("30s", 130), ("90", 130), ("500ms", 130), ("5m", 310), ("2h", 7210)]:
+        flags = {} if flag is None else {"flags": {"drain-grace-period": flag}}
+        values = chart_upstream.merged(chart_upstream.SELECTOR, {"inferenceExtension": flags})
+        where = f"chart[drain-grace-period={flag}]"
+        try:
+            rendered = chart.render(values, name=chart_upstream.RELEASE, namespace=chart_upstream.NAMESPACE)
+        except helm.HelmError as e:
+            fail(where, f"does not render: {e}")
+            continue
+        objs = [d for t, text in rendered.items() if t.endswith((".yaml", ".yml")) for d in docs_of(text)]
+        got = chart_upstream.pod(objs).get("terminationGracePeriodSeconds")
+        if got != want:
+            fail(where, f"terminationGracePeriodSeconds {got}, want {want}")
+
+
 def check_flag_list() -> None:
     """files/epp-flags.yaml names every flag of epp/src/args.rs, and no other: a flag the
     chart accepts but the EPP lacks would crash-loop the pod; one it does not know would be
@@ -728,6 +747,7 @@ def main() -> int:
     check_flag_list()
     validate_chart()
     validate_chart_upstream()
+    check_drain_grace()
     validate_bbr_chart()
     check_stale_goldens()
     lint_dockerfile()

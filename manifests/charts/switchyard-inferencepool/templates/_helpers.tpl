@@ -160,6 +160,32 @@ Upstream's map, or v1.0's list of {name, value} (a repeated name: the last one w
 {{- toJson $out -}}
 {{- end -}}
 
+{{/*
+The pod's terminationGracePeriodSeconds: the reference's 130, or --drain-grace-period plus 10 s
+when that is longer, so that the kubelet never cuts short the drain the flag asks for. The flag
+is read in one unit (90s, 2m, 1h, plain seconds; below a second adds nothing); a value in
+several units is refused here rather than guessed.
+*/}}
+{{- define "switchyard.terminationGracePeriod" -}}
+{{- $user := include "switchyard.userFlags" . | fromJson -}}
+{{- $secs := 0 -}}
+{{- with get $user "drain-grace-period" -}}
+{{- $d := trim . -}}
+{{- if regexMatch "^[0-9]+$" $d -}}
+{{- $secs = atoi $d -}}
+{{- else if regexMatch "^[0-9]+s$" $d -}}
+{{- $secs = atoi (trimSuffix "s" $d) -}}
+{{- else if regexMatch "^[0-9]+m$" $d -}}
+{{- $secs = mul 60 (atoi (trimSuffix "m" $d)) -}}
+{{- else if regexMatch "^[0-9]+h$" $d -}}
+{{- $secs = mul 3600 (atoi (trimSuffix "h" $d)) -}}
+{{- else if not (regexMatch "^[0-9]+(ns|us|µs|ms)$" $d) -}}
+{{- fail (printf "inferenceExtension.flags.drain-grace-period %q: write it in one unit (90s, 2m) so that the chart can give the pod the time to drain" $d) -}}
+{{- end -}}
+{{- end -}}
+{{- max 130 (add $secs 10) -}}
+{{- end -}}
+
 {{/* Effective booleans: the flag if set, else the structured value. "true" or "". */}}
 {{- define "switchyard.flagOr" -}}
 {{- $ctx := index . 0 -}}
