@@ -503,6 +503,13 @@ def validate_bbr_chart() -> None:
         ({"models": [{"name": "a"}]}, "baseModel is required"),
         ({"models": [{"name": "Bad_Name", "baseModel": "m"}]}, "DNS label"),
         ({"models": [{"name": "a", "baseModel": "m", "adapters": [{"id": "x"}]}]}, "id and a source"),
+        # values.schema.json: a typo would keep the adapter routed and loaded.
+        ({"models": [{"name": "a", "baseModel": "m",
+                      "adapters": [{"id": "x", "source": "s", "removed": True}]}]}, "removed"),
+        ({"bbr": {"replica": 2}}, "replica"),
+        ({"models": [{"name": "a", "baseModel": "m", "adapters": [{"id": "x", "source": "s"}]},
+                     {"name": "b", "baseModel": "n", "adapters": [{"id": "x", "source": "t"}]}]},
+         "adapter \"x\" is listed under both \"a\" and \"b\""),
     ):
         try:
             chart.render(values, name="models", namespace=chart_upstream.NAMESPACE, is_install=True)
