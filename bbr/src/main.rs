@@ -93,6 +93,15 @@ async fn run(args: Args) -> Result<()> {
              --metrics-port ({metrics_port}) must all differ"
         );
     }
+    // BUFFERED mode gets the whole body in one gRPC message, which the server refuses past
+    // its message cap: a larger limit would never answer 413, only break the stream.
+    let message_cap = epp::server::MAX_GRPC_MESSAGE - 64 * 1024;
+    if !streaming && max_request_body_bytes > message_cap {
+        bail!(
+            "--max-request-body-bytes={max_request_body_bytes} is over what one gRPC message \
+             carries in BUFFERED mode ({message_cap}): lower it, or add --streaming"
+        );
+    }
     if cert_path.is_some() && !secure_serving {
         bail!(
             "--cert-path is the ext_proc port's TLS certificate: --secure-serving=false serves no TLS"

@@ -37,6 +37,11 @@ fn bad_start_up_input_is_refused_by_name() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("must all differ"), "{err}");
 
+    // BUFFERED mode could never carry such a body in one gRPC message.
+    let (code, err) = run(&["--streaming=false", "--max-request-body-bytes=100000000"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--max-request-body-bytes"), "{err}");
+
     let (code, err) = run(&["--mapping-file-poll-interval", "2s"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("add --mapping-file"), "{err}");

@@ -143,8 +143,8 @@ pub struct Args {
     pub debug_decision_header: bool,
     /// Keep the last N scheduling decisions with their score breakdown for `/debug/pool`
     /// (needs --debug-pool; 0 = off; at most 10000).
-    #[arg(long, default_value_t = 0)]
-    pub debug_decisions: usize,
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=10_000))]
+    pub debug_decisions: u16,
     /// Honour the model-rewrite header (x-llm-d-model-name-rewrite, x-gateway-model-name-rewrite).
     /// Off by default: any client can send it. An InferenceModelRewrite that matches the
     /// request's model wins either way. Turn on only when the gateway strips client copies.
@@ -369,6 +369,10 @@ mod tests {
             assert!(Args::try_parse_from(["epp", &format!("{flag}=1ms")]).is_ok());
         }
         assert!(Args::try_parse_from(["epp", "--drain-grace-period=0s"]).is_ok());
+        // Past the ring's size it is refused, not silently cut.
+        let error = Args::try_parse_from(["epp", "--debug-decisions=10001"]).unwrap_err();
+        assert!(error.to_string().contains("--debug-decisions"), "{error}");
+        assert!(Args::try_parse_from(["epp", "--debug-decisions=10000"]).is_ok());
     }
 
     fn parse(args: &[&str]) -> Args {

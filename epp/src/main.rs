@@ -393,7 +393,7 @@ async fn run(args: Args) -> Result<()> {
             emit_endpoint_scores,
             ..ServiceOptions::default()
         },
-        debug_decisions,
+        debug_decisions: usize::from(debug_decisions),
         tls,
         scrape: Some(scrape),
         refresh_prometheus_interval: refresh_prometheus_metrics_interval,

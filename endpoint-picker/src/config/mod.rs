@@ -361,6 +361,19 @@ fn ensure_prefix_producer(
     let Some((consumer, legacy)) = consumer else {
         return Ok(());
     };
+    // One producer serves every prefix scorer: a second scorer's own parameters would go
+    // unused, so say so, as for a declared producer.
+    for other in plugins.iter().filter(|i| {
+        i.type_name == "prefix-cache-scorer"
+            && i.name != consumer.name
+            && i.parameters.is_some_and(|v| !v.is_null())
+            && i.parameters != legacy
+    }) {
+        warnings.push(format!(
+            "plugin {:?} (prefix-cache-scorer): parameters ignored; the {PREFIX_PRODUCER} made for {:?} takes that plugin's",
+            other.name, consumer.name
+        ));
+    }
     let params = PrefixParams::from_params(&mut Params::new(
         &consumer.name,
         consumer.type_name,

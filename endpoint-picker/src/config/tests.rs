@@ -72,6 +72,28 @@ fn prefix_lora_fixture_loads_with_parameters() {
     assert!(c.warnings.iter().any(|w| w.contains("openai-parser")));
 }
 
+/// Two prefix scorers and no declared producer: the producer takes the first one's
+/// parameters, and the second's are said to be ignored rather than dropped in silence.
+#[test]
+fn a_second_prefix_scorers_parameters_are_said_to_be_ignored() {
+    let c = load(
+        &format!(
+            "{HEAD}plugins:\n- name: a\n  type: prefix-cache-scorer\n  parameters:\n    blockSizeTokens: 32\n\
+             - name: b\n  type: prefix-cache-scorer\n  parameters:\n    blockSizeTokens: 64\n"
+        ),
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.prefix_producers[0].params.block_size_tokens, 32);
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("\"b\"") && w.contains("parameters ignored")),
+        "{:?}",
+        c.warnings
+    );
+}
+
 #[test]
 fn llmd_fixture_loads_legacy_scorer_parameters() {
     let c = load(&fixture("llm-d.yaml"), 1).unwrap();

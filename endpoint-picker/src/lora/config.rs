@@ -198,6 +198,12 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
             "host {host:?} is not a host name"
         )));
     }
+    let port = raw.port.unwrap_or(8000);
+    if port == 0 {
+        // Nothing listens on port 0: the syncer would wait out its health timeout and restart
+        // forever instead of saying what is wrong.
+        return Err(ConfigError::Invalid("port 0 is no engine's port".into()));
+    }
     let conflicts = ensure_exist
         .keys()
         .filter(|id| ensure_not_exist.contains_key(*id))
@@ -206,7 +212,7 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
     Ok(LoraConfig {
         name: raw.name,
         host,
-        port: raw.port.unwrap_or(8000),
+        port,
         ensure_exist,
         ensure_not_exist,
         conflicts,
@@ -254,6 +260,8 @@ vLLMLoRAConfig:
 
     #[test]
     fn bad_configs_are_refused_with_a_reason() {
+        let zero = UPSTREAM.replace("  port: 8000", "  port: 0");
+        assert!(matches!(parse(&zero, true), Err(ConfigError::Invalid(m)) if m.contains("port 0")));
         let unknown = UPSTREAM.replace("  port: 8000", "  prot: 8000");
         assert!(matches!(
             parse(&unknown, true),
