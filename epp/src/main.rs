@@ -336,6 +336,18 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    if let Some(detector) = loaded.saturation_detector.utilization()
+        && refresh_metrics_interval >= detector.metrics_staleness_threshold
+    {
+        // Every endpoint would look stale between two scrapes: the detector would call the
+        // pool saturated and shed every sheddable request.
+        bail!(
+            "--refresh-metrics-interval={refresh_metrics_interval:?} is not below the saturation \
+             detector's metricsStalenessThreshold ({:?}): scrape more often, or raise the threshold \
+             in the config's utilization-detector",
+            detector.metrics_staleness_threshold
+        );
+    }
     let mut scrape = ScrapeConfig {
         interval: refresh_metrics_interval,
         timeout: metrics_scrape_timeout,

@@ -119,7 +119,7 @@ async fn bad_config_fails_before_binding_any_port() {
     assert_ne!(code, 0);
     assert!(stderr.contains("pool"), "{stderr}");
     // Metrics auth: on by default, so local mode needs a token, and a token needs it on.
-    let auth_cases: [(&[&str], &str); 3] = [
+    let auth_cases: [(&[&str], &str); 4] = [
         (
             &[],
             "--metrics-endpoint-auth (default true) needs --metrics-bearer-token",
@@ -131,6 +131,14 @@ async fn bad_config_fails_before_binding_any_port() {
         (
             &["--metrics-endpoint-auth=false", "--debug-decisions=5"],
             "add --debug-pool",
+        ),
+        // Scraped less often than metrics go stale: every endpoint would look stale.
+        (
+            &[
+                "--metrics-endpoint-auth=false",
+                "--refresh-metrics-interval=500ms",
+            ],
+            "metricsStalenessThreshold",
         ),
     ];
     for (extra, needle) in auth_cases {
