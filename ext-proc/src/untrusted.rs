@@ -7,32 +7,8 @@
 //! `escape_debug`, so the rendering is the same in every log format) and at most
 //! [`MAX_LOGGED_CHARS`] characters of it, followed by how much was left out.
 
-use std::fmt;
-
-/// Most characters of one client-supplied value written to a log line or an error body.
-pub const MAX_LOGGED_CHARS: usize = 128;
-
-/// A client-supplied string, displayed escaped and truncated.
-#[derive(Clone, Copy)]
-pub struct Untrusted<'a>(pub &'a str);
-
-impl fmt::Display for Untrusted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (shown, (i, c)) in self.0.char_indices().enumerate() {
-            if shown == MAX_LOGGED_CHARS {
-                return write!(f, "…(+{} bytes)", self.0.len() - i);
-            }
-            write!(f, "{}", c.escape_debug())?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Untrusted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{self}\"")
-    }
-}
+// One escaper for the whole workspace: it lives in `kv-events`, the lowest crate that needs it.
+pub use kv_events::{MAX_LOGGED_CHARS, Untrusted};
 
 /// `s` escaped and truncated, as an owned string (for error bodies).
 pub fn sanitize(s: &str) -> String {

@@ -22,15 +22,15 @@ pub use codec::{DecodeError, EncodeError, Encoder, Encoding, HashEncoding, decod
 pub use config::{ConfigError, KvEventsConfig, PublisherKind};
 pub use topic::{Topic, TopicError};
 
-/// Most characters of one peer-supplied string (a topic, an event tag) written to a log line or
-/// an error message.
+/// Most characters of one untrusted string written to a log line or an error message.
 pub const MAX_LOGGED_CHARS: usize = 128;
 
-/// A string an engine sent (a topic, an unknown event tag or medium), displayed as the EPP
-/// displays a client's (`ext-proc`'s `untrusted::Untrusted`): every control character, quote
-/// and backslash escaped (`char::escape_debug`, the same in every log format), at most
-/// [`MAX_LOGGED_CHARS`] characters, then how much was left out. A topic holding a newline and
-/// ESC bytes would otherwise write a forged line into a console log.
+/// A string from outside (an engine's topic, event tag or medium here; a client's model name or
+/// field in `ext-proc`, which re-exports this as `untrusted::Untrusted`), displayed with every
+/// control character, quote and backslash escaped (`char::escape_debug`, the same in every log
+/// format), at most [`MAX_LOGGED_CHARS`] characters, then how much was left out. A value
+/// holding a newline and ESC bytes would otherwise write a forged line into a console log.
+/// Here, the lowest crate both use, so that there is one escaper.
 #[derive(Clone, Copy)]
 pub struct Untrusted<'a>(pub &'a str);
 

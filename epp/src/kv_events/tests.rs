@@ -299,6 +299,23 @@ fn pod(i: u8) -> PodLabels {
     }
 }
 
+/// The per-endpoint subscriber manager with default settings, until `token`.
+fn spawn_manager(
+    connector: &Arc<FakeConnector>,
+    datastore: &Arc<Datastore>,
+    index: &Arc<SharedKvIndex>,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(
+        connector.clone(),
+        datastore.clone(),
+        index.clone(),
+        Arc::new(KvEventMetrics::default()),
+        KvEventsSettings::default(),
+        token.clone(),
+    ))
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stream_is_live_from_its_first_batch_until_its_engine_goes() {
     let connector = Arc::new(FakeConnector::default());
@@ -307,14 +324,7 @@ async fn a_stream_is_live_from_its_first_batch_until_its_engine_goes() {
     let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
     let index = new_index();
     let token = CancellationToken::new();
-    let manager = tokio::spawn(run(
-        connector.clone(),
-        datastore.clone(),
-        index.clone(),
-        Arc::new(KvEventMetrics::default()),
-        KvEventsSettings::default(),
-        token.clone(),
-    ));
+    let manager = spawn_manager(&connector, &datastore, &index, &token);
     // Dialing an engine that never answers (or answers nothing) is not live, however long.
     wire.polled.recv().await.unwrap();
     wire.set_connected([127, 0, 0, 1], true).await;
@@ -353,14 +363,7 @@ async fn a_restarted_publisher_clears_its_endpoint() {
     let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
     let index = new_index();
     let token = CancellationToken::new();
-    let manager = tokio::spawn(run(
-        connector.clone(),
-        datastore.clone(),
-        index.clone(),
-        Arc::new(KvEventMetrics::default()),
-        KvEventsSettings::default(),
-        token.clone(),
-    ));
+    let manager = spawn_manager(&connector, &datastore, &index, &token);
     wire.polled.recv().await.unwrap();
     for seq in 0..6 {
         wire.send(message(seq, 1)).await;
@@ -394,14 +397,7 @@ async fn a_panicked_subscriber_is_reaped_its_endpoint_cleared_and_started_again(
     let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
     let index = new_index();
     let token = CancellationToken::new();
-    let manager = tokio::spawn(run(
-        connector.clone(),
-        datastore.clone(),
-        index.clone(),
-        Arc::new(KvEventMetrics::default()),
-        KvEventsSettings::default(),
-        token.clone(),
-    ));
+    let manager = spawn_manager(&connector, &datastore, &index, &token);
     first.polled.recv().await.unwrap();
     first.send(message(0, 1)).await;
     assert_eq!(

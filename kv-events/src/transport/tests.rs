@@ -412,6 +412,28 @@ fn backoff_doubles_to_its_cap_and_resets() {
     assert_eq!(b.next_delay().as_millis(), 100);
 }
 
+/// A publisher connecting to `endpoint` (a central subscriber's), one topic, no replay,
+/// running until `cancel`.
+async fn connecting_publisher(
+    endpoint: String,
+    cancel: &CancellationToken,
+) -> (
+    PublisherHandle,
+    tokio::task::JoinHandle<Result<(), TransportError>>,
+) {
+    let (publisher, handle) = Publisher::start(PublisherConfig {
+        endpoint,
+        replay_endpoint: None,
+        buffer_steps: 0,
+        max_queue_size: 16,
+        topic: "kv@p@m".to_owned(),
+        encoder: Encoder::default(),
+    })
+    .await
+    .unwrap();
+    (handle, tokio::spawn(publisher.run(cancel.clone())))
+}
+
 /// Publishes until `rx` delivers a batch from the publisher (bounded by [`WAIT`]).
 async fn publish_until_received(
     handle: &PublisherHandle,
@@ -438,18 +460,8 @@ async fn a_connecting_publisher_dials_a_restarted_central_subscriber_again() {
     let sub_task = tokio::spawn(sub.run(tx, sub_cancel.clone()));
 
     // No `*`: by vLLM's rule the PUB socket connects.
-    let (publisher, handle) = Publisher::start(PublisherConfig {
-        endpoint: central.clone(),
-        replay_endpoint: None,
-        buffer_steps: 0,
-        max_queue_size: 16,
-        topic: "kv@p@m".to_owned(),
-        encoder: Encoder::default(),
-    })
-    .await
-    .unwrap();
     let cancel = CancellationToken::new();
-    let pub_task = tokio::spawn(publisher.run(cancel.clone()));
+    let (handle, pub_task) = connecting_publisher(central.clone(), &cancel).await;
     publish_until_received(&handle, &mut rx).await;
 
     // The central subscriber restarts on the same port.
@@ -560,18 +572,8 @@ async fn a_peer_announcing_a_huge_frame_is_cut_off_and_the_subscriber_lives_on()
     let _ = timeout(WAIT, hostile.read_to_end(&mut rest)).await.unwrap();
 
     // And the subscriber still takes a real publisher's batches.
-    let (publisher, handle) = Publisher::start(PublisherConfig {
-        endpoint: central,
-        replay_endpoint: None,
-        buffer_steps: 0,
-        max_queue_size: 16,
-        topic: "kv@p@m".to_owned(),
-        encoder: Encoder::default(),
-    })
-    .await
-    .unwrap();
     let pub_cancel = CancellationToken::new();
-    let pub_task = tokio::spawn(publisher.run(pub_cancel.clone()));
+    let (handle, pub_task) = connecting_publisher(central, &pub_cancel).await;
     publish_until_received(&handle, &mut rx).await;
     assert!(!task.is_finished());
 
@@ -631,18 +633,8 @@ async fn a_central_subscriber_counts_the_engines_that_dial_it() {
     let task = tokio::spawn(sub.run(tx, cancel.clone()));
     let local = std::net::IpAddr::from([127, 0, 0, 1]);
 
-    let (publisher, handle) = Publisher::start(PublisherConfig {
-        endpoint: central,
-        replay_endpoint: None,
-        buffer_steps: 0,
-        max_queue_size: 16,
-        topic: "kv@p@m".to_owned(),
-        encoder: Encoder::default(),
-    })
-    .await
-    .unwrap();
     let pub_cancel = CancellationToken::new();
-    let pub_task = tokio::spawn(publisher.run(pub_cancel.clone()));
+    let (handle, pub_task) = connecting_publisher(central, &pub_cancel).await;
     publish_until_received(&handle, &mut rx).await;
     assert_eq!(peers.borrow().connected(local), Some(true));
 
