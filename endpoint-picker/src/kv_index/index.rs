@@ -14,7 +14,10 @@
 //!   each key's entries are themselves in recency order, the oldest dropped past the cap;
 //! - `engine`: engine hash → request keys, an LRU capped at `max_engine_keys`;
 //! - `by_endpoint`: per endpoint, the slots of the keys it holds (the reverse index), so that
-//!   clearing an endpoint costs its own entries, never a scan of the index.
+//!   clearing an endpoint costs its own entries, never a scan of the index. It is a log
+//!   appended to when the endpoint first holds a key and compacted when it has grown to twice
+//!   the keys held, not a set kept exact: an eviction then touches no reverse structure, where
+//!   a set's removal was a cache miss per evicted block (bench/RESULTS.md, "Ingest").
 //!
 //! Speculative entries (a just-routed request's blocks on the chosen endpoint) live until
 //! `speculative_ttl` after they were made, or until a real event for the same block and
@@ -323,6 +326,10 @@ fn settle(out: &mut Applied, known: u32) {
     }
 }
 
+/// Engine hash → the request key a batch's store chains from ([`KvIndex::parent_keys`]).
+/// Keyed as the index's own tables are: the hashes come from engines.
+pub type ParentKeys = HashMap<u64, u64, KeyHashState>;
+
 /// A batch with its request keys computed, ready to apply. The hashing (most of a batch's cost:
 /// one hash per block, over its tokens) is done without the index's lock, from the parents' keys
 /// looked up before ([`KvIndex::parent_keys`], under a read lock); a parent announced earlier in
@@ -374,7 +381,7 @@ impl<'a> PreparedBatch<'a> {
     /// The parent hashes `batch`'s stores chain from (distinct, in order): what
     /// [`KvIndex::parent_keys`] looks up before [`PreparedBatch::new`].
     pub fn parents(batch: &EventBatch) -> Vec<u64> {
-        let mut seen = HashSet::new();
+        let mut seen: HashSet<u64, KeyHashState> = HashSet::default();
         batch
             .events
             .iter()
@@ -393,12 +400,20 @@ impl<'a> PreparedBatch<'a> {
         hasher: &KeyHasher,
         model: &str,
         batch: &'a EventBatch,
-        parents: &HashMap<u64, u64>,
+        parents: &ParentKeys,
     ) -> Self {
         let mut out = Applied::default();
         let mut ops = Vec::with_capacity(batch.events.len());
         // Engine hash → the last key it maps to, as this batch's own stores announce them.
-        let mut own: HashMap<u64, u64> = HashMap::new();
+        let stored = batch
+            .events
+            .iter()
+            .map(|e| match e {
+                Event::BlockStored(ev) => ev.block_hashes.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut own = ParentKeys::with_capacity_and_hasher(stored, KeyHashState::random());
         for event in &batch.events {
             let ev = match event {
                 Event::BlockStored(ev) if ev.token_ids.is_empty() => {
@@ -493,6 +508,20 @@ fn engine_pairs(hashes: &[u64], keys: &[u64]) -> Vec<(u64, RequestKeys)> {
     out
 }
 
+/// Past twice the keys held and this many more, an endpoint's log of slots is compacted.
+const LOG_SLACK: usize = 1_024;
+
+/// An endpoint's reverse index: the slots of the keys it holds entries for.
+#[derive(Debug, Default)]
+struct Held {
+    /// Every slot where the endpoint came to hold a key, since the last compaction: a superset
+    /// of the slots it holds (a slot stays after the key left, or went to another key), with
+    /// repeats.
+    slots: Vec<Slot>,
+    /// Keys the endpoint holds an entry for.
+    keys: usize,
+}
+
 /// The index.
 #[derive(Debug)]
 pub struct KvIndex {
@@ -500,7 +529,7 @@ pub struct KvIndex {
     limits: IndexLimits,
     keys: SlabLru<Entries>,
     engine: SlabLru<RequestKeys>,
-    by_endpoint: Vec<Option<HashSet<Slot, KeyHashState>>>,
+    by_endpoint: Vec<Option<Held>>,
     entries: usize,
     speculations: VecDeque<Speculation>,
     speculative_keys: usize,
@@ -563,18 +592,18 @@ impl KvIndex {
         self.by_endpoint
             .get(id.0 as usize)
             .and_then(Option::as_ref)
-            .map_or(0, HashSet::len)
+            .map_or(0, |h| h.keys)
     }
 
     /// Bytes the index's tables take (the allocations, not counting allocator overhead): the
-    /// key and engine slabs with their hash tables, the reverse sets, and entries spilled out
-    /// of line (more than two on one key).
+    /// key and engine slabs with their hash tables and the reverse logs (not the entries
+    /// spilled out of line: more than two on one key).
     pub fn heap_bytes(&self) -> usize {
         let reverse: usize = self
             .by_endpoint
             .iter()
             .flatten()
-            .map(|s| s.capacity() * (std::mem::size_of::<Slot>() + 1))
+            .map(|h| h.slots.capacity() * std::mem::size_of::<Slot>())
             .sum();
         self.keys.heap_bytes() + self.engine.heap_bytes() + reverse
     }
@@ -598,7 +627,7 @@ impl KvIndex {
         batch: &EventBatch,
         now: Instant,
     ) -> Applied {
-        let mut parents = HashMap::new();
+        let mut parents = ParentKeys::default();
         self.parent_keys(&PreparedBatch::parents(batch), &mut parents);
         let mut prepared = PreparedBatch::new(&self.hasher, model, batch, &parents);
         self.apply_prepared(endpoint, &mut prepared, usize::MAX, now);
@@ -607,7 +636,7 @@ impl KvIndex {
 
     /// The request key each of `hashes` (a batch's parents, [`PreparedBatch::parents`])
     /// chains from, for those the index maps, into `out`. Reads only.
-    pub fn parent_keys(&self, hashes: &[u64], out: &mut HashMap<u64, u64>) {
+    pub fn parent_keys(&self, hashes: &[u64], out: &mut ParentKeys) {
         for &hash in hashes {
             if let Some(&key) = self.engine.get(hash).and_then(|k| k.last()) {
                 out.insert(hash, key);
@@ -652,6 +681,7 @@ impl KvIndex {
                     engine,
                     keys,
                 } => {
+                    self.warm(engine, keys, *pos, end);
                     for i in *pos..end {
                         if let Some((hash, ks)) = engine.get_mut(i) {
                             self.set_engine(*hash, std::mem::take(ks));
@@ -715,6 +745,31 @@ impl KvIndex {
         true
     }
 
+    /// Reads ahead what units `pos..end` of a store will write ([`SlabLru::warm`]): the engine
+    /// hashes' and the keys' table slots, and those of the entries they will evict.
+    fn warm(&self, engine: &[(u64, RequestKeys)], keys: &[u64], pos: usize, end: usize) {
+        let split = engine.len();
+        let hashes = engine
+            .get(pos.min(split)..end.min(split))
+            .unwrap_or_default();
+        let spare_engine = self
+            .limits
+            .max_engine_keys
+            .saturating_sub(self.engine.len());
+        self.engine.warm(
+            hashes.iter().map(|(h, _)| *h),
+            hashes.len().saturating_sub(spare_engine),
+        );
+        // Keys are stored deepest first: unit `i` past the engine pairs is key `len - 1 - (i -
+        // split)`.
+        let (from, to) = (pos.max(split) - split, end.max(split) - split);
+        let n = keys.len();
+        let stored = keys.get(n - to.min(n)..n - from.min(n)).unwrap_or_default();
+        let spare = self.limits.max_keys.saturating_sub(self.keys.len());
+        self.keys
+            .warm(stored.iter().copied(), stored.len().saturating_sub(spare));
+    }
+
     fn set_engine(&mut self, hash: u64, keys: RequestKeys) {
         let (slot, _) = self.engine.insert_with(hash, RequestKeys::new);
         if let Some(v) = self.engine.at_mut(slot) {
@@ -759,14 +814,15 @@ impl KvIndex {
     /// Forgets everything an endpoint holds (`AllBlocksCleared`, a sequence gap that replay did
     /// not fill, the endpoint leaving the pool). Costs the endpoint's own entries.
     pub fn clear_endpoint(&mut self, endpoint: EndpointId) {
-        let Some(slots) = self
+        let Some(held) = self
             .by_endpoint
             .get_mut(endpoint.0 as usize)
             .and_then(Option::take)
         else {
             return;
         };
-        for slot in slots {
+        // A slot the endpoint no longer holds (or that is logged twice) removes nothing.
+        for slot in held.slots {
             let Some(entries) = self.keys.at_mut(slot) else {
                 continue;
             };
@@ -856,6 +912,8 @@ impl KvIndex {
         let Some(entries) = self.keys.at_mut(slot) else {
             return;
         };
+        // Either way the endpoint holds the key after this.
+        let newly_held = !entries.iter().any(|e| e.endpoint == endpoint.0);
         let mut evicted = None;
         let mut delta: isize = 0;
         match speculative {
@@ -912,7 +970,9 @@ impl KvIndex {
         {
             self.forget_slot(EndpointId(e.endpoint), slot);
         }
-        self.remember_slot(endpoint, slot);
+        if newly_held {
+            self.remember_slot(endpoint, slot);
+        }
         while self.keys.len() > self.limits.max_keys {
             let Some(oldest) = self.keys.oldest() else {
                 break;
@@ -929,7 +989,8 @@ impl KvIndex {
         let mut gone: SmallVec<[u32; 4]> = SmallVec::new();
         entries.retain(|e| {
             let k = keep(e);
-            if !k {
+            // An endpoint's entries in two tiers are one key held.
+            if !k && !gone.contains(&e.endpoint) {
                 gone.push(e.endpoint);
             }
             k
@@ -952,8 +1013,11 @@ impl KvIndex {
     fn evict_key(&mut self, slot: Slot) {
         if let Some((_, entries)) = self.keys.remove(slot) {
             self.entries -= entries.len();
-            for e in entries {
-                self.forget_slot(EndpointId(e.endpoint), slot);
+            for (i, e) in entries.iter().enumerate() {
+                // An endpoint's entries in two tiers are one key held.
+                if !entries[..i].iter().any(|o| o.endpoint == e.endpoint) {
+                    self.forget_slot(EndpointId(e.endpoint), slot);
+                }
             }
         }
     }
@@ -964,19 +1028,33 @@ impl KvIndex {
             .is_some_and(|es| es.iter().any(|e| e.endpoint == endpoint))
     }
 
+    /// The endpoint has come to hold the key at `slot`.
     fn remember_slot(&mut self, endpoint: EndpointId, slot: Slot) {
         let i = endpoint.0 as usize;
         if self.by_endpoint.len() <= i {
             self.by_endpoint.resize_with(i + 1, || None);
         }
-        self.by_endpoint[i]
-            .get_or_insert_with(|| HashSet::with_hasher(KeyHashState::random()))
-            .insert(slot);
+        let held = self.by_endpoint[i].get_or_insert_with(Held::default);
+        held.slots.push(slot);
+        held.keys += 1;
+        if held.slots.len() >= 2 * held.keys + LOG_SLACK {
+            // Amortised: at least `keys + LOG_SLACK` pushes since the last compaction pay for
+            // reading the `2 keys + LOG_SLACK` slots, in address order.
+            let mut slots = std::mem::take(&mut held.slots);
+            slots.sort_unstable();
+            slots.dedup();
+            slots.retain(|&s| self.holds(s, endpoint.0));
+            if let Some(Some(held)) = self.by_endpoint.get_mut(i) {
+                held.slots = slots;
+            }
+        }
     }
 
-    fn forget_slot(&mut self, endpoint: EndpointId, slot: Slot) {
-        if let Some(Some(set)) = self.by_endpoint.get_mut(endpoint.0 as usize) {
-            set.remove(&slot);
+    /// The endpoint no longer holds the key at `slot` (its log keeps the slot until the next
+    /// compaction).
+    fn forget_slot(&mut self, endpoint: EndpointId, _slot: Slot) {
+        if let Some(Some(held)) = self.by_endpoint.get_mut(endpoint.0 as usize) {
+            held.keys = held.keys.saturating_sub(1);
         }
     }
 

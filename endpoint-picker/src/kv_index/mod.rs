@@ -12,15 +12,14 @@ pub mod keys;
 pub mod peers;
 mod slab;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
 pub use index::{
-    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, PreparedBatch, SharedMedia,
-    TierWeights,
+    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, ParentKeys, PreparedBatch,
+    SharedMedia, TierWeights,
 };
 pub use keys::{HashAlgorithm, KeyHasher};
 
@@ -117,7 +116,7 @@ impl SharedKvIndex {
         now: Instant,
     ) -> Applied {
         let needed = PreparedBatch::parents(batch);
-        let mut parents = HashMap::with_capacity(needed.len());
+        let mut parents = ParentKeys::with_capacity_and_hasher(needed.len(), Default::default());
         for chunk in needed.chunks(APPLY_SLICE) {
             self.index.read().parent_keys(chunk, &mut parents);
         }

@@ -272,10 +272,21 @@ impl KvIndex {
             slot += 1;
         }
         assert_eq!(entries, self.entries, "entry count");
-        for (i, set) in self.by_endpoint.iter().enumerate() {
-            let set: std::collections::HashSet<Slot> =
-                set.iter().flat_map(|s| s.iter().copied()).collect();
-            assert_eq!(set, held[i], "reverse index of endpoint {i}");
+        for (i, log) in self.by_endpoint.iter().enumerate() {
+            let logged: std::collections::HashSet<Slot> =
+                log.iter().flat_map(|h| h.slots.iter().copied()).collect();
+            assert!(
+                logged.is_superset(&held[i]),
+                "reverse index of endpoint {i} misses a slot"
+            );
+            let keys = log.as_ref().map_or(0, |h| h.keys);
+            assert_eq!(keys, held[i].len(), "keys held by endpoint {i}");
+            if let Some(h) = log {
+                assert!(
+                    h.slots.len() < 2 * h.keys + LOG_SLACK,
+                    "log of {i} not compacted"
+                );
+            }
         }
         let pending: usize = self.speculations.iter().map(|s| s.keys.len()).sum();
         assert_eq!(pending, self.speculative_keys);
@@ -877,7 +888,7 @@ proptest! {
         let b = batch(events);
         let applied = whole.apply(ep(endpoint), MODEL, &b, now);
 
-        let mut parents = HashMap::new();
+        let mut parents = ParentKeys::default();
         sliced.parent_keys(&PreparedBatch::parents(&b), &mut parents);
         let mut prepared = PreparedBatch::new(sliced.hasher(), MODEL, &b, &parents);
         let mut slices = 1;
@@ -934,7 +945,7 @@ fn a_long_prefill_is_applied_in_bounded_slices() {
 
     // Directly: three holds of the lock, each within the slice.
     let mut idx = KvIndex::new(hasher, IndexLimits::default());
-    let mut prepared = PreparedBatch::new(&hasher, MODEL, &b, &HashMap::new());
+    let mut prepared = PreparedBatch::new(&hasher, MODEL, &b, &ParentKeys::default());
     let mut holds = 0;
     loop {
         holds += 1;
@@ -965,4 +976,60 @@ fn a_long_prefill_is_applied_in_bounded_slices() {
         )
     });
     assert_eq!(out.of(ep(0)).blocks, blocks);
+}
+
+/// Keys come and go under the cap far more often than an endpoint holds them: its reverse log
+/// is compacted (bounded by twice the keys held plus the slack) and still clears exactly the
+/// endpoint's entries, on slots that the evictions handed from one endpoint to another.
+#[test]
+fn reverse_logs_stay_bounded_under_churn_and_clear_exactly() {
+    let mut idx = index(IndexLimits {
+        max_keys: 64,
+        max_engine_keys: 64,
+        ..IndexLimits::default()
+    });
+    let now = Instant::now();
+    for seq in 0..3_000u32 {
+        // Endpoint 1 holds its one sequence throughout; 0 and 2 churn through the cap.
+        let e = if seq % 2 == 0 { 0 } else { 2 };
+        idx.apply(
+            ep(e),
+            MODEL,
+            &batch(vec![stored(seq, 0..2, Medium::Gpu)]),
+            now,
+        );
+        idx.apply(
+            ep(1),
+            MODEL,
+            &batch(vec![stored(9_999, 0..2, Medium::Cpu)]),
+            now,
+        );
+        if seq % 500 == 0 {
+            idx.check_invariants();
+        }
+    }
+    idx.check_invariants();
+    for e in [0, 1, 2] {
+        let log = idx.by_endpoint[e].as_ref().map_or(0, |h| h.slots.len());
+        assert!(
+            log < 2 * idx.endpoint_keys(ep(e as u32)) + LOG_SLACK,
+            "log of {e}: {log}"
+        );
+    }
+    // Alive: endpoint 1 holds its sequence, endpoint 0 its last one.
+    assert_eq!(blocks(&lookup(&idx, &request(9_999, 2), &[1]), 1), 2);
+    assert_eq!(blocks(&lookup(&idx, &request(2_998, 2), &[0]), 0), 2);
+    assert!(idx.endpoint_keys(ep(0)) > 0);
+
+    idx.clear_endpoint(ep(0));
+    idx.check_invariants();
+    assert_eq!(idx.endpoint_keys(ep(0)), 0);
+    assert_eq!(blocks(&lookup(&idx, &request(2_998, 2), &[0]), 0), 0);
+    // The others keep what they hold.
+    assert_eq!(blocks(&lookup(&idx, &request(9_999, 2), &[1]), 1), 2);
+    assert_eq!(blocks(&lookup(&idx, &request(2_999, 2), &[2]), 2), 2);
+    assert_eq!(
+        idx.entries(),
+        idx.endpoint_keys(ep(1)) + idx.endpoint_keys(ep(2))
+    );
 }
