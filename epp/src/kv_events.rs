@@ -814,12 +814,29 @@ async fn subscribe_bound<C: Connector>(
 /// jump of the sequence number, which [`handle`] turns into a cleared endpoint; a publisher
 /// restart it saw comes as [`KvMessage::publisher_restarted`]. Its frame guard tells which
 /// engines are connected ([`KvEventSource::connected`]).
-#[derive(Debug, Default)]
-pub struct ZmqConnector;
+/// Every subscriber of the process charges the batches it decoded ahead of the index to one
+/// budget of [`ZMQ_QUEUE_BYTES`].
+#[derive(Debug, Clone)]
+pub struct ZmqConnector {
+    budget: kv_events::transport::QueueBudget,
+}
+
+impl Default for ZmqConnector {
+    fn default() -> Self {
+        Self {
+            budget: kv_events::transport::QueueBudget::new(ZMQ_QUEUE_BYTES),
+        }
+    }
+}
 
 /// Batches a subscriber may have decoded ahead of the index (the transport counts what a full
 /// channel drops as missed).
 const ZMQ_CHANNEL: usize = 1024;
+
+/// Bytes of decoded batches (and their payloads) all subscribers together may hold ahead of
+/// the index: 256 MiB, beside an index of at most some 1.8 GiB at its default size, within the
+/// pod's 4 GiB. Past it batches are dropped as missed, and their engines' entries cleared.
+const ZMQ_QUEUE_BYTES: usize = 256 << 20;
 
 /// A running `kv-events` subscriber.
 #[derive(Debug)]
@@ -900,6 +917,7 @@ impl Connector for ZmqConnector {
         } else {
             Subscriber::new(config)
         };
+        let subscriber = subscriber.with_queue_budget(self.budget.clone());
         let peers = subscriber.peers();
         let (tx, rx) = tokio::sync::mpsc::channel(ZMQ_CHANNEL);
         let stop = CancellationToken::new();

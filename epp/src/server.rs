@@ -330,7 +330,7 @@ pub async fn serve_with_handles(
             OnExit::Restart,
             factory(move |token| {
                 crate::kv_events::run(
-                    Arc::new(crate::kv_events::ZmqConnector),
+                    Arc::new(crate::kv_events::ZmqConnector::default()),
                     datastore.clone(),
                     index.clone(),
                     metrics.clone(),

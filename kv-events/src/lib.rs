@@ -66,6 +66,29 @@ pub struct EventBatch {
     pub data_parallel_rank: Option<i64>,
 }
 
+impl EventBatch {
+    /// The memory the decoded batch holds, about (its vectors' lengths; what a queue of
+    /// batches is charged).
+    pub fn approx_bytes(&self) -> usize {
+        let events: usize = self
+            .events
+            .iter()
+            .map(|e| match e {
+                Event::BlockStored(ev) => {
+                    ev.block_hashes.len() * std::mem::size_of::<EngineBlockHash>()
+                        + ev.token_ids.len() * std::mem::size_of::<u32>()
+                        + ev.lora_name.as_ref().map_or(0, String::len)
+                }
+                Event::BlockRemoved(ev) => {
+                    ev.block_hashes.len() * std::mem::size_of::<EngineBlockHash>()
+                }
+                Event::AllBlocksCleared => 0,
+            })
+            .sum();
+        events + self.events.len() * std::mem::size_of::<Event>()
+    }
+}
+
 /// A change of an engine's prefix cache.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {

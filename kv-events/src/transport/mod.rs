@@ -23,8 +23,8 @@ pub use frames::{FramePub, FrameSub};
 pub use guard::Peers;
 pub use publisher::{Publisher, PublisherConfig, PublisherHandle, PublisherStats};
 pub use subscriber::{
-    MAX_REPLAY_BATCHES, MAX_TOPICS, ReceivedBatch, SubscribeMode, Subscriber, SubscriberConfig,
-    SubscriberStats, SubscriberStatsSnapshot,
+    DEFAULT_QUEUE_BYTES, MAX_REPLAY_BATCHES, MAX_TOPICS, QueueBudget, QueueCharge, ReceivedBatch,
+    SubscribeMode, Subscriber, SubscriberConfig, SubscriberStats, SubscriberStatsSnapshot,
 };
 
 use std::time::Duration;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
@@ -80,6 +80,52 @@ impl SubscriberConfig {
     }
 }
 
+/// What a subscriber may hold in batches decoded ahead of their consumer, when it is not given
+/// a shared [`QueueBudget`]: 64 MiB (a channel's count alone would allow a thousand batches of
+/// up to an 8 MiB frame each, decoded to several times that).
+pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
+
+/// Bytes of received batches queued ahead of their consumer (the payload and the decoded
+/// events), shared by the subscribers given the same budget. A batch that would pass it is
+/// dropped and counted as a full channel's are: missed, so the index clears what may be stale.
+#[derive(Debug, Clone)]
+pub struct QueueBudget(Arc<Semaphore>);
+
+impl QueueBudget {
+    /// A budget of `bytes` (counted in KiB, at least one).
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes.div_ceil(1024).max(1))))
+    }
+
+    /// Charges `bytes`, or `None` when the budget has not that much left.
+    fn charge(&self, bytes: usize) -> Option<QueueCharge> {
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
+        let permit = self.0.clone().try_acquire_many_owned(kib).ok()?;
+        Some(QueueCharge {
+            _permit: Arc::new(permit),
+        })
+    }
+
+    /// KiB left.
+    pub fn available_kib(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// A received batch's charge on its [`QueueBudget`], given back when the batch (and every
+/// clone of it) is dropped.
+#[derive(Debug, Clone)]
+pub struct QueueCharge {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl PartialEq for QueueCharge {
+    /// Charges never make two batches differ.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// One decoded batch, in publishing order per topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReceivedBatch {
@@ -102,6 +148,9 @@ pub struct ReceivedBatch {
     /// The sequence number went backwards: the publisher restarted, and the engine's cache
     /// with it (what the index held for it is gone).
     pub publisher_restarted: bool,
+    /// Its charge on the subscriber's [`QueueBudget`]: keep it while the batch waits, drop it
+    /// once the batch is taken over.
+    pub charge: QueueCharge,
 }
 
 /// Counters of a subscriber (monotonic).
@@ -115,7 +164,8 @@ pub struct SubscriberStats {
     pub decode_errors: AtomicU64,
     /// Messages that were not `[topic, seq, payload]` (or a topic past [`MAX_TOPICS`]).
     pub bad_messages: AtomicU64,
-    /// Decoded batches dropped because the output channel was full.
+    /// Decoded batches dropped because the output channel was full or the queue over its
+    /// budget ([`QueueBudget`]).
     pub dropped: AtomicU64,
     /// Sequence gaps seen.
     pub gaps: AtomicU64,
@@ -180,6 +230,7 @@ pub struct Subscriber {
     bound: Option<Opened>,
     /// The peers connected now, as the guard sees them.
     peers: watch::Sender<Peers>,
+    budget: QueueBudget,
 }
 
 /// A subscribed socket, its endpoint (resolved when bound) and the guard in front of it.
@@ -233,7 +284,15 @@ impl Subscriber {
             topics: HashMap::new(),
             bound: None,
             peers: watch::Sender::new(Peers::default()),
+            budget: QueueBudget::new(DEFAULT_QUEUE_BYTES),
         }
+    }
+
+    /// Charges the batches it queues to `budget` (shared with other subscribers) instead of
+    /// a [`DEFAULT_QUEUE_BYTES`] budget of its own.
+    pub fn with_queue_budget(mut self, budget: QueueBudget) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// A central-mode subscriber whose socket is bound now: a bad endpoint fails here, and
@@ -446,6 +505,11 @@ impl Subscriber {
             }
         };
         inc(&self.stats.decoded, 1);
+        let Some(charge) = self.budget.charge(payload.len() + batch.approx_bytes()) else {
+            inc(&self.stats.dropped, 1);
+            state.missed += 1;
+            return true;
+        };
         let received = ReceivedBatch {
             endpoint: self.endpoint.clone(),
             topic: state.name.clone(),
@@ -455,6 +519,7 @@ impl Subscriber {
             replayed,
             missed_before: state.missed,
             publisher_restarted: restarted,
+            charge,
         };
         match out.try_send(received) {
             Ok(()) => {

@@ -84,8 +84,11 @@ type Running = (
 );
 
 fn spawn_subscriber(config: SubscriberConfig, capacity: usize) -> Running {
+    spawn_budgeted(Subscriber::new(config), capacity)
+}
+
+fn spawn_budgeted(sub: Subscriber, capacity: usize) -> Running {
     let (tx, rx) = mpsc::channel(capacity);
-    let sub = Subscriber::new(config);
     let stats = sub.stats();
     let cancel = CancellationToken::new();
     let task = tokio::spawn(sub.run(tx, cancel.clone()));
@@ -384,6 +387,59 @@ async fn a_full_channel_drops_and_counts() {
     assert_eq!((r.seq, r.missed_before), (3, 2));
     cancel.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// A channel with room to spare, but a byte budget that holds one (small) batch: the rest
+/// are dropped and counted missed until the queued one is taken and its charge given back.
+#[tokio::test]
+async fn a_queue_over_its_byte_budget_drops_and_counts() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let budget = QueueBudget::new(1024);
+    let sub =
+        Subscriber::new(SubscriberConfig::connect(endpoint)).with_queue_budget(budget.clone());
+    let (mut rx, stats, cancel, task) = spawn_budgeted(sub, 64);
+    warm_up(&mut pub_socket, &mut rx).await;
+    assert_eq!(
+        budget.available_kib(),
+        1,
+        "the warm-up batch was given back"
+    );
+    for seq in 0..3 {
+        pub_socket.send(live("kv@p@m", seq, seq)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.snapshot().dropped < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    let first = next(&mut rx).await;
+    assert_eq!(first.seq, 0);
+    assert_eq!(budget.available_kib(), 0, "held while the batch is");
+    drop(first);
+    assert_eq!(budget.available_kib(), 1);
+    pub_socket.send(live("kv@p@m", 3, 3)).await.unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!((r.seq, r.missed_before), (3, 2));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn a_batch_is_charged_its_decoded_vectors() {
+    let b = crate::EventBatch {
+        ts: 0.0,
+        events: vec![crate::Event::BlockStored(crate::BlockStored {
+            block_hashes: vec![1; 100],
+            parent_block_hash: None,
+            token_ids: vec![7; 1_600],
+            block_size: 16,
+            lora_id: None,
+            lora_name: None,
+            medium: crate::Medium::Gpu,
+        })],
+        data_parallel_rank: None,
+    };
+    assert!(b.approx_bytes() >= 100 * 8 + 1_600 * 4);
 }
 
 #[tokio::test]
