@@ -815,7 +815,7 @@ async fn subscribe_bound<C: Connector>(
 /// restart it saw comes as [`KvMessage::publisher_restarted`]. Its frame guard tells which
 /// engines are connected ([`KvEventSource::connected`]).
 /// Every subscriber of the process charges the batches it decoded ahead of the index to one
-/// budget of [`ZMQ_QUEUE_BYTES`].
+/// budget of 256 MiB (`ZMQ_QUEUE_BYTES`).
 #[derive(Debug, Clone)]
 pub struct ZmqConnector {
     budget: kv_events::transport::QueueBudget,

@@ -367,20 +367,25 @@ async fn a_gap_without_replay_is_counted_and_reported_with_the_next_batch() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn a_full_channel_drops_and_counts() {
-    let (mut pub_socket, endpoint) = bound_pub().await;
-    let (mut rx, stats, cancel, task) = spawn_subscriber(SubscriberConfig::connect(endpoint), 1);
-    warm_up(&mut pub_socket, &mut rx).await;
+/// Publishes sequence numbers 0, 1 and 2 and waits until the subscriber has dropped two.
+async fn publish_three_and_see_two_dropped(pub_socket: &mut PubSocket, stats: &SubscriberStats) {
     for seq in 0..3 {
         pub_socket.send(live("kv@p@m", seq, seq)).await.unwrap();
     }
-    // The channel holds one; wait until the other two were dropped.
     let deadline = tokio::time::Instant::now() + WAIT;
     while stats.snapshot().dropped < 2 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test]
+async fn a_full_channel_drops_and_counts() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let (mut rx, stats, cancel, task) = spawn_subscriber(SubscriberConfig::connect(endpoint), 1);
+    warm_up(&mut pub_socket, &mut rx).await;
+    // The channel holds one; the other two are dropped.
+    publish_three_and_see_two_dropped(&mut pub_socket, &stats).await;
     assert_eq!(next(&mut rx).await.seq, 0);
     pub_socket.send(live("kv@p@m", 3, 3)).await.unwrap();
     let r = next(&mut rx).await;
@@ -404,14 +409,7 @@ async fn a_queue_over_its_byte_budget_drops_and_counts() {
         1,
         "the warm-up batch was given back"
     );
-    for seq in 0..3 {
-        pub_socket.send(live("kv@p@m", seq, seq)).await.unwrap();
-    }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stats.snapshot().dropped < 2 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::task::yield_now().await;
-    }
+    publish_three_and_see_two_dropped(&mut pub_socket, &stats).await;
     let first = next(&mut rx).await;
     assert_eq!(first.seq, 0);
     assert_eq!(budget.available_kib(), 0, "held while the batch is");
