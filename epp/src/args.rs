@@ -135,6 +135,12 @@ pub struct Args {
     /// Largest request body accepted; larger bodies get 413.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
+    /// Most request-body bytes held by all streams together while their bodies are gathered
+    /// and tokenized; a request whose body would pass it gets 429 (rejected-saturated). At
+    /// least --max-request-body-bytes. Bodies queued in flow control count against its
+    /// maxBytes instead.
+    #[arg(long, default_value_t = ext_proc::body_budget::DEFAULT_GATHERED_REQUEST_BYTES)]
+    pub max_gathered_request_bytes: usize,
     /// Seed of the scheduler's random choices (0 = from the clock).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -1,6 +1,7 @@
 //! `epp`: the Switchyard endpoint picker.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -13,6 +14,7 @@ use epp::kubernetes;
 use epp::server::{self, Listeners, PoolSource, Settings};
 use epp::telemetry::{self, TelemetryOptions};
 use epp::tls::{self, ServerTls};
+use ext_proc::body_budget::BodyBudget;
 use ext_proc::stream::ServiceOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -103,6 +105,7 @@ async fn run(args: Args) -> Result<()> {
         config_file,
         config_text,
         max_request_body_bytes,
+        max_gathered_request_bytes,
         seed,
         debug_decision_header,
         debug_decisions,
@@ -182,6 +185,13 @@ async fn run(args: Args) -> Result<()> {
     let loaded = config::load(&config_text, seed).context("loading the EndpointPickerConfig")?;
     epp::lora_placement::check_profiles(&loaded, lora_placement.is_some())
         .map_err(|e| anyhow::anyhow!("LoRA placement: {e}"))?;
+    if max_gathered_request_bytes < max_request_body_bytes {
+        bail!(
+            "--max-gathered-request-bytes={max_gathered_request_bytes} is below \
+             --max-request-body-bytes={max_request_body_bytes}: a body of the largest size \
+             accepted could never be gathered"
+        );
+    }
     if debug_decisions > 0 && !debug_pool {
         bail!(
             "--debug-decisions={debug_decisions} records decisions for /debug/pool: add --debug-pool"
@@ -399,6 +409,7 @@ async fn run(args: Args) -> Result<()> {
         config: loaded,
         options: ServiceOptions {
             max_request_body_bytes,
+            gathered_request_bytes: Arc::new(BodyBudget::new(max_gathered_request_bytes)),
             disable_subset_filter: disable_endpoint_subset_filter,
             decision_header: debug_decision_header,
             trust_model_rewrite_header,

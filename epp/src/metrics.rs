@@ -13,6 +13,7 @@ use endpoint_picker::director::Director;
 use endpoint_picker::scheduling::{ExtensionPoint, PluginObserver};
 use endpoint_picker::scrape::scraper::{ScrapeError, ScrapeObserver};
 use endpoint_picker::tokens::{Outcome, TokenObserver};
+use ext_proc::body_budget::BodyBudget;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -250,6 +251,11 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ),
     ("inference_extension_ext_proc_streams", "counter"),
     ("inference_extension_ext_proc_active_streams", "gauge"),
+    ("inference_extension_request_body_bytes_held", "gauge"),
+    (
+        "inference_extension_request_body_budget_rejections",
+        "counter",
+    ),
     (
         "inference_extension_model_server_metrics_age_seconds",
         "gauge",
@@ -318,6 +324,12 @@ pub struct EppMetrics {
     pub streams: Family<StreamLabels, Counter>,
     /// `inference_extension_ext_proc_active_streams`.
     pub active_streams: Gauge,
+    /// `inference_extension_request_body_bytes_held`: request-body bytes charged to
+    /// `--max-gathered-request-bytes` (refreshed on scrape).
+    pub request_body_bytes_held: Gauge,
+    /// `inference_extension_request_body_budget_rejections_total`: requests refused because
+    /// their body would pass `--max-gathered-request-bytes`.
+    pub request_body_budget_rejections: Counter,
     /// `inference_extension_model_rewrite_decisions_total` is recorded with this.
     pub rewrites: Family<ModelLabels, Counter>,
     /// `inference_extension_plugin_duration_seconds`.
@@ -386,6 +398,8 @@ impl EppMetrics {
             request_path_overhead: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
             streams: Family::default(),
             active_streams: Gauge::default(),
+            request_body_bytes_held: Gauge::default(),
+            request_body_budget_rejections: Counter::default(),
             rewrites: Family::default(),
             plugin_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
@@ -499,6 +513,16 @@ impl EppMetrics {
         );
         m.kv_events.register(r);
         r.register(
+            "inference_extension_request_body_bytes_held",
+            "Request-body bytes held by all ext_proc streams together while gathered and tokenized (capped by --max-gathered-request-bytes)",
+            m.request_body_bytes_held.clone(),
+        );
+        r.register(
+            "inference_extension_request_body_budget_rejections",
+            "Requests refused with 429 because their body would pass --max-gathered-request-bytes",
+            m.request_body_budget_rejections.clone(),
+        );
+        r.register(
             "inference_extension_prefix_indexer_size",
             "Size of the prefix indexer (block entries held, summed over endpoints)",
             m.prefix_indexer_size.clone(),
@@ -572,6 +596,12 @@ impl EppMetrics {
             info,
         );
         Arc::new(m)
+    }
+
+    /// Refreshes the gauge of request-body bytes held.
+    pub fn refresh_request_bodies(&self, budget: &BodyBudget) {
+        self.request_body_bytes_held
+            .set(i64::try_from(budget.held()).unwrap_or(i64::MAX));
     }
 
     /// Refreshes the gauges computed from current state: pool averages over endpoints with

@@ -180,6 +180,9 @@ impl Recorder for EppRecorder {
     }
 
     fn on_rejected(&self, request: Option<&InferenceRequest>, error: &RequestError) {
+        if matches!(error, RequestError::BodiesOverBudget(_)) {
+            self.metrics.request_body_budget_rejections.inc();
+        }
         let key = request.map(|r| self.key(r)).unwrap_or_default();
         let pair = self.pair(&key);
         self.metrics

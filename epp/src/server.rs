@@ -468,23 +468,25 @@ pub async fn serve_with_handles(
     }
 
     {
-        let (metrics, flow_metrics, datastore, director, labels) = (
+        let (metrics, flow_metrics, datastore, director, labels, bodies) = (
             metrics.clone(),
             flow_metrics.clone(),
             datastore.clone(),
             director.clone(),
             labels.clone(),
+            options.gathered_request_bytes.clone(),
         );
         tasks.spawn(
             "pool-gauges",
             OnExit::Restart,
             factory(move |token: CancellationToken| {
-                let (metrics, flow_metrics, datastore, director, labels) = (
+                let (metrics, flow_metrics, datastore, director, labels, bodies) = (
                     metrics.clone(),
                     flow_metrics.clone(),
                     datastore.clone(),
                     director.clone(),
                     labels.clone(),
+                    bodies.clone(),
                 );
                 async move {
                     let mut tick = tokio::time::interval(refresh_prometheus_interval);
@@ -493,6 +495,7 @@ pub async fn serve_with_handles(
                             _ = token.cancelled() => return,
                             _ = tick.tick() => {
                                 metrics.refresh_pool(&datastore, &director, metrics_staleness);
+                                metrics.refresh_request_bodies(&bodies);
                                 flow_metrics.refresh(&director);
                                 labels.learn(&datastore.snapshot(), &director.policies());
                             }
@@ -535,17 +538,19 @@ pub async fn serve_with_handles(
 
     {
         let token = shutdown.clone();
-        let (m, fm, ds, d) = (
+        let (m, fm, ds, d, bodies) = (
             metrics.clone(),
             flow_metrics.clone(),
             datastore.clone(),
             director.clone(),
+            options.gathered_request_bytes.clone(),
         );
         let state = AdminState {
             registry: registry.clone(),
             auth: admin_auth,
             refresh: Some(admin::Refresh(Arc::new(move || {
                 m.refresh_pool(&ds, &d, metrics_staleness);
+                m.refresh_request_bodies(&bodies);
                 fm.refresh(&d);
             }))),
             debug: debug_pool.then(|| DebugState {

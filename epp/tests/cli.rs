@@ -119,7 +119,16 @@ async fn bad_config_fails_before_binding_any_port() {
     assert_ne!(code, 0);
     assert!(stderr.contains("pool"), "{stderr}");
     // Metrics auth: on by default, so local mode needs a token, and a token needs it on.
-    let auth_cases: [(&[&str], &str); 4] = [
+    let auth_cases: [(&[&str], &str); 5] = [
+        // A budget for all bodies together smaller than one body could never gather it.
+        (
+            &[
+                "--metrics-endpoint-auth=false",
+                "--max-request-body-bytes=2000",
+                "--max-gathered-request-bytes=1000",
+            ],
+            "is below --max-request-body-bytes=2000",
+        ),
         (
             &[],
             "--metrics-endpoint-auth (default true) needs --metrics-bearer-token",

@@ -2,6 +2,7 @@
 
 use endpoint_picker::director::RouteError;
 
+use crate::body_budget::OverBudget;
 use crate::envoy::{self, ext_proc::ProcessingResponse};
 use crate::openai::BodyError;
 use crate::protocol::DROPPED_REASON;
@@ -26,6 +27,10 @@ pub enum RequestError {
         /// The limit.
         limit: usize,
     },
+    /// The bodies held by every stream together would pass `--max-gathered-request-bytes`:
+    /// 429, `rejected-saturated`.
+    #[error(transparent)]
+    BodiesOverBudget(#[from] OverBudget),
     /// Routing failed: 503 (no candidates) or 429 (shed, unschedulable).
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -46,6 +51,7 @@ impl RequestError {
         match self {
             RequestError::BadBody(_) | RequestError::BadHeader { .. } => (400, "BadRequest"),
             RequestError::TooLarge { .. } => (413, "PayloadTooLarge"),
+            RequestError::BodiesOverBudget(_) => (429, "ResourceExhausted"),
             RequestError::Route(RouteError::NoCandidates) => (503, "ServiceUnavailable"),
             RequestError::Route(RouteError::Shed(_)) => (429, "ResourceExhausted"),
             RequestError::Route(RouteError::Unschedulable(_)) => (429, "ResourceExhausted"),
@@ -63,6 +69,7 @@ impl RequestError {
     pub fn dropped_reason(&self) -> Option<&'static str> {
         match self {
             RequestError::Route(RouteError::NoCandidates) => Some("rejected-no-endpoints"),
+            RequestError::BodiesOverBudget(_) => Some("rejected-saturated"),
             RequestError::Route(RouteError::Shed(_)) => Some("rejected-saturated"),
             RequestError::Route(RouteError::FlowControl(r)) => r.dropped_reason(),
             _ => None,
@@ -98,6 +105,9 @@ mod tests {
             400
         );
         assert_eq!(RequestError::TooLarge { limit: 1 }.status().0, 413);
+        let over = RequestError::from(OverBudget { limit: 1 });
+        assert_eq!(over.status(), (429, "ResourceExhausted"));
+        assert_eq!(over.dropped_reason(), Some("rejected-saturated"));
         assert_eq!(
             RequestError::UnsupportedBodyMode { mode: "STREAMED" }.status(),
             (500, "Internal")

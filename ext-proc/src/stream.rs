@@ -56,6 +56,7 @@ use endpoint_picker::scheduling::plugins::response::Served;
 use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
+use crate::body_budget::{BodyBudget, BodyCharge};
 use crate::body_pool::{BodyBuffer, REQUEST_BODIES};
 use crate::codec::Inbound;
 use crate::envoy::{
@@ -91,6 +92,9 @@ const MAX_SLO_MS: f64 = 3_600_000.0;
 pub struct ServiceOptions {
     /// `--max-request-body-bytes`.
     pub max_request_body_bytes: usize,
+    /// The request-body bytes every stream may hold together before routing
+    /// (`--max-gathered-request-bytes`); shared by every clone of these options.
+    pub gathered_request_bytes: Arc<BodyBudget>,
     /// `--disable-endpoint-subset-filter`.
     pub disable_subset_filter: bool,
     /// Add [`DECISION_HEADER`] to responses (`--debug-decision-header`).
@@ -110,6 +114,7 @@ impl Default for ServiceOptions {
     fn default() -> Self {
         Self {
             max_request_body_bytes: 16 * 1024 * 1024,
+            gathered_request_bytes: Arc::default(),
             disable_subset_filter: false,
             decision_header: false,
             trust_model_rewrite_header: false,
@@ -164,6 +169,9 @@ pub struct StreamState {
     generated_request_id: bool,
     subset: Option<Vec<String>>,
     body: BodyBuffer,
+    /// The request body's bytes, charged to the process's budget until the request is routed,
+    /// refused or queued.
+    body_charge: BodyCharge,
     request: Option<InferenceRequest>,
     routed: Option<Routed>,
     /// What the recorder filed the routed request under.
@@ -250,6 +258,7 @@ impl StreamState {
             generated_request_id: false,
             subset: None,
             body: BodyBuffer::empty(),
+            body_charge: BodyCharge::default(),
             request: None,
             routed: None,
             key: RecordKey::default(),
@@ -551,6 +560,10 @@ impl StreamState {
         if self.body.len() + body.len() > limit {
             return self.fail(RequestError::TooLarge { limit }, None);
         }
+        let budget = &self.ctx.options.gathered_request_bytes;
+        if let Err(e) = self.body_charge.grow(budget, body.len()) {
+            return self.fail(RequestError::BodiesOverBudget(e), None);
+        }
         if buffered {
             // The whole body, even without `end_of_stream` (trailers follow it then).
             return self.finish_request_with(body, b.end_of_stream);
@@ -684,6 +697,8 @@ impl StreamState {
         };
         let director = self.ctx.director.clone();
         director.resolve(&mut request, forced.as_deref());
+        // Leaves the EPP's hands now: answered below, or queued under flow control's own caps.
+        self.body_charge.release();
         if let Some(flow) = director.flow_control() {
             let ticket = flow.enqueue(director.flow_request(&request), Instant::now());
             self.queued = Some(Queued {
@@ -864,6 +879,7 @@ impl StreamState {
         self.ctx.recorder.on_rejected(request, &error);
         self.done = true;
         self.body = BodyBuffer::empty();
+        self.body_charge.release();
         vec![error.to_response().into()]
     }
 

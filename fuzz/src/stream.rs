@@ -52,6 +52,7 @@ use endpoint_picker::datastore::{Datastore, EndpointSpec, EngineMetrics, PoolSpe
 use endpoint_picker::director::{Director, ModelRewrite, Policies, RewriteRule, RewriteTarget};
 use endpoint_picker::request::{Api, InferenceRequest};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use ext_proc::body_budget::BodyBudget;
 use ext_proc::envoy::ext_proc::body_mutation::Mutation;
 use ext_proc::envoy::ext_proc::{
     CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
@@ -386,8 +387,11 @@ pub fn run(data: &[u8]) {
     let counts = Arc::new(Counts::default());
     // `..Default::default()` fills `fault` when a build enables `conformance-faults`.
     #[allow(clippy::needless_update)]
+    // Small enough that long inputs pass it; every charge must be back once the stream is gone.
+    let budget = Arc::new(BodyBudget::new(4096));
     let options = ServiceOptions {
         max_request_body_bytes: if opts & 16 != 0 { 64 } else { 1 << 20 },
+        gathered_request_bytes: budget.clone(),
         disable_subset_filter: opts & 128 != 0,
         decision_header: opts & 8 != 0,
         trust_model_rewrite_header: opts & 4 != 0,
@@ -709,6 +713,7 @@ pub fn run(data: &[u8]) {
         );
     }
     drop(stream);
+    assert_eq!(budget.held(), 0, "every body charge is given back");
     let routed = counts.routed.load(Ordering::Relaxed);
     let released = counts.released.load(Ordering::Relaxed);
     assert_eq!(routed, released, "every routed request is released once");

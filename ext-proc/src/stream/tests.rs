@@ -472,6 +472,73 @@ async fn too_large_bodies_get_413() {
     assert_eq!(immediate(&out[0]).0, 413);
 }
 
+/// Bodies gathered by every stream together are capped: a chunk that would pass the budget
+/// ends its request with 429 `rejected-saturated` and gives its charge back; a routed request
+/// gives its charge back too, so the budget never leaks.
+#[tokio::test(start_paused = true)]
+async fn gathered_bodies_share_one_budget() {
+    let mut h = Harness::new(1);
+    let budget = Arc::new(BodyBudget::new(100));
+    h.options.gathered_request_bytes = budget.clone();
+    let body = br#"{"model":"m","prompt":"0123456789012345678901234567890123456789"}"#;
+    let (head, tail) = body.split_at(60);
+
+    let mut slow = h.stream();
+    s_post(&mut slow);
+    assert!(slow.on_message(req_body(head, false)).is_empty());
+    assert_eq!(budget.held(), 60);
+    // A second stream's chunk would pass 100 bytes: refused, its own charge given back.
+    let mut greedy = h.stream();
+    s_post(&mut greedy);
+    assert!(greedy.on_message(req_body(&body[..30], false)).is_empty());
+    let out = greedy.on_message(req_body(&body[30..], false));
+    assert_eq!(immediate(&out[0]).0, 429);
+    assert_eq!(
+        immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-saturated")
+    );
+    assert!(greedy.is_done());
+    assert_eq!(budget.held(), 60, "the refused stream holds nothing");
+    // The first finishes: routed, and its charge is back.
+    let out = slow.on_message(req_body(tail, true));
+    routing_answer(&out[0]).destination();
+    assert_eq!(budget.held(), 0);
+    assert_eq!(
+        h.events()
+            .iter()
+            .filter(|e| *e == "rejected ResourceExhausted")
+            .count(),
+        1
+    );
+    // A stream that goes away mid-body gives its charge back.
+    let mut gone = h.stream();
+    s_post(&mut gone);
+    gone.on_message(req_body(head, false));
+    assert_eq!(budget.held(), 60);
+    drop(gone);
+    assert_eq!(budget.held(), 0);
+}
+
+/// A request queued in flow control is no longer charged: flow control's own caps hold it.
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_leaves_the_gathering_budget() {
+    let mut h = Harness::with_config(0, FLOW_CONTROL);
+    let budget = Arc::new(BodyBudget::new(1 << 20));
+    h.options.gathered_request_bytes = budget.clone();
+    let mut s = h.stream();
+    assert!(send_chat(&mut s, "m", &[]).is_empty(), "queued");
+    assert!(s.admission().is_some());
+    assert_eq!(budget.held(), 0);
+    let mut gathering = h.stream();
+    s_post(&mut gathering);
+    gathering.on_message(req_body(b"{\"model\"", false));
+    assert_eq!(budget.held(), 8, "alive: a gathering stream is charged");
+}
+
+fn s_post(s: &mut StreamState) {
+    assert!(s.on_message(post("/v1/completions", &[])).is_empty());
+}
+
 /// A log sink for one test: every line the stream writes, in the console format operators read.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

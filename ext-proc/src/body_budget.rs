@@ -1,0 +1,176 @@
+//! One process-wide cap on the request-body bytes the EPP holds before it routes.
+//!
+//! Each stream may gather up to `--max-request-body-bytes` (16 MiB by default) before it can
+//! parse and route, and the body then waits for its token ids. Nothing else bounds the sum
+//! over streams: a client that opens many streams and sends long bodies slowly would make the
+//! EPP hold them all, until it is killed for its memory. The budget bounds that sum
+//! (`--max-gathered-request-bytes`). A stream charges each chunk as it arrives; a chunk that
+//! would pass the budget ends the request with 429 `rejected-saturated`, and the stream's
+//! charge is given back at once.
+//!
+//! The charge ends when the request leaves the EPP's hands: routed (its body goes back to
+//! Envoy), refused, or queued in flow control, whose own `maxBytes` caps then hold the queued
+//! bodies, as the operator configured them. Counting those here as well would make the two
+//! caps fight, and flow control's would stop meaning what its configuration says.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The default budget: 64 bodies of the default maximum size.
+pub const DEFAULT_GATHERED_REQUEST_BYTES: usize = 1024 * 1024 * 1024;
+
+/// Request-body bytes held by every stream together, and their cap.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+/// A charge would pass the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("request bodies held by the EPP would pass {limit} bytes")]
+pub struct OverBudget {
+    /// The budget.
+    pub limit: usize,
+}
+
+impl BodyBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// The cap.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes charged now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, bytes: usize) -> Result<(), OverBudget> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes).filter(|&total| total <= self.limit)
+            })
+            .map(drop)
+            .map_err(|_| OverBudget { limit: self.limit })
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        Self::new(DEFAULT_GATHERED_REQUEST_BYTES)
+    }
+}
+
+/// What one stream has charged; given back when released or dropped.
+#[derive(Debug, Default)]
+pub struct BodyCharge {
+    charged: Option<(Arc<BodyBudget>, usize)>,
+}
+
+impl BodyCharge {
+    /// Charges `bytes` more to `budget`, or nothing if that would pass it. A charge keeps to
+    /// the budget it started with.
+    pub fn grow(&mut self, budget: &Arc<BodyBudget>, bytes: usize) -> Result<(), OverBudget> {
+        match &mut self.charged {
+            Some((held_from, charged)) => {
+                held_from.try_take(bytes)?;
+                *charged += bytes;
+            }
+            None => {
+                budget.try_take(bytes)?;
+                self.charged = Some((budget.clone(), bytes));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes charged by this stream.
+    pub fn bytes(&self) -> usize {
+        self.charged.as_ref().map_or(0, |(_, bytes)| *bytes)
+    }
+
+    /// Gives the whole charge back.
+    pub fn release(&mut self) {
+        if let Some((budget, bytes)) = self.charged.take() {
+            budget.give_back(bytes);
+        }
+    }
+}
+
+impl Drop for BodyCharge {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn charges_add_up_to_the_limit_and_no_further() {
+        let budget = Arc::new(BodyBudget::new(100));
+        let (mut a, mut b) = (BodyCharge::default(), BodyCharge::default());
+        a.grow(&budget, 60).unwrap();
+        b.grow(&budget, 40).unwrap();
+        assert_eq!(budget.held(), 100);
+        assert_eq!(b.grow(&budget, 1), Err(OverBudget { limit: 100 }));
+        assert_eq!(b.bytes(), 40, "a refused charge is not taken");
+        a.release();
+        assert_eq!(budget.held(), 40);
+        b.grow(&budget, 60).unwrap();
+        drop(b);
+        assert_eq!(budget.held(), 0, "dropping a charge gives it back");
+        a.release();
+        assert_eq!(budget.held(), 0, "releasing twice gives back once");
+    }
+
+    #[test]
+    fn a_charge_far_over_the_limit_does_not_wrap() {
+        let budget = Arc::new(BodyBudget::new(usize::MAX - 1));
+        let mut a = BodyCharge::default();
+        a.grow(&budget, usize::MAX - 1).unwrap();
+        assert!(BodyCharge::default().grow(&budget, usize::MAX).is_err());
+        assert_eq!(budget.held(), usize::MAX - 1);
+    }
+
+    proptest! {
+        /// Whatever the interleaving of charges and releases, the budget holds exactly what
+        /// the live charges hold, never more than its limit, and nothing once they are gone.
+        #[test]
+        fn the_budget_is_the_sum_of_live_charges(
+            ops in proptest::collection::vec((0usize..4, 0usize..80, any::<bool>()), 0..64),
+        ) {
+            let budget = Arc::new(BodyBudget::new(150));
+            let mut charges: Vec<BodyCharge> = (0..4).map(|_| BodyCharge::default()).collect();
+            for (stream, bytes, release) in ops {
+                if release {
+                    charges[stream].release();
+                } else {
+                    let before = budget.held();
+                    match charges[stream].grow(&budget, bytes) {
+                        Ok(()) => prop_assert!(before + bytes <= 150),
+                        Err(_) => prop_assert!(before + bytes > 150),
+                    }
+                }
+                let sum: usize = charges.iter().map(BodyCharge::bytes).sum();
+                prop_assert_eq!(budget.held(), sum);
+            }
+            drop(charges);
+            prop_assert_eq!(budget.held(), 0);
+        }
+    }
+}
