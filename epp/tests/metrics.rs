@@ -1057,3 +1057,63 @@ async fn stream_outcomes_follow_the_exchange_not_the_reset() {
         0.0
     );
 }
+
+/// The gathering budget end to end: streams that hold half a body each use it up, the next
+/// body is refused with 429 `rejected-saturated` and counted, the bytes held are on
+/// `/metrics`, and once the streams go away the budget is whole again.
+#[tokio::test]
+async fn the_gathering_budget_refuses_counts_and_recovers() {
+    let budget = std::sync::Arc::new(ext_proc::body_budget::BodyBudget::new(4096));
+    let opts = EppOptions {
+        options: ServiceOptions {
+            gathered_request_bytes: budget.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let epp = start_epp(three(), opts).await;
+    set_queues(&epp, &[0, 0, 0]);
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut s = Stream::open(epp.grpc).await;
+        s.send(req_headers(CHAT_HEADERS, false, None)).await;
+        s.send(req_body(&[b' '; 2000], false)).await;
+        holders.push(s);
+    }
+    let e = scrape_until(&epp, |e| {
+        e.value("inference_extension_request_body_bytes_held", &[]) == 4000.0
+    })
+    .await;
+    assert_eq!(
+        e.value(
+            "inference_extension_request_body_budget_rejections_total",
+            &[]
+        ),
+        0.0
+    );
+    let mut refused = Stream::open(epp.grpc).await;
+    refused.send(req_headers(CHAT_HEADERS, false, None)).await;
+    refused.send(req_body(&chat("over"), true)).await;
+    let answer = refused.recv().await;
+    assert_eq!(immediate(&answer).0, 429);
+    assert_eq!(
+        immediate_header(&answer, "x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-saturated")
+    );
+    scrape_until(&epp, |e| {
+        e.value(
+            "inference_extension_request_body_budget_rejections_total",
+            &[],
+        ) == 1.0
+    })
+    .await;
+    drop(holders);
+    scrape_until(&epp, |e| {
+        e.value("inference_extension_request_body_bytes_held", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(budget.held(), 0);
+    // Whole again: a request is routed.
+    let (destination, _) = complete_one(&epp, 0).await;
+    assert!(!destination.is_empty());
+}
