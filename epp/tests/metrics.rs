@@ -1075,7 +1075,7 @@ async fn the_gathering_budget_refuses_counts_and_recovers() {
     set_queues(&epp, &[0, 0, 0]);
     let mut holders = Vec::new();
     for _ in 0..2 {
-        let mut s = Stream::open(epp.grpc).await;
+        let s = Stream::open(epp.grpc).await;
         s.send(req_headers(CHAT_HEADERS, false, None)).await;
         s.send(req_body(&[b' '; 2000], false)).await;
         holders.push(s);
