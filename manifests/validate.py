@@ -638,11 +638,16 @@ def validate_chart_upstream() -> None:
 
 
 def check_drain_grace() -> None:
-    """The pod's termination grace period covers --drain-grace-period (the kubelet would cut
-    a longer drain short), and is the reference's 130 s otherwise."""
+    """The pod's termination grace period covers --shutdown-delay plus --drain-grace-period
+    (the kubelet would cut a longer drain short), and is the reference's 130 s otherwise."""
     chart = helm.Chart.load(CHART)
-    for flag, want in [(None, 130), ("30s", 130), ("90", 130), ("500ms", 130), ("5m", 310), ("2h", 7210)]:
-        flags = {} if flag is None else {"flags": {"drain-grace-period": flag}}
+    cases = [(None, 130), ("30s", 130), ("90", 130), ("500ms", 130), ("5m", 310), ("2h", 7210)]
+    # With --shutdown-delay: the delay comes before the drain, and the pod must outlive both.
+    cases += [(("30s", "120s"), 160), (("2m", "1m"), 190), ((None, "5s"), 130)]
+    for flag, want in cases:
+        drain, delay = flag if isinstance(flag, tuple) else (flag, None)
+        given = {"drain-grace-period": drain, "shutdown-delay": delay}
+        flags = {"flags": {k: v for k, v in given.items() if v is not None}}
         values = chart_upstream.merged(chart_upstream.SELECTOR, {"inferenceExtension": flags})
         where = f"chart[drain-grace-period={flag}]"
         try:

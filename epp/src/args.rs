@@ -163,6 +163,12 @@ pub struct Args {
     /// Grace period for open streams at shutdown.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_grace_period: Duration,
+    /// At SIGTERM, report NOT_SERVING but keep accepting streams for this long before the
+    /// drain, so that health-checking gateways and the Service's endpoints move away first
+    /// (0s: stop accepting at once). A second SIGTERM or SIGINT cuts it short. The pod's
+    /// terminationGracePeriodSeconds should cover it plus --drain-grace-period.
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pub shutdown_delay: Duration,
     /// A static bearer token required on /metrics and /debug/pool (local mode; in Kubernetes
     /// mode it replaces the TokenReview check).
     #[arg(

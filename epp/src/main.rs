@@ -11,7 +11,7 @@ use endpoint_picker::scrape::{MetricsScheme, ScrapeConfig, ScrapeTls};
 use epp::admin::AdminAuth;
 use epp::args::Args;
 use epp::kubernetes;
-use epp::server::{self, Listeners, PoolSource, Settings};
+use epp::server::{self, Listeners, PoolSource, Settings, ShutdownDelay};
 use epp::telemetry::{self, TelemetryOptions};
 use epp::tls::{self, ServerTls};
 use ext_proc::body_budget::BodyBudget;
@@ -112,6 +112,7 @@ async fn run(args: Args) -> Result<()> {
         trust_model_rewrite_header,
         emit_endpoint_scores,
         drain_grace_period,
+        shutdown_delay,
         metrics_bearer_token,
         metrics_bearer_token_file,
         metrics_endpoint_auth,
@@ -247,6 +248,7 @@ async fn run(args: Args) -> Result<()> {
     // An empty --pool-namespace is no namespace, as in the reference.
     let pool_namespace = pool_namespace.filter(|ns| !ns.is_empty());
     let shutdown = CancellationToken::new();
+    let cut_short = CancellationToken::new();
     let mut kube_client = None;
     let (pool, pool_label) = match pool_file {
         Some(path) => {
@@ -428,9 +430,13 @@ async fn run(args: Args) -> Result<()> {
         pprof: enable_pprof,
         health_on_grpc_port: health_checking,
         drain_grace: drain_grace_period,
+        shutdown_delay: ShutdownDelay {
+            delay: shutdown_delay,
+            cut_short: cut_short.clone(),
+        },
         lora_placement,
     };
-    let signals = tokio::spawn(epp::signals::cancel_on_signal(shutdown.clone()));
+    let signals = tokio::spawn(epp::signals::cancel_on_signals(shutdown.clone(), cut_short));
     // Returns once every supervised task has ended (the lease handed back among them).
     let served = server::serve(settings, listeners, shutdown.clone()).await;
     signals.abort();

@@ -124,6 +124,8 @@ pub struct Settings {
     pub health_on_grpc_port: bool,
     /// How long open streams may take to finish after shutdown begins.
     pub drain_grace: Duration,
+    /// How long the EPP serves on, not ready, after shutdown begins (`--shutdown-delay`).
+    pub shutdown_delay: ShutdownDelay,
     /// Demand-driven LoRA adapter placement (`--lora-placement-config`; `None` = off).
     pub lora_placement: Option<crate::lora_placement::PlacementSettings>,
 }
@@ -193,7 +195,21 @@ pub struct Handles {
     pub certificate: Option<Arc<ServerCertificate>>,
 }
 
-/// Runs the EPP until `shutdown` is cancelled, then drains within the grace period.
+/// Readiness first, then the drain: for this long after shutdown begins the EPP reports
+/// NOT_SERVING but still accepts connections and streams, so that gateways that health-check
+/// it and the Service's endpoints stop sending to it before it stops listening. Without it a
+/// gateway that reconnects after the GOAWAY may still be sent to this pod, and its requests
+/// fail (or pass unrouted under `failure_mode_allow`) until the endpoint update arrives.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownDelay {
+    /// How long (zero: stop accepting at once).
+    pub delay: Duration,
+    /// Cancelled to end the delay early (a second SIGTERM or SIGINT).
+    pub cut_short: CancellationToken,
+}
+
+/// Runs the EPP until `shutdown` is cancelled, then (after the shutdown delay) drains within
+/// the grace period.
 pub async fn serve(
     settings: Settings,
     listeners: Listeners,
@@ -224,6 +240,7 @@ pub async fn serve_with_handles(
         pprof,
         health_on_grpc_port,
         drain_grace,
+        shutdown_delay,
         lora_placement,
     } = settings;
     crate::lora_placement::check_profiles(&config, lora_placement.is_some())
@@ -293,6 +310,8 @@ pub async fn serve_with_handles(
     // gRPC drain is over: streams still open are routed on live state, and a request that
     // flow control queued is still let go.
     let tasks_stop = CancellationToken::new();
+    // The listeners (ext_proc, health, metrics) close when the shutdown delay is over.
+    let stop_accepting = CancellationToken::new();
     let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone())
         .run_tasks_until(tasks_stop.clone());
 
@@ -521,7 +540,7 @@ pub async fn serve_with_handles(
         tasks.adopt("readiness", OnExit::Shutdown, tokio::spawn(readiness));
     }
     {
-        let token = shutdown.clone();
+        let token = stop_accepting.clone();
         let svc = health_service.clone();
         let incoming = TcpListenerStream::new(listeners.health);
         let server = tokio::spawn(async move {
@@ -537,7 +556,7 @@ pub async fn serve_with_handles(
     }
 
     {
-        let token = shutdown.clone();
+        let token = stop_accepting.clone();
         let (m, fm, ds, d, bodies) = (
             metrics.clone(),
             flow_metrics.clone(),
@@ -607,7 +626,7 @@ pub async fn serve_with_handles(
         datastore,
         certificate: tls.as_ref().map(|(_, tls)| tls.certificate().clone()),
     });
-    let grpc_token = shutdown.clone();
+    let grpc_token = stop_accepting.clone();
     // `Server::tcp_nodelay` only applies when tonic binds the socket itself; with our own
     // listener the accepted sockets must be configured here, or Nagle's algorithm meets the
     // peer's delayed ACK and mid-size ext_proc messages wait ~40 ms (found by bench/overhead).
@@ -636,24 +655,55 @@ pub async fn serve_with_handles(
     tokio::pin!(grpc);
     let result = tokio::select! {
         r = &mut grpc => r.map_err(ServeError::from),
-        _ = shutdown.cancelled() => {
-            tracing::info!(grace = ?drain_grace, "shutting down; draining open streams");
-            match tokio::time::timeout(drain_grace, &mut grpc).await {
-                Ok(r) => r.map_err(ServeError::from),
-                Err(_) => {
-                    tracing::warn!("drain grace period elapsed; closing remaining streams");
-                    Ok(())
+        _ = shutdown.cancelled() => match serve_on_not_ready(&shutdown_delay, &mut grpc).await {
+            Some(r) => r.map_err(ServeError::from),
+            None => {
+                stop_accepting.cancel();
+                tracing::info!(grace = ?drain_grace, "shutting down; draining open streams");
+                match tokio::time::timeout(drain_grace, &mut grpc).await {
+                    Ok(r) => r.map_err(ServeError::from),
+                    Err(_) => {
+                        tracing::warn!("drain grace period elapsed; closing remaining streams");
+                        Ok(())
+                    }
                 }
             }
         }
     };
     shutdown.cancel();
+    stop_accepting.cancel();
     tasks_stop.cancel();
     // The supervisor waits for every task to end with its token.
     if let Err(error) = supervisor.await {
         tracing::error!(%error, "the supervisor failed");
     }
     result
+}
+
+/// The shutdown delay: serves on until it is over or cut short (`None`), or until serving
+/// ends by itself (`Some`, its result).
+async fn serve_on_not_ready<F, T>(
+    delay: &ShutdownDelay,
+    serving: &mut std::pin::Pin<&mut F>,
+) -> Option<T>
+where
+    F: Future<Output = T>,
+{
+    if delay.delay.is_zero() {
+        return None;
+    }
+    tracing::info!(
+        delay = ?delay.delay,
+        "shutting down: not ready, still serving for --shutdown-delay"
+    );
+    tokio::select! {
+        r = serving.as_mut() => Some(r),
+        _ = tokio::time::sleep(delay.delay) => None,
+        _ = delay.cut_short.cancelled() => {
+            tracing::info!("shutdown delay cut short");
+            None
+        }
+    }
 }
 
 /// Keeps the readiness services in step with "synced, no supervised task that readiness

@@ -5,6 +5,13 @@ use tokio_util::sync::CancellationToken;
 /// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (a terminal): both start a graceful
 /// drain.
 pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    cancel_on_signals(shutdown, CancellationToken::new()).await;
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT and `cut_short` on the second: an
+/// operator (or a kubelet sending its second signal) who does not want to wait out the
+/// shutdown delay need not.
+pub async fn cancel_on_signals(shutdown: CancellationToken, cut_short: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -15,14 +22,17 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        for token in [shutdown, cut_short] {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            token.cancel();
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
     }
-    shutdown.cancel();
 }

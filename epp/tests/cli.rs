@@ -256,7 +256,11 @@ async fn serves_then_drains_on_sigterm() {
             "--metrics-port=0",
             "--secure-serving=false",
         ])
-        .args(["--zap-encoder=json", "--drain-grace-period=2s"])
+        .args([
+            "--zap-encoder=json",
+            "--drain-grace-period=2s",
+            "--shutdown-delay=1h",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -285,12 +289,29 @@ async fn serves_then_drains_on_sigterm() {
     assert_eq!(status, 200);
     assert!(text.contains("inference_extension_info"));
     assert_eq!(get_with(metrics, "/debug/pool", &bearer).await.0, 404);
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    let pid = child.id().unwrap().to_string();
+    let sigterm = || async {
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    };
+    // The first SIGTERM starts the shutdown delay (not ready, still serving); the second
+    // cuts it short, and the EPP drains and exits.
+    sigterm().await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("still serving for --shutdown-delay") {
+                return;
+            }
+        }
+        panic!("epp exited without the shutdown delay");
+    })
+    .await
+    .expect("the shutdown delay begins");
+    sigterm().await;
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("drains in time")

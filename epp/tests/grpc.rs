@@ -797,3 +797,72 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
 }
+
+/// The readiness service's status, as a gateway's health check reads it.
+async fn readiness(
+    client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+) -> i32 {
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// Readiness first, then the drain: once shutdown begins and for `--shutdown-delay`, health
+/// says NOT_SERVING while new connections and streams are still routed. Cutting the delay
+/// short (a second signal) closes the listeners, and serving ends once open streams drain.
+#[tokio::test]
+async fn the_shutdown_delay_keeps_serving_while_not_ready() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let cut_short = tokio_util::sync::CancellationToken::new();
+    let mut epp = start_epp(
+        three(),
+        EppOptions {
+            shutdown_delay: epp::server::ShutdownDelay {
+                delay: std::time::Duration::from_secs(3600),
+                cut_short: cut_short.clone(),
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let channel = connect(epp.health).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let until = |want: ServingStatus| want as i32;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while readiness(&mut health).await != until(ServingStatus::Serving) {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    epp.shutdown.cancel();
+    while readiness(&mut health).await != until(ServingStatus::NotServing) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready after shutdown began"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Not ready, yet a new connection's request is routed.
+    let mut s = Stream::open(epp.grpc).await;
+    s.send(req_headers(CHAT_HEADERS, false, None)).await;
+    s.send(req_body(&chat("m", "hi", false), true)).await;
+    assert!(
+        routing_answer(&s.recv().await)
+            .destination()
+            .starts_with("127.0.0.1")
+    );
+    assert!(!epp.task.is_finished(), "still serving");
+    cut_short.cancel();
+    tokio::time::timeout(TIMEOUT, &mut epp.task)
+        .await
+        .expect("serving ends once the delay is cut short")
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(epp.grpc).await.is_err(),
+        "the listener is closed"
+    );
+}

@@ -95,6 +95,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
         pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        shutdown_delay: Default::default(),
         lora_placement: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -735,6 +735,7 @@ async fn bearer_token_guards_metrics_and_debug() {
         pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        shutdown_delay: Default::default(),
         lora_placement: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -810,6 +811,7 @@ async fn pprof_profile_is_a_cpu_profile_behind_the_metrics_auth() {
         pprof: true,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        shutdown_delay: Default::default(),
         lora_placement: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -98,6 +98,8 @@ pub struct EppOptions {
     pub debug_decisions: usize,
     /// Also serve ext_proc on this Unix socket (`--grpc-uds-path`).
     pub grpc_uds: Option<std::path::PathBuf>,
+    /// Serving on, not ready, after shutdown begins (`--shutdown-delay`).
+    pub shutdown_delay: epp::server::ShutdownDelay,
 }
 
 impl Default for EppOptions {
@@ -110,6 +112,7 @@ impl Default for EppOptions {
             scrape: false,
             debug_decisions: 0,
             grpc_uds: None,
+            shutdown_delay: Default::default(),
         }
     }
 }
@@ -153,6 +156,7 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         pprof: false,
         health_on_grpc_port: false,
         drain_grace: Duration::from_secs(1),
+        shutdown_delay: opts.shutdown_delay,
         lora_placement: None,
     };
     let shutdown = CancellationToken::new();

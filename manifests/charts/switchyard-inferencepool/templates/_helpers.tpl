@@ -161,15 +161,27 @@ Upstream's map, or v1.0's list of {name, value} (a repeated name: the last one w
 {{- end -}}
 
 {{/*
-The pod's terminationGracePeriodSeconds: the reference's 130, or --drain-grace-period plus 10 s
-when that is longer, so that the kubelet never cuts short the drain the flag asks for. The flag
-is read in one unit (90s, 2m, 1h, plain seconds; below a second adds nothing); a value in
-several units is refused here rather than guessed.
+The pod's terminationGracePeriodSeconds: the reference's 130, or --shutdown-delay plus
+--drain-grace-period plus 10 s when that is longer, so that the kubelet never cuts short the
+delay and the drain the flags ask for.
 */}}
 {{- define "switchyard.terminationGracePeriod" -}}
 {{- $user := include "switchyard.userFlags" . | fromJson -}}
+{{- $drain := include "switchyard.flagSeconds" (list $user "drain-grace-period") | atoi -}}
+{{- $delay := include "switchyard.flagSeconds" (list $user "shutdown-delay") | atoi -}}
+{{- max 130 (add $drain $delay 10) -}}
+{{- end -}}
+
+{{/*
+A duration flag in whole seconds (0 when unset). The flag is read in one unit (90s, 2m, 1h,
+plain seconds; below a second adds nothing); a value in several units is refused here rather
+than guessed.
+*/}}
+{{- define "switchyard.flagSeconds" -}}
+{{- $user := index . 0 -}}
+{{- $name := index . 1 -}}
 {{- $secs := 0 -}}
-{{- with get $user "drain-grace-period" -}}
+{{- with get $user $name -}}
 {{- $d := trim . -}}
 {{- if regexMatch "^[0-9]+$" $d -}}
 {{- $secs = atoi $d -}}
@@ -180,10 +192,10 @@ several units is refused here rather than guessed.
 {{- else if regexMatch "^[0-9]+h$" $d -}}
 {{- $secs = mul 3600 (atoi (trimSuffix "h" $d)) -}}
 {{- else if not (regexMatch "^[0-9]+(ns|us|µs|ms)$" $d) -}}
-{{- fail (printf "inferenceExtension.flags.drain-grace-period %q: write it in one unit (90s, 2m) so that the chart can give the pod the time to drain" $d) -}}
+{{- fail (printf "inferenceExtension.flags.%s %q: write it in one unit (90s, 2m) so that the chart can give the pod the time to drain" $name $d) -}}
 {{- end -}}
 {{- end -}}
-{{- max 130 (add $secs 10) -}}
+{{- $secs -}}
 {{- end -}}
 
 {{/* Effective booleans: the flag if set, else the structured value. "true" or "". */}}
