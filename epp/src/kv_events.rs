@@ -32,7 +32,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId};
+use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, PoolSnapshot};
 use endpoint_picker::kv_index::{Applied, SharedKvIndex, StreamState};
 use endpoint_picker::scheduling::plugins::precise::KvEventsSettings;
 use kv_events::EventBatch;
@@ -726,6 +726,8 @@ async fn subscribe_bound<C: Connector>(
 ) {
     // Sequence state per endpoint of the pool (bounded by it).
     let mut trackers: HashMap<EndpointId, (SocketAddr, SequenceTracker)> = HashMap::new();
+    // The pool the trackers were last pruned against.
+    let mut seen_pool: Option<Arc<PoolSnapshot>> = None;
     loop {
         let connected = tokio::select! {
             _ = token.cancelled() => return,
@@ -770,12 +772,16 @@ async fn subscribe_bound<C: Connector>(
                     );
                     continue;
                 };
-                trackers.retain(|id, (a, _)| {
-                    snapshot
-                        .endpoints
-                        .iter()
-                        .any(|e| e.id == *id && e.spec.address == *a)
-                });
+                if !seen_pool
+                    .as_ref()
+                    .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
+                {
+                    // Forget the departed endpoints' sequences, once per pool change (a
+                    // lookup per tracker, not a scan of the pool per message).
+                    trackers
+                        .retain(|id, (a, _)| snapshot.by_address(a).is_some_and(|e| e.id == *id));
+                    seen_pool = Some(snapshot.clone());
+                }
                 let (_, tracker) = trackers
                     .entry(endpoint.id)
                     .or_insert((endpoint.spec.address, SequenceTracker::default()));
