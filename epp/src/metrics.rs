@@ -101,6 +101,13 @@ pub struct AttemptLabels {
     pub port: String,
 }
 
+/// `rewrite`: whether a model rewrite was due.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RewriteLabels {
+    /// Whether a model rewrite was due on the response: "true" or "false".
+    pub rewrite: &'static str,
+}
+
 /// `extension_point, plugin_type, plugin_name`. The first two are static strings, so recording
 /// a plugin timing allocates only the name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -330,6 +337,10 @@ pub struct EppMetrics {
     /// `inference_extension_request_body_budget_rejections_total`: requests refused because
     /// their body would pass `--max-gathered-request-bytes`.
     pub request_body_budget_rejections: Counter,
+    /// `inference_extension_response_body_overflows_total{rewrite}`: non-streamed response
+    /// bodies over the 16 MiB the EPP holds of one (usage unknown; with `rewrite="true"` the
+    /// model was rewritten back in the first 16 MiB only).
+    pub response_body_overflows: Family<RewriteLabels, Counter>,
     /// `inference_extension_model_rewrite_decisions_total` is recorded with this.
     pub rewrites: Family<ModelLabels, Counter>,
     /// `inference_extension_plugin_duration_seconds`.
@@ -400,6 +411,7 @@ impl EppMetrics {
             active_streams: Gauge::default(),
             request_body_bytes_held: Gauge::default(),
             request_body_budget_rejections: Counter::default(),
+            response_body_overflows: Family::default(),
             rewrites: Family::default(),
             plugin_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
@@ -516,6 +528,11 @@ impl EppMetrics {
             "inference_extension_request_body_bytes_held",
             "Request-body bytes held by all ext_proc streams together while gathered and tokenized (capped by --max-gathered-request-bytes)",
             m.request_body_bytes_held.clone(),
+        );
+        r.register(
+            "inference_extension_response_body_overflows",
+            "Non-streamed response bodies over the 16 MiB the EPP holds of one: passed through as they came, usage unknown",
+            m.response_body_overflows.clone(),
         );
         r.register(
             "inference_extension_request_body_budget_rejections",

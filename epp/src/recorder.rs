@@ -17,7 +17,7 @@ use crate::debug::{DecisionLog, DecisionRecord};
 use crate::labels::ModelLabels;
 use crate::metrics::{
     AttemptLabels, EppMetrics, ErrorLabels, ModelLabels as ModelPair, ModelOnly, RequestLabels,
-    StreamLabels,
+    RewriteLabels, StreamLabels,
 };
 use crate::telemetry;
 
@@ -191,6 +191,15 @@ impl Recorder for EppRecorder {
                 model_name: pair.model_name,
                 target_model_name: pair.target_model_name,
                 error_code: error.code().to_owned(),
+            })
+            .inc();
+    }
+
+    fn on_response_overflow(&self, rewrite: bool) {
+        self.metrics
+            .response_body_overflows
+            .get_or_create(&RewriteLabels {
+                rewrite: if rewrite { "true" } else { "false" },
             })
             .inc();
     }

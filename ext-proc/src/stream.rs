@@ -1020,6 +1020,9 @@ impl StreamState {
     fn overflow_response(&mut self) {
         self.response.overflowed = true;
         self.response.copy = BytesMut::new();
+        self.ctx
+            .recorder
+            .on_response_overflow(self.response.rewrite_back.is_some());
         tracing::warn!(
             limit = MAX_RESPONSE_COPY,
             rewrite = self.response.rewrite_back.is_some(),

@@ -50,6 +50,9 @@ impl Recorder for Events {
     fn on_released(&self, key: &RecordKey) {
         self.0.lock().push(format!("released {}", key.model));
     }
+    fn on_response_overflow(&self, rewrite: bool) {
+        self.0.lock().push(format!("overflow rewrite={rewrite}"));
+    }
 }
 
 struct Harness {
@@ -1080,7 +1083,10 @@ async fn a_rewritten_response_over_the_cap_is_let_go_whole_and_in_order() {
     assert!(received.starts_with(br#"{"id":"x","model":"m","#));
     assert!(answers > 4);
     // Usage is unknown: the body was not all held.
-    assert_eq!(h.events(), ["complete None", "released m"]);
+    assert_eq!(
+        h.events(),
+        ["overflow rewrite=true", "complete None", "released m"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1130,7 +1136,11 @@ async fn a_response_copy_over_the_cap_is_dropped_not_read_with_a_gap() {
             "passed through"
         );
     }
-    assert_eq!(h.events(), ["complete None", "released m"]);
+    assert_eq!(
+        h.events(),
+        ["overflow rewrite=false", "complete None", "released m"],
+        "counted once"
+    );
     // Under the cap the copy is read.
     let mut s = h.stream();
     send_chat(&mut s, "m", &[]);
