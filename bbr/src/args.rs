@@ -19,9 +19,15 @@ fn duration(s: &str) -> Result<Duration, String> {
                 .map(|m| Duration::from_secs(m * 60)),
         },
     };
-    parsed
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m)"))
+    parsed.ok_or_else(|| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m)"))
+}
+
+/// An interval or a grace period: zero would poll without pause or cut every stream.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be above zero")),
+        d => Ok(d),
+    }
 }
 
 /// Switchyard's body-based router: the request body's model into headers, before route
@@ -55,7 +61,7 @@ pub struct Args {
     #[arg(long)]
     pub mapping_file: Option<PathBuf>,
     /// How often --mapping-file is read for changes.
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = positive_duration)]
     pub mapping_file_poll_interval: Option<Duration>,
     /// Kubernetes mode: the namespace whose ConfigMaps are watched (default $NAMESPACE, as
     /// upstream; "" or unset watches every namespace).
@@ -76,8 +82,13 @@ pub struct Args {
     #[arg(long)]
     pub metrics_bearer_token_file: Option<PathBuf>,
     /// Grace period for open streams at shutdown.
-    #[arg(long, default_value = "30s", value_parser = duration)]
+    #[arg(long, default_value = "30s", value_parser = positive_duration)]
     pub drain_grace_period: Duration,
+    /// At SIGTERM, report NOT_SERVING but keep accepting streams for this long before the
+    /// drain (0s: stop accepting at once); a second SIGTERM or SIGINT cuts it short. As the
+    /// EPP's flag of the same name.
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pub shutdown_delay: Duration,
     /// Log verbosity as the reference's `--v`: 0 to 3 info, 4 debug, 5 and above trace.
     #[arg(long = "v", short = 'v', default_value_t = 2)]
     pub verbosity: u8,
@@ -138,5 +149,8 @@ mod tests {
         let e = Args::try_parse_from(["bbr", "--plugin", "x:y"]).unwrap_err();
         assert!(e.to_string().contains("--plugin"), "{e}");
         assert!(Args::try_parse_from(["bbr", "--mapping-file-poll-interval", "0s"]).is_err());
+        assert!(Args::try_parse_from(["bbr", "--drain-grace-period", "0s"]).is_err());
+        let a = Args::try_parse_from(["bbr", "--shutdown-delay", "5s"]).unwrap();
+        assert_eq!(a.shutdown_delay, Duration::from_secs(5));
     }
 }

@@ -73,6 +73,7 @@ async fn run(args: Args) -> Result<()> {
         metrics_endpoint_auth,
         metrics_bearer_token_file,
         drain_grace_period,
+        shutdown_delay,
         // Read by main() before the runtime starts.
         verbosity: _,
         zap_encoder: _,
@@ -207,6 +208,8 @@ async fn run(args: Args) -> Result<()> {
         source = ?source,
         "switchyard bbr starting"
     );
+    let shutdown = CancellationToken::new();
+    let cut_short = CancellationToken::new();
     let settings = Settings {
         options: Options {
             streaming,
@@ -218,9 +221,12 @@ async fn run(args: Args) -> Result<()> {
         tls,
         admin_auth,
         drain_grace: drain_grace_period,
+        shutdown_delay: epp::server::ShutdownDelay {
+            delay: shutdown_delay,
+            cut_short: cut_short.clone(),
+        },
     };
-    let shutdown = CancellationToken::new();
-    let signals = tokio::spawn(epp::signals::cancel_on_signal(shutdown.clone()));
+    let signals = tokio::spawn(epp::signals::cancel_on_signals(shutdown.clone(), cut_short));
     let served = server::serve(settings, listeners, shutdown).await;
     signals.abort();
     served.map_err(anyhow::Error::from)?;

@@ -12,7 +12,8 @@ use std::time::Duration;
 use epp::admin::{self, AdminAuth, AdminState};
 use epp::health;
 use epp::server::{
-    HTTP2_CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS_PER_CONNECTION, MAX_GRPC_MESSAGE, tls_incoming,
+    HTTP2_CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS_PER_CONNECTION, MAX_GRPC_MESSAGE,
+    ShutdownDelay, serve_then_drain, tls_incoming,
 };
 use epp::supervisor::{OnExit, Supervisor, factory};
 use epp::tls::ServerTls;
@@ -87,6 +88,8 @@ pub struct Settings {
     pub admin_auth: AdminAuth,
     /// How long open streams get to finish after SIGTERM.
     pub drain_grace: Duration,
+    /// Not ready but still serving, after SIGTERM and before the drain (`--shutdown-delay`).
+    pub shutdown_delay: ShutdownDelay,
 }
 
 /// The bound ports.
@@ -124,6 +127,7 @@ pub async fn serve(
         tls,
         admin_auth,
         drain_grace,
+        shutdown_delay,
     } = settings;
     let acceptor = match &tls {
         Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.server_config()?)),
@@ -136,6 +140,8 @@ pub async fn serve(
         Arc::new(Mutex::new(r))
     };
     let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
+    // The listeners close when the shutdown delay is over.
+    let stop_accepting = CancellationToken::new();
     let mut route_index = None;
     match source {
         MappingSource::Kubernetes(apis) => {
@@ -253,7 +259,7 @@ pub async fn serve(
         )),
     );
     {
-        let token = shutdown.clone();
+        let token = stop_accepting.clone();
         let incoming = TcpListenerStream::new(listeners.health);
         let svc = health_service.clone();
         let server = tokio::spawn(async move {
@@ -268,7 +274,7 @@ pub async fn serve(
         tasks.adopt("health-server", OnExit::Shutdown, server);
     }
     {
-        let token = shutdown.clone();
+        let token = stop_accepting.clone();
         let (m, map) = (metrics.clone(), mapping.clone());
         let state = AdminState {
             registry,
@@ -303,7 +309,7 @@ pub async fn serve(
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .add_service(svc);
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let token = shutdown.clone();
+    let token = stop_accepting.clone();
     let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match acceptor {
             Some(acceptor) => Box::pin(router.serve_with_incoming_shutdown(
@@ -314,20 +320,17 @@ pub async fn serve(
                 Box::pin(router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()))
             }
         };
-    tokio::pin!(grpc);
-    let result = tokio::select! {
-        r = &mut grpc => r.map_err(ServeError::from),
-        _ = shutdown.cancelled() => {
-            match tokio::time::timeout(drain_grace, &mut grpc).await {
-                Ok(r) => r.map_err(ServeError::from),
-                Err(_) => {
-                    tracing::warn!("drain grace period elapsed; closing remaining streams");
-                    Ok(())
-                }
-            }
-        }
-    };
+    let result = serve_then_drain(
+        grpc,
+        &shutdown,
+        &shutdown_delay,
+        &stop_accepting,
+        drain_grace,
+    )
+    .await
+    .map_err(ServeError::from);
     shutdown.cancel();
+    stop_accepting.cancel();
     if let Err(error) = supervisor.await {
         tracing::error!(%error, "the supervisor failed");
     }

@@ -72,6 +72,7 @@ async fn file_mode_serves_reloads_and_reports() {
             tls: None,
             admin_auth: epp::admin::AdminAuth::Open,
             drain_grace: Duration::from_secs(1),
+            shutdown_delay: Default::default(),
         },
         listeners,
         shutdown.clone(),

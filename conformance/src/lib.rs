@@ -179,6 +179,7 @@ pub async fn start_bbr(entries: &[(&str, &[&str])]) -> Bbr {
         tls: None,
         admin_auth: epp::admin::AdminAuth::Open,
         drain_grace: Duration::from_secs(1),
+        shutdown_delay: Default::default(),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();

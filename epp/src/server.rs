@@ -652,24 +652,15 @@ pub async fn serve_with_handles(
     };
     // Either listener failing ends serving; both end together at shutdown.
     let grpc = async move { futures::try_join!(tcp, uds).map(|_| ()) };
-    tokio::pin!(grpc);
-    let result = tokio::select! {
-        r = &mut grpc => r.map_err(ServeError::from),
-        _ = shutdown.cancelled() => match serve_on_not_ready(&shutdown_delay, &mut grpc).await {
-            Some(r) => r.map_err(ServeError::from),
-            None => {
-                stop_accepting.cancel();
-                tracing::info!(grace = ?drain_grace, "shutting down; draining open streams");
-                match tokio::time::timeout(drain_grace, &mut grpc).await {
-                    Ok(r) => r.map_err(ServeError::from),
-                    Err(_) => {
-                        tracing::warn!("drain grace period elapsed; closing remaining streams");
-                        Ok(())
-                    }
-                }
-            }
-        }
-    };
+    let result = serve_then_drain(
+        grpc,
+        &shutdown,
+        &shutdown_delay,
+        &stop_accepting,
+        drain_grace,
+    )
+    .await
+    .map_err(ServeError::from);
     shutdown.cancel();
     stop_accepting.cancel();
     tasks_stop.cancel();
@@ -680,28 +671,39 @@ pub async fn serve_with_handles(
     result
 }
 
-/// The shutdown delay: serves on until it is over or cut short (`None`), or until serving
-/// ends by itself (`Some`, its result).
-async fn serve_on_not_ready<F, T>(
+/// Serving, and its end: until `shutdown`, then for the shutdown delay (not ready, still
+/// accepting), then `stop_accepting` closes the listeners and open streams get `grace` to
+/// finish. Returns early with serving's own end. Shared with the `bbr` binary.
+pub async fn serve_then_drain<E>(
+    serving: impl Future<Output = Result<(), E>>,
+    shutdown: &CancellationToken,
     delay: &ShutdownDelay,
-    serving: &mut std::pin::Pin<&mut F>,
-) -> Option<T>
-where
-    F: Future<Output = T>,
-{
-    if delay.delay.is_zero() {
-        return None;
-    }
-    tracing::info!(
-        delay = ?delay.delay,
-        "shutting down: not ready, still serving for --shutdown-delay"
-    );
+    stop_accepting: &CancellationToken,
+    grace: Duration,
+) -> Result<(), E> {
+    tokio::pin!(serving);
     tokio::select! {
-        r = serving.as_mut() => Some(r),
-        _ = tokio::time::sleep(delay.delay) => None,
-        _ = delay.cut_short.cancelled() => {
-            tracing::info!("shutdown delay cut short");
-            None
+        r = &mut serving => return r,
+        _ = shutdown.cancelled() => {}
+    }
+    if !delay.delay.is_zero() {
+        tracing::info!(
+            delay = ?delay.delay,
+            "shutting down: not ready, still serving for --shutdown-delay"
+        );
+        tokio::select! {
+            r = &mut serving => return r,
+            _ = tokio::time::sleep(delay.delay) => {}
+            _ = delay.cut_short.cancelled() => tracing::info!("shutdown delay cut short"),
+        }
+    }
+    stop_accepting.cancel();
+    tracing::info!(?grace, "shutting down; draining open streams");
+    match tokio::time::timeout(grace, &mut serving).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("drain grace period elapsed; closing remaining streams");
+            Ok(())
         }
     }
 }
