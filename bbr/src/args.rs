@@ -74,6 +74,11 @@ pub struct Args {
     /// Largest request body read; a larger one gets 413.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
+    /// Most request-body bytes held by all streams together while their bodies are gathered;
+    /// a request whose body would pass it gets 429 (rejected-saturated). At least
+    /// --max-request-body-bytes.
+    #[arg(long, default_value_t = ext_proc::body_budget::DEFAULT_GATHERED_REQUEST_BYTES)]
+    pub max_gathered_request_bytes: usize,
     /// Authenticate and authorize /metrics (TokenReview + SubjectAccessReview in Kubernetes
     /// mode, --metrics-bearer-token-file in file mode).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]

@@ -69,6 +69,7 @@ async fn run(args: Args) -> Result<()> {
         mapping_file_poll_interval,
         configmap_namespace,
         max_request_body_bytes,
+        max_gathered_request_bytes,
         list_models,
         metrics_endpoint_auth,
         metrics_bearer_token_file,
@@ -101,6 +102,13 @@ async fn run(args: Args) -> Result<()> {
         bail!(
             "--max-request-body-bytes={max_request_body_bytes} is over what one gRPC message \
              carries in BUFFERED mode ({message_cap}): lower it, or add --streaming"
+        );
+    }
+    if max_gathered_request_bytes < max_request_body_bytes {
+        bail!(
+            "--max-gathered-request-bytes={max_gathered_request_bytes} is below \
+             --max-request-body-bytes={max_request_body_bytes}: a body of the largest size \
+             accepted could never be gathered"
         );
     }
     if cert_path.is_some() && !secure_serving {
@@ -215,6 +223,9 @@ async fn run(args: Args) -> Result<()> {
             streaming,
             max_request_body_bytes,
             list_models,
+            gathered_request_bytes: std::sync::Arc::new(ext_proc::body_budget::BodyBudget::new(
+                max_gathered_request_bytes,
+            )),
         },
         mapping,
         source,

@@ -21,6 +21,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ext_proc::body_budget::{BodyBudget, BodyCharge, OverBudget};
 use ext_proc::body_pool::{BodyBuffer, REQUEST_BODIES};
 use ext_proc::codec::Inbound;
 #[cfg(test)]
@@ -31,7 +32,7 @@ use ext_proc::envoy::ext_proc::{
 };
 use ext_proc::envoy::{self, Answer, Direction};
 use ext_proc::openai::{self, BodyError};
-use ext_proc::protocol::{BASE_MODEL_NAME, MODEL_NAME};
+use ext_proc::protocol::{BASE_MODEL_NAME, DROPPED_REASON, MODEL_NAME};
 use ext_proc::untrusted::Untrusted;
 use tokio::time::Instant;
 
@@ -48,6 +49,9 @@ pub struct Options {
     pub max_request_body_bytes: usize,
     /// `--list-models`: `GET /v1/models` answered by the router ([`crate::models`]).
     pub list_models: bool,
+    /// `--max-gathered-request-bytes`: the request-body bytes every stream may hold together;
+    /// shared by every clone of these options. A body that would pass it gets 429.
+    pub gathered_request_bytes: Arc<BodyBudget>,
 }
 
 impl Default for Options {
@@ -56,6 +60,7 @@ impl Default for Options {
             streaming: true,
             max_request_body_bytes: 16 * 1024 * 1024,
             list_models: true,
+            gathered_request_bytes: Arc::default(),
         }
     }
 }
@@ -95,6 +100,10 @@ pub enum Refusal {
         /// The limit.
         limit: usize,
     },
+    /// The bodies held by every stream together would pass `--max-gathered-request-bytes`:
+    /// 429, `rejected-saturated` as the EPP's.
+    #[error(transparent)]
+    OverBudget(#[from] OverBudget),
 }
 
 impl Refusal {
@@ -103,12 +112,17 @@ impl Refusal {
         match self {
             Refusal::BadBody(_) => (400, "BadRequest"),
             Refusal::TooLarge { .. } => (413, "PayloadTooLarge"),
+            Refusal::OverBudget(_) => (429, "ResourceExhausted"),
         }
     }
 
     fn to_response(&self) -> ProcessingResponse {
         let (status, code) = self.status();
-        envoy::immediate_response(status, format!("inference error: {code} - {self}"), &[])
+        let reason: &[(&str, &str)] = match self {
+            Refusal::OverBudget(_) => &[(DROPPED_REASON, "rejected-saturated")],
+            _ => &[],
+        };
+        envoy::immediate_response(status, format!("inference error: {code} - {self}"), reason)
     }
 }
 
@@ -120,6 +134,8 @@ pub struct BbrStream {
     done: bool,
     headers: Vec<(String, String)>,
     body: BodyBuffer,
+    /// The body's bytes, charged to the process's budget until the body is answered.
+    body_charge: BodyCharge,
 }
 
 impl BbrStream {
@@ -131,6 +147,7 @@ impl BbrStream {
             done: false,
             headers: Vec::new(),
             body: BodyBuffer::empty(),
+            body_charge: BodyCharge::default(),
         }
     }
 
@@ -265,6 +282,10 @@ impl BbrStream {
         if self.body.len() + body.len() > limit {
             return self.refuse(Refusal::TooLarge { limit });
         }
+        let budget = &self.ctx.options.gathered_request_bytes;
+        if let Err(e) = self.body_charge.grow(budget, body.len()) {
+            return self.refuse(e.into());
+        }
         let end = b.end_of_stream || b.end_of_stream_without_message;
         if self.body.is_empty() && end {
             // The whole body in one message: no copy.
@@ -288,6 +309,7 @@ impl BbrStream {
         self.done = true;
         self.phase = Phase::Answered;
         self.body = BodyBuffer::empty();
+        self.body_charge.release();
         tracing::info!(error = %refusal, "request refused");
         self.ctx.metrics.refused(refusal.status().0);
         vec![refusal.to_response().into()]
@@ -295,6 +317,8 @@ impl BbrStream {
 
     fn finish(&mut self, body: Bytes, end_of_stream: bool) -> Vec<Answer> {
         self.phase = Phase::Answered;
+        // Answered below: the body goes back to Envoy.
+        self.body_charge.release();
         let started = Instant::now();
         let mut set = Vec::new();
         // The OpenAI APIs are validated as the EPP validates them; any other path (this router
@@ -410,6 +434,7 @@ mod tests {
                 streaming,
                 max_request_body_bytes: 1 << 20,
                 list_models: true,
+                gathered_request_bytes: Arc::new(BodyBudget::new(2 << 20)),
             },
         })
     }
@@ -518,6 +543,47 @@ mod tests {
         assert_eq!(immediate(&out[0]).0, 413);
         assert!(s.is_done());
         assert!(s.on_message(req_body(b"x", true)).is_empty());
+    }
+
+    /// Bodies gathered by every stream together share one budget: the stream whose chunk would
+    /// pass it gets 429 `rejected-saturated` and gives its charge back; answered bodies give
+    /// theirs back too.
+    #[test]
+    fn gathered_bodies_share_one_budget() {
+        let ctx = ctx(true);
+        let budget = ctx.options.gathered_request_bytes.clone();
+        // Two bodies of 900 KB in a budget of 2 MiB leave no room for a third of 400 KB.
+        let half = vec![b' '; 900_000];
+        let mut first = BbrStream::new(ctx.clone());
+        first.on_message(req_headers(&headers(&[]), false, None));
+        assert!(first.on_message(req_body(&half, false)).is_empty());
+        let mut second = BbrStream::new(ctx.clone());
+        second.on_message(req_headers(&headers(&[]), false, None));
+        assert!(second.on_message(req_body(&half, false)).is_empty());
+        assert_eq!(budget.held(), 1_800_000);
+        let mut third = BbrStream::new(ctx.clone());
+        third.on_message(req_headers(&headers(&[]), false, None));
+        let out = third.on_message(req_body(&vec![b' '; 400_000], false));
+        assert_eq!(immediate(&out[0]).0, 429);
+        assert_eq!(
+            immediate_header(&out[0], DROPPED_REASON).as_deref(),
+            Some("rejected-saturated")
+        );
+        // The first ends its body: answered, its charge back; a new body fits again.
+        let out = first.on_message(req_body(&chat("food-review"), true));
+        assert!(out.len() > 1, "answered with the body");
+        assert_eq!(budget.held(), 900_000);
+        drop(second);
+        assert_eq!(budget.held(), 0, "a dropped stream gives its charge back");
+        let mut fourth = BbrStream::new(ctx);
+        fourth.on_message(req_headers(&headers(&[]), false, None));
+        assert!(
+            fourth
+                .on_message(req_body(&chat("food-review"), true))
+                .len()
+                > 1
+        );
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]
