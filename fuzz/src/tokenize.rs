@@ -52,7 +52,8 @@ pub fn body(data: &[u8]) {
     if let Ok(ids) = &result {
         assert!(ids.iter().all(|&id| id < tok.vocab_size()), "{ids:?}");
         if api == Api::Completions
-            && let Ok(tokenize::Prompt::Text(text)) = tokenize::completion_prompt(body)
+            && let Ok(tokenize::Prompt::Text(text)) =
+                tokenize::completion_prompt(body, LIMITS.max_prompt_bytes)
         {
             assert!(text.len() <= LIMITS.max_prompt_bytes);
             assert_eq!(

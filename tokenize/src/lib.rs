@@ -352,7 +352,7 @@ impl Tokenizer {
     pub fn encode_body(&self, api: Api, body: &[u8]) -> Result<Vec<u32>, TokenizeError> {
         match api {
             Api::Completions => {
-                let prompt = completion_prompt(body)?;
+                let prompt = completion_prompt(body, self.limits.max_prompt_bytes)?;
                 self.encode_completion_prompt(prompt)
             }
             Api::ChatCompletions => {
@@ -462,7 +462,12 @@ pub enum Prompt<'a> {
 
 /// The `prompt` of a completions body. A batch of several prompts is not tokenised (one
 /// request, one engine sequence is what routing reasons about; vLLM would run several).
-pub fn completion_prompt(body: &[u8]) -> Result<Prompt<'_>, TokenizeError> {
+///
+/// At most `max_ids` token ids are kept (more is [`TokenizeError::TooLarge`]), and the value is
+/// read in one pass into its final shape: a batch is skipped without being collected. An
+/// untagged enum would first copy the whole value into serde's generic representation (32
+/// bytes an element, about 16 times the body for a list of ids) before any limit applied.
+pub fn completion_prompt(body: &[u8], max_ids: usize) -> Result<Prompt<'_>, TokenizeError> {
     #[derive(Deserialize)]
     struct CompletionBody<'a> {
         #[serde(borrow)]
@@ -473,38 +478,154 @@ pub fn completion_prompt(body: &[u8]) -> Result<Prompt<'_>, TokenizeError> {
     let raw = b
         .prompt
         .ok_or_else(|| TokenizeError::Invalid("no prompt".into()))?;
-    prompt_value(raw.get()).map_err(|e| match e {
-        PromptShape::Batch => TokenizeError::Unsupported("a batch of prompts"),
-        PromptShape::Invalid(m) => TokenizeError::Invalid(m),
-    })
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let shape = serde::Deserializer::deserialize_any(&mut de, PromptVisitor { max_ids })
+        .map_err(|_| TokenizeError::Invalid(SHAPES.into()))?;
+    match shape {
+        Ok(prompt) => Ok(prompt),
+        Err(PromptShape::Batch) => Err(TokenizeError::Unsupported("a batch of prompts")),
+        Err(PromptShape::TooManyIds) => Err(TokenizeError::TooLarge { limit: max_ids }),
+        Err(PromptShape::Invalid(m)) => Err(TokenizeError::Invalid(m.into())),
+    }
 }
 
+const SHAPES: &str = "prompt must be a string, a list of strings or token ids";
+
+/// A prompt value that is not one prompt to tokenise.
 enum PromptShape {
     Batch,
-    Invalid(String),
+    TooManyIds,
+    Invalid(&'static str),
 }
 
-fn prompt_value(raw: &str) -> Result<Prompt<'_>, PromptShape> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Shape<'a> {
-        #[serde(borrow)]
-        Text(std::borrow::Cow<'a, str>),
-        Ids(Vec<u32>),
-        #[serde(borrow)]
-        Texts(Vec<std::borrow::Cow<'a, str>>),
-        IdLists(Vec<Vec<u32>>),
+/// Reads a `prompt`: a string, a list of ids, or a list of one string or of one list of ids.
+struct PromptVisitor {
+    max_ids: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for PromptVisitor {
+    type Value = Result<Prompt<'de>, PromptShape>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(SHAPES)
     }
-    let shape: Shape<'_> = serde_json::from_str(raw).map_err(|_| {
-        PromptShape::Invalid("prompt must be a string, a list of strings or token ids".into())
-    })?;
-    match shape {
-        Shape::Text(t) => Ok(Prompt::Text(t)),
-        Shape::Ids(ids) if !ids.is_empty() => Ok(Prompt::Ids(ids)),
-        Shape::Texts(mut t) if t.len() == 1 => Ok(Prompt::Text(t.remove(0))),
-        Shape::IdLists(mut l) if l.len() == 1 => Ok(Prompt::Ids(l.remove(0))),
-        Shape::Ids(_) => Err(PromptShape::Invalid("empty prompt".into())),
-        Shape::Texts(_) | Shape::IdLists(_) => Err(PromptShape::Batch),
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Ok(Prompt::Text(v.into())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Ok(Prompt::Text(v.into())))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Ok(Prompt::Text(v.to_owned().into())))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let seed = ElementSeed {
+            max_ids: self.max_ids,
+        };
+        let Some(first) = seq.next_element_seed(seed)? else {
+            return Ok(Err(PromptShape::Invalid("empty prompt")));
+        };
+        let shape = match first {
+            Element::Id(id) => {
+                let mut ids = vec![id];
+                return read_ids(&mut seq, &mut ids, self.max_ids).map(|fits| {
+                    if fits {
+                        Ok(Prompt::Ids(ids))
+                    } else {
+                        Err(PromptShape::TooManyIds)
+                    }
+                });
+            }
+            Element::Text(text) => Ok(Prompt::Text(text)),
+            Element::Ids(Some(ids)) if ids.is_empty() => Err(PromptShape::Invalid("empty prompt")),
+            Element::Ids(Some(ids)) => Ok(Prompt::Ids(ids)),
+            Element::Ids(None) => Err(PromptShape::TooManyIds),
+        };
+        // One prompt in a list is that prompt; a second makes a batch, read but not kept.
+        if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            skip_rest(&mut seq)?;
+            return Ok(Err(PromptShape::Batch));
+        }
+        Ok(shape)
+    }
+}
+
+/// Appends the list's ids to `ids` while they fit in `max`; past it, reads the rest without
+/// keeping it and says so (`false`).
+fn read_ids<'de, A: serde::de::SeqAccess<'de>>(
+    seq: &mut A,
+    ids: &mut Vec<u32>,
+    max: usize,
+) -> Result<bool, A::Error> {
+    while let Some(id) = seq.next_element::<u32>()? {
+        if ids.len() >= max {
+            skip_rest(seq)?;
+            return Ok(false);
+        }
+        ids.push(id);
+    }
+    Ok(true)
+}
+
+/// Reads what is left of a list without keeping it.
+fn skip_rest<'de, A: serde::de::SeqAccess<'de>>(seq: &mut A) -> Result<(), A::Error> {
+    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// The first element of a `prompt` list.
+enum Element<'de> {
+    Id(u32),
+    Text(std::borrow::Cow<'de, str>),
+    /// A list of ids (`None`: more than the limit).
+    Ids(Option<Vec<u32>>),
+}
+
+struct ElementSeed {
+    max_ids: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ElementSeed {
+    type Value = Element<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ElementSeed {
+    type Value = Element<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a token id, a string or a list of token ids")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        u32::try_from(v)
+            .map(Element::Id)
+            .map_err(|_| E::custom("a token id over u32"))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Element::Text(v.into()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Element::Text(v.into()))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Element::Text(v.to_owned().into()))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut ids = Vec::new();
+        let fits = read_ids(&mut seq, &mut ids, self.max_ids)?;
+        Ok(Element::Ids(fits.then_some(ids)))
     }
 }
 
@@ -522,7 +643,7 @@ mod tests {
     #[test]
     fn prompt_shapes() {
         fn p(s: &str) -> Result<Prompt<'_>, TokenizeError> {
-            completion_prompt(s.as_bytes())
+            completion_prompt(s.as_bytes(), 4)
         }
         assert_eq!(
             p(r#"{"prompt":"a\nb"}"#).unwrap(),
@@ -552,5 +673,48 @@ mod tests {
             p(r#"{"model":"m"}"#),
             Err(TokenizeError::Invalid(_))
         ));
+        // Empty lists, nested batches, and more ids than the limit, without reading them in.
+        for empty in [r#"{"prompt":[]}"#, r#"{"prompt":[[]]}"#] {
+            assert!(
+                matches!(p(empty), Err(TokenizeError::Invalid(_))),
+                "{empty}"
+            );
+        }
+        assert_eq!(
+            p(r#"{"prompt":[[1],[2,3]]}"#).unwrap_err(),
+            TokenizeError::Unsupported("a batch of prompts")
+        );
+        assert_eq!(
+            p(r#"{"prompt":[1,2,3,4]}"#).unwrap(),
+            Prompt::Ids(vec![1, 2, 3, 4])
+        );
+        for over in [r#"{"prompt":[1,2,3,4,5]}"#, r#"{"prompt":[[1,2,3,4,5,6]]}"#] {
+            assert_eq!(
+                p(over).unwrap_err(),
+                TokenizeError::TooLarge { limit: 4 },
+                "{over}"
+            );
+        }
+        // Mixed or malformed lists are refused, not guessed.
+        for bad in [
+            r#"{"prompt":[1,"x"]}"#,
+            r#"{"prompt":["x",1]}"#,
+            r#"{"prompt":[4294967296]}"#,
+            r#"{"prompt":[1.5]}"#,
+            r#"{"prompt":[null]}"#,
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A prompt of millions of ids costs the ids it keeps, not serde's generic copy of them:
+    /// over the limit it is refused while being read.
+    #[test]
+    fn a_huge_id_prompt_is_refused_while_read() {
+        let body = format!(r#"{{"prompt":[{}0]}}"#, "0,".repeat(4_000_000));
+        assert_eq!(
+            completion_prompt(body.as_bytes(), 1000).unwrap_err(),
+            TokenizeError::TooLarge { limit: 1000 }
+        );
     }
 }
