@@ -83,6 +83,8 @@ pub struct Las {
     /// Parameters as configured.
     pub params: LasParams,
     programs: Mutex<HashMap<Arc<str>, Program>>,
+    /// When idle programs were last forgotten (`None`: never yet).
+    last_sweep: Mutex<Option<Instant>>,
 }
 
 /// `program-aware-fairness` parameters (reference names and defaults).
@@ -217,6 +219,7 @@ impl Las {
         Self {
             params,
             programs: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(None),
         }
     }
 
@@ -266,11 +269,26 @@ impl Las {
         );
     }
 
-    /// Forgets programs idle for `evictionTtlSeconds` (0 = never).
+    /// Forgets programs idle for `evictionTtlSeconds` (0 = never), at most once per
+    /// `evictionSweepSeconds`: a call sooner than that after the last sweep does nothing (the
+    /// first call only starts the clock).
     pub fn sweep(&self, now: Instant) {
         let ttl = self.params.eviction_ttl;
         if ttl.is_zero() {
             return;
+        }
+        {
+            let mut last = self.last_sweep.lock();
+            match *last {
+                Some(at) if now.saturating_duration_since(at) < self.params.eviction_sweep => {
+                    return;
+                }
+                Some(_) => *last = Some(now),
+                None => {
+                    *last = Some(now);
+                    return;
+                }
+            }
         }
         self.programs
             .lock()
@@ -569,7 +587,31 @@ mod tests {
         }
         assert_eq!(las.len(), MAX_PROGRAMS);
         assert_eq!(las.attained("p0", now), 0.0, "the idlest was forgotten");
+        las.sweep(now); // starts the sweep clock
         las.sweep(now + Duration::from_secs(3_601 + 60));
+        assert!(las.is_empty());
+    }
+
+    /// `evictionSweepSeconds` spaces the sweeps: an idle program outlives its TTL until the
+    /// next sweep is due, then goes.
+    #[tokio::test(start_paused = true)]
+    async fn sweeps_come_every_eviction_sweep_seconds() {
+        let now = Instant::now();
+        let las = Las::new(LasParams {
+            eviction_ttl: Duration::from_secs(10),
+            eviction_sweep: Duration::from_secs(100),
+            ..LasParams::default()
+        });
+        las.sweep(now);
+        las.record("idle", 1, 1, now);
+        las.sweep(now + Duration::from_secs(50));
+        assert_eq!(las.len(), 1, "past its TTL, but no sweep is due");
+        las.sweep(now + Duration::from_secs(100));
+        assert!(las.is_empty(), "the sweep 100 s after the last forgets it");
+        las.record("next", 1, 1, now + Duration::from_secs(101));
+        las.sweep(now + Duration::from_secs(150));
+        assert_eq!(las.len(), 1);
+        las.sweep(now + Duration::from_secs(200));
         assert!(las.is_empty());
     }
 
