@@ -9,23 +9,42 @@
 //! `/healthz` is always open (it says nothing but "ok").
 //!
 //! [`serve`] runs it (and `bbr`'s and `lora-syncer`'s) with bounds that come before any
-//! authentication: at most [`MAX_ADMIN_CONNECTIONS`] connections, and a client that does not
-//! send a request's headers within [`ADMIN_HEADER_READ_TIMEOUT`] (an idle kept-alive connection
-//! included) is disconnected. Without them anyone who reaches the port could hold connections,
-//! and file descriptors the ext_proc listener and the scrapers need, for free.
+//! authentication, so that no one client, authenticated or not, can keep the others (Prometheus
+//! above all) out:
+//!
+//! - at most [`MAX_ADMIN_CONNECTIONS`] connections, of which one source address holds at most
+//!   [`MAX_ADMIN_CONNECTIONS_PER_PEER`]; a connection past the latter is answered `503` and
+//!   closed at once, without taking a slot;
+//! - a client that does not send a request's headers within [`ADMIN_HEADER_READ_TIMEOUT`] (an
+//!   idle kept-alive connection included) is disconnected;
+//! - a connection is closed after an answer that is not a success (`401`/`403` above all, also
+//!   `404`) and after `/healthz`: a request anyone may make does not keep a connection alive;
+//! - a connection takes no new request after [`ADMIN_CONNECTION_MAX_AGE`] or
+//!   [`ADMIN_CONNECTION_MAX_REQUESTS`] requests, and the one in flight then gets
+//!   [`ADMIN_CLOSE_GRACE`] to finish, so even an authorised client goes back through the accept
+//!   queue (and the caps above) now and then.
+//!
+//! Without them anyone who reaches the port could hold connections, and file descriptors the
+//! ext_proc listener and the scrapers need, for free: 64 kept-alive connections each sending
+//! `GET /healthz` every few seconds once held every slot, and Prometheus waited in the backlog.
 
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use endpoint_picker::datastore::Datastore;
 use endpoint_picker::director::Director;
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 use crate::debug::{self, DecisionLog};
 use crate::profile::ProfileError;
@@ -33,46 +52,123 @@ use crate::profile::ProfileError;
 /// Most connections the admin server holds at once: Prometheus, probes and an operator need a
 /// handful; past it, new connections wait in the listen backlog.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Most connections one source address holds at once. A Prometheus keeps one per target and
+/// scrape job, an operator's `curl` or port-forward a few more: 8 leaves room for them, and a
+/// single address (one pod, one node) can take an eighth of [`MAX_ADMIN_CONNECTIONS`], no more.
+/// Clients that share an address (behind a NAT, a proxy, a mesh sidecar that connects from
+/// loopback) share these 8.
+pub const MAX_ADMIN_CONNECTIONS_PER_PEER: usize = 8;
 /// How long a client may take to send a request's headers, counted from the connection or from
 /// the previous response (so an idle kept-alive connection ends too).
 pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Age after which a connection takes no new request. A scraper that asks less often than
+/// [`ADMIN_HEADER_READ_TIMEOUT`] reconnects for every scrape anyway; one that asks every few
+/// seconds reconnects once a minute, which costs it a TCP handshake and frees the slot for
+/// whoever waits.
+pub const ADMIN_CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
+/// Requests after which a connection is closed. A scraper makes at most 60 in
+/// [`ADMIN_CONNECTION_MAX_AGE`] at a one-second interval, so only a client firing requests back
+/// to back meets it, and goes back through the accept queue.
+pub const ADMIN_CONNECTION_MAX_REQUESTS: u32 = 100;
+/// What a request still in flight at [`ADMIN_CONNECTION_MAX_AGE`] gets to finish: the longest
+/// CPU profile and 10 s to send it. After it the connection is dropped, so a client that never
+/// reads its response (a page larger than the socket buffers) cannot hold a slot for good.
+pub const ADMIN_CLOSE_GRACE: Duration = Duration::from_secs(crate::profile::MAX_SECONDS + 10);
 /// How long open admin connections get to finish at shutdown.
 const ADMIN_DRAIN: Duration = Duration::from_secs(5);
+/// At most one warning about refused addresses in this long; the refusals in between are
+/// counted in the next one (a flood must not flood the log too).
+const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+/// The answer to a connection past [`MAX_ADMIN_CONNECTIONS_PER_PEER`], written without reading
+/// the request: a scraper reports a 503 that says why rather than a bare reset.
+const TOO_MANY_FROM_PEER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+connection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 45\r\n\r\n\
+too many admin connections from this address\n";
+
+/// The bounds of [`serve`] (the constants above), one value so tests can shrink them.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    connections: usize,
+    per_peer: usize,
+    header_read_timeout: Duration,
+    max_age: Duration,
+    max_requests: u32,
+    close_grace: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    connections: MAX_ADMIN_CONNECTIONS,
+    per_peer: MAX_ADMIN_CONNECTIONS_PER_PEER,
+    header_read_timeout: ADMIN_HEADER_READ_TIMEOUT,
+    max_age: ADMIN_CONNECTION_MAX_AGE,
+    max_requests: ADMIN_CONNECTION_MAX_REQUESTS,
+    close_grace: ADMIN_CLOSE_GRACE,
+};
 
 /// Serves `router` on `listener` until `shutdown`, bounded (see the module's documentation).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    serve_bounded(
-        listener,
-        router,
-        shutdown,
-        MAX_ADMIN_CONNECTIONS,
-        ADMIN_HEADER_READ_TIMEOUT,
-    )
-    .await;
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: CancellationToken) {
+    serve_bounded(listener, router, shutdown, LIMITS).await;
+}
+
+/// Connections per source address. IPv4-mapped IPv6 addresses count as the IPv4 address (a
+/// dual-stack listener sees both forms of one client).
+type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One of an address's [`MAX_ADMIN_CONNECTIONS_PER_PEER`]; given back when dropped.
+struct PeerSlot {
+    peers: PeerCounts,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    /// `None` when `ip` already holds `cap` connections.
+    fn take(peers: &PeerCounts, ip: IpAddr, cap: usize) -> Option<PeerSlot> {
+        let ip = ip.to_canonical();
+        let mut counts = peers.lock();
+        let held = counts.get(&ip).copied().unwrap_or(0);
+        if held >= cap {
+            return None;
+        }
+        counts.insert(ip, held + 1);
+        Some(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.peers.lock();
+        if let Some(held) = counts.get_mut(&self.ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                // Gone, not zero: the map holds only addresses connected now.
+                counts.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn serve_bounded(
     listener: tokio::net::TcpListener,
     router: Router,
-    shutdown: tokio_util::sync::CancellationToken,
-    max_connections: usize,
-    header_read_timeout: Duration,
+    shutdown: CancellationToken,
+    limits: Limits,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
 
-    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let peers = PeerCounts::default();
     // HTTP/1.1 only (Prometheus, probes and curl speak it): a server that also detects HTTP/2
     // waits for a client's first bytes before any timeout applies, so a silent client would
     // hold its connection for good.
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout);
     let mut connections = tokio::task::JoinSet::new();
+    let mut refusals = Refusals::default();
     let accept = || async {
         // The permit first: at the cap, connections wait in the backlog, not in memory.
         let permit = permits.clone().acquire_owned().await;
@@ -87,25 +183,26 @@ async fn serve_bounded(
         let accepted = accepted.inspect_err(|error| {
             tracing::warn!(%error, "admin server: accept failed");
         });
-        let (Ok(permit), Ok((stream, _))) = (permit, accepted) else {
+        let (Ok(permit), Ok((stream, peer))) = (permit, accepted) else {
             // Out of file descriptors, say: the next try after a pause, not at once.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let Some(slot) = PeerSlot::take(&peers, peer.ip(), limits.per_peer) else {
+            // Refused here, before any read: the global slot goes back with `permit` at once.
+            // `try_write`: the short answer fits an empty socket buffer, and a client that
+            // does not take it is not waited for.
+            let _ = stream.try_write(TOO_MANY_FROM_PEER);
+            refusals.refused(peer.ip().to_canonical(), limits.per_peer);
+            continue;
+        };
+        let io = TokioIo::new(stream);
         let builder = builder.clone();
+        let router = router.clone();
         let token = shutdown.clone();
         connections.spawn(async move {
-            let _permit = permit;
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = token.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
+            let _held = (permit, slot);
+            serve_connection(io, router, builder, limits, token).await;
         });
     }
     if tokio::time::timeout(ADMIN_DRAIN, async {
@@ -116,6 +213,80 @@ async fn serve_bounded(
     {
         connections.shutdown().await;
     }
+}
+
+/// Refusals of [`MAX_ADMIN_CONNECTIONS_PER_PEER`], logged at most once a
+/// [`REFUSAL_WARNING_INTERVAL`].
+#[derive(Default)]
+struct Refusals {
+    last_warning: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, ip: IpAddr, cap: usize) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last_warning
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_WARNING_INTERVAL)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(
+            peer = %ip,
+            cap,
+            refused_unlogged_since_last_warning = self.unlogged,
+            "admin server: refused a connection, the address already holds its share"
+        );
+        self.last_warning = Some(now);
+        self.unlogged = 0;
+    }
+}
+
+/// Serves one connection: keep-alive only while it is earned (see the module's documentation),
+/// and for at most `max_age`, plus `close_grace` for a request in flight then.
+async fn serve_connection<I>(
+    io: I,
+    router: Router,
+    builder: hyper::server::conn::http1::Builder,
+    limits: Limits,
+    shutdown: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    use hyper::service::Service as _;
+
+    let inner = hyper_util::service::TowerToHyperService::new(router);
+    let served = AtomicU32::new(0);
+    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+        // hyper calls the service one request at a time on an HTTP/1.1 connection, so the
+        // count is the request's position on it.
+        let position = served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let last = position >= limits.max_requests || request.uri().path() == "/healthz";
+        let response = inner.call(request);
+        async move {
+            let mut response: Response = response.await?;
+            // An answer to anyone (a refusal, a 404, `/healthz`) or the last one allowed: hyper
+            // closes the connection once a response carrying `connection: close` is written.
+            if last || !response.status().is_success() {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(limits.max_age) => {}
+    }
+    // No new request; an idle connection closes at once, one in flight after its response.
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.close_grace, connection).await;
 }
 
 /// Who may read `/metrics` and `/debug/pool`.
@@ -355,24 +526,131 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
 mod tests {
     use super::*;
 
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Generous for loopback, and only reached when something is wrong.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// A response read off a connection: its status, its head (lower-cased) and body.
+    #[derive(Debug)]
+    struct Answer {
+        status: u16,
+        head: String,
+        body: String,
+    }
+
+    impl Answer {
+        fn closes(&self) -> bool {
+            self.head.contains("\r\nconnection: close\r\n")
+        }
+    }
+
+    /// Reads one response (headers, then a `content-length` body); `None` at end of stream
+    /// or a reset before its first byte.
+    async fn read_answer<R: AsyncRead + Unpin>(conn: &mut R) -> Option<Answer> {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            match conn.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ if head.is_empty() => return None,
+                other => panic!("cut off in the headers: {other:?}"),
+            }
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |n| n.trim().parse().unwrap());
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body).await.unwrap();
+        let body = String::from_utf8(body).unwrap();
+        Some(Answer { status, head, body })
+    }
+
+    /// Sends a kept-alive GET and reads its answer.
+    async fn ask<C: AsyncRead + AsyncWrite + Unpin>(
+        conn: &mut C,
+        path: &str,
+        token: Option<&str>,
+    ) -> Option<Answer> {
+        let auth = token
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\n{auth}\r\n");
+        conn.write_all(request.as_bytes()).await.ok()?;
+        tokio::time::timeout(DEADLINE, read_answer(conn))
+            .await
+            .expect("an answer in time")
+    }
+
+    /// True once the server has closed `conn` (end of stream, or a reset).
+    async fn closed<R: AsyncRead + Unpin>(conn: &mut R) -> bool {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(DEADLINE, conn.read(&mut buf))
+            .await
+            .expect("the server's move in time");
+        matches!(read, Ok(0) | Err(_))
+    }
+
+    fn test_router() -> Router {
+        Router::new()
+            .route("/ok", get(|| async { "ok" }))
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(100)).await;
+                    "slow"
+                }),
+            )
+            .route(
+                "/stuck",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(100_000)).await;
+                    "never"
+                }),
+            )
+    }
+
+    async fn start(limits: Limits, router: Router) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_bounded(listener, router, shutdown.clone(), limits));
+        (addr, shutdown)
+    }
+
+    /// One connection served in memory, for the tests that move paused time.
+    fn serve_in_memory(router: Router) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(LIMITS.header_read_timeout);
+        tokio::spawn(serve_connection(
+            hyper_util::rt::TokioIo::new(server),
+            router,
+            builder,
+            LIMITS,
+            CancellationToken::new(),
+        ));
+        client
+    }
+
     /// Bounds before authentication: a client that sends nothing is disconnected after the
     /// header timeout, and past the connection cap a new client waits until one leaves.
     #[tokio::test]
     async fn the_admin_server_drops_silent_clients_and_caps_connections() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let router = Router::new().route("/healthz", get(|| async { "ok" }));
-        let server = tokio::spawn(serve_bounded(
-            listener,
-            router,
-            shutdown.clone(),
-            1,
-            Duration::from_millis(300),
-        ));
+        let limits = Limits {
+            connections: 1,
+            header_read_timeout: Duration::from_millis(300),
+            ..LIMITS
+        };
+        let (addr, shutdown) = start(limits, test_router()).await;
         let get = |mut c: tokio::net::TcpStream| async move {
-            c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            c.write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
                 .await
                 .unwrap();
             let mut out = String::new();
@@ -386,19 +664,171 @@ mod tests {
         let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         let waiting = tokio::spawn(get(tokio::net::TcpStream::connect(addr).await.unwrap()));
         // … until the silent one is disconnected by the header timeout.
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
-            .await
-            .expect("disconnected in time")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "{:?}", &buf[..n]);
-        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        assert!(closed(&mut silent).await);
+        let answer = tokio::time::timeout(DEADLINE, waiting)
             .await
             .expect("served once the slot freed")
             .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         shutdown.cancel();
-        server.await.unwrap();
+    }
+
+    /// One address gets its share of the connections and no more, answered 503 past it, while
+    /// another address is still served; the share comes back as its connections close.
+    /// (A current-thread runtime, as `#[tokio::test]` gives: the server gives a slot back in
+    /// the same poll that closes the connection, so the client cannot see the close first.)
+    #[cfg(target_os = "linux")] // Linux routes all of 127.0.0.0/8 to loopback.
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_of_the_connections() {
+        let (addr, shutdown) = start(LIMITS, test_router()).await;
+        let from = |source: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind((std::net::Ipv4Addr::from(source), 0).into())
+                .unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        // The address's share, each connection served and kept alive.
+        let mut held = Vec::new();
+        for _ in 0..MAX_ADMIN_CONNECTIONS_PER_PEER {
+            let mut conn = from([127, 0, 0, 1]).await;
+            let answer = ask(&mut conn, "/ok", None).await.unwrap();
+            assert_eq!((answer.status, answer.closes()), (200, false), "{answer:?}");
+            held.push(conn);
+        }
+        // One more from the same address: refused at once, with a reason, before its request.
+        let mut over = from([127, 0, 0, 1]).await;
+        let refusal = tokio::time::timeout(DEADLINE, read_answer(&mut over))
+            .await
+            .expect("refused in time")
+            .expect("a refusal, not a bare close");
+        assert_eq!(refusal.status, 503, "{refusal:?}");
+        assert!(refusal.closes(), "{refusal:?}");
+        assert_eq!(
+            refusal.body,
+            "too many admin connections from this address\n"
+        );
+        assert!(closed(&mut over).await);
+        // Another address (another client, Prometheus say) is served meanwhile.
+        let mut other = from([127, 0, 0, 2]).await;
+        let answer = ask(&mut other, "/ok", None).await.unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        // A held connection ends (the server closes it after `/healthz`) …
+        let mut leaving = held.pop().unwrap();
+        let answer = ask(&mut leaving, "/healthz", None).await.unwrap();
+        assert!(answer.closes(), "{answer:?}");
+        assert!(closed(&mut leaving).await);
+        // … and the address may connect again.
+        let mut again = from([127, 0, 0, 1]).await;
+        let answer = ask(&mut again, "/ok", None).await.unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        shutdown.cancel();
+    }
+
+    /// An answer anyone can get does not keep a connection: a refusal (401), a 404 and
+    /// `/healthz` close it; an authorised scrape keeps it for the next one.
+    #[tokio::test]
+    async fn refusals_and_open_answers_close_the_connection() {
+        let state = AdminState {
+            registry: Arc::new(Mutex::new(Registry::default())),
+            auth: AdminAuth::Token("s3cret".into()),
+            refresh: None,
+            debug: None,
+            pprof: None,
+        };
+        let (addr, shutdown) = start(LIMITS, router(state)).await;
+        let connect = || tokio::net::TcpStream::connect(addr);
+        for (path, token, status) in [
+            ("/metrics", None, 401),
+            ("/metrics", Some("wrong"), 401),
+            ("/healthz", None, 200),
+            ("/nowhere", None, 404),
+        ] {
+            let mut conn = connect().await.unwrap();
+            let answer = ask(&mut conn, path, token).await.unwrap();
+            assert_eq!(answer.status, status, "{path} {answer:?}");
+            assert!(answer.closes(), "{path} {answer:?}");
+            assert!(closed(&mut conn).await, "{path}");
+        }
+        // Prometheus's kept-alive scrapes go on, on one connection.
+        let mut scraper = connect().await.unwrap();
+        for _ in 0..3 {
+            let answer = ask(&mut scraper, "/metrics", Some("s3cret")).await.unwrap();
+            assert_eq!((answer.status, answer.closes()), (200, false), "{answer:?}");
+        }
+        // Until it asks for something it may not have.
+        let answer = ask(&mut scraper, "/debug/pool", Some("s3cret"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 404, "{answer:?}");
+        assert!(closed(&mut scraper).await);
+        shutdown.cancel();
+    }
+
+    /// The last request a connection may make is answered, and the connection closed.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_closed_after_its_request_cap() {
+        let mut conn = serve_in_memory(test_router());
+        for n in 1..ADMIN_CONNECTION_MAX_REQUESTS {
+            let answer = ask(&mut conn, "/ok", None).await.unwrap();
+            assert_eq!(
+                (answer.status, answer.closes()),
+                (200, false),
+                "request {n}"
+            );
+        }
+        let answer = ask(&mut conn, "/ok", None).await.unwrap();
+        assert_eq!((answer.status, answer.closes()), (200, true), "{answer:?}");
+        assert!(closed(&mut conn).await);
+    }
+
+    /// A busy connection (a request every 5 s, under the header timeout) is closed at its age
+    /// cap all the same.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_takes_no_request_after_its_age_cap() {
+        let step = Duration::from_secs(5);
+        let opened = tokio::time::Instant::now();
+        let mut conn = serve_in_memory(test_router());
+        let mut age = Duration::ZERO;
+        while age < ADMIN_CONNECTION_MAX_AGE {
+            let answer = ask(&mut conn, "/ok", None).await.unwrap();
+            assert_eq!((answer.status, answer.closes()), (200, false), "at {age:?}");
+            tokio::time::advance(step).await;
+            age += step;
+        }
+        assert!(closed(&mut conn).await);
+        // At the cap, not at the header timeout 10 s after the last answer.
+        assert_eq!(opened.elapsed(), ADMIN_CONNECTION_MAX_AGE);
+    }
+
+    /// A request in flight at the age cap finishes within the grace, and the connection then
+    /// closes; one that would take longer is cut off at the grace's end.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_at_the_age_cap_gets_the_grace_and_no_more() {
+        // `/slow` (100 s) asked at 50 s: answered at 150 s, within 60 s + the grace.
+        let mut conn = serve_in_memory(test_router());
+        tokio::time::advance(Duration::from_secs(50)).await;
+        let started = tokio::time::Instant::now();
+        conn.write_all(b"GET /slow HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_answer(&mut conn).await.unwrap();
+        assert_eq!((answer.status, answer.body.as_str()), (200, "slow"));
+        assert!(answer.closes(), "{answer:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(100));
+        assert!(closed(&mut conn).await);
+
+        // `/stuck` never answers: the connection goes at 60 s + the grace.
+        let opened = tokio::time::Instant::now();
+        let mut conn = serve_in_memory(test_router());
+        conn.write_all(b"GET /stuck HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_answer(&mut conn).await.is_none());
+        assert_eq!(
+            opened.elapsed(),
+            ADMIN_CONNECTION_MAX_AGE + ADMIN_CLOSE_GRACE
+        );
     }
 
     #[test]
