@@ -34,7 +34,8 @@ use crate::recorder::EppRecorder;
 use crate::supervisor::{OnExit, Supervisor, factory};
 use crate::tls::{self, ServerCertificate, ServerTls};
 
-/// Largest ext_proc message accepted (a request body chunk can be large).
+/// Largest ext_proc message accepted by default (a request body chunk can be large); a
+/// larger `--max-request-body-bytes` raises it.
 pub const MAX_GRPC_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` of the ext_proc port: how many ext_proc streams one
@@ -602,13 +603,18 @@ pub async fn serve_with_handles(
     }
     let supervisor = tokio::spawn(tasks.run());
 
+    // A gateway in BUFFERED mode sends the whole body in one message: a limit raised past
+    // the default message cap must raise the cap with it, or such a body would break the
+    // stream instead of getting its 413.
+    let max_inbound =
+        MAX_GRPC_MESSAGE.max(options.max_request_body_bytes.saturating_add(64 * 1024));
     let ctx = Arc::new(ServiceContext {
         director: director.clone(),
         recorder: Arc::new(EppRecorder::new(metrics, decisions, labels)),
         options,
     });
     let svc = ExtProcServer::new(ExtProcService::new(ctx))
-        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_decoding_message_size(max_inbound)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
     // The HTTP/2 settings are the server's, whatever the transport underneath: TLS is
     // terminated below, before tonic sees the connection.

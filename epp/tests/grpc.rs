@@ -866,3 +866,74 @@ async fn the_shutdown_delay_keeps_serving_while_not_ready() {
         "the listener is closed"
     );
 }
+
+/// Flow control on, one band; an empty pool holds requests for a minute.
+const FLOW_CONTROL: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: queue-scorer\nflowControl:\n  defaultRequestTTL: 60s\n  noEndpointRequestTTL: 60s\n";
+
+/// While a request waits in flow control the EPP holds what else its stream sends, to answer
+/// after the decision: trailers (what Envoy sends then) are held and answered; a client of the
+/// port that sends megabytes instead is cut off, and its request leaves the queue.
+#[tokio::test]
+async fn a_queued_stream_holds_trailers_but_not_megabytes() {
+    let epp = start_epp(
+        pool(vec![]),
+        EppOptions {
+            config: FLOW_CONTROL.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let flow = epp.handles.director.flow_control().unwrap().clone();
+    let queued = |n: u64| {
+        let flow = flow.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            while flow.queued() != n {
+                assert!(tokio::time::Instant::now() < deadline, "never {n} queued");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let open_queued = || async {
+        let s = Stream::open(epp.grpc).await;
+        s.send(req_headers(CHAT_HEADERS, false, None)).await;
+        s.send(req_body(&chat("m", "hi", false), false)).await;
+        s
+    };
+    // Trailers end the body: the request is queued, and its trailers answered later.
+    let mut patient = open_queued().await;
+    patient
+        .send(ext_proc::envoy::ext_proc::ProcessingRequest {
+            request: Some(
+                ext_proc::envoy::ext_proc::processing_request::Request::RequestTrailers(
+                    Default::default(),
+                ),
+            ),
+            ..Default::default()
+        })
+        .await;
+    queued(1).await;
+    let mut greedy = open_queued().await;
+    greedy.send(req_body(b"", true)).await;
+    queued(2).await;
+    // 2 MiB more while waiting: cut off, and out of the queue.
+    greedy.send(resp_body(&vec![b'x'; 2 << 20], false)).await;
+    let ended = tokio::time::timeout(TIMEOUT, greedy.rx.message())
+        .await
+        .expect("the stream ends");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    queued(1).await;
+    // An endpoint arrives: the patient request is routed, then its trailers are answered.
+    epp.handles.datastore.apply(pool(vec![endpoint(11, 8000)]));
+    set_queues(&epp, &[0]);
+    assert!(
+        routing_answer(&patient.recv().await)
+            .destination()
+            .starts_with("127.0.0.11")
+    );
+    streamed_body(&patient.recv().await);
+    assert!(matches!(
+        patient.recv().await.response,
+        Some(processing_response::Response::RequestTrailers(_))
+    ));
+}

@@ -17,6 +17,10 @@ use crate::stream::{ServiceContext, StreamState};
 /// Most messages held while a request waits in flow control (Envoy sends at most the request
 /// trailers then; a client of the port that sends more is cut off).
 const MAX_HELD_MESSAGES: usize = 8;
+/// Most bytes of messages held while a request waits in flow control: the request trailers fit
+/// many times over (Envoy's header limit is 60 KiB by default); a client of the port that sends
+/// bodies then is cut off instead of held, since nothing else counts those bytes.
+const MAX_HELD_BYTES: usize = 1024 * 1024;
 
 /// What ended a wait in flow control.
 enum Woken {
@@ -55,6 +59,7 @@ impl Processor for ExtProcService {
             let mut span: Option<tracing::Span> = None;
             // Messages that came while the request waited in flow control, answered after it.
             let mut held: VecDeque<Inbound> = VecDeque::new();
+            let mut held_bytes = 0usize;
             loop {
                 if let Some(ticket) = state.admission() {
                     // Waiting in flow control: the decision, or the stream's end (the client
@@ -75,7 +80,12 @@ impl Processor for ExtProcService {
                             }
                         }
                         Woken::Message(message) => match *message {
-                            Ok(Some(message)) if held.len() < MAX_HELD_MESSAGES => {
+                            Ok(Some(message))
+                                if held.len() < MAX_HELD_MESSAGES
+                                    && held_bytes.saturating_add(held_size(&message))
+                                        <= MAX_HELD_BYTES =>
+                            {
+                                held_bytes += held_size(&message);
                                 held.push_back(message);
                             }
                             Ok(Some(_)) => {
@@ -157,6 +167,12 @@ impl Processor for ExtProcService {
         };
         Box::pin(output)
     }
+}
+
+/// The bytes a held message keeps: its body and the rest of it as encoded.
+fn held_size(message: &Inbound) -> usize {
+    use prost::Message as _;
+    message.body.len() + message.message.encoded_len()
 }
 
 /// An open stream, counted by the recorder until dropped.
