@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use zeromq::{PubSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
-use super::guard::{self, Guard};
+use super::guard::{self, Guard, Report};
 use super::{TransportError, bindable, zmq_error};
 
 /// A bound PUB socket.
@@ -28,7 +28,8 @@ impl FramePub {
     /// Binds `endpoint` (`tcp://host:port`, `tcp://*:port`, `ipc://…`; port 0 picks one).
     pub async fn bind(endpoint: &str) -> Result<Self, TransportError> {
         let mut socket = PubSocket::new();
-        let (endpoint, guard) = guard::bind(&mut socket, &bindable(endpoint), None).await?;
+        let (endpoint, guard) =
+            guard::bind(&mut socket, &bindable(endpoint), Report::default()).await?;
         Ok(Self {
             socket,
             endpoint,
@@ -69,7 +70,7 @@ impl FrameSub {
     /// Dials `endpoint`.
     pub async fn connect(endpoint: &str) -> Result<Self, TransportError> {
         let mut socket = SubSocket::new();
-        let (target, guard) = guard::connect_target(endpoint, None).await?;
+        let (target, guard) = guard::connect_target(endpoint, Report::default()).await?;
         socket
             .connect(&target)
             .await

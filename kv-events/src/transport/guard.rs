@@ -7,9 +7,18 @@
 //! the network themselves: each TCP connection runs through a relay on loopback that reads the
 //! peer's ZMTP 3 stream — the 64-byte greeting, then frames (a flags byte, a 1- or 8-byte
 //! length, the body) — and cuts the connection at a frame over [`MAX_FRAME_BYTES`], a message of
-//! more than [`MAX_FRAMES_PER_MESSAGE`] frames, or reserved flag bits. What the local socket
-//! sends goes out unchanged. zmq.rs then reconnects (SUB) or the exchange fails (replay), as
-//! for any lost peer.
+//! more than [`MAX_FRAMES_PER_MESSAGE`] frames or over [`MAX_MESSAGE_BYTES`], or reserved flag
+//! bits. What the local socket sends goes out unchanged. zmq.rs then reconnects (SUB) or the
+//! exchange fails (replay), as for any lost peer.
+//!
+//! zmq.rs also keeps a message's frames until its last one arrives, so what a peer makes it
+//! hold is its unfinished message, whatever the peer's pace. A guard charges each frame's
+//! announced length when it passes the header on (when zmq.rs reserves it) and gives it back
+//! once the message's last frame is through or the connection ends: its connections together
+//! hold at most [`MAX_UNFINISHED_BYTES`], those of one IP [`MAX_UNFINISHED_BYTES_PER_IP`]; a
+//! frame that would pass either cuts its connection. One IP has at most
+//! [`MAX_CONNECTIONS_PER_IP`] connections open, all peers [`MAX_CONNECTIONS`]; more are closed
+//! on accept. Every cut and refusal is counted in [`GuardStats`].
 //!
 //! A guard also knows what zmq.rs hides: which peers are connected. zmq.rs's SUB socket dials
 //! again by itself, forever and silently, and its socket monitor would only see the loopback
@@ -19,7 +28,10 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -41,10 +53,44 @@ pub const MAX_FRAME_BYTES: u64 = 8 * 1024 * 1024;
 /// Frames in one message from a peer, at most (vLLM's have 3; a replay answer 3 after the
 /// envelope).
 pub const MAX_FRAMES_PER_MESSAGE: usize = 8;
+/// Bytes of one message from a peer, its frames together, at most: one payload at
+/// [`MAX_FRAME_BYTES`] and 4 KiB for the rest (8 MiB + 4 KiB). A legitimate message has one
+/// payload beside small frames — `[topic, seq, payload]` (a topic is at most 512 bytes,
+/// [`crate::topic::MAX_TOPIC_BYTES`]; a sequence number 8), a replay answer `["", seq,
+/// payload]`, a replay request `["", seq]` — and the other seven frames a message may have
+/// would, at a topic's 512 bytes each, be 3.5 KiB. Without it, seven frames at the frame cap
+/// marked "more" and never finished made zmq.rs hold 56 MiB per connection.
+pub const MAX_MESSAGE_BYTES: u64 = MAX_FRAME_BYTES + 4 * 1024;
 
 /// Connections one guard relays at once, at most (a central subscriber's engines; more are
 /// closed on accept).
 pub const MAX_CONNECTIONS: usize = 4_096;
+/// Connections from one IP one guard relays at once, at most: 256, a sixteenth of
+/// [`MAX_CONNECTIONS`], so that one host cannot take the slots of every engine (more are closed
+/// on accept). An engine opens one per data-parallel rank publishing (a node's 8 GPUs at most),
+/// plus the ones a redial overlaps; the room above is for engines behind a proxy, which all
+/// show under the proxy's IP: more than 256 of them behind one need a second subscriber.
+pub const MAX_CONNECTIONS_PER_IP: usize = 256;
+
+/// Bytes in unfinished messages that one guard's connections make zmq.rs hold together, at
+/// most: sixteen messages at [`MAX_MESSAGE_BYTES`], 128 MiB + 64 KiB (beside the subscribers'
+/// 256 MiB of queued batches and an index of some 1.8 GiB, within the EPP pod's 4 GiB). A
+/// legitimate message is unfinished only while it crosses the wire — zmq.rs reads its peers
+/// whenever the subscriber waits for a message, which it does but while it decodes one batch —
+/// so the engines' unfinished bytes at any moment are a few MiB even at a thousand engines (the
+/// largest legitimate batch is about 1.5 MiB, see [`MAX_FRAME_BYTES`]). A frame that would pass
+/// it cuts its connection rather than wait: waiting could deadlock connections that each hold
+/// part of a message, and would show a stalled engine as connected. The charge ends when the
+/// guard has written a message's last byte to zmq.rs's loopback socket, not when zmq.rs has read
+/// it: until the SUB socket's next read of that peer, a finished message may still lie partly in
+/// zmq.rs's decoder, uncharged (one per connection at most, and only between two reads). Per
+/// guard: a central subscriber has one; pod mode has one per engine, with one connection.
+pub const MAX_UNFINISHED_BYTES: u64 = 16 * MAX_MESSAGE_BYTES;
+/// Bytes in unfinished messages the connections of one IP make zmq.rs hold together, at most:
+/// two messages at [`MAX_MESSAGE_BYTES`], 16 MiB + 8 KiB (an engine's ranks sharing the pod's
+/// IP may be inside ten of the largest legitimate batches at once). A peer holding messages
+/// open can thus take an eighth of [`MAX_UNFINISHED_BYTES`], not all of it.
+pub const MAX_UNFINISHED_BYTES_PER_IP: u64 = 2 * MAX_MESSAGE_BYTES;
 
 /// IPs [`Peers`] remembers with no connection open, at most (past it, they are forgotten).
 pub const MAX_REMEMBERED_PEERS: usize = 16_384;
@@ -53,6 +99,51 @@ const GREETING_BYTES: usize = 64;
 const MORE: u8 = 0x01;
 const LONG: u8 = 0x02;
 const COMMAND: u8 = 0x04;
+
+/// A guard's caps; [`Limits::default`] is the documented constants (tests use smaller ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) frame_bytes: u64,
+    pub(crate) frames_per_message: usize,
+    pub(crate) message_bytes: u64,
+    pub(crate) connections: usize,
+    pub(crate) connections_per_ip: usize,
+    pub(crate) unfinished_bytes: u64,
+    pub(crate) unfinished_bytes_per_ip: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            frame_bytes: MAX_FRAME_BYTES,
+            frames_per_message: MAX_FRAMES_PER_MESSAGE,
+            message_bytes: MAX_MESSAGE_BYTES,
+            connections: MAX_CONNECTIONS,
+            connections_per_ip: MAX_CONNECTIONS_PER_IP,
+            unfinished_bytes: MAX_UNFINISHED_BYTES,
+            unfinished_bytes_per_ip: MAX_UNFINISHED_BYTES_PER_IP,
+        }
+    }
+}
+
+/// A guard's counters (monotonic): the connections it cut or refused.
+#[derive(Debug, Default)]
+pub struct GuardStats {
+    /// Connections cut for breaking a rule of the stream: a frame over [`MAX_FRAME_BYTES`], a
+    /// message over [`MAX_MESSAGE_BYTES`] or [`MAX_FRAMES_PER_MESSAGE`], reserved flag bits, a
+    /// greeting that is not ZMTP 3.
+    pub cut_off: AtomicU64,
+    /// Connections cut because a frame would have passed [`MAX_UNFINISHED_BYTES`] (the guard's
+    /// connections together) or [`MAX_UNFINISHED_BYTES_PER_IP`] (its IP's).
+    pub over_budget: AtomicU64,
+    /// Connections closed on accept: [`MAX_CONNECTIONS`] or, from their IP,
+    /// [`MAX_CONNECTIONS_PER_IP`] open already.
+    pub refused: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
 
 /// The peers a guarded socket is connected with, by IP: how many connections each has open now.
 /// An IP once seen stays listed (at 0) after its last connection closed, so that "connected
@@ -98,24 +189,28 @@ impl Peers {
     }
 }
 
-/// Where a guard reports its peers, if anywhere.
-pub(crate) type PeerReport = Option<watch::Sender<Peers>>;
+/// Where a guard reports: its peers (when someone watches them) and its counters.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Report {
+    pub(crate) peers: Option<watch::Sender<Peers>>,
+    pub(crate) stats: Arc<GuardStats>,
+}
 
 /// One relayed connection, counted in [`Peers`] while it lives (dropping it, also when the
 /// guard's task is aborted, counts it closed).
 struct Counted {
-    report: PeerReport,
+    peers: Option<watch::Sender<Peers>>,
     ip: IpAddr,
 }
 
 impl Counted {
-    fn open(report: &PeerReport, ip: IpAddr) -> Self {
+    fn open(peers: &Option<watch::Sender<Peers>>, ip: IpAddr) -> Self {
         let ip = ip.to_canonical();
-        if let Some(r) = report {
+        if let Some(r) = peers {
             r.send_modify(|p| p.opened(ip));
         }
         Self {
-            report: report.clone(),
+            peers: peers.clone(),
             ip,
         }
     }
@@ -123,15 +218,131 @@ impl Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        if let Some(r) = &self.report {
+        if let Some(r) = &self.peers {
             r.send_modify(|p| p.closed(self.ip));
         }
     }
 }
 
-fn track(report: &PeerReport) {
-    if let Some(r) = report {
+fn track(report: &Report) {
+    if let Some(r) = &report.peers {
         r.send_if_modified(|p| !std::mem::replace(&mut p.tracked, true));
+    }
+}
+
+/// What one guard's connections hold together: connections and unfinished bytes per IP, and
+/// unfinished bytes over all. Only IPs with a connection open are listed, so it has at most
+/// [`MAX_CONNECTIONS`] entries.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limits: Limits,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    unfinished: u64,
+    by_ip: HashMap<IpAddr, IpUse>,
+}
+
+#[derive(Debug, Default)]
+struct IpUse {
+    connections: usize,
+    unfinished: u64,
+}
+
+/// Why a connection was cut.
+#[derive(Debug, thiserror::Error)]
+enum Cut {
+    /// The peer broke a rule of the stream.
+    #[error("{0}")]
+    Rule(&'static str),
+    /// The peer's frame would have passed an unfinished-bytes budget.
+    #[error("{0}")]
+    Budget(&'static str),
+    /// The connection failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Budget {
+    pub(crate) fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            state: Mutex::new(BudgetState::default()),
+        })
+    }
+
+    /// A lease for a connection from `ip`, or `None` when `ip` has
+    /// [`Limits::connections_per_ip`] open already.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Lease> {
+        let ip = ip.to_canonical();
+        let mut state = self.state.lock();
+        let used = state.by_ip.entry(ip).or_default();
+        if used.connections >= self.limits.connections_per_ip {
+            return None;
+        }
+        used.connections += 1;
+        Some(Lease {
+            budget: self.clone(),
+            ip,
+            held: 0,
+        })
+    }
+}
+
+/// A connection's share of its guard's [`Budget`]: the bytes of its unfinished message, given
+/// back as the message ends and, with the connection's slot, when it is dropped.
+#[derive(Debug)]
+struct Lease {
+    budget: Arc<Budget>,
+    ip: IpAddr,
+    held: u64,
+}
+
+impl Lease {
+    /// Charges `bytes` more, or refuses when the guard's or the IP's budget would be passed.
+    fn charge(&mut self, bytes: u64) -> Result<(), Cut> {
+        let limits = self.budget.limits;
+        let mut state = self.budget.state.lock();
+        let total = state.unfinished.saturating_add(bytes);
+        if total > limits.unfinished_bytes {
+            return Err(Cut::Budget("unfinished messages over the guard's budget"));
+        }
+        let used = state.by_ip.entry(self.ip).or_default();
+        let own = used.unfinished.saturating_add(bytes);
+        if own > limits.unfinished_bytes_per_ip {
+            return Err(Cut::Budget("unfinished messages over the peer's budget"));
+        }
+        used.unfinished = own;
+        state.unfinished = total;
+        self.held += bytes;
+        Ok(())
+    }
+
+    /// Gives `bytes` back (at most what is held).
+    fn release(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        let mut state = self.budget.state.lock();
+        state.unfinished = state.unfinished.saturating_sub(bytes);
+        if let Some(used) = state.by_ip.get_mut(&self.ip) {
+            used.unfinished = used.unfinished.saturating_sub(bytes);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut state = self.budget.state.lock();
+        state.unfinished = state.unfinished.saturating_sub(self.held);
+        if let Some(used) = state.by_ip.get_mut(&self.ip) {
+            used.unfinished = used.unfinished.saturating_sub(self.held);
+            used.connections = used.connections.saturating_sub(1);
+            if used.connections == 0 {
+                state.by_ip.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -152,31 +363,39 @@ impl Drop for Guard {
 /// A guard for a socket that connects: the local socket connects to the guard's loopback
 /// port, and each of its connections is relayed to `remote` (`tcp://host:port`), counted in
 /// `report` while the remote end is connected.
-pub(crate) async fn connecting(remote: &str, report: PeerReport) -> io::Result<Guard> {
+pub(crate) async fn connecting(remote: &str, report: Report) -> io::Result<Guard> {
+    connecting_with(remote, report, Limits::default()).await
+}
+
+async fn connecting_with(remote: &str, report: Report, limits: Limits) -> io::Result<Guard> {
     let target = tcp_address(remote)?;
     track(&report);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let local_endpoint = format!("tcp://{}", listener.local_addr()?);
+    let budget = Budget::new(limits);
     let task = tokio::spawn(async move {
         let mut relays = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((local, _)) = accepted else { continue };
-                    if relays.len() >= MAX_CONNECTIONS {
+                    if relays.len() >= limits.connections {
+                        inc(&report.stats.refused);
                         continue;
                     }
                     let target = target.clone();
                     let report = report.clone();
+                    let budget = budget.clone();
                     relays.spawn(async move {
                         // The peer unreachable: drop the local side, which then retries.
-                        if let Ok(remote) = TcpStream::connect(&target).await {
-                            let _counted = remote
-                                .peer_addr()
-                                .ok()
-                                .map(|a| Counted::open(&report, a.ip()));
-                            relay(local, remote).await;
-                        }
+                        let Ok(remote) = TcpStream::connect(&target).await else { return };
+                        let Ok(peer) = remote.peer_addr() else { return };
+                        let Some(lease) = budget.admit(peer.ip()) else {
+                            inc(&report.stats.refused);
+                            return;
+                        };
+                        let _counted = Counted::open(&report.peers, peer.ip());
+                        relay(local, remote, lease, &report.stats).await;
                     });
                 }
                 Some(_) = relays.join_next(), if !relays.is_empty() => {}
@@ -195,26 +414,35 @@ pub(crate) async fn connecting(remote: &str, report: PeerReport) -> io::Result<G
 pub(crate) async fn binding(
     public: &str,
     local: SocketAddr,
-    report: PeerReport,
+    report: Report,
+    limits: Limits,
 ) -> io::Result<(Guard, SocketAddr)> {
     let listener = TcpListener::bind(tcp_address(public)?).await?;
     track(&report);
     let bound = listener.local_addr()?;
+    let budget = Budget::new(limits);
     let task = tokio::spawn(async move {
         let mut relays = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((remote, peer)) = accepted else { continue };
-                    if relays.len() >= MAX_CONNECTIONS {
-                        tracing::warn!(limit = MAX_CONNECTIONS, "KV-event connection refused: too many");
+                    if relays.len() >= limits.connections {
+                        inc(&report.stats.refused);
+                        tracing::warn!(limit = limits.connections, "KV-event connection refused: too many");
                         continue;
                     }
+                    let Some(lease) = budget.admit(peer.ip()) else {
+                        inc(&report.stats.refused);
+                        // Counted; not a warning each, as one host can open them at will.
+                        tracing::debug!(limit = limits.connections_per_ip, ip = %peer.ip(), "KV-event connection refused: too many from one IP");
+                        continue;
+                    };
                     let report = report.clone();
                     relays.spawn(async move {
                         if let Ok(local) = TcpStream::connect(local).await {
-                            let _counted = Counted::open(&report, peer.ip());
-                            relay(local, remote).await;
+                            let _counted = Counted::open(&report.peers, peer.ip());
+                            relay(local, remote, lease, &report.stats).await;
                         }
                     });
                 }
@@ -234,11 +462,11 @@ pub(crate) async fn binding(
 /// Binds `socket` at `endpoint` behind a guard when it is TCP (the socket itself on an
 /// ephemeral loopback port); other transports (`ipc://`, local to the host) bind directly.
 /// Returns the endpoint as bound (port 0 resolved) and the guard to keep alive. The guard
-/// counts its peers in `report`.
+/// reports to `report`.
 pub(crate) async fn bind<S: zeromq::Socket>(
     socket: &mut S,
     endpoint: &str,
-    report: PeerReport,
+    report: Report,
 ) -> Result<(String, Option<Guard>), TransportError> {
     if !endpoint.starts_with("tcp://") {
         let bound = socket
@@ -256,18 +484,18 @@ pub(crate) async fn bind<S: zeromq::Socket>(
         .strip_prefix("tcp://")
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| TransportError::Config(format!("unexpected local endpoint {local}")))?;
-    let (guard, public) = binding(endpoint, local, report)
+    let (guard, public) = binding(endpoint, local, report, Limits::default())
         .await
         .map_err(guard_error(endpoint))?;
     Ok((format!("tcp://{public}"), Some(guard)))
 }
 
 /// The endpoint a socket connects to instead of `endpoint`, and the guard to keep alive:
-/// TCP goes through a guard, other transports connect directly. The guard counts its peer in
+/// TCP goes through a guard, other transports connect directly. The guard reports to
 /// `report`.
 pub(crate) async fn connect_target(
     endpoint: &str,
-    report: PeerReport,
+    report: Report,
 ) -> Result<(String, Option<Guard>), TransportError> {
     if !endpoint.starts_with("tcp://") {
         return Ok((endpoint.to_owned(), None));
@@ -297,46 +525,55 @@ fn tcp_address(endpoint: &str) -> io::Result<String> {
     })
 }
 
-/// Relays until either side closes or the remote breaks a rule.
-async fn relay(local: TcpStream, remote: TcpStream) {
+/// Relays until either side closes or the remote breaks a rule (counted in `stats`).
+async fn relay(local: TcpStream, remote: TcpStream, mut lease: Lease, stats: &GuardStats) {
     let _ = local.set_nodelay(true);
     let _ = remote.set_nodelay(true);
     let (mut local_read, mut local_write) = local.into_split();
     let (mut remote_read, mut remote_write) = remote.into_split();
     let outbound = tokio::io::copy(&mut local_read, &mut remote_write);
-    let inbound = checked_copy(&mut remote_read, &mut local_write);
+    let inbound = checked_copy(&mut remote_read, &mut local_write, &mut lease);
     tokio::select! {
         _ = outbound => {}
-        r = inbound => {
-            if let Err(e) = r {
+        r = inbound => match r {
+            Ok(()) => {}
+            Err(Cut::Io(e)) => tracing::debug!(error = %e, "KV-event peer connection failed"),
+            Err(e) => {
+                inc(if matches!(e, Cut::Rule(_)) { &stats.cut_off } else { &stats.over_budget });
                 tracing::warn!(error = %e, "KV-event peer cut off");
             }
         }
     }
+    // The slot and the bytes come back before either side sees the connection close.
+    drop(lease);
 }
 
-/// Copies a ZMTP 3 stream, frame by frame, refusing what zmq.rs must not see.
-async fn checked_copy<R, W>(from: &mut R, to: &mut W) -> io::Result<()>
+/// Copies a ZMTP 3 stream, frame by frame, refusing what zmq.rs must not see, and charging
+/// each unfinished message to `lease` (see the module's documentation).
+async fn checked_copy<R, W>(from: &mut R, to: &mut W, lease: &mut Lease) -> Result<(), Cut>
 where
     R: AsyncReadExt + Unpin,
     W: AsyncWriteExt + Unpin,
 {
+    let limits = lease.budget.limits;
     let mut greeting = [0u8; GREETING_BYTES];
     from.read_exact(&mut greeting).await?;
     if greeting[0] != 0xFF || greeting[9] & 1 != 1 || greeting[10] < 3 {
-        return Err(invalid("not a ZMTP 3 greeting"));
+        return Err(Cut::Rule("not a ZMTP 3 greeting"));
     }
     to.write_all(&greeting).await?;
     let mut frames_in_message = 0usize;
+    // The bytes of the message's frames so far, the one being passed on included.
+    let mut message_bytes = 0u64;
     let mut header = [0u8; 9];
     loop {
         let flags = match from.read_u8().await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         if flags & !(MORE | LONG | COMMAND) != 0 {
-            return Err(invalid("reserved frame flags"));
+            return Err(Cut::Rule("reserved frame flags"));
         }
         header[0] = flags;
         let (len, header_len) = if flags & LONG != 0 {
@@ -348,33 +585,50 @@ where
             header[1] = from.read_u8().await?;
             (u64::from(header[1]), 2)
         };
-        if len > MAX_FRAME_BYTES {
-            return Err(invalid("a frame over the size cap"));
+        if len > limits.frame_bytes {
+            return Err(Cut::Rule("a frame over the size cap"));
         }
-        if flags & COMMAND == 0 {
+        let command = flags & COMMAND != 0;
+        let last = !command && flags & MORE == 0;
+        if !command {
             frames_in_message += 1;
-            if frames_in_message > MAX_FRAMES_PER_MESSAGE {
-                return Err(invalid("a message of too many frames"));
+            if frames_in_message > limits.frames_per_message {
+                return Err(Cut::Rule("a message of too many frames"));
             }
-            if flags & MORE == 0 {
-                frames_in_message = 0;
+            message_bytes += len;
+            if message_bytes > limits.message_bytes {
+                return Err(Cut::Rule("a message over the size cap"));
             }
         }
+        // Charged before zmq.rs sees the header, as it reserves the whole frame then.
+        lease.charge(len)?;
         to.write_all(&header[..header_len]).await?;
         let copied = tokio::io::copy(&mut (&mut *from).take(len), to).await?;
         if copied != len {
             return Ok(()); // the peer closed inside a frame
         }
+        if command {
+            // A command is handed over whole, apart from any message in progress.
+            lease.release(len);
+        } else if last {
+            lease.release(message_bytes);
+            frames_in_message = 0;
+            message_bytes = 0;
+        }
     }
-}
-
-fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpSocket;
+    use tokio::time::timeout;
+
     use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn greeting() -> Vec<u8> {
         let mut g = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
@@ -383,10 +637,29 @@ mod tests {
         g
     }
 
-    async fn copy(input: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    /// A frame: its header (long when over 255 bytes) and `len` bytes of body.
+    fn frame(flags: u8, len: usize) -> Vec<u8> {
+        let mut f = if len > 255 {
+            let mut h = vec![flags | LONG];
+            h.extend_from_slice(&(len as u64).to_be_bytes());
+            h
+        } else {
+            vec![flags, len as u8]
+        };
+        f.resize(f.len() + len, b'x');
+        f
+    }
+
+    async fn copy_with(limits: Limits, input: Vec<u8>) -> (Result<(), Cut>, Vec<u8>) {
+        let budget = Budget::new(limits);
+        let mut lease = budget.admit(LOCAL).unwrap();
         let mut out = Vec::new();
-        let r = checked_copy(&mut input.as_slice(), &mut out).await;
+        let r = checked_copy(&mut input.as_slice(), &mut out, &mut lease).await;
         (r, out)
+    }
+
+    async fn copy(input: Vec<u8>) -> (Result<(), Cut>, Vec<u8>) {
+        copy_with(Limits::default(), input).await
     }
 
     #[tokio::test]
@@ -407,7 +680,7 @@ mod tests {
         input.push(COMMAND | LONG);
         input.extend_from_slice(&(1u64 << 50).to_be_bytes());
         let (r, out) = copy(input).await;
-        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert!(matches!(r, Err(Cut::Rule(_))));
         assert_eq!(out, greeting(), "the header never reaches the local socket");
     }
 
@@ -417,13 +690,213 @@ mod tests {
         for _ in 0..=MAX_FRAMES_PER_MESSAGE {
             input.extend_from_slice(&[MORE, 0]);
         }
-        assert!(copy(input).await.0.is_err());
+        assert!(matches!(copy(input).await.0, Err(Cut::Rule(_))));
         let mut input = greeting();
         input.extend_from_slice(&[0x80, 0]);
-        assert!(copy(input).await.0.is_err());
+        assert!(matches!(copy(input).await.0, Err(Cut::Rule(_))));
         let mut input = greeting();
         input[10] = 2; // ZMTP 2
-        assert!(copy(input).await.0.is_err());
+        assert!(matches!(copy(input).await.0, Err(Cut::Rule(_))));
+    }
+
+    /// At the real caps: a vLLM message with a payload at the frame cap passes; frames each
+    /// under the frame cap but together over the message cap are cut before the frame that
+    /// passes it reaches zmq.rs.
+    #[tokio::test]
+    async fn a_message_over_its_byte_cap_is_cut_and_one_at_the_frame_cap_passes() {
+        let mut good = greeting();
+        good.extend(frame(MORE, crate::topic::MAX_TOPIC_BYTES));
+        good.extend(frame(MORE, 8));
+        good.extend(frame(0, MAX_FRAME_BYTES as usize));
+        let (r, out) = copy(good.clone()).await;
+        r.unwrap();
+        assert_eq!(out.len(), good.len());
+
+        let mut bad = greeting();
+        bad.extend(frame(MORE, MAX_FRAME_BYTES as usize));
+        let passed = bad.len();
+        bad.extend(frame(MORE, 4 * 1024 + 1));
+        bad.extend(frame(0, 0));
+        let (r, out) = copy(bad).await;
+        assert!(matches!(r, Err(Cut::Rule("a message over the size cap"))));
+        assert_eq!(
+            out.len(),
+            passed,
+            "the frame over the cap never reaches zmq.rs"
+        );
+    }
+
+    fn small() -> Limits {
+        Limits {
+            frame_bytes: 250,
+            frames_per_message: 8,
+            message_bytes: 1_000,
+            connections: 16,
+            connections_per_ip: 2,
+            unfinished_bytes: 500,
+            unfinished_bytes_per_ip: 300,
+        }
+    }
+
+    #[test]
+    fn the_budget_bounds_bytes_per_ip_and_over_all_and_gives_them_back() {
+        let budget = Budget::new(small());
+        let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
+        let mut a = budget.admit(ip(1)).unwrap();
+        let mut a2 = budget.admit(ip(1)).unwrap();
+        assert!(budget.admit(ip(1)).is_none(), "two connections per IP");
+        a.charge(200).unwrap();
+        assert!(matches!(a2.charge(101), Err(Cut::Budget(_))), "300 per IP");
+        a2.charge(100).unwrap();
+        let mut b = budget.admit(ip(2)).unwrap();
+        assert!(matches!(b.charge(201), Err(Cut::Budget(_))), "500 over all");
+        b.charge(200).unwrap();
+        a.release(200);
+        b.charge(100).unwrap();
+        drop(a2); // its 100 and its connection slot come back
+        let a3 = budget.admit(ip(1)).unwrap();
+        assert_eq!(budget.state.lock().unfinished, 300);
+        drop((a, a3, b));
+        let state = budget.state.lock();
+        assert_eq!(state.unfinished, 0);
+        assert!(
+            state.by_ip.is_empty(),
+            "only IPs with a connection open are kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_are_charged_while_they_pass_and_messages_until_their_last_frame() {
+        // A command of 200 then a message of 200 + 200 in a 300-a-peer budget: the command is
+        // given back once through, the message's first frame is still held at its second.
+        let mut input = greeting();
+        input.extend(frame(COMMAND, 200));
+        input.extend(frame(MORE, 200));
+        input.extend(frame(0, 200));
+        let (r, _) = copy_with(small(), input).await;
+        assert!(matches!(r, Err(Cut::Budget(_))));
+        let mut input = greeting();
+        input.extend(frame(COMMAND, 200));
+        input.extend(frame(0, 200));
+        input.extend(frame(MORE, 200));
+        input.extend(frame(0, 50));
+        copy_with(small(), input).await.0.unwrap();
+    }
+
+    /// A client from `ip` (any of 127/8 on Linux) connected to `to`.
+    async fn client(ip: [u8; 4], to: SocketAddr) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((ip, 0))).unwrap();
+        s.connect(to).await.unwrap()
+    }
+
+    /// A guard with `limits` in front of a plain listener (zmq.rs's place).
+    async fn guarded(limits: Limits) -> (Guard, SocketAddr, TcpListener, Arc<GuardStats>) {
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let report = Report::default();
+        let stats = report.stats.clone();
+        let (guard, public) = binding(
+            "tcp://127.0.0.1:0",
+            local.local_addr().unwrap(),
+            report,
+            limits,
+        )
+        .await
+        .unwrap();
+        (guard, public, local, stats)
+    }
+
+    /// The local side of the next relayed connection, its greeting read.
+    async fn relayed(local: &TcpListener) -> TcpStream {
+        let (mut s, _) = timeout(WAIT, local.accept()).await.unwrap().unwrap();
+        let mut g = [0u8; GREETING_BYTES];
+        timeout(WAIT, s.read_exact(&mut g)).await.unwrap().unwrap();
+        s
+    }
+
+    /// Reads one frame of `len` bytes (short header) from the local side.
+    async fn passed(s: &mut TcpStream, len: usize) {
+        let mut f = vec![0u8; 2 + len];
+        timeout(WAIT, s.read_exact(&mut f)).await.unwrap().unwrap();
+    }
+
+    /// Waits for the guard to close `s` (EOF or reset).
+    async fn closed(s: &mut TcpStream) {
+        let mut rest = Vec::new();
+        let _ = timeout(WAIT, s.read_to_end(&mut rest)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unfinished_messages_over_the_shared_budget_cut_their_connection() {
+        let (_guard, public, local, stats) = guarded(small()).await;
+        let over_budget = || stats.over_budget.load(Ordering::Relaxed);
+
+        // A holds 200 of its IP's 300 and of the guard's 500.
+        let mut a = client([127, 0, 0, 1], public).await;
+        a.write_all(&greeting()).await.unwrap();
+        let mut a_local = relayed(&local).await;
+        a.write_all(&frame(MORE, 200)).await.unwrap();
+        passed(&mut a_local, 200).await;
+
+        // B, from the same IP, would make it 400: cut, its frame never passed on.
+        let mut b = client([127, 0, 0, 1], public).await;
+        b.write_all(&greeting()).await.unwrap();
+        let mut b_local = relayed(&local).await;
+        b.write_all(&frame(MORE, 200)).await.unwrap();
+        closed(&mut b).await;
+        assert_eq!(over_budget(), 1);
+        closed(&mut b_local).await;
+
+        // C, from another IP, fits (400 over all); D would make it 600: cut.
+        let mut c = client([127, 0, 0, 2], public).await;
+        c.write_all(&greeting()).await.unwrap();
+        let mut c_local = relayed(&local).await;
+        c.write_all(&frame(MORE, 200)).await.unwrap();
+        passed(&mut c_local, 200).await;
+        let mut d = client([127, 0, 0, 3], public).await;
+        d.write_all(&greeting()).await.unwrap();
+        let _d_local = relayed(&local).await;
+        d.write_all(&frame(MORE, 200)).await.unwrap();
+        closed(&mut d).await;
+        assert_eq!(over_budget(), 2);
+
+        // A finishes its message: its 200 come back, and a new peer's frame fits.
+        a.write_all(&frame(0, 0)).await.unwrap();
+        passed(&mut a_local, 0).await;
+        let mut e = client([127, 0, 0, 3], public).await;
+        e.write_all(&greeting()).await.unwrap();
+        let mut e_local = relayed(&local).await;
+        e.write_all(&frame(0, 200)).await.unwrap();
+        passed(&mut e_local, 200).await;
+        assert_eq!(over_budget(), 2);
+        assert_eq!(stats.cut_off.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_of_their_ip_are_refused_and_counted() {
+        let (_guard, public, local, stats) = guarded(small()).await;
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut c = client([127, 0, 0, 1], public).await;
+            c.write_all(&greeting()).await.unwrap();
+            open.push((c, relayed(&local).await));
+        }
+        let mut third = client([127, 0, 0, 1], public).await;
+        closed(&mut third).await;
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+
+        // Another IP still gets in, and so does the first once one of its connections closes.
+        let mut other = client([127, 0, 0, 2], public).await;
+        other.write_all(&greeting()).await.unwrap();
+        let _other_local = relayed(&local).await;
+        let (first, mut first_local) = open.remove(0);
+        drop(first);
+        closed(&mut first_local).await;
+        // The slot is given back when the relay ends, which the local side's EOF follows.
+        let mut again = client([127, 0, 0, 1], public).await;
+        again.write_all(&greeting()).await.unwrap();
+        let _again_local = relayed(&local).await;
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
     }
 
     #[test]

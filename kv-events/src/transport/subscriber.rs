@@ -1,6 +1,6 @@
 //! The subscribing side: what the EPP runs per engine (pod mode) or once (central mode).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -10,15 +10,20 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
-use super::guard::{self, Guard, Peers};
+use super::guard::{self, Guard, GuardStats, Peers, Report};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::codec::decode_batch;
 use crate::topic::{MAX_TOPIC_BYTES, TOPIC_PREFIX};
 use crate::{EventBatch, Untrusted};
 
-/// Publishers (topics) one subscriber tracks sequence numbers for, at most: messages on
-/// further topics are counted as bad and dropped (central mode with more engines than this
-/// needs a second subscriber).
+/// Publishers (topics) one subscriber tracks sequence numbers for, at most: 4,096 (a central
+/// subscriber's engines; as many as the guard's connections, `guard::MAX_CONNECTIONS`). A new
+/// topic past it takes the place of the topic heard least recently, so that neither a flood of
+/// topics (anyone who reaches a bound socket can make them up) nor years of pod churn lock a
+/// new engine out, and the table never grows past the cap. An evicted topic's next message
+/// starts it again as a topic never seen: delivered as it comes, no gap before it nor restart
+/// seen (its sequence number still tells a consumer that tracks them, as the EPP does), and no
+/// `replay_history` either, see [`SubscriberConfig::replay_history`].
 pub const MAX_TOPICS: usize = 4_096;
 /// Batches one replay may deliver, at most.
 pub const MAX_REPLAY_BATCHES: u64 = 100_000;
@@ -48,7 +53,9 @@ pub struct SubscriberConfig {
     pub replay_timeout: Duration,
     /// Replay what the publisher kept from before a topic's first message (an EPP that
     /// starts, or restarts, next to a running engine learns its cache); batches older than the
-    /// publisher's ring count as missed. Needs `replay_endpoint`.
+    /// publisher's ring count as missed. Needs `replay_endpoint`. Once the subscriber has
+    /// evicted a topic ([`MAX_TOPICS`]), a topic first seen is no longer replayed so: it may be
+    /// an evicted one coming back, whose history was delivered already.
     pub replay_history: bool,
     /// The first reconnection delay; it doubles up to `reconnect_max`.
     pub reconnect_initial: Duration,
@@ -162,7 +169,8 @@ pub struct SubscriberStats {
     pub decoded: AtomicU64,
     /// Payloads that did not decode.
     pub decode_errors: AtomicU64,
-    /// Messages that were not `[topic, seq, payload]` (or a topic past [`MAX_TOPICS`]).
+    /// Messages that were not `[topic, seq, payload]`, or whose topic is not UTF-8 or over
+    /// [`MAX_TOPIC_BYTES`].
     pub bad_messages: AtomicU64,
     /// Decoded batches dropped because the output channel was full or the queue over its
     /// budget ([`QueueBudget`]).
@@ -177,6 +185,10 @@ pub struct SubscriberStats {
     pub restarts: AtomicU64,
     /// Successful connects or binds.
     pub connects: AtomicU64,
+    /// Topics forgotten to make room for a new one ([`MAX_TOPICS`]).
+    pub evicted_topics: AtomicU64,
+    /// The frame guard's: peers cut off or refused (shared by the subscriber's guards).
+    pub guard: Arc<GuardStats>,
 }
 
 /// A point-in-time copy of [`SubscriberStats`].
@@ -193,6 +205,10 @@ pub struct SubscriberStatsSnapshot {
     pub replayed: u64,
     pub restarts: u64,
     pub connects: u64,
+    pub evicted_topics: u64,
+    pub peers_cut_off: u64,
+    pub peers_over_budget: u64,
+    pub peers_refused: u64,
 }
 
 impl SubscriberStats {
@@ -210,6 +226,10 @@ impl SubscriberStats {
             replayed: l(&self.replayed),
             restarts: l(&self.restarts),
             connects: l(&self.connects),
+            evicted_topics: l(&self.evicted_topics),
+            peers_cut_off: l(&self.guard.cut_off),
+            peers_over_budget: l(&self.guard.over_budget),
+            peers_refused: l(&self.guard.refused),
         }
     }
 }
@@ -225,7 +245,7 @@ pub struct Subscriber {
     endpoint: Arc<str>,
     stats: Arc<SubscriberStats>,
     /// Per topic: its name and the next sequence number expected.
-    topics: HashMap<Bytes, TopicState>,
+    topics: Topics,
     /// A socket bound by [`Subscriber::bind`], for the first run.
     bound: Option<Opened>,
     /// The peers connected now, as the guard sees them.
@@ -256,6 +276,67 @@ struct TopicState {
     next: Option<u64>,
     /// Batches lost since the last delivered one.
     missed: u64,
+    /// When it was last heard, on [`Topics`]' clock.
+    heard: u64,
+}
+
+/// The topics a subscriber tracks, at most [`MAX_TOPICS`], the least recently heard evicted
+/// first. Looking a topic up and marking it heard costs O(log n).
+#[derive(Debug, Default)]
+struct Topics {
+    states: HashMap<Bytes, TopicState>,
+    /// The topics by when they were last heard, oldest first.
+    by_heard: BTreeMap<u64, Bytes>,
+    /// Counts messages heard, to order topics by their last.
+    clock: u64,
+    /// Topics evicted so far.
+    evicted: u64,
+}
+
+impl Topics {
+    fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    fn get_mut(&mut self, topic: &[u8]) -> Option<&mut TopicState> {
+        self.states.get_mut(topic)
+    }
+
+    /// `topic`'s state, marked heard now; made on first sight, in the place of the least
+    /// recently heard topic when [`MAX_TOPICS`] are tracked. `None` for a topic that is not
+    /// text or over [`MAX_TOPIC_BYTES`].
+    fn heard(&mut self, topic: &[u8]) -> Option<&mut TopicState> {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some(state) = self.states.get_mut(topic) {
+            if let Some(key) = self.by_heard.remove(&state.heard) {
+                self.by_heard.insert(now, key);
+            }
+            state.heard = now;
+            return self.states.get_mut(topic);
+        }
+        if topic.len() > MAX_TOPIC_BYTES {
+            return None;
+        }
+        let name = std::str::from_utf8(topic).ok()?;
+        while self.states.len() >= MAX_TOPICS {
+            let Some((_, oldest)) = self.by_heard.pop_first() else {
+                break;
+            };
+            self.states.remove(&oldest);
+            self.evicted += 1;
+        }
+        // A copy: the frame's bytes share zmq.rs's read buffer, which a key kept for as long
+        // as the topic would pin (a payload's megabytes with it).
+        let key = Bytes::copy_from_slice(topic);
+        self.by_heard.insert(now, key.clone());
+        Some(self.states.entry(key).or_insert(TopicState {
+            name: Arc::from(name),
+            next: None,
+            missed: 0,
+            heard: now,
+        }))
+    }
 }
 
 /// How the receive loop ended.
@@ -281,7 +362,7 @@ impl Subscriber {
             endpoint: Arc::from(config.endpoint.as_str()),
             config,
             stats,
-            topics: HashMap::new(),
+            topics: Topics::default(),
             bound: None,
             peers: watch::Sender::new(Peers::default()),
             budget: QueueBudget::new(DEFAULT_QUEUE_BYTES),
@@ -377,16 +458,14 @@ impl Subscriber {
         let e = &self.config.endpoint;
         let (endpoint, guard) = match self.config.mode {
             SubscribeMode::Connect => {
-                let (target, guard) = guard::connect_target(e, Some(self.peers.clone())).await?;
+                let (target, guard) = guard::connect_target(e, self.report()).await?;
                 socket
                     .connect(&target)
                     .await
                     .map_err(zmq_error("connect", e))?;
                 (e.clone(), guard)
             }
-            SubscribeMode::Bind => {
-                guard::bind(&mut socket, &bindable(e), Some(self.peers.clone())).await?
-            }
+            SubscribeMode::Bind => guard::bind(&mut socket, &bindable(e), self.report()).await?,
         };
         socket
             .subscribe(&self.config.topic_filter)
@@ -397,6 +476,14 @@ impl Subscriber {
             endpoint,
             _guard: guard,
         })
+    }
+
+    /// Where its guards report: its peers and its counters.
+    fn report(&self) -> Report {
+        Report {
+            peers: Some(self.peers.clone()),
+            stats: self.stats.guard.clone(),
+        }
     }
 
     async fn receive(
@@ -430,14 +517,22 @@ impl Subscriber {
             inc(&self.stats.bad_messages, 1);
             return true;
         };
-        let Some(next) = self.topic_state(&topic).map(|t| t.next) else {
+        let evicted_before = self.topics.evicted;
+        let Some(next) = self.topics.heard(&topic).map(|t| t.next) else {
             inc(&self.stats.bad_messages, 1);
             return true;
         };
+        inc(
+            &self.stats.evicted_topics,
+            self.topics.evicted - evicted_before,
+        );
         // A topic's first message: with `replay_history`, what came before it is a gap too,
-        // so the publisher's ring (its last `buffer_steps` batches) is replayed first.
-        let next = next
-            .or((self.config.replay_history && self.config.replay_endpoint.is_some()).then_some(0));
+        // so the publisher's ring (its last `buffer_steps` batches) is replayed first — unless
+        // a topic was ever evicted, as this may be that topic back (see `MAX_TOPICS`).
+        let history = self.config.replay_history
+            && self.config.replay_endpoint.is_some()
+            && self.topics.evicted == 0;
+        let next = next.or(history.then_some(0));
         let mut restarted = false;
         match next {
             Some(expected) if seq > expected => {
@@ -459,26 +554,6 @@ impl Subscriber {
             _ => {}
         }
         self.deliver(&topic, seq, payload, false, restarted, out)
-    }
-
-    /// The state of `topic`, made on first sight; `None` for a topic that is not text or
-    /// when [`MAX_TOPICS`] are tracked already.
-    fn topic_state(&mut self, topic: &Bytes) -> Option<&mut TopicState> {
-        if !self.topics.contains_key(topic) {
-            if self.topics.len() >= MAX_TOPICS || topic.len() > MAX_TOPIC_BYTES {
-                return None;
-            }
-            let name = std::str::from_utf8(topic).ok()?;
-            self.topics.insert(
-                topic.clone(),
-                TopicState {
-                    name: Arc::from(name),
-                    next: None,
-                    missed: 0,
-                },
-            );
-        }
-        self.topics.get_mut(topic)
     }
 
     /// Decodes and hands over one batch; `false` when `out` is closed.
@@ -550,7 +625,12 @@ impl Subscriber {
         };
         let want = (until - from).min(MAX_REPLAY_BATCHES);
         let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(64);
-        let fetch = fetch_replay(endpoint.clone(), from, until, want, tx);
+        // The replay's guard counts into the subscriber's counters; its peer is not tracked.
+        let report = Report {
+            peers: None,
+            stats: self.stats.guard.clone(),
+        };
+        let fetch = fetch_replay(endpoint.clone(), from, until, want, tx, report);
         let timeout = tokio::time::sleep(self.config.replay_timeout);
         tokio::pin!(fetch, timeout);
         let mut recovered = 0;
@@ -592,20 +672,22 @@ async fn fetch_replay(
     until: u64,
     want: u64,
     tx: mpsc::Sender<(u64, Bytes)>,
+    report: Report,
 ) -> Result<(), TransportError> {
     let mut dealer = DealerSocket::new();
     // Through a guard, as the SUB socket (the replay endpoint is the network too).
-    let guard =
-        if endpoint.starts_with("tcp://") {
-            Some(guard::connecting(&endpoint, None).await.map_err(|source| {
-                TransportError::Guard {
+    let guard = if endpoint.starts_with("tcp://") {
+        Some(
+            guard::connecting(&endpoint, report)
+                .await
+                .map_err(|source| TransportError::Guard {
                     endpoint: endpoint.clone(),
                     source,
-                }
-            })?)
-        } else {
-            None
-        };
+                })?,
+        )
+    } else {
+        None
+    };
     let target = guard
         .as_ref()
         .map_or(endpoint.as_str(), |g| g.local_endpoint.as_str());
@@ -645,5 +727,146 @@ async fn fetch_replay(
         if forwarded >= want {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod topic_tests {
+    use super::*;
+    use crate::codec::{Encoder, Encoding};
+    use crate::{BlockRemoved, Event, Medium};
+
+    fn message(topic: &str, seq: u64) -> Vec<Bytes> {
+        let batch = EventBatch {
+            ts: seq as f64,
+            events: vec![Event::BlockRemoved(BlockRemoved {
+                block_hashes: vec![seq],
+                medium: Medium::Gpu,
+            })],
+            data_parallel_rank: None,
+        };
+        let payload = Encoder::new(Encoding::Array).encode(&batch).unwrap();
+        vec![
+            Bytes::from(topic.to_owned()),
+            seq_frame(seq),
+            Bytes::from(payload),
+        ]
+    }
+
+    fn flood(i: usize) -> String {
+        format!("kv@flood-{i}@m")
+    }
+
+    /// The table and its order agree, and stay within the cap.
+    fn check(topics: &Topics) {
+        assert!(topics.len() <= MAX_TOPICS);
+        assert_eq!(topics.by_heard.len(), topics.states.len());
+    }
+
+    /// A flood of made-up topics on a bound subscriber: the table never passes its cap, nothing
+    /// is refused, and an engine that comes after it is tracked as any other (its gap seen).
+    #[tokio::test]
+    async fn a_flood_of_topics_never_grows_the_table_and_a_new_engine_is_still_tracked() {
+        let mut sub = Subscriber::new(SubscriberConfig::bind("tcp://127.0.0.1:0"));
+        let (tx, mut rx) = mpsc::channel(16);
+        let flooded = 2 * MAX_TOPICS + 10;
+        for i in 0..flooded {
+            assert!(sub.on_message(message(&flood(i), 0), &tx).await);
+            check(&sub.topics);
+            while rx.try_recv().is_ok() {}
+        }
+        assert_eq!(sub.topics.len(), MAX_TOPICS);
+        let s = sub.stats.snapshot();
+        assert_eq!(s.bad_messages, 0, "no topic is refused");
+        assert_eq!(s.evicted_topics, (flooded - MAX_TOPICS) as u64);
+
+        let engine = "kv@10.0.0.9:8000@m";
+        assert!(sub.on_message(message(engine, 5), &tx).await);
+        let first = rx.try_recv().unwrap();
+        assert_eq!(
+            (&*first.topic, first.seq, first.missed_before),
+            (engine, 5, 0)
+        );
+        assert!(sub.on_message(message(engine, 8), &tx).await);
+        let next = rx.try_recv().unwrap();
+        assert_eq!((next.seq, next.missed_before), (8, 2), "6 and 7 missed");
+        let s = sub.stats.snapshot();
+        assert_eq!((s.gaps, s.missed, s.bad_messages), (1, 2, 0));
+        assert_eq!(sub.topics.len(), MAX_TOPICS);
+    }
+
+    /// The topic heard least recently goes first; one heard again stays.
+    #[test]
+    fn the_least_recently_heard_topic_is_evicted() {
+        let mut topics = Topics::default();
+        for i in 0..MAX_TOPICS {
+            topics.heard(flood(i).as_bytes()).unwrap();
+        }
+        topics.heard(flood(0).as_bytes()).unwrap();
+        topics.heard(b"kv@new@m").unwrap();
+        check(&topics);
+        assert_eq!(topics.evicted, 1);
+        assert!(topics.get_mut(flood(0).as_bytes()).is_some(), "heard again");
+        assert!(topics.get_mut(flood(1).as_bytes()).is_none(), "the oldest");
+        assert!(topics.get_mut(b"kv@new@m").is_some());
+        // Not text, or too long: refused, and nothing is evicted for them.
+        assert!(topics.heard(b"kv@\xff@m").is_none());
+        assert!(topics.heard(&[b'k'; MAX_TOPIC_BYTES + 1]).is_none());
+        assert_eq!(topics.evicted, 1);
+    }
+
+    #[test]
+    fn a_kept_topic_does_not_pin_the_frame_it_came_in() {
+        let frame = Bytes::from(b"kv@p@m plus the rest of a read buffer".to_vec()).slice(..6);
+        let mut topics = Topics::default();
+        topics.heard(&frame).unwrap();
+        let (key, _) = topics.states.iter().next().unwrap();
+        assert_eq!(key, &frame);
+        assert_ne!(
+            key.as_ptr(),
+            frame.as_ptr(),
+            "a copy, not a view of the frame"
+        );
+    }
+
+    /// An evicted topic's next message is a fresh stream: delivered, no gap, no history
+    /// replay (which would deliver its past a second time), whatever `replay_history` says.
+    #[tokio::test]
+    async fn an_evicted_topic_comes_back_as_a_fresh_stream_without_a_replay() {
+        let config = SubscriberConfig {
+            // Never dialed: a replay would count a gap first, which the test would see.
+            replay_endpoint: Some("tcp://127.0.0.1:1".to_owned()),
+            replay_history: true,
+            ..SubscriberConfig::bind("tcp://127.0.0.1:0")
+        };
+        let mut sub = Subscriber::new(config);
+        let (tx, mut rx) = mpsc::channel(16);
+        let engine = "kv@10.0.0.9:8000@m";
+        // Its first message was seen (its history replayed then), and the batch up to 41.
+        sub.topics.heard(engine.as_bytes()).unwrap().next = Some(42);
+        for i in 0..MAX_TOPICS {
+            sub.topics.heard(flood(i).as_bytes()).unwrap();
+        }
+        assert!(sub.topics.get_mut(engine.as_bytes()).is_none(), "evicted");
+
+        assert!(sub.on_message(message(engine, 50), &tx).await);
+        let back = rx.try_recv().unwrap();
+        assert_eq!(
+            (
+                back.seq,
+                back.replayed,
+                back.missed_before,
+                back.publisher_restarted
+            ),
+            (50, false, 0, false)
+        );
+        let s = sub.stats.snapshot();
+        assert_eq!((s.gaps, s.replayed, s.missed), (0, 0, 0));
+        // And it is tracked again from there.
+        assert_eq!(
+            sub.topics.get_mut(engine.as_bytes()).unwrap().next,
+            Some(51)
+        );
+        check(&sub.topics);
     }
 }

@@ -598,6 +598,7 @@ async fn a_peer_announcing_a_huge_frame_is_cut_off_and_the_subscriber_lives_on()
         .await
         .unwrap();
     let central = sub.local_endpoint().unwrap().to_owned();
+    let stats = sub.stats();
     let (tx, mut rx) = mpsc::channel(64);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(sub.run(tx, cancel.clone()));
@@ -624,6 +625,11 @@ async fn a_peer_announcing_a_huge_frame_is_cut_off_and_the_subscriber_lives_on()
     // The guard closes the connection (an EOF or a reset, within WAIT).
     let mut rest = Vec::new();
     let _ = timeout(WAIT, hostile.read_to_end(&mut rest)).await.unwrap();
+    assert_eq!(
+        stats.snapshot().peers_cut_off,
+        1,
+        "counted before the close"
+    );
 
     // And the subscriber still takes a real publisher's batches.
     let pub_cancel = CancellationToken::new();
@@ -696,6 +702,56 @@ async fn a_central_subscriber_counts_the_engines_that_dial_it() {
     pub_task.await.unwrap().unwrap();
     drop(handle);
     peers_until(&mut peers, |p| p.connected(local) == Some(false)).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A publisher's message whose frames each fit the frame cap but together pass the message cap
+/// (8 MiB + 4 KiB): the guard cuts the connection before zmq.rs has the message whole (where it
+/// would have held every frame), and counts it; the next publisher is heard as ever.
+#[tokio::test]
+async fn a_message_over_the_size_cap_is_cut_off_counted_and_the_next_publisher_heard() {
+    let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    let central = sub.local_endpoint().unwrap().to_owned();
+    let (mut rx, stats, cancel, task) = spawn_budgeted(sub, 64);
+
+    let mut hostile = PubSocket::new();
+    hostile.connect(&central).await.unwrap();
+    warm_up(&mut hostile, &mut rx).await;
+    // Two frames of 4 MiB + 4 KiB: 8 KiB over the frame cap together.
+    let frame = Bytes::from(vec![0u8; guard::MAX_FRAME_BYTES as usize / 2 + 4 * 1024]);
+    hostile
+        .send(message(vec![
+            Bytes::from_static(b"kv@p@m"),
+            seq_frame(0),
+            frame.clone(),
+            frame,
+        ]))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.snapshot().peers_cut_off < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never cut off");
+        tokio::task::yield_now().await;
+    }
+    drop(hostile);
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.peers_cut_off, s.bad_messages),
+        (1, 0),
+        "zmq.rs never had it whole"
+    );
+
+    let pub_cancel = CancellationToken::new();
+    let (handle, pub_task) = connecting_publisher(central, &pub_cancel).await;
+    let r = publish_until_received(&handle, &mut rx).await;
+    assert_eq!((&*r.topic, r.batch.clone()), ("kv@p@m", batch(1)));
+    assert_eq!(stats.snapshot().peers_over_budget, 0);
+
+    pub_cancel.cancel();
+    pub_task.await.unwrap().unwrap();
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
