@@ -263,6 +263,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "inference_extension_request_body_budget_rejections",
         "counter",
     ),
+    ("inference_extension_response_body_overflows", "counter"),
+    ("inference_extension_response_body_bytes_held", "gauge"),
     (
         "inference_extension_model_server_metrics_age_seconds",
         "gauge",
@@ -341,6 +343,9 @@ pub struct EppMetrics {
     /// bodies over the 16 MiB the EPP holds of one (usage unknown; with `rewrite="true"` the
     /// model was rewritten back in the first 16 MiB only).
     pub response_body_overflows: Family<RewriteLabels, Counter>,
+    /// `inference_extension_response_body_bytes_held`: non-streamed response bytes held by all
+    /// streams together (refreshed on scrape).
+    pub response_body_bytes_held: Gauge,
     /// `inference_extension_model_rewrite_decisions_total` is recorded with this.
     pub rewrites: Family<ModelLabels, Counter>,
     /// `inference_extension_plugin_duration_seconds`.
@@ -412,6 +417,7 @@ impl EppMetrics {
             request_body_bytes_held: Gauge::default(),
             request_body_budget_rejections: Counter::default(),
             response_body_overflows: Family::default(),
+            response_body_bytes_held: Gauge::default(),
             rewrites: Family::default(),
             plugin_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
@@ -530,8 +536,13 @@ impl EppMetrics {
             m.request_body_bytes_held.clone(),
         );
         r.register(
+            "inference_extension_response_body_bytes_held",
+            "Non-streamed response bytes held by all ext_proc streams together (copies read for usage, bodies held for a model rewrite; capped at 256 MiB)",
+            m.response_body_bytes_held.clone(),
+        );
+        r.register(
             "inference_extension_response_body_overflows",
-            "Non-streamed response bodies over the 16 MiB the EPP holds of one: passed through as they came, usage unknown",
+            "Non-streamed response bodies over the 16 MiB the EPP holds of one, or over what all streams may hold together: passed through as they came, usage unknown",
             m.response_body_overflows.clone(),
         );
         r.register(
@@ -615,10 +626,11 @@ impl EppMetrics {
         Arc::new(m)
     }
 
-    /// Refreshes the gauge of request-body bytes held.
-    pub fn refresh_request_bodies(&self, budget: &BodyBudget) {
-        self.request_body_bytes_held
-            .set(i64::try_from(budget.held()).unwrap_or(i64::MAX));
+    /// Refreshes the gauges of request- and response-body bytes held.
+    pub fn refresh_held_bodies(&self, requests: &BodyBudget, responses: &BodyBudget) {
+        let bytes = |b: &BodyBudget| i64::try_from(b.held()).unwrap_or(i64::MAX);
+        self.request_body_bytes_held.set(bytes(requests));
+        self.response_body_bytes_held.set(bytes(responses));
     }
 
     /// Refreshes the gauges computed from current state: pool averages over endpoints with
@@ -971,6 +983,9 @@ pub(crate) mod tests {
             .get_or_create(&crate::kv_events::PeerOutcome { outcome: "sent" })
             .inc();
         MetricsObserver(m.clone()).tokenized(Outcome::TimedOut, Duration::from_millis(1));
+        m.response_body_overflows
+            .get_or_create(&RewriteLabels { rewrite: "false" })
+            .inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert_registered_families_are(&text, FAMILIES);

@@ -494,7 +494,10 @@ pub async fn serve_with_handles(
             datastore.clone(),
             director.clone(),
             labels.clone(),
-            options.gathered_request_bytes.clone(),
+            (
+                options.gathered_request_bytes.clone(),
+                options.held_response_bytes.clone(),
+            ),
         );
         tasks.spawn(
             "pool-gauges",
@@ -515,7 +518,7 @@ pub async fn serve_with_handles(
                             _ = token.cancelled() => return,
                             _ = tick.tick() => {
                                 metrics.refresh_pool(&datastore, &director, metrics_staleness);
-                                metrics.refresh_request_bodies(&bodies);
+                                metrics.refresh_held_bodies(&bodies.0, &bodies.1);
                                 flow_metrics.refresh(&director);
                                 labels.learn(&datastore.snapshot(), &director.policies());
                             }
@@ -563,14 +566,17 @@ pub async fn serve_with_handles(
             flow_metrics.clone(),
             datastore.clone(),
             director.clone(),
-            options.gathered_request_bytes.clone(),
+            (
+                options.gathered_request_bytes.clone(),
+                options.held_response_bytes.clone(),
+            ),
         );
         let state = AdminState {
             registry: registry.clone(),
             auth: admin_auth,
             refresh: Some(admin::Refresh(Arc::new(move || {
                 m.refresh_pool(&ds, &d, metrics_staleness);
-                m.refresh_request_bodies(&bodies);
+                m.refresh_held_bodies(&bodies.0, &bodies.1);
                 fm.refresh(&d);
             }))),
             debug: debug_pool.then(|| DebugState {

@@ -128,9 +128,9 @@ pub trait Recorder: Send + Sync + std::fmt::Debug {
     /// The response of a routed request ended.
     fn on_complete(&self, _completion: &Completion<'_>) {}
 
-    /// A non-streamed response body passed the EPP's 16 MiB cap on what it holds of one: it
-    /// went through as it came, its usage is unknown, and a model rewrite covered only its
-    /// first 16 MiB (`rewrite`: one was due).
+    /// A non-streamed response body passed the EPP's 16 MiB cap on what it holds of one, or
+    /// what all streams may hold together: it went through as it came, its usage is unknown,
+    /// and a model rewrite covered only what was held (`rewrite`: one was due).
     fn on_response_overflow(&self, _rewrite: bool) {}
 
     /// A routed request left (its response ended or its stream was dropped). Called exactly

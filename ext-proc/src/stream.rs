@@ -76,8 +76,13 @@ use crate::untrusted::Untrusted;
 /// The most of a non-streamed response body held: the copy kept to read `usage` at the end,
 /// and the body held whole to rewrite its model back. Past it, the copy is dropped (usage
 /// unknown) and a held body is let go: what is held goes out (rewritten), the rest passes
-/// through as it comes.
+/// through as it comes. The same happens when the responses of all streams together would
+/// hold more than [`ServiceOptions::held_response_bytes`].
 const MAX_RESPONSE_COPY: usize = 16 * 1024 * 1024;
+/// Default of [`ServiceOptions::held_response_bytes`]: 16 responses at the cap, thousands of
+/// ordinary ones. A client can ask for long non-streamed answers cheaply (a large embeddings
+/// batch, `echo` with `logprobs`) and read them slowly; this bounds what they hold together.
+pub const DEFAULT_HELD_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 /// Longest `x-request-id` kept from a client; a longer or non-printable one is replaced.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
 /// Longest fairness id accepted (it keys per-flow state).
@@ -95,6 +100,10 @@ pub struct ServiceOptions {
     /// The request-body bytes every stream may hold together before routing
     /// (`--max-gathered-request-bytes`); shared by every clone of these options.
     pub gathered_request_bytes: Arc<BodyBudget>,
+    /// The non-streamed response bytes every stream may hold together (copies read for
+    /// `usage`, bodies held for a model rewrite); past it a response passes through as it
+    /// comes, its usage unknown. Shared by every clone of these options.
+    pub held_response_bytes: Arc<BodyBudget>,
     /// `--disable-endpoint-subset-filter`.
     pub disable_subset_filter: bool,
     /// Add [`DECISION_HEADER`] to responses (`--debug-decision-header`).
@@ -115,6 +124,7 @@ impl Default for ServiceOptions {
         Self {
             max_request_body_bytes: 16 * 1024 * 1024,
             gathered_request_bytes: Arc::default(),
+            held_response_bytes: Arc::new(BodyBudget::new(DEFAULT_HELD_RESPONSE_BYTES)),
             disable_subset_filter: false,
             decision_header: false,
             trust_model_rewrite_header: false,
@@ -227,6 +237,8 @@ struct ResponseState {
     rewrite_back: Option<(String, String)>,
     buffered: BytesMut,
     copy: BytesMut,
+    /// `buffered` and `copy`, charged to [`ServiceOptions::held_response_bytes`].
+    charge: BodyCharge,
     /// The body passed [`MAX_RESPONSE_COPY`]: no copy is kept and nothing is held any more;
     /// its usage is unknown (a copy with a gap is not read).
     overflowed: bool,
@@ -971,7 +983,10 @@ impl StreamState {
             }
             return vec![envoy::body_chunk(Direction::Response, chunk, eos).into()];
         }
-        if self.response.buffered.len() + chunk.len() > MAX_RESPONSE_COPY {
+        let budget = &self.ctx.options.held_response_bytes;
+        if self.response.buffered.len() + chunk.len() > MAX_RESPONSE_COPY
+            || self.response.charge.grow(budget, chunk.len()).is_err()
+        {
             // Too big to hold for the rewrite: what is held goes out now, rewritten (the model
             // field of a JSON response is near its start), then this chunk and the rest as they
             // come, unmodified. The client gets every byte once, in order.
@@ -1009,7 +1024,10 @@ impl StreamState {
         if self.response.overflowed {
             return;
         }
-        if self.response.copy.len() + chunk.len() > MAX_RESPONSE_COPY {
+        let budget = &self.ctx.options.held_response_bytes;
+        if self.response.copy.len() + chunk.len() > MAX_RESPONSE_COPY
+            || self.response.charge.grow(budget, chunk.len()).is_err()
+        {
             self.overflow_response();
             return;
         }
@@ -1020,13 +1038,17 @@ impl StreamState {
     fn overflow_response(&mut self) {
         self.response.overflowed = true;
         self.response.copy = BytesMut::new();
+        // A held body is let go by the caller; either way nothing is held any more.
+        self.response.charge.release();
         self.ctx
             .recorder
             .on_response_overflow(self.response.rewrite_back.is_some());
         tracing::warn!(
             limit = MAX_RESPONSE_COPY,
+            all_streams_limit = self.ctx.options.held_response_bytes.limit(),
             rewrite = self.response.rewrite_back.is_some(),
-            "response body over the buffering cap: passed through as it comes, usage unknown"
+            "response body over the buffering cap (this stream's or all streams'): passed \
+             through as it comes, usage unknown"
         );
     }
 
@@ -1044,6 +1066,8 @@ impl StreamState {
             return;
         }
         self.response.complete = true;
+        // Whatever was held is read below and goes out with this call's answers.
+        self.response.charge.release();
         self.response.usage = self
             .response
             .sse

@@ -1152,6 +1152,55 @@ async fn a_response_copy_over_the_cap_is_dropped_not_read_with_a_gap() {
     assert_eq!(h.events(), ["complete Some(9)", "released m"]);
 }
 
+/// What all streams hold of non-streamed responses together is capped: the response that
+/// would pass the budget goes through as it comes, its usage unknown and counted, while the
+/// others are read as before; every charge is given back at the end.
+#[tokio::test(start_paused = true)]
+async fn held_responses_share_one_budget() {
+    let mut h = Harness::new(1);
+    let budget = Arc::new(BodyBudget::new(100));
+    h.options.held_response_bytes = budget.clone();
+    let usage = br#"{"usage":{"prompt_tokens":1,"completion_tokens":7},"x":"#;
+    let open = |h: &Harness| {
+        let mut s = h.stream();
+        send_chat(&mut s, "m", &[]);
+        s.on_message(resp_headers(&[(":status", "200")], false, None));
+        s
+    };
+    let mut first = open(&h);
+    let mut second = open(&h);
+    h.events();
+    first.on_message(resp_body(usage, false));
+    assert_eq!(budget.held(), usage.len());
+    // The second's copy would pass 100 bytes: passed through, not kept.
+    let out = second.on_message(resp_body(usage, false));
+    assert_eq!(
+        streamed_body(&out[0]),
+        (usage.to_vec(), false),
+        "passed through"
+    );
+    assert_eq!(budget.held(), usage.len(), "nothing charged for the second");
+    second.on_message(resp_body(b"0}", true));
+    first.on_message(resp_body(b"0}", true));
+    assert_eq!(
+        h.events(),
+        [
+            "overflow rewrite=false",
+            "complete None",
+            "released m",
+            "complete Some(7)",
+            "released m"
+        ]
+    );
+    assert_eq!(budget.held(), 0);
+    // A response still open when its stream goes gives its charge back too.
+    let mut gone = open(&h);
+    gone.on_message(resp_body(usage, false));
+    assert_eq!(budget.held(), usage.len());
+    drop(gone);
+    assert_eq!(budget.held(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_passed_through_body_ended_by_trailers_is_read_for_usage() {
     let h = Harness::new(1);
