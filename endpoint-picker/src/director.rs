@@ -313,7 +313,7 @@ impl Director {
         FlowRequest {
             fairness_id: Arc::from(request.fairness_id.as_str()),
             priority: request.priority,
-            bytes: request.body_len as u64,
+            bytes: request.held_bytes(),
             slo_ttft: request.slo_ttft,
             model: request.model.clone(),
             target_model: request.target_model.clone(),

@@ -85,11 +85,41 @@ impl InferenceRequest {
         }
     }
 
+    /// What the EPP holds for this request while it waits in flow control, as `maxBytes`
+    /// counts it: the body, the token ids (4 bytes each) and the headers (kept twice: the
+    /// stream's and this request's copy). The prompt is not counted apart: it is usually a
+    /// slice of the body.
+    pub fn held_bytes(&self) -> u64 {
+        let ids = self.token_ids.as_ref().map_or(0, |ids| ids.len() * 4);
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        (self.body_len as u64)
+            .saturating_add(ids as u64)
+            .saturating_add(2 * headers as u64)
+    }
+
     /// The value of a request header (names are compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_bytes_count_the_body_the_ids_and_the_headers_twice() {
+        let mut r = InferenceRequest {
+            body_len: 1000,
+            prompt: Bytes::from_static(b"a slice of the body, not counted"),
+            ..Default::default()
+        };
+        assert_eq!(r.held_bytes(), 1000);
+        r.token_ids = Some(std::sync::Arc::from(vec![1u32; 100]));
+        r.headers = vec![("x-a".into(), "0123456".into())];
+        assert_eq!(r.held_bytes(), 1000 + 400 + 2 * 10);
     }
 }

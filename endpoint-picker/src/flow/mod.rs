@@ -21,7 +21,9 @@
 //!   `noEndpointRequestTTL` while it has none, each budget restarting when the pool changes
 //!   between empty and not (the reference's regime split);
 //! - **capacity**: per band (`maxRequests`, `maxBytes`) and global; a request that does not fit
-//!   is rejected at once. With `enableEviction`, one that does not fit the *global* caps first
+//!   is rejected at once. A request's bytes are what the EPP holds for it while it waits
+//!   ([`crate::request::InferenceRequest::held_bytes`]: body, token ids, headers), so that
+//!   `maxBytes` bounds memory; the reference counts the body alone. With `enableEviction`, one that does not fit the *global* caps first
 //!   evicts queued sheddable requests (priority < 0) of lower priority: lowest priority first,
 //!   newest first within it, and only if that makes room;
 //! - a client that goes away drops its [`Ticket`]: the request leaves its queue at once and its
