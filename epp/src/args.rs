@@ -126,6 +126,11 @@ pub struct Args {
     /// chain and the pod IP against the system roots. The plugin's insecureSkipVerify wins.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub model_server_metrics_https_insecure_skip_verify: bool,
+    /// A PEM bundle of CAs: with it the ext_proc port requires a client certificate that
+    /// chains to one of them (mutual TLS), so that only the gateway can open streams. Needs
+    /// --secure-serving. Read at start-up.
+    #[arg(long)]
+    pub client_ca_path: Option<PathBuf>,
     /// EndpointPickerConfig YAML file.
     #[arg(long, conflicts_with = "config_text")]
     pub config_file: Option<PathBuf>,

@@ -82,6 +82,7 @@ async fn run(args: Args) -> Result<()> {
         bind_address,
         secure_serving,
         cert_path,
+        client_ca_path,
         enable_cert_reload,
         health_checking,
         ha_enable_leader_election,
@@ -238,6 +239,12 @@ async fn run(args: Args) -> Result<()> {
              --cert-path and --secure-serving (the self-signed certificate has no files)"
         );
     }
+    if client_ca_path.is_some() && !secure_serving {
+        bail!(
+            "--client-ca-path verifies the gateway's certificate on the ext_proc port's TLS: \
+             --secure-serving=false serves no TLS"
+        );
+    }
     if cert_path.is_some() && !secure_serving {
         bail!(
             "--cert-path is the ext_proc port's TLS certificate: --secure-serving=false serves no TLS"
@@ -345,6 +352,13 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("loading --cert-path {}", dir.display()))?,
             None => ServerTls::self_signed().context("generating the self-signed certificate")?,
         })
+        .map(|tls| match &client_ca_path {
+            Some(path) => tls
+                .require_client_certificates(path)
+                .with_context(|| format!("loading --client-ca-path {}", path.display())),
+            None => Ok(tls),
+        })
+        .transpose()?
     } else {
         None
     };

@@ -65,6 +65,14 @@ pub enum TlsError {
     /// rustls refused the server configuration.
     #[error("the TLS server configuration: {0}")]
     Config(#[source] rustls::Error),
+    /// The client CA bundle holds no usable certificate.
+    #[error("the client CA bundle {path}: {reason}")]
+    ClientCa {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// SHA-256 of a certificate's DER: how logs and tests tell certificates apart.
@@ -177,6 +185,8 @@ pub struct CertReload {
 pub struct ServerTls {
     certificate: Arc<ServerCertificate>,
     reload: Option<CertReload>,
+    /// Verifies client certificates (`--client-ca-path`); `None` asks for none.
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 impl ServerTls {
@@ -185,6 +195,7 @@ impl ServerTls {
         Ok(Self {
             certificate: ServerCertificate::new(self_signed()?.certified_key()?),
             reload: None,
+            clients: None,
         })
     }
 
@@ -200,7 +211,38 @@ impl ServerTls {
                 interval,
                 loaded,
             }),
+            clients: None,
         })
+    }
+
+    /// Requires every client to present a certificate that chains to one of the CAs in the
+    /// PEM bundle at `path` (`--client-ca-path`): then only the gateway, holding such a
+    /// certificate, can open ext_proc streams. Read once, at start-up.
+    pub fn require_client_certificates(mut self, path: &Path) -> Result<Self, TlsError> {
+        let invalid = |reason: String| TlsError::ClientCa {
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| invalid(e.to_string()))?;
+            roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(invalid("no certificate in it".into()));
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+        self.clients = Some(verifier);
+        Ok(self)
     }
 
     /// The served certificate.
@@ -214,13 +256,16 @@ impl ServerTls {
     }
 
     /// The rustls configuration: the current certificate at each handshake, HTTP/2 only (gRPC),
-    /// no client certificates.
+    /// client certificates verified when [`ServerTls::require_client_certificates`] was called.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(TlsError::Config)?
-            .with_no_client_auth()
-            .with_cert_resolver(self.certificate.clone());
+            .map_err(TlsError::Config)?;
+        let builder = match &self.clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(self.certificate.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }

@@ -119,7 +119,15 @@ async fn bad_config_fails_before_binding_any_port() {
     assert_ne!(code, 0);
     assert!(stderr.contains("pool"), "{stderr}");
     // Metrics auth: on by default, so local mode needs a token, and a token needs it on.
-    let auth_cases: [(&[&str], &str); 5] = [
+    let auth_cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "--metrics-endpoint-auth=false",
+                "--secure-serving=false",
+                "--client-ca-path=/ca.pem",
+            ],
+            "--client-ca-path verifies the gateway's certificate",
+        ),
         // A budget for all bodies together smaller than one body could never gather it.
         (
             &[

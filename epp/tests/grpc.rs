@@ -577,7 +577,16 @@ async fn tls_channel_result(
     addr: std::net::SocketAddr,
     roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> Result<(tonic::transport::Channel, Seen), tonic::transport::Error> {
-    let connector = tls_connector(roots);
+    tls_channel_as(addr, roots, None).await
+}
+
+/// [`tls_channel_result`], the client presenting `identity`.
+async fn tls_channel_as(
+    addr: std::net::SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+    identity: Option<ClientIdentity>,
+) -> Result<(tonic::transport::Channel, Seen), tonic::transport::Error> {
+    let connector = tls_connector_as(roots, identity);
     let seen = Seen::default();
     let record = seen.clone();
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
@@ -602,6 +611,20 @@ async fn tls_channel_result(
 fn tls_connector(
     roots: &[rustls::pki_types::CertificateDer<'static>],
 ) -> tokio_rustls::TlsConnector {
+    tls_connector_as(roots, None)
+}
+
+/// A client certificate chain and its key.
+type ClientIdentity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// [`tls_connector`], presenting `identity` when the server asks for a certificate.
+fn tls_connector_as(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+    identity: Option<ClientIdentity>,
+) -> tokio_rustls::TlsConnector {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone()).unwrap();
@@ -611,8 +634,11 @@ fn tls_connector(
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
+    .with_root_certificates(store);
+    let mut config = match identity {
+        Some((chain, key)) => config.with_client_auth_cert(chain, key).unwrap(),
+        None => config.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
@@ -936,4 +962,77 @@ async fn a_queued_stream_holds_trailers_but_not_megabytes() {
         patient.recv().await.response,
         Some(processing_response::Response::RequestTrailers(_))
     ));
+}
+
+/// A CA and a client certificate it signed, and a client certificate no CA of the server's
+/// signed.
+fn client_identities() -> (String, ClientIdentity, ClientIdentity) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let identity = |issued_by_ca: bool| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["gateway".to_owned()]).unwrap();
+        let cert = if issued_by_ca {
+            params.signed_by(&key, &ca).unwrap()
+        } else {
+            params.self_signed(&key).unwrap()
+        };
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (vec![cert.der().clone()], key)
+    };
+    (ca.pem(), identity(true), identity(false))
+}
+
+/// `--client-ca-path`: with it, only a client whose certificate chains to the CA opens
+/// ext_proc streams; one without a certificate, or with another, fails the handshake.
+#[tokio::test]
+async fn client_certificates_are_required_when_a_client_ca_is_given() {
+    let server = epp::tls::self_signed().unwrap();
+    let dir = CertDir::new("mtls", &server);
+    let (ca_pem, gateway, stranger) = client_identities();
+    let ca_path = dir.dir.join("client-ca.pem");
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    let tls = epp::tls::ServerTls::from_dir(&dir.dir, None)
+        .unwrap()
+        .require_client_certificates(&ca_path)
+        .unwrap();
+    let epp = start_epp(
+        three(),
+        EppOptions {
+            server_tls: Some(tls),
+            ..Default::default()
+        },
+    )
+    .await;
+    let roots = [der(&server)];
+    let (channel, _) = tls_channel_as(epp.grpc, &roots, Some(gateway))
+        .await
+        .unwrap();
+    routed_over(channel).await;
+    // TLS 1.3 reports a refused client certificate after the handshake: the first request on
+    // the connection fails, if the connection itself did not.
+    for identity in [None, Some(stranger)] {
+        let refused = match tls_channel_as(epp.grpc, &roots, identity).await {
+            Err(_) => true,
+            Ok((channel, _)) => {
+                let mut client = ext_proc::envoy::ext_proc::external_processor_client::ExternalProcessorClient::new(channel);
+                let (_tx, rx) = tokio::sync::mpsc::channel(1);
+                client
+                    .process(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .is_err()
+            }
+        };
+        assert!(refused, "a client without the CA's certificate was served");
+    }
+    // A bundle with no certificate is refused at start-up.
+    let empty = dir.dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let e = epp::tls::ServerTls::self_signed()
+        .unwrap()
+        .require_client_certificates(&empty)
+        .unwrap_err();
+    assert!(e.to_string().contains("no certificate"), "{e}");
 }
