@@ -629,7 +629,7 @@ fn tls_connector_as(
     for root in roots {
         store.add(root.clone()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
