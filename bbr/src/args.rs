@@ -57,6 +57,10 @@ pub struct Args {
     /// Directory with tls.crt and tls.key for the ext_proc port.
     #[arg(long)]
     pub cert_path: Option<PathBuf>,
+    /// A PEM bundle of CAs: the ext_proc port then requires a client certificate that chains
+    /// to one of them (mutual TLS), as the EPP's flag of the same name. Needs --secure-serving.
+    #[arg(long)]
+    pub client_ca_path: Option<PathBuf>,
     /// File mode: the adapter mapping from this YAML/JSON file instead of ConfigMaps.
     #[arg(long)]
     pub mapping_file: Option<PathBuf>,

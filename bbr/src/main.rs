@@ -65,6 +65,7 @@ async fn run(args: Args) -> Result<()> {
         streaming,
         secure_serving,
         cert_path,
+        client_ca_path,
         mapping_file,
         mapping_file_poll_interval,
         configmap_namespace,
@@ -109,6 +110,12 @@ async fn run(args: Args) -> Result<()> {
             "--max-gathered-request-bytes={max_gathered_request_bytes} is below \
              --max-request-body-bytes={max_request_body_bytes}: a body of the largest size \
              accepted could never be gathered"
+        );
+    }
+    if client_ca_path.is_some() && !secure_serving {
+        bail!(
+            "--client-ca-path verifies the gateway's certificate on the ext_proc port's TLS: \
+             --secure-serving=false serves no TLS"
         );
     }
     if cert_path.is_some() && !secure_serving {
@@ -192,6 +199,13 @@ async fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("loading --cert-path {}", dir.display()))?,
             None => ServerTls::self_signed().context("generating the self-signed certificate")?,
         })
+        .map(|tls| match &client_ca_path {
+            Some(path) => tls
+                .require_client_certificates(path)
+                .with_context(|| format!("loading --client-ca-path {}", path.display())),
+            None => Ok(tls),
+        })
+        .transpose()?
     } else {
         None
     };

@@ -42,6 +42,10 @@ fn bad_start_up_input_is_refused_by_name() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--max-request-body-bytes"), "{err}");
 
+    let (code, err) = run(&["--secure-serving=false", "--client-ca-path=/ca.pem"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--client-ca-path"), "{err}");
+
     let (code, err) = run(&["--mapping-file-poll-interval", "2s"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("add --mapping-file"), "{err}");
@@ -54,5 +58,14 @@ fn bad_start_up_input_is_refused_by_name() {
     let (code, err) = run(&["--mapping-file", path.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--metrics-bearer-token-file"), "{err}");
+    // A client CA bundle that cannot be read stops start-up, naming the flag.
+    let (code, err) = run(&[
+        "--mapping-file",
+        path.to_str().unwrap(),
+        "--metrics-endpoint-auth=false",
+        "--client-ca-path=/nonexistent/ca.pem",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("loading --client-ca-path"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -85,6 +85,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", InvalidBodyRejectedByEpp),
         scenario!("switchyard", HostileClientsThroughReferenceStyleEnvoy),
         scenario!("switchyard", EppBinaryFollowsEPPRouting),
+        scenario!("switchyard", MutualTlsToTheEpp),
         scenario!("switchyard", BbrEachModelReachesOnlyItsPool),
         scenario!("switchyard", BbrUnknownModelGets404),
         scenario!("switchyard", BbrOneMebibyteBodyThroughBothExtProcs),
@@ -1339,6 +1340,87 @@ async fn EppBinaryFollowsEPPRouting(ctx: Ctx) -> Verdict {
             .with_context(|| format!("{k} selected pod(s)"))?;
     }
     Ok(sent)
+}
+
+/// `--client-ca-path` with a real Envoy: the shipped TLS template given a client certificate
+/// the EPP's CA signed routes as usual (health checks included); the same template without a
+/// client certificate gets nothing from the EPP, so FailClose answers every request 5xx.
+#[allow(non_snake_case)]
+async fn MutualTlsToTheEpp(ctx: Ctx) -> Verdict {
+    let pods = pods(2, 3, 1, &sim_config()).await;
+    let dir = std::env::temp_dir().join(format!("switchyard-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+    let gateway_key = rcgen::KeyPair::generate()?;
+    let gateway =
+        rcgen::CertificateParams::new(vec!["gateway".to_owned()])?.signed_by(&gateway_key, &ca)?;
+    let (ca_path, cert_path, key_path) = (
+        dir.join("ca.pem"),
+        dir.join("gateway.crt"),
+        dir.join("gateway.key"),
+    );
+    std::fs::write(&ca_path, ca.pem())?;
+    std::fs::write(&cert_path, gateway.pem())?;
+    std::fs::write(&key_path, gateway_key.serialize_pem())?;
+    let tls = epp::tls::ServerTls::self_signed()?.require_client_certificates(&ca_path)?;
+    let epp = testkit::start_epp(
+        pool_of("primary", &pods),
+        testkit::EppOptions {
+            config: CONFORMANCE_CONFIG.to_owned(),
+            server_tls: Some(tls),
+            ..Default::default()
+        },
+    )
+    .await;
+    let template = std::fs::read_to_string(
+        testkit::envoy::workspace_root().join("gateway-configs/envoy/envoy.yaml"),
+    )?;
+    let vars = [
+        ("EPP_HOST", epp.grpc.ip().to_string()),
+        ("EPP_PORT", epp.grpc.port().to_string()),
+        (
+            "BACKEND_ENDPOINTS",
+            testkit::envoy::lb_endpoints(&addresses(&pods)),
+        ),
+    ];
+    let plain_tls = testkit::envoy::render_vars(&template, &vars);
+    let upstream_tls = "          alpn_protocols: [\"h2\"]\n          validation_context: {}\n";
+    ensure!(
+        plain_tls.contains(upstream_tls),
+        "the shipped template's TLS context changed"
+    );
+    let with_cert = plain_tls.replace(
+        upstream_tls,
+        &format!(
+            "{upstream_tls}          tls_certificates:\n          - certificate_chain: {{filename: {}}}\n            private_key: {{filename: {}}}\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    let names = names(&[&pods]);
+    let target = pods[1].rank(0);
+    let req = Req::completion().header(SELECTION, target.ip().to_string());
+    let envoy = testkit::envoy::Envoy::start_config(&ctx.envoy, &with_cert).await;
+    envoy.wait_epp_health(true).await;
+    let out = traffic(envoy.listener, 50, 10, &req).await;
+    all_served_by(&out, &[target].into(), &names, true)
+        .context("with the gateway's certificate")?;
+    drop(envoy);
+    let envoy = testkit::envoy::Envoy::start_config(&ctx.envoy, &plain_tls).await;
+    let refused = traffic(envoy.listener, 20, 5, &req).await;
+    for (i, o) in refused.iter().enumerate() {
+        ensure!(
+            (500..600).contains(&o.status) && o.replica.is_none(),
+            "request {i} without a client certificate: {} from {:?}",
+            o.status,
+            o.replica
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out.len() + refused.len())
 }
 
 // ---------------------------------------------------------------------------------------------
