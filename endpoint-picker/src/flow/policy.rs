@@ -7,7 +7,7 @@
 //! own lock, so nothing here awaits or does I/O. The least-attained-service policy keeps per
 //! program state of its own, bounded by [`MAX_PROGRAMS`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::Duration;
@@ -82,7 +82,7 @@ pub enum UsageLimitPolicy {
 pub struct Las {
     /// Parameters as configured.
     pub params: LasParams,
-    programs: Mutex<HashMap<Arc<str>, Program>>,
+    programs: Mutex<Programs>,
     /// When idle programs were last forgotten (`None`: never yet).
     last_sweep: Mutex<Option<Instant>>,
 }
@@ -119,8 +119,19 @@ struct Program {
     /// Attained service (token units), as of `updated`.
     service: f64,
     updated: Instant,
-    /// Last completion or dispatch.
-    active: Instant,
+    /// Last completion, and a sequence number that orders equal times: its key in
+    /// [`Programs::by_activity`].
+    active: (Instant, u64),
+}
+
+/// The remembered programs, by id and by last activity, so that forgetting the idlest (at the
+/// cap, or past the TTL) takes a first entry instead of a scan of all 10,000 under the lock.
+#[derive(Debug, Default)]
+struct Programs {
+    by_id: HashMap<Arc<str>, Program>,
+    /// The same programs, idlest first.
+    by_activity: BTreeMap<(Instant, u64), Arc<str>>,
+    next: u64,
 }
 
 /// A flow that could be served: its id and its head request's enqueue time.
@@ -218,7 +229,7 @@ impl Las {
     pub fn new(params: LasParams) -> Self {
         Self {
             params,
-            programs: Mutex::new(HashMap::new()),
+            programs: Mutex::new(Programs::default()),
             last_sweep: Mutex::new(None),
         }
     }
@@ -236,6 +247,7 @@ impl Las {
     pub fn attained(&self, program: &str, now: Instant) -> f64 {
         self.programs
             .lock()
+            .by_id
             .get(program)
             .map_or(0.0, |p| self.decayed(p, now))
     }
@@ -244,27 +256,35 @@ impl Las {
     pub fn record(&self, program: &str, prompt_tokens: u64, completion_tokens: u64, now: Instant) {
         let add = prompt_tokens as f64 + 2.0 * completion_tokens as f64;
         let mut programs = self.programs.lock();
-        if let Some(p) = programs.get_mut(program) {
+        let Programs {
+            by_id,
+            by_activity,
+            next,
+        } = &mut *programs;
+        let active = (now, *next);
+        *next += 1;
+        if let Some(p) = by_id.get_mut(program) {
             p.service = self.decayed(p, now) + add;
             p.updated = now;
-            p.active = now;
+            if let Some(id) = by_activity.remove(&p.active) {
+                by_activity.insert(active, id);
+            }
+            p.active = active;
             return;
         }
-        if programs.len() >= MAX_PROGRAMS {
-            let idle = programs
-                .iter()
-                .min_by_key(|(_, p)| p.active)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = idle {
-                programs.remove(&k);
-            }
+        if by_id.len() >= MAX_PROGRAMS
+            && let Some((_, idlest)) = by_activity.pop_first()
+        {
+            by_id.remove(&idlest);
         }
-        programs.insert(
-            Arc::from(program),
+        let id: Arc<str> = Arc::from(program);
+        by_activity.insert(active, id.clone());
+        by_id.insert(
+            id,
             Program {
                 service: add,
                 updated: now,
-                active: now,
+                active,
             },
         );
     }
@@ -290,14 +310,21 @@ impl Las {
                 }
             }
         }
-        self.programs
-            .lock()
-            .retain(|_, p| now.saturating_duration_since(p.active) < ttl);
+        let mut programs = self.programs.lock();
+        let Programs {
+            by_id, by_activity, ..
+        } = &mut *programs;
+        while let Some(entry) = by_activity.first_entry() {
+            if now.saturating_duration_since(entry.key().0) < ttl {
+                break;
+            }
+            by_id.remove(&entry.remove());
+        }
     }
 
     /// Programs remembered.
     pub fn len(&self) -> usize {
-        self.programs.lock().len()
+        self.programs.lock().by_id.len()
     }
 
     /// Whether no program is remembered.
@@ -315,7 +342,12 @@ impl Las {
         let programs = self.programs.lock();
         let service: Vec<f64> = contenders
             .iter()
-            .map(|c| programs.get(c.id).map_or(0.0, |p| self.decayed(p, now)))
+            .map(|c| {
+                programs
+                    .by_id
+                    .get(c.id)
+                    .map_or(0.0, |p| self.decayed(p, now))
+            })
             .collect();
         drop(programs);
         let wait: Vec<f64> = contenders
@@ -587,6 +619,18 @@ mod tests {
         }
         assert_eq!(las.len(), MAX_PROGRAMS);
         assert_eq!(las.attained("p0", now), 0.0, "the idlest was forgotten");
+        // Activity moves a program to the back: p5, the idlest now, is heard from again, so
+        // the next newcomer pushes out p6 instead.
+        let later = now + Duration::from_secs(60);
+        las.record("p5", 1, 1, later);
+        las.record("newcomer", 1, 1, later);
+        assert!(las.attained("p5", later) > 0.0);
+        assert_eq!(las.attained("p6", later), 0.0);
+        {
+            let programs = las.programs.lock();
+            assert_eq!(programs.by_id.len(), MAX_PROGRAMS);
+            assert_eq!(programs.by_activity.len(), MAX_PROGRAMS, "both views agree");
+        }
         las.sweep(now); // starts the sweep clock
         las.sweep(now + Duration::from_secs(3_601 + 60));
         assert!(las.is_empty());
