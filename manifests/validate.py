@@ -643,7 +643,7 @@ def check_drain_grace() -> None:
     chart = helm.Chart.load(CHART)
     cases = [(None, 130), ("30s", 130), ("90", 130), ("500ms", 130), ("5m", 310), ("2h", 7210)]
     # With --shutdown-delay: the delay comes before the drain, and the pod must outlive both.
-    cases += [(("30s", "120s"), 160), (("2m", "1m"), 190), ((None, "5s"), 130)]
+    cases += [(("30s", "120s"), 160), (("2m", "1m"), 190), ((None, "5s"), 130), ((None, "300s"), 340)]
     for flag, want in cases:
         drain, delay = flag if isinstance(flag, tuple) else (flag, None)
         given = {"drain-grace-period": drain, "shutdown-delay": delay}

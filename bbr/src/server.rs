@@ -139,7 +139,11 @@ pub async fn serve(
         metrics.register(&mut r);
         Arc::new(Mutex::new(r))
     };
-    let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
+    // The mapping's watches and the model list keep running until the drain is over, as the
+    // EPP's restartable tasks do: during the shutdown delay bbr still serves on a live mapping.
+    let tasks_stop = CancellationToken::new();
+    let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone())
+        .run_tasks_until(tasks_stop.clone());
     // The listeners close when the shutdown delay is over.
     let stop_accepting = CancellationToken::new();
     let mut route_index = None;
@@ -331,6 +335,7 @@ pub async fn serve(
     .map_err(ServeError::from);
     shutdown.cancel();
     stop_accepting.cancel();
+    tasks_stop.cancel();
     if let Err(error) = supervisor.await {
         tracing::error!(%error, "the supervisor failed");
     }

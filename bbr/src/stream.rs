@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ext_proc::body_budget::{BodyBudget, BodyCharge, OverBudget};
+use ext_proc::body_budget::{BodyBudget, BodyCharge, OverBudget, charged};
 use ext_proc::body_pool::{BodyBuffer, REQUEST_BODIES};
 use ext_proc::codec::Inbound;
 #[cfg(test)]
@@ -248,6 +248,8 @@ impl BbrStream {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(0)
             .min(self.ctx.options.max_request_body_bytes);
+        // A second request on the stream (no Envoy sends one) starts its own charge.
+        self.body_charge.release();
         self.body = REQUEST_BODIES.take(expected);
         if self.ctx.options.streaming {
             // Answered with the body, when the model is known.
@@ -317,8 +319,8 @@ impl BbrStream {
 
     fn finish(&mut self, body: Bytes, end_of_stream: bool) -> Vec<Answer> {
         self.phase = Phase::Answered;
-        // Answered below: the body goes back to Envoy.
-        self.body_charge.release();
+        // Counted until it has gone back to Envoy (streamed), or now (BUFFERED, or refused).
+        let charge = std::mem::take(&mut self.body_charge);
         let started = Instant::now();
         let mut set = Vec::new();
         // The OpenAI APIs are validated as the EPP validates them; any other path (this router
@@ -377,7 +379,7 @@ impl BbrStream {
         }
         let mut out = vec![headers_answer(set, remove).into()];
         out.extend(
-            envoy::body_chunks(Direction::Request, body, end_of_stream)
+            envoy::body_chunks(Direction::Request, charged(body, charge), end_of_stream)
                 .into_iter()
                 .map(Answer::from),
         );
@@ -570,8 +572,14 @@ mod tests {
             Some("rejected-saturated")
         );
         // The first ends its body: answered, its charge back; a new body fits again.
-        let out = first.on_message(req_body(&chat("food-review"), true));
+        // The answers as the service holds them until sent (not converted to prost copies).
+        let out = first.on_inbound(Inbound::from_message(req_body(&chat("food-review"), true)));
         assert!(out.len() > 1, "answered with the body");
+        assert!(
+            budget.held() > 1_800_000,
+            "counted until the answers carrying it are sent"
+        );
+        drop(out);
         assert_eq!(budget.held(), 900_000);
         drop(second);
         assert_eq!(budget.held(), 0, "a dropped stream gives its charge back");

@@ -9,8 +9,8 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT and `cut_short` on the second: an
-/// operator (or a kubelet sending its second signal) who does not want to wait out the
-/// shutdown delay need not.
+/// operator who does not want to wait out the shutdown delay need not (the kubelet itself
+/// sends SIGKILL after the termination grace period, not a second SIGTERM).
 pub async fn cancel_on_signals(shutdown: CancellationToken, cut_short: CancellationToken) {
     #[cfg(unix)]
     {

@@ -882,11 +882,20 @@ async fn the_shutdown_delay_keeps_serving_while_not_ready() {
             .starts_with("127.0.0.1")
     );
     assert!(!epp.task.is_finished(), "still serving");
+    // The stream done, nothing is left to drain: serving ends as soon as the delay is cut
+    // short, well within the drain grace (1 s in the test EPP).
+    drop(s);
     cut_short.cancel();
+    let cut = tokio::time::Instant::now();
     tokio::time::timeout(TIMEOUT, &mut epp.task)
         .await
         .expect("serving ends once the delay is cut short")
         .unwrap();
+    assert!(
+        cut.elapsed() < std::time::Duration::from_millis(900),
+        "ended by the drain, not by its grace running out: {:?}",
+        cut.elapsed()
+    );
     assert!(
         tokio::net::TcpStream::connect(epp.grpc).await.is_err(),
         "the listener is closed"

@@ -16,6 +16,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
+
 /// The default budget: 64 bodies of the default maximum size.
 pub const DEFAULT_GATHERED_REQUEST_BYTES: usize = 1024 * 1024 * 1024;
 
@@ -115,6 +117,31 @@ impl Drop for BodyCharge {
     }
 }
 
+/// `body`, holding `charge` until its last slice is dropped: the answers that carry a body
+/// back to Envoy wait in the gRPC stream until Envoy's window lets them out, and the bytes
+/// stay counted until then.
+pub fn charged(body: Bytes, charge: BodyCharge) -> Bytes {
+    if charge.bytes() == 0 {
+        return body;
+    }
+    Bytes::from_owner(Charged {
+        body,
+        _charge: charge,
+    })
+}
+
+/// A body and what it is charged.
+struct Charged {
+    body: Bytes,
+    _charge: BodyCharge,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +172,20 @@ mod tests {
         a.grow(&budget, usize::MAX - 1).unwrap();
         assert!(BodyCharge::default().grow(&budget, usize::MAX).is_err());
         assert_eq!(budget.held(), usize::MAX - 1);
+    }
+
+    #[test]
+    fn a_charged_body_holds_its_charge_until_its_last_slice_goes() {
+        let budget = Arc::new(BodyBudget::new(100));
+        let mut charge = BodyCharge::default();
+        charge.grow(&budget, 10).unwrap();
+        let body = charged(Bytes::from_static(b"0123456789"), charge);
+        let tail = body.slice(5..);
+        drop(body);
+        assert_eq!(budget.held(), 10, "a slice still holds the bytes");
+        assert_eq!(&tail[..], b"56789");
+        drop(tail);
+        assert_eq!(budget.held(), 0);
     }
 
     proptest! {

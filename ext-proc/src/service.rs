@@ -98,7 +98,10 @@ impl Processor for ExtProcService {
                     continue;
                 }
                 let next = match held.pop_front() {
-                    Some(message) => Ok(Some(message)),
+                    Some(message) => {
+                        held_bytes -= held_size(&message);
+                        Ok(Some(message))
+                    }
                     None => inbound.message().await,
                 };
                 match next {

@@ -56,7 +56,7 @@ use endpoint_picker::scheduling::plugins::response::Served;
 use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
-use crate::body_budget::{BodyBudget, BodyCharge};
+use crate::body_budget::{BodyBudget, BodyCharge, charged};
 use crate::body_pool::{BodyBuffer, REQUEST_BODIES};
 use crate::codec::Inbound;
 use crate::envoy::{
@@ -417,15 +417,13 @@ impl StreamState {
                 let mut out = Vec::new();
                 let rest = std::mem::take(&mut self.response.buffered);
                 if !rest.is_empty() {
+                    let charge = std::mem::take(&mut self.response.charge);
                     self.complete_response(&rest);
+                    let rest = charged(self.rewrite_response(rest.freeze()), charge);
                     out.extend(
-                        envoy::body_chunks(
-                            Direction::Response,
-                            self.rewrite_response(rest.freeze()),
-                            false,
-                        )
-                        .into_iter()
-                        .map(Answer::from),
+                        envoy::body_chunks(Direction::Response, rest, false)
+                            .into_iter()
+                            .map(Answer::from),
                     );
                 } else {
                     // A passed-through body ended by trailers: its copy (empty if it overflowed).
@@ -541,6 +539,8 @@ impl StreamState {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(0)
             .min(self.ctx.options.max_request_body_bytes);
+        // A second request on the stream (no Envoy sends one) starts its own charge.
+        self.body_charge.release();
         self.body = REQUEST_BODIES.take(expected);
         Vec::new()
     }
@@ -709,9 +709,9 @@ impl StreamState {
         };
         let director = self.ctx.director.clone();
         director.resolve(&mut request, forced.as_deref());
-        // Leaves the EPP's hands now: answered below, or queued under flow control's own caps.
-        self.body_charge.release();
         if let Some(flow) = director.flow_control() {
+            // Queued under flow control's own caps (`maxBytes`) from here.
+            self.body_charge.release();
             let ticket = flow.enqueue(director.flow_request(&request), Instant::now());
             self.queued = Some(Queued {
                 ticket,
@@ -842,6 +842,8 @@ impl StreamState {
             (RequestBodyMode::Streamed, Some((body, eos))) => {
                 let mut out = Vec::with_capacity(2);
                 out.push(envoy::request_headers_response(set, remove, metadata).into());
+                // Counted until the chunks have gone out to Envoy.
+                let body = charged(body, std::mem::take(&mut self.body_charge));
                 out.extend(
                     envoy::body_chunks(Direction::Request, body, eos)
                         .into_iter()
@@ -856,6 +858,8 @@ impl StreamState {
                 vec![envoy::request_body_response(set, remove, metadata, new_body).into()]
             }
         };
+        // A body Envoy keeps (BUFFERED, not rewritten) is not the EPP's to count any more.
+        self.body_charge.release();
         self.key = self
             .ctx
             .recorder
@@ -974,6 +978,10 @@ impl StreamState {
                 envoy::body_chunk(Direction::Response, self.rewrite_response(chunk), eos).into(),
             ];
         }
+        if self.response.complete {
+            // More body after its end (no Envoy sends it): passed on, neither kept nor charged.
+            return vec![envoy::body_chunk(Direction::Response, chunk, eos).into()];
+        }
         if self.response.rewrite_back.is_none() || self.response.overflowed {
             // Pass through at once; keep a bounded copy to read `usage` at the end.
             self.copy_response(&chunk);
@@ -990,12 +998,14 @@ impl StreamState {
             // Too big to hold for the rewrite: what is held goes out now, rewritten (the model
             // field of a JSON response is near its start), then this chunk and the rest as they
             // come, unmodified. The client gets every byte once, in order.
+            let charge = std::mem::take(&mut self.response.charge);
             self.overflow_response();
             let held = std::mem::take(&mut self.response.buffered).freeze();
             let mut out: Vec<Answer> = Vec::new();
             if !held.is_empty() {
+                let held = charged(self.rewrite_response(held), charge);
                 out.extend(
-                    envoy::body_chunks(Direction::Response, self.rewrite_response(held), false)
+                    envoy::body_chunks(Direction::Response, held, false)
                         .into_iter()
                         .map(Answer::from),
                 );
@@ -1011,8 +1021,10 @@ impl StreamState {
             return Vec::new();
         }
         let body = std::mem::take(&mut self.response.buffered).freeze();
+        let charge = std::mem::take(&mut self.response.charge);
         self.complete_response(&body);
-        envoy::body_chunks(Direction::Response, self.rewrite_response(body), true)
+        let body = charged(self.rewrite_response(body), charge);
+        envoy::body_chunks(Direction::Response, body, true)
             .into_iter()
             .map(Answer::from)
             .collect()

@@ -695,16 +695,20 @@ mod tests {
                 "{over}"
             );
         }
-        // Mixed or malformed lists are refused, not guessed.
+        // Malformed lists are refused, not guessed; a list whose first element is a prompt
+        // and that has a second is a batch, whatever the second is (the engine judges it).
         for bad in [
             r#"{"prompt":[1,"x"]}"#,
-            r#"{"prompt":["x",1]}"#,
             r#"{"prompt":[4294967296]}"#,
             r#"{"prompt":[1.5]}"#,
             r#"{"prompt":[null]}"#,
         ] {
-            assert!(p(bad).is_err(), "{bad}");
+            assert!(matches!(p(bad), Err(TokenizeError::Invalid(_))), "{bad}");
         }
+        assert_eq!(
+            p(r#"{"prompt":["x",1]}"#).unwrap_err(),
+            TokenizeError::Unsupported("a batch of prompts")
+        );
     }
 
     /// A prompt of millions of ids costs the ids it keeps, not serde's generic copy of them:

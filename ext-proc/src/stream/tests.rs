@@ -503,8 +503,15 @@ async fn gathered_bodies_share_one_budget() {
     assert!(greedy.is_done());
     assert_eq!(budget.held(), 60, "the refused stream holds nothing");
     // The first finishes: routed, and its charge is back.
-    let out = slow.on_message(req_body(tail, true));
-    routing_answer(&out[0]).destination();
+    // The answers as the service holds them until sent (not converted to prost copies).
+    let out = slow.on_inbound(Inbound::from_message(req_body(tail, true)));
+    assert_eq!(out.len(), 2, "routed, the body re-sent");
+    assert_eq!(
+        budget.held(),
+        body.len(),
+        "counted until the answers carrying it are sent"
+    );
+    drop(out);
     assert_eq!(budget.held(), 0);
     assert_eq!(
         h.events()

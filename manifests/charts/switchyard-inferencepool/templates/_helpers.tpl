@@ -162,12 +162,15 @@ Upstream's map, or v1.0's list of {name, value} (a repeated name: the last one w
 
 {{/*
 The pod's terminationGracePeriodSeconds: the reference's 130, or --shutdown-delay plus
---drain-grace-period plus 10 s when that is longer, so that the kubelet never cuts short the
+--drain-grace-period (30 s unless set) plus 10 s when that is longer, so that the kubelet never cuts short the
 delay and the drain the flags ask for.
 */}}
 {{- define "switchyard.terminationGracePeriod" -}}
 {{- $user := include "switchyard.userFlags" . | fromJson -}}
 {{- $drain := include "switchyard.flagSeconds" (list $user "drain-grace-period") | atoi -}}
+{{- if not (hasKey $user "drain-grace-period") -}}
+{{- $drain = 30 -}}
+{{- end -}}
 {{- $delay := include "switchyard.flagSeconds" (list $user "shutdown-delay") | atoi -}}
 {{- max 130 (add $drain $delay 10) -}}
 {{- end -}}
