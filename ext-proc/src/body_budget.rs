@@ -8,8 +8,8 @@
 //! would pass the budget ends the request with 429 `rejected-saturated`, and the stream's
 //! charge is given back at once.
 //!
-//! The charge ends when the request leaves the EPP's hands: routed (its body goes back to
-//! Envoy), refused, or queued in flow control, whose own `maxBytes` caps then hold the queued
+//! The charge ends when the request leaves the EPP's hands: routed (once the answers that carry
+//! its body back to Envoy are sent: [`charged`]), refused, or queued in flow control, whose own `maxBytes` caps then hold the queued
 //! bodies, as the operator configured them. Counting those here as well would make the two
 //! caps fight, and flow control's would stop meaning what its configuration says.
 
