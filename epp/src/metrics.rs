@@ -532,7 +532,7 @@ impl EppMetrics {
         m.kv_events.register(r);
         r.register(
             "inference_extension_request_body_bytes_held",
-            "Request-body bytes held by all ext_proc streams together while gathered and tokenized (capped by --max-gathered-request-bytes)",
+            "Request-body bytes held by all ext_proc streams together while gathered, tokenized and sent back (capped by --max-gathered-request-bytes)",
             m.request_body_bytes_held.clone(),
         );
         r.register(
