@@ -194,18 +194,17 @@ async fn run(args: Args) -> Result<()> {
         ),
     };
     let tls = if secure_serving {
-        Some(match cert_path {
-            Some(dir) => ServerTls::from_dir(&dir, None)
-                .with_context(|| format!("loading --cert-path {}", dir.display()))?,
-            None => ServerTls::self_signed().context("generating the self-signed certificate")?,
-        })
-        .map(|tls| match &client_ca_path {
-            Some(path) => tls
-                .require_client_certificates(path)
-                .with_context(|| format!("loading --client-ca-path {}", path.display())),
-            None => Ok(tls),
-        })
-        .transpose()?
+        Some(
+            match cert_path {
+                Some(dir) => ServerTls::from_dir(&dir, None)
+                    .with_context(|| format!("loading --cert-path {}", dir.display()))?,
+                None => {
+                    ServerTls::self_signed().context("generating the self-signed certificate")?
+                }
+            }
+            .with_client_ca(client_ca_path.as_deref())
+            .context("loading --client-ca-path")?,
+        )
     } else {
         None
     };

@@ -215,6 +215,15 @@ impl ServerTls {
         })
     }
 
+    /// [`ServerTls::require_client_certificates`] when a bundle is given (`--client-ca-path`),
+    /// else no client certificates.
+    pub fn with_client_ca(self, path: Option<&Path>) -> Result<Self, TlsError> {
+        match path {
+            Some(path) => self.require_client_certificates(path),
+            None => Ok(self),
+        }
+    }
+
     /// Requires every client to present a certificate that chains to one of the CAs in the
     /// PEM bundle at `path` (`--client-ca-path`): then only the gateway, holding such a
     /// certificate, can open ext_proc streams. Read once, at start-up.

@@ -80,17 +80,16 @@ impl Processor for ExtProcService {
                             }
                         }
                         Woken::Message(message) => match *message {
-                            Ok(Some(message))
-                                if held.len() < MAX_HELD_MESSAGES
-                                    && held_bytes.saturating_add(held_size(&message))
-                                        <= MAX_HELD_BYTES =>
-                            {
-                                held_bytes += held_size(&message);
+                            Ok(Some(message)) => {
+                                let size = held_size(&message);
+                                if held.len() >= MAX_HELD_MESSAGES
+                                    || held_bytes.saturating_add(size) > MAX_HELD_BYTES
+                                {
+                                    open.outcome = StreamOutcome::Error;
+                                    break;
+                                }
+                                held_bytes += size;
                                 held.push_back(message);
-                            }
-                            Ok(Some(_)) => {
-                                open.outcome = StreamOutcome::Error;
-                                break;
                             }
                             _ => break,
                         },
