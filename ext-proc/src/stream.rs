@@ -179,8 +179,8 @@ pub struct StreamState {
     generated_request_id: bool,
     subset: Option<Vec<String>>,
     body: BodyBuffer,
-    /// The request body's bytes, charged to the process's budget until the request is routed,
-    /// refused or queued.
+    /// The request body's bytes, charged to the process's budget until the body has been sent
+    /// back to Envoy, or the request is refused or queued.
     body_charge: BodyCharge,
     request: Option<InferenceRequest>,
     routed: Option<Routed>,
@@ -419,12 +419,7 @@ impl StreamState {
                 if !rest.is_empty() {
                     let charge = std::mem::take(&mut self.response.charge);
                     self.complete_response(&rest);
-                    let rest = charged(self.rewrite_response(rest.freeze()), charge);
-                    out.extend(
-                        envoy::body_chunks(Direction::Response, rest, false)
-                            .into_iter()
-                            .map(Answer::from),
-                    );
+                    out.extend(self.held_response_out(rest.freeze(), charge, false));
                 } else {
                     // A passed-through body ended by trailers: its copy (empty if it overflowed).
                     let copy = std::mem::take(&mut self.response.copy);
@@ -1003,12 +998,7 @@ impl StreamState {
             let held = std::mem::take(&mut self.response.buffered).freeze();
             let mut out: Vec<Answer> = Vec::new();
             if !held.is_empty() {
-                let held = charged(self.rewrite_response(held), charge);
-                out.extend(
-                    envoy::body_chunks(Direction::Response, held, false)
-                        .into_iter()
-                        .map(Answer::from),
-                );
+                out.extend(self.held_response_out(held, charge, false));
             }
             if eos {
                 self.complete_response(&[]);
@@ -1023,11 +1013,21 @@ impl StreamState {
         let body = std::mem::take(&mut self.response.buffered).freeze();
         let charge = std::mem::take(&mut self.response.charge);
         self.complete_response(&body);
-        let body = charged(self.rewrite_response(body), charge);
-        envoy::body_chunks(Direction::Response, body, true)
+        self.held_response_out(body, charge, true).collect()
+    }
+
+    /// A held response body on its way out: its model rewritten back, re-chunked, and still
+    /// charged (`charge`, taken from the stream) until the chunks have been sent.
+    fn held_response_out(
+        &self,
+        held: Bytes,
+        charge: BodyCharge,
+        end_of_stream: bool,
+    ) -> impl Iterator<Item = Answer> + use<> {
+        let held = charged(self.rewrite_response(held), charge);
+        envoy::body_chunks(Direction::Response, held, end_of_stream)
             .into_iter()
             .map(Answer::from)
-            .collect()
     }
 
     /// Adds a passed-through chunk to the copy read for `usage`, unless that would pass
