@@ -8,6 +8,7 @@
 //! precise scorer trusts the index for that endpoint or falls back to the approximate one.
 
 pub mod index;
+mod key_table;
 pub mod keys;
 pub mod peers;
 mod slab;

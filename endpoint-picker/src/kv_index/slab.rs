@@ -1,13 +1,13 @@
 //! A least-recently-used map from 64-bit keys to values, in one slab.
 //!
 //! Nodes live in a `Vec` and link to each other by `u32` slot, so an entry costs its key, two
-//! links and its value, plus one hash-table slot; there is no allocation per entry and slots
+//! links and its value, plus one bucket of its [`KeyTable`]; there is no allocation per entry and slots
 //! are reused. A slot is a stable handle to an entry until the entry is removed, which lets the
 //! index keep reverse maps of slots (an endpoint's blocks) instead of keys.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hasher};
+
+use super::key_table::KeyTable;
 
 /// No slot: the end of the recency list.
 const NIL: u32 = u32::MAX;
@@ -38,7 +38,7 @@ impl<V> Node<V> {
 /// The map. Recency changes only on [`SlabLru::insert`] and [`SlabLru::touch`].
 #[derive(Debug)]
 pub struct SlabLru<V> {
-    by_key: HashMap<u64, Slot, KeyHashState>,
+    by_key: KeyTable,
     nodes: Vec<Node<V>>,
     free: Vec<Slot>,
     newest: u32,
@@ -48,7 +48,7 @@ pub struct SlabLru<V> {
 impl<V: Default> Default for SlabLru<V> {
     fn default() -> Self {
         Self {
-            by_key: HashMap::with_hasher(KeyHashState::random()),
+            by_key: KeyTable::default(),
             nodes: Vec::new(),
             free: Vec::new(),
             newest: NIL,
@@ -65,13 +65,13 @@ impl<V: Default> SlabLru<V> {
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.by_key.len() == 0
     }
 
     /// The slot of `key`, without touching its recency.
     #[inline]
     pub fn slot(&self, key: u64) -> Option<Slot> {
-        self.by_key.get(&key).copied()
+        self.by_key.get(key)
     }
 
     /// The value of `key`, without touching its recency.
@@ -112,13 +112,12 @@ impl<V: Default> SlabLru<V> {
     pub fn insert_with(&mut self, key: u64, make: impl FnOnce() -> V) -> (Slot, bool) {
         // One probe of the table for both outcomes (a lookup and then an insert would be two,
         // each a cache miss on a table of millions of keys).
-        let vacant = match self.by_key.entry(key) {
-            Entry::Occupied(found) => {
-                let slot = *found.get();
+        let vacant = match self.by_key.find(key) {
+            Ok(slot) => {
                 self.touch(slot);
                 return (slot, false);
             }
-            Entry::Vacant(vacant) => vacant,
+            Err(vacant) => vacant,
         };
         let node = Node {
             key,
@@ -137,7 +136,7 @@ impl<V: Default> SlabLru<V> {
                 (self.nodes.len() - 1) as Slot
             }
         };
-        vacant.insert(slot);
+        self.by_key.fill(vacant, key, slot);
         self.link_newest(slot);
         (slot, true)
     }
@@ -160,26 +159,26 @@ impl<V: Default> SlabLru<V> {
         let node = &mut self.nodes[slot as usize];
         let value = std::mem::take(&mut node.value);
         node.newer = FREE;
-        self.by_key.remove(&key);
+        self.by_key.remove(key);
         self.free.push(slot);
         Some((key, value))
     }
 
-    /// Reads the hash-table slot of each of `keys` and of the `evictions` least recently used
+    /// Reads the table bucket of each of `keys` and of the `evictions` least recently used
     /// entries' keys, changing nothing. The reads are independent, so the processor overlaps
     /// their cache misses, where the inserts and evictions that follow would take them one at a
     /// time (each waits on the last). On a table of millions of keys that is most of an
     /// insert's cost (bench/RESULTS.md, "Ingest").
     pub fn warm(&self, keys: impl Iterator<Item = u64>, evictions: usize) {
         for key in keys {
-            std::hint::black_box(self.by_key.get(&key));
+            self.by_key.warm(key);
         }
         let mut slot = self.oldest;
         for _ in 0..evictions {
             let Some(node) = self.nodes.get(slot as usize) else {
                 break;
             };
-            std::hint::black_box(self.by_key.get(&node.key));
+            self.by_key.warm(node.key);
             slot = node.newer;
         }
     }
@@ -191,9 +190,7 @@ impl<V: Default> SlabLru<V> {
 
     /// Bytes held by the map's own storage (not by what values point to).
     pub fn heap_bytes(&self) -> usize {
-        // hashbrown: one (key, slot) pair and one control byte per bucket.
-        let bucket = std::mem::size_of::<(u64, Slot)>() + 1;
-        self.by_key.capacity() * bucket
+        self.by_key.heap_bytes()
             + self.nodes.capacity() * std::mem::size_of::<Node<V>>()
             + self.free.capacity() * std::mem::size_of::<Slot>()
     }
@@ -247,6 +244,21 @@ impl KeyHashState {
     }
 }
 
+impl KeyHashState {
+    /// What a [`KeyHasher64`] of this state makes of one `u64`, without building one.
+    #[inline]
+    pub fn hash_u64(&self, key: u64) -> u64 {
+        fold(key ^ self.seed, self.seed)
+    }
+}
+
+/// The folded 128-bit multiply both [`KeyHasher64`] and [`KeyHashState::hash_u64`] use.
+#[inline]
+fn fold(state: u64, seed: u64) -> u64 {
+    let m = u128::from(state) * u128::from(0x9e37_79b9_7f4a_7c15u64 ^ seed);
+    (m as u64) ^ ((m >> 64) as u64)
+}
+
 impl Default for KeyHashState {
     /// A random seed, as [`KeyHashState::random`].
     fn default() -> Self {
@@ -274,9 +286,7 @@ pub struct KeyHasher64 {
 
 impl Hasher for KeyHasher64 {
     fn finish(&self) -> u64 {
-        let m =
-            u128::from(self.state ^ self.seed) * u128::from(0x9e37_79b9_7f4a_7c15u64 ^ self.seed);
-        (m as u64) ^ ((m >> 64) as u64)
+        fold(self.state ^ self.seed, self.seed)
     }
 
     fn write(&mut self, bytes: &[u8]) {
