@@ -609,10 +609,10 @@ pub async fn serve_with_handles(
     }
     let supervisor = tokio::spawn(tasks.run());
 
-    // A gateway in BUFFERED mode sends the whole body in one message: a limit raised past
-    // the default message cap must raise the cap with it, or such a body would break the
-    // stream instead of getting its 413.
-    let max_inbound =
+    // A gateway in BUFFERED mode sends the whole body in one message, and a rewritten body
+    // goes back in one: a limit raised past the default message cap must raise the cap both
+    // ways, or such a body would break the stream instead of being routed (or getting its 413).
+    let max_message =
         MAX_GRPC_MESSAGE.max(options.max_request_body_bytes.saturating_add(64 * 1024));
     let ctx = Arc::new(ServiceContext {
         director: director.clone(),
@@ -620,8 +620,8 @@ pub async fn serve_with_handles(
         options,
     });
     let svc = ExtProcServer::new(ExtProcService::new(ctx))
-        .max_decoding_message_size(max_inbound)
-        .max_encoding_message_size(MAX_GRPC_MESSAGE);
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     // The HTTP/2 settings are the server's, whatever the transport underneath: TLS is
     // terminated below, before tonic sees the connection.
     let mut router = Server::builder()

@@ -7,8 +7,8 @@ use testkit as common;
 
 use common::*;
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
-use ext_proc::envoy::Metadata;
 use ext_proc::envoy::ext_proc::processing_response;
+use ext_proc::envoy::{BodySendMode, Metadata};
 use ext_proc::stream::ServiceOptions;
 
 fn chat(model: &str, content: &str, stream: bool) -> Vec<u8> {
@@ -405,6 +405,49 @@ async fn model_rewrite_header_rewrites_body_and_response_back() {
     let (back, eos) = streamed_body(&s.recv().await);
     assert!(eos);
     assert_eq!(back, br#"{"model":"asked-model","choices":[]}"#);
+}
+
+/// A BUFFERED gateway sends the body in one message and takes a rewritten body back in one.
+/// With `--max-request-body-bytes` above the default 64 MiB message cap, the EPP raises its cap
+/// both ways: a 65 MiB body is read, rewritten (the gateway's model header) and sent back whole
+/// instead of breaking the stream.
+#[tokio::test]
+async fn a_body_past_the_default_message_cap_is_read_and_rewritten_whole() {
+    let opts = EppOptions {
+        options: ServiceOptions {
+            max_request_body_bytes: 70 << 20,
+            trust_model_rewrite_header: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let epp = start_epp(three(), opts).await;
+    let mut s = Stream::open(epp.grpc).await;
+    let mut headers = CHAT_HEADERS.to_vec();
+    headers.push(("x-gateway-model-name-rewrite", "served-model"));
+    s.send(with_request_body_mode(
+        req_headers(&headers, false, None),
+        BodySendMode::Buffered,
+    ))
+    .await;
+    assert!(is_plain_request_headers_answer(&s.recv().await));
+    let body = chat("asked-model", &"a".repeat(65 << 20), false);
+    assert!(body.len() > epp::server::MAX_GRPC_MESSAGE);
+    s.send(req_body(&body, true)).await;
+    let (a, new_body) = buffered_routing_answer(&s.recv().await);
+    assert!(a.destination().starts_with("127.0.0."), "routed");
+    let new_body = new_body.expect("the rewritten body");
+    assert!(new_body.len() > epp::server::MAX_GRPC_MESSAGE);
+    assert_eq!(
+        a.header("content-length"),
+        Some(new_body.len().to_string().as_str())
+    );
+    let head = String::from_utf8_lossy(&new_body[..200.min(new_body.len())]).into_owned();
+    let tail = String::from_utf8_lossy(&new_body[new_body.len() - 200..]).into_owned();
+    assert!(
+        head.contains("served-model") || tail.contains("served-model"),
+        "{head} … {tail}"
+    );
 }
 
 #[tokio::test]

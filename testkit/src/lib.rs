@@ -217,9 +217,10 @@ impl Stream {
 
     /// A stream on an existing connection (many streams share one, as from Envoy).
     pub async fn on(channel: Channel) -> Self {
+        // Past the EPP's default 64 MiB cap, so that a test can show the EPP raising its own.
         let mut client = ExternalProcessorClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+            .max_decoding_message_size(128 << 20)
+            .max_encoding_message_size(128 << 20);
         let (tx, rx) = mpsc::channel(64);
         let rx = client
             .process(ReceiverStream::new(rx))
