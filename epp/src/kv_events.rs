@@ -821,16 +821,21 @@ async fn subscribe_bound<C: Connector>(
 /// restart it saw comes as [`KvMessage::publisher_restarted`]. Its frame guard tells which
 /// engines are connected ([`KvEventSource::connected`]).
 /// Every subscriber of the process charges the batches it decoded ahead of the index to one
-/// budget of 256 MiB (`ZMQ_QUEUE_BYTES`).
+/// budget of 256 MiB (`ZMQ_QUEUE_BYTES`), and the unfinished messages its frame guard lets
+/// zmq.rs hold to one budget of 128 MiB, 16 MiB per peer IP
+/// (`kv_events::transport::UnfinishedBudget`): in pod mode, a subscriber per engine, so
+/// neither grows with the number of engines.
 #[derive(Debug, Clone)]
 pub struct ZmqConnector {
     budget: kv_events::transport::QueueBudget,
+    unfinished: kv_events::transport::UnfinishedBudget,
 }
 
 impl Default for ZmqConnector {
     fn default() -> Self {
         Self {
             budget: kv_events::transport::QueueBudget::new(ZMQ_QUEUE_BYTES),
+            unfinished: kv_events::transport::UnfinishedBudget::default(),
         }
     }
 }
@@ -923,7 +928,9 @@ impl Connector for ZmqConnector {
         } else {
             Subscriber::new(config)
         };
-        let subscriber = subscriber.with_queue_budget(self.budget.clone());
+        let subscriber = subscriber
+            .with_queue_budget(self.budget.clone())
+            .with_unfinished_budget(self.unfinished.clone());
         let peers = subscriber.peers();
         let (tx, rx) = tokio::sync::mpsc::channel(ZMQ_CHANNEL);
         let stop = CancellationToken::new();

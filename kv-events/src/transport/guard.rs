@@ -189,11 +189,40 @@ impl Peers {
     }
 }
 
-/// Where a guard reports: its peers (when someone watches them) and its counters.
+/// Where a guard reports: its peers (when someone watches them) and its counters; and the
+/// budget it charges, when it shares one.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Report {
     pub(crate) peers: Option<watch::Sender<Peers>>,
     pub(crate) stats: Arc<GuardStats>,
+    pub(crate) budget: Option<UnfinishedBudget>,
+}
+
+/// A budget of unfinished messages that several guards charge together: at most
+/// [`MAX_UNFINISHED_BYTES`] over all of them, [`MAX_UNFINISHED_BYTES_PER_IP`] and
+/// [`MAX_CONNECTIONS_PER_IP`] connections per peer IP. Pod mode runs one subscriber, so one
+/// guard, per engine; without a shared budget what they may hold grows with the number of
+/// engines (16 MiB + 8 KiB each), with one it is bounded for the process. A peer over it is cut
+/// (its endpoint falls back to the approximate index), never waited for.
+#[derive(Debug, Clone)]
+pub struct UnfinishedBudget(Arc<Budget>);
+
+impl Default for UnfinishedBudget {
+    fn default() -> Self {
+        Self(Budget::new(Limits::default()))
+    }
+}
+
+impl UnfinishedBudget {
+    #[cfg(test)]
+    pub(crate) fn with_limits(limits: Limits) -> Self {
+        Self(Budget::new(limits))
+    }
+
+    /// The guard's budget: the shared one, or one of its own under `limits`.
+    fn for_guard(shared: Option<&Self>, limits: Limits) -> Arc<Budget> {
+        shared.map_or_else(|| Budget::new(limits), |b| b.0.clone())
+    }
 }
 
 /// One relayed connection, counted in [`Peers`] while it lives (dropping it, also when the
@@ -372,7 +401,7 @@ async fn connecting_with(remote: &str, report: Report, limits: Limits) -> io::Re
     track(&report);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let local_endpoint = format!("tcp://{}", listener.local_addr()?);
-    let budget = Budget::new(limits);
+    let budget = UnfinishedBudget::for_guard(report.budget.as_ref(), limits);
     let task = tokio::spawn(async move {
         let mut relays = tokio::task::JoinSet::new();
         loop {
@@ -420,7 +449,7 @@ pub(crate) async fn binding(
     let listener = TcpListener::bind(tcp_address(public)?).await?;
     track(&report);
     let bound = listener.local_addr()?;
-    let budget = Budget::new(limits);
+    let budget = UnfinishedBudget::for_guard(report.budget.as_ref(), limits);
     let task = tokio::spawn(async move {
         let mut relays = tokio::task::JoinSet::new();
         loop {
@@ -792,8 +821,14 @@ mod tests {
 
     /// A guard with `limits` in front of a plain listener (zmq.rs's place).
     async fn guarded(limits: Limits) -> (Guard, SocketAddr, TcpListener, Arc<GuardStats>) {
+        guarded_by(Report::default(), limits).await
+    }
+
+    async fn guarded_by(
+        report: Report,
+        limits: Limits,
+    ) -> (Guard, SocketAddr, TcpListener, Arc<GuardStats>) {
         let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let report = Report::default();
         let stats = report.stats.clone();
         let (guard, public) = binding(
             "tcp://127.0.0.1:0",
@@ -870,6 +905,51 @@ mod tests {
         passed(&mut e_local, 200).await;
         assert_eq!(over_budget(), 2);
         assert_eq!(stats.cut_off.load(Ordering::Relaxed), 0);
+    }
+
+    /// Two guards (two pod-mode subscribers) sharing one budget: a peer of each fits, and a
+    /// third peer would pass the sum, though each guard alone would be under its own.
+    #[tokio::test]
+    async fn guards_sharing_a_budget_bound_the_sum() {
+        let shared = UnfinishedBudget::with_limits(small());
+        let report = || Report {
+            budget: Some(shared.clone()),
+            ..Report::default()
+        };
+        let (_g1, public1, local1, stats1) = guarded_by(report(), small()).await;
+        let (_g2, public2, local2, stats2) = guarded_by(report(), small()).await;
+
+        // 200 through the first guard, 200 through the second: 400 of the shared 500.
+        let mut a = client([127, 0, 0, 1], public1).await;
+        a.write_all(&greeting()).await.unwrap();
+        let mut a_local = relayed(&local1).await;
+        a.write_all(&frame(MORE, 200)).await.unwrap();
+        passed(&mut a_local, 200).await;
+        let mut b = client([127, 0, 0, 2], public2).await;
+        b.write_all(&greeting()).await.unwrap();
+        let mut b_local = relayed(&local2).await;
+        b.write_all(&frame(MORE, 200)).await.unwrap();
+        passed(&mut b_local, 200).await;
+
+        // A third peer on the second guard would make it 600: cut, though that guard holds
+        // only 200 itself.
+        let mut c = client([127, 0, 0, 3], public2).await;
+        c.write_all(&greeting()).await.unwrap();
+        let _c_local = relayed(&local2).await;
+        c.write_all(&frame(MORE, 200)).await.unwrap();
+        closed(&mut c).await;
+        assert_eq!(stats2.over_budget.load(Ordering::Relaxed), 1);
+        assert_eq!(stats1.over_budget.load(Ordering::Relaxed), 0);
+
+        // The first peer finishes its message: the room it frees is the second guard's too.
+        a.write_all(&frame(0, 0)).await.unwrap();
+        passed(&mut a_local, 0).await;
+        let mut d = client([127, 0, 0, 3], public2).await;
+        d.write_all(&greeting()).await.unwrap();
+        let mut d_local = relayed(&local2).await;
+        d.write_all(&frame(MORE, 200)).await.unwrap();
+        passed(&mut d_local, 200).await;
+        assert_eq!(stats2.over_budget.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ mod publisher;
 mod subscriber;
 
 pub use frames::{FramePub, FrameSub};
-pub use guard::Peers;
+pub use guard::{Peers, UnfinishedBudget};
 pub use publisher::{Publisher, PublisherConfig, PublisherHandle, PublisherStats};
 pub use subscriber::{
     DEFAULT_QUEUE_BYTES, MAX_REPLAY_BATCHES, MAX_TOPICS, QueueBudget, QueueCharge, ReceivedBatch,

@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
-use super::guard::{self, Guard, GuardStats, Peers, Report};
+use super::guard::{self, Guard, GuardStats, Peers, Report, UnfinishedBudget};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::codec::decode_batch;
 use crate::topic::{MAX_TOPIC_BYTES, TOPIC_PREFIX};
@@ -251,6 +251,8 @@ pub struct Subscriber {
     /// The peers connected now, as the guard sees them.
     peers: watch::Sender<Peers>,
     budget: QueueBudget,
+    /// The frame guard's budget of unfinished messages, when shared with other subscribers.
+    unfinished: Option<UnfinishedBudget>,
 }
 
 /// A subscribed socket, its endpoint (resolved when bound) and the guard in front of it.
@@ -366,7 +368,15 @@ impl Subscriber {
             bound: None,
             peers: watch::Sender::new(Peers::default()),
             budget: QueueBudget::new(DEFAULT_QUEUE_BYTES),
+            unfinished: None,
         }
+    }
+
+    /// Has its frame guard charge unfinished messages to `budget` (shared with other
+    /// subscribers) instead of a budget of its own.
+    pub fn with_unfinished_budget(mut self, budget: UnfinishedBudget) -> Self {
+        self.unfinished = Some(budget);
+        self
     }
 
     /// Charges the batches it queues to `budget` (shared with other subscribers) instead of
@@ -483,6 +493,7 @@ impl Subscriber {
         Report {
             peers: Some(self.peers.clone()),
             stats: self.stats.guard.clone(),
+            budget: self.unfinished.clone(),
         }
     }
 
@@ -625,10 +636,12 @@ impl Subscriber {
         };
         let want = (until - from).min(MAX_REPLAY_BATCHES);
         let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(64);
-        // The replay's guard counts into the subscriber's counters; its peer is not tracked.
+        // The replay's guard counts into the subscriber's counters and charges its budget;
+        // its peer is not tracked.
         let report = Report {
             peers: None,
             stats: self.stats.guard.clone(),
+            budget: self.unfinished.clone(),
         };
         let fetch = fetch_replay(endpoint.clone(), from, until, want, tx, report);
         let timeout = tokio::time::sleep(self.config.replay_timeout);
