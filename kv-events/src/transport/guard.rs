@@ -84,7 +84,8 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 /// guard has written a message's last byte to zmq.rs's loopback socket, not when zmq.rs has read
 /// it: until the SUB socket's next read of that peer, a finished message may still lie partly in
 /// zmq.rs's decoder, uncharged (one per connection at most, and only between two reads). Per
-/// guard: a central subscriber has one; pod mode has one per engine, with one connection.
+/// budget: a guard has its own unless given an [`UnfinishedBudget`] to share (the EPP gives
+/// every subscriber the same one, so pod mode's guards, one per engine, share it).
 pub const MAX_UNFINISHED_BYTES: u64 = 16 * MAX_MESSAGE_BYTES;
 /// Bytes in unfinished messages the connections of one IP make zmq.rs hold together, at most:
 /// two messages at [`MAX_MESSAGE_BYTES`], 16 MiB + 8 KiB (an engine's ranks sharing the pod's
