@@ -368,20 +368,29 @@ async fn client_routing_headers_have_no_effect() {
     );
 }
 
-#[tokio::test]
-async fn model_rewrite_header_rewrites_body_and_response_back() {
-    // The header is honoured only when the operator says the gateway owns it.
+/// An EPP trusting the gateway's model rewrite header (the header is honoured only when the
+/// operator says the gateway owns it), `options` otherwise; a stream to it; and request headers
+/// asking to serve `served-model`.
+async fn rewriting_epp(
+    options: ServiceOptions,
+) -> (Epp, Stream, Vec<(&'static str, &'static str)>) {
     let opts = EppOptions {
         options: ServiceOptions {
             trust_model_rewrite_header: true,
-            ..Default::default()
+            ..options
         },
         ..Default::default()
     };
     let epp = start_epp(three(), opts).await;
-    let mut s = Stream::open(epp.grpc).await;
+    let s = Stream::open(epp.grpc).await;
     let mut headers = CHAT_HEADERS.to_vec();
     headers.push(("x-gateway-model-name-rewrite", "served-model"));
+    (epp, s, headers)
+}
+
+#[tokio::test]
+async fn model_rewrite_header_rewrites_body_and_response_back() {
+    let (_epp, mut s, headers) = rewriting_epp(ServiceOptions::default()).await;
     s.send(req_headers(&headers, false, None)).await;
     s.send(req_body(&chat("asked-model", "hi", false), true))
         .await;
@@ -413,18 +422,11 @@ async fn model_rewrite_header_rewrites_body_and_response_back() {
 /// instead of breaking the stream.
 #[tokio::test]
 async fn a_body_past_the_default_message_cap_is_read_and_rewritten_whole() {
-    let opts = EppOptions {
-        options: ServiceOptions {
-            max_request_body_bytes: 70 << 20,
-            trust_model_rewrite_header: true,
-            ..Default::default()
-        },
+    let (_epp, mut s, headers) = rewriting_epp(ServiceOptions {
+        max_request_body_bytes: 70 << 20,
         ..Default::default()
-    };
-    let epp = start_epp(three(), opts).await;
-    let mut s = Stream::open(epp.grpc).await;
-    let mut headers = CHAT_HEADERS.to_vec();
-    headers.push(("x-gateway-model-name-rewrite", "served-model"));
+    })
+    .await;
     s.send(with_request_body_mode(
         req_headers(&headers, false, None),
         BodySendMode::Buffered,
