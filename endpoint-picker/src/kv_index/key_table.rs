@@ -64,24 +64,31 @@ impl KeyTable {
         (self.hash.hash_u64(key) as usize) & (self.buckets.len() - 1)
     }
 
+    /// The bucket holding `key`, or the empty one ending its probe (where it would go). The
+    /// table must have buckets.
+    #[inline]
+    fn probe(&self, key: u64) -> Result<usize, usize> {
+        let mask = self.buckets.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let b = self.buckets[i];
+            if b.slot == EMPTY {
+                return Err(i);
+            }
+            if b.key == key {
+                return Ok(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// The slot of `key`.
     #[inline]
     pub fn get(&self, key: u64) -> Option<Slot> {
         if self.len == 0 {
             return None;
         }
-        let mask = self.buckets.len() - 1;
-        let mut i = self.home(key);
-        loop {
-            let b = self.buckets[i];
-            if b.slot == EMPTY {
-                return None;
-            }
-            if b.key == key {
-                return Some(b.slot);
-            }
-            i = (i + 1) & mask;
-        }
+        self.probe(key).ok().map(|i| self.buckets[i].slot)
     }
 
     /// The slot of `key`, or where it would go. Grows the table first if one more key would
@@ -91,18 +98,9 @@ impl KeyTable {
         if (self.len + 1) * LOAD_DEN > self.buckets.len() * LOAD_NUM {
             self.grow();
         }
-        let mask = self.buckets.len() - 1;
-        let mut i = self.home(key);
-        loop {
-            let b = self.buckets[i];
-            if b.slot == EMPTY {
-                return Err(Vacant(i));
-            }
-            if b.key == key {
-                return Ok(b.slot);
-            }
-            i = (i + 1) & mask;
-        }
+        self.probe(key)
+            .map(|i| self.buckets[i].slot)
+            .map_err(Vacant)
     }
 
     /// Puts `key` where [`KeyTable::find`] said, with no change to the table in between.
@@ -120,18 +118,9 @@ impl KeyTable {
         if self.len == 0 {
             return None;
         }
+        let mut hole = self.probe(key).ok()?;
+        let slot = self.buckets[hole].slot;
         let mask = self.buckets.len() - 1;
-        let mut hole = self.home(key);
-        let slot = loop {
-            let b = self.buckets[hole];
-            if b.slot == EMPTY {
-                return None;
-            }
-            if b.key == key {
-                break b.slot;
-            }
-            hole = (hole + 1) & mask;
-        };
         let mut j = hole;
         loop {
             j = (j + 1) & mask;

@@ -1,8 +1,8 @@
 //! A least-recently-used map from 64-bit keys to values, in one slab.
 //!
 //! Nodes live in a `Vec` and link to each other by `u32` slot, so an entry costs its key, two
-//! links and its value, plus one bucket of its [`KeyTable`]; there is no allocation per entry and slots
-//! are reused. A slot is a stable handle to an entry until the entry is removed, which lets the
+//! links and its value, plus one bucket of its [`KeyTable`]; there is no allocation per entry
+//! and slots are reused. A slot is a stable handle to an entry until the entry is removed, which lets the
 //! index keep reverse maps of slots (an endpoint's blocks) instead of keys.
 
 use std::hash::{BuildHasher, Hasher};
