@@ -1,5 +1,6 @@
 //! Request-path micro-benchmarks: one scheduling decision at 10/100/1,000 endpoints (the
-//! default profile, the balanced one and the cost model), one decision for a long prompt seen
+//! default profile, the balanced one and the cost model; the cost model again with a tenth of
+//! the pool re-scraped before each decision), one decision for a long prompt seen
 //! for the first time (the cost model at 8 endpoints, whose prefix index is full, so recording
 //! the prompt also evicts), and parsing + hashing a 220 KB prompt. Results: bench/RESULTS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -47,6 +48,47 @@ fn scheduling_decision(c: &mut Criterion) {
     for (name, config) in profiles {
         decisions(c, name, config);
     }
+    rescraped_decisions(c);
+}
+
+/// The cost model's decision when a tenth of the pool's metrics changed since the previous
+/// one (the director keeps its candidate list between decisions and reloads the endpoints
+/// whose metrics were stored since): at the reference's 50 ms scrape interval that is 200
+/// decisions a second at any pool size. Storing the metrics is not timed.
+fn rescraped_decisions(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decision_cost_model_rescraped_tenth_8kb_chat");
+    for n in [100usize, 1000] {
+        let director = bench::director_with_config(n, COST_MODEL);
+        for i in 0..(n * 4).min(2000) {
+            let body = Bytes::from(bench::chat_body(8 * 1024, i));
+            let _ = director
+                .route(&request_from(&body, Api::ChatCompletions), None, false)
+                .unwrap();
+        }
+        let body = Bytes::from(bench::chat_body(8 * 1024, 1));
+        let request = request_from(&body, Api::ChatCompletions);
+        let snapshot = director.datastore().snapshot();
+        let mut next = 0usize;
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter_batched(
+                || {
+                    for _ in 0..n / 10 {
+                        let e = &snapshot.endpoints[next % n];
+                        let mut m = (*e.metrics()).clone();
+                        m.waiting_queue_size = (m.waiting_queue_size + 1) % 13;
+                        e.store_metrics(m);
+                        next += 1;
+                    }
+                },
+                |()| {
+                    let routed = director.route(black_box(&request), None, false).unwrap();
+                    black_box(routed.destination())
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
 }
 
 fn decisions(c: &mut Criterion, name: &str, config: &str) {

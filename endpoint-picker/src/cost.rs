@@ -115,9 +115,36 @@ impl EngineCosts {
     /// The uncorrected prediction for a request with `uncached` prompt tokens on a replica
     /// with `backlog`.
     pub fn predict(&self, backlog: Backlog, uncached: u64) -> Prediction {
-        let per_token = self.per_token.as_secs_f64();
-        let per_step = self.per_step.as_secs_f64();
-        let per_seq = self.per_sequence.as_secs_f64();
+        self.in_seconds().predict(backlog, uncached)
+    }
+
+    /// The constants as seconds, converted once for the many predictions of one decision.
+    pub fn in_seconds(&self) -> EngineSeconds {
+        EngineSeconds {
+            token_budget: self.token_budget,
+            per_token: self.per_token.as_secs_f64(),
+            per_step: self.per_step.as_secs_f64(),
+            per_sequence: self.per_sequence.as_secs_f64(),
+        }
+    }
+}
+
+/// [`EngineCosts`] with its durations in seconds (see [`EngineCosts::in_seconds`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineSeconds {
+    /// Tokens one step can carry.
+    pub token_budget: u64,
+    /// Compute time of one prompt token, seconds.
+    pub per_token: f64,
+    /// Fixed time of one step, seconds.
+    pub per_step: f64,
+    /// Time one running sequence adds to a step, seconds.
+    pub per_sequence: f64,
+}
+
+impl EngineSeconds {
+    /// See [`EngineCosts::predict`].
+    pub fn predict(&self, backlog: Backlog, uncached: u64) -> Prediction {
         // A step always has room for some prefill: at least a sixteenth of the budget, as the
         // engine caps the running sequences well below its token budget.
         let room = self
@@ -125,13 +152,19 @@ impl EngineCosts {
             .saturating_sub(backlog.decoding)
             .max(self.token_budget / 16)
             .max(1);
-        let prefill = backlog.queued_tokens + uncached;
-        let steps = prefill.div_ceil(room).max(1);
-        let step = per_step + backlog.decoding as f64 * per_seq;
-        let ttft = prefill as f64 * per_token + steps as f64 * step;
+        let prefill = backlog.queued_tokens.saturating_add(uncached);
+        // Most prefills fit one step; the division is the slowest instruction of a decision's
+        // per-candidate work, so it is spent only when they do not.
+        let steps = if prefill <= room {
+            1
+        } else {
+            prefill.div_ceil(room)
+        };
+        let step = self.per_step + backlog.decoding as f64 * self.per_sequence;
+        let ttft = prefill as f64 * self.per_token + steps as f64 * step;
         // The prefill queued ahead is done by our first token; what arrives later is unknown,
         // so a decode step is the batch's own cost.
-        let tpot = per_step + (backlog.decoding + 1) as f64 * per_seq;
+        let tpot = self.per_step + (backlog.decoding + 1) as f64 * self.per_sequence;
         Prediction { ttft, tpot }
     }
 }
@@ -196,6 +229,43 @@ impl TierCosts {
         hits: &crate::scheduling::TierTokens,
         recompute_per_token: f64,
     ) -> Placement {
+        self.load_rates().place(prompt, hits, recompute_per_token)
+    }
+
+    /// Each tier's [`seconds_per_token`](Self::seconds_per_token), computed once for the many
+    /// placements of one decision.
+    pub fn load_rates(&self) -> TierLoadRates {
+        TierLoadRates {
+            cpu: self.seconds_per_token(self.cpu_gbps),
+            disk: self.seconds_per_token(self.disk_gbps),
+            shared: self.seconds_per_token(self.shared_gbps),
+            peer: self.seconds_per_token(self.peer_gbps),
+        }
+    }
+}
+
+/// Seconds to load one token from each tier, `None` for an ignored one (see
+/// [`TierCosts::load_rates`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TierLoadRates {
+    /// From the replica's CPU memory.
+    pub cpu: Option<f64>,
+    /// From its local disk.
+    pub disk: Option<f64>,
+    /// From the shared store.
+    pub shared: Option<f64>,
+    /// From a peer.
+    pub peer: Option<f64>,
+}
+
+impl TierLoadRates {
+    /// See [`TierCosts::place`].
+    pub fn place(
+        &self,
+        prompt: u64,
+        hits: &crate::scheduling::TierTokens,
+        recompute_per_token: f64,
+    ) -> Placement {
         let mut left = prompt;
         let mut take = |n: u64| {
             let n = n.min(left);
@@ -204,17 +274,17 @@ impl TierCosts {
         };
         let gpu = take(hits.gpu);
         let mut load = 0.0;
-        for (tokens, gbps) in [
-            (hits.cpu, self.cpu_gbps),
-            (hits.disk, self.disk_gbps),
-            (hits.shared, self.shared_gbps),
+        for (tokens, rate) in [
+            (hits.cpu, self.cpu),
+            (hits.disk, self.disk),
+            (hits.shared, self.shared),
         ] {
-            if let Some(per_token) = self.seconds_per_token(gbps) {
+            if let Some(per_token) = rate {
                 load += take(tokens) as f64 * per_token;
             }
         }
         let mut peer = false;
-        if let Some(per_token) = self.seconds_per_token(self.peer_gbps)
+        if let Some(per_token) = self.peer
             && per_token < recompute_per_token
             && hits.peer > 0
         {
@@ -239,6 +309,9 @@ impl TierCosts {
 pub struct Calibration {
     /// `ln k` as f64 bits.
     log_factor: AtomicU64,
+    /// `k` as f64 bits, kept beside its log: every candidate of every decision reads it, and
+    /// an `exp` each time was a visible part of a decision at 1,000 endpoints.
+    factor: AtomicU64,
     /// Observations so far (saturating), for the warm-up weight.
     samples: AtomicU64,
 }
@@ -254,6 +327,7 @@ impl Default for Calibration {
     fn default() -> Self {
         Self {
             log_factor: AtomicU64::new(0f64.to_bits()),
+            factor: AtomicU64::new(1f64.to_bits()),
             samples: AtomicU64::new(0),
         }
     }
@@ -262,7 +336,7 @@ impl Default for Calibration {
 impl Calibration {
     /// The current correction factor `k`.
     pub fn factor(&self) -> f64 {
-        f64::from_bits(self.log_factor.load(Ordering::Relaxed)).exp()
+        f64::from_bits(self.factor.load(Ordering::Relaxed))
     }
 
     /// Learns from one request whose first token took `observed` where the uncorrected model
@@ -282,6 +356,7 @@ impl Calibration {
         let old = f64::from_bits(self.log_factor.load(Ordering::Relaxed));
         let new = (old + weight * (sample - old)).clamp(-MAX_LOG_FACTOR, MAX_LOG_FACTOR);
         self.log_factor.store(new.to_bits(), Ordering::Relaxed);
+        self.factor.store(new.exp().to_bits(), Ordering::Relaxed);
     }
 
     /// Observations learnt from.

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
@@ -152,6 +152,9 @@ pub struct Endpoint {
     /// The engine mapping name (lower-case), from [`ENGINE_TYPE_LABEL`].
     pub engine: Arc<str>,
     metrics: ArcSwap<EngineMetrics>,
+    /// Bumped after every store of `metrics`: a reader that saw a version holds metrics at
+    /// least that new ([`crate::scheduling::candidates`]).
+    metrics_version: AtomicU64,
     /// The scraper is waiting out a quiet engine's long interval (see
     /// [`EngineMetrics::quiet_until`]); routing here must wake it.
     quiet: AtomicBool,
@@ -171,6 +174,13 @@ impl Endpoint {
     /// Replaces the engine metrics (called by the scraper).
     pub fn store_metrics(&self, metrics: EngineMetrics) {
         self.metrics.store(Arc::new(metrics));
+        self.metrics_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times the metrics were stored: metrics read after this value are at least as
+    /// new as every store it counts.
+    pub fn metrics_version(&self) -> u64 {
+        self.metrics_version.load(Ordering::Acquire)
     }
 
     /// The adapters its engine has registered, when the LoRA placement loop lists them.
@@ -372,6 +382,7 @@ impl Datastore {
                 host_port: host_port(es.address).into(),
                 engine,
                 metrics: ArcSwap::new(metrics),
+                metrics_version: AtomicU64::new(0),
                 quiet: AtomicBool::new(false),
                 wake: Notify::new(),
                 adapters: ArcSwapOption::new(adapters),

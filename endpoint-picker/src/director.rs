@@ -6,6 +6,7 @@
 //! scheduler, tells the producers the outcome, and counts the request in flight on its primary
 //! endpoint until the returned [`Routed`] is dropped, so a vanished client releases its state.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -24,6 +25,7 @@ use crate::flow::{
 };
 use crate::lora::demand::{DemandGuard, LoraDemand};
 use crate::request::InferenceRequest;
+use crate::scheduling::candidates::CandidateCache;
 use crate::scheduling::plugins::filters::AddressMatcher;
 use crate::scheduling::{
     Candidate, CycleState, EndpointLoad, InFlightCounts, LoadReading, ScheduleError,
@@ -275,6 +277,8 @@ pub struct Director {
     /// Set at most once by the binary when LoRA placement is on: routed requests for the
     /// catalogue's adapters are counted there.
     lora_demand: OnceLock<Arc<LoraDemand>>,
+    /// The last decision's candidates, refreshed for the next.
+    candidates: CandidateCache,
 }
 
 impl Director {
@@ -291,6 +295,7 @@ impl Director {
             flow,
             token_producer: OnceLock::new(),
             lora_demand: OnceLock::new(),
+            candidates: CandidateCache::default(),
         }
     }
 
@@ -325,14 +330,8 @@ impl Director {
     /// flow control and not routed yet count as load.
     pub fn pool_reading(&self, dispatched: u64) -> PoolReading {
         let snapshot = self.datastore.snapshot();
-        let candidates = ready_candidates(
-            snapshot
-                .endpoints
-                .iter()
-                .cloned()
-                .map(Candidate::new)
-                .collect(),
-        );
+        let all = self.candidates.lease(&snapshot.endpoints);
+        let candidates = ready_candidates(&all);
         let saturation = self.config.saturation_detector.saturation(
             &candidates,
             &self.in_flight.view(),
@@ -457,15 +456,24 @@ impl Director {
         explain: bool,
     ) -> Result<Routed, RouteError> {
         let snapshot = self.datastore.snapshot();
-        let candidates = ready_candidates(
-            snapshot
-                .endpoints
-                .iter()
-                .filter(|e| subset.is_none_or(|s| s.iter().any(|m| m.matches(e.spec.address))))
-                .cloned()
-                .map(Candidate::new)
-                .collect(),
-        );
+        let (leased, subset_only);
+        let all: &[Candidate] = match subset {
+            None => {
+                leased = self.candidates.lease(&snapshot.endpoints);
+                &leased
+            }
+            Some(subset) => {
+                subset_only = snapshot
+                    .endpoints
+                    .iter()
+                    .filter(|e| subset.iter().any(|m| m.matches(e.spec.address)))
+                    .cloned()
+                    .map(Candidate::new)
+                    .collect::<Vec<_>>();
+                &subset_only
+            }
+        };
+        let candidates = ready_candidates(all);
         if candidates.is_empty() {
             return Err(RouteError::NoCandidates);
         }
@@ -550,16 +558,21 @@ fn uncached_tokens(request: &InferenceRequest, state: &CycleState, endpoint: &En
 /// The endpoints a request may go to: those serving; when none is, those the EPP has no
 /// evidence against (never scraped, or scrapes failing), as the reference routes to every pod
 /// discovery lists whatever its metrics; never one whose engine said it is still loading.
-fn ready_candidates(mut all: Vec<Candidate>) -> Vec<Candidate> {
-    if all
+/// Borrowed when that is every one of them (the usual case), so nothing is cloned.
+fn ready_candidates(all: &[Candidate]) -> Cow<'_, [Candidate]> {
+    let ready: fn(&Candidate) -> bool = if all
         .iter()
         .any(|c| c.metrics.readiness == Readiness::Serving)
     {
-        all.retain(|c| c.metrics.readiness == Readiness::Serving);
+        |c| c.metrics.readiness == Readiness::Serving
     } else {
-        all.retain(|c| c.metrics.readiness != Readiness::Loading);
+        |c| c.metrics.readiness != Readiness::Loading
+    };
+    if all.iter().all(ready) {
+        Cow::Borrowed(all)
+    } else {
+        Cow::Owned(all.iter().filter(|c| ready(c)).cloned().collect())
     }
-    all
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! reached the scorers, each scorer's raw score and weight, the totals and the winners. Building
 //! it costs allocations, so it is only filled when asked for (debug logging or the debug header).
 
+pub mod candidates;
 pub mod framework;
 pub mod plugins;
 pub mod registry;

@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use crate::config::ConfigError;
 use crate::config::params::Params;
-use crate::cost::{Backlog, EngineCosts, TierCosts};
+use crate::cost::{Backlog, EngineCosts, EngineSeconds, TierCosts, TierLoadRates};
 use crate::datastore::EndpointId;
 use crate::request::InferenceRequest;
 use crate::scheduling::{Candidate, Cost, Costs, CycleState, DataProducer, Filter, Plugin, Scorer};
@@ -277,19 +277,33 @@ impl TtftCostProducer {
         Ok(out)
     }
 
-    /// The cost of `request` on one candidate; `prompt_tokens` estimated once per request.
-    fn cost(
-        &self,
-        request: &InferenceRequest,
-        state: &CycleState,
-        candidate: &Candidate,
-        prompt_tokens: u64,
-        queued_per_candidate: f64,
-    ) -> (Cost, f64) {
+    /// What every candidate's cost for `request` shares, computed once per decision.
+    fn per_request(&self, request: &InferenceRequest, queued_per_candidate: f64) -> PerRequest {
+        PerRequest {
+            prompt_tokens: request.prompt_tokens(),
+            output_tokens: request
+                .max_tokens
+                .unwrap_or(self.default_output_tokens)
+                .min(MAX_OBJECTIVE_OUTPUT_TOKENS),
+            engine: self.engine.in_seconds(),
+            tiers: self.tiers.load_rates(),
+            queued_per_candidate,
+        }
+    }
+
+    /// The cost of the request on one candidate.
+    fn cost(&self, request: &PerRequest, state: &CycleState, candidate: &Candidate) -> (Cost, f64) {
+        let PerRequest {
+            prompt_tokens,
+            output_tokens: output,
+            engine: ref engine_costs,
+            ref tiers,
+            queued_per_candidate,
+        } = *request;
         let endpoint = &candidate.endpoint;
-        let per_token = self.engine.per_token.as_secs_f64();
+        let per_token = engine_costs.per_token;
         let hits = state.tier_tokens(endpoint);
-        let placed = self.tiers.place(prompt_tokens, &hits, per_token);
+        let placed = tiers.place(prompt_tokens, &hits, per_token);
         let uncached = placed.recompute;
         let load = state.in_flight.load(endpoint.id);
         let own = load.map(|l| l.read()).unwrap_or_default();
@@ -301,10 +315,14 @@ impl TtftCostProducer {
         // replica busy with the other EPPs' cached-prefix requests look many times costlier than
         // it was, and two EPPs at 30 req/s lost their prefix affinity (bench `active-active`).
         let foreign_waiting = engine.waiting_queue_size.saturating_sub(own.prefilling);
-        let foreign_tokens = own
-            .prefill_tokens
-            .checked_div(own.prefilling)
-            .unwrap_or(uncached);
+        // (No division when nothing foreign waits: it is the common case and a slow one.)
+        let foreign_tokens = if foreign_waiting == 0 {
+            0
+        } else {
+            own.prefill_tokens
+                .checked_div(own.prefilling)
+                .unwrap_or(uncached)
+        };
         let backlog = Backlog {
             queued_tokens: own
                 .prefill_tokens
@@ -312,7 +330,7 @@ impl TtftCostProducer {
             decoding: (own.requests - own.prefilling.min(own.requests))
                 .max(engine.running_requests.saturating_sub(own.prefilling)),
         };
-        let mut raw = self.engine.predict(backlog, uncached);
+        let mut raw = engine_costs.predict(backlog, uncached);
         raw.ttft += placed.load_seconds;
         let k = load.map_or(1.0, |l| l.calibration.factor());
         let queue_seconds = backlog.queued_tokens as f64 * per_token * k;
@@ -320,10 +338,6 @@ impl TtftCostProducer {
             ttft: raw.ttft * k,
             tpot: raw.tpot * k,
         };
-        let output = request
-            .max_tokens
-            .unwrap_or(self.default_output_tokens)
-            .min(MAX_OBJECTIVE_OUTPUT_TOKENS);
         // The blocks this prompt brings into the GPU cache (computed or loaded) evict what the
         // replica caches for others, about as many as it is full: their recomputation later is
         // a cost of placing it here. Without it, a cold prefix goes wherever the queue is
@@ -343,7 +357,7 @@ impl TtftCostProducer {
         // tier with copies (bench `kv-sharing`: hit rate 69 % against 95 % for the
         // approximate index, which believes the prefix is still on the GPU).
         if state.precise.is_some()
-            && let Some(load) = self.tiers.seconds_per_token(self.tiers.cpu_gbps)
+            && let Some(load) = tiers.cpu
         {
             let held = hits.gpu.saturating_add(hits.cpu).min(prompt_tokens);
             let written = prompt_tokens - held;
@@ -361,7 +375,7 @@ impl TtftCostProducer {
             + eviction
             + externality;
         // The load delays the prefill queue as computing this many tokens would.
-        let load_as_tokens = if per_token > 0.0 {
+        let load_as_tokens = if per_token > 0.0 && placed.load_seconds > 0.0 {
             (placed.load_seconds / per_token).ceil() as u64
         } else {
             0
@@ -437,6 +451,22 @@ impl TtftCostProducer {
     }
 }
 
+/// What the costs of one request on every candidate share (see
+/// [`TtftCostProducer::per_request`]).
+struct PerRequest {
+    /// The prompt's tokens (estimated when no tokenizer counted them).
+    prompt_tokens: u64,
+    /// Output tokens counted in the objective.
+    output_tokens: u32,
+    /// The engine constants in seconds.
+    engine: EngineSeconds,
+    /// The tiers' load time per token.
+    tiers: TierLoadRates,
+    /// The mean of [`backlog_requests`] over the candidates (0 unless the queue externality
+    /// is weighed).
+    queued_per_candidate: f64,
+}
+
 /// Requests waiting for their first token on a replica: the EPP's own prefilling ones, or the
 /// engine's waiting queue when it reports more (other EPPs' requests).
 fn backlog_requests(own_prefilling: u64, engine_waiting: u64) -> u64 {
@@ -478,7 +508,6 @@ impl DataProducer for TtftCostProducer {
         candidates: &[Candidate],
         state: &mut CycleState,
     ) {
-        let prompt_tokens = request.prompt_tokens();
         let bound = candidates
             .iter()
             .map(|c| c.endpoint.id.0 as usize + 1)
@@ -491,6 +520,8 @@ impl DataProducer for TtftCostProducer {
         } else {
             0.0
         };
+        let per_request = self.per_request(request, queued);
+        let prompt_tokens = per_request.prompt_tokens;
         let depth = if self.holder_load_factor > 0.0 {
             prefix_key(state).map(|(_, d)| d)
         } else {
@@ -499,7 +530,7 @@ impl DataProducer for TtftCostProducer {
         // (holds the prefix, its queue in seconds) per candidate, for `holder_load_factor`.
         let mut queues = Vec::with_capacity(if depth.is_some() { candidates.len() } else { 0 });
         for c in candidates {
-            let (mut cost, queue) = self.cost(request, state, c, prompt_tokens, queued);
+            let (mut cost, queue) = self.cost(&per_request, state, c);
             if let Some(d) = depth {
                 queues.push((c.endpoint.id, holds(state, c, d), queue));
             }
@@ -510,7 +541,7 @@ impl DataProducer for TtftCostProducer {
                     .map_or(1.0, |l| l.calibration.factor());
                 cost.objective += self.prefix_home_weight
                     * prompt_tokens as f64
-                    * self.engine.per_token.as_secs_f64()
+                    * per_request.engine.per_token
                     * k;
             }
             by_endpoint[c.endpoint.id.0 as usize] = Some(cost);
