@@ -39,6 +39,7 @@ pub mod config;
 pub mod policy;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -282,6 +283,10 @@ struct Band {
     cfg: BandConfig,
     /// Flow id → its queue, in arrival order (empty flows are removed).
     flows: BTreeMap<Arc<str>, VecDeque<Item>>,
+    /// With global-strict fairness: every queued request by its ordering key, and its flow.
+    /// The first entry is the band's next request, found without visiting every flow (a client
+    /// names its flow in a header, so there can be as many flows as queued requests).
+    by_key: Option<BTreeMap<(bool, Instant, u64), Arc<str>>>,
     len: u64,
     bytes: u64,
     /// The flow served last (round-robin's cursor).
@@ -294,15 +299,27 @@ struct Band {
 
 impl Band {
     fn new(cfg: BandConfig, provisioned: bool, now: Instant) -> Self {
+        let by_key = matches!(cfg.fairness.1, FairnessPolicy::GlobalStrict).then(BTreeMap::new);
         Self {
             cfg,
             flows: BTreeMap::new(),
+            by_key,
             len: 0,
             bytes: 0,
             last_served: None,
             provisioned,
             active: now,
         }
+    }
+
+    /// Queues `item` (its id above every id queued) at the back of `flow`.
+    fn push(&mut self, flow: Arc<str>, item: Item) {
+        if let Some(by_key) = &mut self.by_key {
+            by_key.insert(item.key(self.cfg.ordering.1), flow.clone());
+        }
+        self.len += 1;
+        self.bytes += item.bytes;
+        self.flows.entry(flow).or_default().push_back(item);
     }
 
     /// Removes the request at `index` of `flow`.
@@ -312,26 +329,99 @@ impl Band {
         if queue.is_empty() {
             self.flows.remove(flow);
         }
+        if let Some(by_key) = &mut self.by_key {
+            by_key.remove(&item.key(self.cfg.ordering.1));
+        }
         self.len -= 1;
         self.bytes -= item.bytes;
         Some(item)
     }
 
-    /// The next request by the band's policies: (flow, index in its queue).
+    /// Removes the head of every flow's queue for which `expired` holds, as long as it holds
+    /// (each queue is in arrival order), into `out`.
+    fn expire_heads(&mut self, expired: impl Fn(&Item) -> bool, out: &mut Vec<Item>) {
+        let ordering = self.cfg.ordering.1;
+        let mut emptied = Vec::new();
+        for (id, queue) in self.flows.iter_mut() {
+            while queue.front().is_some_and(&expired) {
+                if let Some(item) = queue.pop_front() {
+                    if let Some(by_key) = &mut self.by_key {
+                        by_key.remove(&item.key(ordering));
+                    }
+                    self.len -= 1;
+                    self.bytes -= item.bytes;
+                    out.push(item);
+                }
+            }
+            if queue.is_empty() {
+                emptied.push(id.clone());
+            }
+        }
+        for id in emptied {
+            self.flows.remove(&id);
+        }
+    }
+
+    /// Empties the band.
+    fn clear(&mut self) -> impl Iterator<Item = Item> + use<> {
+        if let Some(by_key) = &mut self.by_key {
+            by_key.clear();
+        }
+        self.len = 0;
+        self.bytes = 0;
+        std::mem::take(&mut self.flows).into_values().flatten()
+    }
+
+    /// The best request of `queue` by the band's ordering policy: its index.
+    fn best_of(&self, queue: &VecDeque<Item>) -> Option<usize> {
+        let ordering = self.cfg.ordering.1;
+        match ordering {
+            OrderingPolicy::SloDeadline => queue
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, i)| i.key(ordering))
+                .map(|(n, _)| n),
+            OrderingPolicy::Fcfs | OrderingPolicy::Edf => (!queue.is_empty()).then_some(0),
+        }
+    }
+
+    /// The next request by the band's policies: (flow, index in its queue). Round robin and
+    /// global strict find it in O(log flows) (and round robin's SLO-deadline ordering scans the
+    /// one flow it serves); least attained service weighs every flow.
     fn pick(&self, now: Instant) -> Option<(Arc<str>, usize)> {
+        match (&self.cfg.fairness.1, &self.by_key) {
+            (FairnessPolicy::GlobalStrict, Some(by_key)) => {
+                let (&(_, _, id), flow) = by_key.first_key_value()?;
+                let position = self
+                    .flows
+                    .get(flow)?
+                    .binary_search_by_key(&id, |i| i.id)
+                    .ok()?;
+                Some((flow.clone(), position))
+            }
+            (FairnessPolicy::RoundRobin, _) => {
+                let after = self.last_served.as_deref().and_then(|last| {
+                    self.flows
+                        .range::<str, _>((Bound::Excluded(last), Bound::Unbounded))
+                        .next()
+                });
+                let (flow, queue) = after.or_else(|| self.flows.first_key_value())?;
+                Some((flow.clone(), self.best_of(queue)?))
+            }
+            _ => self.pick_by_weighing_every_flow(now),
+        }
+    }
+
+    /// [`Band::pick`] by building every non-empty flow's contender and asking the fairness
+    /// policy (what least attained service needs; the others' reference in tests).
+    fn pick_by_weighing_every_flow(&self, now: Instant) -> Option<(Arc<str>, usize)> {
         let ordering = self.cfg.ordering.1;
         let mut flows: Vec<(&Arc<str>, usize)> = Vec::with_capacity(self.flows.len());
         let mut contenders: Vec<Contender<'_>> = Vec::with_capacity(self.flows.len());
         for (id, queue) in &self.flows {
-            let best = match ordering {
-                OrderingPolicy::SloDeadline => queue
-                    .iter()
-                    .enumerate()
-                    .min_by_key(|(_, i)| i.key(ordering))
-                    .map(|(n, _)| n),
-                OrderingPolicy::Fcfs | OrderingPolicy::Edf => Some(0),
+            let Some(best) = self.best_of(queue) else {
+                continue;
             };
-            let Some(best) = best else { continue };
             let item = &queue[best];
             flows.push((id, best));
             contenders.push(Contender {
@@ -400,28 +490,14 @@ impl State {
             Outcome::EvictedTtl
         };
         let since = self.regime_since;
+        let mut items = Vec::new();
         for band in &mut self.bands {
-            let mut emptied = Vec::new();
-            for (id, queue) in band.flows.iter_mut() {
-                while let Some(head) = queue.front() {
-                    if now < head.enqueued.max(since) + budget {
-                        break;
-                    }
-                    if let Some(item) = queue.pop_front() {
-                        band.len -= 1;
-                        band.bytes -= item.bytes;
-                        self.len -= 1;
-                        self.bytes -= item.bytes;
-                        out.push((item, outcome));
-                    }
-                }
-                if queue.is_empty() {
-                    emptied.push(id.clone());
-                }
-            }
-            for id in emptied {
-                band.flows.remove(&id);
-            }
+            band.expire_heads(|head| now >= head.enqueued.max(since) + budget, &mut items);
+        }
+        for item in items {
+            self.len -= 1;
+            self.bytes -= item.bytes;
+            out.push((item, outcome));
         }
     }
 
@@ -599,18 +675,16 @@ impl FlowControl {
                 st.next_id += 1;
                 let band = &mut st.bands[bi];
                 band.active = now;
-                band.len += 1;
-                band.bytes += request.bytes;
-                band.flows
-                    .entry(request.fairness_id.clone())
-                    .or_default()
-                    .push_back(Item {
+                band.push(
+                    request.fairness_id.clone(),
+                    Item {
                         id,
                         enqueued: now,
                         deadline: request.slo_ttft.map(|d| now + d),
                         bytes: request.bytes,
                         tx,
-                    });
+                    },
+                );
                 st.len += 1;
                 st.bytes += request.bytes;
                 Ok(id)
@@ -822,11 +896,7 @@ impl FlowControl {
             let mut st = self.state.lock();
             st.stopped = true;
             for band in &mut st.bands {
-                for (_, queue) in std::mem::take(&mut band.flows) {
-                    items.extend(queue);
-                }
-                band.len = 0;
-                band.bytes = 0;
+                items.extend(band.clear());
             }
             st.len = 0;
             st.bytes = 0;

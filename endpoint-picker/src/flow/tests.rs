@@ -505,3 +505,99 @@ fn a_queued_request_costs_little() {
     // The entry (ids, times, size, channel handle); the body stays with the stream.
     const { assert!(QUEUED_ENTRY_BYTES <= 64) };
 }
+
+/// One step of the band property test.
+#[derive(Debug, Clone)]
+enum BandOp {
+    /// Queue a request of flow `0` (of 6), with an SLO of `1` ms when set, `2` ms later.
+    Push(u8, Option<u8>, u8),
+    /// Take the request the band picks (a dispatch).
+    Dispatch,
+    /// Take the `1`-th request of the `0`-th flow (a cancellation), when there is one.
+    Cancel(u8, u8),
+    /// Expire every head queued more than `0` ms ago.
+    Expire(u8),
+}
+
+fn band_op() -> impl proptest::strategy::Strategy<Value = BandOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0u8..6, proptest::option::of(0u8..50), 0u8..4)
+            .prop_map(|(f, slo, dt)| BandOp::Push(f, slo, dt)),
+        2 => Just(BandOp::Dispatch),
+        1 => (0u8..6, 0u8..4).prop_map(|(f, i)| BandOp::Cancel(f, i)),
+        1 => (0u8..30).prop_map(BandOp::Expire),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config {
+        cases: 256,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(16),
+        failure_persistence: None,
+        ..Default::default()
+    })]
+    /// Round robin and global strict find the next request without weighing every flow; what
+    /// they find is what weighing every flow finds, whatever was queued, dispatched,
+    /// cancelled or expired, and the global-strict index holds exactly what is queued.
+    #[test]
+    fn a_bands_quick_pick_is_the_pick_of_weighing_every_flow(
+        fairness in 0u8..2,
+        ordering in 0u8..2,
+        ops in proptest::collection::vec(band_op(), 1..80),
+    ) {
+        let fairness = [FairnessPolicy::GlobalStrict, FairnessPolicy::RoundRobin][fairness as usize].clone();
+        let ordering = [OrderingPolicy::Fcfs, OrderingPolicy::SloDeadline][ordering as usize];
+        let start = Instant::now();
+        let mut now = start;
+        let mut band = Band::new(band(0, fairness, ordering), true, now);
+        let mut next_id = 0u64;
+        let mut receivers = Vec::new();
+        for op in ops {
+            match op {
+                BandOp::Push(flow, slo, dt) => {
+                    now += Duration::from_millis(u64::from(dt));
+                    let (tx, rx) = oneshot::channel();
+                    receivers.push(rx);
+                    band.push(
+                        Arc::from(format!("flow-{flow}")),
+                        Item {
+                            id: next_id,
+                            enqueued: now,
+                            deadline: slo.map(|ms| now + Duration::from_millis(u64::from(ms))),
+                            bytes: 10,
+                            tx,
+                        },
+                    );
+                    next_id += 1;
+                }
+                BandOp::Dispatch => {
+                    let quick = band.pick(now);
+                    let weighed = band.pick_by_weighing_every_flow(now);
+                    proptest::prop_assert_eq!(&quick, &weighed);
+                    proptest::prop_assert_eq!(quick.is_some(), band.len > 0);
+                    if let Some((flow, index)) = quick {
+                        proptest::prop_assert!(band.take(&flow, index).is_some());
+                        band.last_served = Some(flow);
+                    }
+                }
+                BandOp::Cancel(flow, index) => {
+                    let flow: Arc<str> = Arc::from(format!("flow-{flow}"));
+                    let _ = band.take(&flow, usize::from(index));
+                }
+                BandOp::Expire(ms) => {
+                    let cut = Duration::from_millis(u64::from(ms));
+                    let mut out = Vec::new();
+                    band.expire_heads(|head| now >= head.enqueued + cut, &mut out);
+                }
+            }
+            let queued: usize = band.flows.values().map(VecDeque::len).sum();
+            proptest::prop_assert_eq!(queued as u64, band.len);
+            proptest::prop_assert_eq!(band.bytes, 10 * band.len);
+            proptest::prop_assert!(band.flows.values().all(|q| !q.is_empty()));
+            if let Some(by_key) = &band.by_key {
+                proptest::prop_assert_eq!(by_key.len(), queued);
+            }
+        }
+    }
+}
