@@ -9,6 +9,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use endpoint_picker::config::REFERENCE_DEFAULT_CONFIG;
 use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL};
+use endpoint_picker::director::Director;
 use endpoint_picker::prefix::BlockHasher;
 use endpoint_picker::request::{Api, InferenceRequest};
 use ext_proc::openai;
@@ -58,15 +59,7 @@ fn scheduling_decision(c: &mut Criterion) {
 fn rescraped_decisions(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision_cost_model_rescraped_tenth_8kb_chat");
     for n in [100usize, 1000] {
-        let director = bench::director_with_config(n, COST_MODEL);
-        for i in 0..(n * 4).min(2000) {
-            let body = Bytes::from(bench::chat_body(8 * 1024, i));
-            let _ = director
-                .route(&request_from(&body, Api::ChatCompletions), None, false)
-                .unwrap();
-        }
-        let body = Bytes::from(bench::chat_body(8 * 1024, 1));
-        let request = request_from(&body, Api::ChatCompletions);
+        let (director, request) = warmed(n, COST_MODEL);
         let snapshot = director.datastore().snapshot();
         let mut next = 0usize;
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -91,19 +84,24 @@ fn rescraped_decisions(c: &mut Criterion) {
     group.finish();
 }
 
+/// A director over `n` endpoints whose prefix index holds routing history (4 conversations per
+/// endpoint, at most 2,000), and the 8 KB chat request every iteration routes.
+fn warmed(n: usize, config: &str) -> (std::sync::Arc<Director>, InferenceRequest) {
+    let director = bench::director_with_config(n, config);
+    for i in 0..(n * 4).min(2000) {
+        let body = Bytes::from(bench::chat_body(8 * 1024, i));
+        let _ = director
+            .route(&request_from(&body, Api::ChatCompletions), None, false)
+            .unwrap();
+    }
+    let body = Bytes::from(bench::chat_body(8 * 1024, 1));
+    (director, request_from(&body, Api::ChatCompletions))
+}
+
 fn decisions(c: &mut Criterion, name: &str, config: &str) {
     let mut group = c.benchmark_group(name);
     for n in [10usize, 100, 1000] {
-        let director = bench::director_with_config(n, config);
-        // Warm the prefix index with routing history: 4 conversations per endpoint.
-        for i in 0..(n * 4).min(2000) {
-            let body = Bytes::from(bench::chat_body(8 * 1024, i));
-            let _ = director
-                .route(&request_from(&body, Api::ChatCompletions), None, false)
-                .unwrap();
-        }
-        let body = Bytes::from(bench::chat_body(8 * 1024, 1));
-        let request = request_from(&body, Api::ChatCompletions);
+        let (director, request) = warmed(n, config);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 let routed = director.route(black_box(&request), None, false).unwrap();
