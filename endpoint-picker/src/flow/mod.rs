@@ -287,6 +287,9 @@ struct Band {
     /// The first entry is the band's next request, found without visiting every flow (a client
     /// names its flow in a header, so there can be as many flows as queued requests).
     by_key: Option<BTreeMap<(bool, Instant, u64), Arc<str>>>,
+    /// Every queued request by id (arrival), and its flow: the last is the newest, the one
+    /// eviction displaces first, again without visiting every flow.
+    by_id: BTreeMap<u64, Arc<str>>,
     len: u64,
     bytes: u64,
     /// The flow served last (round-robin's cursor).
@@ -304,6 +307,7 @@ impl Band {
             cfg,
             flows: BTreeMap::new(),
             by_key,
+            by_id: BTreeMap::new(),
             len: 0,
             bytes: 0,
             last_served: None,
@@ -317,6 +321,7 @@ impl Band {
         if let Some(by_key) = &mut self.by_key {
             by_key.insert(item.key(self.cfg.ordering.1), flow.clone());
         }
+        self.by_id.insert(item.id, flow.clone());
         self.len += 1;
         self.bytes += item.bytes;
         self.flows.entry(flow).or_default().push_back(item);
@@ -332,6 +337,7 @@ impl Band {
         if let Some(by_key) = &mut self.by_key {
             by_key.remove(&item.key(self.cfg.ordering.1));
         }
+        self.by_id.remove(&item.id);
         self.len -= 1;
         self.bytes -= item.bytes;
         Some(item)
@@ -348,6 +354,7 @@ impl Band {
                     if let Some(by_key) = &mut self.by_key {
                         by_key.remove(&item.key(ordering));
                     }
+                    self.by_id.remove(&item.id);
                     self.len -= 1;
                     self.bytes -= item.bytes;
                     out.push(item);
@@ -367,9 +374,17 @@ impl Band {
         if let Some(by_key) = &mut self.by_key {
             by_key.clear();
         }
+        self.by_id.clear();
         self.len = 0;
         self.bytes = 0;
         std::mem::take(&mut self.flows).into_values().flatten()
+    }
+
+    /// The newest queued request: (flow, index in its queue), the back of its flow.
+    fn newest(&self) -> Option<(Arc<str>, usize)> {
+        let (_, flow) = self.by_id.last_key_value()?;
+        let index = self.flows.get(flow)?.len().checked_sub(1)?;
+        Some((flow.clone(), index))
     }
 
     /// The best request of `queue` by the band's ordering policy: its index.
@@ -509,16 +524,7 @@ impl State {
             .iter_mut()
             .rev()
             .find(|b| b.cfg.priority < priority.min(0) && b.len > 0)?;
-        let flow = band
-            .flows
-            .iter()
-            .filter_map(|(id, q)| q.back().map(|i| (id, i.id)))
-            .max_by_key(|&(_, id)| id)
-            .map(|(id, _)| id.clone())?;
-        let index = band
-            .flows
-            .get(&flow)
-            .map_or(0, |q| q.len().saturating_sub(1));
+        let (flow, index) = band.newest()?;
         let item = band.take(&flow, index)?;
         self.len -= 1;
         self.bytes -= item.bytes;

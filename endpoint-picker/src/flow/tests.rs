@@ -539,7 +539,8 @@ proptest::proptest! {
     })]
     /// Round robin and global strict find the next request without weighing every flow; what
     /// they find is what weighing every flow finds, whatever was queued, dispatched,
-    /// cancelled or expired, and the global-strict index holds exactly what is queued.
+    /// cancelled or expired, and the indexes hold exactly what is queued (the newest request,
+    /// eviction's victim, is the one a scan of every flow finds).
     #[test]
     fn a_bands_quick_pick_is_the_pick_of_weighing_every_flow(
         fairness in 0u8..2,
@@ -598,6 +599,15 @@ proptest::proptest! {
             if let Some(by_key) = &band.by_key {
                 proptest::prop_assert_eq!(by_key.len(), queued);
             }
+            proptest::prop_assert_eq!(band.by_id.len(), queued);
+            // The newest request (eviction's first victim) is the largest id at any flow's back.
+            let newest = band
+                .flows
+                .iter()
+                .filter_map(|(flow, q)| q.back().map(|i| (i.id, flow.clone(), q.len() - 1)))
+                .max_by_key(|(id, _, _)| *id)
+                .map(|(_, flow, index)| (flow, index));
+            proptest::prop_assert_eq!(band.newest(), newest);
         }
     }
 }
