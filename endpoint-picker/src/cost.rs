@@ -28,7 +28,7 @@
 //!
 //! With KV-cache tiers (vLLM CPU offloading, LMCache's CPU, disk and shared backends, a peer
 //! pulled point to point), the prompt splits into what the GPU cache holds (free), what is
-//! loaded from a tier and what is recomputed ([`TierCosts::place`]):
+//! loaded from a tier and what is recomputed ([`TierLoadRates::place`]):
 //!
 //! ```text
 //! load      = Σ_tier tokens_tier × kv_bytes_per_token / bandwidth_tier
@@ -220,18 +220,6 @@ impl TierCosts {
         (gbps.is_finite() && gbps > 0.0).then(|| self.kv_bytes_per_token as f64 / (gbps * 1e9))
     }
 
-    /// Splits a `prompt`-token request over the tiers `hits` describes. `recompute_per_token`
-    /// (seconds) decides the one tier the EPP chooses, the peer. Counts beyond the prompt are
-    /// cut, in tier order (GPU, CPU, disk, shared, peer).
-    pub fn place(
-        &self,
-        prompt: u64,
-        hits: &crate::scheduling::TierTokens,
-        recompute_per_token: f64,
-    ) -> Placement {
-        self.load_rates().place(prompt, hits, recompute_per_token)
-    }
-
     /// Each tier's [`seconds_per_token`](Self::seconds_per_token), computed once for the many
     /// placements of one decision.
     pub fn load_rates(&self) -> TierLoadRates {
@@ -259,7 +247,9 @@ pub struct TierLoadRates {
 }
 
 impl TierLoadRates {
-    /// See [`TierCosts::place`].
+    /// Splits a `prompt`-token request over the tiers `hits` describes. `recompute_per_token`
+    /// (seconds) decides the one tier the EPP chooses, the peer. Counts beyond the prompt are
+    /// cut, in tier order (GPU, CPU, disk, shared, peer).
     pub fn place(
         &self,
         prompt: u64,
@@ -505,16 +495,19 @@ mod tests {
         assert_eq!(t.seconds_per_token(0.0), None);
         // 1,000 prompt tokens: 400 on the GPU, 300 in CPU memory, 200 in the store, 100
         // recomputed; the counts past the prompt are cut.
-        let p = t.place(1000, &hits(400, 300, 200, 0), 30e-6);
+        let p = t.load_rates().place(1000, &hits(400, 300, 200, 0), 30e-6);
         assert_eq!((p.gpu, p.recompute, p.peer), (400, 100, false));
         let want = 300.0 * 131_072.0 / 25e9 + 200.0 * 131_072.0 / 10e9;
         assert!((p.load_seconds - want).abs() < 1e-12);
-        let p = t.place(500, &hits(400, 300, 200, 0), 30e-6);
+        let p = t.load_rates().place(500, &hits(400, 300, 200, 0), 30e-6);
         assert_eq!((p.gpu, p.recompute), (400, 0));
         // An ignored tier is recomputed.
         let no_cpu = TierCosts { cpu_gbps: 0.0, ..t };
         assert_eq!(
-            no_cpu.place(1000, &hits(400, 300, 0, 0), 30e-6).recompute,
+            no_cpu
+                .load_rates()
+                .place(1000, &hits(400, 300, 0, 0), 30e-6)
+                .recompute,
             600
         );
     }
@@ -522,11 +515,11 @@ mod tests {
     #[test]
     fn a_peer_is_pulled_only_when_loading_beats_recomputing() {
         let t = TierCosts::default();
-        let p = t.place(1000, &hits(0, 0, 0, 800), 30e-6);
+        let p = t.load_rates().place(1000, &hits(0, 0, 0, 800), 30e-6);
         assert!(p.peer);
         assert_eq!(p.recompute, 200);
         // Recomputing at 10 µs a token beats a 13 µs pull.
-        let p = t.place(1000, &hits(0, 0, 0, 800), 10e-6);
+        let p = t.load_rates().place(1000, &hits(0, 0, 0, 800), 10e-6);
         assert!(!p.peer);
         assert_eq!((p.recompute, p.load_seconds), (1000, 0.0));
     }
