@@ -12,6 +12,10 @@ use xxhash_rust::xxh64::{Xxh64, xxh64};
 /// The reference heuristic: one token is about four characters.
 pub const CHARS_PER_TOKEN: usize = 4;
 
+/// Blocks up to this many bytes are hashed in one call from a copy on the stack; longer ones
+/// (an operator's `blockSizeTokens` above 64) through the streaming hasher.
+const ONE_SHOT_BLOCK: usize = 256;
+
 /// How to cut a prompt into blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockHasher {
@@ -49,11 +53,26 @@ impl BlockHasher {
         let prompt = &prompt[..limit];
         out.reserve(prompt.len().div_ceil(self.block_chars));
         let mut prev = seed(model, cache_salt);
+        // Each block is hashed with its parent's hash appended. For blocks that fit, block and
+        // parent are copied side by side and hashed in one call: the same value as feeding the
+        // two to a streaming hasher, at about half the cost (the streaming state's set-up,
+        // buffering and finish were a third of a decision at 10 endpoints for an 8 KB prompt).
+        let mut joined = [0u8; ONE_SHOT_BLOCK + 8];
         for block in prompt.chunks(self.block_chars) {
-            let mut h = Xxh64::new(0);
-            h.update(block);
-            h.update(&prev.to_le_bytes());
-            prev = h.digest();
+            prev = match joined.get_mut(..block.len() + 8) {
+                Some(buf) => {
+                    let (text, parent) = buf.split_at_mut(block.len());
+                    text.copy_from_slice(block);
+                    parent.copy_from_slice(&prev.to_le_bytes());
+                    xxh64(buf, 0)
+                }
+                None => {
+                    let mut h = Xxh64::new(0);
+                    h.update(block);
+                    h.update(&prev.to_le_bytes());
+                    h.digest()
+                }
+            };
             out.push(prev);
         }
     }
@@ -121,6 +140,37 @@ mod tests {
         // Identical blocks at different positions hash differently (the chain).
         let hs = h().hash("a", None, &p);
         assert_ne!(hs[0], hs[1]);
+    }
+
+    #[test]
+    fn one_shot_blocks_hash_as_the_streaming_chain_does() {
+        // The chain as first defined: each block, then its parent's hash, streamed.
+        fn streamed(block_chars: usize, prompt: &[u8]) -> Vec<u64> {
+            let mut prev = seed("m", None);
+            prompt
+                .chunks(block_chars)
+                .map(|block| {
+                    let mut h = Xxh64::new(0);
+                    h.update(block);
+                    h.update(&prev.to_le_bytes());
+                    prev = h.digest();
+                    prev
+                })
+                .collect()
+        }
+        let prompt: Vec<u8> = (0..3_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Both sides of the one-shot bound, and a trailing partial block each time.
+        for block_chars in [1, 4, 63, 64, 65, 255, 256, 257, 300, 1024] {
+            let hasher = BlockHasher {
+                block_chars,
+                max_blocks: usize::MAX,
+            };
+            assert_eq!(
+                hasher.hash("m", None, &prompt),
+                streamed(block_chars, &prompt),
+                "{block_chars}-byte blocks"
+            );
+        }
     }
 
     #[test]
