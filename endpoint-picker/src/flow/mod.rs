@@ -472,6 +472,8 @@ struct State {
     /// When the pool last changed between empty and not (TTL budgets restart then).
     regime_since: Instant,
     next_id: u64,
+    /// The arrival time of the last request queued: see [`FlowControl::enqueue`].
+    last_enqueued: Option<Instant>,
     saturation: f64,
     ceilings: Vec<f64>,
     priorities: Vec<i32>,
@@ -585,6 +587,7 @@ impl FlowControl {
                 pool_read: false,
                 regime_since: now,
                 next_id: 0,
+                last_enqueued: None,
                 saturation: 1.0,
                 ceilings: Vec::new(),
                 priorities: Vec::new(),
@@ -679,14 +682,21 @@ impl FlowControl {
             if fits_band && fits_global(&st) {
                 let id = st.next_id;
                 st.next_id += 1;
+                // Ids are given here, under the lock; arrival times are read before it, so two
+                // racing requests can get them in opposite orders. A time earlier than the last
+                // queued one's is raised to it: every queue then holds its requests oldest
+                // first in both orders, which the bands' indexes (by key, by id) and the TTL's
+                // expiry from the heads rely on.
+                let enqueued = st.last_enqueued.map_or(now, |last| last.max(now));
+                st.last_enqueued = Some(enqueued);
                 let band = &mut st.bands[bi];
                 band.active = now;
                 band.push(
                     request.fairness_id.clone(),
                     Item {
                         id,
-                        enqueued: now,
-                        deadline: request.slo_ttft.map(|d| now + d),
+                        enqueued,
+                        deadline: request.slo_ttft.map(|d| enqueued + d),
                         bytes: request.bytes,
                         tx,
                     },

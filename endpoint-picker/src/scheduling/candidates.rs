@@ -94,9 +94,14 @@ impl Deref for CandidateLease<'_> {
 
 impl Drop for CandidateLease<'_> {
     fn drop(&mut self) {
-        if let Some(mut last) = self.cache.last.try_lock() {
-            *last = std::mem::take(&mut self.cached);
-        }
+        let mine = std::mem::take(&mut self.cached);
+        // The list this one replaces (a concurrent lease's, returned first) or this one, when
+        // the cache is busy, is dropped after the lock is released: releasing a whole pool's
+        // references under it would make every concurrent lease miss the cache meanwhile.
+        let _unkept = match self.cache.last.try_lock() {
+            Some(mut last) => std::mem::replace(&mut *last, mine),
+            None => mine,
+        };
     }
 }
 
