@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.worker_threads > 0 {
+        runtime.worker_threads(usize::from(args.worker_threads));
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("epp: starting the runtime: {e}");
@@ -119,6 +120,7 @@ async fn run(args: Args) -> Result<()> {
         metrics_endpoint_auth,
         debug_pool,
         // Read by main() before the runtime starts: logging is set up first.
+        worker_threads: _,
         tracing: _,
         verbosity: _,
         zap_encoder: _,
@@ -415,6 +417,7 @@ async fn run(args: Args) -> Result<()> {
         metrics = %listeners.metrics.local_addr()?,
         tls = secure_serving,
         pool = %pool_label,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "switchyard epp starting"
     );
     // `..ServiceOptions::default()` fills the conformance-fault field, which exists only when a

@@ -371,6 +371,25 @@ async fn tls_metrics_server() -> (std::net::SocketAddr, String) {
 
 /// Starts the EPP on OS-chosen ports with an open metrics port and plaintext ext_proc (unless
 /// `args` say otherwise); returns it with its ext_proc and metrics addresses.
+#[tokio::test]
+async fn worker_threads_sets_the_runtimes_threads() {
+    let pool = temp_file("pool.yaml", POOL);
+    let pool = pool.to_str().unwrap();
+    for (threads, want) in [("1", 1), ("3", 3)] {
+        let (_child, started) = start_epp_logged(
+            &["--pool-file", pool, &format!("--worker-threads={threads}")],
+            &[],
+        )
+        .await;
+        // The runtime's own count (its blocking threads carry the same name, so /proc cannot
+        // tell them apart).
+        assert_eq!(
+            started["worker_threads"], want,
+            "--worker-threads={threads}"
+        );
+    }
+}
+
 async fn start_epp_at(
     args: &[&str],
     env: &[(&str, &std::path::Path)],
@@ -379,6 +398,17 @@ async fn start_epp_at(
     std::net::SocketAddr,
     std::net::SocketAddr,
 ) {
+    let (child, v) = start_epp_logged(args, env).await;
+    let metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+    let grpc = v["grpc"].as_str().unwrap().parse().unwrap();
+    (child, grpc, metrics)
+}
+
+/// A started `epp` and its start-up log line (JSON, fields at the top level).
+async fn start_epp_logged(
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (tokio::process::Child, serde_json::Value) {
     let mut command = Command::new(EPP);
     command
         .args([
@@ -415,9 +445,7 @@ async fn start_epp_at(
     // Keep reading stderr so that the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let v: serde_json::Value = serde_json::from_str(&started).expect("json log line");
-    let metrics = v["metrics"].as_str().unwrap().parse().unwrap();
-    let grpc = v["grpc"].as_str().unwrap().parse().unwrap();
-    (child, grpc, metrics)
+    (child, v)
 }
 
 async fn start_epp(

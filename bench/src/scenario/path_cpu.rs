@@ -46,6 +46,10 @@ pub enum Setup {
     /// The lean path with the response headers skipped too (`response_header_mode: SKIP`):
     /// the EPP sees the request and the ext_proc stream's end only.
     SwitchyardMinimal,
+    /// The full path with the EPP's runtime on one thread (`--worker-threads=1`).
+    SwitchyardFullOneThread,
+    /// The minimal path with the EPP's runtime on one thread (`--worker-threads=1`).
+    SwitchyardMinimalOneThread,
     /// A peer router (a complete proxy and router).
     Peer(Router),
 }
@@ -63,6 +67,12 @@ impl Setup {
             Setup::SwitchyardMinimal => {
                 "Envoy + Switchyard minimal (lean + `response_header_mode: SKIP`)".into()
             }
+            Setup::SwitchyardFullOneThread => {
+                "Envoy + Switchyard default (full), EPP on one thread (`--worker-threads=1`)".into()
+            }
+            Setup::SwitchyardMinimalOneThread => {
+                "Envoy + Switchyard minimal, EPP on one thread (`--worker-threads=1`)".into()
+            }
             Setup::Peer(r) => r.label(),
         }
     }
@@ -75,6 +85,8 @@ impl Setup {
                 | Setup::SwitchyardLean
                 | Setup::SwitchyardLeanBuffered
                 | Setup::SwitchyardMinimal
+                | Setup::SwitchyardFullOneThread
+                | Setup::SwitchyardMinimalOneThread
         )
     }
 }
@@ -133,6 +145,8 @@ impl PathCpuCfg {
                 Setup::SwitchyardLean,
                 Setup::SwitchyardLeanBuffered,
                 Setup::SwitchyardMinimal,
+                Setup::SwitchyardFullOneThread,
+                Setup::SwitchyardMinimalOneThread,
                 Setup::Peer(Router::Sglang("cache_aware".into())),
                 Setup::Peer(Router::Vllm("cache_aware".into())),
                 Setup::Peer(Router::Smg("cache_aware".into())),
@@ -342,13 +356,25 @@ async fn one(
     let up = match setup {
         Setup::EnvoyAlone => start_router(tools, &Router::EnvoyRoundRobin, &replicas, dir).await?,
         // Envoy waits until its health check of the EPP passes before this returns.
-        Setup::SwitchyardFull | Setup::SwitchyardLean | Setup::SwitchyardMinimal => {
+        Setup::SwitchyardFull
+        | Setup::SwitchyardLean
+        | Setup::SwitchyardMinimal
+        | Setup::SwitchyardFullOneThread
+        | Setup::SwitchyardMinimalOneThread => {
             let path = match setup {
-                Setup::SwitchyardFull => ResponsePath::Full,
-                Setup::SwitchyardMinimal => ResponsePath::Minimal,
+                Setup::SwitchyardFull | Setup::SwitchyardFullOneThread => ResponsePath::Full,
+                Setup::SwitchyardMinimal | Setup::SwitchyardMinimalOneThread => {
+                    ResponsePath::Minimal
+                }
                 _ => ResponsePath::Lean,
             };
-            start_switchyard_on(tools, None, &replicas, dir, &[], path).await?
+            let one_thread: &[&str] = match setup {
+                Setup::SwitchyardFullOneThread | Setup::SwitchyardMinimalOneThread => {
+                    &["--worker-threads=1"]
+                }
+                _ => &[],
+            };
+            start_switchyard_on(tools, None, &replicas, dir, one_thread, path).await?
         }
         Setup::SwitchyardLeanBuffered => {
             super::overhead::start_switchyard_variant(
