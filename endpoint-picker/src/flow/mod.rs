@@ -404,6 +404,21 @@ impl Band {
     /// global strict find it in O(log flows) (and round robin's SLO-deadline ordering scans the
     /// one flow it serves); least attained service weighs every flow.
     fn pick(&self, now: Instant) -> Option<(Arc<str>, usize)> {
+        let picked = self.quick_pick(now);
+        // The indexes follow the queues (every change goes through `push`, `take`,
+        // `expire_heads` and `clear`); were they ever out of step, the band would stop
+        // dispatching without a sign. Tests fail on it; a release build weighs every flow.
+        debug_assert!(
+            picked.is_some() || self.len == 0,
+            "a band's index is out of step with its queues"
+        );
+        match picked {
+            None if self.len > 0 => self.pick_by_weighing_every_flow(now),
+            picked => picked,
+        }
+    }
+
+    fn quick_pick(&self, now: Instant) -> Option<(Arc<str>, usize)> {
         match (&self.cfg.fairness.1, &self.by_key) {
             (FairnessPolicy::GlobalStrict, Some(by_key)) => {
                 let (&(_, _, id), flow) = by_key.first_key_value()?;
