@@ -119,7 +119,7 @@ async fn run(args: Args) -> Result<()> {
         metrics_bearer_token_file,
         metrics_endpoint_auth,
         debug_pool,
-        // Read by main() before the runtime starts: logging is set up first.
+        // Read by main(): the runtime is built and logging set up before `run`.
         worker_threads: _,
         tracing: _,
         verbosity: _,

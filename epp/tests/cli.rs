@@ -369,8 +369,6 @@ async fn tls_metrics_server() -> (std::net::SocketAddr, String) {
     (addr, ck.cert.pem())
 }
 
-/// Starts the EPP on OS-chosen ports with an open metrics port and plaintext ext_proc (unless
-/// `args` say otherwise); returns it with its ext_proc and metrics addresses.
 #[tokio::test]
 async fn worker_threads_sets_the_runtimes_threads() {
     let pool = temp_file("pool.yaml", POOL);
@@ -390,6 +388,8 @@ async fn worker_threads_sets_the_runtimes_threads() {
     }
 }
 
+/// Starts the EPP on OS-chosen ports with an open metrics port and plaintext ext_proc (unless
+/// `args` say otherwise); returns it with its ext_proc and metrics addresses.
 async fn start_epp_at(
     args: &[&str],
     env: &[(&str, &std::path::Path)],
