@@ -24,7 +24,9 @@ use crate::config::params::Params;
 use crate::cost::{Backlog, EngineCosts, EngineSeconds, TierCosts, TierLoadRates};
 use crate::datastore::EndpointId;
 use crate::request::InferenceRequest;
-use crate::scheduling::{Candidate, Cost, Costs, CycleState, DataProducer, Filter, Plugin, Scorer};
+use crate::scheduling::{
+    Candidate, Cost, Costs, CycleState, DataProducer, Filter, Plugin, Scorer, TierTokens,
+};
 
 /// Output tokens assumed for a request that names no `max_tokens` (the median completion of
 /// chat traffic is a few hundred tokens).
@@ -291,8 +293,14 @@ impl TtftCostProducer {
         }
     }
 
-    /// The cost of the request on one candidate.
-    fn cost(&self, request: &PerRequest, state: &CycleState, candidate: &Candidate) -> (Cost, f64) {
+    /// The cost of the request on one candidate, whose [`CycleState::tier_tokens`] are `hits`.
+    fn cost(
+        &self,
+        request: &PerRequest,
+        state: &CycleState,
+        candidate: &Candidate,
+        hits: &TierTokens,
+    ) -> (Cost, f64) {
         let PerRequest {
             prompt_tokens,
             output_tokens: output,
@@ -302,8 +310,7 @@ impl TtftCostProducer {
         } = *request;
         let endpoint = &candidate.endpoint;
         let per_token = engine_costs.per_token;
-        let hits = state.tier_tokens(endpoint);
-        let placed = tiers.place(prompt_tokens, &hits, per_token);
+        let placed = tiers.place(prompt_tokens, hits, per_token);
         let uncached = placed.recompute;
         let load = state.in_flight.load(endpoint.id);
         let own = load.map(|l| l.read()).unwrap_or_default();
@@ -395,12 +402,18 @@ impl TtftCostProducer {
 impl TtftCostProducer {
     /// The home of a new prefix (see [`TtftCostProducer::prefix_home_weight`]): `None` when the
     /// weight is 0, the request has no keys, or a candidate holds its first blocks already.
-    fn prefix_home(&self, state: &CycleState, candidates: &[Candidate]) -> Option<EndpointId> {
+    /// `hits`: every candidate's [`CycleState::tier_tokens`], in order.
+    fn prefix_home(
+        &self,
+        state: &CycleState,
+        candidates: &[Candidate],
+        hits: &[TierTokens],
+    ) -> Option<EndpointId> {
         if self.prefix_home_weight <= 0.0 {
             return None;
         }
         let (key, depth_tokens) = prefix_key(state)?;
-        if candidates.iter().any(|c| holds(state, c, depth_tokens)) {
+        if hits.iter().any(|t| holds(t, depth_tokens)) {
             return None;
         }
         candidates
@@ -423,9 +436,9 @@ fn prefix_key(state: &CycleState) -> Option<(u64, u64)> {
     Some((key, (depth * block_tokens) as u64))
 }
 
-/// Whether `candidate` holds the prefix's first `depth_tokens` in its own tiers.
-fn holds(state: &CycleState, candidate: &Candidate, depth_tokens: u64) -> bool {
-    let t = state.tier_tokens(&candidate.endpoint);
+/// Whether a candidate with these tier tokens holds the prefix's first `depth_tokens` in its
+/// own tiers.
+fn holds(t: &TierTokens, depth_tokens: u64) -> bool {
     t.gpu + t.cpu + t.disk >= depth_tokens
 }
 
@@ -514,7 +527,18 @@ impl DataProducer for TtftCostProducer {
             .max()
             .unwrap_or(0);
         let mut by_endpoint = vec![None; bound];
-        let home = self.prefix_home(state, candidates);
+        // Each candidate's tier tokens, looked up once: before the loop when a rule needs them
+        // all (the home and the holders), else in it.
+        let all_hits: Vec<TierTokens> =
+            if self.prefix_home_weight > 0.0 || self.holder_load_factor > 0.0 {
+                candidates
+                    .iter()
+                    .map(|c| state.tier_tokens(&c.endpoint))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        let home = self.prefix_home(state, candidates, &all_hits);
         let queued = if self.queue_externality_weight > 0.0 {
             queued_per_candidate(state, candidates)
         } else {
@@ -529,10 +553,14 @@ impl DataProducer for TtftCostProducer {
         };
         // (holds the prefix, its queue in seconds) per candidate, for `holder_load_factor`.
         let mut queues = Vec::with_capacity(if depth.is_some() { candidates.len() } else { 0 });
-        for c in candidates {
-            let (mut cost, queue) = self.cost(&per_request, state, c);
+        for (i, c) in candidates.iter().enumerate() {
+            let hits = match all_hits.get(i) {
+                Some(t) => *t,
+                None => state.tier_tokens(&c.endpoint),
+            };
+            let (mut cost, queue) = self.cost(&per_request, state, c, &hits);
             if let Some(d) = depth {
-                queues.push((c.endpoint.id, holds(state, c, d), queue));
+                queues.push((c.endpoint.id, holds(&hits, d), queue));
             }
             if home.is_some_and(|h| h != c.endpoint.id) {
                 let k = state
