@@ -3,7 +3,9 @@
 # gateway-configs/envoy/), one fixed backend (`scenario backend`), and the `epp` restarted for
 # each variant in turn, rounds interleaved. Requests go one at a time (completions with a
 # SIZE-byte prompt, one output token); the EPP's CPU comes from /proc/<pid>/task/*/schedstat
-# and its minor page faults from /proc/<pid>/stat, over N requests after 20 warm-up ones.
+# and its minor page faults from /proc/<pid>/stat, over N requests after 20 warm-up ones; the
+# client's latency p50 / p99 over the same requests (the whole request through Envoy: compare
+# variants with it, it is not the EPP's share).
 #
 #   bench/epp-ab.sh TEMPLATE ROUNDS N SIZE VARIANT...
 #   VARIANT = NAME|ENV...   (environment for that variant's epp, e.g. "glibc|X=1" or
@@ -48,23 +50,30 @@ PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/ready" > /dev/null && break; sleep 0.1; done
 
 send() { # send COUNT [RETRIES]: COUNT completions, one at a time; a failure is retried
-  # RETRIES times, 0.1 s apart (the warm-up's, while Envoy first health-checks a new epp)
+  # RETRIES times, 0.1 s apart (the warm-up's, while Envoy first health-checks a new epp).
+  # Prints the latency p50 and p99 in µs (of the successful tries).
   python3 - "http://127.0.0.1:$LISTEN" "$1" "$SIZE" "${2:-0}" <<'PY'
 import http.client, json, sys, time, urllib.parse
 url, n, size, retries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 u = urllib.parse.urlparse(url)
 text = ("lorem ipsum dolor sit amet consectetur " * (size // 38 + 1))[:size]
 c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+lat = []
 for i in range(n):
     body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": f"{i} {text}", "max_tokens": 1})
     for attempt in range(retries + 1):
+        t0 = time.perf_counter()
         c.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
         r = c.getresponse(); r.read()
         if r.status == 200:
+            lat.append(time.perf_counter() - t0)
             break
         if attempt == retries:
             sys.exit(f"request {i}: status {r.status}: {r.getheaders()}")
         c.close(); time.sleep(0.1)
+lat.sort()
+pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
+print(f"{pct(0.5):.0f} {pct(0.99):.0f}")
 PY
 }
 usage() { # usage PID: "<cpu ns of all threads> <minor faults>"
@@ -84,12 +93,13 @@ for r in $(seq "$ROUNDS"); do
     pid=$!
     PIDS+=("$pid")
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$METRICS/metrics" > /dev/null && break; sleep 0.1; done
-    send 20 50
+    send 20 50 > /dev/null
     read -r t0 f0 < <(usage "$pid"); s0=$(date +%s%N)
-    send "$N"
+    lat=$(send "$N")
+    read -r p50 p99 <<< "$lat"
     read -r t1 f1 < <(usage "$pid"); s1=$(date +%s%N)
     hwm=$(awk '/VmHWM/{print $2}' /proc/"$pid"/status)
-    echo "round $r $name: epp CPU/req $(( (t1 - t0) / N / 1000 )) µs, minor faults/req $(( (f1 - f0) / N )), wall/req $(( (s1 - s0) / N / 1000 )) µs, peak RSS $hwm kB"
+    echo "round $r $name: epp CPU/req $(( (t1 - t0) / N / 1000 )) µs, minor faults/req $(( (f1 - f0) / N )), wall/req $(( (s1 - s0) / N / 1000 )) µs, latency p50 / p99 $p50 / $p99 µs, peak RSS $hwm kB"
     kill "$pid"; wait "$pid" 2>/dev/null || true
   done
 done
