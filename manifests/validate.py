@@ -222,10 +222,25 @@ def check_epp_invariants(
         fail(where, "EPP needs NAMESPACE and POD_NAME from the downward API")
     if ha is not None and leader != ha:
         fail(where, f"--ha-enable-leader-election should be {'on' if ha else 'off'}")
-    if dep["spec"]["replicas"] > 1 and not leader:
-        fail(where, "more than one EPP replica needs leader election")
 
     services = [o for o in objs if o["kind"] == "Service"]
+    # Active-active: a headless Service of every replica's peers port.
+    peers = [
+        s for s in services
+        if s["spec"].get("clusterIP") == "None"
+        and any(p.get("targetPort") == "peers" for p in s["spec"]["ports"])
+    ]
+    if dep["spec"]["replicas"] > 1 and not leader and not peers:
+        fail(where, "more than one EPP replica needs leader election or active-active")
+    if peers:
+        if leader:
+            fail(where, "active-active with leader election")
+        if "peers" not in ports:
+            fail(where, "the peers Service targets a port the EPP does not declare")
+        if not peers[0]["spec"].get("publishNotReadyAddresses"):
+            fail(where, "the peers Service must list replicas before they are ready")
+        if dep["spec"].get("strategy", {}).get("type") != "RollingUpdate":
+            fail(where, "active-active replicas are replaced one at a time")
     grpc = [p for s in services for p in s["spec"]["ports"] if p.get("targetPort") == "grpc"]
     if not grpc or grpc[0].get("appProtocol") != "http2":
         fail(where, "the ext_proc Service port must declare appProtocol: http2")
@@ -605,7 +620,8 @@ def validate_chart() -> None:
         where = f"chart[{name}]"
         merged = chart.merge_values(values)
         ext = merged["inferenceExtension"]
-        ha = bool(ext["leaderElection"]["enabled"]) or int(ext["replicas"]) > 1
+        active_active = bool((ext.get("activeActive") or {}).get("enabled"))
+        ha = bool(ext["leaderElection"]["enabled"]) or (int(ext["replicas"]) > 1 and not active_active)
         objs = render_checked(chart, where, values, f"ci-{os.path.splitext(name)[0]}", ha=ha)
         check_chart_specifics(where, objs, merged)
 

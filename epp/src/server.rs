@@ -363,7 +363,7 @@ pub async fn serve_with_handles(
 
     // Speculative entries shared with peer EPPs (`speculation_peers`).
     for (scorer, index, outbox, publish, peer_endpoints) in peers {
-        if let Some(endpoint) = publish {
+        if let Some(endpoint) = publish.clone() {
             let metrics = metrics.kv_events.clone();
             tasks.spawn(
                 format!("speculation-publisher:{scorer}"),
@@ -386,6 +386,7 @@ pub async fn serve_with_handles(
                 factory(move |token| {
                     crate::speculation_peers::subscribe_all(
                         peer_endpoints.clone(),
+                        publish.clone(),
                         datastore.clone(),
                         index.clone(),
                         metrics.clone(),

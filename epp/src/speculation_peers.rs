@@ -10,7 +10,15 @@
 //! A peer is trusted no further than its caps: a message is decoded with
 //! [`decode`]'s bounds, and at most [`MAX_PEER_MESSAGES_PER_SECOND`] of one peer's messages
 //! are applied per second (the rest are counted and dropped).
+//!
+//! A peer given by a DNS name rather than an IP address is followed by [`follow_name`]: the
+//! name is resolved every [`PEER_RESOLVE_INTERVAL`] and each address it names is a peer of
+//! its own, so one entry can name every EPP of a Kubernetes Deployment through a headless
+//! Service, as EPP pods come and go. An address that is this EPP's own publisher is skipped,
+//! so every replica can share one configuration that names them all.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -28,6 +36,14 @@ use crate::kv_events::{KvEventMetrics, PeerOutcome};
 pub const MAX_PEER_MESSAGES_PER_SECOND: u32 = 20_000;
 /// First wait before dialing a peer again after its socket failed (doubling to 5 s).
 const RETRY: Duration = Duration::from_millis(250);
+/// How often a peer named by a DNS name is resolved again.
+pub const PEER_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long one resolution may take before it counts as failed (the addresses followed so far
+/// are kept).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Addresses of one peer name followed, at most: the DNS answer is not this EPP's to trust
+/// (as many as `speculativePeers` may list).
+pub const MAX_ADDRESSES_PER_PEER_NAME: usize = 64;
 
 fn count(metrics: &KvEventMetrics, outcome: &'static str, n: u64) {
     if n > 0 {
@@ -87,25 +103,147 @@ pub async fn publish(
     }
 }
 
-/// [`subscribe`] to every peer, until `token` fires.
+/// [`subscribe`] to every peer given by an address, and [`follow_name`] every peer given by a
+/// DNS name, until `token` fires. `publish`: this EPP's own `speculativePublishEndpoint`.
 pub async fn subscribe_all(
     endpoints: Vec<String>,
+    publish: Option<String>,
     datastore: Arc<Datastore>,
     index: Arc<SharedKvIndex>,
     metrics: Arc<KvEventMetrics>,
     token: CancellationToken,
 ) {
+    let own = publish.as_deref().and_then(published_address);
     let mut peers = tokio::task::JoinSet::new();
     for endpoint in endpoints {
-        peers.spawn(subscribe(
-            endpoint,
-            datastore.clone(),
-            index.clone(),
-            metrics.clone(),
-            token.clone(),
-        ));
+        match dns_name(&endpoint) {
+            Some((host, port)) => peers.spawn(follow_name(
+                host,
+                port,
+                own,
+                datastore.clone(),
+                index.clone(),
+                metrics.clone(),
+                token.clone(),
+            )),
+            None => peers.spawn(subscribe(
+                endpoint,
+                datastore.clone(),
+                index.clone(),
+                metrics.clone(),
+                token.clone(),
+            )),
+        };
     }
     while peers.join_next().await.is_some() {}
+}
+
+/// The host and port of a `tcp://<host>:<port>` endpoint whose host is a name, not an IP
+/// address (`None` for an address or anything else).
+fn dns_name(endpoint: &str) -> Option<(String, u16)> {
+    let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty() && host != "*" && bare.parse::<IpAddr>().is_err())
+        .then(|| (host.to_owned(), port))
+}
+
+/// The address this EPP publishes at: `*` and names are the unspecified address (any of this
+/// host's), with the port.
+fn published_address(endpoint: &str) -> Option<SocketAddr> {
+    let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = bare
+        .parse::<IpAddr>()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether `addr` is where this EPP publishes (`own`): the same address, or, for a publisher
+/// bound to every address, the same port on an address of this host. An address of this host
+/// is one a socket aimed at it would be sent from (a UDP `connect` sends nothing).
+fn is_own(addr: SocketAddr, own: Option<SocketAddr>) -> bool {
+    let Some(own) = own else { return false };
+    if addr.port() != own.port() {
+        return false;
+    }
+    if !own.ip().is_unspecified() {
+        return addr == own;
+    }
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| {
+            s.connect(addr)?;
+            s.local_addr()
+        })
+        .is_ok_and(|local| local.ip() == addr.ip())
+}
+
+/// Follows the peers `host` names: resolves it every [`PEER_RESOLVE_INTERVAL`], [`subscribe`]s
+/// to each address it names (at most [`MAX_ADDRESSES_PER_PEER_NAME`], this EPP's own skipped)
+/// and stops following those it no longer names, until `token` fires. A failed resolution
+/// keeps the addresses followed so far.
+pub async fn follow_name(
+    host: String,
+    port: u16,
+    own: Option<SocketAddr>,
+    datastore: Arc<Datastore>,
+    index: Arc<SharedKvIndex>,
+    metrics: Arc<KvEventMetrics>,
+    token: CancellationToken,
+) {
+    let mut followed: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let resolved = tokio::select! {
+            () = token.cancelled() => break,
+            r = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))) => r,
+        };
+        match resolved {
+            Ok(Ok(addrs)) => {
+                let now: BTreeSet<SocketAddr> = addrs
+                    .filter(|a| !is_own(*a, own))
+                    .take(MAX_ADDRESSES_PER_PEER_NAME)
+                    .collect();
+                followed.retain(|addr, peer| {
+                    let keep = now.contains(addr);
+                    if !keep {
+                        tracing::info!(%host, %addr, "speculative peers: address gone");
+                        peer.cancel();
+                    }
+                    keep
+                });
+                for addr in now {
+                    if followed.contains_key(&addr) {
+                        continue;
+                    }
+                    let peer = token.child_token();
+                    followed.insert(addr, peer.clone());
+                    tasks.spawn(subscribe(
+                        format!("tcp://{addr}"),
+                        datastore.clone(),
+                        index.clone(),
+                        metrics.clone(),
+                        peer,
+                    ));
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%host, %error, "speculative peers: cannot resolve");
+            }
+            Err(_) => tracing::warn!(%host, "speculative peers: resolving timed out"),
+        }
+        while tasks.try_join_next().is_some() {}
+        tokio::select! {
+            () = token.cancelled() => break,
+            () = tokio::time::sleep(PEER_RESOLVE_INTERVAL) => {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Applies peer `endpoint`'s messages to `index` until `token` fires.

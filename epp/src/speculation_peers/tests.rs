@@ -146,6 +146,7 @@ async fn a_publisher_reaches_a_subscriber_over_loopback() {
     ));
     let subscriber = tokio::spawn(subscribe_all(
         vec![endpoint],
+        None,
         datastore.clone(),
         index.clone(),
         metrics.clone(),
@@ -163,5 +164,120 @@ async fn a_publisher_reaches_a_subscriber_over_loopback() {
     assert!(outcome(&metrics, "applied") >= 1);
     token.cancel();
     publisher.await.unwrap();
+    subscriber.await.unwrap();
+}
+
+#[test]
+fn names_are_told_from_addresses() {
+    assert_eq!(
+        dns_name("tcp://epp-peers.ns.svc:5570"),
+        Some(("epp-peers.ns.svc".to_owned(), 5570))
+    );
+    assert_eq!(
+        dns_name("tcp://localhost:1"),
+        Some(("localhost".to_owned(), 1))
+    );
+    for address in [
+        "tcp://10.0.0.1:5570",
+        "tcp://[::1]:5570",
+        "tcp://*:5570",
+        "tcp://epp:notaport",
+        "ipc:///tmp/x:1",
+    ] {
+        assert_eq!(dns_name(address), None, "{address}");
+    }
+    assert_eq!(
+        published_address("tcp://*:5570"),
+        Some("0.0.0.0:5570".parse().unwrap())
+    );
+    assert_eq!(
+        published_address("tcp://10.0.0.1:5570"),
+        Some("10.0.0.1:5570".parse().unwrap())
+    );
+}
+
+#[test]
+fn this_epps_own_publisher_is_recognised() {
+    let any: SocketAddr = "0.0.0.0:5570".parse().unwrap();
+    let loopback: SocketAddr = "127.0.0.1:5570".parse().unwrap();
+    assert!(
+        is_own(loopback, Some(any)),
+        "an address of this host, same port"
+    );
+    assert!(!is_own("127.0.0.1:5571".parse().unwrap(), Some(any)));
+    assert!(is_own(loopback, Some(loopback)));
+    assert!(!is_own(loopback, Some("127.0.0.2:5570".parse().unwrap())));
+    assert!(!is_own(loopback, None));
+    // TEST-NET-3: never an address of this host.
+    assert!(!is_own("203.0.113.7:5570".parse().unwrap(), Some(any)));
+}
+
+/// A peer given by a name is followed at every address it resolves to; the address that is
+/// this EPP's own publisher is skipped. Two publishers on loopback: `localhost:<own>` (this
+/// EPP's, bound to every address) and `localhost:<other>`.
+#[tokio::test]
+async fn a_named_peer_is_followed_and_this_epp_is_skipped() {
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (own_port, other_port) = (free_port(), free_port());
+    let (datastore, index, metrics) = setup();
+    let token = CancellationToken::new();
+    let own_outbox = Arc::new(PeerOutbox::default());
+    let other_outbox = Arc::new(PeerOutbox::default());
+    let own_publish = format!("tcp://*:{own_port}");
+    let publishers = [
+        tokio::spawn(publish(
+            own_publish.clone(),
+            own_outbox.clone(),
+            Arc::default(),
+            token.clone(),
+        )),
+        tokio::spawn(publish(
+            format!("tcp://127.0.0.1:{other_port}"),
+            other_outbox.clone(),
+            Arc::default(),
+            token.clone(),
+        )),
+    ];
+    let subscriber = tokio::spawn(subscribe_all(
+        vec![
+            format!("tcp://localhost:{own_port}"),
+            format!("tcp://localhost:{other_port}"),
+        ],
+        Some(own_publish),
+        datastore.clone(),
+        index.clone(),
+        metrics.clone(),
+        token.clone(),
+    ));
+    let (from_other, from_own) = (id(&datastore, 2), id(&datastore, 3));
+    let offer = || {
+        other_outbox.offer(spec(2).address, &keys(&index));
+        own_outbox.offer(spec(3).address, &keys(&index));
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held(&index, from_other, Instant::now()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the named peer's message never arrived"
+        );
+        offer();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other peer is heard; this EPP's own messages, offered as often, are not.
+    for _ in 0..25 {
+        offer();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(held(&index, from_own, Instant::now()), 0);
+    token.cancel();
+    for p in publishers {
+        p.await.unwrap();
+    }
     subscriber.await.unwrap();
 }

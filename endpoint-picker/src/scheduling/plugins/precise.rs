@@ -21,14 +21,15 @@
 //!     speculativeTTL: 2s
 //!     sharedMedia: [remote]        # Switchyard's: media that are one store for the pool
 //!     speculativePublishEndpoint: tcp://*:5570          # Switchyard's: active-active EPPs
-//!     speculativePeers: [tcp://epp-1:5570, tcp://epp-2:5570]
+//!     speculativePeers: [tcp://epp-peers:5570]   # a name: every address it resolves to
 //! ```
 //!
 //! `speculativePublishEndpoint` and `speculativePeers` (this EPP's own, both off by default,
 //! both need `speculativeIndexing: true`) share speculative entries between EPP replicas that
 //! route one pool side by side: this EPP publishes, on a PUB socket bound at the endpoint,
 //! each routed request's block keys and chosen endpoint, and subscribes to each peer's
-//! endpoint; a peer's message makes the same speculative entries in this EPP's index (same
+//! endpoint (a host that is a DNS name stands for every address it resolves to, this EPP's
+//! own skipped: one headless Service names every replica); a peer's message makes the same speculative entries in this EPP's index (same
 //! `speculativeTTL`, replaced by the engine's own events). Until an engine has computed a
 //! request's prefix, seconds after the decision when queues are long, only the EPP that routed
 //! it knows where it goes; this tells the others (bench/RESULTS.md, "Active-active"). The

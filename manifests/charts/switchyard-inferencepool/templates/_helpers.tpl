@@ -226,13 +226,29 @@ than guessed.
 {{- include "switchyard.flagOr" (list . "tracing" "inferenceExtension.tracing.enabled" .Values.inferenceExtension.tracing.enabled) -}}
 {{- end -}}
 
-{{/* Leader election: the flag if set, else asked for or implied by more than one replica. */}}
+{{/* Active-active: "true" when every replica routes (no leader election), else "". */}}
+{{- define "switchyard.activeActive" -}}
+{{- include "switchyard.bool" (list "inferenceExtension.activeActive.enabled" (.Values.inferenceExtension.activeActive | default dict).enabled) -}}
+{{- end -}}
+
+{{/* The headless Service through which active-active replicas find each other. */}}
+{{- define "switchyard.peersName" -}}
+{{- printf "%s-peers" (include "switchyard.eppName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Leader election: the flag if set, else asked for or implied by more than one replica
+(unless active-active, which excludes it). */}}
 {{- define "switchyard.ha" -}}
 {{- $e := .Values.inferenceExtension -}}
-{{- $asked := or $e.leaderElection.enabled $e.enableLeaderElection (gt (int $e.replicas) 1) | toString -}}
+{{- $aa := include "switchyard.activeActive" . -}}
+{{- $implied := and (gt (int $e.replicas) 1) (not $aa) -}}
+{{- $asked := or $e.leaderElection.enabled $e.enableLeaderElection $implied | toString -}}
 {{- $on := include "switchyard.flagOr" (list . "ha-enable-leader-election" "inferenceExtension.leaderElection.enabled" $asked) -}}
-{{- if and (not $on) (gt (int $e.replicas) 1) -}}
-{{- fail "inferenceExtension.flags.ha-enable-leader-election is false with more than one replica: every replica would route, each with its own view of the pool" -}}
+{{- if and $on $aa -}}
+{{- fail "inferenceExtension.activeActive.enabled and leader election exclude each other: active-active replicas all route, with leader election only the leader does" -}}
+{{- end -}}
+{{- if and (not $on) (not $aa) (gt (int $e.replicas) 1) -}}
+{{- fail "inferenceExtension.flags.ha-enable-leader-election is false with more than one replica: every replica would route, each with its own view of the pool (set inferenceExtension.activeActive.enabled if that is meant)" -}}
 {{- end -}}
 {{- $on -}}
 {{- end -}}
@@ -282,6 +298,12 @@ Included once, from inferencepool.yaml.
 {{- $e := .Values.inferenceExtension -}}
 {{- if not $p.modelServers.matchLabels -}}
 {{- fail "inferencePool.modelServers.matchLabels must select the model-server pods" -}}
+{{- end -}}
+{{- if include "switchyard.activeActive" . -}}
+{{- $peers := int $e.activeActive.peersPort -}}
+{{- if has $peers (list (int $e.extProcPort) (int $e.healthPort) (int $e.metricsPort)) -}}
+{{- fail (printf "inferenceExtension.activeActive.peersPort (%d) is one of the EPP's other ports" $peers) -}}
+{{- end -}}
 {{- end -}}
 {{- $n := len (include "switchyard.targetPorts" . | fromJsonArray) -}}
 {{- if gt $n 8 -}}
