@@ -138,26 +138,31 @@ pub async fn subscribe_all(
     while peers.join_next().await.is_some() {}
 }
 
-/// The host and port of a `tcp://<host>:<port>` endpoint whose host is a name, not an IP
-/// address (`None` for an address or anything else).
-fn dns_name(endpoint: &str) -> Option<(String, u16)> {
+/// The host of a `tcp://<host>:<port>` endpoint (IPv6 without its brackets), its IP address
+/// when it is one, and the port.
+fn tcp_host_port(endpoint: &str) -> Option<(&str, Option<IpAddr>, u16)> {
     let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty() && host != "*" && bare.parse::<IpAddr>().is_err())
-        .then(|| (host.to_owned(), port))
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host, host.parse().ok(), port.parse().ok()?))
+}
+
+/// The host and port of a `tcp://<host>:<port>` endpoint whose host is a name, not an IP
+/// address (`None` for an address, `*` or anything else).
+fn dns_name(endpoint: &str) -> Option<(String, u16)> {
+    match tcp_host_port(endpoint)? {
+        (host, None, port) if !host.is_empty() && host != "*" => Some((host.to_owned(), port)),
+        _ => None,
+    }
 }
 
 /// The address this EPP publishes at: `*` and names are the unspecified address (any of this
 /// host's), with the port.
 fn published_address(endpoint: &str) -> Option<SocketAddr> {
-    let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let ip = bare
-        .parse::<IpAddr>()
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    Some(SocketAddr::new(ip, port))
+    let (_, ip, port) = tcp_host_port(endpoint)?;
+    Some(SocketAddr::new(
+        ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        port,
+    ))
 }
 
 /// Whether `addr` is where this EPP publishes (`own`): the same address, or, for a publisher
