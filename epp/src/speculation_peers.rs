@@ -188,6 +188,34 @@ fn is_own(addr: SocketAddr, own: Option<SocketAddr>) -> bool {
         .is_ok_and(|local| local.ip() == addr.ip())
 }
 
+/// What one DNS answer changes in the addresses followed: those to start following (new in
+/// the answer; this EPP's own skipped; the first [`MAX_ADDRESSES_PER_PEER_NAME`] in address
+/// order) and those to stop (gone from it).
+fn changes<T>(
+    followed: &BTreeMap<SocketAddr, T>,
+    answer: impl IntoIterator<Item = SocketAddr>,
+    own: Option<SocketAddr>,
+) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    let now: BTreeSet<SocketAddr> = answer
+        .into_iter()
+        .filter(|a| !is_own(*a, own))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .take(MAX_ADDRESSES_PER_PEER_NAME)
+        .collect();
+    let start = now
+        .iter()
+        .filter(|a| !followed.contains_key(a))
+        .copied()
+        .collect();
+    let stop = followed
+        .keys()
+        .filter(|a| !now.contains(a))
+        .copied()
+        .collect();
+    (start, stop)
+}
+
 /// Follows the peers `host` names: resolves it every [`PEER_RESOLVE_INTERVAL`], [`subscribe`]s
 /// to each address it names (at most [`MAX_ADDRESSES_PER_PEER_NAME`], this EPP's own skipped)
 /// and stops following those it no longer names, until `token` fires. A failed resolution
@@ -209,23 +237,15 @@ pub async fn follow_name(
             r = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))) => r,
         };
         match resolved {
-            Ok(Ok(addrs)) => {
-                let now: BTreeSet<SocketAddr> = addrs
-                    .filter(|a| !is_own(*a, own))
-                    .take(MAX_ADDRESSES_PER_PEER_NAME)
-                    .collect();
-                followed.retain(|addr, peer| {
-                    let keep = now.contains(addr);
-                    if !keep {
-                        tracing::info!(%host, %addr, "speculative peers: address gone");
+            Ok(Ok(answer)) => {
+                let (start, stop) = changes(&followed, answer, own);
+                for addr in stop {
+                    tracing::info!(%host, %addr, "speculative peers: address gone");
+                    if let Some(peer) = followed.remove(&addr) {
                         peer.cancel();
                     }
-                    keep
-                });
-                for addr in now {
-                    if followed.contains_key(&addr) {
-                        continue;
-                    }
+                }
+                for addr in start {
                     let peer = token.child_token();
                     followed.insert(addr, peer.clone());
                     tasks.spawn(subscribe(

@@ -212,6 +212,34 @@ fn this_epps_own_publisher_is_recognised() {
     assert!(!is_own("203.0.113.7:5570".parse().unwrap(), Some(any)));
 }
 
+#[test]
+fn an_answer_starts_new_addresses_stops_gone_ones_and_is_capped() {
+    let addr = |i: u16| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5570));
+    let own = Some(SocketAddr::from(([10, 0, 0, 9], 5570)));
+    let mut followed: BTreeMap<SocketAddr, ()> = BTreeMap::new();
+    let (start, stop) = changes(&followed, [addr(2), addr(1), addr(2)], own);
+    assert_eq!(
+        (start.as_slice(), stop.as_slice()),
+        ([addr(1), addr(2)].as_slice(), [].as_slice())
+    );
+    followed.extend(start.into_iter().map(|a| (a, ())));
+    // 2 stays, 1 is gone, 3 is new; this EPP's own address is never followed.
+    let (start, stop) = changes(&followed, [addr(3), addr(2), addr(9)], own);
+    assert_eq!(start, [addr(3)]);
+    assert_eq!(stop, [addr(1)]);
+    // An answer of hundreds: the first 64 in address order, the same on every resolution.
+    let many: Vec<SocketAddr> = (1..=300).rev().map(addr).collect();
+    let (start, stop) = changes(&BTreeMap::<SocketAddr, ()>::new(), many.clone(), own);
+    assert_eq!(start.len(), MAX_ADDRESSES_PER_PEER_NAME);
+    assert_eq!(start[0], addr(1));
+    assert!(!start.contains(&addr(9)));
+    assert!(stop.is_empty());
+    // An empty answer (a Service without endpoints) stops everything.
+    let (start, stop) = changes(&followed, [], own);
+    assert!(start.is_empty());
+    assert_eq!(stop, [addr(1), addr(2)]);
+}
+
 /// A peer given by a name is followed at every address it resolves to; the address that is
 /// this EPP's own publisher is skipped. Two publishers on loopback: `localhost:<own>` (this
 /// EPP's, bound to every address) and `localhost:<other>`.
