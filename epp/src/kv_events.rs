@@ -158,6 +158,9 @@ pub struct KvEventMetrics {
     /// `inference_extension_speculation_peer_messages_total`: speculative entries shared with
     /// peer EPPs, by outcome ([`crate::speculation_peers`]).
     pub peer_messages: Family<PeerOutcome, Counter>,
+    /// `inference_extension_speculation_peers_connected`: peer publishers this EPP is
+    /// subscribed to now (every address of a peer name counts).
+    pub peers_connected: Gauge,
 }
 
 /// `outcome` of a peer message: `sent`, `applied`, or why it was dropped: `queue_full` (the
@@ -177,6 +180,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_kv_index_blocks", "gauge"),
     ("inference_extension_kv_index_entries", "gauge"),
     ("inference_extension_speculation_peer_messages", "counter"),
+    ("inference_extension_speculation_peers_connected", "gauge"),
 ];
 
 impl KvEventMetrics {
@@ -216,6 +220,11 @@ impl KvEventMetrics {
             "inference_extension_speculation_peer_messages",
             "Speculative entries shared with peer EPPs (speculativePeers), by outcome",
             self.peer_messages.clone(),
+        );
+        r.register(
+            "inference_extension_speculation_peers_connected",
+            "Peer EPPs (speculativePeers addresses) whose speculative entries this EPP receives now",
+            self.peers_connected.clone(),
         );
     }
 

@@ -27,6 +27,7 @@ use endpoint_picker::datastore::Datastore;
 use endpoint_picker::kv_index::SharedKvIndex;
 use endpoint_picker::kv_index::peers::{PeerOutbox, decode, encode};
 use kv_events::transport::{FramePub, FrameSub};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -271,6 +272,23 @@ pub async fn follow_name(
     while tasks.join_next().await.is_some() {}
 }
 
+/// Counts one live peer subscription in `inference_extension_speculation_peers_connected` for
+/// as long as it lives, however its loop ends.
+struct Connected<'a>(&'a Gauge);
+
+impl<'a> Connected<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Applies peer `endpoint`'s messages to `index` until `token` fires.
 pub async fn subscribe(
     endpoint: String,
@@ -288,6 +306,7 @@ pub async fn subscribe(
         match opened {
             Ok(mut sub) => {
                 tracing::info!(%endpoint, "speculative peers: subscribed");
+                let _connected = Connected::new(&metrics.peers_connected);
                 retry = RETRY;
                 let mut window = (Instant::now(), 0u32);
                 loop {

@@ -162,9 +162,15 @@ async fn a_publisher_reaches_a_subscriber_over_loopback() {
     }
     assert!(outcome(&metrics, "sent") >= 1);
     assert!(outcome(&metrics, "applied") >= 1);
+    assert_eq!(metrics.peers_connected.get(), 1);
     token.cancel();
     publisher.await.unwrap();
     subscriber.await.unwrap();
+    assert_eq!(
+        metrics.peers_connected.get(),
+        0,
+        "a subscription that ended is not counted"
+    );
 }
 
 #[test]
