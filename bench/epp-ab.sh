@@ -72,7 +72,7 @@ for i in range(n):
             sys.exit(f"request {i}: status {r.status}: {r.getheaders()}")
         c.close(); time.sleep(0.1)
 lat.sort()
-pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
+pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6 if lat else 0
 print(f"{pct(0.5):.0f} {pct(0.99):.0f}")
 PY
 }

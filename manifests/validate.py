@@ -237,8 +237,14 @@ def check_epp_invariants(
             fail(where, "active-active with leader election")
         if "peers" not in ports:
             fail(where, "the peers Service targets a port the EPP does not declare")
-        if not peers[0]["spec"].get("publishNotReadyAddresses"):
-            fail(where, "the peers Service must list replicas before they are ready")
+        pod_labels = dep["spec"]["template"]["metadata"].get("labels", {})
+        for svc in peers:
+            name = svc["metadata"]["name"]
+            if not svc["spec"].get("publishNotReadyAddresses"):
+                fail(where, f"{name} must list replicas before they are ready")
+            selector = svc["spec"].get("selector") or {}
+            if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
+                fail(where, f"{name} selects no EPP pod: its DNS name would be empty")
         if dep["spec"].get("strategy", {}).get("type") != "RollingUpdate":
             fail(where, "active-active replicas are replaced one at a time")
     grpc = [p for s in services for p in s["spec"]["ports"] if p.get("targetPort") == "grpc"]
@@ -620,10 +626,37 @@ def validate_chart() -> None:
         where = f"chart[{name}]"
         merged = chart.merge_values(values)
         ext = merged["inferenceExtension"]
-        active_active = bool((ext.get("activeActive") or {}).get("enabled"))
-        ha = bool(ext["leaderElection"]["enabled"]) or (int(ext["replicas"]) > 1 and not active_active)
+        active_active = truthy((ext.get("activeActive") or {}).get("enabled"))
+        ha = truthy(ext["leaderElection"]["enabled"]) or (int(ext["replicas"]) > 1 and not active_active)
         objs = render_checked(chart, where, values, f"ci-{os.path.splitext(name)[0]}", ha=ha)
         check_chart_specifics(where, objs, merged)
+        if active_active:
+            check_active_active_config(where, objs, ext)
+
+
+def truthy(v: Any) -> bool:
+    """A chart boolean as `switchyard.bool` reads it: true or "true" (any case)."""
+    return str(v).lower() == "true"
+
+
+def check_active_active_config(where: str, objs: list[dict[str, Any]], ext: dict[str, Any]) -> None:
+    """The value set's plugin config publishes on the peers port and names the peers Service
+    there (the chart cannot read the config's YAML, so a value set must agree with itself)."""
+    port = int(ext["activeActive"]["peersPort"])
+    peers = next(o["metadata"]["name"] for o in objs
+                 if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None")
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    cfg = yaml.safe_load(cm["data"][ext["pluginsConfigFile"]])
+    precise = [p.get("parameters") or {} for p in cfg.get("plugins", [])
+               if p.get("type") == "precise-prefix-cache-scorer"]
+    if not precise:
+        fail(where, "active-active without precise-prefix-cache-scorer")
+        return
+    publish = str(precise[0].get("speculativePublishEndpoint", ""))
+    if not publish.endswith(f":{port}"):
+        fail(where, f"speculativePublishEndpoint {publish!r} is not on activeActive.peersPort {port}")
+    if f"tcp://{peers}:{port}" not in precise[0].get("speculativePeers", []):
+        fail(where, f"speculativePeers does not name tcp://{peers}:{port}")
 
 
 def validate_chart_upstream() -> None:

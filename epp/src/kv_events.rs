@@ -158,9 +158,10 @@ pub struct KvEventMetrics {
     /// `inference_extension_speculation_peer_messages_total`: speculative entries shared with
     /// peer EPPs, by outcome ([`crate::speculation_peers`]).
     pub peer_messages: Family<PeerOutcome, Counter>,
-    /// `inference_extension_speculation_peers_connected`: peer publishers this EPP is
-    /// subscribed to now (every address of a peer name counts).
-    pub peers_connected: Gauge,
+    /// `inference_extension_speculation_peers_followed`: peer publishers this EPP has subscribed
+    /// to and not stopped (every address of a peer name counts; an unreachable peer still counts
+    /// while its socket redials).
+    pub peers_followed: Gauge,
 }
 
 /// `outcome` of a peer message: `sent`, `applied`, or why it was dropped: `queue_full` (the
@@ -180,7 +181,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_kv_index_blocks", "gauge"),
     ("inference_extension_kv_index_entries", "gauge"),
     ("inference_extension_speculation_peer_messages", "counter"),
-    ("inference_extension_speculation_peers_connected", "gauge"),
+    ("inference_extension_speculation_peers_followed", "gauge"),
 ];
 
 impl KvEventMetrics {
@@ -222,9 +223,9 @@ impl KvEventMetrics {
             self.peer_messages.clone(),
         );
         r.register(
-            "inference_extension_speculation_peers_connected",
-            "Peer EPPs (speculativePeers addresses) whose speculative entries this EPP receives now",
-            self.peers_connected.clone(),
+            "inference_extension_speculation_peers_followed",
+            "Peer EPP addresses (speculativePeers) this EPP has subscribed to and not stopped",
+            self.peers_followed.clone(),
         );
     }
 

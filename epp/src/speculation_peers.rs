@@ -17,7 +17,7 @@
 //! Service, as EPP pods come and go. An address that is this EPP's own publisher is skipped,
 //! so every replica can share one configuration that names them all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -189,38 +189,50 @@ fn is_own(addr: SocketAddr, own: Option<SocketAddr>) -> bool {
         .is_ok_and(|local| local.ip() == addr.ip())
 }
 
-/// What one DNS answer changes in the addresses followed: those to start following (new in
-/// the answer; this EPP's own skipped; the first [`MAX_ADDRESSES_PER_PEER_NAME`] in address
-/// order) and those to stop (gone from it).
+/// What one DNS answer changes in the addresses followed (see [`changes`]).
+#[derive(Debug, PartialEq, Eq)]
+struct Changes {
+    /// New in the answer: to start following.
+    start: Vec<SocketAddr>,
+    /// Gone from it: to stop following.
+    stop: Vec<SocketAddr>,
+    /// Addresses of the answer past [`MAX_ADDRESSES_PER_PEER_NAME`], not followed.
+    beyond_cap: usize,
+}
+
+/// What one DNS answer changes in the addresses followed: this EPP's own is skipped, and the
+/// first [`MAX_ADDRESSES_PER_PEER_NAME`] in address order are kept (the same ones on every
+/// resolution of the same answer).
 fn changes<T>(
     followed: &BTreeMap<SocketAddr, T>,
     answer: impl IntoIterator<Item = SocketAddr>,
     own: Option<SocketAddr>,
-) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
-    let now: BTreeSet<SocketAddr> = answer
-        .into_iter()
-        .filter(|a| !is_own(*a, own))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .take(MAX_ADDRESSES_PER_PEER_NAME)
-        .collect();
-    let start = now
-        .iter()
-        .filter(|a| !followed.contains_key(a))
-        .copied()
-        .collect();
-    let stop = followed
-        .keys()
-        .filter(|a| !now.contains(a))
-        .copied()
-        .collect();
-    (start, stop)
+) -> Changes {
+    let mut now: BTreeSet<SocketAddr> = answer.into_iter().filter(|a| !is_own(*a, own)).collect();
+    let beyond_cap = now.len().saturating_sub(MAX_ADDRESSES_PER_PEER_NAME);
+    while now.len() > MAX_ADDRESSES_PER_PEER_NAME {
+        now.pop_last();
+    }
+    Changes {
+        start: now
+            .iter()
+            .filter(|a| !followed.contains_key(a))
+            .copied()
+            .collect(),
+        stop: followed
+            .keys()
+            .filter(|a| !now.contains(a))
+            .copied()
+            .collect(),
+        beyond_cap,
+    }
 }
 
 /// Follows the peers `host` names: resolves it every [`PEER_RESOLVE_INTERVAL`], [`subscribe`]s
 /// to each address it names (at most [`MAX_ADDRESSES_PER_PEER_NAME`], this EPP's own skipped)
 /// and stops following those it no longer names, until `token` fires. A failed resolution
-/// keeps the addresses followed so far.
+/// keeps the addresses followed so far; a subscriber that failed (panicked) is forgotten, so
+/// that the next answer naming its address starts it again.
 pub async fn follow_name(
     host: String,
     port: u16,
@@ -230,7 +242,11 @@ pub async fn follow_name(
     metrics: Arc<KvEventMetrics>,
     token: CancellationToken,
 ) {
-    let mut followed: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
+    // Each followed address with the generation of its subscriber (a returning address gets
+    // a new one), and each subscriber task's address and generation.
+    let mut followed: BTreeMap<SocketAddr, (u64, CancellationToken)> = BTreeMap::new();
+    let mut subscribers: HashMap<tokio::task::Id, (SocketAddr, u64)> = HashMap::new();
+    let mut generation = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let resolved = tokio::select! {
@@ -239,23 +255,36 @@ pub async fn follow_name(
         };
         match resolved {
             Ok(Ok(answer)) => {
-                let (start, stop) = changes(&followed, answer, own);
+                let Changes {
+                    start,
+                    stop,
+                    beyond_cap,
+                } = changes(&followed, answer, own);
+                if beyond_cap > 0 {
+                    tracing::warn!(
+                        %host,
+                        beyond_cap,
+                        "speculative peers: more addresses than {MAX_ADDRESSES_PER_PEER_NAME}; the highest are not followed"
+                    );
+                }
                 for addr in stop {
                     tracing::info!(%host, %addr, "speculative peers: address gone");
-                    if let Some(peer) = followed.remove(&addr) {
+                    if let Some((_, peer)) = followed.remove(&addr) {
                         peer.cancel();
                     }
                 }
                 for addr in start {
+                    generation += 1;
                     let peer = token.child_token();
-                    followed.insert(addr, peer.clone());
-                    tasks.spawn(subscribe(
+                    followed.insert(addr, (generation, peer.clone()));
+                    let task = tasks.spawn(subscribe(
                         format!("tcp://{addr}"),
                         datastore.clone(),
                         index.clone(),
                         metrics.clone(),
                         peer,
                     ));
+                    subscribers.insert(task.id(), (addr, generation));
                 }
             }
             Ok(Err(error)) => {
@@ -263,7 +292,21 @@ pub async fn follow_name(
             }
             Err(_) => tracing::warn!(%host, "speculative peers: resolving timed out"),
         }
-        while tasks.try_join_next().is_some() {}
+        while let Some(done) = tasks.try_join_next_with_id() {
+            let id = match &done {
+                Ok((id, ())) => *id,
+                Err(error) => error.id(),
+            };
+            let Some((addr, generation)) = subscribers.remove(&id) else {
+                continue;
+            };
+            if let Err(error) = done
+                && followed.get(&addr).is_some_and(|f| f.0 == generation)
+            {
+                tracing::warn!(%host, %addr, %error, "speculative peers: subscriber failed");
+                followed.remove(&addr);
+            }
+        }
         tokio::select! {
             () = token.cancelled() => break,
             () = tokio::time::sleep(PEER_RESOLVE_INTERVAL) => {}
@@ -272,8 +315,10 @@ pub async fn follow_name(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Counts one live peer subscription in `inference_extension_speculation_peers_connected` for
-/// as long as it lives, however its loop ends.
+/// Counts one peer subscription in `inference_extension_speculation_peers_followed` from its
+/// first connection until it ends (stopped, or its peer lost for good), however its loop ends.
+/// A subscription whose peer is unreachable for a while still counts: the socket redials by
+/// itself and does not report the loss.
 struct Connected<'a>(&'a Gauge);
 
 impl<'a> Connected<'a> {
@@ -306,7 +351,7 @@ pub async fn subscribe(
         match opened {
             Ok(mut sub) => {
                 tracing::info!(%endpoint, "speculative peers: subscribed");
-                let _connected = Connected::new(&metrics.peers_connected);
+                let _connected = Connected::new(&metrics.peers_followed);
                 retry = RETRY;
                 let mut window = (Instant::now(), 0u32);
                 loop {

@@ -162,12 +162,12 @@ async fn a_publisher_reaches_a_subscriber_over_loopback() {
     }
     assert!(outcome(&metrics, "sent") >= 1);
     assert!(outcome(&metrics, "applied") >= 1);
-    assert_eq!(metrics.peers_connected.get(), 1);
+    assert_eq!(metrics.peers_followed.get(), 1);
     token.cancel();
     publisher.await.unwrap();
     subscriber.await.unwrap();
     assert_eq!(
-        metrics.peers_connected.get(),
+        metrics.peers_followed.get(),
         0,
         "a subscription that ended is not counted"
     );
@@ -223,27 +223,32 @@ fn an_answer_starts_new_addresses_stops_gone_ones_and_is_capped() {
     let addr = |i: u16| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5570));
     let own = Some(SocketAddr::from(([10, 0, 0, 9], 5570)));
     let mut followed: BTreeMap<SocketAddr, ()> = BTreeMap::new();
-    let (start, stop) = changes(&followed, [addr(2), addr(1), addr(2)], own);
+    let c = changes(&followed, [addr(2), addr(1), addr(2)], own);
     assert_eq!(
-        (start.as_slice(), stop.as_slice()),
+        (c.start.as_slice(), c.stop.as_slice()),
         ([addr(1), addr(2)].as_slice(), [].as_slice())
     );
-    followed.extend(start.into_iter().map(|a| (a, ())));
+    followed.extend(c.start.into_iter().map(|a| (a, ())));
     // 2 stays, 1 is gone, 3 is new; this EPP's own address is never followed.
-    let (start, stop) = changes(&followed, [addr(3), addr(2), addr(9)], own);
-    assert_eq!(start, [addr(3)]);
-    assert_eq!(stop, [addr(1)]);
-    // An answer of hundreds: the first 64 in address order, the same on every resolution.
+    let c = changes(&followed, [addr(3), addr(2), addr(9)], own);
+    assert_eq!(
+        (c.start, c.stop, c.beyond_cap),
+        (vec![addr(3)], vec![addr(1)], 0)
+    );
+    // An answer of hundreds: the first 64 in address order, the same on every resolution, and
+    // how many were left out.
     let many: Vec<SocketAddr> = (1..=300).rev().map(addr).collect();
-    let (start, stop) = changes(&BTreeMap::<SocketAddr, ()>::new(), many.clone(), own);
-    assert_eq!(start.len(), MAX_ADDRESSES_PER_PEER_NAME);
-    assert_eq!(start[0], addr(1));
-    assert!(!start.contains(&addr(9)));
-    assert!(stop.is_empty());
-    // An empty answer (a Service without endpoints) stops everything.
-    let (start, stop) = changes(&followed, [], own);
-    assert!(start.is_empty());
-    assert_eq!(stop, [addr(1), addr(2)]);
+    let c = changes(&BTreeMap::<SocketAddr, ()>::new(), many.clone(), own);
+    assert_eq!(c.start.len(), MAX_ADDRESSES_PER_PEER_NAME);
+    assert_eq!(c.start[0], addr(1));
+    assert!(!c.start.contains(&addr(9)));
+    assert!(c.stop.is_empty());
+    assert_eq!(c.beyond_cap, 299 - MAX_ADDRESSES_PER_PEER_NAME);
+    // An answer without addresses (a resolver may return one for a Service without endpoints;
+    // glibc's reports an error instead, which keeps everything) stops everything.
+    let c = changes(&followed, [], own);
+    assert!(c.start.is_empty());
+    assert_eq!(c.stop, [addr(1), addr(2)]);
 }
 
 /// A peer given by a name is followed at every address it resolves to; the address that is

@@ -29,11 +29,12 @@
 //! route one pool side by side: this EPP publishes, on a PUB socket bound at the endpoint,
 //! each routed request's block keys and chosen endpoint, and subscribes to each peer's
 //! endpoint (a host that is a DNS name stands for every address it resolves to, this EPP's
-//! own skipped: one headless Service names every replica); a peer's message makes the same speculative entries in this EPP's index (same
-//! `speculativeTTL`, replaced by the engine's own events). Until an engine has computed a
-//! request's prefix, seconds after the decision when queues are long, only the EPP that routed
-//! it knows where it goes; this tells the others (bench/RESULTS.md, "Active-active"). The
-//! message and its caps: [`crate::kv_index::peers`]. Peers must hash alike (the same
+//! own skipped: one headless Service names every replica); a peer's message makes the same
+//! speculative entries in this EPP's index (same `speculativeTTL`, replaced by the engine's
+//! own events). Until an engine has computed a request's prefix, seconds after the decision
+//! when queues are long, only the EPP that routed it knows where it goes; this tells the
+//! others (bench/RESULTS.md, "Active-active"). The message and its caps:
+//! [`crate::kv_index::peers`]. Peers must hash alike (the same
 //! `tokenProcessorConfig`) and see the pool's endpoints at the same addresses.
 //!
 //! `sharedMedia` (this EPP's own parameter, default `[remote]`, the tiers contract) names the
