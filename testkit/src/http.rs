@@ -93,11 +93,22 @@ pub async fn post(
 
 /// Reads a whole body.
 pub async fn body_text(resp: ::http::Response<Incoming>) -> String {
-    let b = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+    try_body_text(resp, Duration::from_secs(30))
         .await
-        .expect("body in time")
-        .expect("body");
-    String::from_utf8_lossy(&b.to_bytes()).into_owned()
+        .expect("body in time and whole")
+}
+
+/// Reads a whole body, saying why when it cannot: cut short (a reset after the headers) or
+/// not finished within `deadline`.
+pub async fn try_body_text(
+    resp: ::http::Response<Incoming>,
+    deadline: Duration,
+) -> Result<String, String> {
+    match tokio::time::timeout(deadline, resp.into_body().collect()).await {
+        Ok(Ok(b)) => Ok(String::from_utf8_lossy(&b.to_bytes()).into_owned()),
+        Ok(Err(e)) => Err(format!("body cut short: {e}")),
+        Err(_) => Err(format!("body not finished within {deadline:?}")),
+    }
 }
 
 /// Reads a body frame by frame, with the arrival time of each frame.
