@@ -26,6 +26,7 @@ use std::time::Duration;
 use endpoint_picker::datastore::Datastore;
 use endpoint_picker::kv_index::SharedKvIndex;
 use endpoint_picker::kv_index::peers::{PeerOutbox, decode, encode};
+use kv_events::TcpEndpoint;
 use kv_events::transport::{FramePub, FrameSub};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
@@ -139,31 +140,21 @@ pub async fn subscribe_all(
     while peers.join_next().await.is_some() {}
 }
 
-/// The host of a `tcp://<host>:<port>` endpoint (IPv6 without its brackets), its IP address
-/// when it is one, and the port.
-fn tcp_host_port(endpoint: &str) -> Option<(&str, Option<IpAddr>, u16)> {
-    let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    Some((host, host.parse().ok(), port.parse().ok()?))
-}
-
 /// The host and port of a `tcp://<host>:<port>` endpoint whose host is a name, not an IP
 /// address (`None` for an address, `*` or anything else).
 fn dns_name(endpoint: &str) -> Option<(String, u16)> {
-    match tcp_host_port(endpoint)? {
-        (host, None, port) if !host.is_empty() && host != "*" => Some((host.to_owned(), port)),
-        _ => None,
-    }
+    let parsed = TcpEndpoint::parse(endpoint).ok()?;
+    Some((parsed.name()?.to_owned(), parsed.port))
 }
 
 /// The address this EPP publishes at: `*` and names are the unspecified address (any of this
 /// host's), with the port.
 fn published_address(endpoint: &str) -> Option<SocketAddr> {
-    let (_, ip, port) = tcp_host_port(endpoint)?;
-    Some(SocketAddr::new(
-        ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        port,
-    ))
+    let parsed = TcpEndpoint::parse(endpoint).ok()?;
+    Some(parsed.socket_address().unwrap_or(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        parsed.port,
+    )))
 }
 
 /// Whether `addr` is where this EPP publishes (`own`): the same address, or, for a publisher

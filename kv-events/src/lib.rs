@@ -14,12 +14,14 @@
 
 pub mod codec;
 pub mod config;
+pub mod endpoint;
 pub mod topic;
 #[cfg(feature = "zmq")]
 pub mod transport;
 
 pub use codec::{DecodeError, EncodeError, Encoder, Encoding, HashEncoding, decode_batch};
 pub use config::{ConfigError, KvEventsConfig, PublisherKind};
+pub use endpoint::{EndpointError, TcpEndpoint, TcpHost};
 pub use topic::{Topic, TopicError};
 
 /// Most characters of one untrusted string written to a log line or an error message.

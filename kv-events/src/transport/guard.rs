@@ -541,17 +541,18 @@ fn guard_error(endpoint: &str) -> impl FnOnce(io::Error) -> TransportError {
     move |source| TransportError::Guard { endpoint, source }
 }
 
-/// `host:port` of a `tcp://` endpoint (libzmq's wildcard `*` is `0.0.0.0`).
+/// `host:port` of a `tcp://` endpoint (libzmq's wildcard `*` is `0.0.0.0`; a name is resolved
+/// by the bind).
 fn tcp_address(endpoint: &str) -> io::Result<String> {
-    let rest = endpoint.strip_prefix("tcp://").ok_or_else(|| {
+    let parsed = crate::TcpEndpoint::parse(endpoint).map_err(|why| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{endpoint}: only tcp:// endpoints are guarded"),
+            format!("{endpoint}: only tcp:// endpoints are guarded: {why}"),
         )
     })?;
-    Ok(match rest.strip_prefix("*:") {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => rest.to_owned(),
+    Ok(match (parsed.socket_address(), parsed.name()) {
+        (Some(address), _) => address.to_string(),
+        (None, name) => format!("{}:{}", name.unwrap_or_default(), parsed.port),
     })
 }
 
@@ -984,6 +985,12 @@ mod tests {
     fn endpoints_become_addresses() {
         assert_eq!(tcp_address("tcp://*:5557").unwrap(), "0.0.0.0:5557");
         assert_eq!(tcp_address("tcp://10.0.0.7:5557").unwrap(), "10.0.0.7:5557");
+        assert_eq!(tcp_address("tcp://[::]:5557").unwrap(), "[::]:5557");
+        assert_eq!(
+            tcp_address("tcp://localhost:5557").unwrap(),
+            "localhost:5557"
+        );
         assert!(tcp_address("ipc:///tmp/kv").is_err());
+        assert!(tcp_address("tcp://epp\n:5557").is_err());
     }
 }

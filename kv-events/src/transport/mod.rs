@@ -75,9 +75,12 @@ fn zmq_error(
 /// The endpoint zmq.rs can bind: libzmq's wildcard host `*` (vLLM's default `tcp://*:5557`)
 /// is `0.0.0.0` there.
 fn bindable(endpoint: &str) -> String {
-    match endpoint.strip_prefix("tcp://*:") {
-        Some(port) => format!("tcp://0.0.0.0:{port}"),
-        None => endpoint.to_owned(),
+    match crate::TcpEndpoint::parse(endpoint) {
+        Ok(crate::TcpEndpoint {
+            host: crate::TcpHost::Any,
+            port,
+        }) => format!("tcp://0.0.0.0:{port}"),
+        _ => endpoint.to_owned(),
     }
 }
 

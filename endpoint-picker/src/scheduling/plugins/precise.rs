@@ -374,10 +374,10 @@ impl PreciseParams {
         }
 
         if let Some(e) = y.speculative_publish_endpoint.filter(|e| !e.is_empty()) {
-            if !peer_endpoint_ok(&e, true) {
+            if let Err(why) = check_peer_endpoint(&e, true) {
                 return Err(p.invalid(
                     "speculativePublishEndpoint",
-                    format!("{e:?}: expected tcp://<host or *>:<port>"),
+                    format!("{e:?}: expected tcp://<host or *>:<port> ({why})"),
                 ));
             }
             out.publish_endpoint = Some(e);
@@ -390,10 +390,10 @@ impl PreciseParams {
                 ));
             }
             for e in &peers {
-                if !peer_endpoint_ok(e, false) {
+                if let Err(why) = check_peer_endpoint(e, false) {
                     return Err(p.invalid(
                         "speculativePeers",
-                        format!("{e:?}: expected tcp://<host>:<port>"),
+                        format!("{e:?}: expected tcp://<host>:<port> ({why})"),
                     ));
                 }
                 if peers.iter().filter(|o| *o == e).count() > 1 {
@@ -462,18 +462,16 @@ impl PreciseParams {
     }
 }
 
-/// `tcp://host:port` with a non-zero port (`*` as the host only where it binds).
-fn peer_endpoint_ok(e: &str, bind: bool) -> bool {
-    let Some((host, port)) = e.strip_prefix("tcp://").and_then(|r| r.rsplit_once(':')) else {
-        return false;
-    };
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && (bind || host != "*")
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*' | '[' | ']' | ':'));
-    host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
+/// `tcp://host:port` with a non-zero port (`*` as the host only where it binds), or why not.
+fn check_peer_endpoint(e: &str, bind: bool) -> Result<(), String> {
+    let endpoint = kv_events::TcpEndpoint::parse(e).map_err(|why| why.to_string())?;
+    if endpoint.port == 0 {
+        return Err("port 0".to_owned());
+    }
+    if !bind && endpoint.host == kv_events::TcpHost::Any {
+        return Err("* only where this EPP binds".to_owned());
+    }
+    Ok(())
 }
 
 fn port_param(p: &Params<'_>, name: &'static str, port: i64) -> Result<u16, ConfigError> {
