@@ -46,6 +46,20 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Addresses of one peer name followed, at most: the DNS answer is not this EPP's to trust
 /// (as many as `speculativePeers` may list).
 pub const MAX_ADDRESSES_PER_PEER_NAME: usize = 64;
+/// Peer addresses followed over all of `speculativePeers`, at most: each is a socket, a relay
+/// and a task, and 64 names of 64 addresses each would make 4,096. The names share what the
+/// addresses listed as such leave ([`per_name_cap`]).
+pub const MAX_PEER_ADDRESSES: usize = 256;
+
+/// Addresses each of `names` peer names may follow when `addresses` peers are given as IP
+/// addresses: an equal share of what [`MAX_PEER_ADDRESSES`] leaves, at least one, at most
+/// [`MAX_ADDRESSES_PER_PEER_NAME`].
+fn per_name_cap(names: usize, addresses: usize) -> usize {
+    if names == 0 {
+        return 0;
+    }
+    (MAX_PEER_ADDRESSES.saturating_sub(addresses) / names).clamp(1, MAX_ADDRESSES_PER_PEER_NAME)
+}
 
 fn count(metrics: &KvEventMetrics, outcome: &'static str, n: u64) {
     if n > 0 {
@@ -116,12 +130,15 @@ pub async fn subscribe_all(
     token: CancellationToken,
 ) {
     let own = publish.as_deref().and_then(published_address);
+    let names = endpoints.iter().filter(|e| dns_name(e).is_some()).count();
+    let cap = per_name_cap(names, endpoints.len() - names);
     let mut peers = tokio::task::JoinSet::new();
     for endpoint in endpoints {
         match dns_name(&endpoint) {
             Some((host, port)) => peers.spawn(follow_name(
                 host,
                 port,
+                cap,
                 own,
                 datastore.clone(),
                 index.clone(),
@@ -187,21 +204,22 @@ struct Changes {
     start: Vec<SocketAddr>,
     /// Gone from it: to stop following.
     stop: Vec<SocketAddr>,
-    /// Addresses of the answer past [`MAX_ADDRESSES_PER_PEER_NAME`], not followed.
+    /// Addresses of the answer past the name's cap, not followed.
     beyond_cap: usize,
 }
 
 /// What one DNS answer changes in the addresses followed: this EPP's own is skipped, and the
-/// first [`MAX_ADDRESSES_PER_PEER_NAME`] in address order are kept (the same ones on every
-/// resolution of the same answer).
+/// first `cap` in address order are kept (the same ones on every resolution of the same
+/// answer).
 fn changes<T>(
     followed: &BTreeMap<SocketAddr, T>,
     answer: impl IntoIterator<Item = SocketAddr>,
     own: Option<SocketAddr>,
+    cap: usize,
 ) -> Changes {
     let mut now: BTreeSet<SocketAddr> = answer.into_iter().filter(|a| !is_own(*a, own)).collect();
-    let beyond_cap = now.len().saturating_sub(MAX_ADDRESSES_PER_PEER_NAME);
-    while now.len() > MAX_ADDRESSES_PER_PEER_NAME {
+    let beyond_cap = now.len().saturating_sub(cap);
+    while now.len() > cap {
         now.pop_last();
     }
     Changes {
@@ -220,13 +238,15 @@ fn changes<T>(
 }
 
 /// Follows the peers `host` names: resolves it every [`PEER_RESOLVE_INTERVAL`], [`subscribe`]s
-/// to each address it names (at most [`MAX_ADDRESSES_PER_PEER_NAME`], this EPP's own skipped)
+/// to each address it names (at most `cap`, this EPP's own skipped)
 /// and stops following those it no longer names, until `token` fires. A failed resolution
 /// keeps the addresses followed so far; a subscriber that failed (panicked) is forgotten, so
 /// that the next answer naming its address starts it again.
+#[allow(clippy::too_many_arguments)] // one task's whole context, passed once at its spawn
 pub async fn follow_name(
     host: String,
     port: u16,
+    cap: usize,
     own: Option<SocketAddr>,
     datastore: Arc<Datastore>,
     index: Arc<SharedKvIndex>,
@@ -250,12 +270,13 @@ pub async fn follow_name(
                     start,
                     stop,
                     beyond_cap,
-                } = changes(&followed, answer, own);
+                } = changes(&followed, answer, own, cap);
                 if beyond_cap > 0 {
                     tracing::warn!(
                         %host,
+                        cap,
                         beyond_cap,
-                        "speculative peers: more addresses than {MAX_ADDRESSES_PER_PEER_NAME}; the highest are not followed"
+                        "speculative peers: more addresses than this name may follow; the highest are not followed"
                     );
                 }
                 for addr in stop {

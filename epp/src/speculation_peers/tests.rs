@@ -223,14 +223,15 @@ fn an_answer_starts_new_addresses_stops_gone_ones_and_is_capped() {
     let addr = |i: u16| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5570));
     let own = Some(SocketAddr::from(([10, 0, 0, 9], 5570)));
     let mut followed: BTreeMap<SocketAddr, ()> = BTreeMap::new();
-    let c = changes(&followed, [addr(2), addr(1), addr(2)], own);
+    let cap = MAX_ADDRESSES_PER_PEER_NAME;
+    let c = changes(&followed, [addr(2), addr(1), addr(2)], own, cap);
     assert_eq!(
         (c.start.as_slice(), c.stop.as_slice()),
         ([addr(1), addr(2)].as_slice(), [].as_slice())
     );
     followed.extend(c.start.into_iter().map(|a| (a, ())));
     // 2 stays, 1 is gone, 3 is new; this EPP's own address is never followed.
-    let c = changes(&followed, [addr(3), addr(2), addr(9)], own);
+    let c = changes(&followed, [addr(3), addr(2), addr(9)], own, cap);
     assert_eq!(
         (c.start, c.stop, c.beyond_cap),
         (vec![addr(3)], vec![addr(1)], 0)
@@ -238,7 +239,7 @@ fn an_answer_starts_new_addresses_stops_gone_ones_and_is_capped() {
     // An answer of hundreds: the first 64 in address order, the same on every resolution, and
     // how many were left out.
     let many: Vec<SocketAddr> = (1..=300).rev().map(addr).collect();
-    let c = changes(&BTreeMap::<SocketAddr, ()>::new(), many.clone(), own);
+    let c = changes(&BTreeMap::<SocketAddr, ()>::new(), many.clone(), own, cap);
     assert_eq!(c.start.len(), MAX_ADDRESSES_PER_PEER_NAME);
     assert_eq!(c.start[0], addr(1));
     assert!(!c.start.contains(&addr(9)));
@@ -246,9 +247,33 @@ fn an_answer_starts_new_addresses_stops_gone_ones_and_is_capped() {
     assert_eq!(c.beyond_cap, 299 - MAX_ADDRESSES_PER_PEER_NAME);
     // An answer without addresses (a resolver may return one for a Service without endpoints;
     // glibc's reports an error instead, which keeps everything) stops everything.
-    let c = changes(&followed, [], own);
+    let c = changes(&followed, [], own, cap);
     assert!(c.start.is_empty());
     assert_eq!(c.stop, [addr(1), addr(2)]);
+    // A smaller cap keeps fewer, the lowest addresses again.
+    let c = changes(&BTreeMap::<SocketAddr, ()>::new(), many, own, 3);
+    assert_eq!(c.start, [addr(1), addr(2), addr(3)]);
+    assert_eq!(c.beyond_cap, 299 - 3);
+}
+
+/// The names share what the peers given as addresses leave of [`MAX_PEER_ADDRESSES`]: 64
+/// names of 64 addresses each cannot make 4,096 subscriptions.
+#[test]
+fn all_names_together_follow_a_bounded_number_of_addresses() {
+    assert_eq!(per_name_cap(0, 5), 0);
+    assert_eq!(per_name_cap(1, 0), MAX_ADDRESSES_PER_PEER_NAME);
+    assert_eq!(per_name_cap(3, 2), MAX_ADDRESSES_PER_PEER_NAME);
+    for names in 1..=64 {
+        for addresses in 0..=(64 - names) {
+            let cap = per_name_cap(names, addresses);
+            assert!(cap >= 1, "{names} names, {addresses} addresses");
+            assert!(
+                names * cap + addresses <= MAX_PEER_ADDRESSES,
+                "{names} names of {cap} and {addresses} addresses"
+            );
+        }
+    }
+    assert_eq!(per_name_cap(64, 0), MAX_PEER_ADDRESSES / 64);
 }
 
 /// A peer given by a name is followed at every address it resolves to; the address that is
