@@ -95,6 +95,17 @@ pub const MAX_UNFINISHED_BYTES_PER_IP: u64 = 2 * MAX_MESSAGE_BYTES;
 
 /// IPs [`Peers`] remembers with no connection open, at most (past it, they are forgotten).
 pub const MAX_REMEMBERED_PEERS: usize = 16_384;
+/// Silence on a peer connection before TCP keepalive probes it. An engine idles silently (vLLM
+/// publishes nothing then), so silence cannot end a connection; but a peer that vanished
+/// without closing (its node lost, a partition) would otherwise hold the connection open for
+/// good: its stream would stay live in the EPP and its slot taken in the caps above. With
+/// these settings it is found dead within [`KEEPALIVE_IDLE`] + [`KEEPALIVE_PROBES`] ×
+/// [`KEEPALIVE_INTERVAL`] (one minute) of its last byte.
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Between two unanswered keepalive probes.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Unanswered probes after which the connection is dropped.
+pub const KEEPALIVE_PROBES: u32 = 3;
 
 const GREETING_BYTES: usize = 64;
 const MORE: u8 = 0x01;
@@ -556,10 +567,23 @@ fn tcp_address(endpoint: &str) -> io::Result<String> {
     })
 }
 
+/// Turns on TCP keepalive on a peer connection ([`KEEPALIVE_IDLE`]). Without it, a read on
+/// a connection whose peer vanished waits for ever; with it, the read fails and the relay ends.
+fn keep_alive(stream: &TcpStream) {
+    let probing = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_keepalive(&probing) {
+        tracing::debug!(%error, "KV-event peer connection: TCP keepalive not set");
+    }
+}
+
 /// Relays until either side closes or the remote breaks a rule (counted in `stats`).
 async fn relay(local: TcpStream, remote: TcpStream, mut lease: Lease, stats: &GuardStats) {
     let _ = local.set_nodelay(true);
     let _ = remote.set_nodelay(true);
+    keep_alive(&remote);
     let (mut local_read, mut local_write) = local.into_split();
     let (mut remote_read, mut remote_write) = remote.into_split();
     let outbound = tokio::io::copy(&mut local_read, &mut remote_write);
@@ -691,6 +715,26 @@ mod tests {
 
     async fn copy(input: Vec<u8>) -> (Result<(), Cut>, Vec<u8>) {
         copy_with(Limits::default(), input).await
+    }
+
+    /// A peer connection probes a silent peer: keepalive on, with the guard's timings (the
+    /// kernel's defaults would wait two hours before the first probe).
+    #[tokio::test]
+    async fn peer_connections_probe_a_silent_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(
+            !socket.keepalive().unwrap(),
+            "off until the guard turns it on"
+        );
+        keep_alive(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
     }
 
     #[tokio::test]
