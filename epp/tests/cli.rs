@@ -10,11 +10,18 @@ use tokio::process::Command;
 
 const EPP: &str = env!("CARGO_BIN_EXE_epp");
 
+/// Writes `contents` to `name` in this process's temporary directory, whole: written beside it
+/// and renamed into place, so that a test reading the file (through an `epp` child) never sees
+/// it truncated by another test writing the same name in parallel.
 fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("switchyard-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = dir.join(format!(".{name}.{n}.partial"));
+    std::fs::write(&partial, contents).unwrap();
+    std::fs::rename(&partial, &path).unwrap();
     path
 }
 

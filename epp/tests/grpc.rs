@@ -436,7 +436,9 @@ async fn a_body_past_the_default_message_cap_is_read_and_rewritten_whole() {
     let body = chat("asked-model", &"a".repeat(65 << 20), false);
     assert!(body.len() > epp::server::MAX_GRPC_MESSAGE);
     s.send(req_body(&body, true)).await;
-    let (a, new_body) = buffered_routing_answer(&s.recv().await);
+    // 65 MiB each way through a debug build: more than the default deadline may allow.
+    let answer = s.recv_within(std::time::Duration::from_secs(60)).await;
+    let (a, new_body) = buffered_routing_answer(&answer);
     assert!(a.destination().starts_with("127.0.0."), "routed");
     let new_body = new_body.expect("the rewritten body");
     assert!(new_body.len() > epp::server::MAX_GRPC_MESSAGE);
@@ -897,6 +899,9 @@ async fn the_shutdown_delay_keeps_serving_while_not_ready() {
                 delay: std::time::Duration::from_secs(3600),
                 cut_short: cut_short.clone(),
             },
+            // Far longer than serving takes to end by the drain, so that a slow machine cannot
+            // be mistaken for the grace running out.
+            drain_grace: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         },
     )
@@ -928,19 +933,13 @@ async fn the_shutdown_delay_keeps_serving_while_not_ready() {
     );
     assert!(!epp.task.is_finished(), "still serving");
     // The stream done, nothing is left to drain: serving ends as soon as the delay is cut
-    // short, well within the drain grace (1 s in the test EPP).
+    // short, long before the drain grace (60 s here) would end it.
     drop(s);
     cut_short.cancel();
-    let cut = tokio::time::Instant::now();
     tokio::time::timeout(TIMEOUT, &mut epp.task)
         .await
-        .expect("serving ends once the delay is cut short")
+        .expect("serving ends by the drain once the delay is cut short, not by the grace")
         .unwrap();
-    assert!(
-        cut.elapsed() < std::time::Duration::from_millis(900),
-        "ended by the drain, not by its grace running out: {:?}",
-        cut.elapsed()
-    );
     assert!(
         tokio::net::TcpStream::connect(epp.grpc).await.is_err(),
         "the listener is closed"

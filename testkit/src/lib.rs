@@ -100,6 +100,8 @@ pub struct EppOptions {
     pub grpc_uds: Option<std::path::PathBuf>,
     /// Serving on, not ready, after shutdown begins (`--shutdown-delay`).
     pub shutdown_delay: epp::server::ShutdownDelay,
+    /// How long open streams may drain at shutdown (1 s when `None`).
+    pub drain_grace: Option<Duration>,
 }
 
 impl Default for EppOptions {
@@ -113,6 +115,7 @@ impl Default for EppOptions {
             debug_decisions: 0,
             grpc_uds: None,
             shutdown_delay: Default::default(),
+            drain_grace: None,
         }
     }
 }
@@ -155,7 +158,7 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         debug_pool: true,
         pprof: false,
         health_on_grpc_port: false,
-        drain_grace: Duration::from_secs(1),
+        drain_grace: opts.drain_grace.unwrap_or(Duration::from_secs(1)),
         shutdown_delay: opts.shutdown_delay,
         lora_placement: None,
     };
@@ -237,7 +240,13 @@ impl Stream {
 
     /// The next response; panics on an error, an end of stream or [`TIMEOUT`].
     pub async fn recv(&mut self) -> ProcessingResponse {
-        tokio::time::timeout(TIMEOUT, self.rx.message())
+        self.recv_within(TIMEOUT).await
+    }
+
+    /// [`Stream::recv`] with its own deadline, for an answer whose work grows with a large
+    /// body (unoptimised test builds, other tests running beside it).
+    pub async fn recv_within(&mut self, deadline: Duration) -> ProcessingResponse {
+        tokio::time::timeout(deadline, self.rx.message())
             .await
             .expect("response in time")
             .unwrap()
