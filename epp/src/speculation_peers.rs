@@ -48,7 +48,7 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_ADDRESSES_PER_PEER_NAME: usize = 64;
 /// Peer addresses followed over all of `speculativePeers`, at most: each is a socket, a relay
 /// and a task, and 64 names of 64 addresses each would make 4,096. The names share what the
-/// addresses listed as such leave ([`per_name_cap`]).
+/// addresses listed as such leave (`per_name_cap`).
 pub const MAX_PEER_ADDRESSES: usize = 256;
 
 /// Addresses each of `names` peer names may follow when `addresses` peers are given as IP
