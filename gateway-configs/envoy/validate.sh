@@ -76,6 +76,11 @@ done
 for f in envoy.yaml envoy-plaintext.yaml; do
     check_has "$f" 'request_body_mode: FULL_DUPLEX_STREAMED'
 done
+# The EPP cluster's HTTP/2 flood limits (a burst of ending requests closes the connection to
+# the EPP with Envoy's defaults; see the template and conformance/tests/concurrency.rs). The
+# templates are identical outside VARIANT lines, so one check covers the four.
+check_has envoy.yaml 'max_outbound_control_frames: 100000'
+check_has envoy.yaml 'max_outbound_frames: 200000'
 for f in envoy-plaintext.yaml envoy-plaintext-failopen.yaml; do
     if grep -q 'UpstreamTlsContext' "$here/$f"; then
         echo "FAIL $f: plaintext variant has a TLS transport socket" >&2
