@@ -29,7 +29,8 @@ With pyzmq (libzmq, what vLLM publishes with), for the transport's interoperabil
                             the replies); prints [{"seq", "batch"}] up to the end marker
   zmq-pub ENCODING          vLLM's ZmqEventPublisher in miniature: PUB and replay ROUTER bound
                             on 127.0.0.1; prints {"endpoint", "replay_endpoint"}, then reads
-                            commands on stdin: "warm" (one message on topic kv@warm-up@m),
+                            commands on stdin: "warm [N]" (one message, batch N, 0 by default,
+                            on topic kv@warm-up@m),
                             "pub SEQ" (publish batch SEQ on kv@py@m and keep it), "keep SEQ"
                             (keep it for replay only: a message the subscriber missed)
 
@@ -335,8 +336,9 @@ def zmq_pub(encoding: str) -> None:
     )
     for line in sys.stdin:
         words = line.split()
-        if words == ["warm"]:
-            pub.send_multipart((b"kv@warm-up@m", (0).to_bytes(8, "big"), encoder.encode(batch_n(s, 0))))
+        if words[:1] == ["warm"] and len(words) <= 2:
+            n = int(words[1]) if len(words) == 2 else 0
+            pub.send_multipart((b"kv@warm-up@m", (0).to_bytes(8, "big"), encoder.encode(batch_n(s, n))))
         elif len(words) == 2 and words[0] in ("pub", "keep"):
             seq = int(words[1])
             payload = encoder.encode(batch_n(s, seq))
