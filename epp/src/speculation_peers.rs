@@ -130,11 +130,12 @@ pub async fn subscribe_all(
     token: CancellationToken,
 ) {
     let own = publish.as_deref().and_then(published_address);
-    let names = endpoints.iter().filter(|e| dns_name(e).is_some()).count();
+    let endpoints: Vec<_> = endpoints.into_iter().map(|e| (dns_name(&e), e)).collect();
+    let names = endpoints.iter().filter(|(name, _)| name.is_some()).count();
     let cap = per_name_cap(names, endpoints.len() - names);
     let mut peers = tokio::task::JoinSet::new();
-    for endpoint in endpoints {
-        match dns_name(&endpoint) {
+    for (name, endpoint) in endpoints {
+        match name {
             Some((host, port)) => peers.spawn(follow_name(
                 host,
                 port,

@@ -561,9 +561,10 @@ fn tcp_address(endpoint: &str) -> io::Result<String> {
             format!("{endpoint}: only tcp:// endpoints are guarded: {why}"),
         )
     })?;
-    Ok(match (parsed.socket_address(), parsed.name()) {
-        (Some(address), _) => address.to_string(),
-        (None, name) => format!("{}:{}", name.unwrap_or_default(), parsed.port),
+    Ok(match parsed.socket_address() {
+        Some(address) => address.to_string(),
+        // Only a name has no address: the bind resolves it.
+        None => format!("{}:{}", parsed.name().unwrap_or_default(), parsed.port),
     })
 }
 
