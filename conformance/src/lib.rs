@@ -492,12 +492,6 @@ pub fn names(pods: &[&[Pod]]) -> BTreeMap<String, SocketAddr> {
         .collect()
 }
 
-/// A loopback port nobody listens on.
-pub async fn closed_port() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
 /// Stops an in-process EPP and waits until its ports are closed.
 pub async fn stop_epp(epp: Epp) -> anyhow::Result<()> {
     let grpc = epp.grpc;

@@ -28,6 +28,7 @@ use conformance::*;
 use endpoint_picker::director::{ModelRewrite, Policies, RewriteRule, RewriteTarget};
 use ext_proc::faults::ConformanceFault;
 use testkit::envoy::{ResponsePath, Variant};
+use testkit::ports::ClosedPort;
 
 /// A scenario's result: the number of requests it sent through the gateway.
 type Verdict = anyhow::Result<usize>;
@@ -436,11 +437,11 @@ async fn InferencePoolAppProtocol(ctx: Ctx) -> Verdict {
     let epp = ctx
         .epp(pool_of("appprotocol", &pods), CONFORMANCE_CONFIG, false)
         .await;
-    let unused = closed_port().await;
+    let unused = ClosedPort::new().unwrap();
     let envoy = ctx
         .multi_pool_envoy(MultiPool {
             primary_epp: epp.grpc,
-            secondary_epp: unused,
+            secondary_epp: unused.addr(),
             primary: &pods,
             secondary: &pods,
             weights: (1, 1),
@@ -491,11 +492,11 @@ async fn SubsetHintHonouredAndIntersected(ctx: Ctx) -> Verdict {
             false,
         )
         .await;
-    let unused = closed_port().await;
+    let unused = ClosedPort::new().unwrap();
     let envoy = ctx
         .multi_pool_envoy(MultiPool {
             primary_epp: epp.grpc,
-            secondary_epp: unused,
+            secondary_epp: unused.addr(),
             primary: &pods,
             secondary: &pods,
             weights: (1, 1),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::envoy::{Envoy, Variant, binary_or_skip};
 use common::http::{body_text, frames, header, post};
+use common::ports::ClosedPort;
 use common::*;
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -379,12 +380,6 @@ async fn tls_to_the_epp() {
     );
 }
 
-/// A loopback port nobody listens on.
-async fn closed_port() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epp_down_fail_close_answers_5xx_and_fail_open_serves() {
     let Some(binary) = binary_or_skip("epp_down_fail_close_answers_5xx_and_fail_open_serves")
@@ -393,7 +388,8 @@ async fn epp_down_fail_close_answers_5xx_and_fail_open_serves() {
     };
     let replicas = replicas(2).await;
     let backends: Vec<SocketAddr> = replicas.iter().map(|r| r.addr()).collect();
-    let epp = closed_port().await;
+    let closed = ClosedPort::new().unwrap();
+    let epp = closed.addr();
     let close = Envoy::start(&binary, Variant::PlaintextFailClose, epp, &backends).await;
     let open = Envoy::start(&binary, Variant::PlaintextFailOpen, epp, &backends).await;
     close.wait_epp_health(false).await;
@@ -460,7 +456,8 @@ async fn ext_proc_over_a_unix_socket() {
         common::envoy::workspace_root().join("gateway-configs/envoy/envoy-plaintext.yaml"),
     )
     .unwrap();
-    let closed = closed_port().await;
+    let closed_port = ClosedPort::new().unwrap();
+    let closed = closed_port.addr();
     let rendered = common::envoy::render_vars(
         &template,
         &[

@@ -167,11 +167,10 @@ async fn route(epp: &Epp, prompt: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_events_route_a_prefix_to_the_engine_that_holds_it() {
-    // The EPP binds the central socket; an OS-chosen port, freed for it to take.
-    let central = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("tcp://{}", probe.local_addr().unwrap())
-    };
+    // The EPP binds the central socket, after the engines start dialing it: a port from
+    // below the ephemeral range, which no port-0 listener and no outgoing connection (the
+    // engines' own dials included) can take in between.
+    let central = format!("tcp://127.0.0.1:{}", common::ports::free_port().unwrap());
     // One engine per vLLM encoding: the subscriber reads both.
     let a = engine(&central, Encoding::Array).await;
     let b = engine(&central, Encoding::Map).await;

@@ -659,11 +659,8 @@ fn promtool_check(text: &str) {
 #[tokio::test]
 async fn scrape_errors_are_counted_per_pod() {
     // A port with nothing listening: every scrape fails to connect.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut ep = endpoint(1, closed);
+    let closed = testkit::ports::ClosedPort::new().unwrap();
+    let mut ep = endpoint(1, closed.addr().port());
     ep.name = "dead-rank-0".into();
     let epp = start_epp(
         pool(vec![ep]),

@@ -7,9 +7,12 @@
 //! ephemeral range, walked from a per-process offset and never handed out twice by this
 //! process; only another explicit bind can collide. Where the ephemeral range leaves no such
 //! band, the OS picks.
+//!
+//! A port that must stay closed ([`ClosedPort`]) is held instead: bound but never listening,
+//! so that connections to it are refused and nothing else can take it while the test runs.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -58,6 +61,37 @@ pub fn free_port_on(ips: &[IpAddr]) -> io::Result<u16> {
     ))
 }
 
+/// A loopback port nobody listens on, reserved for as long as the value lives: its socket is
+/// bound without listening, so a connection to it is refused, and neither a port-0 listener
+/// nor an outgoing connection's source port can take it (a port merely found closed could be
+/// handed to the next listener, making a "dead" endpoint answer).
+#[derive(Debug)]
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Reserves a port on 127.0.0.1.
+    pub fn new() -> io::Result<Self> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())?;
+        let addr = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("a TCP socket without an IP address"))?;
+        Ok(Self {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// The band `(first port, length)` below an ephemeral range starting at `ephemeral_low`: up
 /// to 10,000 ports above the privileged ones, or none if that leaves fewer than 1,000.
 fn band_below(ephemeral_low: u32) -> Option<(u32, u32)> {
@@ -76,6 +110,18 @@ mod tests {
         assert_eq!(band_below(5_000), Some((1_024, 3_976)));
         assert_eq!(band_below(1_500), None);
         assert_eq!(band_below(0), None);
+    }
+
+    #[test]
+    fn a_closed_port_refuses_connections_and_cannot_be_taken() {
+        let closed = ClosedPort::new().unwrap();
+        let refused = std::net::TcpStream::connect(closed.addr()).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(TcpListener::bind(closed.addr()).is_err());
+        let port = closed.addr().port();
+        drop(closed);
+        // Alive until dropped: the port is free again.
+        assert!(TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok());
     }
 
     #[test]

@@ -281,14 +281,10 @@ fn all_names_together_follow_a_bounded_number_of_addresses() {
 /// EPP's, bound to every address) and `localhost:<other>`.
 #[tokio::test]
 async fn a_named_peer_is_followed_and_this_epp_is_skipped() {
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (own_port, other_port) = (free_port(), free_port());
+    // Ports from below the ephemeral range (bound by the publishers later): the own one free
+    // on every address, as it binds `*`.
+    let own_port = testkit::ports::free_port_on(&[std::net::Ipv4Addr::UNSPECIFIED.into()]).unwrap();
+    let other_port = testkit::ports::free_port().unwrap();
     let (datastore, index, metrics) = setup();
     let token = CancellationToken::new();
     let own_outbox = Arc::new(PeerOutbox::default());
