@@ -139,10 +139,20 @@ async fn until_applied(
         if now > above {
             return now;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{pod}: no KV events applied past {above}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            // What the EPP saw of the engines' streams, for the failure to speak.
+            let text = common::http::get_text(epp.metrics, "/metrics")
+                .await
+                .unwrap_or_default();
+            let kv: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("inference_extension_kv_"))
+                .collect();
+            panic!(
+                "{pod}: no KV events applied past {above} within {TIMEOUT:?}; the EPP's KV-event metrics:\n{}",
+                kv.join("\n")
+            );
+        }
         if prime {
             complete(replica, &prompt(&format!("prime-{pod}-{n}"))).await;
             n += 1;
