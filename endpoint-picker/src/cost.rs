@@ -160,13 +160,22 @@ impl EngineSeconds {
         } else {
             prefill.div_ceil(room)
         };
-        let step = self.per_step + backlog.decoding as f64 * self.per_sequence;
-        let ttft = prefill as f64 * self.per_token + steps as f64 * step;
+        let step = self.per_step + count_f64(backlog.decoding) * self.per_sequence;
+        let ttft = count_f64(prefill) * self.per_token + count_f64(steps) * step;
         // The prefill queued ahead is done by our first token; what arrives later is unknown,
         // so a decode step is the batch's own cost.
-        let tpot = self.per_step + (backlog.decoding + 1) as f64 * self.per_sequence;
+        let tpot =
+            self.per_step + count_f64(backlog.decoding.saturating_add(1)) * self.per_sequence;
         Prediction { ttft, tpot }
     }
+}
+
+/// A token or request count as `f64`, by way of `i64`: one instruction on x86-64 where `u64`'s
+/// conversion takes five, and a decision converts several counts for every candidate. Counts
+/// past `i64::MAX` (none is real; saturating sums can reach it) stay there.
+#[inline]
+pub fn count_f64(n: u64) -> f64 {
+    i64::try_from(n).unwrap_or(i64::MAX) as f64
 }
 
 /// Bytes of KV cache per token of Llama-3.1-8B in fp16 (the tiers contract).
@@ -269,8 +278,11 @@ impl TierLoadRates {
             (hits.disk, self.disk),
             (hits.shared, self.shared),
         ] {
-            if let Some(per_token) = rate {
-                load += take(tokens) as f64 * per_token;
+            // (Most candidates hold nothing in a tier: no conversion for them.)
+            if let Some(per_token) = rate
+                && tokens > 0
+            {
+                load += count_f64(take(tokens)) * per_token;
             }
         }
         let mut peer = false;
@@ -279,7 +291,7 @@ impl TierLoadRates {
             && hits.peer > 0
         {
             let n = take(hits.peer);
-            load += n as f64 * per_token;
+            load += count_f64(n) * per_token;
             peer = n > 0;
         }
         Placement {

@@ -4,8 +4,9 @@
 //! thousand per routed request. A general LRU map allocates a node per entry and frees it on
 //! eviction; here the nodes live in one `Vec`, linked by index, and an evicted node's slot is
 //! reused by the next insert, so a steady-state insert allocates nothing. The list has no map of
-//! its own: the index's `hash → holders` map keeps each holder's slot, so a block costs one
-//! hash-map operation to add or promote and one to evict (a 400 KB prompt inserts 4,096 blocks
+//! its own: the index's `hash → holders` map keeps each holder's slot, so a block costs at most
+//! one hash-map operation to add or move and one to evict, and none when it is where the prompt
+//! puts it already ([`BlockLru::start_recording`]; a 400 KB prompt inserts 4,096 blocks
 //! with the default profile, and four map operations per block on tables far larger than the
 //! cache were half of the EPP's CPU for it: bench/RESULTS.md, "Where a 400 KB prompt's EPP CPU
 //! goes").
@@ -22,6 +23,8 @@ struct Node {
     newer: u32,
     /// Towards the least recent end.
     older: u32,
+    /// The recording that last placed it (see [`BlockLru::start_recording`]).
+    recorded: u32,
 }
 
 /// The list. Capacity is enforced by the caller ([`BlockLru::pop_oldest`]), so it can change.
@@ -36,6 +39,10 @@ pub(crate) struct BlockLru {
     oldest: u32,
     /// Sum of the entries' weights.
     len: usize,
+    /// The current recording's number (wrapping).
+    recording: u32,
+    /// The entry the current recording placed last (`NIL` before its first).
+    anchor: u32,
 }
 
 impl BlockLru {
@@ -47,6 +54,8 @@ impl BlockLru {
             newest: NIL,
             oldest: NIL,
             len: 0,
+            recording: 0,
+            anchor: NIL,
         }
     }
 
@@ -55,14 +64,64 @@ impl BlockLru {
         self.len
     }
 
-    /// Adds `hash` (not held), standing for `weight` blocks, as the most recent entry; returns
-    /// its slot.
-    pub(crate) fn push_newest(&mut self, hash: u64, weight: u32) -> u32 {
+    /// Starts recording a prompt, whose blocks the `record_*` calls then give in prompt order.
+    ///
+    /// The first block becomes the most recent entry and each next one goes just behind the
+    /// one before: the prompt ends up newest first in prompt order (matching stops at the first
+    /// miss, so when something must go it should be a prompt's tail, never its head), and
+    /// blocks recorded together stay together. So recording again a run the list holds in that
+    /// order (a system prompt shared by the requests routed there) follows the links without
+    /// a map lookup and moves nothing; only the blocks after where two prompts part are moved.
+    pub(crate) fn start_recording(&mut self) {
+        self.recording = self.recording.wrapping_add(1);
+        self.anchor = NIL;
+    }
+
+    /// Records `hash` when it is the entry where it belongs already (just behind the last one
+    /// recorded, or the most recent for the first); returns false, recording nothing, when it
+    /// is not. Only held blocks are linked, so such an entry is the index's for `hash`.
+    pub(crate) fn record_in_place(&mut self, hash: u64) -> bool {
+        let slot = match self.anchor {
+            NIL => self.newest,
+            a => self.nodes[a as usize].older,
+        };
+        match self.nodes.get_mut(slot as usize) {
+            Some(node) if node.hash == hash => {
+                node.recorded = self.recording;
+                self.anchor = slot;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records the block held in `slot`, moving it where it belongs. A block this recording
+    /// placed already (a prompt whose hash chain repeats a block) stays where it was put.
+    pub(crate) fn record_held(&mut self, slot: u32) {
+        let node = &mut self.nodes[slot as usize];
+        if node.recorded == self.recording {
+            return;
+        }
+        node.recorded = self.recording;
+        let in_place = match self.anchor {
+            NIL => self.newest == slot,
+            a => self.nodes[a as usize].older == slot,
+        };
+        if !in_place {
+            self.unlink(slot);
+            self.link_behind_anchor(slot);
+        }
+        self.anchor = slot;
+    }
+
+    /// Records `hash` (not held), standing for `weight` blocks; returns its slot.
+    pub(crate) fn record_new(&mut self, hash: u64, weight: u32) -> u32 {
         let node = Node {
             hash,
             weight,
             newer: NIL,
             older: NIL,
+            recorded: self.recording,
         };
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -77,17 +136,9 @@ impl BlockLru {
             }
         };
         self.len += weight as usize;
-        self.link_newest(slot);
+        self.link_behind_anchor(slot);
+        self.anchor = slot;
         slot
-    }
-
-    /// Makes the block held in `slot` the most recent.
-    pub(crate) fn promote(&mut self, slot: u32) {
-        if self.newest == slot {
-            return;
-        }
-        self.unlink(slot);
-        self.link_newest(slot);
     }
 
     /// Removes and returns the least recently used block.
@@ -96,6 +147,10 @@ impl BlockLru {
             return None;
         }
         let slot = self.oldest;
+        if slot == self.anchor {
+            // (The index evicts after a recording, never during one.)
+            self.anchor = NIL;
+        }
         self.unlink(slot);
         self.free.push(slot);
         let node = self.nodes[slot as usize];
@@ -125,18 +180,26 @@ impl BlockLru {
         }
     }
 
-    fn link_newest(&mut self, slot: u32) {
-        let previous = self.newest;
+    /// Links the unlinked `slot` just behind the recording's anchor, or as the most recent
+    /// entry before the recording's first.
+    fn link_behind_anchor(&mut self, slot: u32) {
+        let (newer, older) = match self.anchor {
+            NIL => (NIL, self.newest),
+            a => (a, self.nodes[a as usize].older),
+        };
         {
             let node = &mut self.nodes[slot as usize];
-            node.newer = NIL;
-            node.older = previous;
+            node.newer = newer;
+            node.older = older;
         }
-        match previous {
+        match newer {
+            NIL => self.newest = slot,
+            n => self.nodes[n as usize].older = slot,
+        }
+        match older {
             NIL => self.oldest = slot,
-            p => self.nodes[p as usize].newer = slot,
+            o => self.nodes[o as usize].newer = slot,
         }
-        self.newest = slot;
     }
 }
 
@@ -151,17 +214,35 @@ mod tests {
     struct Slots(HashMap<u64, u32>);
 
     impl Slots {
-        /// Adds or promotes `h`; true when it was not held.
-        fn touch(&mut self, lru: &mut BlockLru, h: u64) -> bool {
+        /// Records `h` in the current recording; true when it was not held.
+        fn record_one(&mut self, lru: &mut BlockLru, h: u64) -> bool {
+            if lru.record_in_place(h) {
+                assert!(self.0.contains_key(&h), "an entry in place is held");
+                return false;
+            }
             match self.0.get(&h) {
                 Some(&slot) => {
-                    lru.promote(slot);
+                    lru.record_held(slot);
                     false
                 }
                 None => {
-                    self.0.insert(h, lru.push_newest(h, 1));
+                    self.0.insert(h, lru.record_new(h, 1));
                     true
                 }
+            }
+        }
+
+        /// Adds or promotes `h`; true when it was not held.
+        fn touch(&mut self, lru: &mut BlockLru, h: u64) -> bool {
+            lru.start_recording();
+            self.record_one(lru, h)
+        }
+
+        /// Records a prompt's blocks as the index does.
+        fn record(&mut self, lru: &mut BlockLru, prompt: &[u64]) {
+            lru.start_recording();
+            for &h in prompt {
+                self.record_one(lru, h);
             }
         }
 
@@ -194,13 +275,87 @@ mod tests {
     #[test]
     fn len_counts_weights() {
         let mut lru = BlockLru::new();
-        lru.push_newest(1, 1);
-        lru.push_newest(2, 8);
+        lru.start_recording();
+        lru.record_new(1, 1);
+        lru.start_recording();
+        lru.record_new(2, 8);
         assert_eq!(lru.len(), 9);
         assert_eq!(lru.pop_oldest(), Some(1));
         assert_eq!(lru.len(), 8);
         assert_eq!(lru.pop_oldest(), Some(2));
         assert_eq!(lru.len(), 0);
+    }
+
+    #[test]
+    fn a_recorded_run_stays_together_and_is_not_moved_again() {
+        let (mut lru, mut s) = (BlockLru::new(), Slots::default());
+        s.record(&mut lru, &[1, 2, 3]);
+        s.record(&mut lru, &[7, 8]);
+        // Least recent first: the first run, then the second, each in prompt order reversed.
+        assert_eq!(lru.hashes().collect::<Vec<_>>(), vec![3, 2, 1, 8, 7]);
+        // The first run again, with a new tail: its held blocks move as a unit, the tail
+        // joins behind them.
+        s.record(&mut lru, &[1, 2, 9]);
+        assert_eq!(lru.hashes().collect::<Vec<_>>(), vec![3, 8, 7, 9, 2, 1]);
+        let links: Vec<(u32, u32)> = lru.nodes.iter().map(|n| (n.newer, n.older)).collect();
+        s.record(&mut lru, &[1, 2, 9]);
+        let again: Vec<(u32, u32)> = lru.nodes.iter().map(|n| (n.newer, n.older)).collect();
+        assert_eq!(links, again, "recording what is in place writes nothing");
+        // A chain that repeats a block (a collision of the hash chain, which only a client
+        // searching for one would produce): the block stays where its first occurrence put it,
+        // as promoting deepest first would leave it, and the list stays whole.
+        s.record(&mut lru, &[4, 4, 5, 4]);
+        assert_eq!(lru.len(), 8);
+        assert_eq!(
+            lru.hashes().collect::<Vec<_>>(),
+            vec![3, 8, 7, 9, 2, 1, 5, 4]
+        );
+        let mut back = Vec::new();
+        let mut at = lru.newest;
+        while at != NIL {
+            back.push(lru.nodes[at as usize].hash);
+            at = lru.nodes[at as usize].older;
+        }
+        back.reverse();
+        assert_eq!(
+            back,
+            lru.hashes().collect::<Vec<_>>(),
+            "both directions agree"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 256,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(23),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+        /// Recording prompts run by run leaves the list as promoting each prompt's blocks one
+        /// by one, deepest first (the index's order before runs), would.
+        #[test]
+        fn recording_runs_is_promoting_deepest_first(
+            prompts in proptest::collection::vec(
+                proptest::collection::vec(0u64..40, 1..12), 0..40),
+            evictions in proptest::collection::vec(0usize..4, 0..40),
+        ) {
+            let (mut lru, mut s) = (BlockLru::new(), Slots::default());
+            let mut model: VecDeque<u64> = VecDeque::new();
+            for (i, prompt) in prompts.iter().enumerate() {
+                s.record(&mut lru, prompt);
+                for &h in prompt.iter().rev() {
+                    model.retain(|&x| x != h);
+                    model.push_back(h);
+                }
+                for _ in 0..evictions.get(i).copied().unwrap_or(0) {
+                    proptest::prop_assert_eq!(s.pop(&mut lru), model.pop_front());
+                }
+                let held: Vec<u64> = lru.hashes().collect();
+                let want: Vec<u64> = model.iter().copied().collect();
+                proptest::prop_assert_eq!(held, want);
+                proptest::prop_assert_eq!(lru.len(), model.len());
+            }
+        }
     }
 
     proptest::proptest! {

@@ -47,28 +47,36 @@ const TIERS: [(usize, usize, usize); 3] = [
     ),
 ];
 
-/// The tier of the block at `position`: its first block and stride.
-fn tier(position: usize) -> (usize, usize) {
-    let &(start, stride, _) = TIERS
-        .iter()
-        .rev()
-        .find(|(start, _, _)| position >= *start)
-        .unwrap_or(&TIERS[0]);
-    (start, stride)
-}
+// `indexed` and `weight` run for every block of every request. They branch on the constants
+// rather than search [`TIERS`]: with a constant stride in each branch, a remainder is a mask and
+// not a division (which was a visible part of recording and matching a prompt).
 
 /// Whether the block at `position` of a prompt of `len` blocks is indexed.
+#[inline]
 fn indexed(position: usize, len: usize) -> bool {
-    let (start, stride) = tier(position);
-    (position + 1 - start).is_multiple_of(stride) || position + 1 == len
+    let stride_point = if position < DENSE_BLOCKS {
+        true
+    } else if position < FAR_BLOCKS {
+        (position + 1 - DENSE_BLOCKS).is_multiple_of(SPARSE_STRIDE)
+    } else {
+        (position + 1 - FAR_BLOCKS).is_multiple_of(FAR_STRIDE)
+    };
+    stride_point || position + 1 == len
 }
 
 /// The blocks the indexed block at `position` stands for: itself and the unindexed ones
 /// before it (the last block of a prompt may fall between two stride points; at most a
 /// stride).
+#[inline]
 fn weight(position: usize) -> u32 {
-    let (start, stride) = tier(position);
-    ((position - start) % stride + 1) as u32
+    let before = if position < DENSE_BLOCKS {
+        0
+    } else if position < FAR_BLOCKS {
+        (position - DENSE_BLOCKS) % SPARSE_STRIDE
+    } else {
+        (position - FAR_BLOCKS) % FAR_STRIDE
+    };
+    before as u32 + 1
 }
 
 /// The endpoints holding a block, each with the block's slot in that endpoint's LRU list.
@@ -150,18 +158,19 @@ impl PrefixIndex {
         // what routing has actually put there (no table sized for the capacity up front), and
         // auto-tuning can change the capacity at any time.
         let lru = endpoints[slot].get_or_insert_with(BlockLru::new);
-        // Deepest block first, so the leading blocks end up most recent: matching stops at the
-        // first miss, so when something must go it should be a request's tail, never its head.
-        // One map operation per indexed block: the holder entry carries its slot in the list.
-        for (position, &h) in hashes.iter().enumerate().rev() {
-            if !indexed(position, hashes.len()) {
+        // The prompt's blocks in order (see `BlockLru::start_recording`): a run the list holds
+        // in that order already is followed along the list without a map operation; any other
+        // indexed block costs one (the holder entry carries its slot in the list).
+        lru.start_recording();
+        for (position, &h) in hashes.iter().enumerate() {
+            if !indexed(position, hashes.len()) || lru.record_in_place(h) {
                 continue;
             }
             let set = holders.entry(h).or_default();
             match set.iter().find(|(id, _)| *id == endpoint) {
-                Some(&(_, slot)) => lru.promote(slot),
+                Some(&(_, slot)) => lru.record_held(slot),
                 None => {
-                    let slot = lru.push_newest(h, weight(position));
+                    let slot = lru.record_new(h, weight(position));
                     set.push((endpoint, slot));
                 }
             }
@@ -238,6 +247,27 @@ mod tests {
         let mut m = vec![0; n];
         index.match_lengths(hashes, &mut m);
         m
+    }
+
+    #[test]
+    fn indexed_blocks_and_weights_follow_the_tiers() {
+        // The table's reading of a position: the last tier starting at or before it.
+        let tier = |position: usize| {
+            let &(start, stride, _) = TIERS.iter().rev().find(|t| position >= t.0).unwrap();
+            (start, stride)
+        };
+        for len in [1, 255, 256, 257, 300, 1024, 1025, 1100, 5000] {
+            for position in 0..len {
+                let (start, stride) = tier(position);
+                let expected = (position + 1 - start).is_multiple_of(stride) || position + 1 == len;
+                assert_eq!(indexed(position, len), expected, "{position} of {len}");
+                assert_eq!(
+                    weight(position) as usize,
+                    (position - start) % stride + 1,
+                    "{position}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use crate::config::ConfigError;
 use crate::config::params::Params;
-use crate::cost::{Backlog, EngineCosts, EngineSeconds, TierCosts, TierLoadRates};
+use crate::cost::{Backlog, EngineCosts, EngineSeconds, TierCosts, TierLoadRates, count_f64};
 use crate::datastore::EndpointId;
 use crate::request::InferenceRequest;
 use crate::scheduling::{
@@ -340,7 +340,7 @@ impl TtftCostProducer {
         let mut raw = engine_costs.predict(backlog, uncached);
         raw.ttft += placed.load_seconds;
         let k = load.map_or(1.0, |l| l.calibration.factor());
-        let queue_seconds = backlog.queued_tokens as f64 * per_token * k;
+        let queue_seconds = count_f64(backlog.queued_tokens) * per_token * k;
         let predicted = crate::cost::Prediction {
             ttft: raw.ttft * k,
             tpot: raw.tpot * k,
@@ -352,7 +352,7 @@ impl TtftCostProducer {
         // (whatif: hit rate 36 % instead of 50 %).
         let placed_on_gpu = prompt_tokens.saturating_sub(placed.gpu);
         let fullness = engine.kv_cache_usage.clamp(0.0, 1.0);
-        let mut evicted_seconds = placed_on_gpu as f64 * per_token;
+        let mut evicted_seconds = count_f64(placed_on_gpu) * per_token;
         // Those blocks are also written through to the replica's CPU tier (vLLM's offloading
         // connector and LMCache's local backend store every block the GPU computes or loads),
         // evicting copies kept there for others, each worth what recomputing it costs beyond
@@ -368,13 +368,13 @@ impl TtftCostProducer {
         {
             let held = hits.gpu.saturating_add(hits.cpu).min(prompt_tokens);
             let written = prompt_tokens - held;
-            evicted_seconds += written as f64 * (per_token - load).max(0.0);
+            evicted_seconds += count_f64(written) * (per_token - load).max(0.0);
         }
         let eviction = self.eviction_weight * fullness * evicted_seconds * k;
         // What this placement costs the requests waiting behind it there (see
         // `queue_externality_weight`): its own engine time, and the recomputation its
         // evictions will cause, once more for each request waiting per replica.
-        let added_seconds = (uncached as f64 * per_token + placed.load_seconds) * k;
+        let added_seconds = (count_f64(uncached) * per_token + placed.load_seconds) * k;
         let externality =
             self.queue_externality_weight * queued_per_candidate * (added_seconds + eviction);
         let objective = predicted.ttft
@@ -568,7 +568,7 @@ impl DataProducer for TtftCostProducer {
                     .load(c.endpoint.id)
                     .map_or(1.0, |l| l.calibration.factor());
                 cost.objective += self.prefix_home_weight
-                    * prompt_tokens as f64
+                    * count_f64(prompt_tokens)
                     * per_request.engine.per_token
                     * k;
             }
