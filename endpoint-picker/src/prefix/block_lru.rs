@@ -43,6 +43,9 @@ pub(crate) struct BlockLru {
     recording: u32,
     /// The entry the current recording placed last (`NIL` before its first).
     anchor: u32,
+    /// The entry that was behind the last one the current recording moved, where it was
+    /// (`NIL`: none): the likely next block of the prompt (see [`BlockLru::record_in_place`]).
+    trail: u32,
 }
 
 impl BlockLru {
@@ -56,6 +59,7 @@ impl BlockLru {
             len: 0,
             recording: 0,
             anchor: NIL,
+            trail: NIL,
         }
     }
 
@@ -71,24 +75,36 @@ impl BlockLru {
     /// miss, so when something must go it should be a prompt's tail, never its head), and
     /// blocks recorded together stay together. So recording again a run the list holds in that
     /// order (a system prompt shared by the requests routed there) follows the links without
-    /// a map lookup and moves nothing; only the blocks after where two prompts part are moved.
+    /// a map lookup and moves nothing. Where the prompt parts from the run in place and goes on
+    /// with one recorded earlier (another conversation's history after the shared system
+    /// prompt), its first block there costs a map lookup and the rest follow that run's links.
     pub(crate) fn start_recording(&mut self) {
         self.recording = self.recording.wrapping_add(1);
         self.anchor = NIL;
+        self.trail = NIL;
     }
 
-    /// Records `hash` when it is the entry where it belongs already (just behind the last one
-    /// recorded, or the most recent for the first); returns false, recording nothing, when it
-    /// is not. Only held blocks are linked, so such an entry is the index's for `hash`.
+    /// Records `hash` without a map lookup when the list says where it is: just behind the
+    /// last entry recorded (or the most recent, for the first), where it stays; or just behind
+    /// where the last moved entry was, whence it follows it. Returns false, recording nothing,
+    /// otherwise. Only held blocks are linked, so an entry found here is the index's for
+    /// `hash`.
     pub(crate) fn record_in_place(&mut self, hash: u64) -> bool {
         let slot = match self.anchor {
             NIL => self.newest,
             a => self.nodes[a as usize].older,
         };
-        match self.nodes.get_mut(slot as usize) {
-            Some(node) if node.hash == hash => {
-                node.recorded = self.recording;
-                self.anchor = slot;
+        if let Some(node) = self.nodes.get_mut(slot as usize)
+            && node.hash == hash
+        {
+            node.recorded = self.recording;
+            self.anchor = slot;
+            return true;
+        }
+        let trail = self.trail;
+        match self.nodes.get(trail as usize) {
+            Some(node) if node.hash == hash && node.recorded != self.recording => {
+                self.move_behind_anchor(trail);
                 true
             }
             _ => false,
@@ -98,19 +114,29 @@ impl BlockLru {
     /// Records the block held in `slot`, moving it where it belongs. A block this recording
     /// placed already (a prompt whose hash chain repeats a block) stays where it was put.
     pub(crate) fn record_held(&mut self, slot: u32) {
-        let node = &mut self.nodes[slot as usize];
-        if node.recorded == self.recording {
+        if self.nodes[slot as usize].recorded == self.recording {
             return;
         }
-        node.recorded = self.recording;
         let in_place = match self.anchor {
             NIL => self.newest == slot,
             a => self.nodes[a as usize].older == slot,
         };
-        if !in_place {
-            self.unlink(slot);
-            self.link_behind_anchor(slot);
+        if in_place {
+            self.nodes[slot as usize].recorded = self.recording;
+            self.anchor = slot;
+        } else {
+            self.move_behind_anchor(slot);
         }
+    }
+
+    /// Moves the entry in `slot`, not recorded yet, just behind the anchor and records it; the
+    /// entry that was behind it becomes the trail.
+    fn move_behind_anchor(&mut self, slot: u32) {
+        let node = &mut self.nodes[slot as usize];
+        node.recorded = self.recording;
+        self.trail = node.older;
+        self.unlink(slot);
+        self.link_behind_anchor(slot);
         self.anchor = slot;
     }
 
@@ -147,9 +173,12 @@ impl BlockLru {
             return None;
         }
         let slot = self.oldest;
+        // (The index evicts after a recording, never during one.)
         if slot == self.anchor {
-            // (The index evicts after a recording, never during one.)
             self.anchor = NIL;
+        }
+        if slot == self.trail {
+            self.trail = NIL;
         }
         self.unlink(slot);
         self.free.push(slot);
@@ -209,9 +238,9 @@ mod tests {
 
     use super::*;
 
-    /// The index's side of the contract: hash → slot while held.
+    /// The index's side of the contract: hash → slot while held, and the lookups made.
     #[derive(Default)]
-    struct Slots(HashMap<u64, u32>);
+    struct Slots(HashMap<u64, u32>, usize);
 
     impl Slots {
         /// Records `h` in the current recording; true when it was not held.
@@ -220,6 +249,7 @@ mod tests {
                 assert!(self.0.contains_key(&h), "an entry in place is held");
                 return false;
             }
+            self.1 += 1;
             match self.0.get(&h) {
                 Some(&slot) => {
                     lru.record_held(slot);
@@ -301,6 +331,17 @@ mod tests {
         s.record(&mut lru, &[1, 2, 9]);
         let again: Vec<(u32, u32)> = lru.nodes.iter().map(|n| (n.newer, n.older)).collect();
         assert_eq!(links, again, "recording what is in place writes nothing");
+        // Another conversation recorded since: the first run's first block is looked up and
+        // moved, the rest follow it along the list.
+        s.record(&mut lru, &[7, 8]);
+        let before = s.1;
+        s.record(&mut lru, &[1, 2, 9]);
+        assert_eq!(
+            s.1 - before,
+            1,
+            "one lookup, where the prompt leaves the run in place"
+        );
+        assert_eq!(lru.hashes().collect::<Vec<_>>(), vec![3, 8, 7, 9, 2, 1]);
         // A chain that repeats a block (a collision of the hash chain, which only a client
         // searching for one would produce): the block stays where its first occurrence put it,
         // as promoting deepest first would leave it, and the list stays whole.
