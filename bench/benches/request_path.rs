@@ -1,6 +1,7 @@
 //! Request-path micro-benchmarks: one scheduling decision at 10/100/1,000 endpoints (the
 //! default profile, the balanced one and the cost model; the cost model again with a tenth of
-//! the pool re-scraped before each decision), one decision for a long prompt seen
+//! the pool re-scraped before each decision, and again routing the warm-up's conversations in
+//! turn), one decision for a long prompt seen
 //! for the first time (the cost model at 8 endpoints, whose prefix index is full, so recording
 //! the prompt also evicts), and parsing + hashing a 220 KB prompt. Results: bench/RESULTS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -50,6 +51,33 @@ fn scheduling_decision(c: &mut Criterion) {
         decisions(c, name, config);
     }
     rescraped_decisions(c);
+    conversation_decisions(c);
+}
+
+/// The cost model's decision when every iteration routes the next of the conversations the
+/// index was warmed with, so each endpoint records prompts in turn (its list holds the others'
+/// runs in between), where the benchmarks above route one request again and again.
+fn conversation_decisions(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decision_cost_model_conversations_8kb_chat");
+    for n in [100usize, 1000] {
+        let (director, _) = warmed(n, COST_MODEL);
+        let requests: Vec<InferenceRequest> = (0..(n * 4).min(2000))
+            .map(|i| {
+                let body = Bytes::from(bench::chat_body(8 * 1024, i));
+                request_from(&body, Api::ChatCompletions)
+            })
+            .collect();
+        let mut next = 0usize;
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let request = &requests[next % requests.len()];
+                next += 1;
+                let routed = director.route(black_box(request), None, false).unwrap();
+                black_box(routed.destination())
+            })
+        });
+    }
+    group.finish();
 }
 
 /// The cost model's decision when a tenth of the pool's metrics changed since the previous
