@@ -111,20 +111,11 @@ impl BlockLru {
         }
     }
 
-    /// Records the block held in `slot`, moving it where it belongs. A block this recording
-    /// placed already (a prompt whose hash chain repeats a block) stays where it was put.
+    /// Records the block held in `slot`, which [`BlockLru::record_in_place`] did not find,
+    /// moving it where it belongs. A block this recording placed already (a prompt whose hash
+    /// chain repeats a block) stays where it was put.
     pub(crate) fn record_held(&mut self, slot: u32) {
-        if self.nodes[slot as usize].recorded == self.recording {
-            return;
-        }
-        let in_place = match self.anchor {
-            NIL => self.newest == slot,
-            a => self.nodes[a as usize].older == slot,
-        };
-        if in_place {
-            self.nodes[slot as usize].recorded = self.recording;
-            self.anchor = slot;
-        } else {
+        if self.nodes[slot as usize].recorded != self.recording {
             self.move_behind_anchor(slot);
         }
     }
