@@ -240,6 +240,47 @@ fn remove_holder(
 }
 
 #[cfg(test)]
+impl PrefixIndex {
+    /// Checks every list (see [`BlockLru::check_invariants`]) and that the holders map says
+    /// exactly what the lists hold, slot for slot. Returns each endpoint's hashes, least
+    /// recent first.
+    fn check_invariants(&self) -> Vec<Vec<u64>> {
+        let inner = self.inner.read();
+        let mut listed = 0;
+        let mut lists = Vec::new();
+        for (id, lru) in inner.endpoints.iter().enumerate() {
+            let Some(lru) = lru else {
+                lists.push(Vec::new());
+                continue;
+            };
+            let entries = lru.check_invariants();
+            for &(hash, slot) in &entries {
+                let holders = inner
+                    .holders
+                    .get(&hash)
+                    .map(|h| h.as_slice())
+                    .unwrap_or(&[]);
+                let mine: Vec<u32> = holders
+                    .iter()
+                    .filter(|(e, _)| e.0 as usize == id)
+                    .map(|&(_, s)| s)
+                    .collect();
+                assert_eq!(mine, [slot], "endpoint {id}'s holder entry for {hash}");
+            }
+            listed += entries.len();
+            lists.push(entries.iter().rev().map(|e| e.0).collect());
+        }
+        let in_map: usize = inner.holders.values().map(|h| h.len()).sum();
+        assert_eq!(in_map, listed, "holder entries that no list has");
+        assert!(
+            inner.holders.values().all(|h| !h.is_empty()),
+            "an empty holder set kept"
+        );
+        lists
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -395,6 +436,52 @@ mod tests {
             proptest::prop_assert!(got + stride > exact, "{} vs {}", got, exact);
             if exact <= DENSE_BLOCKS || q == held {
                 proptest::prop_assert_eq!(got, exact);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 48,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(31),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+        /// Inserts (prompts sharing prefixes, long enough for every tier, capacities that evict)
+        /// and removals of endpoints: the lists and the holders map stay one structure, and
+        /// each list is what promoting its prompts' indexed blocks deepest first and evicting
+        /// the least recent past the capacity (by weight) gives.
+        #[test]
+        fn the_lists_and_the_holders_stay_in_step(
+            ops in proptest::collection::vec(
+                (0u32..3, 1u64..5, 1usize..1400, 0usize..1400, 1usize..3000, 0u8..8), 1..24),
+        ) {
+            let idx = PrefixIndex::new();
+            let mut model: Vec<std::collections::VecDeque<(u64, u32)>> = vec![Default::default(); 3];
+            for (endpoint, base, len, shared, capacity, removal) in ops {
+                if removal == 0 {
+                    idx.retain(|id| id.0 != endpoint);
+                    model[endpoint as usize].clear();
+                } else {
+                    let prompt = chain(base, len, shared);
+                    idx.insert(EndpointId(endpoint), capacity, &prompt);
+                    let list = &mut model[endpoint as usize];
+                    for (position, &h) in prompt.iter().enumerate().rev() {
+                        if indexed(position, prompt.len()) {
+                            list.retain(|&(x, _)| x != h);
+                            list.push_back((h, weight(position)));
+                        }
+                    }
+                    while list.iter().map(|&(_, w)| w as usize).sum::<usize>() > capacity {
+                        list.pop_front();
+                    }
+                }
+                let lists = idx.check_invariants();
+                for (id, want) in model.iter().enumerate() {
+                    let got = lists.get(id).cloned().unwrap_or_default();
+                    let want: Vec<u64> = want.iter().map(|&(h, _)| h).collect();
+                    proptest::prop_assert_eq!(got, want, "endpoint {}", id);
+                }
             }
         }
     }
