@@ -14,11 +14,16 @@
 #
 # Needs `cargo build --release -p epp -p bench` and `make envoy`. Real time: serialize it with
 # any other benchmark (the bench's runs use `flock /work/bench.lock`).
+# TOKENS=N (environment) streams answers of N SSE events instead of one token. PERF=FILE
+# records the measured requests of every variant with `perf record -g` into
+# FILE.<round>.<variant> (needs perf). A fail-open template cannot be measured here: Envoy
+# fails open until it has health-checked each freshly started epp, so most requests would
+# not reach it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REL=$ROOT/target/release
 ENVOY=${ENVOY:-$(ls "$ROOT"/.venv/lib/python3*/site-packages/envoy/_bin/envoy | head -1)}
-TEMPLATE=$1 ROUNDS=$2 N=$3 SIZE=$4
+TEMPLATE=$1 ROUNDS=$2 N=$3 SIZE=$4 TOKENS=${TOKENS:-1} PERF=${PERF:-}
 shift 4
 DIR=$(mktemp -d /tmp/epp-ab.XXXXXX)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -52,15 +57,17 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/ready" > /dev/null && 
 send() { # send COUNT [RETRIES]: COUNT completions, one at a time; a failure is retried
   # RETRIES times, 0.1 s apart (the warm-up's, while Envoy first health-checks a new epp).
   # Prints the latency p50 and p99 in µs (of the successful tries).
-  python3 - "http://127.0.0.1:$LISTEN" "$1" "$SIZE" "${2:-0}" <<'PY'
+  python3 - "http://127.0.0.1:$LISTEN" "$1" "$SIZE" "${2:-0}" "$TOKENS" <<'PY'
 import http.client, json, sys, time, urllib.parse
-url, n, size, retries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+url, n, size, retries, tokens = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                 int(sys.argv[4]), int(sys.argv[5]))
 u = urllib.parse.urlparse(url)
 text = ("lorem ipsum dolor sit amet consectetur " * (size // 38 + 1))[:size]
 c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
 lat = []
 for i in range(n):
-    body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": f"{i} {text}", "max_tokens": 1})
+    body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "prompt": f"{i} {text}",
+                       "max_tokens": tokens, "stream": tokens > 1})
     for attempt in range(retries + 1):
         t0 = time.perf_counter()
         c.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
@@ -94,11 +101,17 @@ for r in $(seq "$ROUNDS"); do
     PIDS+=("$pid")
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$METRICS/metrics" > /dev/null && break; sleep 0.1; done
     send 20 50 > /dev/null
+    if [ -n "$PERF" ]; then
+      perf record -q -g -F 1999 -p "$pid" -o "$PERF.$r.$name" > /dev/null 2>&1 &
+      perf_pid=$!
+      sleep 0.5
+    fi
     read -r t0 f0 < <(usage "$pid"); s0=$(date +%s%N)
     lat=$(send "$N")
     read -r p50 p99 <<< "$lat"
     read -r t1 f1 < <(usage "$pid"); s1=$(date +%s%N)
     hwm=$(awk '/VmHWM/{print $2}' /proc/"$pid"/status)
+    if [ -n "$PERF" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
     echo "round $r $name: epp CPU/req $(( (t1 - t0) / N / 1000 )) µs, minor faults/req $(( (f1 - f0) / N )), wall/req $(( (s1 - s0) / N / 1000 )) µs, latency p50 / p99 $p50 / $p99 µs, peak RSS $hwm kB"
     kill "$pid"; wait "$pid" 2>/dev/null || true
   done
