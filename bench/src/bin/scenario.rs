@@ -122,7 +122,7 @@ enum Cmd {
     ActiveActive(ActiveActiveOpts),
     /// CPU per streamed request at 80 % of capacity: Envoy alone, Envoy + Switchyard (full and
     /// lean response path), the peer routers (RESULTS.md section `path-cpu`).
-    PathCpu,
+    PathCpu(PathCpuOpts),
     /// Redraw the soak plot from a saved `bench/results/soak.json`.
     SoakReplot {
         /// The saved soak.
@@ -199,6 +199,18 @@ struct RoutingOpts {
     /// Override: output tokens.
     #[arg(long)]
     output_tokens: Option<u32>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct PathCpuOpts {
+    /// Setups to run, in this order (default: all): envoy, full, lean, lean-buffered,
+    /// minimal, full-one-thread, minimal-one-thread, sglang, vllm, smg. A name may repeat.
+    #[arg(long, value_delimiter = ',')]
+    setups: Vec<String>,
+    /// An `epp` flag for every Switchyard setup, passed as it is (repeatable; e.g.
+    /// `--epp-arg=--refresh-metrics-interval=150ms`).
+    #[arg(long = "epp-arg", allow_hyphen_values = true)]
+    epp_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -650,13 +662,21 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 update_section(&results, "active-active", &md)?;
             }
         }
-        Cmd::PathCpu => {
-            use scenario::path_cpu::{self, PathCpuCfg};
-            let cfg = if o.quick {
+        Cmd::PathCpu(p) => {
+            use scenario::path_cpu::{self, PathCpuCfg, Setup};
+            let mut cfg = if o.quick {
                 PathCpuCfg::quick()
             } else {
                 PathCpuCfg::full()
             };
+            if !p.setups.is_empty() {
+                cfg.setups = p
+                    .setups
+                    .iter()
+                    .map(|n| Setup::from_name(n))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            cfg.epp_args = p.epp_args.clone();
             let runs = path_cpu::run(&tools, &cfg, &run_dir).await?;
             std::fs::write(
                 raw.join("path-cpu.json"),

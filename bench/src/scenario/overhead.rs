@@ -172,18 +172,17 @@ pub async fn start_switchyard_variant(
     response_path: ResponsePath,
     request_body: RequestBody,
     uds: bool,
+    extra_args: &[&str],
 ) -> anyhow::Result<RouterUp> {
     let socket = dir.join("epp.sock");
     let socket_arg = socket.to_string_lossy().into_owned();
-    let uds_args = ["--grpc-uds-path", socket_arg.as_str()];
-    let epp = start_epp(
-        tools,
-        None,
-        harness::pool_yaml(backends),
-        dir,
-        if uds { &uds_args } else { &[] },
-    )
-    .await?;
+    let mut args: Vec<&str> = if uds {
+        vec!["--grpc-uds-path", socket_arg.as_str()]
+    } else {
+        Vec::new()
+    };
+    args.extend_from_slice(extra_args);
+    let epp = start_epp(tools, None, harness::pool_yaml(backends), dir, &args).await?;
     let PlaintextEnvoy {
         config: rendered,
         admin,
@@ -389,6 +388,7 @@ pub async fn run(
                     response_path,
                     RequestBody::Streamed,
                     true,
+                    &[],
                 )
                 .await?
             }
@@ -400,6 +400,7 @@ pub async fn run(
                     response_path,
                     RequestBody::Buffered,
                     false,
+                    &[],
                 )
                 .await?
             }

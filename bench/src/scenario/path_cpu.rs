@@ -77,6 +77,38 @@ impl Setup {
         }
     }
 
+    /// The name `scenario path-cpu --setups` knows it by.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Setup::EnvoyAlone => "envoy",
+            Setup::SwitchyardFull => "full",
+            Setup::SwitchyardLean => "lean",
+            Setup::SwitchyardLeanBuffered => "lean-buffered",
+            Setup::SwitchyardMinimal => "minimal",
+            Setup::SwitchyardFullOneThread => "full-one-thread",
+            Setup::SwitchyardMinimalOneThread => "minimal-one-thread",
+            Setup::Peer(Router::Sglang(_)) => "sglang",
+            Setup::Peer(Router::Vllm(_)) => "vllm",
+            Setup::Peer(Router::Smg(_)) => "smg",
+            Setup::Peer(_) => "peer",
+        }
+    }
+
+    /// The setup named `name` (see [`Setup::name`]); the peers in their `cache_aware` policy.
+    pub fn from_name(name: &str) -> anyhow::Result<Setup> {
+        PathCpuCfg::full()
+            .setups
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = PathCpuCfg::full().setups.iter().map(Setup::name).collect();
+                anyhow::anyhow!(
+                    "unknown path-cpu setup {name:?}; known: {}",
+                    known.join(", ")
+                )
+            })
+    }
+
     /// Envoy + Switchyard (any response path or body mode).
     pub fn is_switchyard(&self) -> bool {
         matches!(
@@ -110,6 +142,9 @@ pub struct PathCpuCfg {
     pub workload: WorkloadArgs,
     /// Setups, run in this order.
     pub setups: Vec<Setup>,
+    /// `epp` flags for every Switchyard setup (`--epp-arg`), after the setup's own.
+    #[serde(default)]
+    pub epp_args: Vec<String>,
 }
 
 impl PathCpuCfg {
@@ -151,6 +186,7 @@ impl PathCpuCfg {
                 Setup::Peer(Router::Vllm("cache_aware".into())),
                 Setup::Peer(Router::Smg("cache_aware".into())),
             ],
+            epp_args: Vec::new(),
         }
     }
 
@@ -368,13 +404,14 @@ async fn one(
                 }
                 _ => ResponsePath::Lean,
             };
-            let one_thread: &[&str] = match setup {
+            let mut args: Vec<&str> = match setup {
                 Setup::SwitchyardFullOneThread | Setup::SwitchyardMinimalOneThread => {
-                    &["--worker-threads=1"]
+                    vec!["--worker-threads=1"]
                 }
-                _ => &[],
+                _ => Vec::new(),
             };
-            start_switchyard_on(tools, None, &replicas, dir, one_thread, path).await?
+            args.extend(cfg.epp_args.iter().map(String::as_str));
+            start_switchyard_on(tools, None, &replicas, dir, &args, path).await?
         }
         Setup::SwitchyardLeanBuffered => {
             super::overhead::start_switchyard_variant(
@@ -384,6 +421,7 @@ async fn one(
                 ResponsePath::Lean,
                 testkit::envoy::RequestBody::Buffered,
                 false,
+                &cfg.epp_args.iter().map(String::as_str).collect::<Vec<_>>(),
             )
             .await?
         }
@@ -497,6 +535,13 @@ pub fn markdown(runs: &[PathCpuRun], cfg: &PathCpuCfg) -> String {
         cfg.duration_s,
         cfg.rate_basis,
     );
+    if !cfg.epp_args.is_empty() {
+        let _ = writeln!(
+            s,
+            "Every Switchyard setup's `epp` also ran with `{}`.\n",
+            cfg.epp_args.join(" ")
+        );
+    }
     let _ = writeln!(
         s,
         "| router | completed | errors | TTFT p50 (ms) | TTFT p90 (ms) | Envoy CPU / req (ms) | EPP CPU / req (ms) | total CPU / req (ms) | CPU-seconds (window s) | EPP scrapes / req |"
@@ -676,6 +721,25 @@ mod tests {
         assert!((vs[2].value_ms - 0.2).abs() < 1e-9);
         assert!(vs[2].met);
         assert!(vs[3].met);
+    }
+
+    #[test]
+    fn every_setup_is_found_by_its_name() {
+        for setup in PathCpuCfg::full().setups {
+            assert_eq!(Setup::from_name(setup.name()).unwrap(), setup);
+        }
+        let unknown = Setup::from_name("fastest").unwrap_err().to_string();
+        assert!(unknown.contains("known: envoy, full, lean"), "{unknown}");
+    }
+
+    #[test]
+    fn extra_epp_flags_are_named_above_the_table() {
+        let cfg = PathCpuCfg {
+            epp_args: vec!["--refresh-metrics-interval=150ms".into()],
+            ..PathCpuCfg::quick()
+        };
+        assert!(markdown(&[], &cfg).contains("also ran with `--refresh-metrics-interval=150ms`"));
+        assert!(!markdown(&[], &PathCpuCfg::quick()).contains("also ran with"));
     }
 
     #[test]
