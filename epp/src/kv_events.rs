@@ -492,6 +492,9 @@ pub async fn subscribe_endpoint<C: Connector>(
         match connected {
             Ok(mut source) => loop {
                 let event = tokio::select! {
+                    // Stopping comes first: a batch queued behind the endpoint's removal must
+                    // not bring back its entries and metric series.
+                    biased;
                     _ = token.cancelled() => return,
                     e = source.recv() => e,
                 };
@@ -548,6 +551,8 @@ enum Owner {
 /// A running per-endpoint subscriber.
 struct Running {
     address: SocketAddr,
+    /// Its endpoint's metric labels.
+    pod: PodLabels,
     stop: CancellationToken,
     task: tokio::task::Id,
 }
@@ -602,6 +607,9 @@ pub async fn run<C: Connector>(
         owners.insert(id, Owner::Bound);
     }
     let mut running: HashMap<EndpointId, Running> = HashMap::new();
+    // Subscribers stopped because their endpoint left, with its labels, until reaped: what a
+    // batch they were still applying recorded is cleared again then.
+    let mut stopped: HashMap<tokio::task::Id, (EndpointId, PodLabels)> = HashMap::new();
     // Endpoints whose subscriber failed: started again after a delay.
     let mut failed: HashSet<EndpointId> = HashSet::new();
     // Every endpoint of the pool, with its labels: its series go when it leaves.
@@ -641,6 +649,7 @@ pub async fn run<C: Connector>(
                 if !present {
                     r.stop.cancel();
                     index.remove_endpoint(*id);
+                    stopped.insert(r.task, (*id, r.pod.clone()));
                 }
                 present
             });
@@ -674,6 +683,10 @@ pub async fn run<C: Connector>(
                     e.id,
                     Running {
                         address: e.spec.address,
+                        pod: PodLabels {
+                            name: pool.clone(),
+                            model_server_pod: e.spec.name.clone(),
+                        },
                         stop,
                         task,
                     },
@@ -691,6 +704,17 @@ pub async fn run<C: Connector>(
             Err(e) => (e.id(), Some(e)),
         };
         let unexpected = !run_token.is_cancelled();
+        if let Some((id, pod)) = stopped.remove(&task) {
+            // A departed endpoint's subscriber has ended: whatever it applied or counted
+            // between its removal and its end goes too (unless the endpoint came back, moved
+            // to a new address, with a subscriber of its own).
+            if !running.contains_key(&id) {
+                index.remove_endpoint(id);
+            }
+            if !known.values().any(|(_, p)| *p == pod) {
+                metrics.forget(&pod);
+            }
+        }
         match owners.remove(&task) {
             // Stopped because the endpoint left (or moved): nothing more to do.
             Some(Owner::Endpoint(id)) if running.get(&id).is_some_and(|r| r.task == task) => {

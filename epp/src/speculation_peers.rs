@@ -9,6 +9,7 @@
 //! the network through the KV-event transport's frame guard, which also redials a lost peer.
 //! A peer is trusted no further than its caps: a message is decoded with
 //! [`decode`]'s bounds, and at most [`MAX_PEER_MESSAGES_PER_SECOND`] of one peer's messages
+//! (and [`MAX_PEER_KEYS_PER_SECOND`] of its keys)
 //! are applied per second (the rest are counted and dropped).
 //!
 //! A peer given by a DNS name rather than an IP address is followed by [`follow_name`]: the
@@ -36,6 +37,12 @@ use crate::kv_events::{KvEventMetrics, PeerOutcome};
 
 /// One peer's messages applied per second, at most: far above what one EPP routes.
 pub const MAX_PEER_MESSAGES_PER_SECOND: u32 = 20_000;
+/// One peer's keys applied per second, at most: an EPP routing 1,000 requests a second with
+/// 1,000-block prompts. Each key is an insert under the index's write lock, which the request
+/// path also takes: a peer sending its messages at the message cap, each at
+/// [`MAX_PEER_KEYS`](endpoint_picker::kv_index::peers::MAX_PEER_KEYS), would otherwise ask
+/// for 82 million a second.
+pub const MAX_PEER_KEYS_PER_SECOND: usize = 1_000_000;
 /// First wait before dialing a peer again after its socket failed (doubling to 5 s).
 const RETRY: Duration = Duration::from_millis(250);
 /// How often a peer named by a DNS name is resolved again.
@@ -366,7 +373,7 @@ pub async fn subscribe(
                 tracing::info!(%endpoint, "speculative peers: subscribed");
                 let _connected = Connected::new(&metrics.peers_followed);
                 retry = RETRY;
-                let mut window = (Instant::now(), 0u32);
+                let mut rate = PeerRate::new(Instant::now());
                 loop {
                     let frame = tokio::select! {
                         () = token.cancelled() => return,
@@ -374,16 +381,14 @@ pub async fn subscribe(
                     };
                     match frame {
                         Ok(Some(frame)) => {
-                            let now = Instant::now();
-                            if now.duration_since(window.0) >= Duration::from_secs(1) {
-                                window = (now, 0);
-                            }
-                            window.1 += 1;
-                            if window.1 > MAX_PEER_MESSAGES_PER_SECOND {
-                                count(&metrics, "rate", 1);
-                                continue;
-                            }
-                            apply(&frame, &datastore, &index, &metrics, now);
+                            apply(
+                                &frame,
+                                &datastore,
+                                &index,
+                                &metrics,
+                                Instant::now(),
+                                &mut rate,
+                            );
                         }
                         Ok(None) => count(&metrics, "decode", 1),
                         Err(error) => {
@@ -405,13 +410,51 @@ pub async fn subscribe(
     }
 }
 
-/// One peer message into the index: speculative entries for the endpoint it names.
+/// What one peer may still have applied in the current second (a window restarted by the
+/// first message a second or more after the last restart).
+#[derive(Debug)]
+pub struct PeerRate {
+    since: Instant,
+    messages: u32,
+    keys: usize,
+}
+
+impl PeerRate {
+    /// A fresh window from `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            since: now,
+            messages: 0,
+            keys: 0,
+        }
+    }
+
+    /// Whether a message of `keys` keys at `now` stays within [`MAX_PEER_MESSAGES_PER_SECOND`]
+    /// and [`MAX_PEER_KEYS_PER_SECOND`] (counted only if it does).
+    fn admit(&mut self, now: Instant, keys: usize) -> bool {
+        if now.duration_since(self.since) >= Duration::from_secs(1) {
+            *self = Self::new(now);
+        }
+        if self.messages >= MAX_PEER_MESSAGES_PER_SECOND
+            || self.keys.saturating_add(keys) > MAX_PEER_KEYS_PER_SECOND
+        {
+            return false;
+        }
+        self.messages += 1;
+        self.keys += keys;
+        true
+    }
+}
+
+/// One peer message into the index: speculative entries for the endpoint it names, if the
+/// peer's `rate` allows them.
 pub fn apply(
     frame: &[u8],
     datastore: &Datastore,
     index: &SharedKvIndex,
     metrics: &KvEventMetrics,
     now: Instant,
+    rate: &mut PeerRate,
 ) {
     let msg = match decode(frame) {
         Ok(m) => m,
@@ -421,6 +464,10 @@ pub fn apply(
             return;
         }
     };
+    if !rate.admit(now, msg.keys.len()) {
+        count(metrics, "rate", 1);
+        return;
+    }
     let Some(id) = datastore.snapshot().by_address(&msg.endpoint).map(|e| e.id) else {
         count(metrics, "unknown_endpoint", 1);
         return;

@@ -488,3 +488,51 @@ async fn the_bound_subscriber_follows_its_engines_and_forgets_departed_series() 
     token.cancel();
     manager.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_departed_endpoints_late_batches_leave_nothing_behind() {
+    // A terminating engine keeps publishing while it drains: batches are still queued when
+    // its endpoint leaves the pool. Several rounds, because which of a stop and a queued
+    // batch a subscriber sees first is up to its `select!`.
+    for round in 0..10 {
+        let connector = Arc::new(FakeConnector::default());
+        let mut wire = plug(&connector, "127.0.0.1:5557", vec![]);
+        let datastore = Arc::new(Datastore::new());
+        let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+        let index = new_index();
+        let metrics = Arc::new(KvEventMetrics::default());
+        let token = CancellationToken::new();
+        let manager = tokio::spawn(run(
+            connector.clone(),
+            datastore.clone(),
+            index.clone(),
+            metrics.clone(),
+            KvEventsSettings::default(),
+            token.clone(),
+        ));
+        wire.polled.recv().await.unwrap();
+        wire.send(message(0, 1)).await;
+        assert_eq!(metrics.received.get(&pod(1)).map(|c| c.get()), Some(1));
+
+        datastore.apply(pool(&[2]));
+        for seq in 1..=50 {
+            wire.tx.send(SourceEvent::Message(message(seq, 2))).unwrap();
+        }
+        // The source is dropped when the subscriber stops.
+        while wire.polled.recv().await.is_some() {}
+        until(
+            "the departed endpoint's series and entries are gone",
+            || {
+                metrics.received.get(&pod(1)).is_none()
+                    && metrics.applied.get(&pod(1)).is_none()
+                    && held(&index, e1, 1) == 0
+                    && held(&index, e1, 2) == 0
+            },
+        )
+        .await;
+        assert_eq!(index.stream(e1), StreamState::Unknown, "round {round}");
+
+        token.cancel();
+        manager.await.unwrap();
+    }
+}

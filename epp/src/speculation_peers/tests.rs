@@ -72,7 +72,14 @@ async fn a_peers_entry_is_a_hit_for_its_endpoint_until_it_expires() {
         keys: keys(&index),
     });
     let now = Instant::now();
-    apply(&msg, &datastore, &index, &metrics, now);
+    apply(
+        &msg,
+        &datastore,
+        &index,
+        &metrics,
+        now,
+        &mut PeerRate::new(now),
+    );
     assert_eq!(held(&index, id(&datastore, 3), now), 2);
     assert_eq!(held(&index, id(&datastore, 2), now), 0);
     assert_eq!(outcome(&metrics, "applied"), 1);
@@ -89,7 +96,14 @@ async fn the_engines_event_replaces_a_peers_entry() {
         endpoint: spec(3).address,
         keys: keys(&index),
     });
-    apply(&msg, &datastore, &index, &metrics, now);
+    apply(
+        &msg,
+        &datastore,
+        &index,
+        &metrics,
+        now,
+        &mut PeerRate::new(now),
+    );
     let batch = EventBatch {
         ts: 0.0,
         events: vec![Event::BlockStored(BlockStored {
@@ -117,8 +131,22 @@ async fn unknown_endpoints_and_garbage_are_ignored_and_counted() {
         endpoint: "10.9.9.9:8000".parse().unwrap(),
         keys: keys(&index),
     });
-    apply(&stranger, &datastore, &index, &metrics, now);
-    apply(b"\x93\x01garbage", &datastore, &index, &metrics, now);
+    apply(
+        &stranger,
+        &datastore,
+        &index,
+        &metrics,
+        now,
+        &mut PeerRate::new(now),
+    );
+    apply(
+        b"\x93\x01garbage",
+        &datastore,
+        &index,
+        &metrics,
+        now,
+        &mut PeerRate::new(now),
+    );
     assert_eq!(outcome(&metrics, "unknown_endpoint"), 1);
     assert_eq!(outcome(&metrics, "decode"), 1);
     assert_eq!(outcome(&metrics, "applied"), 0);
@@ -340,4 +368,52 @@ async fn a_named_peer_is_followed_and_this_epp_is_skipped() {
         p.await.unwrap();
     }
     subscriber.await.unwrap();
+}
+
+#[test]
+fn a_peer_is_held_to_its_keys_and_its_messages_a_second() {
+    let start = Instant::now();
+    let mut rate = PeerRate::new(start);
+    let full = endpoint_picker::kv_index::peers::MAX_PEER_KEYS;
+    let admitted = (0..1_000).take_while(|_| rate.admit(start, full)).count();
+    assert_eq!(admitted, MAX_PEER_KEYS_PER_SECOND / full);
+    assert!(
+        rate.admit(start, MAX_PEER_KEYS_PER_SECOND % full),
+        "what is left of the keys"
+    );
+    assert!(!rate.admit(start, 1));
+    // Empty messages count against the message cap alone.
+    let mut rate = PeerRate::new(start);
+    let empty = (0..30_000).take_while(|_| rate.admit(start, 0)).count();
+    assert_eq!(empty, MAX_PEER_MESSAGES_PER_SECOND as usize);
+    // A second later, a fresh window.
+    assert!(rate.admit(start + Duration::from_secs(1), full));
+}
+
+#[test]
+fn a_message_over_the_rate_is_counted_and_applies_nothing() {
+    let (datastore, index, metrics) = setup();
+    let now = Instant::now();
+    let msg = encode(&PeerSpeculation {
+        endpoint: spec(2).address,
+        keys: keys(&index),
+    });
+    let mut spent = PeerRate::new(now);
+    while spent.admit(now, 0) {}
+    apply(&msg, &datastore, &index, &metrics, now, &mut spent);
+    assert_eq!(outcome(&metrics, "rate"), 1);
+    assert_eq!(held(&index, id(&datastore, 2), now), 0);
+    apply(
+        &msg,
+        &datastore,
+        &index,
+        &metrics,
+        now + Duration::from_secs(1),
+        &mut spent,
+    );
+    assert_eq!(outcome(&metrics, "applied"), 1);
+    assert_eq!(
+        held(&index, id(&datastore, 2), now + Duration::from_secs(1)),
+        2
+    );
 }

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use zeromq::{PubSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
-use super::guard::{self, Guard, Report};
+use super::guard::{self, Guard, Limits, Report};
 use super::{TransportError, bindable, zmq_error};
 
 /// A bound PUB socket.
@@ -28,8 +28,13 @@ impl FramePub {
     /// Binds `endpoint` (`tcp://host:port`, `tcp://*:port`, `ipc://…`; port 0 picks one).
     pub async fn bind(endpoint: &str) -> Result<Self, TransportError> {
         let mut socket = PubSocket::new();
-        let (endpoint, guard) =
-            guard::bind(&mut socket, &bindable(endpoint), Report::default()).await?;
+        let (endpoint, guard) = guard::bind(
+            &mut socket,
+            &bindable(endpoint),
+            Report::default(),
+            Limits::facing_subscribers(),
+        )
+        .await?;
         Ok(Self {
             socket,
             endpoint,
@@ -70,7 +75,8 @@ impl FrameSub {
     /// Dials `endpoint`.
     pub async fn connect(endpoint: &str) -> Result<Self, TransportError> {
         let mut socket = SubSocket::new();
-        let (target, guard) = guard::connect_target(endpoint, Report::default()).await?;
+        let (target, guard) =
+            guard::connect_target(endpoint, Report::default(), Limits::default()).await?;
         socket
             .connect(&target)
             .await
@@ -96,5 +102,104 @@ impl FrameSub {
             .map_err(zmq_error("recv", &self.endpoint))?;
         let mut frames = m.into_vec();
         Ok((frames.len() == 1).then(|| frames.swap_remove(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::transport::guard::MAX_SUBSCRIPTIONS_PER_CONNECTION;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A raw ZMTP 3.0 SUB connected to `publisher`: greetings and READY exchanged.
+    async fn raw_subscriber(publisher: &str) -> TcpStream {
+        let address = publisher.strip_prefix("tcp://").unwrap();
+        let mut s = timeout(WAIT, TcpStream::connect(address))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
+        greeting.extend_from_slice(b"NULL");
+        greeting.resize(64, 0);
+        s.write_all(&greeting).await.unwrap();
+        let mut theirs = [0u8; 64];
+        timeout(WAIT, s.read_exact(&mut theirs))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut ready = vec![5];
+        ready.extend_from_slice(b"READY");
+        ready.push(11);
+        ready.extend_from_slice(b"Socket-Type");
+        ready.extend_from_slice(&3u32.to_be_bytes());
+        ready.extend_from_slice(b"SUB");
+        let mut command = vec![0x04, ready.len() as u8];
+        command.extend_from_slice(&ready);
+        s.write_all(&command).await.unwrap();
+        // Their READY.
+        let mut head = [0u8; 2];
+        timeout(WAIT, s.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut body = vec![0u8; usize::from(head[1])];
+        timeout(WAIT, s.read_exact(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        s
+    }
+
+    /// Subscriptions to everything (`0x01` and an empty prefix), `n` of them.
+    fn subscriptions(n: u64) -> Vec<u8> {
+        (0..n).flat_map(|_| [0x00, 1, 0x01]).collect()
+    }
+
+    #[tokio::test]
+    async fn a_publisher_cuts_a_subscriber_that_floods_it_with_subscriptions() {
+        let mut publisher = FramePub::bind("tcp://127.0.0.1:0").await.unwrap();
+        let endpoint = publisher.endpoint().to_owned();
+
+        // As many subscriptions as a subscriber may send: it is still served.
+        let mut polite = raw_subscriber(&endpoint).await;
+        polite
+            .write_all(&subscriptions(MAX_SUBSCRIPTIONS_PER_CONNECTION))
+            .await
+            .unwrap();
+        // One more: cut, before zmq.rs keeps it.
+        let mut flooding = raw_subscriber(&endpoint).await;
+        flooding
+            .write_all(&subscriptions(MAX_SUBSCRIPTIONS_PER_CONNECTION + 1))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = timeout(WAIT, flooding.read_to_end(&mut rest))
+            .await
+            .expect("the flooding subscriber is cut");
+
+        // The polite one hears what is published once its subscription is in (sent again
+        // until it arrives: a PUB drops what no subscription matches yet).
+        let mut heard = Vec::new();
+        timeout(WAIT, async {
+            while heard.len() < 7 {
+                publisher.send(b"hello".to_vec()).await.unwrap();
+                let mut buf = [0u8; 64];
+                // `read` loses nothing when the timeout drops it.
+                if let Ok(Ok(n)) = timeout(Duration::from_millis(50), polite.read(&mut buf)).await {
+                    assert!(n > 0, "the polite subscriber was cut");
+                    heard.extend_from_slice(&buf[..n]);
+                }
+            }
+        })
+        .await
+        .expect("the polite subscriber is served");
+        assert_eq!(&heard[..7], b"\x00\x05hello");
     }
 }

@@ -62,6 +62,17 @@ pub const MAX_FRAMES_PER_MESSAGE: usize = 8;
 /// marked "more" and never finished made zmq.rs hold 56 MiB per connection.
 pub const MAX_MESSAGE_BYTES: u64 = MAX_FRAME_BYTES + 4 * 1024;
 
+/// Messages one subscriber may send a publisher's guard over one connection, at most: a
+/// subscriber sends a publisher only subscriptions and cancellations (`0x01`/`0x00` and a topic
+/// prefix), one per topic filter, and zmq.rs's PUB keeps every subscription it is sent,
+/// duplicates included, for the connection's life. The EPP subscribes once; 64 leaves room for
+/// a tool that follows a few topics and resubscribes.
+pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: u64 = 64;
+/// Bytes in one frame a subscriber sends a publisher's guard, at most: a subscription is one
+/// byte and a topic prefix (at most [`crate::topic::MAX_TOPIC_BYTES`]); a command (the
+/// handshake's READY with its metadata, a heartbeat) is a few hundred bytes.
+pub const MAX_SUBSCRIBER_FRAME_BYTES: u64 = 1024;
+
 /// Connections one guard relays at once, at most (a central subscriber's engines; more are
 /// closed on accept).
 pub const MAX_CONNECTIONS: usize = 4_096;
@@ -108,6 +119,10 @@ pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 pub const KEEPALIVE_PROBES: u32 = 3;
 
 const GREETING_BYTES: usize = 64;
+/// How long a peer may take to send its greeting once connected: ZMTP peers send it at once,
+/// and a connection that stays silent would otherwise hold one of the guard's slots (and of
+/// its IP's) for as long as its host answers TCP keepalive.
+pub const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const MORE: u8 = 0x01;
 const LONG: u8 = 0x02;
 const COMMAND: u8 = 0x04;
@@ -122,6 +137,23 @@ pub(crate) struct Limits {
     pub(crate) connections_per_ip: usize,
     pub(crate) unfinished_bytes: u64,
     pub(crate) unfinished_bytes_per_ip: u64,
+    /// Messages (not commands) over one connection, at most.
+    pub(crate) messages_per_connection: u64,
+}
+
+impl Limits {
+    /// For a guard in front of a PUB socket, whose peers are subscribers: one-frame messages
+    /// of [`MAX_SUBSCRIBER_FRAME_BYTES`] at most, and [`MAX_SUBSCRIPTIONS_PER_CONNECTION`] of
+    /// them per connection.
+    pub(crate) fn facing_subscribers() -> Self {
+        Self {
+            frame_bytes: MAX_SUBSCRIBER_FRAME_BYTES,
+            frames_per_message: 1,
+            message_bytes: MAX_SUBSCRIBER_FRAME_BYTES,
+            messages_per_connection: MAX_SUBSCRIPTIONS_PER_CONNECTION,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for Limits {
@@ -134,6 +166,7 @@ impl Default for Limits {
             connections_per_ip: MAX_CONNECTIONS_PER_IP,
             unfinished_bytes: MAX_UNFINISHED_BYTES,
             unfinished_bytes_per_ip: MAX_UNFINISHED_BYTES_PER_IP,
+            messages_per_connection: u64::MAX,
         }
     }
 }
@@ -416,10 +449,18 @@ async fn connecting_with(remote: &str, report: Report, limits: Limits) -> io::Re
     let budget = UnfinishedBudget::for_guard(report.budget.as_ref(), limits);
     let task = tokio::spawn(async move {
         let mut relays = tokio::task::JoinSet::new();
+        let mut pause = AcceptPause::default();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((local, _)) = accepted else { continue };
+                    let local = match accepted {
+                        Ok((local, _)) => local,
+                        Err(error) => {
+                            pause.after(&error).await;
+                            continue;
+                        }
+                    };
+                    pause.reset();
                     if relays.len() >= limits.connections {
                         inc(&report.stats.refused);
                         continue;
@@ -428,8 +469,7 @@ async fn connecting_with(remote: &str, report: Report, limits: Limits) -> io::Re
                     let report = report.clone();
                     let budget = budget.clone();
                     relays.spawn(async move {
-                        // The peer unreachable: drop the local side, which then retries.
-                        let Ok(remote) = TcpStream::connect(&target).await else { return };
+                        let Some((local, remote)) = dial(local, &target).await else { return };
                         let Ok(peer) = remote.peer_addr() else { return };
                         let Some(lease) = budget.admit(peer.ip()) else {
                             inc(&report.stats.refused);
@@ -449,6 +489,64 @@ async fn connecting_with(remote: &str, report: Report, limits: Limits) -> io::Re
     })
 }
 
+/// First wait before a connecting guard dials an unreachable peer again (zmq.rs waiting).
+pub const REDIAL_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest wait between two dials of an unreachable peer by a connecting guard.
+pub const REDIAL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connects a connecting guard's local side (zmq.rs) to `target`, dialing again while the peer
+/// is unreachable: 100 ms, doubling to 5 s. zmq.rs waits in its handshake meanwhile. Dropping
+/// the local side instead would hand the redial to zmq.rs, whose own back-off grows to 30 s,
+/// so an engine back after a restart of a minute or more would be heard up to 30 s late.
+/// zmq.rs sends its greeting at once and nothing more until it has the peer's, so the greeting
+/// is read here (and sent on first); anything readable after it means zmq.rs closed or gave
+/// up, and then the dialing stops (`None`).
+async fn dial(mut local: TcpStream, target: &str) -> Option<(TcpStream, TcpStream)> {
+    let mut greeting = [0u8; GREETING_BYTES];
+    local.read_exact(&mut greeting).await.ok()?;
+    let mut wait = REDIAL_FIRST;
+    let mut remote = loop {
+        if let Ok(remote) = TcpStream::connect(target).await {
+            break remote;
+        }
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = local.read(&mut probe) => return None,
+        }
+        wait = (wait * 2).min(REDIAL_MAX);
+    };
+    remote.write_all(&greeting).await.ok()?;
+    Some((local, remote))
+}
+
+/// How long a guard waits after a failed accept before the next: out of file descriptors
+/// (EMFILE, ENFILE) or buffers, an accept fails again at once for as long as it lasts, and
+/// retrying at once would spin a core. 100 ms, doubling to 1 s while accepts keep failing.
+#[derive(Debug)]
+struct AcceptPause(std::time::Duration);
+
+impl AcceptPause {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+    async fn after(&mut self, error: &io::Error) {
+        tracing::warn!(%error, pause = ?self.0, "KV-event guard: accepting a connection failed");
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+impl Default for AcceptPause {
+    fn default() -> Self {
+        Self(Self::FIRST)
+    }
+}
+
 /// A guard for a socket that binds: the guard listens on `public` (`tcp://host:port`) and
 /// relays each connection to the local socket bound at `local` (loopback), counted in `report`
 /// while it lasts. Returns the guard and the public address as bound (port 0 resolved).
@@ -464,10 +562,18 @@ pub(crate) async fn binding(
     let budget = UnfinishedBudget::for_guard(report.budget.as_ref(), limits);
     let task = tokio::spawn(async move {
         let mut relays = tokio::task::JoinSet::new();
+        let mut pause = AcceptPause::default();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((remote, peer)) = accepted else { continue };
+                    let (remote, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            pause.after(&error).await;
+                            continue;
+                        }
+                    };
+                    pause.reset();
                     if relays.len() >= limits.connections {
                         inc(&report.stats.refused);
                         tracing::warn!(limit = limits.connections, "KV-event connection refused: too many");
@@ -503,11 +609,12 @@ pub(crate) async fn binding(
 /// Binds `socket` at `endpoint` behind a guard when it is TCP (the socket itself on an
 /// ephemeral loopback port); other transports (`ipc://`, local to the host) bind directly.
 /// Returns the endpoint as bound (port 0 resolved) and the guard to keep alive. The guard
-/// reports to `report`.
+/// reports to `report` and holds its peers to `limits`.
 pub(crate) async fn bind<S: zeromq::Socket>(
     socket: &mut S,
     endpoint: &str,
     report: Report,
+    limits: Limits,
 ) -> Result<(String, Option<Guard>), TransportError> {
     if !endpoint.starts_with("tcp://") {
         let bound = socket
@@ -525,7 +632,7 @@ pub(crate) async fn bind<S: zeromq::Socket>(
         .strip_prefix("tcp://")
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| TransportError::Config(format!("unexpected local endpoint {local}")))?;
-    let (guard, public) = binding(endpoint, local, report, Limits::default())
+    let (guard, public) = binding(endpoint, local, report, limits)
         .await
         .map_err(guard_error(endpoint))?;
     Ok((format!("tcp://{public}"), Some(guard)))
@@ -533,15 +640,16 @@ pub(crate) async fn bind<S: zeromq::Socket>(
 
 /// The endpoint a socket connects to instead of `endpoint`, and the guard to keep alive:
 /// TCP goes through a guard, other transports connect directly. The guard reports to
-/// `report`.
+/// `report` and holds the peer to `limits`.
 pub(crate) async fn connect_target(
     endpoint: &str,
     report: Report,
+    limits: Limits,
 ) -> Result<(String, Option<Guard>), TransportError> {
     if !endpoint.starts_with("tcp://") {
         return Ok((endpoint.to_owned(), None));
     }
-    let guard = connecting(endpoint, report)
+    let guard = connecting_with(endpoint, report, limits)
         .await
         .map_err(guard_error(endpoint))?;
     Ok((guard.local_endpoint.clone(), Some(guard)))
@@ -613,7 +721,10 @@ where
 {
     let limits = lease.budget.limits;
     let mut greeting = [0u8; GREETING_BYTES];
-    from.read_exact(&mut greeting).await?;
+    // A peer that connects and says nothing holds a connection slot: it must greet first.
+    tokio::time::timeout(GREETING_TIMEOUT, from.read_exact(&mut greeting))
+        .await
+        .map_err(|_| Cut::Rule("no greeting in time"))??;
     if greeting[0] != 0xFF || greeting[9] & 1 != 1 || greeting[10] < 3 {
         return Err(Cut::Rule("not a ZMTP 3 greeting"));
     }
@@ -621,6 +732,7 @@ where
     let mut frames_in_message = 0usize;
     // The bytes of the message's frames so far, the one being passed on included.
     let mut message_bytes = 0u64;
+    let mut messages = 0u64;
     let mut header = [0u8; 9];
     loop {
         let flags = match from.read_u8().await {
@@ -654,6 +766,12 @@ where
             message_bytes += len;
             if message_bytes > limits.message_bytes {
                 return Err(Cut::Rule("a message over the size cap"));
+            }
+            if last {
+                messages += 1;
+                if messages > limits.messages_per_connection {
+                    return Err(Cut::Rule("more messages than the connection may send"));
+                }
             }
         }
         // Charged before zmq.rs sees the header, as it reserves the whole frame then.
@@ -811,6 +929,109 @@ mod tests {
             connections_per_ip: 2,
             unfinished_bytes: 500,
             unfinished_bytes_per_ip: 300,
+            messages_per_connection: u64::MAX,
+        }
+    }
+
+    /// An engine that is down when zmq.rs dials (or redials) it: the guard keeps zmq.rs's
+    /// connection and dials the engine again on its own schedule, so zmq.rs's handshake goes
+    /// through as soon as the engine listens (before, the guard dropped zmq.rs's side and left
+    /// the redial to zmq.rs's back-off, up to 30 s).
+    #[tokio::test]
+    async fn a_connecting_guard_dials_a_peer_that_is_down_again_while_zmq_waits() {
+        // Bound but not listening: dials are refused until it listens.
+        let engine = TcpSocket::new_v4().unwrap();
+        engine.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let target = engine.local_addr().unwrap();
+        let guard = connecting_with(
+            &format!("tcp://{target}"),
+            Report::default(),
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let local = guard.local_endpoint.strip_prefix("tcp://").unwrap();
+        let mut zmq = TcpStream::connect(local).await.unwrap();
+        zmq.write_all(&greeting()).await.unwrap();
+        // Long enough for a refused dial or two (not needed for the outcome).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let listener = engine.listen(16).unwrap();
+        let (mut peer, _) = timeout(WAIT, listener.accept()).await.unwrap().unwrap();
+        let mut theirs = [0u8; GREETING_BYTES];
+        timeout(WAIT, peer.read_exact(&mut theirs))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(theirs.to_vec(), greeting(), "zmq.rs's greeting, sent on");
+        peer.write_all(&greeting()).await.unwrap();
+        let mut back = [0u8; GREETING_BYTES];
+        timeout(WAIT, zmq.read_exact(&mut back))
+            .await
+            .unwrap()
+            .expect("zmq.rs's side was kept and is relayed");
+        assert_eq!(back.to_vec(), greeting());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_greets_is_cut_after_the_greeting_timeout() {
+        let (mut silent, mut guard_side) = tokio::io::duplex(1024);
+        let budget = Budget::new(Limits::default());
+        let mut lease = budget.admit(LOCAL).unwrap();
+        let mut out = Vec::new();
+        let started = tokio::time::Instant::now();
+        let r = checked_copy(&mut guard_side, &mut out, &mut lease).await;
+        assert!(matches!(r, Err(Cut::Rule("no greeting in time"))));
+        assert_eq!(started.elapsed(), GREETING_TIMEOUT);
+        assert!(out.is_empty());
+        // The peer's end was open the whole time: silence, not a close.
+        silent.write_all(b"late").await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_pause_the_guard_longer_and_longer_up_to_a_second() {
+        let mut pause = AcceptPause::default();
+        let error = io::Error::from_raw_os_error(24); // EMFILE
+        let mut waited = Vec::new();
+        for _ in 0..6 {
+            let start = tokio::time::Instant::now();
+            pause.after(&error).await;
+            waited.push(start.elapsed().as_millis());
+        }
+        assert_eq!(waited, [100, 200, 400, 800, 1000, 1000]);
+        pause.reset();
+        let start = tokio::time::Instant::now();
+        pause.after(&error).await;
+        assert_eq!(
+            start.elapsed().as_millis(),
+            100,
+            "an accept that worked starts over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_may_send_a_publisher_only_a_few_small_subscriptions() {
+        let subscription = |len| frame(0, len);
+        // 64 subscriptions of a topic's length pass.
+        let mut input = greeting();
+        input.extend(frame(COMMAND, 300));
+        for _ in 0..MAX_SUBSCRIPTIONS_PER_CONNECTION {
+            input.extend(subscription(1 + crate::topic::MAX_TOPIC_BYTES));
+        }
+        let (r, out) = copy_with(Limits::facing_subscribers(), input.clone()).await;
+        r.unwrap();
+        assert_eq!(out, input);
+        // The 65th cuts the connection before it is passed on (zmq.rs's PUB would keep it).
+        let mut flood = input.clone();
+        flood.extend(subscription(1));
+        let (r, out) = copy_with(Limits::facing_subscribers(), flood).await;
+        assert!(matches!(r, Err(Cut::Rule(_))));
+        assert_eq!(out, input);
+        // A long frame, or a message of two frames, is no subscription.
+        for bad in [subscription(2_000), [frame(MORE, 1), frame(0, 1)].concat()] {
+            let mut input = greeting();
+            input.extend(bad);
+            let (r, _) = copy_with(Limits::facing_subscribers(), input).await;
+            assert!(matches!(r, Err(Cut::Rule(_))));
         }
     }
 

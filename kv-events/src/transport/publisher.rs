@@ -14,7 +14,7 @@ use zeromq::{
     PubSocket, RouterSocket, Socket as _, SocketEvent, SocketRecv as _, SocketSend as _, ZmqMessage,
 };
 
-use super::guard::{self, Guard, Report};
+use super::guard::{self, Guard, Limits, Report};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::EventBatch;
 use crate::codec::Encoder;
@@ -164,21 +164,35 @@ impl Publisher {
         let mut guards = Vec::new();
         let mut socket = PubSocket::new();
         let (endpoint, connect_to) = if bound {
-            let (endpoint, guard) =
-                guard::bind(&mut socket, &bindable(&config.endpoint), Report::default()).await?;
+            let (endpoint, guard) = guard::bind(
+                &mut socket,
+                &bindable(&config.endpoint),
+                Report::default(),
+                Limits::facing_subscribers(),
+            )
+            .await?;
             guards.extend(guard);
             (endpoint, None)
         } else {
-            let (target, guard) =
-                guard::connect_target(&config.endpoint, Report::default()).await?;
+            let (target, guard) = guard::connect_target(
+                &config.endpoint,
+                Report::default(),
+                Limits::facing_subscribers(),
+            )
+            .await?;
             guards.extend(guard);
             (config.endpoint.clone(), Some(target))
         };
         let replay = match &config.replay_endpoint {
             Some(e) => {
                 let mut router = RouterSocket::new();
-                let (resolved, guard) =
-                    guard::bind(&mut router, &bindable(e), Report::default()).await?;
+                let (resolved, guard) = guard::bind(
+                    &mut router,
+                    &bindable(e),
+                    Report::default(),
+                    Limits::default(),
+                )
+                .await?;
                 guards.extend(guard);
                 Some((router, resolved))
             }

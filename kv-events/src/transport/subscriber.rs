@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
 
-use super::guard::{self, Guard, GuardStats, Peers, Report, UnfinishedBudget};
+use super::guard::{self, Guard, GuardStats, Limits, Peers, Report, UnfinishedBudget};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
 use crate::codec::decode_batch;
 use crate::topic::{MAX_TOPIC_BYTES, TOPIC_PREFIX};
@@ -468,14 +468,17 @@ impl Subscriber {
         let e = &self.config.endpoint;
         let (endpoint, guard) = match self.config.mode {
             SubscribeMode::Connect => {
-                let (target, guard) = guard::connect_target(e, self.report()).await?;
+                let (target, guard) =
+                    guard::connect_target(e, self.report(), Limits::default()).await?;
                 socket
                     .connect(&target)
                     .await
                     .map_err(zmq_error("connect", e))?;
                 (e.clone(), guard)
             }
-            SubscribeMode::Bind => guard::bind(&mut socket, &bindable(e), self.report()).await?,
+            SubscribeMode::Bind => {
+                guard::bind(&mut socket, &bindable(e), self.report(), Limits::default()).await?
+            }
         };
         socket
             .subscribe(&self.config.topic_filter)
@@ -555,7 +558,7 @@ impl Subscriber {
                 let missed = (seq - expected).saturating_sub(recovered);
                 inc(&self.stats.missed, missed);
                 if let Some(t) = self.topics.get_mut(&topic) {
-                    t.missed += missed;
+                    t.missed = t.missed.saturating_add(missed);
                 }
             }
             Some(expected) if seq < expected => {
@@ -585,7 +588,7 @@ impl Subscriber {
             Ok(b) => b,
             Err(e) => {
                 inc(&self.stats.decode_errors, 1);
-                state.missed += 1;
+                state.missed = state.missed.saturating_add(1);
                 tracing::debug!(topic = %Untrusted(&state.name), seq, error = %e, "KV-event batch does not decode");
                 return true;
             }
@@ -593,7 +596,7 @@ impl Subscriber {
         inc(&self.stats.decoded, 1);
         let Some(charge) = self.budget.charge(payload.len() + batch.approx_bytes()) else {
             inc(&self.stats.dropped, 1);
-            state.missed += 1;
+            state.missed = state.missed.saturating_add(1);
             return true;
         };
         let received = ReceivedBatch {
@@ -614,7 +617,7 @@ impl Subscriber {
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 inc(&self.stats.dropped, 1);
-                state.missed += 1;
+                state.missed = state.missed.saturating_add(1);
                 true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -806,6 +809,30 @@ mod topic_tests {
         let s = sub.stats.snapshot();
         assert_eq!((s.gaps, s.missed, s.bad_messages), (1, 2, 0));
         assert_eq!(sub.topics.len(), MAX_TOPICS);
+    }
+
+    /// Sequence numbers a hostile publisher picks to make the missed count overflow: a jump
+    /// to the last one, then undecodable batches. The count stops at its maximum; the next
+    /// good batch still arrives.
+    #[tokio::test]
+    async fn sequence_numbers_from_a_hostile_publisher_do_not_overflow_the_missed_count() {
+        let mut sub = Subscriber::new(SubscriberConfig::bind("tcp://127.0.0.1:0"));
+        let (tx, mut rx) = mpsc::channel(16);
+        let engine = "kv@10.0.0.9:8000@m";
+        let garbage = |seq| {
+            vec![
+                Bytes::from(engine.to_owned()),
+                seq_frame(seq),
+                Bytes::from_static(b"\xc1 not msgpack"),
+            ]
+        };
+        assert!(sub.on_message(message(engine, 0), &tx).await);
+        assert!(sub.on_message(garbage(u64::MAX), &tx).await);
+        assert!(sub.on_message(garbage(0), &tx).await);
+        while rx.try_recv().is_ok() {}
+        assert!(sub.on_message(message(engine, 1), &tx).await);
+        let next = rx.try_recv().unwrap();
+        assert_eq!((next.seq, next.missed_before), (1, u64::MAX));
     }
 
     /// The topic heard least recently goes first; one heard again stays.
