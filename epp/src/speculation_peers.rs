@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use endpoint_picker::datastore::Datastore;
 use endpoint_picker::kv_index::SharedKvIndex;
-use endpoint_picker::kv_index::peers::{PeerOutbox, decode, encode};
+use endpoint_picker::kv_index::peers::{MAX_PEER_MESSAGE_BYTES, PeerOutbox, decode, encode};
 use kv_events::TcpEndpoint;
 use kv_events::transport::{FramePub, FrameSub};
 use prometheus_client::metrics::gauge::Gauge;
@@ -366,7 +366,7 @@ pub async fn subscribe(
     loop {
         let opened = tokio::select! {
             () = token.cancelled() => return,
-            s = FrameSub::connect(&endpoint) => s,
+            s = FrameSub::connect(&endpoint, MAX_PEER_MESSAGE_BYTES as u64) => s,
         };
         match opened {
             Ok(mut sub) => {

@@ -72,11 +72,16 @@ impl std::fmt::Debug for FrameSub {
 }
 
 impl FrameSub {
-    /// Dials `endpoint`.
-    pub async fn connect(endpoint: &str) -> Result<Self, TransportError> {
+    /// Dials `endpoint`; a frame of more than `max_frame_bytes` (what the caller's messages
+    /// can be, at most) cuts the connection before zmq.rs holds it.
+    pub async fn connect(endpoint: &str, max_frame_bytes: u64) -> Result<Self, TransportError> {
         let mut socket = SubSocket::new();
-        let (target, guard) =
-            guard::connect_target(endpoint, Report::default(), Limits::default()).await?;
+        let limits = Limits {
+            frame_bytes: max_frame_bytes,
+            message_bytes: max_frame_bytes,
+            ..Limits::default()
+        };
+        let (target, guard) = guard::connect_target(endpoint, Report::default(), limits).await?;
         socket
             .connect(&target)
             .await

@@ -68,6 +68,12 @@ pub const MAX_MESSAGE_BYTES: u64 = MAX_FRAME_BYTES + 4 * 1024;
 /// duplicates included, for the connection's life. The EPP subscribes once; 64 leaves room for
 /// a tool that follows a few topics and resubscribes.
 pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: u64 = 64;
+/// How long a peer may leave bytes sent to it unread, at most, before its connection is cut:
+/// 10 s. A subscriber that stops reading (stuck, or hostile) would otherwise make zmq.rs's PUB
+/// queue up to 100,000 messages for it (its fixed high-water mark), each holding its payload:
+/// gigabytes of a publisher's memory at the peers' message sizes. Cut, the subscriber
+/// reconnects and misses what it missed anyway.
+pub const MAX_WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Bytes in one frame a subscriber sends a publisher's guard, at most: a subscription is one
 /// byte and a topic prefix (at most [`crate::topic::MAX_TOPIC_BYTES`]); a command (the
 /// handshake's READY with its metadata, a heartbeat) is a few hundred bytes.
@@ -139,6 +145,8 @@ pub(crate) struct Limits {
     pub(crate) unfinished_bytes_per_ip: u64,
     /// Messages (not commands) over one connection, at most.
     pub(crate) messages_per_connection: u64,
+    /// How long the peer may leave what zmq.rs sends it unread before it is cut.
+    pub(crate) write_stall: std::time::Duration,
 }
 
 impl Limits {
@@ -167,6 +175,7 @@ impl Default for Limits {
             unfinished_bytes: MAX_UNFINISHED_BYTES,
             unfinished_bytes_per_ip: MAX_UNFINISHED_BYTES_PER_IP,
             messages_per_connection: u64::MAX,
+            write_stall: MAX_WRITE_STALL,
         }
     }
 }
@@ -695,10 +704,14 @@ async fn relay(local: TcpStream, remote: TcpStream, mut lease: Lease, stats: &Gu
     keep_alive(&remote);
     let (mut local_read, mut local_write) = local.into_split();
     let (mut remote_read, mut remote_write) = remote.into_split();
-    let outbound = tokio::io::copy(&mut local_read, &mut remote_write);
+    let stall = lease.budget.limits.write_stall;
+    let outbound = copy_unless_stalled(&mut local_read, &mut remote_write, stall);
     let inbound = checked_copy(&mut remote_read, &mut local_write, &mut lease);
     tokio::select! {
-        _ = outbound => {}
+        r = outbound => if let Err(e) = r && e.kind() == io::ErrorKind::TimedOut {
+            inc(&stats.cut_off);
+            tracing::warn!(stall = ?stall, "KV-event peer cut off: it stopped reading");
+        },
         r = inbound => match r {
             Ok(()) => {}
             Err(Cut::Io(e)) => tracing::debug!(error = %e, "KV-event peer connection failed"),
@@ -710,6 +723,29 @@ async fn relay(local: TcpStream, remote: TcpStream, mut lease: Lease, stats: &Gu
     }
     // The slot and the bytes come back before either side sees the connection close.
     drop(lease);
+}
+
+/// Copies what zmq.rs sends the peer; a write the peer leaves unread for `stall` ends it with
+/// `TimedOut` ([`MAX_WRITE_STALL`]).
+async fn copy_unless_stalled<R, W>(
+    from: &mut R,
+    to: &mut W,
+    stall: std::time::Duration,
+) -> io::Result<()>
+where
+    R: AsyncReadExt + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        tokio::time::timeout(stall, to.write_all(&buf[..n]))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))??;
+    }
 }
 
 /// Copies a ZMTP 3 stream, frame by frame, refusing what zmq.rs must not see, and charging
@@ -930,6 +966,7 @@ mod tests {
             unfinished_bytes: 500,
             unfinished_bytes_per_ip: 300,
             messages_per_connection: u64::MAX,
+            write_stall: MAX_WRITE_STALL,
         }
     }
 
@@ -970,6 +1007,33 @@ mod tests {
             .unwrap()
             .expect("zmq.rs's side was kept and is relayed");
         assert_eq!(back.to_vec(), greeting());
+    }
+
+    /// A subscriber that stops reading: the guard cuts it once a write has waited
+    /// `write_stall`, so zmq.rs stops queueing for it (its PUB would hold 100,000 messages).
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_cut() {
+        let limits = Limits {
+            write_stall: Duration::from_millis(200),
+            ..small()
+        };
+        let (_guard, public, local, stats) = guarded(limits).await;
+        let mut reader_that_stopped = client([127, 0, 0, 1], public).await;
+        reader_that_stopped.write_all(&greeting()).await.unwrap();
+        let mut zmq = relayed(&local).await;
+        // zmq.rs writes until the guard lets go of its side: the peer's and the guard's
+        // buffers fill, the guard's write waits, and past the stall the connection is cut.
+        let chunk = vec![0u8; 1 << 20];
+        let cut = timeout(WAIT, async {
+            loop {
+                if zmq.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(cut.is_ok(), "the guard kept a peer that reads nothing");
+        assert_eq!(stats.cut_off.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
