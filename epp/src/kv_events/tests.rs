@@ -222,14 +222,7 @@ async fn subscribers_follow_the_pool_and_feed_the_index() {
     ));
     let metrics = Arc::new(KvEventMetrics::default());
     let token = CancellationToken::new();
-    let manager = tokio::spawn(run(
-        connector.clone(),
-        datastore.clone(),
-        index.clone(),
-        metrics.clone(),
-        KvEventsSettings::default(),
-        token.clone(),
-    ));
+    let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
     wire.polled.recv().await.unwrap();
     // Connected is not live: nothing has come yet.
     assert_eq!(index.stream(e1), StreamState::Unknown);
@@ -306,11 +299,22 @@ fn spawn_manager(
     index: &Arc<SharedKvIndex>,
     token: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_manager_counting(connector, datastore, index, &Arc::default(), token)
+}
+
+/// [`spawn_manager`], counting into `metrics`.
+fn spawn_manager_counting(
+    connector: &Arc<FakeConnector>,
+    datastore: &Arc<Datastore>,
+    index: &Arc<SharedKvIndex>,
+    metrics: &Arc<KvEventMetrics>,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(
         connector.clone(),
         datastore.clone(),
         index.clone(),
-        Arc::new(KvEventMetrics::default()),
+        metrics.clone(),
         KvEventsSettings::default(),
         token.clone(),
     ))
@@ -502,14 +506,7 @@ async fn a_departed_endpoints_late_batches_leave_nothing_behind() {
         let index = new_index();
         let metrics = Arc::new(KvEventMetrics::default());
         let token = CancellationToken::new();
-        let manager = tokio::spawn(run(
-            connector.clone(),
-            datastore.clone(),
-            index.clone(),
-            metrics.clone(),
-            KvEventsSettings::default(),
-            token.clone(),
-        ));
+        let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
         wire.polled.recv().await.unwrap();
         wire.send(message(0, 1)).await;
         assert_eq!(metrics.received.get(&pod(1)).map(|c| c.get()), Some(1));
