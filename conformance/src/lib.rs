@@ -85,6 +85,27 @@ impl Ctx {
         .await
     }
 
+    /// [`Ctx::epp`] (plaintext) run with `--response-observer` when `observed`.
+    pub async fn epp_observing(&self, pool: PoolSpec, config: &str, observed: bool) -> Epp {
+        testkit::start_epp(
+            pool,
+            EppOptions {
+                config: config.to_owned(),
+                options: ServiceOptions {
+                    fault: self.fault,
+                    observers: observed.then(|| {
+                        std::sync::Arc::new(ext_proc::observer::Observers::new(
+                            ext_proc::observer::DEFAULT_MAX_WATCHED,
+                        ))
+                    }),
+                    ..Default::default()
+                },
+                ..EppOptions::default()
+            },
+        )
+        .await
+    }
+
     /// One of the shipped plain-Envoy templates (`gateway-configs/envoy`) in front of `pods`.
     pub async fn plain_envoy(&self, variant: Variant, epp: SocketAddr, pods: &[Pod]) -> Envoy {
         Envoy::start(&self.envoy, variant, epp, &addresses(pods)).await

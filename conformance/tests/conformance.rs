@@ -948,12 +948,13 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
         ResponsePath::Full,
         ResponsePath::Lean,
         ResponsePath::Minimal,
+        ResponsePath::Observed,
     ] {
         let epp = ctx
-            .epp(
+            .epp_observing(
                 pool_of("primary", &pods),
                 endpoint_picker::config::REFERENCE_DEFAULT_CONFIG,
-                false,
+                path == ResponsePath::Observed,
             )
             .await;
         let envoy = ctx
@@ -989,23 +990,59 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
         // request is released and, where they are recorded, every duration is.
         let durations = match path {
             ResponsePath::Minimal => 0.0,
-            ResponsePath::Full | ResponsePath::Lean => N as f64,
+            ResponsePath::Full | ResponsePath::Lean | ResponsePath::Observed => N as f64,
         };
-        let text = settled_metrics(epp.metrics, durations).await?;
+        let tokens = match path {
+            ResponsePath::Full | ResponsePath::Observed => N as f64,
+            ResponsePath::Lean | ResponsePath::Minimal => 0.0,
+        };
+        // An observer records the answer when it sees its end, which may come just after the
+        // routing stream's: wait for the token counts too.
+        let text = settled_metrics(epp.metrics, durations, tokens).await?;
         let m = |name: &str| metric_total(&text, name);
         println!(
             "    {path:?}: ext_proc messages to the EPP {sent}, from the EPP {received} ({} per request)",
             (sent + received) as f64 / N as f64
         );
+        if path == ResponsePath::Observed {
+            // The observer's own statistics (its `stat_prefix`): it sent the answers' chunks and
+            // got nothing back, and every stream found its request.
+            let observer_sent = envoy
+                .stat("http.openai.ext_proc.observer.stream_msgs_sent")
+                .await;
+            let observer_received = envoy
+                .stat("http.openai.ext_proc.observer.stream_msgs_received")
+                .await;
+            println!(
+                "    {path:?}: observer messages to the EPP {observer_sent}, from the EPP {observer_received}"
+            );
+            ensure!(
+                observer_sent >= N as u64 * u64::from(TOKENS) / 2 && observer_received == 0,
+                "observer: sent {observer_sent}, received {observer_received}"
+            );
+            ensure!(
+                metric_with(
+                    &text,
+                    "inference_extension_response_observer_streams_total",
+                    "outcome=\"matched\""
+                ) == N as f64
+                    && metric_with(
+                        &text,
+                        "inference_extension_response_observer_streams_total",
+                        "outcome=\"unmatched\""
+                    ) == 0.0,
+                "observer streams: {}",
+                text.lines()
+                    .filter(|l| l.starts_with("inference_extension_response_observer"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
         ensure!(
             m("inference_objective_request_total") == N as f64,
             "{path:?}: requests counted {}",
             m("inference_objective_request_total")
         );
-        let tokens = match path {
-            ResponsePath::Full => N as f64,
-            ResponsePath::Lean | ResponsePath::Minimal => 0.0,
-        };
         ensure!(
             m("inference_objective_output_tokens_count") == tokens
                 && m("inference_objective_output_tokens_sum") == tokens * f64::from(TOKENS),
@@ -1041,7 +1078,17 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
         let mean = m("inference_objective_request_duration_seconds_sum") / N as f64;
         seen.push((path, sent + received, mean));
     }
-    let (full, lean, minimal) = (&seen[0], &seen[1], &seen[2]);
+    let (full, lean, minimal, observed) = (&seen[0], &seen[1], &seen[2], &seen[3]);
+    // The observer changes nothing on the routing filter's side: lean's messages, and each
+    // request still held until its response ends.
+    ensure!(
+        observed.1 == lean.1 && observed.2 > 0.7 * full.2,
+        "observed: messages {} (lean {}), mean duration {:.3} s (full {:.3} s)",
+        observed.1,
+        lean.1,
+        observed.2,
+        full.2
+    );
     // The lean path still holds each request until its response ends (load accounting, the
     // duration metric): not released at the response headers.
     ensure!(
@@ -1060,12 +1107,16 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
         lean.1,
         full.1
     );
-    Ok(3 * N)
+    Ok(4 * N)
 }
 
 /// The EPP's metrics once no request runs and `durations` requests have recorded their
 /// duration (bounded: after 10 s, whatever they are then).
-async fn settled_metrics(metrics: SocketAddr, durations: f64) -> anyhow::Result<String> {
+async fn settled_metrics(
+    metrics: SocketAddr,
+    durations: f64,
+    answers: f64,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = testkit::http::get_text(metrics, "/metrics")
@@ -1073,7 +1124,8 @@ async fn settled_metrics(metrics: SocketAddr, durations: f64) -> anyhow::Result<
             .context("EPP /metrics")?;
         let settled = metric_total(&text, "inference_objective_running_requests") == 0.0
             && metric_total(&text, "inference_objective_request_duration_seconds_count")
-                >= durations;
+                >= durations
+            && metric_total(&text, "inference_objective_output_tokens_count") >= answers;
         if settled || Instant::now() > deadline {
             return Ok(text);
         }
@@ -1116,7 +1168,7 @@ async fn held_until_the_response_ends(
         "{running} running while the answer streamed ({} frames in all)",
         frames.len()
     );
-    let after = settled_metrics(metrics, 0.0).await?;
+    let after = settled_metrics(metrics, 0.0, 0.0).await?;
     ensure!(
         metric_total(&after, "inference_objective_running_requests") == 0.0,
         "not released at the response's end"
@@ -1125,6 +1177,17 @@ async fn held_until_the_response_ends(
 }
 
 /// The sum of every series of a metric in a Prometheus exposition (0 when absent).
+/// The value of `name`'s series whose labels contain `label` (e.g. `outcome="matched"`).
+fn metric_with(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn metric_total(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| {

@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -161,14 +161,56 @@ impl InFlight {
 #[derive(Debug)]
 pub struct InFlightGuard {
     load: Arc<EndpointLoad>,
-    /// Uncached prompt tokens still counted as queued prefill (0 once the first token came).
-    prefill_tokens: u64,
-    prefilling: bool,
+    /// Shared with whichever stream may see the first token (see [`FirstToken`]).
+    prefill: Arc<Prefill>,
+    /// Flow control, told when the request leaves (its slot is free for a queued one).
+    flow: Option<Arc<FlowControl>>,
+}
+
+/// A routed request's queued prefill: its uncached prompt tokens, counted on its endpoint until
+/// the first token, ended exactly once by whoever sees that first (the routing stream, a
+/// response observer's stream, or the request's release).
+#[derive(Debug)]
+struct Prefill {
+    load: Arc<EndpointLoad>,
+    tokens: u64,
+    prefilling: AtomicBool,
     routed_at: Instant,
     /// The uncorrected model's TTFT for this request there, seconds, when a cost model ran.
     raw_ttft: Option<f64>,
-    /// Flow control, told when the request leaves (its slot is free for a queued one).
-    flow: Option<Arc<FlowControl>>,
+}
+
+impl Prefill {
+    fn end(&self, observed: bool) {
+        if !self.prefilling.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        self.load.prefilling.fetch_sub(1, Ordering::Relaxed);
+        self.load
+            .prefill_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+        if observed && let Some(raw) = self.raw_ttft {
+            self.load.calibration.observe(
+                Duration::from_secs_f64(raw.max(0.0)),
+                self.routed_at.elapsed(),
+            );
+        }
+    }
+}
+
+/// The end of a routed request's prefill, for a stream other than the one holding the request
+/// (a response observer, README "Response path"): [`FirstToken::seen`] ends the prefill at
+/// most once, whichever stream sees the first token first, and does nothing once the request
+/// was released.
+#[derive(Debug, Clone)]
+pub struct FirstToken(Arc<Prefill>);
+
+impl FirstToken {
+    /// The model server produced its first token; `observed_ttft` as for
+    /// [`Routed::first_token`].
+    pub fn seen(&self, observed_ttft: bool) {
+        self.0.end(observed_ttft);
+    }
 }
 
 impl InFlightGuard {
@@ -183,36 +225,26 @@ impl InFlightGuard {
         load.prefill_tokens
             .fetch_add(prefill_tokens, Ordering::Relaxed);
         Self {
+            prefill: Arc::new(Prefill {
+                load: load.clone(),
+                tokens: prefill_tokens,
+                prefilling: AtomicBool::new(true),
+                routed_at: Instant::now(),
+                raw_ttft,
+            }),
             load,
-            prefill_tokens,
-            prefilling: true,
-            routed_at: Instant::now(),
-            raw_ttft,
             flow,
         }
     }
 
     fn first_token(&mut self, observed: bool) {
-        if !self.prefilling {
-            return;
-        }
-        self.prefilling = false;
-        self.load.prefilling.fetch_sub(1, Ordering::Relaxed);
-        self.load
-            .prefill_tokens
-            .fetch_sub(std::mem::take(&mut self.prefill_tokens), Ordering::Relaxed);
-        if observed && let Some(raw) = self.raw_ttft {
-            self.load.calibration.observe(
-                Duration::from_secs_f64(raw.max(0.0)),
-                self.routed_at.elapsed(),
-            );
-        }
+        self.prefill.end(observed);
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.first_token(false);
+        self.prefill.end(false);
         self.load.requests.fetch_sub(1, Ordering::Relaxed);
         if let Some(flow) = &self.flow {
             flow.wake();
@@ -259,6 +291,14 @@ impl Routed {
         if let Some(guard) = self.in_flight.as_mut() {
             guard.first_token(observed_ttft);
         }
+    }
+
+    /// A handle that ends this request's prefill from another stream (a response observer);
+    /// `None` for a request that counts no load (no primary endpoint).
+    pub fn first_token_handle(&self) -> Option<FirstToken> {
+        self.in_flight
+            .as_ref()
+            .map(|guard| FirstToken(guard.prefill.clone()))
     }
 }
 
@@ -624,6 +664,39 @@ mod tests {
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 1);
         drop(routed);
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 0);
+    }
+
+    /// The end of prefill told from another stream (a response observer) counts once, whoever
+    /// tells it first, and not at all after the request left.
+    #[tokio::test(start_paused = true)]
+    async fn a_first_token_from_another_stream_ends_the_prefill_once() {
+        let d = director(1);
+        let id = d.datastore().snapshot().endpoints[0].id;
+        let reading = || d.in_flight().reading(id);
+        let mut routed = d.route(&req(), None, false).unwrap();
+        let handle = routed.first_token_handle().expect("a primary endpoint");
+        assert_eq!((reading().requests, reading().prefilling), (1, 1));
+        handle.seen(true);
+        assert_eq!((reading().requests, reading().prefilling), (1, 0));
+        // The routing stream's own first token, and the release, end nothing twice.
+        routed.first_token(true);
+        assert_eq!(reading().prefilling, 0);
+        let other = d.route(&req(), None, false).unwrap();
+        assert_eq!((reading().requests, reading().prefilling), (2, 1));
+        drop(routed);
+        assert_eq!((reading().requests, reading().prefilling), (1, 1));
+        // A handle outliving its request does nothing.
+        let late = other.first_token_handle().unwrap();
+        drop(other);
+        late.seen(true);
+        assert_eq!(
+            (
+                reading().requests,
+                reading().prefilling,
+                reading().prefill_tokens
+            ),
+            (0, 0, 0)
+        );
     }
 
     /// Routing to a quiet endpoint (its scraper waiting out the long interval) wakes its

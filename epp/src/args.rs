@@ -172,6 +172,13 @@ pub struct Args {
     /// dynamic metadata (`envoy.lb` / `x-gateway-destination-endpoint-scores`: ip:port → score).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub emit_endpoint_scores: bool,
+    /// Give each routed request an id in Envoy's dynamic metadata (namespace
+    /// `switchyard.observer`) for a second ext_proc filter in observability mode to report its
+    /// answer with: the token, TTFT/TPOT and response-size metrics on the lean response path
+    /// (README "Response path: observed"). The routing filter must list the namespace in its
+    /// `receiving_namespaces`, the observer filter in its `forwarding_namespaces`.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub response_observer: bool,
     /// Grace period for open streams at shutdown.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_grace_period: Duration,

@@ -15,6 +15,7 @@ use epp::server::{self, Listeners, PoolSource, Settings, ShutdownDelay};
 use epp::telemetry::{self, TelemetryOptions};
 use epp::tls::{self, ServerTls};
 use ext_proc::body_budget::BodyBudget;
+use ext_proc::observer::{self, Observers};
 use ext_proc::stream::ServiceOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -113,6 +114,7 @@ async fn run(args: Args) -> Result<()> {
         debug_decisions,
         trust_model_rewrite_header,
         emit_endpoint_scores,
+        response_observer,
         drain_grace_period,
         shutdown_delay,
         metrics_bearer_token,
@@ -432,6 +434,8 @@ async fn run(args: Args) -> Result<()> {
             decision_header: debug_decision_header,
             trust_model_rewrite_header,
             emit_endpoint_scores,
+            observers: response_observer
+                .then(|| Arc::new(Observers::new(observer::DEFAULT_MAX_WATCHED))),
             ..ServiceOptions::default()
         },
         debug_decisions: usize::from(debug_decisions),

@@ -101,6 +101,13 @@ pub struct AttemptLabels {
     pub port: String,
 }
 
+/// `outcome` of a response observer's stream: `matched` or `unmatched`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObserverLabels {
+    /// `ObserverOutcome::as_str`.
+    pub outcome: &'static str,
+}
+
 /// `rewrite`: whether a model rewrite was due.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RewriteLabels {
@@ -264,6 +271,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "counter",
     ),
     ("inference_extension_response_body_overflows", "counter"),
+    ("inference_extension_response_observer_streams", "counter"),
     ("inference_extension_response_body_bytes_held", "gauge"),
     (
         "inference_extension_model_server_metrics_age_seconds",
@@ -344,6 +352,9 @@ pub struct EppMetrics {
     /// bodies over the 16 MiB the EPP holds of one (usage unknown; with `rewrite="true"` the
     /// model was rewritten back in the first 16 MiB only).
     pub response_body_overflows: Family<RewriteLabels, Counter>,
+    /// `inference_extension_response_observer_streams_total{outcome}`: streams of a response
+    /// observer (`--response-observer`) that found their request, or did not.
+    pub observer_streams: Family<ObserverLabels, Counter>,
     /// `inference_extension_response_body_bytes_held`: non-streamed response bytes held by all
     /// streams together (refreshed on scrape).
     pub response_body_bytes_held: Gauge,
@@ -418,6 +429,7 @@ impl EppMetrics {
             request_body_bytes_held: Gauge::default(),
             request_body_budget_rejections: Counter::default(),
             response_body_overflows: Family::default(),
+            observer_streams: Family::default(),
             response_body_bytes_held: Gauge::default(),
             rewrites: Family::default(),
             plugin_duration: Family::new_with_constructor(|| {
@@ -545,6 +557,11 @@ impl EppMetrics {
             "inference_extension_response_body_overflows",
             "Non-streamed response bodies over the 16 MiB the EPP holds of one, or over what all streams may hold together: passed through as they came, usage unknown",
             m.response_body_overflows.clone(),
+        );
+        r.register(
+            "inference_extension_response_observer_streams",
+            "Streams of a response observer (an ext_proc filter in observability mode, --response-observer): matched found their routed request; unmatched did not (a misconfigured filter pair, or a request already released)",
+            m.observer_streams.clone(),
         );
         r.register(
             "inference_extension_request_body_budget_rejections",
@@ -986,6 +1003,9 @@ pub(crate) mod tests {
         MetricsObserver(m.clone()).tokenized(Outcome::TimedOut, Duration::from_millis(1));
         m.response_body_overflows
             .get_or_create(&RewriteLabels { rewrite: "false" })
+            .inc();
+        m.observer_streams
+            .get_or_create(&ObserverLabels { outcome: "matched" })
             .inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();

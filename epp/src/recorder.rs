@@ -11,13 +11,15 @@ use std::time::Duration;
 use endpoint_picker::request::InferenceRequest;
 use ext_proc::envoy::{self, HeaderMap};
 use ext_proc::error::RequestError;
-use ext_proc::recorder::{Completion, RecordKey, Recorder, Scheduled, StreamOutcome};
+use ext_proc::recorder::{
+    Completion, Observation, ObserverOutcome, RecordKey, Recorder, Scheduled, StreamOutcome,
+};
 
 use crate::debug::{DecisionLog, DecisionRecord};
 use crate::labels::ModelLabels;
 use crate::metrics::{
-    AttemptLabels, EppMetrics, ErrorLabels, ModelLabels as ModelPair, ModelOnly, RequestLabels,
-    RewriteLabels, StreamLabels,
+    AttemptLabels, EppMetrics, ErrorLabels, ModelLabels as ModelPair, ModelOnly, ObserverLabels,
+    RequestLabels, RewriteLabels, StreamLabels,
 };
 use crate::telemetry;
 
@@ -47,6 +49,41 @@ impl EppRecorder {
         ModelPair {
             model_name: key.model.to_string(),
             target_model_name: key.target_model.to_string(),
+        }
+    }
+
+    /// What the answer itself tells (size, usage, first chunk), from the routing stream on the
+    /// full path or from a response observer.
+    fn record_answer(&self, labels: &ModelPair, o: &Observation<'_>) {
+        let m = &self.metrics;
+        if let Some(bytes) = o.response_bytes {
+            m.response_sizes.get_or_create(labels).observe(bytes as f64);
+        }
+        if let Some(u) = o.usage {
+            m.input_tokens
+                .get_or_create(labels)
+                .observe(u.prompt_tokens as f64);
+            m.output_tokens
+                .get_or_create(labels)
+                .observe(u.completion_tokens as f64);
+            m.cached_tokens
+                .get_or_create(labels)
+                .observe(u.cached_tokens as f64);
+            if u.completion_tokens > 0 {
+                m.normalized_tpot
+                    .get_or_create(labels)
+                    .observe(o.elapsed.as_secs_f64() / u.completion_tokens as f64);
+            }
+            if let Some(after) = o.after_first_chunk
+                && u.completion_tokens > 1
+            {
+                m.tpot
+                    .get_or_create(labels)
+                    .observe(after.as_secs_f64() / (u.completion_tokens - 1) as f64);
+            }
+        }
+        if let Some(ttft) = o.time_to_first_chunk {
+            m.ttft.get_or_create(labels).observe(ttft.as_secs_f64());
         }
     }
 
@@ -209,37 +246,17 @@ impl Recorder for EppRecorder {
         let labels = self.pair(c.key);
         let elapsed = c.elapsed.as_secs_f64();
         m.request_duration.get_or_create(&labels).observe(elapsed);
-        if let Some(bytes) = c.response_bytes {
-            m.response_sizes
-                .get_or_create(&labels)
-                .observe(bytes as f64);
-        }
-        if let Some(u) = c.usage {
-            m.input_tokens
-                .get_or_create(&labels)
-                .observe(u.prompt_tokens as f64);
-            m.output_tokens
-                .get_or_create(&labels)
-                .observe(u.completion_tokens as f64);
-            m.cached_tokens
-                .get_or_create(&labels)
-                .observe(u.cached_tokens as f64);
-            if u.completion_tokens > 0 {
-                m.normalized_tpot
-                    .get_or_create(&labels)
-                    .observe(elapsed / u.completion_tokens as f64);
-            }
-            if let Some(after) = c.after_first_chunk
-                && u.completion_tokens > 1
-            {
-                m.tpot
-                    .get_or_create(&labels)
-                    .observe(after.as_secs_f64() / (u.completion_tokens - 1) as f64);
-            }
-        }
-        if let Some(ttft) = c.time_to_first_chunk {
-            m.ttft.get_or_create(&labels).observe(ttft.as_secs_f64());
-        }
+        self.record_answer(
+            &labels,
+            &Observation {
+                key: c.key,
+                elapsed: c.elapsed,
+                response_bytes: c.response_bytes,
+                usage: c.usage,
+                time_to_first_chunk: c.time_to_first_chunk,
+                after_first_chunk: c.after_first_chunk,
+            },
+        );
         if let Some(status) = c.status
             && !status.starts_with('2')
         {
@@ -251,6 +268,19 @@ impl Recorder for EppRecorder {
                 })
                 .inc();
         }
+    }
+
+    fn on_observed(&self, observation: &Observation<'_>) {
+        self.record_answer(&self.pair(observation.key), observation);
+    }
+
+    fn on_observer_stream(&self, outcome: ObserverOutcome) {
+        self.metrics
+            .observer_streams
+            .get_or_create(&ObserverLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
     }
 
     fn on_released(&self, key: &RecordKey) {

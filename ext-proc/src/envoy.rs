@@ -117,6 +117,25 @@ pub fn destination_metadata(destination: &str) -> Struct {
     }
 }
 
+/// Adds a routed request's observer id ([`crate::observer`]) to the dynamic metadata of
+/// [`destination_metadata`], in its own namespace.
+pub fn add_observer_id(metadata: &mut Struct, id: u64) {
+    let inner = Struct {
+        fields: [(
+            crate::observer::OBSERVER_ID_KEY.to_owned(),
+            string_value(&format!("{id:016x}")),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    metadata.fields.insert(
+        crate::observer::OBSERVER_NAMESPACE.to_owned(),
+        Value {
+            kind: Some(Kind::StructValue(inner)),
+        },
+    );
+}
+
 /// Adds `x-gateway-destination-endpoint-scores` (endpoint `ip:port` → score) to the `envoy.lb`
 /// struct of [`destination_metadata`] (`--emit-endpoint-scores`, the reference's opt-in).
 pub fn add_endpoint_scores<'a>(

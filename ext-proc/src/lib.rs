@@ -17,6 +17,7 @@ pub mod envoy;
 pub mod error;
 #[cfg(feature = "conformance-faults")]
 pub mod faults;
+pub mod observer;
 pub mod openai;
 pub mod protocol;
 pub mod recorder;

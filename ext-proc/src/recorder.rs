@@ -82,6 +82,46 @@ pub struct Completion<'a> {
     pub status: Option<&'a str>,
 }
 
+/// What a response observer saw of a routed request's answer (README "Response path"): the
+/// parts of a [`Completion`] the lean routing stream cannot see. Its duration and status are
+/// the routing stream's to record.
+#[derive(Debug)]
+pub struct Observation<'a> {
+    /// What [`Recorder::on_routed`] filed the request under.
+    pub key: &'a RecordKey,
+    /// From the request headers to the end of the response.
+    pub elapsed: Duration,
+    /// Response body bytes.
+    pub response_bytes: Option<usize>,
+    /// `usage` reported by the model server.
+    pub usage: Option<Usage>,
+    /// From the request headers to the first non-empty streamed chunk.
+    pub time_to_first_chunk: Option<Duration>,
+    /// From the first streamed chunk to the end of the response.
+    pub after_first_chunk: Option<Duration>,
+}
+
+/// Whether an observer stream found its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObserverOutcome {
+    /// It carried the id of a routed request still in flight.
+    Matched,
+    /// Its response began without a known id: no `--response-observer`, a routing filter that
+    /// does not write the observer namespace, an observer filter that does not forward it, or a
+    /// request already released.
+    Unmatched,
+}
+
+impl ObserverOutcome {
+    /// A metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObserverOutcome::Matched => "matched",
+            ObserverOutcome::Unmatched => "unmatched",
+        }
+    }
+}
+
 /// The events of the request path. Every method runs on the request path: implementations
 /// must not block and must bound what they keep.
 pub trait Recorder: Send + Sync + std::fmt::Debug {
@@ -127,6 +167,12 @@ pub trait Recorder: Send + Sync + std::fmt::Debug {
 
     /// The response of a routed request ended.
     fn on_complete(&self, _completion: &Completion<'_>) {}
+
+    /// A response observer saw a routed request's answer end.
+    fn on_observed(&self, _observation: &Observation<'_>) {}
+
+    /// An observer stream matched its request, or did not.
+    fn on_observer_stream(&self, _outcome: ObserverOutcome) {}
 
     /// A non-streamed response body passed the EPP's 16 MiB cap on what it holds of one, or
     /// what all streams may hold together: it went through as it came, its usage is unknown,

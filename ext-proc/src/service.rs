@@ -11,6 +11,7 @@ use tonic::{Status, Streaming};
 use crate::codec::{Inbound, Processor};
 use crate::envoy::Answer;
 use crate::envoy::ext_proc::processing_request;
+use crate::observer::{ObserverState, ObserverStep};
 use crate::recorder::StreamOutcome;
 use crate::stream::{ServiceContext, StreamState};
 
@@ -104,6 +105,12 @@ impl Processor for ExtProcService {
                     None => inbound.message().await,
                 };
                 match next {
+                    Ok(Some(message)) if span.is_none() && message.message.observability_mode => {
+                        // A response observer's stream (crate::observer): it only listens.
+                        observe(ObserverState::new(ctx.clone()), message, &mut inbound).await;
+                        open.outcome = StreamOutcome::Ok;
+                        break;
+                    }
                     Ok(Some(message)) => {
                         let span = span.get_or_insert_with(|| {
                             let headers = match &message.message.request {
@@ -168,6 +175,19 @@ impl Processor for ExtProcService {
             }
         };
         Box::pin(output)
+    }
+}
+
+/// Feeds an observer stream's messages to `state` until it closes or Envoy ends the stream;
+/// nothing is sent back (Envoy ignores answers in `observability_mode`). Returning ends the
+/// gRPC stream, which tells Envoy to send no more.
+async fn observe(mut state: ObserverState, first: Inbound, inbound: &mut Streaming<Inbound>) {
+    let mut next = Some(first);
+    while let Some(message) = next.take() {
+        if state.on_inbound(message) == ObserverStep::Close {
+            return;
+        }
+        next = inbound.message().await.ok().flatten();
     }
 }
 

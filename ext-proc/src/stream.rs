@@ -64,6 +64,7 @@ use crate::envoy::{
     ext_proc::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request},
 };
 use crate::error::RequestError;
+use crate::observer::{Observers, Watch, Watched};
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::protocol::{
     self, ControlHeader, DECISION_HEADER, DEFAULT_FAIRNESS_ID, DESTINATION_ENDPOINT,
@@ -78,7 +79,7 @@ use crate::untrusted::Untrusted;
 /// unknown) and a held body is let go: what is held goes out (rewritten), the rest passes
 /// through as it comes. The same happens when the responses of all streams together would
 /// hold more than [`ServiceOptions::held_response_bytes`].
-const MAX_RESPONSE_COPY: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_RESPONSE_COPY: usize = 16 * 1024 * 1024;
 /// Default of [`ServiceOptions::held_response_bytes`]: 16 responses at the cap, thousands of
 /// ordinary ones. A client can ask for long non-streamed answers cheaply (a large embeddings
 /// batch, `echo` with `logprobs`) and read them slowly; this bounds what they hold together.
@@ -114,6 +115,9 @@ pub struct ServiceOptions {
     /// Put every scored endpoint's score of the primary profile into the `envoy.lb` metadata
     /// (`--emit-endpoint-scores`).
     pub emit_endpoint_scores: bool,
+    /// `--response-observer`: each routed request gets an id in the observer namespace, for an
+    /// observer filter's stream to claim ([`crate::observer`]).
+    pub observers: Option<Arc<Observers>>,
     /// A deliberate protocol fault (conformance self-test only).
     #[cfg(feature = "conformance-faults")]
     pub fault: Option<crate::faults::ConformanceFault>,
@@ -129,6 +133,7 @@ impl Default for ServiceOptions {
             decision_header: false,
             trust_model_rewrite_header: false,
             emit_endpoint_scores: false,
+            observers: None,
             #[cfg(feature = "conformance-faults")]
             fault: None,
         }
@@ -193,6 +198,8 @@ pub struct StreamState {
     response: ResponseState,
     /// A parsed request waiting for its token ids (see [`StreamState::pending_tokenization`]).
     awaiting_tokens: Option<AwaitingTokens>,
+    /// The routed request, kept for its response observer until released.
+    watch: Option<Watch>,
 }
 
 /// A request held between the end of its body and its routing while the token producer runs.
@@ -279,6 +286,7 @@ impl StreamState {
             eos_at: Instant::now(),
             response: ResponseState::default(),
             awaiting_tokens: None,
+            watch: None,
         }
     }
 
@@ -833,6 +841,14 @@ impl StreamState {
         {
             envoy::add_endpoint_scores(metadata, e.rows.iter().map(|r| (&*r.address, r.total)));
         }
+        let observer_id = match (&self.ctx.options.observers, metadata.as_mut()) {
+            (Some(observers), Some(metadata)) => {
+                let id = observers.next_id();
+                envoy::add_observer_id(metadata, id);
+                Some(id)
+            }
+            _ => None,
+        };
         let out = match (self.request_body_mode, body_out) {
             (RequestBodyMode::Streamed, Some((body, eos))) => {
                 let mut out = Vec::with_capacity(2);
@@ -864,6 +880,20 @@ impl StreamState {
                 Some((request.target_model.clone(), request.model.clone()));
         }
         self.response.streaming = request.stream;
+        if let (Some(observers), Some(id)) = (&self.ctx.options.observers, observer_id) {
+            // Before the answer leaves: Envoy writes the id with it, and only then can an
+            // observer's message carry it.
+            self.watch = observers.watch(
+                id,
+                Watched {
+                    key: self.key.clone(),
+                    started: self.started,
+                    fairness_id: request.fairness_id.clone(),
+                    streaming: request.stream,
+                    first_token: routed.first_token_handle(),
+                },
+            );
+        }
         self.request = Some(request);
         self.routed = Some(routed);
         self.phase = Phase::Routed;
@@ -1121,6 +1151,7 @@ impl StreamState {
 
     /// Releases per-request state: the in-flight slot, and tells the recorder (once).
     fn release(&mut self) {
+        self.watch = None;
         if let Some(routed) = self.routed.take() {
             drop(routed);
             self.ctx.recorder.on_released(&self.key);

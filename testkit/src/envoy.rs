@@ -89,18 +89,39 @@ pub enum ResponsePath {
     /// response's end only (the ext_proc stream's end; the response trailer mode stays `SEND`,
     /// which keeps the stream open until then).
     Minimal,
+    /// Lean, and the response observer (`gateway-configs/envoy/response-observer.yaml`) added
+    /// after the routing filter: the EPP, run with `--response-observer`, hears the answer's
+    /// chunks from a second ext_proc filter in observability mode, which does not wait for it.
+    Observed,
 }
+
+/// The response observer's filter entry, as shipped.
+const RESPONSE_OBSERVER: &str = include_str!("../../gateway-configs/envoy/response-observer.yaml");
+
+/// The line before which [`ResponsePath::Observed`] inserts the observer: the router filter.
+const ROUTER_FILTER: &str = "- name: envoy.filters.http.router";
 
 /// A rendered shipped template switched to `path`: for [`ResponsePath::Lean`] and
 /// [`ResponsePath::Minimal`], the response body mode on the line marked `RESPONSE-PATH`
 /// becomes `NONE`; for [`ResponsePath::Minimal`], the response header mode on the line marked
-/// `RESPONSE-HEADERS` becomes `SKIP` too.
+/// `RESPONSE-HEADERS` becomes `SKIP` too; for [`ResponsePath::Observed`], the response observer
+/// goes in before the router filter.
 pub fn with_response_path(rendered: &str, path: ResponsePath) -> String {
     if path == ResponsePath::Full {
         return rendered.to_owned();
     }
-    let mut out = String::with_capacity(rendered.len());
+    let mut out = String::with_capacity(rendered.len() + RESPONSE_OBSERVER.len());
     for line in rendered.lines() {
+        if path == ResponsePath::Observed && line.trim_start() == ROUTER_FILTER {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            for observer_line in RESPONSE_OBSERVER.lines() {
+                if !observer_line.is_empty() && !observer_line.starts_with('#') {
+                    out.push_str(indent);
+                    out.push_str(observer_line);
+                    out.push('\n');
+                }
+            }
+        }
         if line.contains("# RESPONSE-PATH") {
             out.push_str(&line.replace("FULL_DUPLEX_STREAMED", "NONE"));
         } else if path == ResponsePath::Minimal && line.contains("# RESPONSE-HEADERS") {

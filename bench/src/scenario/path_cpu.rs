@@ -39,6 +39,10 @@ pub enum Setup {
     /// Envoy + Switchyard default profile, `response_body_mode: NONE` (response bodies stream
     /// past the EPP).
     SwitchyardLean,
+    /// The lean path with the response observer (`--response-observer` and a second ext_proc
+    /// filter in observability mode): every metric of the full path, the answer's chunks sent
+    /// to the EPP without waiting for it.
+    SwitchyardObserved,
     /// The lean path with the request body buffered (`request_body_mode: BUFFERED`): the
     /// processing modes of the shipped FailOpen templates; the body crosses the gRPC stream
     /// once instead of twice, for one more round trip before it.
@@ -61,6 +65,10 @@ impl Setup {
             Setup::EnvoyAlone => "Envoy alone (round robin)".into(),
             Setup::SwitchyardFull => "Envoy + Switchyard default (full response path)".into(),
             Setup::SwitchyardLean => "Envoy + Switchyard lean (`response_body_mode: NONE`)".into(),
+            Setup::SwitchyardObserved => {
+                "Envoy + Switchyard observed (lean + response observer in observability mode)"
+                    .into()
+            }
             Setup::SwitchyardLeanBuffered => {
                 "Envoy + Switchyard lean, buffered body (+ `request_body_mode: BUFFERED`)".into()
             }
@@ -83,6 +91,7 @@ impl Setup {
             Setup::EnvoyAlone => "envoy",
             Setup::SwitchyardFull => "full",
             Setup::SwitchyardLean => "lean",
+            Setup::SwitchyardObserved => "observed",
             Setup::SwitchyardLeanBuffered => "lean-buffered",
             Setup::SwitchyardMinimal => "minimal",
             Setup::SwitchyardFullOneThread => "full-one-thread",
@@ -115,6 +124,7 @@ impl Setup {
             self,
             Setup::SwitchyardFull
                 | Setup::SwitchyardLean
+                | Setup::SwitchyardObserved
                 | Setup::SwitchyardLeanBuffered
                 | Setup::SwitchyardMinimal
                 | Setup::SwitchyardFullOneThread
@@ -178,6 +188,7 @@ impl PathCpuCfg {
                 Setup::EnvoyAlone,
                 Setup::SwitchyardFull,
                 Setup::SwitchyardLean,
+                Setup::SwitchyardObserved,
                 Setup::SwitchyardLeanBuffered,
                 Setup::SwitchyardMinimal,
                 Setup::SwitchyardFullOneThread,
@@ -394,6 +405,7 @@ async fn one(
         // Envoy waits until its health check of the EPP passes before this returns.
         Setup::SwitchyardFull
         | Setup::SwitchyardLean
+        | Setup::SwitchyardObserved
         | Setup::SwitchyardMinimal
         | Setup::SwitchyardFullOneThread
         | Setup::SwitchyardMinimalOneThread => {
@@ -402,12 +414,14 @@ async fn one(
                 Setup::SwitchyardMinimal | Setup::SwitchyardMinimalOneThread => {
                     ResponsePath::Minimal
                 }
+                Setup::SwitchyardObserved => ResponsePath::Observed,
                 _ => ResponsePath::Lean,
             };
             let mut args: Vec<&str> = match setup {
                 Setup::SwitchyardFullOneThread | Setup::SwitchyardMinimalOneThread => {
                     vec!["--worker-threads=1"]
                 }
+                Setup::SwitchyardObserved => vec!["--response-observer"],
                 _ => Vec::new(),
             };
             args.extend(cfg.epp_args.iter().map(String::as_str));

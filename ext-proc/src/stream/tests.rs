@@ -53,6 +53,18 @@ impl Recorder for Events {
     fn on_response_overflow(&self, rewrite: bool) {
         self.0.lock().push(format!("overflow rewrite={rewrite}"));
     }
+    fn on_observed(&self, o: &crate::recorder::Observation<'_>) {
+        self.0.lock().push(format!(
+            "observed {} tokens={:?} ttft={:?} bytes={:?}",
+            o.key.model,
+            o.usage.map(|u| u.completion_tokens),
+            o.time_to_first_chunk,
+            o.response_bytes
+        ));
+    }
+    fn on_observer_stream(&self, outcome: crate::recorder::ObserverOutcome) {
+        self.0.lock().push(format!("observer {}", outcome.as_str()));
+    }
 }
 
 struct Harness {
@@ -85,12 +97,16 @@ impl Harness {
         }
     }
 
-    fn stream(&self) -> StreamState {
-        StreamState::new(Arc::new(ServiceContext {
+    fn ctx(&self) -> Arc<ServiceContext> {
+        Arc::new(ServiceContext {
             director: self.director.clone(),
             recorder: self.events.clone(),
             options: self.options.clone(),
-        }))
+        })
+    }
+
+    fn stream(&self) -> StreamState {
+        StreamState::new(self.ctx())
     }
 
     fn events(&self) -> Vec<String> {
@@ -1242,4 +1258,318 @@ async fn continuous_usage_stats_are_charged_at_their_last_count() {
         true,
     ));
     assert_eq!(h.events(), ["complete Some(4)", "released m"]);
+}
+
+/// `message` as a response observer sends it: in observability mode, with the observer
+/// namespace the routing answer `routing` wrote into Envoy's dynamic metadata (`None`: with
+/// none).
+fn observed(mut message: ProcessingRequest, routing: Option<&ProcessingResponse>) -> Inbound {
+    use crate::observer::OBSERVER_NAMESPACE;
+    message.observability_mode = true;
+    message.metadata_context = routing.map(|r| {
+        let namespace = r
+            .dynamic_metadata
+            .as_ref()
+            .and_then(|md| md.fields.get(OBSERVER_NAMESPACE))
+            .and_then(|v| match &v.kind {
+                Some(envoy_types::pb::google::protobuf::value::Kind::StructValue(s)) => {
+                    Some(s.clone())
+                }
+                _ => None,
+            })
+            .expect("the routing answer carries an observer id");
+        crate::envoy::Metadata {
+            filter_metadata: [(OBSERVER_NAMESPACE.to_owned(), namespace)]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    });
+    Inbound::from_message(message)
+}
+
+fn observing() -> Harness {
+    let mut h = Harness::new(2);
+    h.options.observers = Some(Arc::new(crate::observer::Observers::new(16)));
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_observer_reports_what_the_lean_routing_stream_cannot_see_once() {
+    use crate::observer::{ObserverState, ObserverStep};
+    let h = observing();
+    let mut s = h.stream();
+    let routing = send_chat(&mut s, "m", &[]);
+    let destination: std::net::SocketAddr =
+        routing_answer(&routing[0]).destination().parse().unwrap();
+    let endpoint = h
+        .director
+        .datastore()
+        .snapshot()
+        .by_address(&destination)
+        .cloned()
+        .unwrap();
+    let prefilling = || h.director.in_flight().reading(endpoint.id).prefilling;
+    assert_eq!(prefilling(), 1);
+    h.events();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    // The observer hears the response first (it is after the routing filter in the chain).
+    let mut o = ObserverState::new(h.ctx());
+    assert_eq!(
+        o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
+        ObserverStep::Continue
+    );
+    s.on_message(resp_headers(&sse, false, None));
+    tokio::time::advance(Duration::from_millis(120)).await;
+    let first = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    assert_eq!(
+        o.on_inbound(observed(resp_body(first, false), None)),
+        ObserverStep::Continue
+    );
+    assert_eq!(prefilling(), 0, "the first chunk ends the prefill at once");
+    let last = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
+    assert_eq!(
+        o.on_inbound(observed(resp_body(last, true), None)),
+        ObserverStep::Close
+    );
+    // The routing stream's end releases the request and records its duration, as on the lean
+    // path; the answer's tokens and first chunk are the observer's.
+    s.on_stream_end();
+    let bytes = first.len() + last.len();
+    assert_eq!(
+        h.events(),
+        [
+            "observer matched".to_owned(),
+            format!("observed m tokens=Some(7) ttft=Some(120ms) bytes=Some({bytes})"),
+            "complete None".to_owned(),
+            "released m".to_owned(),
+        ]
+    );
+    // A second observer with the same id finds nothing (an id is claimed once).
+    let mut again = ObserverState::new(h.ctx());
+    assert_eq!(
+        again.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
+        ObserverStep::Close
+    );
+    assert_eq!(h.events(), ["observer unmatched"]);
+    assert!(h.options.observers.as_ref().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_observer_without_a_live_id_is_unmatched_and_closes() {
+    use crate::observer::{ObserverState, ObserverStep};
+    let h = observing();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    // No id: request-side messages wait (the routing answer may not have written it yet), the
+    // response's first message closes.
+    let mut o = ObserverState::new(h.ctx());
+    assert_eq!(
+        o.on_inbound(observed(post("/v1/chat/completions", &[]), None)),
+        ObserverStep::Continue
+    );
+    assert_eq!(
+        o.on_inbound(observed(resp_headers(&sse, false, None), None)),
+        ObserverStep::Close
+    );
+    assert_eq!(
+        o.on_inbound(observed(resp_body(b"data: x\n\n", true), None)),
+        ObserverStep::Close
+    );
+    assert_eq!(h.events(), ["observer unmatched"]);
+    // The id of a request already released matches nothing either, and the table is empty.
+    let mut s = h.stream();
+    let routing = send_chat(&mut s, "m", &[]);
+    assert_eq!(h.options.observers.as_ref().unwrap().len(), 1);
+    drop(s);
+    assert!(h.options.observers.as_ref().unwrap().is_empty());
+    h.events();
+    let mut late = ObserverState::new(h.ctx());
+    assert_eq!(
+        late.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
+        ObserverStep::Close
+    );
+    assert_eq!(h.events(), ["observer unmatched"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_observer_reads_usage_from_a_whole_json_answer() {
+    use crate::observer::{ObserverState, ObserverStep};
+    let h = observing();
+    let mut s = h.stream();
+    let routing = send_chat(&mut s, "m", &[]);
+    h.events();
+    let mut o = ObserverState::new(h.ctx());
+    let json = [(":status", "200"), ("content-type", "application/json")];
+    o.on_inbound(observed(
+        resp_headers(&json, false, None),
+        Some(&routing[0]),
+    ));
+    let body = br#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+    assert_eq!(
+        o.on_inbound(observed(resp_body(&body[..9], false), None)),
+        ObserverStep::Continue
+    );
+    assert_eq!(
+        o.on_inbound(observed(resp_body(&body[9..], true), None)),
+        ObserverStep::Close
+    );
+    assert_eq!(
+        h.events(),
+        [
+            "observer matched".to_owned(),
+            format!(
+                "observed m tokens=Some(3) ttft=None bytes=Some({})",
+                body.len()
+            ),
+        ]
+    );
+    assert_eq!(
+        h.options.held_response_bytes.held(),
+        0,
+        "the copy is no longer charged"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_observers_the_routing_answer_carries_no_observer_id() {
+    let h = Harness::new(2);
+    let mut s = h.stream();
+    let routing = send_chat(&mut s, "m", &[]);
+    let md = routing[0].dynamic_metadata.as_ref().unwrap();
+    assert!(md.fields.contains_key(crate::protocol::LB_NAMESPACE));
+    assert!(!md.fields.contains_key(crate::observer::OBSERVER_NAMESPACE));
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_observer_table_cap_a_request_goes_unobserved() {
+    use crate::observer::{ObserverState, ObserverStep};
+    let mut h = Harness::new(2);
+    h.options.observers = Some(Arc::new(crate::observer::Observers::new(1)));
+    let mut first = h.stream();
+    send_chat(&mut first, "m", &[]);
+    let mut second = h.stream();
+    let routing = send_chat(&mut second, "m", &[]);
+    assert_eq!(h.options.observers.as_ref().unwrap().len(), 1);
+    h.events();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    let mut o = ObserverState::new(h.ctx());
+    assert_eq!(
+        o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
+        ObserverStep::Close
+    );
+    assert_eq!(h.events(), ["observer unmatched"]);
+}
+
+/// One message of an observer stream, for the property below.
+#[derive(Debug, Clone)]
+enum ObserverInput {
+    RequestHeaders,
+    ResponseHeaders { sse: bool, eos: bool },
+    Body { bytes: Vec<u8>, eos: bool },
+    Trailers,
+}
+
+/// The id an observer message carries: the routed request's, some other string, or none.
+#[derive(Debug, Clone, Copy)]
+enum ObserverId {
+    Routed,
+    Garbage(u8),
+    Absent,
+}
+
+fn observer_input() -> impl proptest::strategy::Strategy<Value = (ObserverInput, ObserverId)> {
+    use proptest::prelude::*;
+    let input = prop_oneof![
+        Just(ObserverInput::RequestHeaders),
+        (any::<bool>(), any::<bool>())
+            .prop_map(|(sse, eos)| ObserverInput::ResponseHeaders { sse, eos }),
+        (
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..64),
+                Just(
+                    b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n".to_vec()
+                ),
+                Just(br#"{"usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec()),
+            ],
+            any::<bool>()
+        )
+            .prop_map(|(bytes, eos)| ObserverInput::Body { bytes, eos }),
+        Just(ObserverInput::Trailers),
+    ];
+    let id = prop_oneof![
+        3 => Just(ObserverId::Routed),
+        1 => any::<u8>().prop_map(ObserverId::Garbage),
+        2 => Just(ObserverId::Absent),
+    ];
+    (input, id)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config {
+        cases: 256,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(17),
+        ..proptest::test_runner::Config::default()
+    })]
+
+    /// Whatever an observer stream is sent: it claims at most one request and reports its
+    /// answer at most once; once it asks to close it stays closed; and when the streams are
+    /// gone nothing is left charged or waiting in the table.
+    #[test]
+    fn an_observer_stream_reports_at_most_once_and_leaves_nothing_behind(
+        inputs in proptest::collection::vec(observer_input(), 0..12),
+        release_early in proptest::prelude::any::<bool>(),
+    ) {
+        use crate::observer::{ObserverState, ObserverStep};
+        let h = observing();
+        let mut s = h.stream();
+        let routing = send_chat(&mut s, "m", &[]);
+        h.events();
+        let mut o = ObserverState::new(h.ctx());
+        let mut closed = false;
+        for (i, (input, id)) in inputs.into_iter().enumerate() {
+            if release_early && i == 2 {
+                s.on_stream_end();
+            }
+            let message = match input {
+                ObserverInput::RequestHeaders => post("/v1/chat/completions", &[]),
+                ObserverInput::ResponseHeaders { sse, eos } => {
+                    let ct = if sse { "text/event-stream" } else { "application/json" };
+                    resp_headers(&[(":status", "200"), ("content-type", ct)], eos, None)
+                }
+                ObserverInput::Body { bytes, eos } => resp_body(&bytes, eos),
+                ObserverInput::Trailers => resp_trailers(),
+            };
+            let inbound = match id {
+                ObserverId::Routed => observed(message, Some(&routing[0])),
+                ObserverId::Absent => observed(message, None),
+                ObserverId::Garbage(g) => {
+                    let mut inbound = observed(message, Some(&routing[0]));
+                    if let Some(md) = inbound.message.metadata_context.as_mut()
+                        && let Some(ns) = md.filter_metadata.get_mut(crate::observer::OBSERVER_NAMESPACE)
+                    {
+                        ns.fields.insert(
+                            crate::observer::OBSERVER_ID_KEY.to_owned(),
+                            envoy_types::pb::google::protobuf::Value {
+                                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                                    format!("{g:x}zz"),
+                                )),
+                            },
+                        );
+                    }
+                    inbound
+                }
+            };
+            let step = o.on_inbound(inbound);
+            proptest::prop_assert!(!closed || step == ObserverStep::Close, "reopened");
+            closed |= step == ObserverStep::Close;
+        }
+        drop(o);
+        drop(s);
+        let events = h.events();
+        let count = |prefix: &str| events.iter().filter(|e| e.starts_with(prefix)).count();
+        proptest::prop_assert!(count("observer ") <= 1, "{events:?}");
+        proptest::prop_assert!(count("observed ") <= count("observer matched"), "{events:?}");
+        proptest::prop_assert_eq!(h.options.held_response_bytes.held(), 0);
+        proptest::prop_assert!(h.options.observers.as_ref().unwrap().is_empty());
+    }
 }
