@@ -723,6 +723,17 @@ impl EppProcess {
         port: u16,
         config: &str,
     ) -> anyhow::Result<EppProcess> {
+        Self::start_with(binary, pods, port, config, &[]).await
+    }
+
+    /// [`EppProcess::start`] with `extra` flags.
+    pub async fn start_with(
+        binary: &Path,
+        pods: &[Pod],
+        port: u16,
+        config: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<EppProcess> {
         let dir = std::env::temp_dir().join(format!(
             "switchyard-conformance-epp-{}-{}",
             std::process::id(),
@@ -765,7 +776,8 @@ impl EppProcess {
             .args(["--grpc-port", &ports[0].to_string()])
             .args(["--grpc-health-port", &ports[1].to_string()])
             .args(["--metrics-port", &ports[2].to_string()])
-            .args(["--v", "1"]);
+            .args(["--v", "1"])
+            .args(extra);
         let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

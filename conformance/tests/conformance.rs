@@ -62,6 +62,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("upstream", EppUnAvailableFailOpen),
         scenario!("switchyard", EppUnAvailableFailClose),
         scenario!("switchyard", EppKilledMidStreamFailOpen),
+        scenario!("switchyard", EppKilledMidStreamFailOpenObserved),
         scenario!("switchyard", FailOpenRoutesOnTheBufferedBody),
         scenario!("upstream", InferencePoolAppProtocol),
         Scenario {
@@ -308,6 +309,19 @@ async fn epp_unavailable(ctx: Ctx, variant: Variant) -> Verdict {
 /// EPP (with FULL_DUPLEX_STREAMED the same streams were reset: bench/RESULTS.md, chaos).
 #[allow(non_snake_case)]
 async fn EppKilledMidStreamFailOpen(ctx: Ctx) -> Verdict {
+    killed_mid_stream_fail_open(ctx, false).await
+}
+
+/// [`EppKilledMidStreamFailOpen`] with the response observer (README "Response path:
+/// observed"): a second ext_proc filter in observability mode streaming the answers to the
+/// EPP as well, so the observed path keeps fail-open: the streams in flight at the kill
+/// complete whole.
+#[allow(non_snake_case)]
+async fn EppKilledMidStreamFailOpenObserved(ctx: Ctx) -> Verdict {
+    killed_mid_stream_fail_open(ctx, true).await
+}
+
+async fn killed_mid_stream_fail_open(ctx: Ctx, observed: bool) -> Verdict {
     const STREAMS: usize = 4;
     const TOKENS: u32 = 200;
     const WHILE_DOWN: usize = 20;
@@ -330,8 +344,16 @@ async fn EppKilledMidStreamFailOpen(ctx: Ctx) -> Verdict {
         ..sim::Config::default()
     };
     let pods = pods_on_port(&ips, port, &config).await;
-    let epp = EppProcess::start(&binary, &pods, port, CONFORMANCE_CONFIG).await?;
-    let envoy = ctx.plain_envoy(Variant::TlsFailOpen, epp.grpc, &pods).await;
+    let (flags, path): (&[&str], _) = if observed {
+        (&["--response-observer"], ResponsePath::Observed)
+    } else {
+        (&[], ResponsePath::Lean)
+    };
+    let epp = EppProcess::start_with(&binary, &pods, port, CONFORMANCE_CONFIG, flags).await?;
+    // The FailOpen template's response path is the lean one already.
+    let envoy = ctx
+        .plain_envoy_with(Variant::TlsFailOpen, path, epp.grpc, &pods)
+        .await;
     envoy.wait_epp_health(true).await;
     let names = names(&[&pods]);
     let target = pods[1].rank(0);
@@ -422,6 +444,16 @@ async fn EppKilledMidStreamFailOpen(ctx: Ctx) -> Verdict {
         allowed >= STREAMS as u64,
         "Envoy failed open {allowed} times for {STREAMS} streams in flight"
     );
+    if observed {
+        // The observer was there: it sent the streams' answers to the EPP until the kill.
+        let observer_sent = envoy
+            .stat("http.openai.ext_proc.observer.stream_msgs_sent")
+            .await;
+        ensure!(
+            observer_sent >= 2 * STREAMS as u64,
+            "the observer sent {observer_sent} messages for {STREAMS} streams"
+        );
+    }
     println!(
         "    {STREAMS} streams in flight at the kill completed; {WHILE_DOWN} sent while down \
          served; Envoy failure_mode_allowed {allowed}"
