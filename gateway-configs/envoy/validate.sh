@@ -2,7 +2,8 @@
 # Validate the Switchyard Envoy templates.
 #
 #   validate.sh          render every template with dummy values, run `envoy --mode validate`
-#                        on each, check that the four variants differ only where marked VARIANT
+#                        on each (and on each with response-observer.yaml inserted), check
+#                        that the four variants differ only where marked VARIANT
 #   validate.sh --live   also run testdata/selftest.py (starts Envoy and Python backends on
 #                        loopback for ~15 s; EPP_PYTHON=/venv/bin/python with grpcio adds the
 #                        stand-in-EPP checks)
@@ -114,6 +115,35 @@ for tpl in "$here"/envoy*.yaml "$here"/testdata/*.yaml; do
             fail=1
         fi
     done
+done
+
+# 2b. The response observer (response-observer.yaml) inserted before the router filter of each
+#     template, as its comment and the README say to, still validates.
+for tpl in "$here"/envoy*.yaml; do
+    name=$(basename "$tpl")
+    out="$tmp/observed-$name"
+    LISTEN_PORT=0 ADMIN_PORT=0 EPP_HOST=127.0.0.1 EPP_PORT=9002 BACKENDS='10.0.0.1:8000' \
+        sh "$here/render.sh" "$tpl" | awk -v snippet="$here/response-observer.yaml" '
+        /^ *- name: envoy\.filters\.http\.router *$/ {
+            indent = $0; sub(/-.*/, "", indent)
+            while ((getline line < snippet) > 0) {
+                if (line != "" && line !~ /^#/) print indent line
+            }
+            close(snippet); inserted = 1
+        }
+        { print }
+        END { if (!inserted) exit 1 }' > "$out" || {
+        echo "FAIL $name: no router filter to insert the response observer before" >&2
+        fail=1
+        continue
+    }
+    if "$envoy" --mode validate --disable-hot-restart -l error -c "$out" > "$tmp/log" 2>&1; then
+        echo "ok   $name + response-observer.yaml"
+    else
+        echo "FAIL $name + response-observer.yaml:" >&2
+        cat "$tmp/log" >&2
+        fail=1
+    fi
 done
 
 # 3. render.sh's BACKENDS shorthand produces the same flow sequence.
