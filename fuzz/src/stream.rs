@@ -17,6 +17,7 @@
 //! | `m` | metadata for the next message: the payload is the subset hint and the served endpoint |
 //! | `p` | `protocol_config` on the next message: the payload's first byte is the request body mode (`0`–`9` as a digit, else its value) |
 //! | `n` | a message without a request |
+//! | `o` | a message to the stream's response observer (`ext_proc::observer`), in observability mode, carrying the observer id of the last routing answer if any: the payload's first byte is its kind (`h`, `r`/`R`, `d`/`D`/`F`, `T` as above), the rest its payload |
 //!
 //! Options bits: 0–1 pool size − 1 (1–4 endpoints); 2 trust the model-rewrite header; 3 the
 //! decision header; 4 a 64-byte body limit; 5 an operator rewrite `m` → `m-canary`/`m-blue`; 6
@@ -30,7 +31,10 @@
 //! `content-length` right and the end of stream where it belongs; a request-headers message
 //! with end of stream, or a request body with end of stream, is answered at once; response
 //! bodies pass through unchanged unless the model is rewritten back; and every request the
-//! recorder saw routed is released exactly once (`Recorder::on_released`'s contract).
+//! recorder saw routed is released exactly once (`Recorder::on_released`'s contract). Every
+//! stream runs with response observers on: an observer never answers, matches at most once
+//! and reports at most once, and once both streams are gone nothing waits in the observer
+//! table and no response byte is still charged.
 //!
 //! Once a BUFFERED request body mode is announced before the first request headers (Envoy
 //! announces it on the first message): headers without end of stream get one answer that
@@ -53,6 +57,7 @@ use endpoint_picker::director::{Director, ModelRewrite, Policies, RewriteRule, R
 use endpoint_picker::request::{Api, InferenceRequest};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use ext_proc::body_budget::BodyBudget;
+use ext_proc::codec::Inbound;
 use ext_proc::envoy::ext_proc::body_mutation::Mutation;
 use ext_proc::envoy::ext_proc::{
     CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
@@ -61,8 +66,9 @@ use ext_proc::envoy::ext_proc::{
 };
 use ext_proc::envoy::{BodySendMode, HeaderMap, HeaderValue, Metadata};
 use ext_proc::error::RequestError;
+use ext_proc::observer::{OBSERVER_NAMESPACE, ObserverState, ObserverStep, Observers};
 use ext_proc::openai;
-use ext_proc::recorder::{RecordKey, Recorder};
+use ext_proc::recorder::{Observation, ObserverOutcome, RecordKey, Recorder};
 use ext_proc::stream::{ServiceContext, ServiceOptions, StreamState};
 
 /// Counts routed and released requests.
@@ -71,6 +77,8 @@ struct Counts {
     routed: AtomicUsize,
     released: AtomicUsize,
     rejected: AtomicUsize,
+    observer_streams: AtomicUsize,
+    observed: AtomicUsize,
 }
 
 impl Recorder for Counts {
@@ -86,6 +94,12 @@ impl Recorder for Counts {
     }
     fn on_released(&self, _: &RecordKey) {
         self.released.fetch_add(1, Ordering::Relaxed);
+    }
+    fn on_observer_stream(&self, _: ObserverOutcome) {
+        self.observer_streams.fetch_add(1, Ordering::Relaxed);
+    }
+    fn on_observed(&self, _: &Observation<'_>) {
+        self.observed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -395,14 +409,21 @@ pub fn run(data: &[u8]) {
         disable_subset_filter: opts & 128 != 0,
         decision_header: opts & 8 != 0,
         trust_model_rewrite_header: opts & 4 != 0,
+        observers: Some(Arc::new(Observers::new(4))),
         ..Default::default()
     };
+    let observers = options.observers.clone();
+    let held_responses = options.held_response_bytes.clone();
     let ctx = Arc::new(ServiceContext {
         director,
         recorder: counts.clone(),
         options,
     });
-    let mut stream = StreamState::new(ctx);
+    let mut stream = StreamState::new(ctx.clone());
+    let mut observer = ObserverState::new(ctx);
+    // The observer namespace of the last routing answer, as Envoy would forward it.
+    let mut observer_md: Option<Metadata> = None;
+    let mut observer_closed = false;
 
     // What the harness knows of the stream's state.
     let mut immediate_seen = false;
@@ -429,6 +450,32 @@ pub fn run(data: &[u8]) {
             b'T' => Req::ResponseTrailers(HttpTrailers::default()),
             b'm' => {
                 pending_metadata = Some(metadata(payload));
+                continue;
+            }
+            b'o' => {
+                let Some((&sub, payload)) = payload.split_first() else {
+                    continue;
+                };
+                let request = match sub {
+                    b'h' => Req::RequestHeaders(headers(false, payload)),
+                    b'r' | b'R' => Req::ResponseHeaders(headers(sub == b'R', payload)),
+                    b'd' | b'D' | b'F' => {
+                        Req::ResponseBody(body(payload, sub == b'D', sub == b'F'))
+                    }
+                    b'T' => Req::ResponseTrailers(HttpTrailers::default()),
+                    _ => continue,
+                };
+                let step = observer.on_inbound(Inbound::from_message(ProcessingRequest {
+                    request: Some(request),
+                    metadata_context: observer_md.clone(),
+                    observability_mode: true,
+                    ..Default::default()
+                }));
+                assert!(
+                    !observer_closed || step == ObserverStep::Close,
+                    "an observer reopened"
+                );
+                observer_closed |= step == ObserverStep::Close;
                 continue;
             }
             b'p' => {
@@ -478,6 +525,21 @@ pub fn run(data: &[u8]) {
             ..Default::default()
         };
         let out = stream.on_message(message);
+        if let Some(namespace) = out
+            .iter()
+            .filter_map(|r| r.dynamic_metadata.as_ref()?.fields.get(OBSERVER_NAMESPACE))
+            .find_map(|v| match &v.kind {
+                Some(Kind::StructValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+        {
+            observer_md = Some(Metadata {
+                filter_metadata: [(OBSERVER_NAMESPACE.to_owned(), namespace)]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            });
+        }
 
         if immediate_seen {
             assert!(
@@ -713,7 +775,19 @@ pub fn run(data: &[u8]) {
         );
     }
     drop(stream);
+    drop(observer);
     assert_eq!(budget.held(), 0, "every body charge is given back");
+    assert_eq!(
+        held_responses.held(),
+        0,
+        "every response charge is given back"
+    );
+    assert!(
+        observers.is_some_and(|o| o.is_empty()),
+        "a released request still waits for its observer"
+    );
+    assert!(counts.observer_streams.load(Ordering::Relaxed) <= 1);
+    assert!(counts.observed.load(Ordering::Relaxed) <= 1);
     let routed = counts.routed.load(Ordering::Relaxed);
     let released = counts.released.load(Ordering::Relaxed);
     assert_eq!(routed, released, "every routed request is released once");
