@@ -84,6 +84,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario!("switchyard", OneMebibytePrompt),
         scenario!("switchyard", SseStreamingIntact),
         scenario!("switchyard", ResponsePathsLeanAndFull),
+        scenario!("switchyard", ResponseObserverAcrossEpps),
         scenario!("switchyard", InvalidBodyRejectedByEpp),
         scenario!("switchyard", HostileClientsThroughReferenceStyleEnvoy),
         scenario!("switchyard", EppBinaryFollowsEPPRouting),
@@ -1058,11 +1059,8 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
                     "inference_extension_response_observer_streams_total",
                     "outcome=\"matched\""
                 ) == N as f64
-                    && metric_with(
-                        &text,
-                        "inference_extension_response_observer_streams_total",
-                        "outcome=\"unmatched\""
-                    ) == 0.0,
+                    && metric_total(&text, "inference_extension_response_observer_streams_total")
+                        == N as f64,
                 "observer streams: {}",
                 text.lines()
                     .filter(|l| l.starts_with("inference_extension_response_observer"))
@@ -1142,6 +1140,96 @@ async fn ResponsePathsLeanAndFull(ctx: Ctx) -> Verdict {
     Ok(4 * N)
 }
 
+/// The observed path with two EPPs behind one Envoy (active-active): Envoy balances each
+/// request's observer stream apart from its routing stream, so some reach the EPP that did not
+/// route them. Every answer is still recorded exactly once across the two, from the tag the
+/// routing answer wrote (`other_epp`) when not claimed where it was routed (`matched`).
+#[allow(non_snake_case)]
+async fn ResponseObserverAcrossEpps(ctx: Ctx) -> Verdict {
+    const N: usize = 24;
+    const TOKENS: u32 = 20;
+    let config = sim::Config {
+        seed: 11,
+        ..sim::Config::default()
+    };
+    let pods = pods(2, 2, 1, &config).await;
+    let config = endpoint_picker::config::REFERENCE_DEFAULT_CONFIG;
+    let a = ctx
+        .epp_observing(pool_of("primary", &pods), config, true)
+        .await;
+    let b = ctx
+        .epp_observing(pool_of("primary", &pods), config, true)
+        .await;
+    let envoy = testkit::envoy::Envoy::start_several_epps(
+        &ctx.envoy,
+        Variant::PlaintextFailClose,
+        ResponsePath::Observed,
+        &[a.grpc, b.grpc],
+        &addresses(&pods),
+    )
+    .await;
+    let req = Req::chat(MODEL, "tell me a story", true, TOKENS);
+    let out = traffic(envoy.listener, N, 6, &req).await;
+    for (i, o) in out.iter().enumerate() {
+        ensure!(o.status == 200, "{i}: {} {:.200}", o.status, o.body);
+    }
+    // Both EPPs' metrics once every answer is recorded (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (ta, tb) = loop {
+        let ta = testkit::http::get_text(a.metrics, "/metrics")
+            .await
+            .context("EPP a")?;
+        let tb = testkit::http::get_text(b.metrics, "/metrics")
+            .await
+            .context("EPP b")?;
+        let recorded = metric_total(&ta, "inference_objective_output_tokens_count")
+            + metric_total(&tb, "inference_objective_output_tokens_count");
+        if recorded >= N as f64 || Instant::now() > deadline {
+            break (ta, tb);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let both = |name: &str| metric_total(&ta, name) + metric_total(&tb, name);
+    let outcome = |o: &str| {
+        let label = format!("outcome=\"{o}\"");
+        metric_with(
+            &ta,
+            "inference_extension_response_observer_streams_total",
+            &label,
+        ) + metric_with(
+            &tb,
+            "inference_extension_response_observer_streams_total",
+            &label,
+        )
+    };
+    println!(
+        "    {N} answers: observer streams matched {}, released {}, other_epp {}; routed by the two EPPs {} and {}",
+        outcome("matched"),
+        outcome("released"),
+        outcome("other_epp"),
+        metric_total(&ta, "inference_objective_request_total"),
+        metric_total(&tb, "inference_objective_request_total"),
+    );
+    ensure!(
+        both("inference_objective_output_tokens_count") == N as f64
+            && both("inference_objective_output_tokens_sum") == N as f64 * f64::from(TOKENS),
+        "output tokens recorded: count {} sum {}",
+        both("inference_objective_output_tokens_count"),
+        both("inference_objective_output_tokens_sum")
+    );
+    ensure!(
+        both("inference_objective_request_ttft_seconds_count") == N as f64,
+        "TTFT recorded {}",
+        both("inference_objective_request_ttft_seconds_count")
+    );
+    ensure!(
+        outcome("matched") + outcome("released") + outcome("other_epp") == N as f64
+            && outcome("no_tag") + outcome("invalid") == 0.0,
+        "observer outcomes"
+    );
+    Ok(N)
+}
+
 /// The EPP's metrics once no request runs and `durations` requests have recorded their
 /// duration (bounded: after 10 s, whatever they are then).
 async fn settled_metrics(
@@ -1217,7 +1305,7 @@ fn metric_with(text: &str, name: &str, label: &str) -> f64 {
                 .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |sum, v| sum + v)
 }
 
 fn metric_total(text: &str, name: &str) -> f64 {

@@ -101,7 +101,7 @@ pub struct AttemptLabels {
     pub port: String,
 }
 
-/// `outcome` of a response observer's stream: `matched` or `unmatched`.
+/// `outcome` of a response observer's stream (`ObserverOutcome::as_str`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ObserverLabels {
     /// `ObserverOutcome::as_str`.
@@ -353,7 +353,8 @@ pub struct EppMetrics {
     /// model was rewritten back in the first 16 MiB only).
     pub response_body_overflows: Family<RewriteLabels, Counter>,
     /// `inference_extension_response_observer_streams_total{outcome}`: streams of a response
-    /// observer (`--response-observer`) that found their request, or did not.
+    /// observer (`--response-observer`) by how they found their request
+    /// (`ObserverOutcome::as_str`).
     pub observer_streams: Family<ObserverLabels, Counter>,
     /// `inference_extension_response_body_bytes_held`: non-streamed response bytes held by all
     /// streams together (refreshed on scrape).
@@ -560,7 +561,7 @@ impl EppMetrics {
         );
         r.register(
             "inference_extension_response_observer_streams",
-            "Streams of a response observer (an ext_proc filter in observability mode, --response-observer): matched found their routed request; unmatched did not (a misconfigured filter pair, or a request already released)",
+            "Streams of a response observer (an ext_proc filter in observability mode, --response-observer), by how they found their request: matched (claimed while routed here), released (routed here, already released), other_epp (routed by another EPP; recorded from its tag), no_tag (a local reply, a refused or unrouted request, or a filter pair that does not pass the namespace: not recorded), invalid (a tag no EPP wrote)",
             m.observer_streams.clone(),
         );
         r.register(

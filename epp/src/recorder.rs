@@ -274,6 +274,13 @@ impl Recorder for EppRecorder {
         self.record_answer(&self.pair(observation.key), observation);
     }
 
+    fn observed_key(&self, model: &str, target_model: &str) -> RecordKey {
+        RecordKey {
+            model: self.labels.label(model),
+            target_model: self.labels.label(target_model),
+        }
+    }
+
     fn on_observer_stream(&self, outcome: ObserverOutcome) {
         self.metrics
             .observer_streams

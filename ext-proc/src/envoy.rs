@@ -117,19 +117,28 @@ pub fn destination_metadata(destination: &str) -> Struct {
     }
 }
 
-/// Adds a routed request's observer id ([`crate::observer`]) to the dynamic metadata of
+/// Adds a routed request's observer tag ([`crate::observer`]) to the dynamic metadata of
 /// [`destination_metadata`], in its own namespace.
-pub fn add_observer_id(metadata: &mut Struct, id: u64) {
+pub fn add_observer_tag(metadata: &mut Struct, tag: &crate::observer::ObserverTag) {
+    use crate::observer::{
+        OBSERVER_FAIRNESS_KEY, OBSERVER_ID_KEY, OBSERVER_INSTANCE_KEY, OBSERVER_MODEL_KEY,
+        OBSERVER_NAMESPACE, OBSERVER_STARTED_KEY, OBSERVER_TARGET_MODEL_KEY,
+    };
     let inner = Struct {
-        fields: [(
-            crate::observer::OBSERVER_ID_KEY.to_owned(),
-            string_value(&format!("{id:016x}")),
-        )]
+        fields: [
+            (OBSERVER_ID_KEY, format!("{:016x}", tag.id)),
+            (OBSERVER_INSTANCE_KEY, format!("{:016x}", tag.instance)),
+            (OBSERVER_MODEL_KEY, tag.model.clone()),
+            (OBSERVER_TARGET_MODEL_KEY, tag.target_model.clone()),
+            (OBSERVER_FAIRNESS_KEY, tag.fairness_id.clone()),
+            (OBSERVER_STARTED_KEY, tag.started_us.to_string()),
+        ]
         .into_iter()
+        .map(|(k, v)| (k.to_owned(), string_value(&v)))
         .collect(),
     };
     metadata.fields.insert(
-        crate::observer::OBSERVER_NAMESPACE.to_owned(),
+        OBSERVER_NAMESPACE.to_owned(),
         Value {
             kind: Some(Kind::StructValue(inner)),
         },

@@ -7,23 +7,32 @@
 //! an answer: no gRPC round trip per chunk on the response's critical path, and the EPP sends
 //! nothing back. That filter's stream is a different ext_proc stream from the routing one, so
 //! the two must be matched, and not by anything a client can send:
-//! - with `--response-observer`, each routed request gets a random id, written into Envoy's
-//!   dynamic metadata under [`OBSERVER_NAMESPACE`] with the routing answer, and kept here
-//!   ([`Observers`]) while the routing stream holds the request;
+//! - with `--response-observer`, the routing answer writes the request's observer tag into
+//!   Envoy's dynamic metadata under [`OBSERVER_NAMESPACE`] ([`ObserverTag`]: a random id, this
+//!   EPP's instance, the model names, when the request began), and keeps the routed request
+//!   here ([`Observers`]) while the routing stream holds it;
 //! - the observer filter forwards that namespace (`metadata_options.forwarding_namespaces`), so
-//!   its messages carry the id; the first that does claims the request (once);
+//!   its messages carry the tag; the first that does claims the request (once), and the
+//!   observer also ends the request's prefill for the cost model;
+//! - Envoy balances the observer's stream apart from the routing one, so with several EPPs it
+//!   may reach another replica, and on a short answer the routing stream may have released the
+//!   request first. The tag alone then suffices to record the answer's metrics (no prefill to
+//!   end any more, and flow control's usage only on the EPP that routed it);
 //! - the observer stream records what it saw when the response ends ([`Recorder::on_observed`])
-//!   and closes; one that carries no known id by the response's first message is counted as
-//!   unmatched and closed at once (Envoy then stops sending it the answer).
+//!   and closes; one whose response begins without a tag (a local reply, a request the EPP
+//!   refused or never routed, a filter pair that does not forward the namespace) is counted and
+//!   closed at once, and Envoy then stops sending it the answer.
 //!
 //! The routing stream still releases the request at the response's end and records its
 //! duration and status, as on the lean path. A model name rewritten for the model server is
-//! not rewritten back on this path: an observer cannot change the answer.
+//! not rewritten back on this path: an observer cannot change the answer. A routing filter
+//! that streams the response body itself (the full path) gets no tag: it records the answer.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use endpoint_picker::director::FirstToken;
@@ -36,13 +45,23 @@ use crate::envoy::ext_proc::processing_request::Request;
 use crate::envoy::{self, Metadata};
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::recorder::{Observation, ObserverOutcome, RecordKey};
-use crate::stream::{MAX_RESPONSE_COPY, ServiceContext};
+use crate::stream::{MAX_FAIRNESS_ID_BYTES, MAX_RESPONSE_COPY, ServiceContext};
 
 /// The dynamic-metadata namespace the routing answer writes a request's observer id into, and
 /// the observer filter forwards.
 pub const OBSERVER_NAMESPACE: &str = "switchyard.observer";
 /// The key of the id (16 lowercase hex digits) in [`OBSERVER_NAMESPACE`].
 pub const OBSERVER_ID_KEY: &str = "request";
+/// The key of the routing EPP's instance (16 lowercase hex digits).
+pub const OBSERVER_INSTANCE_KEY: &str = "epp";
+/// The keys of the model asked for and the model served.
+pub const OBSERVER_MODEL_KEY: &str = "model";
+/// See [`OBSERVER_MODEL_KEY`].
+pub const OBSERVER_TARGET_MODEL_KEY: &str = "target_model";
+/// The key of the request's fairness id.
+pub const OBSERVER_FAIRNESS_KEY: &str = "fairness_id";
+/// The key of when the request began: microseconds since the Unix epoch, decimal.
+pub const OBSERVER_STARTED_KEY: &str = "started_us";
 /// Default of the most requests waiting for their observer at once: each in-flight request is
 /// one, so this is far above any EPP's in-flight count; past it a request is routed unobserved.
 pub const DEFAULT_MAX_WATCHED: usize = 262_144;
@@ -55,6 +74,86 @@ pub struct Observers {
     /// Keys the ids: a request's id is this hash of a counter, which a client cannot predict.
     ids: std::collections::hash_map::RandomState,
     next: AtomicU64,
+    /// This process among the EPPs an observer stream may reach.
+    instance: u64,
+}
+
+/// What the routing answer writes for a request's observer (under [`OBSERVER_NAMESPACE`]), and
+/// what an observer reads back: enough to record the answer on any EPP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserverTag {
+    /// The request's id in the routing EPP's [`Observers`].
+    pub id: u64,
+    /// The routing EPP's instance.
+    pub instance: u64,
+    /// The model asked for (a valid model name).
+    pub model: String,
+    /// The model served.
+    pub target_model: String,
+    /// The request's fairness id.
+    pub fairness_id: String,
+    /// When the request began, microseconds since the Unix epoch.
+    pub started_us: u64,
+}
+
+impl ObserverTag {
+    /// The tag in a message's metadata: `None` when the namespace is absent, `Some(Err(()))`
+    /// when it is there but unusable (not written by an EPP).
+    fn from_metadata(metadata: Option<&Metadata>) -> Option<Result<ObserverTag, ()>> {
+        let namespace = metadata?.filter_metadata.get(OBSERVER_NAMESPACE)?;
+        let field = |key: &str| match namespace.fields.get(key)?.kind.as_ref()? {
+            envoy_types::pb::google::protobuf::value::Kind::StringValue(s) => Some(s.as_str()),
+            _ => None,
+        };
+        let hex = |key: &str| {
+            field(key)
+                .filter(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+        };
+        let name = |key: &str| {
+            field(key)
+                .filter(|m| openai::validate_model_name(m).is_ok())
+                .map(str::to_owned)
+        };
+        let tag = (|| {
+            Some(ObserverTag {
+                id: hex(OBSERVER_ID_KEY)?,
+                instance: hex(OBSERVER_INSTANCE_KEY)?,
+                model: name(OBSERVER_MODEL_KEY)?,
+                target_model: name(OBSERVER_TARGET_MODEL_KEY)?,
+                fairness_id: field(OBSERVER_FAIRNESS_KEY)
+                    .filter(|f| {
+                        f.len() <= MAX_FAIRNESS_ID_BYTES && f.bytes().all(|b| b.is_ascii_graphic())
+                    })?
+                    .to_owned(),
+                started_us: field(OBSERVER_STARTED_KEY)
+                    .filter(|d| {
+                        !d.is_empty() && d.len() <= 20 && d.bytes().all(|b| b.is_ascii_digit())
+                    })
+                    .and_then(|d| d.parse().ok())?,
+            })
+        })();
+        Some(tag.ok_or(()))
+    }
+}
+
+/// Microseconds since the Unix epoch at `instant` (a past instant of the tokio clock).
+pub(crate) fn unix_micros_at(instant: Instant) -> u64 {
+    SystemTime::now()
+        .checked_sub(instant.elapsed())
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The tokio instant of `unix_us` (microseconds since the Unix epoch, on this host's clock; a
+/// time in the future is now).
+fn instant_of_unix_micros(unix_us: u64) -> Instant {
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let ago = Duration::from_micros(now_us.saturating_sub(unix_us));
+    let now = Instant::now();
+    now.checked_sub(ago).unwrap_or(now)
 }
 
 /// What an observer needs of a routed request.
@@ -89,7 +188,13 @@ impl Observers {
             max,
             ids: std::collections::hash_map::RandomState::new(),
             next: AtomicU64::new(0),
+            instance: std::collections::hash_map::RandomState::new().hash_one(std::process::id()),
         }
+    }
+
+    /// This EPP's instance, written into every tag.
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     /// Requests waiting for their observer.
@@ -126,15 +231,6 @@ impl Observers {
     }
 }
 
-/// The id in a message's metadata, if it carries one.
-fn observer_id(metadata: Option<&Metadata>) -> Option<u64> {
-    let hex = envoy::metadata_string(metadata, OBSERVER_NAMESPACE, OBSERVER_ID_KEY)?;
-    if hex.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(&hex, 16).ok()
-}
-
 /// What an observer stream does after a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObserverStep {
@@ -144,14 +240,27 @@ pub enum ObserverStep {
     Close,
 }
 
+/// The request an observer stream reports on.
+#[derive(Debug)]
+struct Bound {
+    key: RecordKey,
+    /// The request asked for a streamed answer (else the answer's content type tells).
+    streaming: bool,
+    started: Instant,
+    /// Flow control's usage is recorded on the EPP that routed the request only.
+    fairness_id: Option<String>,
+    first_token: Option<FirstToken>,
+}
+
 /// One observer stream's state. Pure with respect to I/O, like [`crate::stream::StreamState`];
 /// it never answers.
 #[derive(Debug)]
 pub struct ObserverState {
     ctx: Arc<ServiceContext>,
-    watched: Option<Arc<Watched>>,
+    watched: Option<Bound>,
     streaming: bool,
-    headers_ended: bool,
+    /// The answer's `:status` is 2xx (or unknown): only those calibrate the cost model's TTFT.
+    succeeded: bool,
     body_messages: usize,
     bytes: usize,
     sse: SseUsageScanner,
@@ -170,7 +279,7 @@ impl ObserverState {
             ctx,
             watched: None,
             streaming: false,
-            headers_ended: false,
+            succeeded: true,
             body_messages: 0,
             bytes: 0,
             sse: SseUsageScanner::default(),
@@ -189,38 +298,25 @@ impl ObserverState {
         }
         let Inbound { message, body } = inbound;
         if self.watched.is_none() {
-            let claimed = observer_id(message.metadata_context.as_ref()).and_then(|id| {
-                self.ctx
-                    .options
-                    .observers
-                    .as_ref()
-                    .and_then(|observers| observers.claim(id))
-            });
-            match claimed {
-                Some(watched) => {
-                    self.streaming = watched.streaming;
-                    self.watched = Some(watched);
-                    self.ctx
-                        .recorder
-                        .on_observer_stream(ObserverOutcome::Matched);
+            let is_request_side = matches!(
+                message.request,
+                Some(
+                    Request::RequestHeaders(_)
+                        | Request::RequestBody(_)
+                        | Request::RequestTrailers(_)
+                )
+            );
+            match self.bind(message.metadata_context.as_ref()) {
+                Ok((bound, outcome)) => {
+                    self.streaming = bound.streaming;
+                    self.watched = Some(bound);
+                    self.ctx.recorder.on_observer_stream(outcome);
                 }
-                // The request side may come before the routing answer wrote the id.
-                None if matches!(
-                    message.request,
-                    Some(
-                        Request::RequestHeaders(_)
-                            | Request::RequestBody(_)
-                            | Request::RequestTrailers(_)
-                    )
-                ) =>
-                {
-                    return ObserverStep::Continue;
-                }
-                None => {
+                // The request side may come before the routing answer wrote the tag.
+                Err(_) if is_request_side => return ObserverStep::Continue,
+                Err(outcome) => {
                     self.done = true;
-                    self.ctx
-                        .recorder
-                        .on_observer_stream(ObserverOutcome::Unmatched);
+                    self.ctx.recorder.on_observer_stream(outcome);
                     return ObserverStep::Close;
                 }
             }
@@ -237,12 +333,12 @@ impl ObserverState {
                 if get("content-type").is_some_and(|ct| ct.contains("text/event-stream")) {
                     self.streaming = true;
                 }
+                self.succeeded = get(":status").is_none_or(|s| s.starts_with('2'));
                 if !self.streaming {
                     // A whole answer is ready before its headers: the prompt is done.
                     self.first_token(false);
                 }
                 if h.end_of_stream {
-                    self.headers_ended = true;
                     self.complete();
                 }
             }
@@ -259,13 +355,55 @@ impl ObserverState {
         }
     }
 
+    /// The request this stream's tag names: claimed from this EPP's table while the routing
+    /// stream holds it, else recorded from the tag alone.
+    fn bind(
+        &self,
+        metadata: Option<&Metadata>,
+    ) -> Result<(Bound, ObserverOutcome), ObserverOutcome> {
+        let tag = match ObserverTag::from_metadata(metadata) {
+            None => return Err(ObserverOutcome::NoTag),
+            Some(Err(())) => return Err(ObserverOutcome::Invalid),
+            Some(Ok(tag)) => tag,
+        };
+        let observers = self.ctx.options.observers.as_ref();
+        if let Some(watched) = observers.and_then(|o| o.claim(tag.id)) {
+            let bound = Bound {
+                key: watched.key.clone(),
+                streaming: watched.streaming,
+                started: watched.started,
+                fairness_id: Some(watched.fairness_id.clone()),
+                first_token: watched.first_token.clone(),
+            };
+            return Ok((bound, ObserverOutcome::Matched));
+        }
+        let here = observers.is_some_and(|o| o.instance() == tag.instance);
+        let bound = Bound {
+            key: self
+                .ctx
+                .recorder
+                .observed_key(&tag.model, &tag.target_model),
+            streaming: false,
+            started: instant_of_unix_micros(tag.started_us),
+            fairness_id: here.then_some(tag.fairness_id),
+            first_token: None,
+        };
+        let outcome = if here {
+            ObserverOutcome::Released
+        } else {
+            ObserverOutcome::OtherEpp
+        };
+        Ok((bound, outcome))
+    }
+
     fn on_body(&mut self, chunk: Bytes, eos: bool) {
         self.bytes += chunk.len();
         self.body_messages += 1;
         if self.streaming {
             if self.first_chunk_at.is_none() && !chunk.is_empty() {
                 self.first_chunk_at = Some(Instant::now());
-                self.first_token(true);
+                // An error answer's first chunk ends the prefill but says nothing of TTFT.
+                self.first_token(self.succeeded);
             }
             self.sse.feed(&chunk);
         } else if !self.overflowed {
@@ -303,22 +441,28 @@ impl ObserverState {
             return;
         };
         let usage: Option<Usage> = self.sse.usage().or_else(|| openai::usage_from_json(&copy));
-        if let (Some(flow), Some(usage)) = (self.ctx.director.flow_control(), usage) {
-            flow.record_usage(
-                &watched.fairness_id,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            );
+        if let (Some(flow), Some(usage), Some(fairness_id)) = (
+            self.ctx.director.flow_control(),
+            usage,
+            watched.fairness_id.as_deref(),
+        ) {
+            flow.record_usage(fairness_id, usage.prompt_tokens, usage.completion_tokens);
         }
         self.ctx.recorder.on_observed(&Observation {
             key: &watched.key,
             elapsed: watched.started.elapsed(),
-            response_bytes: (self.body_messages > 0 || self.headers_ended).then_some(self.bytes),
+            // A headers-only answer's size is the routing stream's to record (it sees that end).
+            response_bytes: (self.body_messages > 0).then_some(self.bytes),
             usage,
+            // Only a successful answer's first chunk is a time to first token.
             time_to_first_chunk: self
                 .first_chunk_at
+                .filter(|_| self.succeeded)
                 .map(|first| first.saturating_duration_since(watched.started)),
-            after_first_chunk: self.first_chunk_at.map(|first| first.elapsed()),
+            after_first_chunk: self
+                .first_chunk_at
+                .filter(|_| self.succeeded)
+                .map(|first| first.elapsed()),
         });
     }
 }

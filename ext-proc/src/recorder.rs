@@ -101,15 +101,24 @@ pub struct Observation<'a> {
     pub after_first_chunk: Option<Duration>,
 }
 
-/// Whether an observer stream found its request.
+/// How an observer stream found the request it reports on (README "Response path").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObserverOutcome {
-    /// It carried the id of a routed request still in flight.
+    /// Claimed from this EPP while the routing stream held the request: everything recorded,
+    /// the prefill ended at the first chunk.
     Matched,
-    /// Its response began without a known id: no `--response-observer`, a routing filter that
-    /// does not write the observer namespace, an observer filter that does not forward it, or a
-    /// request already released.
-    Unmatched,
+    /// Routed by this EPP and already released (a short answer whose routing stream ended
+    /// first): recorded from the tag, no prefill left to end.
+    Released,
+    /// Routed by another EPP (Envoy balanced the observer's stream apart): recorded from the
+    /// tag, without the prefill and flow control's usage, which are that EPP's.
+    OtherEpp,
+    /// The answer began without a tag: a local reply, a request the EPP refused or never
+    /// routed (fail-open), an EPP without `--response-observer`, or a filter pair that does not
+    /// pass the namespace. Not recorded.
+    NoTag,
+    /// A tag that no EPP wrote. Not recorded.
+    Invalid,
 }
 
 impl ObserverOutcome {
@@ -117,7 +126,10 @@ impl ObserverOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
             ObserverOutcome::Matched => "matched",
-            ObserverOutcome::Unmatched => "unmatched",
+            ObserverOutcome::Released => "released",
+            ObserverOutcome::OtherEpp => "other_epp",
+            ObserverOutcome::NoTag => "no_tag",
+            ObserverOutcome::Invalid => "invalid",
         }
     }
 }
@@ -170,6 +182,12 @@ pub trait Recorder: Send + Sync + std::fmt::Debug {
 
     /// A response observer saw a routed request's answer end.
     fn on_observed(&self, _observation: &Observation<'_>) {}
+
+    /// The names an observer files a request under when it knows the request by its tag only
+    /// (routed by another EPP, or released): the same policy as [`Recorder::on_routed`]'s.
+    fn observed_key(&self, _model: &str, _target_model: &str) -> RecordKey {
+        RecordKey::default()
+    }
 
     /// An observer stream matched its request, or did not.
     fn on_observer_stream(&self, _outcome: ObserverOutcome) {}

@@ -64,7 +64,7 @@ use crate::envoy::{
     ext_proc::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request},
 };
 use crate::error::RequestError;
-use crate::observer::{Observers, Watch, Watched};
+use crate::observer::{ObserverTag, Observers, Watch, Watched, unix_micros_at};
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::protocol::{
     self, ControlHeader, DECISION_HEADER, DEFAULT_FAIRNESS_ID, DESTINATION_ENDPOINT,
@@ -177,6 +177,9 @@ pub struct StreamState {
     ctx: Arc<ServiceContext>,
     phase: Phase,
     request_body_mode: RequestBodyMode,
+    /// Envoy streams the response body through this stream (the full path): the answer is
+    /// recorded here, so no response observer is tagged.
+    response_body_streamed: bool,
     /// Set once an immediate response ended the exchange.
     done: bool,
     headers: Vec<(String, String)>,
@@ -271,6 +274,7 @@ impl StreamState {
             ctx,
             phase: Phase::Start,
             request_body_mode: RequestBodyMode::Streamed,
+            response_body_streamed: false,
             done: false,
             headers: Vec::new(),
             request_id: String::new(),
@@ -462,6 +466,7 @@ impl StreamState {
         config: envoy::ext_proc::ProtocolConfiguration,
     ) -> Result<(), RequestError> {
         use envoy::BodySendMode as M;
+        self.response_body_streamed = M::try_from(config.response_body_mode) != Ok(M::None);
         self.request_body_mode = match M::try_from(config.request_body_mode) {
             Ok(M::FullDuplexStreamed) => RequestBodyMode::Streamed,
             Ok(M::Buffered) => RequestBodyMode::Buffered,
@@ -842,9 +847,19 @@ impl StreamState {
             envoy::add_endpoint_scores(metadata, e.rows.iter().map(|r| (&*r.address, r.total)));
         }
         let observer_id = match (&self.ctx.options.observers, metadata.as_mut()) {
-            (Some(observers), Some(metadata)) => {
+            (Some(observers), Some(metadata)) if !self.response_body_streamed => {
                 let id = observers.next_id();
-                envoy::add_observer_id(metadata, id);
+                envoy::add_observer_tag(
+                    metadata,
+                    &ObserverTag {
+                        id,
+                        instance: observers.instance(),
+                        model: request.model.clone(),
+                        target_model: request.target_model.clone(),
+                        fairness_id: request.fairness_id.clone(),
+                        started_us: unix_micros_at(self.started),
+                    },
+                );
                 Some(id)
             }
             _ => None,
@@ -991,8 +1006,15 @@ impl StreamState {
         if self.response.streaming {
             if self.response.first_chunk_at.is_none() && !chunk.is_empty() {
                 self.response.first_chunk_at = Some(Instant::now());
+                // An error answer's first chunk ends the prefill but is no time to first
+                // token: it must not teach the cost model that the endpoint is fast.
+                let succeeded = self
+                    .response
+                    .status
+                    .as_deref()
+                    .is_none_or(|s| s.starts_with('2'));
                 if let Some(routed) = self.routed.as_mut() {
-                    routed.first_token(true);
+                    routed.first_token(succeeded);
                 }
             }
             self.response.sse.feed(&chunk);
@@ -1128,17 +1150,22 @@ impl StreamState {
             );
         }
         let elapsed = self.started.elapsed();
+        // Only a successful answer's first chunk is a time to first token.
+        let first_chunk_at = self.response.first_chunk_at.filter(|_| {
+            self.response
+                .status
+                .as_deref()
+                .is_none_or(|s| s.starts_with('2'))
+        });
         self.ctx.recorder.on_complete(&Completion {
             request,
             key: &self.key,
             elapsed,
             response_bytes: bytes_known.then_some(self.response.bytes),
             usage: self.response.usage,
-            time_to_first_chunk: self
-                .response
-                .first_chunk_at
+            time_to_first_chunk: first_chunk_at
                 .map(|first| first.saturating_duration_since(self.started)),
-            after_first_chunk: self.response.first_chunk_at.map(|first| first.elapsed()),
+            after_first_chunk: first_chunk_at.map(|first| first.elapsed()),
             status: self.response.status.as_deref(),
         });
         tracing::debug!(

@@ -164,6 +164,50 @@ pub fn with_request_body(rendered: &str, mode: RequestBody) -> Result<String, No
     }
 }
 
+/// Why [`with_several_epps`] refused a template.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the Envoy template's EPP endpoint is not `- endpoint: address: socket_address: ${{EPP_HOST}}:${{EPP_PORT}}`"
+)]
+pub struct NotOneEpp;
+
+/// A template (placeholders not yet rendered) whose `epp` cluster lists every address of
+/// `epps` instead of `${EPP_HOST}:${EPP_PORT}`: several EPPs behind one Envoy (active-active),
+/// each ext_proc stream balanced by the cluster's policy on its own.
+pub fn with_several_epps(template: &str, epps: &[SocketAddr]) -> Result<String, NotOneEpp> {
+    let lines: Vec<&str> = template.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| !l.trim_start().starts_with('#') && l.contains("${EPP_PORT}"))
+        .ok_or(NotOneEpp)?;
+    if epps.is_empty()
+        || at < 2
+        || lines[at - 1].trim() != "address:"
+        || lines[at - 2].trim() != "- endpoint:"
+    {
+        return Err(NotOneEpp);
+    }
+    let mut out = String::with_capacity(template.len() + 128 * epps.len());
+    for l in &lines[..at - 2] {
+        out.push_str(l);
+        out.push('\n');
+    }
+    for epp in epps {
+        for l in &lines[at - 2..=at] {
+            out.push_str(
+                &l.replace("${EPP_HOST}", &epp.ip().to_string())
+                    .replace("${EPP_PORT}", &epp.port().to_string()),
+            );
+            out.push('\n');
+        }
+    }
+    for l in &lines[at + 1..] {
+        out.push_str(l);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 /// Why [`with_epp_pipe`] refused a rendered template.
 #[derive(Debug, thiserror::Error)]
 pub enum EppPipeError {
@@ -310,6 +354,27 @@ impl Envoy {
             .join(variant.file());
         let template = std::fs::read_to_string(&template_path).expect("envoy template");
         let rendered = with_response_path(&render(&template, epp, backends), path);
+        Self::start_config(binary, &rendered).await
+    }
+
+    /// [`Envoy::start_with_response_path`] with several EPPs behind the `epp` cluster (see
+    /// [`with_several_epps`]).
+    pub async fn start_several_epps(
+        binary: &Path,
+        variant: Variant,
+        path: ResponsePath,
+        epps: &[SocketAddr],
+        backends: &[SocketAddr],
+    ) -> Envoy {
+        let template_path = workspace_root()
+            .join("gateway-configs/envoy")
+            .join(variant.file());
+        let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        let several = with_several_epps(&template, epps).expect("one EPP endpoint to repeat");
+        let rendered = render_vars(
+            &with_response_path(&several, path),
+            &[("BACKEND_ENDPOINTS", lb_endpoints(backends))],
+        );
         Self::start_config(binary, &rendered).await
     }
 
@@ -474,6 +539,26 @@ mod tests {
             ));
         }
         out
+    }
+
+    #[test]
+    fn several_epps_repeat_the_shipped_epp_endpoint_and_nothing_else() {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../gateway-configs/envoy/envoy-plaintext.yaml"),
+        )
+        .unwrap();
+        let epps: Vec<SocketAddr> = vec![
+            "127.0.0.1:7001".parse().unwrap(),
+            "127.0.0.2:7002".parse().unwrap(),
+        ];
+        let several = with_several_epps(&template, &epps).unwrap();
+        assert!(several.contains("socket_address: { address: 127.0.0.1, port_value: 7001 }"));
+        assert!(several.contains("socket_address: { address: 127.0.0.2, port_value: 7002 }"));
+        assert!(!several.contains("${EPP_PORT}") && !several.contains("${EPP_HOST}"));
+        assert_eq!(several.lines().count(), template.lines().count() + 3);
+        assert!(with_several_epps(&template, &[]).is_err());
+        assert!(with_several_epps("no epp here", &epps).is_err());
     }
 
     #[test]

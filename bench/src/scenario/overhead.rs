@@ -1,5 +1,6 @@
 //! EPP overhead: the same fixed backend behind Envoy alone and behind Envoy + Switchyard on
-//! each response path (the shipped full one, the lean one and the minimal one, side by side in one run), at body sizes 1 KB, 16 KB, 220 KB and 1 MiB and streamed answers of 1, 64 and
+//! each response path (the shipped full one, the lean, minimal and observed ones, side by side
+//! in one run), at body sizes 1 KB, 16 KB, 220 KB and 1 MiB and streamed answers of 1, 64 and
 //! 512 output tokens (SSE, one event per token); one request at a time, so the latency
 //! difference is what the ext_proc hop adds. Envoy's CPU and the EPP's CPU per request are
 //! reported apart (`/proc/<pid>/stat` of each), with added latency p50/p99 and added TTFT.
@@ -33,8 +34,8 @@ use testkit::envoy::RequestBody;
 /// One (path, body size) measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
-    /// `envoy`, `envoy+switchyard` (the shipped, full response path), `envoy+switchyard-lean`
-    /// or `envoy+switchyard-minimal`.
+    /// `envoy`, `envoy+switchyard` (the shipped, full response path), `envoy+switchyard-lean`,
+    /// `envoy+switchyard-minimal` or `envoy+switchyard-observed`.
     pub path: String,
     /// Request body bytes.
     pub body_bytes: usize,
@@ -142,11 +143,12 @@ fn workload(bytes: usize, output_tokens: u32) -> WorkloadArgs {
 }
 
 /// The paths measured, in order: the baseline first.
-const PATHS: [&str; 4] = [
+const PATHS: [&str; 5] = [
     "envoy",
     "envoy+switchyard",
     "envoy+switchyard-lean",
     "envoy+switchyard-minimal",
+    "envoy+switchyard-observed",
 ];
 
 /// The paths of `--variants`: each EPP response path over TCP (as shipped), over the EPP's
@@ -375,6 +377,8 @@ pub async fn run(
             ResponsePath::Lean
         } else if path.contains("-minimal") {
             ResponsePath::Minimal
+        } else if path.contains("-observed") {
+            ResponsePath::Observed
         } else {
             ResponsePath::Full
         };
@@ -404,7 +408,14 @@ pub async fn run(
                 )
                 .await?
             }
-            _ => start_switchyard_on(tools, None, &addrs, &sub, &[], response_path).await?,
+            _ => {
+                let flags: &[&str] = if response_path == ResponsePath::Observed {
+                    &["--response-observer"]
+                } else {
+                    &[]
+                };
+                start_switchyard_on(tools, None, &addrs, &sub, flags, response_path).await?
+            }
         };
         let rest_window = Duration::from_secs(if quick { 3 } else { 6 });
         if let Some(rest) = epp_at_rest(&up, rest_window).await? {
@@ -902,8 +913,9 @@ pub fn markdown(res: &OverheadResult) -> String {
          `max_tokens` events, one per token 1 ms apart), Envoy 1.40 (`--concurrency 2`) with \
          `bench/envoy/envoy-direct.yaml` (no ext_proc) vs the shipped \
          `gateway-configs/envoy/envoy-plaintext.yaml` + `epp` (default profile, h2c; full \
-         response path, the lean one with `response_body_mode: NONE` and the minimal one with \
-         `response_header_mode: SKIP` as well). One request at a \
+         response path, the lean one with `response_body_mode: NONE`, the minimal one with \
+         `response_header_mode: SKIP` as well, and the observed one: lean plus \
+         `response-observer.yaml` and `--response-observer`). One request at a \
          time, after 10 warm-up requests; latency is client-side end to end. The first table is \
          one-token answers on the shipped path.\n"
     );
@@ -984,7 +996,9 @@ pub fn split_table(res: &OverheadResult) -> String {
         "CPU per request, Envoy and EPP apart (Envoy alone vs Envoy + EPP, same backend; \
          `full` = the shipped response path, every response chunk through the EPP; `lean` = \
          `response_body_mode: NONE`, the body past the EPP; `minimal` = lean and \
-         `response_header_mode: SKIP`, the EPP sees the request and the response's end only; `UDS` = Envoy reaches the EPP on \
+         `response_header_mode: SKIP`, the EPP sees the request and the response's end only; \
+         `observed` = lean and the response observer, a second ext_proc filter in observability \
+         mode that sends the EPP every response chunk without waiting; `UDS` = Envoy reaches the EPP on \
          its Unix socket, `--grpc-uds-path`, instead of TCP; `buffered body` = \
          `request_body_mode: BUFFERED` instead of the shipped `FULL_DUPLEX_STREAMED`: Envoy \
          keeps the body and sends it once, after the headers' answer). `epp by the clock` is the EPP's \
@@ -1053,6 +1067,7 @@ fn path_label(path: &str) -> &'static str {
         "envoy+switchyard-lean-uds" => "+ epp, lean, UDS",
         "envoy+switchyard-lean-buffered" => "+ epp, lean, buffered body",
         "envoy+switchyard-minimal" => "+ epp, minimal",
+        "envoy+switchyard-observed" => "+ epp, observed",
         _ => "+ epp",
     }
 }

@@ -182,34 +182,11 @@ pub fn envoy_config_multi_epp(
     admin: u16,
     backends: &[SocketAddr],
 ) -> anyhow::Result<String> {
-    anyhow::ensure!(!epp_ports.is_empty(), "no EPP");
-    let lines: Vec<&str> = template.lines().collect();
-    let at = lines
+    let epps: Vec<SocketAddr> = epp_ports
         .iter()
-        .position(|l| !l.trim_start().starts_with('#') && l.contains("${EPP_PORT}"))
-        .context("the template has no ${EPP_PORT}")?;
-    anyhow::ensure!(
-        at >= 2 && lines[at - 1].trim() == "address:" && lines[at - 2].trim() == "- endpoint:",
-        "the template's EPP endpoint is not `- endpoint: address: socket_address: …`"
-    );
-    let mut out = String::with_capacity(template.len() + 128 * epp_ports.len());
-    for l in &lines[..at - 2] {
-        out.push_str(l);
-        out.push('\n');
-    }
-    for port in epp_ports {
-        for l in &lines[at - 2..=at] {
-            out.push_str(
-                &l.replace("${EPP_HOST}", "127.0.0.1")
-                    .replace("${EPP_PORT}", &port.to_string()),
-            );
-            out.push('\n');
-        }
-    }
-    for l in &lines[at + 1..] {
-        out.push_str(l);
-        out.push('\n');
-    }
+        .map(|&port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect();
+    let out = testkit::envoy::with_several_epps(template, &epps)?;
     harness::render(
         &out,
         &[

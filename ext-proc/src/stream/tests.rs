@@ -65,6 +65,12 @@ impl Recorder for Events {
     fn on_observer_stream(&self, outcome: crate::recorder::ObserverOutcome) {
         self.0.lock().push(format!("observer {}", outcome.as_str()));
     }
+    fn observed_key(&self, model: &str, target_model: &str) -> RecordKey {
+        RecordKey {
+            model: Arc::from(model),
+            target_model: Arc::from(target_model),
+        }
+    }
 }
 
 struct Harness {
@@ -1345,23 +1351,24 @@ async fn an_observer_reports_what_the_lean_routing_stream_cannot_see_once() {
             "released m".to_owned(),
         ]
     );
-    // A second observer with the same id finds nothing (an id is claimed once).
+    // The id was claimed: a second stream with the same tag (Envoy sends one per request) is
+    // known by its tag only, as a released request is.
     let mut again = ObserverState::new(h.ctx());
     assert_eq!(
         again.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
-        ObserverStep::Close
+        ObserverStep::Continue
     );
-    assert_eq!(h.events(), ["observer unmatched"]);
+    assert_eq!(h.events(), ["observer released"]);
     assert!(h.options.observers.as_ref().unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_observer_without_a_live_id_is_unmatched_and_closes() {
+async fn an_observer_without_a_tag_closes_at_once_and_a_released_request_is_still_recorded() {
     use crate::observer::{ObserverState, ObserverStep};
     let h = observing();
     let sse = [(":status", "200"), ("content-type", "text/event-stream")];
-    // No id: request-side messages wait (the routing answer may not have written it yet), the
-    // response's first message closes.
+    // No tag: request-side messages wait (the routing answer may not have written it yet), the
+    // response's first message closes (a local reply, a refused or unrouted request).
     let mut o = ObserverState::new(h.ctx());
     assert_eq!(
         o.on_inbound(observed(post("/v1/chat/completions", &[]), None)),
@@ -1375,8 +1382,9 @@ async fn an_observer_without_a_live_id_is_unmatched_and_closes() {
         o.on_inbound(observed(resp_body(b"data: x\n\n", true), None)),
         ObserverStep::Close
     );
-    assert_eq!(h.events(), ["observer unmatched"]);
-    // The id of a request already released matches nothing either, and the table is empty.
+    assert_eq!(h.events(), ["observer no_tag"]);
+    // A short answer whose routing stream ended before the observer claimed it: released, the
+    // table empty, and the answer still recorded from the tag.
     let mut s = h.stream();
     let routing = send_chat(&mut s, "m", &[]);
     assert_eq!(h.options.observers.as_ref().unwrap().len(), 1);
@@ -1384,11 +1392,116 @@ async fn an_observer_without_a_live_id_is_unmatched_and_closes() {
     assert!(h.options.observers.as_ref().unwrap().is_empty());
     h.events();
     let mut late = ObserverState::new(h.ctx());
+    let json = [(":status", "200"), ("content-type", "application/json")];
+    late.on_inbound(observed(
+        resp_headers(&json, false, None),
+        Some(&routing[0]),
+    ));
+    let body = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
     assert_eq!(
-        late.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
+        late.on_inbound(observed(resp_body(body, true), None)),
         ObserverStep::Close
     );
-    assert_eq!(h.events(), ["observer unmatched"]);
+    assert_eq!(
+        h.events(),
+        [
+            "observer released".to_owned(),
+            format!(
+                "observed m tokens=Some(3) ttft=None bytes=Some({})",
+                body.len()
+            ),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_epps_request_is_recorded_from_its_tag_and_a_forged_tag_is_not() {
+    use crate::observer::{ObserverState, ObserverStep, Observers};
+    let h = observing();
+    let mut s = h.stream();
+    let routing = send_chat(&mut s, "m", &[]);
+    h.events();
+    // Another EPP, with a table of its own: the stream reaches it, not the routing one.
+    let mut other = Harness::new(2);
+    other.options.observers = Some(Arc::new(Observers::new(16)));
+    let mut o = ObserverState::new(other.ctx());
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0])));
+    let last =
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\n";
+    assert_eq!(
+        o.on_inbound(observed(resp_body(last, true), None)),
+        ObserverStep::Close
+    );
+    let events = other.events();
+    assert_eq!(events[0], "observer other_epp");
+    assert!(
+        events[1].starts_with("observed m tokens=Some(7)"),
+        "{events:?}"
+    );
+    // The routing EPP still holds it: its own observer could claim it.
+    assert_eq!(h.options.observers.as_ref().unwrap().len(), 1);
+    // A tag that no EPP wrote: counted, closed, nothing recorded.
+    let mut forged = observed(resp_headers(&sse, false, None), Some(&routing[0]));
+    forged
+        .message
+        .metadata_context
+        .as_mut()
+        .unwrap()
+        .filter_metadata
+        .get_mut(crate::observer::OBSERVER_NAMESPACE)
+        .unwrap()
+        .fields
+        .remove(crate::observer::OBSERVER_MODEL_KEY);
+    let mut f = ObserverState::new(h.ctx());
+    assert_eq!(f.on_inbound(forged), ObserverStep::Close);
+    assert_eq!(h.events(), ["observer invalid"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_routing_stream_that_streams_the_answer_itself_tags_no_observer() {
+    let h = observing();
+    let mut s = h.stream();
+    let mut headers = post("/v1/chat/completions", &[]);
+    headers.protocol_config = Some(crate::envoy::ext_proc::ProtocolConfiguration {
+        request_body_mode: BodySendMode::FullDuplexStreamed as i32,
+        response_body_mode: BodySendMode::FullDuplexStreamed as i32,
+        ..Default::default()
+    });
+    assert!(s.on_message(headers).is_empty());
+    let routing = s.on_message(req_body(&chat("m"), true));
+    let md = routing[0].dynamic_metadata.as_ref().unwrap();
+    assert!(!md.fields.contains_key(crate::observer::OBSERVER_NAMESPACE));
+    assert!(h.options.observers.as_ref().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_answers_first_chunk_ends_the_prefill_but_times_nothing() {
+    use crate::observer::ObserverState;
+    let h = observing();
+    let mut s = h.stream();
+    let routing = send_chat(&mut s, "m", &[]);
+    let destination: std::net::SocketAddr =
+        routing_answer(&routing[0]).destination().parse().unwrap();
+    let endpoint = h
+        .director
+        .datastore()
+        .snapshot()
+        .by_address(&destination)
+        .cloned()
+        .unwrap();
+    h.events();
+    let mut o = ObserverState::new(h.ctx());
+    let sse = [(":status", "400"), ("content-type", "text/event-stream")];
+    o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0])));
+    tokio::time::advance(Duration::from_millis(5)).await;
+    o.on_inbound(observed(
+        resp_body(b"data: {\"error\":\"x\"}\n\n", true),
+        None,
+    ));
+    assert_eq!(h.director.in_flight().reading(endpoint.id).prefilling, 0);
+    let events = h.events();
+    assert!(events[1].contains("ttft=None"), "{events:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1441,7 +1554,7 @@ async fn without_observers_the_routing_answer_carries_no_observer_id() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn past_the_observer_table_cap_a_request_goes_unobserved() {
+async fn past_the_observer_table_cap_a_request_is_recorded_from_its_tag() {
     use crate::observer::{ObserverState, ObserverStep};
     let mut h = Harness::new(2);
     h.options.observers = Some(Arc::new(crate::observer::Observers::new(1)));
@@ -1455,9 +1568,9 @@ async fn past_the_observer_table_cap_a_request_goes_unobserved() {
     let mut o = ObserverState::new(h.ctx());
     assert_eq!(
         o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
-        ObserverStep::Close
+        ObserverStep::Continue
     );
-    assert_eq!(h.events(), ["observer unmatched"]);
+    assert_eq!(h.events(), ["observer released"]);
 }
 
 /// One message of an observer stream, for the property below.
@@ -1517,18 +1630,21 @@ proptest::proptest! {
     #[test]
     fn an_observer_stream_reports_at_most_once_and_leaves_nothing_behind(
         inputs in proptest::collection::vec(observer_input(), 0..12),
-        release_early in proptest::prelude::any::<bool>(),
+        release_at in 0usize..8,
     ) {
         use crate::observer::{ObserverState, ObserverStep};
         let h = observing();
-        let mut s = h.stream();
-        let routing = send_chat(&mut s, "m", &[]);
+        let mut routing_stream = h.stream();
+        let routing = send_chat(&mut routing_stream, "m", &[]);
+        let mut routing_stream = Some(routing_stream);
         h.events();
         let mut o = ObserverState::new(h.ctx());
         let mut closed = false;
         for (i, (input, id)) in inputs.into_iter().enumerate() {
-            if release_early && i == 2 {
-                s.on_stream_end();
+            if i == release_at {
+                // The routing stream ends (a short answer, or Envoy reset it) before or while
+                // the observer runs.
+                routing_stream = None;
             }
             let message = match input {
                 ObserverInput::RequestHeaders => post("/v1/chat/completions", &[]),
@@ -1564,12 +1680,46 @@ proptest::proptest! {
             closed |= step == ObserverStep::Close;
         }
         drop(o);
-        drop(s);
+        drop(routing_stream);
         let events = h.events();
         let count = |prefix: &str| events.iter().filter(|e| e.starts_with(prefix)).count();
+        let bound = count("observer matched") + count("observer released");
         proptest::prop_assert!(count("observer ") <= 1, "{events:?}");
-        proptest::prop_assert!(count("observed ") <= count("observer matched"), "{events:?}");
+        proptest::prop_assert!(count("observed ") <= bound, "{events:?}");
         proptest::prop_assert_eq!(h.options.held_response_bytes.held(), 0);
         proptest::prop_assert!(h.options.observers.as_ref().unwrap().is_empty());
     }
+}
+
+/// Records each completion's time to first chunk.
+#[derive(Debug, Default)]
+struct FirstChunks(Mutex<Vec<Option<Duration>>>);
+
+impl Recorder for FirstChunks {
+    fn on_complete(&self, c: &crate::recorder::Completion<'_>) {
+        self.0.lock().push(c.time_to_first_chunk);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
+    let h = Harness::new(2);
+    let first_chunks = Arc::new(FirstChunks::default());
+    let ctx = Arc::new(ServiceContext {
+        director: h.director.clone(),
+        recorder: first_chunks.clone(),
+        options: h.options.clone(),
+    });
+    for status in ["200", "400"] {
+        let mut s = StreamState::new(ctx.clone());
+        send_chat(&mut s, "m", &[]);
+        let sse = [(":status", status), ("content-type", "text/event-stream")];
+        s.on_message(resp_headers(&sse, false, None));
+        tokio::time::advance(Duration::from_millis(30)).await;
+        s.on_message(resp_body(b"data: {}\n\n", true));
+    }
+    assert_eq!(
+        *first_chunks.0.lock(),
+        [Some(Duration::from_millis(30)), None]
+    );
 }
