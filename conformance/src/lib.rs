@@ -70,23 +70,15 @@ pub struct Ctx {
 impl Ctx {
     /// An in-process EPP for `pool` with the given scheduler config.
     pub async fn epp(&self, pool: PoolSpec, config: &str, tls: bool) -> Epp {
-        testkit::start_epp(
-            pool,
-            EppOptions {
-                config: config.to_owned(),
-                options: ServiceOptions {
-                    fault: self.fault,
-                    ..Default::default()
-                },
-                tls,
-                ..EppOptions::default()
-            },
-        )
-        .await
+        self.epp_with(pool, config, tls, false).await
     }
 
     /// [`Ctx::epp`] (plaintext) run with `--response-observer` when `observed`.
     pub async fn epp_observing(&self, pool: PoolSpec, config: &str, observed: bool) -> Epp {
+        self.epp_with(pool, config, false, observed).await
+    }
+
+    async fn epp_with(&self, pool: PoolSpec, config: &str, tls: bool, observed: bool) -> Epp {
         testkit::start_epp(
             pool,
             EppOptions {
@@ -100,6 +92,7 @@ impl Ctx {
                     }),
                     ..Default::default()
                 },
+                tls,
                 ..EppOptions::default()
             },
         )

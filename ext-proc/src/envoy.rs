@@ -67,6 +67,20 @@ pub fn metadata_string(md: Option<&Metadata>, namespace: &str, key: &str) -> Opt
     }
 }
 
+/// What the EPP reads of a response's headers: its `:status`, and whether it is an SSE
+/// stream (`content-type: text/event-stream`).
+pub fn response_head(h: &ext_proc::HttpHeaders) -> (Option<String>, bool) {
+    let headers = headers(h.headers.as_ref());
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let event_stream = get("content-type").is_some_and(|ct| ct.contains("text/event-stream"));
+    (get(":status").map(str::to_owned), event_stream)
+}
+
 /// The subset hint: `None` when absent; a list (or a comma string) when present.
 pub fn subset_hint(md: Option<&Metadata>) -> Option<Vec<String>> {
     let value = md?

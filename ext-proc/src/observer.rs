@@ -323,17 +323,9 @@ impl ObserverState {
         }
         match message.request {
             Some(Request::ResponseHeaders(h)) => {
-                let headers = envoy::headers(h.headers.as_ref());
-                let get = |name: &str| {
-                    headers
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.as_str())
-                };
-                if get("content-type").is_some_and(|ct| ct.contains("text/event-stream")) {
-                    self.streaming = true;
-                }
-                self.succeeded = get(":status").is_none_or(|s| s.starts_with('2'));
+                let (status, event_stream) = envoy::response_head(&h);
+                self.streaming |= event_stream;
+                self.succeeded = status.is_none_or(|s| s.starts_with('2'));
                 if !self.streaming {
                     // A whole answer is ready before its headers: the prompt is done.
                     self.first_token(false);

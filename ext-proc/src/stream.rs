@@ -940,17 +940,9 @@ impl StreamState {
     }
 
     fn on_response_headers(&mut self, h: HttpHeaders, served: Option<String>) -> Vec<Answer> {
-        let headers = envoy::headers(h.headers.as_ref());
+        let (status, event_stream) = envoy::response_head(&h);
         self.response.headers_seen = true;
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        if get("content-type").is_some_and(|ct| ct.contains("text/event-stream")) {
-            self.response.streaming = true;
-        }
+        self.response.streaming |= event_stream;
         if !self.response.streaming
             && let Some(routed) = self.routed.as_mut()
         {
@@ -958,7 +950,7 @@ impl StreamState {
             // not a time to first token.
             routed.first_token(false);
         }
-        self.response.status = get(":status").map(str::to_owned);
+        self.response.status = status;
         let mut set = Vec::new();
         let plugins = &self.ctx.director.config().response_plugins;
         if !plugins.is_empty() {

@@ -527,6 +527,15 @@ fn rand_suffix() -> u64 {
 mod tests {
     use super::*;
 
+    /// The shipped plaintext FailClose template, not rendered.
+    fn shipped_plaintext() -> String {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../gateway-configs/envoy/envoy-plaintext.yaml"),
+        )
+        .unwrap()
+    }
+
     /// Two clusters laid out as in the shipped templates: `epp`, then `after`.
     fn clusters() -> String {
         let mut out = String::from("static_resources:\n  clusters:\n");
@@ -543,11 +552,7 @@ mod tests {
 
     #[test]
     fn several_epps_repeat_the_shipped_epp_endpoint_and_nothing_else() {
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../gateway-configs/envoy/envoy-plaintext.yaml"),
-        )
-        .unwrap();
+        let template = shipped_plaintext();
         let epps: Vec<SocketAddr> = vec![
             "127.0.0.1:7001".parse().unwrap(),
             "127.0.0.2:7002".parse().unwrap(),
@@ -576,11 +581,7 @@ mod tests {
 
     #[test]
     fn the_shipped_failclose_template_switches_to_a_buffered_request_body() {
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../gateway-configs/envoy/envoy-plaintext.yaml"),
-        )
-        .unwrap();
+        let template = shipped_plaintext();
         let buffered = with_request_body(&template, RequestBody::Buffered).unwrap();
         assert_eq!(buffered.matches("request_body_mode: BUFFERED").count(), 1);
         assert!(!buffered.contains("request_body_mode: FULL_DUPLEX_STREAMED"));

@@ -1294,6 +1294,20 @@ fn observed(mut message: ProcessingRequest, routing: Option<&ProcessingResponse>
     Inbound::from_message(message)
 }
 
+/// The pool endpoint a routing answer names.
+fn routed_endpoint(
+    h: &Harness,
+    routing: &ProcessingResponse,
+) -> Arc<endpoint_picker::datastore::Endpoint> {
+    let destination: std::net::SocketAddr = routing_answer(routing).destination().parse().unwrap();
+    h.director
+        .datastore()
+        .snapshot()
+        .by_address(&destination)
+        .cloned()
+        .unwrap()
+}
+
 fn observing() -> Harness {
     let mut h = Harness::new(2);
     h.options.observers = Some(Arc::new(crate::observer::Observers::new(16)));
@@ -1306,15 +1320,7 @@ async fn an_observer_reports_what_the_lean_routing_stream_cannot_see_once() {
     let h = observing();
     let mut s = h.stream();
     let routing = send_chat(&mut s, "m", &[]);
-    let destination: std::net::SocketAddr =
-        routing_answer(&routing[0]).destination().parse().unwrap();
-    let endpoint = h
-        .director
-        .datastore()
-        .snapshot()
-        .by_address(&destination)
-        .cloned()
-        .unwrap();
+    let endpoint = routed_endpoint(&h, &routing[0]);
     let prefilling = || h.director.in_flight().reading(endpoint.id).prefilling;
     assert_eq!(prefilling(), 1);
     h.events();
@@ -1481,15 +1487,7 @@ async fn an_error_answers_first_chunk_ends_the_prefill_but_times_nothing() {
     let h = observing();
     let mut s = h.stream();
     let routing = send_chat(&mut s, "m", &[]);
-    let destination: std::net::SocketAddr =
-        routing_answer(&routing[0]).destination().parse().unwrap();
-    let endpoint = h
-        .director
-        .datastore()
-        .snapshot()
-        .by_address(&destination)
-        .cloned()
-        .unwrap();
+    let endpoint = routed_endpoint(&h, &routing[0]);
     h.events();
     let mut o = ObserverState::new(h.ctx());
     let sse = [(":status", "400"), ("content-type", "text/event-stream")];
