@@ -18,7 +18,7 @@
 //!   may reach another replica, and on a short answer the routing stream may have released the
 //!   request first. The tag alone then suffices to record the answer's metrics (no prefill to
 //!   end any more, and flow control's usage only on the EPP that routed it);
-//! - the observer stream records what it saw when the response ends ([`Recorder::on_observed`])
+//! - the observer stream records what it saw when the response ends ([`crate::recorder::Recorder::on_observed`])
 //!   and closes; one whose response begins without a tag (a local reply, a request the EPP
 //!   refused or never routed, a filter pair that does not forward the namespace) is counted and
 //!   closed at once, and Envoy then stops sending it the answer.
