@@ -172,6 +172,25 @@ async fn run(
     epp_cluster: &str,
     in_flight: impl Fn(u64, usize) -> bool,
 ) -> Outcome {
+    run_with(
+        binary,
+        template,
+        epp_cluster,
+        EppOptions::default(),
+        in_flight,
+    )
+    .await
+    .0
+}
+
+/// [`run`] with the EPP's options; also returns the EPP's metrics at the end.
+async fn run_with(
+    binary: &std::path::Path,
+    template: &str,
+    epp_cluster: &str,
+    epp_options: EppOptions,
+    in_flight: impl Fn(u64, usize) -> bool,
+) -> (Outcome, String) {
     raise_fd_limit();
     let mut replicas = Vec::new();
     for i in 0..REPLICAS {
@@ -196,7 +215,8 @@ async fn run(
         })
         .collect();
     // No scraping: a paused replica does not answer /metrics either.
-    let epp = start_epp(pool(endpoints), EppOptions::default()).await;
+    let observing = epp_options.options.observers.is_some();
+    let epp = start_epp(pool(endpoints), epp_options).await;
     let backends: Vec<SocketAddr> = replicas.iter().map(|r| r.addr()).collect();
     let vars = [
         ("EPP_HOST", epp.grpc.ip().to_string()),
@@ -298,7 +318,7 @@ async fn run(
         })
         .map(str::to_owned)
         .collect();
-    Outcome {
+    let outcome = Outcome {
         peak_streams,
         envoy_epp_active,
         envoy_epp_connections,
@@ -309,7 +329,23 @@ async fn run(
         resets,
         ramp_up,
         drain,
-    }
+    };
+    // Observers record an answer just after the client has it: wait (bounded) for the last.
+    let deadline = Instant::now() + PHASE_DEADLINE;
+    let metrics = loop {
+        let text = get_text(epp.metrics, "/metrics").await.unwrap_or_default();
+        let observed: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("inference_extension_response_observer_streams_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum();
+        if !observing || observed as usize >= outcome.ok || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    (outcome, metrics)
 }
 
 fn report(name: &str, o: &Outcome) {
@@ -361,6 +397,73 @@ async fn five_thousand_concurrent_streams_through_the_shipped_envoy_config() {
         &o.failed[..o.failed.len().min(5)]
     );
     assert!(o.overflows.is_empty(), "{:?}", o.overflows);
+}
+
+/// The same pile-up on the observed response path (lean routing filter + the response
+/// observer, `--response-observer`): at the resume 5,000 observer streams open at once beside
+/// the routing ones, each sending its answer's chunks without waiting. Every request still
+/// completes, nothing floods, and every answer is recorded by its observer. Ignored (about as
+/// long as the test above; run it when the observer or the EPP's HTTP/2 settings change):
+/// `cargo test -p conformance --test concurrency -- --ignored observer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the observed path under the 5,000-stream pile-up (see its doc)"]
+async fn five_thousand_concurrent_streams_with_the_response_observer() {
+    let test = "five_thousand_concurrent_streams_with_the_response_observer";
+    let Some(binary) = binary_or_skip(test) else {
+        return;
+    };
+    let template = testkit::envoy::with_response_path(
+        &shipped_template(),
+        testkit::envoy::ResponsePath::Observed,
+    );
+    let options = EppOptions {
+        options: ext_proc::stream::ServiceOptions {
+            observers: Some(std::sync::Arc::new(ext_proc::observer::Observers::new(
+                ext_proc::observer::DEFAULT_MAX_WATCHED,
+            ))),
+            ..Default::default()
+        },
+        ..EppOptions::default()
+    };
+    let (o, metrics) = run_with(&binary, &template, "epp", options, |active, done| {
+        active as usize == CONCURRENT || done > 0
+    })
+    .await;
+    report(test, &o);
+    let outcome = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("inference_extension_response_observer_streams_total{")
+                    && l.contains(&format!("outcome=\"{name}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    eprintln!(
+        "{test}: observer streams matched {}, released {}, other_epp {}, no_tag {}, invalid {}",
+        outcome("matched"),
+        outcome("released"),
+        outcome("other_epp"),
+        outcome("no_tag"),
+        outcome("invalid")
+    );
+    assert_eq!(o.peak_streams as usize, CONCURRENT);
+    let floods: Vec<_> = o.h2_events.iter().filter(|c| c.contains("flood")).collect();
+    assert!(floods.is_empty(), "flood protection fired: {floods:?}");
+    assert_eq!(
+        o.ok,
+        CONCURRENT,
+        "failures: {:?}",
+        &o.failed[..o.failed.len().min(5)]
+    );
+    assert!(o.overflows.is_empty(), "{:?}", o.overflows);
+    assert_eq!(
+        (outcome("matched") + outcome("released")) as usize,
+        CONCURRENT,
+        "every answer recorded by its observer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
