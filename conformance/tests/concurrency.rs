@@ -348,6 +348,21 @@ async fn run_with(
     (outcome, metrics)
 }
 
+/// Every request completed: no flood protection fired (Envoy's HTTP/2 flood protection closes
+/// the connection to the EPP, failing every request on it, when too many frames wait to reach
+/// the EPP; the template raises the limits), no failure, no overflow.
+fn assert_every_request_completed(o: &Outcome) {
+    let floods: Vec<_> = o.h2_events.iter().filter(|c| c.contains("flood")).collect();
+    assert!(floods.is_empty(), "flood protection fired: {floods:?}");
+    assert_eq!(
+        o.ok,
+        CONCURRENT,
+        "failures: {:?}",
+        &o.failed[..o.failed.len().min(5)]
+    );
+    assert!(o.overflows.is_empty(), "{:?}", o.overflows);
+}
+
 fn report(name: &str, o: &Outcome) {
     eprintln!(
         "{name}: peak ext_proc streams {} (Envoy: {} requests on {} connection(s) to the EPP), \
@@ -386,17 +401,7 @@ async fn five_thousand_concurrent_streams_through_the_shipped_envoy_config() {
         "all requests in flight at once, each with its ext_proc stream open"
     );
     assert_eq!(o.envoy_epp_active as usize, CONCURRENT, "Envoy agrees");
-    // Envoy's HTTP/2 flood protection closes the connection to the EPP, failing every request
-    // on it, when too many frames wait to reach the EPP (the template raises the limits).
-    let floods: Vec<_> = o.h2_events.iter().filter(|c| c.contains("flood")).collect();
-    assert!(floods.is_empty(), "flood protection fired: {floods:?}");
-    assert_eq!(
-        o.ok,
-        CONCURRENT,
-        "failures: {:?}",
-        &o.failed[..o.failed.len().min(5)]
-    );
-    assert!(o.overflows.is_empty(), "{:?}", o.overflows);
+    assert_every_request_completed(&o);
 }
 
 /// The same pile-up on the observed response path (lean routing filter + the response
@@ -450,15 +455,7 @@ async fn five_thousand_concurrent_streams_with_the_response_observer() {
         outcome("invalid")
     );
     assert_eq!(o.peak_streams as usize, CONCURRENT);
-    let floods: Vec<_> = o.h2_events.iter().filter(|c| c.contains("flood")).collect();
-    assert!(floods.is_empty(), "flood protection fired: {floods:?}");
-    assert_eq!(
-        o.ok,
-        CONCURRENT,
-        "failures: {:?}",
-        &o.failed[..o.failed.len().min(5)]
-    );
-    assert!(o.overflows.is_empty(), "{:?}", o.overflows);
+    assert_every_request_completed(&o);
     assert_eq!(
         (outcome("matched") + outcome("released")) as usize,
         CONCURRENT,

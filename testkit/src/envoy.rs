@@ -66,6 +66,14 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// The shipped template's text, placeholders not rendered.
+    fn template(self) -> String {
+        let path = workspace_root()
+            .join("gateway-configs/envoy")
+            .join(self.file());
+        std::fs::read_to_string(&path).expect("envoy template")
+    }
+
     fn file(self) -> &'static str {
         match self {
             Variant::PlaintextFailClose => "envoy-plaintext.yaml",
@@ -334,10 +342,7 @@ impl Envoy {
         epp: SocketAddr,
         backends: &[SocketAddr],
     ) -> Envoy {
-        let template_path = workspace_root()
-            .join("gateway-configs/envoy")
-            .join(variant.file());
-        let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        let template = variant.template();
         Self::start_config(binary, &render(&template, epp, backends)).await
     }
 
@@ -349,10 +354,7 @@ impl Envoy {
         epp: SocketAddr,
         backends: &[SocketAddr],
     ) -> Envoy {
-        let template_path = workspace_root()
-            .join("gateway-configs/envoy")
-            .join(variant.file());
-        let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        let template = variant.template();
         let rendered = with_response_path(&render(&template, epp, backends), path);
         Self::start_config(binary, &rendered).await
     }
@@ -366,10 +368,7 @@ impl Envoy {
         epps: &[SocketAddr],
         backends: &[SocketAddr],
     ) -> Envoy {
-        let template_path = workspace_root()
-            .join("gateway-configs/envoy")
-            .join(variant.file());
-        let template = std::fs::read_to_string(&template_path).expect("envoy template");
+        let template = variant.template();
         let several = with_several_epps(&template, epps).expect("one EPP endpoint to repeat");
         let rendered = render_vars(
             &with_response_path(&several, path),
