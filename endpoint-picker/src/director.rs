@@ -7,7 +7,7 @@
 //! endpoint until the returned [`Routed`] is dropped, so a vanished client releases its state.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -116,9 +116,60 @@ impl Policies {
 pub struct InFlight {
     loads: ArcSwap<Vec<Arc<EndpointLoad>>>,
     grow: Mutex<()>,
+    /// Prefills no stream will see end ([`Director::end_prefill_by_prediction`]), soonest first.
+    prefill_deadlines: Mutex<BinaryHeap<PrefillDeadline>>,
+}
+
+/// Most prefills waiting for their predicted end at once: one per request in flight whose first
+/// token goes unseen, each kept until its deadline. Past it such a request's prompt counts as
+/// queued prefill until the answer's end, as before predictions ended it.
+const MAX_PREFILL_DEADLINES: usize = 1 << 20;
+/// How many of its predicted times to first token a prefill no stream sees is counted for: a
+/// margin for a prediction that is short, so that a replica's own queue is not forgotten early.
+const PREDICTED_PREFILL_MARGIN: f64 = 2.0;
+/// The longest a prefill is counted for by prediction.
+const MAX_PREDICTED_PREFILL: Duration = Duration::from_secs(120);
+
+/// When a routed request's unseen prefill is taken to be over.
+#[derive(Debug)]
+struct PrefillDeadline {
+    at: Instant,
+    /// Weak: a request released before its deadline frees its prefill at once.
+    prefill: std::sync::Weak<Prefill>,
+}
+
+impl PartialEq for PrefillDeadline {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for PrefillDeadline {}
+
+impl PartialOrd for PrefillDeadline {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PrefillDeadline {
+    /// Reversed: the heap's top is the soonest deadline.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at)
+    }
 }
 
 impl InFlight {
+    /// Ends every unseen prefill whose predicted end has passed by `now`.
+    fn end_due_prefills(&self, now: Instant) {
+        let mut due = self.prefill_deadlines.lock();
+        while due.peek().is_some_and(|d| d.at <= now) {
+            if let Some(prefill) = due.pop().and_then(|d| d.prefill.upgrade()) {
+                prefill.end(false);
+            }
+        }
+    }
+
     fn load_of(&self, id: EndpointId) -> Arc<EndpointLoad> {
         let idx = id.0 as usize;
         if let Some(c) = self.loads.load().get(idx) {
@@ -518,6 +569,7 @@ impl Director {
             return Err(RouteError::NoCandidates);
         }
         let now = Instant::now();
+        self.in_flight.end_due_prefills(now);
         // Flow control, when on, replaces the shedding of sheddable requests: they waited
         // their turn in its queues before coming here.
         if self.flow.is_none()
@@ -570,6 +622,38 @@ impl Director {
             in_flight: guard,
             _lora_demand: lora_demand,
         })
+    }
+}
+
+impl Director {
+    /// No stream will see `routed`'s first token: a non-streamed answer (its headers come with
+    /// the whole answer) or a streamed one on the lean response path with no observer. Its
+    /// prompt then stops counting as queued prefill on its replica at
+    /// [`PREDICTED_PREFILL_MARGIN`] times the cost model's calibrated time to first token
+    /// (at most [`MAX_PREDICTED_PREFILL`]) instead of at the answer's end, which on a long
+    /// answer would count it as queued for many times its real prefill. Ended at the next
+    /// decision after that time; a request without a cost prediction keeps the old end.
+    pub fn end_prefill_by_prediction(&self, routed: &Routed) {
+        let Some(guard) = routed.in_flight.as_ref() else {
+            return;
+        };
+        let prefill = &guard.prefill;
+        let Some(raw) = prefill.raw_ttft else {
+            return;
+        };
+        let predicted = raw * prefill.load.calibration.factor() * PREDICTED_PREFILL_MARGIN;
+        if !(predicted.is_finite() && predicted >= 0.0) {
+            return;
+        }
+        let at = prefill.routed_at
+            + Duration::from_secs_f64(predicted.min(MAX_PREDICTED_PREFILL.as_secs_f64()));
+        let mut due = self.in_flight.prefill_deadlines.lock();
+        if due.len() < MAX_PREFILL_DEADLINES {
+            due.push(PrefillDeadline {
+                at,
+                prefill: Arc::downgrade(prefill),
+            });
+        }
     }
 }
 
@@ -697,6 +781,72 @@ mod tests {
             ),
             (0, 0, 0)
         );
+    }
+
+    /// A prefill no stream will see ends by prediction: at the first decision after twice the
+    /// cost model's time to first token, or sooner by a first token after all, and a request
+    /// released before its deadline leaves nothing behind. Without a prediction (not the cost
+    /// model) nothing changes.
+    #[tokio::test(start_paused = true)]
+    async fn an_unseen_prefill_ends_at_twice_its_predicted_first_token() {
+        let ds = Arc::new(Datastore::new());
+        ds.apply(pool(1));
+        let d = Director::new(
+            ds,
+            Arc::new(load(crate::config::profiles::COST_MODEL, 1).unwrap()),
+            1,
+        );
+        d.pool_changed();
+        let id = d.datastore().snapshot().endpoints[0].id;
+        d.datastore().snapshot().endpoints[0].store_metrics(EngineMetrics {
+            updated_at: Some(Instant::now()),
+            readiness: Readiness::Serving,
+            ..Default::default()
+        });
+        let prefilling = || d.in_flight().reading(id).prefilling;
+        let prompt = |i: usize| InferenceRequest {
+            prompt: bytes::Bytes::from(format!("{i:05} ").repeat(1_300)),
+            ..req()
+        };
+        let unseen = d.route(&prompt(0), None, false).unwrap();
+        let predicted = unseen.result.primary_result().and_then(|_| {
+            let guard = unseen.in_flight.as_ref()?;
+            guard.prefill.raw_ttft
+        });
+        let predicted = Duration::from_secs_f64(predicted.expect("the cost model predicts"));
+        d.end_prefill_by_prediction(&unseen);
+        // Seen early by an observer: ended then; its deadline later ends nothing twice.
+        let observed = d.route(&prompt(1), None, false).unwrap();
+        d.end_prefill_by_prediction(&observed);
+        observed.first_token_handle().unwrap().seen(false);
+        // Released before its deadline.
+        let released = d.route(&prompt(2), None, false).unwrap();
+        d.end_prefill_by_prediction(&released);
+        drop(released);
+        assert_eq!(prefilling(), 1);
+        // Just before twice the prediction, a decision ends nothing.
+        tokio::time::advance(predicted * 2 - Duration::from_millis(1)).await;
+        let later = d.route(&prompt(3), None, false).unwrap();
+        assert_eq!(prefilling(), 2);
+        // After it, the next decision ends the unseen prefill; the request stays in flight.
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let last = d.route(&prompt(4), None, false).unwrap();
+        let reading = d.in_flight().reading(id);
+        assert_eq!((reading.requests, reading.prefilling), (4, 2));
+        // The two others' deadlines are later (their predictions queue behind the first's
+        // prefill), and still kept: ending nothing, since those prefills are over.
+        assert_eq!(d.in_flight().prefill_deadlines.lock().len(), 2);
+        drop((unseen, observed, later, last));
+        let reading = d.in_flight().reading(id);
+        assert_eq!(
+            (reading.requests, reading.prefilling, reading.prefill_tokens),
+            (0, 0, 0)
+        );
+        // The reference's default profile predicts nothing: no deadline is kept.
+        let plain = director(1);
+        let routed = plain.route(&req(), None, false).unwrap();
+        plain.end_prefill_by_prediction(&routed);
+        assert_eq!(plain.in_flight().prefill_deadlines.lock().len(), 0);
     }
 
     /// Routing to a quiet endpoint (its scraper waiting out the long interval) wakes its

@@ -909,6 +909,12 @@ impl StreamState {
                 },
             );
         }
+        if !(request.stream && self.response_body_streamed) {
+            // This stream will not see the first token (a whole answer's headers come with
+            // its end; the lean path sees no chunk): the prompt stops counting as queued
+            // prefill by prediction, unless an observer's first chunk ends it sooner.
+            self.ctx.director.end_prefill_by_prediction(&routed);
+        }
         self.request = Some(request);
         self.routed = Some(routed);
         self.phase = Phase::Routed;

@@ -156,10 +156,18 @@ fn duration(text: Option<&str>, name: &str) -> Result<Option<Duration>, ConfigEr
             "{name} must be non-negative, got {t:?}"
         )));
     }
-    parse_duration(t)
-        .map(Some)
-        .ok_or_else(|| flow_error(format!("{name}: not a duration: {t:?}")))
+    match parse_duration(t) {
+        Some(d) if d > MAX_TTL => Err(flow_error(format!(
+            "{name}: {t:?} is longer than {} days; use 0 for no limit",
+            MAX_TTL.as_secs() / 86_400
+        ))),
+        Some(d) => Ok(Some(d)),
+        None => Err(flow_error(format!("{name}: not a duration: {t:?}"))),
+    }
 }
+
+/// The longest TTL taken: a year. Longer ones are typos or "forever", which is written 0.
+const MAX_TTL: Duration = Duration::from_secs(365 * 86_400);
 
 /// `defaultRequestTTL` (60s when omitted; 0 = no TTL) and `noEndpointRequestTTL` (follows
 /// `defaultRequestTTL` when omitted, as it is written; 0 = wait for an endpoint forever).

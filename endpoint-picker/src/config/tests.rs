@@ -509,6 +509,15 @@ fn flow_control_validation_uses_the_references_messages() {
             "defaultRequestTTL must be non-negative",
         ),
         (
+            // Accepted once, then the dispatcher overflowed the clock with it.
+            "flowControl:\n  defaultRequestTTL: \"1e19\"\n",
+            "defaultRequestTTL: \"1e19\" is longer than 365 days",
+        ),
+        (
+            "flowControl:\n  noEndpointRequestTTL: 9000h\n",
+            "noEndpointRequestTTL: \"9000h\" is longer than 365 days",
+        ),
+        (
             "flowControl:\n  priorityBands:\n  - priority: 5\n  - priority: 5\n",
             "duplicate priority level 5",
         ),

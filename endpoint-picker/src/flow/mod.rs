@@ -524,7 +524,16 @@ impl State {
         let since = self.regime_since;
         let mut items = Vec::new();
         for band in &mut self.bands {
-            band.expire_heads(|head| now >= head.enqueued.max(since) + budget, &mut items);
+            // A budget past the clock's range never expires (rather than overflow).
+            band.expire_heads(
+                |head| {
+                    head.enqueued
+                        .max(since)
+                        .checked_add(budget)
+                        .is_some_and(|deadline| now >= deadline)
+                },
+                &mut items,
+            );
         }
         for item in items {
             self.len -= 1;
