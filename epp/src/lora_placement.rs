@@ -12,8 +12,11 @@
 //! An unload is first taken out of the published list (new requests stop going there), then
 //! made only if, a moment later ([`UNLOAD_GRACE`]), no request of the EPP for that adapter is in
 //! flight there and the engine's scraped running and waiting lists do not name it; otherwise
-//! it is put back and retried on a later pass. An endpoint whose call fails is skipped, with a
-//! backoff doubling from the interval to [`MAX_BACKOFF`]. Nothing runs on the request path.
+//! it is put back and retried on a later pass. An endpoint whose listing fails is skipped (and
+//! its adapters unpublished: what it holds is unknown), a load or unload that fails is not
+//! tried again on that endpoint for a while: each with a backoff doubling from the interval to
+//! [`MAX_BACKOFF`]. The `ensureNotExist` adapters an endpoint lists are never published, so
+//! requests for them are not steered to it and it drains. Nothing runs on the request path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -323,8 +326,12 @@ pub struct LoopState {
     previous: BTreeMap<String, usize>,
     /// When each (endpoint, adapter) was first listed or loaded.
     since: HashMap<(EndpointId, String), Instant>,
-    /// Failed endpoints: consecutive failures and when to try again.
+    /// Endpoints whose listing failed: consecutive failures and when to try again.
     backoff: HashMap<EndpointId, (u32, Instant)>,
+    /// Loads and unloads that failed, per (endpoint, adapter): consecutive failures and when
+    /// to try again. Apart from `backoff`: an endpoint that lists fine but refuses one
+    /// adapter (a wrong source, a hub error) keeps its other adapters published and placed.
+    action_backoff: HashMap<(EndpointId, String), (u32, Instant)>,
 }
 
 /// The placement: catalogue, demand counters, and the loop.
@@ -332,7 +339,9 @@ pub struct LoopState {
 pub struct Placement {
     settings: PlacementSettings,
     adapters: BTreeMap<String, Adapter>,
-    forbidden: BTreeSet<String>,
+    /// `ensureNotExist`: unloaded when idle, and never published, so that no request is
+    /// steered to a replica that still holds one (which would keep it busy, so loaded).
+    forbidden: Arc<BTreeSet<String>>,
     demand: Arc<LoraDemand>,
     datastore: Arc<Datastore>,
     metrics: PlacementMetrics,
@@ -352,12 +361,13 @@ impl Placement {
             .filter(|(id, _)| !c.conflicts.contains(*id))
             .map(|(id, a)| (id.clone(), a.clone()))
             .collect();
-        let forbidden = c
-            .ensure_not_exist
-            .keys()
-            .filter(|id| !c.conflicts.contains(*id))
-            .cloned()
-            .collect();
+        let forbidden = Arc::new(
+            c.ensure_not_exist
+                .keys()
+                .filter(|id| !c.conflicts.contains(*id))
+                .cloned()
+                .collect(),
+        );
         for id in &c.conflicts {
             tracing::warn!(adapter = %id, "in both ensureExist and ensureNotExist: neither placed nor removed");
         }
@@ -384,6 +394,7 @@ impl Placement {
             previous: BTreeMap::new(),
             since: HashMap::new(),
             backoff: HashMap::new(),
+            action_backoff: HashMap::new(),
         }
     }
 
@@ -425,6 +436,7 @@ impl Placement {
         let snapshot = self.datastore.snapshot();
         let live: BTreeSet<EndpointId> = snapshot.endpoints.iter().map(|e| e.id).collect();
         st.backoff.retain(|id, _| live.contains(id));
+        st.action_backoff.retain(|(id, _), _| live.contains(id));
         st.since.retain(|(id, _), _| live.contains(id));
 
         // 1. What each usable endpoint holds.
@@ -450,9 +462,7 @@ impl Placement {
             match r {
                 Ok(names) => {
                     st.backoff.remove(&e.id);
-                    e.store_adapters(Some(LoadedAdapters {
-                        names: names.clone(),
-                    }));
+                    e.store_adapters(Some(published(&names, &self.forbidden)));
                     listed.push((e, names));
                 }
                 Err(err) => {
@@ -535,6 +545,16 @@ impl Placement {
             &st.previous,
         );
         st.previous = decided.desired.clone();
+        // An action that failed lately waits out its backoff; the others go ahead.
+        let actions: Vec<Action> = decided
+            .actions
+            .into_iter()
+            .filter(|a| {
+                st.action_backoff
+                    .get(&(a.endpoint(), a.adapter().to_owned()))
+                    .is_none_or(|(_, at)| *at <= now)
+            })
+            .collect();
         for (adapter, want) in &decided.desired {
             let on = listed.iter().filter(|(_, n)| n.contains(adapter)).count();
             let labels = AdapterLabels {
@@ -550,11 +570,8 @@ impl Placement {
         // 4. The changes: endpoints in parallel, each one's actions in order (an unload makes
         //    the room its load needs).
         let mut per_endpoint: BTreeMap<EndpointId, Vec<Action>> = BTreeMap::new();
-        for a in decided.actions {
-            let id = match &a {
-                Action::Load { endpoint, .. } | Action::Unload { endpoint, .. } => *endpoint,
-            };
-            per_endpoint.entry(id).or_default().push(a);
+        for a in actions {
+            per_endpoint.entry(a.endpoint()).or_default().push(a);
         }
         let mut work = JoinSet::new();
         for (id, actions) in per_endpoint {
@@ -565,6 +582,7 @@ impl Placement {
                 engine: self.engine(&e),
                 endpoint: e,
                 names,
+                forbidden: self.forbidden.clone(),
                 adapters: self.adapters.clone(),
                 demand: self.demand.clone(),
                 metrics: self.metrics.clone(),
@@ -577,22 +595,28 @@ impl Placement {
             done: Vec::new(),
         };
         while let Some(joined) = work.join_next().await {
-            let Ok((id, done, failed)) = joined else {
+            let Ok((id, done)) = joined else {
                 continue;
             };
             for (action, result) in &done {
+                let pair = (id, action.adapter().to_owned());
                 match (action, *result) {
                     (Action::Load { adapter, .. }, "success") => {
+                        st.action_backoff.remove(&pair);
                         st.since.insert((id, adapter.clone()), now);
                     }
                     (Action::Unload { adapter, .. }, "success") => {
+                        st.action_backoff.remove(&pair);
                         st.since.remove(&(id, adapter.clone()));
+                    }
+                    (_, "error") => {
+                        let failures = st.action_backoff.get(&pair).map_or(0, |(n, _)| *n) + 1;
+                        let delay = self.backoff_after(failures);
+                        tracing::info!(endpoint = ?id, adapter = %pair.1, retry_in = ?delay, "LoRA placement: action backed off");
+                        st.action_backoff.insert(pair, (failures, now + delay));
                     }
                     _ => {}
                 }
-            }
-            if failed {
-                self.failed(st, id, now);
             }
             report.done.extend(done);
         }
@@ -600,16 +624,21 @@ impl Placement {
         report
     }
 
-    /// Counts a failure of `id`; returns the delay before it is tried again.
+    /// Counts a failed listing of `id`; returns the delay before it is tried again.
     fn failed(&self, st: &mut LoopState, id: EndpointId, now: Instant) -> Duration {
         let failures = st.backoff.get(&id).map_or(0, |(n, _)| *n) + 1;
-        let delay = self
-            .settings
-            .interval
-            .saturating_mul(1u32 << failures.min(16))
-            .min(MAX_BACKOFF);
+        let delay = self.backoff_after(failures);
         st.backoff.insert(id, (failures, now + delay));
         delay
+    }
+
+    /// The wait after `failures` consecutive failures: doubling from the interval up to
+    /// [`MAX_BACKOFF`].
+    fn backoff_after(&self, failures: u32) -> Duration {
+        self.settings
+            .interval
+            .saturating_mul(1u32 << failures.min(16))
+            .min(MAX_BACKOFF)
     }
 }
 
@@ -618,16 +647,24 @@ struct EndpointJob {
     endpoint: Arc<Endpoint>,
     engine: Engine,
     names: BTreeSet<String>,
+    forbidden: Arc<BTreeSet<String>>,
     adapters: BTreeMap<String, Adapter>,
     demand: Arc<LoraDemand>,
     metrics: PlacementMetrics,
 }
 
+/// What the request path is told an endpoint holds: what it lists, less the forbidden
+/// adapters (requests for one are not steered to a replica that still holds it).
+fn published(names: &BTreeSet<String>, forbidden: &BTreeSet<String>) -> LoadedAdapters {
+    LoadedAdapters {
+        names: names.difference(forbidden).cloned().collect(),
+    }
+}
+
 impl EndpointJob {
     fn publish(&self) {
-        self.endpoint.store_adapters(Some(LoadedAdapters {
-            names: self.names.clone(),
-        }));
+        self.endpoint
+            .store_adapters(Some(published(&self.names, &self.forbidden)));
     }
 
     fn busy(&self, adapter: &str) -> bool {
@@ -637,11 +674,9 @@ impl EndpointJob {
             || m.waiting_models.iter().any(|a| a == adapter)
     }
 
-    /// Returns the endpoint, what was done (with results) and whether a call failed.
-    async fn run(
-        mut self,
-        actions: Vec<Action>,
-    ) -> (EndpointId, Vec<(Action, &'static str)>, bool) {
+    /// Returns the endpoint and what was done, with results (`"error"`: the call failed, and
+    /// the endpoint's later actions were not tried).
+    async fn run(mut self, actions: Vec<Action>) -> (EndpointId, Vec<(Action, &'static str)>) {
         let name = self.endpoint.spec.name.clone();
         let mut done = Vec::new();
         for action in actions {
@@ -671,7 +706,7 @@ impl EndpointJob {
                             self.metrics.action("unload", "error");
                             tracing::warn!(endpoint = %name, %adapter, error = %err, "LoRA placement: unload failed");
                             done.push((action, "error"));
-                            return (self.endpoint.id, done, true);
+                            return (self.endpoint.id, done);
                         }
                     }
                 }
@@ -691,13 +726,13 @@ impl EndpointJob {
                             self.metrics.action("load", "error");
                             tracing::warn!(endpoint = %name, %adapter, error = %err, "LoRA placement: load failed");
                             done.push((action, "error"));
-                            return (self.endpoint.id, done, true);
+                            return (self.endpoint.id, done);
                         }
                     }
                 }
             }
         }
-        (self.endpoint.id, done, false)
+        (self.endpoint.id, done)
     }
 }
 

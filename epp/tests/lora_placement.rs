@@ -11,7 +11,8 @@ use std::time::Duration;
 use endpoint_picker::datastore::{
     Datastore, EndpointId, EndpointSpec, EngineMetrics, PoolSpec, Readiness,
 };
-use endpoint_picker::lora::config;
+use endpoint_picker::lora::config::{self, MAX_ID_BYTES};
+use endpoint_picker::lora::engine::MAX_LISTED_ADAPTERS;
 use endpoint_picker::lora::plan::Action;
 use epp::lora_placement::{Placement, PlacementMetrics, PlacementSettingsArgs};
 use prometheus_client::registry::Registry;
@@ -36,6 +37,10 @@ struct Rig {
 }
 
 async fn rig(replicas: usize) -> Rig {
+    rig_with(replicas, CATALOGUE).await
+}
+
+async fn rig_with(replicas: usize, catalogue_text: &str) -> Rig {
     let mut sims = Vec::new();
     for i in 0..replicas {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -72,7 +77,7 @@ async fn rig(replicas: usize) -> Rig {
         });
     }
     let settings = PlacementSettingsArgs {
-        catalogue: Some(config::parse(CATALOGUE, true).unwrap()),
+        catalogue: Some(config::parse(catalogue_text, true).unwrap()),
         interval: Duration::from_secs(1),
         min_dwell: Duration::from_secs(5),
         max_changes: 10,
@@ -230,4 +235,172 @@ async fn a_failed_engine_is_skipped_and_the_others_are_served() {
     );
     // Its published list is gone: the request path does not count on it.
     assert!(rig.datastore.snapshot().endpoints[1].adapters().is_none());
+}
+
+fn load_errors(text: &str) -> u64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with("inference_extension_lora_placement_actions_total")
+                && l.contains("action=\"load\"")
+                && l.contains("result=\"error\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One catalogue adapter whose source the engine refuses: its load backs off, doubling up to
+/// MAX_BACKOFF, although the endpoint lists fine every pass (that once reset the backoff, so
+/// the load was retried every other pass), and the endpoint's healthy adapter stays published
+/// throughout (each failure once blanked the list, and requests for it went anywhere).
+#[tokio::test(start_paused = true)]
+async fn a_refused_load_backs_off_alone_and_the_endpoint_stays_published() {
+    let catalogue = "\
+vLLMLoRAConfig:
+  ensureExist:
+    models:
+    - {id: a0, source: org/a0}
+    - {id: bad, source: /definitely/missing/adapter}
+";
+    let rig = rig_with(1, catalogue).await;
+    let mut st = rig.placement.state();
+    let mut blanked = 0;
+    let passes = 30;
+    for _ in 0..passes {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rig.requests("a0", 20);
+        rig.requests("bad", 20);
+        rig.placement.pass(&mut st).await;
+        if rig.sims[0].engine().has_lora("a0")
+            && rig.datastore.snapshot().endpoints[0].adapters().is_none()
+        {
+            blanked += 1;
+        }
+    }
+    let errors = load_errors(&rig.exposition());
+    // Tries at 1, 3, 7, 15 and 31 s (the interval doubled after each failure): 4 in 30 s.
+    assert_eq!(
+        (errors, blanked),
+        (4, 0),
+        "failed loads, passes with a0 unpublished"
+    );
+    assert!(
+        rig.sims[0].engine().has_lora("a0"),
+        "the healthy adapter was placed"
+    );
+}
+
+/// An adapter the catalogue forbids is never published, even while requests for it run there:
+/// lora-adapter-filter then sends no new request for it to that engine, which drains and
+/// unloads it (published, it was kept busy, so loaded, by a trickle of requests).
+#[tokio::test(start_paused = true)]
+async fn a_forbidden_adapter_is_never_published_and_unloaded_once_idle() {
+    let rig = rig(1).await;
+    rig.sims[0].engine().load_lora("banned").unwrap();
+    let e = rig.datastore.snapshot().endpoints[0].clone();
+    e.store_metrics(EngineMetrics {
+        max_active_models: 2,
+        active_models: vec!["banned".into()],
+        readiness: Readiness::Serving,
+        ..EngineMetrics::default()
+    });
+    let mut st = rig.placement.state();
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rig.placement.pass(&mut st).await;
+    }
+    // Busy: still loaded, but not published.
+    assert!(rig.sims[0].engine().has_lora("banned"));
+    let listed = e.adapters().unwrap();
+    assert!(!listed.contains("banned"), "published: {listed:?}");
+    // Its requests are over: the next passes unload it.
+    e.store_metrics(EngineMetrics {
+        max_active_models: 2,
+        readiness: Readiness::Serving,
+        ..EngineMetrics::default()
+    });
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rig.placement.pass(&mut st).await;
+    }
+    assert!(!rig.sims[0].engine().has_lora("banned"));
+}
+
+/// An engine's `GET /v1/models` is read within bounds: at most MAX_LISTED_ADAPTERS names, none
+/// longer than an adapter id may be, whatever the engine lists within its 4 MiB body.
+#[tokio::test]
+async fn an_engines_adapter_listing_is_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut body = String::from("{\"object\":\"list\",\"data\":[");
+    body.push_str(&format!(
+        "{{\"id\":\"{}\",\"parent\":\"b\"}}",
+        "x".repeat(200_000)
+    ));
+    for i in 0..110_000 {
+        body.push_str(&format!(",{{\"id\":\"a{i}\",\"parent\":\"b\"}}"));
+    }
+    body.push_str("]}");
+    assert!(body.len() < 4 << 20, "{}", body.len());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = body.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let body = served.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    let datastore = Arc::new(Datastore::new());
+    let snapshot = datastore.apply(PoolSpec {
+        name: "pool".into(),
+        namespace: "default".into(),
+        app_protocol: "http".into(),
+        endpoints: vec![EndpointSpec {
+            name: "evil-rank-0".into(),
+            pod_name: "evil".into(),
+            namespace: "default".into(),
+            address: addr,
+            metrics_address: addr,
+            rank: 0,
+            labels: BTreeMap::new(),
+        }],
+    });
+    snapshot.endpoints[0].store_metrics(EngineMetrics {
+        max_active_models: 2,
+        readiness: Readiness::Serving,
+        ..EngineMetrics::default()
+    });
+    let settings = PlacementSettingsArgs {
+        catalogue: Some(config::parse(CATALOGUE, true).unwrap()),
+        interval: Duration::from_secs(1),
+        min_dwell: Duration::from_secs(5),
+        max_changes: 10,
+        band: 0.25,
+        min_rate: 0.05,
+        demand_half_life: Duration::from_secs(1),
+        max_adapters_per_endpoint: 0,
+        call_timeout: Duration::from_secs(30),
+    }
+    .check()
+    .unwrap();
+    let placement = Placement::new(settings, datastore.clone(), PlacementMetrics::default());
+    let mut st = placement.state();
+    let r = placement.pass(&mut st).await;
+    assert_eq!(r.listed, 1);
+    let listed = datastore.snapshot().endpoints[0].adapters().unwrap();
+    let longest = listed.names.iter().map(String::len).max().unwrap();
+    assert_eq!(
+        (listed.names.len(), longest <= MAX_ID_BYTES),
+        (MAX_LISTED_ADAPTERS, true)
+    );
 }

@@ -14,12 +14,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use super::config::Adapter;
+use super::config::{Adapter, MAX_ID_BYTES};
 
 /// Deadline of one call (a load reads the adapter, which may take a while).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest response body read.
 const MAX_BODY: usize = 4 << 20;
+/// Most adapters taken from one engine's listing: far above what an engine serves (vLLM's
+/// `--max-cpu-loras`), so that a misbehaving engine's list costs the placement a bounded
+/// amount each pass. Names longer than [`MAX_ID_BYTES`] or with control characters are
+/// dropped too: no catalogue adapter is named so.
+pub const MAX_LISTED_ADAPTERS: usize = 1_024;
 /// Most characters of an engine's error message kept for logs and metrics.
 const MAX_MESSAGE: usize = 200;
 
@@ -177,7 +182,13 @@ impl Engine {
             .list()
             .await?
             .into_iter()
-            .filter(|m| m.parent.is_some())
+            .filter(|m| {
+                m.parent.is_some()
+                    && !m.id.is_empty()
+                    && m.id.len() <= MAX_ID_BYTES
+                    && !m.id.chars().any(char::is_control)
+            })
+            .take(MAX_LISTED_ADAPTERS)
             .map(|m| m.id)
             .collect())
     }

@@ -97,6 +97,22 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The endpoint it changes.
+    pub fn endpoint(&self) -> EndpointId {
+        match self {
+            Action::Unload { endpoint, .. } | Action::Load { endpoint, .. } => *endpoint,
+        }
+    }
+
+    /// The adapter it loads or unloads.
+    pub fn adapter(&self) -> &str {
+        match self {
+            Action::Unload { adapter, .. } | Action::Load { adapter, .. } => adapter,
+        }
+    }
+}
+
 /// A pass's decision.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
