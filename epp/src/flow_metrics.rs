@@ -7,7 +7,7 @@
 //! values, then `other`, as the reference caps it), models through [`ModelLabels`]; priorities
 //! come from the operator's InferenceObjectives and outcomes from a fixed set.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -26,6 +26,12 @@ use crate::labels::{ModelLabels, OVERFLOW_LABEL};
 
 /// Most fairness ids with a label of their own (the reference's cap).
 pub const MAX_FAIRNESS_LABELS: usize = 1_000;
+/// Most (fairness id, model, served model) label sets the flow-control families file requests
+/// under; later sets share one, all `other`. Each label is bounded alone, but the families key
+/// on them together (and on priority and outcome) and keep every set for the life of the
+/// process: 1,000 tenants × a thousand model names would be millions of series. Each set is
+/// about 150 lines of `/metrics` at worst (gauges, and both histogram families per outcome).
+pub const MAX_FLOW_LABEL_SETS: usize = 512;
 
 /// The families registered here, as in [`crate::metrics::FAMILIES`].
 pub const FLOW_FAMILIES: &[(&str, &str)] = &[
@@ -146,6 +152,8 @@ pub struct FlowMetrics {
     demand_ratio: Family<PoolName, GaugeF>,
     models: Arc<ModelLabels>,
     fairness: FairnessLabels,
+    /// The label sets given out so far ([`MAX_FLOW_LABEL_SETS`]).
+    label_sets: RwLock<HashSet<FlowRecordKey>>,
     pool: RwLock<String>,
 }
 
@@ -169,6 +177,7 @@ impl FlowMetrics {
             demand_ratio: Family::default(),
             models,
             fairness: FairnessLabels::default(),
+            label_sets: RwLock::new(HashSet::new()),
             pool: RwLock::new(String::new()),
         };
         for (i, prefix) in ["llm_d_epp", "inference_extension"].iter().enumerate() {
@@ -303,13 +312,33 @@ impl FlowMetrics {
     }
 }
 
+impl FlowMetrics {
+    /// `key` if it is one of the first [`MAX_FLOW_LABEL_SETS`] sets, else the overflow set.
+    fn label_set(&self, key: FlowRecordKey) -> FlowRecordKey {
+        if self.label_sets.read().contains(&key) {
+            return key;
+        }
+        let mut sets = self.label_sets.write();
+        if sets.len() < MAX_FLOW_LABEL_SETS || sets.contains(&key) {
+            sets.insert(key.clone());
+            return key;
+        }
+        let other: Arc<str> = Arc::from(OVERFLOW_LABEL);
+        FlowRecordKey {
+            fairness_id: other.clone(),
+            model: other.clone(),
+            target_model: other,
+        }
+    }
+}
+
 impl FlowObserver for FlowMetrics {
     fn entered(&self, request: &FlowRequest) -> FlowRecordKey {
-        let key = FlowRecordKey {
+        let key = self.label_set(FlowRecordKey {
             fairness_id: self.fairness.label(&request.fairness_id),
             model: self.models.label(&request.model),
             target_model: self.models.label(&request.target_model),
-        };
+        });
         let labels = self.queue_labels(request, &key);
         for i in 0..2 {
             self.queue_size[i].get_or_create(&labels).inc();
@@ -401,6 +430,52 @@ mod tests {
             }
         }
         assert_eq!(&*labels.label(&Arc::from("tenant-0")), "tenant-0");
+    }
+
+    /// Tenants × model names: the label sets stop at MAX_FLOW_LABEL_SETS, later ones share the
+    /// overflow set, and a request leaves under the set it entered with.
+    #[test]
+    fn flow_label_sets_are_bounded_together() {
+        let mut registry = Registry::default();
+        let m = FlowMetrics::register(&mut registry, Arc::new(ModelLabels::default()));
+        let mut held = Vec::new();
+        for tenant in 0..600 {
+            for model in ["a", "b", "c"] {
+                let request = FlowRequest {
+                    fairness_id: Arc::from(format!("tenant-{tenant}").as_str()),
+                    priority: 0,
+                    bytes: 1,
+                    slo_ttft: None,
+                    model: model.into(),
+                    target_model: model.into(),
+                };
+                let key = m.entered(&request);
+                held.push((request, key));
+            }
+        }
+        let series = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("inference_extension_flow_control_queue_size{"))
+                .count()
+        };
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert_eq!(series(&text), MAX_FLOW_LABEL_SETS + 1);
+        assert!(
+            text.contains("inference_extension_flow_control_queue_size{fairness_id=\"other\",priority=\"0\",inference_pool=\"\",model_name=\"other\",target_model_name=\"other\"} 1288"),
+            "{text}"
+        );
+        for (request, key) in &held {
+            m.left(request, key, Outcome::Dispatched, Duration::ZERO);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.lines()
+                .filter(|l| l.starts_with("inference_extension_flow_control_queue_size{"))
+                .all(|l| l.ends_with(" 0")),
+            "every gauge back to 0"
+        );
     }
 
     #[test]

@@ -203,7 +203,7 @@ pub struct FlowRequest {
 
 /// The names an observer files a request's flow-control events under, chosen on entry and
 /// handed back on exit (a gauge raised under a name is lowered under the same one).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct FlowRecordKey {
     /// The flow's label value.
     pub fairness_id: Arc<str>,
