@@ -91,24 +91,62 @@ pub struct Policies {
 impl Policies {
     /// The rule that applies to `model`: exact matches beat generic rules; among resources the
     /// oldest wins; within a resource the first matching rule wins.
+    /// Builds [`RewriteIndex`] each call: the director keeps one per policy change instead.
     pub fn rewrite_rule(&self, model: &str) -> Option<(&ModelRewrite, &RewriteRule)> {
-        let mut ordered: Vec<&ModelRewrite> = self.rewrites.iter().collect();
-        ordered.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
-        let exact = ordered.iter().find_map(|r| {
-            r.rules
-                .iter()
-                .find(|rule| rule.matches.iter().any(|m| m == model))
-                .map(|rule| (*r, rule))
-        });
-        exact.or_else(|| {
-            ordered.iter().find_map(|r| {
-                r.rules
-                    .iter()
-                    .find(|rule| rule.matches.is_empty())
-                    .map(|rule| (*r, rule))
-            })
-        })
+        RewriteIndex::new(self).rule(self, model)
     }
+}
+
+/// Which rule of a [`Policies`] applies to each model ([`Policies::rewrite_rule`]'s order),
+/// built once when the policies change: a request's lookup is one hash probe, where sorting
+/// and scanning every rewrite per request grew with their number.
+#[derive(Debug, Default)]
+pub struct RewriteIndex {
+    /// Model → (rewrite, rule) indices into the policies it was built from.
+    exact: HashMap<String, (usize, usize)>,
+    /// The oldest resource's first rule that matches every model.
+    generic: Option<(usize, usize)>,
+}
+
+impl RewriteIndex {
+    /// The index of `policies`.
+    pub fn new(policies: &Policies) -> Self {
+        let mut ordered: Vec<(usize, &ModelRewrite)> =
+            policies.rewrites.iter().enumerate().collect();
+        ordered
+            .sort_by(|(_, a), (_, b)| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+        let mut index = Self::default();
+        for (r, rewrite) in ordered {
+            for (i, rule) in rewrite.rules.iter().enumerate() {
+                if rule.matches.is_empty() {
+                    index.generic.get_or_insert((r, i));
+                }
+                for model in &rule.matches {
+                    // The first writer wins: the oldest resource, then its first rule.
+                    index.exact.entry(model.clone()).or_insert((r, i));
+                }
+            }
+        }
+        index
+    }
+
+    /// The rule for `model` in `policies`, which must be the ones this index was built from.
+    pub fn rule<'p>(
+        &self,
+        policies: &'p Policies,
+        model: &str,
+    ) -> Option<(&'p ModelRewrite, &'p RewriteRule)> {
+        let (r, i) = self.exact.get(model).copied().or(self.generic)?;
+        let rewrite = policies.rewrites.get(r)?;
+        Some((rewrite, rewrite.rules.get(i)?))
+    }
+}
+
+/// The policies in force and their rewrite index, swapped together.
+#[derive(Debug, Default)]
+struct ActivePolicies {
+    policies: Arc<Policies>,
+    rewrites: RewriteIndex,
 }
 
 /// Per-endpoint loads ([`EndpointLoad`]), maintained by the director.
@@ -358,7 +396,7 @@ impl Routed {
 pub struct Director {
     datastore: Arc<Datastore>,
     config: Arc<LoadedConfig>,
-    policies: ArcSwap<Policies>,
+    policies: ArcSwap<ActivePolicies>,
     in_flight: InFlight,
     rng: Mutex<SmallRng>,
     /// Flow control, with the `flowControl` feature gate on.
@@ -380,7 +418,7 @@ impl Director {
         Self {
             datastore,
             config,
-            policies: ArcSwap::from_pointee(Policies::default()),
+            policies: ArcSwap::from_pointee(ActivePolicies::default()),
             in_flight: InFlight::default(),
             rng: Mutex::new(SmallRng::seed_from_u64(seed ^ 0x5eed)),
             flow,
@@ -447,12 +485,16 @@ impl Director {
 
     /// Replaces objectives and rewrites.
     pub fn set_policies(&self, policies: Policies) {
-        self.policies.store(Arc::new(policies));
+        let rewrites = RewriteIndex::new(&policies);
+        self.policies.store(Arc::new(ActivePolicies {
+            policies: Arc::new(policies),
+            rewrites,
+        }));
     }
 
     /// The current objectives and rewrites.
     pub fn policies(&self) -> Arc<Policies> {
-        self.policies.load_full()
+        self.policies.load().policies.clone()
     }
 
     /// Installs the token producer that fills [`InferenceRequest::token_ids`] before
@@ -498,7 +540,8 @@ impl Director {
         {
             request.fairness_id = agent.to_owned();
         }
-        let policies = self.policies.load();
+        let active = self.policies.load();
+        let policies = &*active.policies;
         request.priority = request
             .objective
             .as_deref()
@@ -507,8 +550,9 @@ impl Director {
         if request.target_model.is_empty() {
             request.target_model = request.model.clone();
         }
-        let rule = policies
-            .rewrite_rule(&request.model)
+        let rule = active
+            .rewrites
+            .rule(policies, &request.model)
             .map(|(_, rule)| rule)
             .filter(|rule| !rule.targets.is_empty());
         if rule.is_none()
@@ -781,6 +825,77 @@ mod tests {
             ),
             (0, 0, 0)
         );
+    }
+
+    /// The rule a model gets, as the rewrites were read before the index: sort by (created,
+    /// name), the first resource with an exact match (its first such rule), else the first
+    /// resource with a generic rule.
+    fn rewrite_rule_by_scan<'p>(
+        policies: &'p Policies,
+        model: &str,
+    ) -> Option<(&'p ModelRewrite, &'p RewriteRule)> {
+        let mut ordered: Vec<&ModelRewrite> = policies.rewrites.iter().collect();
+        ordered.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+        let find = |exact: bool| {
+            ordered.iter().find_map(|r| {
+                r.rules
+                    .iter()
+                    .find(|rule| {
+                        if exact {
+                            rule.matches.iter().any(|m| m == model)
+                        } else {
+                            rule.matches.is_empty()
+                        }
+                    })
+                    .map(|rule| (*r, rule))
+            })
+        };
+        find(true).or_else(|| find(false))
+    }
+
+    proptest::proptest! {
+        /// The index answers every model as the scan did: the same resource and rule, with ties
+        /// in creation time, duplicate matches, several generic rules and unknown models.
+        #[test]
+        fn the_rewrite_index_answers_as_the_scan(
+            rewrites in proptest::collection::vec(
+                (0i64..3, 0u8..4, proptest::collection::vec(
+                    proptest::collection::vec(0u8..5, 0..3), 1..4)),
+                0..6,
+            ),
+        ) {
+            let policies = Policies {
+                objectives: HashMap::new(),
+                rewrites: rewrites
+                    .iter()
+                    .enumerate()
+                    .map(|(n, (created, name, rules))| ModelRewrite {
+                        name: format!("r{name}-{}", n % 2),
+                        created: *created,
+                        rules: rules
+                            .iter()
+                            .enumerate()
+                            .map(|(i, matches)| RewriteRule {
+                                matches: matches.iter().map(|m| format!("m{m}")).collect(),
+                                targets: vec![RewriteTarget {
+                                    model: format!("t{n}-{i}"),
+                                    weight: 1,
+                                }],
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            };
+            let index = RewriteIndex::new(&policies);
+            for model in ["m0", "m1", "m2", "m3", "m4", "unknown"] {
+                let by_index = index
+                    .rule(&policies, model)
+                    .map(|(r, rule)| (r as *const ModelRewrite, rule as *const RewriteRule));
+                let by_scan = rewrite_rule_by_scan(&policies, model)
+                    .map(|(r, rule)| (r as *const ModelRewrite, rule as *const RewriteRule));
+                proptest::prop_assert_eq!(by_index, by_scan, "{}", model);
+            }
+        }
     }
 
     /// A prefill no stream will see ends by prediction: at the first decision after twice the
