@@ -130,7 +130,14 @@ pub struct Lookup {
     /// Base model → its adapters, both in name order: the `/v1/models` listing's order, built
     /// here so that listing never sorts.
     by_base: BTreeMap<String, BTreeSet<String>>,
+    /// Adapter names some source claims that are also a base model's (in name order, at most
+    /// [`MAX_SHADOWED_REPORTED`] kept): the base model keeps the name.
+    shadowed: Vec<String>,
+    shadowed_count: usize,
 }
+
+/// Most adapter names shadowing a base model kept for the log (all are counted).
+const MAX_SHADOWED_REPORTED: usize = 16;
 
 impl Lookup {
     /// The base model of `model`: its base for an adapter, itself for a base model, `None`
@@ -168,6 +175,12 @@ impl Lookup {
     pub fn is_known(&self, model: &str) -> bool {
         self.base_model(model).is_some()
     }
+
+    /// Adapter claims dropped because a base model has the name (a second team's ConfigMap
+    /// naming an adapter like another's base model would otherwise take that model's traffic).
+    pub fn shadowed(&self) -> usize {
+        self.shadowed_count
+    }
 }
 
 #[derive(Debug, Default)]
@@ -192,6 +205,21 @@ impl Sources {
                 lookup.adapters.insert(a.clone(), entry.base_model.clone());
             }
         }
+        // A base model keeps its own name: an adapter claim on it would send every request for
+        // that model to another model's pool.
+        let mut shadowed: Vec<String> = lookup
+            .adapters
+            .keys()
+            .filter(|a| lookup.base_models.contains_key(*a))
+            .cloned()
+            .collect();
+        shadowed.sort();
+        for name in &shadowed {
+            lookup.adapters.remove(name);
+        }
+        lookup.shadowed_count = shadowed.len();
+        shadowed.truncate(MAX_SHADOWED_REPORTED);
+        lookup.shadowed = shadowed;
         for base in lookup.base_models.keys() {
             lookup.by_base.insert(base.clone(), BTreeSet::new());
         }
@@ -255,6 +283,13 @@ impl Mapping {
             adapters = lookup.adapters(),
             "mapping updated"
         );
+        if lookup.shadowed() > 0 {
+            tracing::warn!(
+                count = lookup.shadowed(),
+                first = ?lookup.shadowed,
+                "mapping: adapter names that are also base models are ignored (the base model keeps them)"
+            );
+        }
         self.lookup.store(Arc::new(lookup));
         self.version.send_modify(|v| *v += 1);
     }
@@ -478,6 +513,23 @@ mod tests {
             (0..=MAX_SOURCES).map(|i| (format!("s{i}"), Entry::new(Some("b"), []).unwrap()));
         assert_eq!(m.reset(listing), 1);
         assert!(m.apply("new", Entry::new(Some("c"), []).unwrap()).is_err());
+    }
+
+    /// An adapter named like another source's base model does not take that model's requests
+    /// (adapters were looked up first): the base model keeps its name, and the conflict is
+    /// counted.
+    #[test]
+    fn an_adapter_named_like_a_base_model_does_not_take_its_requests() {
+        let m = Mapping::new();
+        m.apply("ns/llama", Entry::new(Some("llama"), ["food"]).unwrap())
+            .unwrap();
+        m.apply("ns/team-b", Entry::new(Some("qwen"), ["llama"]).unwrap())
+            .unwrap();
+        let l = m.lookup();
+        assert_eq!(l.base_model("llama"), Some("llama"));
+        assert_eq!(l.base_model("food"), Some("llama"));
+        assert_eq!((l.adapters(), l.shadowed()), (1, 1));
+        assert!(l.by_base().all(|(_, adapters)| !adapters.contains("llama")));
     }
 
     #[test]

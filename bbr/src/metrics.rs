@@ -93,6 +93,8 @@ pub struct Metrics {
     pub base_models: Gauge,
     /// Adapters in the mapping.
     pub adapters: Gauge,
+    /// Adapter names ignored because a base model has the name.
+    pub shadowed_adapters: Gauge,
     /// Mapping sources (ConfigMaps, file reads) rejected as invalid.
     pub sources_rejected: Counter,
     /// Open ext_proc streams.
@@ -126,6 +128,7 @@ impl Default for Metrics {
             duration: Family::new_with_constructor(duration_histogram),
             base_models: Gauge::default(),
             adapters: Gauge::default(),
+            shadowed_adapters: Gauge::default(),
             sources_rejected: Counter::default(),
             streams_inflight: Gauge::default(),
             task_exits: Family::default(),
@@ -141,7 +144,7 @@ impl Default for Metrics {
 
 /// Every family this module registers (names as exposed, without `_total`), checked against
 /// the registry by a test.
-pub const FAMILIES: [&str; 14] = [
+pub const FAMILIES: [&str; 15] = [
     "bbr_success",
     "bbr_body_field_not_found",
     "bbr_requests_by_model",
@@ -149,6 +152,7 @@ pub const FAMILIES: [&str; 14] = [
     "bbr_plugin_duration_seconds",
     "bbr_mapping_base_models",
     "bbr_mapping_adapters",
+    "bbr_mapping_shadowed_adapters",
     "bbr_mapping_sources_rejected",
     "bbr_extproc_streams_inflight",
     "bbr_task_exits",
@@ -196,6 +200,11 @@ impl Metrics {
             "mapping_adapters",
             "LoRA adapters in the adapter mapping",
             self.adapters.clone(),
+        );
+        r.register(
+            "mapping_shadowed_adapters",
+            "Adapter names in the mapping ignored because a base model has the name",
+            self.shadowed_adapters.clone(),
         );
         r.register(
             "mapping_sources_rejected",
@@ -248,6 +257,9 @@ impl Metrics {
 
     /// The bounded label of `model`.
     pub fn model_label(&self, lookup: &Lookup, model: &str) -> Arc<str> {
+        // The name as the mapping reads it: padded spellings of one model are one label, not
+        // one each of the known budget.
+        let model = model.trim();
         let mut budget = self.budget.lock();
         if let Some(l) = budget.names.get(model) {
             return l.clone();
@@ -311,6 +323,8 @@ impl Metrics {
             .set(i64::try_from(lookup.base_models()).unwrap_or(i64::MAX));
         self.adapters
             .set(i64::try_from(lookup.adapters()).unwrap_or(i64::MAX));
+        self.shadowed_adapters
+            .set(i64::try_from(lookup.shadowed()).unwrap_or(i64::MAX));
     }
 }
 
@@ -319,6 +333,38 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::mapping::{Entry, Mapping};
+
+    /// Whitespace-padded spellings of one mapped adapter (the lookup trims) share its label:
+    /// they once took one of the 1,000 known labels each, and a model mapped later was then
+    /// counted as "other".
+    #[test]
+    fn padded_names_share_one_label() {
+        let m = Metrics::default();
+        let mapping = Mapping::new();
+        mapping
+            .apply("a", Entry::new(Some("llama"), ["food"]).unwrap())
+            .unwrap();
+        let lookup = mapping.lookup();
+        let mut sent = 0;
+        'outer: for lead in 0..100 {
+            for trail in 0..100 {
+                let name = format!("{}food{}", " ".repeat(lead), " ".repeat(trail));
+                ext_proc::openai::validate_model_name(&name).unwrap();
+                m.routed(&lookup, &name, lookup.base_model(&name));
+                sent += 1;
+                if sent == MAX_KNOWN_MODELS {
+                    break 'outer;
+                }
+            }
+        }
+        mapping
+            .apply("b", Entry::new(Some("qwen"), ["sql"]).unwrap())
+            .unwrap();
+        let lookup = mapping.lookup();
+        assert_eq!(&*m.model_label(&lookup, "  food "), "food");
+        assert_eq!(&*m.model_label(&lookup, "sql"), "sql");
+        assert_eq!(&*m.model_label(&lookup, "qwen"), "qwen");
+    }
 
     #[test]
     fn client_model_names_cannot_grow_the_label_set() {
