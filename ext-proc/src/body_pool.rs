@@ -28,6 +28,10 @@ pub const MAX_POOLED: usize = 4 * 1024 * 1024;
 pub const MAX_IDLE_BUFFERS: usize = 16;
 /// Most idle bytes (capacity) kept in total.
 pub const MAX_IDLE_BYTES: usize = 8 * 1024 * 1024;
+/// Most bytes a fresh buffer reserves ahead of the body: the length is the client's word,
+/// and a stream that declares 16 MiB and sends nothing must not hold 16 MiB (outside the
+/// gathered-bytes budget, which counts what arrives). A longer body grows its buffer as it comes.
+pub const MAX_RESERVED_AHEAD: usize = MAX_POOLED;
 
 /// The process's pool for streamed request bodies.
 pub static REQUEST_BODIES: BodyPool = BodyPool::new();
@@ -77,7 +81,7 @@ impl BodyPool {
             None
         };
         BodyBuffer {
-            buf: reused.unwrap_or_else(|| Vec::with_capacity(capacity)),
+            buf: reused.unwrap_or_else(|| Vec::with_capacity(capacity.min(MAX_RESERVED_AHEAD))),
             pool: self,
         }
     }
@@ -202,7 +206,9 @@ mod tests {
         let mut short = pool.take(1000);
         short.extend_from_slice(b"{}");
         assert_eq!(&short.freeze()[..], b"{}");
-        drop(pool.take(MAX_POOLED + 1));
+        // A declared length is not reserved past MAX_RESERVED_AHEAD (in a pool of its own).
+        let declared_huge = self::pool().take(16 << 20);
+        assert_eq!(declared_huge.buf.capacity(), MAX_RESERVED_AHEAD);
         // A body that outgrew its declared length is kept only if it stayed within bounds.
         let mut grown = pool.take(0);
         grown.extend_from_slice(&vec![0; MAX_POOLED + 1]);
