@@ -71,7 +71,9 @@ impl BodyError {
 }
 
 /// Checks a model name from a client: non-empty, at most [`MAX_MODEL_NAME_BYTES`] bytes, no
-/// control characters.
+/// control characters, no invisible or direction-changing format characters (a name becomes a
+/// metric label and shows in `/debug/pool` and dashboards, where those would hide or reorder
+/// text).
 pub fn validate_model_name(model: &str) -> Result<(), BodyError> {
     if model.is_empty() {
         return Err(BodyError::MissingModel);
@@ -82,7 +84,29 @@ pub fn validate_model_name(model: &str) -> Result<(), BodyError> {
     if model.chars().any(char::is_control) {
         return Err(BodyError::InvalidModel("contains control characters"));
     }
+    if model.chars().any(is_invisible_format) {
+        return Err(BodyError::InvalidModel(
+            "contains invisible or bidirectional format characters",
+        ));
+    }
     Ok(())
+}
+
+/// Zero-width characters, bidirectional marks, embeddings, overrides and isolates, line and
+/// paragraph separators, invisible operators and the byte-order mark.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// The JSON type of a raw value, from its first byte.
@@ -592,6 +616,25 @@ mod tests {
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn model_names_with_invisible_or_bidi_characters_are_refused() {
+        for name in [
+            "a\u{202E}b",
+            "a\u{200B}",
+            "\u{FEFF}m",
+            "a\u{2028}b",
+            "a\u{2066}b",
+        ] {
+            assert!(
+                matches!(validate_model_name(name), Err(BodyError::InvalidModel(_))),
+                "{name:?}"
+            );
+        }
+        for name in ["meta-llama/Llama-3.1-8B", "qwen2.5:7b", "モデル", "a b"] {
+            assert!(validate_model_name(name).is_ok(), "{name:?}");
+        }
     }
 
     #[test]

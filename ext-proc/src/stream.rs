@@ -72,7 +72,11 @@ use crate::protocol::{
     REQUEST_ID,
 };
 use crate::recorder::{Completion, RecordKey, Recorder, Scheduled};
-use crate::untrusted::Untrusted;
+use crate::untrusted::{LogBudget, Untrusted};
+
+/// "request rejected" lines a second at INFO, the rest at DEBUG (the refusal counters count
+/// them all): a client can cause one a request.
+static REJECTION_LOG: LogBudget = LogBudget::new(20);
 
 /// The most of a non-streamed response body held: the copy kept to read `usage` at the end,
 /// and the body held whole to rewrite its model back. Past it, the copy is dropped (usage
@@ -932,12 +936,17 @@ impl StreamState {
     }
 
     fn fail(&mut self, error: RequestError, request: Option<&InferenceRequest>) -> Vec<Answer> {
-        tracing::info!(
-            model = %Untrusted(request.map_or("", |r| r.model.as_str())),
-            error = %error,
-            code = error.code(),
-            "request rejected"
-        );
+        let model = Untrusted(request.map_or("", |r| r.model.as_str()));
+        match REJECTION_LOG.allow() {
+            Some(not_logged) => tracing::info!(
+                %model,
+                %error,
+                code = error.code(),
+                not_logged,
+                "request rejected"
+            ),
+            None => tracing::debug!(%model, %error, code = error.code(), "request rejected"),
+        }
         self.ctx.recorder.on_rejected(request, &error);
         self.done = true;
         self.body = BodyBuffer::empty();

@@ -10,9 +10,63 @@
 // One escaper for the whole workspace: it lives in `kv-events`, the lowest crate that needs it.
 pub use kv_events::{MAX_LOGGED_CHARS, Untrusted};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
 /// `s` escaped and truncated, as an owned string (for error bodies).
 pub fn sanitize(s: &str) -> String {
     Untrusted(s).to_string()
+}
+
+/// A per-second allowance of log lines a client can cause: one line a refused request is
+/// useful, thousands a second under overload or a flood of bad bodies are a log bill and hide
+/// everything else. Past the allowance lines go to DEBUG; the next line allowed says how many
+/// were not logged. The counters are what to alert on.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_second: u64,
+    second: AtomicU64,
+    used: AtomicU64,
+    held_back: AtomicU64,
+}
+
+impl LogBudget {
+    /// At most `per_second` lines a second.
+    pub const fn new(per_second: u64) -> Self {
+        Self {
+            per_second,
+            second: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last allowed one)` if a line may be logged now at its
+    /// level, `None` if it must go to DEBUG.
+    pub fn allow(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.allow_at(now)
+    }
+
+    fn allow_at(&self, second: u64) -> Option<u64> {
+        let current = self.second.load(Ordering::Relaxed);
+        if current != second
+            && self
+                .second
+                .compare_exchange(current, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -29,6 +83,29 @@ mod tests {
             "m\\n2026-01-01T00:00:00Z  INFO forged\\u{1b}[31m\\r\\u{85}\\\"\\\\"
         );
         assert_eq!(format!("{:?}", Untrusted("a\nb")), "\"a\\nb\"");
+    }
+
+    #[test]
+    fn a_log_budget_allows_so_many_lines_a_second_and_counts_the_rest() {
+        let budget = LogBudget::new(2);
+        assert_eq!(
+            [
+                budget.allow_at(10),
+                budget.allow_at(10),
+                budget.allow_at(10),
+                budget.allow_at(10)
+            ],
+            [Some(0), Some(0), None, None]
+        );
+        // The next second's first line says two were held back.
+        assert_eq!(
+            [
+                budget.allow_at(11),
+                budget.allow_at(11),
+                budget.allow_at(11)
+            ],
+            [Some(2), Some(0), None]
+        );
     }
 
     #[test]
