@@ -142,6 +142,33 @@ impl RewriteIndex {
     }
 }
 
+/// Longest model name a rewrite may send a request to (a client's model name is held to the
+/// same bound).
+const MAX_TARGET_MODEL_BYTES: usize = 256;
+
+/// Drops the rewrite targets no engine could serve (an empty model, an over-long one, control
+/// characters: they would be written into the request body), with a warning naming the
+/// resource. A rule left without targets rewrites nothing.
+fn drop_unusable_targets(policies: &mut Policies) {
+    for rewrite in &mut policies.rewrites {
+        for rule in &mut rewrite.rules {
+            let before = rule.targets.len();
+            rule.targets.retain(|t| {
+                !t.model.is_empty()
+                    && t.model.len() <= MAX_TARGET_MODEL_BYTES
+                    && !t.model.chars().any(char::is_control)
+            });
+            if rule.targets.len() < before {
+                tracing::warn!(
+                    rewrite = %rewrite.name,
+                    dropped = before - rule.targets.len(),
+                    "InferenceModelRewrite: targets with an empty, over-long or unprintable model ignored"
+                );
+            }
+        }
+    }
+}
+
 /// The policies in force and their rewrite index, swapped together.
 #[derive(Debug, Default)]
 struct ActivePolicies {
@@ -484,7 +511,8 @@ impl Director {
     }
 
     /// Replaces objectives and rewrites.
-    pub fn set_policies(&self, policies: Policies) {
+    pub fn set_policies(&self, mut policies: Policies) {
+        drop_unusable_targets(&mut policies);
         let rewrites = RewriteIndex::new(&policies);
         self.policies.store(Arc::new(ActivePolicies {
             policies: Arc::new(policies),
@@ -1289,5 +1317,30 @@ mod tests {
         let mut free = req();
         d.resolve(&mut free, Some("forced"));
         assert_eq!(free.target_model, "forced");
+        // Targets no engine could serve are dropped when the policies are set: the request
+        // goes to a usable one, or, with none left, is not rewritten.
+        let long = "x".repeat(MAX_TARGET_MODEL_BYTES + 1);
+        d.set_policies(Policies {
+            objectives: HashMap::new(),
+            rewrites: vec![ModelRewrite {
+                name: "careless".into(),
+                created: 1,
+                rules: vec![
+                    rule(&["m"], &[("", 5), (long.as_str(), 5), ("ok", 1)]),
+                    rule(&["n"], &[("bad\nname", 1)]),
+                ],
+            }],
+        });
+        for _ in 0..20 {
+            let mut r = req();
+            d.resolve(&mut r, None);
+            assert_eq!(r.target_model, "ok");
+        }
+        let mut n = InferenceRequest {
+            model: "n".into(),
+            ..Default::default()
+        };
+        d.resolve(&mut n, None);
+        assert_eq!(n.target_model, "n");
     }
 }
