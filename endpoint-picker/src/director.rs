@@ -698,13 +698,13 @@ impl Director {
 }
 
 impl Director {
-    /// No stream will see `routed`'s first token: a non-streamed answer (its headers come with
-    /// the whole answer) or a streamed one on the lean response path with no observer. Its
-    /// prompt then stops counting as queued prefill on its replica at
-    /// [`PREDICTED_PREFILL_MARGIN`] times the cost model's calibrated time to first token
-    /// (at most [`MAX_PREDICTED_PREFILL`]) instead of at the answer's end, which on a long
-    /// answer would count it as queued for many times its real prefill. Ended at the next
-    /// decision after that time; a request without a cost prediction keeps the old end.
+    /// The routing stream will not see `routed`'s first token: a non-streamed answer (its
+    /// headers come with the whole answer) or a streamed one on the lean or minimal response
+    /// path. Its prompt then stops counting as queued prefill on its replica at twice the cost
+    /// model's calibrated time to first token (at most 120 s), instead of at the answer's end,
+    /// which on a long answer is many times its real prefill. Ended at the next decision after
+    /// that time, or sooner by a response observer's first chunk; a request without a cost
+    /// prediction keeps the old end.
     pub fn end_prefill_by_prediction(&self, routed: &Routed) {
         let Some(guard) = routed.in_flight.as_ref() else {
             return;
