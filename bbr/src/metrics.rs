@@ -334,16 +334,21 @@ mod tests {
     use super::*;
     use crate::mapping::{Entry, Mapping};
 
+    /// Fresh metrics, and a mapping of one base model `llama` with one adapter `food`.
+    fn llama_with_food() -> (Metrics, Arc<Mapping>) {
+        let mapping = Mapping::new();
+        mapping
+            .apply("a", Entry::new(Some("llama"), ["food"]).unwrap())
+            .unwrap();
+        (Metrics::default(), mapping)
+    }
+
     /// Whitespace-padded spellings of one mapped adapter (the lookup trims) share its label:
     /// they once took one of the 1,000 known labels each, and a model mapped later was then
     /// counted as "other".
     #[test]
     fn padded_names_share_one_label() {
-        let m = Metrics::default();
-        let mapping = Mapping::new();
-        mapping
-            .apply("a", Entry::new(Some("llama"), ["food"]).unwrap())
-            .unwrap();
+        let (m, mapping) = llama_with_food();
         let lookup = mapping.lookup();
         let mut sent = 0;
         'outer: for lead in 0..100 {
@@ -368,11 +373,7 @@ mod tests {
 
     #[test]
     fn client_model_names_cannot_grow_the_label_set() {
-        let m = Metrics::default();
-        let mapping = Mapping::new();
-        mapping
-            .apply("a", Entry::new(Some("llama"), ["food"]).unwrap())
-            .unwrap();
+        let (m, mapping) = llama_with_food();
         let lookup = mapping.lookup();
         for i in 0..10_000 {
             m.routed(&lookup, &format!("random-{i}"), None);

@@ -14,7 +14,7 @@ use endpoint_picker::datastore::{
 use endpoint_picker::lora::config::{self, MAX_ID_BYTES};
 use endpoint_picker::lora::engine::MAX_LISTED_ADAPTERS;
 use endpoint_picker::lora::plan::Action;
-use epp::lora_placement::{Placement, PlacementMetrics, PlacementSettingsArgs};
+use epp::lora_placement::{Placement, PlacementMetrics, PlacementSettings, PlacementSettingsArgs};
 use prometheus_client::registry::Registry;
 
 const CATALOGUE: &str = "\
@@ -34,6 +34,23 @@ struct Rig {
     datastore: Arc<Datastore>,
     placement: Placement,
     metrics: PlacementMetrics,
+}
+
+/// The tests' placement settings: a pass a second, quick demand, `call_timeout` per call.
+fn settings(catalogue_text: &str, call_timeout: Duration) -> PlacementSettings {
+    PlacementSettingsArgs {
+        catalogue: Some(config::parse(catalogue_text, true).unwrap()),
+        interval: Duration::from_secs(1),
+        min_dwell: Duration::from_secs(5),
+        max_changes: 10,
+        band: 0.25,
+        min_rate: 0.05,
+        demand_half_life: Duration::from_secs(1),
+        max_adapters_per_endpoint: 0,
+        call_timeout,
+    }
+    .check()
+    .unwrap()
 }
 
 async fn rig(replicas: usize) -> Rig {
@@ -76,21 +93,12 @@ async fn rig_with(replicas: usize, catalogue_text: &str) -> Rig {
             ..EngineMetrics::default()
         });
     }
-    let settings = PlacementSettingsArgs {
-        catalogue: Some(config::parse(catalogue_text, true).unwrap()),
-        interval: Duration::from_secs(1),
-        min_dwell: Duration::from_secs(5),
-        max_changes: 10,
-        band: 0.25,
-        min_rate: 0.05,
-        demand_half_life: Duration::from_secs(1),
-        max_adapters_per_endpoint: 0,
-        call_timeout: Duration::from_secs(600),
-    }
-    .check()
-    .unwrap();
     let metrics = PlacementMetrics::default();
-    let placement = Placement::new(settings, datastore.clone(), metrics.clone());
+    let placement = Placement::new(
+        settings(catalogue_text, Duration::from_secs(600)),
+        datastore.clone(),
+        metrics.clone(),
+    );
     Rig {
         sims,
         datastore,
@@ -380,20 +388,11 @@ async fn an_engines_adapter_listing_is_capped() {
         readiness: Readiness::Serving,
         ..EngineMetrics::default()
     });
-    let settings = PlacementSettingsArgs {
-        catalogue: Some(config::parse(CATALOGUE, true).unwrap()),
-        interval: Duration::from_secs(1),
-        min_dwell: Duration::from_secs(5),
-        max_changes: 10,
-        band: 0.25,
-        min_rate: 0.05,
-        demand_half_life: Duration::from_secs(1),
-        max_adapters_per_endpoint: 0,
-        call_timeout: Duration::from_secs(30),
-    }
-    .check()
-    .unwrap();
-    let placement = Placement::new(settings, datastore.clone(), PlacementMetrics::default());
+    let placement = Placement::new(
+        settings(CATALOGUE, Duration::from_secs(30)),
+        datastore.clone(),
+        PlacementMetrics::default(),
+    );
     let mut st = placement.state();
     let r = placement.pass(&mut st).await;
     assert_eq!(r.listed, 1);
