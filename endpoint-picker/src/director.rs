@@ -291,26 +291,41 @@ struct Prefill {
     load: Arc<EndpointLoad>,
     tokens: u64,
     prefilling: AtomicBool,
+    /// Whether the calibration may no longer learn from this request: it did once, or the
+    /// request was released. Apart from `prefilling`: a prefill ended by prediction still
+    /// learns from the first token an observer sees afterwards.
+    calibrated: AtomicBool,
     routed_at: Instant,
     /// The uncorrected model's TTFT for this request there, seconds, when a cost model ran.
     raw_ttft: Option<f64>,
 }
 
 impl Prefill {
+    /// The prompt no longer counts as queued; with `observed` (a real first token, now) the
+    /// endpoint's calibration learns from it, once per request.
     fn end(&self, observed: bool) {
-        if !self.prefilling.swap(false, Ordering::AcqRel) {
-            return;
+        if self.prefilling.swap(false, Ordering::AcqRel) {
+            self.load.prefilling.fetch_sub(1, Ordering::Relaxed);
+            self.load
+                .prefill_tokens
+                .fetch_sub(self.tokens, Ordering::Relaxed);
         }
-        self.load.prefilling.fetch_sub(1, Ordering::Relaxed);
-        self.load
-            .prefill_tokens
-            .fetch_sub(self.tokens, Ordering::Relaxed);
-        if observed && let Some(raw) = self.raw_ttft {
+        if observed
+            && let Some(raw) = self.raw_ttft
+            && !self.calibrated.swap(true, Ordering::AcqRel)
+        {
             self.load.calibration.observe(
                 Duration::from_secs_f64(raw.max(0.0)),
                 self.routed_at.elapsed(),
             );
         }
+    }
+
+    /// The request left: nothing of it counts, and a first token told later (an observer
+    /// reading a short answer after its end) is no time to first token.
+    fn release(&self) {
+        self.calibrated.store(true, Ordering::Release);
+        self.end(false);
     }
 }
 
@@ -345,6 +360,7 @@ impl InFlightGuard {
                 load: load.clone(),
                 tokens: prefill_tokens,
                 prefilling: AtomicBool::new(true),
+                calibrated: AtomicBool::new(false),
                 routed_at: Instant::now(),
                 raw_ttft,
             }),
@@ -360,7 +376,7 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.prefill.end(false);
+        self.prefill.release();
         self.load.requests.fetch_sub(1, Ordering::Relaxed);
         if let Some(flow) = &self.flow {
             flow.wake();
@@ -485,6 +501,10 @@ impl Director {
     /// subset hint does not narrow it, as in the reference). `dispatched` requests let go by
     /// flow control and not routed yet count as load.
     pub fn pool_reading(&self, dispatched: u64) -> PoolReading {
+        let now = Instant::now();
+        // Flow control reads saturation from the prefills counted: ended by prediction here
+        // too, or a pool holding requests would wait for a routing that cannot come.
+        self.in_flight.end_due_prefills(now);
         let snapshot = self.datastore.snapshot();
         let all = self.candidates.lease(&snapshot.endpoints);
         let candidates = ready_candidates(&all);
@@ -492,7 +512,7 @@ impl Director {
             &candidates,
             &self.in_flight.view(),
             dispatched,
-            Instant::now(),
+            now,
         );
         PoolReading {
             endpoints: candidates.len(),
@@ -578,17 +598,19 @@ impl Director {
         if request.target_model.is_empty() {
             request.target_model = request.model.clone();
         }
-        let rule = active
+        let matched = active
             .rewrites
             .rule(policies, &request.model)
-            .map(|(_, rule)| rule)
-            .filter(|rule| !rule.targets.is_empty());
-        if rule.is_none()
+            .map(|(_, rule)| rule);
+        // A rule that matches owns the model, even with no usable target left: the header
+        // applies only where the operator wrote no rule.
+        if matched.is_none()
             && let Some(forced) = forced_target.filter(|f| !f.is_empty())
         {
             request.target_model = forced.to_owned();
             return;
         }
+        let rule = matched.filter(|rule| !rule.targets.is_empty());
         if let Some(rule) = rule {
             let total: u64 = rule.targets.iter().map(|t| u64::from(t.weight)).sum();
             let mut rng = self.rng.lock();
@@ -985,6 +1007,25 @@ mod tests {
             (reading.requests, reading.prefilling, reading.prefill_tokens),
             (0, 0, 0)
         );
+        // An observer's first token after the deadline is still a sample for the calibration,
+        // once; a first token told after the release is not.
+        let samples = || d.in_flight().load_of(id).calibration.samples();
+        let late = d.route(&prompt(5), None, false).unwrap();
+        d.end_prefill_by_prediction(&late);
+        let handle = late.first_token_handle().unwrap();
+        tokio::time::advance(Duration::from_secs(120)).await;
+        // Flow control's reading ends due prefills too (no decision needed).
+        d.pool_reading(0);
+        assert_eq!(d.in_flight().reading(id).prefilling, 0);
+        let before = samples();
+        handle.seen(true);
+        handle.seen(true);
+        assert_eq!(samples(), before + 1);
+        let released = d.route(&prompt(6), None, false).unwrap();
+        let handle = released.first_token_handle().unwrap();
+        drop((late, released));
+        handle.seen(true);
+        assert_eq!(samples(), before + 1);
         // The reference's default profile predicts nothing: no deadline is kept.
         let plain = director(1);
         let routed = plain.route(&req(), None, false).unwrap();
@@ -1341,6 +1382,13 @@ mod tests {
             ..Default::default()
         };
         d.resolve(&mut n, None);
+        assert_eq!(n.target_model, "n");
+        // Nor does the trusted header take a model whose rule lost its targets.
+        let mut n = InferenceRequest {
+            model: "n".into(),
+            ..Default::default()
+        };
+        d.resolve(&mut n, Some("forced"));
         assert_eq!(n.target_model, "n");
     }
 }

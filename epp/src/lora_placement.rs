@@ -14,8 +14,9 @@
 //! flight there and the engine's scraped running and waiting lists do not name it; otherwise
 //! it is put back and retried on a later pass. An endpoint whose listing fails is skipped (and
 //! its adapters unpublished: what it holds is unknown), a load or unload that fails is not
-//! tried again on that endpoint for a while: each with a backoff doubling from the interval to
-//! [`MAX_BACKOFF`]. The `ensureNotExist` adapters an endpoint lists are never published, so
+//! tried again on that endpoint for a while, nor are that endpoint's other planned changes
+//! meanwhile (the plan pairs an unload with the load it makes room for): each with a backoff
+//! doubling from the interval to [`MAX_BACKOFF`]. The `ensureNotExist` adapters an endpoint lists are never published, so
 //! requests for them are not steered to it and it drains. Nothing runs on the request path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -331,7 +332,19 @@ pub struct LoopState {
     /// Loads and unloads that failed, per (endpoint, adapter): consecutive failures and when
     /// to try again. Apart from `backoff`: an endpoint that lists fine but refuses one
     /// adapter (a wrong source, a hub error) keeps its other adapters published and placed.
-    action_backoff: HashMap<(EndpointId, String), (u32, Instant)>,
+    action_backoff: HashMap<ActionKey, (u32, Instant)>,
+}
+
+/// A load or an unload of one adapter on one endpoint, as backed off: (endpoint, adapter, is a
+/// load). A load and an unload of the same adapter back off apart.
+type ActionKey = (EndpointId, String, bool);
+
+fn action_key(action: &Action) -> ActionKey {
+    (
+        action.endpoint(),
+        action.adapter().to_owned(),
+        matches!(action, Action::Load { .. }),
+    )
 }
 
 /// The placement: catalogue, demand counters, and the loop.
@@ -436,7 +449,10 @@ impl Placement {
         let snapshot = self.datastore.snapshot();
         let live: BTreeSet<EndpointId> = snapshot.endpoints.iter().map(|e| e.id).collect();
         st.backoff.retain(|id, _| live.contains(id));
-        st.action_backoff.retain(|(id, _), _| live.contains(id));
+        // A failure is forgotten a while after its retry was due and not made (the plan no
+        // longer wanted it): the next failure then backs off from the start again.
+        st.action_backoff
+            .retain(|(id, _, _), (_, at)| live.contains(id) && *at + MAX_BACKOFF > now);
         st.since.retain(|(id, _), _| live.contains(id));
 
         // 1. What each usable endpoint holds.
@@ -545,15 +561,23 @@ impl Placement {
             &st.previous,
         );
         st.previous = decided.desired.clone();
-        // An action that failed lately waits out its backoff; the others go ahead.
+        // An action that failed lately waits out its backoff, and so does the rest of its
+        // endpoint's plan for this pass: the plan pairs an unload with the load it makes room
+        // for, and one without the other would evict for nothing or load past the slots.
+        let waiting: BTreeSet<EndpointId> = decided
+            .actions
+            .iter()
+            .filter(|a| {
+                st.action_backoff
+                    .get(&action_key(a))
+                    .is_some_and(|(_, at)| *at > now)
+            })
+            .map(Action::endpoint)
+            .collect();
         let actions: Vec<Action> = decided
             .actions
             .into_iter()
-            .filter(|a| {
-                st.action_backoff
-                    .get(&(a.endpoint(), a.adapter().to_owned()))
-                    .is_none_or(|(_, at)| *at <= now)
-            })
+            .filter(|a| !waiting.contains(&a.endpoint()))
             .collect();
         for (adapter, want) in &decided.desired {
             let on = listed.iter().filter(|(_, n)| n.contains(adapter)).count();
@@ -599,7 +623,7 @@ impl Placement {
                 continue;
             };
             for (action, result) in &done {
-                let pair = (id, action.adapter().to_owned());
+                let pair = action_key(action);
                 match (action, *result) {
                     (Action::Load { adapter, .. }, "success") => {
                         st.action_backoff.remove(&pair);
@@ -612,7 +636,7 @@ impl Placement {
                     (_, "error") => {
                         let failures = st.action_backoff.get(&pair).map_or(0, |(n, _)| *n) + 1;
                         let delay = self.backoff_after(failures);
-                        tracing::info!(endpoint = ?id, adapter = %pair.1, retry_in = ?delay, "LoRA placement: action backed off");
+                        tracing::info!(endpoint = ?id, adapter = %pair.1, load = pair.2, retry_in = ?delay, "LoRA placement: action backed off");
                         st.action_backoff.insert(pair, (failures, now + delay));
                     }
                     _ => {}

@@ -92,8 +92,10 @@ pub fn validate_model_name(model: &str) -> Result<(), BodyError> {
     Ok(())
 }
 
-/// Zero-width characters, bidirectional marks, embeddings, overrides and isolates, line and
-/// paragraph separators, invisible operators and the byte-order mark.
+/// Zero-width characters and joiners, bidirectional marks, embeddings, overrides and isolates,
+/// line and paragraph separators, invisible operators, Hangul fillers, musical formatting
+/// controls, tag characters and the byte-order mark: Unicode's default-ignorable format
+/// characters that hide or reorder text (variation selectors, which only pick a glyph, pass).
 fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
@@ -104,8 +106,15 @@ fn is_invisible_format(c: char) -> bool {
             | '\u{2028}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{206F}'
+            | '\u{034F}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{3164}'
+            | '\u{FFA0}'
             | '\u{FEFF}'
             | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E007F}'
     )
 }
 
@@ -626,6 +635,8 @@ mod tests {
             "\u{FEFF}m",
             "a\u{2028}b",
             "a\u{2066}b",
+            "m\u{E0041}\u{E007F}",
+            "a\u{3164}",
         ] {
             assert!(
                 matches!(validate_model_name(name), Err(BodyError::InvalidModel(_))),
