@@ -347,6 +347,26 @@ fn action_key(action: &Action) -> ActionKey {
     )
 }
 
+/// The planned actions that may run now: an action that failed lately waits out its backoff,
+/// and so does the rest of its endpoint's plan for this pass (the plan pairs an unload with the
+/// load it makes room for, and one without the other would evict for nothing or load past the
+/// slots). The other endpoints' actions go ahead.
+fn actions_due(
+    actions: Vec<Action>,
+    backoff: &HashMap<ActionKey, (u32, Instant)>,
+    now: Instant,
+) -> Vec<Action> {
+    let waiting: BTreeSet<EndpointId> = actions
+        .iter()
+        .filter(|a| backoff.get(&action_key(a)).is_some_and(|(_, at)| *at > now))
+        .map(Action::endpoint)
+        .collect();
+    actions
+        .into_iter()
+        .filter(|a| !waiting.contains(&a.endpoint()))
+        .collect()
+}
+
 /// The placement: catalogue, demand counters, and the loop.
 #[derive(Debug)]
 pub struct Placement {
@@ -561,24 +581,7 @@ impl Placement {
             &st.previous,
         );
         st.previous = decided.desired.clone();
-        // An action that failed lately waits out its backoff, and so does the rest of its
-        // endpoint's plan for this pass: the plan pairs an unload with the load it makes room
-        // for, and one without the other would evict for nothing or load past the slots.
-        let waiting: BTreeSet<EndpointId> = decided
-            .actions
-            .iter()
-            .filter(|a| {
-                st.action_backoff
-                    .get(&action_key(a))
-                    .is_some_and(|(_, at)| *at > now)
-            })
-            .map(Action::endpoint)
-            .collect();
-        let actions: Vec<Action> = decided
-            .actions
-            .into_iter()
-            .filter(|a| !waiting.contains(&a.endpoint()))
-            .collect();
+        let actions = actions_due(decided.actions, &st.action_backoff, now);
         for (adapter, want) in &decided.desired {
             let on = listed.iter().filter(|(_, n)| n.contains(adapter)).count();
             let labels = AdapterLabels {
@@ -763,6 +766,47 @@ impl EndpointJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backed-off action holds back its endpoint's other actions of the pass (an unload and
+    /// the load it makes room for go together), not the other endpoints'; its key tells a load
+    /// from an unload, and a backoff that is over holds nothing.
+    #[test]
+    fn a_backed_off_action_holds_its_endpoints_plan_only() {
+        let now = Instant::now();
+        let (e0, e1) = (EndpointId(0), EndpointId(1));
+        let unload = |endpoint, adapter: &str| Action::Unload {
+            endpoint,
+            adapter: adapter.into(),
+        };
+        let load = |endpoint, adapter: &str| Action::Load {
+            endpoint,
+            adapter: adapter.into(),
+        };
+        let plan = vec![
+            unload(e0, "old"),
+            load(e0, "new"),
+            unload(e1, "old"),
+            load(e1, "new"),
+        ];
+        let mut backoff = HashMap::new();
+        backoff.insert(
+            action_key(&unload(e0, "old")),
+            (1, now + Duration::from_secs(2)),
+        );
+        // The same adapter's load on e1 is not the backed-off unload on e0.
+        backoff.insert(
+            action_key(&load(e1, "old")),
+            (1, now + Duration::from_secs(2)),
+        );
+        assert_eq!(
+            actions_due(plan.clone(), &backoff, now),
+            [unload(e1, "old"), load(e1, "new")]
+        );
+        assert_eq!(
+            actions_due(plan.clone(), &backoff, now + Duration::from_secs(2)),
+            plan
+        );
+    }
 
     #[test]
     fn families_list_matches_the_registry() {
