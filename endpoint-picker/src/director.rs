@@ -225,6 +225,18 @@ impl Ord for PrefillDeadline {
 }
 
 impl InFlight {
+    /// `prefill` ends at `at` (by the first [`InFlight::end_due_prefills`] after it) unless it
+    /// ended before; past [`MAX_PREFILL_DEADLINES`] waiting, it keeps its old end.
+    fn end_prefill_at(&self, prefill: &Arc<Prefill>, at: Instant) {
+        let mut due = self.prefill_deadlines.lock();
+        if due.len() < MAX_PREFILL_DEADLINES {
+            due.push(PrefillDeadline {
+                at,
+                prefill: Arc::downgrade(prefill),
+            });
+        }
+    }
+
     /// Ends every unseen prefill whose predicted end has passed by `now`.
     fn end_due_prefills(&self, now: Instant) {
         let mut due = self.prefill_deadlines.lock();
@@ -717,9 +729,7 @@ impl Director {
             _lora_demand: lora_demand,
         })
     }
-}
 
-impl Director {
     /// The routing stream will not see `routed`'s first token: a non-streamed answer (its
     /// headers come with the whole answer) or a streamed one on the lean or minimal response
     /// path. Its prompt then stops counting as queued prefill on its replica at twice the cost
@@ -728,25 +738,19 @@ impl Director {
     /// that time, or sooner by a response observer's first chunk; a request without a cost
     /// prediction keeps the old end.
     pub fn end_prefill_by_prediction(&self, routed: &Routed) {
-        let Some(guard) = routed.in_flight.as_ref() else {
+        let Some(prefill) = routed.in_flight.as_ref().map(|g| &g.prefill) else {
             return;
         };
-        let prefill = &guard.prefill;
         let Some(raw) = prefill.raw_ttft else {
             return;
         };
         let predicted = raw * prefill.load.calibration.factor() * PREDICTED_PREFILL_MARGIN;
-        if !(predicted.is_finite() && predicted >= 0.0) {
-            return;
-        }
-        let at = prefill.routed_at
-            + Duration::from_secs_f64(predicted.min(MAX_PREDICTED_PREFILL.as_secs_f64()));
-        let mut due = self.in_flight.prefill_deadlines.lock();
-        if due.len() < MAX_PREFILL_DEADLINES {
-            due.push(PrefillDeadline {
-                at,
-                prefill: Arc::downgrade(prefill),
-            });
+        if predicted.is_finite() && predicted >= 0.0 {
+            let counted = predicted.min(MAX_PREDICTED_PREFILL.as_secs_f64());
+            self.in_flight.end_prefill_at(
+                prefill,
+                prefill.routed_at + Duration::from_secs_f64(counted),
+            );
         }
     }
 }

@@ -7,7 +7,7 @@
 //! values, then `other`, as the reference caps it), models through [`ModelLabels`]; priorities
 //! come from the operator's InferenceObjectives and outcomes from a fixed set.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -153,7 +153,7 @@ pub struct FlowMetrics {
     models: Arc<ModelLabels>,
     fairness: FairnessLabels,
     /// The label sets given out so far ([`MAX_FLOW_LABEL_SETS`]).
-    label_sets: RwLock<HashSet<FlowRecordKey>>,
+    label_sets: FirstSeen<FlowRecordKey>,
     pool: RwLock<String>,
 }
 
@@ -177,7 +177,7 @@ impl FlowMetrics {
             demand_ratio: Family::default(),
             models,
             fairness: FairnessLabels::default(),
-            label_sets: RwLock::new(HashSet::new()),
+            label_sets: FirstSeen::new(MAX_FLOW_LABEL_SETS),
             pool: RwLock::new(String::new()),
         };
         for (i, prefix) in ["llm_d_epp", "inference_extension"].iter().enumerate() {
@@ -315,19 +315,14 @@ impl FlowMetrics {
 impl FlowMetrics {
     /// `key` if it is one of the first [`MAX_FLOW_LABEL_SETS`] sets, else the overflow set.
     fn label_set(&self, key: FlowRecordKey) -> FlowRecordKey {
-        if self.label_sets.read().contains(&key) {
+        if self.label_sets.admits(&key) {
             return key;
         }
-        let mut sets = self.label_sets.write();
-        if sets.len() < MAX_FLOW_LABEL_SETS || sets.contains(&key) {
-            sets.insert(key.clone());
-            return key;
-        }
-        let other: Arc<str> = Arc::from(OVERFLOW_LABEL);
+        let other = &self.fairness.overflow;
         FlowRecordKey {
             fairness_id: other.clone(),
             model: other.clone(),
-            target_model: other,
+            target_model: other.clone(),
         }
     }
 }
@@ -378,18 +373,48 @@ impl FlowObserver for FlowMetrics {
     }
 }
 
+/// The first `max` distinct values seen, each admitted for the life of the process; later
+/// ones are not. What keeps a family's label sets bounded when its values come from clients.
+#[derive(Debug)]
+struct FirstSeen<K> {
+    seen: RwLock<HashSet<K>>,
+    max: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> FirstSeen<K> {
+    fn new(max: usize) -> Self {
+        Self {
+            seen: RwLock::new(HashSet::new()),
+            max,
+        }
+    }
+
+    /// Whether `value` is, or now becomes, one of the first `max`.
+    fn admits(&self, value: &K) -> bool {
+        if self.seen.read().contains(value) {
+            return true;
+        }
+        let mut seen = self.seen.write();
+        if seen.len() < self.max || seen.contains(value) {
+            seen.insert(value.clone());
+            return true;
+        }
+        false
+    }
+}
+
 /// Fairness ids as label values: the first [`MAX_FAIRNESS_LABELS`] distinct ids keep their
 /// own (for the life of the process), every later one is `other`.
 #[derive(Debug)]
 pub struct FairnessLabels {
-    names: RwLock<HashMap<Arc<str>, Arc<str>>>,
+    ids: FirstSeen<Arc<str>>,
     overflow: Arc<str>,
 }
 
 impl Default for FairnessLabels {
     fn default() -> Self {
         Self {
-            names: RwLock::new(HashMap::new()),
+            ids: FirstSeen::new(MAX_FAIRNESS_LABELS),
             overflow: Arc::from(OVERFLOW_LABEL),
         }
     }
@@ -398,18 +423,11 @@ impl Default for FairnessLabels {
 impl FairnessLabels {
     /// The label value of `id`.
     pub fn label(&self, id: &Arc<str>) -> Arc<str> {
-        if let Some(l) = self.names.read().get(id) {
-            return l.clone();
+        if self.ids.admits(id) {
+            id.clone()
+        } else {
+            self.overflow.clone()
         }
-        let mut names = self.names.write();
-        if let Some(l) = names.get(id) {
-            return l.clone();
-        }
-        if names.len() >= MAX_FAIRNESS_LABELS {
-            return self.overflow.clone();
-        }
-        names.insert(id.clone(), id.clone());
-        id.clone()
     }
 }
 
