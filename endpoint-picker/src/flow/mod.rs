@@ -23,9 +23,19 @@
 //! - **capacity**: per band (`maxRequests`, `maxBytes`) and global; a request that does not fit
 //!   is rejected at once. A request's bytes are what the EPP holds for it while it waits
 //!   ([`crate::request::InferenceRequest::held_bytes`]: body, token ids, headers), so that
-//!   `maxBytes` bounds memory; the reference counts the body alone. With `enableEviction`, one that does not fit the *global* caps first
-//!   evicts queued sheddable requests (priority < 0) of lower priority: lowest priority first,
-//!   newest first within it, and only if that makes room;
+//!   `maxBytes` bounds memory; the reference counts the body alone. With `enableEviction`, one
+//!   that does not fit the *global* caps first evicts queued sheddable requests (priority < 0)
+//!   of lower priority: lowest priority first, newest first within it, and only if that makes
+//!   room;
+//! - **fair share** (a deviation): in a band whose fairness policy serves flows in turn
+//!   (round robin, least attained service), a request that does not fit takes its room from
+//!   the newest requests of the band's largest flows (by the larger of a flow's fractions of
+//!   the band's two caps), each only while that flow holds more than the newcomer's flow
+//!   would, at most [`MAX_FAIR_SHARE_EVICTIONS`] of them, and only if that makes room
+//!   (`EvictedFairShare`, 429 `evicted-fair-share`). Without it one flow can fill a band and
+//!   every other tenant is refused, which would make the fairness policy moot under overload.
+//!   The largest flow is the one refused, as in fq_codel's drop from the fattest queue. Under
+//!   global strict (one arrival-ordered queue) the newcomer is refused, as in the reference;
 //! - a client that goes away drops its [`Ticket`]: the request leaves its queue at once and its
 //!   capacity is free for the next.
 //!
@@ -38,7 +48,7 @@
 pub mod config;
 pub mod policy;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -72,7 +82,8 @@ pub const AGENT_IDENTITY_HEADERS: [&str; 4] = [
 ];
 
 /// What became of a request that entered flow control (the reference's outcome names, plus
-/// `EvictedPriority` for the displacement `enableEviction` does here).
+/// `EvictedPriority` for the displacement `enableEviction` does here and `EvictedFairShare` for
+/// the one a full band's fair share does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// Let go to the scheduler.
@@ -93,11 +104,13 @@ pub enum Outcome {
     EvictedOther,
     /// Displaced by a higher-priority request (`enableEviction`).
     EvictedPriority,
+    /// Displaced from a full band by a request of a flow holding less of it (fair share).
+    EvictedFairShare,
 }
 
 impl Outcome {
     /// Every outcome, for metric and debug listings.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Dispatched,
         Outcome::RejectedCapacity,
         Outcome::RejectedNoEndpoints,
@@ -107,6 +120,7 @@ impl Outcome {
         Outcome::EvictedContextCancelled,
         Outcome::EvictedOther,
         Outcome::EvictedPriority,
+        Outcome::EvictedFairShare,
     ];
 
     /// The reference's label value.
@@ -121,6 +135,7 @@ impl Outcome {
             Outcome::EvictedContextCancelled => "EvictedContextCancelled",
             Outcome::EvictedOther => "EvictedOther",
             Outcome::EvictedPriority => "EvictedPriority",
+            Outcome::EvictedFairShare => "EvictedFairShare",
         }
     }
 
@@ -151,6 +166,9 @@ impl std::fmt::Display for FlowRejection {
             Outcome::EvictedTtl => "request timed out in the flow control queue",
             Outcome::EvictedContextCancelled => "request cancelled while queued",
             Outcome::EvictedPriority => "request evicted by a higher-priority request",
+            Outcome::EvictedFairShare => {
+                "request evicted: its flow held more than its share of a full queue"
+            }
         };
         f.write_str(why)
     }
@@ -162,7 +180,9 @@ impl FlowRejection {
     /// The HTTP status and the reference's error-code name.
     pub fn status(&self) -> (u16, &'static str) {
         match self.outcome {
-            Outcome::RejectedCapacity | Outcome::EvictedPriority => (429, "ResourceExhausted"),
+            Outcome::RejectedCapacity | Outcome::EvictedPriority | Outcome::EvictedFairShare => {
+                (429, "ResourceExhausted")
+            }
             Outcome::EvictedTtl if !self.pool_empty => (429, "ResourceExhausted"),
             Outcome::Dispatched => (500, "Internal"),
             _ => (503, "ServiceUnavailable"),
@@ -179,6 +199,7 @@ impl FlowRejection {
             Outcome::EvictedContextCancelled => "rejected-context-cancelled",
             Outcome::RejectedOther | Outcome::EvictedOther => "rejected-shutting-down",
             Outcome::EvictedPriority => "evicted-priority",
+            Outcome::EvictedFairShare => "evicted-fair-share",
             Outcome::Dispatched => return None,
         })
     }
@@ -298,11 +319,76 @@ struct Band {
     provisioned: bool,
     /// Last enqueue or dispatch.
     active: Instant,
+    /// With a fairness policy that serves flows in turn: what each flow holds of the band,
+    /// largest first, for [`Band::plan_fair_room`].
+    shares: Option<Shares>,
+}
+
+/// Most requests one arrival may displace from a full band's largest flows: a request that
+/// would need more is refused instead (bounds the work under flow control's lock).
+pub const MAX_FAIR_SHARE_EVICTIONS: usize = 64;
+
+/// What each flow holds of a band (requests, bytes), indexed by its share of the band's caps so
+/// that the largest flow is found in O(log flows).
+#[derive(Debug)]
+struct Shares {
+    max_requests: u64,
+    max_bytes: u64,
+    held: HashMap<Arc<str>, (u64, u64)>,
+    largest: BTreeSet<(u128, Arc<str>)>,
+}
+
+impl Shares {
+    fn new(cfg: &BandConfig) -> Self {
+        Self {
+            max_requests: cfg.max_requests.max(1),
+            max_bytes: cfg.max_bytes.max(1),
+            held: HashMap::new(),
+            largest: BTreeSet::new(),
+        }
+    }
+
+    /// A flow's share of the band: the larger of its fractions of the two caps, scaled by
+    /// their product (comparable across flows without division).
+    fn weight(&self, (requests, bytes): (u64, u64)) -> u128 {
+        (u128::from(requests) * u128::from(self.max_bytes))
+            .max(u128::from(bytes) * u128::from(self.max_requests))
+    }
+
+    fn held(&self, flow: &str) -> (u64, u64) {
+        self.held.get(flow).copied().unwrap_or_default()
+    }
+
+    /// Moves `flow`'s holding by one request of `bytes`, up or down.
+    fn change(&mut self, flow: &Arc<str>, bytes: u64, up: bool) {
+        let before = self.held(flow);
+        if before != (0, 0) {
+            self.largest.remove(&(self.weight(before), flow.clone()));
+        }
+        let after = if up {
+            (before.0 + 1, before.1.saturating_add(bytes))
+        } else {
+            (before.0.saturating_sub(1), before.1.saturating_sub(bytes))
+        };
+        if after.0 == 0 {
+            self.held.remove(flow);
+        } else {
+            self.held.insert(flow.clone(), after);
+            self.largest.insert((self.weight(after), flow.clone()));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.held.clear();
+        self.largest.clear();
+    }
 }
 
 impl Band {
     fn new(cfg: BandConfig, provisioned: bool, now: Instant) -> Self {
-        let by_key = matches!(cfg.fairness.1, FairnessPolicy::GlobalStrict).then(BTreeMap::new);
+        let global_strict = matches!(cfg.fairness.1, FairnessPolicy::GlobalStrict);
+        let by_key = global_strict.then(BTreeMap::new);
+        let shares = (!global_strict).then(|| Shares::new(&cfg));
         Self {
             cfg,
             flows: BTreeMap::new(),
@@ -313,6 +399,7 @@ impl Band {
             last_served: None,
             provisioned,
             active: now,
+            shares,
         }
     }
 
@@ -322,6 +409,9 @@ impl Band {
             by_key.insert(item.key(self.cfg.ordering.1), flow.clone());
         }
         self.by_id.insert(item.id, flow.clone());
+        if let Some(shares) = &mut self.shares {
+            shares.change(&flow, item.bytes, true);
+        }
         self.len += 1;
         self.bytes += item.bytes;
         self.flows.entry(flow).or_default().push_back(item);
@@ -338,6 +428,9 @@ impl Band {
             by_key.remove(&item.key(self.cfg.ordering.1));
         }
         self.by_id.remove(&item.id);
+        if let Some(shares) = &mut self.shares {
+            shares.change(flow, item.bytes, false);
+        }
         self.len -= 1;
         self.bytes -= item.bytes;
         Some(item)
@@ -355,6 +448,9 @@ impl Band {
                         by_key.remove(&item.key(ordering));
                     }
                     self.by_id.remove(&item.id);
+                    if let Some(shares) = &mut self.shares {
+                        shares.change(id, item.bytes, false);
+                    }
                     self.len -= 1;
                     self.bytes -= item.bytes;
                     out.push(item);
@@ -375,6 +471,9 @@ impl Band {
             by_key.clear();
         }
         self.by_id.clear();
+        if let Some(shares) = &mut self.shares {
+            shares.clear();
+        }
         self.len = 0;
         self.bytes = 0;
         std::mem::take(&mut self.flows).into_values().flatten()
@@ -385,6 +484,71 @@ impl Band {
         let (_, flow) = self.by_id.last_key_value()?;
         let index = self.flows.get(flow)?.len().checked_sub(1)?;
         Some((flow.clone(), index))
+    }
+
+    /// Fair share of a full band: which of the newest requests of the band's largest flows
+    /// make `need` (requests, bytes) of room for a request of `flow` holding `bytes`, each taken
+    /// only from a flow that would still hold more of the band than `flow` with the newcomer.
+    /// As (flow, how many from its back). `None` when the band does not share its room by flow
+    /// (global-strict fairness), or when that cannot make the room within
+    /// [`MAX_FAIR_SHARE_EVICTIONS`]: then the newcomer is the one refused.
+    fn plan_fair_room(
+        &self,
+        flow: &Arc<str>,
+        bytes: u64,
+        (need_requests, need_bytes): (u64, u64),
+    ) -> Option<Vec<(Arc<str>, usize)>> {
+        struct Giving {
+            flow: Arc<str>,
+            held: (u64, u64),
+            taken: usize,
+        }
+        let shares = self.shares.as_ref()?;
+        let own = shares.held(flow);
+        let own = shares.weight((own.0 + 1, own.1.saturating_add(bytes)));
+        // Flows not yet giving, largest first; those giving are re-weighed as they give.
+        let mut others = shares.largest.iter().rev().filter(|(_, f)| f != flow);
+        let mut next_other = others.next();
+        let mut giving: Vec<Giving> = Vec::new();
+        let (mut freed_requests, mut freed_bytes, mut taken) = (0u64, 0u64, 0usize);
+        while freed_requests < need_requests || freed_bytes < need_bytes {
+            if taken == MAX_FAIR_SHARE_EVICTIONS {
+                return None;
+            }
+            let largest_giving = giving
+                .iter()
+                .enumerate()
+                .map(|(n, g)| (shares.weight(g.held), n))
+                .max();
+            let index = match (largest_giving, next_other) {
+                (Some((weight, n)), Some((other, _))) if weight >= *other => {
+                    (weight > own).then_some(n)
+                }
+                (_, Some((other, id))) => (*other > own).then(|| {
+                    giving.push(Giving {
+                        flow: id.clone(),
+                        held: shares.held(id),
+                        taken: 0,
+                    });
+                    next_other = others.next();
+                    giving.len() - 1
+                }),
+                (Some((weight, n)), None) => (weight > own).then_some(n),
+                (None, None) => None,
+            }?;
+            let g = &mut giving[index];
+            let queue = self.flows.get(&g.flow)?;
+            let item = queue.get(queue.len().checked_sub(g.taken + 1)?)?;
+            g.taken += 1;
+            g.held = (
+                g.held.0.saturating_sub(1),
+                g.held.1.saturating_sub(item.bytes),
+            );
+            freed_requests += 1;
+            freed_bytes = freed_bytes.saturating_add(item.bytes);
+            taken += 1;
+        }
+        Some(giving.into_iter().map(|g| (g.flow, g.taken)).collect())
     }
 
     /// The best request of `queue` by the band's ordering policy: its index.
@@ -690,7 +854,7 @@ impl FlowControl {
             }
             let cfg = &self.config;
             let bi = st.band_index(request.priority, cfg, now);
-            let fits_band = {
+            let fits_band = |st: &State| {
                 let b = &st.bands[bi];
                 b.len < b.cfg.max_requests
                     && b.bytes.saturating_add(request.bytes) <= b.cfg.max_bytes
@@ -700,10 +864,13 @@ impl FlowControl {
                     && (cfg.max_bytes == 0
                         || st.bytes.saturating_add(request.bytes) <= cfg.max_bytes)
             };
-            if fits_band && !fits_global(&st) && cfg.eviction {
+            if fits_band(&st) && !fits_global(&st) && cfg.eviction {
                 self.make_room(&mut st, &request, &mut displaced);
             }
-            if fits_band && fits_global(&st) {
+            if !(fits_band(&st) && fits_global(&st)) {
+                self.make_fair_room(&mut st, bi, &request, &mut displaced);
+            }
+            if fits_band(&st) && fits_global(&st) {
                 let id = st.next_id;
                 st.next_id += 1;
                 // Ids are given here, under the lock; arrival times are read before it, so two
@@ -740,9 +907,9 @@ impl FlowControl {
             }
         };
         let pool_empty = self.state.lock().pool_empty;
-        for item in displaced {
+        for (item, outcome) in displaced {
             let _ = item.tx.send(Err(FlowRejection {
-                outcome: Outcome::EvictedPriority,
+                outcome,
                 pool_empty,
             }));
         }
@@ -764,7 +931,7 @@ impl FlowControl {
 
     /// `enableEviction`: evicts queued sheddable requests below `request`'s priority until it
     /// fits the global caps, or none if that cannot make room.
-    fn make_room(&self, st: &mut State, request: &FlowRequest, out: &mut Vec<Item>) {
+    fn make_room(&self, st: &mut State, request: &FlowRequest, out: &mut Vec<(Item, Outcome)>) {
         let cfg = &self.config;
         // Room needed, and whether the evictable requests hold enough of it.
         let need_requests = if cfg.max_requests > 0 {
@@ -796,7 +963,56 @@ impl FlowControl {
             };
             freed_requests += 1;
             freed_bytes += item.bytes;
-            out.push(item);
+            out.push((item, Outcome::EvictedPriority));
+        }
+    }
+
+    /// Fair share: a request that does not fit its band (or the global caps) takes the room
+    /// from the newest requests of its band's largest flows, as long as each of them holds more
+    /// of the band than the request's own flow would ([`Band::plan_fair_room`]); else nothing
+    /// is displaced. Only in bands whose fairness policy serves flows in turn.
+    fn make_fair_room(
+        &self,
+        st: &mut State,
+        band: usize,
+        request: &FlowRequest,
+        out: &mut Vec<(Item, Outcome)>,
+    ) {
+        let cfg = &self.config;
+        let b = &st.bands[band];
+        let over = |held: u64, adding: u64, cap: u64| {
+            if cap == 0 {
+                0
+            } else {
+                held.saturating_add(adding).saturating_sub(cap)
+            }
+        };
+        let need = (
+            over(b.len, 1, b.cfg.max_requests).max(over(st.len, 1, cfg.max_requests)),
+            over(b.bytes, request.bytes, b.cfg.max_bytes).max(over(
+                st.bytes,
+                request.bytes,
+                cfg.max_bytes,
+            )),
+        );
+        let Some(plan) = b.plan_fair_room(&request.fairness_id, request.bytes, need) else {
+            return;
+        };
+        let b = &mut st.bands[band];
+        let before = out.len();
+        for (flow, count) in plan {
+            for _ in 0..count {
+                let Some(index) = b.flows.get(&flow).and_then(|q| q.len().checked_sub(1)) else {
+                    break;
+                };
+                if let Some(item) = b.take(&flow, index) {
+                    out.push((item, Outcome::EvictedFairShare));
+                }
+            }
+        }
+        for (item, _) in &out[before..] {
+            st.len -= 1;
+            st.bytes -= item.bytes;
         }
     }
 
@@ -1115,10 +1331,13 @@ impl Ticket {
                 outcome: Outcome::RejectedOther,
                 pool_empty: false,
             })),
-            TicketState::Done => Err(FlowRejection {
-                outcome: Outcome::RejectedOther,
-                pool_empty: false,
-            }),
+            // Asked again after its answer: the exit was counted the first time.
+            TicketState::Done => {
+                return Err(FlowRejection {
+                    outcome: Outcome::RejectedOther,
+                    pool_empty: false,
+                });
+            }
         };
         self.state = TicketState::Done;
         let outcome = match &decision {

@@ -357,6 +357,179 @@ async fn eviction_displaces_sheddable_requests_lowest_priority_then_newest() {
     );
 }
 
+/// The flows among `tickets` that were answered with `outcome`, in order (a fair-share
+/// eviction with its status and dropped reason); answered tickets leave `tickets`.
+async fn answered(tickets: &mut Vec<Ticket>, outcome: Outcome) -> Vec<String> {
+    let mut flows = Vec::new();
+    let mut waiting = Vec::new();
+    for mut t in tickets.drain(..) {
+        match tokio::time::timeout(Duration::ZERO, t.wait()).await {
+            Ok(Err(e)) => {
+                assert_eq!(e.outcome, outcome);
+                if outcome == Outcome::EvictedFairShare {
+                    assert_eq!(e.status(), (429, "ResourceExhausted"));
+                    assert_eq!(e.dropped_reason(), Some("evicted-fair-share"));
+                }
+                flows.push(t.request().fairness_id.to_string());
+            }
+            Ok(Ok(_)) => panic!("nothing is dispatched here"),
+            Err(_) => waiting.push(t),
+        }
+    }
+    *tickets = waiting;
+    flows
+}
+
+/// Review: one flow could fill a band, and every other tenant's request was then refused. With
+/// a fairness policy that serves flows in turn, a full band now takes the newcomer's room from
+/// its largest flow's newest requests; global strict keeps the reference's answer.
+#[tokio::test(start_paused = true)]
+async fn a_full_band_makes_room_from_its_largest_flow() {
+    let config = |fairness| FlowConfig {
+        bands: vec![BandConfig {
+            max_requests: 4,
+            ..band(0, fairness, OrderingPolicy::Fcfs)
+        }],
+        ..FlowConfig::default()
+    };
+    let fc = FlowControl::new(config(FairnessPolicy::RoundRobin));
+    let log = Arc::new(Log::default());
+    fc.set_observer(log.clone());
+    let pool = FakePool::new(1, 0);
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let mut hog = enqueue_all(&fc, &[("a", 0); 4]);
+    let b = fc.enqueue(req("b", 0), Instant::now());
+    assert!(b.is_queued(), "a newcomer gets the largest flow's room");
+    assert_eq!(answered(&mut hog, Outcome::EvictedFairShare).await, ["a"]);
+    assert_eq!(
+        hog.len(),
+        3,
+        "the newest request gave way, the older ones wait on"
+    );
+    // The largest flow itself is refused; a third flow again takes from the largest.
+    let e = fc
+        .enqueue(req("a", 0), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(e.outcome, Outcome::RejectedCapacity);
+    let c = fc.enqueue(req("c", 0), Instant::now());
+    assert!(c.is_queued());
+    assert_eq!(answered(&mut hog, Outcome::EvictedFairShare).await, ["a"]);
+    // a: 2, b: 1, c: 1. b with one more would hold as much as a: nobody gives way.
+    let e = fc
+        .enqueue(req("b", 0), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(e.outcome, Outcome::RejectedCapacity);
+    assert_eq!(fc.queued(), 4);
+    let outcomes = log.0.lock().iter().map(|(_, o)| *o).collect::<Vec<_>>();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::EvictedFairShare,
+            Outcome::RejectedCapacity,
+            Outcome::EvictedFairShare,
+            Outcome::RejectedCapacity
+        ],
+        "each displacement is recorded once"
+    );
+    drop((b, c));
+
+    // Global strict serves one queue in arrival order: the newcomer is refused, as upstream.
+    let fc = FlowControl::new(config(FairnessPolicy::GlobalStrict));
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let mut hog = enqueue_all(&fc, &[("a", 0); 4]);
+    let e = fc
+        .enqueue(req("b", 0), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(e.outcome, Outcome::RejectedCapacity);
+    assert!(
+        answered(&mut hog, Outcome::EvictedFairShare)
+            .await
+            .is_empty()
+    );
+}
+
+/// Bytes too: a flow's share is the larger of its fractions of the two caps. The room is
+/// taken only while the giving flow still holds more than the newcomer's, and never past
+/// `MAX_FAIR_SHARE_EVICTIONS` displacements; a refusal displaces nothing.
+#[tokio::test(start_paused = true)]
+async fn fair_room_counts_bytes_and_is_bounded() {
+    let sized = |flow: &str, bytes| FlowRequest {
+        bytes,
+        ..req(flow, 0)
+    };
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![BandConfig {
+            max_bytes: 1_000,
+            ..band(0, FairnessPolicy::RoundRobin, OrderingPolicy::Fcfs)
+        }],
+        ..FlowConfig::default()
+    });
+    let pool = FakePool::new(1, 0);
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let mut hog: Vec<Ticket> = (0..5)
+        .map(|_| fc.enqueue(sized("a", 200), Instant::now()))
+        .collect();
+    // Larger than the band: refused, nothing displaced.
+    let e = fc
+        .enqueue(sized("b", 1_001), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(e.outcome, Outcome::RejectedCapacity);
+    assert!(
+        answered(&mut hog, Outcome::EvictedFairShare)
+            .await
+            .is_empty()
+    );
+    // 500 bytes need three of a's: a then holds 400 (less than b), which is allowed, since a
+    // held more than b's 500 before each one it gave.
+    let b = fc.enqueue(sized("b", 500), Instant::now());
+    assert!(b.is_queued());
+    assert_eq!(
+        answered(&mut hog, Outcome::EvictedFairShare).await,
+        ["a"; 3]
+    );
+    drop(b);
+
+    // 200 one-byte requests fill a 200-byte band; 70 bytes would need 70 displacements.
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![BandConfig {
+            max_bytes: 200,
+            ..band(0, FairnessPolicy::RoundRobin, OrderingPolicy::Fcfs)
+        }],
+        ..FlowConfig::default()
+    });
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let mut hog: Vec<Ticket> = (0..200)
+        .map(|_| fc.enqueue(sized("a", 1), Instant::now()))
+        .collect();
+    let e = fc
+        .enqueue(sized("b", 70), Instant::now())
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(e.outcome, Outcome::RejectedCapacity);
+    assert!(
+        answered(&mut hog, Outcome::EvictedFairShare)
+            .await
+            .is_empty()
+    );
+    const { assert!(MAX_FAIR_SHARE_EVICTIONS >= 60 && MAX_FAIR_SHARE_EVICTIONS < 70) };
+    let b = fc.enqueue(sized("b", 60), Instant::now());
+    assert!(b.is_queued());
+    assert_eq!(
+        answered(&mut hog, Outcome::EvictedFairShare).await.len(),
+        60
+    );
+    assert_eq!(fc.queued(), 141);
+}
+
 #[tokio::test(start_paused = true)]
 async fn ttl_expires_in_paused_time_with_the_regime_split() {
     let fc = FlowControl::new(FlowConfig {
@@ -624,6 +797,18 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(by_key.len(), queued);
             }
             proptest::prop_assert_eq!(band.by_id.len(), queued);
+            // Round robin's shares follow the queues: each flow's (requests, bytes), by weight.
+            if let Some(shares) = &band.shares {
+                let held: HashMap<Arc<str>, (u64, u64)> = band
+                    .flows
+                    .iter()
+                    .map(|(f, q)| (f.clone(), (q.len() as u64, q.iter().map(|i| i.bytes).sum())))
+                    .collect();
+                proptest::prop_assert_eq!(&shares.held, &held);
+                let largest: BTreeSet<(u128, Arc<str>)> =
+                    held.iter().map(|(f, &h)| (shares.weight(h), f.clone())).collect();
+                proptest::prop_assert_eq!(&shares.largest, &largest);
+            }
             // The newest request (eviction's first victim) is the largest id at any flow's back.
             let newest = band
                 .flows
