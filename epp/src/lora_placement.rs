@@ -17,7 +17,9 @@
 //! tried again on that endpoint for a while, nor are that endpoint's other planned changes
 //! meanwhile (the plan pairs an unload with the load it makes room for): each with a backoff
 //! doubling from the interval to [`MAX_BACKOFF`]. The `ensureNotExist` adapters an endpoint lists are never published, so
-//! requests for them are not steered to it and it drains. Nothing runs on the request path.
+//! requests for them are not steered to it and it drains. The engines are called over one
+//! connection pool kept across passes (a connection per engine, reused), at most
+//! [`MAX_CONCURRENT_CALLS`] calls at once. Nothing runs on the request path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -28,13 +30,14 @@ use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, Readiness};
 use endpoint_picker::lora::LoadedAdapters;
 use endpoint_picker::lora::config::{self as catalogue, Adapter, ConfigError, LoraConfig};
 use endpoint_picker::lora::demand::{LoraDemand, RateMeter};
-use endpoint_picker::lora::engine::Engine;
+use endpoint_picker::lora::engine::{Engine, Engines};
 use endpoint_picker::lora::plan::{self, Action, AdapterDemand, EndpointState, PlanConfig};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +48,9 @@ use tokio_util::sync::CancellationToken;
 pub const UNLOAD_GRACE: Duration = Duration::from_millis(200);
 /// Longest wait before an endpoint whose call failed is tried again.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Most engine calls in flight at once: a pass over 1,000 endpoints lists them 32 at a time
+/// rather than opening 1,000 connections together.
+pub const MAX_CONCURRENT_CALLS: usize = 32;
 
 /// Why placement could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +384,10 @@ pub struct Placement {
     demand: Arc<LoraDemand>,
     datastore: Arc<Datastore>,
     metrics: PlacementMetrics,
+    /// One connection pool for every endpoint, kept across passes.
+    engines: Engines,
+    /// Bounds the engine calls in flight at once (listings and each endpoint's changes).
+    calls: Arc<Semaphore>,
 }
 
 impl Placement {
@@ -406,6 +416,8 @@ impl Placement {
         }
         let demand = Arc::new(LoraDemand::new(adapters.keys().cloned()));
         Self {
+            engines: Engines::new(settings.call_timeout),
+            calls: Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS)),
             settings,
             adapters,
             forbidden,
@@ -455,11 +467,7 @@ impl Placement {
 
     fn engine(&self, e: &Endpoint) -> Engine {
         let addr = e.spec.address;
-        Engine::with_timeout(
-            &addr.ip().to_string(),
-            addr.port(),
-            self.settings.call_timeout,
-        )
+        self.engines.at(&addr.ip().to_string(), addr.port())
     }
 
     /// One pass: list, plan, act.
@@ -486,8 +494,10 @@ impl Placement {
                 e.store_adapters(None);
                 continue;
             }
-            let (e, engine) = (e.clone(), self.engine(e));
+            let (e, engine, calls) = (e.clone(), self.engine(e), self.calls.clone());
             listing.spawn(async move {
+                // The semaphore is never closed; were it, the call goes ahead unbounded.
+                let _permit = calls.acquire_owned().await.ok();
                 let r = engine.adapters().await;
                 (e, r)
             });
@@ -614,7 +624,11 @@ impl Placement {
                 demand: self.demand.clone(),
                 metrics: self.metrics.clone(),
             };
-            work.spawn(job.run(actions));
+            let calls = self.calls.clone();
+            work.spawn(async move {
+                let _permit = calls.acquire_owned().await.ok();
+                job.run(actions).await
+            });
         }
         let mut report = PassReport {
             listed: listed.len(),

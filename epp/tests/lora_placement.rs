@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use endpoint_picker::datastore::{
@@ -14,7 +16,9 @@ use endpoint_picker::datastore::{
 use endpoint_picker::lora::config::{self, MAX_ID_BYTES};
 use endpoint_picker::lora::engine::MAX_LISTED_ADAPTERS;
 use endpoint_picker::lora::plan::Action;
-use epp::lora_placement::{Placement, PlacementMetrics, PlacementSettings, PlacementSettingsArgs};
+use epp::lora_placement::{
+    MAX_CONCURRENT_CALLS, Placement, PlacementMetrics, PlacementSettings, PlacementSettingsArgs,
+};
 use prometheus_client::registry::Registry;
 
 const CATALOGUE: &str = "\
@@ -67,32 +71,8 @@ async fn rig_with(replicas: usize, catalogue_text: &str) -> Rig {
         };
         sims.push(sim::spawn_replica(config, listener, i).await.unwrap());
     }
-    let datastore = Arc::new(Datastore::new());
-    let snapshot = datastore.apply(PoolSpec {
-        name: "pool".into(),
-        namespace: "default".into(),
-        app_protocol: "http".into(),
-        endpoints: sims
-            .iter()
-            .enumerate()
-            .map(|(i, s)| EndpointSpec {
-                name: format!("sim-{i}-rank-0"),
-                pod_name: format!("sim-{i}"),
-                namespace: "default".into(),
-                address: s.addr(),
-                metrics_address: s.addr(),
-                rank: 0,
-                labels: BTreeMap::new(),
-            })
-            .collect(),
-    });
-    for e in &snapshot.endpoints {
-        e.store_metrics(EngineMetrics {
-            max_active_models: 2,
-            readiness: Readiness::Serving,
-            ..EngineMetrics::default()
-        });
-    }
+    let addrs: Vec<SocketAddr> = sims.iter().map(|s| s.addr()).collect();
+    let datastore = serving_pool(&addrs);
     let metrics = PlacementMetrics::default();
     let placement = Placement::new(
         settings(catalogue_text, Duration::from_secs(600)),
@@ -105,6 +85,37 @@ async fn rig_with(replicas: usize, catalogue_text: &str) -> Rig {
         placement,
         metrics,
     }
+}
+
+/// A pool of one serving endpoint (room for 2 adapters) at each of `addrs`.
+fn serving_pool(addrs: &[SocketAddr]) -> Arc<Datastore> {
+    let datastore = Arc::new(Datastore::new());
+    let snapshot = datastore.apply(PoolSpec {
+        name: "pool".into(),
+        namespace: "default".into(),
+        app_protocol: "http".into(),
+        endpoints: addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &address)| EndpointSpec {
+                name: format!("sim-{i}-rank-0"),
+                pod_name: format!("sim-{i}"),
+                namespace: "default".into(),
+                address,
+                metrics_address: address,
+                rank: 0,
+                labels: BTreeMap::new(),
+            })
+            .collect(),
+    });
+    for e in &snapshot.endpoints {
+        e.store_metrics(EngineMetrics {
+            max_active_models: 2,
+            readiness: Readiness::Serving,
+            ..EngineMetrics::default()
+        });
+    }
+    datastore
 }
 
 impl Rig {
@@ -368,26 +379,7 @@ async fn an_engines_adapter_listing_is_capped() {
             });
         }
     });
-    let datastore = Arc::new(Datastore::new());
-    let snapshot = datastore.apply(PoolSpec {
-        name: "pool".into(),
-        namespace: "default".into(),
-        app_protocol: "http".into(),
-        endpoints: vec![EndpointSpec {
-            name: "evil-rank-0".into(),
-            pod_name: "evil".into(),
-            namespace: "default".into(),
-            address: addr,
-            metrics_address: addr,
-            rank: 0,
-            labels: BTreeMap::new(),
-        }],
-    });
-    snapshot.endpoints[0].store_metrics(EngineMetrics {
-        max_active_models: 2,
-        readiness: Readiness::Serving,
-        ..EngineMetrics::default()
-    });
+    let datastore = serving_pool(&[addr]);
     let placement = Placement::new(
         settings(CATALOGUE, Duration::from_secs(30)),
         datastore.clone(),
@@ -402,4 +394,80 @@ async fn an_engines_adapter_listing_is_capped() {
         (listed.names.len(), longest <= MAX_ID_BYTES),
         (MAX_LISTED_ADAPTERS, true)
     );
+}
+
+/// Engines counting their connections and the listings they serve at once.
+#[derive(Default)]
+struct Tally {
+    connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+/// Review: each pass made a new HTTP client per endpoint (a new connection to every engine,
+/// every pass), and listed every endpoint at once. Now one pool is kept across passes and at
+/// most MAX_CONCURRENT_CALLS calls are in flight.
+#[tokio::test]
+async fn passes_reuse_one_connection_per_engine_and_bound_calls_in_flight() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    const ENGINES: usize = MAX_CONCURRENT_CALLS + 8;
+    let tally = Arc::new(Tally::default());
+    let mut addrs = Vec::new();
+    for _ in 0..ENGINES {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tally.connections.fetch_add(1, Ordering::SeqCst);
+                let tally = tally.clone();
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    let mut line = String::new();
+                    // One keep-alive request after another (no request body: listings).
+                    loop {
+                        line.clear();
+                        if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line != "\r\n" {
+                            continue;
+                        }
+                        let now = tally.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        tally.most_in_flight.fetch_max(now, Ordering::SeqCst);
+                        // Slow enough for every listing not held back to overlap.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tally.in_flight.fetch_sub(1, Ordering::SeqCst);
+                        let body = "{\"object\":\"list\",\"data\":[]}";
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let datastore = serving_pool(&addrs);
+    let placement = Placement::new(
+        settings(CATALOGUE, Duration::from_secs(30)),
+        datastore,
+        PlacementMetrics::default(),
+    );
+    let mut st = placement.state();
+    for _ in 0..3 {
+        assert_eq!(placement.pass(&mut st).await.listed, ENGINES);
+    }
+    assert_eq!(
+        tally.connections.load(Ordering::SeqCst),
+        ENGINES,
+        "one connection per engine, kept across passes"
+    );
+    let most = tally.most_in_flight.load(Ordering::SeqCst);
+    assert!(most <= MAX_CONCURRENT_CALLS, "{most} listings at once");
+    assert!(most > 1, "listings run side by side ({most})");
 }

@@ -81,26 +81,51 @@ fn excerpt(body: &[u8]) -> String {
         .collect()
 }
 
-impl Engine {
-    /// The engine at `host:port` (plain HTTP, as the sidecar talks to its own pod).
-    pub fn new(host: &str, port: u16) -> Self {
-        Self::with_timeout(host, port, CALL_TIMEOUT)
+/// Engines that share one connection pool: a caller that talks to many engines again and
+/// again (the EPP's placement loop, every endpoint each pass) keeps one connection to each
+/// alive between calls instead of opening a new one per call.
+#[derive(Debug, Clone)]
+pub struct Engines {
+    timeout: Duration,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Engines {
+    /// Engines whose calls are each bounded by `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            // One idle connection per engine is all a caller that calls in turn reuses.
+            .pool_max_idle_per_host(1)
+            .build_http();
+        Self { timeout, client }
     }
 
-    /// The engine at `host:port`, each call bounded by `timeout` (the EPP's placement loop
-    /// must not wait on one engine for long).
-    pub fn with_timeout(host: &str, port: u16, timeout: Duration) -> Self {
+    /// The engine at `host:port` (plain HTTP, as a sidecar or the EPP talks to its pods).
+    pub fn at(&self, host: &str, port: u16) -> Engine {
         // An IPv6 literal needs brackets in a URL.
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {
             host.to_owned()
         };
-        Self {
+        Engine {
             base: format!("http://{host}:{port}"),
-            timeout,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            timeout: self.timeout,
+            client: self.client.clone(),
         }
+    }
+}
+
+impl Engine {
+    /// The engine at `host:port` (plain HTTP, as the sidecar talks to its own pod).
+    pub fn new(host: &str, port: u16) -> Self {
+        Self::with_timeout(host, port, CALL_TIMEOUT)
+    }
+
+    /// The engine at `host:port`, each call bounded by `timeout`, with a connection pool of
+    /// its own (see [`Engines`] to share one).
+    pub fn with_timeout(host: &str, port: u16, timeout: Duration) -> Self {
+        Engines::new(timeout).at(host, port)
     }
 
     /// The engine's base URL.
