@@ -4,9 +4,10 @@
 //! parse and route, and the body then waits for its token ids. Nothing else bounds the sum
 //! over streams: a client that opens many streams and sends long bodies slowly would make the
 //! EPP hold them all, until it is killed for its memory. The budget bounds that sum
-//! (`--max-gathered-request-bytes`). A stream charges each chunk as it arrives; a chunk that
-//! would pass the budget ends the request with 429 `rejected-saturated`, and the stream's
-//! charge is given back at once.
+//! (`--max-gathered-request-bytes`). A stream charges the buffer it reserves from the declared
+//! `content-length` (at most [`crate::body_pool::MAX_RESERVED_AHEAD`]) when the headers come,
+//! and each chunk past that as it arrives; a charge that would pass the budget ends the request
+//! with 429 `rejected-saturated`, and the stream's charge is given back at once.
 //!
 //! The charge ends when the request leaves the EPP's hands: routed (once the answers that carry
 //! its body back to Envoy are sent: [`charged`]), refused, or queued in flow control, whose own `maxBytes` caps then hold the queued

@@ -28,9 +28,11 @@ pub const MAX_POOLED: usize = 4 * 1024 * 1024;
 pub const MAX_IDLE_BUFFERS: usize = 16;
 /// Most idle bytes (capacity) kept in total.
 pub const MAX_IDLE_BYTES: usize = 8 * 1024 * 1024;
-/// Most bytes a fresh buffer reserves ahead of the body: the length is the client's word,
-/// and a stream that declares 16 MiB and sends nothing must not hold 16 MiB (outside the
-/// gathered-bytes budget, which counts what arrives). A longer body grows its buffer as it comes.
+/// Most bytes a buffer reserves ahead of the body: the length is the client's word, and a
+/// stream that declares 16 MiB and sends nothing must not hold 16 MiB. What is reserved is
+/// charged to the gathered-bytes budget at once (a stream that declares a length and sends
+/// nothing holds its reservation, and many of them must not pass the budget). A longer body
+/// grows its buffer as it comes.
 pub const MAX_RESERVED_AHEAD: usize = MAX_POOLED;
 
 /// The process's pool for streamed request bodies.

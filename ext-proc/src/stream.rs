@@ -57,7 +57,7 @@ use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
 use crate::body_budget::{BodyBudget, BodyCharge, charged};
-use crate::body_pool::{BodyBuffer, REQUEST_BODIES};
+use crate::body_pool::{BodyBuffer, MAX_RESERVED_AHEAD, REQUEST_BODIES};
 use crate::codec::Inbound;
 use crate::envoy::{
     self, Answer, Direction, HeaderValueOption,
@@ -553,7 +553,17 @@ impl StreamState {
             .min(self.ctx.options.max_request_body_bytes);
         // A second request on the stream (no Envoy sends one) starts its own charge.
         self.body_charge.release();
-        self.body = REQUEST_BODIES.take(expected);
+        // The buffer reserved from the declared length is held whether or not the body comes:
+        // charged now, so that streams declaring long bodies and sending none are bounded by
+        // the budget too. The body's bytes are charged past it as they arrive.
+        let reserved = expected.min(MAX_RESERVED_AHEAD);
+        if let Err(e) = self
+            .body_charge
+            .grow(&self.ctx.options.gathered_request_bytes, reserved)
+        {
+            return self.fail(RequestError::BodiesOverBudget(e), None);
+        }
+        self.body = REQUEST_BODIES.take(reserved);
         Vec::new()
     }
 
@@ -585,7 +595,8 @@ impl StreamState {
             return self.fail(RequestError::TooLarge { limit }, None);
         }
         let budget = &self.ctx.options.gathered_request_bytes;
-        if let Err(e) = self.body_charge.grow(budget, body.len()) {
+        let beyond_charge = (self.body.len() + body.len()).saturating_sub(self.body_charge.bytes());
+        if let Err(e) = self.body_charge.grow(budget, beyond_charge) {
             return self.fail(RequestError::BodiesOverBudget(e), None);
         }
         if buffered {

@@ -551,6 +551,54 @@ async fn gathered_bodies_share_one_budget() {
     assert_eq!(budget.held(), 0);
 }
 
+/// Review: the buffer reserved from a declared `content-length` (up to 4 MiB) was held
+/// outside the budget, so streams declaring long bodies and sending nothing passed it. The
+/// reservation is charged when the headers come, and the body's bytes only past it.
+#[tokio::test(start_paused = true)]
+async fn a_declared_length_is_charged_when_reserved() {
+    let mut h = Harness::new(1);
+    let budget = Arc::new(BodyBudget::new(100));
+    h.options.gathered_request_bytes = budget.clone();
+    let body = br#"{"model":"m","prompt":"0123456789012345678901234"}"#;
+    let declared = body.len().to_string();
+    let mut honest = h.stream();
+    assert!(
+        honest
+            .on_message(post("/v1/completions", &[("content-length", &declared)]))
+            .is_empty()
+    );
+    assert_eq!(budget.held(), body.len(), "the reservation is charged");
+    // A second declaration that would pass the budget is refused at its headers.
+    let mut idle = h.stream();
+    let out = idle.on_message(post("/v1/completions", &[("content-length", "60")]));
+    assert_eq!(immediate(&out[0]).0, 429);
+    assert_eq!(
+        immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-saturated")
+    );
+    assert_eq!(
+        budget.held(),
+        body.len(),
+        "the refused stream holds nothing"
+    );
+    // The declared body arrives without being charged twice, and is routed.
+    let (head, tail) = body.split_at(20);
+    assert!(honest.on_message(req_body(head, false)).is_empty());
+    assert_eq!(budget.held(), body.len());
+    let out = honest.on_inbound(Inbound::from_message(req_body(tail, true)));
+    assert_eq!(out.len(), 2, "routed, the body re-sent");
+    drop(out);
+    assert_eq!(budget.held(), 0);
+    // A body longer than it declared is charged past its reservation.
+    let mut liar = h.stream();
+    liar.on_message(post("/v1/completions", &[("content-length", "10")]));
+    assert_eq!(budget.held(), 10);
+    liar.on_message(req_body(&body[..30], false));
+    assert_eq!(budget.held(), 30);
+    drop(liar);
+    assert_eq!(budget.held(), 0);
+}
+
 /// A request queued in flow control is no longer charged: flow control's own caps hold it.
 #[tokio::test(start_paused = true)]
 async fn a_queued_request_leaves_the_gathering_budget() {
