@@ -60,6 +60,9 @@ pub struct InferenceRequest {
     pub stream: bool,
     /// Size of the request body in bytes.
     pub body_len: usize,
+    /// Whether `prompt` is a copy apart from the body (decoded escapes, chat messages put
+    /// together) rather than a slice of it: then it is held on top of the body.
+    pub prompt_is_copy: bool,
     /// The most output tokens the client asked for (`max_tokens`, `max_completion_tokens`,
     /// `max_output_tokens`), when it said.
     pub max_tokens: Option<u32>,
@@ -86,13 +89,18 @@ impl InferenceRequest {
     }
 
     /// What the EPP holds for this request while it waits in flow control, as `maxBytes`
-    /// counts it: the body, the token ids (4 bytes each) and the headers (kept twice: the
-    /// stream's and this request's copy). The prompt is not counted apart: it is usually a
-    /// slice of the body.
+    /// counts it: the body, the prompt when it is a copy apart from the body, the token ids (4
+    /// bytes each) and the headers (kept twice: the stream's and this request's copy).
     pub fn held_bytes(&self) -> u64 {
         let ids = self.token_ids.as_ref().map_or(0, |ids| ids.len() * 4);
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let prompt = if self.prompt_is_copy {
+            self.prompt.len()
+        } else {
+            0
+        };
         (self.body_len as u64)
+            .saturating_add(prompt as u64)
             .saturating_add(ids as u64)
             .saturating_add(2 * headers as u64)
     }
@@ -111,7 +119,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn held_bytes_count_the_body_the_ids_and_the_headers_twice() {
+    fn held_bytes_count_the_body_a_copied_prompt_the_ids_and_the_headers_twice() {
         let mut r = InferenceRequest {
             body_len: 1000,
             prompt: Bytes::from_static(b"a slice of the body, not counted"),
@@ -121,5 +129,11 @@ mod tests {
         r.token_ids = Some(std::sync::Arc::from(vec![1u32; 100]));
         r.headers = vec![("x-a".into(), "0123456".into())];
         assert_eq!(r.held_bytes(), 1000 + 400 + 2 * 10);
+        r.prompt_is_copy = true;
+        assert_eq!(
+            r.held_bytes(),
+            1000 + 32 + 400 + 2 * 10,
+            "a decoded prompt counts"
+        );
     }
 }

@@ -345,6 +345,14 @@ pub fn model_of(body: &[u8]) -> Option<String> {
     Some(model)
 }
 
+/// Whether `part` lies within `whole`'s bytes (a slice of it, so held by it), rather than
+/// being a copy apart. An empty part holds nothing either way.
+pub fn is_slice_of(part: &Bytes, whole: &Bytes) -> bool {
+    let start = whole.as_ptr() as usize;
+    let at = part.as_ptr() as usize;
+    part.is_empty() || (at >= start && at.saturating_add(part.len()) <= start + whole.len())
+}
+
 /// Parses and validates a request body of `api`.
 pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -622,6 +630,26 @@ impl SseUsageScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Flow control's `maxBytes` counts a prompt held apart from the body: found by address.
+    #[test]
+    fn a_decoded_prompt_is_told_from_a_slice_of_the_body() {
+        let plain = Bytes::from_static(br#"{"model":"m","prompt":"hello"}"#);
+        let p = parse_body(Api::Completions, &plain).unwrap();
+        assert!(is_slice_of(&p.prompt, &plain));
+        let escaped = Bytes::from_static(br#"{"model":"m","prompt":"hel\nlo"}"#);
+        let p = parse_body(Api::Completions, &escaped).unwrap();
+        assert!(!is_slice_of(&p.prompt, &escaped), "decoded: a copy");
+        let responses =
+            Bytes::from_static(br#"{"model":"m","input":"hi","instructions":"be brief"}"#);
+        let p = parse_body(Api::Responses, &responses).unwrap();
+        assert!(!is_slice_of(&p.prompt, &responses), "put together: a copy");
+        assert!(is_slice_of(&Bytes::new(), &plain));
+        assert!(
+            !is_slice_of(&plain, &plain.slice(1..)),
+            "longer than the whole"
+        );
+    }
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())

@@ -687,6 +687,7 @@ impl StreamState {
                 max_tokens: parsed.max_tokens,
                 stream: parsed.stream,
                 prompt: parsed.prompt.clone(),
+                prompt_is_copy: !openai::is_slice_of(&parsed.prompt, &body),
                 cache_salt: parsed.cache_salt.clone(),
                 body_len: body.len(),
                 ..r
