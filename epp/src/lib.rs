@@ -13,6 +13,7 @@ pub mod kubernetes;
 pub mod kv_events;
 pub mod labels;
 pub mod lora_placement;
+pub mod memory_caps;
 pub mod metrics;
 pub mod profile;
 pub mod recorder;

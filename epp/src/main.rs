@@ -198,6 +198,16 @@ async fn run(args: Args) -> Result<()> {
              accepted could never be gathered"
         );
     }
+    if let Some(limit) = epp::memory_caps::container_limit() {
+        let caps = epp::memory_caps::MemoryCaps {
+            gathered_request_bytes: max_gathered_request_bytes as u64,
+            held_response_bytes: ext_proc::stream::DEFAULT_HELD_RESPONSE_BYTES as u64,
+            flow_control: epp::memory_caps::FlowBound::of(loaded.flow_control.as_ref()),
+        };
+        if let Some(warning) = caps.warning(limit) {
+            tracing::warn!("{warning}");
+        }
+    }
     if debug_decisions > 0 && !debug_pool {
         bail!(
             "--debug-decisions={debug_decisions} records decisions for /debug/pool: add --debug-pool"
