@@ -1084,6 +1084,59 @@ async fn flow_control_disconnect_frees_the_place_and_overflow_is_refused() {
     task.await.unwrap();
 }
 
+/// Fair share through the stream: in a round-robin band, a tenant that fills the band gives
+/// its newest place to another tenant's request, and that client is answered 429
+/// `evicted-fair-share`.
+#[tokio::test(start_paused = true)]
+async fn flow_control_fair_share_answers_the_largest_flows_newest() {
+    let config = FLOW_CONTROL
+        .replace(
+            "- type: concurrency-detector",
+            "- type: round-robin-fairness-policy\n- type: concurrency-detector",
+        )
+        .replace(
+            "maxRequests: 1\n",
+            "maxRequests: 2\n    fairnessPolicyRef: round-robin-fairness-policy\n",
+        );
+    let h = Harness::with_config(1, &config);
+    let (token, task) = dispatcher(&h);
+    let fc = h.director.flow_control().unwrap().clone();
+    let tenant = |id: &'static str| [("x-llm-d-inference-fairness-id", id)];
+    // The one slot is taken; tenant a fills the band behind it.
+    let mut first = h.stream();
+    send_chat(&mut first, "m", &tenant("a"));
+    let d = first.admission().unwrap().wait().await;
+    assert_eq!(prost_answers(first.on_admission(d)).len(), 2);
+    let mut hog: Vec<StreamState> = (0..2).map(|_| h.stream()).collect();
+    for s in &mut hog {
+        assert!(send_chat(s, "m", &tenant("a")).is_empty());
+    }
+    assert_eq!(fc.queued(), 2);
+    // Tenant b gets in; a's newest is answered.
+    let mut b = h.stream();
+    assert!(send_chat(&mut b, "m", &tenant("b")).is_empty());
+    assert_eq!(fc.queued(), 2);
+    let d = hog[1].admission().unwrap().wait().await;
+    let out = prost_answers(hog[1].on_admission(d));
+    assert_eq!(immediate(&out[0]).0, 429);
+    assert_eq!(
+        immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
+        Some("evicted-fair-share")
+    );
+    // Tenant a, holding the most, is the one refused now.
+    let mut more = h.stream();
+    send_chat(&mut more, "m", &tenant("a"));
+    let d = more.admission().unwrap().wait().await;
+    let out = prost_answers(more.on_admission(d));
+    assert_eq!(
+        immediate_header(&out[0], "x-llm-d-request-dropped-reason").as_deref(),
+        Some("rejected-saturated")
+    );
+    drop((first, hog, b));
+    token.cancel();
+    task.await.unwrap();
+}
+
 /// Answers as prost messages, as the tests read them.
 fn prost_answers(out: Vec<crate::envoy::Answer>) -> Vec<ProcessingResponse> {
     out.into_iter()
