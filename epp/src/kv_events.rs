@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, PoolSnapshot};
-use endpoint_picker::kv_index::{Applied, SharedKvIndex, StreamState};
+use endpoint_picker::kv_index::{Applied, Dropped, SharedKvIndex, StreamState};
 use endpoint_picker::scheduling::plugins::precise::KvEventsSettings;
 use kv_events::EventBatch;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -235,12 +235,9 @@ impl KvEventMetrics {
         self.applied
             .get_or_create(pod)
             .inc_by(u64::from(applied.applied));
-        for (reason, n) in ["unknown_parent", "no_full_block", "unknown_blocks"]
-            .into_iter()
-            .zip(applied.dropped)
-        {
+        for (reason, n) in Dropped::ALL.into_iter().zip(applied.dropped) {
             if n > 0 {
-                self.count_dropped(pod, reason, u64::from(n));
+                self.count_dropped(pod, reason.as_str(), u64::from(n));
             }
         }
         if lag.is_finite() {
@@ -264,13 +261,8 @@ impl KvEventMetrics {
         self.received.remove(pod);
         self.applied.remove(pod);
         self.lag.remove(pod);
-        for reason in [
-            "unknown_parent",
-            "no_full_block",
-            "unknown_blocks",
-            "bad_topic",
-            "gap",
-        ] {
+        let reasons = Dropped::ALL.map(Dropped::as_str);
+        for reason in reasons.into_iter().chain(["bad_topic", "gap"]) {
             self.dropped.remove(&DropLabels {
                 name: pod.name.clone(),
                 model_server_pod: pod.model_server_pod.clone(),

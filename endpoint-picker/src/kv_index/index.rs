@@ -12,7 +12,8 @@
 //! - `keys`: request key → up to `max_endpoints_per_key` entries `{endpoint, medium,
 //!   speculative}`, an LRU capped at `max_keys` keys (recency: the last store or speculation);
 //!   each key's entries are themselves in recency order, the oldest dropped past the cap;
-//! - `engine`: engine hash → request keys, an LRU capped at `max_engine_keys`;
+//! - `engine`: engine hash → request keys (at most [`MAX_KEYS_PER_ENGINE_HASH`] a hash), an
+//!   LRU capped at `max_engine_keys` keys held by its entries together;
 //! - `by_endpoint`: per endpoint, the slots of the keys it holds (the reverse index), so that
 //!   clearing an endpoint costs its own entries, never a scan of the index. It is a log
 //!   appended to when the endpoint first holds a key and compacted when it has grown to twice
@@ -65,7 +66,8 @@ pub struct IndexLimits {
     pub max_keys: usize,
     /// Entries per key at most (`inMemoryConfig.podCacheSize`).
     pub max_endpoints_per_key: usize,
-    /// Engine hashes remembered at most (the same as `max_keys`, as llm-d sizes its map).
+    /// Request keys the engine hashes remembered stand for, at most (the same as `max_keys`,
+    /// as llm-d sizes its map; one key a hash when the engine's block size is the index's).
     pub max_engine_keys: usize,
     /// Speculative entries pending expiry at most.
     pub max_speculative_keys: usize,
@@ -153,15 +155,28 @@ pub enum Dropped {
     NoFullBlock,
     /// `BlockStored` without tokens (a tier copy) or `BlockRemoved` naming no known block.
     UnknownBlocks,
+    /// `BlockStored` whose tokens do not fit its blocks: more than `block_size` a block (and
+    /// one partial block), or more than [`MAX_KEYS_PER_ENGINE_HASH`] index blocks a hash. No engine
+    /// sends that; taken, one hash would stand for as many keys as the sender likes.
+    Malformed,
 }
 
 impl Dropped {
+    /// Every reason, in [`Applied::dropped`]'s order.
+    pub const ALL: [Dropped; 4] = [
+        Dropped::UnknownParent,
+        Dropped::NoFullBlock,
+        Dropped::UnknownBlocks,
+        Dropped::Malformed,
+    ];
+
     /// A metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             Dropped::UnknownParent => "unknown_parent",
             Dropped::NoFullBlock => "no_full_block",
             Dropped::UnknownBlocks => "unknown_blocks",
+            Dropped::Malformed => "malformed",
         }
     }
 }
@@ -171,8 +186,8 @@ impl Dropped {
 pub struct Applied {
     /// Events that changed the index.
     pub applied: u32,
-    /// Events dropped, by reason: unknown parent, no full block, unknown blocks.
-    pub dropped: [u32; 3],
+    /// Events dropped, by reason ([`Dropped::ALL`]'s order).
+    pub dropped: [u32; Dropped::ALL.len()],
     /// Blocks stored or removed by the applied events.
     pub blocks: u32,
 }
@@ -184,12 +199,9 @@ impl Applied {
     }
 
     fn drop(&mut self, reason: Dropped) {
-        let i = match reason {
-            Dropped::UnknownParent => 0,
-            Dropped::NoFullBlock => 1,
-            Dropped::UnknownBlocks => 2,
-        };
-        self.dropped[i] += 1;
+        if let Some(i) = Dropped::ALL.iter().position(|&r| r == reason) {
+            self.dropped[i] += 1;
+        }
     }
 }
 
@@ -449,10 +461,24 @@ impl<'a> PreparedBatch<'a> {
                     hasher.root(name)
                 }
             };
+            // A trailing partial block is let through (its tokens make no key).
+            let holds = (ev.block_hashes.len() + 1).saturating_mul(ev.block_size as usize);
+            if ev.block_size > 0 && ev.token_ids.len() > holds {
+                out.drop(Dropped::Malformed);
+                continue;
+            }
             let mut keys = Vec::new();
             hasher.keys_into(parent, &ev.token_ids, None, usize::MAX, &mut keys);
             if keys.is_empty() {
                 out.drop(Dropped::NoFullBlock);
+                continue;
+            }
+            if keys.len()
+                > ev.block_hashes
+                    .len()
+                    .saturating_mul(MAX_KEYS_PER_ENGINE_HASH)
+            {
+                out.drop(Dropped::Malformed);
                 continue;
             }
             let engine = engine_pairs(&ev.block_hashes, &keys);
@@ -484,6 +510,12 @@ impl<'a> PreparedBatch<'a> {
         self.next >= self.ops.len()
     }
 }
+
+/// Most index blocks one engine hash may stand for: an engine block of up to 64 times the
+/// index's block size (vLLM's largest block size is 256 tokens against the index's 16 by
+/// default). Bounds what an engine-hash entry holds and what one hash of a copy or removal
+/// costs.
+pub const MAX_KEYS_PER_ENGINE_HASH: usize = 64;
 
 /// Engine hash → request keys, spread in proportion as llm-d does (`engineToRequestMapping`):
 /// with 4 engine hashes and 4 keys one each; 16 hashes for 4 keys, four hashes per key; 2
@@ -560,6 +592,8 @@ pub struct KvIndex {
     limits: IndexLimits,
     keys: SlabLru<Entries>,
     engine: SlabLru<RequestKeys>,
+    /// Request keys the engine table's entries hold together (its cap).
+    engine_held: usize,
     by_endpoint: Vec<Option<Held>>,
     entries: usize,
     speculations: VecDeque<Speculation>,
@@ -580,6 +614,7 @@ impl KvIndex {
             },
             keys: SlabLru::default(),
             engine: SlabLru::default(),
+            engine_held: 0,
             by_endpoint: Vec::new(),
             entries: 0,
             speculations: VecDeque::new(),
@@ -676,9 +711,9 @@ impl KvIndex {
     }
 
     /// Applies what is left of a prepared batch of `endpoint`'s events, `budget` units of work
-    /// at most (a unit: one engine hash mapped, one key stored, one hash of a copy or a
-    /// removal, one event with nothing to map; an event that needs more is continued on the
-    /// next call). Returns whether the batch is done. The first call also drops the expired
+    /// at most (a unit: one engine hash mapped, one key stored, one key a hash of a copy or a
+    /// removal stands for (at least one a hash), one event with nothing to map; an event that
+    /// needs more is continued on the next call). Returns whether the batch is done. The first call also drops the expired
     /// speculative entries.
     pub fn apply_prepared(
         &mut self,
@@ -705,7 +740,10 @@ impl KvIndex {
                 return false;
             }
             let total = op.units();
-            let end = total.min(pos.saturating_add(left));
+            let mut end = total.min(pos.saturating_add(left));
+            // Copies and removals count the keys their hashes stand for (at least one a hash),
+            // so that a slice is bounded by the work it does.
+            let mut spent = None;
             match op {
                 Op::Store {
                     medium,
@@ -735,25 +773,37 @@ impl KvIndex {
                 Op::Copies(ev) => {
                     // vLLM's CPU offloading announces copies of blocks it stored before, by
                     // hash only.
-                    for &hash in &ev.block_hashes[*pos..end] {
+                    let (mut i, mut work) = (*pos, 0);
+                    while let Some(&hash) = ev.block_hashes.get(i).filter(|_| work < left) {
+                        i += 1;
                         let Some(keys) = self.engine.get(hash).cloned() else {
+                            work += 1;
                             continue;
                         };
+                        work += keys.len().max(1);
                         for key in keys {
                             self.add(key, endpoint, ev.medium, None);
                         }
                         *partial += 1;
                     }
+                    (end, spent) = (i, Some(work));
                     if end == total {
                         settle(out, *partial);
                     }
                 }
                 Op::Remove(ev) => {
-                    for &hash in &ev.block_hashes[*pos..end] {
-                        if self.remove_hash(endpoint, ev.medium, hash) {
-                            *partial += 1;
+                    let (mut i, mut work) = (*pos, 0);
+                    while let Some(&hash) = ev.block_hashes.get(i).filter(|_| work < left) {
+                        i += 1;
+                        match self.remove_hash(endpoint, ev.medium, hash) {
+                            Some(keys) => {
+                                work += keys.max(1);
+                                *partial += 1;
+                            }
+                            None => work += 1,
                         }
                     }
+                    (end, spent) = (i, Some(work));
                     if end == total {
                         settle(out, *partial);
                     }
@@ -764,7 +814,7 @@ impl KvIndex {
                 }
             }
             // An event with nothing to map still costs a unit, so a slice stays bounded.
-            left = left.saturating_sub((end - *pos).max(1));
+            left = left.saturating_sub(spent.unwrap_or(end - *pos).max(1));
             if end == total {
                 *next += 1;
                 *pos = 0;
@@ -801,30 +851,33 @@ impl KvIndex {
             .warm(stored.iter().copied(), stored.len().saturating_sub(spare));
     }
 
+    /// Maps `hash` to `keys`. The table is capped by the keys its entries hold together (an
+    /// entry holds up to [`MAX_KEYS_PER_ENGINE_HASH`]), oldest entries out first.
     fn set_engine(&mut self, hash: u64, keys: RequestKeys) {
         let (slot, _) = self.engine.insert_with(hash, RequestKeys::new);
         if let Some(v) = self.engine.at_mut(slot) {
+            self.engine_held = self.engine_held - v.len() + keys.len();
             *v = keys;
         }
-        while self.engine.len() > self.limits.max_engine_keys {
-            match self.engine.oldest() {
-                Some(oldest) => {
-                    self.engine.remove(oldest);
-                }
+        while self.engine_held > self.limits.max_engine_keys && self.engine.len() > 1 {
+            match self
+                .engine
+                .oldest()
+                .and_then(|oldest| self.engine.remove(oldest))
+            {
+                Some((_, gone)) => self.engine_held -= gone.len(),
                 None => break,
             }
         }
     }
 
     /// One hash of a `BlockRemoved`: the endpoint's entries in that tier for the keys the hash
-    /// maps to. Returns whether the hash was known.
-    fn remove_hash(&mut self, endpoint: EndpointId, medium: Medium, hash: u64) -> bool {
-        let Some(engine_slot) = self.engine.slot(hash) else {
-            return false;
-        };
+    /// maps to. Returns how many keys that was, `None` if the hash was not known.
+    fn remove_hash(&mut self, endpoint: EndpointId, medium: Medium, hash: u64) -> Option<usize> {
+        let engine_slot = self.engine.slot(hash)?;
         let keys = self.engine.at(engine_slot).cloned().unwrap_or_default();
         let mut all_gone = true;
-        for key in keys {
+        for &key in &keys {
             let Some(slot) = self.keys.slot(key) else {
                 continue;
             };
@@ -836,10 +889,10 @@ impl KvIndex {
             }
         }
         // Another endpoint may still hold the blocks: keep the mapping for its events.
-        if all_gone {
-            self.engine.remove(engine_slot);
+        if all_gone && let Some((_, gone)) = self.engine.remove(engine_slot) {
+            self.engine_held -= gone.len();
         }
-        true
+        Some(keys.len())
     }
 
     /// Forgets everything an endpoint holds (`AllBlocksCleared`, a sequence gap that replay did

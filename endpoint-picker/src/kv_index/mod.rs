@@ -19,8 +19,8 @@ use parking_lot::RwLock;
 use tokio::time::Instant;
 
 pub use index::{
-    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, ParentKeys, PreparedBatch,
-    SharedMedia, TierWeights,
+    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, MAX_KEYS_PER_ENGINE_HASH,
+    ParentKeys, PreparedBatch, SharedMedia, TierWeights,
 };
 pub use keys::{HashAlgorithm, KeyHasher};
 

@@ -377,7 +377,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         now,
     );
     assert_eq!(out.applied, 0);
-    assert_eq!(out.dropped, [1, 0, 0]);
+    assert_eq!(out.dropped, [1, 0, 0, 0]);
     let short = Event::BlockStored(BlockStored {
         block_hashes: vec![9],
         parent_block_hash: None,
@@ -393,7 +393,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         &batch(vec![short, removed(5, 0..2, Medium::Gpu)]),
         now,
     );
-    assert_eq!(out.dropped, [0, 1, 1]);
+    assert_eq!(out.dropped, [0, 1, 1, 0]);
     assert!(idx.is_empty());
 }
 
@@ -931,7 +931,7 @@ fn a_parent_stored_earlier_in_the_batch_chains_the_next_store() {
         ]),
         Instant::now(),
     );
-    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0]));
+    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0, 0]));
     assert_eq!(blocks(&lookup(&idx, &request(1, 5), &[0]), 0), 5);
 }
 
@@ -1048,4 +1048,95 @@ fn reverse_logs_stay_bounded_under_churn_and_clear_exactly() {
         idx.entries(),
         idx.endpoint_keys(ep(1)) + idx.endpoint_keys(ep(2))
     );
+}
+
+/// Review: one engine hash could stand for as many keys as the engine sent tokens for, and a
+/// copy or removal repeating it did that many inserts per "unit" of a slice (quadratic work
+/// under the write lock), while the engine table, capped by entries, kept every such list.
+/// Now a store whose tokens do not fit its blocks is dropped, a hash stands for at most
+/// MAX_KEYS_PER_ENGINE_HASH keys, slices count the keys touched, and the engine table is
+/// capped by the keys it holds.
+#[test]
+fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    let one_hash = |tokens: usize, block_size: u32| {
+        Event::BlockStored(BlockStored {
+            block_hashes: vec![7],
+            parent_block_hash: None,
+            token_ids: (0..tokens as u32).collect(),
+            block_size,
+            lora_id: None,
+            lora_name: None,
+            medium: Medium::Gpu,
+        })
+    };
+    // More tokens than one block (and a partial one) of its claimed size, or, with no size,
+    // more index blocks than a hash may stand for: dropped.
+    let fanned = one_hash(65_536 * BS, BS as u32);
+    let unsized_ = one_hash((MAX_KEYS_PER_ENGINE_HASH + 1) * BS, 0);
+    let out = idx.apply(ep(0), MODEL, &batch(vec![fanned, unsized_]), now);
+    assert_eq!(out.dropped, [0, 0, 0, 2]);
+    assert!(idx.is_empty() && idx.engine_keys() == 0);
+    // An engine block of 64 index blocks is taken: one hash, 64 keys.
+    let wide = MAX_KEYS_PER_ENGINE_HASH * BS;
+    let out = idx.apply(ep(0), MODEL, &batch(vec![one_hash(wide, wide as u32)]), now);
+    assert_eq!(
+        (out.applied, out.blocks),
+        (1, MAX_KEYS_PER_ENGINE_HASH as u32)
+    );
+    // Copies and removals repeating that hash: each slice stays within its budget of keys.
+    let repeats = 1_000;
+    for ev in [
+        Event::BlockStored(BlockStored {
+            block_hashes: vec![7; repeats],
+            parent_block_hash: None,
+            token_ids: Vec::new(),
+            block_size: wide as u32,
+            lora_id: None,
+            lora_name: None,
+            medium: Medium::Cpu,
+        }),
+        Event::BlockRemoved(BlockRemoved {
+            block_hashes: vec![7; repeats],
+            medium: Medium::Cpu,
+        }),
+    ] {
+        let b = batch(vec![ev]);
+        let parents = ParentKeys::default();
+        let mut prepared = PreparedBatch::new(idx.hasher(), MODEL, &b, &parents);
+        let budget = 256;
+        let mut holds = 0;
+        while !idx.apply_prepared(ep(0), &mut prepared, budget, now) {
+            holds += 1;
+        }
+        // 1,000 hashes of 64 keys: 64,000 keys' work in slices of 256 (+ one hash's overrun).
+        let least = repeats * MAX_KEYS_PER_ENGINE_HASH / (budget + MAX_KEYS_PER_ENGINE_HASH);
+        assert!(
+            holds >= least,
+            "{holds} slices for {repeats} hashes of 64 keys"
+        );
+    }
+    idx.check_invariants();
+
+    // The engine table is capped by the keys its entries hold, not by their number.
+    let mut small = index(IndexLimits {
+        max_engine_keys: 3 * MAX_KEYS_PER_ENGINE_HASH,
+        ..IndexLimits::default()
+    });
+    let events = (0..10)
+        .map(|seq| {
+            Event::BlockStored(BlockStored {
+                block_hashes: vec![engine_hash(seq, 0)],
+                parent_block_hash: None,
+                token_ids: tokens(seq, 0..MAX_KEYS_PER_ENGINE_HASH as u32),
+                block_size: wide as u32,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Gpu,
+            })
+        })
+        .collect();
+    small.apply(ep(0), MODEL, &batch(events), now);
+    assert_eq!(small.engine_keys(), 3, "three entries of 64 keys fill 192");
 }
