@@ -8,7 +8,9 @@
 //! deadline (`timeout`) covering the wait and the work. A request that finds the queue full or
 //! misses its deadline proceeds without ids ([`InferenceRequest::token_ids`] stays `None` and
 //! routing falls back to its text-based paths); each such outcome is counted. Work that missed
-//! its deadline still holds its permit until it ends, so the pool never grows past `workers`.
+//! its deadline still holds its permit until it ends, so the pool never grows past `workers`;
+//! so a request that gets its worker with less time left than its body could take (at twice
+//! the measured speed), or whose caller has gone by the time a thread takes it, is not started.
 //!
 //! The tokenizer itself (a model's `tokenizer.json` and chat template) lives in the `tokenize`
 //! crate, outside this one, to keep its dependencies out of the decision core; the binary
@@ -18,7 +20,7 @@
 //! [`InferenceRequest::token_ids`]: crate::request::InferenceRequest::token_ids
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -229,11 +231,24 @@ impl TokenProducer {
                 }
             }
         };
+        // Work started with too little time left would end after its caller gave up, holding a
+        // worker the queue needs: under overload nearly every worker would then do work no one
+        // waits for. What cannot finish even at twice the measured speed is not started, and
+        // work whose caller has gone by the time a blocking thread takes it does not start.
+        let least = Duration::from_micros(body.len() as u64 / FASTEST_BYTES_PER_MICROSECOND);
+        if Instant::now() + least >= deadline {
+            return Err(Outcome::TimedOut);
+        }
+        let gone = Arc::new(AtomicBool::new(false));
+        let _caller = CallerGone(gone.clone());
         let tokenizer = self.tokenizer.clone();
         // The permit moves into the work: released when the work ends, not when the caller
         // stops waiting for it.
         let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            if gone.load(Ordering::Relaxed) {
+                return Err(Skip::Failed);
+            }
             tokenizer.token_ids(api, &body)
         });
         match tokio::time::timeout_at(deadline, work).await {
@@ -244,6 +259,20 @@ impl TokenProducer {
             Ok(Ok(Err(Skip::Failed))) | Ok(Err(_)) => Err(Outcome::Failed),
             Err(_) => Err(Outcome::TimedOut),
         }
+    }
+}
+
+/// Twice the bytes a microsecond the local tokenizer was measured to take (about 3.5 at 512
+/// KiB, bench `tokenize`): no prompt tokenises faster, so a job with less time left than its
+/// body at this rate is not started.
+const FASTEST_BYTES_PER_MICROSECOND: u64 = 8;
+
+/// Set when the caller of a tokenization stops waiting (its deadline, or its request gone).
+struct CallerGone(Arc<AtomicBool>);
+
+impl Drop for CallerGone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -515,6 +544,28 @@ mod tests {
                 .await
                 .is_some()
         );
+        // A request that gets its worker with less time left than its body could take is not
+        // started: the worker is free again at once.
+        while started.try_recv().is_ok() {}
+        let stuck = call(Api::Completions);
+        tokio::task::yield_now().await;
+        started.recv().unwrap();
+        let late = {
+            let tp = tp.clone();
+            tokio::spawn(async move {
+                tp.token_ids(Api::Completions, Bytes::from(vec![b'x'; 100_000]))
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(tp.waiting.load(Ordering::Relaxed), 1);
+        tokio::time::advance(Duration::from_millis(95)).await;
+        open.send(()).unwrap();
+        assert!(stuck.await.unwrap().is_some());
+        assert_eq!(late.await.unwrap(), None, "5 ms left for 100 KB");
+        assert_eq!(tp.count(Outcome::TimedOut), 3);
+        assert!(started.try_recv().is_err(), "never started");
+        assert_eq!(tp.workers.available_permits(), 1);
         // APIs without a prompt are not tokenised at all.
         assert_eq!(tp.token_ids(Api::Embeddings, Bytes::new()).await, None);
         assert_eq!(tp.count(Outcome::Unsupported), 1);

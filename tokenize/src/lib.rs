@@ -269,12 +269,27 @@ impl Tokenizer {
         if limits.template_fuel == 0 {
             return Err(LoadError::Limit("template_fuel must be > 0"));
         }
-        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| {
+        let mut tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| {
             LoadError::Tokenizer {
                 path: origin.to_owned(),
                 reason: e.to_string(),
             }
         })?;
+        // A tokenizer.json saved after a truncating or padding call keeps those settings, and
+        // the library applies them on every encode. The engine's tokenizer turns both off
+        // unless a request asks for them (transformers' fast tokenizers do, and vLLM does not
+        // ask): left on, a long prompt's ids would be cut (and the precise index and the cost
+        // model would see a few hundred tokens of a 100k-token prompt) or padded.
+        if tokenizer.get_truncation().is_some() || tokenizer.get_padding().is_some() {
+            tracing::info!(path = %origin.display(), "tokenizer.json's truncation and padding settings are ignored, as the engine ignores them");
+        }
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| LoadError::Tokenizer {
+                path: origin.to_owned(),
+                reason: e.to_string(),
+            })?
+            .with_padding(None);
         let chat = template
             .map(|(path, source)| {
                 ChatTemplate::new(
@@ -356,6 +371,10 @@ impl Tokenizer {
                 self.encode_completion_prompt(prompt)
             }
             Api::ChatCompletions => {
+                // Before the body is parsed: without a template there is nothing to render.
+                if self.chat.is_none() {
+                    return Err(TokenizeError::Unsupported("no chat template loaded"));
+                }
                 let input = self.chat_input(body)?;
                 self.encode_chat(&input)
             }
@@ -639,6 +658,36 @@ fn text(bytes: Vec<u8>, path: &Path) -> Result<String, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review: a tokenizer.json saved with `truncation` (or `padding`) set made every encode
+    /// cut (or pad) the ids, where the engine ignores both.
+    #[test]
+    fn a_saved_truncation_or_padding_is_not_applied() {
+        let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tokenizer.json");
+        let json = std::fs::read(&testdata).unwrap();
+        let plain =
+            Tokenizer::from_parts(&json, &testdata, None, None, None, Limits::default()).unwrap();
+        let mut saved: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        saved["truncation"] = serde_json::json!({
+            "direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0
+        });
+        saved["padding"] = serde_json::json!({
+            "strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null,
+            "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"
+        });
+        let saved = serde_json::to_vec(&saved).unwrap();
+        let loaded =
+            Tokenizer::from_parts(&saved, &testdata, None, None, None, Limits::default()).unwrap();
+        let prompt = "the quick brown fox jumps over the lazy dog ".repeat(8);
+        let ids = plain.encode_prompt(&prompt).unwrap();
+        assert!(ids.len() > 8 && ids.len() != 64, "{}", ids.len());
+        assert_eq!(loaded.encode_prompt(&prompt).unwrap(), ids);
+        // Without a template a chat body is refused before it is parsed (even when invalid).
+        assert_eq!(
+            loaded.encode_body(Api::ChatCompletions, b"not json"),
+            Err(TokenizeError::Unsupported("no chat template loaded"))
+        );
+    }
 
     #[test]
     fn prompt_shapes() {
