@@ -265,7 +265,11 @@ fn default_pool_kind() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct InferenceObjectiveSpec {
     /// Higher is more important; negative is sheddable; unset is 0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_i32"
+    )]
     pub priority: Option<i32>,
     /// The pool this objective applies to.
     pub pool_ref: PoolObjectReference,
@@ -336,6 +340,33 @@ pub enum MatchType {
     /// Byte-for-byte equality.
     #[default]
     Exact,
+    /// A kind this EPP does not know (a newer or laxer CRD allowed it): the match matches
+    /// nothing. Read rather than refused, because one object that fails to decode fails the
+    /// whole list of its kind, and the watch with it, for every object.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unsupported,
+}
+
+/// An integer field of a custom resource, read whatever number it holds: the API server does
+/// not enforce `format: int32` (kubernetes/kubernetes#136091), and one object that fails to
+/// decode fails the whole list of its kind, so that no objective or rewrite of the namespace
+/// would load. Past the range it is clamped; a value that is not a number reads as unset.
+fn lenient_i32<'de, D>(deserializer: D) -> Result<Option<i32>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(value.and_then(|v| match v {
+        serde_json::Value::Number(n) => {
+            let wide = n
+                .as_i64()
+                .or_else(|| n.as_u64().map(|_| i64::MAX))
+                .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))?;
+            Some(wide.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32)
+        }
+        _ => None,
+    }))
 }
 
 /// A weighted rewrite destination.
@@ -343,7 +374,11 @@ pub enum MatchType {
 #[serde(rename_all = "camelCase")]
 pub struct TargetModel {
     /// Relative weight (all set or none set; none set = uniform).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_i32"
+    )]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub weight: Option<i32>,
     /// The model name sent to the engine.

@@ -30,7 +30,7 @@ use kube::ResourceExt;
 use parking_lot::Mutex;
 
 use crate::api::{
-    InferenceModelRewrite, InferenceObjective, InferencePool, InferencePoolSpec,
+    InferenceModelRewrite, InferenceObjective, InferencePool, InferencePoolSpec, MatchType,
     PoolObjectReference,
 };
 
@@ -388,8 +388,22 @@ fn to_rewrite(obj: &InferenceModelRewrite) -> ModelRewrite {
             .spec
             .rules
             .iter()
+            // A match of a kind not known here matches nothing; a rule left with no match it
+            // can make is dropped (no matches at all would match every model).
+            .filter(|rule| {
+                rule.matches.is_empty()
+                    || rule
+                        .matches
+                        .iter()
+                        .any(|m| m.model.r#type == MatchType::Exact)
+            })
             .map(|rule| RewriteRule {
-                matches: rule.matches.iter().map(|m| m.model.value.clone()).collect(),
+                matches: rule
+                    .matches
+                    .iter()
+                    .filter(|m| m.model.r#type == MatchType::Exact)
+                    .map(|m| m.model.value.clone())
+                    .collect(),
                 targets: rule
                     .targets
                     .iter()
