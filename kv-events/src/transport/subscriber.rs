@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use zeromq::{DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqMessage};
+use zeromq::{
+    DealerSocket, Socket as _, SocketRecv as _, SocketSend as _, SubSocket, ZmqError, ZmqMessage,
+};
 
 use super::guard::{self, Guard, GuardStats, Limits, Peers, Report, UnfinishedBudget};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
@@ -187,6 +189,9 @@ pub struct SubscriberStats {
     pub connects: AtomicU64,
     /// Topics forgotten to make room for a new one ([`MAX_TOPICS`]).
     pub evicted_topics: AtomicU64,
+    /// Publishers of a bound socket whose connection failed (reset, or a frame the ZMTP codec
+    /// refused): that publisher alone was dropped, the socket kept.
+    pub peers_lost: AtomicU64,
     /// The frame guard's: peers cut off or refused (shared by the subscriber's guards).
     pub guard: Arc<GuardStats>,
 }
@@ -206,6 +211,7 @@ pub struct SubscriberStatsSnapshot {
     pub restarts: u64,
     pub connects: u64,
     pub evicted_topics: u64,
+    pub peers_lost: u64,
     pub peers_cut_off: u64,
     pub peers_over_budget: u64,
     pub peers_refused: u64,
@@ -227,6 +233,7 @@ impl SubscriberStats {
             restarts: l(&self.restarts),
             connects: l(&self.connects),
             evicted_topics: l(&self.evicted_topics),
+            peers_lost: l(&self.peers_lost),
             peers_cut_off: l(&self.guard.cut_off),
             peers_over_budget: l(&self.guard.over_budget),
             peers_refused: l(&self.guard.refused),
@@ -346,7 +353,7 @@ enum Ended {
     /// Cancelled, or nobody reads the batches any more.
     Done,
     /// The socket failed: reconnect.
-    SocketError(zeromq::ZmqError),
+    SocketError(ZmqError),
 }
 
 // === impl Subscriber ===
@@ -513,6 +520,17 @@ impl Subscriber {
             };
             let frames = match message {
                 Ok(m) => m.into_vec(),
+                // On a bound socket an error is one publisher's (its connection reset, or a
+                // frame zmq.rs's codec refused, such as an unknown ZMTP command): zmq.rs has
+                // dropped that publisher and the socket serves the others. Rebinding would cut
+                // every engine's connection (a sequence gap, and a cleared index, for each),
+                // and anyone who can reach the port could make it do so every backoff period.
+                Err(ZmqError::Codec(_) | ZmqError::Network(_))
+                    if self.config.mode == SubscribeMode::Bind =>
+                {
+                    inc(&self.stats.peers_lost, 1);
+                    continue;
+                }
                 Err(e) => return Ended::SocketError(e),
             };
             inc(&self.stats.received, 1);

@@ -761,3 +761,76 @@ async fn a_message_over_the_size_cap_is_cut_off_counted_and_the_next_publisher_h
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Review: on a bound socket any receive error (one publisher's connection reset, or a frame
+/// zmq.rs's codec refused) rebound the whole socket, cutting every engine's connection, and
+/// anyone who can reach the port could do that with one unknown ZMTP command. Now only that
+/// publisher is dropped: the socket is not rebound and the others' batches keep coming.
+#[tokio::test]
+async fn one_publishers_bad_command_drops_that_publisher_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+        .await
+        .unwrap();
+    let central = sub.local_endpoint().unwrap().to_owned();
+    let stats = sub.stats();
+    let (tx, mut rx) = mpsc::channel(64);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(sub.run(tx, cancel.clone()));
+    let pub_cancel = CancellationToken::new();
+    let (handle, pub_task) = connecting_publisher(central.clone(), &pub_cancel).await;
+    publish_until_received(&handle, &mut rx).await;
+    assert_eq!(stats.snapshot().connects, 1);
+
+    // A ZMTP 3 peer: greeting, READY as a PUB, then a command zmq.rs does not know.
+    let mut hostile = tokio::net::TcpStream::connect(central.strip_prefix("tcp://").unwrap())
+        .await
+        .unwrap();
+    let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
+    greeting.extend_from_slice(b"NULL");
+    greeting.resize(64, 0);
+    hostile.write_all(&greeting).await.unwrap();
+    let mut theirs = [0u8; 64];
+    timeout(WAIT, hostile.read_exact(&mut theirs))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ready = vec![0x05];
+    ready.extend_from_slice(b"READY");
+    ready.push(11);
+    ready.extend_from_slice(b"Socket-Type");
+    ready.extend_from_slice(&3u32.to_be_bytes());
+    ready.extend_from_slice(b"PUB");
+    hostile.write_all(&[0x04, ready.len() as u8]).await.unwrap();
+    hostile.write_all(&ready).await.unwrap();
+    hostile
+        .write_all(&[0x04, 0x05, 0x04, b'P', b'I', b'N', b'G'])
+        .await
+        .unwrap();
+    // zmq.rs drops that publisher: its connection closes.
+    let mut rest = Vec::new();
+    let _ = timeout(WAIT, hostile.read_to_end(&mut rest)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.snapshot().peers_lost == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never counted");
+        tokio::task::yield_now().await;
+    }
+
+    // The socket was not rebound, and the real publisher's next batches still arrive on its
+    // first connection.
+    publish_until_received(&handle, &mut rx).await;
+    assert_eq!(stats.snapshot().connects, 1, "no rebind");
+    assert_eq!(
+        handle
+            .stats()
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(!task.is_finished());
+    pub_cancel.cancel();
+    pub_task.await.unwrap().unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
