@@ -511,6 +511,9 @@ impl<'a> PreparedBatch<'a> {
     }
 }
 
+/// Most speculative keys one [`KvIndex::expire`] drops (as many as a slice of a batch).
+pub const EXPIRE_SLICE: usize = 4_096;
+
 /// Most index blocks one engine hash may stand for: an engine block of up to 64 times the
 /// index's block size (vLLM's largest block size is 256 tokens against the index's 16 by
 /// default). Bounds what an engine-hash entry holds and what one hash of a copy or removal
@@ -964,9 +967,16 @@ impl KvIndex {
         }
     }
 
-    /// Drops the speculative entries whose time is up.
+    /// Drops the speculative entries whose time is up, some [`EXPIRE_SLICE`] keys' worth at
+    /// most (at least one request's): it runs under the write lock on the request path, and
+    /// a burst of speculations all due at once would otherwise be dropped in one hold. What is
+    /// left is dropped by the next calls (every read, speculation and batch makes one).
     pub fn expire(&mut self, now: Instant) {
-        while self.speculations.front().is_some_and(|s| s.deadline <= now) {
+        let mut spent = 0;
+        while spent < EXPIRE_SLICE
+            && let Some(front) = self.speculations.front().filter(|s| s.deadline <= now)
+        {
+            spent += front.keys.len().max(1);
             self.expire_front();
         }
     }

@@ -235,6 +235,7 @@ impl EngineMapping {
     /// default; a malformed line is skipped (the rest of the scrape is still useful) and counted.
     pub fn extract(&self, text: &str) -> Extracted {
         let mut best = Fields::default();
+        let mut latest_lora: Option<Sample<'_>> = None;
         let mut bad_lines = 0usize;
         // Only the families this mapping reads are parsed (an engine exposes hundreds of
         // series, histograms mostly, and reads a handful): the same values, a fraction of the
@@ -254,11 +255,16 @@ impl EngineMapping {
             best.offer_ranked(&self.queued, &sample, Field::Queued);
             best.offer_ranked(&self.running, &sample, Field::Running);
             best.offer_ranked(&self.kv_usage, &sample, Field::Kv);
+            // The adapter lists are read once, from the latest line: reading every line that
+            // raised the best (each up to 2 × 256 names) cost an engine's page of thousands
+            // of such lines millions of allocations a scrape.
             if let Some(spec) = &self.lora_info
                 && spec.matches(&sample)
-                && best.lora.as_ref().is_none_or(|(v, _)| sample.value > *v)
+                && latest_lora
+                    .as_ref()
+                    .is_none_or(|l: &Sample<'_>| sample.value > l.value)
             {
-                best.lora = Some((sample.value, lora_from(&sample)));
+                latest_lora = Some(sample.clone());
             }
             match &self.cache_info {
                 Some(CacheInfoSpec::Labels {
@@ -289,11 +295,11 @@ impl EngineMapping {
                 _ => {}
             }
         }
-        let (active, waiting, max) = best.lora.map(|(_, l)| l).unwrap_or_default();
+        let (active, waiting, max) = latest_lora.as_ref().map(lora_from).unwrap_or_default();
         Extracted {
             metrics: EngineMetrics {
-                waiting_queue_size: best.queued.map_or(0, |s| non_negative(s.value) as u64),
-                running_requests: best.running.map_or(0, |s| non_negative(s.value) as u64),
+                waiting_queue_size: best.queued.map_or(0, |s| count(s.value)),
+                running_requests: best.running.map_or(0, |s| count(s.value)),
                 kv_cache_usage: best.kv.map_or(0.0, |s| non_negative(s.value).min(1.0)),
                 served_models: best.served,
                 active_models: active,
@@ -367,6 +373,15 @@ fn non_negative(v: f64) -> f64 {
     if v.is_finite() && v > 0.0 { v } else { 0.0 }
 }
 
+/// Most requests an engine is believed to hold running or waiting: far above any engine's
+/// batch and queue, and low enough that summing a pool's counts cannot overflow.
+const MAX_REPORTED_REQUESTS: f64 = 1e9;
+
+/// A request count an engine reports, bounded.
+fn count(v: f64) -> u64 {
+    non_negative(v).min(MAX_REPORTED_REQUESTS) as u64
+}
+
 type Lora = (Vec<String>, Vec<String>, u32);
 
 fn lora_from(sample: &Sample<'_>) -> Lora {
@@ -415,7 +430,6 @@ struct Fields {
     queued: Option<Chosen>,
     running: Option<Chosen>,
     kv: Option<Chosen>,
-    lora: Option<(f64, Lora)>,
     block_size: Option<u32>,
     num_blocks: Option<u64>,
     served: Vec<String>,
@@ -523,6 +537,31 @@ mod tests {
             .collect();
         assert_eq!(filtered, full);
         assert_eq!(filtered.len(), 3);
+    }
+
+    /// Review: counts past u64 saturated and two of them wrapped the cost model's sum; the
+    /// adapter lists were read from every line that raised the best. Counts are capped, and
+    /// the lists read from the latest line only.
+    #[test]
+    fn counts_are_capped_and_the_latest_adapter_line_wins() {
+        let mapping = EngineMapping::builtin()
+            .into_iter()
+            .find(|m| m.name == "vllm")
+            .unwrap();
+        let mut text = String::from(
+            "vllm:num_requests_waiting{model_name=\"m\"} 1e19\n\
+             vllm:num_requests_running{model_name=\"m\"} 5\n",
+        );
+        for (i, adapters) in ["a", "b,c", "d"].iter().enumerate() {
+            text.push_str(&format!(
+                "vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{adapters}\",waiting_lora_adapters=\"\"}} {}\n",
+                [10, 30, 20][i]
+            ));
+        }
+        let got = mapping.extract(&text);
+        assert_eq!(got.metrics.waiting_queue_size, MAX_REPORTED_REQUESTS as u64);
+        assert_eq!(got.metrics.running_requests, 5);
+        assert_eq!(got.metrics.active_models, ["b", "c"]);
     }
 
     #[test]

@@ -1140,3 +1140,32 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     small.apply(ep(0), MODEL, &batch(events), now);
     assert_eq!(small.engine_keys(), 3, "three entries of 64 keys fill 192");
 }
+
+/// Review: speculative entries all due at once were dropped in one write-lock hold on the
+/// request path. One call drops about EXPIRE_SLICE keys' worth; the next calls the rest.
+#[test]
+fn speculative_entries_expire_a_slice_at_a_time() {
+    let mut idx = index(IndexLimits::default());
+    let start = Instant::now();
+    let per_request = 1_000u64;
+    for r in 0..20u64 {
+        let keys: Vec<u64> = (r * per_request..(r + 1) * per_request).collect();
+        idx.speculate(ep(0), &keys, start);
+    }
+    assert_eq!(idx.len(), 20_000);
+    let due = start + IndexLimits::default().speculative_ttl;
+    idx.expire(due);
+    let left = idx.len();
+    assert!(
+        (20_000 - EXPIRE_SLICE - per_request as usize..=20_000 - EXPIRE_SLICE).contains(&left),
+        "{left}"
+    );
+    let mut calls = 1;
+    while !idx.is_empty() {
+        idx.expire(due);
+        calls += 1;
+    }
+    // Whole requests until the slice is reached: five of 1,000 keys a call.
+    assert_eq!(calls, 20_000 / (EXPIRE_SLICE.div_ceil(1_000) * 1_000));
+    idx.check_invariants();
+}

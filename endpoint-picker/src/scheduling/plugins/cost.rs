@@ -501,7 +501,7 @@ fn queued_per_candidate(state: &CycleState, candidates: &[Candidate]) -> f64 {
                 .unwrap_or_default();
             backlog_requests(own, c.metrics.waiting_queue_size)
         })
-        .sum();
+        .fold(0u64, u64::saturating_add);
     total as f64 / candidates.len() as f64
 }
 
