@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -97,27 +97,50 @@ pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
 /// Bytes of received batches queued ahead of their consumer (the payload and the decoded
 /// events), shared by the subscribers given the same budget. A batch that would pass it is
 /// dropped and counted as a full channel's are: missed, so the index clears what may be stale.
+///
+/// One topic (one engine) holds at most a quarter of it, or one batch however large: an
+/// engine that sends heavy batches faster than they are applied then drops its own, not every
+/// other engine's.
 #[derive(Debug, Clone)]
-pub struct QueueBudget(Arc<Semaphore>);
+pub struct QueueBudget {
+    permits: Arc<Semaphore>,
+    /// Bytes one topic may hold when it holds anything.
+    share: usize,
+}
 
 impl QueueBudget {
     /// A budget of `bytes` (counted in KiB, at least one).
     pub fn new(bytes: usize) -> Self {
-        Self(Arc::new(Semaphore::new(bytes.div_ceil(1024).max(1))))
+        Self {
+            permits: Arc::new(Semaphore::new(bytes.div_ceil(1024).max(1))),
+            share: bytes / 4,
+        }
     }
 
-    /// Charges `bytes`, or `None` when the budget has not that much left.
-    fn charge(&self, bytes: usize) -> Option<QueueCharge> {
+    /// Charges `bytes` for a topic holding `held`, or `None` when the budget has not that much
+    /// left or the topic would pass its share.
+    fn charge(&self, bytes: usize, held: &Arc<AtomicUsize>) -> Option<QueueCharge> {
         let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
-        let permit = self.0.clone().try_acquire_many_owned(kib).ok()?;
+        // Counted as the budget counts it, in whole KiB.
+        let bytes = kib as usize * 1024;
+        let holding = held.load(Ordering::Relaxed);
+        if holding > 0 && holding.saturating_add(bytes) > self.share {
+            return None;
+        }
+        let permit = self.permits.clone().try_acquire_many_owned(kib).ok()?;
+        held.fetch_add(bytes, Ordering::Relaxed);
         Some(QueueCharge {
-            _permit: Arc::new(permit),
+            _charged: Arc::new(Charged {
+                _permit: permit,
+                held: held.clone(),
+                bytes,
+            }),
         })
     }
 
     /// KiB left.
     pub fn available_kib(&self) -> usize {
-        self.0.available_permits()
+        self.permits.available_permits()
     }
 }
 
@@ -125,7 +148,21 @@ impl QueueBudget {
 /// clone of it) is dropped.
 #[derive(Debug, Clone)]
 pub struct QueueCharge {
-    _permit: Arc<OwnedSemaphorePermit>,
+    _charged: Arc<Charged>,
+}
+
+#[derive(Debug)]
+struct Charged {
+    _permit: OwnedSemaphorePermit,
+    /// What its topic holds, given back too.
+    held: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl PartialEq for QueueCharge {
@@ -282,6 +319,8 @@ impl std::fmt::Debug for Subscriber {
 #[derive(Debug)]
 struct TopicState {
     name: Arc<str>,
+    /// Bytes of its batches queued ahead of the consumer ([`QueueBudget`]'s share).
+    queued: Arc<AtomicUsize>,
     next: Option<u64>,
     /// Batches lost since the last delivered one.
     missed: u64,
@@ -341,6 +380,7 @@ impl Topics {
         self.by_heard.insert(now, key.clone());
         Some(self.states.entry(key).or_insert(TopicState {
             name: Arc::from(name),
+            queued: Arc::default(),
             next: None,
             missed: 0,
             heard: now,
@@ -612,7 +652,8 @@ impl Subscriber {
             }
         };
         inc(&self.stats.decoded, 1);
-        let Some(charge) = self.budget.charge(payload.len() + batch.approx_bytes()) else {
+        let bytes = payload.len() + batch.approx_bytes();
+        let Some(charge) = self.budget.charge(bytes, &state.queued) else {
             inc(&self.stats.dropped, 1);
             state.missed = state.missed.saturating_add(1);
             return true;

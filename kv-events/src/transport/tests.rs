@@ -428,6 +428,39 @@ async fn a_queue_over_its_byte_budget_drops_and_counts() {
     task.await.unwrap().unwrap();
 }
 
+/// Review: one engine sending batches faster than they were applied held the whole shared
+/// budget, and every other engine's batches were dropped (and their entries cleared). A topic
+/// now holds at most a quarter of the budget (or one batch): its own are dropped first.
+#[tokio::test]
+async fn one_topic_holds_a_share_of_the_budget_and_the_others_still_get_through() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let budget = QueueBudget::new(8 * 1024);
+    let sub =
+        Subscriber::new(SubscriberConfig::connect(endpoint)).with_queue_budget(budget.clone());
+    let (mut rx, stats, cancel, task) = spawn_budgeted(sub, 64);
+    warm_up(&mut pub_socket, &mut rx).await;
+    // The heavy engine: nothing it sends is taken meanwhile. Its share is 2 KiB, two batches.
+    for seq in 0..6 {
+        pub_socket.send(live("kv@heavy@m", seq, seq)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.snapshot().dropped < 4 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(budget.available_kib(), 6, "the rest is left to the others");
+    // Another engine's batch still fits.
+    pub_socket.send(live("kv@light@m", 0, 0)).await.unwrap();
+    let mut topics = Vec::new();
+    for _ in 0..3 {
+        topics.push(next(&mut rx).await.topic.to_string());
+    }
+    assert_eq!(topics, ["kv@heavy@m", "kv@heavy@m", "kv@light@m"]);
+    assert_eq!(stats.snapshot().dropped, 4);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[test]
 fn a_batch_is_charged_its_decoded_vectors() {
     let b = crate::EventBatch {
