@@ -74,6 +74,17 @@ pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: u64 = 64;
 /// gigabytes of a publisher's memory at the peers' message sizes. Cut, the subscriber
 /// reconnects and misses what it missed anyway.
 pub const MAX_WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bytes zmq.rs sent a peer that the guard holds for it, not yet written, at most: 4 MiB. The
+/// guard reads zmq.rs's side as soon as it can, so zmq.rs's own queue for the peer (up to
+/// 100,000 messages, each pinning its payload) never grows; a peer that reads, but slower than
+/// it is sent to, fills this instead and is cut, where the stall rule alone let a peer reading
+/// a couple of kilobytes a second hold zmq.rs's whole queue.
+pub const MAX_PEER_BACKLOG_BYTES: usize = 4 << 20;
+/// Subscribers a publisher's guard serves at once: its subscribers are the other EPP replicas
+/// (and a tool or two), and each may hold [`MAX_PEER_BACKLOG_BYTES`].
+pub const MAX_SUBSCRIBER_CONNECTIONS: usize = 64;
+/// Subscribers a publisher's guard serves from one IP at once.
+pub const MAX_SUBSCRIBER_CONNECTIONS_PER_IP: usize = 8;
 /// Bytes in one frame a subscriber sends a publisher's guard, at most: a subscription is one
 /// byte and a topic prefix (at most [`crate::topic::MAX_TOPIC_BYTES`]); a command (the
 /// handshake's READY with its metadata, a heartbeat) is a few hundred bytes.
@@ -147,6 +158,9 @@ pub(crate) struct Limits {
     pub(crate) messages_per_connection: u64,
     /// How long the peer may leave what zmq.rs sends it unread before it is cut.
     pub(crate) write_stall: std::time::Duration,
+    /// Bytes zmq.rs sent the peer that the guard holds, not yet written, at most: past it the
+    /// peer is cut ([`MAX_PEER_BACKLOG_BYTES`]).
+    pub(crate) backlog_bytes: usize,
 }
 
 impl Limits {
@@ -159,6 +173,8 @@ impl Limits {
             frames_per_message: 1,
             message_bytes: MAX_SUBSCRIBER_FRAME_BYTES,
             messages_per_connection: MAX_SUBSCRIPTIONS_PER_CONNECTION,
+            connections: MAX_SUBSCRIBER_CONNECTIONS,
+            connections_per_ip: MAX_SUBSCRIBER_CONNECTIONS_PER_IP,
             ..Self::default()
         }
     }
@@ -176,6 +192,7 @@ impl Default for Limits {
             unfinished_bytes_per_ip: MAX_UNFINISHED_BYTES_PER_IP,
             messages_per_connection: u64::MAX,
             write_stall: MAX_WRITE_STALL,
+            backlog_bytes: MAX_PEER_BACKLOG_BYTES,
         }
     }
 }
@@ -704,13 +721,16 @@ async fn relay(local: TcpStream, remote: TcpStream, mut lease: Lease, stats: &Gu
     keep_alive(&remote);
     let (mut local_read, mut local_write) = local.into_split();
     let (mut remote_read, mut remote_write) = remote.into_split();
-    let stall = lease.budget.limits.write_stall;
-    let outbound = copy_unless_stalled(&mut local_read, &mut remote_write, stall);
+    let (stall, backlog) = (
+        lease.budget.limits.write_stall,
+        lease.budget.limits.backlog_bytes,
+    );
+    let outbound = copy_unless_behind(&mut local_read, &mut remote_write, stall, backlog);
     let inbound = checked_copy(&mut remote_read, &mut local_write, &mut lease);
     tokio::select! {
         r = outbound => if let Err(e) = r && e.kind() == io::ErrorKind::TimedOut {
             inc(&stats.cut_off);
-            tracing::warn!(stall = ?stall, "KV-event peer cut off: it stopped reading");
+            tracing::warn!(stall = ?stall, backlog, error = %e, "KV-event peer cut off");
         },
         r = inbound => match r {
             Ok(()) => {}
@@ -725,26 +745,76 @@ async fn relay(local: TcpStream, remote: TcpStream, mut lease: Lease, stats: &Gu
     drop(lease);
 }
 
-/// Copies what zmq.rs sends the peer; a write the peer leaves unread for `stall` ends it with
-/// `TimedOut` ([`MAX_WRITE_STALL`]).
-async fn copy_unless_stalled<R, W>(
+/// Copies what zmq.rs sends the peer, reading zmq.rs's side as soon as it can and holding
+/// what the peer has not taken yet: more than `backlog` bytes held, or no write progress for
+/// `stall` while anything is held, ends it with `TimedOut` ([`MAX_PEER_BACKLOG_BYTES`],
+/// [`MAX_WRITE_STALL`]).
+async fn copy_unless_behind<R, W>(
     from: &mut R,
     to: &mut W,
     stall: std::time::Duration,
+    backlog: usize,
 ) -> io::Result<()>
 where
     R: AsyncReadExt + Unpin,
     W: AsyncWriteExt + Unpin,
 {
-    let mut buf = vec![0u8; 16 * 1024];
+    use bytes::Buf as _;
+    let mut held: std::collections::VecDeque<bytes::Bytes> = std::collections::VecDeque::new();
+    let mut held_bytes = 0usize;
+    let mut buf = bytes::BytesMut::new();
+    let mut open = true;
+    let mut progress = tokio::time::Instant::now();
     loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
+        if !open && held.is_empty() {
             return Ok(());
         }
-        tokio::time::timeout(stall, to.write_all(&buf[..n]))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))??;
+        let front = held.front().cloned();
+        tokio::select! {
+            read = async {
+                buf.reserve(16 * 1024);
+                from.read_buf(&mut buf).await
+            }, if open => {
+                if read? == 0 {
+                    open = false;
+                    continue;
+                }
+                let chunk = buf.split().freeze();
+                if held.is_empty() {
+                    progress = tokio::time::Instant::now();
+                }
+                held_bytes += chunk.len();
+                held.push_back(chunk);
+                if held_bytes > backlog {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer reads slower than it is sent to",
+                    ));
+                }
+            }
+            written = async {
+                match &front {
+                    Some(front) => to.write(front).await,
+                    None => std::future::pending().await,
+                }
+            }, if front.is_some() => {
+                let n = written?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                progress = tokio::time::Instant::now();
+                held_bytes -= n;
+                if let Some(first) = held.front_mut() {
+                    first.advance(n);
+                    if first.is_empty() {
+                        held.pop_front();
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(progress + stall), if front.is_some() => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"));
+            }
+        }
     }
 }
 
@@ -967,6 +1037,7 @@ mod tests {
             unfinished_bytes_per_ip: 300,
             messages_per_connection: u64::MAX,
             write_stall: MAX_WRITE_STALL,
+            backlog_bytes: MAX_PEER_BACKLOG_BYTES,
         }
     }
 
@@ -1034,6 +1105,64 @@ mod tests {
         .await;
         assert!(cut.is_ok(), "the guard kept a peer that reads nothing");
         assert_eq!(stats.cut_off.load(Ordering::Relaxed), 1);
+    }
+
+    /// Review: a subscriber that reads, but slower than it is sent to, never tripped the
+    /// stall rule, and zmq.rs's queue for it (100,000 messages) filled. The guard now reads
+    /// zmq.rs's side at once and cuts the peer when what it holds for it passes the backlog cap,
+    /// while a peer that keeps up is never cut.
+    #[tokio::test]
+    async fn a_peer_that_reads_too_slowly_is_cut_at_the_backlog_cap() {
+        let limits = Limits {
+            backlog_bytes: 256 * 1024,
+            ..small()
+        };
+        let (_guard, public, local, stats) = guarded(limits).await;
+        // One that keeps up: 8 MiB through, more than the cap, in 64 KiB writes.
+        let mut fast = client([127, 0, 0, 1], public).await;
+        fast.write_all(&greeting()).await.unwrap();
+        let mut zmq = relayed(&local).await;
+        let chunk = vec![7u8; 64 * 1024];
+        let total = 8 << 20;
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; GREETING_BYTES];
+            fast.read_exact(&mut got).await.unwrap();
+            let mut body = vec![0u8; total];
+            fast.read_exact(&mut body).await.unwrap();
+            body.iter().all(|&b| b == 7)
+        });
+        zmq.write_all(&greeting()).await.unwrap();
+        for _ in 0..total / chunk.len() {
+            zmq.write_all(&chunk).await.unwrap();
+        }
+        assert!(timeout(WAIT, reader).await.unwrap().unwrap());
+        assert_eq!(stats.cut_off.load(Ordering::Relaxed), 0);
+
+        // One that reads a little now and then: zmq.rs's writes still go through (the guard
+        // takes them) until the guard holds more than the cap for the peer; then it is cut.
+        let mut slow = client([127, 0, 0, 2], public).await;
+        slow.write_all(&greeting()).await.unwrap();
+        let mut zmq = relayed(&local).await;
+        let trickle = tokio::spawn(async move {
+            let mut sip = [0u8; 512];
+            while let Ok(n) = slow.read(&mut sip).await {
+                if n == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let cut = timeout(WAIT, async {
+            loop {
+                if zmq.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(cut.is_ok(), "the guard kept a peer that falls behind");
+        assert_eq!(stats.cut_off.load(Ordering::Relaxed), 1);
+        trickle.abort();
     }
 
     #[tokio::test(start_paused = true)]
