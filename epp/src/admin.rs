@@ -112,17 +112,18 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: 
 
 /// Connections per source address. IPv4-mapped IPv6 addresses count as the IPv4 address (a
 /// dual-stack listener sees both forms of one client).
-type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+pub(crate) type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// One of an address's [`MAX_ADMIN_CONNECTIONS_PER_PEER`]; given back when dropped.
-struct PeerSlot {
+#[derive(Debug)]
+pub(crate) struct PeerSlot {
     peers: PeerCounts,
     ip: IpAddr,
 }
 
 impl PeerSlot {
     /// `None` when `ip` already holds `cap` connections.
-    fn take(peers: &PeerCounts, ip: IpAddr, cap: usize) -> Option<PeerSlot> {
+    pub(crate) fn take(peers: &PeerCounts, ip: IpAddr, cap: usize) -> Option<PeerSlot> {
         let ip = ip.to_canonical();
         let mut counts = peers.lock();
         let held = counts.get(&ip).copied().unwrap_or(0);

@@ -3,9 +3,26 @@
 //! `liveness` is SERVING while the process answers. `readiness`, `""`,
 //! `inference-extension` and `envoy.service.ext_proc.v3.ExternalProcessor` are SERVING once the
 //! pool has synced (and, with leader election, only on the leader).
+//!
+//! The port's connections are bounded ([`bounded_incoming`]), as the admin port's are.
 
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+
+use crate::admin::{PeerCounts, PeerSlot};
 
 /// Services that follow readiness.
 pub const READY_SERVICES: [&str; 4] = [
@@ -33,4 +50,222 @@ pub async fn init(reporter: &HealthReporter) {
         .set_service_status("liveness", ServingStatus::Serving)
         .await;
     set_ready(reporter, false).await;
+}
+
+/// Connections the health port serves at once. The port is open to the cluster network (the
+/// kubelet probes it): without a cap, anyone who reaches it could hold connections, and the
+/// file descriptors the ext_proc listener and the scrapers need, for free.
+pub const MAX_HEALTH_CONNECTIONS: usize = 64;
+/// Connections the health port serves from one IP at once (the kubelet probes from its node).
+pub const MAX_HEALTH_CONNECTIONS_PER_IP: usize = 8;
+/// Longest a health connection lives: a probe is one call; a `Watch` stream is opened again.
+/// A connection that never speaks (no HTTP/2 preface) is closed then too.
+pub const HEALTH_CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// The health port's bounds (the defaults are the constants above; tests use smaller ones).
+#[derive(Debug, Clone, Copy)]
+pub struct HealthLimits {
+    /// Connections at once.
+    pub connections: usize,
+    /// Connections from one IP at once.
+    pub per_ip: usize,
+    /// A connection's longest life.
+    pub max_age: Duration,
+}
+
+impl Default for HealthLimits {
+    fn default() -> Self {
+        Self {
+            connections: MAX_HEALTH_CONNECTIONS,
+            per_ip: MAX_HEALTH_CONNECTIONS_PER_IP,
+            max_age: HEALTH_CONNECTION_MAX_AGE,
+        }
+    }
+}
+
+/// The health port's connections: at most `limits.connections` at once (the rest wait in the
+/// listen backlog), `limits.per_ip` from one IP (past it a connection is closed at once), each
+/// ended after `limits.max_age`.
+pub fn bounded_incoming(
+    listener: TcpListener,
+    limits: HealthLimits,
+) -> impl Stream<Item = io::Result<AgedConnection>> + Send + 'static {
+    let permits = Arc::new(Semaphore::new(limits.connections));
+    let peers = PeerCounts::default();
+    futures::stream::unfold(
+        (listener, permits, peers),
+        move |(listener, permits, peers)| async move {
+            loop {
+                // The permit first: at the cap, connections wait in the backlog, not in memory.
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return None;
+                };
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors, say: the next try after a pause.
+                        tracing::warn!(%error, "health server: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Some(slot) = PeerSlot::take(&peers, peer.ip(), limits.per_ip) else {
+                    // Closed at once; its global slot goes back with `permit`.
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let connection = AgedConnection {
+                    stream,
+                    ends: Box::pin(tokio::time::sleep(limits.max_age)),
+                    _permit: permit,
+                    _slot: slot,
+                };
+                return Some((Ok(connection), (listener, permits, peers)));
+            }
+        },
+    )
+}
+
+/// A health connection holding its slots, that fails its reads and writes once it is
+/// [`HEALTH_CONNECTION_MAX_AGE`] old (the server then drops it).
+#[derive(Debug)]
+pub struct AgedConnection {
+    stream: TcpStream,
+    ends: Pin<Box<Sleep>>,
+    _permit: OwnedSemaphorePermit,
+    _slot: PeerSlot,
+}
+
+impl AgedConnection {
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.ends
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| io::Error::new(io::ErrorKind::TimedOut, "health connection too old"))
+    }
+}
+
+impl AsyncRead for AgedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgedConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for AgedConnection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use futures::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpSocket;
+
+    use super::*;
+
+    async fn client(ip: [u8; 4], to: SocketAddr) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((ip, 0))).unwrap();
+        s.connect(to).await.unwrap()
+    }
+
+    /// Review: the health port had no cap on connections and no idle timeout, so anyone who
+    /// reached it could hold file descriptors for good. Now: a cap in all and per IP, and a
+    /// connection's life ends after `max_age`, silent or not.
+    #[tokio::test]
+    async fn health_connections_are_capped_and_age_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let limits = HealthLimits {
+            connections: 2,
+            per_ip: 1,
+            max_age: Duration::from_millis(300),
+        };
+        let incoming = bounded_incoming(listener, limits);
+        tokio::pin!(incoming);
+        let wait = Duration::from_secs(10);
+        let _a = client([127, 0, 0, 1], to).await;
+        let mut first = tokio::time::timeout(wait, incoming.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        // A second from the same IP is closed at once.
+        let mut same_ip = client([127, 0, 0, 1], to).await;
+        let _c = client([127, 0, 0, 2], to).await;
+        let second = tokio::time::timeout(wait, incoming.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            second.stream.peer_addr().unwrap().ip(),
+            std::net::IpAddr::from([127, 0, 0, 2])
+        );
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(wait, same_ip.read(&mut byte))
+            .await
+            .unwrap();
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        // At the cap, the next waits in the backlog until a slot frees.
+        let _d = client([127, 0, 0, 3], to).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), incoming.next())
+                .await
+                .is_err()
+        );
+        drop(second);
+        let third = tokio::time::timeout(wait, incoming.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            third.stream.peer_addr().unwrap().ip(),
+            std::net::IpAddr::from([127, 0, 0, 3])
+        );
+        // A silent connection fails its reads once too old (the server then drops it).
+        let mut buf = [0u8; 8];
+        let err = tokio::time::timeout(wait, first.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(first.write_all(b"x").await.is_err());
+    }
 }

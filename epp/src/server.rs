@@ -15,7 +15,7 @@ use endpoint_picker::scrape::{ScrapeConfig, scraper};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -547,7 +547,10 @@ pub async fn serve_with_handles(
     {
         let token = stop_accepting.clone();
         let svc = health_service.clone();
-        let incoming = TcpListenerStream::new(listeners.health);
+        let incoming = crate::health::bounded_incoming(
+            listeners.health,
+            crate::health::HealthLimits::default(),
+        );
         let server = tokio::spawn(async move {
             let served = Server::builder()
                 .add_service(svc)
