@@ -882,7 +882,52 @@ pub struct ZmqSource {
     peers: tokio::sync::watch::Receiver<kv_events::transport::Peers>,
     /// Whether `peers` still has a sender (the subscriber runs).
     peers_open: bool,
+    /// The last event returned was a peer change: a batch waiting goes first now.
+    peers_served: bool,
     stop: CancellationToken,
+}
+
+/// A subscriber's next batch (`Some`) or a change of its peers (`None`). Peer changes go
+/// first, but never twice in a row over a batch that waits: connections opened and closed
+/// faster than a change is handled would otherwise starve the batches (the channel fills, and
+/// every engine misses some).
+async fn next_batch_or_peer_change<T, P>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    peers: &mut tokio::sync::watch::Receiver<P>,
+    peers_open: &mut bool,
+    peers_served: &mut bool,
+) -> Result<Option<T>, SourceError> {
+    if std::mem::take(peers_served)
+        && let Ok(b) = rx.try_recv()
+    {
+        return Ok(Some(b));
+    }
+    loop {
+        tokio::select! {
+            biased;
+            changed = peers.changed(), if *peers_open => match changed {
+                Ok(()) => {
+                    *peers_served = true;
+                    return Ok(None);
+                }
+                // The subscriber ended: its channel closes too.
+                Err(_) => *peers_open = false,
+            },
+            b = rx.recv() => {
+                let b = b.ok_or_else(|| SourceError::Connection("subscriber ended".into()))?;
+                return Ok(Some(b));
+            }
+        }
+    }
+}
+
+fn message_of(b: kv_events::transport::ReceivedBatch) -> SourceEvent {
+    SourceEvent::Message(KvMessage {
+        topic: b.topic.to_string(),
+        seq: b.seq,
+        batch: b.batch,
+        publisher_restarted: b.publisher_restarted,
+    })
 }
 
 impl Drop for ZmqSource {
@@ -893,25 +938,14 @@ impl Drop for ZmqSource {
 
 impl KvEventSource for ZmqSource {
     async fn recv(&mut self) -> Result<SourceEvent, SourceError> {
-        loop {
-            tokio::select! {
-                biased;
-                changed = self.peers.changed(), if self.peers_open => match changed {
-                    Ok(()) => return Ok(SourceEvent::PeersChanged),
-                    // The subscriber ended: its channel closes too.
-                    Err(_) => self.peers_open = false,
-                },
-                b = self.rx.recv() => {
-                    let b = b.ok_or_else(|| SourceError::Connection("subscriber ended".into()))?;
-                    return Ok(SourceEvent::Message(KvMessage {
-                        topic: b.topic.to_string(),
-                        seq: b.seq,
-                        batch: b.batch,
-                        publisher_restarted: b.publisher_restarted,
-                    }));
-                }
-            }
-        }
+        let next = next_batch_or_peer_change(
+            &mut self.rx,
+            &mut self.peers,
+            &mut self.peers_open,
+            &mut self.peers_served,
+        )
+        .await?;
+        Ok(next.map_or(SourceEvent::PeersChanged, message_of))
     }
 
     fn connected(&self, ip: IpAddr) -> Option<bool> {
@@ -970,6 +1004,7 @@ impl Connector for ZmqConnector {
             rx,
             peers,
             peers_open: true,
+            peers_served: false,
             stop,
         })
     }

@@ -156,7 +156,8 @@ pub enum Dropped {
     /// `BlockStored` without tokens (a tier copy) or `BlockRemoved` naming no known block.
     UnknownBlocks,
     /// `BlockStored` whose tokens do not fit its blocks: more than `block_size` a block (and
-    /// one partial block), or more than [`MAX_KEYS_PER_ENGINE_HASH`] index blocks a hash. No engine
+    /// one partial block), or more than [`MAX_KEYS_PER_ENGINE_HASH`] index blocks a hash or
+    /// engine hashes an index block. No engine
     /// sends that; taken, one hash would stand for as many keys as the sender likes.
     Malformed,
 }
@@ -423,10 +424,11 @@ impl<'a> PreparedBatch<'a> {
             .events
             .iter()
             .map(|e| match e {
-                Event::BlockStored(ev) => ev.block_hashes.len(),
+                // Copies (no tokens) never insert here.
+                Event::BlockStored(ev) if !ev.token_ids.is_empty() => ev.block_hashes.len(),
                 _ => 0,
             })
-            .sum();
+            .fold(0usize, usize::saturating_add);
         let mut own = ParentKeys::with_capacity_and_hasher(stored, KeyHashState::random());
         for event in &batch.events {
             let ev = match event {
@@ -473,10 +475,11 @@ impl<'a> PreparedBatch<'a> {
                 out.drop(Dropped::NoFullBlock);
                 continue;
             }
-            if keys.len()
-                > ev.block_hashes
-                    .len()
-                    .saturating_mul(MAX_KEYS_PER_ENGINE_HASH)
+            // Either way round: an engine block of up to 64 index blocks, or an index block
+            // of up to 64 engine blocks.
+            let (hashes, n) = (ev.block_hashes.len(), keys.len());
+            if n > hashes.saturating_mul(MAX_KEYS_PER_ENGINE_HASH)
+                || hashes > n.saturating_mul(MAX_KEYS_PER_ENGINE_HASH)
             {
                 out.drop(Dropped::Malformed);
                 continue;

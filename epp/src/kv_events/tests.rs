@@ -533,3 +533,31 @@ async fn a_departed_endpoints_late_batches_leave_nothing_behind() {
         manager.await.unwrap();
     }
 }
+
+/// Review: peer changes were always served first, so connections opened and closed faster
+/// than a change was handled starved the batches. A batch that waits now goes between two
+/// changes.
+#[tokio::test]
+async fn peer_changes_never_starve_waiting_batches() {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let (peers_tx, mut peers) = tokio::sync::watch::channel(0u32);
+    let (mut open, mut served) = (true, false);
+    tx.send(1u32).await.unwrap();
+    tx.send(2).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        // A connection churns before every call.
+        peers_tx.send_modify(|n| *n += 1);
+        let next = next_batch_or_peer_change(&mut rx, &mut peers, &mut open, &mut served)
+            .await
+            .unwrap();
+        order.push(next);
+    }
+    assert_eq!(order, [None, Some(1), None, Some(2)]);
+    // The change passed over is still reported; then, none pending, the batch.
+    tx.send(3).await.unwrap();
+    for expected in [None, Some(3)] {
+        let next = next_batch_or_peer_change(&mut rx, &mut peers, &mut open, &mut served).await;
+        assert_eq!(next.unwrap(), expected);
+    }
+}

@@ -1075,8 +1075,23 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     // more index blocks than a hash may stand for: dropped.
     let fanned = one_hash(65_536 * BS, BS as u32);
     let unsized_ = one_hash((MAX_KEYS_PER_ENGINE_HASH + 1) * BS, 0);
-    let out = idx.apply(ep(0), MODEL, &batch(vec![fanned, unsized_]), now);
-    assert_eq!(out.dropped, [0, 0, 0, 2]);
+    // And a full block of tokens announced under more hashes than 64 a block.
+    let many_hashes = Event::BlockStored(BlockStored {
+        block_hashes: (0..=MAX_KEYS_PER_ENGINE_HASH as u64).collect(),
+        parent_block_hash: None,
+        token_ids: (0..BS as u32).collect(),
+        block_size: 1,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Gpu,
+    });
+    let out = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![fanned, unsized_, many_hashes]),
+        now,
+    );
+    assert_eq!(out.dropped, [0, 0, 0, 3]);
     assert!(idx.is_empty() && idx.engine_keys() == 0);
     // An engine block of 64 index blocks is taken: one hash, 64 keys.
     let wide = MAX_KEYS_PER_ENGINE_HASH * BS;
