@@ -5,6 +5,7 @@
 //! ring's capacity is fixed at start-up and old records are dropped, never grown past it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use endpoint_picker::datastore::Datastore;
@@ -121,7 +122,9 @@ impl DecisionRecord {
 #[derive(Debug)]
 pub struct DecisionLog {
     capacity: usize,
-    ring: Mutex<VecDeque<DecisionRecord>>,
+    /// Shared records: reading the ring under its lock (which every routed request's `push`
+    /// takes) copies pointers, not up to 10,000 records.
+    ring: Mutex<VecDeque<Arc<DecisionRecord>>>,
 }
 
 impl DecisionLog {
@@ -156,7 +159,7 @@ impl DecisionLog {
             } else {
                 None
             };
-            ring.push_back(record);
+            ring.push_back(Arc::new(record));
             evicted
         };
         // Freed outside the lock.
@@ -164,7 +167,7 @@ impl DecisionLog {
     }
 
     /// The recorded decisions, oldest first.
-    pub fn recent(&self) -> Vec<DecisionRecord> {
+    pub fn recent(&self) -> Vec<Arc<DecisionRecord>> {
         self.ring.lock().iter().cloned().collect()
     }
 }
@@ -227,7 +230,8 @@ pub struct PoolView {
     /// Ring capacity (0 = decisions are not recorded; see `--debug-decisions`).
     pub decision_log_capacity: usize,
     /// The last decisions, oldest first.
-    pub decisions: Vec<DecisionRecord>,
+    #[serde(serialize_with = "shared_records")]
+    pub decisions: Vec<Arc<DecisionRecord>>,
 }
 
 /// Flow control's queues as `/debug/pool` shows them.
@@ -334,6 +338,14 @@ fn flow_view(director: &Director, now: tokio::time::Instant) -> Option<FlowView>
     })
 }
 
+/// The ring's shared records, serialised as the records themselves.
+fn shared_records<S: serde::Serializer>(
+    records: &[Arc<DecisionRecord>],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(records.iter().map(|r| &**r))
+}
+
 /// Builds the `/debug/pool` document from current state.
 pub fn pool_view(datastore: &Datastore, director: &Director, log: &DecisionLog) -> PoolView {
     let snap = datastore.snapshot();
@@ -394,7 +406,11 @@ mod tests {
                 Duration::ZERO,
             ));
         }
-        let ids: Vec<_> = log.recent().into_iter().map(|r| r.request_id).collect();
+        let ids: Vec<_> = log
+            .recent()
+            .into_iter()
+            .map(|r| r.request_id.clone())
+            .collect();
         assert_eq!(ids, vec!["2", "3", "4"]);
         let off = DecisionLog::new(0);
         off.push(DecisionRecord::new("x", "m", "m", "routed", Duration::ZERO));
