@@ -58,9 +58,12 @@ pub async fn init(reporter: &HealthReporter) {
 pub const MAX_HEALTH_CONNECTIONS: usize = 64;
 /// Connections the health port serves from one IP at once (the kubelet probes from its node).
 pub const MAX_HEALTH_CONNECTIONS_PER_IP: usize = 8;
-/// Longest a health connection lives: a probe is one call; a `Watch` stream is opened again.
-/// A connection that never speaks (no HTTP/2 preface) is closed then too.
+/// Age at which a health connection is asked to close (HTTP/2 GOAWAY, calls in flight finish):
+/// a probe is one call; a `Watch` stream, or Envoy's gRPC health checker, opens a new one.
 pub const HEALTH_CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
+/// What a connection asked to close gets to do so before it is cut, as is one that never
+/// speaks (no HTTP/2 preface, so no GOAWAY to send).
+pub const HEALTH_CONNECTION_GRACE: Duration = Duration::from_secs(10);
 
 /// The health port's bounds (the defaults are the constants above; tests use smaller ones).
 #[derive(Debug, Clone, Copy)]
@@ -69,8 +72,10 @@ pub struct HealthLimits {
     pub connections: usize,
     /// Connections from one IP at once.
     pub per_ip: usize,
-    /// A connection's longest life.
+    /// Age at which a connection is asked to close (GOAWAY).
     pub max_age: Duration,
+    /// Then the time it has before it is cut.
+    pub grace: Duration,
 }
 
 impl Default for HealthLimits {
@@ -79,13 +84,14 @@ impl Default for HealthLimits {
             connections: MAX_HEALTH_CONNECTIONS,
             per_ip: MAX_HEALTH_CONNECTIONS_PER_IP,
             max_age: HEALTH_CONNECTION_MAX_AGE,
+            grace: HEALTH_CONNECTION_GRACE,
         }
     }
 }
 
 /// The health port's connections: at most `limits.connections` at once (the rest wait in the
 /// listen backlog), `limits.per_ip` from one IP (past it a connection is closed at once), each
-/// ended after `limits.max_age`.
+/// cut at `limits.max_age + limits.grace` (the server asks it to close at `max_age`).
 pub fn bounded_incoming(
     listener: TcpListener,
     limits: HealthLimits,
@@ -116,7 +122,7 @@ pub fn bounded_incoming(
                 let _ = stream.set_nodelay(true);
                 let connection = AgedConnection {
                     stream,
-                    ends: Box::pin(tokio::time::sleep(limits.max_age)),
+                    ends: Box::pin(tokio::time::sleep(limits.max_age + limits.grace)),
                     _permit: permit,
                     _slot: slot,
                 };
@@ -126,8 +132,8 @@ pub fn bounded_incoming(
     )
 }
 
-/// A health connection holding its slots, that fails its reads and writes once it is
-/// [`HEALTH_CONNECTION_MAX_AGE`] old (the server then drops it).
+/// A health connection holding its slots, that fails its reads and writes once it is older
+/// than its age and grace (the server then drops it).
 #[derive(Debug)]
 pub struct AgedConnection {
     stream: TcpStream,
@@ -214,7 +220,8 @@ mod tests {
         let limits = HealthLimits {
             connections: 2,
             per_ip: 1,
-            max_age: Duration::from_millis(300),
+            max_age: Duration::from_millis(200),
+            grace: Duration::from_millis(100),
         };
         let incoming = bounded_incoming(listener, limits);
         tokio::pin!(incoming);

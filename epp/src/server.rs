@@ -547,12 +547,12 @@ pub async fn serve_with_handles(
     {
         let token = stop_accepting.clone();
         let svc = health_service.clone();
-        let incoming = crate::health::bounded_incoming(
-            listeners.health,
-            crate::health::HealthLimits::default(),
-        );
+        let limits = crate::health::HealthLimits::default();
+        let incoming = crate::health::bounded_incoming(listeners.health, limits);
         let server = tokio::spawn(async move {
             let served = Server::builder()
+                .max_connection_age(limits.max_age)
+                .max_connection_age_grace(limits.grace)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, token.cancelled())
                 .await;
