@@ -320,7 +320,14 @@ impl AdminAuth {
                 if decision.is_allowed() {
                     return None;
                 }
-                tracing::info!(path, ?decision, "admin request refused");
+                // Anyone who reaches the port can send a bad token, as often as TCP connects
+                // go: those are kept to debug; a token that authenticated and was refused
+                // (an RBAC mistake) is worth an operator's eye.
+                if matches!(decision, k8s::auth::Decision::Unauthenticated { .. }) {
+                    tracing::debug!(path, ?decision, "admin request refused");
+                } else {
+                    tracing::info!(path, ?decision, "admin request refused");
+                }
                 Some((decision.status(), decision.message()).into_response())
             }
         }
@@ -399,11 +406,17 @@ struct ProfileQuery {
 async fn pprof_profile(
     State(state): State<AdminState>,
     headers: HeaderMap,
-    Query(query): Query<ProfileQuery>,
+    uri: axum::http::Uri,
 ) -> Response {
+    // Authorised before the query is read: a malformed query must not answer 400 (and so
+    // tell that profiling is on) to someone who may not read it.
     if let Some(denied) = state.auth.refuse(&headers, "/debug/pprof/profile").await {
         return denied;
     }
+    let query: ProfileQuery = match Query::try_from_uri(&uri) {
+        Ok(Query(q)) => q,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
     let Some(p) = &state.pprof else {
         return (StatusCode::NOT_FOUND, "not enabled (--enable-pprof)\n").into_response();
     };

@@ -819,6 +819,11 @@ async fn pprof_profile_is_a_cpu_profile_behind_the_metrics_auth() {
         testkit::http::get_bytes(addr, path, headers).await
     };
     assert_eq!(get("/debug/pprof/profile?seconds=1", false).await.0, 401);
+    // A malformed query is refused after the auth, not before (which would tell that
+    // profiling is on to anyone).
+    let duplicated = "/debug/pprof/profile?seconds=1&seconds=2";
+    assert_eq!(get(duplicated, false).await.0, 401);
+    assert_eq!(get(duplicated, true).await.0, 400);
     let (status, body) = get("/debug/pprof/profile?seconds=121", true).await;
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     // While another profile runs (here the test's own), a request gets 409.

@@ -145,7 +145,7 @@ impl Elector {
             lease_transitions: if ours {
                 spec.lease_transitions
             } else {
-                Some(spec.lease_transitions.unwrap_or(0) + 1)
+                Some(spec.lease_transitions.unwrap_or(0).saturating_add(1))
             },
             ..spec
         };

@@ -116,18 +116,17 @@ impl ChatTemplate {
         let mut out = CappedWriter {
             buf: Vec::new(),
             cap: self.max_rendered_bytes,
+            overflowed: false,
         };
         template
             .render_captured_to(ctx, &mut out)
             .map(drop)
-            .map_err(
-                |e| match out.buf.len() > self.max_rendered_bytes || is_output_cap(&e) {
-                    true => TokenizeError::TooLarge {
-                        limit: self.max_rendered_bytes,
-                    },
-                    false => template_error(e),
+            .map_err(|e| match out.overflowed || is_output_cap(&e) {
+                true => TokenizeError::TooLarge {
+                    limit: self.max_rendered_bytes,
                 },
-            )?;
+                false => template_error(e),
+            })?;
         let mut rendered = String::from_utf8(out.buf).map_err(|_| TokenizeError::Template {
             reason: "rendered text is not UTF-8".into(),
         })?;
@@ -186,13 +185,14 @@ fn template_error(e: minijinja::Error) -> TokenizeError {
 struct CappedWriter {
     buf: Vec<u8>,
     cap: usize,
+    /// A write would have passed the cap (for `render`'s error mapping).
+    overflowed: bool,
 }
 
 impl Write for CappedWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         if self.buf.len() + data.len() > self.cap {
-            // Marks the overflow for `render`'s error mapping.
-            self.buf.resize(self.cap + 1, 0);
+            self.overflowed = true;
             return Err(std::io::Error::other("rendered chat exceeds the cap"));
         }
         self.buf.extend_from_slice(data);
