@@ -466,12 +466,15 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
     if let Some(denied) = state.auth.refuse(&headers, "/metrics").await {
         return denied;
     }
-    if let Some(refresh) = &state.refresh {
-        (refresh.0)();
-    }
     let mut out = String::with_capacity(16 * 1024);
     let result = {
+        // Refreshed and encoded under the registry's lock, which every refresh takes: some
+        // refreshes clear a family and fill it again, and an encode between the two would
+        // miss its series (Prometheus then marks them stale).
         let registry = state.registry.lock();
+        if let Some(refresh) = &state.refresh {
+            (refresh.0)();
+        }
         prometheus_client::encoding::text::encode(&mut out, &registry)
     };
     if let Err(e) = result {

@@ -489,7 +489,7 @@ pub async fn serve_with_handles(
     }
 
     {
-        let (metrics, flow_metrics, datastore, director, labels, bodies) = (
+        let (metrics, flow_metrics, datastore, director, labels, bodies, registry) = (
             metrics.clone(),
             flow_metrics.clone(),
             datastore.clone(),
@@ -499,18 +499,20 @@ pub async fn serve_with_handles(
                 options.gathered_request_bytes.clone(),
                 options.held_response_bytes.clone(),
             ),
+            registry.clone(),
         );
         tasks.spawn(
             "pool-gauges",
             OnExit::Restart,
             factory(move |token: CancellationToken| {
-                let (metrics, flow_metrics, datastore, director, labels, bodies) = (
+                let (metrics, flow_metrics, datastore, director, labels, bodies, registry) = (
                     metrics.clone(),
                     flow_metrics.clone(),
                     datastore.clone(),
                     director.clone(),
                     labels.clone(),
                     bodies.clone(),
+                    registry.clone(),
                 );
                 async move {
                     let mut tick = tokio::time::interval(refresh_prometheus_interval);
@@ -518,9 +520,13 @@ pub async fn serve_with_handles(
                         tokio::select! {
                             _ = token.cancelled() => return,
                             _ = tick.tick() => {
-                                metrics.refresh_pool(&datastore, &director, metrics_staleness);
-                                metrics.refresh_held_bodies(&bodies.0, &bodies.1);
-                                flow_metrics.refresh(&director);
+                                {
+                                    // A scrape encodes under this lock (see admin.rs).
+                                    let _encoding = registry.lock();
+                                    metrics.refresh_pool(&datastore, &director, metrics_staleness);
+                                    metrics.refresh_held_bodies(&bodies.0, &bodies.1);
+                                    flow_metrics.refresh(&director);
+                                }
                                 labels.learn(&datastore.snapshot(), &director.policies());
                             }
                         }
