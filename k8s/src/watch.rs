@@ -146,22 +146,47 @@ pub fn pools(api: Api<InferencePool>, name: &str, index: SharedIndex) -> WatchTa
     task("inferencepools", api, config, index)
 }
 
-/// Watches the Pods of the pool's namespace. Pods are trimmed before they reach the index:
-/// managed fields and the spec are never needed.
+/// Watches the Pods of the pool's namespace. Pods are trimmed before they reach the index (and
+/// before a relist holds them all): it reads the labels, the active-ports annotation, the pod
+/// IP, the Ready condition and the deletion mark, and nothing else (other annotations may be
+/// 256 KiB each, and every pod of the namespace is watched, not only the pool's).
 pub fn pods(api: Api<Pod>, config: watcher::Config, index: SharedIndex) -> WatchTask {
     WatchTask {
         name: "pods",
         run: Box::new(move |shutdown| {
             let events = watcher::watcher(api.clone(), config.clone())
                 .default_backoff()
-                .modify(|pod: &mut Pod| {
-                    pod.managed_fields_mut().clear();
-                    pod.spec = None;
-                });
+                .modify(trim_pod);
             feed(index.clone(), events, shutdown)
                 .instrument(tracing::info_span!("watch", resource = "pods"))
                 .boxed()
         }),
+    }
+}
+
+/// What the index reads of a pod, and nothing more.
+fn trim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::PodStatus;
+    pod.managed_fields_mut().clear();
+    pod.spec = None;
+    pod.annotations_mut()
+        .retain(|k, _| k == endpoint_picker::discovery::file::ACTIVE_PORTS_ANNOTATION);
+    pod.metadata.owner_references = None;
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            pod_ip: status.pod_ip,
+            conditions: status.conditions.map(|cs| {
+                cs.into_iter()
+                    .filter(|c| c.type_ == "Ready")
+                    .map(|c| k8s_openapi::api::core::v1::PodCondition {
+                        message: None,
+                        reason: None,
+                        ..c
+                    })
+                    .collect()
+            }),
+            ..PodStatus::default()
+        });
     }
 }
 

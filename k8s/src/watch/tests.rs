@@ -2,6 +2,7 @@
 //! talk to a scripted `tower-test` service. Time is paused, so the watchers' backoff elapses
 //! instantly once everything else is idle.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -321,4 +322,58 @@ async fn standalone_discovery_filters_pods_by_label_and_watches_no_pool() {
     assert_eq!(names, vec!["a-rank-0", "a-rank-1"]);
     shutdown.cancel();
     join(tasks).await;
+}
+
+/// Review: every pod of the namespace was held whole (annotations of up to 256 KiB each, the
+/// full status) until a relist finished. A pod is trimmed to what the index reads, and the
+/// index sees the same endpoint either way.
+#[test]
+fn a_pod_is_trimmed_to_what_the_index_reads() {
+    use k8s_openapi::api::core::v1::{ContainerStatus, PodCondition};
+    let full = |mut p: Pod| {
+        p.metadata.annotations = Some(BTreeMap::from([
+            ("big".to_owned(), "x".repeat(256 * 1024)),
+            (
+                endpoint_picker::discovery::file::ACTIVE_PORTS_ANNOTATION.to_owned(),
+                "8000".to_owned(),
+            ),
+        ]));
+        let status = p.status.as_mut().unwrap();
+        status.conditions.as_mut().unwrap().push(PodCondition {
+            type_: "Initialized".into(),
+            status: "True".into(),
+            message: Some("m".repeat(10_000)),
+            ..Default::default()
+        });
+        status.container_statuses = Some(vec![ContainerStatus {
+            name: "vllm".into(),
+            image: "i".repeat(10_000),
+            ..Default::default()
+        }]);
+        p
+    };
+    let original = full(pod("p-0", "vllm", "10.0.0.1"));
+    let mut trimmed = original.clone();
+    trim_pod(&mut trimmed);
+    let kept = serde_json::to_vec(&trimmed).unwrap().len();
+    assert!(kept < 1_000, "{kept} bytes kept");
+    let annotations = trimmed.metadata.annotations.clone().unwrap();
+    assert_eq!(annotations.len(), 1);
+    let status = trimmed.status.clone().unwrap();
+    assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+    assert_eq!(status.conditions.unwrap().len(), 1, "Ready only");
+    // The index publishes the same endpoints from either.
+    let published = |p: Pod| {
+        let (mut idx, publisher) = index();
+        idx.reset(vec![pool(POOL, "vllm", &[8000, 8001])]);
+        idx.reset(vec![p]);
+        endpoints(&publisher)
+    };
+    let from_original = published(original);
+    assert_eq!(
+        from_original.len(),
+        1,
+        "the active-ports annotation kept one rank"
+    );
+    assert_eq!(from_original, published(trimmed));
 }
