@@ -101,6 +101,14 @@ async fn drain(fc: &Arc<FlowControl>, pool: &FakePool, tickets: &mut Vec<Ticket>
     }
 }
 
+/// The answer to `request`, which must be refused (at once, or by the time it is asked).
+async fn refusal(fc: &Arc<FlowControl>, request: FlowRequest) -> FlowRejection {
+    fc.enqueue(request, Instant::now())
+        .wait()
+        .await
+        .expect_err("refused")
+}
+
 fn enqueue_all(fc: &Arc<FlowControl>, items: &[(&str, i32)]) -> Vec<Ticket> {
     items
         .iter()
@@ -268,11 +276,7 @@ async fn capacity_per_band_and_global_rejects_with_the_references_answers() {
     fc.dispatch_cycle(Instant::now(), pool.as_ref());
     let _held = enqueue_all(&fc, &[("a", 0), ("a", 0)]);
     // The band is full: 429 rejected-saturated.
-    let err = fc
-        .enqueue(req("b", 0), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
+    let err = refusal(&fc, req("b", 0)).await;
     assert_eq!(err.outcome, Outcome::RejectedCapacity);
     assert_eq!(err.status(), (429, "ResourceExhausted"));
     assert_eq!(err.dropped_reason(), Some("rejected-saturated"));
@@ -281,7 +285,7 @@ async fn capacity_per_band_and_global_rejects_with_the_references_answers() {
         bytes: 801,
         ..req("c", 5)
     };
-    let err = fc.enqueue(big, Instant::now()).wait().await.unwrap_err();
+    let err = refusal(&fc, big).await;
     assert_eq!(err.outcome, Outcome::RejectedCapacity);
     let fits = FlowRequest {
         bytes: 800,
@@ -293,11 +297,7 @@ async fn capacity_per_band_and_global_rejects_with_the_references_answers() {
     // While the pool is empty, overflow is 503 rejected-no-endpoints.
     pool.endpoints.store(0, Ordering::Relaxed);
     fc.dispatch_cycle(Instant::now(), pool.as_ref());
-    let err = fc
-        .enqueue(req("a", 0), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
+    let err = refusal(&fc, req("a", 0)).await;
     assert_eq!(err.outcome, Outcome::RejectedNoEndpoints);
     assert_eq!(err.status(), (503, "ServiceUnavailable"));
     assert_eq!(err.dropped_reason(), Some("rejected-no-endpoints"));
@@ -338,18 +338,10 @@ async fn eviction_displaces_sheddable_requests_lowest_priority_then_newest() {
     assert_eq!(evicted, ["batch-new", "scrap"]);
     assert_eq!(fc.queued(), 4);
     // A sheddable arrival displaces nothing of equal priority, and nothing ≥ 0 ever.
-    let err = fc
-        .enqueue(req("batch", -1), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
+    let err = refusal(&fc, req("batch", -1)).await;
     assert_eq!(err.outcome, Outcome::RejectedCapacity);
     let _third = fc.enqueue(req("chat", 0), Instant::now());
-    let err = fc
-        .enqueue(req("chat", 0), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
+    let err = refusal(&fc, req("chat", 0)).await;
     assert_eq!(
         err.outcome,
         Outcome::RejectedCapacity,
@@ -407,21 +399,13 @@ async fn a_full_band_makes_room_from_its_largest_flow() {
         "the newest request gave way, the older ones wait on"
     );
     // The largest flow itself is refused; a third flow again takes from the largest.
-    let e = fc
-        .enqueue(req("a", 0), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
+    let e = refusal(&fc, req("a", 0)).await;
     assert_eq!(e.outcome, Outcome::RejectedCapacity);
     let c = fc.enqueue(req("c", 0), Instant::now());
     assert!(c.is_queued());
     assert_eq!(answered(&mut hog, Outcome::EvictedFairShare).await, ["a"]);
     // a: 2, b: 1, c: 1. b with one more would hold as much as a: nobody gives way.
-    let e = fc
-        .enqueue(req("b", 0), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
+    let e = refusal(&fc, req("b", 0)).await;
     assert_eq!(e.outcome, Outcome::RejectedCapacity);
     assert_eq!(fc.queued(), 4);
     let outcomes = log.0.lock().iter().map(|(_, o)| *o).collect::<Vec<_>>();
@@ -441,17 +425,39 @@ async fn a_full_band_makes_room_from_its_largest_flow() {
     let fc = FlowControl::new(config(FairnessPolicy::GlobalStrict));
     fc.dispatch_cycle(Instant::now(), pool.as_ref());
     let mut hog = enqueue_all(&fc, &[("a", 0); 4]);
-    let e = fc
-        .enqueue(req("b", 0), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
+    let e = refusal(&fc, req("b", 0)).await;
     assert_eq!(e.outcome, Outcome::RejectedCapacity);
     assert!(
         answered(&mut hog, Outcome::EvictedFairShare)
             .await
             .is_empty()
     );
+}
+
+/// A round-robin band of `max_bytes`, its dispatcher's first reading taken (a pool of one).
+fn round_robin_band_of_bytes(max_bytes: u64) -> Arc<FlowControl> {
+    let fc = FlowControl::new(FlowConfig {
+        bands: vec![BandConfig {
+            max_bytes,
+            ..band(0, FairnessPolicy::RoundRobin, OrderingPolicy::Fcfs)
+        }],
+        ..FlowConfig::default()
+    });
+    fc.dispatch_cycle(Instant::now(), FakePool::new(1, 0).as_ref());
+    fc
+}
+
+/// `request` is refused for capacity, and none of `queued` is displaced for it.
+async fn refused_displacing_nothing(
+    fc: &Arc<FlowControl>,
+    request: FlowRequest,
+    queued: &mut Vec<Ticket>,
+) {
+    assert_eq!(
+        refusal(fc, request).await.outcome,
+        Outcome::RejectedCapacity
+    );
+    assert!(answered(queued, Outcome::EvictedFairShare).await.is_empty());
 }
 
 /// Bytes too: a flow's share is the larger of its fractions of the two caps. The room is
@@ -463,30 +469,12 @@ async fn fair_room_counts_bytes_and_is_bounded() {
         bytes,
         ..req(flow, 0)
     };
-    let fc = FlowControl::new(FlowConfig {
-        bands: vec![BandConfig {
-            max_bytes: 1_000,
-            ..band(0, FairnessPolicy::RoundRobin, OrderingPolicy::Fcfs)
-        }],
-        ..FlowConfig::default()
-    });
-    let pool = FakePool::new(1, 0);
-    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let fc = round_robin_band_of_bytes(1_000);
     let mut hog: Vec<Ticket> = (0..5)
         .map(|_| fc.enqueue(sized("a", 200), Instant::now()))
         .collect();
     // Larger than the band: refused, nothing displaced.
-    let e = fc
-        .enqueue(sized("b", 1_001), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
-    assert_eq!(e.outcome, Outcome::RejectedCapacity);
-    assert!(
-        answered(&mut hog, Outcome::EvictedFairShare)
-            .await
-            .is_empty()
-    );
+    refused_displacing_nothing(&fc, sized("b", 1_001), &mut hog).await;
     // 500 bytes need three of a's: a then holds 400 (less than b), which is allowed, since a
     // held more than b's 500 before each one it gave.
     let b = fc.enqueue(sized("b", 500), Instant::now());
@@ -498,28 +486,11 @@ async fn fair_room_counts_bytes_and_is_bounded() {
     drop(b);
 
     // 200 one-byte requests fill a 200-byte band; 70 bytes would need 70 displacements.
-    let fc = FlowControl::new(FlowConfig {
-        bands: vec![BandConfig {
-            max_bytes: 200,
-            ..band(0, FairnessPolicy::RoundRobin, OrderingPolicy::Fcfs)
-        }],
-        ..FlowConfig::default()
-    });
-    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let fc = round_robin_band_of_bytes(200);
     let mut hog: Vec<Ticket> = (0..200)
         .map(|_| fc.enqueue(sized("a", 1), Instant::now()))
         .collect();
-    let e = fc
-        .enqueue(sized("b", 70), Instant::now())
-        .wait()
-        .await
-        .unwrap_err();
-    assert_eq!(e.outcome, Outcome::RejectedCapacity);
-    assert!(
-        answered(&mut hog, Outcome::EvictedFairShare)
-            .await
-            .is_empty()
-    );
+    refused_displacing_nothing(&fc, sized("b", 70), &mut hog).await;
     const { assert!(MAX_FAIR_SHARE_EVICTIONS >= 60 && MAX_FAIR_SHARE_EVICTIONS < 70) };
     let b = fc.enqueue(sized("b", 60), Instant::now());
     assert!(b.is_queued());

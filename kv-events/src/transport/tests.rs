@@ -629,33 +629,49 @@ async fn replay_history_brings_what_came_before_the_first_message() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn a_peer_announcing_a_huge_frame_is_cut_off_and_the_subscriber_lives_on() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
+/// A central (bound) subscriber on a loopback port, running: its endpoint and [`Running`].
+async fn spawn_central() -> (
+    String,
+    std::sync::Arc<SubscriberStats>,
+    mpsc::Receiver<ReceivedBatch>,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), TransportError>>,
+) {
     let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
         .await
         .unwrap();
     let central = sub.local_endpoint().unwrap().to_owned();
-    let stats = sub.stats();
-    let (tx, mut rx) = mpsc::channel(64);
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(sub.run(tx, cancel.clone()));
+    let (rx, stats, cancel, task) = spawn_budgeted(sub, 64);
+    (central, stats, rx, cancel, task)
+}
 
-    // A ZMTP 3 greeting, then a frame header announcing 2^50 bytes: without the guard, zmq.rs
-    // reserves that and the process aborts.
-    let mut hostile = tokio::net::TcpStream::connect(central.strip_prefix("tcp://").unwrap())
+/// A raw TCP peer of `endpoint` that has exchanged ZMTP 3 greetings (NULL mechanism).
+async fn greeted_peer(endpoint: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut peer = tokio::net::TcpStream::connect(endpoint.strip_prefix("tcp://").unwrap())
         .await
         .unwrap();
     let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
     greeting.extend_from_slice(b"NULL");
     greeting.resize(64, 0);
-    hostile.write_all(&greeting).await.unwrap();
+    peer.write_all(&greeting).await.unwrap();
     let mut theirs = [0u8; 64];
-    timeout(WAIT, hostile.read_exact(&mut theirs))
+    timeout(WAIT, peer.read_exact(&mut theirs))
         .await
         .unwrap()
         .unwrap();
+    peer
+}
+
+#[tokio::test]
+async fn a_peer_announcing_a_huge_frame_is_cut_off_and_the_subscriber_lives_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (central, stats, mut rx, cancel, task) = spawn_central().await;
+
+    // A ZMTP 3 greeting, then a frame header announcing 2^50 bytes: without the guard, zmq.rs
+    // reserves that and the process aborts.
+    let mut hostile = greeted_peer(&central).await;
     hostile.write_all(&[0x06]).await.unwrap();
     hostile
         .write_all(&(1u64 << 50).to_be_bytes())
@@ -803,32 +819,14 @@ async fn a_message_over_the_size_cap_is_cut_off_counted_and_the_next_publisher_h
 async fn one_publishers_bad_command_drops_that_publisher_only() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let sub = Subscriber::bind(SubscriberConfig::bind("tcp://127.0.0.1:0"))
-        .await
-        .unwrap();
-    let central = sub.local_endpoint().unwrap().to_owned();
-    let stats = sub.stats();
-    let (tx, mut rx) = mpsc::channel(64);
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(sub.run(tx, cancel.clone()));
+    let (central, stats, mut rx, cancel, task) = spawn_central().await;
     let pub_cancel = CancellationToken::new();
     let (handle, pub_task) = connecting_publisher(central.clone(), &pub_cancel).await;
     publish_until_received(&handle, &mut rx).await;
     assert_eq!(stats.snapshot().connects, 1);
 
     // A ZMTP 3 peer: greeting, READY as a PUB, then a command zmq.rs does not know.
-    let mut hostile = tokio::net::TcpStream::connect(central.strip_prefix("tcp://").unwrap())
-        .await
-        .unwrap();
-    let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
-    greeting.extend_from_slice(b"NULL");
-    greeting.resize(64, 0);
-    hostile.write_all(&greeting).await.unwrap();
-    let mut theirs = [0u8; 64];
-    timeout(WAIT, hostile.read_exact(&mut theirs))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut hostile = greeted_peer(&central).await;
     let mut ready = vec![0x05];
     ready.extend_from_slice(b"READY");
     ready.push(11);

@@ -1061,36 +1061,26 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     let mut idx = index(IndexLimits::default());
     let now = Instant::now();
     let one_hash = |tokens: usize, block_size: u32| {
-        Event::BlockStored(BlockStored {
-            block_hashes: vec![7],
-            parent_block_hash: None,
-            token_ids: (0..tokens as u32).collect(),
+        root_store(
+            vec![7],
+            (0..tokens as u32).collect(),
             block_size,
-            lora_id: None,
-            lora_name: None,
-            medium: Medium::Gpu,
-        })
+            Medium::Gpu,
+        )
     };
     // More tokens than one block (and a partial one) of its claimed size, or, with no size,
     // more index blocks than a hash may stand for: dropped.
     let fanned = one_hash(65_536 * BS, BS as u32);
     let unsized_ = one_hash((MAX_KEYS_PER_ENGINE_HASH + 1) * BS, 0);
     // And a full block of tokens announced under more hashes than 64 a block.
-    let many_hashes = Event::BlockStored(BlockStored {
-        block_hashes: (0..=MAX_KEYS_PER_ENGINE_HASH as u64).collect(),
-        parent_block_hash: None,
-        token_ids: (0..BS as u32).collect(),
-        block_size: 1,
-        lora_id: None,
-        lora_name: None,
-        medium: Medium::Gpu,
-    });
-    let out = idx.apply(
-        ep(0),
-        MODEL,
-        &batch(vec![fanned, unsized_, many_hashes]),
-        now,
+    let many_hashes = root_store(
+        (0..=MAX_KEYS_PER_ENGINE_HASH as u64).collect(),
+        (0..BS as u32).collect(),
+        1,
+        Medium::Gpu,
     );
+    let three = batch(vec![fanned, unsized_, many_hashes]);
+    let out = idx.apply(ep(0), MODEL, &three, now);
     assert_eq!(out.dropped, [0, 0, 0, 3]);
     assert!(idx.is_empty() && idx.engine_keys() == 0);
     // An engine block of 64 index blocks is taken: one hash, 64 keys.
@@ -1103,15 +1093,7 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     // Copies and removals repeating that hash: each slice stays within its budget of keys.
     let repeats = 1_000;
     for ev in [
-        Event::BlockStored(BlockStored {
-            block_hashes: vec![7; repeats],
-            parent_block_hash: None,
-            token_ids: Vec::new(),
-            block_size: wide as u32,
-            lora_id: None,
-            lora_name: None,
-            medium: Medium::Cpu,
-        }),
+        root_store(vec![7; repeats], Vec::new(), wide as u32, Medium::Cpu),
         Event::BlockRemoved(BlockRemoved {
             block_hashes: vec![7; repeats],
             medium: Medium::Cpu,
@@ -1141,19 +1123,25 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     });
     let events = (0..10)
         .map(|seq| {
-            Event::BlockStored(BlockStored {
-                block_hashes: vec![engine_hash(seq, 0)],
-                parent_block_hash: None,
-                token_ids: tokens(seq, 0..MAX_KEYS_PER_ENGINE_HASH as u32),
-                block_size: wide as u32,
-                lora_id: None,
-                lora_name: None,
-                medium: Medium::Gpu,
-            })
+            let tokens = tokens(seq, 0..MAX_KEYS_PER_ENGINE_HASH as u32);
+            root_store(vec![engine_hash(seq, 0)], tokens, wide as u32, Medium::Gpu)
         })
         .collect();
     small.apply(ep(0), MODEL, &batch(events), now);
     assert_eq!(small.engine_keys(), 3, "three entries of 64 keys fill 192");
+}
+
+/// A `BlockStored` without a parent.
+fn root_store(hashes: Vec<u64>, tokens: Vec<u32>, block_size: u32, medium: Medium) -> Event {
+    Event::BlockStored(BlockStored {
+        block_hashes: hashes,
+        parent_block_hash: None,
+        token_ids: tokens,
+        block_size,
+        lora_id: None,
+        lora_name: None,
+        medium,
+    })
 }
 
 /// Review: speculative entries all due at once were dropped in one write-lock hold on the
