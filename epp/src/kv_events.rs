@@ -310,9 +310,20 @@ pub enum SeqCheck {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SequenceTracker {
     last: Option<u64>,
+    /// The next number comes from a new transport subscriber, which has seen nothing of the
+    /// publisher before: it cannot tell a restart, and dedups nothing against the old one.
+    new_source: bool,
 }
 
 impl SequenceTracker {
+    /// The stream is read through a new source (a reconnection): its first number, if lower
+    /// than the last, is a restarted publisher's, not a duplicate. An engine that restarted
+    /// while the EPP reconnected would otherwise have its first batches (up to
+    /// `MAX_REPLAY_BATCHES` of them) dropped as duplicates of the old ones.
+    pub fn new_source(&mut self) {
+        self.new_source = true;
+    }
+
     /// The transport saw the publisher restart: `seq` starts its new sequence, whatever came
     /// before (a restarted engine's first numbers may lie just below the old ones, which
     /// [`SequenceTracker::observe`] would take for duplicates).
@@ -323,6 +334,10 @@ impl SequenceTracker {
 
     /// Checks `seq` and, unless it is a duplicate, records it.
     pub fn observe(&mut self, seq: u64) -> SeqCheck {
+        if std::mem::take(&mut self.new_source) && self.last.is_some_and(|last| seq <= last) {
+            self.last = Some(seq);
+            return SeqCheck::Reset;
+        }
         let check = match self.last {
             None => SeqCheck::InOrder,
             Some(last) if seq == last.wrapping_add(1) => SeqCheck::InOrder,
@@ -482,40 +497,43 @@ pub async fn subscribe_endpoint<C: Connector>(
             c = connector.connect(format!("tcp://{address}"), replay.clone(), settings.topic_filter.clone(), false) => c,
         };
         match connected {
-            Ok(mut source) => loop {
-                let event = tokio::select! {
-                    // Stopping comes first: a batch queued behind the endpoint's removal must
-                    // not bring back its entries and metric series.
-                    biased;
-                    _ = token.cancelled() => return,
-                    e = source.recv() => e,
-                };
-                match event {
-                    Ok(SourceEvent::Message(msg)) => {
-                        batch_arrived(&index, endpoint.id, source.connected(ip));
-                        handle(
-                            &index,
-                            &metrics,
-                            &pod,
-                            endpoint.id,
-                            &mut tracker,
-                            &mut source,
-                            msg,
-                        )
-                        .await
-                    }
-                    Ok(SourceEvent::PeersChanged) => {
-                        if source.connected(ip) == Some(false) {
-                            tracing::debug!(endpoint = %pod.model_server_pod, "kv events: the engine's connection closed");
-                            publisher_gone(&index, endpoint.id);
+            Ok(mut source) => {
+                tracker.new_source();
+                loop {
+                    let event = tokio::select! {
+                        // Stopping comes first: a batch queued behind the endpoint's removal must
+                        // not bring back its entries and metric series.
+                        biased;
+                        _ = token.cancelled() => return,
+                        e = source.recv() => e,
+                    };
+                    match event {
+                        Ok(SourceEvent::Message(msg)) => {
+                            batch_arrived(&index, endpoint.id, source.connected(ip));
+                            handle(
+                                &index,
+                                &metrics,
+                                &pod,
+                                endpoint.id,
+                                &mut tracker,
+                                &mut source,
+                                msg,
+                            )
+                            .await
+                        }
+                        Ok(SourceEvent::PeersChanged) => {
+                            if source.connected(ip) == Some(false) {
+                                tracing::debug!(endpoint = %pod.model_server_pod, "kv events: the engine's connection closed");
+                                publisher_gone(&index, endpoint.id);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(endpoint = %pod.model_server_pod, %error, "kv events: connection lost");
+                            break;
                         }
                     }
-                    Err(error) => {
-                        tracing::debug!(endpoint = %pod.model_server_pod, %error, "kv events: connection lost");
-                        break;
-                    }
                 }
-            },
+            }
             Err(error) => {
                 tracing::debug!(endpoint = %pod.model_server_pod, %error, "kv events: cannot connect");
             }
