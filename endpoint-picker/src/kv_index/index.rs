@@ -485,6 +485,14 @@ impl<'a> PreparedBatch<'a> {
                 continue;
             }
             let engine = engine_pairs(&ev.block_hashes, &keys);
+            // A hash repeated side by side is one entry: it must not stand for more either.
+            if engine
+                .iter()
+                .any(|(_, ks)| ks.len() > MAX_KEYS_PER_ENGINE_HASH)
+            {
+                out.drop(Dropped::Malformed);
+                continue;
+            }
             for (hash, ks) in &engine {
                 if let Some(&last) = ks.last() {
                     own.insert(*hash, last);

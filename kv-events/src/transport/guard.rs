@@ -745,73 +745,64 @@ async fn relay(local: TcpStream, remote: TcpStream, mut lease: Lease, stats: &Gu
     drop(lease);
 }
 
-/// Copies what zmq.rs sends the peer, reading zmq.rs's side as soon as it can and holding
-/// what the peer has not taken yet: more than `backlog` bytes held, or no write progress for
-/// `stall` while anything is held, ends it with `TimedOut` ([`MAX_PEER_BACKLOG_BYTES`],
-/// [`MAX_WRITE_STALL`]).
-async fn copy_unless_behind<R, W>(
-    from: &mut R,
-    to: &mut W,
+/// Copies what zmq.rs sends the peer, reading zmq.rs's side as soon as it can into one
+/// buffer the writes drain: more than `backlog` bytes held, or no write progress for `stall`
+/// while anything is held, ends it with `TimedOut` ([`MAX_PEER_BACKLOG_BYTES`],
+/// [`MAX_WRITE_STALL`]). One contiguous buffer, so that what is held is what is counted (a
+/// chunk per read would keep a read buffer alive for each small message).
+async fn copy_unless_behind(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
     stall: std::time::Duration,
     backlog: usize,
-) -> io::Result<()>
-where
-    R: AsyncReadExt + Unpin,
-    W: AsyncWriteExt + Unpin,
-{
+) -> io::Result<()> {
     use bytes::Buf as _;
-    let mut held: std::collections::VecDeque<bytes::Bytes> = std::collections::VecDeque::new();
-    let mut held_bytes = 0usize;
-    let mut buf = bytes::BytesMut::new();
+    let mut held = bytes::BytesMut::new();
+    let mut scratch = vec![0u8; 16 * 1024];
     let mut open = true;
     let mut progress = tokio::time::Instant::now();
     loop {
         if !open && held.is_empty() {
             return Ok(());
         }
-        let front = held.front().cloned();
         tokio::select! {
-            read = async {
-                buf.reserve(16 * 1024);
-                from.read_buf(&mut buf).await
-            }, if open => {
-                if read? == 0 {
-                    open = false;
-                    continue;
-                }
-                let chunk = buf.split().freeze();
-                if held.is_empty() {
-                    progress = tokio::time::Instant::now();
-                }
-                held_bytes += chunk.len();
-                held.push_back(chunk);
-                if held_bytes > backlog {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the peer reads slower than it is sent to",
-                    ));
-                }
-            }
-            written = async {
-                match &front {
-                    Some(front) => to.write(front).await,
-                    None => std::future::pending().await,
-                }
-            }, if front.is_some() => {
-                let n = written?;
-                if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                progress = tokio::time::Instant::now();
-                held_bytes -= n;
-                if let Some(first) = held.front_mut() {
-                    first.advance(n);
-                    if first.is_empty() {
-                        held.pop_front();
+            // Writes first: what can go to the peer goes before more is read for it.
+            biased;
+            ready = to.writable(), if !held.is_empty() => {
+                ready?;
+                match to.try_write(&held) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        held.advance(n);
+                        progress = tokio::time::Instant::now();
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
             }
-            () = tokio::time::sleep_until(progress + stall), if front.is_some() => {
+            ready = from.readable(), if open => {
+                ready?;
+                // At most a scratch buffer a read, so that writes (which take all that is
+                // held) get their turn between reads.
+                match from.try_read(&mut scratch) {
+                    Ok(0) => open = false,
+                    Ok(n) => {
+                        if held.is_empty() {
+                            progress = tokio::time::Instant::now();
+                        }
+                        held.extend_from_slice(&scratch[..n]);
+                        if held.len() > backlog {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the peer reads slower than it is sent to",
+                            ));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            () = tokio::time::sleep_until(progress + stall), if !held.is_empty() => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"));
             }
         }
@@ -1124,16 +1115,24 @@ mod tests {
         let mut zmq = relayed(&local).await;
         let chunk = vec![7u8; 64 * 1024];
         let total = 8 << 20;
+        // Keeping up: each chunk is read before the next is sent.
+        let (took, mut taken) = tokio::sync::mpsc::channel(1);
         let reader = tokio::spawn(async move {
             let mut got = vec![0u8; GREETING_BYTES];
             fast.read_exact(&mut got).await.unwrap();
-            let mut body = vec![0u8; total];
-            fast.read_exact(&mut body).await.unwrap();
-            body.iter().all(|&b| b == 7)
+            let mut body = vec![0u8; 64 * 1024];
+            let mut all_sevens = true;
+            for _ in 0..total / body.len() {
+                fast.read_exact(&mut body).await.unwrap();
+                all_sevens &= body.iter().all(|&b| b == 7);
+                took.send(()).await.unwrap();
+            }
+            all_sevens
         });
         zmq.write_all(&greeting()).await.unwrap();
         for _ in 0..total / chunk.len() {
             zmq.write_all(&chunk).await.unwrap();
+            timeout(WAIT, taken.recv()).await.unwrap().unwrap();
         }
         assert!(timeout(WAIT, reader).await.unwrap().unwrap());
         assert_eq!(stats.cut_off.load(Ordering::Relaxed), 0);

@@ -1079,9 +1079,16 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
         1,
         Medium::Gpu,
     );
-    let three = batch(vec![fanned, unsized_, many_hashes]);
-    let out = idx.apply(ep(0), MODEL, &three, now);
-    assert_eq!(out.dropped, [0, 0, 0, 3]);
+    // And one hash repeated: 100 of them for 6,400 blocks would be one entry of 6,400 keys.
+    let repeated = root_store(
+        vec![7; 100],
+        (0..6_400 * BS as u32).collect(),
+        64 * BS as u32,
+        Medium::Gpu,
+    );
+    let four = batch(vec![fanned, unsized_, many_hashes, repeated]);
+    let out = idx.apply(ep(0), MODEL, &four, now);
+    assert_eq!(out.dropped, [0, 0, 0, 4]);
     assert!(idx.is_empty() && idx.engine_keys() == 0);
     // An engine block of 64 index blocks is taken: one hash, 64 keys.
     let wide = MAX_KEYS_PER_ENGINE_HASH * BS;
