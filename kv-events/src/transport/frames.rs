@@ -125,28 +125,8 @@ mod tests {
 
     /// A raw ZMTP 3.0 SUB connected to `publisher`: greetings and READY exchanged.
     async fn raw_subscriber(publisher: &str) -> TcpStream {
-        let address = publisher.strip_prefix("tcp://").unwrap();
-        let mut s = timeout(WAIT, TcpStream::connect(address))
-            .await
-            .unwrap()
-            .unwrap();
-        let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
-        greeting.extend_from_slice(b"NULL");
-        greeting.resize(64, 0);
-        s.write_all(&greeting).await.unwrap();
-        let mut theirs = [0u8; 64];
-        timeout(WAIT, s.read_exact(&mut theirs))
-            .await
-            .unwrap()
-            .unwrap();
-        let mut ready = vec![5];
-        ready.extend_from_slice(b"READY");
-        ready.push(11);
-        ready.extend_from_slice(b"Socket-Type");
-        ready.extend_from_slice(&3u32.to_be_bytes());
-        ready.extend_from_slice(b"SUB");
-        let mut command = vec![0x04, ready.len() as u8];
-        command.extend_from_slice(&ready);
+        let mut s = crate::transport::tests::greeted_peer(publisher).await;
+        let command = crate::transport::tests::ready_command(b"SUB");
         s.write_all(&command).await.unwrap();
         // Their READY.
         let mut head = [0u8; 2];

@@ -645,8 +645,21 @@ async fn spawn_central() -> (
     (central, stats, rx, cancel, task)
 }
 
+/// A ZMTP 3 READY command (short frame) naming `socket_type` (`b"PUB"`, `b"SUB"`).
+pub(super) fn ready_command(socket_type: &[u8]) -> Vec<u8> {
+    let mut ready = vec![5];
+    ready.extend_from_slice(b"READY");
+    ready.push(11);
+    ready.extend_from_slice(b"Socket-Type");
+    ready.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+    ready.extend_from_slice(socket_type);
+    let mut command = vec![0x04, ready.len() as u8];
+    command.extend_from_slice(&ready);
+    command
+}
+
 /// A raw TCP peer of `endpoint` that has exchanged ZMTP 3 greetings (NULL mechanism).
-async fn greeted_peer(endpoint: &str) -> tokio::net::TcpStream {
+pub(super) async fn greeted_peer(endpoint: &str) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut peer = tokio::net::TcpStream::connect(endpoint.strip_prefix("tcp://").unwrap())
         .await
@@ -827,14 +840,7 @@ async fn one_publishers_bad_command_drops_that_publisher_only() {
 
     // A ZMTP 3 peer: greeting, READY as a PUB, then a command zmq.rs does not know.
     let mut hostile = greeted_peer(&central).await;
-    let mut ready = vec![0x05];
-    ready.extend_from_slice(b"READY");
-    ready.push(11);
-    ready.extend_from_slice(b"Socket-Type");
-    ready.extend_from_slice(&3u32.to_be_bytes());
-    ready.extend_from_slice(b"PUB");
-    hostile.write_all(&[0x04, ready.len() as u8]).await.unwrap();
-    hostile.write_all(&ready).await.unwrap();
+    hostile.write_all(&ready_command(b"PUB")).await.unwrap();
     hostile
         .write_all(&[0x04, 0x05, 0x04, b'P', b'I', b'N', b'G'])
         .await
