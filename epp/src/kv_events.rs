@@ -383,7 +383,7 @@ pub async fn handle<S: KvEventSource>(
         SeqCheck::InOrder => {}
         SeqCheck::Reset => {
             tracing::info!(endpoint = %pod.model_server_pod, seq = msg.seq, "kv events: sequence reset, clearing the endpoint");
-            index.clear_endpoint(endpoint);
+            index.clear_endpoint_yielding(endpoint).await;
         }
         SeqCheck::Gap { from, missed } => {
             let replayed = source.replay(from).await;
@@ -398,7 +398,7 @@ pub async fn handle<S: KvEventSource>(
                             break;
                         }
                         next += 1;
-                        apply(index, metrics, pod, endpoint, &model, &m.batch);
+                        apply(index, metrics, pod, endpoint, &model, &m.batch).await;
                     }
                     next == msg.seq
                 }
@@ -410,14 +410,21 @@ pub async fn handle<S: KvEventSource>(
             if !filled {
                 tracing::warn!(endpoint = %pod.model_server_pod, from, missed, "kv events: gap not replayed, clearing the endpoint");
                 metrics.count_dropped(pod, "gap", missed);
-                index.gap(endpoint, Instant::now());
+                // As `SharedKvIndex::gap`, a slice at a time.
+                index.set_stream(
+                    endpoint,
+                    StreamState::Gap {
+                        since: Instant::now(),
+                    },
+                );
+                index.clear_endpoint_yielding(endpoint).await;
             }
         }
     }
-    apply(index, metrics, pod, endpoint, &model, &msg.batch);
+    apply(index, metrics, pod, endpoint, &model, &msg.batch).await;
 }
 
-fn apply(
+async fn apply(
     index: &SharedKvIndex,
     metrics: &KvEventMetrics,
     pod: &PodLabels,
@@ -425,8 +432,11 @@ fn apply(
     model: &str,
     batch: &EventBatch,
 ) {
-    // Keys hashed off the lock, written in bounded slices (`SharedKvIndex::apply`).
-    let applied = index.apply(endpoint, model, batch, Instant::now());
+    // Keys hashed off the lock, written in bounded slices, the worker's other tasks served
+    // between two (`SharedKvIndex::apply_yielding`).
+    let applied = index
+        .apply_yielding(endpoint, model, batch, Instant::now())
+        .await;
     // The size gauges move with every batch; refreshing them only on pool changes left them at
     // their start-up value.
     let (blocks, entries) = index.sizes();
@@ -731,7 +741,7 @@ pub async fn run<C: Connector>(
                 running.remove(&id);
                 if unexpected {
                     tracing::warn!(endpoint = ?id, error = ?error, "kv events: subscriber ended; clearing the endpoint and starting it again");
-                    index.clear_endpoint(id);
+                    index.clear_endpoint_yielding(id).await;
                     index.set_stream(
                         id,
                         StreamState::Down {
@@ -744,7 +754,7 @@ pub async fn run<C: Connector>(
             Some(Owner::Bound) if unexpected => {
                 tracing::warn!(error = ?error, "kv events: bound subscriber ended; clearing its endpoints and starting it again");
                 for id in known.keys().filter(|id| !running.contains_key(id)) {
-                    index.clear_endpoint(*id);
+                    index.clear_endpoint_yielding(*id).await;
                     publisher_gone(&index, *id);
                 }
                 if let Some(id) = spawn_bound(&mut tasks, RECONNECT_INTERVAL) {

@@ -12,8 +12,10 @@
 //! - `keys`: request key → up to `max_endpoints_per_key` entries `{endpoint, medium,
 //!   speculative}`, an LRU capped at `max_keys` keys (recency: the last store or speculation);
 //!   each key's entries are themselves in recency order, the oldest dropped past the cap;
-//! - `engine`: engine hash → request keys (at most [`MAX_KEYS_PER_ENGINE_HASH`] a hash), an
-//!   LRU capped at `max_engine_keys` keys held by its entries together;
+//! - `engine`: (endpoint, engine hash) → request keys (at most [`MAX_KEYS_PER_ENGINE_HASH`] a
+//!   hash), an LRU capped at `max_engine_keys` keys held by its entries together; per
+//!   endpoint because equal engine hashes need not be equal blocks (vLLM's hash covers the
+//!   tokens, not the model), and one engine must not decide how another's events resolve;
 //! - `by_endpoint`: per endpoint, the slots of the keys it holds (the reverse index), so that
 //!   clearing an endpoint costs its own entries, never a scan of the index. It is a log
 //!   appended to when the endpoint first holds a key and compacted when it has grown to twice
@@ -21,6 +23,8 @@
 //!   a set's removal was a cache miss per evicted block (bench/RESULTS.md, "Ingest"). The log
 //!   is sharded by slot range, so one compaction reads one shard (a few milliseconds under
 //!   the lock), however many keys the endpoint holds.
+//!   A clear sets the endpoint's log aside and walks it a slice at a time
+//!   ([`KvIndex::begin_clear`]); meanwhile the endpoint matches nothing and gains nothing.
 //!
 //! Speculative entries (a just-routed request's blocks on the chosen endpoint) live until
 //! `speculative_ttl` after they were made, or until a real event for the same block and
@@ -230,6 +234,8 @@ pub struct EndpointMatch {
     /// start, seconds in its queue), and a pull of them loads nothing.
     pub local_run: u32,
     candidate: bool,
+    /// Being cleared ([`KvIndex::begin_clear`]): its own entries are not read.
+    clearing: bool,
     last_tier: u8,
     last_weight: f64,
     /// The run has left the GPU (a block read from elsewhere came first).
@@ -387,7 +393,8 @@ impl Op<'_> {
             Op::Store { engine, keys, .. } => engine.len() + keys.len(),
             Op::Copies(ev) => ev.block_hashes.len(),
             Op::Remove(ev) => ev.block_hashes.len(),
-            Op::Clear => 0,
+            // What clearing costs is known when it runs (`KvIndex::clear_some`).
+            Op::Clear => 1,
         }
     }
 }
@@ -589,6 +596,7 @@ struct Shard {
 
 impl Held {
     /// Every logged slot (with the stale ones and the repeats).
+    #[cfg(test)]
     fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
         self.shards.iter().flat_map(|s| s.slots.iter().copied())
     }
@@ -609,6 +617,11 @@ pub struct KvIndex {
     /// Request keys the engine table's entries hold together (its cap).
     engine_held: usize,
     by_endpoint: Vec<Option<Held>>,
+    /// Endpoints whose entries are being cleared, with what is left of their reverse index
+    /// ([`KvIndex::begin_clear`]): until it is done they match nothing and gain no entry.
+    clearing: Vec<(u32, Held)>,
+    /// Mixed into every engine hash with the endpoint's id ([`KvIndex::engine_key`]).
+    engine_salt: KeyHashState,
     entries: usize,
     speculations: VecDeque<Speculation>,
     speculative_keys: usize,
@@ -630,6 +643,8 @@ impl KvIndex {
             engine: SlabLru::default(),
             engine_held: 0,
             by_endpoint: Vec::new(),
+            clearing: Vec::new(),
+            engine_salt: KeyHashState::random(),
             entries: 0,
             speculations: VecDeque::new(),
             speculative_keys: 0,
@@ -708,17 +723,18 @@ impl KvIndex {
         now: Instant,
     ) -> Applied {
         let mut parents = ParentKeys::default();
-        self.parent_keys(&PreparedBatch::parents(batch), &mut parents);
+        self.parent_keys(endpoint, &PreparedBatch::parents(batch), &mut parents);
         let mut prepared = PreparedBatch::new(&self.hasher, model, batch, &parents);
         self.apply_prepared(endpoint, &mut prepared, usize::MAX, now);
         prepared.applied()
     }
 
     /// The request key each of `hashes` (a batch's parents, [`PreparedBatch::parents`])
-    /// chains from, for those the index maps, into `out`. Reads only.
-    pub fn parent_keys(&self, hashes: &[u64], out: &mut ParentKeys) {
+    /// chains from, for those `endpoint`'s events mapped, into `out`. Reads only.
+    pub fn parent_keys(&self, endpoint: EndpointId, hashes: &[u64], out: &mut ParentKeys) {
         for &hash in hashes {
-            if let Some(&key) = self.engine.get(hash).and_then(|k| k.last()) {
+            let engine_key = self.engine_key(endpoint, hash);
+            if let Some(&key) = self.engine.get(engine_key).and_then(|k| k.last()) {
                 out.insert(hash, key);
             }
         }
@@ -764,10 +780,10 @@ impl KvIndex {
                     engine,
                     keys,
                 } => {
-                    self.warm(engine, keys, *pos, end);
+                    self.warm(endpoint, engine, keys, *pos, end);
                     for i in *pos..end {
                         if let Some((hash, ks)) = engine.get_mut(i) {
-                            self.set_engine(*hash, std::mem::take(ks));
+                            self.set_engine(self.engine_key(endpoint, *hash), std::mem::take(ks));
                             continue;
                         }
                         // Deepest block first, so that the leading blocks are the most recent:
@@ -790,7 +806,8 @@ impl KvIndex {
                     let (mut i, mut work) = (*pos, 0);
                     while let Some(&hash) = ev.block_hashes.get(i).filter(|_| work < left) {
                         i += 1;
-                        let Some(keys) = self.engine.get(hash).cloned() else {
+                        let engine_key = self.engine_key(endpoint, hash);
+                        let Some(keys) = self.engine.get(engine_key).cloned() else {
                             work += 1;
                             continue;
                         };
@@ -823,8 +840,18 @@ impl KvIndex {
                     }
                 }
                 Op::Clear => {
-                    self.clear_endpoint(endpoint);
-                    out.applied += 1;
+                    // Cleared in slices of the budget: `partial` says the clear has begun.
+                    if *partial == 0 {
+                        self.begin_clear(endpoint);
+                        *partial = 1;
+                    }
+                    let (done, work) = self.clear_some(endpoint, left);
+                    spent = Some(work);
+                    if done {
+                        out.applied += 1;
+                    } else {
+                        end = *pos;
+                    }
                 }
             }
             // An event with nothing to map still costs a unit, so a slice stays bounded.
@@ -842,7 +869,14 @@ impl KvIndex {
 
     /// Reads ahead what units `pos..end` of a store will write ([`SlabLru::warm`]): the engine
     /// hashes' and the keys' table slots, and those of the entries they will evict.
-    fn warm(&self, engine: &[(u64, RequestKeys)], keys: &[u64], pos: usize, end: usize) {
+    fn warm(
+        &self,
+        endpoint: EndpointId,
+        engine: &[(u64, RequestKeys)],
+        keys: &[u64],
+        pos: usize,
+        end: usize,
+    ) {
         let split = engine.len();
         let hashes = engine
             .get(pos.min(split)..end.min(split))
@@ -852,7 +886,7 @@ impl KvIndex {
             .max_engine_keys
             .saturating_sub(self.engine.len());
         self.engine.warm(
-            hashes.iter().map(|(h, _)| *h),
+            hashes.iter().map(|(h, _)| self.engine_key(endpoint, *h)),
             hashes.len().saturating_sub(spare_engine),
         );
         // Keys are stored deepest first: unit `i` past the engine pairs is key `len - 1 - (i -
@@ -865,10 +899,22 @@ impl KvIndex {
             .warm(stored.iter().copied(), stored.len().saturating_sub(spare));
     }
 
-    /// Maps `hash` to `keys`. The table is capped by the keys its entries hold together (an
-    /// entry holds up to [`MAX_KEYS_PER_ENGINE_HASH`]), oldest entries out first.
-    fn set_engine(&mut self, hash: u64, keys: RequestKeys) {
-        let (slot, _) = self.engine.insert_with(hash, RequestKeys::new);
+    /// The engine table's key for `endpoint`'s hash `hash`. Engine hashes are namespaced per
+    /// endpoint: vLLM's block hash covers the tokens, not the model, so two engines' equal
+    /// hashes can stand for different request keys (two models with the same system prompt,
+    /// or an engine that announces a hash it does not hold); one endpoint's events never
+    /// resolve through another's mapping. The per-endpoint salt is keyed by a random seed, so
+    /// no engine can pick a hash that lands on another endpoint's entry.
+    #[inline]
+    fn engine_key(&self, endpoint: EndpointId, hash: u64) -> u64 {
+        hash ^ self.engine_salt.hash_u64(u64::from(endpoint.0))
+    }
+
+    /// Maps `engine_key` ([`KvIndex::engine_key`]) to `keys`. The table is capped by the keys
+    /// its entries hold together (an entry holds up to [`MAX_KEYS_PER_ENGINE_HASH`]), oldest
+    /// entries out first.
+    fn set_engine(&mut self, engine_key: u64, keys: RequestKeys) {
+        let (slot, _) = self.engine.insert_with(engine_key, RequestKeys::new);
         if let Some(v) = self.engine.at_mut(slot) {
             self.engine_held = self.engine_held - v.len() + keys.len();
             *v = keys;
@@ -888,7 +934,7 @@ impl KvIndex {
     /// One hash of a `BlockRemoved`: the endpoint's entries in that tier for the keys the hash
     /// maps to. Returns how many keys that was, `None` if the hash was not known.
     fn remove_hash(&mut self, endpoint: EndpointId, medium: Medium, hash: u64) -> Option<usize> {
-        let engine_slot = self.engine.slot(hash)?;
+        let engine_slot = self.engine.slot(self.engine_key(endpoint, hash))?;
         let keys = self.engine.at(engine_slot).cloned().unwrap_or_default();
         let mut all_gone = true;
         for &key in &keys {
@@ -898,11 +944,11 @@ impl KvIndex {
             self.retain_entries(slot, |e| {
                 !(e.endpoint == endpoint.0 && e.medium == medium && !e.speculative)
             });
-            if self.keys.at(slot).is_some() {
+            if self.holds(slot, endpoint.0) {
                 all_gone = false;
             }
         }
-        // Another endpoint may still hold the blocks: keep the mapping for its events.
+        // The endpoint still holds the blocks in another tier: keep the mapping for its events.
         if all_gone && let Some((_, gone)) = self.engine.remove(engine_slot) {
             self.engine_held -= gone.len();
         }
@@ -910,17 +956,55 @@ impl KvIndex {
     }
 
     /// Forgets everything an endpoint holds (`AllBlocksCleared`, a sequence gap that replay did
-    /// not fill, the endpoint leaving the pool). Costs the endpoint's own entries.
+    /// not fill, the endpoint leaving the pool), at once: [`KvIndex::begin_clear`], then
+    /// [`KvIndex::clear_some`] to the end. Costs the endpoint's own entries.
     pub fn clear_endpoint(&mut self, endpoint: EndpointId) {
+        self.begin_clear(endpoint);
+        while !self.clear_some(endpoint, usize::MAX).0 {}
+    }
+
+    /// Begins forgetting everything an endpoint holds. Its reverse index is set aside for
+    /// [`KvIndex::clear_some`] to walk, a slice at a time (an endpoint of 10 M keys takes
+    /// seconds to clear, which one hold of the lock must not). Until that is done the
+    /// endpoint matches nothing and gains no entry, so what it held can never be told apart
+    /// from what it gains: a clear is all of its entries or none.
+    pub fn begin_clear(&mut self, endpoint: EndpointId) {
         let Some(held) = self
             .by_endpoint
             .get_mut(endpoint.0 as usize)
             .and_then(Option::take)
         else {
+            // Nothing held (an endpoint being cleared gains nothing meanwhile).
             return;
         };
-        // A slot the endpoint no longer holds (or that is logged twice) removes nothing.
-        for slot in held.slots() {
+        match self.clearing.iter_mut().find(|(e, _)| *e == endpoint.0) {
+            Some((_, pending)) => pending.shards.extend(held.shards),
+            None => self.clearing.push((endpoint.0, held)),
+        }
+    }
+
+    /// Whether `endpoint` is being cleared ([`KvIndex::begin_clear`]).
+    pub fn is_clearing(&self, endpoint: EndpointId) -> bool {
+        !self.clearing.is_empty() && self.clearing.iter().any(|(e, _)| *e == endpoint.0)
+    }
+
+    /// Walks `budget` logged slots at most of the endpoint's clear. Returns whether it is done
+    /// (also when none was begun) and the slots walked (at least 1, a unit of work).
+    pub fn clear_some(&mut self, endpoint: EndpointId, budget: usize) -> (bool, usize) {
+        let Some(at) = self.clearing.iter().position(|(e, _)| *e == endpoint.0) else {
+            return (true, 1);
+        };
+        let (_, mut held) = self.clearing.swap_remove(at);
+        let mut work = 0;
+        while work < budget
+            && let Some(shard) = held.shards.last_mut()
+        {
+            let Some(slot) = shard.slots.pop() else {
+                held.shards.pop();
+                continue;
+            };
+            work += 1;
+            // A slot the endpoint no longer holds (or that is logged twice) removes nothing.
             let Some(entries) = self.keys.at_mut(slot) else {
                 continue;
             };
@@ -931,22 +1015,38 @@ impl KvIndex {
                 self.keys.remove(slot);
             }
         }
+        while held.shards.last().is_some_and(|s| s.slots.is_empty()) {
+            held.shards.pop();
+        }
+        let done = held.shards.is_empty();
+        if !done {
+            self.clearing.push((endpoint.0, held));
+        }
+        (done, work.max(1))
     }
 
-    /// Forgets every endpoint whose id `live` refuses (pool membership changed).
+    /// Forgets every endpoint whose id `live` refuses (pool membership changed), at once.
     pub fn retain_endpoints(&mut self, live: impl Fn(EndpointId) -> bool) {
-        let held: Vec<EndpointId> = self
+        for id in self.begin_retain(live) {
+            self.clear_endpoint(id);
+        }
+    }
+
+    /// Begins clearing every endpoint whose id `live` refuses; returns them, for
+    /// [`KvIndex::clear_some`].
+    pub fn begin_retain(&mut self, live: impl Fn(EndpointId) -> bool) -> Vec<EndpointId> {
+        let gone: Vec<EndpointId> = self
             .by_endpoint
             .iter()
             .enumerate()
             .filter(|(_, s)| s.is_some())
             .map(|(i, _)| EndpointId(i as u32))
+            .filter(|&id| !live(id))
             .collect();
-        for id in held {
-            if !live(id) {
-                self.clear_endpoint(id);
-            }
+        for &id in &gone {
+            self.begin_clear(id);
         }
+        gone
     }
 
     // === speculation ===
@@ -955,7 +1055,7 @@ impl KvIndex {
     /// blocks), until `now + speculative_ttl` or until its events say so.
     pub fn speculate(&mut self, endpoint: EndpointId, keys: &[u64], now: Instant) {
         self.expire(now);
-        if keys.is_empty() || self.limits.speculative_ttl.is_zero() {
+        if keys.is_empty() || self.limits.speculative_ttl.is_zero() || self.is_clearing(endpoint) {
             return;
         }
         let keys = &keys[..keys.len().min(self.limits.max_speculative_keys)];
@@ -1012,6 +1112,10 @@ impl KvIndex {
 
     /// Adds (or refreshes) an entry; `speculative` carries the generation of a speculative one.
     fn add(&mut self, key: u64, endpoint: EndpointId, medium: Medium, speculative: Option<u16>) {
+        // What an endpoint gains while it is cleared would be cleared with it.
+        if self.is_clearing(endpoint) {
+            return;
+        }
         let (slot, _) = self.keys.insert_with(key, Entries::new);
         let cap = self.limits.max_endpoints_per_key;
         let Some(entries) = self.keys.at_mut(slot) else {
@@ -1203,7 +1307,11 @@ impl KvIndex {
             if out.by_endpoint.len() <= i {
                 out.by_endpoint.resize(i + 1, EndpointMatch::default());
             }
-            out.by_endpoint[i].candidate = true;
+            let m = &mut out.by_endpoint[i];
+            m.candidate = true;
+            // An endpoint being cleared holds nothing of its own any more (its entries go a
+            // slice at a time); the shared store is still there for it.
+            m.clearing = self.is_clearing(id);
         }
         let shared_weight = shared.iter().map(|m| weights.of(m)).fold(0.0f64, f64::max);
         // Shared blocks among keys[a..b].
@@ -1227,7 +1335,7 @@ impl KvIndex {
                 let Some(m) = out.by_endpoint.get_mut(e.endpoint as usize) else {
                     continue;
                 };
-                if !m.candidate {
+                if !m.candidate || m.clearing {
                     continue;
                 }
                 let t = tier(e.medium);

@@ -39,6 +39,34 @@ pub const GAP_FALLBACK: Duration = Duration::from_secs(30);
 /// batch.
 pub const APPLY_SLICE: usize = 4_096;
 
+/// Finishes an endpoint's clear if the future that was walking it is dropped first.
+struct FinishClearOnDrop<'a> {
+    index: Option<&'a SharedKvIndex>,
+    endpoint: EndpointId,
+}
+
+impl<'a> FinishClearOnDrop<'a> {
+    fn new(index: &'a SharedKvIndex, endpoint: EndpointId) -> Self {
+        Self {
+            index: Some(index),
+            endpoint,
+        }
+    }
+
+    /// The walk ended: nothing to finish.
+    fn disarm(&mut self) {
+        self.index = None;
+    }
+}
+
+impl Drop for FinishClearOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(index) = self.index {
+            index.finish_clear(self.endpoint);
+        }
+    }
+}
+
 /// The state of one endpoint's event stream, as its subscriber reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StreamState {
@@ -108,7 +136,8 @@ impl SharedKvIndex {
     /// [`APPLY_SLICE`] lookups each), the batch's keys are hashed with no lock held, and the
     /// result is written in slices of [`APPLY_SLICE`] units, each under its own write lock: a
     /// large batch never holds the lock for long, and readers between two slices see part of
-    /// it (a chain's deepest blocks first, which match nothing until its head is in).
+    /// it (a chain's deepest blocks first, which match nothing until its head is in). An
+    /// `AllBlocksCleared` in the batch is cleared in slices too ([`Self::clear_endpoint`]).
     pub fn apply(
         &self,
         endpoint: EndpointId,
@@ -116,18 +145,57 @@ impl SharedKvIndex {
         batch: &EventBatch,
         now: Instant,
     ) -> Applied {
+        let mut prepared = self.prepare(endpoint, model, batch);
+        while !self.apply_slice(endpoint, &mut prepared, now) {}
+        prepared.applied()
+    }
+
+    /// [`Self::apply`], giving the runtime's other tasks their turn between two slices: a
+    /// batch of half a million blocks takes a worker for a good part of a second, which the
+    /// ext_proc streams on the same worker must not wait for. If the future is dropped midway,
+    /// what is applied stays, and a clear the batch began is finished before the drop returns
+    /// (a clear must not be left begun: the endpoint would gain nothing until it ends).
+    pub async fn apply_yielding(
+        &self,
+        endpoint: EndpointId,
+        model: &str,
+        batch: &EventBatch,
+        now: Instant,
+    ) -> Applied {
+        let mut unfinished = FinishClearOnDrop::new(self, endpoint);
+        let mut prepared = self.prepare(endpoint, model, batch);
+        while !self.apply_slice(endpoint, &mut prepared, now) {
+            tokio::task::yield_now().await;
+        }
+        unfinished.disarm();
+        prepared.applied()
+    }
+
+    /// A batch's keys, hashed without the write lock ([`PreparedBatch`]).
+    fn prepare<'a>(
+        &self,
+        endpoint: EndpointId,
+        model: &str,
+        batch: &'a EventBatch,
+    ) -> PreparedBatch<'a> {
         let needed = PreparedBatch::parents(batch);
         let mut parents = ParentKeys::with_capacity_and_hasher(needed.len(), Default::default());
         for chunk in needed.chunks(APPLY_SLICE) {
-            self.index.read().parent_keys(chunk, &mut parents);
+            self.index.read().parent_keys(endpoint, chunk, &mut parents);
         }
-        let mut prepared = PreparedBatch::new(&self.hasher, model, batch, &parents);
-        while !self
-            .index
+        PreparedBatch::new(&self.hasher, model, batch, &parents)
+    }
+
+    /// One slice of a prepared batch under the write lock; whether the batch is done.
+    fn apply_slice(
+        &self,
+        endpoint: EndpointId,
+        prepared: &mut PreparedBatch<'_>,
+        now: Instant,
+    ) -> bool {
+        self.index
             .write()
-            .apply_prepared(endpoint, &mut prepared, APPLY_SLICE, now)
-        {}
-        prepared.applied()
+            .apply_prepared(endpoint, prepared, APPLY_SLICE, now)
     }
 
     /// Request keys and (key, endpoint, tier) entries held, read together.
@@ -155,9 +223,34 @@ impl SharedKvIndex {
         self.index.write().speculate(endpoint, keys, now);
     }
 
-    /// Clears an endpoint's entries (`AllBlocksCleared`, an unfilled gap, removal).
+    /// Clears an endpoint's entries (`AllBlocksCleared`, an unfilled gap, removal), in slices
+    /// of [`APPLY_SLICE`] slots, each under its own write lock: an endpoint holding 10 M keys
+    /// takes seconds to clear, and the request path waits for one slice at most. Meanwhile
+    /// the endpoint matches nothing and gains nothing ([`KvIndex::begin_clear`]).
     pub fn clear_endpoint(&self, endpoint: EndpointId) {
-        self.index.write().clear_endpoint(endpoint);
+        self.index.write().begin_clear(endpoint);
+        self.finish_clear(endpoint);
+    }
+
+    /// [`Self::clear_endpoint`], giving the runtime's other tasks their turn between two
+    /// slices. Dropped midway, it finishes the clear before the drop returns.
+    pub async fn clear_endpoint_yielding(&self, endpoint: EndpointId) {
+        let mut unfinished = FinishClearOnDrop::new(self, endpoint);
+        self.index.write().begin_clear(endpoint);
+        while !self.clear_slice(endpoint) {
+            tokio::task::yield_now().await;
+        }
+        unfinished.disarm();
+    }
+
+    /// Walks an endpoint's clear to its end (nothing if none was begun).
+    fn finish_clear(&self, endpoint: EndpointId) {
+        while !self.clear_slice(endpoint) {}
+    }
+
+    /// One slice of an endpoint's clear; whether it is done.
+    fn clear_slice(&self, endpoint: EndpointId) -> bool {
+        self.index.write().clear_some(endpoint, APPLY_SLICE).0
     }
 
     /// The state of an endpoint's stream.
@@ -184,27 +277,32 @@ impl SharedKvIndex {
         streams[i] = state;
     }
 
-    /// A gap replay could not fill: the endpoint's entries go, and it is scored from the
-    /// approximate index for [`GAP_FALLBACK`].
+    /// A gap replay could not fill: the endpoint is scored from the approximate index for
+    /// [`GAP_FALLBACK`], and its entries go.
     pub fn gap(&self, endpoint: EndpointId, now: Instant) {
-        self.clear_endpoint(endpoint);
         self.set_stream(endpoint, StreamState::Gap { since: now });
-    }
-
-    /// An endpoint left the pool: its entries and its stream state go.
-    pub fn remove_endpoint(&self, endpoint: EndpointId) {
         self.clear_endpoint(endpoint);
-        self.set_stream(endpoint, StreamState::Unknown);
     }
 
-    /// Forgets every endpoint `live` refuses.
+    /// An endpoint left the pool: its stream state and its entries go.
+    pub fn remove_endpoint(&self, endpoint: EndpointId) {
+        self.set_stream(endpoint, StreamState::Unknown);
+        self.clear_endpoint(endpoint);
+    }
+
+    /// Forgets every endpoint `live` refuses, each cleared in slices.
     pub fn retain_endpoints(&self, live: impl Fn(EndpointId) -> bool) {
-        self.index.write().retain_endpoints(&live);
-        let mut streams = self.streams.write();
-        for (i, s) in streams.iter_mut().enumerate() {
-            if !live(EndpointId(i as u32)) {
-                *s = StreamState::Unknown;
+        {
+            let mut streams = self.streams.write();
+            for (i, s) in streams.iter_mut().enumerate() {
+                if !live(EndpointId(i as u32)) {
+                    *s = StreamState::Unknown;
+                }
             }
+        }
+        let gone = self.index.write().begin_retain(&live);
+        for endpoint in gone {
+            self.finish_clear(endpoint);
         }
     }
 
@@ -216,5 +314,112 @@ impl SharedKvIndex {
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context, Poll, Waker};
+
+    use kv_events::{BlockStored, Event, Medium};
+
+    use super::*;
+
+    const BLOCK: usize = 4;
+    const MODEL: &str = "m";
+
+    fn shared() -> SharedKvIndex {
+        SharedKvIndex::new(
+            KeyHasher::new(BLOCK, "", HashAlgorithm::CborFnv),
+            IndexLimits::default(),
+        )
+    }
+
+    /// One store of `blocks` blocks: a few slices' worth once past [`APPLY_SLICE`] / 2.
+    fn store(blocks: u32) -> EventBatch {
+        EventBatch {
+            ts: 0.0,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: (1..=u64::from(blocks)).collect(),
+                parent_block_hash: None,
+                token_ids: (0..blocks * BLOCK as u32).collect(),
+                block_size: BLOCK as u32,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Gpu,
+            })],
+            data_parallel_rank: None,
+        }
+    }
+
+    fn held(index: &SharedKvIndex, endpoint: EndpointId) -> usize {
+        index.read(Instant::now(), |i| i.endpoint_keys(endpoint))
+    }
+
+    /// A clear that yields between slices and is dropped halfway is finished by the drop: a
+    /// clear left begun would keep the endpoint from gaining anything for good.
+    #[tokio::test]
+    async fn a_clear_dropped_halfway_is_finished() {
+        let index = shared();
+        let (a, b) = (EndpointId(0), EndpointId(1));
+        index.apply(a, MODEL, &store(10_000), Instant::now());
+        index.apply(b, MODEL, &store(10), Instant::now());
+        assert_eq!(held(&index, a), 10_000);
+        {
+            let mut clear = pin!(index.clear_endpoint_yielding(a));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(clear.as_mut().poll(&mut cx).is_pending());
+            // One slice walked: being cleared, with keys of its left in the index.
+            assert!(index.read(Instant::now(), |i| i.is_clearing(a)));
+            assert!(index.len() > 10);
+        }
+        assert!(!index.read(Instant::now(), |i| i.is_clearing(a)));
+        assert_eq!(held(&index, a), 0);
+        assert_eq!(index.len(), 10, "endpoint 1's keys only");
+        // It gains keys again.
+        index.apply(a, MODEL, &store(5), Instant::now());
+        assert_eq!(held(&index, a), 5);
+    }
+
+    /// A large batch applied by `apply_yielding` lets the runtime's other tasks run between
+    /// its slices: a task on the same (single) thread sees the batch half applied.
+    #[tokio::test]
+    async fn a_large_batch_yields_between_its_slices() {
+        let index = Arc::new(shared());
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn({
+            let (index, done) = (index.clone(), done.clone());
+            async move {
+                let mut seen = Vec::new();
+                while !done.load(Ordering::Acquire) {
+                    seen.push(index.len());
+                    tokio::task::yield_now().await;
+                }
+                seen
+            }
+        });
+        let applied = index
+            .apply_yielding(EndpointId(0), MODEL, &store(20_000), Instant::now())
+            .await;
+        done.store(true, Ordering::Release);
+        let seen = watcher.await.unwrap();
+        assert_eq!(applied.blocks, 20_000);
+        assert_eq!(index.len(), 20_000);
+        assert!(
+            seen.iter().any(|&n| n > 0 && n < 20_000),
+            "the other task ran between slices: {seen:?}"
+        );
+        // And a clear walked the same way ends with nothing held.
+        index.clear_endpoint_yielding(EndpointId(0)).await;
+        assert!(index.is_empty());
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(
+            pin!(index.clear_endpoint_yielding(EndpointId(0))).poll(&mut cx),
+            Poll::Ready(())
+        );
     }
 }

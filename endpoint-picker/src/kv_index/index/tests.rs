@@ -273,6 +273,18 @@ impl KvIndex {
         }
         assert_eq!(entries, self.entries, "entry count");
         for (i, log) in self.by_endpoint.iter().enumerate() {
+            if let Some((_, pending)) = self.clearing.iter().find(|(e, _)| *e as usize == i) {
+                // Being cleared: it gains nothing, and what is left to walk covers what it
+                // still has.
+                assert!(log.is_none(), "endpoint {i} gained keys while cleared");
+                let left: std::collections::HashSet<Slot> = pending.slots().collect();
+                assert!(
+                    left.is_superset(&held[i]),
+                    "clear of endpoint {i} misses a slot"
+                );
+                assert!(pending.shards.last().is_some_and(|s| !s.slots.is_empty()));
+                continue;
+            }
             let logged: std::collections::HashSet<Slot> =
                 log.iter().flat_map(Held::slots).collect();
             assert!(
@@ -757,6 +769,15 @@ enum Op {
     Retain {
         keep_below: u32,
     },
+    /// A clear walked a few slots at a time ([`KvIndex::begin_clear`]), interleaved with the
+    /// rest.
+    BeginClear {
+        endpoint: u32,
+    },
+    ClearSome {
+        endpoint: u32,
+        budget: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -773,6 +794,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (endpoint, seq, 1..8u32).prop_map(|(endpoint, seq, len)| Op::Speculate { endpoint, seq, len }),
         1 => (0..3_000u64).prop_map(|millis| Op::Advance { millis }),
         1 => (0..6u32).prop_map(|keep_below| Op::Retain { keep_below }),
+        1 => (0..6u32).prop_map(|endpoint| Op::BeginClear { endpoint }),
+        2 => (0..6u32, 1..4usize).prop_map(|(endpoint, budget)| Op::ClearSome { endpoint, budget }),
     ]
 }
 
@@ -822,6 +845,12 @@ proptest! {
                     idx.expire(now);
                 }
                 Op::Retain { keep_below } => idx.retain_endpoints(|id| id.0 < keep_below),
+                Op::BeginClear { endpoint } => idx.begin_clear(ep(endpoint)),
+                Op::ClearSome { endpoint, budget } => {
+                    let (done, work) = idx.clear_some(ep(endpoint), budget);
+                    prop_assert!(work <= budget);
+                    prop_assert_eq!(done, !idx.is_clearing(ep(endpoint)));
+                }
             }
             idx.check_invariants();
         }
@@ -902,7 +931,7 @@ proptest! {
         let applied = whole.apply(ep(endpoint), MODEL, &b, now);
 
         let mut parents = ParentKeys::default();
-        sliced.parent_keys(&PreparedBatch::parents(&b), &mut parents);
+        sliced.parent_keys(ep(endpoint), &PreparedBatch::parents(&b), &mut parents);
         let mut prepared = PreparedBatch::new(sliced.hasher(), MODEL, &b, &parents);
         let mut slices = 1;
         while !sliced.apply_prepared(ep(endpoint), &mut prepared, budget, now) {
@@ -1177,5 +1206,164 @@ fn speculative_entries_expire_a_slice_at_a_time() {
     }
     // Whole requests until the slice is reached: five of 1,000 keys a call.
     assert_eq!(calls, 20_000 / (EXPIRE_SLICE.div_ceil(1_000) * 1_000));
+    idx.check_invariants();
+}
+
+// === clearing in slices, engine hashes per endpoint ===
+
+/// A clear walks the endpoint's keys a slice at a time. Between two slices the endpoint
+/// matches nothing and gains nothing (what it held and what it gains could not be told apart
+/// by a later slice), while the others are untouched; once done it is an endpoint like any.
+#[test]
+fn a_clear_in_slices_leaves_the_endpoint_matching_and_gaining_nothing_until_done() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    for e in [0, 1] {
+        idx.apply(
+            ep(e),
+            MODEL,
+            &batch(vec![stored(1, 0..40, Medium::Gpu)]),
+            now,
+        );
+    }
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(2, 0..10, Medium::Cpu)]),
+        now,
+    );
+    let entries_of_one = idx.entries() - idx.endpoint_keys(ep(0));
+    let keys = request(1, 40);
+
+    idx.begin_clear(ep(0));
+    assert!(idx.is_clearing(ep(0)));
+    let (done, work) = idx.clear_some(ep(0), 7);
+    assert_eq!((done, work), (false, 7));
+    idx.check_invariants();
+    let l = lookup(&idx, &keys, &[0, 1]);
+    assert_eq!((blocks(&l, 0), blocks(&l, 1)), (0, 40));
+    assert!(
+        l.is_candidate(ep(0)),
+        "still a candidate, of the shared store at least"
+    );
+
+    // Neither events nor speculation add anything meanwhile.
+    let applied = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(3, 0..5, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(applied.applied, 1);
+    idx.speculate(ep(0), &request(3, 5), now);
+    idx.check_invariants();
+    assert_eq!(blocks(&lookup(&idx, &request(3, 5), &[0]), 0), 0);
+    assert_eq!(idx.endpoint_keys(ep(0)), 0);
+
+    let mut calls = 2;
+    while !idx.clear_some(ep(0), 7).0 {
+        calls += 1;
+        idx.check_invariants();
+    }
+    // 50 keys, logged once each: seven slices of 7 and a last one of 1.
+    assert_eq!(calls, 8);
+    assert!(!idx.is_clearing(ep(0)));
+    assert_eq!(idx.entries(), entries_of_one);
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0, 1]), 1), 40);
+
+    // Done: it gains and matches again.
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(3, 0..5, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(blocks(&lookup(&idx, &request(3, 5), &[0]), 0), 5);
+    idx.check_invariants();
+    // A clear of an endpoint that holds nothing, or of one not being cleared, is done at once.
+    assert_eq!(idx.clear_some(ep(7), 1), (true, 1));
+    idx.begin_clear(ep(7));
+    assert!(!idx.is_clearing(ep(7)));
+}
+
+/// An `AllBlocksCleared` inside a batch is walked in the batch's slices, and what the batch
+/// stores after it is applied once the clear is done.
+#[test]
+fn a_cleared_batch_is_applied_in_slices_of_its_budget() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..30, Medium::Gpu)]),
+        now,
+    );
+    let b = batch(vec![Event::AllBlocksCleared, stored(2, 0..3, Medium::Gpu)]);
+    let mut parents = ParentKeys::default();
+    idx.parent_keys(ep(0), &PreparedBatch::parents(&b), &mut parents);
+    let mut prepared = PreparedBatch::new(idx.hasher(), MODEL, &b, &parents);
+    let mut slices = 1;
+    while !idx.apply_prepared(ep(0), &mut prepared, 8, now) {
+        slices += 1;
+        idx.check_invariants();
+    }
+    // 30 slots in slices of 8, then the store's 6 units (3 hashes, 3 keys) after the last 6.
+    assert_eq!(slices, 5);
+    assert_eq!(prepared.applied().applied, 2);
+    assert_eq!(blocks(&lookup(&idx, &request(1, 30), &[0]), 0), 0);
+    assert_eq!(blocks(&lookup(&idx, &request(2, 3), &[0]), 0), 3);
+}
+
+/// One engine's hashes never resolve another's events: an engine announcing the hashes of
+/// another's blocks over other tokens (another model's engine with the same system prompt, or
+/// a hostile one) neither redirects the other's later blocks nor keeps its removals from
+/// applying.
+#[test]
+fn one_endpoints_engine_hashes_never_resolve_anothers_events() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+        now,
+    );
+    // Endpoint 1 announces sequence 1's engine hashes over sequence 2's tokens.
+    let forged = match stored(2, 0..4, Medium::Gpu) {
+        Event::BlockStored(mut b) => {
+            b.block_hashes = (0..4).map(|b| engine_hash(1, b)).collect();
+            Event::BlockStored(b)
+        }
+        _ => unreachable!(),
+    };
+    idx.apply(ep(1), MODEL, &batch(vec![forged]), now);
+    // Endpoint 0's next blocks chain from its own block 3.
+    let a = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 4..6, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(a.dropped_total(), 0);
+    assert_eq!(blocks(&lookup(&idx, &request(1, 6), &[0, 1]), 0), 6);
+    assert_eq!(blocks(&lookup(&idx, &request(2, 4), &[0, 1]), 1), 4);
+    // Its removal removes its own block 2 (and so its run stops at 2)...
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![removed(1, 2..3, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(blocks(&lookup(&idx, &request(1, 6), &[0]), 0), 2);
+    // ...and never endpoint 1's: its copy of "sequence 1" is sequence 2's tokens, intact.
+    assert_eq!(blocks(&lookup(&idx, &request(2, 4), &[1]), 1), 4);
+    // A hash only another endpoint announced is unknown here.
+    let c = idx.apply(
+        ep(2),
+        MODEL,
+        &batch(vec![removed(1, 0..1, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(c.dropped_total(), 1);
     idx.check_invariants();
 }
