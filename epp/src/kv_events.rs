@@ -741,13 +741,13 @@ pub async fn run<C: Connector>(
                 running.remove(&id);
                 if unexpected {
                     tracing::warn!(endpoint = ?id, error = ?error, "kv events: subscriber ended; clearing the endpoint and starting it again");
-                    index.clear_endpoint_yielding(id).await;
                     index.set_stream(
                         id,
                         StreamState::Down {
                             since: Instant::now(),
                         },
                     );
+                    index.clear_endpoint_yielding(id).await;
                     failed.insert(id);
                 }
             }

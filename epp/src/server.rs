@@ -342,8 +342,25 @@ pub async fn serve_with_handles(
         );
     }
 
-    // The KV-event subscribers of each precise-prefix-cache-scorer (`kv_events`).
+    // The KV-event subscribers of each precise-prefix-cache-scorer (`kv_events`), and the
+    // walker of its departed endpoints' clears (`SharedKvIndex::walk_clears`).
     for (scorer, index, settings) in precise {
+        {
+            let index = index.clone();
+            tasks.spawn(
+                format!("kv-clears:{scorer}"),
+                OnExit::Restart,
+                factory(move |token: CancellationToken| {
+                    let index = index.clone();
+                    async move {
+                        tokio::select! {
+                            _ = token.cancelled() => {}
+                            _ = index.walk_clears() => {}
+                        }
+                    }
+                }),
+            );
+        }
         let (datastore, metrics) = (datastore.clone(), metrics.kv_events.clone());
         tasks.spawn(
             format!("kv-events:{scorer}"),

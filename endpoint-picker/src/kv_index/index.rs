@@ -375,6 +375,10 @@ enum Op<'a> {
     /// stored deepest first.
     Store {
         medium: Medium,
+        /// The engine hash it chains from, when the index knew it: its mapping is used, so it
+        /// is kept as recent (a hot prefix's last block is stored once and chained from for
+        /// as long as the engine holds it).
+        parent: Option<u64>,
         engine: Vec<(u64, RequestKeys)>,
         keys: Vec<u64>,
     },
@@ -453,9 +457,9 @@ impl<'a> PreparedBatch<'a> {
                     continue;
                 }
             };
-            let parent = match ev.parent_block_hash {
+            let (parent, parent_hash) = match ev.parent_block_hash {
                 Some(hash) if hash != 0 => match own.get(&hash).or_else(|| parents.get(&hash)) {
-                    Some(&key) => key,
+                    Some(&key) => (key, Some(hash)),
                     None => {
                         out.drop(Dropped::UnknownParent);
                         continue;
@@ -467,7 +471,7 @@ impl<'a> PreparedBatch<'a> {
                         .as_deref()
                         .filter(|n| !n.is_empty())
                         .unwrap_or(model);
-                    hasher.root(name)
+                    (hasher.root(name), None)
                 }
             };
             // A trailing partial block is let through (its tokens make no key).
@@ -507,6 +511,7 @@ impl<'a> PreparedBatch<'a> {
             }
             ops.push(Op::Store {
                 medium: ev.medium,
+                parent: parent_hash,
                 engine,
                 keys,
             });
@@ -620,8 +625,11 @@ pub struct KvIndex {
     /// Endpoints whose entries are being cleared, with what is left of their reverse index
     /// ([`KvIndex::begin_clear`]): until it is done they match nothing and gain no entry.
     clearing: Vec<(u32, Held)>,
-    /// Mixed into every engine hash with the endpoint's id ([`KvIndex::engine_key`]).
+    /// Mixed into every engine hash with the endpoint's id and epoch ([`KvIndex::engine_key`]).
     engine_salt: KeyHashState,
+    /// Per endpoint id, how many times it left the pool: an id reused by a new endpoint does
+    /// not resolve its events through its predecessor's engine hashes.
+    engine_epochs: Vec<u32>,
     entries: usize,
     speculations: VecDeque<Speculation>,
     speculative_keys: usize,
@@ -645,6 +653,7 @@ impl KvIndex {
             by_endpoint: Vec::new(),
             clearing: Vec::new(),
             engine_salt: KeyHashState::random(),
+            engine_epochs: Vec::new(),
             entries: 0,
             speculations: VecDeque::new(),
             speculative_keys: 0,
@@ -777,9 +786,16 @@ impl KvIndex {
             match op {
                 Op::Store {
                     medium,
+                    parent,
                     engine,
                     keys,
                 } => {
+                    if *pos == 0
+                        && let Some(hash) = *parent
+                        && let Some(slot) = self.engine.slot(self.engine_key(endpoint, hash))
+                    {
+                        self.engine.touch(slot);
+                    }
                     self.warm(endpoint, engine, keys, *pos, end);
                     for i in *pos..end {
                         if let Some((hash, ks)) = engine.get_mut(i) {
@@ -907,7 +923,24 @@ impl KvIndex {
     /// no engine can pick a hash that lands on another endpoint's entry.
     #[inline]
     fn engine_key(&self, endpoint: EndpointId, hash: u64) -> u64 {
-        hash ^ self.engine_salt.hash_u64(u64::from(endpoint.0))
+        let epoch = self
+            .engine_epochs
+            .get(endpoint.0 as usize)
+            .copied()
+            .unwrap_or(0);
+        hash ^ self
+            .engine_salt
+            .hash_u64(u64::from(epoch) << 32 | u64::from(endpoint.0))
+    }
+
+    /// The endpoint left the pool: its engine hashes are forgotten (left to age out of the
+    /// table), so that a new endpoint given its id starts with none.
+    pub fn forget_engine_hashes(&mut self, endpoint: EndpointId) {
+        let i = endpoint.0 as usize;
+        if self.engine_epochs.len() <= i {
+            self.engine_epochs.resize(i + 1, 0);
+        }
+        self.engine_epochs[i] = self.engine_epochs[i].wrapping_add(1);
     }
 
     /// Maps `engine_key` ([`KvIndex::engine_key`]) to `keys`. The table is capped by the keys
@@ -983,6 +1016,11 @@ impl KvIndex {
         }
     }
 
+    /// An endpoint being cleared, if any.
+    pub fn first_clearing(&self) -> Option<EndpointId> {
+        self.clearing.first().map(|(e, _)| EndpointId(*e))
+    }
+
     /// Whether `endpoint` is being cleared ([`KvIndex::begin_clear`]).
     pub fn is_clearing(&self, endpoint: EndpointId) -> bool {
         !self.clearing.is_empty() && self.clearing.iter().any(|(e, _)| *e == endpoint.0)
@@ -1045,6 +1083,7 @@ impl KvIndex {
             .collect();
         for &id in &gone {
             self.begin_clear(id);
+            self.forget_engine_hashes(id);
         }
         gone
     }

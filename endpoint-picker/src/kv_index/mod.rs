@@ -15,7 +15,10 @@ mod slab;
 
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use parking_lot::RwLock;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use index::{
@@ -115,6 +118,11 @@ pub struct SharedKvIndex {
     hasher: KeyHasher,
     index: RwLock<KvIndex>,
     streams: RwLock<Vec<StreamState>>,
+    /// Whether a task walks the clears of departed endpoints ([`Self::walk_clears`]);
+    /// without one they are walked by whoever removes the endpoint.
+    clear_walker: AtomicBool,
+    /// Wakes that task: a departed endpoint's clear was begun.
+    clears_begun: Notify,
 }
 
 impl SharedKvIndex {
@@ -124,6 +132,8 @@ impl SharedKvIndex {
             hasher,
             index: RwLock::new(KvIndex::new(hasher, limits)),
             streams: RwLock::new(Vec::new()),
+            clear_walker: AtomicBool::new(false),
+            clears_begun: Notify::new(),
         }
     }
 
@@ -284,13 +294,20 @@ impl SharedKvIndex {
         self.clear_endpoint(endpoint);
     }
 
-    /// An endpoint left the pool: its stream state and its entries go.
+    /// An endpoint left the pool: its stream state, its entries and its engine hashes go. The
+    /// entries are walked by the clear walker when there is one ([`Self::walk_clears`]),
+    /// here otherwise.
     pub fn remove_endpoint(&self, endpoint: EndpointId) {
         self.set_stream(endpoint, StreamState::Unknown);
-        self.clear_endpoint(endpoint);
+        {
+            let mut index = self.index.write();
+            index.begin_clear(endpoint);
+            index.forget_engine_hashes(endpoint);
+        }
+        self.walk_or_hand_over(&[endpoint]);
     }
 
-    /// Forgets every endpoint `live` refuses, each cleared in slices.
+    /// Forgets every endpoint `live` refuses, as [`Self::remove_endpoint`].
     pub fn retain_endpoints(&self, live: impl Fn(EndpointId) -> bool) {
         {
             let mut streams = self.streams.write();
@@ -301,8 +318,42 @@ impl SharedKvIndex {
             }
         }
         let gone = self.index.write().begin_retain(&live);
-        for endpoint in gone {
+        self.walk_or_hand_over(&gone);
+    }
+
+    /// Departed endpoints' clears are walked by a task of their own when the process runs one:
+    /// a pool change (on the pool-changes task) and the KV-event supervisor both remove an
+    /// endpoint, and neither should take a runtime worker for the seconds an endpoint of
+    /// millions of keys takes to clear.
+    fn walk_or_hand_over(&self, begun: &[EndpointId]) {
+        if begun.is_empty() {
+            return;
+        }
+        if self.clear_walker.load(Ordering::Acquire) {
+            self.clears_begun.notify_one();
+            return;
+        }
+        for &endpoint in begun {
             self.finish_clear(endpoint);
+        }
+    }
+
+    /// Walks the clears of departed endpoints, a slice at a time with the runtime's other tasks
+    /// served between two, for as long as it runs (a supervised task of the EPP's). From its
+    /// first call, removals leave their clears to it.
+    pub async fn walk_clears(&self) {
+        self.clear_walker.store(true, Ordering::Release);
+        loop {
+            // Whatever was begun before this task (re)started, then whatever is begun next.
+            loop {
+                // The read guard must not live across the awaits below.
+                let next = self.index.read().first_clearing();
+                let Some(endpoint) = next else { break };
+                while !self.clear_slice(endpoint) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            self.clears_begun.notified().await;
         }
     }
 
@@ -383,6 +434,61 @@ mod tests {
         // It gains keys again.
         index.apply(a, MODEL, &store(5), Instant::now());
         assert_eq!(held(&index, a), 5);
+    }
+
+    /// The same for an `AllBlocksCleared` inside a batch applied by `apply_yielding`.
+    #[tokio::test]
+    async fn a_batch_dropped_halfway_through_its_clear_finishes_it() {
+        let index = shared();
+        let a = EndpointId(0);
+        index.apply(a, MODEL, &store(10_000), Instant::now());
+        let mut cleared = store(3);
+        cleared.events.insert(0, Event::AllBlocksCleared);
+        {
+            let mut apply = pin!(index.apply_yielding(a, MODEL, &cleared, Instant::now()));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(apply.as_mut().poll(&mut cx).is_pending());
+            assert!(index.read(Instant::now(), |i| i.is_clearing(a)));
+        }
+        assert!(!index.read(Instant::now(), |i| i.is_clearing(a)));
+        // The batch's store, after the clear, was never applied: nothing is held.
+        assert!(index.is_empty());
+    }
+
+    /// With a clear walker running, a removal hands the departed endpoint's clear over to it
+    /// and returns: the walker clears it, a slice at a time.
+    #[tokio::test]
+    async fn departed_endpoints_are_cleared_by_the_walker() {
+        let index = Arc::new(shared());
+        let (a, b) = (EndpointId(0), EndpointId(1));
+        index.apply(a, MODEL, &store(10_000), Instant::now());
+        index.apply(b, MODEL, &store(10), Instant::now());
+        index.set_stream(a, StreamState::Live);
+        let walker = tokio::spawn({
+            let index = index.clone();
+            async move { index.walk_clears().await }
+        });
+        // The walker's first poll: from now on removals are its.
+        tokio::task::yield_now().await;
+        index.retain_endpoints(|id| id != a);
+        assert_eq!(index.stream(a), StreamState::Unknown);
+        let clearing = |i: &SharedKvIndex| i.read(Instant::now(), |i| i.is_clearing(a));
+        assert!(clearing(&index), "handed over, not walked here");
+        assert_eq!(index.len(), 10_000, "endpoint 1 holds the first 10 too");
+        let mut turns = 0;
+        while clearing(&index) {
+            tokio::task::yield_now().await;
+            turns += 1;
+            assert!(turns < 100, "the walker walks");
+        }
+        assert!(turns > 1, "in slices: {turns}");
+        assert_eq!(index.len(), 10);
+        // And the next removal too.
+        index.remove_endpoint(b);
+        while !index.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        walker.abort();
     }
 
     /// A large batch applied by `apply_yielding` lets the runtime's other tasks run between

@@ -1367,3 +1367,92 @@ fn one_endpoints_engine_hashes_never_resolve_anothers_events() {
     assert_eq!(c.dropped_total(), 1);
     idx.check_invariants();
 }
+
+/// A parent's mapping is used each time a store chains from it, so it stays as recent as its
+/// children: a hot prefix's last block (stored once) is not the first out of a full table.
+#[test]
+fn chaining_from_a_hash_keeps_its_mapping_recent() {
+    let limits = IndexLimits {
+        max_engine_keys: 4,
+        ..IndexLimits::default()
+    };
+    let mut idx = index(limits);
+    let now = Instant::now();
+    for seq in 1..=4 {
+        idx.apply(
+            ep(0),
+            MODEL,
+            &batch(vec![stored(seq, 0..1, Medium::Gpu)]),
+            now,
+        );
+    }
+    // Chains from sequence 1's block 0 (the oldest mapping), then maps block 1: the table is
+    // over its cap by one, and the oldest is sequence 2's now.
+    let a = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 1..2, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(a.dropped_total(), 0);
+    let b = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 1..3, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(
+        (b.applied, b.dropped_total()),
+        (1, 0),
+        "block 0's mapping is still there"
+    );
+    let c = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(2, 1..2, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(c.dropped_total(), 1, "sequence 2's block 0 was the oldest");
+    idx.check_invariants();
+}
+
+/// An endpoint that left the pool leaves its engine hashes behind: a new endpoint given the
+/// same id resolves nothing through them.
+#[test]
+fn a_departed_endpoints_engine_hashes_are_not_its_successors() {
+    let mut idx = index(IndexLimits::default());
+    let now = Instant::now();
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..2, Medium::Gpu)]),
+        now,
+    );
+    idx.retain_endpoints(|id| id != ep(0));
+    let a = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 2..3, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(
+        a.dropped_total(),
+        1,
+        "chained from the predecessor's block 1"
+    );
+    // Its own blocks resolve as usual.
+    idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..2, Medium::Gpu)]),
+        now,
+    );
+    let b = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 2..3, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(b.dropped_total(), 0);
+    assert_eq!(blocks(&lookup(&idx, &request(1, 3), &[0]), 0), 3);
+}
