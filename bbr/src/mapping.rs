@@ -111,7 +111,7 @@ impl Entry {
             Some(raw) if raw.len() > MAX_ADAPTERS_BYTES => {
                 return Err(MappingError::TooLarge("adapters is larger than 1 MiB"));
             }
-            Some(raw) => yaml_serde::from_str::<Option<Vec<String>>>(raw)
+            Some(raw) => endpoint_picker::yaml::from_str::<Option<Vec<String>>>(raw)
                 .map_err(|e| MappingError::Adapters(Untrusted(&e.to_string()).to_string()))?
                 .unwrap_or_default(),
         };
@@ -386,7 +386,7 @@ pub fn parse_file(text: &str) -> Result<Vec<(String, Entry)>, MappingError> {
     if text.len() > MAX_FILE_BYTES {
         return Err(MappingError::TooLarge("mapping file larger than 16 MiB"));
     }
-    let file: MappingFile = yaml_serde::from_str(text)
+    let file: MappingFile = endpoint_picker::yaml::from_str(text)
         .map_err(|e| MappingError::Adapters(Untrusted(&e.to_string()).to_string()))?;
     if file.mappings.len() > MAX_SOURCES {
         return Err(MappingError::TooLarge("more than 10,000 mapping entries"));
@@ -451,6 +451,21 @@ mod tests {
             Entry::from_config_map_data(&data(Some("b"), Some("[\"a\\nb\"]"))),
             Err(MappingError::InvalidName { .. })
         ));
+    }
+
+    /// A namespace tenant's ConfigMap of under 1 MiB whose one long name is referred to by
+    /// thousands of aliases would be copied once per alias (tens of GB at the size cap): it is
+    /// refused before anything is deserialized.
+    #[test]
+    fn config_map_aliases_are_refused_before_they_expand() {
+        let bomb = format!("[&a \"{}\", {}]", "x".repeat(64 << 10), "*a, ".repeat(200));
+        let err = Entry::from_config_map_data(&data(Some("b"), Some(&bomb))).unwrap_err();
+        assert!(
+            matches!(&err, MappingError::Adapters(m) if m.contains("aliases are not accepted")),
+            "{err}"
+        );
+        let file = "mappings:\n- baseModel: &m llama\n  adapters: [*m]\n";
+        assert!(matches!(parse_file(file), Err(MappingError::Adapters(_))));
     }
 
     #[test]

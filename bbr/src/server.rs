@@ -24,7 +24,6 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -262,21 +261,16 @@ pub async fn serve(
             shutdown.clone(),
         )),
     );
-    {
-        let token = stop_accepting.clone();
-        let incoming = TcpListenerStream::new(listeners.health);
-        let svc = health_service.clone();
-        let server = tokio::spawn(async move {
-            let served = Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, token.cancelled())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "health server failed");
-            }
-        });
-        tasks.adopt("health-server", OnExit::Shutdown, server);
-    }
+    // As the EPP's: bounded connections, each aged out (`epp::health::serve`).
+    tasks.adopt(
+        "health-server",
+        OnExit::Shutdown,
+        tokio::spawn(epp::health::serve(
+            listeners.health,
+            health_service.clone(),
+            stop_accepting.clone(),
+        )),
+    );
     {
         let token = stop_accepting.clone();
         let (m, map) = (metrics.clone(), mapping.clone());

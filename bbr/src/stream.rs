@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ext_proc::body_budget::{BodyBudget, BodyCharge, OverBudget, charged};
-use ext_proc::body_pool::{BodyBuffer, REQUEST_BODIES};
+use ext_proc::body_pool::{BodyBuffer, MAX_RESERVED_AHEAD, REQUEST_BODIES};
 use ext_proc::codec::Inbound;
 #[cfg(test)]
 use ext_proc::envoy::ext_proc::ProcessingRequest;
@@ -33,12 +33,16 @@ use ext_proc::envoy::ext_proc::{
 use ext_proc::envoy::{self, Answer, Direction};
 use ext_proc::openai::{self, BodyError};
 use ext_proc::protocol::{BASE_MODEL_NAME, DROPPED_REASON, MODEL_NAME};
-use ext_proc::untrusted::Untrusted;
+use ext_proc::untrusted::{LogBudget, Untrusted};
 use tokio::time::Instant;
 
 use crate::mapping::Mapping;
 use crate::metrics::Metrics;
 use crate::models::{self, ModelList};
+
+/// "request refused" lines a second at INFO, the rest at DEBUG (the refusal counter counts them
+/// all): a client can cause one a request, as at the EPP.
+static REFUSAL_LOG: LogBudget = LogBudget::new(20);
 
 /// Settings of the service.
 #[derive(Debug, Clone)]
@@ -250,12 +254,25 @@ impl BbrStream {
             .min(self.ctx.options.max_request_body_bytes);
         // A second request on the stream (no Envoy sends one) starts its own charge.
         self.body_charge.release();
-        self.body = REQUEST_BODIES.take(expected);
         if self.ctx.options.streaming {
+            // The buffer reserved from the declared length is held whether or not the body
+            // comes: charged now, as the EPP charges it, so that streams declaring long bodies
+            // and sending none are bounded by the budget too. The body's bytes are charged
+            // past it as they arrive.
+            let reserved = expected.min(MAX_RESERVED_AHEAD);
+            if let Err(e) = self
+                .body_charge
+                .grow(&self.ctx.options.gathered_request_bytes, reserved)
+            {
+                return self.refuse(e.into());
+            }
+            self.body = REQUEST_BODIES.take(reserved);
             // Answered with the body, when the model is known.
             return Vec::new();
         }
-        // BUFFERED: the headers go on now; the body's answer carries the mutation.
+        // BUFFERED: the body comes whole in one message, kept without a copy (nothing to
+        // reserve); the headers go on now, and the body's answer carries the mutation.
+        self.body = BodyBuffer::empty();
         vec![headers_answer(Vec::new(), self.client_copies()).into()]
     }
 
@@ -285,7 +302,8 @@ impl BbrStream {
             return self.refuse(Refusal::TooLarge { limit });
         }
         let budget = &self.ctx.options.gathered_request_bytes;
-        if let Err(e) = self.body_charge.grow(budget, body.len()) {
+        let beyond_charge = (self.body.len() + body.len()).saturating_sub(self.body_charge.bytes());
+        if let Err(e) = self.body_charge.grow(budget, beyond_charge) {
             return self.refuse(e.into());
         }
         let end = b.end_of_stream || b.end_of_stream_without_message;
@@ -312,7 +330,10 @@ impl BbrStream {
         self.phase = Phase::Answered;
         self.body = BodyBuffer::empty();
         self.body_charge.release();
-        tracing::info!(error = %refusal, "request refused");
+        match REFUSAL_LOG.allow() {
+            Some(not_logged) => tracing::info!(error = %refusal, not_logged, "request refused"),
+            None => tracing::debug!(error = %refusal, "request refused"),
+        }
         self.ctx.metrics.refused(refusal.status().0);
         vec![refusal.to_response().into()]
     }
@@ -592,6 +613,67 @@ mod tests {
                 > 1
         );
         assert_eq!(budget.held(), 0);
+    }
+
+    /// The buffer a declared `content-length` reserves is charged at the headers (as at the
+    /// EPP), so streams declaring long bodies and sending none are bounded by the budget; the
+    /// body is charged past it only. BUFFERED mode reserves nothing.
+    #[test]
+    fn a_declared_length_is_charged_when_reserved() {
+        let streamed = ctx(true);
+        let budget = streamed.options.gathered_request_bytes.clone();
+        let body = chat("food-review");
+        let declared = body.len().to_string();
+        let declared: &'static str = Box::leak(declared.into_boxed_str());
+        let mut honest = BbrStream::new(streamed.clone());
+        assert!(
+            honest
+                .on_message(req_headers(
+                    &headers(&[("content-length", declared)]),
+                    false,
+                    None
+                ))
+                .is_empty()
+        );
+        assert_eq!(budget.held(), body.len(), "the reservation is charged");
+        // Idle streams declaring 1 MiB each (the body cap): the budget of 2 MiB holds one
+        // more, and the next is refused at its headers.
+        let mut idle = BbrStream::new(streamed.clone());
+        let mib = [("content-length", "1048576")];
+        assert!(
+            idle.on_message(req_headers(&headers(&mib), false, None))
+                .is_empty()
+        );
+        let mut refused = BbrStream::new(streamed.clone());
+        let out = refused.on_message(req_headers(&headers(&mib), false, None));
+        assert_eq!(immediate(&out[0]).0, 429);
+        assert_eq!(budget.held(), body.len() + (1 << 20));
+        drop(idle);
+        // The declared body is not charged twice; answered, its charge goes back.
+        let (head, tail) = body.split_at(10);
+        assert!(honest.on_message(req_body(head, false)).is_empty());
+        assert_eq!(budget.held(), body.len());
+        let out = honest.on_inbound(Inbound::from_message(req_body(tail, true)));
+        assert!(out.len() > 1, "answered with the body");
+        drop(out);
+        assert_eq!(budget.held(), 0);
+        // A body longer than it declared is charged past its reservation.
+        let mut liar = BbrStream::new(streamed.clone());
+        liar.on_message(req_headers(
+            &headers(&[("content-length", "5")]),
+            false,
+            None,
+        ));
+        assert_eq!(budget.held(), 5);
+        liar.on_message(req_body(&body[..30], false));
+        assert_eq!(budget.held(), 30);
+        drop(liar);
+        assert_eq!(budget.held(), 0);
+        // BUFFERED: nothing reserved at the headers.
+        let buffered = ctx(false);
+        let mut b = BbrStream::new(buffered.clone());
+        b.on_message(req_headers(&headers(&mib), false, None));
+        assert_eq!(buffered.options.gathered_request_bytes.held(), 0);
     }
 
     #[test]

@@ -21,3 +21,4 @@ pub mod saturation;
 pub mod scheduling;
 pub mod scrape;
 pub mod tokens;
+pub mod yaml;

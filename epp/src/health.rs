@@ -89,6 +89,26 @@ impl Default for HealthLimits {
     }
 }
 
+/// Serves gRPC health on `listener` within [`HealthLimits::default`] (connections bounded by
+/// [`bounded_incoming`], each asked to close at its maximum age) until `stop` fires. The EPP's
+/// and bbr's health ports.
+pub async fn serve<T: tonic_health::pb::health_server::Health>(
+    listener: TcpListener,
+    service: tonic_health::pb::health_server::HealthServer<T>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let limits = HealthLimits::default();
+    let served = tonic::transport::Server::builder()
+        .max_connection_age(limits.max_age)
+        .max_connection_age_grace(limits.grace)
+        .add_service(service)
+        .serve_with_incoming_shutdown(bounded_incoming(listener, limits), stop.cancelled())
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "health server failed");
+    }
+}
+
 /// The health port's connections: at most `limits.connections` at once (the rest wait in the
 /// listen backlog), `limits.per_ip` from one IP (past it a connection is closed at once), each
 /// cut at `limits.max_age + limits.grace` (the server asks it to close at `max_age`).

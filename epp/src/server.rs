@@ -567,24 +567,15 @@ pub async fn serve_with_handles(
         );
         tasks.adopt("readiness", OnExit::Shutdown, tokio::spawn(readiness));
     }
-    {
-        let token = stop_accepting.clone();
-        let svc = health_service.clone();
-        let limits = crate::health::HealthLimits::default();
-        let incoming = crate::health::bounded_incoming(listeners.health, limits);
-        let server = tokio::spawn(async move {
-            let served = Server::builder()
-                .max_connection_age(limits.max_age)
-                .max_connection_age_grace(limits.grace)
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, token.cancelled())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "health server failed");
-            }
-        });
-        tasks.adopt("health-server", OnExit::Shutdown, server);
-    }
+    tasks.adopt(
+        "health-server",
+        OnExit::Shutdown,
+        tokio::spawn(crate::health::serve(
+            listeners.health,
+            health_service.clone(),
+            stop_accepting.clone(),
+        )),
+    );
 
     {
         let token = stop_accepting.clone();

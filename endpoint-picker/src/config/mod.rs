@@ -63,7 +63,7 @@ const COST_PRODUCER: &str = "ttft-cost-producer";
 pub enum ConfigError {
     /// Not YAML, or not the shape of an `EndpointPickerConfig`.
     #[error("invalid EndpointPickerConfig: {0}")]
-    Yaml(#[source] yaml_serde::Error),
+    Yaml(#[source] crate::yaml::YamlError),
     /// Wrong or missing `apiVersion`.
     #[error("unsupported apiVersion {0:?}: expected one of {API_VERSIONS:?}")]
     ApiVersion(String),
@@ -191,7 +191,7 @@ pub fn load_default(seed: u64) -> Result<LoadedConfig, ConfigError> {
 
 /// Parses and builds a configuration. `seed` seeds the scheduler's RNG.
 pub fn load(text: &str, seed: u64) -> Result<LoadedConfig, ConfigError> {
-    let doc: EndpointPickerConfig = yaml_serde::from_str(text).map_err(ConfigError::Yaml)?;
+    let doc: EndpointPickerConfig = crate::yaml::from_str(text).map_err(ConfigError::Yaml)?;
     build(&doc, seed)
 }
 

@@ -63,7 +63,7 @@ pub enum PoolFileError {
         path: PathBuf,
         /// The YAML error.
         #[source]
-        source: yaml_serde::Error,
+        source: crate::yaml::YamlError,
     },
     /// The content is inconsistent.
     #[error("{path}: {reason}")]
@@ -210,7 +210,7 @@ pub fn parse(
         path: path.to_owned(),
         reason,
     };
-    let doc: PoolFile = yaml_serde::from_str(text).map_err(|source| PoolFileError::Parse {
+    let doc: PoolFile = crate::yaml::from_str(text).map_err(|source| PoolFileError::Parse {
         path: path.to_owned(),
         source,
     })?;

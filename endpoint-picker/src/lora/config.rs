@@ -173,6 +173,7 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
     if text.len() > MAX_FILE_BYTES {
         return Err(ConfigError::Invalid("config file larger than 1 MiB".into()));
     }
+    crate::yaml::refuse_aliases(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
     let mut unknown = Vec::new();
     let de = yaml_serde::Deserializer::from_str(text);
     let file: File = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
@@ -240,6 +241,18 @@ vLLMLoRAConfig:
     - id: old
       source: /adapters/old
 ";
+
+    /// Anchors referred to by aliases are refused before they are expanded
+    /// ([`crate::yaml`]).
+    #[test]
+    fn aliases_are_refused() {
+        let text = UPSTREAM.replacen("name: vllm", "name: &n vllm", 1) + "x: *n\n";
+        let err = parse(&text, false).unwrap_err();
+        assert!(
+            err.to_string().contains("aliases are not accepted"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn upstream_example_parses() {
