@@ -91,6 +91,9 @@ pub struct PassReport {
     pub lost: Vec<String>,
     /// Adapters waiting for their backoff.
     pub waiting: Vec<String>,
+    /// Ended at a call the engine did not answer; the adapters after it wait for the next
+    /// pass.
+    pub cut_short: bool,
 }
 
 /// The reconciler of one engine.
@@ -275,7 +278,22 @@ impl Reconciler {
             .is_none_or(|at| at <= now)
     }
 
-    /// One pass at time `now`.
+    /// A call the engine did not answer (refused, reset, timed out) ends the pass: the next
+    /// calls would most likely wait as long, and an engine that lists its adapters but hangs
+    /// on loads would otherwise hold a pass for a call timeout per adapter (hours at a
+    /// thousand), while config changes wait for the pass to end.
+    fn stops_the_pass(error: &EngineError) -> bool {
+        matches!(error, EngineError::Unavailable(_))
+    }
+
+    fn cut_short(&self, mut report: PassReport) -> PassReport {
+        report.cut_short = true;
+        Metrics::result(&self.metrics.reconciles, "engine_unavailable");
+        report
+    }
+
+    /// One pass at time `now`: unloads, then loads; ended early by a call the engine does not
+    /// answer.
     pub async fn pass(&mut self, now: Instant) -> PassReport {
         let mut report = PassReport::default();
         let listed = match self.engine.models().await {
@@ -287,6 +305,39 @@ impl Reconciler {
             }
         };
         report.engine_available = true;
+        // Unloads first: pulling an adapter (a bad one, say) must not wait behind loads.
+        let unwanted: Vec<String> = self
+            .config
+            .ensure_not_exist
+            .keys()
+            .filter(|id| !self.config.conflicts.contains(*id))
+            .cloned()
+            .collect();
+        for id in unwanted {
+            if !listed.contains(&id) {
+                self.succeeded(&id, AdapterState::Unloaded);
+                continue;
+            }
+            if !self.may_try(&id, now) {
+                report.waiting.push(id);
+                continue;
+            }
+            match self.engine.unload(&id).await {
+                Ok(()) => {
+                    self.metrics.operation("unload", true);
+                    tracing::info!(adapter = %id, "adapter unloaded");
+                    report.unloaded.push(id.clone());
+                    self.succeeded(&id, AdapterState::Unloaded);
+                }
+                Err(error) => {
+                    self.metrics.operation("unload", false);
+                    self.failed(&id, now, &error, &mut report);
+                    if Self::stops_the_pass(&error) {
+                        return self.cut_short(report);
+                    }
+                }
+            }
+        }
         let wanted: Vec<Adapter> = self
             .config
             .ensure_exist
@@ -328,40 +379,18 @@ impl Reconciler {
                 Err(error) => {
                     self.metrics.operation("load", false);
                     self.failed(id, now, &error, &mut report);
+                    if Self::stops_the_pass(&error) {
+                        report.cut_short = true;
+                        break;
+                    }
                 }
             }
         }
         if lost_any {
             self.metrics.engine_restarts.inc();
         }
-        let unwanted: Vec<String> = self
-            .config
-            .ensure_not_exist
-            .keys()
-            .filter(|id| !self.config.conflicts.contains(*id))
-            .cloned()
-            .collect();
-        for id in unwanted {
-            if !listed.contains(&id) {
-                self.succeeded(&id, AdapterState::Unloaded);
-                continue;
-            }
-            if !self.may_try(&id, now) {
-                report.waiting.push(id);
-                continue;
-            }
-            match self.engine.unload(&id).await {
-                Ok(()) => {
-                    self.metrics.operation("unload", true);
-                    tracing::info!(adapter = %id, "adapter unloaded");
-                    report.unloaded.push(id.clone());
-                    self.succeeded(&id, AdapterState::Unloaded);
-                }
-                Err(error) => {
-                    self.metrics.operation("unload", false);
-                    self.failed(&id, now, &error, &mut report);
-                }
-            }
+        if report.cut_short {
+            return self.cut_short(report);
         }
         Metrics::result(&self.metrics.reconciles, "ok");
         report

@@ -289,3 +289,58 @@ async fn the_loop_follows_config_changes_and_restarts() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+/// An engine that lists its adapters but hangs on loads costs a pass one call timeout, not one
+/// per adapter: the pass ends at the first call with no answer, and the unloads went first.
+/// Paused time: the engine's load (by size, 1 byte/s) and the client's timeout are virtual.
+#[tokio::test(start_paused = true)]
+async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
+    let sim = engine(sim::Config {
+        lora_load_bytes_per_second: 1,
+        ..sim::Config::fast()
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("lora-syncer-hang-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let source = |name: &str, bytes: usize| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("adapter_model.safetensors"), vec![0u8; bytes]).unwrap();
+        d.to_str().unwrap().to_owned()
+    };
+    let (old, slow) = (source("old", 0), source("slow", 1_000));
+    let url = format!("http://{}/v1/load_lora_adapter", sim.addr());
+    let loaded = post(
+        &url,
+        &format!(r#"{{"lora_name":"old","lora_path":"{old}"}}"#),
+    )
+    .await;
+    assert_eq!(loaded, 200);
+    let metrics = Arc::new(Metrics::default());
+    let mut r = Reconciler::new(
+        config_for(
+            &sim,
+            &[("slow-1", &slow), ("slow-2", &slow), ("slow-3", &slow)],
+            &[("old", &old)],
+        ),
+        metrics.clone(),
+    );
+    let began = Instant::now();
+    let report = r.pass(began).await;
+    let took = began.elapsed();
+    assert_eq!(report.unloaded, ["old"], "unloads first");
+    assert_eq!(report.failed, ["slow-1"]);
+    assert!(report.cut_short);
+    assert!(report.loaded.is_empty());
+    assert!(
+        took < Duration::from_secs(200),
+        "one call timeout (120 s), not three: {took:?}"
+    );
+    assert_eq!(r.state("slow-2"), Some(AdapterState::Pending));
+    let text = exposition(&metrics);
+    assert!(
+        text.contains(r#"lora_syncer_reconciles_total{result="engine_unavailable"} 1"#),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
