@@ -54,7 +54,8 @@ impl MappingFileSource {
     /// Reads the file and applies it when its bytes changed. `Ok(true)` when the mapping was
     /// replaced.
     pub async fn poll(&mut self, mapping: &Mapping) -> Result<bool, FileError> {
-        let bytes = tokio::fs::read(&self.path)
+        // Capped as the parser caps it, before it is read: not a /dev/zero read into memory.
+        let bytes = endpoint_picker::files::read_at_most(&self.path, mapping::MAX_FILE_BYTES)
             .await
             .map_err(|source| FileError::Read {
                 path: self.path.clone(),

@@ -32,6 +32,9 @@ pub const MAX_SOURCES: usize = 10_000;
 pub const MAX_ADAPTERS_PER_SOURCE: usize = 10_000;
 /// Most bytes of a source's `adapters` value parsed.
 pub const MAX_ADAPTERS_BYTES: usize = 1 << 20;
+/// Most adapters of all sources together: the per-source caps alone allow 10^8 names, each
+/// held three times over and rebuilt on every change. A source that would pass it is refused.
+pub const MAX_TOTAL_ADAPTERS: usize = 100_000;
 
 /// Why a source was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -303,6 +306,17 @@ impl Mapping {
         if sources.entries.get(key).is_some_and(|(e, _)| *e == entry) {
             return Ok(());
         }
+        let others: usize = sources
+            .entries
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .map(|(_, (e, _))| e.adapters.len())
+            .sum();
+        if others + entry.adapters.len() > MAX_TOTAL_ADAPTERS {
+            return Err(MappingError::TooLarge(
+                "more than 100,000 adapters over all sources",
+            ));
+        }
         sources.next += 1;
         let seq = sources.next;
         sources.entries.insert(key.to_owned(), (entry, seq));
@@ -319,16 +333,21 @@ impl Mapping {
     }
 
     /// Replaces every source with a complete listing (a relist or a file read) and marks the
-    /// mapping synced. Sources over [`MAX_SOURCES`] are dropped and counted in the result.
+    /// mapping synced. Sources over [`MAX_SOURCES`] or [`MAX_TOTAL_ADAPTERS`] are dropped and
+    /// counted in the result.
     pub fn reset(&self, listing: impl IntoIterator<Item = (String, Entry)>) -> usize {
         let mut sources = self.sources.lock();
         let old = std::mem::take(&mut sources.entries);
         let mut dropped = 0;
+        let mut adapters = 0usize;
         for (key, entry) in listing {
-            if sources.entries.len() >= MAX_SOURCES {
+            if sources.entries.len() >= MAX_SOURCES
+                || adapters + entry.adapters.len() > MAX_TOTAL_ADAPTERS
+            {
                 dropped += 1;
                 continue;
             }
+            adapters += entry.adapters.len();
             // A source unchanged by the relist keeps its place in the order of claims.
             let seq = match old.get(&key) {
                 Some((e, seq)) if *e == entry => *seq,
@@ -466,6 +485,34 @@ mod tests {
         );
         let file = "mappings:\n- baseModel: &m llama\n  adapters: [*m]\n";
         assert!(matches!(parse_file(file), Err(MappingError::Adapters(_))));
+    }
+
+    /// The adapters of all sources together are capped: a source that would pass the cap is
+    /// refused (applied) or dropped and counted (relisted), the mapping left as it was.
+    #[test]
+    fn all_sources_together_hold_at_most_the_total_cap() {
+        let per = MAX_ADAPTERS_PER_SOURCE;
+        let source = |i: usize| {
+            let names: Vec<String> = (0..per).map(|j| format!("a{i}-{j}")).collect();
+            Entry::new(Some(&format!("base-{i}")), names.iter().map(String::as_str)).unwrap()
+        };
+        let fit = MAX_TOTAL_ADAPTERS / per;
+        let m = Mapping::new();
+        for i in 0..fit {
+            m.apply(&format!("ns/{i}"), source(i)).unwrap();
+        }
+        assert_eq!(
+            m.apply("ns/one-too-many", source(fit)),
+            Err(MappingError::TooLarge(
+                "more than 100,000 adapters over all sources"
+            ))
+        );
+        // Replacing a source by one of the same size still fits.
+        m.apply("ns/0", source(fit)).unwrap();
+        assert_eq!(m.lookup().adapters(), MAX_TOTAL_ADAPTERS);
+        let dropped = m.reset((0..=fit).map(|i| (format!("ns/{i}"), source(i))));
+        assert_eq!(dropped, 1);
+        assert_eq!(m.lookup().adapters(), MAX_TOTAL_ADAPTERS);
     }
 
     #[test]

@@ -306,7 +306,9 @@ impl BbrStream {
         if let Err(e) = self.body_charge.grow(budget, beyond_charge) {
             return self.refuse(e.into());
         }
-        let end = b.end_of_stream || b.end_of_stream_without_message;
+        // BUFFERED: Envoy sends the whole body in one message, with `end_of_stream` false when
+        // trailers follow; it is the body all the same (as the EPP reads it).
+        let end = b.end_of_stream || b.end_of_stream_without_message || !self.ctx.options.streaming;
         if self.body.is_empty() && end {
             // The whole body in one message: no copy.
             self.body = BodyBuffer::empty();
@@ -316,11 +318,6 @@ impl BbrStream {
         if end {
             let body = self.take_body().freeze();
             return self.finish(body, true);
-        }
-        if !self.ctx.options.streaming {
-            // BUFFERED sends one message with the whole body; anything else is answered as it
-            // comes so that Envoy is never left waiting.
-            return vec![self.pass_body(Direction::Request, Bytes::new(), false)];
         }
         Vec::new()
     }
@@ -360,7 +357,9 @@ impl BbrStream {
                     base_model = ?base.map(Untrusted),
                     "model headers set"
                 );
-                set.push(envoy::set_header(MODEL_NAME, &model));
+                // The name as it was looked up (trimmed): a padded adapter name must not skip
+                // an exact `X-Gateway-Model-Name` rule and fall through to its base's.
+                set.push(envoy::set_header(MODEL_NAME, model.trim()));
                 // An unknown model gets no base-model header: no route matches it, and the
                 // gateway answers 404 (upstream sets it empty, which matches nothing either).
                 if let Some(base) = base {
@@ -857,5 +856,33 @@ mod tests {
         assert!(common.body_mutation.is_none(), "the body is not touched");
         let set = &common.header_mutation.as_ref().unwrap().set_headers;
         assert_eq!(set.len(), 2);
+
+        // Trailers follow: the one body message (not at its end) is the whole body, answered
+        // with the model headers; the trailers get a trailers answer only.
+        let mut s = BbrStream::new(ctx(false));
+        s.on_message(req_headers(&headers(&[]), false, None));
+        let out = s.on_message(req_body(&chat("food-review"), false));
+        let Some(processing_response::Response::RequestBody(b)) = &out[0].response else {
+            panic!("{out:?}");
+        };
+        let set = &b
+            .response
+            .as_ref()
+            .unwrap()
+            .header_mutation
+            .as_ref()
+            .unwrap();
+        assert_eq!(set.set_headers.len(), 2);
+        let out = s.on_message(ProcessingRequest {
+            request: Some(processing_request::Request::RequestTrailers(
+                Default::default(),
+            )),
+            ..Default::default()
+        });
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            out[0].response,
+            Some(processing_response::Response::RequestTrailers(_))
+        ));
     }
 }

@@ -12,6 +12,7 @@ pub mod cost;
 pub mod datastore;
 pub mod director;
 pub mod discovery;
+pub mod files;
 pub mod flow;
 pub mod kv_index;
 pub mod lora;

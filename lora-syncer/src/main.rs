@@ -16,12 +16,14 @@ use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+/// A number of seconds from 0.1 to a day: below a tenth of a second an interval is a busy loop
+/// of engine calls or file reads, not a setting.
 fn seconds(s: &str) -> Result<Duration, String> {
     s.parse::<f64>()
         .ok()
-        .filter(|v| v.is_finite() && *v > 0.0 && *v <= 86_400.0)
+        .filter(|v| v.is_finite() && (0.1..=86_400.0).contains(v))
         .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("{s:?} is not a number of seconds in (0, 86400]"))
+        .ok_or_else(|| format!("{s:?} is not a number of seconds in [0.1, 86400]"))
 }
 
 /// Upstream's sidecar flags (seconds as plain numbers), plus the bind address and log level.

@@ -56,7 +56,8 @@ impl ConfigFile {
     /// Reads the file: `Ok(Some(config))` when its bytes changed and it is valid, `Ok(None)`
     /// when unchanged. A file that was invalid is read again on the next poll.
     pub async fn poll(&mut self) -> Result<Option<LoraConfig>, ConfigFileError> {
-        let bytes = tokio::fs::read(&self.path)
+        // Capped as the parser caps it, before it is read: not a /dev/zero read into memory.
+        let bytes = endpoint_picker::files::read_at_most(&self.path, config::MAX_FILE_BYTES)
             .await
             .map_err(|source| ConfigFileError::Read {
                 path: self.path.clone(),

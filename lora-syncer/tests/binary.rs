@@ -40,5 +40,9 @@ fn a_missing_or_invalid_config_stops_start_up() {
     let (code, err) = run(&["--reconcile-trigger=0"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--reconcile-trigger"), "{err}");
+    // A busy loop is not an interval.
+    let (code, err) = run(&["--config-poll-interval=1e-9"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("[0.1, 86400]"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -195,7 +195,9 @@ impl Engine {
         }
         let models: Models = serde_json::from_slice(&body).map_err(|e| EngineError::Status {
             status,
-            message: format!("not a model list: {e}"),
+            // serde quotes the offending value whole (an engine's 4 MiB string, logged each
+            // pass): an excerpt of the message, as of a body.
+            message: format!("not a model list: {}", excerpt(e.to_string().as_bytes())),
         })?;
         Ok(models.data)
     }
