@@ -8,18 +8,9 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 
 fn duration(s: &str) -> Result<Duration, String> {
-    // The same units as the EPP's flags (50ms, 2s, 1m).
-    let parsed = match s.strip_suffix("ms") {
-        Some(ms) => ms.parse::<u64>().ok().map(Duration::from_millis),
-        None => match s.strip_suffix('s') {
-            Some(secs) => secs.parse::<u64>().ok().map(Duration::from_secs),
-            None => s
-                .strip_suffix('m')
-                .and_then(|m| m.parse::<u64>().ok())
-                .map(|m| Duration::from_secs(m * 60)),
-        },
-    };
-    parsed.ok_or_else(|| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m)"))
+    // The EPP's parser: Go's units and forms (500ms, 2s, 1m30s, 1.5h).
+    endpoint_picker::config::parse_duration(s)
+        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m30s)"))
 }
 
 /// An interval or a grace period: zero would poll without pause or cut every stream.
@@ -161,5 +152,8 @@ mod tests {
         assert!(Args::try_parse_from(["bbr", "--drain-grace-period", "0s"]).is_err());
         let a = Args::try_parse_from(["bbr", "--shutdown-delay", "5s"]).unwrap();
         assert_eq!(a.shutdown_delay, Duration::from_secs(5));
+        // The EPP's forms, not only one unit.
+        let a = Args::try_parse_from(["bbr", "--shutdown-delay", "1m30s"]).unwrap();
+        assert_eq!(a.shutdown_delay, Duration::from_secs(90));
     }
 }

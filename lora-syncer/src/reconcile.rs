@@ -62,6 +62,11 @@ struct Track {
     failures: u32,
     next_try: Option<Instant>,
     last_error: Option<String>,
+    /// When this syncer's own load of it was answered (not when the engine merely listed it).
+    loaded_at: Option<Instant>,
+    /// Times in a row it went missing sooner than [`LOST_TOO_SOON`] after our load, with no
+    /// listing in between.
+    quick_losses: u32,
 }
 
 impl Default for Track {
@@ -71,9 +76,16 @@ impl Default for Track {
             failures: 0,
             next_try: None,
             last_error: None,
+            loaded_at: None,
+            quick_losses: 0,
         }
     }
 }
+
+/// An adapter this syncer loaded that is missing from the engine's list sooner than this, a
+/// second time in a row, is a failure (backed off), not an engine restart (loaded again at
+/// once).
+pub const LOST_TOO_SOON: Duration = Duration::from_secs(60);
 
 /// What one pass saw and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -352,12 +364,36 @@ impl Reconciler {
                 if self.state(id) != Some(AdapterState::Loaded) {
                     tracing::info!(adapter = %id, "adapter loaded on the engine");
                 }
+                if let Some(t) = self.tracks.get_mut(id) {
+                    t.quick_losses = 0;
+                }
                 self.succeeded(id, AdapterState::Loaded);
                 continue;
             }
             if self.state(id) == Some(AdapterState::Loaded) {
-                lost_any = true;
                 report.lost.push(id.to_owned());
+                let quick = self.tracks.get_mut(id).and_then(|t| {
+                    let soon = t
+                        .loaded_at
+                        .is_some_and(|at| now.saturating_duration_since(at) < LOST_TOO_SOON);
+                    t.quick_losses = if soon { t.quick_losses + 1 } else { 0 };
+                    (t.quick_losses > 1).then(|| {
+                        t.failures = t.quick_losses - 1;
+                    })
+                });
+                if quick.is_some() {
+                    // Gone again right after our load, never listed in between: an engine that
+                    // answers loads and does not keep them, not a restart. Loading it every
+                    // pass would not help; a failure, backed off (doubling with each).
+                    let error = EngineError::Status {
+                        status: 200,
+                        message: "the engine answered the load but does not list the adapter"
+                            .into(),
+                    };
+                    self.failed(id, now, &error, &mut report);
+                    continue;
+                }
+                lost_any = true;
                 tracing::warn!(adapter = %id, "loaded adapter missing from the engine (restarted?); loading it again");
                 if let Some(t) = self.tracks.get_mut(id) {
                     t.next_try = None;
@@ -375,6 +411,9 @@ impl Reconciler {
                     tracing::info!(adapter = %id, source = %adapter.source, "adapter loaded");
                     report.loaded.push(id.to_owned());
                     self.succeeded(id, AdapterState::Loaded);
+                    if let Some(t) = self.tracks.get_mut(id) {
+                        t.loaded_at = Some(now);
+                    }
                 }
                 Err(error) => {
                     self.metrics.operation("load", false);

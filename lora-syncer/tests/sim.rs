@@ -344,3 +344,43 @@ async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An engine that answers loads but does not keep the adapter (here: unloaded behind the
+/// syncer's back right after each load) is reloaded once, as after a restart; gone again at
+/// once, it is a failure, backed off, instead of a load every pass.
+#[tokio::test]
+async fn an_adapter_lost_twice_right_after_its_load_backs_off() {
+    let sim = engine(sim::Config::fast()).await;
+    let mut r = Reconciler::new(
+        config_for(&sim, &[("food-review", "org/food-review")], &[]),
+        Arc::new(Metrics::default()),
+    );
+    let unload = format!("{}/v1/unload_lora_adapter", sim.url());
+    let t0 = Instant::now();
+    assert_eq!(r.pass(t0).await.loaded, ["food-review"]);
+    assert_eq!(post(&unload, r#"{"lora_name":"food-review"}"#).await, 200);
+    let report = r.pass(t0 + Duration::from_secs(5)).await;
+    assert_eq!(
+        (report.lost.len(), report.loaded.len()),
+        (1, 1),
+        "as after a restart"
+    );
+    assert_eq!(post(&unload, r#"{"lora_name":"food-review"}"#).await, 200);
+    let t2 = t0 + Duration::from_secs(10);
+    let report = r.pass(t2).await;
+    assert_eq!(report.failed, ["food-review"]);
+    assert!(report.loaded.is_empty());
+    assert_eq!(r.state("food-review"), Some(AdapterState::Failed));
+    assert!(
+        r.last_error("food-review")
+            .unwrap()
+            .contains("does not list")
+    );
+    assert_eq!(r.next_retry(), Some(t2 + Duration::from_secs(2)));
+    // Listed after a later load: back to normal.
+    let report = r.pass(t2 + Duration::from_secs(2)).await;
+    assert_eq!(report.loaded, ["food-review"]);
+    let report = r.pass(t2 + Duration::from_secs(7)).await;
+    assert!(report.lost.is_empty() && report.failed.is_empty());
+    assert_eq!(r.state("food-review"), Some(AdapterState::Loaded));
+}

@@ -199,6 +199,14 @@ pub fn parse(text: &str, validate: bool) -> Result<LoraConfig, ConfigError> {
             "host {host:?} is not a host name"
         )));
     }
+    // A colon only in an IPv6 address: `svc:8000` would make no URL, and every call would fail
+    // without saying why.
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if host.contains(':') && bare.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(ConfigError::Invalid(format!(
+            "host {host:?} is not a host name or an IPv6 address (the port goes in `port`)"
+        )));
+    }
     let port = raw.port.unwrap_or(8000);
     if port == 0 {
         // Nothing listens on port 0: the syncer would wait out its health timeout and restart
@@ -252,6 +260,25 @@ vLLMLoRAConfig:
             err.to_string().contains("aliases are not accepted"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_host_with_a_port_is_refused_and_ipv6_is_not() {
+        let with = |host: &str| {
+            parse(
+                &UPSTREAM.replacen(
+                    "  port: 8000",
+                    &format!("  host: \"{host}\"\n  port: 8000"),
+                    1,
+                ),
+                true,
+            )
+        };
+        let err = with("svc:8000").unwrap_err();
+        assert!(err.to_string().contains("the port goes in `port`"), "{err}");
+        assert_eq!(with("::1").unwrap().host, "::1");
+        assert_eq!(with("[fd00::1]").unwrap().host, "[fd00::1]");
+        assert_eq!(with("vllm.ns.svc").unwrap().host, "vllm.ns.svc");
     }
 
     #[test]
