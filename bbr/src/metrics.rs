@@ -5,7 +5,10 @@
 //! `/metrics` without limit. The `model` label therefore takes a name of its own only when the
 //! mapping knows it (up to [`MAX_KNOWN_MODELS`]) or, for other names, for the first
 //! [`MAX_UNKNOWN_MODELS`] seen; every other name is counted as [`OVERFLOW_LABEL`], as the
-//! EPP's labels do (`epp::labels`).
+//! EPP's labels do (`epp::labels`). A known name that leaves the mapping gives its label back,
+//! series and all ([`Metrics::reclaim_model_labels`]): with adapters rolled out and retired
+//! over weeks, the known slots would otherwise fill with names no longer served, and every new
+//! adapter be counted as `other` until a restart.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -76,10 +79,26 @@ pub struct PluginLabels {
 
 #[derive(Debug, Default)]
 struct Budget {
-    names: HashMap<String, Arc<str>>,
+    names: HashMap<String, Labelled>,
     known: usize,
     unknown: usize,
 }
+
+/// A name with a label of its own.
+#[derive(Debug)]
+struct Labelled {
+    label: Arc<str>,
+    /// Counted in the known budget (the mapping knew it when it got its label).
+    known: bool,
+    /// The `base_model` labels it was counted under (its series), up to
+    /// [`MAX_BASES_PER_LABEL`]; past that it is never reclaimed (its series could not all
+    /// be found).
+    bases: Vec<Arc<str>>,
+    pinned: bool,
+}
+
+/// Base models one model label is tracked under (a mapping change can move an adapter).
+const MAX_BASES_PER_LABEL: usize = 8;
 
 /// Every metric of the router.
 #[derive(Debug)]
@@ -259,10 +278,14 @@ impl Metrics {
     pub fn model_label(&self, lookup: &Lookup, model: &str) -> Arc<str> {
         // The name as the mapping reads it: padded spellings of one model are one label, not
         // one each of the known budget.
+        self.label_in(&mut self.budget.lock(), lookup, model)
+    }
+
+    /// [`Self::model_label`] under the budget's lock.
+    fn label_in(&self, budget: &mut Budget, lookup: &Lookup, model: &str) -> Arc<str> {
         let model = model.trim();
-        let mut budget = self.budget.lock();
         if let Some(l) = budget.names.get(model) {
-            return l.clone();
+            return l.label.clone();
         }
         let known = lookup.is_known(model);
         let room = if known {
@@ -279,16 +302,60 @@ impl Metrics {
             budget.unknown += 1;
         }
         let label: Arc<str> = Arc::from(model);
-        budget.names.insert(model.to_owned(), label.clone());
+        budget.names.insert(
+            model.to_owned(),
+            Labelled {
+                label: label.clone(),
+                known,
+                bases: Vec::new(),
+                pinned: false,
+            },
+        );
         label
+    }
+
+    /// Gives back the labels of known names the mapping no longer has, and removes their
+    /// series. Names outside the mapping keep theirs (they never took a known slot).
+    pub fn reclaim_model_labels(&self, lookup: &Lookup) {
+        let mut budget = self.budget.lock();
+        let gone: Vec<String> = budget
+            .names
+            .iter()
+            .filter(|(name, l)| l.known && !l.pinned && !lookup.is_known(name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            let Some(l) = budget.names.remove(&name) else {
+                continue;
+            };
+            budget.known -= 1;
+            for base_model in l.bases {
+                self.by_model.remove(&ModelLabels {
+                    model: l.label.clone(),
+                    base_model,
+                });
+            }
+        }
     }
 
     /// A request whose model headers were set.
     pub fn routed(&self, lookup: &Lookup, model: &str, base: Option<&str>) {
         self.success.inc();
-        let model = self.model_label(lookup, model);
         // A base model comes from the mapping, which is bounded; an unknown one is empty.
-        let base_model = Arc::from(base.unwrap_or(UNKNOWN_BASE));
+        let base_model: Arc<str> = Arc::from(base.unwrap_or(UNKNOWN_BASE));
+        // The label, where its series are (for a reclaim) and the count, under one hold of
+        // the lock a reclaim takes: a series is never made for a label just given back.
+        let mut budget = self.budget.lock();
+        let model = self.label_in(&mut budget, lookup, model);
+        if let Some(l) = budget.names.get_mut(model.as_ref())
+            && !l.bases.contains(&base_model)
+        {
+            if l.bases.len() < MAX_BASES_PER_LABEL {
+                l.bases.push(base_model.clone());
+            } else {
+                l.pinned = true;
+            }
+        }
         self.by_model
             .get_or_create(&ModelLabels { model, base_model })
             .inc();
@@ -369,6 +436,47 @@ mod tests {
         assert_eq!(&*m.model_label(&lookup, "  food "), "food");
         assert_eq!(&*m.model_label(&lookup, "sql"), "sql");
         assert_eq!(&*m.model_label(&lookup, "qwen"), "qwen");
+    }
+
+    /// A known model that leaves the mapping gives its label back, series and all: models
+    /// mapped later get labels of their own instead of `other`.
+    #[test]
+    fn labels_of_models_no_longer_mapped_are_given_back() {
+        let mapping = Mapping::new();
+        let names: Vec<String> = (0..MAX_KNOWN_MODELS).map(|i| format!("a{i}")).collect();
+        mapping
+            .apply(
+                "old",
+                Entry::new(Some("base"), names.iter().map(String::as_str)).unwrap(),
+            )
+            .unwrap();
+        let m = Metrics::default();
+        let lookup = mapping.lookup();
+        for n in &names {
+            m.routed(&lookup, n, lookup.base_model(n));
+        }
+        // The base model took no slot of its own yet; the budget is full of adapters.
+        mapping.delete("old");
+        mapping
+            .apply("new", Entry::new(Some("base"), ["fresh"]).unwrap())
+            .unwrap();
+        let lookup = mapping.lookup();
+        assert_eq!(&*m.model_label(&lookup, "fresh"), OVERFLOW_LABEL, "full");
+        m.reclaim_model_labels(&lookup);
+        assert_eq!(&*m.model_label(&lookup, "fresh"), "fresh");
+        m.routed(&lookup, "fresh", lookup.base_model("fresh"));
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("bbr_requests_by_model_total{"))
+            .collect();
+        assert_eq!(
+            series,
+            [r#"bbr_requests_by_model_total{model="fresh",base_model="base"} 1"#]
+        );
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub async fn run(
         }
         last_truncated = rendered.truncated;
         list.store(rendered.body);
+        // Known models that left the mapping give their metric labels back.
+        metrics.reclaim_model_labels(&lookup);
         metrics
             .models_listed
             .set(i64::try_from(rendered.listed).unwrap_or(i64::MAX));

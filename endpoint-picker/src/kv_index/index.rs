@@ -72,6 +72,11 @@ pub struct IndexLimits {
     pub max_endpoints_per_key: usize,
     /// Request keys the engine hashes remembered stand for, at most (the same as `max_keys`,
     /// as llm-d sizes its map; one key a hash when the engine's block size is the index's).
+    /// Hashes are remembered per endpoint, so this counts a block once for every endpoint
+    /// that announced it, where `max_keys` counts it once: with every replica holding the
+    /// same prefixes, the engine table fills first. Past it the least recently used mappings
+    /// go (one a store chains from counts as used), and the removals and children of those
+    /// blocks are dropped as unknown until announced again.
     pub max_engine_keys: usize,
     /// Speculative entries pending expiry at most.
     pub max_speculative_keys: usize,
