@@ -134,8 +134,8 @@ pub struct DropLabels {
     pub name: String,
     /// Endpoint name (`unknown` for a topic naming no endpoint of the pool).
     pub model_server_pod: String,
-    /// Why: `unknown_parent`, `no_full_block`, `unknown_blocks`, `bad_topic`,
-    /// `unknown_endpoint`, `gap`.
+    /// Why: `unknown_parent`, `no_full_block`, `unknown_blocks`, `malformed`, `clearing`,
+    /// `bad_topic`, `unknown_endpoint`, `gap`.
     pub reason: &'static str,
 }
 

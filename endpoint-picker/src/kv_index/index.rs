@@ -169,15 +169,20 @@ pub enum Dropped {
     /// engine hashes an index block. No engine
     /// sends that; taken, one hash would stand for as many keys as the sender likes.
     Malformed,
+    /// `BlockStored` (with or without tokens) of an endpoint being cleared by another task
+    /// (its removal from the pool, say): what it adds would go with the clear
+    /// ([`KvIndex::begin_clear`]).
+    Clearing,
 }
 
 impl Dropped {
     /// Every reason, in [`Applied::dropped`]'s order.
-    pub const ALL: [Dropped; 4] = [
+    pub const ALL: [Dropped; 5] = [
         Dropped::UnknownParent,
         Dropped::NoFullBlock,
         Dropped::UnknownBlocks,
         Dropped::Malformed,
+        Dropped::Clearing,
     ];
 
     /// A metric label.
@@ -187,6 +192,7 @@ impl Dropped {
             Dropped::NoFullBlock => "no_full_block",
             Dropped::UnknownBlocks => "unknown_blocks",
             Dropped::Malformed => "malformed",
+            Dropped::Clearing => "clearing",
         }
     }
 }
@@ -782,6 +788,16 @@ impl KvIndex {
         while let Some(op) = ops.get_mut(*next) {
             if left == 0 {
                 return false;
+            }
+            if *pos == 0
+                && matches!(op, Op::Store { .. } | Op::Copies(_))
+                && self.is_clearing(endpoint)
+            {
+                // Refused by `add` anyway: counted for what it is.
+                out.drop(Dropped::Clearing);
+                *next += 1;
+                left -= 1;
+                continue;
             }
             let total = op.units();
             let mut end = total.min(pos.saturating_add(left));

@@ -389,7 +389,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         now,
     );
     assert_eq!(out.applied, 0);
-    assert_eq!(out.dropped, [1, 0, 0, 0]);
+    assert_eq!(out.dropped, [1, 0, 0, 0, 0]);
     let short = Event::BlockStored(BlockStored {
         block_hashes: vec![9],
         parent_block_hash: None,
@@ -405,7 +405,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         &batch(vec![short, removed(5, 0..2, Medium::Gpu)]),
         now,
     );
-    assert_eq!(out.dropped, [0, 1, 1, 0]);
+    assert_eq!(out.dropped, [0, 1, 1, 0, 0]);
     assert!(idx.is_empty());
 }
 
@@ -960,7 +960,7 @@ fn a_parent_stored_earlier_in_the_batch_chains_the_next_store() {
         ]),
         Instant::now(),
     );
-    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0, 0]));
+    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0, 0, 0]));
     assert_eq!(blocks(&lookup(&idx, &request(1, 5), &[0]), 0), 5);
 }
 
@@ -1117,7 +1117,7 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     );
     let four = batch(vec![fanned, unsized_, many_hashes, repeated]);
     let out = idx.apply(ep(0), MODEL, &four, now);
-    assert_eq!(out.dropped, [0, 0, 0, 4]);
+    assert_eq!(out.dropped, [0, 0, 0, 4, 0]);
     assert!(idx.is_empty() && idx.engine_keys() == 0);
     // An engine block of 64 index blocks is taken: one hash, 64 keys.
     let wide = MAX_KEYS_PER_ENGINE_HASH * BS;
@@ -1254,7 +1254,8 @@ fn a_clear_in_slices_leaves_the_endpoint_matching_and_gaining_nothing_until_done
         &batch(vec![stored(3, 0..5, Medium::Gpu)]),
         now,
     );
-    assert_eq!(applied.applied, 1);
+    assert_eq!((applied.applied, applied.dropped_total()), (0, 1));
+    assert_eq!(applied.dropped[4], 1, "counted as dropped while clearing");
     idx.speculate(ep(0), &request(3, 5), now);
     idx.check_invariants();
     assert_eq!(blocks(&lookup(&idx, &request(3, 5), &[0]), 0), 0);
