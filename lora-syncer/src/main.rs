@@ -125,6 +125,7 @@ async fn run(args: Args) -> Result<()> {
         .context("reading --config: empty")?;
     tracing::info!(
         config = %config.display(),
+        name = ?initial.name,
         engine = format!("{}:{}", initial.host, initial.port),
         ensure_exist = initial.ensure_exist.len(),
         ensure_not_exist = initial.ensure_not_exist.len(),

@@ -103,7 +103,7 @@ impl ConfigFile {
                         if *current == config {
                             return false;
                         }
-                        tracing::info!(path = %self.path.display(), "config changed");
+                        tracing::info!(path = %self.path.display(), name = ?config.name, "config changed");
                         *current = config;
                         true
                     });
