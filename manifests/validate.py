@@ -528,6 +528,10 @@ def validate_bbr_chart() -> None:
         ({"models": [{"name": "a", "baseModel": "m",
                       "adapters": [{"id": "x", "source": "s", "removed": True}]}]}, "removed"),
         ({"bbr": {"replica": 2}}, "replica"),
+        # bbr refuses these at start-up: the chart must, not a crash loop.
+        ({"bbr": {"streaming": False, "maxRequestBodyBytes": 100 << 20}}, "BUFFERED"),
+        ({"bbr": {"maxRequestBodyBytes": 2 << 30}}, "maxRequestBodyBytes"),
+        ({"bbr": {"maxRequestBodyBytes": 0}}, "maxRequestBodyBytes"),
         ({"models": [{"name": "a", "baseModel": "m", "adapters": [{"id": "x", "source": "s"}]},
                      {"name": "b", "baseModel": "n", "adapters": [{"id": "x", "source": "t"}]}]},
          "adapter \"x\" is listed under both \"a\" and \"b\""),

@@ -66,8 +66,8 @@ pub struct Args {
     /// passes through like any other).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub list_models: bool,
-    /// Largest request body read; a larger one gets 413.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    /// Largest request body read; a larger one gets 413. At least 1024.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = ext_proc::body_budget::parse_body_limit)]
     pub max_request_body_bytes: usize,
     /// Most request-body bytes held by all streams together while their bodies are gathered;
     /// a request whose body would pass it gets 429 (rejected-saturated). At least
@@ -116,6 +116,11 @@ mod tests {
 
     #[test]
     fn upstream_defaults_and_flags() {
+        let error = Args::try_parse_from(["bbr", "--max-request-body-bytes=0"]).unwrap_err();
+        assert!(
+            error.to_string().contains("--max-request-body-bytes"),
+            "{error}"
+        );
         let a = Args::try_parse_from(["bbr"]).unwrap();
         assert_eq!(
             (a.grpc_port, a.grpc_health_port, a.metrics_port),

@@ -255,17 +255,14 @@ impl BbrStream {
         // A second request on the stream (no Envoy sends one) starts its own charge.
         self.body_charge.release();
         if self.ctx.options.streaming {
-            // The buffer reserved from the declared length is held whether or not the body
-            // comes: charged now, as the EPP charges it, so that streams declaring long bodies
-            // and sending none are bounded by the budget too. The body's bytes are charged
-            // past it as they arrive.
-            let reserved = expected.min(MAX_RESERVED_AHEAD);
-            if let Err(e) = self
-                .body_charge
-                .grow(&self.ctx.options.gathered_request_bytes, reserved)
-            {
-                return self.refuse(e.into());
-            }
+            // The buffer sized from the declared length is a reservation, bounded apart from
+            // the charges, as in the EPP (`ext_proc::body_budget`): streams that declare long
+            // bodies and send none cannot lock the others out. The body's bytes are charged as
+            // they arrive.
+            let reserved = self.body_charge.reserve(
+                &self.ctx.options.gathered_request_bytes,
+                expected.min(MAX_RESERVED_AHEAD),
+            );
             self.body = REQUEST_BODIES.take(reserved);
             // Answered with the body, when the model is known.
             return Vec::new();
@@ -614,16 +611,28 @@ mod tests {
         assert_eq!(budget.held(), 0);
     }
 
-    /// The buffer a declared `content-length` reserves is charged at the headers (as at the
-    /// EPP), so streams declaring long bodies and sending none are bounded by the budget; the
-    /// body is charged past it only. BUFFERED mode reserves nothing.
+    /// The buffer a declared `content-length` sizes is reserved, not charged (as at the EPP):
+    /// idle streams declaring long bodies cannot lock the others out; reservations stop at a
+    /// quarter of the budget and bytes are charged as they arrive. BUFFERED mode reserves
+    /// nothing.
     #[test]
-    fn a_declared_length_is_charged_when_reserved() {
+    fn a_declared_length_is_reserved_not_charged() {
         let streamed = ctx(true);
         let budget = streamed.options.gathered_request_bytes.clone();
         let body = chat("food-review");
-        let declared = body.len().to_string();
-        let declared: &'static str = Box::leak(declared.into_boxed_str());
+        // Idle streams declaring 256 KiB each: two fill the reservations' quarter of the
+        // 2 MiB budget, the third starts empty; none is refused, nothing is charged.
+        let kib256 = [("content-length", "262144")];
+        let mut idle: Vec<_> = (0..3).map(|_| BbrStream::new(streamed.clone())).collect();
+        for s in &mut idle {
+            assert!(
+                s.on_message(req_headers(&headers(&kib256), false, None))
+                    .is_empty()
+            );
+        }
+        assert_eq!((budget.held(), budget.reserved()), (0, 512 << 10));
+        // An honest stream beside them is charged as its bytes come, and answered.
+        let declared: &'static str = Box::leak(body.len().to_string().into_boxed_str());
         let mut honest = BbrStream::new(streamed.clone());
         assert!(
             honest
@@ -634,45 +643,33 @@ mod tests {
                 ))
                 .is_empty()
         );
-        assert_eq!(budget.held(), body.len(), "the reservation is charged");
-        // Idle streams declaring 1 MiB each (the body cap): the budget of 2 MiB holds one
-        // more, and the next is refused at its headers.
-        let mut idle = BbrStream::new(streamed.clone());
-        let mib = [("content-length", "1048576")];
-        assert!(
-            idle.on_message(req_headers(&headers(&mib), false, None))
-                .is_empty()
-        );
-        let mut refused = BbrStream::new(streamed.clone());
-        let out = refused.on_message(req_headers(&headers(&mib), false, None));
-        assert_eq!(immediate(&out[0]).0, 429);
-        assert_eq!(budget.held(), body.len() + (1 << 20));
-        drop(idle);
-        // The declared body is not charged twice; answered, its charge goes back.
         let (head, tail) = body.split_at(10);
         assert!(honest.on_message(req_body(head, false)).is_empty());
-        assert_eq!(budget.held(), body.len());
+        assert_eq!(budget.held(), 10);
         let out = honest.on_inbound(Inbound::from_message(req_body(tail, true)));
         assert!(out.len() > 1, "answered with the body");
         drop(out);
         assert_eq!(budget.held(), 0);
-        // A body longer than it declared is charged past its reservation.
+        drop(idle);
+        assert_eq!((budget.held(), budget.reserved()), (0, 0));
+        // A body longer than it declared is charged for every byte.
         let mut liar = BbrStream::new(streamed.clone());
         liar.on_message(req_headers(
             &headers(&[("content-length", "5")]),
             false,
             None,
         ));
-        assert_eq!(budget.held(), 5);
+        assert_eq!((budget.held(), budget.reserved()), (0, 5));
         liar.on_message(req_body(&body[..30], false));
         assert_eq!(budget.held(), 30);
         drop(liar);
-        assert_eq!(budget.held(), 0);
+        assert_eq!((budget.held(), budget.reserved()), (0, 0));
         // BUFFERED: nothing reserved at the headers.
         let buffered = ctx(false);
         let mut b = BbrStream::new(buffered.clone());
-        b.on_message(req_headers(&headers(&mib), false, None));
-        assert_eq!(buffered.options.gathered_request_bytes.held(), 0);
+        b.on_message(req_headers(&headers(&kib256), false, None));
+        let budget = &buffered.options.gathered_request_bytes;
+        assert_eq!((budget.held(), budget.reserved()), (0, 0));
     }
 
     #[test]

@@ -160,6 +160,15 @@ impl Default for SaturationDetector {
 }
 
 impl SaturationDetector {
+    /// How old an endpoint's metrics may be before it counts as saturated (the utilization
+    /// detector's `metricsStalenessThreshold`; the concurrency detector reads no metrics).
+    pub fn staleness_threshold(&self) -> Option<Duration> {
+        match self {
+            SaturationDetector::Utilization(u) => Some(u.metrics_staleness_threshold),
+            SaturationDetector::Concurrency(_) => None,
+        }
+    }
+
     /// The pool's saturation over `candidates` (≥ 1 = saturated; no candidates = 1).
     /// `dispatched` counts requests flow control has let go that are not routed yet (and so
     /// not in `in_flight`): the concurrency detector counts them as load.
@@ -289,10 +298,15 @@ impl ConcurrencyDetector {
             max_concurrency: Option<i64>,
             max_token_concurrency: Option<i64>,
             headroom: Option<f64>,
-            #[serde(rename = "inFlightLoadProducerName")]
-            _in_flight_load_producer_name: Option<String>,
+            in_flight_load_producer_name: Option<String>,
         }
         let y: Yaml = p.decode()?;
+        if y.in_flight_load_producer_name.is_some() {
+            p.warn(
+                "inFlightLoadProducerName has no effect here: the detector counts requests and \
+                 uncached prompt tokens itself",
+            );
+        }
         let mut d = Self {
             name: p.name(),
             ..Default::default()

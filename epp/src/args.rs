@@ -144,8 +144,8 @@ pub struct Args {
     /// EndpointPickerConfig YAML inline.
     #[arg(long)]
     pub config_text: Option<String>,
-    /// Largest request body accepted; larger bodies get 413.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    /// Largest request body accepted; larger bodies get 413. At least 1024.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = ext_proc::body_budget::parse_body_limit)]
     pub max_request_body_bytes: usize,
     /// Most request-body bytes held by all streams together while their bodies are gathered
     /// and tokenized; a request whose body would pass it gets 429 (rejected-saturated). At
@@ -189,7 +189,8 @@ pub struct Args {
     #[arg(long, default_value = "0s", value_parser = duration)]
     pub shutdown_delay: Duration,
     /// A static bearer token required on /metrics and /debug/pool (local mode; in Kubernetes
-    /// mode it replaces the TokenReview check).
+    /// mode it replaces the TokenReview check). Also read from $SWITCHYARD_METRICS_TOKEN, which
+    /// keeps it out of the process's arguments; empty counts as unset.
     #[arg(
         long,
         env = "SWITCHYARD_METRICS_TOKEN",
@@ -197,8 +198,9 @@ pub struct Args {
         hide_env_values = true
     )]
     pub metrics_bearer_token: String,
-    /// A file holding that token (read once at start-up; surrounding whitespace ignored).
-    #[arg(long, conflicts_with = "metrics_bearer_token")]
+    /// A file holding that token (read once at start-up; surrounding whitespace ignored). Not
+    /// with --metrics-bearer-token (or $SWITCHYARD_METRICS_TOKEN).
+    #[arg(long)]
     pub metrics_bearer_token_file: Option<PathBuf>,
     /// Authenticate and authorise readers of /metrics and /debug/pool: in Kubernetes mode by
     /// TokenReview and SubjectAccessReview (path, verb get), as the reference; in local mode by
@@ -404,6 +406,16 @@ mod tests {
         let error = Args::try_parse_from(["epp", "--debug-decisions=10001"]).unwrap_err();
         assert!(error.to_string().contains("--debug-decisions"), "{error}");
         assert!(Args::try_parse_from(["epp", "--debug-decisions=10000"]).is_ok());
+        // A body limit of 0 refused every POST.
+        for n in ["0", "1023"] {
+            let error = Args::try_parse_from(["epp", &format!("--max-request-body-bytes={n}")])
+                .unwrap_err();
+            assert!(
+                error.to_string().contains("--max-request-body-bytes"),
+                "{error}"
+            );
+        }
+        assert!(Args::try_parse_from(["epp", "--max-request-body-bytes=1024"]).is_ok());
     }
 
     #[test]

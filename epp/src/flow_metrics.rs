@@ -154,7 +154,7 @@ pub struct FlowMetrics {
     fairness: FairnessLabels,
     /// The label sets given out so far ([`MAX_FLOW_LABEL_SETS`]).
     label_sets: FirstSeen<FlowRecordKey>,
-    pool: RwLock<String>,
+    pool: RwLock<Arc<str>>,
 }
 
 impl FlowMetrics {
@@ -178,7 +178,7 @@ impl FlowMetrics {
             models,
             fairness: FairnessLabels::default(),
             label_sets: FirstSeen::new(MAX_FLOW_LABEL_SETS),
-            pool: RwLock::new(String::new()),
+            pool: RwLock::new(Arc::from("")),
         };
         for (i, prefix) in ["llm_d_epp", "inference_extension"].iter().enumerate() {
             registry.register(
@@ -239,7 +239,7 @@ impl FlowMetrics {
         QueueLabels {
             fairness_id: key.fairness_id.to_string(),
             priority: request.priority.to_string(),
-            inference_pool: self.pool.read().clone(),
+            inference_pool: key.pool.to_string(),
             model_name: key.model.to_string(),
             target_model_name: key.target_model.to_string(),
         }
@@ -249,8 +249,8 @@ impl FlowMetrics {
     /// and capacity. Called with the other pool gauges.
     pub fn refresh(&self, director: &Director) {
         let pool = director.datastore().snapshot().name.clone();
-        if *self.pool.read() != pool {
-            *self.pool.write() = pool.clone();
+        if **self.pool.read() != *pool {
+            *self.pool.write() = Arc::from(pool.as_str());
         }
         let in_flight: u64 = {
             let snap = director.datastore().snapshot();
@@ -323,6 +323,7 @@ impl FlowMetrics {
             fairness_id: other.clone(),
             model: other.clone(),
             target_model: other.clone(),
+            pool: key.pool,
         }
     }
 }
@@ -333,6 +334,7 @@ impl FlowObserver for FlowMetrics {
             fairness_id: self.fairness.label(&request.fairness_id),
             model: self.models.label(&request.model),
             target_model: self.models.label(&request.target_model),
+            pool: self.pool.read().clone(),
         });
         let labels = self.queue_labels(request, &key);
         for i in 0..2 {
@@ -517,6 +519,9 @@ mod tests {
             ),
             "{text}"
         );
+        // The pool's name is learnt while the request waits (review: it left under the new
+        // name, and a +1 and a -1 series stuck).
+        *m.pool.write() = Arc::from("p");
         m.left(&request, &key, Outcome::EvictedTtl, Duration::from_secs(2));
         // Families without samples are left out of the exposition: give each one.
         let pool = PoolName { name: "p".into() };
@@ -539,6 +544,12 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains("inference_extension_flow_control_queue_size{fairness_id=\"tenant-a\",priority=\"-1\",inference_pool=\"\",model_name=\"m\",target_model_name=\"m\"} 0"), "{text}");
+        assert!(
+            !text.contains(
+                "queue_size{fairness_id=\"tenant-a\",priority=\"-1\",inference_pool=\"p\""
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("llm_d_epp_flow_control_requests_total{outcome=\"EvictedTTL\",priority=\"-1\",inference_pool=\"\"} 1"),
             "{text}"

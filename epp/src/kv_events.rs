@@ -410,14 +410,7 @@ pub async fn handle<S: KvEventSource>(
             if !filled {
                 tracing::warn!(endpoint = %pod.model_server_pod, from, missed, "kv events: gap not replayed, clearing the endpoint");
                 metrics.count_dropped(pod, "gap", missed);
-                // As `SharedKvIndex::gap`, a slice at a time.
-                index.set_stream(
-                    endpoint,
-                    StreamState::Gap {
-                        since: Instant::now(),
-                    },
-                );
-                index.clear_endpoint_yielding(endpoint).await;
+                index.gap_yielding(endpoint, Instant::now()).await;
             }
         }
     }

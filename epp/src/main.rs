@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use endpoint_picker::config;
 use endpoint_picker::discovery::file;
-use endpoint_picker::scrape::{MetricsScheme, ScrapeConfig, ScrapeTls};
+use endpoint_picker::scrape::{DEFAULT_MAX_IDLE_INTERVAL, MetricsScheme, ScrapeConfig, ScrapeTls};
 use epp::admin::AdminAuth;
 use epp::args::Args;
 use epp::kubernetes;
@@ -213,6 +213,14 @@ async fn run(args: Args) -> Result<()> {
             "--debug-decisions={debug_decisions} records decisions for /debug/pool: add --debug-pool"
         );
     }
+    // Checked here rather than by clap, which counts the environment variable even when
+    // empty and names only the flag.
+    if metrics_bearer_token_file.is_some() && !metrics_bearer_token.is_empty() {
+        bail!(
+            "--metrics-bearer-token-file and --metrics-bearer-token (or SWITCHYARD_METRICS_TOKEN, \
+             set in the environment) both give the metrics token: keep one"
+        );
+    }
     let static_token = match metrics_bearer_token_file {
         Some(path) => Some(
             std::fs::read_to_string(&path)
@@ -357,6 +365,17 @@ async fn run(args: Args) -> Result<()> {
              to leave /metrics open"
         ),
     };
+    // Which check guards the admin port, said once: a token set in the environment replaces
+    // the TokenReview check in Kubernetes mode, and a scraper sending its ServiceAccount's
+    // token then gets 401.
+    tracing::info!(
+        check = match &admin_auth {
+            AdminAuth::Open => "none (--metrics-endpoint-auth=false)",
+            AdminAuth::Token(_) => "static bearer token",
+            AdminAuth::Kubernetes(_) => "TokenReview and SubjectAccessReview",
+        },
+        "admin port (/metrics, /debug) authentication"
+    );
     let tls = if secure_serving {
         Some(
             match cert_path {
@@ -375,16 +394,15 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    if let Some(detector) = loaded.saturation_detector.utilization()
-        && refresh_metrics_interval >= detector.metrics_staleness_threshold
+    if let Some(threshold) = loaded.strictest_staleness
+        && refresh_metrics_interval >= threshold
     {
         // Every endpoint would look stale between two scrapes: the detector would call the
         // pool saturated and shed every sheddable request.
         bail!(
             "--refresh-metrics-interval={refresh_metrics_interval:?} is not below the saturation \
-             detector's metricsStalenessThreshold ({:?}): scrape more often, or raise the threshold \
-             in the config's utilization-detector",
-            detector.metrics_staleness_threshold
+             detector's metricsStalenessThreshold ({threshold:?}): scrape more often, or raise the \
+             threshold in the config's utilization-detector"
         );
     }
     let mut scrape = ScrapeConfig {
@@ -397,10 +415,19 @@ async fn run(args: Args) -> Result<()> {
         default_engine: loaded.scrape.default_engine.clone(),
         engines: loaded.scrape.engines.clone(),
         max_quiet_interval: idle_scrape_interval,
+        // An endpoint whose values do not change is scraped less often, but always within
+        // three quarters of the strictest staleness threshold (150 ms suits the default
+        // 200 ms; a threshold of 100 ms once made steady endpoints look stale, and sheddable
+        // requests were shed for nothing).
+        max_idle_interval: loaded
+            .strictest_staleness
+            .map_or(DEFAULT_MAX_IDLE_INTERVAL, |t| {
+                DEFAULT_MAX_IDLE_INTERVAL.min(t * 3 / 4)
+            }),
         ..ScrapeConfig::default()
     };
-    if loaded.scrape.path != "/metrics" {
-        scrape.path = loaded.scrape.path.clone();
+    if let Some(path) = &loaded.scrape.path {
+        scrape.path.clone_from(path);
     }
 
     let bind = |port: u16| SocketAddr::new(bind_address, port);

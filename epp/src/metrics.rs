@@ -3,7 +3,7 @@
 //! One registry is built at start-up and every component gets a handle to [`EppMetrics`].
 //! prometheus-client appends `_total` to counters, so counters are registered without it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -395,6 +395,12 @@ pub struct EppMetrics {
     /// The (pool, pod) pairs with `scrape_errors` series, so that a departed pod's series go
     /// with it (a counter family cannot list its own labels). At most the pool's size.
     scrape_error_pods: parking_lot::Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// The `scheduler_attempts` label sets naming a pod, so that a departed pod's series go
+    /// with it: a rollout or a scale-down names new pods, and without this every pod the EPP
+    /// ever routed to kept its series for the life of the process. Held (read) across the
+    /// increment of a known set and (write) across the creation of a new one, so a removal
+    /// in `refresh_pool` never races a creation. At most pods × served models × ports.
+    attempt_series: parking_lot::RwLock<HashSet<AttemptLabels>>,
     /// `plugin_duration` handles by (extension point, plugin type), then plugin name: once a
     /// plugin has been seen, timing it on the request path allocates nothing.
     plugin_cache: PluginCache,
@@ -453,6 +459,7 @@ impl EppMetrics {
             token_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             pool_name: parking_lot::RwLock::new(String::new()),
             scrape_error_pods: parking_lot::Mutex::default(),
+            attempt_series: parking_lot::RwLock::default(),
             plugin_cache: PluginCache::default(),
         };
         // prometheus-client appends the final period of each help text itself.
@@ -645,6 +652,25 @@ impl EppMetrics {
         Arc::new(m)
     }
 
+    /// Counts one scheduling attempt. A set naming a pod is remembered, so that it goes with
+    /// the pod (`refresh_pool`).
+    pub fn count_attempt(&self, attempt: &AttemptLabels) {
+        if attempt.pod_name.is_empty() {
+            self.scheduler_attempts.get_or_create(attempt).inc();
+            return;
+        }
+        {
+            let known = self.attempt_series.read();
+            if known.contains(attempt) {
+                self.scheduler_attempts.get_or_create(attempt).inc();
+                return;
+            }
+        }
+        let mut known = self.attempt_series.write();
+        self.scheduler_attempts.get_or_create(attempt).inc();
+        known.insert(attempt.clone());
+    }
+
     /// Refreshes the gauges of request- and response-body bytes held.
     pub fn refresh_held_bodies(&self, requests: &BodyBudget, responses: &BodyBudget) {
         let bytes = |b: &BodyBudget| i64::try_from(b.held()).unwrap_or(i64::MAX);
@@ -726,6 +752,16 @@ impl EppMetrics {
                         reason,
                     });
                 }
+            }
+            live
+        });
+        self.attempt_series.write().retain(|a| {
+            let live = snap
+                .endpoints
+                .iter()
+                .any(|e| e.spec.pod_name == a.pod_name && e.spec.namespace == a.namespace);
+            if !live {
+                self.scheduler_attempts.remove(a);
             }
             live
         });
@@ -855,7 +891,7 @@ pub(crate) mod tests {
 
     /// A departed pod's scrape-error series go with it; a live pod's stay, and keep counting.
     #[test]
-    fn scrape_errors_of_departed_pods_are_removed() {
+    fn series_of_departed_pods_are_removed() {
         let mut registry = Registry::default();
         let m = EppMetrics::register(&mut registry);
         let datastore = Arc::new(Datastore::new());
@@ -867,40 +903,62 @@ pub(crate) mod tests {
         );
         m.refresh_pool(&datastore, &director, Duration::from_secs(1));
         let observer = MetricsObserver(m.clone());
+        let attempt = |pod: &str, target: &str| AttemptLabels {
+            status: if pod.is_empty() { "failure" } else { "success" }.into(),
+            target_model_name: target.into(),
+            pod_name: pod.into(),
+            namespace: if pod.is_empty() { "" } else { "default" }.into(),
+            port: if pod.is_empty() { "" } else { "8000" }.into(),
+        };
         for e in &snap.endpoints {
             observer.scraped(e, Err(&ScrapeError::Utf8), Duration::ZERO);
+            for target in ["a", "b"] {
+                m.count_attempt(&attempt(&e.spec.pod_name, target));
+            }
         }
+        m.count_attempt(&attempt("", "a"));
         let text = || {
             let mut out = String::new();
             prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
             out
         };
+        // (scrape-error series, attempt series) naming `pod`.
         let series = |text: &str, pod: &str| {
-            text.lines()
-                .filter(|l| l.starts_with("inference_extension_model_server_scrape_errors_total{"))
-                .filter(|l| l.contains(&format!("model_server_pod=\"{pod}\"")))
-                .count()
+            let count = |family: &str, label: &str| {
+                text.lines()
+                    .filter(|l| l.starts_with(family))
+                    .filter(|l| l.contains(&format!("{label}=\"{pod}\"")))
+                    .count()
+            };
+            (
+                count(
+                    "inference_extension_model_server_scrape_errors_total{",
+                    "model_server_pod",
+                ),
+                count("inference_extension_scheduler_attempts_total{", "pod_name"),
+            )
         };
         let before = text();
-        assert_eq!(
-            (
-                series(&before, "pod-1-rank-0"),
-                series(&before, "pod-2-rank-0")
-            ),
-            (1, 1)
-        );
+        assert_eq!(series(&before, "pod-1-rank-0").0, 1);
+        assert_eq!(series(&before, "pod-2-rank-0").0, 1);
+        assert_eq!(series(&before, "pod-1").1, 2);
+        assert_eq!(series(&before, "pod-2").1, 2);
+        assert_eq!(series(&before, "").1, 1, "the failure without a pod");
         let mut next = endpoint_picker::datastore::test_util::pool(2);
         next.endpoints.remove(0);
         datastore.apply(next);
         m.refresh_pool(&datastore, &director, Duration::from_secs(1));
+        // The live pod's attempts still count after the refresh.
+        m.count_attempt(&attempt("pod-2", "a"));
         let after = text();
-        assert_eq!(
-            (
-                series(&after, "pod-1-rank-0"),
-                series(&after, "pod-2-rank-0")
-            ),
-            (0, 1)
-        );
+        assert_eq!(series(&after, "pod-1-rank-0").0, 0);
+        assert_eq!(series(&after, "pod-2-rank-0").0, 1);
+        assert_eq!(series(&after, "pod-1").1, 0);
+        assert_eq!(series(&after, "pod-2").1, 2);
+        assert_eq!(series(&after, "").1, 1);
+        assert!(after.contains(
+            "inference_extension_scheduler_attempts_total{status=\"success\",target_model_name=\"a\",pod_name=\"pod-2\",namespace=\"default\",port=\"8000\"} 2"
+        ));
     }
 
     #[test]

@@ -158,7 +158,7 @@ impl Recorder for EppRecorder {
                 port: String::new(),
             },
         };
-        m.scheduler_attempts.get_or_create(&attempt).inc();
+        m.count_attempt(&attempt);
         if self.decisions.enabled() {
             let outcome = match s.outcome {
                 Ok(_) => "routed",

@@ -101,8 +101,15 @@ pub fn otlp_endpoint_configured() -> bool {
 /// Installs the global log subscriber and, when enabled and configured, OTLP trace export.
 /// Must run inside a Tokio runtime (the gRPC exporter's connection lives there).
 pub fn init(options: &TelemetryOptions) -> Result<TelemetryGuard, TelemetryError> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&options.filter));
+    // RUST_LOG, when set, replaces the flags' filter; one that does not parse is said once the
+    // subscriber is up, and the flags apply.
+    let (filter, rust_log_refused) = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(v) if !v.trim().is_empty() => match EnvFilter::try_new(&v) {
+            Ok(f) => (f, None),
+            Err(e) => (EnvFilter::new(&options.filter), Some((v, e))),
+        },
+        _ => (EnvFilter::new(&options.filter), None),
+    };
     // Colours only on a terminal: log files and collectors get plain text.
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -132,6 +139,14 @@ pub fn init(options: &TelemetryOptions) -> Result<TelemetryGuard, TelemetryError
         .with(otel)
         .try_init()
         .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+    if let Some((value, error)) = rust_log_refused {
+        tracing::warn!(
+            rust_log = %value.escape_debug(),
+            %error,
+            filter = %options.filter,
+            "RUST_LOG does not parse: the log flags' filter applies"
+        );
+    }
     if provider.is_some() {
         OTEL_ACTIVE.store(true, Ordering::Relaxed);
     }

@@ -253,6 +253,28 @@ async fn bad_config_fails_before_binding_any_port() {
     drop(held);
 }
 
+/// A token in the environment and a token file: start-up fails naming both sources.
+#[tokio::test]
+async fn two_metrics_tokens_are_refused_naming_the_variable() {
+    let pool = temp_file("pool-tokens.yaml", POOL);
+    let token = temp_file("token-two", "s3cret\n");
+    let out = Command::new(EPP)
+        .args(["--pool-file", pool.to_str().unwrap(), "--grpc-port=0"])
+        .args(["--metrics-bearer-token-file", token.to_str().unwrap()])
+        .env("SWITCHYARD_METRICS_TOKEN", "other")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("SWITCHYARD_METRICS_TOKEN")
+            && stderr.contains("--metrics-bearer-token-file"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn serves_then_drains_on_sigterm() {
     let pool = temp_file("pool2.yaml", POOL);
@@ -276,6 +298,9 @@ async fn serves_then_drains_on_sigterm() {
             "--drain-grace-period=2s",
             "--shutdown-delay=1h",
         ])
+        // Empty counts as unset: the file's token is the one (clap once called this a
+        // conflict with a flag nobody passed).
+        .env("SWITCHYARD_METRICS_TOKEN", "")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -4,10 +4,17 @@
 //! parse and route, and the body then waits for its token ids. Nothing else bounds the sum
 //! over streams: a client that opens many streams and sends long bodies slowly would make the
 //! EPP hold them all, until it is killed for its memory. The budget bounds that sum
-//! (`--max-gathered-request-bytes`). A stream charges the buffer it reserves from the declared
-//! `content-length` (at most [`crate::body_pool::MAX_RESERVED_AHEAD`]) when the headers come,
-//! and each chunk past that as it arrives; a charge that would pass the budget ends the request
-//! with 429 `rejected-saturated`, and the stream's charge is given back at once.
+//! (`--max-gathered-request-bytes`). A stream charges each chunk as it arrives; a charge that
+//! would pass the budget ends the request with 429 `rejected-saturated`, and the stream's
+//! charge is given back at once.
+//!
+//! The buffer a stream sizes from its declared `content-length` (at most
+//! [`crate::body_pool::MAX_RESERVED_AHEAD`]) is a reservation, not a charge: its pages cost no
+//! memory until bytes are written, and those bytes are charged. Charging the reservation let a
+//! few hundred streams that declare 4 MiB and send nothing hold the whole budget, and every
+//! other request was refused. Reservations are capped apart, at [`RESERVED_SHARE`] of the
+//! budget (so that their address space stays bounded too); past it a stream starts with an
+//! empty buffer, which grows as bytes come.
 //!
 //! The charge ends when the request leaves the EPP's hands: routed (once the answers that carry
 //! its body back to Envoy are sent: [`charged`]), refused, or queued in flow control, whose own `maxBytes` caps then hold the queued
@@ -22,11 +29,31 @@ use bytes::Bytes;
 /// The default budget: 64 bodies of the default maximum size.
 pub const DEFAULT_GATHERED_REQUEST_BYTES: usize = 1024 * 1024 * 1024;
 
+/// Smallest `--max-request-body-bytes` accepted: below it every request with a body would get
+/// 413 (0 was accepted, and refused every POST).
+pub const MIN_REQUEST_BODY_LIMIT: usize = 1024;
+
+/// Parses a `--max-request-body-bytes` value (clap's `value_parser`, in the EPP and in bbr).
+pub fn parse_body_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= MIN_REQUEST_BODY_LIMIT => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} is below {MIN_REQUEST_BODY_LIMIT}: every request with a body would be refused"
+        )),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// The part of the budget that reservations made from declared lengths may take together.
+pub const RESERVED_SHARE: usize = 4;
+
 /// Request-body bytes held by every stream together, and their cap.
 #[derive(Debug)]
 pub struct BodyBudget {
     limit: usize,
     held: AtomicUsize,
+    /// Buffer capacity reserved ahead of the bytes, at most `limit / RESERVED_SHARE`.
+    reserved: AtomicUsize,
 }
 
 /// A charge would pass the budget.
@@ -43,6 +70,7 @@ impl BodyBudget {
         Self {
             limit,
             held: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
         }
     }
 
@@ -54,6 +82,11 @@ impl BodyBudget {
     /// Bytes charged now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// Buffer capacity reserved now (not charged: see the module's documentation).
+    pub fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
     }
 
     fn try_take(&self, bytes: usize) -> Result<(), OverBudget> {
@@ -68,6 +101,15 @@ impl BodyBudget {
     fn give_back(&self, bytes: usize) {
         self.held.fetch_sub(bytes, Ordering::AcqRel);
     }
+
+    fn try_reserve(&self, bytes: usize) -> bool {
+        let cap = self.limit / RESERVED_SHARE;
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |reserved| {
+                reserved.checked_add(bytes).filter(|&total| total <= cap)
+            })
+            .is_ok()
+    }
 }
 
 impl Default for BodyBudget {
@@ -76,10 +118,11 @@ impl Default for BodyBudget {
     }
 }
 
-/// What one stream has charged; given back when released or dropped.
+/// What one stream has charged and reserved; given back when released or dropped.
 #[derive(Debug, Default)]
 pub struct BodyCharge {
     charged: Option<(Arc<BodyBudget>, usize)>,
+    reserved: Option<(Arc<BodyBudget>, usize)>,
 }
 
 impl BodyCharge {
@@ -99,15 +142,34 @@ impl BodyCharge {
         Ok(())
     }
 
+    /// Reserves `bytes` of buffer capacity ahead of the bytes, if the budget's reservations
+    /// have room; the capacity granted (`bytes` or 0). A second reservation replaces the
+    /// first.
+    pub fn reserve(&mut self, budget: &Arc<BodyBudget>, bytes: usize) -> usize {
+        self.unreserve();
+        if bytes == 0 || !budget.try_reserve(bytes) {
+            return 0;
+        }
+        self.reserved = Some((budget.clone(), bytes));
+        bytes
+    }
+
     /// Bytes charged by this stream.
     pub fn bytes(&self) -> usize {
         self.charged.as_ref().map_or(0, |(_, bytes)| *bytes)
     }
 
-    /// Gives the whole charge back.
+    /// Gives the whole charge and the reservation back.
     pub fn release(&mut self) {
         if let Some((budget, bytes)) = self.charged.take() {
             budget.give_back(bytes);
+        }
+        self.unreserve();
+    }
+
+    fn unreserve(&mut self) {
+        if let Some((budget, bytes)) = self.reserved.take() {
+            budget.reserved.fetch_sub(bytes, Ordering::AcqRel);
         }
     }
 }
@@ -122,7 +184,7 @@ impl Drop for BodyCharge {
 /// back to Envoy wait in the gRPC stream until Envoy's window lets them out, and the bytes
 /// stay counted until then.
 pub fn charged(body: Bytes, charge: BodyCharge) -> Bytes {
-    if charge.bytes() == 0 {
+    if charge.charged.is_none() && charge.reserved.is_none() {
         return body;
     }
     Bytes::from_owner(Charged {

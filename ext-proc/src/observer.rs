@@ -397,7 +397,8 @@ impl ObserverState {
                 // An error answer's first chunk ends the prefill but says nothing of TTFT.
                 self.first_token(self.succeeded);
             }
-            self.sse.feed(&chunk);
+            self.sse
+                .feed_charged(&chunk, &self.ctx.options.held_response_bytes);
         } else if !self.overflowed {
             let budget = &self.ctx.options.held_response_bytes;
             if self.copy.len() + chunk.len() > MAX_RESPONSE_COPY

@@ -10,11 +10,14 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use endpoint_picker::request::Api;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+
+use crate::body_budget::{BodyBudget, BodyCharge};
 
 /// Longest model name accepted, in bytes. Hugging Face repository ids are at most 96
 /// characters and LoRA adapter names are short; a longer name is an attack on every map and
@@ -563,8 +566,10 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
     usage_of(body)
 }
 
-/// Longest SSE line kept while waiting for its end; longer lines are skipped (a usage
-/// event is small).
+/// Longest SSE line kept while waiting for its end; longer lines are skipped. A usage event
+/// is small, but the Responses API's `response.completed` carries the whole answer with its
+/// usage, so the cap stays at 1 MiB; the part kept is charged to the response budget
+/// ([`SseUsageScanner::feed_charged`]).
 const MAX_SSE_LINE: usize = 1 << 20;
 
 /// Scans an SSE stream chunk by chunk for `usage`, keeping the last non-null one: with
@@ -573,38 +578,59 @@ const MAX_SSE_LINE: usize = 1 << 20;
 #[derive(Debug, Default)]
 pub struct SseUsageScanner {
     partial: Vec<u8>,
+    /// `partial`, charged to the budget given to [`Self::feed_charged`].
+    charge: BodyCharge,
     overflowed: bool,
     usage: Option<Usage>,
 }
 
 impl SseUsageScanner {
-    /// Feeds one chunk.
-    pub fn feed(&mut self, mut chunk: &[u8]) {
+    /// Feeds one chunk; an unfinished line is kept up to 1 MiB, uncharged.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.feed_within(chunk, None);
+    }
+
+    /// Feeds one chunk; an unfinished line is kept up to 1 MiB while `budget`
+    /// can hold it (streams that stop reading mid-line would otherwise hold up to 1 MiB
+    /// each, counted nowhere), and skipped past that.
+    pub fn feed_charged(&mut self, chunk: &[u8], budget: &Arc<BodyBudget>) {
+        self.feed_within(chunk, Some(budget));
+    }
+
+    fn feed_within(&mut self, mut chunk: &[u8], budget: Option<&Arc<BodyBudget>>) {
         while let Some(nl) = memchr::memchr(b'\n', chunk) {
             let line_end = &chunk[..nl];
             if self.overflowed || self.partial.len() + line_end.len() > MAX_SSE_LINE {
                 // A line over the limit is skipped however the stream was cut (the usage kept
                 // is the last one, so a line read in one cut and not another would differ).
                 self.overflowed = false;
-                self.partial = Vec::new();
+                self.drop_partial();
             } else if self.partial.is_empty() {
                 self.line(line_end);
             } else {
                 self.partial.extend_from_slice(line_end);
                 let line = std::mem::take(&mut self.partial);
+                self.charge.release();
                 self.line(&line);
             }
             chunk = &chunk[nl + 1..];
         }
-        if !self.overflowed {
-            if self.partial.len() + chunk.len() > MAX_SSE_LINE {
-                self.overflowed = true;
-                // Frees the long line's allocation too.
-                self.partial = Vec::new();
-            } else {
-                self.partial.extend_from_slice(chunk);
-            }
+        if self.overflowed || chunk.is_empty() {
+            return;
         }
+        let charged = budget.is_none_or(|b| self.charge.grow(b, chunk.len()).is_ok());
+        if !charged || self.partial.len() + chunk.len() > MAX_SSE_LINE {
+            self.overflowed = true;
+            self.drop_partial();
+        } else {
+            self.partial.extend_from_slice(chunk);
+        }
+    }
+
+    /// Frees the unfinished line, its allocation and its charge.
+    fn drop_partial(&mut self) {
+        self.partial = Vec::new();
+        self.charge.release();
     }
 
     fn line(&mut self, line: &[u8]) {
@@ -630,6 +656,32 @@ impl SseUsageScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unfinished SSE line is charged to the response budget while kept, and skipped when
+    /// the budget cannot hold it; the next line is read either way.
+    #[test]
+    fn an_unfinished_sse_line_is_charged_or_skipped() {
+        let usage = b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n";
+        let budget = Arc::new(BodyBudget::new(64 << 10));
+        let mut kept = SseUsageScanner::default();
+        kept.feed_charged(b"data: {\"choices\":[", &budget);
+        assert_eq!(budget.held(), 18, "the unfinished line is charged");
+        kept.feed_charged(b"]}\n", &budget);
+        assert_eq!(budget.held(), 0, "a finished line is let go");
+        // A line the budget cannot hold is skipped, its charge and allocation given back.
+        let mut skipped = SseUsageScanner::default();
+        skipped.feed_charged(&[b'x'; 100 << 10], &budget);
+        assert_eq!(budget.held(), 0);
+        assert_eq!(skipped.partial.capacity(), 0);
+        skipped.feed_charged(b"tail of the long line\n", &budget);
+        skipped.feed_charged(usage, &budget);
+        assert_eq!(skipped.usage().map(|u| u.completion_tokens), Some(2));
+        // Dropped mid-line, a scanner gives its charge back.
+        kept.feed_charged(b"data: {", &budget);
+        assert_eq!(budget.held(), 7);
+        drop(kept);
+        assert_eq!(budget.held(), 0);
+    }
 
     /// Flow control's `maxBytes` counts a prompt held apart from the body: found by address.
     #[test]

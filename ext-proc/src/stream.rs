@@ -77,6 +77,9 @@ use crate::untrusted::{LogBudget, Untrusted};
 /// "request rejected" lines a second at INFO, the rest at DEBUG (the refusal counters count
 /// them all): a client can cause one a request.
 static REJECTION_LOG: LogBudget = LogBudget::new(20);
+/// Lines about responses over the buffering caps: a client asking for large answers (or
+/// holding the budget with slow readers) causes one a response.
+static OVERFLOW_LOG: LogBudget = LogBudget::new(20);
 
 /// The most of a non-streamed response body held: the copy kept to read `usage` at the end,
 /// and the body held whole to rewrite its model back. Past it, the copy is dropped (usage
@@ -214,6 +217,8 @@ pub struct StreamState {
 struct AwaitingTokens {
     request: InferenceRequest,
     body: (Bytes, openai::ParsedBody, bool),
+    /// The request's trailers came meanwhile: answered after the request is.
+    trailers: bool,
 }
 
 /// What the service awaits, off the state machine, before [`StreamState::on_token_ids`]: the
@@ -311,11 +316,31 @@ impl StreamState {
 
     /// Routes the request that waited for its token ids (`None`: without them).
     pub fn on_token_ids(&mut self, ids: Option<Arc<[u32]>>) -> Vec<Answer> {
-        let Some(AwaitingTokens { mut request, body }) = self.awaiting_tokens.take() else {
+        let Some(AwaitingTokens {
+            mut request,
+            body,
+            trailers,
+        }) = self.awaiting_tokens.take()
+        else {
             return Vec::new();
         };
         request.token_ids = ids;
-        self.route(request, Some(body))
+        let mut out = self.route(request, Some(body));
+        if trailers {
+            out.extend(self.answer_trailers());
+        }
+        out
+    }
+
+    /// The answer to the request's trailers, in its turn: after the request's own answers,
+    /// so held with a request queued in flow control (answered once it leaves the queue), and
+    /// none once an immediate response ended the exchange.
+    fn answer_trailers(&mut self) -> Option<Answer> {
+        if let Some(q) = self.queued.as_mut() {
+            q.trailers = true;
+            return None;
+        }
+        (!self.done).then(|| envoy::trailers_response(Direction::Request).into())
     }
 
     /// The request id (empty before headers).
@@ -414,14 +439,12 @@ impl StreamState {
                     // precedes the trailers' answer.
                     out = self.finish_request(false);
                 }
-                if let Some(q) = self.queued.as_mut() {
-                    // Answered after the request is, once flow control lets it go.
-                    q.trailers = true;
+                if let Some(a) = self.awaiting_tokens.as_mut() {
+                    // Answered after the request is, once its token ids are in.
+                    a.trailers = true;
                     return out;
                 }
-                if !self.done {
-                    out.push(envoy::trailers_response(Direction::Request).into());
-                }
+                out.extend(self.answer_trailers());
                 out
             }
             Some(R::ResponseHeaders(h)) => {
@@ -553,16 +576,13 @@ impl StreamState {
             .min(self.ctx.options.max_request_body_bytes);
         // A second request on the stream (no Envoy sends one) starts its own charge.
         self.body_charge.release();
-        // The buffer reserved from the declared length is held whether or not the body comes:
-        // charged now, so that streams declaring long bodies and sending none are bounded by
-        // the budget too. The body's bytes are charged past it as they arrive.
-        let reserved = expected.min(MAX_RESERVED_AHEAD);
-        if let Err(e) = self
-            .body_charge
-            .grow(&self.ctx.options.gathered_request_bytes, reserved)
-        {
-            return self.fail(RequestError::BodiesOverBudget(e), None);
-        }
+        // The buffer sized from the declared length is a reservation, bounded apart from the
+        // charges (`body_budget`): streams that declare long bodies and send none cannot lock
+        // the others out. The body's bytes are charged as they arrive.
+        let reserved = self.body_charge.reserve(
+            &self.ctx.options.gathered_request_bytes,
+            expected.min(MAX_RESERVED_AHEAD),
+        );
         self.body = REQUEST_BODIES.take(reserved);
         Vec::new()
     }
@@ -699,6 +719,7 @@ impl StreamState {
             self.awaiting_tokens = Some(AwaitingTokens {
                 request,
                 body: (body, parsed, end_of_stream),
+                trailers: false,
             });
             return Vec::new();
         }
@@ -1036,7 +1057,9 @@ impl StreamState {
                     routed.first_token(succeeded);
                 }
             }
-            self.response.sse.feed(&chunk);
+            self.response
+                .sse
+                .feed_charged(&chunk, &self.ctx.options.held_response_bytes);
             if eos {
                 self.complete_response(&[]);
             }
@@ -1126,13 +1149,27 @@ impl StreamState {
         self.ctx
             .recorder
             .on_response_overflow(self.response.rewrite_back.is_some());
-        tracing::warn!(
-            limit = MAX_RESPONSE_COPY,
-            all_streams_limit = self.ctx.options.held_response_bytes.limit(),
-            rewrite = self.response.rewrite_back.is_some(),
-            "response body over the buffering cap (this stream's or all streams'): passed \
-             through as it comes, usage unknown"
+        let (limit, all_streams_limit, rewrite) = (
+            MAX_RESPONSE_COPY,
+            self.ctx.options.held_response_bytes.limit(),
+            self.response.rewrite_back.is_some(),
         );
+        match OVERFLOW_LOG.allow() {
+            Some(not_logged) => tracing::warn!(
+                limit,
+                all_streams_limit,
+                rewrite,
+                not_logged,
+                "response body over the buffering cap (this stream's or all streams'): passed \
+                 through as it comes, usage unknown"
+            ),
+            None => tracing::debug!(
+                limit,
+                all_streams_limit,
+                rewrite,
+                "response body over the buffering cap: passed through, usage unknown"
+            ),
+        }
     }
 
     fn rewrite_response(&self, chunk: Bytes) -> Bytes {

@@ -20,8 +20,9 @@ pub struct ScrapeSettings {
     /// `insecureSkipVerify`, when a plugin sets it (it wins over
     /// `--model-server-metrics-https-insecure-skip-verify`).
     pub insecure_skip_verify: Option<bool>,
-    /// Metrics path.
-    pub path: String,
+    /// Metrics path, when a `metrics-data-source` gives one (it wins over
+    /// `--model-server-metrics-path`, whatever its value, even `/metrics`).
+    pub path: Option<String>,
     /// Pod label naming the engine (checked before the well-known ones).
     pub engine_label_key: Option<String>,
     /// Engine used without a label.
@@ -86,7 +87,7 @@ impl Default for ScrapeSettings {
         Self {
             scheme: None,
             insecure_skip_verify: None,
-            path: "/metrics".into(),
+            path: None,
             engine_label_key: None,
             default_engine: "vllm".into(),
             engines: EngineMapping::builtin(),
@@ -104,7 +105,7 @@ impl ScrapeSettings {
             self.insecure_skip_verify = Some(skip);
         }
         if let Some(path) = &source.path {
-            self.path.clone_from(path);
+            self.path = Some(path.clone());
         }
     }
 

@@ -163,6 +163,10 @@ pub struct LoadedConfig {
     pub scheduler: Arc<Scheduler>,
     /// The saturation detector used for admission.
     pub saturation_detector: Arc<SaturationDetector>,
+    /// The shortest `metricsStalenessThreshold` of every utilization detector, the admission
+    /// one and any declared (a profile may filter with one): metrics must be refreshed
+    /// within it, or endpoints look stale and saturated.
+    pub strictest_staleness: Option<std::time::Duration>,
     /// Flow control's settings, with the `flowControl` feature gate on.
     pub flow_control: Option<FlowConfig>,
     /// The headers that name a request's flow when it carries no fairness id
@@ -243,9 +247,18 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
         .collect();
     tracing::debug!(?roles, "plugins instantiated");
     let token_producer = token_producer(&plugins)?;
+    let strictest_staleness = plugins
+        .iter()
+        .filter_map(|i| match &i.built {
+            Built::SaturationDetector(d) => d.staleness_threshold(),
+            _ => None,
+        })
+        .chain(saturation_detector.staleness_threshold())
+        .min();
     Ok(LoadedConfig {
         scheduler: Arc::new(Scheduler::new(handler, profiles, producers, seed)),
         saturation_detector,
+        strictest_staleness,
         flow_control,
         agent_identity,
         response_plugins: plugins.response_plugins(),

@@ -52,7 +52,7 @@ fn builtin_default_is_queue_kv_prefix() {
 fn reference_default_fixture_loads() {
     let c = load(&fixture("default.yaml"), 1).unwrap();
     assert_eq!(c.scheduler.profiles()[0].scorers.len(), 3);
-    assert_eq!(c.scrape.path, "/metrics");
+    assert_eq!(c.scrape.path, None, "no source gave a path");
 }
 
 #[test]
@@ -577,4 +577,60 @@ fn flow_control_validation_uses_the_references_messages() {
         c.agent_identity.as_deref().unwrap()[..2],
         ["x-tenant".to_owned(), "x-claude-code-session-id".to_owned()]
     );
+}
+
+/// Review: the conformance filter lets any client choose its endpoints by a header; a config
+/// carrying it loads (the conformance suite needs it) with a warning naming it.
+#[test]
+fn the_testing_filter_is_warned_about() {
+    let c = load(
+        r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: header-based-testing-filter
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: max-score-picker
+"#,
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("header-based-testing-filter"));
+    assert!(c.warnings[0].contains("test-epp-endpoint-selection"));
+}
+
+/// Review: numbers too large for a `Duration` panicked the load; they are refused, naming the
+/// parameter.
+#[test]
+fn huge_durations_are_refused_not_a_panic() {
+    for (plugin, parameter) in [
+        ("session-affinity-scorer", "evictionTtlSeconds: 1e20"),
+        ("session-affinity-scorer", "evictionSweepSeconds: 1e20"),
+        ("ttft-cost-producer", "stepMillis: 1e30"),
+        ("ttft-cost-producer", "prefillMicrosPerToken: 1e30"),
+        ("ttft-cost-producer", "sequenceMicros: 1e30"),
+    ] {
+        let config = format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: {plugin}\n  parameters:\n    {parameter}\n"
+        );
+        let e = load(&config, 1).expect_err(parameter).to_string();
+        let name = parameter.split(':').next().unwrap();
+        assert!(e.contains(name), "{e}");
+    }
+}
+
+/// Review: a `metrics-data-source` that says `path: /metrics` lost to
+/// `--model-server-metrics-path`, since the default and a given `/metrics` were one value.
+#[test]
+fn a_source_path_of_slash_metrics_is_still_given() {
+    let c = load(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: metrics-data-source\n  parameters:\n    path: /metrics\n",
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.scrape.path.as_deref(), Some("/metrics"));
 }

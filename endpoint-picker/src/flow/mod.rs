@@ -232,6 +232,9 @@ pub struct FlowRecordKey {
     pub model: Arc<str>,
     /// The served model's label value.
     pub target_model: Arc<str>,
+    /// The pool's label value when the request entered (the pool's name may be learnt, or
+    /// change, while it waits).
+    pub pool: Arc<str>,
 }
 
 /// Hears every request enter and leave flow control (metrics). Called outside flow control's

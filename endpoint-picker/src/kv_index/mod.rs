@@ -294,6 +294,13 @@ impl SharedKvIndex {
         self.clear_endpoint(endpoint);
     }
 
+    /// [`Self::gap`], the clear giving the runtime's other tasks their turn between two
+    /// slices ([`Self::clear_endpoint_yielding`]).
+    pub async fn gap_yielding(&self, endpoint: EndpointId, now: Instant) {
+        self.set_stream(endpoint, StreamState::Gap { since: now });
+        self.clear_endpoint_yielding(endpoint).await;
+    }
+
     /// An endpoint left the pool: its stream state, its entries and its engine hashes go. The
     /// entries are walked by the clear walker when there is one ([`Self::walk_clears`]),
     /// here otherwise.

@@ -154,6 +154,10 @@ pub static REGISTRY: &[Entry] = &[
     // Filters.
     Entry::new("header-based-testing-filter", Role::Filter, |p| {
         p.none()?;
+        p.warn(
+            "any client picks its own endpoints with the test-epp-endpoint-selection header: \
+             a conformance-test plugin, not for traffic",
+        );
         filter(HeaderBasedTestingFilter { name: p.name() })
     }),
     Entry::new("label-selector-filter", Role::Filter, |p| {
@@ -271,8 +275,10 @@ pub static REGISTRY: &[Entry] = &[
     Entry::inert(
         "inflight-load-producer",
         Role::DataProducer,
-        "the in-flight request counts active-request-scorer reads are always tracked, and \
-         its token counts feed only plugins not implemented here",
+        "in-flight requests are always counted, and concurrency-detector counts the uncached \
+         prompt tokens of requests before their first token itself: this producer's token \
+         estimates (addEstimatedOutputTokens, outputRatio, maxEstimatedOutputTokens) change \
+         nothing here",
         compat::inflight_load_producer,
     ),
     // Saturation detectors.
@@ -584,6 +590,11 @@ mod tests {
             }
             match entry.factory {
                 Factory::Inert { .. } => assert_eq!(warnings.len(), 1, "{}", entry.type_name),
+                // The conformance filter is built, and warned about (any client picks its
+                // endpoints with it).
+                Factory::Build(_) if entry.type_name == "header-based-testing-filter" => {
+                    assert_eq!(warnings.len(), 1, "{}", entry.type_name)
+                }
                 Factory::Build(_) => {
                     assert!(warnings.is_empty(), "{}: {warnings:?}", entry.type_name)
                 }

@@ -6,5 +6,6 @@ pub mod scraper;
 
 pub use engine::{EngineMapping, MetricSpec};
 pub use scraper::{
-    MetricsScheme, ScrapeConfig, ScrapeError, ScrapeObserver, ScrapeTls, ScrapeTlsError,
+    DEFAULT_MAX_IDLE_INTERVAL, MetricsScheme, ScrapeConfig, ScrapeError, ScrapeObserver, ScrapeTls,
+    ScrapeTlsError,
 };

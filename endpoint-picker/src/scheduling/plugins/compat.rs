@@ -7,8 +7,9 @@ use serde::Deserialize;
 use crate::config::ConfigError;
 use crate::config::params::Params;
 
-/// `inflight-load-producer` parameters. They shape its token counts, which only plugins not
-/// implemented here read (`token-load-scorer`, `concurrency-detector`, …).
+/// `inflight-load-producer` parameters. They shape its token counts, which nothing reads here:
+/// `concurrency-detector` counts uncached prompt tokens itself, and `token-load-scorer` is not
+/// implemented.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct InFlightLoadYaml {

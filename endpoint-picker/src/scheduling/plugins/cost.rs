@@ -182,10 +182,14 @@ impl TtftCostProducer {
         if let Some(b) = p.positive("tokenBudget", y.token_budget)? {
             out.engine.token_budget = b as u64;
         }
+        // At most an hour: no engine step is longer, and a huge number once panicked the load
+        // (a `Duration` overflow).
         let positive_duration = |p: &Params<'_>, name, v: Option<f64>, unit: f64| match v {
             None => Ok(None),
-            Some(v) if v.is_finite() && v > 0.0 => Ok(Some(Duration::from_secs_f64(v * unit))),
-            Some(_) => Err(p.invalid(name, "must be a number > 0")),
+            Some(v) if v.is_finite() && v > 0.0 && v * unit <= 3600.0 => {
+                Ok(Some(Duration::from_secs_f64(v * unit)))
+            }
+            Some(_) => Err(p.invalid(name, "must be a number > 0, at most an hour's worth")),
         };
         if let Some(d) =
             positive_duration(p, "prefillMicrosPerToken", y.prefill_micros_per_token, 1e-6)?

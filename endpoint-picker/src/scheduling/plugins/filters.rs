@@ -46,8 +46,13 @@ impl AddressMatcher {
     }
 
     /// Parses a comma-separated list, skipping empty and malformed entries.
+    /// Parses a comma-separated list, its first [`MAX_LISTED_ADDRESSES`] entries only (the
+    /// list comes from a client's header: each entry is compared with every candidate).
     pub fn parse_list(s: &str) -> Vec<Self> {
-        s.split(',').filter_map(Self::parse).collect()
+        s.split(',')
+            .take(MAX_LISTED_ADDRESSES)
+            .filter_map(Self::parse)
+            .collect()
     }
 }
 
@@ -74,8 +79,12 @@ impl Filter for LoraAdapterFilter {
     }
 }
 
+/// Most entries of an address list read ([`AddressMatcher::parse_list`]).
+pub const MAX_LISTED_ADDRESSES: usize = 16;
+
 /// `header-based-testing-filter` (conformance only): keeps the endpoints named by the request
-/// header `test-epp-endpoint-selection`; without the header, nothing passes.
+/// header `test-epp-endpoint-selection`; without the header, nothing passes. Any client can
+/// then pick its endpoints, so loading it is warned about.
 #[derive(Debug)]
 pub struct HeaderBasedTestingFilter {
     /// Configured name.
@@ -317,6 +326,11 @@ mod tests {
         assert!(AddressMatcher::parse("[fd00::1]").unwrap().matches(v6));
         assert!(AddressMatcher::parse("fd00::1").unwrap().matches(v6));
         assert!(AddressMatcher::parse("[fd00::1]:8000").unwrap().matches(v6));
+        assert_eq!(
+            AddressMatcher::parse_list(&"10.0.0.9,".repeat(1000)).len(),
+            MAX_LISTED_ADDRESSES,
+            "a client's list is read no further than its first entries"
+        );
         assert_eq!(
             AddressMatcher::parse_list("10.0.0.1, nonsense ,,10.0.0.2").len(),
             2

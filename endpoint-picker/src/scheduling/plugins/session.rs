@@ -30,6 +30,8 @@ use crate::request::InferenceRequest;
 use crate::scheduling::plugins::response::{ResponsePlugin, Served};
 use crate::scheduling::{Candidate, CycleState, Plugin, Scorer};
 
+/// Longest `evictionTtlSeconds` / `evictionSweepSeconds`: a year.
+const MAX_SESSION_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// The default session header (llm-d's).
 pub const DEFAULT_HEADER: &str = "x-session-token";
 /// The session header of `strategy: session_id`.
@@ -138,10 +140,14 @@ impl SessionAffinityScorer {
                 "only the primary profile's endpoint can be pinned here (P/D profiles are not implemented)",
             ));
         }
+        // Capped at a year: a larger number once panicked the load (a `Duration` overflow).
         let seconds = |p: &Params<'_>, name, v: Option<f64>, default: f64| match v {
             None => Ok(default),
-            Some(s) if s.is_finite() && s > 0.0 => Ok(s),
-            Some(_) => Err(p.invalid(name, "must be a number of seconds > 0")),
+            Some(s) if s.is_finite() && s > 0.0 && s <= MAX_SESSION_SECONDS => Ok(s),
+            Some(_) => Err(p.invalid(
+                name,
+                "must be a number of seconds > 0 and at most a year (31536000)",
+            )),
         };
         let default_ttl = if session_id_strategy { 300.0 } else { 600.0 };
         let ttl = seconds(p, "evictionTtlSeconds", y.eviction_ttl_seconds, default_ttl)?;

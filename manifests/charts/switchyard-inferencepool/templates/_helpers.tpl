@@ -105,14 +105,24 @@ floats, and "%v" would print 16777216 as 1.6777216e+07.
 {{/* Flag values the chart derives from other values, as JSON. */}}
 {{- define "switchyard.derivedFlags" -}}
 {{- $e := .Values.inferenceExtension -}}
-{{- toJson (dict
+{{- $m := $e.metricsDataSource -}}
+{{- $scheme := $m.scheme | default "http" | lower -}}
+{{- /* metricsDataSource as flags too: the default config carries it as its
+       metrics-data-source plugin, a custom config (pluginsConfigFile) does not, and the
+       flags are how it still reaches the EPP there. */ -}}
+{{- $flags := dict
   "pool-name" .Release.Name
   "pool-namespace" .Release.Namespace
   "grpc-port" (include "switchyard.str" $e.extProcPort)
   "grpc-health-port" (include "switchyard.str" $e.healthPort)
   "metrics-port" (include "switchyard.str" $e.metricsPort)
   "config-file" (printf "/config/%s" $e.pluginsConfigFile)
-  "model-server-metrics-path" ($e.metricsDataSource.path | default "/metrics")) -}}
+  "model-server-metrics-path" ($m.path | default "/metrics")
+  "model-server-metrics-scheme" $scheme -}}
+{{- if eq $scheme "https" -}}
+{{- $_ := set $flags "model-server-metrics-https-insecure-skip-verify" (toString (ne (toString $m.insecureSkipVerify) "false")) -}}
+{{- end -}}
+{{- toJson $flags -}}
 {{- end -}}
 
 {{/*
@@ -271,11 +281,16 @@ the other flags, by name. Every flag appears once.
   (list "secure-serving" (include "switchyard.secureServing" . | eq "true" | toString))
   (list "config-file" (get $d "config-file"))
   (list "model-server-metrics-path" (get $d "model-server-metrics-path"))
+  (list "model-server-metrics-scheme" (get $d "model-server-metrics-scheme"))
   (list "zap-encoder" "json")
   (list "v" (include "switchyard.str" $e.logVerbosity))
   (list "ha-enable-leader-election" (include "switchyard.ha" . | eq "true" | toString))
   (list "tracing" (include "switchyard.tracing" . | eq "true" | toString))
   (list "metrics-endpoint-auth" (include "switchyard.metricsAuth" . | eq "true" | toString)) -}}
+{{- $insecure := "model-server-metrics-https-insecure-skip-verify" -}}
+{{- if hasKey $d $insecure -}}
+{{- $defaults = append $defaults (list $insecure (get $d $insecure)) -}}
+{{- end -}}
 {{- $seen := list -}}
 {{- range $defaults -}}
 {{- $name := index . 0 -}}
