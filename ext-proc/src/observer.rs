@@ -434,12 +434,18 @@ impl ObserverState {
             return;
         };
         let usage: Option<Usage> = self.sse.usage().or_else(|| openai::usage_from_json(&copy));
-        if let (Some(flow), Some(usage), Some(fairness_id)) = (
+        if let (Some(flow), Some(fairness_id)) = (
             self.ctx.director.flow_control(),
-            usage,
             watched.fairness_id.as_deref(),
         ) {
-            flow.record_usage(fairness_id, usage.prompt_tokens, usage.completion_tokens);
+            // The answer's share of the flow's attained service (the routing stream charged
+            // the prompt when flow control let the request go): usage, else the SSE events.
+            let completion = match usage {
+                Some(u) => u.completion_tokens,
+                None if self.streaming => self.sse.data_events(),
+                None => 0,
+            };
+            flow.record_usage(fairness_id, 0, completion);
         }
         self.ctx.recorder.on_observed(&Observation {
             key: &watched.key,

@@ -582,6 +582,7 @@ pub struct SseUsageScanner {
     charge: BodyCharge,
     overflowed: bool,
     usage: Option<Usage>,
+    data_events: u64,
 }
 
 impl SseUsageScanner {
@@ -639,7 +640,11 @@ impl SseUsageScanner {
             return;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data == b"[DONE]" || memchr::memmem::find(data, b"\"usage\"").is_none() {
+        if data == b"[DONE]" {
+            return;
+        }
+        self.data_events = self.data_events.saturating_add(1);
+        if memchr::memmem::find(data, b"\"usage\"").is_none() {
             return;
         }
         if let Some(u) = usage_of(data) {
@@ -650,6 +655,13 @@ impl SseUsageScanner {
     /// The last usage found so far.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// The `data:` events seen (`[DONE]` aside; a line over the cap is not seen): each carries
+    /// one token or more of a streamed answer, so they bound its completion tokens from below
+    /// when the client did not ask for usage.
+    pub fn data_events(&self) -> u64 {
+        self.data_events
     }
 }
 

@@ -373,6 +373,11 @@ impl StreamState {
         };
         let mut out = match decision {
             Ok(admitted) => {
+                if let Some(flow) = self.ctx.director.flow_control() {
+                    // The prompt's share of the flow's attained service, charged as it goes
+                    // (the answer's at its end, `complete_response`).
+                    flow.record_usage(&request.fairness_id, request.prompt_tokens(), 0);
+                }
                 let out = self.schedule(request, body);
                 // Routed (its in-flight slot counts now) or refused: either way no longer a
                 // dispatched-but-unrouted request.
@@ -1197,13 +1202,18 @@ impl StreamState {
         // Envoy streamed the body past the EPP, so its size is not known here.
         let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;
         let Some(request) = &self.request else { return };
-        if let (Some(flow), Some(usage)) = (self.ctx.director.flow_control(), self.response.usage) {
-            // The least-attained-service policy learns what each flow consumed.
-            flow.record_usage(
-                &request.fairness_id,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            );
+        if let Some(flow) = self.ctx.director.flow_control() {
+            // The least-attained-service policy learns what each flow consumed: its prompt was
+            // charged when flow control let it go (`on_admission`), its answer is charged here,
+            // from the engine's usage or, when the client did not ask for usage, the SSE
+            // events seen (each one token or more). Charging only what usage reported let a
+            // flow that never asks for it stay at zero, served first for ever.
+            let completion = match self.response.usage {
+                Some(u) => u.completion_tokens,
+                None if self.response.streaming => self.response.sse.data_events(),
+                None => 0,
+            };
+            flow.record_usage(&request.fairness_id, 0, completion);
         }
         let elapsed = self.started.elapsed();
         // Only a successful answer's first chunk is a time to first token.

@@ -634,3 +634,28 @@ fn a_source_path_of_slash_metrics_is_still_given() {
     .unwrap();
     assert_eq!(c.scrape.path.as_deref(), Some("/metrics"));
 }
+
+/// The strictest staleness threshold is every utilization detector's, the admission one and a
+/// profile's filter alike: the binary keeps its scrape back-off under it.
+#[test]
+fn the_strictest_staleness_threshold_counts_every_detector() {
+    let default = load(HEAD, 1).unwrap();
+    assert_eq!(
+        default.strictest_staleness,
+        Some(Duration::from_millis(200))
+    );
+    let c = load(
+        &format!(
+            "{HEAD}plugins:\n- name: strict\n  type: utilization-detector\n  parameters: {{metricsStalenessThreshold: 100ms}}\n- type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: strict\n  - pluginRef: max-score-picker\n"
+        ),
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.strictest_staleness, Some(Duration::from_millis(100)));
+    let concurrency = load(
+        &format!("{HEAD}plugins:\n- type: concurrency-detector\nsaturationDetector:\n  pluginRef: concurrency-detector\n"),
+        1,
+    )
+    .unwrap();
+    assert_eq!(concurrency.strictest_staleness, None, "it reads no metrics");
+}

@@ -823,10 +823,23 @@ impl FlowControl {
 
     /// A response of `fairness_id` ended: the least-attained-service policies count it.
     pub fn record_usage(&self, fairness_id: &str, prompt_tokens: u64, completion_tokens: u64) {
+        if prompt_tokens == 0 && completion_tokens == 0 {
+            return;
+        }
         let now = Instant::now();
         for las in &self.las {
             las.record(fairness_id, prompt_tokens, completion_tokens, now);
         }
+    }
+
+    /// The service the least-attained-service policies have charged a flow (the largest, with
+    /// several), decayed to now; `None` without such a policy.
+    pub fn attained_service(&self, fairness_id: &str) -> Option<f64> {
+        let now = Instant::now();
+        self.las
+            .iter()
+            .map(|las| las.attained(fairness_id, now))
+            .reduce(f64::max)
     }
 
     /// Queues `request`, or decides at once that it cannot be (capacity); either way the

@@ -1900,3 +1900,49 @@ async fn request_trailers_wait_for_the_token_ids() {
         1
     );
 }
+
+/// Review: least-attained-service fairness learnt a flow's service only from the engine's
+/// `usage`, which a stream carries only when the client asks for it: a tenant that never asked
+/// stayed at zero and was served first for ever. Its prompt is charged when flow control lets
+/// the request go, and its answer from the SSE events seen.
+#[tokio::test(start_paused = true)]
+async fn a_stream_without_usage_still_charges_its_flow() {
+    let config = FLOW_CONTROL
+        .replace(
+            "- type: queue-scorer\n",
+            "- type: queue-scorer\n- type: program-aware-fairness\n",
+        )
+        .replace(
+            "    maxRequests: 1\n",
+            "    maxRequests: 50\n    fairnessPolicyRef: program-aware-fairness\n",
+        );
+    let h = Harness::with_config(1, &config);
+    let (token, task) = dispatcher(&h);
+    let fc = h.director.flow_control().unwrap().clone();
+    let mut s = h.stream();
+    let tenant = [("x-llm-d-inference-fairness-id", "quiet-tenant")];
+    assert!(send_chat(&mut s, "m", &tenant).is_empty(), "queued");
+    let decision = s.admission().unwrap().wait().await;
+    let out = prost_answers(s.on_admission(decision));
+    routing_answer(&out[0]).destination();
+    let prompt_only = fc.attained_service("quiet-tenant").unwrap();
+    assert!(
+        prompt_only > 0.0,
+        "the prompt is charged as the request goes"
+    );
+    // A streamed answer of three events and no usage.
+    s.on_message(resp_headers(
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+        None,
+    ));
+    let events = b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[{\"text\":\"b\"}]}\n\ndata: {\"choices\":[{\"text\":\"c\"}]}\n\ndata: [DONE]\n\n";
+    s.on_message(resp_body(events, true));
+    let charged = fc.attained_service("quiet-tenant").unwrap();
+    assert!(
+        (charged - prompt_only - 2.0 * 3.0).abs() < 1e-6,
+        "three output tokens, weighted twice: {prompt_only} -> {charged}"
+    );
+    token.cancel();
+    task.await.unwrap();
+}
