@@ -74,6 +74,10 @@ pub struct Args {
     /// --max-request-body-bytes.
     #[arg(long, default_value_t = ext_proc::body_budget::DEFAULT_GATHERED_REQUEST_BYTES)]
     pub max_gathered_request_bytes: usize,
+    /// How long a streamed request body may take from its headers to its end; past it the
+    /// request gets 408 and what it held is released (as at the EPP).
+    #[arg(long, default_value = "180s", value_parser = positive_duration)]
+    pub request_body_timeout: Duration,
     /// Authenticate and authorize /metrics (TokenReview + SubjectAccessReview in Kubernetes
     /// mode, --metrics-bearer-token-file in file mode).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]

@@ -71,6 +71,7 @@ async fn run(args: Args) -> Result<()> {
         configmap_namespace,
         max_request_body_bytes,
         max_gathered_request_bytes,
+        request_body_timeout,
         list_models,
         metrics_endpoint_auth,
         metrics_bearer_token_file,
@@ -239,6 +240,7 @@ async fn run(args: Args) -> Result<()> {
             gathered_request_bytes: std::sync::Arc::new(ext_proc::body_budget::BodyBudget::new(
                 max_gathered_request_bytes,
             )),
+            request_body_timeout,
         },
         mapping,
         source,

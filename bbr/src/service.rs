@@ -47,7 +47,20 @@ impl Processor for BbrService {
             let _open = Open::new(ctx.clone());
             let mut state = BbrStream::new(ctx);
             loop {
-                match inbound.message().await {
+                let next = match state.body_deadline() {
+                    None => inbound.message().await,
+                    // A body being gathered has a deadline, as at the EPP: past it, 408.
+                    Some(deadline) => match tokio::time::timeout_at(deadline, inbound.message()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            for response in state.on_body_timeout() {
+                                yield Ok(response);
+                            }
+                            break;
+                        }
+                    },
+                };
+                match next {
                     Ok(Some(message)) => {
                         for response in state.on_inbound(message) {
                             yield Ok(response);

@@ -56,6 +56,9 @@ pub struct Options {
     /// `--max-gathered-request-bytes`: the request-body bytes every stream may hold together;
     /// shared by every clone of these options. A body that would pass it gets 429.
     pub gathered_request_bytes: Arc<BodyBudget>,
+    /// `--request-body-timeout`: a streamed body must end this long after its headers, or the
+    /// request gets 408 (as at the EPP).
+    pub request_body_timeout: std::time::Duration,
 }
 
 impl Default for Options {
@@ -65,6 +68,7 @@ impl Default for Options {
             max_request_body_bytes: 16 * 1024 * 1024,
             list_models: true,
             gathered_request_bytes: Arc::default(),
+            request_body_timeout: ext_proc::stream::DEFAULT_REQUEST_BODY_TIMEOUT,
         }
     }
 }
@@ -108,6 +112,12 @@ pub enum Refusal {
     /// 429, `rejected-saturated` as the EPP's.
     #[error(transparent)]
     OverBudget(#[from] OverBudget),
+    /// The body did not end within `--request-body-timeout` of its headers: 408.
+    #[error("request body not received within {seconds} s of its headers")]
+    BodyTimeout {
+        /// The deadline, in seconds.
+        seconds: u64,
+    },
 }
 
 impl Refusal {
@@ -117,6 +127,7 @@ impl Refusal {
             Refusal::BadBody(_) => (400, "BadRequest"),
             Refusal::TooLarge { .. } => (413, "PayloadTooLarge"),
             Refusal::OverBudget(_) => (429, "ResourceExhausted"),
+            Refusal::BodyTimeout { .. } => (408, "RequestTimeout"),
         }
     }
 
@@ -140,6 +151,8 @@ pub struct BbrStream {
     body: BodyBuffer,
     /// The body's bytes, charged to the process's budget until the body is answered.
     body_charge: BodyCharge,
+    /// When the request's headers came.
+    started: Instant,
 }
 
 impl BbrStream {
@@ -152,7 +165,23 @@ impl BbrStream {
             headers: Vec::new(),
             body: BodyBuffer::empty(),
             body_charge: BodyCharge::default(),
+            started: Instant::now(),
         }
+    }
+
+    /// When the body being gathered must have ended (streamed mode), `None` otherwise.
+    pub fn body_deadline(&self) -> Option<Instant> {
+        (self.phase == Phase::Body && self.ctx.options.streaming && !self.done)
+            .then(|| self.started + self.ctx.options.request_body_timeout)
+    }
+
+    /// The body's deadline passed: 408, what the stream held released.
+    pub fn on_body_timeout(&mut self) -> Vec<Answer> {
+        if self.body_deadline().is_none() {
+            return Vec::new();
+        }
+        let seconds = self.ctx.options.request_body_timeout.as_secs();
+        self.refuse(Refusal::BodyTimeout { seconds })
     }
 
     /// True once an immediate response ended the exchange: later messages get no answer.
@@ -247,6 +276,7 @@ impl BbrStream {
             return vec![headers_answer(Vec::new(), self.client_copies()).into()];
         }
         self.phase = Phase::Body;
+        self.started = Instant::now();
         let expected = self
             .header("content-length")
             .and_then(|v| v.trim().parse::<usize>().ok())
@@ -454,6 +484,7 @@ mod tests {
                 max_request_body_bytes: 1 << 20,
                 list_models: true,
                 gathered_request_bytes: Arc::new(BodyBudget::new(2 << 20)),
+                request_body_timeout: std::time::Duration::from_secs(60),
             },
         })
     }
@@ -670,6 +701,39 @@ mod tests {
         b.on_message(req_headers(&headers(&kib256), false, None));
         let budget = &buffered.options.gathered_request_bytes;
         assert_eq!((budget.held(), budget.reserved()), (0, 0));
+    }
+
+    /// A body that stops coming gets 408 at its deadline, what it held released; BUFFERED
+    /// mode (Envoy holds the body) has none.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_coming_gets_408() {
+        let streamed = ctx(true);
+        let budget = streamed.options.gathered_request_bytes.clone();
+        let mut s = BbrStream::new(streamed.clone());
+        assert!(s.body_deadline().is_none(), "no request yet");
+        s.on_message(req_headers(
+            &headers(&[("content-length", "1000")]),
+            false,
+            None,
+        ));
+        s.on_message(req_body(b"{\"model\"", false));
+        assert_eq!(budget.held(), 8);
+        let deadline = s.body_deadline().expect("gathering");
+        assert_eq!(
+            deadline - Instant::now(),
+            std::time::Duration::from_secs(60)
+        );
+        let out: Vec<_> = s
+            .on_body_timeout()
+            .into_iter()
+            .map(ext_proc::envoy::Answer::into_message)
+            .collect();
+        assert_eq!(immediate(&out[0]).0, 408);
+        assert!(s.is_done() && s.body_deadline().is_none());
+        assert_eq!((budget.held(), budget.reserved()), (0, 0));
+        let mut b = BbrStream::new(ctx(false));
+        b.on_message(req_headers(&headers(&[]), false, None));
+        assert!(b.body_deadline().is_none());
     }
 
     #[test]

@@ -147,6 +147,11 @@ pub struct Args {
     /// Largest request body accepted; larger bodies get 413. At least 1024.
     #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = ext_proc::body_budget::parse_body_limit)]
     pub max_request_body_bytes: usize,
+    /// How long a streamed request body may take from its headers to its end; past it the
+    /// request gets 408 and what it held is released (a body trickled in, or declared and
+    /// never sent, held its bytes and its stream for as long as the gateway let it).
+    #[arg(long, default_value = "180s", value_parser = positive_duration)]
+    pub request_body_timeout: Duration,
     /// Most request-body bytes held by all streams together while their bodies are gathered
     /// and tokenized; a request whose body would pass it gets 429 (rejected-saturated). At
     /// least --max-request-body-bytes. Bodies queued in flow control count against its
@@ -396,6 +401,7 @@ mod tests {
             "--idle-scrape-interval",
             "--refresh-prometheus-metrics-interval",
             "--metrics-staleness-threshold",
+            "--request-body-timeout",
         ] {
             let error = Args::try_parse_from(["epp", &format!("{flag}=0s")]).unwrap_err();
             assert!(error.to_string().contains(flag), "{flag}: {error}");

@@ -108,6 +108,7 @@ async fn run(args: Args) -> Result<()> {
         config_file,
         config_text,
         max_request_body_bytes,
+        request_body_timeout,
         max_gathered_request_bytes,
         seed,
         debug_decision_header,
@@ -466,6 +467,7 @@ async fn run(args: Args) -> Result<()> {
         config: loaded,
         options: ServiceOptions {
             max_request_body_bytes,
+            request_body_timeout,
             gathered_request_bytes: Arc::new(BodyBudget::new(max_gathered_request_bytes)),
             disable_subset_filter: disable_endpoint_subset_filter,
             decision_header: debug_decision_header,

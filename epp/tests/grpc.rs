@@ -350,6 +350,31 @@ async fn oversized_body_gets_413() {
     assert!(text.contains("exceeds the limit of 1000 bytes"));
 }
 
+/// A body that stops coming (here after one chunk) gets 408 once `--request-body-timeout` has
+/// passed since its headers, and what it held is given back.
+#[tokio::test]
+async fn a_body_that_stops_coming_gets_408() {
+    let budget = std::sync::Arc::new(ext_proc::body_budget::BodyBudget::new(1 << 20));
+    let opts = EppOptions {
+        options: ServiceOptions {
+            request_body_timeout: std::time::Duration::from_millis(300),
+            gathered_request_bytes: budget.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let epp = start_epp(three(), opts).await;
+    let mut s = Stream::open(epp.grpc).await;
+    let mut headers = CHAT_HEADERS.to_vec();
+    headers.push(("content-length", "100000"));
+    s.send(req_headers(&headers, false, None)).await;
+    s.send(req_body(&[b' '; 600], false)).await;
+    let (status, text) = immediate(&s.recv().await);
+    assert_eq!(status, 408, "{text}");
+    assert!(text.contains("RequestTimeout"), "{text}");
+    assert_eq!((budget.held(), budget.reserved()), (0, 0));
+}
+
 #[tokio::test]
 async fn client_routing_headers_have_no_effect() {
     let epp = start_epp(three(), EppOptions::default()).await;

@@ -27,6 +27,12 @@ pub enum RequestError {
         /// The limit.
         limit: usize,
     },
+    /// The body did not end within `--request-body-timeout` of its headers: 408.
+    #[error("request body not received within {seconds} s of its headers")]
+    BodyTimeout {
+        /// The deadline, in seconds.
+        seconds: u64,
+    },
     /// The bodies held by every stream together would pass `--max-gathered-request-bytes`:
     /// 429, `rejected-saturated`.
     #[error(transparent)]
@@ -51,6 +57,7 @@ impl RequestError {
         match self {
             RequestError::BadBody(_) | RequestError::BadHeader { .. } => (400, "BadRequest"),
             RequestError::TooLarge { .. } => (413, "PayloadTooLarge"),
+            RequestError::BodyTimeout { .. } => (408, "RequestTimeout"),
             RequestError::BodiesOverBudget(_) => (429, "ResourceExhausted"),
             RequestError::Route(RouteError::NoCandidates) => (503, "ServiceUnavailable"),
             RequestError::Route(RouteError::Shed(_)) => (429, "ResourceExhausted"),
@@ -105,6 +112,10 @@ mod tests {
             400
         );
         assert_eq!(RequestError::TooLarge { limit: 1 }.status().0, 413);
+        assert_eq!(
+            RequestError::BodyTimeout { seconds: 1 }.status(),
+            (408, "RequestTimeout")
+        );
         let over = RequestError::from(OverBudget { limit: 1 });
         assert_eq!(over.status(), (429, "ResourceExhausted"));
         assert_eq!(over.dropped_reason(), Some("rejected-saturated"));

@@ -102,7 +102,23 @@ impl Processor for ExtProcService {
                         held_bytes -= held_size(&message);
                         Ok(Some(message))
                     }
-                    None => inbound.message().await,
+                    None => match state.body_deadline() {
+                        None => inbound.message().await,
+                        // A body being gathered has a deadline: past it the request gets 408
+                        // and its stream ends, whatever the client still trickles.
+                        Some(deadline) => {
+                            match tokio::time::timeout_at(deadline, inbound.message()).await {
+                                Ok(next) => next,
+                                Err(_) => {
+                                    let span = span.get_or_insert_with(tracing::Span::none);
+                                    for response in span.in_scope(|| state.on_body_timeout()) {
+                                        yield Ok(response);
+                                    }
+                                    break;
+                                }
+                            }
+                        }
+                    },
                 };
                 match next {
                     Ok(Some(message)) if span.is_none() && message.message.observability_mode => {

@@ -100,11 +100,18 @@ const MAX_OBJECTIVE_BYTES: usize = 253;
 /// Largest latency objective accepted, in milliseconds (an hour).
 const MAX_SLO_MS: f64 = 3_600_000.0;
 
+/// Default of [`ServiceOptions::request_body_timeout`]: a 16 MiB body (the default cap) at
+/// 1 Mbit/s takes about two minutes.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// Settings of the service.
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
     /// `--max-request-body-bytes`.
     pub max_request_body_bytes: usize,
+    /// `--request-body-timeout`: a streamed body must end this long after its headers, or the
+    /// request gets 408 (a body trickled in, or never sent, held its bytes and its stream).
+    pub request_body_timeout: Duration,
     /// The request-body bytes every stream may hold together before routing
     /// (`--max-gathered-request-bytes`); shared by every clone of these options.
     pub gathered_request_bytes: Arc<BodyBudget>,
@@ -134,6 +141,7 @@ impl Default for ServiceOptions {
     fn default() -> Self {
         Self {
             max_request_body_bytes: 16 * 1024 * 1024,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             gathered_request_bytes: Arc::default(),
             held_response_bytes: Arc::new(BodyBudget::new(DEFAULT_HELD_RESPONSE_BYTES)),
             disable_subset_filter: false,
@@ -341,6 +349,26 @@ impl StreamState {
             return None;
         }
         (!self.done).then(|| envoy::trailers_response(Direction::Request).into())
+    }
+
+    /// When the request's body must have ended: set while a streamed body is being gathered
+    /// (not while it waits for token ids or in flow control), `None` otherwise.
+    pub fn body_deadline(&self) -> Option<Instant> {
+        (self.phase == Phase::RequestBody
+            && self.request_body_mode == RequestBodyMode::Streamed
+            && !self.done
+            && self.awaiting_tokens.is_none()
+            && self.queued.is_none())
+        .then(|| self.started + self.ctx.options.request_body_timeout)
+    }
+
+    /// The body's deadline passed: the request is refused with 408, what it held released.
+    pub fn on_body_timeout(&mut self) -> Vec<Answer> {
+        if self.body_deadline().is_none() {
+            return Vec::new();
+        }
+        let seconds = self.ctx.options.request_body_timeout.as_secs();
+        self.fail(RequestError::BodyTimeout { seconds }, None)
     }
 
     /// The request id (empty before headers).

@@ -777,6 +777,7 @@ pub fn run(data: &[u8]) {
     drop(stream);
     drop(observer);
     assert_eq!(budget.held(), 0, "every body charge is given back");
+    assert_eq!(budget.reserved(), 0, "every reservation is given back");
     assert_eq!(
         held_responses.held(),
         0,
