@@ -308,15 +308,18 @@ pub async fn serve(
         .add_service(svc);
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let token = stop_accepting.clone();
+    // Bounded connections, as the EPP's (`epp::connections`).
+    let slots = epp::connections::Slots::default();
     let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match acceptor {
             Some(acceptor) => Box::pin(router.serve_with_incoming_shutdown(
-                tls_incoming(incoming, acceptor),
+                tls_incoming(incoming, acceptor, slots),
                 token.cancelled_owned(),
             )),
-            None => {
-                Box::pin(router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()))
-            }
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                epp::connections::limited(incoming, slots),
+                token.cancelled_owned(),
+            )),
         };
     let result = serve_then_drain(
         grpc,

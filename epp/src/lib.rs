@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod connections;
 pub mod debug;
 pub mod flow_metrics;
 pub mod health;

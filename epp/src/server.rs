@@ -25,6 +25,7 @@ use ext_proc::service::ExtProcService;
 use ext_proc::stream::{ServiceContext, ServiceOptions};
 
 use crate::admin::{self, AdminAuth, AdminState, DebugState};
+use crate::connections::{Guarded, PREFACE_TIMEOUT, Slots, limited};
 use crate::debug::DecisionLog;
 use crate::flow_metrics::FlowMetrics;
 use crate::health;
@@ -671,15 +672,20 @@ pub async fn serve_with_handles(
         )),
         None => Box::pin(std::future::ready(Ok(()))),
     };
-    let tcp: Serving = match tls {
-        Some((acceptor, _)) => Box::pin(router.serve_with_incoming_shutdown(
-            tls_incoming(incoming, acceptor),
-            grpc_token.cancelled_owned(),
-        )),
-        None => {
-            Box::pin(router.serve_with_incoming_shutdown(incoming, grpc_token.cancelled_owned()))
-        }
-    };
+    // Bounded connections ([`crate::connections`]); the Unix socket, reachable only on the
+    // host and guarded by its file's mode, is not.
+    let slots = Slots::default();
+    let tcp: Serving =
+        match tls {
+            Some((acceptor, _)) => Box::pin(router.serve_with_incoming_shutdown(
+                tls_incoming(incoming, acceptor, slots),
+                grpc_token.cancelled_owned(),
+            )),
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                limited(incoming, slots),
+                grpc_token.cancelled_owned(),
+            )),
+        };
     // Either listener failing ends serving; both end together at shutdown.
     let grpc = async move { futures::try_join!(tcp, uds).map(|_| ()) };
     let result = serve_then_drain(
@@ -799,13 +805,21 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// tonic. A failed or timed-out handshake is logged at debug and dropped, as tonic does with
 /// its own TLS. Dropping the stream (at shutdown) aborts the handshakes in progress. Shared
 /// with the `bbr` binary, whose ext_proc port serves TLS the same way.
+///
+/// Each connection holds a slot of `slots` from its accept, handshake included; past the cap a
+/// connection is closed at once, and after its handshake it must send the HTTP/2 preface in
+/// time ([`crate::connections`]).
 pub fn tls_incoming(
     tcp: TcpIncoming,
     acceptor: tokio_rustls::TlsAcceptor,
+    slots: Slots,
 ) -> impl tokio_stream::Stream<Item = Result<TlsConnection, std::io::Error>> {
     use tokio_stream::StreamExt as _;
 
-    type Handshake = Result<Result<TlsConnection, std::io::Error>, tokio::time::error::Elapsed>;
+    type Handshake = Result<
+        Result<tokio_rustls::server::TlsStream<Guarded<tokio::net::TcpStream>>, std::io::Error>,
+        tokio::time::error::Elapsed,
+    >;
     enum Next {
         Accepted(Option<Result<tokio::net::TcpStream, std::io::Error>>),
         // Boxed: a TLS stream is large, a socket is not.
@@ -815,48 +829,56 @@ pub fn tls_incoming(
     let handshakes = tokio::task::JoinSet::new();
     futures::stream::unfold(
         (tcp, handshakes, acceptor),
-        |(mut tcp, mut handshakes, acceptor)| async move {
-            loop {
-                let next = tokio::select! {
-                    accepted = tcp.next() => Next::Accepted(accepted),
-                    Some(done) = handshakes.join_next() => Next::Handshake(Box::new(done)),
-                };
-                match next {
-                    // The listener is gone: the stream ends (tonic stops serving).
-                    Next::Accepted(None) => return None,
-                    // tonic logs accept errors and carries on.
-                    Next::Accepted(Some(Err(e))) => {
-                        return Some((Err(e), (tcp, handshakes, acceptor)));
+        move |(mut tcp, mut handshakes, acceptor)| {
+            let slots = slots.clone();
+            async move {
+                loop {
+                    let next = tokio::select! {
+                        accepted = tcp.next() => Next::Accepted(accepted),
+                        Some(done) = handshakes.join_next() => Next::Handshake(Box::new(done)),
+                    };
+                    match next {
+                        // The listener is gone: the stream ends (tonic stops serving).
+                        Next::Accepted(None) => return None,
+                        // tonic logs accept errors and carries on.
+                        Next::Accepted(Some(Err(e))) => {
+                            return Some((Err(e), (tcp, handshakes, acceptor)));
+                        }
+                        Next::Accepted(Some(Ok(socket))) => {
+                            // Past the cap the socket is dropped (closed) here.
+                            let Some(slot) = slots.take() else { continue };
+                            let socket = Guarded::new(socket, Some(slot), None);
+                            let acceptor = acceptor.clone();
+                            handshakes.spawn(async move {
+                                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket))
+                                    .await
+                            });
+                        }
+                        Next::Handshake(done) => match *done {
+                            Ok(Ok(Ok(stream))) => {
+                                let stream = Guarded::new(stream, None, Some(PREFACE_TIMEOUT));
+                                return Some((Ok(stream), (tcp, handshakes, acceptor)));
+                            }
+                            Ok(Ok(Err(error))) => {
+                                tracing::debug!(%error, "ext_proc TLS handshake failed");
+                            }
+                            Ok(Err(_)) => {
+                                tracing::debug!(timeout = ?TLS_HANDSHAKE_TIMEOUT, "ext_proc TLS handshake timed out");
+                            }
+                            Err(error) => {
+                                tracing::debug!(%error, "ext_proc TLS handshake task ended");
+                            }
+                        },
                     }
-                    Next::Accepted(Some(Ok(socket))) => {
-                        let acceptor = acceptor.clone();
-                        handshakes.spawn(async move {
-                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket))
-                                .await
-                        });
-                    }
-                    Next::Handshake(done) => match *done {
-                        Ok(Ok(Ok(stream))) => {
-                            return Some((Ok(stream), (tcp, handshakes, acceptor)));
-                        }
-                        Ok(Ok(Err(error))) => {
-                            tracing::debug!(%error, "ext_proc TLS handshake failed");
-                        }
-                        Ok(Err(_)) => {
-                            tracing::debug!(timeout = ?TLS_HANDSHAKE_TIMEOUT, "ext_proc TLS handshake timed out");
-                        }
-                        Err(error) => {
-                            tracing::debug!(%error, "ext_proc TLS handshake task ended");
-                        }
-                    },
                 }
             }
         },
     )
 }
 
-/// An ext_proc connection over TLS.
-pub type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+/// An ext_proc connection over TLS: the socket holds its slot, the TLS stream its preface
+/// deadline.
+pub type TlsConnection = Guarded<tokio_rustls::server::TlsStream<Guarded<tokio::net::TcpStream>>>;
 
 #[cfg(test)]
 mod tests {
