@@ -268,6 +268,17 @@ async fn run(args: Args) -> Result<()> {
              --secure-serving=false serves no TLS"
         );
     }
+    if client_ca_path.is_some()
+        && let Some(path) = &grpc_uds_path
+    {
+        // Not refused: a co-located gateway on the socket is the point of both. Said, since
+        // the CA's "only the gateway" does not hold there.
+        tracing::warn!(
+            socket = %path.display(),
+            "--client-ca-path checks clients of the TCP port only: the Unix socket serves \
+             plaintext to whoever can open its file (its mode is the only guard)"
+        );
+    }
     if cert_path.is_some() && !secure_serving {
         bail!(
             "--cert-path is the ext_proc port's TLS certificate: --secure-serving=false serves no TLS"

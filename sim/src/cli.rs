@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8000, env = "SIM_PORT")]
     pub port: u16,
     /// Number of independent replicas served by this process.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub replicas: usize,
     /// Replica i listens on the `--host` IPv4 address plus i (`--host 127.0.0.2`: 127.0.0.2,
     /// 127.0.0.3, …; on Linux every 127/8 address is loopback) instead of port + i on one
@@ -69,26 +69,26 @@ pub struct Args {
     #[arg(long, default_value_t = 131_072)]
     pub max_model_len: usize,
     /// Fixed cost of an engine step, microseconds.
-    #[arg(long, default_value_t = 6000.0)]
+    #[arg(long, default_value_t = 6000.0, value_parser = non_negative)]
     pub step_overhead_us: f64,
     /// Cost per uncached prompt token computed, microseconds.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, value_parser = non_negative)]
     pub prefill_per_token_us: f64,
     /// Cost per (prompt token, context token) pair of prefill attention, picoseconds.
     #[arg(long, default_value_t = 960)]
     pub attention_per_pair_ps: u64,
     /// Cost per sequence in the batch, microseconds.
-    #[arg(long, default_value_t = 40.0)]
+    #[arg(long, default_value_t = 40.0, value_parser = non_negative)]
     pub per_seq_us: f64,
     /// Cost per context (KV) token attended by the batch, nanoseconds.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, value_parser = non_negative)]
     pub per_kv_token_ns: f64,
     /// Cost of loading a LoRA adapter into a GPU slot, milliseconds.
-    #[arg(long, default_value_t = 25.0)]
+    #[arg(long, default_value_t = 25.0, value_parser = non_negative)]
     pub lora_load_ms: f64,
     /// Cost of reading a LoRA adapter from disk again after it fell out of the CPU cache
     /// (--max-cpu-loras), milliseconds.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = non_negative)]
     pub lora_disk_load_ms: f64,
     /// Relative jitter of each step time (0 = deterministic), e.g. 0.05 for ±5%.
     #[arg(long, default_value_t = 0.0)]
@@ -123,7 +123,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub failure_injection_rate: f64,
     /// Statuses injected errors use, picked uniformly.
-    #[arg(long, value_delimiter = ',', default_value = "429,500,503")]
+    #[arg(long, value_delimiter = ',', default_value = "429,500,503", value_parser = clap::value_parser!(u16).range(400..=599))]
     pub failure_statuses: Vec<u16>,
     /// Delay before answering /metrics, milliseconds (slow-scrape mode).
     #[arg(long, default_value_t = 0)]
@@ -228,6 +228,24 @@ impl Args {
             None => Ok(Tokenizer::BuiltIn),
             Some(path) => Tokenizer::load(path, self.chat_template.as_deref()),
         }
+    }
+}
+
+/// A latency flag: a finite number ≥ 0 (a negative or NaN one became 0 without a word).
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} must be a finite number ≥ 0")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// A count that must be at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
     }
 }
 
@@ -342,6 +360,23 @@ mod tests {
         assert_eq!(c.failure.statuses, [503]);
         assert_eq!(c.latency.prefill_per_token, Duration::from_nanos(12_500));
         assert_eq!(c.max_num_seqs, 4);
+    }
+
+    /// Values the simulator cannot honour are refused, naming the flag (they were taken
+    /// silently: a 200 "error", a NaN latency as 0, no replica at all).
+    #[test]
+    fn values_that_cannot_be_honoured_are_refused() {
+        for (flag, value) in [
+            ("--failure-statuses", "200"),
+            ("--failure-statuses", "1000"),
+            ("--replicas", "0"),
+            ("--step-overhead-us", "-1"),
+            ("--per-kv-token-ns", "NaN"),
+        ] {
+            let e = Args::try_parse_from(["sim", &format!("{flag}={value}")]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{flag}={value}: {e}");
+        }
+        assert!(Args::try_parse_from(["sim", "--failure-statuses", "400,599"]).is_ok());
     }
 
     #[test]

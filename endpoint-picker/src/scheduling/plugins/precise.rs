@@ -314,8 +314,13 @@ impl PreciseParams {
                 "indexerConfig.kvBlockIndexConfig.inMemoryConfig.podCacheSize",
                 mem.pod_cache_size,
             )?
-            .unwrap_or(DEFAULT_MAX_ENDPOINTS_PER_KEY)
-            .min(1024);
+            .unwrap_or(DEFAULT_MAX_ENDPOINTS_PER_KEY);
+        if per_key > 1024 {
+            p.warn(format_args!(
+                "podCacheSize {per_key} is cut to 1024 (the endpoints one block records)"
+            ));
+        }
+        let per_key = per_key.min(1024);
         out.limits.max_keys = max_keys;
         out.limits.max_engine_keys = max_keys;
         out.limits.max_endpoints_per_key = per_key;

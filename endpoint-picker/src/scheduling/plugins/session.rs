@@ -151,7 +151,10 @@ impl SessionAffinityScorer {
         };
         let default_ttl = if session_id_strategy { 300.0 } else { 600.0 };
         let ttl = seconds(p, "evictionTtlSeconds", y.eviction_ttl_seconds, default_ttl)?;
-        seconds(p, "evictionSweepSeconds", y.eviction_sweep_seconds, 30.0)?;
+        if y.eviction_sweep_seconds.is_some() {
+            seconds(p, "evictionSweepSeconds", y.eviction_sweep_seconds, 30.0)?;
+            p.warn("evictionSweepSeconds has no effect here: bindings expire as they are touched");
+        }
         let miss_threshold = p.positive("missThreshold", y.miss_threshold)?.unwrap_or(3);
         let header = y.header_name.filter(|h| !h.trim().is_empty()).map_or_else(
             || {
