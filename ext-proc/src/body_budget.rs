@@ -19,7 +19,9 @@
 //! The charge ends when the request leaves the EPP's hands: routed (once the answers that carry
 //! its body back to Envoy are sent: [`charged`]), refused, or queued in flow control, whose own `maxBytes` caps then hold the queued
 //! bodies, as the operator configured them. Counting those here as well would make the two
-//! caps fight, and flow control's would stop meaning what its configuration says.
+//! caps fight, and flow control's would stop meaning what its configuration says. Once flow
+//! control lets the request go, its body is charged here again ([`BodyCharge::grow_past`],
+//! whatever the budget holds: it is already in hand) until its answers are sent.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -140,6 +142,22 @@ impl BodyCharge {
             }
         }
         Ok(())
+    }
+
+    /// Charges `bytes` more to `budget` whatever it holds: for a body already in hand (one
+    /// flow control has just let go, whose `maxBytes` counted it while it waited), which
+    /// refusing now would only waste. Past the limit, new bodies are refused until it goes.
+    pub fn grow_past(&mut self, budget: &Arc<BodyBudget>, bytes: usize) {
+        match &mut self.charged {
+            Some((held_from, charged)) => {
+                held_from.held.fetch_add(bytes, Ordering::AcqRel);
+                *charged += bytes;
+            }
+            None => {
+                budget.held.fetch_add(bytes, Ordering::AcqRel);
+                self.charged = Some((budget.clone(), bytes));
+            }
+        }
     }
 
     /// Reserves `bytes` of buffer capacity ahead of the bytes, if the budget's reservations

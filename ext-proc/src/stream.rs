@@ -406,6 +406,12 @@ impl StreamState {
                     // (the answer's at its end, `complete_response`).
                     flow.record_usage(&request.fairness_id, request.prompt_tokens(), 0);
                 }
+                // Flow control's `maxBytes` no longer counts the body: the gathering budget
+                // does again, until its answers have gone out to Envoy.
+                if let Some((b, _, _)) = &body {
+                    let budget = self.ctx.options.gathered_request_bytes.clone();
+                    self.body_charge.grow_past(&budget, b.len());
+                }
                 let out = self.schedule(request, body);
                 // Routed (its in-flight slot counts now) or refused: either way no longer a
                 // dispatched-but-unrouted request.

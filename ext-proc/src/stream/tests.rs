@@ -621,6 +621,32 @@ async fn a_queued_request_leaves_the_gathering_budget() {
     assert_eq!(budget.held(), 8, "alive: a gathering stream is charged");
 }
 
+/// Review: once flow control let a request go, its body was counted nowhere until its answers
+/// had gone out (flow control's `maxBytes` stops at dispatch). The gathering budget counts it
+/// again until then.
+#[tokio::test(start_paused = true)]
+async fn a_dispatched_body_is_charged_until_its_answers_go() {
+    let mut h = Harness::with_config(1, FLOW_CONTROL);
+    let budget = Arc::new(BodyBudget::new(1 << 20));
+    h.options.gathered_request_bytes = budget.clone();
+    let (token, task) = dispatcher(&h);
+    let mut s = h.stream();
+    assert!(send_chat(&mut s, "m", &[]).is_empty(), "queued");
+    assert_eq!(
+        budget.held(),
+        0,
+        "flow control's caps hold it while it waits"
+    );
+    let decision = s.admission().unwrap().wait().await;
+    let answers = s.on_admission(decision);
+    assert_eq!(answers.len(), 2, "routed, the body re-sent");
+    assert_eq!(budget.held(), chat("m").len());
+    drop(answers);
+    assert_eq!(budget.held(), 0);
+    token.cancel();
+    task.await.unwrap();
+}
+
 fn s_post(s: &mut StreamState) {
     assert!(s.on_message(post("/v1/completions", &[])).is_empty());
 }
