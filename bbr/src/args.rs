@@ -14,6 +14,11 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 /// An interval or a grace period: zero would poll without pause or cut every stream.
+/// A body's deadline: above zero, at most a day.
+fn body_timeout(s: &str) -> Result<Duration, String> {
+    ext_proc::body_budget::check_body_timeout(duration(s)?)
+}
+
 fn positive_duration(s: &str) -> Result<Duration, String> {
     match duration(s)? {
         d if d.is_zero() => Err(format!("{s:?} must be above zero")),
@@ -76,7 +81,7 @@ pub struct Args {
     pub max_gathered_request_bytes: usize,
     /// How long a streamed request body may take from its headers to its end; past it the
     /// request gets 408 and what it held is released (as at the EPP).
-    #[arg(long, default_value = "180s", value_parser = positive_duration)]
+    #[arg(long, default_value = "180s", value_parser = body_timeout)]
     pub request_body_timeout: Duration,
     /// Authenticate and authorize /metrics (TokenReview + SubjectAccessReview in Kubernetes
     /// mode, --metrics-bearer-token-file in file mode).

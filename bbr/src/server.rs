@@ -303,6 +303,7 @@ pub async fn serve(
     let router = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_connection_age(epp::connections::MAX_CONNECTION_AGE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS_PER_CONNECTION)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .add_service(svc);

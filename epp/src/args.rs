@@ -20,6 +20,11 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 /// An interval, deadline or half-life: zero would mean a timer that fires without end, a
 /// deadline nothing meets, or a division by zero.
+/// A body's deadline: above zero, at most a day.
+fn body_timeout(s: &str) -> Result<Duration, String> {
+    ext_proc::body_budget::check_body_timeout(duration(s)?)
+}
+
 fn positive_duration(s: &str) -> Result<Duration, String> {
     match duration(s)? {
         d if d.is_zero() => Err(format!("{s:?} must be above zero")),
@@ -150,7 +155,7 @@ pub struct Args {
     /// How long a streamed request body may take from its headers to its end; past it the
     /// request gets 408 and what it held is released (a body trickled in, or declared and
     /// never sent, held its bytes and its stream for as long as the gateway let it).
-    #[arg(long, default_value = "180s", value_parser = positive_duration)]
+    #[arg(long, default_value = "180s", value_parser = body_timeout)]
     pub request_body_timeout: Duration,
     /// Most request-body bytes held by all streams together while their bodies are gathered
     /// and tokenized; a request whose body would pass it gets 429 (rejected-saturated). At
@@ -422,6 +427,14 @@ mod tests {
             );
         }
         assert!(Args::try_parse_from(["epp", "--max-request-body-bytes=1024"]).is_ok());
+        // A deadline past a day would overflow `Instant + Duration` on every request.
+        let error = Args::try_parse_from(["epp", "--request-body-timeout=1e19s"]).unwrap_err();
+        assert!(
+            error.to_string().contains("--request-body-timeout"),
+            "{error}"
+        );
+        assert!(Args::try_parse_from(["epp", "--request-body-timeout=25h"]).is_err());
+        assert!(Args::try_parse_from(["epp", "--request-body-timeout=24h"]).is_ok());
     }
 
     #[test]

@@ -434,7 +434,8 @@ async fn run(args: Args) -> Result<()> {
         max_idle_interval: loaded
             .strictest_staleness
             .map_or(DEFAULT_MAX_IDLE_INTERVAL, |t| {
-                DEFAULT_MAX_IDLE_INTERVAL.min(t * 3 / 4)
+                // `t - t / 4`: `t * 3` overflows for thresholds past 6e18 s.
+                DEFAULT_MAX_IDLE_INTERVAL.min(t - t / 4)
             }),
         ..ScrapeConfig::default()
     };

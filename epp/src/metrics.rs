@@ -755,16 +755,26 @@ impl EppMetrics {
             }
             live
         });
-        self.attempt_series.write().retain(|a| {
-            let live = snap
-                .endpoints
-                .iter()
-                .any(|e| e.spec.pod_name == a.pod_name && e.spec.namespace == a.namespace);
-            if !live {
+        // Found under the read lock, which routing shares; the write lock only to remove.
+        let live: HashSet<(&str, &str)> = snap
+            .endpoints
+            .iter()
+            .map(|e| (e.spec.pod_name.as_str(), e.spec.namespace.as_str()))
+            .collect();
+        let departed: Vec<AttemptLabels> = self
+            .attempt_series
+            .read()
+            .iter()
+            .filter(|a| !live.contains(&(a.pod_name.as_str(), a.namespace.as_str())))
+            .cloned()
+            .collect();
+        if !departed.is_empty() {
+            let mut known = self.attempt_series.write();
+            for a in &departed {
+                known.remove(a);
                 self.scheduler_attempts.remove(a);
             }
-            live
-        });
+        }
         let entries: usize = director
             .config()
             .scheduler

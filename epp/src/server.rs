@@ -25,7 +25,9 @@ use ext_proc::service::ExtProcService;
 use ext_proc::stream::{ServiceContext, ServiceOptions};
 
 use crate::admin::{self, AdminAuth, AdminState, DebugState};
-use crate::connections::{Guarded, PREFACE_TIMEOUT, Slots, limited};
+use crate::connections::{
+    Guarded, MAX_CONNECTION_AGE, PREFACE_TIMEOUT, PeerAddress as _, Slots, limited,
+};
 use crate::debug::DecisionLog;
 use crate::flow_metrics::FlowMetrics;
 use crate::health;
@@ -646,6 +648,9 @@ pub async fn serve_with_handles(
     let mut router = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Asked to close gracefully (`crate::connections`); no grace cut: a long answer's
+        // stream finishes on its old connection.
+        .max_connection_age(MAX_CONNECTION_AGE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS_PER_CONNECTION)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
         .add_service(svc);
@@ -846,7 +851,9 @@ pub fn tls_incoming(
                         }
                         Next::Accepted(Some(Ok(socket))) => {
                             // Past the cap the socket is dropped (closed) here.
-                            let Some(slot) = slots.take() else { continue };
+                            let Some(slot) = slots.take(socket.peer_ip()) else {
+                                continue;
+                            };
                             let socket = Guarded::new(socket, Some(slot), None);
                             let acceptor = acceptor.clone();
                             handshakes.spawn(async move {

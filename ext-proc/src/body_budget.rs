@@ -35,6 +35,20 @@ pub const DEFAULT_GATHERED_REQUEST_BYTES: usize = 1024 * 1024 * 1024;
 /// 413 (0 was accepted, and refused every POST).
 pub const MIN_REQUEST_BODY_LIMIT: usize = 1024;
 
+/// Longest `--request-body-timeout` accepted: a day (`Instant + Duration` overflows, a panic on
+/// every request, for values near `Duration::MAX`).
+pub const MAX_REQUEST_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// Checks a `--request-body-timeout` value, parsed by the binary's duration parser.
+pub fn check_body_timeout(d: std::time::Duration) -> Result<std::time::Duration, String> {
+    if d.is_zero() || d > MAX_REQUEST_BODY_TIMEOUT {
+        return Err(format!(
+            "{d:?} must be above zero and at most a day ({MAX_REQUEST_BODY_TIMEOUT:?})"
+        ));
+    }
+    Ok(d)
+}
+
 /// Parses a `--max-request-body-bytes` value (clap's `value_parser`, in the EPP and in bbr).
 pub fn parse_body_limit(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

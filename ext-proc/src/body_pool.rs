@@ -29,10 +29,9 @@ pub const MAX_IDLE_BUFFERS: usize = 16;
 /// Most idle bytes (capacity) kept in total.
 pub const MAX_IDLE_BYTES: usize = 8 * 1024 * 1024;
 /// Most bytes a buffer reserves ahead of the body: the length is the client's word, and a
-/// stream that declares 16 MiB and sends nothing must not hold 16 MiB. What is reserved is
-/// charged to the gathered-bytes budget at once (a stream that declares a length and sends
-/// nothing holds its reservation, and many of them must not pass the budget). A longer body
-/// grows its buffer as it comes.
+/// stream that declares 16 MiB and sends nothing must not hold 16 MiB. What is reserved counts
+/// against the reservations' share of the gathered-bytes budget (`body_budget`), apart from
+/// the bytes charged as they arrive. A longer body grows its buffer as it comes.
 pub const MAX_RESERVED_AHEAD: usize = MAX_POOLED;
 
 /// The process's pool for streamed request bodies.

@@ -657,9 +657,10 @@ impl SseUsageScanner {
         self.usage
     }
 
-    /// The `data:` events seen (`[DONE]` aside; a line over the cap is not seen): each carries
-    /// one token or more of a streamed answer, so they bound its completion tokens from below
-    /// when the client did not ask for usage.
+    /// The `data:` events seen (`[DONE]` aside; a line over the cap is not seen): about one
+    /// a token (or `--stream-granularity` tokens) of a streamed answer, give or take the
+    /// role-only first chunk and a closing one; what the answer is charged at when the client
+    /// did not ask for usage.
     pub fn data_events(&self) -> u64 {
         self.data_events
     }

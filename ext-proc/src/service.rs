@@ -114,6 +114,8 @@ impl Processor for ExtProcService {
                                     for response in span.in_scope(|| state.on_body_timeout()) {
                                         yield Ok(response);
                                     }
+                                    // Answered (408), as any other immediate response.
+                                    open.outcome = StreamOutcome::Ok;
                                     break;
                                 }
                             }

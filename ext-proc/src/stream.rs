@@ -216,6 +216,9 @@ pub struct StreamState {
     response: ResponseState,
     /// A parsed request waiting for its token ids (see [`StreamState::pending_tokenization`]).
     awaiting_tokens: Option<AwaitingTokens>,
+    /// The prompt tokens charged to the request's flow when it went (least attained service),
+    /// from its estimate; corrected by the engine's usage.
+    prompt_charged: u64,
     /// The routed request, kept for its response observer until released.
     watch: Option<Watch>,
 }
@@ -307,6 +310,7 @@ impl StreamState {
             eos_at: Instant::now(),
             response: ResponseState::default(),
             awaiting_tokens: None,
+            prompt_charged: 0,
             watch: None,
         }
     }
@@ -401,18 +405,23 @@ impl StreamState {
         };
         let mut out = match decision {
             Ok(admitted) => {
-                if let Some(flow) = self.ctx.director.flow_control() {
-                    // The prompt's share of the flow's attained service, charged as it goes
-                    // (the answer's at its end, `complete_response`).
-                    flow.record_usage(&request.fairness_id, request.prompt_tokens(), 0);
-                }
                 // Flow control's `maxBytes` no longer counts the body: the gathering budget
                 // does again, until its answers have gone out to Envoy.
                 if let Some((b, _, _)) = &body {
                     let budget = self.ctx.options.gathered_request_bytes.clone();
                     self.body_charge.grow_past(&budget, b.len());
                 }
+                let (fairness_id, prompt) = (request.fairness_id.clone(), request.prompt_tokens());
                 let out = self.schedule(request, body);
+                if !self.done
+                    && let Some(flow) = self.ctx.director.flow_control()
+                {
+                    // The prompt's share of the flow's attained service, charged as the request
+                    // goes to its endpoint from its estimate, corrected by the engine's `usage`
+                    // at the end (`complete_response`), with the answer's share.
+                    flow.record_usage(&fairness_id, prompt, 0);
+                    self.prompt_charged = prompt;
+                }
                 // Routed (its in-flight slot counts now) or refused: either way no longer a
                 // dispatched-but-unrouted request.
                 drop(admitted);
@@ -523,6 +532,17 @@ impl StreamState {
             && !self.done
         {
             self.complete_response(&[]);
+        } else if self.phase == Phase::Routed
+            && self.response.streaming
+            && !self.response.complete
+            && !self.done
+        {
+            // A stream cut short: no completion, but the flow is charged for what it got (the
+            // events seen), once.
+            self.response.complete = true;
+            if let (Some(flow), Some(request)) = (self.ctx.director.flow_control(), &self.request) {
+                flow.record_usage(&request.fairness_id, 0, self.response.sse.data_events());
+            }
         }
     }
 
@@ -1238,12 +1258,16 @@ impl StreamState {
         let Some(request) = &self.request else { return };
         if let Some(flow) = self.ctx.director.flow_control() {
             // The least-attained-service policy learns what each flow consumed: its prompt was
-            // charged when flow control let it go (`on_admission`), its answer is charged here,
-            // from the engine's usage or, when the client did not ask for usage, the SSE
-            // events seen (each one token or more). Charging only what usage reported let a
-            // flow that never asks for it stay at zero, served first for ever.
+            // charged from its estimate when it went (`on_admission`) and is corrected here by
+            // the engine's usage; its answer is charged here, from usage or, when the client did
+            // not ask for usage, the SSE events seen (about one a token). Charging only what
+            // usage reported let a flow that never asks for it stay at zero, served first for
+            // ever.
             let completion = match self.response.usage {
-                Some(u) => u.completion_tokens,
+                Some(u) => {
+                    flow.correct_prompt(&request.fairness_id, self.prompt_charged, u.prompt_tokens);
+                    u.completion_tokens
+                }
                 None if self.response.streaming => self.response.sse.data_events(),
                 None => 0,
             };

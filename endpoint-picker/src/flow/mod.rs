@@ -832,6 +832,19 @@ impl FlowControl {
         }
     }
 
+    /// A prompt charged from its estimate (`charged` tokens) turned out `actual` tokens long
+    /// (the engine's `usage`): the difference is charged, or taken back.
+    pub fn correct_prompt(&self, fairness_id: &str, charged: u64, actual: u64) {
+        if actual >= charged {
+            self.record_usage(fairness_id, actual - charged, 0);
+            return;
+        }
+        let now = Instant::now();
+        for las in &self.las {
+            las.take_back(fairness_id, charged - actual, now);
+        }
+    }
+
     /// The service the least-attained-service policies have charged a flow (the largest, with
     /// several), decayed to now; `None` without such a policy.
     pub fn attained_service(&self, fairness_id: &str) -> Option<f64> {

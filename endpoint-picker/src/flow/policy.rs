@@ -289,6 +289,16 @@ impl Las {
         );
     }
 
+    /// Takes back `tokens` of service charged to `program` ahead of the engine's count (a
+    /// prompt charged from its estimate, corrected by `usage`); never below zero.
+    pub fn take_back(&self, program: &str, tokens: u64, now: Instant) {
+        let mut programs = self.programs.lock();
+        if let Some(p) = programs.by_id.get_mut(program) {
+            p.service = (self.decayed(p, now) - tokens as f64).max(0.0);
+            p.updated = now;
+        }
+    }
+
     /// Forgets programs idle for `evictionTtlSeconds` (0 = never), at most once per
     /// `evictionSweepSeconds`: a call sooner than that after the last sweep does nothing (the
     /// first call only starts the clock).

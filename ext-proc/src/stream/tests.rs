@@ -1972,3 +1972,113 @@ async fn a_stream_without_usage_still_charges_its_flow() {
     token.cancel();
     task.await.unwrap();
 }
+
+/// Review of the above: the prompt's estimate (4 bytes a token of the raw body: a base64 image
+/// counts hundreds of thousands) is corrected by the engine's usage, and a stream cut short is
+/// charged the events it got.
+#[tokio::test(start_paused = true)]
+async fn usage_corrects_the_prompt_estimate_and_a_cut_stream_is_charged() {
+    let config = FLOW_CONTROL
+        .replace(
+            "- type: queue-scorer\n",
+            "- type: queue-scorer\n- type: program-aware-fairness\n",
+        )
+        .replace(
+            "    maxRequests: 1\n",
+            "    maxRequests: 50\n    fairnessPolicyRef: program-aware-fairness\n",
+        )
+        .replace("maxConcurrency: 1", "maxConcurrency: 10");
+    let h = Harness::with_config(1, &config);
+    let (token, task) = dispatcher(&h);
+    let fc = h.director.flow_control().unwrap().clone();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    // A large prompt (its estimate: thousands of tokens) that the engine counts as 10.
+    let mut s = h.stream();
+    assert!(
+        s.on_message(post(
+            "/v1/completions",
+            &[("x-llm-d-inference-fairness-id", "big-body")]
+        ))
+        .is_empty()
+    );
+    let body = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(40_000));
+    assert!(s.on_message(req_body(body.as_bytes(), true)).is_empty());
+    let decision = s.admission().unwrap().wait().await;
+    routing_answer(&prost_answers(s.on_admission(decision))[0]).destination();
+    assert!(fc.attained_service("big-body").unwrap() >= 10_000.0);
+    s.on_message(resp_headers(&sse, false, None));
+    s.on_message(resp_body(
+        b"data: {\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
+        true,
+    ));
+    let corrected = fc.attained_service("big-body").unwrap();
+    assert!((corrected - 14.0).abs() < 1e-6, "10 + 2 × 2: {corrected}");
+    // A stream cut after two events: the prompt, and two tokens weighted twice.
+    let mut cut = h.stream();
+    let tenant = [("x-llm-d-inference-fairness-id", "cut")];
+    assert!(send_chat(&mut cut, "m", &tenant).is_empty());
+    let decision = cut.admission().unwrap().wait().await;
+    routing_answer(&prost_answers(cut.on_admission(decision))[0]).destination();
+    let prompt = fc.attained_service("cut").unwrap();
+    cut.on_message(resp_headers(&sse, false, None));
+    cut.on_message(resp_body(
+        b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[{\"text\":\"b\"}]}\n\n",
+        false,
+    ));
+    cut.on_stream_end();
+    drop(cut);
+    let charged = fc.attained_service("cut").unwrap();
+    assert!(
+        (charged - prompt - 4.0).abs() < 1e-6,
+        "{prompt} -> {charged}"
+    );
+    token.cancel();
+    task.await.unwrap();
+}
+
+/// The body's deadline runs only while a streamed body is being gathered: not in BUFFERED mode
+/// (Envoy holds the body), nor while the request waits for token ids or in flow control, nor
+/// once it is routed.
+#[tokio::test(start_paused = true)]
+async fn the_body_deadline_runs_only_while_a_body_is_gathered() {
+    let h = Harness::new(1);
+    let mut streamed = h.stream();
+    s_post(&mut streamed);
+    let deadline = streamed.body_deadline().expect("gathering");
+    assert_eq!(
+        deadline - Instant::now(),
+        crate::stream::DEFAULT_REQUEST_BODY_TIMEOUT
+    );
+    streamed.on_message(req_body(br#"{"model":"m","prompt":"hi"}"#, true));
+    assert!(streamed.body_deadline().is_none(), "routed");
+    let mut buffered = h.stream();
+    buffered.on_message(buffered_post(&[]));
+    assert!(buffered.body_deadline().is_none(), "BUFFERED");
+    // Waiting for token ids.
+    assert!(
+        h.director
+            .set_token_producer(Arc::new(endpoint_picker::tokens::TokenProducer::new(
+                "tokens".into(),
+                Arc::new(ThreeIds),
+                endpoint_picker::tokens::PoolLimits::default(),
+            )))
+    );
+    let mut tokenizing = h.stream();
+    assert!(send_chat(&mut tokenizing, "m", &[]).is_empty());
+    assert!(tokenizing.pending_tokenization().is_some());
+    assert!(tokenizing.body_deadline().is_none(), "awaiting token ids");
+    // Queued in flow control.
+    let queued_h = Harness::with_config(0, FLOW_CONTROL);
+    let mut queued = queued_h.stream();
+    assert!(send_chat(&mut queued, "m", &[]).is_empty());
+    assert!(queued.admission().is_some());
+    assert!(queued.body_deadline().is_none(), "queued");
+    // Refused: nothing more to wait for.
+    let mut refused = h.stream();
+    s_post(&mut refused);
+    assert_eq!(
+        immediate(&prost_answers(refused.on_body_timeout())[0]).0,
+        408
+    );
+    assert!(refused.body_deadline().is_none() && refused.on_body_timeout().is_empty());
+}
