@@ -266,6 +266,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_ext_proc_streams", "counter"),
     ("inference_extension_ext_proc_active_streams", "gauge"),
     ("inference_extension_request_body_bytes_held", "gauge"),
+    ("inference_extension_request_body_bytes_reserved", "gauge"),
     (
         "inference_extension_request_body_budget_rejections",
         "counter",
@@ -345,6 +346,10 @@ pub struct EppMetrics {
     /// `inference_extension_request_body_bytes_held`: request-body bytes charged to
     /// `--max-gathered-request-bytes` (refreshed on scrape).
     pub request_body_bytes_held: Gauge,
+    /// `inference_extension_request_body_bytes_reserved`: buffer capacity reserved from
+    /// declared lengths, apart from the bytes held (at most a quarter of
+    /// `--max-gathered-request-bytes`; refreshed on scrape).
+    pub request_body_bytes_reserved: Gauge,
     /// `inference_extension_request_body_budget_rejections_total`: requests refused because
     /// their body would pass `--max-gathered-request-bytes`.
     pub request_body_budget_rejections: Counter,
@@ -434,6 +439,7 @@ impl EppMetrics {
             streams: Family::default(),
             active_streams: Gauge::default(),
             request_body_bytes_held: Gauge::default(),
+            request_body_bytes_reserved: Gauge::default(),
             request_body_budget_rejections: Counter::default(),
             response_body_overflows: Family::default(),
             observer_streams: Family::default(),
@@ -557,6 +563,11 @@ impl EppMetrics {
             m.request_body_bytes_held.clone(),
         );
         r.register(
+            "inference_extension_request_body_bytes_reserved",
+            "Buffer capacity reserved from declared content-lengths, apart from the bytes held (at most a quarter of --max-gathered-request-bytes)",
+            m.request_body_bytes_reserved.clone(),
+        );
+        r.register(
             "inference_extension_response_body_bytes_held",
             "Non-streamed response bytes held by all ext_proc streams together (copies read for usage, bodies held for a model rewrite; capped at 256 MiB)",
             m.response_body_bytes_held.clone(),
@@ -675,6 +686,8 @@ impl EppMetrics {
     pub fn refresh_held_bodies(&self, requests: &BodyBudget, responses: &BodyBudget) {
         let bytes = |b: &BodyBudget| i64::try_from(b.held()).unwrap_or(i64::MAX);
         self.request_body_bytes_held.set(bytes(requests));
+        self.request_body_bytes_reserved
+            .set(i64::try_from(requests.reserved()).unwrap_or(i64::MAX));
         self.response_body_bytes_held.set(bytes(responses));
     }
 

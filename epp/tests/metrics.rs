@@ -1084,8 +1084,15 @@ async fn the_gathering_budget_refuses_counts_and_recovers() {
         s.send(req_body(&[b' '; 2000], false)).await;
         holders.push(s);
     }
+    // A stream that declares a length and sends nothing reserves, and holds nothing.
+    let reserving = Stream::open(epp.grpc).await;
+    let mut declared = CHAT_HEADERS.to_vec();
+    declared.push(("content-length", "1000"));
+    reserving.send(req_headers(&declared, false, None)).await;
+    holders.push(reserving);
     let e = scrape_until(&epp, |e| {
         e.value("inference_extension_request_body_bytes_held", &[]) == 4000.0
+            && e.value("inference_extension_request_body_bytes_reserved", &[]) == 1000.0
     })
     .await;
     assert_eq!(
@@ -1114,6 +1121,7 @@ async fn the_gathering_budget_refuses_counts_and_recovers() {
     drop(holders);
     scrape_until(&epp, |e| {
         e.value("inference_extension_request_body_bytes_held", &[]) == 0.0
+            && e.value("inference_extension_request_body_bytes_reserved", &[]) == 0.0
     })
     .await;
     assert_eq!(budget.held(), 0);

@@ -1927,13 +1927,10 @@ async fn request_trailers_wait_for_the_token_ids() {
     );
 }
 
-/// Review: least-attained-service fairness learnt a flow's service only from the engine's
-/// `usage`, which a stream carries only when the client asks for it: a tenant that never asked
-/// stayed at zero and was served first for ever. Its prompt is charged when flow control lets
-/// the request go, and its answer from the SSE events seen.
-#[tokio::test(start_paused = true)]
-async fn a_stream_without_usage_still_charges_its_flow() {
-    let config = FLOW_CONTROL
+/// [`FLOW_CONTROL`] with a least-attained-service band of 50 and `max_concurrency` requests an
+/// endpoint.
+fn las_flow_control(max_concurrency: u32) -> String {
+    FLOW_CONTROL
         .replace(
             "- type: queue-scorer\n",
             "- type: queue-scorer\n- type: program-aware-fairness\n",
@@ -1941,8 +1938,20 @@ async fn a_stream_without_usage_still_charges_its_flow() {
         .replace(
             "    maxRequests: 1\n",
             "    maxRequests: 50\n    fairnessPolicyRef: program-aware-fairness\n",
-        );
-    let h = Harness::with_config(1, &config);
+        )
+        .replace(
+            "maxConcurrency: 1}",
+            &format!("maxConcurrency: {max_concurrency}}}"),
+        )
+}
+
+/// Review: least-attained-service fairness learnt a flow's service only from the engine's
+/// `usage`, which a stream carries only when the client asks for it: a tenant that never asked
+/// stayed at zero and was served first for ever. Its prompt is charged when flow control lets
+/// the request go, and its answer from the SSE events seen.
+#[tokio::test(start_paused = true)]
+async fn a_stream_without_usage_still_charges_its_flow() {
+    let h = Harness::with_config(1, &las_flow_control(1));
     let (token, task) = dispatcher(&h);
     let fc = h.director.flow_control().unwrap().clone();
     let mut s = h.stream();
@@ -1978,17 +1987,7 @@ async fn a_stream_without_usage_still_charges_its_flow() {
 /// charged the events it got.
 #[tokio::test(start_paused = true)]
 async fn usage_corrects_the_prompt_estimate_and_a_cut_stream_is_charged() {
-    let config = FLOW_CONTROL
-        .replace(
-            "- type: queue-scorer\n",
-            "- type: queue-scorer\n- type: program-aware-fairness\n",
-        )
-        .replace(
-            "    maxRequests: 1\n",
-            "    maxRequests: 50\n    fairnessPolicyRef: program-aware-fairness\n",
-        )
-        .replace("maxConcurrency: 1", "maxConcurrency: 10");
-    let h = Harness::with_config(1, &config);
+    let h = Harness::with_config(1, &las_flow_control(10));
     let (token, task) = dispatcher(&h);
     let fc = h.director.flow_control().unwrap().clone();
     let sse = [(":status", "200"), ("content-type", "text/event-stream")];
