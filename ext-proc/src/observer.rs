@@ -423,6 +423,21 @@ impl ObserverState {
         }
     }
 
+    /// The observed stream ended before its answer did (a reset, a client gone): the flow is
+    /// charged the events it got, once; nothing else is recorded for an unfinished answer.
+    fn cut_short(&mut self) {
+        if self.done || !self.streaming {
+            return;
+        }
+        self.done = true;
+        if let (Some(flow), Some(fairness_id)) = (
+            self.ctx.director.flow_control(),
+            self.watched.as_ref().and_then(|w| w.fairness_id.as_deref()),
+        ) {
+            flow.record_usage(fairness_id, 0, self.sse.data_events());
+        }
+    }
+
     fn complete(&mut self) {
         if self.done {
             return;
@@ -463,5 +478,11 @@ impl ObserverState {
                 .filter(|_| self.succeeded)
                 .map(|first| first.elapsed()),
         });
+    }
+}
+
+impl Drop for ObserverState {
+    fn drop(&mut self) {
+        self.cut_short();
     }
 }

@@ -1269,6 +1269,11 @@ impl StreamState {
                     u.completion_tokens
                 }
                 None if self.response.streaming => self.response.sse.data_events(),
+                // A whole answer without usage (past the copy's cap, or the budget full): its
+                // bytes, 4 a token.
+                None if self.response.body_messages > 0 => {
+                    endpoint_picker::cost::estimate_tokens(self.response.bytes)
+                }
                 None => 0,
             };
             flow.record_usage(&request.fairness_id, 0, completion);

@@ -2081,3 +2081,76 @@ async fn the_body_deadline_runs_only_while_a_body_is_gathered() {
     );
     assert!(refused.body_deadline().is_none() && refused.on_body_timeout().is_empty());
 }
+
+/// On the lean path the response observer charges the answer; a stream the observer sees cut
+/// short (its state dropped before the end) is charged the events it got, once.
+#[tokio::test(start_paused = true)]
+async fn an_observer_charges_a_cut_stream_its_events() {
+    use crate::observer::{ObserverState, ObserverStep};
+    let mut h = Harness::with_config(1, &las_flow_control(10));
+    h.options.observers = Some(Arc::new(crate::observer::Observers::new(16)));
+    let (token, task) = dispatcher(&h);
+    let fc = h.director.flow_control().unwrap().clone();
+    let mut s = h.stream();
+    let tenant = [("x-llm-d-inference-fairness-id", "observed-cut")];
+    assert!(send_chat(&mut s, "m", &tenant).is_empty());
+    let decision = s.admission().unwrap().wait().await;
+    let routing = prost_answers(s.on_admission(decision));
+    let prompt = fc.attained_service("observed-cut").unwrap();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    let mut o = ObserverState::new(h.ctx());
+    assert_eq!(
+        o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0]))),
+        ObserverStep::Continue
+    );
+    let two =
+        b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[{\"text\":\"b\"}]}\n\n";
+    assert_eq!(
+        o.on_inbound(observed(resp_body(two, false), None)),
+        ObserverStep::Continue
+    );
+    drop(o);
+    let charged = fc.attained_service("observed-cut").unwrap();
+    assert!(
+        (charged - prompt - 4.0).abs() < 1e-6,
+        "{prompt} -> {charged}"
+    );
+    s.on_stream_end();
+    drop(s);
+    assert!(
+        (fc.attained_service("observed-cut").unwrap() - charged).abs() < 1e-6,
+        "once"
+    );
+    token.cancel();
+    task.await.unwrap();
+}
+
+/// A whole (non-streamed) answer that carries no `usage` is charged from its bytes, 4 a token.
+#[tokio::test(start_paused = true)]
+async fn a_whole_answer_without_usage_is_charged_by_its_bytes() {
+    let h = Harness::with_config(1, &las_flow_control(10));
+    let (token, task) = dispatcher(&h);
+    let fc = h.director.flow_control().unwrap().clone();
+    let mut s = h.stream();
+    let tenant = [("x-llm-d-inference-fairness-id", "no-usage")];
+    assert!(send_chat(&mut s, "m", &tenant).is_empty());
+    let decision = s.admission().unwrap().wait().await;
+    routing_answer(&prost_answers(s.on_admission(decision))[0]).destination();
+    let prompt = fc.attained_service("no-usage").unwrap();
+    s.on_message(resp_headers(
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+        None,
+    ));
+    // 400 bytes: 100 tokens, weighted twice.
+    let answer = format!(r#"{{"choices":[{{"text":"{}"}}]}}"#, "y".repeat(400 - 25));
+    assert_eq!(answer.len(), 400);
+    s.on_message(resp_body(answer.as_bytes(), true));
+    let charged = fc.attained_service("no-usage").unwrap();
+    assert!(
+        (charged - prompt - 200.0).abs() < 1e-6,
+        "{prompt} -> {charged}"
+    );
+    token.cancel();
+    task.await.unwrap();
+}
