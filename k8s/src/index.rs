@@ -122,6 +122,9 @@ pub struct Index {
     published_pool: Option<PoolSpec>,
     published_policies: Option<Policies>,
     publisher: Publisher,
+    /// `--model-server-metrics-port` is set and the pool has several target ports, where the
+    /// reference ignores it: said once each time the pool becomes so.
+    metrics_port_ignored: bool,
 }
 
 impl Index {
@@ -140,6 +143,7 @@ impl Index {
             pods_synced: false,
             published_pool: None,
             published_policies: None,
+            metrics_port_ignored: false,
             publisher,
         }
     }
@@ -153,7 +157,7 @@ impl Index {
     ) -> Self {
         let mut index = Self::new(pool_ref, metrics_port, publisher);
         index.fixed_pool = true;
-        index.pool = Some(spec);
+        index.set_pool(Some(spec));
         index.pools_synced = true;
         index
     }
@@ -178,14 +182,40 @@ impl Index {
         self.published_pool.as_ref()
     }
 
+    /// True while `--model-server-metrics-port` is set and ignored: the pool has several
+    /// target ports, each scraped on its own (the reference's rule).
+    pub fn metrics_port_ignored(&self) -> bool {
+        self.metrics_port_ignored
+    }
+
+    /// The pool's usable target ports.
+    fn target_ports(pool: &InferencePoolSpec) -> Vec<u16> {
+        pool.target_ports
+            .iter()
+            .filter_map(|p| u16::try_from(p.number).ok().filter(|n| *n != 0))
+            .collect()
+    }
+
+    /// Takes the pool's new spec (or its absence), and says once when it makes
+    /// `--model-server-metrics-port` ignored.
+    fn set_pool(&mut self, spec: Option<InferencePoolSpec>) {
+        let ports = spec.as_ref().map_or(0, |p| Self::target_ports(p).len());
+        let ignored = self.metrics_port.is_some() && ports > 1;
+        if ignored && !self.metrics_port_ignored {
+            tracing::warn!(
+                pool = %self.pool_ref.name,
+                target_ports = ports,
+                "--model-server-metrics-port applies to single-port pools only: each of this pool's target ports is scraped on itself"
+            );
+        }
+        self.metrics_port_ignored = ignored;
+        self.pool = spec;
+    }
+
     /// Computes the scheduling endpoints from the current pool and pods.
     fn pool_spec(&self) -> Option<PoolSpec> {
         let pool = self.pool.as_ref()?;
-        let ports: Vec<u16> = pool
-            .target_ports
-            .iter()
-            .filter_map(|p| u16::try_from(p.number).ok().filter(|n| *n != 0))
-            .collect();
+        let ports = Self::target_ports(pool);
         let mut endpoints = Vec::new();
         for (name, pod) in &self.pods {
             let Some(ip) = pod.ip.filter(|_| pod.is_live()) else {
@@ -292,7 +322,7 @@ impl IndexResource<InferencePool> for Index {
         if self.fixed_pool || pool.name_any() != self.pool_ref.name {
             return;
         }
-        self.pool = Some(pool.spec);
+        self.set_pool(Some(pool.spec));
         self.publish();
     }
 
@@ -301,7 +331,7 @@ impl IndexResource<InferencePool> for Index {
             return;
         }
         tracing::warn!(pool = %self.pool_ref.name, "InferencePool deleted; no endpoints until it returns");
-        self.pool = None;
+        self.set_pool(None);
         self.publish();
     }
 
@@ -309,10 +339,11 @@ impl IndexResource<InferencePool> for Index {
         if self.fixed_pool {
             return;
         }
-        self.pool = pools
+        let spec = pools
             .into_iter()
             .find(|p| p.name_any() == self.pool_ref.name)
             .map(|p| p.spec);
+        self.set_pool(spec);
         if self.pool.is_none() {
             tracing::warn!(pool = %self.pool_ref.name, namespace = %self.pool_ref.namespace, "InferencePool not found; not ready until it exists");
         }

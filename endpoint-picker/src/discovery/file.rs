@@ -231,6 +231,16 @@ pub fn parse(
     }
     let ports: Vec<u16> = p.spec.target_ports.iter().map(|t| t.number).collect();
     check_ports(&ports, "pool targetPorts").map_err(invalid)?;
+    if let Some(m) = metrics_port
+        && ports.len() > 1
+    {
+        tracing::warn!(
+            path = %path.display(),
+            metrics_port = m,
+            target_ports = ports.len(),
+            "--model-server-metrics-port applies to single-port pools only: each of this pool's target ports is scraped on itself"
+        );
+    }
     let app_protocol = p.spec.app_protocol.clone().unwrap_or_else(|| "http".into());
     if app_protocol != "http" && app_protocol != "kubernetes.io/h2c" {
         return Err(invalid(format!(

@@ -84,6 +84,17 @@ impl Harness {
         Self::with_config(endpoints, endpoint_picker::config::REFERENCE_DEFAULT_CONFIG)
     }
 
+    /// Installs a token producer whose tokenizer gives every prompt three ids ([`ThreeIds`]).
+    fn produce_three_token_ids(&self) {
+        assert!(self.director.set_token_producer(Arc::new(
+            endpoint_picker::tokens::TokenProducer::new(
+                "tokens".into(),
+                Arc::new(ThreeIds),
+                endpoint_picker::tokens::PoolLimits::default(),
+            )
+        )));
+    }
+
     fn with_config(endpoints: u8, config: &str) -> Self {
         let ds = Arc::new(Datastore::new());
         for e in ds.apply(pool(endpoints)).endpoints.iter() {
@@ -1875,14 +1886,7 @@ impl endpoint_picker::tokens::PromptTokenizer for ThreeIds {
 #[tokio::test]
 async fn request_trailers_wait_for_the_token_ids() {
     let h = Harness::new(1);
-    assert!(
-        h.director
-            .set_token_producer(Arc::new(endpoint_picker::tokens::TokenProducer::new(
-                "tokens".into(),
-                Arc::new(ThreeIds),
-                endpoint_picker::tokens::PoolLimits::default(),
-            )))
-    );
+    h.produce_three_token_ids();
     let mut s = h.stream();
     assert!(s.on_message(post("/v1/chat/completions", &[])).is_empty());
     assert!(s.on_message(req_body(&chat("m"), false)).is_empty());
@@ -2054,14 +2058,7 @@ async fn the_body_deadline_runs_only_while_a_body_is_gathered() {
     buffered.on_message(buffered_post(&[]));
     assert!(buffered.body_deadline().is_none(), "BUFFERED");
     // Waiting for token ids.
-    assert!(
-        h.director
-            .set_token_producer(Arc::new(endpoint_picker::tokens::TokenProducer::new(
-                "tokens".into(),
-                Arc::new(ThreeIds),
-                endpoint_picker::tokens::PoolLimits::default(),
-            )))
-    );
+    h.produce_three_token_ids();
     let mut tokenizing = h.stream();
     assert!(send_chat(&mut tokenizing, "m", &[]).is_empty());
     assert!(tokenizing.pending_tokenization().is_some());

@@ -183,6 +183,7 @@ fn metrics_port_override_only_for_single_port_pools() {
             .port(),
         9090
     );
+    assert!(!idx.metrics_port_ignored());
     idx.apply(pool(POOL, "vllm", &[8000, 8001]));
     assert_eq!(
         p.datastore.snapshot().endpoints[1]
@@ -191,6 +192,14 @@ fn metrics_port_override_only_for_single_port_pools() {
             .port(),
         8001
     );
+    // Ignored, as the reference does, and said (once, on the change).
+    assert!(idx.metrics_port_ignored());
+    idx.apply(pool(POOL, "vllm", &[8000]));
+    assert!(!idx.metrics_port_ignored());
+    // Without the flag nothing is ignored.
+    let (mut plain, _) = index();
+    plain.reset(vec![pool(POOL, "vllm", &[8000, 8001])]);
+    assert!(!plain.metrics_port_ignored());
 }
 
 #[test]
