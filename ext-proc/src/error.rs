@@ -40,6 +40,10 @@ pub enum RequestError {
     /// Routing failed: 503 (no candidates) or 429 (shed, unschedulable).
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// The path names an engine's administration endpoint (`openai::ENGINE_ADMIN_ENDPOINTS`),
+    /// which the EPP never routes: 404.
+    #[error("the path names an engine administration endpoint, not served through the gateway")]
+    EngineAdminPath,
     /// Envoy announced a request body mode the EPP cannot route with (the gateway's ext_proc
     /// filter is misconfigured): 500, on every request, rather than a stream Envoy rejects.
     #[error(
@@ -63,6 +67,7 @@ impl RequestError {
             RequestError::Route(RouteError::Shed(_)) => (429, "ResourceExhausted"),
             RequestError::Route(RouteError::Unschedulable(_)) => (429, "ResourceExhausted"),
             RequestError::UnsupportedBodyMode { .. } => (500, "Internal"),
+            RequestError::EngineAdminPath => (404, "NotFound"),
             RequestError::Route(RouteError::FlowControl(r)) => r.status(),
         }
     }
@@ -112,6 +117,7 @@ mod tests {
             400
         );
         assert_eq!(RequestError::TooLarge { limit: 1 }.status().0, 413);
+        assert_eq!(RequestError::EngineAdminPath.status(), (404, "NotFound"));
         assert_eq!(
             RequestError::BodyTimeout { seconds: 1 }.status(),
             (408, "RequestTimeout")

@@ -167,6 +167,79 @@ pub fn known_api_for_path(path: &str) -> Option<Api> {
     }
 }
 
+/// The last path segments of the engines' administration endpoints: vLLM's runtime LoRA
+/// loading (`/v1/load_lora_adapter`, with `VLLM_ALLOW_RUNTIME_LORA_UPDATING`) and its
+/// development endpoints (`VLLM_SERVER_DEV_MODE`), SGLang's adapter, weight, memory and
+/// profiling controls. The EPP never routes these: whoever may call them reaches the pods
+/// directly (the LoRA syncer and placement do), and through a gateway any client could unload
+/// every tenant's adapter or load weights of its choosing.
+pub const ENGINE_ADMIN_ENDPOINTS: &[&str] = &[
+    "load_lora_adapter",
+    "unload_lora_adapter",
+    "reset_prefix_cache",
+    "reset_mm_cache",
+    "sleep",
+    "wake_up",
+    "collective_rpc",
+    "start_profile",
+    "stop_profile",
+    "scale_elastic_ep",
+    "flush_cache",
+    "update_weights_from_disk",
+    "update_weights_from_tensor",
+    "update_weights_from_distributed",
+    "init_weights_update_group",
+    "release_memory_occupation",
+    "resume_memory_occupation",
+    "configure_logging",
+    "abort_request",
+    "set_internal_state",
+    "slow_down",
+    "start_expert_distribution_record",
+    "stop_expert_distribution_record",
+    "dump_expert_distribution_record",
+];
+
+/// Longest path segment worth decoding for [`is_engine_admin_path`]: three times the longest
+/// name (every byte percent-encoded).
+const MAX_ADMIN_SEGMENT_BYTES: usize = 3 * 32;
+
+/// Whether `path` names an engine administration endpoint ([`ENGINE_ADMIN_ENDPOINTS`]): its
+/// last non-empty segment, percent-decoded as the engines' HTTP servers decode it, compared
+/// without regard to ASCII case; the query string ignored.
+pub fn is_engine_admin_path(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let Some(last) = path.split('/').rev().find(|s| !s.is_empty()) else {
+        return false;
+    };
+    if last.len() > MAX_ADMIN_SEGMENT_BYTES {
+        return false;
+    }
+    let mut decoded = [0u8; MAX_ADMIN_SEGMENT_BYTES];
+    let mut n = 0;
+    let bytes = last.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        let byte = match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                i += 3;
+                (hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8
+            }
+            (b, _, _) => {
+                i += 1;
+                b
+            }
+        };
+        decoded[n] = byte;
+        n += 1;
+    }
+    let decoded = &decoded[..n];
+    ENGINE_ADMIN_ENDPOINTS
+        .iter()
+        .any(|name| name.as_bytes().eq_ignore_ascii_case(decoded))
+}
+
 /// Chooses the API from a request path. Unknown paths are treated as completions, as the
 /// reference does.
 pub fn api_for_path(path: &str) -> Api {
@@ -749,6 +822,39 @@ mod tests {
         assert_eq!(api_for_path("/v1/embeddings/"), Api::Embeddings);
         assert_eq!(api_for_path("/v1/conversations"), Api::Conversations);
         assert_eq!(api_for_path("/whatever"), Api::Completions);
+    }
+
+    #[test]
+    fn engine_admin_paths_are_recognised_however_spelt() {
+        for path in [
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/unload_lora_adapter",
+            "/v1/load_lora_adapter/",
+            "//v1//load_lora_adapter?x=1",
+            "/v1/%6Coad_lora_adapter",
+            "/v1/%6coad%5Flora%5fadapter",
+            "/V1/LOAD_LORA_ADAPTER",
+            "/collective_rpc",
+            "/flush_cache",
+            "/update_weights_from_disk#frag",
+        ] {
+            assert!(is_engine_admin_path(path), "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/",
+            "",
+            "/v1/load_lora_adapter/x",
+            "/v1/load_lora_adapters",
+            "/v1/%6",
+            "/v1/%zzload_lora_adapter",
+            &format!("/{}", "%41".repeat(200)),
+        ] {
+            assert!(!is_engine_admin_path(path), "{path}");
+        }
     }
 
     #[test]

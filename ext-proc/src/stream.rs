@@ -595,6 +595,9 @@ impl StreamState {
         // The request's span (entered by the service) carries the id on every log line.
         tracing::Span::current().record("request_id", self.request_id.as_str());
         self.phase = Phase::RequestBody;
+        if openai::is_engine_admin_path(self.header(":path").unwrap_or("")) {
+            return self.fail(RequestError::EngineAdminPath, None);
+        }
         if h.end_of_stream {
             self.eos_at = Instant::now();
             if let Some(api) = self.body_api() {

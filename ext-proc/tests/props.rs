@@ -120,6 +120,31 @@ proptest! {
         prop_assert_eq!(again.prompt, parsed.prompt);
     }
 
+    /// Any path is judged without a panic, and every percent-encoding of an administration
+    /// endpoint's name (any bytes, any case) is still recognised.
+    #[test]
+    fn engine_admin_paths_are_found_in_any_spelling(
+        junk in ".{0,300}",
+        name in prop::sample::select(openai::ENGINE_ADMIN_ENDPOINTS.to_vec()),
+        encode in prop::collection::vec(any::<(bool, bool)>(), 40),
+        prefix in prop::sample::select(vec!["/", "/v1/", "//v1//", "/a/b/"]),
+        suffix in prop::sample::select(vec!["", "/", "?x=1", "#f", "//"]),
+    ) {
+        let _ = openai::is_engine_admin_path(&junk);
+        let spelt: String = name
+            .bytes()
+            .zip(encode.iter().cycle())
+            .map(|(b, &(enc, upper))| {
+                let b = if upper { b.to_ascii_uppercase() } else { b };
+                if enc { format!("%{b:02x}") } else { (b as char).to_string() }
+            })
+            .collect();
+        let path = format!("{prefix}{spelt}{suffix}");
+        prop_assert!(openai::is_engine_admin_path(&path), "{}", path);
+        let longer = format!("{prefix}{spelt}x{suffix}");
+        prop_assert!(!openai::is_engine_admin_path(&longer), "{}", longer);
+    }
+
     #[test]
     fn a_string_prompt_is_its_decoded_text(
         prompt in prop_oneof!["[ -~]{1,40}", ".{1,20}", "[a\\\\\"/]{1,8}"],

@@ -508,6 +508,33 @@ async fn too_large_bodies_get_413() {
     assert_eq!(immediate(&out[0]).0, 413);
 }
 
+/// Review (deployments): the shipped routes send every path to the pool, so an engine's
+/// administration endpoints (vLLM's runtime LoRA loading) were routed like completions for any
+/// client that added a `model`. They are answered 404 at the headers, however spelt, and
+/// nothing is routed.
+#[tokio::test(start_paused = true)]
+async fn engine_admin_paths_are_refused_at_the_headers() {
+    let h = Harness::new(1);
+    for path in [
+        "/v1/load_lora_adapter",
+        "/v1/%75nload_lora_adapter",
+        "/flush_cache?x",
+    ] {
+        let mut s = h.stream();
+        let out = s.on_message(post(path, &[]));
+        assert_eq!(immediate(&out[0]).0, 404, "{path}");
+        assert!(
+            s.on_message(req_body(&chat("m"), true)).is_empty(),
+            "{path}: done, nothing routed"
+        );
+    }
+    // An inference path still routes.
+    let mut s = h.stream();
+    assert!(s.on_message(post("/v1/chat/completions", &[])).is_empty());
+    let out = s.on_message(req_body(&chat("m"), true));
+    routing_answer(&out[0]).destination();
+}
+
 /// Bodies gathered by every stream together are capped: a chunk that would pass the budget
 /// ends its request with 429 `rejected-saturated` and gives its charge back; a routed request
 /// gives its charge back too, so the budget never leaks.
