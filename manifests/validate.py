@@ -268,6 +268,19 @@ def check_epp_invariants(
                     fail(where, "leases granted without leader election")
                 if not verbs <= {"get", "create", "update"}:
                     fail(where, f"lease verbs too broad: {sorted(verbs)}")
+                if verbs & {"get", "update"}:
+                    # Only the EPP's own Lease (k8s/src/lease.rs `lease_name`).
+                    pool = (flags.get("pool-name") or [""])[-1]
+                    ns = (flags.get("pool-namespace") or [None])[-1]
+                    if ns and ns.startswith("$("):
+                        ns = None  # from the environment: any namespace
+                    own = re.compile(
+                        rf"epp-{re.escape(ns) if ns else '[a-z0-9-]+'}-{re.escape(pool)}"
+                        r"\.gateway-api-inference-extension\.sigs\.k8s\.io"
+                    )
+                    names = rule.get("resourceNames") or []
+                    if not names or not all(own.fullmatch(n) for n in names):
+                        fail(where, f"lease get/update only on the EPP's own Lease, got {names}")
             elif not verbs <= READ_ONLY:
                 fail(where, f"{rule['resources']}: only get/list/watch, got {sorted(verbs)}")
     if ha and not any(r["resources"] == ["leases"] for role in roles for r in role["rules"]):

@@ -10,6 +10,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use endpoint_picker::flow::config::{BandConfig, FlowConfig};
 use endpoint_picker::flow::policy::{FairnessPolicy, OrderingPolicy};
 use endpoint_picker::flow::{FlowControl, FlowRequest, PoolProbe, PoolReading};
+use endpoint_picker::saturation::Unrouted;
 use tokio::time::Instant;
 
 /// A pool that always has room, or never.
@@ -18,7 +19,7 @@ struct Pool {
 }
 
 impl PoolProbe for Pool {
-    fn read(&self, _dispatched: u64) -> PoolReading {
+    fn read(&self, _unrouted: Unrouted) -> PoolReading {
         PoolReading {
             endpoints: 1,
             saturation: self.saturation,

@@ -277,8 +277,8 @@ struct IdAllocator {
 }
 
 /// How long a released endpoint id rests before a newcomer may take it. What is keyed by id
-/// elsewhere (prefix and KV index entries, in-flight counts) is purged when the pool-change
-/// watchers wake; they see only the latest snapshot, so an id handed on before they ran would
+/// elsewhere (prefix and KV index entries, the director's in-flight loads and their cost
+/// calibration) is purged when the pool-change watchers wake (`Director::pool_changed`); they see only the latest snapshot, so an id handed on before they ran would
 /// pass the departed pod's state to the newcomer. Between two applies a watcher is woken at
 /// once; this leaves it seconds.
 const ID_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -25,6 +25,7 @@ use crate::flow::{
 };
 use crate::lora::demand::{DemandGuard, LoraDemand};
 use crate::request::InferenceRequest;
+use crate::saturation::Unrouted;
 use crate::scheduling::candidates::CandidateCache;
 use crate::scheduling::plugins::filters::AddressMatcher;
 use crate::scheduling::{
@@ -247,6 +248,39 @@ impl InFlight {
         }
     }
 
+    /// Gives every id the pool no longer holds (`live` lists those it does) a fresh load, so
+    /// that a newcomer handed the id later (after the datastore's quarantine) starts
+    /// uncalibrated with nothing in flight, instead of inheriting a departed pod's correction
+    /// factor (up to 8× either way, which could keep it idle too long to learn its own).
+    /// Requests still in flight there hold the old load and release into it.
+    fn forget_departed(&self, live: &std::collections::HashSet<EndpointId>) {
+        let untouched = |l: &Arc<EndpointLoad>| {
+            Arc::strong_count(l) == 1
+                && l.calibration.samples() == 0
+                && l.read() == LoadReading::default()
+        };
+        let _g = self.grow.lock();
+        let cur = self.loads.load_full();
+        let departed = |(i, l): &(usize, &Arc<EndpointLoad>)| {
+            u32::try_from(*i).is_ok_and(|id| !live.contains(&EndpointId(id))) && !untouched(l)
+        };
+        if !cur.iter().enumerate().any(|e| departed(&e)) {
+            return;
+        }
+        let next: Vec<Arc<EndpointLoad>> = cur
+            .iter()
+            .enumerate()
+            .map(|e| {
+                if departed(&e) {
+                    Arc::default()
+                } else {
+                    e.1.clone()
+                }
+            })
+            .collect();
+        self.loads.store(Arc::new(next));
+    }
+
     fn load_of(&self, id: EndpointId) -> Arc<EndpointLoad> {
         let idx = id.0 as usize;
         if let Some(c) = self.loads.load().get(idx) {
@@ -322,14 +356,17 @@ impl Prefill {
                 .prefill_tokens
                 .fetch_sub(self.tokens, Ordering::Relaxed);
         }
+        // A prediction past what a `Duration` holds (an engine reporting absurd queues) is no
+        // sample, not a panic.
         if observed
-            && let Some(raw) = self.raw_ttft
+            && let Some(predicted) = self
+                .raw_ttft
+                .and_then(|raw| Duration::try_from_secs_f64(raw.max(0.0)).ok())
             && !self.calibrated.swap(true, Ordering::AcqRel)
         {
-            self.load.calibration.observe(
-                Duration::from_secs_f64(raw.max(0.0)),
-                self.routed_at.elapsed(),
-            );
+            self.load
+                .calibration
+                .observe(predicted, self.routed_at.elapsed());
         }
     }
 
@@ -512,7 +549,7 @@ impl Director {
     /// The whole pool's routable endpoints and its saturation (flow control's view: the
     /// subset hint does not narrow it, as in the reference). `dispatched` requests let go by
     /// flow control and not routed yet count as load.
-    pub fn pool_reading(&self, dispatched: u64) -> PoolReading {
+    pub fn pool_reading(&self, unrouted: Unrouted) -> PoolReading {
         let now = Instant::now();
         // Flow control reads saturation from the prefills counted: ended by prediction here
         // too, or a pool holding requests would wait for a routing that cannot come.
@@ -523,7 +560,7 @@ impl Director {
         let saturation = self.config.saturation_detector.saturation(
             &candidates,
             &self.in_flight.view(),
-            dispatched,
+            unrouted,
             now,
         );
         PoolReading {
@@ -582,6 +619,8 @@ impl Director {
     /// Tells the producers the pool changed (call on every datastore update).
     pub fn pool_changed(&self) {
         let snap = self.datastore.snapshot();
+        self.in_flight
+            .forget_departed(&snap.endpoints.iter().map(|e| e.id).collect());
         for p in self.config.scheduler.producers() {
             p.pool_changed(&snap);
         }
@@ -756,8 +795,8 @@ impl Director {
 }
 
 impl PoolProbe for Director {
-    fn read(&self, dispatched: u64) -> PoolReading {
-        self.pool_reading(dispatched)
+    fn read(&self, unrouted: Unrouted) -> PoolReading {
+        self.pool_reading(unrouted)
     }
 }
 
@@ -846,6 +885,53 @@ mod tests {
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 1);
         drop(routed);
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 0);
+    }
+
+    /// Review (scheduling): a departed endpoint's load kept its cost calibration, and a
+    /// newcomer handed its id inherited it (up to 8× either way). Once the pool no longer
+    /// holds an id its slot is fresh; a request still in flight there releases into the old
+    /// one, and a live endpoint keeps what it learnt.
+    #[tokio::test(start_paused = true)]
+    async fn a_departed_endpoints_calibration_is_not_handed_on() {
+        let d = director(2);
+        let snap = d.datastore().snapshot();
+        let (kept, gone) = (snap.endpoints[0].id, snap.endpoints[1].id);
+        let slow = |id| {
+            let load = d.in_flight().load_of(id);
+            for _ in 0..50 {
+                load.calibration
+                    .observe(Duration::from_millis(10), Duration::from_millis(80));
+            }
+            assert!(load.calibration.factor() > 3.5);
+        };
+        slow(kept);
+        slow(gone);
+        let routed = d.route(&req(), None, false).unwrap();
+        let on = routed.result.primary_result().unwrap().targets[0]
+            .candidate
+            .endpoint
+            .id;
+        d.pool_changed();
+        assert!(
+            d.in_flight().load_of(gone).calibration.factor() > 3.5,
+            "still in the pool"
+        );
+        d.datastore().apply(pool(1));
+        d.pool_changed();
+        let fresh = d.in_flight().load_of(gone);
+        assert_eq!(fresh.calibration.factor(), 1.0);
+        assert_eq!(fresh.calibration.samples(), 0);
+        assert!(d.in_flight().load_of(kept).calibration.factor() > 3.5);
+        // The request in flight releases where it was counted; nothing underflows.
+        drop(routed);
+        assert_eq!(d.in_flight().reading(on), LoadReading::default());
+        assert_eq!(d.in_flight().reading(gone), LoadReading::default());
+        // A fresh slot is not replaced again on the next change (a handle held counts as a
+        // request in flight, so only its address is kept).
+        let fresh_at = Arc::as_ptr(&fresh);
+        drop(fresh);
+        d.pool_changed();
+        assert_eq!(Arc::as_ptr(&d.in_flight().load_of(gone)), fresh_at);
     }
 
     /// The end of prefill told from another stream (a response observer) counts once, whoever
@@ -1019,7 +1105,7 @@ mod tests {
         let handle = late.first_token_handle().unwrap();
         tokio::time::advance(Duration::from_secs(120)).await;
         // Flow control's reading ends due prefills too (no decision needed).
-        d.pool_reading(0);
+        d.pool_reading(Unrouted::default());
         assert_eq!(d.in_flight().reading(id).prefilling, 0);
         let before = samples();
         handle.seen(true);

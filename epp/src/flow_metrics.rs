@@ -288,7 +288,7 @@ impl FlowMetrics {
             }
             None => (0, 0),
         };
-        let reading = director.pool_reading(0);
+        let reading = director.pool_reading(Default::default());
         let demand = queued + dispatched + in_flight;
         let capacity = reading.endpoints as u64
             * director

@@ -61,6 +61,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 use crate::config::params::Params;
+use crate::saturation::Unrouted;
 pub use config::{BandConfig, FlowConfig};
 use policy::{Contender, FairnessPolicy, Las, OrderingPolicy};
 
@@ -257,8 +258,8 @@ pub struct PoolReading {
 
 /// Reads the pool for the dispatcher (the director, or a test's stand-in).
 pub trait PoolProbe: Send + Sync {
-    /// The pool now; `dispatched` requests have been let go and are not routed yet.
-    fn read(&self, dispatched: u64) -> PoolReading;
+    /// The pool now; `unrouted` has been let go and is not routed yet.
+    fn read(&self, unrouted: Unrouted) -> PoolReading;
 }
 
 /// A request let go by flow control. Held until it is routed: until then it counts as load
@@ -268,11 +269,16 @@ pub struct Admitted {
     fc: Arc<FlowControl>,
     /// How long it waited.
     pub waited: Duration,
+    /// Its prompt's estimated tokens, counted in `dispatched_tokens` until routed.
+    tokens: u64,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.fc.dispatched.fetch_sub(1, Ordering::Relaxed);
+        self.fc
+            .dispatched_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
         self.fc.wake();
     }
 }
@@ -740,6 +746,8 @@ pub struct FlowControl {
     wakes: AtomicU64,
     /// Requests let go and not yet routed.
     dispatched: AtomicU64,
+    /// Their prompts' estimated tokens.
+    dispatched_tokens: AtomicU64,
     observer: OnceLock<Arc<dyn FlowObserver>>,
     counters: Counters,
     /// The least-attained-service policies in use, which hear of completed responses.
@@ -789,6 +797,7 @@ impl FlowControl {
             wake: Notify::new(),
             wakes: AtomicU64::new(0),
             dispatched: AtomicU64::new(0),
+            dispatched_tokens: AtomicU64::new(0),
             observer: OnceLock::new(),
             counters: Counters::default(),
             las,
@@ -813,6 +822,14 @@ impl FlowControl {
     /// Requests let go and not yet routed.
     pub fn dispatched_unrouted(&self) -> u64 {
         self.dispatched.load(Ordering::Relaxed)
+    }
+
+    /// What was let go and is not yet routed, for the saturation detector.
+    pub fn unrouted(&self) -> Unrouted {
+        Unrouted {
+            requests: self.dispatched.load(Ordering::Relaxed),
+            prompt_tokens: self.dispatched_tokens.load(Ordering::Relaxed),
+        }
     }
 
     /// Asks for a dispatch cycle soon (a request finished, the pool changed).
@@ -1075,7 +1092,7 @@ impl FlowControl {
         let mut sent = 0;
         let mut expired = Vec::new();
         for round in 0..budget {
-            let reading = pool.read(self.dispatched.load(Ordering::Relaxed));
+            let reading = pool.read(self.unrouted());
             let empty = reading.endpoints == 0;
             let mut st = self.state.lock();
             if empty != st.pool_empty {
@@ -1108,10 +1125,14 @@ impl FlowControl {
                 }));
             }
             let Some(item) = chosen else { break };
+            let tokens =
+                crate::cost::estimate_tokens(usize::try_from(item.bytes).unwrap_or(usize::MAX));
             self.dispatched.fetch_add(1, Ordering::Relaxed);
+            self.dispatched_tokens.fetch_add(tokens, Ordering::Relaxed);
             let admitted = Admitted {
                 fc: self.clone(),
                 waited: now.saturating_duration_since(item.enqueued),
+                tokens,
             };
             // A receiver gone since (its client left) drops the `Admitted` with the error.
             let _ = item.tx.send(Ok(admitted));

@@ -69,8 +69,9 @@ pub enum UsageLimitPolicy {
         /// `domain: value` (else `rank`).
         by_value: bool,
     },
-    /// `soft-reflective-ceiling-policy`: the highest band is never held; lower bands are held
-    /// first as saturation rises, with a duty cycle in between.
+    /// `soft-reflective-ceiling-policy`: the highest band's ceiling is 1 (held only once the
+    /// pool is saturated, like every band); lower bands are held first as saturation rises,
+    /// with a duty cycle in between.
     SoftReflectiveCeiling {
         /// The tick shared by every band (advanced once per call in the duty-cycle zone).
         tick: AtomicU64,
@@ -206,6 +207,10 @@ impl FairnessPolicy {
         }
         if let Some(s) = non_negative("lasHalfLifeSeconds", y.las_half_life_seconds)? {
             params.half_life = Duration::from_secs_f64(s.min(1e9));
+            if s > 0.0 {
+                // Below a nanosecond rounds to zero, which means "no decay": the opposite.
+                params.half_life = params.half_life.max(Duration::from_nanos(1));
+            }
         }
         if let Some(s) = non_negative("evictionTtlSeconds", y.eviction_ttl_seconds)? {
             params.eviction_ttl = Duration::from_secs_f64(s.min(1e9));
@@ -489,7 +494,8 @@ impl UsageLimitPolicy {
         })
     }
 
-    /// The ceiling of each band, `priorities` being every provisioned band's priority,
+    /// The ceiling of each band, `priorities` being every band's priority (provisioned and
+    /// made on demand alike: a band made for a new priority shifts the ranks),
     /// highest first. Called once per dispatch cycle.
     pub fn ceilings(&self, saturation: f64, priorities: &[i32], out: &mut Vec<f64>) {
         out.clear();
@@ -508,7 +514,9 @@ impl UsageLimitPolicy {
                         out.push(if hi == lo {
                             *max
                         } else {
-                            min + f64::from(p - lo) / f64::from(hi - lo) * (max - min)
+                            // In f64: priorities spread wider than i32 holds would wrap.
+                            min + (f64::from(p) - f64::from(lo)) / (f64::from(hi) - f64::from(lo))
+                                * (max - min)
                         });
                     }
                 } else {
@@ -675,6 +683,34 @@ mod tests {
         assert!(las.is_empty());
     }
 
+    /// Review: a half-life below a nanosecond rounded to zero, which means "no decay": the
+    /// opposite of what was asked. It is the shortest decay instead; 0 still means none.
+    #[test]
+    fn a_half_life_below_a_nanosecond_still_decays() {
+        use crate::scheduling::plugins::test_util::build_from_yaml;
+        let half_life = |yaml: &str| {
+            let (policy, _) = build_from_yaml(
+                "program-aware-fairness",
+                yaml,
+                FairnessPolicy::las_from_params,
+            )
+            .unwrap();
+            let FairnessPolicy::LeastAttainedService(las) = policy else {
+                panic!("LAS");
+            };
+            las.params.half_life
+        };
+        assert_eq!(
+            half_life("{lasHalfLifeSeconds: 1e-12}"),
+            Duration::from_nanos(1)
+        );
+        assert_eq!(half_life("{lasHalfLifeSeconds: 0}"), Duration::ZERO);
+        assert_eq!(
+            half_life("{lasHalfLifeSeconds: 2.5}"),
+            Duration::from_millis(2500)
+        );
+    }
+
     #[test]
     fn ceilings() {
         let mut out = Vec::new();
@@ -696,6 +732,11 @@ mod tests {
         };
         value.ceilings(0.0, &[100, 90, 0], &mut out);
         assert!((out[1] - 0.85).abs() < 1e-9 && out[2] == 0.4, "{out:?}");
+        // Review: priorities spread wider than i32 holds (the difference wrapped, giving the
+        // middle band a negative ceiling that held it and every band below for ever).
+        value.ceilings(0.0, &[2_000_000_000, 0, -2_000_000_000], &mut out);
+        assert_eq!(out[0], 0.9);
+        assert!((out[1] - 0.65).abs() < 1e-9 && out[2] == 0.4, "{out:?}");
         let soft = UsageLimitPolicy::SoftReflectiveCeiling {
             tick: AtomicU64::new(0),
         };

@@ -26,9 +26,9 @@ impl FakePool {
 }
 
 impl PoolProbe for FakePool {
-    fn read(&self, dispatched: u64) -> PoolReading {
+    fn read(&self, unrouted: Unrouted) -> PoolReading {
         let endpoints = self.endpoints.load(Ordering::Relaxed);
-        let load = self.in_flight.load(Ordering::Relaxed) + dispatched;
+        let load = self.in_flight.load(Ordering::Relaxed) + unrouted.requests;
         PoolReading {
             endpoints,
             saturation: if endpoints == 0 || self.slots == 0 {
@@ -589,8 +589,17 @@ async fn a_dispatched_request_whose_client_left_releases_its_load() {
     let t = fc.enqueue(req("a", 0), Instant::now());
     assert_eq!(fc.dispatch_cycle(Instant::now(), pool.as_ref()), 1);
     assert_eq!(fc.dispatched_unrouted(), 1);
+    // Its 100-byte body: 25 tokens, for the concurrency detector's token modes.
+    assert_eq!(
+        fc.unrouted(),
+        Unrouted {
+            requests: 1,
+            prompt_tokens: 25
+        }
+    );
     drop(t);
     assert_eq!(fc.dispatched_unrouted(), 0);
+    assert_eq!(fc.unrouted(), Unrouted::default());
 }
 
 #[tokio::test(start_paused = true)]

@@ -270,6 +270,9 @@ impl Scorer for SessionAffinityScorer {
                 .filter(|t| t.len() <= MAX_SESSION_BYTES)
                 .and_then(decode_token)
                 .and_then(|k| keys.iter().position(|c| *c == k)),
+            // A request without a session has no preference: the least-bound spread below is
+            // for sessions that are about to be bound, and `pre_request` binds none here.
+            Algorithm::SessionIdHeader if self.session_id(request).is_none() => None,
             Algorithm::SessionIdHeader => {
                 let mut sessions = self.sessions.lock();
                 sessions.evict(state.now, self.ttl);
@@ -479,6 +482,11 @@ mod tests {
         }
         placed.sort();
         assert_eq!(placed, [0, 1, 2]);
+        // Review: a request without a session has no preference (it was handed a rotating
+        // 1.0, which outweighed the load scorers by this scorer's weight).
+        for _ in 0..4 {
+            assert_eq!(scores(&s, &request(&[]), &c, now), [0.0, 0.0, 0.0]);
+        }
         let r = request(&[(DEFAULT_HEADER, "b")]);
         let home = scores(&s, &r, &c, now)
             .iter()

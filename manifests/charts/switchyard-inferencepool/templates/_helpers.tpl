@@ -182,7 +182,20 @@ delay and the drain the flags ask for.
 {{- $drain = 30 -}}
 {{- end -}}
 {{- $delay := include "switchyard.flagSeconds" (list $user "shutdown-delay") | atoi -}}
+{{- if not (hasKey $user "shutdown-delay") -}}
+{{- $delay = include "switchyard.defaultShutdownDelay" . | trimSuffix "s" | default "0" | atoi -}}
+{{- end -}}
 {{- max 130 (add $drain $delay 10) -}}
+{{- end -}}
+
+{{/*
+The chart's --shutdown-delay when inferenceExtension.flags sets none: 5s for active-active
+replicas, which a RollingUpdate replaces one at a time, so that a pod going away keeps
+serving while the gateways' endpoints move to the others (at SIGTERM it reports NOT_SERVING
+at once and stops accepting after the delay); none otherwise (Recreate: nothing to hand to).
+*/}}
+{{- define "switchyard.defaultShutdownDelay" -}}
+{{- if include "switchyard.activeActive" . -}}5s{{- end -}}
 {{- end -}}
 
 {{/*
@@ -291,6 +304,9 @@ the other flags, by name. Every flag appears once.
 {{- if hasKey $d $insecure -}}
 {{- $defaults = append $defaults (list $insecure (get $d $insecure)) -}}
 {{- end -}}
+{{- with include "switchyard.defaultShutdownDelay" . -}}
+{{- $defaults = append $defaults (list "shutdown-delay" .) -}}
+{{- end -}}
 {{- $seen := list -}}
 {{- range $defaults -}}
 {{- $name := index . 0 -}}
@@ -313,6 +329,20 @@ Included once, from inferencepool.yaml.
 {{- $e := .Values.inferenceExtension -}}
 {{- if not $p.modelServers.matchLabels -}}
 {{- fail "inferencePool.modelServers.matchLabels must select the model-server pods" -}}
+{{- end -}}
+{{- /* The engine reaches the EPP through the default config's core-metrics-extractor; a
+       custom config without one would read another engine's pods with vLLM's metric names,
+       every load score 0, without a word. */ -}}
+{{- $engine := include "switchyard.engine" . -}}
+{{- $custom := get ($e.pluginsCustomConfig | default dict) $e.pluginsConfigFile -}}
+{{- if and $custom (ne $engine "vllm") -}}
+{{- $types := list -}}
+{{- range (fromYaml $custom).plugins | default list -}}
+{{- $types = append $types (toString .type) -}}
+{{- end -}}
+{{- if not (has "core-metrics-extractor" $types) -}}
+{{- fail (printf "inferencePool.modelServerType %s reaches the EPP through a core-metrics-extractor plugin, which inferenceExtension.pluginsCustomConfig[%q] lacks: add `- type: core-metrics-extractor` with `parameters: {defaultEngine: %s}` to its plugins (without it the pool's metrics are read with vLLM's names)" $engine $e.pluginsConfigFile $engine) -}}
+{{- end -}}
 {{- end -}}
 {{- if include "switchyard.activeActive" . -}}
 {{- $peers := int $e.activeActive.peersPort -}}
