@@ -349,7 +349,30 @@ def expect_legacy_shapes(objs: Objs, c: Check) -> None:
          {"tls": {"mode": "SIMPLE", "insecureSkipVerify": True}, "loadBalancer": {"simple": "LEAST_REQUEST"}})
 
 
+STRING_FALSES = {
+    "inferenceExtension": {
+        "sidecar": {"enabled": "false", "name": "proxy", "image": "envoyproxy/envoy:v1.34.0",
+                    "configMap": {"name": "my-pool-proxy", "data": {"a": "b"}}},
+        "monitoring": {"prometheus": {"enabled": "false"}},
+        "tracing": {"enabled": "false"},
+    },
+    "experimentalHttpRoute": {"enabled": "false"},
+}
+
+
+def expect_string_falses(objs: Objs, c: Check) -> None:
+    """A string "false" is false everywhere (a template's plain truthiness read it as true)."""
+    c.eq("containers", [x["name"] for x in pod(objs)["containers"]], ["epp"])
+    c.eq("HTTPRoutes", of_kind(objs, "HTTPRoute"), [])
+    c.eq("ServiceMonitors", of_kind(objs, "ServiceMonitor"), [])
+    c.eq("sidecar ConfigMap", [o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"] == "my-pool-proxy"], [])
+    c.true("no OTEL_* environment", not any(k.startswith("OTEL_") for k in env(objs)))
+    c.flags(objs, tracing="false")
+
+
 SCENARIOS = [
+    Scenario("string-falses", "\"false\" as a string for every enabled switch",
+             merged(SELECTOR, STRING_FALSES), expect_string_falses),
     Scenario("upstream-v1.5.0", "upstream v1.5.0 values.yaml unchanged (plus the required selector)",
              merged(upstream("v1.5.0"), SELECTOR), expect_upstream_v150),
     Scenario("upstream-v1.4.0", "upstream v1.4.0 values.yaml unchanged (plus the required selector)",

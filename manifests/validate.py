@@ -204,6 +204,17 @@ def check_epp_invariants(
     req = epp.get("resources", {}).get("requests", {})
     if "cpu" not in req or "memory" not in req:
         fail(where, "EPP needs cpu and memory requests")
+    if int(dep["spec"].get("replicas", 1)) > 1:
+        # Several replicas must not share a fate: a disruption budget, and a spread.
+        labels = dep["spec"]["template"]["metadata"].get("labels", {})
+        budgets = [
+            o for o in objs if o["kind"] == "PodDisruptionBudget"
+            and all(labels.get(k) == v for k, v in o["spec"]["selector"]["matchLabels"].items())
+        ]
+        if not budgets:
+            fail(where, "several EPP replicas need a PodDisruptionBudget")
+        if not pod.get("affinity") and not pod.get("topologySpreadConstraints"):
+            fail(where, "several EPP replicas need an anti-affinity or a topology spread")
     ports = {p["name"]: p["containerPort"] for p in epp["ports"]}
     for probe, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness")):
         g = epp.get(probe, {}).get("grpc")
@@ -355,6 +366,11 @@ def validate_files() -> None:
     # The plain manifests run one replica without leader election: no lease permissions.
     check_epp_invariants("manifests/epp", plain, ha=False, metrics_auth=True)
     check_bbr_invariants("manifests/bbr", bbr_plain)
+    # The router the body-based-routing gateway folder deploys: the same invariants (its Role
+    # once lacked what the router watches, and nothing here read it).
+    gateway_bbr = os.path.join("gateway-configs", "body-based-routing", "bbr.yaml")
+    with open(os.path.join(os.path.dirname(ROOT), gateway_bbr)) as f:
+        check_bbr_invariants(gateway_bbr, docs_of(f.read()))
     check_syncer_manifests("manifests/lora-syncer", syncer_plain)
 
 
