@@ -473,10 +473,12 @@ pub async fn serve_with_handles(
             leader: is_leader,
         } => {
             leader = is_leader.map(|(rx, lease)| {
-                // The lease only ends at shutdown; an end before (a panic) cannot be re-run
-                // here, and would leave this replica unready for good while its liveness
-                // stays up. So it ends the process, and Kubernetes starts it again (as
-                // controller-runtime exits when its elector stops).
+                // The lease ends at shutdown, when another replica holds it after this one
+                // led, or by a panic. Each ends the process (drained), and Kubernetes starts
+                // it again, as controller-runtime exits when its elector stops: a replica
+                // that lost the lease only turning unready would go on routing on the
+                // gateways' open connections, beside the new leader, until their age ran out;
+                // a panicked elector cannot be re-run here.
                 tasks.adopt("lease", OnExit::Shutdown, lease);
                 rx
             });
@@ -751,7 +753,9 @@ pub async fn serve_then_drain<E>(
 
 /// Keeps the readiness services in step with "synced, no supervised task that readiness
 /// depends on down, and leader" until shutdown, then marks them NOT_SERVING. Losing the lease
-/// (or the lease task dying) drops readiness at once.
+/// (or the lease task dying) drops readiness at once; a lease not renewed in time (the API
+/// server out of reach) comes back, a lease another replica holds ends the process (the
+/// lease task ends; see where it is adopted).
 async fn follow_readiness(
     reporter: tonic_health::server::HealthReporter,
     mut synced: tokio::sync::watch::Receiver<u64>,

@@ -13,9 +13,12 @@
 //! * **Renew**: the leader rewrites `renewTime` every retry period.
 //! * **Optimistic concurrency**: every write is a replace carrying the `resourceVersion` that was
 //!   read; a `409 Conflict` means someone else wrote first, and we lost that round.
-//! * **Loss**: seeing another holder ends leadership at once; failing to renew for
-//!   [`LeaseConfig::renew_deadline`] ends it too (before the lease can expire for the others,
-//!   because the deadline is shorter than the duration). Readiness drops with it.
+//! * **Loss**: seeing another holder ends leadership at once, and for good: the task ends,
+//!   and the EPP drains and stops (the reference's exits), so that the gateways' connections,
+//!   which readiness does not move, reconnect to the new leader. Failing to renew for
+//!   [`LeaseConfig::renew_deadline`] ends leadership too (before the lease can expire for the
+//!   others, because the deadline is shorter than the duration) but only drops readiness: the
+//!   API server may just be out of reach, and the lease can come back.
 //! * **Release**: on shutdown the leader clears the holder so that a standby takes over without
 //!   waiting for expiry (`LeaderElectionReleaseOnCancel`).
 
@@ -69,7 +72,9 @@ pub fn lease_name(pool_namespace: &str, pool_name: &str) -> String {
 enum Attempt {
     /// We hold the lease (acquired or renewed).
     Held,
-    /// Someone else holds a live lease, or won a write race.
+    /// Someone else holds a live lease.
+    HeldByAnother,
+    /// Someone else won a write race (a 409): this round is lost.
     Lost,
     /// The API server could not be reached or refused; leadership is unchanged until the
     /// renew deadline says otherwise.
@@ -134,7 +139,7 @@ impl Elector {
             .unwrap_or(self.config.lease_duration);
         let expired = now.saturating_duration_since(observed_at) >= duration;
         if !ours && !holder.is_empty() && !expired {
-            return Attempt::Lost;
+            return Attempt::HeldByAnother;
         }
         let stamp = now_micro();
         let spec = LeaseSpec {
@@ -295,7 +300,15 @@ async fn run(
                     leader.send_replace(true);
                 }
             }
-            Attempt::Lost => {
+            Attempt::HeldByAnother if was_leader => {
+                // Another replica leads now. This one stops leading for good: its task ends,
+                // and the EPP with it (drained), as the reference's exits, so that the
+                // gateways' open connections move to the new leader.
+                tracing::warn!("the lease is held by another replica; stopping");
+                leader.send_replace(false);
+                return;
+            }
+            Attempt::Lost | Attempt::HeldByAnother => {
                 last_renewed = None;
                 if was_leader {
                     tracing::warn!("lost the lease to another replica; no longer ready");

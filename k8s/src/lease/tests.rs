@@ -117,15 +117,15 @@ async fn acquire_renew_then_lose_to_another_holder() {
     assert!(written["spec"]["renewTime"].is_string());
     assert!(*rx.borrow(), "still leader after renewing");
 
-    // Someone else holds it now: leadership (and readiness) ends on the spot.
+    // Someone else holds it now: leadership (and readiness) ends on the spot, and for good:
+    // the task ends by itself (the EPP then drains and stops), no shutdown asked.
     get(&mut server, lease(Some("other"), "7")).await;
     assert!(!changed(&mut rx).await);
-
-    shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .unwrap()
         .unwrap();
+    assert!(!shutdown.is_cancelled());
 }
 
 #[tokio::test(start_paused = true)]
