@@ -351,10 +351,14 @@ def expect_legacy_shapes(objs: Objs, c: Check) -> None:
 
 STRING_FALSES = {
     "inferenceExtension": {
-        "sidecar": {"enabled": "false", "name": "proxy", "image": "envoyproxy/envoy:v1.34.0",
-                    "configMap": {"name": "my-pool-proxy", "data": {"a": "b"}}},
+        # Off, so neither a name nor an image is needed.
+        "sidecar": {"enabled": "false", "configMap": {"name": "my-pool-proxy", "data": {"a": "b"}}},
         "monitoring": {"prometheus": {"enabled": "false"}},
         "tracing": {"enabled": "false"},
+        "latencyPredictor": {"enabled": "false"},
+        # Two replicas imply leader election, whatever this says (as with a boolean false).
+        "replicas": 2,
+        "leaderElection": {"enabled": "false"},
     },
     "experimentalHttpRoute": {"enabled": "false"},
 }
@@ -370,7 +374,33 @@ def expect_string_falses(objs: Objs, c: Check) -> None:
     c.flags(objs, tracing="false")
 
 
+NETWORK_POLICY = {
+    "inferenceExtension": {"replicas": 2, "activeActive": {"enabled": True}},
+    "networkPolicy": {
+        "enabled": "true",
+        "gateways": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gw"}}}],
+        "scrapers": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    },
+}
+
+
+def expect_network_policy(objs: Objs, c: Check) -> None:
+    """ext_proc from the gateways, /metrics from the scrapers, health from anywhere, peers
+    from this release's EPPs; nothing else admitted."""
+    rules = one(objs, "NetworkPolicy", EPP)["spec"]["ingress"]
+    by_port = {r["ports"][0]["port"]: r.get("from") for r in rules}
+    c.eq("ports admitted", sorted(by_port), [5570, 9002, 9003, 9090])
+    c.eq("ext_proc from", by_port.get(9002), NETWORK_POLICY["networkPolicy"]["gateways"])
+    c.eq("metrics from", by_port.get(9090), NETWORK_POLICY["networkPolicy"]["scrapers"])
+    c.eq("health from anywhere", by_port.get(9003), None)
+    c.eq("peers from the release", by_port.get(5570),
+         [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "switchyard-epp",
+                                           "app.kubernetes.io/instance": RELEASE}}}])
+
+
 SCENARIOS = [
+    Scenario("network-policy", "networkPolicy on, active-active",
+             merged(SELECTOR, NETWORK_POLICY), expect_network_policy),
     Scenario("string-falses", "\"false\" as a string for every enabled switch",
              merged(SELECTOR, STRING_FALSES), expect_string_falses),
     Scenario("upstream-v1.5.0", "upstream v1.5.0 values.yaml unchanged (plus the required selector)",
@@ -442,6 +472,9 @@ REJECTIONS = [
                     _ext(pluginsConfigFile="c.yaml",
                          pluginsCustomConfig={"c.yaml": "plugins:\n- type: queue-scorer\n"})),
               "inferencePool.modelServerType sglang reaches the EPP through a core-metrics-extractor plugin"),
+    Rejection("a NetworkPolicy without gateways (none could reach the EPP)",
+              _with({"networkPolicy": {"enabled": True}}),
+              "networkPolicy.gateways must name the gateways' pods"),
     Rejection("the metrics token as a flag (in the pod spec)",
               _with(_ext(flags={"metrics-bearer-token": "s3cret"})),
               "inferenceExtension.flags.metrics-bearer-token is refused"),

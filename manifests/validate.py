@@ -211,8 +211,12 @@ def check_epp_invariants(
             o for o in objs if o["kind"] == "PodDisruptionBudget"
             and all(labels.get(k) == v for k, v in o["spec"]["selector"]["matchLabels"].items())
         ]
-        if not budgets:
-            fail(where, "several EPP replicas need a PodDisruptionBudget")
+        strategy = dep["spec"].get("strategy", {}).get("type")
+        if strategy == "RollingUpdate" and not budgets:
+            fail(where, "several active-active EPP replicas need a PodDisruptionBudget")
+        if strategy != "RollingUpdate" and budgets:
+            # Leader election: the standby is never ready, so the leader could never go.
+            fail(where, "a PodDisruptionBudget over a leader and its standby blocks every drain")
         if not pod.get("affinity") and not pod.get("topologySpreadConstraints"):
             fail(where, "several EPP replicas need an anti-affinity or a topology spread")
     ports = {p["name"]: p["containerPort"] for p in epp["ports"]}

@@ -887,6 +887,34 @@ mod tests {
         assert_eq!(d.in_flight().get(snap.endpoints[1].id), 0);
     }
 
+    /// Review (scheduling): a prediction past what a `Duration` holds (an engine reporting
+    /// absurd queues) panicked on the first token; it is no sample now.
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_prediction_is_no_sample() {
+        let load = Arc::new(EndpointLoad::default());
+        // Not counted as prefilling: only the calibration is under test.
+        let prefill = |raw: f64| Prefill {
+            load: load.clone(),
+            tokens: 0,
+            prefilling: AtomicBool::new(false),
+            calibrated: AtomicBool::new(false),
+            routed_at: Instant::now(),
+            raw_ttft: Some(raw),
+        };
+        let routed: Vec<Prefill> = [2e19, f64::INFINITY, f64::NAN, 0.001]
+            .into_iter()
+            .map(prefill)
+            .collect();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        for p in &routed[..3] {
+            p.end(true);
+        }
+        assert_eq!(load.calibration.samples(), 0);
+        // A sane prediction still teaches.
+        routed[3].end(true);
+        assert_eq!(load.calibration.samples(), 1);
+    }
+
     /// Review (scheduling): a departed endpoint's load kept its cost calibration, and a
     /// newcomer handed its id inherited it (up to 8× either way). Once the pool no longer
     /// holds an id its slot is fresh; a request still in flight there releases into the old

@@ -44,6 +44,10 @@ pub enum RequestError {
     /// which the EPP never routes: 404.
     #[error("the path names an engine administration endpoint, not served through the gateway")]
     EngineAdminPath,
+    /// The path, percent-decoded, holds a control character or an encoded separator
+    /// (`openai::PathRefusal::Malformed`): 400.
+    #[error("the path holds a control character or an encoded separator")]
+    MalformedPath,
     /// Envoy announced a request body mode the EPP cannot route with (the gateway's ext_proc
     /// filter is misconfigured): 500, on every request, rather than a stream Envoy rejects.
     #[error(
@@ -59,7 +63,9 @@ impl RequestError {
     /// HTTP status and the reference's error-code name.
     pub fn status(&self) -> (u16, &'static str) {
         match self {
-            RequestError::BadBody(_) | RequestError::BadHeader { .. } => (400, "BadRequest"),
+            RequestError::BadBody(_)
+            | RequestError::BadHeader { .. }
+            | RequestError::MalformedPath => (400, "BadRequest"),
             RequestError::TooLarge { .. } => (413, "PayloadTooLarge"),
             RequestError::BodyTimeout { .. } => (408, "RequestTimeout"),
             RequestError::BodiesOverBudget(_) => (429, "ResourceExhausted"),
@@ -118,6 +124,7 @@ mod tests {
         );
         assert_eq!(RequestError::TooLarge { limit: 1 }.status().0, 413);
         assert_eq!(RequestError::EngineAdminPath.status(), (404, "NotFound"));
+        assert_eq!(RequestError::MalformedPath.status(), (400, "BadRequest"));
         assert_eq!(
             RequestError::BodyTimeout { seconds: 1 }.status(),
             (408, "RequestTimeout")

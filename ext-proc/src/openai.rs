@@ -200,44 +200,62 @@ pub const ENGINE_ADMIN_ENDPOINTS: &[&str] = &[
     "dump_expert_distribution_record",
 ];
 
-/// Longest path segment worth decoding for [`is_engine_admin_path`]: three times the longest
-/// name (every byte percent-encoded).
-const MAX_ADMIN_SEGMENT_BYTES: usize = 3 * 32;
+/// Why a request path is not routed ([`check_request_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathRefusal {
+    /// Decoded, it holds a control character (a newline lets Starlette's `$` match before
+    /// it), or it encodes a separator (`%2F`, `%5C`) that an engine's server decodes into one:
+    /// a path that can name one route here and another there.
+    Malformed,
+    /// It names an engine administration endpoint ([`ENGINE_ADMIN_ENDPOINTS`]).
+    EngineAdmin,
+}
 
-/// Whether `path` names an engine administration endpoint ([`ENGINE_ADMIN_ENDPOINTS`]): its
-/// last non-empty segment, percent-decoded as the engines' HTTP servers decode it, compared
-/// without regard to ASCII case; the query string ignored.
-pub fn is_engine_admin_path(path: &str) -> bool {
-    let path = path.split(['?', '#']).next().unwrap_or(path);
-    let Some(last) = path.split('/').rev().find(|s| !s.is_empty()) else {
-        return false;
-    };
-    if last.len() > MAX_ADMIN_SEGMENT_BYTES {
-        return false;
-    }
-    let mut decoded = [0u8; MAX_ADMIN_SEGMENT_BYTES];
-    let mut n = 0;
-    let bytes = last.as_bytes();
+/// Judges a request path as the engines' HTTP servers will read it: the whole path (the query
+/// string and fragment aside) percent-decoded once, as uvicorn does; then refused if it is
+/// [`PathRefusal::Malformed`], or if its last non-empty segment names an engine
+/// administration endpoint (without regard to ASCII case).
+pub fn check_request_path(path: &str) -> Result<(), PathRefusal> {
+    let path = path.split(['?', '#']).next().unwrap_or(path).as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut decoded = Vec::with_capacity(path.len());
     let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        let byte = match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+    while i < path.len() {
+        let byte = match (
+            path[i],
+            path.get(i + 1).copied().and_then(hex),
+            path.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
                 i += 3;
-                (hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8
+                let b = (h * 16 + l) as u8;
+                if b == b'/' || b == b'\\' {
+                    return Err(PathRefusal::Malformed);
+                }
+                b
             }
             (b, _, _) => {
                 i += 1;
                 b
             }
         };
-        decoded[n] = byte;
-        n += 1;
+        if byte < 0x20 || byte == 0x7f {
+            return Err(PathRefusal::Malformed);
+        }
+        decoded.push(byte);
     }
-    let decoded = &decoded[..n];
-    ENGINE_ADMIN_ENDPOINTS
+    let last = decoded
+        .split(|&b| b == b'/')
+        .rev()
+        .find(|s| !s.is_empty())
+        .unwrap_or_default();
+    if ENGINE_ADMIN_ENDPOINTS
         .iter()
-        .any(|name| name.as_bytes().eq_ignore_ascii_case(decoded))
+        .any(|name| name.as_bytes().eq_ignore_ascii_case(last))
+    {
+        return Err(PathRefusal::EngineAdmin);
+    }
+    Ok(())
 }
 
 /// Chooses the API from a request path. Unknown paths are treated as completions, as the
@@ -826,6 +844,7 @@ mod tests {
 
     #[test]
     fn engine_admin_paths_are_recognised_however_spelt() {
+        use PathRefusal::{EngineAdmin, Malformed};
         for path in [
             "/v1/load_lora_adapter",
             "/v1/unload_lora_adapter",
@@ -839,7 +858,20 @@ mod tests {
             "/flush_cache",
             "/update_weights_from_disk#frag",
         ] {
-            assert!(is_engine_admin_path(path), "{path}");
+            assert_eq!(check_request_path(path), Err(EngineAdmin), "{path}");
+        }
+        // Review: what uvicorn decodes and Starlette routes to the same handler.
+        for path in [
+            "/v1/load_lora_adapter%0A",
+            "/v1/load_lora_adapter%0a/",
+            "/v1%2Fload_lora_adapter",
+            "/v1%2fload_lora_adapter",
+            "/v1%5Cload_lora_adapter",
+            "/v1/load_lora_adapter%00",
+            "/v1/%7F",
+            "/v1/chat/completions\n",
+        ] {
+            assert_eq!(check_request_path(path), Err(Malformed), "{path:?}");
         }
         for path in [
             "/v1/chat/completions",
@@ -849,11 +881,13 @@ mod tests {
             "",
             "/v1/load_lora_adapter/x",
             "/v1/load_lora_adapters",
+            "/v1/load_lora_adapter;x",
             "/v1/%6",
             "/v1/%zzload_lora_adapter",
-            &format!("/{}", "%41".repeat(200)),
+            "/v1/%252Fload_lora_adapter",
+            "/v1/completions?next=%0A%2F",
         ] {
-            assert!(!is_engine_admin_path(path), "{path}");
+            assert_eq!(check_request_path(path), Ok(()), "{path}");
         }
     }
 

@@ -121,16 +121,17 @@ proptest! {
     }
 
     /// Any path is judged without a panic, and every percent-encoding of an administration
-    /// endpoint's name (any bytes, any case) is still recognised.
+    /// endpoint's name (any bytes, any case), after any prefix, is refused (as an endpoint,
+    /// or as malformed when the encoding hides a separator or a control character).
     #[test]
     fn engine_admin_paths_are_found_in_any_spelling(
         junk in ".{0,300}",
         name in prop::sample::select(openai::ENGINE_ADMIN_ENDPOINTS.to_vec()),
         encode in prop::collection::vec(any::<(bool, bool)>(), 40),
-        prefix in prop::sample::select(vec!["/", "/v1/", "//v1//", "/a/b/"]),
-        suffix in prop::sample::select(vec!["", "/", "?x=1", "#f", "//"]),
+        prefix in prop::sample::select(vec!["/", "/v1/", "//v1//", "/a/b/", "/v1%2F", "/v1%2f"]),
+        suffix in prop::sample::select(vec!["", "/", "?x=1", "#f", "//", "%0A", "%0d%0a", "%00"]),
     ) {
-        let _ = openai::is_engine_admin_path(&junk);
+        let _ = openai::check_request_path(&junk);
         let spelt: String = name
             .bytes()
             .zip(encode.iter().cycle())
@@ -140,9 +141,9 @@ proptest! {
             })
             .collect();
         let path = format!("{prefix}{spelt}{suffix}");
-        prop_assert!(openai::is_engine_admin_path(&path), "{}", path);
-        let longer = format!("{prefix}{spelt}x{suffix}");
-        prop_assert!(!openai::is_engine_admin_path(&longer), "{}", longer);
+        prop_assert!(openai::check_request_path(&path).is_err(), "{}", path);
+        let longer = format!("/v1/{spelt}x");
+        prop_assert!(openai::check_request_path(&longer).is_ok(), "{}", longer);
     }
 
     #[test]

@@ -279,6 +279,9 @@ async fn run(
     };
     // When we last held the lease for sure (as leader).
     let mut last_renewed: Option<Instant> = None;
+    // Whether this replica ever led: one that did may still route on the gateways' open
+    // connections, unready or not, so another holder must stop it.
+    let mut led = false;
     loop {
         let was_leader = *leader.borrow();
         // A hung API call must not keep a leader "ready" past its renew deadline: the leader's
@@ -295,15 +298,18 @@ async fn run(
         };
         match attempt {
             Attempt::Held => {
+                led = true;
                 last_renewed = Some(Instant::now());
                 if !was_leader {
                     leader.send_replace(true);
                 }
             }
-            Attempt::HeldByAnother if was_leader => {
-                // Another replica leads now. This one stops leading for good: its task ends,
-                // and the EPP with it (drained), as the reference's exits, so that the
-                // gateways' open connections move to the new leader.
+            Attempt::HeldByAnother if led => {
+                // Another replica leads now. This one led (it may have turned unready at its
+                // renew deadline already, before the other could take the lease, and still
+                // serve the gateways' open connections): it stops for good. Its task ends,
+                // and the EPP with it (drained), as the reference's exits, so that those
+                // connections move to the new leader.
                 tracing::warn!("the lease is held by another replica; stopping");
                 leader.send_replace(false);
                 return;

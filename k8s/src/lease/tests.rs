@@ -167,11 +167,15 @@ async fn failing_renewals_end_leadership_at_the_renew_deadline() {
         after >= Duration::from_secs(10) && after < Duration::from_secs(15),
         "readiness dropped after {after:?}: past the renew deadline, before the lease expires for others"
     );
-    shutdown.cancel();
+    // Review: the API server is back and another replica holds the lease now. This one, which
+    // led (and may still serve the gateways' open connections), stops by itself, though it
+    // was no longer leader when it found out.
+    get(&mut server, lease(Some("other"), "9")).await;
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .unwrap()
         .unwrap();
+    assert!(!shutdown.is_cancelled());
 }
 
 #[tokio::test(start_paused = true)]

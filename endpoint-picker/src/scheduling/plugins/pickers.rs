@@ -298,11 +298,11 @@ mod tests {
         assert!((1350..1650).contains(&first), "{first}");
         let all = p.pick(scored(&[0.0, 0.0]), &mut rng);
         assert_eq!(all.len(), 1);
-        // Review: small totals (u^(1/w) underflowed to 0, and ties fell to candidate order)
+        // Review: small totals (u^(1/w) underflowed to 0 for most draws, and ties fell to candidate order: about 390 of 2000 here)
         // follow their weights too. The second candidate first, so that order would show.
         let mut first = 0;
         for _ in 0..2000 {
-            if names(&p.pick(scored(&[0.001, 0.003]), &mut rng))[0] == "pod-2-rank-0" {
+            if names(&p.pick(scored(&[1e-4, 3e-4]), &mut rng))[0] == "pod-2-rank-0" {
                 first += 1;
             }
         }

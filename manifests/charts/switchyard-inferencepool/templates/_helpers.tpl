@@ -265,7 +265,9 @@ than guessed.
 {{- $e := .Values.inferenceExtension -}}
 {{- $aa := include "switchyard.activeActive" . -}}
 {{- $implied := and (gt (int $e.replicas) 1) (not $aa) -}}
-{{- $asked := or $e.leaderElection.enabled $e.enableLeaderElection $implied | toString -}}
+{{- $le := include "switchyard.bool" (list "inferenceExtension.leaderElection.enabled" ($e.leaderElection | default dict).enabled) -}}
+{{- $legacy := include "switchyard.bool" (list "inferenceExtension.enableLeaderElection" $e.enableLeaderElection) -}}
+{{- $asked := or $le $legacy $implied | toString -}}
 {{- $on := include "switchyard.flagOr" (list . "ha-enable-leader-election" "inferenceExtension.leaderElection.enabled" $asked) -}}
 {{- if and $on $aa -}}
 {{- fail "inferenceExtension.activeActive.enabled and leader election exclude each other: active-active replicas all route, with leader election only the leader does" -}}
@@ -374,7 +376,7 @@ Included once, from inferencepool.yaml.
 {{- if not (has (include "switchyard.provider" .) (list "none" "istio" "gke")) -}}
 {{- fail (printf "provider.name must be none, istio or gke; got %q" .Values.provider.name) -}}
 {{- end -}}
-{{- if $e.latencyPredictor.enabled -}}
+{{- if include "switchyard.bool" (list "inferenceExtension.latencyPredictor.enabled" ($e.latencyPredictor | default dict).enabled) -}}
 {{- fail "inferenceExtension.latencyPredictor.enabled: Switchyard has no latency predictor (upstream's SLO-aware routing); set it false" -}}
 {{- end -}}
 {{- $scheme := $e.metricsDataSource.scheme | default "http" | lower -}}
@@ -386,7 +388,7 @@ Included once, from inferencepool.yaml.
 {{- fail "inferenceExtension.endpointsServer: standalone mode (no InferencePool) is upstream's standalone chart; this chart deploys an InferencePool" -}}
 {{- end -}}
 {{- end -}}
-{{- if $e.sidecar.enabled -}}
+{{- if include "switchyard.bool" (list "inferenceExtension.sidecar.enabled" ($e.sidecar | default dict).enabled) -}}
 {{- if not (and $e.sidecar.name $e.sidecar.image) -}}
 {{- fail "inferenceExtension.sidecar.enabled needs sidecar.name and sidecar.image" -}}
 {{- end -}}
