@@ -538,6 +538,8 @@ def validate_bbr_chart() -> None:
                 objs.append(doc)
         check_bbr_invariants(where, objs)
         merged = chart.merge_values(values)
+        if int(merged["bbr"]["replicas"]) > 1 and not any(o["kind"] == "PodDisruptionBudget" for o in objs):
+            fail(where, "several routers need a PodDisruptionBudget")
         mapped = [o for o in objs if o["kind"] == "ConfigMap"
                   and (o["metadata"].get("labels") or {}).get("inference.networking.k8s.io/bbr-managed") == "true"]
         if len(mapped) != len(merged["models"]):
