@@ -1,10 +1,13 @@
 //! Scorers: each maps candidates to `[0, 1]`, higher is better.
 
+use std::sync::{Arc, Weak};
+
 use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::config::ConfigError;
 use crate::config::params::Params;
+use crate::datastore::Endpoint;
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{Candidate, CycleState, Plugin, Scorer};
 
@@ -347,8 +350,21 @@ pub struct NoHitLruScorer {
 struct ColdHistory {
     /// Cold requests routed so far.
     sequence: u64,
-    /// Per endpoint id: the sequence number of its last cold request (0 = never).
-    last: Vec<u64>,
+    /// Per endpoint id: the sequence number of its last cold request and the endpoint that
+    /// took it. Ids are handed on to newcomers once their endpoint has left the pool: a tick
+    /// counts only for the endpoint that earned it (the `Weak` keeps its allocation, so no
+    /// later endpoint can share its address).
+    last: Vec<(u64, Weak<Endpoint>)>,
+}
+
+impl ColdHistory {
+    /// The sequence number of `endpoint`'s last cold request (0 = never).
+    fn last_of(&self, endpoint: &Arc<Endpoint>) -> u64 {
+        self.last
+            .get(endpoint.id.0 as usize)
+            .filter(|(_, who)| std::ptr::eq(who.as_ptr(), Arc::as_ptr(endpoint)))
+            .map_or(0, |(tick, _)| *tick)
+    }
 }
 plugin_named!(NoHitLruScorer, "no-hit-lru-scorer");
 
@@ -409,15 +425,7 @@ impl Scorer for NoHitLruScorer {
         }
         let last: Vec<u64> = {
             let history = self.history.lock();
-            c.iter()
-                .map(|c| {
-                    history
-                        .last
-                        .get(c.endpoint.id.0 as usize)
-                        .copied()
-                        .unwrap_or(0)
-                })
-                .collect()
+            c.iter().map(|c| history.last_of(&c.endpoint)).collect()
         };
         // (last use, index) of the used ones, oldest first. Uses are distinct ticks, so an
         // unstable sort of the pairs orders them exactly, without chasing `last[i]`.
@@ -457,9 +465,9 @@ impl Scorer for NoHitLruScorer {
         history.sequence += 1;
         let sequence = history.sequence;
         if history.last.len() <= idx {
-            history.last.resize(idx + 1, 0);
+            history.last.resize(idx + 1, (0, Weak::new()));
         }
-        history.last[idx] = sequence;
+        history.last[idx] = (sequence, Arc::downgrade(&primary.endpoint));
     }
 }
 
@@ -756,6 +764,23 @@ mod tests {
             &[],
             &mut [],
         );
+    }
+
+    /// Review (scheduling): ids pass to newcomers once their endpoint has left; a newcomer
+    /// inherited the departed endpoint's last cold request and ranked as recently used. Only
+    /// the endpoint that took a cold request is remembered for it.
+    #[test]
+    fn no_hit_lru_does_not_hand_a_departed_endpoints_turn_on() {
+        let m = || [metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)];
+        let c = candidates(&m());
+        let scorer = NoHitLruScorer::new("lru".into(), 1024);
+        route_cold(&scorer, &c);
+        route_cold(&scorer, &c);
+        // The same ids, other endpoints: all of them never used, in pool order.
+        let newcomers = candidates(&m());
+        assert_eq!(c[0].endpoint.id, newcomers[0].endpoint.id);
+        let (s, best) = route_cold(&scorer, &newcomers);
+        assert_eq!((s, best), (vec![1.0, 0.5, 0.0], 0));
     }
 
     #[test]
