@@ -59,6 +59,15 @@ pub enum RequestError {
     },
 }
 
+impl From<crate::openai::PathRefusal> for RequestError {
+    fn from(refusal: crate::openai::PathRefusal) -> Self {
+        match refusal {
+            crate::openai::PathRefusal::EngineAdmin => RequestError::EngineAdminPath,
+            crate::openai::PathRefusal::Malformed => RequestError::MalformedPath,
+        }
+    }
+}
+
 impl RequestError {
     /// HTTP status and the reference's error-code name.
     pub fn status(&self) -> (u16, &'static str) {

@@ -595,14 +595,8 @@ impl StreamState {
         // The request's span (entered by the service) carries the id on every log line.
         tracing::Span::current().record("request_id", self.request_id.as_str());
         self.phase = Phase::RequestBody;
-        match openai::check_request_path(self.header(":path").unwrap_or("")) {
-            Ok(()) => {}
-            Err(openai::PathRefusal::EngineAdmin) => {
-                return self.fail(RequestError::EngineAdminPath, None);
-            }
-            Err(openai::PathRefusal::Malformed) => {
-                return self.fail(RequestError::MalformedPath, None);
-            }
+        if let Err(refusal) = openai::check_request_path(self.header(":path").unwrap_or("")) {
+            return self.fail(refusal.into(), None);
         }
         if h.end_of_stream {
             self.eos_at = Instant::now();

@@ -151,7 +151,6 @@ impl WeightedRandomPicker {
 
 impl Picker for WeightedRandomPicker {
     fn pick(&self, scored: Vec<Scored>, rng: &mut SmallRng) -> Vec<Scored> {
-        let any_positive = scored.iter().any(|s| s.score > 0.0);
         // Keys (class, value), larger first: positive weights in class 1, zero weights after
         // them in class 0 (uniformly among themselves, as every candidate when none is
         // positive).
@@ -159,7 +158,7 @@ impl Picker for WeightedRandomPicker {
             .into_iter()
             .map(|s| {
                 let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-                let key = if any_positive && s.score > 0.0 {
+                let key = if s.score > 0.0 {
                     // A-Res, u^(1/w), compared by its logarithm: the same order without the
                     // underflow to 0 (and ties in candidate order) of small weights.
                     (1, u.ln() / s.score)

@@ -250,6 +250,10 @@ than guessed.
 {{- end -}}
 
 {{/* Active-active: "true" when every replica routes (no leader election), else "". */}}
+{{- define "switchyard.sidecar" -}}
+{{- include "switchyard.bool" (list "inferenceExtension.sidecar.enabled" (.Values.inferenceExtension.sidecar | default dict).enabled) -}}
+{{- end -}}
+
 {{- define "switchyard.activeActive" -}}
 {{- include "switchyard.bool" (list "inferenceExtension.activeActive.enabled" (.Values.inferenceExtension.activeActive | default dict).enabled) -}}
 {{- end -}}
@@ -388,7 +392,7 @@ Included once, from inferencepool.yaml.
 {{- fail "inferenceExtension.endpointsServer: standalone mode (no InferencePool) is upstream's standalone chart; this chart deploys an InferencePool" -}}
 {{- end -}}
 {{- end -}}
-{{- if include "switchyard.bool" (list "inferenceExtension.sidecar.enabled" ($e.sidecar | default dict).enabled) -}}
+{{- if include "switchyard.sidecar" . -}}
 {{- if not (and $e.sidecar.name $e.sidecar.image) -}}
 {{- fail "inferenceExtension.sidecar.enabled needs sidecar.name and sidecar.image" -}}
 {{- end -}}
