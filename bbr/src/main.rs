@@ -47,7 +47,8 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "bbr failed");
             eprintln!("bbr: {e:#}");
-            std::process::ExitCode::from(2)
+            // 1 when a task it cannot run without ended, else 2 (configuration).
+            std::process::ExitCode::from(epp::supervisor::failure_exit_code(e.as_ref()))
         }
     }
 }

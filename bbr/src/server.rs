@@ -111,6 +111,9 @@ pub enum ServeError {
     /// The ext_proc port's TLS could not be set up.
     #[error("ext_proc TLS")]
     Tls(#[from] epp::tls::TlsError),
+    /// A task the router cannot run without ended, and it shut down.
+    #[error("shut down")]
+    TaskEnded(#[from] epp::supervisor::TaskEnded),
 }
 
 /// Serves until `shutdown`, then drains.
@@ -334,8 +337,10 @@ pub async fn serve(
     shutdown.cancel();
     stop_accepting.cancel();
     tasks_stop.cancel();
-    if let Err(error) = supervisor.await {
-        tracing::error!(%error, "the supervisor failed");
+    match supervisor.await {
+        Ok(Err(ended)) if result.is_ok() => return Err(ended.into()),
+        Ok(_) => {}
+        Err(error) => tracing::error!(%error, "the supervisor failed"),
     }
     result
 }

@@ -65,8 +65,8 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "epp failed");
             eprintln!("epp: {e:#}");
-            // EX_USAGE-like code for configuration errors, as linkerd does.
-            std::process::ExitCode::from(2)
+            // 1 when a task it cannot run without ended, else 2 (configuration).
+            std::process::ExitCode::from(epp::supervisor::failure_exit_code(e.as_ref()))
         }
     }
 }

@@ -186,6 +186,9 @@ pub enum ServeError {
     /// LoRA placement and the scheduling profiles do not fit together.
     #[error("LoRA placement: {0}")]
     LoraPlacement(String),
+    /// A task the EPP cannot run without ended, and it shut down.
+    #[error("shut down")]
+    TaskEnded(#[from] crate::supervisor::TaskEnded),
 }
 
 /// Handles to a running EPP (for tests and the binary).
@@ -708,8 +711,10 @@ pub async fn serve_with_handles(
     stop_accepting.cancel();
     tasks_stop.cancel();
     // The supervisor waits for every task to end with its token.
-    if let Err(error) = supervisor.await {
-        tracing::error!(%error, "the supervisor failed");
+    match supervisor.await {
+        Ok(Err(ended)) if result.is_ok() => return Err(ended.into()),
+        Ok(_) => {}
+        Err(error) => tracing::error!(%error, "the supervisor failed"),
     }
     result
 }

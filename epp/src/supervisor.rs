@@ -90,6 +90,27 @@ struct Ended {
     started: Instant,
 }
 
+/// A task the process cannot run without ([`OnExit::Shutdown`]) ended, and the process shut
+/// down for it: the binaries exit non-zero (1) then, so that Kubernetes reports an error, not
+/// a completion, and a service manager's restart-on-failure restarts it.
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} task, which the process cannot run without, ended")]
+pub struct TaskEnded(pub TaskName);
+
+/// The exit status of a binary that failed with `error`: 1 when a task it cannot run without
+/// ended ([`TaskEnded`] anywhere in the chain), else 2 (configuration or start-up, as
+/// linkerd's EX_USAGE-like code).
+pub fn failure_exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<TaskEnded>() {
+            return 1;
+        }
+        cause = e.source();
+    }
+    2
+}
+
 /// The supervisor. Register tasks, then [`Supervisor::run`] it until shutdown.
 pub struct Supervisor {
     set: JoinSet<Ended>,
@@ -101,6 +122,8 @@ pub struct Supervisor {
     tasks_stop: CancellationToken,
     exits: Family<TaskExitLabels, Counter>,
     down: watch::Sender<BTreeSet<TaskName>>,
+    /// The first task the process could not run without that ended.
+    fatal: Option<TaskName>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -123,6 +146,7 @@ impl Supervisor {
             shutdown,
             exits,
             down: watch::channel(BTreeSet::new()).0,
+            fatal: None,
         }
     }
 
@@ -230,8 +254,8 @@ impl Supervisor {
     }
 
     /// Supervises until `shutdown` (and the tasks' stop, when later), then waits for every
-    /// task to end.
-    pub async fn run(mut self) {
+    /// task to end. An error when the shutdown was a task's ([`OnExit::Shutdown`]).
+    pub async fn run(mut self) -> Result<(), TaskEnded> {
         let stop = self.tasks_stop.clone();
         loop {
             let joined = tokio::select! {
@@ -281,6 +305,7 @@ impl Supervisor {
             );
         }
         self.set.shutdown().await;
+        self.fatal.map_or(Ok(()), |task| Err(TaskEnded(task)))
     }
 
     fn exited(&mut self, task: TaskName, started: Instant, reason: &'static str) {
@@ -308,6 +333,7 @@ impl Supervisor {
                     reason,
                     "a task the process cannot run without ended; shutting down"
                 );
+                self.fatal.get_or_insert(task);
                 self.shutdown.cancel();
                 return;
             }
@@ -417,7 +443,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(120)).await;
         assert_eq!(starts.load(Ordering::SeqCst), 4);
         shutdown.cancel();
-        running.await.unwrap();
+        running.await.unwrap().unwrap();
         assert_eq!(exits(&family, "scraper", "panicked"), 3);
         assert_eq!(exits(&family, "scraper", "returned"), 0);
     }
@@ -445,7 +471,7 @@ mod tests {
         assert_eq!(second.load(Ordering::SeqCst), 1);
         assert_eq!(first.load(Ordering::SeqCst), 3);
         shutdown.cancel();
-        running.await.unwrap();
+        running.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -475,7 +501,7 @@ mod tests {
         down.wait_for(BTreeSet::is_empty).await.unwrap();
         assert_eq!(starts.load(Ordering::SeqCst), 2);
         shutdown.cancel();
-        running.await.unwrap();
+        running.await.unwrap().unwrap();
     }
 
     /// SIGTERM begins the drain: adopted servers end with the shutdown token, but restartable
@@ -520,7 +546,7 @@ mod tests {
         assert!(!running.is_finished());
         assert_eq!(exits(&family, "metrics-server", "returned"), 0);
         stop.cancel();
-        running.await.unwrap();
+        running.await.unwrap().unwrap();
         assert_eq!(ended.load(Ordering::SeqCst), 1);
         assert_eq!(starts.load(Ordering::SeqCst), 1);
     }
@@ -543,7 +569,10 @@ mod tests {
         assert!(!shutdown.is_cancelled(), "alive while the server runs");
         drop(tx);
         shutdown.cancelled().await;
-        running.await.unwrap();
+        // The shutdown was the task's: the binaries exit 1 for it.
+        let ended = running.await.unwrap().unwrap_err();
+        assert_eq!(ended.0, "admin-server");
+        assert_eq!(failure_exit_code(&ended), 1);
         assert_eq!(exits(&family, "admin-server", "returned"), 1);
     }
 }

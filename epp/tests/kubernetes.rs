@@ -152,11 +152,18 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
     drop(readiness);
     drop(health);
     shutdown.cancel();
-    tokio::time::timeout(TIMEOUT, server)
+    // The lease task ended before the shutdown asked for it: the run reports it, so the
+    // binary exits non-zero and the pod restarts rather than lingering unready.
+    let ended = tokio::time::timeout(TIMEOUT, server)
         .await
         .unwrap()
         .unwrap()
-        .unwrap();
+        .unwrap_err();
+    assert!(
+        matches!(&ended, epp::server::ServeError::TaskEnded(t) if t.0 == "lease"),
+        "{ended:?}"
+    );
+    assert_eq!(epp::supervisor::failure_exit_code(&ended), 1);
 }
 
 /// Runs `epp` with `args` and no reachable Kubernetes; returns (exit code, stderr).

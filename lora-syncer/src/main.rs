@@ -100,7 +100,8 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "lora-syncer failed");
             eprintln!("lora-syncer: {e:#}");
-            std::process::ExitCode::from(2)
+            // 1 when a task it cannot run without ended, else 2 (configuration).
+            std::process::ExitCode::from(epp::supervisor::failure_exit_code(e.as_ref()))
         }
     }
 }
@@ -189,7 +190,7 @@ async fn run(args: Args) -> Result<()> {
         tasks.adopt("metrics-server", OnExit::Shutdown, server);
     }
     let signals = tokio::spawn(epp::signals::cancel_on_signal(shutdown.clone()));
-    tasks.run().await;
+    let ended = tasks.run().await;
     signals.abort();
-    Ok(())
+    Ok(ended?)
 }
