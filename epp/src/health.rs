@@ -54,16 +54,22 @@ pub async fn init(reporter: &HealthReporter) {
 
 /// Connections the health port serves at once. The port is open to the cluster network (the
 /// kubelet probes it): without a cap, anyone who reaches it could hold connections, and the
-/// file descriptors the ext_proc listener and the scrapers need, for free.
-pub const MAX_HEALTH_CONNECTIONS: usize = 64;
+/// file descriptors the ext_proc listener and the scrapers need, for free. Past it the
+/// kubelet's probe waits in the backlog and times out, so the cap is what an attacker must
+/// fill to have the pod restarted: with [`MAX_HEALTH_CONNECTIONS_PER_IP`], 32 addresses, each
+/// connection talking at least every [`HEALTH_CONNECTION_QUIET`].
+pub const MAX_HEALTH_CONNECTIONS: usize = 256;
 /// Connections the health port serves from one IP at once (the kubelet probes from its node).
 pub const MAX_HEALTH_CONNECTIONS_PER_IP: usize = 8;
 /// Age at which a health connection is asked to close (HTTP/2 GOAWAY, calls in flight finish):
 /// a probe is one call; a `Watch` stream, or Envoy's gRPC health checker, opens a new one.
 pub const HEALTH_CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
-/// What a connection asked to close gets to do so before it is cut, as is one that never
-/// speaks (no HTTP/2 preface, so no GOAWAY to send).
+/// What a connection asked to close gets to do so before it is cut.
 pub const HEALTH_CONNECTION_GRACE: Duration = Duration::from_secs(10);
+/// A connection that sends nothing for this long is cut (one that never sends its HTTP/2
+/// preface, or holds its slot idle): a probe speaks at once, and a health checker that keeps
+/// its connection between checks further apart than this only reconnects.
+pub const HEALTH_CONNECTION_QUIET: Duration = Duration::from_secs(10);
 
 /// The health port's bounds (the defaults are the constants above; tests use smaller ones).
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +82,8 @@ pub struct HealthLimits {
     pub max_age: Duration,
     /// Then the time it has before it is cut.
     pub grace: Duration,
+    /// How long it may send nothing before it is cut.
+    pub quiet: Duration,
 }
 
 impl Default for HealthLimits {
@@ -85,6 +93,7 @@ impl Default for HealthLimits {
             per_ip: MAX_HEALTH_CONNECTIONS_PER_IP,
             max_age: HEALTH_CONNECTION_MAX_AGE,
             grace: HEALTH_CONNECTION_GRACE,
+            quiet: HEALTH_CONNECTION_QUIET,
         }
     }
 }
@@ -111,7 +120,8 @@ pub async fn serve<T: tonic_health::pb::health_server::Health>(
 
 /// The health port's connections: at most `limits.connections` at once (the rest wait in the
 /// listen backlog), `limits.per_ip` from one IP (past it a connection is closed at once), each
-/// cut at `limits.max_age + limits.grace` (the server asks it to close at `max_age`).
+/// cut at `limits.max_age + limits.grace` (the server asks it to close at `max_age`), or once
+/// it has sent nothing for `limits.quiet`.
 pub fn bounded_incoming(
     listener: TcpListener,
     limits: HealthLimits,
@@ -143,6 +153,8 @@ pub fn bounded_incoming(
                 let connection = AgedConnection {
                     stream,
                     ends: Box::pin(tokio::time::sleep(limits.max_age + limits.grace)),
+                    quiet_for: limits.quiet,
+                    quiet: Box::pin(tokio::time::sleep(limits.quiet)),
                     _permit: permit,
                     _slot: slot,
                 };
@@ -153,11 +165,15 @@ pub fn bounded_incoming(
 }
 
 /// A health connection holding its slots, that fails its reads and writes once it is older
-/// than its age and grace (the server then drops it).
+/// than its age and grace, and its reads once it has been quiet too long (the server then
+/// drops it).
 #[derive(Debug)]
 pub struct AgedConnection {
     stream: TcpStream,
     ends: Pin<Box<Sleep>>,
+    /// How long the peer may send nothing, and when that runs out (moved on by every read).
+    quiet_for: Duration,
+    quiet: Pin<Box<Sleep>>,
     _permit: OwnedSemaphorePermit,
     _slot: PeerSlot,
 }
@@ -181,7 +197,18 @@ impl AsyncRead for AgedConnection {
         if let Some(e) = self.expired(cx) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let next = tokio::time::Instant::now() + self.quiet_for;
+            self.quiet.as_mut().reset(next);
+        } else if read.is_pending() && self.quiet.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "health connection quiet too long",
+            )));
+        }
+        read
     }
 }
 
@@ -242,6 +269,7 @@ mod tests {
             per_ip: 1,
             max_age: Duration::from_millis(200),
             grace: Duration::from_millis(100),
+            quiet: Duration::from_secs(60),
         };
         let incoming = bounded_incoming(listener, limits);
         tokio::pin!(incoming);
@@ -294,5 +322,59 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(first.write_all(b"x").await.is_err());
+    }
+
+    /// Review: 8 addresses holding 8 silent connections each filled the 64 slots until their
+    /// 70 s age, so the kubelet's probes waited in the backlog and the pod was restarted. A
+    /// connection is now cut once it has sent nothing for `quiet`, whether it never spoke or
+    /// spoke and went quiet; what it sends reaches the server.
+    #[tokio::test]
+    async fn a_quiet_health_connection_is_cut() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let limits = HealthLimits {
+            connections: 4,
+            per_ip: 4,
+            max_age: Duration::from_secs(600),
+            grace: Duration::from_secs(600),
+            quiet: Duration::from_millis(200),
+        };
+        let incoming = bounded_incoming(listener, limits);
+        tokio::pin!(incoming);
+        let wait = Duration::from_secs(10);
+        let mut accept = async || {
+            tokio::time::timeout(wait, incoming.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+        };
+        let quiet = |e: io::Error| {
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+            assert!(e.to_string().contains("quiet"), "{e}");
+        };
+        let _silent = client([127, 0, 0, 1], to).await;
+        let mut never_spoke = accept().await;
+        let mut buf = [0u8; 8];
+        quiet(
+            tokio::time::timeout(wait, never_spoke.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap_err(),
+        );
+        let mut talking = client([127, 0, 0, 1], to).await;
+        let mut spoke = accept().await;
+        talking.write_all(b"hi").await.unwrap();
+        let n = tokio::time::timeout(wait, spoke.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        quiet(
+            tokio::time::timeout(wait, spoke.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap_err(),
+        );
     }
 }
