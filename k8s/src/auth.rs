@@ -94,6 +94,15 @@ pub const DECISIONS: NonZeroUsize = nonzero(1024);
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 64;
 /// Reviews beyond [`MAX_REVIEWS_IN_FLIGHT`] that only tokens authenticated before may start.
 pub const RESERVED_FOR_KNOWN_TOKENS: usize = 8;
+/// Reviews a second that tokens never authenticated before may start, on average, and how
+/// many at once after a quiet spell ([`NEW_TOKEN_REVIEW_BURST`]); past it a request the caches
+/// cannot answer is refused (503). The in-flight cap bounds reviews at once, not a rate: an
+/// unauthenticated client reconnecting with fresh tokens could otherwise have the EPP send
+/// the API server thousands of TokenReviews a second under its own ServiceAccount, in the
+/// flow its lease renewals share. The reference's client is held to client-go's 20 a second.
+pub const NEW_TOKEN_REVIEWS_PER_SECOND: u32 = 20;
+/// See [`NEW_TOKEN_REVIEWS_PER_SECOND`].
+pub const NEW_TOKEN_REVIEW_BURST: u32 = 40;
 /// Longer bearer tokens are refused without review. Real ones (service-account JWTs, OIDC ID
 /// tokens) are a few KiB; this only stops us relaying junk to the API server.
 pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
@@ -138,6 +147,10 @@ pub struct AuthorizerConfig {
     pub decisions: NonZeroUsize,
     /// See [`MAX_REVIEWS_IN_FLIGHT`].
     pub max_in_flight: usize,
+    /// See [`NEW_TOKEN_REVIEWS_PER_SECOND`].
+    pub new_token_reviews_per_second: u32,
+    /// See [`NEW_TOKEN_REVIEW_BURST`].
+    pub new_token_review_burst: u32,
 }
 
 impl Default for AuthorizerConfig {
@@ -151,6 +164,8 @@ impl Default for AuthorizerConfig {
             rejected_tokens: REJECTED_TOKENS,
             decisions: DECISIONS,
             max_in_flight: MAX_REVIEWS_IN_FLIGHT,
+            new_token_reviews_per_second: NEW_TOKEN_REVIEWS_PER_SECOND,
+            new_token_review_burst: NEW_TOKEN_REVIEW_BURST,
         }
     }
 }
@@ -229,15 +244,14 @@ impl Decision {
     /// could not answer — 500 because the reference answers that, and because the commonest
     /// cause is the EPP's own RBAC lacking `create` on the reviews, a fault of configuration
     /// that a 503 ("try later") would misreport. 503 only when we shed the review ourselves
-    /// ([`MAX_REVIEWS_IN_FLIGHT`]): there, trying later is the right advice.
+    /// ([`MAX_REVIEWS_IN_FLIGHT`], [`NEW_TOKEN_REVIEWS_PER_SECOND`]): there, trying later is
+    /// the right advice.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Allowed { .. } => StatusCode::OK,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::Failed { error, .. } if matches!(**error, Error::ReviewsBusy { .. }) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Failed { error, .. } if error.is_shed() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -251,7 +265,7 @@ impl Decision {
             Self::Forbidden { subject, .. } => {
                 format!("Authorization denied for user {}", subject.username)
             }
-            Self::Failed { error, .. } if matches!(**error, Error::ReviewsBusy { .. }) => {
+            Self::Failed { error, .. } if error.is_shed() => {
                 "Too many authentication reviews in flight".to_owned()
             }
             Self::Failed {
@@ -326,6 +340,10 @@ impl MetricsAuthorizer {
             rejected: LruCache::new(config.rejected_tokens),
             decisions: LruCache::new(config.decisions),
             in_flight: HashMap::new(),
+            new_token_reviews: ReviewBucket {
+                left: f64::from(config.new_token_review_burst),
+                at: Instant::now(),
+            },
         };
         Self {
             inner: Arc::new(Inner {
@@ -384,6 +402,18 @@ impl MetricsAuthorizer {
                     subject: None,
                     error: Arc::new(Error::ReviewsBusy {
                         in_flight: state.in_flight.len(),
+                    }),
+                };
+            } else if !state.known.contains(&flight.token)
+                && !state
+                    .new_token_reviews
+                    .take(&self.inner.config, Instant::now())
+            {
+                tracing::debug!("metrics endpoint auth: reviews of new tokens over their rate");
+                return Decision::Failed {
+                    subject: None,
+                    error: Arc::new(Error::ReviewsThrottled {
+                        per_second: self.inner.config.new_token_reviews_per_second,
                     }),
                 };
             } else {
@@ -467,6 +497,32 @@ struct State {
     rejected: LruCache<TokenKey, Expiring<String>>,
     decisions: LruCache<DecisionKey, Expiring<Access>>,
     in_flight: HashMap<FlightKey, Pending>,
+    new_token_reviews: ReviewBucket,
+}
+
+/// A token bucket of reviews for tokens not authenticated before
+/// ([`NEW_TOKEN_REVIEWS_PER_SECOND`]).
+struct ReviewBucket {
+    left: f64,
+    at: Instant,
+}
+
+impl ReviewBucket {
+    /// Takes one review if the bucket holds one, refilled for the time since it was last
+    /// looked at.
+    fn take(&mut self, config: &AuthorizerConfig, now: Instant) -> bool {
+        let burst = f64::from(config.new_token_review_burst);
+        let refill = now.saturating_duration_since(self.at).as_secs_f64()
+            * f64::from(config.new_token_reviews_per_second);
+        self.left = (self.left + refill).min(burst);
+        self.at = now;
+        if self.left >= 1.0 {
+            self.left -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The value under `key` if it has not expired; an expired one is dropped on the way.

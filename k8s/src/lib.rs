@@ -73,9 +73,27 @@ pub enum Error {
         /// Reviews under way.
         in_flight: usize,
     },
+    /// Reviews of tokens not authenticated before were over their rate, so this one was not
+    /// started.
+    #[error("authentication reviews of new tokens over {per_second} a second")]
+    ReviewsThrottled {
+        /// The rate allowed.
+        per_second: u32,
+    },
     /// A review's task ended without an answer (it panicked).
     #[error("authentication review task: {0}")]
     ReviewTask(#[source] tokio::task::JoinError),
+}
+
+impl Error {
+    /// Whether the EPP shed the review itself (too many under way, or over their rate): the
+    /// client should try later.
+    pub fn is_shed(&self) -> bool {
+        matches!(
+            self,
+            Self::ReviewsBusy { .. } | Self::ReviewsThrottled { .. }
+        )
+    }
 }
 
 /// `Result` with this crate's [`Error`].

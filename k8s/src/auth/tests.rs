@@ -558,11 +558,51 @@ async fn a_flood_of_bogus_reviews_cannot_lock_out_a_known_scraper() {
     assert!(!done(bogus).await.is_allowed());
 }
 
+/// Review: the in-flight cap bounded reviews at once, not a rate, so a client reconnecting
+/// with fresh tokens had the EPP send TokenReviews as fast as the API server answered. New
+/// tokens now start at most a bucket's worth; the rest are refused (503) without a review,
+/// while a token authenticated before is still reviewed, and the bucket refills with time.
+#[tokio::test(start_paused = true)]
+async fn reviews_of_new_tokens_are_held_to_a_rate() {
+    let config = AuthorizerConfig {
+        new_token_reviews_per_second: 2,
+        new_token_review_burst: 3,
+        ..AuthorizerConfig::default()
+    };
+    let ttl = config.token_ttl.max(config.allowed_ttl);
+    let (auth, mut server) = start(config);
+    admit(&auth, &mut server, "prom-token").await;
+    tokio::time::sleep(ttl + Duration::from_secs(1)).await;
+    // A full bucket: three strangers are reviewed …
+    for i in 0..3 {
+        let task = ask(&auth, &format!("bogus-{i}"), "/metrics", "GET");
+        token_review(&mut server, None).await;
+        assert_eq!(done(task).await.status(), StatusCode::UNAUTHORIZED);
+    }
+    // … the fourth is refused without one …
+    let refused = auth.authorize("bogus-3", "/metrics", "GET").await;
+    assert!(
+        matches!(&refused, Decision::Failed { error, .. } if matches!(**error, Error::ReviewsThrottled { per_second: 2 })),
+        "{refused:?}"
+    );
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    server.expect_no_request().await;
+    // … the scraper's token, known, is reviewed again …
+    admit(&auth, &mut server, "prom-token").await;
+    // … and half a second later (two a second) a stranger is reviewed again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let task = ask(&auth, "bogus-4", "/metrics", "GET");
+    token_review(&mut server, None).await;
+    assert_eq!(done(task).await.status(), StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_caches_stay_bounded_and_a_flood_of_bogus_tokens_cannot_evict_the_scraper() {
     let config = AuthorizerConfig {
         authenticated_tokens: NonZeroUsize::new(2).unwrap(),
         rejected_tokens: NonZeroUsize::new(4).unwrap(),
+        // The flood here is of the caches, not the review rate.
+        new_token_review_burst: 100,
         ..AuthorizerConfig::default()
     };
     let (auth, mut server) = start(config);
