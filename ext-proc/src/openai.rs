@@ -218,7 +218,10 @@ pub enum PathRefusal {
 pub fn check_request_path(path: &str) -> Result<(), PathRefusal> {
     let path = path.split(['?', '#']).next().unwrap_or(path).as_bytes();
     let hex = |b: u8| (b as char).to_digit(16);
-    let mut decoded = Vec::with_capacity(path.len());
+    // Only the last non-empty segment is compared, and only one as short as the longest
+    // name can match: the decoded path is never kept whole.
+    let mut segment = Segment::default();
+    let mut last = Segment::default();
     let mut i = 0;
     while i < path.len() {
         let byte = match (
@@ -242,20 +245,72 @@ pub fn check_request_path(path: &str) -> Result<(), PathRefusal> {
         if byte < 0x20 || byte == 0x7f {
             return Err(PathRefusal::Malformed);
         }
-        decoded.push(byte);
+        if byte == b'/' {
+            if !segment.is_empty() {
+                last = std::mem::take(&mut segment);
+            }
+        } else {
+            segment.push(byte);
+        }
     }
-    let last = decoded
-        .split(|&b| b == b'/')
-        .rev()
-        .find(|s| !s.is_empty())
-        .unwrap_or_default();
+    if !segment.is_empty() {
+        last = segment;
+    }
     if ENGINE_ADMIN_ENDPOINTS
         .iter()
-        .any(|name| name.as_bytes().eq_ignore_ascii_case(last))
+        .any(|name| last.is(name.as_bytes()))
     {
         return Err(PathRefusal::EngineAdmin);
     }
     Ok(())
+}
+
+/// The longest name in [`ENGINE_ADMIN_ENDPOINTS`].
+const LONGEST_ADMIN_ENDPOINT: usize = {
+    let (mut i, mut longest) = (0, 0);
+    while i < ENGINE_ADMIN_ENDPOINTS.len() {
+        if ENGINE_ADMIN_ENDPOINTS[i].len() > longest {
+            longest = ENGINE_ADMIN_ENDPOINTS[i].len();
+        }
+        i += 1;
+    }
+    longest
+};
+
+/// One decoded path segment, kept only while it could still be an administration endpoint's
+/// name; past that, only its length counts.
+struct Segment {
+    head: [u8; LONGEST_ADMIN_ENDPOINT],
+    len: usize,
+}
+
+impl Default for Segment {
+    fn default() -> Self {
+        Self {
+            head: [0; LONGEST_ADMIN_ENDPOINT],
+            len: 0,
+        }
+    }
+}
+
+impl Segment {
+    fn push(&mut self, byte: u8) {
+        if let Some(slot) = self.head.get_mut(self.len) {
+            *slot = byte;
+        }
+        self.len = self.len.saturating_add(1);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether it is `name`, without regard to ASCII case.
+    fn is(&self, name: &[u8]) -> bool {
+        self.head
+            .get(..self.len)
+            .is_some_and(|held| held.eq_ignore_ascii_case(name))
+    }
 }
 
 /// Chooses the API from a request path. Unknown paths are treated as completions, as the
