@@ -33,6 +33,7 @@ Run from the repository root: `.venv/bin/python manifests/validate.py` (`make va
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import os
 import re
@@ -300,6 +301,19 @@ def check_epp_invariants(
                 fail(where, f"{rule['resources']}: only get/list/watch, got {sorted(verbs)}")
     if ha and not any(r["resources"] == ["leases"] for role in roles for r in role["rules"]):
         fail(where, "leader election needs the leases rule")
+    account = pod.get("serviceAccountName")
+    for role in roles:
+        if not any(r["resources"] == ["leases"] for r in role["rules"]):
+            continue
+        bound = any(
+            b["kind"] == "RoleBinding"
+            and b["roleRef"]["kind"] == "Role"
+            and b["roleRef"]["name"] == role["metadata"]["name"]
+            and any(s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"])
+            for b in objs
+        )
+        if not bound:
+            fail(where, f"Role {role['metadata']['name']} is not bound to the EPP's ServiceAccount")
 
 
 def check_cluster_rbac(
@@ -344,6 +358,7 @@ def check_cluster_rbac(
 
 def validate_files() -> None:
     plain: list[dict[str, Any]] = []
+    ha_docs: list[dict[str, Any]] = []
     bbr_plain: list[dict[str, Any]] = []
     syncer_plain: list[dict[str, Any]] = []
     for path in sorted(
@@ -363,12 +378,23 @@ def validate_files() -> None:
             validate_object(rel, doc)
             if os.path.dirname(path) == os.path.join(ROOT, "epp"):
                 plain.append(doc)
+            if os.path.dirname(path) == os.path.join(ROOT, "epp", "ha"):
+                ha_docs.append(doc)
             if os.path.dirname(path) == os.path.join(ROOT, "bbr"):
                 bbr_plain.append(doc)
             if os.path.dirname(path) == os.path.join(ROOT, "lora-syncer"):
                 syncer_plain.append(doc)
     # The plain manifests run one replica without leader election: no lease permissions.
     check_epp_invariants("manifests/epp", plain, ha=False, metrics_auth=True)
+    # With ha/, as the Deployment's header says to apply it: two replicas, leader election on.
+    ha_plain = copy.deepcopy(plain)
+    for doc in ha_plain:
+        if doc["kind"] == "Deployment":
+            doc["spec"]["replicas"] = 2
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                if c["name"] == "epp":
+                    c["args"].append("--ha-enable-leader-election")
+    check_epp_invariants("manifests/epp with ha/", ha_plain + ha_docs, ha=True, metrics_auth=True)
     check_bbr_invariants("manifests/bbr", bbr_plain)
     # The router the body-based-routing gateway folder deploys: the same invariants (its Role
     # once lacked what the router watches, and nothing here read it).
