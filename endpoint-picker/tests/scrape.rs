@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 const HEALTHY: u32 = 0;
 const FAILING: u32 = 1;
 const HUNG: u32 = 2;
+/// 500s answered (only `scrapes_go_stale_on_failure_and_recover` makes an engine fail).
+static FAILURES_ANSWERED: AtomicU32 = AtomicU32::new(0);
 
 /// A minimal HTTP/1.1 server answering every request with the current queue value as vLLM
 /// metrics (or a 500, or nothing at all).
@@ -82,7 +84,10 @@ async fn answer(
                     body.len()
                 )
             }
-            FAILING => "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n".to_owned(),
+            FAILING => {
+                FAILURES_ANSWERED.fetch_add(1, Ordering::SeqCst);
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n".to_owned()
+            }
             _ => std::future::pending::<String>().await,
         };
         if conn.write_all(response.as_bytes()).await.is_err() {
@@ -154,10 +159,13 @@ async fn scrapes_go_stale_on_failure_and_recover() {
     until(|| ep().metrics().waiting_queue_size == 7, "updated value").await;
 
     // Failing: values stay, the timestamp stops moving, so consumers see them go stale.
+    // One endpoint's scrapes follow one another, so once a 500 is answered every good answer
+    // before it is stored; three more failed scrapes then store nothing.
+    let failures = || FAILURES_ANSWERED.load(Ordering::SeqCst);
     mode.store(FAILING, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until(|| failures() >= 1, "a failed scrape").await;
     let frozen = ep().metrics().updated_at;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until(|| failures() >= 4, "three more failed scrapes").await;
     assert_eq!(ep().metrics().updated_at, frozen, "no update while failing");
     assert_eq!(
         ep().metrics().waiting_queue_size,
@@ -192,11 +200,12 @@ async fn hung_endpoint_is_cut_by_the_timeout_and_others_keep_updating() {
         timeout: Duration::from_millis(100),
         ..Default::default()
     };
+    let outcomes = Arc::new(Outcomes::default());
     let token = CancellationToken::new();
     let task = tokio::spawn(scraper::run(
         ds.clone(),
         Arc::new(config),
-        Arc::new(()),
+        outcomes.clone(),
         token.clone(),
     ));
     until(
@@ -208,6 +217,18 @@ async fn hung_endpoint_is_cut_by_the_timeout_and_others_keep_updating() {
     until(
         || ds.snapshot().endpoints[1].metrics().waiting_queue_size == 5,
         "healthy endpoint keeps updating",
+    )
+    .await;
+    // Only the hung endpoint can fail, and it does by the timeout.
+    until(
+        || {
+            outcomes
+                .0
+                .lock()
+                .iter()
+                .any(|o| o.as_ref().is_err_and(|e| e.starts_with("Timeout(")))
+        },
+        "the hung scrape timed out",
     )
     .await;
     assert!(

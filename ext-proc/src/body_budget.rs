@@ -284,6 +284,11 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0xb0d9),
+            failure_persistence: None,
+            ..Default::default()
+        })]
         /// Whatever the interleaving of charges and releases, the budget holds exactly what
         /// the live charges hold, never more than its limit, and nothing once they are gone.
         #[test]

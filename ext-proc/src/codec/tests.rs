@@ -141,6 +141,11 @@ fn agrees(bytes: &[u8], zero_copy: bool) -> Result<(), TestCaseError> {
 }
 
 proptest! {
+    #![proptest_config(proptest::test_runner::Config {
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eedc0de),
+        failure_persistence: None,
+        ..Default::default()
+    })]
     #[test]
     fn decoder_matches_prost(message in request()) {
         agrees(&message.encode_to_vec(), true)?;
