@@ -35,7 +35,7 @@ use std::time::Duration;
 use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, PoolSnapshot};
 use endpoint_picker::kv_index::{Applied, Dropped, SharedKvIndex, StreamState};
 use endpoint_picker::scheduling::plugins::precise::KvEventsSettings;
-use kv_events::EventBatch;
+use kv_events::{EventBatch, Skipped};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -63,6 +63,9 @@ pub struct KvMessage {
     /// The transport saw the publisher's sequence go backwards: it restarted, and its cache
     /// with it.
     pub publisher_restarted: bool,
+    /// What the transport's decoder left out of the batch (events of an unknown type or
+    /// medium, blocks with extra keys), counted as dropped when the batch is applied.
+    pub skipped: Skipped,
 }
 
 /// What a source hands over.
@@ -135,9 +138,15 @@ pub struct DropLabels {
     /// Endpoint name (`unknown` for a topic naming no endpoint of the pool).
     pub model_server_pod: String,
     /// Why: `unknown_parent`, `no_full_block`, `unknown_blocks`, `malformed`, `clearing`,
-    /// `bad_topic`, `unknown_endpoint`, `gap`.
+    /// `bad_topic`, `unknown_endpoint`, `gap`, or what the decoder left out
+    /// ([`SKIP_REASONS`]): `unknown_type`, `unknown_medium`, `extra_keys`.
     pub reason: &'static str,
 }
+
+/// The `reason`s of what the transport's decoder left out of a batch ([`Skipped`]): events of
+/// a type or in a medium it does not know, and blocks whose hash has extra keys (counted in
+/// blocks, not events: `kv_events::codec`).
+pub const SKIP_REASONS: [&str; 3] = ["unknown_type", "unknown_medium", "extra_keys"];
 
 /// The KV-event metrics. Labels are bounded by the pool's endpoints; a departed endpoint's
 /// series go with it.
@@ -147,7 +156,8 @@ pub struct KvEventMetrics {
     pub received: Family<PodLabels, Counter>,
     /// `inference_extension_kv_events_applied_total`: events that changed the index.
     pub applied: Family<PodLabels, Counter>,
-    /// `inference_extension_kv_events_dropped_total`: events (or, for `gap`, batches) lost.
+    /// `inference_extension_kv_events_dropped_total`: events (for `gap`, batches; for
+    /// `extra_keys`, blocks) lost.
     pub dropped: Family<DropLabels, Counter>,
     /// `inference_extension_kv_events_lag_seconds`: now − the last batch's timestamp.
     pub lag: Family<PodLabels, Gauge<f64, AtomicU64>>,
@@ -199,7 +209,8 @@ impl KvEventMetrics {
         );
         r.register(
             "inference_extension_kv_events_dropped",
-            "KV-cache events dropped, by reason (gap: batches lost and not replayed)",
+            "KV-cache events dropped, by reason (gap: batches lost and not replayed; \
+             extra_keys: blocks cut)",
             self.dropped.clone(),
         );
         r.register(
@@ -245,6 +256,27 @@ impl KvEventMetrics {
         }
     }
 
+    /// Records what the decoder left out of a batch: received all the same, and dropped by
+    /// their [`SKIP_REASONS`].
+    pub fn record_skipped(&self, pod: &PodLabels, skipped: &Skipped) {
+        if skipped.is_empty() {
+            return;
+        }
+        self.received
+            .get_or_create(pod)
+            .inc_by(u64::from(skipped.events()));
+        let left_out = [
+            skipped.unknown_type,
+            skipped.unknown_medium,
+            skipped.extra_keys,
+        ];
+        for (reason, n) in SKIP_REASONS.into_iter().zip(left_out) {
+            if n > 0 {
+                self.count_dropped(pod, reason, u64::from(n));
+            }
+        }
+    }
+
     /// Counts `n` dropped for `reason`.
     pub fn count_dropped(&self, pod: &PodLabels, reason: &'static str, n: u64) {
         self.dropped
@@ -262,7 +294,11 @@ impl KvEventMetrics {
         self.applied.remove(pod);
         self.lag.remove(pod);
         let reasons = Dropped::ALL.map(Dropped::as_str);
-        for reason in reasons.into_iter().chain(["bad_topic", "gap"]) {
+        for reason in reasons
+            .into_iter()
+            .chain(["bad_topic", "gap"])
+            .chain(SKIP_REASONS)
+        {
             self.dropped.remove(&DropLabels {
                 name: pod.name.clone(),
                 model_server_pod: pod.model_server_pod.clone(),
@@ -398,7 +434,7 @@ pub async fn handle<S: KvEventSource>(
                             break;
                         }
                         next += 1;
-                        apply(index, metrics, pod, endpoint, &model, &m.batch).await;
+                        apply(index, metrics, pod, endpoint, &model, &m).await;
                     }
                     next == msg.seq
                 }
@@ -414,7 +450,7 @@ pub async fn handle<S: KvEventSource>(
             }
         }
     }
-    apply(index, metrics, pod, endpoint, &model, &msg.batch).await;
+    apply(index, metrics, pod, endpoint, &model, &msg).await;
 }
 
 async fn apply(
@@ -423,8 +459,9 @@ async fn apply(
     pod: &PodLabels,
     endpoint: EndpointId,
     model: &str,
-    batch: &EventBatch,
+    msg: &KvMessage,
 ) {
+    let batch = &msg.batch;
     // Keys hashed off the lock, written in bounded slices, the worker's other tasks served
     // between two (`SharedKvIndex::apply_yielding`).
     let applied = index
@@ -440,6 +477,7 @@ async fn apply(
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
     metrics.record(pod, batch.events.len(), &applied, now - batch.ts);
+    metrics.record_skipped(pod, &msg.skipped);
 }
 
 /// A batch arrived on `endpoint`'s stream: the stream is live, unless it is in a gap (which
@@ -868,7 +906,11 @@ async fn subscribe_bound<C: Connector>(
 /// restart it saw comes as [`KvMessage::publisher_restarted`]. Its frame guard tells which
 /// engines are connected ([`KvEventSource::connected`]).
 /// Every subscriber of the process charges the batches it decoded ahead of the index to one
-/// budget of 256 MiB (`ZMQ_QUEUE_BYTES`), and the unfinished messages its frame guard lets
+/// budget of 256 MiB (`ZMQ_QUEUE_BYTES`), each at most `256 MiB / max(4, subscribers)` of it
+/// (or one batch; `kv_events::transport::QueueBudget`): a per-endpoint subscriber's share is
+/// its engine's whatever topics the engine publishes under, so an engine that floods drops its
+/// own batches, not the others'; the bound subscriber's is counted per topic, the only name
+/// an engine has there. The unfinished messages its frame guard lets
 /// zmq.rs hold to one budget of 128 MiB, 16 MiB per peer IP
 /// (`kv_events::transport::UnfinishedBudget`): in pod mode, a subscriber per engine, so
 /// neither grows with the number of engines.
@@ -948,6 +990,7 @@ fn message_of(b: kv_events::transport::ReceivedBatch) -> SourceEvent {
         seq: b.seq,
         batch: b.batch,
         publisher_restarted: b.publisher_restarted,
+        skipped: b.skipped,
     })
 }
 

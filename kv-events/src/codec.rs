@@ -32,9 +32,35 @@
 //!   [`MAX_HASH_BYTES`]);
 //! - unknown fields (map keys, trailing positional fields of newer releases such as
 //!   `extra_keys` or `group_idx`) are skipped without recursion, so nesting depth costs no stack;
-//! - an unknown event tag or medium, a value of the wrong type, a missing field, a field given
-//!   twice, bytes after the batch: a [`DecodeError`] for the whole batch (as `msgspec` itself
-//!   refuses it), never a guess.
+//! - a value of the wrong type, a missing field, a field given twice, bytes after the batch: a
+//!   [`DecodeError`] for the whole batch (as `msgspec` itself refuses it), never a guess.
+//!
+//! ## Strict and lenient
+//!
+//! [`decode_batch`] is the wire format as this crate models it: an unknown event tag or medium
+//! fails the whole batch too, and `extra_keys` is skipped as any field it does not model.
+//! [`decode_batch_lenient`] is what a consumer that indexes the events reads (the transport's
+//! subscriber): one event it cannot use is left out and counted ([`Skipped`]), not the batch
+//! (for the EPP a batch that does not decode is a lost one, and a lost one clears the engine's
+//! whole index: one event of a new kind, or of a tier added later, would do so with every batch).
+//! It accepts whatever [`decode_batch`] accepts:
+//! - an event whose tag is unknown (a type of a later release, another engine's) is skipped;
+//! - a `BlockStored` or `BlockRemoved` in an unknown medium is skipped (media compare
+//!   case-insensitively, as llm-d's). Its cost is unknown, and counting it as the GPU would
+//!   overstate what the engine holds; its `BlockRemoved` is skipped as its `BlockStored` was;
+//! - `BlockStored.extra_keys` (vLLM PR #33304 on, one entry per block: the LoRA adapter's name,
+//!   then multimodal identifiers, the request's `cache_salt` on its first block, prompt-embedding
+//!   hashes; `vllm/v1/core/kv_cache_utils.py`, `generate_block_hash_extra_keys`) is read as far as
+//!   needed: a block whose hash depends on more than its tokens and its adapter cannot be named by
+//!   request keys, which hash tokens only. Indexing it under the plain key of its tokens would make
+//!   it match requests the engine cannot serve from it (an unsalted request, or another image with
+//!   the same placeholder tokens), so the event is cut before the first such block, and the blocks
+//!   after it (chained from it) go too. An entry that is nil, empty, or only the event's own
+//!   `lora_name` (by which the index already roots adapter chains) keeps its block. Cut, not folded
+//!   into the keys as the request side folds `cache_salt`: that would need the keys carried on
+//!   [`BlockStored`], which this crate's users build by the field; so the precise scorer does not
+//!   look salted requests up either (they score from the approximate index). vLLM before
+//!   `extra_keys` sends none, and its salted blocks are indexed under their tokens' keys as before.
 
 use std::fmt;
 
@@ -415,8 +441,63 @@ fn len_u32(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
 }
 
-/// Decodes one payload (the third frame of a vLLM KV-event message), in either encoding.
+/// What [`decode_batch_lenient`] left out of a batch, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Events whose tag this crate does not know.
+    pub unknown_type: u32,
+    /// `BlockStored` and `BlockRemoved` events in a medium this crate does not know.
+    pub unknown_medium: u32,
+    /// Blocks cut from `BlockStored` events because their hash has extra keys (see the
+    /// module's documentation): blocks, not events.
+    pub extra_keys: u32,
+}
+
+impl Skipped {
+    /// Whether nothing was left out.
+    pub fn is_empty(&self) -> bool {
+        *self == Skipped::default()
+    }
+
+    /// Events left out whole (unknown type or medium).
+    pub fn events(&self) -> u32 {
+        self.unknown_type.saturating_add(self.unknown_medium)
+    }
+}
+
+/// How much the decoder lets through (see the module's documentation).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Strict,
+    Lenient,
+}
+
+/// The decoder's mode and what it skipped so far.
+struct Ctx {
+    mode: Mode,
+    skipped: Skipped,
+}
+
+/// Decodes one payload (the third frame of a vLLM KV-event message), in either encoding;
+/// strict: an unknown event tag or medium fails the batch.
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
+    decode(payload, Mode::Strict).map(|(batch, _)| batch)
+}
+
+/// Decodes one payload as [`decode_batch`] does, but leaves out (and counts) the events an
+/// index cannot use instead of failing the batch: unknown event tags and media, and the blocks
+/// whose hash has extra keys (see the module's documentation). Every payload
+/// [`decode_batch`] accepts, it accepts; the bounds are the same.
+pub fn decode_batch_lenient(payload: &[u8]) -> Result<(EventBatch, Skipped), DecodeError> {
+    decode(payload, Mode::Lenient)
+}
+
+fn decode(payload: &[u8], mode: Mode) -> Result<(EventBatch, Skipped), DecodeError> {
+    let mut ctx = Ctx {
+        mode,
+        skipped: Skipped::default(),
+    };
+    let ctx = &mut ctx;
     let mut r = Reader::new(payload);
     let batch = match r.container("KVEventBatch")? {
         Container::Array(n) => {
@@ -424,7 +505,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
                 return Err(DecodeError::Missing { what: "events" });
             }
             let ts = r.f64("ts")?;
-            let events = decode_events(&mut r)?;
+            let events = decode_events(&mut r, ctx)?;
             let data_parallel_rank = if n >= 3 {
                 r.opt_i64("data_parallel_rank")?
             } else {
@@ -442,7 +523,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
             for _ in 0..n {
                 match r.str("KVEventBatch field", MAX_STRING_BYTES)? {
                     "ts" => set_once(&mut ts, "ts", r.f64("ts")?)?,
-                    "events" => set_once(&mut events, "events", decode_events(&mut r)?)?,
+                    "events" => set_once(&mut events, "events", decode_events(&mut r, ctx)?)?,
                     "data_parallel_rank" => set_once(
                         &mut rank,
                         "data_parallel_rank",
@@ -463,7 +544,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
             trailing: r.remaining(),
         });
     }
-    Ok(batch)
+    Ok((batch, ctx.skipped))
 }
 
 fn set_once<T>(slot: &mut Option<T>, what: &'static str, value: T) -> Result<(), DecodeError> {
@@ -474,11 +555,13 @@ fn set_once<T>(slot: &mut Option<T>, what: &'static str, value: T) -> Result<(),
     Ok(())
 }
 
-fn decode_events(r: &mut Reader<'_>) -> Result<Vec<Event>, DecodeError> {
+fn decode_events(r: &mut Reader<'_>, ctx: &mut Ctx) -> Result<Vec<Event>, DecodeError> {
     let n = r.array_len("events", MAX_EVENTS_PER_BATCH)?;
     let mut events = Vec::with_capacity(n);
     for _ in 0..n {
-        events.push(decode_event(r)?);
+        if let Some(event) = decode_event(r, ctx)? {
+            events.push(event);
+        }
     }
     Ok(events)
 }
@@ -491,47 +574,94 @@ enum Kind {
     Cleared,
 }
 
-fn kind(tag: &str) -> Result<Kind, DecodeError> {
+/// The kind of `tag`: `None` for a tag this crate does not know, which only a strict decoder
+/// refuses.
+fn kind(tag: &str, mode: Mode) -> Result<Option<Kind>, DecodeError> {
     match tag {
-        "BlockStored" => Ok(Kind::Stored),
-        "BlockRemoved" => Ok(Kind::Removed),
-        "AllBlocksCleared" => Ok(Kind::Cleared),
-        other => Err(DecodeError::UnknownEventType(excerpt(other))),
+        "BlockStored" => Ok(Some(Kind::Stored)),
+        "BlockRemoved" => Ok(Some(Kind::Removed)),
+        "AllBlocksCleared" => Ok(Some(Kind::Cleared)),
+        other if mode == Mode::Strict => Err(DecodeError::UnknownEventType(excerpt(other))),
+        _ => Ok(None),
     }
 }
 
 /// The fields of any event, as read (positionally or by name) before the event is built.
 #[derive(Default)]
-struct Fields {
+struct Fields<'a> {
     block_hashes: Option<Vec<EngineBlockHash>>,
     parent_block_hash: Option<Option<EngineBlockHash>>,
     token_ids: Option<Vec<u32>>,
     block_size: Option<u32>,
     lora_id: Option<Option<i64>>,
+    /// `Some(None)`: nil, or (lenient) a medium this crate does not know, which
+    /// `unknown_medium` tells.
     medium: Option<Option<Medium>>,
+    unknown_medium: bool,
     lora_name: Option<Option<String>>,
+    /// Read by a lenient decoder only (a strict one skips the field).
+    extra_keys: Option<Option<Extras<'a>>>,
 }
 
-impl Fields {
-    fn build(self, kind: Kind) -> Result<Event, DecodeError> {
+/// What `BlockStored.extra_keys` says about its blocks, as far as the index needs it: where
+/// the first block is that request keys cannot name. O(1) in size, whatever the entries.
+#[derive(Clone, Copy, Default)]
+struct Extras<'a> {
+    /// The first block whose entry is neither nil, nor empty, nor one lone string (or is a lone
+    /// string other than the first one seen).
+    other: Option<usize>,
+    /// The first block whose entry is one lone string, and that string: a block keeps its key
+    /// if that string is the event's adapter name.
+    first_lone: Option<(usize, &'a [u8])>,
+}
+
+impl Extras<'_> {
+    /// Blocks before the first one with extra keys other than `lora_name`.
+    fn plain_blocks(&self, lora_name: Option<&str>) -> usize {
+        let lone = self
+            .first_lone
+            .filter(|(_, s)| lora_name.is_none_or(|n| n.as_bytes() != *s))
+            .map(|(i, _)| i);
+        match (self.other, lone) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+impl Fields<'_> {
+    /// The event, or `None` when a lenient decoder leaves it out (counted in `ctx`).
+    fn build(self, kind: Kind, ctx: &mut Ctx) -> Result<Option<Event>, DecodeError> {
+        if self.unknown_medium && kind != Kind::Cleared {
+            ctx.skipped.unknown_medium = ctx.skipped.unknown_medium.saturating_add(1);
+            return Ok(None);
+        }
         // `medium` absent or nil: vLLM before `medium` existed, i.e. the GPU.
         let medium = self.medium.flatten().unwrap_or_default();
-        Ok(match kind {
-            Kind::Stored => Event::BlockStored(BlockStored {
-                block_hashes: self.block_hashes.ok_or(DecodeError::Missing {
-                    what: "BlockStored.block_hashes",
-                })?,
-                parent_block_hash: self.parent_block_hash.flatten(),
-                token_ids: self.token_ids.ok_or(DecodeError::Missing {
-                    what: "BlockStored.token_ids",
-                })?,
-                block_size: self.block_size.ok_or(DecodeError::Missing {
-                    what: "BlockStored.block_size",
-                })?,
-                lora_id: self.lora_id.flatten(),
-                lora_name: self.lora_name.flatten(),
-                medium,
-            }),
+        Ok(Some(match kind {
+            Kind::Stored => {
+                let mut stored = BlockStored {
+                    block_hashes: self.block_hashes.ok_or(DecodeError::Missing {
+                        what: "BlockStored.block_hashes",
+                    })?,
+                    parent_block_hash: self.parent_block_hash.flatten(),
+                    token_ids: self.token_ids.ok_or(DecodeError::Missing {
+                        what: "BlockStored.token_ids",
+                    })?,
+                    block_size: self.block_size.ok_or(DecodeError::Missing {
+                        what: "BlockStored.block_size",
+                    })?,
+                    lora_id: self.lora_id.flatten(),
+                    lora_name: self.lora_name.flatten(),
+                    medium,
+                };
+                if let Some(extras) = self.extra_keys.flatten()
+                    && !cut_at_extra_keys(&mut stored, extras, ctx)
+                {
+                    return Ok(None);
+                }
+                Event::BlockStored(stored)
+            }
             Kind::Removed => Event::BlockRemoved(BlockRemoved {
                 block_hashes: self.block_hashes.ok_or(DecodeError::Missing {
                     what: "BlockRemoved.block_hashes",
@@ -539,17 +669,46 @@ impl Fields {
                 medium,
             }),
             Kind::Cleared => Event::AllBlocksCleared,
-        })
+        }))
     }
 }
 
-fn decode_event(r: &mut Reader<'_>) -> Result<Event, DecodeError> {
+/// Cuts `stored` before its first block with extra keys (counted in `ctx`); `false` when no
+/// block is left. Its tokens are cut with its blocks when they are all there (`block_size`
+/// per block) or kept when absent (vLLM's CPU offloading); any other count makes the event
+/// malformed, and it goes whole.
+fn cut_at_extra_keys(stored: &mut BlockStored, extras: Extras<'_>, ctx: &mut Ctx) -> bool {
+    let blocks = stored.block_hashes.len();
+    let plain = extras.plain_blocks(stored.lora_name.as_deref());
+    if plain >= blocks {
+        return true;
+    }
+    let bs = stored.block_size as usize;
+    let keep = if stored.token_ids.is_empty() {
+        plain
+    } else if Some(stored.token_ids.len()) == blocks.checked_mul(bs) {
+        stored.token_ids.truncate(plain * bs);
+        plain
+    } else {
+        0
+    };
+    let cut = u32::try_from(blocks - keep).unwrap_or(u32::MAX);
+    ctx.skipped.extra_keys = ctx.skipped.extra_keys.saturating_add(cut);
+    stored.block_hashes.truncate(keep);
+    keep > 0
+}
+
+fn decode_event(r: &mut Reader<'_>, ctx: &mut Ctx) -> Result<Option<Event>, DecodeError> {
     match r.container("event")? {
         Container::Array(n) => {
             if n == 0 {
                 return Err(DecodeError::Missing { what: "event tag" });
             }
-            let kind = kind(r.str("event tag", MAX_STRING_BYTES)?)?;
+            let Some(kind) = kind(r.str("event tag", MAX_STRING_BYTES)?, ctx.mode)? else {
+                r.skip_values(n - 1)?;
+                ctx.skipped.unknown_type = ctx.skipped.unknown_type.saturating_add(1);
+                return Ok(None);
+            };
             // Positions after the tag, by kind; the required ones first.
             let (required, known): (usize, &[&str]) = match kind {
                 Kind::Stored => (
@@ -562,6 +721,7 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, DecodeError> {
                         "lora_id",
                         "medium",
                         "lora_name",
+                        "extra_keys",
                     ],
                 ),
                 Kind::Removed => (1, &["block_hashes", "medium"]),
@@ -575,31 +735,47 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, DecodeError> {
             }
             let mut fields = Fields::default();
             for &name in known.iter().take(given) {
-                read_field(r, &mut fields, name)?;
+                read_field(r, &mut fields, name, ctx.mode)?;
             }
-            // Fields of newer releases (extra_keys, group_idx, ...): not modelled here.
+            // Fields of newer releases (group_idx, ...): not modelled here.
             r.skip_values(given.saturating_sub(known.len()))?;
-            fields.build(kind)
+            fields.build(kind, ctx)
         }
         Container::Map(n) => {
             let mut tag = None;
             let mut fields = Fields::default();
+            let mut unknown = false;
             for _ in 0..n {
                 let key = r.str("event field name", MAX_STRING_BYTES)?;
                 if key == "type" {
-                    let k = kind(r.str("event tag", MAX_STRING_BYTES)?)?;
+                    let k = kind(r.str("event tag", MAX_STRING_BYTES)?, ctx.mode)?;
+                    unknown = k.is_none();
                     set_once(&mut tag, "type", k)?;
+                } else if unknown {
+                    // The fields of a type this crate does not know may be anything.
+                    r.skip_values(1)?;
                 } else {
-                    read_field(r, &mut fields, key)?;
+                    read_field(r, &mut fields, key, ctx.mode)?;
                 }
             }
-            fields.build(tag.ok_or(DecodeError::Missing { what: "type" })?)
+            match tag.ok_or(DecodeError::Missing { what: "type" })? {
+                Some(kind) => fields.build(kind, ctx),
+                None => {
+                    ctx.skipped.unknown_type = ctx.skipped.unknown_type.saturating_add(1);
+                    Ok(None)
+                }
+            }
         }
     }
 }
 
 /// Reads the value of field `name` into `fields` (skips it when unknown).
-fn read_field(r: &mut Reader<'_>, fields: &mut Fields, name: &str) -> Result<(), DecodeError> {
+fn read_field<'a>(
+    r: &mut Reader<'a>,
+    fields: &mut Fields<'a>,
+    name: &str,
+    mode: Mode,
+) -> Result<(), DecodeError> {
     match name {
         "block_hashes" => {
             let v = r.hashes("block_hashes")?;
@@ -624,15 +800,33 @@ fn read_field(r: &mut Reader<'_>, fields: &mut Fields, name: &str) -> Result<(),
         "medium" => {
             let v = match r.opt_str("medium", MAX_STRING_BYTES)? {
                 None => None,
-                Some(name) => Some(
-                    Medium::parse(name).ok_or_else(|| DecodeError::UnknownMedium(excerpt(name)))?,
-                ),
+                Some(name) => match (Medium::parse(name), mode) {
+                    (Some(m), _) => Some(m),
+                    (None, Mode::Strict) => {
+                        return Err(DecodeError::UnknownMedium(excerpt(name)));
+                    }
+                    (None, Mode::Lenient) => {
+                        fields.unknown_medium = true;
+                        None
+                    }
+                },
             };
             set_once(&mut fields.medium, "medium", v)
         }
         "lora_name" => {
             let v = r.opt_str("lora_name", MAX_STRING_BYTES)?.map(str::to_owned);
             set_once(&mut fields.lora_name, "lora_name", v)
+        }
+        "extra_keys" if mode == Mode::Lenient => {
+            let v = r.extras()?;
+            // Given twice (a strict decoder skips both; a lenient one accepts what it does):
+            // neither is to be trusted, so every block goes.
+            let every_block = Extras {
+                other: Some(0),
+                first_lone: None,
+            };
+            fields.extra_keys = Some(fields.extra_keys.map_or(v, |_| Some(every_block)));
+            Ok(())
         }
         _ => r.skip_values(1),
     }
@@ -920,6 +1114,94 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::TooLong { what, len, cap });
         }
         std::str::from_utf8(self.take(len)?).map_err(|_| DecodeError::InvalidUtf8 { what })
+    }
+
+    /// The next marker, not consumed (`None` at the end).
+    fn peek(&self) -> Option<Marker> {
+        self.buf.get(self.pos).map(|&b| Marker::from_u8(b))
+    }
+
+    /// A string's bytes (any length: they are in the payload already, nothing is copied), or
+    /// `None`, nothing consumed, when the next value is not a string.
+    fn opt_str_bytes(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
+        let len = match self.peek() {
+            Some(Marker::FixStr(n)) => {
+                self.byte()?;
+                usize::from(n)
+            }
+            Some(Marker::Str8) => {
+                self.byte()?;
+                self.u8()?
+            }
+            Some(Marker::Str16) => {
+                self.byte()?;
+                self.u16()?
+            }
+            Some(Marker::Str32) => {
+                self.byte()?;
+                self.u32_len()?
+            }
+            _ => return Ok(None),
+        };
+        self.take(len).map(Some)
+    }
+
+    /// `BlockStored.extra_keys`: nil, or one entry per block (nil or a list of keys), read
+    /// into [`Extras`] without allocating, whatever the entries hold (what is not a lone string
+    /// is skipped as unknown fields are). A value of another shape marks every block.
+    fn extras(&mut self) -> Result<Option<Extras<'a>>, DecodeError> {
+        let n = match self.peek() {
+            Some(Marker::Null) => {
+                self.byte()?;
+                return Ok(None);
+            }
+            Some(Marker::FixArray(_) | Marker::Array16 | Marker::Array32) => {
+                self.array_len("extra_keys", usize::MAX)?
+            }
+            _ => {
+                self.skip_values(1)?;
+                return Ok(Some(Extras {
+                    other: Some(0),
+                    first_lone: None,
+                }));
+            }
+        };
+        let mut extras = Extras::default();
+        for block in 0..n {
+            let keys = match self.peek() {
+                Some(Marker::Null) => {
+                    self.byte()?;
+                    0
+                }
+                Some(Marker::FixArray(_) | Marker::Array16 | Marker::Array32) => {
+                    self.array_len("extra_keys", usize::MAX)?
+                }
+                // Neither nil nor a list (or the payload ends: skipping says so).
+                _ => {
+                    self.skip_values(1)?;
+                    extras.other.get_or_insert(block);
+                    continue;
+                }
+            };
+            if keys == 0 {
+                continue;
+            }
+            if keys == 1
+                && let Some(s) = self.opt_str_bytes()?
+            {
+                match extras.first_lone {
+                    None => extras.first_lone = Some((block, s)),
+                    Some((_, first)) if first == s => {}
+                    Some(_) => {
+                        extras.other.get_or_insert(block);
+                    }
+                }
+                continue;
+            }
+            self.skip_values(keys)?;
+            extras.other.get_or_insert(block);
+        }
+        Ok(Some(extras))
     }
 
     fn str(&mut self, what: &'static str, cap: usize) -> Result<&'a str, DecodeError> {

@@ -19,7 +19,10 @@ pub mod topic;
 #[cfg(feature = "zmq")]
 pub mod transport;
 
-pub use codec::{DecodeError, EncodeError, Encoder, Encoding, HashEncoding, decode_batch};
+pub use codec::{
+    DecodeError, EncodeError, Encoder, Encoding, HashEncoding, Skipped, decode_batch,
+    decode_batch_lenient,
+};
 pub use config::{ConfigError, KvEventsConfig, PublisherKind};
 pub use endpoint::{EndpointError, TcpEndpoint, TcpHost};
 pub use topic::{Topic, TopicError};

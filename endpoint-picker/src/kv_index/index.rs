@@ -173,16 +173,20 @@ pub enum Dropped {
     /// (its removal from the pool, say): what it adds would go with the clear
     /// ([`KvIndex::begin_clear`]).
     Clearing,
+    /// `BlockStored` with tokens past what one batch may have hashed and mapped
+    /// ([`MAX_BATCH_TOKENS`], [`MAX_BATCH_STORED_BLOCKS`]). No engine step sends that many.
+    BatchCap,
 }
 
 impl Dropped {
     /// Every reason, in [`Applied::dropped`]'s order.
-    pub const ALL: [Dropped; 5] = [
+    pub const ALL: [Dropped; 6] = [
         Dropped::UnknownParent,
         Dropped::NoFullBlock,
         Dropped::UnknownBlocks,
         Dropped::Malformed,
         Dropped::Clearing,
+        Dropped::BatchCap,
     ];
 
     /// A metric label.
@@ -193,6 +197,7 @@ impl Dropped {
             Dropped::UnknownBlocks => "unknown_blocks",
             Dropped::Malformed => "malformed",
             Dropped::Clearing => "clearing",
+            Dropped::BatchCap => "batch_cap",
         }
     }
 }
@@ -442,16 +447,11 @@ impl<'a> PreparedBatch<'a> {
         let mut out = Applied::default();
         let mut ops = Vec::with_capacity(batch.events.len());
         // Engine hash → the last key it maps to, as this batch's own stores announce them.
-        let stored = batch
-            .events
-            .iter()
-            .map(|e| match e {
-                // Copies (no tokens) never insert here.
-                Event::BlockStored(ev) if !ev.token_ids.is_empty() => ev.block_hashes.len(),
-                _ => 0,
-            })
-            .fold(0usize, usize::saturating_add);
-        let mut own = ParentKeys::with_capacity_and_hasher(stored, KeyHashState::random());
+        // Grown by the stores that pass the checks below, not sized from every hash the
+        // batch names: those of stores dropped would be allocated all the same.
+        let mut own = ParentKeys::with_hasher(KeyHashState::random());
+        // What the batch's stores may still have hashed and mapped (see `MAX_BATCH_TOKENS`).
+        let (mut tokens_left, mut blocks_left) = (MAX_BATCH_TOKENS, MAX_BATCH_STORED_BLOCKS);
         for event in &batch.events {
             let ev = match event {
                 Event::BlockStored(ev) if ev.token_ids.is_empty() => {
@@ -486,11 +486,20 @@ impl<'a> PreparedBatch<'a> {
                 }
             };
             // A trailing partial block is let through (its tokens make no key).
-            let holds = (ev.block_hashes.len() + 1).saturating_mul(ev.block_size as usize);
+            let holds = (ev.block_size as usize).saturating_mul(ev.block_hashes.len() + 1);
             if ev.block_size > 0 && ev.token_ids.len() > holds {
                 out.drop(Dropped::Malformed);
                 continue;
             }
+            // Charged before the hashing, whether the store then passes or not: what it
+            // costs is the hashing and the mappings.
+            let (t, b) = (ev.token_ids.len(), ev.block_hashes.len());
+            if t > tokens_left || b > blocks_left {
+                out.drop(Dropped::BatchCap);
+                continue;
+            }
+            tokens_left -= t;
+            blocks_left -= b;
             let mut keys = Vec::new();
             hasher.keys_into(parent, &ev.token_ids, None, usize::MAX, &mut keys);
             if keys.is_empty() {
@@ -544,6 +553,19 @@ impl<'a> PreparedBatch<'a> {
         self.next >= self.ops.len()
     }
 }
+
+/// Token ids the `BlockStored` events of one batch may have hashed, at most: 2^20, 64 times
+/// the 16,384 tokens of a large engine step (vLLM's `max_num_batched_tokens` is 8,192 by
+/// default), a few tens of milliseconds of hashing. The decoder alone lets an 8 MiB frame
+/// through with millions (one byte each), which [`PreparedBatch::new`] would hash off the
+/// lock but on a runtime worker, with the keys and mappings allocated outside any budget.
+/// Stores past it are dropped ([`Dropped::BatchCap`]); their children then miss their parent.
+pub const MAX_BATCH_TOKENS: usize = 1 << 20;
+
+/// Engine block hashes the `BlockStored` events (with tokens) of one batch may map, at most:
+/// 2^18, the blocks of [`MAX_BATCH_TOKENS`] at vLLM's 16 tokens a block and 4 times more.
+/// Bounds the batch's own engine-hash map and its engine-to-key pairs (a few MiB).
+pub const MAX_BATCH_STORED_BLOCKS: usize = 1 << 18;
 
 /// Most speculative keys one [`KvIndex::expire`] drops (as many as a slice of a batch).
 pub const EXPIRE_SLICE: usize = 4_096;

@@ -249,6 +249,11 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x7ab1e),
+            failure_persistence: None,
+            ..Default::default()
+        })]
         /// Against a `HashMap`: any sequence of inserts and removals over a small key space
         /// (so that runs form and break) agrees on every key.
         #[test]

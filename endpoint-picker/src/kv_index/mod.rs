@@ -22,8 +22,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use index::{
-    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, MAX_KEYS_PER_ENGINE_HASH,
-    ParentKeys, PreparedBatch, SharedMedia, TierWeights,
+    Applied, Dropped, EndpointMatch, IndexLimits, KvIndex, Lookup, MAX_BATCH_STORED_BLOCKS,
+    MAX_BATCH_TOKENS, MAX_KEYS_PER_ENGINE_HASH, ParentKeys, PreparedBatch, SharedMedia,
+    TierWeights,
 };
 pub use keys::{HashAlgorithm, KeyHasher};
 

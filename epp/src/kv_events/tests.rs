@@ -166,6 +166,7 @@ fn message(seq: u64, content: u32) -> KvMessage {
             data_parallel_rank: None,
         },
         publisher_restarted: false,
+        skipped: Skipped::default(),
     }
 }
 
@@ -579,4 +580,83 @@ async fn peer_changes_never_starve_waiting_batches() {
         let next = next_batch_or_peer_change(&mut rx, &mut peers, &mut open, &mut served).await;
         assert_eq!(next.unwrap(), expected);
     }
+}
+
+/// Review (M4): one event of an unknown type or medium made the whole batch undecodable, and
+/// an undecodable batch is a lost one: a gap, the engine's index cleared, with every such
+/// batch. The transport's decoder now leaves those events out; the rest of the batch is
+/// applied, nothing is cleared, and what was left out is counted under bounded reasons.
+#[tokio::test(start_paused = true)]
+async fn events_the_decoder_left_out_are_counted_and_clear_nothing() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let metrics = Arc::new(KvEventMetrics::default());
+    let token = CancellationToken::new();
+    let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
+    wire.polled.recv().await.unwrap();
+    wire.send(message(0, 1)).await;
+    assert_eq!(held(&index, e1, 1), 2);
+
+    // Batch 1 as a newer engine writes it: its blocks, an event of a type this EPP does not
+    // know, and a removal from a tier it does not know.
+    let mut batch = message(1, 2).batch;
+    batch.events.push(Event::AllBlocksCleared);
+    batch
+        .events
+        .push(Event::BlockRemoved(kv_events::BlockRemoved {
+            block_hashes: vec![10],
+            medium: Medium::Disk,
+        }));
+    let mut payload = kv_events::Encoder::new(kv_events::Encoding::Array)
+        .encode(&batch)
+        .unwrap();
+    let mut rename = |from: &[u8], to: &[u8]| {
+        let at = payload.windows(from.len()).position(|w| w == from).unwrap();
+        payload[at..at + to.len()].copy_from_slice(to);
+    };
+    rename(b"AllBlocksCleared", b"TierBlocksClear!");
+    rename(b"DISK", b"NVMe");
+    let (batch, skipped) = kv_events::decode_batch_lenient(&payload).unwrap();
+    wire.send(KvMessage {
+        skipped,
+        batch,
+        ..message(1, 2)
+    })
+    .await;
+
+    assert_eq!(
+        (held(&index, e1, 1), held(&index, e1, 2)),
+        (2, 2),
+        "applied, nothing cleared"
+    );
+    assert_eq!(index.stream(e1), StreamState::Live);
+    let dropped = |reason| {
+        metrics
+            .dropped
+            .get(&DropLabels {
+                name: "pool".into(),
+                model_server_pod: "pod-1".into(),
+                reason,
+            })
+            .map(|c| c.get())
+    };
+    assert_eq!(
+        (
+            dropped("unknown_type"),
+            dropped("unknown_medium"),
+            dropped("gap")
+        ),
+        (Some(1), Some(1), None)
+    );
+    // Received: one event, then one applied and two left out.
+    assert_eq!(metrics.received.get_or_create(&pod(1)).get(), 4);
+    // A departed endpoint's series go, these reasons' too.
+    metrics.forget(&pod(1));
+    assert_eq!(dropped("unknown_type"), None);
+
+    token.cancel();
+    manager.await.unwrap();
 }

@@ -14,7 +14,7 @@ use zeromq::{
 
 use super::guard::{self, Guard, GuardStats, Limits, Peers, Report, UnfinishedBudget};
 use super::{Backoff, END_OF_REPLAY, TransportError, bindable, parse_seq, seq_frame, zmq_error};
-use crate::codec::decode_batch;
+use crate::codec::{Skipped, decode_batch_lenient};
 use crate::topic::{MAX_TOPIC_BYTES, TOPIC_PREFIX};
 use crate::{EventBatch, Untrusted};
 
@@ -98,14 +98,21 @@ pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
 /// events), shared by the subscribers given the same budget. A batch that would pass it is
 /// dropped and counted as a full channel's are: missed, so the index clears what may be stale.
 ///
-/// One topic (one engine) holds at most a quarter of it, or one batch however large: an
-/// engine that sends heavy batches faster than they are applied then drops its own, not every
-/// other engine's.
+/// Each subscriber holds at most a share of it, `bytes / max(4, subscribers sharing it)`, or
+/// one batch however large: an engine that sends heavy batches faster than they are applied
+/// then drops its own, not every other engine's, and the shares together never pass the
+/// budget. The share is per subscriber, not per topic: in pod mode a subscriber dials one
+/// engine, which can publish under as many topics as it likes (`kv@a@m`, `kv@b@m`, …), and
+/// a share per topic gave it the whole budget. A central-mode subscriber hears every engine
+/// on one socket, and there the topic is the only name an engine has: its topics each hold
+/// at most a share (a quarter, the subscriber being one), as before.
 #[derive(Debug, Clone)]
 pub struct QueueBudget {
     permits: Arc<Semaphore>,
-    /// Bytes one topic may hold when it holds anything.
-    share: usize,
+    /// The budget, in bytes.
+    bytes: usize,
+    /// Subscribers charging it now ([`QueueHolder`]s alive).
+    holders: Arc<AtomicUsize>,
 }
 
 impl QueueBudget {
@@ -113,18 +120,33 @@ impl QueueBudget {
     pub fn new(bytes: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(bytes.div_ceil(1024).max(1))),
-            share: bytes / 4,
+            bytes,
+            holders: Arc::default(),
         }
     }
 
-    /// Charges `bytes` for a topic holding `held`, or `None` when the budget has not that much
-    /// left or the topic would pass its share.
+    /// One subscriber's place in the budget: counted among those sharing it while it lives.
+    fn holder(&self) -> QueueHolder {
+        self.holders.fetch_add(1, Ordering::Relaxed);
+        QueueHolder {
+            budget: self.clone(),
+            held: Arc::default(),
+        }
+    }
+
+    /// Bytes one holder (or, central mode, one topic) may hold when it holds anything.
+    fn share(&self) -> usize {
+        self.bytes / self.holders.load(Ordering::Relaxed).max(4)
+    }
+
+    /// Charges `bytes` to `held` (a subscriber's or a topic's), or `None` when the budget has
+    /// not that much left or `held` would pass its share.
     fn charge(&self, bytes: usize, held: &Arc<AtomicUsize>) -> Option<QueueCharge> {
         let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
         // Counted as the budget counts it, in whole KiB.
         let bytes = kib as usize * 1024;
         let holding = held.load(Ordering::Relaxed);
-        if holding > 0 && holding.saturating_add(bytes) > self.share {
+        if holding > 0 && holding.saturating_add(bytes) > self.share() {
             return None;
         }
         let permit = self.permits.clone().try_acquire_many_owned(kib).ok()?;
@@ -141,6 +163,21 @@ impl QueueBudget {
     /// KiB left.
     pub fn available_kib(&self) -> usize {
         self.permits.available_permits()
+    }
+}
+
+/// A subscriber's place in a [`QueueBudget`]: what its batches hold, and its count among the
+/// holders (which sizes everyone's share), given back when it is dropped.
+#[derive(Debug)]
+struct QueueHolder {
+    budget: QueueBudget,
+    /// Bytes of this subscriber's batches queued now.
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for QueueHolder {
+    fn drop(&mut self) {
+        self.budget.holders.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -194,6 +231,9 @@ pub struct ReceivedBatch {
     /// The sequence number went backwards: the publisher restarted, and the engine's cache
     /// with it (what the index held for it is gone).
     pub publisher_restarted: bool,
+    /// What the decoder left out of the batch: events of an unknown type or medium, blocks
+    /// with extra keys ([`decode_batch_lenient`]).
+    pub skipped: Skipped,
     /// Its charge on the subscriber's [`QueueBudget`]: keep it while the batch waits, drop it
     /// once the batch is taken over.
     pub charge: QueueCharge,
@@ -294,7 +334,8 @@ pub struct Subscriber {
     bound: Option<Opened>,
     /// The peers connected now, as the guard sees them.
     peers: watch::Sender<Peers>,
-    budget: QueueBudget,
+    /// Its place in the queue budget (see [`QueueBudget`] for whose share is counted where).
+    budget: QueueHolder,
     /// The frame guard's budget of unfinished messages, when shared with other subscribers.
     unfinished: Option<UnfinishedBudget>,
 }
@@ -319,7 +360,8 @@ impl std::fmt::Debug for Subscriber {
 #[derive(Debug)]
 struct TopicState {
     name: Arc<str>,
-    /// Bytes of its batches queued ahead of the consumer ([`QueueBudget`]'s share).
+    /// Bytes of its batches queued ahead of the consumer: its [`QueueBudget`] share in central
+    /// mode (in pod mode the subscriber's is charged instead).
     queued: Arc<AtomicUsize>,
     next: Option<u64>,
     /// Batches lost since the last delivered one.
@@ -414,7 +456,7 @@ impl Subscriber {
             topics: Topics::default(),
             bound: None,
             peers: watch::Sender::new(Peers::default()),
-            budget: QueueBudget::new(DEFAULT_QUEUE_BYTES),
+            budget: QueueBudget::new(DEFAULT_QUEUE_BYTES).holder(),
             unfinished: None,
         }
     }
@@ -429,7 +471,7 @@ impl Subscriber {
     /// Charges the batches it queues to `budget` (shared with other subscribers) instead of
     /// a [`DEFAULT_QUEUE_BYTES`] budget of its own.
     pub fn with_queue_budget(mut self, budget: QueueBudget) -> Self {
-        self.budget = budget;
+        self.budget = budget.holder();
         self
     }
 
@@ -642,7 +684,9 @@ impl Subscriber {
             return true;
         };
         state.next = Some(seq.saturating_add(1));
-        let batch = match decode_batch(&payload) {
+        // Lenient: an event of a kind (or tier) this crate does not know is left out and
+        // counted, not the batch, which would be missed and clear the engine's whole index.
+        let (batch, skipped) = match decode_batch_lenient(&payload) {
             Ok(b) => b,
             Err(e) => {
                 inc(&self.stats.decode_errors, 1);
@@ -653,7 +697,13 @@ impl Subscriber {
         };
         inc(&self.stats.decoded, 1);
         let bytes = payload.len() + batch.approx_bytes();
-        let Some(charge) = self.budget.charge(bytes, &state.queued) else {
+        // Whose share: the engine's. In pod mode that is the subscriber's, whatever topics the
+        // engine makes up; in central mode the topic is all that tells engines apart.
+        let held = match self.config.mode {
+            SubscribeMode::Connect => &self.budget.held,
+            SubscribeMode::Bind => &state.queued,
+        };
+        let Some(charge) = self.budget.budget.charge(bytes, held) else {
             inc(&self.stats.dropped, 1);
             state.missed = state.missed.saturating_add(1);
             return true;
@@ -667,6 +717,7 @@ impl Subscriber {
             replayed,
             missed_before: state.missed,
             publisher_restarted: restarted,
+            skipped,
             charge,
         };
         match out.try_send(received) {
@@ -892,6 +943,98 @@ mod topic_tests {
         assert!(sub.on_message(message(engine, 1), &tx).await);
         let next = rx.try_recv().unwrap();
         assert_eq!((next.seq, next.missed_before), (1, u64::MAX));
+    }
+
+    /// Review (H2): the budget's share was counted per topic, and a per-endpoint subscriber
+    /// takes any topic its engine makes up, so one engine publishing under many topics held
+    /// the whole shared budget and every other engine's batches were dropped (each one a gap
+    /// that cleared that engine). The share is now the subscriber's: the flood drops its own.
+    #[tokio::test]
+    async fn an_engine_flooding_under_many_topics_holds_one_share_and_starves_no_other() {
+        let budget = QueueBudget::new(8 * 1024);
+        let mut flooder = Subscriber::new(SubscriberConfig::connect("tcp://10.0.0.1:5557"))
+            .with_queue_budget(budget.clone());
+        let mut other = Subscriber::new(SubscriberConfig::connect("tcp://10.0.0.2:5557"))
+            .with_queue_budget(budget.clone());
+        // Nothing the flooder sends is taken: its channel has room for all of it.
+        let (flood_tx, _flood_rx) = mpsc::channel(1024);
+        let (other_tx, mut other_rx) = mpsc::channel(16);
+        for i in 0..64 {
+            assert!(flooder.on_message(message(&flood(i), 0), &flood_tx).await);
+        }
+        // Its share: 8 KiB / max(4, 2 subscribers), two batches of 1 KiB (what one costs).
+        assert_eq!(flooder.stats.snapshot().dropped, 62);
+        assert_eq!(budget.available_kib(), 6);
+        let engine = "kv@10.0.0.2:8000@m";
+        for seq in 0..2 {
+            assert!(other.on_message(message(engine, seq), &other_tx).await);
+        }
+        assert_eq!(
+            other.stats.snapshot().dropped,
+            0,
+            "the other engine drops nothing"
+        );
+        let first = other_rx.try_recv().unwrap();
+        let second = other_rx.try_recv().unwrap();
+        assert_eq!((first.seq, second.seq, second.missed_before), (0, 1, 0));
+        assert_eq!(budget.available_kib(), 4);
+    }
+
+    /// Shares shrink as subscribers join, so that together they never pass the budget, and
+    /// grow back as they go.
+    #[tokio::test]
+    async fn shares_follow_the_number_of_subscribers() {
+        let budget = QueueBudget::new(8 * 1024);
+        let (tx, _rx) = mpsc::channel(1024);
+        let mut subs: Vec<Subscriber> = (0..8)
+            .map(|i| {
+                Subscriber::new(SubscriberConfig::connect(format!("tcp://10.0.0.{i}:5557")))
+                    .with_queue_budget(budget.clone())
+            })
+            .collect();
+        for (i, sub) in subs.iter_mut().enumerate() {
+            for seq in 0..4 {
+                assert!(sub.on_message(message(&flood(i), seq), &tx).await);
+            }
+            assert_eq!(sub.stats.snapshot().dropped, 3, "8 KiB / 8: one batch each");
+        }
+        assert_eq!(budget.available_kib(), 0);
+        subs.truncate(4);
+        assert_eq!(budget.share(), 2 * 1024, "8 KiB / 4 once four have gone");
+    }
+
+    /// Central mode: one subscriber hears every engine, and the topic is all that tells them
+    /// apart, so each topic holds a share (a quarter) of its own.
+    #[tokio::test]
+    async fn a_bound_subscriber_counts_the_share_per_topic() {
+        let budget = QueueBudget::new(8 * 1024);
+        let mut sub = Subscriber::new(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+            .with_queue_budget(budget.clone());
+        let (tx, mut rx) = mpsc::channel(64);
+        for seq in 0..6 {
+            assert!(
+                sub.on_message(message("kv@10.0.0.1:8000@m", seq), &tx)
+                    .await
+            );
+        }
+        assert_eq!(sub.stats.snapshot().dropped, 4, "a quarter: two batches");
+        assert!(sub.on_message(message("kv@10.0.0.2:8000@m", 0), &tx).await);
+        assert_eq!(
+            sub.stats.snapshot().dropped,
+            4,
+            "another engine's still fits"
+        );
+        let topics: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|b| b.topic.to_string())
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                "kv@10.0.0.1:8000@m",
+                "kv@10.0.0.1:8000@m",
+                "kv@10.0.0.2:8000@m"
+            ]
+        );
     }
 
     /// The topic heard least recently goes first; one heard again stays.

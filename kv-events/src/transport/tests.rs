@@ -55,25 +55,44 @@ async fn bound_pub() -> (PubSocket, String) {
 }
 
 /// Sends warm-up messages on a topic of their own until the subscriber delivers one: the
-/// subscription has then reached the PUB socket (ZMQ drops what is published before).
-async fn warm_up(pub_socket: &mut PubSocket, rx: &mut mpsc::Receiver<ReceivedBatch>) {
+/// subscription has then reached the PUB socket (ZMQ drops what is published before). Then
+/// waits until every warm-up sent after that one is accounted for, delivered or dropped
+/// (`stats.dropped`: with a channel of one, or a byte budget of one batch, some are), so that
+/// none arrives late to take a test's place. ZMQ keeps order, and nothing but warm-ups is
+/// published meanwhile.
+async fn warm_up(
+    pub_socket: &mut PubSocket,
+    rx: &mut mpsc::Receiver<ReceivedBatch>,
+    stats: &SubscriberStats,
+) {
     let deadline = tokio::time::Instant::now() + WAIT;
-    let mut seq = 0;
-    loop {
-        pub_socket.send(live("kv@warm-up@m", seq, 0)).await.unwrap();
-        seq += 1;
+    let dropped_before = stats.snapshot().dropped;
+    let mut sent = 0;
+    let first = loop {
+        pub_socket
+            .send(live("kv@warm-up@m", sent, 0))
+            .await
+            .unwrap();
+        sent += 1;
         if let Ok(Some(r)) = timeout(Duration::from_millis(20), rx.recv()).await {
             assert_eq!(&*r.topic, "kv@warm-up@m");
-            // Drain the other warm-ups on their way, until 100 ms pass without one. Not up to a
-            // marker sent after them: with a channel of one (or a byte budget of one batch) the
-            // marker itself may be dropped. 100 ms, not the 20 between two warm-ups, so that
-            // a busy machine's late warm-up is still drained.
-            while let Ok(Some(_)) = timeout(Duration::from_millis(100), rx.recv()).await {}
-            return;
+            break r.seq;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "subscription never arrived"
+        );
+    };
+    let after_first = sent - first - 1;
+    let mut delivered = 0;
+    while delivered + stats.snapshot().dropped - dropped_before < after_first {
+        if let Ok(Some(r)) = timeout(Duration::from_millis(5), rx.recv()).await {
+            assert_eq!(&*r.topic, "kv@warm-up@m");
+            delivered += 1;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "warm-ups unaccounted for: {delivered} delivered of {after_first}"
         );
     }
 }
@@ -297,7 +316,7 @@ async fn a_gap_is_replayed_in_order_before_the_batch_that_revealed_it() {
         ..SubscriberConfig::connect(endpoint)
     };
     let (mut rx, stats, cancel, task) = spawn_subscriber(config, 64);
-    warm_up(&mut pub_socket, &mut rx).await;
+    warm_up(&mut pub_socket, &mut rx, &stats).await;
 
     pub_socket.send(live("kv@p@m", 10, 10)).await.unwrap();
     pub_socket.send(live("kv@p@m", 13, 13)).await.unwrap(); // 11 and 12 are missing
@@ -330,7 +349,7 @@ async fn a_gap_is_replayed_in_order_before_the_batch_that_revealed_it() {
 async fn a_gap_without_replay_is_counted_and_reported_with_the_next_batch() {
     let (mut pub_socket, endpoint) = bound_pub().await;
     let (mut rx, stats, cancel, task) = spawn_subscriber(SubscriberConfig::connect(endpoint), 64);
-    warm_up(&mut pub_socket, &mut rx).await;
+    warm_up(&mut pub_socket, &mut rx, &stats).await;
 
     pub_socket.send(live("kv@p@m", 0, 0)).await.unwrap();
     pub_socket.send(live("kv@p@m", 4, 4)).await.unwrap();
@@ -389,7 +408,7 @@ async fn publish_three_and_see_two_dropped(pub_socket: &mut PubSocket, stats: &S
 async fn a_full_channel_drops_and_counts() {
     let (mut pub_socket, endpoint) = bound_pub().await;
     let (mut rx, stats, cancel, task) = spawn_subscriber(SubscriberConfig::connect(endpoint), 1);
-    warm_up(&mut pub_socket, &mut rx).await;
+    warm_up(&mut pub_socket, &mut rx, &stats).await;
     // The channel holds one; the other two are dropped.
     publish_three_and_see_two_dropped(&mut pub_socket, &stats).await;
     assert_eq!(next(&mut rx).await.seq, 0);
@@ -409,7 +428,7 @@ async fn a_queue_over_its_byte_budget_drops_and_counts() {
     let sub =
         Subscriber::new(SubscriberConfig::connect(endpoint)).with_queue_budget(budget.clone());
     let (mut rx, stats, cancel, task) = spawn_budgeted(sub, 64);
-    warm_up(&mut pub_socket, &mut rx).await;
+    warm_up(&mut pub_socket, &mut rx, &stats).await;
     assert_eq!(
         budget.available_kib(),
         1,
@@ -429,36 +448,52 @@ async fn a_queue_over_its_byte_budget_drops_and_counts() {
 }
 
 /// Review: one engine sending batches faster than they were applied held the whole shared
-/// budget, and every other engine's batches were dropped (and their entries cleared). A topic
-/// now holds at most a quarter of the budget (or one batch): its own are dropped first.
+/// budget, and every other engine's batches were dropped (and their entries cleared). Then
+/// (H2) the share was a topic's, so an engine publishing under many topics still held it all.
+/// Each subscriber (each engine, in pod mode) now holds at most its share, or one batch:
+/// the flooding engine's own batches are dropped, and the other's get through while the
+/// flood is still queued.
 #[tokio::test]
-async fn one_topic_holds_a_share_of_the_budget_and_the_others_still_get_through() {
-    let (mut pub_socket, endpoint) = bound_pub().await;
+async fn an_engine_flooding_under_many_topics_holds_one_share_and_the_others_still_get_through() {
     let budget = QueueBudget::new(8 * 1024);
-    let sub =
-        Subscriber::new(SubscriberConfig::connect(endpoint)).with_queue_budget(budget.clone());
-    let (mut rx, stats, cancel, task) = spawn_budgeted(sub, 64);
-    warm_up(&mut pub_socket, &mut rx).await;
-    // The heavy engine: nothing it sends is taken meanwhile. Its share is 2 KiB, two batches.
-    for seq in 0..6 {
-        pub_socket.send(live("kv@heavy@m", seq, seq)).await.unwrap();
+    let (mut heavy_pub, heavy_endpoint) = bound_pub().await;
+    let (mut light_pub, light_endpoint) = bound_pub().await;
+    let heavy = Subscriber::new(SubscriberConfig::connect(heavy_endpoint))
+        .with_queue_budget(budget.clone());
+    let light = Subscriber::new(SubscriberConfig::connect(light_endpoint))
+        .with_queue_budget(budget.clone());
+    let (mut heavy_rx, heavy_stats, heavy_cancel, heavy_task) = spawn_budgeted(heavy, 64);
+    let (mut light_rx, light_stats, light_cancel, light_task) = spawn_budgeted(light, 64);
+    warm_up(&mut heavy_pub, &mut heavy_rx, &heavy_stats).await;
+    warm_up(&mut light_pub, &mut light_rx, &light_stats).await;
+    let dropped_before = heavy_stats.snapshot().dropped;
+    // Six made-up topics, two batches each, none taken: its share is 8 KiB / 4, two batches.
+    for topic in 0..6 {
+        for seq in 0..2 {
+            let topic = format!("kv@made-up-{topic}@m");
+            heavy_pub.send(live(&topic, seq, seq)).await.unwrap();
+        }
     }
     let deadline = tokio::time::Instant::now() + WAIT;
-    while stats.snapshot().dropped < 4 {
+    while heavy_stats.snapshot().dropped - dropped_before < 10 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::task::yield_now().await;
     }
     assert_eq!(budget.available_kib(), 6, "the rest is left to the others");
-    // Another engine's batch still fits.
-    pub_socket.send(live("kv@light@m", 0, 0)).await.unwrap();
-    let mut topics = Vec::new();
-    for _ in 0..3 {
-        topics.push(next(&mut rx).await.topic.to_string());
+    let light_dropped = light_stats.snapshot().dropped;
+    light_pub.send(live("kv@light@m", 0, 0)).await.unwrap();
+    let r = next(&mut light_rx).await;
+    assert_eq!((&*r.topic, r.seq), ("kv@light@m", 0));
+    assert_eq!(light_stats.snapshot().dropped, light_dropped);
+    // The flood's two batches were held all along.
+    assert_eq!(budget.available_kib(), 5);
+    for _ in 0..2 {
+        assert!(next(&mut heavy_rx).await.topic.starts_with("kv@made-up-"));
     }
-    assert_eq!(topics, ["kv@heavy@m", "kv@heavy@m", "kv@light@m"]);
-    assert_eq!(stats.snapshot().dropped, 4);
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    heavy_cancel.cancel();
+    light_cancel.cancel();
+    heavy_task.await.unwrap().unwrap();
+    light_task.await.unwrap().unwrap();
 }
 
 #[test]
@@ -728,6 +763,7 @@ async fn the_subscriber_tells_when_its_publisher_connects_and_goes() {
     let (mut pub_socket, endpoint) = bound_pub().await;
     let (tx, mut rx) = mpsc::channel(64);
     let sub = Subscriber::new(SubscriberConfig::connect(endpoint));
+    let stats = sub.stats();
     let mut peers = sub.peers();
     let local = std::net::IpAddr::from([127, 0, 0, 1]);
     assert_eq!(peers.borrow().connected(local), None, "nothing tracked yet");
@@ -738,7 +774,7 @@ async fn the_subscriber_tells_when_its_publisher_connects_and_goes() {
     let up = peers_until(&mut peers, |p| p.connected(local) == Some(true)).await;
     assert!(up.is_tracked());
     assert_eq!(up.open_connections(), 1);
-    warm_up(&mut pub_socket, &mut rx).await;
+    warm_up(&mut pub_socket, &mut rx, &stats).await;
 
     // The publisher goes: its connection closes, which the socket itself never says.
     drop(pub_socket);
@@ -787,7 +823,7 @@ async fn a_message_over_the_size_cap_is_cut_off_counted_and_the_next_publisher_h
 
     let mut hostile = PubSocket::new();
     hostile.connect(&central).await.unwrap();
-    warm_up(&mut hostile, &mut rx).await;
+    warm_up(&mut hostile, &mut rx, &stats).await;
     // Two frames of 4 MiB + 4 KiB: 8 KiB over the frame cap together.
     let frame = Bytes::from(vec![0u8; guard::MAX_FRAME_BYTES as usize / 2 + 4 * 1024]);
     hostile

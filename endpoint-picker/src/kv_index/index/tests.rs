@@ -360,6 +360,61 @@ fn stored_blocks_match_the_longest_prefix_per_endpoint() {
     idx.check_invariants();
 }
 
+/// Review (M3): one 8 MiB frame could carry millions of one-byte tokens and hashes, all hashed
+/// and mapped by `PreparedBatch::new` (hundreds of MiB, outside any budget, on a runtime
+/// worker). A batch's stores are now capped in tokens and in blocks; what passes the caps is
+/// charged before it is hashed, the stores past them are dropped and counted, and the rest
+/// of the batch applies.
+#[test]
+fn a_hostile_batch_is_capped_before_it_is_hashed() {
+    let cap = |a: &Applied| {
+        let i = Dropped::ALL.iter().position(|&r| r == Dropped::BatchCap);
+        a.dropped[i.unwrap()]
+    };
+    // More tokens than a batch may hash, in blocks of 256 tokens so that they fit them.
+    let huge = Event::BlockStored(BlockStored {
+        block_hashes: (1..=4097).collect(),
+        parent_block_hash: None,
+        token_ids: vec![1; MAX_BATCH_TOKENS + 4],
+        block_size: 256,
+        lora_id: None,
+        lora_name: None,
+        medium: Medium::Gpu,
+    });
+    let mut idx = index(IndexLimits::default());
+    let applied = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![huge, stored(1, 0..2, Medium::Gpu)]),
+        Instant::now(),
+    );
+    assert_eq!(
+        (cap(&applied), applied.dropped_total(), applied.applied),
+        (1, 1, 1)
+    );
+    assert_eq!(blocks(&lookup(&idx, &request(1, 2), &[0]), 0), 2);
+    idx.check_invariants();
+
+    // As many hashes as one block of tokens may stand for, event after event: the blocks cap
+    // is reached after 2^18 / 64 of them, whatever the tokens.
+    let many = |i: u64| {
+        Event::BlockStored(BlockStored {
+            block_hashes: (0..64).map(|h| (i << 8) | h).collect(),
+            parent_block_hash: None,
+            token_ids: vec![7; BS],
+            block_size: BS as u32,
+            lora_id: None,
+            lora_name: None,
+            medium: Medium::Gpu,
+        })
+    };
+    let per_event = MAX_BATCH_STORED_BLOCKS / 64;
+    let hostile = batch((0..per_event as u64 + 2).map(many).collect());
+    let prepared = PreparedBatch::new(&hasher(), MODEL, &hostile, &ParentKeys::default());
+    let out = prepared.applied();
+    assert_eq!((cap(&out), out.dropped_total()), (2, 2));
+}
+
 #[test]
 fn the_request_path_and_the_event_path_compute_the_same_keys() {
     // A chain stored in one event and the same tokens hashed from the root agree block by
@@ -389,7 +444,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         now,
     );
     assert_eq!(out.applied, 0);
-    assert_eq!(out.dropped, [1, 0, 0, 0, 0]);
+    assert_eq!(out.dropped, [1, 0, 0, 0, 0, 0]);
     let short = Event::BlockStored(BlockStored {
         block_hashes: vec![9],
         parent_block_hash: None,
@@ -405,7 +460,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         &batch(vec![short, removed(5, 0..2, Medium::Gpu)]),
         now,
     );
-    assert_eq!(out.dropped, [0, 1, 1, 0, 0]);
+    assert_eq!(out.dropped, [0, 1, 1, 0, 0, 0]);
     assert!(idx.is_empty());
 }
 
@@ -960,7 +1015,7 @@ fn a_parent_stored_earlier_in_the_batch_chains_the_next_store() {
         ]),
         Instant::now(),
     );
-    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0, 0, 0]));
+    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0, 0, 0, 0]));
     assert_eq!(blocks(&lookup(&idx, &request(1, 5), &[0]), 0), 5);
 }
 
@@ -1117,7 +1172,7 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     );
     let four = batch(vec![fanned, unsized_, many_hashes, repeated]);
     let out = idx.apply(ep(0), MODEL, &four, now);
-    assert_eq!(out.dropped, [0, 0, 0, 4, 0]);
+    assert_eq!(out.dropped, [0, 0, 0, 4, 0, 0]);
     assert!(idx.is_empty() && idx.engine_keys() == 0);
     // An engine block of 64 index blocks is taken: one hash, 64 keys.
     let wide = MAX_KEYS_PER_ENGINE_HASH * BS;

@@ -648,13 +648,19 @@ impl DataProducer for PrecisePrefixCacheProducer {
             state.precise = None;
             return;
         };
+        if request.cache_salt.as_deref().is_some_and(|s| !s.is_empty()) {
+            // Nothing in the precise index can serve a salted request: vLLM folds the salt into
+            // its first block's hash (so into every block's after it), and the index takes no
+            // block whose hash has extra keys (`kv_events::codec`, "Strict and lenient"), the
+            // salt's included, since `BlockStored` does not carry them to it. Keys salted here
+            // would match nothing and score every trusted endpoint 0; unsalted ones would match
+            // blocks the engine cannot reuse for it. Scored from the approximate index instead,
+            // whose chains the salt seeds (routing history, not engine truth).
+            state.precise = None;
+            return;
+        }
         let hasher = self.index.hasher();
-        let keys = hasher.prompt_keys(
-            &request.target_model,
-            request.cache_salt.as_deref(),
-            tokens,
-            MAX_LOOKUP_BLOCKS,
-        );
+        let keys = hasher.prompt_keys(&request.target_model, None, tokens, MAX_LOOKUP_BLOCKS);
         let mut lookup = Lookup::default();
         let now = state.now;
         self.index.read(now, |index| {
@@ -748,3 +754,71 @@ impl Scorer for PrecisePrefixCacheScorer {
 
 #[cfg(test)]
 mod tests;
+
+/// Review (M2): salted requests were looked up under salted keys that no event names (score
+/// 0 on every trusted endpoint), while blocks salted requests stored were indexed under plain
+/// keys. Now salted blocks are not indexed (`kv_events::codec`) and salted requests are scored
+/// from the approximate index.
+#[cfg(test)]
+mod salt_tests {
+    use std::sync::Arc;
+
+    use kv_events::{BlockStored, Event, EventBatch, Medium};
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
+    use crate::scheduling::plugins::test_util::{candidates, metrics};
+
+    #[test]
+    fn a_salted_request_is_scored_from_routing_history() {
+        let params = PreciseParams {
+            block_size: 4,
+            ..PreciseParams::default()
+        };
+        let producer = PrecisePrefixCacheProducer::new("p", params);
+        let approx = ApproxPrefixCacheProducer::new("a", PrefixParams::default());
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let now = Instant::now();
+        // Endpoint 0's engine holds the prompt's two blocks, as an unsalted request left them.
+        let tokens: Vec<u32> = (0..8).collect();
+        let stored = EventBatch {
+            ts: 0.0,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: vec![1, 2],
+                parent_block_hash: None,
+                token_ids: tokens.clone(),
+                block_size: 4,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Gpu,
+            })],
+            data_parallel_rank: None,
+        };
+        producer
+            .index()
+            .set_stream(c[0].endpoint.id, StreamState::Live);
+        producer.index().apply(c[0].endpoint.id, "m", &stored, now);
+        let request = |salt: Option<&str>| InferenceRequest {
+            target_model: "m".into(),
+            token_ids: Some(Arc::from(tokens.clone())),
+            cache_salt: salt.map(str::to_owned),
+            ..Default::default()
+        };
+
+        let mut state = CycleState::new(now);
+        producer.produce(&request(None), &c, &mut state);
+        let m = state.precise.as_ref().unwrap();
+        assert_eq!(m.cached_tokens_by_tier(&c[0].endpoint), Some([8, 0, 0, 0]));
+
+        // Salted: those blocks cannot serve it, and nothing salted is in the index.
+        let mut state = CycleState::new(now);
+        approx.produce(&request(Some("tenant-a")), &c, &mut state);
+        producer.produce(&request(Some("tenant-a")), &c, &mut state);
+        assert!(state.precise.is_none(), "scored from the approximate index");
+        // An empty salt is no salt (vLLM's `if request.cache_salt`).
+        let mut state = CycleState::new(now);
+        producer.produce(&request(Some("")), &c, &mut state);
+        assert!(state.precise.is_some());
+    }
+}
