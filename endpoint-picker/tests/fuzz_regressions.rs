@@ -4,6 +4,8 @@
 // A harness panics on a finding.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../fuzz/src/peer_message.rs"]
+mod peer_message;
 #[path = "../../fuzz/src/prometheus.rs"]
 mod prometheus;
 #[path = "../../fuzz/src/replay.rs"]
@@ -26,4 +28,14 @@ fn pool_file() {
 #[test]
 fn epp_config() {
     replay("epp_config", yaml::epp_config);
+}
+
+#[test]
+fn peer_message() {
+    replay("peer_message", peer_message::run);
+}
+
+#[test]
+fn lora_config() {
+    replay("lora_config", yaml::lora_config);
 }

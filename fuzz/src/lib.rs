@@ -4,10 +4,14 @@
 // A panic in a harness is the finding.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bbr_mapping;
+pub mod bbr_stream;
 pub mod ext_proc_codec;
 pub mod kv_events;
 pub mod openai;
+pub mod peer_message;
 pub mod prometheus;
 pub mod stream;
 pub mod tokenize;
 pub mod yaml;
+pub mod zmtp_guard;

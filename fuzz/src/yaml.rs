@@ -1,8 +1,9 @@
 //! Harnesses for the YAML documents `endpoint-picker` reads: the local pool file
-//! (`discovery::file::parse`) and the `EndpointPickerConfig` (`config::load`). Only the public
-//! entry points are called, so the harnesses survive changes of YAML library.
+//! (`discovery::file::parse`), the `EndpointPickerConfig` (`config::load`) and the LoRA
+//! sidecar's `vLLMLoRAConfig` (`lora::config::parse`). Only the public entry points are called,
+//! so the harnesses survive changes of YAML library.
 //!
-//! Shared by the `pool_file` and `epp_config` fuzz targets and
+//! Shared by the `pool_file`, `epp_config` and `lora_config` fuzz targets and
 //! `endpoint-picker/tests/fuzz_regressions.rs`.
 
 use std::collections::HashSet;
@@ -118,4 +119,73 @@ pub fn epp_config(data: &[u8]) {
             }
         }
     }
+}
+
+/// `lora_config`: a `vLLMLoRAConfig` (the `lora-syncer`'s file). A parse never panics; an
+/// accepted config keeps within the caps (at most `MAX_ADAPTERS` adapters; ids, sources and
+/// base models non-blank, bounded and without control characters; ids and sources trimmed, each
+/// filed under its id), has a usable host (no URL syntax, a colon only in an IPv6 address) and
+/// a port that is not 0, and lists as conflicts exactly the ids in both lists; what validation
+/// accepts, the lenient parse accepts as the same config.
+pub fn lora_config(data: &[u8]) {
+    use endpoint_picker::lora::config::{
+        Adapter, MAX_ADAPTERS, MAX_ID_BYTES, MAX_SOURCE_BYTES, parse,
+    };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let lenient = parse(text, false);
+    let Ok(config) = parse(text, true) else {
+        return;
+    };
+    assert_eq!(
+        lenient.as_ref(),
+        Ok(&config),
+        "validation accepts more than leniency"
+    );
+    let field = |value: &str, max: usize| {
+        assert!(!value.trim().is_empty(), "a blank field");
+        assert!(value.len() <= max, "{} bytes over {max}", value.len());
+        assert!(!value.chars().any(char::is_control), "{value:?}");
+    };
+    let adapter = |id: &String, a: &Adapter| {
+        assert_eq!(id, &a.id);
+        field(&a.id, MAX_ID_BYTES);
+        assert_eq!(a.id.trim(), a.id);
+        field(&a.source, MAX_SOURCE_BYTES);
+        assert_eq!(a.source.trim(), a.source);
+        if let Some(b) = &a.base_model {
+            field(b, MAX_ID_BYTES);
+        }
+    };
+    assert!(config.ensure_exist.len() + config.ensure_not_exist.len() <= MAX_ADAPTERS);
+    config
+        .ensure_exist
+        .iter()
+        .for_each(|(id, a)| adapter(id, a));
+    config
+        .ensure_not_exist
+        .iter()
+        .for_each(|(id, a)| adapter(id, a));
+    let both: HashSet<&String> = config
+        .ensure_exist
+        .keys()
+        .filter(|id| config.ensure_not_exist.contains_key(*id))
+        .collect();
+    assert_eq!(both, config.conflicts.iter().collect::<HashSet<_>>());
+    field(&config.host, 253);
+    assert!(
+        !config.host.contains(['/', '@', '?', '#', ' ']),
+        "{:?}",
+        config.host
+    );
+    if config.host.contains(':') {
+        let bare = config.host.trim_start_matches('[').trim_end_matches(']');
+        assert!(
+            bare.parse::<std::net::Ipv6Addr>().is_ok(),
+            "{:?}",
+            config.host
+        );
+    }
+    assert_ne!(config.port, 0);
 }

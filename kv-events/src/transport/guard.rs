@@ -889,6 +889,143 @@ where
     }
 }
 
+/// The frame guard's stream parser, [`checked_copy`], and its budget, for the `zmtp_guard` fuzz
+/// target (`fuzz/src/zmtp_guard.rs`) and its replay in this crate's `fuzz_regressions` test.
+/// Not part of the crate's API: nothing else uses it, and it may change at any time.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::io;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{Budget, Cut, Lease, Limits};
+
+    /// The caps a guard holds a peer's stream to (its other limits as in production).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Caps {
+        /// Bytes in one frame, at most.
+        pub frame_bytes: u64,
+        /// Frames in one message, at most.
+        pub frames_per_message: usize,
+        /// Bytes in one message, at most.
+        pub message_bytes: u64,
+        /// Unfinished bytes of all the budget's connections, at most.
+        pub unfinished_bytes: u64,
+        /// Unfinished bytes of one IP's connections, at most.
+        pub unfinished_bytes_per_ip: u64,
+        /// Messages over one connection, at most.
+        pub messages_per_connection: u64,
+    }
+
+    impl Caps {
+        /// A subscriber's guard's caps, facing engines (the documented constants).
+        pub fn facing_publishers() -> Self {
+            Self::from(Limits::default())
+        }
+
+        /// A publisher's guard's caps, facing subscribers.
+        pub fn facing_subscribers() -> Self {
+            Self::from(Limits::facing_subscribers())
+        }
+    }
+
+    impl From<Limits> for Caps {
+        fn from(l: Limits) -> Self {
+            Self {
+                frame_bytes: l.frame_bytes,
+                frames_per_message: l.frames_per_message,
+                message_bytes: l.message_bytes,
+                unfinished_bytes: l.unfinished_bytes,
+                unfinished_bytes_per_ip: l.unfinished_bytes_per_ip,
+                messages_per_connection: l.messages_per_connection,
+            }
+        }
+    }
+
+    /// A guard's budget, which its connections charge.
+    #[derive(Debug, Clone)]
+    pub struct GuardBudget(Arc<Budget>);
+
+    impl GuardBudget {
+        /// A budget under `caps`.
+        pub fn new(caps: Caps) -> Self {
+            Self(Budget::new(Limits {
+                frame_bytes: caps.frame_bytes,
+                frames_per_message: caps.frames_per_message,
+                message_bytes: caps.message_bytes,
+                unfinished_bytes: caps.unfinished_bytes,
+                unfinished_bytes_per_ip: caps.unfinished_bytes_per_ip,
+                messages_per_connection: caps.messages_per_connection,
+                ..Limits::default()
+            }))
+        }
+
+        /// A connection from `ip`, or `None` when its IP has its connections open already.
+        pub fn admit(&self, ip: IpAddr) -> Option<Connection> {
+            self.0.admit(ip).map(Connection)
+        }
+
+        /// Unfinished bytes charged now, all connections together.
+        pub fn unfinished(&self) -> u64 {
+            self.0.state.lock().unfinished
+        }
+
+        /// Unfinished bytes charged now by `ip`'s connections.
+        pub fn unfinished_of(&self, ip: IpAddr) -> u64 {
+            let state = self.0.state.lock();
+            state
+                .by_ip
+                .get(&ip.to_canonical())
+                .map_or(0, |u| u.unfinished)
+        }
+
+        /// IPs with a connection open now.
+        pub fn ips(&self) -> usize {
+            self.0.state.lock().by_ip.len()
+        }
+    }
+
+    /// One admitted connection's share of its budget (given back when dropped).
+    #[derive(Debug)]
+    pub struct Connection(Lease);
+
+    impl Connection {
+        /// Unfinished bytes this connection holds charged.
+        pub fn held(&self) -> u64 {
+            self.0.held
+        }
+    }
+
+    /// How [`checked_copy`] ended.
+    #[derive(Debug)]
+    pub enum Ending {
+        /// The peer closed (between frames or inside a frame's body).
+        Closed,
+        /// Cut: the peer broke a rule of the stream.
+        Rule(&'static str),
+        /// Cut: the frame would have passed a budget.
+        Budget(&'static str),
+        /// Reading or writing failed (a stream that ends inside the greeting or a header).
+        Io(io::Error),
+    }
+
+    /// The guard's copy of a peer's stream to zmq.rs (see the module's documentation).
+    pub async fn checked_copy<R, W>(from: &mut R, to: &mut W, connection: &mut Connection) -> Ending
+    where
+        R: AsyncReadExt + Unpin,
+        W: AsyncWriteExt + Unpin,
+    {
+        match super::checked_copy(from, to, &mut connection.0).await {
+            Ok(()) => Ending::Closed,
+            Err(Cut::Rule(why)) => Ending::Rule(why),
+            Err(Cut::Budget(why)) => Ending::Budget(why),
+            Err(Cut::Io(e)) => Ending::Io(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
