@@ -147,7 +147,10 @@ conformance-faults: envoy
 # (`-s none`: no sanitizer, which would need nightly). The fuzz crate is its own workspace in
 # fuzz/; its build goes to fuzz/target, its working corpus to fuzz/corpus (both git-ignored).
 CARGO_FUZZ_VERSION ?= 0.13.2
-FUZZ_TARGETS ?= openai_body response_rewrite usage_json sse_usage prometheus stream ext_proc_codec pool_file epp_config kv_events tokenize_body
+# Every target: the `[[bin]]`s of fuzz/Cargo.toml, no more, no fewer (`fuzz-smoke` checks).
+# FUZZ_TARGETS narrows a run to some of them (`make fuzz FUZZ_TARGETS=stream`).
+FUZZ_ALL_TARGETS = openai_body response_rewrite usage_json sse_usage prometheus stream ext_proc_codec pool_file epp_config kv_events tokenize_body zmtp_guard peer_message bbr_stream bbr_mapping lora_config
+FUZZ_TARGETS ?= $(FUZZ_ALL_TARGETS)
 FUZZ_BIN = fuzz/target/x86_64-unknown-linux-gnu/release
 # Per target: its dictionary, inputs up to 8 KiB, a hang or 2 GiB is a finding too.
 FUZZ_FLAGS = -dict=fuzz/dict/$$t.dict -max_len=8192 -timeout=10 -rss_limit_mb=2048 \
@@ -175,8 +178,15 @@ fuzz-build: fuzz-tools
 	CARGO_PROFILE_RELEASE_OPT_LEVEL=$(FUZZ_OPT_LEVEL) \
 		$(CARGO) fuzz build -s none --codegen-units $(FUZZ_CODEGEN_UNITS)
 
-# A bounded, seeded run of every target over its seeds and past crashes; fails on any finding.
+# A bounded, seeded run of every target over its seeds and past crashes; fails on any finding,
+# and when FUZZ_ALL_TARGETS is not exactly the `[[bin]]` names of fuzz/Cargo.toml (a target
+# left out of the smoke run, or listed without being built).
 fuzz-smoke: fuzz-build
+	@bins=$$(sed -n '/^\[\[bin\]\]/,/^name *=/s/^name *= *"\(.*\)"/\1/p' fuzz/Cargo.toml | sort); \
+	listed=$$(printf '%s\n' $(FUZZ_ALL_TARGETS) | sort); \
+	[ -n "$$bins" ] && [ "$$bins" = "$$listed" ] || { \
+		echo "fuzz-smoke: FUZZ_ALL_TARGETS (Makefile, <) differs from the [[bin]]s of fuzz/Cargo.toml (>):"; \
+		diff <(echo "$$listed") <(echo "$$bins"); exit 1; }
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		rm -rf fuzz/target/smoke-corpus/$$t; mkdir -p fuzz/target/smoke-corpus/$$t fuzz/artifacts/$$t; \
 		dirs="fuzz/seeds/$$t"; [ -d fuzz/regressions/$$t ] && dirs="$$dirs fuzz/regressions/$$t"; \
@@ -211,6 +221,12 @@ lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@# Every proptest block runs from a fixed seed (FUZZING.md): as many configs as blocks.
+	@for f in $$(git grep -l 'proptest! {' -- '*.rs'); do \
+		[ "$$(grep -c 'proptest! {' $$f)" = "$$(grep -c 'proptest_config(' $$f)" ] && \
+			grep -q 'RngSeed::Fixed' $$f || \
+			{ echo "$$f: a proptest block without a fixed rng_seed"; exit 1; }; \
+	done
 
 # The dependency policy in deny.toml: licences, bans (one version per crate, no OpenSSL),
 # sources (crates.io only). Not advisories: their database is a git clone from GitHub, which
