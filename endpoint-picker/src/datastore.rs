@@ -419,7 +419,7 @@ impl Datastore {
 pub mod test_util {
     use super::*;
 
-    /// An endpoint spec on 10.0.0.<n>:8000.
+    /// An endpoint spec on `10.0.0.<n>:8000`.
     pub fn spec(n: u8) -> EndpointSpec {
         let address = SocketAddr::from(([10, 0, 0, n], 8000));
         EndpointSpec {

@@ -889,7 +889,7 @@ where
     }
 }
 
-/// The frame guard's stream parser, [`checked_copy`], and its budget, for the `zmtp_guard` fuzz
+/// The frame guard's stream parser, `checked_copy`, and its budget, for the `zmtp_guard` fuzz
 /// target (`fuzz/src/zmtp_guard.rs`) and its replay in this crate's `fuzz_regressions` test.
 /// Not part of the crate's API: nothing else uses it, and it may change at any time.
 #[doc(hidden)]
