@@ -671,10 +671,7 @@ impl Director {
         if request.target_model.is_empty() {
             request.target_model = request.model.clone();
         }
-        let matched = active
-            .rewrites
-            .rule(policies, &request.model)
-            .map(|(_, rule)| rule);
+        let matched = active.rewrites.rule(policies, &request.model);
         // A rule that matches owns the model, even with no usable target left: the header
         // applies only where the operator wrote no rule.
         if matched.is_none()
@@ -683,8 +680,8 @@ impl Director {
             request.target_model = forced.to_owned();
             return;
         }
-        let rule = matched.filter(|rule| !rule.targets.is_empty());
-        if let Some(rule) = rule {
+        let rule = matched.filter(|(_, rule)| !rule.targets.is_empty());
+        if let Some((rewrite, rule)) = rule {
             let total: u64 = rule.targets.iter().map(|t| u64::from(t.weight)).sum();
             let mut rng = self.rng.lock();
             let chosen = if total == 0 {
@@ -702,6 +699,7 @@ impl Director {
                 chosen
             };
             request.target_model = chosen.model.clone();
+            request.rewrite = Some(rewrite.name.clone());
         }
     }
 
@@ -1522,12 +1520,14 @@ mod tests {
             r.target_model, "a",
             "exact beats generic, older beats newer, weight 0 never chosen"
         );
+        assert_eq!(r.rewrite.as_deref(), Some("older"), "the rewrite that chose");
         let mut other = InferenceRequest {
             model: "x".into(),
             ..Default::default()
         };
         d.resolve(&mut other, None);
         assert_eq!(other.target_model, "catch-all");
+        assert_eq!(other.rewrite.as_deref(), Some("generic"));
         // A forced target cannot bypass an operator's rewrite of the model...
         let mut forced = req();
         d.resolve(&mut forced, Some("forced"));
@@ -1538,6 +1538,7 @@ mod tests {
         let mut free = req();
         d.resolve(&mut free, Some("forced"));
         assert_eq!(free.target_model, "forced");
+        assert_eq!(free.rewrite, None, "the header is no InferenceModelRewrite");
         // Targets no engine could serve are dropped when the policies are set: the request
         // goes to a usable one, or, with none left, is not rewritten.
         let long = "x".repeat(MAX_TARGET_MODEL_BYTES + 1);
@@ -1563,6 +1564,7 @@ mod tests {
         };
         d.resolve(&mut n, None);
         assert_eq!(n.target_model, "n");
+        assert_eq!(n.rewrite, None, "a rule without a usable target chose nothing");
         // Nor does the trusted header take a model whose rule lost its targets.
         let mut n = InferenceRequest {
             model: "n".into(),

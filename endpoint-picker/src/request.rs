@@ -45,6 +45,9 @@ pub struct InferenceRequest {
     pub model: String,
     /// The model the engine will see, after any rewrite.
     pub target_model: String,
+    /// The `InferenceModelRewrite` whose rule chose `target_model`, when one did (not when
+    /// the `x-gateway-model-name-rewrite` header did). Operator-named, so fit for a label.
+    pub rewrite: Option<String>,
     /// The text prefix caching is computed over: the prompt for completions, the raw JSON of
     /// `messages` / `input` / `items` otherwise. A zero-copy slice of the body when possible.
     pub prompt: Bytes,

@@ -115,6 +115,19 @@ pub struct RewriteLabels {
     pub rewrite: &'static str,
 }
 
+/// `model_rewrite_name, model_name, target_model`: the reference's labels of
+/// `inference_extension_model_rewrite_decisions_total`. The rewrite's name is an
+/// `InferenceModelRewrite`'s (operator-written); the models go through the label budget.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RewriteDecisionLabels {
+    /// The `InferenceModelRewrite` whose rule chose the target.
+    pub model_rewrite_name: String,
+    /// Model asked for.
+    pub model_name: String,
+    /// Model the rule chose.
+    pub target_model: String,
+}
+
 /// `extension_point, plugin_type, plugin_name`. The first two are static strings, so recording
 /// a plugin timing allocates only the name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -364,8 +377,9 @@ pub struct EppMetrics {
     /// `inference_extension_response_body_bytes_held`: non-streamed response bytes held by all
     /// streams together (refreshed on scrape).
     pub response_body_bytes_held: Gauge,
-    /// `inference_extension_model_rewrite_decisions_total` is recorded with this.
-    pub rewrites: Family<ModelLabels, Counter>,
+    /// `inference_extension_model_rewrite_decisions_total`: requests whose target an
+    /// `InferenceModelRewrite` rule chose.
+    pub rewrites: Family<RewriteDecisionLabels, Counter>,
     /// `inference_extension_plugin_duration_seconds`.
     pub plugin_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
     /// The KV-event subscribers' metrics.
@@ -1053,7 +1067,13 @@ pub(crate) mod tests {
                 plugin_name: "queue-scorer".into(),
             })
             .observe(0.0);
-        m.rewrites.get_or_create(&model).inc();
+        m.rewrites
+            .get_or_create(&RewriteDecisionLabels {
+                model_rewrite_name: "r".into(),
+                model_name: "m".into(),
+                target_model: "m".into(),
+            })
+            .inc();
         m.streams
             .get_or_create(&StreamLabels {
                 outcome: "ok".into(),

@@ -19,7 +19,7 @@ use crate::debug::{DecisionLog, DecisionRecord};
 use crate::labels::ModelLabels;
 use crate::metrics::{
     AttemptLabels, EppMetrics, ErrorLabels, ModelLabels as ModelPair, ModelOnly, ObserverLabels,
-    RequestLabels, RewriteLabels, StreamLabels,
+    RequestLabels, RewriteDecisionLabels, RewriteLabels, StreamLabels,
 };
 use crate::telemetry;
 
@@ -188,15 +188,23 @@ impl Recorder for EppRecorder {
     fn on_routed(
         &self,
         request: &InferenceRequest,
-        rewritten: bool,
+        _rewritten: bool,
         overhead: Duration,
     ) -> RecordKey {
         let m = &self.metrics;
         let key = self.key(request);
         let pair = self.pair(&key);
         m.request_path_overhead.observe(overhead.as_secs_f64());
-        if rewritten {
-            m.rewrites.get_or_create(&pair).inc();
+        // As the reference counts: a decision of an InferenceModelRewrite's rule, even one
+        // that chose the model asked for; the trusted rewrite header is not one.
+        if let Some(rewrite) = &request.rewrite {
+            m.rewrites
+                .get_or_create(&RewriteDecisionLabels {
+                    model_rewrite_name: rewrite.clone(),
+                    model_name: pair.model_name.clone(),
+                    target_model: pair.target_model_name.clone(),
+                })
+                .inc();
         }
         m.requests
             .get_or_create(&RequestLabels {

@@ -267,6 +267,60 @@ async fn ten_thousand_model_names_stay_under_the_label_cap() {
     assert_eq!(routed, 10_000.0, "every request counted, under some label");
 }
 
+/// A model rewrite is counted under the reference's labels: the InferenceModelRewrite that
+/// chose the target, the model asked for and the model it chose; the request is counted as
+/// served by the target.
+#[tokio::test]
+async fn rewrite_decisions_name_the_rewrite_and_both_models() {
+    use endpoint_picker::director::{ModelRewrite, Policies, RewriteRule, RewriteTarget};
+    let epp = start_epp(three(), EppOptions::default()).await;
+    set_queues(&epp, &[0, 0, 0]);
+    epp.handles.director.set_policies(Policies {
+        objectives: HashMap::new(),
+        rewrites: vec![ModelRewrite {
+            name: "canary-split".into(),
+            created: 0,
+            rules: vec![RewriteRule {
+                matches: vec![MODEL.into()],
+                targets: vec![RewriteTarget {
+                    model: "m-canary".into(),
+                    weight: 1,
+                }],
+            }],
+        }],
+    });
+    for i in 0..2 {
+        complete_one(&epp, i).await;
+    }
+    let e = scrape(&epp).await;
+    let family = "inference_extension_model_rewrite_decisions";
+    assert_eq!(e.types.get(family).map(String::as_str), Some("counter"));
+    assert_eq!(
+        e.label_names(family),
+        ["model_rewrite_name", "model_name", "target_model"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(
+        e.value(
+            "inference_extension_model_rewrite_decisions_total",
+            &[
+                ("model_rewrite_name", "canary-split"),
+                ("model_name", MODEL),
+                ("target_model", "m-canary"),
+            ]
+        ),
+        2.0
+    );
+    assert_eq!(
+        e.value(
+            "inference_objective_request_total",
+            &[("model_name", MODEL), ("target_model_name", "m-canary")]
+        ),
+        2.0
+    );
+}
+
 async fn bad_body(epp: &Epp) {
     let mut s = Stream::open(epp.grpc).await;
     s.send(req_headers(CHAT_HEADERS, false, None)).await;
