@@ -385,16 +385,15 @@ impl std::fmt::Debug for Refresh {
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
-    let mut router = Router::new()
+    // The debug routes exist whether or not they are enabled, and authorise before they
+    // answer 404: a route missing from the router would answer 404 to anyone and tell who may
+    // not read them whether profiling or the pool view is on.
+    Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }));
-    if state.debug.is_some() {
-        router = router.route("/debug/pool", get(debug_pool));
-    }
-    if state.pprof.is_some() {
-        router = router.route("/debug/pprof/profile", get(pprof_profile));
-    }
-    router.with_state(state)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/debug/pool", get(debug_pool))
+        .route("/debug/pprof/profile", get(pprof_profile))
+        .with_state(state)
 }
 
 /// `?seconds=N` of `/debug/pprof/profile`.
@@ -758,6 +757,9 @@ mod tests {
         for (path, token, status) in [
             ("/metrics", None, 401),
             ("/metrics", Some("wrong"), 401),
+            // Disabled here, but that is not told before authorisation.
+            ("/debug/pool", None, 401),
+            ("/debug/pprof/profile?seconds=x", Some("wrong"), 401),
             ("/healthz", None, 200),
             ("/nowhere", None, 404),
         ] {

@@ -377,6 +377,15 @@ async fn run(args: Args) -> Result<()> {
              to leave /metrics open"
         ),
     };
+    // Not refused, as the reference's charts may run so, but said: anyone who reaches the
+    // admin port can then hold the process under profiling and read its stacks.
+    if matches!(admin_auth, AdminAuth::Open) && enable_pprof {
+        tracing::warn!(
+            "--enable-pprof (default true) with --metrics-endpoint-auth=false: anyone who \
+             reaches the metrics port may take CPU profiles; pass --enable-pprof=false or \
+             keep the port to Prometheus with a NetworkPolicy"
+        );
+    }
     // Which check guards the admin port, said once: a token set in the environment replaces
     // the TokenReview check in Kubernetes mode, and a scraper sending its ServiceAccount's
     // token then gets 401.

@@ -441,6 +441,15 @@ async fn start_epp_logged(
     args: &[&str],
     env: &[(&str, &std::path::Path)],
 ) -> (tokio::process::Child, serde_json::Value) {
+    let (child, started, _) = start_epp_with_log(args, env).await;
+    (child, started)
+}
+
+/// A started `epp`, its start-up log line and the lines logged before it.
+async fn start_epp_with_log(
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (tokio::process::Child, serde_json::Value, Vec<String>) {
     let mut command = Command::new(EPP);
     command
         .args([
@@ -464,11 +473,13 @@ async fn start_epp_logged(
     }
     let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut before = Vec::new();
     let started = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if line.contains("switchyard epp starting") {
                 return line;
             }
+            before.push(line);
         }
         panic!("epp exited before starting");
     })
@@ -477,7 +488,26 @@ async fn start_epp_logged(
     // Keep reading stderr so that the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let v: serde_json::Value = serde_json::from_str(&started).expect("json log line");
-    (child, v)
+    (child, v, before)
+}
+
+/// Profiling on an open admin port is allowed (the reference's charts may run so) but
+/// warned about at start-up; with profiling off, or the port guarded, nothing is said.
+#[tokio::test]
+async fn pprof_on_an_open_admin_port_is_warned_about() {
+    let pool = temp_file("pool-pprof.yaml", POOL);
+    let pool = pool.to_str().unwrap();
+    let warned = |before: &[String]| {
+        before
+            .iter()
+            .any(|l| l.to_ascii_lowercase().contains("warn") && l.contains("--enable-pprof"))
+    };
+    let (_child, _, before) = start_epp_with_log(&["--pool-file", pool], &[]).await;
+    assert!(warned(&before), "{before:#?}");
+    let (_child, _, before) =
+        start_epp_with_log(&["--pool-file", pool, "--enable-pprof=false"], &[]).await;
+    // Started (its start-up line was read), and said nothing of profiling.
+    assert!(!warned(&before), "{before:#?}");
 }
 
 async fn start_epp(
