@@ -1520,7 +1520,11 @@ mod tests {
             r.target_model, "a",
             "exact beats generic, older beats newer, weight 0 never chosen"
         );
-        assert_eq!(r.rewrite.as_deref(), Some("older"), "the rewrite that chose");
+        assert_eq!(
+            r.rewrite.as_deref(),
+            Some("older"),
+            "the rewrite that chose"
+        );
         let mut other = InferenceRequest {
             model: "x".into(),
             ..Default::default()
@@ -1564,7 +1568,10 @@ mod tests {
         };
         d.resolve(&mut n, None);
         assert_eq!(n.target_model, "n");
-        assert_eq!(n.rewrite, None, "a rule without a usable target chose nothing");
+        assert_eq!(
+            n.rewrite, None,
+            "a rule without a usable target chose nothing"
+        );
         // Nor does the trusted header take a model whose rule lost its targets.
         let mut n = InferenceRequest {
             model: "n".into(),

@@ -10,7 +10,9 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT and `cut_short` on the second: an
 /// operator who does not want to wait out the shutdown delay need not (the kubelet itself
-/// sends SIGKILL after the termination grace period, not a second SIGTERM).
+/// sends SIGKILL after the termination grace period, not a second SIGTERM). A third ends the
+/// process at once (status 128 + the signal's number, as a shell reports a killed process):
+/// the handlers stay installed, so without it a third Ctrl-C during the drain did nothing.
 pub async fn cancel_on_signals(shutdown: CancellationToken, cut_short: CancellationToken) {
     #[cfg(unix)]
     {
@@ -29,6 +31,15 @@ pub async fn cancel_on_signals(shutdown: CancellationToken, cut_short: Cancellat
             }
             token.cancel();
         }
+        let status = tokio::select! {
+            _ = term.recv() => 128 + 15,
+            _ = int.recv() => 128 + 2,
+        };
+        tracing::warn!(
+            status,
+            "a third signal: exiting without finishing the drain"
+        );
+        std::process::exit(status);
     }
     #[cfg(not(unix))]
     {

@@ -450,6 +450,25 @@ async fn start_epp_with_log(
     args: &[&str],
     env: &[(&str, &std::path::Path)],
 ) -> (tokio::process::Child, serde_json::Value, Vec<String>) {
+    let (child, mut lines, started, before) = spawn_epp(args, env).await;
+    // Keep reading stderr so that the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, started, before)
+}
+
+type LogLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+
+/// A started `epp`, the rest of its log (to be read on), its start-up line and the lines
+/// logged before it.
+async fn spawn_epp(
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (
+    tokio::process::Child,
+    LogLines,
+    serde_json::Value,
+    Vec<String>,
+) {
     let mut command = Command::new(EPP);
     command
         .args([
@@ -485,10 +504,67 @@ async fn start_epp_with_log(
     })
     .await
     .expect("start-up line");
-    // Keep reading stderr so that the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let v: serde_json::Value = serde_json::from_str(&started).expect("json log line");
-    (child, v, before)
+    (child, lines, v, before)
+}
+
+/// Reads `lines` until one contains `what` (within 10 s).
+async fn until_logged(lines: &mut LogLines, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(what) {
+                return;
+            }
+        }
+        panic!("epp exited before logging {what:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what:?} not logged in time"));
+}
+
+/// The first signal starts the shutdown delay, the second the drain, and a third ends the
+/// process at once (143, as a shell reports SIGTERM) though a stream still holds the drain.
+#[tokio::test]
+async fn a_third_signal_ends_the_drain_at_once() {
+    let pool = temp_file("pool-third.yaml", POOL);
+    let args = [
+        "--pool-file",
+        pool.to_str().unwrap(),
+        "--drain-grace-period=1h",
+        "--shutdown-delay=1h",
+    ];
+    let (mut child, mut lines, started, _) = spawn_epp(&args, &[]).await;
+    let grpc: std::net::SocketAddr = started["grpc"].as_str().unwrap().parse().unwrap();
+    // An ext_proc stream left open: the drain waits for it.
+    let mut held = testkit::Stream::open(grpc).await;
+    let headers = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+    ];
+    held.send(testkit::req_headers(&headers, false, None)).await;
+    let pid = child.id().unwrap().to_string();
+    let sigterm = || async {
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    };
+    // Each signal is sent once the last one is acted on: a signal arriving before its
+    // handler ran again would be merged with it.
+    sigterm().await;
+    until_logged(&mut lines, "still serving for --shutdown-delay").await;
+    sigterm().await;
+    until_logged(&mut lines, "draining open streams").await;
+    sigterm().await;
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits at once")
+        .unwrap();
+    assert_eq!(exit.code(), Some(143), "{exit:?}");
+    drop(held);
 }
 
 /// Profiling on an open admin port is allowed (the reference's charts may run so) but
