@@ -536,7 +536,7 @@ async fn a_third_signal_ends_the_drain_at_once() {
     let (mut child, mut lines, started, _) = spawn_epp(&args, &[]).await;
     let grpc: std::net::SocketAddr = started["grpc"].as_str().unwrap().parse().unwrap();
     // An ext_proc stream left open: the drain waits for it.
-    let mut held = testkit::Stream::open(grpc).await;
+    let held = testkit::Stream::open(grpc).await;
     let headers = [
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
