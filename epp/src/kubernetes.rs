@@ -42,9 +42,22 @@ pub struct Kube {
     pub client: k8s::Client,
 }
 
-/// Validates the flags, builds the client (in-cluster, else `$KUBECONFIG`/`~/.kube/config`) and
-/// starts leader election when asked. Watches start later, inside `serve`.
-pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> {
+/// What Kubernetes mode will watch and elect, from flags that passed validation: nothing is
+/// connected and no lease is taken until [`Plan::start`], which `run` calls once every other
+/// check has passed and every port is bound, so that a start-up that fails never holds the
+/// lease it would not hand back.
+pub struct Plan {
+    name: String,
+    spec: Option<k8s::api::InferencePoolSpec>,
+    pool_namespace: String,
+    pool_group: String,
+    metrics_port: Option<u16>,
+    /// The lease identity (`$POD_NAME`) with leader election.
+    identity: Option<String>,
+}
+
+/// Validates the flags (and `$POD_NAME` with leader election), without I/O.
+pub fn plan(flags: Flags) -> Result<Plan> {
     let Flags {
         pool_name,
         pool_namespace,
@@ -73,52 +86,78 @@ pub async fn source(flags: Flags, shutdown: &CancellationToken) -> Result<Kube> 
             k8s::api::POOL_GROUP
         );
     }
-    let client = k8s::client()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
-    let leader = if leader_election {
-        let identity = std::env::var("POD_NAME")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .context(
-                "--ha-enable-leader-election needs $POD_NAME (downward API) as the lease identity",
-            )?;
-        let config = LeaseConfig::new(lease_name(&pool_namespace, &name), identity);
-        tracing::info!(lease = %config.name, identity = %config.identity, "leader election on");
-        let (rx, task) = k8s::lease::start(
-            client.clone(),
-            &pool_namespace,
-            config,
-            shutdown.child_token(),
-        );
-        Some((rx, task))
+    let identity = if leader_election {
+        Some(
+            std::env::var("POD_NAME")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .context(
+                    "--ha-enable-leader-election needs $POD_NAME (downward API) as the lease identity",
+                )?,
+        )
     } else {
         None
     };
-    let label = format!(
-        "{pool_namespace}/{name} ({})",
-        if spec.is_some() {
-            "standalone selector"
-        } else {
-            "InferencePool"
-        }
-    );
-    let discovery = Discovery {
-        client: client.clone(),
-        pool: PoolRef {
-            name,
-            namespace: pool_namespace,
-            group: pool_group,
-        },
+    Ok(Plan {
+        name,
+        spec,
+        pool_namespace,
+        pool_group,
         metrics_port,
-        standalone: spec,
-    };
-    Ok(Kube {
-        source: PoolSource::Kubernetes {
-            discovery: Box::new(discovery),
-            leader,
-        },
-        label,
-        client,
+        identity,
     })
+}
+
+impl Plan {
+    /// Builds the client (in-cluster, else `$KUBECONFIG`/`~/.kube/config`) and starts leader
+    /// election when asked. Watches start later, inside `serve`.
+    pub async fn start(self, shutdown: &CancellationToken) -> Result<Kube> {
+        let Plan {
+            name,
+            spec,
+            pool_namespace,
+            pool_group,
+            metrics_port,
+            identity,
+        } = self;
+        let client = k8s::client()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
+        let leader = identity.map(|identity| {
+            let config = LeaseConfig::new(lease_name(&pool_namespace, &name), identity);
+            tracing::info!(lease = %config.name, identity = %config.identity, "leader election on");
+            k8s::lease::start(
+                client.clone(),
+                &pool_namespace,
+                config,
+                shutdown.child_token(),
+            )
+        });
+        let label = format!(
+            "{pool_namespace}/{name} ({})",
+            if spec.is_some() {
+                "standalone selector"
+            } else {
+                "InferencePool"
+            }
+        );
+        let discovery = Discovery {
+            client: client.clone(),
+            pool: PoolRef {
+                name,
+                namespace: pool_namespace,
+                group: pool_group,
+            },
+            metrics_port,
+            standalone: spec,
+        };
+        Ok(Kube {
+            source: PoolSource::Kubernetes {
+                discovery: Box::new(discovery),
+                leader,
+            },
+            label,
+            client,
+        })
+    }
 }

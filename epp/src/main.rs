@@ -74,6 +74,13 @@ fn main() -> std::process::ExitCode {
 /// `--pool-file-poll-interval` when not given.
 const POOL_FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The pool source as validation leaves it: a file read and checked (with its label for the
+/// start-up log), or a Kubernetes plan not yet started (no client, no lease).
+enum Pool {
+    Ready(PoolSource, String),
+    Kubernetes(kubernetes::Plan),
+}
+
 /// Validates everything, binds the ports, and serves until SIGTERM/SIGINT.
 async fn run(args: Args) -> Result<()> {
     let Args {
@@ -290,8 +297,8 @@ async fn run(args: Args) -> Result<()> {
     let pool_namespace = pool_namespace.filter(|ns| !ns.is_empty());
     let shutdown = CancellationToken::new();
     let cut_short = CancellationToken::new();
-    let mut kube_client = None;
-    let (pool, pool_label) = match pool_file {
+    let local_mode = pool_file.is_some();
+    let pool = match pool_file {
         Some(path) => {
             if ha_enable_leader_election {
                 bail!(
@@ -335,7 +342,7 @@ async fn run(args: Args) -> Result<()> {
                 initial: Box::new(initial),
                 initial_bytes,
             };
-            (source, label)
+            Pool::Ready(source, label)
         }
         None => {
             if pool_file_poll_interval.is_some() {
@@ -348,55 +355,30 @@ async fn run(args: Args) -> Result<()> {
             let pool_namespace = pool_namespace
                 .or_else(|| std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty()))
                 .unwrap_or_else(|| "default".to_owned());
-            let kube = kubernetes::source(
-                kubernetes::Flags {
-                    pool_name,
-                    pool_namespace,
-                    pool_group,
-                    endpoint_selector,
-                    endpoint_target_ports,
-                    metrics_port: metrics_port_override,
-                    leader_election: ha_enable_leader_election,
-                },
-                &shutdown,
-            )
-            .await?;
-            kube_client = Some(kube.client);
-            (kube.source, kube.label)
+            let plan = kubernetes::plan(kubernetes::Flags {
+                pool_name,
+                pool_namespace,
+                pool_group,
+                endpoint_selector,
+                endpoint_target_ports,
+                metrics_port: metrics_port_override,
+                leader_election: ha_enable_leader_election,
+            })?;
+            Pool::Kubernetes(plan)
         }
     };
-    let admin_auth = match (metrics_endpoint_auth, static_token, kube_client) {
-        (false, _, _) => AdminAuth::Open,
-        (true, Some(token), _) => AdminAuth::Token(token.into()),
-        (true, None, Some(client)) => {
-            AdminAuth::Kubernetes(k8s::auth::MetricsAuthorizer::new(client))
-        }
-        (true, None, None) => bail!(
+    // The admin port's check; `None`: TokenReview, once Kubernetes mode has its client.
+    let admin_auth = match (metrics_endpoint_auth, static_token) {
+        (false, _) => Some(AdminAuth::Open),
+        (true, Some(token)) => Some(AdminAuth::Token(token.into())),
+        (true, None) if local_mode => bail!(
             "--metrics-endpoint-auth (default true) needs --metrics-bearer-token or \
              --metrics-bearer-token-file in local mode; or pass --metrics-endpoint-auth=false \
              to leave /metrics open"
         ),
+        (true, None) => None,
     };
-    // Not refused, as the reference's charts may run so, but said: anyone who reaches the
-    // admin port can then hold the process under profiling and read its stacks.
-    if matches!(admin_auth, AdminAuth::Open) && enable_pprof {
-        tracing::warn!(
-            "--enable-pprof (default true) with --metrics-endpoint-auth=false: anyone who \
-             reaches the metrics port may take CPU profiles; pass --enable-pprof=false or \
-             keep the port to Prometheus with a NetworkPolicy"
-        );
-    }
-    // Which check guards the admin port, said once: a token set in the environment replaces
-    // the TokenReview check in Kubernetes mode, and a scraper sending its ServiceAccount's
-    // token then gets 401.
-    tracing::info!(
-        check = match &admin_auth {
-            AdminAuth::Open => "none (--metrics-endpoint-auth=false)",
-            AdminAuth::Token(_) => "static bearer token",
-            AdminAuth::Kubernetes(_) => "TokenReview and SubjectAccessReview",
-        },
-        "admin port (/metrics, /debug) authentication"
-    );
+
     let tls = if secure_serving {
         Some(
             match cert_path {
@@ -471,6 +453,42 @@ async fn run(args: Args) -> Result<()> {
             .await
             .with_context(|| format!("binding --metrics-port {metrics_port}"))?,
     };
+    // Only now, every check passed and every port bound, is the API server dialled and the
+    // lease competed for: a start-up that fails past this point is the API's doing.
+    let (pool, pool_label, admin_auth) = match pool {
+        Pool::Ready(source, label) => (
+            source,
+            label,
+            admin_auth.context("TokenReview guards the admin port in Kubernetes mode only")?,
+        ),
+        Pool::Kubernetes(plan) => {
+            let kube = plan.start(&shutdown).await?;
+            let auth = admin_auth.unwrap_or_else(|| {
+                AdminAuth::Kubernetes(k8s::auth::MetricsAuthorizer::new(kube.client))
+            });
+            (kube.source, kube.label, auth)
+        }
+    };
+    // Not refused, as the reference's charts may run so, but said: anyone who reaches the
+    // admin port can then hold the process under profiling and read its stacks.
+    if matches!(admin_auth, AdminAuth::Open) && enable_pprof {
+        tracing::warn!(
+            "--enable-pprof (default true) with --metrics-endpoint-auth=false: anyone who \
+             reaches the metrics port may take CPU profiles; pass --enable-pprof=false or \
+             keep the port to Prometheus with a NetworkPolicy"
+        );
+    }
+    // Which check guards the admin port, said once: a token set in the environment replaces
+    // the TokenReview check in Kubernetes mode, and a scraper sending its ServiceAccount's
+    // token then gets 401.
+    tracing::info!(
+        check = match &admin_auth {
+            AdminAuth::Open => "none (--metrics-endpoint-auth=false)",
+            AdminAuth::Token(_) => "static bearer token",
+            AdminAuth::Kubernetes(_) => "TokenReview and SubjectAccessReview",
+        },
+        "admin port (/metrics, /debug) authentication"
+    );
     tracing::info!(
         grpc = %listeners.grpc.local_addr()?,
         grpc_uds = grpc_uds_path.as_ref().map(|p| p.display().to_string()),

@@ -172,6 +172,7 @@ fn epp(args: &[&str]) -> (i32, String) {
         .args(args)
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("POD_NAME")
         .env("HOME", "/nonexistent")
         .output()
         .unwrap();
@@ -213,6 +214,20 @@ fn kubernetes_flags_are_checked_before_anything_starts() {
                 "--ha-enable-leader-election",
             ],
             "--ha-enable-leader-election needs Kubernetes mode",
+        ),
+        // Every other check comes before the API server is dialled and the lease taken: a
+        // start-up that fails must not hold a lease it would not hand back.
+        (
+            &["--pool-name=p", "--cert-path=/nonexistent"],
+            "loading --cert-path",
+        ),
+        (
+            &["--pool-name=p", "--ha-enable-leader-election"],
+            "needs $POD_NAME",
+        ),
+        (
+            &["--pool-name=p", "--refresh-metrics-interval=1h"],
+            "metricsStalenessThreshold",
         ),
         (&["--pool-name=p"], "connecting to the Kubernetes API"),
     ];
