@@ -7,24 +7,9 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 
-fn duration(s: &str) -> Result<Duration, String> {
-    // The EPP's parser: Go's units and forms (500ms, 2s, 1m30s, 1.5h).
-    endpoint_picker::config::parse_duration(s)
-        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m30s)"))
-}
-
-/// An interval or a grace period: zero would poll without pause or cut every stream.
-/// A body's deadline: above zero, at most a day.
-fn body_timeout(s: &str) -> Result<Duration, String> {
-    ext_proc::body_budget::check_body_timeout(duration(s)?)
-}
-
-fn positive_duration(s: &str) -> Result<Duration, String> {
-    match duration(s)? {
-        d if d.is_zero() => Err(format!("{s:?} must be above zero")),
-        d => Ok(d),
-    }
-}
+// The EPP's duration flags: Go's units and forms (500ms, 2s, 1m30s, 1.5h), a unit required
+// but for 0, at most a day; a body's deadline and an interval or grace period above zero.
+use epp::args::{body_timeout, duration, positive_duration};
 
 /// Switchyard's body-based router: the request body's model into headers, before route
 /// matching.
@@ -109,12 +94,7 @@ pub struct Args {
 impl Args {
     /// The tracing filter of `--v`.
     pub fn log_filter(&self) -> String {
-        match self.verbosity {
-            0..=3 => "info",
-            4 => "debug",
-            _ => "trace",
-        }
-        .to_owned()
+        epp::args::filter_at(epp::args::verbosity_level(self.verbosity))
     }
 }
 
@@ -158,7 +138,8 @@ mod tests {
             a.mapping_file_poll_interval,
             Some(Duration::from_millis(500))
         );
-        assert_eq!(a.log_filter(), "debug");
+        assert!(a.log_filter().starts_with("debug,"), "{}", a.log_filter());
+        assert!(a.log_filter().contains("h2=warn"), "{}", a.log_filter());
         // Upstream's plugin framework is not here: start-up fails naming the flag.
         let e = Args::try_parse_from(["bbr", "--plugin", "x:y"]).unwrap_err();
         assert!(e.to_string().contains("--plugin"), "{e}");

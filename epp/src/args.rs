@@ -13,19 +13,40 @@ fn metrics_scheme(s: &str) -> Result<MetricsScheme, String> {
     s.parse()
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    endpoint_picker::config::parse_duration(s)
-        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 50ms, 2s, 1m)"))
+/// The longest a duration flag may be. No interval, deadline or grace period of these
+/// binaries means anything longer, and far past it a timer's next deadline overflows
+/// `Instant` (`1e19s` once panicked the pool-gauges task on its second tick, then again on
+/// every restart).
+pub const MAX_FLAG_DURATION: Duration = Duration::from_secs(86_400);
+
+/// A duration flag, as Go's `time.ParseDuration` reads the reference's: a unit is needed
+/// (`50` is refused, where it once meant 50 s to one reader and 50 ms to another), but for
+/// `0`; and at most [`MAX_FLAG_DURATION`]. Shared by `epp` and `bbr`.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let trimmed = s.trim();
+    if trimmed != "0" && trimmed.parse::<f64>().is_ok() {
+        return Err(format!(
+            "{s:?} has no unit: write {trimmed}s or {trimmed}ms (Go's units: ns, us, ms, s, m, h)"
+        ));
+    }
+    let d = endpoint_picker::config::parse_duration(trimmed)
+        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 50ms, 2s, 1m30s)"))?;
+    if d > MAX_FLAG_DURATION {
+        return Err(format!(
+            "{s:?} is over a day, the longest a duration flag may be"
+        ));
+    }
+    Ok(d)
+}
+
+/// A body's deadline: above zero, at most a day.
+pub fn body_timeout(s: &str) -> Result<Duration, String> {
+    ext_proc::body_budget::check_body_timeout(duration(s)?)
 }
 
 /// An interval, deadline or half-life: zero would mean a timer that fires without end, a
 /// deadline nothing meets, or a division by zero.
-/// A body's deadline: above zero, at most a day.
-fn body_timeout(s: &str) -> Result<Duration, String> {
-    ext_proc::body_budget::check_body_timeout(duration(s)?)
-}
-
-fn positive_duration(s: &str) -> Result<Duration, String> {
+pub fn positive_duration(s: &str) -> Result<Duration, String> {
     match duration(s)? {
         d if d.is_zero() => Err(format!("{s:?} must be above zero")),
         d => Ok(d),
@@ -320,12 +341,20 @@ fn zap_level(s: &str) -> Result<LogLevel, String> {
 
 /// The `tracing` level of a zap verbosity: this program's info lines are V(0) to V(3) in the
 /// reference's scheme (`DEFAULT` 2, `VERBOSE` 3), debug lines V(4), trace lines V(5).
-fn verbosity_level(v: u8) -> &'static str {
+/// The tracing level a klog-style `--v` asks for (shared by the workspace's binaries).
+pub fn verbosity_level(v: u8) -> &'static str {
     match v {
         0..=3 => "info",
         4 => "debug",
         _ => "trace",
     }
+}
+
+/// The tracing filter for `level`, the HTTP/2, gRPC and TLS libraries held at `warn`: their
+/// debug lines are per frame and per connection, noise even at trace (and on a router that
+/// sees every request on the Gateway, a flood). Shared by the workspace's binaries.
+pub fn filter_at(level: &str) -> String {
+    format!("{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,rustls=warn")
 }
 
 impl Args {
@@ -340,9 +369,7 @@ impl Args {
             Some(LogLevel::Verbosity(n)) => verbosity_level(n),
             None => verbosity_level(self.verbosity),
         };
-        // The libraries' own debug lines are per frame and per connection: noise even at
-        // trace.
-        format!("{level},h2=warn,hyper=warn,tower=warn,tonic=warn,rustls=warn")
+        filter_at(level)
     }
 
     /// The log encoder: `--zap-encoder` if given, else `console` in development mode and
@@ -435,6 +462,41 @@ mod tests {
         );
         assert!(Args::try_parse_from(["epp", "--request-body-timeout=25h"]).is_err());
         assert!(Args::try_parse_from(["epp", "--request-body-timeout=24h"]).is_ok());
+    }
+
+    /// Every duration flag wants a unit (Go's reading; `0` alone needs none) and is at most a
+    /// day: `1e19s` once panicked a supervised task on every restart.
+    #[test]
+    fn duration_flags_need_a_unit_and_stay_within_a_day() {
+        let flags = [
+            "--pool-file-poll-interval",
+            "--refresh-metrics-interval",
+            "--metrics-scrape-timeout",
+            "--idle-scrape-interval",
+            "--refresh-prometheus-metrics-interval",
+            "--metrics-staleness-threshold",
+            "--request-body-timeout",
+            "--drain-grace-period",
+            "--shutdown-delay",
+        ];
+        for flag in flags {
+            for bad in ["50", "1.5", "25h", "10000000000000000000s", "5 parsecs"] {
+                let error = Args::try_parse_from(["epp", &format!("{flag}={bad}")]).unwrap_err();
+                assert!(error.to_string().contains(flag), "{flag}={bad}: {error}");
+            }
+            for good in ["50ms", "1.5s", "1m30s", "24h"] {
+                assert!(
+                    Args::try_parse_from(["epp", &format!("{flag}={good}")]).is_ok(),
+                    "{flag}={good}"
+                );
+            }
+        }
+        let error = Args::try_parse_from(["epp", "--refresh-metrics-interval=50"]).unwrap_err();
+        assert!(error.to_string().contains("has no unit"), "{error}");
+        assert_eq!(
+            parse(&["--drain-grace-period=0", "--shutdown-delay=0"]).drain_grace_period,
+            Duration::ZERO
+        );
     }
 
     #[test]

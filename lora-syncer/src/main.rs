@@ -76,16 +76,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    let filter = match args.verbosity {
-        0..=3 => "info",
-        4 => "debug",
-        _ => "trace",
-    };
+    let filter = epp::args::filter_at(epp::args::verbosity_level(args.verbosity));
     let _telemetry = {
         let _entered = runtime.enter();
         match telemetry::init(&TelemetryOptions {
             encoder: "json".to_owned(),
-            filter: filter.to_owned(),
+            filter,
             tracing: false,
         }) {
             Ok(guard) => guard,
