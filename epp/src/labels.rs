@@ -56,10 +56,25 @@ impl Default for ModelLabels {
 impl ModelLabels {
     /// The label value for `model`.
     pub fn label(&self, model: &str) -> Arc<str> {
-        if let Some(l) = self.labelled.read().names.get(model) {
-            return l.clone();
-        }
-        let known = self.known.load().contains(model);
+        let known = {
+            let labelled = self.labelled.read();
+            if let Some(l) = labelled.names.get(model) {
+                return l.clone();
+            }
+            let known = self.known.load().contains(model);
+            // A spent budget stays spent (the counts only grow): a client sending a new name
+            // with every request then takes the shared lock only, not the exclusive one three
+            // times a request.
+            let spent = if known {
+                labelled.known >= MAX_KNOWN_MODELS
+            } else {
+                labelled.unknown >= MAX_UNKNOWN_MODELS
+            };
+            if spent {
+                return self.overflow.clone();
+            }
+            known
+        };
         let mut labelled = self.labelled.write();
         if let Some(l) = labelled.names.get(model) {
             return l.clone();
