@@ -455,18 +455,35 @@ async fn debug_pool(State(state): State<AdminState>, headers: HeaderMap) -> Resp
     if let Some(denied) = state.auth.refuse(&headers, "/debug/pool").await {
         return denied;
     }
-    let Some(d) = &state.debug else {
+    let Some(d) = state.debug.clone() else {
         return (StatusCode::NOT_FOUND, "not enabled (--debug-pool)\n").into_response();
     };
-    axum::Json(debug::pool_view(&d.datastore, &d.director, &d.decisions)).into_response()
+    // Up to 10,000 decisions, some 20 MB of JSON: built on a blocking thread, not on a
+    // runtime worker whose ext_proc streams would wait for it (with `--worker-threads=1`,
+    // every stream).
+    let view = tokio::task::spawn_blocking(move || {
+        serde_json::to_vec(&debug::pool_view(&d.datastore, &d.director, &d.decisions))
+    })
+    .await;
+    match view {
+        Ok(Ok(json)) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
     if let Some(denied) = state.auth.refuse(&headers, "/metrics").await {
         return denied;
     }
-    let mut out = String::with_capacity(16 * 1024);
-    let result = {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    // Refreshed and encoded on a blocking thread: a pool's worth of series takes milliseconds,
+    // which a runtime worker's ext_proc streams would otherwise wait out.
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut out = String::with_capacity(16 * 1024);
         // Refreshed and encoded under the registry's lock, which every refresh takes: some
         // refreshes clear a family and fill it again, and an encode between the two would
         // miss its series (Prometheus then marks them stale).
@@ -474,33 +491,26 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
         if let Some(refresh) = &state.refresh {
             (refresh.0)();
         }
-        prometheus_client::encoding::text::encode(&mut out, &registry)
+        prometheus_client::encoding::text::encode(&mut out, &registry).map(|()| {
+            if openmetrics {
+                out
+            } else {
+                openmetrics_to_text(&out)
+            }
+        })
+    })
+    .await;
+    let out = match encoded {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     };
-    if let Err(e) = result {
-        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
-    let openmetrics = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/openmetrics-text"));
-    if openmetrics {
-        return (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
-            .into_response();
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        openmetrics_to_text(&out),
-    )
-        .into_response()
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    ([(header::CONTENT_TYPE, content_type)], out).into_response()
 }
 
 /// Rewrites prometheus-client's OpenMetrics exposition as Prometheus text format 0.0.4 (what
