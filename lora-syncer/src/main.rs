@@ -56,7 +56,7 @@ struct Args {
     /// Port of /metrics (upstream's 8080).
     #[arg(long, default_value_t = 8080)]
     metrics_port: u16,
-    /// Address /metrics binds to.
+    /// Address /metrics binds to (no auth, as upstream's: 127.0.0.1 keeps it to the pod).
     #[arg(long, default_value = "0.0.0.0")]
     bind_address: std::net::IpAddr,
     /// Log verbosity: 0 to 3 info, 4 debug, 5 and above trace.
@@ -171,7 +171,10 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     {
-        // A sidecar's /metrics is scraped inside the pod's network: no auth, as upstream's.
+        // No auth, as upstream's: bound to every address by default, so anything in the
+        // cluster that reaches the pod can read it. What it tells (the adapters of the
+        // operator's config, the engine's answers counted) is what the engine's own /metrics
+        // beside it tells; `--bind-address=127.0.0.1` keeps it to the pod.
         let state = AdminState {
             registry,
             auth: AdminAuth::Open,
