@@ -39,6 +39,15 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A file's permission bits in octal (`0660`, `660` or `0o660`), at most 0777.
+fn file_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not a file mode in octal (e.g. 0660)"))
+}
+
 /// A body's deadline: above zero, at most a day.
 pub fn body_timeout(s: &str) -> Result<Duration, String> {
     ext_proc::body_budget::check_body_timeout(duration(s)?)
@@ -74,6 +83,11 @@ pub struct Args {
     /// socket file already there is replaced. At most 107 bytes (the kernel's limit).
     #[arg(long)]
     pub grpc_uds_path: Option<PathBuf>,
+    /// The Unix socket file's permission bits, in octal (connecting needs write permission):
+    /// 0660 lets the owner and group in (a gateway sharing the pod's fsGroup); 0666 any user
+    /// who can reach the directory.
+    #[arg(long, default_value = "0660", value_parser = file_mode, requires = "grpc_uds_path")]
+    pub grpc_uds_mode: u32,
     /// Threads of the async runtime that serves ext_proc, scrapes the engines and watches the
     /// pool (0: tokio's default, `TOKIO_WORKER_THREADS` or one per CPU the process may use; at
     /// most 1024). One thread spends less CPU per request while requests are few (no wake-ups
@@ -497,6 +511,21 @@ mod tests {
             parse(&["--drain-grace-period=0", "--shutdown-delay=0"]).drain_grace_period,
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn the_socket_mode_is_octal_and_needs_the_socket() {
+        let a = parse(&["--grpc-uds-path=/tmp/s", "--grpc-uds-mode=0600"]);
+        assert_eq!(a.grpc_uds_mode, 0o600);
+        assert_eq!(parse(&["--grpc-uds-path=/tmp/s"]).grpc_uds_mode, 0o660);
+        for bad in ["0888", "01000", "rw", ""] {
+            let flag = format!("--grpc-uds-mode={bad}");
+            let e = Args::try_parse_from(["epp", "--grpc-uds-path=/tmp/s", &flag]).unwrap_err();
+            assert!(e.to_string().contains("--grpc-uds-mode"), "{bad}: {e}");
+        }
+        // Without a socket it would do nothing: refused, naming the socket's flag.
+        let e = Args::try_parse_from(["epp", "--grpc-uds-mode=0600"]).unwrap_err();
+        assert!(e.to_string().contains("--grpc-uds-path"), "{e}");
     }
 
     #[test]

@@ -86,6 +86,7 @@ async fn run(args: Args) -> Result<()> {
     let Args {
         grpc_port,
         grpc_uds_path,
+        grpc_uds_mode,
         grpc_health_port,
         metrics_port,
         bind_address,
@@ -441,7 +442,7 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("binding --grpc-port {grpc_port}"))?,
         grpc_uds: match &grpc_uds_path {
             Some(path) => Some(
-                server::bind_grpc_uds(path)
+                server::bind_grpc_uds(path, grpc_uds_mode)
                     .with_context(|| format!("binding --grpc-uds-path {}", path.display()))?,
             ),
             None => None,

@@ -153,9 +153,17 @@ pub struct Listeners {
 /// Binds the ext_proc Unix socket at `path` (`--grpc-uds-path`). A socket file left there by
 /// an earlier run is replaced (a Unix socket cannot be bound over an existing file, and a pod
 /// restart leaves one behind in a shared `emptyDir`); any other kind of file is an error, never
-/// removed. The socket is created with the process's umask (the chart's volume and security
-/// context decide who may connect).
-pub fn bind_grpc_uds(path: &std::path::Path) -> std::io::Result<UnixListener> {
+/// removed. The socket file then takes `mode` (`--grpc-uds-mode`): connecting needs write
+/// permission on it, and the umask alone left it unreachable to a gateway of another user
+/// (0755 under the common 022) or open to every user (under 000).
+pub fn bind_grpc_uds(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let listener = bind_uds_replacing(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+fn bind_uds_replacing(path: &std::path::Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt as _;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -914,7 +922,10 @@ mod tests {
         let socket = dir.join("epp.sock");
         // Left behind by an earlier process (bound, then dropped without removing the file).
         drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-        let listener = bind_grpc_uds(&socket).unwrap();
+        let listener = bind_grpc_uds(&socket, 0o660).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
         let client = tokio::net::UnixStream::connect(&socket);
         let (accepted, connected) = tokio::join!(listener.accept(), client);
         accepted.unwrap();
@@ -922,7 +933,7 @@ mod tests {
 
         let file = dir.join("not-a-socket");
         std::fs::write(&file, b"keep me").unwrap();
-        let error = bind_grpc_uds(&file).unwrap_err();
+        let error = bind_grpc_uds(&file, 0o660).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
         std::fs::remove_dir_all(dir).unwrap();

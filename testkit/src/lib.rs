@@ -129,7 +129,7 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         grpc_uds: opts
             .grpc_uds
             .as_deref()
-            .map(|path| epp::server::bind_grpc_uds(path).unwrap()),
+            .map(|path| epp::server::bind_grpc_uds(path, 0o660).unwrap()),
         health: bind().await.unwrap(),
         metrics: bind().await.unwrap(),
     };
