@@ -176,17 +176,22 @@ pub enum Dropped {
     /// `BlockStored` with tokens past what one batch may have hashed and mapped
     /// ([`MAX_BATCH_TOKENS`], [`MAX_BATCH_STORED_BLOCKS`]). No engine step sends that many.
     BatchCap,
+    /// `BlockStored` some of whose new keys were refused: the index was full, its endpoint
+    /// already held half of it, and room would have been made by evicting other endpoints'
+    /// keys ([`KvIndex::add`]). One flooding endpoint cannot take the whole index.
+    EndpointShare,
 }
 
 impl Dropped {
     /// Every reason, in [`Applied::dropped`]'s order.
-    pub const ALL: [Dropped; 6] = [
+    pub const ALL: [Dropped; 7] = [
         Dropped::UnknownParent,
         Dropped::NoFullBlock,
         Dropped::UnknownBlocks,
         Dropped::Malformed,
         Dropped::Clearing,
         Dropped::BatchCap,
+        Dropped::EndpointShare,
     ];
 
     /// A metric label.
@@ -198,6 +203,7 @@ impl Dropped {
             Dropped::Malformed => "malformed",
             Dropped::Clearing => "clearing",
             Dropped::BatchCap => "batch_cap",
+            Dropped::EndpointShare => "endpoint_share",
         }
     }
 }
@@ -850,13 +856,19 @@ impl KvIndex {
                         // should be a chain's tail (and a reader between two slices sees a
                         // chain's tail before its head, which matches nothing yet).
                         let j = keys.len() + engine.len() - 1 - i;
-                        if let Some(&key) = keys.get(j) {
-                            self.add(key, endpoint, *medium, None);
+                        if let Some(&key) = keys.get(j)
+                            && !self.add(key, endpoint, *medium, None)
+                        {
+                            // Keys refused, across the store's slices.
+                            *partial += 1;
                         }
                     }
                     if end == total {
                         out.applied += 1;
                         out.blocks = out.blocks.saturating_add(keys.len() as u32);
+                        if *partial > 0 {
+                            out.drop(Dropped::EndpointShare);
+                        }
                     }
                 }
                 Op::Copies(ev) => {
@@ -1193,15 +1205,38 @@ impl KvIndex {
     // === entries ===
 
     /// Adds (or refreshes) an entry; `speculative` carries the generation of a speculative one.
-    fn add(&mut self, key: u64, endpoint: EndpointId, medium: Medium, speculative: Option<u16>) {
+    /// Returns false when refused for the endpoint's share ([`Dropped::EndpointShare`]).
+    fn add(
+        &mut self,
+        key: u64,
+        endpoint: EndpointId,
+        medium: Medium,
+        speculative: Option<u16>,
+    ) -> bool {
         // What an endpoint gains while it is cleared would be cleared with it.
         if self.is_clearing(endpoint) {
-            return;
+            return true;
+        }
+        // The key table is one LRU for the pool: left alone, one endpoint storing blocks of
+        // random tokens (a compromised pod) would evict every other endpoint's keys, whose
+        // streams stay live, so their engines would look cold. Once the index is full, an
+        // endpoint holding half of it makes room by evicting only what it holds itself; a new
+        // key whose room would come out of another endpoint's is refused. Below half, or
+        // alone in the pool, it evicts the oldest as before.
+        if self.keys.len() >= self.limits.max_keys
+            && self.endpoint_keys(endpoint) >= self.limits.max_keys.div_ceil(2)
+            && self.keys.slot(key).is_none()
+            && self
+                .keys
+                .oldest()
+                .is_some_and(|oldest| !self.holds(oldest, endpoint.0))
+        {
+            return false;
         }
         let (slot, _) = self.keys.insert_with(key, Entries::new);
         let cap = self.limits.max_endpoints_per_key;
         let Some(entries) = self.keys.at_mut(slot) else {
-            return;
+            return true;
         };
         // Either way the endpoint holds the key after this.
         let newly_held = !entries.iter().any(|e| e.endpoint == endpoint.0);
@@ -1270,6 +1305,7 @@ impl KvIndex {
             };
             self.evict_key(oldest);
         }
+        true
     }
 
     /// Removes the entries of a key `keep` refuses; the key goes when none is left.

@@ -444,7 +444,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         now,
     );
     assert_eq!(out.applied, 0);
-    assert_eq!(out.dropped, [1, 0, 0, 0, 0, 0]);
+    assert_eq!(out.dropped, [1, 0, 0, 0, 0, 0, 0]);
     let short = Event::BlockStored(BlockStored {
         block_hashes: vec![9],
         parent_block_hash: None,
@@ -460,7 +460,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         &batch(vec![short, removed(5, 0..2, Medium::Gpu)]),
         now,
     );
-    assert_eq!(out.dropped, [0, 1, 1, 0, 0, 0]);
+    assert_eq!(out.dropped, [0, 1, 1, 0, 0, 0, 0]);
     assert!(idx.is_empty());
 }
 
@@ -676,14 +676,68 @@ fn the_key_cap_evicts_the_least_recently_stored_keeping_chain_heads() {
     idx.apply(
         ep(1),
         MODEL,
-        &batch(vec![stored(2, 0..4, Medium::Gpu)]),
+        &batch(vec![stored(2, 0..3, Medium::Gpu)]),
         now,
     );
     assert_eq!(idx.len(), 6);
-    // Sequence 1's deepest blocks went first: its head still matches.
-    assert_eq!(blocks(&lookup(&idx, &request(1, 4), &[0]), 0), 2);
-    assert_eq!(blocks(&lookup(&idx, &request(2, 4), &[1]), 1), 4);
-    assert_eq!(idx.endpoint_keys(ep(0)), 2);
+    // Sequence 1's deepest block went first: its head still matches.
+    assert_eq!(blocks(&lookup(&idx, &request(1, 4), &[0]), 0), 3);
+    assert_eq!(blocks(&lookup(&idx, &request(2, 3), &[1]), 1), 3);
+    assert_eq!(idx.endpoint_keys(ep(0)), 3);
+    idx.check_invariants();
+}
+
+/// Review (H1): the key table is one LRU for the pool, and an endpoint storing blocks of
+/// random tokens evicted every other endpoint's keys (their streams live, their engines then
+/// looking cold). Once the index is full, an endpoint holding half of it gets no room out of
+/// the others' keys; alone, or below half, it evicts the oldest as before.
+#[test]
+fn a_flooding_endpoint_cannot_evict_the_others_past_half_the_index() {
+    let share = |a: &Applied| {
+        let i = Dropped::ALL
+            .iter()
+            .position(|&r| r == Dropped::EndpointShare);
+        a.dropped[i.unwrap()]
+    };
+    let mut idx = index(IndexLimits {
+        max_keys: 8,
+        ..IndexLimits::default()
+    });
+    let now = Instant::now();
+    let a = idx.apply(
+        ep(0),
+        MODEL,
+        &batch(vec![stored(1, 0..4, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(share(&a), 0);
+    let flood = idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![
+            stored(2, 0..16, Medium::Gpu),
+            stored(3, 0..16, Medium::Gpu),
+        ]),
+        now,
+    );
+    assert_eq!(share(&flood), 2, "{flood:?}");
+    assert_eq!(idx.len(), 8);
+    assert_eq!(idx.endpoint_keys(ep(1)), 4);
+    // The other endpoint's prefix is whole.
+    assert_eq!(idx.endpoint_keys(ep(0)), 4);
+    assert_eq!(blocks(&lookup(&idx, &request(1, 4), &[0]), 0), 4);
+    idx.check_invariants();
+    // The other endpoint leaves: the flooder, alone, evicts its own oldest keys as it stores.
+    idx.clear_endpoint(ep(0));
+    let alone = idx.apply(
+        ep(1),
+        MODEL,
+        &batch(vec![stored(4, 0..8, Medium::Gpu)]),
+        now,
+    );
+    assert_eq!(share(&alone), 0, "{alone:?}");
+    assert_eq!(idx.endpoint_keys(ep(1)), 8);
+    assert_eq!(blocks(&lookup(&idx, &request(4, 8), &[1]), 1), 8);
     idx.check_invariants();
 }
 
@@ -1015,7 +1069,10 @@ fn a_parent_stored_earlier_in_the_batch_chains_the_next_store() {
         ]),
         Instant::now(),
     );
-    assert_eq!((applied.applied, applied.dropped), (2, [1, 0, 0, 0, 0, 0]));
+    assert_eq!(
+        (applied.applied, applied.dropped),
+        (2, [1, 0, 0, 0, 0, 0, 0])
+    );
     assert_eq!(blocks(&lookup(&idx, &request(1, 5), &[0]), 0), 5);
 }
 
@@ -1172,7 +1229,7 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     );
     let four = batch(vec![fanned, unsized_, many_hashes, repeated]);
     let out = idx.apply(ep(0), MODEL, &four, now);
-    assert_eq!(out.dropped, [0, 0, 0, 4, 0, 0]);
+    assert_eq!(out.dropped, [0, 0, 0, 4, 0, 0, 0]);
     assert!(idx.is_empty() && idx.engine_keys() == 0);
     // An engine block of 64 index blocks is taken: one hash, 64 keys.
     let wide = MAX_KEYS_PER_ENGINE_HASH * BS;
