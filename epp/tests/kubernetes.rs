@@ -168,18 +168,16 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
 
 /// Runs `epp` with `args` and no reachable Kubernetes; returns (exit code, stderr).
 fn epp(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_epp"));
+    command
+        .arg("--bind-address=127.0.0.1")
         .args(args)
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("POD_NAME")
-        .env("HOME", "/nonexistent")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .env("HOME", "/nonexistent");
+    let (code, stderr) = testkit::process::exit_within(command, Duration::from_secs(20));
+    (code.unwrap_or(-1), stderr)
 }
 
 #[test]
@@ -397,6 +395,7 @@ async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
             "--zap-encoder=json",
             "--drain-grace-period=1s",
             "--debug-pool",
+            "--seed=11",
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")

@@ -8,6 +8,7 @@
 pub mod envoy;
 pub mod http;
 pub mod ports;
+pub mod process;
 
 pub use envoy_types;
 
