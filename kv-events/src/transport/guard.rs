@@ -197,9 +197,13 @@ impl Default for Limits {
     }
 }
 
-/// A guard's counters (monotonic): the connections it cut or refused.
+/// A guard's counters (monotonic): the connections it cut or refused, and the dials of an
+/// unreachable peer.
 #[derive(Debug, Default)]
 pub struct GuardStats {
+    /// Dials of the peer that failed, by a connecting guard (it dials again, backing off from
+    /// [`REDIAL_FIRST`] to [`REDIAL_MAX`]): an engine down or not yet listening.
+    pub dials_failed: AtomicU64,
     /// Connections cut for breaking a rule of the stream: a frame over [`MAX_FRAME_BYTES`], a
     /// message over [`MAX_MESSAGE_BYTES`] or [`MAX_FRAMES_PER_MESSAGE`], reserved flag bits, a
     /// greeting that is not ZMTP 3.
@@ -495,7 +499,10 @@ async fn connecting_with(remote: &str, report: Report, limits: Limits) -> io::Re
                     let report = report.clone();
                     let budget = budget.clone();
                     relays.spawn(async move {
-                        let Some((local, remote)) = dial(local, &target).await else { return };
+                        let Some((local, remote)) = dial(local, &target, &report.stats).await
+                        else {
+                            return;
+                        };
                         let Ok(peer) = remote.peer_addr() else { return };
                         let Some(lease) = budget.admit(peer.ip()) else {
                             inc(&report.stats.refused);
@@ -527,7 +534,11 @@ pub const REDIAL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// zmq.rs sends its greeting at once and nothing more until it has the peer's, so the greeting
 /// is read here (and sent on first); anything readable after it means zmq.rs closed or gave
 /// up, and then the dialing stops (`None`).
-async fn dial(mut local: TcpStream, target: &str) -> Option<(TcpStream, TcpStream)> {
+async fn dial(
+    mut local: TcpStream,
+    target: &str,
+    stats: &GuardStats,
+) -> Option<(TcpStream, TcpStream)> {
     let mut greeting = [0u8; GREETING_BYTES];
     local.read_exact(&mut greeting).await.ok()?;
     let mut wait = REDIAL_FIRST;
@@ -535,6 +546,7 @@ async fn dial(mut local: TcpStream, target: &str) -> Option<(TcpStream, TcpStrea
         if let Ok(remote) = TcpStream::connect(target).await {
             break remote;
         }
+        inc(&stats.dials_failed);
         let mut probe = [0u8; 1];
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -1179,18 +1191,22 @@ mod tests {
         let engine = TcpSocket::new_v4().unwrap();
         engine.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let target = engine.local_addr().unwrap();
-        let guard = connecting_with(
-            &format!("tcp://{target}"),
-            Report::default(),
-            Limits::default(),
-        )
-        .await
-        .unwrap();
+        let report = Report::default();
+        let stats = report.stats.clone();
+        let guard = connecting_with(&format!("tcp://{target}"), report, Limits::default())
+            .await
+            .unwrap();
         let local = guard.local_endpoint.strip_prefix("tcp://").unwrap();
         let mut zmq = TcpStream::connect(local).await.unwrap();
         zmq.write_all(&greeting()).await.unwrap();
-        // Long enough for a refused dial or two (not needed for the outcome).
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The engine refused a dial (so the redial is what reaches it) before it listens.
+        timeout(WAIT, async {
+            while stats.dials_failed.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a refused dial");
         let listener = engine.listen(16).unwrap();
         let (mut peer, _) = timeout(WAIT, listener.accept()).await.unwrap().unwrap();
         let mut theirs = [0u8; GREETING_BYTES];
