@@ -623,7 +623,8 @@ async fn after(delay: Duration, token: CancellationToken, fut: impl Future<Outpu
 /// pool's membership (`discoverPods`), and the bound one (`zmqEndpoint`), until `token` ends.
 /// A subscriber that ends on its own (a panic: they return only when stopped) is reaped, its
 /// endpoints cleared and marked down, and it is started again after [`RECONNECT_INTERVAL`]. A
-/// departed endpoint's series go in either mode.
+/// departed endpoint's series go in either mode. Started again itself (after a panic), it
+/// first clears every endpoint and marks its stream unknown.
 pub async fn run<C: Connector>(
     connector: Arc<C>,
     datastore: Arc<Datastore>,
@@ -632,6 +633,15 @@ pub async fn run<C: Connector>(
     settings: KvEventsSettings,
     token: CancellationToken,
 ) {
+    // This task runs again after a panic (the supervisor restarts it) and finds the index as
+    // its old subscribers left it, their sequence trackers gone: whatever the engines published
+    // in between is lost unseen, and the next sequence number would pass as in order. Every
+    // endpoint starts over, cleared and not trusted until its stream is heard again (at the
+    // first start there is nothing to clear).
+    for e in &datastore.snapshot().endpoints {
+        index.set_stream(e.id, StreamState::Unknown);
+        index.clear_endpoint_yielding(e.id).await;
+    }
     let mut tasks = JoinSet::new();
     let mut owners: HashMap<tokio::task::Id, Owner> = HashMap::new();
     let run_token = token.child_token();

@@ -452,6 +452,42 @@ async fn a_panicked_subscriber_is_reaped_its_endpoint_cleared_and_started_again(
     manager.await.unwrap();
 }
 
+/// Review (M8): the manager started again (after a panic) had fresh sequence trackers and
+/// left every stream live, so what was published while it was down passed unseen. It now
+/// starts by clearing every endpoint and marking it unknown, trusted again once heard.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_manager_trusts_no_endpoint_until_it_is_heard_again() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut first = plug(&connector, "127.0.0.1:5557", vec![]);
+    let mut second = plug(&connector, "127.0.0.1:5557", vec![]);
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let token = CancellationToken::new();
+    let manager = spawn_manager(&connector, &datastore, &index, &token);
+    first.polled.recv().await.unwrap();
+    first.send(message(0, 1)).await;
+    assert_eq!(
+        (index.stream(e1), held(&index, e1, 1)),
+        (StreamState::Live, 2)
+    );
+    // The manager ends (as a panic would end it) and the supervisor starts it again.
+    manager.abort();
+    assert!(manager.await.unwrap_err().is_cancelled());
+    let again = spawn_manager(&connector, &datastore, &index, &token);
+    second.polled.recv().await.unwrap();
+    assert_eq!(index.stream(e1), StreamState::Unknown);
+    assert_eq!(held(&index, e1, 1), 0, "cleared before anything is heard");
+    // Heard again: live, from what it says now.
+    second.send(message(5, 3)).await;
+    assert_eq!(
+        (index.stream(e1), held(&index, e1, 3)),
+        (StreamState::Live, 2)
+    );
+    token.cancel();
+    again.await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_bound_subscriber_follows_its_engines_and_forgets_departed_series() {
     let connector = Arc::new(FakeConnector::default());
