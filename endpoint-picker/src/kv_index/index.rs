@@ -1400,7 +1400,7 @@ impl KvIndex {
 
     /// For each candidate, the longest run of `keys` from the first that it can use: blocks it
     /// holds in any of its tiers, or that the shared store holds (a block in a medium of
-    /// `shared`, announced by any endpoint, candidate or not). Each block counts in the tier
+    /// `shared`, announced by an endpoint `vouches` for, candidate or not). Each block counts in the tier
     /// the endpoint would read it from and is weighted by the best weight among the copies it
     /// can use. Endpoints not among `candidates` match nothing. Speculative entries count as
     /// GPU hits. Takes `&self`: recency is not changed by lookups.
@@ -1414,6 +1414,7 @@ impl KvIndex {
         candidates: impl IntoIterator<Item = EndpointId>,
         weights: &TierWeights,
         shared: SharedMedia,
+        vouches: impl Fn(EndpointId) -> bool,
         out: &mut Lookup,
     ) {
         out.total_blocks = keys.len();
@@ -1440,9 +1441,12 @@ impl KvIndex {
                 break;
             };
             let i = i as u32;
-            let shared_here = entries
-                .iter()
-                .any(|e| !e.speculative && shared.contains(e.medium));
+            // Any engine can say a block is in the store: only one whose own stream is
+            // trusted is believed, else one engine's junk (or a dead one's past) would give
+            // every candidate phantom hits.
+            let shared_here = entries.iter().any(|e| {
+                !e.speculative && shared.contains(e.medium) && vouches(EndpointId(e.endpoint))
+            });
             let before = out.shared_before[i as usize];
             out.shared_before.push(before + u32::from(shared_here));
             let mut advanced = false;

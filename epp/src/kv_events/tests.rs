@@ -181,6 +181,7 @@ fn held(index: &SharedKvIndex, id: EndpointId, content: u32) -> u32 {
             [id],
             &TierWeights::default(),
             SharedMedia::default(),
+            |_| true,
             &mut out,
         )
     });

@@ -51,6 +51,7 @@ fn held(index: &SharedKvIndex, id: EndpointId, now: Instant) -> u32 {
             [id],
             &TierWeights::default(),
             SharedMedia::default(),
+            |_| true,
             &mut out,
         )
     });

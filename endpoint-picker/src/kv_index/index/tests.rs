@@ -77,6 +77,7 @@ fn lookup(index: &KvIndex, keys: &[u64], candidates: &[u32]) -> Lookup {
         candidates.iter().map(|&i| ep(i)),
         &TierWeights::default(),
         SharedMedia::default(),
+        |_| true,
         &mut out,
     );
     out
@@ -89,6 +90,7 @@ fn lookup_shared(index: &KvIndex, keys: &[u64], candidates: &[u32], shared: Shar
         candidates.iter().map(|&i| ep(i)),
         &TierWeights::default(),
         shared,
+        |_| true,
         &mut out,
     );
     out
@@ -1126,6 +1128,7 @@ fn a_long_prefill_is_applied_in_bounded_slices() {
             [ep(0)],
             &TierWeights::default(),
             SharedMedia::default(),
+            |_| true,
             &mut out,
         )
     });

@@ -63,13 +63,12 @@ use serde::Deserialize;
 use super::scorers::plugin_named;
 use crate::config::ConfigError;
 use crate::config::params::{Params, parse_duration};
-use crate::datastore::{Endpoint, PoolSnapshot};
+use crate::datastore::{Endpoint, EndpointId, PoolSnapshot};
 use crate::kv_index::index::{DEFAULT_MAX_ENDPOINTS_PER_KEY, DEFAULT_MAX_KEYS, MEDIA, tier};
 use crate::kv_index::keys::DEFAULT_BLOCK_SIZE;
 use crate::kv_index::peers::PeerOutbox;
 use crate::kv_index::{
-    HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedKvIndex, SharedMedia, StreamState,
-    TierWeights,
+    HashAlgorithm, IndexLimits, KeyHasher, Lookup, SharedKvIndex, SharedMedia, TierWeights,
 };
 use crate::request::InferenceRequest;
 use crate::scheduling::framework::{
@@ -663,30 +662,29 @@ impl DataProducer for PrecisePrefixCacheProducer {
         let keys = hasher.prompt_keys(&request.target_model, None, tokens, MAX_LOOKUP_BLOCKS);
         let mut lookup = Lookup::default();
         let now = state.now;
+        // Whose streams are healthy, by id, read once (and not under the index's lock): a
+        // candidate is scored from the index only when its own is, and a block in the shared
+        // store counts only when announced by an endpoint whose stream is.
+        let healthy: Vec<bool> = self
+            .index
+            .with_streams(|streams| streams.iter().map(|s| s.is_healthy(now)).collect());
+        let is_healthy = |id: EndpointId| healthy.get(id.0 as usize).copied().unwrap_or(false);
         self.index.read(now, |index| {
             index.lookup(
                 &keys,
                 candidates.iter().map(|c| c.endpoint.id),
                 &self.params.weights,
                 self.params.shared,
+                is_healthy,
                 &mut lookup,
             )
         });
-        let trusted = self.index.with_streams(|streams| {
-            let mut trusted = vec![false; lookup.by_endpoint.len()];
-            for c in candidates {
-                let id = c.endpoint.id.0 as usize;
-                let healthy = streams
-                    .get(id)
-                    .copied()
-                    .unwrap_or(StreamState::Unknown)
-                    .is_healthy(now);
-                if let Some(t) = trusted.get_mut(id) {
-                    *t = healthy;
-                }
+        let mut trusted = vec![false; lookup.by_endpoint.len()];
+        for c in candidates {
+            if let Some(t) = trusted.get_mut(c.endpoint.id.0 as usize) {
+                *t = is_healthy(c.endpoint.id);
             }
-            trusted
-        });
+        }
         state.precise = Some(PreciseMatch {
             keys,
             lookup,
@@ -763,6 +761,7 @@ mod tests;
 mod salt_tests {
     use std::sync::Arc;
 
+    use crate::kv_index::StreamState;
     use kv_events::{BlockStored, Event, EventBatch, Medium};
     use tokio::time::Instant;
 

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::config::load;
+use crate::kv_index::StreamState;
 use crate::scheduling::plugins::prefix::{ApproxPrefixCacheProducer, PrefixParams};
 use crate::scheduling::plugins::test_util::{build_from_yaml, candidates, metrics};
 
@@ -387,4 +388,31 @@ fn the_store_written_by_one_endpoint_serves_all_of_them() {
         "the store is no peer"
     );
     assert_eq!(m.source_tokens(&c[0].endpoint, None), 16);
+}
+
+/// Review (M1): any engine could say a block is in the shared store and every candidate got
+/// the hit, even from an engine whose own stream was down or never heard. Only an endpoint
+/// whose stream is trusted vouches for the store now.
+#[test]
+fn only_an_endpoint_with_a_trusted_stream_vouches_for_the_store() {
+    let s = scorer(false);
+    let approx = ApproxPrefixCacheProducer::new("a", PrefixParams::default());
+    let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+    let index = s.producer.index();
+    let now = Instant::now();
+    index.set_stream(c[1].endpoint.id, StreamState::Live);
+    // Endpoint 0 announces the store holds the prompt, its stream down.
+    index.set_stream(c[0].endpoint.id, StreamState::Down { since: now });
+    let mut remote = stored(1, 4);
+    if let Event::BlockStored(b) = &mut remote.events[0] {
+        b.medium = Medium::Remote;
+    }
+    index.apply(c[0].endpoint.id, "m", &remote, now);
+    let req = request(1, 4, "");
+    let (_, state) = scores(&s, &approx, &req, &c);
+    assert_eq!(state.tier_tokens(&c[1].endpoint).shared, 0, "not believed");
+    // Its stream trusted again, the store counts for the other endpoint.
+    index.set_stream(c[0].endpoint.id, StreamState::Live);
+    let (_, state) = scores(&s, &approx, &req, &c);
+    assert_eq!(state.tier_tokens(&c[1].endpoint).shared, 16);
 }
