@@ -224,7 +224,9 @@ pub struct Args {
     /// `receiving_namespaces`, the observer filter in its `forwarding_namespaces`.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub response_observer: bool,
-    /// Grace period for open streams at shutdown.
+    /// Grace period for open streams at shutdown (0s: they are cut at once, as a restart
+    /// that cannot wait may want; bbr, whose streams carry every request on the Gateway,
+    /// refuses 0).
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_grace_period: Duration,
     /// At SIGTERM, report NOT_SERVING but keep accepting streams for this long before the
