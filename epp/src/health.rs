@@ -67,8 +67,9 @@ pub const HEALTH_CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
 /// What a connection asked to close gets to do so before it is cut.
 pub const HEALTH_CONNECTION_GRACE: Duration = Duration::from_secs(10);
 /// A connection that sends nothing for this long is cut (one that never sends its HTTP/2
-/// preface, or holds its slot idle): a probe speaks at once, and a health checker that keeps
-/// its connection between checks further apart than this only reconnects.
+/// preface, or holds its slot idle): a probe speaks at once, and the server pings every
+/// connection idle for half of it (HTTP/2 PING), so that a client's stack answers for it: a
+/// `Watch` stream or a health checker keeping its connection between checks stays.
 pub const HEALTH_CONNECTION_QUIET: Duration = Duration::from_secs(10);
 
 /// The health port's bounds (the defaults are the constants above; tests use smaller ones).
@@ -106,10 +107,23 @@ pub async fn serve<T: tonic_health::pb::health_server::Health>(
     service: tonic_health::pb::health_server::HealthServer<T>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let limits = HealthLimits::default();
+    serve_within(listener, service, stop, HealthLimits::default()).await;
+}
+
+/// [`serve`] within `limits`.
+pub async fn serve_within<T: tonic_health::pb::health_server::Health>(
+    listener: TcpListener,
+    service: tonic_health::pb::health_server::HealthServer<T>,
+    stop: tokio_util::sync::CancellationToken,
+    limits: HealthLimits,
+) {
     let served = tonic::transport::Server::builder()
         .max_connection_age(limits.max_age)
         .max_connection_age_grace(limits.grace)
+        // A connection idle for half the quiet limit is pinged: the client's PING ACK is a
+        // read, so a client that is there keeps its connection however rarely it calls.
+        .http2_keepalive_interval(Some(limits.quiet / 2))
+        .http2_keepalive_timeout(Some(limits.quiet / 2))
         .add_service(service)
         .serve_with_incoming_shutdown(bounded_incoming(listener, limits), stop.cancelled())
         .await;
@@ -376,5 +390,57 @@ mod tests {
                 .unwrap()
                 .unwrap_err(),
         );
+    }
+
+    /// Review: a `Watch` stream sends nothing after its request, and the quiet limit cut it.
+    /// The server pings idle connections, the client's stack answers, and the stream lives
+    /// on well past the quiet limit: it still hears a change of status.
+    #[tokio::test]
+    async fn a_watch_stream_outlives_the_quiet_limit() {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_check_response::ServingStatus as Status;
+        use tonic_health::pb::health_client::HealthClient;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("w", ServingStatus::Serving)
+            .await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let quiet = Duration::from_millis(300);
+        let limits = HealthLimits {
+            quiet,
+            ..HealthLimits::default()
+        };
+        let server = tokio::spawn(serve_within(listener, service, stop.clone(), limits));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{to}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut watch = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: "w".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status, Status::Serving as i32);
+        // Several quiet limits with nothing sent by the client (time passing is the point of
+        // this wait, not a synchronisation).
+        tokio::time::sleep(quiet * 4).await;
+        reporter
+            .set_service_status("w", ServingStatus::NotServing)
+            .await;
+        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("the stream answers")
+            .expect("the stream was not cut")
+            .unwrap();
+        assert_eq!(next.status, Status::NotServing as i32);
+        drop(watch);
+        stop.cancel();
+        server.await.unwrap();
     }
 }

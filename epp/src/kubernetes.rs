@@ -1,11 +1,10 @@
 //! Kubernetes-mode wiring of the `epp` binary: flags → client, discovery and leader election.
 
-use crate::server::PoolSource;
+use crate::server::{Election, PoolSource};
 use anyhow::{Context, Result, bail};
 use k8s::index::PoolRef;
 use k8s::lease::{LeaseConfig, lease_name};
 use k8s::watch::{Discovery, standalone_spec};
-use tokio_util::sync::CancellationToken;
 
 /// Name given to the synthetic pool of standalone mode (also names its lease).
 const STANDALONE_POOL: &str = "standalone";
@@ -30,9 +29,9 @@ pub struct Flags {
     pub leader_election: bool,
 }
 
-/// What `run()` needs: the pool source (with the lease task, which the supervisor waits for at
-/// shutdown so that the lease is handed back), a label for the start-up log, and the client
-/// (for metrics auth).
+/// What `run()` needs: the pool source (with the lease to compete for, which `serve` starts
+/// once its own checks passed and its supervisor waits for at shutdown, so that the lease is
+/// handed back), a label for the start-up log, and the client (for metrics auth).
 pub struct Kube {
     /// The pool, its objectives and rewrites, watched.
     pub source: PoolSource,
@@ -43,9 +42,9 @@ pub struct Kube {
 }
 
 /// What Kubernetes mode will watch and elect, from flags that passed validation: nothing is
-/// connected and no lease is taken until [`Plan::start`], which `run` calls once every other
-/// check has passed and every port is bound, so that a start-up that fails never holds the
-/// lease it would not hand back.
+/// connected until [`Plan::start`], which `run` calls once every other check has passed and
+/// every port is bound, and the lease is competed for only inside `serve`, after its own
+/// checks, so that a start-up that fails never holds a lease it would not hand back.
 pub struct Plan {
     name: String,
     spec: Option<k8s::api::InferencePoolSpec>,
@@ -109,9 +108,9 @@ pub fn plan(flags: Flags) -> Result<Plan> {
 }
 
 impl Plan {
-    /// Builds the client (in-cluster, else `$KUBECONFIG`/`~/.kube/config`) and starts leader
-    /// election when asked. Watches start later, inside `serve`.
-    pub async fn start(self, shutdown: &CancellationToken) -> Result<Kube> {
+    /// Builds the client (in-cluster, else `$KUBECONFIG`/`~/.kube/config`). Leader election
+    /// and the watches start later, inside `serve`.
+    pub async fn start(self) -> Result<Kube> {
         let Plan {
             name,
             spec,
@@ -123,15 +122,11 @@ impl Plan {
         let client = k8s::client()
             .await
             .context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
-        let leader = identity.map(|identity| {
-            let config = LeaseConfig::new(lease_name(&pool_namespace, &name), identity);
-            tracing::info!(lease = %config.name, identity = %config.identity, "leader election on");
-            k8s::lease::start(
-                client.clone(),
-                &pool_namespace,
-                config,
-                shutdown.child_token(),
-            )
+        // Competed for inside `serve`, once it has checked everything it checks.
+        let leader = identity.map(|identity| Election::Pending {
+            client: client.clone(),
+            namespace: pool_namespace.clone(),
+            config: LeaseConfig::new(lease_name(&pool_namespace, &name), identity),
         });
         let label = format!(
             "{pool_namespace}/{name} ({})",

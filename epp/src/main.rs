@@ -454,8 +454,8 @@ async fn run(args: Args) -> Result<()> {
             .await
             .with_context(|| format!("binding --metrics-port {metrics_port}"))?,
     };
-    // Only now, every check passed and every port bound, is the API server dialled and the
-    // lease competed for: a start-up that fails past this point is the API's doing.
+    // Only now, every check passed and every port bound, is the API server dialled; the lease
+    // is competed for inside `serve`, once its own checks (TLS, tokenizer, profiles) passed.
     let (pool, pool_label, admin_auth) = match pool {
         Pool::Ready(source, label) => (
             source,
@@ -463,7 +463,7 @@ async fn run(args: Args) -> Result<()> {
             admin_auth.context("TokenReview guards the admin port in Kubernetes mode only")?,
         ),
         Pool::Kubernetes(plan) => {
-            let kube = plan.start(&shutdown).await?;
+            let kube = plan.start().await?;
             let auth = admin_auth.unwrap_or_else(|| {
                 AdminAuth::Kubernetes(k8s::auth::MetricsAuthorizer::new(kube.client))
             });

@@ -88,13 +88,44 @@ pub enum PoolSource {
     Kubernetes {
         /// What to watch.
         discovery: Box<k8s::watch::Discovery>,
-        /// With leader election: `true` while this replica leads (readiness requires it), and
-        /// the lease task, which the supervisor watches.
-        leader: Option<(
-            tokio::sync::watch::Receiver<bool>,
-            tokio::task::JoinHandle<()>,
-        )>,
+        /// With leader election: the lease to compete for, or an election already running.
+        leader: Option<Election>,
     },
+}
+
+/// Leader election in Kubernetes mode: readiness requires leading.
+pub enum Election {
+    /// The binary's: the lease is competed for only once [`serve`] has checked everything it
+    /// checks, so that a start-up that fails never holds a lease it would not hand back.
+    Pending {
+        /// The API client.
+        client: k8s::Client,
+        /// The lease's namespace (the pool's).
+        namespace: String,
+        /// Its name and this replica's identity.
+        config: k8s::lease::LeaseConfig,
+    },
+    /// Already running: `true` while this replica leads, and the lease task, which the
+    /// supervisor watches.
+    Running(
+        tokio::sync::watch::Receiver<bool>,
+        tokio::task::JoinHandle<()>,
+    ),
+}
+
+impl std::fmt::Debug for Election {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Election::Pending {
+                namespace, config, ..
+            } => f
+                .debug_struct("Pending")
+                .field("namespace", namespace)
+                .field("config", config)
+                .finish_non_exhaustive(),
+            Election::Running(..) => f.write_str("Running"),
+        }
+    }
 }
 
 /// Everything [`serve`] needs besides listeners.
@@ -483,7 +514,18 @@ pub async fn serve_with_handles(
             discovery,
             leader: is_leader,
         } => {
-            leader = is_leader.map(|(rx, lease)| {
+            leader = is_leader.map(|election| {
+                let (rx, lease) = match election {
+                    Election::Pending {
+                        client,
+                        namespace,
+                        config,
+                    } => {
+                        tracing::info!(lease = %config.name, identity = %config.identity, "leader election on");
+                        k8s::lease::start(client, &namespace, config, shutdown.child_token())
+                    }
+                    Election::Running(rx, lease) => (rx, lease),
+                };
                 // The lease ends at shutdown, when another replica holds it after this one
                 // led, or by a panic. Each ends the process (drained), and Kubernetes starts
                 // it again, as controller-runtime exits when its elector stops: a replica

@@ -3,7 +3,7 @@
 use tokio_util::sync::CancellationToken;
 
 /// Cancels `shutdown` on SIGTERM (Kubernetes) or SIGINT (a terminal): both start a graceful
-/// drain.
+/// drain. A second changes nothing (there is no delay to cut short); a third ends the process.
 pub async fn cancel_on_signal(shutdown: CancellationToken) {
     cancel_on_signals(shutdown, CancellationToken::new()).await;
 }

@@ -87,7 +87,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
         metrics_staleness: Duration::from_secs(2),
         pool: PoolSource::Kubernetes {
             discovery: Box::new(discovery),
-            leader: Some((is_leader, lease_task)),
+            leader: Some(epp::server::Election::Running(is_leader, lease_task)),
         },
         seed: 1,
         admin_auth: epp::admin::AdminAuth::Open,
@@ -356,10 +356,14 @@ mod fake_api {
     }
 }
 
-#[tokio::test]
-async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
+/// The fake API server on loopback, and a kubeconfig (named after `test`) pointing at it.
+async fn fake_cluster(
+    test: &str,
+) -> (
+    fake_api::Shared,
+    std::path::PathBuf,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let leases = fake_api::Shared::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = listener.local_addr().unwrap();
@@ -367,8 +371,7 @@ async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
         .fallback(fake_api::handle)
         .with_state(leases.clone());
     let api_server = tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let dir = std::env::temp_dir().join(format!("switchyard-k8s-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("switchyard-k8s-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(
@@ -381,7 +384,54 @@ async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
         ),
     )
     .unwrap();
+    (leases, kubeconfig, api_server)
+}
 
+/// A start-up that fails on its configuration after the API server was dialled (a tokenizer
+/// that does not load, checked inside `serve`) exits 2 without having taken the lease: the
+/// lease is competed for only once everything is checked, so no standby waits out a lease
+/// that nobody hands back.
+#[tokio::test]
+async fn a_start_up_that_fails_never_takes_the_lease() {
+    let (leases, kubeconfig, api_server) = fake_cluster("fails").await;
+    let config = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+                  plugins:\n- type: token-producer\n  parameters:\n    local:\n      \
+                  tokenizerPath: /nonexistent/tokenizer.json\n";
+    let mut command = Command::new(env!("CARGO_BIN_EXE_epp"));
+    command
+        .args([
+            "--pool-name=pool-0",
+            "--pool-namespace=ns-0",
+            "--ha-enable-leader-election",
+            "--bind-address=127.0.0.1",
+            "--grpc-port=0",
+            "--grpc-health-port=0",
+            "--metrics-port=0",
+            "--secure-serving=false",
+        ])
+        .arg(format!("--config-text={config}"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("POD_NAME", "epp-0");
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        testkit::process::exit_within(command, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("tokenizer"), "{stderr}");
+    // It got as far as the API server (its client was built), but never wrote the lease.
+    assert!(leases.lock().writes.is_empty(), "the lease was written");
+    assert!(leases.lock().current.is_none());
+    api_server.abort();
+    std::fs::remove_dir_all(kubeconfig.parent().unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let (leases, kubeconfig, api_server) = fake_cluster("leads").await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epp"))
         .args([
             "--pool-name=pool-0",
@@ -500,5 +550,5 @@ async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
     assert!(last["spec"]["holderIdentity"].is_null(), "released: {last}");
     drop(state);
     api_server.abort();
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(kubeconfig.parent().unwrap()).unwrap();
 }
