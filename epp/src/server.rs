@@ -187,14 +187,35 @@ pub struct Listeners {
 /// removed. The socket file then takes `mode` (`--grpc-uds-mode`): connecting needs write
 /// permission on it, and the umask alone left it unreachable to a gateway of another user
 /// (0755 under the common 022) or open to every user (under 000).
+///
+/// The socket is bound in a directory of its own (mode 0700, beside `path`), given its mode
+/// there and only then renamed to `path`: bound at `path` and changed after, it was open
+/// with the umask's mode in between (a client connecting then stays in the backlog), and the
+/// change of mode followed whatever symlink someone put at `path` meanwhile.
 pub fn bind_grpc_uds(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let listener = bind_uds_replacing(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    check_replaceable(path)?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let private = parent.join(format!(".sy{}", std::process::id()));
+    // Left by an earlier process with this pid (a container's pid is often the same).
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("s");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
-fn bind_uds_replacing(path: &std::path::Path) -> std::io::Result<UnixListener> {
+/// Refuses `path` when something other than a socket is there, and removes a socket left by
+/// an earlier run.
+fn check_replaceable(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt as _;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -207,7 +228,7 @@ fn bind_uds_replacing(path: &std::path::Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    UnixListener::bind(path)
+    Ok(())
 }
 
 /// Serving failures.
@@ -968,6 +989,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+        // Staged beside it and renamed: nothing else is left in the directory.
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("epp.sock")]);
         let client = tokio::net::UnixStream::connect(&socket);
         let (accepted, connected) = tokio::join!(listener.accept(), client);
         accepted.unwrap();
