@@ -178,7 +178,7 @@ pub enum Dropped {
     BatchCap,
     /// `BlockStored` some of whose new keys were refused: the index was full, its endpoint
     /// already held half of it, and room would have been made by evicting other endpoints'
-    /// keys ([`KvIndex::add`]). One flooding endpoint cannot take the whole index.
+    /// keys (`KvIndex::add`). One flooding endpoint cannot take the whole index.
     EndpointShare,
 }
 
