@@ -3,7 +3,8 @@
 //! them with backoff.
 //!
 //! A pass takes `now` as an argument and does no sleeping, so that tests drive passes one by
-//! one (and backoff by moving `now`) with no timers. The loop that calls it lives in
+//! one (and backoff by moving `now`) with no timers; a failure backs off from the later of
+//! `now` and the clock when its call returned. The loop that calls it lives in
 //! [`crate::run`].
 //!
 //! An adapter this syncer had loaded that the engine no longer lists means the engine lost it
@@ -115,6 +116,28 @@ pub struct Reconciler {
     config: LoraConfig,
     tracks: BTreeMap<String, Track>,
     metrics: Arc<Metrics>,
+    /// The adapter whose unanswered call cut the last pass short: the next pass starts after
+    /// it, so that one adapter that hangs its engine cannot keep the ones after it from ever
+    /// being tried.
+    cut_at: Option<String>,
+}
+
+/// The later of a pass's `now` and the clock: when a call returned, which for a call that
+/// timed out is minutes after the pass began. Backing off from the pass's start would have the
+/// retry due before the pass even ended (the first back-offs are shorter than a call's
+/// timeout). Tests that move `now` ahead of the clock keep their `now`.
+fn after_call(now: Instant) -> Instant {
+    now.max(Instant::now())
+}
+
+/// `items` (in order of their ids) starting after `cut_at`, which goes last: a pass cut short
+/// at an adapter resumes with the ones it did not reach.
+fn resuming_after<T>(mut items: Vec<T>, id: impl Fn(&T) -> &str, cut_at: Option<&str>) -> Vec<T> {
+    if let Some(cut) = cut_at {
+        let first_after = items.partition_point(|item| id(item) <= cut);
+        items.rotate_left(first_after);
+    }
+    items
 }
 
 fn backoff(failures: u32, permanent: bool) -> Duration {
@@ -143,6 +166,7 @@ impl Reconciler {
             },
             tracks: BTreeMap::new(),
             metrics,
+            cut_at: None,
         };
         r.set_config(config);
         r
@@ -267,7 +291,7 @@ impl Reconciler {
         };
         track.failures = track.failures.saturating_add(1);
         let delay = backoff(track.failures, error.is_permanent());
-        track.next_try = Some(now + delay);
+        track.next_try = Some(after_call(now) + delay);
         track.last_error = Some(error.to_string());
         tracing::warn!(adapter = %id, %error, retry_in = ?delay, failures = track.failures, "adapter call failed");
         report.failed.push(id.to_owned());
@@ -298,8 +322,9 @@ impl Reconciler {
         matches!(error, EngineError::Unavailable(_))
     }
 
-    fn cut_short(&self, mut report: PassReport) -> PassReport {
+    fn cut_short(&mut self, mut report: PassReport, at: &str) -> PassReport {
         report.cut_short = true;
+        self.cut_at = Some(at.to_owned());
         Metrics::result(&self.metrics.reconciles, "engine_unavailable");
         report
     }
@@ -318,6 +343,7 @@ impl Reconciler {
         };
         report.engine_available = true;
         // Unloads first: pulling an adapter (a bad one, say) must not wait behind loads.
+        let cut_at = self.cut_at.take();
         let unwanted: Vec<String> = self
             .config
             .ensure_not_exist
@@ -325,6 +351,7 @@ impl Reconciler {
             .filter(|id| !self.config.conflicts.contains(*id))
             .cloned()
             .collect();
+        let unwanted = resuming_after(unwanted, |id| id, cut_at.as_deref());
         for id in unwanted {
             if !listed.contains(&id) {
                 self.succeeded(&id, AdapterState::Unloaded);
@@ -345,7 +372,7 @@ impl Reconciler {
                     self.metrics.operation("unload", false);
                     self.failed(&id, now, &error, &mut report);
                     if Self::stops_the_pass(&error) {
-                        return self.cut_short(report);
+                        return self.cut_short(report, &id);
                     }
                 }
             }
@@ -357,7 +384,9 @@ impl Reconciler {
             .filter(|a| !self.config.conflicts.contains(&a.id))
             .cloned()
             .collect();
+        let wanted = resuming_after(wanted, |a| &a.id, cut_at.as_deref());
         let mut lost_any = false;
+        let mut cut_by = None;
         for adapter in wanted {
             let id = adapter.id.as_str();
             if listed.contains(id) {
@@ -412,14 +441,14 @@ impl Reconciler {
                     report.loaded.push(id.to_owned());
                     self.succeeded(id, AdapterState::Loaded);
                     if let Some(t) = self.tracks.get_mut(id) {
-                        t.loaded_at = Some(now);
+                        t.loaded_at = Some(after_call(now));
                     }
                 }
                 Err(error) => {
                     self.metrics.operation("load", false);
                     self.failed(id, now, &error, &mut report);
                     if Self::stops_the_pass(&error) {
-                        report.cut_short = true;
+                        cut_by = Some(adapter.id.clone());
                         break;
                     }
                 }
@@ -428,8 +457,8 @@ impl Reconciler {
         if lost_any {
             self.metrics.engine_restarts.inc();
         }
-        if report.cut_short {
-            return self.cut_short(report);
+        if let Some(id) = cut_by {
+            return self.cut_short(report, &id);
         }
         Metrics::result(&self.metrics.reconciles, "ok");
         report

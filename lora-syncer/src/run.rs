@@ -161,7 +161,22 @@ pub async fn reconcile_loop(
         }
     }
     loop {
-        let report = reconciler.pass(Instant::now()).await;
+        // A config change or shutdown ends a pass between (or during) its calls: a pass loads
+        // one adapter after another, each call up to its timeout, and an operator pulling a bad
+        // adapter (`ensureNotExist`) must not wait for all of them. Dropping the pass is safe:
+        // every call's outcome is recorded as it returns, and a call cut off is made again.
+        let report = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = configs.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tracing::info!("config changed during a pass; starting again with it");
+                reconciler.set_config(configs.borrow_and_update().clone());
+                continue;
+            }
+            report = reconciler.pass(Instant::now()) => report,
+        };
         tracing::debug!(?report, "reconciled");
         let wake = next_wake(
             Instant::now(),

@@ -127,8 +127,11 @@ async fn a_missing_source_fails_backs_off_and_loads_once_it_exists() {
         error.contains("404") && error.contains("No adapter found"),
         "{error}"
     );
-    // The engine refused the request: the first retry waits 30 s.
-    assert_eq!(r.next_retry(), Some(t0 + Duration::from_secs(30)));
+    // The engine refused the request: the first retry waits 30 s from the refusal.
+    let retry = r.next_retry().unwrap();
+    assert!(
+        retry >= t0 + Duration::from_secs(30) && retry <= Instant::now() + Duration::from_secs(30)
+    );
     let report = r.pass(t0 + Duration::from_secs(29)).await;
     assert_eq!(report.waiting, ["ski-resorts"]);
     assert!(report.failed.is_empty(), "no call during the backoff");
@@ -136,7 +139,7 @@ async fn a_missing_source_fails_backs_off_and_loads_once_it_exists() {
     std::fs::create_dir_all(&source).unwrap();
     std::fs::write(source.join("adapter_model.safetensors"), vec![0u8; 1_000]).unwrap();
     let began = std::time::Instant::now();
-    let report = r.pass(t0 + Duration::from_secs(30)).await;
+    let report = r.pass(retry).await;
     assert_eq!(report.loaded, ["ski-resorts"]);
     assert!(
         began.elapsed() >= Duration::from_millis(100),
@@ -342,6 +345,124 @@ async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
         text.contains(r#"lora_syncer_reconciles_total{result="engine_unavailable"} 1"#),
         "{text}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A pass cut short by an adapter whose load hangs backs that adapter off from when its call
+/// gave up (not from when the pass began, which with a 120 s call timeout left every back-off
+/// under two minutes already spent), and the next pass starts with the adapters after it, so one
+/// hanging adapter cannot keep the others from ever being tried. Paused time.
+#[tokio::test(start_paused = true)]
+async fn a_pass_cut_short_resumes_after_the_adapter_that_hung() {
+    let sim = engine(sim::Config {
+        lora_load_bytes_per_second: 1,
+        ..sim::Config::fast()
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("lora-syncer-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let source = |name: &str, bytes: usize| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("adapter_model.safetensors"), vec![0u8; bytes]).unwrap();
+        d.to_str().unwrap().to_owned()
+    };
+    let (slow, quick) = (source("slow", 1_000), source("quick", 0));
+    let mut r = Reconciler::new(
+        config_for(&sim, &[("a-slow", &slow), ("b-quick", &quick)], &[]),
+        Arc::new(Metrics::default()),
+    );
+    let report = r.pass(Instant::now()).await;
+    assert_eq!(report.failed, ["a-slow"]);
+    assert!(report.cut_short && report.loaded.is_empty());
+    let retry = r.next_retry().unwrap();
+    assert!(
+        retry >= Instant::now() + lora_syncer::reconcile::INITIAL_BACKOFF,
+        "backed off from the failure, not from the pass's start ({:?} early)",
+        (Instant::now() + lora_syncer::reconcile::INITIAL_BACKOFF) - retry
+    );
+    // At once: the hung adapter waits out its back-off, the one after it loads.
+    let report = r.pass(Instant::now()).await;
+    assert_eq!(
+        (report.loaded.as_slice(), report.waiting.as_slice()),
+        (&["b-quick".to_owned()][..], &["a-slow".to_owned()][..])
+    );
+    // A pass cut short by a-slow again, past its back-off: b-quick (after it) comes first.
+    r.set_config(config_for(
+        &sim,
+        &[("a-slow", &slow), ("b-quick", &quick), ("c-quick", &quick)],
+        &[],
+    ));
+    let report = r.pass(Instant::now() + Duration::from_secs(5)).await;
+    assert_eq!(report.failed, ["a-slow"]);
+    assert!(report.cut_short);
+    assert!(report.loaded.is_empty(), "{report:?}");
+    let report = r.pass(Instant::now() + Duration::from_secs(60)).await;
+    assert_eq!(
+        report.loaded,
+        ["c-quick"],
+        "resumed after a-slow: {report:?}"
+    );
+    assert_eq!(report.failed, ["a-slow"], "then a-slow, last");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A config change ends the pass under way: an adapter the operator pulls (`ensureNotExist`)
+/// is unloaded at once, not after every slow load left in the pass. Paused time: loads take
+/// 100 s each (by size, 1 byte/s), within the call timeout.
+#[tokio::test(start_paused = true)]
+async fn a_config_change_ends_the_pass_under_way() {
+    use lora_syncer::run::{Pacing, reconcile_loop};
+    let sim = engine(sim::Config {
+        lora_load_bytes_per_second: 1,
+        ..sim::Config::fast()
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("lora-syncer-interrupt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let source = |name: &str, bytes: usize| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("adapter_model.safetensors"), vec![0u8; bytes]).unwrap();
+        d.to_str().unwrap().to_owned()
+    };
+    let (bad, slow) = (source("bad", 0), source("slow", 100));
+    let load = format!("{}/v1/load_lora_adapter", sim.url());
+    let body = format!(r#"{{"lora_name":"bad","lora_path":"{bad}"}}"#);
+    assert_eq!(post(&load, &body).await, 200);
+    let exist = [
+        ("slow-1", slow.as_str()),
+        ("slow-2", &slow),
+        ("slow-3", &slow),
+    ];
+    let (tx, rx) = tokio::sync::watch::channel(config_for(&sim, &exist, &[]));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(reconcile_loop(
+        rx,
+        Pacing {
+            reconcile_every: Duration::from_secs(5),
+            health_check_interval: Duration::from_millis(10),
+            health_check_timeout: Duration::from_secs(10),
+        },
+        Arc::new(Metrics::default()),
+        shutdown.clone(),
+    ));
+    // Virtual time: the first pass is loading slow-1 (0–100 s into it).
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    assert!(!sim.engine().has_lora("slow-1"), "still loading");
+    let asked = Instant::now();
+    tx.send(config_for(&sim, &exist, &[("bad", &bad)])).unwrap();
+    while sim.engine().has_lora("bad") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "unloaded at once, not after the pass's loads: {:?}",
+        asked.elapsed()
+    );
+    assert!(!sim.engine().has_lora("slow-2") && !sim.engine().has_lora("slow-3"));
+    shutdown.cancel();
+    task.await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
