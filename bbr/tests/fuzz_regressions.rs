@@ -9,6 +9,8 @@
 mod bbr_mapping;
 #[path = "../../fuzz/src/bbr_stream.rs"]
 mod bbr_stream;
+#[path = "../../fuzz/src/ext_proc_records.rs"]
+mod ext_proc_records;
 #[path = "../../fuzz/src/replay.rs"]
 mod replay;
 

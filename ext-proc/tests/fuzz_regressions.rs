@@ -6,6 +6,8 @@
 
 #[path = "../../fuzz/src/ext_proc_codec.rs"]
 mod ext_proc_codec;
+#[path = "../../fuzz/src/ext_proc_records.rs"]
+mod ext_proc_records;
 #[path = "../../fuzz/src/openai.rs"]
 mod openai;
 #[path = "../../fuzz/src/replay.rs"]

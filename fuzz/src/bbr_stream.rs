@@ -45,39 +45,14 @@ use bbr::models::{self, ModelList};
 use bbr::stream::{BbrStream, Context, Options};
 use ext_proc::body_budget::BodyBudget;
 use ext_proc::codec::Inbound;
-use ext_proc::envoy::ext_proc::body_mutation::Mutation;
 use ext_proc::envoy::ext_proc::{
-    CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
+    CommonResponse, HttpBody, HttpTrailers, ProcessingRequest, ProcessingResponse,
     processing_request::Request as Req, processing_response::Response as Resp,
 };
-use ext_proc::envoy::{self, Answer, BODY_CHUNK_LIMIT, HeaderMap, HeaderValue};
+use ext_proc::envoy::{self, Answer, BODY_CHUNK_LIMIT};
 use ext_proc::protocol::{BASE_MODEL_NAME, MODEL_NAME};
 
-fn header_map(payload: &[u8]) -> HeaderMap {
-    let text = String::from_utf8_lossy(payload);
-    HeaderMap {
-        headers: text
-            .split('\n')
-            .filter(|l| !l.is_empty())
-            .map(|line| {
-                let (k, v) = line.split_once(": ").unwrap_or((line, ""));
-                HeaderValue {
-                    key: k.to_owned(),
-                    raw_value: v.as_bytes().to_vec(),
-                    ..Default::default()
-                }
-            })
-            .collect(),
-    }
-}
-
-fn headers(eos: bool, payload: &[u8]) -> HttpHeaders {
-    HttpHeaders {
-        headers: Some(header_map(payload)),
-        end_of_stream: eos,
-        ..Default::default()
-    }
-}
+use crate::ext_proc_records::{check_sides, headers, records, streamed};
 
 fn body(payload: Vec<u8>, eos: bool, without_message: bool) -> HttpBody {
     HttpBody {
@@ -96,23 +71,6 @@ fn long_body(payload: &[u8]) -> Vec<u8> {
     };
     let fill = if fill.is_empty() { &b"a"[..] } else { fill };
     fill.iter().copied().cycle().take(size).collect()
-}
-
-/// The records of an input: `(kind, payload)`.
-fn records(mut rest: &[u8]) -> Vec<(u8, &[u8])> {
-    let mut out = Vec::new();
-    rest = rest.strip_prefix(b">").unwrap_or(rest);
-    while !rest.is_empty() {
-        let end = memchr::memmem::find(rest, b"\n>").unwrap_or(rest.len());
-        let record = &rest[..end];
-        if let Some((&kind, payload)) = record.split_first() {
-            // A newline after the kind letter is for readability.
-            let payload = payload.strip_prefix(b"\n").unwrap_or(payload);
-            out.push((kind, payload));
-        }
-        rest = rest.get(end + 2..).unwrap_or_default();
-    }
-    out
 }
 
 /// The context of options `opts` (its low 4 bits), built once per process: building the
@@ -150,40 +108,6 @@ fn new_context(opts: u8) -> Arc<Context> {
             request_body_timeout: std::time::Duration::from_secs(60),
         },
     })
-}
-
-fn streamed(r: &ProcessingResponse) -> Option<(&[u8], bool)> {
-    let b = match &r.response {
-        Some(Resp::RequestBody(b)) | Some(Resp::ResponseBody(b)) => b,
-        _ => return None,
-    };
-    match b
-        .response
-        .as_ref()?
-        .body_mutation
-        .as_ref()?
-        .mutation
-        .as_ref()?
-    {
-        Mutation::StreamedResponse(s) => Some((&s.body, s.end_of_stream)),
-        _ => None,
-    }
-}
-
-fn is_request_side(r: &ProcessingResponse) -> bool {
-    matches!(
-        r.response,
-        Some(Resp::RequestHeaders(_)) | Some(Resp::RequestBody(_)) | Some(Resp::RequestTrailers(_))
-    )
-}
-
-fn is_response_side(r: &ProcessingResponse) -> bool {
-    matches!(
-        r.response,
-        Some(Resp::ResponseHeaders(_))
-            | Some(Resp::ResponseBody(_))
-            | Some(Resp::ResponseTrailers(_))
-    )
 }
 
 /// A body answer that changes nothing (BUFFERED's pass-through).
@@ -312,32 +236,8 @@ pub fn run(data: &[u8]) {
             answers.iter().cloned().map(Answer::into_message).collect();
         kept.extend(answers);
 
-        if done {
-            assert!(
-                out.is_empty(),
-                "answers after an immediate response: {out:?}"
-            );
+        if check_sides(&request, &out, &mut done, stream.is_done()).is_none() {
             continue;
-        }
-        let immediates = out
-            .iter()
-            .filter(|r| matches!(r.response, Some(Resp::ImmediateResponse(_))))
-            .count();
-        if immediates > 0 {
-            assert_eq!(out.len(), 1, "an immediate response comes alone: {out:?}");
-            assert!(stream.is_done());
-            done = true;
-            continue;
-        }
-        assert!(!stream.is_done());
-        let request_side = matches!(
-            request,
-            Req::RequestHeaders(_) | Req::RequestBody(_) | Req::RequestTrailers(_)
-        );
-        if request_side {
-            assert!(out.iter().all(is_request_side), "{out:?}");
-        } else {
-            assert!(out.iter().all(is_response_side), "{out:?}");
         }
         let headers_answers = out
             .iter()

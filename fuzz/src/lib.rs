@@ -7,6 +7,7 @@
 pub mod bbr_mapping;
 pub mod bbr_stream;
 pub mod ext_proc_codec;
+pub mod ext_proc_records;
 pub mod kv_events;
 pub mod openai;
 pub mod peer_message;

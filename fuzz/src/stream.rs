@@ -64,12 +64,14 @@ use ext_proc::envoy::ext_proc::{
     ProtocolConfiguration, processing_request::Request as Req,
     processing_response::Response as Resp,
 };
-use ext_proc::envoy::{BodySendMode, HeaderMap, HeaderValue, Metadata};
+use ext_proc::envoy::{BodySendMode, Metadata};
 use ext_proc::error::RequestError;
 use ext_proc::observer::{OBSERVER_NAMESPACE, ObserverState, ObserverStep, Observers};
 use ext_proc::openai;
 use ext_proc::recorder::{Observation, ObserverOutcome, RecordKey, Recorder};
 use ext_proc::stream::{ServiceContext, ServiceOptions, StreamState};
+
+use crate::ext_proc_records::{check_sides, headers, records, streamed};
 
 /// Counts routed and released requests.
 #[derive(Debug, Default)]
@@ -116,24 +118,6 @@ fn endpoint(n: u8) -> EndpointSpec {
     }
 }
 
-fn header_map(payload: &[u8]) -> HeaderMap {
-    let text = String::from_utf8_lossy(payload);
-    HeaderMap {
-        headers: text
-            .split('\n')
-            .filter(|l| !l.is_empty())
-            .map(|line| {
-                let (k, v) = line.split_once(": ").unwrap_or((line, ""));
-                HeaderValue {
-                    key: k.to_owned(),
-                    raw_value: v.as_bytes().to_vec(),
-                    ..Default::default()
-                }
-            })
-            .collect(),
-    }
-}
-
 fn metadata(payload: &[u8]) -> Metadata {
     let s = String::from_utf8_lossy(payload).into_owned();
     let one = |key: &str| Struct {
@@ -163,14 +147,6 @@ fn metadata(payload: &[u8]) -> Metadata {
     }
 }
 
-fn headers(eos: bool, payload: &[u8]) -> HttpHeaders {
-    HttpHeaders {
-        headers: Some(header_map(payload)),
-        end_of_stream: eos,
-        ..Default::default()
-    }
-}
-
 fn body(payload: &[u8], eos: bool, without_message: bool) -> HttpBody {
     HttpBody {
         body: payload.to_vec(),
@@ -178,60 +154,6 @@ fn body(payload: &[u8], eos: bool, without_message: bool) -> HttpBody {
         end_of_stream_without_message: without_message,
         ..Default::default()
     }
-}
-
-/// The records of an input: `(kind, payload)`.
-fn records(mut rest: &[u8]) -> Vec<(u8, &[u8])> {
-    let mut out = Vec::new();
-    rest = rest.strip_prefix(b">").unwrap_or(rest);
-    while !rest.is_empty() {
-        let end = memchr::memmem::find(rest, b"\n>").unwrap_or(rest.len());
-        let record = &rest[..end];
-        if let Some((&kind, payload)) = record.split_first() {
-            // A newline after the kind letter is for readability.
-            let payload = payload.strip_prefix(b"\n").unwrap_or(payload);
-            out.push((kind, payload));
-        }
-        rest = rest.get(end + 2..).unwrap_or_default();
-    }
-    out
-}
-
-fn streamed(r: &ProcessingResponse) -> Option<(&[u8], bool)> {
-    let b = match &r.response {
-        Some(Resp::RequestBody(b)) | Some(Resp::ResponseBody(b)) => b,
-        _ => return None,
-    };
-    match b
-        .response
-        .as_ref()?
-        .body_mutation
-        .as_ref()?
-        .mutation
-        .as_ref()?
-    {
-        Mutation::StreamedResponse(s) => Some((&s.body, s.end_of_stream)),
-        _ => None,
-    }
-}
-
-fn is_request_side(r: &ProcessingResponse) -> bool {
-    matches!(
-        r.response,
-        Some(Resp::RequestHeaders(_))
-            | Some(Resp::RequestBody(_))
-            | Some(Resp::RequestTrailers(_))
-            | Some(Resp::ImmediateResponse(_))
-    )
-}
-
-fn is_response_side(r: &ProcessingResponse) -> bool {
-    matches!(
-        r.response,
-        Some(Resp::ResponseHeaders(_))
-            | Some(Resp::ResponseBody(_))
-            | Some(Resp::ResponseTrailers(_))
-    )
 }
 
 /// The routing answer's destination header, `content-length` and metadata destination.
@@ -541,34 +463,10 @@ pub fn run(data: &[u8]) {
             });
         }
 
-        if immediate_seen {
-            assert!(
-                out.is_empty(),
-                "answers after an immediate response: {out:?}"
-            );
+        let Some(request_side) = check_sides(&request, &out, &mut immediate_seen, stream.is_done())
+        else {
             continue;
-        }
-        let immediates = out
-            .iter()
-            .filter(|r| matches!(r.response, Some(Resp::ImmediateResponse(_))))
-            .count();
-        if immediates > 0 {
-            assert_eq!(out.len(), 1, "an immediate response comes alone: {out:?}");
-            assert!(stream.is_done());
-            immediate_seen = true;
-            continue;
-        }
-        assert!(!stream.is_done());
-
-        let request_side = matches!(
-            request,
-            Req::RequestHeaders(_) | Req::RequestBody(_) | Req::RequestTrailers(_)
-        );
-        if request_side {
-            assert!(out.iter().all(is_request_side), "{out:?}");
-        } else {
-            assert!(out.iter().all(is_response_side), "{out:?}");
-        }
+        };
 
         if buffered && request_side {
             match &request {
