@@ -73,12 +73,12 @@ impl BodyError {
     }
 }
 
-/// Checks a model name from a client: non-empty, at most [`MAX_MODEL_NAME_BYTES`] bytes, no
-/// control characters, no invisible or direction-changing format characters (a name becomes a
-/// metric label and shows in `/debug/pool` and dashboards, where those would hide or reorder
-/// text).
+/// Checks a model name from a client: not empty or white space alone (no model: as a header
+/// value it would be trimmed to nothing), at most [`MAX_MODEL_NAME_BYTES`] bytes, no control
+/// characters, no invisible or direction-changing format characters (a name becomes a metric
+/// label and shows in `/debug/pool` and dashboards, where those would hide or reorder text).
 pub fn validate_model_name(model: &str) -> Result<(), BodyError> {
-    if model.is_empty() {
+    if model.trim().is_empty() {
         return Err(BodyError::MissingModel);
     }
     if model.len() > MAX_MODEL_NAME_BYTES {
@@ -885,6 +885,21 @@ mod tests {
         for name in ["meta-llama/Llama-3.1-8B", "qwen2.5:7b", "モデル", "a b"] {
             assert!(validate_model_name(name).is_ok(), "{name:?}");
         }
+    }
+
+    #[test]
+    fn a_model_name_of_white_space_alone_is_no_model() {
+        for name in ["", " ", "   ", "\u{3000}", " \u{2003} "] {
+            assert!(
+                matches!(validate_model_name(name), Err(BodyError::MissingModel)),
+                "{name:?}"
+            );
+        }
+        let body = Bytes::from_static("{\"model\":\"\u{3000}\",\"prompt\":\"hi\"}".as_bytes());
+        assert!(matches!(
+            parse_body(Api::Completions, &body),
+            Err(BodyError::MissingModel)
+        ));
     }
 
     #[test]
