@@ -685,9 +685,17 @@ impl State {
         }
     }
 
-    /// Pops every request whose wait budget is spent. Each queue is in arrival order and the
-    /// budget is the same for all, so only queue heads need looking at.
-    fn expire(&mut self, budget: Option<Duration>, now: Instant, out: &mut Vec<(Item, Outcome)>) {
+    /// Pops every request whose wait budget is spent: `budget` from its arrival or from the
+    /// last change of regime (pool empty or not), whichever is later, but never past `cap`
+    /// from its arrival. Each queue is in arrival order and the budgets are the same for all,
+    /// so only queue heads need looking at.
+    fn expire(
+        &mut self,
+        budget: Option<Duration>,
+        cap: Option<Duration>,
+        now: Instant,
+        out: &mut Vec<(Item, Outcome)>,
+    ) {
         let Some(budget) = budget else { return };
         let outcome = if self.pool_empty {
             Outcome::EvictedNoEndpoints
@@ -700,9 +708,12 @@ impl State {
             // A budget past the clock's range never expires (rather than overflow).
             band.expire_heads(
                 |head| {
-                    head.enqueued
-                        .max(since)
-                        .checked_add(budget)
+                    let in_regime = head.enqueued.max(since).checked_add(budget);
+                    let capped = cap.and_then(|cap| head.enqueued.checked_add(cap));
+                    in_regime
+                        .into_iter()
+                        .chain(capped)
+                        .min()
                         .is_some_and(|deadline| now >= deadline)
                 },
                 &mut items,
@@ -1108,7 +1119,15 @@ impl FlowControl {
                 } else {
                     self.config.request_ttl
                 };
-                st.expire(ttl, now, &mut expired);
+                // The regime split restarts a budget at each change; a pool that flaps
+                // between empty and not faster than the budgets must not hold a request
+                // for ever, so no request waits longer than both budgets together.
+                let cap = self
+                    .config
+                    .request_ttl
+                    .zip(self.config.no_endpoint_ttl)
+                    .map(|(a, b)| a.saturating_add(b));
+                st.expire(ttl, cap, now, &mut expired);
                 self.housekeeping(&mut st, now);
             }
             st.saturation = reading.saturation;

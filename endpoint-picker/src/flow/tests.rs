@@ -546,6 +546,38 @@ async fn ttl_expires_in_paused_time_with_the_regime_split() {
     assert_eq!(fc.queued(), 1);
 }
 
+/// A pool that flaps between empty and not faster than either budget (replicas crash-looping)
+/// restarts the regime's budget each time; no request waits longer than both budgets together.
+#[tokio::test(start_paused = true)]
+async fn a_flapping_pool_holds_a_request_no_longer_than_both_budgets() {
+    let fc = FlowControl::new(FlowConfig {
+        request_ttl: Some(Duration::from_secs(10)),
+        no_endpoint_ttl: Some(Duration::from_secs(30)),
+        ..FlowConfig::default()
+    });
+    let pool = FakePool::new(1, 0);
+    let start = Instant::now();
+    fc.dispatch_cycle(start, pool.as_ref());
+    let mut t = fc.enqueue(req("a", 0), start);
+    let mut at = start;
+    // Empty and back every 5 s; the cycle runs every second.
+    while at < start + Duration::from_secs(39) {
+        at += Duration::from_secs(1);
+        let secs = (at - start).as_secs();
+        pool.endpoints
+            .store(usize::from((secs / 5).is_multiple_of(2)), Ordering::Relaxed);
+        fc.dispatch_cycle(at, pool.as_ref());
+        assert_eq!(fc.queued(), 1, "still waiting at {secs} s");
+    }
+    // 40 s: the pool is up (40 / 5 is even), and the 10 + 30 s cap is reached.
+    at += Duration::from_secs(1);
+    pool.endpoints.store(1, Ordering::Relaxed);
+    fc.dispatch_cycle(at, pool.as_ref());
+    assert_eq!(fc.queued(), 0, "held past both budgets");
+    let e = t.wait().await.unwrap_err();
+    assert_eq!(e.outcome, Outcome::EvictedTtl);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_that_leaves_frees_its_place_at_once() {
     let fc = FlowControl::new(FlowConfig {
