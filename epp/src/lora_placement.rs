@@ -16,7 +16,9 @@
 //! its adapters unpublished: what it holds is unknown), a load or unload that fails is not
 //! tried again on that endpoint for a while, nor are that endpoint's other planned changes
 //! meanwhile (the plan pairs an unload with the load it makes room for): each with a backoff
-//! doubling from the interval to [`MAX_BACKOFF`]. The `ensureNotExist` adapters an endpoint lists are never published, so
+//! doubling from the interval to [`MAX_BACKOFF`], counted from when the call gave up. A pass
+//! waits for its listings at most [`MIN_LISTING_WAIT`] or its interval, whichever is longer;
+//! an endpoint not answered by then is skipped and backed off like one whose listing failed. The `ensureNotExist` adapters an endpoint lists are never published, so
 //! requests for them are not steered to it and it drains. The engines are called over one
 //! connection pool kept across passes (a connection per engine, reused), at most
 //! [`MAX_CONCURRENT_CALLS`] calls at once. Nothing runs on the request path.
@@ -51,6 +53,11 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Most engine calls in flight at once: a pass over 1,000 endpoints lists them 32 at a time
 /// rather than opening 1,000 connections together.
 pub const MAX_CONCURRENT_CALLS: usize = 32;
+/// The least a pass waits for the endpoints' listings (the pass waits for them at most its
+/// interval, or this, whichever is longer, and never past the call timeout): a listing not in
+/// by then counts as failed, so one engine whose API hangs cannot hold every pass, and the
+/// loads other endpoints need, for a whole call timeout.
+pub const MIN_LISTING_WAIT: Duration = Duration::from_secs(5);
 
 /// Why placement could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -485,6 +492,8 @@ impl Placement {
 
         // 1. What each usable endpoint holds.
         let mut listing = JoinSet::new();
+        // Listed, not answered yet.
+        let mut unanswered: BTreeMap<EndpointId, Arc<Endpoint>> = BTreeMap::new();
         for e in &snapshot.endpoints {
             let usable = matches!(
                 e.metrics().readiness,
@@ -494,6 +503,7 @@ impl Placement {
                 e.store_adapters(None);
                 continue;
             }
+            unanswered.insert(e.id, e.clone());
             let (e, engine, calls) = (e.clone(), self.engine(e), self.calls.clone());
             listing.spawn(async move {
                 // The semaphore is never closed; were it, the call goes ahead unbounded.
@@ -503,8 +513,23 @@ impl Placement {
             });
         }
         let mut listed: Vec<(Arc<Endpoint>, BTreeSet<String>)> = Vec::new();
-        while let Some(joined) = listing.join_next().await {
+        let listing_wait = self
+            .settings
+            .interval
+            .max(MIN_LISTING_WAIT)
+            .min(self.settings.call_timeout);
+        loop {
+            let joined =
+                match tokio::time::timeout_at(now + listing_wait, listing.join_next()).await {
+                    Ok(Some(joined)) => joined,
+                    Ok(None) => break,
+                    Err(_) => {
+                        listing.abort_all();
+                        break;
+                    }
+                };
             let Ok((e, r)) = joined else { continue };
+            unanswered.remove(&e.id);
             match r {
                 Ok(names) => {
                     st.backoff.remove(&e.id);
@@ -513,11 +538,17 @@ impl Placement {
                 }
                 Err(err) => {
                     self.metrics.engine_errors.inc();
-                    let delay = self.failed(st, e.id, now);
+                    let delay = self.failed(st, e.id);
                     tracing::warn!(endpoint = %e.spec.name, error = %err, retry_in = ?delay, "LoRA placement: listing adapters failed; endpoint skipped");
                     e.store_adapters(None);
                 }
             }
+        }
+        for e in unanswered.into_values() {
+            self.metrics.engine_errors.inc();
+            let delay = self.failed(st, e.id);
+            tracing::warn!(endpoint = %e.spec.name, waited = ?listing_wait, retry_in = ?delay, "LoRA placement: listing adapters did not answer in time; endpoint skipped");
+            e.store_adapters(None);
         }
         listed.sort_by_key(|(e, _)| e.id);
         for (e, names) in &listed {
@@ -654,7 +685,10 @@ impl Placement {
                         let failures = st.action_backoff.get(&pair).map_or(0, |(n, _)| *n) + 1;
                         let delay = self.backoff_after(failures);
                         tracing::info!(endpoint = ?id, adapter = %pair.1, load = pair.2, retry_in = ?delay, "LoRA placement: action backed off");
-                        st.action_backoff.insert(pair, (failures, now + delay));
+                        // From when the call gave up, not the pass's start: the first
+                        // back-offs are shorter than a call's timeout.
+                        st.action_backoff
+                            .insert(pair, (failures, Instant::now() + delay));
                     }
                     _ => {}
                 }
@@ -665,11 +699,12 @@ impl Placement {
         report
     }
 
-    /// Counts a failed listing of `id`; returns the delay before it is tried again.
-    fn failed(&self, st: &mut LoopState, id: EndpointId, now: Instant) -> Duration {
+    /// Counts a failed listing of `id`; returns the delay before it is tried again, counted
+    /// from now (when the call gave up).
+    fn failed(&self, st: &mut LoopState, id: EndpointId) -> Duration {
         let failures = st.backoff.get(&id).map_or(0, |(n, _)| *n) + 1;
         let delay = self.backoff_after(failures);
-        st.backoff.insert(id, (failures, now + delay));
+        st.backoff.insert(id, (failures, Instant::now() + delay));
         delay
     }
 

@@ -256,6 +256,64 @@ async fn a_failed_engine_is_skipped_and_the_others_are_served() {
     assert!(rig.datastore.snapshot().endpoints[1].adapters().is_none());
 }
 
+/// An engine whose API accepts connections and never answers holds a pass for
+/// `MIN_LISTING_WAIT` at most, not a whole call timeout: the healthy endpoint gets its load
+/// within that, and the hung one is backed off from when its listing was given up.
+#[tokio::test(start_paused = true)]
+async fn a_hung_engine_holds_a_pass_no_longer_than_the_listing_wait() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = sim::spawn_replica(
+        sim::Config {
+            max_loras: 2,
+            ..sim::Config::fast()
+        },
+        listener,
+        0,
+    )
+    .await
+    .unwrap();
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        loop {
+            let (s, _) = hung.accept().await.unwrap();
+            open.push(s); // read nothing, answer nothing
+        }
+    });
+    let datastore = serving_pool(&[sim.addr(), hung_addr]);
+    let placement = Placement::new(
+        settings(CATALOGUE, Duration::from_secs(30)),
+        datastore.clone(),
+        PlacementMetrics::default(),
+    );
+    let mut st = placement.state();
+    let healthy = datastore.snapshot().endpoints[0].id;
+    let demand = placement.demand();
+    let mut took = Vec::new();
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..20 {
+            drop(demand.routed("a0", healthy));
+        }
+        let began = tokio::time::Instant::now();
+        placement.pass(&mut st).await;
+        took.push(began.elapsed());
+    }
+    assert!(
+        sim.engine().has_lora("a0"),
+        "the healthy endpoint was served"
+    );
+    assert!(
+        took[0] <= epp::lora_placement::MIN_LISTING_WAIT + Duration::from_millis(500),
+        "not a call timeout: {took:?}"
+    );
+    // Backed off from when it was given up: the next pass does not wait for it again.
+    assert!(took[1] < Duration::from_secs(1), "{took:?}");
+    assert!(datastore.snapshot().endpoints[1].adapters().is_none());
+    held.abort();
+}
+
 fn load_errors(text: &str) -> u64 {
     text.lines()
         .find(|l| {
