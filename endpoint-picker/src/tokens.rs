@@ -295,6 +295,10 @@ pub struct LocalBackend {
     pub tokenizer_path: PathBuf,
     /// `chatTemplatePath`: a Jinja file replacing the tokenizer's own chat template.
     pub chat_template_path: Option<PathBuf>,
+    /// `chatTemplateContentFormat`: how the template is given message content, as the
+    /// engine's `--chat-template-content-format` (`auto`, the default, detects it from the
+    /// template as vLLM does).
+    pub content_format: ContentFormatChoice,
     /// `maxPromptBytes`: the most bytes tokenised for one request (prompt, messages JSON,
     /// rendered chat); larger requests route without ids.
     pub max_prompt_bytes: usize,
@@ -302,6 +306,18 @@ pub struct LocalBackend {
     pub template_fuel: u64,
     /// `workers`, `maxQueued`, `timeout`: the blocking pool.
     pub pool: PoolLimits,
+}
+
+/// `chatTemplateContentFormat`, vLLM's `--chat-template-content-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContentFormatChoice {
+    /// Detected from the template (a template that loops over message content gets parts).
+    #[default]
+    Auto,
+    /// Content as one string.
+    String,
+    /// Content as a list of typed parts.
+    OpenAi,
 }
 
 /// Default `maxPromptBytes` (512 KiB), as the `tokenize` crate's.
@@ -342,6 +358,7 @@ struct EstimateYaml {}
 struct LocalYaml {
     tokenizer_path: Option<String>,
     chat_template_path: Option<String>,
+    chat_template_content_format: Option<String>,
     max_prompt_bytes: Option<i64>,
     template_fuel: Option<i64>,
     workers: Option<i64>,
@@ -393,6 +410,17 @@ impl LocalBackend {
         if max_prompt_bytes > MAX_PROMPT_BYTES_CAP {
             return Err(p.invalid("local.maxPromptBytes", "at most 67108864 (64 MiB)"));
         }
+        let content_format = match l.chat_template_content_format.as_deref() {
+            None | Some("auto") => ContentFormatChoice::Auto,
+            Some("string") => ContentFormatChoice::String,
+            Some("openai") => ContentFormatChoice::OpenAi,
+            Some(other) => {
+                return Err(p.invalid(
+                    "local.chatTemplateContentFormat",
+                    format!("{other:?}: one of auto, string, openai (the engine's --chat-template-content-format)"),
+                ));
+            }
+        };
         let template_fuel = p
             .positive("local.templateFuel", l.template_fuel)?
             .map_or(DEFAULT_TEMPLATE_FUEL, |f| f as u64);
@@ -423,6 +451,7 @@ impl LocalBackend {
                 .chat_template_path
                 .filter(|s| !s.trim().is_empty())
                 .map(PathBuf::from),
+            content_format,
             max_prompt_bytes,
             template_fuel,
             pool: PoolLimits {

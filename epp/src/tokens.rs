@@ -5,8 +5,10 @@
 use std::sync::Arc;
 
 use endpoint_picker::request::Api;
-use endpoint_picker::tokens::{Backend, PromptTokenizer, Skip, TokenProducer, TokenProducerConfig};
-use tokenize::{Limits, LoadError, TokenizeError, Tokenizer};
+use endpoint_picker::tokens::{
+    Backend, ContentFormatChoice, PromptTokenizer, Skip, TokenProducer, TokenProducerConfig,
+};
+use tokenize::{ContentFormat, Limits, LoadError, TokenizeError, Tokenizer};
 
 /// A loaded model tokenizer, as the token producer runs it.
 #[derive(Debug)]
@@ -46,12 +48,18 @@ pub fn build(
                     max_prompt_bytes: local.max_prompt_bytes,
                     template_fuel: local.template_fuel,
                 },
-            )?;
+            )?
+            .with_content_format(match local.content_format {
+                ContentFormatChoice::Auto => None,
+                ContentFormatChoice::String => Some(ContentFormat::String),
+                ContentFormatChoice::OpenAi => Some(ContentFormat::OpenAi),
+            });
             tracing::info!(
                 producer = %config.name,
                 tokenizer = %local.tokenizer_path.display(),
                 vocab_size = tokenizer.vocab_size(),
                 chat_template = tokenizer.has_chat_template(),
+                content_format = tokenizer.content_format().as_str(),
                 "token producer loaded"
             );
             Ok(Some(Arc::new(TokenProducer::new(

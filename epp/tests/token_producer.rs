@@ -224,8 +224,35 @@ fn config_names_and_bounds() {
         "    local: {}\n",
         "    local:\n      tokenizerPath: /x\n      timeout: 0s\n",
         "    local:\n      tokenizerPath: /x\n      workers: 0\n",
+        "    local:\n      tokenizerPath: /x\n      chatTemplateContentFormat: json\n",
     ] {
         assert!(cfg(bad).is_err(), "{bad}");
+    }
+    // The engine's --chat-template-content-format, as it is spelt there.
+    for (given, want) in [
+        ("", endpoint_picker::tokens::ContentFormatChoice::Auto),
+        (
+            "      chatTemplateContentFormat: auto\n",
+            endpoint_picker::tokens::ContentFormatChoice::Auto,
+        ),
+        (
+            "      chatTemplateContentFormat: string\n",
+            endpoint_picker::tokens::ContentFormatChoice::String,
+        ),
+        (
+            "      chatTemplateContentFormat: openai\n",
+            endpoint_picker::tokens::ContentFormatChoice::OpenAi,
+        ),
+    ] {
+        let c = cfg(&format!("    local:\n      tokenizerPath: /x\n{given}")).unwrap();
+        let Some(endpoint_picker::tokens::TokenProducerConfig {
+            backend: endpoint_picker::tokens::Backend::Local(local),
+            ..
+        }) = c.token_producer
+        else {
+            panic!("{given}");
+        };
+        assert_eq!(local.content_format, want, "{given}");
     }
     // A path that does not load fails at start-up.
     let missing = cfg("    local:\n      tokenizerPath: /nonexistent/tokenizer.json\n").unwrap();

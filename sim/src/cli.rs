@@ -155,6 +155,11 @@ pub struct Args {
     /// needs `--tokenizer`.
     #[arg(long, requires = "tokenizer")]
     pub chat_template: Option<PathBuf>,
+    /// How the chat template is given message content, as vLLM's
+    /// `--chat-template-content-format`: `auto` (detected from the template), `string` or
+    /// `openai`; needs `--tokenizer`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "string", "openai"], requires = "tokenizer")]
+    pub chat_template_content_format: String,
     /// KV-cache bytes per token, for the load times of the KV tiers (Llama-3.1-8B fp16:
     /// 2 × 32 layers × 8 KV heads × 128 dims × 2 bytes).
     #[arg(long, default_value_t = 131_072)]
@@ -226,7 +231,11 @@ impl Args {
     pub fn load_tokenizer(&self) -> Result<Tokenizer, tokenize::LoadError> {
         match &self.tokenizer {
             None => Ok(Tokenizer::BuiltIn),
-            Some(path) => Tokenizer::load(path, self.chat_template.as_deref()),
+            Some(path) => Tokenizer::load_with_format(
+                path,
+                self.chat_template.as_deref(),
+                tokenize::ContentFormat::parse(&self.chat_template_content_format),
+            ),
         }
     }
 }

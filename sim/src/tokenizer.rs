@@ -196,8 +196,18 @@ impl Tokenizer {
         tokenizer: &Path,
         chat_template: Option<&Path>,
     ) -> Result<Self, tokenize::LoadError> {
+        Self::load_with_format(tokenizer, chat_template, None)
+    }
+
+    /// [`Self::load`], with the chat template's content format set (vLLM's
+    /// `--chat-template-content-format`; `None` is `auto`).
+    pub fn load_with_format(
+        tokenizer: &Path,
+        chat_template: Option<&Path>,
+        content_format: Option<tokenize::ContentFormat>,
+    ) -> Result<Self, tokenize::LoadError> {
         tokenize::Tokenizer::load(tokenizer, chat_template, ENGINE_LIMITS)
-            .map(|t| Self::Loaded(Arc::new(t)))
+            .map(|t| Self::Loaded(Arc::new(t.with_content_format(content_format))))
     }
 
     /// Valid ids are below this.

@@ -21,6 +21,7 @@
 //! The simulator (`sim --tokenizer --chat-template`) uses this crate too, so that its KV blocks
 //! and events carry the ids the EPP computes.
 
+pub mod conversation;
 pub mod template;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+pub use conversation::ContentFormat;
 pub use template::{ChatInput, ChatTemplate};
 
 /// Why a tokenizer could not be loaded.
@@ -321,6 +323,24 @@ impl Tokenizer {
         self.chat.is_some()
     }
 
+    /// How the chat template is given message content ([`ContentFormat::String`] without a
+    /// template).
+    pub fn content_format(&self) -> ContentFormat {
+        self.chat
+            .as_ref()
+            .map_or(ContentFormat::String, ChatTemplate::content_format)
+    }
+
+    /// Sets how the chat template is given message content (vLLM's
+    /// `--chat-template-content-format`: set it as the engine's is); `None` keeps the format
+    /// detected from the template (vLLM's `auto`).
+    pub fn with_content_format(mut self, format: Option<ContentFormat>) -> Self {
+        if let (Some(chat), Some(format)) = (self.chat.as_mut(), format) {
+            chat.set_content_format(format);
+        }
+        self
+    }
+
     /// The limits.
     pub fn limits(&self) -> Limits {
         self.limits
@@ -459,8 +479,10 @@ impl Tokenizer {
                     .collect()
             }
         };
+        let messages = value(Some(messages))?.unwrap_or_default();
         Ok(ChatInput {
-            messages: value(Some(messages))?.unwrap_or_default(),
+            // As vLLM rebuilds them for the template, so that the ids are the engine's.
+            messages: conversation::normalize(&messages, self.content_format()),
             tools: value(b.tools)?,
             documents: value(b.documents)?,
             add_generation_prompt: b.add_generation_prompt.unwrap_or(true),

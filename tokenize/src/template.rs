@@ -18,6 +18,7 @@ use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
 
 use crate::TokenizeError;
+use crate::conversation::ContentFormat;
 
 /// The name the template is registered under.
 const TEMPLATE: &str = "chat";
@@ -29,12 +30,13 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     max_rendered_bytes: usize,
+    content_format: ContentFormat,
 }
 
 /// What one chat request gives the template.
 #[derive(Debug, Clone, Default)]
 pub struct ChatInput {
-    /// `messages`, as the request sent them.
+    /// `messages`, as vLLM gives them to the template ([`crate::conversation::normalize`]).
     pub messages: Value,
     /// `tools`, when given.
     pub tools: Option<Value>,
@@ -58,6 +60,7 @@ impl ChatTemplate {
         fuel: u64,
         max_rendered_bytes: usize,
     ) -> Result<Self, minijinja::Error> {
+        let content_format = ContentFormat::detect(&source);
         let mut env = Environment::new();
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
@@ -85,7 +88,19 @@ impl ChatTemplate {
             bos_token,
             eos_token,
             max_rendered_bytes,
+            content_format,
         })
+    }
+
+    /// How this template wants message content: detected from its source (vLLM's `auto`)
+    /// unless set.
+    pub fn content_format(&self) -> ContentFormat {
+        self.content_format
+    }
+
+    /// Sets the content format, as vLLM's `--chat-template-content-format` does.
+    pub fn set_content_format(&mut self, format: ContentFormat) {
+        self.content_format = format;
     }
 
     /// Renders one conversation.

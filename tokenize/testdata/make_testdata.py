@@ -9,14 +9,24 @@ The outputs are checked in; the Rust tests only read them, so they need no Pytho
 How the expected ids are made is how vLLM makes them:
 - completions: `tokenizer.encode(prompt, add_special_tokens=True)` (the post-processor adds
   <|begin_of_text|>);
-- chat: the template rendered as transformers' `apply_chat_template` renders it (jinja2's
+- chat: the messages rebuilt as vLLM rebuilds them for the template (`vllm_conversation`
+  below, written for the project from vLLM's `vllm/entrypoints/chat_utils.py`: one content
+  shape per template, only the keys it keeps, tool-call arguments decoded), then the template
+  rendered as transformers' `apply_chat_template` renders it (jinja2's
   ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, the loopcontrols extension, its
   `tojson`, `raise_exception`), with `messages`, `tools`, `add_generation_prompt` (vLLM's
   default: true), `bos_token`, `eos_token`; then encoded with `add_special_tokens=False`.
+  Each chat is rendered with both test templates: chat_template.jinja (which loops over
+  message content: vLLM's "openai" content format) and chat_template_string.jinja ("string").
+
+The tokenizer is trained once (`--retrain` trains it again, from the docs as they are then, and
+changes every id); otherwise the checked-in tokenizer.json is reused.
 """
 
 import json
 import pathlib
+import re
+import sys
 
 import jinja2
 import jinja2.ext
@@ -149,13 +159,123 @@ CHATS = [
         ],
         "tools": [WEATHER_TOOL],
     },
+    {
+        "messages": [
+            {"role": "system", "content": "Route well.", "extra": "dropped by vLLM"},
+            {"role": "user", "name": "ana", "content": [
+                {"type": "text", "text": "First part."},
+                "a bare string part",
+                {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                {"type": "text", "text": "Last part."},
+            ]},
+            {"role": "assistant", "content": "", "reasoning": "Think first.", "tool_calls": [
+                {"id": "c2", "type": "function", "function": {"name": "a", "arguments": "not json"}},
+                {"id": "c3", "type": "function", "function": {"name": "b", "arguments": "[1, 2]"}},
+                {"id": "c4", "type": "function", "function": {"name": "c", "arguments": ""}},
+                {"id": "c5", "type": "function", "function": {"name": "d", "arguments": {"x": 1}}},
+            ]},
+            {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "ok"}]},
+            {"role": "assistant", "content": "Done.", "tool_calls": []},
+        ]
+    },
 ]
 
 
+TEXT_PARTS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
+MEDIA_PARTS = {
+    "image_url": "image",
+    "input_image": "image",
+    "image_embeds": "image",
+    "image_pil": "image",
+    "audio_url": "audio",
+    "input_audio": "audio",
+    "audio_embeds": "audio",
+    "video_url": "video",
+}
+CONTENT_LOOP = re.compile(
+    r"\{%[-+]?\s*for\s+[\w\s,]+?\s+in\s+[^%]*?(\['content'\]|\[\"content\"\]|\.content)\s*[-+]?%\}"
+)
+
+
+def content_format(template: str) -> str:
+    """vLLM's `auto`: "openai" for a template that loops over a message's content."""
+    return "openai" if CONTENT_LOOP.search(template) else "string"
+
+
+def vllm_conversation(messages: list, fmt: str) -> list:
+    """The messages as vLLM gives them to a chat template of content format `fmt`."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if content is None:
+            parts = []
+        elif isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        else:
+            parts = content
+        texts, wrapped = [], []
+        for p in parts:
+            if isinstance(p, str):
+                texts.append(p)
+                wrapped.append({"type": "text", "text": p})
+            elif p.get("type") in TEXT_PARTS:
+                text = p.get(TEXT_PARTS[p["type"]])
+                if text is not None:
+                    texts.append(text)
+                    wrapped.append({"type": "text", "text": text})
+            elif p.get("type") in MEDIA_PARTS:
+                wrapped.append({"type": MEDIA_PARTS[p["type"]]})
+        msg = {"role": m["role"], "content": "\n".join(texts) if fmt == "string" else wrapped}
+        if m["role"] == "assistant":
+            if m.get("tool_calls") is not None:
+                msg["tool_calls"] = list(m["tool_calls"])
+            if m.get("reasoning") is not None:
+                msg["reasoning"] = m["reasoning"]
+                msg["reasoning_content"] = m["reasoning"]
+        elif m["role"] == "tool" and "tool_call_id" in m:
+            msg["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        if m["role"] == "developer":
+            msg["tools"] = m.get("tools")
+        out.append(msg)
+    for msg in out:
+        calls = msg.get("tool_calls")
+        if msg["role"] != "assistant" or not isinstance(calls, list):
+            continue
+        if not calls:
+            del msg["tool_calls"]
+            continue
+        decoded = []
+        for call in calls:
+            function = dict(call["function"])
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments:
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    arguments = None
+            function["arguments"] = arguments if isinstance(arguments, dict) and arguments else {}
+            decoded.append({**call, "function": function})
+        msg["tool_calls"] = decoded
+    return out
+
+
 def main() -> None:
-    tok = train()
-    tok.save(str(HERE / "tokenizer.json"), pretty=False)
+    path = HERE / "tokenizer.json"
+    if "--retrain" in sys.argv[1:] or not path.exists():
+        tok = train()
+        tok.save(str(path), pretty=False)
+    else:
+        tok = Tokenizer.from_file(str(path))
     template = (HERE / "chat_template.jinja").read_text(encoding="utf-8")
+    string_template = (HERE / "chat_template_string.jinja").read_text(encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>",
@@ -167,21 +287,27 @@ def main() -> None:
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
 
-    compiled = hf_environment().from_string(template)
-    expected = {"completions": [], "chat": []}
+    templates = {
+        "chat": hf_environment().from_string(template),
+        "chat_string": hf_environment().from_string(string_template),
+    }
+    formats = {"chat": content_format(template), "chat_string": content_format(string_template)}
+    assert formats == {"chat": "openai", "chat_string": "string"}, formats
+    expected = {"completions": [], "chat": [], "chat_string": []}
     for prompt in COMPLETIONS:
         ids = tok.encode(prompt, add_special_tokens=True).ids
         expected["completions"].append({"prompt": prompt, "ids": ids})
-    for case in CHATS:
-        rendered = compiled.render(
-            messages=case["messages"],
-            tools=case.get("tools"),
-            add_generation_prompt=case.get("add_generation_prompt", True),
-            bos_token=config["bos_token"],
-            eos_token=config["eos_token"],
-        )
-        ids = tok.encode(rendered, add_special_tokens=False).ids
-        expected["chat"].append({"request": case, "rendered": rendered, "ids": ids})
+    for key, compiled in templates.items():
+        for case in CHATS:
+            rendered = compiled.render(
+                messages=vllm_conversation(case["messages"], formats[key]),
+                tools=case.get("tools"),
+                add_generation_prompt=case.get("add_generation_prompt", True),
+                bos_token=config["bos_token"],
+                eos_token=config["eos_token"],
+            )
+            ids = tok.encode(rendered, add_special_tokens=False).ids
+            expected[key].append({"request": case, "rendered": rendered, "ids": ids})
     # One case per line: small diffs when the data is regenerated.
     lines = ["{"]
     for i, (key, cases) in enumerate(expected.items()):

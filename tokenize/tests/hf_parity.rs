@@ -1,12 +1,13 @@
-//! The ids of the project's test tokenizer and chat template equal those Hugging Face's Python
+//! The ids of the project's test tokenizer and chat templates equal those Hugging Face's Python
 //! stack gives (`testdata/expected.json`, made by `testdata/make_testdata.py`: `tokenizers` for
-//! the BPE, jinja2 set up as transformers' `apply_chat_template`).
+//! the BPE, jinja2 set up as transformers' `apply_chat_template`, fed the messages as vLLM
+//! rebuilds them, by the script's own Python rendition of vLLM's rules).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 
-use tokenize::{Api, Limits, TokenizeError, Tokenizer};
+use tokenize::{Api, ContentFormat, Limits, TokenizeError, Tokenizer};
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
@@ -25,19 +26,42 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// The chat requests of expected.json as raw JSON text.
-fn raw_chat_requests() -> Vec<Box<serde_json::value::RawValue>> {
+/// The chat requests of expected.json's `key` as raw JSON text.
+fn raw_chat_requests(key: &str) -> Vec<Box<serde_json::value::RawValue>> {
     #[derive(serde::Deserialize)]
     struct Case {
         request: Box<serde_json::value::RawValue>,
     }
-    #[derive(serde::Deserialize)]
-    struct Expected {
-        chat: Vec<Case>,
-    }
     let text = std::fs::read_to_string(testdata().join("expected.json")).unwrap();
-    let e: Expected = serde_json::from_str(&text).unwrap();
-    e.chat.into_iter().map(|c| c.request).collect()
+    let mut e: std::collections::HashMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_str(&text).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(e.remove(key).unwrap().get()).unwrap();
+    cases.into_iter().map(|c| c.request).collect()
+}
+
+/// Each chat of expected.json's `key` renders and encodes as expected with every tokenizer of
+/// `toks`.
+fn check_chats(key: &str, toks: &[&Tokenizer]) {
+    let cases = expected()[key].as_array().unwrap().clone();
+    assert!(cases.len() >= 5, "{key}");
+    for (case, request) in cases.iter().zip(raw_chat_requests(key)) {
+        // The request as its text, so that its keys keep their order (as a client's do).
+        let body = format!(r#"{{"model": "m", {}"#, &request.get()[1..]);
+        let want = ids(&case["ids"]);
+        for tok in toks {
+            let input = tok.chat_input(body.as_bytes()).unwrap();
+            assert_eq!(
+                tok.render_chat(&input).unwrap(),
+                case["rendered"].as_str().unwrap(),
+                "{body}"
+            );
+            assert_eq!(
+                tok.encode_body(Api::ChatCompletions, body.as_bytes())
+                    .unwrap(),
+                want
+            );
+        }
+    }
 }
 
 #[test]
@@ -69,29 +93,35 @@ fn chats_match_hugging_face() {
         Limits::default(),
     )
     .unwrap();
-    for (case, request) in expected()["chat"]
-        .as_array()
+    assert_eq!(from_config.content_format(), ContentFormat::OpenAi);
+    check_chats("chat", &[&from_config, &from_file]);
+}
+
+/// The same chats through a template that prints content as a string (vLLM's "string"
+/// format): text parts joined with newlines, media dropped; and the first template forced to
+/// that format renders its string branch the same way for plain-text chats.
+#[test]
+fn chats_through_a_string_template_match_hugging_face() {
+    let string = Tokenizer::load(
+        &testdata().join("tokenizer.json"),
+        Some(&testdata().join("chat_template_string.jinja")),
+        Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(string.content_format(), ContentFormat::String);
+    check_chats("chat_string", &[&string]);
+    let forced = Tokenizer::load(&testdata(), None, Limits::default())
         .unwrap()
-        .iter()
-        .zip(raw_chat_requests())
-    {
-        // The request as its text, so that its keys keep their order (as a client's do).
-        let body = format!(r#"{{"model": "m", {}"#, &request.get()[1..]);
-        let want = ids(&case["ids"]);
-        for tok in [&from_config, &from_file] {
-            let input = tok.chat_input(body.as_bytes()).unwrap();
-            assert_eq!(
-                tok.render_chat(&input).unwrap(),
-                case["rendered"].as_str().unwrap(),
-                "{body}"
-            );
-            assert_eq!(
-                tok.encode_body(Api::ChatCompletions, body.as_bytes())
-                    .unwrap(),
-                want
-            );
-        }
-    }
+        .with_content_format(Some(ContentFormat::String));
+    assert_eq!(forced.content_format(), ContentFormat::String);
+    let body = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#;
+    let input = forced.chat_input(body.as_bytes()).unwrap();
+    assert!(
+        forced
+            .render_chat(&input)
+            .unwrap()
+            .contains("<|end_header_id|>\n\na\nb<|eot_id|>")
+    );
 }
 
 #[test]
