@@ -9,8 +9,8 @@
 //!   ([`ContentFormat`], vLLM's `--chat-template-content-format`): a *string* (text parts joined
 //!   with `"\n"`, media parts dropped, no content an empty string) for templates that print
 //!   `message.content`, or a *list of parts* (`{"type": "text", "text": …}`, a media part
-//!   `{"type": "image"}` and the like, a plain string one text part) for templates that loop
-//!   over it.
+//!   `{"type": "image"}` and the like; string content one text part, a bare string part left a
+//!   string) for templates that loop over it.
 //! - A message keeps `role`, `content`, `name` (a string), an assistant's `tool_calls` and
 //!   `reasoning` (also as `reasoning_content`), a tool's `tool_call_id`, and a developer's
 //!   `tools`; nothing else reaches the template.
@@ -194,8 +194,9 @@ fn content(content: Option<Value>, format: ContentFormat) -> Option<Value> {
     let mut wrapped: Vec<Value> = Vec::new();
     for part in &parts {
         if let Some(text) = part.as_str() {
+            // A bare string part stays one in the parts list, as vLLM leaves it.
             texts.push(text.to_owned());
-            wrapped.push(text_part(text));
+            wrapped.push(part.clone());
             continue;
         }
         let kind = field(part, "type");
@@ -337,8 +338,7 @@ mod tests {
                 .get_attr("content")
                 .unwrap()
                 .to_string(),
-            json(r#"[{"type":"text","text":"a"},{"type":"image"},{"type":"text","text":"b"}]"#)
-                .to_string()
+            json(r#"[{"type":"text","text":"a"},{"type":"image"},"b"]"#).to_string()
         );
         // Not a list: as it came.
         assert_eq!(

@@ -223,7 +223,7 @@ def vllm_conversation(messages: list, fmt: str) -> list:
         for p in parts:
             if isinstance(p, str):
                 texts.append(p)
-                wrapped.append({"type": "text", "text": p})
+                wrapped.append(p)
             elif p.get("type") in TEXT_PARTS:
                 text = p.get(TEXT_PARTS[p["type"]])
                 if text is not None:
