@@ -1,7 +1,8 @@
 //! The conversation as vLLM hands it to the chat template, not as the request spelt it.
 //!
-//! vLLM does not give the template a request's `messages` as they came (vLLM
-//! `vllm/entrypoints/chat_utils.py`, `parse_chat_messages`): it rebuilds each message from the
+//! vLLM does not give the template a request's `messages` as they came (`parse_chat_messages`
+//! in vLLM's `vllm/entrypoints/chat_utils`, followed as of its late-2026 source; older releases
+//! lack the tool-result, `task` and Claude Code steps): it rebuilds each message from the
 //! fields it knows, and a template fed the raw request renders other text, hence other token
 //! ids, and the precise prefix index misses. What it does, and so what this module does:
 //!
@@ -9,9 +10,11 @@
 //!   ([`ContentFormat`], vLLM's `--chat-template-content-format`): a *string* (text parts joined
 //!   with `"\n"`, media parts dropped, no content an empty string) for templates that print
 //!   `message.content`, or a *list of parts* (`{"type": "text", "text": …}`, a media part
-//!   `{"type": "image"}` and the like; string content one text part, a bare string part left a
-//!   string) for templates that loop over it.
-//! - A message keeps `role`, `content`, `name` (a string), an assistant's `tool_calls` and
+//!   `{"type": "image"}` and the like; a string one text part) for templates that loop over it.
+//!   A tool's result of text parts alone is one string in either format, and a system message's
+//!   text loses a leading Claude Code attribution line (`x-anthropic-billing-header…`, different
+//!   on every request).
+//! - A message keeps `role`, `content`, `name` and `task` (strings), an assistant's `tool_calls` and
 //!   `reasoning` (also as `reasoning_content`), a tool's `tool_call_id`, and a developer's
 //!   `tools`; nothing else reaches the template.
 //! - An assistant's `tool_calls[].function.arguments`, a JSON string in the OpenAI API, become
@@ -140,7 +143,7 @@ fn message(m: &Value, format: ContentFormat) -> Value {
         return m.clone();
     }
     let role = field(m, "role").unwrap_or_default();
-    let Some(content) = content(field(m, "content"), format) else {
+    let Some(content) = content(field(m, "content"), role.as_str(), format) else {
         return m.clone();
     };
     let mut out: Vec<(&str, Value)> = vec![("role", role.clone()), ("content", content)];
@@ -170,52 +173,77 @@ fn message(m: &Value, format: ContentFormat) -> Value {
     if let Some(name) = field(m, "name").filter(|n| n.kind() == ValueKind::String) {
         out.push(("name", name));
     }
+    if let Some(task) = field(m, "task").filter(|t| t.kind() == ValueKind::String) {
+        out.push(("task", task));
+    }
     if role.as_str() == Some("developer") {
         out.push(("tools", field(m, "tools").unwrap_or(Value::from(()))));
     }
     Value::from_pairs(out)
 }
 
+/// Claude Code's attribution line, which vLLM drops from system text: its value changes on
+/// every request, and left in it would end every prefix match there.
+const CLAUDE_CODE_BILLING_HEADER: &str = "x-anthropic-billing-header";
+
 /// A message's content in `format`; `None` when it is neither absent, a string nor a list
 /// (the engine refuses such a message).
-fn content(content: Option<Value>, format: ContentFormat) -> Option<Value> {
+fn content(content: Option<Value>, role: Option<&str>, format: ContentFormat) -> Option<Value> {
     let parts: Vec<Value> = match &content {
         None => Vec::new(),
-        Some(c) if c.kind() == ValueKind::String => {
-            vec![Value::from_pairs([
-                ("type", "text".into()),
-                ("text", c.clone()),
-            ])]
-        }
+        Some(c) if c.kind() == ValueKind::String => vec![text_part(c.as_str().unwrap_or(""))],
         Some(c) if c.kind() == ValueKind::Seq => c.try_iter().ok()?.collect(),
         Some(_) => return None,
     };
     let mut texts: Vec<String> = Vec::new();
     let mut wrapped: Vec<Value> = Vec::new();
     for part in &parts {
-        if let Some(text) = part.as_str() {
-            // A bare string part stays one in the parts list, as vLLM leaves it.
-            texts.push(text.to_owned());
-            wrapped.push(part.clone());
-            continue;
-        }
         let kind = field(part, "type");
         let kind = kind.as_ref().and_then(Value::as_str);
-        if let Some((_, key)) = TEXT_PARTS.iter().find(|(t, _)| Some(*t) == kind) {
+        let text = if let Some(text) = part.as_str() {
+            Some(text.to_owned())
+        } else if let Some((_, key)) = TEXT_PARTS.iter().find(|(t, _)| Some(*t) == kind) {
             // A text part without its text is skipped.
-            if let Some(text) = field(part, key) {
-                let text = text
-                    .as_str()
-                    .map_or_else(|| text.to_string(), str::to_owned);
+            let Some(text) = field(part, key) else {
+                continue;
+            };
+            Some(
+                text.as_str()
+                    .map_or_else(|| text.to_string(), str::to_owned),
+            )
+        } else {
+            None
+        };
+        match text {
+            Some(mut text) => {
+                if role == Some("system")
+                    && (part.as_str().is_some() || kind == Some("text"))
+                    && text.starts_with(CLAUDE_CODE_BILLING_HEADER)
+                {
+                    text = text
+                        .split_once('\n')
+                        .map(|(_, rest)| rest)
+                        .unwrap_or("")
+                        .to_owned();
+                    if text.is_empty() {
+                        continue;
+                    }
+                }
                 wrapped.push(text_part(&text));
                 texts.push(text);
             }
-        } else if let Some((_, modality)) = MEDIA_PARTS.iter().find(|(t, _)| Some(*t) == kind) {
-            wrapped.push(Value::from_pairs([("type", Value::from(*modality))]));
+            None => {
+                if let Some((_, modality)) = MEDIA_PARTS.iter().find(|(t, _)| Some(*t) == kind) {
+                    wrapped.push(Value::from_pairs([("type", Value::from(*modality))]));
+                }
+            }
         }
     }
     Some(match format {
         ContentFormat::String => Value::from(texts.join("\n")),
+        // A tool's result of text parts alone is one string in either format: most templates
+        // print a tool message's content as a string.
+        ContentFormat::OpenAi if role == Some("tool") => Value::from(texts.join("\n")),
         ContentFormat::OpenAi => Value::from(wrapped),
     })
 }
@@ -338,7 +366,8 @@ mod tests {
                 .get_attr("content")
                 .unwrap()
                 .to_string(),
-            json(r#"[{"type":"text","text":"a"},{"type":"image"},"b"]"#).to_string()
+            json(r#"[{"type":"text","text":"a"},{"type":"image"},{"type":"text","text":"b"}]"#)
+                .to_string()
         );
         // Not a list: as it came.
         assert_eq!(

@@ -161,7 +161,10 @@ CHATS = [
     },
     {
         "messages": [
-            {"role": "system", "content": "Route well.", "extra": "dropped by vLLM"},
+            {"role": "system", "extra": "dropped by vLLM", "content": [
+                {"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=5e1f\nRoute well."},
+                {"type": "text", "text": "x-anthropic-billing-header: cch=only"},
+            ]},
             {"role": "user", "name": "ana", "content": [
                 {"type": "text", "text": "First part."},
                 "a bare string part",
@@ -174,7 +177,8 @@ CHATS = [
                 {"id": "c4", "type": "function", "function": {"name": "c", "arguments": ""}},
                 {"id": "c5", "type": "function", "function": {"name": "d", "arguments": {"x": 1}}},
             ]},
-            {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "ok"}]},
+            {"role": "tool", "tool_call_id": "c2", "content": [
+                {"type": "text", "text": "ok"}, {"type": "text", "text": "twice"}]},
             {"role": "assistant", "content": "Done.", "tool_calls": []},
         ]
     },
@@ -198,6 +202,7 @@ MEDIA_PARTS = {
     "audio_embeds": "audio",
     "video_url": "video",
 }
+BILLING_HEADER = "x-anthropic-billing-header"
 CONTENT_LOOP = re.compile(
     r"\{%[-+]?\s*for\s+[\w\s,]+?\s+in\s+[^%]*?(\['content'\]|\[\"content\"\]|\.content)\s*[-+]?%\}"
 )
@@ -222,16 +227,27 @@ def vllm_conversation(messages: list, fmt: str) -> list:
         texts, wrapped = [], []
         for p in parts:
             if isinstance(p, str):
-                texts.append(p)
-                wrapped.append(p)
+                text = p
             elif p.get("type") in TEXT_PARTS:
                 text = p.get(TEXT_PARTS[p["type"]])
-                if text is not None:
-                    texts.append(text)
-                    wrapped.append({"type": "text", "text": text})
-            elif p.get("type") in MEDIA_PARTS:
-                wrapped.append({"type": MEDIA_PARTS[p["type"]]})
-        msg = {"role": m["role"], "content": "\n".join(texts) if fmt == "string" else wrapped}
+                if text is None:
+                    continue
+            else:
+                if p.get("type") in MEDIA_PARTS:
+                    wrapped.append({"type": MEDIA_PARTS[p["type"]]})
+                continue
+            plain = isinstance(p, str) or p.get("type") == "text"
+            if m["role"] == "system" and plain and text.startswith(BILLING_HEADER):
+                text = text.partition("\n")[2]
+                if not text:
+                    continue
+            texts.append(text)
+            wrapped.append({"type": "text", "text": text})
+        if fmt == "string" or m["role"] == "tool":
+            content = "\n".join(texts)
+        else:
+            content = wrapped
+        msg = {"role": m["role"], "content": content}
         if m["role"] == "assistant":
             if m.get("tool_calls") is not None:
                 msg["tool_calls"] = list(m["tool_calls"])
@@ -242,6 +258,8 @@ def vllm_conversation(messages: list, fmt: str) -> list:
             msg["tool_call_id"] = m["tool_call_id"]
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if isinstance(m.get("task"), str):
+            msg["task"] = m["task"]
         if m["role"] == "developer":
             msg["tools"] = m.get("tools")
         out.append(msg)
