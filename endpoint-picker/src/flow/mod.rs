@@ -290,6 +290,10 @@ type Decision = Result<Admitted, FlowRejection>;
 struct Item {
     id: u64,
     enqueued: Instant,
+    /// The pool's time without endpoints when it was enqueued, in nanoseconds (its wait
+    /// without endpoints is measured from it, its wait with them is the rest of its wait:
+    /// [`State::expire`]; a `u64`, not a `Duration`, to keep the entry small).
+    empty_clock_at_enqueue: u64,
     /// The SLO-deadline ordering's deadline.
     deadline: Option<Instant>,
     bytes: u64,
@@ -657,8 +661,10 @@ struct State {
     /// Whether a cycle has read the pool yet (the first reading sets the regime, it does not
     /// change it).
     pool_read: bool,
-    /// When the pool last changed between empty and not (TTL budgets restart then).
+    /// When the pool last changed between empty and not.
     regime_since: Instant,
+    /// The pool's time without endpoints up to `regime_since`.
+    empty_clock: Duration,
     next_id: u64,
     /// The arrival time of the last request queued: see [`FlowControl::enqueue`].
     last_enqueued: Option<Instant>,
@@ -685,36 +691,51 @@ impl State {
         }
     }
 
-    /// Pops every request whose wait budget is spent: `budget` from its arrival or from the
-    /// last change of regime (pool empty or not), whichever is later, but never past `cap`
-    /// from its arrival. Each queue is in arrival order and the budgets are the same for all,
-    /// so only queue heads need looking at.
-    fn expire(
-        &mut self,
-        budget: Option<Duration>,
-        cap: Option<Duration>,
-        now: Instant,
-        out: &mut Vec<(Item, Outcome)>,
-    ) {
+    /// The pool's time without endpoints up to `now`.
+    fn empty_clock(&self, now: Instant) -> Duration {
+        if self.pool_empty {
+            self.empty_clock + now.saturating_duration_since(self.regime_since)
+        } else {
+            self.empty_clock
+        }
+    }
+
+    /// Moves to the regime `empty` at `now`, charging the time since the last change to the
+    /// regime it ends.
+    fn change_regime(&mut self, empty: bool, now: Instant) {
+        self.empty_clock = self.empty_clock(now);
+        self.regime_since = now;
+        self.pool_empty = empty;
+    }
+
+    /// Pops every request whose wait budget for the current regime is spent: `budget` of time
+    /// waited in this regime (with endpoints, or without) since it was enqueued, all such
+    /// stretches counted together. Budgets are charged, not restarted, at each change, so a
+    /// pool that flaps between empty and not faster than either budget cannot hold a request
+    /// for ever. Each queue is in arrival order and the budget is the same for all, so only
+    /// queue heads need looking at.
+    fn expire(&mut self, budget: Option<Duration>, now: Instant, out: &mut Vec<(Item, Outcome)>) {
         let Some(budget) = budget else { return };
-        let outcome = if self.pool_empty {
+        let empty = self.pool_empty;
+        let outcome = if empty {
             Outcome::EvictedNoEndpoints
         } else {
             Outcome::EvictedTtl
         };
-        let since = self.regime_since;
+        let empty_clock = self.empty_clock(now);
         let mut items = Vec::new();
         for band in &mut self.bands {
-            // A budget past the clock's range never expires (rather than overflow).
             band.expire_heads(
                 |head| {
-                    let in_regime = head.enqueued.max(since).checked_add(budget);
-                    let capped = cap.and_then(|cap| head.enqueued.checked_add(cap));
-                    in_regime
-                        .into_iter()
-                        .chain(capped)
-                        .min()
-                        .is_some_and(|deadline| now >= deadline)
+                    let without = empty_clock
+                        .saturating_sub(Duration::from_nanos(head.empty_clock_at_enqueue));
+                    let waited = if empty {
+                        without
+                    } else {
+                        now.saturating_duration_since(head.enqueued)
+                            .saturating_sub(without)
+                    };
+                    waited >= budget
                 },
                 &mut items,
             );
@@ -796,6 +817,7 @@ impl FlowControl {
                 pool_empty: false,
                 pool_read: false,
                 regime_since: now,
+                empty_clock: Duration::ZERO,
                 next_id: 0,
                 last_enqueued: None,
                 saturation: 1.0,
@@ -937,6 +959,8 @@ impl FlowControl {
                 // expiry from the heads rely on.
                 let enqueued = st.last_enqueued.map_or(now, |last| last.max(now));
                 st.last_enqueued = Some(enqueued);
+                let empty_clock_at_enqueue =
+                    u64::try_from(st.empty_clock(enqueued).as_nanos()).unwrap_or(u64::MAX);
                 let band = &mut st.bands[bi];
                 band.active = now;
                 band.push(
@@ -944,6 +968,7 @@ impl FlowControl {
                     Item {
                         id,
                         enqueued,
+                        empty_clock_at_enqueue,
                         deadline: request.slo_ttft.map(|d| enqueued + d),
                         bytes: request.bytes,
                         tx,
@@ -1107,9 +1132,11 @@ impl FlowControl {
             let empty = reading.endpoints == 0;
             let mut st = self.state.lock();
             if empty != st.pool_empty {
-                st.pool_empty = empty;
                 if st.pool_read {
-                    st.regime_since = now;
+                    st.change_regime(empty, now);
+                } else {
+                    // The first reading sets the regime; the time before it counts to it.
+                    st.pool_empty = empty;
                 }
             }
             st.pool_read = true;
@@ -1119,15 +1146,7 @@ impl FlowControl {
                 } else {
                     self.config.request_ttl
                 };
-                // The regime split restarts a budget at each change; a pool that flaps
-                // between empty and not faster than the budgets must not hold a request
-                // for ever, so no request waits longer than both budgets together.
-                let cap = self
-                    .config
-                    .request_ttl
-                    .zip(self.config.no_endpoint_ttl)
-                    .map(|(a, b)| a.saturating_add(b));
-                st.expire(ttl, cap, now, &mut expired);
+                st.expire(ttl, now, &mut expired);
                 self.housekeeping(&mut st, now);
             }
             st.saturation = reading.saturation;

@@ -547,35 +547,39 @@ async fn ttl_expires_in_paused_time_with_the_regime_split() {
 }
 
 /// A pool that flaps between empty and not faster than either budget (replicas crash-looping)
-/// restarts the regime's budget each time; no request waits longer than both budgets together.
+/// charges each budget with the request's time in its regime, all stretches together, instead
+/// of restarting it at each change: the request goes once it has waited `defaultRequestTTL`
+/// with endpoints, even with no budget at all without them.
 #[tokio::test(start_paused = true)]
-async fn a_flapping_pool_holds_a_request_no_longer_than_both_budgets() {
-    let fc = FlowControl::new(FlowConfig {
-        request_ttl: Some(Duration::from_secs(10)),
-        no_endpoint_ttl: Some(Duration::from_secs(30)),
-        ..FlowConfig::default()
-    });
-    let pool = FakePool::new(1, 0);
-    let start = Instant::now();
-    fc.dispatch_cycle(start, pool.as_ref());
-    let mut t = fc.enqueue(req("a", 0), start);
-    let mut at = start;
-    // Empty and back every 5 s; the cycle runs every second.
-    while at < start + Duration::from_secs(39) {
-        at += Duration::from_secs(1);
-        let secs = (at - start).as_secs();
-        pool.endpoints
-            .store(usize::from((secs / 5).is_multiple_of(2)), Ordering::Relaxed);
-        fc.dispatch_cycle(at, pool.as_ref());
-        assert_eq!(fc.queued(), 1, "still waiting at {secs} s");
+async fn a_flapping_pool_charges_each_budget_instead_of_restarting_it() {
+    for no_endpoint_ttl in [Some(Duration::from_secs(30)), None] {
+        let fc = FlowControl::new(FlowConfig {
+            request_ttl: Some(Duration::from_secs(10)),
+            no_endpoint_ttl,
+            ..FlowConfig::default()
+        });
+        let pool = FakePool::new(1, 0);
+        let start = Instant::now();
+        fc.dispatch_cycle(start, pool.as_ref());
+        let mut t = fc.enqueue(req("a", 0), start);
+        // Up for 5 s, empty for 5 s, and so on; a cycle every second. With endpoints: 0-5 s and
+        // 10-15 s make 10 s, but 15-20 s is empty, so it goes at 20 s.
+        for secs in 1..20u64 {
+            pool.endpoints
+                .store(usize::from((secs / 5).is_multiple_of(2)), Ordering::Relaxed);
+            fc.dispatch_cycle(start + Duration::from_secs(secs), pool.as_ref());
+            assert_eq!(
+                fc.queued(),
+                1,
+                "still waiting at {secs} s ({no_endpoint_ttl:?})"
+            );
+        }
+        pool.endpoints.store(1, Ordering::Relaxed);
+        fc.dispatch_cycle(start + Duration::from_secs(20), pool.as_ref());
+        assert_eq!(fc.queued(), 0, "held past its budget ({no_endpoint_ttl:?})");
+        let e = t.wait().await.unwrap_err();
+        assert_eq!(e.outcome, Outcome::EvictedTtl);
     }
-    // 40 s: the pool is up (40 / 5 is even), and the 10 + 30 s cap is reached.
-    at += Duration::from_secs(1);
-    pool.endpoints.store(1, Ordering::Relaxed);
-    fc.dispatch_cycle(at, pool.as_ref());
-    assert_eq!(fc.queued(), 0, "held past both budgets");
-    let e = t.wait().await.unwrap_err();
-    assert_eq!(e.outcome, Outcome::EvictedTtl);
 }
 
 #[tokio::test(start_paused = true)]
@@ -774,6 +778,7 @@ proptest::proptest! {
                         Item {
                             id: next_id,
                             enqueued: now,
+                            empty_clock_at_enqueue: 0,
                             deadline: slo.map(|ms| now + Duration::from_millis(u64::from(ms))),
                             bytes: 10,
                             tx,
