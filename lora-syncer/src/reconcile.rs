@@ -343,7 +343,9 @@ impl Reconciler {
         };
         report.engine_available = true;
         // Unloads first: pulling an adapter (a bad one, say) must not wait behind loads.
-        let cut_at = self.cut_at.take();
+        // Read, not taken: a pass dropped part-way (a config change, shutdown) leaves it for
+        // the next; a pass that ends clears or replaces it.
+        let cut_at = self.cut_at.clone();
         let unwanted: Vec<String> = self
             .config
             .ensure_not_exist
@@ -422,6 +424,11 @@ impl Reconciler {
                     self.failed(id, now, &error, &mut report);
                     continue;
                 }
+                // Counted as found: a pass dropped during the reload would not count it later
+                // (the adapter is no longer `Loaded`). Once a pass, however many were lost.
+                if !lost_any {
+                    self.metrics.engine_restarts.inc();
+                }
                 lost_any = true;
                 tracing::warn!(adapter = %id, "loaded adapter missing from the engine (restarted?); loading it again");
                 if let Some(t) = self.tracks.get_mut(id) {
@@ -454,12 +461,10 @@ impl Reconciler {
                 }
             }
         }
-        if lost_any {
-            self.metrics.engine_restarts.inc();
-        }
         if let Some(id) = cut_by {
             return self.cut_short(report, &id);
         }
+        self.cut_at = None;
         Metrics::result(&self.metrics.reconciles, "ok");
         report
     }

@@ -387,7 +387,8 @@ async fn a_pass_cut_short_resumes_after_the_adapter_that_hung() {
         (report.loaded.as_slice(), report.waiting.as_slice()),
         (&["b-quick".to_owned()][..], &["a-slow".to_owned()][..])
     );
-    // A pass cut short by a-slow again, past its back-off: b-quick (after it) comes first.
+    // Past its back-off, a-slow is tried first again (the last pass was not cut short) and cuts
+    // this pass short before c-quick; the next pass resumes after it: c-quick, then a-slow last.
     r.set_config(config_for(
         &sim,
         &[("a-slow", &slow), ("b-quick", &quick), ("c-quick", &quick)],
