@@ -16,9 +16,10 @@
 //! its adapters unpublished: what it holds is unknown), a load or unload that fails is not
 //! tried again on that endpoint for a while, nor are that endpoint's other planned changes
 //! meanwhile (the plan pairs an unload with the load it makes room for): each with a backoff
-//! doubling from the interval to [`MAX_BACKOFF`], counted from when the call gave up. A pass
-//! waits for its listings at most [`MIN_LISTING_WAIT`] or its interval, whichever is longer;
-//! an endpoint not answered by then is skipped and backed off like one whose listing failed. The `ensureNotExist` adapters an endpoint lists are never published, so
+//! doubling from the interval to [`MAX_BACKOFF`], counted from when the call gave up. A listing
+//! may take [`MIN_LISTING_WAIT`] or the interval, whichever is longer, from when it gets its
+//! call permit; an endpoint not answered by then is skipped and backed off like one whose
+//! listing failed. (Loads and unloads keep the whole call timeout: a load may take long.) The `ensureNotExist` adapters an endpoint lists are never published, so
 //! requests for them are not steered to it and it drains. The engines are called over one
 //! connection pool kept across passes (a connection per engine, reused), at most
 //! [`MAX_CONCURRENT_CALLS`] calls at once. Nothing runs on the request path.
@@ -53,10 +54,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Most engine calls in flight at once: a pass over 1,000 endpoints lists them 32 at a time
 /// rather than opening 1,000 connections together.
 pub const MAX_CONCURRENT_CALLS: usize = 32;
-/// The least a pass waits for the endpoints' listings (the pass waits for them at most its
-/// interval, or this, whichever is longer, and never past the call timeout): a listing not in
-/// by then counts as failed, so one engine whose API hangs cannot hold every pass, and the
-/// loads other endpoints need, for a whole call timeout.
+/// The least one listing may take (from when it gets its call permit: it may take the pass's
+/// interval, or this, whichever is longer, and never more than the call timeout): a listing
+/// not in by then counts as failed, so one engine whose API hangs cannot hold every pass, and
+/// the loads other endpoints need, for a whole call timeout.
 pub const MIN_LISTING_WAIT: Duration = Duration::from_secs(5);
 
 /// Why placement could not be set up.
@@ -492,8 +493,13 @@ impl Placement {
 
         // 1. What each usable endpoint holds.
         let mut listing = JoinSet::new();
-        // Listed, not answered yet.
-        let mut unanswered: BTreeMap<EndpointId, Arc<Endpoint>> = BTreeMap::new();
+        // Each listing may take `listing_wait` from when it gets its permit (not from the
+        // pass's start: in a pool larger than the permits, waiting for one is no failure).
+        let listing_wait = self
+            .settings
+            .interval
+            .max(MIN_LISTING_WAIT)
+            .min(self.settings.call_timeout);
         for e in &snapshot.endpoints {
             let usable = matches!(
                 e.metrics().readiness,
@@ -503,51 +509,30 @@ impl Placement {
                 e.store_adapters(None);
                 continue;
             }
-            unanswered.insert(e.id, e.clone());
             let (e, engine, calls) = (e.clone(), self.engine(e), self.calls.clone());
             listing.spawn(async move {
                 // The semaphore is never closed; were it, the call goes ahead unbounded.
                 let _permit = calls.acquire_owned().await.ok();
-                let r = engine.adapters().await;
+                let r = tokio::time::timeout(listing_wait, engine.adapters()).await;
                 (e, r)
             });
         }
         let mut listed: Vec<(Arc<Endpoint>, BTreeSet<String>)> = Vec::new();
-        let listing_wait = self
-            .settings
-            .interval
-            .max(MIN_LISTING_WAIT)
-            .min(self.settings.call_timeout);
-        loop {
-            let joined =
-                match tokio::time::timeout_at(now + listing_wait, listing.join_next()).await {
-                    Ok(Some(joined)) => joined,
-                    Ok(None) => break,
-                    Err(_) => {
-                        listing.abort_all();
-                        break;
-                    }
-                };
+        while let Some(joined) = listing.join_next().await {
             let Ok((e, r)) = joined else { continue };
-            unanswered.remove(&e.id);
-            match r {
-                Ok(names) => {
+            let error = match r {
+                Ok(Ok(names)) => {
                     st.backoff.remove(&e.id);
                     e.store_adapters(Some(published(&names, &self.forbidden)));
                     listed.push((e, names));
+                    continue;
                 }
-                Err(err) => {
-                    self.metrics.engine_errors.inc();
-                    let delay = self.failed(st, e.id);
-                    tracing::warn!(endpoint = %e.spec.name, error = %err, retry_in = ?delay, "LoRA placement: listing adapters failed; endpoint skipped");
-                    e.store_adapters(None);
-                }
-            }
-        }
-        for e in unanswered.into_values() {
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("no answer within {listing_wait:?}"),
+            };
             self.metrics.engine_errors.inc();
             let delay = self.failed(st, e.id);
-            tracing::warn!(endpoint = %e.spec.name, waited = ?listing_wait, retry_in = ?delay, "LoRA placement: listing adapters did not answer in time; endpoint skipped");
+            tracing::warn!(endpoint = %e.spec.name, %error, retry_in = ?delay, "LoRA placement: listing adapters failed; endpoint skipped");
             e.store_adapters(None);
         }
         listed.sort_by_key(|(e, _)| e.id);

@@ -462,16 +462,12 @@ struct Tally {
     most_in_flight: AtomicUsize,
 }
 
-/// Review: each pass made a new HTTP client per endpoint (a new connection to every engine,
-/// every pass), and listed every endpoint at once. Now one pool is kept across passes and at
-/// most MAX_CONCURRENT_CALLS calls are in flight.
-#[tokio::test]
-async fn passes_reuse_one_connection_per_engine_and_bound_calls_in_flight() {
+/// `n` engines on loopback answering every adapter listing (an empty list) after `delay`, one
+/// keep-alive request after another, counted in `tally`.
+async fn listing_engines(n: usize, delay: Duration, tally: Arc<Tally>) -> Vec<SocketAddr> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    const ENGINES: usize = MAX_CONCURRENT_CALLS + 8;
-    let tally = Arc::new(Tally::default());
     let mut addrs = Vec::new();
-    for _ in 0..ENGINES {
+    for _ in 0..n {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         addrs.push(listener.local_addr().unwrap());
         let tally = tally.clone();
@@ -494,8 +490,7 @@ async fn passes_reuse_one_connection_per_engine_and_bound_calls_in_flight() {
                         }
                         let now = tally.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                         tally.most_in_flight.fetch_max(now, Ordering::SeqCst);
-                        // Slow enough for every listing not held back to overlap.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tokio::time::sleep(delay).await;
                         tally.in_flight.fetch_sub(1, Ordering::SeqCst);
                         let body = "{\"object\":\"list\",\"data\":[]}";
                         let answer = format!(
@@ -510,6 +505,18 @@ async fn passes_reuse_one_connection_per_engine_and_bound_calls_in_flight() {
             }
         });
     }
+    addrs
+}
+
+/// Review: each pass made a new HTTP client per endpoint (a new connection to every engine,
+/// every pass), and listed every endpoint at once. Now one pool is kept across passes and at
+/// most MAX_CONCURRENT_CALLS calls are in flight.
+#[tokio::test]
+async fn passes_reuse_one_connection_per_engine_and_bound_calls_in_flight() {
+    const ENGINES: usize = MAX_CONCURRENT_CALLS + 8;
+    let tally = Arc::new(Tally::default());
+    // Slow enough for every listing not held back to overlap.
+    let addrs = listing_engines(ENGINES, Duration::from_millis(20), tally.clone()).await;
     let datastore = serving_pool(&addrs);
     let placement = Placement::new(
         settings(CATALOGUE, Duration::from_secs(30)),
@@ -528,4 +535,35 @@ async fn passes_reuse_one_connection_per_engine_and_bound_calls_in_flight() {
     let most = tally.most_in_flight.load(Ordering::SeqCst);
     assert!(most <= MAX_CONCURRENT_CALLS, "{most} listings at once");
     assert!(most > 1, "listings run side by side ({most})");
+}
+
+/// A listing's wait starts when it gets its call permit: in a pool larger than the permits,
+/// healthy engines that each answer in 3 s (within the 5 s a listing may take) are all listed,
+/// though the last of them answer 6 s into the pass. Paused time.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_a_call_permit_is_no_listing_failure() {
+    const ENGINES: usize = MAX_CONCURRENT_CALLS + 8;
+    let tally = Arc::new(Tally::default());
+    let addrs = listing_engines(ENGINES, Duration::from_secs(3), tally.clone()).await;
+    let datastore = serving_pool(&addrs);
+    let placement = Placement::new(
+        settings(CATALOGUE, Duration::from_secs(30)),
+        datastore.clone(),
+        PlacementMetrics::default(),
+    );
+    let mut st = placement.state();
+    let began = tokio::time::Instant::now();
+    assert_eq!(placement.pass(&mut st).await.listed, ENGINES);
+    assert!(
+        began.elapsed() >= Duration::from_secs(6),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(
+        datastore
+            .snapshot()
+            .endpoints
+            .iter()
+            .all(|e| e.adapters().is_some())
+    );
 }
