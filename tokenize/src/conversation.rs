@@ -19,7 +19,9 @@
 //!   `tools`; nothing else reaches the template.
 //! - An assistant's `tool_calls[].function.arguments`, a JSON string in the OpenAI API, become
 //!   the object it encodes (templates print them with `tojson`); empty, not JSON or not an object,
-//!   they become `{}`; an empty `tool_calls` is dropped.
+//!   they become `{}`; an empty `tool_calls` is dropped. Each call is `{id, function: {arguments,
+//!   name}, type}` in that order, other keys dropped, as the server's request validation
+//!   rebuilds it.
 //!
 //! Anything vLLM would refuse (a message that is not an object, a part without a type) is left
 //! as it came: the engine answers such a request with an error wherever it is routed.
@@ -281,32 +283,31 @@ fn tool_call(call: &Value) -> Value {
         },
         _ => empty_map(),
     };
-    let function = Value::from_pairs(replaced(&function, "arguments", arguments));
-    Value::from_pairs(replaced(call, "function", function))
+    // vLLM's server validates a call as OpenAI's typed dicts (pydantic), which rebuilds them
+    // with their keys in the types' order and drops any other: `{id, function: {arguments,
+    // name}, type}` (checked with pydantic 2.14 and openai 3.60). A template printing
+    // `function | tojson` shows that order.
+    let mut function_out = vec![("arguments", arguments)];
+    function_out.extend(field(&function, "name").map(|n| ("name", n)));
+    let mut out = Vec::with_capacity(3);
+    out.extend(
+        call.get_attr("id")
+            .ok()
+            .filter(|v| !v.is_undefined())
+            .map(|id| ("id", id)),
+    );
+    out.push(("function", Value::from_pairs(function_out)));
+    out.extend(
+        call.get_attr("type")
+            .ok()
+            .filter(|v| !v.is_undefined())
+            .map(|t| ("type", t)),
+    );
+    Value::from_pairs(out)
 }
 
 fn empty_map() -> Value {
     Value::from_pairs(Vec::<(Value, Value)>::new())
-}
-
-/// The entries of `map` with `key`'s value replaced in place (so the order stays), or added
-/// last.
-fn replaced(map: &Value, key: &str, value: Value) -> Vec<(Value, Value)> {
-    let mut entries: Vec<(Value, Value)> = map
-        .try_iter()
-        .map(|keys| {
-            keys.map(|k| {
-                let v = map.get_item(&k).unwrap_or_default();
-                (k, v)
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    match entries.iter_mut().find(|(k, _)| k.as_str() == Some(key)) {
-        Some((_, v)) => *v = value,
-        None => entries.push((Value::from(key), value)),
-    }
-    entries
 }
 
 #[cfg(test)]
@@ -352,7 +353,7 @@ mod tests {
             string.to_string(),
             json(
                 r#"[{"role":"user","content":"a\nb"},
-                    {"role":"assistant","content":"","tool_calls":[{"id":"1","function":{"name":"f","arguments":{"z":1,"a":2}}}]},
+                    {"role":"assistant","content":"","tool_calls":[{"id":"1","function":{"arguments":{"z":1,"a":2},"name":"f"}}]},
                     {"role":"assistant","content":"hi"},
                     7]"#
             )

@@ -172,7 +172,7 @@ CHATS = [
                 {"type": "text", "text": "Last part."},
             ]},
             {"role": "assistant", "content": "", "reasoning": "Think first.", "tool_calls": [
-                {"id": "c2", "type": "function", "function": {"name": "a", "arguments": "not json"}},
+                {"id": "c2", "type": "function", "extra": 1, "function": {"name": "a", "arguments": "not json", "x": 2}},
                 {"id": "c3", "type": "function", "function": {"name": "b", "arguments": "[1, 2]"}},
                 {"id": "c4", "type": "function", "function": {"name": "c", "arguments": ""}},
                 {"id": "c5", "type": "function", "function": {"name": "d", "arguments": {"x": 1}}},
@@ -272,15 +272,20 @@ def vllm_conversation(messages: list, fmt: str) -> list:
             continue
         decoded = []
         for call in calls:
-            function = dict(call["function"])
+            function = call["function"]
             arguments = function.get("arguments")
             if isinstance(arguments, str) and arguments:
                 try:
                     arguments = json.loads(arguments)
                 except json.JSONDecodeError:
                     arguments = None
-            function["arguments"] = arguments if isinstance(arguments, dict) and arguments else {}
-            decoded.append({**call, "function": function})
+            arguments = arguments if isinstance(arguments, dict) and arguments else {}
+            # The server validates a call as OpenAI's typed dicts (pydantic): their keys in the
+            # types' order, others dropped.
+            function = {"arguments": arguments, **({"name": function["name"]} if "name" in function else {})}
+            decoded.append(
+                {k: (function if k == "function" else call[k]) for k in ("id", "function", "type") if k in call}
+            )
         msg["tool_calls"] = decoded
     return out
 
