@@ -48,6 +48,16 @@ impl ContentFormat {
     pub fn detect(template: &str) -> Self {
         let mut rest = template;
         while let Some(start) = rest.find("{%") {
+            // A comment before this tag may hold `{%`: skip every comment that opens first.
+            if let Some(comment) = rest.find("{#")
+                && comment < start
+            {
+                let Some(end) = rest[comment..].find("#}") else {
+                    break;
+                };
+                rest = &rest[comment + end + 2..];
+                continue;
+            }
             let tag = &rest[start + 2..];
             let Some(end) = tag.find("%}") else { break };
             if loops_over_content(&tag[..end]) {
@@ -88,13 +98,17 @@ fn loops_over_content(tag: &str) -> bool {
     let Some((_, iterable)) = head.split_once(" in ") else {
         return false;
     };
-    // `for x in y if cond` and `for x in y recursive`: the iterable ends before them.
+    // `for x in y if cond` and `for x in y recursive`: the iterable ends before them; a
+    // filtered one (`y | selectattr(…)`) is still a loop over `y`.
     let iterable = iterable
         .split(" if ")
         .next()
         .unwrap_or(iterable)
         .trim()
         .trim_end_matches("recursive")
+        .split('|')
+        .next()
+        .unwrap_or(iterable)
         .trim();
     ["['content']", "[\"content\"]", ".content"]
         .iter()
@@ -322,6 +336,7 @@ mod tests {
             "{%- for part in message.content -%}x{%- endfor %}",
             "{%+ for part in message[\"content\"] if part.type == 'text' %}{% endfor %}",
             "{% for a, b in msg.content recursive %}{% endfor %}",
+            "{% for p in m['content'] | selectattr('type', 'equalto', 'text') %}{% endfor %}",
         ] {
             assert_eq!(ContentFormat::detect(t), ContentFormat::OpenAi, "{t}");
         }
@@ -331,6 +346,8 @@ mod tests {
             "{% for m in messages %}{{ m.content | trim }}{% endfor %}",
             "{% formatted %}",
             "{% for",
+            "{# {% for p in m['content'] %} #}{{ m['content'] }}",
+            "{# unclosed {% for p in m.content %}",
         ] {
             assert_eq!(ContentFormat::detect(t), ContentFormat::String, "{t}");
         }

@@ -204,12 +204,13 @@ MEDIA_PARTS = {
 }
 BILLING_HEADER = "x-anthropic-billing-header"
 CONTENT_LOOP = re.compile(
-    r"\{%[-+]?\s*for\s+[\w\s,]+?\s+in\s+[^%]*?(\['content'\]|\[\"content\"\]|\.content)\s*[-+]?%\}"
+    r"\{%[-+]?\s*for\s+[\w\s,]+?\s+in\s+[^%]*?(\['content'\]|\[\"content\"\]|\.content)\s*(\|[^%]*?)?[-+]?%\}"
 )
 
 
 def content_format(template: str) -> str:
     """vLLM's `auto`: "openai" for a template that loops over a message's content."""
+    template = re.sub(r"\{#.*?#\}", "", template, flags=re.S)
     return "openai" if CONTENT_LOOP.search(template) else "string"
 
 
