@@ -293,24 +293,49 @@ async fn the_loop_follows_config_changes_and_restarts() {
     task.await.unwrap();
 }
 
+/// A simulator that loads adapters at 1 byte/s (paused time makes that virtual), and a
+/// directory of adapter sources, made by size (`source`) and removed with it.
+struct SlowLoads {
+    sim: sim::ReplicaHandle,
+    dir: std::path::PathBuf,
+}
+
+impl SlowLoads {
+    async fn new(tag: &str) -> Self {
+        let sim = engine(sim::Config {
+            lora_load_bytes_per_second: 1,
+            ..sim::Config::fast()
+        })
+        .await;
+        let dir = std::env::temp_dir().join(format!("lora-syncer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self { sim, dir }
+    }
+
+    /// An adapter directory of `bytes` of weights: `bytes` seconds to load.
+    fn source(&self, name: &str, bytes: usize) -> String {
+        let d = self.dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("adapter_model.safetensors"), vec![0u8; bytes]).unwrap();
+        d.to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for SlowLoads {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// An engine that lists its adapters but hangs on loads costs a pass one call timeout, not one
 /// per adapter: the pass ends at the first call with no answer, and the unloads went first.
 /// Paused time: the engine's load (by size, 1 byte/s) and the client's timeout are virtual.
 #[tokio::test(start_paused = true)]
 async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
-    let sim = engine(sim::Config {
-        lora_load_bytes_per_second: 1,
-        ..sim::Config::fast()
-    })
-    .await;
-    let dir = std::env::temp_dir().join(format!("lora-syncer-hang-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let source = |name: &str, bytes: usize| {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("adapter_model.safetensors"), vec![0u8; bytes]).unwrap();
-        d.to_str().unwrap().to_owned()
-    };
+    let loads = SlowLoads::new("hang").await;
+    let (sim, source) = (&loads.sim, |name: &str, bytes: usize| {
+        loads.source(name, bytes)
+    });
     let (old, slow) = (source("old", 0), source("slow", 1_000));
     let url = format!("http://{}/v1/load_lora_adapter", sim.addr());
     let loaded = post(
@@ -322,7 +347,7 @@ async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
     let metrics = Arc::new(Metrics::default());
     let mut r = Reconciler::new(
         config_for(
-            &sim,
+            sim,
             &[("slow-1", &slow), ("slow-2", &slow), ("slow-3", &slow)],
             &[("old", &old)],
         ),
@@ -345,7 +370,6 @@ async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
         text.contains(r#"lora_syncer_reconciles_total{result="engine_unavailable"} 1"#),
         "{text}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A pass cut short by an adapter whose load hangs backs that adapter off from when its call
@@ -354,22 +378,13 @@ async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
 /// hanging adapter cannot keep the others from ever being tried. Paused time.
 #[tokio::test(start_paused = true)]
 async fn a_pass_cut_short_resumes_after_the_adapter_that_hung() {
-    let sim = engine(sim::Config {
-        lora_load_bytes_per_second: 1,
-        ..sim::Config::fast()
-    })
-    .await;
-    let dir = std::env::temp_dir().join(format!("lora-syncer-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let source = |name: &str, bytes: usize| {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("adapter_model.safetensors"), vec![0u8; bytes]).unwrap();
-        d.to_str().unwrap().to_owned()
-    };
+    let loads = SlowLoads::new("resume").await;
+    let (sim, source) = (&loads.sim, |name: &str, bytes: usize| {
+        loads.source(name, bytes)
+    });
     let (slow, quick) = (source("slow", 1_000), source("quick", 0));
     let mut r = Reconciler::new(
-        config_for(&sim, &[("a-slow", &slow), ("b-quick", &quick)], &[]),
+        config_for(sim, &[("a-slow", &slow), ("b-quick", &quick)], &[]),
         Arc::new(Metrics::default()),
     );
     let report = r.pass(Instant::now()).await;
@@ -390,7 +405,7 @@ async fn a_pass_cut_short_resumes_after_the_adapter_that_hung() {
     // Past its back-off, a-slow is tried first again (the last pass was not cut short) and cuts
     // this pass short before c-quick; the next pass resumes after it: c-quick, then a-slow last.
     r.set_config(config_for(
-        &sim,
+        sim,
         &[("a-slow", &slow), ("b-quick", &quick), ("c-quick", &quick)],
         &[],
     ));
@@ -405,7 +420,6 @@ async fn a_pass_cut_short_resumes_after_the_adapter_that_hung() {
         "resumed after a-slow: {report:?}"
     );
     assert_eq!(report.failed, ["a-slow"], "then a-slow, last");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A config change ends the pass under way: an adapter the operator pulls (`ensureNotExist`)
@@ -414,19 +428,10 @@ async fn a_pass_cut_short_resumes_after_the_adapter_that_hung() {
 #[tokio::test(start_paused = true)]
 async fn a_config_change_ends_the_pass_under_way() {
     use lora_syncer::run::{Pacing, reconcile_loop};
-    let sim = engine(sim::Config {
-        lora_load_bytes_per_second: 1,
-        ..sim::Config::fast()
-    })
-    .await;
-    let dir = std::env::temp_dir().join(format!("lora-syncer-interrupt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let source = |name: &str, bytes: usize| {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("adapter_model.safetensors"), vec![0u8; bytes]).unwrap();
-        d.to_str().unwrap().to_owned()
-    };
+    let loads = SlowLoads::new("interrupt").await;
+    let (sim, source) = (&loads.sim, |name: &str, bytes: usize| {
+        loads.source(name, bytes)
+    });
     let (bad, slow) = (source("bad", 0), source("slow", 100));
     let load = format!("{}/v1/load_lora_adapter", sim.url());
     let body = format!(r#"{{"lora_name":"bad","lora_path":"{bad}"}}"#);
@@ -436,7 +441,7 @@ async fn a_config_change_ends_the_pass_under_way() {
         ("slow-2", &slow),
         ("slow-3", &slow),
     ];
-    let (tx, rx) = tokio::sync::watch::channel(config_for(&sim, &exist, &[]));
+    let (tx, rx) = tokio::sync::watch::channel(config_for(sim, &exist, &[]));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(reconcile_loop(
         rx,
@@ -452,7 +457,7 @@ async fn a_config_change_ends_the_pass_under_way() {
     tokio::time::sleep(Duration::from_secs(50)).await;
     assert!(!sim.engine().has_lora("slow-1"), "still loading");
     let asked = Instant::now();
-    tx.send(config_for(&sim, &exist, &[("bad", &bad)])).unwrap();
+    tx.send(config_for(sim, &exist, &[("bad", &bad)])).unwrap();
     while sim.engine().has_lora("bad") {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -464,7 +469,6 @@ async fn a_config_change_ends_the_pass_under_way() {
     assert!(!sim.engine().has_lora("slow-2") && !sim.engine().has_lora("slow-3"));
     shutdown.cancel();
     task.await.unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// An engine that answers loads but does not keep the adapter (here: unloaded behind the
