@@ -213,6 +213,7 @@ fn content(content: Option<Value>, role: Option<&str>, format: ContentFormat) ->
     };
     let mut texts: Vec<String> = Vec::new();
     let mut wrapped: Vec<Value> = Vec::new();
+    let mut media = false;
     for part in &parts {
         let kind = field(part, "type");
         let kind = kind.as_ref().and_then(Value::as_str);
@@ -251,6 +252,7 @@ fn content(content: Option<Value>, role: Option<&str>, format: ContentFormat) ->
             None => {
                 if let Some((_, modality)) = MEDIA_PARTS.iter().find(|(t, _)| Some(*t) == kind) {
                     wrapped.push(Value::from_pairs([("type", Value::from(*modality))]));
+                    media = true;
                 }
             }
         }
@@ -259,7 +261,7 @@ fn content(content: Option<Value>, role: Option<&str>, format: ContentFormat) ->
         ContentFormat::String => Value::from(texts.join("\n")),
         // A tool's result of text parts alone is one string in either format: most templates
         // print a tool message's content as a string.
-        ContentFormat::OpenAi if role == Some("tool") => Value::from(texts.join("\n")),
+        ContentFormat::OpenAi if role == Some("tool") && !media => Value::from(texts.join("\n")),
         ContentFormat::OpenAi => Value::from(wrapped),
     })
 }

@@ -179,6 +179,9 @@ CHATS = [
             ]},
             {"role": "tool", "tool_call_id": "c2", "content": [
                 {"type": "text", "text": "ok"}, {"type": "text", "text": "twice"}]},
+            {"role": "tool", "tool_call_id": "c3", "content": [
+                {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "u"}},
+                {"type": "text", "text": "this"}]},
             {"role": "assistant", "content": "Done.", "tool_calls": []},
         ]
     },
@@ -244,7 +247,8 @@ def vllm_conversation(messages: list, fmt: str) -> list:
                     continue
             texts.append(text)
             wrapped.append({"type": "text", "text": text})
-        if fmt == "string" or m["role"] == "tool":
+        media = any(part["type"] != "text" for part in wrapped)
+        if fmt == "string" or (m["role"] == "tool" and not media):
             content = "\n".join(texts)
         else:
             content = wrapped
