@@ -338,29 +338,12 @@ async fn serves_then_drains_on_sigterm() {
     assert_eq!(status, 200);
     assert!(text.contains("inference_extension_info"));
     assert_eq!(get_with(metrics, "/debug/pool", &bearer).await.0, 404);
-    let pid = child.id().unwrap().to_string();
-    let sigterm = || async {
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-    };
+    let pid = child.id().unwrap();
     // The first SIGTERM starts the shutdown delay (not ready, still serving); the second
     // cuts it short, and the EPP drains and exits.
-    sigterm().await;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("still serving for --shutdown-delay") {
-                return;
-            }
-        }
-        panic!("epp exited without the shutdown delay");
-    })
-    .await
-    .expect("the shutdown delay begins");
-    sigterm().await;
+    testkit::process::sigterm(pid);
+    until_logged(&mut lines, "still serving for --shutdown-delay").await;
+    testkit::process::sigterm(pid);
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("drains in time")
@@ -554,22 +537,14 @@ async fn a_third_signal_ends_the_drain_at_once() {
         ("content-type", "application/json"),
     ];
     held.send(testkit::req_headers(&headers, false, None)).await;
-    let pid = child.id().unwrap().to_string();
-    let sigterm = || async {
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-    };
+    let pid = child.id().unwrap();
     // Each signal is sent once the last one is acted on: a signal arriving before its
     // handler ran again would be merged with it.
-    sigterm().await;
+    testkit::process::sigterm(pid);
     until_logged(&mut lines, "still serving for --shutdown-delay").await;
-    sigterm().await;
+    testkit::process::sigterm(pid);
     until_logged(&mut lines, "draining open streams").await;
-    sigterm().await;
+    testkit::process::sigterm(pid);
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("exits at once")

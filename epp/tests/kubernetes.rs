@@ -534,12 +534,7 @@ async fn the_binary_discovers_its_pool_and_leads_before_it_is_ready() {
     }
 
     // SIGTERM: the EPP drains and hands the lease back.
-    let status = tokio::process::Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    testkit::process::sigterm(child.id().unwrap());
     let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
         .expect("drains in time")

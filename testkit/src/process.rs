@@ -37,3 +37,13 @@ pub fn exit_within(mut command: Command, within: Duration) -> (Option<i32>, Stri
     };
     (status.code(), reader.join().unwrap_or_default())
 }
+
+/// Sends SIGTERM to process `pid` (with `kill`, as an orchestrator stops a pod) and checks it
+/// was delivered.
+pub fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -TERM {pid}: {status}");
+}
