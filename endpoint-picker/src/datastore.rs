@@ -74,8 +74,8 @@ pub enum Readiness {
     /// Metrics answer with the engine's series and the engine's own readiness signal (its model
     /// list) says it serves.
     Serving,
-    /// The engine answers but does not serve yet (no engine series, or an empty or failing
-    /// model list): a model still loading.
+    /// The engine answers but does not serve yet (no engine series, or a model list that is
+    /// empty or answered with an error): a model still loading.
     Loading,
     /// Scrapes keep failing (past the scraper's threshold): dead, hung or unreachable.
     Unreachable,

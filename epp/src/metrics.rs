@@ -159,7 +159,9 @@ pub struct ScrapeErrorLabels {
     pub name: String,
     /// Endpoint name.
     pub model_server_pod: String,
-    /// `timeout`, `request`, `tls`, `status`, `body`, `utf8`, `url` or `unknown_engine`.
+    /// `timeout`, `request`, `tls`, `status`, `body`, `utf8`, `url` or `unknown_engine` for a
+    /// scrape; `readiness_check` for an engine readiness check that was refused (401, 403, 404,
+    /// 405) or got no answer.
     pub reason: &'static str,
 }
 
@@ -884,6 +886,22 @@ impl PluginObserver for MetricsObserver {
     }
 }
 
+impl MetricsObserver {
+    /// One more `scrape_errors` for the pod, its series remembered so that it goes with the pod.
+    fn count_scrape_error(&self, endpoint: &Endpoint, reason: &'static str) {
+        let (pool, pod) = (self.0.pool_name.read().clone(), endpoint.spec.name.clone());
+        self.0
+            .scrape_errors
+            .get_or_create(&ScrapeErrorLabels {
+                name: pool.clone(),
+                model_server_pod: pod.clone(),
+                reason,
+            })
+            .inc();
+        self.0.scrape_error_pods.lock().insert((pool, pod));
+    }
+}
+
 impl ScrapeObserver for MetricsObserver {
     fn scrape_task_died(&self, _endpoint: &Endpoint) {
         self.0
@@ -893,6 +911,10 @@ impl ScrapeObserver for MetricsObserver {
                 reason: "panicked",
             })
             .inc();
+    }
+
+    fn readiness_check_failed(&self, endpoint: &Endpoint, _error: &ScrapeError) {
+        self.count_scrape_error(endpoint, "readiness_check");
     }
 
     fn scraped(&self, endpoint: &Endpoint, result: Result<(), &ScrapeError>, took: Duration) {
@@ -908,16 +930,7 @@ impl ScrapeObserver for MetricsObserver {
                 ScrapeError::Url(_) => "url",
                 ScrapeError::UnknownEngine(_) => "unknown_engine",
             };
-            let (pool, pod) = (self.0.pool_name.read().clone(), endpoint.spec.name.clone());
-            self.0
-                .scrape_errors
-                .get_or_create(&ScrapeErrorLabels {
-                    name: pool.clone(),
-                    model_server_pod: pod.clone(),
-                    reason,
-                })
-                .inc();
-            self.0.scrape_error_pods.lock().insert((pool, pod));
+            self.count_scrape_error(endpoint, reason);
         }
     }
 }

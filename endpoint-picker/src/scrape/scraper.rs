@@ -8,14 +8,17 @@
 //! Each scrape also decides the endpoint's [`Readiness`]: metrics that carry none of the
 //! engine's core series mean a process still loading its model (`Loading`); before an endpoint
 //! becomes `Serving`, the engine's own readiness signal is checked once (its `/v1/models` must
-//! list a model); [`ScrapeConfig::failure_threshold`] failed scrapes in a row make it
+//! list a model; a check the engine refuses for want of an API key, or does not have, leaves
+//! the metrics to decide, and one that gets no answer leaves the readiness as it was:
+//! `NotServing`); [`ScrapeConfig::failure_threshold`] failed scrapes in a row make it
 //! `Unreachable`, and an unreachable endpoint is scraped less and less often (the interval
 //! doubled per failure, up to [`ScrapeConfig::max_quiet_interval`]) until it answers. The
 //! director routes to `Serving` endpoints (see [`Readiness`]).
 //!
 //! `https` (the `metrics-data-source` plugin's `scheme`, or `--model-server-metrics-scheme`)
-//! scrapes over TLS (rustls, ring), and the readiness check then uses https too (an engine
-//! serves its metrics and its API on one server). As the reference, certificates are not
+//! scrapes over TLS (rustls, ring), and the readiness check then uses https too when the
+//! metrics are served on the inference port (one server); metrics on a port of their own leave
+//! the check on plain HTTP, the pool's `appProtocol`. As the reference, certificates are not
 //! checked by default (`insecureSkipVerify: true`: model servers serve self-signed certificates
 //! for pod IPs); with verification on, the chain and the pod IP are checked against the system
 //! roots. TLS sessions are pooled and kept alive like plain connections.
@@ -341,12 +344,46 @@ pub enum ScrapeError {
 }
 
 /// How one readiness check ended, when it did not say "serving".
+///
+/// Only an answer that says "not yet" makes an endpoint [`Readiness::Loading`], which is never
+/// routed to. A check that could not be asked (the engine's API wants a key its `/metrics` does
+/// not: vLLM's and SGLang's `--api-key`; no such route) leaves the metrics to decide, and one
+/// that got no answer (a timeout, a refused connection, TLS) says nothing either way. Taking
+/// either for "loading" turned a whole pool behind an API key into 503s, and an overloaded
+/// engine whose check timed out into one worse than a dead one.
 #[derive(Debug, thiserror::Error)]
 enum NotServing {
-    #[error("readiness check failed: {0}")]
+    /// The engine answered that it does not serve yet: an empty or unreadable model list, a
+    /// server error, a readiness status that is not 2xx.
+    #[error("the engine does not serve yet: {0}")]
+    NotYet(&'static str),
+    /// The check cannot be used on this engine (401, 403: its API wants credentials; 404, 405:
+    /// no such route).
+    #[error("readiness check unusable: {0}")]
+    Unusable(#[source] ScrapeError),
+    /// No answer to judge by.
+    #[error("readiness check unanswered: {0}")]
     Unanswered(#[source] ScrapeError),
-    #[error("the model list is empty or not a model list")]
-    NoModel,
+}
+
+impl NotServing {
+    /// Grades a failed fetch of the check.
+    fn from_fetch(error: ScrapeError) -> Self {
+        match &error {
+            ScrapeError::Status(status) => match status.as_u16() {
+                401 | 403 | 404 | 405 => NotServing::Unusable(error),
+                _ => NotServing::NotYet("the check answered with an error status"),
+            },
+            // A body over the limit or not a list is still the engine's answer.
+            ScrapeError::Body(_) | ScrapeError::Utf8 => {
+                NotServing::NotYet("the check's answer is unreadable")
+            }
+            ScrapeError::Url(_) | ScrapeError::UnknownEngine(_) => NotServing::Unusable(error),
+            ScrapeError::Timeout(_) | ScrapeError::Request(_) | ScrapeError::Tls(_) => {
+                NotServing::Unanswered(error)
+            }
+        }
+    }
 }
 
 /// Hooks for observing scrapes (metrics of the scraper itself).
@@ -357,6 +394,10 @@ pub trait ScrapeObserver: Send + Sync + 'static {
     /// An endpoint's scrape task ended before it was told to (it panicked); it is restarted
     /// after [`RESTART_DELAY`].
     fn scrape_task_died(&self, _endpoint: &Endpoint) {}
+
+    /// The engine's readiness check could not be used or got no answer (its metrics decided,
+    /// or the endpoint's readiness stayed as it was).
+    fn readiness_check_failed(&self, _endpoint: &Endpoint, _error: &ScrapeError) {}
 }
 
 impl ScrapeObserver for () {
@@ -563,6 +604,8 @@ async fn scrape_loop<S: Source>(
         config.max_quiet_interval,
     );
     let mut failures = 0u32;
+    // An unusable readiness check is warned about once per task, not at every recovery.
+    let mut warned_unusable = false;
     // Kept across scrapes: the body buffer (no allocation per scrape once grown), and the last
     // body's hash with what it gave (an identical body is not parsed again).
     let mut body = Vec::new();
@@ -607,10 +650,20 @@ async fn scrape_loop<S: Source>(
                     tracing::info!(endpoint = %endpoint.spec.name, "metrics scrape recovered");
                 }
                 failures = 0;
-                let readiness =
-                    readiness_after_scrape(&client, &endpoint, &config, &extracted, previous).await;
+                // The values are as of now, not of when the readiness check below returns.
+                let read_at = Instant::now();
+                let readiness = readiness_after_scrape(
+                    &client,
+                    &endpoint,
+                    &config,
+                    &extracted,
+                    previous,
+                    &*observer,
+                    &mut warned_unusable,
+                )
+                .await;
                 let mut metrics = extracted.metrics;
-                metrics.updated_at = Some(Instant::now());
+                metrics.updated_at = Some(read_at);
                 // Vouched for until the next scrape has had its time to answer.
                 metrics.quiet_until = backoff.is_quiet().then(|| next_at + config.timeout);
                 metrics.readiness = readiness;
@@ -664,13 +717,16 @@ fn unreachable_wait(config: &ScrapeConfig, failures: u32) -> Duration {
 }
 
 /// The readiness a successful scrape shows. An endpoint already serving stays so while its
-/// engine series are there; one that is not is checked with the engine's own signal first.
+/// engine series are there; one that is not is checked with the engine's own signal first
+/// ([`NotServing`] says what each failure of the check means).
 async fn readiness_after_scrape<S: Source>(
     client: &S,
     endpoint: &Endpoint,
     config: &ScrapeConfig,
     extracted: &Extracted,
     previous: Readiness,
+    observer: &dyn ScrapeObserver,
+    warned_unusable: &mut bool,
 ) -> Readiness {
     if !extracted.found_any_core {
         return Readiness::Loading;
@@ -681,19 +737,38 @@ async fn readiness_after_scrape<S: Source>(
     let probe = config
         .mapping_for(endpoint)
         .and_then(|m| m.readiness.as_ref());
-    match probe {
-        None => Readiness::Serving,
-        Some(probe) => match check_readiness(client, endpoint, probe, config).await {
-            Ok(()) => Readiness::Serving,
-            Err(why) => {
-                tracing::debug!(endpoint = %endpoint.spec.name, %why, "not serving yet");
-                Readiness::Loading
+    let Some(probe) = probe else {
+        return Readiness::Serving;
+    };
+    match check_readiness(client, endpoint, probe, config).await {
+        Ok(()) => Readiness::Serving,
+        Err(why @ NotServing::NotYet(_)) => {
+            tracing::debug!(endpoint = %endpoint.spec.name, %why, "not serving yet");
+            Readiness::Loading
+        }
+        Err(NotServing::Unusable(error)) => {
+            observer.readiness_check_failed(endpoint, &error);
+            if !std::mem::replace(warned_unusable, true) {
+                tracing::warn!(
+                    endpoint = %endpoint.spec.name, %error,
+                    "the engine's readiness check cannot be used (an API key? no such route?): \
+                     its metrics decide whether it serves"
+                );
             }
-        },
+            Readiness::Serving
+        }
+        Err(NotServing::Unanswered(error)) => {
+            observer.readiness_check_failed(endpoint, &error);
+            tracing::debug!(endpoint = %endpoint.spec.name, %error, "readiness check unanswered");
+            previous
+        }
     }
 }
 
-/// Asks the engine, on its inference port, whether it serves its model.
+/// Asks the engine, on its inference port, whether it serves its model. The scheme is the
+/// metrics' when they share the inference port; on a port of their own (an https sidecar in
+/// front of `/metrics`, say) the API is taken to be plain HTTP, as an InferencePool's
+/// `appProtocol` (`http`, `kubernetes.io/h2c`) says.
 async fn check_readiness<S: Source>(
     client: &S,
     endpoint: &Endpoint,
@@ -703,21 +778,18 @@ async fn check_readiness<S: Source>(
     let path = match probe {
         ReadinessProbe::ModelList(p) | ReadinessProbe::Status(p) => p,
     };
-    let url = format!(
-        "{}://{}{path}",
-        config.scheme.as_str(),
-        endpoint.spec.address
-    );
+    let scheme = if endpoint.spec.metrics_address == endpoint.spec.address {
+        config.scheme.as_str()
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{}{path}", endpoint.spec.address);
     let mut body = Vec::new();
+    let uri = parse_url(&url).map_err(NotServing::Unusable)?;
     client
-        .fetch(
-            &parse_url(&url).map_err(NotServing::Unanswered)?,
-            MAX_PROBE_BODY,
-            config.timeout,
-            &mut body,
-        )
+        .fetch(&uri, MAX_PROBE_BODY, config.timeout, &mut body)
         .await
-        .map_err(NotServing::Unanswered)?;
+        .map_err(NotServing::from_fetch)?;
     match probe {
         ReadinessProbe::Status(_) => Ok(()),
         ReadinessProbe::ModelList(_) => {
@@ -727,7 +799,9 @@ async fn check_readiness<S: Source>(
             }
             match serde_json::from_slice::<ModelList>(&body) {
                 Ok(list) if !list.data.is_empty() => Ok(()),
-                _ => Err(NotServing::NoModel),
+                _ => Err(NotServing::NotYet(
+                    "the model list is empty or not a model list",
+                )),
             }
         }
     }
@@ -805,12 +879,12 @@ async fn scrape_reusing<S: Source>(
         .mapping_for(endpoint)
         .ok_or_else(|| ScrapeError::UnknownEngine(endpoint.engine.to_string()))?;
     let url = url.as_ref().map_err(|e| ScrapeError::Url(e.clone()))?;
-    client
+    let fetched = client
         .fetch(url, MAX_METRICS_BODY, config.timeout, body)
-        .await?;
-    let read = read_body(mapping, body, last);
+        .await;
+    let read = fetched.and_then(|()| read_body(mapping, body, last));
     // One page far larger than usual (up to the 8 MiB limit) must not stay held by every
-    // endpoint's task for good.
+    // endpoint's task for good, whether it was read or failed part-way (too long, too slow).
     if body.capacity() > MAX_KEPT_BODY_CAPACITY {
         *body = Vec::new();
     }
@@ -855,6 +929,18 @@ async fn get_into(
         let response = client.get(uri).await.map_err(classify)?;
         if !response.status().is_success() {
             return Err(ScrapeError::Status(response.status()));
+        }
+        // A page announced over the limit is refused before a byte of it is read: an engine
+        // whose page outgrew the limit is not downloaded whole at every retry.
+        if let Some(announced) = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            && announced > limit as u64
+        {
+            return Err(ScrapeError::Body(format!(
+                "announced length {announced} over the limit of {limit}"
+            )));
         }
         let mut incoming = response.into_body();
         while let Some(frame) = incoming.frame().await {
@@ -1352,6 +1438,251 @@ mod tests {
             assert_eq!(read.metrics.waiting_queue_size, 4);
             assert_eq!(body.capacity() >= size, kept, "{size}");
         }
+    }
+
+    /// What an engine's readiness check answers, for [`Checked`].
+    #[derive(Clone, Copy)]
+    enum CheckAnswer {
+        Models,
+        Empty,
+        Status(u16),
+        Timeout,
+    }
+
+    /// [`Scripted`]'s quiet engine whose readiness check answers as `check` says, after
+    /// `check_delay_ms`; records the URIs it is asked for, the stamp `watched` carries at each
+    /// scrape, and counts the failed checks the observer is told of.
+    struct Checked {
+        metrics: Arc<Scripted>,
+        check: parking_lot::Mutex<CheckAnswer>,
+        check_delay_ms: u64,
+        asked: parking_lot::Mutex<Vec<http::Uri>>,
+        watched: Option<Arc<Endpoint>>,
+        stamps_seen: parking_lot::Mutex<Vec<Option<Instant>>>,
+        failed_checks: AtomicU64,
+    }
+
+    impl Checked {
+        fn new(check: CheckAnswer) -> Arc<Self> {
+            Arc::new(Self {
+                metrics: Arc::default(),
+                check: parking_lot::Mutex::new(check),
+                check_delay_ms: 0,
+                asked: parking_lot::Mutex::default(),
+                watched: None,
+                stamps_seen: parking_lot::Mutex::default(),
+                failed_checks: AtomicU64::new(0),
+            })
+        }
+
+        fn spawn(
+            self: &Arc<Self>,
+            endpoint: &Arc<Endpoint>,
+            config: ScrapeConfig,
+            shutdown: &CancellationToken,
+        ) -> tokio::task::JoinHandle<()> {
+            tokio::spawn(scrape_loop(
+                endpoint.clone(),
+                self.clone(),
+                ScrapeGrid::new(Instant::now(), config.interval),
+                Arc::new(config),
+                self.clone(),
+                shutdown.clone(),
+            ))
+        }
+    }
+
+    impl Source for Arc<Checked> {
+        async fn fetch(
+            &self,
+            url: &http::Uri,
+            limit: usize,
+            timeout: Duration,
+            buf: &mut Vec<u8>,
+        ) -> Result<(), ScrapeError> {
+            self.asked.lock().push(url.clone());
+            if url.path() != "/v1/models" {
+                if let Some(endpoint) = &self.watched {
+                    self.stamps_seen.lock().push(endpoint.metrics().updated_at);
+                }
+                return self.metrics.fetch(url, limit, timeout, buf).await;
+            }
+            window(self.check_delay_ms).await;
+            buf.clear();
+            let answer = *self.check.lock();
+            match answer {
+                CheckAnswer::Models => buf.extend_from_slice(br#"{"data":[{"id":"m"}]}"#),
+                CheckAnswer::Empty => buf.extend_from_slice(br#"{"data":[]}"#),
+                CheckAnswer::Status(code) => {
+                    return Err(ScrapeError::Status(
+                        http::StatusCode::from_u16(code).expect("a status code"),
+                    ));
+                }
+                CheckAnswer::Timeout => {
+                    window(timeout.as_millis() as u64).await;
+                    return Err(ScrapeError::Timeout(timeout));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl ScrapeObserver for Checked {
+        fn scraped(&self, _: &Endpoint, _: Result<(), &ScrapeError>, _: Duration) {}
+
+        fn readiness_check_failed(&self, _: &Endpoint, _: &ScrapeError) {
+            self.failed_checks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// vLLM and SGLang behind `--api-key` answer 401 on `/v1/models` and serve `/metrics`
+    /// openly: the metrics decide, the endpoint serves (it was `Loading`, never routed to, and
+    /// such a pool answered every request with 503). So does an engine without the route.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_refused_for_want_of_a_key_leaves_the_metrics_to_decide() {
+        for code in [401, 403, 404, 405] {
+            let ds = crate::datastore::Datastore::new();
+            let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+            let engine = Checked::new(CheckAnswer::Status(code));
+            let shutdown = CancellationToken::new();
+            let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+            window(500).await;
+            assert_eq!(endpoint.metrics().readiness, Readiness::Serving, "{code}");
+            // Checked once, then served on its metrics: no check at every scrape.
+            assert_eq!(engine.failed_checks.load(Ordering::Relaxed), 1, "{code}");
+            shutdown.cancel();
+            task.await.unwrap();
+        }
+    }
+
+    /// An engine that answers "not yet" is loading: an empty model list, a server error.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_answers_not_yet_is_loading_until_it_lists_a_model() {
+        for answer in [CheckAnswer::Empty, CheckAnswer::Status(503)] {
+            let ds = crate::datastore::Datastore::new();
+            let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+            let engine = Checked::new(answer);
+            let shutdown = CancellationToken::new();
+            let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+            window(500).await;
+            assert_eq!(endpoint.metrics().readiness, Readiness::Loading);
+            assert_eq!(engine.failed_checks.load(Ordering::Relaxed), 0);
+            *engine.check.lock() = CheckAnswer::Models;
+            window(100).await;
+            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+            shutdown.cancel();
+            task.await.unwrap();
+        }
+    }
+
+    /// A check that gets no answer says nothing: the endpoint keeps the readiness it had
+    /// (unknown, or unreachable after failed scrapes: routed to when nothing serves), where it
+    /// was made `Loading`, never routed to, worse than a dead engine.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_check_leaves_the_readiness_as_it_was() {
+        {
+            let answer = CheckAnswer::Timeout;
+            let ds = crate::datastore::Datastore::new();
+            let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+            let engine = Checked::new(answer);
+            let shutdown = CancellationToken::new();
+            let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+            window(3_000).await;
+            let m = endpoint.metrics();
+            assert_eq!(m.readiness, Readiness::Unknown);
+            // The values were read and stored all the same.
+            assert!(m.updated_at.is_some());
+            assert!(engine.failed_checks.load(Ordering::Relaxed) >= 2);
+            *engine.check.lock() = CheckAnswer::Models;
+            window(1_100).await;
+            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+            shutdown.cancel();
+            task.await.unwrap();
+        }
+    }
+
+    /// With `/metrics` on a port of its own behind https (a sidecar), the check goes to the
+    /// inference port in plain HTTP, the pool's `appProtocol`; on one port, the metrics' scheme.
+    #[tokio::test(start_paused = true)]
+    async fn the_check_uses_https_only_where_the_metrics_share_the_inference_port() {
+        for (metrics_port, check_scheme) in [(8443, "http"), (8000, "https")] {
+            let ds = crate::datastore::Datastore::new();
+            let mut pool = crate::datastore::test_util::pool(1);
+            pool.endpoints[0].metrics_address.set_port(metrics_port);
+            let endpoint = ds.apply(pool).endpoints[0].clone();
+            let engine = Checked::new(CheckAnswer::Models);
+            let shutdown = CancellationToken::new();
+            let config = ScrapeConfig {
+                scheme: MetricsScheme::Https,
+                ..ScrapeConfig::default()
+            };
+            let task = engine.spawn(&endpoint, config, &shutdown);
+            window(100).await;
+            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+            let asked = engine.asked.lock().clone();
+            let check = asked.iter().find(|u| u.path() == "/v1/models").unwrap();
+            assert_eq!(check.scheme_str(), Some(check_scheme), "{asked:?}");
+            assert_eq!(check.port_u16(), Some(8000));
+            let scrape = asked.iter().find(|u| u.path() == "/metrics").unwrap();
+            assert_eq!(scrape.scheme_str(), Some("https"));
+            assert_eq!(scrape.port_u16(), Some(metrics_port));
+            shutdown.cancel();
+            task.await.unwrap();
+        }
+    }
+
+    /// The values are stamped when they were read, not when a slow readiness check returned.
+    #[tokio::test(start_paused = true)]
+    async fn values_are_stamped_when_read_not_when_the_check_returns() {
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let engine = Arc::new(Checked {
+            check_delay_ms: 500,
+            watched: Some(endpoint.clone()),
+            ..Arc::into_inner(Checked::new(CheckAnswer::Models)).unwrap()
+        });
+        let shutdown = CancellationToken::new();
+        let started = Instant::now();
+        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        window(600).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        // What the second scrape found stored: the first scrape's values, stamped when they
+        // were read (at once), not when the check returned 500 ms later.
+        let seen = engine.stamps_seen.lock().clone();
+        assert_eq!(seen[..2], [None, Some(started)], "{seen:?}");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// A page that fails part-way (over the limit, too slow) lets its grown buffer go too.
+    #[tokio::test]
+    async fn a_huge_page_that_fails_does_not_stay_held_either() {
+        struct Overlong;
+        impl Source for Overlong {
+            async fn fetch(
+                &self,
+                _url: &http::Uri,
+                limit: usize,
+                _timeout: Duration,
+                buf: &mut Vec<u8>,
+            ) -> Result<(), ScrapeError> {
+                buf.clear();
+                buf.resize(limit, b'\n');
+                Err(ScrapeError::Body("length limit exceeded".into()))
+            }
+        }
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let config = ScrapeConfig::default();
+        let url = Ok("http://10.0.0.1:8000/metrics".parse().unwrap());
+        let (mut body, mut last) = (Vec::new(), None);
+        let read = scrape_reusing(&Overlong, &url, &endpoint, &config, &mut body, &mut last).await;
+        assert!(matches!(read, Err(ScrapeError::Body(_))));
+        assert!(
+            body.capacity() <= MAX_KEPT_BODY_CAPACITY,
+            "{}",
+            body.capacity()
+        );
     }
 
     #[test]
