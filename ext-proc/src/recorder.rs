@@ -60,11 +60,11 @@ pub struct RecordKey {
     pub target_model: Arc<str>,
 }
 
-/// A finished response.
+/// A finished response. It carries no [`InferenceRequest`]: the stream lets the request go
+/// once it is routed (its prompt keeps the whole body alive); what a recorder needs of it is
+/// in the [`RecordKey`] it chose at [`Recorder::on_routed`].
 #[derive(Debug)]
 pub struct Completion<'a> {
-    /// The routed request.
-    pub request: &'a InferenceRequest,
     /// What [`Recorder::on_routed`] filed it under.
     pub key: &'a RecordKey,
     /// From the request headers to the end of the response.

@@ -205,7 +205,11 @@ pub struct StreamState {
     /// The request body's bytes, charged to the process's budget until the body has been sent
     /// back to Envoy, or the request is refused or queued.
     body_charge: BodyCharge,
-    request: Option<InferenceRequest>,
+    /// The routed request's fairness id: all the response path reads of the request (flow
+    /// control's usage). The request itself is not kept: its prompt is a slice that keeps the
+    /// whole body's buffer alive and, with its token ids and headers, would stay held, counted
+    /// by no budget, for as long as the response lasts (a slow reader's, for hours).
+    fairness_id: Option<String>,
     routed: Option<Routed>,
     /// What the recorder filed the routed request under.
     key: RecordKey,
@@ -302,7 +306,7 @@ impl StreamState {
             subset: None,
             body: BodyBuffer::empty(),
             body_charge: BodyCharge::default(),
-            request: None,
+            fairness_id: None,
             routed: None,
             key: RecordKey::default(),
             queued: None,
@@ -540,8 +544,10 @@ impl StreamState {
             // A stream cut short: no completion, but the flow is charged for what it got (the
             // events seen), once.
             self.response.complete = true;
-            if let (Some(flow), Some(request)) = (self.ctx.director.flow_control(), &self.request) {
-                flow.record_usage(&request.fairness_id, 0, self.response.sse.data_events());
+            if let (Some(flow), Some(fairness_id)) =
+                (self.ctx.director.flow_control(), &self.fairness_id)
+            {
+                flow.record_usage(fairness_id, 0, self.response.sse.data_events());
             }
         }
     }
@@ -1014,7 +1020,10 @@ impl StreamState {
             // prefill by prediction, unless an observer's first chunk ends it sooner.
             self.ctx.director.end_prefill_by_prediction(&routed);
         }
-        self.request = Some(request);
+        // Routed: what the request was routed on (headers, prompt, token ids) is let go now,
+        // and the stream's copy of the headers with it.
+        self.fairness_id = Some(request.fairness_id);
+        self.headers = Vec::new();
         self.routed = Some(routed);
         self.phase = Phase::Routed;
         out
@@ -1258,7 +1267,9 @@ impl StreamState {
         // Neither a body message nor an end of stream on the headers: the lean path, where
         // Envoy streamed the body past the EPP, so its size is not known here.
         let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;
-        let Some(request) = &self.request else { return };
+        let Some(fairness_id) = &self.fairness_id else {
+            return;
+        };
         if let Some(flow) = self.ctx.director.flow_control() {
             // The least-attained-service policy learns what each flow consumed: its prompt was
             // charged from its estimate when it went (`on_admission`) and is corrected here by
@@ -1268,7 +1279,7 @@ impl StreamState {
             // ever.
             let completion = match self.response.usage {
                 Some(u) => {
-                    flow.correct_prompt(&request.fairness_id, self.prompt_charged, u.prompt_tokens);
+                    flow.correct_prompt(fairness_id, self.prompt_charged, u.prompt_tokens);
                     u.completion_tokens
                 }
                 None if self.response.streaming => self.response.sse.data_events(),
@@ -1279,7 +1290,7 @@ impl StreamState {
                 }
                 None => 0,
             };
-            flow.record_usage(&request.fairness_id, 0, completion);
+            flow.record_usage(fairness_id, 0, completion);
         }
         let elapsed = self.started.elapsed();
         // Only a successful answer's first chunk is a time to first token.
@@ -1290,7 +1301,6 @@ impl StreamState {
                 .is_none_or(|s| s.starts_with('2'))
         });
         self.ctx.recorder.on_complete(&Completion {
-            request,
             key: &self.key,
             elapsed,
             response_bytes: bytes_known.then_some(self.response.bytes),

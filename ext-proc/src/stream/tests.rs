@@ -409,6 +409,17 @@ async fn a_client_rewrite_header_is_ignored_unless_trusted_and_never_beats_the_o
     assert_eq!(immediate(&out[0]).0, 400);
 }
 
+/// Records the priority and fairness id of each routed request.
+#[derive(Debug, Default)]
+struct Routings(Mutex<Vec<(i32, String)>>);
+
+impl Recorder for Routings {
+    fn on_routed(&self, r: &InferenceRequest, _: bool, _: Duration) -> RecordKey {
+        self.0.lock().push((r.priority, r.fairness_id.clone()));
+        RecordKey::default()
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn control_headers_are_read_under_both_names_and_validated() {
     let h = Harness::new(1);
@@ -418,12 +429,16 @@ async fn control_headers_are_read_under_both_names_and_validated() {
             .collect(),
         ..Default::default()
     });
+    let routings = Arc::new(Routings::default());
+    let ctx = Arc::new(ServiceContext {
+        director: h.director.clone(),
+        recorder: routings.clone(),
+        options: h.options.clone(),
+    });
     let priority_of = |headers: &[(&str, &str)]| {
-        let mut s = h.stream();
+        let mut s = StreamState::new(ctx.clone());
         send_chat(&mut s, "m", headers);
-        s.request
-            .as_ref()
-            .map(|r| (r.priority, r.fairness_id.clone()))
+        routings.0.lock().pop()
     };
     assert_eq!(priority_of(&[]), Some((0, "default-flow".into())));
     assert_eq!(
@@ -2184,4 +2199,85 @@ async fn a_whole_answer_without_usage_is_charged_by_its_bytes() {
     );
     token.cancel();
     task.await.unwrap();
+}
+
+/// A request body whose drop is seen: the test holds the flag, the stream only the bytes.
+struct Watched(Vec<u8>, Arc<std::sync::atomic::AtomicBool>);
+
+impl AsRef<[u8]> for Watched {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A request-body message whose body is `body`, its buffer's drop reported to the returned flag.
+fn watched_body(body: Vec<u8>) -> (Inbound, Arc<std::sync::atomic::AtomicBool>) {
+    let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inbound = Inbound {
+        message: req_body(b"", true),
+        body: Bytes::from_owner(Watched(body, freed.clone())),
+    };
+    (inbound, freed)
+}
+
+/// Review F1: a routed request kept its prompt (a zero-copy slice that keeps the whole body's
+/// buffer alive), its token ids and its headers until the stream ended, the end of the
+/// response, counted by no budget. Once its answers have gone, the body is let go, in either
+/// body mode, while the response is still to come and still recorded.
+#[tokio::test(start_paused = true)]
+async fn a_routed_request_holds_neither_its_body_nor_its_headers_during_the_response() {
+    let h = Harness::new(1);
+    for buffered in [false, true] {
+        let mut s = h.stream();
+        if buffered {
+            s.on_message(buffered_post(&[("x-client", "a header")]));
+        } else {
+            s.on_message(post("/v1/chat/completions", &[("x-client", "a header")]));
+        }
+        let (inbound, freed) = watched_body(chat("m"));
+        let answers = s.on_inbound(inbound);
+        assert!(!answers.is_empty(), "routed");
+        // Streamed, the answers re-send the body; buffered, Envoy keeps its own.
+        assert_eq!(freed.load(std::sync::atomic::Ordering::SeqCst), buffered);
+        drop(answers);
+        assert_eq!(s.phase, Phase::Routed);
+        assert!(
+            freed.load(std::sync::atomic::Ordering::SeqCst),
+            "the body is let go once its answers are (buffered: {buffered})"
+        );
+        assert!(s.headers.is_empty(), "the headers are let go");
+        // The response path still has what it needs.
+        s.on_message(resp_headers(&[(":status", "200")], false, None));
+        s.on_message(resp_body(br#"{"usage":{"completion_tokens":3}}"#, true));
+        let events = h.events();
+        assert_eq!(
+            events[2..],
+            ["complete Some(3)", "released m"],
+            "{events:?}"
+        );
+    }
+}
+
+/// Review F1: the token ids of a routed request are let go with its body.
+#[tokio::test]
+async fn a_routed_request_lets_its_token_ids_go() {
+    let h = Harness::new(1);
+    h.produce_three_token_ids();
+    let mut s = h.stream();
+    assert!(send_chat(&mut s, "m", &[]).is_empty(), "waits for its ids");
+    let ids = s
+        .pending_tokenization()
+        .expect("a tokenization")
+        .run()
+        .await
+        .expect("ids");
+    assert!(!s.on_token_ids(Some(ids.clone())).is_empty(), "routed");
+    assert_eq!(s.phase, Phase::Routed);
+    assert_eq!(Arc::strong_count(&ids), 1, "only the test holds the ids");
 }
