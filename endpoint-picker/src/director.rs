@@ -648,6 +648,26 @@ impl Director {
         }
     }
 
+    /// Calls [`Director::pool_changed`] at every datastore update until `stop`, and wakes
+    /// the flow-control waiting room (an endpoint that came may open it). The pool as it is
+    /// when this starts counts as a change: run again after a panic, it must not wait for the
+    /// next update to purge what departed while it was down (a departed id past its quarantine
+    /// would hand its state to a newcomer).
+    pub async fn follow_pool_changes(&self, stop: tokio_util::sync::CancellationToken) {
+        let mut changes = self.datastore.subscribe();
+        changes.mark_changed();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+            }
+            self.pool_changed();
+            if let Some(flow) = self.flow_control() {
+                flow.wake();
+            }
+        }
+    }
+
     /// Resolves objective priority and model rewrite in place. `forced_target` is the
     /// model-rewrite header's value when the operator trusts it; an InferenceModelRewrite that
     /// matches the request's model wins over it, so that no header can bypass the operator's
@@ -980,6 +1000,38 @@ mod tests {
         drop(fresh);
         d.pool_changed();
         assert_eq!(Arc::as_ptr(&d.in_flight().load_of(gone)), fresh_at);
+    }
+
+    /// The pool follower purges what departed before it started (a follower run again after
+    /// a panic), without waiting for the next update.
+    #[tokio::test(start_paused = true)]
+    async fn the_pool_follower_takes_the_pool_as_it_finds_it() {
+        let d = Arc::new(director(2));
+        let gone = d.datastore().snapshot().endpoints[1].id;
+        d.pool_changed();
+        let load = d.in_flight().load_of(gone);
+        load.calibration
+            .observe(Duration::from_millis(10), Duration::from_millis(80));
+        drop(load);
+        d.datastore().apply(pool(1));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let follower = tokio::spawn({
+            let (d, stop) = (d.clone(), stop.clone());
+            async move { d.follow_pool_changes(stop).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(d.in_flight().load_of(gone).calibration.samples(), 0);
+        // Alive: it follows the next update too, and ends when told.
+        let load = d.in_flight().load_of(gone);
+        load.calibration
+            .observe(Duration::from_millis(10), Duration::from_millis(80));
+        drop(load);
+        d.datastore().apply(pool(2));
+        d.datastore().apply(pool(1));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(d.in_flight().load_of(gone).calibration.samples(), 0);
+        stop.cancel();
+        follower.await.unwrap();
     }
 
     /// A request routed on a snapshot older than its pod's departure counts on the slot the

@@ -3,6 +3,8 @@
 use std::io;
 use std::path::Path;
 
+use std::io::Read;
+
 use tokio::io::AsyncReadExt;
 
 /// Reads `path` whole if it holds at most `max` bytes; a longer file (or `/dev/zero`, or a
@@ -11,8 +13,24 @@ use tokio::io::AsyncReadExt;
 pub async fn read_at_most(path: &Path, max: usize) -> io::Result<Vec<u8>> {
     let file = tokio::fs::File::open(path).await?;
     let mut bytes = Vec::new();
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    file.take(limit).read_to_end(&mut bytes).await?;
+    file.take(past(max)).read_to_end(&mut bytes).await?;
+    within(bytes, max)
+}
+
+/// [`read_at_most`] for start-up, before any runtime thread is worth keeping free.
+pub fn read_at_most_blocking(path: &Path, max: usize) -> io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(past(max)).read_to_end(&mut bytes)?;
+    within(bytes, max)
+}
+
+/// One byte past `max`: reading that far tells a file of `max` bytes from a longer one.
+fn past(max: usize) -> u64 {
+    u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+fn within(bytes: Vec<u8>, max: usize) -> io::Result<Vec<u8>> {
     if bytes.len() > max {
         return Err(io::Error::new(
             io::ErrorKind::FileTooLarge,
@@ -41,6 +59,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
         assert!(read_at_most(&dir.join("missing"), 5).await.is_err());
+        assert_eq!(read_at_most_blocking(&path, 5).unwrap(), b"12345");
+        for (file, cap) in [(path.as_path(), 4), (Path::new("/dev/zero"), 1 << 20)] {
+            let err = read_at_most_blocking(file, cap).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

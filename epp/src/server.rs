@@ -390,20 +390,7 @@ pub async fn serve_with_handles(
             OnExit::Restart,
             factory(move |token: CancellationToken| {
                 let director = director.clone();
-                let mut changes = director.datastore().subscribe();
-                async move {
-                    loop {
-                        tokio::select! {
-                            _ = token.cancelled() => return,
-                            r = changes.changed() => if r.is_err() { return },
-                        }
-                        director.pool_changed();
-                        if let Some(flow) = director.flow_control() {
-                            // An endpoint came (or went): the waiting room may open.
-                            flow.wake();
-                        }
-                    }
-                }
+                async move { director.follow_pool_changes(token).await }
             }),
         );
     }

@@ -370,6 +370,11 @@ fn check_ports(ports: &[u16], what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The largest pool file read: a thousand endpoints with their objectives and rewrites take a
+/// few hundred KB. A longer file (a mistaken path: a log, `/dev/zero`, a FIFO) is refused
+/// before it is read whole, at start-up and at every poll.
+pub const MAX_POOL_FILE_BYTES: usize = 16 << 20;
+
 /// Reads and parses a pool file.
 pub fn read(path: &Path, metrics_port: Option<u16>) -> Result<LocalPool, PoolFileError> {
     read_bytes(path, metrics_port).map(|(pool, _)| pool)
@@ -382,10 +387,13 @@ pub fn read_bytes(
     path: &Path,
     metrics_port: Option<u16>,
 ) -> Result<(LocalPool, Vec<u8>), PoolFileError> {
-    let bytes = std::fs::read(path).map_err(|source| PoolFileError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes =
+        crate::files::read_at_most_blocking(path, MAX_POOL_FILE_BYTES).map_err(|source| {
+            PoolFileError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
     let pool = parse(path, &String::from_utf8_lossy(&bytes), metrics_port)?;
     Ok((pool, bytes))
 }
@@ -448,7 +456,7 @@ impl FileWatcher {
 
     async fn poll(&self) {
         let path = &self.path;
-        let bytes = match tokio::fs::read(path).await {
+        let bytes = match crate::files::read_at_most(path, MAX_POOL_FILE_BYTES).await {
             Ok(b) => b,
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "pool file unreadable; keeping the current pool");
@@ -521,6 +529,26 @@ modelRewrites:
         assert_eq!(local.pool.app_protocol, "http");
         assert_eq!(local.policies.objectives.get("batch"), Some(&-5));
         assert_eq!(local.policies.rewrites[0].rules[0].targets[0].model, "m2");
+    }
+
+    /// A pool file past its cap (a mistaken path) is refused before it is read whole.
+    #[test]
+    fn a_pool_file_past_its_cap_is_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("pool-file-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let long = dir.join("pool.yaml");
+        let mut text = FILE.to_owned().into_bytes();
+        text.resize(MAX_POOL_FILE_BYTES + 1, b'#');
+        std::fs::write(&long, &text).unwrap();
+        for path in [long.as_path(), Path::new("/dev/zero")] {
+            match read(path, None) {
+                Err(PoolFileError::Read { source, .. }) => {
+                    assert_eq!(source.kind(), std::io::ErrorKind::FileTooLarge, "{path:?}")
+                }
+                other => panic!("{path:?}: {other:?}"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
