@@ -159,6 +159,20 @@ impl MetricsExtractor {
             .iter()
             .map(|e| e.mapping(p))
             .collect::<Result<_, _>>()?;
+        // Names are read as the engine label is (`SGLang` is `sglang`, upstream's
+        // `triton-tensorrt-llm` our `triton`): a mapping spelled otherwise could never be
+        // picked, and the built-in one it meant to replace would be used without a word.
+        for (i, mapping) in engines.iter().enumerate() {
+            if mapping.name.is_empty() {
+                return Err(p.invalid("engineConfigs", "an engine config has no name"));
+            }
+            if engines[..i].iter().any(|m| m.name == mapping.name) {
+                return Err(p.invalid(
+                    "engineConfigs",
+                    format!("two engine configs name the engine {:?}", mapping.name),
+                ));
+            }
+        }
         // Spelled as the engine label is read (upstream's `triton-tensorrt-llm` is our
         // `triton`), and naming a mapping that exists: a typo here would leave every
         // unlabelled endpoint unscraped and the pool never ready.
@@ -212,8 +226,8 @@ impl EngineConfigYaml {
                 num_blocks_label: "num_gpu_blocks".into(),
             }),
         };
+        let name = crate::scrape::scraper::canonical_engine(&self.name);
         Ok(EngineMapping {
-            name: self.name.clone(),
             queued: spec("queuedRequestsSpec", &self.queued_requests_spec)?,
             running: spec("runningRequestsSpec", &self.running_requests_spec)?,
             kv_usage: spec("kvUsageSpec", &self.kv_usage_spec)?,
@@ -222,8 +236,9 @@ impl EngineConfigYaml {
             // A mapping that replaces a built-in engine's keeps that engine's readiness signal.
             readiness: EngineMapping::builtin()
                 .into_iter()
-                .find(|m| m.name == self.name)
+                .find(|m| m.name == name)
                 .and_then(|m| m.readiness),
+            name,
         })
     }
 }

@@ -212,6 +212,33 @@ fn errors_name_the_problem() {
         )
         .unwrap_or_else(|e| panic!("{engine}: {e}"));
     }
+    // A mapping is named as the engine label is read, so that it replaces the built-in one
+    // it names however upstream spells it; two that name one engine are refused.
+    for (name, engine) in [("SGLang", "sglang"), ("triton-tensorrt-llm", "triton")] {
+        let c = load(
+            &format!(
+                "{HEAD}plugins:\n- type: core-metrics-extractor\n  parameters:\n    engineConfigs:\n    - name: {name}\n      queuedRequestsSpec: my_queue\n"
+            ),
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mine: Vec<_> = c
+            .scrape
+            .engines
+            .iter()
+            .filter(|m| m.name == engine)
+            .collect();
+        assert_eq!(mine.len(), 1, "{name}");
+        assert_eq!(mine[0].queued[0].name, "my_queue", "{name}");
+        // It keeps the built-in engine's readiness check.
+        assert!(mine[0].readiness.is_some(), "{name}");
+    }
+    assert!(
+        err(&format!(
+            "{HEAD}plugins:\n- type: core-metrics-extractor\n  parameters:\n    engineConfigs:\n    - name: sglang\n      queuedRequestsSpec: a\n    - name: SGLang\n      queuedRequestsSpec: b\n"
+        ))
+        .contains("two engine configs")
+    );
     assert!(
         err(&format!(
             "{HEAD}plugins:\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoints: lots\n"

@@ -314,6 +314,14 @@ impl EngineMapping {
                 readiness: Readiness::Unknown,
             },
             found_core: best.queued.is_some() && best.running.is_some() && best.kv.is_some(),
+            missing_core: [
+                ("queued", best.queued.is_none() && !self.queued.is_empty()),
+                ("running", best.running.is_none() && !self.running.is_empty()),
+                ("kv usage", best.kv.is_none() && !self.kv_usage.is_empty()),
+            ]
+            .into_iter()
+            .filter_map(|(what, missing)| missing.then_some(what))
+            .collect(),
             found_any_core: best.queued.is_some() || best.running.is_some() || best.kv.is_some(),
             bad_lines,
         }
@@ -365,6 +373,8 @@ pub struct Extracted {
     /// Whether any of them was: the engine is up (a process still loading its model exposes
     /// none of them).
     pub found_any_core: bool,
+    /// Which of those the mapping reads were not (`queued`, `running`, `kv usage`): read as 0.
+    pub missing_core: Vec<&'static str>,
     /// Lines that did not parse.
     pub bad_lines: usize,
 }
@@ -606,6 +616,8 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="c",waiting_lora_adap
         let m = EngineMapping::vllm().extract(text);
         assert!((m.metrics.kv_cache_usage - 0.5).abs() < 1e-9);
         assert!(!m.found_core);
+        // What the scraper warns about: the series read as 0 for want of them.
+        assert_eq!(m.missing_core, ["running"]);
         let both = "vllm:gpu_cache_usage_perc 0.5\nvllm:kv_cache_usage_perc 0.25\n";
         assert!((EngineMapping::vllm().extract(both).metrics.kv_cache_usage - 0.25).abs() < 1e-9);
     }

@@ -604,8 +604,11 @@ async fn scrape_loop<S: Source>(
         config.max_quiet_interval,
     );
     let mut failures = 0u32;
-    // An unusable readiness check is warned about once per task, not at every recovery.
+    // An unusable readiness check, and a page that lacks some of its mapping's core series
+    // (a typo in a custom mapping, an engine that renamed one), are warned about once per
+    // task, not at every scrape.
     let mut warned_unusable = false;
+    let mut warned_missing = false;
     // Kept across scrapes: the body buffer (no allocation per scrape once grown), and the last
     // body's hash with what it gave (an identical body is not parsed again).
     let mut body = Vec::new();
@@ -650,6 +653,16 @@ async fn scrape_loop<S: Source>(
                     tracing::info!(endpoint = %endpoint.spec.name, "metrics scrape recovered");
                 }
                 failures = 0;
+                if extracted.found_any_core
+                    && !extracted.missing_core.is_empty()
+                    && !std::mem::replace(&mut warned_missing, true)
+                {
+                    tracing::warn!(
+                        endpoint = %endpoint.spec.name, engine = %endpoint.engine,
+                        missing = ?extracted.missing_core,
+                        "the engine's metrics lack series its mapping reads; they count as 0"
+                    );
+                }
                 // The values are as of now, not of when the readiness check below returns.
                 let read_at = Instant::now();
                 let readiness = readiness_after_scrape(
