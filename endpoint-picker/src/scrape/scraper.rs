@@ -29,7 +29,8 @@
 //! ([`EngineMapping::extract`]); and the interval adapts ([`IdleBackoff`]):
 //! - after a scrape whose values equal the previous one the next waits twice as long, up to
 //!   [`ScrapeConfig::max_idle_interval`] (150 ms by default, below the saturation detector's
-//!   200 ms staleness threshold, so that such an endpoint never looks stale);
+//!   200 ms staleness threshold, so that such an endpoint does not look stale unless its
+//!   answer comes 50 ms slower than the one before);
 //! - an engine that is also *quiet* (nothing running, nothing waiting) keeps doubling up to
 //!   [`ScrapeConfig::max_quiet_interval`] (1 s by default, `--idle-scrape-interval`). Its
 //!   values stand until the next scrape ([`EngineMetrics::quiet_until`]), because what changes a
@@ -437,6 +438,23 @@ impl ScrapeGrid {
         self.period * ((id.0 / Self::BATCH) % Self::PHASES) / Self::PHASES
     }
 
+    /// When the scrape after one that was due at `due` (or started then, woken early) and
+    /// waits `wait` starts, on the grid, `now` being when it ended. The wait counts from when
+    /// the scrape was due, not from when its task woke: a wake-up a few milliseconds late (a
+    /// busy EPP: a thousand endpoints' timers on two cores) rounded the next start up to the
+    /// point after, so a busy endpoint was scraped every other point and one whose values stood
+    /// still 200 ms apart instead of 150, past the saturation detector's staleness. A scrape
+    /// slower than the wait is followed by the next free point, not by a catch-up burst.
+    pub fn next_start(
+        &self,
+        phase: Duration,
+        due: Instant,
+        wait: Duration,
+        now: Instant,
+    ) -> Instant {
+        self.align(phase, (due + wait).max(now + wait / 2))
+    }
+
     /// The first point of `phase` no earlier than half a phase before `due`: a scrape due
     /// between two points starts at the nearer one, never more than half a phase (5 % of the
     /// interval) early, and one due at a point starts there.
@@ -643,10 +661,8 @@ async fn scrape_loop<S: Source>(
             Ok(_) => Observed::Unchanged,
             Err(_) => Observed::Changed,
         };
-        // The wait counts from this scrape's start, on the grid; a scrape slower than the wait
-        // is followed by the next free point, not by a catch-up burst.
         let wait = backoff.next(observed);
-        next_at = grid.align(phase, (started + wait).max(Instant::now() + wait / 2));
+        next_at = grid.next_start(phase, next_at.min(started), wait, Instant::now());
         match result {
             Ok((extracted, _)) => {
                 if failures >= config.failure_threshold {
@@ -1171,6 +1187,27 @@ mod tests {
 
     async fn window(ms: u64) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// A scrape whose task woke late keeps the grid's rhythm: the next one counts from when it
+    /// was due, not from the late wake-up.
+    #[test]
+    fn a_late_wake_up_does_not_push_the_next_scrape_a_point_further() {
+        let ms = Duration::from_millis;
+        let origin = Instant::now();
+        let grid = ScrapeGrid::new(origin, ms(50));
+        let phase = Duration::ZERO;
+        let due = origin + ms(100);
+        // Woke 3 ms late, the scrape took 2 ms.
+        let now = due + ms(5);
+        for (wait, next) in [(ms(50), 150), (ms(150), 250)] {
+            assert_eq!(grid.next_start(phase, due, wait, now), origin + ms(next));
+        }
+        // A scrape slower than its wait: the next free point, no burst.
+        assert_eq!(
+            grid.next_start(phase, due, ms(50), due + ms(120)),
+            origin + ms(250)
+        );
     }
 
     #[test]
