@@ -856,16 +856,25 @@ fn uncached_tokens(request: &InferenceRequest, state: &CycleState, endpoint: &En
     prompt.saturating_sub(cached)
 }
 
-/// The endpoints a request may go to: those serving; when none is, those the EPP has no
-/// evidence against (never scraped, or scrapes failing), as the reference routes to every pod
-/// discovery lists whatever its metrics; never one whose engine said it is still loading.
-/// Borrowed when that is every one of them (the usual case), so nothing is cloned.
+/// The endpoints a request may go to: those serving, and those whose first scrape is still
+/// under way; when none serves, those the EPP has no evidence against (never scraped, or
+/// scrapes failing), as the reference routes to every pod discovery lists whatever its
+/// metrics; never one whose engine said it is still loading. Borrowed when that is every one
+/// of them (the usual case), so nothing is cloned.
+///
+/// An endpoint not scraped yet stays a candidate beside serving ones (for its first scrape
+/// and check, milliseconds): after an EPP restart, or a pool edit that renews every endpoint,
+/// the first engine to answer its check was otherwise the only candidate until the others
+/// answered theirs, and took the whole pool's traffic meanwhile.
 fn ready_candidates(all: &[Candidate]) -> Cow<'_, [Candidate]> {
     let ready: fn(&Candidate) -> bool = if all
         .iter()
         .any(|c| c.metrics.readiness == Readiness::Serving)
     {
-        |c| c.metrics.readiness == Readiness::Serving
+        |c| {
+            c.metrics.readiness == Readiness::Serving
+                || (c.metrics.readiness == Readiness::Unknown && c.metrics.updated_at.is_none())
+        }
     } else {
         |c| c.metrics.readiness != Readiness::Loading
     };
@@ -1000,6 +1009,41 @@ mod tests {
         drop(fresh);
         d.pool_changed();
         assert_eq!(Arc::as_ptr(&d.in_flight().load_of(gone)), fresh_at);
+    }
+
+    /// An endpoint whose first scrape is under way shares the traffic with one that already
+    /// serves (after a restart, the first to answer took it all); one scraped and not shown
+    /// to serve (its check unanswered) does not.
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_not_scraped_yet_share_with_the_first_that_serves() {
+        let d = director(3);
+        d.pool_changed();
+        let snap = d.datastore().snapshot();
+        snap.endpoints[0].store_metrics(EngineMetrics {
+            updated_at: Some(Instant::now()),
+            readiness: Readiness::Serving,
+            ..Default::default()
+        });
+        let spread = |d: &Director| {
+            let mut by = std::collections::BTreeSet::new();
+            let routed: Vec<Routed> = (0..30)
+                .map(|_| d.route(&req(), None, false).unwrap())
+                .collect();
+            for r in &routed {
+                by.insert(r.destination());
+            }
+            by.len()
+        };
+        assert_eq!(spread(&d), 3);
+        // Scraped, values stored, readiness still unknown (its check got no answer).
+        for e in &snap.endpoints[1..] {
+            e.store_metrics(EngineMetrics {
+                updated_at: Some(Instant::now()),
+                readiness: Readiness::Unknown,
+                ..Default::default()
+            });
+        }
+        assert_eq!(spread(&d), 1);
     }
 
     /// The pool follower purges what departed before it started (a follower run again after
