@@ -316,7 +316,10 @@ impl EngineMapping {
             found_core: best.queued.is_some() && best.running.is_some() && best.kv.is_some(),
             missing_core: [
                 ("queued", best.queued.is_none() && !self.queued.is_empty()),
-                ("running", best.running.is_none() && !self.running.is_empty()),
+                (
+                    "running",
+                    best.running.is_none() && !self.running.is_empty(),
+                ),
                 ("kv usage", best.kv.is_none() && !self.kv_usage.is_empty()),
             ]
             .into_iter()
