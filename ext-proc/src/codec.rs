@@ -11,8 +11,9 @@
 //!   framing, and keeps it as a `Bytes` slice of the received buffer ([`Inbound::body`]);
 //!   everything else is decoded by prost from the message with the body fields cut out, so
 //!   prost's rules (merging, unknown fields, errors) apply unchanged. A message the scan does
-//!   not understand (groups, bad framing) is decoded by prost as a whole: the result, or the
-//!   error, is then prost's own.
+//!   not understand (groups, bad framing), or with more than one body field (Envoy sends one;
+//!   a crafted message of millions would cost the scan a range each), is decoded by prost as a
+//!   whole: the result, or the error, is then prost's own.
 //! - [`encode_answer`] writes a body chunk ([`Answer::Chunk`]) by hand: the nested length
 //!   prefixes of `ProcessingResponse` → `BodyResponse` → `CommonResponse` → `BodyMutation` →
 //!   `StreamedBodyResponse`, then the chunk's bytes, once, into tonic's output buffer. Every
@@ -196,6 +197,12 @@ fn scan(buf: &[u8]) -> Option<Scan> {
                 return None;
             }
             if f.number == BODY_FIELD {
+                // Envoy sends one body field in one body message. More is a crafted message:
+                // a range (and a `Cut`) per two-byte field would make the scan allocate
+                // tens of times the message's size, where prost merges them in place.
+                if !bodies.is_empty() || !cuts.is_empty() {
+                    return None;
+                }
                 let offset = payload.start;
                 bodies.push(f.whole.start + offset..f.whole.end + offset);
                 body = Some(f.payload_start + offset..f.whole.end + offset);
