@@ -613,27 +613,153 @@ pub fn rewrite_model(body: &[u8], span: Range<usize>, new_model: &str) -> Bytes 
     out.freeze()
 }
 
-/// Rewrites `"model":"<from>"` (or `"model": "<from>"`) back to `<to>` in a response chunk.
-/// Returns `None` when the chunk does not contain the pattern.
+/// Rewrites `"model":"<from>"` and `"model": "<from>"` back to `<to>` in a response chunk
+/// ([`ModelRewriteBack::rewrite`]). Returns `None` when the chunk does not contain either.
 pub fn rewrite_response_model(chunk: &[u8], from: &str, to: &str) -> Option<Vec<u8>> {
-    let from_json = serde_json::to_string(from).ok()?;
-    let to_json = serde_json::to_string(to).ok()?;
-    for sep in [":", ": "] {
-        let pattern = format!("\"model\"{sep}{from_json}");
-        if memchr::memmem::find(chunk, pattern.as_bytes()).is_some() {
-            let replacement = format!("\"model\"{sep}{to_json}");
-            let mut out = Vec::with_capacity(chunk.len() + to_json.len());
-            let mut rest = chunk;
-            while let Some(i) = memchr::memmem::find(rest, pattern.as_bytes()) {
-                out.extend_from_slice(&rest[..i]);
-                out.extend_from_slice(replacement.as_bytes());
-                rest = &rest[i + pattern.len()..];
+    ModelRewriteBack::new(from, to)?.rewrite(chunk)
+}
+
+/// Rewrites the model a response names back to the one the client asked for:
+/// `"model":"<from>"` and `"model": "<from>"` become `"model":"<to>"` and `"model": "<to>"`,
+/// in a whole body ([`Self::rewrite`]) or in a body that arrives in chunks
+/// ([`Self::rewrite_chunk`]), with the same result however the body is cut.
+#[derive(Debug)]
+pub struct ModelRewriteBack {
+    /// Each spelling of the field with `<from>`, and its replacement.
+    patterns: [(memchr::memmem::Finder<'static>, Vec<u8>); 2],
+    /// The end of the last chunk, held back because it may begin a pattern that the next
+    /// chunk completes: at most a pattern's length less one byte.
+    held: Vec<u8>,
+    /// `held`, charged to the response budget.
+    charge: BodyCharge,
+}
+
+impl ModelRewriteBack {
+    /// The rewrite of `from` back to `to` (`None`: a name JSON cannot encode).
+    pub fn new(from: &str, to: &str) -> Option<Self> {
+        let from = serde_json::to_string(from).ok()?;
+        let to = serde_json::to_string(to).ok()?;
+        let spelled = |sep: &str, model: &str| format!("\"model\"{sep}{model}").into_bytes();
+        Some(Self {
+            patterns: [":", ": "].map(|sep| {
+                (
+                    memchr::memmem::Finder::new(&spelled(sep, &from)).into_owned(),
+                    spelled(sep, &to),
+                )
+            }),
+            held: Vec::new(),
+            charge: BodyCharge::default(),
+        })
+    }
+
+    /// `body` rewritten, or `None` when it names no `<from>`.
+    pub fn rewrite(&self, body: &[u8]) -> Option<Vec<u8>> {
+        self.rewrite_whole(body).0
+    }
+
+    /// The next chunk of a body, rewritten: what can go out now. The chunk's end is held back
+    /// when it may begin a pattern cut by the chunk boundary (Envoy's chunks follow the
+    /// upstream's reads and frames, not SSE events or JSON fields), and goes out with the next
+    /// chunk; with `end` (the body's last chunk) nothing is held. What is held is charged to
+    /// `budget`; when the budget cannot hold it, it goes out as it is.
+    pub fn rewrite_chunk(&mut self, chunk: Bytes, budget: &Arc<BodyBudget>, end: bool) -> Bytes {
+        let data = if self.held.is_empty() {
+            chunk
+        } else {
+            let mut joined = BytesMut::with_capacity(self.held.len() + chunk.len());
+            joined.extend_from_slice(&self.held);
+            joined.extend_from_slice(&chunk);
+            self.held.clear();
+            self.charge.release();
+            joined.freeze()
+        };
+        let (rewritten, rewritten_to) = self.rewrite_whole(&data);
+        let hold = if end {
+            0
+        } else {
+            self.pattern_start_at_end(&data[rewritten_to..])
+        };
+        // A pattern is a few hundred bytes for a valid model name; the SSE line cap bounds what
+        // an operator's name of any length could make a stream hold.
+        let hold = if hold > 0 && hold <= MAX_SSE_LINE && self.charge.grow(budget, hold).is_ok() {
+            self.held.extend_from_slice(&data[data.len() - hold..]);
+            hold
+        } else {
+            0
+        };
+        match rewritten {
+            // The held bytes come after the last rewrite: they end `out` as they end `data`.
+            Some(mut out) => {
+                out.truncate(out.len() - hold);
+                Bytes::from(out)
             }
-            out.extend_from_slice(rest);
-            return Some(out);
+            None => data.slice(..data.len() - hold),
         }
     }
-    None
+
+    /// What is held back, let go as it is (it holds no whole pattern): for a body that ends
+    /// without a last chunk (trailers).
+    pub fn flush(&mut self) -> Bytes {
+        self.charge.release();
+        Bytes::from(std::mem::take(&mut self.held))
+    }
+
+    /// Bytes held back now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// `body` with every pattern rewritten (leftmost first, none overlapping), or `None` when
+    /// there is none; and where the last one ends in `body` (0 without any).
+    fn rewrite_whole(&self, body: &[u8]) -> (Option<Vec<u8>>, usize) {
+        let find = |i: usize, from: usize| {
+            let finder: &memchr::memmem::Finder<'static> = &self.patterns[i].0;
+            finder.find(&body[from..]).map(|at| from + at)
+        };
+        let mut next = [find(0, 0), find(1, 0)];
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
+        // The two spellings differ at the byte after the colon: never at the same place.
+        while let Some((at, i)) = (0..2).filter_map(|i| next[i].map(|at| (at, i))).min() {
+            let (finder, replacement) = &self.patterns[i];
+            let out =
+                out.get_or_insert_with(|| Vec::with_capacity(body.len() + 2 * replacement.len()));
+            out.extend_from_slice(&body[copied..at]);
+            out.extend_from_slice(replacement);
+            copied = at + finder.needle().len();
+            for (j, n) in next.iter_mut().enumerate() {
+                if n.is_some_and(|at| at < copied) {
+                    *n = find(j, copied);
+                }
+            }
+        }
+        if let Some(out) = out.as_mut() {
+            out.extend_from_slice(&body[copied..]);
+        }
+        (out, copied)
+    }
+
+    /// The length of the longest end of `tail` that is the start of a pattern but not all of
+    /// it (0 when none is): the bytes a chunk boundary may have cut a pattern after.
+    fn pattern_start_at_end(&self, tail: &[u8]) -> usize {
+        let longest = self
+            .patterns
+            .iter()
+            .map(|(f, _)| f.needle().len())
+            .max()
+            .unwrap_or(0);
+        let window = &tail[tail.len().saturating_sub(longest.saturating_sub(1))..];
+        // Every pattern starts with a quote: only the window's quotes can begin one; the
+        // first that does gives the longest end.
+        memchr::memchr_iter(b'"', window)
+            .map(|at| &window[at..])
+            .find(|end| {
+                self.patterns
+                    .iter()
+                    .any(|(f, _)| end.len() < f.needle().len() && f.needle().starts_with(end))
+            })
+            .map_or(0, <[u8]>::len)
+    }
 }
 
 /// Token usage reported by the model server.
@@ -1091,6 +1217,69 @@ mod tests {
         let spaced = rewrite_response_model(br#"{"model": "t"}"#, "t", "o").unwrap();
         assert_eq!(spaced, br#"{"model": "o"}"#);
         assert!(rewrite_response_model(b"{}", "t", "o").is_none());
+        let both = rewrite_response_model(br#"{"model": "t"}{"model":"t"}"#, "t", "o").unwrap();
+        assert_eq!(both, br#"{"model": "o"}{"model":"o"}"#, "both spellings");
+    }
+
+    /// Review F2: fed in chunks cut anywhere, and a byte at a time, a body comes out as the
+    /// whole body's rewrite, both spellings of the field included; what is held back is at most
+    /// a pattern's length less one, charged to the budget, and nothing once the body ends.
+    #[test]
+    fn a_chunked_model_rewrite_equals_the_whole_rewrite() {
+        let body = b"data: {\"model\":\"t-1\",\"x\":\"\\\"\"}\n\ndata: {\"model\": \"t-1\"}\n\n\"model\":\"t-1\"";
+        let budget = Arc::new(BodyBudget::new(1 << 20));
+        let whole = ModelRewriteBack::new("t-1", "orig").unwrap();
+        let expected = whole.rewrite(body).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&expected),
+            "data: {\"model\":\"orig\",\"x\":\"\\\"\"}\n\ndata: {\"model\": \"orig\"}\n\n\"model\":\"orig\""
+        );
+        let longest = b"\"model\": \"t-1\"".len();
+        let mut cuts: Vec<Vec<usize>> = (0..=body.len()).map(|cut| vec![cut]).collect();
+        cuts.push((1..body.len()).collect());
+        for cut in cuts {
+            let mut r = ModelRewriteBack::new("t-1", "orig").unwrap();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for &to in &cut {
+                out.extend_from_slice(&r.rewrite_chunk(
+                    Bytes::copy_from_slice(&body[from..to]),
+                    &budget,
+                    false,
+                ));
+                assert!(r.held() < longest);
+                assert_eq!(budget.held(), r.held());
+                from = to;
+            }
+            out.extend_from_slice(&r.rewrite_chunk(
+                Bytes::copy_from_slice(&body[from..]),
+                &budget,
+                true,
+            ));
+            assert_eq!(r.held(), 0);
+            assert_eq!(budget.held(), 0);
+            assert!(
+                out == expected,
+                "cut at {cut:?}: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        // A chunk that may begin the field is held back; flushed, it goes out as it came.
+        let mut r = ModelRewriteBack::new("t-1", "orig").unwrap();
+        assert_eq!(
+            &r.rewrite_chunk(Bytes::from_static(b"{\"mod"), &budget, false)[..],
+            b"{"
+        );
+        assert_eq!(&r.flush()[..], b"\"mod");
+        assert_eq!(budget.held(), 0);
+        // A budget that cannot hold it: it goes out as it is.
+        let full = Arc::new(BodyBudget::new(2));
+        let mut r = ModelRewriteBack::new("t-1", "orig").unwrap();
+        assert_eq!(
+            &r.rewrite_chunk(Bytes::from_static(b"{\"mod"), &full, false)[..],
+            b"{\"mod"
+        );
+        assert_eq!(r.held(), 0);
     }
 
     #[test]

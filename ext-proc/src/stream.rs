@@ -17,8 +17,10 @@
 //!   `Content-Length` (Envoy refuses a body whose length differs from the held header);
 //!   other modes get a 500 at once ([`RequestError::UnsupportedBodyMode`]);
 //! - response headers are answered at once; SSE response chunks are answered one by one as they
-//!   arrive; other bodies are passed through too, unless the model name must be rewritten back,
-//!   in which case they are buffered to the end;
+//!   arrive (with the model name to rewrite back, a chunk's last bytes that may begin the
+//!   `"model"` field wait for the next chunk, [`openai::ModelRewriteBack`]); other bodies are
+//!   passed through too, unless the model name must be rewritten back, in which case they are
+//!   buffered to the end;
 //! - the lean response path (`response_body_mode: NONE`, an operator's choice; the shipped
 //!   Envoy configs run the full path) sends no body at all: the response completes with the
 //!   ext_proc stream's end ([`StreamState::on_stream_end`]). The state machine is not told
@@ -268,7 +270,9 @@ struct Queued {
 #[derive(Debug, Default)]
 struct ResponseState {
     streaming: bool,
-    rewrite_back: Option<(String, String)>,
+    /// The served model's name to rewrite back to the one asked for; on a streamed body it
+    /// holds back (charged) a chunk's end that may begin the name's field.
+    rewrite_back: Option<openai::ModelRewriteBack>,
     buffered: BytesMut,
     copy: BytesMut,
     /// `buffered` and `copy`, charged to [`ServiceOptions::held_response_bytes`].
@@ -515,6 +519,12 @@ impl StreamState {
                     // A passed-through body ended by trailers: its copy (empty if it overflowed).
                     let copy = std::mem::take(&mut self.response.copy);
                     self.complete_response(&copy);
+                }
+                // A streamed body's end held back for the rewrite: no chunk completes it now.
+                if let Some(held) = self.response.rewrite_back.as_mut().map(|r| r.flush())
+                    && !held.is_empty()
+                {
+                    out.push(envoy::body_chunk(Direction::Response, held, false).into());
                 }
                 out.push(envoy::trailers_response(Direction::Response).into());
                 out
@@ -997,7 +1007,7 @@ impl StreamState {
             .on_routed(&request, rewritten, self.eos_at.elapsed());
         if routed.rewritten {
             self.response.rewrite_back =
-                Some((request.target_model.clone(), request.model.clone()));
+                openai::ModelRewriteBack::new(&request.target_model, &request.model);
         }
         self.response.streaming = request.stream;
         if let (Some(observers), Some(id)) = (&self.ctx.options.observers, observer_id) {
@@ -1128,15 +1138,23 @@ impl StreamState {
                     routed.first_token(succeeded);
                 }
             }
-            self.response
-                .sse
-                .feed_charged(&chunk, &self.ctx.options.held_response_bytes);
+            let budget = &self.ctx.options.held_response_bytes;
+            self.response.sse.feed_charged(&chunk, budget);
+            let out = match self.response.rewrite_back.as_mut() {
+                Some(rewrite) => {
+                    let out = rewrite.rewrite_chunk(chunk, budget, eos);
+                    if out.is_empty() && rewrite.held() > 0 {
+                        // All held back, to go out with the next chunk (never the last).
+                        return Vec::new();
+                    }
+                    out
+                }
+                None => chunk,
+            };
             if eos {
                 self.complete_response(&[]);
             }
-            return vec![
-                envoy::body_chunk(Direction::Response, self.rewrite_response(chunk), eos).into(),
-            ];
+            return vec![envoy::body_chunk(Direction::Response, out, eos).into()];
         }
         if self.response.complete {
             // More body after its end (no Envoy sends it): passed on, neither kept nor charged.
@@ -1245,9 +1263,7 @@ impl StreamState {
 
     fn rewrite_response(&self, chunk: Bytes) -> Bytes {
         match &self.response.rewrite_back {
-            Some((from, to)) => openai::rewrite_response_model(&chunk, from, to)
-                .map(Bytes::from)
-                .unwrap_or(chunk),
+            Some(rewrite) => rewrite.rewrite(&chunk).map(Bytes::from).unwrap_or(chunk),
             None => chunk,
         }
     }

@@ -5,8 +5,11 @@
 //! seeds and every crash ever found through these same functions under plain `cargo test`.
 //! Uses only `ext-proc`'s public API and dependencies both crates have.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use endpoint_picker::request::Api;
+use ext_proc::body_budget::BodyBudget;
 use ext_proc::openai::{self, BodyError, SseUsageScanner, Usage};
 
 const APIS: [Api; 6] = [
@@ -79,9 +82,12 @@ pub fn body(data: &[u8]) {
     }
 }
 
-/// `response_rewrite`: first byte = model pair, rest = a response chunk. The rewrite is
-/// `None` exactly when the chunk names no `"model":<from>`; rewriting to the same name is the
-/// identity; and rewriting back restores the chunk when `to` does not occur in it already.
+/// `response_rewrite`: first byte = model pair (and the cuts), rest = a response chunk. The
+/// rewrite is `None` exactly when the chunk names no `"model":<from>`; rewriting to the same
+/// name is the identity; and rewriting back restores the chunk when `to` does not occur in it
+/// already. Fed as a streamed body, a byte at a time and in chunks cut where the first byte
+/// says, it comes out as the whole chunk's rewrite, holding back less than a pattern's length,
+/// charged, and nothing at its end.
 pub fn response_rewrite(data: &[u8]) {
     let [pair, chunk @ ..] = data else {
         return;
@@ -95,6 +101,7 @@ pub fn response_rewrite(data: &[u8]) {
     ];
     let (from, to) = PAIRS[usize::from(*pair) % PAIRS.len()];
     let out = openai::rewrite_response_model(chunk, from, to);
+    streamed_rewrite(chunk, from, to, *pair, out.as_deref().unwrap_or(chunk));
     let pattern = |sep: &str, m: &str| {
         format!(
             "\"model\"{sep}{}",
@@ -118,6 +125,46 @@ pub fn response_rewrite(data: &[u8]) {
     if !names_to && !both_separators && from != to {
         let back = openai::rewrite_response_model(&out, to, from);
         assert_eq!(back.as_deref(), Some(chunk), "rewrite is not reversible");
+    }
+}
+
+/// `body` fed to [`openai::ModelRewriteBack::rewrite_chunk`] a byte at a time and in chunks
+/// of up to 16 bytes (sizes from `seed`): each must come out as `expected`.
+fn streamed_rewrite(body: &[u8], from: &str, to: &str, seed: u8, expected: &[u8]) {
+    let longest = format!(
+        "\"model\": {}",
+        serde_json::to_string(from).unwrap_or_default()
+    )
+    .len();
+    let budget = Arc::new(BodyBudget::new(1 << 20));
+    let bytewise: Vec<usize> = (1..=body.len()).collect();
+    let mut step = usize::from(seed);
+    let mut chunked = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        step = step.wrapping_mul(31).wrapping_add(7) % 97;
+        at = (at + step % 17).min(body.len());
+        chunked.push(at);
+    }
+    for ends in [bytewise, chunked] {
+        let Some(mut rewrite) = openai::ModelRewriteBack::new(from, to) else {
+            return;
+        };
+        let mut out = Vec::new();
+        let mut start = 0;
+        for (i, &end) in ends.iter().enumerate() {
+            let last = i + 1 == ends.len();
+            let piece = Bytes::copy_from_slice(&body[start..end]);
+            out.extend_from_slice(&rewrite.rewrite_chunk(piece, &budget, last));
+            assert!(rewrite.held() < longest, "held more than a pattern's start");
+            assert_eq!(budget.held(), rewrite.held(), "what is held is charged");
+            start = end;
+        }
+        assert_eq!(rewrite.held(), 0, "held past the end");
+        assert!(
+            out == expected,
+            "a streamed rewrite differs from the whole one"
+        );
     }
 }
 

@@ -2281,3 +2281,77 @@ async fn a_routed_request_lets_its_token_ids_go() {
     assert_eq!(s.phase, Phase::Routed);
     assert_eq!(Arc::strong_count(&ids), 1, "only the test holds the ids");
 }
+
+/// Review F2: a streamed chunk boundary inside `"model":"m-canary"` left both halves as they
+/// were, and the client saw the internal target model. Cut anywhere, once or twice, the event
+/// reaches the client rewritten whole, the end of stream on its last chunk.
+#[tokio::test(start_paused = true)]
+async fn a_streamed_model_name_cut_by_chunk_boundaries_is_still_rewritten_back() {
+    let h = Harness::new(1);
+    operator_rewrite(&h);
+    let event = b"data: {\"id\":\"1\",\"model\":\"m-canary\",\"choices\":[]}\n\n";
+    let expected = b"data: {\"id\":\"1\",\"model\":\"m\",\"choices\":[]}\n\n";
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    for first in 0..=event.len() {
+        for second in first..=event.len() {
+            let mut s = h.stream();
+            send_chat(&mut s, "m", &[]);
+            s.on_message(resp_headers(&sse, false, None));
+            let mut out = s.on_message(resp_body(&event[..first], false));
+            out.extend(s.on_message(resp_body(&event[first..second], false)));
+            out.extend(s.on_message(resp_body(&event[second..], true)));
+            let (body, eos_last_only) = concat_bodies(&out);
+            assert_eq!(
+                String::from_utf8_lossy(&body),
+                String::from_utf8_lossy(expected),
+                "cut at {first} and {second}"
+            );
+            assert!(
+                eos_last_only && !out.is_empty(),
+                "cut at {first} and {second}"
+            );
+            assert!(s.exchange_complete());
+            drop(s);
+            assert_eq!(h.options.held_response_bytes.held(), 0);
+        }
+    }
+}
+
+/// Review F2: what a streamed body's last chunk held back for the rewrite goes out before the
+/// trailers' answer, charged to the response budget until then.
+#[tokio::test(start_paused = true)]
+async fn a_streamed_body_ended_by_trailers_lets_its_held_end_go_first() {
+    let h = Harness::new(1);
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    s.on_message(resp_headers(&sse, false, None));
+    let out = s.on_message(resp_body(b"data: {\"model\":\"m-can", false));
+    assert_eq!(out.len(), 1);
+    assert_eq!(streamed_body(&out[0]), (b"data: {".to_vec(), false));
+    let held_line = h.options.held_response_bytes.held();
+    assert!(
+        held_line > 0,
+        "the unfinished line (SSE scanner and rewrite)"
+    );
+    let out = s.on_message(ProcessingRequest {
+        request: Some(processing_request::Request::ResponseTrailers(
+            crate::envoy::ext_proc::HttpTrailers::default(),
+        )),
+        ..Default::default()
+    });
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(
+        streamed_body(&out[0]),
+        (b"\"model\":\"m-can".to_vec(), false),
+        "as it came: no field to rewrite"
+    );
+    assert!(matches!(
+        out[1].response,
+        Some(processing_response::Response::ResponseTrailers(_))
+    ));
+    assert!(s.exchange_complete());
+    drop(s);
+    assert_eq!(h.options.held_response_bytes.held(), 0);
+}
