@@ -23,8 +23,11 @@
 //!   buffered to the end;
 //! - the lean response path (`response_body_mode: NONE`, an operator's choice; the shipped
 //!   Envoy configs run the full path) sends no body at all: the response completes with the
-//!   ext_proc stream's end ([`StreamState::on_stream_end`]). The state machine is not told
-//!   which path Envoy runs: it completes on whichever end it sees;
+//!   ext_proc stream's end ([`StreamState::on_stream_end`]). Envoy announces the path with the
+//!   stream's first message (`protocol_config.response_body_mode`): on the full path, a stream
+//!   that ends before the response's end, even before its first chunk, is a response cut short,
+//!   released but not recorded as complete. Without the announcement, the response completes
+//!   on whichever end is seen;
 //! - every message gets exactly one answer, in order. Dropping the state (client gone, Envoy
 //!   reset) releases the in-flight slot of the routed request.
 //!
@@ -536,11 +539,14 @@ impl StreamState {
     /// The ext_proc stream ended (Envoy closed or reset it). On the lean response path without
     /// trailers this is the only sign that the response is over: a response whose headers were
     /// seen completes here, so that its duration and status are still recorded. A stream that
-    /// ends before response headers completes nothing (the request is only released).
+    /// ends before response headers completes nothing (the request is only released), nor does
+    /// one on the full path that ends before the response's end, even before its first chunk.
     pub fn on_stream_end(&mut self) {
-        // Only when no body went through the EPP: on the full path a stream that ends before
-        // the body's end is a response cut short, not a complete one.
+        // Only on the lean path, where no body goes through the EPP: on the full path every
+        // body byte does, so a stream that ends before the body's end (before its first chunk
+        // too: a client that gave up waiting for its first token) is a response cut short.
         if self.phase == Phase::Routed
+            && !self.response_body_streamed
             && self.response.headers_seen
             && self.response.body_messages == 0
             && !self.done

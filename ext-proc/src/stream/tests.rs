@@ -2355,3 +2355,56 @@ async fn a_streamed_body_ended_by_trailers_lets_its_held_end_go_first() {
     drop(s);
     assert_eq!(h.options.held_response_bytes.held(), 0);
 }
+
+/// `message` (a stream's first) announcing Envoy's body modes: request FULL_DUPLEX_STREAMED,
+/// the response `response`.
+fn with_response_body_mode(
+    mut message: ProcessingRequest,
+    response: BodySendMode,
+) -> ProcessingRequest {
+    message.protocol_config = Some(crate::envoy::ext_proc::ProtocolConfiguration {
+        request_body_mode: BodySendMode::FullDuplexStreamed as i32,
+        response_body_mode: response as i32,
+        ..Default::default()
+    });
+    message
+}
+
+/// A streamed chat request routed on a stream announcing `response` as the response body mode,
+/// then its SSE response headers, then the stream's end: the events after routing.
+fn cut_after_response_headers(h: &Harness, response: BodySendMode) -> Vec<String> {
+    let mut s = h.stream();
+    let headers = with_response_body_mode(post("/v1/chat/completions", &[]), response);
+    assert!(s.on_message(headers).is_empty(), "headers deferred");
+    let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    assert!(!s.on_message(req_body(body, true)).is_empty(), "routed");
+    h.events();
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    s.on_message(resp_headers(&sse, false, None));
+    s.on_stream_end();
+    drop(s);
+    h.events()
+}
+
+/// Review F3: on the full path every body byte goes through the EPP, so a stream that ends
+/// after the response headers and before any body (a client that gave up waiting for its
+/// first token) was cut short; it was recorded as a complete 200 with a short duration.
+#[tokio::test(start_paused = true)]
+async fn a_full_path_stream_cut_before_its_first_chunk_is_not_complete() {
+    let h = Harness::new(1);
+    assert_eq!(
+        cut_after_response_headers(&h, BodySendMode::FullDuplexStreamed),
+        ["released m"],
+        "released, not recorded as complete"
+    );
+}
+
+/// Review F3's twin: on the lean path no body comes, and the stream's end is the response's.
+#[tokio::test(start_paused = true)]
+async fn a_lean_path_stream_ending_after_the_response_headers_is_complete() {
+    let h = Harness::new(1);
+    assert_eq!(
+        cut_after_response_headers(&h, BodySendMode::None),
+        ["complete None", "released m"]
+    );
+}
