@@ -483,6 +483,9 @@ impl StreamState {
         use processing_request::Request as R;
         match message.request {
             Some(R::RequestHeaders(h)) => {
+                if self.phase != Phase::Start {
+                    self.begin_next_request();
+                }
                 self.note_subset_hint(metadata);
                 self.on_request_headers(h)
             }
@@ -590,6 +593,19 @@ impl StreamState {
             }
         };
         Ok(())
+    }
+
+    /// A second request on the same stream (Envoy never sends one; any other client of the
+    /// port may) starts from a fresh state, the stream's modes kept: the first exchange ends
+    /// as the stream's end would end it (released; completed only if its response was), and
+    /// nothing of it (its response's state, its model rewrite, its subset hint, its charges)
+    /// carries over to the second, whose completion is then recorded as any other's.
+    fn begin_next_request(&mut self) {
+        let mut next = StreamState::new(self.ctx.clone());
+        next.request_body_mode = self.request_body_mode;
+        next.response_body_streamed = self.response_body_streamed;
+        // The previous state is dropped here: its `Drop` ends the first exchange.
+        *self = next;
     }
 
     fn note_subset_hint(&mut self, metadata: Option<&envoy::Metadata>) {
@@ -780,6 +796,29 @@ impl StreamState {
 
     fn finish_request_with(&mut self, body: Bytes, end_of_stream: bool) -> Vec<Answer> {
         self.eos_at = Instant::now();
+        if body.is_empty()
+            && self.body_api().is_none()
+            && (end_of_stream || self.request_body_mode == RequestBodyMode::Streamed)
+        {
+            // No body API and no body: a `GET /v1/models` sent chunked with an empty last
+            // chunk, or HTTP/2 headers then an empty DATA frame. Routed on its headers, as the
+            // same request ending at its headers is, instead of refused as an empty
+            // completions body. (In BUFFERED mode trailers come after the headers' answer, so
+            // there is nothing left to route by: refused as before.)
+            let request = match self.base_request(Api::HeadersOnly) {
+                Ok(r) => r,
+                Err(e) => return self.fail(e, None),
+            };
+            let nothing = openai::ParsedBody {
+                model: String::new(),
+                stream: false,
+                prompt: Bytes::new(),
+                cache_salt: None,
+                model_span: 0..0,
+                max_tokens: None,
+            };
+            return self.route(request, Some((body, nothing, end_of_stream)));
+        }
         let api = openai::api_for_path(self.header(":path").unwrap_or("/v1/completions"));
         let parsed = match openai::parse_body(api, &body) {
             Ok(p) => p,
@@ -938,7 +977,8 @@ impl StreamState {
             .collect();
         let mut rewritten = false;
         let body_out = body.map(|(body, parsed, eos)| {
-            let body = if request.target_model != parsed.model {
+            // An empty body has no model to rewrite (a request without a body API).
+            let body = if !body.is_empty() && request.target_model != parsed.model {
                 rewritten = true;
                 openai::rewrite_model(&body, parsed.model_span.clone(), &request.target_model)
             } else {

@@ -233,6 +233,72 @@ async fn a_second_request_on_one_stream_releases_the_first() {
     assert_eq!(h.events(), ["released b"]);
 }
 
+/// A second request on one stream starts afresh: the first's completed response does not
+/// keep the second's from being recorded, and the first's model rewrite is not applied to the
+/// second's answer.
+#[tokio::test(start_paused = true)]
+async fn a_second_request_on_one_stream_does_not_inherit_the_first_ones_response() {
+    let h = Harness::new(1);
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    s.on_message(resp_headers(&[(":status", "200")], true, None));
+    let first = h.events();
+    assert!(first.iter().any(|e| e.starts_with("complete")), "{first:?}");
+    send_chat(&mut s, "x", &[]);
+    assert!(h.routed().starts_with("routed x->x"));
+    s.on_message(resp_headers(
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+        None,
+    ));
+    // The first request's rewrite (m-canary back to m) is not the second's.
+    let event = b"data: {\"model\":\"m-canary\"}\n\n";
+    let out = s.on_message(resp_body(event, true));
+    assert_eq!(streamed_body(&out[0]), (event.to_vec(), true));
+    let second = h.events();
+    assert!(
+        second.iter().any(|e| e.starts_with("complete")),
+        "{second:?}"
+    );
+    drop(s);
+}
+
+/// A request with no body API whose stream ends with an empty body message (sent chunked with
+/// an empty last chunk; HTTP/2 headers, then an empty DATA frame) is routed on its headers as
+/// the same request ending at its headers is, in either body mode, instead of refused as an
+/// empty completions body. Body APIs are still refused.
+#[tokio::test(start_paused = true)]
+async fn a_request_without_a_body_api_ending_with_an_empty_body_is_routed() {
+    let h = Harness::new(1);
+    let get = [(":method", "GET"), (":path", "/v1/models")];
+    let mut s = h.stream();
+    assert!(s.on_message(req_headers(&get, false, None)).is_empty());
+    let out = s.on_message(req_body(b"", true));
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(
+        routing_answer(&out[0])
+            .destination()
+            .starts_with("10.0.0.1")
+    );
+    assert_eq!(streamed_body(&out[1]), (Vec::new(), true));
+    // BUFFERED: routed by the body's answer.
+    let mut s = h.stream();
+    s.on_message(with_request_body_mode(
+        req_headers(&get, false, None),
+        BodySendMode::Buffered,
+    ));
+    let out = s.on_message(req_body(b"", true));
+    let (a, new_body) = buffered_routing_answer(&out[0]);
+    assert!(a.destination().starts_with("10.0.0.1"));
+    assert_eq!(new_body, None);
+    // A body API with an empty body is still what vLLM would refuse.
+    let mut s = h.stream();
+    s.on_message(post("/v1/chat/completions", &[]));
+    let out = s.on_message(req_body(b"", true));
+    assert_eq!(immediate(&out[0]).0, 400);
+}
+
 #[tokio::test(start_paused = true)]
 async fn headers_only_requests_route_at_once_but_empty_bodies_of_body_apis_are_refused() {
     let h = Harness::new(1);
