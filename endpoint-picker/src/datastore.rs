@@ -166,6 +166,32 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    fn new(
+        id: EndpointId,
+        spec: EndpointSpec,
+        metrics: Arc<EngineMetrics>,
+        adapters: Option<Arc<LoadedAdapters>>,
+    ) -> Self {
+        let engine: Arc<str> = spec
+            .labels
+            .get(ENGINE_TYPE_LABEL)
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "vllm".to_owned())
+            .into();
+        Self {
+            id,
+            host_port: host_port(spec.address).into(),
+            engine,
+            metrics: ArcSwap::new(metrics),
+            metrics_version: AtomicU64::new(0),
+            quiet: AtomicBool::new(false),
+            wake: Notify::new(),
+            adapters: ArcSwapOption::new(adapters),
+            spec,
+        }
+    }
+
     /// The latest engine metrics.
     pub fn metrics(&self) -> Arc<EngineMetrics> {
         self.metrics.load_full()
@@ -368,26 +394,9 @@ impl Datastore {
                 endpoints.push(same.clone());
                 continue;
             }
-            let engine: Arc<str> = es
-                .labels
-                .get(ENGINE_TYPE_LABEL)
-                .map(|s| s.trim().to_ascii_lowercase())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "vllm".to_owned())
-                .into();
             let metrics = previous.as_ref().map(|p| p.metrics()).unwrap_or_default();
             let adapters = previous.as_ref().and_then(|p| p.adapters());
-            endpoints.push(Arc::new(Endpoint {
-                id,
-                host_port: host_port(es.address).into(),
-                engine,
-                metrics: ArcSwap::new(metrics),
-                metrics_version: AtomicU64::new(0),
-                quiet: AtomicBool::new(false),
-                wake: Notify::new(),
-                adapters: ArcSwapOption::new(adapters),
-                spec: es,
-            }));
+            endpoints.push(Arc::new(Endpoint::new(id, es, metrics, adapters)));
         }
         // Release the ids of endpoints that left, so the id space stays dense.
         let gone: Vec<_> = ids
@@ -411,6 +420,44 @@ impl Datastore {
         self.current.store(snapshot.clone());
         self.version.send_modify(|v| *v += 1);
         snapshot
+    }
+}
+
+impl Datastore {
+    /// The endpoint `id` as a newcomer: the same spec under a fresh id, with nothing of the old
+    /// one's state (metrics, adapters), and the old id released as a departed endpoint's is.
+    /// For an engine that restarted in place (its address kept, so discovery saw no change):
+    /// what is keyed by its id (the prefix index's entries, its in-flight loads and cost
+    /// calibration) describes a cache and a process that are gone, and is purged by the
+    /// pool-change watchers exactly as a departure's. `None` when `id` is no longer in the pool.
+    pub fn renew(&self, id: EndpointId) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
+        // The id table first, as `apply` takes it: a pool applied meanwhile either comes
+        // before (and is what is renewed here) or after (and keys the renewed id).
+        let mut ids = self.ids.lock();
+        let old = self.snapshot();
+        let at = old.endpoints.iter().position(|e| e.id == id)?;
+        let spec = old.endpoints[at].spec.clone();
+        let key = (spec.name.clone(), spec.address);
+        if ids.by_key.get(&key) != Some(&id) {
+            return None;
+        }
+        let fresh_id = ids.take(now);
+        ids.by_key.insert(key, fresh_id);
+        ids.free.push_back((id, now));
+        drop(ids);
+        let fresh = Arc::new(Endpoint::new(fresh_id, spec, Arc::default(), None));
+        let mut endpoints = old.endpoints.clone();
+        endpoints[at] = fresh.clone();
+        self.current.store(Arc::new(PoolSnapshot {
+            name: old.name.clone(),
+            namespace: old.namespace.clone(),
+            app_protocol: old.app_protocol.clone(),
+            endpoints,
+            by_address: old.by_address.clone(),
+        }));
+        self.version.send_modify(|v| *v += 1);
+        Some(fresh)
     }
 }
 
@@ -460,6 +507,43 @@ mod tests {
         assert_eq!(&*snap.endpoints[0].engine, "vllm");
         let addr = SocketAddr::from(([10, 0, 0, 2], 8000));
         assert_eq!(snap.by_address(&addr).unwrap().spec.name, "pod-2-rank-0");
+    }
+
+    /// A renewed endpoint is a newcomer under a fresh id with nothing of the old state; the
+    /// old id rests as a departed one's, and the watchers are woken.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_endpoint_is_a_newcomer_under_a_fresh_id() {
+        let ds = Datastore::new();
+        let snap = ds.apply(pool(2));
+        let old = snap.endpoints[1].clone();
+        old.store_metrics(EngineMetrics {
+            waiting_queue_size: 7,
+            readiness: Readiness::Serving,
+            ..Default::default()
+        });
+        let mut changes = ds.subscribe();
+        changes.mark_unchanged();
+        let fresh = ds.renew(old.id).unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert_ne!(fresh.id, old.id);
+        assert_eq!(fresh.spec, old.spec);
+        assert_eq!(fresh.metrics().readiness, Readiness::Unknown);
+        assert_eq!(fresh.metrics().waiting_queue_size, 0);
+        let now = ds.snapshot();
+        assert!(Arc::ptr_eq(&now.endpoints[1], &fresh));
+        assert!(Arc::ptr_eq(&now.endpoints[0], &snap.endpoints[0]));
+        assert!(Arc::ptr_eq(
+            now.by_address(&old.spec.address).unwrap(),
+            &fresh
+        ));
+        // The next apply of the same pool keeps the fresh endpoint as it is.
+        let again = ds.apply(pool(2));
+        assert!(Arc::ptr_eq(&again.endpoints[1], &fresh));
+        // An id no longer in the pool is not renewed; the old id is not handed on at once.
+        assert!(ds.renew(old.id).is_none());
+        ds.apply(pool(1));
+        let newcomer = ds.apply(pool(3)).endpoints[2].id;
+        assert_ne!(newcomer, old.id);
     }
 
     #[tokio::test(start_paused = true)]

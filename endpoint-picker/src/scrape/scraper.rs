@@ -344,6 +344,13 @@ pub enum ScrapeError {
     UnknownEngine(String),
 }
 
+impl ScrapeError {
+    /// The connection was refused or could not be made: no process listening there.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, ScrapeError::Request(e) if e.is_connect())
+    }
+}
+
 /// How one readiness check ended, when it did not say "serving".
 ///
 /// Only an answer that says "not yet" makes an endpoint [`Readiness::Loading`], which is never
@@ -399,6 +406,38 @@ pub trait ScrapeObserver: Send + Sync + 'static {
     /// The engine's readiness check could not be used or got no answer (its metrics decided,
     /// or the endpoint's readiness stayed as it was).
     fn readiness_check_failed(&self, _endpoint: &Endpoint, _error: &ScrapeError) {}
+
+    /// The engine of an endpoint that served came back from a restart in place: after its
+    /// model loaded again, or after its port refused connections. [`run`] then renews the
+    /// endpoint ([`Datastore::renew`]).
+    fn engine_restarted(&self, _endpoint: &Endpoint) {}
+}
+
+/// Passes every observation on, and the restarts to [`run`], which renews their endpoints.
+struct RestartRelay {
+    inner: Arc<dyn ScrapeObserver>,
+    restarts: tokio::sync::mpsc::Sender<EndpointId>,
+}
+
+impl ScrapeObserver for RestartRelay {
+    fn scraped(&self, endpoint: &Endpoint, result: Result<(), &ScrapeError>, took: Duration) {
+        self.inner.scraped(endpoint, result, took);
+    }
+
+    fn scrape_task_died(&self, endpoint: &Endpoint) {
+        self.inner.scrape_task_died(endpoint);
+    }
+
+    fn readiness_check_failed(&self, endpoint: &Endpoint, error: &ScrapeError) {
+        self.inner.readiness_check_failed(endpoint, error);
+    }
+
+    fn engine_restarted(&self, endpoint: &Endpoint) {
+        self.inner.engine_restarted(endpoint);
+        // Full only if hundreds restarted at once; a renewal missed leaves stale affinity,
+        // no more.
+        let _ = self.restarts.try_send(endpoint.id);
+    }
 }
 
 impl ScrapeObserver for () {
@@ -490,6 +529,11 @@ pub async fn run(
     };
     let mut changes = datastore.subscribe();
     let grid = ScrapeGrid::new(Instant::now(), config.interval);
+    let (restarts_tx, mut restarts) = tokio::sync::mpsc::channel(256);
+    let observer: Arc<dyn ScrapeObserver> = Arc::new(RestartRelay {
+        inner: observer,
+        restarts: restarts_tx,
+    });
     let mut scrapers = Scrapers {
         tasks: HashMap::new(),
         by_task: HashMap::new(),
@@ -506,6 +550,14 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             changed = changes.changed() => if changed.is_err() { break },
             Some(joined) = scrapers.set.join_next_with_id() => scrapers.ended(joined),
+            Some(id) = restarts.recv() => {
+                if let Some(fresh) = datastore.renew(id) {
+                    tracing::info!(
+                        endpoint = %fresh.spec.name, from = id.0, to = fresh.id.0,
+                        "engine restarted in place: renewed, what was known of its cache forgotten"
+                    );
+                }
+            }
         }
     }
     for (_, token) in scrapers.tasks.into_values() {
@@ -627,6 +679,11 @@ async fn scrape_loop<S: Source>(
     // task, not at every scrape.
     let mut warned_unusable = false;
     let mut warned_missing = false;
+    // For telling an engine that restarted in place: it served before, and since then either
+    // loaded its model again or refused connections every time it was asked (a process not
+    // listening; a hung or overloaded one still accepts, and only times out).
+    let mut served = false;
+    let mut refused_only = true;
     // Kept across scrapes: the body buffer (no allocation per scrape once grown), and the last
     // body's hash with what it gave (an identical body is not parsed again).
     let mut body = Vec::new();
@@ -691,6 +748,14 @@ async fn scrape_loop<S: Source>(
                     &mut warned_unusable,
                 )
                 .await;
+                if readiness == Readiness::Serving
+                    && std::mem::replace(&mut served, true)
+                    && (previous == Readiness::Loading
+                        || (previous == Readiness::Unreachable && refused_only))
+                {
+                    observer.engine_restarted(&endpoint);
+                }
+                refused_only = true;
                 let mut metrics = extracted.metrics;
                 metrics.updated_at = Some(read_at);
                 // Vouched for until the next scrape has had its time to answer.
@@ -700,6 +765,7 @@ async fn scrape_loop<S: Source>(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
+                refused_only &= error.is_refused();
                 let reached = failures == config.failure_threshold;
                 let old = endpoint.metrics();
                 if reached || old.quiet_until.is_some() {
@@ -1504,6 +1570,9 @@ mod tests {
     /// scrape, and counts the failed checks the observer is told of.
     struct Checked {
         metrics: Arc<Scripted>,
+        /// `/metrics` answers (`Up`), has no engine series (`Loading`), or times out (`Hung`).
+        page: parking_lot::Mutex<Page>,
+        restarts: AtomicU64,
         check: parking_lot::Mutex<CheckAnswer>,
         check_delay_ms: u64,
         asked: parking_lot::Mutex<Vec<http::Uri>>,
@@ -1516,6 +1585,8 @@ mod tests {
         fn new(check: CheckAnswer) -> Arc<Self> {
             Arc::new(Self {
                 metrics: Arc::default(),
+                page: parking_lot::Mutex::new(Page::Up),
+                restarts: AtomicU64::new(0),
                 check: parking_lot::Mutex::new(check),
                 check_delay_ms: 0,
                 asked: parking_lot::Mutex::default(),
@@ -1555,7 +1626,19 @@ mod tests {
                 if let Some(endpoint) = &self.watched {
                     self.stamps_seen.lock().push(endpoint.metrics().updated_at);
                 }
-                return self.metrics.fetch(url, limit, timeout, buf).await;
+                let page = *self.page.lock();
+                return match page {
+                    Page::Up => self.metrics.fetch(url, limit, timeout, buf).await,
+                    Page::Loading => {
+                        buf.clear();
+                        buf.extend_from_slice(b"process_cpu_seconds_total 1\n");
+                        Ok(())
+                    }
+                    Page::Hung => {
+                        window(timeout.as_millis() as u64).await;
+                        Err(ScrapeError::Timeout(timeout))
+                    }
+                };
             }
             window(self.check_delay_ms).await;
             buf.clear();
@@ -1583,6 +1666,70 @@ mod tests {
         fn readiness_check_failed(&self, _: &Endpoint, _: &ScrapeError) {
             self.failed_checks.fetch_add(1, Ordering::Relaxed);
         }
+
+        fn engine_restarted(&self, _: &Endpoint) {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    enum Page {
+        Up,
+        Loading,
+        Hung,
+    }
+
+    /// An engine that served and then loaded its model again restarted in place: told once.
+    /// One that timed out for a while (hung, overloaded) and answers again did not.
+    #[tokio::test(start_paused = true)]
+    async fn an_engine_that_loads_its_model_again_restarted() {
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let engine = Checked::new(CheckAnswer::Models);
+        let shutdown = CancellationToken::new();
+        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        window(200).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        // Hung for 5 s, then answering: no restart.
+        *engine.page.lock() = Page::Hung;
+        window(5_000).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
+        *engine.page.lock() = Page::Up;
+        window(2_000).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
+        // Its model loading again: a restart, told when it serves again, once.
+        *engine.page.lock() = Page::Loading;
+        // (Quiet, it is scraped once a second.)
+        window(1_500).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Loading);
+        assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
+        *engine.page.lock() = Page::Up;
+        window(2_000).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        assert_eq!(engine.restarts.load(Ordering::Relaxed), 1);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// A connection refused is a process not listening; a timeout is not.
+    #[tokio::test]
+    async fn a_refused_connection_is_told_from_a_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let client = client(&ScrapeConfig::default()).unwrap();
+        let error = get(
+            &client,
+            &format!("http://{address}/metrics"),
+            1024,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(error.is_refused(), "{error:?}");
+        assert!(!ScrapeError::Timeout(Duration::from_secs(1)).is_refused());
+        assert!(!ScrapeError::Status(http::StatusCode::BAD_GATEWAY).is_refused());
     }
 
     /// vLLM and SGLang behind `--api-key` answer 401 on `/v1/models` and serve `/metrics`
