@@ -61,14 +61,16 @@ pub struct PoolSpec {
 
 /// Whether an endpoint's engine serves its model, as its scrapes show.
 ///
-/// Only [`Readiness::Serving`] endpoints are candidates while any endpoint serves. When none
-/// does, the endpoints the EPP has no evidence against ([`Readiness::Unknown`],
-/// [`Readiness::Unreachable`]) are, as the reference routes to every pod discovery lists
-/// whatever its metrics; [`Readiness::Loading`] endpoints never are (their engine answered and
-/// said it does not serve yet).
+/// While any endpoint serves, the candidates are the [`Readiness::Serving`] ones and the
+/// [`Readiness::Unknown`] ones whose first readiness check is under way, values read
+/// ([`EngineMetrics::awaiting_check`]). When none serves, the endpoints the EPP has no
+/// evidence against ([`Readiness::Unknown`], [`Readiness::Unreachable`]) are, as the reference
+/// routes to every pod discovery lists whatever its metrics; [`Readiness::Loading`] endpoints
+/// never are (their engine answered and said it does not serve yet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Readiness {
-    /// Never scraped (no scraper, or not yet).
+    /// Not known to serve or not: never scraped (no scraper, or not yet), or scraped and its
+    /// readiness check not answered yet.
     #[default]
     Unknown,
     /// Metrics answer with the engine's series and the engine's own readiness signal (its model
@@ -124,6 +126,9 @@ pub struct EngineMetrics {
     pub quiet_until: Option<Instant>,
     /// Whether the engine serves, as of the latest scrape attempt.
     pub readiness: Readiness,
+    /// The values are read and the engine's readiness check is under way (it may take the
+    /// scrape's timeout): the readiness above is the one before it.
+    pub awaiting_check: bool,
 }
 
 impl EngineMetrics {
@@ -361,8 +366,10 @@ impl Datastore {
     /// their metrics; the others get fresh ones. Returns the new snapshot.
     pub fn apply(&self, spec: PoolSpec) -> Arc<PoolSnapshot> {
         let now = Instant::now();
-        let old = self.snapshot();
+        // The id table is held from reading the current snapshot to publishing the next one,
+        // as in `renew`: neither can publish over the other's newer snapshot.
         let mut ids = self.ids.lock();
+        let old = self.snapshot();
         let mut endpoints = Vec::with_capacity(spec.endpoints.len());
         let mut by_address = HashMap::with_capacity(spec.endpoints.len());
         let mut kept = HashMap::with_capacity(spec.endpoints.len());
@@ -409,7 +416,6 @@ impl Datastore {
             ids.by_key.remove(&k);
             ids.free.push_back((id, now));
         }
-        drop(ids);
         let snapshot = Arc::new(PoolSnapshot {
             name: spec.name,
             namespace: spec.namespace,
@@ -418,6 +424,7 @@ impl Datastore {
             by_address,
         });
         self.current.store(snapshot.clone());
+        drop(ids);
         self.version.send_modify(|v| *v += 1);
         snapshot
     }
@@ -432,8 +439,9 @@ impl Datastore {
     /// pool-change watchers exactly as a departure's. `None` when `id` is no longer in the pool.
     pub fn renew(&self, id: EndpointId) -> Option<Arc<Endpoint>> {
         let now = Instant::now();
-        // The id table first, as `apply` takes it: a pool applied meanwhile either comes
-        // before (and is what is renewed here) or after (and keys the renewed id).
+        // The id table is held from reading the snapshot to publishing the next, as in
+        // `apply`: a pool applied meanwhile comes wholly before (and is what is renewed here)
+        // or wholly after (and keys the renewed id).
         let mut ids = self.ids.lock();
         let old = self.snapshot();
         let at = old.endpoints.iter().position(|e| e.id == id)?;
@@ -445,7 +453,6 @@ impl Datastore {
         let fresh_id = ids.take(now);
         ids.by_key.insert(key, fresh_id);
         ids.free.push_back((id, now));
-        drop(ids);
         let fresh = Arc::new(Endpoint::new(fresh_id, spec, Arc::default(), None));
         let mut endpoints = old.endpoints.clone();
         endpoints[at] = fresh.clone();
@@ -456,6 +463,7 @@ impl Datastore {
             endpoints,
             by_address: old.by_address.clone(),
         }));
+        drop(ids);
         self.version.send_modify(|v| *v += 1);
         Some(fresh)
     }

@@ -856,16 +856,18 @@ fn uncached_tokens(request: &InferenceRequest, state: &CycleState, endpoint: &En
     prompt.saturating_sub(cached)
 }
 
-/// The endpoints a request may go to: those serving, and those whose first scrape is still
-/// under way; when none serves, those the EPP has no evidence against (never scraped, or
-/// scrapes failing), as the reference routes to every pod discovery lists whatever its
-/// metrics; never one whose engine said it is still loading. Borrowed when that is every one
-/// of them (the usual case), so nothing is cloned.
+/// The endpoints a request may go to: those serving, and those whose first readiness check
+/// is under way with their values read; when none serves, those the EPP has no evidence
+/// against (never scraped, or scrapes failing), as the reference routes to every pod discovery
+/// lists whatever its metrics; never one whose engine said it is still loading. Borrowed when
+/// that is every one of them (the usual case), so nothing is cloned.
 ///
-/// An endpoint not scraped yet stays a candidate beside serving ones (for its first scrape
-/// and check, milliseconds): after an EPP restart, or a pool edit that renews every endpoint,
+/// An endpoint whose check is under way stays a candidate beside serving ones, weighed by the
+/// values its scrape read: after an EPP restart, or a pool edit that renews every endpoint,
 /// the first engine to answer its check was otherwise the only candidate until the others
-/// answered theirs, and took the whole pool's traffic meanwhile.
+/// answered theirs (up to the scrape timeout for a busy one), and took the whole pool's
+/// traffic meanwhile. One not scraped yet is not (it would be weighed as an empty engine,
+/// and may not answer at all), nor one whose check went unanswered.
 fn ready_candidates(all: &[Candidate]) -> Cow<'_, [Candidate]> {
     let ready: fn(&Candidate) -> bool = if all
         .iter()
@@ -873,7 +875,7 @@ fn ready_candidates(all: &[Candidate]) -> Cow<'_, [Candidate]> {
     {
         |c| {
             c.metrics.readiness == Readiness::Serving
-                || (c.metrics.readiness == Readiness::Unknown && c.metrics.updated_at.is_none())
+                || (c.metrics.readiness == Readiness::Unknown && c.metrics.awaiting_check)
         }
     } else {
         |c| c.metrics.readiness != Readiness::Loading
@@ -1011,11 +1013,11 @@ mod tests {
         assert_eq!(Arc::as_ptr(&d.in_flight().load_of(gone)), fresh_at);
     }
 
-    /// An endpoint whose first scrape is under way shares the traffic with one that already
-    /// serves (after a restart, the first to answer took it all); one scraped and not shown
-    /// to serve (its check unanswered) does not.
+    /// An endpoint whose first check is under way shares the traffic with one that already
+    /// serves (after a restart, the first to answer took it all); one not scraped yet, or
+    /// scraped and not shown to serve (its check unanswered), does not.
     #[tokio::test(start_paused = true)]
-    async fn endpoints_not_scraped_yet_share_with_the_first_that_serves() {
+    async fn endpoints_awaiting_their_check_share_with_the_first_that_serves() {
         let d = director(3);
         d.pool_changed();
         let snap = d.datastore().snapshot();
@@ -1034,14 +1036,21 @@ mod tests {
             }
             by.len()
         };
-        assert_eq!(spread(&d), 3);
-        // Scraped, values stored, readiness still unknown (its check got no answer).
+        // Not scraped yet: nothing to weigh them by.
+        assert_eq!(spread(&d), 1);
+        let awaiting = |awaiting_check| EngineMetrics {
+            updated_at: Some(Instant::now()),
+            readiness: Readiness::Unknown,
+            awaiting_check,
+            ..Default::default()
+        };
         for e in &snap.endpoints[1..] {
-            e.store_metrics(EngineMetrics {
-                updated_at: Some(Instant::now()),
-                readiness: Readiness::Unknown,
-                ..Default::default()
-            });
+            e.store_metrics(awaiting(true));
+        }
+        assert_eq!(spread(&d), 3);
+        // Their check got no answer: no longer.
+        for e in &snap.endpoints[1..] {
+            e.store_metrics(awaiting(false));
         }
         assert_eq!(spread(&d), 1);
     }

@@ -925,7 +925,7 @@ impl ScrapeObserver for MetricsObserver {
                 ScrapeError::Request(_) => "request",
                 ScrapeError::Tls(_) => "tls",
                 ScrapeError::Status(_) => "status",
-                ScrapeError::Body(_) => "body",
+                ScrapeError::Body(_) | ScrapeError::TooLarge(_) => "body",
                 ScrapeError::Utf8 => "utf8",
                 ScrapeError::Url(_) => "url",
                 ScrapeError::UnknownEngine(_) => "unknown_engine",

@@ -154,6 +154,7 @@ pub fn direct_metrics(
         updated_at: None,
         quiet_until: None,
         readiness: Readiness::Unknown,
+        awaiting_check: false,
     }
 }
 

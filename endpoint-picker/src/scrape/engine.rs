@@ -312,6 +312,7 @@ impl EngineMapping {
                 updated_at: None,
                 quiet_until: None,
                 readiness: Readiness::Unknown,
+                awaiting_check: false,
             },
             found_core: best.queued.is_some() && best.running.is_some() && best.kv.is_some(),
             missing_core: [

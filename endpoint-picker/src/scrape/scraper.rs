@@ -9,11 +9,15 @@
 //! engine's core series mean a process still loading its model (`Loading`); before an endpoint
 //! becomes `Serving`, the engine's own readiness signal is checked once (its `/v1/models` must
 //! list a model; a check the engine refuses for want of an API key, or does not have, leaves
-//! the metrics to decide, and one that gets no answer leaves the readiness as it was:
-//! `NotServing`); [`ScrapeConfig::failure_threshold`] failed scrapes in a row make it
-//! `Unreachable`, and an unreachable endpoint is scraped less and less often (the interval
-//! doubled per failure, up to [`ScrapeConfig::max_quiet_interval`]) until it answers. The
-//! director routes to `Serving` endpoints (see [`Readiness`]).
+//! the metrics to decide, and one that gets no answer, or a proxy's "busy", leaves the
+//! readiness as it was: `NotServing`; the values read are stored while the check runs,
+//! [`EngineMetrics::awaiting_check`]); [`ScrapeConfig::failure_threshold`] failed scrapes in a
+//! row make it `Unreachable`, and an unreachable endpoint is scraped less and less often (the
+//! interval doubled per failure, up to [`ScrapeConfig::max_quiet_interval`]) until it answers.
+//! An engine that served and comes back after reloading its model, or after refusing every
+//! connection, restarted in place: [`run`] renews its endpoint ([`Datastore::renew`]). The
+//! director routes to `Serving` endpoints, and to those whose first check is under way (see
+//! [`Readiness`]).
 //!
 //! `https` (the `metrics-data-source` plugin's `scheme`, or `--model-server-metrics-scheme`)
 //! scrapes over TLS (rustls, ring), and the readiness check then uses https too when the
@@ -342,12 +346,33 @@ pub enum ScrapeError {
     /// No mapping for the engine.
     #[error("no metric mapping for engine {0:?}")]
     UnknownEngine(String),
+    /// The body is (or was announced) longer than the limit of this many bytes.
+    #[error("body over the limit of {0} bytes")]
+    TooLarge(usize),
 }
 
 impl ScrapeError {
-    /// The connection was refused or could not be made: no process listening there.
+    /// The connection was refused: no process listening there. (Not a connection that timed
+    /// out: an address that drops packets, a partition, says nothing of the process.)
     pub fn is_refused(&self) -> bool {
-        matches!(self, ScrapeError::Request(e) if e.is_connect())
+        let ScrapeError::Request(error) = self else {
+            return false;
+        };
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return true;
+                }
+                // An io::Error's `source()` skips the error it wraps: step into it instead.
+                if let Some(inner) = io.get_ref() {
+                    source = Some(inner as &(dyn std::error::Error + 'static));
+                    continue;
+                }
+            }
+            source = e.source();
+        }
+        false
     }
 }
 
@@ -380,16 +405,19 @@ impl NotServing {
         match &error {
             ScrapeError::Status(status) => match status.as_u16() {
                 401 | 403 | 404 | 405 => NotServing::Unusable(error),
+                // A proxy or rate limiter in front of the API (a gateway, an auth sidecar)
+                // says it is busy or could not reach it, not that the model is loading.
+                429 | 502 | 503 | 504 => NotServing::Unanswered(error),
                 _ => NotServing::NotYet("the check answered with an error status"),
             },
-            // A body over the limit or not a list is still the engine's answer.
-            ScrapeError::Body(_) | ScrapeError::Utf8 => {
-                NotServing::NotYet("the check's answer is unreadable")
-            }
+            ScrapeError::Utf8 => NotServing::NotYet("the check's answer is not text"),
+            // Cut short (a reset mid-body): no answer to judge by.
+            ScrapeError::Body(_) => NotServing::Unanswered(error),
             ScrapeError::Url(_) | ScrapeError::UnknownEngine(_) => NotServing::Unusable(error),
-            ScrapeError::Timeout(_) | ScrapeError::Request(_) | ScrapeError::Tls(_) => {
-                NotServing::Unanswered(error)
-            }
+            ScrapeError::Timeout(_)
+            | ScrapeError::Request(_)
+            | ScrapeError::Tls(_)
+            | ScrapeError::TooLarge(_) => NotServing::Unanswered(error),
         }
     }
 }
@@ -674,16 +702,15 @@ async fn scrape_loop<S: Source>(
         config.max_quiet_interval,
     );
     let mut failures = 0u32;
-    // An unusable readiness check, and a page that lacks some of its mapping's core series
-    // (a typo in a custom mapping, an engine that renamed one), are warned about once per
-    // task, not at every scrape.
-    let mut warned_unusable = false;
+    // A page that lacks some of its mapping's core series (a typo in a custom mapping, an
+    // engine that renamed one) is warned about once per task, not at every scrape.
     let mut warned_missing = false;
-    // For telling an engine that restarted in place: it served before, and since then either
-    // loaded its model again or refused connections every time it was asked (a process not
-    // listening; a hung or overloaded one still accepts, and only times out).
+    // For telling an engine that restarted in place (see `SinceServing`).
     let mut served = false;
-    let mut refused_only = true;
+    let mut since_serving = SinceServing::default();
+    let mut check_memory = CheckMemory::default();
+    // The endpoint's first readiness check has been asked (its first, see `awaiting_check`).
+    let mut checked = false;
     // Kept across scrapes: the body buffer (no allocation per scrape once grown), and the last
     // body's hash with what it gave (an identical body is not parsed again).
     let mut body = Vec::new();
@@ -738,6 +765,25 @@ async fn scrape_loop<S: Source>(
                 }
                 // The values are as of now, not of when the readiness check below returns.
                 let read_at = Instant::now();
+                if !extracted.found_any_core {
+                    since_serving.reloaded = true;
+                }
+                let checking = previous != Readiness::Serving
+                    && extracted.found_any_core
+                    && config
+                        .mapping_for(&endpoint)
+                        .is_some_and(|m| m.readiness.is_some());
+                if checking {
+                    // The check may take the scrape's timeout: the values read are stored
+                    // first, the readiness unchanged, so that an endpoint whose first check is
+                    // under way is weighed by what it holds, not as an empty engine (and only
+                    // its first: one whose check went unanswered is not admitted again).
+                    let mut early = extracted.metrics.clone();
+                    early.updated_at = Some(read_at);
+                    early.readiness = previous;
+                    early.awaiting_check = !std::mem::replace(&mut checked, true);
+                    endpoint.store_metrics(early);
+                }
                 let readiness = readiness_after_scrape(
                     &client,
                     &endpoint,
@@ -745,17 +791,18 @@ async fn scrape_loop<S: Source>(
                     &extracted,
                     previous,
                     &*observer,
-                    &mut warned_unusable,
+                    &mut check_memory,
                 )
                 .await;
-                if readiness == Readiness::Serving
-                    && std::mem::replace(&mut served, true)
-                    && (previous == Readiness::Loading
-                        || (previous == Readiness::Unreachable && refused_only))
-                {
-                    observer.engine_restarted(&endpoint);
+                if readiness == Readiness::Serving {
+                    if std::mem::replace(&mut served, true)
+                        && previous != Readiness::Serving
+                        && since_serving.restarted()
+                    {
+                        observer.engine_restarted(&endpoint);
+                    }
+                    since_serving = SinceServing::default();
                 }
-                refused_only = true;
                 let mut metrics = extracted.metrics;
                 metrics.updated_at = Some(read_at);
                 // Vouched for until the next scrape has had its time to answer.
@@ -765,7 +812,11 @@ async fn scrape_loop<S: Source>(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                refused_only &= error.is_refused();
+                if error.is_refused() {
+                    since_serving.refused = true;
+                } else {
+                    since_serving.other_failure = true;
+                }
                 let reached = failures == config.failure_threshold;
                 let old = endpoint.metrics();
                 if reached || old.quiet_until.is_some() {
@@ -796,6 +847,26 @@ async fn scrape_loop<S: Source>(
     }
 }
 
+/// What an endpoint went through since it last served, for telling an engine that restarted
+/// in place from one that was only slow or out of reach.
+#[derive(Debug, Default)]
+struct SinceServing {
+    /// A page without the engine's series: a process loading its model again.
+    reloaded: bool,
+    /// A connection refused: no process listening on the port.
+    refused: bool,
+    /// Any other failure (a timeout, an error status, a reset): a hung, overloaded or
+    /// partitioned engine, which may well come back with its cache.
+    other_failure: bool,
+}
+
+impl SinceServing {
+    /// It reloaded its model, or was only ever refused: a process that went and came back.
+    fn restarted(&self) -> bool {
+        self.reloaded || (self.refused && !self.other_failure)
+    }
+}
+
 /// How long after a failed scrape's start the next one comes, `failures` in a row, at least
 /// [`ScrapeConfig::failure_threshold`]: the interval doubled per failure past the threshold,
 /// at most [`ScrapeConfig::max_quiet_interval`] (and never below the interval).
@@ -821,7 +892,7 @@ async fn readiness_after_scrape<S: Source>(
     extracted: &Extracted,
     previous: Readiness,
     observer: &dyn ScrapeObserver,
-    warned_unusable: &mut bool,
+    memory: &mut CheckMemory,
 ) -> Readiness {
     if !extracted.found_any_core {
         return Readiness::Loading;
@@ -835,7 +906,7 @@ async fn readiness_after_scrape<S: Source>(
     let Some(probe) = probe else {
         return Readiness::Serving;
     };
-    match check_readiness(client, endpoint, probe, config).await {
+    match check_readiness(client, endpoint, probe, config, &mut memory.scheme).await {
         Ok(()) => Readiness::Serving,
         Err(why @ NotServing::NotYet(_)) => {
             tracing::debug!(endpoint = %endpoint.spec.name, %why, "not serving yet");
@@ -843,7 +914,7 @@ async fn readiness_after_scrape<S: Source>(
         }
         Err(NotServing::Unusable(error)) => {
             observer.readiness_check_failed(endpoint, &error);
-            if !std::mem::replace(warned_unusable, true) {
+            if !std::mem::replace(&mut memory.warned_unusable, true) {
                 tracing::warn!(
                     endpoint = %endpoint.spec.name, %error,
                     "the engine's readiness check cannot be used (an API key? no such route?): \
@@ -860,31 +931,63 @@ async fn readiness_after_scrape<S: Source>(
     }
 }
 
-/// Asks the engine, on its inference port, whether it serves its model. The scheme is the
-/// metrics' when they share the inference port; on a port of their own (an https sidecar in
-/// front of `/metrics`, say) the API is taken to be plain HTTP, as an InferencePool's
-/// `appProtocol` (`http`, `kubernetes.io/h2c`) says.
+/// What a scrape task remembers of its endpoint's readiness checks.
+#[derive(Debug, Default)]
+struct CheckMemory {
+    /// An unusable check was warned about (once per task, not at every recovery).
+    warned_unusable: bool,
+    /// The scheme the check last got an answer with.
+    scheme: Option<&'static str>,
+}
+
+/// Asks the engine, on its inference port, whether it serves its model.
+///
+/// The scheme first tried is the metrics' when they share the inference port, else plain
+/// HTTP, as an InferencePool's `appProtocol` (`http`, `kubernetes.io/h2c`) says (an https
+/// sidecar in front of `/metrics` on a port of its own says nothing of the API's). A check
+/// refused at the connection or the handshake is tried once with the other scheme (an API on
+/// TLS behind an https metrics sidecar), and the scheme that got an answer is kept in
+/// `scheme` for the endpoint's next checks.
 async fn check_readiness<S: Source>(
     client: &S,
     endpoint: &Endpoint,
     probe: &ReadinessProbe,
     config: &ScrapeConfig,
+    scheme: &mut Option<&'static str>,
 ) -> Result<(), NotServing> {
     let path = match probe {
         ReadinessProbe::ModelList(p) | ReadinessProbe::Status(p) => p,
     };
-    let scheme = if endpoint.spec.metrics_address == endpoint.spec.address {
+    let first = scheme.unwrap_or(if endpoint.spec.metrics_address == endpoint.spec.address {
         config.scheme.as_str()
     } else {
         "http"
-    };
-    let url = format!("{scheme}://{}{path}", endpoint.spec.address);
+    });
+    let other = if first == "http" { "https" } else { "http" };
     let mut body = Vec::new();
-    let uri = parse_url(&url).map_err(NotServing::Unusable)?;
-    client
-        .fetch(&uri, MAX_PROBE_BODY, config.timeout, &mut body)
-        .await
-        .map_err(NotServing::from_fetch)?;
+    let mut fetched = Err(ScrapeError::Url(String::new()));
+    for (attempt, tried) in [first, other].into_iter().enumerate() {
+        let url = format!("{tried}://{}{path}", endpoint.spec.address);
+        let uri = parse_url(&url).map_err(NotServing::Unusable)?;
+        fetched = client
+            .fetch(&uri, MAX_PROBE_BODY, config.timeout, &mut body)
+            .await;
+        let refused_at_connection =
+            matches!(fetched, Err(ScrapeError::Request(_) | ScrapeError::Tls(_)));
+        if !refused_at_connection {
+            *scheme = Some(tried);
+            break;
+        }
+        if attempt == 0 {
+            tracing::debug!(endpoint = %endpoint.spec.name, scheme = tried, "readiness check refused at the connection; trying the other scheme");
+        }
+    }
+    match (probe, fetched) {
+        (_, Ok(())) => {}
+        // A model list longer than the check reads lists models (thousands of adapters).
+        (ReadinessProbe::ModelList(_), Err(ScrapeError::TooLarge(_))) => return Ok(()),
+        (_, Err(error)) => return Err(NotServing::from_fetch(error)),
+    }
     match probe {
         ReadinessProbe::Status(_) => Ok(()),
         ReadinessProbe::ModelList(_) => {
@@ -1027,22 +1130,20 @@ async fn get_into(
         }
         // A page announced over the limit is refused before a byte of it is read: an engine
         // whose page outgrew the limit is not downloaded whole at every retry.
-        if let Some(announced) = response
+        if response
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            && announced > limit as u64
+            .is_some_and(|announced| announced > limit as u64)
         {
-            return Err(ScrapeError::Body(format!(
-                "announced length {announced} over the limit of {limit}"
-            )));
+            return Err(ScrapeError::TooLarge(limit));
         }
         let mut incoming = response.into_body();
         while let Some(frame) = incoming.frame().await {
             let frame = frame.map_err(|e| ScrapeError::Body(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > limit {
-                    return Err(ScrapeError::Body("length limit exceeded".into()));
+                    return Err(ScrapeError::TooLarge(limit));
                 }
                 buf.extend_from_slice(&data);
             }
@@ -1573,6 +1674,10 @@ mod tests {
         /// `/metrics` answers (`Up`), has no engine series (`Loading`), or times out (`Hung`).
         page: parking_lot::Mutex<Page>,
         restarts: AtomicU64,
+        /// Real refused connections (see [`refusals`]), handed out by `Page::Refused` scrapes
+        /// and by plain-HTTP checks while `plain_check_refused`.
+        refusals: parking_lot::Mutex<Vec<ScrapeError>>,
+        plain_check_refused: parking_lot::Mutex<bool>,
         check: parking_lot::Mutex<CheckAnswer>,
         check_delay_ms: u64,
         asked: parking_lot::Mutex<Vec<http::Uri>>,
@@ -1587,6 +1692,8 @@ mod tests {
                 metrics: Arc::default(),
                 page: parking_lot::Mutex::new(Page::Up),
                 restarts: AtomicU64::new(0),
+                refusals: parking_lot::Mutex::default(),
+                plain_check_refused: parking_lot::Mutex::new(false),
                 check: parking_lot::Mutex::new(check),
                 check_delay_ms: 0,
                 asked: parking_lot::Mutex::default(),
@@ -1638,7 +1745,11 @@ mod tests {
                         window(timeout.as_millis() as u64).await;
                         Err(ScrapeError::Timeout(timeout))
                     }
+                    Page::Refused => Err(self.refusals.lock().pop().expect("a refusal left")),
                 };
+            }
+            if url.scheme_str() == Some("http") && *self.plain_check_refused.lock() {
+                return Err(self.refusals.lock().pop().expect("a refusal left"));
             }
             window(self.check_delay_ms).await;
             buf.clear();
@@ -1677,6 +1788,51 @@ mod tests {
         Up,
         Loading,
         Hung,
+        Refused,
+    }
+
+    /// `n` real refused connections (a closed loopback port), made before the test pauses
+    /// time: an error of the HTTP client cannot be built otherwise.
+    async fn refusals(n: usize) -> Vec<ScrapeError> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let client = client(&ScrapeConfig::default()).unwrap();
+        let mut errors = Vec::with_capacity(n);
+        for _ in 0..n {
+            let url = format!("http://{address}/metrics");
+            let error = get(&client, &url, 1024, Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(error.is_refused(), "{error:?}");
+            errors.push(error);
+        }
+        errors
+    }
+
+    /// An engine whose port refused every connection, then serves again, restarted.
+    #[tokio::test]
+    async fn an_engine_that_refused_connections_then_serves_restarted() {
+        let refused = refusals(64).await;
+        tokio::time::pause();
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let engine = Checked::new(CheckAnswer::Models);
+        *engine.refusals.lock() = refused;
+        let shutdown = CancellationToken::new();
+        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        window(200).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        *engine.page.lock() = Page::Refused;
+        window(3_000).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
+        assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
+        *engine.page.lock() = Page::Up;
+        window(1_500).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        assert_eq!(engine.restarts.load(Ordering::Relaxed), 1);
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     /// An engine that served and then loaded its model again restarted in place: told once.
@@ -1690,14 +1846,25 @@ mod tests {
         let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
         window(200).await;
         assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-        // Hung for 5 s, then answering: no restart.
-        *engine.page.lock() = Page::Hung;
-        window(5_000).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
-        *engine.page.lock() = Page::Up;
-        window(2_000).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-        assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
+        // Hung for 5 s, then answering (its first checks unanswered, or answered "busy" or
+        // "not yet" by a proxy in front of it): no restart.
+        for check in [
+            CheckAnswer::Models,
+            CheckAnswer::Timeout,
+            CheckAnswer::Status(503),
+            CheckAnswer::Status(500),
+        ] {
+            *engine.page.lock() = Page::Hung;
+            window(5_000).await;
+            assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
+            *engine.check.lock() = check;
+            *engine.page.lock() = Page::Up;
+            window(2_500).await;
+            *engine.check.lock() = CheckAnswer::Models;
+            window(1_100).await;
+            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+            assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
+        }
         // Its model loading again: a restart, told when it serves again, once.
         *engine.page.lock() = Page::Loading;
         // (Quiet, it is scraped once a second.)
@@ -1755,7 +1922,7 @@ mod tests {
     /// An engine that answers "not yet" is loading: an empty model list, a server error.
     #[tokio::test(start_paused = true)]
     async fn a_check_that_answers_not_yet_is_loading_until_it_lists_a_model() {
-        for answer in [CheckAnswer::Empty, CheckAnswer::Status(503)] {
+        for answer in [CheckAnswer::Empty, CheckAnswer::Status(500)] {
             let ds = crate::datastore::Datastore::new();
             let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
             let engine = Checked::new(answer);
@@ -1774,11 +1941,17 @@ mod tests {
 
     /// A check that gets no answer says nothing: the endpoint keeps the readiness it had
     /// (unknown, or unreachable after failed scrapes: routed to when nothing serves), where it
-    /// was made `Loading`, never routed to, worse than a dead engine.
+    /// was made `Loading`, never routed to, worse than a dead engine. A proxy's or a rate
+    /// limiter's busy answer is none either.
     #[tokio::test(start_paused = true)]
     async fn an_unanswered_check_leaves_the_readiness_as_it_was() {
-        {
-            let answer = CheckAnswer::Timeout;
+        for answer in [
+            CheckAnswer::Timeout,
+            CheckAnswer::Status(429),
+            CheckAnswer::Status(502),
+            CheckAnswer::Status(503),
+            CheckAnswer::Status(504),
+        ] {
             let ds = crate::datastore::Datastore::new();
             let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
             let engine = Checked::new(answer);
@@ -1787,8 +1960,9 @@ mod tests {
             window(3_000).await;
             let m = endpoint.metrics();
             assert_eq!(m.readiness, Readiness::Unknown);
-            // The values were read and stored all the same.
+            // The values were read and stored all the same, and the check is not under way.
             assert!(m.updated_at.is_some());
+            assert!(!m.awaiting_check);
             assert!(engine.failed_checks.load(Ordering::Relaxed) >= 2);
             *engine.check.lock() = CheckAnswer::Models;
             window(1_100).await;
@@ -1847,6 +2021,65 @@ mod tests {
         // were read (at once), not when the check returned 500 ms later.
         let seen = engine.stamps_seen.lock().clone();
         assert_eq!(seen[..2], [None, Some(started)], "{seen:?}");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// While its check is under way the endpoint's values are stored, marked as such, so the
+    /// director weighs it by them; once the check answers, the mark goes.
+    #[tokio::test(start_paused = true)]
+    async fn values_are_stored_while_the_check_is_under_way() {
+        let ds = crate::datastore::Datastore::new();
+        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
+        let engine = Arc::new(Checked {
+            check_delay_ms: 500,
+            ..Arc::into_inner(Checked::new(CheckAnswer::Models)).unwrap()
+        });
+        engine.metrics.steady.store(true, Ordering::Relaxed);
+        let shutdown = CancellationToken::new();
+        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        window(100).await;
+        let m = endpoint.metrics();
+        assert_eq!(m.readiness, Readiness::Unknown);
+        assert!(m.awaiting_check);
+        assert_eq!(m.waiting_queue_size, 3);
+        window(450).await;
+        let m = endpoint.metrics();
+        assert_eq!(m.readiness, Readiness::Serving);
+        assert!(!m.awaiting_check);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// An API on TLS behind an https metrics sidecar on its own port: the check refused in
+    /// plain HTTP at the connection is tried in https, which is kept.
+    #[tokio::test]
+    async fn a_check_refused_at_the_connection_tries_the_other_scheme() {
+        let refused = refusals(4).await;
+        tokio::time::pause();
+        let ds = crate::datastore::Datastore::new();
+        let mut pool = crate::datastore::test_util::pool(1);
+        pool.endpoints[0].metrics_address.set_port(8443);
+        let endpoint = ds.apply(pool).endpoints[0].clone();
+        let engine = Checked::new(CheckAnswer::Models);
+        *engine.refusals.lock() = refused;
+        *engine.plain_check_refused.lock() = true;
+        let shutdown = CancellationToken::new();
+        let config = ScrapeConfig {
+            scheme: MetricsScheme::Https,
+            ..ScrapeConfig::default()
+        };
+        let task = engine.spawn(&endpoint, config, &shutdown);
+        window(100).await;
+        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        let checks: Vec<_> = engine
+            .asked
+            .lock()
+            .iter()
+            .filter(|u| u.path() == "/v1/models")
+            .map(|u| u.scheme_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(checks, ["http", "https"]);
         shutdown.cancel();
         task.await.unwrap();
     }
