@@ -1703,20 +1703,54 @@ mod tests {
             })
         }
 
-        fn spawn(
+        /// One endpoint on `10.0.0.1:8000`, its metrics on `metrics_port`, scraped from this
+        /// engine under `config` until [`Scraped::stop`].
+        fn scrape(self: &Arc<Self>, metrics_port: u16, config: ScrapeConfig) -> Scraped {
+            let ds = crate::datastore::Datastore::new();
+            let mut pool = crate::datastore::test_util::pool(1);
+            pool.endpoints[0].metrics_address.set_port(metrics_port);
+            self.scrape_endpoint(ds.apply(pool).endpoints[0].clone(), config)
+        }
+
+        /// `endpoint` scraped from this engine under `config` until [`Scraped::stop`].
+        fn scrape_endpoint(
             self: &Arc<Self>,
-            endpoint: &Arc<Endpoint>,
+            endpoint: Arc<Endpoint>,
             config: ScrapeConfig,
-            shutdown: &CancellationToken,
-        ) -> tokio::task::JoinHandle<()> {
-            tokio::spawn(scrape_loop(
+        ) -> Scraped {
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(scrape_loop(
                 endpoint.clone(),
                 self.clone(),
                 ScrapeGrid::new(Instant::now(), config.interval),
                 Arc::new(config),
                 self.clone(),
                 shutdown.clone(),
-            ))
+            ));
+            Scraped {
+                endpoint,
+                shutdown,
+                task,
+            }
+        }
+    }
+
+    /// A scrape task under test, and its endpoint.
+    struct Scraped {
+        endpoint: Arc<Endpoint>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Scraped {
+        fn readiness(&self) -> Readiness {
+            self.endpoint.metrics().readiness
+        }
+
+        /// Ends the task, which must end when told.
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.task.await.unwrap();
         }
     }
 
@@ -1815,37 +1849,51 @@ mod tests {
     async fn an_engine_that_refused_connections_then_serves_restarted() {
         let refused = refusals(64).await;
         tokio::time::pause();
-        let ds = crate::datastore::Datastore::new();
-        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
         let engine = Checked::new(CheckAnswer::Models);
         *engine.refusals.lock() = refused;
-        let shutdown = CancellationToken::new();
-        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        let scraped = engine.scrape(8000, ScrapeConfig::default());
         window(200).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-        *engine.page.lock() = Page::Refused;
+        assert_eq!(scraped.readiness(), Readiness::Serving);
+        let restarts =
+            away_and_back(&engine, &scraped, Page::Refused, Readiness::Unreachable).await;
+        assert_eq!(restarts, 1);
+        scraped.stop().await;
+    }
+
+    /// The engine's page turns `away` for 3 s, where its endpoint must be `gone`, then `Up`
+    /// (its checks answering as `engine.check` says for 2.5 s, then listing a model) until it
+    /// serves again; the restarts told meanwhile.
+    async fn away_and_back(
+        engine: &Checked,
+        scraped: &Scraped,
+        away: Page,
+        gone: Readiness,
+    ) -> u64 {
+        let before = engine.restarts.load(Ordering::Relaxed);
+        *engine.page.lock() = away;
         window(3_000).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
-        assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
+        assert_eq!(scraped.readiness(), gone);
+        assert_eq!(
+            engine.restarts.load(Ordering::Relaxed),
+            before,
+            "told early"
+        );
         *engine.page.lock() = Page::Up;
-        window(1_500).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-        assert_eq!(engine.restarts.load(Ordering::Relaxed), 1);
-        shutdown.cancel();
-        task.await.unwrap();
+        window(2_500).await;
+        *engine.check.lock() = CheckAnswer::Models;
+        window(1_100).await;
+        assert_eq!(scraped.readiness(), Readiness::Serving);
+        engine.restarts.load(Ordering::Relaxed) - before
     }
 
     /// An engine that served and then loaded its model again restarted in place: told once.
     /// One that timed out for a while (hung, overloaded) and answers again did not.
     #[tokio::test(start_paused = true)]
     async fn an_engine_that_loads_its_model_again_restarted() {
-        let ds = crate::datastore::Datastore::new();
-        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
         let engine = Checked::new(CheckAnswer::Models);
-        let shutdown = CancellationToken::new();
-        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        let scraped = engine.scrape(8000, ScrapeConfig::default());
         window(200).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        assert_eq!(scraped.readiness(), Readiness::Serving);
         // Hung for 5 s, then answering (its first checks unanswered, or answered "busy" or
         // "not yet" by a proxy in front of it): no restart.
         for check in [
@@ -1854,29 +1902,14 @@ mod tests {
             CheckAnswer::Status(503),
             CheckAnswer::Status(500),
         ] {
-            *engine.page.lock() = Page::Hung;
-            window(5_000).await;
-            assert_eq!(endpoint.metrics().readiness, Readiness::Unreachable);
             *engine.check.lock() = check;
-            *engine.page.lock() = Page::Up;
-            window(2_500).await;
-            *engine.check.lock() = CheckAnswer::Models;
-            window(1_100).await;
-            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-            assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
+            let restarts = away_and_back(&engine, &scraped, Page::Hung, Readiness::Unreachable);
+            assert_eq!(restarts.await, 0);
         }
         // Its model loading again: a restart, told when it serves again, once.
-        *engine.page.lock() = Page::Loading;
-        // (Quiet, it is scraped once a second.)
-        window(1_500).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Loading);
-        assert_eq!(engine.restarts.load(Ordering::Relaxed), 0);
-        *engine.page.lock() = Page::Up;
-        window(2_000).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-        assert_eq!(engine.restarts.load(Ordering::Relaxed), 1);
-        shutdown.cancel();
-        task.await.unwrap();
+        let restarts = away_and_back(&engine, &scraped, Page::Loading, Readiness::Loading).await;
+        assert_eq!(restarts, 1);
+        scraped.stop().await;
     }
 
     /// A connection refused is a process not listening; a timeout is not.
@@ -1905,17 +1938,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_check_refused_for_want_of_a_key_leaves_the_metrics_to_decide() {
         for code in [401, 403, 404, 405] {
-            let ds = crate::datastore::Datastore::new();
-            let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
             let engine = Checked::new(CheckAnswer::Status(code));
-            let shutdown = CancellationToken::new();
-            let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+            let scraped = engine.scrape(8000, ScrapeConfig::default());
             window(500).await;
-            assert_eq!(endpoint.metrics().readiness, Readiness::Serving, "{code}");
+            assert_eq!(scraped.readiness(), Readiness::Serving, "{code}");
             // Checked once, then served on its metrics: no check at every scrape.
             assert_eq!(engine.failed_checks.load(Ordering::Relaxed), 1, "{code}");
-            shutdown.cancel();
-            task.await.unwrap();
+            scraped.stop().await;
         }
     }
 
@@ -1923,19 +1952,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_check_that_answers_not_yet_is_loading_until_it_lists_a_model() {
         for answer in [CheckAnswer::Empty, CheckAnswer::Status(500)] {
-            let ds = crate::datastore::Datastore::new();
-            let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
             let engine = Checked::new(answer);
-            let shutdown = CancellationToken::new();
-            let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+            let scraped = engine.scrape(8000, ScrapeConfig::default());
             window(500).await;
-            assert_eq!(endpoint.metrics().readiness, Readiness::Loading);
+            assert_eq!(scraped.readiness(), Readiness::Loading);
             assert_eq!(engine.failed_checks.load(Ordering::Relaxed), 0);
             *engine.check.lock() = CheckAnswer::Models;
             window(100).await;
-            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-            shutdown.cancel();
-            task.await.unwrap();
+            assert_eq!(scraped.readiness(), Readiness::Serving);
+            scraped.stop().await;
         }
     }
 
@@ -1952,13 +1977,10 @@ mod tests {
             CheckAnswer::Status(503),
             CheckAnswer::Status(504),
         ] {
-            let ds = crate::datastore::Datastore::new();
-            let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
             let engine = Checked::new(answer);
-            let shutdown = CancellationToken::new();
-            let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+            let scraped = engine.scrape(8000, ScrapeConfig::default());
             window(3_000).await;
-            let m = endpoint.metrics();
+            let m = scraped.endpoint.metrics();
             assert_eq!(m.readiness, Readiness::Unknown);
             // The values were read and stored all the same, and the check is not under way.
             assert!(m.updated_at.is_some());
@@ -1966,9 +1988,8 @@ mod tests {
             assert!(engine.failed_checks.load(Ordering::Relaxed) >= 2);
             *engine.check.lock() = CheckAnswer::Models;
             window(1_100).await;
-            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
-            shutdown.cancel();
-            task.await.unwrap();
+            assert_eq!(scraped.readiness(), Readiness::Serving);
+            scraped.stop().await;
         }
     }
 
@@ -1977,19 +1998,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_check_uses_https_only_where_the_metrics_share_the_inference_port() {
         for (metrics_port, check_scheme) in [(8443, "http"), (8000, "https")] {
-            let ds = crate::datastore::Datastore::new();
-            let mut pool = crate::datastore::test_util::pool(1);
-            pool.endpoints[0].metrics_address.set_port(metrics_port);
-            let endpoint = ds.apply(pool).endpoints[0].clone();
             let engine = Checked::new(CheckAnswer::Models);
-            let shutdown = CancellationToken::new();
             let config = ScrapeConfig {
                 scheme: MetricsScheme::Https,
                 ..ScrapeConfig::default()
             };
-            let task = engine.spawn(&endpoint, config, &shutdown);
+            let scraped = engine.scrape(metrics_port, config);
             window(100).await;
-            assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+            assert_eq!(scraped.readiness(), Readiness::Serving);
             let asked = engine.asked.lock().clone();
             let check = asked.iter().find(|u| u.path() == "/v1/models").unwrap();
             assert_eq!(check.scheme_str(), Some(check_scheme), "{asked:?}");
@@ -1997,8 +2013,7 @@ mod tests {
             let scrape = asked.iter().find(|u| u.path() == "/metrics").unwrap();
             assert_eq!(scrape.scheme_str(), Some("https"));
             assert_eq!(scrape.port_u16(), Some(metrics_port));
-            shutdown.cancel();
-            task.await.unwrap();
+            scraped.stop().await;
         }
     }
 
@@ -2012,43 +2027,37 @@ mod tests {
             watched: Some(endpoint.clone()),
             ..Arc::into_inner(Checked::new(CheckAnswer::Models)).unwrap()
         });
-        let shutdown = CancellationToken::new();
         let started = Instant::now();
-        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        let scraped = engine.scrape_endpoint(endpoint, ScrapeConfig::default());
         window(600).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        assert_eq!(scraped.readiness(), Readiness::Serving);
         // What the second scrape found stored: the first scrape's values, stamped when they
         // were read (at once), not when the check returned 500 ms later.
         let seen = engine.stamps_seen.lock().clone();
         assert_eq!(seen[..2], [None, Some(started)], "{seen:?}");
-        shutdown.cancel();
-        task.await.unwrap();
+        scraped.stop().await;
     }
 
     /// While its check is under way the endpoint's values are stored, marked as such, so the
     /// director weighs it by them; once the check answers, the mark goes.
     #[tokio::test(start_paused = true)]
     async fn values_are_stored_while_the_check_is_under_way() {
-        let ds = crate::datastore::Datastore::new();
-        let endpoint = ds.apply(crate::datastore::test_util::pool(1)).endpoints[0].clone();
         let engine = Arc::new(Checked {
             check_delay_ms: 500,
             ..Arc::into_inner(Checked::new(CheckAnswer::Models)).unwrap()
         });
         engine.metrics.steady.store(true, Ordering::Relaxed);
-        let shutdown = CancellationToken::new();
-        let task = engine.spawn(&endpoint, ScrapeConfig::default(), &shutdown);
+        let scraped = engine.scrape(8000, ScrapeConfig::default());
         window(100).await;
-        let m = endpoint.metrics();
+        let m = scraped.endpoint.metrics();
         assert_eq!(m.readiness, Readiness::Unknown);
         assert!(m.awaiting_check);
         assert_eq!(m.waiting_queue_size, 3);
         window(450).await;
-        let m = endpoint.metrics();
+        let m = scraped.endpoint.metrics();
         assert_eq!(m.readiness, Readiness::Serving);
         assert!(!m.awaiting_check);
-        shutdown.cancel();
-        task.await.unwrap();
+        scraped.stop().await;
     }
 
     /// An API on TLS behind an https metrics sidecar on its own port: the check refused in
@@ -2057,21 +2066,17 @@ mod tests {
     async fn a_check_refused_at_the_connection_tries_the_other_scheme() {
         let refused = refusals(4).await;
         tokio::time::pause();
-        let ds = crate::datastore::Datastore::new();
-        let mut pool = crate::datastore::test_util::pool(1);
-        pool.endpoints[0].metrics_address.set_port(8443);
-        let endpoint = ds.apply(pool).endpoints[0].clone();
+        let metrics_port = 8443;
         let engine = Checked::new(CheckAnswer::Models);
         *engine.refusals.lock() = refused;
         *engine.plain_check_refused.lock() = true;
-        let shutdown = CancellationToken::new();
         let config = ScrapeConfig {
             scheme: MetricsScheme::Https,
             ..ScrapeConfig::default()
         };
-        let task = engine.spawn(&endpoint, config, &shutdown);
+        let scraped = engine.scrape(metrics_port, config);
         window(100).await;
-        assert_eq!(endpoint.metrics().readiness, Readiness::Serving);
+        assert_eq!(scraped.readiness(), Readiness::Serving);
         let checks: Vec<_> = engine
             .asked
             .lock()
@@ -2080,8 +2085,7 @@ mod tests {
             .map(|u| u.scheme_str().unwrap_or_default().to_owned())
             .collect();
         assert_eq!(checks, ["http", "https"]);
-        shutdown.cancel();
-        task.await.unwrap();
+        scraped.stop().await;
     }
 
     /// A page that fails part-way (over the limit, too slow) lets its grown buffer go too.
