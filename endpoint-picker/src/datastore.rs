@@ -401,7 +401,15 @@ impl Datastore {
                 endpoints.push(same.clone());
                 continue;
             }
-            let metrics = previous.as_ref().map(|p| p.metrics()).unwrap_or_default();
+            let mut metrics = previous.as_ref().map(|p| p.metrics()).unwrap_or_default();
+            if metrics.awaiting_check {
+                // The check under way belongs to the old endpoint's scraper, which stops: the
+                // new one's first scrape marks its own.
+                metrics = Arc::new(EngineMetrics {
+                    awaiting_check: false,
+                    ..(*metrics).clone()
+                });
+            }
             let adapters = previous.as_ref().and_then(|p| p.adapters());
             endpoints.push(Arc::new(Endpoint::new(id, es, metrics, adapters)));
         }
@@ -515,6 +523,26 @@ mod tests {
         assert_eq!(&*snap.endpoints[0].engine, "vllm");
         let addr = SocketAddr::from(([10, 0, 0, 2], 8000));
         assert_eq!(snap.by_address(&addr).unwrap().spec.name, "pod-2-rank-0");
+    }
+
+    /// An endpoint rebuilt by a pool edit (a label changed) keeps its values but not the mark
+    /// of a readiness check under way: that check belongs to the old endpoint's scraper.
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuilt_endpoint_does_not_inherit_a_check_under_way() {
+        let ds = Datastore::new();
+        let old = ds.apply(pool(1)).endpoints[0].clone();
+        old.store_metrics(EngineMetrics {
+            waiting_queue_size: 7,
+            awaiting_check: true,
+            ..Default::default()
+        });
+        let mut edited = pool(1);
+        edited.endpoints[0].labels.insert("team".into(), "a".into());
+        let rebuilt = ds.apply(edited).endpoints[0].clone();
+        assert!(!Arc::ptr_eq(&old, &rebuilt));
+        assert_eq!(rebuilt.id, old.id);
+        assert_eq!(rebuilt.metrics().waiting_queue_size, 7);
+        assert!(!rebuilt.metrics().awaiting_check);
     }
 
     /// A renewed endpoint is a newcomer under a fresh id with nothing of the old state; the

@@ -197,7 +197,8 @@ pub struct EndpointMetricsView {
     /// `--idle-scrape-interval`); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quiet_for_seconds: Option<f64>,
-    /// `serving`, `loading`, `unreachable` or `unknown` (never scraped).
+    /// `serving`, `loading`, `unreachable` or `unknown` (never scraped, or its readiness
+    /// check not answered yet).
     pub readiness: &'static str,
 }
 

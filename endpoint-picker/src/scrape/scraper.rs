@@ -21,8 +21,9 @@
 //!
 //! `https` (the `metrics-data-source` plugin's `scheme`, or `--model-server-metrics-scheme`)
 //! scrapes over TLS (rustls, ring), and the readiness check then uses https too when the
-//! metrics are served on the inference port (one server); metrics on a port of their own leave
-//! the check on plain HTTP, the pool's `appProtocol`. As the reference, certificates are not
+//! metrics are served on the inference port (one server); metrics on a port of their own have
+//! it try plain HTTP first, the pool's `appProtocol`, then https if the port speaks TLS
+//! (`check_readiness`). As the reference, certificates are not
 //! checked by default (`insecureSkipVerify: true`: model servers serve self-signed certificates
 //! for pod IPs); with verification on, the chain and the pod IP are checked against the system
 //! roots. TLS sessions are pooled and kept alive like plain connections.
@@ -334,7 +335,7 @@ pub enum ScrapeError {
     /// The server answered with a non-success status.
     #[error("HTTP status {0}")]
     Status(http::StatusCode),
-    /// Reading the body failed or it was too large.
+    /// Reading the body failed (cut short), or, through [`scrape_once`], it was too large.
     #[error("reading body: {0}")]
     Body(String),
     /// The body was not UTF-8.
@@ -352,6 +353,19 @@ pub enum ScrapeError {
 }
 
 impl ScrapeError {
+    /// What a server says to a request in the scheme it does not speak: a failed handshake
+    /// (TLS to a plain server), a connection closed once made (plain HTTP to uvicorn's or
+    /// Envoy's TLS), or a 400 (Go's and nginx's TLS fronts: "Client sent an HTTP request to an
+    /// HTTPS server"). Not a refused or timed-out connection, which no scheme would change.
+    fn may_be_the_wrong_scheme(&self) -> bool {
+        match self {
+            ScrapeError::Tls(_) => true,
+            ScrapeError::Request(e) => !e.is_connect(),
+            ScrapeError::Status(status) => status.as_u16() == 400,
+            _ => false,
+        }
+    }
+
     /// The connection was refused: no process listening there. (Not a connection that timed
     /// out: an address that drops packets, a partition, says nothing of the process.)
     pub fn is_refused(&self) -> bool {
@@ -386,8 +400,9 @@ impl ScrapeError {
 /// engine whose check timed out into one worse than a dead one.
 #[derive(Debug, thiserror::Error)]
 enum NotServing {
-    /// The engine answered that it does not serve yet: an empty or unreadable model list, a
-    /// server error, a readiness status that is not 2xx.
+    /// The engine answered that it does not serve yet: an empty or unreadable model list, an
+    /// error status but a proxy's busy ones (429, 502, 503, 504), a readiness status that is
+    /// not 2xx.
     #[error("the engine does not serve yet: {0}")]
     NotYet(&'static str),
     /// The check cannot be used on this engine (401, 403: its API wants credentials; 404, 405:
@@ -812,10 +827,8 @@ async fn scrape_loop<S: Source>(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                if error.is_refused() {
+                if error.is_refused() && endpoint.spec.metrics_address == endpoint.spec.address {
                     since_serving.refused = true;
-                } else {
-                    since_serving.other_failure = true;
                 }
                 let reached = failures == config.failure_threshold;
                 let old = endpoint.metrics();
@@ -849,21 +862,24 @@ async fn scrape_loop<S: Source>(
 
 /// What an endpoint went through since it last served, for telling an engine that restarted
 /// in place from one that was only slow or out of reach.
+///
+/// A hung, overloaded or partitioned engine times out, or is answered for by a proxy; it does
+/// not refuse connections (the kernel accepts them, or drops packets), and it may come back
+/// with its cache. A refusal on the engine's own port, or a page without its series, is a
+/// process that went and came back, whatever else failed meanwhile (a scrape in flight when it
+/// was killed, a watchdog killing a hung one). A refusal on a metrics port of its own may be a
+/// sidecar's, and says nothing of the engine.
 #[derive(Debug, Default)]
 struct SinceServing {
     /// A page without the engine's series: a process loading its model again.
     reloaded: bool,
-    /// A connection refused: no process listening on the port.
+    /// A connection refused on the engine's own port (`/metrics` served on the inference port).
     refused: bool,
-    /// Any other failure (a timeout, an error status, a reset): a hung, overloaded or
-    /// partitioned engine, which may well come back with its cache.
-    other_failure: bool,
 }
 
 impl SinceServing {
-    /// It reloaded its model, or was only ever refused: a process that went and came back.
     fn restarted(&self) -> bool {
-        self.reloaded || (self.refused && !self.other_failure)
+        self.reloaded || self.refused
     }
 }
 
@@ -942,12 +958,13 @@ struct CheckMemory {
 
 /// Asks the engine, on its inference port, whether it serves its model.
 ///
-/// The scheme first tried is the metrics' when they share the inference port, else plain
-/// HTTP, as an InferencePool's `appProtocol` (`http`, `kubernetes.io/h2c`) says (an https
-/// sidecar in front of `/metrics` on a port of its own says nothing of the API's). A check
-/// refused at the connection or the handshake is tried once with the other scheme (an API on
-/// TLS behind an https metrics sidecar), and the scheme that got an answer is kept in
-/// `scheme` for the endpoint's next checks.
+/// The scheme first tried is the one last shown to work, else the metrics' when they share the
+/// inference port, else plain HTTP, as an InferencePool's `appProtocol` (`http`,
+/// `kubernetes.io/h2c`) says (an https sidecar in front of `/metrics` on a port of its own says
+/// nothing of the API's). A check answered as a server answers the scheme it does not speak
+/// ([`ScrapeError::may_be_the_wrong_scheme`]) is tried once with the other (an API on TLS
+/// behind an https metrics sidecar); a scheme is kept in `scheme` only once an answer shows it
+/// works (2xx, or 401/403/404/405), not after a timeout or a 400.
 async fn check_readiness<S: Source>(
     client: &S,
     endpoint: &Endpoint,
@@ -972,15 +989,23 @@ async fn check_readiness<S: Source>(
         fetched = client
             .fetch(&uri, MAX_PROBE_BODY, config.timeout, &mut body)
             .await;
-        let refused_at_connection =
-            matches!(fetched, Err(ScrapeError::Request(_) | ScrapeError::Tls(_)));
-        if !refused_at_connection {
+        // Kept only once an answer shows the scheme works: a timeout or a 400 does not.
+        let works = match &fetched {
+            Ok(()) => true,
+            Err(ScrapeError::Status(status)) => matches!(status.as_u16(), 401 | 403 | 404 | 405),
+            Err(_) => false,
+        };
+        if works {
             *scheme = Some(tried);
+        }
+        if attempt > 0
+            || !fetched
+                .as_ref()
+                .is_err_and(ScrapeError::may_be_the_wrong_scheme)
+        {
             break;
         }
-        if attempt == 0 {
-            tracing::debug!(endpoint = %endpoint.spec.name, scheme = tried, "readiness check refused at the connection; trying the other scheme");
-        }
+        tracing::debug!(endpoint = %endpoint.spec.name, scheme = tried, "readiness check answered as in the wrong scheme; trying the other");
     }
     match (probe, fetched) {
         (_, Ok(())) => {}
@@ -1675,9 +1700,10 @@ mod tests {
         page: parking_lot::Mutex<Page>,
         restarts: AtomicU64,
         /// Real refused connections (see [`refusals`]), handed out by `Page::Refused` scrapes
-        /// and by plain-HTTP checks while `plain_check_refused`.
+        /// and by plain-HTTP checks while `plain_check` is `Refused`.
         refusals: parking_lot::Mutex<Vec<ScrapeError>>,
-        plain_check_refused: parking_lot::Mutex<bool>,
+        /// How the inference port answers a plain-HTTP check, if not as `check` says.
+        plain_check: parking_lot::Mutex<Option<PlainCheck>>,
         check: parking_lot::Mutex<CheckAnswer>,
         check_delay_ms: u64,
         asked: parking_lot::Mutex<Vec<http::Uri>>,
@@ -1693,7 +1719,7 @@ mod tests {
                 page: parking_lot::Mutex::new(Page::Up),
                 restarts: AtomicU64::new(0),
                 refusals: parking_lot::Mutex::default(),
-                plain_check_refused: parking_lot::Mutex::new(false),
+                plain_check: parking_lot::Mutex::new(None),
                 check: parking_lot::Mutex::new(check),
                 check_delay_ms: 0,
                 asked: parking_lot::Mutex::default(),
@@ -1782,8 +1808,16 @@ mod tests {
                     Page::Refused => Err(self.refusals.lock().pop().expect("a refusal left")),
                 };
             }
-            if url.scheme_str() == Some("http") && *self.plain_check_refused.lock() {
-                return Err(self.refusals.lock().pop().expect("a refusal left"));
+            let plain_check = *self.plain_check.lock();
+            match plain_check {
+                Some(_) if url.scheme_str() != Some("http") => {}
+                None => {}
+                Some(PlainCheck::Refused) => {
+                    return Err(self.refusals.lock().pop().expect("a refusal left"));
+                }
+                Some(PlainCheck::BadRequest) => {
+                    return Err(ScrapeError::Status(http::StatusCode::BAD_REQUEST));
+                }
             }
             window(self.check_delay_ms).await;
             buf.clear();
@@ -1844,7 +1878,9 @@ mod tests {
         errors
     }
 
-    /// An engine whose port refused every connection, then serves again, restarted.
+    /// An engine whose port refused connections, then serves again, restarted, whatever else
+    /// failed meanwhile (hung, then killed by a watchdog). A refusal on a metrics port of its
+    /// own may be a sidecar's: no restart.
     #[tokio::test]
     async fn an_engine_that_refused_connections_then_serves_restarted() {
         let refused = refusals(64).await;
@@ -1857,6 +1893,20 @@ mod tests {
         let restarts =
             away_and_back(&engine, &scraped, Page::Refused, Readiness::Unreachable).await;
         assert_eq!(restarts, 1);
+        *engine.page.lock() = Page::Hung;
+        window(3_000).await;
+        let restarts =
+            away_and_back(&engine, &scraped, Page::Refused, Readiness::Unreachable).await;
+        assert_eq!(restarts, 1, "hung, then refused");
+        scraped.stop().await;
+
+        let sidecar = Checked::new(CheckAnswer::Models);
+        *sidecar.refusals.lock() = std::mem::take(&mut *engine.refusals.lock());
+        let scraped = sidecar.scrape(9090, ScrapeConfig::default());
+        window(200).await;
+        let restarts =
+            away_and_back(&sidecar, &scraped, Page::Refused, Readiness::Unreachable).await;
+        assert_eq!(restarts, 0, "refused on the metrics port alone");
         scraped.stop().await;
     }
 
@@ -2060,31 +2110,52 @@ mod tests {
         scraped.stop().await;
     }
 
-    /// An API on TLS behind an https metrics sidecar on its own port: the check refused in
-    /// plain HTTP at the connection is tried in https, which is kept.
+    /// How the inference port answers plain HTTP, for [`Checked`].
+    #[derive(Clone, Copy)]
+    enum PlainCheck {
+        /// Nothing listens.
+        Refused,
+        /// A Go or nginx TLS front: "Client sent an HTTP request to an HTTPS server".
+        BadRequest,
+    }
+
+    /// An API on TLS behind an https metrics sidecar on its own port: a check answered as a
+    /// TLS server answers plain HTTP is tried in https, which is kept once it answers; a
+    /// refused connection, which no scheme changes, is not tried again in the other.
     #[tokio::test]
-    async fn a_check_refused_at_the_connection_tries_the_other_scheme() {
-        let refused = refusals(4).await;
+    async fn a_check_answered_as_in_the_wrong_scheme_tries_the_other() {
+        let refused = refusals(8).await;
         tokio::time::pause();
-        let metrics_port = 8443;
-        let engine = Checked::new(CheckAnswer::Models);
-        *engine.refusals.lock() = refused;
-        *engine.plain_check_refused.lock() = true;
-        let config = ScrapeConfig {
+        let schemes = |engine: &Checked| -> Vec<String> {
+            let checks = engine.asked.lock();
+            let checks = checks.iter().filter(|u| u.path() == "/v1/models");
+            checks
+                .map(|u| u.scheme_str().unwrap_or_default().to_owned())
+                .collect()
+        };
+        let config = || ScrapeConfig {
             scheme: MetricsScheme::Https,
             ..ScrapeConfig::default()
         };
-        let scraped = engine.scrape(metrics_port, config);
+        let engine = Checked::new(CheckAnswer::Models);
+        *engine.plain_check.lock() = Some(PlainCheck::BadRequest);
+        let scraped = engine.scrape(8443, config());
         window(100).await;
         assert_eq!(scraped.readiness(), Readiness::Serving);
-        let checks: Vec<_> = engine
-            .asked
-            .lock()
-            .iter()
-            .filter(|u| u.path() == "/v1/models")
-            .map(|u| u.scheme_str().unwrap_or_default().to_owned())
-            .collect();
-        assert_eq!(checks, ["http", "https"]);
+        assert_eq!(schemes(&engine), ["http", "https"]);
+        scraped.stop().await;
+
+        let engine = Checked::new(CheckAnswer::Models);
+        *engine.refusals.lock() = refused;
+        *engine.plain_check.lock() = Some(PlainCheck::Refused);
+        let scraped = engine.scrape(8443, config());
+        window(120).await;
+        assert_eq!(scraped.readiness(), Readiness::Unknown);
+        let tried = schemes(&engine);
+        assert!(
+            !tried.is_empty() && tried.iter().all(|s| s == "http"),
+            "{tried:?}"
+        );
         scraped.stop().await;
     }
 
