@@ -108,9 +108,66 @@ async fn only_replicas_that_serve_their_model_get_requests() {
     )
     .await
     .unwrap();
+    let before = epp.handles.datastore.snapshot().endpoints[0].id;
     wait_readiness(&epp, 0, Readiness::Loading).await;
     restarted.set_loading(Duration::ZERO);
     wait_readiness(&epp, 0, Readiness::Serving).await;
     let seen = destinations(&epp, 40).await;
     assert_eq!(seen.len(), 2, "{seen:?}");
+    // It restarted in place: renewed under a fresh id, so nothing known of the old process
+    // (its cached prefixes, loads, calibration) is credited to the new one.
+    let after = epp.handles.datastore.snapshot().endpoints[0].id;
+    assert_ne!(after, before);
+}
+
+/// vLLM (and SGLang) behind `--api-key` answer 401 on `/v1/models` and serve `/metrics`
+/// openly: their endpoints serve on their metrics, and get requests.
+#[tokio::test]
+async fn replicas_behind_an_api_key_serve() {
+    let keyed = sim::Config {
+        api_key: Some("secret".into()),
+        ..sim::Config::fast()
+    };
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        replicas.push(
+            sim::spawn_replica(keyed.clone(), listener, i)
+                .await
+                .unwrap(),
+        );
+    }
+    let specs = replicas
+        .iter()
+        .zip(1..)
+        .map(|(r, n)| EndpointSpec {
+            address: r.addr(),
+            metrics_address: r.addr(),
+            ..endpoint(n, r.addr().port())
+        })
+        .collect();
+    let epp = start_epp(
+        pool(specs),
+        EppOptions {
+            scrape: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_readiness(&epp, 0, Readiness::Serving).await;
+    wait_readiness(&epp, 1, Readiness::Serving).await;
+    let seen = destinations(&epp, 40).await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // The key is really wanted: the check was refused.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(replicas[0].addr())
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /v1/models HTTP/1.1\r\nhost: sim\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 }

@@ -132,6 +132,10 @@ pub struct Args {
     /// no engine series and /v1/models and inference answer 503 until then.
     #[arg(long, default_value_t = 0)]
     pub model_load_time_ms: u64,
+    /// vLLM's `--api-key`: every path under /v1 wants `Authorization: Bearer <key>` (401
+    /// otherwise); /metrics and /health stay open.
+    #[arg(long)]
+    pub api_key: Option<String>,
     /// vLLM's `--kv-events-config` JSON, e.g. `{"enable_kv_cache_events": true,
     /// "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}`: publish KV-cache
     /// events over ZMQ. Replica i offsets both ports by i (vLLM offsets them by data-parallel
@@ -315,6 +319,7 @@ impl From<&Args> for Config {
             },
             metrics_delay: Duration::from_millis(a.metrics_delay_ms),
             model_load_time: Duration::from_millis(a.model_load_time_ms),
+            api_key: a.api_key.clone().filter(|k| !k.is_empty()),
             // Loading can fail: `Args::load_tokenizer` does it.
             tokenizer: Tokenizer::BuiltIn,
             kv_tiers: KvTiers {

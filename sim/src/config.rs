@@ -306,6 +306,9 @@ pub struct Config {
     /// 200 at once (as vLLM's does early), but `/metrics` carries no engine series,
     /// `/v1/models` and inference answer 503 until it has passed.
     pub model_load_time: Duration,
+    /// vLLM's `--api-key`: every path under `/v1` wants `Authorization: Bearer <key>` (401
+    /// otherwise); `/metrics`, `/health` and the rest stay open, as vLLM leaves them.
+    pub api_key: Option<String>,
     /// The tokenizer: the built-in stand-in, or a model's own (`--tokenizer`).
     pub tokenizer: crate::tokenizer::Tokenizer,
     /// KV tiers below the GPU cache (CPU, shared store, peers) and their load costs.
@@ -337,6 +340,7 @@ impl Default for Config {
             failure: FailureInjection::default(),
             metrics_delay: Duration::ZERO,
             model_load_time: Duration::ZERO,
+            api_key: None,
             tokenizer: crate::tokenizer::Tokenizer::BuiltIn,
             kv_tiers: KvTiers::default(),
         }

@@ -121,7 +121,23 @@ async fn gate(State(r): State<Arc<Replica>>, req: Request, next: Next) -> Respon
         let _ = paused.wait_for(|p| !*p).await;
     }
     let loading = tokio::time::Instant::now() < *r.loaded_at.lock();
-    let mut resp = if loading && !path.starts_with("/admin/") && path != "/health" {
+    let unauthorized = r.config.api_key.as_deref().is_some_and(|key| {
+        path.starts_with("/v1")
+            && req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                != Some(key)
+    });
+    let mut resp = if unauthorized {
+        // vLLM's AuthenticationMiddleware: this body, whatever the path.
+        (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "Unauthorized"})),
+        )
+            .into_response()
+    } else if loading && !path.starts_with("/admin/") && path != "/health" {
         while_loading(path)
     } else {
         next.run(req).await
