@@ -300,6 +300,11 @@ pub struct Args {
     /// Deadline of one engine call of the placement (list, load, unload).
     #[arg(long, default_value = "30s", value_parser = positive_duration, requires = "lora_placement_config")]
     pub lora_placement_call_timeout: Duration,
+    /// A file holding the engines' API key (a mounted Secret), sent as a bearer token with
+    /// every placement call: vLLM and SGLang started with `--api-key` refuse every path under
+    /// `/v1` without it.
+    #[arg(long, requires = "lora_placement_config")]
+    pub lora_placement_api_key_file: Option<PathBuf>,
     /// Log verbosity, as the reference's `--v` (zap level -N): 0 to 3 = info (2 is the
     /// default), 4 = debug, 5 and above = trace.
     #[arg(long = "v", short = 'v', default_value_t = 2)]

@@ -102,6 +102,33 @@ pub struct PlacementSettings {
     pub max_adapters_per_endpoint: Option<usize>,
     /// Deadline of one engine call (listing, loading, unloading).
     pub call_timeout: Duration,
+    /// Sent as a bearer token with every engine call (`--lora-placement-api-key-file`).
+    pub api_key: Option<Arc<str>>,
+}
+
+/// The most bytes an API key file is read for.
+const MAX_API_KEY_FILE_BYTES: usize = 4096;
+
+/// The API key in the file at `path`: its content trimmed, visible ASCII (it goes into a
+/// header), not empty.
+pub fn read_api_key(path: &Path) -> Result<Arc<str>, PlacementError> {
+    let invalid = |why: String| {
+        PlacementError::Invalid(format!(
+            "--lora-placement-api-key-file {}: {why}",
+            path.display()
+        ))
+    };
+    let bytes = endpoint_picker::files::read_at_most_blocking(path, MAX_API_KEY_FILE_BYTES)
+        .map_err(|e| invalid(e.to_string()))?;
+    let key = std::str::from_utf8(&bytes)
+        .map(str::trim)
+        .map_err(|_| invalid("not text".into()))?;
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "empty, or not visible ASCII (it is sent in a header)".into(),
+        ));
+    }
+    Ok(Arc::from(key))
 }
 
 impl PlacementSettings {
@@ -206,6 +233,7 @@ impl PlacementSettingsArgs {
             max_adapters_per_endpoint: (self.max_adapters_per_endpoint > 0)
                 .then_some(self.max_adapters_per_endpoint),
             call_timeout: self.call_timeout,
+            api_key: None,
         })
     }
 }
@@ -424,7 +452,7 @@ impl Placement {
         }
         let demand = Arc::new(LoraDemand::new(adapters.keys().cloned()));
         Self {
-            engines: Engines::new(settings.call_timeout),
+            engines: Engines::new(settings.call_timeout).with_api_key(settings.api_key.clone()),
             calls: Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS)),
             settings,
             adapters,

@@ -147,6 +147,7 @@ async fn run(args: Args) -> Result<()> {
         lora_placement_demand_half_life,
         lora_placement_max_adapters_per_endpoint,
         lora_placement_call_timeout,
+        lora_placement_api_key_file,
     } = args;
 
     // Everything is validated before any port is bound.
@@ -176,7 +177,11 @@ async fn run(args: Args) -> Result<()> {
                 max_adapters_per_endpoint: lora_placement_max_adapters_per_endpoint,
                 call_timeout: lora_placement_call_timeout,
             };
-            let settings = epp::lora_placement::PlacementSettings::load(&path, knobs)?;
+            let mut settings = epp::lora_placement::PlacementSettings::load(&path, knobs)?;
+            settings.api_key = lora_placement_api_key_file
+                .as_deref()
+                .map(epp::lora_placement::read_api_key)
+                .transpose()?;
             let c = &settings.catalogue;
             if c.host != "localhost" || c.port != 8000 {
                 tracing::warn!(host = %c.host, port = c.port, "--lora-placement-config: host and port are the sidecar's; placement calls each endpoint at its own address");

@@ -83,6 +83,18 @@ async fn lora_placement_and_its_filter_go_together() {
             vec![placement.as_str(), filter, "--lora-placement-band=3"],
             "--lora-placement-band",
         ),
+        (
+            vec!["--lora-placement-api-key-file=/etc/hostname"],
+            "--lora-placement-config",
+        ),
+        (
+            vec![
+                placement.as_str(),
+                filter,
+                "--lora-placement-api-key-file=/nonexistent/key",
+            ],
+            "--lora-placement-api-key-file",
+        ),
     ] {
         let mut argv = vec![pool.as_str(), "--secure-serving=false"];
         argv.extend(args);

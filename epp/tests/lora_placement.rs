@@ -18,6 +18,7 @@ use endpoint_picker::lora::engine::MAX_LISTED_ADAPTERS;
 use endpoint_picker::lora::plan::Action;
 use epp::lora_placement::{
     MAX_CONCURRENT_CALLS, Placement, PlacementMetrics, PlacementSettings, PlacementSettingsArgs,
+    read_api_key,
 };
 use prometheus_client::registry::Registry;
 
@@ -254,6 +255,52 @@ async fn a_failed_engine_is_skipped_and_the_others_are_served() {
     );
     // Its published list is gone: the request path does not count on it.
     assert!(rig.datastore.snapshot().endpoints[1].adapters().is_none());
+}
+
+/// Engines behind vLLM's `--api-key` list and load with `--lora-placement-api-key-file`'s key,
+/// and refuse a placement without it.
+#[tokio::test(start_paused = true)]
+async fn the_api_key_is_sent_to_engines_that_want_one() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let keyed = sim::Config {
+        max_loras: 2,
+        api_key: Some("secret".into()),
+        ..sim::Config::fast()
+    };
+    let sim = sim::spawn_replica(keyed, listener, 0).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("placement-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, "secret\n").unwrap();
+    for key in [None, Some(read_api_key(&key_file).unwrap())] {
+        let with_key = key.is_some();
+        let datastore = serving_pool(&[sim.addr()]);
+        let placement = Placement::new(
+            PlacementSettings {
+                api_key: key,
+                ..settings(CATALOGUE, Duration::from_secs(600))
+            },
+            datastore.clone(),
+            PlacementMetrics::default(),
+        );
+        let mut st = placement.state();
+        for _ in 0..2 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let id = datastore.snapshot().endpoints[0].id;
+            for _ in 0..20 {
+                drop(placement.demand().routed("a0", id));
+            }
+            placement.pass(&mut st).await;
+        }
+        assert_eq!(sim.engine().has_lora("a0"), with_key);
+    }
+    // A key that cannot go into a header is refused at start-up.
+    for bad in ["", " \n", "two words"] {
+        std::fs::write(&key_file, bad).unwrap();
+        let error = read_api_key(&key_file).unwrap_err().to_string();
+        assert!(error.contains("--lora-placement-api-key-file"), "{error}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// An engine whose API accepts connections and never answers holds a pass for

@@ -62,6 +62,20 @@ struct Args {
     /// Log verbosity: 0 to 3 info, 4 debug, 5 and above trace.
     #[arg(long = "v", short = 'v', default_value_t = 2)]
     verbosity: u8,
+    /// The engine's API key, sent as a bearer token with every call (vLLM's and SGLang's
+    /// `--api-key` refuse every path under /v1 without it). Best given as `VLLM_API_KEY` from
+    /// the Secret the engine reads it from: a flag shows in the process list.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true, value_parser = api_key)]
+    api_key: Option<Arc<str>>,
+}
+
+/// An API key: visible ASCII (it goes into a header), not empty.
+fn api_key(s: &str) -> Result<Arc<str>, String> {
+    let key = s.trim();
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("empty, or not visible ASCII (it is sent in a header)".into());
+    }
+    Ok(Arc::from(key))
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,6 +127,7 @@ async fn run(args: Args) -> Result<()> {
         metrics_port,
         bind_address,
         verbosity: _,
+        api_key,
     } = args;
     // The first read must succeed: a syncer without a config would do nothing, silently.
     let initial = ConfigFile::new(&config, config_validation)
@@ -166,7 +181,13 @@ async fn run(args: Args) -> Result<()> {
             "reconcile",
             OnExit::Restart,
             factory(move |token| {
-                run::reconcile_loop(configs.subscribe(), pacing, metrics.clone(), token)
+                run::reconcile_loop(
+                    configs.subscribe(),
+                    pacing,
+                    api_key.clone(),
+                    metrics.clone(),
+                    token,
+                )
             }),
         );
     }

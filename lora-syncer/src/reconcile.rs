@@ -113,6 +113,8 @@ pub struct PassReport {
 #[derive(Debug)]
 pub struct Reconciler {
     engine: Engine,
+    /// Sent with every call when the engine guards its API with a key (`VLLM_API_KEY`).
+    api_key: Option<Arc<str>>,
     config: LoraConfig,
     tracks: BTreeMap<String, Track>,
     metrics: Arc<Metrics>,
@@ -156,6 +158,7 @@ impl Reconciler {
         let engine = Engine::new(&config.host, config.port);
         let mut r = Self {
             engine,
+            api_key: None,
             config: LoraConfig {
                 name: None,
                 host: String::new(),
@@ -177,6 +180,20 @@ impl Reconciler {
         &self.engine
     }
 
+    /// Sends `key` as a bearer token with every call to the engine: vLLM and SGLang started
+    /// with `--api-key` refuse every path under `/v1` without it.
+    pub fn with_api_key(mut self, key: Option<Arc<str>>) -> Self {
+        self.api_key = key;
+        self.engine = self.engine_at(&self.config);
+        self
+    }
+
+    fn engine_at(&self, config: &LoraConfig) -> Engine {
+        crate::engine::Engines::new(crate::engine::CALL_TIMEOUT)
+            .with_api_key(self.api_key.clone())
+            .at(&config.host, config.port)
+    }
+
     /// The state of adapter `id`, if declared.
     pub fn state(&self, id: &str) -> Option<AdapterState> {
         self.tracks.get(id).map(|t| t.state)
@@ -196,7 +213,7 @@ impl Reconciler {
     /// at once), dropped ones lose their state and metrics.
     pub fn set_config(&mut self, config: LoraConfig) {
         if config.host != self.config.host || config.port != self.config.port {
-            self.engine = Engine::new(&config.host, config.port);
+            self.engine = self.engine_at(&config);
             // Another engine: nothing known about it.
             for id in self.tracks.keys().cloned().collect::<Vec<_>>() {
                 self.set_state(&id, AdapterState::Pending);

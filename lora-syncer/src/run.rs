@@ -138,10 +138,12 @@ pub struct Pacing {
 pub async fn reconcile_loop(
     mut configs: watch::Receiver<LoraConfig>,
     pacing: Pacing,
+    api_key: Option<Arc<str>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut reconciler = Reconciler::new(configs.borrow_and_update().clone(), metrics);
+    let mut reconciler =
+        Reconciler::new(configs.borrow_and_update().clone(), metrics).with_api_key(api_key);
     let deadline = Instant::now() + pacing.health_check_timeout;
     loop {
         if reconciler.engine().healthy().await {

@@ -13,7 +13,8 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
     command
         .arg("--bind-address=127.0.0.1")
         .args(args)
-        .env_remove("DYNAMIC_LORA_ROLLOUT_CONFIG");
+        .env_remove("DYNAMIC_LORA_ROLLOUT_CONFIG")
+        .env_remove("VLLM_API_KEY");
     testkit::process::exit_within(command, std::time::Duration::from_secs(20))
 }
 
@@ -43,5 +44,11 @@ fn a_missing_or_invalid_config_stops_start_up() {
     let (code, err) = run(&["--config-poll-interval=1e-9"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("[0.1, 86400]"), "{err}");
+    // A key that cannot go into a header.
+    for key in ["--api-key=", "--api-key=a b"] {
+        let (code, err) = run(&[key]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("--api-key"), "{err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

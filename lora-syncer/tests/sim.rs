@@ -102,6 +102,32 @@ async fn adds_then_removes_adapters() {
     assert!(text.contains(r#"lora_syncer_operations_total{operation="unload",result="ok"} 1"#));
 }
 
+/// An engine behind vLLM's `--api-key` refuses the syncer's calls without the key (401) and
+/// takes them with it.
+#[tokio::test]
+async fn the_api_key_is_sent_to_an_engine_that_wants_one() {
+    let sim = engine(sim::Config {
+        api_key: Some("secret".into()),
+        ..sim::Config::fast()
+    })
+    .await;
+    let adapters = [("sql", "org/sql")];
+    let now = Instant::now();
+    let mut keyless = Reconciler::new(config_for(&sim, &adapters, &[]), Arc::default());
+    let report = keyless.pass(now).await;
+    assert!(!report.engine_available, "its model list refused");
+    assert!(report.loaded.is_empty());
+    assert!(!sim.engine().has_lora("sql"));
+    let mut keyed = Reconciler::new(config_for(&sim, &adapters, &[]), Arc::default())
+        .with_api_key(Some(Arc::from("secret")));
+    let report = keyed.pass(now).await;
+    assert_eq!(report.loaded, ["sql"]);
+    assert!(sim.engine().has_lora("sql"));
+    // The engine moved (a config change): the key goes with the syncer to the new one.
+    keyed.set_config(config_for(&sim, &[], &[("sql", "org/sql")]));
+    assert_eq!(keyed.pass(now).await.unloaded, ["sql"]);
+}
+
 #[tokio::test]
 async fn a_missing_source_fails_backs_off_and_loads_once_it_exists() {
     let sim = engine(sim::Config {
@@ -263,6 +289,7 @@ async fn the_loop_follows_config_changes_and_restarts() {
             health_check_interval: Duration::from_millis(10),
             health_check_timeout: Duration::from_secs(10),
         },
+        None,
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -450,6 +477,7 @@ async fn a_config_change_ends_the_pass_under_way() {
             health_check_interval: Duration::from_millis(10),
             health_check_timeout: Duration::from_secs(10),
         },
+        None,
         Arc::new(Metrics::default()),
         shutdown.clone(),
     ));

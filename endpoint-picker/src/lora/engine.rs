@@ -5,6 +5,7 @@
 //! trusted to answer well (a hung or restarting engine must not stall the syncer forever).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,6 +59,7 @@ pub struct Engine {
     base: String,
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
+    api_key: Option<Arc<str>>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +90,7 @@ fn excerpt(body: &[u8]) -> String {
 pub struct Engines {
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
+    api_key: Option<Arc<str>>,
 }
 
 impl Engines {
@@ -97,7 +100,18 @@ impl Engines {
             // One idle connection per engine is all a caller that calls in turn reuses.
             .pool_max_idle_per_host(1)
             .build_http();
-        Self { timeout, client }
+        Self {
+            timeout,
+            client,
+            api_key: None,
+        }
+    }
+
+    /// Sends `key` as a bearer token with every call: an engine started with vLLM's or
+    /// SGLang's `--api-key` refuses every path under `/v1` without it (401).
+    pub fn with_api_key(mut self, key: Option<Arc<str>>) -> Self {
+        self.api_key = key;
+        self
     }
 
     /// The engine at `host:port` (plain HTTP, as a sidecar or the EPP talks to its pods).
@@ -112,6 +126,7 @@ impl Engines {
             base: format!("http://{host}:{port}"),
             timeout: self.timeout,
             client: self.client.clone(),
+            api_key: self.api_key.clone(),
         }
     }
 }
@@ -142,6 +157,9 @@ impl Engine {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
+        if let Some(key) = &self.api_key {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
         let payload = match body {
             Some(v) => {
                 req = req.header(http::header::CONTENT_TYPE, "application/json");
