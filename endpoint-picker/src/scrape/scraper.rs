@@ -414,12 +414,21 @@ enum NotServing {
     Unanswered(#[source] ScrapeError),
 }
 
+/// An answer that says the check cannot be used on this engine, not how the engine is: 401
+/// and 403 (its API wants credentials), 404 and 405 (no such route). It came from a server
+/// that speaks the scheme asked in.
+fn refuses_the_check(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 401 | 403 | 404 | 405)
+}
+
 impl NotServing {
     /// Grades a failed fetch of the check.
     fn from_fetch(error: ScrapeError) -> Self {
         match &error {
+            ScrapeError::Status(status) if refuses_the_check(*status) => {
+                NotServing::Unusable(error)
+            }
             ScrapeError::Status(status) => match status.as_u16() {
-                401 | 403 | 404 | 405 => NotServing::Unusable(error),
                 // A proxy or rate limiter in front of the API (a gateway, an auth sidecar)
                 // says it is busy or could not reach it, not that the model is loading.
                 429 | 502 | 503 | 504 => NotServing::Unanswered(error),
@@ -783,32 +792,38 @@ async fn scrape_loop<S: Source>(
                 if !extracted.found_any_core {
                     since_serving.reloaded = true;
                 }
-                let checking = previous != Readiness::Serving
-                    && extracted.found_any_core
-                    && config
-                        .mapping_for(&endpoint)
-                        .is_some_and(|m| m.readiness.is_some());
-                if checking {
-                    // The check may take the scrape's timeout: the values read are stored
-                    // first, the readiness unchanged, so that an endpoint whose first check is
-                    // under way is weighed by what it holds, not as an empty engine (and only
-                    // its first: one whose check went unanswered is not admitted again).
-                    let mut early = extracted.metrics.clone();
-                    early.updated_at = Some(read_at);
-                    early.readiness = previous;
-                    early.awaiting_check = !std::mem::replace(&mut checked, true);
-                    endpoint.store_metrics(early);
-                }
-                let readiness = readiness_after_scrape(
-                    &client,
-                    &endpoint,
-                    &config,
-                    &extracted,
-                    previous,
-                    &*observer,
-                    &mut check_memory,
-                )
-                .await;
+                // An endpoint already serving stays so while its engine series are there;
+                // one that is not is checked with the engine's own signal first.
+                let probe = config
+                    .mapping_for(&endpoint)
+                    .and_then(|m| m.readiness.as_ref());
+                let readiness = match probe {
+                    _ if !extracted.found_any_core => Readiness::Loading,
+                    _ if previous == Readiness::Serving => Readiness::Serving,
+                    None => Readiness::Serving,
+                    Some(probe) => {
+                        // The check may take the scrape's timeout: the values read are stored
+                        // first, the readiness unchanged, so that an endpoint whose first
+                        // check is under way is weighed by what it holds, not as an empty
+                        // engine (and only its first: one whose check went unanswered is not
+                        // admitted again).
+                        let mut early = extracted.metrics.clone();
+                        early.updated_at = Some(read_at);
+                        early.readiness = previous;
+                        early.awaiting_check = !std::mem::replace(&mut checked, true);
+                        endpoint.store_metrics(early);
+                        readiness_by_check(
+                            &client,
+                            &endpoint,
+                            probe,
+                            &config,
+                            previous,
+                            &*observer,
+                            &mut check_memory,
+                        )
+                        .await
+                    }
+                };
                 if readiness == Readiness::Serving {
                     if std::mem::replace(&mut served, true)
                         && previous != Readiness::Serving
@@ -898,30 +913,17 @@ fn unreachable_wait(config: &ScrapeConfig, failures: u32) -> Duration {
         .max(config.interval)
 }
 
-/// The readiness a successful scrape shows. An endpoint already serving stays so while its
-/// engine series are there; one that is not is checked with the engine's own signal first
+/// The readiness the engine's own signal gives an endpoint that does not serve yet
 /// ([`NotServing`] says what each failure of the check means).
-async fn readiness_after_scrape<S: Source>(
+async fn readiness_by_check<S: Source>(
     client: &S,
     endpoint: &Endpoint,
+    probe: &ReadinessProbe,
     config: &ScrapeConfig,
-    extracted: &Extracted,
     previous: Readiness,
     observer: &dyn ScrapeObserver,
     memory: &mut CheckMemory,
 ) -> Readiness {
-    if !extracted.found_any_core {
-        return Readiness::Loading;
-    }
-    if previous == Readiness::Serving {
-        return Readiness::Serving;
-    }
-    let probe = config
-        .mapping_for(endpoint)
-        .and_then(|m| m.readiness.as_ref());
-    let Some(probe) = probe else {
-        return Readiness::Serving;
-    };
     match check_readiness(client, endpoint, probe, config, &mut memory.scheme).await {
         Ok(()) => Readiness::Serving,
         Err(why @ NotServing::NotYet(_)) => {
@@ -992,7 +994,7 @@ async fn check_readiness<S: Source>(
         // Kept only once an answer shows the scheme works: a timeout or a 400 does not.
         let works = match &fetched {
             Ok(()) => true,
-            Err(ScrapeError::Status(status)) => matches!(status.as_u16(), 401 | 403 | 404 | 405),
+            Err(ScrapeError::Status(status)) => refuses_the_check(*status),
             Err(_) => false,
         };
         if works {
