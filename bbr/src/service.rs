@@ -73,6 +73,9 @@ impl Processor for BbrService {
                     Err(status) if status.code() == tonic::Code::Cancelled => break,
                     Err(status) => {
                         tracing::debug!(%status, "ext_proc stream error");
+                        if ext_proc::codec::refuses_the_message(&status) {
+                            yield Err(status);
+                        }
                         break;
                     }
                 }

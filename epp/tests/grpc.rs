@@ -352,6 +352,42 @@ async fn oversized_body_gets_413() {
 
 /// A body that stops coming (here after one chunk) gets 408 once `--request-body-timeout` has
 /// passed since its headers, and what it held is given back.
+/// A headers message of more entries than Envoy ever sends (prost would build 72 bytes for
+/// each two-byte empty header) ends its stream with `RESOURCE_EXHAUSTED` before it is decoded;
+/// the EPP routes the next stream on the same connection.
+#[tokio::test]
+async fn a_message_of_more_headers_than_envoy_sends_ends_its_stream() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let channel = connect(epp.grpc).await;
+    let mut s = Stream::on(channel.clone()).await;
+    let mut flood = req_headers(CHAT_HEADERS, true, None);
+    if let Some(ext_proc::envoy::ext_proc::processing_request::Request::RequestHeaders(h)) =
+        &mut flood.request
+    {
+        let map = h.headers.as_mut().unwrap();
+        map.headers.extend(std::iter::repeat_n(
+            Default::default(),
+            ext_proc::codec::MAX_ENTRIES,
+        ));
+    }
+    s.send(flood).await;
+    let status = tokio::time::timeout(TIMEOUT, s.rx.message())
+        .await
+        .expect("an answer in time")
+        .expect_err("the stream ends with an error");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+
+    let mut next = Stream::on(channel).await;
+    next.send(req_headers(
+        &[(":method", "GET"), (":path", "/v1/models")],
+        true,
+        None,
+    ))
+    .await;
+    let a = routing_answer(&next.recv().await);
+    assert!(a.destination().starts_with("127.0.0.1"));
+}
+
 #[tokio::test]
 async fn a_body_that_stops_coming_gets_408() {
     let budget = std::sync::Arc::new(ext_proc::body_budget::BodyBudget::new(1 << 20));

@@ -18,6 +18,9 @@
 //!   prefixes of `ProcessingResponse` → `BodyResponse` → `CommonResponse` → `BodyMutation` →
 //!   `StreamedBodyResponse`, then the chunk's bytes, once, into tonic's output buffer. Every
 //!   other answer is encoded by prost.
+//! - Before either, a message holding more headers and map or list entries than Envoy could
+//!   send ([`MAX_ENTRIES`]) is refused, its entries counted from the framing: prost allocates
+//!   tens of times an entry's two wire bytes for it.
 //!
 //! [`ExtProcServer`] is the tonic service for `ExternalProcessor/Process` over this codec (what
 //! the generated `ExternalProcessorServer` does with prost's).
@@ -37,6 +40,10 @@ use tonic::{Status, Streaming};
 use crate::envoy::ext_proc::{HttpBody, ProcessingRequest, processing_request};
 use crate::envoy::{Answer, BodyChunk, Direction};
 use crate::service::{ExtProcService, ResponseStream};
+
+mod entries;
+
+pub use entries::MAX_ENTRIES;
 
 /// The gRPC path of the one method served.
 pub const PROCESS_PATH: &str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
@@ -253,14 +260,31 @@ fn without_bodies(buf: &[u8], cuts: &[Cut]) -> Bytes {
     out.freeze()
 }
 
+/// Whether `status`, read from a stream's messages, refuses the message itself (malformed,
+/// over the entry cap, over the size cap) rather than saying the stream broke: the status to
+/// end the stream with, so that the sender learns why.
+pub fn refuses_the_message(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+    )
+}
+
 fn invalid(error: prost::DecodeError) -> Status {
     Status::invalid_argument(format!("malformed ext_proc message: {error}"))
 }
 
 /// Decodes one `ProcessingRequest`, its body (if any) as a zero-copy slice of `bytes`. The
 /// result is what prost decodes from `bytes` ([`Inbound::into_message`] gives it back), and
-/// fails exactly when prost fails.
+/// fails when prost fails (`InvalidArgument`) and, before prost reads it, when the message holds
+/// more than [`MAX_ENTRIES`] headers and map or list entries (`ResourceExhausted`: see
+/// [`entries`]).
 pub fn decode_request(bytes: Bytes) -> Result<Inbound, Status> {
+    if entries::over_the_cap(&bytes) {
+        return Err(Status::resource_exhausted(format!(
+            "ext_proc message holds more than {MAX_ENTRIES} headers, attribute, metadata or list entries"
+        )));
+    }
     let Some(found) = scan(&bytes) else {
         // Framing the scan does not read: prost's result (or error) as it is.
         return ProcessingRequest::decode(bytes)

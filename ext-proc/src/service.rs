@@ -182,6 +182,9 @@ impl Processor for ExtProcService {
                         if !state.exchange_complete() {
                             open.outcome = StreamOutcome::Error;
                         }
+                        if crate::codec::refuses_the_message(&status) {
+                            yield Err(status);
+                        }
                         break;
                     }
                 }

@@ -9,7 +9,8 @@ use ext_proc::envoy::{BodyChunk, Direction};
 use prost::Message;
 
 /// Bytes as Envoy's ext_proc messages: the hand decoder gives prost's message (its body a slice
-/// of the input) or fails exactly when prost fails. The same bytes as a body chunk (byte 0:
+/// of the input) or fails exactly when prost fails, or refuses a message of more entries than
+/// `codec::MAX_ENTRIES`. The same bytes as a body chunk (byte 0:
 /// direction and end of stream) encode as prost encodes them.
 pub fn run(data: &[u8]) {
     let input = Bytes::copy_from_slice(data);
@@ -20,6 +21,10 @@ pub fn run(data: &[u8]) {
             assert_eq!(Inbound::into_message(inbound), expected);
         }
         (Err(status), Err(_)) => assert_eq!(status.code(), tonic::Code::InvalidArgument),
+        // More entries than Envoy sends are refused before prost: two wire bytes each at least.
+        (Err(status), Ok(_)) if status.code() == tonic::Code::ResourceExhausted => {
+            assert!(data.len() > 2 * codec::MAX_ENTRIES);
+        }
         (ours, prost) => panic!(
             "hand decoder ok: {}, prost ok: {}",
             ours.is_ok(),

@@ -309,3 +309,55 @@ fn many_body_fields_are_left_to_prost() {
         &b"hello"[..]
     );
 }
+
+/// A message of empty headers, two wire bytes each, is refused before prost builds 72 bytes
+/// of `HeaderValue` for each (36 times the message); one at the cap decodes as prost decodes it.
+#[test]
+fn a_message_of_more_entries_than_envoy_sends_is_refused_before_prost_reads_it() {
+    let message = |n: usize| {
+        Bytes::from(
+            ProcessingRequest {
+                request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
+                    headers: Some(HeaderMap {
+                        headers: vec![HeaderValue::default(); n],
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+    let at_the_cap = message(MAX_ENTRIES);
+    let inbound = decode_request(at_the_cap.clone()).expect("at the cap");
+    assert_eq!(
+        inbound.message,
+        ProcessingRequest::decode(at_the_cap).unwrap()
+    );
+    let status = decode_request(message(MAX_ENTRIES + 1)).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("65536"), "{}", status.message());
+
+    // The same through metadata: a list of empty values (a `Value` each).
+    let list = Value {
+        kind: Some(Kind::ListValue(
+            envoy_types::pb::google::protobuf::ListValue {
+                values: vec![Value::default(); MAX_ENTRIES + 1],
+            },
+        )),
+    };
+    let metadata = ProcessingRequest {
+        metadata_context: Some(Metadata {
+            filter_metadata: HashMap::from([(
+                "ns".to_owned(),
+                Struct {
+                    fields: HashMap::from([("l".to_owned(), list)]),
+                },
+            )]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let status = decode_request(Bytes::from(metadata.encode_to_vec())).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+}
