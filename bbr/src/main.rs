@@ -127,13 +127,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let token = match &metrics_bearer_token_file {
         Some(path) => {
-            let t = std::fs::read_to_string(path)
-                .with_context(|| format!("reading --metrics-bearer-token-file {}", path.display()))?
-                .trim()
-                .to_owned();
-            if t.is_empty() {
-                bail!("--metrics-bearer-token-file holds no token");
-            }
+            let t = epp::admin::read_static_metrics_token(path).map_err(anyhow::Error::msg)?;
             if !metrics_endpoint_auth {
                 bail!(
                     "a metrics bearer token is set but --metrics-endpoint-auth=false leaves /metrics open: drop one"
@@ -186,7 +180,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let admin_auth = match (metrics_endpoint_auth, token, client) {
         (false, _, _) => AdminAuth::Open,
-        (true, Some(token), _) => AdminAuth::Token(token.into()),
+        (true, Some(token), _) => AdminAuth::Token(token),
         (true, None, Some(client)) => {
             AdminAuth::Kubernetes(k8s::auth::MetricsAuthorizer::new(client))
         }

@@ -57,6 +57,17 @@ fn bad_start_up_input_is_refused_by_name() {
     let (code, err) = run(&["--mapping-file", path.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--metrics-bearer-token-file"), "{err}");
+    // A token file whose token no header can carry stops start-up, naming the flag.
+    let token = dir.join("token");
+    std::fs::write(&token, "s3 cret\n").unwrap();
+    let (code, err) = run(&[
+        "--mapping-file",
+        path.to_str().unwrap(),
+        "--metrics-bearer-token-file",
+        token.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--metrics-bearer-token-file"), "{err}");
     // A client CA bundle that cannot be read stops start-up, naming the flag.
     let (code, err) = run(&[
         "--mapping-file",

@@ -334,6 +334,38 @@ impl AdminAuth {
     }
 }
 
+/// The most bytes read of `--metrics-bearer-token-file` (a ServiceAccount token is about 1 KiB).
+pub const MAX_TOKEN_FILE_BYTES: usize = 64 * 1024;
+
+/// A static metrics token as scrapers send it, from `source` (the flag or variable that gave
+/// it, named in the error): surrounding whitespace trimmed (a Secret made from a file ends in a
+/// newline, and Prometheus trims its `credentials_file` too), then one or more visible ASCII
+/// characters, since a token with a space, a control character or nothing in it could never
+/// arrive in an `Authorization` header and every scrape would get 401.
+pub fn static_metrics_token(token: &str, source: &str) -> Result<Arc<str>, String> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(format!("{source} holds no token"));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{source}: the token holds spaces, control characters or non-ASCII bytes, which no \
+             Authorization header can carry"
+        ));
+    }
+    Ok(Arc::from(token))
+}
+
+/// [`static_metrics_token`] read from `--metrics-bearer-token-file` at `path`, at most
+/// [`MAX_TOKEN_FILE_BYTES`].
+pub fn read_static_metrics_token(path: &std::path::Path) -> Result<Arc<str>, String> {
+    let source = format!("--metrics-bearer-token-file {}", path.display());
+    let bytes = endpoint_picker::files::read_at_most_blocking(path, MAX_TOKEN_FILE_BYTES)
+        .map_err(|e| format!("reading {source}: {e}"))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| format!("{source}: not text"))?;
+    static_metrics_token(text, &source)
+}
+
 /// Compares without an early exit, so that the time taken does not tell how much of a guessed
 /// token was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -556,6 +588,27 @@ mod tests {
 
     /// Generous for loopback, and only reached when something is wrong.
     const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// A token with a Secret's trailing newline is the token; one no header can carry (a
+    /// space, a control character, nothing) is refused naming where it came from; a token file
+    /// is read no further than its cap.
+    #[test]
+    fn a_static_token_is_what_a_header_can_carry() {
+        assert_eq!(&*static_metrics_token("tok\n", "X").unwrap(), "tok");
+        for bad in ["", " \n", "to ken", "tok\u{7f}", "tök"] {
+            let e = static_metrics_token(bad, "SOURCE").unwrap_err();
+            assert!(e.starts_with("SOURCE"), "{bad:?}: {e}");
+        }
+        let dir = std::env::temp_dir().join(format!("admin-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(&*read_static_metrics_token(&file).unwrap(), "s3cret");
+        std::fs::write(&file, "a".repeat(MAX_TOKEN_FILE_BYTES + 1)).unwrap();
+        let e = read_static_metrics_token(&file).unwrap_err();
+        assert!(e.contains("--metrics-bearer-token-file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A response read off a connection: its status, its head (lower-cased) and body.
     #[derive(Debug)]

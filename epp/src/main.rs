@@ -236,17 +236,18 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     let static_token = match metrics_bearer_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("reading --metrics-bearer-token-file {}", path.display()))?
-                .trim()
-                .to_owned(),
+        Some(path) => {
+            Some(epp::admin::read_static_metrics_token(&path).map_err(anyhow::Error::msg)?)
+        }
+        None if metrics_bearer_token.is_empty() => None,
+        None => Some(
+            epp::admin::static_metrics_token(
+                &metrics_bearer_token,
+                "--metrics-bearer-token (or SWITCHYARD_METRICS_TOKEN)",
+            )
+            .map_err(anyhow::Error::msg)?,
         ),
-        None => Some(metrics_bearer_token).filter(|t| !t.is_empty()),
     };
-    if static_token.as_ref().is_some_and(String::is_empty) {
-        bail!("--metrics-bearer-token-file holds no token");
-    }
     if static_token.is_some() && !metrics_endpoint_auth {
         bail!(
             "a metrics bearer token is set but --metrics-endpoint-auth=false leaves /metrics open: drop one"
@@ -376,7 +377,7 @@ async fn run(args: Args) -> Result<()> {
     // The admin port's check; `None`: TokenReview, once Kubernetes mode has its client.
     let admin_auth = match (metrics_endpoint_auth, static_token) {
         (false, _) => Some(AdminAuth::Open),
-        (true, Some(token)) => Some(AdminAuth::Token(token.into())),
+        (true, Some(token)) => Some(AdminAuth::Token(token)),
         (true, None) if local_mode => bail!(
             "--metrics-endpoint-auth (default true) needs --metrics-bearer-token or \
              --metrics-bearer-token-file in local mode; or pass --metrics-endpoint-auth=false \

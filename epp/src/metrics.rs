@@ -140,18 +140,6 @@ pub struct PluginLabels {
     pub plugin_name: String,
 }
 
-/// Every `reason` of [`ScrapeErrorLabels`].
-const SCRAPE_ERROR_REASONS: [&str; 8] = [
-    "timeout",
-    "request",
-    "tls",
-    "status",
-    "body",
-    "utf8",
-    "url",
-    "unknown_engine",
-];
-
 /// `name, model_server_pod, reason` of a failed scrape.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScrapeErrorLabels {
@@ -415,7 +403,8 @@ pub struct EppMetrics {
     pool_name: parking_lot::RwLock<String>,
     /// The (pool, pod) pairs with `scrape_errors` series, so that a departed pod's series go
     /// with it (a counter family cannot list its own labels). At most the pool's size.
-    scrape_error_pods: parking_lot::Mutex<std::collections::BTreeSet<(String, String)>>,
+    scrape_error_pods:
+        parking_lot::Mutex<std::collections::BTreeSet<(String, String, &'static str)>>,
     /// The `scheduler_attempts` label sets naming a pod, so that a departed pod's series go
     /// with it: a rollout or a scale-down names new pods, and without this every pod the EPP
     /// ever routed to kept its series for the life of the process. Held (read) across the
@@ -771,16 +760,15 @@ impl EppMetrics {
                 self.per_pod_kv.get_or_create(&labels).set(m.kv_cache_usage);
             }
         }
-        self.scrape_error_pods.lock().retain(|(pool, pod)| {
+        // Every series counted is remembered with its reason, so that each goes with its pod.
+        self.scrape_error_pods.lock().retain(|(pool, pod, reason)| {
             let live = *pool == snap.name && snap.endpoints.iter().any(|e| e.spec.name == *pod);
             if !live {
-                for reason in SCRAPE_ERROR_REASONS {
-                    self.scrape_errors.remove(&ScrapeErrorLabels {
-                        name: pool.clone(),
-                        model_server_pod: pod.clone(),
-                        reason,
-                    });
-                }
+                self.scrape_errors.remove(&ScrapeErrorLabels {
+                    name: pool.clone(),
+                    model_server_pod: pod.clone(),
+                    reason,
+                });
             }
             live
         });
@@ -898,7 +886,7 @@ impl MetricsObserver {
                 reason,
             })
             .inc();
-        self.0.scrape_error_pods.lock().insert((pool, pod));
+        self.0.scrape_error_pods.lock().insert((pool, pod, reason));
     }
 }
 
@@ -962,6 +950,7 @@ pub(crate) mod tests {
         };
         for e in &snap.endpoints {
             observer.scraped(e, Err(&ScrapeError::Utf8), Duration::ZERO);
+            observer.readiness_check_failed(e, &ScrapeError::Utf8);
             for target in ["a", "b"] {
                 m.count_attempt(&attempt(&e.spec.pod_name, target));
             }
@@ -989,8 +978,9 @@ pub(crate) mod tests {
             )
         };
         let before = text();
-        assert_eq!(series(&before, "pod-1-rank-0").0, 1);
-        assert_eq!(series(&before, "pod-2-rank-0").0, 1);
+        // `utf8` and `readiness_check` each.
+        assert_eq!(series(&before, "pod-1-rank-0").0, 2);
+        assert_eq!(series(&before, "pod-2-rank-0").0, 2);
         assert_eq!(series(&before, "pod-1").1, 2);
         assert_eq!(series(&before, "pod-2").1, 2);
         assert_eq!(series(&before, "").1, 1, "the failure without a pod");
@@ -1002,7 +992,7 @@ pub(crate) mod tests {
         m.count_attempt(&attempt("pod-2", "a"));
         let after = text();
         assert_eq!(series(&after, "pod-1-rank-0").0, 0);
-        assert_eq!(series(&after, "pod-2-rank-0").0, 1);
+        assert_eq!(series(&after, "pod-2-rank-0").0, 2);
         assert_eq!(series(&after, "pod-1").1, 0);
         assert_eq!(series(&after, "pod-2").1, 2);
         assert_eq!(series(&after, "").1, 1);

@@ -296,6 +296,20 @@ async fn two_metrics_tokens_are_refused_naming_the_variable() {
     );
 }
 
+/// A token in the environment that no `Authorization` header can carry (a space inside) stops
+/// start-up naming the variable, instead of a port that answers every scrape 401.
+#[tokio::test]
+async fn a_metrics_token_no_header_can_carry_is_refused_naming_its_source() {
+    let pool = temp_file("pool-token-space.yaml", POOL);
+    let mut command = epp_command();
+    command
+        .args(["--pool-file", pool.to_str().unwrap(), "--grpc-port=0"])
+        .env("SWITCHYARD_METRICS_TOKEN", "s3 cret");
+    let (code, stderr) = exit_of(command).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("SWITCHYARD_METRICS_TOKEN"), "{stderr}");
+}
+
 #[tokio::test]
 async fn serves_then_drains_on_sigterm() {
     let pool = temp_file("pool2.yaml", POOL);
