@@ -403,6 +403,24 @@ pub struct DebugState {
     pub director: Arc<Director>,
     /// Recent decisions.
     pub decisions: Arc<DecisionLog>,
+    /// One view built at a time: each is up to some 20 MB of JSON and a core for its time.
+    building: Arc<tokio::sync::Semaphore>,
+}
+
+impl DebugState {
+    /// The view of `datastore`, `director` and `decisions`.
+    pub fn new(
+        datastore: Arc<Datastore>,
+        director: Arc<Director>,
+        decisions: Arc<DecisionLog>,
+    ) -> Self {
+        Self {
+            datastore,
+            director,
+            decisions,
+            building: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
 }
 
 /// A callback that refreshes derived gauges.
@@ -490,10 +508,19 @@ async fn debug_pool(State(state): State<AdminState>, headers: HeaderMap) -> Resp
     let Some(d) = state.debug.clone() else {
         return (StatusCode::NOT_FOUND, "not enabled (--debug-pool)\n").into_response();
     };
+    // One at a time: readers past the first would each hold their own 20 MB and a core.
+    let Ok(building) = d.building.clone().try_acquire_owned() else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "a /debug/pool view is being built: retry\n",
+        )
+            .into_response();
+    };
     // Up to 10,000 decisions, some 20 MB of JSON: built on a blocking thread, not on a
     // runtime worker whose ext_proc streams would wait for it (with `--worker-threads=1`,
     // every stream).
     let view = tokio::task::spawn_blocking(move || {
+        let _building = building;
         serde_json::to_vec(&debug::pool_view(&d.datastore, &d.director, &d.decisions))
     })
     .await;
@@ -844,6 +871,44 @@ mod tests {
             .unwrap();
         assert_eq!(answer.status, 404, "{answer:?}");
         assert!(closed(&mut scraper).await);
+        shutdown.cancel();
+    }
+
+    /// One `/debug/pool` view is built at a time: a reader asking while one is built gets 429,
+    /// and the next view is built once it is done.
+    #[tokio::test]
+    async fn one_debug_pool_view_is_built_at_a_time() {
+        let datastore = Arc::new(Datastore::new());
+        datastore.apply(endpoint_picker::datastore::test_util::pool(2));
+        let director = Arc::new(Director::new(
+            datastore.clone(),
+            Arc::new(endpoint_picker::config::load_default(1).unwrap()),
+            1,
+        ));
+        let debug = DebugState::new(datastore, director, Arc::new(DecisionLog::new(10)));
+        let state = AdminState {
+            registry: Arc::new(Mutex::new(Registry::default())),
+            auth: AdminAuth::Token("s3cret".into()),
+            refresh: None,
+            debug: Some(debug.clone()),
+            pprof: None,
+        };
+        let (addr, shutdown) = start(LIMITS, router(state)).await;
+        let connect = || tokio::net::TcpStream::connect(addr);
+        // A view under way: its permit held.
+        let building = debug.building.clone().try_acquire_owned().unwrap();
+        let answer = ask(&mut connect().await.unwrap(), "/debug/pool", Some("s3cret"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 429, "{answer:?}");
+        drop(building);
+        let answer = ask(&mut connect().await.unwrap(), "/debug/pool", Some("s3cret"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(answer.body.contains("pod-1"), "{answer:?}");
+        // Its permit went back with it.
+        assert_eq!(debug.building.available_permits(), 1);
         shutdown.cancel();
     }
 

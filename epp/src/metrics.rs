@@ -167,11 +167,14 @@ where
     fn make(buckets: &'static [f64]) -> Histogram {
         Histogram::new(buckets.iter().copied())
     }
-    // Family needs a constructor without captures; pick one of a few static bucket sets.
+    // Family needs a constructor without captures; pick one of a few static bucket sets (by
+    // address: statics, since each use of a `const` may be a copy of its own).
     let ctor: fn() -> Histogram = if std::ptr::eq(buckets, DURATION_BUCKETS) {
         || make(DURATION_BUCKETS)
     } else if std::ptr::eq(buckets, SIZE_BUCKETS) {
         || make(SIZE_BUCKETS)
+    } else if std::ptr::eq(buckets, RESPONSE_SIZE_BUCKETS) {
+        || make(RESPONSE_SIZE_BUCKETS)
     } else if std::ptr::eq(buckets, TOKEN_BUCKETS) {
         || make(TOKEN_BUCKETS)
     } else {
@@ -181,13 +184,62 @@ where
 }
 
 /// Request durations: 5 ms … 1 h, as the reference.
-const DURATION_BUCKETS: &[f64] = &[
+static DURATION_BUCKETS: &[f64] = &[
     0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
     10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0,
     1200.0, 1800.0, 2700.0, 3600.0,
 ];
+/// The reference's edges for `scheduler_e2e_duration_seconds` and `plugin_duration_seconds`,
+/// which alerts written for it name (`le="0.001"`: scheduled within a millisecond).
+const REFERENCE_LATENCY_EDGES: [f64; 10] = [
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+];
+
+/// `buckets` (finer than the reference's, for decisions of a few microseconds) with the
+/// reference's edges added.
+fn with_reference_edges(buckets: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut edges: Vec<f64> = buckets.chain(REFERENCE_LATENCY_EDGES).collect();
+    edges.sort_by(f64::total_cmp);
+    // Equal within rounding: 0.00001 · 2^k never lands on a decimal edge, but keep one of two.
+    edges.dedup_by(|a, b| (*a - *b).abs() <= *b * 1e-9);
+    edges
+}
+
+/// Response sizes in bytes: the reference's small edges (1 … 32 bytes: an error, an empty
+/// answer), then [`SIZE_BUCKETS`].
+static RESPONSE_SIZE_BUCKETS: &[f64] = &[
+    1.0,
+    8.0,
+    16.0,
+    32.0,
+    64.0,
+    128.0,
+    256.0,
+    512.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    8192.0,
+    16384.0,
+    32768.0,
+    65536.0,
+    131072.0,
+    262144.0,
+    524288.0,
+    1048576.0,
+    2097152.0,
+    4194304.0,
+    8388608.0,
+    16777216.0,
+    33554432.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
+];
 /// Body sizes in bytes.
-const SIZE_BUCKETS: &[f64] = &[
+static SIZE_BUCKETS: &[f64] = &[
     64.0,
     128.0,
     256.0,
@@ -215,12 +267,12 @@ const SIZE_BUCKETS: &[f64] = &[
     1073741824.0,
 ];
 /// Token counts.
-const TOKEN_BUCKETS: &[f64] = &[
+static TOKEN_BUCKETS: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
     32778.0, 65536.0, 131072.0, 262144.0, 524288.0, 1048576.0,
 ];
 /// Seconds per output token.
-const TPOT_BUCKETS: &[f64] = &[
+static TPOT_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.2,
     0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
 ];
@@ -427,7 +479,7 @@ impl EppMetrics {
             request_errors: Family::default(),
             request_duration: histogram_family(DURATION_BUCKETS),
             request_sizes: histogram_family(SIZE_BUCKETS),
-            response_sizes: histogram_family(SIZE_BUCKETS),
+            response_sizes: histogram_family(RESPONSE_SIZE_BUCKETS),
             input_tokens: histogram_family(TOKEN_BUCKETS),
             output_tokens: histogram_family(TOKEN_BUCKETS),
             cached_tokens: histogram_family(TOKEN_BUCKETS),
@@ -438,7 +490,9 @@ impl EppMetrics {
             pool_avg_running: Family::default(),
             pool_ready_pods: Family::default(),
             per_pod_queue: Family::default(),
-            scheduler_e2e: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
+            scheduler_e2e: Histogram::new(with_reference_edges(exponential_buckets(
+                0.00001, 2.0, 20,
+            ))),
             scheduler_attempts: Family::default(),
             request_path_overhead: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
             streams: Family::default(),
@@ -451,7 +505,9 @@ impl EppMetrics {
             response_body_bytes_held: Gauge::default(),
             rewrites: Family::default(),
             plugin_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
+                Histogram::new(with_reference_edges(exponential_buckets(
+                    0.000_001, 2.0, 20,
+                )))
             }),
             kv_events: Arc::default(),
             prefix_indexer_size: Gauge::default(),
@@ -999,6 +1055,97 @@ pub(crate) mod tests {
         assert!(after.contains(
             "inference_extension_scheduler_attempts_total{status=\"success\",target_model_name=\"a\",pod_name=\"pod-2\",namespace=\"default\",port=\"8000\"} 2"
         ));
+    }
+
+    /// Every edge of the reference's buckets is an `le` of ours, so that alerts written on one
+    /// find a series: scheduling and plugin latencies, response sizes.
+    #[test]
+    fn the_reference_bucket_edges_are_ours_too() {
+        let mut registry = Registry::default();
+        let m = EppMetrics::register(&mut registry);
+        m.scheduler_e2e.observe(0.000_05);
+        m.plugin_duration
+            .get_or_create(&PluginLabels {
+                extension_point: "Scorer",
+                plugin_type: "queue-scorer",
+                plugin_name: "q".into(),
+            })
+            .observe(0.000_05);
+        let model = ModelLabels {
+            model_name: "m".into(),
+            target_model_name: "m".into(),
+        };
+        m.response_sizes.get_or_create(&model).observe(10.0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let edges = |family: &str| -> Vec<f64> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}_bucket{{")))
+                .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()?.parse().ok())
+                .collect()
+        };
+        for family in [
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "inference_extension_plugin_duration_seconds",
+        ] {
+            let ours = edges(family);
+            for edge in REFERENCE_LATENCY_EDGES {
+                assert!(ours.contains(&edge), "{family}: {edge} not in {ours:?}");
+            }
+        }
+        let ours = edges("inference_objective_response_sizes");
+        for edge in [1.0, 8.0, 16.0, 32.0, 64.0, 1024.0, 65536.0] {
+            assert!(
+                ours.contains(&edge),
+                "response sizes: {edge} not in {ours:?}"
+            );
+        }
+    }
+
+    /// Each model family has its own buckets. They were picked by a `const`'s address, and
+    /// each use of a `const` may be a copy of its own: every family got the TPOT buckets
+    /// (1 ms … 10 s), so sizes in bytes and token counts all fell in `+Inf`.
+    #[test]
+    fn each_model_family_has_its_own_buckets() {
+        let mut registry = Registry::default();
+        let m = EppMetrics::register(&mut registry);
+        let model = ModelLabels {
+            model_name: "m".into(),
+            target_model_name: "m".into(),
+        };
+        m.request_duration.get_or_create(&model).observe(1.0);
+        m.request_sizes.get_or_create(&model).observe(1.0);
+        m.response_sizes.get_or_create(&model).observe(1.0);
+        m.input_tokens.get_or_create(&model).observe(1.0);
+        m.output_tokens.get_or_create(&model).observe(1.0);
+        m.cached_tokens.get_or_create(&model).observe(1.0);
+        m.normalized_tpot.get_or_create(&model).observe(1.0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let edges = |family: &str| -> Vec<f64> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}_bucket{{")))
+                .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()?.parse().ok())
+                .filter(|e: &f64| e.is_finite())
+                .collect()
+        };
+        for (family, expected) in [
+            (
+                "inference_objective_request_duration_seconds",
+                DURATION_BUCKETS,
+            ),
+            ("inference_objective_request_sizes", SIZE_BUCKETS),
+            ("inference_objective_response_sizes", RESPONSE_SIZE_BUCKETS),
+            ("inference_objective_input_tokens", TOKEN_BUCKETS),
+            ("inference_objective_output_tokens", TOKEN_BUCKETS),
+            ("inference_objective_prompt_cached_tokens", TOKEN_BUCKETS),
+            (
+                "inference_objective_normalized_time_per_output_token_seconds",
+                TPOT_BUCKETS,
+            ),
+        ] {
+            assert_eq!(edges(family), expected, "{family}");
+        }
     }
 
     #[test]

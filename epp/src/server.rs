@@ -603,13 +603,11 @@ pub async fn serve_with_handles(
                         tokio::select! {
                             _ = token.cancelled() => return,
                             _ = tick.tick() => {
-                                {
-                                    // A scrape encodes under this lock (see admin.rs).
-                                    let _encoding = registry.lock();
+                                refresh_unless_encoding(&registry, || {
                                     metrics.refresh_pool(&datastore, &director, metrics_staleness);
                                     metrics.refresh_held_bodies(&bodies.0, &bodies.1);
                                     flow_metrics.refresh(&director);
-                                }
+                                });
                                 labels.learn(&datastore.snapshot(), &director.policies());
                             }
                         }
@@ -663,11 +661,8 @@ pub async fn serve_with_handles(
                 m.refresh_held_bodies(&bodies.0, &bodies.1);
                 fm.refresh(&d);
             }))),
-            debug: debug_pool.then(|| DebugState {
-                datastore: datastore.clone(),
-                director: director.clone(),
-                decisions: decisions.clone(),
-            }),
+            debug: debug_pool
+                .then(|| DebugState::new(datastore.clone(), director.clone(), decisions.clone())),
             pprof: pprof.then(|| admin::PprofState {
                 shutdown: shutdown.clone(),
             }),
@@ -954,11 +949,41 @@ pub fn tls_incoming(
 /// deadline.
 pub type TlsConnection = Guarded<tokio_rustls::server::TlsStream<Guarded<tokio::net::TcpStream>>>;
 
+/// Runs `refresh` under the registry's lock, unless a scrape holds it: a scrape encodes under
+/// that lock after the same refresh (admin.rs), and this runs on a runtime worker, whose
+/// ext_proc streams (every stream, on one worker thread) would wait out every encode queued
+/// for the lock. Whether it ran.
+fn refresh_unless_encoding(registry: &Mutex<Registry>, refresh: impl FnOnce()) -> bool {
+    match registry.try_lock() {
+        Some(_encoding) => {
+            refresh();
+            true
+        }
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
     #![allow(clippy::unwrap_used)]
 
     use super::bind_grpc_uds;
+    use super::{Mutex, Registry, refresh_unless_encoding};
+
+    /// The periodic refresh does not wait for a scrape's encode: with the lock held elsewhere
+    /// it returns at once without refreshing, and refreshes once the lock is free.
+    #[test]
+    fn the_periodic_refresh_skips_while_a_scrape_encodes() {
+        let registry = Mutex::new(Registry::default());
+        let held = registry.lock();
+        let mut ran = false;
+        assert!(!refresh_unless_encoding(&registry, || ran = true));
+        assert!(!ran);
+        drop(held);
+        assert!(refresh_unless_encoding(&registry, || ran = true));
+        assert!(ran);
+    }
 
     fn dir(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("sy-{name}-{}", std::process::id()));
