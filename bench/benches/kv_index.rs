@@ -44,6 +44,7 @@ fn stored_batch(first_seq: u64, events: usize, blocks: u32) -> EventBatch {
                     lora_id: None,
                     lora_name: None,
                     medium: Medium::Gpu,
+                    group: None,
                 })
             })
             .collect(),
@@ -62,6 +63,7 @@ fn removed_batch(first_seq: u64, events: usize, blocks: u32) -> EventBatch {
                         .map(|b| (seq << 16) | (b + 1))
                         .collect(),
                     medium: Medium::Gpu,
+                    group_idx: None,
                 })
             })
             .collect(),

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, PoolSnapshot};
+use endpoint_picker::kv_index::groups::CacheGroups;
 use endpoint_picker::kv_index::{Applied, Dropped, SharedKvIndex, StreamState};
 use endpoint_picker::scheduling::plugins::precise::KvEventsSettings;
 use kv_events::{EventBatch, Skipped};
@@ -138,7 +139,9 @@ pub struct DropLabels {
     /// Endpoint name (`unknown` for a topic naming no endpoint of the pool).
     pub model_server_pod: String,
     /// Why: `unknown_parent`, `no_full_block`, `unknown_blocks`, `malformed`, `clearing`,
-    /// `bad_topic`, `unknown_endpoint`, `gap`, or what the decoder left out
+    /// `bad_topic`, `unknown_endpoint`, `bind` (the bound socket could not listen; counted
+    /// under `unknown`, once a retry), `gap`, `other_group` (a hybrid model's cache group
+    /// that does not keep prefixes: `kv_index::groups`), or what the decoder left out
     /// ([`SKIP_REASONS`]): `unknown_type`, `unknown_medium`, `extra_keys`.
     pub reason: &'static str,
 }
@@ -296,7 +299,7 @@ impl KvEventMetrics {
         let reasons = Dropped::ALL.map(Dropped::as_str);
         for reason in reasons
             .into_iter()
-            .chain(["bad_topic", "gap"])
+            .chain(["bad_topic", "gap", "other_group"])
             .chain(SKIP_REASONS)
         {
             self.dropped.remove(&DropLabels {
@@ -342,13 +345,18 @@ pub enum SeqCheck {
     Reset,
 }
 
-/// One publisher's sequence numbers.
+/// One publisher's stream: its sequence numbers, and which of its KV-cache groups feed the
+/// index.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SequenceTracker {
     last: Option<u64>,
     /// The next number comes from a new transport subscriber, which has seen nothing of the
     /// publisher before: it cannot tell a restart, and dedups nothing against the old one.
     new_source: bool,
+    /// The groups its stores named, for a hybrid model's removals.
+    groups: CacheGroups,
+    /// A topic that names no model was warned about (once a stream).
+    warned_bad_topic: bool,
 }
 
 impl SequenceTracker {
@@ -402,9 +410,18 @@ pub async fn handle<S: KvEventSource>(
     endpoint: EndpointId,
     tracker: &mut SequenceTracker,
     source: &mut S,
-    msg: KvMessage,
+    mut msg: KvMessage,
 ) {
     let Some((_, model)) = parse_topic(&msg.topic) else {
+        if !tracker.warned_bad_topic {
+            tracker.warned_bad_topic = true;
+            tracing::warn!(
+                endpoint = %pod.model_server_pod,
+                topic = %kv_events::Untrusted(&msg.topic),
+                "kv events: the topic names no model (kv@<pod>@<model>): its batches are dropped \
+                 and the endpoint is scored from the approximate index"
+            );
+        }
         metrics.count_dropped(pod, "bad_topic", msg.batch.events.len() as u64);
         return;
     };
@@ -426,7 +443,7 @@ pub async fn handle<S: KvEventSource>(
             let filled = match replayed {
                 Ok(batches) => {
                     let mut next = from;
-                    for m in batches.into_iter().take(MAX_REPLAY_BATCHES) {
+                    for mut m in batches.into_iter().take(MAX_REPLAY_BATCHES) {
                         if m.seq < next || m.seq >= msg.seq {
                             continue;
                         }
@@ -434,6 +451,7 @@ pub async fn handle<S: KvEventSource>(
                             break;
                         }
                         next += 1;
+                        read_prefix_groups(metrics, pod, tracker, &mut m);
                         apply(index, metrics, pod, endpoint, &model, &m).await;
                     }
                     next == msg.seq
@@ -450,7 +468,22 @@ pub async fn handle<S: KvEventSource>(
             }
         }
     }
+    read_prefix_groups(metrics, pod, tracker, &mut msg);
     apply(index, metrics, pod, endpoint, &model, &msg).await;
+}
+
+/// Leaves out of `msg` the events of cache groups the index does not read (a hybrid model's
+/// sliding-window or Mamba groups), counted as `other_group`.
+fn read_prefix_groups(
+    metrics: &KvEventMetrics,
+    pod: &PodLabels,
+    tracker: &mut SequenceTracker,
+    msg: &mut KvMessage,
+) {
+    let left_out = tracker.groups.retain_prefix_groups(&mut msg.batch.events);
+    if left_out > 0 {
+        metrics.count_dropped(pod, "other_group", left_out);
+    }
 }
 
 async fn apply(
@@ -550,7 +583,10 @@ pub async fn subscribe_endpoint<C: Connector>(
                     };
                     match event {
                         Ok(SourceEvent::Message(msg)) => {
-                            batch_arrived(&index, endpoint.id, source.connected(ip));
+                            // A topic that names no model feeds nothing: not live on it.
+                            if parse_topic(&msg.topic).is_some() {
+                                batch_arrived(&index, endpoint.id, source.connected(ip));
+                            }
                             handle(
                                 &index,
                                 &metrics,
@@ -823,12 +859,42 @@ async fn subscribe_bound<C: Connector>(
     let mut trackers: HashMap<EndpointId, (SocketAddr, SequenceTracker)> = HashMap::new();
     // The pool the trackers were last pruned against.
     let mut seen_pool: Option<Arc<PoolSnapshot>> = None;
+    // The last failure to bind, as said.
+    let mut bind_error: Option<String> = None;
     loop {
         let connected = tokio::select! {
             _ = token.cancelled() => return,
             c = connector.connect(bind.clone(), None, settings.topic_filter.clone(), true) => c,
         };
-        if let Ok(mut source) = connected {
+        let mut source = match connected {
+            Ok(source) => {
+                bind_error = None;
+                source
+            }
+            Err(error) => {
+                // Said once, and again when it changes: every engine stays scored from the
+                // approximate index meanwhile.
+                let said = error.to_string();
+                if bind_error.as_deref() != Some(said.as_str()) {
+                    tracing::warn!(%bind, error = %said, "kv events: the bound socket cannot listen; retrying every {RECONNECT_INTERVAL:?}");
+                    bind_error = Some(said);
+                }
+                metrics.count_dropped(
+                    &PodLabels {
+                        name: datastore.snapshot().name.clone(),
+                        model_server_pod: "unknown".into(),
+                    },
+                    "bind",
+                    1,
+                );
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
+                }
+                continue;
+            }
+        };
+        {
             loop {
                 let event = tokio::select! {
                     _ = token.cancelled() => return,
@@ -880,8 +946,11 @@ async fn subscribe_bound<C: Connector>(
                 let (_, tracker) = trackers
                     .entry(endpoint.id)
                     .or_insert((endpoint.spec.address, SequenceTracker::default()));
-                // A bound socket hears engines that are up: their stream is live.
-                batch_arrived(&index, endpoint.id, source.connected(endpoint.ip()));
+                // A bound socket hears engines that are up: their stream is live (once a
+                // topic names its model: one that does not feeds nothing).
+                if parse_topic(&msg.topic).is_some() {
+                    batch_arrived(&index, endpoint.id, source.connected(endpoint.ip()));
+                }
                 let pod = PodLabels {
                     name: snapshot.name.clone(),
                     model_server_pod: endpoint.spec.name.clone(),
@@ -896,6 +965,23 @@ async fn subscribe_bound<C: Connector>(
                     msg,
                 )
                 .await;
+                // The endpoint left while its batch was applied (a replay, slices of a long
+                // batch): what went in after its entries were cleared, and the series
+                // counted after they were forgotten, go too.
+                let now = datastore.snapshot();
+                if now
+                    .by_address(&endpoint.spec.address)
+                    .is_none_or(|e| e.id != endpoint.id)
+                {
+                    index.remove_endpoint(endpoint.id);
+                    if !now
+                        .endpoints
+                        .iter()
+                        .any(|e| e.spec.name == pod.model_server_pod)
+                    {
+                        metrics.forget(&pod);
+                    }
+                }
             }
         }
         // The socket is gone, and every engine's connection with it.

@@ -34,10 +34,12 @@ fn step_batch() -> EventBatch {
             lora_id: None,
             lora_name: None,
             medium: Medium::Gpu,
+            group: None,
         }));
         events.push(Event::BlockRemoved(BlockRemoved {
             block_hashes: (0..16).map(|_| next()).collect(),
             medium: Medium::Gpu,
+            group_idx: None,
         }));
     }
     EventBatch {

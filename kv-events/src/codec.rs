@@ -67,7 +67,9 @@ use std::fmt;
 use rmp::Marker;
 use rmp::encode::ByteBuf;
 
-use crate::{BlockRemoved, BlockStored, EngineBlockHash, Event, EventBatch, Medium};
+use crate::{
+    BlockRemoved, BlockStored, CacheGroup, CacheKind, EngineBlockHash, Event, EventBatch, Medium,
+};
 
 /// Events in one batch, at most. vLLM sends a batch per engine step: a step that stores or
 /// evicts blocks for a few hundred sequences makes a few thousand events.
@@ -268,9 +270,13 @@ impl Encoder {
             Event::BlockStored(b) => {
                 // type, block_hashes, parent_block_hash, token_ids, block_size, lora_id,
                 // medium, lora_name: the fields without a default, always written; then
-                // extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window,
-                // None here: nils in an array, left out of a map.
-                w.container(map, if map { 8 } else { 12 });
+                // extra_keys (None here), group_idx, kv_cache_spec_kind (from `group`),
+                // kv_cache_spec_sliding_window (None here): a None is a nil in an array and
+                // left out of a map.
+                let group = b.group.map(|g| g.index);
+                let kind = b.group.and_then(|g| g.kind);
+                let given = 8 + usize::from(group.is_some()) + usize::from(kind.is_some());
+                w.container(map, if map { given } else { 12 });
                 w.field(map, "type");
                 w.str("BlockStored");
                 w.field(map, "block_hashes");
@@ -300,20 +306,42 @@ impl Encoder {
                     None => w.nil(),
                 }
                 if !map {
-                    (0..4).for_each(|_| w.nil());
+                    w.nil();
+                }
+                if group.is_some() || !map {
+                    w.field(map, "group_idx");
+                    match group {
+                        Some(index) => w.sint(index),
+                        None => w.nil(),
+                    }
+                }
+                if kind.is_some() || !map {
+                    w.field(map, "kv_cache_spec_kind");
+                    match kind {
+                        Some(kind) => w.str(kind.as_str()),
+                        None => w.nil(),
+                    }
+                }
+                if !map {
+                    w.nil();
                 }
             }
             Event::BlockRemoved(b) => {
-                // type, block_hashes, medium; then group_idx (None).
-                w.container(map, if map { 3 } else { 4 });
+                // type, block_hashes, medium; then group_idx.
+                let given = 3 + usize::from(b.group_idx.is_some());
+                w.container(map, if map { given } else { 4 });
                 w.field(map, "type");
                 w.str("BlockRemoved");
                 w.field(map, "block_hashes");
                 self.hashes(w, &b.block_hashes);
                 w.field(map, "medium");
                 w.str(b.medium.as_str());
-                if !map {
-                    w.nil();
+                if b.group_idx.is_some() || !map {
+                    w.field(map, "group_idx");
+                    match b.group_idx {
+                        Some(index) => w.sint(index),
+                        None => w.nil(),
+                    }
                 }
             }
             Event::AllBlocksCleared => {
@@ -601,6 +629,8 @@ struct Fields<'a> {
     lora_name: Option<Option<String>>,
     /// Read by a lenient decoder only (a strict one skips the field).
     extra_keys: Option<Option<Extras<'a>>>,
+    group_idx: Option<Option<i64>>,
+    cache_kind: Option<Option<CacheKind>>,
 }
 
 /// What `BlockStored.extra_keys` says about its blocks, as far as the index needs it: where
@@ -654,6 +684,10 @@ impl Fields<'_> {
                     lora_id: self.lora_id.flatten(),
                     lora_name: self.lora_name.flatten(),
                     medium,
+                    group: self.group_idx.flatten().map(|index| CacheGroup {
+                        index,
+                        kind: self.cache_kind.flatten(),
+                    }),
                 };
                 if let Some(extras) = self.extra_keys.flatten()
                     && !cut_at_extra_keys(&mut stored, extras, ctx)
@@ -667,6 +701,7 @@ impl Fields<'_> {
                     what: "BlockRemoved.block_hashes",
                 })?,
                 medium,
+                group_idx: self.group_idx.flatten(),
             }),
             Kind::Cleared => Event::AllBlocksCleared,
         }))
@@ -722,9 +757,11 @@ fn decode_event(r: &mut Reader<'_>, ctx: &mut Ctx) -> Result<Option<Event>, Deco
                         "medium",
                         "lora_name",
                         "extra_keys",
+                        "group_idx",
+                        "kv_cache_spec_kind",
                     ],
                 ),
-                Kind::Removed => (1, &["block_hashes", "medium"]),
+                Kind::Removed => (1, &["block_hashes", "medium", "group_idx"]),
                 Kind::Cleared => (0, &[]),
             };
             let given = n - 1;
@@ -737,7 +774,7 @@ fn decode_event(r: &mut Reader<'_>, ctx: &mut Ctx) -> Result<Option<Event>, Deco
             for &name in known.iter().take(given) {
                 read_field(r, &mut fields, name, ctx.mode)?;
             }
-            // Fields of newer releases (group_idx, ...): not modelled here.
+            // Fields of newer releases (`kv_cache_spec_sliding_window`, …): not modelled here.
             r.skip_values(given.saturating_sub(known.len()))?;
             fields.build(kind, ctx)
         }
@@ -827,6 +864,16 @@ fn read_field<'a>(
             };
             fields.extra_keys = Some(fields.extra_keys.map_or(v, |_| Some(every_block)));
             Ok(())
+        }
+        "group_idx" => {
+            let v = r.opt_i64("group_idx")?;
+            set_once(&mut fields.group_idx, "group_idx", v)
+        }
+        "kv_cache_spec_kind" => {
+            let v = r
+                .opt_str("kv_cache_spec_kind", MAX_STRING_BYTES)?
+                .map(CacheKind::parse);
+            set_once(&mut fields.cache_kind, "kv_cache_spec_kind", v)
         }
         _ => r.skip_values(1),
     }

@@ -123,6 +123,9 @@ pub struct BlockStored {
     pub lora_name: Option<String>,
     /// Where the blocks live.
     pub medium: Medium,
+    /// The KV-cache group the blocks were stored in, for models whose layers keep different
+    /// caches (`None`: the engine does not say, one cache for every layer).
+    pub group: Option<CacheGroup>,
 }
 
 /// `BlockRemoved`: blocks evicted from a tier.
@@ -132,6 +135,70 @@ pub struct BlockRemoved {
     pub block_hashes: Vec<EngineBlockHash>,
     /// The tier they left.
     pub medium: Medium,
+    /// The KV-cache group they left (vLLM's `group_idx`; `None`: not said, every group).
+    pub group_idx: Option<i64>,
+}
+
+/// The KV-cache group of a `BlockStored` (vLLM's `group_idx` and `kv_cache_spec_kind`). A
+/// hybrid model (sliding-window or Mamba layers beside full attention: gpt-oss, Gemma 3) keeps
+/// a cache per group and announces every group's blocks under the same hashes: a sliding
+/// window's evictions leave the full-attention blocks, which prefix matching reads, in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheGroup {
+    /// `group_idx`.
+    pub index: i64,
+    /// `kv_cache_spec_kind` (`None`: not said).
+    pub kind: Option<CacheKind>,
+}
+
+/// `kv_cache_spec_kind`: what the layers of a KV-cache group keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheKind {
+    /// `full_attention`: every token's keys and values.
+    FullAttention,
+    /// `mla_attention`: full attention, latent-compressed.
+    MlaAttention,
+    /// `sink_full_attention`: full attention with attention sinks.
+    SinkFullAttention,
+    /// `sliding_window`: the last tokens of a window only.
+    SlidingWindow,
+    /// Any other kind (Mamba state, chunked local attention, …).
+    Other,
+}
+
+impl CacheKind {
+    /// The wire name (`Other` writes `other`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheKind::FullAttention => "full_attention",
+            CacheKind::MlaAttention => "mla_attention",
+            CacheKind::SinkFullAttention => "sink_full_attention",
+            CacheKind::SlidingWindow => "sliding_window",
+            CacheKind::Other => "other",
+        }
+    }
+
+    /// Parses a wire name (case-insensitively); any name not listed is `Other`.
+    pub fn parse(name: &str) -> CacheKind {
+        [
+            CacheKind::FullAttention,
+            CacheKind::MlaAttention,
+            CacheKind::SinkFullAttention,
+            CacheKind::SlidingWindow,
+        ]
+        .into_iter()
+        .find(|k| k.as_str().eq_ignore_ascii_case(name))
+        .unwrap_or(CacheKind::Other)
+    }
+
+    /// Whether the group keeps every token of a prefix, so that its blocks say what a prompt
+    /// would find cached (llm-d indexes these three kinds only).
+    pub fn keeps_prefixes(self) -> bool {
+        matches!(
+            self,
+            CacheKind::FullAttention | CacheKind::MlaAttention | CacheKind::SinkFullAttention
+        )
+    }
 }
 
 /// The tier of a cached block. vLLM says `GPU` (the default when absent) or `CPU` (its CPU

@@ -31,6 +31,7 @@ fn batch(n: u64) -> EventBatch {
         events: vec![Event::BlockRemoved(BlockRemoved {
             block_hashes: vec![n],
             medium: Medium::Gpu,
+            group_idx: None,
         })],
         data_parallel_rank: Some(0),
     }

@@ -8,7 +8,7 @@
 use kv_events::codec::{
     Encoder, Encoding, HashEncoding, Skipped, decode_batch, decode_batch_lenient,
 };
-use kv_events::{BlockRemoved, BlockStored, Event, EventBatch, Medium};
+use kv_events::{BlockRemoved, BlockStored, CacheGroup, CacheKind, Event, EventBatch, Medium};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 
@@ -33,6 +33,7 @@ fn event() -> impl Strategy<Value = Event> {
         prop::option::of(any::<i64>()),
         prop::option::of(".{0,20}"),
         medium(),
+        prop::option::of((any::<i64>(), prop::option::of(cache_kind()))),
     )
         .prop_map(
             |(
@@ -43,6 +44,7 @@ fn event() -> impl Strategy<Value = Event> {
                 lora_id,
                 lora_name,
                 medium,
+                group,
             )| {
                 Event::BlockStored(BlockStored {
                     block_hashes,
@@ -52,17 +54,33 @@ fn event() -> impl Strategy<Value = Event> {
                     lora_id,
                     lora_name,
                     medium,
+                    group: group.map(|(index, kind)| CacheGroup { index, kind }),
                 })
             },
         );
-    let removed =
-        (prop::collection::vec(any::<u64>(), 0..8), medium()).prop_map(|(block_hashes, medium)| {
+    let removed = (
+        prop::collection::vec(any::<u64>(), 0..8),
+        medium(),
+        prop::option::of(any::<i64>()),
+    )
+        .prop_map(|(block_hashes, medium, group_idx)| {
             Event::BlockRemoved(BlockRemoved {
                 block_hashes,
                 medium,
+                group_idx,
             })
         });
     prop_oneof![4 => stored, 3 => removed, 1 => Just(Event::AllBlocksCleared)]
+}
+
+fn cache_kind() -> impl Strategy<Value = CacheKind> {
+    prop_oneof![
+        Just(CacheKind::FullAttention),
+        Just(CacheKind::MlaAttention),
+        Just(CacheKind::SinkFullAttention),
+        Just(CacheKind::SlidingWindow),
+        Just(CacheKind::Other),
+    ]
 }
 
 fn batch() -> impl Strategy<Value = EventBatch> {
@@ -190,6 +208,7 @@ fn removed(hash: u64, medium: Medium) -> Event {
     Event::BlockRemoved(BlockRemoved {
         block_hashes: vec![hash],
         medium,
+        group_idx: None,
     })
 }
 

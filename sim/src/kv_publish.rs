@@ -355,6 +355,7 @@ fn push_stored(
         lora_id: None,
         lora_name: lora,
         medium,
+        group: None,
     }));
 }
 
@@ -369,6 +370,7 @@ fn push_removed(events: &mut Vec<Event>, medium: Medium, hash: u64) {
     events.push(Event::BlockRemoved(BlockRemoved {
         block_hashes: vec![hash],
         medium,
+        group_idx: None,
     }));
 }
 

@@ -105,7 +105,8 @@ PARENT_DIGEST = bytes(range(100, 132))
 
 def fixtures(s: dict[str, type]) -> dict[str, Any]:
     """Two batches: `rich` exercises every form vLLM can send; `canonical` holds only what
-    Switchyard's encoder writes (ints, upper-case media, no newer fields), so its bytes can be
+    Switchyard's encoder writes (ints, upper-case media, of the newer fields only the KV-cache
+    group), so its bytes can be
     compared with the Rust encoder's."""
     stored, removed, cleared = s["BlockStored"], s["BlockRemoved"], s["AllBlocksCleared"]
     rich = s["KVEventBatch"](
@@ -161,6 +162,8 @@ def fixtures(s: dict[str, type]) -> dict[str, Any]:
                 lora_id=None,
                 medium="GPU",
                 lora_name=None,
+                group_idx=0,
+                kv_cache_spec_kind="full_attention",
             ),
             stored(
                 block_hashes=[3],
@@ -172,6 +175,8 @@ def fixtures(s: dict[str, type]) -> dict[str, Any]:
                 lora_name="adapter-a",
             ),
             removed(block_hashes=[1, 3], medium="GPU"),
+            # A hybrid model's sliding-window group (vLLM's group_idx).
+            removed(block_hashes=[3], medium="GPU", group_idx=1),
             cleared(),
         ],
         data_parallel_rank=1,
@@ -202,6 +207,8 @@ def neutral(batch: Any) -> dict[str, Any]:
                     "lora_id": e.lora_id,
                     "lora_name": e.lora_name,
                     "medium": (e.medium or "GPU").upper(),
+                    "group_idx": e.group_idx,
+                    "kv_cache_spec_kind": e.kv_cache_spec_kind if e.group_idx is not None else None,
                 }
             )
         elif kind == "BlockRemoved":
@@ -210,6 +217,7 @@ def neutral(batch: Any) -> dict[str, Any]:
                     "type": kind,
                     "block_hashes": [fold(h) for h in e.block_hashes],
                     "medium": (e.medium or "GPU").upper(),
+                    "group_idx": e.group_idx,
                 }
             )
         else:

@@ -7,6 +7,7 @@
 //! behind one lock, and per endpoint the state of its event stream, which decides whether the
 //! precise scorer trusts the index for that endpoint or falls back to the approximate one.
 
+pub mod groups;
 pub mod index;
 mod key_table;
 pub mod keys;
@@ -410,6 +411,7 @@ mod tests {
                 lora_id: None,
                 lora_name: None,
                 medium: Medium::Gpu,
+                group: None,
             })],
             data_parallel_rank: None,
         }

@@ -162,6 +162,7 @@ fn message(seq: u64, content: u32) -> KvMessage {
                 lora_id: None,
                 lora_name: None,
                 medium: Medium::Gpu,
+                group: None,
             })],
             data_parallel_rank: None,
         },
@@ -646,6 +647,7 @@ async fn events_the_decoder_left_out_are_counted_and_clear_nothing() {
         .push(Event::BlockRemoved(kv_events::BlockRemoved {
             block_hashes: vec![10],
             medium: Medium::Disk,
+            group_idx: None,
         }));
     let mut payload = kv_events::Encoder::new(kv_events::Encoding::Array)
         .encode(&batch)
@@ -693,6 +695,178 @@ async fn events_the_decoder_left_out_are_counted_and_clear_nothing() {
     // A departed endpoint's series go, these reasons' too.
     metrics.forget(&pod(1));
     assert_eq!(dropped("unknown_type"), None);
+
+    token.cancel();
+    manager.await.unwrap();
+}
+
+/// `message(seq, content)` as a hybrid model's engine sends it: the blocks stored in its
+/// full-attention group 0 and its sliding-window group 1.
+fn hybrid_message(seq: u64, content: u32) -> KvMessage {
+    let mut msg = message(seq, content);
+    let Event::BlockStored(full) = &mut msg.batch.events[0] else {
+        unreachable!()
+    };
+    full.group = Some(kv_events::CacheGroup {
+        index: 0,
+        kind: Some(kv_events::CacheKind::FullAttention),
+    });
+    let mut window = full.clone();
+    window.group = Some(kv_events::CacheGroup {
+        index: 1,
+        kind: Some(kv_events::CacheKind::SlidingWindow),
+    });
+    msg.batch.events.push(Event::BlockStored(window));
+    msg
+}
+
+/// A hybrid model's sliding window evicts blocks its full attention keeps: the prompt is still
+/// found cached; the full-attention group's own eviction removes it. The other group's events
+/// are counted as left out.
+#[tokio::test(start_paused = true)]
+async fn a_sliding_windows_evictions_leave_the_full_attention_blocks() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let metrics = Arc::new(KvEventMetrics::default());
+    let token = CancellationToken::new();
+    let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
+    wire.polled.recv().await.unwrap();
+    wire.send(hybrid_message(0, 1)).await;
+    assert_eq!(held(&index, e1, 1), 2);
+
+    let evicted = |seq, group_idx| KvMessage {
+        batch: EventBatch {
+            ts: 0.0,
+            events: vec![Event::BlockRemoved(kv_events::BlockRemoved {
+                block_hashes: vec![10, 11],
+                medium: Medium::Gpu,
+                group_idx: Some(group_idx),
+            })],
+            data_parallel_rank: None,
+        },
+        ..message(seq, 1)
+    };
+    wire.send(evicted(1, 1)).await;
+    assert_eq!(
+        held(&index, e1, 1),
+        2,
+        "the window's eviction removes nothing"
+    );
+    let other_group = || {
+        metrics
+            .dropped
+            .get(&DropLabels {
+                name: "pool".into(),
+                model_server_pod: "pod-1".into(),
+                reason: "other_group",
+            })
+            .map(|c| c.get())
+    };
+    assert_eq!(
+        other_group(),
+        Some(2),
+        "the window's store and its eviction"
+    );
+    wire.send(evicted(2, 0)).await;
+    assert_eq!(
+        held(&index, e1, 1),
+        0,
+        "full attention's eviction removes it"
+    );
+    metrics.forget(&pod(1));
+    assert_eq!(other_group(), None);
+
+    token.cancel();
+    manager.await.unwrap();
+}
+
+/// A topic that names no model (`kv@<pod>` without `@<model>`) feeds nothing: its batches are
+/// dropped as `bad_topic` and the stream is not taken for live (the precise scorer would
+/// otherwise score the endpoint from an index nothing fills).
+#[tokio::test(start_paused = true)]
+async fn a_topic_naming_no_model_does_not_make_the_stream_live() {
+    let connector = Arc::new(FakeConnector::default());
+    let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let metrics = Arc::new(KvEventMetrics::default());
+    let token = CancellationToken::new();
+    let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
+    wire.polled.recv().await.unwrap();
+    for seq in 0..3 {
+        wire.send(KvMessage {
+            topic: "kv@127.0.0.1:8000".into(),
+            ..message(seq, 1)
+        })
+        .await;
+    }
+    assert_eq!(index.stream(e1), StreamState::Unknown);
+    assert_eq!(held(&index, e1, 1), 0);
+    let bad_topic = metrics
+        .dropped
+        .get(&DropLabels {
+            name: "pool".into(),
+            model_server_pod: "pod-1".into(),
+            reason: "bad_topic",
+        })
+        .map(|c| c.get());
+    assert_eq!(bad_topic, Some(3));
+    // A topic that names its model: live, and read.
+    wire.send(message(3, 1)).await;
+    assert_eq!(index.stream(e1), StreamState::Live);
+    assert_eq!(held(&index, e1, 1), 2);
+
+    token.cancel();
+    manager.await.unwrap();
+}
+
+/// A bound socket that cannot listen is counted (`bind`, under `unknown`) on every retry,
+/// and listens once it can.
+#[tokio::test(start_paused = true)]
+async fn a_bound_socket_that_cannot_listen_is_counted_and_retried() {
+    let connector = Arc::new(FakeConnector::default());
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let metrics = Arc::new(KvEventMetrics::default());
+    let token = CancellationToken::new();
+    let manager = tokio::spawn(run(
+        connector.clone(),
+        datastore.clone(),
+        index.clone(),
+        metrics.clone(),
+        KvEventsSettings {
+            bind_endpoint: Some("tcp://*:5557".into()),
+            per_endpoint: false,
+            ..KvEventsSettings::default()
+        },
+        token.clone(),
+    ));
+    let binds = || {
+        metrics
+            .dropped
+            .get(&DropLabels {
+                name: "pool".into(),
+                model_server_pod: "unknown".into(),
+                reason: "bind",
+            })
+            .map_or(0, |c| c.get())
+    };
+    until("a failed bind is counted", || binds() == 1).await;
+    tokio::time::advance(RECONNECT_INTERVAL).await;
+    until("and counted again on its retry", || binds() == 2).await;
+
+    // The port is free now: the next retry listens and reads.
+    let mut wire = plug(&connector, "tcp://*:5557", vec![]);
+    tokio::time::advance(RECONNECT_INTERVAL).await;
+    wire.polled.recv().await.unwrap();
+    wire.send(message(0, 1)).await;
+    assert_eq!(held(&index, e1, 1), 2);
+    assert_eq!(binds(), 2);
 
     token.cancel();
     manager.await.unwrap();

@@ -115,6 +115,7 @@ async fn the_engines_event_replaces_a_peers_entry() {
             lora_id: None,
             lora_name: None,
             medium: Medium::Gpu,
+            group: None,
         })],
         data_parallel_rank: None,
     };

@@ -9,6 +9,7 @@ fn stored(hashes: &[u64], parent: Option<u64>, block_size: u32) -> BlockStored {
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
+        group: None,
     }
 }
 
@@ -26,6 +27,7 @@ fn sample() -> EventBatch {
             Event::BlockRemoved(BlockRemoved {
                 block_hashes: vec![7, 9],
                 medium: Medium::Gpu,
+                group_idx: None,
             }),
             Event::AllBlocksCleared,
         ],
@@ -90,6 +92,7 @@ fn the_array_encoding_is_msgspecs_bytes() {
             Event::BlockRemoved(BlockRemoved {
                 block_hashes: vec![1, u64::MAX],
                 medium: Medium::Gpu,
+                group_idx: None,
             }),
         ],
         data_parallel_rank: Some(0),
@@ -156,16 +159,17 @@ fn old_arrays_without_the_optional_fields_decode() {
             }),
             Event::BlockRemoved(BlockRemoved {
                 block_hashes: vec![5],
-                medium: Medium::Gpu
+                medium: Medium::Gpu,
+                group_idx: None,
             }),
         ]
     );
 }
 
 #[test]
-fn newer_fields_are_skipped_in_both_encodings() {
+fn newer_fields_are_read_or_skipped_in_both_encodings() {
     // Array: lora_id, medium "cpu" (any case), lora_name, then extra_keys [[...], nil],
-    // group_idx 0, kv_cache_spec_kind, and a future field.
+    // group_idx 0, kv_cache_spec_kind (both read), and a future field (skipped).
     let payload = W::default()
         .arr(3)
         .f(2.0)
@@ -201,8 +205,16 @@ fn newer_fields_are_skipped_in_both_encodings() {
     assert_eq!(b.medium, Medium::Cpu);
     assert_eq!(b.parent_block_hash, Some(4));
     assert!(b.token_ids.is_empty());
+    assert_eq!(
+        b.group,
+        Some(CacheGroup {
+            index: 0,
+            kind: Some(CacheKind::FullAttention)
+        })
+    );
 
-    // Map: keys in any order, the tag last, unknown keys (group_idx, locality, extra_keys).
+    // Map: keys in any order, the tag last, group_idx read, unknown keys (locality, extra_keys)
+    // skipped.
     let payload = W::default()
         .arr(3)
         .f(2.0)
@@ -231,7 +243,8 @@ fn newer_fields_are_skipped_in_both_encodings() {
         batch.events,
         vec![Event::BlockRemoved(BlockRemoved {
             block_hashes: vec![9],
-            medium: Medium::Gpu
+            medium: Medium::Gpu,
+            group_idx: Some(0),
         })]
     );
 }
@@ -281,7 +294,8 @@ fn hashes_fold_from_every_form() {
         batch.events,
         vec![Event::BlockRemoved(BlockRemoved {
             block_hashes: vec![0x0102_0304_0506_0708, 0xabcd, (-2i64) as u64, u64::MAX, 256],
-            medium: Medium::Gpu
+            medium: Medium::Gpu,
+            group_idx: None,
         })]
     );
 }

@@ -868,6 +868,7 @@ mod topic_tests {
             events: vec![Event::BlockRemoved(BlockRemoved {
                 block_hashes: vec![seq],
                 medium: Medium::Gpu,
+                group_idx: None,
             })],
             data_parallel_rank: None,
         };

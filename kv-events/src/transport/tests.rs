@@ -22,6 +22,7 @@ fn batch(n: u64) -> EventBatch {
         events: vec![Event::BlockRemoved(BlockRemoved {
             block_hashes: vec![n],
             medium: Medium::Gpu,
+            group_idx: None,
         })],
         data_parallel_rank: Some(0),
     }
@@ -508,6 +509,7 @@ fn a_batch_is_charged_its_decoded_vectors() {
             lora_id: None,
             lora_name: None,
             medium: crate::Medium::Gpu,
+            group: None,
         })],
         data_parallel_rank: None,
     };

@@ -108,11 +108,14 @@ pub fn neutral(batch: &EventBatch) -> Value {
                 "lora_id": b.lora_id,
                 "lora_name": b.lora_name,
                 "medium": b.medium.as_str(),
+                "group_idx": b.group.map(|g| g.index),
+                "kv_cache_spec_kind": b.group.and_then(|g| g.kind).map(|k| k.as_str()),
             }),
             Event::BlockRemoved(b) => json!({
                 "type": "BlockRemoved",
                 "block_hashes": b.block_hashes,
                 "medium": b.medium.as_str(),
+                "group_idx": b.group_idx,
             }),
             Event::AllBlocksCleared => json!({"type": "AllBlocksCleared"}),
         })

@@ -47,6 +47,7 @@ fn stored(seq: u32, blocks: std::ops::Range<u32>, medium: Medium) -> Event {
         lora_id: None,
         lora_name: None,
         medium,
+        group: None,
     })
 }
 
@@ -54,6 +55,7 @@ fn removed(seq: u32, blocks: std::ops::Range<u32>, medium: Medium) -> Event {
     Event::BlockRemoved(BlockRemoved {
         block_hashes: blocks.map(|b| engine_hash(seq, b)).collect(),
         medium,
+        group_idx: None,
     })
 }
 
@@ -107,6 +109,7 @@ fn copied(seq: u32, blocks: std::ops::Range<u32>, medium: Medium) -> Event {
         lora_id: None,
         lora_name: None,
         medium,
+        group: None,
     })
 }
 
@@ -382,6 +385,7 @@ fn a_hostile_batch_is_capped_before_it_is_hashed() {
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
+        group: None,
     });
     let mut idx = index(IndexLimits::default());
     let applied = idx.apply(
@@ -408,6 +412,7 @@ fn a_hostile_batch_is_capped_before_it_is_hashed() {
             lora_id: None,
             lora_name: None,
             medium: Medium::Gpu,
+            group: None,
         })
     };
     let per_event = MAX_BATCH_STORED_BLOCKS / 64;
@@ -455,6 +460,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
+        group: None,
     });
     let out = idx.apply(
         ep(0),
@@ -491,6 +497,7 @@ fn removals_go_by_engine_hash_and_medium() {
         lora_id: None,
         lora_name: None,
         medium: Medium::Cpu,
+        group: None,
     });
     assert_eq!(idx.apply(ep(0), MODEL, &batch(vec![cpu]), now).blocks, 4);
     // Endpoint 0 evicts block 2 from the GPU: it still has it in CPU memory.
@@ -807,6 +814,7 @@ fn engine_blocks_larger_than_index_blocks_map_to_several_keys() {
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
+        group: None,
     });
     let next = Event::BlockStored(BlockStored {
         block_hashes: vec![300],
@@ -816,6 +824,7 @@ fn engine_blocks_larger_than_index_blocks_map_to_several_keys() {
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
+        group: None,
     });
     idx.apply(ep(0), MODEL, &batch(vec![first, next]), now);
     assert_eq!(blocks(&lookup(&idx, &request(1, 6), &[0]), 0), 6);
@@ -826,6 +835,7 @@ fn engine_blocks_larger_than_index_blocks_map_to_several_keys() {
         &batch(vec![Event::BlockRemoved(BlockRemoved {
             block_hashes: vec![200],
             medium: Medium::Gpu,
+            group_idx: None,
         })]),
         now,
     );
@@ -1096,6 +1106,7 @@ fn a_long_prefill_is_applied_in_bounded_slices() {
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
+        group: None,
     })]);
     let now = Instant::now();
 
@@ -1248,6 +1259,7 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
         Event::BlockRemoved(BlockRemoved {
             block_hashes: vec![7; repeats],
             medium: Medium::Cpu,
+            group_idx: None,
         }),
     ] {
         let b = batch(vec![ev]);
@@ -1292,6 +1304,7 @@ fn root_store(hashes: Vec<u64>, tokens: Vec<u32>, block_size: u32, medium: Mediu
         lora_id: None,
         lora_name: None,
         medium,
+        group: None,
     })
 }
 

@@ -791,6 +791,7 @@ mod salt_tests {
                 lora_id: None,
                 lora_name: None,
                 medium: Medium::Gpu,
+                group: None,
             })],
             data_parallel_rank: None,
         };

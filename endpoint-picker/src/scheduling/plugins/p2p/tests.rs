@@ -62,6 +62,7 @@ fn stored(seq: u32, blocks: u32, medium: Medium) -> EventBatch {
             lora_id: None,
             lora_name: None,
             medium,
+            group: None,
         })],
         data_parallel_rank: None,
     }

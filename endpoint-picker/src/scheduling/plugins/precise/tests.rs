@@ -162,6 +162,7 @@ fn stored(seq: u32, blocks: u32) -> EventBatch {
             lora_id: None,
             lora_name: None,
             medium: Medium::Gpu,
+            group: None,
         })],
         data_parallel_rank: None,
     }
