@@ -277,8 +277,8 @@ fn invalid(error: prost::DecodeError) -> Status {
 /// Decodes one `ProcessingRequest`, its body (if any) as a zero-copy slice of `bytes`. The
 /// result is what prost decodes from `bytes` ([`Inbound::into_message`] gives it back), and
 /// fails when prost fails (`InvalidArgument`) and, before prost reads it, when the message holds
-/// more than [`MAX_ENTRIES`] headers and map or list entries (`ResourceExhausted`: see
-/// [`entries`]).
+/// more than [`MAX_ENTRIES`] headers and map or list entries (`ResourceExhausted`: prost would
+/// allocate tens of times the message for them).
 pub fn decode_request(bytes: Bytes) -> Result<Inbound, Status> {
     if entries::over_the_cap(&bytes) {
         return Err(Status::resource_exhausted(format!(
