@@ -100,6 +100,14 @@ pub const MAX_CONNECTIONS: usize = 4_096;
 /// show under the proxy's IP: more than 256 of them behind one need a second subscriber.
 pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 
+/// How long a message may take from its first frame's header to its last frame's end (and a
+/// command frame from its header to its end): past it the connection is cut, and what it held
+/// of the unfinished-bytes budget comes back. A batch crosses a pod network in milliseconds (the
+/// largest, 8 MiB, at 1 MB/s); a peer that trickles a large frame for ever would otherwise hold
+/// its share of [`MAX_UNFINISHED_BYTES`] for ever, and a few such peers all of it, cutting every
+/// honest engine's next frame as over the budget.
+pub const MAX_MESSAGE_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Bytes in unfinished messages that one guard's connections make zmq.rs hold together, at
 /// most: sixteen messages at [`MAX_MESSAGE_BYTES`], 128 MiB + 64 KiB (beside the subscribers'
 /// 256 MiB of queued batches and an index of some 1.8 GiB, within the EPP pod's 4 GiB). A
@@ -161,6 +169,9 @@ pub(crate) struct Limits {
     /// Bytes zmq.rs sent the peer that the guard holds, not yet written, at most: past it the
     /// peer is cut ([`MAX_PEER_BACKLOG_BYTES`]).
     pub(crate) backlog_bytes: usize,
+    /// How long an unfinished message (or a command frame) may hold its bytes
+    /// ([`MAX_MESSAGE_TIME`]).
+    pub(crate) message_time: std::time::Duration,
 }
 
 impl Limits {
@@ -193,6 +204,7 @@ impl Default for Limits {
             messages_per_connection: u64::MAX,
             write_stall: MAX_WRITE_STALL,
             backlog_bytes: MAX_PEER_BACKLOG_BYTES,
+            message_time: MAX_MESSAGE_TIME,
         }
     }
 }
@@ -843,23 +855,27 @@ where
     let mut message_bytes = 0u64;
     let mut messages = 0u64;
     let mut header = [0u8; 9];
+    // While bytes are held (a message under way), when it must be through.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let flags = match from.read_u8().await {
+        let flags = match within(deadline, from.read_u8()).await {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+            Err(Cut::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
         };
+        // A message's first frame, or a command between messages, starts the clock.
+        deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.message_time);
         if flags & !(MORE | LONG | COMMAND) != 0 {
             return Err(Cut::Rule("reserved frame flags"));
         }
         header[0] = flags;
         let (len, header_len) = if flags & LONG != 0 {
-            from.read_exact(&mut header[1..9]).await?;
+            within(deadline, from.read_exact(&mut header[1..9])).await?;
             let mut be = [0u8; 8];
             be.copy_from_slice(&header[1..9]);
             (u64::from_be_bytes(be), 9)
         } else {
-            header[1] = from.read_u8().await?;
+            header[1] = within(deadline, from.read_u8()).await?;
             (u64::from(header[1]), 2)
         };
         if len > limits.frame_bytes {
@@ -886,7 +902,7 @@ where
         // Charged before zmq.rs sees the header, as it reserves the whole frame then.
         lease.charge(len)?;
         to.write_all(&header[..header_len]).await?;
-        let copied = tokio::io::copy(&mut (&mut *from).take(len), to).await?;
+        let copied = within(deadline, tokio::io::copy(&mut (&mut *from).take(len), to)).await?;
         if copied != len {
             return Ok(()); // the peer closed inside a frame
         }
@@ -898,6 +914,25 @@ where
             frames_in_message = 0;
             message_bytes = 0;
         }
+        if frames_in_message == 0 {
+            // Nothing held: the next read may wait as long as the peer likes.
+            deadline = None;
+        }
+    }
+}
+
+/// `io` within `deadline` (when there is one): past it the connection is cut, as a message
+/// under way that did not finish in time ([`MAX_MESSAGE_TIME`]).
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, Cut> {
+    match deadline {
+        None => Ok(io.await?),
+        Some(at) => match tokio::time::timeout_at(at, io).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Cut::Rule("a message not finished in time")),
+        },
     }
 }
 
@@ -1178,6 +1213,7 @@ mod tests {
             messages_per_connection: u64::MAX,
             write_stall: MAX_WRITE_STALL,
             backlog_bytes: MAX_PEER_BACKLOG_BYTES,
+            message_time: MAX_MESSAGE_TIME,
         }
     }
 
@@ -1330,6 +1366,54 @@ mod tests {
         assert!(out.is_empty());
         // The peer's end was open the whole time: silence, not a close.
         silent.write_all(b"late").await.unwrap();
+    }
+
+    /// A peer that starts a message and trickles the rest (or never sends its last frame) is
+    /// cut `MAX_MESSAGE_TIME` after the message began, and gives back what it held; one that
+    /// finishes its messages may then stay silent as long as it likes.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_not_finished_in_time_is_cut_and_its_bytes_given_back() {
+        for stall_inside_frame in [true, false] {
+            let (mut peer, mut guard_side) = tokio::io::duplex(4 << 20);
+            let budget = Budget::new(Limits::default());
+            let mut lease = budget.admit(LOCAL).unwrap();
+            peer.write_all(&greeting()).await.unwrap();
+            let mut first = frame(MORE, 1 << 20);
+            if stall_inside_frame {
+                first.truncate(first.len() / 2);
+            }
+            peer.write_all(&first).await.unwrap();
+            let mut out = Vec::new();
+            let started = tokio::time::Instant::now();
+            let r = checked_copy(&mut guard_side, &mut out, &mut lease).await;
+            assert!(
+                matches!(r, Err(Cut::Rule("a message not finished in time"))),
+                "{stall_inside_frame}: {r:?}"
+            );
+            assert_eq!(started.elapsed(), MAX_MESSAGE_TIME);
+            assert_eq!(budget.state.lock().unfinished, 1 << 20, "held until cut");
+            drop(lease);
+            assert_eq!(budget.state.lock().unfinished, 0, "given back");
+        }
+
+        // Whole messages, then an hour of silence, then another: nothing is cut.
+        let (mut peer, mut guard_side) = tokio::io::duplex(1 << 20);
+        let budget = Budget::new(Limits::default());
+        let mut lease = budget.admit(LOCAL).unwrap();
+        let copying = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let r = checked_copy(&mut guard_side, &mut out, &mut lease).await;
+            (r, out.len())
+        });
+        peer.write_all(&greeting()).await.unwrap();
+        peer.write_all(&frame(MORE, 100)).await.unwrap();
+        peer.write_all(&frame(0, 100)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        peer.write_all(&frame(0, 100)).await.unwrap();
+        drop(peer);
+        let (r, passed) = copying.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(passed, GREETING_BYTES + 3 * (2 + 100));
     }
 
     #[tokio::test(start_paused = true)]
