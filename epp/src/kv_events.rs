@@ -357,8 +357,6 @@ pub struct SequenceTracker {
     groups: CacheGroups,
     /// A topic that names no model was warned about (once a stream).
     warned_bad_topic: bool,
-    /// The first batch heard was not the publisher's first (until the publisher restarts).
-    joined_midway: bool,
 }
 
 impl SequenceTracker {
@@ -428,12 +426,6 @@ pub async fn handle<S: KvEventSource>(
         return;
     };
     let model = model.to_owned();
-    // The stream's first batch is not the publisher's first: the engine ran before this
-    // subscriber heard it (an EPP restart, a subscriber started again, the slow start of a
-    // ZMQ subscription) and may hold blocks it announced before (`judge_orphans`).
-    if tracker.last.is_none() {
-        tracker.joined_midway = msg.seq != 0 && !msg.publisher_restarted;
-    }
     let check = if msg.publisher_restarted {
         tracker.restart(msg.seq)
     } else {
@@ -444,8 +436,6 @@ pub async fn handle<S: KvEventSource>(
         SeqCheck::InOrder => {}
         SeqCheck::Reset => {
             tracing::info!(endpoint = %pod.model_server_pod, seq = msg.seq, "kv events: sequence reset, clearing the endpoint");
-            // A restarted engine's cache starts empty, as its stream: heard from its start.
-            tracker.joined_midway = false;
             index.clear_endpoint_yielding(endpoint).await;
         }
         SeqCheck::Gap { from, missed } => {
@@ -462,8 +452,7 @@ pub async fn handle<S: KvEventSource>(
                         }
                         next += 1;
                         read_prefix_groups(metrics, pod, tracker, &mut m);
-                        let orphans = apply(index, metrics, pod, endpoint, &model, &m).await;
-                        judge_orphans(index, pod, endpoint, tracker, orphans);
+                        apply(index, metrics, pod, endpoint, &model, &m).await;
                     }
                     next == msg.seq
                 }
@@ -480,8 +469,7 @@ pub async fn handle<S: KvEventSource>(
         }
     }
     read_prefix_groups(metrics, pod, tracker, &mut msg);
-    let orphans = apply(index, metrics, pod, endpoint, &model, &msg).await;
-    judge_orphans(index, pod, endpoint, tracker, orphans);
+    apply(index, metrics, pod, endpoint, &model, &msg).await;
 }
 
 /// Leaves out of `msg` the events of cache groups the index does not read (a hybrid model's
@@ -505,14 +493,13 @@ async fn apply(
     endpoint: EndpointId,
     model: &str,
     msg: &KvMessage,
-) -> bool {
+) {
     let batch = &msg.batch;
     // Keys hashed off the lock, written in bounded slices, the worker's other tasks served
     // between two (`SharedKvIndex::apply_yielding`).
     let applied = index
         .apply_yielding(endpoint, model, batch, Instant::now())
         .await;
-
     // The size gauges move with every batch; refreshing them only on pool changes left them at
     // their start-up value.
     let (blocks, entries) = index.sizes();
@@ -524,34 +511,6 @@ async fn apply(
         .unwrap_or(0.0);
     metrics.record(pod, batch.events.len(), &applied, now - batch.ts);
     metrics.record_skipped(pod, &msg.skipped);
-    applied.dropped_for(Dropped::UnknownParent) > 0
-}
-
-/// `endpoint`'s stores chained from blocks the index lacks (`orphans`): prefixes its engine
-/// holds and announced before a gap, or before this stream was first heard midway, which it
-/// will never announce again (a hit is not re-announced). The index misses what the endpoint
-/// caches: it is scored from the approximate index until `GAP_FALLBACK` passes without such a
-/// store. A stream heard from its start that never lost a batch is not judged so: under a
-/// full index a parent may have been evicted by the index itself.
-fn judge_orphans(
-    index: &SharedKvIndex,
-    pod: &PodLabels,
-    endpoint: EndpointId,
-    tracker: &SequenceTracker,
-    orphans: bool,
-) {
-    if !orphans || index.orphans_in_gap(endpoint, Instant::now()) {
-        return;
-    }
-    if tracker.joined_midway && index.stream(endpoint) == StreamState::Live {
-        tracing::info!(endpoint = %pod.model_server_pod, "kv events: stores chain from blocks announced before this EPP heard the stream; scoring from the approximate index until they stop");
-        index.set_stream(
-            endpoint,
-            StreamState::Gap {
-                since: Instant::now(),
-            },
-        );
-    }
 }
 
 /// A batch arrived on `endpoint`'s stream: the stream is live, unless it is in a gap (which

@@ -222,6 +222,9 @@ static RESPONSE_SIZE_BUCKETS: &[f64] = &[
     8192.0,
     16384.0,
     32768.0,
+    // The reference's own edge (32778, sic, in its response-size buckets), kept so that a query
+    // written on it finds a series.
+    32778.0,
     65536.0,
     131072.0,
     262144.0,
@@ -453,8 +456,9 @@ pub struct EppMetrics {
     pub token_duration: Histogram,
     /// Pool name for the scrape error labels (set by the first pool refresh).
     pool_name: parking_lot::RwLock<String>,
-    /// The (pool, pod) pairs with `scrape_errors` series, so that a departed pod's series go
-    /// with it (a counter family cannot list its own labels). At most the pool's size.
+    /// The (pool, pod, reason) label sets of the `scrape_errors` series, so that a departed
+    /// pod's series go with it (a counter family cannot list its own labels). At most the
+    /// pool's size times the reasons.
     scrape_error_pods:
         parking_lot::Mutex<std::collections::BTreeSet<(String, String, &'static str)>>,
     /// The `scheduler_attempts` label sets naming a pod, so that a departed pod's series go

@@ -350,16 +350,8 @@ async fn oversized_body_gets_413() {
     assert!(text.contains("exceeds the limit of 1000 bytes"));
 }
 
-/// A body that stops coming (here after one chunk) gets 408 once `--request-body-timeout` has
-/// passed since its headers, and what it held is given back.
-/// A headers message of more entries than Envoy ever sends (prost would build 72 bytes for
-/// each two-byte empty header) ends its stream with `RESOURCE_EXHAUSTED` before it is decoded;
-/// the EPP routes the next stream on the same connection.
-#[tokio::test]
-async fn a_message_of_more_headers_than_envoy_sends_ends_its_stream() {
-    let epp = start_epp(three(), EppOptions::default()).await;
-    let channel = connect(epp.grpc).await;
-    let mut s = Stream::on(channel.clone()).await;
+/// A headers message of more entries than Envoy ever sends.
+fn too_many_headers() -> ext_proc::envoy::ext_proc::ProcessingRequest {
     let mut flood = req_headers(CHAT_HEADERS, true, None);
     if let Some(ext_proc::envoy::ext_proc::processing_request::Request::RequestHeaders(h)) =
         &mut flood.request
@@ -370,7 +362,18 @@ async fn a_message_of_more_headers_than_envoy_sends_ends_its_stream() {
             ext_proc::codec::MAX_ENTRIES,
         ));
     }
-    s.send(flood).await;
+    flood
+}
+
+/// A headers message of more entries than Envoy ever sends (prost would build 72 bytes for
+/// each two-byte empty header) ends its stream with `RESOURCE_EXHAUSTED` before it is decoded;
+/// the EPP routes the next stream on the same connection.
+#[tokio::test]
+async fn a_message_of_more_headers_than_envoy_sends_ends_its_stream() {
+    let epp = start_epp(three(), EppOptions::default()).await;
+    let channel = connect(epp.grpc).await;
+    let mut s = Stream::on(channel.clone()).await;
+    s.send(too_many_headers()).await;
     let status = tokio::time::timeout(TIMEOUT, s.rx.message())
         .await
         .expect("an answer in time")
@@ -388,6 +391,8 @@ async fn a_message_of_more_headers_than_envoy_sends_ends_its_stream() {
     assert!(a.destination().starts_with("127.0.0.1"));
 }
 
+/// A body that stops coming (here after one chunk) gets 408 once `--request-body-timeout` has
+/// passed since its headers, and what it held is given back.
 #[tokio::test]
 async fn a_body_that_stops_coming_gets_408() {
     let budget = std::sync::Arc::new(ext_proc::body_budget::BodyBudget::new(1 << 20));
@@ -1062,6 +1067,20 @@ async fn a_queued_stream_holds_trailers_but_not_megabytes() {
         .await
         .expect("the stream ends");
     assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    queued(1).await;
+    // A message of more headers than Envoy sends while waiting: the stream ends with the
+    // refusal's status, and leaves the queue.
+    let mut flooding = open_queued().await;
+    flooding.send(req_body(b"", true)).await;
+    queued(2).await;
+    flooding.send(too_many_headers()).await;
+    let ended = tokio::time::timeout(TIMEOUT, flooding.rx.message())
+        .await
+        .expect("the stream ends");
+    assert_eq!(
+        ended.expect_err("with a status").code(),
+        tonic::Code::ResourceExhausted
+    );
     queued(1).await;
     // An endpoint arrives: the patient request is routed, then its trailers are answered.
     epp.handles.datastore.apply(pool(vec![endpoint(11, 8000)]));

@@ -92,6 +92,12 @@ impl Processor for ExtProcService {
                                 held_bytes += size;
                                 held.push_back(message);
                             }
+                            // A refused message ends the stream with its status here too.
+                            Err(status) if crate::codec::refuses_the_message(&status) => {
+                                open.outcome = StreamOutcome::Error;
+                                yield Err(status);
+                                break;
+                            }
                             _ => break,
                         },
                     }

@@ -29,7 +29,7 @@ use endpoint_picker::datastore::{
     Datastore, EndpointId, EndpointSpec, EngineMetrics, PoolSpec, Readiness,
 };
 use endpoint_picker::director::Director;
-use endpoint_picker::kv_index::{Dropped, SharedKvIndex, StreamState};
+use endpoint_picker::kv_index::{SharedKvIndex, StreamState};
 use endpoint_picker::request::{Api, InferenceRequest};
 use endpoint_picker::scrape::engine::EngineMapping;
 use endpoint_picker::tokens::Backend;
@@ -104,8 +104,7 @@ pub const MAX_EPPS: usize = 16;
 /// the way (a ZMQ subscriber past its high-water mark), drawn from the replay's seed. The EPP
 /// sees a loss as a sequence gap at the engine's next batch and, without a replay socket,
 /// answers it as in production: it clears the endpoint's entries and scores that endpoint from
-/// the approximate index until `kv_index::GAP_FALLBACK` (30 s) has passed without a store
-/// chained from a block the gap took.
+/// the approximate index for `kv_index::GAP_FALLBACK` (30 s).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct KvEventFeed {
     /// From the end of the engine step that made a batch to the EPP applying it.
@@ -1172,11 +1171,6 @@ fn feed_kv_events(pool: &Pool, replica: usize, mut rx: broadcast::Receiver<KvEve
                         index.gap(id, now);
                     }
                     let applied = index.apply(id, &model, &batch, now);
-                    // As the EPP's subscriber: stores chained from what the gap took keep
-                    // the endpoint on the approximate index.
-                    if applied.dropped_for(Dropped::UnknownParent) > 0 {
-                        index.orphans_in_gap(id, now);
-                    }
                     if i == 0 {
                         c.applied += u64::from(applied.applied);
                         c.unusable += u64::from(applied.dropped_total());

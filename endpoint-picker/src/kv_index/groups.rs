@@ -5,12 +5,14 @@
 //! same block hashes, with `group_idx` (and `kv_cache_spec_kind` in its stores). A prompt finds
 //! its prefix cached only where the full-attention blocks are: a sliding window's evictions say
 //! nothing about them. So, as llm-d's indexer does, the index takes the stores of the groups
-//! that keep every token of a prefix ([`CacheKind::keeps_prefixes`]) and of engines that name no
-//! group, and the removals of those groups only; a store naming a group without its kind is not
-//! taken (nothing tells which group it is). A removal's group has no kind on the wire: it is
-//! known from the stores seen before on the same stream.
+//! that keep every token of a prefix ([`kv_events::CacheKind::keeps_prefixes`]) and of engines that name no
+//! group, and the removals of those groups only. A store naming a group without its kind (a
+//! vLLM release sent `group_idx` before `kv_cache_spec_kind`) is taken for group 0 only: a model
+//! with one cache has only that group (llm-d's indexer drops them all, and with them every
+//! store of such an engine). A removal's group has no kind on the wire: it is known from the
+//! stores seen before on the same stream.
 
-use kv_events::{CacheKind, Event};
+use kv_events::Event;
 
 /// What a stream's stores said about its groups: which of the first 64 keep prefixes.
 /// Group numbers past 63 (no model has a tenth of that) are not tracked: their stores and
@@ -30,9 +32,15 @@ impl CacheGroups {
             Event::BlockStored(stored) => match stored.group {
                 None => true,
                 Some(group) => {
-                    let keeps = group.kind.is_some_and(CacheKind::keeps_prefixes);
+                    // Without its kind (vLLM sent `group_idx` a release before the kind), the
+                    // first group is taken for the one that keeps prefixes: a model with one
+                    // cache has only it, and so every model vLLM then published groups for.
+                    let keeps = match group.kind {
+                        Some(kind) => kind.keeps_prefixes(),
+                        None => group.index == 0,
+                    };
                     if let Some(bit) = Self::bit(group.index)
-                        && group.kind.is_some()
+                        && (group.kind.is_some() || keeps)
                     {
                         if keeps {
                             self.keeps_prefixes |= bit;
@@ -60,7 +68,7 @@ impl CacheGroups {
 
 #[cfg(test)]
 mod tests {
-    use kv_events::{BlockRemoved, BlockStored, CacheGroup, Medium};
+    use kv_events::{BlockRemoved, BlockStored, CacheGroup, CacheKind, Medium};
 
     use super::*;
 
@@ -83,6 +91,16 @@ mod tests {
             medium: Medium::Gpu,
             group_idx,
         })
+    }
+
+    /// An engine that sends `group_idx` without its kind: group 0 is read, stores and
+    /// removals, as the one cache of a model that has one.
+    #[test]
+    fn the_first_group_without_a_kind_is_read() {
+        let mut groups = CacheGroups::default();
+        let mut events = vec![stored(1, Some((0, None))), removed(1, Some(0))];
+        assert_eq!(groups.retain_prefix_groups(&mut events), 0);
+        assert_eq!(events.len(), 2);
     }
 
     /// A hybrid model's batch: the full-attention group's stores and removals are kept, the
@@ -119,22 +137,23 @@ mod tests {
         assert_eq!(groups.retain_prefix_groups(&mut events), 0);
     }
 
-    /// A group without a kind, an unknown kind, a negative or far group, and a removal of a
-    /// group never seen stored are all left out.
+    /// A group other than the first without a kind, an unknown kind, a negative or far group,
+    /// and a removal of a group never seen stored are all left out.
     #[test]
     fn groups_that_cannot_be_told_are_left_out() {
         let mut groups = CacheGroups::default();
         let mut events = vec![
-            stored(1, Some((0, None))),
+            stored(1, Some((1, None))),
             stored(1, Some((4, Some(CacheKind::Other)))),
             stored(1, Some((-1, Some(CacheKind::FullAttention)))),
             removed(1, Some(0)),
+            removed(1, Some(1)),
             removed(1, Some(4)),
             removed(1, Some(-1)),
             removed(1, Some(64)),
             removed(1, Some(i64::MAX)),
         ];
-        assert_eq!(groups.retain_prefix_groups(&mut events), 8);
+        assert_eq!(groups.retain_prefix_groups(&mut events), 9);
         assert!(events.is_empty());
         // Past 63 neither stores nor removals are read: removals could not be followed.
         let mut events = vec![

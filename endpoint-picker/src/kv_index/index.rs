@@ -225,14 +225,6 @@ impl Applied {
         self.dropped.iter().sum()
     }
 
-    /// Events dropped for `reason`.
-    pub fn dropped_for(&self, reason: Dropped) -> u32 {
-        Dropped::ALL
-            .iter()
-            .position(|&r| r == reason)
-            .map_or(0, |i| self.dropped[i])
-    }
-
     fn drop(&mut self, reason: Dropped) {
         if let Some(i) = Dropped::ALL.iter().position(|&r| r == reason) {
             self.dropped[i] += 1;

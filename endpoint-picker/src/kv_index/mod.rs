@@ -32,12 +32,9 @@ pub use keys::{HashAlgorithm, KeyHasher};
 use crate::datastore::EndpointId;
 use kv_events::EventBatch;
 
-/// How long after a sequence gap that replay could not fill (or a stream joined midway) an
-/// endpoint is scored from the approximate index, counted from the last store the index had
-/// to drop for its unknown parent: an engine never announces again a prefix it still holds
-/// (a hit is not re-announced), so while its new blocks chain from blocks the index lacks, the
-/// index misses what the endpoint caches (the EPP's subscriber, `epp::kv_events`, moves the
-/// gap on).
+/// How long after a sequence gap that replay could not fill an endpoint is scored from the
+/// approximate index. The gap cleared its entries; by then its events have re-announced what
+/// it caches recently (the blocks older than that are the first its engine evicts anyway).
 pub const GAP_FALLBACK: Duration = Duration::from_secs(30);
 
 /// Units of work (keys stored, hashes mapped, removed or looked up) one hold of the index's
@@ -290,20 +287,6 @@ impl SharedKvIndex {
             streams.resize(i + 1, StreamState::Unknown);
         }
         streams[i] = state;
-    }
-
-    /// `endpoint`'s stores chained from blocks the index lacks: a stream in a gap is not whole
-    /// yet (its engine holds prefixes announced before the gap, never announced again), so its
-    /// [`GAP_FALLBACK`] starts again at `now`. Whether it was in a gap.
-    pub fn orphans_in_gap(&self, endpoint: EndpointId, now: Instant) -> bool {
-        let mut streams = self.streams.write();
-        match streams.get_mut(endpoint.0 as usize) {
-            Some(state @ StreamState::Gap { .. }) => {
-                *state = StreamState::Gap { since: now };
-                true
-            }
-            _ => false,
-        }
     }
 
     /// A gap replay could not fill: the endpoint is scored from the approximate index for

@@ -103,8 +103,16 @@ fn walk(mut buf: &[u8], message: Message, depth: u32, count: &mut usize) {
                 Ok(Ok(len)) => len,
                 _ => return,
             },
+            // A group: prost skips one on a field it does not know and reads on after it (on a
+            // known field it refuses the message), so the walk does too: what follows counts.
+            3 => {
+                if skip_group(&mut buf, key >> 3, depth).is_none() {
+                    return;
+                }
+                continue;
+            }
             5 => 4,
-            // Groups (3, 4) and invalid wire types: prost refuses them in these messages.
+            // An end of group with no group open, invalid wire types: prost refuses them.
             _ => return,
         };
         let Some((payload, rest)) = buf.split_at_checked(skip) else {
@@ -122,6 +130,32 @@ fn walk(mut buf: &[u8], message: Message, depth: u32, count: &mut usize) {
             && depth < DEPTH_LIMIT
         {
             walk(payload, inner, depth + 1, count);
+        }
+    }
+}
+
+/// Moves `buf` past the group of field `number` whose start it has just read, as prost skips
+/// one: fields up to the matching end, groups inside it skipped alike. `None` for framing prost
+/// refuses (an end of another field, a group deeper than prost's recursion limit).
+fn skip_group(buf: &mut &[u8], number: u64, depth: u32) -> Option<()> {
+    if depth >= DEPTH_LIMIT {
+        return None;
+    }
+    loop {
+        let key = decode_varint(buf).ok()?;
+        match key & 7 {
+            0 => {
+                decode_varint(buf).ok()?;
+            }
+            1 => *buf = buf.get(8..)?,
+            2 => {
+                let len = usize::try_from(decode_varint(buf).ok()?).ok()?;
+                *buf = buf.get(len..)?;
+            }
+            3 => skip_group(buf, key >> 3, depth + 1)?,
+            4 => return (key >> 3 == number).then_some(()),
+            5 => *buf = buf.get(4..)?,
+            _ => return None,
         }
     }
 }
@@ -249,6 +283,53 @@ mod tests {
         assert!(over_the_cap(&message(MAX_ENTRIES + 1)));
         // Small messages are not walked: no message under the size can be over.
         assert!(message(MAX_ENTRIES + 1).len() >= SMALLEST_OVER_THE_CAP);
+    }
+
+    /// A group on a field prost does not know is skipped as prost skips it, and the entries
+    /// after it still count: a group first must not hide a flood of headers behind it, at the
+    /// top level or inside a header map.
+    #[test]
+    fn entries_after_a_skipped_group_still_count() {
+        let headers = ProcessingRequest {
+            request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![HeaderValue::default(); MAX_ENTRIES + 1],
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        // Field 99, an empty group, and one holding a nested group and a varint.
+        let empty_group = [0x9b, 0x06, 0x9c, 0x06];
+        let nested = [0x9b, 0x06, 0xa3, 0x06, 0xa4, 0x06, 0x08, 0x01, 0x9c, 0x06];
+        for group in [&empty_group[..], &nested[..]] {
+            let mut bytes = group.to_vec();
+            bytes.extend_from_slice(&headers);
+            assert!(
+                ProcessingRequest::decode(&bytes[..]).is_ok(),
+                "prost reads past it"
+            );
+            assert!(over_the_cap(&bytes), "{group:02x?}");
+        }
+        // Inside the header map, before its entries.
+        let map: Vec<u8> = empty_group
+            .iter()
+            .copied()
+            .chain([0x0au8, 0x00].repeat(MAX_ENTRIES + 1))
+            .collect();
+        let mut http_headers = vec![0x0a];
+        prost::encoding::encode_varint(map.len() as u64, &mut http_headers);
+        http_headers.extend_from_slice(&map);
+        let mut bytes = vec![0x12];
+        prost::encoding::encode_varint(http_headers.len() as u64, &mut bytes);
+        bytes.extend_from_slice(&http_headers);
+        assert!(ProcessingRequest::decode(&bytes[..]).is_ok());
+        assert!(over_the_cap(&bytes));
+        // An end of group with no group open, or of another field: prost refuses, the walk stops.
+        assert!(ProcessingRequest::decode(&[0x9c, 0x06][..]).is_err());
+        assert!(ProcessingRequest::decode(&[0x9b, 0x06, 0xa4, 0x06][..]).is_err());
+        assert_eq!(count(&[0x9b, 0x06, 0xa4, 0x06]), 0);
     }
 
     /// Broken framing ends the count at that level, and a nesting deeper than prost reads is
