@@ -857,6 +857,7 @@ where
     let mut header = [0u8; 9];
     // While bytes are held (a message under way), when it must be through.
     let mut deadline: Option<tokio::time::Instant> = None;
+    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         let flags = match within(deadline, from.read_u8()).await {
             Ok(f) => f,
@@ -901,10 +902,16 @@ where
         }
         // Charged before zmq.rs sees the header, as it reserves the whole frame then.
         lease.charge(len)?;
-        to.write_all(&header[..header_len]).await?;
-        let copied = within(deadline, tokio::io::copy(&mut (&mut *from).take(len), to)).await?;
-        if copied != len {
-            return Ok(()); // the peer closed inside a frame
+        write_untimed(to, &header[..header_len], &mut deadline).await?;
+        let mut left = len;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+            let n = within(deadline, from.read(&mut chunk[..want])).await?;
+            if n == 0 {
+                return Ok(()); // the peer closed inside a frame
+            }
+            write_untimed(to, &chunk[..n], &mut deadline).await?;
+            left -= n as u64;
         }
         if command {
             // A command is handed over whole, apart from any message in progress.
@@ -919,6 +926,21 @@ where
             deadline = None;
         }
     }
+}
+
+/// Writes `bytes` to zmq.rs's side, the time it takes added to `deadline`: the peer's clock
+/// runs while it is the one to send, not while this process is slow to read.
+async fn write_untimed<W: AsyncWriteExt + Unpin>(
+    to: &mut W,
+    bytes: &[u8],
+    deadline: &mut Option<tokio::time::Instant>,
+) -> io::Result<()> {
+    let started = tokio::time::Instant::now();
+    to.write_all(bytes).await?;
+    if let Some(at) = deadline {
+        *at += started.elapsed();
+    }
+    Ok(())
 }
 
 /// `io` within `deadline` (when there is one): past it the connection is cut, as a message
@@ -1395,6 +1417,40 @@ mod tests {
             drop(lease);
             assert_eq!(budget.state.lock().unfinished, 0, "given back");
         }
+
+        // This side slow to read what the guard passes on (zmq.rs behind a busy process), and
+        // the peer, held back by it (TCP), sends its last frame a second after this side reads
+        // again: 31 s after the message began, 1 s of it the peer's. Not cut.
+        let (mut peer, mut guard_side) = tokio::io::duplex(1 << 20);
+        let (mut to_zmq, mut zmq) = tokio::io::duplex(256);
+        let budget = Budget::new(Limits::default());
+        let mut lease = budget.admit(LOCAL).unwrap();
+        let (resumed_tx, resumed) = tokio::sync::oneshot::channel::<()>();
+        peer.write_all(&greeting()).await.unwrap();
+        peer.write_all(&frame(MORE, 10_000)).await.unwrap();
+        let late_peer = tokio::spawn(async move {
+            resumed.await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            peer.write_all(&frame(0, 10_000)).await.unwrap();
+        });
+        let slow_reader = tokio::spawn(async move {
+            // The greeting and the message's first bytes, then a pause mid-message.
+            let mut first = vec![0u8; GREETING_BYTES + 1_000];
+            zmq.read_exact(&mut first).await.unwrap();
+            tokio::time::sleep(MAX_MESSAGE_TIME * 3).await;
+            resumed_tx.send(()).unwrap();
+            let mut rest = Vec::new();
+            zmq.read_to_end(&mut rest).await.unwrap();
+            first.len() + rest.len()
+        });
+        let r = checked_copy(&mut guard_side, &mut to_zmq, &mut lease).await;
+        assert!(r.is_ok(), "{r:?}");
+        drop(to_zmq);
+        late_peer.await.unwrap();
+        assert_eq!(
+            slow_reader.await.unwrap(),
+            GREETING_BYTES + 2 * (9 + 10_000)
+        );
 
         // Whole messages, then an hour of silence, then another: nothing is cut.
         let (mut peer, mut guard_side) = tokio::io::duplex(1 << 20);
