@@ -5,8 +5,8 @@
 //! same block hashes, with `group_idx` (and `kv_cache_spec_kind` in its stores). A prompt finds
 //! its prefix cached only where the full-attention blocks are: a sliding window's evictions say
 //! nothing about them. So, as llm-d's indexer does, the index takes the stores of the groups
-//! that keep every token of a prefix ([`kv_events::CacheKind::keeps_prefixes`]) and of engines that name no
-//! group, and the removals of those groups only. A store naming a group without its kind (a
+//! that keep every token of a prefix ([`kv_events::CacheKind::keeps_prefixes`]) and of
+//! engines that name no group, and the removals of those groups only. A store naming a group without its kind (a
 //! vLLM release sent `group_idx` before `kv_cache_spec_kind`) is taken for group 0 only: a model
 //! with one cache has only that group (llm-d's indexer drops them all, and with them every
 //! store of such an engine). A removal's group has no kind on the wire: it is known from the

@@ -857,7 +857,6 @@ where
     let mut header = [0u8; 9];
     // While bytes are held (a message under way), when it must be through.
     let mut deadline: Option<tokio::time::Instant> = None;
-    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         let flags = match within(deadline, from.read_u8()).await {
             Ok(f) => f,
@@ -904,6 +903,8 @@ where
         lease.charge(len)?;
         write_untimed(to, &header[..header_len], &mut deadline).await?;
         let mut left = len;
+        // A frame's own buffer, as `tokio::io::copy` had: an idle connection holds none.
+        let mut chunk = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX).min(8 * 1024)];
         while left > 0 {
             let want = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
             let n = within(deadline, from.read(&mut chunk[..want])).await?;
