@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, PoolSnapshot};
 use endpoint_picker::kv_index::groups::CacheGroups;
-use endpoint_picker::kv_index::{Applied, Dropped, SharedKvIndex, StreamState};
+use endpoint_picker::kv_index::{Applied, Dropped, GAP_FALLBACK, SharedKvIndex, StreamState};
 use endpoint_picker::scheduling::plugins::precise::KvEventsSettings;
 use kv_events::{EventBatch, Skipped};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -357,6 +357,9 @@ pub struct SequenceTracker {
     groups: CacheGroups,
     /// A topic that names no model was warned about (once a stream).
     warned_bad_topic: bool,
+    /// When a gap replay could not fill last cleared the endpoint (until the publisher
+    /// restarts).
+    gap_since: Option<Instant>,
 }
 
 impl SequenceTracker {
@@ -436,6 +439,8 @@ pub async fn handle<S: KvEventSource>(
         SeqCheck::InOrder => {}
         SeqCheck::Reset => {
             tracing::info!(endpoint = %pod.model_server_pod, seq = msg.seq, "kv events: sequence reset, clearing the endpoint");
+            // A restarted engine's cache starts as empty as its entries: nothing is missing.
+            tracker.gap_since = None;
             index.clear_endpoint_yielding(endpoint).await;
         }
         SeqCheck::Gap { from, missed } => {
@@ -464,9 +469,19 @@ pub async fn handle<S: KvEventSource>(
             if !filled {
                 tracing::warn!(endpoint = %pod.model_server_pod, from, missed, "kv events: gap not replayed, clearing the endpoint");
                 metrics.count_dropped(pod, "gap", missed);
-                index.gap_yielding(endpoint, Instant::now()).await;
+                let now = Instant::now();
+                tracker.gap_since = Some(now);
+                index.gap_yielding(endpoint, now).await;
             }
         }
+    }
+    // A gap's fallback outlives a lost connection: the entries it cleared did not come back
+    // with the connection (the batch that made the stream live again is no evidence of them).
+    if let Some(gap) = tracker.gap_since
+        && Instant::now().saturating_duration_since(gap) < GAP_FALLBACK
+        && index.stream(endpoint) == StreamState::Live
+    {
+        index.set_stream(endpoint, StreamState::Gap { since: gap });
     }
     read_prefix_groups(metrics, pod, tracker, &mut msg);
     apply(index, metrics, pod, endpoint, &model, &msg).await;

@@ -871,3 +871,51 @@ async fn a_bound_socket_that_cannot_listen_is_counted_and_retried() {
     token.cancel();
     manager.await.unwrap();
 }
+
+/// A gap replay could not fill clears the endpoint and scores it from the approximate index
+/// for `GAP_FALLBACK`; its connection closing and coming back meanwhile does not cut that short
+/// (the cleared entries did not come back with the connection), and a restarted publisher
+/// (whose cache starts empty, as its entries) does.
+#[tokio::test(start_paused = true)]
+async fn a_gaps_fallback_outlives_a_reconnection() {
+    use endpoint_picker::kv_index::GAP_FALLBACK;
+    let connector = Arc::new(FakeConnector::default());
+    let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
+    let datastore = Arc::new(Datastore::new());
+    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+    let index = new_index();
+    let token = CancellationToken::new();
+    let manager = spawn_manager(&connector, &datastore, &index, &token);
+    wire.polled.recv().await.unwrap();
+    let healthy = || index.stream(e1).is_healthy(Instant::now());
+    wire.set_connected([127, 0, 0, 1], true).await;
+    wire.send(message(0, 1)).await;
+    assert!(healthy());
+    // Batches 1 and 2 lost, no replay: a gap.
+    wire.send(message(3, 2)).await;
+    assert!(matches!(index.stream(e1), StreamState::Gap { .. }));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // The engine's connection blips; its next batch comes.
+    wire.set_connected([127, 0, 0, 1], false).await;
+    wire.set_connected([127, 0, 0, 1], true).await;
+    wire.send(message(4, 3)).await;
+    assert!(!healthy(), "still in the gap's fallback");
+    assert_eq!(held(&index, e1, 3), 2, "what it says is indexed");
+    tokio::time::advance(GAP_FALLBACK - Duration::from_secs(10)).await;
+    assert!(healthy(), "the fallback ends when the gap's would have");
+    // Another gap, then the publisher restarts: its cache is as empty as its entries.
+    wire.send(message(9, 4)).await;
+    assert!(!healthy());
+    wire.send(KvMessage {
+        publisher_restarted: true,
+        ..message(0, 5)
+    })
+    .await;
+    wire.set_connected([127, 0, 0, 1], false).await;
+    wire.set_connected([127, 0, 0, 1], true).await;
+    wire.send(message(1, 6)).await;
+    assert_eq!(index.stream(e1), StreamState::Live);
+
+    token.cancel();
+    manager.await.unwrap();
+}
