@@ -153,7 +153,7 @@ pub fn markdown(r: &ScaleResult) -> String {
          | epp RSS idle | {:.1} MiB |\n\
          | epp peak RSS (VmHWM) | {:.1} MiB |\n\
          | decision time mean (scheduler e2e histogram, exact mean) | {} µs |\n\
-         | decision time p50 / p99 (interpolated in ×2 buckets) | {} / {} µs |\n\
+         | decision time p50 / p99 (interpolated in the histogram's buckets: ×2 from 10 µs, and the reference's edges since 2026-12-04) | {} / {} µs |\n\
          | body end-of-stream → EPP answer, mean | {} µs |\n\
          | epp CPU per request under traffic (scraping included) | {:.0} µs |\n\
          | traffic | {} requests, 4 KB bodies, concurrency 4, {:.0} req/s, {} errors |\n",

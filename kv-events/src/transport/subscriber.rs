@@ -774,6 +774,18 @@ impl Subscriber {
                         inc(&self.stats.received, 1);
                         inc(&self.stats.replayed, 1);
                         recovered += 1;
+                        // Room first: a replay comes faster than a loaded consumer takes it,
+                        // and a replayed batch dropped for a full channel would show as a gap
+                        // and undo the replay (a clear). Waited for under the replay's
+                        // deadline; the fetch behind it waits in turn.
+                        match Self::room(out, &mut timeout).await {
+                            Room::Made => {}
+                            Room::TimedOut => {
+                                tracing::debug!(%endpoint, from, until, recovered, "KV-event replay timed out waiting for the consumer");
+                                return Some(recovered);
+                            }
+                            Room::Closed => return None,
+                        }
                         if !self.deliver(topic, seq, payload, true, false, out) {
                             return None;
                         }
@@ -786,8 +798,34 @@ impl Subscriber {
                 }
             }
         }
-        Some(recovered)
+        // And for the batch that revealed the gap, delivered next.
+        match Self::room(out, &mut timeout).await {
+            Room::Closed => None,
+            Room::Made | Room::TimedOut => Some(recovered),
+        }
     }
+
+    /// Waits until `out` has room for one batch, or `deadline` passes. The subscriber is the
+    /// channel's only sender, so the room is still there when it delivers.
+    async fn room(
+        out: &mpsc::Sender<ReceivedBatch>,
+        deadline: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Room {
+        tokio::select! {
+            permit = out.reserve() => match permit {
+                Ok(_) => Room::Made,
+                Err(_) => Room::Closed,
+            },
+            () = deadline.as_mut() => Room::TimedOut,
+        }
+    }
+}
+
+/// What waiting for room in the consumer's channel came to.
+enum Room {
+    Made,
+    TimedOut,
+    Closed,
 }
 
 /// One replay exchange on a fresh DEALER: `["", from]` out, `["", seq, payload]` back until

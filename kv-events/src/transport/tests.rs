@@ -346,6 +346,41 @@ async fn a_gap_is_replayed_in_order_before_the_batch_that_revealed_it() {
     task.await.unwrap().unwrap();
 }
 
+/// A replay larger than the consumer's channel waits for room instead of dropping what does
+/// not fit (which would show as a gap, and clear what the replay brought): every replayed batch
+/// and the one that revealed the gap arrive, in order, through a channel of two.
+#[tokio::test]
+async fn a_replay_waits_for_a_slow_consumer_instead_of_dropping() {
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let mut router = RouterSocket::new();
+    let replay = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let server = tokio::spawn(serve_one_replay(router, (11..61).map(|s| (s, s)).collect()));
+    let config = SubscriberConfig {
+        replay_endpoint: Some(replay),
+        ..SubscriberConfig::connect(endpoint)
+    };
+    let (mut rx, stats, cancel, task) = spawn_subscriber(config, 2);
+    warm_up(&mut pub_socket, &mut rx, &stats).await;
+    let dropped_before = stats.snapshot().dropped;
+
+    pub_socket.send(live("kv@p@m", 10, 10)).await.unwrap();
+    assert_eq!(next(&mut rx).await.seq, 10);
+    pub_socket.send(live("kv@p@m", 61, 61)).await.unwrap(); // 11 to 60 are missing
+    for seq in 11..=61 {
+        let r = next(&mut rx).await;
+        assert_eq!((r.seq, r.replayed, r.missed_before), (seq, seq < 61, 0));
+        assert_eq!(r.batch, batch(seq));
+    }
+    assert_eq!(timeout(WAIT, server).await.unwrap().unwrap(), 11);
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.gaps, s.replayed, s.missed, s.dropped - dropped_before),
+        (1, 50, 0, 0)
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_gap_without_replay_is_counted_and_reported_with_the_next_batch() {
     let (mut pub_socket, endpoint) = bound_pub().await;
