@@ -434,13 +434,23 @@ pub async fn handle<S: KvEventSource>(
     } else {
         tracker.observe(msg.seq)
     };
+    if check == SeqCheck::Reset {
+        // A restarted engine's cache starts as empty as its entries: nothing is missing.
+        tracker.gap_since = None;
+    }
+    // A gap's fallback outlives a lost connection: the entries it cleared did not come back
+    // with the connection (the batch that made the stream live again is no evidence of them).
+    if let Some(gap) = tracker.gap_since
+        && Instant::now().saturating_duration_since(gap) < GAP_FALLBACK
+        && index.stream(endpoint) == StreamState::Live
+    {
+        index.set_stream(endpoint, StreamState::Gap { since: gap });
+    }
     match check {
         SeqCheck::Duplicate => return,
         SeqCheck::InOrder => {}
         SeqCheck::Reset => {
             tracing::info!(endpoint = %pod.model_server_pod, seq = msg.seq, "kv events: sequence reset, clearing the endpoint");
-            // A restarted engine's cache starts as empty as its entries: nothing is missing.
-            tracker.gap_since = None;
             index.clear_endpoint_yielding(endpoint).await;
         }
         SeqCheck::Gap { from, missed } => {
@@ -474,14 +484,6 @@ pub async fn handle<S: KvEventSource>(
                 index.gap_yielding(endpoint, now).await;
             }
         }
-    }
-    // A gap's fallback outlives a lost connection: the entries it cleared did not come back
-    // with the connection (the batch that made the stream live again is no evidence of them).
-    if let Some(gap) = tracker.gap_since
-        && Instant::now().saturating_duration_since(gap) < GAP_FALLBACK
-        && index.stream(endpoint) == StreamState::Live
-    {
-        index.set_stream(endpoint, StreamState::Gap { since: gap });
     }
     read_prefix_groups(metrics, pod, tracker, &mut msg);
     apply(index, metrics, pod, endpoint, &model, &msg).await;

@@ -898,6 +898,9 @@ async fn a_gaps_fallback_outlives_a_reconnection() {
     // The engine's connection blips; its next batch comes.
     wire.set_connected([127, 0, 0, 1], false).await;
     wire.set_connected([127, 0, 0, 1], true).await;
+    // A duplicate first (a batch heard before), then a new one: neither ends the fallback.
+    wire.send(message(3, 2)).await;
+    assert!(!healthy(), "a duplicate does not end the gap's fallback");
     wire.send(message(4, 3)).await;
     assert!(!healthy(), "still in the gap's fallback");
     assert_eq!(held(&index, e1, 3), 2, "what it says is indexed");

@@ -507,7 +507,9 @@ impl Subscriber {
 
     /// Receives, orders and decodes batches into `out` until `cancel` fires or `out` closes
     /// (`Ok`). In pod mode a lost connection is retried with backoff forever; in central mode
-    /// a failed bind is an `Err` (the supervisor restarts the task).
+    /// a failed bind is an `Err` (the supervisor restarts the task). `out` is this
+    /// subscriber's own: a replay waits for room in it and then delivers, which another sender
+    /// could take in between (the batch would then be dropped, as when nothing waits).
     pub async fn run(
         mut self,
         out: mpsc::Sender<ReceivedBatch>,
@@ -771,9 +773,6 @@ impl Subscriber {
                 }
                 item = rx.recv() => match item {
                     Some((seq, payload)) => {
-                        inc(&self.stats.received, 1);
-                        inc(&self.stats.replayed, 1);
-                        recovered += 1;
                         // Room first: a replay comes faster than a loaded consumer takes it,
                         // and a replayed batch dropped for a full channel would show as a gap
                         // and undo the replay (a clear). Waited for under the replay's
@@ -786,6 +785,10 @@ impl Subscriber {
                             }
                             Room::Closed => return None,
                         }
+                        // Counted once it can go: one given up above was not recovered.
+                        inc(&self.stats.received, 1);
+                        inc(&self.stats.replayed, 1);
+                        recovered += 1;
                         if !self.deliver(topic, seq, payload, true, false, out) {
                             return None;
                         }
