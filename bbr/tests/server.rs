@@ -106,16 +106,10 @@ async fn file_mode_serves_reloads_and_reports() {
 
     // A message of more headers than Envoy sends ends its stream with the refusal, before it
     // is decoded; the router goes on.
-    let mut flood = req_headers(&[(":method", "POST")], false, None);
-    if let Some(ext_proc::envoy::ext_proc::processing_request::Request::RequestHeaders(h)) =
-        &mut flood.request
-    {
-        let map = h.headers.as_mut().unwrap();
-        map.headers.extend(std::iter::repeat_n(
-            Default::default(),
-            ext_proc::codec::MAX_ENTRIES,
-        ));
-    }
+    let flood = testkit::with_empty_headers(
+        req_headers(&[(":method", "POST")], false, None),
+        ext_proc::codec::MAX_ENTRIES,
+    );
     let mut s = Stream::open(grpc).await;
     s.send(flood).await;
     let status = tokio::time::timeout(DEADLINE, s.rx.message())

@@ -352,17 +352,10 @@ async fn oversized_body_gets_413() {
 
 /// A headers message of more entries than Envoy ever sends.
 fn too_many_headers() -> ext_proc::envoy::ext_proc::ProcessingRequest {
-    let mut flood = req_headers(CHAT_HEADERS, true, None);
-    if let Some(ext_proc::envoy::ext_proc::processing_request::Request::RequestHeaders(h)) =
-        &mut flood.request
-    {
-        let map = h.headers.as_mut().unwrap();
-        map.headers.extend(std::iter::repeat_n(
-            Default::default(),
-            ext_proc::codec::MAX_ENTRIES,
-        ));
-    }
-    flood
+    with_empty_headers(
+        req_headers(CHAT_HEADERS, true, None),
+        ext_proc::codec::MAX_ENTRIES,
+    )
 }
 
 /// A headers message of more entries than Envoy ever sends (prost would build 72 bytes for

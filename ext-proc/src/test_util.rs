@@ -39,6 +39,17 @@ pub fn req_headers(
     }
 }
 
+/// `message` (request headers) with `n` more empty headers: a flood no gateway sends.
+pub fn with_empty_headers(mut message: ProcessingRequest, n: usize) -> ProcessingRequest {
+    if let Some(processing_request::Request::RequestHeaders(h)) = &mut message.request {
+        h.headers
+            .get_or_insert_with(HeaderMap::default)
+            .headers
+            .extend(std::iter::repeat_n(HeaderValue::default(), n));
+    }
+    message
+}
+
 /// `message` (a stream's first) announcing Envoy's request body mode, as Envoy does, with the
 /// response body mode of the lean path.
 pub fn with_request_body_mode(

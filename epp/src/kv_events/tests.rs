@@ -700,6 +700,56 @@ async fn events_the_decoder_left_out_are_counted_and_clear_nothing() {
     manager.await.unwrap();
 }
 
+/// One endpoint (`pod-1`, 127.0.0.1) and its subscriber, under a running manager that counts
+/// into `metrics`.
+struct OneEngine {
+    wire: Wire,
+    e1: EndpointId,
+    index: Arc<SharedKvIndex>,
+    metrics: Arc<KvEventMetrics>,
+    token: CancellationToken,
+    manager: tokio::task::JoinHandle<()>,
+}
+
+impl OneEngine {
+    async fn start() -> Self {
+        let connector = Arc::new(FakeConnector::default());
+        let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
+        let datastore = Arc::new(Datastore::new());
+        let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
+        let index = new_index();
+        let metrics = Arc::new(KvEventMetrics::default());
+        let token = CancellationToken::new();
+        let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
+        wire.polled.recv().await.unwrap();
+        Self {
+            wire,
+            e1,
+            index,
+            metrics,
+            token,
+            manager,
+        }
+    }
+
+    /// `kv_events_dropped_total{model_server_pod="pod-1", reason}`.
+    fn dropped(&self, reason: &'static str) -> Option<u64> {
+        self.metrics
+            .dropped
+            .get(&DropLabels {
+                name: "pool".into(),
+                model_server_pod: "pod-1".into(),
+                reason,
+            })
+            .map(|c| c.get())
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        self.manager.await.unwrap();
+    }
+}
+
 /// `message(seq, content)` as a hybrid model's engine sends it: the blocks stored in its
 /// full-attention group 0 and its sliding-window group 1.
 fn hybrid_message(seq: u64, content: u32) -> KvMessage {
@@ -725,17 +775,9 @@ fn hybrid_message(seq: u64, content: u32) -> KvMessage {
 /// are counted as left out.
 #[tokio::test(start_paused = true)]
 async fn a_sliding_windows_evictions_leave_the_full_attention_blocks() {
-    let connector = Arc::new(FakeConnector::default());
-    let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
-    let datastore = Arc::new(Datastore::new());
-    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
-    let index = new_index();
-    let metrics = Arc::new(KvEventMetrics::default());
-    let token = CancellationToken::new();
-    let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
-    wire.polled.recv().await.unwrap();
-    wire.send(hybrid_message(0, 1)).await;
-    assert_eq!(held(&index, e1, 1), 2);
+    let mut one = OneEngine::start().await;
+    one.wire.send(hybrid_message(0, 1)).await;
+    assert_eq!(held(&one.index, one.e1, 1), 2);
 
     let evicted = |seq, group_idx| KvMessage {
         batch: EventBatch {
@@ -749,38 +791,26 @@ async fn a_sliding_windows_evictions_leave_the_full_attention_blocks() {
         },
         ..message(seq, 1)
     };
-    wire.send(evicted(1, 1)).await;
+    one.wire.send(evicted(1, 1)).await;
     assert_eq!(
-        held(&index, e1, 1),
+        held(&one.index, one.e1, 1),
         2,
         "the window's eviction removes nothing"
     );
-    let other_group = || {
-        metrics
-            .dropped
-            .get(&DropLabels {
-                name: "pool".into(),
-                model_server_pod: "pod-1".into(),
-                reason: "other_group",
-            })
-            .map(|c| c.get())
-    };
     assert_eq!(
-        other_group(),
+        one.dropped("other_group"),
         Some(2),
         "the window's store and its eviction"
     );
-    wire.send(evicted(2, 0)).await;
+    one.wire.send(evicted(2, 0)).await;
     assert_eq!(
-        held(&index, e1, 1),
+        held(&one.index, one.e1, 1),
         0,
         "full attention's eviction removes it"
     );
-    metrics.forget(&pod(1));
-    assert_eq!(other_group(), None);
-
-    token.cancel();
-    manager.await.unwrap();
+    one.metrics.forget(&pod(1));
+    assert_eq!(one.dropped("other_group"), None);
+    one.stop().await;
 }
 
 /// A topic that names no model (`kv@<pod>` without `@<model>`) feeds nothing: its batches are
@@ -788,40 +818,23 @@ async fn a_sliding_windows_evictions_leave_the_full_attention_blocks() {
 /// otherwise score the endpoint from an index nothing fills).
 #[tokio::test(start_paused = true)]
 async fn a_topic_naming_no_model_does_not_make_the_stream_live() {
-    let connector = Arc::new(FakeConnector::default());
-    let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
-    let datastore = Arc::new(Datastore::new());
-    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
-    let index = new_index();
-    let metrics = Arc::new(KvEventMetrics::default());
-    let token = CancellationToken::new();
-    let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
-    wire.polled.recv().await.unwrap();
+    let mut one = OneEngine::start().await;
     for seq in 0..3 {
-        wire.send(KvMessage {
-            topic: "kv@127.0.0.1:8000".into(),
-            ..message(seq, 1)
-        })
-        .await;
+        one.wire
+            .send(KvMessage {
+                topic: "kv@127.0.0.1:8000".into(),
+                ..message(seq, 1)
+            })
+            .await;
     }
-    assert_eq!(index.stream(e1), StreamState::Unknown);
-    assert_eq!(held(&index, e1, 1), 0);
-    let bad_topic = metrics
-        .dropped
-        .get(&DropLabels {
-            name: "pool".into(),
-            model_server_pod: "pod-1".into(),
-            reason: "bad_topic",
-        })
-        .map(|c| c.get());
-    assert_eq!(bad_topic, Some(3));
+    assert_eq!(one.index.stream(one.e1), StreamState::Unknown);
+    assert_eq!(held(&one.index, one.e1, 1), 0);
+    assert_eq!(one.dropped("bad_topic"), Some(3));
     // A topic that names its model: live, and read.
-    wire.send(message(3, 1)).await;
-    assert_eq!(index.stream(e1), StreamState::Live);
-    assert_eq!(held(&index, e1, 1), 2);
-
-    token.cancel();
-    manager.await.unwrap();
+    one.wire.send(message(3, 1)).await;
+    assert_eq!(one.index.stream(one.e1), StreamState::Live);
+    assert_eq!(held(&one.index, one.e1, 1), 2);
+    one.stop().await;
 }
 
 /// A bound socket that cannot listen is counted (`bind`, under `unknown`) on every retry,
@@ -879,14 +892,14 @@ async fn a_bound_socket_that_cannot_listen_is_counted_and_retried() {
 #[tokio::test(start_paused = true)]
 async fn a_gaps_fallback_outlives_a_reconnection() {
     use endpoint_picker::kv_index::GAP_FALLBACK;
-    let connector = Arc::new(FakeConnector::default());
-    let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
-    let datastore = Arc::new(Datastore::new());
-    let e1 = datastore.apply(pool(&[1])).endpoints[0].id;
-    let index = new_index();
-    let token = CancellationToken::new();
-    let manager = spawn_manager(&connector, &datastore, &index, &token);
-    wire.polled.recv().await.unwrap();
+    let OneEngine {
+        mut wire,
+        e1,
+        index,
+        metrics: _,
+        token,
+        manager,
+    } = OneEngine::start().await;
     let healthy = || index.stream(e1).is_healthy(Instant::now());
     wire.set_connected([127, 0, 0, 1], true).await;
     wire.send(message(0, 1)).await;
