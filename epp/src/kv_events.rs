@@ -911,93 +911,82 @@ async fn subscribe_bound<C: Connector>(
                 continue;
             }
         };
-        {
-            loop {
-                let event = tokio::select! {
-                    _ = token.cancelled() => return,
-                    m = source.recv() => m,
-                };
-                let msg = match event {
-                    Ok(SourceEvent::Message(msg)) => msg,
-                    Ok(SourceEvent::PeersChanged) => {
-                        // The engines heard from whose connection is gone (by their IP; one
-                        // behind a proxy is never seen by its own and stays live).
-                        let snapshot = datastore.snapshot();
-                        for e in &snapshot.endpoints {
-                            if trackers.contains_key(&e.id)
-                                && source.connected(e.ip()) == Some(false)
-                            {
-                                publisher_gone(&index, e.id);
-                            }
+        loop {
+            let event = tokio::select! {
+                _ = token.cancelled() => return,
+                m = source.recv() => m,
+            };
+            let msg = match event {
+                Ok(SourceEvent::Message(msg)) => msg,
+                Ok(SourceEvent::PeersChanged) => {
+                    // The engines heard from whose connection is gone (by their IP; one
+                    // behind a proxy is never seen by its own and stays live).
+                    let snapshot = datastore.snapshot();
+                    for e in &snapshot.endpoints {
+                        if trackers.contains_key(&e.id) && source.connected(e.ip()) == Some(false) {
+                            publisher_gone(&index, e.id);
                         }
-                        continue;
                     }
-                    Err(_) => break,
-                };
-                let snapshot = datastore.snapshot();
-                let endpoint = parse_topic(&msg.topic)
-                    .and_then(|(pod, _)| pod.parse::<SocketAddr>().ok())
-                    .and_then(|a| snapshot.by_address(&a).cloned());
-                let Some(endpoint) = endpoint else {
-                    let unknown = PodLabels {
-                        name: snapshot.name.clone(),
-                        model_server_pod: "unknown".into(),
-                    };
-                    metrics.count_dropped(
-                        &unknown,
-                        "unknown_endpoint",
-                        msg.batch.events.len() as u64,
-                    );
                     continue;
-                };
-                if !seen_pool
-                    .as_ref()
-                    .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
-                {
-                    // Forget the departed endpoints' sequences, once per pool change (a
-                    // lookup per tracker, not a scan of the pool per message).
-                    trackers
-                        .retain(|id, (a, _)| snapshot.by_address(a).is_some_and(|e| e.id == *id));
-                    seen_pool = Some(snapshot.clone());
                 }
-                let (_, tracker) = trackers
-                    .entry(endpoint.id)
-                    .or_insert((endpoint.spec.address, SequenceTracker::default()));
-                // A bound socket hears engines that are up: their stream is live (once a
-                // topic names its model: one that does not feeds nothing).
-                if parse_topic(&msg.topic).is_some() {
-                    batch_arrived(&index, endpoint.id, source.connected(endpoint.ip()));
-                }
-                let pod = PodLabels {
+                Err(_) => break,
+            };
+            let snapshot = datastore.snapshot();
+            let endpoint = parse_topic(&msg.topic)
+                .and_then(|(pod, _)| pod.parse::<SocketAddr>().ok())
+                .and_then(|a| snapshot.by_address(&a).cloned());
+            let Some(endpoint) = endpoint else {
+                let unknown = PodLabels {
                     name: snapshot.name.clone(),
-                    model_server_pod: endpoint.spec.name.clone(),
+                    model_server_pod: "unknown".into(),
                 };
-                handle(
-                    &index,
-                    &metrics,
-                    &pod,
-                    endpoint.id,
-                    tracker,
-                    &mut source,
-                    msg,
-                )
-                .await;
-                // The endpoint left while its batch was applied (a replay, slices of a long
-                // batch): what went in after its entries were cleared, and the series
-                // counted after they were forgotten, go too.
-                let now = datastore.snapshot();
-                if now
-                    .by_address(&endpoint.spec.address)
-                    .is_none_or(|e| e.id != endpoint.id)
+                metrics.count_dropped(&unknown, "unknown_endpoint", msg.batch.events.len() as u64);
+                continue;
+            };
+            if !seen_pool
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
+            {
+                // Forget the departed endpoints' sequences, once per pool change (a
+                // lookup per tracker, not a scan of the pool per message).
+                trackers.retain(|id, (a, _)| snapshot.by_address(a).is_some_and(|e| e.id == *id));
+                seen_pool = Some(snapshot.clone());
+            }
+            let (_, tracker) = trackers
+                .entry(endpoint.id)
+                .or_insert((endpoint.spec.address, SequenceTracker::default()));
+            // A bound socket hears engines that are up: their stream is live (the topic
+            // named its model: the endpoint was found by it).
+            batch_arrived(&index, endpoint.id, source.connected(endpoint.ip()));
+            let pod = PodLabels {
+                name: snapshot.name.clone(),
+                model_server_pod: endpoint.spec.name.clone(),
+            };
+            handle(
+                &index,
+                &metrics,
+                &pod,
+                endpoint.id,
+                tracker,
+                &mut source,
+                msg,
+            )
+            .await;
+            // The endpoint left while its batch was applied (a replay, slices of a long
+            // batch): what went in after its entries were cleared, and the series
+            // counted after they were forgotten, go too.
+            let now = datastore.snapshot();
+            if now
+                .by_address(&endpoint.spec.address)
+                .is_none_or(|e| e.id != endpoint.id)
+            {
+                index.remove_endpoint(endpoint.id);
+                if !now
+                    .endpoints
+                    .iter()
+                    .any(|e| e.spec.name == pod.model_server_pod)
                 {
-                    index.remove_endpoint(endpoint.id);
-                    if !now
-                        .endpoints
-                        .iter()
-                        .any(|e| e.spec.name == pod.model_server_pod)
-                    {
-                        metrics.forget(&pod);
-                    }
+                    metrics.forget(&pod);
                 }
             }
         }

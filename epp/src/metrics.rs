@@ -160,31 +160,32 @@ pub struct StreamLabels {
     pub outcome: String,
 }
 
-fn histogram_family<L>(buckets: &'static [f64]) -> Family<L, Histogram, fn() -> Histogram>
+fn histogram_family<L>(make: fn() -> Histogram) -> Family<L, Histogram, fn() -> Histogram>
 where
     L: Clone + std::hash::Hash + Eq,
 {
-    fn make(buckets: &'static [f64]) -> Histogram {
-        Histogram::new(buckets.iter().copied())
-    }
-    // Family needs a constructor without captures; pick one of a few static bucket sets (by
-    // address: statics, since each use of a `const` may be a copy of its own).
-    let ctor: fn() -> Histogram = if std::ptr::eq(buckets, DURATION_BUCKETS) {
-        || make(DURATION_BUCKETS)
-    } else if std::ptr::eq(buckets, SIZE_BUCKETS) {
-        || make(SIZE_BUCKETS)
-    } else if std::ptr::eq(buckets, RESPONSE_SIZE_BUCKETS) {
-        || make(RESPONSE_SIZE_BUCKETS)
-    } else if std::ptr::eq(buckets, TOKEN_BUCKETS) {
-        || make(TOKEN_BUCKETS)
-    } else {
-        || make(TPOT_BUCKETS)
-    };
-    Family::new_with_constructor(ctor)
+    Family::new_with_constructor(make)
+}
+
+// The families' constructors (a `Family` takes a constructor without captures).
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS.iter().copied())
+}
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS.iter().copied())
+}
+fn response_size_histogram() -> Histogram {
+    Histogram::new(response_size_buckets())
+}
+fn token_histogram() -> Histogram {
+    Histogram::new(TOKEN_BUCKETS.iter().copied())
+}
+fn tpot_histogram() -> Histogram {
+    Histogram::new(TPOT_BUCKETS.iter().copied())
 }
 
 /// Request durations: 5 ms … 1 h, as the reference.
-static DURATION_BUCKETS: &[f64] = &[
+const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
     10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 480.0, 600.0, 900.0,
     1200.0, 1800.0, 2700.0, 3600.0,
@@ -195,54 +196,27 @@ const REFERENCE_LATENCY_EDGES: [f64; 10] = [
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
 ];
 
-/// `buckets` (finer than the reference's, for decisions of a few microseconds) with the
-/// reference's edges added.
-fn with_reference_edges(buckets: impl Iterator<Item = f64>) -> Vec<f64> {
-    let mut edges: Vec<f64> = buckets.chain(REFERENCE_LATENCY_EDGES).collect();
-    edges.sort_by(f64::total_cmp);
+/// The reference's response-size edges that [`SIZE_BUCKETS`] lacks: 1 … 32 bytes (an error, an
+/// empty answer) and its 32778 (sic), so that a query written on them finds a series.
+const REFERENCE_RESPONSE_SIZE_EDGES: [f64; 5] = [1.0, 8.0, 16.0, 32.0, 32778.0];
+
+/// `buckets` with the reference's `edges` added (ours are finer where they differ: decisions
+/// of a few microseconds).
+fn with_edges(buckets: impl Iterator<Item = f64>, edges: &[f64]) -> Vec<f64> {
+    let mut all: Vec<f64> = buckets.chain(edges.iter().copied()).collect();
+    all.sort_by(f64::total_cmp);
     // Equal within rounding: 0.00001 · 2^k never lands on a decimal edge, but keep one of two.
-    edges.dedup_by(|a, b| (*a - *b).abs() <= *b * 1e-9);
-    edges
+    all.dedup_by(|a, b| (*a - *b).abs() <= *b * 1e-9);
+    all
 }
 
-/// Response sizes in bytes: the reference's small edges (1 … 32 bytes: an error, an empty
-/// answer), then [`SIZE_BUCKETS`].
-static RESPONSE_SIZE_BUCKETS: &[f64] = &[
-    1.0,
-    8.0,
-    16.0,
-    32.0,
-    64.0,
-    128.0,
-    256.0,
-    512.0,
-    1024.0,
-    2048.0,
-    4096.0,
-    8192.0,
-    16384.0,
-    32768.0,
-    // The reference's own edge (32778, sic, in its response-size buckets), kept so that a query
-    // written on it finds a series.
-    32778.0,
-    65536.0,
-    131072.0,
-    262144.0,
-    524288.0,
-    1048576.0,
-    2097152.0,
-    4194304.0,
-    8388608.0,
-    16777216.0,
-    33554432.0,
-    67108864.0,
-    134217728.0,
-    268435456.0,
-    536870912.0,
-    1073741824.0,
-];
+/// Response sizes in bytes: [`SIZE_BUCKETS`] and the reference's own edges.
+fn response_size_buckets() -> Vec<f64> {
+    with_edges(SIZE_BUCKETS.iter().copied(), &REFERENCE_RESPONSE_SIZE_EDGES)
+}
+
 /// Body sizes in bytes.
-static SIZE_BUCKETS: &[f64] = &[
+const SIZE_BUCKETS: &[f64] = &[
     64.0,
     128.0,
     256.0,
@@ -270,12 +244,12 @@ static SIZE_BUCKETS: &[f64] = &[
     1073741824.0,
 ];
 /// Token counts.
-static TOKEN_BUCKETS: &[f64] = &[
+const TOKEN_BUCKETS: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
     32778.0, 65536.0, 131072.0, 262144.0, 524288.0, 1048576.0,
 ];
 /// Seconds per output token.
-static TPOT_BUCKETS: &[f64] = &[
+const TPOT_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.2,
     0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
 ];
@@ -481,22 +455,23 @@ impl EppMetrics {
         let m = EppMetrics {
             requests: Family::default(),
             request_errors: Family::default(),
-            request_duration: histogram_family(DURATION_BUCKETS),
-            request_sizes: histogram_family(SIZE_BUCKETS),
-            response_sizes: histogram_family(RESPONSE_SIZE_BUCKETS),
-            input_tokens: histogram_family(TOKEN_BUCKETS),
-            output_tokens: histogram_family(TOKEN_BUCKETS),
-            cached_tokens: histogram_family(TOKEN_BUCKETS),
-            normalized_tpot: histogram_family(TPOT_BUCKETS),
+            request_duration: histogram_family(duration_histogram),
+            request_sizes: histogram_family(size_histogram),
+            response_sizes: histogram_family(response_size_histogram),
+            input_tokens: histogram_family(token_histogram),
+            output_tokens: histogram_family(token_histogram),
+            cached_tokens: histogram_family(token_histogram),
+            normalized_tpot: histogram_family(tpot_histogram),
             running_requests: Family::default(),
             pool_avg_kv: Family::default(),
             pool_avg_queue: Family::default(),
             pool_avg_running: Family::default(),
             pool_ready_pods: Family::default(),
             per_pod_queue: Family::default(),
-            scheduler_e2e: Histogram::new(with_reference_edges(exponential_buckets(
-                0.00001, 2.0, 20,
-            ))),
+            scheduler_e2e: Histogram::new(with_edges(
+                exponential_buckets(0.00001, 2.0, 20),
+                &REFERENCE_LATENCY_EDGES,
+            )),
             scheduler_attempts: Family::default(),
             request_path_overhead: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
             streams: Family::default(),
@@ -509,9 +484,10 @@ impl EppMetrics {
             response_body_bytes_held: Gauge::default(),
             rewrites: Family::default(),
             plugin_duration: Family::new_with_constructor(|| {
-                Histogram::new(with_reference_edges(exponential_buckets(
-                    0.000_001, 2.0, 20,
-                )))
+                Histogram::new(with_edges(
+                    exponential_buckets(0.000_001, 2.0, 20),
+                    &REFERENCE_LATENCY_EDGES,
+                ))
             }),
             kv_events: Arc::default(),
             prefix_indexer_size: Gauge::default(),
@@ -519,8 +495,8 @@ impl EppMetrics {
             prefix_hit_bytes: Histogram::new(
                 std::iter::once(0.0).chain((4..=16).map(|p| f64::from(1u32 << p))),
             ),
-            ttft: histogram_family(DURATION_BUCKETS),
-            tpot: histogram_family(TPOT_BUCKETS),
+            ttft: histogram_family(duration_histogram),
+            tpot: histogram_family(tpot_histogram),
             per_pod_kv: Family::default(),
             scrape_age: Family::default(),
             scrape_errors: Family::default(),
@@ -1106,8 +1082,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// Each model family has its own buckets. They were picked by a `const`'s address, and
-    /// each use of a `const` may be a copy of its own: every family got the TPOT buckets
+    /// Each model family has its own buckets. They were once picked by a `const`'s address,
+    /// and each use of a `const` may be a copy of its own: every family got the TPOT buckets
     /// (1 ms … 10 s), so sizes in bytes and token counts all fell in `+Inf`.
     #[test]
     fn each_model_family_has_its_own_buckets() {
@@ -1136,16 +1112,22 @@ pub(crate) mod tests {
         for (family, expected) in [
             (
                 "inference_objective_request_duration_seconds",
-                DURATION_BUCKETS,
+                DURATION_BUCKETS.to_vec(),
             ),
-            ("inference_objective_request_sizes", SIZE_BUCKETS),
-            ("inference_objective_response_sizes", RESPONSE_SIZE_BUCKETS),
-            ("inference_objective_input_tokens", TOKEN_BUCKETS),
-            ("inference_objective_output_tokens", TOKEN_BUCKETS),
-            ("inference_objective_prompt_cached_tokens", TOKEN_BUCKETS),
+            ("inference_objective_request_sizes", SIZE_BUCKETS.to_vec()),
+            (
+                "inference_objective_response_sizes",
+                response_size_buckets(),
+            ),
+            ("inference_objective_input_tokens", TOKEN_BUCKETS.to_vec()),
+            ("inference_objective_output_tokens", TOKEN_BUCKETS.to_vec()),
+            (
+                "inference_objective_prompt_cached_tokens",
+                TOKEN_BUCKETS.to_vec(),
+            ),
             (
                 "inference_objective_normalized_time_per_output_token_seconds",
-                TPOT_BUCKETS,
+                TPOT_BUCKETS.to_vec(),
             ),
         ] {
             assert_eq!(edges(family), expected, "{family}");
