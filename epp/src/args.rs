@@ -156,6 +156,11 @@ pub struct Args {
     /// Interval between refreshes of the pool-level Prometheus gauges.
     #[arg(long, default_value = "5s", value_parser = positive_duration)]
     pub refresh_prometheus_metrics_interval: Duration,
+    /// Fairness ids (the `x-llm-d-inference-fairness-id` header) with a metric label of their
+    /// own, first come first served for the life of the process; later ones are `other`, and
+    /// 0 makes every one `other` (the reference's flag and default).
+    #[arg(long, default_value_t = crate::labels::DEFAULT_MAX_FAIRNESS_LABELS)]
+    pub fairness_id_metric_label_limit: usize,
     /// Metrics older than this do not count a pod as ready in the pool gauges.
     #[arg(long, default_value = "2s", value_parser = positive_duration)]
     pub metrics_staleness_threshold: Duration,

@@ -3,11 +3,10 @@
 //! which the workload-variant-autoscaler's scale-from-zero still reads), and the pool's demand
 //! gauges the autoscaling examples scale on.
 //!
-//! Labels a client could choose are bounded: the fairness id through [`FairnessLabels`] (1,000
-//! values, then `other`, as the reference caps it), models through [`ModelLabels`]; priorities
+//! Labels a client could choose are bounded: the fairness id through [`FairnessLabels`]
+//! (`--fairness-id-metric-label-limit` values, then `other`, as the reference caps it), models through [`ModelLabels`]; priorities
 //! come from the operator's InferenceObjectives and outcomes from a fixed set.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -22,10 +21,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::labels::{ModelLabels, OVERFLOW_LABEL};
+use crate::labels::{FairnessLabels, FirstSeen, ModelLabels};
 
-/// Most fairness ids with a label of their own (the reference's cap).
-pub const MAX_FAIRNESS_LABELS: usize = 1_000;
 /// Most (fairness id, model, served model) label sets the flow-control families file requests
 /// under; later sets share one, all `other`. Each label is bounded alone, but the families key
 /// on them together (and on priority and outcome) and keep every set for the life of the
@@ -151,7 +148,7 @@ pub struct FlowMetrics {
     capacity: Family<PoolName, Gauge>,
     demand_ratio: Family<PoolName, GaugeF>,
     models: Arc<ModelLabels>,
-    fairness: FairnessLabels,
+    fairness: Arc<FairnessLabels>,
     /// The label sets given out so far ([`MAX_FLOW_LABEL_SETS`]).
     label_sets: FirstSeen<FlowRecordKey>,
     pool: RwLock<Arc<str>>,
@@ -159,7 +156,11 @@ pub struct FlowMetrics {
 
 impl FlowMetrics {
     /// Creates the families and registers them.
-    pub fn register(registry: &mut Registry, models: Arc<ModelLabels>) -> Arc<Self> {
+    pub fn register(
+        registry: &mut Registry,
+        models: Arc<ModelLabels>,
+        fairness: Arc<FairnessLabels>,
+    ) -> Arc<Self> {
         fn queue_histogram() -> Histogram {
             Histogram::new(QUEUE_BUCKETS.iter().copied())
         }
@@ -176,7 +177,7 @@ impl FlowMetrics {
             capacity: Family::default(),
             demand_ratio: Family::default(),
             models,
-            fairness: FairnessLabels::default(),
+            fairness,
             label_sets: FirstSeen::new(MAX_FLOW_LABEL_SETS),
             pool: RwLock::new(Arc::from("")),
         };
@@ -318,7 +319,7 @@ impl FlowMetrics {
         if self.label_sets.admits(&key) {
             return key;
         }
-        let other = &self.fairness.overflow;
+        let other = self.fairness.overflow();
         FlowRecordKey {
             fairness_id: other.clone(),
             model: other.clone(),
@@ -375,89 +376,20 @@ impl FlowObserver for FlowMetrics {
     }
 }
 
-/// The first `max` distinct values seen, each admitted for the life of the process; later
-/// ones are not. What keeps a family's label sets bounded when its values come from clients.
-#[derive(Debug)]
-struct FirstSeen<K> {
-    seen: RwLock<HashSet<K>>,
-    max: usize,
-}
-
-impl<K: std::hash::Hash + Eq + Clone> FirstSeen<K> {
-    fn new(max: usize) -> Self {
-        Self {
-            seen: RwLock::new(HashSet::new()),
-            max,
-        }
-    }
-
-    /// Whether `value` is, or now becomes, one of the first `max`.
-    fn admits(&self, value: &K) -> bool {
-        if self.seen.read().contains(value) {
-            return true;
-        }
-        let mut seen = self.seen.write();
-        if seen.len() < self.max || seen.contains(value) {
-            seen.insert(value.clone());
-            return true;
-        }
-        false
-    }
-}
-
-/// Fairness ids as label values: the first [`MAX_FAIRNESS_LABELS`] distinct ids keep their
-/// own (for the life of the process), every later one is `other`.
-#[derive(Debug)]
-pub struct FairnessLabels {
-    ids: FirstSeen<Arc<str>>,
-    overflow: Arc<str>,
-}
-
-impl Default for FairnessLabels {
-    fn default() -> Self {
-        Self {
-            ids: FirstSeen::new(MAX_FAIRNESS_LABELS),
-            overflow: Arc::from(OVERFLOW_LABEL),
-        }
-    }
-}
-
-impl FairnessLabels {
-    /// The label value of `id`.
-    pub fn label(&self, id: &Arc<str>) -> Arc<str> {
-        if self.ids.admits(id) {
-            id.clone()
-        } else {
-            self.overflow.clone()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fairness_labels_are_bounded() {
-        let labels = FairnessLabels::default();
-        for i in 0..(MAX_FAIRNESS_LABELS + 50) {
-            let id: Arc<str> = Arc::from(format!("tenant-{i}").as_str());
-            let l = labels.label(&id);
-            if i < MAX_FAIRNESS_LABELS {
-                assert_eq!(l, id);
-            } else {
-                assert_eq!(&*l, OVERFLOW_LABEL);
-            }
-        }
-        assert_eq!(&*labels.label(&Arc::from("tenant-0")), "tenant-0");
-    }
 
     /// Tenants × model names: the label sets stop at MAX_FLOW_LABEL_SETS, later ones share the
     /// overflow set, and a request leaves under the set it entered with.
     #[test]
     fn flow_label_sets_are_bounded_together() {
         let mut registry = Registry::default();
-        let m = FlowMetrics::register(&mut registry, Arc::new(ModelLabels::default()));
+        let m = FlowMetrics::register(
+            &mut registry,
+            Arc::new(ModelLabels::default()),
+            Arc::default(),
+        );
         let mut held = Vec::new();
         for tenant in 0..600 {
             for model in ["a", "b", "c"] {
@@ -501,7 +433,11 @@ mod tests {
     #[test]
     fn queue_gauges_rise_and_fall_under_the_same_labels() {
         let mut registry = Registry::default();
-        let m = FlowMetrics::register(&mut registry, Arc::new(ModelLabels::default()));
+        let m = FlowMetrics::register(
+            &mut registry,
+            Arc::new(ModelLabels::default()),
+            Arc::default(),
+        );
         let request = FlowRequest {
             fairness_id: Arc::from("tenant-a"),
             priority: -1,

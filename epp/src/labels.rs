@@ -11,8 +11,14 @@
 //!
 //! A name that has a label of its own keeps it for the life of the process, so a gauge
 //! incremented under a label is always decremented under the same one.
+//!
+//! Fairness ids (a client's header) get the same treatment ([`FairnessLabels`]: the first
+//! `--fairness-id-metric-label-limit` ids, 1,000 by default as upstream, then `other`), and
+//! families keyed on several such labels at once bound their label *sets* too ([`FirstSeen`]):
+//! each label alone is bounded, their product is not.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -139,6 +145,88 @@ impl ModelLabels {
     }
 }
 
+/// Most fairness ids with a label of their own unless `--fairness-id-metric-label-limit` says
+/// otherwise (the reference's default).
+pub const DEFAULT_MAX_FAIRNESS_LABELS: usize = 1_000;
+
+/// The first `max` distinct values seen, each admitted for the life of the process; later
+/// ones are not. What keeps a family's label sets bounded when its values come from clients.
+#[derive(Debug)]
+pub struct FirstSeen<K> {
+    seen: RwLock<HashSet<K>>,
+    max: usize,
+}
+
+impl<K: Hash + Eq + Clone> FirstSeen<K> {
+    /// Admits at most `max` distinct values.
+    pub fn new(max: usize) -> Self {
+        Self {
+            seen: RwLock::new(HashSet::new()),
+            max,
+        }
+    }
+
+    /// Whether `value` is, or now becomes, one of the first `max`.
+    pub fn admits(&self, value: &K) -> bool {
+        if self.seen.read().contains(value) {
+            return true;
+        }
+        let mut seen = self.seen.write();
+        if seen.len() < self.max || seen.contains(value) {
+            seen.insert(value.clone());
+            return true;
+        }
+        false
+    }
+}
+
+/// Fairness ids as label values: the first `limit` distinct ids keep their own (for the life
+/// of the process), every later one is [`OVERFLOW_LABEL`]. One instance serves every family
+/// labelled by fairness id, so a tenant has its own label everywhere or nowhere.
+#[derive(Debug)]
+pub struct FairnessLabels {
+    ids: FirstSeen<Arc<str>>,
+    overflow: Arc<str>,
+}
+
+impl Default for FairnessLabels {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_MAX_FAIRNESS_LABELS)
+    }
+}
+
+impl FairnessLabels {
+    /// At most `limit` ids with a label of their own (0: every id is `other`).
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            ids: FirstSeen::new(limit),
+            overflow: Arc::from(OVERFLOW_LABEL),
+        }
+    }
+
+    /// The label value of `id`.
+    pub fn label(&self, id: &Arc<str>) -> Arc<str> {
+        if self.ids.admits(id) {
+            id.clone()
+        } else {
+            self.overflow.clone()
+        }
+    }
+
+    /// The label value of `id`, allocating only for an id not seen before.
+    pub fn label_of(&self, id: &str) -> Arc<str> {
+        if let Some(seen) = self.ids.seen.read().get(id) {
+            return seen.clone();
+        }
+        self.label(&Arc::from(id))
+    }
+
+    /// The label value shared by every id past the limit.
+    pub fn overflow(&self) -> &Arc<str> {
+        &self.overflow
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +265,30 @@ mod tests {
         assert_eq!(&*labels.label("llama"), "llama");
         assert_eq!(&*labels.label("lora-a"), "lora-a");
         assert_eq!(&*labels.label("junk-99"), OVERFLOW_LABEL);
+    }
+
+    #[test]
+    fn fairness_labels_are_bounded() {
+        let labels = FairnessLabels::default();
+        for i in 0..(DEFAULT_MAX_FAIRNESS_LABELS + 50) {
+            let id: Arc<str> = Arc::from(format!("tenant-{i}").as_str());
+            let l = labels.label(&id);
+            if i < DEFAULT_MAX_FAIRNESS_LABELS {
+                assert_eq!(l, id);
+            } else {
+                assert_eq!(&*l, OVERFLOW_LABEL);
+            }
+        }
+        assert_eq!(&*labels.label(&Arc::from("tenant-0")), "tenant-0");
+    }
+
+    #[test]
+    fn a_zero_fairness_limit_labels_every_id_other() {
+        let labels = FairnessLabels::with_limit(0);
+        assert_eq!(&*labels.label(&Arc::from("tenant-0")), OVERFLOW_LABEL);
+        let labels = FairnessLabels::with_limit(1);
+        assert_eq!(&*labels.label(&Arc::from("a")), "a");
+        assert_eq!(&*labels.label(&Arc::from("b")), OVERFLOW_LABEL);
+        assert_eq!(&*labels.label(&Arc::from("a")), "a");
     }
 }

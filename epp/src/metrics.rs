@@ -23,6 +23,10 @@ use prometheus_client::registry::Registry;
 
 use crate::supervisor::TaskExitLabels;
 
+pub mod canonical;
+
+use canonical::CanonicalMetrics;
+
 /// `model_name, target_model_name, priority`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -330,6 +334,34 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "inference_extension_token_producer_duration_seconds",
         "histogram",
     ),
+    // The reference's canonical names (`canonical`).
+    ("llm_d_epp_request", "counter"),
+    ("llm_d_epp_request_error", "counter"),
+    ("llm_d_epp_request_duration_seconds", "histogram"),
+    ("llm_d_epp_request_size_bytes", "histogram"),
+    ("llm_d_epp_response_size_bytes", "histogram"),
+    ("llm_d_epp_request_input_tokens", "histogram"),
+    ("llm_d_epp_request_output_tokens", "histogram"),
+    ("llm_d_epp_request_cached_tokens", "histogram"),
+    ("llm_d_epp_request_running", "gauge"),
+    ("llm_d_epp_request_ntpot_seconds", "histogram"),
+    ("llm_d_epp_request_ttft_seconds", "histogram"),
+    ("llm_d_epp_request_streaming_tpot_seconds", "histogram"),
+    ("llm_d_epp_average_kv_cache_utilization", "gauge"),
+    ("llm_d_epp_average_queue_size", "gauge"),
+    ("llm_d_epp_average_running_requests", "gauge"),
+    ("llm_d_epp_std_dev_kv_cache_utilization", "gauge"),
+    ("llm_d_epp_std_dev_queue_size", "gauge"),
+    ("llm_d_epp_std_dev_running_requests", "gauge"),
+    ("llm_d_epp_ready_endpoints", "gauge"),
+    ("llm_d_epp_per_endpoint_queue_size", "gauge"),
+    ("llm_d_epp_scheduler_e2e_duration_seconds", "histogram"),
+    ("llm_d_epp_scheduler_attempts", "counter"),
+    ("llm_d_epp_plugin_duration_seconds", "histogram"),
+    ("llm_d_epp_info", "gauge"),
+    ("llm_d_epp_model_rewrite_decisions", "counter"),
+    ("llm_d_epp_datalayer_poll_errors", "counter"),
+    ("llm_d_epp_extproc_streams_inflight", "gauge"),
 ];
 
 /// Every metric the EPP exports.
@@ -428,6 +460,8 @@ pub struct EppMetrics {
     pub token_outcomes: Family<TokenOutcomeLabels, Counter>,
     /// `inference_extension_token_producer_duration_seconds`: queue wait plus tokenization.
     pub token_duration: Histogram,
+    /// The reference's canonical families that are not the same series as one above.
+    pub canonical: CanonicalMetrics,
     /// Pool name for the scrape error labels (set by the first pool refresh).
     pool_name: parking_lot::RwLock<String>,
     /// The (pool, pod, reason) label sets of the `scrape_errors` series, so that a departed
@@ -504,6 +538,7 @@ impl EppMetrics {
             task_exits: Family::default(),
             token_outcomes: Family::default(),
             token_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            canonical: CanonicalMetrics::new(),
             pool_name: parking_lot::RwLock::new(String::new()),
             scrape_error_pods: parking_lot::Mutex::default(),
             attempt_series: parking_lot::RwLock::default(),
@@ -699,27 +734,36 @@ impl EppMetrics {
         r.register(
             "inference_extension_info",
             "General information of the current build of Inference Extension",
-            info,
+            info.clone(),
         );
+        m.canonical.register(r);
+        canonical::register_twins(&m, &info, r);
         Arc::new(m)
     }
 
     /// Counts one scheduling attempt. A set naming a pod is remembered, so that it goes with
     /// the pod (`refresh_pool`).
     pub fn count_attempt(&self, attempt: &AttemptLabels) {
-        if attempt.pod_name.is_empty() {
+        let count = || {
             self.scheduler_attempts.get_or_create(attempt).inc();
+            self.canonical
+                .attempts
+                .get_or_create(&canonical::AttemptLabels::from(attempt))
+                .inc();
+        };
+        if attempt.pod_name.is_empty() {
+            count();
             return;
         }
         {
             let known = self.attempt_series.read();
             if known.contains(attempt) {
-                self.scheduler_attempts.get_or_create(attempt).inc();
+                count();
                 return;
             }
         }
         let mut known = self.attempt_series.write();
-        self.scheduler_attempts.get_or_create(attempt).inc();
+        count();
         known.insert(attempt.clone());
     }
 
@@ -775,10 +819,23 @@ impl EppMetrics {
                 .sum::<f64>()
                 / n,
         );
+        let c = &self.canonical;
+        c.std_dev_kv.get_or_create(&pool).set(canonical::std_dev(
+            fresh.iter().map(|(_, m)| m.kv_cache_usage),
+        ));
+        c.std_dev_queue.get_or_create(&pool).set(canonical::std_dev(
+            fresh.iter().map(|(_, m)| m.waiting_queue_size as f64),
+        ));
+        c.std_dev_running
+            .get_or_create(&pool)
+            .set(canonical::std_dev(
+                fresh.iter().map(|(_, m)| m.running_requests as f64),
+            ));
         // Departed pods must disappear from the per-pod families.
         self.per_pod_queue.clear();
         self.per_pod_kv.clear();
         self.scrape_age.clear();
+        c.per_endpoint_queue.clear();
         for (e, m) in &all {
             let labels = PodLabels {
                 name: snap.name.clone(),
@@ -790,9 +847,14 @@ impl EppMetrics {
                     .set(now.saturating_duration_since(at).as_secs_f64());
             }
             if !m.is_stale(now, staleness) {
-                self.per_pod_queue
-                    .get_or_create(&labels)
-                    .set(m.waiting_queue_size as i64);
+                let queue = i64::try_from(m.waiting_queue_size).unwrap_or(i64::MAX);
+                c.per_endpoint_queue
+                    .get_or_create(&canonical::EndpointLabels {
+                        name: labels.name.clone(),
+                        model_server_endpoint: labels.model_server_pod.clone(),
+                    })
+                    .set(queue);
+                self.per_pod_queue.get_or_create(&labels).set(queue);
                 self.per_pod_kv.get_or_create(&labels).set(m.kv_cache_usage);
             }
         }
@@ -826,6 +888,9 @@ impl EppMetrics {
             for a in &departed {
                 known.remove(a);
                 self.scheduler_attempts.remove(a);
+                self.canonical
+                    .attempts
+                    .remove(&canonical::AttemptLabels::from(a));
             }
         }
         let entries: usize = director
@@ -923,6 +988,13 @@ impl MetricsObserver {
             })
             .inc();
         self.0.scrape_error_pods.lock().insert((pool, pod, reason));
+        self.0
+            .canonical
+            .poll_errors
+            .get_or_create(&canonical::SourceLabels {
+                source_type: canonical::METRICS_SOURCE_TYPE,
+            })
+            .inc();
     }
 }
 
@@ -1180,6 +1252,59 @@ pub(crate) mod tests {
                 model_name: "m".into(),
             })
             .set(0);
+        let c = &m.canonical;
+        let labelled = canonical::RequestLabels {
+            model_name: "m".into(),
+            target_model_name: "m".into(),
+            fairness_id: "f".into(),
+            priority: "0".into(),
+        };
+        c.requests.get_or_create(&labelled).inc();
+        c.running.get_or_create(&labelled).set(0);
+        c.request_errors
+            .get_or_create(&canonical::ErrorLabels {
+                model_name: "m".into(),
+                target_model_name: "m".into(),
+                fairness_id: "f".into(),
+                priority: "0".into(),
+                error_code: "BadRequest".into(),
+            })
+            .inc();
+        for h in [
+            &c.request_duration,
+            &c.request_sizes,
+            &c.response_sizes,
+            &c.input_tokens,
+            &c.output_tokens,
+            &c.cached_tokens,
+            &c.normalized_tpot,
+            &c.streaming_tpot,
+        ] {
+            h.get_or_create(&labelled).observe(1.0);
+        }
+        c.ttft
+            .get_or_create(&canonical::TtftLabels {
+                model_name: "m".into(),
+                target_model_name: "m".into(),
+                fairness_id: "f".into(),
+                priority: "0".into(),
+                streaming: "true",
+            })
+            .observe(1.0);
+        for g in [&c.std_dev_kv, &c.std_dev_queue, &c.std_dev_running] {
+            g.get_or_create(&pool).set(0.0);
+        }
+        c.per_endpoint_queue
+            .get_or_create(&canonical::EndpointLabels {
+                name: "p".into(),
+                model_server_endpoint: "a".into(),
+            })
+            .set(0);
+        c.poll_errors
+            .get_or_create(&canonical::SourceLabels {
+                source_type: canonical::METRICS_SOURCE_TYPE,
+            })
+            .inc();
         for g in [&m.pool_avg_kv, &m.pool_avg_queue, &m.pool_avg_running] {
             g.get_or_create(&pool).set(0.0);
         }
@@ -1187,15 +1312,13 @@ pub(crate) mod tests {
         m.per_pod_queue.get_or_create(&pod).set(0);
         m.per_pod_kv.get_or_create(&pod).set(0.0);
         m.scrape_age.get_or_create(&pod).set(0.0);
-        m.scheduler_attempts
-            .get_or_create(&AttemptLabels {
-                status: "success".into(),
-                target_model_name: "m".into(),
-                pod_name: "a".into(),
-                namespace: "default".into(),
-                port: "8000".into(),
-            })
-            .inc();
+        m.count_attempt(&AttemptLabels {
+            status: "success".into(),
+            target_model_name: "m".into(),
+            pod_name: "a".into(),
+            namespace: "default".into(),
+            port: "8000".into(),
+        });
         m.plugin_duration
             .get_or_create(&PluginLabels {
                 extension_point: "Scorer",

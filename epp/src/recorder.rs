@@ -16,11 +16,18 @@ use ext_proc::recorder::{
 };
 
 use crate::debug::{DecisionLog, DecisionRecord};
-use crate::labels::ModelLabels;
+use crate::labels::{FairnessLabels, FirstSeen, ModelLabels};
+use crate::metrics::canonical::{
+    ErrorLabels as CanonicalErrorLabels, MAX_REQUEST_LABEL_SETS, RequestLabels as CanonicalLabels,
+    TtftLabels,
+};
 use crate::metrics::{
     AttemptLabels, EppMetrics, ErrorLabels, ModelLabels as ModelPair, ModelOnly, ObserverLabels,
     RequestLabels, RewriteDecisionLabels, RewriteLabels, StreamLabels,
 };
+
+/// A request's labels under the canonical names: (model, served model, fairness id, priority).
+type LabelSet = (Arc<str>, Arc<str>, Arc<str>, Arc<str>);
 use crate::telemetry;
 
 /// Metrics, decisions and traces of the request path.
@@ -29,19 +36,25 @@ pub struct EppRecorder {
     metrics: Arc<EppMetrics>,
     decisions: Arc<DecisionLog>,
     labels: Arc<ModelLabels>,
+    fairness: Arc<FairnessLabels>,
+    /// The canonical families' label sets given out so far ([`MAX_REQUEST_LABEL_SETS`]).
+    label_sets: FirstSeen<LabelSet>,
 }
 
 impl EppRecorder {
-    /// A recorder over the process's metrics, decision ring and label policy.
+    /// A recorder over the process's metrics, decision ring and label policies.
     pub fn new(
         metrics: Arc<EppMetrics>,
         decisions: Arc<DecisionLog>,
         labels: Arc<ModelLabels>,
+        fairness: Arc<FairnessLabels>,
     ) -> Self {
         Self {
             metrics,
             decisions,
             labels,
+            fairness,
+            label_sets: FirstSeen::new(MAX_REQUEST_LABEL_SETS),
         }
     }
 
@@ -52,45 +65,98 @@ impl EppRecorder {
         }
     }
 
+    fn canonical(key: &RecordKey) -> CanonicalLabels {
+        CanonicalLabels {
+            model_name: key.model.clone(),
+            target_model_name: key.target_model.clone(),
+            fairness_id: key.fairness_id.clone(),
+            priority: key.priority.clone(),
+        }
+    }
+
     /// What the answer itself tells (size, usage, first chunk), from the routing stream on the
-    /// full path or from a response observer.
-    fn record_answer(&self, labels: &ModelPair, o: &Observation<'_>) {
+    /// full path or from a response observer, under both names.
+    fn record_answer(&self, labels: &ModelPair, key: &RecordKey, o: &Observation<'_>) {
         let m = &self.metrics;
+        let c = &m.canonical;
+        let labelled = Self::canonical(key);
         if let Some(bytes) = o.response_bytes {
             m.response_sizes.get_or_create(labels).observe(bytes as f64);
+            c.response_sizes
+                .get_or_create(&labelled)
+                .observe(bytes as f64);
         }
         if let Some(u) = o.usage {
-            m.input_tokens
-                .get_or_create(labels)
-                .observe(u.prompt_tokens as f64);
-            m.output_tokens
-                .get_or_create(labels)
-                .observe(u.completion_tokens as f64);
-            m.cached_tokens
-                .get_or_create(labels)
-                .observe(u.cached_tokens as f64);
+            for (legacy, canonical, value) in [
+                (&m.input_tokens, &c.input_tokens, u.prompt_tokens),
+                (&m.output_tokens, &c.output_tokens, u.completion_tokens),
+                (&m.cached_tokens, &c.cached_tokens, u.cached_tokens),
+            ] {
+                legacy.get_or_create(labels).observe(value as f64);
+                canonical.get_or_create(&labelled).observe(value as f64);
+            }
             if u.completion_tokens > 0 {
-                m.normalized_tpot
-                    .get_or_create(labels)
-                    .observe(o.elapsed.as_secs_f64() / u.completion_tokens as f64);
+                let ntpot = o.elapsed.as_secs_f64() / u.completion_tokens as f64;
+                m.normalized_tpot.get_or_create(labels).observe(ntpot);
+                c.normalized_tpot.get_or_create(&labelled).observe(ntpot);
             }
             if let Some(after) = o.after_first_chunk
                 && u.completion_tokens > 1
             {
-                m.tpot
-                    .get_or_create(labels)
-                    .observe(after.as_secs_f64() / (u.completion_tokens - 1) as f64);
+                let tpot = after.as_secs_f64() / (u.completion_tokens - 1) as f64;
+                m.tpot.get_or_create(labels).observe(tpot);
+                c.streaming_tpot.get_or_create(&labelled).observe(tpot);
             }
         }
         if let Some(ttft) = o.time_to_first_chunk {
             m.ttft.get_or_create(labels).observe(ttft.as_secs_f64());
+            c.ttft
+                .get_or_create(&TtftLabels {
+                    model_name: labelled.model_name,
+                    target_model_name: labelled.target_model_name,
+                    fairness_id: labelled.fairness_id,
+                    priority: labelled.priority,
+                    streaming: "true",
+                })
+                .observe(ttft.as_secs_f64());
         }
     }
 
     fn key(&self, request: &InferenceRequest) -> RecordKey {
+        self.key_of(
+            &request.model,
+            &request.target_model,
+            &request.fairness_id,
+            Arc::from(request.priority.to_string()),
+        )
+    }
+
+    /// The labels of a request: each bounded alone, and their set bounded too (a set past
+    /// [`MAX_REQUEST_LABEL_SETS`] loses its fairness id).
+    fn key_of(
+        &self,
+        model: &str,
+        target_model: &str,
+        fairness_id: &str,
+        priority: Arc<str>,
+    ) -> RecordKey {
+        let model = self.labels.label(model);
+        let target_model = self.labels.label(target_model);
+        let mut fairness_id = self.fairness.label_of(fairness_id);
+        let set = (
+            model.clone(),
+            target_model.clone(),
+            fairness_id.clone(),
+            priority.clone(),
+        );
+        if !self.label_sets.admits(&set) {
+            fairness_id = self.fairness.overflow().clone();
+        }
         RecordKey {
-            model: self.labels.label(&request.model),
-            target_model: self.labels.label(&request.target_model),
+            model,
+            target_model,
+            fairness_id,
+            priority,
         }
     }
 }
@@ -221,6 +287,13 @@ impl Recorder for EppRecorder {
                 model_name: pair.model_name,
             })
             .inc();
+        let c = &m.canonical;
+        let labelled = Self::canonical(&key);
+        c.requests.get_or_create(&labelled).inc();
+        c.request_sizes
+            .get_or_create(&labelled)
+            .observe(request.body_len as f64);
+        c.running.get_or_create(&labelled).inc();
         key
     }
 
@@ -229,15 +302,7 @@ impl Recorder for EppRecorder {
             self.metrics.request_body_budget_rejections.inc();
         }
         let key = request.map(|r| self.key(r)).unwrap_or_default();
-        let pair = self.pair(&key);
-        self.metrics
-            .request_errors
-            .get_or_create(&ErrorLabels {
-                model_name: pair.model_name,
-                target_model_name: pair.target_model_name,
-                error_code: error.code().to_owned(),
-            })
-            .inc();
+        self.count_error(&key, error.code().to_owned());
     }
 
     fn on_response_overflow(&self, rewrite: bool) {
@@ -254,8 +319,13 @@ impl Recorder for EppRecorder {
         let labels = self.pair(c.key);
         let elapsed = c.elapsed.as_secs_f64();
         m.request_duration.get_or_create(&labels).observe(elapsed);
+        m.canonical
+            .request_duration
+            .get_or_create(&Self::canonical(c.key))
+            .observe(elapsed);
         self.record_answer(
             &labels,
+            c.key,
             &Observation {
                 key: c.key,
                 elapsed: c.elapsed,
@@ -268,25 +338,17 @@ impl Recorder for EppRecorder {
         if let Some(status) = c.status
             && !status.starts_with('2')
         {
-            m.request_errors
-                .get_or_create(&ErrorLabels {
-                    model_name: labels.model_name,
-                    target_model_name: labels.target_model_name,
-                    error_code: model_server_error_code(status),
-                })
-                .inc();
+            self.count_error(c.key, model_server_error_code(status));
         }
     }
 
     fn on_observed(&self, observation: &Observation<'_>) {
-        self.record_answer(&self.pair(observation.key), observation);
+        self.record_answer(&self.pair(observation.key), observation.key, observation);
     }
 
-    fn observed_key(&self, model: &str, target_model: &str) -> RecordKey {
-        RecordKey {
-            model: self.labels.label(model),
-            target_model: self.labels.label(target_model),
-        }
+    fn observed_key(&self, model: &str, target_model: &str, fairness_id: &str) -> RecordKey {
+        // The tag carries no priority.
+        self.key_of(model, target_model, fairness_id, Arc::from(""))
     }
 
     fn on_observer_stream(&self, outcome: ObserverOutcome) {
@@ -305,6 +367,35 @@ impl Recorder for EppRecorder {
                 model_name: key.model.to_string(),
             })
             .dec();
+        self.metrics
+            .canonical
+            .running
+            .get_or_create(&Self::canonical(key))
+            .dec();
+    }
+}
+
+impl EppRecorder {
+    /// One more error of `code` under both names.
+    fn count_error(&self, key: &RecordKey, code: String) {
+        let m = &self.metrics;
+        m.request_errors
+            .get_or_create(&ErrorLabels {
+                model_name: key.model.to_string(),
+                target_model_name: key.target_model.to_string(),
+                error_code: code.clone(),
+            })
+            .inc();
+        m.canonical
+            .request_errors
+            .get_or_create(&CanonicalErrorLabels {
+                model_name: key.model.clone(),
+                target_model_name: key.target_model.clone(),
+                fairness_id: key.fairness_id.clone(),
+                priority: key.priority.clone(),
+                error_code: code,
+            })
+            .inc();
     }
 }
 
@@ -319,6 +410,137 @@ fn model_server_error_code(status: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ext_proc::openai::Usage;
+    use prometheus_client::registry::Registry;
+
+    fn recorder(fairness_limit: usize) -> (EppRecorder, Registry) {
+        let mut registry = Registry::default();
+        let metrics = EppMetrics::register(&mut registry);
+        let recorder = EppRecorder::new(
+            metrics,
+            Arc::new(DecisionLog::new(0)),
+            Arc::new(ModelLabels::default()),
+            Arc::new(FairnessLabels::with_limit(fairness_limit)),
+        );
+        (recorder, registry)
+    }
+
+    fn encode(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    fn request(model: &str, fairness_id: &str, priority: i32) -> InferenceRequest {
+        InferenceRequest {
+            model: model.into(),
+            target_model: model.into(),
+            fairness_id: fairness_id.into(),
+            priority,
+            body_len: 1000,
+            ..Default::default()
+        }
+    }
+
+    /// A request is recorded under the reference's canonical names too, with its flow and
+    /// priority, and its running gauge falls back under the labels it rose with.
+    #[test]
+    fn a_request_is_recorded_under_both_names() {
+        let (r, registry) = recorder(10);
+        let key = r.on_routed(&request("m", "tenant-a", 2), false, Duration::ZERO);
+        let labels =
+            "model_name=\"m\",target_model_name=\"m\",fairness_id=\"tenant-a\",priority=\"2\"";
+        let text = encode(&registry);
+        for line in [
+            format!("llm_d_epp_request_total{{{labels}}} 1"),
+            format!("llm_d_epp_request_running{{{labels}}} 1"),
+            format!("llm_d_epp_request_size_bytes_sum{{{labels}}} 1000.0"),
+            "inference_objective_request_total{model_name=\"m\",target_model_name=\"m\",priority=\"2\"} 1".to_owned(),
+            "inference_objective_running_requests{model_name=\"m\"} 1".to_owned(),
+        ] {
+            assert!(text.contains(&line), "{line} not in\n{text}");
+        }
+        r.on_complete(&Completion {
+            key: &key,
+            elapsed: Duration::from_secs(2),
+            response_bytes: Some(4096),
+            usage: Some(Usage {
+                prompt_tokens: 100,
+                completion_tokens: 11,
+                total_tokens: 111,
+                cached_tokens: 64,
+            }),
+            time_to_first_chunk: Some(Duration::from_millis(250)),
+            after_first_chunk: Some(Duration::from_secs(1)),
+            status: Some("503"),
+        });
+        r.on_released(&key);
+        let text = encode(&registry);
+        for line in [
+            format!("llm_d_epp_request_running{{{labels}}} 0"),
+            format!("llm_d_epp_request_duration_seconds_sum{{{labels}}} 2.0"),
+            format!("llm_d_epp_response_size_bytes_sum{{{labels}}} 4096.0"),
+            format!("llm_d_epp_request_input_tokens_sum{{{labels}}} 100.0"),
+            format!("llm_d_epp_request_output_tokens_sum{{{labels}}} 11.0"),
+            format!("llm_d_epp_request_cached_tokens_sum{{{labels}}} 64.0"),
+            format!("llm_d_epp_request_streaming_tpot_seconds_sum{{{labels}}} 0.1"),
+            format!("llm_d_epp_request_ttft_seconds_sum{{{labels},streaming=\"true\"}} 0.25"),
+            format!(
+                "llm_d_epp_request_error_total{{{labels},error_code=\"ModelServerError503\"}} 1"
+            ),
+            "inference_objective_running_requests{model_name=\"m\"} 0".to_owned(),
+            "inference_objective_input_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 100.0"
+                .to_owned(),
+        ] {
+            assert!(text.contains(&line), "{line} not in\n{text}");
+        }
+        assert!(
+            text.contains("llm_d_epp_request_ntpot_seconds_sum{"),
+            "{text}"
+        );
+    }
+
+    /// Fairness ids past the limit are `other`; label sets past their cap keep their models
+    /// and priority and lose only the fairness id.
+    #[test]
+    fn fairness_ids_and_label_sets_are_bounded() {
+        let (r, registry) = recorder(2);
+        for tenant in ["a", "b", "c"] {
+            let key = r.on_routed(&request("m", tenant, 0), false, Duration::ZERO);
+            r.on_released(&key);
+        }
+        let text = encode(&registry);
+        assert!(text.contains("fairness_id=\"b\""), "{text}");
+        assert!(!text.contains("fairness_id=\"c\""), "{text}");
+        assert!(
+            text.contains("llm_d_epp_request_total{model_name=\"m\",target_model_name=\"m\",fairness_id=\"other\",priority=\"0\"} 1"),
+            "{text}"
+        );
+
+        let (r, registry) = recorder(usize::MAX);
+        for i in 0..=MAX_REQUEST_LABEL_SETS {
+            let key = r.on_routed(&request("m", &format!("t{i}"), 1), false, Duration::ZERO);
+            r.on_released(&key);
+        }
+        // Past the cap: the same model and priority, fairness `other`.
+        let key = r.on_routed(&request("m", "late", 1), false, Duration::ZERO);
+        assert_eq!(
+            (&*key.model, &*key.fairness_id, &*key.priority),
+            ("m", "other", "1")
+        );
+        let text = encode(&registry);
+        assert!(text.contains("fairness_id=\"t0\""));
+        assert!(!text.contains("fairness_id=\"late\""));
+        let sets = text
+            .lines()
+            .filter(|l| l.starts_with("llm_d_epp_request_total{"))
+            .count();
+        assert_eq!(
+            sets,
+            MAX_REQUEST_LABEL_SETS + 1,
+            "the cap's sets and one `other`"
+        );
+    }
 
     #[test]
     fn model_server_error_codes_are_bounded() {

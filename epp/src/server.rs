@@ -31,7 +31,7 @@ use crate::connections::{
 use crate::debug::DecisionLog;
 use crate::flow_metrics::FlowMetrics;
 use crate::health;
-use crate::labels::ModelLabels;
+use crate::labels::{FairnessLabels, ModelLabels};
 use crate::metrics::{EppMetrics, MetricsObserver};
 use crate::recorder::EppRecorder;
 use crate::supervisor::{OnExit, Supervisor, factory};
@@ -145,6 +145,8 @@ pub struct Settings {
     pub refresh_prometheus_interval: Duration,
     /// Staleness threshold for the pool gauges.
     pub metrics_staleness: Duration,
+    /// Fairness ids with a metric label of their own (`--fairness-id-metric-label-limit`).
+    pub fairness_label_limit: usize,
     /// The pool.
     pub pool: PoolSource,
     /// RNG seed.
@@ -300,6 +302,7 @@ pub async fn serve_with_handles(
         scrape,
         refresh_prometheus_interval,
         metrics_staleness,
+        fairness_label_limit,
         pool,
         seed,
         admin_auth,
@@ -346,9 +349,11 @@ pub async fn serve_with_handles(
     let datastore = Arc::new(Datastore::new());
     let director = Arc::new(Director::new(datastore.clone(), Arc::new(config), seed));
     let labels = Arc::new(ModelLabels::default());
+    let fairness_labels = Arc::new(FairnessLabels::with_limit(fairness_label_limit));
     let mut registry = Registry::default();
     let metrics = EppMetrics::register(&mut registry);
-    let flow_metrics = FlowMetrics::register(&mut registry, labels.clone());
+    let flow_metrics =
+        FlowMetrics::register(&mut registry, labels.clone(), fairness_labels.clone());
     let registry = Arc::new(Mutex::new(registry));
     let observer = Arc::new(MetricsObserver(metrics.clone()));
     director.config().scheduler.set_observer(observer.clone());
@@ -695,7 +700,12 @@ pub async fn serve_with_handles(
         MAX_GRPC_MESSAGE.max(options.max_request_body_bytes.saturating_add(64 * 1024));
     let ctx = Arc::new(ServiceContext {
         director: director.clone(),
-        recorder: Arc::new(EppRecorder::new(metrics, decisions, labels)),
+        recorder: Arc::new(EppRecorder::new(
+            metrics,
+            decisions,
+            labels,
+            fairness_labels,
+        )),
         options,
     });
     let svc = ExtProcServer::new(ExtProcService::new(ctx))

@@ -85,6 +85,7 @@ async fn readiness_needs_the_pool_synced_and_the_lease() {
         scrape: None,
         refresh_prometheus_interval: Duration::from_secs(1),
         metrics_staleness: Duration::from_secs(2),
+        fairness_label_limit: epp::labels::DEFAULT_MAX_FAIRNESS_LABELS,
         pool: PoolSource::Kubernetes {
             discovery: Box::new(discovery),
             leader: Some(epp::server::Election::Running(is_leader, lease_task)),

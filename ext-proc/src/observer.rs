@@ -374,7 +374,7 @@ impl ObserverState {
             key: self
                 .ctx
                 .recorder
-                .observed_key(&tag.model, &tag.target_model),
+                .observed_key(&tag.model, &tag.target_model, &tag.fairness_id),
             streaming: false,
             started: instant_of_unix_micros(tag.started_us),
             fairness_id: here.then_some(tag.fairness_id),

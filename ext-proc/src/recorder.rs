@@ -58,6 +58,10 @@ pub struct RecordKey {
     pub model: Arc<str>,
     /// The label value of the model served.
     pub target_model: Arc<str>,
+    /// The label value of the request's fairness id (empty when not known).
+    pub fairness_id: Arc<str>,
+    /// The label value of the request's priority (empty when not known).
+    pub priority: Arc<str>,
 }
 
 /// A finished response. It carries no [`InferenceRequest`]: the stream lets the request go
@@ -184,8 +188,9 @@ pub trait Recorder: Send + Sync + std::fmt::Debug {
     fn on_observed(&self, _observation: &Observation<'_>) {}
 
     /// The names an observer files a request under when it knows the request by its tag only
-    /// (routed by another EPP, or released): the same policy as [`Recorder::on_routed`]'s.
-    fn observed_key(&self, _model: &str, _target_model: &str) -> RecordKey {
+    /// (routed by another EPP, or released): the same policy as [`Recorder::on_routed`]'s. The
+    /// tag carries no priority.
+    fn observed_key(&self, _model: &str, _target_model: &str, _fairness_id: &str) -> RecordKey {
         RecordKey::default()
     }
 

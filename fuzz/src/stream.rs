@@ -89,6 +89,7 @@ impl Recorder for Counts {
         RecordKey {
             model: Arc::from(r.model.as_str()),
             target_model: Arc::from(r.target_model.as_str()),
+            ..RecordKey::default()
         }
     }
     fn on_rejected(&self, _: Option<&InferenceRequest>, _: &RequestError) {

@@ -153,6 +153,7 @@ pub async fn start_epp(pool: PoolSpec, opts: EppOptions) -> Epp {
         }),
         refresh_prometheus_interval: Duration::from_millis(100),
         metrics_staleness: Duration::from_secs(2),
+        fairness_label_limit: epp::labels::DEFAULT_MAX_FAIRNESS_LABELS,
         pool: PoolSource::Static(pool),
         seed: 7,
         admin_auth: epp::admin::AdminAuth::Open,

@@ -36,6 +36,7 @@ impl Recorder for Events {
         RecordKey {
             model: Arc::from(r.model.as_str()),
             target_model: Arc::from(r.target_model.as_str()),
+            ..RecordKey::default()
         }
     }
     fn on_rejected(&self, _: Option<&InferenceRequest>, e: &RequestError) {
@@ -65,10 +66,11 @@ impl Recorder for Events {
     fn on_observer_stream(&self, outcome: crate::recorder::ObserverOutcome) {
         self.0.lock().push(format!("observer {}", outcome.as_str()));
     }
-    fn observed_key(&self, model: &str, target_model: &str) -> RecordKey {
+    fn observed_key(&self, model: &str, target_model: &str, _: &str) -> RecordKey {
         RecordKey {
             model: Arc::from(model),
             target_model: Arc::from(target_model),
+            ..RecordKey::default()
         }
     }
 }
