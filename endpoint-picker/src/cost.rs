@@ -367,14 +367,156 @@ impl Calibration {
     }
 }
 
-/// Prompt tokens of a prompt of `bytes` bytes, estimated.
+/// Most prompt tokens an estimate gives one request: a 16 MiB body (the default request cap)
+/// estimated at 4 bytes a token would be 4.2 M tokens, minutes of prefill charged to the replica
+/// it goes to, which a client could send on purpose to take replicas out of rotation. Past a
+/// long context the estimate is wrong anyway (an engine refuses such a prompt).
+pub const MAX_ESTIMATED_PROMPT_TOKENS: u64 = 262_144;
+
+/// Tokens one media part (an image, an audio clip) of a structured prompt is estimated at,
+/// whatever the length of its base64: a high-resolution image is of this order for today's
+/// vision models, and its base64 bytes say little about it.
+pub const MEDIA_PART_TOKENS: u64 = 1_024;
+
+/// A JSON string at least this long that is a `data:` URL or base64 alone is a media part.
+const MIN_MEDIA_BYTES: usize = 1_024;
+
+/// Prompt tokens of a prompt of `bytes` bytes, estimated (at most
+/// [`MAX_ESTIMATED_PROMPT_TOKENS`]).
 pub fn estimate_tokens(bytes: usize) -> u64 {
-    bytes.div_ceil(BYTES_PER_TOKEN) as u64
+    (bytes.div_ceil(BYTES_PER_TOKEN) as u64).min(MAX_ESTIMATED_PROMPT_TOKENS)
+}
+
+/// Prompt tokens of a structured prompt (chat `messages`, Responses `input`, …) given as its
+/// raw JSON, estimated from what the engine tokenizes: the bytes inside JSON strings at
+/// [`BYTES_PER_TOKEN`] (keys and values: role names and part types become template tokens
+/// too), each media part at [`MEDIA_PART_TOKENS`], and nothing for the JSON's structure and
+/// whitespace. A JSON without strings (a completion prompt of token ids) is estimated from its
+/// bytes. At most [`MAX_ESTIMATED_PROMPT_TOKENS`].
+pub fn estimate_json_prompt_tokens(json: &[u8]) -> u64 {
+    let (mut text, mut media, mut strings) = (0usize, 0u64, 0usize);
+    let mut at = 0;
+    while let Some(open) = memchr::memchr(b'"', &json[at..]) {
+        let start = at + open + 1;
+        let mut end = start;
+        // The closing quote: the first one not escaped.
+        loop {
+            match memchr::memchr2(b'"', b'\\', &json[end.min(json.len())..]) {
+                None => {
+                    end = json.len();
+                    break;
+                }
+                Some(p) if json[end + p] == b'\\' => end += p + 2,
+                Some(p) => {
+                    end += p;
+                    break;
+                }
+            }
+        }
+        let end = end.min(json.len());
+        let string = &json[start.min(end)..end];
+        strings += 1;
+        if is_media(string) {
+            media += 1;
+        } else {
+            text += string.len();
+        }
+        at = (end + 1).min(json.len());
+    }
+    if strings == 0 {
+        return estimate_tokens(json.len());
+    }
+    (text.div_ceil(BYTES_PER_TOKEN) as u64)
+        .saturating_add(media.saturating_mul(MEDIA_PART_TOKENS))
+        .min(MAX_ESTIMATED_PROMPT_TOKENS)
+}
+
+/// A `data:` URL, or base64 alone (vLLM's `input_audio.data`), long enough to be media.
+fn is_media(string: &[u8]) -> bool {
+    string.len() >= MIN_MEDIA_BYTES
+        && (string.starts_with(b"data:")
+            || string
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_structured_prompt_is_estimated_from_its_text_and_media_parts() {
+        let text = "word ".repeat(800);
+        let chat = format!(r#"[{{"role":"user","content":"{text}"}}]"#);
+        // 4,000 bytes of text plus "role", "user", "content": 4,015 bytes.
+        assert_eq!(estimate_json_prompt_tokens(chat.as_bytes()), 1004);
+        // Whitespace between the JSON's tokens is not text.
+        let padded = format!(
+            r#"[ {{ "role" : "user" , {} "content" : "{text}" }} ]"#,
+            " ".repeat(1 << 20)
+        );
+        assert_eq!(estimate_json_prompt_tokens(padded.as_bytes()), 1004);
+        // An image is one media part, whatever its size; an escaped quote stays inside.
+        let image = format!("data:image/jpeg;base64,{}", "QUJD".repeat(1 << 18));
+        let vision = format!(
+            r#"[{{"role":"user","content":[{{"type":"text","text":"say \"hi\""}},{{"type":"image_url","image_url":{{"url":"{image}"}}}}]}}]"#
+        );
+        let text_bytes = [
+            "role",
+            "user",
+            "content",
+            "type",
+            "text",
+            "text",
+            r#"say \"hi\""#,
+            "type",
+            "image_url",
+            "image_url",
+            "url",
+        ]
+        .iter()
+        .map(|s| s.len())
+        .sum::<usize>();
+        assert_eq!(
+            estimate_json_prompt_tokens(vision.as_bytes()),
+            text_bytes.div_ceil(BYTES_PER_TOKEN) as u64 + MEDIA_PART_TOKENS
+        );
+        // Audio as bare base64 too.
+        let audio = format!(
+            r#"[{{"input_audio":{{"data":"{}","format":"wav"}}}}]"#,
+            "QUJD".repeat(1000)
+        );
+        assert_eq!(
+            estimate_json_prompt_tokens(audio.as_bytes()),
+            ("input_audio".len() + "data".len() + "format".len() + "wav".len()).div_ceil(4) as u64
+                + MEDIA_PART_TOKENS
+        );
+        // Token ids: no strings, so the bytes.
+        assert_eq!(estimate_json_prompt_tokens(b"[1,2,3,4,5,6,7,8]"), 5);
+    }
+
+    #[test]
+    fn estimates_are_capped_and_survive_damaged_json() {
+        let huge = format!(r#"[{{"content":"{}"}}]"#, "word ".repeat(1 << 20));
+        assert_eq!(
+            estimate_json_prompt_tokens(huge.as_bytes()),
+            MAX_ESTIMATED_PROMPT_TOKENS
+        );
+        assert_eq!(estimate_tokens(16 << 20), MAX_ESTIMATED_PROMPT_TOKENS);
+        // Unterminated strings and a trailing backslash end the walk, not the process.
+        for damaged in [
+            &br#"\"#[..],
+            br#""abc"#,
+            br#""abc\"#,
+            br#""\"#,
+            br#"""#,
+            br#""""#,
+            b"",
+        ] {
+            let _ = estimate_json_prompt_tokens(damaged);
+        }
+        assert_eq!(estimate_json_prompt_tokens(br#""abcd""#), 1);
+    }
 
     fn ms(s: f64) -> f64 {
         s * 1000.0

@@ -66,6 +66,9 @@ pub struct InferenceRequest {
     /// Whether `prompt` is a copy apart from the body (decoded escapes, chat messages put
     /// together) rather than a slice of it: then it is held on top of the body.
     pub prompt_is_copy: bool,
+    /// The prompt's tokens as the body parser estimated them from its content (text and media
+    /// parts, not the JSON around them): what [`Self::prompt_tokens`] says without token ids.
+    pub estimated_prompt_tokens: Option<u64>,
     /// The most output tokens the client asked for (`max_tokens`, `max_completion_tokens`,
     /// `max_output_tokens`), when it said.
     pub max_tokens: Option<u32>,
@@ -82,12 +85,14 @@ pub struct InferenceRequest {
 }
 
 impl InferenceRequest {
-    /// The prompt's length in tokens: exact when the token producer gave ids, else estimated
-    /// from its bytes (≈ 4 bytes a token, the `estimate` backend's rule).
+    /// The prompt's length in tokens: exact when the token producer gave ids, else the
+    /// parser's estimate from the prompt's content, else estimated from its bytes (≈ 4 bytes a
+    /// token, the `estimate` backend's rule), at most `cost::MAX_ESTIMATED_PROMPT_TOKENS`.
     pub fn prompt_tokens(&self) -> u64 {
-        match &self.token_ids {
-            Some(ids) => ids.len() as u64,
-            None => crate::cost::estimate_tokens(self.prompt.len()),
+        match (&self.token_ids, self.estimated_prompt_tokens) {
+            (Some(ids), _) => ids.len() as u64,
+            (None, Some(estimate)) => estimate,
+            (None, None) => crate::cost::estimate_tokens(self.prompt.len()),
         }
     }
 

@@ -347,8 +347,9 @@ struct TokenProducerYaml {
     uds_tokenizer_config: Option<yaml_serde::Value>,
 }
 
-/// llm-d's `estimate` tunes multimodal placeholder counts; no multimodal input is estimated
-/// here, so it takes no parameters.
+/// llm-d's `estimate` tunes multimodal placeholder counts; here every media part of a prompt
+/// is estimated at `cost::MEDIA_PART_TOKENS` (`cost::estimate_json_prompt_tokens`), so it takes
+/// no parameters.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EstimateYaml {}

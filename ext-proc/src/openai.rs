@@ -335,6 +335,10 @@ pub struct ParsedBody {
     /// The output-token limit the client set, if it is a plain integer (a hint for the cost
     /// model; the engine validates it).
     pub max_tokens: Option<u32>,
+    /// The prompt's tokens estimated from its content (text and media parts, not the JSON
+    /// around them; `endpoint_picker::cost::estimate_json_prompt_tokens`), for when no
+    /// tokenizer gives ids.
+    pub estimated_prompt_tokens: u64,
 }
 
 /// The fields the EPP reads, each kept raw so that a wrong type is reported by name without
@@ -532,6 +536,9 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
         api: api.as_str(),
         field,
     };
+    // A plain string prompt is text through and through; anything else is JSON whose strings
+    // are what the engine reads.
+    let mut plain_text = false;
     let prompt = match api {
         Api::Completions | Api::HeadersOnly => {
             let raw = non_empty(fields.prompt).ok_or_else(|| missing("prompt"))?;
@@ -540,6 +547,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
                 .strip_prefix('"')
                 .and_then(|s| s.strip_suffix('"'))
             {
+                plain_text = true;
                 // A plain string prompt: hash the text itself. The pass above validated it as
                 // a JSON string, so without a backslash its text is the slice between the
                 // quotes (found at memchr speed, not by a second JSON pass over what may be
@@ -577,6 +585,11 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
             }
         }
     };
+    let estimated_prompt_tokens = if plain_text {
+        endpoint_picker::cost::estimate_tokens(prompt.len())
+    } else {
+        endpoint_picker::cost::estimate_json_prompt_tokens(&prompt)
+    };
     let stream = fields.stream.is_some_and(|s| s.get().trim() == "true");
     let cache_salt = match fields.cache_salt {
         Some(raw) if kind_of(raw.get()) == JsonKind::String => {
@@ -600,6 +613,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
         cache_salt,
         model_span,
         max_tokens,
+        estimated_prompt_tokens,
     })
 }
 
@@ -1117,6 +1131,44 @@ mod tests {
         assert_eq!(&p.prompt[..], br#"[{"role":"user","content":"hi"}]"#);
         assert_eq!(p.cache_salt.as_deref(), Some("s"));
         assert!(!p.stream);
+    }
+
+    /// The prompt's token estimate counts its text and media parts, not the JSON around them:
+    /// a client cannot pad a body into minutes of predicted prefill on one replica.
+    #[test]
+    fn the_prompt_estimate_counts_content_not_padding() {
+        let text = "word ".repeat(2000);
+        let plain = parse_body(
+            Api::Completions,
+            &b(&format!(r#"{{"model":"m","prompt":"{text}"}}"#)),
+        )
+        .unwrap();
+        assert_eq!(plain.estimated_prompt_tokens, 2500);
+        let padding = " ".repeat(8 << 20);
+        let padded = parse_body(
+            Api::ChatCompletions,
+            &b(&format!(
+                r#"{{"model":"m","messages":[{padding}{{"role":"user",{padding}"content":"{text}"}}]}}"#
+            )),
+        )
+        .unwrap();
+        assert_eq!(
+            padded.estimated_prompt_tokens,
+            (10_000 + 15_u64).div_ceil(4)
+        );
+        let image = format!("data:image/png;base64,{}", "QUJD".repeat(1 << 18));
+        let vision = parse_body(
+            Api::ChatCompletions,
+            &b(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{image}"}}}}]}}]}}"#
+            )),
+        )
+        .unwrap();
+        assert!(
+            vision.estimated_prompt_tokens < endpoint_picker::cost::MEDIA_PART_TOKENS + 16,
+            "{}",
+            vision.estimated_prompt_tokens
+        );
     }
 
     #[test]

@@ -816,6 +816,7 @@ impl StreamState {
                 cache_salt: None,
                 model_span: 0..0,
                 max_tokens: None,
+                estimated_prompt_tokens: 0,
             };
             return self.route(request, Some((body, nothing, end_of_stream)));
         }
@@ -831,6 +832,7 @@ impl StreamState {
                 stream: parsed.stream,
                 prompt: parsed.prompt.clone(),
                 prompt_is_copy: !openai::is_slice_of(&parsed.prompt, &body),
+                estimated_prompt_tokens: Some(parsed.estimated_prompt_tokens),
                 cache_salt: parsed.cache_salt.clone(),
                 body_len: body.len(),
                 ..r
