@@ -57,7 +57,7 @@ pub async fn watch(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let config = watcher::Config::default().labels(&selector());
+    let config = k8s::watch::watch_config().labels(&selector());
     let events = watcher::watcher(api, config)
         .default_backoff()
         .modify(|cm: &mut ConfigMap| cm.managed_fields_mut().clear());

@@ -493,7 +493,7 @@ where
 
 /// One run of the watch of `K` into `store`, until the stream ends or `shutdown` fires.
 pub async fn watch<K: Watched>(api: Api<K>, store: Arc<RouteStore>, shutdown: CancellationToken) {
-    let events = watcher::watcher(api, watcher::Config::default())
+    let events = watcher::watcher(api, k8s::watch::watch_config())
         .default_backoff()
         .modify(|k: &mut K| k.meta_mut().managed_fields = None);
     feed(events, &store, shutdown).await;

@@ -53,6 +53,53 @@ pub struct Plan {
     metrics_port: Option<u16>,
     /// The lease identity (`$POD_NAME`) with leader election.
     identity: Option<String>,
+    /// The lease competed for with leader election ([`lease_for`]).
+    lease: String,
+}
+
+/// Longest object name the API server takes (a DNS subdomain).
+const MAX_OBJECT_NAME: usize = 253;
+
+/// The lease of a pool: the reference's name for an InferencePool's. A standalone pool is
+/// named by what it selects: two standalone EPPs of one namespace (two models, two selectors)
+/// sharing one lease would have one ready replica between them. A name the API server would
+/// refuse is an error here, not a 422 every 2 s and an EPP that is never ready.
+fn lease_for(
+    namespace: &str,
+    pool: &str,
+    standalone: Option<&k8s::api::InferencePoolSpec>,
+) -> Result<String> {
+    let name = match standalone {
+        None => lease_name(namespace, pool),
+        Some(spec) => {
+            let mut selected = String::new();
+            for (k, v) in &spec.selector.match_labels {
+                selected.push_str(&format!("{k}={v},"));
+            }
+            let mut ports: Vec<i32> = spec.target_ports.iter().map(|p| p.number).collect();
+            ports.sort_unstable();
+            selected.push_str(&format!("{ports:?}"));
+            lease_name(
+                namespace,
+                &format!("{pool}-{:016x}", fnv1a(selected.as_bytes())),
+            )
+        }
+    };
+    if name.len() > MAX_OBJECT_NAME {
+        bail!(
+            "the lease name {name:?} is {} characters, over the API server's {MAX_OBJECT_NAME}: \
+             shorten the pool's name or namespace, or run without --ha-enable-leader-election",
+            name.len()
+        );
+    }
+    Ok(name)
+}
+
+/// FNV-1a, 64 bits: a name stable across releases and platforms (std's hasher is neither).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Validates the flags (and `$POD_NAME` with leader election), without I/O.
@@ -85,6 +132,11 @@ pub fn plan(flags: Flags) -> Result<Plan> {
             k8s::api::POOL_GROUP
         );
     }
+    let lease = if leader_election {
+        lease_for(&pool_namespace, &name, spec.as_ref())?
+    } else {
+        String::new()
+    };
     let identity = if leader_election {
         Some(
             std::env::var("POD_NAME")
@@ -104,6 +156,7 @@ pub fn plan(flags: Flags) -> Result<Plan> {
         pool_group,
         metrics_port,
         identity,
+        lease,
     })
 }
 
@@ -118,6 +171,7 @@ impl Plan {
             pool_group,
             metrics_port,
             identity,
+            lease,
         } = self;
         let client = k8s::client()
             .await
@@ -126,7 +180,7 @@ impl Plan {
         let leader = identity.map(|identity| Election::Pending {
             client: client.clone(),
             namespace: pool_namespace.clone(),
-            config: LeaseConfig::new(lease_name(&pool_namespace, &name), identity),
+            config: LeaseConfig::new(lease, identity),
         });
         let label = format!(
             "{pool_namespace}/{name} ({})",
@@ -154,5 +208,33 @@ impl Plan {
             label,
             client,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standalone_pools_have_leases_of_their_own_and_long_names_are_refused() {
+        let pool = lease_for("ns", "pool-a", None).unwrap();
+        assert_eq!(pool, lease_name("ns", "pool-a"));
+        let spec = |selector: &str, ports: &[u16]| standalone_spec(selector, ports).unwrap();
+        let (a, b) = (spec("app=a", &[8000]), spec("app=b", &[8000]));
+        let lease_a = lease_for("ns", STANDALONE_POOL, Some(&a)).unwrap();
+        let lease_b = lease_for("ns", STANDALONE_POOL, Some(&b)).unwrap();
+        assert_ne!(lease_a, lease_b, "two selectors, two leases");
+        assert!(lease_a.starts_with("epp-ns-standalone-"), "{lease_a}");
+        // The same selection written otherwise is the same lease (replicas of one Deployment
+        // may be rolled with the flags reordered).
+        let again = spec("tier=x, app=a", &[8001, 8000]);
+        let reordered = spec("app=a,tier=x", &[8000, 8001]);
+        assert_eq!(
+            lease_for("ns", STANDALONE_POOL, Some(&again)).unwrap(),
+            lease_for("ns", STANDALONE_POOL, Some(&reordered)).unwrap()
+        );
+        let long = "n".repeat(210);
+        let err = lease_for(&long, "pool", None).unwrap_err().to_string();
+        assert!(err.contains("over the API server's 253"), "{err}");
     }
 }

@@ -29,10 +29,21 @@ pub mod mock;
 
 pub use kube::Client;
 
+/// Longest wait for the next bytes of one API answer. kube sets none, so a list or a watch
+/// started on a pooled connection whose server vanished without a reset waited until the
+/// kernel gave up on the connection (about 15 minutes), or for ever behind a proxy that
+/// acknowledged the request and stalled. Above [`watch::WATCH_TIMEOUT_SECS`] plus slack, so
+/// a quiet watch is ended by its server, not cut here.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
 /// A client from the environment: the in-cluster service account, else `$KUBECONFIG` or
-/// `~/.kube/config`.
+/// `~/.kube/config`; reads time out after [`READ_TIMEOUT`].
 pub async fn client() -> Result<Client> {
-    Client::try_default().await.map_err(Error::Config)
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Config(kube::Error::InferConfig(e)))?;
+    config.read_timeout = Some(READ_TIMEOUT);
+    Client::try_from(config).map_err(Error::Config)
 }
 
 /// Errors of the Kubernetes layer.

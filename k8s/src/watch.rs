@@ -88,7 +88,7 @@ impl Discovery {
                 let index = Index::standalone(pool, spec, metrics_port, publisher).shared();
                 tasks.push(pods(
                     Api::namespaced(client.clone(), &ns),
-                    watcher::Config::default().labels(&selector),
+                    watch_config().labels(&selector),
                     index.clone(),
                 ));
                 index
@@ -103,7 +103,7 @@ impl Discovery {
                 ));
                 tasks.push(pods(
                     Api::namespaced(client.clone(), &ns),
-                    watcher::Config::default(),
+                    watch_config(),
                     index.clone(),
                 ));
                 index
@@ -112,13 +112,13 @@ impl Discovery {
         tasks.push(task::<InferenceObjective>(
             "inferenceobjectives",
             Api::namespaced(client.clone(), &ns),
-            watcher::Config::default(),
+            watch_config(),
             index.clone(),
         ));
         tasks.push(task::<InferenceModelRewrite>(
             "inferencemodelrewrites",
             Api::namespaced(client, &ns),
-            watcher::Config::default(),
+            watch_config(),
             index.clone(),
         ));
         (index, tasks)
@@ -140,9 +140,21 @@ impl Discovery {
     }
 }
 
+/// How long the API server keeps one watch request open (`timeoutSeconds`). kube's default,
+/// 290 s, is also how long a watch on a connection that died without a reset (a node lost, a
+/// black-holed network) goes unnoticed: kube gives up on a watch 5 s after its timeout. The
+/// pool would stay as it was that long: deleted pods kept, new ones unseen. A watch renewed
+/// every minute resumes from its last version (bookmarks on), so it costs no relist.
+pub const WATCH_TIMEOUT_SECS: u32 = 60;
+
+/// The watcher settings of every watch: [`WATCH_TIMEOUT_SECS`].
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)
+}
+
 /// Watches the one InferencePool named `name` (a `metadata.name` field selector).
 pub fn pools(api: Api<InferencePool>, name: &str, index: SharedIndex) -> WatchTask {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let config = watch_config().fields(&format!("metadata.name={name}"));
     task("inferencepools", api, config, index)
 }
 
@@ -260,6 +272,40 @@ where
     }
 }
 
+/// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// alphanumerics, `-`, `_` and `.`, alphanumeric at both ends.
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            })
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
+/// A label value: at most 63 alphanumerics, `-`, `_` and `.`, alphanumeric at both ends
+/// (empty is a value too).
+fn is_label_value(value: &str) -> bool {
+    let edge = |b: Option<u8>| b.is_none_or(|b| b.is_ascii_alphanumeric());
+    value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && edge(value.bytes().next())
+        && edge(value.bytes().last())
+}
+
 /// Parses `--endpoint-selector` (`key=value,...`) and `--endpoint-target-ports` into the
 /// pool spec of standalone mode.
 pub fn standalone_spec(selector: &str, ports: &[u16]) -> crate::Result<InferencePoolSpec> {
@@ -271,7 +317,15 @@ pub fn standalone_spec(selector: &str, ports: &[u16]) -> crate::Result<Inference
                 "--endpoint-selector: {pair:?} is not key=value"
             )));
         };
-        match_labels.insert(k.trim().to_owned(), v.trim().to_owned());
+        let (k, v) = (k.trim(), v.trim());
+        if !is_label_key(k) || !is_label_value(v) {
+            // The API server would read `app==x` as `app=x` and `app!=x` as a negation, where
+            // the index matches the pair as written: the two would disagree, silently.
+            return Err(crate::Error::Invalid(format!(
+                "--endpoint-selector: {pair:?} is not key=value with a label key and value"
+            )));
+        }
+        match_labels.insert(k.to_owned(), v.to_owned());
     }
     if match_labels.is_empty() {
         return Err(crate::Error::Invalid(

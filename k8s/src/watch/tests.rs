@@ -60,7 +60,7 @@ async fn list_watch_error_and_relist_with_readiness_gating() {
         run(
             pods(
                 Api::namespaced(pod_client, NS),
-                watcher::Config::default(),
+                watch_config(),
                 index.clone(),
             ),
             shutdown.child_token(),
@@ -81,7 +81,14 @@ async fn list_watch_error_and_relist_with_readiness_gating() {
         req.uri()
     );
     // The watch only starts once the listing has been handed to the index.
-    let (_, pool_watch) = pool_server.expect_watch(POOLS).await;
+    let (req, pool_watch) = pool_server.expect_watch(POOLS).await;
+    // The server ends each watch within a minute, so a watch on a dead connection is noticed
+    // then, not after kube's 290 s.
+    assert!(
+        req.uri().query().unwrap().contains("timeoutSeconds=60"),
+        "{}",
+        req.uri()
+    );
     assert!(
         !publisher.datastore.is_synced(),
         "not ready: the pods have not been listed yet"
@@ -272,6 +279,24 @@ fn standalone_flags_parse() {
     assert!(standalone_spec("app=x", &[]).is_err());
     assert!(standalone_spec("app=x", &[8000, 8000]).is_err());
     assert!(standalone_spec("app=x", &[1, 2, 3, 4, 5, 6, 7, 8, 9]).is_err());
+    // What the API server would read otherwise than the index matches it.
+    for bad in [
+        "app==x", "app!=x", "a b=c", "app=x y", "app=-x", "/app=x", "app=", "=x",
+    ] {
+        let parsed = standalone_spec(bad, &[8000]);
+        if bad == "app=" {
+            // An empty value is a label value.
+            assert!(parsed.is_ok(), "{bad}");
+        } else {
+            assert!(parsed.is_err(), "{bad}");
+        }
+    }
+    let spec = standalone_spec("app.kubernetes.io/name=vllm_1.2", &[8000]).unwrap();
+    assert_eq!(
+        spec.selector.match_labels["app.kubernetes.io/name"],
+        "vllm_1.2"
+    );
+    assert!(standalone_spec(&format!("app={}", "x".repeat(64)), &[8000]).is_err());
 }
 
 #[tokio::test(start_paused = true)]
