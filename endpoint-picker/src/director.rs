@@ -849,11 +849,11 @@ fn is_flow_id(v: &str) -> bool {
 /// The prompt tokens of `request` that `endpoint` would compute: all of them but the blocks its
 /// prefix cache is believed to hold.
 fn uncached_tokens(request: &InferenceRequest, state: &CycleState, endpoint: &Endpoint) -> u64 {
-    let prompt = request.prompt_tokens();
-    let cached = state.prefix.as_ref().map_or(0, |p| {
-        u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
-    });
-    prompt.saturating_sub(cached)
+    // The precise index where the endpoint's events are trusted, else the approximate one:
+    // what the scorers read too.
+    request
+        .prompt_tokens()
+        .saturating_sub(state.cached_tokens(endpoint))
 }
 
 /// The endpoints a request may go to: those serving, and those whose first readiness check

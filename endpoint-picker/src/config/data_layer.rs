@@ -112,8 +112,11 @@ impl ScrapeSettings {
     /// Applies a `core-metrics-extractor`: its label key replaces ours, and each of its
     /// engine configs replaces the built-in mapping of that name wholesale.
     pub fn apply_extractor(&mut self, extractor: &MetricsExtractor) {
-        self.engine_label_key
-            .clone_from(&extractor.engine_label_key);
+        // Only a key that is said replaces ours: a second extractor without one kept the
+        // first's out.
+        if let Some(key) = &extractor.engine_label_key {
+            self.engine_label_key = Some(key.clone());
+        }
         if let Some(d) = &extractor.default_engine {
             self.default_engine.clone_from(d);
         }
@@ -240,5 +243,30 @@ impl EngineConfigYaml {
                 .and_then(|m| m.readiness),
             name,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second `core-metrics-extractor` that names no label key keeps the first one's.
+    #[test]
+    fn an_extractor_without_a_label_key_keeps_the_one_set() {
+        let mut settings = ScrapeSettings::default();
+        settings.apply_extractor(&MetricsExtractor {
+            engine_label_key: Some("my.io/engine".into()),
+            ..MetricsExtractor::default()
+        });
+        settings.apply_extractor(&MetricsExtractor::default());
+        assert_eq!(settings.engine_label_key.as_deref(), Some("my.io/engine"));
+        settings.apply_extractor(&MetricsExtractor {
+            engine_label_key: Some("other.io/engine".into()),
+            ..MetricsExtractor::default()
+        });
+        assert_eq!(
+            settings.engine_label_key.as_deref(),
+            Some("other.io/engine")
+        );
     }
 }

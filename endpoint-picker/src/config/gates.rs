@@ -88,8 +88,10 @@ impl FeatureGates {
         for entry in entries {
             // The reference's reading: the name is what precedes the first `=`, the value
             // what follows it, trimmed and case-insensitive.
-            let mut parts = entry.split('=');
-            let name = parts.next().unwrap_or_default();
+            let (name, value) = match entry.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (entry.as_str(), None),
+            };
             let Some(gate) = GATES.iter().find(|g| g.name == name) else {
                 let known: Vec<&str> = GATES.iter().map(|g| g.name).collect();
                 return Err(ConfigError::FeatureGate {
@@ -97,7 +99,8 @@ impl FeatureGates {
                     reason: format!("unknown; known gates: {}", known.join(", ")),
                 });
             };
-            let value = match parts.next() {
+            // `flowControl=true=false` is no boolean (the whole rest is the value).
+            let value = match value {
                 None => true,
                 Some(v) => parse_bool(v).ok_or_else(|| ConfigError::FeatureGate {
                     gate: name.to_owned(),

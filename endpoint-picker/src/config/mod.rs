@@ -141,7 +141,9 @@ pub enum ConfigError {
     #[error("scheduling profile {0:?} has more than one picker")]
     MultiplePickers(String),
     /// A bad weight.
-    #[error("scheduling profile {profile:?}: weight of {plugin:?} must be a finite number ≥ 0")]
+    #[error(
+        "scheduling profile {profile:?}: weight of {plugin:?} must be a number from 0 to 1,000,000"
+    )]
     Weight {
         /// Profile.
         profile: String,
@@ -199,6 +201,11 @@ pub fn load(text: &str, seed: u64) -> Result<LoadedConfig, ConfigError> {
     build(&doc, seed)
 }
 
+/// The largest scorer weight: totals of a few such stay finite and ordered (two weights of
+/// 1e308 summed to infinity, where every candidate ties and the weighted-random picker always
+/// took the first).
+const MAX_WEIGHT: f64 = 1e6;
+
 /// Builds a parsed document, phase by phase.
 fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigError> {
     check_kind(doc)?;
@@ -209,6 +216,7 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     let agent_identity = flow_control::agent_identity(&plugins);
     ensure_cost_producer(&mut plugins)?;
     ensure_prefix_producer(&mut plugins, &mut warnings)?;
+    one_producer_per_kind(&plugins)?;
     let profiles = build_profiles(&doc.scheduling_profiles, &plugins)?;
     let handler = choose_handler(&plugins, profiles.len())?;
     let saturation_detector = choose_saturation_detector(doc, &mut plugins, &mut warnings)?;
@@ -268,6 +276,35 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
         token_producer,
         warnings,
     })
+}
+
+/// At most one producer of each kind: a request carries one result of each (one prefix
+/// match, one precise match, one peer source, one cost), and every consumer reads that one,
+/// so a second producer would be computed, and fed, and never read.
+fn one_producer_per_kind(plugins: &Plugins<'_>) -> Result<(), ConfigError> {
+    let mut seen: Vec<(&'static str, &str)> = Vec::new();
+    for i in plugins.iter() {
+        let kind = match &i.built {
+            Built::PrefixProducer(_) => PREFIX_PRODUCER,
+            Built::PreciseScorer(_) => "precise-prefix-cache-scorer",
+            Built::CostProducer(_) => COST_PRODUCER,
+            Built::P2pSource(_) => "p2p-source-producer",
+            _ => continue,
+        };
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == kind) {
+            return Err(ConfigError::InvalidParameter {
+                name: i.name.clone(),
+                type_name: kind.into(),
+                parameter: "type",
+                reason: format!(
+                    "only one {kind} may be declared ({first:?} is one): a request carries one \
+                     result of each kind, so the other would be computed and never read"
+                ),
+            });
+        }
+        seen.push((kind, &i.name));
+    }
+    Ok(())
 }
 
 /// The `token-producer`, at most one (a request has one set of ids).
@@ -393,18 +430,17 @@ fn ensure_prefix_producer(
         legacy,
         warnings,
     ))?;
-    if plugins.get(PREFIX_PRODUCER).is_none() {
-        plugins.add(Instance {
-            name: PREFIX_PRODUCER.to_owned(),
-            type_name: PREFIX_PRODUCER,
-            parameters: None,
-            built: Built::PrefixProducer(Arc::new(ApproxPrefixCacheProducer::new(
-                PREFIX_PRODUCER,
-                params,
-            ))),
-        })?;
-    }
-    Ok(())
+    // A plugin of another type that took the producer's name is refused (by `add`), not
+    // left to stand in for the producer, which every prefix consumer would then miss.
+    plugins.add(Instance {
+        name: PREFIX_PRODUCER.to_owned(),
+        type_name: PREFIX_PRODUCER,
+        parameters: None,
+        built: Built::PrefixProducer(Arc::new(ApproxPrefixCacheProducer::new(
+            PREFIX_PRODUCER,
+            params,
+        ))),
+    })
 }
 
 /// The cost model's consumers (`ttft-cost-scorer`, `latency-slo-filter`) need its producer;
@@ -416,7 +452,8 @@ fn ensure_cost_producer(plugins: &mut Plugins<'_>) -> Result<(), ConfigError> {
     let needed = plugins
         .iter()
         .any(|i| matches!(i.type_name, "ttft-cost-scorer" | "latency-slo-filter"));
-    if has_producer || !needed || plugins.get(COST_PRODUCER).is_some() {
+    // As for the prefix producer, a plugin of another type under this name is refused.
+    if has_producer || !needed {
         return Ok(());
     }
     plugins.add(Instance {
@@ -510,7 +547,7 @@ fn build_profile(spec: &types::ProfileSpec, plugins: &Plugins<'_>) -> Result<Pro
             Built::SaturationDetector(d) => filters.push(d.clone()),
             Built::Scorer(s) => {
                 let w = r.weight.unwrap_or(1.0);
-                if !(w.is_finite() && w >= 0.0) {
+                if !(0.0..=MAX_WEIGHT).contains(&w) {
                     return Err(ConfigError::Weight {
                         profile: spec.name.clone(),
                         plugin: r.plugin_ref.clone(),
@@ -520,7 +557,7 @@ fn build_profile(spec: &types::ProfileSpec, plugins: &Plugins<'_>) -> Result<Pro
             }
             Built::PreciseScorer(s) => {
                 let w = r.weight.unwrap_or(1.0);
-                if !(w.is_finite() && w >= 0.0) {
+                if !(0.0..=MAX_WEIGHT).contains(&w) {
                     return Err(ConfigError::Weight {
                         profile: spec.name.clone(),
                         plugin: r.plugin_ref.clone(),

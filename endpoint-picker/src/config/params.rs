@@ -133,6 +133,11 @@ impl<'a> Params<'a> {
 /// Parses a Go-style duration (`200ms`, `2s`, `1m30s`, `1.5h`) or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
+    // Empty is no duration (Go's `invalid duration ""`), not zero: `defaultRequestTTL: ""`
+    // had read as "no TTL", a wait without end.
+    if s.is_empty() {
+        return None;
+    }
     if let Ok(secs) = s.parse::<f64>() {
         // `try_from_secs_f64` refuses negative, NaN and too large values, where
         // `from_secs_f64` panics past `Duration::MAX` ("1e300", found by fuzzing).

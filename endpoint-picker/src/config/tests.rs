@@ -686,3 +686,51 @@ fn the_strictest_staleness_threshold_counts_every_detector() {
     .unwrap();
     assert_eq!(concurrency.strictest_staleness, None, "it reads no metrics");
 }
+
+/// From a review of configuration (F2, N1, N2, N3, F6, F8): what loaded and did nothing, or
+/// did something else than it said, is refused or does what it says.
+#[test]
+fn configurations_that_would_do_nothing_or_otherwise_are_refused() {
+    // A second producer of a kind: every consumer read the last one's result.
+    let two = err(&format!(
+        "{HEAD}plugins:\n- name: a\n  type: approx-prefix-cache-producer\n- name: b\n  type: approx-prefix-cache-producer\n- type: prefix-cache-scorer\n"
+    ));
+    assert!(
+        two.contains("only one approx-prefix-cache-producer") && two.contains("\"a\""),
+        "{two}"
+    );
+    let two = err(&format!(
+        "{HEAD}plugins:\n- name: c1\n  type: ttft-cost-producer\n- name: c2\n  type: ttft-cost-producer\n- type: ttft-cost-scorer\n"
+    ));
+    assert!(two.contains("only one ttft-cost-producer"), "{two}");
+    // A plugin of another type under a producer's name no longer stands in for it.
+    let taken = err(&format!(
+        "{HEAD}plugins:\n- name: approx-prefix-cache-producer\n  type: queue-scorer\n- type: prefix-cache-scorer\n"
+    ));
+    assert!(taken.contains("duplicate plugin name"), "{taken}");
+    // Weights whose sum would overflow.
+    let heavy = err(&format!(
+        "{HEAD}plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 1e308\n"
+    ));
+    assert!(heavy.contains("from 0 to 1,000,000"), "{heavy}");
+    load(
+        &format!(
+            "{HEAD}plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 1000000\n"
+        ),
+        1,
+    )
+    .unwrap();
+    // A gate's value is everything after the first `=`.
+    let gate = err(&format!(
+        "{HEAD}featureGates: [\"flowControl=true=false\"]\n"
+    ));
+    assert!(gate.contains("is not a boolean"), "{gate}");
+    // An empty duration is none, not zero.
+    assert_eq!(params::parse_duration(""), None);
+    assert_eq!(params::parse_duration("  "), None);
+    assert_eq!(params::parse_duration("0"), Some(Duration::ZERO));
+    assert_eq!(
+        params::parse_duration("1m30s"),
+        Some(Duration::from_secs(90))
+    );
+}

@@ -145,13 +145,19 @@ impl ApproxPrefixCacheProducer {
             p.block_size_tokens
         }
         .max(1);
+        // The legacy `hashBlockSize` sets a block in characters: its tokens are what that many
+        // characters are estimated to be, for the matched-token counts as for the depth.
+        let chars = p.block_chars.filter(|c| *c > 0);
+        let tokens = chars.map_or(tokens, |c| {
+            c.div_ceil(crate::prefix::hash::CHARS_PER_TOKEN).max(1)
+        });
         let max_blocks = if p.max_prefix_tokens > 0 {
             (p.max_prefix_tokens / tokens).max(1)
         } else {
             p.max_prefix_blocks
         };
         let mut hasher = BlockHasher::from_tokens(tokens, max_blocks);
-        if let Some(chars) = p.block_chars.filter(|c| *c > 0) {
+        if let Some(chars) = chars {
             hasher.block_chars = chars;
         }
         (hasher, tokens)
@@ -308,6 +314,10 @@ mod tests {
         };
         let mut state = CycleState::new(tokio::time::Instant::now());
         p.produce(&req, &c, &mut state);
-        assert_eq!(state.prefix.unwrap().hashes.len(), 4);
+        // 10 characters are 3 tokens (4 characters a token, rounded up): 64 tokens are 21
+        // blocks, and a matched block counts 3 tokens (it counted 16, the token block's size).
+        let matched = state.prefix.unwrap();
+        assert_eq!(matched.hashes.len(), 21);
+        assert_eq!(matched.block_tokens, 3);
     }
 }
