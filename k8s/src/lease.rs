@@ -290,6 +290,11 @@ async fn run(
             Some(at) if was_leader => renew_deadline.saturating_sub(at.elapsed()),
             _ => renew_deadline,
         };
+        // A renewal counts from when it was sent, not answered: the write may have been
+        // committed (and seen by a standby, which counts the lease's duration from then) long
+        // before a delayed answer arrives, and the leader must not think itself valid longer
+        // than the others measure.
+        let sent = Instant::now();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = tokio::time::timeout(budget, elector.try_acquire_or_renew()) => {
@@ -299,7 +304,7 @@ async fn run(
         match attempt {
             Attempt::Held => {
                 led = true;
-                last_renewed = Some(Instant::now());
+                last_renewed = Some(sent);
                 if !was_leader {
                     leader.send_replace(true);
                 }

@@ -235,3 +235,41 @@ async fn standby_takes_over_an_expired_lease_and_releases_it_on_shutdown() {
         .unwrap();
     assert!(!*rx.borrow());
 }
+
+/// A renewal counts from when it was sent: its answer may come late (the write committed and
+/// seen by the others long before), and the leader must not stay ready past what the others
+/// measure. The renewal's answer here takes 6 s; every later attempt fails; the leader steps
+/// down 10 s (the renew deadline) after the renewal was sent, not after it was answered.
+#[tokio::test(start_paused = true)]
+async fn a_late_answer_does_not_stretch_the_renew_deadline() {
+    let (mut rx, task, mut server, shutdown) = start();
+    acquire_by_creation(&mut server, &mut rx).await;
+    get(&mut server, lease(Some("me"), "1")).await;
+    let (req, send) = server.expect(Method::PUT, &lease_path()).await;
+    let sent = tokio::time::Instant::now();
+    let mut answer = json_body(req).await;
+    answer["metadata"]["resourceVersion"] = json!("2");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    respond_json(send, StatusCode::OK, &answer);
+    // The API server fails every later call until leadership ends.
+    let path = lease_path();
+    loop {
+        tokio::select! {
+            r = rx.changed() => {
+                r.unwrap();
+                break;
+            }
+            (_, send) = server.expect(Method::GET, &path) => {
+                respond_json(send, StatusCode::INTERNAL_SERVER_ERROR, &mock::status(500, "InternalError"));
+            }
+        }
+    }
+    assert!(!*rx.borrow());
+    let after = sent.elapsed();
+    assert!(
+        after >= Duration::from_secs(10) && after < Duration::from_secs(13),
+        "stepped down {after:?} after the renewal was sent"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+}
