@@ -135,12 +135,16 @@ impl ApproxPrefixCacheProducer {
     fn hasher(&self, candidates: &[Candidate]) -> (BlockHasher, usize) {
         let p = &self.params;
         let tokens = if p.auto_tune {
+            // The engine's block, but never finer than `blockSizeTokens`: SGLang's page is one
+            // token, and hashing 4-character blocks made the match depth (a count of blocks)
+            // 16 times shallower and the index 16 times larger for the same prompts, where a
+            // coarser block under-counts a match by less than one block.
             candidates
                 .iter()
                 .find_map(|c| c.metrics.cache_block_size)
                 .map(|b| b as usize)
                 .filter(|b| *b > 0)
-                .unwrap_or(p.block_size_tokens)
+                .map_or(p.block_size_tokens, |b| b.max(p.block_size_tokens))
         } else {
             p.block_size_tokens
         }
@@ -198,7 +202,11 @@ impl DataProducer for ApproxPrefixCacheProducer {
         for t in targets {
             let capacity = if self.params.auto_tune {
                 t.metrics.cache_num_blocks.filter(|n| *n > 0).map(|n| {
-                    usize::try_from(n)
+                    // The engine's blocks counted in ours (which may be coarser).
+                    let engine_block = t.metrics.cache_block_size.filter(|b| *b > 0).unwrap_or(1);
+                    let tokens = u64::from(n).saturating_mul(u64::from(engine_block));
+                    let ours = tokens / (m.block_tokens.max(1) as u64);
+                    usize::try_from(ours.max(1))
                         .map_or(MAX_AUTO_TUNED_CAPACITY, |n| n.min(MAX_AUTO_TUNED_CAPACITY))
                 })
             } else {
@@ -274,9 +282,40 @@ mod tests {
         assert_eq!(p.index().len(), 2, "capacity comes from num_gpu_blocks");
     }
 
+    /// SGLang's page is one token: hashing one-token blocks made a 256-block depth 256
+    /// tokens. The block is never finer than `blockSizeTokens`, and the capacity (the engine's
+    /// pages) is counted in those blocks.
+    #[test]
+    fn an_engine_block_finer_than_ours_is_hashed_at_ours() {
+        let p = ApproxPrefixCacheProducer::new("p", PrefixParams::default());
+        let mut m = metrics(0, 0, 0.0);
+        m.cache_block_size = Some(1);
+        m.cache_num_blocks = Some(64);
+        let c = candidates(&[m]);
+        let req = InferenceRequest {
+            target_model: "m".into(),
+            prompt: Bytes::from("a".repeat(64 * 300)),
+            ..Default::default()
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&req, &c, &mut state);
+        let pm = state.prefix.clone().unwrap();
+        assert_eq!(pm.block_tokens, 16);
+        assert_eq!(pm.hashes.len(), 256, "256 blocks of 16 tokens deep");
+        p.pre_request(&req, &state, &c);
+        assert_eq!(p.index().len(), 4, "64 one-token pages are 4 blocks of 16");
+    }
+
     #[test]
     fn an_engine_cannot_lift_the_capacity_past_its_bound() {
-        let p = ApproxPrefixCacheProducer::new("p", PrefixParams::default());
+        // One-token blocks, so that a few thousand short prompts pass the bound.
+        let p = ApproxPrefixCacheProducer::new(
+            "p",
+            PrefixParams {
+                block_size_tokens: 1,
+                ..PrefixParams::default()
+            },
+        );
         let mut m = metrics(0, 0, 0.0);
         m.cache_block_size = Some(1);
         m.cache_num_blocks = Some(u64::MAX);
