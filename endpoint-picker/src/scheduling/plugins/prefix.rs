@@ -204,7 +204,7 @@ impl DataProducer for ApproxPrefixCacheProducer {
                 t.metrics.cache_num_blocks.filter(|n| *n > 0).map(|n| {
                     // The engine's blocks counted in ours (which may be coarser).
                     let engine_block = t.metrics.cache_block_size.filter(|b| *b > 0).unwrap_or(1);
-                    let tokens = u64::from(n).saturating_mul(u64::from(engine_block));
+                    let tokens = n.saturating_mul(u64::from(engine_block));
                     let ours = tokens / (m.block_tokens.max(1) as u64);
                     usize::try_from(ours.max(1))
                         .map_or(MAX_AUTO_TUNED_CAPACITY, |n| n.min(MAX_AUTO_TUNED_CAPACITY))
