@@ -144,12 +144,19 @@ impl<'a> Plugins<'a> {
     }
 
     /// The response plugins, in declaration order: the declared ones and the response side
-    /// of scorers that have one.
-    pub(super) fn response_plugins(&self) -> Vec<Arc<dyn ResponsePlugin>> {
+    /// of scorers that have one and that a profile uses (`referenced`; `None`: every one), so
+    /// that a scorer declared and never used does not write its headers either.
+    pub(super) fn response_plugins(
+        &self,
+        referenced: Option<&std::collections::HashSet<String>>,
+    ) -> Vec<Arc<dyn ResponsePlugin>> {
         self.iter()
             .filter_map(|i| match &i.built {
                 Built::Response(r) => Some(r.clone()),
-                Built::Scorer(s) if s.response_plugin().is_some() => {
+                Built::Scorer(s)
+                    if s.response_plugin().is_some()
+                        && referenced.is_none_or(|r| r.contains(&i.name)) =>
+                {
                     Some(Arc::new(ScorerResponse(s.clone())) as Arc<dyn ResponsePlugin>)
                 }
                 _ => None,

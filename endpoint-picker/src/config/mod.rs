@@ -218,6 +218,8 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
     ensure_prefix_producer(&mut plugins, &mut warnings)?;
     one_producer_per_kind(&plugins)?;
     let profiles = build_profiles(&doc.scheduling_profiles, &plugins)?;
+    let referenced = referenced_plugins(&doc.scheduling_profiles);
+    warn_unused(&plugins, referenced.as_ref(), &gates, &mut warnings);
     let handler = choose_handler(&plugins, profiles.len())?;
     let saturation_detector = choose_saturation_detector(doc, &mut plugins, &mut warnings)?;
     check_data_layer(doc, &plugins)?;
@@ -269,7 +271,7 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
         strictest_staleness,
         flow_control,
         agent_identity,
-        response_plugins: plugins.response_plugins(),
+        response_plugins: plugins.response_plugins(referenced.as_ref()),
         scrape,
         prefix_producers,
         precise_producers,
@@ -500,6 +502,52 @@ fn build_profiles(
             build_profile(spec, plugins)
         })
         .collect()
+}
+
+/// The plugins the declared profiles name; `None` without profiles (the default profile
+/// holds every one that may be in a profile).
+fn referenced_plugins(specs: &[types::ProfileSpec]) -> Option<HashSet<String>> {
+    (!specs.is_empty()).then(|| {
+        specs
+            .iter()
+            .flat_map(|p| p.plugins.iter().map(|r| r.plugin_ref.clone()))
+            .collect()
+    })
+}
+
+/// Says which declared plugins do nothing: a filter, scorer or picker no profile names, and
+/// flow-control policies with the `flowControl` gate off.
+fn warn_unused(
+    plugins: &Plugins<'_>,
+    referenced: Option<&HashSet<String>>,
+    gates: &FeatureGates,
+    warnings: &mut Vec<String>,
+) {
+    for i in plugins.iter() {
+        let unreferenced = referenced.is_some_and(|r| !r.contains(&i.name))
+            // A saturation detector also serves flow control and the pool's saturation
+            // outside any profile.
+            && belongs_in_profile(&i.built)
+            && !matches!(i.built, Built::SaturationDetector(_));
+        if unreferenced {
+            warnings.push(format!(
+                "plugin {:?} ({}) is declared but no scheduling profile uses it: it takes no part \
+                 in routing",
+                i.name, i.type_name
+            ));
+        }
+        let policy = matches!(
+            i.built,
+            Built::Fairness(_) | Built::Ordering(_) | Built::UsageLimit(_)
+        );
+        if policy && !gates.enabled(gates::FLOW_CONTROL) {
+            warnings.push(format!(
+                "plugin {:?} ({}) is a flow-control policy and flow control is off (feature gate \
+                 flowControl): it does nothing",
+                i.name, i.type_name
+            ));
+        }
+    }
 }
 
 /// Whether a profile may hold the plugin (and the default profile does).

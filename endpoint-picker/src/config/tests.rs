@@ -734,3 +734,52 @@ fn configurations_that_would_do_nothing_or_otherwise_are_refused() {
         Some(Duration::from_secs(90))
     );
 }
+
+/// A filter, scorer or picker no profile names takes no part in routing: said at load, and an
+/// unused scorer's response side (the session token) is not run either. Flow-control policies
+/// with the gate off are said to do nothing.
+#[test]
+fn plugins_nothing_uses_are_said_to_do_nothing() {
+    let c = load(
+        &format!(
+            "{HEAD}plugins:\n- type: session-affinity-scorer\n- type: queue-scorer\n\
+             - type: round-robin-fairness-policy\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n"
+        ),
+        1,
+    )
+    .unwrap();
+    let said = |what: &str| c.warnings.iter().any(|w| w.contains(what));
+    assert!(
+        said(
+            "\"session-affinity-scorer\" (session-affinity-scorer) is declared but no scheduling profile uses it"
+        ),
+        "{:?}",
+        c.warnings
+    );
+    assert!(
+        !said("\"queue-scorer\" (queue-scorer) is declared"),
+        "{:?}",
+        c.warnings
+    );
+    assert!(
+        c.response_plugins.is_empty(),
+        "the unused scorer's response side"
+    );
+    assert!(
+        said(
+            "\"round-robin-fairness-policy\" (round-robin-fairness-policy) is a flow-control policy"
+        ),
+        "{:?}",
+        c.warnings
+    );
+    // Used by a profile, its response side runs.
+    let c = load(
+        &format!(
+            "{HEAD}plugins:\n- type: session-affinity-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: session-affinity-scorer\n"
+        ),
+        1,
+    )
+    .unwrap();
+    assert_eq!(c.response_plugins.len(), 1);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
