@@ -9,12 +9,15 @@
 //! * [`reconcile`] — one pass (no timers inside: tests drive it), backoff, restart detection.
 //! * [`metrics`] — per-adapter state and call counts.
 //! * [`run`] — the config poller and the reconcile loop, as supervised tasks.
+//! * [`target`] — which engine is called (the operator's, not the file's) and when the API
+//!   key goes with the calls.
 
 #![warn(missing_docs)]
 
 pub mod metrics;
 pub mod reconcile;
 pub mod run;
+pub mod target;
 
 // The file format and the engine client live in the decision core, which the EPP's adapter
 // placement shares; the syncer's paths stay as they were.

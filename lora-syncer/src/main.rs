@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{ArgAction, Parser};
 use epp::admin::{self, AdminAuth, AdminState};
 use epp::supervisor::{OnExit, Supervisor, factory};
 use epp::telemetry::{self, TelemetryOptions};
 use lora_syncer::metrics::Metrics;
 use lora_syncer::run::{self, ConfigFile, Pacing};
+use lora_syncer::target::{ConfigHost, EngineTarget};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,8 @@ fn seconds(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is not a number of seconds in [0.1, 86400]"))
 }
 
-/// Upstream's sidecar flags (seconds as plain numbers), plus the bind address and log level.
+/// Upstream's sidecar flags (seconds as plain numbers), plus the bind address, the log level,
+/// the API key and the pinned engine.
 #[derive(Debug, Parser)]
 #[command(name = "lora-syncer", version, about, long_about = None, args_override_self = true)]
 struct Args {
@@ -67,6 +69,42 @@ struct Args {
     /// the Secret the engine reads it from: a flag shows in the process list.
     #[arg(long, env = "VLLM_API_KEY", hide_env_values = true, value_parser = api_key)]
     api_key: Option<Arc<str>>,
+    /// The engine's host. The syncer calls this engine only: a config file whose `host`/`port`
+    /// name another has them refused (warned, counted) and its adapter lists applied here.
+    #[arg(long, default_value = "localhost", value_parser = engine_host)]
+    engine_host: String,
+    /// The engine's port (8000, the config file's default `port`).
+    #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u16).range(1..))]
+    engine_port: u16,
+    /// Call the engine the config file's `host`/`port` name, as upstream's sidecar does. The
+    /// API key still goes only to loopback hosts and --engine-host (see
+    /// --api-key-to-config-host).
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    allow_config_host: bool,
+    /// With --allow-config-host: send the API key to any host the config file names, not only
+    /// to loopback and --engine-host.
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    api_key_to_config_host: bool,
+}
+
+/// A host name or IP address, as the config file's `host` is checked: it goes into a URL.
+fn engine_host(s: &str) -> Result<String, String> {
+    let host = s.trim();
+    let ipv6 = |h: &str| h.parse::<std::net::Ipv6Addr>().is_ok();
+    // Brackets only around an IPv6 address, a colon only in one: the port is --engine-port.
+    let shape = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(inner) => ipv6(inner),
+        None => !host.contains(['[', ']']) && (!host.contains(':') || ipv6(host)),
+    };
+    let ok = shape
+        && !host.is_empty()
+        && host.len() <= 253
+        && !host.chars().any(|c| c.is_control() || "/@?#% ".contains(c));
+    if ok {
+        Ok(host.to_owned())
+    } else {
+        Err("not a host name or IP address (the port goes in --engine-port)".into())
+    }
 }
 
 /// An API key: visible ASCII (it goes into a header), not empty.
@@ -110,7 +148,8 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "lora-syncer failed");
             eprintln!("lora-syncer: {e:#}");
-            // 1 when a task it cannot run without ended, else 2 (configuration).
+            // 1 when a task it cannot run without ended, else 2 (flags: bad values, a metrics
+            // port that cannot be bound; never the config file, which the poller waits on).
             std::process::ExitCode::from(epp::supervisor::failure_exit_code(e.as_ref()))
         }
     }
@@ -128,21 +167,23 @@ async fn run(args: Args) -> Result<()> {
         bind_address,
         verbosity: _,
         api_key,
+        engine_host,
+        engine_port,
+        allow_config_host,
+        api_key_to_config_host,
     } = args;
-    // The first read must succeed: a syncer without a config would do nothing, silently.
-    let initial = ConfigFile::new(&config, config_validation)
-        .poll()
-        .await
-        .context("reading --config")?
-        .context("reading --config: empty")?;
-    tracing::info!(
-        config = %config.display(),
-        name = ?initial.name,
-        engine = format!("{}:{}", initial.host, initial.port),
-        ensure_exist = initial.ensure_exist.len(),
-        ensure_not_exist = initial.ensure_not_exist.len(),
-        "switchyard lora-syncer starting"
-    );
+    let config_host = match (allow_config_host, api_key_to_config_host) {
+        (false, false) => ConfigHost::Refuse,
+        (true, false) => ConfigHost::Follow,
+        (true, true) => ConfigHost::FollowWithKey,
+        (false, true) => bail!(
+            "--api-key-to-config-host says where the key goes when the config file's host is \
+             followed: add --allow-config-host"
+        ),
+    };
+    let target = EngineTarget::pinned(engine_host, engine_port)
+        .with_api_key(api_key.clone())
+        .with_config_host(config_host);
     let metrics = Arc::new(Metrics::default());
     let registry = {
         let mut r = Registry::default();
@@ -152,11 +193,27 @@ async fn run(args: Args) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind_address, metrics_port))
         .await
         .with_context(|| format!("binding --metrics-port {metrics_port}"))?;
+    // The config file is not read here: a missing or bad one must not stop the process (a
+    // native sidecar that exits keeps its engine's pod from being ready, so one bad edit of a
+    // shared ConfigMap would take replicas out of service one restart at a time). The poller
+    // reports it (logs, `lora_syncer_config_reloads_total{result="error"}`,
+    // `lora_syncer_config_valid`) and the reconcile loop waits for a valid one.
+    tracing::info!(
+        config = %config.display(),
+        engine = %target.address(),
+        allow_config_host,
+        api_key_to_config_host,
+        api_key = api_key.is_some(),
+        metrics = %listener.local_addr().context("the metrics listener's address")?,
+        "switchyard lora-syncer starting"
+    );
     let shutdown = CancellationToken::new();
     let mut tasks = Supervisor::new(shutdown.clone(), metrics.task_exits.clone());
-    let configs = Arc::new(tokio::sync::watch::channel(initial).0);
+    // None until the file is first valid.
+    let configs = Arc::new(tokio::sync::watch::channel(None).0);
     {
         let (configs, metrics, path) = (configs.clone(), metrics.clone(), config.clone());
+        let target = target.clone();
         tasks.spawn(
             "config-file",
             OnExit::Restart,
@@ -165,6 +222,7 @@ async fn run(args: Args) -> Result<()> {
                     config_poll_interval,
                     configs.clone(),
                     metrics.clone(),
+                    target.clone(),
                     token,
                 )
             }),
@@ -184,7 +242,7 @@ async fn run(args: Args) -> Result<()> {
                 run::reconcile_loop(
                     configs.subscribe(),
                     pacing,
-                    api_key.clone(),
+                    target.clone(),
                     metrics.clone(),
                     token,
                 )

@@ -55,20 +55,26 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     /// Loaded adapters found missing from the engine (it restarted), each loaded again.
     pub engine_restarts: Counter,
-    /// Config file reads by outcome (`ok`, `error`).
+    /// Config file reads that found it changed, by outcome: `ok`; `engine_refused` (valid,
+    /// its adapter lists applied to the pinned engine, its `host`/`port` naming another
+    /// refused); `error` (missing or invalid, once per distinct error).
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// 1 while the last read of the config file gave a valid config, else 0 (from start-up
+    /// until the first valid read, and while a bad version is kept out).
+    pub config_valid: Gauge,
     /// Supervised tasks that ended unexpectedly.
     pub task_exits: Family<TaskExitLabels, Counter>,
 }
 
 /// Every family (names as exposed, without `_total`).
-pub const FAMILIES: [&str; 7] = [
+pub const FAMILIES: [&str; 8] = [
     "lora_syncer_adapter_status",
     "lora_syncer_adapter_state",
     "lora_syncer_operations",
     "lora_syncer_reconciles",
     "lora_syncer_engine_restarts",
     "lora_syncer_config_reloads",
+    "lora_syncer_config_valid",
     "lora_syncer_task_exits",
 ];
 
@@ -103,8 +109,13 @@ impl Metrics {
         );
         r.register(
             "config_reloads",
-            "Reads of the config file that changed it, by result",
+            "Reads of the config file that found it changed, by result (ok, engine_refused, error)",
             self.config_reloads.clone(),
+        );
+        r.register(
+            "config_valid",
+            "1 while the last read of the config file gave a valid config, else 0",
+            self.config_valid.clone(),
         );
         r.register(
             "task_exits",

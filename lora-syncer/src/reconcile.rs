@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::config::{Adapter, LoraConfig};
 use crate::engine::{Engine, EngineError};
 use crate::metrics::{AdapterLabels, Metrics, StateLabels};
+use crate::target::{EngineTarget, Resolved};
 
 /// First retry delay after a failed call.
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
@@ -113,8 +114,10 @@ pub struct PassReport {
 #[derive(Debug)]
 pub struct Reconciler {
     engine: Engine,
-    /// Sent with every call when the engine guards its API with a key (`VLLM_API_KEY`).
-    api_key: Option<Arc<str>>,
+    /// Which engine a config may have called, and with the key or not.
+    target: EngineTarget,
+    /// Where `engine` calls, as `target` resolved the current config.
+    at: Resolved,
     config: LoraConfig,
     tracks: BTreeMap<String, Track>,
     metrics: Arc<Metrics>,
@@ -153,12 +156,15 @@ fn backoff(failures: u32, permanent: bool) -> Duration {
 }
 
 impl Reconciler {
-    /// A reconciler for `config`'s engine.
-    pub fn new(config: LoraConfig, metrics: Arc<Metrics>) -> Self {
-        let engine = Engine::new(&config.host, config.port);
+    /// A reconciler for `config`, calling the engine `target` resolves for it (the pinned
+    /// one, unless the target lets the config name another).
+    pub fn new(target: EngineTarget, config: LoraConfig, metrics: Arc<Metrics>) -> Self {
+        let at = target.resolve(&config);
+        let engine = target.engine(&at);
         let mut r = Self {
             engine,
-            api_key: None,
+            target,
+            at,
             config: LoraConfig {
                 name: None,
                 host: String::new(),
@@ -180,20 +186,6 @@ impl Reconciler {
         &self.engine
     }
 
-    /// Sends `key` as a bearer token with every call to the engine: vLLM and SGLang started
-    /// with `--api-key` refuse every path under `/v1` without it.
-    pub fn with_api_key(mut self, key: Option<Arc<str>>) -> Self {
-        self.api_key = key;
-        self.engine = self.engine_at(&self.config);
-        self
-    }
-
-    fn engine_at(&self, config: &LoraConfig) -> Engine {
-        crate::engine::Engines::new(crate::engine::CALL_TIMEOUT)
-            .with_api_key(self.api_key.clone())
-            .at(&config.host, config.port)
-    }
-
     /// The state of adapter `id`, if declared.
     pub fn state(&self, id: &str) -> Option<AdapterState> {
         self.tracks.get(id).map(|t| t.state)
@@ -212,13 +204,16 @@ impl Reconciler {
     /// Replaces the declared set: new adapters start pending (a changed source is tried again
     /// at once), dropped ones lose their state and metrics.
     pub fn set_config(&mut self, config: LoraConfig) {
-        if config.host != self.config.host || config.port != self.config.port {
-            self.engine = self.engine_at(&config);
+        let at = self.target.resolve(&config);
+        if !at.same_engine(&self.at) {
+            tracing::info!(engine = %at.address(), with_key = at.with_key, "the config moved the engine");
+            self.engine = self.target.engine(&at);
             // Another engine: nothing known about it.
             for id in self.tracks.keys().cloned().collect::<Vec<_>>() {
                 self.set_state(&id, AdapterState::Pending);
             }
         }
+        self.at = at;
         let declared: BTreeSet<&String> = config
             .ensure_exist
             .keys()

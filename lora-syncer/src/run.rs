@@ -1,7 +1,9 @@
 //! The syncer's long-lived tasks, each under the supervisor: the config file's poller (which
-//! publishes each new valid config) and the reconcile loop (a pass at start, on every config
-//! change, every `--reconcile-trigger`, and when a failed adapter's backoff ends).
+//! publishes each new valid config) and the reconcile loop (a pass once the first valid config
+//! has arrived and the engine is healthy, then on every config change, every
+//! `--reconcile-trigger`, and when a failed adapter's backoff ends).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ConfigError, LoraConfig};
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
+use crate::target::{EngineTarget, Resolved};
 
 /// Why the config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,46 @@ pub enum ConfigFileError {
     },
 }
 
+/// Engines named by the config that the poller remembers having warned about.
+const WARNED_REMEMBERED: usize = 16;
+
+/// The engines a config named that were warned about (refused, or followed without the key).
+/// Bounded: each entry takes an edit of the file, but the process may run for months.
+#[derive(Debug, Default)]
+struct Warned(VecDeque<String>);
+
+impl Warned {
+    /// True the first time `named` is seen (or the first since it was forgotten).
+    fn first_time(&mut self, named: &str) -> bool {
+        if self.0.iter().any(|n| n == named) {
+            return false;
+        }
+        if self.0.len() == WARNED_REMEMBERED {
+            self.0.pop_front();
+        }
+        self.0.push_back(named.to_owned());
+        true
+    }
+}
+
+/// What is wrong with the engine a config named, if anything.
+fn engine_warning(at: &Resolved) -> Option<&'static str> {
+    if at.refused {
+        Some(
+            "the config names an engine other than --engine-host:--engine-port; its adapter \
+             lists go to the pinned engine (set --engine-host and --engine-port to the engine, \
+             or --allow-config-host to follow the file)",
+        )
+    } else if at.key_withheld {
+        Some(
+            "the config names an engine that is neither loopback nor --engine-host: it is \
+             called without the API key (--api-key-to-config-host sends it)",
+        )
+    } else {
+        None
+    }
+}
+
 /// The config file and the bytes last read.
 #[derive(Debug)]
 pub struct ConfigFile {
@@ -54,8 +97,18 @@ impl ConfigFile {
     }
 
     /// Reads the file: `Ok(Some(config))` when its bytes changed and it is valid, `Ok(None)`
-    /// when unchanged. A file that was invalid is read again on the next poll.
+    /// when unchanged. A file that was unusable is read again on the next poll, and so is the
+    /// one after it, even with the bytes of the last good version: the caller learns that the
+    /// file is good again.
     pub async fn poll(&mut self) -> Result<Option<LoraConfig>, ConfigFileError> {
+        let read = self.read().await;
+        if read.is_err() {
+            self.last = None;
+        }
+        read
+    }
+
+    async fn read(&mut self) -> Result<Option<LoraConfig>, ConfigFileError> {
         // Capped as the parser caps it, before it is read: not a /dev/zero read into memory.
         let bytes = endpoint_picker::files::read_at_most(&self.path, config::MAX_FILE_BYTES)
             .await
@@ -77,18 +130,28 @@ impl ConfigFile {
         Ok(Some(parsed))
     }
 
-    /// Polls every `interval` until `shutdown`, publishing each new valid config. A bad file
-    /// keeps the last good config (logged once per bad version, counted).
+    /// Polls every `interval` until `shutdown`, publishing each new valid config. A missing or
+    /// bad file publishes nothing: before the first good version the reconcile loop waits,
+    /// after it the last good config stays. Each distinct error is logged and counted once
+    /// (`config_reloads{result="error"}`), and `config_valid` says whether the last read was
+    /// good. A config naming an engine other than `target`'s pinned one is published all the
+    /// same (the reconciler applies its lists to the pinned engine), counted as
+    /// `engine_refused` instead of `ok`, and warned about once per distinct engine named; so is
+    /// a followed engine (`--allow-config-host`) that is not trusted with the API key.
     pub async fn run(
         mut self,
         interval: Duration,
-        publish: Arc<watch::Sender<LoraConfig>>,
+        publish: Arc<watch::Sender<Option<LoraConfig>>>,
         metrics: Arc<Metrics>,
+        target: EngineTarget,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing: Option<String> = None;
+        // Each engine is warned about once, not at every edit of a file that keeps naming it
+        // (the count says how many versions did).
+        let mut warned = Warned::default();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -97,23 +160,52 @@ impl ConfigFile {
             match self.poll().await {
                 Ok(Some(config)) => {
                     failing = None;
-                    Metrics::result(&metrics.config_reloads, "ok");
-                    // Unchanged contents (a restarted poller reads the file again) wake no one.
+                    metrics.config_valid.set(1);
+                    let at = target.resolve(&config);
+                    let result = if at.refused { "engine_refused" } else { "ok" };
+                    Metrics::result(&metrics.config_reloads, result);
+                    if let Some(message) = engine_warning(&at)
+                        && warned.first_time(&at.named)
+                    {
+                        tracing::warn!(
+                            path = %self.path.display(),
+                            named = %at.named,
+                            engine = %at.address(),
+                            "{message}"
+                        );
+                    }
+                    // Unchanged contents (a restarted poller reads the file again, a bad
+                    // version reverted) wake no one.
                     publish.send_if_modified(|current| {
-                        if *current == config {
+                        if current.as_ref() == Some(&config) {
                             return false;
                         }
-                        tracing::info!(path = %self.path.display(), name = ?config.name, "config changed");
-                        *current = config;
+                        tracing::info!(
+                            path = %self.path.display(),
+                            name = ?config.name,
+                            engine = %at.address(),
+                            ensure_exist = config.ensure_exist.len(),
+                            ensure_not_exist = config.ensure_not_exist.len(),
+                            "config loaded"
+                        );
+                        *current = Some(config);
                         true
                     });
                 }
                 Ok(None) => {}
                 Err(error) => {
+                    metrics.config_valid.set(0);
                     let text = error.to_string();
                     if failing.as_deref() != Some(text.as_str()) {
                         Metrics::result(&metrics.config_reloads, "error");
-                        tracing::warn!(%error, "config not reloaded; keeping the last good one");
+                        if publish.borrow().is_some() {
+                            tracing::warn!(%error, "config not reloaded; keeping the last good one");
+                        } else {
+                            tracing::error!(
+                                %error,
+                                "no usable config yet; no adapter is loaded or unloaded until the file is fixed"
+                            );
+                        }
                         failing = Some(text);
                     }
                 }
@@ -134,16 +226,32 @@ pub struct Pacing {
     pub health_check_timeout: Duration,
 }
 
-/// The reconcile loop, until `shutdown`.
+/// The reconcile loop, until `shutdown`: waits for the first config (`None` until the file
+/// is valid), then for the engine's `/health`, then reconciles.
 pub async fn reconcile_loop(
-    mut configs: watch::Receiver<LoraConfig>,
+    mut configs: watch::Receiver<Option<LoraConfig>>,
     pacing: Pacing,
-    api_key: Option<Arc<str>>,
+    target: EngineTarget,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut reconciler =
-        Reconciler::new(configs.borrow_and_update().clone(), metrics).with_api_key(api_key);
+    let first = loop {
+        let current = configs.borrow_and_update().clone();
+        if let Some(config) = current {
+            break config;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = configs.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let mut reconciler = Reconciler::new(target, first, metrics);
+    // From the first config, not from start-up: the time the file was unusable is not the
+    // engine's.
     let deadline = Instant::now() + pacing.health_check_timeout;
     loop {
         if reconciler.engine().healthy().await {
@@ -174,7 +282,11 @@ pub async fn reconcile_loop(
                     return;
                 }
                 tracing::info!("config changed during a pass; starting again with it");
-                reconciler.set_config(configs.borrow_and_update().clone());
+                // The poller never takes a config back (a bad file keeps the last good one).
+                let current = configs.borrow_and_update().clone();
+                if let Some(config) = current {
+                    reconciler.set_config(config);
+                }
                 continue;
             }
             report = reconciler.pass(Instant::now()) => report,
@@ -192,7 +304,10 @@ pub async fn reconcile_loop(
                 if changed.is_err() {
                     return;
                 }
-                reconciler.set_config(configs.borrow_and_update().clone());
+                let current = configs.borrow_and_update().clone();
+                if let Some(config) = current {
+                    reconciler.set_config(config);
+                }
             }
             _ = tokio::time::sleep_until(wake) => {}
         }
@@ -237,6 +352,19 @@ mod tests {
         assert_eq!(next_wake(now, every, true, None), now + every);
     }
 
+    #[test]
+    fn each_engine_is_warned_about_once_within_a_bounded_memory() {
+        let mut warned = Warned::default();
+        assert!(warned.first_time("a:1"));
+        assert!(!warned.first_time("a:1"));
+        for i in 0..WARNED_REMEMBERED {
+            assert!(warned.first_time(&format!("b:{i}")));
+        }
+        assert_eq!(warned.0.len(), WARNED_REMEMBERED);
+        // The oldest was forgotten to make room.
+        assert!(warned.first_time("a:1"));
+    }
+
     #[tokio::test]
     async fn the_config_file_is_read_again_on_change_and_a_bad_one_is_refused() {
         let dir = std::env::temp_dir().join(format!("lora-syncer-cfg-{}", std::process::id()));
@@ -256,6 +384,16 @@ mod tests {
         std::fs::write(&path, v1.replace("a, source", "b, source")).unwrap();
         let c = file.poll().await.unwrap().unwrap();
         assert!(c.ensure_exist.contains_key("b"));
+        // A bad version reverted to the last good bytes is news: the file is good again.
+        std::fs::write(&path, "vLLMLoRAConfig: [").unwrap();
+        assert!(file.poll().await.is_err());
+        std::fs::write(&path, v1.replace("a, source", "b, source")).unwrap();
+        assert_eq!(file.poll().await.unwrap(), Some(c));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            file.poll().await,
+            Err(ConfigFileError::Read { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

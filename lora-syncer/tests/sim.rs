@@ -1,8 +1,10 @@
 //! The syncer against the simulator (a vLLM-compatible engine on loopback): adapters added,
-//! removed, a missing source retried with backoff, an engine restart detected and repaired.
+//! removed, a missing source retried with backoff, an engine restart detected and repaired, a
+//! config naming another engine refused (neither calls nor the API key go there).
 //!
-//! Each test drives reconcile passes one by one with an explicit `now` (no timers, no sleeps
-//! as synchronisation): backoff is tested by moving `now`, not by waiting.
+//! Most tests drive reconcile passes one by one with an explicit `now` (no timers, no sleeps
+//! as synchronisation): backoff is tested by moving `now`, not by waiting. The loop's tests
+//! wait on the engine's state, polled with a deadline.
 
 // Test support: a failed setup step should stop the test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,10 +19,17 @@ use hyper_util::rt::TokioExecutor;
 use lora_syncer::config::{self, LoraConfig};
 use lora_syncer::metrics::Metrics;
 use lora_syncer::reconcile::{AdapterState, Reconciler};
+use lora_syncer::target::{ConfigHost, EngineTarget};
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 const BASE: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// The engine the syncer is pinned to: `engine`, on loopback (as `--engine-host=127.0.0.1
+/// --engine-port=<its port>`).
+fn pinned(engine: &sim::ReplicaHandle) -> EngineTarget {
+    EngineTarget::pinned("127.0.0.1", engine.addr().port())
+}
 
 async fn engine(config: sim::Config) -> sim::ReplicaHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -32,23 +41,35 @@ fn config_for(
     exist: &[(&str, &str)],
     not_exist: &[(&str, &str)],
 ) -> LoraConfig {
+    config::parse(
+        &config_text("127.0.0.1", engine.addr().port(), exist, not_exist),
+        true,
+    )
+    .unwrap()
+}
+
+/// A config file naming the engine at `host:port`.
+fn config_text(
+    host: &str,
+    port: u16,
+    exist: &[(&str, &str)],
+    not_exist: &[(&str, &str)],
+) -> String {
     let list = |items: &[(&str, &str)]| -> String {
         items
             .iter()
             .map(|(id, source)| format!("    - id: {id}\n      source: {source}\n"))
             .collect()
     };
-    let mut text = format!(
-        "vLLMLoRAConfig:\n  host: 127.0.0.1\n  port: {}\n  defaultBaseModel: {BASE}\n",
-        engine.addr().port()
-    );
+    let mut text =
+        format!("vLLMLoRAConfig:\n  host: {host}\n  port: {port}\n  defaultBaseModel: {BASE}\n");
     if !exist.is_empty() {
         text += &format!("  ensureExist:\n    models:\n{}", list(exist));
     }
     if !not_exist.is_empty() {
         text += &format!("  ensureNotExist:\n    models:\n{}", list(not_exist));
     }
-    config::parse(&text, true).unwrap()
+    text
 }
 
 fn exposition(metrics: &Metrics) -> String {
@@ -64,6 +85,7 @@ async fn adds_then_removes_adapters() {
     let sim = engine(sim::Config::fast()).await;
     let metrics = Arc::new(Metrics::default());
     let mut r = Reconciler::new(
+        pinned(&sim),
         config_for(
             &sim,
             &[("food-review", "org/food-review"), ("sql", "org/sql")],
@@ -113,17 +135,25 @@ async fn the_api_key_is_sent_to_an_engine_that_wants_one() {
     .await;
     let adapters = [("sql", "org/sql")];
     let now = Instant::now();
-    let mut keyless = Reconciler::new(config_for(&sim, &adapters, &[]), Arc::default());
+    let mut keyless = Reconciler::new(
+        pinned(&sim),
+        config_for(&sim, &adapters, &[]),
+        Arc::default(),
+    );
     let report = keyless.pass(now).await;
     assert!(!report.engine_available, "its model list refused");
     assert!(report.loaded.is_empty());
     assert!(!sim.engine().has_lora("sql"));
-    let mut keyed = Reconciler::new(config_for(&sim, &adapters, &[]), Arc::default())
-        .with_api_key(Some(Arc::from("secret")));
+    let keyed_target = pinned(&sim).with_api_key(Some(Arc::from("secret")));
+    let mut keyed = Reconciler::new(
+        keyed_target,
+        config_for(&sim, &adapters, &[]),
+        Arc::default(),
+    );
     let report = keyed.pass(now).await;
     assert_eq!(report.loaded, ["sql"]);
     assert!(sim.engine().has_lora("sql"));
-    // The engine moved (a config change): the key goes with the syncer to the new one.
+    // A config change keeps the engine and its key.
     keyed.set_config(config_for(&sim, &[], &[("sql", "org/sql")]));
     assert_eq!(keyed.pass(now).await.unloaded, ["sql"]);
 }
@@ -141,6 +171,7 @@ async fn a_missing_source_fails_backs_off_and_loads_once_it_exists() {
     let source = dir.join("ski-resorts");
     let metrics = Arc::new(Metrics::default());
     let mut r = Reconciler::new(
+        pinned(&sim),
         config_for(&sim, &[("ski-resorts", source.to_str().unwrap())], &[]),
         metrics.clone(),
     );
@@ -201,6 +232,7 @@ async fn an_engine_restart_is_detected_and_adapters_are_loaded_again() {
     .await;
     let metrics = Arc::new(Metrics::default());
     let mut r = Reconciler::new(
+        pinned(&sim),
         config_for(
             &sim,
             &[("food-review", "org/food-review"), ("preloaded", "org/p")],
@@ -266,7 +298,7 @@ async fn conflicts_are_left_alone() {
             base_model: None,
         },
     );
-    let mut r = Reconciler::new(cfg, Arc::new(Metrics::default()));
+    let mut r = Reconciler::new(pinned(&sim), cfg, Arc::new(Metrics::default()));
     let report = r.pass(Instant::now()).await;
     assert_eq!(report.loaded, ["b"]);
     assert_eq!(r.state("a"), Some(AdapterState::Conflict));
@@ -280,7 +312,7 @@ async fn the_loop_follows_config_changes_and_restarts() {
     use lora_syncer::run::{Pacing, reconcile_loop};
     let sim = engine(sim::Config::fast()).await;
     let metrics = Arc::new(Metrics::default());
-    let (tx, rx) = tokio::sync::watch::channel(config_for(&sim, &[("a", "org/a")], &[]));
+    let (tx, rx) = tokio::sync::watch::channel(Some(config_for(&sim, &[("a", "org/a")], &[])));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(reconcile_loop(
         rx,
@@ -289,19 +321,12 @@ async fn the_loop_follows_config_changes_and_restarts() {
             health_check_interval: Duration::from_millis(10),
             health_check_timeout: Duration::from_secs(10),
         },
-        None,
+        pinned(&sim),
         metrics.clone(),
         shutdown.clone(),
     ));
-    async fn until(what: &str, cond: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            assert!(std::time::Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
     until("a loaded", || sim.engine().has_lora("a")).await;
-    tx.send(config_for(&sim, &[("b", "org/b")], &[("a", "org/a")]))
+    tx.send(Some(config_for(&sim, &[("b", "org/b")], &[("a", "org/a")])))
         .unwrap();
     until("a unloaded, b loaded", || {
         !sim.engine().has_lora("a") && sim.engine().has_lora("b")
@@ -373,6 +398,7 @@ async fn a_hanging_engine_ends_the_pass_at_its_first_timeout() {
     assert_eq!(loaded, 200);
     let metrics = Arc::new(Metrics::default());
     let mut r = Reconciler::new(
+        pinned(sim),
         config_for(
             sim,
             &[("slow-1", &slow), ("slow-2", &slow), ("slow-3", &slow)],
@@ -411,6 +437,7 @@ async fn a_pass_cut_short_resumes_after_the_adapter_that_hung() {
     });
     let (slow, quick) = (source("slow", 1_000), source("quick", 0));
     let mut r = Reconciler::new(
+        pinned(sim),
         config_for(sim, &[("a-slow", &slow), ("b-quick", &quick)], &[]),
         Arc::new(Metrics::default()),
     );
@@ -468,7 +495,7 @@ async fn a_config_change_ends_the_pass_under_way() {
         ("slow-2", &slow),
         ("slow-3", &slow),
     ];
-    let (tx, rx) = tokio::sync::watch::channel(config_for(sim, &exist, &[]));
+    let (tx, rx) = tokio::sync::watch::channel(Some(config_for(sim, &exist, &[])));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(reconcile_loop(
         rx,
@@ -477,7 +504,7 @@ async fn a_config_change_ends_the_pass_under_way() {
             health_check_interval: Duration::from_millis(10),
             health_check_timeout: Duration::from_secs(10),
         },
-        None,
+        pinned(sim),
         Arc::new(Metrics::default()),
         shutdown.clone(),
     ));
@@ -485,7 +512,8 @@ async fn a_config_change_ends_the_pass_under_way() {
     tokio::time::sleep(Duration::from_secs(50)).await;
     assert!(!sim.engine().has_lora("slow-1"), "still loading");
     let asked = Instant::now();
-    tx.send(config_for(sim, &exist, &[("bad", &bad)])).unwrap();
+    tx.send(Some(config_for(sim, &exist, &[("bad", &bad)])))
+        .unwrap();
     while sim.engine().has_lora("bad") {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -506,6 +534,7 @@ async fn a_config_change_ends_the_pass_under_way() {
 async fn an_adapter_lost_twice_right_after_its_load_backs_off() {
     let sim = engine(sim::Config::fast()).await;
     let mut r = Reconciler::new(
+        pinned(&sim),
         config_for(&sim, &[("food-review", "org/food-review")], &[]),
         Arc::new(Metrics::default()),
     );
@@ -537,4 +566,188 @@ async fn an_adapter_lost_twice_right_after_its_load_backs_off() {
     let report = r.pass(t2 + Duration::from_secs(7)).await;
     assert!(report.lost.is_empty() && report.failed.is_empty());
     assert_eq!(r.state("food-review"), Some(AdapterState::Loaded));
+}
+
+/// One request: `METHOD /path` and its Authorization header.
+type Seen = (String, Option<String>);
+
+/// What an HTTP server on loopback was asked.
+#[derive(Clone, Default)]
+struct Recorder(Arc<parking_lot::Mutex<Vec<Seen>>>);
+
+impl Recorder {
+    fn requests(&self) -> Vec<Seen> {
+        self.0.lock().clone()
+    }
+}
+
+/// Another team's engine, as far as the syncer can tell: answers everything 200 with an
+/// empty model list, and records what it was asked.
+async fn recording_engine() -> (std::net::SocketAddr, Recorder) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Recorder::default();
+    let app = axum::Router::new().fallback({
+        let seen = seen.clone();
+        move |req: axum::extract::Request| async move {
+            let auth = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            seen.0
+                .lock()
+                .push((format!("{} {}", req.method(), req.uri().path()), auth));
+            axum::Json(serde_json::json!({"object": "list", "data": []}))
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+/// Waits for `cond`, 30 s at most, polling (the loop's passes are what it waits on).
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Replaces `path`'s contents at once (as the kubelet swaps a ConfigMap volume's files): the
+/// poller never reads half a file.
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A ConfigMap edit that names another engine (B) gets neither the API key nor a single call
+/// there: the syncer stays on the engine it is pinned to (A), applies the file's adapter lists
+/// to it, and counts the refusal. The whole path: the file, its poller, the loop.
+#[tokio::test]
+async fn a_config_naming_another_engine_is_refused_and_the_key_stays_home() {
+    use lora_syncer::run::{ConfigFile, Pacing, reconcile_loop};
+    let a = engine(sim::Config {
+        api_key: Some("secret".into()),
+        ..sim::Config::fast()
+    })
+    .await;
+    let (b, b_seen) = recording_engine().await;
+    let dir = std::env::temp_dir().join(format!("lora-syncer-pin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("configmap.yaml");
+    let a_port = a.addr().port();
+    write_atomically(
+        &path,
+        &config_text("127.0.0.1", a_port, &[("a", "org/a")], &[]),
+    );
+
+    let target = pinned(&a).with_api_key(Some(Arc::from("secret")));
+    let metrics = Arc::new(Metrics::default());
+    let configs = Arc::new(tokio::sync::watch::channel(None).0);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let poller = tokio::spawn(ConfigFile::new(&path, true).run(
+        Duration::from_millis(20),
+        configs.clone(),
+        metrics.clone(),
+        target.clone(),
+        shutdown.clone(),
+    ));
+    let reconciler = tokio::spawn(reconcile_loop(
+        configs.subscribe(),
+        Pacing {
+            reconcile_every: Duration::from_millis(50),
+            health_check_interval: Duration::from_millis(10),
+            health_check_timeout: Duration::from_secs(10),
+        },
+        target,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    until("a loaded on A", || a.engine().has_lora("a")).await;
+
+    // The edit: B's address, a new adapter and the old one pulled.
+    write_atomically(
+        &path,
+        &config_text("127.0.0.1", b.port(), &[("b", "org/b")], &[("a", "org/a")]),
+    );
+    until("b loaded and a unloaded, on A", || {
+        a.engine().has_lora("b") && !a.engine().has_lora("a")
+    })
+    .await;
+    // A keeps being reconciled: an engine restart is repaired there.
+    assert_eq!(
+        post(&format!("{}/admin/reload", a.url()), r#"{"seconds": 0}"#).await,
+        200
+    );
+    until("b loaded again on A after its restart", || {
+        a.engine().has_lora("b")
+    })
+    .await;
+    until("the restart counted", || metrics.engine_restarts.get() == 1).await;
+    // A non-loopback host is refused the same way (and counted once more).
+    write_atomically(
+        &path,
+        &config_text("engine-b.other-team.svc", 8000, &[("b", "org/b")], &[]),
+    );
+    until("the second refusal counted", || {
+        exposition(&metrics)
+            .contains(r#"lora_syncer_config_reloads_total{result="engine_refused"} 2"#)
+    })
+    .await;
+    assert!(
+        b_seen.requests().is_empty(),
+        "B was called: {:?}",
+        b_seen.requests()
+    );
+    let text = exposition(&metrics);
+    assert!(
+        text.contains(r#"lora_syncer_config_reloads_total{result="ok"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("lora_syncer_config_valid 1"), "{text}");
+    shutdown.cancel();
+    poller.await.unwrap();
+    reconciler.await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--allow-config-host` follows the file to B; B on loopback gets the key (the pod's, or with
+/// host networking the node's, own address). Non-loopback hosts are `target`'s unit tests:
+/// a test cannot reach one.
+#[tokio::test]
+async fn an_allowed_config_host_is_called_with_the_key_on_loopback() {
+    let a = engine(sim::Config::fast()).await;
+    let (b, b_seen) = recording_engine().await;
+    let target = pinned(&a)
+        .with_api_key(Some(Arc::from("secret")))
+        .with_config_host(ConfigHost::Follow);
+    let on_b = config::parse(
+        &config_text("localhost", b.port(), &[("b", "org/b")], &[]),
+        true,
+    )
+    .unwrap();
+    let mut r = Reconciler::new(target, on_b, Arc::default());
+    assert_eq!(r.engine().url(), format!("http://localhost:{}", b.port()));
+    let report = r.pass(Instant::now()).await;
+    assert!(report.engine_available);
+    assert!(!a.engine().has_lora("b"), "A is not the file's engine");
+    let seen = b_seen.requests();
+    assert!(
+        seen.iter()
+            .any(|(call, _)| call == "POST /v1/load_lora_adapter"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|(_, auth)| auth.as_deref() == Some("Bearer secret")),
+        "{seen:?}"
+    );
+    // Back to a file naming A: A again, nothing known about it yet.
+    r.set_config(config_for(&a, &[("b", "org/b")], &[]));
+    assert_eq!(r.state("b"), Some(AdapterState::Pending));
+    assert_eq!(r.pass(Instant::now()).await.loaded, ["b"]);
+    assert!(a.engine().has_lora("b"));
 }

@@ -54,12 +54,27 @@ impl EngineError {
 }
 
 /// A vLLM-compatible engine at `host:port`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Engine {
     base: String,
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
     api_key: Option<Arc<str>>,
+}
+
+/// Whether there is a key, never the key: a `?engine` in a log line would print it.
+fn redacted(key: &Option<Arc<str>>) -> Option<&'static str> {
+    key.as_ref().map(|_| "<redacted>")
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("base", &self.base)
+            .field("timeout", &self.timeout)
+            .field("api_key", &redacted(&self.api_key))
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Deserialize)]
@@ -86,11 +101,20 @@ fn excerpt(body: &[u8]) -> String {
 /// Engines that share one connection pool: a caller that talks to many engines again and
 /// again (the EPP's placement loop, every endpoint each pass) keeps one connection to each
 /// alive between calls instead of opening a new one per call.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Engines {
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
     api_key: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for Engines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engines")
+            .field("timeout", &self.timeout)
+            .field("api_key", &redacted(&self.api_key))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Engines {
@@ -267,6 +291,23 @@ impl Engine {
                 status,
                 message: excerpt(&answer),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_key() {
+        let engines = Engines::new(Duration::from_secs(1)).with_api_key(Some(Arc::from("s3cret")));
+        let engine = engines.at("localhost", 8000);
+        for text in [format!("{engines:?}"), format!("{engine:?}")] {
+            assert!(
+                !text.contains("s3cret") && text.contains("<redacted>"),
+                "{text}"
+            );
         }
     }
 }
