@@ -3,7 +3,7 @@
 //! dashboard or an alert written on either finds its series.
 //!
 //! A family whose labels are the same under both names is one family registered twice
-//! ([`register_twins`]): nothing more is recorded. The request families are not: the
+//! (`register_twins`): nothing more is recorded. The request families are not: the
 //! canonical ones add `fairness_id` and `priority` (and the TTFT family `streaming`), so a
 //! request is recorded once under each name. Their label *sets* are bounded together as well
 //! as each label alone: past [`MAX_REQUEST_LABEL_SETS`] sets of (model, served model, fairness

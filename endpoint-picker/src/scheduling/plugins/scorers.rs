@@ -401,18 +401,21 @@ impl NoHitLruScorer {
         }
     }
 
-    /// Cold: no endpoint holds any block of the request's prefix (or nothing was matched).
-    fn is_cold(state: &CycleState) -> bool {
-        state
-            .prefix
-            .as_ref()
-            .is_none_or(|m| m.matched.iter().all(|&b| b == 0))
+    /// Cold: no candidate holds any block of the request's prefix (or nothing was matched).
+    /// An endpoint that is not a candidate (not ready, outside the subset) holding it does not
+    /// make the request warm: it cannot go there.
+    fn is_cold(state: &CycleState, candidates: &[Candidate]) -> bool {
+        state.prefix.as_ref().is_none_or(|m| {
+            candidates
+                .iter()
+                .all(|c| m.matched_blocks(&c.endpoint) == 0)
+        })
     }
 }
 
 impl Scorer for NoHitLruScorer {
     fn score(&self, _: &InferenceRequest, state: &CycleState, c: &[Candidate], scores: &mut [f64]) {
-        if !Self::is_cold(state) {
+        if !Self::is_cold(state, c) {
             scores.iter_mut().for_each(|s| *s = 0.5);
             return;
         }
@@ -457,7 +460,14 @@ impl Scorer for NoHitLruScorer {
         let Some(primary) = targets.first() else {
             return;
         };
-        if !Self::is_cold(state) {
+        // The candidates are not known here: any endpoint holding the prefix makes the
+        // request warm, so a request scored cold because only a non-candidate held it is not
+        // recorded (the order misses one use; it never records a warm one).
+        if state
+            .prefix
+            .as_ref()
+            .is_some_and(|m| m.matched.iter().any(|&b| b > 0))
+        {
             return;
         }
         let idx = primary.endpoint.id.0 as usize;
@@ -752,6 +762,19 @@ mod tests {
         scorer.pre_request(&InferenceRequest::default(), &warm, &c[2..]);
         let (s, _) = route_cold(&scorer, &c);
         assert_eq!(s, vec![0.0, 1.0, 0.5]);
+    }
+
+    /// A prefix held only by an endpoint that is not a candidate does not make a request
+    /// warm: it cannot go there, so it is spread as a cold one.
+    #[test]
+    fn a_prefix_held_only_outside_the_candidates_is_cold() {
+        let c = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+        let scorer = NoHitLruScorer::new("lru".into(), 1024);
+        let outside = c.iter().map(|c| c.endpoint.id.0 as usize).max().unwrap() + 1;
+        let state = cold_state(Some((outside, 3)));
+        let mut s = vec![0.0; 2];
+        scorer.score(&InferenceRequest::default(), &state, &c, &mut s);
+        assert_eq!(s, vec![1.0, 0.0], "spread, not the warm request's neutral 0.5");
     }
 
     #[test]
