@@ -774,7 +774,11 @@ mod tests {
         let state = cold_state(Some((outside, 3)));
         let mut s = vec![0.0; 2];
         scorer.score(&InferenceRequest::default(), &state, &c, &mut s);
-        assert_eq!(s, vec![1.0, 0.0], "spread, not the warm request's neutral 0.5");
+        assert_eq!(
+            s,
+            vec![1.0, 0.0],
+            "spread, not the warm request's neutral 0.5"
+        );
     }
 
     #[test]
