@@ -35,6 +35,7 @@ fn request(flow: usize) -> FlowRequest {
         fairness_id: Arc::from(format!("tenant-{flow}")),
         priority: 0,
         bytes: 1_000,
+        prompt_tokens: 250,
         slo_ttft: None,
         model: "m".into(),
         target_model: "m".into(),

@@ -378,8 +378,15 @@ pub const MAX_ESTIMATED_PROMPT_TOKENS: u64 = 262_144;
 /// vision models, and its base64 bytes say little about it.
 pub const MEDIA_PART_TOKENS: u64 = 1_024;
 
-/// A JSON string at least this long that is a `data:` URL or base64 alone is a media part.
+/// A value at least this long under a media key is a media part.
 const MIN_MEDIA_BYTES: usize = 1_024;
+
+/// The keys whose string values are media, not text, to the engine: OpenAI's and vLLM's
+/// `image_url.url`, `video_url.url`, `audio_url.url`, `input_audio.data`, and the Responses
+/// API's `image_url` and `file_data`. What a client puts there is decoded as media (or
+/// refused), never tokenized as text, so a long text cannot pass for an image by its key
+/// (a `data:` prefix alone would have let a 400 KiB prompt count as one image).
+const MEDIA_KEYS: [&[u8]; 4] = [b"url", b"data", b"image_url", b"file_data"];
 
 /// Prompt tokens of a prompt of `bytes` bytes, estimated (at most
 /// [`MAX_ESTIMATED_PROMPT_TOKENS`]).
@@ -390,14 +397,24 @@ pub fn estimate_tokens(bytes: usize) -> u64 {
 /// Prompt tokens of a structured prompt (chat `messages`, Responses `input`, …) given as its
 /// raw JSON, estimated from what the engine tokenizes: the bytes inside JSON strings at
 /// [`BYTES_PER_TOKEN`] (keys and values: role names and part types become template tokens
-/// too), each media part at [`MEDIA_PART_TOKENS`], and nothing for the JSON's structure and
-/// whitespace. A JSON without strings (a completion prompt of token ids) is estimated from its
-/// bytes. At most [`MAX_ESTIMATED_PROMPT_TOKENS`].
+/// too), each media part (a value of 1 KiB or more under one of [`MEDIA_KEYS`]) at
+/// [`MEDIA_PART_TOKENS`], and nothing for the JSON's structure and whitespace. A JSON without
+/// strings (a completion prompt of token ids) counts one token per number. At most
+/// [`MAX_ESTIMATED_PROMPT_TOKENS`].
 pub fn estimate_json_prompt_tokens(json: &[u8]) -> u64 {
     let (mut text, mut media, mut strings) = (0usize, 0u64, 0usize);
+    // The last string that was a key (followed by `:`), and whether the current one is the
+    // value that follows it.
+    let mut key: &[u8] = &[];
     let mut at = 0;
     while let Some(open) = memchr::memchr(b'"', &json[at..]) {
-        let start = at + open + 1;
+        let quote = at + open;
+        let is_value = json[at..quote]
+            .iter()
+            .rev()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b':');
+        let start = quote + 1;
         let mut end = start;
         // The closing quote: the first one not escaped.
         loop {
@@ -416,28 +433,27 @@ pub fn estimate_json_prompt_tokens(json: &[u8]) -> u64 {
         let end = end.min(json.len());
         let string = &json[start.min(end)..end];
         strings += 1;
-        if is_media(string) {
+        if is_value && string.len() >= MIN_MEDIA_BYTES && MEDIA_KEYS.contains(&key) {
             media += 1;
         } else {
             text += string.len();
         }
         at = (end + 1).min(json.len());
+        let is_key = json[at..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
+        key = if is_key { string } else { &[] };
     }
     if strings == 0 {
-        return estimate_tokens(json.len());
+        // Token ids: one token per number, whatever the whitespace around them.
+        let numbers = json
+            .iter()
+            .zip(std::iter::once(&b' ').chain(json.iter()))
+            .filter(|(b, before)| b.is_ascii_digit() && !before.is_ascii_digit())
+            .count();
+        return (numbers as u64).min(MAX_ESTIMATED_PROMPT_TOKENS);
     }
     (text.div_ceil(BYTES_PER_TOKEN) as u64)
         .saturating_add(media.saturating_mul(MEDIA_PART_TOKENS))
         .min(MAX_ESTIMATED_PROMPT_TOKENS)
-}
-
-/// A `data:` URL, or base64 alone (vLLM's `input_audio.data`), long enough to be media.
-fn is_media(string: &[u8]) -> bool {
-    string.len() >= MIN_MEDIA_BYTES
-        && (string.starts_with(b"data:")
-            || string
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')))
 }
 
 #[cfg(test)]
@@ -491,8 +507,28 @@ mod tests {
             ("input_audio".len() + "data".len() + "format".len() + "wav".len()).div_ceil(4) as u64
                 + MEDIA_PART_TOKENS
         );
-        // Token ids: no strings, so the bytes.
-        assert_eq!(estimate_json_prompt_tokens(b"[1,2,3,4,5,6,7,8]"), 5);
+        // Token ids: one token per number, padding or not.
+        assert_eq!(estimate_json_prompt_tokens(b"[1,2,3,4,5,6,7,8]"), 8);
+        let padded_ids = format!("[101,{}2023 , 7]", " ".repeat(1 << 20));
+        assert_eq!(estimate_json_prompt_tokens(padded_ids.as_bytes()), 3);
+        // Text is text whatever it looks like: a `data:` prefix or base64 letters under a
+        // text key do not make a long prompt one image.
+        let disguised = format!(r#"[{{"content":"data:{}"}}]"#, "word".repeat(1000));
+        assert_eq!(
+            estimate_json_prompt_tokens(disguised.as_bytes()),
+            ("content".len() + 5 + 4000).div_ceil(4) as u64
+        );
+        let letters = format!(r#"[{{"text":"{}"}}]"#, "QUJD".repeat(1000));
+        assert_eq!(
+            estimate_json_prompt_tokens(letters.as_bytes()),
+            ("text".len() + 4000).div_ceil(4) as u64
+        );
+        // A key named like a media key but used as a value is text.
+        let value = format!(r#"["url","{}"]"#, "a".repeat(2000));
+        assert_eq!(
+            estimate_json_prompt_tokens(value.as_bytes()),
+            (3 + 2000_u64).div_ceil(4)
+        );
     }
 
     #[test]

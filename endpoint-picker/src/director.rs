@@ -557,6 +557,7 @@ impl Director {
             fairness_id: Arc::from(request.fairness_id.as_str()),
             priority: request.priority,
             bytes: request.held_bytes(),
+            prompt_tokens: request.prompt_tokens(),
             slo_ttft: request.slo_ttft,
             model: request.model.clone(),
             target_model: request.target_model.clone(),

@@ -168,8 +168,16 @@ impl<K: Hash + Eq + Clone> FirstSeen<K> {
 
     /// Whether `value` is, or now becomes, one of the first `max`.
     pub fn admits(&self, value: &K) -> bool {
-        if self.seen.read().contains(value) {
-            return true;
+        {
+            let seen = self.seen.read();
+            if seen.contains(value) {
+                return true;
+            }
+            // A spent budget stays spent (values are never given back): a client sending a
+            // new value with every request takes the shared lock only.
+            if seen.len() >= self.max {
+                return false;
+            }
         }
         let mut seen = self.seen.write();
         if seen.len() < self.max || seen.contains(value) {
@@ -215,8 +223,14 @@ impl FairnessLabels {
 
     /// The label value of `id`, allocating only for an id not seen before.
     pub fn label_of(&self, id: &str) -> Arc<str> {
-        if let Some(seen) = self.ids.seen.read().get(id) {
-            return seen.clone();
+        {
+            let seen = self.ids.seen.read();
+            if let Some(seen) = seen.get(id) {
+                return seen.clone();
+            }
+            if seen.len() >= self.ids.max {
+                return self.overflow.clone();
+            }
         }
         self.label(&Arc::from(id))
     }

@@ -474,7 +474,9 @@ pub struct EppMetrics {
     /// ever routed to kept its series for the life of the process. Held (read) across the
     /// increment of a known set and (write) across the creation of a new one, so a removal
     /// in `refresh_pool` never races a creation. At most pods × served models × ports.
-    attempt_series: parking_lot::RwLock<HashSet<AttemptLabels>>,
+    /// Each set's canonical twin is kept beside it, so that counting an attempt under the
+    /// canonical labels allocates nothing once the set exists.
+    attempt_series: parking_lot::RwLock<HashMap<AttemptLabels, Counter>>,
     /// `plugin_duration` handles by (extension point, plugin type), then plugin name: once a
     /// plugin has been seen, timing it on the request path allocates nothing.
     plugin_cache: PluginCache,
@@ -744,27 +746,29 @@ impl EppMetrics {
     /// Counts one scheduling attempt. A set naming a pod is remembered, so that it goes with
     /// the pod (`refresh_pool`).
     pub fn count_attempt(&self, attempt: &AttemptLabels) {
-        let count = || {
-            self.scheduler_attempts.get_or_create(attempt).inc();
+        let canonical = || {
             self.canonical
                 .attempts
-                .get_or_create(&canonical::AttemptLabels::from(attempt))
-                .inc();
+                .get_or_create_owned(&canonical::AttemptLabels::from(attempt))
         };
         if attempt.pod_name.is_empty() {
-            count();
+            self.scheduler_attempts.get_or_create(attempt).inc();
+            canonical().inc();
             return;
         }
         {
             let known = self.attempt_series.read();
-            if known.contains(attempt) {
-                count();
+            if let Some(twin) = known.get(attempt) {
+                self.scheduler_attempts.get_or_create(attempt).inc();
+                twin.inc();
                 return;
             }
         }
         let mut known = self.attempt_series.write();
-        count();
-        known.insert(attempt.clone());
+        self.scheduler_attempts.get_or_create(attempt).inc();
+        let twin = canonical();
+        twin.inc();
+        known.insert(attempt.clone(), twin);
     }
 
     /// Refreshes the gauges of request- and response-body bytes held.
@@ -879,7 +883,7 @@ impl EppMetrics {
         let departed: Vec<AttemptLabels> = self
             .attempt_series
             .read()
-            .iter()
+            .keys()
             .filter(|a| !live.contains(&(a.pod_name.as_str(), a.namespace.as_str())))
             .cloned()
             .collect();

@@ -1,9 +1,11 @@
 //! The `epp` binary's [`Recorder`]: every event of the request path becomes the reference's
 //! metrics, a decision record for `/debug/pool`, and the request's trace span.
 //!
-//! Every label value that a client could choose goes through [`ModelLabels`] (bounded), and
+//! Every label value that a client could choose goes through [`ModelLabels`] or
+//! [`FairnessLabels`] (bounded), the canonical families' label sets are bounded together, and
 //! the only other per-request labels come from fixed sets (error codes, outcomes) or from the
-//! operator (priorities, pods).
+//! operator (priorities, pods). Each request is recorded under the deprecated names and the
+//! canonical ones (`crate::metrics::canonical`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +41,14 @@ pub struct EppRecorder {
     fairness: Arc<FairnessLabels>,
     /// The canonical families' label sets given out so far ([`MAX_REQUEST_LABEL_SETS`]).
     label_sets: FirstSeen<LabelSet>,
+    /// Priorities as label values, so that a request does not allocate its own (priorities
+    /// come from the operator's objectives: a few; past [`MAX_PRIORITY_LABELS`] each request
+    /// allocates).
+    priorities: parking_lot::RwLock<std::collections::HashMap<i32, Arc<str>>>,
 }
+
+/// Most priorities whose label value is kept.
+const MAX_PRIORITY_LABELS: usize = 256;
 
 impl EppRecorder {
     /// A recorder over the process's metrics, decision ring and label policies.
@@ -55,7 +64,21 @@ impl EppRecorder {
             labels,
             fairness,
             label_sets: FirstSeen::new(MAX_REQUEST_LABEL_SETS),
+            priorities: parking_lot::RwLock::default(),
         }
+    }
+
+    /// `priority` as a label value.
+    fn priority_label(&self, priority: i32) -> Arc<str> {
+        if let Some(label) = self.priorities.read().get(&priority) {
+            return label.clone();
+        }
+        let label: Arc<str> = Arc::from(priority.to_string());
+        let mut priorities = self.priorities.write();
+        if priorities.len() < MAX_PRIORITY_LABELS {
+            priorities.insert(priority, label.clone());
+        }
+        label
     }
 
     fn pair(&self, key: &RecordKey) -> ModelPair {
@@ -127,7 +150,7 @@ impl EppRecorder {
             &request.model,
             &request.target_model,
             &request.fairness_id,
-            Arc::from(request.priority.to_string()),
+            self.priority_label(request.priority),
         )
     }
 

@@ -1402,6 +1402,8 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         model: parsed.model.clone(),
         target_model: parsed.model,
         prompt: parsed.prompt,
+        // As the EPP estimates it (from the prompt's content), when no tokenizer gives ids.
+        estimated_prompt_tokens: Some(parsed.estimated_prompt_tokens),
         cache_salt: parsed.cache_salt,
         objective: header(&spellings(OBJECTIVE)),
         fairness_id: header(&spellings(FAIRNESS_ID))

@@ -526,9 +526,13 @@ fn warn_unused(
     for i in plugins.iter() {
         let unreferenced = referenced.is_some_and(|r| !r.contains(&i.name))
             // A saturation detector also serves flow control and the pool's saturation
-            // outside any profile.
+            // outside any profile; a precise scorer's index feeds the cost model and the
+            // in-flight prefill whether or not a profile scores with it.
             && belongs_in_profile(&i.built)
-            && !matches!(i.built, Built::SaturationDetector(_));
+            && !matches!(
+                i.built,
+                Built::SaturationDetector(_) | Built::PreciseScorer(_)
+            );
         if unreferenced {
             warnings.push(format!(
                 "plugin {:?} ({}) is declared but no scheduling profile uses it: it takes no part \

@@ -215,6 +215,8 @@ pub struct FlowRequest {
     pub priority: i32,
     /// Its body size, counted against the byte caps.
     pub bytes: u64,
+    /// Its prompt tokens (`InferenceRequest::prompt_tokens`), counted as dispatched prefill.
+    pub prompt_tokens: u64,
     /// Its TTFT objective (the SLO-deadline ordering's deadline).
     pub slo_ttft: Option<Duration>,
     /// The model asked for (metric labels).
@@ -297,6 +299,7 @@ struct Item {
     /// The SLO-deadline ordering's deadline.
     deadline: Option<Instant>,
     bytes: u64,
+    prompt_tokens: u64,
     tx: oneshot::Sender<Decision>,
 }
 
@@ -971,6 +974,7 @@ impl FlowControl {
                         empty_clock_at_enqueue,
                         deadline: request.slo_ttft.map(|d| enqueued + d),
                         bytes: request.bytes,
+                        prompt_tokens: request.prompt_tokens,
                         tx,
                     },
                 );
@@ -1163,8 +1167,9 @@ impl FlowControl {
                 }));
             }
             let Some(item) = chosen else { break };
-            let tokens =
-                crate::cost::estimate_tokens(usize::try_from(item.bytes).unwrap_or(usize::MAX));
+            // The request's own estimate (from its content, or its token ids), not its held
+            // bytes: an inline image had counted as 262,144 tokens here and 1,024 once routed.
+            let tokens = item.prompt_tokens;
             self.dispatched.fetch_add(1, Ordering::Relaxed);
             self.dispatched_tokens.fetch_add(tokens, Ordering::Relaxed);
             let admitted = Admitted {

@@ -62,6 +62,7 @@ fn req(flow: &str, priority: i32) -> FlowRequest {
         fairness_id: Arc::from(flow),
         priority,
         bytes: 100,
+        prompt_tokens: 25,
         slo_ttft: None,
         model: "m".into(),
         target_model: "m".into(),
@@ -715,8 +716,9 @@ async fn shutdown_answers_every_queued_request() {
 
 #[test]
 fn a_queued_request_costs_little() {
-    // The entry (ids, times, size, channel handle); the body stays with the stream.
-    const { assert!(QUEUED_ENTRY_BYTES <= 64) };
+    // The entry (ids, times, size, prompt tokens, channel handle); the body stays with the
+    // stream.
+    const { assert!(QUEUED_ENTRY_BYTES <= 72) };
 }
 
 /// One step of the band property test.
@@ -781,6 +783,7 @@ proptest::proptest! {
                             empty_clock_at_enqueue: 0,
                             deadline: slo.map(|ms| now + Duration::from_millis(u64::from(ms))),
                             bytes: 10,
+                            prompt_tokens: 3,
                             tx,
                         },
                     );
