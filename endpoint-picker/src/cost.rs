@@ -397,7 +397,7 @@ pub fn estimate_tokens(bytes: usize) -> u64 {
 /// Prompt tokens of a structured prompt (chat `messages`, Responses `input`, …) given as its
 /// raw JSON, estimated from what the engine tokenizes: the bytes inside JSON strings at
 /// [`BYTES_PER_TOKEN`] (keys and values: role names and part types become template tokens
-/// too), each media part (a value of 1 KiB or more under one of [`MEDIA_KEYS`]) at
+/// too), each media part (a value of 1 KiB or more under a media key: `url`, `data`, `image_url`, `file_data`) at
 /// [`MEDIA_PART_TOKENS`], and nothing for the JSON's structure and whitespace. A JSON without
 /// strings (a completion prompt of token ids) counts one token per number. At most
 /// [`MAX_ESTIMATED_PROMPT_TOKENS`].
