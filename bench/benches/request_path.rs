@@ -164,6 +164,26 @@ fn parse_and_hash(c: &mut Criterion) {
     group.finish();
 }
 
+/// The prompt-token estimate from a chat prompt's content (`parse_body` computes it for
+/// every body when no tokenizer gives ids): one `memchr` walk over the messages' JSON.
+fn estimate_prompt(c: &mut Criterion) {
+    let mut group = c.benchmark_group("estimate_json_prompt_tokens");
+    for kb in [8usize, 220] {
+        let chat = bench::chat_body(kb * 1024, 0);
+        let parsed = openai::parse_body(Api::ChatCompletions, &Bytes::from(chat))
+            .expect("the bench's chat body parses");
+        group.throughput(Throughput::Bytes(parsed.prompt.len() as u64));
+        group.bench_with_input(
+            BenchmarkId::new("chat_kb", kb),
+            &parsed.prompt,
+            |b, prompt| {
+                b.iter(|| endpoint_picker::cost::estimate_json_prompt_tokens(black_box(prompt)))
+            },
+        );
+    }
+    group.finish();
+}
+
 /// The cost model's decision for a prompt no endpoint has seen, at 8 endpoints whose prefix
 /// indexes are full: matching finds nothing, and recording the prompt (up to the profile's
 /// 4,096 blocks) evicts as much. Building the request is not timed.
@@ -216,6 +236,7 @@ fn scrape_extract(c: &mut Criterion) {
 
 criterion_group!(
     benches,
+    estimate_prompt,
     scheduling_decision,
     unseen_long_prompt,
     parse_and_hash,
