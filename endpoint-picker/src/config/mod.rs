@@ -282,7 +282,9 @@ fn build(doc: &EndpointPickerConfig, seed: u64) -> Result<LoadedConfig, ConfigEr
 
 /// At most one producer of each kind: a request carries one result of each (one prefix
 /// match, one precise match, one peer source, one cost), and every consumer reads that one,
-/// so a second producer would be computed, and fed, and never read.
+/// so a second producer would be computed, and fed, and never read. Likewise one
+/// `metrics-data-source`: every endpoint is scraped once, with one path and scheme, and a
+/// second one's settings replaced the first's for every endpoint, silently.
 fn one_producer_per_kind(plugins: &Plugins<'_>) -> Result<(), ConfigError> {
     let mut seen: Vec<(&'static str, &str)> = Vec::new();
     for i in plugins.iter() {
@@ -291,6 +293,7 @@ fn one_producer_per_kind(plugins: &Plugins<'_>) -> Result<(), ConfigError> {
             Built::PreciseScorer(_) => "precise-prefix-cache-scorer",
             Built::CostProducer(_) => COST_PRODUCER,
             Built::P2pSource(_) => "p2p-source-producer",
+            Built::MetricsSource(_) => "metrics-data-source",
             _ => continue,
         };
         if let Some((_, first)) = seen.iter().find(|(k, _)| *k == kind) {
@@ -298,10 +301,17 @@ fn one_producer_per_kind(plugins: &Plugins<'_>) -> Result<(), ConfigError> {
                 name: i.name.clone(),
                 type_name: kind.into(),
                 parameter: "type",
-                reason: format!(
-                    "only one {kind} may be declared ({first:?} is one): a request carries one \
-                     result of each kind, so the other would be computed and never read"
-                ),
+                reason: if kind == "metrics-data-source" {
+                    format!(
+                        "only one {kind} may be declared ({first:?} is one): every endpoint is \
+                         scraped once, with one path and scheme"
+                    )
+                } else {
+                    format!(
+                        "only one {kind} may be declared ({first:?} is one): a request carries \
+                         one result of each kind, so the other would be computed and never read"
+                    )
+                },
             });
         }
         seen.push((kind, &i.name));

@@ -703,6 +703,10 @@ fn configurations_that_would_do_nothing_or_otherwise_are_refused() {
         "{HEAD}plugins:\n- name: c1\n  type: ttft-cost-producer\n- name: c2\n  type: ttft-cost-producer\n- type: ttft-cost-scorer\n"
     ));
     assert!(two.contains("only one ttft-cost-producer"), "{two}");
+    let two = err(&format!(
+        "{HEAD}plugins:\n- name: s1\n  type: metrics-data-source\n  parameters: {{path: /a}}\n- name: s2\n  type: metrics-data-source\n  parameters: {{path: /b}}\n"
+    ));
+    assert!(two.contains("only one metrics-data-source"), "{two}");
     // A plugin of another type under a producer's name no longer stands in for it.
     let taken = err(&format!(
         "{HEAD}plugins:\n- name: approx-prefix-cache-producer\n  type: queue-scorer\n- type: prefix-cache-scorer\n"
