@@ -180,6 +180,22 @@ fn estimate_prompt(c: &mut Criterion) {
                 b.iter(|| endpoint_picker::cost::estimate_json_prompt_tokens(black_box(prompt)))
             },
         );
+        // A line break and a quote every 30 characters or so: each escape restarts the
+        // search for the string's end.
+        let lines = r#"The quick brown fox jumps.\nAnd \"routes\" it.\n"#;
+        let mut content = String::new();
+        while content.len() < kb * 1024 {
+            content.push_str(lines);
+        }
+        let escaped = format!(r#"[{{"role":"user","content":"{content}"}}]"#).into_bytes();
+        group.throughput(Throughput::Bytes(escaped.len() as u64));
+        group.bench_with_input(
+            BenchmarkId::new("chat_escaped_kb", kb),
+            &escaped,
+            |b, prompt| {
+                b.iter(|| endpoint_picker::cost::estimate_json_prompt_tokens(black_box(prompt)))
+            },
+        );
     }
     group.finish();
 }

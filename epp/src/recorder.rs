@@ -70,8 +70,14 @@ impl EppRecorder {
 
     /// `priority` as a label value.
     fn priority_label(&self, priority: i32) -> Arc<str> {
-        if let Some(label) = self.priorities.read().get(&priority) {
-            return label.clone();
+        {
+            let priorities = self.priorities.read();
+            if let Some(label) = priorities.get(&priority) {
+                return label.clone();
+            }
+            if priorities.len() >= MAX_PRIORITY_LABELS {
+                return Arc::from(priority.to_string());
+            }
         }
         let label: Arc<str> = Arc::from(priority.to_string());
         let mut priorities = self.priorities.write();

@@ -361,6 +361,12 @@ struct Fields<'a> {
     instructions: Option<&'a RawValue>,
     #[serde(borrow)]
     tools: Option<&'a RawValue>,
+    /// Chat: rendered into the prompt by the engine's template (counted, not hashed).
+    #[serde(borrow)]
+    documents: Option<&'a RawValue>,
+    /// Chat: passed to the engine's template (counted, not hashed).
+    #[serde(borrow)]
+    chat_template_kwargs: Option<&'a RawValue>,
     #[serde(borrow)]
     cache_salt: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -369,6 +375,39 @@ struct Fields<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow)]
     max_output_tokens: Option<&'a RawValue>,
+}
+
+/// The prompt's tokens as the engine will see them, estimated (`endpoint_picker::cost`): the
+/// prompt's content, and the parts of the body the engine renders as text beside it, media
+/// keys or not: the Responses API's `instructions` and `tools`, chat's `tools`, `documents`
+/// and `chat_template_kwargs` (a large tool schema is tokens too, and hiding text there must
+/// not make a prompt look small).
+fn estimate_prompt_tokens(api: Api, fields: &Fields<'_>, prompt: &[u8], plain_text: bool) -> u64 {
+    use endpoint_picker::cost::{
+        MAX_ESTIMATED_PROMPT_TOKENS, estimate_json_prompt_tokens, estimate_json_text_tokens,
+        estimate_tokens,
+    };
+    let text = |raw: Option<&RawValue>| {
+        raw.filter(|r| r.get().trim() != "null")
+            .map_or(0, |r| estimate_json_text_tokens(r.get().as_bytes()))
+    };
+    let estimate = match api {
+        _ if plain_text => estimate_tokens(prompt.len()),
+        Api::Responses => {
+            let input = fields
+                .input
+                .map_or(0, |r| estimate_json_prompt_tokens(r.get().as_bytes()));
+            input
+                .saturating_add(text(fields.instructions))
+                .saturating_add(text(fields.tools))
+        }
+        Api::ChatCompletions => estimate_json_prompt_tokens(prompt)
+            .saturating_add(text(fields.tools))
+            .saturating_add(text(fields.documents))
+            .saturating_add(text(fields.chat_template_kwargs)),
+        _ => estimate_json_prompt_tokens(prompt),
+    };
+    estimate.min(MAX_ESTIMATED_PROMPT_TOKENS)
 }
 
 /// The byte range of `part` inside `whole` (it must be a sub-slice).
@@ -585,11 +624,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
             }
         }
     };
-    let estimated_prompt_tokens = if plain_text {
-        endpoint_picker::cost::estimate_tokens(prompt.len())
-    } else {
-        endpoint_picker::cost::estimate_json_prompt_tokens(&prompt)
-    };
+    let estimated_prompt_tokens = estimate_prompt_tokens(api, &fields, &prompt, plain_text);
     let stream = fields.stream.is_some_and(|s| s.get().trim() == "true");
     let cache_salt = match fields.cache_salt {
         Some(raw) if kind_of(raw.get()) == JsonKind::String => {
@@ -1169,6 +1204,39 @@ mod tests {
             "{}",
             vision.estimated_prompt_tokens
         );
+    }
+
+    /// What the engine renders as text beside the prompt counts, media keys or not: tools and
+    /// instructions of the Responses API, a chat request's tools and documents.
+    #[test]
+    fn text_beside_the_prompt_counts_whatever_its_keys() {
+        let hidden = "word".repeat(10_000);
+        let responses = parse_body(
+            Api::Responses,
+            &b(&format!(
+                r#"{{"model":"m","input":"q","tools":[{{"type":"function","parameters":{{"data":"{hidden}"}}}}]}}"#
+            )),
+        )
+        .unwrap();
+        assert!(
+            responses.estimated_prompt_tokens > 10_000,
+            "{}",
+            responses.estimated_prompt_tokens
+        );
+        let chat = parse_body(
+            Api::ChatCompletions,
+            &b(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"function":{{"description":"{hidden}"}}}}],"documents":[{{"text":"{hidden}"}}]}}"#
+            )),
+        )
+        .unwrap();
+        assert!(
+            chat.estimated_prompt_tokens > 20_000,
+            "{}",
+            chat.estimated_prompt_tokens
+        );
+        // The hashed prompt is still the messages alone.
+        assert_eq!(&chat.prompt[..], br#"[{"role":"user","content":"hi"}]"#);
     }
 
     #[test]
