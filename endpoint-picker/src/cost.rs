@@ -436,42 +436,33 @@ fn estimate_json(json: &[u8], media_keys: bool) -> u64 {
     // The last string that was a key (followed by `:`), and whether the current one is the
     // value that follows it.
     let mut key: &[u8] = &[];
-    let mut at = 0;
-    while let Some(open) = memchr::memchr(b'"', &json[at..]) {
-        let quote = at + open;
-        let is_value = json[at..quote]
+    // Where the bytes between strings begin, and the open string's first byte and whether it
+    // is a value.
+    let mut between = 0;
+    let mut open: Option<(usize, bool)> = None;
+    // One pass over the quotes, escaped or not: a search per escape cost 121 µs at 220 KB
+    // of text with an escape every 23 characters, this 57 µs (2 µs without escapes).
+    for quote in memchr::memchr_iter(b'"', json) {
+        let Some((start, is_value)) = open else {
+            let is_value = json[between..quote]
+                .iter()
+                .rev()
+                .find(|b| !b.is_ascii_whitespace())
+                == Some(&b':');
+            open = Some((quote + 1, is_value));
+            continue;
+        };
+        // The closing quote is the first one after an even run of backslashes.
+        let backslashes = json[start..quote]
             .iter()
             .rev()
-            .find(|b| !b.is_ascii_whitespace())
-            == Some(&b':');
-        let start = quote + 1;
-        let mut end = start;
-        // The closing quote: the first one not escaped, i.e. after an even run of backslashes.
-        // Searched for by quotes alone, so that text full of `\n` costs one search, not one
-        // per escape (121 µs against a few at 220 KB with a line break every 30 characters).
-        loop {
-            match memchr::memchr(b'"', &json[end.min(json.len())..]) {
-                None => {
-                    end = json.len();
-                    break;
-                }
-                Some(p) => {
-                    let at = end + p;
-                    let backslashes = json[start..at]
-                        .iter()
-                        .rev()
-                        .take_while(|&&b| b == b'\\')
-                        .count();
-                    if backslashes % 2 == 0 {
-                        end = at;
-                        break;
-                    }
-                    end = at + 1;
-                }
-            }
+            .take_while(|&&b| b == b'\\')
+            .count();
+        if backslashes % 2 == 1 {
+            continue;
         }
-        let end = end.min(json.len());
-        let string = &json[start.min(end)..end];
+        open = None;
+        let string = &json[start..quote];
         strings += 1;
         let media_value = media_keys && is_value && MEDIA_KEYS.contains(&key);
         if media_value && (string.len() >= MIN_MEDIA_BYTES || is_media_link(string)) {
@@ -479,9 +470,14 @@ fn estimate_json(json: &[u8], media_keys: bool) -> u64 {
         } else {
             text += string.len();
         }
-        at = (end + 1).min(json.len());
-        let is_key = json[at..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
+        between = quote + 1;
+        let is_key = json[between..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
         key = if is_key { string } else { &[] };
+    }
+    // An unterminated string (a damaged body) counts to the end.
+    if let Some((start, _)) = open {
+        strings += 1;
+        text += json.len().saturating_sub(start);
     }
     if strings == 0 {
         // Token ids: one token per number, whatever the whitespace around them.
