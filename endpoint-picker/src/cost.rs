@@ -612,6 +612,31 @@ mod tests {
         assert_eq!(estimate_json_prompt_tokens(br#"["ab\\\"cd"]"#), 2);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5e57),
+            cases: 512,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+        /// Every string a JSON encoder writes, escapes and all, ends where the encoder ended it:
+        /// the estimate counts exactly the bytes inside the quotes of each.
+        #[test]
+        fn strings_end_where_the_encoder_ended_them(
+            parts in proptest::collection::vec("[a-z\\\\\"\n\u{e9} ]{0,40}", 1..6)
+        ) {
+            let json = serde_json::to_string(&parts).unwrap();
+            let inside: usize = parts
+                .iter()
+                .map(|p| serde_json::to_string(p).unwrap().len() - 2)
+                .sum();
+            proptest::prop_assert_eq!(
+                estimate_json_prompt_tokens(json.as_bytes()),
+                inside.div_ceil(4) as u64
+            );
+        }
+    }
+
     fn ms(s: f64) -> f64 {
         s * 1000.0
     }
