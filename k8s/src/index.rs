@@ -14,7 +14,11 @@
 //! datastore and director. The pool is published only once **both** the pool and the pod
 //! watches have completed one full listing (and the pool exists): publishing is what flips the
 //! datastore to "synced", and readiness follows that, so an EPP never reports ready with a
-//! half-listed pod set.
+//! half-listed pod set. Where the objectives and rewrites are watched too
+//! ([`Index::awaiting_policies`]), the first publication also waits for each of them to answer
+//! once: its listing, or an API server's word that the kind is not there (a CRD not installed,
+//! a role without it), so that the first requests are not routed without the rewrites and
+//! priorities the cluster declares.
 //!
 //! Pods are trimmed on entry to the few fields that matter, so the index holds no full objects.
 
@@ -44,6 +48,9 @@ pub trait IndexResource<K> {
     fn apply(&mut self, obj: K);
     /// An object was deleted.
     fn delete(&mut self, obj: K);
+    /// The API server says the kind cannot be listed (not found, forbidden): nothing of it
+    /// will come until that changes.
+    fn unavailable(&mut self) {}
     /// The watch (re)listed: `objs` is the complete current set; anything else is gone.
     fn reset(&mut self, objs: Vec<K>);
 }
@@ -119,6 +126,10 @@ pub struct Index {
     rewrites: BTreeMap<String, ModelRewrite>,
     pools_synced: bool,
     pods_synced: bool,
+    /// The objectives and the rewrites have answered once (listed, or are unavailable), or
+    /// are not awaited.
+    objectives_settled: bool,
+    rewrites_settled: bool,
     published_pool: Option<PoolSpec>,
     published_policies: Option<Policies>,
     publisher: Publisher,
@@ -141,6 +152,8 @@ impl Index {
             rewrites: BTreeMap::new(),
             pools_synced: false,
             pods_synced: false,
+            objectives_settled: true,
+            rewrites_settled: true,
             published_pool: None,
             published_policies: None,
             metrics_port_ignored: false,
@@ -160,6 +173,14 @@ impl Index {
         index.set_pool(Some(spec));
         index.pools_synced = true;
         index
+    }
+
+    /// The first publication of the pool also waits for the objectives and rewrites to have
+    /// listed once, or to be unavailable (their watches run beside the pool's).
+    pub fn awaiting_policies(mut self) -> Self {
+        self.objectives_settled = false;
+        self.rewrites_settled = false;
+        self
     }
 
     /// Shares the index between watch tasks.
@@ -285,7 +306,8 @@ impl Index {
             );
             self.published_policies = Some(policies);
         }
-        if !(self.pools_synced && self.pods_synced) {
+        let listed = self.pools_synced && self.pods_synced;
+        if !(listed && self.objectives_settled && self.rewrites_settled) {
             return;
         }
         let spec = match self.pool_spec() {
@@ -402,7 +424,18 @@ impl IndexResource<InferenceObjective> for Index {
             .filter(|o| self.is_our_pool(&o.spec.pool_ref))
             .map(|o| (o.name_any(), o.spec.priority.unwrap_or(0)))
             .collect();
+        self.objectives_settled = true;
         self.publish();
+    }
+
+    fn unavailable(&mut self) {
+        if !self.objectives_settled {
+            tracing::info!(
+                "InferenceObjectives cannot be listed; routing without priorities until they can"
+            );
+            self.objectives_settled = true;
+            self.publish();
+        }
     }
 }
 
@@ -471,7 +504,18 @@ impl IndexResource<InferenceModelRewrite> for Index {
             .filter(|o| self.is_our_pool(&o.spec.pool_ref))
             .map(|o| (o.name_any(), to_rewrite(o)))
             .collect();
+        self.rewrites_settled = true;
         self.publish();
+    }
+
+    fn unavailable(&mut self) {
+        if !self.rewrites_settled {
+            tracing::info!(
+                "InferenceModelRewrites cannot be listed; routing without rewrites until they can"
+            );
+            self.rewrites_settled = true;
+            self.publish();
+        }
     }
 }
 

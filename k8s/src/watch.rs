@@ -85,7 +85,9 @@ impl Discovery {
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect::<Vec<_>>()
                     .join(",");
-                let index = Index::standalone(pool, spec, metrics_port, publisher).shared();
+                let index = Index::standalone(pool, spec, metrics_port, publisher)
+                    .awaiting_policies()
+                    .shared();
                 tasks.push(pods(
                     Api::namespaced(client.clone(), &ns),
                     watch_config().labels(&selector),
@@ -95,7 +97,9 @@ impl Discovery {
             }
             None => {
                 let name = pool.name.clone();
-                let index = Index::new(pool, metrics_port, publisher).shared();
+                let index = Index::new(pool, metrics_port, publisher)
+                    .awaiting_policies()
+                    .shared();
                 tasks.push(pools(
                     Api::namespaced(client.clone(), &ns),
                     &name,
@@ -260,6 +264,9 @@ where
             Ok(Event::Delete(obj)) => index.lock().delete(obj),
             // The backoff wrapper delays the retry; a 410 Gone makes the watcher relist.
             Err(error) => {
+                if is_unavailable(&error) {
+                    IndexResource::<K>::unavailable(&mut *index.lock());
+                }
                 let text = error.to_string();
                 if last_error.as_deref() == Some(text.as_str()) {
                     tracing::debug!(%error, "watch still failing; retrying with backoff");
@@ -270,6 +277,17 @@ where
             }
         }
     }
+}
+
+/// The API server's word that a kind cannot be listed at all: not found (its CRD is not
+/// installed) or forbidden (the role does not grant it). Other failures are retried without
+/// giving up on the kind.
+fn is_unavailable(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            if status.code == 404 || status.code == 403
+    )
 }
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63

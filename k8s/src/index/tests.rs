@@ -30,6 +30,29 @@ fn nothing_is_published_until_pool_and_pods_have_both_synced() {
     assert_eq!(endpoints(&p), vec![e("a-rank-0", "10.0.0.1:8000")]);
 }
 
+/// Routing the first requests without the cluster's rewrites sends them to a model name the
+/// engines do not serve: where the policy kinds are watched, the pool waits for each to answer
+/// once, by a listing or by being unavailable.
+#[test]
+fn the_first_publication_waits_for_the_policies_awaited() {
+    let p = publisher();
+    let mut idx = Index::new(pool_ref(), None, p.clone()).awaiting_policies();
+    idx.reset(vec![pool(POOL, "vllm", &[8000])]);
+    idx.reset(vec![pod("a", "vllm", "10.0.0.1")]);
+    assert!(!p.datastore.is_synced(), "objectives and rewrites unheard");
+    idx.reset(vec![rewrite("r", POOL, 100, &[(&["m"], &[("m-a", 1)])])]);
+    assert!(!p.datastore.is_synced(), "objectives unheard");
+    // The rewrites reached the director before the pool is published.
+    assert!(policies(&p).rewrite_rule("m").is_some());
+    IndexResource::<InferenceObjective>::unavailable(&mut idx);
+    assert!(p.datastore.is_synced(), "every kind has answered");
+    assert_eq!(endpoints(&p), vec![e("a-rank-0", "10.0.0.1:8000")]);
+    // Once published, a later failure of a policy kind does not unpublish anything.
+    IndexResource::<InferenceModelRewrite>::unavailable(&mut idx);
+    idx.apply(pod("b", "vllm", "10.0.0.2"));
+    assert_eq!(endpoints(&p).len(), 2);
+}
+
 #[test]
 fn a_missing_pool_keeps_the_datastore_unsynced() {
     let (mut idx, p) = index();

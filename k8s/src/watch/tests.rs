@@ -197,6 +197,97 @@ async fn a_missing_pool_keeps_readiness_back_until_it_appears() {
     join(tasks).await;
 }
 
+/// Readiness waits for the objectives and rewrites to answer once: a listing, or a 404 or 403
+/// (the kind is not installed, or not granted). A 500 is retried and keeps it waiting.
+#[tokio::test(start_paused = true)]
+async fn readiness_waits_for_the_policies_to_answer_once() {
+    let publisher = publisher();
+    let index = Index::new(pool_ref(), None, publisher.clone())
+        .awaiting_policies()
+        .shared();
+    let (pool_client, mut pool_server) = mock::client(NS);
+    let (pod_client, mut pod_server) = mock::client(NS);
+    let (oc, mut objective_server) = mock::client(NS);
+    let (rc, mut rewrite_server) = mock::client(NS);
+    let shutdown = CancellationToken::new();
+    let tasks = vec![
+        run(
+            pools(Api::namespaced(pool_client, NS), POOL, index.clone()),
+            shutdown.child_token(),
+        ),
+        run(
+            pods(
+                Api::namespaced(pod_client, NS),
+                watch_config(),
+                index.clone(),
+            ),
+            shutdown.child_token(),
+        ),
+        run(
+            task::<InferenceObjective>(
+                "inferenceobjectives",
+                Api::namespaced(oc, NS),
+                watch_config(),
+                index.clone(),
+            ),
+            shutdown.child_token(),
+        ),
+        run(
+            task::<InferenceModelRewrite>(
+                "inferencemodelrewrites",
+                Api::namespaced(rc, NS),
+                watch_config(),
+                index.clone(),
+            ),
+            shutdown.child_token(),
+        ),
+    ];
+    pool_server
+        .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "1")
+        .await;
+    let (_, _pool_watch) = pool_server.expect_watch(POOLS).await;
+    pod_server
+        .expect_list(PODS, vec![v(pod("a", "vllm", "10.0.0.1"))], "2")
+        .await;
+    let (_, _pod_watch) = pod_server.expect_watch(PODS).await;
+    // The rewrite CRD is not installed: that is an answer.
+    let (_, send) = rewrite_server.expect_get(REWRITES, false).await;
+    respond_json(send, StatusCode::NOT_FOUND, &mock::status(404, "NotFound"));
+    // The objectives fail with a 500: no answer yet, and the retry is awaited.
+    let (_, send) = objective_server.expect_get(OBJECTIVES, false).await;
+    respond_json(
+        send,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &mock::status(500, "InternalError"),
+    );
+    // The rewrites' retry proves the 404 was handled (the watch is retried after it).
+    let (_, send) = rewrite_server.expect_get(REWRITES, false).await;
+    assert!(
+        !publisher.datastore.is_synced(),
+        "pool and pods listed, the objectives unheard: not ready"
+    );
+    respond_json(send, StatusCode::NOT_FOUND, &mock::status(404, "NotFound"));
+    objective_server
+        .expect_list(OBJECTIVES, vec![v(objective("batch", POOL, Some(-1)))], "3")
+        .await;
+    let (_, _objective_watch) = objective_server.expect_watch(OBJECTIVES).await;
+    assert!(publisher.datastore.is_synced(), "every kind answered");
+    assert_eq!(
+        publisher
+            .director
+            .as_ref()
+            .unwrap()
+            .policies()
+            .objectives
+            .get("batch"),
+        Some(&-1),
+        "the objectives arrived with the pool, not after it"
+    );
+    assert_eq!(endpoints(&publisher).len(), 1);
+    shutdown.cancel();
+    join(tasks).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn objectives_and_rewrites_reach_the_director() {
     let publisher = publisher();
