@@ -84,7 +84,7 @@ impl UtilizationDetector {
             d.metrics_staleness_threshold = parse_duration(&s).ok_or_else(|| {
                 p.invalid(
                     "metricsStalenessThreshold",
-                    format!("not a duration: {s:?}"),
+                    format!("not a duration (with a unit, e.g. 200ms): {s:?}"),
                 )
             })?;
         }

@@ -130,7 +130,10 @@ impl<'a> Params<'a> {
     }
 }
 
-/// Parses a Go-style duration (`200ms`, `2s`, `1m30s`, `1.5h`) or a bare number of seconds.
+/// Parses a Go-style duration (`200ms`, `2s`, `1m30s`, `1.5h`, or `0`), as Go's
+/// `time.ParseDuration` reads the reference's: a number without a unit is refused but for `0`
+/// (`"2"` had read as 2 s here, where the reference refuses it and a reader may take it for
+/// milliseconds), as the duration flags are.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     // Empty is no duration (Go's `invalid duration ""`), not zero: `defaultRequestTTL: ""`
@@ -138,10 +141,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     if s.is_empty() {
         return None;
     }
-    if let Ok(secs) = s.parse::<f64>() {
-        // `try_from_secs_f64` refuses negative, NaN and too large values, where
-        // `from_secs_f64` panics past `Duration::MAX` ("1e300", found by fuzzing).
-        return Duration::try_from_secs_f64(secs).ok();
+    if let Ok(number) = s.parse::<f64>() {
+        return (number == 0.0).then_some(Duration::ZERO);
     }
     let mut total = 0.0f64;
     let mut rest = s;

@@ -407,7 +407,10 @@ fn unknown_parameters_warn() {
 fn durations() {
     assert_eq!(parse_duration("200ms"), Some(Duration::from_millis(200)));
     assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-    assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+    // A unit is needed, as in Go, but for zero.
+    assert_eq!(parse_duration("2"), None);
+    assert_eq!(parse_duration("0.5"), None);
+    assert_eq!(parse_duration("0"), Some(Duration::ZERO));
     assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
     assert_eq!(parse_duration("5 parsecs"), None);
     assert_eq!(parse_duration("ms"), None);
@@ -538,7 +541,11 @@ fn flow_control_validation_uses_the_references_messages() {
         (
             // Accepted once, then the dispatcher overflowed the clock with it.
             "flowControl:\n  defaultRequestTTL: \"1e19\"\n",
-            "defaultRequestTTL: \"1e19\" is longer than 365 days",
+            "defaultRequestTTL: not a duration (with a unit, e.g. 60s): \"1e19\"",
+        ),
+        (
+            "flowControl:\n  defaultRequestTTL: 10000000h\n",
+            "defaultRequestTTL: \"10000000h\" is longer than 365 days",
         ),
         (
             "flowControl:\n  noEndpointRequestTTL: 9000h\n",

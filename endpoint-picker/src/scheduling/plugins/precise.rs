@@ -350,7 +350,7 @@ impl PreciseParams {
         }
         if let Some(ttl) = y.speculative_ttl.filter(|s| !s.is_empty()) {
             let d = parse_duration(&ttl)
-                .ok_or_else(|| p.invalid("speculativeTTL", format!("not a duration: {ttl:?}")))?;
+                .ok_or_else(|| p.invalid("speculativeTTL", format!("not a duration (with a unit, e.g. 30s): {ttl:?}")))?;
             // llm-d: a non-positive TTL means the default.
             if !d.is_zero() {
                 out.limits.speculative_ttl = d.min(Duration::from_secs(3600));
