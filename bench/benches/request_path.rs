@@ -24,6 +24,9 @@ fn request_from(body: &Bytes, api: Api) -> InferenceRequest {
         prompt: p.prompt,
         stream: p.stream,
         body_len: body.len(),
+        // As the ext_proc stream fills them.
+        estimated_prompt_tokens: Some(p.estimated_prompt_tokens),
+        prompt_is_json: p.prompt_is_json,
         ..Default::default()
     }
 }

@@ -381,6 +381,12 @@ pub const MEDIA_PART_TOKENS: u64 = 1_024;
 /// A value at least this long under a media key is a media part.
 const MIN_MEDIA_BYTES: usize = 1_024;
 
+/// Media parts counted as such in one request; any further part counts as its bytes, as text
+/// does. A link is a few bytes, so without a bound a 12 KiB body of 256 links would be
+/// charged as the estimate's cap; engines refuse far fewer per prompt (vLLM's
+/// `--limit-mm-per-prompt`).
+pub const MAX_MEDIA_PARTS: u64 = 32;
+
 /// The keys whose string values are media, not text, to the engine, in a prompt's messages:
 /// OpenAI's and vLLM's `image_url.url`, `video_url.url`, `audio_url.url`, `input_audio.data`,
 /// vLLM's `image_embeds` and `audio_embeds`, and the Responses API's `image_url` and
@@ -397,7 +403,10 @@ const MEDIA_KEYS: [&[u8]; 6] = [
     b"audio_embeds",
 ];
 
-/// A value under a media key that is media whatever its length: a link to it (the engine
+/// The media keys whose value may be a link to the media rather than the media itself.
+const LINK_KEYS: [&[u8]; 2] = [b"url", b"image_url"];
+
+/// A value under a link key that is media whatever its length: a link to it (the engine
 /// fetches an image, it does not read its address as text).
 fn is_media_link(value: &[u8]) -> bool {
     [&b"http://"[..], b"https://", b"file:", b"data:"]
@@ -416,10 +425,11 @@ pub fn estimate_tokens(bytes: usize) -> u64 {
 /// Prompt tokens of a structured prompt (chat `messages`, Responses `input`, …) given as its
 /// raw JSON, estimated from what the engine tokenizes: the bytes inside JSON strings at
 /// [`BYTES_PER_TOKEN`] (keys and values: role names and part types become template tokens
-/// too), each media part (under a media key such as `url`, `data` or `image_url`: a link, or
-/// a value of 1 KiB or more) at [`MEDIA_PART_TOKENS`], and nothing for the JSON's structure
-/// and whitespace. A JSON without strings (a completion prompt of token ids) counts one token
-/// per number. At most [`MAX_ESTIMATED_PROMPT_TOKENS`].
+/// too), each media part (under a media key such as `url`, `data` or `image_url`: a value of
+/// 1 KiB or more, or a link under `url` or `image_url`; at most [`MAX_MEDIA_PARTS`]) at
+/// [`MEDIA_PART_TOKENS`], and nothing for the JSON's structure and whitespace. A JSON without
+/// strings (a completion prompt of token ids) counts one token per number. At most
+/// [`MAX_ESTIMATED_PROMPT_TOKENS`].
 pub fn estimate_json_prompt_tokens(json: &[u8]) -> u64 {
     estimate_json(json, true)
 }
@@ -431,53 +441,174 @@ pub fn estimate_json_text_tokens(json: &[u8]) -> u64 {
     estimate_json(json, false)
 }
 
-fn estimate_json(json: &[u8], media_keys: bool) -> u64 {
-    let (mut text, mut media, mut strings) = (0usize, 0u64, 0usize);
-    // The last string that was a key (followed by `:`), and whether the current one is the
-    // value that follows it.
-    let mut key: &[u8] = &[];
-    // Where the bytes between strings begin, and the open string's first byte and whether it
-    // is a value.
-    let mut between = 0;
-    let mut open: Option<(usize, bool)> = None;
-    // One pass over the quotes, escaped or not: a search per escape cost 121 µs at 220 KB
-    // of text with an escape every 23 characters, this 57 µs (2 µs without escapes).
-    for quote in memchr::memchr_iter(b'"', json) {
-        let Some((start, is_value)) = open else {
-            let is_value = json[between..quote]
-                .iter()
-                .rev()
-                .find(|b| !b.is_ascii_whitespace())
-                == Some(&b':');
-            open = Some((quote + 1, is_value));
-            continue;
-        };
-        // The closing quote is the first one after an even run of backslashes.
-        let backslashes = json[start..quote]
-            .iter()
-            .rev()
-            .take_while(|&&b| b == b'\\')
-            .count();
-        if backslashes % 2 == 1 {
-            continue;
+/// [`estimate_json_prompt_tokens`] of each of the first `blocks` leading runs of `block_bytes`
+/// bytes of `json` (`out[k]`: of `json[..(k + 1) × block_bytes]`), in one pass: what a prefix
+/// match of `k + 1` blocks of the raw JSON is worth in the prompt's estimated tokens. Without
+/// it a match was counted at [`BYTES_PER_TOKEN`] per byte of JSON, whitespace and all, while
+/// the prompt is estimated from its content: a body led by 16 KiB of spaces matched on every
+/// replica bought 4,096 tokens of prefill for free. A media part counts in the runs that hold
+/// all of it, and in the last run when 1 KiB or more of it is there (never its base64 as
+/// text); a text string cut by a run's end counts its bytes inside the run.
+pub fn estimate_json_prompt_tokens_by_block(
+    json: &[u8],
+    block_bytes: usize,
+    blocks: usize,
+    out: &mut Vec<u64>,
+) {
+    out.clear();
+    if block_bytes == 0 {
+        return;
+    }
+    let blocks = blocks.min(json.len() / block_bytes);
+    let json = &json[..blocks * block_bytes];
+    let tokens = |text: usize, media: u64| {
+        (text.div_ceil(BYTES_PER_TOKEN) as u64)
+            .saturating_add(media.saturating_mul(MEDIA_PART_TOKENS))
+            .min(MAX_ESTIMATED_PROMPT_TOKENS)
+    };
+    let (mut text, mut media, mut any) = (0usize, 0u64, false);
+    let mut boundary = block_bytes;
+    for part in JsonStrings::new(json, true) {
+        any = true;
+        // The runs that end before this string begins.
+        while out.len() < blocks && boundary <= part.start {
+            out.push(tokens(text, media));
+            boundary += block_bytes;
         }
-        open = None;
-        let string = &json[start..quote];
-        strings += 1;
-        let media_value = media_keys && is_value && MEDIA_KEYS.contains(&key);
-        if media_value && (string.len() >= MIN_MEDIA_BYTES || is_media_link(string)) {
+        // The runs that end inside it: a text string's bytes up to the boundary.
+        while out.len() < blocks && boundary < part.end {
+            let partial = if part.media { 0 } else { boundary - part.start };
+            out.push(tokens(text + partial, media));
+            boundary += block_bytes;
+        }
+        if part.media {
             media += 1;
         } else {
-            text += string.len();
+            text += part.end - part.start;
         }
-        between = quote + 1;
-        let is_key = json[between..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
-        key = if is_key { string } else { &[] };
     }
-    // An unterminated string (a damaged body) counts to the end.
-    if let Some((start, _)) = open {
+    if !any {
+        // Token ids: one token per number.
+        let mut numbers = 0u64;
+        for (at, (b, before)) in json
+            .iter()
+            .zip(std::iter::once(&b' ').chain(json.iter()))
+            .enumerate()
+        {
+            if b.is_ascii_digit() && !before.is_ascii_digit() {
+                numbers += 1;
+            }
+            if (at + 1) % block_bytes == 0 {
+                out.push(numbers.min(MAX_ESTIMATED_PROMPT_TOKENS));
+            }
+        }
+        return;
+    }
+    while out.len() < blocks {
+        out.push(tokens(text, media));
+    }
+}
+
+/// One string of a JSON text: the bytes between its quotes, and whether it is a media part.
+struct JsonString {
+    start: usize,
+    end: usize,
+    media: bool,
+}
+
+/// The strings of a JSON text in order, found by one pass over its quotes (escaped or not: a
+/// search per escape cost 121 µs at 220 KB of text with an escape every 23 characters, this
+/// 57 µs, 2 µs without escapes). An unterminated string (damaged JSON, or a run cut short)
+/// ends at the end.
+struct JsonStrings<'a> {
+    json: &'a [u8],
+    quotes: memchr::Memchr<'a>,
+    /// Whether media keys make media parts (messages), or everything is text (tools).
+    media_keys: bool,
+    /// Media parts so far (at most [`MAX_MEDIA_PARTS`] are).
+    media: u64,
+    /// The last string that was a key (followed by `:`), and where the bytes between strings
+    /// begin.
+    key: (usize, usize),
+    between: usize,
+    done: bool,
+}
+
+impl<'a> JsonStrings<'a> {
+    fn new(json: &'a [u8], media_keys: bool) -> Self {
+        Self {
+            json,
+            quotes: memchr::memchr_iter(b'"', json),
+            media_keys,
+            media: 0,
+            key: (0, 0),
+            between: 0,
+            done: false,
+        }
+    }
+}
+
+impl Iterator for JsonStrings<'_> {
+    type Item = JsonString;
+
+    fn next(&mut self) -> Option<JsonString> {
+        if self.done {
+            return None;
+        }
+        let json = self.json;
+        let Some(open) = self.quotes.next() else {
+            self.done = true;
+            return None;
+        };
+        let is_value = json[self.between..open]
+            .iter()
+            .rev()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b':');
+        let start = open + 1;
+        // The closing quote is the first one after an even run of backslashes.
+        let end = loop {
+            let Some(quote) = self.quotes.next() else {
+                self.done = true;
+                break json.len();
+            };
+            let backslashes = json[start..quote]
+                .iter()
+                .rev()
+                .take_while(|&&b| b == b'\\')
+                .count();
+            if backslashes % 2 == 0 {
+                break quote;
+            }
+        };
+        let string = &json[start..end];
+        let key = &json[self.key.0..self.key.1];
+        let media = self.media_keys
+            && is_value
+            && self.media < MAX_MEDIA_PARTS
+            && MEDIA_KEYS.contains(&key)
+            && (string.len() >= MIN_MEDIA_BYTES
+                || (LINK_KEYS.contains(&key) && is_media_link(string)));
+        self.media += u64::from(media);
+        self.between = (end + 1).min(json.len());
+        let is_key = json[self.between..]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b':');
+        self.key = if is_key { (start, end) } else { (0, 0) };
+        Some(JsonString { start, end, media })
+    }
+}
+
+fn estimate_json(json: &[u8], media_keys: bool) -> u64 {
+    let (mut text, mut media, mut strings) = (0usize, 0u64, 0usize);
+    for part in JsonStrings::new(json, media_keys) {
         strings += 1;
-        text += json.len().saturating_sub(start);
+        if part.media {
+            media += 1;
+        } else {
+            text += part.end - part.start;
+        }
     }
     if strings == 0 {
         // Token ids: one token per number, whatever the whitespace around them.
@@ -612,6 +743,86 @@ mod tests {
         assert_eq!(estimate_json_prompt_tokens(br#"["ab\\\"cd"]"#), 2);
     }
 
+    /// A match over whitespace and JSON structure is worth what the content in it is: a body
+    /// padded with spaces before its text gets no credit for the spaces.
+    #[test]
+    fn a_matched_run_is_worth_its_content_not_its_bytes() {
+        let padded = format!(
+            r#"[{}{{"role":"user","content":"{}"}}]"#,
+            " ".repeat(4096),
+            "word".repeat(1024)
+        );
+        let mut by_block = Vec::new();
+        estimate_json_prompt_tokens_by_block(padded.as_bytes(), 64, 1000, &mut by_block);
+        assert_eq!(by_block.len(), padded.len() / 64);
+        // The 64 blocks of spaces are worth nothing; the whole is worth the estimate.
+        assert_eq!(by_block[63], 0);
+        assert!(by_block.windows(2).all(|w| w[0] <= w[1]), "{by_block:?}");
+        let whole = estimate_json_prompt_tokens(padded.as_bytes());
+        assert!(*by_block.last().unwrap() <= whole);
+        assert!(
+            whole - by_block.last().unwrap() <= 16,
+            "{by_block:?} vs {whole}"
+        );
+        // At most `blocks` runs, none past the JSON's end.
+        estimate_json_prompt_tokens_by_block(padded.as_bytes(), 64, 3, &mut by_block);
+        assert_eq!(by_block, vec![0, 0, 0]);
+        estimate_json_prompt_tokens_by_block(b"[]", 64, 3, &mut by_block);
+        assert!(by_block.is_empty());
+        estimate_json_prompt_tokens_by_block(b"[]", 0, 3, &mut by_block);
+        assert!(by_block.is_empty());
+        // Token ids: one token per number in each run.
+        estimate_json_prompt_tokens_by_block(b"[1, 22, 333, 4]", 5, 3, &mut by_block);
+        assert_eq!(by_block, vec![2, 3, 4], "[1, 2 | 2, 3 | 33, 4]");
+    }
+
+    /// An image counts in the runs that hold it whole (or 1 KiB of it at their end), never
+    /// its base64 as text.
+    #[test]
+    fn a_matched_run_counts_an_image_not_its_base64() {
+        let image = "QUJD".repeat(2048);
+        let json = format!(
+            r#"[{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{image}"}}}},{{"type":"text","text":"{}"}}]"#,
+            "word".repeat(256)
+        );
+        let mut by_block = Vec::new();
+        estimate_json_prompt_tokens_by_block(json.as_bytes(), 64, usize::MAX, &mut by_block);
+        let before_image = ("type".len() + "image_url".len() * 2 + "url".len()).div_ceil(4) as u64;
+        let inside = 8192 / 64 - 2;
+        assert_eq!(
+            by_block[inside], before_image,
+            "no credit for half an image"
+        );
+        assert!(by_block[by_block.len() - 1] >= MEDIA_PART_TOKENS);
+        assert!(
+            by_block[by_block.len() - 1] <= estimate_json_prompt_tokens(json.as_bytes()),
+            "never more than the whole"
+        );
+        // A run cut 1 KiB or more into it holds part of the image.
+        estimate_json_prompt_tokens_by_block(json.as_bytes(), 64, inside + 1, &mut by_block);
+        assert_eq!(by_block[inside], before_image + MEDIA_PART_TOKENS);
+    }
+
+    /// A few bytes of links cannot pass for the estimate's cap: at most 32 media parts count.
+    #[test]
+    fn links_count_as_media_at_most_so_many_times() {
+        let part = r#"{"type":"image_url","image_url":{"url":"file:"}}"#;
+        let json = format!("[{}]", vec![part; 256].join(","));
+        let estimate = estimate_json_prompt_tokens(json.as_bytes());
+        // 32 images, and the rest as the text it is.
+        assert!(
+            estimate <= MAX_MEDIA_PARTS * MEDIA_PART_TOKENS + json.len() as u64 / 4,
+            "{estimate}"
+        );
+        assert!(
+            estimate >= MAX_MEDIA_PARTS * MEDIA_PART_TOKENS,
+            "{estimate}"
+        );
+        // A short value under a data key is text, not a link to media.
+        let short = r#"[{"input_audio":{"data":"https://x"}}]"#;
+        assert!(estimate_json_prompt_tokens(short.as_bytes()) < 16);
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::test_runner::Config {
             rng_seed: proptest::test_runner::RngSeed::Fixed(0x5e57),
@@ -619,6 +830,29 @@ mod tests {
             failure_persistence: None,
             ..proptest::test_runner::Config::default()
         })]
+        /// Each run's worth is the estimate of the run alone (text without media: where
+        /// they differ is a media part cut short, tested above).
+        #[test]
+        fn each_run_is_worth_its_own_estimate(
+            parts in proptest::collection::vec(("[a-z]{0,6}", "[a-z\\\\\"\n ]{0,90}"), 1..8),
+            block in 1usize..40,
+        ) {
+            let messages: Vec<std::collections::BTreeMap<String, String>> = parts
+                .into_iter()
+                .map(|(k, v)| std::iter::once((format!("k{k}"), v)).collect())
+                .collect();
+            let json = serde_json::to_string_pretty(&messages).unwrap();
+            let mut by_block = Vec::new();
+            estimate_json_prompt_tokens_by_block(json.as_bytes(), block, usize::MAX, &mut by_block);
+            proptest::prop_assert_eq!(by_block.len(), json.len() / block);
+            for (k, tokens) in by_block.iter().enumerate() {
+                let run = &json.as_bytes()[..(k + 1) * block];
+                // A run without a string yet: nothing (the whole-JSON rule would count numbers).
+                let expected = if run.contains(&b'"') { estimate_json_prompt_tokens(run) } else { 0 };
+                proptest::prop_assert_eq!(*tokens, expected, "run {}", k);
+            }
+        }
+
         /// Every string a JSON encoder writes, escapes and all, ends where the encoder ended it:
         /// the estimate counts exactly the bytes inside the quotes of each.
         #[test]

@@ -66,6 +66,10 @@ pub struct InferenceRequest {
     /// Whether `prompt` is a copy apart from the body (decoded escapes, chat messages put
     /// together) rather than a slice of it: then it is held on top of the body.
     pub prompt_is_copy: bool,
+    /// Whether `prompt` is JSON whose strings are what the engine reads (chat messages,
+    /// Responses input, a token-id array), not plain text (a completion's string prompt): a
+    /// run of its bytes is then worth the content inside it, not a token per 4 bytes.
+    pub prompt_is_json: bool,
     /// The prompt's tokens as the body parser estimated them from its content (text and media
     /// parts, not the JSON around them): what [`Self::prompt_tokens`] says without token ids.
     pub estimated_prompt_tokens: Option<u64>,

@@ -339,6 +339,8 @@ pub struct ParsedBody {
     /// around them; `endpoint_picker::cost::estimate_json_prompt_tokens`), for when no
     /// tokenizer gives ids.
     pub estimated_prompt_tokens: u64,
+    /// `prompt` is JSON (messages, input, token ids), not a plain string's text.
+    pub prompt_is_json: bool,
 }
 
 /// The fields the EPP reads, each kept raw so that a wrong type is reported by name without
@@ -649,6 +651,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
         model_span,
         max_tokens,
         estimated_prompt_tokens,
+        prompt_is_json: !plain_text,
     })
 }
 

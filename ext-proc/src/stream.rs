@@ -817,6 +817,7 @@ impl StreamState {
                 model_span: 0..0,
                 max_tokens: None,
                 estimated_prompt_tokens: 0,
+                prompt_is_json: false,
             };
             return self.route(request, Some((body, nothing, end_of_stream)));
         }
@@ -833,6 +834,7 @@ impl StreamState {
                 prompt: parsed.prompt.clone(),
                 prompt_is_copy: !openai::is_slice_of(&parsed.prompt, &body),
                 estimated_prompt_tokens: Some(parsed.estimated_prompt_tokens),
+                prompt_is_json: parsed.prompt_is_json,
                 cache_salt: parsed.cache_salt.clone(),
                 body_len: body.len(),
                 ..r

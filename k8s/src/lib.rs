@@ -43,6 +43,9 @@ pub async fn client() -> Result<Client> {
         .await
         .map_err(|e| Error::Config(kube::Error::InferConfig(e)))?;
     config.read_timeout = Some(READ_TIMEOUT);
+    // Counted from each request's send, not from when its pooled connection went idle (up to
+    // 90 s, which would leave a lease renewal or a relist on such a connection seconds).
+    config.reset_reader_on_write = true;
     Client::try_from(config).map_err(Error::Config)
 }
 

@@ -1404,6 +1404,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         prompt: parsed.prompt,
         // As the EPP estimates it (from the prompt's content), when no tokenizer gives ids.
         estimated_prompt_tokens: Some(parsed.estimated_prompt_tokens),
+        prompt_is_json: parsed.prompt_is_json,
         cache_salt: parsed.cache_salt,
         objective: header(&spellings(OBJECTIVE)),
         fairness_id: header(&spellings(FAIRNESS_ID))

@@ -162,7 +162,9 @@ fn duration(text: Option<&str>, name: &str) -> Result<Option<Duration>, ConfigEr
             MAX_TTL.as_secs() / 86_400
         ))),
         Some(d) => Ok(Some(d)),
-        None => Err(flow_error(format!("{name}: not a duration (with a unit, e.g. 60s): {t:?}"))),
+        None => Err(flow_error(format!(
+            "{name}: not a duration (with a unit, e.g. 60s): {t:?}"
+        ))),
     }
 }
 

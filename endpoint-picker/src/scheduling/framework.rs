@@ -236,9 +236,10 @@ impl CycleState {
     pub fn cached_tokens(&self, endpoint: &Endpoint) -> u64 {
         match &self.precise {
             Some(m) => m.cached_tokens(endpoint, self.prefix.as_ref()),
-            None => self.prefix.as_ref().map_or(0, |p| {
-                u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
-            }),
+            None => self
+                .prefix
+                .as_ref()
+                .map_or(0, |p| p.matched_tokens(endpoint)),
         }
     }
 
@@ -264,6 +265,12 @@ pub struct PrefixMatch {
     pub matched: Vec<u32>,
     /// Tokens per block that the hashes were computed with.
     pub block_tokens: usize,
+    /// The prompt's estimated tokens in its first `k + 1` blocks, at `k`, when the blocks are
+    /// of a JSON prompt without token ids (`cost::estimate_json_prompt_tokens_by_block`):
+    /// there a block's bytes are whitespace and structure as well as text, and a match is
+    /// worth the content it covers, in the units of the prompt's own estimate. Empty
+    /// otherwise: a block is `block_tokens`.
+    pub tokens_through: Vec<u64>,
 }
 
 impl PrefixMatch {
@@ -287,6 +294,23 @@ impl PrefixMatch {
             .get(endpoint.id.0 as usize)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Prompt tokens in the first `blocks` blocks.
+    pub fn tokens_of(&self, blocks: u32) -> u64 {
+        match blocks.checked_sub(1) {
+            None => 0,
+            Some(last) => self
+                .tokens_through
+                .get(last as usize)
+                .copied()
+                .unwrap_or_else(|| u64::from(blocks).saturating_mul(self.block_tokens as u64)),
+        }
+    }
+
+    /// Prompt tokens of the blocks an endpoint matched.
+    pub fn matched_tokens(&self, endpoint: &Endpoint) -> u64 {
+        self.tokens_of(self.matched_blocks(endpoint))
     }
 }
 

@@ -834,6 +834,7 @@ mod tests {
             hashes: vec![0; 250],
             matched: vec![240, 0],
             block_tokens: 16,
+            tokens_through: Vec::new(),
         });
         let req = request(4000);
         TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
@@ -1042,6 +1043,7 @@ mod tests {
                 hashes: vec![0; 406],
                 matched,
                 block_tokens: 16,
+                tokens_through: Vec::new(),
             });
         };
         let mut st = state(&s);
@@ -1282,6 +1284,7 @@ mod tests {
             hashes: hashes.to_vec(),
             matched: m,
             block_tokens: 16,
+            tokens_through: Vec::new(),
         });
         let req = request(4_000);
         winner(producer, &req, s, &mut st)
@@ -1383,6 +1386,7 @@ mod tests {
             hashes: vec![0; 406],
             matched,
             block_tokens: 16,
+            tokens_through: Vec::new(),
         });
         TtftCostProducer::default().produce(&req, &s.candidates, &mut st);
         check(&st);
@@ -1414,6 +1418,7 @@ mod tests {
             hashes: vec![0; 406],
             matched,
             block_tokens: 16,
+            tokens_through: Vec::new(),
         });
         winner(producer, &req, s, &mut st)
     }
@@ -1431,6 +1436,7 @@ mod tests {
             hashes: vec![0; 406],
             matched,
             block_tokens: 16,
+            tokens_through: Vec::new(),
         });
         producer.produce(&req, &s.candidates, &mut st);
         let costs = st.costs.unwrap();

@@ -136,9 +136,7 @@ fn source_tokens(state: &CycleState, endpoint: &Endpoint) -> u64 {
     let approx = state.prefix.as_ref();
     match &state.precise {
         Some(m) => m.source_tokens(endpoint, approx),
-        None => approx.map_or(0, |p| {
-            u64::from(p.matched_blocks(endpoint)).saturating_mul(p.block_tokens as u64)
-        }),
+        None => approx.map_or(0, |p| p.matched_tokens(endpoint)),
     }
 }
 

@@ -349,8 +349,12 @@ impl PreciseParams {
             out.speculative_indexing = on;
         }
         if let Some(ttl) = y.speculative_ttl.filter(|s| !s.is_empty()) {
-            let d = parse_duration(&ttl)
-                .ok_or_else(|| p.invalid("speculativeTTL", format!("not a duration (with a unit, e.g. 30s): {ttl:?}")))?;
+            let d = parse_duration(&ttl).ok_or_else(|| {
+                p.invalid(
+                    "speculativeTTL",
+                    format!("not a duration (with a unit, e.g. 30s): {ttl:?}"),
+                )
+            })?;
             // llm-d: a non-positive TTL means the default.
             if !d.is_zero() {
                 out.limits.speculative_ttl = d.min(Duration::from_secs(3600));
@@ -485,12 +489,14 @@ fn port_param(p: &Params<'_>, name: &'static str, port: i64) -> Result<u16, Conf
         .ok_or_else(|| p.invalid(name, format!("not a port: {port}")))
 }
 
-/// Go durations come as strings or nanoseconds.
+/// Go durations come as strings or nanoseconds; an empty string is the interval left unset.
 fn is_zero(v: &yaml_serde::Value) -> bool {
     match v {
         yaml_serde::Value::Null => true,
         yaml_serde::Value::Number(n) => n.as_f64() == Some(0.0),
-        yaml_serde::Value::String(s) => parse_duration(s).is_some_and(|d| d.is_zero()),
+        yaml_serde::Value::String(s) => {
+            s.trim().is_empty() || parse_duration(s).is_some_and(|d| d.is_zero())
+        }
         _ => false,
     }
 }
@@ -533,9 +539,7 @@ impl PreciseMatch {
         if self.is_trusted(endpoint) {
             u64::from(self.lookup.of(endpoint.id).blocks).saturating_mul(self.block_tokens as u64)
         } else {
-            approx.map_or(0, |m| {
-                u64::from(m.matched_blocks(endpoint)).saturating_mul(m.block_tokens as u64)
-            })
+            approx.map_or(0, |m| m.matched_tokens(endpoint))
         }
     }
 
@@ -557,9 +561,7 @@ impl PreciseMatch {
                 ..TierTokens::default()
             }
         } else {
-            let gpu = approx.map_or(0, |m| {
-                u64::from(m.matched_blocks(endpoint)).saturating_mul(m.block_tokens as u64)
-            });
+            let gpu = approx.map_or(0, |m| m.matched_tokens(endpoint));
             TierTokens {
                 gpu,
                 shared: tokens(self.lookup.shared_run).saturating_sub(gpu),
@@ -576,9 +578,7 @@ impl PreciseMatch {
             u64::from(self.lookup.of(endpoint.id).local_run)
                 .saturating_mul(self.block_tokens as u64)
         } else {
-            approx.map_or(0, |m| {
-                u64::from(m.matched_blocks(endpoint)).saturating_mul(m.block_tokens as u64)
-            })
+            approx.map_or(0, |m| m.matched_tokens(endpoint))
         }
     }
 

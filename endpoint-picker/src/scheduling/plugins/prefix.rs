@@ -187,13 +187,23 @@ impl DataProducer for ApproxPrefixCacheProducer {
             .max()
             .unwrap_or(0);
         let mut matched = vec![0u32; bound];
+        let mut tokens_through = Vec::new();
         if !hashes.is_empty() {
             self.index.match_lengths(&hashes, &mut matched);
+            if request.prompt_is_json && request.token_ids.is_none() {
+                crate::cost::estimate_json_prompt_tokens_by_block(
+                    &request.prompt,
+                    hasher.block_chars,
+                    hashes.len(),
+                    &mut tokens_through,
+                );
+            }
         }
         state.prefix = Some(PrefixMatch {
             hashes,
             matched,
             block_tokens,
+            tokens_through,
         });
     }
 
@@ -259,6 +269,61 @@ mod tests {
         let m2 = state2.prefix.unwrap();
         assert_eq!(m2.score(&c[0].endpoint), 0.0);
         assert!((m2.score(&c[1].endpoint) - 10.0 / 12.0).abs() < 1e-9);
+    }
+
+    /// Review: a chat body led by 16 KiB of spaces, once routed, matched 256 blocks on its
+    /// replica for every later body of that shape, and each was credited 4,096 cached tokens
+    /// while its whole prompt was estimated at about that: a prefill counted as free. A match
+    /// is worth the content it covers.
+    #[test]
+    fn a_match_over_padding_is_worth_no_tokens() {
+        let p = ApproxPrefixCacheProducer::new("p", PrefixParams::default());
+        let c = candidates(&[metrics(0, 0, 0.0)]);
+        let body = |text: &str| {
+            let prompt = format!(
+                r#"[{}{{"role":"user","content":"{text}"}}]"#,
+                " ".repeat(16 * 1024)
+            );
+            InferenceRequest {
+                target_model: "m".into(),
+                estimated_prompt_tokens: Some(crate::cost::estimate_json_prompt_tokens(
+                    prompt.as_bytes(),
+                )),
+                prompt: Bytes::from(prompt),
+                prompt_is_json: true,
+                ..Default::default()
+            }
+        };
+        let first = body(&"a".repeat(16 * 1024));
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&first, &c, &mut state);
+        p.pre_request(&first, &state, &c);
+        let second = body(&"b".repeat(16 * 1024));
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&second, &c, &mut state);
+        let m = state.prefix.clone().unwrap();
+        assert_eq!(m.matched_blocks(&c[0].endpoint), 256, "the padding matches");
+        assert_eq!(
+            state.cached_tokens(&c[0].endpoint),
+            0,
+            "and is worth nothing"
+        );
+        // The same body again is worth what the hashed run holds of its text.
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&first, &c, &mut state);
+        assert_eq!(
+            state.cached_tokens(&c[0].endpoint),
+            0,
+            "256 blocks are all padding"
+        );
+        // A plain prompt's blocks are a token per 4 bytes, as before.
+        let plain = InferenceRequest {
+            prompt_is_json: false,
+            ..second
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&plain, &c, &mut state);
+        assert_eq!(state.cached_tokens(&c[0].endpoint), 256 * 16);
     }
 
     #[test]

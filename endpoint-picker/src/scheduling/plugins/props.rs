@@ -177,6 +177,7 @@ proptest! {
                 // What the prefix producer writes: never more than the request's blocks.
                 matched: matched.iter().map(|&m| m.min(*blocks as u32)).collect(),
                 block_tokens: 16,
+                tokens_through: Vec::new(),
             });
         }
         let request = InferenceRequest {
@@ -215,6 +216,7 @@ proptest! {
             hashes: (0..blocks as u64).collect(),
             matched,
             block_tokens: 16,
+            tokens_through: Vec::new(),
         };
         for c in &cands {
             let s = m.score(&c.endpoint);

@@ -561,6 +561,7 @@ mod tests {
             hashes: vec![1, 2, 3, 4],
             matched,
             block_tokens: 16,
+            tokens_through: Vec::new(),
         });
         scorer.score(&InferenceRequest::default(), &state, &c, &mut s);
         assert_eq!(s, vec![0.75, 0.25]);
@@ -720,6 +721,7 @@ mod tests {
             hashes: vec![1, 2, 3, 4],
             matched,
             block_tokens: 16,
+            tokens_through: Vec::new(),
         });
         state
     }

@@ -195,6 +195,7 @@ fn without_a_cost_model_the_delta_decides() {
         hashes: vec![0; 12],
         matched,
         block_tokens: 16,
+        tokens_through: Vec::new(),
     });
     let req = request(1, 1, "r");
     p.produce(&req, &cands, &mut state);
@@ -249,6 +250,7 @@ fn sources_in_the_one_block_band_share_the_pulls_by_queue() {
         hashes: vec![0; 12],
         matched,
         block_tokens: 16,
+        tokens_through: Vec::new(),
     };
     let mut picks = [0u32; 3];
     for i in 0..1000 {

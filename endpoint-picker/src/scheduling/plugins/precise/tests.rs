@@ -70,6 +70,13 @@ speculativeTTL: 500ms
     let (v03, _) =
         params("indexerConfig: {tokenProcessorConfig: {blockSize: 32, hashSeed: '7'}}").unwrap();
     assert_eq!((v03.block_size, v03.hash_seed.as_str()), (32, "7"));
+    // An interval left empty, zero or unset is no periodic logging, which is what this does.
+    for interval in ["\"\"", "0", "0s", "null"] {
+        params(&format!(
+            "indexerConfig: {{kvBlockIndexConfig: {{metricsLoggingInterval: {interval}}}}}"
+        ))
+        .unwrap();
+    }
 }
 
 #[test]
