@@ -158,7 +158,9 @@ pub struct Args {
     pub refresh_prometheus_metrics_interval: Duration,
     /// Fairness ids (the `x-llm-d-inference-fairness-id` header) with a metric label of their
     /// own, first come first served for the life of the process; later ones are `other`, and
-    /// 0 makes every one `other` (the reference's flag and default).
+    /// 0 makes every one `other` (the reference's flag and default). The per-request families
+    /// also bound their label sets (model, served model, fairness id, priority) at 512: there
+    /// a tenant past that many sets is `other` however high this is.
     #[arg(long, default_value_t = crate::labels::DEFAULT_MAX_FAIRNESS_LABELS)]
     pub fairness_id_metric_label_limit: usize,
     /// Metrics older than this do not count a pod as ready in the pool gauges.

@@ -129,7 +129,9 @@ impl EppRecorder {
                 m.normalized_tpot.get_or_create(labels).observe(ntpot);
                 c.normalized_tpot.get_or_create(&labelled).observe(ntpot);
             }
-            if let Some(after) = o.after_first_chunk
+            // Between a streamed answer's first chunk and its end; a whole answer's chunks
+            // say nothing of its tokens' pace.
+            if let Some(after) = o.after_first_chunk.filter(|_| o.streaming)
                 && u.completion_tokens > 1
             {
                 let tpot = after.as_secs_f64() / (u.completion_tokens - 1) as f64;
@@ -137,15 +139,24 @@ impl EppRecorder {
                 c.streaming_tpot.get_or_create(&labelled).observe(tpot);
             }
         }
+        // A successful answer's time to its first token: a streamed one's first chunk (also
+        // under the legacy name, which counts streamed answers only); a whole answer's first
+        // token is known only with the answer, so its duration, under `streaming="false"`,
+        // as the reference records it.
         if let Some(ttft) = o.time_to_first_chunk {
-            m.ttft.get_or_create(labels).observe(ttft.as_secs_f64());
+            let (ttft, streaming) = if o.streaming {
+                m.ttft.get_or_create(labels).observe(ttft.as_secs_f64());
+                (ttft, "true")
+            } else {
+                (o.elapsed, "false")
+            };
             c.ttft
                 .get_or_create(&TtftLabels {
                     model_name: labelled.model_name,
                     target_model_name: labelled.target_model_name,
                     fairness_id: labelled.fairness_id,
                     priority: labelled.priority,
-                    streaming: "true",
+                    streaming,
                 })
                 .observe(ttft.as_secs_f64());
         }
@@ -362,6 +373,7 @@ impl Recorder for EppRecorder {
                 usage: c.usage,
                 time_to_first_chunk: c.time_to_first_chunk,
                 after_first_chunk: c.after_first_chunk,
+                streaming: c.streaming,
             },
         );
         if let Some(status) = c.status
@@ -501,6 +513,7 @@ mod tests {
             }),
             time_to_first_chunk: Some(Duration::from_millis(250)),
             after_first_chunk: Some(Duration::from_secs(1)),
+            streaming: true,
             status: Some("503"),
         });
         r.on_released(&key);
@@ -523,6 +536,51 @@ mod tests {
         ] {
             assert!(text.contains(&line), "{line} not in\n{text}");
         }
+        assert!(
+            text.contains("llm_d_epp_request_ntpot_seconds_sum{"),
+            "{text}"
+        );
+    }
+
+    /// Review: a whole (non-streamed) answer was recorded as a streamed one, its first body
+    /// chunk a TTFT under `streaming="true"` and the time to its last chunk a TPOT near zero.
+    /// It is the reference's `streaming="false"` TTFT, the answer's duration, and no TPOT.
+    #[test]
+    fn a_whole_answer_is_a_non_streaming_ttft_and_no_tpot() {
+        let (r, registry) = recorder(10);
+        let key = r.on_routed(&request("m", "t", 0), false, Duration::ZERO);
+        r.on_complete(&Completion {
+            key: &key,
+            elapsed: Duration::from_secs(3),
+            response_bytes: Some(4096),
+            usage: Some(Usage {
+                prompt_tokens: 100,
+                completion_tokens: 50,
+                total_tokens: 150,
+                cached_tokens: 0,
+            }),
+            time_to_first_chunk: Some(Duration::from_millis(2990)),
+            after_first_chunk: Some(Duration::from_millis(10)),
+            streaming: false,
+            status: Some("200"),
+        });
+        r.on_released(&key);
+        let text = encode(&registry);
+        let labels = "model_name=\"m\",target_model_name=\"m\",fairness_id=\"t\",priority=\"0\"";
+        assert!(
+            text.contains(&format!(
+                "llm_d_epp_request_ttft_seconds_sum{{{labels},streaming=\"false\"}} 3.0"
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("streaming=\"true\""), "{text}");
+        assert!(!text.contains("streaming_tpot_seconds_sum{"), "{text}");
+        assert!(!text.contains("request_tpot_seconds_sum{"), "{text}");
+        assert!(
+            !text.contains("inference_objective_request_ttft_seconds_sum{"),
+            "{text}"
+        );
+        // The per-token rate over the whole answer is still there.
         assert!(
             text.contains("llm_d_epp_request_ntpot_seconds_sum{"),
             "{text}"

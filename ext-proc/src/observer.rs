@@ -477,6 +477,7 @@ impl ObserverState {
                 .first_chunk_at
                 .filter(|_| self.succeeded)
                 .map(|first| first.elapsed()),
+            streaming: self.streaming,
         });
     }
 }

@@ -82,6 +82,8 @@ pub struct Completion<'a> {
     pub time_to_first_chunk: Option<Duration>,
     /// From the first streamed chunk to the end of the response.
     pub after_first_chunk: Option<Duration>,
+    /// The response was streamed (asked for with `stream: true`, or an SSE answer).
+    pub streaming: bool,
     /// The response's `:status`.
     pub status: Option<&'a str>,
 }
@@ -103,6 +105,8 @@ pub struct Observation<'a> {
     pub time_to_first_chunk: Option<Duration>,
     /// From the first streamed chunk to the end of the response.
     pub after_first_chunk: Option<Duration>,
+    /// The response was streamed (asked for with `stream: true`, or an SSE answer).
+    pub streaming: bool,
 }
 
 /// How an observer stream found the request it reports on (README "Response path").

@@ -1374,6 +1374,7 @@ impl StreamState {
             time_to_first_chunk: first_chunk_at
                 .map(|first| first.saturating_duration_since(self.started)),
             after_first_chunk: first_chunk_at.map(|first| first.elapsed()),
+            streaming: self.response.streaming,
             status: self.response.status.as_deref(),
         });
         tracing::debug!(

@@ -249,7 +249,7 @@ impl CanonicalMetrics {
         );
         r.register(
             "llm_d_epp_request_ttft_seconds",
-            "Time to the first chunk of a streamed response, in seconds",
+            "Time to the first token, in seconds: a streamed response's first chunk, a whole response's duration (streaming=\"false\")",
             self.ttft.clone(),
         );
         r.register(
