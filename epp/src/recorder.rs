@@ -45,6 +45,8 @@ pub struct EppRecorder {
     /// come from the operator's objectives: a few; past [`MAX_PRIORITY_LABELS`] each request
     /// allocates).
     priorities: parking_lot::RwLock<std::collections::HashMap<i32, Arc<str>>>,
+    /// The priority label of an observed request (its tag carries none), allocated once.
+    no_priority: Arc<str>,
 }
 
 /// Most priorities whose label value is kept.
@@ -65,6 +67,7 @@ impl EppRecorder {
             fairness,
             label_sets: FirstSeen::new(MAX_REQUEST_LABEL_SETS),
             priorities: parking_lot::RwLock::default(),
+            no_priority: Arc::from(""),
         }
     }
 
@@ -389,7 +392,7 @@ impl Recorder for EppRecorder {
 
     fn observed_key(&self, model: &str, target_model: &str, fairness_id: &str) -> RecordKey {
         // The tag carries no priority.
-        self.key_of(model, target_model, fairness_id, Arc::from(""))
+        self.key_of(model, target_model, fairness_id, self.no_priority.clone())
     }
 
     fn on_observer_stream(&self, outcome: ObserverOutcome) {
