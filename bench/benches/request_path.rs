@@ -27,6 +27,7 @@ fn request_from(body: &Bytes, api: Api) -> InferenceRequest {
         // As the ext_proc stream fills them.
         estimated_prompt_tokens: Some(p.estimated_prompt_tokens),
         prompt_is_json: p.prompt_is_json,
+        prompt_media_from: p.prompt_media_from,
         ..Default::default()
     }
 }

@@ -441,16 +441,21 @@ pub fn estimate_json_text_tokens(json: &[u8]) -> u64 {
     estimate_json(json, false)
 }
 
-/// [`estimate_json_prompt_tokens`] of each of the first `blocks` leading runs of `block_bytes`
-/// bytes of `json` (`out[k]`: of `json[..(k + 1) × block_bytes]`), in one pass: what a prefix
-/// match of `k + 1` blocks of the raw JSON is worth in the prompt's estimated tokens. Without
-/// it a match was counted at [`BYTES_PER_TOKEN`] per byte of JSON, whitespace and all, while
-/// the prompt is estimated from its content: a body led by 16 KiB of spaces matched on every
-/// replica bought 4,096 tokens of prefill for free. A media part counts in the runs that hold
-/// all of it, and in the last run when 1 KiB or more of it is there (never its base64 as
-/// text); a text string cut by a run's end counts its bytes inside the run.
+/// [`estimate_json_prompt_tokens`] of each leading run of `json` that a prefix hash of
+/// `block_bytes`-byte blocks covers, at most `blocks` of them (`out[k]`: of
+/// `json[..min((k + 1) × block_bytes, len)]`, the last run the trailing partial block the
+/// hasher hashes too), in one pass: what a prefix match of `k + 1` blocks of the raw JSON is
+/// worth in the prompt's estimated tokens. Without it a match was counted at
+/// [`BYTES_PER_TOKEN`] per byte of JSON, whitespace and all, while the prompt is estimated
+/// from its content: a body led by 16 KiB of spaces matched on every replica bought 4,096
+/// tokens of prefill for free. A media part counts in the runs that hold all of it, never in
+/// part (a run that ends inside an image holds some of its base64, which says nothing of
+/// whether the rest is the same image); a text string cut by a run's end counts its bytes
+/// inside the run. Strings before `media_from` are text whatever their keys (the Responses
+/// API's instructions and tools, which lead its hashed prompt).
 pub fn estimate_json_prompt_tokens_by_block(
     json: &[u8],
+    media_from: usize,
     block_bytes: usize,
     blocks: usize,
     out: &mut Vec<u64>,
@@ -459,32 +464,35 @@ pub fn estimate_json_prompt_tokens_by_block(
     if block_bytes == 0 {
         return;
     }
-    let blocks = blocks.min(json.len() / block_bytes);
-    let json = &json[..blocks * block_bytes];
+    let blocks = blocks.min(json.len().div_ceil(block_bytes));
+    let json = &json[..json.len().min(blocks.saturating_mul(block_bytes))];
+    let run_end = |k: usize| ((k + 1) * block_bytes).min(json.len());
     let tokens = |text: usize, media: u64| {
         (text.div_ceil(BYTES_PER_TOKEN) as u64)
             .saturating_add(media.saturating_mul(MEDIA_PART_TOKENS))
             .min(MAX_ESTIMATED_PROMPT_TOKENS)
     };
     let (mut text, mut media, mut any) = (0usize, 0u64, false);
-    let mut boundary = block_bytes;
-    for part in JsonStrings::new(json, true) {
+    for part in JsonStrings::new(json, media_from) {
         any = true;
         // The runs that end before this string begins.
-        while out.len() < blocks && boundary <= part.start {
+        while out.len() < blocks && run_end(out.len()) <= part.start {
             out.push(tokens(text, media));
-            boundary += block_bytes;
         }
-        // The runs that end inside it: a text string's bytes up to the boundary.
-        while out.len() < blocks && boundary < part.end {
-            let partial = if part.media { 0 } else { boundary - part.start };
+        // The runs that end inside it: a text string's bytes up to their end.
+        while out.len() < blocks && run_end(out.len()) < part.end {
+            let partial = if part.media_key {
+                0
+            } else {
+                run_end(out.len()) - part.start
+            };
             out.push(tokens(text + partial, media));
-            boundary += block_bytes;
         }
-        if part.media {
-            media += 1;
-        } else {
-            text += part.end - part.start;
+        match (part.media, part.closed) {
+            (true, true) => media += 1,
+            // An image the run ends inside: none of it.
+            _ if part.media_key && !part.closed => {}
+            _ => text += part.end - part.start,
         }
     }
     if !any {
@@ -498,7 +506,7 @@ pub fn estimate_json_prompt_tokens_by_block(
             if b.is_ascii_digit() && !before.is_ascii_digit() {
                 numbers += 1;
             }
-            if (at + 1) % block_bytes == 0 {
+            if at + 1 == run_end(out.len()) {
                 out.push(numbers.min(MAX_ESTIMATED_PROMPT_TOKENS));
             }
         }
@@ -509,11 +517,16 @@ pub fn estimate_json_prompt_tokens_by_block(
     }
 }
 
-/// One string of a JSON text: the bytes between its quotes, and whether it is a media part.
+/// One string of a JSON text: the bytes between its quotes, and what it is.
 struct JsonString {
     start: usize,
     end: usize,
+    /// A value under a media key, whatever its length.
+    media_key: bool,
+    /// A media part (see [`estimate_json_prompt_tokens`]).
     media: bool,
+    /// Its closing quote is in the text (not cut short).
+    closed: bool,
 }
 
 /// The strings of a JSON text in order, found by one pass over its quotes (escaped or not: a
@@ -523,8 +536,8 @@ struct JsonString {
 struct JsonStrings<'a> {
     json: &'a [u8],
     quotes: memchr::Memchr<'a>,
-    /// Whether media keys make media parts (messages), or everything is text (tools).
-    media_keys: bool,
+    /// Strings that begin before this are text whatever their keys.
+    media_from: usize,
     /// Media parts so far (at most [`MAX_MEDIA_PARTS`] are).
     media: u64,
     /// The last string that was a key (followed by `:`), and where the bytes between strings
@@ -535,11 +548,11 @@ struct JsonStrings<'a> {
 }
 
 impl<'a> JsonStrings<'a> {
-    fn new(json: &'a [u8], media_keys: bool) -> Self {
+    fn new(json: &'a [u8], media_from: usize) -> Self {
         Self {
             json,
             quotes: memchr::memchr_iter(b'"', json),
-            media_keys,
+            media_from,
             media: 0,
             key: (0, 0),
             between: 0,
@@ -583,10 +596,9 @@ impl Iterator for JsonStrings<'_> {
         };
         let string = &json[start..end];
         let key = &json[self.key.0..self.key.1];
-        let media = self.media_keys
-            && is_value
+        let media_key = start >= self.media_from && is_value && MEDIA_KEYS.contains(&key);
+        let media = media_key
             && self.media < MAX_MEDIA_PARTS
-            && MEDIA_KEYS.contains(&key)
             && (string.len() >= MIN_MEDIA_BYTES
                 || (LINK_KEYS.contains(&key) && is_media_link(string)));
         self.media += u64::from(media);
@@ -596,13 +608,20 @@ impl Iterator for JsonStrings<'_> {
             .find(|b| !b.is_ascii_whitespace())
             == Some(&b':');
         self.key = if is_key { (start, end) } else { (0, 0) };
-        Some(JsonString { start, end, media })
+        Some(JsonString {
+            start,
+            end,
+            media_key,
+            media,
+            closed: !self.done,
+        })
     }
 }
 
 fn estimate_json(json: &[u8], media_keys: bool) -> u64 {
     let (mut text, mut media, mut strings) = (0usize, 0u64, 0usize);
-    for part in JsonStrings::new(json, media_keys) {
+    let media_from = if media_keys { 0 } else { usize::MAX };
+    for part in JsonStrings::new(json, media_from) {
         strings += 1;
         if part.media {
             media += 1;
@@ -753,31 +772,34 @@ mod tests {
             "word".repeat(1024)
         );
         let mut by_block = Vec::new();
-        estimate_json_prompt_tokens_by_block(padded.as_bytes(), 64, 1000, &mut by_block);
-        assert_eq!(by_block.len(), padded.len() / 64);
+        estimate_json_prompt_tokens_by_block(padded.as_bytes(), 0, 64, 1000, &mut by_block);
+        assert_eq!(
+            by_block.len(),
+            padded.len().div_ceil(64),
+            "the partial block too"
+        );
         // The 64 blocks of spaces are worth nothing; the whole is worth the estimate.
         assert_eq!(by_block[63], 0);
         assert!(by_block.windows(2).all(|w| w[0] <= w[1]), "{by_block:?}");
         let whole = estimate_json_prompt_tokens(padded.as_bytes());
-        assert!(*by_block.last().unwrap() <= whole);
-        assert!(
-            whole - by_block.last().unwrap() <= 16,
-            "{by_block:?} vs {whole}"
-        );
+        assert_eq!(*by_block.last().unwrap(), whole, "the whole prompt");
         // At most `blocks` runs, none past the JSON's end.
-        estimate_json_prompt_tokens_by_block(padded.as_bytes(), 64, 3, &mut by_block);
+        estimate_json_prompt_tokens_by_block(padded.as_bytes(), 0, 64, 3, &mut by_block);
         assert_eq!(by_block, vec![0, 0, 0]);
-        estimate_json_prompt_tokens_by_block(b"[]", 64, 3, &mut by_block);
+        estimate_json_prompt_tokens_by_block(b"[]", 0, 64, 3, &mut by_block);
+        assert_eq!(by_block, vec![0]);
+        estimate_json_prompt_tokens_by_block(b"", 0, 64, 3, &mut by_block);
         assert!(by_block.is_empty());
-        estimate_json_prompt_tokens_by_block(b"[]", 0, 3, &mut by_block);
+        estimate_json_prompt_tokens_by_block(b"[]", 0, 0, 3, &mut by_block);
         assert!(by_block.is_empty());
         // Token ids: one token per number in each run.
-        estimate_json_prompt_tokens_by_block(b"[1, 22, 333, 4]", 5, 3, &mut by_block);
+        estimate_json_prompt_tokens_by_block(b"[1, 22, 333, 4]", 0, 5, 3, &mut by_block);
         assert_eq!(by_block, vec![2, 3, 4], "[1, 2 | 2, 3 | 33, 4]");
+        estimate_json_prompt_tokens_by_block(b"[1, 22, 333, 4]", 0, 4, 9, &mut by_block);
+        assert_eq!(by_block, vec![1, 2, 3, 4], "[1, | 22,  | 333, | 4]");
     }
 
-    /// An image counts in the runs that hold it whole (or 1 KiB of it at their end), never
-    /// its base64 as text.
+    /// An image counts in the runs that hold it whole, never in part nor as base64 text.
     #[test]
     fn a_matched_run_counts_an_image_not_its_base64() {
         let image = "QUJD".repeat(2048);
@@ -786,21 +808,42 @@ mod tests {
             "word".repeat(256)
         );
         let mut by_block = Vec::new();
-        estimate_json_prompt_tokens_by_block(json.as_bytes(), 64, usize::MAX, &mut by_block);
+        estimate_json_prompt_tokens_by_block(json.as_bytes(), 0, 64, usize::MAX, &mut by_block);
         let before_image = ("type".len() + "image_url".len() * 2 + "url".len()).div_ceil(4) as u64;
         let inside = 8192 / 64 - 2;
         assert_eq!(
             by_block[inside], before_image,
             "no credit for half an image"
         );
-        assert!(by_block[by_block.len() - 1] >= MEDIA_PART_TOKENS);
-        assert!(
-            by_block[by_block.len() - 1] <= estimate_json_prompt_tokens(json.as_bytes()),
-            "never more than the whole"
+        assert_eq!(
+            by_block[by_block.len() - 1],
+            estimate_json_prompt_tokens(json.as_bytes()),
+            "the whole prompt"
         );
-        // A run cut 1 KiB or more into it holds part of the image.
-        estimate_json_prompt_tokens_by_block(json.as_bytes(), 64, inside + 1, &mut by_block);
-        assert_eq!(by_block[inside], before_image + MEDIA_PART_TOKENS);
+        // A run cut inside it, as the hasher's depth may cut it, holds none of it either.
+        estimate_json_prompt_tokens_by_block(json.as_bytes(), 0, 64, inside + 1, &mut by_block);
+        assert_eq!(by_block[inside], before_image);
+        // Before `media_from` (the Responses API's tools, leading its prompt) a media key is
+        // text, as the prompt's own estimate counts it.
+        let tools = r#"[{"url":"file:"},{"data":"https://x"}]"#;
+        let joined = format!("{tools}{json}");
+        estimate_json_prompt_tokens_by_block(
+            joined.as_bytes(),
+            tools.len(),
+            64,
+            usize::MAX,
+            &mut by_block,
+        );
+        // The tools' 21 bytes of strings as text; the messages' 1,061 bytes of text and
+        // their image.
+        assert_eq!(
+            by_block[by_block.len() - 1],
+            (21 + 1061_u64).div_ceil(4) + MEDIA_PART_TOKENS
+        );
+        assert_eq!(
+            estimate_json_prompt_tokens(json.as_bytes()),
+            1061_u64.div_ceil(4) + MEDIA_PART_TOKENS
+        );
     }
 
     /// A few bytes of links cannot pass for the estimate's cap: at most 32 media parts count.
@@ -843,10 +886,10 @@ mod tests {
                 .collect();
             let json = serde_json::to_string_pretty(&messages).unwrap();
             let mut by_block = Vec::new();
-            estimate_json_prompt_tokens_by_block(json.as_bytes(), block, usize::MAX, &mut by_block);
-            proptest::prop_assert_eq!(by_block.len(), json.len() / block);
+            estimate_json_prompt_tokens_by_block(json.as_bytes(), 0, block, usize::MAX, &mut by_block);
+            proptest::prop_assert_eq!(by_block.len(), json.len().div_ceil(block));
             for (k, tokens) in by_block.iter().enumerate() {
-                let run = &json.as_bytes()[..(k + 1) * block];
+                let run = &json.as_bytes()[..((k + 1) * block).min(json.len())];
                 // A run without a string yet: nothing (the whole-JSON rule would count numbers).
                 let expected = if run.contains(&b'"') { estimate_json_prompt_tokens(run) } else { 0 };
                 proptest::prop_assert_eq!(*tokens, expected, "run {}", k);

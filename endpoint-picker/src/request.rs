@@ -70,6 +70,9 @@ pub struct InferenceRequest {
     /// Responses input, a token-id array), not plain text (a completion's string prompt): a
     /// run of its bytes is then worth the content inside it, not a token per 4 bytes.
     pub prompt_is_json: bool,
+    /// Where in a JSON `prompt` the strings that may be media begin: the Responses API's
+    /// instructions and tools lead its prompt and are text whatever their keys; 0 otherwise.
+    pub prompt_media_from: usize,
     /// The prompt's tokens as the body parser estimated them from its content (text and media
     /// parts, not the JSON around them): what [`Self::prompt_tokens`] says without token ids.
     pub estimated_prompt_tokens: Option<u64>,

@@ -468,11 +468,16 @@ impl ObserverState {
             // A headers-only answer's size is the routing stream's to record (it sees that end).
             response_bytes: (self.body_messages > 0).then_some(self.bytes),
             usage,
-            // Only a successful answer's first chunk is a time to first token.
+            // Only a successful answer's first chunk is a time to first token; a whole
+            // answer's is the answer's time.
             time_to_first_chunk: self
                 .first_chunk_at
                 .filter(|_| self.succeeded)
-                .map(|first| first.saturating_duration_since(watched.started)),
+                .map(|first| first.saturating_duration_since(watched.started))
+                .or(
+                    (!self.streaming && self.succeeded && self.body_messages > 0)
+                        .then(|| watched.started.elapsed()),
+                ),
             after_first_chunk: self
                 .first_chunk_at
                 .filter(|_| self.succeeded)

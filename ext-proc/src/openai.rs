@@ -341,6 +341,9 @@ pub struct ParsedBody {
     pub estimated_prompt_tokens: u64,
     /// `prompt` is JSON (messages, input, token ids), not a plain string's text.
     pub prompt_is_json: bool,
+    /// Where in `prompt` the strings that may be media begin (after the Responses API's
+    /// instructions and tools, which lead it).
+    pub prompt_media_from: usize,
 }
 
 /// The fields the EPP reads, each kept raw so that a wrong type is reported by name without
@@ -580,6 +583,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
     // A plain string prompt is text through and through; anything else is JSON whose strings
     // are what the engine reads.
     let mut plain_text = false;
+    let mut prompt_media_from = 0;
     let prompt = match api {
         Api::Completions | Api::HeadersOnly => {
             let raw = non_empty(fields.prompt).ok_or_else(|| missing("prompt"))?;
@@ -618,9 +622,11 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
                 // prefix; this is the one case that copies.
                 (instructions, tools) => {
                     let mut buf = BytesMut::new();
-                    for part in [instructions, tools, Some(input)].into_iter().flatten() {
+                    for part in [instructions, tools].into_iter().flatten() {
                         buf.extend_from_slice(part.get().as_bytes());
                     }
+                    prompt_media_from = buf.len();
+                    buf.extend_from_slice(input.get().as_bytes());
                     buf.freeze()
                 }
             }
@@ -652,6 +658,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
         max_tokens,
         estimated_prompt_tokens,
         prompt_is_json: !plain_text,
+        prompt_media_from,
     })
 }
 
@@ -1225,6 +1232,12 @@ mod tests {
             responses.estimated_prompt_tokens > 10_000,
             "{}",
             responses.estimated_prompt_tokens
+        );
+        // The tools lead the hashed prompt and are text whatever their keys: media begin
+        // with the input.
+        assert_eq!(
+            &responses.prompt[responses.prompt_media_from..],
+            &b"\"q\""[..]
         );
         let chat = parse_body(
             Api::ChatCompletions,

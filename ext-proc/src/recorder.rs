@@ -78,7 +78,8 @@ pub struct Completion<'a> {
     pub response_bytes: Option<usize>,
     /// `usage` reported by the model server.
     pub usage: Option<Usage>,
-    /// From the request headers to the first non-empty streamed chunk.
+    /// From the request headers to the first non-empty streamed chunk; for a successful
+    /// whole (non-streamed) answer, to its end.
     pub time_to_first_chunk: Option<Duration>,
     /// From the first streamed chunk to the end of the response.
     pub after_first_chunk: Option<Duration>,

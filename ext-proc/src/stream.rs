@@ -818,6 +818,7 @@ impl StreamState {
                 max_tokens: None,
                 estimated_prompt_tokens: 0,
                 prompt_is_json: false,
+                prompt_media_from: 0,
             };
             return self.route(request, Some((body, nothing, end_of_stream)));
         }
@@ -835,6 +836,7 @@ impl StreamState {
                 prompt_is_copy: !openai::is_slice_of(&parsed.prompt, &body),
                 estimated_prompt_tokens: Some(parsed.estimated_prompt_tokens),
                 prompt_is_json: parsed.prompt_is_json,
+                prompt_media_from: parsed.prompt_media_from,
                 cache_salt: parsed.cache_salt.clone(),
                 body_len: body.len(),
                 ..r
@@ -1359,20 +1361,24 @@ impl StreamState {
             flow.record_usage(fairness_id, 0, completion);
         }
         let elapsed = self.started.elapsed();
-        // Only a successful answer's first chunk is a time to first token.
-        let first_chunk_at = self.response.first_chunk_at.filter(|_| {
-            self.response
-                .status
-                .as_deref()
-                .is_none_or(|s| s.starts_with('2'))
-        });
+        // Only a successful answer's first chunk is a time to first token; a whole answer's
+        // first token is known with the answer, so its time is the answer's (the reference's
+        // non-streaming TTFT).
+        let succeeded = self
+            .response
+            .status
+            .as_deref()
+            .is_none_or(|s| s.starts_with('2'));
+        let first_chunk_at = self.response.first_chunk_at.filter(|_| succeeded);
+        let whole_answer = !self.response.streaming && succeeded && self.response.body_messages > 0;
         self.ctx.recorder.on_complete(&Completion {
             key: &self.key,
             elapsed,
             response_bytes: bytes_known.then_some(self.response.bytes),
             usage: self.response.usage,
             time_to_first_chunk: first_chunk_at
-                .map(|first| first.saturating_duration_since(self.started)),
+                .map(|first| first.saturating_duration_since(self.started))
+                .or(whole_answer.then_some(elapsed)),
             after_first_chunk: first_chunk_at.map(|first| first.elapsed()),
             streaming: self.response.streaming,
             status: self.response.status.as_deref(),

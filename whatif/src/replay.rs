@@ -1405,6 +1405,7 @@ async fn one(pool: &Pool, index: usize, prepared: Prepared, start: Instant) -> O
         // As the EPP estimates it (from the prompt's content), when no tokenizer gives ids.
         estimated_prompt_tokens: Some(parsed.estimated_prompt_tokens),
         prompt_is_json: parsed.prompt_is_json,
+        prompt_media_from: parsed.prompt_media_from,
         cache_salt: parsed.cache_salt,
         objective: header(&spellings(OBJECTIVE)),
         fairness_id: header(&spellings(FAIRNESS_ID))

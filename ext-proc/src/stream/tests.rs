@@ -1669,15 +1669,13 @@ async fn an_observer_without_a_tag_closes_at_once_and_a_released_request_is_stil
         late.on_inbound(observed(resp_body(body, true), None)),
         ObserverStep::Close
     );
-    assert_eq!(
-        h.events(),
-        [
-            "observer released".to_owned(),
-            format!(
-                "observed m tokens=Some(3) ttft=None bytes=Some({})",
-                body.len()
-            ),
-        ]
+    // A whole answer: timed to its end (from the tag's start, in the routing EPP's clock).
+    let events = h.events();
+    assert_eq!(events[0], "observer released");
+    assert!(
+        events[1].starts_with("observed m tokens=Some(3) ttft=Some(")
+            && events[1].ends_with(&format!("bytes=Some({})", body.len())),
+        "{events:?}"
     );
 }
 
@@ -1790,7 +1788,7 @@ async fn an_observer_reads_usage_from_a_whole_json_answer() {
         [
             "observer matched".to_owned(),
             format!(
-                "observed m tokens=Some(3) ttft=None bytes=Some({})",
+                "observed m tokens=Some(3) ttft=Some(0ns) bytes=Some({})",
                 body.len()
             ),
         ]
@@ -1980,6 +1978,32 @@ async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
     assert_eq!(
         *first_chunks.0.lock(),
         [Some(Duration::from_millis(30)), None]
+    );
+}
+
+/// A whole (non-streamed) answer's first token comes with the answer: its TTFT is the time to
+/// its end, as the reference records non-streaming TTFT; an error answer has none.
+#[tokio::test(start_paused = true)]
+async fn a_whole_answer_is_timed_to_its_end() {
+    let h = Harness::new(2);
+    let first_chunks = Arc::new(FirstChunks::default());
+    let ctx = Arc::new(ServiceContext {
+        director: h.director.clone(),
+        recorder: first_chunks.clone(),
+        options: h.options.clone(),
+    });
+    for status in ["200", "500"] {
+        let mut s = StreamState::new(ctx.clone());
+        send_chat(&mut s, "m", &[]);
+        tokio::time::advance(Duration::from_millis(40)).await;
+        let json = [(":status", status), ("content-type", "application/json")];
+        s.on_message(resp_headers(&json, false, None));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        s.on_message(resp_body(br#"{"choices":[]}"#, true));
+    }
+    assert_eq!(
+        *first_chunks.0.lock(),
+        [Some(Duration::from_millis(50)), None]
     );
 }
 

@@ -430,14 +430,20 @@ impl TtftCostProducer {
 /// The key naming the request's prefix (its block key at [`HOME_BLOCKS`], or its last block's
 /// when shorter) and that depth in tokens; `None` without keys.
 fn prefix_key(state: &CycleState) -> Option<(u64, u64)> {
-    let (keys, block_tokens) = match (&state.precise, &state.prefix) {
-        (Some(m), _) if !m.keys.is_empty() => (m.keys.as_slice(), m.block_tokens),
-        (_, Some(p)) => (p.hashes.as_slice(), p.block_tokens),
-        _ => return None,
-    };
-    let depth = keys.len().min(HOME_BLOCKS);
-    let key = *keys.get(depth.checked_sub(1)?)?;
-    Some((key, (depth * block_tokens) as u64))
+    match (&state.precise, &state.prefix) {
+        (Some(m), _) if !m.keys.is_empty() => {
+            let depth = m.keys.len().min(HOME_BLOCKS);
+            let key = *m.keys.get(depth.checked_sub(1)?)?;
+            Some((key, (depth * m.block_tokens) as u64))
+        }
+        // In the units the approximate index's holders are counted in (`matched_tokens`).
+        (_, Some(p)) => {
+            let depth = p.hashes.len().min(HOME_BLOCKS);
+            let key = *p.hashes.get(depth.checked_sub(1)?)?;
+            Some((key, p.tokens_of(depth as u32)))
+        }
+        _ => None,
+    }
 }
 
 /// Whether a candidate with these tier tokens holds the prefix's first `depth_tokens` in its
@@ -796,6 +802,24 @@ mod tests {
         let mut state = CycleState::new(tokio::time::Instant::now());
         state.in_flight = InFlightCounts::new(Arc::new(s.loads.clone()));
         state
+    }
+
+    /// Review: the home depth was counted at `block_tokens` a block while the holders' tokens
+    /// are the content the blocks cover (a JSON prompt without ids): a holder of the whole
+    /// home prefix never held it. Both are counted alike.
+    #[test]
+    fn the_home_depth_is_counted_as_the_holders_are() {
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        state.prefix = Some(PrefixMatch {
+            hashes: (0..40).collect(),
+            matched: vec![40],
+            block_tokens: 16,
+            tokens_through: (1..=40).map(|k| k * 11).collect(),
+        });
+        assert_eq!(prefix_key(&state), Some((31, 32 * 11)));
+        // Without content estimates, a block is `block_tokens`.
+        state.prefix.as_mut().unwrap().tokens_through.clear();
+        assert_eq!(prefix_key(&state), Some((31, 32 * 16)));
     }
 
     fn request(prompt_tokens: usize) -> InferenceRequest {

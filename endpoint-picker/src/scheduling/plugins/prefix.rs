@@ -190,13 +190,26 @@ impl DataProducer for ApproxPrefixCacheProducer {
         let mut tokens_through = Vec::new();
         if !hashes.is_empty() {
             self.index.match_lengths(&hashes, &mut matched);
-            if request.prompt_is_json && request.token_ids.is_none() {
+            if request.prompt_is_json {
                 crate::cost::estimate_json_prompt_tokens_by_block(
                     &request.prompt,
+                    request.prompt_media_from,
                     hasher.block_chars,
                     hashes.len(),
                     &mut tokens_through,
                 );
+                // With token ids the prompt is counted in them: the runs' estimates are scaled
+                // to the ids (the same content in the engine's units), so that whitespace
+                // bought no credit there either.
+                if let (Some(ids), Some(estimate)) =
+                    (&request.token_ids, request.estimated_prompt_tokens)
+                {
+                    let ids = ids.len() as u64;
+                    let scale = ids as f64 / estimate.max(1) as f64;
+                    for tokens in &mut tokens_through {
+                        *tokens = ((*tokens as f64 * scale) as u64).min(ids);
+                    }
+                }
             }
         }
         state.prefix = Some(PrefixMatch {
@@ -315,6 +328,32 @@ mod tests {
             state.cached_tokens(&c[0].endpoint),
             0,
             "256 blocks are all padding"
+        );
+        // With token ids (a tokenizer, or a salt that keeps the request off the precise
+        // index), the padding is worth nothing either.
+        let with_ids = InferenceRequest {
+            token_ids: Some(std::sync::Arc::from(vec![7u32; 3000])),
+            ..second.clone()
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&with_ids, &c, &mut state);
+        assert_eq!(state.cached_tokens(&c[0].endpoint), 0);
+        // Text in the run is worth its share of the ids: 2 KiB of text in a 4 KiB prompt.
+        let short = InferenceRequest {
+            prompt: Bytes::from(format!(r#"[{{"content":"{}"}}]"#, "t".repeat(4096))),
+            estimated_prompt_tokens: Some(1026),
+            token_ids: Some(std::sync::Arc::from(vec![7u32; 513])),
+            ..second.clone()
+        };
+        let mut state = CycleState::new(tokio::time::Instant::now());
+        p.produce(&short, &c, &mut state);
+        let m = state.prefix.clone().unwrap();
+        let half = m.tokens_of(32);
+        assert!((250..=260).contains(&half), "{half}");
+        assert_eq!(
+            m.tokens_of(m.hashes.len() as u32),
+            513,
+            "the whole: every id"
         );
         // A plain prompt's blocks are a token per 4 bytes, as before.
         let plain = InferenceRequest {
