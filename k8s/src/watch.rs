@@ -7,6 +7,7 @@
 //! All decisions live in the index, where they are tested without a client.
 
 use std::fmt::Debug;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
@@ -16,6 +17,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -241,6 +243,8 @@ where
     // A resource that stays unavailable (an alpha CRD that is not installed) fails on every
     // retry; say so once per kind of failure, not every backoff period.
     let mut last_error: Option<String> = None;
+    // Since when the watch has failed without a complete listing in between.
+    let mut failing_since: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -253,6 +257,7 @@ where
             Ok(Event::Init) => listing.clear(),
             Ok(Event::InitApply(obj)) => listing.push(obj),
             Ok(Event::InitDone) => {
+                failing_since = None;
                 if last_error.take().is_some() {
                     tracing::info!("watch recovered");
                 }
@@ -264,7 +269,8 @@ where
             Ok(Event::Delete(obj)) => index.lock().delete(obj),
             // The backoff wrapper delays the retry; a 410 Gone makes the watcher relist.
             Err(error) => {
-                if is_unavailable(&error) {
+                let failing_since = *failing_since.get_or_insert_with(Instant::now);
+                if is_unavailable(&error) || failing_since.elapsed() >= UNAVAILABLE_AFTER {
                     IndexResource::<K>::unavailable(&mut *index.lock());
                 }
                 let text = error.to_string();
@@ -279,15 +285,23 @@ where
     }
 }
 
-/// The API server's word that a kind cannot be listed at all: not found (its CRD is not
-/// installed) or forbidden (the role does not grant it). Other failures are retried without
-/// giving up on the kind.
+/// How long a kind may fail to list before what waits for its first listing (readiness, for
+/// the objectives and rewrites) goes on without it: a conversion webhook that answers 500, an
+/// aggregated API that is down, must not keep the pool unready for good. Retries go on.
+pub const UNAVAILABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// The API server's word that a kind cannot be listed as it is: not found (its CRD is not
+/// installed), forbidden or unauthorized (the role does not grant it), or an object in it that
+/// does not decode. Other failures are retried for [`UNAVAILABLE_AFTER`] before the kind is
+/// given up on for now.
 fn is_unavailable(error: &watcher::Error) -> bool {
-    matches!(
-        error,
-        watcher::Error::InitialListFailed(kube::Error::Api(status))
-            if status.code == 404 || status.code == 403
-    )
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) => {
+            matches!(status.code, 401 | 403 | 404)
+        }
+        watcher::Error::InitialListFailed(kube::Error::SerdeError(_)) => true,
+        _ => false,
+    }
 }
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63

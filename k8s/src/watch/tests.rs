@@ -288,6 +288,85 @@ async fn readiness_waits_for_the_policies_to_answer_once() {
     join(tasks).await;
 }
 
+/// Review: a kind that fails with a 500 for good (a conversion webhook down) kept readiness
+/// down for good. After [`UNAVAILABLE_AFTER`] of failures the pool goes on without it.
+#[tokio::test(start_paused = true)]
+async fn a_kind_failing_for_good_holds_readiness_only_so_long() {
+    let publisher = publisher();
+    let index = Index::new(pool_ref(), None, publisher.clone())
+        .awaiting_policies()
+        .shared();
+    let (pool_client, mut pool_server) = mock::client(NS);
+    let (pod_client, mut pod_server) = mock::client(NS);
+    let (oc, mut objective_server) = mock::client(NS);
+    let (rc, mut rewrite_server) = mock::client(NS);
+    let shutdown = CancellationToken::new();
+    let tasks = vec![
+        run(
+            pools(Api::namespaced(pool_client, NS), POOL, index.clone()),
+            shutdown.child_token(),
+        ),
+        run(
+            pods(
+                Api::namespaced(pod_client, NS),
+                watch_config(),
+                index.clone(),
+            ),
+            shutdown.child_token(),
+        ),
+        run(
+            task::<InferenceObjective>(
+                "inferenceobjectives",
+                Api::namespaced(oc, NS),
+                watch_config(),
+                index.clone(),
+            ),
+            shutdown.child_token(),
+        ),
+        run(
+            task::<InferenceModelRewrite>(
+                "inferencemodelrewrites",
+                Api::namespaced(rc, NS),
+                watch_config(),
+                index.clone(),
+            ),
+            shutdown.child_token(),
+        ),
+    ];
+    let started = tokio::time::Instant::now();
+    pool_server
+        .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "1")
+        .await;
+    let (_, _pool_watch) = pool_server.expect_watch(POOLS).await;
+    pod_server
+        .expect_list(PODS, vec![v(pod("a", "vllm", "10.0.0.1"))], "2")
+        .await;
+    let (_, _pod_watch) = pod_server.expect_watch(PODS).await;
+    rewrite_server.expect_list(REWRITES, vec![], "3").await;
+    let (_, _rewrite_watch) = rewrite_server.expect_watch(REWRITES).await;
+    let mut failures = 0;
+    while !publisher.datastore.is_synced() {
+        assert!(failures < 100, "never ready");
+        // Retries go on after readiness too, so this never waits for nothing.
+        let (_, send) = objective_server.expect_get(OBJECTIVES, false).await;
+        respond_json(
+            send,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &mock::status(500, "InternalError"),
+        );
+        failures += 1;
+    }
+    // Ready no sooner than the grace (an early readiness would have ended the loop early).
+    let waited = started.elapsed();
+    assert!(
+        waited >= UNAVAILABLE_AFTER && waited < UNAVAILABLE_AFTER * 3,
+        "{waited:?} after {failures} failures"
+    );
+    assert_eq!(endpoints(&publisher).len(), 1);
+    shutdown.cancel();
+    join(tasks).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn objectives_and_rewrites_reach_the_director() {
     let publisher = publisher();
