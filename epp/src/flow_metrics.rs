@@ -263,13 +263,17 @@ impl FlowMetrics {
         let (queued, dispatched) = match director.flow_control() {
             Some(fc) => {
                 let s = fc.snapshot(tokio::time::Instant::now());
+                // Read now, not as the last dispatch cycle saw it: cycles stop while nothing
+                // waits, and the gauge (which an autoscaler reads) had kept the load of the
+                // last burst until the next request.
+                let saturation = director.pool_reading(fc.unrouted()).saturation;
                 for (i, _) in self.saturation.iter().enumerate() {
                     self.saturation[i]
                         .get_or_create(&SaturationLabels {
                             inference_pool: pool.clone(),
                             stage: "effective",
                         })
-                        .set(s.saturation);
+                        .set(saturation);
                 }
                 self.band_requests.clear();
                 self.band_bytes.clear();

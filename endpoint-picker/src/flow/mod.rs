@@ -18,8 +18,8 @@
 //!   reference), otherwise it gives up one request. Nothing is dispatched while the pool has
 //!   no endpoint: that is the **waiting room** of scale-from-zero;
 //! - **TTL**: a request waits at most `defaultRequestTTL` while the pool has endpoints and
-//!   `noEndpointRequestTTL` while it has none, each budget restarting when the pool changes
-//!   between empty and not (the reference's regime split);
+//!   `noEndpointRequestTTL` while it has none, each budget charged with the time spent in its
+//!   regime, over all the request's time in it (the reference's regime split);
 //! - **capacity**: per band (`maxRequests`, `maxBytes`) and global; a request that does not fit
 //!   is rejected at once. A request's bytes are what the EPP holds for it while it waits
 //!   ([`crate::request::InferenceRequest::held_bytes`]: body, token ids, headers), so that
@@ -949,7 +949,15 @@ impl FlowControl {
             if fits_band(&st) && !fits_global(&st) && cfg.eviction {
                 self.make_room(&mut st, &request, &mut displaced);
             }
-            if !(fits_band(&st) && fits_global(&st)) {
+            // Fair share is the band's own: where the band has room and the pool's caps are
+            // full with lower-priority requests too, its flows are not what fills them, and
+            // taking a same-priority request's place would spare the sheddable ones. The
+            // newcomer is refused there, as in the reference (or has its room made above).
+            let lower_queued = st
+                .bands
+                .iter()
+                .any(|b| b.cfg.priority < request.priority && b.len > 0);
+            if !(fits_band(&st) && fits_global(&st)) && !(fits_band(&st) && lower_queued) {
                 self.make_fair_room(&mut st, bi, &request, &mut displaced);
             }
             if fits_band(&st) && fits_global(&st) {

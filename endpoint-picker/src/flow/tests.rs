@@ -461,6 +461,47 @@ async fn refused_displacing_nothing(
     assert!(answered(queued, Outcome::EvictedFairShare).await.is_empty());
 }
 
+/// Review 9: with the band not full but the pool's caps full with a sheddable request among
+/// them, fair share took a same-priority tenant's place and spared the sheddable one. The
+/// newcomer is refused (eviction off), or the sheddable request goes (eviction on); with the
+/// band's own flows alone filling the pool's caps, fair share still applies.
+#[tokio::test(start_paused = true)]
+async fn the_pool_caps_full_of_lower_priorities_are_not_a_bands_fair_share() {
+    let config = |eviction| FlowConfig {
+        max_requests: 3,
+        eviction,
+        bands: vec![
+            band(0, FairnessPolicy::RoundRobin, OrderingPolicy::Fcfs),
+            band(-1, FairnessPolicy::GlobalStrict, OrderingPolicy::Fcfs),
+        ],
+        ..FlowConfig::default()
+    };
+    let started = |eviction| {
+        let fc = FlowControl::new(config(eviction));
+        fc.dispatch_cycle(Instant::now(), FakePool::new(1, 0).as_ref());
+        fc
+    };
+    let fc = started(false);
+    let mut a = enqueue_all(&fc, &[("a", 0), ("a", 0)]);
+    let mut s = enqueue_all(&fc, &[("s", -1)]);
+    refused_displacing_nothing(&fc, req("b", 0), &mut a).await;
+    assert_eq!(s.len(), 1);
+    assert!(answered(&mut s, Outcome::EvictedFairShare).await.is_empty());
+
+    let fc = started(true);
+    let mut a = enqueue_all(&fc, &[("a", 0), ("a", 0)]);
+    let mut s = enqueue_all(&fc, &[("s", -1)]);
+    assert!(fc.enqueue(req("b", 0), Instant::now()).is_queued());
+    assert_eq!(answered(&mut s, Outcome::EvictedPriority).await, ["s"]);
+    assert!(answered(&mut a, Outcome::EvictedFairShare).await.is_empty());
+
+    // The band's own flows fill the pool's caps: the largest gives way, as in a full band.
+    let fc = started(false);
+    let mut a = enqueue_all(&fc, &[("a", 0), ("a", 0), ("a", 0)]);
+    assert!(fc.enqueue(req("b", 0), Instant::now()).is_queued());
+    assert_eq!(answered(&mut a, Outcome::EvictedFairShare).await, ["a"]);
+}
+
 /// Bytes too: a flow's share is the larger of its fractions of the two caps. The room is
 /// taken only while the giving flow still holds more than the newcomer's, and never past
 /// `MAX_FAIR_SHARE_EVICTIONS` displacements; a refusal displaces nothing.
