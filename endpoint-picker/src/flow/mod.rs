@@ -957,7 +957,7 @@ impl FlowControl {
                 .bands
                 .iter()
                 .any(|b| b.cfg.priority < request.priority && b.len > 0);
-            if !(fits_band(&st) && fits_global(&st)) && !(fits_band(&st) && lower_queued) {
+            if !fits_band(&st) || !(fits_global(&st) || lower_queued) {
                 self.make_fair_room(&mut st, bi, &request, &mut displaced);
             }
             if fits_band(&st) && fits_global(&st) {
