@@ -154,6 +154,70 @@ pub fn normalize(messages: &Value, format: ContentFormat) -> Value {
     items.map(|m| message(&m, format)).collect()
 }
 
+/// `tools` as vLLM gives them to a template: each `{"type": "function", "function": …}` rebuilt
+/// as its request types dump it (`tool.model_dump()`): `type`, then `function` with `name`,
+/// `description` and `parameters` (absent ones as none), then any other key in the request's
+/// order (the types keep extra keys). A template printing `tools | tojson` (Llama 3.x, Qwen,
+/// Hermes) shows that order and those nones at the head of the prompt, so a tool written
+/// otherwise gave ids the engine never saw. Other shapes are returned as they are.
+pub fn normalize_tools(tools: &Value) -> Value {
+    if tools.kind() != ValueKind::Seq {
+        return tools.clone();
+    }
+    let Ok(items) = tools.try_iter() else {
+        return tools.clone();
+    };
+    items.map(|t| tool(&t)).collect()
+}
+
+fn tool(t: &Value) -> Value {
+    let Some(function) = field(t, "function").filter(|f| f.kind() == ValueKind::Map) else {
+        return t.clone();
+    };
+    let Some(name) = field(&function, "name") else {
+        return t.clone();
+    };
+    let or_none = |map: &Value, key: &str| {
+        map.get_attr(key)
+            .ok()
+            .filter(|v| !v.is_undefined())
+            .unwrap_or(Value::from(()))
+    };
+    let function = declared_first(
+        &function,
+        vec![
+            ("name", name),
+            ("description", or_none(&function, "description")),
+            ("parameters", or_none(&function, "parameters")),
+        ],
+    );
+    let kind = field(t, "type").unwrap_or(Value::from("function"));
+    declared_first(t, vec![("type", kind), ("function", function)])
+}
+
+/// `map`'s entries as a pydantic model with extra keys allowed dumps them: the declared fields
+/// in their order, then the others in the map's.
+fn declared_first(map: &Value, declared: Vec<(&str, Value)>) -> Value {
+    let mut out: Vec<(Value, Value)> = Vec::with_capacity(declared.len());
+    let is_declared = |key: &Value| {
+        key.as_str()
+            .is_some_and(|k| declared.iter().any(|(d, _)| *d == k))
+    };
+    let mut extras = Vec::new();
+    if let Ok(keys) = map.try_iter() {
+        for key in keys {
+            if !is_declared(&key)
+                && let Ok(v) = map.get_item(&key)
+            {
+                extras.push((key, v));
+            }
+        }
+    }
+    out.extend(declared.into_iter().map(|(k, v)| (Value::from(k), v)));
+    out.extend(extras);
+    Value::from_pairs(out)
+}
+
 fn message(m: &Value, format: ContentFormat) -> Value {
     if m.kind() != ValueKind::Map {
         return m.clone();

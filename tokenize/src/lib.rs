@@ -464,29 +464,48 @@ impl Tokenizer {
                 .map(|r| serde_json::from_str::<minijinja::Value>(r.get()).map_err(invalid))
                 .transpose()
         };
-        let kwargs = match value(b.chat_template_kwargs)? {
-            None => Vec::new(),
-            Some(map) => {
-                let keys: Vec<minijinja::Value> = map
-                    .try_iter()
-                    .map_err(|e| TokenizeError::Invalid(e.to_string()))?
-                    .collect();
-                keys.into_iter()
-                    .filter_map(|k| {
-                        let v = map.get_item(&k).ok()?;
-                        Some((k.as_str()?.to_owned(), v))
-                    })
-                    .collect()
+        // The request's tools as vLLM dumps them; tools given in the kwargs go as they are.
+        let mut tools = value(b.tools)?.map(|t| conversation::normalize_tools(&t));
+        let mut documents = value(b.documents)?;
+        let mut add_generation_prompt = b.add_generation_prompt.unwrap_or(true);
+        let mut continue_final_message = b.continue_final_message.unwrap_or(false);
+        // `chat_template_kwargs` override the request's own fields and the tokenizer's special
+        // tokens, as in vLLM (`_chat_template_kwargs.update(request.chat_template_kwargs)`)
+        // and transformers (`{**special_tokens_map, **kwargs}`); `messages` cannot be (the
+        // engine refuses a request that tries). Not a mapping: vLLM refuses the request.
+        let mut kwargs = Vec::new();
+        if let Some(map) = value(b.chat_template_kwargs)? {
+            if map.kind() != minijinja::value::ValueKind::Map {
+                return Err(TokenizeError::Invalid(
+                    "chat_template_kwargs is not an object".into(),
+                ));
             }
-        };
+            let keys: Vec<minijinja::Value> = map
+                .try_iter()
+                .map_err(|e| TokenizeError::Invalid(e.to_string()))?
+                .collect();
+            for key in keys {
+                let (Some(name), Ok(v)) = (key.as_str(), map.get_item(&key)) else {
+                    continue;
+                };
+                match name {
+                    "messages" => {}
+                    "tools" => tools = (!v.is_none()).then_some(v),
+                    "documents" => documents = (!v.is_none()).then_some(v),
+                    "add_generation_prompt" => add_generation_prompt = v.is_true(),
+                    "continue_final_message" => continue_final_message = v.is_true(),
+                    _ => kwargs.push((name.to_owned(), v)),
+                }
+            }
+        }
         let messages = value(Some(messages))?.unwrap_or_default();
         Ok(ChatInput {
             // As vLLM rebuilds them for the template, so that the ids are the engine's.
             messages: conversation::normalize(&messages, self.content_format()),
-            tools: value(b.tools)?,
-            documents: value(b.documents)?,
-            add_generation_prompt: b.add_generation_prompt.unwrap_or(true),
-            continue_final_message: b.continue_final_message.unwrap_or(false),
+            tools,
+            documents,
+            add_generation_prompt,
+            continue_final_message,
             kwargs,
         })
     }

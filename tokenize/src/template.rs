@@ -107,9 +107,6 @@ impl ChatTemplate {
     pub fn render(&self, input: &ChatInput) -> Result<String, TokenizeError> {
         let template = self.env.get_template(TEMPLATE).map_err(template_error)?;
         let mut ctx: Vec<(String, Value)> = Vec::with_capacity(8 + input.kwargs.len());
-        // `chat_template_kwargs` first, so that the request's own fields win over them, as in
-        // transformers (it passes the kwargs, then its own named arguments override them).
-        ctx.extend(input.kwargs.iter().cloned());
         ctx.push(("messages".into(), input.messages.clone()));
         ctx.push((
             "tools".into(),
@@ -125,6 +122,10 @@ impl ChatTemplate {
         ));
         ctx.push(("bos_token".into(), Value::from(self.bos_token.as_str())));
         ctx.push(("eos_token".into(), Value::from(self.eos_token.as_str())));
+        // `chat_template_kwargs` last: they override the special tokens, as transformers'
+        // `{**special_tokens_map, **kwargs}` does (the request's fields they name were taken
+        // over when the input was read, `messages` excepted).
+        ctx.extend(input.kwargs.iter().cloned());
         // A map, later entries winning.
         let ctx: std::collections::BTreeMap<String, Value> = ctx.into_iter().collect();
         let ctx = Value::from(ctx);
