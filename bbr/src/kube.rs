@@ -83,8 +83,11 @@ where
         match event {
             Ok(Event::Init) => listing.clear(),
             Ok(Event::InitApply(cm)) => {
-                if let Some(e) = entry(&cm, metrics) {
-                    listing.push((key(&cm), e));
+                let k = key(&cm);
+                // An invalid ConfigMap keeps the version last taken from it, across relists
+                // too (see `Apply`).
+                if let Some(e) = entry(&cm, metrics).or_else(|| mapping.current(&k)) {
+                    listing.push((k, e));
                 }
             }
             Ok(Event::InitDone) => {
@@ -107,9 +110,10 @@ where
                             tracing::warn!(configmap = %k, %error, "mapping ConfigMap ignored");
                         }
                     }
-                    // An invalid update keeps nothing of the ConfigMap: its old claims would
-                    // otherwise outlive what the operator now says.
-                    None => mapping.delete(&k),
+                    // An invalid edit keeps the last good version, as file mode keeps the
+                    // last good file: a typo in the adapter list had dropped the base model
+                    // too, and every request for it found no route (counted, warned above).
+                    None => {}
                 }
             }
             Ok(Event::Delete(cm)) => mapping.delete(&key(&cm)),
@@ -200,6 +204,36 @@ mod tests {
             .send("DELETED", cm("default", "qwen", "qwen", "[sql-lora]"))
             .await;
         until(&mapping, "qwen", None).await;
+
+        // Review 10: an invalid edit dropped the whole source, base model included. It keeps
+        // the last good version, through a relist too.
+        watch
+            .send("MODIFIED", cm("default", "llama", "llama", "[sql-lora]"))
+            .await;
+        until(&mapping, "sql-lora", Some("llama")).await;
+        watch
+            .send("MODIFIED", cm("default", "llama", "llama", "- a\n -b: ["))
+            .await;
+        // A later valid event proves the invalid one was handled.
+        watch
+            .send("ADDED", cm("default", "mistral", "mistral", "[]"))
+            .await;
+        until(&mapping, "mistral", Some("mistral")).await;
+        assert_eq!(metrics.sources_rejected.get(), 2);
+        assert_eq!(mapping.lookup().base_model("sql-lora"), Some("llama"));
+        watch.send("ERROR", mock::status(410, "Expired")).await;
+        let (_, send) = server.expect_get(path, false).await;
+        mock::respond_list(
+            send,
+            vec![
+                cm("default", "llama", "llama", "- a\n -b: ["),
+                cm("default", "mistral", "mistral", "[]"),
+            ],
+        );
+        let (_, _watch) = server.expect_watch(path).await;
+        assert_eq!(metrics.sources_rejected.get(), 3);
+        assert_eq!(mapping.lookup().base_model("sql-lora"), Some("llama"));
+        assert_eq!(mapping.lookup().base_model("llama"), Some("llama"));
         shutdown.cancel();
         task.await.unwrap();
     }

@@ -324,6 +324,11 @@ impl Mapping {
         Ok(())
     }
 
+    /// The source under `key` as it is now.
+    pub fn current(&self, key: &str) -> Option<Entry> {
+        self.sources.lock().entries.get(key).map(|(e, _)| e.clone())
+    }
+
     /// Removes one source (unknown keys are ignored).
     pub fn delete(&self, key: &str) {
         let mut sources = self.sources.lock();
