@@ -103,17 +103,14 @@ where
             }
             Ok(Event::Apply(cm)) => {
                 let k = key(&cm);
-                match entry(&cm, metrics) {
-                    Some(e) => {
-                        if let Err(error) = mapping.apply(&k, e) {
-                            metrics.sources_rejected.inc();
-                            tracing::warn!(configmap = %k, %error, "mapping ConfigMap ignored");
-                        }
-                    }
-                    // An invalid edit keeps the last good version, as file mode keeps the
-                    // last good file: a typo in the adapter list had dropped the base model
-                    // too, and every request for it found no route (counted, warned above).
-                    None => {}
+                // An invalid edit (counted and warned by `entry`) keeps the last good version,
+                // as file mode keeps the last good file: a typo in the adapter list had
+                // dropped the base model too, and every request for it found no route.
+                if let Some(e) = entry(&cm, metrics)
+                    && let Err(error) = mapping.apply(&k, e)
+                {
+                    metrics.sources_rejected.inc();
+                    tracing::warn!(configmap = %k, %error, "mapping ConfigMap ignored");
                 }
             }
             Ok(Event::Delete(cm)) => mapping.delete(&key(&cm)),
