@@ -36,7 +36,11 @@ fn entry(cm: &ConfigMap, metrics: &Metrics) -> Option<Entry> {
         Ok(e) => Some(e),
         Err(error) => {
             metrics.sources_rejected.inc();
-            tracing::warn!(configmap = %key(cm), %error, "mapping ConfigMap ignored");
+            tracing::warn!(
+                configmap = %key(cm),
+                %error,
+                "mapping ConfigMap invalid; its last good version, if any, stays"
+            );
             None
         }
     }
