@@ -1,11 +1,12 @@
 //! One ext_proc stream of the body-based router: one HTTP request.
 //!
-//! With `--streaming` (FULL_DUPLEX_STREAMED, what the shipped configs use) the request
-//! headers are held until the body has arrived; at its end the router answers with one headers
-//! response (the model headers set, client copies removed, `Content-Length`,
-//! `clear_route_cache` so that Envoy matches the route again on the new headers) followed by
-//! the body, byte for byte, as `streamed_response` chunks of at most 62,000 bytes. Without it
-//! (BUFFERED), the headers are answered at once and the buffered body's answer carries the
+//! The body mode is the one Envoy announces in the stream's first message
+//! (`protocol_config.request_body_mode`), else `--streaming`'s. In FULL_DUPLEX_STREAMED (what
+//! the shipped configs use) the request headers are held until the body has arrived; at its
+//! end the router answers with one headers response (the model headers set, client copies
+//! removed, `Content-Length`, `clear_route_cache` so that Envoy matches the route again on the
+//! new headers) followed by the body, byte for byte, as `streamed_response` chunks of at most
+//! 62,000 bytes. In BUFFERED, the headers are answered at once and the buffered body's answer carries the
 //! header mutation. A request without a body is answered at once, its client copies of the
 //! model headers removed. The response passes through untouched. `GET /v1/models` is answered
 //! at its headers with the list of models ([`crate::models`]).
@@ -153,11 +154,15 @@ pub struct BbrStream {
     body_charge: BodyCharge,
     /// When the request's headers came.
     started: Instant,
+    /// FULL_DUPLEX_STREAMED request bodies (else BUFFERED): as Envoy announces in the first
+    /// message, else `--streaming`.
+    streaming: bool,
 }
 
 impl BbrStream {
     /// A fresh stream.
     pub fn new(ctx: Arc<Context>) -> Self {
+        let ctx_streaming = ctx.options.streaming;
         Self {
             ctx,
             phase: Phase::Start,
@@ -166,12 +171,13 @@ impl BbrStream {
             body: BodyBuffer::empty(),
             body_charge: BodyCharge::default(),
             started: Instant::now(),
+            streaming: ctx_streaming,
         }
     }
 
     /// When the body being gathered must have ended (streamed mode), `None` otherwise.
     pub fn body_deadline(&self) -> Option<Instant> {
-        (self.phase == Phase::Body && self.ctx.options.streaming && !self.done)
+        (self.phase == Phase::Body && self.streaming && !self.done)
             .then(|| self.started + self.ctx.options.request_body_timeout)
     }
 
@@ -214,6 +220,19 @@ impl BbrStream {
     pub fn on_inbound(&mut self, inbound: Inbound) -> Vec<Answer> {
         if self.done {
             return Vec::new();
+        }
+        // The body mode Envoy announces wins over `--streaming`: upstream's flags (streaming
+        // off) in front of the shipped FULL_DUPLEX_STREAMED configs had refused every body
+        // longer than one chunk. A mode this router does not speak keeps the flag's.
+        if self.phase == Phase::Start
+            && let Some(config) = &inbound.message.protocol_config
+        {
+            use envoy::BodySendMode as M;
+            match M::try_from(config.request_body_mode) {
+                Ok(M::FullDuplexStreamed) => self.streaming = true,
+                Ok(M::Buffered) => self.streaming = false,
+                _ => {}
+            }
         }
         use processing_request::Request as R;
         match inbound.message.request {
@@ -284,7 +303,7 @@ impl BbrStream {
             .min(self.ctx.options.max_request_body_bytes);
         // A second request on the stream (no Envoy sends one) starts its own charge.
         self.body_charge.release();
-        if self.ctx.options.streaming {
+        if self.streaming {
             // The buffer sized from the declared length is a reservation, bounded apart from
             // the charges, as in the EPP (`ext_proc::body_budget`): streams that declare long
             // bodies and send none cannot lock the others out. The body's bytes are charged as
@@ -304,7 +323,7 @@ impl BbrStream {
     }
 
     fn pass_body(&self, direction: Direction, body: Bytes, end_of_stream: bool) -> Answer {
-        if self.ctx.options.streaming {
+        if self.streaming {
             envoy::body_chunk(direction, body, end_of_stream).into()
         } else {
             let body = BodyResponse::default();
@@ -335,7 +354,7 @@ impl BbrStream {
         }
         // BUFFERED: Envoy sends the whole body in one message, with `end_of_stream` false when
         // trailers follow; it is the body all the same (as the EPP reads it).
-        let end = b.end_of_stream || b.end_of_stream_without_message || !self.ctx.options.streaming;
+        let end = b.end_of_stream || b.end_of_stream_without_message || !self.streaming;
         if self.body.is_empty() && end {
             // The whole body in one message: no copy.
             self.body = BodyBuffer::empty();
@@ -402,7 +421,7 @@ impl BbrStream {
         }
         self.ctx.metrics.observe_processing(started.elapsed());
         let remove = self.client_copies();
-        if !self.ctx.options.streaming {
+        if !self.streaming {
             let mutation = HeaderMutation {
                 set_headers: set,
                 remove_headers: remove,
@@ -506,6 +525,40 @@ mod tests {
             "model": model, "messages": [{"role": "user", "content": "hi"}]
         }))
         .unwrap()
+    }
+
+    /// Review 10: the body mode came from `--streaming` alone (off by default, as upstream's),
+    /// so upstream's flags in front of the shipped FULL_DUPLEX_STREAMED configs refused every
+    /// body of more than one chunk. The mode Envoy announces wins, either way.
+    #[test]
+    fn the_body_mode_envoy_announces_wins_over_the_flag() {
+        use ext_proc::envoy::BodySendMode as M;
+        use ext_proc::envoy::ext_proc::ProtocolConfiguration;
+        let announced = |mode: M| {
+            let mut first = req_headers(&headers(&[]), false, None);
+            first.protocol_config = Some(ProtocolConfiguration {
+                request_body_mode: mode as i32,
+                ..Default::default()
+            });
+            first
+        };
+        // Flag off, Envoy streams: the headers wait, the body comes in chunks.
+        let mut s = BbrStream::new(ctx(false));
+        assert!(s.on_message(announced(M::FullDuplexStreamed)).is_empty());
+        let body = chat("food-review");
+        let (a, b) = body.split_at(10);
+        assert!(s.on_message(req_body(a, false)).is_empty());
+        let out = s.on_message(req_body(b, true));
+        assert_eq!(
+            routing_answer(&out[0]).header(BASE_MODEL_NAME),
+            Some("llama")
+        );
+        assert_eq!(streamed_body(&out[1]), (body.clone(), true));
+        // Flag on, Envoy buffers: the headers are answered at once, the body whole.
+        let mut s = BbrStream::new(ctx(true));
+        assert_eq!(s.on_message(announced(M::Buffered)).len(), 1);
+        let out = s.on_message(req_body(&body, true));
+        assert_eq!(out.len(), 1);
     }
 
     #[test]
