@@ -29,7 +29,8 @@ pub struct Args {
     /// Address every port binds to.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: std::net::IpAddr,
-    /// FULL_DUPLEX_STREAMED bodies (as the EPP); without it, Envoy's BUFFERED mode.
+    /// FULL_DUPLEX_STREAMED bodies (as the EPP); without it, Envoy's BUFFERED mode. Only for
+    /// streams whose first message does not announce the mode (Envoy announces it).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub streaming: bool,
     /// TLS on the ext_proc port (a self-signed certificate unless --cert-path).
