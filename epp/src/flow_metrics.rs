@@ -384,6 +384,54 @@ impl FlowObserver for FlowMetrics {
 mod tests {
     use super::*;
 
+    /// Review 9: the saturation gauge kept the last dispatch cycle's reading while nothing
+    /// waited, so an autoscaler reading it saw the pool as loaded as at the last burst. It is
+    /// read from the pool at each refresh.
+    #[tokio::test(start_paused = true)]
+    async fn the_saturation_gauge_follows_the_pool_while_nothing_waits() {
+        use endpoint_picker::datastore::{Datastore, EngineMetrics, test_util::pool};
+        let ds = Arc::new(Datastore::new());
+        ds.apply(pool(1));
+        let config = endpoint_picker::config::load(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\n",
+            1,
+        )
+        .unwrap();
+        let director = Director::new(ds.clone(), Arc::new(config), 1);
+        assert!(director.flow_control().is_some());
+        let mut registry = Registry::default();
+        let m = FlowMetrics::register(
+            &mut registry,
+            Arc::new(ModelLabels::default()),
+            Arc::default(),
+        );
+        let waiting = |n| {
+            for e in ds.snapshot().endpoints.iter() {
+                e.store_metrics(EngineMetrics {
+                    waiting_queue_size: n,
+                    updated_at: Some(tokio::time::Instant::now()),
+                    ..Default::default()
+                });
+            }
+        };
+        let gauge = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            text.lines()
+                .find(|l| l.starts_with("llm_d_epp_flow_control_pool_saturation{"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap()
+        };
+        waiting(100);
+        m.refresh(&director);
+        let loaded = gauge();
+        waiting(0);
+        m.refresh(&director);
+        let idle = gauge();
+        assert!(loaded >= 1.0 && idle < loaded, "{loaded} then {idle}");
+    }
+
     /// Tenants × model names: the label sets stop at MAX_FLOW_LABEL_SETS, later ones share the
     /// overflow set, and a request leaves under the set it entered with.
     #[test]
