@@ -32,7 +32,9 @@
 //!   the newest requests of the band's largest flows (by the larger of a flow's fractions of
 //!   the band's two caps), each only while that flow holds more than the newcomer's flow
 //!   would, at most [`MAX_FAIR_SHARE_EVICTIONS`] of them, and only if that makes room
-//!   (`EvictedFairShare`, 429 `evicted-fair-share`). Without it one flow can fill a band and
+//!   (`EvictedFairShare`, 429 `evicted-fair-share`); not when the band has room and the
+//!   global caps are full with lower-priority requests among them (those are what eviction
+//!   is for). Without it one flow can fill a band and
 //!   every other tenant is refused, which would make the fairness policy moot under overload.
 //!   The largest flow is the one refused, as in fq_codel's drop from the fattest queue. Under
 //!   global strict (one arrival-ordered queue) the newcomer is refused, as in the reference;
