@@ -585,6 +585,10 @@ fn flow_control_validation_uses_the_references_messages() {
             "plugins:\n- type: program-aware-fairness\n  parameters: {lasWeightService: -1}\n",
             "lasWeightService",
         ),
+        (
+            "plugins:\n- type: program-aware-fairness\n  parameters: {lasWeightService: 0, lasWeightHeadWait: 0}\n",
+            "both 0",
+        ),
     ] {
         let e = err(&format!("{HEAD}{gate}{section}"));
         assert!(e.contains(message), "{section}: {e}");

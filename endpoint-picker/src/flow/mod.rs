@@ -1473,17 +1473,22 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         match std::mem::replace(&mut self.state, TicketState::Done) {
             TicketState::Queued { id, mut rx } => {
+                let mut outcome = Outcome::EvictedContextCancelled;
                 if self
                     .fc
                     .cancel(self.request.priority, &self.request.fairness_id, id)
                 {
                     self.fc.wake();
                 } else {
-                    // Decided in the meantime: an `Admitted` in the channel is released here.
+                    // Decided in the meantime: an `Admitted` in the channel is released here
+                    // (the client left before it was routed); a refusal already sent (TTL,
+                    // eviction) is what happened to the request, not the client's leaving.
                     rx.close();
-                    drop(rx.try_recv());
+                    if let Ok(Err(refusal)) = rx.try_recv() {
+                        outcome = refusal.outcome;
+                    }
                 }
-                self.finish(Outcome::EvictedContextCancelled);
+                self.finish(outcome);
             }
             TicketState::Decided(Some(d)) => {
                 self.finish(match &d {

@@ -205,6 +205,14 @@ impl FairnessPolicy {
         if let Some(w) = non_negative("lasWeightHeadWait", y.las_weight_head_wait)? {
             params.weight_head_wait = w;
         }
+        if params.weight_service == 0.0 && params.weight_head_wait == 0.0 {
+            // Every flow would score alike: the tie goes to the same flow every time and the
+            // others wait out their TTL.
+            return Err(p.invalid(
+                "lasWeightService",
+                "lasWeightService and lasWeightHeadWait are both 0: no flow could be told from another",
+            ));
+        }
         if let Some(s) = non_negative("lasHalfLifeSeconds", y.las_half_life_seconds)? {
             params.half_life = Duration::from_secs_f64(s.min(1e9));
             if s > 0.0 {

@@ -881,3 +881,29 @@ proptest::proptest! {
         }
     }
 }
+
+/// Review 9: a ticket dropped after its refusal was sent (a TTL expiry the stream had not read
+/// yet) was counted as the client's cancellation. It is counted as the refusal it was.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_already_sent_is_counted_as_itself() {
+    let fc = FlowControl::new(FlowConfig::default());
+    let log = Arc::new(Log::default());
+    fc.set_observer(log.clone());
+    let pool = FakePool::new(1, 0);
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    let expired = fc.enqueue(req("a", 0), Instant::now());
+    tokio::time::advance(Duration::from_secs(61)).await;
+    fc.dispatch_cycle(Instant::now(), pool.as_ref());
+    drop(expired);
+    // A ticket still queued when dropped is the client's leaving.
+    let waiting = fc.enqueue(req("b", 0), Instant::now());
+    drop(waiting);
+    let outcomes: Vec<_> = log.0.lock().iter().map(|(f, o)| (f.clone(), *o)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("a".to_owned(), Outcome::EvictedTtl),
+            ("b".to_owned(), Outcome::EvictedContextCancelled)
+        ]
+    );
+}
