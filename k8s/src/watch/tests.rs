@@ -197,18 +197,27 @@ async fn a_missing_pool_keeps_readiness_back_until_it_appears() {
     join(tasks).await;
 }
 
-/// Readiness waits for the objectives and rewrites to answer once: a listing, or a 404 or 403
-/// (the kind is not installed, or not granted). A 500 is retried and keeps it waiting.
-#[tokio::test(start_paused = true)]
-async fn readiness_waits_for_the_policies_to_answer_once() {
+/// The pool, pod, objective and rewrite watches of one index that awaits the policies, each
+/// on its own mocked API server.
+struct AllWatches {
+    publisher: Publisher,
+    pool_server: mock::ApiServer,
+    pod_server: mock::ApiServer,
+    objective_server: mock::ApiServer,
+    rewrite_server: mock::ApiServer,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn all_watches() -> AllWatches {
     let publisher = publisher();
     let index = Index::new(pool_ref(), None, publisher.clone())
         .awaiting_policies()
         .shared();
-    let (pool_client, mut pool_server) = mock::client(NS);
-    let (pod_client, mut pod_server) = mock::client(NS);
-    let (oc, mut objective_server) = mock::client(NS);
-    let (rc, mut rewrite_server) = mock::client(NS);
+    let (pool_client, pool_server) = mock::client(NS);
+    let (pod_client, pod_server) = mock::client(NS);
+    let (oc, objective_server) = mock::client(NS);
+    let (rc, rewrite_server) = mock::client(NS);
     let shutdown = CancellationToken::new();
     let tasks = vec![
         run(
@@ -237,11 +246,35 @@ async fn readiness_waits_for_the_policies_to_answer_once() {
                 "inferencemodelrewrites",
                 Api::namespaced(rc, NS),
                 watch_config(),
-                index.clone(),
+                index,
             ),
             shutdown.child_token(),
         ),
     ];
+    AllWatches {
+        publisher,
+        pool_server,
+        pod_server,
+        objective_server,
+        rewrite_server,
+        shutdown,
+        tasks,
+    }
+}
+
+/// Readiness waits for the objectives and rewrites to answer once: a listing, or a 404 or 403
+/// (the kind is not installed, or not granted). A 500 is retried and keeps it waiting.
+#[tokio::test(start_paused = true)]
+async fn readiness_waits_for_the_policies_to_answer_once() {
+    let AllWatches {
+        publisher,
+        mut pool_server,
+        mut pod_server,
+        mut objective_server,
+        mut rewrite_server,
+        shutdown,
+        tasks,
+    } = all_watches();
     pool_server
         .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "1")
         .await;
@@ -292,47 +325,15 @@ async fn readiness_waits_for_the_policies_to_answer_once() {
 /// down for good. After [`UNAVAILABLE_AFTER`] of failures the pool goes on without it.
 #[tokio::test(start_paused = true)]
 async fn a_kind_failing_for_good_holds_readiness_only_so_long() {
-    let publisher = publisher();
-    let index = Index::new(pool_ref(), None, publisher.clone())
-        .awaiting_policies()
-        .shared();
-    let (pool_client, mut pool_server) = mock::client(NS);
-    let (pod_client, mut pod_server) = mock::client(NS);
-    let (oc, mut objective_server) = mock::client(NS);
-    let (rc, mut rewrite_server) = mock::client(NS);
-    let shutdown = CancellationToken::new();
-    let tasks = vec![
-        run(
-            pools(Api::namespaced(pool_client, NS), POOL, index.clone()),
-            shutdown.child_token(),
-        ),
-        run(
-            pods(
-                Api::namespaced(pod_client, NS),
-                watch_config(),
-                index.clone(),
-            ),
-            shutdown.child_token(),
-        ),
-        run(
-            task::<InferenceObjective>(
-                "inferenceobjectives",
-                Api::namespaced(oc, NS),
-                watch_config(),
-                index.clone(),
-            ),
-            shutdown.child_token(),
-        ),
-        run(
-            task::<InferenceModelRewrite>(
-                "inferencemodelrewrites",
-                Api::namespaced(rc, NS),
-                watch_config(),
-                index.clone(),
-            ),
-            shutdown.child_token(),
-        ),
-    ];
+    let AllWatches {
+        publisher,
+        mut pool_server,
+        mut pod_server,
+        mut objective_server,
+        mut rewrite_server,
+        shutdown,
+        tasks,
+    } = all_watches();
     let started = tokio::time::Instant::now();
     pool_server
         .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "1")
