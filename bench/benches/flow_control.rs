@@ -1,13 +1,14 @@
 //! Flow control's dispatch: letting one queued request go when the band holds `n` requests,
 //! each in its own flow (a client names its flow in a header, so there can be as many flows as
 //! queued requests), with each fairness policy that does not weigh every flow. Enqueuing the
-//! next request is not timed. Results: bench/RESULTS.md.
+//! next request is not timed; with and without the default request TTL (whose expiry looks at
+//! the queue every cycle). Results: bench/RESULTS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use endpoint_picker::flow::config::{BandConfig, FlowConfig};
+use endpoint_picker::flow::config::{BandConfig, DEFAULT_REQUEST_TTL, FlowConfig};
 use endpoint_picker::flow::policy::{FairnessPolicy, OrderingPolicy};
 use endpoint_picker::flow::{FlowControl, FlowRequest, PoolProbe, PoolReading};
 use endpoint_picker::saturation::Unrouted;
@@ -53,7 +54,11 @@ fn dispatch(c: &mut Criterion) {
         ("global_strict", FairnessPolicy::GlobalStrict),
         ("round_robin", FairnessPolicy::RoundRobin),
     ];
-    for (name, fairness) in policies {
+    let ttls = [("", None), ("_ttl", Some(DEFAULT_REQUEST_TTL))];
+    for ((name, fairness), (ttl_name, request_ttl)) in policies
+        .iter()
+        .flat_map(|p| ttls.iter().map(move |t| (p, t)))
+    {
         for n in [10usize, 5_000] {
             let band = BandConfig {
                 max_requests: 1_000_000,
@@ -63,7 +68,7 @@ fn dispatch(c: &mut Criterion) {
                 ..BandConfig::default()
             };
             let fc = FlowControl::new(FlowConfig {
-                request_ttl: None,
+                request_ttl: *request_ttl,
                 no_endpoint_ttl: None,
                 bands: vec![band],
                 ..FlowConfig::default()
@@ -77,7 +82,8 @@ fn dispatch(c: &mut Criterion) {
             // back, so that each timed cycle lets exactly one go.
             fc.dispatch_cycle(Instant::now(), &FULL);
             let mut next = n;
-            group.bench_function(BenchmarkId::new(name, n), |b| {
+            let id = BenchmarkId::new(format!("{name}{ttl_name}"), n);
+            group.bench_function(id, |b| {
                 b.iter_batched(
                     || {
                         tickets.push(fc.enqueue(request(next), Instant::now()));

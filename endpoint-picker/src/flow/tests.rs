@@ -795,7 +795,8 @@ proptest::proptest! {
     })]
     /// Round robin and global strict find the next request without weighing every flow; what
     /// they find is what weighing every flow finds, whatever was queued, dispatched,
-    /// cancelled or expired, and the indexes hold exactly what is queued (the newest request,
+    /// cancelled or expired; expiry from the oldest request takes what a visit of every
+    /// flow's head finds; and the indexes hold exactly what is queued (the newest request,
     /// eviction's victim, is the one a scan of every flow finds).
     #[test]
     fn a_bands_quick_pick_is_the_pick_of_weighing_every_flow(
@@ -846,8 +847,12 @@ proptest::proptest! {
                 }
                 BandOp::Expire(ms) => {
                     let cut = Duration::from_millis(u64::from(ms));
+                    let expired = |head: &Item| now >= head.enqueued + cut;
+                    let visited = band.expired_by_visiting_every_flow(expired);
                     let mut out = Vec::new();
-                    band.expire_heads(|head| now >= head.enqueued + cut, &mut out);
+                    band.expire_heads(expired, &mut out);
+                    let ids: Vec<u64> = out.iter().map(|item| item.id).collect();
+                    proptest::prop_assert_eq!(ids, visited);
                 }
             }
             let queued: usize = band.flows.values().map(VecDeque::len).sum();
