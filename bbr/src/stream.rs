@@ -6,9 +6,11 @@
 //! end the router answers with one headers response (the model headers set, client copies
 //! removed, `Content-Length`, `clear_route_cache` so that Envoy matches the route again on the
 //! new headers) followed by the body, byte for byte, as `streamed_response` chunks of at most
-//! 62,000 bytes. In BUFFERED, the headers are answered at once and the buffered body's answer carries the
-//! header mutation. A request without a body is answered at once, its client copies of the
-//! model headers removed. The response passes through untouched. `GET /v1/models` is answered
+//! 62,000 bytes. In BUFFERED, the headers are answered at once (the client's copies of the model
+//! headers removed) and the buffered body's answer carries the header mutation; trailers
+//! after no body get their own answer only (Envoy sends no body then, and counts an answer to
+//! one it did not send as spurious). A request without a body is answered at once, its client
+//! copies of the model headers removed. The response passes through untouched. `GET /v1/models` is answered
 //! at its headers with the list of models ([`crate::models`]).
 //!
 //! Bad bodies get an `ImmediateResponse` in the EPP's format (`inference error: BadRequest -
@@ -240,7 +242,17 @@ impl BbrStream {
             Some(R::RequestBody(b)) => self.on_request_body(b, inbound.body),
             Some(R::RequestTrailers(_)) => {
                 let mut out = Vec::new();
-                if self.phase == Phase::Body {
+                if self.phase == Phase::Body && !self.streaming {
+                    // BUFFERED, and no body message came (the first one is answered at once):
+                    // Envoy sends the buffered body before the trailers only when it buffered
+                    // some (ext_proc's `onTrailers`), so none is owed. A body answer here is
+                    // spurious to Envoy, which then stops processing the stream. No body, no
+                    // model, as a request whose headers end it; the client's copies of the
+                    // model headers went in the headers answer already.
+                    self.phase = Phase::Answered;
+                    self.body_charge.release();
+                    self.ctx.metrics.no_model();
+                } else if self.phase == Phase::Body {
                     // Trailers end the body: it is answered before them.
                     let body = self.take_body().freeze();
                     out = self.finish(body, false);
@@ -998,5 +1010,50 @@ mod tests {
             out[0].response,
             Some(processing_response::Response::RequestTrailers(_))
         ));
+    }
+
+    /// Review B5: BUFFERED, trailers and no body. Envoy sends no body message when it buffered
+    /// nothing (ext_proc's `onTrailers` sends one only for buffered data), so the trailers
+    /// get their answer alone: a body answer before it was spurious to Envoy, which then
+    /// stopped processing the stream. The client's copies of the model headers still go, in
+    /// the headers answer.
+    #[test]
+    fn buffered_trailers_without_a_body_get_only_their_answer() {
+        for path in ["/upload", CHAT] {
+            let mut s = BbrStream::new(ctx(false));
+            let out = s.on_message(req_headers(
+                &[
+                    (":method", "POST"),
+                    (":path", path),
+                    ("x-gateway-model-name", "llama"),
+                    ("x-gateway-base-model-name", "llama"),
+                ],
+                false,
+                None,
+            ));
+            assert_eq!(out.len(), 1, "{path}");
+            assert_eq!(
+                routing_answer(&out[0]).remove,
+                [MODEL_NAME, BASE_MODEL_NAME],
+                "{path}"
+            );
+            let out = s.on_message(ProcessingRequest {
+                request: Some(processing_request::Request::RequestTrailers(
+                    Default::default(),
+                )),
+                ..Default::default()
+            });
+            assert_eq!(out.len(), 1, "{path}: {out:?}");
+            assert!(
+                matches!(
+                    out[0].response,
+                    Some(processing_response::Response::RequestTrailers(_))
+                ),
+                "{path}: {out:?}"
+            );
+            assert!(!s.is_done(), "{path}: the response still passes through");
+            let out = s.on_message(resp_headers(&[(":status", "200")], false, None));
+            assert_eq!(out.len(), 1, "{path}");
+        }
     }
 }
