@@ -418,6 +418,7 @@ impl InFlightGuard {
         flow: Option<Arc<FlowControl>>,
     ) -> Self {
         load.requests.fetch_add(1, Ordering::Relaxed);
+        load.routed(Instant::now());
         load.prefilling.fetch_add(1, Ordering::Relaxed);
         load.prefill_tokens
             .fetch_add(prefill_tokens, Ordering::Relaxed);
@@ -1230,6 +1231,49 @@ mod tests {
                 proptest::prop_assert_eq!(by_index, by_scan, "{}", model);
             }
         }
+    }
+
+    /// Review 9: with the default utilization detector, one dispatch cycle let every queued
+    /// request go against one scraped reading (the pool at 0.8, 50 queued: all 50 went). Each
+    /// release now counts against the next, routed or not, until the next scrape.
+    #[tokio::test(start_paused = true)]
+    async fn flow_control_counts_its_own_releases_against_one_scrape() {
+        let d = director(2);
+        let scrape = |waiting| {
+            for e in &d.datastore().snapshot().endpoints {
+                e.store_metrics(EngineMetrics {
+                    waiting_queue_size: waiting,
+                    updated_at: Some(Instant::now()),
+                    readiness: Readiness::Serving,
+                    ..Default::default()
+                });
+            }
+        };
+        // 4 of `queueDepthThreshold` 5 waiting on both: 0.8.
+        scrape(4);
+        let fc = FlowControl::new(crate::flow::FlowConfig::default());
+        let mut tickets: Vec<_> = (0..50)
+            .map(|_| fc.enqueue(d.flow_request(&req()), Instant::now()))
+            .collect();
+        // 0.8, then 0.9 with one let go: the third would go at 1.0.
+        assert_eq!(fc.dispatch_cycle(Instant::now(), &d), 2);
+        let mut routed = Vec::new();
+        for ticket in &mut tickets[..2] {
+            let admitted = ticket.wait().await.expect("let go");
+            routed.push(d.route(&req(), None, false).unwrap());
+            drop(admitted);
+        }
+        // Routed and still prefilling, they count where they went: still 1.0.
+        fc.wake();
+        assert_eq!(fc.dispatch_cycle(Instant::now(), &d), 0);
+        // The next scrape: 1 waiting on each (0.2); eight more fit under 1.0.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        scrape(1);
+        for _ in 0..20 {
+            fc.wake();
+        }
+        assert_eq!(fc.dispatch_cycle(Instant::now(), &d), 8);
+        drop(routed);
     }
 
     /// A prefill no stream will see ends by prediction: at the first decision after twice the

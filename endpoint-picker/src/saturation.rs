@@ -10,7 +10,15 @@
 //! above 1 the pool is saturated and requests with a negative priority are shed (429). As a
 //! filter it keeps endpoints with fresh metrics under both thresholds (scaled by
 //! `1 + headroom`), and keeps everything if that would leave nothing.
+//!
+//! A deviation from the reference: `waiting` is the engine's scraped count plus the requests
+//! this EPP routed there since that scrape and still sees prefilling, and what flow control has
+//! let go but not routed yet adds `requests / (endpoints × queueDepthThreshold)` to the mean.
+//! The reference reads the scrape alone, so everything queued between two scrapes (50 ms
+//! apart) was let go against one reading; now each release counts against the next at once,
+//! and the next scrape replaces the guess with the engine's count.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -97,26 +105,50 @@ impl UtilizationDetector {
         Ok(d)
     }
 
-    /// The pool's saturation over `candidates` (≥ 1 means saturated; empty pool = 1).
-    pub fn saturation(&self, candidates: &[Candidate], now: Instant) -> f64 {
+    /// The pool's saturation over `candidates` (≥ 1 means saturated; empty pool = 1), with
+    /// this EPP's own requests since each scrape (`in_flight`) and those let go but not routed
+    /// yet (`unrouted`) counted as waiting (the module's doc).
+    pub fn saturation(
+        &self,
+        candidates: &[Candidate],
+        in_flight: &InFlightCounts,
+        unrouted: Unrouted,
+        now: Instant,
+    ) -> f64 {
         if candidates.is_empty() {
             return 1.0;
         }
-        let sum: f64 = candidates.iter().map(|c| self.endpoint_score(c, now)).sum();
-        sum / candidates.len() as f64
+        let depth = self.queue_depth_threshold.max(f64::MIN_POSITIVE);
+        let sum: f64 = candidates
+            .iter()
+            .map(|c| self.endpoint_score(c, in_flight, now))
+            .sum();
+        let n = candidates.len() as f64;
+        (sum + unrouted.requests as f64 / depth) / n
     }
 
     /// True when sheddable requests should be rejected.
-    pub fn is_saturated(&self, candidates: &[Candidate], now: Instant) -> bool {
-        self.saturation(candidates, now) >= 1.0
+    pub fn is_saturated(
+        &self,
+        candidates: &[Candidate],
+        in_flight: &InFlightCounts,
+        now: Instant,
+    ) -> bool {
+        self.saturation(candidates, in_flight, Unrouted::default(), now) >= 1.0
     }
 
-    fn endpoint_score(&self, c: &Candidate, now: Instant) -> f64 {
+    fn endpoint_score(&self, c: &Candidate, in_flight: &InFlightCounts, now: Instant) -> f64 {
         if c.metrics.is_stale(now, self.metrics_staleness_threshold) {
             return 1.0;
         }
-        let q =
-            c.metrics.waiting_queue_size as f64 / self.queue_depth_threshold.max(f64::MIN_POSITIVE);
+        // Requests routed since the scrape that have produced a token are running, not
+        // waiting: at most the ones still prefilling count.
+        let own = in_flight.load(c.endpoint.id).map_or(0, |load| {
+            load.routed_since(c.metrics.updated_at)
+                .min(load.prefilling.load(Ordering::Relaxed))
+        });
+        let waiting = c.metrics.waiting_queue_size.saturating_add(own);
+        let q = waiting as f64 / self.queue_depth_threshold.max(f64::MIN_POSITIVE);
         let kv = c.metrics.kv_cache_usage / self.kv_cache_util_threshold.max(f64::MIN_POSITIVE);
         q.max(kv)
     }
@@ -159,9 +191,8 @@ impl Default for SaturationDetector {
     }
 }
 
-/// What flow control has let go that is not routed yet, so not in the in-flight counts: the
-/// concurrency detector counts it as load, so that one dispatch cycle's releases see the
-/// previous ones.
+/// What flow control has let go that is not routed yet, so not in the in-flight counts: both
+/// detectors count it as load, so that one dispatch cycle's releases see the previous ones.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Unrouted {
     /// Requests.
@@ -183,7 +214,7 @@ impl SaturationDetector {
 
     /// The pool's saturation over `candidates` (≥ 1 = saturated; no candidates = 1).
     /// `unrouted` is what flow control has let go and is not routed yet (and so not in
-    /// `in_flight`): the concurrency detector counts it as load, in every mode.
+    /// `in_flight`): both detectors count it as load (the concurrency detector in every mode).
     pub fn saturation(
         &self,
         candidates: &[Candidate],
@@ -192,7 +223,9 @@ impl SaturationDetector {
         now: Instant,
     ) -> f64 {
         match self {
-            SaturationDetector::Utilization(d) => d.saturation(candidates, now),
+            SaturationDetector::Utilization(d) => {
+                d.saturation(candidates, in_flight, unrouted, now)
+            }
             SaturationDetector::Concurrency(d) => d.saturation(candidates, in_flight, unrouted),
         }
     }
@@ -429,7 +462,9 @@ impl Filter for ConcurrencyDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduling::framework::EndpointLoad;
     use crate::scheduling::plugins::test_util::{candidates, metrics};
+    use std::sync::Arc;
 
     /// Review (scheduling): in `tokens` mode requests let go and not yet routed counted for
     /// nothing, so one dispatch cycle let many go against the same reading. Every mode counts
@@ -468,12 +503,54 @@ mod tests {
         let d = UtilizationDetector::default();
         let now = Instant::now();
         let c = candidates(&[metrics(0, 0, 0.4), metrics(10, 0, 0.0)]);
+        let none = InFlightCounts::default();
         // 0.5 and 2.0 → mean 1.25.
-        assert!((d.saturation(&c, now) - 1.25).abs() < 1e-9);
-        assert!(d.is_saturated(&c, now));
+        assert!((d.saturation(&c, &none, Unrouted::default(), now) - 1.25).abs() < 1e-9);
+        assert!(d.is_saturated(&c, &none, now));
         let calm = candidates(&[metrics(1, 0, 0.1), metrics(0, 0, 0.2)]);
-        assert!(!d.is_saturated(&calm, now));
-        assert!(d.is_saturated(&[], now));
+        assert!(!d.is_saturated(&calm, &none, now));
+        assert!(d.is_saturated(&[], &none, now));
+    }
+
+    /// Review 9: the utilization detector read the scrape alone, so one dispatch cycle let a
+    /// whole burst go against one reading (50 requests at a reading of 0.9). Requests routed
+    /// since the scrape and still prefilling count as waiting, and those let go but not yet
+    /// routed as waiting spread over the pool, until the next scrape says what the engine has.
+    #[tokio::test(start_paused = true)]
+    async fn requests_sent_since_the_scrape_count_until_the_next_one() {
+        let d = UtilizationDetector::default();
+        // Two endpoints 4 of 5 waiting: 0.8 each.
+        let c = candidates(&[metrics(4, 0, 0.0), metrics(4, 0, 0.0)]);
+        let loads: Vec<Arc<EndpointLoad>> = (0..2).map(|_| Arc::default()).collect();
+        let in_flight = InFlightCounts::new(Arc::new(loads.clone()));
+        let read = |c: &[Candidate], u| d.saturation(c, &in_flight, u, Instant::now());
+        assert!((read(&c, Unrouted::default()) - 0.8).abs() < 1e-9);
+        // Three let go, not routed yet: 3 / (2 × 5) more.
+        let three = Unrouted {
+            requests: 3,
+            prompt_tokens: 0,
+        };
+        assert!((read(&c, three) - 1.1).abs() < 1e-9);
+        // Routed to the first endpoint, prefilling there: (4 + 3) / 5 = 1.4, and 0.8.
+        let first = &loads[c[0].endpoint.id.0 as usize];
+        for _ in 0..3 {
+            first.routed(Instant::now());
+        }
+        first.prefilling.fetch_add(3, Ordering::Relaxed);
+        assert!((read(&c, Unrouted::default()) - 1.1).abs() < 1e-9);
+        // One has produced its first token: running, not waiting.
+        first.prefilling.fetch_sub(1, Ordering::Relaxed);
+        assert!((read(&c, Unrouted::default()) - 1.0).abs() < 1e-9);
+        // The next scrape counts what the engine has; the requests routed before it are its.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        c[0].endpoint.store_metrics(metrics(6, 1, 0.0));
+        let rescraped = [Candidate::new(c[0].endpoint.clone()), c[1].clone()];
+        assert!((read(&rescraped, Unrouted::default()) - (1.2 + 0.8) / 2.0).abs() < 1e-9);
+        // Routed after it: counted again.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        first.routed(Instant::now());
+        first.prefilling.fetch_add(1, Ordering::Relaxed);
+        assert!((read(&rescraped, Unrouted::default()) - (1.4 + 0.8) / 2.0).abs() < 1e-9);
     }
 
     #[tokio::test(start_paused = true)]
@@ -481,7 +558,7 @@ mod tests {
         let d = UtilizationDetector::default();
         let c = candidates(&[metrics(0, 0, 0.0)]);
         tokio::time::advance(Duration::from_millis(201)).await;
-        assert!(d.is_saturated(&c, Instant::now()));
+        assert!(d.is_saturated(&c, &InFlightCounts::default(), Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,8 @@
 //!   band's fairness policy picks the flow, its ordering policy the request ([`policy`]);
 //! - **dispatch** happens in cycles (after each enqueue, each release and every 1 ms while
 //!   anything waits): the cycle asks the pool's saturation (the configured detector, counting
-//!   requests dispatched but not yet routed) and the usage-limit policy's ceilings; from the
+//!   requests dispatched but not yet routed, and with the utilization detector those routed
+//!   since the last scrape) and the usage-limit policy's ceilings; from the
 //!   highest band down, a band at or over its ceiling stops the cycle (head-of-line, as in the
 //!   reference), otherwise it gives up one request. Nothing is dispatched while the pool has
 //!   no endpoint: that is the **waiting room** of scale-from-zero;

@@ -43,6 +43,52 @@ pub struct EndpointLoad {
     pub prefill_tokens: AtomicU64,
     /// How far the cost model's TTFTs are from those observed on this endpoint.
     pub calibration: Calibration,
+    /// When the latest requests were routed here: how many came after a scrape, which the
+    /// engine's waiting count cannot include yet.
+    recent: parking_lot::Mutex<RecentRoutings>,
+}
+
+/// The times of the latest requests routed to an endpoint, newest last; older ones fall off.
+#[derive(Debug, Clone)]
+pub struct RecentRoutings {
+    at: [Option<Instant>; RecentRoutings::CAP],
+    /// Where the next one goes.
+    next: usize,
+}
+
+impl Default for RecentRoutings {
+    fn default() -> Self {
+        Self {
+            at: [None; Self::CAP],
+            next: 0,
+        }
+    }
+}
+
+impl RecentRoutings {
+    /// How many are kept: past this many requests since one scrape an endpoint is far over
+    /// any sensible `queueDepthThreshold` anyway.
+    pub const CAP: usize = 64;
+
+    fn push(&mut self, at: Instant) {
+        self.at[self.next] = Some(at);
+        self.next = (self.next + 1) % Self::CAP;
+    }
+
+    /// How many at or after `since` (every one kept without it), newest first until the first
+    /// that is not: routing times only grow.
+    fn since(&self, since: Option<Instant>) -> u64 {
+        let mut n = 0;
+        for k in 1..=Self::CAP {
+            let i = (self.next + Self::CAP - k) % Self::CAP;
+            match (self.at[i], since) {
+                (Some(at), Some(since)) if at >= since => n += 1,
+                (Some(_), None) => n += 1,
+                _ => break,
+            }
+        }
+        n
+    }
 }
 
 /// A moment's reading of an [`EndpointLoad`].
@@ -57,6 +103,18 @@ pub struct LoadReading {
 }
 
 impl EndpointLoad {
+    /// Notes a request routed here at `at`.
+    pub fn routed(&self, at: Instant) {
+        self.recent.lock().push(at);
+    }
+
+    /// Requests routed here at or after `since` (a scrape's time stamp; all of them without
+    /// one), at most [`RecentRoutings::CAP`]. One routed at the very instant of the scrape may
+    /// be in its count as well: counted twice rather than not at all.
+    pub fn routed_since(&self, since: Option<Instant>) -> u64 {
+        self.recent.lock().since(since)
+    }
+
     /// The current values.
     pub fn read(&self) -> LoadReading {
         LoadReading {
