@@ -6,6 +6,13 @@
 //! and changes one [`Mapping::apply`], deletions one [`Mapping::delete`]; the watcher's backoff
 //! schedules retries. Everything else is decided in [`crate::mapping`], tested without a
 //! client.
+//!
+//! The watch never ends on an error: the watcher retries with backoff for ever, and the
+//! mapping keeps its last good state meanwhile (readiness stays up: an unready router would
+//! take every model off the gateway). So that a watch failing after the first listing (RBAC
+//! removed, API server unreachable) is seen, every error counts in
+//! `bbr_mapping_watch_errors_total` and every complete listing or event sets
+//! `bbr_mapping_watch_last_success_timestamp_seconds`.
 
 use std::sync::Arc;
 
@@ -95,6 +102,7 @@ where
                 }
             }
             Ok(Event::InitDone) => {
+                metrics.watch_succeeded();
                 if last_error.take().is_some() {
                     tracing::info!("ConfigMap watch recovered");
                 }
@@ -106,6 +114,7 @@ where
                 tracing::info!(configmaps = n, "mapping ConfigMaps listed");
             }
             Ok(Event::Apply(cm)) => {
+                metrics.watch_succeeded();
                 let k = key(&cm);
                 // An invalid edit (counted and warned by `entry`) keeps the last good version,
                 // as file mode keeps the last good file: a typo in the adapter list had
@@ -117,8 +126,14 @@ where
                     tracing::warn!(configmap = %k, %error, "mapping ConfigMap ignored");
                 }
             }
-            Ok(Event::Delete(cm)) => mapping.delete(&key(&cm)),
+            Ok(Event::Delete(cm)) => {
+                metrics.watch_succeeded();
+                mapping.delete(&key(&cm));
+            }
             Err(error) => {
+                // Counted every time, logged once per distinct error: the count is what shows
+                // a watch that keeps failing on the same error.
+                metrics.watch_errors.inc();
                 let text = error.to_string();
                 if last_error.as_deref() == Some(text.as_str()) {
                     tracing::debug!(%error, "ConfigMap watch still failing");
@@ -235,6 +250,65 @@ mod tests {
         assert_eq!(metrics.sources_rejected.get(), 3);
         assert_eq!(mapping.lookup().base_model("sql-lora"), Some("llama"));
         assert_eq!(mapping.lookup().base_model("llama"), Some("llama"));
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// Review B4: a watch that fails after the first listing (here: expired, then the relist
+    /// refused as when RBAC is removed) never ends, so nothing took readiness down and the
+    /// only sign was one warn line per distinct error. The router stays ready on its last good
+    /// mapping; every error is counted and the last success keeps its time until the watch
+    /// works again.
+    #[tokio::test(start_paused = true)]
+    async fn watch_failures_are_counted_and_the_last_success_timed() {
+        let (client, mut server) = mock::client("default");
+        let mapping = Mapping::new();
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(watch(
+            api(client, Some("default")),
+            mapping.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let path = "/api/v1/namespaces/default/configmaps";
+        assert_eq!(metrics.watch_last_success.get(), 0, "nothing listed yet");
+        server
+            .expect_list(path, vec![cm("default", "llama", "llama", "[food]")], "1")
+            .await;
+        let (_, watch) = server.expect_watch(path).await;
+        mapping.synced().wait_for(|s| *s).await.unwrap();
+        let listed = metrics.watch_last_success.get();
+        assert!(listed > 1_700_000_000, "a Unix time: {listed}");
+        assert_eq!(metrics.watch_errors.get(), 0);
+        // An old success, so that any later one shows.
+        metrics.watch_last_success.set(1);
+
+        watch.send("ERROR", mock::status(410, "Expired")).await;
+        // The next request comes after the feed handled the error (it pulls the stream).
+        let (_, send) = server.expect_get(path, false).await;
+        assert_eq!(metrics.watch_errors.get(), 1);
+        mock::respond_json(
+            send,
+            axum::http::StatusCode::FORBIDDEN,
+            &mock::status(403, "Forbidden"),
+        );
+        let (_, send) = server.expect_get(path, false).await;
+        assert_eq!(metrics.watch_errors.get(), 2);
+        assert_eq!(metrics.watch_last_success.get(), 1, "no success since");
+        // Still synced (ready) on the last good mapping.
+        assert!(*mapping.synced().borrow());
+        assert_eq!(mapping.lookup().base_model("food"), Some("llama"));
+
+        mock::respond_list(send, vec![cm("default", "llama", "llama", "[sql]")]);
+        // The watch starts once the listing was handled.
+        let (_, _watch) = server.expect_watch(path).await;
+        assert!(
+            metrics.watch_last_success.get() > 1,
+            "the relist is a success"
+        );
+        assert_eq!(mapping.lookup().base_model("sql"), Some("llama"));
+        assert_eq!(metrics.watch_errors.get(), 2);
         shutdown.cancel();
         task.await.unwrap();
     }

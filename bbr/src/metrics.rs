@@ -116,6 +116,10 @@ pub struct Metrics {
     pub shadowed_adapters: Gauge,
     /// Mapping sources (ConfigMaps, file reads) rejected as invalid.
     pub sources_rejected: Counter,
+    /// Errors of the ConfigMap watch (each retried by the watcher's backoff, for ever).
+    pub watch_errors: Counter,
+    /// Unix time (seconds) of the ConfigMap watch's last complete listing or event.
+    pub watch_last_success: Gauge,
     /// Open ext_proc streams.
     pub streams_inflight: Gauge,
     /// Supervised tasks that ended unexpectedly.
@@ -149,6 +153,8 @@ impl Default for Metrics {
             adapters: Gauge::default(),
             shadowed_adapters: Gauge::default(),
             sources_rejected: Counter::default(),
+            watch_errors: Counter::default(),
+            watch_last_success: Gauge::default(),
             streams_inflight: Gauge::default(),
             task_exits: Family::default(),
             models_requests: Counter::default(),
@@ -163,7 +169,7 @@ impl Default for Metrics {
 
 /// Every family this module registers (names as exposed, without `_total`), checked against
 /// the registry by a test.
-pub const FAMILIES: [&str; 15] = [
+pub const FAMILIES: [&str; 17] = [
     "bbr_success",
     "bbr_body_field_not_found",
     "bbr_requests_by_model",
@@ -173,6 +179,8 @@ pub const FAMILIES: [&str; 15] = [
     "bbr_mapping_adapters",
     "bbr_mapping_shadowed_adapters",
     "bbr_mapping_sources_rejected",
+    "bbr_mapping_watch_errors",
+    "bbr_mapping_watch_last_success_timestamp_seconds",
     "bbr_extproc_streams_inflight",
     "bbr_task_exits",
     "bbr_models_requests",
@@ -229,6 +237,19 @@ impl Metrics {
             "mapping_sources_rejected",
             "Mapping ConfigMaps or file reads rejected as invalid",
             self.sources_rejected.clone(),
+        );
+        // The watch retries for ever and readiness stays up on the last good mapping (a
+        // router that turned unready would take every model off the gateway): these two are
+        // what shows a watch that stopped working after the first listing.
+        r.register(
+            "mapping_watch_errors",
+            "Errors of the mapping ConfigMaps' watch (list or watch calls refused or failed; each retried with backoff)",
+            self.watch_errors.clone(),
+        );
+        r.register(
+            "mapping_watch_last_success_timestamp_seconds",
+            "Unix time of the mapping ConfigMaps' last complete listing or watch event (0 before the first; a quiet watch does not advance it)",
+            self.watch_last_success.clone(),
         );
         r.register(
             "extproc_streams_inflight",
@@ -382,6 +403,15 @@ impl Metrics {
                 plugin_name: "base-model-to-header",
             })
             .observe(d.as_secs_f64());
+    }
+
+    /// The ConfigMap watch listed the ConfigMaps or delivered an event: now is its last success.
+    pub fn watch_succeeded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.watch_last_success
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     /// Publishes the mapping's size.

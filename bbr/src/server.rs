@@ -2,8 +2,12 @@
 //! supervisor (shared with the EPP, `epp::supervisor`).
 //!
 //! Readiness: SERVING once the mapping has synced (the first listing of the ConfigMaps, or the
-//! first read of the file) and while no task readiness depends on is down: a dead ConfigMap
-//! watch would leave the router answering from a mapping nobody updates.
+//! first read of the file) and while no task readiness depends on is down (one that ended, by a
+//! panic, until the supervisor has run it again). A ConfigMap watch that fails after the first
+//! listing does not end: the watcher retries with backoff for ever and the router stays ready
+//! on its last good mapping, since turning unready would take every model off the gateway.
+//! That failure shows in `bbr_mapping_watch_errors_total` and in
+//! `bbr_mapping_watch_last_success_timestamp_seconds` ([`crate::kube`]), not in readiness.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -158,7 +162,10 @@ pub async fn serve(
             } = *apis;
             {
                 let (mapping, metrics) = (mapping.clone(), metrics.clone());
-                // A dead watch leaves the mapping stale: not ready until it runs again.
+                // The watcher retries its errors for ever, so this task ends only by a panic;
+                // then the mapping would be stale with nothing to follow it, so not ready until
+                // it runs again. A watch that keeps failing stays up and ready on the last good
+                // mapping, counted in the watch metrics (`crate::kube`).
                 tasks.spawn(
                     "watch-configmaps",
                     OnExit::Degrade,
