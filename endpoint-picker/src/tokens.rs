@@ -10,7 +10,9 @@
 //! routing falls back to its text-based paths); each such outcome is counted. Work that missed
 //! its deadline still holds its permit until it ends, so the pool never grows past `workers`;
 //! so a request that gets its worker with less time left than its body could take (at twice
-//! the measured speed), or whose caller has gone by the time a thread takes it, is not started.
+//! the measured speed, or at the slowest rate seen in the last minute), or whose caller has
+//! gone by the time a thread takes it, is not started. Work that still runs past its deadline
+//! is counted ([`TokenProducer::overrun`], [`TokenObserver::overran`]).
 //!
 //! The tokenizer itself (a model's `tokenizer.json` and chat template) lives in the `tokenize`
 //! crate, outside this one, to keep its dependencies out of the decision core; the binary
@@ -97,6 +99,12 @@ impl Outcome {
 pub trait TokenObserver: Send + Sync + std::fmt::Debug {
     /// One request's tokenization ended with `outcome` after `took` (queue wait included).
     fn tokenized(&self, outcome: Outcome, took: Duration);
+
+    /// Work whose caller had stopped waiting (its deadline passed) ran `by` past that deadline,
+    /// holding a worker no one waited for. Called on a blocking thread.
+    fn overran(&self, by: Duration) {
+        let _ = by;
+    }
 }
 
 /// The bounds of the blocking pool.
@@ -141,7 +149,52 @@ pub struct TokenProducer {
     limits: PoolLimits,
     counts: [AtomicU64; 6],
     observer: OnceLock<Arc<dyn TokenObserver>>,
+    /// The slowest rate lately seen, for the start check.
+    learnt: Arc<parking_lot::Mutex<LearntRate>>,
+    /// Microseconds of work that ran past its caller's deadline.
+    overrun_micros: Arc<AtomicU64>,
 }
+
+/// The slowest tokenizing rate seen lately (bytes a microsecond), from work of at least
+/// [`LEARN_FROM_BYTES`]: how fast a prompt tokenises depends on its shape (a repeated `a1!`
+/// runs at about 1.4 bytes a microsecond with the test tokenizer, prose at 3–4), so a client
+/// can send prompts that take longer than the start check's fixed rate assumes; once such work
+/// has been seen, the check assumes its rate for [`LEARNT_RATE_FOR`].
+#[derive(Debug, Default)]
+struct LearntRate {
+    slowest: Option<(f64, Instant)>,
+}
+
+impl LearntRate {
+    /// The rate the start check assumes at `now`.
+    fn assumed(&self, now: Instant) -> f64 {
+        match self.slowest {
+            Some((rate, seen)) if now.saturating_duration_since(seen) < LEARNT_RATE_FOR => {
+                rate.min(FASTEST_BYTES_PER_MICROSECOND)
+            }
+            _ => FASTEST_BYTES_PER_MICROSECOND,
+        }
+    }
+
+    /// Work of `bytes` took `took`, ending at `now`.
+    fn learn(&mut self, bytes: usize, took: Duration, now: Instant) {
+        if bytes < LEARN_FROM_BYTES || took.is_zero() {
+            return;
+        }
+        let rate = bytes as f64 / took.as_secs_f64() / 1e6;
+        let expired = self
+            .slowest
+            .is_none_or(|(_, seen)| now.saturating_duration_since(seen) >= LEARNT_RATE_FOR);
+        if expired || self.slowest.is_some_and(|(slowest, _)| rate <= slowest) {
+            self.slowest = Some((rate, now));
+        }
+    }
+}
+
+/// Smaller work is not learnt from: its time is mostly fixed costs, not the prompt's shape.
+const LEARN_FROM_BYTES: usize = 64 * 1024;
+/// How long a slow rate seen once is assumed (renewed by every work at least as slow).
+const LEARNT_RATE_FOR: Duration = Duration::from_secs(60);
 
 /// Decrements the waiting count when the wait ends, however it ends.
 struct Waiting<'a>(&'a AtomicUsize);
@@ -163,7 +216,14 @@ impl TokenProducer {
             limits,
             counts: Default::default(),
             observer: OnceLock::new(),
+            learnt: Arc::default(),
+            overrun_micros: Arc::default(),
         }
+    }
+
+    /// Microseconds of tokenizing that ran past its caller's deadline, so far.
+    pub fn overrun(&self) -> Duration {
+        Duration::from_micros(self.overrun_micros.load(Ordering::Relaxed))
     }
 
     /// The configured name.
@@ -233,15 +293,21 @@ impl TokenProducer {
         };
         // Work started with too little time left would end after its caller gave up, holding a
         // worker the queue needs: under overload nearly every worker would then do work no one
-        // waits for. What cannot finish even at twice the measured speed is not started, and
-        // work whose caller has gone by the time a blocking thread takes it does not start.
-        let least = Duration::from_micros(body.len() as u64 / FASTEST_BYTES_PER_MICROSECOND);
-        if Instant::now() + least >= deadline {
+        // waits for. What cannot finish even at twice the measured speed (or at the slowest
+        // rate seen lately: `LearntRate`) is not started, and work whose caller has gone by the
+        // time a blocking thread takes it does not start.
+        let now = Instant::now();
+        let rate = self.learnt.lock().assumed(now);
+        let least = Duration::from_secs_f64(body.len() as f64 / rate / 1e6);
+        if now + least >= deadline {
             return Err(Outcome::TimedOut);
         }
         let gone = Arc::new(AtomicBool::new(false));
         let _caller = CallerGone(gone.clone());
         let tokenizer = self.tokenizer.clone();
+        let learnt = self.learnt.clone();
+        let overrun = self.overrun_micros.clone();
+        let observer = self.observer.get().cloned();
         // The permit moves into the work: released when the work ends, not when the caller
         // stops waiting for it.
         let work = tokio::task::spawn_blocking(move || {
@@ -249,7 +315,21 @@ impl TokenProducer {
             if gone.load(Ordering::Relaxed) {
                 return Err(Skip::Failed);
             }
-            tokenizer.token_ids(api, &body)
+            let started = Instant::now();
+            let ids = tokenizer.token_ids(api, &body);
+            let ended = Instant::now();
+            learnt
+                .lock()
+                .learn(body.len(), ended.saturating_duration_since(started), ended);
+            if ended > deadline {
+                let by = ended.saturating_duration_since(deadline);
+                let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
+                overrun.fetch_add(micros, Ordering::Relaxed);
+                if let Some(observer) = observer {
+                    observer.overran(by);
+                }
+            }
+            ids
         });
         match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(Ok(ids))) => Ok(ids),
@@ -265,7 +345,7 @@ impl TokenProducer {
 /// Twice the bytes a microsecond the local tokenizer was measured to take (about 3.5 at 512
 /// KiB, bench `tokenize`): no prompt tokenises faster, so a job with less time left than its
 /// body at this rate is not started.
-const FASTEST_BYTES_PER_MICROSECOND: u64 = 8;
+const FASTEST_BYTES_PER_MICROSECOND: f64 = 8.0;
 
 /// Set when the caller of a tokenization stops waiting (its deadline, or its request gone).
 struct CallerGone(Arc<AtomicBool>);
@@ -565,9 +645,12 @@ mod tests {
         assert_eq!(queued.await.unwrap(), None);
         assert_eq!(tp.count(Outcome::TimedOut), 2);
         assert_eq!(tp.waiting.load(Ordering::Relaxed), 0);
-        // Once the stuck work ends, its worker is free again.
+        // Once the stuck work ends, its worker is free again; the time it ran past its
+        // caller's deadline is counted.
+        assert_eq!(tp.overrun(), Duration::ZERO);
         open.send(()).unwrap();
         drop(tp.workers.acquire().await.unwrap());
+        assert_eq!(tp.overrun(), Duration::from_millis(102));
         open.send(()).unwrap();
         assert!(
             tp.token_ids(Api::Completions, Bytes::from_static(b"x"))
@@ -599,5 +682,57 @@ mod tests {
         // APIs without a prompt are not tokenised at all.
         assert_eq!(tp.token_ids(Api::Embeddings, Bytes::new()).await, None);
         assert_eq!(tp.count(Outcome::Unsupported), 1);
+    }
+
+    /// Review 10 (T3): a prompt's shape can make it tokenise several times slower than the
+    /// start check's fixed rate assumes (a repeated `a1!`), so a client could have the workers
+    /// run work past every deadline. Once work that slow has been seen, the check assumes its
+    /// rate for a minute: longer prompts are not started, and a prompt that fits still is.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn slow_work_teaches_the_start_check_its_rate_for_a_minute() {
+        let limits = PoolLimits {
+            workers: 1,
+            max_queued: 8,
+            timeout: Duration::from_millis(250),
+        };
+        let (tp, started, open) = gated(limits);
+        let call = |tp: &Arc<TokenProducer>, bytes: usize| {
+            let tp = tp.clone();
+            tokio::spawn(async move {
+                tp.token_ids(Api::Completions, Bytes::from(vec![b'x'; bytes]))
+                    .await
+            })
+        };
+        // Fresh, 300 KB is started (37.5 ms at the fixed rate); let it finish at once.
+        let first = call(&tp, 300_000);
+        tokio::task::yield_now().await;
+        started.recv().unwrap();
+        open.send(()).unwrap();
+        assert!(first.await.unwrap().is_some());
+        // 200 KB that takes 200 ms: one byte a microsecond.
+        let slow = call(&tp, 200_000);
+        tokio::task::yield_now().await;
+        started.recv().unwrap();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        open.send(()).unwrap();
+        assert!(slow.await.unwrap().is_some());
+        // 300 KB would now take 300 ms of a 250 ms budget: not started.
+        assert_eq!(call(&tp, 300_000).await.unwrap(), None);
+        assert!(started.try_recv().is_err(), "not started");
+        assert_eq!(tp.count(Outcome::TimedOut), 1);
+        // 200 KB fits and is started.
+        let fits = call(&tp, 200_000);
+        tokio::task::yield_now().await;
+        started.recv().unwrap();
+        open.send(()).unwrap();
+        assert!(fits.await.unwrap().is_some());
+        // A minute later the fixed rate is back.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let again = call(&tp, 300_000);
+        tokio::task::yield_now().await;
+        started.recv().unwrap();
+        open.send(()).unwrap();
+        assert!(again.await.unwrap().is_some());
+        assert_eq!(tp.overrun(), Duration::ZERO, "nothing ran past a deadline");
     }
 }

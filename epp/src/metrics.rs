@@ -334,6 +334,10 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "inference_extension_token_producer_duration_seconds",
         "histogram",
     ),
+    (
+        "inference_extension_token_producer_overrun_seconds",
+        "counter",
+    ),
     // The reference's canonical names (`canonical`).
     ("llm_d_epp_request", "counter"),
     ("llm_d_epp_request_error", "counter"),
@@ -460,6 +464,9 @@ pub struct EppMetrics {
     pub token_outcomes: Family<TokenOutcomeLabels, Counter>,
     /// `inference_extension_token_producer_duration_seconds`: queue wait plus tokenization.
     pub token_duration: Histogram,
+    /// `inference_extension_token_producer_overrun_seconds_total`: tokenizing that ran past its
+    /// caller's deadline (a worker busy for no one).
+    pub token_overrun: Counter<f64, std::sync::atomic::AtomicU64>,
     /// The reference's canonical families that are not the same series as one above.
     pub canonical: CanonicalMetrics,
     /// Pool name for the scrape error labels (set by the first pool refresh).
@@ -540,6 +547,7 @@ impl EppMetrics {
             task_exits: Family::default(),
             token_outcomes: Family::default(),
             token_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            token_overrun: Counter::default(),
             canonical: CanonicalMetrics::new(),
             pool_name: parking_lot::RwLock::new(String::new()),
             scrape_error_pods: parking_lot::Mutex::default(),
@@ -724,6 +732,11 @@ impl EppMetrics {
             "inference_extension_token_producer_duration_seconds",
             "Time from the end of the request body to its token ids (queue wait included)",
             m.token_duration.clone(),
+        );
+        r.register(
+            "inference_extension_token_producer_overrun_seconds",
+            "Tokenizing that ran past its request's deadline, holding a worker no request waited for",
+            m.token_overrun.clone(),
         );
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
@@ -925,6 +938,10 @@ impl TokenObserver for MetricsObserver {
             })
             .inc();
         self.0.token_duration.observe(took.as_secs_f64());
+    }
+
+    fn overran(&self, by: Duration) {
+        self.0.token_overrun.inc_by(by.as_secs_f64());
     }
 }
 
