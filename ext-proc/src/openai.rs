@@ -366,7 +366,8 @@ struct Fields<'a> {
     instructions: Option<&'a RawValue>,
     #[serde(borrow)]
     tools: Option<&'a RawValue>,
-    /// Chat: rendered into the prompt by the engine's template (counted, not hashed).
+    /// Chat: rendered into the prompt by the engine's template (counted, and hashed ahead of
+    /// the messages with the tools).
     #[serde(borrow)]
     documents: Option<&'a RawValue>,
     /// Chat: passed to the engine's template (counted, not hashed).
@@ -406,7 +407,9 @@ fn estimate_prompt_tokens(api: Api, fields: &Fields<'_>, prompt: &[u8], plain_te
                 .saturating_add(text(fields.instructions))
                 .saturating_add(text(fields.tools))
         }
-        Api::ChatCompletions => estimate_json_prompt_tokens(prompt)
+        Api::ChatCompletions => fields
+            .messages
+            .map_or(0, |r| estimate_json_prompt_tokens(r.get().as_bytes()))
             .saturating_add(text(fields.tools))
             .saturating_add(text(fields.documents))
             .saturating_add(text(fields.chat_template_kwargs)),
@@ -610,7 +613,28 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
             }
         }
         Api::ChatCompletions => {
-            slice(non_empty(fields.messages).ok_or_else(|| missing("messages"))?)
+            let messages = non_empty(fields.messages).ok_or_else(|| missing("messages"))?;
+            // The engine's chat template renders the tools and documents ahead of the
+            // conversation (into the system turn, or before it), so they lead the hashed
+            // prefix: the same messages with other tools share no prefix in the engine. A
+            // template that puts them after the system message shares that message too; the
+            // hash then misses it, which misjudges less than a match the engine would not find.
+            let lead: Vec<&RawValue> = [fields.tools, fields.documents]
+                .into_iter()
+                .flatten()
+                .filter(|r| non_empty(Some(r)).is_some())
+                .collect();
+            if lead.is_empty() {
+                slice(messages)
+            } else {
+                let mut buf = BytesMut::new();
+                for part in lead {
+                    buf.extend_from_slice(part.get().as_bytes());
+                }
+                prompt_media_from = buf.len();
+                buf.extend_from_slice(messages.get().as_bytes());
+                buf.freeze()
+            }
         }
         Api::Embeddings => slice(non_empty(fields.input).ok_or_else(|| missing("input"))?),
         Api::Conversations => slice(non_empty(fields.items).ok_or_else(|| missing("items"))?),
@@ -619,7 +643,7 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
             match (fields.instructions, fields.tools) {
                 (None, None) => slice(input),
                 // Instructions and tools come first in what the engine sees, so they lead the
-                // prefix; this is the one case that copies.
+                // prefix; with chat's tools, the one case that copies.
                 (instructions, tools) => {
                     let mut buf = BytesMut::new();
                     for part in [instructions, tools].into_iter().flatten() {
@@ -1251,8 +1275,56 @@ mod tests {
             "{}",
             chat.estimated_prompt_tokens
         );
-        // The hashed prompt is still the messages alone.
-        assert_eq!(&chat.prompt[..], br#"[{"role":"user","content":"hi"}]"#);
+        // The tools and documents lead the hashed prompt, as text: media begin with the
+        // messages.
+        assert_eq!(
+            &chat.prompt[chat.prompt_media_from..],
+            br#"[{"role":"user","content":"hi"}]"#
+        );
+        assert!(chat.prompt.starts_with(br#"[{"function":"#));
+    }
+
+    /// Chat's tools and documents were counted but not hashed: the same messages under other
+    /// tools matched in the EPP and missed in the engine, whose template renders the tools
+    /// first. They lead the hashed prompt now; without them it is the messages' own bytes.
+    #[test]
+    fn chat_tools_and_documents_lead_the_hashed_prompt() {
+        let chat = |extra: &str| {
+            parse_body(
+                Api::ChatCompletions,
+                &b(&format!(
+                    r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#
+                )),
+            )
+            .unwrap()
+        };
+        let plain = chat("");
+        assert_eq!(&plain.prompt[..], br#"[{"role":"user","content":"hi"}]"#);
+        assert_eq!(plain.prompt_media_from, 0);
+        for empty in [r#","tools":null"#, r#","tools":[]"#] {
+            assert_eq!(chat(empty).prompt, plain.prompt, "{empty}");
+        }
+        let a = chat(r#","tools":[{"type":"function","function":{"name":"a"}}]"#);
+        let b2 = chat(r#","tools":[{"type":"function","function":{"name":"b"}}]"#);
+        assert_ne!(a.prompt, b2.prompt);
+        assert_eq!(
+            a.prompt,
+            chat(r#","tools":[{"type":"function","function":{"name":"a"}}]"#).prompt
+        );
+        let documents = chat(r#","tools":[1],"documents":[{"text":"d"}]"#);
+        assert_eq!(
+            &documents.prompt[..documents.prompt_media_from],
+            br#"[1][{"text":"d"}]"#
+        );
+        // The estimate is unchanged by where the tools go: the messages with media keys, the
+        // tools as text.
+        assert_eq!(
+            a.estimated_prompt_tokens,
+            plain.estimated_prompt_tokens
+                + endpoint_picker::cost::estimate_json_text_tokens(
+                    br#"[{"type":"function","function":{"name":"a"}}]"#
+                )
+        );
     }
 
     #[test]
