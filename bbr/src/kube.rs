@@ -2,7 +2,8 @@
 //! `inference.networking.k8s.io/bbr-managed=true` feeding the [`Mapping`].
 //!
 //! Thin on purpose, as `k8s::watch`: the API server filters by label (a ConfigMap whose label
-//! is removed arrives as a deletion), a (re)listing becomes one [`Mapping::reset`], additions
+//! is removed arrives as a deletion), a (re)listing becomes one [`Mapping::relist`] (oldest
+//! `creationTimestamp` first, then namespace/name: who claimed an adapter first), additions
 //! and changes one [`Mapping::apply`], deletions one [`Mapping::delete`]; the watcher's backoff
 //! schedules retries. Everything else is decided in [`crate::mapping`], tested without a
 //! client.
@@ -34,6 +35,16 @@ pub fn selector() -> String {
 /// The mapping key of a ConfigMap.
 fn key(cm: &ConfigMap) -> String {
     format!("{}/{}", cm.namespace().unwrap_or_default(), cm.name_any())
+}
+
+/// When the API server created a ConfigMap (Unix seconds; none sorts last): the order in which
+/// a fresh process takes a listing's ConfigMaps, so that the older of two claims on an adapter
+/// keeps it. Set by the API server, not by the ConfigMap's author.
+fn created(cm: &ConfigMap) -> i64 {
+    cm.metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(i64::MAX, |t| t.0.as_second())
 }
 
 /// The entry of a ConfigMap, or `None` (logged, counted) when it is invalid.
@@ -98,7 +109,7 @@ where
                 // An invalid ConfigMap keeps the version last taken from it, across relists
                 // too (see `Apply`).
                 if let Some(e) = entry(&cm, metrics).or_else(|| mapping.current(&k)) {
-                    listing.push((k, e));
+                    listing.push((created(&cm), k, e));
                 }
             }
             Ok(Event::InitDone) => {
@@ -107,7 +118,10 @@ where
                     tracing::info!("ConfigMap watch recovered");
                 }
                 let n = listing.len();
-                let dropped = mapping.reset(std::mem::take(&mut listing));
+                // The API's order is namespace, then name: an order anyone able to pick a
+                // name could jump. Keys are unique, so this order is total.
+                listing.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+                let dropped = mapping.relist(listing.drain(..).map(|(_, k, e)| (k, e)));
                 if dropped > 0 {
                     tracing::warn!(dropped, "mapping ConfigMaps over the limit ignored");
                 }
@@ -252,6 +266,56 @@ mod tests {
         assert_eq!(mapping.lookup().base_model("llama"), Some("llama"));
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    /// Review B3: on a fresh process the listing comes in the API's order (namespace, then
+    /// name), which anyone able to pick a namespace or name can jump. The oldest ConfigMap
+    /// (the API server's `creationTimestamp`) claims first, then namespace/name.
+    #[tokio::test]
+    async fn a_fresh_listing_takes_the_oldest_configmap_first() {
+        let at = |mut v: Value, created: Option<&str>| {
+            if let Some(t) = created {
+                v["metadata"]["creationTimestamp"] = json!(t);
+            }
+            serde_json::from_value::<ConfigMap>(v).unwrap()
+        };
+        let listing = [
+            at(
+                cm("a-tenant", "evil", "evil", "[food-review, sql]"),
+                Some("2026-02-01T00:00:00Z"),
+            ),
+            at(cm("b", "undated", "undated", "[sql]"), None),
+            at(
+                cm("b", "tie", "tie", "[tied]"),
+                Some("2025-01-01T00:00:00Z"),
+            ),
+            at(
+                cm("team", "llama", "llama", "[food-review, tied]"),
+                Some("2025-01-01T00:00:00Z"),
+            ),
+            at(
+                cm("z", "qwen", "qwen", "[sql]"),
+                Some("2025-06-01T00:00:00Z"),
+            ),
+        ];
+        let events = futures::stream::iter(
+            std::iter::once(Event::Init)
+                .chain(listing.into_iter().map(Event::InitApply))
+                .chain(std::iter::once(Event::InitDone))
+                .map(Ok),
+        );
+        let mapping = Mapping::new();
+        let metrics = Metrics::default();
+        feed(events, &mapping, &metrics, CancellationToken::new()).await;
+        let l = mapping.lookup();
+        assert_eq!(l.base_model("food-review"), Some("llama"));
+        assert_eq!(l.base_model("sql"), Some("qwen"));
+        assert_eq!(
+            l.base_model("tied"),
+            Some("tie"),
+            "same second: b/tie first"
+        );
+        assert_eq!(l.contested(), 4);
     }
 
     /// Review B4: a watch that fails after the first listing (here: expired, then the relist

@@ -3,9 +3,21 @@
 //! A source is one ConfigMap labelled `inference.networking.k8s.io/bbr-managed: "true"` (or one
 //! entry of the mapping file) holding `baseModel` (a string) and `adapters` (a YAML list of
 //! names, possibly empty). A name resolves as upstream resolves it: an adapter to its base
-//! model, a base model named by any source to itself, anything else to nothing. When two
-//! sources claim one adapter, the source applied last wins (upstream's behaviour); deleting a
-//! source removes its own claims only.
+//! model, a base model named by any source to itself, anything else to nothing.
+//!
+//! When two sources claim one adapter for different base models, the **first claimant keeps
+//! it** (upstream lets the last applied win). ConfigMaps come from every tenant of the watched
+//! namespaces: with the last claim winning, any of them could take another team's adapter
+//! name, and its prompts, to its own pool by creating one ConfigMap. A claim is dated when its
+//! source first lists the adapter (an edit dates only the adapters it adds), so an edit never
+//! moves an adapter away from the source serving it, not even an older source's. The refused
+//! claims are counted ([`Lookup::contested`]) and logged; when the first claimant's source is
+//! deleted or stops claiming the adapter, the next claimant in date order gets it. The dates
+//! live in this process: a relist keeps them, and on a fresh process the first listing dates
+//! the sources in the order it is given ([`Mapping::relist`]; the ConfigMap watch gives the
+//! oldest `creationTimestamp` first, then namespace/name). A mapping file is one author's
+//! document, read whole: there a later entry's claim wins, as upstream applies its entries
+//! ([`Mapping::reset`]).
 //!
 //! The request path reads an immutable [`Lookup`] through an `ArcSwap` (no lock); every
 //! change rebuilds it from the sources. Sizes are bounded: a ConfigMap is written by an
@@ -137,9 +149,14 @@ pub struct Lookup {
     /// [`MAX_SHADOWED_REPORTED`] kept): the base model keeps the name.
     shadowed: Vec<String>,
     shadowed_count: usize,
+    /// Adapter claims refused because another source claimed the adapter first for another
+    /// base model, each as a line for the log (escaped, in name order, at most
+    /// [`MAX_SHADOWED_REPORTED`] kept).
+    contested: Vec<String>,
+    contested_count: usize,
 }
 
-/// Most adapter names shadowing a base model kept for the log (all are counted).
+/// Most adapter names shadowing a base model (or contested) kept for the log (all are counted).
 const MAX_SHADOWED_REPORTED: usize = 16;
 
 impl Lookup {
@@ -184,29 +201,145 @@ impl Lookup {
     pub fn shadowed(&self) -> usize {
         self.shadowed_count
     }
+
+    /// Adapter claims refused because another source had claimed the adapter first, for
+    /// another base model (a ConfigMap naming another team's adapter would otherwise take its
+    /// requests). Names that are a base model's are counted in [`Self::shadowed`] instead.
+    pub fn contested(&self) -> usize {
+        self.contested_count
+    }
+}
+
+/// One accepted source.
+#[derive(Debug)]
+struct Source {
+    entry: Entry,
+    /// When it was first accepted: its place on a relist, ahead of sources accepted later.
+    accepted: u64,
+    /// When it claimed each adapter, in `entry.adapters`' order: of two claims on an adapter,
+    /// the earlier keeps it.
+    claims: Vec<u64>,
+}
+
+impl Source {
+    /// `entry` under a key that held `previous`: claims `previous` made keep their dates, new
+    /// ones are dated `now`.
+    fn claiming(previous: Option<Source>, entry: Entry, now: u64) -> Source {
+        let Some(previous) = previous else {
+            return Source {
+                claims: vec![now; entry.adapters.len()],
+                entry,
+                accepted: now,
+            };
+        };
+        if previous.entry == entry {
+            return previous;
+        }
+        // Both lists are in name order: one merge walk.
+        let mut old = previous
+            .entry
+            .adapters
+            .iter()
+            .zip(&previous.claims)
+            .peekable();
+        let claims = entry
+            .adapters
+            .iter()
+            .map(|a| {
+                while old.next_if(|(o, _)| o.as_str() < a.as_str()).is_some() {}
+                old.next_if(|(o, _)| *o == a).map_or(now, |(_, d)| *d)
+            })
+            .collect();
+        Source {
+            entry,
+            accepted: previous.accepted,
+            claims,
+        }
+    }
+}
+
+/// The claim that keeps an adapter so far.
+struct Kept<'a> {
+    /// Claim date, then the source's acceptance, then its key: the smallest keeps the adapter
+    /// (dates are distinct between sources; the rest makes the order total whatever the map's
+    /// iteration order).
+    rank: (u64, u64, &'a str),
+    base: &'a str,
 }
 
 #[derive(Debug, Default)]
 struct Sources {
-    /// Source key → its entry and when it was applied (a sequence number: the last applied
-    /// claim on an adapter wins).
-    entries: HashMap<String, (Entry, u64)>,
+    /// Source key → the source.
+    entries: HashMap<String, Source>,
+    /// The last date given (claims and acceptances share one clock).
     next: u64,
 }
 
 impl Sources {
+    /// A date later than every one given so far.
+    fn now(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
     fn build(&self) -> Lookup {
-        let mut ordered: Vec<&(Entry, u64)> = self.entries.values().collect();
-        ordered.sort_by_key(|(_, seq)| *seq);
         let mut lookup = Lookup::default();
-        for (entry, _) in ordered {
-            *lookup
-                .base_models
-                .entry(entry.base_model.clone())
-                .or_default() += 1;
-            for a in &entry.adapters {
-                lookup.adapters.insert(a.clone(), entry.base_model.clone());
+        let mut kept: HashMap<&str, Kept<'_>> = HashMap::new();
+        for (key, source) in &self.entries {
+            let base = source.entry.base_model.as_str();
+            *lookup.base_models.entry(base.to_owned()).or_default() += 1;
+            for (adapter, &claimed) in source.entry.adapters.iter().zip(&source.claims) {
+                let claim = Kept {
+                    rank: (claimed, source.accepted, key.as_str()),
+                    base,
+                };
+                match kept.entry(adapter.as_str()) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(claim);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        if claim.rank < o.get().rank {
+                            o.insert(claim);
+                        }
+                    }
+                }
             }
+        }
+        // The refused claims: for another base model (two sources agreeing on an adapter's
+        // base are no conflict) on a name that is not a base model's (those are shadowed).
+        let mut refused: Vec<(&str, &str, &str)> = Vec::new();
+        for (key, source) in &self.entries {
+            for adapter in &source.entry.adapters {
+                if let Some(k) = kept.get(adapter.as_str())
+                    && k.rank.2 != key.as_str()
+                    && k.base != source.entry.base_model
+                    && !lookup.base_models.contains_key(adapter)
+                {
+                    refused.push((adapter.as_str(), key.as_str(), k.rank.2));
+                }
+            }
+        }
+        lookup.contested_count = refused.len();
+        if !refused.is_empty() {
+            refused.sort_unstable();
+            refused.truncate(MAX_SHADOWED_REPORTED);
+            // Names from ConfigMaps: escaped and cut (`Untrusted`), three per line.
+            lookup.contested = refused
+                .into_iter()
+                .map(|(adapter, refused, kept)| {
+                    format!(
+                        "{} (kept by {}, refused for {})",
+                        Untrusted(adapter),
+                        Untrusted(kept),
+                        Untrusted(refused)
+                    )
+                })
+                .collect();
+        }
+        for (adapter, claim) in kept {
+            lookup
+                .adapters
+                .insert(adapter.to_owned(), claim.base.to_owned());
         }
         // A base model keeps its own name: an adapter claim on it would send every request for
         // that model to another model's pool.
@@ -280,6 +413,21 @@ impl Mapping {
 
     fn publish(&self, sources: &Sources) {
         let lookup = sources.build();
+        // Once per change of the conflicts, not on every rebuild while one stands.
+        let previous = self.lookup.load();
+        if (lookup.contested_count, &lookup.contested)
+            != (previous.contested_count, &previous.contested)
+        {
+            if lookup.contested() > 0 {
+                tracing::warn!(
+                    count = lookup.contested(),
+                    first = %lookup.contested.join("; "),
+                    "mapping: adapters claimed for two base models stay with their first claimant; the later claims are ignored"
+                );
+            } else {
+                tracing::info!("mapping: no adapter claimed for two base models any more");
+            }
+        }
         tracing::debug!(
             sources = sources.entries.len(),
             base_models = lookup.base_models(),
@@ -297,36 +445,43 @@ impl Mapping {
         self.version.send_modify(|v| *v += 1);
     }
 
-    /// Adds or replaces one source; `Err` leaves the mapping as it was for that source.
+    /// Adds or replaces one source (a ConfigMap event); `Err` leaves the mapping as it was for
+    /// that source. The adapters it newly claims are dated now: one another source claimed
+    /// first stays with that source.
     pub fn apply(&self, key: &str, entry: Entry) -> Result<(), MappingError> {
         let mut sources = self.sources.lock();
         if !sources.entries.contains_key(key) && sources.entries.len() >= MAX_SOURCES {
             return Err(MappingError::TooLarge("more than 10,000 mapping sources"));
         }
-        if sources.entries.get(key).is_some_and(|(e, _)| *e == entry) {
+        if sources.entries.get(key).is_some_and(|s| s.entry == entry) {
             return Ok(());
         }
         let others: usize = sources
             .entries
             .iter()
             .filter(|(k, _)| k.as_str() != key)
-            .map(|(_, (e, _))| e.adapters.len())
+            .map(|(_, s)| s.entry.adapters.len())
             .sum();
         if others + entry.adapters.len() > MAX_TOTAL_ADAPTERS {
             return Err(MappingError::TooLarge(
                 "more than 100,000 adapters over all sources",
             ));
         }
-        sources.next += 1;
-        let seq = sources.next;
-        sources.entries.insert(key.to_owned(), (entry, seq));
+        let now = sources.now();
+        let previous = sources.entries.remove(key);
+        let source = Source::claiming(previous, entry, now);
+        sources.entries.insert(key.to_owned(), source);
         self.publish(&sources);
         Ok(())
     }
 
     /// The source under `key` as it is now.
     pub fn current(&self, key: &str) -> Option<Entry> {
-        self.sources.lock().entries.get(key).map(|(e, _)| e.clone())
+        self.sources
+            .lock()
+            .entries
+            .get(key)
+            .map(|s| s.entry.clone())
     }
 
     /// Removes one source (unknown keys are ignored).
@@ -337,31 +492,101 @@ impl Mapping {
         }
     }
 
-    /// Replaces every source with a complete listing (a relist or a file read) and marks the
-    /// mapping synced. Sources over [`MAX_SOURCES`] or [`MAX_TOTAL_ADAPTERS`] are dropped and
-    /// counted in the result.
-    pub fn reset(&self, listing: impl IntoIterator<Item = (String, Entry)>) -> usize {
+    /// Replaces every source with a complete listing of the ConfigMaps (the watch's first
+    /// listing or a relist) and marks the mapping synced. What this process accepted before
+    /// keeps its claims' dates and goes first, in the order it was first accepted; sources new
+    /// to it follow in the listing's order (the caller's stable order: the watch lists the
+    /// oldest `creationTimestamp` first, then namespace/name). Sources past [`MAX_SOURCES`] or
+    /// [`MAX_TOTAL_ADAPTERS`] in that order are dropped and counted in the result: a relist
+    /// that changes nothing changes nobody's place, where the API's order (namespace, then
+    /// name) let ten full ConfigMaps in namespace `a` push every source after them out. A
+    /// source already in whose listed version does not fit keeps its previous one (as
+    /// [`Self::apply`] refuses the change), counted too.
+    pub fn relist(&self, listing: impl IntoIterator<Item = (String, Entry)>) -> usize {
         let mut sources = self.sources.lock();
-        let old = std::mem::take(&mut sources.entries);
+        let mut old = std::mem::take(&mut sources.entries);
+        let mut known = Vec::new();
+        let mut new = Vec::new();
+        for (key, entry) in listing {
+            match old.get(&key) {
+                Some(s) => known.push((s.accepted, key, entry)),
+                None => new.push((key, entry)),
+            }
+        }
+        known.sort_by_key(|(accepted, _, _)| *accepted);
+        // Room held for the versions the sources already in have, until each is placed: one
+        // that grew cannot push out one after it that did not (apply had refused the growth).
+        let mut held: usize = known
+            .iter()
+            .filter_map(|(_, k, _)| old.get(k))
+            .map(|s| s.entry.adapters.len())
+            .sum();
         let mut dropped = 0;
         let mut adapters = 0usize;
-        for (key, entry) in listing {
+        for (key, entry) in known.into_iter().map(|(_, k, e)| (k, e)).chain(new) {
+            if sources.entries.contains_key(&key) {
+                // Listed twice (no API server does): the first stays.
+                dropped += 1;
+                continue;
+            }
+            let previous = old.remove(&key);
+            if let Some(p) = &previous {
+                held -= p.entry.adapters.len();
+            }
+            let room = sources.entries.len() < MAX_SOURCES;
+            let fits = |e: &Entry| room && adapters + held + e.adapters.len() <= MAX_TOTAL_ADAPTERS;
+            let source = if fits(&entry) {
+                let now = sources.now();
+                Source::claiming(previous, entry, now)
+            } else {
+                dropped += 1;
+                match previous {
+                    Some(p) if fits(&p.entry) => p,
+                    _ => continue,
+                }
+            };
+            adapters += source.entry.adapters.len();
+            sources.entries.insert(key, source);
+        }
+        self.publish(&sources);
+        drop(sources);
+        self.synced.send_replace(true);
+        dropped
+    }
+
+    /// Replaces every source with one document read whole (the mapping file; a fixed mapping)
+    /// and marks the mapping synced. The result depends on the document alone: of two entries
+    /// claiming one adapter the later keeps it, as upstream applies its entries in order (one
+    /// author wrote them all: no tenant to guard against). Entries past [`MAX_SOURCES`] or
+    /// [`MAX_TOTAL_ADAPTERS`], in the document's order, are dropped and counted in the result.
+    pub fn reset(&self, listing: impl IntoIterator<Item = (String, Entry)>) -> usize {
+        let listing: Vec<(String, Entry)> = listing.into_iter().collect();
+        let mut sources = self.sources.lock();
+        sources.entries.clear();
+        // Dates counting down through the document: a later entry has the earlier claim.
+        let first = sources.next;
+        let n = u64::try_from(listing.len()).unwrap_or(u64::MAX);
+        sources.next = first.saturating_add(n).saturating_add(1);
+        let mut dropped = 0;
+        let mut adapters = 0usize;
+        for (i, (key, entry)) in (0u64..).zip(listing) {
             if sources.entries.len() >= MAX_SOURCES
                 || adapters + entry.adapters.len() > MAX_TOTAL_ADAPTERS
+                || sources.entries.contains_key(&key)
             {
                 dropped += 1;
                 continue;
             }
             adapters += entry.adapters.len();
-            // A source unchanged by the relist keeps its place in the order of claims.
-            let seq = match old.get(&key) {
-                Some((e, seq)) if *e == entry => *seq,
-                _ => {
-                    sources.next += 1;
-                    sources.next
-                }
-            };
-            sources.entries.insert(key, (entry, seq));
+            let date = first.saturating_add(n - i);
+            sources.entries.insert(
+                key,
+                Source {
+                    claims: vec![date; entry.adapters.len()],
+                    entry,
+                    accepted: date,
+                },
+            );
         }
         self.publish(&sources);
         drop(sources);
@@ -536,16 +761,134 @@ mod tests {
         assert_eq!(l.base_model("llama"), Some("llama"));
         assert_eq!(l.base_model("qwen"), Some("qwen"));
         assert_eq!(l.base_model("gpt-4"), None);
-        // The last applied claim on an adapter wins; deleting it restores nothing of its own.
+        // The first claim on an adapter keeps it; deleting a later claimant changes nothing.
         m.apply("ns/other", Entry::new(Some("qwen"), ["food"]).unwrap())
             .unwrap();
-        assert_eq!(m.lookup().base_model("food"), Some("qwen"));
+        assert_eq!(m.lookup().base_model("food"), Some("llama"));
         m.delete("ns/other");
         assert_eq!(m.lookup().base_model("food"), Some("llama"));
         m.delete("ns/llama");
         assert_eq!(m.lookup().base_model("food"), None);
         assert_eq!(m.lookup().base_model("llama"), None);
         assert_eq!(m.lookup().base_model("qwen"), Some("qwen"));
+    }
+
+    /// Review B3 (a): the last claim on an adapter won, so any tenant able to create a
+    /// labelled ConfigMap took another team's adapter, and its prompts, to its own pool. The
+    /// first claimant keeps it, through edits, relists in any order and edits of older
+    /// sources; the refused claims are counted; the next claimant gets it when the first
+    /// stops claiming it.
+    #[test]
+    fn the_first_claimant_keeps_a_contested_adapter() {
+        let e = |base: &str, adapters: &[&str]| Entry::new(Some(base), adapters.iter().copied());
+        let m = Mapping::new();
+        m.apply("team/llama", e("llama", &["food-review"]).unwrap())
+            .unwrap();
+        // A tenant in a namespace listed first claims it for its own base model.
+        m.apply("a-tenant/evil", e("evil", &["food-review"]).unwrap())
+            .unwrap();
+        let l = m.lookup();
+        assert_eq!(l.base_model("food-review"), Some("llama"));
+        assert_eq!((l.adapters(), l.contested()), (1, 1));
+        assert_eq!(
+            l.contested,
+            ["food-review (kept by team/llama, refused for a-tenant/evil)"]
+        );
+        // Its edits (a new claim date for what it adds only) do not help it.
+        m.apply("a-tenant/evil", e("evil", &["food-review", "own"]).unwrap())
+            .unwrap();
+        assert_eq!(m.lookup().base_model("food-review"), Some("llama"));
+        assert_eq!(m.lookup().base_model("own"), Some("evil"));
+        // Nor a relist in the API's order (its namespace first).
+        let listing = || {
+            [
+                ("a-tenant/evil", e("evil", &["food-review", "own"])),
+                ("team/llama", e("llama", &["food-review"])),
+            ]
+            .map(|(k, e)| (k.to_owned(), e.unwrap()))
+        };
+        assert_eq!(m.relist(listing()), 0);
+        assert_eq!(m.lookup().base_model("food-review"), Some("llama"));
+        // An older source's edit does not take a newer one's adapter either: an edit never
+        // moves an adapter from the source serving it.
+        m.apply("team/llama", e("llama", &["food-review", "own"]).unwrap())
+            .unwrap();
+        let l = m.lookup();
+        assert_eq!(l.base_model("own"), Some("evil"));
+        assert_eq!(l.contested(), 2);
+        // A second source for the same base model is no conflict.
+        m.apply("team/llama-2", e("llama", &["food-review"]).unwrap())
+            .unwrap();
+        assert_eq!(m.lookup().contested(), 2);
+        // The first claimant stops claiming: the next claimant in date order gets it.
+        m.apply("team/llama", e("llama", &[]).unwrap()).unwrap();
+        let l = m.lookup();
+        assert_eq!(l.base_model("food-review"), Some("evil"));
+        assert_eq!(l.contested(), 1, "llama-2's claim is refused now");
+        m.delete("a-tenant/evil");
+        let l = m.lookup();
+        assert_eq!(l.base_model("food-review"), Some("llama"));
+        assert_eq!(l.base_model("own"), None);
+        assert_eq!(l.contested(), 0);
+    }
+
+    /// Review B3 (b): a relist filled the total cap in the API's order (namespace, then name),
+    /// so ten full ConfigMaps in namespace `a…` pushed every source after them out, where
+    /// applying them one by one had refused them. Sources already in keep their places.
+    #[test]
+    fn a_relist_keeps_the_sources_already_in_ahead_of_new_ones() {
+        let per = MAX_ADAPTERS_PER_SOURCE;
+        let fit = MAX_TOTAL_ADAPTERS / per;
+        let source = |ns: &str, i: usize| {
+            let names: Vec<String> = (0..per).map(|j| format!("{ns}{i}-{j}")).collect();
+            let e = Entry::new(
+                Some(&format!("{ns}-base")),
+                names.iter().map(String::as_str),
+            );
+            (format!("{ns}/{i}"), e.unwrap())
+        };
+        let m = Mapping::new();
+        for i in 0..fit {
+            let (k, e) = source("z", i);
+            m.apply(&k, e).unwrap();
+        }
+        let (k, e) = source("a", 0);
+        assert!(m.apply(&k, e).is_err(), "refused one by one");
+        let listing = (0..fit)
+            .map(|i| source("a", i))
+            .chain((0..fit).map(|i| source("z", i)));
+        assert_eq!(m.relist(listing), fit);
+        let l = m.lookup();
+        assert_eq!(l.base_model("z0-0"), Some("z-base"));
+        assert_eq!(
+            l.base_model(&format!("z{}-{}", fit - 1, per - 1)),
+            Some("z-base")
+        );
+        assert_eq!(l.base_model("a0-0"), None);
+        assert_eq!(l.adapters(), MAX_TOTAL_ADAPTERS);
+        // A source already in whose new version no longer fits keeps the one it had.
+        let (k, mut grown) = source("z", 0);
+        grown.adapters.insert("z0-extra".to_owned());
+        let listing = std::iter::once((k, grown)).chain((1..fit).map(|i| source("z", i)));
+        assert_eq!(m.relist(listing), 1);
+        assert_eq!(m.lookup().base_model("z0-0"), Some("z-base"));
+        assert_eq!(m.lookup().base_model("z0-extra"), None);
+    }
+
+    /// A mapping file is one author's document, read whole: a later entry's claim wins (as
+    /// upstream applies them), whatever was read before.
+    #[test]
+    fn in_a_mapping_file_the_later_entry_keeps_an_adapter() {
+        let file = |first: &str, second: &str| {
+            [("file/0", first), ("file/1", second)]
+                .map(|(k, b)| (k.to_owned(), Entry::new(Some(b), ["x"]).unwrap()))
+        };
+        let m = Mapping::new();
+        m.reset(file("m", "n"));
+        assert_eq!(m.lookup().base_model("x"), Some("n"));
+        assert_eq!(m.lookup().contested(), 1);
+        m.reset(file("n", "m"));
+        assert_eq!(m.lookup().base_model("x"), Some("m"));
     }
 
     #[test]

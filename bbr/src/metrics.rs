@@ -114,6 +114,8 @@ pub struct Metrics {
     pub adapters: Gauge,
     /// Adapter names ignored because a base model has the name.
     pub shadowed_adapters: Gauge,
+    /// Adapter claims ignored because another source claimed the adapter first.
+    pub contested_adapters: Gauge,
     /// Mapping sources (ConfigMaps, file reads) rejected as invalid.
     pub sources_rejected: Counter,
     /// Errors of the ConfigMap watch (each retried by the watcher's backoff, for ever).
@@ -152,6 +154,7 @@ impl Default for Metrics {
             base_models: Gauge::default(),
             adapters: Gauge::default(),
             shadowed_adapters: Gauge::default(),
+            contested_adapters: Gauge::default(),
             sources_rejected: Counter::default(),
             watch_errors: Counter::default(),
             watch_last_success: Gauge::default(),
@@ -169,7 +172,7 @@ impl Default for Metrics {
 
 /// Every family this module registers (names as exposed, without `_total`), checked against
 /// the registry by a test.
-pub const FAMILIES: [&str; 17] = [
+pub const FAMILIES: [&str; 18] = [
     "bbr_success",
     "bbr_body_field_not_found",
     "bbr_requests_by_model",
@@ -178,6 +181,7 @@ pub const FAMILIES: [&str; 17] = [
     "bbr_mapping_base_models",
     "bbr_mapping_adapters",
     "bbr_mapping_shadowed_adapters",
+    "bbr_mapping_contested_adapters",
     "bbr_mapping_sources_rejected",
     "bbr_mapping_watch_errors",
     "bbr_mapping_watch_last_success_timestamp_seconds",
@@ -232,6 +236,13 @@ impl Metrics {
             "mapping_shadowed_adapters",
             "Adapter names in the mapping ignored because a base model has the name",
             self.shadowed_adapters.clone(),
+        );
+        // A gauge of the conflicts standing, as the shadowed names: a counter would count one
+        // conflict again on every rebuild of the mapping. No label: the names are the log's.
+        r.register(
+            "mapping_contested_adapters",
+            "Adapter claims in the mapping ignored because another source claimed the adapter first for another base model",
+            self.contested_adapters.clone(),
         );
         r.register(
             "mapping_sources_rejected",
@@ -422,6 +433,8 @@ impl Metrics {
             .set(i64::try_from(lookup.adapters()).unwrap_or(i64::MAX));
         self.shadowed_adapters
             .set(i64::try_from(lookup.shadowed()).unwrap_or(i64::MAX));
+        self.contested_adapters
+            .set(i64::try_from(lookup.contested()).unwrap_or(i64::MAX));
     }
 }
 
