@@ -592,6 +592,7 @@ impl EngineState {
                 seq.scheduled = num_new;
                 self.stats.prefix_queries += seq.tokens.len() as u64;
                 self.stats.prefix_hits += (hit * block_size) as u64;
+                self.touch_cpu_tier(&seq);
                 if loaded > 0 {
                     self.take_loads(&seq, hit, &loads);
                     work.kv_load += self.charge_loads(&loads);
@@ -697,15 +698,25 @@ impl EngineState {
         loads
     }
 
-    /// Marks the blocks a sequence loads as used in their tiers (LRU).
-    fn take_loads(&mut self, seq: &Seq, hit: usize, loads: &[usize; 4]) {
-        let total: usize = loads.iter().sum();
-        let run = &seq.hashes[hit..hit + total];
+    /// Marks every full block of an admitted sequence that the CPU tier holds as used, the
+    /// first block last (the most recent), as vLLM's offloading connector does when it looks a
+    /// request up (`touch` of all the request's block hashes before `lookup`): a prefix served
+    /// from the GPU stays fresh in the CPU tier, instead of ageing out there while it is hot and
+    /// being gone when the GPU evicts it. The first block is kept longest, so the tier
+    /// keeps whole prefixes rather than their tails.
+    fn touch_cpu_tier(&mut self, seq: &Seq) {
         if let Some(cpu) = &mut self.cpu {
-            for &h in run {
+            for &h in seq.hashes.iter().rev() {
                 cpu.touch(h);
             }
         }
+    }
+
+    /// Marks the blocks a sequence loads from the shared store as used there (LRU; the CPU
+    /// tier's were touched at admission).
+    fn take_loads(&mut self, seq: &Seq, hit: usize, loads: &[usize; 4]) {
+        let total: usize = loads.iter().sum();
+        let run = &seq.hashes[hit..hit + total];
         if loads[Tier::Remote.index()] > 0
             && let Some(shared) = self.pool.shared()
         {

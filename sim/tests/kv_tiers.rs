@@ -153,6 +153,33 @@ async fn the_cpu_tier_is_lru_and_bounded() {
     assert_eq!(tier_stats(&e).hit_tokens, [0, 0, 0, 0]);
 }
 
+/// vLLM's offloading connector touches every block of a request in the CPU tier when it looks
+/// the request up, GPU hits included. Without that, a prefix served from the GPU aged out of the
+/// CPU tier while it was hot, and was gone from both once the GPU evicted it.
+#[tokio::test(start_paused = true)]
+async fn a_gpu_hit_keeps_its_prefix_fresh_in_the_cpu_tier() {
+    // GPU of 32 blocks (nothing leaves it here), CPU tier of 8.
+    let config = Config {
+        num_gpu_blocks: 32,
+        kv_tiers: cpu_tier(8),
+        ..Config::default()
+    };
+    let e = Engine::spawn(Arc::new(config), 0).unwrap();
+    let a = tokens(0, 65); // 4 full blocks
+    collect(e.submit(req(a.clone(), 1)).unwrap()).await;
+    collect(e.submit(req(tokens(1000, 49), 1)).unwrap()).await; // 3 blocks: 7 in the tier
+    // `a` again, all from the GPU: its CPU copies are refreshed, first block the newest.
+    let (_, hot) = collect(e.submit(req(a.clone(), 1)).unwrap()).await;
+    assert_eq!(hot.cached_tokens, 64);
+    let mut events = e.subscribe_kv_events();
+    // 3 more blocks: 10 for 8 places; the two least recently used go, which are b's.
+    collect(e.submit(req(tokens(2000, 49), 1)).unwrap()).await;
+    let gone = removed(&drain_decoded(&mut events), Medium::Cpu);
+    let hb = block_hashes(chain_root(None), &tokens(1000, 49), 16);
+    assert_eq!(gone, hb[..2], "b's oldest blocks, not a's");
+    assert_eq!(e.cpu_tier_len(), 8);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_shared_store_serves_a_replica_that_never_saw_the_prefix() {
     let config = Config {
