@@ -304,17 +304,10 @@ pub fn run(data: &[u8]) {
                     // Trailers end the body: it is answered before them.
                     check_resent(before, &received, false, &request_headers, &ctx);
                     gathering = false;
-                } else if awaiting_body {
-                    // BUFFERED trailers without a body: the (empty) body is answered first.
-                    assert_eq!(before.len(), 1, "{out:?}");
-                    let Some(Resp::RequestBody(a)) = &before[0].response else {
-                        panic!("not a body answer: {out:?}");
-                    };
-                    assert_eq!(
-                        check_mutation(a.response.as_ref(), &request_headers, &ctx),
-                        None
-                    );
                 } else {
+                    // BUFFERED trailers without a body included: Envoy sent no body message,
+                    // so only the trailers are answered (an unasked body answer closes the
+                    // stream).
                     assert!(before.is_empty(), "{out:?}");
                 }
                 awaiting_body = false;
