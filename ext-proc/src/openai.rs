@@ -388,7 +388,13 @@ struct Fields<'a> {
 /// keys or not: the Responses API's `instructions` and `tools`, chat's `tools`, `documents`
 /// and `chat_template_kwargs` (a large tool schema is tokens too, and hiding text there must
 /// not make a prompt look small).
-fn estimate_prompt_tokens(api: Api, fields: &Fields<'_>, prompt: &[u8], plain_text: bool) -> u64 {
+fn estimate_prompt_tokens(
+    api: Api,
+    fields: &Fields<'_>,
+    prompt: &[u8],
+    media_from: usize,
+    plain_text: bool,
+) -> u64 {
     use endpoint_picker::cost::{
         MAX_ESTIMATED_PROMPT_TOKENS, estimate_json_prompt_tokens, estimate_json_text_tokens,
         estimate_tokens,
@@ -407,15 +413,77 @@ fn estimate_prompt_tokens(api: Api, fields: &Fields<'_>, prompt: &[u8], plain_te
                 .saturating_add(text(fields.instructions))
                 .saturating_add(text(fields.tools))
         }
-        Api::ChatCompletions => fields
-            .messages
-            .map_or(0, |r| estimate_json_prompt_tokens(r.get().as_bytes()))
-            .saturating_add(text(fields.tools))
-            .saturating_add(text(fields.documents))
-            .saturating_add(text(fields.chat_template_kwargs)),
+        // The hashed prompt as built: the system message, tools and documents that lead it as
+        // text, the rest of the messages with their media (what the prefix's by-block
+        // estimate walks, so that a match is never worth more than the prompt).
+        Api::ChatCompletions => {
+            let (lead, rest) = prompt.split_at(media_from.min(prompt.len()));
+            estimate_json_text_tokens(lead)
+                .saturating_add(estimate_json_prompt_tokens(rest))
+                .saturating_add(text(fields.chat_template_kwargs))
+        }
         _ => estimate_json_prompt_tokens(prompt),
     };
     estimate.min(MAX_ESTIMATED_PROMPT_TOKENS)
+}
+
+/// Marks a chat request's tools in its hashed prompt (outside any JSON string: the estimates
+/// skip it).
+const TOOLS_MARKER: u8 = 0x1d;
+/// Marks a chat request's documents in its hashed prompt.
+const DOCUMENTS_MARKER: u8 = 0x1e;
+
+/// Where the first element of a JSON array of messages ends (the byte after it), when that
+/// element is an object whose `role` is `system` or `developer`. `raw` is a validated JSON
+/// value; anything else gives `None`.
+fn leading_system_message_end(raw: &str) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct Role<'a> {
+        #[serde(borrow)]
+        role: Option<&'a RawValue>,
+    }
+    let bytes = raw.as_bytes();
+    let open = bytes.iter().position(|b| !b.is_ascii_whitespace())?;
+    if bytes[open] != b'[' {
+        return None;
+    }
+    let start = open
+        + 1
+        + bytes[open + 1..]
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())?;
+    if bytes[start] != b'{' {
+        return None;
+    }
+    // The object's end: depth back to zero outside strings.
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut end = None;
+    for (i, &b) in bytes.iter().enumerate().skip(start) {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    end = Some(i + 1);
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    let end = end?;
+    let element: Role<'_> = serde_json::from_str(&raw[start..end]).ok()?;
+    matches!(element.role?.get().trim(), r#""system""# | r#""developer""#).then_some(end)
 }
 
 /// The byte range of `part` inside `whole` (it must be a sub-slice).
@@ -614,25 +682,35 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
         }
         Api::ChatCompletions => {
             let messages = non_empty(fields.messages).ok_or_else(|| missing("messages"))?;
-            // The engine's chat template renders the tools and documents ahead of the
-            // conversation (into the system turn, or before it), so they lead the hashed
-            // prefix: the same messages with other tools share no prefix in the engine. A
-            // template that puts them after the system message shares that message too; the
-            // hash then misses it, which misjudges less than a match the engine would not find.
-            let lead: Vec<&RawValue> = [fields.tools, fields.documents]
-                .into_iter()
-                .flatten()
-                .filter(|r| non_empty(Some(r)).is_some())
-                .collect();
-            if lead.is_empty() {
+            let tools = non_empty(fields.tools);
+            let documents = non_empty(fields.documents);
+            if tools.is_none() && documents.is_none() {
                 slice(messages)
             } else {
-                let mut buf = BytesMut::new();
-                for part in lead {
-                    buf.extend_from_slice(part.get().as_bytes());
+                // Chat templates render the tools and documents after a leading system (or
+                // developer) message and before the rest of the conversation (Qwen's after the
+                // system text, Llama 3.1's in the first user turn): they are hashed there, so
+                // that the same tools under another system prompt match nothing, and the same
+                // system prompt under other tools matches the system prompt. Each part is
+                // marked, so that tools and documents of the same bytes hash apart. The system
+                // message and the parts are text whatever their keys: media begin after them.
+                let raw = messages.get();
+                let split = leading_system_message_end(raw).unwrap_or(0);
+                let mut buf = BytesMut::with_capacity(
+                    raw.len()
+                        + tools.map_or(0, |t| t.get().len())
+                        + documents.map_or(0, |d| d.get().len())
+                        + 2,
+                );
+                buf.extend_from_slice(&raw.as_bytes()[..split]);
+                for (marker, part) in [(TOOLS_MARKER, tools), (DOCUMENTS_MARKER, documents)] {
+                    if let Some(part) = part {
+                        buf.extend_from_slice(&[marker]);
+                        buf.extend_from_slice(part.get().as_bytes());
+                    }
                 }
                 prompt_media_from = buf.len();
-                buf.extend_from_slice(messages.get().as_bytes());
+                buf.extend_from_slice(&raw.as_bytes()[split..]);
                 buf.freeze()
             }
         }
@@ -656,7 +734,8 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
             }
         }
     };
-    let estimated_prompt_tokens = estimate_prompt_tokens(api, &fields, &prompt, plain_text);
+    let estimated_prompt_tokens =
+        estimate_prompt_tokens(api, &fields, &prompt, prompt_media_from, plain_text);
     let stream = fields.stream.is_some_and(|s| s.get().trim() == "true");
     let cache_salt = match fields.cache_salt {
         Some(raw) if kind_of(raw.get()) == JsonKind::String => {
@@ -1281,7 +1360,7 @@ mod tests {
             &chat.prompt[chat.prompt_media_from..],
             br#"[{"role":"user","content":"hi"}]"#
         );
-        assert!(chat.prompt.starts_with(br#"[{"function":"#));
+        assert!(chat.prompt.starts_with(b"\x1d[{\"function\":"));
     }
 
     /// Chat's tools and documents were counted but not hashed: the same messages under other
@@ -1311,11 +1390,50 @@ mod tests {
             a.prompt,
             chat(r#","tools":[{"type":"function","function":{"name":"a"}}]"#).prompt
         );
+        // Marked apart: the same bytes as tools or as documents are other prompts.
         let documents = chat(r#","tools":[1],"documents":[{"text":"d"}]"#);
         assert_eq!(
             &documents.prompt[..documents.prompt_media_from],
-            br#"[1][{"text":"d"}]"#
+            b"\x1d[1]\x1e[{\"text\":\"d\"}]"
         );
+        assert_ne!(
+            chat(r#","tools":[1]"#).prompt,
+            chat(r#","documents":[1]"#).prompt
+        );
+        // Review 11: templates render the tools after a leading system message, so they are
+        // hashed after it: the same system prompt under other tools shares its bytes, the same
+        // tools under another system prompt share nothing.
+        let with_system = |system: &str, tool: &str| {
+            parse_body(
+                Api::ChatCompletions,
+                &b(&format!(
+                    r#"{{"model":"m","messages":[ {{"role":"system","content":"{system}"}} , {{"role":"user","content":"hi"}}],"tools":[{{"name":"{tool}"}}]}}"#
+                )),
+            )
+            .unwrap()
+        };
+        let s1 = with_system("be kind", "a");
+        assert_eq!(
+            &s1.prompt[..],
+            &b"[ {\"role\":\"system\",\"content\":\"be kind\"}\x1d[{\"name\":\"a\"}] , {\"role\":\"user\",\"content\":\"hi\"}]"[..]
+        );
+        assert_eq!(
+            &s1.prompt[s1.prompt_media_from..],
+            &b" , {\"role\":\"user\",\"content\":\"hi\"}]"[..]
+        );
+        let shared = |x: &ParsedBody, y: &ParsedBody| {
+            x.prompt
+                .iter()
+                .zip(y.prompt.iter())
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let system_len = r#"[ {"role":"system","content":"be kind"}"#.len();
+        assert!(shared(&s1, &with_system("be kind", "b")) > system_len);
+        assert!(shared(&s1, &with_system("be firm", "a")) < system_len);
+        // A leading user message stays in place, after the tools.
+        let user_first = chat(r#","tools":[1]"#);
+        assert!(user_first.prompt.starts_with(b"\x1d[1]["));
         // The estimate is unchanged by where the tools go: the messages with media keys, the
         // tools as text.
         assert_eq!(
@@ -1325,6 +1443,28 @@ mod tests {
                     br#"[{"type":"function","function":{"name":"a"}}]"#
                 )
         );
+    }
+
+    #[test]
+    fn a_leading_system_message_is_found_past_strings_that_look_like_structure() {
+        let tricky = r#"[{"content":"} ] \" { [","role":"system"},{"role":"user"}]"#;
+        let end = leading_system_message_end(tricky).unwrap();
+        assert_eq!(
+            &tricky[..end],
+            r#"[{"content":"} ] \" { [","role":"system"}"#
+        );
+        assert!(leading_system_message_end(r#" [ {"role":"developer"} ]"#).is_some());
+        for none in [
+            r#"[{"role":"user","content":"x"},{"role":"system"}]"#,
+            r#"[{"role":["system"]}]"#,
+            r#"[{"content":"x"}]"#,
+            r#"["system"]"#,
+            r#"{"role":"system"}"#,
+            "[]",
+            "",
+        ] {
+            assert_eq!(leading_system_message_end(none), None, "{none}");
+        }
     }
 
     #[test]

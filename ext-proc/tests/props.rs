@@ -3,7 +3,7 @@
 //! its decoded text and a slice of the body when it has no escapes (256 cases), and `Untrusted`
 //! renders any string without control characters and bounded (256 cases), and the SSE usage
 //! scanner reports the last non-null usage of a stream however it is cut into chunks (256
-//! cases).
+//! cases), and no prefix match of a chat prompt is worth more than its estimate (256 cases).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -228,5 +228,70 @@ proptest! {
         let name = "m".repeat(MAX_MODEL_NAME_BYTES + extra);
         prop_assert!(openai::validate_model_name(&name).is_err());
         prop_assert!(openai::validate_model_name(&name[..MAX_MODEL_NAME_BYTES]).is_ok());
+    }
+}
+
+/// A string value that may pass for media: a long data URL, a `file:` link, or text.
+fn media_or_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z ]{0,40}",
+        "[A-Za-z0-9+/]{0,600}".prop_map(|b| format!("data:image/png;base64,{b}")),
+        Just("file:x".to_owned()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(0x7001))]
+
+    /// Review 8's property, for chat since its system message, tools and documents lead the
+    /// hashed prompt (review 11): whatever a body holds (media keys in the tools, images in the
+    /// messages, a system message or not), no prefix match of the hashed prompt is worth more
+    /// tokens than the request's own estimate, so a match cannot buy credit for content the
+    /// client did not send.
+    #[test]
+    fn a_chat_prefix_match_is_never_worth_more_than_the_prompt(
+        system in prop::option::of(media_or_text()),
+        tools in prop::collection::vec((prop::sample::select(vec!["url", "data", "description", "image_url"]), media_or_text()), 0..4),
+        documents in prop::option::of(media_or_text()),
+        user in prop::collection::vec((any::<bool>(), media_or_text()), 1..4),
+        block in prop::sample::select(vec![16usize, 64, 256]),
+    ) {
+        let mut messages = Vec::new();
+        if let Some(s) = &system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        for (image, content) in &user {
+            messages.push(if *image {
+                serde_json::json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": content}}]})
+            } else {
+                serde_json::json!({"role": "user", "content": content})
+            });
+        }
+        let mut body = serde_json::json!({"model": "m", "messages": messages});
+        if !tools.is_empty() {
+            let tools: Vec<serde_json::Value> = tools
+                .iter()
+                .map(|(k, v)| serde_json::json!({"type": "function", "function": {"name": "f", "parameters": {*k: v}}}))
+                .collect();
+            body["tools"] = serde_json::Value::Array(tools);
+        }
+        if let Some(d) = &documents {
+            body["documents"] = serde_json::json!([{"text": d, "url": d}]);
+        }
+        let raw = Bytes::from(serde_json::to_vec(&body).unwrap());
+        let parsed = openai::parse_body(Api::ChatCompletions, &raw).unwrap();
+        let mut by_block = Vec::new();
+        endpoint_picker::cost::estimate_json_prompt_tokens_by_block(
+            &parsed.prompt,
+            parsed.prompt_media_from,
+            block,
+            usize::MAX,
+            &mut by_block,
+        );
+        let whole = by_block.last().copied().unwrap_or(0);
+        prop_assert!(
+            whole <= parsed.estimated_prompt_tokens,
+            "match {} > estimate {}", whole, parsed.estimated_prompt_tokens
+        );
     }
 }
