@@ -71,6 +71,10 @@ impl RecentRoutings {
     pub const CAP: usize = 64;
 
     fn push(&mut self, at: Instant) {
+        // Kept in order: a routing whose time was read before another's but stored after it
+        // is stored at the other's time, so that `since` can stop at the first older one.
+        let newest = self.at[(self.next + Self::CAP - 1) % Self::CAP];
+        let at = newest.map_or(at, |newest| newest.max(at));
         self.at[self.next] = Some(at);
         self.next = (self.next + 1) % Self::CAP;
     }
@@ -573,5 +577,29 @@ pub trait ProfileHandler: Plugin {
     /// The name of the primary profile among `results`.
     fn primary<'r>(&self, results: &'r [super::ProfileResult]) -> Option<&'r super::ProfileResult> {
         results.first()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review 11: a routing whose time was read before another's but stored after it must not
+    /// hide the newer ones from `since`, which stops at the first older time; and the ring
+    /// keeps the last [`RecentRoutings::CAP`].
+    #[tokio::test(start_paused = true)]
+    async fn recent_routings_stay_in_order_and_bounded() {
+        let mut recent = RecentRoutings::default();
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(5);
+        recent.push(t1);
+        recent.push(t0);
+        assert_eq!(recent.since(Some(t1)), 2);
+        assert_eq!(recent.since(Some(t1 + Duration::from_millis(1))), 0);
+        assert_eq!(recent.since(None), 2);
+        for _ in 0..RecentRoutings::CAP * 2 {
+            recent.push(t1);
+        }
+        assert_eq!(recent.since(Some(t0)), RecentRoutings::CAP as u64);
     }
 }
