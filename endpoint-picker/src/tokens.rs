@@ -169,9 +169,11 @@ impl LearntRate {
     /// The rate the start check assumes at `now`.
     fn assumed(&self, now: Instant) -> f64 {
         match self.slowest {
-            Some((rate, seen)) if now.saturating_duration_since(seen) < LEARNT_RATE_FOR => {
-                rate.min(FASTEST_BYTES_PER_MICROSECOND)
-            }
+            Some((rate, seen)) if now.saturating_duration_since(seen) < LEARNT_RATE_FOR => rate
+                .clamp(
+                    SLOWEST_ASSUMED_BYTES_PER_MICROSECOND,
+                    FASTEST_BYTES_PER_MICROSECOND,
+                ),
             _ => FASTEST_BYTES_PER_MICROSECOND,
         }
     }
@@ -191,6 +193,13 @@ impl LearntRate {
     }
 }
 
+/// The slowest rate the start check assumes, whatever it has seen: a quarter of the fixed one.
+/// The time learnt from is the wall's, so a job preempted on a busy machine (or shaped to be
+/// superlinear) looks slower than any prompt is; one such job a minute must not turn away every
+/// long prompt. At this rate the default timeout (250 ms) still starts the default cap (512 KiB)
+/// with a little time to spare; the repeated `a1!` (about 1.4 bytes a microsecond) can still run
+/// past its deadline, by about 40 % at most.
+const SLOWEST_ASSUMED_BYTES_PER_MICROSECOND: f64 = FASTEST_BYTES_PER_MICROSECOND / 4.0;
 /// Smaller work is not learnt from: its time is mostly fixed costs, not the prompt's shape.
 const LEARN_FROM_BYTES: usize = 64 * 1024;
 /// How long a slow rate seen once is assumed (renewed by every work at least as slow).
@@ -298,8 +307,9 @@ impl TokenProducer {
         // time a blocking thread takes it does not start.
         let now = Instant::now();
         let rate = self.learnt.lock().assumed(now);
-        let least = Duration::from_secs_f64(body.len() as f64 / rate / 1e6);
-        if now + least >= deadline {
+        let least =
+            Duration::try_from_secs_f64(body.len() as f64 / rate / 1e6).unwrap_or(Duration::MAX);
+        if now.checked_add(least).is_none_or(|end| end >= deadline) {
             return Err(Outcome::TimedOut);
         }
         let gone = Arc::new(AtomicBool::new(false));
@@ -321,8 +331,10 @@ impl TokenProducer {
             learnt
                 .lock()
                 .learn(body.len(), ended.saturating_duration_since(started), ended);
-            if ended > deadline {
-                let by = ended.saturating_duration_since(deadline);
+            // Counted only when the caller has stopped waiting: work that ends a timer tick
+            // late for a caller still there is not overrun.
+            let by = ended.saturating_duration_since(deadline);
+            if gone.load(Ordering::Relaxed) && !by.is_zero() {
                 let micros = u64::try_from(by.as_micros()).unwrap_or(u64::MAX);
                 overrun.fetch_add(micros, Ordering::Relaxed);
                 if let Some(observer) = observer {
@@ -687,7 +699,9 @@ mod tests {
     /// Review 10 (T3): a prompt's shape can make it tokenise several times slower than the
     /// start check's fixed rate assumes (a repeated `a1!`), so a client could have the workers
     /// run work past every deadline. Once work that slow has been seen, the check assumes its
-    /// rate for a minute: longer prompts are not started, and a prompt that fits still is.
+    /// rate for a minute, but never less than a quarter of the fixed rate (review 11: a single
+    /// job's wall time must not turn away every long prompt): longer prompts are not started,
+    /// and a prompt that fits still is.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn slow_work_teaches_the_start_check_its_rate_for_a_minute() {
         let limits = PoolLimits {
@@ -703,32 +717,32 @@ mod tests {
                     .await
             })
         };
-        // Fresh, 300 KB is started (37.5 ms at the fixed rate); let it finish at once.
-        let first = call(&tp, 300_000);
+        // Fresh, 600 KB is started (75 ms at the fixed rate); let it finish at once.
+        let first = call(&tp, 600_000);
         tokio::task::yield_now().await;
         started.recv().unwrap();
         open.send(()).unwrap();
         assert!(first.await.unwrap().is_some());
-        // 200 KB that takes 200 ms: one byte a microsecond.
+        // 200 KB that takes 200 ms: one byte a microsecond, assumed at the floor of two.
         let slow = call(&tp, 200_000);
         tokio::task::yield_now().await;
         started.recv().unwrap();
         tokio::time::advance(Duration::from_millis(200)).await;
         open.send(()).unwrap();
         assert!(slow.await.unwrap().is_some());
-        // 300 KB would now take 300 ms of a 250 ms budget: not started.
-        assert_eq!(call(&tp, 300_000).await.unwrap(), None);
+        // 600 KB would now take 300 ms of a 250 ms budget: not started.
+        assert_eq!(call(&tp, 600_000).await.unwrap(), None);
         assert!(started.try_recv().is_err(), "not started");
         assert_eq!(tp.count(Outcome::TimedOut), 1);
-        // 200 KB fits and is started.
-        let fits = call(&tp, 200_000);
+        // 400 KB fits at the floor (200 ms; 400 ms at the rate seen) and is started.
+        let fits = call(&tp, 400_000);
         tokio::task::yield_now().await;
         started.recv().unwrap();
         open.send(()).unwrap();
         assert!(fits.await.unwrap().is_some());
         // A minute later the fixed rate is back.
         tokio::time::advance(Duration::from_secs(61)).await;
-        let again = call(&tp, 300_000);
+        let again = call(&tp, 600_000);
         tokio::task::yield_now().await;
         started.recv().unwrap();
         open.send(()).unwrap();
