@@ -566,6 +566,10 @@ impl EngineState {
                 let hit = self.kv.longest_hit(&seq.hashes[..max_hit_blocks]);
                 // Below the GPU: the continuation, block by block, from the fastest tier that
                 // holds it (all zero without tiers).
+                // The connector's lookup touches the request's blocks whether or not it is
+                // admitted now (a head of the queue that waits for KV blocks keeps its prefix
+                // fresh in the CPU tier, as in vLLM).
+                self.touch_cpu_tier(&seq);
                 let loads = self.tier_continuation(&seq, hit, max_hit_blocks);
                 let loaded: usize = loads.iter().sum();
                 let computed = (hit + loaded) * block_size;
@@ -592,7 +596,6 @@ impl EngineState {
                 seq.scheduled = num_new;
                 self.stats.prefix_queries += seq.tokens.len() as u64;
                 self.stats.prefix_hits += (hit * block_size) as u64;
-                self.touch_cpu_tier(&seq);
                 if loaded > 0 {
                     self.take_loads(&seq, hit, &loads);
                     work.kv_load += self.charge_loads(&loads);
@@ -698,11 +701,11 @@ impl EngineState {
         loads
     }
 
-    /// Marks every full block of an admitted sequence that the CPU tier holds as used, the
-    /// first block last (the most recent), as vLLM's offloading connector does when it looks a
-    /// request up (`touch` of all the request's block hashes before `lookup`): a prefix served
-    /// from the GPU stays fresh in the CPU tier, instead of ageing out there while it is hot and
-    /// being gone when the GPU evicts it. The first block is kept longest, so the tier
+    /// Marks every full block of a sequence looked up for admission that the CPU tier holds as
+    /// used, the first block last (the most recent), as vLLM's offloading connector does when it
+    /// looks a request up (`touch` of all the request's block hashes before `lookup`): a prefix
+    /// served from the GPU stays fresh in the CPU tier, instead of ageing out there while it is
+    /// hot and being gone when the GPU evicts it. The first block is kept longest, so the tier
     /// keeps whole prefixes rather than their tails.
     fn touch_cpu_tier(&mut self, seq: &Seq) {
         if let Some(cpu) = &mut self.cpu {

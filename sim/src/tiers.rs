@@ -5,9 +5,9 @@
 //! - **Write-through.** Every full block the engine computes (or loads) is written to the CPU
 //!   tier and to the shared store at once, asynchronously in the real systems, so uncharged.
 //!   Both are bounded LRU sets of block hashes ([`LruBlocks`]); a write of a block already held
-//!   refreshes it. Admitting a request also refreshes every one of its blocks the CPU tier
-//!   holds, GPU hits included, first block last, as vLLM's offloading connector touches a
-//!   request's blocks when it looks the request up.
+//!   refreshes it. Looking a request up for admission also refreshes every one of its blocks
+//!   the CPU tier holds, GPU hits included, first block last, as vLLM's offloading connector
+//!   touches a request's blocks when it looks the request up.
 //! - **Lookup** on admission: the prefix found in the GPU cache first, then block by block the
 //!   continuation from the CPU tier, else the shared store, else the named peer; the first
 //!   block none of them holds ends the hit. Loaded blocks become GPU blocks (and are announced
