@@ -12,12 +12,16 @@
 //! `1 + headroom`), and keeps everything if that would leave nothing.
 //!
 //! A deviation from the reference: `waiting` is the engine's scraped count plus the requests
-//! this EPP routed there since that scrape (and in the [`ENGINE_INTAKE_GRACE`] before it) and
-//! still sees prefilling, at most 64 of them, and what flow control has
+//! this EPP routed there since that scrape and still sees prefilling, at most 64 of them, and
+//! what flow control has
 //! let go but not routed yet adds `requests / (endpoints × queueDepthThreshold)` to the mean.
 //! The reference reads the scrape alone, so everything queued between two scrapes (50 ms
 //! apart) was let go against one reading; now each release counts against the next at once,
-//! and the next scrape replaces the guess with the engine's count.
+//! and the next scrape replaces the guess with the engine's count. Requests routed just before
+//! a scrape that the engine had not queued yet (its intake: parsing, templating) are missed
+//! until the next one, and those since it that the engine already runs are counted as waiting:
+//! a window wider than the scrape's (review 11 tried 25 ms more) counted a healthy replica's
+//! own fast prefills twice over and shed on a pool with room, so the window is the scrape's.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -145,11 +149,7 @@ impl UtilizationDetector {
         // Requests routed since the scrape that have produced a token are running, not
         // waiting: at most the ones still prefilling count.
         let own = in_flight.load(c.endpoint.id).map_or(0, |load| {
-            let since = c
-                .metrics
-                .updated_at
-                .map(|at| at.checked_sub(ENGINE_INTAKE_GRACE).unwrap_or(at));
-            load.routed_since(since)
+            load.routed_since(c.metrics.updated_at)
                 .min(load.prefilling.load(Ordering::Relaxed))
         });
         let waiting = c.metrics.waiting_queue_size.saturating_add(own);
@@ -180,14 +180,6 @@ impl Filter for UtilizationDetector {
         if keep.is_empty() { c } else { keep }
     }
 }
-
-/// How long before a scrape's time stamp (taken when its answer has been read) a request
-/// routed to the engine may still be missing from the waiting count it reports: the gateway's
-/// hop, the body's upload and the engine's own intake (parsing, templating, tokenizing) come
-/// before its scheduler queues the request. Requests routed in this window count on top of the
-/// scrape; those the scrape did include are counted twice until the next one, at most as many
-/// as are still prefilling.
-pub const ENGINE_INTAKE_GRACE: Duration = Duration::from_millis(25);
 
 /// A saturation detector, as configured.
 #[derive(Debug, Clone)]
@@ -564,15 +556,14 @@ mod tests {
         first.routed(Instant::now());
         first.prefilling.fetch_add(1, Ordering::Relaxed);
         assert!((read(&rescraped, Unrouted::default()) - (1.4 + 0.8) / 2.0).abs() < 1e-9);
-        // Review 11: one routed just before a scrape may not be in its count yet (the engine's
-        // intake): within the grace it counts on top of it.
+        // One routed before a scrape is the scrape's to count, however shortly before.
         let second = &loads[c[1].endpoint.id.0 as usize];
         second.routed(Instant::now());
         second.prefilling.fetch_add(1, Ordering::Relaxed);
-        tokio::time::advance(ENGINE_INTAKE_GRACE / 2).await;
+        tokio::time::advance(Duration::from_millis(5)).await;
         c[1].endpoint.store_metrics(metrics(4, 0, 0.0));
         let both = [rescraped[0].clone(), Candidate::new(c[1].endpoint.clone())];
-        assert!((read(&both, Unrouted::default()) - (1.4 + 1.0) / 2.0).abs() < 1e-9);
+        assert!((read(&both, Unrouted::default()) - (1.4 + 0.8) / 2.0).abs() < 1e-9);
     }
 
     #[tokio::test(start_paused = true)]

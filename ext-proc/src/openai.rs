@@ -427,8 +427,11 @@ fn estimate_prompt_tokens(
     estimate.min(MAX_ESTIMATED_PROMPT_TOKENS)
 }
 
-/// Marks a chat request's tools in its hashed prompt (outside any JSON string: the estimates
-/// skip it).
+/// Leads the hashed prompt of a chat request with tools or documents (outside any JSON string:
+/// the estimates skip it; JSON text never holds these control bytes, so no client can forge
+/// them).
+const WITH_TOOLS_MARKER: u8 = 0x1f;
+/// Marks a chat request's tools in its hashed prompt.
 const TOOLS_MARKER: u8 = 0x1d;
 /// Marks a chat request's documents in its hashed prompt.
 const DOCUMENTS_MARKER: u8 = 0x1e;
@@ -440,7 +443,7 @@ fn leading_system_message_end(raw: &str) -> Option<usize> {
     #[derive(Deserialize)]
     struct Role<'a> {
         #[serde(borrow)]
-        role: Option<&'a RawValue>,
+        role: Option<Cow<'a, str>>,
     }
     let bytes = raw.as_bytes();
     let open = bytes.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -455,35 +458,11 @@ fn leading_system_message_end(raw: &str) -> Option<usize> {
     if bytes[start] != b'{' {
         return None;
     }
-    // The object's end: depth back to zero outside strings.
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    let mut end = None;
-    for (i, &b) in bytes.iter().enumerate().skip(start) {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    end = Some(i + 1);
-                    break;
-                }
-            }
-            _ => {}
-        }
-    }
-    let end = end?;
-    let element: Role<'_> = serde_json::from_str(&raw[start..end]).ok()?;
-    matches!(element.role?.get().trim(), r#""system""# | r#""developer""#).then_some(end)
+    // One pass over the first element: an object ends itself, and the stream says where.
+    let mut elements = serde_json::Deserializer::from_str(&raw[start..]).into_iter::<Role<'_>>();
+    let role = elements.next()?.ok()?.role?;
+    let end = start + elements.byte_offset();
+    matches!(&*role, "system" | "developer").then_some(end)
 }
 
 /// The byte range of `part` inside `whole` (it must be a sub-slice).
@@ -694,14 +673,19 @@ pub fn parse_body(api: Api, body: &Bytes) -> Result<ParsedBody, BodyError> {
                 // system prompt under other tools matches the system prompt. Each part is
                 // marked, so that tools and documents of the same bytes hash apart. The system
                 // message and the parts are text whatever their keys: media begin after them.
+                // A prompt with tools leads with a mark of its own: some templates change the
+                // system turn itself when tools are present (Llama 3.1's `Environment:
+                // ipython`), so the same system prompt with and without tools is not assumed to
+                // share a prefix (a miss where the engine would share one, never a false hit).
                 let raw = messages.get();
                 let split = leading_system_message_end(raw).unwrap_or(0);
                 let mut buf = BytesMut::with_capacity(
                     raw.len()
                         + tools.map_or(0, |t| t.get().len())
                         + documents.map_or(0, |d| d.get().len())
-                        + 2,
+                        + 3,
                 );
+                buf.extend_from_slice(&[WITH_TOOLS_MARKER]);
                 buf.extend_from_slice(&raw.as_bytes()[..split]);
                 for (marker, part) in [(TOOLS_MARKER, tools), (DOCUMENTS_MARKER, documents)] {
                     if let Some(part) = part {
@@ -1360,7 +1344,7 @@ mod tests {
             &chat.prompt[chat.prompt_media_from..],
             br#"[{"role":"user","content":"hi"}]"#
         );
-        assert!(chat.prompt.starts_with(b"\x1d[{\"function\":"));
+        assert!(chat.prompt.starts_with(b"\x1f\x1d[{\"function\":"));
     }
 
     /// Chat's tools and documents were counted but not hashed: the same messages under other
@@ -1394,7 +1378,7 @@ mod tests {
         let documents = chat(r#","tools":[1],"documents":[{"text":"d"}]"#);
         assert_eq!(
             &documents.prompt[..documents.prompt_media_from],
-            b"\x1d[1]\x1e[{\"text\":\"d\"}]"
+            b"\x1f\x1d[1]\x1e[{\"text\":\"d\"}]"
         );
         assert_ne!(
             chat(r#","tools":[1]"#).prompt,
@@ -1415,7 +1399,7 @@ mod tests {
         let s1 = with_system("be kind", "a");
         assert_eq!(
             &s1.prompt[..],
-            &b"[ {\"role\":\"system\",\"content\":\"be kind\"}\x1d[{\"name\":\"a\"}] , {\"role\":\"user\",\"content\":\"hi\"}]"[..]
+            &b"\x1f[ {\"role\":\"system\",\"content\":\"be kind\"}\x1d[{\"name\":\"a\"}] , {\"role\":\"user\",\"content\":\"hi\"}]"[..]
         );
         assert_eq!(
             &s1.prompt[s1.prompt_media_from..],
@@ -1428,12 +1412,20 @@ mod tests {
                 .take_while(|(a, b)| a == b)
                 .count()
         };
-        let system_len = r#"[ {"role":"system","content":"be kind"}"#.len();
+        let system_len = r#"_[ {"role":"system","content":"be kind"}"#.len();
         assert!(shared(&s1, &with_system("be kind", "b")) > system_len);
         assert!(shared(&s1, &with_system("be firm", "a")) < system_len);
         // A leading user message stays in place, after the tools.
         let user_first = chat(r#","tools":[1]"#);
-        assert!(user_first.prompt.starts_with(b"\x1d[1]["));
+        assert!(user_first.prompt.starts_with(b"\x1f\x1d[1]["));
+        // Review 12: with tools or without, the same system prompt shares nothing (a template
+        // may change the system turn when tools are present).
+        let without = parse_body(
+            Api::ChatCompletions,
+            &b(r#"{"model":"m","messages":[ {"role":"system","content":"be kind"} , {"role":"user","content":"hi"}]}"#),
+        )
+        .unwrap();
+        assert_ne!(without.prompt[0], s1.prompt[0]);
         // The estimate is unchanged by where the tools go: the messages with media keys, the
         // tools as text.
         assert_eq!(
@@ -1454,6 +1446,7 @@ mod tests {
             r#"[{"content":"} ] \" { [","role":"system"}"#
         );
         assert!(leading_system_message_end(r#" [ {"role":"developer"} ]"#).is_some());
+        assert!(leading_system_message_end(r#"[{"role":"\u0073ystem"}]"#).is_some());
         for none in [
             r#"[{"role":"user","content":"x"},{"role":"system"}]"#,
             r#"[{"role":["system"]}]"#,
