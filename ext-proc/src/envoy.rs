@@ -67,9 +67,32 @@ pub fn metadata_string(md: Option<&Metadata>, namespace: &str, key: &str) -> Opt
     }
 }
 
-/// What the EPP reads of a response's headers: its `:status`, and whether it is an SSE
-/// stream (`content-type: text/event-stream`).
-pub fn response_head(h: &ext_proc::HttpHeaders) -> (Option<String>, bool) {
+/// What a response's `content-type` says its body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseBody {
+    /// An SSE stream (`text/event-stream`).
+    EventStream,
+    /// One JSON document (`application/json`, `…+json`): a whole answer, also to a request
+    /// that asked for a stream (an engine's error answer, or one that ignores `stream`).
+    Json,
+    /// Neither, or no `content-type`: what the request asked for.
+    Unknown,
+}
+
+impl ResponseBody {
+    /// Whether the answer is streamed, given that the request asked for a stream or not.
+    pub fn streamed(self, requested: bool) -> bool {
+        match self {
+            ResponseBody::EventStream => true,
+            ResponseBody::Json => false,
+            ResponseBody::Unknown => requested,
+        }
+    }
+}
+
+/// What the EPP reads of a response's headers: its `:status`, and what its `content-type`
+/// says the body is.
+pub fn response_head(h: &ext_proc::HttpHeaders) -> (Option<String>, ResponseBody) {
     let headers = headers(h.headers.as_ref());
     let get = |name: &str| {
         headers
@@ -77,8 +100,12 @@ pub fn response_head(h: &ext_proc::HttpHeaders) -> (Option<String>, bool) {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
-    let event_stream = get("content-type").is_some_and(|ct| ct.contains("text/event-stream"));
-    (get(":status").map(str::to_owned), event_stream)
+    let body = match get("content-type").map(|ct| ct.to_ascii_lowercase()) {
+        Some(ct) if ct.contains("text/event-stream") => ResponseBody::EventStream,
+        Some(ct) if ct.contains("json") => ResponseBody::Json,
+        _ => ResponseBody::Unknown,
+    };
+    (get(":status").map(str::to_owned), body)
 }
 
 /// The subset hint: `None` when absent; a list (or a comma string) when present.

@@ -323,8 +323,8 @@ impl ObserverState {
         }
         match message.request {
             Some(Request::ResponseHeaders(h)) => {
-                let (status, event_stream) = envoy::response_head(&h);
-                self.streaming |= event_stream;
+                let (status, body) = envoy::response_head(&h);
+                self.streaming = body.streamed(self.streaming);
                 self.succeeded = status.is_none_or(|s| s.starts_with('2'));
                 if !self.streaming {
                     // A whole answer is ready before its headers: the prompt is done.

@@ -1121,9 +1121,12 @@ impl StreamState {
     }
 
     fn on_response_headers(&mut self, h: HttpHeaders, served: Option<String>) -> Vec<Answer> {
-        let (status, event_stream) = envoy::response_head(&h);
+        let (status, body) = envoy::response_head(&h);
         self.response.headers_seen = true;
-        self.response.streaming |= event_stream;
+        // The answer's own content type decides, the request's `stream` only without one: a
+        // JSON answer to a streamed request (an engine's error, or one that ignores `stream`)
+        // is a whole answer, its usage read from the JSON and its time not a first token's.
+        self.response.streaming = body.streamed(self.response.streaming);
         if !self.response.streaming
             && let Some(routed) = self.routed.as_mut()
         {

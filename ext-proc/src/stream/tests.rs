@@ -2007,6 +2007,63 @@ async fn a_whole_answer_is_timed_to_its_end() {
     );
 }
 
+/// A completion's streaming flag, completion tokens and time to first chunk.
+type Recorded = (bool, Option<u64>, Option<Duration>);
+
+/// Records each completion's streaming flag, usage and time to first chunk.
+#[derive(Debug, Default)]
+struct Completions(Mutex<Vec<Recorded>>);
+
+impl Recorder for Completions {
+    fn on_complete(&self, c: &crate::recorder::Completion<'_>) {
+        self.0.lock().push((
+            c.streaming,
+            c.usage.map(|u| u.completion_tokens),
+            c.time_to_first_chunk,
+        ));
+    }
+}
+
+/// A request that asked for a stream and got one JSON document (an engine's error, or one
+/// that ignores `stream`) was recorded as streamed: its usage looked for in SSE events, its
+/// time as a first chunk's. The answer's content type decides now; without one, the request.
+#[tokio::test(start_paused = true)]
+async fn the_answers_content_type_says_whether_it_is_streamed() {
+    let h = Harness::new(2);
+    let completions = Arc::new(Completions::default());
+    let ctx = Arc::new(ServiceContext {
+        director: h.director.clone(),
+        recorder: completions.clone(),
+        options: h.options.clone(),
+    });
+    let streamed_request =
+        br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let json_usage =
+        br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+    for content_type in ["application/json", "Application/JSON; charset=utf-8", ""] {
+        let mut s = StreamState::new(ctx.clone());
+        assert!(s.on_message(post("/v1/chat/completions", &[])).is_empty());
+        s.on_message(req_body(streamed_request, true));
+        tokio::time::advance(Duration::from_millis(40)).await;
+        let mut headers = vec![(":status", "200")];
+        if !content_type.is_empty() {
+            headers.push(("content-type", content_type));
+        }
+        s.on_message(resp_headers(&headers, false, None));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        s.on_message(resp_body(json_usage, true));
+    }
+    assert_eq!(
+        *completions.0.lock(),
+        [
+            (false, Some(2), Some(Duration::from_millis(50))),
+            (false, Some(2), Some(Duration::from_millis(50))),
+            // No content type: the request asked for a stream, so SSE it is (no usage event).
+            (true, None, Some(Duration::from_millis(50))),
+        ]
+    );
+}
+
 /// Stands in for a tokenizer: three ids for any body.
 #[derive(Debug)]
 struct ThreeIds;
