@@ -196,8 +196,8 @@ impl LearntRate {
 /// The slowest rate the start check assumes, whatever it has seen: a quarter of the fixed one.
 /// The time learnt from is the wall's, so a job preempted on a busy machine (or shaped to be
 /// superlinear) looks slower than any prompt is; one such job a minute must not turn away every
-/// long prompt. At this rate the default timeout (250 ms) still starts prompts up to about
-/// 490 KB (less any wait for a worker), against 2 MB at the fixed rate; the repeated `a1!`
+/// long prompt. At this rate the default timeout (250 ms) still starts prompts up to 500,000
+/// bytes (488 KiB, less any wait for a worker), against 2 MB at the fixed rate; the repeated `a1!`
 /// (about 1.4 bytes a microsecond) can still run past its deadline, by about 40 % at most, and a
 /// prompt shaped to tokenise superlinearly by more (not seen with the `tokenizers` crate's BPE:
 /// a 512 KiB run of one letter took 134 ms).

@@ -72,8 +72,9 @@ pub fn metadata_string(md: Option<&Metadata>, namespace: &str, key: &str) -> Opt
 pub enum ResponseBody {
     /// An SSE stream (`text/event-stream`).
     EventStream,
-    /// One JSON document (`application/json`, `…+json`): a whole answer, also to a request
-    /// that asked for a stream (an engine's error answer, or one that ignores `stream`).
+    /// One JSON document (`application/json`, `…+json` but `…stream+json`): a whole answer,
+    /// also to a request that asked for a stream (an engine's error answer, or one that
+    /// ignores `stream`).
     Json,
     /// Neither, or no `content-type`: what the request asked for.
     Unknown,
@@ -100,12 +101,32 @@ pub fn response_head(h: &ext_proc::HttpHeaders) -> (Option<String>, ResponseBody
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
-    let body = match get("content-type").map(|ct| ct.to_ascii_lowercase()) {
-        Some(ct) if ct.contains("text/event-stream") => ResponseBody::EventStream,
-        Some(ct) if ct.contains("json") => ResponseBody::Json,
-        _ => ResponseBody::Unknown,
-    };
-    (get(":status").map(str::to_owned), body)
+    (
+        get(":status").map(str::to_owned),
+        get("content-type").map_or(ResponseBody::Unknown, response_body_kind),
+    )
+}
+
+/// The body a `content-type` names, by its media type alone (parameters such as `charset`
+/// ignored, case ignored): `application/json` and `…+json` are one document, but not the
+/// streaming JSON types (`application/x-ndjson`, `application/jsonl`, `…/json-seq`,
+/// `…stream+json`), which are streams the request's flag decides for.
+pub fn response_body_kind(content_type: &str) -> ResponseBody {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media == "text/event-stream" {
+        ResponseBody::EventStream
+    } else if media == "application/json"
+        || (media.ends_with("+json") && !media.ends_with("stream+json"))
+    {
+        ResponseBody::Json
+    } else {
+        ResponseBody::Unknown
+    }
 }
 
 /// The subset hint: `None` when absent; a list (or a comma string) when present.
@@ -474,6 +495,34 @@ pub fn immediate_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review 13: `application/x-ndjson` and the other streaming JSON types had passed for one
+    /// JSON document (a substring match on `json`); the media type alone decides now.
+    #[test]
+    fn a_content_type_names_its_body_by_its_media_type() {
+        for (ct, kind) in [
+            ("text/event-stream", ResponseBody::EventStream),
+            (
+                "Text/Event-Stream; charset=utf-8",
+                ResponseBody::EventStream,
+            ),
+            ("application/json", ResponseBody::Json),
+            ("application/json; charset=utf-8", ResponseBody::Json),
+            ("APPLICATION/PROBLEM+JSON", ResponseBody::Json),
+            ("application/x-ndjson", ResponseBody::Unknown),
+            ("application/jsonl", ResponseBody::Unknown),
+            ("application/json-seq", ResponseBody::Unknown),
+            ("application/stream+json", ResponseBody::Unknown),
+            ("text/plain; note=json", ResponseBody::Unknown),
+            ("", ResponseBody::Unknown),
+        ] {
+            assert_eq!(response_body_kind(ct), kind, "{ct}");
+        }
+        assert!(ResponseBody::Unknown.streamed(true));
+        assert!(!ResponseBody::Unknown.streamed(false));
+        assert!(!ResponseBody::Json.streamed(true));
+        assert!(ResponseBody::EventStream.streamed(false));
+    }
     use envoy_types::pb::google::protobuf::ListValue;
 
     fn md(ns: &str, key: &str, v: Value) -> Metadata {

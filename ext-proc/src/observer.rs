@@ -244,7 +244,8 @@ pub enum ObserverStep {
 #[derive(Debug)]
 struct Bound {
     key: RecordKey,
-    /// The request asked for a streamed answer (else the answer's content type tells).
+    /// The request asked for a streamed answer (what decides when the answer's content type
+    /// does not).
     streaming: bool,
     started: Instant,
     /// Flow control's usage is recorded on the EPP that routed the request only.

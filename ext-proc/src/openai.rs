@@ -443,7 +443,7 @@ fn leading_system_message_end(raw: &str) -> Option<usize> {
     #[derive(Deserialize)]
     struct Role<'a> {
         #[serde(borrow)]
-        role: Option<Cow<'a, str>>,
+        role: Option<&'a RawValue>,
     }
     let bytes = raw.as_bytes();
     let open = bytes.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -460,8 +460,17 @@ fn leading_system_message_end(raw: &str) -> Option<usize> {
     }
     // One pass over the first element: an object ends itself, and the stream says where.
     let mut elements = serde_json::Deserializer::from_str(&raw[start..]).into_iter::<Role<'_>>();
-    let role = elements.next()?.ok()?.role?;
+    let role = elements.next()?.ok()?.role?.get();
     let end = start + elements.byte_offset();
+    // Decoded only when escaped, and only if short: a role is a short word, and a hostile
+    // one must not cost an allocation of its size.
+    let role: Cow<'_, str> = if !role.contains('\\') {
+        Cow::Borrowed(role.strip_prefix('"')?.strip_suffix('"')?)
+    } else if role.len() <= 64 {
+        Cow::Owned(serde_json::from_str::<String>(role).ok()?)
+    } else {
+        return None;
+    };
     matches!(&*role, "system" | "developer").then_some(end)
 }
 

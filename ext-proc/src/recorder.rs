@@ -83,7 +83,8 @@ pub struct Completion<'a> {
     pub time_to_first_chunk: Option<Duration>,
     /// From the first streamed chunk to the end of the response.
     pub after_first_chunk: Option<Duration>,
-    /// The response was streamed (asked for with `stream: true`, or an SSE answer).
+    /// The response was streamed: an SSE answer, or, without a content type that says, one
+    /// asked for with `stream: true` (a JSON answer is whole whatever was asked).
     pub streaming: bool,
     /// The response's `:status`.
     pub status: Option<&'a str>,
@@ -106,7 +107,8 @@ pub struct Observation<'a> {
     pub time_to_first_chunk: Option<Duration>,
     /// From the first streamed chunk to the end of the response.
     pub after_first_chunk: Option<Duration>,
-    /// The response was streamed (asked for with `stream: true`, or an SSE answer).
+    /// The response was streamed: an SSE answer, or, without a content type that says, one
+    /// asked for with `stream: true` (a JSON answer is whole whatever was asked).
     pub streaming: bool,
 }
 
