@@ -187,11 +187,17 @@ mod tests {
         panic!("{model} never mapped to {want:?}");
     }
 
-    /// The real watcher against a scripted API server: the label selector is sent, the
-    /// listing syncs the mapping, then events change it.
-    #[tokio::test(start_paused = true)]
-    async fn watch_lists_then_follows_events() {
-        let (client, mut server) = mock::client("default");
+    /// The real watcher of namespace `default`, against a scripted API server.
+    struct Watching {
+        server: mock::ApiServer,
+        mapping: Arc<Mapping>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn watching() -> Watching {
+        let (client, server) = mock::client("default");
         let mapping = Mapping::new();
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
@@ -201,6 +207,26 @@ mod tests {
             metrics.clone(),
             shutdown.clone(),
         ));
+        Watching {
+            server,
+            mapping,
+            metrics,
+            shutdown,
+            task,
+        }
+    }
+
+    /// The real watcher against a scripted API server: the label selector is sent, the
+    /// listing syncs the mapping, then events change it.
+    #[tokio::test(start_paused = true)]
+    async fn watch_lists_then_follows_events() {
+        let Watching {
+            mut server,
+            mapping,
+            metrics,
+            shutdown,
+            task,
+        } = watching();
         let path = "/api/v1/namespaces/default/configmaps";
         let (req, send) = server.expect_get(path, false).await;
         let query = req.uri().query().unwrap_or_default().to_owned();
@@ -325,16 +351,13 @@ mod tests {
     /// works again.
     #[tokio::test(start_paused = true)]
     async fn watch_failures_are_counted_and_the_last_success_timed() {
-        let (client, mut server) = mock::client("default");
-        let mapping = Mapping::new();
-        let metrics = Arc::new(Metrics::default());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(watch(
-            api(client, Some("default")),
-            mapping.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        let Watching {
+            mut server,
+            mapping,
+            metrics,
+            shutdown,
+            task,
+        } = watching();
         let path = "/api/v1/namespaces/default/configmaps";
         assert_eq!(metrics.watch_last_success.get(), 0, "nothing listed yet");
         server

@@ -1948,20 +1948,33 @@ proptest::proptest! {
     }
 }
 
-/// Records each completion's time to first chunk.
-#[derive(Debug, Default)]
-struct FirstChunks(Mutex<Vec<Option<Duration>>>);
+/// A completion's streaming flag, completion tokens and time to first chunk.
+type Recorded = (bool, Option<u64>, Option<Duration>);
 
-impl Recorder for FirstChunks {
+/// Records each completion's streaming flag, usage and time to first chunk.
+#[derive(Debug, Default)]
+struct Completions(Mutex<Vec<Recorded>>);
+
+impl Completions {
+    fn times_to_first_chunk(&self) -> Vec<Option<Duration>> {
+        self.0.lock().iter().map(|(_, _, t)| *t).collect()
+    }
+}
+
+impl Recorder for Completions {
     fn on_complete(&self, c: &crate::recorder::Completion<'_>) {
-        self.0.lock().push(c.time_to_first_chunk);
+        self.0.lock().push((
+            c.streaming,
+            c.usage.map(|u| u.completion_tokens),
+            c.time_to_first_chunk,
+        ));
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
     let h = Harness::new(2);
-    let first_chunks = Arc::new(FirstChunks::default());
+    let first_chunks = Arc::new(Completions::default());
     let ctx = Arc::new(ServiceContext {
         director: h.director.clone(),
         recorder: first_chunks.clone(),
@@ -1976,7 +1989,7 @@ async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
         s.on_message(resp_body(b"data: {}\n\n", true));
     }
     assert_eq!(
-        *first_chunks.0.lock(),
+        first_chunks.times_to_first_chunk(),
         [Some(Duration::from_millis(30)), None]
     );
 }
@@ -1986,7 +1999,7 @@ async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
 #[tokio::test(start_paused = true)]
 async fn a_whole_answer_is_timed_to_its_end() {
     let h = Harness::new(2);
-    let first_chunks = Arc::new(FirstChunks::default());
+    let first_chunks = Arc::new(Completions::default());
     let ctx = Arc::new(ServiceContext {
         director: h.director.clone(),
         recorder: first_chunks.clone(),
@@ -2002,26 +2015,9 @@ async fn a_whole_answer_is_timed_to_its_end() {
         s.on_message(resp_body(br#"{"choices":[]}"#, true));
     }
     assert_eq!(
-        *first_chunks.0.lock(),
+        first_chunks.times_to_first_chunk(),
         [Some(Duration::from_millis(50)), None]
     );
-}
-
-/// A completion's streaming flag, completion tokens and time to first chunk.
-type Recorded = (bool, Option<u64>, Option<Duration>);
-
-/// Records each completion's streaming flag, usage and time to first chunk.
-#[derive(Debug, Default)]
-struct Completions(Mutex<Vec<Recorded>>);
-
-impl Recorder for Completions {
-    fn on_complete(&self, c: &crate::recorder::Completion<'_>) {
-        self.0.lock().push((
-            c.streaming,
-            c.usage.map(|u| u.completion_tokens),
-            c.time_to_first_chunk,
-        ));
-    }
 }
 
 /// A request that asked for a stream and got one JSON document (an engine's error, or one
