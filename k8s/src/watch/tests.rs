@@ -262,6 +262,22 @@ fn all_watches() -> AllWatches {
     }
 }
 
+/// Lists the pool and one pod of it, and keeps their watches open (the caller holds them).
+async fn list_the_pool_and_one_pod(
+    pool_server: &mut mock::ApiServer,
+    pod_server: &mut mock::ApiServer,
+) -> (mock::WatchStream, mock::WatchStream) {
+    pool_server
+        .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "1")
+        .await;
+    let (_, pool_watch) = pool_server.expect_watch(POOLS).await;
+    pod_server
+        .expect_list(PODS, vec![v(pod("a", "vllm", "10.0.0.1"))], "2")
+        .await;
+    let (_, pod_watch) = pod_server.expect_watch(PODS).await;
+    (pool_watch, pod_watch)
+}
+
 /// Readiness waits for the objectives and rewrites to answer once: a listing, or a 404 or 403
 /// (the kind is not installed, or not granted). A 500 is retried and keeps it waiting.
 #[tokio::test(start_paused = true)]
@@ -275,14 +291,7 @@ async fn readiness_waits_for_the_policies_to_answer_once() {
         shutdown,
         tasks,
     } = all_watches();
-    pool_server
-        .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "1")
-        .await;
-    let (_, _pool_watch) = pool_server.expect_watch(POOLS).await;
-    pod_server
-        .expect_list(PODS, vec![v(pod("a", "vllm", "10.0.0.1"))], "2")
-        .await;
-    let (_, _pod_watch) = pod_server.expect_watch(PODS).await;
+    let _watches = list_the_pool_and_one_pod(&mut pool_server, &mut pod_server).await;
     // The rewrite CRD is not installed: that is an answer.
     let (_, send) = rewrite_server.expect_get(REWRITES, false).await;
     respond_json(send, StatusCode::NOT_FOUND, &mock::status(404, "NotFound"));
@@ -335,14 +344,7 @@ async fn a_kind_failing_for_good_holds_readiness_only_so_long() {
         tasks,
     } = all_watches();
     let started = tokio::time::Instant::now();
-    pool_server
-        .expect_list(POOLS, vec![v(pool(POOL, "vllm", &[8000]))], "1")
-        .await;
-    let (_, _pool_watch) = pool_server.expect_watch(POOLS).await;
-    pod_server
-        .expect_list(PODS, vec![v(pod("a", "vllm", "10.0.0.1"))], "2")
-        .await;
-    let (_, _pod_watch) = pod_server.expect_watch(PODS).await;
+    let _watches = list_the_pool_and_one_pod(&mut pool_server, &mut pod_server).await;
     rewrite_server.expect_list(REWRITES, vec![], "3").await;
     let (_, _rewrite_watch) = rewrite_server.expect_watch(REWRITES).await;
     let mut failures = 0;
