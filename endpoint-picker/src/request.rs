@@ -107,17 +107,23 @@ impl InferenceRequest {
     /// counts it: the body, the prompt when it is a copy apart from the body, the token ids (4
     /// bytes each) and the headers (kept twice: the stream's and this request's copy).
     pub fn held_bytes(&self) -> u64 {
-        let ids = self.token_ids.as_ref().map_or(0, |ids| ids.len() * 4);
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        (self.body_len as u64)
+            .saturating_add(self.held_beside_body() as u64)
+            .saturating_add(2 * headers as u64)
+    }
+
+    /// What the request holds beside its body and headers, each as long as the body at
+    /// worst: the prompt when it is a copy apart from the body (a chat prompt rebuilt around
+    /// its tools, a decoded escaped one) and the token ids (4 bytes each).
+    pub fn held_beside_body(&self) -> usize {
+        let ids = self.token_ids.as_ref().map_or(0, |ids| ids.len() * 4);
         let prompt = if self.prompt_is_copy {
             self.prompt.len()
         } else {
             0
         };
-        (self.body_len as u64)
-            .saturating_add(prompt as u64)
-            .saturating_add(ids as u64)
-            .saturating_add(2 * headers as u64)
+        ids.saturating_add(prompt)
     }
 
     /// The value of a request header (names are compared case-insensitively).

@@ -6,7 +6,10 @@
 //! EPP hold them all, until it is killed for its memory. The budget bounds that sum
 //! (`--max-gathered-request-bytes`). A stream charges each chunk as it arrives; a charge that
 //! would pass the budget ends the request with 429 `rejected-saturated`, and the stream's
-//! charge is given back at once.
+//! charge is given back at once. What a request holds beside its body until it is routed is
+//! charged with it (`InferenceRequest::held_beside_body`: a prompt copied apart from the
+//! body, the token ids), each up to the body's size: uncharged, a chat body with tools held
+//! three times its bytes.
 //!
 //! The buffer a stream sizes from its declared `content-length` (at most
 //! [`crate::body_pool::MAX_RESERVED_AHEAD`]) is a reservation, not a charge: its pages cost no

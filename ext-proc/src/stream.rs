@@ -348,6 +348,19 @@ impl StreamState {
             return Vec::new();
         };
         request.token_ids = ids;
+        // The ids are as long as the body at worst, held until the request is routed: the
+        // gathering budget counts them beside it.
+        let ids_bytes = request.token_ids.as_ref().map_or(0, |ids| ids.len() * 4);
+        let budget = self.ctx.options.gathered_request_bytes.clone();
+        if ids_bytes > 0
+            && let Err(e) = self.body_charge.grow(&budget, ids_bytes)
+        {
+            let mut out = self.fail(RequestError::BodiesOverBudget(e), Some(&request));
+            if trailers {
+                out.extend(self.answer_trailers());
+            }
+            return out;
+        }
         let mut out = self.route(request, Some(body));
         if trailers {
             out.extend(self.answer_trailers());
@@ -420,7 +433,8 @@ impl StreamState {
                 // does again, until its answers have gone out to Envoy.
                 if let Some((b, _, _)) = &body {
                     let budget = self.ctx.options.gathered_request_bytes.clone();
-                    self.body_charge.grow_past(&budget, b.len());
+                    let held = b.len().saturating_add(request.held_beside_body());
+                    self.body_charge.grow_past(&budget, held);
                 }
                 let (fairness_id, prompt) = (request.fairness_id.clone(), request.prompt_tokens());
                 let out = self.schedule(request, body);
@@ -843,6 +857,17 @@ impl StreamState {
             },
             Err(e) => return self.fail(e, None),
         };
+        // A prompt copied apart from the body is held beside it until the request is routed:
+        // the gathering budget counts it, or a client's chat bodies with tools would hold twice
+        // what `--max-gathered-request-bytes` says.
+        let beside = request.held_beside_body();
+        if beside > 0
+            && let Err(e) = self
+                .body_charge
+                .grow(&self.ctx.options.gathered_request_bytes.clone(), beside)
+        {
+            return self.fail(RequestError::BodiesOverBudget(e), Some(&request));
+        }
         if TokenProducer::handles(api) && self.ctx.director.token_producer().is_some() {
             // Answered once the ids are in: `pending_tokenization`, then `on_token_ids`.
             self.awaiting_tokens = Some(AwaitingTokens {

@@ -733,6 +733,67 @@ async fn a_declared_length_is_reserved_not_charged() {
     assert_eq!((budget.held(), budget.reserved()), (0, 0));
 }
 
+/// Review (session 6's open item): a chat prompt rebuilt around its tools is a copy beside the
+/// body, and the token ids are another, each as long as the body at worst; neither was charged,
+/// so chat bodies with tools held up to three times `--max-gathered-request-bytes`. Both are
+/// charged now, until the request's answers have gone, and a copy that would pass the budget
+/// refuses its request as a long body does.
+#[tokio::test(start_paused = true)]
+async fn a_copied_prompt_and_its_token_ids_are_charged_beside_the_body() {
+    let body = serde_json::to_vec(&serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "system", "content": "you are terse"},
+                     {"role": "user", "content": "hello"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+    }))
+    .unwrap();
+    let copy = openai::parse_body(
+        endpoint_picker::request::Api::ChatCompletions,
+        &bytes::Bytes::from(body.clone()),
+    )
+    .unwrap()
+    .prompt
+    .len();
+    assert!(copy > 0);
+    let send = |s: &mut StreamState| {
+        assert!(s.on_message(post("/v1/chat/completions", &[])).is_empty());
+        s.on_message(req_body(&body, true))
+    };
+
+    let mut h = Harness::new(1);
+    let budget = Arc::new(BodyBudget::new(1 << 20));
+    h.options.gathered_request_bytes = budget.clone();
+    h.produce_three_token_ids();
+    let mut s = h.stream();
+    assert!(send(&mut s).is_empty(), "waiting for its ids");
+    assert_eq!(budget.held(), body.len() + copy, "the copy beside the body");
+    let ids = s.pending_tokenization().unwrap().run().await;
+    let out = s.on_token_ids(ids);
+    assert_eq!(out.len(), 2, "routed, the body re-sent");
+    assert_eq!(budget.held(), body.len() + copy + 3 * 4, "and the ids");
+    drop(out);
+    assert_eq!(budget.held(), 0);
+
+    // A budget with room for the body but not for its copy: refused, nothing held.
+    let mut h = Harness::new(1);
+    let budget = Arc::new(BodyBudget::new(body.len() + copy - 1));
+    h.options.gathered_request_bytes = budget.clone();
+    let mut s = h.stream();
+    let out = send(&mut s);
+    assert_eq!(immediate(&out[0]).0, 429);
+    assert!(s.is_done());
+    assert_eq!(budget.held(), 0);
+    // Alive: the same budget routes a chat body without tools (no copy).
+    let mut plain = h.stream();
+    assert!(
+        plain
+            .on_message(post("/v1/chat/completions", &[]))
+            .is_empty()
+    );
+    let out = plain.on_message(req_body(&chat("m"), true));
+    routing_answer(&out[0]).destination();
+}
+
 /// A request queued in flow control is no longer charged: flow control's own caps hold it.
 #[tokio::test(start_paused = true)]
 async fn a_queued_request_leaves_the_gathering_budget() {
