@@ -390,9 +390,17 @@ impl Recorder for EppRecorder {
         self.record_answer(&self.pair(observation.key), observation.key, observation);
     }
 
-    fn observed_key(&self, model: &str, target_model: &str, fairness_id: &str) -> RecordKey {
-        // The tag carries no priority.
-        self.key_of(model, target_model, fairness_id, self.no_priority.clone())
+    fn observed_key(
+        &self,
+        model: &str,
+        target_model: &str,
+        fairness_id: &str,
+        priority: Option<i32>,
+    ) -> RecordKey {
+        // A tag from an EPP of an earlier release carries no priority.
+        let priority =
+            priority.map_or_else(|| self.no_priority.clone(), |p| self.priority_label(p));
+        self.key_of(model, target_model, fairness_id, priority)
     }
 
     fn on_observer_stream(&self, outcome: ObserverOutcome) {

@@ -184,7 +184,8 @@ pub fn destination_metadata(destination: &str) -> Struct {
 pub fn add_observer_tag(metadata: &mut Struct, tag: &crate::observer::ObserverTag) {
     use crate::observer::{
         OBSERVER_FAIRNESS_KEY, OBSERVER_ID_KEY, OBSERVER_INSTANCE_KEY, OBSERVER_MODEL_KEY,
-        OBSERVER_NAMESPACE, OBSERVER_STARTED_KEY, OBSERVER_TARGET_MODEL_KEY,
+        OBSERVER_NAMESPACE, OBSERVER_PRIORITY_KEY, OBSERVER_STARTED_KEY, OBSERVER_STREAM_KEY,
+        OBSERVER_TARGET_MODEL_KEY,
     };
     let inner = Struct {
         fields: [
@@ -194,8 +195,10 @@ pub fn add_observer_tag(metadata: &mut Struct, tag: &crate::observer::ObserverTa
             (OBSERVER_TARGET_MODEL_KEY, tag.target_model.clone()),
             (OBSERVER_FAIRNESS_KEY, tag.fairness_id.clone()),
             (OBSERVER_STARTED_KEY, tag.started_us.to_string()),
+            (OBSERVER_STREAM_KEY, tag.streaming.to_string()),
         ]
         .into_iter()
+        .chain(tag.priority.map(|p| (OBSERVER_PRIORITY_KEY, p.to_string())))
         .map(|(k, v)| (k.to_owned(), string_value(&v)))
         .collect(),
     };

@@ -48,14 +48,17 @@ pub enum RequestError {
     /// (`openai::PathRefusal::Malformed`): 400.
     #[error("the path holds a control character or an encoded separator")]
     MalformedPath,
-    /// Envoy announced a request body mode the EPP cannot route with (the gateway's ext_proc
-    /// filter is misconfigured): 500, on every request, rather than a stream Envoy rejects.
-    #[error(
-        "the gateway sends request bodies as {mode}; the EPP needs FULL_DUPLEX_STREAMED or BUFFERED"
-    )]
+    /// Envoy announced a body mode the EPP cannot answer in (the gateway's ext_proc filter is
+    /// misconfigured): 500, on every request, rather than a stream Envoy rejects or answers
+    /// it cannot use.
+    #[error("the gateway sends {direction} bodies as {mode}; the EPP needs {needs}")]
     UnsupportedBodyMode {
+        /// `request` or `response`.
+        direction: &'static str,
         /// The mode's protobuf name.
         mode: &'static str,
+        /// The modes the EPP answers in, in that direction.
+        needs: &'static str,
     },
 }
 
@@ -142,7 +145,12 @@ mod tests {
         assert_eq!(over.status(), (429, "ResourceExhausted"));
         assert_eq!(over.dropped_reason(), Some("rejected-saturated"));
         assert_eq!(
-            RequestError::UnsupportedBodyMode { mode: "STREAMED" }.status(),
+            RequestError::UnsupportedBodyMode {
+                direction: "request",
+                mode: "STREAMED",
+                needs: "FULL_DUPLEX_STREAMED or BUFFERED",
+            }
+            .status(),
             (500, "Internal")
         );
         assert_eq!(RequestError::from(RouteError::NoCandidates).status().0, 503);

@@ -62,6 +62,11 @@ pub const OBSERVER_TARGET_MODEL_KEY: &str = "target_model";
 pub const OBSERVER_FAIRNESS_KEY: &str = "fairness_id";
 /// The key of when the request began: microseconds since the Unix epoch, decimal.
 pub const OBSERVER_STARTED_KEY: &str = "started_us";
+/// The key of the request's priority (decimal). Optional on read, as [`OBSERVER_STREAM_KEY`]
+/// is: an EPP of an earlier release, beside this one in a rolling update, writes neither.
+pub const OBSERVER_PRIORITY_KEY: &str = "priority";
+/// The key of whether the request asked for a streamed answer (`true` or `false`).
+pub const OBSERVER_STREAM_KEY: &str = "stream";
 /// Default of the most requests waiting for their observer at once: each in-flight request is
 /// one, so this is far above any EPP's in-flight count; past it a request is routed unobserved.
 pub const DEFAULT_MAX_WATCHED: usize = 262_144;
@@ -86,7 +91,7 @@ pub struct ObserverTag {
     pub id: u64,
     /// The routing EPP's instance.
     pub instance: u64,
-    /// The model asked for (a valid model name).
+    /// The model asked for (a valid model name, or empty for a request without a body).
     pub model: String,
     /// The model served.
     pub target_model: String,
@@ -94,6 +99,12 @@ pub struct ObserverTag {
     pub fairness_id: String,
     /// When the request began, microseconds since the Unix epoch.
     pub started_us: u64,
+    /// The request's priority (its objective's): the label its answer is filed under on any
+    /// EPP, as its routing and duration are on the routing one. `None` from an older EPP.
+    pub priority: Option<i32>,
+    /// The request asked for a streamed answer: how an answer whose content type does not say
+    /// is read (SSE or whole), on any EPP.
+    pub streaming: bool,
 }
 
 impl ObserverTag {
@@ -110,9 +121,11 @@ impl ObserverTag {
                 .filter(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .and_then(|h| u64::from_str_radix(h, 16).ok())
         };
+        // A request routed on its headers alone (`GET /v1/models`) has no model: its tag names
+        // none, which is not a forged tag (review 15: those were counted `invalid`).
         let name = |key: &str| {
             field(key)
-                .filter(|m| openai::validate_model_name(m).is_ok())
+                .filter(|m| m.is_empty() || openai::validate_model_name(m).is_ok())
                 .map(str::to_owned)
         };
         let tag = (|| {
@@ -131,6 +144,16 @@ impl ObserverTag {
                         !d.is_empty() && d.len() <= 20 && d.bytes().all(|b| b.is_ascii_digit())
                     })
                     .and_then(|d| d.parse().ok())?,
+                priority: match field(OBSERVER_PRIORITY_KEY) {
+                    None => None,
+                    Some(p) if p.len() <= 11 => Some(p.parse().ok()?),
+                    Some(_) => return None,
+                },
+                streaming: match field(OBSERVER_STREAM_KEY) {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(_) => return None,
+                },
             })
         })();
         Some(tag.ok_or(()))
@@ -372,11 +395,13 @@ impl ObserverState {
         }
         let here = observers.is_some_and(|o| o.instance() == tag.instance);
         let bound = Bound {
-            key: self
-                .ctx
-                .recorder
-                .observed_key(&tag.model, &tag.target_model, &tag.fairness_id),
-            streaming: false,
+            key: self.ctx.recorder.observed_key(
+                &tag.model,
+                &tag.target_model,
+                &tag.fairness_id,
+                tag.priority,
+            ),
+            streaming: tag.streaming,
             started: instant_of_unix_micros(tag.started_us),
             fairness_id: here.then_some(tag.fairness_id),
             first_token: None,

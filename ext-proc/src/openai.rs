@@ -980,8 +980,12 @@ impl From<UsageJson> for Usage {
 
 fn usage_of(json: &[u8]) -> Option<Usage> {
     let v: WithUsage = serde_json::from_slice(json).ok()?;
-    if v.kind.as_deref() == Some("response.completed")
-        && let Some(r) = v.response
+    // The Responses API's last event: `response.completed`, or `response.incomplete` (e.g. at
+    // `max_output_tokens`) or `response.failed`, each with the response and its usage.
+    if matches!(
+        v.kind.as_deref(),
+        Some("response.completed" | "response.incomplete" | "response.failed")
+    ) && let Some(r) = v.response
     {
         return r.usage.map(Usage::from);
     }
@@ -1685,6 +1689,17 @@ mod tests {
         let mut resp = SseUsageScanner::default();
         resp.feed(b"event: response.completed\r\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}}\r\n");
         assert_eq!(resp.usage().unwrap().completion_tokens, 2);
+        // Review 15: an answer cut at `max_output_tokens` (or failed) ends on another event
+        // that carries its usage as well; those were recorded without tokens.
+        for kind in ["response.incomplete", "response.failed"] {
+            let mut resp = SseUsageScanner::default();
+            resp.feed(format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"response\":{{\"usage\":{{\"input_tokens\":1,\"output_tokens\":3}}}}}}\n\n").as_bytes());
+            assert_eq!(resp.usage().map(|u| u.completion_tokens), Some(3), "{kind}");
+        }
+        // Another event's nested response is not read.
+        let mut other = SseUsageScanner::default();
+        other.feed(b"data: {\"type\":\"response.created\",\"response\":{\"usage\":{\"output_tokens\":3}}}\n\n");
+        assert_eq!(other.usage(), None);
     }
 
     #[test]

@@ -197,16 +197,22 @@ pub trait Recorder: Send + Sync + std::fmt::Debug {
     /// The names an observer files a request under when it knows the request by its tag only
     /// (routed by another EPP, or released): the same policy as [`Recorder::on_routed`]'s. The
     /// tag carries no priority.
-    fn observed_key(&self, _model: &str, _target_model: &str, _fairness_id: &str) -> RecordKey {
+    fn observed_key(
+        &self,
+        _model: &str,
+        _target_model: &str,
+        _fairness_id: &str,
+        _priority: Option<i32>,
+    ) -> RecordKey {
         RecordKey::default()
     }
 
     /// An observer stream matched its request, or did not.
     fn on_observer_stream(&self, _outcome: ObserverOutcome) {}
 
-    /// A non-streamed response body passed the EPP's 16 MiB cap on what it holds of one, or
-    /// what all streams may hold together: it went through as it came, its usage is unknown,
-    /// and a model rewrite covered only what was held (`rewrite`: one was due).
+    /// A non-streamed response body passed the EPP's 16 MiB cap on the copy it keeps of one
+    /// to read `usage` from, or what all streams may hold together: its usage is unknown
+    /// (`rewrite`: a model rewrite back was due, done chunk by chunk all the same).
     fn on_response_overflow(&self, _rewrite: bool) {}
 
     /// A routed request left (its response ended or its stream was dropped). Called exactly

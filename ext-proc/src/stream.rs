@@ -15,12 +15,12 @@
 //!   empty answer at once; the body's answer carries the routing (header mutations apply to
 //!   the headers Envoy holds) and, only if the model was rewritten, the new body with its
 //!   `Content-Length` (Envoy refuses a body whose length differs from the held header);
-//!   other modes get a 500 at once ([`RequestError::UnsupportedBodyMode`]);
-//! - response headers are answered at once; SSE response chunks are answered one by one as they
-//!   arrive (with the model name to rewrite back, a chunk's last bytes that may begin the
-//!   `"model"` field wait for the next chunk, [`openai::ModelRewriteBack`]); other bodies are
-//!   passed through too, unless the model name must be rewritten back, in which case they are
-//!   buffered to the end;
+//!   other modes get a 500 at once ([`RequestError::UnsupportedBodyMode`]), as do response
+//!   body modes other than NONE and FULL_DUPLEX_STREAMED;
+//! - response headers are answered at once; response chunks, SSE or whole JSON, are answered
+//!   one by one as they arrive (with the model name to rewrite back, a chunk's last bytes that
+//!   may begin the `"model"` field wait for the next chunk, [`openai::ModelRewriteBack`]); a
+//!   whole answer's bounded copy is read for `usage` at its end;
 //! - the lean response path (`response_body_mode: NONE`, an operator's choice; the shipped
 //!   Envoy configs run the full path) sends no body at all: the response completes with the
 //!   ext_proc stream's end ([`StreamState::on_stream_end`]). Envoy announces the path with the
@@ -276,9 +276,8 @@ struct ResponseState {
     /// The served model's name to rewrite back to the one asked for; on a streamed body it
     /// holds back (charged) a chunk's end that may begin the name's field.
     rewrite_back: Option<openai::ModelRewriteBack>,
-    buffered: BytesMut,
     copy: BytesMut,
-    /// `buffered` and `copy`, charged to [`ServiceOptions::held_response_bytes`].
+    /// `copy`, charged to [`ServiceOptions::held_response_bytes`].
     charge: BodyCharge,
     /// The body passed [`MAX_RESPONSE_COPY`]: no copy is kept and nothing is held any more;
     /// its usage is unknown (a copy with a gap is not read).
@@ -530,17 +529,11 @@ impl StreamState {
             Some(R::ResponseBody(b)) => self.on_response_body(b, body_bytes),
             Some(R::ResponseTrailers(_)) => {
                 let mut out = Vec::new();
-                let rest = std::mem::take(&mut self.response.buffered);
-                if !rest.is_empty() {
-                    let charge = std::mem::take(&mut self.response.charge);
-                    self.complete_response(&rest);
-                    out.extend(self.held_response_out(rest.freeze(), charge, false));
-                } else {
-                    // A passed-through body ended by trailers: its copy (empty if it overflowed).
-                    let copy = std::mem::take(&mut self.response.copy);
-                    self.complete_response(&copy);
-                }
-                // A streamed body's end held back for the rewrite: no chunk completes it now.
+                // A passed-through body ended by trailers: its copy (empty if it overflowed,
+                // or streamed).
+                let copy = std::mem::take(&mut self.response.copy);
+                self.complete_response(&copy);
+                // A body's end held back for the rewrite: no chunk completes it now.
                 if let Some(held) = self.response.rewrite_back.as_mut().map(|r| r.flush())
                     && !held.is_empty()
                 {
@@ -591,20 +584,27 @@ impl StreamState {
         config: envoy::ext_proc::ProtocolConfiguration,
     ) -> Result<(), RequestError> {
         use envoy::BodySendMode as M;
-        self.response_body_streamed = M::try_from(config.response_body_mode) != Ok(M::None);
+        let unsupported = |direction, mode: Result<M, _>, needs| {
+            Err(RequestError::UnsupportedBodyMode {
+                direction,
+                mode: mode.map_or("an unknown mode", |m| m.as_str_name()),
+                needs,
+            })
+        };
         self.request_body_mode = match M::try_from(config.request_body_mode) {
             Ok(M::FullDuplexStreamed) => RequestBodyMode::Streamed,
             Ok(M::Buffered) => RequestBodyMode::Buffered,
-            Ok(other) => {
-                return Err(RequestError::UnsupportedBodyMode {
-                    mode: other.as_str_name(),
-                });
-            }
-            Err(_) => {
-                return Err(RequestError::UnsupportedBodyMode {
-                    mode: "an unknown mode",
-                });
-            }
+            other => return unsupported("request", other, "FULL_DUPLEX_STREAMED or BUFFERED"),
+        };
+        // The response side answers every body message with a `streamed_response` chunk (or
+        // nothing, holding bytes back for the model rewrite): what FULL_DUPLEX_STREAMED takes,
+        // and what Envoy rejects as a spurious message in STREAMED or BUFFERED, breaking every
+        // answer with a body. STREAMED is the response observer's mode (a filter of its own);
+        // copied onto the routing filter it is refused here, at once and by name.
+        self.response_body_streamed = match M::try_from(config.response_body_mode) {
+            Ok(M::None) => false,
+            Ok(M::FullDuplexStreamed) => true,
+            other => return unsupported("response", other, "NONE or FULL_DUPLEX_STREAMED"),
         };
         Ok(())
     }
@@ -1050,6 +1050,8 @@ impl StreamState {
                         target_model: request.target_model.clone(),
                         fairness_id: request.fairness_id.clone(),
                         started_us: unix_micros_at(self.started),
+                        priority: Some(request.priority),
+                        streaming: request.stream,
                     },
                 );
                 Some(id)
@@ -1220,16 +1222,8 @@ impl StreamState {
             }
             let budget = &self.ctx.options.held_response_bytes;
             self.response.sse.feed_charged(&chunk, budget);
-            let out = match self.response.rewrite_back.as_mut() {
-                Some(rewrite) => {
-                    let out = rewrite.rewrite_chunk(chunk, budget, eos);
-                    if out.is_empty() && rewrite.held() > 0 {
-                        // All held back, to go out with the next chunk (never the last).
-                        return Vec::new();
-                    }
-                    out
-                }
-                None => chunk,
+            let Some(out) = self.rewrite_back(chunk, eos) else {
+                return Vec::new();
             };
             if eos {
                 self.complete_response(&[]);
@@ -1240,57 +1234,32 @@ impl StreamState {
             // More body after its end (no Envoy sends it): passed on, neither kept nor charged.
             return vec![envoy::body_chunk(Direction::Response, chunk, eos).into()];
         }
-        if self.response.rewrite_back.is_none() || self.response.overflowed {
-            // Pass through at once; keep a bounded copy to read `usage` at the end.
-            self.copy_response(&chunk);
-            if eos {
-                let copy = std::mem::take(&mut self.response.copy);
-                self.complete_response(&copy);
-            }
-            return vec![envoy::body_chunk(Direction::Response, chunk, eos).into()];
-        }
-        let budget = &self.ctx.options.held_response_bytes;
-        if self.response.buffered.len() + chunk.len() > MAX_RESPONSE_COPY
-            || self.response.charge.grow(budget, chunk.len()).is_err()
-        {
-            // Too big to hold for the rewrite: what is held goes out now, rewritten (the model
-            // field of a JSON response is near its start), then this chunk and the rest as they
-            // come, unmodified. The client gets every byte once, in order.
-            let charge = std::mem::take(&mut self.response.charge);
-            self.overflow_response();
-            let held = std::mem::take(&mut self.response.buffered).freeze();
-            let mut out: Vec<Answer> = Vec::new();
-            if !held.is_empty() {
-                out.extend(self.held_response_out(held, charge, false));
-            }
-            if eos {
-                self.complete_response(&[]);
-            }
-            out.push(envoy::body_chunk(Direction::Response, chunk, eos).into());
-            return out;
-        }
-        self.response.buffered.extend_from_slice(&chunk);
-        if !eos {
+        // A whole (JSON) answer is passed on as it comes too, its model rewritten back chunk by
+        // chunk as a streamed one is (the same bytes as a rewrite of the whole). It was held to
+        // the end once: the client waited for its first byte, and with the response budget
+        // full (any client reading long answers slowly can fill it) the answer went out
+        // unmodified, naming the served model. A bounded copy is kept to read `usage` at the
+        // end.
+        self.copy_response(&chunk);
+        let Some(out) = self.rewrite_back(chunk, eos) else {
             return Vec::new();
+        };
+        if eos {
+            let copy = std::mem::take(&mut self.response.copy);
+            self.complete_response(&copy);
         }
-        let body = std::mem::take(&mut self.response.buffered).freeze();
-        let charge = std::mem::take(&mut self.response.charge);
-        self.complete_response(&body);
-        self.held_response_out(body, charge, true).collect()
+        vec![envoy::body_chunk(Direction::Response, out, eos).into()]
     }
 
-    /// A held response body on its way out: its model rewritten back, re-chunked, and still
-    /// charged (`charge`, taken from the stream) until the chunks have been sent.
-    fn held_response_out(
-        &self,
-        held: Bytes,
-        charge: BodyCharge,
-        end_of_stream: bool,
-    ) -> impl Iterator<Item = Answer> + use<> {
-        let held = charged(self.rewrite_response(held), charge);
-        envoy::body_chunks(Direction::Response, held, end_of_stream)
-            .into_iter()
-            .map(Answer::from)
+    /// A response chunk with the model name rewritten back, when it must be; `None` when all
+    /// of it is held back (it may begin the name's field), to go out with the next chunk
+    /// (never the last).
+    fn rewrite_back(&mut self, chunk: Bytes, eos: bool) -> Option<Bytes> {
+        let Some(rewrite) = self.response.rewrite_back.as_mut() else {
+            return Some(chunk);
+        };
+        let out = rewrite.rewrite_chunk(chunk, &self.ctx.options.held_response_bytes, eos);
+        (!out.is_empty() || rewrite.held() == 0).then_some(out)
     }
 
     /// Adds a passed-through chunk to the copy read for `usage`, unless that would pass
@@ -1313,7 +1282,7 @@ impl StreamState {
     fn overflow_response(&mut self) {
         self.response.overflowed = true;
         self.response.copy = BytesMut::new();
-        // A held body is let go by the caller; either way nothing is held any more.
+        // Nothing of the body is held any more (a rewrite's held-back end is its own charge).
         self.response.charge.release();
         self.ctx
             .recorder
@@ -1338,13 +1307,6 @@ impl StreamState {
                 rewrite,
                 "response body over the buffering cap: passed through, usage unknown"
             ),
-        }
-    }
-
-    fn rewrite_response(&self, chunk: Bytes) -> Bytes {
-        match &self.response.rewrite_back {
-            Some(rewrite) => rewrite.rewrite(&chunk).map(Bytes::from).unwrap_or(chunk),
-            None => chunk,
         }
     }
 

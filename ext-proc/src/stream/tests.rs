@@ -55,8 +55,12 @@ impl Recorder for Events {
         self.0.lock().push(format!("overflow rewrite={rewrite}"));
     }
     fn on_observed(&self, o: &crate::recorder::Observation<'_>) {
+        let priority = match &*o.key.priority {
+            "" => String::new(),
+            p => format!(" priority={p}"),
+        };
         self.0.lock().push(format!(
-            "observed {} tokens={:?} ttft={:?} bytes={:?}",
+            "observed {} tokens={:?} ttft={:?} bytes={:?}{priority}",
             o.key.model,
             o.usage.map(|u| u.completion_tokens),
             o.time_to_first_chunk,
@@ -66,10 +70,11 @@ impl Recorder for Events {
     fn on_observer_stream(&self, outcome: crate::recorder::ObserverOutcome) {
         self.0.lock().push(format!("observer {}", outcome.as_str()));
     }
-    fn observed_key(&self, model: &str, target_model: &str, _: &str) -> RecordKey {
+    fn observed_key(&self, model: &str, target_model: &str, _: &str, p: Option<i32>) -> RecordKey {
         RecordKey {
             model: Arc::from(model),
             target_model: Arc::from(target_model),
+            priority: p.map_or_else(|| Arc::from(""), |p| Arc::from(p.to_string())),
             ..RecordKey::default()
         }
     }
@@ -1211,6 +1216,35 @@ async fn request_body_modes_the_epp_cannot_route_with_get_a_500_at_once() {
     assert!(streamed_body(&out[1]).1, "the body re-sent whole");
 }
 
+/// Review 15: a response body mode of STREAMED (the response observer's, easy to copy onto the
+/// routing filter) or BUFFERED was accepted, and every answer with a body then failed in Envoy
+/// (`streamed_response` is a spurious message outside FULL_DUPLEX_STREAMED), with nothing in
+/// the EPP's logs. Such a stream is refused at its first message, naming the mode.
+#[tokio::test(start_paused = true)]
+async fn response_body_modes_the_epp_cannot_answer_in_get_a_500_at_once() {
+    let h = Harness::new(1);
+    for mode in [
+        BodySendMode::Streamed,
+        BodySendMode::Buffered,
+        BodySendMode::BufferedPartial,
+    ] {
+        let mut s = h.stream();
+        let out = s.on_message(with_response_body_mode(post("/v1/completions", &[]), mode));
+        let (status, body) = immediate(&out[0]);
+        assert_eq!(status, 500, "{mode:?}");
+        assert!(body.contains(mode.as_str_name()), "{body}");
+        assert!(body.contains("response bodies"), "{body}");
+        assert!(s.is_done());
+    }
+    for mode in [BodySendMode::None, BodySendMode::FullDuplexStreamed] {
+        let mut s = h.stream();
+        let first = with_response_body_mode(post("/v1/completions", &[]), mode);
+        assert!(s.on_message(first).is_empty(), "{mode:?}: headers deferred");
+        let out = s.on_message(req_body(br#"{"model":"m","prompt":"x"}"#, true));
+        routing_answer(&out[0]).destination();
+    }
+}
+
 /// Flow control on: a concurrency detector of one request per endpoint; a batch band of one.
 const FLOW_CONTROL: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\nplugins:\n- type: queue-scorer\n- type: concurrency-detector\n  parameters: {maxConcurrency: 1}\nflowControl:\n  saturationDetector: {pluginRef: concurrency-detector}\n  defaultRequestTTL: 10s\n  noEndpointRequestTTL: 60s\n  priorityBands:\n  - priority: 0\n    maxRequests: 1\n";
 
@@ -1377,8 +1411,11 @@ fn concat_bodies(out: &[ProcessingResponse]) -> (Vec<u8>, bool) {
     (body, eos_last_only)
 }
 
+/// A whole answer past the copy's cap is still rewritten back in every chunk, in order: only
+/// its usage is lost. (Before review 15 it was held to the cap, let go, and its later chunks
+/// passed unmodified.)
 #[tokio::test(start_paused = true)]
-async fn a_rewritten_response_over_the_cap_is_let_go_whole_and_in_order() {
+async fn a_rewritten_response_over_the_copy_cap_is_rewritten_in_every_chunk() {
     let h = Harness::new(1);
     operator_rewrite(&h);
     let mut s = h.stream();
@@ -1388,82 +1425,108 @@ async fn a_rewritten_response_over_the_cap_is_let_go_whole_and_in_order() {
     // A JSON body with the served model near its start, then more than the cap of content.
     let head = br#"{"id":"x","model":"m-canary","choices":[{"text":""#.to_vec();
     let filler = vec![b'a'; 4 * 1024 * 1024];
+    let later = br#"{"model":"m-canary"}"#;
     let tail = br#""}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec();
     let mut sent = Vec::new();
     let mut received = Vec::new();
-    let mut answers = 0;
-    let mut send = |s: &mut StreamState, chunk: &[u8], eos: bool| {
+    let chunks: Vec<&[u8]> = vec![&head, &filler, &filler, &filler, &filler, later, &tail];
+    for (i, chunk) in chunks.iter().enumerate() {
+        let eos = i + 1 == chunks.len();
         sent.extend_from_slice(chunk);
         let out = s.on_message(resp_body(chunk, eos));
-        answers += out.len();
-        let (body, ordered) = concat_bodies(&out);
-        assert!(
-            ordered || out.iter().all(|r| !streamed_body(r).1),
-            "eos on the last answer only"
-        );
+        assert_eq!(out.len(), 1, "chunk {i} answered at once");
+        let (body, end) = streamed_body(&out[0]);
+        assert_eq!(end, eos, "chunk {i}");
         received.extend_from_slice(&body);
-        out
-    };
-    // Held while under the cap: nothing goes out.
-    assert!(send(&mut s, &head, false).is_empty());
-    for _ in 0..3 {
-        assert!(send(&mut s, &filler, false).is_empty());
     }
-    // The chunk that would pass the cap lets go of what is held (rewritten), then itself.
-    let out = send(&mut s, &filler, false);
-    assert!(out.len() > 1);
-    assert_eq!(streamed_body(out.last().unwrap()).0, filler);
-    // Later chunks pass through as they come, unmodified.
-    let later = br#"{"model":"m-canary"}"#;
-    let out = send(&mut s, later, false);
-    assert_eq!(out.len(), 1);
-    assert_eq!(streamed_body(&out[0]), (later.to_vec(), false));
-    let out = send(&mut s, &tail, true);
-    assert_eq!(out.len(), 1);
-    assert_eq!(streamed_body(&out[0]), (tail.to_vec(), true));
     assert!(s.exchange_complete());
-    // The client got every byte once, in order: the held part with its model rewritten.
-    let expected = {
-        let held = sent.len() - 2 * filler.len() - later.len() - tail.len();
-        let mut e = openai::rewrite_response_model(&sent[..held], "m-canary", "m").unwrap();
-        e.extend_from_slice(&sent[held..]);
-        e
-    };
-    assert_eq!(received.len(), expected.len());
-    assert!(received == expected, "the body differs");
+    let expected = openai::rewrite_response_model(&sent, "m-canary", "m").unwrap();
+    assert!(
+        received == expected,
+        "every byte once, in order, every model rewritten"
+    );
     assert!(received.starts_with(br#"{"id":"x","model":"m","#));
-    assert!(answers > 4);
-    // Usage is unknown: the body was not all held.
+    // Usage is unknown: the copy passed the cap.
     assert_eq!(
         h.events(),
         ["overflow rewrite=true", "complete None", "released m"]
     );
 }
 
+/// A whole answer under the cap is rewritten chunk by chunk as it comes (a field cut by a chunk
+/// boundary waits for the next chunk), and its usage read from the copy at the end.
 #[tokio::test(start_paused = true)]
-async fn a_rewritten_response_under_the_cap_is_held_and_rewritten_whole() {
+async fn a_rewritten_whole_response_goes_out_as_it_comes_and_its_usage_is_read() {
     let h = Harness::new(1);
     operator_rewrite(&h);
     let mut s = h.stream();
     send_chat(&mut s, "m", &[]);
     h.events();
     s.on_message(resp_headers(&[(":status", "200")], false, None));
+    let out = s.on_message(resp_body(br#"{"model":"m-canary","x":"#, false));
+    assert_eq!(
+        concat_bodies(&out),
+        (br#"{"model":"m","x":"#.to_vec(), false),
+        "the first chunk goes out at once, rewritten"
+    );
+    // A chunk's end that may begin the field is held back to the next one.
+    let out = s.on_message(resp_body(br#"{"x":1,"mod"#, false));
+    assert_eq!(concat_bodies(&out), (br#"{"x":1,"#.to_vec(), false));
     assert!(
-        s.on_message(resp_body(br#"{"model":"m-canary","usage":"#, false))
-            .is_empty()
+        s.on_message(resp_body(br#"e"#, false)).is_empty(),
+        "all held"
     );
     let out = s.on_message(resp_body(
-        br#"{"prompt_tokens":1,"completion_tokens":2}}"#,
+        br#"l":"m-canary"},"u":{"prompt_tokens":1,"completion_tokens":2}}"#,
         true,
     ));
     assert_eq!(
         concat_bodies(&out),
         (
-            br#"{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec(),
+            br#""model":"m"},"u":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec(),
             true
         )
     );
+    assert_eq!(h.events(), ["complete None", "released m"]);
+    // The usage of a whole answer is read from its copy.
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    s.on_message(resp_body(br#"{"model":"m-canary","usage":"#, false));
+    s.on_message(resp_body(
+        br#"{"prompt_tokens":1,"completion_tokens":2}}"#,
+        true,
+    ));
     assert_eq!(h.events(), ["complete Some(2)", "released m"]);
+}
+
+/// Review 15: with the response budget full (slow readers of long answers fill it), a whole
+/// answer could not be held for its rewrite and went out naming the served model. It is
+/// rewritten now whatever the budget holds; only its usage is lost.
+#[tokio::test(start_paused = true)]
+async fn a_full_response_budget_does_not_leak_the_served_model() {
+    let mut h = Harness::new(1);
+    h.options.held_response_bytes = Arc::new(BodyBudget::new(0));
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    send_chat(&mut s, "m", &[]);
+    h.events();
+    s.on_message(resp_headers(&[(":status", "200")], false, None));
+    let out = s.on_message(resp_body(
+        br#"{"model":"m-canary","usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+        true,
+    ));
+    let (body, end) = concat_bodies(&out);
+    assert!(end);
+    assert_eq!(
+        body,
+        br#"{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2}}"#.to_vec()
+    );
+    assert_eq!(
+        h.events(),
+        ["overflow rewrite=true", "complete None", "released m"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1690,6 +1753,46 @@ async fn an_observer_reports_what_the_lean_routing_stream_cannot_see_once() {
     assert!(h.options.observers.as_ref().unwrap().is_empty());
 }
 
+/// Review 15: a request routed on its headers alone has no model, and its observer's tag
+/// (empty model names) was refused as one no EPP wrote: `outcome="invalid"` for every
+/// `GET /v1/models`, and the answer not recorded. It is matched and recorded now.
+#[tokio::test(start_paused = true)]
+async fn an_observer_matches_a_request_routed_on_its_headers_alone() {
+    use crate::observer::{ObserverState, ObserverStep};
+    let h = observing();
+    let mut s = h.stream();
+    let get = [(":method", "GET"), (":path", "/v1/models")];
+    let routing = s.on_message(req_headers(&get, true, None));
+    routing_answer(&routing[0]).destination();
+    h.events();
+    let json = [(":status", "200"), ("content-type", "application/json")];
+    let mut o = ObserverState::new(h.ctx());
+    assert_eq!(
+        o.on_inbound(observed(
+            resp_headers(&json, false, None),
+            Some(&routing[0])
+        )),
+        ObserverStep::Continue
+    );
+    let body = br#"{"object":"list","data":[]}"#;
+    assert_eq!(
+        o.on_inbound(observed(resp_body(body, true), None)),
+        ObserverStep::Close
+    );
+    let events = h.events();
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("observer matched"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("observed  tokens=None")),
+        "{events:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_observer_without_a_tag_closes_at_once_and_a_released_request_is_still_recorded() {
     use crate::observer::{ObserverState, ObserverStep};
@@ -1735,7 +1838,44 @@ async fn an_observer_without_a_tag_closes_at_once_and_a_released_request_is_stil
     assert_eq!(events[0], "observer released");
     assert!(
         events[1].starts_with("observed m tokens=Some(3) ttft=Some(")
-            && events[1].ends_with(&format!("bytes=Some({})", body.len())),
+            && events[1].ends_with(&format!("bytes=Some({}) priority=0", body.len())),
+        "{events:?}"
+    );
+}
+
+/// Review 15: the tag carried neither the request's priority nor whether it asked for a
+/// streamed answer, so an answer recorded from its tag alone (on another EPP, or after its
+/// routing stream ended) was filed under `priority=""`, and an SSE answer without a content
+/// type was read as one JSON document: no tokens, its end taken as its first token.
+#[tokio::test(start_paused = true)]
+async fn an_answer_recorded_from_its_tag_keeps_its_priority_and_its_streaming() {
+    use crate::observer::{ObserverState, Observers};
+    let h = observing();
+    let mut s = h.stream();
+    assert!(s.on_message(post("/v1/chat/completions", &[])).is_empty());
+    let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let routing = s.on_message(req_body(body, true));
+    routing_answer(&routing[0]).destination();
+    h.events();
+    let mut other = Harness::new(2);
+    other.options.observers = Some(Arc::new(Observers::new(16)));
+    let mut o = ObserverState::new(other.ctx());
+    // No content type: the request's flag, carried by the tag, says how to read the answer.
+    o.on_inbound(observed(
+        resp_headers(&[(":status", "200")], false, None),
+        Some(&routing[0]),
+    ));
+    o.on_inbound(observed(
+        resp_body(b"data: {\"choices\":[]}\n\n", false),
+        None,
+    ));
+    let last =
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\n";
+    o.on_inbound(observed(resp_body(last, true), None));
+    let events = other.events();
+    assert_eq!(events[0], "observer other_epp");
+    assert!(
+        events[1].starts_with("observed m tokens=Some(7)") && events[1].ends_with(" priority=0"),
         "{events:?}"
     );
 }
