@@ -139,10 +139,12 @@ pub struct DropLabels {
     /// Endpoint name (`unknown` for a topic naming no endpoint of the pool).
     pub model_server_pod: String,
     /// Why: `unknown_parent`, `no_full_block`, `unknown_blocks`, `malformed`, `clearing`,
-    /// `bad_topic`, `unknown_endpoint`, `bind` (the bound socket could not listen; counted
-    /// under `unknown`, once a retry), `gap`, `other_group` (a hybrid model's cache group
-    /// that does not keep prefixes: `kv_index::groups`), or what the decoder left out
-    /// ([`SKIP_REASONS`]): `unknown_type`, `unknown_medium`, `extra_keys`.
+    /// `batch_cap`, `endpoint_share`, `block_size` (the engine's block is no multiple of the
+    /// index's; all of them `kv_index::Dropped`), `bad_topic`, `unknown_endpoint`, `bind` (the
+    /// bound socket could not listen; counted under `unknown`, once a retry), `gap`,
+    /// `other_group` (a hybrid model's cache group that does not keep prefixes:
+    /// `kv_index::groups`), or what the decoder left out ([`SKIP_REASONS`]): `unknown_type`,
+    /// `unknown_medium`, `extra_keys`.
     pub reason: &'static str,
 }
 
@@ -357,6 +359,9 @@ pub struct SequenceTracker {
     groups: CacheGroups,
     /// A topic that names no model was warned about (once a stream).
     warned_bad_topic: bool,
+    /// Stores of an engine block that is no multiple of the index's were warned about (once a
+    /// stream: every store of that engine is, until it is configured again).
+    warned_block_size: bool,
     /// When a gap replay could not fill last cleared the endpoint (until the publisher
     /// restarts).
     gap_since: Option<Instant>,
@@ -467,7 +472,7 @@ pub async fn handle<S: KvEventSource>(
                         }
                         next += 1;
                         read_prefix_groups(metrics, pod, tracker, &mut m);
-                        apply(index, metrics, pod, endpoint, &model, &m).await;
+                        apply(index, metrics, pod, endpoint, tracker, &model, &m).await;
                     }
                     next == msg.seq
                 }
@@ -486,7 +491,7 @@ pub async fn handle<S: KvEventSource>(
         }
     }
     read_prefix_groups(metrics, pod, tracker, &mut msg);
-    apply(index, metrics, pod, endpoint, &model, &msg).await;
+    apply(index, metrics, pod, endpoint, tracker, &model, &msg).await;
 }
 
 /// Leaves out of `msg` the events of cache groups the index does not read (a hybrid model's
@@ -508,6 +513,7 @@ async fn apply(
     metrics: &KvEventMetrics,
     pod: &PodLabels,
     endpoint: EndpointId,
+    tracker: &mut SequenceTracker,
     model: &str,
     msg: &KvMessage,
 ) {
@@ -517,6 +523,28 @@ async fn apply(
     let applied = index
         .apply_yielding(endpoint, model, batch, Instant::now())
         .await;
+    if applied.dropped_for(Dropped::BlockSize) > 0 && !tracker.warned_block_size {
+        // Said once: the counter says how many since.
+        tracker.warned_block_size = true;
+        let index_block = index.hasher().block_size();
+        let engine_block = batch.events.iter().find_map(|e| match e {
+            kv_events::Event::BlockStored(s)
+                if s.block_size != 0 && !(s.block_size as usize).is_multiple_of(index_block) =>
+            {
+                Some(s.block_size)
+            }
+            _ => None,
+        });
+        tracing::warn!(
+            endpoint = %pod.model_server_pod,
+            engine_block_size = engine_block.unwrap_or(0),
+            index_block_size = index_block,
+            "kv events: the engine's KV block is not a multiple of the index's \
+             (tokenProcessorConfig.blockSizeTokens): its stores are dropped \
+             (reason=\"block_size\"), so the precise index holds nothing of it; set \
+             blockSizeTokens to the engine's block size or a divisor of it"
+        );
+    }
     // The size gauges move with every batch; refreshing them only on pool changes left them at
     // their start-up value.
     let (blocks, entries) = index.sizes();

@@ -180,11 +180,18 @@ pub enum Dropped {
     /// already held half of it, and room would have been made by evicting other endpoints'
     /// keys (`KvIndex::add`). One flooding endpoint cannot take the whole index.
     EndpointShare,
+    /// `BlockStored` with tokens whose engine block (`block_size`) is not a multiple of the
+    /// index's (`blockSizeTokens`): an engine block would end partway through an index block,
+    /// so a child store chained from it would hash its tokens as if they began a new index
+    /// block (keys no request has), and removing that engine block alone would remove an
+    /// index key the engine's earlier blocks still hold. A misconfiguration, not one bad
+    /// event: every store of that engine goes this way.
+    BlockSize,
 }
 
 impl Dropped {
     /// Every reason, in [`Applied::dropped`]'s order.
-    pub const ALL: [Dropped; 7] = [
+    pub const ALL: [Dropped; 8] = [
         Dropped::UnknownParent,
         Dropped::NoFullBlock,
         Dropped::UnknownBlocks,
@@ -192,6 +199,7 @@ impl Dropped {
         Dropped::Clearing,
         Dropped::BatchCap,
         Dropped::EndpointShare,
+        Dropped::BlockSize,
     ];
 
     /// A metric label.
@@ -204,6 +212,7 @@ impl Dropped {
             Dropped::Clearing => "clearing",
             Dropped::BatchCap => "batch_cap",
             Dropped::EndpointShare => "endpoint_share",
+            Dropped::BlockSize => "block_size",
         }
     }
 }
@@ -223,6 +232,14 @@ impl Applied {
     /// Events dropped, whatever the reason.
     pub fn dropped_total(&self) -> u32 {
         self.dropped.iter().sum()
+    }
+
+    /// Events dropped for `reason`.
+    pub fn dropped_for(&self, reason: Dropped) -> u32 {
+        Dropped::ALL
+            .iter()
+            .position(|&r| r == reason)
+            .map_or(0, |i| self.dropped[i])
     }
 
     fn drop(&mut self, reason: Dropped) {
@@ -474,6 +491,13 @@ impl<'a> PreparedBatch<'a> {
                     continue;
                 }
             };
+            // Checked first: whatever else is wrong with such a store, its keys would be too
+            // (see `Dropped::BlockSize`). A size of 0 is an encoding that does not carry it (or
+            // a simulator's): taken as before, as engine blocks of any size.
+            if ev.block_size != 0 && !(ev.block_size as usize).is_multiple_of(hasher.block_size()) {
+                out.drop(Dropped::BlockSize);
+                continue;
+            }
             let (parent, parent_hash) = match ev.parent_block_hash {
                 Some(hash) if hash != 0 => match own.get(&hash).or_else(|| parents.get(&hash)) {
                     Some(&key) => (key, Some(hash)),
@@ -512,8 +536,8 @@ impl<'a> PreparedBatch<'a> {
                 out.drop(Dropped::NoFullBlock);
                 continue;
             }
-            // Either way round: an engine block of up to 64 index blocks, or an index block
-            // of up to 64 engine blocks.
+            // Either way round: an engine block of up to 64 index blocks, or (an engine that
+            // does not say its block size) an index block of up to 64 engine hashes.
             let (hashes, n) = (ev.block_hashes.len(), keys.len());
             if n > hashes.saturating_mul(MAX_KEYS_PER_ENGINE_HASH)
                 || hashes > n.saturating_mul(MAX_KEYS_PER_ENGINE_HASH)

@@ -451,12 +451,12 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         now,
     );
     assert_eq!(out.applied, 0);
-    assert_eq!(out.dropped, [1, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(out.dropped, [1, 0, 0, 0, 0, 0, 0, 0]);
     let short = Event::BlockStored(BlockStored {
         block_hashes: vec![9],
         parent_block_hash: None,
         token_ids: vec![1, 2],
-        block_size: 2,
+        block_size: BS as u32,
         lora_id: None,
         lora_name: None,
         medium: Medium::Gpu,
@@ -468,7 +468,7 @@ fn unknown_parents_and_partial_blocks_are_dropped() {
         &batch(vec![short, removed(5, 0..2, Medium::Gpu)]),
         now,
     );
-    assert_eq!(out.dropped, [0, 1, 1, 0, 0, 0, 0]);
+    assert_eq!(out.dropped, [0, 1, 1, 0, 0, 0, 0, 0]);
     assert!(idx.is_empty());
 }
 
@@ -801,6 +801,76 @@ fn lora_blocks_chain_from_the_adapter_name() {
     assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 2);
 }
 
+/// Review 14 (finding 1): an index block larger than the engine's (`blockSizeTokens: 64`
+/// against vLLM's default 16) made keys no request has for every store chained from a parent
+/// that ended partway through an index block, silently, and counted them applied. Such stores
+/// are now dropped and counted under `block_size`; an engine block that is a multiple of the
+/// index's is taken as before, and so is a store that does not say its block size.
+#[test]
+fn an_engine_block_that_is_not_a_multiple_of_the_index_block_is_dropped() {
+    let now = Instant::now();
+    // Request 1 stores 6 engine blocks from the root; request 2 hits that prefix and stores 6
+    // more, chained from the sixth.
+    let two_requests = |engine_block: u32| {
+        let n = 6 * engine_block;
+        let first = root_store(
+            vec![1, 2, 3, 4, 5, 6],
+            (0..n).collect(),
+            engine_block,
+            Medium::Gpu,
+        );
+        let mut next = root_store(
+            vec![7, 8, 9, 10, 11, 12],
+            (n..2 * n).collect(),
+            engine_block,
+            Medium::Gpu,
+        );
+        if let Event::BlockStored(s) = &mut next {
+            s.parent_block_hash = Some(6);
+        }
+        (batch(vec![first, next]), (0..2 * n).collect::<Vec<u32>>())
+    };
+
+    // Engine 16, index 64: both dropped, nothing stored, nothing counted applied.
+    let coarse = KeyHasher::new(64, "", HashAlgorithm::CborFnv);
+    let mut idx = KvIndex::new(coarse, IndexLimits::default());
+    let (b, _) = two_requests(16);
+    let out = idx.apply(ep(0), MODEL, &b, now);
+    assert_eq!(
+        (
+            out.applied,
+            out.dropped_for(Dropped::BlockSize),
+            out.dropped_total()
+        ),
+        (0, 2, 2)
+    );
+    assert!(idx.is_empty() && idx.engine_keys() == 0);
+
+    // Engine 64, index 16: taken, every key matches.
+    let fine = KeyHasher::new(16, "", HashAlgorithm::CborFnv);
+    let mut idx = KvIndex::new(fine, IndexLimits::default());
+    let (b, prompt) = two_requests(64);
+    let out = idx.apply(ep(0), MODEL, &b, now);
+    assert_eq!((out.applied, out.dropped_total()), (2, 0));
+    let keys = fine.prompt_keys(MODEL, None, &prompt, usize::MAX);
+    assert_eq!(keys.len(), 48);
+    assert_eq!(blocks(&lookup(&idx, &keys, &[0]), 0), 48);
+
+    idx.check_invariants();
+
+    // An engine that does not say its block size (`block_size` 0, an older encoding): taken as
+    // before, whatever the index's block size.
+    let mut idx = KvIndex::new(coarse, IndexLimits::default());
+    let (mut b, _) = two_requests(16);
+    for e in &mut b.events {
+        if let Event::BlockStored(s) = e {
+            s.block_size = 0;
+        }
+    }
+    let out = idx.apply(ep(0), MODEL, &b, now);
+    assert_eq!((out.applied, out.dropped_total()), (2, 0));
+}
+
 #[test]
 fn engine_blocks_larger_than_index_blocks_map_to_several_keys() {
     // The engine's 8-token blocks are two of the index's 4-token blocks each.
@@ -1083,7 +1153,7 @@ fn a_parent_stored_earlier_in_the_batch_chains_the_next_store() {
     );
     assert_eq!(
         (applied.applied, applied.dropped),
-        (2, [1, 0, 0, 0, 0, 0, 0])
+        (2, [1, 0, 0, 0, 0, 0, 0, 0])
     );
     assert_eq!(blocks(&lookup(&idx, &request(1, 5), &[0]), 0), 5);
 }
@@ -1227,11 +1297,12 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     // more index blocks than a hash may stand for: dropped.
     let fanned = one_hash(65_536 * BS, BS as u32);
     let unsized_ = one_hash((MAX_KEYS_PER_ENGINE_HASH + 1) * BS, 0);
-    // And a full block of tokens announced under more hashes than 64 a block.
+    // And a full block of tokens announced under more hashes than 64 a block (by an engine
+    // that does not say its block size: one that says 1 is dropped for that alone).
     let many_hashes = root_store(
         (0..=MAX_KEYS_PER_ENGINE_HASH as u64).collect(),
         (0..BS as u32).collect(),
-        1,
+        0,
         Medium::Gpu,
     );
     // And one hash repeated: 100 of them for 6,400 blocks would be one entry of 6,400 keys.
@@ -1243,7 +1314,7 @@ fn an_engine_hash_stands_for_a_bounded_number_of_keys() {
     );
     let four = batch(vec![fanned, unsized_, many_hashes, repeated]);
     let out = idx.apply(ep(0), MODEL, &four, now);
-    assert_eq!(out.dropped, [0, 0, 0, 4, 0, 0, 0]);
+    assert_eq!(out.dropped, [0, 0, 0, 4, 0, 0, 0, 0]);
     assert!(idx.is_empty() && idx.engine_keys() == 0);
     // An engine block of 64 index blocks is taken: one hash, 64 keys.
     let wide = MAX_KEYS_PER_ENGINE_HASH * BS;
