@@ -131,12 +131,17 @@ impl Plugin for P2pSourceProducer {
     }
 }
 
-/// Prompt tokens a peer could pull from `endpoint`: its own tiers' leading run.
+/// Prompt tokens a peer could pull from `endpoint`: its own tiers' leading run. From the
+/// approximate index only when the precise one did not look the request up (not configured,
+/// no token ids, a salted request): where it did, an endpoint whose stream is not trusted is
+/// no source (`PreciseMatch::source_tokens`).
 fn source_tokens(state: &CycleState, endpoint: &Endpoint) -> u64 {
-    let approx = state.prefix.as_ref();
     match &state.precise {
-        Some(m) => m.source_tokens(endpoint, approx),
-        None => approx.map_or(0, |p| p.matched_tokens(endpoint)),
+        Some(m) => m.source_tokens(endpoint),
+        None => state
+            .prefix
+            .as_ref()
+            .map_or(0, |p| p.matched_tokens(endpoint)),
     }
 }
 

@@ -571,14 +571,17 @@ impl PreciseMatch {
     }
 
     /// Prompt tokens a peer could pull from the endpoint: the leading run its engine has
-    /// announced in its own tiers (never the shared store nor speculative entries); the
-    /// approximate index's count when not trusted.
-    pub fn source_tokens(&self, endpoint: &Endpoint, approx: Option<&PrefixMatch>) -> u64 {
+    /// announced in its own tiers (never the shared store nor speculative entries); none when
+    /// its stream is not trusted. The approximate index would name it from this EPP's own
+    /// routing history, as unproven as a speculative entry (a request routed there
+    /// milliseconds ago, an engine whose connection just closed): a pull of blocks it has not
+    /// computed loads nothing. Scoring still falls back to it ([`PreciseMatch::score`]).
+    pub fn source_tokens(&self, endpoint: &Endpoint) -> u64 {
         if self.is_trusted(endpoint) {
             u64::from(self.lookup.of(endpoint.id).local_run)
                 .saturating_mul(self.block_tokens as u64)
         } else {
-            approx.map_or(0, |m| m.matched_tokens(endpoint))
+            0
         }
     }
 

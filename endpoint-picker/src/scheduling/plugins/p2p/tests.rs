@@ -275,3 +275,51 @@ fn sources_in_the_one_block_band_share_the_pulls_by_queue() {
     assert_eq!(picks[2], 0);
     assert!((700..900).contains(&picks[0]), "{picks:?}");
 }
+
+/// Review 14 (finding 6): where the precise index looked the request up, an endpoint whose
+/// event stream is not trusted (never heard from, down, in a gap's fallback) was a source by
+/// the approximate index's count, i.e. by this EPP's own routing history: a request routed
+/// there 5 ms earlier made it the pull source of the next one, for blocks it had not computed.
+/// It is no source now; without the precise index the approximate one still decides.
+#[test]
+fn an_untrusted_endpoint_is_never_a_pull_source_when_the_precise_index_looked() {
+    use crate::kv_index::Lookup;
+    use crate::scheduling::plugins::precise::PreciseMatch;
+
+    let cands = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
+    let p = P2pSourceProducer::default();
+    // Routing history: endpoint 0 took this prefix (10 blocks of 16 tokens).
+    let mut matched = vec![0; 4];
+    matched[cands[0].endpoint.id.0 as usize] = 10;
+    let prefix = crate::scheduling::PrefixMatch {
+        hashes: vec![0; 12],
+        matched,
+        block_tokens: 16,
+        tokens_through: Vec::new(),
+    };
+    // The precise index looked the request up; no candidate's stream is trusted yet.
+    let precise = PreciseMatch {
+        keys: vec![0; 12],
+        lookup: Lookup::default(),
+        trusted: vec![false; 4],
+        block_tokens: 16,
+    };
+    let req = request(1, 1, "r");
+    let mut state = CycleState::new(Instant::now());
+    state.prefix = Some(prefix.clone());
+    state.precise = Some(precise);
+    p.produce(&req, &cands, &mut state);
+    let sources = state.p2p.as_ref().unwrap();
+    assert!(
+        sources.best.is_none() && sources.second.is_none(),
+        "{sources:?}"
+    );
+
+    // Without the precise index, routing history is all there is, as before.
+    let mut state = CycleState::new(Instant::now());
+    state.prefix = Some(prefix);
+    p.produce(&req, &cands, &mut state);
+    let sources = state.p2p.as_ref().unwrap();
+    let (best, tokens) = sources.best.as_ref().unwrap();
+    assert_eq!((best.id, *tokens), (cands[0].endpoint.id, 160));
+}

@@ -390,12 +390,8 @@ fn the_store_written_by_one_endpoint_serves_all_of_them() {
     assert_eq!((t1.gpu, t1.shared), (0, 16));
     let m = state.precise.as_ref().unwrap();
     assert_eq!(m.cached_tokens_by_tier(&c[1].endpoint), Some([0, 0, 0, 16]));
-    assert_eq!(
-        m.source_tokens(&c[1].endpoint, None),
-        0,
-        "the store is no peer"
-    );
-    assert_eq!(m.source_tokens(&c[0].endpoint, None), 16);
+    assert_eq!(m.source_tokens(&c[1].endpoint), 0, "the store is no peer");
+    assert_eq!(m.source_tokens(&c[0].endpoint), 16);
 }
 
 /// Review (M1): any engine could say a block is in the shared store and every candidate got
