@@ -140,12 +140,12 @@ pub async fn subscribe_all(
     let endpoints: Vec<_> = endpoints.into_iter().map(|e| (dns_name(&e), e)).collect();
     let names = endpoints.iter().filter(|(name, _)| name.is_some()).count();
     let cap = per_name_cap(names, endpoints.len() - names);
-    let mut peers = tokio::task::JoinSet::new();
-    for (name, endpoint) in endpoints {
+    let start = |i: usize| -> PeerTask {
+        let (name, endpoint) = &endpoints[i];
         match name {
-            Some((host, port)) => peers.spawn(follow_name(
-                host,
-                port,
+            Some((host, port)) => Box::pin(follow_name(
+                host.clone(),
+                *port,
                 cap,
                 own,
                 datastore.clone(),
@@ -153,16 +153,57 @@ pub async fn subscribe_all(
                 metrics.clone(),
                 token.clone(),
             )),
-            None => peers.spawn(subscribe(
-                endpoint,
+            None => Box::pin(subscribe(
+                endpoint.clone(),
                 datastore.clone(),
                 index.clone(),
                 metrics.clone(),
                 token.clone(),
             )),
-        };
+        }
+    };
+    supervise(endpoints.len(), &token, start).await;
+}
+
+/// One peer's task (an address's subscriber, or a name's follower).
+type PeerTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs `start(i)` for each of `peers` until `token` fires, and until they end. One that fails
+/// (a panic: they return only when stopped) is started again after [`PEER_RESOLVE_INTERVAL`],
+/// as [`follow_name`] starts a failed address's subscriber again at its next resolution:
+/// otherwise that peer would be lost until every other one ended too and the supervisor
+/// restarted the whole task. The wait keeps a subscriber that fails at once from spinning.
+async fn supervise<F, Fut>(peers: usize, token: &CancellationToken, start: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut which: HashMap<tokio::task::Id, usize> = HashMap::new();
+    for i in 0..peers {
+        which.insert(tasks.spawn(start(i)).id(), i);
     }
-    while peers.join_next().await.is_some() {}
+    while let Some(done) = tasks.join_next_with_id().await {
+        let (id, error) = match done {
+            Ok((id, ())) => (id, None),
+            Err(error) => (error.id(), Some(error)),
+        };
+        let Some(i) = which.remove(&id) else { continue };
+        let Some(error) = error else { continue };
+        if token.is_cancelled() {
+            continue;
+        }
+        tracing::warn!(peer = i, %error, "speculative peers: a peer's task failed; starting it again in {PEER_RESOLVE_INTERVAL:?}");
+        let (again, token) = (start(i), token.clone());
+        let task = tasks.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = tokio::time::sleep(PEER_RESOLVE_INTERVAL) => {}
+            }
+            again.await;
+        });
+        which.insert(task.id(), i);
+    }
 }
 
 /// The host and port of a `tcp://<host>:<port>` endpoint whose host is a name, not an IP

@@ -430,3 +430,41 @@ fn a_message_over_the_rate_is_counted_and_applies_nothing() {
         2
     );
 }
+
+/// Review 14 (finding 9): a subscriber of a peer given by its address that panicked was
+/// joined and forgotten, the peer lost until every other peer's task ended too. It is
+/// started again (after the resolution interval, as a name's failed address is).
+#[tokio::test(start_paused = true)]
+async fn a_peer_task_that_panics_is_started_again() {
+    use std::sync::atomic::AtomicUsize;
+
+    let token = CancellationToken::new();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let start = {
+        let token = token.clone();
+        move |peer: usize| {
+            let (n, tx, token) = (
+                starts.fetch_add(1, Ordering::Relaxed),
+                tx.clone(),
+                token.clone(),
+            );
+            async move {
+                let _ = tx.send((peer, n));
+                assert_ne!(n, 0, "a subscriber bug, the first time only");
+                token.cancelled().await;
+            }
+        }
+    };
+    let supervisor = tokio::spawn({
+        let token = token.clone();
+        async move { supervise(1, &token, start).await }
+    });
+    assert_eq!(rx.recv().await, Some((0, 0)));
+    let at = Instant::now();
+    assert_eq!(rx.recv().await, Some((0, 1)), "started again");
+    assert!(at.elapsed() >= PEER_RESOLVE_INTERVAL);
+    token.cancel();
+    supervisor.await.unwrap();
+    assert_eq!(rx.recv().await, None, "not started once stopped");
+}
