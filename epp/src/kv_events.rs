@@ -37,7 +37,10 @@ use endpoint_picker::kv_index::groups::CacheGroups;
 use endpoint_picker::kv_index::{Applied, Dropped, GAP_FALLBACK, SharedKvIndex, StreamState};
 use endpoint_picker::scheduling::plugins::precise::KvEventsSettings;
 use kv_events::{EventBatch, Skipped};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -153,6 +156,68 @@ pub struct DropLabels {
 /// blocks, not events: `kv_events::codec`).
 pub const SKIP_REASONS: [&str; 3] = ["unknown_type", "unknown_medium", "extra_keys"];
 
+/// `reason` of `inference_extension_kv_events_transport_total`: what the transport below the
+/// index lost or refused, before any batch reached it (so no endpoint is named: summed over
+/// every subscriber of the process). `decode`: a payload that did not decode; `bad_message`:
+/// not `[topic, seq, payload]`, or a bad topic frame; `queue_full`: a decoded batch dropped
+/// for a full channel or queue budget; `evicted_topic`: a bound socket's topic forgotten for
+/// a new one; `peer_lost`: a bound socket's publisher whose connection failed; and the frame
+/// guard's `cut_off` (a frame or message too large, or too slow), `over_budget` (unfinished
+/// messages over their budget) and `refused` (connections over the caps).
+pub const TRANSPORT_REASONS: [&str; 8] = [
+    "decode",
+    "bad_message",
+    "queue_full",
+    "evicted_topic",
+    "peer_lost",
+    "cut_off",
+    "over_budget",
+    "refused",
+];
+
+/// The transport counters of [`TRANSPORT_REASONS`], in its order.
+fn transport_counts(s: &kv_events::transport::SubscriberStatsSnapshot) -> [u64; 8] {
+    [
+        s.decode_errors,
+        s.bad_messages,
+        s.dropped,
+        s.evicted_topics,
+        s.peers_lost,
+        s.peers_cut_off,
+        s.peers_over_budget,
+        s.peers_refused,
+    ]
+}
+
+/// `reason` (one of [`TRANSPORT_REASONS`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// Reads the subscribers' counters at each scrape: the transport counts them where they
+/// happen, with no task of ours to wake on a payload that never decodes.
+#[derive(Debug)]
+struct TransportCollector(Arc<kv_events::transport::SubscriberStats>);
+
+impl Collector for TransportCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counts = transport_counts(&self.0.snapshot());
+        let mut family = encoder.encode_descriptor(
+            "inference_extension_kv_events_transport",
+            "KV-event messages and connections the transport lost or refused before they \
+             reached the index, by reason, summed over every subscriber",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in TRANSPORT_REASONS.into_iter().zip(counts) {
+            ConstCounter::new(n).encode(family.encode_family(&TransportLabels { reason })?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The KV-event metrics. Labels are bounded by the pool's endpoints; a departed endpoint's
 /// series go with it.
 #[derive(Debug, Clone, Default)]
@@ -177,6 +242,9 @@ pub struct KvEventMetrics {
     /// to and not stopped (every address of a peer name counts; an unreachable peer still counts
     /// while its socket redials).
     pub peers_followed: Gauge,
+    /// `inference_extension_kv_events_transport_total`: what every ZMQ subscriber's transport
+    /// counts ([`ZmqConnector::counting_into`]), read at each scrape.
+    pub transport: Arc<kv_events::transport::SubscriberStats>,
 }
 
 /// `outcome` of a peer message: `sent`, `applied`, or why it was dropped: `queue_full` (the
@@ -197,6 +265,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_kv_index_entries", "gauge"),
     ("inference_extension_speculation_peer_messages", "counter"),
     ("inference_extension_speculation_peers_followed", "gauge"),
+    ("inference_extension_kv_events_transport", "counter"),
 ];
 
 impl KvEventMetrics {
@@ -243,6 +312,7 @@ impl KvEventMetrics {
             "Peer EPP addresses (speculativePeers) this EPP has subscribed to and not stopped",
             self.peers_followed.clone(),
         );
+        r.register_collector(Box::new(TransportCollector(self.transport.clone())));
     }
 
     /// Records one applied batch.
@@ -430,7 +500,10 @@ pub async fn handle<S: KvEventSource>(
                  and the endpoint is scored from the approximate index"
             );
         }
-        metrics.count_dropped(pod, "bad_topic", msg.batch.events.len() as u64);
+        let n = msg.batch.events.len() as u64;
+        // Received and dropped alike, so that received ≥ applied + dropped holds.
+        metrics.received.get_or_create(pod).inc_by(n);
+        metrics.count_dropped(pod, "bad_topic", n);
         return;
     };
     let model = model.to_owned();
@@ -471,8 +544,9 @@ pub async fn handle<S: KvEventSource>(
                             break;
                         }
                         next += 1;
+                        let received = m.batch.events.len();
                         read_prefix_groups(metrics, pod, tracker, &mut m);
-                        apply(index, metrics, pod, endpoint, tracker, &model, &m).await;
+                        apply(index, metrics, pod, endpoint, tracker, &model, &m, received).await;
                     }
                     next == msg.seq
                 }
@@ -490,8 +564,14 @@ pub async fn handle<S: KvEventSource>(
             }
         }
     }
+    // Counted before the other groups' events are left out: they were received, and are
+    // counted dropped (`other_group`).
+    let received = msg.batch.events.len();
     read_prefix_groups(metrics, pod, tracker, &mut msg);
-    apply(index, metrics, pod, endpoint, tracker, &model, &msg).await;
+    apply(
+        index, metrics, pod, endpoint, tracker, &model, &msg, received,
+    )
+    .await;
 }
 
 /// Leaves out of `msg` the events of cache groups the index does not read (a hybrid model's
@@ -508,6 +588,9 @@ fn read_prefix_groups(
     }
 }
 
+/// Applies `msg` (its other groups' events already left out) and records it: `received`
+/// events as the engine sent them.
+#[allow(clippy::too_many_arguments)] // `handle`'s context, passed through
 async fn apply(
     index: &SharedKvIndex,
     metrics: &KvEventMetrics,
@@ -516,6 +599,7 @@ async fn apply(
     tracker: &mut SequenceTracker,
     model: &str,
     msg: &KvMessage,
+    received: usize,
 ) {
     let batch = &msg.batch;
     // Keys hashed off the lock, written in bounded slices, the worker's other tasks served
@@ -554,7 +638,7 @@ async fn apply(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    metrics.record(pod, batch.events.len(), &applied, now - batch.ts);
+    metrics.record(pod, received, &applied, now - batch.ts);
     metrics.record_skipped(pod, &msg.skipped);
 }
 
@@ -1048,13 +1132,25 @@ async fn subscribe_bound<C: Connector>(
 pub struct ZmqConnector {
     budget: kv_events::transport::QueueBudget,
     unfinished: kv_events::transport::UnfinishedBudget,
+    /// Every subscriber's counters (decode errors, drops, the frame guard's cuts).
+    stats: Arc<kv_events::transport::SubscriberStats>,
 }
 
 impl Default for ZmqConnector {
     fn default() -> Self {
+        Self::counting_into(Arc::default())
+    }
+}
+
+impl ZmqConnector {
+    /// A connector whose subscribers all count into `stats` ([`KvEventMetrics::transport`],
+    /// which exports them): a payload that never decodes reaches no handler, so the
+    /// transport's count is all there is of it.
+    pub fn counting_into(stats: Arc<kv_events::transport::SubscriberStats>) -> Self {
         Self {
             budget: kv_events::transport::QueueBudget::new(ZMQ_QUEUE_BYTES),
             unfinished: kv_events::transport::UnfinishedBudget::default(),
+            stats,
         }
     }
 }
@@ -1176,11 +1272,11 @@ impl Connector for ZmqConnector {
             }
         };
         let subscriber = if bind {
-            Subscriber::bind(config)
+            Subscriber::bind_with_stats(config, self.stats.clone())
                 .await
                 .map_err(|e| SourceError::Connection(e.to_string()))?
         } else {
-            Subscriber::new(config)
+            Subscriber::with_stats(config, self.stats.clone())
         };
         let subscriber = subscriber
             .with_queue_budget(self.budget.clone())

@@ -329,6 +329,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("inference_extension_kv_index_entries", "gauge"),
     ("inference_extension_speculation_peer_messages", "counter"),
     ("inference_extension_speculation_peers_followed", "gauge"),
+    ("inference_extension_kv_events_transport", "counter"),
     ("inference_extension_token_producer_requests", "counter"),
     (
         "inference_extension_token_producer_duration_seconds",

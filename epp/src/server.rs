@@ -425,7 +425,9 @@ pub async fn serve_with_handles(
             OnExit::Restart,
             factory(move |token| {
                 crate::kv_events::run(
-                    Arc::new(crate::kv_events::ZmqConnector::default()),
+                    Arc::new(crate::kv_events::ZmqConnector::counting_into(
+                        metrics.transport.clone(),
+                    )),
                     datastore.clone(),
                     index.clone(),
                     metrics.clone(),

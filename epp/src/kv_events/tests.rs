@@ -813,6 +813,32 @@ async fn a_sliding_windows_evictions_leave_the_full_attention_blocks() {
     one.stop().await;
 }
 
+/// Review 14 (finding 9): events were counted received after a hybrid model's other groups'
+/// were left out of the batch, and a topic naming no model was counted dropped but never
+/// received, so `received < applied + dropped` could hold. Both are received now.
+#[tokio::test(start_paused = true)]
+async fn events_are_counted_received_before_any_is_left_out() {
+    let mut one = OneEngine::start().await;
+    let received = |one: &OneEngine| one.metrics.received.get_or_create(&pod(1)).get();
+    one.wire.send(hybrid_message(0, 1)).await;
+    assert_eq!(
+        (
+            received(&one),
+            one.metrics.applied.get_or_create(&pod(1)).get(),
+            one.dropped("other_group")
+        ),
+        (2, 1, Some(1))
+    );
+    one.wire
+        .send(KvMessage {
+            topic: "kv@127.0.0.1:8000".into(),
+            ..message(1, 2)
+        })
+        .await;
+    assert_eq!((received(&one), one.dropped("bad_topic")), (3, Some(1)));
+    one.stop().await;
+}
+
 /// A topic that names no model (`kv@<pod>` without `@<model>`) feeds nothing: its batches are
 /// dropped as `bad_topic` and the stream is not taken for live (the precise scorer would
 /// otherwise score the endpoint from an index nothing fills).
@@ -934,4 +960,102 @@ async fn a_gaps_fallback_outlives_a_reconnection() {
 
     token.cancel();
     manager.await.unwrap();
+}
+
+/// Review 14 (finding 2): the transport's counters (payloads that never decode, batches
+/// dropped for a full queue, the frame guard's cuts) were kept by each subscriber and read by
+/// nothing: an engine whose every payload failed to decode reached no handler, counted
+/// nothing received or dropped, and was silently scored from the approximate index. The
+/// connector's subscribers now count into the metrics' stats, exported at each scrape.
+#[tokio::test]
+async fn a_payload_that_never_decodes_shows_in_the_exposition() {
+    use bytes::Bytes;
+    use kv_events::{Encoder, Encoding};
+    use zeromq::{PubSocket, Socket, SocketSend, ZmqMessage};
+
+    let metrics = KvEventMetrics::default();
+    let connector = ZmqConnector::counting_into(metrics.transport.clone());
+    let mut publisher = PubSocket::new();
+    let endpoint = publisher
+        .bind("tcp://127.0.0.1:0")
+        .await
+        .unwrap()
+        .to_string();
+    let mut source = connector
+        .connect(endpoint, None, String::new(), false)
+        .await
+        .unwrap();
+    let frames = |topic: &str, seq: u64, payload: Vec<u8>| {
+        ZmqMessage::try_from(vec![
+            Bytes::from(topic.to_owned()),
+            Bytes::copy_from_slice(&seq.to_be_bytes()),
+            Bytes::from(payload),
+        ])
+        .unwrap()
+    };
+    let good = Encoder::new(Encoding::Array)
+        .encode(&message(0, 1).batch)
+        .unwrap();
+    // The next message on `topic`, skipping peer changes.
+    async fn next_on(source: &mut ZmqSource, topic: &str) -> KvMessage {
+        loop {
+            if let SourceEvent::Message(m) = source.recv().await.unwrap()
+                && m.topic == topic
+            {
+                return m;
+            }
+        }
+    }
+    // A PUB socket drops what it publishes before the subscription reached it: publish until
+    // a message comes through (each wait bounded, all of them too).
+    let warm = async {
+        for seq in 0.. {
+            publisher
+                .send(frames("kv@warm@m", seq, good.clone()))
+                .await
+                .unwrap();
+            let wait = Duration::from_millis(50);
+            if tokio::time::timeout(wait, next_on(&mut source, "kv@warm@m"))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), warm)
+        .await
+        .expect("the subscription reached the publisher");
+    // An undecodable payload (0xc1: no msgpack value starts so), then a good batch on the same
+    // connection: once the second is out, the first has been read and counted.
+    publisher
+        .send(frames("kv@a@m", 0, vec![0xc1]))
+        .await
+        .unwrap();
+    publisher
+        .send(frames("kv@a@m", 1, good.clone()))
+        .await
+        .unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(10), next_on(&mut source, "kv@a@m"))
+        .await
+        .expect("the good batch");
+    assert_eq!(after.seq, 1);
+
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("inference_extension_kv_events_transport_total{reason=\"decode\"} 1\n"),
+        "{text}"
+    );
+    // Every reason is a series from the start, so that an alert's rate() sees the first one.
+    for reason in TRANSPORT_REASONS {
+        assert!(
+            text.contains(&format!(
+                "inference_extension_kv_events_transport_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason}"
+        );
+    }
 }

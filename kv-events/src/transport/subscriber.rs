@@ -478,11 +478,20 @@ impl Subscriber {
     /// A central-mode subscriber whose socket is bound now: a bad endpoint fails here, and
     /// [`Subscriber::local_endpoint`] tells the port the OS picked for port 0.
     pub async fn bind(config: SubscriberConfig) -> Result<Self, TransportError> {
+        Self::bind_with_stats(config, Arc::default()).await
+    }
+
+    /// [`Subscriber::bind`], counting into `stats` (as [`Subscriber::with_stats`]: its frame
+    /// guard's counters are `stats.guard`, taken when the socket is bound).
+    pub async fn bind_with_stats(
+        config: SubscriberConfig,
+        stats: Arc<SubscriberStats>,
+    ) -> Result<Self, TransportError> {
         let config = SubscriberConfig {
             mode: SubscribeMode::Bind,
             ..config
         };
-        let mut sub = Self::new(config);
+        let mut sub = Self::with_stats(config, stats);
         sub.bound = Some(sub.open().await?);
         Ok(sub)
     }
