@@ -418,13 +418,15 @@ impl ObserverState {
         self.bytes += chunk.len();
         self.body_messages += 1;
         if self.streaming {
-            if self.first_chunk_at.is_none() && !chunk.is_empty() {
-                self.first_chunk_at = Some(Instant::now());
-                // An error answer's first chunk ends the prefill but says nothing of TTFT.
-                self.first_token(self.succeeded);
-            }
             self.sse
                 .feed_charged(&chunk, &self.ctx.options.held_response_bytes);
+            // The first `data:` event, not the first byte (an SSE comment kept the connection
+            // open before any token existed), as on the routing stream.
+            if self.first_chunk_at.is_none() && self.sse.data_events() > 0 {
+                self.first_chunk_at = Some(Instant::now());
+                // An error answer's first event ends the prefill but says nothing of TTFT.
+                self.first_token(self.succeeded);
+            }
         } else if !self.overflowed {
             let budget = &self.ctx.options.held_response_bytes;
             if self.copy.len() + chunk.len() > MAX_RESPONSE_COPY

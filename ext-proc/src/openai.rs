@@ -1030,7 +1030,9 @@ impl SseUsageScanner {
     }
 
     fn feed_within(&mut self, mut chunk: &[u8], budget: Option<&Arc<BodyBudget>>) {
-        while let Some(nl) = memchr::memchr(b'\n', chunk) {
+        // SSE ends a line at LF, CR or CRLF: a CR alone ends one too (the LF of a CRLF then
+        // ends an empty line, which is no event). No JSON value holds a raw CR or LF.
+        while let Some(nl) = memchr::memchr2(b'\n', b'\r', chunk) {
             let line_end = &chunk[..nl];
             if self.overflowed || self.partial.len() + line_end.len() > MAX_SSE_LINE {
                 // A line over the limit is skipped however the stream was cut (the usage kept
@@ -1066,7 +1068,6 @@ impl SseUsageScanner {
     }
 
     fn line(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };

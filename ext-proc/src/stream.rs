@@ -293,7 +293,9 @@ struct ResponseState {
     /// Response body messages received: none on the lean path, where the size is unknown.
     body_messages: usize,
     complete: bool,
-    /// When the first non-empty streamed body chunk arrived (time to first token).
+    /// When the chunk that completed the streamed answer's first `data:` event arrived (time
+    /// to first token): not its first byte, which may be an SSE comment a proxy or an engine
+    /// sends to keep the connection open before any token exists.
     first_chunk_at: Option<Instant>,
 }
 
@@ -1207,9 +1209,11 @@ impl StreamState {
         self.response.bytes += chunk.len();
         self.response.body_messages += 1;
         if self.response.streaming {
-            if self.response.first_chunk_at.is_none() && !chunk.is_empty() {
+            let budget = &self.ctx.options.held_response_bytes;
+            self.response.sse.feed_charged(&chunk, budget);
+            if self.response.first_chunk_at.is_none() && self.response.sse.data_events() > 0 {
                 self.response.first_chunk_at = Some(Instant::now());
-                // An error answer's first chunk ends the prefill but is no time to first
+                // An error answer's first event ends the prefill but is no time to first
                 // token: it must not teach the cost model that the endpoint is fast.
                 let succeeded = self
                     .response
@@ -1220,8 +1224,6 @@ impl StreamState {
                     routed.first_token(succeeded);
                 }
             }
-            let budget = &self.ctx.options.held_response_bytes;
-            self.response.sse.feed_charged(&chunk, budget);
             let Some(out) = self.rewrite_back(chunk, eos) else {
                 return Vec::new();
             };

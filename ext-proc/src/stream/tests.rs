@@ -2195,6 +2195,55 @@ async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
     );
 }
 
+/// Review 15 (finding 7): the first token was stamped at the first non-empty chunk, and an
+/// SSE comment sent to keep the connection open (`: ping`, by a proxy or an engine before any
+/// token exists) is one: the time to first token came out short, the prefill ended early, and
+/// the cost model learned the endpoint was fast. The first `data:` event stamps it now, also
+/// one whose line ends in a CR alone (SSE's third line ending).
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_comment_is_no_first_token() {
+    let h = Harness::new(2);
+    let first_chunks = Arc::new(Completions::default());
+    let ctx = Arc::new(ServiceContext {
+        director: h.director.clone(),
+        recorder: first_chunks.clone(),
+        options: h.options.clone(),
+    });
+    for ending in ["\n", "\r"] {
+        let mut s = StreamState::new(ctx.clone());
+        let routing = send_chat(&mut s, "m", &[]);
+        let endpoint = routed_endpoint(&h, &routing[0]);
+        let prefilling = || h.director.in_flight().reading(endpoint.id).prefilling;
+        let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+        s.on_message(resp_headers(&sse, false, None));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        s.on_message(resp_body(
+            format!(": ping{ending}{ending}").as_bytes(),
+            false,
+        ));
+        assert_eq!(prefilling(), 1, "a comment is no token");
+        tokio::time::advance(Duration::from_millis(25)).await;
+        // The event's line split across two chunks: it is a token once its line ends.
+        s.on_message(resp_body(b"data: {\"choices\":", false));
+        assert_eq!(prefilling(), 1, "half an event is no token");
+        tokio::time::advance(Duration::from_millis(5)).await;
+        s.on_message(resp_body(format!("[]}}{ending}{ending}").as_bytes(), false));
+        assert_eq!(prefilling(), 0, "the first event ends the prefill");
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let usage = r#"data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+        s.on_message(resp_body(
+            format!("{usage}{ending}{ending}").as_bytes(),
+            true,
+        ));
+    }
+    let completions = first_chunks.0.lock().clone();
+    assert_eq!(
+        completions,
+        [(true, Some(2), Some(Duration::from_millis(40))); 2],
+        "timed to the event, usage read, with either line ending"
+    );
+}
+
 /// A whole (non-streamed) answer's first token comes with the answer: its TTFT is the time to
 /// its end, as the reference records non-streaming TTFT; an error answer has none.
 #[tokio::test(start_paused = true)]
@@ -2255,8 +2304,9 @@ async fn the_answers_content_type_says_whether_it_is_streamed() {
         [
             (false, Some(2), Some(Duration::from_millis(50))),
             (false, Some(2), Some(Duration::from_millis(50))),
-            // No content type: the request asked for a stream, so SSE it is (no usage event).
-            (true, None, Some(Duration::from_millis(50))),
+            // No content type: the request asked for a stream, so SSE it is (no usage event,
+            // and no `data:` event to time a first token by).
+            (true, None, None),
         ]
     );
 }
