@@ -271,8 +271,8 @@ struct Bound {
     /// does not).
     streaming: bool,
     started: Instant,
-    /// Flow control's usage is recorded on the EPP that routed the request only.
-    fairness_id: Option<String>,
+    /// The flow flow control charges the answer to, on whichever EPP hears it.
+    fairness_id: String,
     first_token: Option<FirstToken>,
 }
 
@@ -388,7 +388,7 @@ impl ObserverState {
                 key: watched.key.clone(),
                 streaming: watched.streaming,
                 started: watched.started,
-                fairness_id: Some(watched.fairness_id.clone()),
+                fairness_id: watched.fairness_id.clone(),
                 first_token: watched.first_token.clone(),
             };
             return Ok((bound, ObserverOutcome::Matched));
@@ -403,7 +403,12 @@ impl ObserverState {
             ),
             streaming: tag.streaming,
             started: instant_of_unix_micros(tag.started_us),
-            fairness_id: here.then_some(tag.fairness_id),
+            // Charged here too when another EPP routed it: Envoy spreads a flow's routing
+            // streams and its observer streams over the EPPs alike, so each EPP's fairness
+            // state, charged the answers it hears, holds about its share of every answer. Left
+            // to the routing EPP alone, an answer reached it one time in N (two EPPs: half of
+            // them), and a flow's output went mostly uncharged.
+            fairness_id: tag.fairness_id,
             first_token: None,
         };
         let outcome = if here {
@@ -460,7 +465,7 @@ impl ObserverState {
         self.done = true;
         if let (Some(flow), Some(fairness_id)) = (
             self.ctx.director.flow_control(),
-            self.watched.as_ref().and_then(|w| w.fairness_id.as_deref()),
+            self.watched.as_ref().map(|w| w.fairness_id.as_str()),
         ) {
             flow.record_usage(fairness_id, 0, self.sse.data_events());
         }
@@ -477,10 +482,7 @@ impl ObserverState {
             return;
         };
         let usage: Option<Usage> = self.sse.usage().or_else(|| openai::usage_from_json(&copy));
-        if let (Some(flow), Some(fairness_id)) = (
-            self.ctx.director.flow_control(),
-            watched.fairness_id.as_deref(),
-        ) {
+        if let Some(flow) = self.ctx.director.flow_control() {
             // The answer's share of the flow's attained service (the routing stream charged
             // the prompt when flow control let the request go): usage, else the SSE events.
             let completion = match usage {
@@ -488,7 +490,7 @@ impl ObserverState {
                 None if self.streaming => self.sse.data_events(),
                 None => 0,
             };
-            flow.record_usage(fairness_id, 0, completion);
+            flow.record_usage(&watched.fairness_id, 0, completion);
         }
         self.ctx.recorder.on_observed(&Observation {
             key: &watched.key,

@@ -2484,6 +2484,38 @@ async fn usage_corrects_the_prompt_estimate_and_a_cut_stream_is_charged() {
     task.await.unwrap();
 }
 
+/// Review 15 (finding 8): an answer whose observer stream reached another EPP (half of them
+/// with two) was recorded there but charged to no flow, so least-attained-service fairness
+/// learnt at most half of a flow's output. The EPP that hears the answer charges it now.
+#[tokio::test(start_paused = true)]
+async fn another_epps_answer_is_charged_to_its_flow_here() {
+    use crate::observer::{ObserverState, ObserverStep, Observers};
+    let routing_epp = observing();
+    let mut s = routing_epp.stream();
+    let tenant = [("x-llm-d-inference-fairness-id", "heard-elsewhere")];
+    let routing = send_chat(&mut s, "m", &tenant);
+    // The observer's stream reaches another EPP, with flow control and a table of its own.
+    let mut other = Harness::with_config(1, &las_flow_control(10));
+    other.options.observers = Some(Arc::new(Observers::new(16)));
+    let fc = other.director.flow_control().unwrap().clone();
+    assert_eq!(fc.attained_service("heard-elsewhere"), Some(0.0));
+    let mut o = ObserverState::new(other.ctx());
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0])));
+    let last =
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\n";
+    assert_eq!(
+        o.on_inbound(observed(resp_body(last, true), None)),
+        ObserverStep::Close
+    );
+    assert_eq!(other.events()[0], "observer other_epp");
+    assert_eq!(
+        fc.attained_service("heard-elsewhere"),
+        Some(14.0),
+        "seven output tokens, weighted twice"
+    );
+}
+
 /// The body's deadline runs only while a streamed body is being gathered: not in BUFFERED mode
 /// (Envoy holds the body), nor while the request waits for token ids or in flow control, nor
 /// once it is routed.
