@@ -140,8 +140,14 @@ impl QueueBudget {
     }
 
     /// Charges `bytes` to `held` (a subscriber's or a topic's), or `None` when the budget has
-    /// not that much left or `held` would pass its share.
-    fn charge(&self, bytes: usize, held: &Arc<AtomicUsize>) -> Option<QueueCharge> {
+    /// not that much left or `held` would pass its share. `batches`, when given, counts the
+    /// batch among its topic's queued ones until it is dropped.
+    fn charge(
+        &self,
+        bytes: usize,
+        held: &Arc<AtomicUsize>,
+        batches: Option<&Arc<AtomicUsize>>,
+    ) -> Option<QueueCharge> {
         let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
         // Counted as the budget counts it, in whole KiB.
         let bytes = kib as usize * 1024;
@@ -151,11 +157,15 @@ impl QueueBudget {
         }
         let permit = self.permits.clone().try_acquire_many_owned(kib).ok()?;
         held.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(batches) = batches {
+            batches.fetch_add(1, Ordering::Relaxed);
+        }
         Some(QueueCharge {
             _charged: Arc::new(Charged {
                 _permit: permit,
                 held: held.clone(),
                 bytes,
+                batches: batches.cloned(),
             }),
         })
     }
@@ -194,11 +204,16 @@ struct Charged {
     /// What its topic holds, given back too.
     held: Arc<AtomicUsize>,
     bytes: usize,
+    /// Its topic's queued batches (central mode), one given back.
+    batches: Option<Arc<AtomicUsize>>,
 }
 
 impl Drop for Charged {
     fn drop(&mut self) {
         self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some(batches) = &self.batches {
+            batches.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -363,6 +378,10 @@ struct TopicState {
     /// Bytes of its batches queued ahead of the consumer: its [`QueueBudget`] share in central
     /// mode (in pod mode the subscriber's is charged instead).
     queued: Arc<AtomicUsize>,
+    /// Its batches in the channel to the consumer (central mode): at most a quarter of the
+    /// channel's places, so that an engine publishing many small batches cannot fill the one
+    /// channel every engine's batches go through (bytes alone would let it).
+    queued_batches: Arc<AtomicUsize>,
     next: Option<u64>,
     /// Batches lost since the last delivered one.
     missed: u64,
@@ -423,6 +442,7 @@ impl Topics {
         Some(self.states.entry(key).or_insert(TopicState {
             name: Arc::from(name),
             queued: Arc::default(),
+            queued_batches: Arc::default(),
             next: None,
             missed: 0,
             heard: now,
@@ -710,11 +730,19 @@ impl Subscriber {
         let bytes = payload.len() + batch.approx_bytes();
         // Whose share: the engine's. In pod mode that is the subscriber's, whatever topics the
         // engine makes up; in central mode the topic is all that tells engines apart.
-        let held = match self.config.mode {
-            SubscribeMode::Connect => &self.budget.held,
-            SubscribeMode::Bind => &state.queued,
+        let (held, batches) = match self.config.mode {
+            SubscribeMode::Connect => (&self.budget.held, None),
+            SubscribeMode::Bind => (&state.queued, Some(&state.queued_batches)),
         };
-        let Some(charge) = self.budget.budget.charge(bytes, held) else {
+        // Central mode: a topic's places in the channel, a quarter of them as of the bytes
+        // (the channel, shared by every engine, is all a pod-mode subscriber's own engine has).
+        let places = (out.max_capacity() / 4).max(1);
+        if batches.is_some_and(|b| b.load(Ordering::Relaxed) >= places) {
+            inc(&self.stats.dropped, 1);
+            state.missed = state.missed.saturating_add(1);
+            return true;
+        }
+        let Some(charge) = self.budget.budget.charge(bytes, held, batches) else {
             inc(&self.stats.dropped, 1);
             state.missed = state.missed.saturating_add(1);
             return true;
@@ -1084,6 +1112,45 @@ mod topic_tests {
                 "kv@10.0.0.1:8000@m",
                 "kv@10.0.0.1:8000@m",
                 "kv@10.0.0.2:8000@m"
+            ]
+        );
+    }
+
+    /// Review 14 (finding 3): in central mode every engine's batches go through one channel,
+    /// and the byte shares did not bound its places: an engine publishing many small batches
+    /// faster than the index took them filled it, and every other engine's batches were
+    /// dropped (each a gap that cleared that engine). A topic holds a quarter of the places.
+    #[tokio::test]
+    async fn a_bound_subscriber_gives_each_topic_a_quarter_of_the_channel() {
+        let mut sub = Subscriber::new(SubscriberConfig::bind("tcp://127.0.0.1:0"))
+            .with_queue_budget(QueueBudget::new(64 << 20));
+        let (tx, mut rx) = mpsc::channel(8);
+        let busy = "kv@10.0.0.1:8000@m";
+        for seq in 0..5 {
+            assert!(sub.on_message(message(busy, seq), &tx).await);
+        }
+        assert_eq!(sub.stats.snapshot().dropped, 3, "two places of eight");
+        for seq in 0..2 {
+            assert!(
+                sub.on_message(message("kv@10.0.0.2:8000@m", seq), &tx)
+                    .await
+            );
+        }
+        assert_eq!(sub.stats.snapshot().dropped, 3, "the other engine's fit");
+        // A batch taken (and let go) by the consumer gives its place back.
+        drop(rx.try_recv().unwrap());
+        assert!(sub.on_message(message(busy, 5), &tx).await);
+        assert_eq!(sub.stats.snapshot().dropped, 3);
+        let delivered: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|b| (b.topic.to_string(), b.seq, b.missed_before))
+            .collect();
+        assert_eq!(
+            delivered,
+            [
+                (busy.to_owned(), 1, 0),
+                ("kv@10.0.0.2:8000@m".to_owned(), 0, 0),
+                ("kv@10.0.0.2:8000@m".to_owned(), 1, 0),
+                (busy.to_owned(), 5, 3),
             ]
         );
     }
