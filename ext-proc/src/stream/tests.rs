@@ -1184,6 +1184,18 @@ async fn buffered_bounds_and_headers_only_requests() {
     ));
 }
 
+/// Sends `first` as a stream's first message: it must be refused at once with a 500 that names
+/// `mode`, and the stream end. Returns the answer's body.
+fn refused_at_once_naming(h: &Harness, first: ProcessingRequest, mode: BodySendMode) -> String {
+    let mut s = h.stream();
+    let out = s.on_message(first);
+    let (status, body) = immediate(&out[0]);
+    assert_eq!(status, 500, "{mode:?}");
+    assert!(body.contains(mode.as_str_name()), "{body}");
+    assert!(s.is_done());
+    body
+}
+
 #[tokio::test(start_paused = true)]
 async fn request_body_modes_the_epp_cannot_route_with_get_a_500_at_once() {
     let h = Harness::new(1);
@@ -1192,12 +1204,11 @@ async fn request_body_modes_the_epp_cannot_route_with_get_a_500_at_once() {
         BodySendMode::Streamed,
         BodySendMode::BufferedPartial,
     ] {
-        let mut s = h.stream();
-        let out = s.on_message(with_request_body_mode(post("/v1/completions", &[]), mode));
-        let (status, body) = immediate(&out[0]);
-        assert_eq!(status, 500, "{mode:?}");
-        assert!(body.contains(mode.as_str_name()), "{body}");
-        assert!(s.is_done());
+        refused_at_once_naming(
+            &h,
+            with_request_body_mode(post("/v1/completions", &[]), mode),
+            mode,
+        );
     }
     // FULL_DUPLEX_STREAMED announced is today's behaviour: headers deferred to the body.
     let mut s = h.stream();
@@ -1228,13 +1239,12 @@ async fn response_body_modes_the_epp_cannot_answer_in_get_a_500_at_once() {
         BodySendMode::Buffered,
         BodySendMode::BufferedPartial,
     ] {
-        let mut s = h.stream();
-        let out = s.on_message(with_response_body_mode(post("/v1/completions", &[]), mode));
-        let (status, body) = immediate(&out[0]);
-        assert_eq!(status, 500, "{mode:?}");
-        assert!(body.contains(mode.as_str_name()), "{body}");
+        let body = refused_at_once_naming(
+            &h,
+            with_response_body_mode(post("/v1/completions", &[]), mode),
+            mode,
+        );
         assert!(body.contains("response bodies"), "{body}");
-        assert!(s.is_done());
     }
     for mode in [BodySendMode::None, BodySendMode::FullDuplexStreamed] {
         let mut s = h.stream();
@@ -1880,6 +1890,21 @@ async fn an_answer_recorded_from_its_tag_keeps_its_priority_and_its_streaming() 
     );
 }
 
+/// An observer stream on `epp` hears the streamed answer (7 output tokens, with usage) to the
+/// request `routing` routed, to its end.
+fn hear_an_answer_of_seven_tokens(epp: &Harness, routing: &ProcessingResponse) {
+    use crate::observer::{ObserverState, ObserverStep};
+    let mut o = ObserverState::new(epp.ctx());
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
+    o.on_inbound(observed(resp_headers(&sse, false, None), Some(routing)));
+    let last =
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\n";
+    assert_eq!(
+        o.on_inbound(observed(resp_body(last, true), None)),
+        ObserverStep::Close
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn another_epps_request_is_recorded_from_its_tag_and_a_forged_tag_is_not() {
     use crate::observer::{ObserverState, ObserverStep, Observers};
@@ -1890,15 +1915,7 @@ async fn another_epps_request_is_recorded_from_its_tag_and_a_forged_tag_is_not()
     // Another EPP, with a table of its own: the stream reaches it, not the routing one.
     let mut other = Harness::new(2);
     other.options.observers = Some(Arc::new(Observers::new(16)));
-    let mut o = ObserverState::new(other.ctx());
-    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
-    o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0])));
-    let last =
-        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\n";
-    assert_eq!(
-        o.on_inbound(observed(resp_body(last, true), None)),
-        ObserverStep::Close
-    );
+    hear_an_answer_of_seven_tokens(&other, &routing[0]);
     let events = other.events();
     assert_eq!(events[0], "observer other_epp");
     assert!(
@@ -1908,6 +1925,7 @@ async fn another_epps_request_is_recorded_from_its_tag_and_a_forged_tag_is_not()
     // The routing EPP still holds it: its own observer could claim it.
     assert_eq!(h.options.observers.as_ref().unwrap().len(), 1);
     // A tag that no EPP wrote: counted, closed, nothing recorded.
+    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
     let mut forged = observed(resp_headers(&sse, false, None), Some(&routing[0]));
     forged
         .message
@@ -2162,6 +2180,17 @@ impl Completions {
     }
 }
 
+/// A context whose recorder keeps `h`'s streams' completions.
+fn recording_completions(h: &Harness) -> (Arc<Completions>, Arc<ServiceContext>) {
+    let completions = Arc::new(Completions::default());
+    let ctx = Arc::new(ServiceContext {
+        director: h.director.clone(),
+        recorder: completions.clone(),
+        options: h.options.clone(),
+    });
+    (completions, ctx)
+}
+
 impl Recorder for Completions {
     fn on_complete(&self, c: &crate::recorder::Completion<'_>) {
         self.0.lock().push((
@@ -2175,12 +2204,7 @@ impl Recorder for Completions {
 #[tokio::test(start_paused = true)]
 async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
     let h = Harness::new(2);
-    let first_chunks = Arc::new(Completions::default());
-    let ctx = Arc::new(ServiceContext {
-        director: h.director.clone(),
-        recorder: first_chunks.clone(),
-        options: h.options.clone(),
-    });
+    let (first_chunks, ctx) = recording_completions(&h);
     for status in ["200", "400"] {
         let mut s = StreamState::new(ctx.clone());
         send_chat(&mut s, "m", &[]);
@@ -2203,12 +2227,7 @@ async fn the_full_path_times_the_first_chunk_of_successful_answers_only() {
 #[tokio::test(start_paused = true)]
 async fn a_keep_alive_comment_is_no_first_token() {
     let h = Harness::new(2);
-    let first_chunks = Arc::new(Completions::default());
-    let ctx = Arc::new(ServiceContext {
-        director: h.director.clone(),
-        recorder: first_chunks.clone(),
-        options: h.options.clone(),
-    });
+    let (first_chunks, ctx) = recording_completions(&h);
     for ending in ["\n", "\r"] {
         let mut s = StreamState::new(ctx.clone());
         let routing = send_chat(&mut s, "m", &[]);
@@ -2249,12 +2268,7 @@ async fn a_keep_alive_comment_is_no_first_token() {
 #[tokio::test(start_paused = true)]
 async fn a_whole_answer_is_timed_to_its_end() {
     let h = Harness::new(2);
-    let first_chunks = Arc::new(Completions::default());
-    let ctx = Arc::new(ServiceContext {
-        director: h.director.clone(),
-        recorder: first_chunks.clone(),
-        options: h.options.clone(),
-    });
+    let (first_chunks, ctx) = recording_completions(&h);
     for status in ["200", "500"] {
         let mut s = StreamState::new(ctx.clone());
         send_chat(&mut s, "m", &[]);
@@ -2276,12 +2290,7 @@ async fn a_whole_answer_is_timed_to_its_end() {
 #[tokio::test(start_paused = true)]
 async fn the_answers_content_type_says_whether_it_is_streamed() {
     let h = Harness::new(2);
-    let completions = Arc::new(Completions::default());
-    let ctx = Arc::new(ServiceContext {
-        director: h.director.clone(),
-        recorder: completions.clone(),
-        options: h.options.clone(),
-    });
+    let (completions, ctx) = recording_completions(&h);
     let streamed_request =
         br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let json_usage =
@@ -2489,7 +2498,7 @@ async fn usage_corrects_the_prompt_estimate_and_a_cut_stream_is_charged() {
 /// learnt at most half of a flow's output. The EPP that hears the answer charges it now.
 #[tokio::test(start_paused = true)]
 async fn another_epps_answer_is_charged_to_its_flow_here() {
-    use crate::observer::{ObserverState, ObserverStep, Observers};
+    use crate::observer::Observers;
     let routing_epp = observing();
     let mut s = routing_epp.stream();
     let tenant = [("x-llm-d-inference-fairness-id", "heard-elsewhere")];
@@ -2499,15 +2508,7 @@ async fn another_epps_answer_is_charged_to_its_flow_here() {
     other.options.observers = Some(Arc::new(Observers::new(16)));
     let fc = other.director.flow_control().unwrap().clone();
     assert_eq!(fc.attained_service("heard-elsewhere"), Some(0.0));
-    let mut o = ObserverState::new(other.ctx());
-    let sse = [(":status", "200"), ("content-type", "text/event-stream")];
-    o.on_inbound(observed(resp_headers(&sse, false, None), Some(&routing[0])));
-    let last =
-        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\n";
-    assert_eq!(
-        o.on_inbound(observed(resp_body(last, true), None)),
-        ObserverStep::Close
-    );
+    hear_an_answer_of_seven_tokens(&other, &routing[0]);
     assert_eq!(other.events()[0], "observer other_epp");
     assert_eq!(
         fc.attained_service("heard-elsewhere"),

@@ -119,6 +119,21 @@ fn the_loader_runs_it_between_the_prefix_match_and_the_cost_model() {
     assert_eq!(alone.prefix_producers.len(), 1);
 }
 
+/// The approximate index's match of a 12-block request (16 tokens a block): `(candidate,
+/// leading blocks)` for the candidates this EPP routed the prefix to.
+fn routing_history(cands: &[Candidate], held: &[(usize, u32)]) -> crate::scheduling::PrefixMatch {
+    let mut matched = vec![0; 4];
+    for &(i, blocks) in held {
+        matched[cands[i].endpoint.id.0 as usize] = blocks;
+    }
+    crate::scheduling::PrefixMatch {
+        hashes: vec![0; 12],
+        matched,
+        block_tokens: 16,
+        tokens_through: Vec::new(),
+    }
+}
+
 /// One full cycle through the loaded scheduler: produce, schedule, headers.
 fn cycle(
     c: &crate::config::LoadedConfig,
@@ -188,15 +203,7 @@ fn without_a_cost_model_the_delta_decides() {
         ..P2pSourceProducer::default()
     };
     let mut state = CycleState::new(Instant::now());
-    let mut matched = vec![0; 4];
-    matched[cands[0].endpoint.id.0 as usize] = 10;
-    matched[cands[1].endpoint.id.0 as usize] = 9;
-    state.prefix = Some(crate::scheduling::PrefixMatch {
-        hashes: vec![0; 12],
-        matched,
-        block_tokens: 16,
-        tokens_through: Vec::new(),
-    });
+    state.prefix = Some(routing_history(&cands, &[(0, 10), (1, 9)]));
     let req = request(1, 1, "r");
     p.produce(&req, &cands, &mut state);
     let result = |profile: &str, i: usize| SchedulingResult {
@@ -242,16 +249,7 @@ fn without_a_cost_model_the_delta_decides() {
 fn sources_in_the_one_block_band_share_the_pulls_by_queue() {
     let cands = candidates(&[metrics(0, 0, 0.0), metrics(3, 0, 0.0), metrics(0, 0, 0.0)]);
     let p = P2pSourceProducer::default();
-    let mut matched = vec![0; 4];
-    matched[cands[0].endpoint.id.0 as usize] = 10;
-    matched[cands[1].endpoint.id.0 as usize] = 9;
-    matched[cands[2].endpoint.id.0 as usize] = 3;
-    let prefix = crate::scheduling::PrefixMatch {
-        hashes: vec![0; 12],
-        matched,
-        block_tokens: 16,
-        tokens_through: Vec::new(),
-    };
+    let prefix = routing_history(&cands, &[(0, 10), (1, 9), (2, 3)]);
     let mut picks = [0u32; 3];
     for i in 0..1000 {
         let mut state = CycleState::new(Instant::now());
@@ -289,14 +287,7 @@ fn an_untrusted_endpoint_is_never_a_pull_source_when_the_precise_index_looked() 
     let cands = candidates(&[metrics(0, 0, 0.0), metrics(0, 0, 0.0), metrics(0, 0, 0.0)]);
     let p = P2pSourceProducer::default();
     // Routing history: endpoint 0 took this prefix (10 blocks of 16 tokens).
-    let mut matched = vec![0; 4];
-    matched[cands[0].endpoint.id.0 as usize] = 10;
-    let prefix = crate::scheduling::PrefixMatch {
-        hashes: vec![0; 12],
-        matched,
-        block_tokens: 16,
-        tokens_through: Vec::new(),
-    };
+    let prefix = routing_history(&cands, &[(0, 10)]);
     // The precise index looked the request up; no candidate's stream is trusted yet.
     let precise = PreciseMatch {
         keys: vec![0; 12],
