@@ -1160,7 +1160,7 @@ impl ZmqConnector {
 const ZMQ_CHANNEL: usize = 1024;
 
 /// Bytes of decoded batches (and their payloads) all subscribers together may hold ahead of
-/// the index: 256 MiB, beside an index of at most some 1.8 GiB at its default size, within the
+/// the index: 256 MiB, beside an index of at most some 1.9 GiB at its default size, within the
 /// pod's 4 GiB. Past it batches are dropped as missed, and their engines' entries cleared.
 const ZMQ_QUEUE_BYTES: usize = 256 << 20;
 

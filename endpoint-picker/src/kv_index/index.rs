@@ -16,6 +16,8 @@
 //!   hash), an LRU capped at `max_engine_keys` keys held by its entries together; per
 //!   endpoint because equal engine hashes need not be equal blocks (vLLM's hash covers the
 //!   tokens, not the model), and one engine must not decide how another's events resolve;
+//!   a mapping it evicts takes its endpoint's entries for its keys with it, as no event could
+//!   reach them after (`KvIndex::forget_unreachable`);
 //! - `by_endpoint`: per endpoint, the slots of the keys it holds (the reverse index), so that
 //!   clearing an endpoint costs its own entries, never a scan of the index. It is a log
 //!   appended to when the endpoint first holds a key and compacted when it has grown to twice
@@ -44,9 +46,9 @@ use super::slab::{KeyHashState, SlabLru, Slot};
 use crate::datastore::EndpointId;
 
 /// The default `inMemoryConfig.size`: request keys held at most. llm-d's is 100,000,000, which
-/// here is some 19 GB of tables: 191 bytes a key, measured with its engine-hash mapping and one
-/// holder (`bench/benches/kv_index.rs`'s `memory`, bench/RESULTS.md: 10,000,384 keys in 1,824
-/// MiB of tables; a second holder fits inline, more spill). 10,000,000 keys is about 1.8 GiB,
+/// here is some 21 GB of tables: 205 bytes a key, measured with its engine-hash mapping and one
+/// holder (`bench/benches/kv_index.rs`'s `memory`, bench/RESULTS.md: 10,000,000 keys in 1,959
+/// MiB of tables; a second holder fits inline, more spill). 10,000,000 keys is about 1.9 GiB,
 /// within the EPP pod's 4 GiB memory limit (`manifests/epp/deployment.yaml`) with room for the
 /// rest; at 16 tokens a block it indexes 160 M tokens of the pool's caches, some 300 engines'
 /// GPU caches of 500k tokens (Llama-3.1-8B, 128 KiB a token, on an 80 GB GPU). Raise it with
@@ -75,8 +77,9 @@ pub struct IndexLimits {
     /// Hashes are remembered per endpoint, so this counts a block once for every endpoint
     /// that announced it, where `max_keys` counts it once: with every replica holding the
     /// same prefixes, the engine table fills first. Past it the least recently used mappings
-    /// go (one a store chains from counts as used), and the removals and children of those
-    /// blocks are dropped as unknown until announced again.
+    /// go (one a store chains from counts as used) with their endpoint's entries for their
+    /// keys, and the removals and children of those blocks are dropped as unknown until
+    /// announced again.
     pub max_engine_keys: usize,
     /// Speculative entries pending expiry at most.
     pub max_speculative_keys: usize,
@@ -144,6 +147,16 @@ struct Entry {
 
 type Entries = SmallVec<[Entry; 2]>;
 type RequestKeys = SmallVec<[u64; 1]>;
+
+/// What one engine hash of one endpoint stands for: its request keys, and whose they are (the
+/// endpoint and its id's epoch), so that a mapping the table evicts takes its endpoint's
+/// entries for those keys with it: no later `BlockRemoved` could reach them.
+#[derive(Debug, Clone, Default)]
+struct EngineBlock {
+    keys: RequestKeys,
+    endpoint: u32,
+    epoch: u32,
+}
 
 /// A routed request's speculative entries, pending expiry.
 #[derive(Debug)]
@@ -681,7 +694,7 @@ pub struct KvIndex {
     hasher: KeyHasher,
     limits: IndexLimits,
     keys: SlabLru<Entries>,
-    engine: SlabLru<RequestKeys>,
+    engine: SlabLru<EngineBlock>,
     /// Request keys the engine table's entries hold together (its cap).
     engine_held: usize,
     by_endpoint: Vec<Option<Held>>,
@@ -806,7 +819,7 @@ impl KvIndex {
     pub fn parent_keys(&self, endpoint: EndpointId, hashes: &[u64], out: &mut ParentKeys) {
         for &hash in hashes {
             let engine_key = self.engine_key(endpoint, hash);
-            if let Some(&key) = self.engine.get(engine_key).and_then(|k| k.last()) {
+            if let Some(&key) = self.engine.get(engine_key).and_then(|b| b.keys.last()) {
                 out.insert(hash, key);
             }
         }
@@ -872,7 +885,7 @@ impl KvIndex {
                     self.warm(endpoint, engine, keys, *pos, end);
                     for i in *pos..end {
                         if let Some((hash, ks)) = engine.get_mut(i) {
-                            self.set_engine(self.engine_key(endpoint, *hash), std::mem::take(ks));
+                            self.set_engine(endpoint, *hash, std::mem::take(ks));
                             continue;
                         }
                         // Deepest block first, so that the leading blocks are the most recent:
@@ -902,7 +915,7 @@ impl KvIndex {
                     while let Some(&hash) = ev.block_hashes.get(i).filter(|_| work < left) {
                         i += 1;
                         let engine_key = self.engine_key(endpoint, hash);
-                        let Some(keys) = self.engine.get(engine_key).cloned() else {
+                        let Some(keys) = self.engine.get(engine_key).map(|b| b.keys.clone()) else {
                             work += 1;
                             continue;
                         };
@@ -1002,14 +1015,19 @@ impl KvIndex {
     /// no engine can pick a hash that lands on another endpoint's entry.
     #[inline]
     fn engine_key(&self, endpoint: EndpointId, hash: u64) -> u64 {
-        let epoch = self
-            .engine_epochs
-            .get(endpoint.0 as usize)
-            .copied()
-            .unwrap_or(0);
+        let epoch = self.epoch_of(endpoint);
         hash ^ self
             .engine_salt
             .hash_u64(u64::from(epoch) << 32 | u64::from(endpoint.0))
+    }
+
+    /// How many times `endpoint`'s id was given up ([`KvIndex::forget_engine_hashes`]).
+    #[inline]
+    fn epoch_of(&self, endpoint: EndpointId) -> u32 {
+        self.engine_epochs
+            .get(endpoint.0 as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The endpoint left the pool: its engine hashes are forgotten (left to age out of the
@@ -1022,14 +1040,21 @@ impl KvIndex {
         self.engine_epochs[i] = self.engine_epochs[i].wrapping_add(1);
     }
 
-    /// Maps `engine_key` ([`KvIndex::engine_key`]) to `keys`. The table is capped by the keys
-    /// its entries hold together (an entry holds up to [`MAX_KEYS_PER_ENGINE_HASH`]), oldest
-    /// entries out first.
-    fn set_engine(&mut self, engine_key: u64, keys: RequestKeys) {
-        let (slot, _) = self.engine.insert_with(engine_key, RequestKeys::new);
+    /// Maps `endpoint`'s engine hash `hash` to `keys`. The table is capped by the keys its
+    /// entries hold together (an entry holds up to [`MAX_KEYS_PER_ENGINE_HASH`]), oldest
+    /// entries out first, each with its endpoint's entries for its keys
+    /// ([`KvIndex::forget_unreachable`]).
+    fn set_engine(&mut self, endpoint: EndpointId, hash: u64, keys: RequestKeys) {
+        let engine_key = self.engine_key(endpoint, hash);
+        let epoch = self.epoch_of(endpoint);
+        let (slot, _) = self.engine.insert_with(engine_key, EngineBlock::default);
         if let Some(v) = self.engine.at_mut(slot) {
-            self.engine_held = self.engine_held - v.len() + keys.len();
-            *v = keys;
+            self.engine_held = self.engine_held - v.keys.len() + keys.len();
+            *v = EngineBlock {
+                keys,
+                endpoint: endpoint.0,
+                epoch,
+            };
         }
         while self.engine_held > self.limits.max_engine_keys && self.engine.len() > 1 {
             match self
@@ -1037,8 +1062,29 @@ impl KvIndex {
                 .oldest()
                 .and_then(|oldest| self.engine.remove(oldest))
             {
-                Some((_, gone)) => self.engine_held -= gone.len(),
+                Some((_, gone)) => {
+                    self.engine_held -= gone.keys.len();
+                    self.forget_unreachable(&gone);
+                }
                 None => break,
+            }
+        }
+    }
+
+    /// An evicted mapping's keys, forgotten for its endpoint (its engine's entries in every
+    /// tier; speculative ones expire on their own). Kept, they would match requests for as
+    /// long as the keys stayed in the table, after the engine evicted the blocks: its
+    /// `BlockRemoved` finds no mapping. Forgotten, the endpoint under-reports what it still
+    /// holds, which a miss costs less than a false hit does (a prefill where a hit was
+    /// predicted). A mapping of an earlier epoch (an endpoint gone, its id given again) is
+    /// not the current endpoint's: its entries went with the old one.
+    fn forget_unreachable(&mut self, gone: &EngineBlock) {
+        if gone.epoch != self.epoch_of(EndpointId(gone.endpoint)) {
+            return;
+        }
+        for &key in &gone.keys {
+            if let Some(slot) = self.keys.slot(key) {
+                self.retain_entries(slot, |e| e.endpoint != gone.endpoint || e.speculative);
             }
         }
     }
@@ -1047,7 +1093,11 @@ impl KvIndex {
     /// maps to. Returns how many keys that was, `None` if the hash was not known.
     fn remove_hash(&mut self, endpoint: EndpointId, medium: Medium, hash: u64) -> Option<usize> {
         let engine_slot = self.engine.slot(self.engine_key(endpoint, hash))?;
-        let keys = self.engine.at(engine_slot).cloned().unwrap_or_default();
+        let keys = self
+            .engine
+            .at(engine_slot)
+            .map(|b| b.keys.clone())
+            .unwrap_or_default();
         let mut all_gone = true;
         for &key in &keys {
             let Some(slot) = self.keys.slot(key) else {
@@ -1062,7 +1112,7 @@ impl KvIndex {
         }
         // The endpoint still holds the blocks in another tier: keep the mapping for its events.
         if all_gone && let Some((_, gone)) = self.engine.remove(engine_slot) {
-            self.engine_held -= gone.len();
+            self.engine_held -= gone.keys.len();
         }
         Some(keys.len())
     }

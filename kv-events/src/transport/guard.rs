@@ -110,7 +110,7 @@ pub const MAX_MESSAGE_TIME: std::time::Duration = std::time::Duration::from_secs
 
 /// Bytes in unfinished messages that one guard's connections make zmq.rs hold together, at
 /// most: sixteen messages at [`MAX_MESSAGE_BYTES`], 128 MiB + 64 KiB (beside the subscribers'
-/// 256 MiB of queued batches and an index of some 1.8 GiB, within the EPP pod's 4 GiB). A
+/// 256 MiB of queued batches and an index of some 1.9 GiB, within the EPP pod's 4 GiB). A
 /// legitimate message is unfinished only while it crosses the wire — zmq.rs reads its peers
 /// whenever the subscriber waits for a message, which it does but while it decodes one batch —
 /// so the engines' unfinished bytes at any moment are a few MiB even at a thousand engines (the

@@ -1656,3 +1656,62 @@ fn a_departed_endpoints_engine_hashes_are_not_its_successors() {
     assert_eq!(b.dropped_total(), 0);
     assert_eq!(blocks(&lookup(&idx, &request(1, 3), &[0]), 0), 3);
 }
+
+/// Review 14 (finding 5): a mapping the full engine table evicted left its endpoint's entries
+/// for its keys in the index, where no `BlockRemoved` could reach them: after the engine
+/// evicted the block they still matched, a hit predicted where a prefill came. The eviction
+/// takes them with it, for that endpoint only; a mapping of an earlier epoch (an endpoint
+/// gone, its id given to a new one) takes nothing of the new endpoint's.
+#[test]
+fn an_evicted_mapping_takes_its_endpoints_entries_with_it() {
+    let limits = IndexLimits {
+        max_engine_keys: 3,
+        ..IndexLimits::default()
+    };
+    let mut idx = index(limits);
+    let now = Instant::now();
+    let store = |idx: &mut KvIndex, endpoint: u32, seq: u32| {
+        let a = idx.apply(
+            ep(endpoint),
+            MODEL,
+            &batch(vec![stored(seq, 0..1, Medium::Gpu)]),
+            now,
+        );
+        assert_eq!((a.applied, a.dropped_total()), (1, 0));
+    };
+    store(&mut idx, 0, 1);
+    store(&mut idx, 1, 1);
+    store(&mut idx, 0, 2);
+    let both = lookup(&idx, &request(1, 1), &[0, 1]);
+    assert_eq!((blocks(&both, 0), blocks(&both, 1)), (1, 1));
+    // A fourth mapping: endpoint 0's of sequence 1, the oldest, goes.
+    store(&mut idx, 0, 3);
+    let after = lookup(&idx, &request(1, 1), &[0, 1]);
+    assert_eq!(
+        (blocks(&after, 0), blocks(&after, 1)),
+        (0, 1),
+        "endpoint 0 forgets the block, endpoint 1 still holds it"
+    );
+    assert_eq!(blocks(&lookup(&idx, &request(2, 1), &[0]), 0), 1);
+    idx.check_invariants();
+
+    // Endpoint 2 stores sequence 4, leaves, and a new endpoint 2 stores it again: the old
+    // mapping, evicted later, is not the new endpoint's.
+    store(&mut idx, 2, 4);
+    idx.retain_endpoints(|id| id != ep(2));
+    store(&mut idx, 2, 4);
+    assert_eq!(blocks(&lookup(&idx, &request(4, 1), &[2]), 2), 1);
+    // Oldest first: endpoint 0's sequence 3, then the old endpoint 2's mapping.
+    for seq in 5..7 {
+        store(&mut idx, 0, seq);
+    }
+    assert_eq!(
+        blocks(&lookup(&idx, &request(4, 1), &[2]), 2),
+        1,
+        "the new endpoint 2 still holds it"
+    );
+    // One more, and the new endpoint's own mapping goes, with its entry.
+    store(&mut idx, 0, 7);
+    assert_eq!(blocks(&lookup(&idx, &request(4, 1), &[2]), 2), 0);
+    idx.check_invariants();
+}
