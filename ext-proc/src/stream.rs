@@ -990,6 +990,10 @@ impl StreamState {
         }
         // Client-sent routing headers other than those set here are removed: the EPP's own
         // (`x-gateway-destination-endpoint*`) and those a model server or its sidecar acts on.
+        // An answer whose model is rewritten back must come uncompressed: the rewrite (and the
+        // usage) reads its bytes, and a compressed answer would reach the client naming the
+        // served model. So the client's `accept-encoding` does not reach the model server.
+        let must_read_answer = routed.rewritten;
         let remove: Vec<String> = self
             .headers
             .iter()
@@ -1000,11 +1004,13 @@ impl StreamState {
                     || INTERNAL_REQUEST_HEADERS
                         .iter()
                         .any(|h| k.eq_ignore_ascii_case(h));
-                internal
+                let compression = must_read_answer && k.as_str() == "accept-encoding";
+                (internal
                     && !routed
                         .headers
                         .iter()
-                        .any(|(h, _)| k.eq_ignore_ascii_case(h))
+                        .any(|(h, _)| k.eq_ignore_ascii_case(h)))
+                    || compression
             })
             .cloned()
             .collect();

@@ -1465,6 +1465,26 @@ async fn a_rewritten_response_over_the_copy_cap_is_rewritten_in_every_chunk() {
 
 /// A whole answer under the cap is rewritten chunk by chunk as it comes (a field cut by a chunk
 /// boundary waits for the next chunk), and its usage read from the copy at the end.
+/// Review 15 (finding 6): a client that accepts a compressed answer got one from a model
+/// server that compresses, and a compressed answer passes the rewrite back untouched: the
+/// client read the served model's name. When the answer must be rewritten back, the request
+/// reaches the model server without `accept-encoding`; otherwise it keeps it.
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_answer_is_rewritten_back_asks_for_it_uncompressed() {
+    let h = Harness::new(1);
+    let gzip = [("accept-encoding", "gzip, br")];
+    let mut s = h.stream();
+    let out = send_chat(&mut s, "m", &gzip);
+    assert!(
+        routing_answer(&out[0]).remove.is_empty(),
+        "no rewrite: kept"
+    );
+    operator_rewrite(&h);
+    let mut s = h.stream();
+    let out = send_chat(&mut s, "m", &gzip);
+    assert_eq!(routing_answer(&out[0]).remove, ["accept-encoding"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_rewritten_whole_response_goes_out_as_it_comes_and_its_usage_is_read() {
     let h = Harness::new(1);
