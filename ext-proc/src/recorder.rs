@@ -195,8 +195,8 @@ pub trait Recorder: Send + Sync + std::fmt::Debug {
     fn on_observed(&self, _observation: &Observation<'_>) {}
 
     /// The names an observer files a request under when it knows the request by its tag only
-    /// (routed by another EPP, or released): the same policy as [`Recorder::on_routed`]'s. The
-    /// tag carries no priority.
+    /// (routed by another EPP, or released): the same policy as [`Recorder::on_routed`]'s.
+    /// `priority` is `None` from a tag an EPP of an earlier release wrote.
     fn observed_key(
         &self,
         _model: &str,

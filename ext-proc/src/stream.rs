@@ -352,9 +352,10 @@ impl StreamState {
         // The ids are as long as the body at worst, held until the request is routed: the
         // gathering budget counts them beside it.
         let ids_bytes = request.token_ids.as_ref().map_or(0, |ids| ids.len() * 4);
-        let budget = self.ctx.options.gathered_request_bytes.clone();
         if ids_bytes > 0
-            && let Err(e) = self.body_charge.grow(&budget, ids_bytes)
+            && let Err(e) = self
+                .body_charge
+                .grow(&self.ctx.options.gathered_request_bytes, ids_bytes)
         {
             let mut out = self.fail(RequestError::BodiesOverBudget(e), Some(&request));
             if trailers {
@@ -866,7 +867,7 @@ impl StreamState {
         if beside > 0
             && let Err(e) = self
                 .body_charge
-                .grow(&self.ctx.options.gathered_request_bytes.clone(), beside)
+                .grow(&self.ctx.options.gathered_request_bytes, beside)
         {
             return self.fail(RequestError::BodiesOverBudget(e), Some(&request));
         }

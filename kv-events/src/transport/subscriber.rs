@@ -737,12 +737,11 @@ impl Subscriber {
         // Central mode: a topic's places in the channel, a quarter of them as of the bytes
         // (the channel, shared by every engine, is all a pod-mode subscriber's own engine has).
         let places = (out.max_capacity() / 4).max(1);
-        if batches.is_some_and(|b| b.load(Ordering::Relaxed) >= places) {
-            inc(&self.stats.dropped, 1);
-            state.missed = state.missed.saturating_add(1);
-            return true;
-        }
-        let Some(charge) = self.budget.budget.charge(bytes, held, batches) else {
+        let has_place = batches.is_none_or(|b| b.load(Ordering::Relaxed) < places);
+        let charge = has_place
+            .then(|| self.budget.budget.charge(bytes, held, batches))
+            .flatten();
+        let Some(charge) = charge else {
             inc(&self.stats.dropped, 1);
             state.missed = state.missed.saturating_add(1);
             return true;
