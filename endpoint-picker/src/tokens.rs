@@ -398,6 +398,9 @@ pub struct LocalBackend {
     pub max_prompt_bytes: usize,
     /// `templateFuel`: the work one chat-template render may do (MiniJinja fuel).
     pub template_fuel: u64,
+    /// `prefixCacheBytes`: the most bytes of ids kept to reuse for texts that begin as an
+    /// earlier one did (the `tokenize` crate's prefix cache); 0 turns it off.
+    pub prefix_cache_bytes: usize,
     /// `workers`, `maxQueued`, `timeout`: the blocking pool.
     pub pool: PoolLimits,
 }
@@ -418,6 +421,10 @@ pub enum ContentFormatChoice {
 pub const DEFAULT_MAX_PROMPT_BYTES: usize = 512 * 1024;
 /// Default `templateFuel`, as the `tokenize` crate's.
 pub const DEFAULT_TEMPLATE_FUEL: u64 = 4_000_000;
+/// Default `prefixCacheBytes` (32 MiB), as the `tokenize` crate's.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// The largest accepted `prefixCacheBytes` (4 GiB).
+const PREFIX_CACHE_BYTES_CAP: u64 = 4 * 1024 * 1024 * 1024;
 /// The largest accepted `maxPromptBytes` (64 MiB): above the largest request body the EPP
 /// buffers by default.
 const MAX_PROMPT_BYTES_CAP: usize = 64 * 1024 * 1024;
@@ -456,6 +463,7 @@ struct LocalYaml {
     chat_template_content_format: Option<String>,
     max_prompt_bytes: Option<i64>,
     template_fuel: Option<i64>,
+    prefix_cache_bytes: Option<i64>,
     workers: Option<i64>,
     max_queued: Option<i64>,
     timeout: Option<String>,
@@ -519,6 +527,16 @@ impl LocalBackend {
         let template_fuel = p
             .positive("local.templateFuel", l.template_fuel)?
             .map_or(DEFAULT_TEMPLATE_FUEL, |f| f as u64);
+        let prefix_cache_bytes = match p
+            .non_negative("local.prefixCacheBytes", l.prefix_cache_bytes)?
+        {
+            None => DEFAULT_PREFIX_CACHE_BYTES,
+            Some(b) if b <= PREFIX_CACHE_BYTES_CAP => usize::try_from(b)
+                .map_err(|_| p.invalid("local.prefixCacheBytes", "too large for this machine"))?,
+            Some(_) => {
+                return Err(p.invalid("local.prefixCacheBytes", "at most 4294967296 (4 GiB)"));
+            }
+        };
         let workers = p
             .positive("local.workers", l.workers)?
             .unwrap_or(DEFAULT_WORKERS);
@@ -549,6 +567,7 @@ impl LocalBackend {
             content_format,
             max_prompt_bytes,
             template_fuel,
+            prefix_cache_bytes,
             pool: PoolLimits {
                 workers,
                 max_queued,

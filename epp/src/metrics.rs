@@ -339,6 +339,14 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "inference_extension_token_producer_overrun_seconds",
         "counter",
     ),
+    (
+        "inference_extension_token_producer_prefix_cache_bytes",
+        "counter",
+    ),
+    (
+        "inference_extension_token_producer_prefix_cache_held_bytes",
+        "gauge",
+    ),
     // The reference's canonical names (`canonical`).
     ("llm_d_epp_request", "counter"),
     ("llm_d_epp_request_error", "counter"),
@@ -368,6 +376,55 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("llm_d_epp_datalayer_poll_errors", "counter"),
     ("llm_d_epp_extproc_streams_inflight", "gauge"),
 ];
+
+/// `outcome` of a byte of text the token producer tokenised: `reused` (its ids came from the
+/// prefix cache) or `encoded`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrefixCacheLabels {
+    outcome: &'static str,
+}
+
+/// Reads the tokenizer's prefix-cache counters at each scrape (zero before a tokenizer with a
+/// cache is built, and without one).
+#[derive(Debug)]
+struct PrefixCacheCollector(Arc<std::sync::OnceLock<Arc<tokenize::Tokenizer>>>);
+
+impl prometheus_client::collector::Collector for PrefixCacheCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let stats = self
+            .0
+            .get()
+            .and_then(|t| t.prefix_cache_stats())
+            .unwrap_or_default();
+        let mut family = encoder.encode_descriptor(
+            "inference_extension_token_producer_prefix_cache_bytes",
+            "Bytes of prompt text the token producer tokenised, by whether their ids came from its prefix cache (reused) or were encoded",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, n) in [
+            ("reused", stats.reused_bytes),
+            ("encoded", stats.encoded_bytes),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&PrefixCacheLabels { outcome })?)?;
+        }
+        let held = encoder.encode_descriptor(
+            "inference_extension_token_producer_prefix_cache_held_bytes",
+            "Bytes the token producer's prefix cache holds (ids and entry overhead; at most local.prefixCacheBytes)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(stats.held_bytes).unwrap_or(i64::MAX)).encode(held)?;
+        Ok(())
+    }
+}
 
 /// Every metric the EPP exports.
 #[derive(Debug)]
@@ -468,6 +525,9 @@ pub struct EppMetrics {
     /// `inference_extension_token_producer_overrun_seconds_total`: tokenizing that ran past its
     /// caller's deadline (a worker busy for no one).
     pub token_overrun: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// The token producer's tokenizer, once built, for its prefix cache's counters
+    /// (`inference_extension_token_producer_prefix_cache_*`, read at each scrape).
+    pub token_prefix_cache: Arc<std::sync::OnceLock<Arc<tokenize::Tokenizer>>>,
     /// The reference's canonical families that are not the same series as one above.
     pub canonical: CanonicalMetrics,
     /// Pool name for the scrape error labels (set by the first pool refresh).
@@ -549,6 +609,7 @@ impl EppMetrics {
             token_outcomes: Family::default(),
             token_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             token_overrun: Counter::default(),
+            token_prefix_cache: Arc::default(),
             canonical: CanonicalMetrics::new(),
             pool_name: parking_lot::RwLock::new(String::new()),
             scrape_error_pods: parking_lot::Mutex::default(),
@@ -739,6 +800,7 @@ impl EppMetrics {
             "Tokenizing that ran past its request's deadline, holding a worker no request waited for",
             m.token_overrun.clone(),
         );
+        r.register_collector(Box::new(PrefixCacheCollector(m.token_prefix_cache.clone())));
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
             commit: option_env!("SWITCHYARD_COMMIT")

@@ -360,7 +360,12 @@ pub async fn serve_with_handles(
     if let Some(flow) = director.flow_control() {
         flow.set_observer(flow_metrics.clone());
     }
-    if let Some(producer) = token_producer {
+    if let Some(crate::tokens::Built {
+        producer,
+        tokenizer,
+    }) = token_producer
+    {
+        let _ = metrics.token_prefix_cache.set(tokenizer);
         producer.set_observer(observer.clone());
         director.set_token_producer(producer);
     }

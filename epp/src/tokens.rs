@@ -12,7 +12,7 @@ use tokenize::{ContentFormat, Limits, LoadError, TokenizeError, Tokenizer};
 
 /// A loaded model tokenizer, as the token producer runs it.
 #[derive(Debug)]
-pub struct HfTokenizer(pub Tokenizer);
+pub struct HfTokenizer(pub Arc<Tokenizer>);
 
 impl PromptTokenizer for HfTokenizer {
     fn token_ids(&self, api: Api, body: &[u8]) -> Result<Vec<u32>, Skip> {
@@ -31,10 +31,17 @@ impl PromptTokenizer for HfTokenizer {
     }
 }
 
+/// A built token producer, and its tokenizer (for the prefix cache's metrics).
+#[derive(Debug)]
+pub struct Built {
+    /// The producer, for the director.
+    pub producer: Arc<TokenProducer>,
+    /// The tokenizer it runs.
+    pub tokenizer: Arc<Tokenizer>,
+}
+
 /// The producer a config declares: `None` for none or the `estimate` backend (no ids).
-pub fn build(
-    config: Option<&TokenProducerConfig>,
-) -> Result<Option<Arc<TokenProducer>>, LoadError> {
+pub fn build(config: Option<&TokenProducerConfig>) -> Result<Option<Built>, LoadError> {
     let Some(config) = config else {
         return Ok(None);
     };
@@ -47,6 +54,7 @@ pub fn build(
                 Limits {
                     max_prompt_bytes: local.max_prompt_bytes,
                     template_fuel: local.template_fuel,
+                    prefix_cache_bytes: local.prefix_cache_bytes,
                 },
             )?
             .with_content_format(match local.content_format {
@@ -59,14 +67,19 @@ pub fn build(
                 tokenizer = %local.tokenizer_path.display(),
                 vocab_size = tokenizer.vocab_size(),
                 chat_template = tokenizer.has_chat_template(),
+                prefix_cache = tokenizer.has_prefix_cache(),
                 content_format = tokenizer.content_format().as_str(),
                 "token producer loaded"
             );
-            Ok(Some(Arc::new(TokenProducer::new(
-                config.name.clone(),
-                Arc::new(HfTokenizer(tokenizer)),
-                local.pool,
-            ))))
+            let tokenizer = Arc::new(tokenizer);
+            Ok(Some(Built {
+                producer: Arc::new(TokenProducer::new(
+                    config.name.clone(),
+                    Arc::new(HfTokenizer(tokenizer.clone())),
+                    local.pool,
+                )),
+                tokenizer,
+            }))
         }
     }
 }

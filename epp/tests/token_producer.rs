@@ -100,9 +100,10 @@ fn requests() -> Vec<(Api, String)> {
 #[tokio::test]
 async fn the_epp_computes_the_ids_the_simulator_computes() {
     let loaded = config::load(&producer_config(), 1).unwrap();
-    let producer = epp::tokens::build(loaded.token_producer.as_ref())
+    let built = epp::tokens::build(loaded.token_producer.as_ref())
         .unwrap()
         .expect("a local token producer");
+    let producer = built.producer;
     let engine = sim::Config {
         model: "m".into(),
         tokenizer: sim::tokenizer::Tokenizer::load(&testdata(), None).unwrap(),
@@ -137,6 +138,34 @@ async fn the_epp_computes_the_ids_the_simulator_computes() {
         assert_eq!(out["usage"]["prompt_tokens"], sim_ids.len(), "{body}");
     }
     assert_eq!(producer.count(Outcome::Tokenized), requests().len() as u64);
+    // Two questions after one long system prompt: the second reuses the first's ids.
+    let cache = || {
+        built
+            .tokenizer
+            .prefix_cache_stats()
+            .expect("the cache is on")
+    };
+    let before = cache();
+    for question in ["Where?", "Why?"] {
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": "Route every request to the replica that holds its prefix. ".repeat(40)},
+            {"role": "user", "content": question},
+        ]})
+        .to_string();
+        let ids = producer
+            .token_ids(Api::ChatCompletions, Bytes::from(body.clone()))
+            .await
+            .unwrap();
+        let resp = common::http::post(replica.addr(), "/tokenize", &[], body.into_bytes()).await;
+        let sim: serde_json::Value =
+            serde_json::from_str(&common::http::body_text(resp).await).unwrap();
+        assert_eq!(sim["tokens"].as_array().unwrap().len(), ids.len());
+    }
+    let after = cache();
+    assert!(
+        after.reused_bytes - before.reused_bytes > 2000,
+        "{before:?} → {after:?}"
+    );
     replica.shutdown().await;
 }
 
@@ -225,8 +254,26 @@ fn config_names_and_bounds() {
         "    local:\n      tokenizerPath: /x\n      timeout: 0s\n",
         "    local:\n      tokenizerPath: /x\n      workers: 0\n",
         "    local:\n      tokenizerPath: /x\n      chatTemplateContentFormat: json\n",
+        "    local:\n      tokenizerPath: /x\n      prefixCacheBytes: -1\n",
+        "    local:\n      tokenizerPath: /x\n      prefixCacheBytes: 5000000000\n",
     ] {
         assert!(cfg(bad).is_err(), "{bad}");
+    }
+    // The prefix cache: on by default, sized or turned off.
+    for (given, want) in [
+        ("", endpoint_picker::tokens::DEFAULT_PREFIX_CACHE_BYTES),
+        ("      prefixCacheBytes: 0\n", 0),
+        ("      prefixCacheBytes: 1048576\n", 1 << 20),
+    ] {
+        let c = cfg(&format!("    local:\n      tokenizerPath: /x\n{given}")).unwrap();
+        let Some(endpoint_picker::tokens::TokenProducerConfig {
+            backend: endpoint_picker::tokens::Backend::Local(local),
+            ..
+        }) = c.token_producer
+        else {
+            panic!("{given}");
+        };
+        assert_eq!(local.prefix_cache_bytes, want, "{given}");
     }
     // The engine's --chat-template-content-format, as it is spelt there.
     for (given, want) in [
@@ -268,7 +315,8 @@ fn config_names_and_bounds() {
     .unwrap();
     let p = epp::tokens::build(legacy.token_producer.as_ref())
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .producer;
     assert_eq!(p.limits().workers, 1);
     assert_eq!(p.limits().max_queued, 0);
 }

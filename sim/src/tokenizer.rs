@@ -187,6 +187,7 @@ impl PartialEq for Tokenizer {
 const ENGINE_LIMITS: tokenize::Limits = tokenize::Limits {
     max_prompt_bytes: 64 * 1024 * 1024,
     template_fuel: 64 * tokenize::Limits::DEFAULT_TEMPLATE_FUEL,
+    prefix_cache_bytes: tokenize::Limits::DEFAULT_PREFIX_CACHE_BYTES,
 };
 
 impl Tokenizer {

@@ -45,9 +45,29 @@ fn chat_body(bytes: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// A chat request: a system prompt of `bytes` bytes shared by every request, then question
+/// `n`.
+fn shared_prefix_chat(bytes: usize, n: usize) -> Vec<u8> {
+    serde_json::json!({"model": "m", "messages": [
+        {"role": "system", "content": text(bytes)},
+        {"role": "user", "content": format!("Question {n}: which replica holds the prefix of request {n}, and why?")},
+    ]})
+    .to_string()
+    .into_bytes()
+}
+
 fn bench(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
-    let tok = Tokenizer::load(&dir, None, Limits::default()).unwrap();
+    // Without the prefix cache: every body encoded whole, as before it existed.
+    let tok = Tokenizer::load(
+        &dir,
+        None,
+        Limits {
+            prefix_cache_bytes: 0,
+            ..Limits::default()
+        },
+    )
+    .unwrap();
     let mut group = c.benchmark_group("tokenize");
     for (label, bytes) in [("8KB", 8 * 1024), ("220KB", 220 * 1024)] {
         for (api, body) in [
@@ -66,7 +86,67 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
+    // With the prefix cache (the default): a system prompt shared by every request, each with
+    // its own question (what prefix routing is for), and texts that share nothing (every
+    // chunk a miss, to show what the cache costs when it cannot help).
+    let cached = Tokenizer::load(&dir, None, Limits::default()).unwrap();
+    assert!(cached.has_prefix_cache());
+    for (label, bytes) in [("8KB", 8 * 1024), ("220KB", 220 * 1024)] {
+        let bodies: Vec<Vec<u8>> = (0..64).map(|n| shared_prefix_chat(bytes, n)).collect();
+        for body in &bodies[..2] {
+            assert_eq!(
+                cached.encode_body(Api::ChatCompletions, body).unwrap(),
+                tok.encode_body(Api::ChatCompletions, body).unwrap()
+            );
+        }
+        group.throughput(Throughput::Bytes(bodies[0].len() as u64));
+        let mut n = 0;
+        group.bench_function(BenchmarkId::new("chat_shared_prefix", label), |b| {
+            b.iter(|| {
+                n = (n + 1) % bodies.len();
+                cached
+                    .encode_body(Api::ChatCompletions, &bodies[n])
+                    .unwrap()
+            })
+        });
+        let mut n = 0u64;
+        let base = text(bytes);
+        group.bench_function(BenchmarkId::new("completions_unshared", label), |b| {
+            b.iter(|| {
+                n += 1;
+                cached.encode_prompt(&format!("{n} {base}")).unwrap()
+            })
+        });
+        group.bench_function(
+            BenchmarkId::new("completions_unshared_uncached", label),
+            |b| {
+                b.iter(|| {
+                    n += 1;
+                    tok.encode_prompt(&format!("{n} {base}")).unwrap()
+                })
+            },
+        );
+    }
     group.finish();
+    let mut load = c.benchmark_group("tokenize_load");
+    load.sample_size(10);
+    load.bench_function("with_prefix_cache_self_check", |b| {
+        b.iter(|| Tokenizer::load(&dir, None, Limits::default()).unwrap())
+    });
+    load.bench_function("without_prefix_cache", |b| {
+        b.iter(|| {
+            Tokenizer::load(
+                &dir,
+                None,
+                Limits {
+                    prefix_cache_bytes: 0,
+                    ..Limits::default()
+                },
+            )
+            .unwrap()
+        })
+    });
+    load.finish();
 }
 
 criterion_group! {
