@@ -357,8 +357,12 @@ impl TokenProducer {
 }
 
 /// Twice the bytes a microsecond the local tokenizer was measured to take (about 3.5 at 512
-/// KiB, bench `tokenize`): no prompt tokenises faster, so a job with less time left than its
-/// body at this rate is not started.
+/// KiB, bench `tokenize`): no prompt it must encode tokenises faster, so a job with less time
+/// left than its body at this rate is not started. A prompt whose beginning the tokenizer's
+/// prefix cache holds runs far faster (a 220 KB one in under a millisecond), but which part of
+/// a body the cache holds is known only once the work runs, so the check stays on the side of
+/// the prompt that misses: a long prompt that would have been served from the cache is not
+/// started with less time left than its full encoding takes.
 const FASTEST_BYTES_PER_MICROSECOND: f64 = 8.0;
 
 /// Set when the caller of a tokenization stops waiting (its deadline, or its request gone).
