@@ -9,8 +9,8 @@
 //! chunks as it shares with an earlier one; only the rest is encoded.
 //!
 //! **Why the ids are exact.** A text is cut only after an ASCII letter and before a space
-//! ([`is_cut`]), and each piece between two cuts is encoded on its own. For the byte-level BPE
-//! pre-tokenizers [`PrefixCache::supports`] accepts (GPT-2's regex, Llama 3's and Qwen 2's,
+//! (`is_cut`), and each piece between two cuts is encoded on its own. For the byte-level BPE
+//! pre-tokenizers `PrefixCache::supports` accepts (GPT-2's regex, Llama 3's and Qwen 2's,
 //! split `Isolated`, then byte-level), every alternative that takes a letter stops at the first
 //! non-letter, and none that takes the space can take the letter before it (none looks behind),
 //! so no pre-token crosses the cut. A piece ends with a letter, so a whitespace run inside it
@@ -56,7 +56,7 @@ const KNOWN_PATTERNS: [&str; 3] = [
 ];
 
 /// Whether the ids of `text[..at]` followed by those of `text[at..]` are the ids of `text`
-/// (for a tokenizer [`PrefixCache::supports`] accepts): an ASCII letter, then a space.
+/// (for a tokenizer `PrefixCache::supports` accepts): an ASCII letter, then a space.
 pub(crate) fn is_cut(text: &[u8], at: usize) -> bool {
     at > 0 && at < text.len() && text[at - 1].is_ascii_alphabetic() && text[at] == b' '
 }
