@@ -259,12 +259,8 @@ fn config_names_and_bounds() {
     ] {
         assert!(cfg(bad).is_err(), "{bad}");
     }
-    // The prefix cache: on by default, sized or turned off.
-    for (given, want) in [
-        ("", endpoint_picker::tokens::DEFAULT_PREFIX_CACHE_BYTES),
-        ("      prefixCacheBytes: 0\n", 0),
-        ("      prefixCacheBytes: 1048576\n", 1 << 20),
-    ] {
+    // The `local` backend a few lines of its parameters give.
+    let local = |given: &str| {
         let c = cfg(&format!("    local:\n      tokenizerPath: /x\n{given}")).unwrap();
         let Some(endpoint_picker::tokens::TokenProducerConfig {
             backend: endpoint_picker::tokens::Backend::Local(local),
@@ -273,7 +269,15 @@ fn config_names_and_bounds() {
         else {
             panic!("{given}");
         };
-        assert_eq!(local.prefix_cache_bytes, want, "{given}");
+        local
+    };
+    // The prefix cache: on by default, sized or turned off.
+    for (given, want) in [
+        ("", endpoint_picker::tokens::DEFAULT_PREFIX_CACHE_BYTES),
+        ("      prefixCacheBytes: 0\n", 0),
+        ("      prefixCacheBytes: 1048576\n", 1 << 20),
+    ] {
+        assert_eq!(local(given).prefix_cache_bytes, want, "{given}");
     }
     // The engine's --chat-template-content-format, as it is spelt there.
     for (given, want) in [
@@ -291,15 +295,7 @@ fn config_names_and_bounds() {
             endpoint_picker::tokens::ContentFormatChoice::OpenAi,
         ),
     ] {
-        let c = cfg(&format!("    local:\n      tokenizerPath: /x\n{given}")).unwrap();
-        let Some(endpoint_picker::tokens::TokenProducerConfig {
-            backend: endpoint_picker::tokens::Backend::Local(local),
-            ..
-        }) = c.token_producer
-        else {
-            panic!("{given}");
-        };
-        assert_eq!(local.content_format, want, "{given}");
+        assert_eq!(local(given).content_format, want, "{given}");
     }
     // A path that does not load fails at start-up.
     let missing = cfg("    local:\n      tokenizerPath: /nonexistent/tokenizer.json\n").unwrap();
