@@ -254,12 +254,69 @@ fn scrape_extract(c: &mut Criterion) {
     group.finish();
 }
 
+/// Reading a whole answer's `usage` when it ends (`ext_proc::answer_copy`): the full parse
+/// of a 1 MiB answer (the longest read whole), its tail read of a 16 MiB one (the most the EPP
+/// kept and parsed whole before), and the full parse of that 16 MiB, which the tail replaced.
+/// The answers are logprobs-like JSON: many small objects, the parser's slowest input.
+fn usage_read(c: &mut Criterion) {
+    let answer = |bytes: usize, usage_at_end: bool| {
+        let usage = r#""usage":{"prompt_tokens":100000,"completion_tokens":4000}"#;
+        let mut s = String::from(r#"{"id":"cmpl-1","choices":[{"index":0,"logprobs":{"content":["#);
+        if !usage_at_end {
+            s = format!("{{{usage},{}", &s[1..]);
+        }
+        let mut first = true;
+        while s.len() < bytes - 200 {
+            if !first {
+                s.push(',');
+            }
+            first = false;
+            s.push_str(r#"{"token":"abc","logprob":-1.2345678,"top_logprobs":[]}"#);
+        }
+        s.push_str("]}}]");
+        if usage_at_end {
+            s.push(',');
+            s.push_str(usage);
+        }
+        s.push('}');
+        s.into_bytes()
+    };
+    let window = ext_proc::answer_copy::WHOLE_ANSWER_BYTES;
+    let one_mib = answer(window, true);
+    let long = answer(16 << 20, true);
+    let long_front = answer(16 << 20, false);
+    assert!(openai::usage_from_json(&one_mib).is_some());
+    assert!(openai::usage_from_json_tail(&long[long.len() - window..]).is_some());
+    assert!(openai::usage_from_json_tail(&long_front[long_front.len() - window..]).is_none());
+    let mut group = c.benchmark_group("usage_read");
+    group.sample_size(20);
+    group.bench_function("whole_1mib", |b| {
+        b.iter(|| black_box(openai::usage_from_json(black_box(&one_mib))))
+    });
+    group.bench_function("tail_of_16mib_usage_at_end", |b| {
+        b.iter(|| {
+            black_box(openai::usage_from_json_tail(black_box(
+                &long[long.len() - window..],
+            )))
+        })
+    });
+    group.bench_function("tail_of_16mib_usage_at_front", |b| {
+        let tail = &long_front[long_front.len() - window..];
+        b.iter(|| black_box(openai::usage_from_json_tail(black_box(tail))))
+    });
+    group.bench_function("whole_16mib_before", |b| {
+        b.iter(|| black_box(openai::usage_from_json(black_box(&long))))
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     estimate_prompt,
     scheduling_decision,
     unseen_long_prompt,
     parse_and_hash,
-    scrape_extract
+    scrape_extract,
+    usage_read
 );
 criterion_main!(benches);

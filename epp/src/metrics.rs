@@ -480,8 +480,8 @@ pub struct EppMetrics {
     /// their body would pass `--max-gathered-request-bytes`.
     pub request_body_budget_rejections: Counter,
     /// `inference_extension_response_body_overflows_total{rewrite}`: non-streamed response
-    /// bodies over the 16 MiB the EPP holds of one (usage unknown; with `rewrite="true"` the
-    /// model was rewritten back in the first 16 MiB only).
+    /// bodies whose copy would have passed what all streams may hold together (usage unknown;
+    /// a rewrite back was done all the same).
     pub response_body_overflows: Family<RewriteLabels, Counter>,
     /// `inference_extension_response_observer_streams_total{outcome}`: streams of a response
     /// observer (`--response-observer`) by how they found their request
@@ -722,7 +722,7 @@ impl EppMetrics {
         );
         r.register(
             "inference_extension_response_body_overflows",
-            "Non-streamed response bodies over the 16 MiB the EPP holds of one, or over what all streams may hold together: passed through as they came, usage unknown",
+            "Non-streamed response bodies whose copy would pass what all streams may hold together: passed through as they came, usage unknown",
             m.response_body_overflows.clone(),
         );
         r.register(

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod answer_copy;
 pub mod body_budget;
 pub mod body_pool;
 pub mod codec;

@@ -34,18 +34,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use endpoint_picker::director::FirstToken;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::body_budget::BodyCharge;
+use crate::answer_copy::AnswerCopy;
 use crate::codec::Inbound;
 use crate::envoy::ext_proc::processing_request::Request;
 use crate::envoy::{self, Metadata};
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::recorder::{Observation, ObserverOutcome, RecordKey};
-use crate::stream::{MAX_FAIRNESS_ID_BYTES, MAX_RESPONSE_COPY, ServiceContext};
+use crate::stream::{MAX_FAIRNESS_ID_BYTES, ServiceContext};
 
 /// The dynamic-metadata namespace the routing answer writes a request's observer id into, and
 /// the observer filter forwards.
@@ -288,10 +288,8 @@ pub struct ObserverState {
     body_messages: usize,
     bytes: usize,
     sse: SseUsageScanner,
-    /// A non-streamed body, kept (bounded as the routing stream's copy is) to read `usage`.
-    copy: BytesMut,
-    charge: BodyCharge,
-    overflowed: bool,
+    /// A non-streamed body's copy (bounded as the routing stream's is), read for `usage`.
+    copy: AnswerCopy,
     first_chunk_at: Option<Instant>,
     done: bool,
 }
@@ -307,9 +305,7 @@ impl ObserverState {
             body_messages: 0,
             bytes: 0,
             sse: SseUsageScanner::default(),
-            copy: BytesMut::new(),
-            charge: BodyCharge::default(),
-            overflowed: false,
+            copy: AnswerCopy::default(),
             first_chunk_at: None,
             done: false,
         }
@@ -432,18 +428,12 @@ impl ObserverState {
                 // An error answer's first event ends the prefill but says nothing of TTFT.
                 self.first_token(self.succeeded);
             }
-        } else if !self.overflowed {
-            let budget = &self.ctx.options.held_response_bytes;
-            if self.copy.len() + chunk.len() > MAX_RESPONSE_COPY
-                || self.charge.grow(budget, chunk.len()).is_err()
-            {
-                self.overflowed = true;
-                self.copy = BytesMut::new();
-                self.charge.release();
-                self.ctx.recorder.on_response_overflow(false);
-            } else {
-                self.copy.extend_from_slice(&chunk);
-            }
+        } else if self
+            .copy
+            .push(&chunk, &self.ctx.options.held_response_bytes)
+            .is_err()
+        {
+            self.ctx.recorder.on_response_overflow(false);
         }
         if eos {
             self.complete();
@@ -476,12 +466,11 @@ impl ObserverState {
             return;
         }
         self.done = true;
-        let copy = std::mem::take(&mut self.copy);
-        self.charge.release();
+        let whole_answer_usage = self.copy.take_usage();
         let Some(watched) = self.watched.as_ref() else {
             return;
         };
-        let usage: Option<Usage> = self.sse.usage().or_else(|| openai::usage_from_json(&copy));
+        let usage: Option<Usage> = self.sse.usage().or(whole_answer_usage);
         if let Some(flow) = self.ctx.director.flow_control() {
             // The answer's share of the flow's attained service (the routing stream charged
             // the prompt when flow control let the request go): usage, else the SSE events.

@@ -210,9 +210,9 @@ pub trait Recorder: Send + Sync + std::fmt::Debug {
     /// An observer stream matched its request, or did not.
     fn on_observer_stream(&self, _outcome: ObserverOutcome) {}
 
-    /// A non-streamed response body passed the EPP's 16 MiB cap on the copy it keeps of one
-    /// to read `usage` from, or what all streams may hold together: its usage is unknown
-    /// (`rewrite`: a model rewrite back was due, done chunk by chunk all the same).
+    /// The copy of a non-streamed response body kept to read `usage` from would pass what
+    /// all streams may hold together: it is dropped and the usage unknown (`rewrite`: a model
+    /// rewrite back was due, done chunk by chunk all the same).
     fn on_response_overflow(&self, _rewrite: bool) {}
 
     /// A routed request left (its response ended or its stream was dropped). Called exactly

@@ -52,7 +52,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use endpoint_picker::director::{Director, RouteError, Routed};
 use endpoint_picker::flow::{Admitted, FlowRejection, Ticket};
 use endpoint_picker::request::{Api, InferenceRequest};
@@ -61,6 +61,7 @@ use endpoint_picker::scheduling::plugins::response::Served;
 use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
+use crate::answer_copy::AnswerCopy;
 use crate::body_budget::{BodyBudget, BodyCharge, charged};
 use crate::body_pool::{BodyBuffer, MAX_RESERVED_AHEAD, REQUEST_BODIES};
 use crate::codec::Inbound;
@@ -86,14 +87,8 @@ static REJECTION_LOG: LogBudget = LogBudget::new(20);
 /// holding the budget with slow readers) causes one a response.
 static OVERFLOW_LOG: LogBudget = LogBudget::new(20);
 
-/// The most of a non-streamed response body held: the copy kept to read `usage` at the end,
-/// and the body held whole to rewrite its model back. Past it, the copy is dropped (usage
-/// unknown) and a held body is let go: what is held goes out (rewritten), the rest passes
-/// through as it comes. The same happens when the responses of all streams together would
-/// hold more than [`ServiceOptions::held_response_bytes`].
-pub(crate) const MAX_RESPONSE_COPY: usize = 16 * 1024 * 1024;
-/// Default of [`ServiceOptions::held_response_bytes`]: 16 responses at the cap, thousands of
-/// ordinary ones. A client can ask for long non-streamed answers cheaply (a large embeddings
+/// Default of [`ServiceOptions::held_response_bytes`]: 128 long answers' copies (2 MiB at
+/// most each, [`crate::answer_copy`]), thousands of ordinary ones. A client can ask for long non-streamed answers cheaply (a large embeddings
 /// batch, `echo` with `logprobs`) and read them slowly; this bounds what they hold together.
 pub const DEFAULT_HELD_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 /// Longest `x-request-id` kept from a client; a longer or non-printable one is replaced.
@@ -276,12 +271,9 @@ struct ResponseState {
     /// The served model's name to rewrite back to the one asked for; on a streamed body it
     /// holds back (charged) a chunk's end that may begin the name's field.
     rewrite_back: Option<openai::ModelRewriteBack>,
-    copy: BytesMut,
-    /// `copy`, charged to [`ServiceOptions::held_response_bytes`].
-    charge: BodyCharge,
-    /// The body passed [`MAX_RESPONSE_COPY`]: no copy is kept and nothing is held any more;
-    /// its usage is unknown (a copy with a gap is not read).
-    overflowed: bool,
+    /// A whole answer's copy, read for `usage` at its end, charged to
+    /// [`ServiceOptions::held_response_bytes`].
+    copy: AnswerCopy,
     sse: SseUsageScanner,
     bytes: usize,
     usage: Option<Usage>,
@@ -532,10 +524,9 @@ impl StreamState {
             Some(R::ResponseBody(b)) => self.on_response_body(b, body_bytes),
             Some(R::ResponseTrailers(_)) => {
                 let mut out = Vec::new();
-                // A passed-through body ended by trailers: its copy (empty if it overflowed,
-                // or streamed).
-                let copy = std::mem::take(&mut self.response.copy);
-                self.complete_response(&copy);
+                // A passed-through body ended by trailers: its copy is read (empty if it
+                // was dropped, or streamed).
+                self.complete_response();
                 // A body's end held back for the rewrite: no chunk completes it now.
                 if let Some(held) = self.response.rewrite_back.as_mut().map(|r| r.flush())
                     && !held.is_empty()
@@ -564,7 +555,7 @@ impl StreamState {
             && self.response.body_messages == 0
             && !self.done
         {
-            self.complete_response(&[]);
+            self.complete_response();
         } else if self.phase == Phase::Routed
             && self.response.streaming
             && !self.response.complete
@@ -1206,7 +1197,7 @@ impl StreamState {
         }
         if h.end_of_stream {
             self.response.headers_ended = true;
-            self.complete_response(&[]);
+            self.complete_response();
         }
         vec![envoy::response_headers_response(set).into()]
     }
@@ -1235,7 +1226,7 @@ impl StreamState {
                 return Vec::new();
             };
             if eos {
-                self.complete_response(&[]);
+                self.complete_response();
             }
             return vec![envoy::body_chunk(Direction::Response, out, eos).into()];
         }
@@ -1254,8 +1245,7 @@ impl StreamState {
             return Vec::new();
         };
         if eos {
-            let copy = std::mem::take(&mut self.response.copy);
-            self.complete_response(&copy);
+            self.complete_response();
         }
         vec![envoy::body_chunk(Direction::Response, out, eos).into()]
     }
@@ -1271,66 +1261,41 @@ impl StreamState {
         (!out.is_empty() || rewrite.held() == 0).then_some(out)
     }
 
-    /// Adds a passed-through chunk to the copy read for `usage`, unless that would pass
-    /// [`MAX_RESPONSE_COPY`]: then the copy is dropped for good.
+    /// Adds a passed-through chunk to the copy read for `usage` ([`AnswerCopy`]); the first
+    /// time all streams' copies would pass [`ServiceOptions::held_response_bytes`], this one
+    /// is dropped, its usage unknown, and that is counted and logged.
     fn copy_response(&mut self, chunk: &[u8]) {
-        if self.response.overflowed {
-            return;
-        }
         let budget = &self.ctx.options.held_response_bytes;
-        if self.response.copy.len() + chunk.len() > MAX_RESPONSE_COPY
-            || self.response.charge.grow(budget, chunk.len()).is_err()
-        {
-            self.overflow_response();
+        if self.response.copy.push(chunk, budget).is_ok() {
             return;
         }
-        self.response.copy.extend_from_slice(chunk);
-    }
-
-    /// The response body passed [`MAX_RESPONSE_COPY`]: keep nothing more of it.
-    fn overflow_response(&mut self) {
-        self.response.overflowed = true;
-        self.response.copy = BytesMut::new();
-        // Nothing of the body is held any more (a rewrite's held-back end is its own charge).
-        self.response.charge.release();
-        self.ctx
-            .recorder
-            .on_response_overflow(self.response.rewrite_back.is_some());
-        let (limit, all_streams_limit, rewrite) = (
-            MAX_RESPONSE_COPY,
-            self.ctx.options.held_response_bytes.limit(),
-            self.response.rewrite_back.is_some(),
-        );
+        let rewrite = self.response.rewrite_back.is_some();
+        self.ctx.recorder.on_response_overflow(rewrite);
+        let all_streams_limit = budget.limit();
         match OVERFLOW_LOG.allow() {
             Some(not_logged) => tracing::warn!(
-                limit,
                 all_streams_limit,
                 rewrite,
                 not_logged,
-                "response body over the buffering cap (this stream's or all streams'): passed \
+                "non-streamed responses over what all streams may hold: this one passed \
                  through as it comes, usage unknown"
             ),
             None => tracing::debug!(
-                limit,
                 all_streams_limit,
                 rewrite,
-                "response body over the buffering cap: passed through, usage unknown"
+                "non-streamed responses over what all streams may hold: passed through, usage \
+                 unknown"
             ),
         }
     }
 
-    fn complete_response(&mut self, json_body: &[u8]) {
+    fn complete_response(&mut self) {
         if self.response.complete {
             return;
         }
         self.response.complete = true;
-        // Whatever was held is read below and goes out with this call's answers.
-        self.response.charge.release();
-        self.response.usage = self
-            .response
-            .sse
-            .usage()
-            .or_else(|| openai::usage_from_json(json_body));
+        let whole_answer_usage = self.response.copy.take_usage();
+        self.response.usage = self.response.sse.usage().or(whole_answer_usage);
         // Neither a body message nor an end of stream on the headers: the lean path, where
         // Envoy streamed the body past the EPP, so its size is not known here.
         let bytes_known = self.response.body_messages > 0 || self.response.headers_ended;

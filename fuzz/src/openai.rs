@@ -169,10 +169,30 @@ fn streamed_rewrite(body: &[u8], from: &str, to: &str, seed: u8, expected: &[u8]
 }
 
 /// `usage_json`: `usage` of a complete JSON response. Never panics; totals are never below
-/// their parts unless the server said so.
+/// their parts unless the server said so. Read from any tail of the body (what the EPP keeps
+/// of a long answer), it is the whole body's usage or unknown, never another value.
 pub fn usage_json(data: &[u8]) {
-    if let Some(u) = openai::usage_from_json(data) {
+    let whole = openai::usage_from_json(data);
+    if let Some(u) = whole {
         check_usage(data, u);
+    }
+    let usage_members = memchr::memmem::find_iter(data, b"\"usage\"").take(8);
+    let starts = [0, data.len() / 4, data.len() / 2, data.len() * 3 / 4]
+        .into_iter()
+        .chain(usage_members.flat_map(|at| [at, at + 1]));
+    for start in starts {
+        let Some(tail) = openai::usage_from_json_tail(&data[start.min(data.len())..]) else {
+            continue;
+        };
+        check_usage(data, tail);
+        // A body the whole parse reads is valid JSON, so the tail's member is its top-level
+        // `usage`: the same one, unless the body is a Responses API event, whose usage the
+        // whole parse takes from its `response` member.
+        if let Some(u) = whole
+            && memchr::memmem::find(data, b"\"response.").is_none()
+        {
+            assert_eq!(tail, u, "a tail from {start} read another usage");
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use endpoint_picker::request::InferenceRequest;
 use parking_lot::Mutex;
 
 use super::*;
+use crate::answer_copy::WHOLE_ANSWER_BYTES;
 use crate::envoy::BodySendMode;
 use crate::envoy::ext_proc::processing_response;
 use crate::recorder::{RecordKey, Recorder, Scheduled};
@@ -1421,18 +1422,19 @@ fn concat_bodies(out: &[ProcessingResponse]) -> (Vec<u8>, bool) {
     (body, eos_last_only)
 }
 
-/// A whole answer past the copy's cap is still rewritten back in every chunk, in order: only
-/// its usage is lost. (Before review 15 it was held to the cap, let go, and its later chunks
-/// passed unmodified.)
+/// A whole answer far longer than the copy kept of it is still rewritten back in every chunk,
+/// in order, and its usage read from the copy's tail. (Before review 15 it was held to a
+/// 16 MiB cap, let go, and its later chunks passed unmodified; until 2026-12-05 its usage was
+/// lost past that cap.)
 #[tokio::test(start_paused = true)]
-async fn a_rewritten_response_over_the_copy_cap_is_rewritten_in_every_chunk() {
+async fn a_long_rewritten_response_is_rewritten_in_every_chunk() {
     let h = Harness::new(1);
     operator_rewrite(&h);
     let mut s = h.stream();
     send_chat(&mut s, "m", &[]);
     assert_eq!(h.routed(), "routed m->m-canary rewritten=true");
     s.on_message(resp_headers(&[(":status", "200")], false, None));
-    // A JSON body with the served model near its start, then more than the cap of content.
+    // A JSON body with the served model near its start, then 16 MiB of content.
     let head = br#"{"id":"x","model":"m-canary","choices":[{"text":""#.to_vec();
     let filler = vec![b'a'; 4 * 1024 * 1024];
     let later = br#"{"model":"m-canary"}"#;
@@ -1456,11 +1458,7 @@ async fn a_rewritten_response_over_the_copy_cap_is_rewritten_in_every_chunk() {
         "every byte once, in order, every model rewritten"
     );
     assert!(received.starts_with(br#"{"id":"x","model":"m","#));
-    // Usage is unknown: the copy passed the cap.
-    assert_eq!(
-        h.events(),
-        ["overflow rewrite=true", "complete None", "released m"]
-    );
+    assert_eq!(h.events(), ["complete Some(2)", "released m"]);
 }
 
 /// A whole answer under the cap is rewritten chunk by chunk as it comes (a field cut by a chunk
@@ -1560,40 +1558,36 @@ async fn a_full_response_budget_does_not_leak_the_served_model() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_response_copy_over_the_cap_is_dropped_not_read_with_a_gap() {
+async fn a_long_answer_is_read_from_its_tail_a_short_one_whole() {
     let h = Harness::new(1);
-    let mut s = h.stream();
-    send_chat(&mut s, "m", &[]);
-    h.events();
-    s.on_message(resp_headers(&[(":status", "200")], false, None));
-    // Without the middle chunk, the first and last make a JSON body with usage: a copy that
-    // skipped the chunk over the cap would read it.
-    let first = br#"{"usage":{"prompt_tokens":1,"completion_tokens":9},"x":""#;
-    let middle = vec![b'a'; MAX_RESPONSE_COPY];
-    let last = br#""}"#;
-    for (chunk, eos) in [(&first[..], false), (&middle[..], false), (&last[..], true)] {
-        let out = s.on_message(resp_body(chunk, eos));
-        assert_eq!(out.len(), 1);
-        assert_eq!(
-            streamed_body(&out[0]),
-            (chunk.to_vec(), eos),
-            "passed through"
-        );
-    }
-    assert_eq!(
-        h.events(),
-        ["overflow rewrite=false", "complete None", "released m"],
-        "counted once"
-    );
-    // Under the cap the copy is read.
-    let mut s = h.stream();
-    send_chat(&mut s, "m", &[]);
-    h.events();
-    s.on_message(resp_headers(&[(":status", "200")], false, None));
-    s.on_message(resp_body(first, false));
-    s.on_message(resp_body(b"aaa", false));
-    s.on_message(resp_body(last, true));
-    assert_eq!(h.events(), ["complete Some(9)", "released m"]);
+    let answer = |chunks: &[&[u8]]| {
+        let mut s = h.stream();
+        send_chat(&mut s, "m", &[]);
+        h.events();
+        s.on_message(resp_headers(&[(":status", "200")], false, None));
+        for (i, chunk) in chunks.iter().enumerate() {
+            let eos = i + 1 == chunks.len();
+            let out = s.on_message(resp_body(chunk, eos));
+            assert_eq!(out.len(), 1);
+            assert_eq!(
+                streamed_body(&out[0]),
+                (chunk.to_vec(), eos),
+                "passed through"
+            );
+        }
+        h.events()
+    };
+    let usage = br#""usage":{"prompt_tokens":1,"completion_tokens":9}"#;
+    let text = vec![b'a'; 3 * WHOLE_ANSWER_BYTES];
+    // Longer than the window: the usage after the text is read, the one before it is not
+    // (its front is no longer kept), and neither is an overflow.
+    let at_end = answer(&[br#"{"x":""#, &text, br#"","#, usage, b"}"]);
+    assert_eq!(at_end, ["complete Some(9)", "released m"]);
+    let at_front = answer(&[b"{", usage, br#","x":""#, &text, br#""}"#]);
+    assert_eq!(at_front, ["complete None", "released m"]);
+    // Within it, the answer is read whole: the usage wherever it is.
+    let short = answer(&[b"{", usage, br#","x":""#, b"aaa", br#""}"#]);
+    assert_eq!(short, ["complete Some(9)", "released m"]);
 }
 
 /// What all streams hold of non-streamed responses together is capped: the response that
