@@ -40,19 +40,22 @@ impl AnswerCopy {
             return Ok(());
         }
         let len = self.bytes.len() + chunk.len();
-        if len <= 2 * WHOLE_ANSWER_BYTES {
-            let more = len.saturating_sub(self.charge.bytes());
-            if more > 0
-                && let Err(over) = self.charge.grow(budget, more)
-            {
-                self.drop_copy();
-                return Err(over);
-            }
+        let truncate = len > 2 * WHOLE_ANSWER_BYTES;
+        // The charge is the most the copy has held; it never grows past twice the window.
+        let held = if truncate { WHOLE_ANSWER_BYTES } else { len };
+        let more = held.saturating_sub(self.charge.bytes());
+        if more > 0
+            && let Err(over) = self.charge.grow(budget, more)
+        {
+            self.drop_copy();
+            return Err(over);
+        }
+        if !truncate {
             self.bytes.extend_from_slice(chunk);
             return Ok(());
         }
         // Keep the last window of the copy and the chunk: at most one byte moved for each one
-        // received, and the charge (twice the window) never grows past this point.
+        // received.
         self.truncated = true;
         if chunk.len() >= WHOLE_ANSWER_BYTES {
             self.bytes.clear();
@@ -141,6 +144,13 @@ mod tests {
         }
         assert!(copy.truncated);
         assert!(long.ends_with(&copy.bytes));
+        // An answer in one message longer than twice the window: its tail is charged too.
+        let budget = Arc::new(BodyBudget::new(64 << 20));
+        let mut copy = AnswerCopy::default();
+        copy.push(&long, &budget).unwrap();
+        assert_eq!(budget.held(), WHOLE_ANSWER_BYTES);
+        assert_eq!(copy.take_usage().map(|u| u.completion_tokens), Some(3));
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]
