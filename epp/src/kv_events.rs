@@ -144,7 +144,8 @@ pub struct DropLabels {
     /// Why: `unknown_parent`, `no_full_block`, `unknown_blocks`, `malformed`, `clearing`,
     /// `batch_cap`, `endpoint_share`, `block_size` (the engine's block is no multiple of the
     /// index's; all of them `kv_index::Dropped`), `bad_topic`, `unknown_endpoint`, `bind` (the
-    /// bound socket could not listen; counted under `unknown`, once a retry), `gap`,
+    /// bound socket could not listen; counted under `unknown`, once a retry), `gap`, `rate` (the
+    /// engine over `maxBlocksPerSecond`),
     /// `other_group` (a hybrid model's cache group that does not keep prefixes:
     /// `kv_index::groups`), or what the decoder left out ([`SKIP_REASONS`]): `unknown_type`,
     /// `unknown_medium`, `extra_keys`.
@@ -284,7 +285,7 @@ impl KvEventMetrics {
         r.register(
             "inference_extension_kv_events_dropped",
             "KV-cache events dropped, by reason (gap: batches lost and not replayed; \
-             extra_keys: blocks cut)",
+             rate: an engine over maxBlocksPerSecond; extra_keys: blocks cut)",
             self.dropped.clone(),
         );
         r.register(
@@ -371,7 +372,7 @@ impl KvEventMetrics {
         let reasons = Dropped::ALL.map(Dropped::as_str);
         for reason in reasons
             .into_iter()
-            .chain(["bad_topic", "gap", "other_group"])
+            .chain(["bad_topic", "gap", "other_group", "rate"])
             .chain(SKIP_REASONS)
         {
             self.dropped.remove(&DropLabels {
@@ -433,11 +434,23 @@ pub struct SequenceTracker {
     /// stream: every store of that engine is, until it is configured again).
     warned_block_size: bool,
     /// When a gap replay could not fill last cleared the endpoint (until the publisher
-    /// restarts).
+    /// restarts), or when the engine last sent over its rate.
     gap_since: Option<Instant>,
+    /// The engine's events against `maxBlocksPerSecond`.
+    rate: BlockRate,
+    /// The engine is over its rate: its batches are dropped.
+    throttled: bool,
 }
 
 impl SequenceTracker {
+    /// A stream whose engine may send `max_blocks_per_second` blocks (0: no cap).
+    pub fn new(max_blocks_per_second: u64) -> Self {
+        Self {
+            rate: BlockRate::new(max_blocks_per_second),
+            ..Self::default()
+        }
+    }
+
     /// The stream is read through a new source (a reconnection): its first number, if lower
     /// than the last, is a restarted publisher's, not a duplicate. An engine that restarted
     /// while the EPP reconnected would otherwise have its first batches (up to
@@ -479,6 +492,62 @@ impl SequenceTracker {
     }
 }
 
+/// A token bucket of blocks, refilled at `maxBlocksPerSecond` up to a second's worth. A batch
+/// passes while the bucket holds its blocks (or is full: a batch larger than a second's worth
+/// passes alone and leaves a debt), so over any long stretch an engine's blocks applied stay
+/// within the rate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockRate {
+    /// Blocks a second; 0: no cap.
+    per_second: f64,
+    /// What the bucket holds (negative: a debt).
+    tokens: f64,
+    /// When it was last refilled (`None`: full).
+    refilled: Option<Instant>,
+}
+
+impl BlockRate {
+    /// A full bucket for `per_second` blocks a second (0: no cap).
+    pub fn new(per_second: u64) -> Self {
+        Self {
+            per_second: per_second as f64,
+            tokens: per_second as f64,
+            refilled: None,
+        }
+    }
+
+    /// Whether a batch of `blocks` may pass now; takes them from the bucket if so.
+    pub fn admit(&mut self, blocks: u64, now: Instant) -> bool {
+        if self.per_second <= 0.0 {
+            return true;
+        }
+        if let Some(then) = self.refilled {
+            let elapsed = now.saturating_duration_since(then).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        }
+        self.refilled = Some(now);
+        let blocks = blocks as f64;
+        if self.tokens < blocks.min(self.per_second) {
+            return false;
+        }
+        self.tokens -= blocks;
+        true
+    }
+}
+
+/// What a batch costs the index: its events' blocks (an event without blocks counts one).
+fn batch_blocks(batch: &EventBatch) -> u64 {
+    batch
+        .events
+        .iter()
+        .map(|e| match e {
+            kv_events::Event::BlockStored(s) => s.block_hashes.len().max(1),
+            kv_events::Event::BlockRemoved(r) => r.block_hashes.len().max(1),
+            kv_events::Event::AllBlocksCleared => 1,
+        } as u64)
+        .sum()
+}
+
 /// Applies one message of `endpoint`'s stream: sequence check (replaying or clearing on a
 /// gap, clearing on a reset), then the batch, then the metrics.
 pub async fn handle<S: KvEventSource>(
@@ -506,6 +575,17 @@ pub async fn handle<S: KvEventSource>(
         metrics.count_dropped(pod, "bad_topic", n);
         return;
     };
+    if !tracker.rate.admit(batch_blocks(&msg.batch), Instant::now()) {
+        throttle(index, metrics, pod, endpoint, tracker, &msg).await;
+        return;
+    }
+    if std::mem::take(&mut tracker.throttled) {
+        tracing::info!(
+            endpoint = %pod.model_server_pod,
+            "kv events: the engine is back under maxBlocksPerSecond; its batches are applied \
+             again (the approximate index scores it until the gap's fallback ends)"
+        );
+    }
     let model = model.to_owned();
     let check = if msg.publisher_restarted {
         tracker.restart(msg.seq)
@@ -572,6 +652,40 @@ pub async fn handle<S: KvEventSource>(
         index, metrics, pod, endpoint, tracker, &model, &msg, received,
     )
     .await;
+}
+
+/// `msg` came over the engine's `maxBlocksPerSecond`: it is dropped (counted `rate`). The
+/// first of an episode clears the endpoint as a gap does, since what the engine says while
+/// over its rate is lost; each one keeps its gap's fallback running, so the endpoint is scored
+/// from the approximate index until the fallback's length after the last batch dropped. Its
+/// number is taken as heard: the batch after the episode is no gap to replay.
+async fn throttle(
+    index: &SharedKvIndex,
+    metrics: &KvEventMetrics,
+    pod: &PodLabels,
+    endpoint: EndpointId,
+    tracker: &mut SequenceTracker,
+    msg: &KvMessage,
+) {
+    let n = msg.batch.events.len() as u64;
+    // Received and dropped alike, so that received ≥ applied + dropped holds.
+    metrics.received.get_or_create(pod).inc_by(n);
+    metrics.count_dropped(pod, "rate", n);
+    tracker.last = Some(msg.seq);
+    tracker.new_source = false;
+    let now = Instant::now();
+    tracker.gap_since = Some(now);
+    if std::mem::replace(&mut tracker.throttled, true) {
+        index.set_stream(endpoint, StreamState::Gap { since: now });
+        return;
+    }
+    tracing::warn!(
+        endpoint = %pod.model_server_pod,
+        max_blocks_per_second = tracker.rate.per_second,
+        "kv events: the engine sends more than maxBlocksPerSecond; its batches are dropped, its \
+         entries cleared, and it is scored from the approximate index until it slows down"
+    );
+    index.gap_yielding(endpoint, now).await;
 }
 
 /// Leaves out of `msg` the events of cache groups the index does not read (a hybrid model's
@@ -693,7 +807,7 @@ pub async fn subscribe_endpoint<C: Connector>(
     let replay = settings
         .replay_port
         .map(|p| format!("tcp://{}", SocketAddr::new(ip, p.saturating_add(rank))));
-    let mut tracker = SequenceTracker::default();
+    let mut tracker = SequenceTracker::new(settings.max_blocks_per_second);
     loop {
         let connected = tokio::select! {
             _ = token.cancelled() => return,
@@ -1064,9 +1178,10 @@ async fn subscribe_bound<C: Connector>(
                 trackers.retain(|id, (a, _)| snapshot.by_address(a).is_some_and(|e| e.id == *id));
                 seen_pool = Some(snapshot.clone());
             }
-            let (_, tracker) = trackers
-                .entry(endpoint.id)
-                .or_insert((endpoint.spec.address, SequenceTracker::default()));
+            let (_, tracker) = trackers.entry(endpoint.id).or_insert((
+                endpoint.spec.address,
+                SequenceTracker::new(settings.max_blocks_per_second),
+            ));
             // A bound socket hears engines that are up: their stream is live (the topic
             // named its model: the endpoint was found by it).
             batch_arrived(&index, endpoint.id, source.connected(endpoint.ip()));

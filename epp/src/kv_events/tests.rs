@@ -332,12 +332,30 @@ fn spawn_manager_counting(
     metrics: &Arc<KvEventMetrics>,
     token: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_manager_with(
+        connector,
+        datastore,
+        index,
+        metrics,
+        token,
+        KvEventsSettings::default(),
+    )
+}
+
+fn spawn_manager_with(
+    connector: &Arc<FakeConnector>,
+    datastore: &Arc<Datastore>,
+    index: &Arc<SharedKvIndex>,
+    metrics: &Arc<KvEventMetrics>,
+    token: &CancellationToken,
+    settings: KvEventsSettings,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(
         connector.clone(),
         datastore.clone(),
         index.clone(),
         metrics.clone(),
-        KvEventsSettings::default(),
+        settings,
         token.clone(),
     ))
 }
@@ -713,6 +731,10 @@ struct OneEngine {
 
 impl OneEngine {
     async fn start() -> Self {
+        Self::start_with(KvEventsSettings::default()).await
+    }
+
+    async fn start_with(settings: KvEventsSettings) -> Self {
         let connector = Arc::new(FakeConnector::default());
         let mut wire = plug(&connector, "127.0.0.1:5557", Vec::new());
         let datastore = Arc::new(Datastore::new());
@@ -720,7 +742,8 @@ impl OneEngine {
         let index = new_index();
         let metrics = Arc::new(KvEventMetrics::default());
         let token = CancellationToken::new();
-        let manager = spawn_manager_counting(&connector, &datastore, &index, &metrics, &token);
+        let manager =
+            spawn_manager_with(&connector, &datastore, &index, &metrics, &token, settings);
         wire.polled.recv().await.unwrap();
         Self {
             wire,
@@ -1058,4 +1081,93 @@ async fn a_payload_that_never_decodes_shows_in_the_exposition() {
             "{reason}"
         );
     }
+}
+
+/// `content`'s blocks, `blocks` of them, in one batch (`message` has two).
+fn wide_message(seq: u64, content: u32, blocks: usize) -> KvMessage {
+    let mut msg = message(seq, content);
+    let Event::BlockStored(stored) = &mut msg.batch.events[0] else {
+        unreachable!()
+    };
+    let first = u64::from(content) * 10_000;
+    stored.block_hashes = (0..blocks as u64).map(|b| first + b).collect();
+    stored.token_ids = (0..(blocks * BS) as u32)
+        .map(|t| content * 100_000 + t)
+        .collect();
+    msg
+}
+
+/// An engine that floods its events (a bug, a compromised pod) costs the EPP what
+/// `maxBlocksPerSecond` lets through: past it its batches are dropped, its entries cleared and
+/// it is scored from the approximate index; under it again its batches are applied, with no
+/// gap to replay, and the fallback ends the usual time after the last batch dropped.
+#[tokio::test(start_paused = true)]
+async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
+    use endpoint_picker::kv_index::GAP_FALLBACK;
+    let mut engine = OneEngine::start_with(KvEventsSettings {
+        max_blocks_per_second: 1000,
+        ..KvEventsSettings::default()
+    })
+    .await;
+    let e1 = engine.e1;
+    let healthy = |engine: &OneEngine| engine.index.stream(e1).is_healthy(Instant::now());
+    engine.wire.set_connected([127, 0, 0, 1], true).await;
+    engine.wire.send(message(0, 1)).await;
+    assert!(healthy(&engine));
+    assert_eq!(held(&engine.index, e1, 1), 2);
+    // 2 + 9 × 100 blocks within the second's 1,000: applied.
+    for seq in 1..=9 {
+        engine.wire.send(wide_message(seq, 10, 100)).await;
+    }
+    assert!(healthy(&engine));
+    assert_eq!(engine.dropped("rate"), None);
+    // The tenth hundred is over: dropped, and the endpoint cleared as on a gap.
+    engine.wire.send(wide_message(10, 11, 100)).await;
+    assert_eq!(engine.dropped("rate"), Some(1));
+    assert!(matches!(engine.index.stream(e1), StreamState::Gap { .. }));
+    assert_eq!(held(&engine.index, e1, 1), 0, "cleared");
+    // A small batch still fits: applied, and its number follows the dropped one's (no gap).
+    engine.wire.send(message(11, 2)).await;
+    assert_eq!(held(&engine.index, e1, 2), 2);
+    assert_eq!(engine.dropped("gap"), None);
+    assert!(
+        !healthy(&engine),
+        "scored from the approximate index meanwhile"
+    );
+    // Still over: each batch dropped keeps the fallback running.
+    tokio::time::advance(GAP_FALLBACK / 2).await;
+    for seq in 12..=25 {
+        engine.wire.send(wide_message(seq, 12, 100)).await;
+    }
+    assert_eq!(engine.dropped("rate"), Some(5), "a second's worth passed");
+    tokio::time::advance(GAP_FALLBACK / 2 + Duration::from_secs(1)).await;
+    engine.wire.send(message(26, 3)).await;
+    assert!(
+        !healthy(&engine),
+        "the fallback runs from the last batch dropped"
+    );
+    assert_eq!(held(&engine.index, e1, 3), 2);
+    tokio::time::advance(GAP_FALLBACK).await;
+    engine.wire.send(message(27, 4)).await;
+    assert!(healthy(&engine));
+    assert_eq!(engine.dropped("gap"), None, "no gap replayed or cleared");
+    engine.stop().await;
+}
+
+#[test]
+fn the_block_rate_refills_and_lets_a_huge_batch_pass_alone() {
+    let start = Instant::now();
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let mut rate = BlockRate::new(1000);
+    assert!(rate.admit(600, at(0)));
+    assert!(!rate.admit(600, at(0)), "400 left");
+    assert!(rate.admit(600, at(200)), "refilled by 200");
+    // A batch larger than a second's worth passes when the bucket is full, and leaves a debt.
+    assert!(rate.admit(5000, at(5000)));
+    assert!(!rate.admit(1, at(8000)), "still in debt");
+    assert!(!rate.admit(1, at(9000)), "even at 0");
+    assert!(rate.admit(1000, at(10000)), "paid back and refilled");
+    // No cap.
+    let mut free = BlockRate::new(0);
+    assert!((0..1000).all(|_| free.admit(u64::MAX, at(0))));
 }

@@ -17,6 +17,7 @@
 //!       topicFilter: "kv@"
 //!       discoverPods: true         # one SUB socket per endpoint, dialing its IP
 //!       podDiscoveryConfig: {socketPort: 5557, replaySocketPort: 0}
+//!       maxBlocksPerSecond: 200000 # Switchyard's: what one engine may send, 0 for no cap
 //!     speculativeIndexing: false
 //!     speculativeTTL: 2s
 //!     sharedMedia: [remote]        # Switchyard's: media that are one store for the pool
@@ -96,7 +97,21 @@ pub struct KvEventsSettings {
     pub replay_port: Option<u16>,
     /// `topicFilter`: the SUB socket's subscription prefix.
     pub topic_filter: String,
+    /// `maxBlocksPerSecond` (Switchyard's own; 0: no cap): the blocks one engine's events may
+    /// store or remove a second, over a second's burst. Past it the engine's batches are
+    /// dropped and it is scored from the approximate index until it slows down, so an engine
+    /// that floods its events (a bug, a compromised pod) costs the EPP a bounded share of a
+    /// core. A busy engine announces a few thousand blocks a second (50,000 prefill tokens a
+    /// second at 16-token blocks, stored, offloaded and later removed, is about 12,500).
+    pub max_blocks_per_second: u64,
 }
+
+/// Default of [`KvEventsSettings::max_blocks_per_second`]: about 16 times the busiest engine's
+/// rate, and a sixth of what one core ingests (1.27 M stored blocks a second, bench/RESULTS.md,
+/// "The precise prefix index").
+pub const DEFAULT_MAX_BLOCKS_PER_SECOND: u64 = 200_000;
+/// The lowest `maxBlocksPerSecond` other than 0: below it a busy engine would be cut off.
+pub const MIN_MAX_BLOCKS_PER_SECOND: u64 = 1_000;
 
 impl Default for KvEventsSettings {
     fn default() -> Self {
@@ -106,6 +121,7 @@ impl Default for KvEventsSettings {
             socket_port: DEFAULT_SOCKET_PORT,
             replay_port: None,
             topic_filter: "kv@".into(),
+            max_blocks_per_second: DEFAULT_MAX_BLOCKS_PER_SECOND,
         }
     }
 }
@@ -223,6 +239,7 @@ struct KvEventsYaml {
     engine_type: Option<String>,
     discover_pods: Option<bool>,
     pod_discovery_config: Option<PodDiscoveryYaml>,
+    max_blocks_per_second: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -459,6 +476,17 @@ impl PreciseParams {
                     port,
                 )?);
             }
+        }
+        if let Some(max) = ev.max_blocks_per_second {
+            events.max_blocks_per_second = u64::try_from(max)
+                .ok()
+                .filter(|m| *m == 0 || *m >= MIN_MAX_BLOCKS_PER_SECOND)
+                .ok_or_else(|| {
+                    p.invalid(
+                        "kvEventsConfig.maxBlocksPerSecond",
+                        format!("{max}: 0 (no cap) or at least {MIN_MAX_BLOCKS_PER_SECOND}"),
+                    )
+                })?;
         }
         out.events = events;
         Ok(out)

@@ -34,6 +34,7 @@ kvEventsConfig:
   engineType: vllm
   discoverPods: false
   podDiscoveryConfig: {socketPort: 6000, replaySocketPort: 6001}
+  maxBlocksPerSecond: 5000
 speculativeIndexing: true
 speculativeTTL: 500ms
 "#,
@@ -58,8 +59,11 @@ speculativeTTL: 500ms
             socket_port: 6000,
             replay_port: Some(6001),
             topic_filter: "kv@".into(),
+            max_blocks_per_second: 5000,
         }
     );
+    let (uncapped, _) = params("kvEventsConfig: {maxBlocksPerSecond: 0}").unwrap();
+    assert_eq!(uncapped.events.max_blocks_per_second, 0);
     // The defaults are llm-d's.
     let (d, _) = params("{}").unwrap();
     assert_eq!(d, PreciseParams::default());
@@ -115,6 +119,14 @@ fn what_cannot_be_honoured_is_an_error_naming_it() {
             "kvCacheBackendConfigs",
         ),
         ("kvEventsConfig: {engineType: trtllm}", "engineType"),
+        (
+            "kvEventsConfig: {maxBlocksPerSecond: 999}",
+            "maxBlocksPerSecond",
+        ),
+        (
+            "kvEventsConfig: {maxBlocksPerSecond: -1}",
+            "maxBlocksPerSecond",
+        ),
         (
             "kvEventsConfig: {podDiscoveryConfig: {socketPort: 70000}}",
             "socketPort",
