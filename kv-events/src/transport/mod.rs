@@ -23,8 +23,9 @@ pub use frames::{FramePub, FrameSub};
 pub use guard::{Peers, UnfinishedBudget};
 pub use publisher::{Publisher, PublisherConfig, PublisherHandle, PublisherStats};
 pub use subscriber::{
-    DEFAULT_QUEUE_BYTES, MAX_REPLAY_BATCHES, MAX_TOPICS, QueueBudget, QueueCharge, ReceivedBatch,
-    SubscribeMode, Subscriber, SubscriberConfig, SubscriberStats, SubscriberStatsSnapshot,
+    DEFAULT_QUEUE_BYTES, MAX_REPLAY_BATCHES, MAX_TOPICS, QueueBudget, QueueCharge,
+    REPLAY_PROGRESS_LIMIT, ReceivedBatch, SubscribeMode, Subscriber, SubscriberConfig,
+    SubscriberStats, SubscriberStatsSnapshot,
 };
 
 use std::time::Duration;

@@ -29,6 +29,10 @@ use crate::{EventBatch, Untrusted};
 pub const MAX_TOPICS: usize = 4_096;
 /// Batches one replay may deliver, at most.
 pub const MAX_REPLAY_BATCHES: u64 = 100_000;
+/// How many times [`SubscriberConfig::replay_timeout`] a replay that keeps delivering may
+/// last in all (30 s at the default 2 s): the longest a subscriber's live batches wait behind
+/// it.
+pub const REPLAY_PROGRESS_LIMIT: u32 = 15;
 
 /// Whether the subscriber dials the engine or the engines dial it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +55,10 @@ pub struct SubscriberConfig {
     pub topic_filter: String,
     /// The engine's replay ROUTER endpoint: a sequence gap asks it for the missed batches.
     pub replay_endpoint: Option<String>,
-    /// How long a replay may take before the rest counts as missed.
+    /// How long a replay may go without a batch before the rest counts as missed. A replay
+    /// that keeps delivering goes on, up to [`REPLAY_PROGRESS_LIMIT`] times this in all: a
+    /// long ring replayed to an EPP that starts beside a busy engine is not cut off by a
+    /// deadline sized for a short gap.
     pub replay_timeout: Duration,
     /// Replay what the publisher kept from before a topic's first message (an EPP that
     /// starts, or restarts, next to a running engine learns its cache); batches older than the
@@ -795,7 +802,9 @@ impl Subscriber {
             budget: self.unfinished.clone(),
         };
         let fetch = fetch_replay(endpoint.clone(), from, until, want, tx, report);
-        let timeout = tokio::time::sleep(self.config.replay_timeout);
+        let idle = self.config.replay_timeout;
+        let limit = tokio::time::Instant::now() + idle.saturating_mul(REPLAY_PROGRESS_LIMIT);
+        let timeout = tokio::time::sleep(idle);
         tokio::pin!(fetch, timeout);
         let mut recovered = 0;
         let mut fetch_done = false;
@@ -828,6 +837,9 @@ impl Subscriber {
                         if !self.deliver(topic, seq, payload, true, false, out) {
                             return None;
                         }
+                        // Progress: the replay may go on for another `idle`, within its limit.
+                        let next = (tokio::time::Instant::now() + idle).min(limit);
+                        timeout.as_mut().reset(next);
                     }
                     None => break,
                 },

@@ -381,6 +381,88 @@ async fn a_replay_waits_for_a_slow_consumer_instead_of_dropping() {
     task.await.unwrap().unwrap();
 }
 
+/// Serves one replay request with `seqs`, `pause` apart; with `stall_after`, stops sending
+/// after that many (holding the socket, no end marker) until the test ends.
+async fn serve_paced_replay(
+    mut router: RouterSocket,
+    seqs: Vec<u64>,
+    pause: Duration,
+    stall_after: Option<usize>,
+) {
+    let frames = router.recv().await.unwrap().into_vec();
+    for (i, seq) in seqs.into_iter().enumerate() {
+        if stall_after == Some(i) {
+            tokio::time::sleep(WAIT).await;
+            return;
+        }
+        let m = message(vec![
+            frames[0].clone(),
+            Bytes::new(),
+            seq_frame(seq),
+            payload(seq),
+        ]);
+        router.send(m).await.unwrap();
+        tokio::time::sleep(pause).await;
+    }
+    let end = message(vec![
+        frames[0].clone(),
+        Bytes::new(),
+        Bytes::from_static(&END_OF_REPLAY),
+        Bytes::new(),
+    ]);
+    router.send(end).await.unwrap();
+}
+
+/// Review 14 (finding 4): a replay had 2 s in all, so a long ring replayed to an EPP that
+/// starts beside a busy engine was cut off and ended as a gap. It is cut when it stops
+/// delivering now: a slow replay that keeps delivering is recovered whole (six batches over
+/// 900 ms against a 400 ms timeout), one that stalls loses only what had not come.
+#[tokio::test]
+async fn a_replay_goes_on_while_it_delivers_and_is_cut_when_it_stalls() {
+    for stall_after in [None, Some(2)] {
+        let (mut pub_socket, endpoint) = bound_pub().await;
+        let mut router = RouterSocket::new();
+        let replay = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+        let pause = Duration::from_millis(150);
+        let server = tokio::spawn(serve_paced_replay(
+            router,
+            (11..17).collect(),
+            pause,
+            stall_after,
+        ));
+        let config = SubscriberConfig {
+            replay_endpoint: Some(replay),
+            replay_timeout: Duration::from_millis(400),
+            ..SubscriberConfig::connect(endpoint)
+        };
+        let (mut rx, stats, cancel, task) = spawn_subscriber(config, 64);
+        warm_up(&mut pub_socket, &mut rx, &stats).await;
+        pub_socket.send(live("kv@p@m", 10, 10)).await.unwrap();
+        assert_eq!(next(&mut rx).await.seq, 10);
+        pub_socket.send(live("kv@p@m", 17, 17)).await.unwrap(); // 11 to 16 are missing
+        let recovered = stall_after.unwrap_or(6) as u64;
+        for seq in 11..11 + recovered {
+            let r = next(&mut rx).await;
+            assert_eq!(
+                (r.seq, r.replayed),
+                (seq, true),
+                "stall after {stall_after:?}"
+            );
+        }
+        let last = next(&mut rx).await;
+        assert_eq!((last.seq, last.replayed), (17, false));
+        let s = stats.snapshot();
+        assert_eq!(
+            (s.replayed, s.missed),
+            (recovered, 6 - recovered),
+            "stall after {stall_after:?}"
+        );
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+        server.abort();
+    }
+}
+
 #[tokio::test]
 async fn a_gap_without_replay_is_counted_and_reported_with_the_next_batch() {
     let (mut pub_socket, endpoint) = bound_pub().await;
