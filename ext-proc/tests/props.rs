@@ -3,7 +3,8 @@
 //! its decoded text and a slice of the body when it has no escapes (256 cases), and `Untrusted`
 //! renders any string without control characters and bounded (256 cases), and the SSE usage
 //! scanner reports the last non-null usage of a stream however it is cut into chunks (256
-//! cases), and no prefix match of a chat prompt is worth more than its estimate (256 cases).
+//! cases), no prefix match of a chat prompt is worth more than its estimate (256 cases), and a
+//! long answer's tail gives its usage or none, never another (256 cases).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
@@ -293,5 +294,68 @@ proptest! {
             whole <= parsed.estimated_prompt_tokens,
             "match {} > estimate {}", whole, parsed.estimated_prompt_tokens
         );
+    }
+}
+
+/// A member value for an answer: text that may spell `"usage": {...}` inside a string, an
+/// object with a nested `usage`, an array, a number.
+fn answer_value() -> impl Strategy<Value = serde_json::Value> {
+    let usage_text = r#"say "usage": {"completion_tokens": 0} \"#;
+    prop_oneof![
+        text().prop_map(serde_json::Value::from),
+        Just(serde_json::Value::from(usage_text)),
+        (0u64..1000).prop_map(|n| serde_json::json!({"usage": {"completion_tokens": n}})),
+        prop::collection::vec(text(), 0..4).prop_map(|v| serde_json::json!(v)),
+        any::<i32>().prop_map(serde_json::Value::from),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(0x0a5e_7a11))]
+
+    /// What the EPP keeps of a long answer is its tail (`answer_copy`). Read from any tail of
+    /// any answer, the usage is the whole answer's or unknown, never another value (not a nested
+    /// `usage`, nor text that spells one); and every tail that holds the top-level member whole
+    /// reads it.
+    #[test]
+    fn a_tail_reads_the_top_level_usage_or_nothing(
+        before in prop::collection::vec(("[a-z]{1,8}", answer_value()), 0..4),
+        after in prop::collection::vec(("[a-z]{1,8}", answer_value()), 0..4),
+        prompt in 0u64..100_000,
+        completion in 0u64..100_000,
+        spaced in any::<bool>(),
+    ) {
+        // Built by hand, so the members keep their order (a JSON map would sort them).
+        let member = |(k, v): &(String, serde_json::Value)| {
+            format!("\"{}\":{}", if k == "usage" { "x" } else { k }, v)
+        };
+        let usage = format!(
+            "\"usage\"{}:{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion}}}",
+            if spaced { " " } else { "" }
+        );
+        let members: Vec<String> = before
+            .iter()
+            .map(member)
+            .chain([usage.clone()])
+            .chain(after.iter().map(member))
+            .collect();
+        let body = format!("{{{}}}{}", members.join(","), if spaced { "\n" } else { "" });
+        let whole = openai::usage_from_json(body.as_bytes()).expect("a generated answer parses");
+        prop_assert_eq!((whole.prompt_tokens, whole.completion_tokens), (prompt, completion));
+        let at = body.find(&usage).unwrap();
+        // Each nested `usage` after the top-level one is a candidate tried first; past the
+        // reader's few tries the member is given up on, and that is allowed.
+        let nested_after = after
+            .iter()
+            .filter(|(_, v)| v.get("usage").is_some())
+            .count();
+        for start in 0..=body.len() {
+            let tail = openai::usage_from_json_tail(&body.as_bytes()[start..]);
+            if start <= at && nested_after < 3 {
+                prop_assert_eq!(tail, Some(whole), "tail from {}", start);
+            } else if let Some(t) = tail {
+                prop_assert_eq!(t, whole, "tail from {}", start);
+            }
+        }
     }
 }
