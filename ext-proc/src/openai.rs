@@ -1770,30 +1770,16 @@ mod tests {
         assert_eq!((u.prompt_tokens, u.completion_tokens), (3, 4));
         assert_eq!(usage_from_json_tail(br#"1,"usage":null}"#), None);
         // Not the end of the top-level object: a nested member, or bytes after the body.
-        assert_eq!(
-            usage_from_json_tail(br#"{"a":{"usage":{"prompt_tokens":1}}}"#),
-            None
-        );
-        assert_eq!(
-            usage_from_json_tail(br#"{"usage":{"prompt_tokens":1}}},"b":2}"#),
-            None
-        );
-        assert_eq!(
-            usage_from_json_tail(br#"{"usage":{"prompt_tokens":1}} x"#),
-            None
-        );
-        assert_eq!(
-            usage_from_json_tail(br#"{"usage":{"prompt_tokens":1},"b"}"#),
-            None
-        );
-        assert_eq!(
-            usage_from_json_tail(br#"{"usage":{"prompt_tokens":1},3:4}"#),
-            None
-        );
-        assert_eq!(
-            usage_from_json_tail(br#"["usage",{"prompt_tokens":1}]"#),
-            None
-        );
+        for not_top_level in [
+            &br#"{"a":{"usage":{"prompt_tokens":1}}}"#[..],
+            br#"{"usage":{"prompt_tokens":1}}},"b":2}"#,
+            br#"{"usage":{"prompt_tokens":1}} x"#,
+            br#"{"usage":{"prompt_tokens":1},"b"}"#,
+            br#"{"usage":{"prompt_tokens":1},3:4}"#,
+            br#"["usage",{"prompt_tokens":1}]"#,
+        ] {
+            assert_eq!(usage_from_json_tail(not_top_level), None);
+        }
         // Past the candidates it tries, it gives up.
         let mut many = br#"{"usage":{"prompt_tokens":1},"m":["#.to_vec();
         for _ in 0..MAX_TAIL_USAGE_CANDIDATES {
