@@ -67,6 +67,9 @@ pub struct KvMessage {
     /// The transport saw the publisher's sequence go backwards: it restarted, and its cache
     /// with it.
     pub publisher_restarted: bool,
+    /// The batch came from the engine's replay socket (a gap, or the history an EPP asks for
+    /// when it starts), not as it was published.
+    pub replayed: bool,
     /// What the transport's decoder left out of the batch (events of an unknown type or
     /// medium, blocks with extra keys), counted as dropped when the batch is applied.
     pub skipped: Skipped,
@@ -575,7 +578,10 @@ pub async fn handle<S: KvEventSource>(
         metrics.count_dropped(pod, "bad_topic", n);
         return;
     };
-    if !tracker.rate.admit(batch_blocks(&msg.batch), Instant::now()) {
+    // A replay is the engine's past, asked for and delivered at once, bounded by its own caps
+    // (`MAX_REPLAY_BATCHES`, `REPLAY_PROGRESS_LIMIT`): held to the live rate, an EPP's start
+    // beside a busy engine would replay its ring only to drop it and clear the endpoint.
+    if !msg.replayed && !tracker.rate.admit(batch_blocks(&msg.batch), Instant::now()) {
         throttle(index, metrics, pod, endpoint, tracker, &msg).await;
         return;
     }
@@ -1331,6 +1337,7 @@ fn message_of(b: kv_events::transport::ReceivedBatch) -> SourceEvent {
         seq: b.seq,
         batch: b.batch,
         publisher_restarted: b.publisher_restarted,
+        replayed: b.replayed,
         skipped: b.skipped,
     })
 }

@@ -167,6 +167,7 @@ fn message(seq: u64, content: u32) -> KvMessage {
             data_parallel_rank: None,
         },
         publisher_restarted: false,
+        replayed: false,
         skipped: Skipped::default(),
     }
 }
@@ -1151,6 +1152,20 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
     engine.wire.send(message(27, 4)).await;
     assert!(healthy(&engine));
     assert_eq!(engine.dropped("gap"), None, "no gap replayed or cleared");
+    // What the engine replays (its ring, to an EPP that starts beside it) is not held to the
+    // rate: twice a second's worth at once, all applied.
+    for seq in 28..48 {
+        engine
+            .wire
+            .send(KvMessage {
+                replayed: true,
+                ..wide_message(seq, 13, 100)
+            })
+            .await;
+    }
+    assert_eq!(engine.dropped("rate"), Some(5));
+    assert_eq!(held(&engine.index, e1, 4), 2, "nothing cleared");
+    assert!(healthy(&engine));
     engine.stop().await;
 }
 

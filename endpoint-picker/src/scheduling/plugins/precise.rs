@@ -103,6 +103,7 @@ pub struct KvEventsSettings {
     /// that floods its events (a bug, a compromised pod) costs the EPP a bounded share of a
     /// core. A busy engine announces a few thousand blocks a second (50,000 prefill tokens a
     /// second at 16-token blocks, stored, offloaded and later removed, is about 12,500).
+    /// Replayed batches (a gap's, or the history asked for at start) are not held to it.
     pub max_blocks_per_second: u64,
 }
 
