@@ -88,8 +88,9 @@ static REJECTION_LOG: LogBudget = LogBudget::new(20);
 static OVERFLOW_LOG: LogBudget = LogBudget::new(20);
 
 /// Default of [`ServiceOptions::held_response_bytes`]: 128 long answers' copies (2 MiB at
-/// most each, [`crate::answer_copy`]), thousands of ordinary ones. A client can ask for long non-streamed answers cheaply (a large embeddings
-/// batch, `echo` with `logprobs`) and read them slowly; this bounds what they hold together.
+/// most each, [`crate::answer_copy`]), thousands of ordinary ones. A client can ask for long
+/// non-streamed answers cheaply (a large embeddings batch, `echo` with `logprobs`) and read
+/// them slowly; this bounds what they hold together.
 pub const DEFAULT_HELD_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 /// Longest `x-request-id` kept from a client; a longer or non-printable one is replaced.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
