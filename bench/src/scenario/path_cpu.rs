@@ -607,9 +607,10 @@ pub fn markdown(runs: &[PathCpuRun], cfg: &PathCpuCfg) -> String {
         s,
         "\nA peer's CPU is its whole process (proxy and router) in the total column. `EPP scrapes / \
          req`: the EPP's scrapes of the replicas during the window per request (every busy \
-         replica every 50 ms whatever the requests carry; ≈ 250 µs of EPP CPU each, see the \
-         overhead section's `epp by the clock`). Goals (issue 16), the best peer being the \
-         lowest total among the peers without errors:\n"
+         replica every 50 ms whatever the requests carry; ≈ 50 µs of EPP CPU each at this load, \
+         measured by scraping every 150 ms instead, and ≈ 250 µs at one request at a time, when \
+         each one wakes the process: the overhead section's `epp by the clock`). Goals (issue \
+         16), the best peer being the lowest total among the peers without errors:\n"
     );
     let vs = verdicts(runs);
     if vs.is_empty() {
