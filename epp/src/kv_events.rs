@@ -585,7 +585,8 @@ pub async fn handle<S: KvEventSource>(
         throttle(index, metrics, pod, endpoint, tracker, &msg).await;
         return;
     }
-    if std::mem::take(&mut tracker.throttled) {
+    // Only a live batch under the rate ends an episode: a replay says nothing of the rate.
+    if !msg.replayed && std::mem::take(&mut tracker.throttled) {
         tracing::info!(
             endpoint = %pod.model_server_pod,
             "kv events: the engine is back under maxBlocksPerSecond; its batches are applied \

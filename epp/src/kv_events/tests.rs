@@ -1141,20 +1141,32 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
         engine.wire.send(wide_message(seq, 12, 100)).await;
     }
     assert_eq!(engine.dropped("rate"), Some(5), "a second's worth passed");
+    // A replayed batch meanwhile is applied and does not end the episode: the next batch over
+    // the rate is dropped without clearing the endpoint again.
+    engine
+        .wire
+        .send(KvMessage {
+            replayed: true,
+            ..message(26, 20)
+        })
+        .await;
+    engine.wire.send(wide_message(27, 12, 100)).await;
+    assert_eq!(engine.dropped("rate"), Some(6));
+    assert_eq!(held(&engine.index, e1, 20), 2, "not cleared again");
     tokio::time::advance(GAP_FALLBACK / 2 + Duration::from_secs(1)).await;
-    engine.wire.send(message(26, 3)).await;
+    engine.wire.send(message(28, 3)).await;
     assert!(
         !healthy(&engine),
         "the fallback runs from the last batch dropped"
     );
     assert_eq!(held(&engine.index, e1, 3), 2);
     tokio::time::advance(GAP_FALLBACK).await;
-    engine.wire.send(message(27, 4)).await;
+    engine.wire.send(message(29, 4)).await;
     assert!(healthy(&engine));
     assert_eq!(engine.dropped("gap"), None, "no gap replayed or cleared");
     // What the engine replays (its ring, to an EPP that starts beside it) is not held to the
     // rate: twice a second's worth at once, all applied.
-    for seq in 28..48 {
+    for seq in 30..50 {
         engine
             .wire
             .send(KvMessage {
@@ -1163,7 +1175,7 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
             })
             .await;
     }
-    assert_eq!(engine.dropped("rate"), Some(5));
+    assert_eq!(engine.dropped("rate"), Some(6));
     assert_eq!(held(&engine.index, e1, 4), 2, "nothing cleared");
     assert!(healthy(&engine));
     engine.stop().await;
