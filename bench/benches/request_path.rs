@@ -13,6 +13,8 @@ use endpoint_picker::config::profiles::{BALANCED_PREFIX, COST_MODEL};
 use endpoint_picker::director::Director;
 use endpoint_picker::prefix::BlockHasher;
 use endpoint_picker::request::{Api, InferenceRequest};
+use ext_proc::body_budget::BodyBudget;
+use ext_proc::json_usage::JsonUsageScanner;
 use ext_proc::openai;
 
 fn request_from(body: &Bytes, api: Api) -> InferenceRequest {
@@ -254,10 +256,10 @@ fn scrape_extract(c: &mut Criterion) {
     group.finish();
 }
 
-/// Reading a whole answer's `usage` when it ends (`ext_proc::answer_copy`): the full parse
-/// of a 1 MiB answer (the longest read whole), its tail read of a 16 MiB one (the most the EPP
-/// kept and parsed whole before), and the full parse of that 16 MiB, which the tail replaced.
-/// The answers are logprobs-like JSON: many small objects, the parser's slowest input.
+/// Reading a whole answer's `usage` as it passes (`ext_proc::json_usage`), in Envoy's
+/// 64 KiB chunks, with the member at the answer's end and at its front; and the full parse
+/// of the answer that it replaced (the EPP kept up to 16 MiB and parsed it at the end). The
+/// answers are logprobs-like JSON: many small objects, the parser's slowest input.
 fn usage_read(c: &mut Criterion) {
     let answer = |bytes: usize, usage_at_end: bool| {
         let usage = r#""usage":{"prompt_tokens":100000,"completion_tokens":4000}"#;
@@ -281,28 +283,36 @@ fn usage_read(c: &mut Criterion) {
         s.push('}');
         s.into_bytes()
     };
-    let window = ext_proc::answer_copy::WHOLE_ANSWER_BYTES;
-    let one_mib = answer(window, true);
+    let budget = std::sync::Arc::new(BodyBudget::new(1 << 20));
+    let scan = |answer: &[u8]| {
+        let mut scanner = JsonUsageScanner::default();
+        for chunk in answer.chunks(64 << 10) {
+            let _ = scanner.push(chunk, &budget);
+        }
+        scanner.take_usage()
+    };
+    let one_mib = answer(1 << 20, true);
     let long = answer(16 << 20, true);
     let long_front = answer(16 << 20, false);
-    assert!(openai::usage_from_json(&one_mib).is_some());
-    assert!(openai::usage_from_json_tail(&long[long.len() - window..]).is_some());
-    assert!(openai::usage_from_json_tail(&long_front[long_front.len() - window..]).is_none());
+    for a in [&one_mib, &long, &long_front] {
+        assert!(openai::usage_from_json(a).is_some());
+        assert_eq!(scan(a), openai::usage_from_json(a));
+    }
     let mut group = c.benchmark_group("usage_read");
     group.sample_size(20);
-    group.bench_function("whole_1mib", |b| {
+    group.throughput(Throughput::Bytes(one_mib.len() as u64));
+    group.bench_function("scan_1mib", |b| {
+        b.iter(|| black_box(scan(black_box(&one_mib))))
+    });
+    group.bench_function("whole_1mib_before", |b| {
         b.iter(|| black_box(openai::usage_from_json(black_box(&one_mib))))
     });
-    group.bench_function("tail_of_16mib_usage_at_end", |b| {
-        b.iter(|| {
-            black_box(openai::usage_from_json_tail(black_box(
-                &long[long.len() - window..],
-            )))
-        })
+    group.throughput(Throughput::Bytes(long.len() as u64));
+    group.bench_function("scan_16mib_usage_at_end", |b| {
+        b.iter(|| black_box(scan(black_box(&long))))
     });
-    group.bench_function("tail_of_16mib_usage_at_front", |b| {
-        let tail = &long_front[long_front.len() - window..];
-        b.iter(|| black_box(openai::usage_from_json_tail(black_box(tail))))
+    group.bench_function("scan_16mib_usage_at_front", |b| {
+        b.iter(|| black_box(scan(black_box(&long_front))))
     });
     group.bench_function("whole_16mib_before", |b| {
         b.iter(|| black_box(openai::usage_from_json(black_box(&long))))

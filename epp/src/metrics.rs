@@ -480,8 +480,8 @@ pub struct EppMetrics {
     /// their body would pass `--max-gathered-request-bytes`.
     pub request_body_budget_rejections: Counter,
     /// `inference_extension_response_body_overflows_total{rewrite}`: non-streamed response
-    /// bodies whose copy would have passed what all streams may hold together (usage unknown;
-    /// a rewrite back was done all the same).
+    /// bodies whose `usage` value would have passed what all streams may hold together (usage
+    /// unknown; a rewrite back was done all the same).
     pub response_body_overflows: Family<RewriteLabels, Counter>,
     /// `inference_extension_response_observer_streams_total{outcome}`: streams of a response
     /// observer (`--response-observer`) by how they found their request
@@ -717,12 +717,12 @@ impl EppMetrics {
         );
         r.register(
             "inference_extension_response_body_bytes_held",
-            "Non-streamed response bytes held by all ext_proc streams together (copies read for usage, bodies held for a model rewrite; capped at 256 MiB)",
+            "Response bytes held by all ext_proc streams together (usage values and unfinished SSE lines read for usage, a chunk's end held for a model rewrite; capped at 256 MiB)",
             m.response_body_bytes_held.clone(),
         );
         r.register(
             "inference_extension_response_body_overflows",
-            "Non-streamed response bodies whose copy would pass what all streams may hold together: passed through as they came, usage unknown",
+            "Non-streamed response bodies whose usage value would pass what all streams may hold together: passed through as they came, usage unknown",
             m.response_body_overflows.clone(),
         );
         r.register(

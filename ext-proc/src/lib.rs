@@ -10,7 +10,6 @@
 
 #![warn(missing_docs)]
 
-pub mod answer_copy;
 pub mod body_budget;
 pub mod body_pool;
 pub mod codec;
@@ -18,6 +17,7 @@ pub mod envoy;
 pub mod error;
 #[cfg(feature = "conformance-faults")]
 pub mod faults;
+pub mod json_usage;
 pub mod observer;
 pub mod openai;
 pub mod protocol;

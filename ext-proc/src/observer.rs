@@ -39,10 +39,10 @@ use endpoint_picker::director::FirstToken;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::answer_copy::AnswerCopy;
 use crate::codec::Inbound;
 use crate::envoy::ext_proc::processing_request::Request;
 use crate::envoy::{self, Metadata};
+use crate::json_usage::JsonUsageScanner;
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::recorder::{Observation, ObserverOutcome, RecordKey};
 use crate::stream::{MAX_FAIRNESS_ID_BYTES, ServiceContext};
@@ -288,8 +288,8 @@ pub struct ObserverState {
     body_messages: usize,
     bytes: usize,
     sse: SseUsageScanner,
-    /// A non-streamed body's copy (bounded as the routing stream's is), read for `usage`.
-    copy: AnswerCopy,
+    /// Reads a non-streamed body's `usage` as it passes, as the routing stream does.
+    usage_scanner: JsonUsageScanner,
     first_chunk_at: Option<Instant>,
     done: bool,
 }
@@ -305,7 +305,7 @@ impl ObserverState {
             body_messages: 0,
             bytes: 0,
             sse: SseUsageScanner::default(),
-            copy: AnswerCopy::default(),
+            usage_scanner: JsonUsageScanner::default(),
             first_chunk_at: None,
             done: false,
         }
@@ -429,7 +429,7 @@ impl ObserverState {
                 self.first_token(self.succeeded);
             }
         } else if self
-            .copy
+            .usage_scanner
             .push(&chunk, &self.ctx.options.held_response_bytes)
             .is_err()
         {
@@ -466,7 +466,7 @@ impl ObserverState {
             return;
         }
         self.done = true;
-        let whole_answer_usage = self.copy.take_usage();
+        let whole_answer_usage = self.usage_scanner.take_usage();
         let Some(watched) = self.watched.as_ref() else {
             return;
         };
@@ -477,7 +477,9 @@ impl ObserverState {
             let completion = match usage {
                 Some(u) => u.completion_tokens,
                 None if self.streaming => self.sse.data_events(),
-                None => 0,
+                // A whole answer without usage: its bytes, 4 a token, as the routing stream
+                // charges it. Zero let a client that hid the usage go uncharged.
+                None => endpoint_picker::cost::estimate_tokens(self.bytes),
             };
             flow.record_usage(&watched.fairness_id, 0, completion);
         }

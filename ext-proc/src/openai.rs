@@ -997,86 +997,13 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
     usage_of(body)
 }
 
-/// `"usage"` members tried at most by [`usage_from_json_tail`], last first. A real answer has
-/// one or two (a nested one under `metadata`); each try may parse the rest of the tail, so
-/// this bounds a read to a few parses of it.
-const MAX_TAIL_USAGE_CANDIDATES: usize = 4;
-
-/// Usage from the last bytes of a JSON response body too long to keep whole: the value of
-/// the top-level object's `usage` member when that member is within `tail`, else `None`.
-///
-/// In valid JSON the bytes `"usage"` followed by `:` can only be a member's name: a quote
-/// inside a string is escaped, so no text an answer carries (the model's output, a tool's
-/// arguments) can spell them. A member is the top-level object's when what follows its value
-/// is only more members and one `}` that ends the body; that is checked, so a nested `usage`
-/// (under `metadata`, say, which a client may fill) is never read as the answer's. The front
-/// of the tail is never parsed: it may begin in the middle of a string.
-pub fn usage_from_json_tail(tail: &[u8]) -> Option<Usage> {
-    let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
-    let mut end = tail.len();
-    for _ in 0..MAX_TAIL_USAGE_CANDIDATES {
-        let at = finder.rfind(&tail[..end])?;
-        end = at;
-        let after_name = trim_json_ws(&tail[at + b"\"usage\"".len()..]);
-        let Some(value) = after_name.strip_prefix(b":") else {
-            continue;
-        };
-        let mut values =
-            serde_json::Deserializer::from_slice(value).into_iter::<Option<UsageJson>>();
-        let Some(Ok(usage)) = values.next() else {
-            continue;
-        };
-        if closes_top_level_object(&value[values.byte_offset()..]) {
-            return usage.map(Usage::from);
-        }
-    }
-    None
-}
-
-/// Whether `rest` is `(, "name": value)* }` and then only whitespace: what may follow a
-/// member of the top-level object of a JSON document, and nothing more.
-fn closes_top_level_object(mut rest: &[u8]) -> bool {
-    loop {
-        rest = trim_json_ws(rest);
-        match rest.split_first() {
-            Some((b'}', after)) => return trim_json_ws(after).is_empty(),
-            Some((b',', after)) => {
-                let name = trim_json_ws(after);
-                if name.first() != Some(&b'"') {
-                    return false;
-                }
-                let Some(after_name) = skip_json_value(name) else {
-                    return false;
-                };
-                let Some(value) = trim_json_ws(after_name).strip_prefix(b":") else {
-                    return false;
-                };
-                let Some(after_value) = skip_json_value(value) else {
-                    return false;
-                };
-                rest = after_value;
-            }
-            _ => return false,
-        }
-    }
-}
-
-/// What follows the JSON value `bytes` begins with (after any whitespace), or `None` when it
-/// begins with none.
-fn skip_json_value(bytes: &[u8]) -> Option<&[u8]> {
-    let mut values =
-        serde_json::Deserializer::from_slice(bytes).into_iter::<serde::de::IgnoredAny>();
-    values.next()?.ok()?;
-    bytes.get(values.byte_offset()..)
-}
-
-/// `bytes` without its leading JSON whitespace.
-fn trim_json_ws(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .unwrap_or(bytes.len());
-    &bytes[start..]
+/// Usage from the value of a JSON answer's top-level `usage` member, whitespace around it
+/// allowed ([`crate::json_usage`]).
+pub(crate) fn usage_from_member_value(value: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<Option<UsageJson>>(value)
+        .ok()
+        .flatten()
+        .map(Usage::from)
 }
 
 /// Longest SSE line kept while waiting for its end; longer lines are skipped. A usage event
@@ -1744,50 +1671,6 @@ mod tests {
         );
         assert!(usage_from_json(b"{}").is_none());
         assert!(usage_from_json(br#"{"usage":null}"#).is_none());
-    }
-
-    #[test]
-    fn usage_from_the_tail_of_a_long_body() {
-        let whole = br#"{"id":"c","choices":[{"message":{"content":"say \"usage\": {\"completion_tokens\":0} \\"}}],"usage":{"prompt_tokens":10,"completion_tokens":5},"prompt_logprobs":null,"kv_transfer_params":{"usage":{"completion_tokens":1}}}"#;
-        let expected = usage_from_json(whole).unwrap();
-        assert_eq!(expected.completion_tokens, 5);
-        // Every tail that still holds the top-level member reads it; none reads the nested
-        // one, nor the text that spells it inside the content.
-        let member = memchr::memmem::find(whole, br#""usage":{"prompt"#).unwrap();
-        for start in 0..whole.len() {
-            let read = usage_from_json_tail(&whole[start..]);
-            if start <= member {
-                assert_eq!(read, Some(expected), "tail from {start}");
-            } else {
-                assert_eq!(read, None, "tail from {start}");
-            }
-        }
-        // The top-level member as the last one, whitespace around, a null usage.
-        let u = usage_from_json_tail(
-            b"xx\"] , \"usage\" :\n{\"input_tokens\":3,\"output_tokens\":4} }\n",
-        )
-        .unwrap();
-        assert_eq!((u.prompt_tokens, u.completion_tokens), (3, 4));
-        assert_eq!(usage_from_json_tail(br#"1,"usage":null}"#), None);
-        // Not the end of the top-level object: a nested member, or bytes after the body.
-        for not_top_level in [
-            &br#"{"a":{"usage":{"prompt_tokens":1}}}"#[..],
-            br#"{"usage":{"prompt_tokens":1}}},"b":2}"#,
-            br#"{"usage":{"prompt_tokens":1}} x"#,
-            br#"{"usage":{"prompt_tokens":1},"b"}"#,
-            br#"{"usage":{"prompt_tokens":1},3:4}"#,
-            br#"["usage",{"prompt_tokens":1}]"#,
-        ] {
-            assert_eq!(usage_from_json_tail(not_top_level), None);
-        }
-        // Past the candidates it tries, it gives up.
-        let mut many = br#"{"usage":{"prompt_tokens":1},"m":["#.to_vec();
-        for _ in 0..MAX_TAIL_USAGE_CANDIDATES {
-            many.extend_from_slice(br#"{"usage":0},"#);
-        }
-        many.extend_from_slice(b"0]}");
-        assert_eq!(usage_from_json_tail(&many), None);
-        assert_eq!(usage_from_json(&many).unwrap().prompt_tokens, 1);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! - response headers are answered at once; response chunks, SSE or whole JSON, are answered
 //!   one by one as they arrive (with the model name to rewrite back, a chunk's last bytes that
 //!   may begin the `"model"` field wait for the next chunk, [`openai::ModelRewriteBack`]); a
-//!   whole answer's bounded copy is read for `usage` at its end;
+//!   whole answer's `usage` is read as it passes ([`crate::json_usage`]);
 //! - the lean response path (`response_body_mode: NONE`, an operator's choice; the shipped
 //!   Envoy configs run the full path) sends no body at all: the response completes with the
 //!   ext_proc stream's end ([`StreamState::on_stream_end`]). Envoy announces the path with the
@@ -61,7 +61,6 @@ use endpoint_picker::scheduling::plugins::response::Served;
 use endpoint_picker::tokens::TokenProducer;
 use tokio::time::Instant;
 
-use crate::answer_copy::AnswerCopy;
 use crate::body_budget::{BodyBudget, BodyCharge, charged};
 use crate::body_pool::{BodyBuffer, MAX_RESERVED_AHEAD, REQUEST_BODIES};
 use crate::codec::Inbound;
@@ -70,6 +69,7 @@ use crate::envoy::{
     ext_proc::{HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request},
 };
 use crate::error::RequestError;
+use crate::json_usage::JsonUsageScanner;
 use crate::observer::{ObserverTag, Observers, Watch, Watched, unix_micros_at};
 use crate::openai::{self, SseUsageScanner, Usage};
 use crate::protocol::{
@@ -87,10 +87,11 @@ static REJECTION_LOG: LogBudget = LogBudget::new(20);
 /// holding the budget with slow readers) causes one a response.
 static OVERFLOW_LOG: LogBudget = LogBudget::new(20);
 
-/// Default of [`ServiceOptions::held_response_bytes`]: 128 long answers' copies (2 MiB at
-/// most each, [`crate::answer_copy`]), thousands of ordinary ones. A client can ask for long
-/// non-streamed answers cheaply (a large embeddings batch, `echo` with `logprobs`) and read
-/// them slowly; this bounds what they hold together.
+/// Default of [`ServiceOptions::held_response_bytes`]: what all streams hold of their answers
+/// together. That is an SSE line not yet ended (up to 1 MiB: the Responses API's last event
+/// carries the whole answer), a chunk's end held back for the model rewrite, and a whole
+/// answer's `usage` value ([`crate::json_usage`]). A client can ask for long answers cheaply
+/// and read them slowly; this bounds what they hold together.
 pub const DEFAULT_HELD_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 /// Longest `x-request-id` kept from a client; a longer or non-printable one is replaced.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
@@ -272,9 +273,9 @@ struct ResponseState {
     /// The served model's name to rewrite back to the one asked for; on a streamed body it
     /// holds back (charged) a chunk's end that may begin the name's field.
     rewrite_back: Option<openai::ModelRewriteBack>,
-    /// A whole answer's copy, read for `usage` at its end, charged to
+    /// Reads a whole answer's `usage` as it passes; what it keeps is charged to
     /// [`ServiceOptions::held_response_bytes`].
-    copy: AnswerCopy,
+    usage_scanner: JsonUsageScanner,
     sse: SseUsageScanner,
     bytes: usize,
     usage: Option<Usage>,
@@ -525,7 +526,7 @@ impl StreamState {
             Some(R::ResponseBody(b)) => self.on_response_body(b, body_bytes),
             Some(R::ResponseTrailers(_)) => {
                 let mut out = Vec::new();
-                // A passed-through body ended by trailers: its copy is read (empty if it
+                // A passed-through body ended by trailers: its usage is read (none if it
                 // was dropped, or streamed).
                 self.complete_response();
                 // A body's end held back for the rewrite: no chunk completes it now.
@@ -1239,9 +1240,8 @@ impl StreamState {
         // chunk as a streamed one is (the same bytes as a rewrite of the whole). It was held to
         // the end once: the client waited for its first byte, and with the response budget
         // full (any client reading long answers slowly can fill it) the answer went out
-        // unmodified, naming the served model. A bounded copy is kept to read `usage` at the
-        // end.
-        self.copy_response(&chunk);
+        // unmodified, naming the served model. Its `usage` is read as it passes.
+        self.scan_response(&chunk);
         let Some(out) = self.rewrite_back(chunk, eos) else {
             return Vec::new();
         };
@@ -1262,12 +1262,12 @@ impl StreamState {
         (!out.is_empty() || rewrite.held() == 0).then_some(out)
     }
 
-    /// Adds a passed-through chunk to the copy read for `usage` ([`AnswerCopy`]); the first
-    /// time all streams' copies would pass [`ServiceOptions::held_response_bytes`], this one
-    /// is dropped, its usage unknown, and that is counted and logged.
-    fn copy_response(&mut self, chunk: &[u8]) {
+    /// Reads a passed-through chunk for the answer's `usage` ([`JsonUsageScanner`]); the
+    /// first time what it keeps would pass [`ServiceOptions::held_response_bytes`], this
+    /// answer's usage is unknown, and that is counted and logged.
+    fn scan_response(&mut self, chunk: &[u8]) {
         let budget = &self.ctx.options.held_response_bytes;
-        if self.response.copy.push(chunk, budget).is_ok() {
+        if self.response.usage_scanner.push(chunk, budget).is_ok() {
             return;
         }
         let rewrite = self.response.rewrite_back.is_some();
@@ -1295,7 +1295,7 @@ impl StreamState {
             return;
         }
         self.response.complete = true;
-        let whole_answer_usage = self.response.copy.take_usage();
+        let whole_answer_usage = self.response.usage_scanner.take_usage();
         self.response.usage = self.response.sse.usage().or(whole_answer_usage);
         // Neither a body message nor an end of stream on the headers: the lean path, where
         // Envoy streamed the body past the EPP, so its size is not known here.
@@ -1316,7 +1316,7 @@ impl StreamState {
                     u.completion_tokens
                 }
                 None if self.response.streaming => self.response.sse.data_events(),
-                // A whole answer without usage (past the copy's cap, or the budget full): its
+                // A whole answer without usage (none in it, or the budget full): its
                 // bytes, 4 a token.
                 None if self.response.body_messages > 0 => {
                     endpoint_picker::cost::estimate_tokens(self.response.bytes)

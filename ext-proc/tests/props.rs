@@ -7,8 +7,12 @@
 //! long answer's tail gives its usage or none, never another (256 cases).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use endpoint_picker::request::Api;
+use ext_proc::body_budget::BodyBudget;
+use ext_proc::json_usage::JsonUsageScanner;
 use ext_proc::openai::{self, MAX_MODEL_NAME_BYTES};
 use ext_proc::untrusted::{MAX_LOGGED_CHARS, Untrusted, sanitize};
 use proptest::prelude::*;
@@ -313,17 +317,17 @@ fn answer_value() -> impl Strategy<Value = serde_json::Value> {
 proptest! {
     #![proptest_config(config(0x0a5e_7a11))]
 
-    /// What the EPP keeps of a long answer is its tail (`answer_copy`). Read from any tail of
-    /// any answer, the usage is the whole answer's or unknown, never another value (not a nested
-    /// `usage`, nor text that spells one); and every tail that holds the top-level member whole
-    /// reads it.
+    /// A whole answer's `usage` is read as it passes (`json_usage`): however the answer is
+    /// cut into chunks and wherever the member is, the top-level usage is read, never a
+    /// nested one nor text that spells one.
     #[test]
-    fn a_tail_reads_the_top_level_usage_or_nothing(
+    fn the_scanner_reads_the_top_level_usage_however_the_answer_is_cut(
         before in prop::collection::vec(("[a-z]{1,8}", answer_value()), 0..4),
         after in prop::collection::vec(("[a-z]{1,8}", answer_value()), 0..4),
         prompt in 0u64..100_000,
         completion in 0u64..100_000,
         spaced in any::<bool>(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
     ) {
         // Built by hand, so the members keep their order (a JSON map would sort them).
         let member = |(k, v): &(String, serde_json::Value)| {
@@ -336,26 +340,22 @@ proptest! {
         let members: Vec<String> = before
             .iter()
             .map(member)
-            .chain([usage.clone()])
+            .chain([usage])
             .chain(after.iter().map(member))
             .collect();
         let body = format!("{{{}}}{}", members.join(","), if spaced { "\n" } else { "" });
         let whole = openai::usage_from_json(body.as_bytes()).expect("a generated answer parses");
         prop_assert_eq!((whole.prompt_tokens, whole.completion_tokens), (prompt, completion));
-        let at = body.find(&usage).unwrap();
-        // Each nested `usage` after the top-level one is a candidate tried first; past the
-        // reader's few tries the member is given up on, and that is allowed.
-        let nested_after = after
-            .iter()
-            .filter(|(_, v)| v.get("usage").is_some())
-            .count();
-        for start in 0..=body.len() {
-            let tail = openai::usage_from_json_tail(&body.as_bytes()[start..]);
-            if start <= at && nested_after < 3 {
-                prop_assert_eq!(tail, Some(whole), "tail from {}", start);
-            } else if let Some(t) = tail {
-                prop_assert_eq!(t, whole, "tail from {}", start);
-            }
+        let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(body.len() + 1)).collect();
+        cuts.sort_unstable();
+        let budget = Arc::new(BodyBudget::new(1 << 20));
+        let mut scanner = JsonUsageScanner::default();
+        let mut from = 0;
+        for cut in cuts.into_iter().chain([body.len()]) {
+            prop_assert!(scanner.push(&body.as_bytes()[from..cut], &budget).is_ok());
+            from = cut;
         }
+        prop_assert_eq!(scanner.take_usage(), Some(whole));
+        prop_assert_eq!(budget.held(), 0);
     }
 }

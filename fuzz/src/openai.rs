@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use endpoint_picker::request::Api;
 use ext_proc::body_budget::BodyBudget;
+use ext_proc::json_usage::JsonUsageScanner;
 use ext_proc::openai::{self, BodyError, SseUsageScanner, Usage};
 
 const APIS: [Api; 6] = [
@@ -169,30 +170,37 @@ fn streamed_rewrite(body: &[u8], from: &str, to: &str, seed: u8, expected: &[u8]
 }
 
 /// `usage_json`: `usage` of a complete JSON response. Never panics; totals are never below
-/// their parts unless the server said so. Read from any tail of the body (what the EPP keeps
-/// of a long answer), it is the whole body's usage or unknown, never another value.
+/// their parts unless the server said so. Read as the body passes (`json_usage`, what the EPP
+/// does with a whole answer), the usage does not depend on how the body is cut, and on a body
+/// the whole parse reads it is that usage or unknown, never another value.
 pub fn usage_json(data: &[u8]) {
     let whole = openai::usage_from_json(data);
     if let Some(u) = whole {
         check_usage(data, u);
     }
-    let usage_members = memchr::memmem::find_iter(data, b"\"usage\"").take(8);
-    let starts = [0, data.len() / 4, data.len() / 2, data.len() * 3 / 4]
-        .into_iter()
-        .chain(usage_members.flat_map(|at| [at, at + 1]));
-    for start in starts {
-        let Some(tail) = openai::usage_from_json_tail(&data[start.min(data.len())..]) else {
-            continue;
-        };
-        check_usage(data, tail);
-        // A body the whole parse reads is valid JSON, so the tail's member is its top-level
-        // `usage`: the same one, unless the body is a Responses API event, whose usage the
-        // whole parse takes from its `response` member.
-        if let Some(u) = whole
-            && memchr::memmem::find(data, b"\"response.").is_none()
-        {
-            assert_eq!(tail, u, "a tail from {start} read another usage");
+    let budget = Arc::new(BodyBudget::new(1 << 20));
+    let scan = |chunk: usize| {
+        let mut scanner = JsonUsageScanner::default();
+        for piece in data.chunks(chunk.max(1)) {
+            scanner.push(piece, &budget).expect("within the budget");
         }
+        scanner.take_usage()
+    };
+    let scanned = scan(data.len());
+    assert_eq!(scan(1), scanned, "bytewise");
+    assert_eq!(scan(7), scanned, "by 7 bytes");
+    assert_eq!(budget.held(), 0, "given back");
+    let Some(scanned) = scanned else {
+        return;
+    };
+    check_usage(data, scanned);
+    // A body the whole parse reads is valid JSON, so the scanner's member is its top-level
+    // `usage`: the same one, unless the body is a Responses API event, whose usage the whole
+    // parse takes from its `response` member.
+    if let Some(u) = whole
+        && memchr::memmem::find(data, b"\"response.").is_none()
+    {
+        assert_eq!(scanned, u, "the scanner read another usage");
     }
 }
 

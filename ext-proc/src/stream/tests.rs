@@ -11,7 +11,6 @@ use endpoint_picker::request::InferenceRequest;
 use parking_lot::Mutex;
 
 use super::*;
-use crate::answer_copy::WHOLE_ANSWER_BYTES;
 use crate::envoy::BodySendMode;
 use crate::envoy::ext_proc::processing_response;
 use crate::recorder::{RecordKey, Recorder, Scheduled};
@@ -1558,7 +1557,7 @@ async fn a_full_response_budget_does_not_leak_the_served_model() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_long_answer_is_read_from_its_tail_a_short_one_whole() {
+async fn a_whole_answer_s_usage_is_read_wherever_it_is() {
     let h = Harness::new(1);
     let answer = |chunks: &[&[u8]]| {
         let mut s = h.stream();
@@ -1578,16 +1577,19 @@ async fn a_long_answer_is_read_from_its_tail_a_short_one_whole() {
         h.events()
     };
     let usage = br#""usage":{"prompt_tokens":1,"completion_tokens":9}"#;
-    let text = vec![b'a'; 3 * WHOLE_ANSWER_BYTES];
-    // Longer than the window: the usage after the text is read, the one before it is not
-    // (its front is no longer kept), and neither is an overflow.
+    // Before or after 3 MiB of text (vLLM puts `prompt_logprobs` after it), in a short
+    // answer; cut inside the member; nothing held of the text, so never an overflow.
+    let text = vec![b'a'; 3 << 20];
     let at_end = answer(&[br#"{"x":""#, &text, br#"","#, usage, b"}"]);
     assert_eq!(at_end, ["complete Some(9)", "released m"]);
     let at_front = answer(&[b"{", usage, br#","x":""#, &text, br#""}"#]);
-    assert_eq!(at_front, ["complete None", "released m"]);
-    // Within it, the answer is read whole: the usage wherever it is.
-    let short = answer(&[b"{", usage, br#","x":""#, b"aaa", br#""}"#]);
+    assert_eq!(at_front, ["complete Some(9)", "released m"]);
+    let (name, value) = usage.split_at(4);
+    let short = answer(&[b"{", name, value, br#","x":""#, b"aaa", br#""}"#]);
     assert_eq!(short, ["complete Some(9)", "released m"]);
+    // The answer's own usage only: not one nested under another member.
+    let nested = answer(&[br#"{"m":{"#, usage, b"}}"]);
+    assert_eq!(nested, ["complete None", "released m"]);
 }
 
 /// What all streams hold of non-streamed responses together is capped: the response that
@@ -1596,9 +1598,11 @@ async fn a_long_answer_is_read_from_its_tail_a_short_one_whole() {
 #[tokio::test(start_paused = true)]
 async fn held_responses_share_one_budget() {
     let mut h = Harness::new(1);
-    let budget = Arc::new(BodyBudget::new(100));
+    let budget = Arc::new(BodyBudget::new(60));
     h.options.held_response_bytes = budget.clone();
     let usage = br#"{"usage":{"prompt_tokens":1,"completion_tokens":7},"x":"#;
+    // What an answer holds: its usage value.
+    let held = br#"{"prompt_tokens":1,"completion_tokens":7}"#.len();
     let open = |h: &Harness| {
         let mut s = h.stream();
         send_chat(&mut s, "m", &[]);
@@ -1609,15 +1613,15 @@ async fn held_responses_share_one_budget() {
     let mut second = open(&h);
     h.events();
     first.on_message(resp_body(usage, false));
-    assert_eq!(budget.held(), usage.len());
-    // The second's copy would pass 100 bytes: passed through, not kept.
+    assert_eq!(budget.held(), held);
+    // The second's value would pass 60 bytes: passed through, not kept.
     let out = second.on_message(resp_body(usage, false));
     assert_eq!(
         streamed_body(&out[0]),
         (usage.to_vec(), false),
         "passed through"
     );
-    assert_eq!(budget.held(), usage.len(), "nothing charged for the second");
+    assert_eq!(budget.held(), held, "nothing charged for the second");
     second.on_message(resp_body(b"0}", true));
     first.on_message(resp_body(b"0}", true));
     assert_eq!(
@@ -1634,7 +1638,7 @@ async fn held_responses_share_one_budget() {
     // A response still open when its stream goes gives its charge back too.
     let mut gone = open(&h);
     gone.on_message(resp_body(usage, false));
-    assert_eq!(budget.held(), usage.len());
+    assert_eq!(budget.held(), held);
     drop(gone);
     assert_eq!(budget.held(), 0);
 }
@@ -2029,7 +2033,7 @@ async fn an_observer_reads_usage_from_a_whole_json_answer() {
     assert_eq!(
         h.options.held_response_bytes.held(),
         0,
-        "the copy is no longer charged"
+        "the usage value is no longer charged"
     );
 }
 
