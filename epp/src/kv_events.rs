@@ -36,6 +36,7 @@ use endpoint_picker::datastore::{Datastore, Endpoint, EndpointId, PoolSnapshot};
 use endpoint_picker::kv_index::groups::CacheGroups;
 use endpoint_picker::kv_index::{Applied, Dropped, GAP_FALLBACK, SharedKvIndex, StreamState};
 use endpoint_picker::scheduling::plugins::precise::KvEventsSettings;
+use ext_proc::untrusted::LogBudget;
 use kv_events::{EventBatch, Skipped};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -495,10 +496,14 @@ impl SequenceTracker {
     }
 }
 
-/// A token bucket of blocks, refilled at `maxBlocksPerSecond` up to a second's worth. A batch
-/// passes while the bucket holds its blocks (or is full: a batch larger than a second's worth
-/// passes alone and leaves a debt), so over any long stretch an engine's blocks applied stay
-/// within the rate.
+/// A token bucket of blocks, refilled at `maxBlocksPerSecond` up to a second's worth.
+///
+/// Every block applied is charged in full: a batch passes while the bucket holds its blocks
+/// (or is full: a batch larger than a second's worth passes alone and leaves a debt), and a
+/// replayed batch, which always passes, leaves a debt too. So over any long stretch an
+/// engine's blocks applied stay within the rate. A dropped batch is charged as well, down to
+/// a second's debt at most: the bucket measures what the engine sends, not what was let
+/// through, so an engine over its rate stays throttled for as long as it stays over it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BlockRate {
     /// Blocks a second; 0: no cap.
@@ -519,22 +524,59 @@ impl BlockRate {
         }
     }
 
-    /// Whether a batch of `blocks` may pass now; takes them from the bucket if so.
-    pub fn admit(&mut self, blocks: u64, now: Instant) -> bool {
-        if self.per_second <= 0.0 {
-            return true;
-        }
+    fn capped(&self) -> bool {
+        self.per_second > 0.0
+    }
+
+    fn refill(&mut self, now: Instant) {
         if let Some(then) = self.refilled {
             let elapsed = now.saturating_duration_since(then).as_secs_f64();
             self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
         }
         self.refilled = Some(now);
+    }
+
+    /// Whether the bucket is full at `now`: the engine has sent less than the rate for long
+    /// enough to pay any debt and fill it again.
+    pub fn full(&mut self, now: Instant) -> bool {
+        if !self.capped() {
+            return true;
+        }
+        self.refill(now);
+        self.tokens >= self.per_second
+    }
+
+    /// Whether a batch of `blocks` may pass now; takes them from the bucket if so.
+    pub fn admit(&mut self, blocks: u64, now: Instant) -> bool {
+        if !self.capped() {
+            return true;
+        }
+        self.refill(now);
         let blocks = blocks as f64;
         if self.tokens < blocks.min(self.per_second) {
             return false;
         }
         self.tokens -= blocks;
         true
+    }
+
+    /// Takes a batch that passes whatever the bucket holds (a replay's) in full.
+    pub fn charge_applied(&mut self, blocks: u64, now: Instant) {
+        if self.capped() {
+            self.refill(now);
+            self.tokens -= blocks as f64;
+        }
+    }
+
+    /// Takes a dropped batch, down to a second's debt at most.
+    pub fn charge_dropped(&mut self, blocks: u64, now: Instant) {
+        if self.capped() {
+            self.refill(now);
+            let floor = -self.per_second;
+            if self.tokens > floor {
+                self.tokens = (self.tokens - blocks as f64).max(floor);
+            }
+        }
     }
 }
 
@@ -578,20 +620,38 @@ pub async fn handle<S: KvEventSource>(
         metrics.count_dropped(pod, "bad_topic", n);
         return;
     };
-    // A replay is the engine's past, asked for and delivered at once, bounded by its own caps
-    // (`MAX_REPLAY_BATCHES`, `REPLAY_PROGRESS_LIMIT`): held to the live rate, an EPP's start
-    // beside a busy engine would replay its ring only to drop it and clear the endpoint.
-    if !msg.replayed && !tracker.rate.admit(batch_blocks(&msg.batch), Instant::now()) {
+    let blocks = batch_blocks(&msg.batch);
+    let now = Instant::now();
+    if msg.replayed {
+        // A replay is the engine's past, asked for and delivered at once, bounded by its own
+        // caps (`MAX_REPLAY_BATCHES`, `REPLAY_PROGRESS_LIMIT`, one a topic per cooldown): held
+        // to the live rate, an EPP's start beside a busy engine would replay its ring only to
+        // drop it and clear the endpoint. It is applied and charged: the live batches after it
+        // pay, so an engine that opens gap after gap gains nothing over the rate.
+        tracker.rate.charge_applied(blocks, now);
+    } else if tracker.throttled {
+        // An episode ends once the engine has stayed under its rate long enough to fill the
+        // bucket again; ended by any batch that fits, it would start again at the next, and
+        // clear the endpoint each time, at an engine just over its rate.
+        if !tracker.rate.full(now) {
+            tracker.rate.charge_dropped(blocks, now);
+            throttle(index, metrics, pod, endpoint, tracker, &msg).await;
+            return;
+        }
+        tracker.rate.charge_applied(blocks, now);
+        tracker.throttled = false;
+        if let Some(not_logged) = THROTTLE_LOG.allow() {
+            tracing::info!(
+                endpoint = %pod.model_server_pod,
+                not_logged,
+                "kv events: the engine is back under maxBlocksPerSecond; its batches are \
+                 applied again (the approximate index scores it until the gap's fallback ends)"
+            );
+        }
+    } else if !tracker.rate.admit(blocks, now) {
+        tracker.rate.charge_dropped(blocks, now);
         throttle(index, metrics, pod, endpoint, tracker, &msg).await;
         return;
-    }
-    // Only a live batch under the rate ends an episode: a replay says nothing of the rate.
-    if !msg.replayed && std::mem::take(&mut tracker.throttled) {
-        tracing::info!(
-            endpoint = %pod.model_server_pod,
-            "kv events: the engine is back under maxBlocksPerSecond; its batches are applied \
-             again (the approximate index scores it until the gap's fallback ends)"
-        );
     }
     let model = model.to_owned();
     let check = if msg.publisher_restarted {
@@ -678,20 +738,29 @@ async fn throttle(
     // Received and dropped alike, so that received ≥ applied + dropped holds.
     metrics.received.get_or_create(pod).inc_by(n);
     metrics.count_dropped(pod, "rate", n);
-    tracker.last = Some(msg.seq);
-    tracker.new_source = false;
+    // Its number is recorded as any other's, so that the batch after the episode is no gap;
+    // a duplicate's (a reconnection's overlap) is not, and never moves the stream back.
+    if msg.publisher_restarted {
+        tracker.restart(msg.seq);
+    } else {
+        tracker.observe(msg.seq);
+    }
     let now = Instant::now();
     tracker.gap_since = Some(now);
     if std::mem::replace(&mut tracker.throttled, true) {
         index.set_stream(endpoint, StreamState::Gap { since: now });
         return;
     }
-    tracing::warn!(
-        endpoint = %pod.model_server_pod,
-        max_blocks_per_second = tracker.rate.per_second,
-        "kv events: the engine sends more than maxBlocksPerSecond; its batches are dropped, its \
-         entries cleared, and it is scored from the approximate index until it slows down"
-    );
+    if let Some(not_logged) = THROTTLE_LOG.allow() {
+        tracing::warn!(
+            endpoint = %pod.model_server_pod,
+            max_blocks_per_second = tracker.rate.per_second,
+            not_logged,
+            "kv events: the engine sends more than maxBlocksPerSecond; its batches are \
+             dropped, its entries cleared, and it is scored from the approximate index until it \
+             has stayed under the rate for a while"
+        );
+    }
     index.gap_yielding(endpoint, now).await;
 }
 
@@ -1276,6 +1345,10 @@ impl ZmqConnector {
         }
     }
 }
+
+/// Lines a second about engines going over and back under `maxBlocksPerSecond`, over all
+/// engines: a fleet of engines near their rate would otherwise fill the log.
+static THROTTLE_LOG: LogBudget = LogBudget::new(5);
 
 /// Batches a subscriber may have decoded ahead of the index (the transport counts what a full
 /// channel drops as missed).

@@ -1100,8 +1100,9 @@ fn wide_message(seq: u64, content: u32, blocks: usize) -> KvMessage {
 
 /// An engine that floods its events (a bug, a compromised pod) costs the EPP what
 /// `maxBlocksPerSecond` lets through: past it its batches are dropped, its entries cleared and
-/// it is scored from the approximate index; under it again its batches are applied, with no
-/// gap to replay, and the fallback ends the usual time after the last batch dropped.
+/// it is scored from the approximate index, for as long as it stays over the rate; once it has
+/// stayed under it long enough to fill the bucket again its batches are applied, with no gap
+/// to replay, and the fallback ends the usual time after the last batch dropped.
 #[tokio::test(start_paused = true)]
 async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
     use endpoint_picker::kv_index::GAP_FALLBACK;
@@ -1127,46 +1128,48 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
     assert_eq!(engine.dropped("rate"), Some(1));
     assert!(matches!(engine.index.stream(e1), StreamState::Gap { .. }));
     assert_eq!(held(&engine.index, e1, 1), 0, "cleared");
-    // A small batch still fits: applied, and its number follows the dropped one's (no gap).
+    // A small batch that would fit is dropped too: the episode lasts until the engine has
+    // stayed under the rate for a while (ended by any batch that fits, it would start again
+    // at the next and clear the endpoint each time). A replayed batch is applied meanwhile.
     engine.wire.send(message(11, 2)).await;
-    assert_eq!(held(&engine.index, e1, 2), 2);
-    assert_eq!(engine.dropped("gap"), None);
-    assert!(
-        !healthy(&engine),
-        "scored from the approximate index meanwhile"
-    );
-    // Still over: each batch dropped keeps the fallback running.
-    tokio::time::advance(GAP_FALLBACK / 2).await;
-    for seq in 12..=25 {
-        engine.wire.send(wide_message(seq, 12, 100)).await;
-    }
-    assert_eq!(engine.dropped("rate"), Some(5), "a second's worth passed");
-    // A replayed batch meanwhile is applied and does not end the episode: the next batch over
-    // the rate is dropped without clearing the endpoint again.
     engine
         .wire
         .send(KvMessage {
             replayed: true,
-            ..message(26, 20)
+            ..message(12, 20)
         })
         .await;
-    engine.wire.send(wide_message(27, 12, 100)).await;
-    assert_eq!(engine.dropped("rate"), Some(6));
+    assert_eq!(engine.dropped("rate"), Some(2));
+    assert_eq!(held(&engine.index, e1, 2), 0);
+    assert_eq!(held(&engine.index, e1, 20), 2, "the replay applied");
+    // Just over the rate for five seconds (1,100 blocks a second): all dropped, and the
+    // endpoint is not cleared again.
+    for seq in 13..68 {
+        tokio::time::advance(Duration::from_millis(1000 / 11)).await;
+        engine.wire.send(wide_message(seq, 12, 100)).await;
+    }
+    assert_eq!(engine.dropped("rate"), Some(57));
     assert_eq!(held(&engine.index, e1, 20), 2, "not cleared again");
-    tokio::time::advance(GAP_FALLBACK / 2 + Duration::from_secs(1)).await;
-    engine.wire.send(message(28, 3)).await;
+    // One quiet second pays the debt, a second one fills the bucket: then it is heard again,
+    // its number following the dropped ones' (no gap).
+    tokio::time::advance(Duration::from_secs(1)).await;
+    engine.wire.send(message(68, 3)).await;
+    assert_eq!(engine.dropped("rate"), Some(58), "not yet");
+    tokio::time::advance(Duration::from_millis(2100)).await;
+    engine.wire.send(message(69, 3)).await;
+    assert_eq!(held(&engine.index, e1, 3), 2);
+    assert_eq!(engine.dropped("gap"), None);
     assert!(
         !healthy(&engine),
         "the fallback runs from the last batch dropped"
     );
-    assert_eq!(held(&engine.index, e1, 3), 2);
     tokio::time::advance(GAP_FALLBACK).await;
-    engine.wire.send(message(29, 4)).await;
+    engine.wire.send(message(70, 4)).await;
     assert!(healthy(&engine));
     assert_eq!(engine.dropped("gap"), None, "no gap replayed or cleared");
-    // What the engine replays (its ring, to an EPP that starts beside it) is not held to the
-    // rate: twice a second's worth at once, all applied.
-    for seq in 30..50 {
+    // What the engine replays (its ring, to an EPP that starts beside it) is not dropped:
+    // twice a second's worth at once, all applied.
+    for seq in 71..91 {
         engine
             .wire
             .send(KvMessage {
@@ -1175,9 +1178,38 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
             })
             .await;
     }
-    assert_eq!(engine.dropped("rate"), Some(6));
+    assert_eq!(engine.dropped("rate"), Some(58));
     assert_eq!(held(&engine.index, e1, 4), 2, "nothing cleared");
     assert!(healthy(&engine));
+    // But it is charged: the live batches after it pay, so gaps opened on purpose win an
+    // engine nothing over the rate.
+    engine.wire.send(message(91, 5)).await;
+    assert_eq!(engine.dropped("rate"), Some(59));
+    assert_eq!(held(&engine.index, e1, 4), 0, "cleared");
+    engine.stop().await;
+}
+
+/// Review 16: a batch over the rate that repeats one already seen (a reconnection's overlap)
+/// is dropped without moving the stream back, so the batch after it is no gap.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_over_the_rate_does_not_move_the_stream_back() {
+    let mut engine = OneEngine::start_with(KvEventsSettings {
+        max_blocks_per_second: 1000,
+        ..KvEventsSettings::default()
+    })
+    .await;
+    let e1 = engine.e1;
+    engine.wire.set_connected([127, 0, 0, 1], true).await;
+    for seq in 0..10 {
+        engine.wire.send(wide_message(seq, 10, 100)).await;
+    }
+    // Seq 5 again, over the rate: dropped; once the bucket is full again, 10 follows 9.
+    engine.wire.send(wide_message(5, 10, 100)).await;
+    assert_eq!(engine.dropped("rate"), Some(1));
+    tokio::time::advance(Duration::from_secs(3)).await;
+    engine.wire.send(message(10, 2)).await;
+    assert_eq!(held(&engine.index, e1, 2), 2, "heard again");
+    assert_eq!(engine.dropped("gap"), None, "no gap seen");
     engine.stop().await;
 }
 
@@ -1194,7 +1226,21 @@ fn the_block_rate_refills_and_lets_a_huge_batch_pass_alone() {
     assert!(!rate.admit(1, at(8000)), "still in debt");
     assert!(!rate.admit(1, at(9000)), "even at 0");
     assert!(rate.admit(1000, at(10000)), "paid back and refilled");
+    // A dropped batch is charged down to a second's debt, no further: a second to pay it, one
+    // more to fill the bucket.
+    let mut rate = BlockRate::new(1000);
+    assert!(rate.admit(1000, at(0)));
+    rate.charge_dropped(u64::MAX, at(0));
+    assert!(!rate.full(at(1999)));
+    assert!(rate.full(at(2000)));
+    // An applied one in full: after a replay's 5,000, four seconds to pay, one more to fill.
+    rate.charge_applied(5000, at(2000));
+    assert!(!rate.full(at(6999)));
+    assert!(rate.full(at(7000)));
     // No cap.
     let mut free = BlockRate::new(0);
     assert!((0..1000).all(|_| free.admit(u64::MAX, at(0))));
+    free.charge_applied(u64::MAX, at(0));
+    free.charge_dropped(u64::MAX, at(0));
+    assert!(free.full(at(0)));
 }

@@ -394,6 +394,8 @@ struct TopicState {
     missed: u64,
     /// When it was last heard, on [`Topics`]' clock.
     heard: u64,
+    /// When its last replay ended: the next gap within the replay cooldown is not replayed.
+    replay_ended: Option<tokio::time::Instant>,
 }
 
 /// The topics a subscriber tracks, at most [`MAX_TOPICS`], the least recently heard evicted
@@ -453,6 +455,7 @@ impl Topics {
             next: None,
             missed: 0,
             heard: now,
+            replay_ended: None,
         }))
     }
 }
@@ -689,7 +692,12 @@ impl Subscriber {
         match next {
             Some(expected) if seq > expected => {
                 inc(&self.stats.gaps, 1);
-                let recovered = self.replay(&topic, expected, seq, out).await;
+                let recovered = if self.cooling_down(&topic) {
+                    tracing::debug!(topic = %Untrusted(std::str::from_utf8(&topic).unwrap_or_default()), from = expected, until = seq, "KV-event gap not replayed: the topic's last replay ended within the cooldown");
+                    Some(0)
+                } else {
+                    self.replay(&topic, expected, seq, out).await
+                };
                 let Some(recovered) = recovered else {
                     return false;
                 };
@@ -779,6 +787,24 @@ impl Subscriber {
         }
     }
 
+    /// Whether `topic`'s last replay ended less than the replay cooldown ago: the replay's
+    /// longest run ([`REPLAY_PROGRESS_LIMIT`] times the replay timeout, 30 s at the default).
+    /// Live batches wait behind a replay, and a publisher faster than its consumer drops
+    /// them, so each replay could reveal the gap for the next, without end; and an engine
+    /// (or anyone who can open gaps in its stream) could have its ring replayed at will. So a
+    /// topic replays at most half the time; a gap within the cooldown is missed, and the
+    /// consumer clears what it knew of that engine.
+    fn cooling_down(&mut self, topic: &[u8]) -> bool {
+        let cooldown = self
+            .config
+            .replay_timeout
+            .saturating_mul(REPLAY_PROGRESS_LIMIT);
+        self.topics
+            .get_mut(topic)
+            .and_then(|t| t.replay_ended)
+            .is_some_and(|ended| ended.elapsed() < cooldown)
+    }
+
     /// Asks the replay endpoint for `from..until` and delivers what comes back in order.
     /// Returns how many were recovered (`None` when `out` closed). No replay endpoint, a
     /// timeout or an error recover what arrived so far.
@@ -792,6 +818,21 @@ impl Subscriber {
         let Some(endpoint) = self.config.replay_endpoint.clone() else {
             return Some(0);
         };
+        let recovered = self.replay_from(endpoint, topic, from, until, out).await;
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.replay_ended = Some(tokio::time::Instant::now());
+        }
+        recovered
+    }
+
+    async fn replay_from(
+        &mut self,
+        endpoint: String,
+        topic: &Bytes,
+        from: u64,
+        until: u64,
+        out: &mpsc::Sender<ReceivedBatch>,
+    ) -> Option<u64> {
         let want = (until - from).min(MAX_REPLAY_BATCHES);
         let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(64);
         // The replay's guard counts into the subscriber's counters and charges its budget;

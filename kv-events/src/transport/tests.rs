@@ -2,6 +2,7 @@
 //! detection and replay, publisher restarts. Every wait is bounded by [`WAIT`]; ports come
 //! from the OS.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -342,6 +343,60 @@ async fn a_gap_is_replayed_in_order_before_the_batch_that_revealed_it() {
     assert_eq!(timeout(WAIT, server).await.unwrap().unwrap(), 11);
     let s = stats.snapshot();
     assert_eq!((s.gaps, s.replayed, s.missed), (1, 2, 0));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Review 16: live batches wait behind a replay and a fast publisher drops them, so each
+/// replay could reveal the gap for the next; and anyone who can open gaps in a stream could
+/// have the engine's ring replayed at will. A topic's gap within the cooldown after its last
+/// replay is missed, not replayed.
+#[tokio::test]
+async fn a_gap_within_the_replay_cooldown_is_missed_not_replayed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (mut pub_socket, endpoint) = bound_pub().await;
+    let mut router = RouterSocket::new();
+    let replay = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let requests = Arc::new(AtomicUsize::new(0));
+    // Answers every replay asked for with the two batches it starts with.
+    let server = tokio::spawn({
+        let requests = requests.clone();
+        async move {
+            loop {
+                let frames = router.recv().await.unwrap().into_vec();
+                requests.fetch_add(1, Ordering::SeqCst);
+                let start = parse_seq(&frames[2]).unwrap();
+                let answer = [start, start + 1]
+                    .map(|seq| (seq_frame(seq), payload(seq)))
+                    .into_iter()
+                    .chain([(Bytes::from_static(&END_OF_REPLAY), Bytes::new())]);
+                for (seq, body) in answer {
+                    let m = message(vec![frames[0].clone(), Bytes::new(), seq, body]);
+                    router.send(m).await.unwrap();
+                }
+            }
+        }
+    });
+    let config = SubscriberConfig {
+        replay_endpoint: Some(replay),
+        ..SubscriberConfig::connect(endpoint)
+    };
+    let (mut rx, stats, cancel, task) = spawn_subscriber(config, 64);
+    warm_up(&mut pub_socket, &mut rx, &stats).await;
+    pub_socket.send(live("kv@p@m", 10, 10)).await.unwrap();
+    pub_socket.send(live("kv@p@m", 13, 13)).await.unwrap(); // 11 and 12 are missing
+    for seq in 10..=13 {
+        let r = next(&mut rx).await;
+        assert_eq!((r.seq, r.replayed), (seq, seq == 11 || seq == 12));
+    }
+    // 14 and 15 are missing too, at once: not asked for, missed.
+    pub_socket.send(live("kv@p@m", 16, 16)).await.unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!((r.seq, r.replayed, r.missed_before), (16, false, 2));
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    let s = stats.snapshot();
+    assert_eq!((s.gaps, s.replayed, s.missed), (2, 2, 2));
+    server.abort();
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
