@@ -26,8 +26,8 @@
 //! sample texts as a second guard.
 //!
 //! **Bounds.** At most [`Limits::prefix_cache_bytes`](crate::Limits::prefix_cache_bytes) of
-//! ids and entry overhead, least recently used first out; a chain's entries are refreshed last
-//! to first, so the first chunk of a prefix in use is the last to go. The chain hash is
+//! ids and entry overhead, least recently used first out; a chain's entries are kept and
+//! refreshed last to first, so the first chunk of a prefix in use is the last to go. The chain hash is
 //! SipHash keyed at random per process, so a client cannot make its text collide with another's.
 //! A client's text only ever reads entries for exactly the bytes it sent.
 
@@ -208,15 +208,20 @@ impl PrefixCache {
                 let Some(entry) = state.entries.peek(key) else {
                     break;
                 };
-                // Defensive: an entry's cut lies in its own chunk or is the one before.
-                if entry.cut < cut || entry.cut >= (i + 1) * CHUNK_BYTES {
+                // Defensive (a 64-bit key collision): an entry's cut lies in its own chunk or
+                // is the one before, and is a cut of this text (so a character's boundary).
+                if entry.cut < cut
+                    || entry.cut >= (i + 1) * CHUNK_BYTES
+                    || (entry.cut != cut && !is_cut(bytes, entry.cut))
+                {
                     break;
                 }
                 ids.extend_from_slice(&entry.ids);
                 cut = entry.cut;
                 reused_chunks = i + 1;
             }
-            // Last to first, so that a prefix's first chunk is the last of it evicted.
+            // Marked used now, so that what this text's fresh chunks evict is not its own
+            // prefix; again after they are kept ([`Self::keep`]).
             for key in keys[..reused_chunks].iter().rev() {
                 state.entries.promote(key);
             }
@@ -247,20 +252,21 @@ impl PrefixCache {
         if cut < bytes.len() {
             ids.extend(encode_piece(&text[cut..])?);
         }
-        if !fresh.is_empty() {
-            self.keep(fresh);
-        }
+        self.keep(&keys[..reused_chunks], fresh);
         Ok(ids)
     }
 
-    fn keep(&self, fresh: Vec<(u64, Entry)>) {
+    /// Keeps the `fresh` entries after the `reused` chain and marks the whole chain used,
+    /// last chunk to first: a lookup stops at its first miss, so a chain's first chunk must be
+    /// the last of it evicted (evicted first, it would leave the rest held and unreachable).
+    fn keep(&self, reused: &[u64], mut fresh: Vec<(u64, Entry)>) {
+        // An entry larger than the whole cache ends what can be kept of the chain.
+        if let Some(too_large) = fresh.iter().position(|(_, e)| e.cost() > self.capacity) {
+            fresh.truncate(too_large);
+        }
         let mut state = self.state.lock();
-        for (key, entry) in fresh {
-            let cost = entry.cost();
-            if cost > self.capacity {
-                break;
-            }
-            state.bytes += cost;
+        for (key, entry) in fresh.into_iter().rev() {
+            state.bytes += entry.cost();
             if let Some((_, old)) = state.entries.push(key, entry) {
                 state.bytes -= old.cost();
             }
@@ -270,6 +276,9 @@ impl PrefixCache {
                 };
                 state.bytes -= old.cost();
             }
+        }
+        for key in reused.iter().rev() {
+            state.entries.promote(key);
         }
     }
 
@@ -448,6 +457,31 @@ mod tests {
         cache.encode(&hot, bytes_encoder(&mut log)).unwrap();
         assert!(log.first().is_none_or(|p| p.len() < hot.len()), "{log:?}");
         assert!(cache.stats().held_bytes > 0);
+    }
+
+    /// Review 16: a text longer than the cache kept its chunks first to first, so the last
+    /// ones evicted its first and none could be reached again. Its first chunks are kept now.
+    #[test]
+    fn a_text_longer_than_the_cache_keeps_its_first_chunks() {
+        let capacity = 8 * 1024;
+        let cache = PrefixCache::new(capacity);
+        let long = prose(2000, 13);
+        assert!(
+            long.len() * 4 > 2 * capacity,
+            "twice the ids (4 bytes each) the cache holds"
+        );
+        let mut log = Vec::new();
+        cache.encode(&long, bytes_encoder(&mut log)).unwrap();
+        assert!(cache.stats().held_bytes <= capacity as u64);
+        let mut log = Vec::new();
+        let ids = cache.encode(&long, bytes_encoder(&mut log)).unwrap();
+        assert_eq!(ids, long.bytes().map(u32::from).collect::<Vec<_>>());
+        let reused = cache.stats().reused_bytes;
+        assert!(reused > 4 * CHUNK_BYTES as u64, "reused {reused} bytes");
+        assert!(
+            !long.starts_with(log[0].as_str()),
+            "the front was not encoded again"
+        );
     }
 
     #[test]
