@@ -244,10 +244,7 @@ doc: toolchain
 # clone's 13 GB) would only cost disk and time. A CI run once failed on a full disk.
 test: export CARGO_INCREMENTAL ?= 0
 test: toolchain envoy prometheus schema-tools deny-tools fuzz-tools kv-events-tools
-	$(CARGO) fmt --all -- --check
-	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(MAKE) --no-print-directory deny doc
+	$(MAKE) --no-print-directory lint deny doc
 	ENVOY="$(ENVOY)" gateway-configs/envoy/validate.sh
 	ENVOY="$(ENVOY)" node $(SCHEMA_CHECK)/check.mjs --self-test
 	$(MAKE) --no-print-directory validate-manifests

@@ -580,7 +580,9 @@ impl Prefix {
         capacity: usize,
     ) -> Result<Self, &'static str> {
         let shape = prefix_cache::Shape {
-            normalizer: tokenizer.get_normalizer().is_some(),
+            normalizer: tokenizer
+                .get_normalizer()
+                .map(|n| serde_json::to_value(n).unwrap_or(serde_json::Value::Null)),
             pre_tokenizer: tokenizer
                 .get_pre_tokenizer()
                 .and_then(|p| serde_json::to_value(p).ok()),

@@ -23,7 +23,8 @@
 //! decided by is part of what the chain hash covers. Anything else (a normalizer, another
 //! pre-tokenizer, BPE dropout, an added token with whitespace, a post-processor that appends)
 //! turns the cache off at load, and a self-check at load compares cached and whole encodings of
-//! sample texts as a second guard.
+//! sample texts as a second guard. NFC, Qwen 2's normalizer, is the one normalizer allowed: it
+//! changes nothing across such a cut (`PrefixCache::supports` says why).
 //!
 //! **Bounds.** At most [`Limits::prefix_cache_bytes`](crate::Limits::prefix_cache_bytes) of
 //! ids and entry overhead, least recently used first out; a chain's entries are kept and
@@ -117,7 +118,8 @@ pub struct PrefixCache {
 /// them to decide whether cutting is exact.
 #[derive(Debug)]
 pub(crate) struct Shape {
-    pub normalizer: bool,
+    /// The normalizer, as `tokenizer.json` writes it.
+    pub normalizer: Option<serde_json::Value>,
     pub pre_tokenizer: Option<serde_json::Value>,
     pub bpe_without_dropout: bool,
     pub added_tokens: Vec<tokenizers::AddedToken>,
@@ -140,8 +142,16 @@ impl PrefixCache {
 
     /// Why a tokenizer of this shape cannot be cut exactly, if it cannot.
     pub(crate) fn supports(shape: &Shape) -> Result<(), &'static str> {
-        if shape.normalizer {
-            return Err("the tokenizer has a normalizer");
+        // NFC (Qwen 2's) works character by character, apart from reordering runs of
+        // combining marks and composing a character with the ones after it; a space is no
+        // combining mark and composes with nothing, so neither crosses a cut, and an ASCII
+        // letter and a space are their own NFC. Any other normalizer is not checked.
+        if shape
+            .normalizer
+            .as_ref()
+            .is_some_and(|n| *n != serde_json::json!({"type": "NFC"}))
+        {
+            return Err("the tokenizer has a normalizer other than NFC");
         }
         if !shape.bpe_without_dropout {
             return Err("the model is not BPE without dropout");
@@ -300,10 +310,11 @@ impl PrefixCache {
 
 /// Texts the load-time self-check encodes cut at each of their cuts and whole: every ordered
 /// pair of the kinds of piece the known pre-tokenizers tell apart (letters, digits, punctuation,
-/// contractions, runs of spaces, tabs and newlines, non-ASCII letters and symbols) and of
+/// contractions, runs of spaces, tabs and newlines, non-ASCII letters and symbols, what NFC
+/// composes) and of
 /// `added` (the tokenizer's added tokens), glued, then a space; in texts of about 200 bytes.
 pub(crate) fn self_check_texts(added: &[String]) -> Vec<String> {
-    const WORDS: [&str; 24] = [
+    const WORDS: [&str; 27] = [
         "The",
         "endpoint",
         "it's",
@@ -328,6 +339,10 @@ pub(crate) fn self_check_texts(added: &[String]) -> Vec<String> {
         " \n",
         "\r\n",
         "ok.",
+        // What NFC composes: a letter and a combining mark, Hangul jamo, a lone mark.
+        "e\u{301}",
+        "\u{1100}\u{1161}",
+        "\u{308}",
     ];
     let words: Vec<&str> = WORDS
         .iter()

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use tokenize::{Api, Limits, Tokenizer};
 
 fn testdata() -> PathBuf {
@@ -91,6 +92,13 @@ const FRAGMENTS: &[&str] = &[
     "\n ",
     "\r\n",
     "\u{a0}",
+    "e\u{301}",
+    "\u{301}",
+    "\u{308}\u{323}",
+    "\u{1100}",
+    "\u{1161}",
+    "\u{212b}",
+    "\u{fb01}",
     "<|eot_id|>",
     "<|start_header_id|>",
     "🙂",
@@ -112,9 +120,20 @@ static CACHED: LazyLock<Tokenizer> =
     LazyLock::new(|| Tokenizer::load(&testdata(), None, limits(256 * 1024)).unwrap());
 static GPT2_WHOLE: LazyLock<Tokenizer> = LazyLock::new(|| edited(gpt2, 0));
 static GPT2_CACHED: LazyLock<Tokenizer> = LazyLock::new(|| edited(gpt2, 256 * 1024));
+static NFC_WHOLE: LazyLock<Tokenizer> = LazyLock::new(|| edited(nfc, 0));
+static NFC_CACHED: LazyLock<Tokenizer> = LazyLock::new(|| edited(nfc, 256 * 1024));
+
+/// Qwen 2's normalizer.
+fn nfc(json: &mut serde_json::Value) {
+    json["normalizer"] = serde_json::json!({"type": "NFC"});
+}
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 96,
+        rng_seed: RngSeed::Fixed(0x7e11_ca5e),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn cached_ids_are_the_whole_texts_ids((a, b) in pair()) {
@@ -122,6 +141,15 @@ proptest! {
         prop_assert!(cached.has_prefix_cache());
         for text in [&a, &b, &a] {
             prop_assert_eq!(cached.encode_rendered(text).unwrap(), whole.encode_rendered(text).unwrap());
+            prop_assert_eq!(cached.encode_prompt(text).unwrap(), whole.encode_prompt(text).unwrap());
+        }
+    }
+
+    #[test]
+    fn cached_ids_are_the_whole_texts_ids_with_an_nfc_normalizer((a, b) in pair()) {
+        let (whole, cached) = (&*NFC_WHOLE, &*NFC_CACHED);
+        prop_assert!(cached.has_prefix_cache());
+        for text in [&a, &b, &a] {
             prop_assert_eq!(cached.encode_prompt(text).unwrap(), whole.encode_prompt(text).unwrap());
         }
     }
@@ -170,9 +198,9 @@ type Edit = fn(&mut serde_json::Value);
 
 #[test]
 fn the_cache_is_off_where_a_cut_might_change_the_ids() {
-    let cases: [(&str, Edit); 5] = [
-        ("a normalizer", |j| {
-            j["normalizer"] = serde_json::json!({"type": "NFC"})
+    let cases: [(&str, Edit); 6] = [
+        ("a normalizer other than NFC", |j| {
+            j["normalizer"] = serde_json::json!({"type": "Prepend", "prepend": "▁"})
         }),
         (
             "a metaspace pre-tokenizer",
@@ -183,6 +211,13 @@ fn the_cache_is_off_where_a_cut_might_change_the_ids() {
                 serde_json::json!(r"\s*\S+")
         }),
         ("a prefix space", |j| gpt2_with_prefix_space(j)),
+        (
+            "NFC in a sequence",
+            |j| {
+                j["normalizer"] =
+                    serde_json::json!({"type": "Sequence", "normalizers": [{"type": "NFC"}]})
+            },
+        ),
         ("an added token with a space", |j| {
             j["added_tokens"]
                 .as_array_mut()
@@ -197,6 +232,7 @@ fn the_cache_is_off_where_a_cut_might_change_the_ids() {
         assert!(!edited(edit, 1 << 20).has_prefix_cache(), "{what}");
     }
     assert!(edited(|_| {}, 1 << 20).has_prefix_cache());
+    assert!(edited(nfc, 1 << 20).has_prefix_cache(), "NFC");
     assert!(
         !edited(|_| {}, 0).has_prefix_cache(),
         "0 bytes turns it off"
