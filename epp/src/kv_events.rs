@@ -440,8 +440,10 @@ pub struct SequenceTracker {
     /// When a gap replay could not fill last cleared the endpoint (until the publisher
     /// restarts), or when the engine last sent over its rate.
     gap_since: Option<Instant>,
-    /// The engine's events against `maxBlocksPerSecond`.
+    /// The engine's live events against `maxBlocksPerSecond`.
     rate: BlockRate,
+    /// Its replayed events against their own allowance ([`REPLAY_ALLOWANCE_SECONDS`]).
+    replay_rate: BlockRate,
     /// The engine is over its rate: its batches are dropped.
     throttled: bool,
 }
@@ -451,6 +453,7 @@ impl SequenceTracker {
     pub fn new(max_blocks_per_second: u64) -> Self {
         Self {
             rate: BlockRate::new(max_blocks_per_second),
+            replay_rate: BlockRate::with_burst(max_blocks_per_second, REPLAY_ALLOWANCE_SECONDS),
             ..Self::default()
         }
     }
@@ -496,18 +499,27 @@ impl SequenceTracker {
     }
 }
 
-/// A token bucket of blocks, refilled at `maxBlocksPerSecond` up to a second's worth.
+/// Seconds of `maxBlocksPerSecond` an engine's replays may apply at once, refilled at the
+/// rate: 6 M blocks at the default, more than a busy engine's whole ring (vLLM keeps 10,000
+/// batches, about five minutes of a busy engine, some 4 M blocks). Replays come at once, at
+/// start-up or after a gap, and are not held to the live rate; this allowance bounds what an
+/// engine that opens gaps on purpose gets applied through them to the live rate again.
+pub const REPLAY_ALLOWANCE_SECONDS: u32 = 30;
+
+/// A token bucket of blocks, refilled at `maxBlocksPerSecond` up to a burst (a second's worth
+/// for live batches).
 ///
-/// Every block applied is charged in full: a batch passes while the bucket holds its blocks
-/// (or is full: a batch larger than a second's worth passes alone and leaves a debt), and a
-/// replayed batch, which always passes, leaves a debt too. So over any long stretch an
-/// engine's blocks applied stay within the rate. A dropped batch is charged as well, down to
-/// a second's debt at most: the bucket measures what the engine sends, not what was let
-/// through, so an engine over its rate stays throttled for as long as it stays over it.
+/// A batch passes while the bucket holds its blocks (or is full: a batch larger than the
+/// burst passes alone and leaves a debt), so over any long stretch the blocks applied stay
+/// within the rate. A dropped batch is charged as well, down to a burst's debt at most: the
+/// bucket measures what the engine sends, not what was let through, so an engine over its
+/// rate stays throttled for as long as it stays over it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BlockRate {
     /// Blocks a second; 0: no cap.
     per_second: f64,
+    /// The most the bucket holds.
+    burst: f64,
     /// What the bucket holds (negative: a debt).
     tokens: f64,
     /// When it was last refilled (`None`: full).
@@ -515,11 +527,19 @@ pub struct BlockRate {
 }
 
 impl BlockRate {
-    /// A full bucket for `per_second` blocks a second (0: no cap).
+    /// A full bucket for `per_second` blocks a second (0: no cap), a second's worth.
     pub fn new(per_second: u64) -> Self {
+        Self::with_burst(per_second, 1)
+    }
+
+    /// A full bucket for `per_second` blocks a second (0: no cap), `seconds`' worth.
+    pub fn with_burst(per_second: u64, seconds: u32) -> Self {
+        let per_second = per_second as f64;
+        let burst = per_second * f64::from(seconds);
         Self {
-            per_second: per_second as f64,
-            tokens: per_second as f64,
+            per_second,
+            burst,
+            tokens: burst,
             refilled: None,
         }
     }
@@ -531,7 +551,7 @@ impl BlockRate {
     fn refill(&mut self, now: Instant) {
         if let Some(then) = self.refilled {
             let elapsed = now.saturating_duration_since(then).as_secs_f64();
-            self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+            self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
         }
         self.refilled = Some(now);
     }
@@ -543,7 +563,7 @@ impl BlockRate {
             return true;
         }
         self.refill(now);
-        self.tokens >= self.per_second
+        self.tokens >= self.burst
     }
 
     /// Whether a batch of `blocks` may pass now; takes them from the bucket if so.
@@ -553,26 +573,18 @@ impl BlockRate {
         }
         self.refill(now);
         let blocks = blocks as f64;
-        if self.tokens < blocks.min(self.per_second) {
+        if self.tokens < blocks.min(self.burst) {
             return false;
         }
         self.tokens -= blocks;
         true
     }
 
-    /// Takes a batch that passes whatever the bucket holds (a replay's) in full.
-    pub fn charge_applied(&mut self, blocks: u64, now: Instant) {
-        if self.capped() {
-            self.refill(now);
-            self.tokens -= blocks as f64;
-        }
-    }
-
-    /// Takes a dropped batch, down to a second's debt at most.
+    /// Takes a dropped batch, down to a burst's debt at most.
     pub fn charge_dropped(&mut self, blocks: u64, now: Instant) {
         if self.capped() {
             self.refill(now);
-            let floor = -self.per_second;
+            let floor = -self.burst;
             if self.tokens > floor {
                 self.tokens = (self.tokens - blocks as f64).max(floor);
             }
@@ -622,23 +634,19 @@ pub async fn handle<S: KvEventSource>(
     };
     let blocks = batch_blocks(&msg.batch);
     let now = Instant::now();
-    if msg.replayed {
-        // A replay is the engine's past, asked for and delivered at once, bounded by its own
-        // caps (`MAX_REPLAY_BATCHES`, `REPLAY_PROGRESS_LIMIT`, one a topic per cooldown): held
-        // to the live rate, an EPP's start beside a busy engine would replay its ring only to
-        // drop it and clear the endpoint. It is applied and charged: the live batches after it
-        // pay, so an engine that opens gap after gap gains nothing over the rate.
-        tracker.rate.charge_applied(blocks, now);
-    } else if tracker.throttled {
+    if tracker.throttled {
         // An episode ends once the engine has stayed under its rate long enough to fill the
         // bucket again; ended by any batch that fits, it would start again at the next, and
-        // clear the endpoint each time, at an engine just over its rate.
-        if !tracker.rate.full(now) {
-            tracker.rate.charge_dropped(blocks, now);
+        // clear the endpoint each time, at an engine just over its rate. A replay meanwhile is
+        // dropped too: its stores would outlive the live removals dropped after them.
+        if msg.replayed || !tracker.rate.full(now) {
+            if !msg.replayed {
+                tracker.rate.charge_dropped(blocks, now);
+            }
             throttle(index, metrics, pod, endpoint, tracker, &msg).await;
             return;
         }
-        tracker.rate.charge_applied(blocks, now);
+        tracker.rate.admit(blocks, now);
         tracker.throttled = false;
         if let Some(not_logged) = THROTTLE_LOG.allow() {
             tracing::info!(
@@ -647,6 +655,15 @@ pub async fn handle<S: KvEventSource>(
                 "kv events: the engine is back under maxBlocksPerSecond; its batches are \
                  applied again (the approximate index scores it until the gap's fallback ends)"
             );
+        }
+    } else if msg.replayed {
+        // A replay is the engine's past, asked for and delivered at once: held to the live
+        // rate, an EPP's start beside a busy engine would replay its ring only to drop it and
+        // clear the endpoint. It has its own allowance instead, so that an engine opening gaps
+        // on purpose gains at most the rate again; past it the rest is dropped.
+        if !tracker.replay_rate.admit(blocks, now) {
+            throttle(index, metrics, pod, endpoint, tracker, &msg).await;
+            return;
         }
     } else if !tracker.rate.admit(blocks, now) {
         tracker.rate.charge_dropped(blocks, now);
@@ -688,6 +705,13 @@ pub async fn handle<S: KvEventSource>(
                             continue;
                         }
                         if m.seq != next {
+                            break;
+                        }
+                        // Within the replays' allowance, as the transport's replays are.
+                        if !tracker
+                            .replay_rate
+                            .admit(batch_blocks(&m.batch), Instant::now())
+                        {
                             break;
                         }
                         next += 1;

@@ -280,15 +280,17 @@ impl PrefixCache {
             if let Some((_, old)) = state.entries.push(key, entry) {
                 state.bytes -= old.cost();
             }
-            while state.bytes > self.capacity {
-                let Some((_, old)) = state.entries.pop_lru() else {
-                    break;
-                };
-                state.bytes -= old.cost();
-            }
         }
         for key in reused.iter().rev() {
             state.entries.promote(key);
+        }
+        // Evicted only now, the whole chain marked: a chain's own prefix is never evicted
+        // for its tail.
+        while state.bytes > self.capacity {
+            let Some((_, old)) = state.entries.pop_lru() else {
+                break;
+            };
+            state.bytes -= old.cost();
         }
     }
 
@@ -474,8 +476,9 @@ mod tests {
         assert!(cache.stats().held_bytes > 0);
     }
 
-    /// Review 16: a text longer than the cache kept its chunks first to first, so the last
-    /// ones evicted its first and none could be reached again. Its first chunks are kept now.
+    /// Review 16: a text longer than the cache kept its chunks first to last, so the last
+    /// ones evicted its first and none could be reached again. Its first chunks are kept now,
+    /// and a text that goes on from a cached one keeps that one's chunks before its own.
     #[test]
     fn a_text_longer_than_the_cache_keeps_its_first_chunks() {
         let capacity = 8 * 1024;
@@ -496,6 +499,26 @@ mod tests {
         assert!(
             !long.starts_with(log[0].as_str()),
             "the front was not encoded again"
+        );
+        // A text held whole (60 % of the cache), then itself and as much again: its chunks
+        // stay, the new ones go.
+        let cache = PrefixCache::new(capacity);
+        let first = prose(270, 17);
+        let mut log = Vec::new();
+        cache.encode(&first, bytes_encoder(&mut log)).unwrap();
+        let held = cache.stats().held_bytes;
+        assert!(held > capacity as u64 / 2, "held {held}");
+        let longer = format!("{first}{}", prose(270, 19));
+        let mut log = Vec::new();
+        cache.encode(&longer, bytes_encoder(&mut log)).unwrap();
+        let before = cache.stats().reused_bytes;
+        let mut log = Vec::new();
+        cache.encode(&first, bytes_encoder(&mut log)).unwrap();
+        let reused = cache.stats().reused_bytes - before;
+        assert!(
+            reused + 2 * CHUNK_BYTES as u64 > first.len() as u64,
+            "reused {reused} of {}",
+            first.len()
         );
     }
 

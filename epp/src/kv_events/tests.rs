@@ -1130,7 +1130,8 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
     assert_eq!(held(&engine.index, e1, 1), 0, "cleared");
     // A small batch that would fit is dropped too: the episode lasts until the engine has
     // stayed under the rate for a while (ended by any batch that fits, it would start again
-    // at the next and clear the endpoint each time). A replayed batch is applied meanwhile.
+    // at the next and clear the endpoint each time). So is a replayed batch: its stores would
+    // outlive the removals dropped after them.
     engine.wire.send(message(11, 2)).await;
     engine
         .wire
@@ -1139,22 +1140,20 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
             ..message(12, 20)
         })
         .await;
-    assert_eq!(engine.dropped("rate"), Some(2));
+    assert_eq!(engine.dropped("rate"), Some(3));
     assert_eq!(held(&engine.index, e1, 2), 0);
-    assert_eq!(held(&engine.index, e1, 20), 2, "the replay applied");
-    // Just over the rate for five seconds (1,100 blocks a second): all dropped, and the
-    // endpoint is not cleared again.
+    assert_eq!(held(&engine.index, e1, 20), 0);
+    // Just over the rate for five seconds (1,100 blocks a second): all dropped.
     for seq in 13..68 {
         tokio::time::advance(Duration::from_millis(1000 / 11)).await;
         engine.wire.send(wide_message(seq, 12, 100)).await;
     }
-    assert_eq!(engine.dropped("rate"), Some(57));
-    assert_eq!(held(&engine.index, e1, 20), 2, "not cleared again");
-    // One quiet second pays the debt, a second one fills the bucket: then it is heard again,
-    // its number following the dropped ones' (no gap).
+    assert_eq!(engine.dropped("rate"), Some(58));
+    // Then quiet: half a second's debt paid, not yet full. Two more seconds fill the bucket,
+    // and it is heard again, its number following the dropped ones' (no gap).
     tokio::time::advance(Duration::from_secs(1)).await;
     engine.wire.send(message(68, 3)).await;
-    assert_eq!(engine.dropped("rate"), Some(58), "not yet");
+    assert_eq!(engine.dropped("rate"), Some(59), "not yet");
     tokio::time::advance(Duration::from_millis(2100)).await;
     engine.wire.send(message(69, 3)).await;
     assert_eq!(held(&engine.index, e1, 3), 2);
@@ -1167,25 +1166,29 @@ async fn an_engine_over_its_block_rate_is_dropped_then_heard_again() {
     engine.wire.send(message(70, 4)).await;
     assert!(healthy(&engine));
     assert_eq!(engine.dropped("gap"), None, "no gap replayed or cleared");
-    // What the engine replays (its ring, to an EPP that starts beside it) is not dropped:
-    // twice a second's worth at once, all applied.
+    // What the engine replays (its ring, to an EPP that starts beside it) is not held to the
+    // live rate: twice a second's worth at once, all applied, and the live batch after it too.
+    let replayed = |seq: u64, content: u32, blocks: usize| KvMessage {
+        replayed: true,
+        ..wide_message(seq, content, blocks)
+    };
     for seq in 71..91 {
-        engine
-            .wire
-            .send(KvMessage {
-                replayed: true,
-                ..wide_message(seq, 13, 100)
-            })
-            .await;
+        engine.wire.send(replayed(seq, 13, 100)).await;
     }
-    assert_eq!(engine.dropped("rate"), Some(58));
-    assert_eq!(held(&engine.index, e1, 4), 2, "nothing cleared");
-    assert!(healthy(&engine));
-    // But it is charged: the live batches after it pay, so gaps opened on purpose win an
-    // engine nothing over the rate.
     engine.wire.send(message(91, 5)).await;
     assert_eq!(engine.dropped("rate"), Some(59));
-    assert_eq!(held(&engine.index, e1, 4), 0, "cleared");
+    assert_eq!(held(&engine.index, e1, 4), 2, "nothing cleared");
+    assert_eq!(held(&engine.index, e1, 5), 2);
+    assert!(healthy(&engine));
+    // Replays have their own allowance, 30 seconds' worth: past it (gaps opened on purpose)
+    // the rest is dropped and the endpoint cleared.
+    for seq in 92..120 {
+        engine.wire.send(replayed(seq, 14, 1000)).await;
+    }
+    assert_eq!(engine.dropped("rate"), Some(59), "28,000 more: within it");
+    engine.wire.send(replayed(120, 15, 1000)).await;
+    assert_eq!(engine.dropped("rate"), Some(60));
+    assert_eq!(held(&engine.index, e1, 5), 0, "cleared");
     engine.stop().await;
 }
 
@@ -1233,14 +1236,14 @@ fn the_block_rate_refills_and_lets_a_huge_batch_pass_alone() {
     rate.charge_dropped(u64::MAX, at(0));
     assert!(!rate.full(at(1999)));
     assert!(rate.full(at(2000)));
-    // An applied one in full: after a replay's 5,000, four seconds to pay, one more to fill.
-    rate.charge_applied(5000, at(2000));
-    assert!(!rate.full(at(6999)));
-    assert!(rate.full(at(7000)));
+    // A burst of 30 seconds (replays'): 29,000 at once, then what a second refills.
+    let mut replays = BlockRate::with_burst(1000, 30);
+    assert!(replays.admit(29_000, at(0)));
+    assert!(!replays.admit(2_000, at(0)));
+    assert!(replays.admit(2_000, at(1000)));
     // No cap.
     let mut free = BlockRate::new(0);
     assert!((0..1000).all(|_| free.admit(u64::MAX, at(0))));
-    free.charge_applied(u64::MAX, at(0));
     free.charge_dropped(u64::MAX, at(0));
     assert!(free.full(at(0)));
 }

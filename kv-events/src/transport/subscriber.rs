@@ -360,6 +360,8 @@ pub struct Subscriber {
     budget: QueueHolder,
     /// The frame guard's budget of unfinished messages, when shared with other subscribers.
     unfinished: Option<UnfinishedBudget>,
+    /// When the last replay that delivered ended ([`Subscriber::cooling_down`]).
+    replay_ended: Option<tokio::time::Instant>,
 }
 
 /// A subscribed socket, its endpoint (resolved when bound) and the guard in front of it.
@@ -394,8 +396,6 @@ struct TopicState {
     missed: u64,
     /// When it was last heard, on [`Topics`]' clock.
     heard: u64,
-    /// When its last replay ended: the next gap within the replay cooldown is not replayed.
-    replay_ended: Option<tokio::time::Instant>,
 }
 
 /// The topics a subscriber tracks, at most [`MAX_TOPICS`], the least recently heard evicted
@@ -455,7 +455,6 @@ impl Topics {
             next: None,
             missed: 0,
             heard: now,
-            replay_ended: None,
         }))
     }
 }
@@ -488,6 +487,7 @@ impl Subscriber {
             peers: watch::Sender::new(Peers::default()),
             budget: QueueBudget::new(DEFAULT_QUEUE_BYTES).holder(),
             unfinished: None,
+            replay_ended: None,
         }
     }
 
@@ -692,8 +692,8 @@ impl Subscriber {
         match next {
             Some(expected) if seq > expected => {
                 inc(&self.stats.gaps, 1);
-                let recovered = if self.cooling_down(&topic) {
-                    tracing::debug!(topic = %Untrusted(std::str::from_utf8(&topic).unwrap_or_default()), from = expected, until = seq, "KV-event gap not replayed: the topic's last replay ended within the cooldown");
+                let recovered = if self.cooling_down() {
+                    tracing::debug!(topic = %Untrusted(std::str::from_utf8(&topic).unwrap_or_default()), from = expected, until = seq, "KV-event gap not replayed: the last replay ended within the cooldown");
                     Some(0)
                 } else {
                     self.replay(&topic, expected, seq, out).await
@@ -787,21 +787,21 @@ impl Subscriber {
         }
     }
 
-    /// Whether `topic`'s last replay ended less than the replay cooldown ago: the replay's
-    /// longest run ([`REPLAY_PROGRESS_LIMIT`] times the replay timeout, 30 s at the default).
-    /// Live batches wait behind a replay, and a publisher faster than its consumer drops
-    /// them, so each replay could reveal the gap for the next, without end; and an engine
-    /// (or anyone who can open gaps in its stream) could have its ring replayed at will. So a
-    /// topic replays at most half the time; a gap within the cooldown is missed, and the
-    /// consumer clears what it knew of that engine.
-    fn cooling_down(&mut self, topic: &[u8]) -> bool {
+    /// Whether the last replay that delivered ended less than the replay cooldown ago: the
+    /// replay's longest run ([`REPLAY_PROGRESS_LIMIT`] times the replay timeout, 30 s at the
+    /// default). Live batches wait behind a replay, and a publisher faster than its consumer
+    /// drops them, so each replay could reveal the gap for the next, without end; and an
+    /// engine (or anyone who can open gaps in its stream) could have its ring replayed at
+    /// will. So a subscriber (one engine's: the replay endpoint is the engine's, and serves
+    /// every topic it publishes) replays at most half the time; a gap within the cooldown is
+    /// missed, and the consumer clears what it knew of that engine. A replay that delivered
+    /// nothing (its endpoint not listening yet) starts no cooldown.
+    fn cooling_down(&self) -> bool {
         let cooldown = self
             .config
             .replay_timeout
             .saturating_mul(REPLAY_PROGRESS_LIMIT);
-        self.topics
-            .get_mut(topic)
-            .and_then(|t| t.replay_ended)
+        self.replay_ended
             .is_some_and(|ended| ended.elapsed() < cooldown)
     }
 
@@ -819,8 +819,8 @@ impl Subscriber {
             return Some(0);
         };
         let recovered = self.replay_from(endpoint, topic, from, until, out).await;
-        if let Some(t) = self.topics.get_mut(topic) {
-            t.replay_ended = Some(tokio::time::Instant::now());
+        if recovered.is_some_and(|n| n > 0) {
+            self.replay_ended = Some(tokio::time::Instant::now());
         }
         recovered
     }

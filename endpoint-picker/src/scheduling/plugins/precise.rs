@@ -103,7 +103,8 @@ pub struct KvEventsSettings {
     /// that floods its events (a bug, a compromised pod) costs the EPP a bounded share of a
     /// core. A busy engine announces a few thousand blocks a second (50,000 prefill tokens a
     /// second at 16-token blocks, stored, offloaded and later removed, is about 12,500).
-    /// Replayed batches (a gap's, or the history asked for at start) are not held to it.
+    /// Replayed batches (a gap's, or the history asked for at start) are not held to it but
+    /// to an allowance of their own, 30 seconds of it (`epp`'s `REPLAY_ALLOWANCE_SECONDS`).
     pub max_blocks_per_second: u64,
 }
 
@@ -113,6 +114,9 @@ pub struct KvEventsSettings {
 pub const DEFAULT_MAX_BLOCKS_PER_SECOND: u64 = 200_000;
 /// The lowest `maxBlocksPerSecond` other than 0: below it a busy engine would be cut off.
 pub const MIN_MAX_BLOCKS_PER_SECOND: u64 = 1_000;
+/// The highest `maxBlocksPerSecond`: a thousand times what one core ingests, and far within
+/// what the token bucket's `f64` counts exactly (0 is the way to say no cap).
+pub const MAX_MAX_BLOCKS_PER_SECOND: u64 = 1_000_000_000;
 
 impl Default for KvEventsSettings {
     fn default() -> Self {
@@ -481,11 +485,16 @@ impl PreciseParams {
         if let Some(max) = ev.max_blocks_per_second {
             events.max_blocks_per_second = u64::try_from(max)
                 .ok()
-                .filter(|m| *m == 0 || *m >= MIN_MAX_BLOCKS_PER_SECOND)
+                .filter(|m| {
+                    *m == 0 || (MIN_MAX_BLOCKS_PER_SECOND..=MAX_MAX_BLOCKS_PER_SECOND).contains(m)
+                })
                 .ok_or_else(|| {
                     p.invalid(
                         "kvEventsConfig.maxBlocksPerSecond",
-                        format!("{max}: 0 (no cap) or at least {MIN_MAX_BLOCKS_PER_SECOND}"),
+                        format!(
+                            "{max}: 0 (no cap), or {MIN_MAX_BLOCKS_PER_SECOND} to \
+                             {MAX_MAX_BLOCKS_PER_SECOND}"
+                        ),
                     )
                 })?;
         }

@@ -128,6 +128,10 @@ fn what_cannot_be_honoured_is_an_error_naming_it() {
             "maxBlocksPerSecond",
         ),
         (
+            "kvEventsConfig: {maxBlocksPerSecond: 1000000001}",
+            "maxBlocksPerSecond",
+        ),
+        (
             "kvEventsConfig: {podDiscoveryConfig: {socketPort: 70000}}",
             "socketPort",
         ),
