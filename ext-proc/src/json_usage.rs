@@ -29,6 +29,30 @@ use crate::openai::{self, Usage};
 /// token details, is the longest); a longer one leaves the usage unknown.
 pub const MAX_USAGE_VALUE_BYTES: usize = 4 << 10;
 
+/// The bytes that matter between strings inside a member's value: a string's start and the
+/// brackets.
+static NESTED_STOPS: [bool; 256] = {
+    let mut stops = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        stops[i] = matches!(i as u8, b'"' | b'{' | b'}' | b'[' | b']');
+        i += 1;
+    }
+    stops
+};
+
+/// Where in `rest` (inside a string) the string ends or an escape begins. Strings in answers
+/// are mostly short (logprobs' tokens, member names): a plain loop finds their end before
+/// `memchr` would have set up; a long one (the answer's text) goes to `memchr` after that.
+fn string_end(rest: &[u8]) -> Option<usize> {
+    const SHORT: usize = 16;
+    let head = &rest[..rest.len().min(SHORT)];
+    if let Some(at) = head.iter().position(|&b| b == b'"' || b == b'\\') {
+        return Some(at);
+    }
+    memchr::memchr2(b'"', b'\\', &rest[head.len()..]).map(|at| at + head.len())
+}
+
 /// Where the scanner is in the answer's text.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Lexeme {
@@ -92,7 +116,7 @@ impl JsonUsageScanner {
                 }
                 Lexeme::String => {
                     let rest = &chunk[i..];
-                    let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
+                    let Some(at) = string_end(rest) else {
                         self.spell_name(rest);
                         i = chunk.len();
                         continue;
@@ -111,6 +135,14 @@ impl JsonUsageScanner {
                     }
                 }
                 Lexeme::Structure => {
+                    // Inside a member's value only strings and brackets matter: the rest
+                    // (numbers, literals, commas, colons, whitespace) is skipped in one loop.
+                    if self.depth >= 2 {
+                        i = self.skip_nested(chunk, i);
+                        if i == chunk.len() || self.depth < 2 {
+                            continue;
+                        }
+                    }
                     let byte = chunk[i];
                     i += 1;
                     match byte {
@@ -184,6 +216,45 @@ impl JsonUsageScanner {
             return None;
         }
         openai::usage_from_member_value(&value)
+    }
+
+    /// Skips what lies inside a member's value from `i` (between strings, at depth 2 or more)
+    /// in one loop: strings without escapes and brackets, until the value's depth drops below
+    /// 2 (returning after that bracket), a string with an escape or that goes on past the
+    /// chunk (returning at its quote), or the chunk's end. The state is left as the byte-wise
+    /// path would leave it.
+    fn skip_nested(&mut self, chunk: &[u8], mut i: usize) -> usize {
+        while i < chunk.len() {
+            let Some(at) = chunk[i..]
+                .iter()
+                .position(|&b| NESTED_STOPS[usize::from(b)])
+            else {
+                return chunk.len();
+            };
+            i += at;
+            match chunk[i] {
+                b'"' => match string_end(&chunk[i + 1..]) {
+                    Some(end) if chunk[i + 1 + end] == b'"' => i += end + 2,
+                    // An escape, or a string that goes on past the chunk: byte-wise.
+                    _ => return i,
+                },
+                b'{' | b'[' => {
+                    if self.depth == u32::MAX {
+                        return i;
+                    }
+                    self.depth += 1;
+                    i += 1;
+                }
+                _ => {
+                    self.depth -= 1;
+                    i += 1;
+                    if self.depth < 2 {
+                        return i;
+                    }
+                }
+            }
+        }
+        i
     }
 
     /// Adds to the name being read, if any, the next bytes of its text.
