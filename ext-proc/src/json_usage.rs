@@ -383,6 +383,7 @@ mod tests {
             br#"{"a":[{"usage":{"prompt_tokens":1}}]}"#,
             br#"{"usage":null}"#,
             br#"{"usage":"ten"}"#,
+            br#"{"usage":[4,62,3,676,17,{},{},null]}"#,
             // Another name: longer, shorter, escaped, a value that spells it.
             br#"{"usages":{"prompt_tokens":1}}"#,
             br#"{"usag":{"prompt_tokens":1}}"#,

@@ -937,9 +937,34 @@ struct UsageJson {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
-    prompt_tokens_details: Option<Details>,
-    prompt_token_details: Option<Details>,
-    input_tokens_details: Option<Details>,
+    prompt_tokens_details: Option<Object<Details>>,
+    prompt_token_details: Option<Object<Details>>,
+    input_tokens_details: Option<Object<Details>>,
+}
+
+/// A `T` read from a JSON object only. Serde's derived structs also take an array, its
+/// elements as the fields in their order, which no server writes for a usage: the
+/// `usage_json` fuzz target found `"usage":[4,62,3,…]` read as a usage whose total was not
+/// its parts' sum.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OnlyMaps<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyMaps<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        deserializer.deserialize_map(OnlyMaps(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -949,14 +974,14 @@ struct Details {
 
 #[derive(Deserialize)]
 struct WithUsage {
-    usage: Option<UsageJson>,
+    usage: Option<Object<UsageJson>>,
     #[serde(rename = "type")]
     kind: Option<String>,
     response: Option<Box<WithUsage>>,
 }
 
-impl From<UsageJson> for Usage {
-    fn from(u: UsageJson) -> Self {
+impl From<Object<UsageJson>> for Usage {
+    fn from(Object(u): Object<UsageJson>) -> Self {
         let prompt = u.prompt_tokens.or(u.input_tokens).unwrap_or(0);
         let completion = u.completion_tokens.or(u.output_tokens).unwrap_or(0);
         let cached = [
@@ -966,7 +991,7 @@ impl From<UsageJson> for Usage {
         ]
         .into_iter()
         .flatten()
-        .find_map(|d| d.cached_tokens)
+        .find_map(|d| d.0.cached_tokens)
         .unwrap_or(0);
         Usage {
             prompt_tokens: prompt,
@@ -1000,7 +1025,7 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
 /// Usage from the value of a JSON answer's top-level `usage` member, whitespace around it
 /// allowed ([`crate::json_usage`]).
 pub(crate) fn usage_from_member_value(value: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<Option<UsageJson>>(value)
+    serde_json::from_slice::<Option<Object<UsageJson>>>(value)
         .ok()
         .flatten()
         .map(Usage::from)
@@ -1671,6 +1696,20 @@ mod tests {
         );
         assert!(usage_from_json(b"{}").is_none());
         assert!(usage_from_json(br#"{"usage":null}"#).is_none());
+    }
+
+    /// Found by the `usage_json` fuzz target: a derived struct also takes an array.
+    #[test]
+    fn usage_is_read_from_objects_only() {
+        assert!(usage_from_json(br#"{"usage":[4,62,3,676,17,{},{},null]}"#).is_none());
+        assert!(usage_from_member_value(b"[4,62,3,676,17,{},{},null]").is_none());
+        let u = usage_from_json(br#"{"usage":{"prompt_tokens":1,"prompt_tokens_details":[5]}}"#);
+        assert!(u.is_none(), "details from an array either");
+        let u = usage_from_member_value(br#" {"prompt_tokens":1,"completion_tokens":2} "#).unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (1, 2, 3)
+        );
     }
 
     #[test]
