@@ -145,8 +145,8 @@ pub struct Lookup {
     /// Base model → its adapters, both in name order: the `/v1/models` listing's order, built
     /// here so that listing never sorts.
     by_base: BTreeMap<String, BTreeSet<String>>,
-    /// Adapter names some source claims that are also a base model's (in name order, at most
-    /// [`MAX_SHADOWED_REPORTED`] kept): the base model keeps the name.
+    /// Adapter names some source claims that a base model claimed first (in name order, at
+    /// most [`MAX_SHADOWED_REPORTED`] kept): the base model keeps the name.
     shadowed: Vec<String>,
     shadowed_count: usize,
     /// Adapter claims refused because another source claimed the adapter first for another
@@ -196,15 +196,17 @@ impl Lookup {
         self.base_model(model).is_some()
     }
 
-    /// Adapter claims dropped because a base model has the name (a second team's ConfigMap
-    /// naming an adapter like another's base model would otherwise take that model's traffic).
+    /// Adapter claims dropped because a base model claimed the name first (a second team's
+    /// ConfigMap naming an adapter like another's base model would otherwise take that model's
+    /// traffic).
     pub fn shadowed(&self) -> usize {
         self.shadowed_count
     }
 
-    /// Adapter claims refused because another source had claimed the adapter first, for
-    /// another base model (a ConfigMap naming another team's adapter would otherwise take its
-    /// requests). Names that are a base model's are counted in [`Self::shadowed`] instead.
+    /// Claims refused because another source had claimed the name first as an adapter: an
+    /// adapter claim for another base model (a ConfigMap naming another team's adapter would
+    /// otherwise take its requests), or a base model named like it. Adapter names a base model
+    /// claimed first are counted in [`Self::shadowed`] instead.
     pub fn contested(&self) -> usize {
         self.contested_count
     }
@@ -219,6 +221,9 @@ struct Source {
     /// When it claimed each adapter, in `entry.adapters`' order: of two claims on an adapter,
     /// the earlier keeps it.
     claims: Vec<u64>,
+    /// When it claimed its base model's name: of a base model's and an adapter's claim on one
+    /// name, the earlier keeps it.
+    base_claimed: u64,
 }
 
 impl Source {
@@ -230,6 +235,7 @@ impl Source {
                 claims: vec![now; entry.adapters.len()],
                 entry,
                 accepted: now,
+                base_claimed: now,
             };
         };
         if previous.entry == entry {
@@ -250,10 +256,16 @@ impl Source {
                 old.next_if(|(o, _)| *o == a).map_or(now, |(_, d)| *d)
             })
             .collect();
+        let base_claimed = if previous.entry.base_model == entry.base_model {
+            previous.base_claimed
+        } else {
+            now
+        };
         Source {
             entry,
             accepted: previous.accepted,
             claims,
+            base_claimed,
         }
     }
 }
@@ -305,18 +317,42 @@ impl Sources {
                 }
             }
         }
+        // The earliest claim on each base model's name.
+        let mut base_since: HashMap<&str, u64> = HashMap::new();
+        for source in self.entries.values() {
+            let since = base_since
+                .entry(source.entry.base_model.as_str())
+                .or_insert(u64::MAX);
+            *since = (*since).min(source.base_claimed);
+        }
+        // A name claimed as a base model no later than as an adapter is the base model's.
+        let shadows = |adapter: &str, k: &Kept<'_>| {
+            base_since
+                .get(adapter)
+                .is_some_and(|&since| since <= k.rank.0)
+        };
         // The refused claims: for another base model (two sources agreeing on an adapter's
-        // base are no conflict) on a name that is not a base model's (those are shadowed).
+        // base are no conflict) on a name that is not a base model's first (those are
+        // shadowed); and base models named like an adapter claimed before them, which keeps
+        // the name: a ConfigMap naming its base model like another team's adapter would
+        // otherwise take that adapter's requests.
         let mut refused: Vec<(&str, &str, &str)> = Vec::new();
         for (key, source) in &self.entries {
             for adapter in &source.entry.adapters {
                 if let Some(k) = kept.get(adapter.as_str())
                     && k.rank.2 != key.as_str()
                     && k.base != source.entry.base_model
-                    && !lookup.base_models.contains_key(adapter)
+                    && !shadows(adapter, k)
                 {
                     refused.push((adapter.as_str(), key.as_str(), k.rank.2));
                 }
+            }
+            let base = source.entry.base_model.as_str();
+            if let Some(k) = kept.get(base)
+                && k.base != base
+                && k.rank.0 < source.base_claimed
+            {
+                refused.push((base, key.as_str(), k.rank.2));
             }
         }
         lookup.contested_count = refused.len();
@@ -336,23 +372,19 @@ impl Sources {
                 })
                 .collect();
         }
+        // A base model keeps its own name when it claimed it first: an adapter claim on it
+        // would send every request for that model to another model's pool.
+        let mut shadowed: Vec<String> = Vec::new();
         for (adapter, claim) in kept {
-            lookup
-                .adapters
-                .insert(adapter.to_owned(), claim.base.to_owned());
+            if shadows(adapter, &claim) {
+                shadowed.push(adapter.to_owned());
+            } else {
+                lookup
+                    .adapters
+                    .insert(adapter.to_owned(), claim.base.to_owned());
+            }
         }
-        // A base model keeps its own name: an adapter claim on it would send every request for
-        // that model to another model's pool.
-        let mut shadowed: Vec<String> = lookup
-            .adapters
-            .keys()
-            .filter(|a| lookup.base_models.contains_key(*a))
-            .cloned()
-            .collect();
         shadowed.sort();
-        for name in &shadowed {
-            lookup.adapters.remove(name);
-        }
         lookup.shadowed_count = shadowed.len();
         shadowed.truncate(MAX_SHADOWED_REPORTED);
         lookup.shadowed = shadowed;
@@ -585,6 +617,9 @@ impl Mapping {
                     claims: vec![date; entry.adapters.len()],
                     entry,
                     accepted: date,
+                    // Before every adapter: in one author's file a base model keeps its name,
+                    // which an adapter named like it would take its requests from.
+                    base_claimed: 0,
                 },
             );
         }
@@ -940,6 +975,43 @@ mod tests {
         assert_eq!(l.base_model("food"), Some("llama"));
         assert_eq!((l.adapters(), l.shadowed()), (1, 1));
         assert!(l.by_base().all(|(_, adapters)| !adapters.contains("llama")));
+    }
+
+    /// Review 17: a base model named like another source's adapter took that adapter's
+    /// requests (the base model always kept the name). The earlier claim keeps it now: a new
+    /// ConfigMap cannot move an adapter away from the model serving it, and its own adapters
+    /// still resolve to its base model's name.
+    #[test]
+    fn a_base_model_named_like_an_earlier_adapter_does_not_take_its_requests() {
+        let m = Mapping::new();
+        m.apply("team-a/llama", Entry::new(Some("llama"), ["food"]).unwrap())
+            .unwrap();
+        m.apply("team-b/food", Entry::new(Some("food"), ["sql"]).unwrap())
+            .unwrap();
+        let l = m.lookup();
+        assert_eq!(
+            l.base_model("food"),
+            Some("llama"),
+            "still team A's adapter"
+        );
+        assert_eq!(l.base_model("sql"), Some("food"));
+        assert_eq!((l.shadowed(), l.contested()), (0, 1));
+        // Once team A's claim goes, the name is the base model's.
+        m.delete("team-a/llama");
+        assert_eq!(m.lookup().base_model("food"), Some("food"));
+        // A base model that keeps its name across an update keeps its date: an adapter claimed
+        // in between does not take it.
+        m.apply("team-c/qwen", Entry::new(Some("qwen"), ["food"]).unwrap())
+            .unwrap();
+        m.apply(
+            "team-b/food",
+            Entry::new(Some("food"), ["sql", "web"]).unwrap(),
+        )
+        .unwrap();
+        let l = m.lookup();
+        assert_eq!(l.base_model("food"), Some("food"));
+        assert_eq!(l.base_model("web"), Some("food"));
+        assert_eq!(l.shadowed(), 1);
     }
 
     #[test]
