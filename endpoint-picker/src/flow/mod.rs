@@ -33,9 +33,8 @@
 //!   the newest requests of the band's largest flows (by the larger of a flow's fractions of
 //!   the band's two caps), each only while that flow holds more than the newcomer's flow
 //!   would, at most [`MAX_FAIR_SHARE_EVICTIONS`] of them, and only if that makes room
-//!   (`EvictedFairShare`, 429 `evicted-fair-share`); not when the band has room and the
-//!   global caps are full with lower-priority requests among them (those are what eviction
-//!   is for). Without it one flow can fill a band and
+//!   (`EvictedFairShare`, 429 `evicted-fair-share`), after eviction (if on) made what room
+//!   lower priorities could give. Without it one flow can fill a band and
 //!   every other tenant is refused, which would make the fairness policy moot under overload.
 //!   The largest flow is the one refused, as in fq_codel's drop from the fattest queue. Under
 //!   global strict (one arrival-ordered queue) the newcomer is refused, as in the reference;
@@ -964,15 +963,12 @@ impl FlowControl {
             if fits_band(&st) && !fits_global(&st) && cfg.eviction {
                 self.make_room(&mut st, &request, &mut displaced);
             }
-            // Fair share is the band's own: where the band has room and the pool's caps are
-            // full with lower-priority requests too, its flows are not what fills them, and
-            // taking a same-priority request's place would spare the sheddable ones. The
-            // newcomer is refused there, as in the reference (or has its room made above).
-            let lower_queued = st
-                .bands
-                .iter()
-                .any(|b| b.cfg.priority < request.priority && b.len > 0);
-            if !fits_band(&st) || !(fits_global(&st) || lower_queued) {
+            // Fair share once eviction (if on) has made what room lower priorities could give:
+            // it took the sheddable requests first where they sufficed. Skipped whenever any
+            // lower-priority request was queued, as it once was, a flow could keep every other
+            // tenant of its band out by queueing one sheddable request beside its own (too
+            // small to make the room, or not evictable at all).
+            if !fits_band(&st) || !fits_global(&st) {
                 self.make_fair_room(&mut st, bi, &request, &mut displaced);
             }
             if fits_band(&st) && fits_global(&st) {

@@ -462,9 +462,11 @@ async fn refused_displacing_nothing(
 }
 
 /// Review 9: with the band not full but the pool's caps full with a sheddable request among
-/// them, fair share took a same-priority tenant's place and spared the sheddable one. The
-/// newcomer is refused (eviction off), or the sheddable request goes (eviction on); with the
-/// band's own flows alone filling the pool's caps, fair share still applies.
+/// them, fair share took a same-priority tenant's place and spared the sheddable one: with
+/// eviction on, the sheddable request goes first. Review 17: skipping fair share whenever a
+/// lower priority was queued let a flow shield itself with one sheddable request; so with
+/// eviction off (the sheddable one stays), or a sheddable one too small to make the room, the
+/// band's largest flow gives way, as with the band's own flows alone filling the caps.
 #[tokio::test(start_paused = true)]
 async fn the_pool_caps_full_of_lower_priorities_are_not_a_bands_fair_share() {
     let config = |eviction| FlowConfig {
@@ -483,9 +485,9 @@ async fn the_pool_caps_full_of_lower_priorities_are_not_a_bands_fair_share() {
     };
     let fc = started(false);
     let mut a = enqueue_all(&fc, &[("a", 0), ("a", 0)]);
-    let mut s = enqueue_all(&fc, &[("s", -1)]);
-    refused_displacing_nothing(&fc, req("b", 0), &mut a).await;
-    assert_eq!(s.len(), 1);
+    let mut s = enqueue_all(&fc, &[("a", -1)]);
+    assert!(fc.enqueue(req("b", 0), Instant::now()).is_queued());
+    assert_eq!(answered(&mut a, Outcome::EvictedFairShare).await, ["a"]);
     assert!(answered(&mut s, Outcome::EvictedFairShare).await.is_empty());
 
     let fc = started(true);
