@@ -750,18 +750,41 @@ impl StreamState {
         self.finish_request_with(body, end_of_stream)
     }
 
-    /// A control header's value under any of its spellings (the current name first).
-    fn control(&self, header: ControlHeader) -> Option<&str> {
-        header
+    /// A control header's value under the first of its spellings present (the current name
+    /// first), refused when that spelling's copies disagree: an operator's gateway that
+    /// appends its value (Envoy's default for a header mutation) instead of replacing the
+    /// client's would otherwise leave the client's copy first, and the client would choose its
+    /// own priority, fairness id or SLO.
+    fn control(&self, header: ControlHeader) -> Result<Option<&str>, RequestError> {
+        let copies = |name: &'static str| {
+            self.headers
+                .iter()
+                .filter(move |(k, _)| k == name)
+                .map(|(_, v)| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        let Some(mut values) = header
             .spellings()
-            .find_map(|name| self.header(name))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
+            .map(copies)
+            .find_map(|mut c| c.next().map(|first| std::iter::once(first).chain(c)))
+        else {
+            return Ok(None);
+        };
+        let Some(first) = values.next() else {
+            return Ok(None);
+        };
+        if values.any(|v| v != first) {
+            return Err(RequestError::BadHeader {
+                header: header.name,
+                reason: "sent more than once, with different values",
+            });
+        }
+        Ok(Some(first))
     }
 
     /// The request as the headers describe it, control headers validated.
     fn base_request(&self, api: Api) -> Result<InferenceRequest, RequestError> {
-        let objective = match self.control(protocol::OBJECTIVE) {
+        let objective = match self.control(protocol::OBJECTIVE)? {
             Some(o) if !is_object_name(o) => {
                 return Err(RequestError::BadHeader {
                     header: protocol::OBJECTIVE.name,
@@ -770,7 +793,7 @@ impl StreamState {
             }
             o => o.map(str::to_owned),
         };
-        let fairness_id = match self.control(protocol::FAIRNESS_ID) {
+        let fairness_id = match self.control(protocol::FAIRNESS_ID)? {
             None => DEFAULT_FAIRNESS_ID.to_owned(),
             Some(f) if is_printable_token(f, MAX_FAIRNESS_ID_BYTES) => f.to_owned(),
             Some(_) => {
@@ -780,7 +803,7 @@ impl StreamState {
                 });
             }
         };
-        let slo = |header: ControlHeader| match self.control(header) {
+        let slo = |header: ControlHeader| match self.control(header)? {
             None => Ok(None),
             Some(v) => match v.parse::<f64>() {
                 Ok(ms) if ms.is_finite() && ms > 0.0 && ms <= MAX_SLO_MS => {
@@ -881,7 +904,7 @@ impl StreamState {
         if !self.ctx.options.trust_model_rewrite_header {
             return Ok(None);
         }
-        match self.control(protocol::MODEL_REWRITE) {
+        match self.control(protocol::MODEL_REWRITE)? {
             None => Ok(None),
             Some(m) => match openai::validate_model_name(m) {
                 Ok(()) => Ok(Some(m.to_owned())),

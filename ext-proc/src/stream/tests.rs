@@ -537,6 +537,26 @@ async fn control_headers_are_read_under_both_names_and_validated() {
         assert_eq!(status, 400, "{bad:?}");
         assert!(body.contains(bad.0), "{body}");
     }
+    // Review 17: a gateway that appends its value instead of replacing the client's left the
+    // client's copy first, which was read. Copies that disagree are refused; alike, read.
+    for header in [
+        "x-llm-d-inference-objective",
+        "x-llm-d-inference-fairness-id",
+        "x-slo-ttft-ms",
+    ] {
+        let mut s = h.stream();
+        let out = send_chat(&mut s, "m", &[(header, "premium"), (header, "batch")]);
+        let (status, body) = immediate(&out[0]);
+        assert_eq!(status, 400, "{header}");
+        assert!(body.contains("more than once"), "{body}");
+    }
+    assert_eq!(
+        priority_of(&[
+            ("x-llm-d-inference-objective", "premium"),
+            ("x-llm-d-inference-objective", " premium"),
+        ]),
+        Some((5, "default-flow".into()))
+    );
 }
 
 #[tokio::test(start_paused = true)]
