@@ -15,6 +15,7 @@
 //! `bbr_mapping_watch_errors_total` and every complete listing or event sets
 //! `bbr_mapping_watch_last_success_timestamp_seconds`.
 
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
@@ -24,7 +25,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::mapping::{Entry, Mapping};
+use crate::mapping::{Entry, MAX_SOURCES, MAX_TOTAL_ADAPTERS, Mapping};
 use crate::metrics::Metrics;
 
 /// The label selector of managed ConfigMaps.
@@ -86,13 +87,88 @@ pub async fn watch(
     feed(events, &mapping, &metrics, shutdown).await;
 }
 
+/// A listing's ConfigMaps, gathered until it is complete, within what a relist can take: the
+/// sources the mapping holds already (at most [`MAX_SOURCES`]), and of the new ones only the
+/// oldest that fit [`MAX_SOURCES`] and [`MAX_TOTAL_ADAPTERS`] together. Whoever can create
+/// labelled ConfigMaps in the namespace could otherwise make each listing (and every watch
+/// restart) parse and hold all of them, some thousands of 1 MiB adapter lists.
+#[derive(Default)]
+struct Listing {
+    known: Vec<Listed>,
+    /// A max-heap by creation: the newest is the first to go past the caps.
+    fresh: BinaryHeap<Listed>,
+    fresh_adapters: usize,
+    left_out: usize,
+}
+
+/// One listed ConfigMap, ordered by creation time, then key (unique, so the order is total).
+struct Listed {
+    created: i64,
+    key: String,
+    entry: Entry,
+}
+
+impl PartialEq for Listed {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for Listed {}
+impl PartialOrd for Listed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Listed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.created, &self.key).cmp(&(other.created, &other.key))
+    }
+}
+
+impl Listing {
+    fn push(&mut self, created: i64, key: String, entry: Entry, known: bool) {
+        let listed = Listed {
+            created,
+            key,
+            entry,
+        };
+        if known {
+            self.known.push(listed);
+            return;
+        }
+        self.fresh_adapters += listed.entry.adapters.len();
+        self.fresh.push(listed);
+        while self.fresh.len() > MAX_SOURCES || self.fresh_adapters > MAX_TOTAL_ADAPTERS {
+            let Some(newest) = self.fresh.pop() else {
+                break;
+            };
+            self.fresh_adapters -= newest.entry.adapters.len();
+            self.left_out += 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.known.len() + self.fresh.len() + self.left_out
+    }
+
+    /// Every ConfigMap kept, oldest first (the API's order is namespace, then name: an order
+    /// anyone able to pick a name could jump), and how many were left out.
+    fn into_sorted(self) -> (Vec<(String, Entry)>, usize) {
+        let mut all = self.known;
+        all.extend(self.fresh);
+        all.sort_unstable();
+        let sorted = all.into_iter().map(|l| (l.key, l.entry)).collect();
+        (sorted, self.left_out)
+    }
+}
+
 /// Drives one watch stream into the mapping.
 pub async fn feed<S>(events: S, mapping: &Mapping, metrics: &Metrics, shutdown: CancellationToken)
 where
     S: Stream<Item = Result<Event<ConfigMap>, watcher::Error>>,
 {
     tokio::pin!(events);
-    let mut listing = Vec::new();
+    let mut listing = Listing::default();
     let mut last_error: Option<String> = None;
     loop {
         let event = tokio::select! {
@@ -103,13 +179,15 @@ where
             },
         };
         match event {
-            Ok(Event::Init) => listing.clear(),
+            Ok(Event::Init) => listing = Listing::default(),
             Ok(Event::InitApply(cm)) => {
                 let k = key(&cm);
                 // An invalid ConfigMap keeps the version last taken from it, across relists
                 // too (see `Apply`).
-                if let Some(e) = entry(&cm, metrics).or_else(|| mapping.current(&k)) {
-                    listing.push((created(&cm), k, e));
+                let known = mapping.current(&k);
+                let is_known = known.is_some();
+                if let Some(e) = entry(&cm, metrics).or(known) {
+                    listing.push(created(&cm), k, e, is_known);
                 }
             }
             Ok(Event::InitDone) => {
@@ -118,10 +196,8 @@ where
                     tracing::info!("ConfigMap watch recovered");
                 }
                 let n = listing.len();
-                // The API's order is namespace, then name: an order anyone able to pick a
-                // name could jump. Keys are unique, so this order is total.
-                listing.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-                let dropped = mapping.relist(listing.drain(..).map(|(_, k, e)| (k, e)));
+                let (sorted, left_out) = std::mem::take(&mut listing).into_sorted();
+                let dropped = left_out + mapping.relist(sorted);
                 if dropped > 0 {
                     tracing::warn!(dropped, "mapping ConfigMaps over the limit ignored");
                 }
@@ -167,6 +243,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::mapping::MAX_ADAPTERS_PER_SOURCE;
 
     fn cm(ns: &str, name: &str, base: &str, adapters: &str) -> Value {
         json!({
@@ -185,6 +262,43 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("{model} never mapped to {want:?}");
+    }
+
+    /// Review 17: a listing held every ConfigMap it parsed until it was complete. It keeps
+    /// the sources already held and, of the new ones, only the oldest within the caps.
+    #[test]
+    fn a_listing_holds_no_more_than_a_relist_can_take() {
+        let mut listing = Listing::default();
+        let fresh = |i: usize| Entry::new(Some(&format!("b{i}")), []).unwrap();
+        // New ones in a scrambled order of creation, and one the mapping holds, newest of all.
+        for i in (0..MAX_SOURCES + 5).rev() {
+            listing.push(i as i64, format!("ns/{i:05}"), fresh(i), false);
+        }
+        listing.push(i64::MAX, "ns/known".into(), fresh(0), true);
+        assert_eq!(listing.fresh.len(), MAX_SOURCES);
+        assert_eq!(listing.len(), MAX_SOURCES + 6);
+        let (sorted, left_out) = listing.into_sorted();
+        assert_eq!(left_out, 5);
+        assert_eq!(sorted.len(), MAX_SOURCES + 1);
+        assert_eq!(sorted[0].0, "ns/00000", "oldest first");
+        assert_eq!(
+            sorted[MAX_SOURCES - 1].0,
+            format!("ns/{:05}", MAX_SOURCES - 1)
+        );
+        assert_eq!(sorted[MAX_SOURCES].0, "ns/known");
+        // Adapters too: the newest goes while the new ones hold more than the total cap.
+        let mut listing = Listing::default();
+        let wide = |i: usize| {
+            let names: Vec<String> = (0..MAX_ADAPTERS_PER_SOURCE)
+                .map(|a| format!("a{i}-{a}"))
+                .collect();
+            Entry::new(Some("b"), names.iter().map(String::as_str)).unwrap()
+        };
+        let per_total = MAX_TOTAL_ADAPTERS / MAX_ADAPTERS_PER_SOURCE;
+        for i in 0..=per_total {
+            listing.push(i as i64, format!("ns/{i}"), wide(i), false);
+        }
+        assert_eq!((listing.fresh.len(), listing.left_out), (per_total, 1));
     }
 
     /// The real watcher of namespace `default`, against a scripted API server.
