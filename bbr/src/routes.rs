@@ -239,12 +239,18 @@ impl RouteIndex {
                     }
                 }
                 for m in &rule.matches {
-                    let known = match (&m.model, &m.base) {
-                        (Some(model), None) => lookup.is_known(model),
-                        (None, Some(base)) => lookup.is_base_model(base),
-                        (Some(model), Some(base)) => lookup.base_model(model) == Some(base.trim()),
-                        (None, None) => false,
-                    };
+                    // Envoy matches the value exactly: one with spaces around it never equals
+                    // a header BBR sets (names are trimmed), however the lookup reads it.
+                    let exact = |v: &String| v.trim() == v.as_str();
+                    let known = m.model.iter().chain(&m.base).all(exact)
+                        && match (&m.model, &m.base) {
+                            (Some(model), None) => lookup.is_known(model),
+                            (None, Some(base)) => lookup.is_base_model(base),
+                            (Some(model), Some(base)) => {
+                                lookup.base_model(model) == Some(base.as_str())
+                            }
+                            (None, None) => false,
+                        };
                     if !known {
                         let detail = match (&m.model, &m.base) {
                             (Some(model), Some(base)) => format!(

@@ -131,6 +131,8 @@ fn index_serves_models_through_live_pools_and_reports_what_cannot_match() {
             &[
                 ("x-gateway-base-model-name", "mistral", "llama-pool", None),
                 ("x-gateway-model-name", "chat", "phi-pool", None),
+                // Review 17: Envoy matches exactly, and BBR's value has no spaces.
+                ("x-gateway-base-model-name", "llama ", "llama-pool", None),
             ],
         )),
     ]
@@ -164,13 +166,14 @@ fn index_serves_models_through_live_pools_and_reports_what_cannot_match() {
         [
             ("default/ghost", 0, Reason::UnknownModel),
             ("default/ghost", 1, Reason::MissingPool),
+            ("default/ghost", 2, Reason::UnknownModel),
             ("default/qwen", 0, Reason::PortMismatch),
         ]
     );
     assert_eq!(
         index.counts(),
         [
-            (Reason::UnknownModel, 1),
+            (Reason::UnknownModel, 2),
             (Reason::MissingPool, 1),
             (Reason::PortMismatch, 1)
         ]
