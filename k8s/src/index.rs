@@ -367,7 +367,14 @@ impl IndexResource<InferencePool> for Index {
             .map(|p| p.spec);
         self.set_pool(spec);
         if self.pool.is_none() {
-            tracing::warn!(pool = %self.pool_ref.name, namespace = %self.pool_ref.namespace, "InferencePool not found; not ready until it exists");
+            // Before the first publication the EPP is not ready; after it, the pool is
+            // published empty and requests get no endpoint (a review found the one message
+            // for both).
+            if self.published_pool.is_some() {
+                tracing::warn!(pool = %self.pool_ref.name, namespace = %self.pool_ref.namespace, "InferencePool not found: its endpoints are gone, and requests find none until it exists again");
+            } else {
+                tracing::warn!(pool = %self.pool_ref.name, namespace = %self.pool_ref.namespace, "InferencePool not found; not ready until it exists");
+            }
         }
         self.pools_synced = true;
         self.publish();

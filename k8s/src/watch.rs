@@ -243,8 +243,12 @@ where
     // A resource that stays unavailable (an alpha CRD that is not installed) fails on every
     // retry; say so once per kind of failure, not every backoff period.
     let mut last_error: Option<String> = None;
-    // Since when the watch has failed without a complete listing in between.
+    // Since when the watch has failed without a complete listing or an event in between.
     let mut failing_since: Option<Instant> = None;
+    // When a failure was last logged at warn: a watch that keeps failing (a role that grants
+    // `list` but not `watch`, a proxy that cuts streams) leaves the kind's objects as they
+    // were, and says so again every `STILL_FAILING_EVERY`, not once and then at debug.
+    let mut warned_at: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -257,16 +261,20 @@ where
             Ok(Event::Init) => listing.clear(),
             Ok(Event::InitApply(obj)) => listing.push(obj),
             Ok(Event::InitDone) => {
-                failing_since = None;
-                if last_error.take().is_some() {
-                    tracing::info!("watch recovered");
-                }
+                recovered(&mut failing_since, &mut last_error);
                 let objs = std::mem::take(&mut listing);
                 tracing::debug!(objects = objs.len(), "listed");
                 index.lock().reset(objs);
             }
-            Ok(Event::Apply(obj)) => index.lock().apply(obj),
-            Ok(Event::Delete(obj)) => index.lock().delete(obj),
+            // An event proves the watch works again (it may resume without listing).
+            Ok(Event::Apply(obj)) => {
+                recovered(&mut failing_since, &mut last_error);
+                index.lock().apply(obj);
+            }
+            Ok(Event::Delete(obj)) => {
+                recovered(&mut failing_since, &mut last_error);
+                index.lock().delete(obj);
+            }
             // The backoff wrapper delays the retry; a 410 Gone makes the watcher relist.
             Err(error) => {
                 let failing_since = *failing_since.get_or_insert_with(Instant::now);
@@ -274,14 +282,30 @@ where
                     IndexResource::<K>::unavailable(&mut *index.lock());
                 }
                 let text = error.to_string();
-                if last_error.as_deref() == Some(text.as_str()) {
-                    tracing::debug!(%error, "watch still failing; retrying with backoff");
-                } else {
+                let failing_for = failing_since.elapsed().as_secs();
+                if last_error.as_deref() != Some(text.as_str()) {
                     tracing::warn!(%error, "watch failed; retrying with backoff");
                     last_error = Some(text);
+                    warned_at = Some(Instant::now());
+                } else if warned_at.is_none_or(|at| at.elapsed() >= STILL_FAILING_EVERY) {
+                    tracing::warn!(%error, failing_for, "watch still failing: this kind's objects are not updated until it recovers");
+                    warned_at = Some(Instant::now());
+                } else {
+                    tracing::debug!(%error, "watch still failing; retrying with backoff");
                 }
             }
         }
+    }
+}
+
+/// How often a watch that keeps failing with the same error says so at warn.
+pub const STILL_FAILING_EVERY: Duration = Duration::from_secs(300);
+
+/// A listing or an event came: the watch works. Says so if it had failed.
+fn recovered(failing_since: &mut Option<Instant>, last_error: &mut Option<String>) {
+    *failing_since = None;
+    if last_error.take().is_some() {
+        tracing::info!("watch recovered");
     }
 }
 

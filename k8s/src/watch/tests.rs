@@ -575,3 +575,79 @@ fn a_pod_is_trimmed_to_what_the_index_reads() {
     );
     assert_eq!(from_original, published(trimmed));
 }
+
+/// A log sink for one test.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Review 18: a watch that kept failing with one error (a role granting `list` but not
+/// `watch`, a proxy that cuts streams) said so once at warn and then only at debug, while the
+/// kind's objects stayed as they were; and a watch that came back without listing again never
+/// said it had. It warns again every `STILL_FAILING_EVERY`, and an event is a recovery.
+#[tokio::test(start_paused = true)]
+async fn a_watch_that_keeps_failing_says_so_again_and_an_event_ends_it() {
+    let logs = Captured::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
+    let index = Index::new(pool_ref(), None, publisher()).shared();
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(feed::<Pod, _>(index, rx, shutdown.clone()));
+    let lines = |logs: &Captured, what: &str| {
+        String::from_utf8(logs.0.lock().clone())
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+    let fail = || {
+        tx.unbounded_send(Err(watcher::Error::NoResourceVersion))
+            .unwrap()
+    };
+    let settle = || tokio::time::sleep(Duration::from_millis(1));
+    fail();
+    settle().await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        fail();
+    }
+    settle().await;
+    assert_eq!(lines(&logs, "watch failed"), 1);
+    assert_eq!(lines(&logs, "still failing"), 0, "not yet");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    fail();
+    settle().await;
+    assert_eq!(lines(&logs, "still failing"), 1, "five minutes on");
+    tx.unbounded_send(Ok(Event::Apply(pod("a", "vllm", "10.0.0.1"))))
+        .unwrap();
+    settle().await;
+    assert_eq!(lines(&logs, "watch recovered"), 1);
+    // A new failure after it is news again.
+    fail();
+    settle().await;
+    assert_eq!(lines(&logs, "watch failed"), 2);
+    shutdown.cancel();
+    task.await.unwrap();
+}
