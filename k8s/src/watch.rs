@@ -16,6 +16,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+#[cfg(test)]
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -130,9 +131,10 @@ impl Discovery {
         (index, tasks)
     }
 
-    /// [`Discovery::tasks`], each run once on its own Tokio task until `shutdown` (for callers
-    /// without a supervisor).
-    pub fn start(
+    /// [`Discovery::tasks`], each run once on its own Tokio task until `shutdown`: tests only,
+    /// since nothing restarts these (the EPP supervises [`Discovery::tasks`]).
+    #[cfg(test)]
+    pub(crate) fn start(
         self,
         publisher: Publisher,
         shutdown: &CancellationToken,
