@@ -320,6 +320,11 @@ pub const FAMILIES: &[(&str, &str)] = &[
         "histogram",
     ),
     ("inference_extension_task_exits", "counter"),
+    ("switchyard_kubernetes_watch_errors", "counter"),
+    (
+        "switchyard_kubernetes_watch_last_success_timestamp_seconds",
+        "gauge",
+    ),
     // The KV-event subscribers' (`kv_events::FAMILIES`).
     ("inference_extension_kv_events_received", "counter"),
     ("inference_extension_kv_events_applied", "counter"),
@@ -426,6 +431,57 @@ impl prometheus_client::collector::Collector for PrefixCacheCollector {
     }
 }
 
+/// `resource` of a Kubernetes watch (`inferencepools`, `pods`, …).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    resource: &'static str,
+}
+
+/// The Kubernetes watches, by resource, once they are built ([`EppMetrics::kubernetes_watches`]).
+pub type WatchHealths = Arc<parking_lot::Mutex<Vec<(&'static str, Arc<k8s::watch::WatchHealth>)>>>;
+
+/// Reads the Kubernetes watches' health at each scrape; nothing without them (file mode).
+#[derive(Debug)]
+struct WatchCollector(WatchHealths);
+
+impl prometheus_client::collector::Collector for WatchCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let watches = self.0.lock().clone();
+        if watches.is_empty() {
+            return Ok(());
+        }
+        let mut errors = encoder.encode_descriptor(
+            "switchyard_kubernetes_watch_errors",
+            "Failures of a Kubernetes watch (listing or watching), each retried with backoff: while they go on, that resource's objects stay as last seen",
+            None,
+            MetricType::Counter,
+        )?;
+        for (resource, health) in &watches {
+            ConstCounter::new(health.errors())
+                .encode(errors.encode_family(&WatchLabels { resource })?)?;
+        }
+        let mut success = encoder.encode_descriptor(
+            "switchyard_kubernetes_watch_last_success_timestamp_seconds",
+            "Unix time of a Kubernetes watch's last complete listing or event (absent before one): alert when it falls far behind while its errors rise",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (resource, health) in &watches {
+            if let Some(at) = health.last_success_unix_seconds() {
+                ConstGauge::new(at).encode(success.encode_family(&WatchLabels { resource })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every metric the EPP exports.
 #[derive(Debug)]
 pub struct EppMetrics {
@@ -528,6 +584,10 @@ pub struct EppMetrics {
     /// The token producer's tokenizer, once built, for its prefix cache's counters
     /// (`inference_extension_token_producer_prefix_cache_*`, read at each scrape).
     pub token_prefix_cache: Arc<std::sync::OnceLock<Arc<tokenize::Tokenizer>>>,
+    /// `switchyard_kubernetes_watch_errors_total{resource}` and
+    /// `switchyard_kubernetes_watch_last_success_timestamp_seconds{resource}`: the Kubernetes
+    /// watches, added when they are built (none in file mode).
+    pub kubernetes_watches: WatchHealths,
     /// The reference's canonical families that are not the same series as one above.
     pub canonical: CanonicalMetrics,
     /// Pool name for the scrape error labels (set by the first pool refresh).
@@ -610,6 +670,7 @@ impl EppMetrics {
             token_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             token_overrun: Counter::default(),
             token_prefix_cache: Arc::default(),
+            kubernetes_watches: Arc::default(),
             canonical: CanonicalMetrics::new(),
             pool_name: parking_lot::RwLock::new(String::new()),
             scrape_error_pods: parking_lot::Mutex::default(),
@@ -801,6 +862,7 @@ impl EppMetrics {
             m.token_overrun.clone(),
         );
         r.register_collector(Box::new(PrefixCacheCollector(m.token_prefix_cache.clone())));
+        r.register_collector(Box::new(WatchCollector(m.kubernetes_watches.clone())));
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
             commit: option_env!("SWITCHYARD_COMMIT")
@@ -1452,8 +1514,19 @@ pub(crate) mod tests {
         m.observer_streams
             .get_or_create(&ObserverLabels { outcome: "matched" })
             .inc();
+        let watch = k8s::watch::WatchHealth::default();
+        let watch = Arc::new(watch);
+        m.kubernetes_watches.lock().push(("pods", watch.clone()));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("switchyard_kubernetes_watch_errors_total{resource=\"pods\"} 0"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("switchyard_kubernetes_watch_last_success_timestamp_seconds{"),
+            "no success yet, no sample"
+        );
         assert_registered_families_are(&text, FAMILIES);
     }
 

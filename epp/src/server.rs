@@ -560,6 +560,10 @@ pub async fn serve_with_handles(
                 director: Some(director.clone()),
             };
             let (_index, watches) = discovery.tasks(publisher);
+            metrics
+                .kubernetes_watches
+                .lock()
+                .extend(watches.iter().map(|w| (w.name, w.health.clone())));
             for watch in watches {
                 // A watch that ended would leave the pool as it was: not ready until it runs.
                 let run = Arc::new(watch.run);

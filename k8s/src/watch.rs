@@ -7,6 +7,8 @@
 //! All decisions live in the index, where they are tested without a client.
 
 use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -56,6 +58,44 @@ pub struct WatchTask {
     pub name: &'static str,
     /// Starts one run; it ends when the token is cancelled.
     pub run: Box<dyn Fn(CancellationToken) -> BoxFuture<'static, ()> + Send + Sync>,
+    /// How its runs are doing, for metrics.
+    pub health: Arc<WatchHealth>,
+}
+
+/// How one watch is doing, across its runs: how often it failed, and when it last worked (a
+/// complete listing or an event). A watch can keep failing while the EPP stays ready on what
+/// it last saw (a role that grants `list` but not `watch`); this is what shows it.
+#[derive(Debug, Default)]
+pub struct WatchHealth {
+    errors: AtomicU64,
+    /// Unix time of the last success in milliseconds; 0 until one.
+    last_success_ms: AtomicU64,
+}
+
+impl WatchHealth {
+    /// Failures so far (each retried with backoff).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Unix time of the last complete listing or event, in seconds; `None` before one.
+    pub fn last_success_unix_seconds(&self) -> Option<f64> {
+        match self.last_success_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms as f64 / 1000.0),
+        }
+    }
+
+    fn failed(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn succeeded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.last_success_ms.store(now.max(1), Ordering::Relaxed);
+    }
 }
 
 impl Debug for WatchTask {
@@ -171,13 +211,15 @@ pub fn pools(api: Api<InferencePool>, name: &str, index: SharedIndex) -> WatchTa
 /// IP, the Ready condition and the deletion mark, and nothing else (other annotations may be
 /// 256 KiB each, and every pod of the namespace is watched, not only the pool's).
 pub fn pods(api: Api<Pod>, config: watcher::Config, index: SharedIndex) -> WatchTask {
+    let health = Arc::new(WatchHealth::default());
     WatchTask {
         name: "pods",
+        health: health.clone(),
         run: Box::new(move |shutdown| {
             let events = watcher::watcher(api.clone(), config.clone())
                 .default_backoff()
                 .modify(trim_pod);
-            feed(index.clone(), events, shutdown)
+            feed(index.clone(), events, shutdown, health.clone())
                 .instrument(tracing::info_span!("watch", resource = "pods"))
                 .boxed()
         }),
@@ -221,20 +263,27 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     Index: IndexResource<K>,
 {
+    let health = Arc::new(WatchHealth::default());
     WatchTask {
         name,
+        health: health.clone(),
         run: Box::new(move |shutdown| {
             let events = watcher::watcher(api.clone(), config.clone()).default_backoff();
-            feed(index.clone(), events, shutdown)
+            feed(index.clone(), events, shutdown, health.clone())
                 .instrument(tracing::info_span!("watch", resource = name))
                 .boxed()
         }),
     }
 }
 
-/// Drives one watch stream into the index until the stream ends or `shutdown` fires.
-pub async fn feed<K, S>(index: SharedIndex, events: S, shutdown: CancellationToken)
-where
+/// Drives one watch stream into the index until the stream ends or `shutdown` fires, and
+/// counts how it goes in `health`.
+pub async fn feed<K, S>(
+    index: SharedIndex,
+    events: S,
+    shutdown: CancellationToken,
+    health: Arc<WatchHealth>,
+) where
     S: Stream<Item = Result<Event<K>, watcher::Error>>,
     Index: IndexResource<K>,
 {
@@ -263,6 +312,7 @@ where
             Ok(Event::Init) => listing.clear(),
             Ok(Event::InitApply(obj)) => listing.push(obj),
             Ok(Event::InitDone) => {
+                health.succeeded();
                 recovered(&mut failing_since, &mut last_error);
                 let objs = std::mem::take(&mut listing);
                 tracing::debug!(objects = objs.len(), "listed");
@@ -270,15 +320,18 @@ where
             }
             // An event proves the watch works again (it may resume without listing).
             Ok(Event::Apply(obj)) => {
+                health.succeeded();
                 recovered(&mut failing_since, &mut last_error);
                 index.lock().apply(obj);
             }
             Ok(Event::Delete(obj)) => {
+                health.succeeded();
                 recovered(&mut failing_since, &mut last_error);
                 index.lock().delete(obj);
             }
             // The backoff wrapper delays the retry; a 410 Gone makes the watcher relist.
             Err(error) => {
+                health.failed();
                 let failing_since = *failing_since.get_or_insert_with(Instant::now);
                 if is_unavailable(&error) || failing_since.elapsed() >= UNAVAILABLE_AFTER {
                     IndexResource::<K>::unavailable(&mut *index.lock());

@@ -614,7 +614,8 @@ async fn a_watch_that_keeps_failing_says_so_again_and_an_event_ends_it() {
     let index = Index::new(pool_ref(), None, publisher()).shared();
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(feed::<Pod, _>(index, rx, shutdown.clone()));
+    let health = Arc::new(WatchHealth::default());
+    let task = tokio::spawn(feed::<Pod, _>(index, rx, shutdown.clone(), health.clone()));
     let lines = |logs: &Captured, what: &str| {
         String::from_utf8(logs.0.lock().clone())
             .unwrap()
@@ -644,6 +645,8 @@ async fn a_watch_that_keeps_failing_says_so_again_and_an_event_ends_it() {
         .unwrap();
     settle().await;
     assert_eq!(lines(&logs, "watch recovered"), 1);
+    assert_eq!(health.errors(), 7);
+    assert!(health.last_success_unix_seconds().is_some());
     // A new failure after it is news again.
     fail();
     settle().await;
