@@ -350,14 +350,16 @@ impl Sources {
             let base = source.entry.base_model.as_str();
             if let Some(k) = kept.get(base)
                 && k.base != base
-                && k.rank.0 < source.base_claimed
+                && !shadows(base, k)
             {
                 refused.push((base, key.as_str(), k.rank.2));
             }
         }
+        // A source's adapter named like its own refused base model is one refusal.
+        refused.sort_unstable();
+        refused.dedup();
         lookup.contested_count = refused.len();
         if !refused.is_empty() {
-            refused.sort_unstable();
             refused.truncate(MAX_SHADOWED_REPORTED);
             // Names from ConfigMaps: escaped and cut (`Untrusted`), three per line.
             lookup.contested = refused
@@ -389,7 +391,10 @@ impl Sources {
         shadowed.truncate(MAX_SHADOWED_REPORTED);
         lookup.shadowed = shadowed;
         for base in lookup.base_models.keys() {
-            lookup.by_base.insert(base.clone(), BTreeSet::new());
+            // A base model whose name an earlier adapter keeps is not listed as one.
+            if !lookup.adapters.contains_key(base) {
+                lookup.by_base.insert(base.clone(), BTreeSet::new());
+            }
         }
         for (adapter, base) in &lookup.adapters {
             if let Some(set) = lookup.by_base.get_mut(base) {
@@ -996,6 +1001,8 @@ mod tests {
         );
         assert_eq!(l.base_model("sql"), Some("food"));
         assert_eq!((l.shadowed(), l.contested()), (0, 1));
+        let listed: Vec<&str> = l.by_base().map(|(b, _)| b).collect();
+        assert_eq!(listed, ["llama"], "not listed as a base model too");
         // Once team A's claim goes, the name is the base model's.
         m.delete("team-a/llama");
         assert_eq!(m.lookup().base_model("food"), Some("food"));
@@ -1011,7 +1018,12 @@ mod tests {
         let l = m.lookup();
         assert_eq!(l.base_model("food"), Some("food"));
         assert_eq!(l.base_model("web"), Some("food"));
-        assert_eq!(l.shadowed(), 1);
+        assert_eq!((l.shadowed(), l.contested()), (1, 0));
+        // A second source naming that base model later is no contest: the base model keeps
+        // the name.
+        m.apply("team-d/food", Entry::new(Some("food"), []).unwrap())
+            .unwrap();
+        assert_eq!(m.lookup().contested(), 0);
     }
 
     #[test]

@@ -1092,13 +1092,22 @@ impl FlowControl {
                 held.saturating_add(adding).saturating_sub(cap)
             }
         };
+        // With eviction on, the sheddable requests of lower priority give their part of the
+        // global caps' room first (they were too few to give all of it, `make_room`): fair
+        // share takes only the rest from the band's largest flows.
+        let (lower_requests, lower_bytes) = if cfg.eviction {
+            st.bands
+                .iter()
+                .filter(|l| l.cfg.priority < request.priority.min(0))
+                .fold((0, 0), |(n, bytes), l| (n + l.len, bytes + l.bytes))
+        } else {
+            (0, 0)
+        };
         let need = (
-            over(b.len, 1, b.cfg.max_requests).max(over(st.len, 1, cfg.max_requests)),
-            over(b.bytes, request.bytes, b.cfg.max_bytes).max(over(
-                st.bytes,
-                request.bytes,
-                cfg.max_bytes,
-            )),
+            over(b.len, 1, b.cfg.max_requests)
+                .max(over(st.len, 1, cfg.max_requests).saturating_sub(lower_requests)),
+            over(b.bytes, request.bytes, b.cfg.max_bytes)
+                .max(over(st.bytes, request.bytes, cfg.max_bytes).saturating_sub(lower_bytes)),
         );
         let Some(plan) = b.plan_fair_room(&request.fairness_id, request.bytes, need) else {
             return;
@@ -1118,6 +1127,18 @@ impl FlowControl {
         for (item, _) in &out[before..] {
             st.len -= 1;
             st.bytes -= item.bytes;
+        }
+        // Then the sheddable requests, for what the global caps still need.
+        while (cfg.max_requests > 0 && st.len >= cfg.max_requests)
+            || (cfg.max_bytes > 0 && st.bytes.saturating_add(request.bytes) > cfg.max_bytes)
+        {
+            if !cfg.eviction {
+                break;
+            }
+            let Some(item) = st.displace_one(request.priority) else {
+                break;
+            };
+            out.push((item, Outcome::EvictedPriority));
         }
     }
 

@@ -504,6 +504,35 @@ async fn the_pool_caps_full_of_lower_priorities_are_not_a_bands_fair_share() {
     assert_eq!(answered(&mut a, Outcome::EvictedFairShare).await, ["a"]);
 }
 
+/// Review 17 (second pass): with eviction on and a sheddable request too small to make the
+/// room, fair share took it all from a same-priority flow and the sheddable request stayed.
+/// The sheddable request goes first now, and fair share takes only the rest.
+#[tokio::test(start_paused = true)]
+async fn sheddable_requests_give_their_part_before_fair_share() {
+    let fc = FlowControl::new(FlowConfig {
+        max_bytes: 1_000,
+        eviction: true,
+        bands: vec![
+            band(0, FairnessPolicy::RoundRobin, OrderingPolicy::Fcfs),
+            band(-1, FairnessPolicy::GlobalStrict, OrderingPolicy::Fcfs),
+        ],
+        ..FlowConfig::default()
+    });
+    fc.dispatch_cycle(Instant::now(), FakePool::new(1, 0).as_ref());
+    let sized = |flow: &str, priority, bytes| FlowRequest {
+        bytes,
+        ..req(flow, priority)
+    };
+    let mut a: Vec<Ticket> = (0..8)
+        .map(|_| fc.enqueue(sized("a", 0, 100), Instant::now()))
+        .collect();
+    let mut s = vec![fc.enqueue(sized("s", -1, 100), Instant::now())];
+    // 900 held; 300 more needs 200: the sheddable 100, then one of a's (not two).
+    assert!(fc.enqueue(sized("b", 0, 300), Instant::now()).is_queued());
+    assert_eq!(answered(&mut s, Outcome::EvictedPriority).await, ["s"]);
+    assert_eq!(answered(&mut a, Outcome::EvictedFairShare).await, ["a"]);
+}
+
 /// Bytes too: a flow's share is the larger of its fractions of the two caps. The room is
 /// taken only while the giving flow still holds more than the newcomer's, and never past
 /// `MAX_FAIR_SHARE_EVICTIONS` displacements; a refusal displaces nothing.
