@@ -321,6 +321,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ),
     ("inference_extension_task_exits", "counter"),
     ("switchyard_kubernetes_watch_errors", "counter"),
+    ("switchyard_kubernetes_watch_failing", "gauge"),
     (
         "switchyard_kubernetes_watch_last_success_timestamp_seconds",
         "gauge",
@@ -466,6 +467,16 @@ impl prometheus_client::collector::Collector for WatchCollector {
         for (resource, health) in &watches {
             ConstCounter::new(health.errors())
                 .encode(errors.encode_family(&WatchLabels { resource })?)?;
+        }
+        let mut failing = encoder.encode_descriptor(
+            "switchyard_kubernetes_watch_failing",
+            "1 while a Kubernetes watch has failed without a complete listing or event since: that resource's objects stay as last seen (alert when it stays 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (resource, health) in &watches {
+            ConstGauge::new(i64::from(health.failing()))
+                .encode(failing.encode_family(&WatchLabels { resource })?)?;
         }
         let mut success = encoder.encode_descriptor(
             "switchyard_kubernetes_watch_last_success_timestamp_seconds",

@@ -8,7 +8,7 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -68,6 +68,8 @@ pub struct WatchTask {
 #[derive(Debug, Default)]
 pub struct WatchHealth {
     errors: AtomicU64,
+    /// It failed, and has not listed or seen an event since.
+    failing: AtomicBool,
     /// Unix time of the last success in milliseconds; 0 until one.
     last_success_ms: AtomicU64,
 }
@@ -76,6 +78,12 @@ impl WatchHealth {
     /// Failures so far (each retried with backoff).
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Whether it failed and has not listed or seen an event since (a quiet watch that works
+    /// sees no events: its last success may be old).
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// Unix time of the last complete listing or event, in seconds; `None` before one.
@@ -88,6 +96,7 @@ impl WatchHealth {
 
     fn failed(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
     }
 
     fn succeeded(&self) {
@@ -95,6 +104,7 @@ impl WatchHealth {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.last_success_ms.store(now.max(1), Ordering::Relaxed);
+        self.failing.store(false, Ordering::Relaxed);
     }
 }
 
@@ -293,13 +303,7 @@ pub async fn feed<K, S>(
     let mut listing: Vec<K> = Vec::new();
     // A resource that stays unavailable (an alpha CRD that is not installed) fails on every
     // retry; say so once per kind of failure, not every backoff period.
-    let mut last_error: Option<String> = None;
-    // Since when the watch has failed without a complete listing or an event in between.
-    let mut failing_since: Option<Instant> = None;
-    // When a failure was last logged at warn: a watch that keeps failing (a role that grants
-    // `list` but not `watch`, a proxy that cuts streams) leaves the kind's objects as they
-    // were, and says so again every `STILL_FAILING_EVERY`, not once and then at debug.
-    let mut warned_at: Option<Instant> = None;
+    let mut failures = FailureLog::default();
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -313,7 +317,7 @@ pub async fn feed<K, S>(
             Ok(Event::InitApply(obj)) => listing.push(obj),
             Ok(Event::InitDone) => {
                 health.succeeded();
-                recovered(&mut failing_since, &mut last_error);
+                failures.succeeded();
                 let objs = std::mem::take(&mut listing);
                 tracing::debug!(objects = objs.len(), "listed");
                 index.lock().reset(objs);
@@ -321,32 +325,20 @@ pub async fn feed<K, S>(
             // An event proves the watch works again (it may resume without listing).
             Ok(Event::Apply(obj)) => {
                 health.succeeded();
-                recovered(&mut failing_since, &mut last_error);
+                failures.succeeded();
                 index.lock().apply(obj);
             }
             Ok(Event::Delete(obj)) => {
                 health.succeeded();
-                recovered(&mut failing_since, &mut last_error);
+                failures.succeeded();
                 index.lock().delete(obj);
             }
             // The backoff wrapper delays the retry; a 410 Gone makes the watcher relist.
             Err(error) => {
                 health.failed();
-                let failing_since = *failing_since.get_or_insert_with(Instant::now);
+                let failing_since = failures.failed(&error);
                 if is_unavailable(&error) || failing_since.elapsed() >= UNAVAILABLE_AFTER {
                     IndexResource::<K>::unavailable(&mut *index.lock());
-                }
-                let text = error.to_string();
-                let failing_for = failing_since.elapsed().as_secs();
-                if last_error.as_deref() != Some(text.as_str()) {
-                    tracing::warn!(%error, "watch failed; retrying with backoff");
-                    last_error = Some(text);
-                    warned_at = Some(Instant::now());
-                } else if warned_at.is_none_or(|at| at.elapsed() >= STILL_FAILING_EVERY) {
-                    tracing::warn!(%error, failing_for, "watch still failing: this kind's objects are not updated until it recovers");
-                    warned_at = Some(Instant::now());
-                } else {
-                    tracing::debug!(%error, "watch still failing; retrying with backoff");
                 }
             }
         }
@@ -356,11 +348,50 @@ pub async fn feed<K, S>(
 /// How often a watch that keeps failing with the same error says so at warn.
 pub const STILL_FAILING_EVERY: Duration = Duration::from_secs(300);
 
-/// A listing or an event came: the watch works. Says so if it had failed.
-fn recovered(failing_since: &mut Option<Instant>, last_error: &mut Option<String>) {
-    *failing_since = None;
-    if last_error.take().is_some() {
-        tracing::info!("watch recovered");
+/// What one watch's log has said of its failures. A watch that keeps failing (a role that
+/// grants `list` but not `watch`) leaves the kind's objects as they were: it says so at warn
+/// again every [`STILL_FAILING_EVERY`], not once and then at debug. One whose streams are cut
+/// again and again (a proxy), with events between, says each error once per that period too,
+/// not a warn and a recovery a minute.
+#[derive(Debug, Default)]
+struct FailureLog {
+    /// Since when the watch has failed without a complete listing or an event in between.
+    since: Option<Instant>,
+    /// The last failure said at warn, and when.
+    warned: Option<(String, Instant)>,
+    /// A failure was said at warn since the last success: the next one says it recovered.
+    unrecovered: bool,
+}
+
+impl FailureLog {
+    /// Logs `error`; returns since when the watch has failed.
+    fn failed(&mut self, error: &watcher::Error) -> Instant {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let text = error.to_string();
+        let repeated = self
+            .warned
+            .as_ref()
+            .is_some_and(|(said, at)| *said == text && at.elapsed() < STILL_FAILING_EVERY);
+        if repeated {
+            tracing::debug!(%error, "watch still failing; retrying with backoff");
+        } else if self.unrecovered {
+            let failing_for = since.elapsed().as_secs();
+            tracing::warn!(%error, failing_for, "watch still failing: this kind's objects are not updated until it recovers");
+            self.warned = Some((text, Instant::now()));
+        } else {
+            tracing::warn!(%error, "watch failed; retrying with backoff");
+            self.warned = Some((text, Instant::now()));
+            self.unrecovered = true;
+        }
+        since
+    }
+
+    /// A listing or an event came: the watch works. Says so if a failure was said.
+    fn succeeded(&mut self) {
+        self.since = None;
+        if std::mem::take(&mut self.unrecovered) {
+            tracing::info!("watch recovered");
+        }
     }
 }
 

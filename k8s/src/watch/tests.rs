@@ -597,7 +597,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     }
 }
 
-/// Review 18: a watch that kept failing with one error (a role granting `list` but not
+/// Reviews 18 and 19: a watch that kept failing with one error (a role granting `list` but not
 /// `watch`, a proxy that cuts streams) said so once at warn and then only at debug, while the
 /// kind's objects stayed as they were; and a watch that came back without listing again never
 /// said it had. It warns again every `STILL_FAILING_EVERY`, and an event is a recovery.
@@ -647,10 +647,22 @@ async fn a_watch_that_keeps_failing_says_so_again_and_an_event_ends_it() {
     assert_eq!(lines(&logs, "watch recovered"), 1);
     assert_eq!(health.errors(), 7);
     assert!(health.last_success_unix_seconds().is_some());
-    // A new failure after it is news again.
+    assert!(!health.failing());
+    // Failing again at once, as when a proxy cuts every stream: the same error is said once
+    // per period, recoveries between or not.
     fail();
     settle().await;
-    assert_eq!(lines(&logs, "watch failed"), 2);
+    assert!(health.failing());
+    tx.unbounded_send(Ok(Event::Apply(pod("a", "vllm", "10.0.0.1"))))
+        .unwrap();
+    fail();
+    settle().await;
+    assert_eq!(lines(&logs, "watch failed"), 1);
+    assert_eq!(lines(&logs, "watch recovered"), 1);
+    tokio::time::sleep(STILL_FAILING_EVERY).await;
+    fail();
+    settle().await;
+    assert_eq!(lines(&logs, "watch failed"), 2, "after the period");
     shutdown.cancel();
     task.await.unwrap();
 }
