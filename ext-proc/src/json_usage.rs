@@ -274,12 +274,17 @@ impl JsonUsageScanner {
         budget: &Arc<BodyBudget>,
     ) -> Result<(), OverBudget> {
         if self.unknown {
-            self.capturing = false;
-            self.value = Vec::new();
-            self.charge.release();
+            self.forget_value();
             return Ok(());
         }
         self.keep(chunk, from, to, budget)
+    }
+
+    /// Stops keeping the value and gives its bytes back: the usage will not be read.
+    fn forget_value(&mut self) {
+        self.capturing = false;
+        self.value = Vec::new();
+        self.charge.release();
     }
 
     /// Adds `chunk[from..to]` to the kept value, within [`MAX_USAGE_VALUE_BYTES`] and the
@@ -297,16 +302,12 @@ impl JsonUsageScanner {
         let part = &chunk[from..to];
         if self.value.len() + part.len() > MAX_USAGE_VALUE_BYTES {
             self.unknown = true;
-            self.capturing = false;
-            self.value = Vec::new();
-            self.charge.release();
+            self.forget_value();
             return Ok(());
         }
         if let Err(over) = self.charge.grow(budget, part.len()) {
             self.dropped = true;
-            self.capturing = false;
-            self.value = Vec::new();
-            self.charge.release();
+            self.forget_value();
             return Err(over);
         }
         self.value.extend_from_slice(part);
