@@ -640,10 +640,7 @@ pub async fn handle<S: KvEventSource>(
         // clear the endpoint each time, at an engine just over its rate. A replay meanwhile is
         // dropped too: its stores would outlive the live removals dropped after them.
         if msg.replayed || !tracker.rate.full(now) {
-            if !msg.replayed {
-                tracker.rate.charge_dropped(blocks, now);
-            }
-            throttle(index, metrics, pod, endpoint, tracker, &msg).await;
+            throttle(index, metrics, pod, endpoint, tracker, &msg, blocks).await;
             return;
         }
         tracker.rate.admit(blocks, now);
@@ -662,12 +659,11 @@ pub async fn handle<S: KvEventSource>(
         // clear the endpoint. It has its own allowance instead, so that an engine opening gaps
         // on purpose gains at most the rate again; past it the rest is dropped.
         if !tracker.replay_rate.admit(blocks, now) {
-            throttle(index, metrics, pod, endpoint, tracker, &msg).await;
+            throttle(index, metrics, pod, endpoint, tracker, &msg, blocks).await;
             return;
         }
     } else if !tracker.rate.admit(blocks, now) {
-        tracker.rate.charge_dropped(blocks, now);
-        throttle(index, metrics, pod, endpoint, tracker, &msg).await;
+        throttle(index, metrics, pod, endpoint, tracker, &msg, blocks).await;
         return;
     }
     let model = model.to_owned();
@@ -745,11 +741,13 @@ pub async fn handle<S: KvEventSource>(
     .await;
 }
 
-/// `msg` came over the engine's `maxBlocksPerSecond`: it is dropped (counted `rate`). The
-/// first of an episode clears the endpoint as a gap does, since what the engine says while
-/// over its rate is lost; each one keeps its gap's fallback running, so the endpoint is scored
-/// from the approximate index until the fallback's length after the last batch dropped. Its
-/// number is taken as heard: the batch after the episode is no gap to replay.
+/// `msg`, of `blocks` blocks, came over the engine's `maxBlocksPerSecond` (or its replays'
+/// allowance, or during an episode): it is dropped (counted `rate`), and a live one is charged
+/// to the live bucket all the same. The first of an episode clears the endpoint as a gap does,
+/// since what the engine says while over its rate is lost; each one keeps its gap's fallback
+/// running, so the endpoint is scored from the approximate index until the fallback's length
+/// after the last batch dropped. Its number is taken as heard: the batch after the episode is
+/// no gap to replay.
 async fn throttle(
     index: &SharedKvIndex,
     metrics: &KvEventMetrics,
@@ -757,7 +755,12 @@ async fn throttle(
     endpoint: EndpointId,
     tracker: &mut SequenceTracker,
     msg: &KvMessage,
+    blocks: u64,
 ) {
+    let now = Instant::now();
+    if !msg.replayed {
+        tracker.rate.charge_dropped(blocks, now);
+    }
     let n = msg.batch.events.len() as u64;
     // Received and dropped alike, so that received ≥ applied + dropped holds.
     metrics.received.get_or_create(pod).inc_by(n);
@@ -769,7 +772,6 @@ async fn throttle(
     } else {
         tracker.observe(msg.seq);
     }
-    let now = Instant::now();
     tracker.gap_since = Some(now);
     if std::mem::replace(&mut tracker.throttled, true) {
         index.set_stream(endpoint, StreamState::Gap { since: now });

@@ -150,8 +150,8 @@ impl JsonUsageScanner {
                         _ if self.depth == 0 => {
                             // Before the top-level object, only its `{`; after it, nothing.
                             if byte != b'{' || self.began {
-                                self.unknown = true;
-                                return self.end_of(chunk, kept_from, i, budget);
+                                self.give_up();
+                                return Ok(());
                             }
                             self.began = true;
                             self.depth = 1;
@@ -166,8 +166,8 @@ impl JsonUsageScanner {
                         b'{' | b'[' => match self.depth.checked_add(1) {
                             Some(depth) => self.depth = depth,
                             None => {
-                                self.unknown = true;
-                                return self.end_of(chunk, kept_from, i, budget);
+                                self.give_up();
+                                return Ok(());
                             }
                         },
                         b'}' | b']' => {
@@ -186,8 +186,8 @@ impl JsonUsageScanner {
                         b':' if self.depth == 1 && std::mem::take(&mut self.usage_named) => {
                             if self.usage_seen {
                                 // A second top-level `usage`: which one counts is ambiguous.
-                                self.unknown = true;
-                                return self.end_of(chunk, kept_from, i, budget);
+                                self.give_up();
+                                return Ok(());
                             }
                             self.usage_seen = true;
                             self.capturing = true;
@@ -198,7 +198,7 @@ impl JsonUsageScanner {
                 }
             }
         }
-        self.end_of(chunk, kept_from, chunk.len(), budget)
+        self.keep(chunk, kept_from, chunk.len(), budget)
     }
 
     /// Whether the shared budget made the scanner stop keeping the value.
@@ -265,19 +265,10 @@ impl JsonUsageScanner {
         }
     }
 
-    /// Keeps what `chunk` holds of the value, from `from` to `to`, at the end of a chunk.
-    fn end_of(
-        &mut self,
-        chunk: &[u8],
-        from: Option<usize>,
-        to: usize,
-        budget: &Arc<BodyBudget>,
-    ) -> Result<(), OverBudget> {
-        if self.unknown {
-            self.forget_value();
-            return Ok(());
-        }
-        self.keep(chunk, from, to, budget)
+    /// The usage cannot be known: the value is no longer kept.
+    fn give_up(&mut self) {
+        self.unknown = true;
+        self.forget_value();
     }
 
     /// Stops keeping the value and gives its bytes back: the usage will not be read.
@@ -301,8 +292,7 @@ impl JsonUsageScanner {
         };
         let part = &chunk[from..to];
         if self.value.len() + part.len() > MAX_USAGE_VALUE_BYTES {
-            self.unknown = true;
-            self.forget_value();
+            self.give_up();
             return Ok(());
         }
         if let Err(over) = self.charge.grow(budget, part.len()) {
